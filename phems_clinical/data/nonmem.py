@@ -1,0 +1,1007 @@
+"""Read, check and convert NONMEM-style PK datasets for FVIII/FIX activity.
+
+This module is the only place where pandas meets the PK code: :func:`read_nonmem`
+turns a file (or a DataFrame) into a checked, sorted event table, :func:`to_cohort`
+turns that table into the padded :class:`~phems_clinical.data.cohort.Cohort` pytree,
+and :func:`from_cohort` writes a cohort back as NONMEM-style rows.
+
+Conventions follow the NONMEM user guides (Beal, Sheiner, Boeckmann, Bauer; NONMEM
+Users Guide Part V, "Introductory Guide", Icon Development Solutions, 1989-2020):
+``EVID`` 0 observation / 1 dose / 2 other; ``MDV`` 1 marks records without an
+observation to fit; ``RATE`` -2 means "duration in ``DUR``". Units: time in h,
+amounts in IU, levels in IU/dL (= %); IU/mL data are converted (x100).
+
+Nothing is dropped silently. Every data row of the input either
+
+* becomes an event row of :attr:`PKData.events`, or
+* is listed in :attr:`PKData.exclusions` with the reason, or
+* is the subject of an :class:`Issue`, in which case :class:`DataValidationError`
+  is raised listing *all* issues found (not only the first).
+
+Row numbers are 1-based data rows of the file, the header excluded: row 1 is the line
+after the header (blank lines are counted, so row ``r`` is line ``r + 1`` of a file
+whose header is its first line). Row 0 stands for the dataset as a whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple
+
+import jsonschema
+import numpy as np
+import pandas as pd
+
+from phems_clinical.data.cohort import Cohort, stack_subjects
+from phems_clinical.resources import schemas_dir
+
+__all__ = [
+    "DataValidationError", "Exclusion", "Issue", "PKData", "from_cohort",
+    "load_schema", "read_nonmem", "to_cohort",
+]
+
+SCHEMA_FILE = "pk_dataset.schema.json"
+
+#: Tokens read as a missing value ('.' is NONMEM's; the rest are common exports).
+_MISSING = frozenset({"", ".", "NA", "N/A", "NAN", "NULL", "NONE"})
+
+#: NONMEM data items and derived columns: never treated as covariates.
+_RESERVED = frozenset({
+    "ID", "TIME", "AMT", "RATE", "DUR", "DV", "MDV", "EVID", "BLQ", "LLOQ", "CMT",
+    "OCC", "DVUNIT", "ADDL", "II", "SS", "C", "DATE", "DAT1", "DAT2", "DAT3", "L1",
+    "L2", "PCMT", "CALL", "CONT", "ROW", "NOTE",
+})
+_NUMERIC_ITEMS = ("TIME", "AMT", "RATE", "DUR", "DV", "MDV", "EVID", "BLQ", "LLOQ",
+                  "CMT", "OCC", "ADDL", "II", "SS")
+
+#: Covariates described by the schema; always parsed strictly as numbers.
+_KNOWN_COVARIATES = {"WT": "kg", "HT": "cm", "AGE": "y", "BMI": "kg/m2", "LBW": "kg",
+                     "FFM": "kg", "SEX": "0 male / 1 female", "BGO": "0/1",
+                     "VWF": "IU/dL", "HCT": "%"}
+
+_UNITS = {"IU/DL": "IU/dL", "IU/ML": "IU/mL"}
+
+# Unit plausibility thresholds. Factor activity in IU/mL above 5 (= 500 IU/dL) does
+# not occur, so a median above 5 means the levels are really IU/dL. Conversely a
+# dataset whose every quantified level is below 1.5 IU/dL cannot contain a single
+# post-infusion sample (peaks are tens of IU/dL), so those levels are really IU/mL.
+_IU_ML_MEDIAN_MAX = 5.0
+_IU_DL_MAX_MIN = 1.5
+_LLOQ_IU_DL_RANGE = (0.05, 20.0)   # plausible assay LLOQs, IU/dL
+
+_RATE_DUR_RTOL, _RATE_DUR_ATOL = 0.01, 1.0 / 60.0   # rounding in exported datasets
+
+
+class Issue(NamedTuple):
+    """One problem found in a dataset.
+
+    Attributes
+    ----------
+    row : int
+        1-based data row in the file (header excluded); 0 for the whole dataset.
+    id : str or None
+        Subject ID of that row, when known.
+    column : str or None
+        Upper-case column name, when the problem belongs to one column.
+    message : str
+        What is wrong and what was expected (with units).
+    """
+
+    row: int
+    id: str | None
+    column: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"row {self.row}" if self.row > 0 else "dataset"
+        if self.id is not None:
+            where += f" (ID {self.id})"
+        if self.column:
+            where += f", column {self.column}"
+        return f"{where}: {self.message}"
+
+
+class Exclusion(NamedTuple):
+    """A data row that was deliberately not used, with the reason.
+
+    Attributes
+    ----------
+    row : int
+        1-based data row in the file (header excluded).
+    id : str
+        Subject ID of the row ('' when the row had none, e.g. a commented-out line).
+    reason : str
+        Why the row is not used.
+    """
+
+    row: int
+    id: str
+    reason: str
+
+
+class DataValidationError(ValueError):
+    """A dataset failed validation; ``issues`` lists every problem found.
+
+    ``str(err)`` has one line per issue, e.g. ``row 12 (ID 3), column DV:
+    non-numeric value 'abc'; expected a number in IU/dL``.
+    """
+
+    def __init__(self, issues: Sequence[Issue], source: str | None = None):
+        self.issues = sorted(issues, key=lambda i: (i.row, i.column or "", i.message))
+        head = f"{len(self.issues)} problem(s) in PK dataset"
+        head += f" {source}" if source else ""
+        super().__init__(head + ":\n" + "\n".join(f"  - {i}" for i in self.issues))
+
+
+class PKData(NamedTuple):
+    """A checked PK dataset.
+
+    Attributes
+    ----------
+    events : pandas.DataFrame
+        Usable dose (EVID 1) and observation (EVID 0, MDV 0) rows, sorted by ID then
+        TIME (stable, so same-time records keep their file order). Columns: ``ROW``
+        (file row), ``ID`` (str), ``TIME`` (h), ``EVID``, ``MDV``, ``AMT`` (IU),
+        ``RATE`` (IU/h as given), ``DUR`` (effective infusion duration, h; 0 =
+        bolus), ``DV`` (IU/dL after conversion; NaN on doses), ``BLQ`` (0/1),
+        ``LLOQ`` (same unit as DV; NaN when unknown), ``OCC`` (>= 1), ``DVUNIT``
+        (``'IU/dL'``, or None when ``dv_unit=None``), one column per covariate (row
+        values, numbers; ``ASSAY`` coded 1 = OSA, 0 = CSA), any text columns, and
+        ``NOTE`` (what the reader derived for that row, '' if nothing).
+    exclusions : list of Exclusion
+        Rows not used, each with its reason.
+    covariates : tuple of str
+        Upper-case names of the numeric covariate columns available.
+    """
+
+    events: pd.DataFrame
+    exclusions: list[Exclusion]
+    covariates: tuple[str, ...]
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of one record: ``pk_dataset.schema.json``."""
+    with open(schemas_dir() / SCHEMA_FILE, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@lru_cache(maxsize=1)
+def _validator() -> jsonschema.Draft202012Validator:
+    schema = load_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _normalise_unit(unit: str | None) -> str | None:
+    if unit is None:
+        return None
+    norm = _UNITS.get(str(unit).strip().upper())
+    if norm is None:
+        raise ValueError(f"dv_unit must be 'IU/dL', 'IU/mL' or None, not {unit!r}")
+    return norm
+
+
+def _split_lines(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header, data records and their 1-based data row numbers from a text file.
+
+    The delimiter is sniffed from the header line: comma, tab or semicolon if the
+    header has one, otherwise any run of whitespace (NONMEM's own format, as in the
+    ``pheno.dta`` example dataset).
+    """
+    text = path.read_text(encoding="utf-8-sig")
+    lines = text.splitlines()
+    try:
+        h = next(i for i, line in enumerate(lines) if line.strip())
+    except StopIteration:
+        raise DataValidationError([Issue(0, None, None, "file is empty")],
+                                  str(path)) from None
+    header_line = lines[h]
+    delim = next((d for d in (",", "\t", ";") if d in header_line), None)
+
+    def split(line: str) -> list[str]:
+        if delim is None:
+            return line.split()
+        return next(csv.reader([line], delimiter=delim))
+
+    header = split(header_line)
+    if header and header[0].strip() in ("#", "@"):
+        header = header[1:]     # '# ID TIME ...': the comment mark is not a column
+    records, rows = [], []
+    for i in range(h + 1, len(lines)):
+        if not lines[i].strip():
+            continue            # blank lines carry nothing, but keep the numbering
+        records.append(split(lines[i]))
+        rows.append(i - h)
+    return header, records, rows
+
+
+def _load(source: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, str]:
+    """Raw table (object dtype, upper-case columns), its row numbers and a name."""
+    if isinstance(source, pd.DataFrame):
+        raw = source.copy()
+        raw.columns = [str(c) for c in raw.columns]
+        name = "<DataFrame>"
+        rows = np.arange(1, len(raw) + 1)
+        raw = raw.reset_index(drop=True).astype(object)
+    else:
+        path = Path(source)
+        name = str(path)
+        header, records, row_list = _split_lines(path)
+        issues = [Issue(r, None, None, f"{len(rec)} fields but the header has "
+                                       f"{len(header)} columns")
+                  for rec, r in zip(records, row_list) if len(rec) > len(header)]
+        if issues:
+            raise DataValidationError(issues, name)
+        # Short records (trailing fields left off) are padded with missing values.
+        records = [rec + [""] * (len(header) - len(rec)) for rec in records]
+        raw = pd.DataFrame(records, columns=header, dtype=object)
+        rows = np.asarray(row_list, dtype=int)
+
+    cols = [c.strip().upper() for c in raw.columns]
+    if cols:
+        # NONMEM headers are often commented out ('#ID', '@ID') so NM-TRAN skips them.
+        cols[0] = cols[0].lstrip("#@").strip()
+    dupes = sorted({c for c in cols if cols.count(c) > 1})
+    if dupes:
+        raise DataValidationError(
+            [Issue(0, None, c, "column appears more than once (names are "
+                               "case-insensitive)") for c in dupes], name)
+    raw.columns = cols
+    return raw, rows, name
+
+
+def _as_text(values: pd.Series) -> np.ndarray:
+    """Stripped strings, '' for missing (None/NaN/NA or a missing token)."""
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values.tolist()):
+        if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+            out[i] = ""
+        else:
+            s = str(v).strip()
+            out[i] = "" if s.upper() in _MISSING else s
+    return out
+
+
+def _parse_numeric(values: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Numbers from a column: (value or NaN, missing mask, non-numeric mask)."""
+    text = _as_text(values)
+    missing = text == ""
+    num = pd.to_numeric(pd.Series(np.where(missing, None, text), dtype=object),
+                        errors="coerce").to_numpy(dtype=float, copy=True)
+    bad = ~missing & ~np.isfinite(num)
+    num[bad] = np.nan
+    return num, missing, bad
+
+
+def _canonical_id(text: str) -> str:
+    """'1', '1.0' and ' 1' are the same subject (NONMEM IDs are numbers)."""
+    try:
+        x = float(text)
+    except ValueError:
+        return text
+    return str(int(x)) if np.isfinite(x) and x == int(x) else text
+
+
+# --------------------------------------------------------------------------- checks
+
+class _Log:
+    """Collects issues.
+
+    A specific check can ``claim`` a (row, column): the generic JSON Schema message
+    for that cell is then left out, as is a second schema message for one cell.
+    """
+
+    def __init__(self):
+        self.issues: list[Issue] = []
+        self._claimed: set[tuple[int, str | None]] = set()
+
+    def add(self, row, id_, column, message, *, schema=False, claim=False):
+        key = (int(row), column)
+        if schema and key in self._claimed:
+            return
+        if schema or claim:
+            self._claimed.add(key)
+        self.issues.append(Issue(int(row), id_, column, message))
+
+
+def _expected(column: str, unit: str | None) -> str:
+    dv = f"a number in {unit}" if unit else "a number"
+    table = {
+        "TIME": "a number in h (>= 0)",
+        "AMT": "a number in IU (>= 0)",
+        "RATE": "a number in IU/h (>= 0, or -2 for a duration in DUR)",
+        "DUR": "a number in h (>= 0)",
+        "DV": dv,
+        "LLOQ": dv + " (>= 0)",
+        "MDV": "0 or 1", "EVID": "0, 1 or 2", "BLQ": "0 or 1",
+        "CMT": "an integer compartment number", "OCC": "an integer occasion >= 1",
+        "ADDL": "an integer >= 0", "II": "a number in h", "SS": "0",
+    }
+    if column in table:
+        return table[column]
+    if column in _KNOWN_COVARIATES:
+        return f"a number in {_KNOWN_COVARIATES[column]}"
+    return "a number"
+
+
+def _schema_issues(instance: dict, row: int, id_: str | None, log: _Log) -> None:
+    """Map JSON Schema violations of one record to issues naming the column."""
+    props = load_schema()["properties"]
+    for err in _validator().iter_errors(instance):
+        path = list(err.absolute_path)
+        if path:
+            col = str(path[0])
+            what = props.get(col, {}).get("description", "")
+            msg = (f"invalid value {err.instance!r} ({err.message}); "
+                   f"expected {what[:1].lower() + what[1:]}" if what else err.message)
+            log.add(row, id_, col, msg, schema=True)
+        elif err.validator == "required":
+            for col in err.validator_value:
+                if col not in instance:
+                    log.add(row, id_, col, "required value is missing; expected "
+                            + props[col]["description"].lower(), schema=True)
+        elif err.validator == "anyOf":
+            log.add(row, id_, "AMT/DV", "neither AMT (IU) nor DV (IU/dL) is given; "
+                    "a record needs at least one of them", schema=True)
+        else:   # pragma: no cover - the schema has no other record-level keywords
+            log.add(row, id_, None, err.message, schema=True)
+
+
+def _native(x):
+    """Python scalars for jsonschema (numpy integers are not JSON integers)."""
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+# --------------------------------------------------------------------------- reader
+
+def read_nonmem(source: str | Path | pd.DataFrame, *,
+                required_covariates: Sequence[str] = (),
+                dv_unit: str | None = "IU/dL") -> PKData:
+    """Read and validate a NONMEM-style FVIII/FIX PK dataset.
+
+    Parameters
+    ----------
+    source : str, Path or pandas.DataFrame
+        A delimited text file (comma, tab, semicolon or whitespace separated, sniffed
+        from the header line; a leading ``#``/``@`` on the header is ignored) or a
+        DataFrame with one record per row. Column names are case-insensitive.
+        ``.``, empty, ``NA`` and ``NaN`` are missing values.
+    required_covariates : sequence of str
+        Covariates the model needs (case-insensitive). A missing column, or a subject
+        without any value, is an issue.
+    dv_unit : {'IU/dL', 'IU/mL', None}
+        Unit of DV and LLOQ when the file has no ``DVUNIT`` column (the column wins
+        when present). IU/mL levels are converted to IU/dL (x100) and units are
+        checked for plausibility. ``None`` means "not a factor activity" (e.g. the
+        phenobarbital example in mg/L): no conversion and no unit checks.
+
+    Returns
+    -------
+    PKData
+        Sorted event rows, the list of excluded rows with reasons, and the names of
+        the available covariates.
+
+    Raises
+    ------
+    DataValidationError
+        With *all* issues found, each naming the row, the column and what was
+        expected: non-numeric or negative times/amounts, non-numeric levels,
+        decreasing times within a subject, observations before any dose of that
+        subject, pre-dose samples listed before a bolus given at the same time,
+        exact duplicate records, contradictory units (mixed ``DVUNIT``, levels or
+        LLOQs implausible in the declared unit, ``RATE`` disagreeing with ``DUR``),
+        unsupported ``EVID`` 3/4, ``ADDL`` or ``SS`` records, missing required
+        covariates, and any other JSON Schema violation
+        (``data_schemas/pk_dataset.schema.json``).
+    ValueError
+        For an unknown ``dv_unit``.
+
+    Notes
+    -----
+    Derivations follow NONMEM (Users Guide V): without ``EVID``, a record with
+    ``AMT > 0`` is a dose, a record with ``MDV = 1`` is an "other" event (EVID 2)
+    and any other record an observation; without ``MDV``, it is 1 for non-observation
+    records and for observations with no DV. Infusion duration comes from ``DUR``
+    (required with ``RATE = -2``), or ``AMT/RATE`` when ``RATE > 0``; otherwise the
+    dose is a bolus. An observation is BLQ if ``BLQ = 1`` or ``DV < LLOQ``; a BLQ
+    row with no LLOQ takes its DV as LLOQ when positive. Covariates are time
+    constant: ``to_cohort`` uses each subject's first non-missing value.
+
+    Excluded (listed, not errors): commented-out records (first field starting with
+    ``#``/``@`` or equal to ``C``, NONMEM ``IGNORE``), EVID 2 records, observation
+    records with ``MDV = 1`` or no DV, and all rows of subjects with no usable
+    observation (e.g. doses only).
+    """
+    unit_arg = _normalise_unit(dv_unit)
+    raw, rows, name = _load(source)
+    n = len(raw)
+    cols = list(raw.columns)
+    log = _Log()
+
+    absent = [c for c in ("ID", "TIME") if c not in cols]
+    if "AMT" not in cols and "DV" not in cols:
+        absent.append("AMT/DV")
+    if absent:
+        raise DataValidationError(
+            [Issue(0, None, c, "required column is missing (columns present: "
+                               f"{', '.join(cols)})") for c in absent], name)
+
+    # Commented-out records, as NM-TRAN's IGNORE=#, IGNORE=@ and IGNORE=C would do.
+    first = _as_text(raw[cols[0]])
+    commented = np.array([f.startswith(("#", "@")) or f == "C" for f in first],
+                         dtype=bool)
+    active = ~commented
+
+    id_text = _as_text(raw["ID"])
+    ids = np.array([_canonical_id(t) if t else None for t in id_text], dtype=object)
+    for i in np.flatnonzero(active & (ids == None)):  # noqa: E711 - object array
+        log.add(rows[i], None, "ID", "missing subject ID; expected a string or "
+                                     "integer identifier")
+
+    def rid(i):
+        return ids[i]
+
+    # ------------------------------------------------------------------ parsing
+    dvunit_col = "DVUNIT" in cols
+    unit_text = _as_text(raw["DVUNIT"]) if dvunit_col else np.full(n, "", object)
+    unit_norm = np.array([_UNITS.get(u.upper(), u) if u else "" for u in unit_text],
+                         dtype=object)
+    file_units = list(dict.fromkeys(u for u, a in zip(unit_norm, active)
+                                    if a and u in _UNITS.values()))
+    unit = (file_units[0] if file_units else unit_arg) if dvunit_col else unit_arg
+    unit_source = "DVUNIT column" if dvunit_col and file_units else "dv_unit argument"
+
+    num: dict[str, np.ndarray] = {}
+    given: dict[str, np.ndarray] = {}      # value present and numeric
+    bad_cells: set[tuple[int, str]] = set()
+    for col in _NUMERIC_ITEMS:
+        if col not in cols:
+            continue
+        vals, missing, bad = _parse_numeric(raw[col])
+        num[col], given[col] = vals, ~missing & ~bad
+        for i in np.flatnonzero(bad & active):
+            bad_cells.add((i, col))
+            log.add(rows[i], rid(i), col, f"non-numeric value {raw[col].iloc[i]!r}; "
+                    f"expected {_expected(col, unit)}")
+
+    # Covariates: numeric non-reserved columns. A column that is mostly text is a
+    # text column (e.g. a comment), unless the schema or the caller says it is a
+    # covariate, in which case every non-numeric value is an issue.
+    required = tuple(str(c).strip().upper() for c in required_covariates)
+    covariates: list[str] = []
+    text_cols: list[str] = []
+    for col in cols:
+        if col in _RESERVED:
+            continue
+        if col == "ASSAY":
+            codes = np.full(n, np.nan)
+            for i, t in enumerate(_as_text(raw[col])):
+                u = t.upper()
+                if u in ("OSA", "1", "1.0"):
+                    codes[i] = 1.0
+                elif u in ("CSA", "0", "0.0"):
+                    codes[i] = 0.0
+                elif t and active[i]:
+                    bad_cells.add((i, col))
+                    log.add(rows[i], rid(i), col, f"unknown assay {t!r}; expected "
+                            "'OSA' (one-stage) or 'CSA' (chromogenic), or 1/0")
+            num[col], given[col] = codes, np.isfinite(codes)
+            covariates.append(col)
+            continue
+        vals, missing, bad = _parse_numeric(raw[col])
+        strict = col in required or col in _KNOWN_COVARIATES
+        if not strict and (bad & active).sum() >= (~missing & ~bad & active).sum() \
+                and (bad & active).any():
+            text_cols.append(col)
+            continue
+        for i in np.flatnonzero(bad & active):
+            bad_cells.add((i, col))
+            log.add(rows[i], rid(i), col, f"non-numeric value {raw[col].iloc[i]!r}; "
+                    f"expected {_expected(col, unit)}")
+        num[col], given[col] = vals, ~missing & ~bad
+        covariates.append(col)
+
+    for col in required:
+        if col not in cols:
+            log.add(0, None, col, "required covariate column is missing (columns "
+                                  f"present: {', '.join(cols)})")
+        elif col in text_cols or col not in covariates:
+            log.add(0, None, col, "required covariate is not a numeric column")
+
+    # ------------------------------------------------------------- event types
+    time = num["TIME"]
+    amt = np.where(given.get("AMT", np.zeros(n, bool)), num.get("AMT", 0.0), 0.0)
+    dv = num["DV"].copy() if "DV" in num else np.full(n, np.nan)
+    dv_given = given["DV"] if "DV" in given else np.zeros(n, bool)
+    blq_col = (np.where(given["BLQ"], num["BLQ"], 0.0) == 1) if "BLQ" in num \
+        else np.zeros(n, bool)
+    lloq = np.where(given["LLOQ"], num["LLOQ"], np.nan) if "LLOQ" in num \
+        else np.full(n, np.nan)
+    notes: list[list[str]] = [[] for _ in range(n)]
+
+    evid = np.where(amt > 0, 1.0, 0.0)
+    evid_given = given["EVID"] if "EVID" in given else np.zeros(n, bool)
+    mdv_in = np.where(given["MDV"], num["MDV"], np.nan) if "MDV" in num \
+        else np.full(n, np.nan)
+    # Without EVID, NONMEM makes an MDV=1 record without a dose an "other" event.
+    evid = np.where((evid == 0) & (mdv_in == 1), 2.0, evid)
+    if "EVID" in num:
+        has = given["EVID"]
+        for i in np.flatnonzero(~has & active):
+            if (i, "EVID") not in bad_cells:
+                notes[i].append(f"EVID missing; derived {int(evid[i])}")
+        evid = np.where(has, num["EVID"], evid)
+    mdv = np.where((evid != 0) | (~dv_given & ~blq_col), 1.0, 0.0)
+    mdv = np.where(np.isfinite(mdv_in), mdv_in, mdv)
+
+    for i in np.flatnonzero(active):
+        e = evid[i]
+        if e in (3, 4):
+            log.add(rows[i], rid(i), "EVID", f"EVID {int(e)} (system reset"
+                    f"{' and dose' if e == 4 else ''}) is not supported; split the "
+                    "record history into occasions (OCC) instead", claim=True)
+        elif e == 1 and amt[i] <= 0 and (i, "AMT") not in bad_cells:
+            log.add(rows[i], rid(i), "AMT", "dose record (EVID 1) without an "
+                    "amount; expected AMT > 0 IU", claim=True)
+        elif e == 0 and amt[i] > 0:
+            log.add(rows[i], rid(i), "AMT", f"observation record (EVID 0) has AMT "
+                    f"{amt[i]:g}; expected 0 IU on an observation record")
+        elif e == 1 and mdv_in[i] == 0:
+            log.add(rows[i], rid(i), "MDV", "dose record (AMT > 0 or EVID 1) has "
+                    "MDV 0; expected MDV 1 (split a dose-and-sample record into a "
+                    "dose record and an observation record)")
+        if "ADDL" in num and given["ADDL"][i] and num["ADDL"][i] > 0:
+            log.add(rows[i], rid(i), "ADDL", f"ADDL {num['ADDL'][i]:g} additional "
+                    "doses are not supported; expected 0 (write each dose as its own "
+                    "record)")
+        if "SS" in num and given["SS"][i] and num["SS"][i] != 0:
+            log.add(rows[i], rid(i), "SS", "steady-state dosing (SS > 0) is not "
+                    "supported; expected 0 (give the dose history explicitly)",
+                    claim=True)
+
+    dose = active & (evid == 1)
+    obs_rec = active & (evid == 0)
+    obs = obs_rec & (mdv == 0)
+
+    # --------------------------------------------------------------------- units
+    if dvunit_col:
+        for i in np.flatnonzero(active):
+            u = unit_norm[i]
+            if u and u in _UNITS.values() and file_units and u != file_units[0]:
+                log.add(rows[i], rid(i), "DVUNIT", f"DVUNIT {u!r} differs from "
+                        f"{file_units[0]!r} used earlier in the file; expected one "
+                        "unit for the whole file")
+    if unit is not None:
+        quant = obs & dv_given & ~blq_col
+        pos = quant & (dv > 0)
+        for i in np.flatnonzero(quant & (dv < 0)):
+            log.add(rows[i], rid(i), "DV", f"negative level {dv[i]:g} {unit}; expected "
+                    f"a factor activity >= 0 {unit} (log-transformed DV is not "
+                    "supported)")
+        if pos.any():
+            k = np.flatnonzero(pos)[np.argmax(dv[pos])]
+            med = float(np.median(dv[pos]))
+            if unit == "IU/mL" and med > _IU_ML_MEDIAN_MAX:
+                log.add(rows[k], rid(k), "DV", f"levels look like IU/dL, not IU/mL "
+                        f"({unit_source}): median {med:g} and largest {dv[k]:g} IU/mL "
+                        f"(= {100 * dv[k]:g} IU/dL); expected IU/mL levels below "
+                        f"{_IU_ML_MEDIAN_MAX:g}")
+            elif (unit == "IU/dL" and pos.sum() >= 3
+                  and float(dv[k]) < _IU_DL_MAX_MIN):
+                log.add(rows[k], rid(k), "DV", f"levels look like IU/mL, not IU/dL "
+                        f"({unit_source}): all {int(pos.sum())} quantified levels are "
+                        f"below {_IU_DL_MAX_MIN:g} IU/dL (largest {dv[k]:g}); "
+                        "expected levels in IU/dL, or declare DVUNIT IU/mL")
+        factor = 100.0 if unit == "IU/mL" else 1.0
+        lo, hi = _LLOQ_IU_DL_RANGE
+        has_lloq = obs_rec & np.isfinite(lloq) & (lloq > 0)
+        for i in np.flatnonzero(has_lloq):
+            q = lloq[i] * factor
+            if q > hi or q < lo:
+                hint = ("LLOQ seems to be in IU/dL while DV is in IU/mL" if q > hi
+                        else "LLOQ seems to be in IU/mL while DV is in IU/dL")
+                log.add(rows[i], rid(i), "LLOQ", f"LLOQ {lloq[i]:g} {unit} "
+                        f"(= {q:g} IU/dL) is implausible for a factor assay; expected "
+                        f"{lo:g} to {hi:g} IU/dL in the unit of DV ({hint})")
+        both = quant & has_lloq
+        if both.sum() >= 3 and np.all(dv[both] < lloq[both]):
+            i = int(np.flatnonzero(both)[0])
+            log.add(rows[i], rid(i), "LLOQ", f"every one of {int(both.sum())} "
+                    "quantified levels is below its LLOQ; DV and LLOQ seem to be in "
+                    f"different units (expected both in {unit})")
+        if factor != 1.0:
+            dv = dv * factor
+            lloq = lloq * factor
+            for i in np.flatnonzero(obs_rec):
+                notes[i].append("DV/LLOQ converted from IU/mL to IU/dL (x100)")
+
+    # ------------------------------------------------------------------- BLQ
+    blq = blq_col.copy()
+    derived = obs & ~blq_col & dv_given & np.isfinite(lloq) & (dv < lloq)
+    for i in np.flatnonzero(derived):
+        was = " (BLQ was 0)" if "BLQ" in num and given["BLQ"][i] else ""
+        notes[i].append(f"BLQ derived: DV {dv[i]:g} < LLOQ {lloq[i]:g}{was}")
+    blq |= derived
+    for i in np.flatnonzero(obs & blq_col):
+        if np.isfinite(lloq[i]) and lloq[i] > 0:
+            if dv_given[i] and dv[i] > lloq[i]:
+                log.add(rows[i], rid(i), "BLQ", f"BLQ 1 but DV {dv[i]:g} is above "
+                        f"LLOQ {lloq[i]:g}; expected DV <= LLOQ (or missing) on a "
+                        "BLQ record")
+        elif dv_given[i] and dv[i] > 0:
+            lloq[i] = dv[i]
+            notes[i].append("LLOQ missing on a BLQ record; DV used as LLOQ")
+        else:
+            log.add(rows[i], rid(i), "LLOQ", "BLQ record without a LLOQ and without "
+                    f"a positive DV; expected LLOQ{' in ' + unit if unit else ''} > 0")
+
+    # --------------------------------------------------------- infusion duration
+    rate = np.where(given["RATE"], num["RATE"], np.nan) if "RATE" in num \
+        else np.full(n, np.nan)
+    dur_in = np.where(given["DUR"], num["DUR"], np.nan) if "DUR" in num \
+        else np.full(n, np.nan)
+    dur = np.zeros(n)
+    for i in np.flatnonzero(dose):
+        r, d = rate[i], dur_in[i]
+        if r == -2:
+            if np.isfinite(d) and d > 0:
+                dur[i] = d
+            # (the schema reports RATE=-2 without DUR > 0)
+        elif np.isfinite(r) and r > 0:
+            dur[i] = amt[i] / r
+            if np.isfinite(d) and d > 0 and not np.isclose(
+                    dur[i], d, rtol=_RATE_DUR_RTOL, atol=_RATE_DUR_ATOL):
+                log.add(rows[i], rid(i), "DUR", f"RATE {r:g} IU/h and DUR {d:g} h "
+                        f"disagree: AMT/RATE = {dur[i]:.4g} h; expected DUR = AMT/RATE "
+                        "(or give only one of them)")
+        elif np.isfinite(d) and d > 0:
+            dur[i] = d
+            notes[i].append(f"infusion over DUR {d:g} h")
+
+    # --------------------------------------------------------------- occasions
+    if "OCC" in num:
+        occ = num["OCC"].copy()
+        for i in np.flatnonzero((dose | obs) & ~given["OCC"]):
+            if (i, "OCC") not in bad_cells:
+                log.add(rows[i], rid(i), "OCC", "missing occasion; expected an "
+                                                "integer occasion >= 1")
+        occ = np.where(np.isfinite(occ), occ, 1.0)
+    else:
+        occ = np.ones(n)
+
+    # ------------------------------------------------------- times and duplicates
+    last_time: dict[str, tuple[float, int]] = {}
+    for i in np.flatnonzero(active):
+        if ids[i] is None or not np.isfinite(time[i]):
+            continue
+        prev = last_time.get(ids[i])
+        if prev is not None and time[i] < prev[0]:
+            log.add(rows[i], rid(i), "TIME", f"TIME {time[i]:g} h is earlier than TIME "
+                    f"{prev[0]:g} h on row {prev[1]} of the same subject; expected "
+                    "non-decreasing times within a subject")
+        if prev is None or time[i] >= prev[0]:
+            last_time[ids[i]] = (float(time[i]), int(rows[i]))
+
+    seen: dict[tuple, int] = {}
+    for i in np.flatnonzero(active):
+        key = (ids[i], _key(time[i]), _key(evid[i]), _key(amt[i]),
+               _key(dv[i] if dv_given[i] else np.nan))
+        if key in seen:
+            log.add(rows[i], rid(i), "TIME", f"exact duplicate of row {seen[key]} "
+                    "(same ID, TIME, EVID, AMT and DV); expected each record once")
+        else:
+            seen[key] = int(rows[i])
+
+    # ----------------------------------------------------- sort, dose precedence
+    sort_id = _id_sort_key(ids)
+    order = np.lexsort((rows, np.where(np.isfinite(time), time, np.inf), sort_id))
+    order = order[active[order]]
+    doses_seen: dict[str, int] = {}
+    bolus_at: dict[tuple[str, float], list[int]] = {}
+    for i in np.flatnonzero(dose):
+        if dur[i] == 0 and ids[i] is not None:
+            bolus_at.setdefault((ids[i], float(time[i])), []).append(int(rows[i]))
+    for i in order:
+        if ids[i] is None:
+            continue
+        if dose[i]:
+            doses_seen[ids[i]] = doses_seen.get(ids[i], 0) + 1
+        elif obs[i] and time[i] >= 0:     # negative times are reported already
+            t = time[i]
+            if doses_seen.get(ids[i], 0) == 0:
+                log.add(rows[i], rid(i), "TIME", f"observation at TIME {t:g} h "
+                        "comes before any dose of this subject (a pre-dose or "
+                        "baseline level); expected a dose record earlier. NONMEM "
+                        "would predict 0 here: remove the row, set MDV 1, or "
+                        "subtract the baseline")
+            elif any(r > rows[i] for r in bolus_at.get((ids[i], float(t)), [])):
+                log.add(rows[i], rid(i), "TIME", f"observation at TIME {t:g} h is "
+                        "listed before a bolus dose at the same TIME (a pre-dose "
+                        "sample), but levels are computed after all doses given at "
+                        "or before the sampling time; expected the real, earlier "
+                        "sampling time")
+
+    # -------------------------------------------------------------- exclusions
+    exclusions: list[Exclusion] = []
+    for i in np.flatnonzero(commented):
+        exclusions.append(Exclusion(int(rows[i]), ids[i] or "", "commented-out "
+                                    "record (first field starts with '#'/'@' or is "
+                                    "'C'; NONMEM IGNORE)"))
+    for i in np.flatnonzero(active & (evid == 2)):
+        why = ("EVID 2 (other-type event)" if evid_given[i]
+               else "MDV 1 record without a dose (NONMEM EVID 2, other-type event)")
+        exclusions.append(Exclusion(int(rows[i]), ids[i] or "", why + ": no dose or "
+                                    "observation to use"))
+    for i in np.flatnonzero(obs_rec & (mdv == 1)):
+        why = ("observation record with MDV 1" if mdv_in[i] == 1
+               else "observation record without DV (missing value)")
+        exclusions.append(Exclusion(int(rows[i]), ids[i] or "", why + ": not used in "
+                                    "the fit"))
+    subj_obs = {ids[i] for i in np.flatnonzero(obs)}
+    dropped_subject = dose & np.array([x not in subj_obs for x in ids], dtype=bool)
+    for i in np.flatnonzero(dropped_subject):
+        exclusions.append(Exclusion(int(rows[i]), ids[i] or "", "subject has doses "
+                                    "but no usable observation: subject excluded"))
+    keep = (dose & ~dropped_subject) | obs
+
+    # --------------------------------------------------------------- covariates
+    subj_rows: dict[str, list[int]] = {}
+    for i in order:
+        if ids[i] is not None:
+            subj_rows.setdefault(ids[i], []).append(int(i))
+    kept_subjects = [s for s in dict.fromkeys(ids[i] for i in order if keep[i])]
+    for s in kept_subjects:
+        # Only the rows that reach the cohort count, as in to_cohort.
+        idx = [j for j in subj_rows[s] if keep[j]]
+        for col in covariates:
+            vals = num[col][idx]
+            ok = np.isfinite(vals)
+            if not ok.any():
+                if col in required:
+                    listed = ", ".join(str(rows[j]) for j in idx[:12])
+                    listed = ("rows " if len(idx) > 1 else "row ") + listed
+                    listed += ", ..." if len(idx) > 12 else ""
+                    log.add(rows[idx[0]], s, col, f"required covariate {col} has no "
+                            f"value for this subject ({listed}); expected "
+                            f"{_expected(col, unit)}")
+                continue
+            uniq = np.unique(vals[ok])
+            if len(uniq) > 1:
+                notes[idx[0]].append(f"{col} varies within subject ({uniq.min():g} to "
+                                     f"{uniq.max():g}); first value used")
+
+    # ------------------------------------------------------------ schema, per row
+    text_for_schema = {c: _as_text(raw[c]) for c in ("DVUNIT",) if c in cols}
+    for i in np.flatnonzero(active):
+        rec: dict = {}
+        if ids[i] is not None:
+            rec["ID"] = int(ids[i]) if ids[i].lstrip("-").isdigit() else ids[i]
+        for col, vals in num.items():
+            if (i, col) in bad_cells:
+                continue
+            if given[col][i]:
+                rec[col] = _native(vals[i])
+            elif col == "AMT":
+                rec[col] = 0.0      # NONMEM reads a missing AMT ('.') as 0
+        for col, vals in text_for_schema.items():
+            if vals[i]:
+                rec[col] = unit_norm[i] if col == "DVUNIT" else vals[i]
+        if "TIME" not in rec and (i, "TIME") not in bad_cells:
+            # Say "missing TIME" rather than the schema's generic message.
+            log.add(rows[i], rid(i), "TIME", "missing time; expected a number in h "
+                                             "(>= 0)", claim=True)
+        _schema_issues(rec, int(rows[i]), rid(i), log)
+
+    if log.issues:
+        raise DataValidationError(log.issues, name)
+
+    # ------------------------------------------------------------------- events
+    sel = order[keep[order]]
+    data = {
+        "ROW": rows[sel].astype(int),
+        "ID": pd.Series(ids[sel], dtype=object),
+        "TIME": time[sel],
+        "EVID": evid[sel].astype(int),
+        "MDV": mdv[sel].astype(int),
+        "AMT": amt[sel],
+        "RATE": rate[sel],
+        "DUR": dur[sel],
+        "DV": np.where(obs[sel], dv[sel], np.nan),
+        "BLQ": (blq[sel] & obs[sel]).astype(int),
+        "LLOQ": np.where(obs[sel], lloq[sel], np.nan),
+        "OCC": occ[sel].astype(int),
+        "DVUNIT": pd.Series(["IU/dL" if unit else None] * len(sel), dtype=object),
+    }
+    if "CMT" in num:
+        data["CMT"] = num["CMT"][sel]
+    events = pd.DataFrame(data)
+    for col in covariates:
+        events[col] = num[col][sel]
+    for col in text_cols:
+        events[col] = pd.Series(_as_text(raw[col])[sel], dtype=object)
+    events["NOTE"] = pd.Series(["; ".join(notes[i]) for i in sel], dtype=object)
+    exclusions.sort(key=lambda e: e.row)
+    return PKData(events.reset_index(drop=True), exclusions, tuple(covariates))
+
+
+def _key(x: float):
+    """Hashable key treating NaN as equal to NaN (for duplicate detection)."""
+    return None if not np.isfinite(x) else float(x)
+
+
+def _id_sort_key(ids: np.ndarray) -> np.ndarray:
+    """Numeric order when every ID is a number (1, 2, 10), else text order."""
+    present = [x for x in ids if x is not None]
+    try:
+        [float(x) for x in present]
+    except ValueError:
+        return np.array(["" if x is None else x for x in ids], dtype=object)
+    return np.array([np.inf if x is None else float(x) for x in ids])
+
+
+# ------------------------------------------------------------------- conversions
+
+def to_cohort(data: PKData, covariates: Sequence[str]) -> tuple[Cohort, list[str]]:
+    """Pad a checked dataset into a :class:`Cohort` pytree.
+
+    Parameters
+    ----------
+    data : PKData
+        Output of :func:`read_nonmem`.
+    covariates : sequence of str
+        Covariate names (case-insensitive) in the order the model expects them in
+        ``Cohort.covariates``. Each subject's value is its first non-missing one
+        (covariates are time-constant here). ``ASSAY`` is coded 1 = OSA, 0 = CSA.
+
+    Returns
+    -------
+    cohort : Cohort
+        Batched arrays; times are h since each subject's first record (its first
+        dose), levels IU/dL (or the unit read with ``dv_unit=None``), ``dose_occ``
+        and ``obs_occ`` are ``OCC - 1``. ``obs_lloq`` is the LLOQ (0 when unknown on
+        a quantified sample); ``obs_dv`` of a BLQ sample is its DV, 0 if missing.
+    ids : list of str
+        Subject IDs, in the order of the cohort's leading axis.
+
+    Raises
+    ------
+    DataValidationError
+        If a covariate column is absent or non-numeric, a subject has no value for
+        a covariate, or a BLQ observation has no positive LLOQ.
+    """
+    ev = data.events
+    names = [str(c).strip().upper() for c in covariates]
+    issues: list[Issue] = []
+    for c in names:
+        if c not in ev.columns:
+            issues.append(Issue(0, None, c, "covariate column is not in the dataset "
+                                f"(available: {', '.join(data.covariates) or 'none'})"))
+        elif c not in data.covariates:
+            issues.append(Issue(0, None, c, "covariate column is not numeric"))
+    if issues:
+        raise DataValidationError(issues)
+
+    subjects, ids = [], []
+    for sid, g in ev.groupby("ID", sort=False):
+        d = g[g["EVID"] == 1]
+        o = g[g["EVID"] == 0]
+        t0 = float(g["TIME"].min())
+        cov = []
+        for c in names:
+            v = pd.to_numeric(g[c], errors="coerce").dropna()
+            if v.empty:
+                issues.append(Issue(int(g["ROW"].iloc[0]), str(sid), c, "covariate has "
+                                    "no value for this subject; expected a number"))
+                cov.append(np.nan)
+            else:
+                cov.append(float(v.iloc[0]))
+        blq = o["BLQ"].to_numpy(dtype=int) == 1
+        lloq = o["LLOQ"].to_numpy(dtype=float)
+        for r, b, q in zip(o["ROW"], blq, lloq):
+            if b and not (np.isfinite(q) and q > 0):
+                issues.append(Issue(int(r), str(sid), "LLOQ", "BLQ observation "
+                                    "without a positive LLOQ; expected LLOQ > 0"))
+        dvs = o["DV"].to_numpy(dtype=float)
+        subjects.append({
+            "dose_time": d["TIME"].to_numpy(float) - t0,
+            "dose_amt": d["AMT"].to_numpy(float),
+            "dose_dur": d["DUR"].to_numpy(float),
+            "dose_occ": d["OCC"].to_numpy(int) - 1,
+            "obs_time": o["TIME"].to_numpy(float) - t0,
+            # BLQ levels are ignored by the M3 likelihood; 0 keeps NaN out of the
+            # arrays (a NaN times zero weight would still poison gradients).
+            "obs_dv": np.where(np.isfinite(dvs), dvs, 0.0),
+            "obs_blq": blq,
+            "obs_lloq": np.where(np.isfinite(lloq), lloq, 0.0),
+            "obs_occ": o["OCC"].to_numpy(int) - 1,
+            "covariates": np.asarray(cov, dtype=float),
+        })
+        ids.append(str(sid))
+    if issues:
+        raise DataValidationError(issues)
+    if not subjects:
+        raise DataValidationError([Issue(0, None, None, "no subject with both doses "
+                                                        "and observations")])
+    return stack_subjects(subjects), ids
+
+
+def from_cohort(cohort: Cohort, ids: Sequence[str], covariate_names: Sequence[str],
+                *, dv_unit: str | None = "IU/dL") -> pd.DataFrame:
+    """Write a cohort back as NONMEM-style rows (the inverse of :func:`to_cohort`).
+
+    Parameters
+    ----------
+    cohort : Cohort
+        Batched (or single-subject) cohort.
+    ids : sequence of str
+        Subject IDs, one per subject.
+    covariate_names : sequence of str
+        Names of the columns of ``cohort.covariates``.
+    dv_unit : {'IU/dL', None}
+        Written to the ``DVUNIT`` column; ``None`` (levels not in IU/dL, as read with
+        ``read_nonmem(..., dv_unit=None)``) leaves the column out.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``ID, TIME, EVID, MDV, AMT, RATE, DUR, DV, BLQ, LLOQ, OCC, DVUNIT``
+        (unless ``dv_unit=None``) and the covariates, sorted by subject then time,
+        doses before observations at the same time (the PK engine counts a dose
+        given at the sampling time). Infusions are written as ``RATE = -2`` with
+        ``DUR``; padding is dropped. Times are relative to each subject's first
+        record, levels IU/dL.
+    """
+    arrays = {k: np.asarray(v) for k, v in cohort._asdict().items()}
+    if arrays["obs_time"].ndim == 1:
+        arrays = {k: v[None] for k, v in arrays.items()}
+    n_subj = arrays["obs_time"].shape[0]
+    if len(ids) != n_subj:
+        raise ValueError(f"{len(ids)} ids for a cohort of {n_subj} subjects")
+    names = [str(c).upper() for c in covariate_names]
+    if len(names) != arrays["covariates"].shape[-1]:
+        raise ValueError(f"{len(names)} covariate names for "
+                         f"{arrays['covariates'].shape[-1]} covariate columns")
+    out = []
+    for s, sid in enumerate(ids):
+        cov = dict(zip(names, arrays["covariates"][s].tolist()))
+        real = arrays["dose_amt"][s] > 0
+        dur = arrays["dose_dur"][s][real]
+        doses = pd.DataFrame({
+            "ID": str(sid), "TIME": arrays["dose_time"][s][real], "EVID": 1, "MDV": 1,
+            "AMT": arrays["dose_amt"][s][real],
+            "RATE": np.where(dur > 0, -2.0, 0.0), "DUR": dur, "DV": np.nan,
+            "BLQ": 0, "LLOQ": np.nan, "OCC": arrays["dose_occ"][s][real] + 1,
+        })
+        m = arrays["obs_mask"][s]
+        lloq = arrays["obs_lloq"][s][m]
+        obs = pd.DataFrame({
+            "ID": str(sid), "TIME": arrays["obs_time"][s][m], "EVID": 0, "MDV": 0,
+            "AMT": 0.0, "RATE": 0.0, "DUR": 0.0, "DV": arrays["obs_dv"][s][m],
+            "BLQ": arrays["obs_blq"][s][m].astype(int),
+            "LLOQ": np.where(lloq > 0, lloq, np.nan),
+            "OCC": arrays["obs_occ"][s][m] + 1,
+        })
+        frame = pd.concat([doses, obs], ignore_index=True)
+        # Doses sort before observations at the same time (EVID 1 before 0).
+        frame = frame.sort_values(["TIME", "EVID"], ascending=[True, False],
+                                  kind="mergesort")
+        for c in names:
+            frame[c] = cov[c]
+        out.append(frame)
+    df = pd.concat(out, ignore_index=True)
+    df["OCC"] = df["OCC"].astype(int)
+    unit_cols = []
+    if dv_unit is not None:
+        df["DVUNIT"] = _normalise_unit(dv_unit)
+        unit_cols = ["DVUNIT"]
+    return df[["ID", "TIME", "EVID", "MDV", "AMT", "RATE", "DUR", "DV", "BLQ", "LLOQ",
+               "OCC", *unit_cols, *names]]
