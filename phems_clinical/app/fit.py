@@ -1,0 +1,200 @@
+"""``phems fit``: fit a population PK model to a NONMEM-style data set and write results.
+
+Outputs in ``--out DIR``:
+
+* ``estimates.json``: named theta, omega and sigma with standard errors (FOCEI) or
+  posterior summaries (NUTS, SVI), the objective value, shrinkage, per-subject ETAs,
+  excluded records and run diagnostics;
+* ``estimates.nc``: the same as an xarray Dataset (plus posterior draws for NUTS/SVI);
+* ``gof.png`` (DV vs PRED/IPRED, CWRES vs time/PRED) and ``vpc.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from phems_clinical.data.nonmem import PKData, read_nonmem, to_cohort
+from phems_clinical.evaluation.plots import gof_figure, vpc_figure
+from phems_clinical.pk.diagnostics import compute_diagnostics, simulate_replicates
+from phems_clinical.pk.focei import build_focei, fit_focei
+from phems_clinical.pk.library import load_product
+from phems_clinical.pk.model import PopParams, n_occasions
+from phems_clinical.pk.spec import ModelSpecError, PopModel, load_model
+
+METHODS = ("focei", "nuts", "svi")
+
+
+def resolve_model(name_or_path: str) -> PopModel:
+    """A model YAML path, or a product-library identifier such as ``advate``."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return load_model(path)
+    try:
+        return load_product(name_or_path)
+    except ModelSpecError:
+        raise ModelSpecError(
+            f"--model: {name_or_path!r} is neither a YAML file nor a library product"
+        ) from None
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _split(name: str) -> tuple[str, str]:
+    kind, rest = name.split("(", 1)
+    return kind.lower(), rest.rstrip(")")
+
+
+def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path, *,
+            seed: int = 0, options: dict | None = None, n_vpc: int = 200
+            ) -> dict:
+    """Fit and write all outputs; returns the ``estimates.json`` content."""
+    if method not in METHODS:
+        raise ValueError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
+    options = dict(options or {})
+    model = resolve_model(model_ref)
+    data = read_nonmem(data_path, required_covariates=model.covariate_names,
+                       dv_unit=options.pop("dv_unit", "IU/dL"))
+    if model.blq == "drop":
+        data = _drop_blq(data)
+    cohort, ids = to_cohort(data, model.covariate_names)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = jax.random.key(seed)
+    k_fit, k_vpc = jax.random.split(key)
+
+    if method == "focei":
+        res = fit_focei(model, cohort, **options)
+        params, b_hat = res.params, _b_from(res)
+        names = list(res.natural_names)
+        table = pd.DataFrame({"estimate": res.estimates, "se": res.se,
+                              "se_sandwich": res.se_sandwich}, index=names)
+        table["rse_percent"] = 100 * table["se"] / table["estimate"].abs()
+        run_info = {"converged": res.converged, "iterations": res.n_iterations,
+                    "message": res.message, "seconds": res.seconds}
+        objective = {"ofv": res.ofv, "definition": "NONMEM FOCEI objective: -2 log "
+                     "likelihood without the n_obs*log(2*pi) constant"}
+        shrinkage = res.shrinkage_sd
+        draws = None
+    else:
+        from phems_clinical.pk import bayes
+
+        fit_fn = bayes.fit_nuts if method == "nuts" else bayes.fit_svi
+        res = fit_fn(k_fit, model, cohort, **options)
+        params = res.params
+        names = list(res.summary.index)
+        table = res.summary.copy()
+        table.insert(0, "estimate", table["mean"])
+        b_hat = _map_modes(model, cohort, params)
+        run_info = {"seconds": res.seconds, "divergences": int(res.n_divergent)}
+        if "r_hat" in table:
+            run_info["max_r_hat"] = float(np.nanmax(table["r_hat"].to_numpy()))
+            run_info["min_ess_bulk"] = float(np.nanmin(table["ess_bulk"].to_numpy()))
+        if res.elbo is not None:
+            run_info["final_loss"] = float(np.asarray(res.elbo)[-1])
+        objective = None
+        eta_np = np.asarray(res.etas)
+        shrinkage = (100 * (1 - eta_np.std(axis=0)
+                            / np.sqrt(np.diag(np.asarray(params.omega))))
+                     if eta_np.size else np.zeros(0))
+        draws = res.samples
+
+    diag = compute_diagnostics(model, cohort, params, b_hat)
+    mask = np.asarray(cohort.obs_mask) & ~np.asarray(cohort.obs_blq)
+    dv = np.asarray(cohort.obs_dv)[mask]
+    t = np.asarray(cohort.obs_time)[mask]
+    gof_figure(dv, diag.pred[mask], diag.ipred[mask], diag.cwres[mask], t,
+               out / "gof.png", title=f"{model.name}: {method.upper()}")
+    sims = simulate_replicates(k_vpc, model, cohort, params, n_vpc)
+    vpc_figure(t, dv, sims[:, mask], out / "vpc.png",
+               title=f"{model.name}: VPC ({n_vpc} replicates, {method.upper()})")
+
+    eta_cols = [f"ETA_{p}" for p in model.iiv_parameters]
+    n_eta = model.n_eta
+    etas = pd.DataFrame(np.asarray(b_hat)[:, :n_eta], columns=eta_cols)
+    etas.insert(0, "ID", ids)
+
+    result: dict[str, Any] = {
+        "method": method, "model": model.name, "data": str(data_path),
+        "seed": seed, "n_subjects": len(ids),
+        "n_observations": int(np.asarray(cohort.obs_mask).sum()),
+        "n_blq": int((np.asarray(cohort.obs_blq) & np.asarray(cohort.obs_mask)).sum()),
+        "exclusions": [e._asdict() for e in data.exclusions],
+        "objective": objective,
+        "theta": {}, "omega": {}, "omega_iov": {}, "sigma": {}, "baseline": {},
+        "shrinkage_sd_percent": {p: float(s) for p, s in
+                                 zip(model.iiv_parameters, shrinkage)},
+        "etas": json.loads(etas.to_json(orient="records")),
+        "run": run_info,
+        "units": {"time": "h", "amount": "IU", "volume": "dL", "clearance": "dL/h",
+                  "level": "IU/dL", "omega": "variance of log-parameter",
+                  "sigma": "variance (additive: (IU/dL)^2; proportional: fraction^2)"},
+    }
+    group_of = {"theta": "theta", "omega": "omega", "omega_iov": "omega_iov",
+                "sigma": "sigma", "baseline": "baseline"}
+    for name, row in table.iterrows():
+        if "(" in name:
+            kind, label = _split(name)
+        else:
+            kind, label = "baseline", name
+        entry = {k: _finite(float(v)) for k, v in row.items()
+                 if isinstance(v, (int, float, np.floating))}
+        result[group_of.get(kind, kind)][label] = entry
+    (out / "estimates.json").write_text(json.dumps(result, indent=2, default=str))
+
+    ds = xr.Dataset(
+        {col: ("parameter", table[col].to_numpy(dtype=float)) for col in table.columns},
+        coords={"parameter": names},
+    )
+    ds["eta"] = (("subject", "eta_parameter"), np.asarray(b_hat)[:, :n_eta])
+    ds = ds.assign_coords(subject=[str(i) for i in ids],
+                          eta_parameter=list(model.iiv_parameters))
+    if draws is not None:
+        ds["draws"] = (("draw", "parameter"),
+                       np.stack([np.asarray(draws[n]) for n in names], axis=1))
+    ds.attrs.update({"method": method, "model": model.name, "seed": seed,
+                     "ofv": objective["ofv"] if objective else np.nan})
+    ds.to_netcdf(out / "estimates.nc", engine="h5netcdf")
+    return result
+
+
+def _b_from(res) -> np.ndarray:
+    n_sub = res.etas.shape[0]
+    return np.concatenate([res.etas, res.kappas.reshape(n_sub, -1)], axis=1)
+
+
+def _map_modes(model: PopModel, cohort, params: PopParams) -> np.ndarray:
+    """Conditional modes of the random effects given population values."""
+    fns = build_focei(model, n_occasions(cohort))
+    b0 = jnp.zeros((cohort.n_subjects, fns.n_b))
+    return np.asarray(jax.jit(jax.vmap(fns.map_estimate, in_axes=(None, 0, 0)))(
+        params, cohort, b0))
+
+
+def _drop_blq(data: PKData) -> PKData:
+    """For models declared ``blq: drop``: BLQ samples become reported exclusions."""
+    from phems_clinical.data.nonmem import Exclusion
+
+    ev = data.events
+    blq = (ev["EVID"] == 0) & (ev["BLQ"] == 1)
+    rows = ev.loc[blq]
+    excl = [Exclusion(int(r.get("ROW", -1)) if "ROW" in ev else -1, str(r["ID"]),
+                      "BLQ sample dropped (model declares blq: drop)")
+            for _, r in rows.iterrows()]
+    return data._replace(events=ev.loc[~blq].reset_index(drop=True),
+                         exclusions=list(data.exclusions) + excl)
+
+
+__all__ = ["METHODS", "resolve_model", "run_fit"]
