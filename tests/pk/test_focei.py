@@ -87,3 +87,19 @@ def test_fit_reproduces_nonmem(pheno):
     assert np.all(fit.se > 0)
     # eta shrinkage, NONMEM ETASHRINKSD, to 1 percentage point
     np.testing.assert_allclose(fit.shrinkage_sd, NONMEM_SHRINK_SD, atol=1.0)
+
+
+def test_cwres_pred_ipred_match_nonmem_table(pheno):
+    """CWRES (Hooker 2007, eigenvalue square root) vs NONMEM's pheno.tab."""
+    from phems_clinical.pk.diagnostics import compute_diagnostics
+
+    model, cohort, _ = pheno
+    _, _, b = focei_objective(model, cohort, _nonmem_params(model))
+    d = compute_diagnostics(model, cohort, _nonmem_params(model), b)
+    tab = pd.read_csv(REF / "pheno.tab", sep=r"\s+", skiprows=1)
+    obs = tab[tab.DV > 0]
+    m = np.asarray(cohort.obs_mask)
+    np.testing.assert_allclose(d.cwres[m], obs.CWRES.to_numpy(), atol=2e-4)
+    # the table prints 5 significant digits
+    np.testing.assert_allclose(d.pred[m], obs.PRED.to_numpy(), rtol=5e-5)
+    np.testing.assert_allclose(d.ipred[m], obs.CIPREDI.to_numpy(), rtol=5e-5)

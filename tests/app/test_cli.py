@@ -1,0 +1,107 @@
+"""The ``phems`` command line: simulate -> fit (each method) -> outputs; bad input."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import xarray as xr
+
+from phems_clinical.app.cli import main
+
+
+@pytest.fixture(scope="module")
+def cohort_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sim") / "jivi.csv"
+    truth = path.with_name("truth.csv")
+    rc = main(["simulate", "--model", "jivi", "--n", "24", "--design", "rich",
+               "--seed", "3", "--out", str(path), "--truth", str(truth)])
+    assert rc == 0
+    return path
+
+
+def test_simulate_writes_nonmem_csv(cohort_csv):
+    df = pd.read_csv(cohort_csv)
+    assert {"ID", "TIME", "AMT", "DV", "EVID", "MDV", "BLQ", "LLOQ", "WT",
+            "LBW", "VWF"} <= set(df.columns)
+    assert df.ID.nunique() == 24
+    assert (df.TIME >= 0).all()
+    truth = pd.read_csv(cohort_csv.with_name("truth.csv"))
+    assert {"CL", "V1", "ETA_CL", "ETA_V1"} <= set(truth.columns)
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("focei", []),
+    ("svi", ["--steps", "300"]),
+    ("nuts", ["--chains", "1", "--warmup", "60", "--samples", "60"]),
+])
+def test_fit_each_method_writes_outputs(cohort_csv, tmp_path, method, extra):
+    out = tmp_path / method
+    rc = main(["fit", "--data", str(cohort_csv), "--model", "jivi", "--method",
+               method, "--out", str(out), "--seed", "1", *extra])
+    assert rc == 0
+    est = json.loads((out / "estimates.json").read_text())
+    assert est["method"] == method and est["n_subjects"] == 24
+    assert {"CL", "V1"} <= set(est["theta"])
+    assert "CL,CL" in est["omega"]
+    assert len(est["etas"]) == 24 and "ETA_CL" in est["etas"][0]
+    if method == "focei":
+        assert est["objective"]["ofv"] == pytest.approx(est["objective"]["ofv"])
+        assert est["theta"]["CL"]["se"] > 0
+    else:
+        assert "sd" in est["theta"]["CL"]
+    ds = xr.open_dataset(out / "estimates.nc", engine="h5netcdf")
+    assert "THETA(CL)" in ds.parameter.values
+    ds.close()
+    for png in ("gof.png", "vpc.png"):
+        assert (out / png).stat().st_size > 10_000
+
+
+def test_fit_missing_covariate_is_a_clear_error(cohort_csv, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    pd.read_csv(cohort_csv).drop(columns=["VWF"]).to_csv(bad, index=False)
+    rc = main(["fit", "--data", str(bad), "--model", "jivi", "--method", "focei",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "VWF" in err and "column" in err
+    assert not (tmp_path / "o" / "estimates.json").exists()
+
+
+def test_fit_bad_row_names_row_and_column(cohort_csv, tmp_path, capsys):
+    df = pd.read_csv(cohort_csv)
+    df["DV"] = df["DV"].astype(object)
+    i = df.index[df.EVID == 0][2]
+    df.loc[i, "DV"] = "abc"
+    bad = tmp_path / "bad.csv"
+    df.to_csv(bad, index=False)
+    rc = main(["fit", "--data", str(bad), "--model", "jivi", "--method", "focei",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"row {i + 1}" in err and "DV" in err
+
+
+def test_unknown_model_and_method(cohort_csv, tmp_path, capsys):
+    rc = main(["fit", "--data", str(cohort_csv), "--model", "nosuchproduct",
+               "--method", "focei", "--out", str(tmp_path)])
+    assert rc == 2
+    assert "nosuchproduct" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--data", str(cohort_csv), "--model", "jivi", "--method",
+              "saem", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+
+
+def test_products_lists_library(capsys):
+    assert main(["products"]) == 0
+    out = capsys.readouterr().out
+    for name in ("advate", "kovaltry", "eloctate", "jivi", "alprolix"):
+        assert name in out
+
+
+def test_console_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "phems_clinical", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "fit" in proc.stdout
