@@ -118,7 +118,7 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
     gof_figure(dv, diag.pred[mask], diag.ipred[mask], diag.cwres[mask], t,
                out / "gof.png", title=f"{model.name}: {method.upper()}")
     sims = simulate_replicates(k_vpc, model, cohort, params, n_vpc)
-    vpc_figure(t, dv, sims[:, mask], out / "vpc.png",
+    vpc_figure(_time_after_dose(cohort)[mask], dv, sims[:, mask], out / "vpc.png",
                title=f"{model.name}: VPC ({n_vpc} replicates, {method.upper()})")
 
     eta_cols = [f"ETA_{p}" for p in model.iiv_parameters]
@@ -168,6 +168,13 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
                      "ofv": objective["ofv"] if objective else np.nan})
     ds.to_netcdf(out / "estimates.nc", engine="h5netcdf")
     return result
+
+
+def _time_after_dose(cohort) -> np.ndarray:
+    """Hours since the start of the latest earlier (non-padding) dose, per sample."""
+    dt = np.asarray(cohort.obs_time)[:, :, None] - np.asarray(cohort.dose_time)[:, None]
+    valid = (dt >= 0) & (np.asarray(cohort.dose_amt)[:, None, :] > 0)
+    return np.where(valid, dt, np.inf).min(axis=-1)
 
 
 def _b_from(res) -> np.ndarray:

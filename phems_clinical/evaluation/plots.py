@@ -50,7 +50,7 @@ def vpc_figure(time, dv, sims, path: Path, *, n_bins: int = 8, unit: str = "IU/d
                title: str = "Visual predictive check") -> Path:
     """Binned VPC: observed 5/50/95th percentiles over simulated 90% bands.
 
-    ``time``/``dv`` are flat quantified observations, ``sims`` is ``(n_rep, n_obs)``
+    ``time`` (time after dose) and ``dv`` are flat quantified observations, ``sims`` is ``(n_rep, n_obs)``
     on the same records. Bins are quantiles of time.
     """
     edges = np.unique(np.quantile(time, np.linspace(0, 1, n_bins + 1)))
@@ -75,7 +75,7 @@ def vpc_figure(time, dv, sims, path: Path, *, n_bins: int = 8, unit: str = "IU/d
                 label=f"observed {lab} pct")
     ax.scatter(time, dv, s=5, color="grey", alpha=0.4)
     ax.set_yscale("log")
-    ax.set(xlabel="Time (h)", ylabel=f"Level ({unit})", title=title)
+    ax.set(xlabel="Time after dose (h)", ylabel=f"Level ({unit})", title=title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

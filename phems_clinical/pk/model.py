@@ -47,6 +47,17 @@ class PopParams(NamedTuple):
     baseline: Float[Array, ""]
 
 
+def _log_positive(x: Float[Array, ""], eps: float = 1e-3) -> Float[Array, ""]:
+    """``log(x)`` continued linearly below ``eps`` (value and slope match there).
+
+    A linear covariate effect ``1 + theta (cov - ref)`` is only a valid multiplier
+    while positive; NONMEM would fail on a negative clearance. Continuing the log
+    with a steep, smooth line keeps estimators finite and pushes them back.
+    """
+    safe = jnp.maximum(x, eps)
+    return jnp.where(x > eps, jnp.log(safe), jnp.log(eps) + (x - eps) / eps)
+
+
 def initial_params(model: PopModel) -> PopParams:
     """The values written in the model specification, as a :class:`PopParams`."""
     return PopParams(
@@ -87,7 +98,7 @@ def typical_parameters(model: PopModel, theta: Float[Array, " n_theta"],
                 d = jnp.maximum(d, 0.0)
             elif e.piecewise == "below":
                 d = jnp.minimum(d, 0.0)
-            term = jnp.log1p(coef * d)
+            term = _log_positive(1.0 + coef * d)
         else:  # indicator
             op, value = e.condition
             term = jnp.where(_OPS[op](x, value), jnp.log1p(coef), 0.0)
