@@ -82,11 +82,12 @@ from phems_clinical.pk.model import (
     n_occasions,
     obs_neg2ll,
     predict,
+    typical_parameters,
 )
 from phems_clinical.pk.packing import build_packer
 from phems_clinical.pk.spec import PopModel, Theta
 
-LOCAL_SITES = ("z", "kappa_z")
+LOCAL_SITES = ("z", "phi", "eta", "kappa_z")
 """Per-subject latent sites (the federated engine keeps these at the site)."""
 
 _SIGMA_NAMES = ("additive", "proportional")
@@ -388,7 +389,7 @@ def _subject_loglik(model: PopModel):
 
 
 def population_model(model: PopModel, cohort: Cohort, *, priors: Priors,
-                     n_occ: int = 1) -> None:
+                     n_occ: int = 1, centered: bool = False) -> None:
     """NumPyro model of a population PK study (see the module docstring).
 
     Parameters
@@ -403,6 +404,12 @@ def population_model(model: PopModel, cohort: Cohort, *, priors: Priors,
     n_occ : int
         Number of occasions (static), at least ``n_occasions(cohort)`` when the
         model has IOV.
+    centered : bool
+        Sample the log individual parameters ``phi_i ~ MVN(log TV_i(theta), Omega)``
+        (site ``phi``; ``eta = phi - log TV`` is recorded as ``eta``) instead of the
+        non-centred ``eta = L z`` (site ``z``). Centred suits rich individual data,
+        non-centred sparse data (Papaspiliopoulos, Roberts & Skold, Stat Sci
+        2007;22:59-73).
     """
     _check_priors(model, priors)
     g = _sample_population(model, priors)
@@ -410,7 +417,11 @@ def population_model(model: PopModel, cohort: Cohort, *, priors: Priors,
     n_sub, n_eta, n_kappa = cohort.n_subjects, model.n_eta, model.n_kappa
     data = _likelihood_cohort(model, cohort)
     with numpyro.plate("subject", n_sub, dim=-1):
-        if n_eta:
+        if n_eta and centered:
+            mu = _log_typical_iiv(model, params.theta, cohort.covariates)
+            phi = numpyro.sample("phi", dist.MultivariateNormal(mu, scale_tril=scale))
+            eta = numpyro.deterministic("eta", phi - mu)
+        elif n_eta:
             z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([n_eta]).to_event(1))
             eta = z @ scale.T
         else:
@@ -423,6 +434,13 @@ def population_model(model: PopModel, cohort: Cohort, *, priors: Priors,
         else:
             kappa = jnp.zeros((n_sub, n_occ, 0))
         numpyro.factor("obs", _subject_loglik(model)(data, params, eta, kappa))
+
+
+def _log_typical_iiv(model: PopModel, theta, covariates):
+    """log typical values of the IIV parameters per subject, (n_sub, n_eta)."""
+    idx = np.array([model.structural.index(p) for p in model.iiv_parameters])
+    tv = jax.vmap(lambda c: typical_parameters(model, theta, c))(covariates)
+    return jnp.log(tv[:, idx])
 
 
 def _site_values(model: PopModel, params: PopParams) -> dict:
@@ -571,12 +589,14 @@ def _natural_draws(model: PopModel, draws: dict):
     packer = build_packer(model)
     glob = {k: v for k, v in draws.items() if k not in LOCAL_SITES}
 
+    centred = "eta" in draws
+
     def one(g, z):
         params, scale, _ = _assemble(model, g)
-        eta = z @ scale.T if z is not None else None
+        eta = None if z is None else (z if centred else z @ scale.T)
         return packer.to_natural(params), eta
 
-    z = draws.get("z")
+    z = draws.get("eta") if centred else draws.get("z")
     if z is None and not glob:  # nothing population-level is estimated
         n_draws = next(iter(draws.values())).shape[0] if draws else 1
         nat = jnp.broadcast_to(one({}, None)[0], (n_draws, len(packer.natural_names)))
@@ -646,8 +666,8 @@ def _result(n_sub, nat_chains, packer, eta, *, method, start, n_divergent=0,
 def fit_nuts(key: Key, model: PopModel, cohort: Cohort, *,
              priors: Priors | None = None, num_warmup: int = 500,
              num_samples: int = 500, num_chains: int = 2,
-             target_accept: float = 0.85, chain_method: str = "sequential"
-             ) -> BayesResult:
+             target_accept: float = 0.85, chain_method: str = "sequential",
+             parameterization: str = "auto") -> BayesResult:
     """Sample the posterior of :func:`population_model` with NUTS.
 
     Diagonal mass matrix adapted during warm-up, chains started at the
@@ -657,11 +677,12 @@ def fit_nuts(key: Key, model: PopModel, cohort: Cohort, *,
     first, as arviz needs two chains). ``n_divergent`` counts divergent transitions
     after warm-up over all chains.
 
-    Non-centred etas suit sparse sampling (the usual FVIII/FIX design). With rich
-    individual data the posterior of ``theta`` is tied to the mean of the ``z_i``,
-    which a diagonal mass matrix cannot follow, so typical values mix slowly
-    (bulk ESS of ``THETA(CL)`` ~20-40 per 300 draws with 8 samples per subject):
-    run longer chains there.
+    ``parameterization``: ``"noncentered"`` suits sparse sampling (the usual
+    FVIII/FIX clinical design); with rich individual data the posterior of
+    ``theta`` is then tied to the mean of the ``z_i``, which a diagonal mass matrix
+    cannot follow (bulk ESS of ``THETA(CL)`` ~20-40 per 300 draws with 8 samples
+    per subject), and ``"centered"`` mixes far better. ``"auto"`` (default) chooses
+    centred when the median subject has at least 4 quantified samples.
 
     Parameters
     ----------
@@ -673,10 +694,21 @@ def fit_nuts(key: Key, model: PopModel, cohort: Cohort, *,
     start = time.perf_counter()
     priors = weak_priors(model) if priors is None else priors
     n_occ = n_occasions(cohort)
-    kernel = NUTS(population_model, dense_mass=False,
+    if parameterization == "auto":
+        per_subject = np.sum(np.asarray(cohort.obs_mask & ~cohort.obs_blq), axis=-1)
+        parameterization = ("centered" if np.median(per_subject) >= 4
+                            else "noncentered")
+    if parameterization not in ("centered", "noncentered"):
+        raise ValueError("parameterization: expected auto, centered or noncentered")
+    centered = parameterization == "centered"
+    init = _init_values(model, cohort.n_subjects, n_occ)
+    if centered and "z" in init:
+        init.pop("z")
+        init["phi"] = _log_typical_iiv(model, jnp.asarray(model.theta_values),
+                                       cohort.covariates)
+    kernel = NUTS(partial(population_model, centered=centered), dense_mass=False,
                   target_accept_prob=target_accept,
-                  init_strategy=init_to_value(
-                      values=_init_values(model, cohort.n_subjects, n_occ)))
+                  init_strategy=init_to_value(values=init))
     mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
                 num_chains=num_chains, chain_method=chain_method,
                 progress_bar=False)
