@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--chains", type=int, default=2)
     f.add_argument("--warmup", type=int, default=500)
     f.add_argument("--samples", type=int, default=500)
-    f.add_argument("--steps", type=int, default=3000, help="SVI steps")
+    f.add_argument("--steps", type=int, default=6000, help="SVI steps")
     f.add_argument("--dv-unit", default=None, choices=("IU/dL", "IU/mL", "none"),
                    help="unit of DV when the file has no DVUNIT column "
                         "('none': no conversion or unit checks)")

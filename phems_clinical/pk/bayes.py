@@ -213,12 +213,27 @@ def _estimated_sigma(model: PopModel) -> tuple[str, ...]:
                  if v > 0)
 
 
+def _coef_scale(model: PopModel, t: Theta) -> float:
+    """Weak prior SD of an unbounded covariate coefficient, on its own scale.
+
+    Power exponents are O(1): SD 1. Linear and exponential coefficients are per
+    covariate unit (e.g. per year of age), so a unit SD would be absurdly wide (and
+    makes 1 + theta (cov - ref) negative); use ``max(2 |value|, 0.01)``.
+    """
+    for e in model.covariate_effects:
+        if e.theta == t.name and e.effect in ("linear", "exponential"):
+            return max(2.0 * abs(t.value), 0.01)
+    return 1.0
+
+
 def weak_priors(model: PopModel) -> Priors:
     """Weakly informative priors centred on the specification's values.
 
     * positive typical values (``lower == 0``): ``LogNormal(log value, 1)`` (a
       factor e either way is one prior SD);
-    * unbounded covariate coefficients: ``Normal(value, 1)``; bounded fixed effects:
+    * unbounded covariate coefficients: ``Normal(value, s)`` with ``s = 1`` for power
+      exponents and ``max(2|value|, 0.01)`` for linear/exponential coefficients
+      (per covariate unit); bounded fixed effects:
       ``Normal(transformed value, 1)`` on the logit / log-distance scale;
     * IIV and IOV SDs (log scale): ``HalfNormal(1)``; LKJ concentration 2;
     * residual SDs: ``HalfNormal(max(2 * value, 0.01))`` (IU/dL or fraction);
@@ -226,7 +241,8 @@ def weak_priors(model: PopModel) -> Priors:
     """
     _, _, res = _spec_sds(model)
     return Priors(
-        theta={t.name: _theta_prior(t, 1.0, 1.0) for t in model.thetas if not t.fixed},
+        theta={t.name: _theta_prior(t, 1.0, _coef_scale(model, t))
+               for t in model.thetas if not t.fixed},
         omega_sd={p: dist.HalfNormal(1.0) for p in model.iiv_parameters},
         omega_corr_concentration=2.0,
         omega_iov_sd={p: dist.HalfNormal(1.0) for p in model.iov_parameters},
@@ -764,7 +780,7 @@ def build_guide(model: PopModel, cohort: Cohort, *, init_values: dict | None = N
 
 
 def fit_svi(key: Key, model: PopModel, cohort: Cohort, *,
-            priors: Priors | None = None, num_steps: int = 3000,
+            priors: Priors | None = None, num_steps: int = 6000,
             learning_rate: float = 0.01, num_posterior_samples: int = 1000,
             warm_start: bool = True) -> BayesResult:
     """Approximate the posterior of :func:`population_model` by SVI.

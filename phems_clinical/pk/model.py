@@ -48,14 +48,15 @@ class PopParams(NamedTuple):
 
 
 def _log_positive(x: Float[Array, ""], eps: float = 1e-3) -> Float[Array, ""]:
-    """``log(x)`` continued linearly below ``eps`` (value and slope match there).
+    """``log(x)`` for ``x > eps``, continued below ``eps`` by ``log(eps) - (eps - x)``.
 
     A linear covariate effect ``1 + theta (cov - ref)`` is only a valid multiplier
-    while positive; NONMEM would fail on a negative clearance. Continuing the log
-    with a steep, smooth line keeps estimators finite and pushes them back.
+    while positive; NONMEM would fail on a negative clearance. The continuation is
+    finite and increasing, so estimators stay finite (a steeper continuation would
+    underflow the parameter to 0) and are pushed back to the valid region.
     """
     safe = jnp.maximum(x, eps)
-    return jnp.where(x > eps, jnp.log(safe), jnp.log(eps) + (x - eps) / eps)
+    return jnp.where(x > eps, jnp.log(safe), jnp.log(eps) - (eps - x))
 
 
 def initial_params(model: PopModel) -> PopParams:
