@@ -99,7 +99,7 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
         table.insert(0, "estimate", table["mean"])
         b_hat = _map_modes(model, cohort, params)
         run_info = {"seconds": res.seconds, "divergences": int(res.n_divergent)}
-        if "r_hat" in table:
+        if "r_hat" in table and np.isfinite(table["r_hat"].to_numpy()).any():
             run_info["max_r_hat"] = float(np.nanmax(table["r_hat"].to_numpy()))
             run_info["min_ess_bulk"] = float(np.nanmin(table["ess_bulk"].to_numpy()))
         if res.elbo is not None:
