@@ -34,6 +34,10 @@ def _fit(args: argparse.Namespace) -> int:
                    "num_chains": args.chains}
     elif args.method == "svi":
         options = {"num_steps": args.steps}
+    if args.priors == "library":
+        if args.method == "focei":
+            raise ValueError("--priors: FOCEI takes no priors (use nuts or svi)")
+        options["priors"] = "library"
     if args.dv_unit:
         options["dv_unit"] = None if args.dv_unit == "none" else args.dv_unit
     res = run_fit(args.data, args.model, args.method, args.out, seed=args.seed,
@@ -109,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--warmup", type=int, default=500)
     f.add_argument("--samples", type=int, default=500)
     f.add_argument("--steps", type=int, default=6000, help="SVI steps")
+    f.add_argument("--priors", default="weak", choices=("weak", "library"),
+                   help="NUTS/SVI priors: weakly informative, or centred on the "
+                        "model's published values (product library)")
     f.add_argument("--dv-unit", default=None, choices=("IU/dL", "IU/mL", "none"),
                    help="unit of DV when the file has no DVUNIT column "
                         "('none': no conversion or unit checks)")

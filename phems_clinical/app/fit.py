@@ -92,6 +92,8 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
         from phems_clinical.pk import bayes
 
         fit_fn = bayes.fit_nuts if method == "nuts" else bayes.fit_svi
+        if options.get("priors") == "library":
+            options["priors"] = bayes.library_priors(model)
         res = fit_fn(k_fit, model, cohort, **options)
         params = res.params
         names = list(res.summary.index)

@@ -34,7 +34,8 @@ def test_simulate_writes_nonmem_csv(cohort_csv):
 @pytest.mark.parametrize("method,extra", [
     ("focei", []),
     ("svi", ["--steps", "300"]),
-    ("nuts", ["--chains", "1", "--warmup", "60", "--samples", "60"]),
+    ("nuts", ["--chains", "1", "--warmup", "60", "--samples", "60", "--priors",
+              "library"]),
 ])
 def test_fit_each_method_writes_outputs(cohort_csv, tmp_path, method, extra):
     out = tmp_path / method
