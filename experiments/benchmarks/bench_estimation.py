@@ -64,6 +64,7 @@ sys.dont_write_bytecode = True  # no __pycache__ next to the benchmark
 import reference_focei as ref  # noqa: E402
 
 from phems_clinical.data.nonmem import read_nonmem, to_cohort  # noqa: E402
+
 # imported up front so that the whole run uses one snapshot of the estimators
 from phems_clinical.pk.bayes import fit_nuts, fit_svi  # noqa: E402
 from phems_clinical.pk.focei import fit_focei  # noqa: E402

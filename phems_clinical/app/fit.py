@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -25,9 +24,9 @@ import xarray as xr
 from phems_clinical.data.nonmem import PKData, read_nonmem, to_cohort
 from phems_clinical.evaluation.plots import gof_figure, vpc_figure
 from phems_clinical.pk.diagnostics import compute_diagnostics, simulate_replicates
-from phems_clinical.pk.focei import build_focei, fit_focei
+from phems_clinical.pk.focei import fit_focei, focei_objective
 from phems_clinical.pk.library import load_product
-from phems_clinical.pk.model import PopParams, n_occasions
+from phems_clinical.pk.model import PopParams
 from phems_clinical.pk.spec import ModelSpecError, PopModel, load_model
 
 METHODS = ("focei", "nuts", "svi")
@@ -186,10 +185,7 @@ def _b_from(res) -> np.ndarray:
 
 def _map_modes(model: PopModel, cohort, params: PopParams) -> np.ndarray:
     """Conditional modes of the random effects given population values."""
-    fns = build_focei(model, n_occasions(cohort))
-    b0 = jnp.zeros((cohort.n_subjects, fns.n_b))
-    return np.asarray(jax.jit(jax.vmap(fns.map_estimate, in_axes=(None, 0, 0)))(
-        params, cohort, b0))
+    return np.asarray(focei_objective(model, cohort, params)[2])
 
 
 def _drop_blq(data: PKData) -> PKData:

@@ -9,7 +9,7 @@ backtracked (Armijo), so every accepted step decreases the objective.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -76,9 +76,12 @@ from numpyro.optim import optax_to_numpyro
 
 from phems_clinical._typing import Array, Float, Key
 from phems_clinical.data.cohort import Cohort
+from phems_clinical.pk._cache import per_model
+from phems_clinical.pk.focei import build_focei
 from phems_clinical.pk.model import (
     PopParams,
     initial_params,
+    likelihood_cohort,
     n_occasions,
     obs_neg2ll,
     predict,
@@ -357,12 +360,6 @@ def _assemble(model: PopModel, g: dict):
     return params, scale, iov_sd
 
 
-def _likelihood_cohort(model: PopModel, cohort: Cohort) -> Cohort:
-    if model.blq == "drop":
-        return cohort._replace(obs_mask=cohort.obs_mask & ~cohort.obs_blq)
-    return cohort
-
-
 def _subject_loglik_impl(model: PopModel, data: Cohort, params: PopParams,
                          eta: Float[Array, "n_sub n_eta"],
                          kappa: Float[Array, "n_sub n_occ n_kappa"]
@@ -374,23 +371,6 @@ def _subject_loglik_impl(model: PopModel, data: Cohort, params: PopParams,
     return -0.5 * jnp.sum(n2ll, axis=-1)
 
 
-_JIT_CACHE: dict[tuple, tuple[PopModel, object]] = {}
-
-
-def _per_model(model: PopModel, tag: tuple, build):
-    """``build()`` once per (model object, tag); the cache keeps the model alive so
-    that its ``id`` stays unique (``PopModel`` holds arrays: not hashable)."""
-    key = (id(model), *tag)
-    hit = _JIT_CACHE.get(key)
-    if hit is not None and hit[0] is model:
-        return hit[1]
-    if len(_JIT_CACHE) >= 64:
-        _JIT_CACHE.pop(next(iter(_JIT_CACHE)))
-    fn = build()
-    _JIT_CACHE[key] = (model, fn)
-    return fn
-
-
 def _subject_loglik(model: PopModel):
     """A jitted :func:`_subject_loglik_impl` for ``model``, one per model object.
 
@@ -400,7 +380,7 @@ def _subject_loglik(model: PopModel):
     of small XLA compilations). One jitted function compiles once; inside the
     estimators' own ``jit``/``grad`` it is simply inlined.
     """
-    return _per_model(model, ("loglik",),
+    return per_model(model, ("loglik",),
                       lambda: jax.jit(partial(_subject_loglik_impl, model)))
 
 
@@ -431,7 +411,7 @@ def population_model(model: PopModel, cohort: Cohort, *, priors: Priors,
     g = _sample_population(model, priors)
     params, scale, iov_sd = _assemble(model, g)
     n_sub, n_eta, n_kappa = cohort.n_subjects, model.n_eta, model.n_kappa
-    data = _likelihood_cohort(model, cohort)
+    data = likelihood_cohort(model, cohort)
     with numpyro.plate("subject", n_sub, dim=-1):
         if n_eta and centered:
             mu = _log_typical_iiv(model, params.theta, cohort.covariates)
@@ -493,40 +473,16 @@ def _init_values(model: PopModel, n_sub: int, n_occ: int) -> dict:
     return v
 
 
-def _mode_solver(model: PopModel, n_occ: int, n_iter: int = 20):
+def _mode_solver(model: PopModel, n_occ: int):
     """Per-subject conditional modes of ``b = (eta, kappa)`` and their Laplace
-    covariances ``2 H^-1`` (``H``: Hessian of the -2 log posterior); damped Newton,
-    vmapped over subjects."""
-    n_eta, n_kappa = model.n_eta, model.n_kappa
-    n_b = n_eta + n_occ * n_kappa
-
-    def objective(b, params, subject):
-        eta, kappa = b[:n_eta], b[n_eta:].reshape(n_occ, n_kappa)
-        f = predict(model, subject, params.theta, eta, kappa, params.baseline)
-        out = jnp.sum(obs_neg2ll(subject, f, params.sigma))
-        if n_eta:
-            out = out + eta @ jnp.linalg.solve(params.omega, eta)
-        if n_kappa:
-            out = out + jnp.sum(kappa**2 / params.omega_iov)
-        return out
+    covariances ``2 H^-1`` (``H``: Hessian of the -2 log posterior), vmapped over
+    subjects: FOCEI's inner objective and conditional-mode solver."""
+    fns = build_focei(model, n_occ)
 
     def solve(params, subject):
-        def body(_, state):
-            b, lam, obj = state
-            g = jax.grad(objective)(b, params, subject)
-            h = jax.hessian(objective)(b, params, subject)
-            step = -jnp.linalg.solve(h + lam * jnp.eye(n_b), g)
-            step = step * jnp.minimum(1.0, 1.0 / (jnp.linalg.norm(step) + 1e-12))
-            new = objective(b + step, params, subject)
-            ok = jnp.isfinite(new) & (new < obj)
-            return (jnp.where(ok, b + step, b), jnp.where(ok, 0.3 * lam, 10.0 * lam),
-                    jnp.where(ok, new, obj))
-
-        b0 = jnp.zeros(n_b)
-        init = (b0, jnp.asarray(1.0), objective(b0, params, subject))
-        b = jax.lax.fori_loop(0, n_iter, body, init)[0]
-        h = jax.hessian(objective)(b, params, subject)
-        return b, 2.0 * jnp.linalg.inv(h + 1e-8 * jnp.eye(n_b))
+        b = fns.map_estimate(params, subject, jnp.zeros(fns.n_b))
+        h = jax.hessian(fns.inner_objective)(b, params, subject)
+        return b, 2.0 * jnp.linalg.inv(h + 1e-8 * jnp.eye(fns.n_b))
 
     return jax.jit(jax.vmap(solve, in_axes=(None, 0)))
 
@@ -551,8 +507,8 @@ def _warm_start(model: PopModel, cohort: Cohort, n_occ: int, n_rounds: int = 3
     params = initial_params(model)
     if n_eta + n_kappa == 0:
         return _init_values(model, n_sub, n_occ)
-    data = _likelihood_cohort(model, cohort)
-    modes = _per_model(model, ("modes", n_occ), lambda: _mode_solver(model, n_occ))
+    data = likelihood_cohort(model, cohort)
+    modes = per_model(model, ("modes", n_occ), lambda: _mode_solver(model, n_occ))
     floor = 0.05**2
     for _ in range(n_rounds):
         b, cov = (np.array(x) for x in modes(params, data))

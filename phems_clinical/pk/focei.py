@@ -29,7 +29,8 @@ likelihood. J Pharmacokinet Pharmacodyn 2015;42:191-209.
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,16 +39,18 @@ import scipy.optimize
 
 from phems_clinical._typing import Array, Float
 from phems_clinical.data.cohort import Cohort
+from phems_clinical.pk._cache import per_model
 from phems_clinical.pk._newton import newton_minimise
 from phems_clinical.pk.model import (
     PopParams,
     initial_params,
+    likelihood_cohort,
     n_occasions,
     obs_neg2ll,
     predict,
     residual_variance,
 )
-from phems_clinical.pk.packing import Packer, build_packer
+from phems_clinical.pk.packing import build_packer
 from phems_clinical.pk.spec import PopModel
 
 
@@ -115,10 +118,12 @@ def build_focei(model: PopModel, n_occ: int = 1) -> FOCEIFns:
         return predict(model, subject, params.theta, eta, kappa, params.baseline)
 
     def inner_objective(b, params, subject):
+        subject = likelihood_cohort(model, subject)
         f = f_of_b(b, params, subject)
         return jnp.sum(obs_neg2ll(subject, f, params.sigma)) + b @ precision(params) @ b
 
     def foce_hessian(b, params, subject):
+        subject = likelihood_cohort(model, subject)
         f = f_of_b(b, params, subject)
         g = jax.jacfwd(f_of_b)(b, params, subject)
         var = residual_variance(f, params.sigma)
@@ -158,26 +163,31 @@ def build_focei(model: PopModel, n_occ: int = 1) -> FOCEIFns:
                     foce_hessian)
 
 
+def compiled_focei(model: PopModel, n_occ: int) -> tuple[FOCEIFns, Callable]:
+    """``build_focei`` and the jitted, subject-vmapped ``subject_ofv`` (cached per
+    model object; see :mod:`phems_clinical.pk._cache`)."""
+    def build():
+        fns = build_focei(model, n_occ)
+        return fns, jax.jit(jax.vmap(fns.subject_ofv, in_axes=(None, 0, 0)))
+
+    return per_model(model, ("focei_ofv", n_occ), build)
+
+
 def focei_objective(model: PopModel, cohort: Cohort, params: PopParams,
                     b0: Float[Array, "n_sub n_b"] | None = None
                     ) -> tuple[Float[Array, ""], Float[Array, " n_sub"],
                                Float[Array, "n_sub n_b"]]:
     """FOCEI objective (NONMEM OFV), per-subject contributions and conditional modes."""
-    fns = build_focei(model, n_occasions(cohort))
+    fns, per_subject = compiled_focei(model, n_occasions(cohort))
     if b0 is None:
         b0 = jnp.zeros((cohort.n_subjects, fns.n_b))
-    per, b = jax.jit(jax.vmap(fns.subject_ofv, in_axes=(None, 0, 0)))(params, cohort,
-                                                                        b0)
+    per, b = per_subject(params, cohort, b0)
     return jnp.sum(per), per, b
-
-
-_COMPILED: dict = {}
 
 
 def _compiled(model: PopModel, n_occ: int):
     """Jitted per-subject OFV/mode/Jacobian for ``model`` (cached: warm refits)."""
-    key = (id(model), n_occ)
-    if key not in _COMPILED:
+    def build():
         fns = build_focei(model, n_occ)
         vm = jax.vmap(fns.subject_ofv, in_axes=(None, 0, 0))
 
@@ -194,10 +204,9 @@ def _compiled(model: PopModel, n_occ: int):
             jac, (per, b) = jax.jacfwd(f, has_aux=True)(x)
             return per, b, jac
 
-        _COMPILED[key] = (model, fns, jax.jit(with_jac))
-        if len(_COMPILED) > 16:
-            _COMPILED.pop(next(iter(_COMPILED)))
-    return _COMPILED[key][1:]
+        return fns, jax.jit(with_jac)
+
+    return per_model(model, ("focei_fit", n_occ), build)
 
 
 def fit_focei(model: PopModel, cohort: Cohort, *, init: PopParams | None = None,
@@ -284,4 +293,5 @@ def _standard_errors(x, jac, grad_fn, to_natural):
         return np.sqrt(np.diag(cov_r)), np.sqrt(np.diag(cov_sw))
 
 
-__all__ = ["FOCEIFns", "FOCEIResult", "build_focei", "fit_focei", "focei_objective"]
+__all__ = ["FOCEIFns", "FOCEIResult", "build_focei", "compiled_focei", "fit_focei",
+           "focei_objective"]

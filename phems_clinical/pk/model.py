@@ -43,7 +43,7 @@ class PopParams(NamedTuple):
     theta: Float[Array, " n_theta"]
     omega: Float[Array, "n_eta n_eta"]
     omega_iov: Float[Array, " n_kappa"]
-    sigma: Float[Array, "2"]
+    sigma: Float[Array, 2]
     baseline: Float[Array, ""]
 
 
@@ -141,13 +141,13 @@ def predict(model: PopModel, subject: Cohort, theta: Float[Array, " n_theta"],
                          per_dose, model.n_cmt, baseline)
 
 
-def residual_variance(f: Float[Array, " n_obs"], sigma: Float[Array, "2"]
+def residual_variance(f: Float[Array, " n_obs"], sigma: Float[Array, 2]
                       ) -> Float[Array, " n_obs"]:
     """``Var(y | f) = add**2 + (prop * f)**2`` (NONMEM ``Y = F + F*EPS(1) + EPS(2)``)."""
     return sigma[0] ** 2 + (sigma[1] * f) ** 2
 
 
-def obs_neg2ll(subject: Cohort, f: Float[Array, " n_obs"], sigma: Float[Array, "2"]
+def obs_neg2ll(subject: Cohort, f: Float[Array, " n_obs"], sigma: Float[Array, 2]
                ) -> Float[Array, " n_obs"]:
     """Per-observation -2 log-likelihood without the 2*pi constant (NONMEM style).
 
@@ -162,6 +162,14 @@ def obs_neg2ll(subject: Cohort, f: Float[Array, " n_obs"], sigma: Float[Array, "
     return jnp.where(subject.obs_mask, out, 0.0)
 
 
+def likelihood_cohort(model: PopModel, cohort: Cohort) -> Cohort:
+    """The cohort as the likelihood sees it: with ``blq: drop`` BLQ samples are
+    masked out; with ``blq: m3`` they stay and enter through M3."""
+    if model.blq == "drop":
+        return cohort._replace(obs_mask=cohort.obs_mask & ~cohort.obs_blq)
+    return cohort
+
+
 def n_occasions(cohort: Cohort) -> int:
     """Number of occasions present in a cohort (static shape for ``kappa``)."""
     return int(max(int(jnp.max(cohort.dose_occ)), int(jnp.max(cohort.obs_occ)))) + 1
@@ -174,6 +182,6 @@ def residual_from_sigma(sigma: np.ndarray, fixed: bool = False) -> Residual:
 
 __all__ = [
     "PopParams", "covariate_vector", "individual_parameters", "initial_params",
-    "n_occasions", "obs_neg2ll", "predict", "residual_from_sigma", "residual_variance",
+    "likelihood_cohort", "n_occasions", "obs_neg2ll", "predict", "residual_from_sigma", "residual_variance",
     "typical_parameters",
 ]

@@ -11,7 +11,8 @@ component, a non-estimated baseline) are held at their specification values.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax.numpy as jnp
 

@@ -31,7 +31,12 @@ import pandas as pd
 from phems_clinical._typing import Key
 from phems_clinical.data.cohort import stack_subjects
 from phems_clinical.data.demographics import simulate_demographics
-from phems_clinical.pk.model import PopParams, individual_parameters, initial_params, predict
+from phems_clinical.pk.model import (
+    PopParams,
+    individual_parameters,
+    initial_params,
+    predict,
+)
 from phems_clinical.pk.spec import PopModel
 
 RICH_TIMES = (0.25, 0.5, 1.0, 3.0, 6.0, 9.0, 24.0, 28.0, 32.0, 48.0)
