@@ -103,3 +103,44 @@ def test_cwres_pred_ipred_match_nonmem_table(pheno):
     # the table prints 5 significant digits
     np.testing.assert_allclose(d.pred[m], obs.PRED.to_numpy(), rtol=5e-5)
     np.testing.assert_allclose(d.ipred[m], obs.CIPREDI.to_numpy(), rtol=5e-5)
+
+
+def test_iov_single_occasion_equals_summed_iiv():
+    """Exact identity for the IOV path: with one occasion per subject, IIV Omega plus
+    IOV variance b on CL is the same marginal model as IIV Omega + b e_CL e_CL'.
+    FOCEI's objective is then identical (the mode of eta_CL + kappa is the same and,
+    by the matrix determinant lemma, so is log det Omega_full + log det H), and the
+    mode of kappa is its Gaussian conditional mean given the summed effects u:
+    kappa = b (Omega'^-1 u)_CL."""
+    import jax
+
+    from phems_clinical.data.nonmem import read_nonmem, to_cohort
+    from phems_clinical.pk.model import initial_params
+    from phems_clinical.pk.simulate import HospitalSpec, simulate_cohort
+    from phems_clinical.pk.spec import parse_model
+
+    base = {"name": "iov_check", "structure": {"compartments": 1},
+            "parameters": {"CL": {"value": 2.0}, "V1": {"value": 30.0}},
+            "covariates": [{"parameter": "CL", "covariate": "WT", "effect": "power",
+                            "reference": 50, "coefficient": 0.75}],
+            "residual": {"proportional": 0.12, "additive": 0.5}}
+    a, b = 0.06, 0.04
+    with_iov = parse_model({**base, "iiv": {"parameters": ["CL", "V1"],
+                                            "variance": [[a, 0.01], [0.01, 0.03]]},
+                            "iov": {"parameters": ["CL"], "sd": [b ** 0.5]}})
+    summed = parse_model({**base, "iiv": {"parameters": ["CL", "V1"],
+                                          "variance": [[a + b, 0.01], [0.01, 0.03]]}})
+    events, _ = simulate_cohort(jax.random.key(11), with_iov,
+                                HospitalSpec("H", 20, design="sparse",
+                                             washout_fraction=0.5))
+    cohort, _ = to_cohort(read_nonmem(events, required_covariates=("WT",)), ("WT",))
+    ofv_iov, per_iov, b_iov = focei_objective(with_iov, cohort,
+                                              initial_params(with_iov))
+    ofv_sum, per_sum, b_sum = focei_objective(summed, cohort, initial_params(summed))
+    np.testing.assert_allclose(np.asarray(per_iov), np.asarray(per_sum), rtol=1e-9)
+    assert float(ofv_iov) == pytest.approx(float(ofv_sum), rel=1e-10)
+    eta_cl, kappa = np.asarray(b_iov[:, 0]), np.asarray(b_iov[:, 2])
+    np.testing.assert_allclose(eta_cl + kappa, np.asarray(b_sum[:, 0]), atol=1e-7)
+    u = np.asarray(b_sum[:, :2])
+    np.testing.assert_allclose(kappa, b * np.linalg.solve(summed.omega, u.T)[0],
+                               atol=1e-7)
