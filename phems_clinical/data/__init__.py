@@ -6,6 +6,15 @@ from phems_clinical.data.demographics import (
     lean_body_weight,
     simulate_demographics,
 )
+from phems_clinical.data.dosing_request import (
+    DosingOptions,
+    DosingRequest,
+    FieldError,
+    Infusion,
+    Level,
+    RequestError,
+    parse_request,
+)
 from phems_clinical.data.nonmem import (
     DataValidationError,
     Exclusion,
@@ -20,4 +29,6 @@ __all__ = [
     "Cohort", "DataValidationError", "Exclusion", "Issue", "PKData", "fat_free_mass",
     "from_cohort", "lean_body_weight", "read_nonmem", "simulate_demographics",
     "stack_subjects", "to_cohort",
+    "DosingOptions", "DosingRequest", "FieldError", "Infusion", "Level",
+    "RequestError", "parse_request",
 ]

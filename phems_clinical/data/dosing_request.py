@@ -1,0 +1,429 @@
+"""Parse and check a clinician's dosing request for one haemophilia patient.
+
+A request (JSON text or a dict) names a product or a fitted model, the patient's
+covariates, the infusions given and the factor levels measured; its contract is
+``data_schemas/dosing_request.schema.json``. :func:`parse_request` validates it in
+two passes, each reporting *all* problems at once as :class:`FieldError` s (a
+dotted path such as ``levels[1].value`` and a plain-language message) inside one
+:class:`RequestError`: first against the JSON Schema, then for meaning (levels
+after the first infusion, consistent date-times, plausible units, BLQ coding).
+
+Units: times in h, doses in IU, weights in kg, ages in years, factor levels in
+IU/dL (= %; IU/mL is multiplied by 100). Times are either hours (``time_h``) or
+ISO 8601 date-times (``datetime``, t = 0 at the earliest infusion), one style
+per request.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import json
+import math
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+import jsonschema
+
+from phems_clinical.resources import schemas_dir
+
+__all__ = [
+    "DosingOptions", "DosingRequest", "FieldError", "Infusion", "Level",
+    "RequestError", "load_request_schema", "parse_request",
+]
+
+SCHEMA_FILE = "dosing_request.schema.json"
+
+_TO_IU_DL = {"IU/dL": 1.0, "%": 1.0, "IU/mL": 100.0}
+# FVIII/FIX activity above 500 IU/dL (5 IU/mL) does not occur, even at the peak
+# of a large dose: such a value is a unit mistake, not a measurement.
+_MAX_IU_DL = 500.0
+_NUMERIC_COVARIATES = {"height_cm": "HT", "lean_body_weight_kg": "LBW",
+                       "fat_free_mass_kg": "FFM", "vwf_IU_dL": "VWF",
+                       "hematocrit_pct": "HCT"}
+_CODED_COVARIATES = {
+    "blood_group": ("BGO", {"O": 1, "A": 0, "B": 0, "AB": 0}),
+    "assay": ("ASSAY", {"one-stage": 1, "OSA": 1, "chromogenic": 0, "CSA": 0}),
+    "sex": ("SEX", {"male": 0, "female": 1}),
+}
+_KINDS = {"number": "a number", "integer": "a whole number", "string": "text",
+          "boolean": "true or false", "array": "a list", "object": "an object"}
+_BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=",
+           "exclusiveMaximum": "<"}
+
+
+class FieldError(NamedTuple):
+    """One problem in a request: where (dotted path, "" = whole body) and what."""
+
+    field: str
+    message: str
+
+
+class RequestError(ValueError):
+    """A request failed validation; ``errors`` lists every problem found."""
+
+    def __init__(self, errors: list[FieldError]):
+        self.errors = list(errors)
+        super().__init__("; ".join(f"{e.field}: {e.message}" for e in self.errors))
+
+
+class Infusion(NamedTuple):
+    """An infusion: start (h since the time origin), dose (IU), duration (h).
+
+    ``index`` is its position in ``request["infusions"]``.
+    """
+
+    time_h: float
+    dose_IU: float
+    duration_h: float
+    index: int
+
+
+class Level(NamedTuple):
+    """A measured factor level, in IU/dL.
+
+    ``value_IU_dL`` is nan for a BLQ level given without a value; ``lloq_IU_dL`` is
+    nan when no LLOQ was given; ``index`` is its position in ``request["levels"]``.
+    """
+
+    time_h: float
+    value_IU_dL: float
+    blq: bool
+    lloq_IU_dL: float
+    index: int
+
+
+class DosingOptions(NamedTuple):
+    """Forecast and dose-search settings (``intervals_h`` None: by product class)."""
+
+    trough_probability: float = 0.9
+    targets_IU_dL: tuple[float, ...] = (1.0, 3.0, 5.0)
+    intervals_h: tuple[float, ...] | None = None
+    thresholds_IU_dL: tuple[float, ...] = (1.0, 2.0, 5.0)
+    standard_dose_IU_kg: float = 50.0
+    n_draws: int = 4000
+    seed: int = 0
+
+
+class DosingRequest(NamedTuple):
+    """A checked request; see the contract in ``dosing_request.schema.json``.
+
+    ``covariates`` uses model names (WT kg, AGE y always; HT cm, LBW kg, FFM kg,
+    VWF IU/dL, HCT %, BGO 1 = group O, ASSAY 1 = one-stage, SEX 1 = female when
+    given). ``infusions`` and ``levels`` are sorted by time; ``time_origin`` is
+    the ISO date-time of t = 0 when date-times were used, else None.
+    """
+
+    product: str | None
+    model_path: str | None
+    patient_id: str | None
+    weight_kg: float
+    age_y: float
+    covariates: dict[str, float]
+    infusions: tuple[Infusion, ...]
+    levels: tuple[Level, ...]
+    baseline_IU_dL: float | None
+    time_origin: str | None
+    options: DosingOptions
+
+
+@lru_cache(maxsize=1)
+def load_request_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of a request: ``dosing_request.schema.json``."""
+    with open(schemas_dir() / SCHEMA_FILE, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@lru_cache(maxsize=1)
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(load_request_schema())
+
+
+# ------------------------------------------------------------------ messages
+
+def _path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return json.dumps(v)
+    if isinstance(v, int | float):
+        return _num(v)
+    if isinstance(v, str):
+        return repr(v)
+    if isinstance(v, list):
+        return "a list" if v else "an empty list"
+    return "an object"
+
+
+def _title(schema: dict, fallback: str) -> str:
+    ref = schema.get("$ref", "")
+    if ref.startswith("#/$defs/"):
+        schema = load_request_schema()["$defs"][ref.removeprefix("#/$defs/")]
+    return schema.get("title", fallback)
+
+
+def _unknown(key: str, known: list[str]) -> str:
+    lower = {k.lower(): k for k in known}
+    match = difflib.get_close_matches(key.lower(), list(lower), n=1)
+    if match:
+        return f"unknown field {key!r} (did you mean {lower[match[0]]!r}?)"
+    return f"unknown field {key!r} (allowed: {', '.join(known)})"
+
+
+def _translate(err: jsonschema.ValidationError) -> list[FieldError]:
+    """Plain-language errors for one JSON Schema violation."""
+    where, s, kw, val = list(err.absolute_path), err.schema, err.validator, err.instance
+    props = s.get("properties", {})
+    if kw == "required":
+        return [FieldError(_path([*where, n]),
+                           "required field missing: " + _title(props[n], n))
+                for n in err.validator_value if n not in val]
+    if kw == "additionalProperties":
+        return [FieldError(_path([*where, str(k)]), _unknown(str(k), list(props)))
+                for k in val if k not in props]
+    if kw == "oneOf":   # the schema uses oneOf only for "exactly one of these fields"
+        names = [alt["required"][0] for alt in err.validator_value]
+        if any(n in val for n in names):
+            return [FieldError(_path(where), f"give either {' or '.join(names)}, "
+                               "not both")]
+        which = " or ".join(f"{n} ({_title(props[n], n)})" for n in names)
+        return [FieldError(_path([*where, names[0]]),
+                           f"required field missing: {which}")]
+    title = _title(s, str(where[-1]) if where else "request")
+    if kw == "type" or kw in _BOUNDS:
+        # one message for both, so that a wrong type also shows the allowed range
+        types = s.get("type", "number")
+        types = types if isinstance(types, list) else [types]
+        kind = " or ".join(_KINDS[t] for t in types)
+        bounds = " and ".join(f"{op} {_num(s[k])}"
+                              for k, op in _BOUNDS.items() if k in s)
+        msg = f"expected {kind} {bounds}".rstrip() + f" ({title})"
+    elif kw == "enum":
+        msg = f"expected one of {', '.join(map(str, s['enum']))} ({title})"
+    elif kw == "minItems":
+        msg = f"expected at least {s['minItems']} entry ({title})"
+    elif kw == "minLength":
+        msg = f"expected non-empty text ({title})"
+    elif kw == "pattern":
+        msg = f"expected {title}"
+    else:   # pragma: no cover - the schema uses no other keywords
+        msg = f"invalid value ({title}): {err.message}"
+    return [FieldError(_path(where), f"{msg}, got {_show(val)}")]
+
+
+def _nonfinite(obj: Any, where: tuple = ()) -> Iterator[FieldError]:
+    # JSON Schema bounds cannot catch NaN (every comparison with it is false).
+    if isinstance(obj, float) and not math.isfinite(obj):
+        yield FieldError(_path(where), f"expected a finite number, got {obj}")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _nonfinite(v, (*where, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _nonfinite(v, (*where, i))
+
+
+def _implausible(x: float, unit: str) -> str | None:
+    if x * _TO_IU_DL[unit] <= _MAX_IU_DL:
+        return None
+    if unit == "IU/mL":
+        return (f"{_num(x)} IU/mL = {_num(x * 100.0)} IU/dL is implausible for a "
+                "factor level; was the unit IU/dL?")
+    return (f"{_num(x)} {unit} is implausible for a factor level (above 500 IU/dL); "
+            "was the unit IU/mL?")
+
+
+# ------------------------------------------------------------------ meaning
+
+def _style(entry: dict) -> str:
+    return "time_h" if "time_h" in entry else "datetime"
+
+
+def _times(obj: dict, errors: list[FieldError]) -> tuple[dict, str | None] | None:
+    """Hours since the origin of every infusion and level, keyed by (list, index)."""
+    entries = [(k, i, e) for k in ("infusions", "levels")
+               for i, e in enumerate(obj.get(k, []))]
+    first = _style(entries[0][2])
+    mixed = [(k, i, e) for k, i, e in entries if _style(e) != first]
+    for k, i, e in mixed:
+        errors.append(FieldError(f"{k}[{i}].{_style(e)}", "this request mixes time_h "
+                                 f"and datetime (infusions[0] uses {first}); use "
+                                 "one style for all infusions and levels"))
+    if mixed:
+        return None
+    if first == "time_h":
+        return {(k, i): float(e["time_h"]) for k, i, e in entries}, None
+    stamps, ref, n_errors = {}, None, len(errors)
+    for k, i, e in entries:
+        where = f"{k}[{i}].datetime"
+        try:
+            t = dt.datetime.fromisoformat(e["datetime"])
+        except ValueError as exc:
+            errors.append(FieldError(where, f"not a valid date-time: "
+                                     f"{e['datetime']!r} ({exc})"))
+            continue
+        aware = t.utcoffset() is not None
+        if ref is None:
+            ref = (where, aware)
+        elif aware != ref[1]:
+            has = "has a time zone" if aware else "has no time zone"
+            errors.append(FieldError(where, f"date-time {e['datetime']!r} {has} but "
+                                     f"{ref[0]} {'does not' if aware else 'does'}; "
+                                     "give all date-times with a time zone (e.g. "
+                                     "+01:00) or all without"))
+        stamps[k, i] = t
+    if len(errors) > n_errors:
+        return None
+    t0 = min(t for (k, _), t in stamps.items() if k == "infusions")
+    return ({key: (t - t0).total_seconds() / 3600.0 for key, t in stamps.items()},
+            t0.isoformat())
+
+
+def _level(i: int, lv: dict, t: float, errors: list[FieldError]) -> Level:
+    unit, f = lv["unit"], _TO_IU_DL[lv["unit"]]
+    value, lloq, blq = lv.get("value"), lv.get("lloq"), lv.get("blq", False)
+    for name in ("value", "lloq"):
+        if lv.get(name) is not None and (msg := _implausible(lv[name], unit)):
+            errors.append(FieldError(f"levels[{i}].{name}", msg))
+    if blq and value is None and lloq is None:
+        errors.append(FieldError(f"levels[{i}].lloq", "a level marked blq needs its "
+                                 f"lloq (lower limit of quantification, in {unit})"))
+    elif blq and lloq is None:
+        lloq = value
+    elif blq and value is not None and value > lloq:
+        errors.append(FieldError(f"levels[{i}].value", f"marked blq but the value "
+                                 f"{_num(value)} {unit} is above its lloq "
+                                 f"{_num(lloq)} {unit}"))
+    elif not blq and value is None:
+        errors.append(FieldError(f"levels[{i}].value", "required field missing: "
+                                 "measured factor level in the given unit (or mark "
+                                 'the level "blq": true with its lloq)'))
+    elif not blq and lloq is not None and value < lloq:
+        errors.append(FieldError(f"levels[{i}].value", f"value {_num(value)} {unit} "
+                                 f"is below its LLOQ ({_num(lloq)} {unit}): mark it "
+                                 "blq"))
+    nan = math.nan
+    return Level(t, nan if value is None else value * f, bool(blq),
+                 nan if lloq is None else lloq * f, i)
+
+
+def _build(obj: dict, errors: list[FieldError]) -> DosingRequest:
+    timed = _times(obj, errors)
+    times, origin = timed if timed is not None else ({}, None)
+    infusions = tuple(sorted(
+        (Infusion(times.get(("infusions", i), math.nan), float(e["dose_IU"]),
+                  float(e.get("duration_h", 0.0)), i)
+         for i, e in enumerate(obj["infusions"])), key=lambda x: (x.time_h, x.index)))
+    first = infusions[0]
+    levels = []
+    for i, lv in enumerate(obj.get("levels", [])):
+        levels.append(_level(i, lv, times.get(("levels", i), math.nan), errors))
+        if timed is not None and levels[-1].time_h <= first.time_h:
+            key = _style(lv)
+            when = (lv[key], obj["infusions"][first.index][key]) if origin else (
+                f"{_num(levels[-1].time_h)} h", f"{_num(first.time_h)} h")
+            errors.append(FieldError(f"levels[{i}].{key}", f"level at {when[0]} is "
+                                     f"not after the first infusion (at {when[1]}); "
+                                     'a pre-dose level belongs in "baseline"'))
+    base = obj.get("baseline")
+    if base is not None and (msg := _implausible(base["value"], base["unit"])):
+        errors.append(FieldError("baseline.value", msg))
+    covariates = {"WT": float(obj["weight_kg"]), "AGE": float(obj["age_y"])}
+    covariates |= {name: float(obj[k]) for k, name in _NUMERIC_COVARIATES.items()
+                   if k in obj}
+    covariates |= {name: float(codes[obj[k]])
+                   for k, (name, codes) in _CODED_COVARIATES.items() if k in obj}
+    opts = {k: tuple(map(float, v)) if isinstance(v, list)
+            else int(v) if k in ("n_draws", "seed") else float(v)
+            for k, v in obj.get("options", {}).items()}
+    pid = obj.get("patient_id")
+    return DosingRequest(
+        product=obj.get("product"), model_path=obj.get("model"),
+        patient_id=None if pid is None else str(pid),
+        weight_kg=float(obj["weight_kg"]), age_y=float(obj["age_y"]),
+        covariates=covariates, infusions=infusions,
+        levels=tuple(sorted(levels, key=lambda x: (x.time_h, x.index))),
+        baseline_IU_dL=(None if base is None
+                        else base["value"] * _TO_IU_DL[base["unit"]]),
+        time_origin=origin, options=DosingOptions(**opts))
+
+
+def parse_request(source: dict | str | bytes) -> DosingRequest:
+    """Validate a dosing request and convert it to hours and IU/dL.
+
+    Parameters
+    ----------
+    source : dict, str or bytes
+        The request as a dict or as JSON text (``data_schemas/
+        dosing_request.schema.json``). Doses in IU, weight in kg, age in years,
+        times in h (``time_h``) or ISO 8601 date-times (``datetime``), levels in
+        IU/dL, % or IU/mL.
+
+    Returns
+    -------
+    DosingRequest
+        Infusions and levels sorted by time (``index`` keeps the original
+        position), levels in IU/dL, covariates under their model names.
+
+    Raises
+    ------
+    RequestError
+        With a :class:`FieldError` for *every* problem found: first all JSON
+        Schema violations; if there are none, all problems of meaning (levels at
+        or before the first infusion, mixed time styles or time zones, implausible
+        units, inconsistent BLQ coding).
+
+    Examples
+    --------
+    >>> req = parse_request({
+    ...     "product": "advate", "weight_kg": 25.0, "age_y": 8.0,
+    ...     "infusions": [{"time_h": 0.0, "dose_IU": 1000, "duration_h": 0.17}],
+    ...     "levels": [{"time_h": 4.0, "value": 40.2, "unit": "IU/dL"},
+    ...                {"time_h": 24.0, "value": 10.1, "unit": "IU/dL"},
+    ...                {"time_h": 48.0, "value": 1.5, "unit": "IU/dL"}]})
+    >>> req.covariates, req.infusions[0].dose_IU
+    ({'WT': 25.0, 'AGE': 8.0}, 1000.0)
+    >>> [(lv.time_h, lv.value_IU_dL) for lv in req.levels]
+    [(4.0, 40.2), (24.0, 10.1), (48.0, 1.5)]
+    >>> try:
+    ...     parse_request('{"product": "advate", "wieght_kg": 25, "age_y": 8}')
+    ... except RequestError as err:
+    ...     for e in err.errors:
+    ...         print(f"{e.field}: {e.message}")
+    weight_kg: required field missing: body weight in kg
+    infusions: required field missing: list of infusions
+    wieght_kg: unknown field 'wieght_kg' (did you mean 'weight_kg'?)
+    """
+    if isinstance(source, str | bytes | bytearray):
+        try:
+            obj = json.loads(source)
+        except json.JSONDecodeError as exc:
+            msg = f"{exc.msg} at line {exc.lineno}, column {exc.colno}"
+            raise RequestError([FieldError("", f"not valid JSON: {msg}")]) from None
+        except UnicodeDecodeError as exc:
+            raise RequestError([FieldError("", "not valid JSON: the text is not "
+                                           f"UTF-8 ({exc.reason})")]) from None
+    else:
+        obj = source
+    if not isinstance(obj, dict):
+        raise RequestError([FieldError("", "expected a JSON object {...} with the "
+                                       f"request fields, got {_show(obj)}")])
+    errors = list(_nonfinite(obj))
+    flagged = {e.field for e in errors}
+    for err in _validator().iter_errors(obj):
+        errors += [e for e in _translate(err) if e.field not in flagged]
+    if not errors:
+        request = _build(obj, errors)
+    if errors:
+        raise RequestError(list(dict.fromkeys(errors)))
+    return request
