@@ -1,0 +1,484 @@
+"""Individual PK report for the dosing tool: concentration-time figure and HTML page.
+
+The input is the ``result`` dict of the dosing contract (``result.json``, see
+``phems_clinical.app.dose``). Both outputs are self-contained: :func:`curve_figure`
+returns PNG bytes and :func:`render_report` returns one HTML page with inline CSS and
+the PNG inlined as a ``data:`` URI, so it can be printed or filed without a network.
+
+The figure uses matplotlib's object API (``Figure`` with the Agg canvas) rather than
+``pyplot``, so no global figure state is touched and rendering is safe from the web
+app's worker threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MultipleLocator
+from matplotlib.transforms import blended_transform_factory
+
+__all__ = ["curve_figure", "render_report"]
+
+DASH = "\u2013"  # en dash, shown for missing values
+BLQ_LABEL = "BLQ (< LLOQ)"
+
+# Display name, unit and value labels of the model covariates (dosing contract §1).
+_COVARIATES: dict[str, tuple[str, str, dict[float, str] | None]] = {
+    "WT": ("Body weight", "kg", None),
+    "AGE": ("Age", "y", None),
+    "HT": ("Height", "cm", None),
+    "LBW": ("Lean body weight", "kg", None),
+    "FFM": ("Fat-free mass", "kg", None),
+    "VWF": ("VWF antigen", "IU/dL", None),
+    "BGO": ("Blood group", "", {1.0: "O", 0.0: "non-O"}),
+    "ASSAY": ("Factor assay", "", {1.0: "one-stage", 0.0: "chromogenic"}),
+    "SEX": ("Sex", "", {0.0: "male", 1.0: "female"}),
+    "HCT": ("Haematocrit", "%", None),
+}
+
+_METHODS = {
+    "map": "Maximum a posteriori (MAP) estimate with Laplace approximation",
+    "nuts": "Full Bayesian posterior sampling (NUTS)",
+}
+
+# Colours: one hue for the prediction, dark neutral for data (prints in greyscale).
+_BLUE, _DATA, _GREY, _RED = "#1f5fa8", "#222222", "#6b6b6b", "#c0392b"
+
+
+# --------------------------------------------------------------------------- format
+def _num(x: Any) -> float | None:
+    """``x`` as a float, or None for None / NaN / non-numbers."""
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def _fmt(x: Any, *, inf: str = "\u221e", sig: int = 3, trim: bool = False) -> str:
+    """Format a number to ``sig`` significant figures for display.
+
+    Parameters
+    ----------
+    x : float or None
+        The value; None and NaN give an en dash.
+    inf : str
+        Text for +infinity (e.g. ``"not reached"`` for a threshold time).
+    sig : int
+        Significant figures. Large numbers are rounded, never shown in exponent form.
+    trim : bool
+        Drop trailing zeros, for labels and inputs (``1 IU/dL``, ``48 h``) rather
+        than estimates, where ``1.20`` states the precision.
+
+    Examples
+    --------
+    >>> _fmt(11.7349), _fmt(0.021349), _fmt(1234.5), _fmt(None), _fmt(float("inf"))
+    ('11.7', '0.0213', '1,230', '–', '∞')
+    >>> _fmt(48.0), _fmt(48.0, trim=True), _fmt(2.50, trim=True)
+    ('48.0', '48', '2.5')
+    """
+    v = _num(x)
+    if v is None:
+        return DASH
+    if math.isinf(v):
+        return inf if v > 0 else "-" + inf
+    if v == 0:
+        return "0"
+    mag = math.floor(math.log10(abs(v)))
+    v = round(v, sig - 1 - mag)
+    mag = math.floor(math.log10(abs(v))) if v else 0  # 9.996 rounds up to 10.0
+    text = f"{v:,.{max(0, sig - 1 - mag)}f}"
+    return text.rstrip("0").rstrip(".") if trim and "." in text else text
+
+
+def _lab(x: Any) -> str:
+    """A label or input value: 3 significant figures without trailing zeros."""
+    return _fmt(x, trim=True)
+
+
+def _interval(est: Any) -> str:
+    """The 90% interval of an estimate dict as ``"lo – hi"``."""
+    if not isinstance(est, dict):
+        return DASH
+    lo, hi = est.get("lo90"), est.get("hi90")
+    if _num(lo) is None and _num(hi) is None:
+        return DASH
+    return f"{_fmt(lo)} {DASH} {_fmt(hi)}"
+
+
+def _median(est: Any, *, inf: str = "\u221e") -> str:
+    """The median of an estimate dict, or the value itself when given a number."""
+    return _fmt(est.get("median") if isinstance(est, dict) else est, inf=inf)
+
+
+def _pct(p: Any) -> str:
+    """A probability as a whole percentage; ``>99%``/``<1%`` near the ends."""
+    v = _num(p)
+    if v is None:
+        return DASH
+    if 0.995 <= v < 1:
+        return ">99%"
+    if 0 < v < 0.005:
+        return "<1%"
+    return f"{100 * v:.0f}%"
+
+
+def _dose(x: Any) -> str:
+    """A dose in IU: vial sums are exact, so no significant-figure rounding."""
+    v = _num(x)
+    return DASH if v is None else f"{v:,.0f}"
+
+
+def _key_num(k: str) -> float:
+    """Sort key for threshold dict keys such as ``"1"``, ``"2.5"``."""
+    v = _num(k)
+    return math.inf if v is None else v
+
+
+def _interval_name(h: float) -> str:
+    """Clinical name of a dosing interval in hours."""
+    names = {24: "daily", 48: "every 2 days", 72: "every 3 days",
+             84: "twice weekly", 168: "weekly", 336: "every 2 weeks"}
+    name = names.get(round(h)) if abs(h - round(h)) < 1e-9 else None
+    return f"every {_lab(h)} h" + (f" ({name})" if name else "")
+
+
+def _clock(origin: str | None, time_h: Any) -> str | None:
+    """Date-time of ``time_h`` hours after an ISO ``origin``, or None."""
+    v = _num(time_h)
+    if not origin or v is None:
+        return None
+    try:
+        t = datetime.fromisoformat(origin) + timedelta(hours=v)
+    except ValueError:
+        return None
+    return t.strftime("%Y-%m-%d %H:%M")
+
+
+# --------------------------------------------------------------------------- figure
+def _title(result: dict) -> str:
+    model = result.get("model") or {}
+    name = result.get("product") or model.get("name") or "Individual PK"
+    if result.get("product") and model.get("name") and model["name"] != name:
+        name = f"{name} ({model['name']})"
+    pid = result.get("patient_id")
+    return f"{name} \u2014 patient {pid}" if pid else name
+
+
+def _time_label(result: dict) -> str:
+    origin = result.get("time_origin")
+    return (f"Time since {origin} (h)" if origin
+            else "Time since first infusion (h)")
+
+
+def curve_figure(result: dict) -> bytes:
+    """Predicted factor level over time with its credible bands, as PNG bytes.
+
+    Draws the posterior median of ``result["curve"]`` with the 50% (p25-p75) and
+    90% (p05-p95) credible bands on a log y axis, the measured levels (filled
+    circles; BLQ samples as open downward triangles at the LLOQ), the infusions as
+    carets on the time axis and the thresholds as labelled dashed lines.
+
+    Parameters
+    ----------
+    result : dict
+        A dosing result (dosing contract §3); uses ``curve``, ``levels``,
+        ``infusions``, ``thresholds_IU_dL``, ``time_origin``, ``product``, ``model``
+        and ``patient_id``.
+
+    Returns
+    -------
+    bytes
+        A PNG image, 8 x 4.5 in at 120 dpi (960 x 540 pixels).
+    """
+    curve = {k: np.asarray(v, dtype=float) for k, v in result["curve"].items()}
+    t = curve["time_h"]
+    thresholds = [float(x) for x in result.get("thresholds_IU_dL") or []]
+    levels = result.get("levels") or []
+    infusions = result.get("infusions") or []
+    quant = [(lv["time_h"], v) for lv in levels if not lv.get("blq")
+             and (v := _num(lv.get("value_IU_dL"))) is not None and v > 0]
+    blq = [(lv["time_h"], _num(lv.get("lloq_IU_dL")) or _num(lv.get("value_IU_dL")))
+           for lv in levels if lv.get("blq")]
+    # Log axis floor: half the lowest threshold, lowered to show every measured level;
+    # a BLQ sample without an LLOQ is drawn at that level, above the infusion carets.
+    low = 0.5 * min(thresholds) if thresholds else 0.5 * float(
+        np.min(curve["p05"][curve["p05"] > 0], initial=0.2))
+    blq = [(x, y or low) for x, y in blq]
+    floor = min([low] + [0.7 * v for _, v in quant + blq])
+    top = 1.6 * max([float(np.nanmax(curve["p95"])), 4 * floor]
+                    + [v for _, v in quant])
+
+    fig = Figure(figsize=(8, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    clip = {k: np.clip(v, 0.5 * floor, None) for k, v in curve.items()}
+    ax.fill_between(t, clip["p05"], clip["p95"], color=_BLUE, alpha=0.15, lw=0)
+    ax.fill_between(t, clip["p25"], clip["p75"], color=_BLUE, alpha=0.30, lw=0)
+    ax.plot(t, clip["p50"], color=_BLUE, lw=1.8)
+    handles = [
+        Line2D([], [], color=_BLUE, lw=1.8, label="Predicted median"),
+        Patch(color=_BLUE, alpha=0.45, lw=0, label="50% credible band"),
+        Patch(color=_BLUE, alpha=0.15, lw=0, label="90% credible band"),
+    ]
+
+    xdata_yaxes = blended_transform_factory(ax.transData, ax.transAxes)
+    markers = (
+        ("Measured level", quant, {"marker": "o", "ms": 6, "color": _DATA,
+                                   "mec": "white", "mew": 0.8}, {}),
+        (BLQ_LABEL, blq,
+         {"marker": "v", "ms": 7, "mfc": "white", "mec": _DATA, "mew": 1.3}, {}),
+        ("Infusion", [(i["time_h"], 0.0) for i in infusions],
+         {"marker": 10, "ms": 9, "color": _RED},  # caret sitting on the time axis
+         {"transform": xdata_yaxes, "clip_on": False}),
+    )
+    for label, points, style, where in markers:
+        if points:
+            ax.plot(*zip(*points, strict=True), ls="none", zorder=5, **style, **where)
+            handles.append(Line2D([], [], ls="none", label=label, **style))
+    if len(infusions) <= 6:
+        for inf in infusions:
+            ax.annotate(f"{_dose(inf['dose_IU'])} IU", (inf["time_h"], 0.0),
+                        xycoords=xdata_yaxes, xytext=(3, 6),
+                        textcoords="offset points", fontsize=7, color=_RED)
+
+    yaxes_xdata = blended_transform_factory(ax.transAxes, ax.transData)
+    for thr in thresholds:
+        ax.axhline(thr, color=_GREY, lw=0.9, ls="--", zorder=1)
+        ax.text(0.008, thr, f"{_lab(thr)} IU/dL", transform=yaxes_xdata, ha="left",
+                va="bottom", fontsize=7.5, color=_GREY)
+
+    ax.set_yscale("log")
+    ax.set_ylim(floor, top)
+    x0 = min([float(t.min())] + [i["time_h"] for i in infusions])
+    # a small left margin keeps the first infusion caret clear of the y axis
+    ax.set_xlim(x0 - 0.015 * (float(t.max()) - x0), float(t.max()))
+    ax.yaxis.set_major_formatter(lambda y, _pos: _lab(y))
+    span_d = (float(t.max()) - x0) / 24
+    if span_d <= 14:  # ticks at whole days, the unit doses are timed in
+        ax.xaxis.set_major_locator(MultipleLocator(24 if span_d <= 7 else 48))
+    ax.set_xlabel(_time_label(result))
+    ax.set_ylabel("Factor level (IU/dL)")
+    ax.set_title(_title(result), loc="left", fontsize=11, fontweight="bold")
+    ax.grid(True, which="major", color="#e4e4e4", lw=0.6)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              fontsize=8, frameon=False, borderaxespad=0.0)
+    fig.tight_layout()
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- report
+@lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    # PackageLoader reads through importlib, so the template ships in the wheel.
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("phems_clinical.evaluation", "templates"),
+        autoescape=True,  # the name ends in .j2, so select_autoescape would miss it
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def _covariate_rows(result: dict) -> list[dict]:
+    ranges = (result.get("model") or {}).get("validated_range") or {}
+    rows = []
+    for key, cov in (result.get("covariates") or {}).items():
+        label, unit, names = _COVARIATES.get(key, (key, "", None))
+        value = _num(cov.get("value"))
+        shown = _lab(value)
+        if names and value is not None:
+            shown = names.get(value, shown)
+        notes = []
+        if cov.get("source") == "assumed":
+            notes.append("assumed, not measured")
+        rng = ranges.get(key)
+        if rng and value is not None and not rng[0] <= value <= rng[1]:
+            notes.append(f"outside validated range {_lab(rng[0])}{DASH}{_lab(rng[1])}")
+        rows.append({"name": f"{label} ({key})", "value": shown, "unit": unit,
+                     "source": cov.get("source") or DASH, "note": "; ".join(notes),
+                     "flag": bool(notes)})
+    return rows
+
+
+def _estimate_rows(result: dict) -> list[dict]:
+    def row(label, unit, est, inf="\u221e"):
+        # an infinite median reads as "not reached"; an interval bound stays "∞"
+        return {"label": label, "unit": unit, "median": _median(est, inf=inf),
+                "interval": _interval(est)}
+
+    rows = [
+        row("Terminal half-life", "h", result.get("half_life_h")),
+        row("Effective half-life", "h", result.get("effective_half_life_h")),
+        row("Clearance", "dL/h", result.get("clearance_dL_h")),
+        row("Clearance", "mL/h/kg", result.get("clearance_mL_h_kg")),
+        row("Central volume (V1)", "dL", result.get("v1_dL")),
+        row("Volume at steady state (Vss)", "dL", result.get("vss_dL")),
+        row("Incremental recovery", "IU/dL per IU/kg",
+            result.get("incremental_recovery")),
+    ]
+    std = result.get("standard_dose_IU")
+    wt = _num(((result.get("covariates") or {}).get("WT") or {}).get("value"))
+    std_label = f"{_dose(std)} IU" + (f" ({_lab(std / wt)} IU/kg)"
+                                      if wt and _num(std) is not None else "")
+    for key, after in (("time_to_threshold_h", "after the last infusion"),
+                       ("time_to_threshold_after_standard_dose_h",
+                        f"after a standard dose of {std_label}")):
+        times = result.get(key) or {}
+        for thr in sorted(times, key=_key_num):
+            rows.append(row(f"Time to {_lab(thr)} IU/dL {after}", "h", times[thr],
+                            inf="not reached"))
+    return rows
+
+
+def _level_rows(result: dict) -> list[dict]:
+    rows = []
+    for lv in result.get("levels") or []:
+        if lv.get("blq"):
+            lloq = _num(lv.get("lloq_IU_dL"))
+            value = f"BLQ (< LLOQ {_lab(lloq)})" if lloq is not None else BLQ_LABEL
+        else:
+            value = _fmt(lv.get("value_IU_dL"))
+        rows.append({"time": _lab(lv.get("time_h")),
+                     "clock": _clock(result.get("time_origin"), lv.get("time_h")),
+                     "value": value,
+                     "median": _median(lv.get("predicted")),
+                     "interval": _interval(lv.get("predicted"))})
+    return rows
+
+
+def _regimen_groups(result: dict) -> list[dict]:
+    groups: dict[float, list[dict]] = {}
+    for reg in result.get("regimens") or []:
+        groups.setdefault(float(reg["interval_h"]), []).append(reg)
+    out = []
+    for h in sorted(groups):
+        rows = []
+        for reg in sorted(groups[h], key=lambda r: float(r["target_IU_dL"])):
+            reachable = _num(reg.get("dose_IU")) is not None
+            peak = reg.get("peak_IU_dL")
+            rows.append({
+                "target": _lab(reg["target_IU_dL"]),
+                "reachable": reachable,
+                "dose": _dose(reg.get("dose_IU")),
+                "dose_kg": _fmt(reg.get("dose_IU_kg")),
+                "prob": _pct(reg.get("trough_prob")),
+                "peak": _median(peak),
+                "peak_interval": _interval(peak) if isinstance(peak, dict) else "",
+                "below": _median(reg.get("hours_below_target_per_week")),
+            })
+        out.append({"interval": _interval_name(h), "rows": rows})
+    return out
+
+
+def _current_regimen(result: dict) -> str | None:
+    cur = result.get("current_regimen")
+    if not cur:
+        return None
+    text = f"{_dose(cur.get('dose_IU'))} IU {_interval_name(float(cur['interval_h']))}"
+    probs = result.get("current_regimen_trough_prob") or {}
+    parts = [f"P(trough \u2265 {_lab(k)} IU/dL) = {_pct(probs[k])}"
+             for k in sorted(probs, key=_key_num)]
+    return text + (": " + ", ".join(parts) if parts else "")
+
+
+def _validated_range(model: dict) -> str:
+    rng = model.get("validated_range") or {}
+    parts = []
+    for key, (lo, hi) in rng.items():
+        label, unit, _ = _COVARIATES.get(key, (key, "", None))
+        parts.append(f"{label.lower()} {_lab(lo)}{DASH}{_lab(hi)} {unit}".rstrip())
+    return "; ".join(parts) or "not stated"
+
+
+def _flatten(d: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested diagnostics/versions as ``(dotted key, text)`` pairs."""
+    if isinstance(d, dict):
+        return [kv for k, v in d.items()
+                for kv in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(d, bool) or d is None:
+        return [(prefix, {True: "yes", False: "no", None: DASH}[d])]
+    if isinstance(d, int | float):
+        return [(prefix, _fmt(d) if isinstance(d, float) else str(d))]
+    if isinstance(d, list | tuple):
+        return [(prefix, ", ".join(map(str, d)))]
+    return [(prefix, str(d))]
+
+
+def _generated(result: dict, generated: datetime | str | None) -> str:
+    when = generated if generated is not None else result.get("generated")
+    if when is None:
+        when = datetime.now().astimezone()
+    return when.strftime("%Y-%m-%d %H:%M %Z").strip() if isinstance(
+        when, datetime) else str(when)
+
+
+def render_report(result: dict, curve_png: bytes, *,
+                  generated: datetime | str | None = None) -> str:
+    """Render the self-contained HTML report of one dosing result.
+
+    Parameters
+    ----------
+    result : dict
+        A dosing result (dosing contract §3).
+    curve_png : bytes
+        The figure from :func:`curve_figure`, inlined as a base64 ``data:`` URI.
+    generated : datetime or str, optional
+        Date shown as "generated"; default ``result["generated"]`` if present, else
+        now. Pass it for reproducible output.
+
+    Returns
+    -------
+    str
+        One HTML page: inline CSS with print rules, no scripts, no external URLs.
+        Every string taken from ``result`` is HTML-escaped.
+    """
+    model = {"name": DASH, "citation": DASH, "source": "library", "path": None,
+             "factor": DASH, "half_life_class": DASH, "unverified": [],
+             "validated_range": {}} | (result.get("model") or {})
+    warnings = [{"field": w.get("field") or "", "message": w.get("message", "")}
+                if isinstance(w, dict) else {"field": "", "message": str(w)}
+                for w in result.get("warnings") or []]
+    ctx = {
+        "title": _title(result),
+        "patient_id": result.get("patient_id"),
+        "product": result.get("product"),
+        "generated": _generated(result, generated),
+        "model": model,
+        "method": _METHODS.get(result.get("method"), result.get("method") or DASH),
+        "uncertainty": result.get("uncertainty") or DASH,
+        "seed": result.get("seed"),
+        "covariates": _covariate_rows(result),
+        "warnings": warnings,
+        "image": base64.b64encode(curve_png).decode("ascii"),
+        "time_axis": _time_label(result)[0].lower() + _time_label(result)[1:],
+        "estimates": _estimate_rows(result),
+        "levels": _level_rows(result),
+        "has_clock": bool(result.get("time_origin")),
+        "regimens": _regimen_groups(result),
+        "trough_probability": _pct(result.get("trough_probability")),
+        "current_regimen": _current_regimen(result),
+        "validated_range": _validated_range(model),
+        "diagnostics": _flatten(result.get("diagnostics") or {}),
+        "versions": _flatten(result.get("versions") or {}),
+    }
+    return _environment().get_template("dose_report.html.j2").render(**ctx)
