@@ -49,6 +49,7 @@ __all__ = [
     "dose_response",
     "macro_constants",
     "macro_constants_eigh",
+    "steady_state",
 ]
 
 PARAM_NAMES: dict[int, tuple[str, ...]] = {
@@ -361,3 +362,56 @@ def concentration(
     curves = _dose_curves(t, _as_float(dose_time), _as_float(dose_amt),
                           _as_float(dose_dur), _as_float(params), n_cmt)
     return _as_float(baseline) + jnp.sum(curves, axis=0)
+
+
+def steady_state(
+    t_rel: Float[ArrayLike, "*shape"],
+    tau: Float[ArrayLike, ""],
+    amt: Float[ArrayLike, ""],
+    dur: Float[ArrayLike, ""],
+    params: Float[ArrayLike, " n_par"],
+    n_cmt: int,
+) -> Float[Array, "*shape"]:
+    """Level above baseline at steady state of a regular regimen, in closed form.
+
+    The regimen is ``amt`` IU infused over ``dur`` h every ``tau`` h (``dur <= tau``),
+    repeated for ever; ``t_rel`` in ``[0, tau]`` is the time since the start of the
+    current dose. Every earlier dose ``k >= 1`` has finished its infusion, so its
+    exponential terms ``amt A_i exprel(lambda_i dur) exp(-lambda_i (t + k tau - dur))``
+    form a geometric series with sum ``... / expm1(lambda_i tau)``.
+
+    Parameters
+    ----------
+    t_rel : array, any shape
+        Time since the start of the current dose, h, in ``[0, tau]``: ``0`` is the
+        pre-dose trough and ``tau`` the trough before the next dose.
+    tau : scalar
+        Dosing interval, h.
+    amt, dur, params, n_cmt
+        As for :func:`dose_response`.
+
+    Returns
+    -------
+    array, shape of ``t_rel``
+        Concentration above baseline, IU/dL.
+
+    References
+    ----------
+    Gibaldi M, Perrier D. Pharmacokinetics, 2nd ed. 1982, ch. 3 (multiple dosing,
+    the accumulation factor ``1 / (1 - exp(-lambda tau))``).
+
+    Examples
+    --------
+    >>> import math
+    >>> import jax.numpy as jnp
+    >>> p = jnp.array([2.0, 40.0])  # k = 0.05 /h
+    >>> trough = steady_state(24.0, 24.0, 1000.0, 0.0, p, 1)
+    >>> round(float(trough), 4), round(25.0 / (math.exp(1.2) - 1.0), 4)  # 25 IU/dL bolus
+    (10.7753, 10.7753)
+    """
+    lam, a = macro_constants(params, n_cmt)
+    t, amt, dur = _as_float(t_rel), _as_float(amt), _as_float(dur)
+    current = _response(t, amt, dur, lam, a)
+    earlier = amt * a * _exprel1(lam * dur) / jnp.expm1(lam * _as_float(tau))
+    decay = jnp.exp(-lam * (t[..., None] - dur))
+    return current + jnp.sum(earlier * decay, axis=-1)

@@ -262,3 +262,21 @@ def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="shape"):
         concentration(jnp.ones(2), jnp.zeros(3), jnp.ones(3), jnp.zeros(3),
                       jnp.ones((2, 4)), 2)
+
+
+@pytest.mark.parametrize("n_cmt", [1, 2, 3])
+def test_steady_state_equals_long_superposition(n_cmt):
+    """The closed-form steady state equals 300 superposed doses (rtol 1e-10)."""
+    from phems_clinical.pk.analytic import steady_state
+
+    params = {1: [2.0, 40.0], 2: [1.9, 22.0, 1.5, 7.3],
+              3: [2.4, 71.4, 1.67, 87.0, 39.3, 39.9]}[n_cmt]
+    params = jnp.asarray(params)
+    for tau, dur in [(24.0, 0.0), (48.0, 0.5), (168.0, 1.0)]:
+        n = 300
+        starts = jnp.arange(n) * tau
+        t_rel = jnp.linspace(0.0, tau, 13)
+        brute = concentration(starts[-1] + t_rel, starts, jnp.full(n, 1000.0),
+                              jnp.full(n, dur), params, n_cmt)
+        closed = steady_state(t_rel, tau, 1000.0, dur, params, n_cmt)
+        np.testing.assert_allclose(closed, brute, rtol=1e-10)
