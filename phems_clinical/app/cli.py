@@ -6,6 +6,8 @@ Subcommands::
     phems fit --data D.csv --model M.yaml|PRODUCT --method focei|nuts|svi --out DIR
     phems simulate --model PRODUCT --n N --design hospitals|rich|sparse|sparse2 --out F
     phems products                list the product library with typical half-lives
+    phems dose PATIENT.json --out DIR [--method map|nuts]   one patient's PK and regimens
+    phems serve [--host H --port P]                          the clinician web app
 
 Errors in the input (data rows, model fields, options) are printed as one clear
 message and the command exits with status 2; nothing is written half-way silently.
@@ -97,6 +99,46 @@ def _products(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dose(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from phems_clinical.app.dose import run_dose, write_dose_outputs
+
+    source = sys.stdin.buffer.read() if args.patient == "-" else \
+        Path(args.patient).read_bytes()
+    out = run_dose(source, method=args.method, seed=args.seed)
+    paths = write_dose_outputs(out, args.out)
+    r = out.result
+    for w in r["warnings"]:
+        print(f"warning: {w['field']}: {w['message']}", file=sys.stderr)
+
+    def show(e, unit):
+        return f"{e['median']:.3g} {unit} (90% interval {e['lo90']:.3g}-{e['hi90']:.3g})"
+
+    print(f"{r['model']['name']}: half-life {show(r['half_life_h'], 'h')}; "
+          f"clearance {show(r['clearance_mL_h_kg'], 'mL/h/kg')}")
+    for t, e in r["time_to_threshold_h"].items():
+        if isinstance(e["median"], float):
+            print(f"  time to {t} IU/dL after the last infusion: {show(e, 'h')}")
+    print(f"regimens (P(trough >= target) >= {r['trough_probability']:g}):")
+    for g in r["regimens"]:
+        dose = (f"{g['dose_IU']:.0f} IU ({g['dose_IU_kg']:.0f} IU/kg), "
+                f"P = {g['trough_prob']:.2f}" if g["dose_IU"] is not None
+                else "not reachable")
+        print(f"  every {g['interval_h']:g} h, trough >= {g['target_IU_dL']:g} "
+              f"IU/dL: {dose}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from phems_clinical.app.web import serve
+
+    print(f"phems serve: open http://{args.host}:{args.port}/ (Ctrl-C to stop)")
+    serve(host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phems", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("products", help="list the FVIII/FIX product library")
     p.set_defaults(func=_products)
+
+    d = sub.add_parser("dose", help="one patient's PK curve and prophylaxis regimens "
+                                    "from measured levels")
+    d.add_argument("patient", help="patient request JSON file ('-' reads stdin); see "
+                                   "data_schemas/dosing_request.schema.json")
+    d.add_argument("--out", required=True, help="output directory (result.json, "
+                                                "curve.png, report.html)")
+    d.add_argument("--method", default="map", choices=("map", "nuts"),
+                   help="map: posterior mode + Laplace draws (fast, default); "
+                        "nuts: the full individual posterior")
+    d.add_argument("--seed", type=int, default=None,
+                   help="PRNG seed (default: the request's options.seed, else 0)")
+    d.set_defaults(func=_dose)
+
+    w = sub.add_parser("serve", help="start the clinician web app (local)")
+    w.add_argument("--host", default="127.0.0.1")
+    w.add_argument("--port", type=int, default=8000)
+    w.set_defaults(func=_serve)
     return parser
 
 
@@ -149,11 +209,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     _x64()
+    from phems_clinical.data.dosing_request import RequestError
     from phems_clinical.data.nonmem import DataValidationError
     from phems_clinical.pk.spec import ModelSpecError
 
     try:
         return args.func(args)
+    except RequestError as err:
+        print(f"phems {args.command}: {len(err.errors)} error(s) in the input:",
+              file=sys.stderr)
+        for e in err.errors:
+            print(f"  {e.field or '(input)'}: {e.message}", file=sys.stderr)
+        return 2
     except (DataValidationError, ModelSpecError, ValueError, KeyError,
             FileNotFoundError) as err:
         print(f"phems {args.command}: error: {err}", file=sys.stderr)

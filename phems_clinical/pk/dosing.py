@@ -1,0 +1,349 @@
+"""Individual PK summaries and prophylaxis regimens from posterior draws.
+
+Given draws of one patient's random effects (from :mod:`phems_clinical.pk.forecast`),
+every reported quantity is computed per draw, so its interval is the posterior
+interval of that quantity (not a delta-method approximation):
+
+* the patient's own parameters (random effects of the patient, IOV at its mean 0):
+  clearance, V1, Vss, terminal and effective half-life, incremental recovery;
+* the level curve and the predicted measured levels over the observed occasions;
+* the time until the level falls to each threshold after the last infusion (with
+  that infusion's occasion effects) and after a standard dose;
+* prophylaxis regimens at steady state (closed form,
+  :func:`~phems_clinical.pk.analytic.steady_state`) for a *future* occasion: its IOV
+  effects are drawn from the prior, ``kappa ~ N(0, omega_iov)``, because the next
+  infusions are new occasions.
+
+The dose for an interval ``tau`` and target trough ``T`` is the smallest dose that
+vials can make up with ``P(trough >= T) >= p`` over the draws. The model is linear
+in the dose: the trough is ``B + D u`` with ``u`` the trough of a unit dose, so
+``P(B + D u >= T) = P(D >= (T - B)/u)`` and the minimal dose is the ``p``-quantile of
+``(T - B)/u``.
+
+Units: h, IU, dL, IU/dL.
+
+References
+----------
+Iorio A, Blanchette V, Blatny J, et al. Estimating and interpreting secondary PK
+parameters of factor concentrates: ISTH SSC guidance. Res Pract Thromb Haemost
+2018;2:535-548. McEneny-King A, Chelle P, Foster G, et al. Development and evaluation
+of a web-based population PK service for hemophilia (WAPPS-Hemo). Res Pract Thromb
+Haemost 2019;3:117-129.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import reduce
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phems_clinical._typing import Array, Float, Key
+from phems_clinical.data.cohort import Cohort
+from phems_clinical.data.demographics import GROWTH_REFERENCE
+from phems_clinical.pk._cache import per_model
+from phems_clinical.pk.analytic import concentration, steady_state
+from phems_clinical.pk.derived import (
+    effective_half_life,
+    terminal_half_life,
+    time_to_threshold,
+    vss,
+)
+from phems_clinical.pk.model import PopParams, individual_parameters
+from phems_clinical.pk.spec import PopModel
+
+__all__ = [
+    "DoseRecommendation", "Regimen", "default_intervals", "detect_regimen",
+    "recommend", "round_to_vials", "validated_range",
+]
+
+CURVE_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+MAX_DOSE_IU_KG = 100.0
+"""Largest prophylactic dose proposed, IU/kg: above the highest doses in FVIII and
+FIX prophylaxis labels (e.g. 65 IU/kg for Advate, 100 IU/kg for Alprolix); a target
+that needs more is reported as not reachable."""
+
+_BISECT_STEPS = 60
+
+
+class Regimen(NamedTuple):
+    """One prophylaxis option at steady state.
+
+    ``dose_IU`` is ``nan`` when no dose up to :data:`MAX_DOSE_IU_KG` reaches the
+    target with the required probability; ``peak_IU_dL`` and
+    ``hours_below_target_per_week`` are posterior draws at the recommended dose.
+    """
+
+    interval_h: float
+    target_IU_dL: float
+    dose_IU: float
+    trough_prob: float
+    peak_IU_dL: np.ndarray
+    hours_below_target_per_week: np.ndarray
+
+
+class DoseRecommendation(NamedTuple):
+    """Posterior draws of everything the dosing tool reports for one patient.
+
+    parameters : name -> (n_draws,) clearance, v1, vss, terminal_half_life,
+        effective_half_life, incremental_recovery.
+    time_to_threshold : threshold -> (n_draws,) h after the end of the last infusion.
+    time_to_threshold_standard : threshold -> (n_draws,) h after the end of a standard
+        dose of ``standard_dose_IU`` given to a future occasion.
+    level_pred : (n_draws, n_obs) predicted levels at the measured times.
+    curve_time : (n_t,) h; curve : (len(CURVE_QUANTILES), n_t) level quantiles.
+    regimens : one :class:`Regimen` per (interval, target).
+    current_regimen : ``(interval_h, dose_IU)`` when the history is a regular regimen.
+    current_trough_prob : target -> P(trough >= target) on the current regimen.
+    """
+
+    parameters: dict[str, np.ndarray]
+    time_to_threshold: dict[float, np.ndarray]
+    time_to_threshold_standard: dict[float, np.ndarray]
+    standard_dose_IU: float
+    level_pred: np.ndarray
+    curve_time: np.ndarray
+    curve: np.ndarray
+    regimens: tuple[Regimen, ...]
+    current_regimen: tuple[float, float] | None
+    current_trough_prob: dict[float, float] | None
+
+
+def default_intervals(model: PopModel) -> tuple[float, ...]:
+    """Dosing intervals to tabulate, h: 24/48/72 for standard half-life FVIII, up
+    to weekly for extended half-life products and FIX."""
+    extended = (model.metadata.get("half_life_class") == "extended"
+                or model.metadata.get("factor") == "FIX")
+    return (24.0, 48.0, 72.0, 96.0, 120.0, 168.0) if extended else (24.0, 48.0, 72.0)
+
+
+def validated_range(model: PopModel) -> dict[str, tuple[float | None, float | None]]:
+    """Age (y) and weight (kg) ranges of the population the model was built on.
+
+    Age comes from the model's ``validated_range.AGE`` metadata (the published age
+    range). Weight is taken from ``validated_range.WT`` when given; otherwise it is
+    derived from the age range as the male median weight-for-age at the lowest age
+    times ``exp(-2 SD)`` up to the largest median over the range times ``exp(+2 SD)``
+    (CDC 2000 / WHO 2006 growth references, log-SD 0.2), a proxy where papers give
+    no weight range.
+    """
+    meta = model.metadata.get("validated_range", {}) or {}
+    age = tuple(meta.get("AGE", (None, None)))
+    wt = meta.get("WT")
+    if wt is None and age[0] is not None:
+        ref = GROWTH_REFERENCE["male"]
+        hi_age = age[1] if age[1] is not None else ref[-1, 0]
+        inside = (ref[:, 0] >= age[0]) & (ref[:, 0] <= hi_age)
+        lo = float(np.interp(age[0], ref[:, 0], ref[:, 2])) * math.exp(-0.4)
+        hi = float(ref[inside, 2].max(initial=np.interp(hi_age, ref[:, 0], ref[:, 2])))
+        wt = (round(lo, 1), round(hi * math.exp(0.4), 1))
+    return {"AGE": age, "WT": tuple(wt) if wt is not None else (None, None)}
+
+
+def round_to_vials(dose_iu: float, vial_sizes: tuple[float, ...]) -> float:
+    """Smallest total at or above ``dose_iu`` that whole vials can make up, IU.
+
+    Vial contents are integers (IU); any combination of the listed sizes is allowed.
+
+    >>> round_to_vials(1130.0, (250, 500, 1000))
+    1250.0
+    >>> round_to_vials(600.0, (500, 1000))
+    1000.0
+    """
+    if not math.isfinite(dose_iu):
+        return math.nan
+    sizes = sorted(int(v) for v in vial_sizes)
+    if dose_iu <= 0:
+        return float(sizes[0])
+    step = reduce(math.gcd, sizes)
+    n = math.ceil(dose_iu / step) + max(sizes) // step + 1
+    reach = np.zeros(n + 1, bool)
+    reach[0] = True
+    for i in range(1, n + 1):
+        reach[i] = any(i * step >= s and reach[i - s // step] for s in sizes)
+    start = math.ceil(dose_iu / step - 1e-9)
+    total = start + int(np.argmax(reach[start:]))
+    return float(total * step)
+
+
+def detect_regimen(dose_time: np.ndarray, dose_amt: np.ndarray,
+                   *, min_doses: int = 3, rel_tol: float = 0.1
+                   ) -> tuple[float, float] | None:
+    """``(interval_h, dose_IU)`` when the last ``min_doses`` or more infusions are
+    equal doses at a regular interval (both within ``rel_tol``); else ``None``."""
+    t, d = np.asarray(dose_time, float), np.asarray(dose_amt, float)
+    keep = d > 0
+    t, d = t[keep], d[keep]
+    if t.size < min_doses:
+        return None
+    gaps = np.diff(t)
+    tau, dose = float(np.median(gaps)), float(np.median(d))
+    if tau <= 0 or np.any(np.abs(gaps / tau - 1) > rel_tol) or np.any(
+            np.abs(d / dose - 1) > rel_tol):
+        return None
+    return tau, dose
+
+
+def _fns(model: PopModel, n_occ: int, thresholds: tuple[float, ...]):
+    """Jitted per-draw computations for ``model`` (cached per model object)."""
+    n_eta, n_cmt = model.n_eta, model.n_cmt
+
+    def split(b):
+        return b[:n_eta], b[n_eta:].reshape(n_occ, model.n_kappa)
+
+    def patient(params: PopParams, subject: Cohort, b, kappa_new, weight, std_dose,
+                std_dur, curve_t):
+        eta, kappa = split(b)
+        cov = subject.covariates
+        own = individual_parameters(model, params.theta, eta,
+                                    jnp.zeros((1, model.n_kappa)), cov)[0]
+        future = individual_parameters(model, params.theta, eta, kappa_new[None], cov)[0]
+        per_dose = individual_parameters(model, params.theta, eta, kappa,
+                                         cov)[subject.dose_occ]
+        base = params.baseline
+        out = {
+            "clearance": own[0], "v1": own[1], "vss": vss(own, n_cmt),
+            "terminal_half_life": terminal_half_life(own, n_cmt),
+            "effective_half_life": effective_half_life(own, n_cmt),
+            "incremental_recovery": weight / own[1],
+        }
+        dt, da, dd = subject.dose_time, subject.dose_amt, subject.dose_dur
+        end = jnp.max(jnp.where(da > 0, dt + dd, -jnp.inf))
+        thr = jnp.asarray(thresholds)
+        ttt = jax.vmap(lambda x: time_to_threshold(x, end, dt, da, dd, per_dose,
+                                                   n_cmt, base))(thr) - end
+        one = jnp.zeros(1)
+        std = jax.vmap(lambda x: time_to_threshold(
+            x, std_dur, one, jnp.full(1, std_dose), jnp.full(1, std_dur), future,
+            n_cmt, base))(thr) - std_dur
+        level_pred = concentration(subject.obs_time, dt, da, dd, per_dose, n_cmt, base)
+        curve = concentration(curve_t, dt, da, dd, per_dose, n_cmt, base)
+        return out, ttt, std, level_pred, curve, future
+
+    def build():
+        return jax.jit(jax.vmap(patient, in_axes=(None, None, 0, 0, None, None, None,
+                                                   None)))
+
+    return per_model(model, ("dosing", n_occ, thresholds), build)
+
+
+def _unit_ss(model: PopModel):
+    """Jitted unit-dose steady state: troughs (n_tau, n_draws) and the level curve
+    inside the interval, vectorised over draws."""
+    n_cmt = model.n_cmt
+
+    def trough_peak(p, tau, dur):
+        return (steady_state(tau, tau, 1.0, dur, p, n_cmt),
+                steady_state(dur, tau, 1.0, dur, p, n_cmt))
+
+    def hours_below(p, tau, dur, dose, gap):
+        # the level above baseline falls monotonically from the end of the infusion
+        # to the next dose: bisection for the time it crosses ``gap`` (target - B)
+        def level(t):
+            return dose * steady_state(t, tau, 1.0, dur, p, n_cmt)
+
+        def body(_, lohi):
+            lo, hi = lohi
+            mid = 0.5 * (lo + hi)
+            above = level(mid) >= gap
+            return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(0, _BISECT_STEPS, body, (dur, tau))
+        t_cross = 0.5 * (lo + hi)
+        below = jnp.where(level(tau) >= gap, 0.0,
+                          jnp.where(level(dur) < gap, tau, tau - t_cross))
+        return below * 168.0 / tau
+
+    def build():
+        tp = jax.jit(jax.vmap(trough_peak, in_axes=(0, None, None)))
+        hb = jax.jit(jax.vmap(hours_below, in_axes=(0, None, None, None, None)))
+        return tp, hb
+
+    return per_model(model, ("unit_ss",), build)
+
+
+def recommend(key: Key, model: PopModel, params: PopParams, subject: Cohort,
+              b_draws: Float[Array, "n_draws n_b"], *, n_occ: int, weight_kg: float,
+              thresholds: tuple[float, ...] = (1.0, 2.0, 5.0),
+              targets: tuple[float, ...] = (1.0, 3.0, 5.0),
+              intervals: tuple[float, ...] | None = None,
+              probability: float = 0.9,
+              vial_sizes: tuple[float, ...] = (250.0, 500.0, 1000.0),
+              standard_dose_IU_kg: float = 50.0,
+              curve_time: Float[Array, " n_t"] | None = None) -> DoseRecommendation:
+    """Everything the dosing tool reports, per posterior draw of ``b``.
+
+    Parameters
+    ----------
+    key : jax.random key
+        For the IOV effects of future occasions (regimens, standard dose).
+    model, params
+        The population model (prior) and its values; ``params.baseline`` is the
+        endogenous level added to every prediction (IU/dL).
+    subject : Cohort
+        The patient (no leading axis), as given to :func:`~.forecast.fit_map`.
+    b_draws : (n_draws, n_b)
+        Posterior draws of ``(eta, kappa per occasion)``.
+    n_occ, weight_kg
+        Number of occasions in ``subject``; body weight (kg).
+    thresholds, targets, intervals, probability, vial_sizes, standard_dose_IU_kg
+        Levels for the times to threshold (IU/dL); trough targets (IU/dL); dosing
+        intervals (h, default :func:`default_intervals`); the required
+        ``P(trough >= target)``; vial contents (IU); the standard dose (IU/kg).
+    curve_time : (n_t,) h, optional
+        Times of the level curve (default: 0 to 96 h after the last infusion).
+    """
+    b_draws = jnp.asarray(b_draws)
+    n = b_draws.shape[0]
+    intervals = intervals or default_intervals(model)
+    kappa_new = (jax.random.normal(key, (n, model.n_kappa))
+                 * jnp.sqrt(jnp.asarray(params.omega_iov)))
+    last = subject.dose_time[jnp.argmax(jnp.where(subject.dose_amt > 0,
+                                                  subject.dose_time, -jnp.inf))]
+    std_dur = float(jnp.max(jnp.where(subject.dose_amt > 0, subject.dose_dur, 0.0)))
+    if curve_time is None:
+        curve_time = jnp.linspace(0.0, float(last) + 96.0, 300)
+    std_dose = standard_dose_IU_kg * weight_kg
+    per_draw = _fns(model, n_occ, tuple(float(t) for t in thresholds))
+    own, ttt, std, level_pred, curve, future = per_draw(
+        params, subject, b_draws, kappa_new, weight_kg, std_dose, std_dur,
+        jnp.asarray(curve_time))
+    base = float(params.baseline)
+
+    trough_peak, hours_below = _unit_ss(model)
+    regimens = []
+    max_dose = MAX_DOSE_IU_KG * weight_kg
+    for tau in intervals:
+        u_trough, u_peak = (np.asarray(x) for x in trough_peak(future, tau, std_dur))
+        for target in targets:
+            need = (target - base) / u_trough  # dose each draw needs
+            dose = round_to_vials(float(np.quantile(need, probability)), vial_sizes)
+            if dose > max_dose:
+                dose = math.nan
+            use = dose if math.isfinite(dose) else 0.0
+            prob = float(np.mean(need <= use)) if math.isfinite(dose) else math.nan
+            hb = np.asarray(hours_below(future, tau, std_dur, use, target - base))
+            peak = base + use * u_peak
+            if not math.isfinite(dose):
+                peak, hb = np.full(n, np.nan), np.full(n, np.nan)
+            regimens.append(Regimen(tau, target, dose, prob, peak, hb))
+
+    current = detect_regimen(np.asarray(subject.dose_time), np.asarray(subject.dose_amt))
+    current_prob = None
+    if current is not None:
+        u_trough, _ = trough_peak(future, current[0], std_dur)
+        current_prob = {t: float(np.mean(base + current[1] * np.asarray(u_trough) >= t))
+                        for t in targets}
+    q = np.quantile(np.asarray(curve), CURVE_QUANTILES, axis=0)
+    return DoseRecommendation(
+        parameters={k: np.asarray(v) for k, v in own.items()},
+        time_to_threshold={t: np.asarray(ttt[:, i]) for i, t in enumerate(thresholds)},
+        time_to_threshold_standard={t: np.asarray(std[:, i])
+                                    for i, t in enumerate(thresholds)},
+        standard_dose_IU=float(std_dose), level_pred=np.asarray(level_pred),
+        curve_time=np.asarray(curve_time), curve=q, regimens=tuple(regimens),
+        current_regimen=current, current_trough_prob=current_prob,
+    )
