@@ -1,4 +1,4 @@
-"""``phems fit``: fit a population PK model to a NONMEM-style data set and write results.
+"""``phems fit``: fit a population PK model to a NONMEM-style data set; write results.
 
 Outputs in ``--out DIR``:
 
@@ -6,13 +6,22 @@ Outputs in ``--out DIR``:
   posterior summaries (NUTS, SVI), the objective value, shrinkage, per-subject ETAs,
   excluded records and run diagnostics;
 * ``estimates.nc``: the same as an xarray Dataset (plus posterior draws for NUTS/SVI);
-* ``gof.png`` (DV vs PRED/IPRED, CWRES vs time/PRED) and ``vpc.png``.
+* ``gof.png`` (DV vs PRED/IPRED, CWRES vs time/PRED) and ``vpc.png``;
+* ``model.yaml``: the fitted population model in the input specification format
+  (:func:`phems_clinical.pk.spec.to_spec`), loadable with
+  :func:`phems_clinical.pk.spec.load_model` (e.g. as the prior of the dosing tool).
+  It holds the estimated theta, omega, IOV variances, residual SDs and baseline
+  (FOCEI: the optimum; NUTS/SVI: the posterior means), the original metadata
+  (citation, vial sizes, validated range, ...) and a ``fitted`` block recording
+  method, data path, subjects, observations, OFV (FOCEI, else null), seed and date.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +35,14 @@ from phems_clinical.evaluation.plots import gof_figure, vpc_figure
 from phems_clinical.pk.diagnostics import compute_diagnostics, simulate_replicates
 from phems_clinical.pk.focei import fit_focei, focei_objective
 from phems_clinical.pk.library import load_product
-from phems_clinical.pk.model import PopParams
-from phems_clinical.pk.spec import ModelSpecError, PopModel, load_model
+from phems_clinical.pk.model import PopParams, residual_from_sigma
+from phems_clinical.pk.spec import (
+    ModelSpecError,
+    PopModel,
+    load_model,
+    save_model,
+    with_values,
+)
 
 METHODS = ("focei", "nuts", "svi")
 
@@ -59,7 +74,12 @@ def _split(name: str) -> tuple[str, str]:
 def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path, *,
             seed: int = 0, options: dict | None = None, n_vpc: int = 200
             ) -> dict:
-    """Fit and write all outputs; returns the ``estimates.json`` content."""
+    """Fit ``model_ref`` to ``data_path`` and write all outputs to ``out``.
+
+    Writes ``estimates.json``, ``estimates.nc``, ``gof.png``, ``vpc.png`` and the
+    fitted model ``model.yaml`` (see the module docstring); returns the
+    ``estimates.json`` content.
+    """
     if method not in METHODS:
         raise ValueError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
     options = dict(options or {})
@@ -136,7 +156,7 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
         "objective": objective,
         "theta": {}, "omega": {}, "omega_iov": {}, "sigma": {}, "baseline": {},
         "shrinkage_sd_percent": {p: float(s) for p, s in
-                                 zip(model.iiv_parameters, shrinkage)},
+                                 zip(model.iiv_parameters, shrinkage, strict=False)},
         "etas": json.loads(etas.to_json(orient="records")),
         "run": run_info,
         "units": {"time": "h", "amount": "IU", "volume": "dL", "clearance": "dL/h",
@@ -168,7 +188,46 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
     ds.attrs.update({"method": method, "model": model.name, "seed": seed,
                      "ofv": objective["ofv"] if objective else np.nan})
     ds.to_netcdf(out / "estimates.nc", engine="h5netcdf")
+
+    fitted = {"method": method, "data": str(data_path),
+              "n_subjects": result["n_subjects"],
+              "n_observations": result["n_observations"],
+              "ofv": _finite(float(objective["ofv"])) if objective else None,
+              "seed": seed,
+              "date": datetime.now(UTC).isoformat(timespec="seconds")}
+    save_model(fitted_model(model, params, fitted), out / "model.yaml",
+               header=f"Fitted by `phems fit --method {method}` to {data_path}.")
     return result
+
+
+def fitted_model(model: PopModel, params: PopParams, fitted: dict[str, Any]
+                 ) -> PopModel:
+    """``model`` with the estimated ``params`` and a ``fitted`` metadata entry.
+
+    ``params.theta`` is the full vector (fixed thetas included) in
+    ``model.theta_names`` order; ``params.sigma`` holds residual SDs. Covariances
+    outside the model's IIV blocks are set to exactly zero so that the declared
+    ``structure`` still validates. The original metadata is kept; an earlier
+    ``fitted`` entry is replaced.
+    """
+    theta = np.asarray(params.theta, dtype=np.float64)
+    omega = np.asarray(params.omega, dtype=np.float64).reshape(model.n_eta,
+                                                               model.n_eta)
+    index = {p: k for k, p in enumerate(model.iiv_parameters)}
+    mask = np.zeros_like(omega, dtype=bool)
+    for block in model.omega_blocks:
+        ks = [index[p] for p in block]
+        mask[np.ix_(ks, ks)] = True
+    new = with_values(
+        model, thetas=dict(zip(model.theta_names, theta.tolist(), strict=True)),
+        omega=np.where(mask, omega, 0.0),
+        omega_iov=np.asarray(params.omega_iov, dtype=np.float64).reshape(-1),
+        residual=residual_from_sigma(np.asarray(params.sigma), model.residual.fixed),
+        baseline=float(params.baseline),
+    )
+    meta = {k: v for k, v in model.metadata.items() if k != "fitted"}
+    meta["fitted"] = dict(fitted)
+    return replace(new, metadata=meta)
 
 
 def _time_after_dose(cohort) -> np.ndarray:
@@ -202,4 +261,4 @@ def _drop_blq(data: PKData) -> PKData:
                          exclusions=list(data.exclusions) + excl)
 
 
-__all__ = ["METHODS", "resolve_model", "run_fit"]
+__all__ = ["METHODS", "fitted_model", "resolve_model", "run_fit"]

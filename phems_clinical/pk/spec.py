@@ -199,13 +199,15 @@ def _omega(block: dict, params: tuple[str, ...], where: str) -> np.ndarray:
         cv = np.asarray(block["cv"], dtype=np.float64).reshape(-1)
         om = np.diag(np.log1p(cv**2))
     else:
-        raise ModelSpecError(f"{where}: give 'variance', 'sd' (+ 'correlation') or 'cv'")
+        raise ModelSpecError(
+            f"{where}: give 'variance', 'sd' (+ 'correlation') or 'cv'")
     if om.shape != (n, n):
         raise ModelSpecError(f"{where}: expected a {n}x{n} matrix for {list(params)}")
     if not np.allclose(om, om.T):
         raise ModelSpecError(f"{where}: the covariance matrix must be symmetric")
     if np.any(np.linalg.eigvalsh(om) <= 0):
-        raise ModelSpecError(f"{where}: the covariance matrix must be positive definite")
+        raise ModelSpecError(
+            f"{where}: the covariance matrix must be positive definite")
     return om
 
 
@@ -263,7 +265,8 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
         if eff == "indicator":
             m = _COND.match(str(c.get("condition", "== 1")))
             if not m:
-                raise ModelSpecError(f"{where}.condition: expected e.g. '< 5' or '== 1'")
+                raise ModelSpecError(
+                    f"{where}.condition: expected e.g. '< 5' or '== 1'")
             cond = (m.group(1), float(m.group(2)))
         piecewise = c.get("piecewise")
         if piecewise not in (None, "above", "below"):
@@ -279,7 +282,8 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
         ref = _float(c.get("reference", 1.0 if eff == "power" else 0.0),
                      f"{where}.reference")
         if eff == "power" and ref <= 0:
-            raise ModelSpecError(f"{where}.reference: a power effect needs reference > 0")
+            raise ModelSpecError(
+                f"{where}.reference: a power effect needs reference > 0")
         effects.append(CovariateEffect(par, cov, eff, tname, ref, cond, piecewise))
 
     iiv = spec.get("iiv", {}) or {}
@@ -293,7 +297,8 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
         structure = "full" if omega.size and np.any(off != 0) else "diagonal"
     if structure == "diagonal":
         if omega.size and np.any(omega - np.diag(np.diag(omega)) != 0):
-            raise ModelSpecError("iiv.structure: 'diagonal' but correlations were given")
+            raise ModelSpecError(
+                "iiv.structure: 'diagonal' but correlations were given")
         blocks = tuple((p,) for p in iiv_params)
     elif structure == "full":
         blocks = (iiv_params,) if iiv_params else ()
@@ -301,10 +306,12 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
         raw = iiv.get("blocks")
         if not raw:
             raise ModelSpecError("iiv.blocks: 'block' structure needs a list of groups")
-        blocks = tuple(tuple(_canonical(p, n_cmt, "iiv.blocks") for p in b) for b in raw)
+        blocks = tuple(tuple(_canonical(p, n_cmt, "iiv.blocks") for p in b)
+                       for b in raw)
         flat = [p for b in blocks for p in b]
         if sorted(flat) != sorted(iiv_params):
-            raise ModelSpecError("iiv.blocks: each IIV parameter must appear in one block")
+            raise ModelSpecError(
+                "iiv.blocks: each IIV parameter must appear in one block")
     else:
         raise ModelSpecError("iiv.structure: expected diagonal, block, full or auto")
 
@@ -376,3 +383,140 @@ def with_values(model: PopModel, *, thetas: dict[str, float] | None = None,
         residual=model.residual if residual is None else residual,
         baseline=model.baseline if baseline is None else float(baseline),
     )
+
+
+_SECTIONS = ("name", "structure", "parameters", "covariates", "iiv", "iov", "residual",
+             "baseline", "blq")
+
+
+def _plain(x: Any) -> Any:
+    """``x`` as plain YAML data: numpy scalars/arrays and tuples become floats/lists."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    return x
+
+
+def _bounds(t: Theta, lower_default: float) -> dict[str, float]:
+    """The bounds of ``t`` that differ from :func:`parse_model`'s defaults."""
+    out = {}
+    if t.lower != lower_default:
+        out["lower"] = float(t.lower)
+    if t.upper != math.inf:
+        out["upper"] = float(t.upper)
+    return out
+
+
+def to_spec(model: PopModel) -> dict[str, Any]:
+    """The specification dictionary of ``model``: the inverse of :func:`parse_model`.
+
+    ``parse_model(to_spec(m))`` reproduces every field of ``m`` (values exactly, as
+    ``yaml.safe_dump`` writes floats with ``repr``) and its metadata. The result holds
+    only plain ``float``/``int``/``bool``/``str``/``list``/``dict`` values, so it can
+    be written with ``yaml.safe_dump`` (see :func:`save_model`). Bounds equal to the
+    parser's defaults (``lower: 0`` for structural parameters, ``-0.999`` for
+    indicator and ``-inf`` for other coefficients, ``upper: inf``) are left out; any
+    other infinite bound is written as YAML's ``.inf``/``-.inf``. IIV is written as
+    the full ``variance`` matrix with an explicit ``structure`` (and ``blocks``).
+
+    Examples
+    --------
+    >>> m = parse_model({"name": "demo", "structure": {"compartments": 1},
+    ...                  "parameters": {"CL": 2.0, "V": 30.0},
+    ...                  "iiv": {"parameters": ["CL"], "sd": [0.3]},
+    ...                  "residual": {"proportional": 0.1}})
+    >>> spec = to_spec(m)
+    >>> spec["parameters"]
+    {'CL': {'value': 2.0}, 'V1': {'value': 30.0}}
+    >>> spec["iiv"]["variance"]
+    [[0.09]]
+    >>> parse_model(spec).theta_values.tolist() == m.theta_values.tolist()
+    True
+    """
+    by_name = {t.name: t for t in model.thetas}
+    parameters: dict[str, Any] = {}
+    for p in model.structural:
+        t = by_name[p]
+        entry: dict[str, Any] = {"value": float(t.value), **_bounds(t, 0.0)}
+        if t.fixed:
+            entry["fixed"] = True
+        if t.unit:
+            entry["unit"] = t.unit
+        parameters[p] = entry
+
+    covariates = []
+    for e in model.covariate_effects:
+        t = by_name[e.theta]
+        c: dict[str, Any] = {"parameter": e.parameter, "covariate": e.covariate,
+                             "effect": e.effect, "reference": float(e.reference)}
+        if e.condition is not None:
+            op, value = e.condition
+            c["condition"] = f"{op} {float(value)!r}"
+        if e.piecewise is not None:
+            c["piecewise"] = e.piecewise
+        c["coefficient"] = float(t.value)
+        c["name"] = e.theta
+        c.update(_bounds(t, -0.999 if e.effect == "indicator" else -math.inf))
+        if t.fixed:
+            c["fixed"] = True
+        covariates.append(c)
+
+    iiv: dict[str, Any] = {}
+    if model.iiv_parameters:
+        iiv["parameters"] = list(model.iiv_parameters)
+        iiv["variance"] = _plain(np.asarray(model.omega, dtype=np.float64))
+        iiv["structure"] = model.omega_structure
+        if model.omega_structure == "block":
+            iiv["blocks"] = [list(b) for b in model.omega_blocks]
+    if model.omega_fixed:
+        iiv["fixed"] = True
+    iov: dict[str, Any] = {}
+    if model.iov_parameters:
+        iov["parameters"] = list(model.iov_parameters)
+        iov["variance"] = _plain(np.asarray(model.omega_iov, dtype=np.float64)
+                                 .reshape(-1))
+
+    residual: dict[str, Any] = {"additive": float(model.residual.additive),
+                                "proportional": float(model.residual.proportional)}
+    if model.residual.fixed:
+        residual["fixed"] = True
+
+    spec: dict[str, Any] = {"name": model.name}
+    spec.update(_plain({k: v for k, v in model.metadata.items()
+                        if k not in _SECTIONS}))
+    spec.update({
+        "structure": {"compartments": int(model.n_cmt)},
+        "parameters": parameters,
+        "covariates": covariates,
+        "iiv": iiv,
+        "iov": iov,
+        "residual": residual,
+        "baseline": {"value": float(model.baseline),
+                     "estimate": bool(model.baseline_estimated)},
+        "blq": model.blq,
+    })
+    return spec
+
+
+def save_model(model: PopModel, path: str | Path, *, header: str | None = None
+               ) -> Path:
+    """Write ``model`` as a YAML specification that :func:`load_model` reads back.
+
+    ``header`` (optional, may span lines) is written as ``#`` comments above a
+    standard line naming the format. Returns the path written.
+    """
+    path = Path(path)
+    lines = [f"# {line}".rstrip() for line in (header or "").splitlines()]
+    lines.append("# Population PK model, phems_clinical.pk.spec format "
+                 "(read with load_model).")
+    text = yaml.safe_dump(to_spec(model), sort_keys=False, allow_unicode=True,
+                          default_flow_style=None, width=88)
+    path.write_text("\n".join(lines) + "\n" + text, encoding="utf-8")
+    return path

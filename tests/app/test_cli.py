@@ -106,3 +106,46 @@ def test_console_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "phems_clinical", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "fit" in proc.stdout
+
+
+def test_fit_writes_loadable_fitted_model(cohort_csv, tmp_path):
+    """``model.yaml`` holds the FOCEI estimates and loads back as a prior model."""
+    from phems_clinical.app.fit import run_fit
+    from phems_clinical.pk.library import load_product
+    from phems_clinical.pk.spec import load_model
+
+    out = tmp_path / "fit"
+    est = run_fit(cohort_csv, "jivi", "focei", out, seed=2, n_vpc=10,
+                  options={"covariance": False, "maxiter": 40})
+    for name in ("estimates.json", "estimates.nc", "gof.png", "vpc.png"):
+        assert (out / name).is_file()
+    assert json.loads((out / "estimates.json").read_text()) == est
+
+    prior, fitted = load_product("jivi"), load_model(out / "model.yaml")
+    assert fitted.name == prior.name and fitted.theta_names == prior.theta_names
+    theta = dict(zip(fitted.theta_names, fitted.theta_values.tolist(), strict=True))
+    assert est["theta"]  # the free thetas; fixed ones keep the prior's value
+    for name, entry in est["theta"].items():
+        assert theta[name] == pytest.approx(entry["estimate"], rel=1e-12, abs=0)
+    for t, t0 in zip(fitted.thetas, prior.thetas, strict=True):
+        if t.fixed:
+            assert t.value == t0.value
+    ix = {p: k for k, p in enumerate(fitted.iiv_parameters)}
+    assert est["omega"]
+    for label, entry in est["omega"].items():
+        i, j = (ix[p] for p in label.split(","))
+        assert fitted.omega[i, j] == pytest.approx(entry["estimate"], rel=1e-12)
+        assert fitted.omega[j, i] == fitted.omega[i, j]
+    sd = {"additive": fitted.residual.additive,
+          "proportional": fitted.residual.proportional}
+    for label, entry in est["sigma"].items():
+        assert sd[label] ** 2 == pytest.approx(entry["estimate"], rel=1e-12)
+    assert fitted.omega_structure == prior.omega_structure
+    assert fitted.metadata["citation"] == prior.metadata["citation"]
+    assert fitted.metadata["vial_sizes_IU"] == prior.metadata["vial_sizes_IU"]
+    info = fitted.metadata["fitted"]
+    assert info["method"] == "focei" and info["data"] == str(cohort_csv)
+    assert info["n_subjects"] == 24 and info["seed"] == 2
+    assert info["n_observations"] == est["n_observations"]
+    assert info["ofv"] == pytest.approx(est["objective"]["ofv"], rel=1e-12)
+    assert isinstance(info["date"], str) and info["date"][:2] == "20"
