@@ -52,7 +52,7 @@ def _fit(args: argparse.Namespace) -> int:
     head["theta"] = {k: round(v["estimate"], 5) for k, v in res["theta"].items()}
     head["run"] = res["run"]
     print(json.dumps(head, indent=2))
-    print(f"wrote {args.out}/estimates.json, estimates.nc, gof.png, vpc.png")
+    print(f"wrote {args.out}/estimates.json, estimates.nc, model.yaml, gof.png, vpc.png")
     return 0
 
 
