@@ -6,8 +6,9 @@ Subcommands::
     phems fit --data D.csv --model M.yaml|PRODUCT --method focei|nuts|svi --out DIR
     phems simulate --model PRODUCT --n N --design hospitals|rich|sparse|sparse2 --out F
     phems products                list the product library with typical half-lives
-    phems dose PATIENT.json --out DIR [--method map|nuts]   one patient's PK and regimens
-    phems serve [--host H --port P]                          the clinician web app
+    phems dose PATIENT.json --out DIR [--method map|nuts]
+                                  one patient's PK curve and regimens
+    phems serve [--host H --port P]   the clinician web app
 
 Errors in the input (data rows, model fields, options) are printed as one clear
 message and the command exits with status 2; nothing is written half-way silently.
@@ -22,9 +23,9 @@ import sys
 
 
 def _x64() -> None:
-    import jax
+    from phems_clinical.app.runtime import configure_jax
 
-    jax.config.update("jax_enable_x64", True)
+    configure_jax()
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -52,7 +53,8 @@ def _fit(args: argparse.Namespace) -> int:
     head["theta"] = {k: round(v["estimate"], 5) for k, v in res["theta"].items()}
     head["run"] = res["run"]
     print(json.dumps(head, indent=2))
-    print(f"wrote {args.out}/estimates.json, estimates.nc, model.yaml, gof.png, vpc.png")
+    print(f"wrote {args.out}/estimates.json, estimates.nc, model.yaml, gof.png, "
+          "vpc.png")
     return 0
 
 
@@ -113,7 +115,8 @@ def _dose(args: argparse.Namespace) -> int:
         print(f"warning: {w['field']}: {w['message']}", file=sys.stderr)
 
     def show(e, unit):
-        return f"{e['median']:.3g} {unit} (90% interval {e['lo90']:.3g}-{e['hi90']:.3g})"
+        return (f"{e['median']:.3g} {unit} "
+                f"(90% interval {e['lo90']:.3g}-{e['hi90']:.3g})")
 
     print(f"{r['model']['name']}: half-life {show(r['half_life_h'], 'h')}; "
           f"clearance {show(r['clearance_mL_h_kg'], 'mL/h/kg')}")

@@ -4,7 +4,8 @@
 app: request JSON in, :class:`DoseOutput` (``result.json`` content, ``curve.png``
 and ``report.html``) out. Steps:
 
-1. parse and check the request (:func:`~phems_clinical.data.dosing_request.parse_request`);
+1. parse and check the request
+   (:func:`~phems_clinical.data.dosing_request.parse_request`);
 2. resolve the population model (a library product, or a fitted ``model.yaml``) and
    the covariates it needs (derived or assumed where not given, always reported);
 3. check the levels against the model's prior predictive range (unit mix-ups);
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+from dataclasses import replace
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -44,12 +46,13 @@ from phems_clinical.evaluation.report import curve_figure, render_report
 from phems_clinical.pk.dosing import (
     DoseRecommendation,
     default_intervals,
+    prior_predictive,
     recommend,
     validated_range,
 )
 from phems_clinical.pk.forecast import fit_map, fit_nuts_individual, laplace_draws
 from phems_clinical.pk.library import list_products, load_product
-from phems_clinical.pk.model import initial_params, predict, residual_variance
+from phems_clinical.pk.model import initial_params
 from phems_clinical.pk.spec import ModelSpecError, PopModel, load_model
 
 __all__ = ["METHODS", "DoseOutput", "run_dose", "write_dose_outputs"]
@@ -68,16 +71,33 @@ class DoseOutput(NamedTuple):
     report_html: str
 
 
+def _for_forecasting(model: PopModel) -> PopModel:
+    """BLQ levels always enter by M3 here: a model fitted with ``blq: drop`` says how
+    the population was estimated, but dropping a patient's BLQ level would discard
+    what it says about them (the level is below the LLOQ)."""
+    return replace(model, blq="m3")
+
+
+@lru_cache(maxsize=1)
+def _known_products() -> tuple[str, ...]:
+    return tuple(list_products())
+
+
 @lru_cache(maxsize=32)
 def _product(name: str) -> PopModel:
     # one model object per product, so compiled code is reused between patients
-    return load_product(name)
+    return _for_forecasting(load_product(name))
+
+
+@lru_cache(maxsize=32)
+def _model_file(path: str, mtime_ns: int) -> PopModel:
+    return _for_forecasting(load_model(path))
 
 
 def _resolve_model(req: DosingRequest) -> tuple[PopModel, dict]:
     if req.product is not None:
         name = req.product.strip().lower()
-        known = list_products()
+        known = _known_products()
         if name not in known:
             raise RequestError([FieldError(
                 "product", f"unknown product {req.product!r}; known products: "
@@ -88,7 +108,7 @@ def _resolve_model(req: DosingRequest) -> tuple[PopModel, dict]:
         raise RequestError([FieldError("model", f"model file {str(path)!r} not found "
                                                 "(give the path of a model.yaml)")])
     try:
-        model = load_model(path)
+        model = _model_file(str(path.resolve()), path.stat().st_mtime_ns)
     except (ModelSpecError, OSError, ValueError) as err:
         raise RequestError([FieldError("model", f"cannot use {str(path)!r} as a "
                                                 f"population model: {err}")]) from None
@@ -140,8 +160,9 @@ def _range_warnings(model: PopModel, req: DosingRequest) -> list[FieldError]:
                                      ("WT", "weight_kg", req.weight_kg, "kg")):
         lo, hi = rng[name]
         if lo is None and hi is None:
-            out.append(FieldError(field, f"the model records no validated {name} "
-                                         "range: the prediction may be an extrapolation"))
+            out.append(FieldError(field, (
+                f"the model records no validated {name} range: the prediction may be "
+                "an extrapolation")))
         elif (lo is not None and value < lo) or (hi is not None and value > hi):
             span = f"{lo:g}-{hi:g}" if hi is not None else f">= {lo:g}"
             out.append(FieldError(field, (
@@ -185,25 +206,10 @@ def _subject(model: PopModel, req: DosingRequest, cov: np.ndarray
 def _unit_check(key, model, params, subject, req, raw: dict, n_occ: int
                 ) -> list[FieldError]:
     """Levels outside the prior predictive range that fit it in the other unit."""
-    quantified = [lv for lv in req.levels if not lv.blq]
-    if not quantified:
+    if all(lv.blq for lv in req.levels):
         return []
-    n_b = model.n_eta + n_occ * model.n_kappa
-    k1, k2 = jax.random.split(key)
-    om = jax.scipy.linalg.block_diag(
-        jnp.asarray(params.omega),
-        jnp.diag(jnp.tile(jnp.asarray(params.omega_iov), n_occ)))
-    b = jax.random.multivariate_normal(k1, jnp.zeros(n_b), om,
-                                       shape=(_PRIOR_PREDICTIVE_DRAWS,))
-
-    def one(bb, eps):
-        eta = bb[:model.n_eta]
-        kappa = bb[model.n_eta:].reshape(n_occ, model.n_kappa)
-        f = predict(model, subject, params.theta, eta, kappa, params.baseline)
-        return f + jnp.sqrt(residual_variance(f, params.sigma)) * eps
-
-    eps = jax.random.normal(k2, (_PRIOR_PREDICTIVE_DRAWS, subject.obs_time.shape[0]))
-    sims = np.asarray(jax.vmap(one)(b, eps))
+    sims = prior_predictive(key, model, params, subject, n_occ=n_occ,
+                            n=_PRIOR_PREDICTIVE_DRAWS)
     lo, hi = np.quantile(sims, _IMPLAUSIBLE, axis=0)
     errors = []
     for j, lv in enumerate(req.levels):
@@ -218,14 +224,16 @@ def _unit_check(key, model, params, subject, req, raw: dict, n_occ: int
             errors.append(FieldError(f"levels[{lv.index}].unit", (
                 f"{raw['levels'][lv.index].get('value')} {unit} at {lv.time_h:g} h is "
                 f"implausible for this dose (the population model expects "
-                f"{max(lo[j], 0.0):.3g}-{hi[j]:.3g} IU/dL); it fits if the unit is {other}. "
-                "Check the unit")))
+                f"{max(lo[j], 0.0):.3g}-{hi[j]:.3g} IU/dL); it fits if the unit is "
+                f"{other}. Check the unit")))
     return errors
 
 
 def _est(x: np.ndarray) -> dict:
     x = np.asarray(x, float)
-    q = np.quantile(x, [0.5, 0.05, 0.95]) if x.size else [math.nan] * 3
+    # an infinite draw (a level never reached) would make interpolation inf - inf
+    method = "linear" if np.all(np.isfinite(x)) else "inverted_cdf"
+    q = np.quantile(x, [0.5, 0.05, 0.95], method=method) if x.size else [math.nan] * 3
     return {"median": _num(q[0]), "lo90": _num(q[1]), "hi90": _num(q[2])}
 
 
@@ -380,7 +388,8 @@ def _result(req: DosingRequest, model: PopModel, source: dict, method: str,
         "model": {
             "name": model.name, "citation": meta.get("citation"),
             "source": source["source"], "path": source["path"],
-            "factor": meta.get("factor"), "half_life_class": meta.get("half_life_class"),
+            "factor": meta.get("factor"),
+            "half_life_class": meta.get("half_life_class"),
             "unverified": list(meta.get("unverified", []) or []),
             "validated_range": {k: list(v) for k, v in rng.items()},
             "baseline_IU_dL": float(params.baseline),

@@ -168,9 +168,9 @@ def create_app() -> FastAPI:
     FastAPI
         The application; run it with :func:`serve` or any ASGI server.
     """
-    import jax
+    from phems_clinical.app.runtime import configure_jax
 
-    jax.config.update("jax_enable_x64", True)
+    configure_jax()
 
     app = FastAPI(title="phems_clinical dosing tool", docs_url=None,
                   redoc_url=None, openapi_url=None)

@@ -312,8 +312,12 @@ def _covariate_rows(result: dict) -> list[dict]:
         if cov.get("source") == "assumed":
             notes.append("assumed, not measured")
         rng = ranges.get(key)
-        if rng and value is not None and not rng[0] <= value <= rng[1]:
-            notes.append(f"outside validated range {_lab(rng[0])}{DASH}{_lab(rng[1])}")
+        lo, hi = (rng or (None, None))[:2]
+        if value is not None and ((lo is not None and value < lo)
+                                  or (hi is not None and value > hi)):
+            span = (f"{_lab(lo)}{DASH}{_lab(hi)}" if lo is not None and hi is not None
+                    else f"≥ {_lab(lo)}" if lo is not None else f"≤ {_lab(hi)}")
+            notes.append(f"outside validated range {span}")
         rows.append({"name": f"{label} ({key})", "value": shown, "unit": unit,
                      "source": cov.get("source") or DASH, "note": "; ".join(notes),
                      "flag": bool(notes)})

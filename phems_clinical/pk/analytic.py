@@ -406,7 +406,7 @@ def steady_state(
     >>> import jax.numpy as jnp
     >>> p = jnp.array([2.0, 40.0])  # k = 0.05 /h
     >>> trough = steady_state(24.0, 24.0, 1000.0, 0.0, p, 1)
-    >>> round(float(trough), 4), round(25.0 / (math.exp(1.2) - 1.0), 4)  # 25 IU/dL bolus
+    >>> round(float(trough), 4), round(25.0 / (math.exp(1.2) - 1.0), 4)  # C0 = 25
     (10.7753, 10.7753)
     """
     lam, a = macro_constants(params, n_cmt)

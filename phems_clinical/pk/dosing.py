@@ -52,12 +52,17 @@ from phems_clinical.pk.derived import (
     time_to_threshold,
     vss,
 )
-from phems_clinical.pk.model import PopParams, individual_parameters
+from phems_clinical.pk.model import (
+    PopParams,
+    individual_parameters,
+    predict,
+    residual_variance,
+)
 from phems_clinical.pk.spec import PopModel
 
 __all__ = [
     "DoseRecommendation", "Regimen", "default_intervals", "detect_regimen",
-    "recommend", "round_to_vials", "validated_range",
+    "prior_predictive", "recommend", "round_to_vials", "validated_range",
 ]
 
 CURVE_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -187,6 +192,34 @@ def detect_regimen(dose_time: np.ndarray, dose_amt: np.ndarray,
     return tau, dose
 
 
+def prior_predictive(key: Key, model: PopModel, params: PopParams, subject: Cohort,
+                     *, n_occ: int, n: int = 2000) -> np.ndarray:
+    """``n`` simulated measurements at the subject's sample times under the prior
+    (IIV, IOV and residual error): (n, n_obs), IU/dL. Used to flag levels that the
+    population model makes implausible (e.g. a unit mix-up)."""
+    def build():
+        n_b = model.n_eta + n_occ * model.n_kappa
+
+        def sim(key, params, subject):
+            k1, k2 = jax.random.split(key)
+            om = jax.scipy.linalg.block_diag(
+                params.omega, jnp.diag(jnp.tile(params.omega_iov, n_occ)))
+            b = jax.random.multivariate_normal(k1, jnp.zeros(n_b), om, shape=(n,),
+                                               method="eigh")
+            eps = jax.random.normal(k2, (n, subject.obs_time.shape[0]))
+
+            def one(bb, e):
+                f = predict(model, subject, params.theta, bb[:model.n_eta],
+                            bb[model.n_eta:].reshape(n_occ, model.n_kappa),
+                            params.baseline)
+                return f + jnp.sqrt(residual_variance(f, params.sigma)) * e
+            return jax.vmap(one)(b, eps)
+        return jax.jit(sim)
+
+    return np.asarray(per_model(model, ("prior_predictive", n_occ, n), build)(
+        key, params, subject))
+
+
 def _fns(model: PopModel, n_occ: int, thresholds: tuple[float, ...]):
     """Jitted per-draw computations for ``model`` (cached per model object)."""
     n_eta, n_cmt = model.n_eta, model.n_cmt
@@ -200,7 +233,8 @@ def _fns(model: PopModel, n_occ: int, thresholds: tuple[float, ...]):
         cov = subject.covariates
         own = individual_parameters(model, params.theta, eta,
                                     jnp.zeros((1, model.n_kappa)), cov)[0]
-        future = individual_parameters(model, params.theta, eta, kappa_new[None], cov)[0]
+        future = individual_parameters(model, params.theta, eta, kappa_new[None],
+                                       cov)[0]
         per_dose = individual_parameters(model, params.theta, eta, kappa,
                                          cov)[subject.dose_occ]
         base = params.baseline
@@ -331,7 +365,8 @@ def recommend(key: Key, model: PopModel, params: PopParams, subject: Cohort,
                 peak, hb = np.full(n, np.nan), np.full(n, np.nan)
             regimens.append(Regimen(tau, target, dose, prob, peak, hb))
 
-    current = detect_regimen(np.asarray(subject.dose_time), np.asarray(subject.dose_amt))
+    current = detect_regimen(np.asarray(subject.dose_time),
+                             np.asarray(subject.dose_amt))
     current_prob = None
     if current is not None:
         u_trough, _ = trough_peak(future, current[0], std_dur)

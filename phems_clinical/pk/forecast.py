@@ -1,4 +1,4 @@
-"""Bayesian forecasting of one patient: the individual posterior given a population model.
+"""Bayesian forecasting: one patient's posterior given a population model (the prior).
 
 The population model is the prior. For a patient with random effects
 ``b = (eta, kappa_1..kappa_O)`` (IIV and one IOV vector per occasion) and measured
@@ -63,8 +63,8 @@ class MAPResult(NamedTuple):
 
     b: Float[Array, "... n_b"]
     cov: Float[Array, "... n_b n_b"]
-    objective: Float[Array, "..."]
-    grad_norm: Float[Array, "..."]
+    objective: Float[Array, ...]
+    grad_norm: Float[Array, ...]
 
 
 class NUTSIndividual(NamedTuple):
