@@ -118,7 +118,8 @@ def _dose(args: argparse.Namespace) -> int:
         return (f"{e['median']:.3g} {unit} "
                 f"(90% interval {e['lo90']:.3g}-{e['hi90']:.3g})")
 
-    print(f"{r['model']['name']}: half-life {show(r['half_life_h'], 'h')}; "
+    print(f"{r['model']['name']}: terminal half-life {show(r['half_life_h'], 'h')}; "
+          f"effective half-life {show(r['effective_half_life_h'], 'h')}; "
           f"clearance {show(r['clearance_mL_h_kg'], 'mL/h/kg')}")
     for t, e in r["time_to_threshold_h"].items():
         if isinstance(e["median"], float):

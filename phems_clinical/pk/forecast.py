@@ -199,8 +199,8 @@ def _nuts_runner(model: PopModel, n_occ: int, num_warmup: int, num_samples: int,
 
 
 def fit_nuts_individual(key: Key, model: PopModel, params: PopParams,
-                        subject: Cohort, *, n_occ: int = 1, num_warmup: int = 300,
-                        num_samples: int = 500, num_chains: int = 4
+                        subject: Cohort, *, n_occ: int = 1, num_warmup: int = 500,
+                        num_samples: int = 1000, num_chains: int = 4
                         ) -> NUTSIndividual:
     """The full individual posterior of ``b`` by NUTS, started at the mode.
 
