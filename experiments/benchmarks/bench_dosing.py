@@ -5,8 +5,8 @@ Prints one markdown table (operation x product, cold and warm) and writes it, wi
 the device, the command and the targets, to ``experiments/benchmarks/dosing_<dev>.md``
 (``<dev>`` = ``cpu`` or ``gpu``; ``--out`` to change). Run from the repository root:
 
-    python experiments/benchmarks/bench_dosing.py              # full (~10 min CPU)
-    python experiments/benchmarks/bench_dosing.py --quick      # smoke test (~3 min)
+    python experiments/benchmarks/bench_dosing.py              # full (~5 min CPU)
+    python experiments/benchmarks/bench_dosing.py --quick      # smoke test (~1 min)
     python experiments/benchmarks/bench_dosing.py --products advate --batch 1000
 
 Operations, per product (default advate, eloctate, alprolix: 2-compartment,

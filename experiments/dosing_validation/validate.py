@@ -31,8 +31,8 @@ effect of dropping them instead.
 
 Run from the repository root:
 
-    python experiments/dosing_validation/validate.py            # full, ~10 min CPU
-    python experiments/dosing_validation/validate.py --quick    # smoke run, ~3-4 min
+    python experiments/dosing_validation/validate.py            # full, ~6-7 min CPU
+    python experiments/dosing_validation/validate.py --quick    # smoke run, ~4 min
     python experiments/dosing_validation/validate.py --n 2000 --seed 7 --out /tmp/v
 
 Writes ``results.md`` and ``results.csv`` (tidy: one metric a row; ``results_quick.*``

@@ -168,7 +168,8 @@ def test_blq_datetimes_and_assumed_covariates():
     at_120 = np.interp(120.0, without["curve"]["time_h"], without["curve"]["p50"])
     assert r["levels"][2]["predicted"]["median"] < 0.85 * at_120
     assert r["covariates"]["VWF"]["source"] == "assumed"
-    assert {w["field"] for w in r["warnings"]} >= {"vwf_IU_dL", "hematocrit_pct"}
+    assert {w["field"] for w in r["warnings"]} >= {"vwf_IU_dL", "hematocrit_pct",
+                                                   "method"}
     assert max(g["interval_h"] for g in r["regimens"]) == 168.0
 
 
