@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from phems_clinical.provenance import git_revision, versions
 from phems_clinical.resources import configs_dir
 
 
@@ -48,15 +47,6 @@ class RunConfig:
 
 
 ConfigStore.instance().store(name="schema", node=RunConfig)
-
-
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=5
-                              ).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def run_demo(cfg: DictConfig, out: Path) -> dict:
@@ -128,25 +118,12 @@ def run_demo(cfg: DictConfig, out: Path) -> dict:
             rec.loc[rec.parameter.str.startswith("THETA"), "relative_error"]
             .abs().max()),
         "recovery": rec.to_dict(orient="records"),
-        "versions": _versions(), "git_revision": _git_revision(),
+        "versions": versions(), "git_revision": git_revision(),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(rec.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"[phems run] done in {seconds:.1f} s; outputs in {out}", flush=True)
     return result
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("phems_clinical", "jax", "jaxlib", "numpyro", "optax", "numpy",
-                "scipy", "pandas", "xarray", "hydra-core"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 @hydra.main(version_base="1.3", config_path=str(configs_dir()), config_name="config")

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -81,6 +80,12 @@ from phems_clinical.pk.forecast import (  # noqa: E402
 from phems_clinical.pk.library import load_product  # noqa: E402
 from phems_clinical.pk.model import initial_params  # noqa: E402
 from phems_clinical.pk.simulate import HospitalSpec, simulate_cohort  # noqa: E402
+from phems_clinical.provenance import (  # noqa: E402
+    code_state,
+    device_info,
+    load_average,
+    versions,
+)
 
 TARGET_MAP_S = 0.050
 TARGET_NUTS_S = 3.0
@@ -124,65 +129,6 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------
 # Device
 
-
-def device_info() -> dict:
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    import jaxlib
-    import numpyro
-
-    kind = getattr(dev, "device_kind", str(dev))
-    return {
-        "platform": dev.platform,
-        "device": dev.platform if dev.platform == "cpu" else f"{dev.platform}: {kind}",
-        "device_kind": kind,
-        "n_devices": len(jax.devices()),
-        "cpu": cpu,
-        "cores": f"{usable} usable of {os.cpu_count()}",
-        "versions": (f"python {platform.python_version()}, jax {jax.__version__}, "
-                     f"jaxlib {jaxlib.__version__}, numpyro {numpyro.__version__}, "
-                     f"numpy {np.__version__}"),
-    }
-
-
-def code_state() -> str:
-    import hashlib
-    import subprocess
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True,
-                                  text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    dirty = [ln[3:].strip() for ln in git("status", "--porcelain", "--",
-                                          "phems_clinical").splitlines() if ln.strip()]
-    digest = hashlib.sha256()
-    for f in sorted((ROOT / "phems_clinical" / "pk").glob("*.py")):
-        digest.update(f.read_bytes())
-    return (f"git {head}" + (f" + uncommitted changes in {', '.join(dirty)}"
-                             if dirty else " (clean)")
-            + f"; sha256(phems_clinical/pk/*.py) {digest.hexdigest()[:12]}")
-
-
-def loadavg() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 # ---------------------------------------------------------------------------
@@ -372,7 +318,7 @@ def write_report(path: Path, info: dict, args, rows, started, load0,
         f"device_kind {info['device_kind']}; {info['n_devices']} device(s)); CPU: "
         f"{info['cpu']}, {info['cores']} cores",
         *([f"- device note: {args.device_note}"] if args.device_note else []),
-        f"- load average (1/5/15 min) at start: {load0}; at end: {loadavg()}",
+        f"- load average (1/5/15 min) at start: {load0}; at end: {load_average()}",
         f"- {info['versions']}; float64 (jax_enable_x64)",
         f"- code: {info['code']}",
         f"- settings: seed {args.seed}; batch {args.batch} patients; warm repetitions "
@@ -433,8 +379,10 @@ def main(argv=None) -> int:
         args.reps_dose_nuts = 2
         args.reps_batch, args.reps_nuts = 2, 2
     started = _dt.datetime.now()
-    load0 = loadavg()
+    load0 = load_average()
     info = device_info()
+    info["versions"] = ", ".join(
+        f"{k} {v}" for k, v in versions(("jax", "jaxlib", "numpyro", "numpy")).items())
     info["code"] = code_state()
     dev = "gpu" if info["platform"] in ("gpu", "cuda", "rocm") else info["platform"]
     out = args.out or HERE / f"dosing_{dev}{'_quick' if args.quick else ''}.md"

@@ -33,7 +33,6 @@ import argparse
 import datetime as _dt
 import math
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -71,6 +70,12 @@ from phems_clinical.pk.focei import fit_focei  # noqa: E402
 from phems_clinical.pk.library import load_product  # noqa: E402
 from phems_clinical.pk.simulate import HospitalSpec, simulate_cohort  # noqa: E402
 from phems_clinical.pk.spec import load_model  # noqa: E402
+from phems_clinical.provenance import (  # noqa: E402
+    code_state,
+    device_info,
+    load_average,
+    versions,
+)
 from phems_clinical.resources import configs_dir  # noqa: E402
 
 PHENO_DIR = ROOT / "tests" / "reference" / "nonmem_pheno"
@@ -125,66 +130,6 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------
 # Device description
 
-
-def device_info() -> dict:
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    import jaxlib
-    import numpyro
-    import scipy
-
-    return {
-        "platform": dev.platform,
-        "device": (f"{dev.platform}" if dev.platform == "cpu" else
-                   f"{dev.platform}: {getattr(dev, 'device_kind', str(dev))}"),
-        "n_devices": len(jax.devices()),
-        "cpu": cpu,
-        "cores": f"{usable} usable of {os.cpu_count()}",
-        "versions": (f"python {platform.python_version()}, jax {jax.__version__}, "
-                     f"jaxlib {jaxlib.__version__}, numpyro {numpyro.__version__}, "
-                     f"numpy {np.__version__}, scipy {scipy.__version__}"),
-    }
-
-
-def code_state() -> str:
-    """Git revision of the estimators and whether they differ from it."""
-    import hashlib
-    import subprocess
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True,
-                                  text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    dirty = [ln[3:].strip() for ln in git("status", "--porcelain", "--",
-                                          "phems_clinical").splitlines() if ln.strip()]
-    digest = hashlib.sha256()
-    for f in sorted((ROOT / "phems_clinical" / "pk").glob("*.py")):
-        digest.update(f.read_bytes())
-    return (f"git {head}" + (f" + uncommitted changes in {', '.join(dirty)}"
-                             if dirty else " (clean)")
-            + f"; sha256(phems_clinical/pk/*.py) {digest.hexdigest()[:12]}")
-
-
-def loadavg() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 # ---------------------------------------------------------------------------
@@ -499,7 +444,7 @@ def write_report(path: Path, info: dict, args, rows, results, checks, started,
         f"- command: `{cmd}` (from the repository root; JAX_PLATFORMS={plat_env})",
         f"- device: {info['device']} ({info['n_devices']} device(s)); CPU: "
         f"{info['cpu']}, {info['cores']} cores",
-        f"- load average (1/5/15 min) at start: {load0}; at end: {loadavg()}",
+        f"- load average (1/5/15 min) at start: {load0}; at end: {load_average()}",
         f"- {info['versions']}; float64 (jax_enable_x64)",
         f"- code: {info['code']}",
         f"- settings: seed {args.seed}; SVI {args.svi_steps} steps; NUTS 1 chain "
@@ -611,8 +556,10 @@ def main(argv=None) -> int:
         args.svi_steps, args.nuts_warmup, args.nuts_samples = 50, 20, 20
         args.ref_maxiter = 3
     started = _dt.datetime.now()
-    load0 = loadavg()
+    load0 = load_average()
     info = device_info()
+    packages = ("jax", "jaxlib", "numpyro", "numpy", "scipy")
+    info["versions"] = ", ".join(f"{k} {v}" for k, v in versions(packages).items())
     info["code"] = code_state()
     dev = "gpu" if info["platform"] in ("gpu", "cuda", "rocm") else info["platform"]
     out = args.out or HERE / f"estimation_{dev}{'_quick' if args.quick else ''}.md"

@@ -88,6 +88,7 @@ from phems_clinical.pk.simulate import (  # noqa: E402
     simulate_cohort,
 )
 from phems_clinical.pk.spec import PopModel  # noqa: E402
+from phems_clinical.provenance import device_info  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Set-up
@@ -683,18 +684,9 @@ def extra_table(df: pd.DataFrame, scenarios) -> str:
 
 
 def device_line() -> str:
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    kind = getattr(dev, "device_kind", dev.platform)
-    return (f"{dev.platform} ({kind}); CPU {cpu}, {len(os.sched_getaffinity(0))} "
-            f"usable cores")
+    info = device_info()
+    return (f"{info['platform']} ({info['device_kind']}); CPU {info['cpu']}, "
+            f"{info['usable_cores']} usable cores")
 
 
 def write_report(out_dir: Path, df: pd.DataFrame, args, notes, started, wall_s) -> str:

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from dataclasses import replace
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,6 +52,7 @@ from phems_clinical.pk.forecast import fit_map, fit_nuts_individual, laplace_dra
 from phems_clinical.pk.library import list_products, load_product
 from phems_clinical.pk.model import initial_params
 from phems_clinical.pk.spec import ModelSpecError, PopModel, load_model
+from phems_clinical.provenance import versions
 
 __all__ = ["METHODS", "DoseOutput", "run_dose", "write_dose_outputs"]
 
@@ -247,16 +246,6 @@ def _num(x: float) -> float | str | None:
     return x
 
 
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("phems_clinical", "jax", "numpyro"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def run_dose(request: dict | str | bytes, *, method: str = "map",
              seed: int | None = None) -> DoseOutput:
     """Forecast one patient's levels and design prophylaxis regimens.
@@ -434,7 +423,7 @@ def _result(req: DosingRequest, model: PopModel, source: dict, method: str,
         "thresholds_IU_dL": list(req.options.thresholds_IU_dL),
         "diagnostics": diagnostics,
         "warnings": [{"field": w.field, "message": w.message} for w in warnings],
-        "versions": _versions(),
+        "versions": versions(("phems_clinical", "jax", "numpyro")),
     }
 
 
