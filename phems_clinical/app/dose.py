@@ -279,7 +279,8 @@ def run_dose(request: dict | str | bytes, *, method: str = "map",
         raise RequestError([FieldError("method", f"{method!r} is not one of "
                                                  f"{', '.join(METHODS)}")])
     raw = request if isinstance(request, dict) else _loads(request)
-    req = parse_request(request)
+    # the text is decoded once; parse_request reports undecodable input itself
+    req = parse_request(raw if isinstance(raw, dict) else request)
     model, source = _resolve_model(req)
     opts = req.options
     seed = opts.seed if seed is None else int(seed)

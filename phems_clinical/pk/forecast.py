@@ -78,6 +78,7 @@ class NUTSIndividual(NamedTuple):
 
 
 def _map_fn(model: PopModel, n_occ: int):
+    """The single-patient MAP + Laplace function (uncompiled)."""
     fns = build_focei(model, n_occ)
 
     def one(params: PopParams, subject: Cohort) -> MAPResult:
@@ -93,12 +94,12 @@ def _map_fn(model: PopModel, n_occ: int):
         cov = 2.0 * jnp.linalg.inv(0.5 * (h + h.T))
         return MAPResult(b, cov, obj(b), jnp.max(jnp.abs(jax.grad(obj)(b))))
 
-    return fns, one
+    return one
 
 
 def _compiled_map(model: PopModel, n_occ: int, batched: bool):
     def build():
-        _, one = _map_fn(model, n_occ)
+        one = _map_fn(model, n_occ)
         fn = jax.vmap(one, in_axes=(None, 0)) if batched else one
         return jax.jit(fn)
 
@@ -162,36 +163,36 @@ def _nuts_runner(model: PopModel, n_occ: int, num_warmup: int, num_samples: int,
     Patient data are arguments, so the compiled sampler is reused for every patient
     of the same array shapes (cached per model).
     """
-    from numpyro.infer.hmc import hmc
-
-    fns = build_focei(model, n_occ)
-
-    def potential_gen(params, subject, centre, chol):
-        # The sampler works on z with b = centre + chol z: the posterior whitened by
-        # its Laplace approximation, close to N(0, I), so warm-up is short. A linear
-        # change of variables has a constant Jacobian: the target is still exactly
-        # exp(-O(b) / 2).
-        def potential(z):
-            return 0.5 * fns.inner_objective(centre + chol @ z, params, subject)
-        return potential
-
-    init_kernel, sample_kernel = hmc(potential_fn_gen=potential_gen, algo="NUTS")
-
-    def one_chain(key, args):
-        state = init_kernel(jnp.zeros(fns.n_b), num_warmup, target_accept_prob=0.9,
-                            model_args=args, rng_key=key)
-
-        def step(state, _):
-            state = sample_kernel(state, model_args=args)
-            return state, (state.z, state.diverging)
-
-        _, (z, diverging) = jax.lax.scan(step, state, None,
-                                         length=num_warmup + num_samples)
-        centre, chol = args[2], args[3]
-        b = centre + z[num_warmup:] @ chol.T
-        return b, diverging[num_warmup:]
-
     def build():
+        from numpyro.infer.hmc import hmc
+
+        fns = build_focei(model, n_occ)
+
+        def potential_gen(params, subject, centre, chol):
+            # The sampler works on z with b = centre + chol z: the posterior whitened by
+            # its Laplace approximation, close to N(0, I), so warm-up is short. A linear
+            # change of variables has a constant Jacobian: the target is still exactly
+            # exp(-O(b) / 2).
+            def potential(z):
+                return 0.5 * fns.inner_objective(centre + chol @ z, params, subject)
+            return potential
+
+        init_kernel, sample_kernel = hmc(potential_fn_gen=potential_gen, algo="NUTS")
+
+        def one_chain(key, args):
+            state = init_kernel(jnp.zeros(fns.n_b), num_warmup, target_accept_prob=0.9,
+                                model_args=args, rng_key=key)
+
+            def step(state, _):
+                state = sample_kernel(state, model_args=args)
+                return state, (state.z, state.diverging)
+
+            _, (z, diverging) = jax.lax.scan(step, state, None,
+                                             length=num_warmup + num_samples)
+            centre, chol = args[2], args[3]
+            b = centre + z[num_warmup:] @ chol.T
+            return b, diverging[num_warmup:]
+
         return jax.jit(jax.vmap(one_chain, in_axes=(0, None)))
 
     return per_model(model, ("nuts_individual", n_occ, num_warmup, num_samples,
