@@ -8,7 +8,9 @@ levels ``y``, the negative twice log posterior is FOCEI's inner objective
 
 with M3 terms ``-2 log Phi((LLOQ - f_j) / sqrt(V_j))`` for BLQ levels (Beal 2001) and
 ``P`` the prior precision (``Omega^-1`` and ``1/omega_iov`` per occasion), exactly
-what NONMEM's ``MAXEVAL=0 POSTHOC`` and mapbayr minimise.
+what NONMEM's ``MAXEVAL=0 POSTHOC`` and mapbayr minimise. BLQ levels follow the
+model's ``blq`` setting (a ``blq: drop`` model ignores them); ``phems dose`` always
+forecasts with ``blq: m3``.
 
 Two posteriors are offered:
 
