@@ -46,14 +46,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import math
 import secrets
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import (
     FileResponse,
@@ -122,26 +120,6 @@ def _product_list() -> list[dict[str, Any]]:
             "validated_range": {k: list(v) for k, v in validated_range(model).items()},
         })
     return out
-
-
-def _json_safe(x: Any) -> Any:
-    """``x`` with only JSON values: JSON has no infinity or NaN.
-
-    ``run_dose`` already writes them the ``result.json`` way; this is the same rule
-    for anything that slipped through: an infinite estimate means "not reached" (a
-    level that never falls below a threshold) and is kept as the string ``"inf"``
-    (``"-inf"``); NaN (not available) becomes ``null``. NumPy scalars and arrays
-    become Python numbers and lists.
-    """
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, np.ndarray)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return x
 
 
 def _errors(errors: list[tuple[str, str]]) -> JSONResponse:
@@ -224,7 +202,7 @@ def create_app() -> FastAPI:
                 f"The calculation failed because of an internal error (reference "
                 f"{ref}); the details are in the server log.", status_code=500)
         return JSONResponse({
-            "result": _json_safe(out.result),
+            "result": out.result,  # JSON-safe by construction (run_dose)
             "curve_png_base64": base64.b64encode(out.curve_png).decode("ascii"),
             "report_id": reports.add(out.report_html),
         })

@@ -8,14 +8,12 @@ own browser download is never used.
 import base64
 import json
 import logging
-import math
 import re
 import socket
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from phems_clinical.app import web
@@ -168,13 +166,13 @@ def test_internal_error_is_a_plain_500_without_traceback(monkeypatch, caplog):
     assert any("secret internal detail" in (r.exc_text or "") for r in caplog.records)
 
 
-def test_json_safe_keeps_infinity_readable():
-    out = web._json_safe({"t": {"median": math.inf, "lo90": 71.0, "hi90": -math.inf},
-                          "lloq": math.nan, "a": np.array([1.5, 2.0]),
-                          "n": np.int64(3)})
-    assert out == {"t": {"median": "inf", "lo90": 71.0, "hi90": "-inf"},
-                   "lloq": None, "a": [1.5, 2.0], "n": 3}
-    json.dumps(out, allow_nan=False)
+def test_infinity_stays_readable_through_the_api(client):
+    """A level never reached (baseline above the threshold) arrives as "inf"."""
+    resp = _post(client, {**REQUEST, "baseline": {"value": 3.0, "unit": "IU/dL"}})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["result"]["time_to_threshold_h"]["1"]["median"] == "inf"
+    json.dumps(body, allow_nan=False)
 
 
 def test_report_store_keeps_the_most_recent():
