@@ -160,12 +160,6 @@ def nuts_defaults() -> str:
             f" + {sig['num_samples'].default} draws each")
 
 
-def extended(m: PopModel) -> bool:
-    # the simulator's rule for the sampling windows
-    return (m.metadata.get("half_life_class") == "extended"
-            or m.metadata.get("factor") == "FIX")
-
-
 def age_range(*models: PopModel) -> tuple[float, float]:
     """Intersection of the validated age ranges (65 y where none gives an upper
     bound)."""
@@ -178,7 +172,7 @@ def age_range(*models: PopModel) -> tuple[float, float]:
 
 
 def design_label(k: int, m: PopModel) -> str:
-    t = [f"{w[0]:g}" for w in (SPARSE_EHL if extended(m) else SPARSE_SHL)]
+    t = [f"{w[0]:g}" for w in (SPARSE_EHL if m.extended_half_life else SPARSE_SHL)]
     if k == 0:
         return "0 (prior only)"
     return f"{k} ({'/'.join(t[i] for i in DESIGN_SAMPLES[k])} h)"

@@ -43,7 +43,6 @@ from phems_clinical.data.dosing_request import (
 from phems_clinical.evaluation.report import curve_figure, render_report
 from phems_clinical.pk.dosing import (
     DoseRecommendation,
-    default_intervals,
     prior_predictive,
     recommend,
     validated_range,
@@ -329,7 +328,7 @@ def run_dose(request: dict | str | bytes, *, method: str = "map",
                               for k, p in enumerate(model.iiv_parameters)}
 
     last_inf = req.infusions[-1]
-    horizon = 96.0 if default_intervals(model) == (24.0, 48.0, 72.0) else 168.0
+    horizon = 168.0 if model.extended_half_life else 96.0
     t_end = max(last_inf.time_h + last_inf.duration_h + horizon,
                 max((lv.time_h for lv in req.levels), default=0.0) + 12.0)
     t_start = max(0.0, last_inf.time_h - 14 * 24.0)

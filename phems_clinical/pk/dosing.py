@@ -120,9 +120,9 @@ class DoseRecommendation(NamedTuple):
 def default_intervals(model: PopModel) -> tuple[float, ...]:
     """Dosing intervals to tabulate, h: 24/48/72 for standard half-life FVIII, up
     to weekly for extended half-life products and FIX."""
-    extended = (model.metadata.get("half_life_class") == "extended"
-                or model.metadata.get("factor") == "FIX")
-    return (24.0, 48.0, 72.0, 96.0, 120.0, 168.0) if extended else (24.0, 48.0, 72.0)
+    if model.extended_half_life:
+        return (24.0, 48.0, 72.0, 96.0, 120.0, 168.0)
+    return (24.0, 48.0, 72.0)
 
 
 def validated_range(model: PopModel) -> dict[str, tuple[float | None, float | None]]:

@@ -121,8 +121,7 @@ def simulate_cohort(key: Key, model: PopModel, hospital: HospitalSpec, *,
         if c not in demo:
             demo[c] = ref.get(c, 0.0)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(k_np)).ravel())
-    extended = (model.metadata.get("half_life_class") == "extended"
-                or model.metadata.get("factor") == "FIX")
+    extended = model.extended_half_life
     vials = [float(v) for v in model.metadata.get("vial_sizes_IU", [250.0])]
 
     subjects, rows = [], []

@@ -153,6 +153,14 @@ class PopModel:
         return ref
 
     @property
+    def extended_half_life(self) -> bool:
+        """An extended half-life product or a FIX concentrate (metadata
+        ``half_life_class``/``factor``): later ISTH sampling windows and dosing
+        intervals up to weekly."""
+        return (self.metadata.get("half_life_class") == "extended"
+                or self.metadata.get("factor") == "FIX")
+
+    @property
     def n_eta(self) -> int:
         return len(self.iiv_parameters)
 
