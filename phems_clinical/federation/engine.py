@@ -1,0 +1,333 @@
+"""The in-process federated engine: K simulated hospitals in one process, CPU or GPU.
+
+When every site's data have the same shapes (see
+:func:`phems_clinical.federation.pk_sites.pad_sites`) the sites are stacked and a
+round -- broadcast, every site's ``local_update`` under ``jax.vmap``, the masked sum
+and the server's ``aggregate`` -- is one compiled call, so 100 hospitals cost one
+dispatch per round. With secure aggregation the round is split in two compiled
+calls around the host-side masking protocol.
+
+Guarantees
+----------
+* **Deterministic**: site ``k``'s key in round ``r`` is
+  ``fold_in(site_key_k, r)``, the server's ``fold_in(key', r)``; nothing depends on
+  wall-clock or iteration order, so the same seed gives the same result, and a run
+  resumed from a checkpoint gives the identical result.
+* **Population-level messages only**: every payload is checked against
+  ``data_schemas/federation_message.schema.json`` and the algorithm's declared
+  shapes before it is summed (:func:`phems_clinical.federation.messages.check_payload`);
+  ``on_message`` sees exactly what would leave each site.
+* **Faults**: a site that fails (an exception in looped mode, or an injected
+  failure/timeout) is dropped from the round and the drop is recorded, provided at
+  least ``min_sites`` sites remain; otherwise the round is retried ``retries``
+  times and then the run aborts with :class:`FederationAborted` (the checkpoint of
+  the last completed round is kept).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phems_clinical._typing import Key
+from phems_clinical.federation.core import (
+    Algorithm,
+    Payload,
+    server_round_key,
+    simulated_site_keys,
+    site_round_key,
+    stack_sites,
+    sum_payloads,
+    unstack_sites,
+)
+from phems_clinical.federation.messages import check_payload
+
+
+class FederationAborted(RuntimeError):
+    """A round could not gather ``min_sites`` sites after its retries."""
+
+
+class RoundRecord(NamedTuple):
+    """What happened in one round (kept in the results)."""
+
+    round: int
+    participants: tuple[int, ...]
+    dropped: tuple[tuple[int, str], ...]
+    attempts: int
+    seconds: float
+
+
+class FederatedRun(NamedTuple):
+    """Final server and site states, per-round history and the algorithm's result."""
+
+    server: Any
+    sites: list
+    history: list[RoundRecord]
+    result: dict
+    rounds: int
+    converged: bool
+
+
+Aggregator = Callable[[Key, dict[int, Payload], Algorithm], Payload]
+"""``(key, {site index: payload} of the participating sites, algorithm) -> summed
+payload``; the default adds them in the clear (see
+:func:`phems_clinical.federation.secure.secagg_aggregator` for the masked sum)."""
+
+FaultFn = Callable[[int, int, int], str | None]
+"""``(round, site, attempt) -> None`` or a reason (``"failed"``, ``"timeout"``)."""
+
+
+def _plain_sum(key, payloads, algorithm):
+    del key
+    return {k: sum(p[k] for p in payloads.values()) for k in algorithm.message_spec}
+
+
+def _checkpoint_paths(directory: Path) -> tuple[Path, Path]:
+    return directory / "state.eqx", directory / "history.json"
+
+
+def save_checkpoint(directory: Path, server, sites: list, history: list[RoundRecord]
+                    ) -> None:
+    """Write the state after ``len(history)`` rounds (atomic rename)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state_path, hist_path = _checkpoint_paths(directory)
+    tmp = state_path.with_suffix(".tmp")
+    eqx.tree_serialise_leaves(tmp, (server, sites))
+    hist_tmp = hist_path.with_suffix(".tmp")
+    hist_tmp.write_text(json.dumps([r._asdict() for r in history]))
+    tmp.replace(state_path)
+    hist_tmp.replace(hist_path)
+
+
+def load_checkpoint(directory: Path, like_server, like_sites: list
+                    ) -> tuple[Any, list, list[RoundRecord]] | None:
+    """The saved state, or ``None`` when ``directory`` has no checkpoint."""
+    state_path, hist_path = _checkpoint_paths(directory)
+    if not (state_path.exists() and hist_path.exists()):
+        return None
+    server, sites = eqx.tree_deserialise_leaves(state_path, (like_server, like_sites))
+    history = [RoundRecord(r["round"], tuple(r["participants"]),
+                           tuple(tuple(d) for d in r["dropped"]), r["attempts"],
+                           r["seconds"])
+               for r in json.loads(hist_path.read_text())]
+    return server, list(sites), history
+
+
+def _same_shapes(trees: Sequence) -> bool:
+    shapes = [jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), t)
+              for t in trees]
+    return all(s == shapes[0] for s in shapes[1:])
+
+
+class _Compiled(NamedTuple):
+    local: Callable
+    local_vmapped: Callable
+    aggregate: Callable
+    whole_round: Callable
+    done: Callable
+
+
+_COMPILED: dict[int, tuple[Algorithm, _Compiled]] = {}
+
+
+def _compile(algorithm: Algorithm) -> _Compiled:
+    """The jitted round functions of ``algorithm``, built once per algorithm object
+    (so repeated runs and resumed runs reuse the compiled code)."""
+    hit = _COMPILED.get(id(algorithm))
+    if hit is not None and hit[0] is algorithm:
+        return hit[1]
+    compiled = _build(algorithm)
+    _COMPILED[id(algorithm)] = (algorithm, compiled)
+    return compiled
+
+
+def _build(algorithm: Algorithm) -> _Compiled:
+    def local_vmapped(message, data, states, keys, participate):
+        payloads, new, metrics = jax.vmap(algorithm.local_update,
+                                          in_axes=(None, 0, 0, 0))(message, data,
+                                                                   states, keys)
+        keep = jax.tree.map(
+            lambda n, o: jnp.where(participate.reshape((-1,) + (1,) * (n.ndim - 1)),
+                                   n, o), new, states)
+        return payloads, keep, metrics
+
+    def whole_round(server, data, states, keys, participate, server_key):
+        message = algorithm.broadcast(server)
+        payloads, states, metrics = local_vmapped(message, data, states, keys,
+                                                  participate)
+        total = sum_payloads(payloads, participate)
+        return algorithm.aggregate(server, total, server_key), states, payloads
+
+    return _Compiled(jax.jit(algorithm.local_update), jax.jit(local_vmapped),
+                     jax.jit(algorithm.aggregate), jax.jit(whole_round),
+                     jax.jit(algorithm.done))
+
+
+def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
+                  max_rounds: int | None = None,
+                  aggregator: Aggregator | None = None,
+                  min_sites: int | None = None, retries: int = 2,
+                  fault: FaultFn | None = None,
+                  checkpoint_dir: str | Path | None = None,
+                  on_round: Callable[[RoundRecord, Any], None] | None = None,
+                  on_message: Callable[[int, int, Payload], None] | None = None,
+                  vectorise: bool = True, stop_after: int | None = None
+                  ) -> FederatedRun:
+    """Run ``algorithm`` over ``sites`` (one data pytree per hospital) in process.
+
+    Parameters
+    ----------
+    key : PRNG key
+        The run seed; the server's and each simulated site's keys derive from it.
+    max_rounds : int, optional
+        Defaults to ``algorithm.max_rounds``; the run also stops when
+        ``algorithm.done`` is true.
+    aggregator : callable, optional
+        How payloads are summed; ``None`` sums them in the clear inside the
+        compiled round. Pass :func:`phems_clinical.federation.secure.secagg_aggregator`
+        for secure aggregation.
+    min_sites : int, optional
+        Fewest sites a round may complete with (default: all of them).
+    fault : callable, optional
+        Fault injection ``(round, site, attempt) -> reason | None``.
+    checkpoint_dir : path, optional
+        Save the state after every round there, and resume from it when it holds a
+        checkpoint.
+    on_round, on_message : callables, optional
+        Progress (each completed round and the server state) and message
+        inspection (round, site, payload) hooks.
+    vectorise : bool
+        vmap across sites when their data have equal shapes.
+    stop_after : int, optional
+        Stop (as if killed) after this many rounds, leaving the checkpoint; for
+        tests of resumption.
+    """
+    n_sites = len(sites)
+    min_sites = n_sites if min_sites is None else int(min_sites)
+    if not 1 <= min_sites <= n_sites:
+        raise ValueError(f"min_sites: expected 1..{n_sites} (the number of sites), "
+                         f"got {min_sites}")
+    max_rounds = algorithm.max_rounds if max_rounds is None else int(max_rounds)
+    compiled = _compile(algorithm)
+    site_keys = simulated_site_keys(key, n_sites)
+    server = algorithm.init_server(key)
+    states = [algorithm.init_site(s) for s in sites]
+    history: list[RoundRecord] = []
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None:
+        loaded = load_checkpoint(ckpt, server, states)
+        if loaded is not None:
+            server, states, history = loaded
+    stacked = vectorise and n_sites > 1 and _same_shapes(sites) and _same_shapes(
+        states)
+    data_stacked = stack_sites(list(sites)) if stacked else None
+
+    r = len(history)
+    converged = bool(compiled.done(server)) if r else False
+    while r < max_rounds and not converged:
+        if stop_after is not None and r >= stop_after:
+            break
+        t0 = time.perf_counter()
+        for attempt in range(retries + 1):
+            dropped = [(k, fault(r, k, attempt)) for k in range(n_sites)] if fault \
+                else []
+            dropped = [(k, why) for k, why in dropped if why]
+            out = _try_round(r, compiled, algorithm, server, sites, states,
+                             data_stacked, site_keys, key, dropped, aggregator,
+                             min_sites, on_message)
+            if out is not None:
+                break
+        else:
+            if ckpt is not None:
+                save_checkpoint(ckpt, server, states, history)
+            raise FederationAborted(
+                f"round {r}: fewer than min_sites={min_sites} of {n_sites} sites "
+                f"answered in {retries + 1} attempts; the run stopped after round "
+                f"{r - 1} (its checkpoint is kept)")
+        server, states, dropped = out
+        participants = tuple(k for k in range(n_sites)
+                             if k not in {d for d, _ in dropped})
+        record = RoundRecord(r, participants, tuple(dropped), attempt + 1,
+                             time.perf_counter() - t0)
+        history.append(record)
+        r += 1
+        if ckpt is not None:
+            save_checkpoint(ckpt, server, states, history)
+        if on_round is not None:
+            on_round(record, server)
+        converged = bool(compiled.done(server))
+    return FederatedRun(server, states, history, algorithm.result(server), r,
+                        converged)
+
+
+def _try_round(r, compiled, algorithm, server, sites, states, data_stacked,
+               site_keys, key, dropped, aggregator, min_sites, on_message):
+    """One attempt at round ``r``; ``None`` when too few sites answered."""
+    n_sites = len(sites)
+    dropped = list(dropped)
+    keys = jax.vmap(site_round_key, in_axes=(0, None))(site_keys, r)
+    skey = server_round_key(key, r)
+    if len(dropped) > n_sites - min_sites:
+        return None
+    failed = {k for k, _ in dropped}
+    if data_stacked is not None:
+        participate = jnp.asarray([k not in failed for k in range(n_sites)])
+        st = stack_sites(states)
+        if aggregator is None and on_message is None:
+            server, st, payloads = compiled.whole_round(
+                server, data_stacked, st, keys, participate, skey)
+            _check_all(algorithm, payloads, participate)
+            return server, unstack_sites(st, n_sites), dropped
+        message = algorithm.broadcast(server)
+        payloads, st, _ = compiled.local_vmapped(message, data_stacked, st, keys,
+                                                 participate)
+        per_site = unstack_sites(payloads, n_sites)
+        new_states = unstack_sites(st, n_sites)
+    else:
+        message = algorithm.broadcast(server)
+        per_site, new_states = [], []
+        for k in range(n_sites):
+            if k in failed:
+                per_site.append(None)
+                new_states.append(states[k])
+                continue
+            try:
+                p, s, _ = compiled.local(message, sites[k], states[k], keys[k])
+                jax.block_until_ready(p)
+            except Exception as err:  # a site's failure drops it from the round
+                dropped.append((k, f"failed: {type(err).__name__}: {err}"))
+                failed.add(k)
+                per_site.append(None)
+                new_states.append(states[k])
+                continue
+            per_site.append(p)
+            new_states.append(s)
+        if len(dropped) > n_sites - min_sites:
+            return None
+    alive = [k for k in range(n_sites) if k not in failed]
+    for k in alive:
+        check_payload(algorithm, per_site[k])
+        if on_message is not None:
+            on_message(r, k, per_site[k])
+    payloads = {k: per_site[k] for k in alive}
+    total = (_plain_sum(skey, payloads, algorithm) if aggregator is None
+             else aggregator(jax.random.fold_in(skey, 1), payloads, algorithm))
+    server = compiled.aggregate(server, total, skey)
+    return server, new_states, dropped
+
+
+def _check_all(algorithm, payloads, participate):
+    for k in np.flatnonzero(np.asarray(participate)):
+        check_payload(algorithm, {n: v[k] for n, v in payloads.items()})
+
+
+__all__ = ["FaultFn", "FederatedRun", "FederationAborted", "RoundRecord",
+           "load_checkpoint", "run_federated", "save_checkpoint"]
