@@ -9,6 +9,8 @@ Subcommands::
     phems dose PATIENT.json --out DIR [--method map|nuts]
                                   one patient's PK curve and regimens
     phems serve [--host H --port P]   the clinician web app
+    phems audit verify|show LOG   check or list a site's audit log of outgoing
+                                  messages (federated runs)
 
 Errors in the input (data rows, model fields, options) are printed as one clear
 message and the command exits with status 2; nothing is written half-way silently.
@@ -199,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1")
     w.add_argument("--port", type=int, default=8000)
     w.set_defaults(func=_serve)
+
+    from phems_clinical.app.audit import add_audit_parser
+
+    add_audit_parser(sub)
     return parser
 
 

@@ -58,6 +58,8 @@ class Algorithm(NamedTuple):
     dp_steps_per_round : int, noisy releases of each patient per round (0 when the
         algorithm adds no patient-level DP noise); the privacy accountant composes
         ``rounds * dp_steps_per_round`` Gaussian mechanisms.
+    dp : the patient-level ``DPConfig`` the algorithm applies at every site, or
+        None (see :mod:`phems_clinical.federation.dp`).
     """
 
     name: str
@@ -71,6 +73,13 @@ class Algorithm(NamedTuple):
     message_spec: dict[str, tuple[int, ...]]
     max_rounds: int = 100
     dp_steps_per_round: int = 0
+    dp: Any = None
+
+
+def site_size(data: Any) -> int:
+    """Number of real patients in a site's data (its ``mask``), as the site knows
+    it (for DP accounting and the policy's minimum cohort size)."""
+    return int(np.sum(np.asarray(data.mask)))
 
 
 def site_round_key(site_key: Key, round_: int | Array) -> Key:
@@ -135,5 +144,6 @@ def unflatten_payload(vector: np.ndarray, spec: Mapping[str, tuple]) -> Payload:
 
 
 __all__ = ["Algorithm", "Payload", "flatten_payload", "payload_to_numpy",
-           "server_round_key", "simulated_site_keys", "site_round_key", "stack_sites",
+           "server_round_key", "simulated_site_keys", "site_round_key", "site_size",
+           "stack_sites",
            "sum_payloads", "unflatten_payload", "unstack_sites"]

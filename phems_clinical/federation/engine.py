@@ -38,16 +38,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from phems_clinical._typing import Key
+from phems_clinical.federation import dp as dpm
 from phems_clinical.federation.core import (
     Algorithm,
     Payload,
     server_round_key,
     simulated_site_keys,
     site_round_key,
+    site_size,
     stack_sites,
     sum_payloads,
     unstack_sites,
 )
+from phems_clinical.federation.gate import SiteGate, admit, release, settle
 from phems_clinical.federation.messages import check_payload
 
 
@@ -66,7 +69,8 @@ class RoundRecord(NamedTuple):
 
 
 class FederatedRun(NamedTuple):
-    """Final server and site states, per-round history and the algorithm's result."""
+    """Final server and site states, per-round history, the algorithm's result and,
+    with patient-level DP, each site's privacy statement (ε, δ, unit)."""
 
     server: Any
     sites: list
@@ -74,6 +78,7 @@ class FederatedRun(NamedTuple):
     result: dict
     rounds: int
     converged: bool
+    privacy: list[dict] | None = None
 
 
 Aggregator = Callable[[Key, dict[int, Payload], Algorithm], Payload]
@@ -179,7 +184,8 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
                   checkpoint_dir: str | Path | None = None,
                   on_round: Callable[[RoundRecord, Any], None] | None = None,
                   on_message: Callable[[int, int, Payload], None] | None = None,
-                  vectorise: bool = True, stop_after: int | None = None
+                  vectorise: bool = True, stop_after: int | None = None,
+                  gates: Sequence[SiteGate | None] | None = None
                   ) -> FederatedRun:
     """Run ``algorithm`` over ``sites`` (one data pytree per hospital) in process.
 
@@ -209,6 +215,18 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
     stop_after : int, optional
         Stop (as if killed) after this many rounds, leaving the checkpoint; for
         tests of resumption.
+    gates : sequence of SiteGate or None, optional
+        Each site's policy, audit log and privacy ledger
+        (:mod:`phems_clinical.federation.gate`): checked before anything is
+        computed, every payload logged, the privacy spent recorded at the end.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        Before the first round, when the planned rounds would take a site past the
+        algorithm's ``dp.epsilon_budget``.
+    PolicyViolation
+        Before the first round, when a site's policy refuses the run.
     """
     n_sites = len(sites)
     min_sites = n_sites if min_sites is None else int(min_sites)
@@ -229,6 +247,11 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
     stacked = vectorise and n_sites > 1 and _same_shapes(sites) and _same_shapes(
         states)
     data_stacked = stack_sites(list(sites)) if stacked else None
+    gates = list(gates) if gates is not None else [None] * n_sites
+    sizes = [site_size(s) for s in sites] if (algorithm.dp is not None
+                                               or any(gates)) else None
+    start = len(history)
+    _admit_all(algorithm, sizes, gates, max_rounds, start)
 
     r = len(history)
     converged = bool(compiled.done(server)) if r else False
@@ -242,7 +265,7 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
             dropped = [(k, why) for k, why in dropped if why]
             out = _try_round(r, compiled, algorithm, server, sites, states,
                              data_stacked, site_keys, key, dropped, aggregator,
-                             min_sites, on_message)
+                             min_sites, on_message, gates)
             if out is not None:
                 break
         else:
@@ -264,12 +287,33 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
         if on_round is not None:
             on_round(record, server)
         converged = bool(compiled.done(server))
+    for k, g in enumerate(gates):
+        if g is not None:
+            settle(g, algorithm, sizes[k], r - start)
+    privacy = None
+    if algorithm.dp is not None:
+        privacy = [{"site": k, "n_patients": n, **dpm.privacy_report(
+            algorithm.dp, n, r * algorithm.dp_steps_per_round)}
+            for k, n in enumerate(sizes)]
     return FederatedRun(server, states, history, algorithm.result(server), r,
-                        converged)
+                        converged, privacy)
+
+
+def _admit_all(algorithm, sizes, gates, max_rounds, start) -> None:
+    """Every site's checks before anything is computed: its DP budget for the
+    planned rounds, then its policy."""
+    planned = max_rounds - start
+    if algorithm.dp is not None:
+        for k, n in enumerate(sizes):
+            dpm.check_budget(algorithm.dp, n,
+                             max_rounds * algorithm.dp_steps_per_round, site=k)
+    for k, g in enumerate(gates):
+        if g is not None:
+            admit(g, algorithm, sizes[k], planned)
 
 
 def _try_round(r, compiled, algorithm, server, sites, states, data_stacked,
-               site_keys, key, dropped, aggregator, min_sites, on_message):
+               site_keys, key, dropped, aggregator, min_sites, on_message, gates):
     """One attempt at round ``r``; ``None`` when too few sites answered."""
     n_sites = len(sites)
     dropped = list(dropped)
@@ -281,7 +325,7 @@ def _try_round(r, compiled, algorithm, server, sites, states, data_stacked,
     if data_stacked is not None:
         participate = jnp.asarray([k not in failed for k in range(n_sites)])
         st = stack_sites(states)
-        if aggregator is None and on_message is None:
+        if aggregator is None and on_message is None and not any(gates):
             server, st, payloads = compiled.whole_round(
                 server, data_stacked, st, keys, participate, skey)
             _check_all(algorithm, payloads, participate)
@@ -314,7 +358,9 @@ def _try_round(r, compiled, algorithm, server, sites, states, data_stacked,
             return None
     alive = [k for k in range(n_sites) if k not in failed]
     for k in alive:
-        check_payload(algorithm, per_site[k])
+        check_payload(algorithm, per_site[k], r)
+        if gates[k] is not None:
+            release(gates[k], per_site[k], r)
         if on_message is not None:
             on_message(r, k, per_site[k])
     payloads = {k: per_site[k] for k in alive}
