@@ -9,6 +9,8 @@ Subcommands::
     phems dose PATIENT.json --out DIR [--method map|nuts]
                                   one patient's PK curve and regimens
     phems serve [--host H --port P]   the clinician web app
+    phems federate --data D.csv --model PRODUCT --algorithm fed_focei|... --out DIR
+                                  a federated popPK fit over the data's hospitals
     phems audit verify|show LOG   check or list a site's audit log of outgoing
                                   messages (federated runs)
 
@@ -137,6 +139,29 @@ def _dose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _federate(args: argparse.Namespace) -> int:
+    from phems_clinical.app.federate import run_federate
+
+    options = json.loads(args.options) if args.options else {}
+    if not isinstance(options, dict):
+        raise ValueError("--options: expected a JSON object, e.g. '{\"rounds\": 20}'")
+    if args.rounds is not None:
+        options["rounds"] = args.rounds
+    res = run_federate(args.data, args.model, args.algorithm, args.out,
+                       seed=args.seed, options=options, secagg=args.secagg,
+                       min_sites=args.min_sites, checkpoint=args.checkpoint,
+                       compare_pooled=args.compare_pooled)
+    head = {k: res[k] for k in ("algorithm", "model", "rounds", "converged",
+                                "seconds")}
+    head["sites"] = {s["name"]: s["n_patients"] for s in res["sites"]}
+    if "pooled" in res:
+        head["max_relative_difference_to_pooled"] = res["pooled"][
+            "max_relative_difference"]
+    print(json.dumps(head, indent=2))
+    print(f"wrote {args.out}/result.json")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from phems_clinical.app.web import serve
 
@@ -201,6 +226,30 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1")
     w.add_argument("--port", type=int, default=8000)
     w.set_defaults(func=_serve)
+
+    g = sub.add_parser("federate", help="federated population-PK fit over the "
+                                        "hospitals of a data set (in process)")
+    g.add_argument("--data", required=True,
+                   help="NONMEM-style CSV with a SITE column (one hospital per value)")
+    g.add_argument("--model", required=True, help="library product or model YAML")
+    g.add_argument("--algorithm", default="fed_focei",
+                   choices=("fed_focei", "fedavg", "fedprox", "fedadam", "fedyogi",
+                            "ep", "consensus_mc"))
+    g.add_argument("--out", required=True, help="output directory (result.json)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--rounds", type=int, default=None, help="maximum rounds")
+    g.add_argument("--options", default=None,
+                   help="algorithm options as JSON, e.g. '{\"local_steps\": 3, "
+                        "\"dp\": {\"clip\": 50, \"noise_multiplier\": 1.0}}'")
+    g.add_argument("--secagg", action="store_true",
+                   help="sum the sites' messages with secure aggregation")
+    g.add_argument("--min-sites", type=int, default=None,
+                   help="fewest sites a round may complete with (default: all)")
+    g.add_argument("--checkpoint", default=None,
+                   help="checkpoint folder: saved every round, resumed if present")
+    g.add_argument("--compare-pooled", action="store_true",
+                   help="also fit all patients pooled and report the difference")
+    g.set_defaults(func=_federate)
 
     from phems_clinical.app.audit import add_audit_parser
 

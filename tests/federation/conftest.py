@@ -17,7 +17,9 @@ from phems_clinical.pk.simulate import default_hospitals, simulate_hospitals
 
 @pytest.fixture(scope="session")
 def advate_sites():
-    """Advate (Björkman 2012) at 3 hospitals with different case-mix, 24 patients:
+    """Advate (Björkman 2012) at 3 hospitals with different case-mix, 24 patients
+    (the same cohort as `phems simulate --n 24 --seed 7`, so compiled code is
+    shared with tests/app/test_federate.py through the persistent cache):
     (model, padded site cohorts, pooled cohort, n_occ)."""
     model = load_product("advate")
     events, _ = simulate_hospitals(jax.random.key(7), model, default_hospitals(24))

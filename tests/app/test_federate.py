@@ -1,0 +1,62 @@
+"""``phems federate``: a federated fit over the hospitals of a CSV, its result.json,
+and clear refusals of bad input."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from phems_clinical.app.cli import main
+
+
+@pytest.fixture(scope="module")
+def hospitals_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fed") / "cohort.csv"
+    assert main(["simulate", "--model", "advate", "--n", "24", "--design",
+                 "hospitals", "--seed", "7", "--out", str(path)]) == 0
+    return path
+
+
+def test_federate_writes_result_with_secagg(hospitals_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["federate", "--data", str(hospitals_csv), "--model", "advate",
+               "--out", str(out), "--rounds", "3", "--secagg"])
+    assert rc == 0
+    res = json.loads((out / "result.json").read_text())
+    assert res["algorithm"] == "fed_focei" and res["rounds"] == 3
+    assert [s["n_patients"] for s in res["sites"]] == [8, 8, 8]
+    assert res["messages"]["fields"] == ["grad", "ofv"]
+    assert res["secure_aggregation"]["threshold"] == 2
+    assert res["secure_aggregation"]["max_error_bound"] < 1e-7
+    assert len(res["history"]) == 3 and res["history"][0]["participants"] == [0, 1, 2]
+    assert "THETA(CL)" in res["estimates"]
+    assert "round 3: sites 3/3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--algorithm", "fedsgd"], "invalid choice: 'fedsgd'"),
+    (["--options", "[1]"], "--options: expected a JSON object"),
+    (["--algorithm", "fedadam", "--options", '{"lr": 1}'],
+     "options for fedadam: unknown lr"),
+    (["--min-sites", "4"], "min_sites: expected 1..3"),
+])
+def test_bad_options_exit_2_naming_the_option(hospitals_csv, tmp_path, capsys, args,
+                                              message):
+    argv = ["federate", "--data", str(hospitals_csv), "--model", "advate",
+            "--out", str(tmp_path / "x"), "--rounds", "1", *args]
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:  # argparse refuses unknown choices itself
+        rc = exit_.code
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x" / "result.json").exists()
+
+
+def test_missing_site_column_is_named(hospitals_csv, tmp_path, capsys):
+    bad = tmp_path / "nosite.csv"
+    pd.read_csv(hospitals_csv).drop(columns=["SITE"]).to_csv(bad, index=False)
+    rc = main(["federate", "--data", str(bad), "--model", "advate", "--out",
+               str(tmp_path / "y")])
+    assert rc == 2
+    assert "column 'SITE': expected a site identifier column" in capsys.readouterr().err
