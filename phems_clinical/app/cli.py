@@ -150,7 +150,9 @@ def _federate(args: argparse.Namespace) -> int:
     res = run_federate(args.data, args.model, args.algorithm, args.out,
                        seed=args.seed, options=options, secagg=args.secagg,
                        min_sites=args.min_sites, checkpoint=args.checkpoint,
-                       compare_pooled=args.compare_pooled)
+                       compare_pooled=args.compare_pooled,
+                       policy_dir=args.site_policy_dir, requester=args.requester,
+                       experiment=args.experiment)
     head = {k: res[k] for k in ("algorithm", "model", "rounds", "converged",
                                 "seconds")}
     head["sites"] = {s["name"]: s["n_patients"] for s in res["sites"]}
@@ -249,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint folder: saved every round, resumed if present")
     g.add_argument("--compare-pooled", action="store_true",
                    help="also fit all patients pooled and report the difference")
+    g.add_argument("--site-policy-dir", default=None,
+                   help="folder with each site's policy <SITE>.yaml; audit logs and "
+                        "privacy ledgers are written next to them")
+    g.add_argument("--requester", default="", help="data user id (site policies)")
+    g.add_argument("--experiment", default="", help="experiment name (site policies)")
     g.set_defaults(func=_federate)
 
     from phems_clinical.app.audit import add_audit_parser
@@ -284,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
             FileNotFoundError) as err:
         print(f"phems {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # e.g. a federated round aborted below threshold
+        print(f"phems {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -377,7 +377,7 @@ def _result(req: DosingRequest, model: PopModel, source: dict, method: str,
                "blq": lv.blq, "lloq_IU_dL": _num(lv.lloq_IU_dL),
                "predicted": _est(rec.level_pred[:, j])}
               for j, lv in enumerate(req.levels)]
-    q = dict(zip(("p05", "p25", "p50", "p75", "p95"), rec.curve))
+    q = dict(zip(("p05", "p25", "p50", "p75", "p95"), rec.curve, strict=True))
     return {
         "schema_version": SCHEMA_VERSION,
         "patient_id": req.patient_id,

@@ -20,6 +20,8 @@ import pandas as pd
 
 from phems_clinical.app.fit import resolve_model
 from phems_clinical.federation.engine import RoundRecord, run_federated
+from phems_clinical.federation.gate import SiteGate
+from phems_clinical.federation.governance import load_policy
 from phems_clinical.federation.pk_sites import (
     cohorts_by_site,
     n_occasions_all,
@@ -34,6 +36,21 @@ from phems_clinical.provenance import code_state, versions
 SECAGG_DEFAULT = {"clip": 1e6, "bits": 48}
 """Payload range and quantisation of ``--secagg``: FOCEI objectives and gradients
 stay far inside +-1e6; the per-coordinate error is below K * 7e-9."""
+
+
+def site_gates(policy_dir: Path, sites: list[str], requester: str,
+               experiment: str) -> list[SiteGate]:
+    """Each site's gate from ``policy_dir/<site>.yaml`` (all sites must have one)."""
+    if not requester or not experiment:
+        raise ValueError("--requester and --experiment: required with "
+                         "--site-policy-dir (site policies name who may run what)")
+    missing = [s for s in sites if not (policy_dir / f"{s}.yaml").exists()]
+    if missing:
+        raise ValueError(f"--site-policy-dir: no policy for site(s) "
+                         f"{', '.join(missing)} (expected {policy_dir}/<site>.yaml)")
+    return [SiteGate(load_policy(policy_dir / f"{s}.yaml"),
+                     policy_dir / f"{s}.audit.jsonl", policy_dir / f"{s}.ledger.json",
+                     requester, experiment) for s in sites]
 
 
 def _history(records: list[RoundRecord]) -> list[dict]:
@@ -65,11 +82,21 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
                  *, seed: int = 0, options: dict[str, Any] | None = None,
                  secagg: bool = False, min_sites: int | None = None,
                  checkpoint: str | Path | None = None,
-                 compare_pooled: bool = False, progress: bool = True) -> dict:
-    """Run a federated fit and write ``out/result.json``; returns its content."""
+                 compare_pooled: bool = False, progress: bool = True,
+                 policy_dir: str | Path | None = None, requester: str = "",
+                 experiment: str = "") -> dict:
+    """Run a federated fit and write ``out/result.json``; returns its content.
+
+    With ``policy_dir``, every site must have ``<policy_dir>/<site>.yaml``
+    (``data_schemas/site_policy.schema.json``); the run is checked against each
+    before anything is computed, each site's outgoing messages are appended to
+    ``<site>.audit.jsonl`` and its ε spent to ``<site>.ledger.json`` there.
+    """
     model = resolve_model(model_ref)
     events = pd.read_csv(data)
     names, cohorts = cohorts_by_site(events, model)
+    gates = None if policy_dir is None else site_gates(Path(policy_dir), names,
+                                                       requester, experiment)
     n_occ = n_occasions_all(cohorts)
     sites = pad_sites(cohorts)
     alg = build_algorithm(algorithm, model, n_sites=len(sites), n_occ=n_occ,
@@ -93,7 +120,7 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
     t0 = time.perf_counter()
     run = run_federated(jax.random.key(seed), alg, sites, aggregator=aggregator,
                         min_sites=min_sites, checkpoint_dir=checkpoint,
-                        on_round=on_round,
+                        on_round=on_round, gates=gates,
                         on_message=lambda r, k, p: fields.update(p))
     seconds = time.perf_counter() - t0
     result = {
@@ -110,6 +137,9 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
             "bytes_per_site_per_round": int(np.mean(
                 [b for r in log for b in r.bytes_per_site.values()]))},
         "privacy": run.privacy,
+        "site_governance": None if gates is None else [
+            {"site": n, "audit_log": str(g.audit_log), "ledger": str(g.ledger)}
+            for n, g in zip(names, gates, strict=True)],
         "history": _history(run.history),
         "versions": versions(), "code": code_state("phems_clinical/federation"),
     }

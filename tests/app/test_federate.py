@@ -60,3 +60,30 @@ def test_missing_site_column_is_named(hospitals_csv, tmp_path, capsys):
                str(tmp_path / "y")])
     assert rc == 2
     assert "column 'SITE': expected a site identifier column" in capsys.readouterr().err
+
+
+def _write_policy(path, site, min_cohort):
+    path.write_text(
+        f"site: {site}\nmin_cohort_size: {min_cohort}\n"
+        "allowed_fields: [ofv, grad]\nmax_rounds: 10\n"
+        "data_users:\n  - id: pk-consortium\n    epsilon_budget: 1.0\n"
+        "    require_dp: false\n    experiments: ['haemophilia_*']\n")
+
+
+def test_site_policies_refuse_or_log_every_message(hospitals_csv, tmp_path, capsys):
+    pol = tmp_path / "policies"
+    pol.mkdir()
+    sites = ["paediatric", "adolescent", "adult"]
+    for s in sites:
+        _write_policy(pol / f"{s}.yaml", s, 10 if s == "adult" else 5)
+    base = ["federate", "--data", str(hospitals_csv), "--model", "advate",
+            "--rounds", "2", "--site-policy-dir", str(pol), "--requester",
+            "pk-consortium", "--experiment", "haemophilia_fviii"]
+    assert main([*base, "--out", str(tmp_path / "no")]) == 2
+    assert "min_cohort_size" in capsys.readouterr().err
+    assert not list(pol.glob("*.audit.jsonl"))
+    _write_policy(pol / "adult.yaml", "adult", 5)
+    assert main([*base, "--out", str(tmp_path / "yes")]) == 0
+    for s in sites:
+        assert main(["audit", "verify", str(pol / f"{s}.audit.jsonl")]) == 0
+        assert "OK: 2 entries" in capsys.readouterr().out
