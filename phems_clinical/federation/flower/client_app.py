@@ -1,0 +1,170 @@
+"""The Flower ClientApp: one hospital's side of a federated round.
+
+A SuperNode is started with its own ``--node-config`` (``site-dir``,
+``site-index``); every message it receives runs here, in a fresh ``flwr-clientapp``
+process:
+
+* ``query``: read the site's event table and report its sizes (counts only);
+* ``train``: load the site's cohort padded to the broadcast shapes, load its
+  node-local state, run ``algorithm.local_update`` with the site's key
+  ``site_round_key(simulated_site_keys(key(seed), K)[site_index], round)``, check
+  the payload against ``federation_message.schema.json``, store the new state on
+  the node and reply with the payload only (an ``ArrayRecord`` of float64 arrays).
+
+The algorithm's per-site metrics stay on the node (appended to ``metrics.jsonl`` in
+the state folder).
+"""
+
+from __future__ import annotations
+
+import time
+
+_T_IMPORT = time.time()
+
+from phems_clinical.federation.flower.config import configure_jax  # noqa: E402
+
+configure_jax()
+
+import json  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from phems_clinical.federation.core import (  # noqa: E402
+    payload_to_numpy,
+    simulated_site_keys,
+    site_round_key,
+)
+from phems_clinical.federation.flower.compiled import call_cached  # noqa: E402
+from phems_clinical.federation.flower.config import (  # noqa: E402
+    RunSettings,
+    SiteConfig,
+    algorithm_tag,
+    build_algorithm,
+    product_model,
+    read_site_cohort,
+    run_settings,
+    site_config,
+    site_shape,
+)
+from phems_clinical.federation.flower.records import (  # noqa: E402
+    arrays_to_record,
+    record_to_arrays,
+)
+from phems_clinical.federation.flower.site_state import (  # noqa: E402
+    load_site_state,
+    prune_site_states,
+    save_site_state,
+)
+from phems_clinical.federation.messages import check_payload  # noqa: E402
+from phems_clinical.federation.pk_sites import pad_cohort  # noqa: E402
+
+
+def _process_start() -> float:
+    """When this process started (Unix time; Linux, else the import time)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in
+                    Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _T_IMPORT
+
+
+def _checked_site(node_config: Mapping[str, Any], num_sites: int) -> SiteConfig:
+    site = site_config(node_config)
+    if site.num_sites is not None and site.num_sites != num_sites:
+        raise ValueError(f"node config num-sites={site.num_sites}, but the run has "
+                         f"{num_sites} sites")
+    if not 0 <= site.site_index < num_sites:
+        raise ValueError(f"node config site-index={site.site_index}: expected "
+                         f"0..{num_sites - 1}")
+    return site
+
+
+def site_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
+               ) -> RecordDict:
+    """The reply to the query round: site index and cohort sizes."""
+    settings = run_settings(run_config)
+    site = _checked_site(node_config, settings.num_sites)
+    cohort = read_site_cohort(site, product_model(settings))
+    return RecordDict({"site": ConfigRecord({"site-index": site.site_index,
+                                             **site_shape(cohort)})})
+
+
+def state_folder(site: SiteConfig, settings: RunSettings, run_id: int) -> Path:
+    """The node-local folder of this job's site state."""
+    return Path(site.state_dir) / (settings.job or f"run-{run_id}")
+
+
+def site_update(content: RecordDict, node_config: Mapping[str, Any],
+                run_config: Mapping[str, Any], run_id: int) -> RecordDict:
+    """One site's round: the reply content for a ``train`` message."""
+    t_start = time.time()
+    config = content["config"]
+    r, k = int(config["round"]), int(config["site-index"])
+    n_sites = int(config["num-sites"])
+    settings = run_settings(run_config)
+    site = _checked_site(node_config, n_sites)
+    if site.site_index != k:
+        raise ValueError(f"message for site {k} delivered to site {site.site_index}")
+    if r in site.fail_rounds:
+        raise RuntimeError(f"injected failure of site {k} in round {r}")
+    algorithm = build_algorithm(settings, n_occ=int(config["n-occ"]))
+    cohort = read_site_cohort(site, product_model(settings))
+    data = pad_cohort(cohort, int(config["n-sub"]), int(config["n-dose"]),
+                      int(config["n-obs"]))
+    folder = state_folder(site, settings, run_id)
+    state_from = int(config["state-from"])
+    state = load_site_state(folder, state_from, algorithm.init_site(data))
+    message = {name: jnp.asarray(v) for name, v in
+               record_to_arrays(content["broadcast"]).items()}
+    t_loaded = time.time()
+    key = site_round_key(
+        simulated_site_keys(jax.random.key(settings.seed), n_sites)[k], r)
+    tag, files = algorithm_tag(settings, int(config["n-occ"]))
+    compiled: dict = {}
+    payload, new_state, metrics = call_cached(
+        algorithm.local_update, (message, data, state, key), tag=tag,
+        extra_files=files, info=compiled)
+    check_payload(algorithm, payload, r)
+    t_done = time.time()
+    save_site_state(folder, r + 1, new_state)
+    prune_site_states(folder, state_from)
+    with (folder / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps({
+            "round": r, **{n: np.asarray(v).tolist() for n, v in metrics.items()},
+            "compiled": compiled,
+            "seconds": {"process_to_import": _T_IMPORT - _process_start(),
+                        "import": t_start - _T_IMPORT, "load": t_loaded - t_start,
+                        "update": t_done - t_loaded}}) + "\n")
+    return RecordDict({"payload": arrays_to_record(payload_to_numpy(payload)),
+                       "site": ConfigRecord({"site-index": k, "round": r})})
+
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Reply with the site's index and cohort sizes."""
+    return Message(site_query(context.node_config, context.run_config), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Run the site's ``local_update`` for the broadcast round."""
+    content = site_update(msg.content, context.node_config, context.run_config,
+                          context.run_id)
+    return Message(content, reply_to=msg)
+
+
+__all__ = ["app", "site_query", "site_update", "state_folder"]

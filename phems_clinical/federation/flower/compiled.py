@@ -1,0 +1,140 @@
+"""A site's ``local_update`` without re-tracing it in every Flower app process.
+
+Flower runs every message in a new ``flwr-clientapp`` process. JAX's persistent
+compilation cache spares the XLA compilation there, but not the tracing, which for
+a FOCEI site update takes several seconds per round. So the first process that
+meets a given (algorithm, shapes, source code, JAX version) exports the traced
+program (``jax.export``) into the node's cache folder and later processes load it
+and call it: the same StableHLO, compiled once (persistent cache), giving results
+bit for bit equal to ``jax.jit(algorithm.local_update)``.
+
+The export is stored with ``pickle`` (``Exported.serialize`` needs the optional
+``flatbuffers`` package), so the cache folder must be as trusted as JAX's own
+compilation cache, which also holds executables: it is the node's own
+``$PHEMS_CACHE_DIR``. Any problem with the cache falls back to ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jax
+import jaxlib
+
+import phems_clinical
+
+
+@cache
+def source_digest(extra_files: tuple[str, ...] = ()) -> str:
+    """SHA-256 of the package's Python sources and ``extra_files`` (e.g. the
+    product's model file): an export is reused only for unchanged code."""
+    h = hashlib.sha256()
+    root = Path(phems_clinical.__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    for name in extra_files:
+        h.update(Path(name).read_bytes())
+    return h.hexdigest()
+
+
+def _signature(leaves: Sequence[Any]) -> str:
+    return ";".join(f"{getattr(x, 'shape', ())}:{getattr(x, 'dtype', type(x))}"
+                    for x in leaves)
+
+
+def cache_folder() -> Path | None:
+    """Where exports live (``$PHEMS_CACHE_DIR/flower_exports``); ``None`` when the
+    cache is off or ``PHEMS_CACHE_DIR`` is unset."""
+    where = os.environ.get("PHEMS_CACHE_DIR", "")
+    if not where or where.lower() == "off":
+        return None
+    return Path(where) / "flower_exports"
+
+
+def call_cached(fn: Callable, args: tuple, *, tag: str,
+                extra_files: Sequence[str | Path] = (),
+                folder: Path | None = None, info: dict | None = None) -> Any:
+    """``jax.jit(fn)(*args)``, tracing ``fn`` only when no export of it exists.
+
+    Parameters
+    ----------
+    fn : callable
+        A jittable function of ``args`` (e.g. ``algorithm.local_update``).
+    tag : str
+        What ``fn`` is, beyond the shapes of ``args`` (e.g. algorithm, product and
+        ``n_occ``); it is part of the cache key, with the shapes and dtypes of the
+        arguments, the package source digest and the JAX version.
+    extra_files : paths
+        Further files ``fn`` depends on (hashed into the key).
+    folder : path, optional
+        Cache folder (default :func:`cache_folder`); ``None`` and no default means
+        plain ``jax.jit``.
+    info : dict, optional
+        Filled with ``key`` (the export's cache key) and ``cache`` (``"hit"``,
+        ``"exported"`` or ``"jit"``), for the site's log.
+    """
+    info = {} if info is None else info
+    folder = folder if folder is not None else cache_folder()
+    leaves, tree = jax.tree.flatten(args)
+    if folder is None:
+        info["cache"] = "jit"
+        return jax.jit(fn)(*args)
+    parts = [tag, _signature(leaves), str(tree), jax.__version__, jaxlib.__version__,
+             jax.default_backend(), str(jax.config.jax_enable_x64),
+             source_digest(tuple(str(f) for f in extra_files))]
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()
+    path = folder / f"{key[:32]}.pkl"
+    info.update(key=key[:32], cache="hit")
+    exported = _load(path)
+    if exported is None:
+        info["cache"] = "exported"
+        exported = _export(fn, tree, leaves, path)
+        if exported is None:
+            info["cache"] = "jit"
+            return jax.jit(fn)(*args)
+    out_tree, program = exported
+    return jax.tree.unflatten(out_tree, program.call(*leaves))
+
+
+def _load(path: Path):
+    try:
+        with path.open("rb") as fh:
+            return pickle.load(fh)
+    except Exception:  # missing, truncated or from another JAX: export again
+        return None
+
+
+def _export(fn: Callable, tree, leaves, path: Path):
+    out_tree = []
+
+    def flat(*xs):
+        out, structure = jax.tree.flatten(fn(*jax.tree.unflatten(tree, xs)))
+        out_tree.append(structure)
+        return out
+
+    try:
+        program = jax.export.export(jax.jit(flat))(*leaves)
+        # The VJP hook is a local closure (not picklable) and unused here.
+        program = dataclasses.replace(program, _get_vjp=None)
+        blob = pickle.dumps((out_tree[0], program))
+    except Exception:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(path)
+    except OSError:
+        pass
+    return out_tree[0], program
+
+
+__all__ = ["cache_folder", "call_cached", "source_digest"]

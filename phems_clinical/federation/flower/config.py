@@ -1,0 +1,285 @@
+"""What the Flower apps read from their configuration: run settings, the algorithm,
+and a site's own data directory.
+
+Nothing here imports Flower, so the launcher and the tests can use it without a
+running federation.
+
+* The **run config** (``[tool.flwr.app.config]`` of the app's ``pyproject.toml``,
+  overridden with ``flwr run --run-config``) is the same for the server and every
+  site: seed, algorithm, product, rounds, thresholds, output paths.
+* The **node config** (``flower-supernode --node-config``) is one hospital's own:
+  its data directory and its index among the simulated sites. A SuperNode reads
+  nothing but that directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from phems_clinical.data.cohort import Cohort
+from phems_clinical.federation.core import Algorithm
+
+# Names only (the registry module itself is imported when an algorithm is built).
+REGISTERED = ("fed_focei", "fedavg", "fedprox", "fedadam", "fedyogi", "ep",
+              "consensus_mc")
+
+DATA_FILE = "cohort.csv"
+"""Default name of a site's NONMEM-style event table inside its directory."""
+
+STATE_DIR = "flower_state"
+"""Default folder (inside the site directory) of the node-local site state."""
+
+
+class RunSettings(NamedTuple):
+    """The run config of a federated Flower run (keys as in ``pyproject.toml``).
+
+    Attributes
+    ----------
+    seed : int
+        The run seed: the server's key is ``jax.random.key(seed)`` and simulated
+        site ``k``'s is ``core.simulated_site_keys(key, num_sites)[k]``, exactly as
+        in :func:`phems_clinical.federation.engine.run_federated`.
+    algorithm : str
+        Name in :data:`ALGORITHMS` (those of
+        :mod:`phems_clinical.federation.registry`: ``"fed_focei"``, ``"fedadam"``,
+        ``"ep"``, ...).
+    product : str
+        Library model (``phems_clinical.pk.library``), e.g. ``"advate"``.
+    n_occ : int
+        Occasions the model allows for; 0 takes the largest over the sites (asked
+        in the opening query round).
+    num_sites : int
+        K, the number of SuperNodes the server waits for.
+    min_sites : int
+        Fewest sites a round may complete with; 0 means all K.
+    rounds : int
+        Most rounds; 0 means the algorithm's own ``max_rounds``.
+    round_timeout : float
+        Seconds the server waits for a round's replies.
+    connect_timeout : float
+        Seconds the server waits for K SuperNodes to connect.
+    retries : int
+        Extra attempts of a round that gathered fewer than ``min_sites`` replies.
+    out : str
+        Path of the result JSON (written by the ServerApp).
+    checkpoint_dir : str
+        Server checkpoint folder ('' for none); a run resumes from it.
+    job : str
+        Name of the job under which sites keep their state ('' = per Flower run);
+        a resumed run must use the same name.
+    options : str
+        The algorithm's options as a JSON object ('' = its defaults), as for
+        ``phems federate --options``.
+    """
+
+    seed: int = 0
+    algorithm: str = "fed_focei"
+    product: str = "advate"
+    n_occ: int = 0
+    num_sites: int = 3
+    min_sites: int = 0
+    rounds: int = 3
+    round_timeout: float = 300.0
+    connect_timeout: float = 120.0
+    retries: int = 2
+    out: str = ""
+    checkpoint_dir: str = ""
+    job: str = ""
+    options: str = ""
+
+
+def run_settings(run_config: Mapping[str, Any]) -> RunSettings:
+    """Read :class:`RunSettings` from a Flower run config (``kebab-case`` keys).
+
+    Unknown keys are an error (a typo must not silently fall back to a default).
+    """
+    fields = {name.replace("_", "-"): name for name in RunSettings._fields}
+    unknown = sorted(set(run_config) - set(fields))
+    if unknown:
+        raise ValueError(f"run config: unknown keys {unknown}; expected some of "
+                         f"{sorted(fields)}")
+    defaults = RunSettings()
+    values = {}
+    for key, name in fields.items():
+        if key in run_config:
+            kind = type(getattr(defaults, name))
+            values[name] = kind(run_config[key])
+    settings = RunSettings(**values)
+    if settings.num_sites < 1:
+        raise ValueError(f"run config num-sites: expected >= 1, got "
+                         f"{settings.num_sites}")
+    if not 0 <= settings.min_sites <= settings.num_sites:
+        raise ValueError(f"run config min-sites: expected 0..{settings.num_sites}, "
+                         f"got {settings.min_sites}")
+    return settings
+
+
+def to_run_config(settings: RunSettings) -> dict[str, Any]:
+    """The inverse of :func:`run_settings` (``kebab-case`` keys)."""
+    return {k.replace("_", "-"): v for k, v in settings._asdict().items()}
+
+
+def _from_registry(name: str) -> Callable[[RunSettings, int], Algorithm]:
+    def build(settings: RunSettings, n_occ: int) -> Algorithm:
+        from phems_clinical.federation.registry import build_algorithm
+        from phems_clinical.pk.library import load_product
+
+        options = json.loads(settings.options) if settings.options else {}
+        if not isinstance(options, dict):
+            raise ValueError("run config options: expected a JSON object")
+        return build_algorithm(name, load_product(settings.product),
+                               n_sites=settings.num_sites, n_occ=n_occ,
+                               options=options)
+
+    return build
+
+
+ALGORITHMS: dict[str, Callable[[RunSettings, int], Algorithm]] = {
+    name: _from_registry(name) for name in REGISTERED}
+"""Algorithm builders by name: ``(settings, n_occ) -> Algorithm``, the same
+registry as ``phems federate``; the server and every site call the same builder."""
+
+
+def build_algorithm(settings: RunSettings, *, n_occ: int) -> Algorithm:
+    """The :class:`~phems_clinical.federation.core.Algorithm` a run config names.
+
+    Parameters
+    ----------
+    settings : RunSettings
+        The run's settings (:func:`run_settings`).
+    n_occ : int
+        Occasions the population model allows for (agreed in the query round).
+    """
+    try:
+        builder = ALGORITHMS[settings.algorithm]
+    except KeyError:
+        raise ValueError(f"run config algorithm: {settings.algorithm!r} is not one "
+                         f"of {sorted(ALGORITHMS)}") from None
+    return builder(settings, int(n_occ))
+
+
+def algorithm_tag(settings: RunSettings, n_occ: int) -> tuple[str, list[Path]]:
+    """What determines the traced ``local_update`` besides its argument shapes: a
+    text of the settings the builder reads, and the model files it loads (keys of
+    the export cache, :mod:`~phems_clinical.federation.flower.compiled`)."""
+    from phems_clinical.resources import configs_dir
+
+    tag = (f"{settings.algorithm}|product={settings.product}|n_occ={int(n_occ)}|"
+           f"seed={settings.seed}|num_sites={settings.num_sites}|"
+           f"options={settings.options}")
+    return tag, sorted((configs_dir() / "model").glob("*.yaml"))
+
+
+def product_model(settings: RunSettings):
+    """The library population model of the run (``settings.product``)."""
+    from phems_clinical.pk.library import load_product
+
+    return load_product(settings.product)
+
+
+class SiteConfig(NamedTuple):
+    """A SuperNode's own configuration (its ``--node-config``).
+
+    Attributes
+    ----------
+    site_dir : Path
+        The hospital's data directory; the node reads nothing else.
+    site_index : int
+        The site's position among the simulated sites (its key and its place in
+        the server's sum).
+    num_sites : int or None
+        K as the node was told (checked against the run's, when given).
+    data_file : str
+        Event table inside ``site_dir``.
+    state_dir : Path
+        Where the node keeps its state between rounds (node-local).
+    fail_rounds : frozenset of int
+        Fault injection for tests: rounds in which this site raises.
+    """
+
+    site_dir: Path
+    site_index: int
+    num_sites: int | None = None
+    data_file: str = DATA_FILE
+    state_dir: Path | None = None
+    fail_rounds: frozenset[int] = frozenset()
+
+
+def site_config(node_config: Mapping[str, Any]) -> SiteConfig:
+    """Read :class:`SiteConfig` from a SuperNode's node config.
+
+    Keys: ``site-dir`` (required), ``site-index`` (required), ``num-sites``,
+    ``data-file``, ``state-dir`` and ``fail-rounds`` (comma-separated rounds, for
+    fault-injection tests).
+    """
+    missing = [k for k in ("site-dir", "site-index") if k not in node_config]
+    if missing:
+        raise ValueError(f"node config: missing {missing}; start the SuperNode with "
+                         "--node-config \"site-dir='/path/to/site' site-index=0\"")
+    site_dir = Path(str(node_config["site-dir"])).expanduser().resolve()
+    state = node_config.get("state-dir")
+    fails = str(node_config.get("fail-rounds", "")).strip()
+    return SiteConfig(
+        site_dir=site_dir,
+        site_index=int(node_config["site-index"]),
+        num_sites=(int(node_config["num-sites"]) if "num-sites" in node_config
+                   else None),
+        data_file=str(node_config.get("data-file", DATA_FILE)),
+        state_dir=(Path(str(state)).expanduser().resolve() if state
+                   else site_dir / STATE_DIR),
+        fail_rounds=frozenset(int(r) for r in fails.split(",") if r.strip()),
+    )
+
+
+def read_site_cohort(site: SiteConfig, model) -> Cohort:
+    """The site's cohort from its event table (checked by
+    :func:`phems_clinical.data.nonmem.read_nonmem`)."""
+    from phems_clinical.data.nonmem import read_nonmem, to_cohort
+
+    path = site.site_dir / site.data_file
+    if not path.is_file():
+        raise FileNotFoundError(f"site {site.site_index}: no event table {path}")
+    data = read_nonmem(path, required_covariates=model.covariate_names)
+    return to_cohort(data, model.covariate_names)[0]
+
+
+def site_shape(cohort: Cohort) -> dict[str, int]:
+    """The sizes a site reports in the query round (counts, no patient values):
+    subjects, doses and samples per subject, occasions."""
+    from phems_clinical.pk.model import n_occasions
+
+    return {"n-sub": int(cohort.n_subjects), "n-dose": int(cohort.dose_time.shape[-1]),
+            "n-obs": int(cohort.obs_time.shape[-1]), "n-occ": int(n_occasions(cohort))}
+
+
+def configure_jax() -> None:
+    """float64 and the persistent compilation cache for the app processes.
+
+    Flower starts a new ``flwr-clientapp`` process for every message, so without
+    the cache every round would compile the site's update again. The cache is
+    ``$PHEMS_CACHE_DIR`` (as for the command line; ``off`` disables it) or, failing
+    that, ``~/.cache/phems_clinical/jax``.
+    """
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    where = os.environ.get("PHEMS_CACHE_DIR", "")
+    if where.lower() == "off":
+        return
+    path = Path(where) if where else Path.home() / ".cache" / "phems_clinical" / "jax"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+__all__ = ["ALGORITHMS", "DATA_FILE", "RunSettings", "STATE_DIR", "SiteConfig",
+           "algorithm_tag", "build_algorithm", "configure_jax", "product_model",
+           "read_site_cohort", "run_settings", "site_config", "site_shape",
+           "to_run_config"]

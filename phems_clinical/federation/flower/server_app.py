@@ -1,0 +1,345 @@
+"""The Flower ServerApp: the federated engine's server loop over a Flower ``Grid``.
+
+One run:
+
+1. wait until ``num-sites`` SuperNodes are connected (Flower's ServerApp would
+   otherwise wait for ever; ``connect-timeout`` bounds it);
+2. a **query round** asks every node for its site index and its cohort's sizes
+   (subjects, doses, samples, occasions: counts only) -- the server maps node ids
+   to site indices and broadcasts the padded shapes every site must use, so that
+   every site computes exactly what it computes in the in-process engine;
+3. per round ``r``: broadcast ``algorithm.broadcast(server)`` (an ``ArrayRecord``)
+   with a ``ConfigRecord`` (round, shapes, which stored state to start from), wait
+   at most ``round-timeout`` s, drop sites that failed, timed out or sent a payload
+   the message schema rejects -- provided ``min-sites`` remain, otherwise retry the
+   round ``retries`` times and then abort -- add the payloads **in site-index
+   order** and ``aggregate`` with ``core.server_round_key(key, r)``; checkpoint;
+   stop when ``algorithm.done`` or after ``rounds`` rounds;
+4. write the result JSON (estimates, rounds, drops per round, seconds per round).
+
+The sites' states never come here: they stay in each node's state folder
+(:mod:`~phems_clinical.federation.flower.site_state`).
+"""
+
+from __future__ import annotations
+
+from phems_clinical.federation.flower.config import configure_jax
+
+configure_jax()
+
+import json  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from phems_clinical.federation.core import Algorithm, server_round_key  # noqa: E402
+from phems_clinical.federation.engine import (  # noqa: E402
+    FederationAborted,
+    RoundRecord,
+    load_checkpoint,
+    save_checkpoint,
+)
+from phems_clinical.federation.flower.config import (  # noqa: E402
+    RunSettings,
+    build_algorithm,
+    run_settings,
+)
+from phems_clinical.federation.flower.records import (  # noqa: E402
+    arrays_to_record,
+    record_to_arrays,
+)
+from phems_clinical.federation.messages import MessageRejected, check_payload  # noqa: E402
+
+POLL_SECONDS = 0.2
+"""How often the server asks the SuperLink for replies (Flower's own
+``send_and_receive`` sleeps 3 s between pulls)."""
+
+
+def exchange(grid: Grid, messages: Mapping[int, Message], timeout: float, *,
+             poll: float = POLL_SECONDS) -> tuple[dict[int, Message], dict[int, str]]:
+    """Send one message per node and collect the replies for at most ``timeout`` s.
+
+    Returns
+    -------
+    replies : dict node id -> reply message (possibly an error reply)
+    missing : dict node id -> why no reply came (push failed, timeout)
+    """
+    nodes = list(messages)
+    ids = list(grid.push_messages([messages[n] for n in nodes]))
+    pending, missing = {}, {}
+    for node, mid in zip(nodes, ids, strict=True):
+        if mid is None:
+            missing[node] = "failed: the SuperLink did not accept the message"
+        else:
+            pending[mid] = node
+    replies: dict[int, Message] = {}
+    deadline = time.monotonic() + timeout
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is not None:
+                replies[node] = reply
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+    for node in pending.values():
+        missing[node] = f"timeout: no reply within {timeout:g} s"
+    return replies, missing
+
+
+def _error_text(reply: Message) -> str:
+    return f"failed: {reply.error.reason}".strip()
+
+
+def wait_for_nodes(grid: Grid, settings: RunSettings) -> list[int]:
+    """Node ids once ``num_sites`` SuperNodes are connected (at most
+    ``connect_timeout`` s; then whoever is there)."""
+    deadline = time.monotonic() + settings.connect_timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= settings.num_sites or time.monotonic() >= deadline:
+            return nodes
+        time.sleep(POLL_SECONDS)
+
+
+def query_sites(grid: Grid, nodes: list[int], settings: RunSettings
+                ) -> tuple[dict[int, int], dict[int, dict[str, int]], dict[int, str]]:
+    """The query round: ``site index -> node id``, each site's sizes, and why the
+    nodes that did not answer are out."""
+    msgs = {n: Message(RecordDict({"config": ConfigRecord(
+        {"num-sites": settings.num_sites})}), dst_node_id=n,
+        message_type=MessageType.QUERY, ttl=settings.round_timeout + 30.0)
+        for n in nodes}
+    replies, missing = exchange(grid, msgs, settings.round_timeout)
+    node_of: dict[int, int] = {}
+    shapes: dict[int, dict[str, int]] = {}
+    problems = {f"node {n}": why for n, why in missing.items()}
+    for node, reply in sorted(replies.items()):
+        if reply.has_error():
+            problems[f"node {node}"] = _error_text(reply)
+            continue
+        info = dict(reply.content["site"])
+        k = int(info.pop("site-index"))
+        if not 0 <= k < settings.num_sites:
+            problems[f"node {node}"] = (f"site index {k} outside 0..."
+                                        f"{settings.num_sites - 1}")
+        elif k in node_of:
+            raise ValueError(f"site index {k} claimed by nodes {node_of[k]} and "
+                             f"{node}: check the SuperNodes' --node-config")
+        else:
+            node_of[k] = node
+            shapes[k] = {name: int(v) for name, v in info.items()}
+    return node_of, shapes, problems
+
+
+def _round_messages(broadcast: RecordDict, r: int, node_of: Mapping[int, int],
+                    last_ok: Mapping[int, int], common: Mapping[str, Any],
+                    settings: RunSettings) -> dict[int, Message]:
+    out = {}
+    for k, node in node_of.items():
+        config = ConfigRecord({**common, "round": r, "site-index": k,
+                               "state-from": last_ok[k] + 1})
+        out[node] = Message(RecordDict({"broadcast": broadcast, "config": config}),
+                            dst_node_id=node, message_type=MessageType.TRAIN,
+                            group_id=str(r), ttl=settings.round_timeout + 30.0)
+    return out
+
+
+def _accept(algorithm: Algorithm, reply: Message, k: int, r: int
+            ) -> dict[str, np.ndarray]:
+    """The payload of a site's reply, checked (raises MessageRejected)."""
+    site = reply.content["site"]
+    if int(site["site-index"]) != k or int(site["round"]) != r:
+        raise MessageRejected(f"reply for site {site['site-index']} round "
+                              f"{site['round']}, expected site {k} round {r}")
+    payload = record_to_arrays(reply.content["payload"], algorithm.message_spec)
+    check_payload(algorithm, payload, r)
+    return payload
+
+
+def run_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
+              node_of: Mapping[int, int], last_ok: Mapping[int, int],
+              common: Mapping[str, Any], settings: RunSettings
+              ) -> tuple[dict[int, dict[str, np.ndarray]], list[tuple[int, str]]]:
+    """One attempt at round ``r``: the accepted payloads by site index and the
+    dropped sites with reasons."""
+    broadcast = arrays_to_record(algorithm.broadcast(server))
+    msgs = _round_messages(broadcast, r, node_of, last_ok, common, settings)
+    replies, missing = exchange(grid, msgs, settings.round_timeout)
+    site_of = {node: k for k, node in node_of.items()}
+    dropped = [(k, "failed: did not answer the query round")
+               for k in range(settings.num_sites) if k not in node_of]
+    payloads = {}
+    for node, why in missing.items():
+        dropped.append((site_of[node], why))
+    for node, reply in replies.items():
+        k = site_of[node]
+        if reply.has_error():
+            dropped.append((k, _error_text(reply)))
+            continue
+        try:
+            payloads[k] = _accept(algorithm, reply, k, r)
+        except (MessageRejected, KeyError, ValueError, TypeError) as err:
+            dropped.append((k, f"rejected: {err}"))
+    return payloads, sorted(dropped)
+
+
+def sum_in_site_order(payloads: Mapping[int, Mapping[str, np.ndarray]]) -> dict:
+    """The sum over sites, added in site-index order as the in-process engine does
+    (floating-point addition is not associative)."""
+    ordered = [{n: jnp.asarray(v) for n, v in payloads[k].items()}
+               for k in sorted(payloads)]
+    return {n: sum(p[n] for p in ordered) for n in ordered[0]}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(type(x), "_fields"):
+        return {k: _jsonable(v) for k, v in x._asdict().items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, str | bool | int | float) or x is None:
+        return x
+    return np.asarray(x).tolist()
+
+
+def write_json(path: Path, obj: Mapping[str, Any]) -> None:
+    """Atomically write ``obj`` as JSON (floats round-trip exactly)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=1))
+    tmp.replace(path)
+
+
+def run_server(grid: Grid, settings: RunSettings, *, run_id: int = 0) -> dict:
+    """Run the federation over ``grid``; returns (and writes to ``settings.out``)
+    the result as a JSON-ready dict.
+
+    Raises
+    ------
+    FederationAborted
+        When a round cannot gather ``min_sites`` sites after its retries (the
+        result file then says ``"status": "aborted"`` and the checkpoint of the last
+        completed round is kept).
+    """
+    t_start = time.perf_counter()
+    out = Path(settings.out) if settings.out else None
+    report: dict[str, Any] = {"status": "running", "run_id": run_id,
+                              "settings": settings._asdict(), "history": []}
+    try:
+        report = _run(grid, settings, report, t_start)
+    except BaseException as err:
+        report["status"] = ("aborted" if isinstance(err, FederationAborted)
+                            else "error")
+        report["error"] = f"{type(err).__name__}: {err}"
+        report["total_seconds"] = time.perf_counter() - t_start
+        if out is not None:
+            write_json(out, report)
+        raise
+    report = _jsonable(report)
+    if out is not None:
+        write_json(out, report)
+    return report
+
+
+def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dict:
+    n_sites = settings.num_sites
+    min_sites = settings.min_sites or n_sites
+    nodes = wait_for_nodes(grid, settings)
+    node_of, shapes, problems = query_sites(grid, nodes, settings)
+    report["nodes"] = {str(k): node_of[k] for k in sorted(node_of)}
+    report["query_problems"] = problems
+    if len(node_of) < min_sites:
+        raise FederationAborted(
+            f"only {len(node_of)} of {n_sites} sites answered the query round "
+            f"(min-sites {min_sites}): {problems or 'no SuperNode connected'}")
+    common = {name: max(s[name] for s in shapes.values())
+              for name in ("n-sub", "n-dose", "n-obs", "n-occ")}
+    if settings.n_occ:
+        common["n-occ"] = settings.n_occ
+    common["num-sites"] = n_sites
+    report["shape"] = dict(common)
+    algorithm = build_algorithm(settings, n_occ=common["n-occ"])
+    report["algorithm"] = algorithm.name
+    key = jax.random.key(settings.seed)
+    server = algorithm.init_server(key)
+    history: list[RoundRecord] = []
+    ckpt = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
+    if ckpt is not None:
+        loaded = load_checkpoint(ckpt, server, [])
+        if loaded is not None and loaded[2]:
+            if not settings.job:
+                raise ValueError(
+                    f"{ckpt} holds a checkpoint after {len(loaded[2])} rounds, but "
+                    "the run config names no job: the sites keep their state per "
+                    "job, so resume with the job name of the interrupted run (or "
+                    "use an empty checkpoint-dir)")
+            server, _, history = loaded
+    last_ok = {k: max([h.round for h in history if k in h.participants],
+                      default=-1) for k in range(n_sites)}
+    aggregate, done = jax.jit(algorithm.aggregate), jax.jit(algorithm.done)
+    max_rounds = settings.rounds or algorithm.max_rounds
+    report["startup_seconds"] = time.perf_counter() - t_start
+    report["first_round_at"] = time.time()  # wall clock, for the launcher
+    r = len(history)
+    converged = bool(done(server)) if r else False
+    while r < max_rounds and not converged:
+        t0 = time.perf_counter()
+        attempts = 0
+        while True:
+            attempts += 1
+            payloads, dropped = run_round(grid, algorithm, server, r, node_of,
+                                          last_ok, common, settings)
+            if len(payloads) >= min_sites:
+                break
+            if attempts > settings.retries:
+                if ckpt is not None:
+                    save_checkpoint(ckpt, server, [], history)
+                report["history"] = [h._asdict() for h in history]
+                report["last_dropped"] = dropped
+                raise FederationAborted(
+                    f"round {r}: fewer than min-sites={min_sites} of {n_sites} "
+                    f"sites answered in {attempts} attempts ({dropped}); the run "
+                    f"stopped after round {r - 1} (its checkpoint is kept)")
+        total = sum_in_site_order(payloads)
+        server = aggregate(server, total, server_round_key(key, r))
+        record = RoundRecord(r, tuple(sorted(payloads)), tuple(dropped), attempts,
+                             time.perf_counter() - t0)
+        history.append(record)
+        for k in payloads:
+            last_ok[k] = r
+        if ckpt is not None:
+            save_checkpoint(ckpt, server, [], history)
+        r += 1
+        converged = bool(done(server))
+        report["history"] = [h._asdict() for h in history]
+    result = algorithm.result(server)
+    report.update(status="completed", rounds=r, converged=converged,
+                  total_seconds=time.perf_counter() - t_start, result=result)
+    if "names" in result and "estimates" in result:
+        report["estimates"] = dict(zip(result["names"],
+                                       np.asarray(result["estimates"]).tolist(),
+                                       strict=True))
+    return report
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """The ServerApp's entry point (``flwr run``)."""
+    run_server(grid, run_settings(context.run_config), run_id=context.run_id)
+
+
+__all__ = ["app", "exchange", "query_sites", "run_round", "run_server",
+           "sum_in_site_order", "wait_for_nodes", "write_json"]
