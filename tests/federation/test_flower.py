@@ -30,6 +30,7 @@ from flwr.supercore.inflatable.inflatable_utils import (  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from phems_clinical.federation import engine  # noqa: E402
+from phems_clinical.federation import governance as gov  # noqa: E402
 from phems_clinical.federation.core import (  # noqa: E402
     Algorithm,
     simulated_site_keys,
@@ -291,6 +292,36 @@ def test_server_aborts_below_min_sites(toy, tmp_path):
 
 # -- SuperLink + SuperNodes as processes --------------------------------------------
 
+_POLICY = """site: site_0
+min_cohort_size: {min_cohort}
+allowed_fields: [ofv, grad]
+data_users:
+  - id: pk-consortium
+    epsilon_budget: 1.0
+    require_dp: false
+    experiments: ['haemophilia_*']
+"""
+
+
+def test_site_policy_refuses_in_the_query_round(tmp_path):
+    """Before computing anything, a SuperNode whose folder holds a policy checks
+    the run against it (here: 8 patients < min_cohort_size 20)."""
+    from phems_clinical.federation.flower.client_app import site_query
+    from phems_clinical.federation.flower.launch import simulate_sites
+
+    site = simulate_sites(jax.random.key(11), tmp_path / "data", 24)[0]
+    node = {"site-dir": str(site), "site-index": 0}
+    run = {"num-sites": 3, "requester": "pk-consortium",
+           "experiment": "haemophilia_fviii"}
+    (site / fconfig.POLICY_FILE).write_text(_POLICY.format(min_cohort=20))
+    with pytest.raises(gov.PolicyViolation, match="min_cohort_size"):
+        site_query(node, run)
+    (site / fconfig.POLICY_FILE).write_text(_POLICY.format(min_cohort=5))
+    assert site_query(node, run)["site"]["n-sub"] == 8
+    with pytest.raises(gov.PolicyViolation, match="not a data user"):
+        site_query(node, {**run, "requester": "someone"})
+
+
 @pytest.mark.slow
 def test_loopback_deployment_equals_in_process_engine(tmp_path):
     from phems_clinical.federation.flower.compiled import call_cached
@@ -316,8 +347,11 @@ def test_loopback_deployment_equals_in_process_engine(tmp_path):
                                fault=fault, vectorise=False)
     # Warm the nodes' export cache (a speed-up only: each node would export the
     # traced update itself on its first round).
+    # Site 0 holds a policy: it checks the run, then logs every message it sends.
+    (site_dirs[0] / fconfig.POLICY_FILE).write_text(_POLICY.format(min_cohort=5))
     settings = fconfig.RunSettings(seed=5, rounds=3, min_sites=2, num_sites=3,
-                                   n_occ=n_occ)
+                                   n_occ=n_occ, requester="pk-consortium",
+                                   experiment="haemophilia_fviii")
     tag, files = fconfig.algorithm_tag(settings, n_occ)
     info = {}
     call_cached(algorithm.local_update,
@@ -353,6 +387,8 @@ def test_loopback_deployment_equals_in_process_engine(tmp_path):
     for d in site_dirs:
         assert list((d / fconfig.STATE_DIR).rglob("entering-*.eqx"))
     assert result["launch"]["left_running"] == []
+    audit = gov.verify_log(site_dirs[0] / "audit.jsonl")
+    assert audit.ok and audit.n_entries == 3
     seconds = [h["seconds"] for h in result["history"]]
     print(f"\nloopback: {result['launch']['to_first_round_s']:.1f} s from launch to "
           f"round 0, {result['launch']['total_s']:.1f} s in all; rounds "

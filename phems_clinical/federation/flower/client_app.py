@@ -52,6 +52,7 @@ from phems_clinical.federation.flower.config import (  # noqa: E402
     read_site_cohort,
     run_settings,
     site_config,
+    site_gate,
     site_shape,
 )
 from phems_clinical.federation.flower.records import (  # noqa: E402
@@ -63,8 +64,10 @@ from phems_clinical.federation.flower.site_state import (  # noqa: E402
     prune_site_states,
     save_site_state,
 )
+from phems_clinical.federation.gate import admit, release, settle  # noqa: E402
 from phems_clinical.federation.messages import check_payload  # noqa: E402
 from phems_clinical.federation.pk_sites import pad_cohort  # noqa: E402
+from phems_clinical.pk.model import n_occasions  # noqa: E402
 
 
 def _process_start() -> float:
@@ -92,10 +95,22 @@ def _checked_site(node_config: Mapping[str, Any], num_sites: int) -> SiteConfig:
 
 def site_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
                ) -> RecordDict:
-    """The reply to the query round: site index and cohort sizes."""
+    """The reply to the query round: site index and cohort sizes.
+
+    A site with a policy (``site_policy.yaml`` in its folder) checks the run
+    against it first and refuses (``PolicyViolation``) before computing anything;
+    an admitted run's planned ε is reserved in the site's privacy ledger at once
+    (a run stopped early keeps its reservation: conservative).
+    """
     settings = run_settings(run_config)
     site = _checked_site(node_config, settings.num_sites)
     cohort = read_site_cohort(site, product_model(settings))
+    gate = site_gate(site, settings)
+    if gate is not None:
+        algorithm = build_algorithm(settings, n_occ=max(1, n_occasions(cohort)))
+        rounds = settings.rounds or algorithm.max_rounds
+        admit(gate, algorithm, cohort.n_subjects, rounds)
+        settle(gate, algorithm, cohort.n_subjects, rounds)
     return RecordDict({"site": ConfigRecord({"site-index": site.site_index,
                                              **site_shape(cohort)})})
 
@@ -136,6 +151,9 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
         algorithm.local_update, (message, data, state, key), tag=tag,
         extra_files=files, info=compiled)
     check_payload(algorithm, payload, r)
+    gate = site_gate(site, settings)
+    if gate is not None:  # the policy's allowed fields, then the audit log
+        release(gate, payload_to_numpy(payload), r)
     t_done = time.time()
     save_site_state(folder, r + 1, new_state)
     prune_site_states(folder, state_from)

@@ -74,6 +74,9 @@ class RunSettings(NamedTuple):
     options : str
         The algorithm's options as a JSON object ('' = its defaults), as for
         ``phems federate --options``.
+    requester, experiment : str
+        Who runs what, for the sites' policies (``site_policy.yaml`` in a site
+        folder; see :func:`site_gate`).
     """
 
     seed: int = 0
@@ -90,6 +93,8 @@ class RunSettings(NamedTuple):
     checkpoint_dir: str = ""
     job: str = ""
     options: str = ""
+    requester: str = ""
+    experiment: str = ""
 
 
 def run_settings(run_config: Mapping[str, Any]) -> RunSettings:
@@ -233,6 +238,25 @@ def site_config(node_config: Mapping[str, Any]) -> SiteConfig:
                    else site_dir / STATE_DIR),
         fail_rounds=frozenset(int(r) for r in fails.split(",") if r.strip()),
     )
+
+
+POLICY_FILE = "site_policy.yaml"
+"""A site's policy inside its folder (``data_schemas/site_policy.schema.json``)."""
+
+
+def site_gate(site: SiteConfig, settings: RunSettings):
+    """The site's :class:`~phems_clinical.federation.gate.SiteGate` when its folder
+    holds ``site_policy.yaml`` (audit log ``audit.jsonl`` and privacy ledger
+    ``privacy_ledger.json`` next to it), else None."""
+    from phems_clinical.federation.gate import SiteGate
+    from phems_clinical.federation.governance import load_policy
+
+    path = site.site_dir / POLICY_FILE
+    if not path.exists():
+        return None
+    return SiteGate(load_policy(path), site.site_dir / "audit.jsonl",
+                    site.site_dir / "privacy_ledger.json", settings.requester,
+                    settings.experiment)
 
 
 def read_site_cohort(site: SiteConfig, model) -> Cohort:
