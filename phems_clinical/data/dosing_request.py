@@ -17,15 +17,22 @@ per request.
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import json
 import math
-from collections.abc import Iterator
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jsonschema
 
+from phems_clinical.data.schema_messages import (
+    FieldError,
+    nonfinite_fields,
+    show_value,
+    translate,
+)
+from phems_clinical.data.schema_messages import (
+    show_number as _num,
+)
 from phems_clinical.resources import schemas_dir
 
 __all__ = [
@@ -47,17 +54,7 @@ _CODED_COVARIATES = {
     "assay": ("ASSAY", {"one-stage": 1, "OSA": 1, "chromogenic": 0, "CSA": 0}),
     "sex": ("SEX", {"male": 0, "female": 1}),
 }
-_KINDS = {"number": "a number", "integer": "a whole number", "string": "text",
-          "boolean": "true or false", "array": "a list", "object": "an object"}
-_BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=",
-           "exclusiveMaximum": "<"}
 
-
-class FieldError(NamedTuple):
-    """One problem in a request: where (dotted path, "" = whole body) and what."""
-
-    field: str
-    message: str
 
 
 class RequestError(ValueError):
@@ -142,95 +139,11 @@ def _validator() -> jsonschema.Draft202012Validator:
 
 # ------------------------------------------------------------------ messages
 
-def _path(parts) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
-def _num(x: float) -> str:
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-def _show(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return json.dumps(v)
-    if isinstance(v, int | float):
-        return _num(v)
-    if isinstance(v, str):
-        return repr(v)
-    if isinstance(v, list):
-        return "a list" if v else "an empty list"
-    return "an object"
-
-
 def _title(schema: dict, fallback: str) -> str:
     ref = schema.get("$ref", "")
     if ref.startswith("#/$defs/"):
         schema = load_request_schema()["$defs"][ref.removeprefix("#/$defs/")]
     return schema.get("title", fallback)
-
-
-def _unknown(key: str, known: list[str]) -> str:
-    lower = {k.lower(): k for k in known}
-    match = difflib.get_close_matches(key.lower(), list(lower), n=1)
-    if match:
-        return f"unknown field {key!r} (did you mean {lower[match[0]]!r}?)"
-    return f"unknown field {key!r} (allowed: {', '.join(known)})"
-
-
-def _translate(err: jsonschema.ValidationError) -> list[FieldError]:
-    """Plain-language errors for one JSON Schema violation."""
-    where, s, kw, val = list(err.absolute_path), err.schema, err.validator, err.instance
-    props = s.get("properties", {})
-    if kw == "required":
-        return [FieldError(_path([*where, n]),
-                           "required field missing: " + _title(props[n], n))
-                for n in err.validator_value if n not in val]
-    if kw == "additionalProperties":
-        return [FieldError(_path([*where, str(k)]), _unknown(str(k), list(props)))
-                for k in val if k not in props]
-    if kw == "oneOf":   # the schema uses oneOf only for "exactly one of these fields"
-        names = [alt["required"][0] for alt in err.validator_value]
-        if any(n in val for n in names):
-            return [FieldError(_path(where), f"give either {' or '.join(names)}, "
-                               "not both")]
-        which = " or ".join(f"{n} ({_title(props[n], n)})" for n in names)
-        return [FieldError(_path([*where, names[0]]),
-                           f"required field missing: {which}")]
-    title = _title(s, str(where[-1]) if where else "request")
-    if kw == "type" or kw in _BOUNDS:
-        # one message for both, so that a wrong type also shows the allowed range
-        types = s.get("type", "number")
-        types = types if isinstance(types, list) else [types]
-        kind = " or ".join(_KINDS[t] for t in types)
-        bounds = " and ".join(f"{op} {_num(s[k])}"
-                              for k, op in _BOUNDS.items() if k in s)
-        msg = f"expected {kind} {bounds}".rstrip() + f" ({title})"
-    elif kw == "enum":
-        msg = f"expected one of {', '.join(map(str, s['enum']))} ({title})"
-    elif kw == "minItems":
-        msg = f"expected at least {s['minItems']} entry ({title})"
-    elif kw == "minLength":
-        msg = f"expected non-empty text ({title})"
-    elif kw == "pattern":
-        msg = f"expected {title}"
-    else:   # pragma: no cover - the schema uses no other keywords
-        msg = f"invalid value ({title}): {err.message}"
-    return [FieldError(_path(where), f"{msg}, got {_show(val)}")]
-
-
-def _nonfinite(obj: Any, where: tuple = ()) -> Iterator[FieldError]:
-    # JSON Schema bounds cannot catch NaN (every comparison with it is false).
-    if isinstance(obj, float) and not math.isfinite(obj):
-        yield FieldError(_path(where), f"expected a finite number, got {obj}")
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _nonfinite(v, (*where, k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _nonfinite(v, (*where, i))
 
 
 def _implausible(x: float, unit: str) -> str | None:
@@ -417,11 +330,11 @@ def parse_request(source: dict | str | bytes) -> DosingRequest:
         obj = source
     if not isinstance(obj, dict):
         raise RequestError([FieldError("", "expected a JSON object {...} with the "
-                                       f"request fields, got {_show(obj)}")])
-    errors = list(_nonfinite(obj))
+                                       f"request fields, got {show_value(obj)}")])
+    errors = list(nonfinite_fields(obj))
     flagged = {e.field for e in errors}
     for err in _validator().iter_errors(obj):
-        errors += [e for e in _translate(err) if e.field not in flagged]
+        errors += [e for e in translate(err, _title) if e.field not in flagged]
     if not errors:
         request = _build(obj, errors)
     if errors:

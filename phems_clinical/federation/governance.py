@@ -27,7 +27,6 @@ This module does file I/O; it is called by the site runner, never inside a kerne
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import fnmatch
 import hashlib
 import json
@@ -43,7 +42,13 @@ import jsonschema
 import numpy as np
 import yaml
 
-from phems_clinical.data.dosing_request import FieldError, RequestError
+from phems_clinical.data.dosing_request import RequestError
+from phems_clinical.data.schema_messages import (
+    FieldError,
+    nonfinite_fields,
+    show_value,
+    translate,
+)
 from phems_clinical.resources import schemas_dir
 
 __all__ = [
@@ -120,80 +125,21 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_KINDS = {"number": "a number", "integer": "a whole number", "string": "text",
-          "boolean": "true or false", "array": "a list", "object": "an object"}
-_BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=",
-           "exclusiveMaximum": "<"}
+def _title(schema: dict, fallback: str) -> str:
+    return schema.get("title", fallback)
 
 
-def _path(parts) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
-def _show(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return json.dumps(v)
-    if isinstance(v, int | float):
-        return f"{v:g}" if isinstance(v, float) else str(v)
-    if isinstance(v, str):
-        return repr(v)
-    return "a list" if isinstance(v, list) else f"a {type(v).__name__}"
-
-
-def _translate(err: jsonschema.ValidationError) -> list[FieldError]:
-    """Plain-language errors for one schema violation (titles name the fields)."""
-    where, s, kw, val = list(err.absolute_path), err.schema, err.validator, err.instance
-    props = s.get("properties", {})
-    if kw == "required":
-        return [FieldError(_path([*where, n]), "required field missing: "
-                           + props[n].get("title", n))
-                for n in err.validator_value if n not in val]
-    if kw == "additionalProperties":
-        out = []
-        for key in (str(k) for k in val if k not in props):
-            match = difflib.get_close_matches(key, list(props), n=1)
-            hint = (f"did you mean {match[0]!r}?" if match
-                    else f"allowed: {', '.join(props)}")
-            out.append(FieldError(_path([*where, key]),
-                                  f"unknown field {key!r} ({hint})"))
-        return out
-    title = s.get("title", str(where[-1]) if where else "policy")
-    if kw == "type" or kw in _BOUNDS:
-        types = s["type"] if isinstance(s["type"], list) else [s["type"]]
-        bounds = " and ".join(f"{op} {s[k]:g}" for k, op in _BOUNDS.items() if k in s)
-        msg = f"expected {' or '.join(_KINDS[t] for t in types)} {bounds}".rstrip()
-        msg += f" ({title}), got {_show(val)}"
-        if isinstance(val, str) and "number" in types:
-            try:
-                float(val)
-                msg += "; YAML reads 1e-5 as text: write 1.0e-5"
-            except ValueError:
-                pass
-        return [FieldError(_path(where), msg)]
-    if kw == "minItems":
-        msg = f"expected at least {s['minItems']} entry ({title}), got an empty list"
-    elif kw == "minLength":
-        msg = f"expected non-empty text ({title})"
-    elif kw == "pattern":
-        msg = f"expected {title} (letters, digits, '.', '_', '-'), got {_show(val)}"
-    else:   # pragma: no cover - the schema uses no other keywords
-        msg = f"invalid value ({title}): {err.message}"
-    return [FieldError(_path(where), msg)]
-
-
-def _nonfinite(obj: Any, where: tuple = ()):
-    # JSON Schema bounds cannot catch NaN, and YAML's .inf would pass "> 0".
-    if isinstance(obj, float) and not math.isfinite(obj):
-        yield FieldError(_path(where), f"expected a finite number, got {obj}")
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _nonfinite(v, (*where, k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _nonfinite(v, (*where, i))
+def _yaml_hint(err: jsonschema.ValidationError) -> str:
+    """PyYAML reads ``1e-5`` (no decimal point) as text, not a number."""
+    val, types = err.instance, err.schema.get("type", "number")
+    if isinstance(val, str) and "number" in (types if isinstance(types, list)
+                                             else [types]):
+        try:
+            float(val)
+            return "; YAML reads 1e-5 as text: write 1.0e-5"
+        except ValueError:
+            pass
+    return ""
 
 
 def _duplicates(obj: dict) -> list[FieldError]:
@@ -250,11 +196,13 @@ this site for any run), got -1
                                           f"{exc}")]) from None
     if not isinstance(obj, dict):
         raise PolicyError([FieldError("", "expected a mapping of policy fields "
-                                      f"(site, data_users, ...), got {_show(obj)}")])
-    errors = list(_nonfinite(obj))
+                                      "(site, data_users, ...), got "
+                                      + show_value(obj))])
+    errors = list(nonfinite_fields(obj))
     flagged = {e.field for e in errors}
     for err in _validator().iter_errors(obj):
-        errors += [e for e in _translate(err) if e.field not in flagged]
+        errors += [e for e in translate(err, _title, _yaml_hint)
+                   if e.field not in flagged]
     if not errors:
         errors = _duplicates(obj)
     if errors:
