@@ -27,7 +27,7 @@ import sys
 
 
 def _x64() -> None:
-    from phems_clinical.app.runtime import configure_jax
+    from phems_clinical.runtime import configure_jax
 
     configure_jax()
 

@@ -146,7 +146,7 @@ def create_app() -> FastAPI:
     FastAPI
         The application; run it with :func:`serve` or any ASGI server.
     """
-    from phems_clinical.app.runtime import configure_jax
+    from phems_clinical.runtime import configure_jax
 
     configure_jax()
 

@@ -21,7 +21,7 @@ import time
 
 _T_IMPORT = time.time()
 
-from phems_clinical.federation.flower.config import configure_jax  # noqa: E402
+from phems_clinical.runtime import configure_jax  # noqa: E402
 
 configure_jax()
 

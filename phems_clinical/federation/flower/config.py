@@ -15,7 +15,6 @@ running federation.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -280,30 +279,7 @@ def site_shape(cohort: Cohort) -> dict[str, int]:
             "n-obs": int(cohort.obs_time.shape[-1]), "n-occ": int(n_occasions(cohort))}
 
 
-def configure_jax() -> None:
-    """float64 and the persistent compilation cache for the app processes.
-
-    Flower starts a new ``flwr-clientapp`` process for every message, so without
-    the cache every round would compile the site's update again. The cache is
-    ``$PHEMS_CACHE_DIR`` (as for the command line; ``off`` disables it) or, failing
-    that, ``~/.cache/phems_clinical/jax``.
-    """
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-    where = os.environ.get("PHEMS_CACHE_DIR", "")
-    if where.lower() == "off":
-        return
-    path = Path(where) if where else Path.home() / ".cache" / "phems_clinical" / "jax"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 __all__ = ["ALGORITHMS", "DATA_FILE", "RunSettings", "STATE_DIR", "SiteConfig",
-           "algorithm_tag", "build_algorithm", "configure_jax", "product_model",
+           "algorithm_tag", "build_algorithm", "product_model",
            "read_site_cohort", "run_settings", "site_config", "site_shape",
            "to_run_config"]

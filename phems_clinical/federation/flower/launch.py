@@ -503,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.simulate:
         import jax
 
-        from phems_clinical.federation.flower.config import configure_jax
+        from phems_clinical.runtime import configure_jax
 
         configure_jax()
         sites = simulate_sites(jax.random.key(args.seed), args.data, args.simulate,

@@ -23,7 +23,7 @@ The sites' states never come here: they stay in each node's state folder
 
 from __future__ import annotations
 
-from phems_clinical.federation.flower.config import configure_jax
+from phems_clinical.runtime import configure_jax
 
 configure_jax()
 

@@ -1,4 +1,5 @@
-"""JAX settings for the programs a user starts (command line, web app).
+"""JAX settings for the programs a user starts (command line, web app, the Flower
+apps' processes, which Flower starts anew for every message).
 
 * float64: PK parameters are estimated and root-found in double precision;
 * a persistent compilation cache, so that a second ``phems dose`` (a new process)
