@@ -72,7 +72,12 @@ from phems_clinical.data.cohort import Cohort
 from phems_clinical.federation.core import Algorithm
 from phems_clinical.federation.pk_sites import SiteCohort
 from phems_clinical.pk._cache import per_model
-from phems_clinical.pk.bayes import _coef_scale, _log_typical_iiv, _subject_loglik
+from phems_clinical.pk.bayes import (
+    _coef_scale,
+    _log_typical_iiv,
+    _subject_loglik,
+    sample_random_effects,
+)
 from phems_clinical.pk.model import PopParams, initial_params, likelihood_cohort
 from phems_clinical.pk.packing import Packer, build_packer
 from phems_clinical.pk.spec import PopModel
@@ -292,27 +297,14 @@ def site_model(model: PopModel, packer: Packer, cohort: Cohort,
     loc = jnp.linalg.solve(cavity.prec, cavity.shift)
     x = numpyro.sample("x", dist.MultivariateNormal(loc, precision_matrix=cavity.prec))
     params = packer.unpack(x)
-    n_sub, n_eta, n_kappa = cohort.n_subjects, model.n_eta, model.n_kappa
+    n_sub, n_eta = cohort.n_subjects, model.n_eta
     scale = (jnp.linalg.cholesky(params.omega) if n_eta else jnp.zeros((0, 0)))
     iov_sd = jnp.sqrt(params.omega_iov)
     data = likelihood_cohort(model, cohort)
     with numpyro.plate("subject", n_sub, dim=-1):
-        if n_eta and centered:
-            mu = _log_typical_iiv(model, params.theta, cohort.covariates)
-            phi = numpyro.sample("phi", dist.MultivariateNormal(mu, scale_tril=scale))
-            eta = phi - mu
-        elif n_eta:
-            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([n_eta]).to_event(1))
-            eta = z @ scale.T
-        else:
-            eta = jnp.zeros((n_sub, 0))
-        if n_kappa:
-            with numpyro.plate("occasion", n_occ, dim=-2):
-                kz = numpyro.sample(
-                    "kappa_z", dist.Normal(0.0, 1.0).expand([n_kappa]).to_event(1))
-            kappa = jnp.swapaxes(kz, 0, 1) * iov_sd
-        else:
-            kappa = jnp.zeros((n_sub, n_occ, 0))
+        eta, kappa = sample_random_effects(model, params.theta, scale, iov_sd,
+                                           cohort.covariates, n_occ, centered,
+                                           record_eta=False)
         ll = _subject_loglik(model)(data, params, eta, kappa)
         numpyro.factor("obs", jnp.where(mask, ll, 0.0))
 
@@ -548,6 +540,11 @@ def ep(model: PopModel, n_sites: int, n_occ: int = 1, *,
         ``result``: ``summary`` (a :class:`PosteriorSummary` of ``q``), ``mean``,
         ``cov``, ``names``, ``natural_names``, ``natural_mean``, ``natural_sd``,
         ``rounds``, ``valid``, ``change``.
+
+    .. warning:: The same key gives the same result in the same engine mode. The
+       vmapped and the looped modes (``run_federated(vectorise=...)``) compile
+       batched and unbatched code whose last-bit differences grow along the Markov
+       chains, so their draws differ (statistically equivalent, not bitwise).
     """
     settings = SITE_NUTS if settings is None else settings
     prior = gaussian_prior(model) if prior is None else prior
@@ -705,7 +702,7 @@ def compare(approx: PosteriorSummary, reference: PosteriorSummary) -> pd.DataFra
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-__all__ = ["ConsensusServer", "EPServer", "Gaussian", "NUTSSettings",
-           "PosteriorSummary", "compare", "consensus_mc", "ep", "from_moments",
-           "gaussian_prior", "moments", "pooled_reference", "site_model",
-           "summarise_draws", "summarise_gaussian"]
+__all__ = ["POOLED_NUTS", "SITE_NUTS", "ConsensusServer", "EPServer", "Gaussian",
+           "NUTSSettings", "PosteriorSummary", "compare", "consensus_mc", "ep",
+           "from_moments", "gaussian_prior", "moments", "pooled_reference",
+           "site_model", "summarise_draws", "summarise_gaussian"]

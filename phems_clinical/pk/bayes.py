@@ -410,26 +410,39 @@ def population_model(model: PopModel, cohort: Cohort, *, priors: Priors,
     _check_priors(model, priors)
     g = _sample_population(model, priors)
     params, scale, iov_sd = _assemble(model, g)
-    n_sub, n_eta, n_kappa = cohort.n_subjects, model.n_eta, model.n_kappa
+    n_sub = cohort.n_subjects
     data = likelihood_cohort(model, cohort)
     with numpyro.plate("subject", n_sub, dim=-1):
-        if n_eta and centered:
-            mu = _log_typical_iiv(model, params.theta, cohort.covariates)
-            phi = numpyro.sample("phi", dist.MultivariateNormal(mu, scale_tril=scale))
-            eta = numpyro.deterministic("eta", phi - mu)
-        elif n_eta:
-            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([n_eta]).to_event(1))
-            eta = z @ scale.T
-        else:
-            eta = jnp.zeros((n_sub, 0))
-        if n_kappa:
-            with numpyro.plate("occasion", n_occ, dim=-2):
-                kz = numpyro.sample(
-                    "kappa_z", dist.Normal(0.0, 1.0).expand([n_kappa]).to_event(1))
-            kappa = jnp.swapaxes(kz, 0, 1) * iov_sd
-        else:
-            kappa = jnp.zeros((n_sub, n_occ, 0))
+        eta, kappa = sample_random_effects(model, params.theta, scale, iov_sd,
+                                           cohort.covariates, n_occ, centered)
         numpyro.factor("obs", _subject_loglik(model)(data, params, eta, kappa))
+
+
+def sample_random_effects(model: PopModel, theta, scale, iov_sd, covariates,
+                          n_occ: int, centered: bool, *, record_eta: bool = True):
+    """Inside ``numpyro.plate("subject", N)``: each subject's IIV ``eta`` (N, n_eta)
+    and IOV ``kappa`` (N, n_occ, n_kappa), centred (site ``phi``) or non-centred
+    (site ``z``), and ``kappa_z`` in a nested ``occasion`` plate (see
+    :func:`population_model`). ``record_eta`` keeps ``eta`` as a deterministic
+    site when centred."""
+    n_sub, n_eta, n_kappa = covariates.shape[0], model.n_eta, model.n_kappa
+    if n_eta and centered:
+        mu = _log_typical_iiv(model, theta, covariates)
+        phi = numpyro.sample("phi", dist.MultivariateNormal(mu, scale_tril=scale))
+        eta = numpyro.deterministic("eta", phi - mu) if record_eta else phi - mu
+    elif n_eta:
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([n_eta]).to_event(1))
+        eta = z @ scale.T
+    else:
+        eta = jnp.zeros((n_sub, 0))
+    if n_kappa:
+        with numpyro.plate("occasion", n_occ, dim=-2):
+            kz = numpyro.sample(
+                "kappa_z", dist.Normal(0.0, 1.0).expand([n_kappa]).to_event(1))
+        kappa = jnp.swapaxes(kz, 0, 1) * iov_sd
+    else:
+        kappa = jnp.zeros((n_sub, n_occ, 0))
+    return eta, kappa
 
 
 def _log_typical_iiv(model: PopModel, theta, covariates):
