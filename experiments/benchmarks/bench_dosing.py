@@ -43,26 +43,21 @@ import argparse
 import datetime as _dt
 import os
 import shlex
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
-# Use the GPU where there is one; otherwise pin the CPU backend (quietly). Only
-# when the user has not chosen a platform.
-if "JAX_PLATFORMS" not in os.environ:
-    _has_gpu = (shutil.which("nvidia-smi") is not None
-                or Path("/dev/nvidia0").exists() or Path("/dev/kfd").exists())
-    if not _has_gpu:
-        os.environ["JAX_PLATFORMS"] = "cpu"
+import _bench  # noqa: E402  (experiments/benchmarks/_bench.py)
+
+_bench.choose_device()
 
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-import jax.monitoring  # noqa: E402
 import numpy as np  # noqa: E402
+from _bench import Timed, log  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -90,40 +85,6 @@ from phems_clinical.provenance import (  # noqa: E402
 TARGET_MAP_S = 0.050
 TARGET_NUTS_S = 3.0
 N_DRAWS = 4000  # the tool's default (DosingOptions.n_draws)
-
-# ---------------------------------------------------------------------------
-# JAX compile-time accounting (as in bench_estimation.py)
-
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-_compile = {"s": 0.0, "n": 0}
-
-
-def _on_event(event: str, duration: float, **_kw) -> None:
-    if event in _COMPILE_EVENTS:
-        _compile["s"] += duration
-        if event == _COMPILE_EVENTS[-1]:
-            _compile["n"] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_event)
-
-
-class Timed:
-    """Wall time of ``fn()`` (results blocked on) and the JAX compilation inside."""
-
-    def __init__(self, fn):
-        s0, n0 = _compile["s"], _compile["n"]
-        t0 = time.perf_counter()
-        self.value = jax.block_until_ready(fn())
-        self.seconds = time.perf_counter() - t0
-        self.compile_s = _compile["s"] - s0
-        self.n_compiles = _compile["n"] - n0
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------

@@ -34,26 +34,21 @@ import datetime as _dt
 import math
 import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
 
-# Use the GPU where there is one; otherwise pin the CPU backend (quietly). Only
-# when the user has not chosen a platform.
-if "JAX_PLATFORMS" not in os.environ:
-    _has_gpu = (shutil.which("nvidia-smi") is not None
-                or Path("/dev/nvidia0").exists() or Path("/dev/kfd").exists())
-    if not _has_gpu:
-        os.environ["JAX_PLATFORMS"] = "cpu"
+import _bench  # noqa: E402  (experiments/benchmarks/_bench.py)
+
+_bench.choose_device()
 
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-import jax.monitoring  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from _bench import Timed, log  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -88,43 +83,6 @@ NONMEM_EST_S, NONMEM_COV_S, NONMEM_NFEV = 0.26, 0.25, 111
 
 TARGET_FOCEI_PHENO_S = 1.0
 TARGET_NUTS_200_S = 60.0
-
-# ---------------------------------------------------------------------------
-# JAX compile-time accounting
-
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-_compile = {"s": 0.0, "n": 0}
-
-
-def _on_event(event: str, duration: float, **_kw) -> None:
-    if event in _COMPILE_EVENTS:
-        _compile["s"] += duration
-        if event == _COMPILE_EVENTS[-1]:
-            _compile["n"] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_event)
-
-
-class Timed:
-    """Wall time of a call and the JAX compilation inside it."""
-
-    def __init__(self, fn, *args, **kwargs):
-        s0, n0 = _compile["s"], _compile["n"]
-        t0 = time.perf_counter()
-        self.value = fn(*args, **kwargs)
-        self.seconds = time.perf_counter() - t0
-        self.compile_s = _compile["s"] - s0
-        self.n_compiles = _compile["n"] - n0
-
-    def note(self, label: str) -> str:
-        return f"{label} compile {self.compile_s:.1f} s ({self.n_compiles} XLA)"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------

@@ -34,20 +34,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
 import shlex
-import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-if "JAX_PLATFORMS" not in os.environ:
-    _has_gpu = (shutil.which("nvidia-smi") is not None
-                or Path("/dev/nvidia0").exists())
-    if not _has_gpu:
-        os.environ["JAX_PLATFORMS"] = "cpu"
+import _bench  # noqa: E402  (experiments/benchmarks/_bench.py)
+
+_bench.choose_device()
 
 import jax  # noqa: E402
 
@@ -55,6 +51,7 @@ jax.config.update("jax_enable_x64", True)
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from _bench import log  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -84,10 +81,6 @@ from phems_clinical.provenance import (  # noqa: E402
     load_average,
     versions,
 )
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def hospitals(k: int, per_site: int) -> list[HospitalSpec]:
