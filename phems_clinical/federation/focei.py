@@ -79,14 +79,18 @@ def _surrogate(y, args):
 
 
 def fed_focei(model: PopModel, n_occ: int = 1, *, init: PopParams | None = None,
-              rtol: float = 1e-9, atol: float = 1e-9, max_rounds: int = 2000
-              ) -> Algorithm:
+              rtol: float = 1e-9, atol: float = 1e-9, min_radius: float = 1e-10,
+              max_rounds: int = 2000) -> Algorithm:
     """Federated FOCEI of ``model`` (all sites must agree on ``n_occ``).
 
     One round is one evaluation of the pooled objective. ``rtol``/``atol`` are
     optimistix's Cauchy termination tolerances on the free-parameter vector and on
     the OFV; the defaults are tight so that the estimate equals the pooled
     :func:`phems_clinical.pk.focei.fit_focei` optimum to about 1e-6 relative.
+    The run also stops when the trust region has collapsed below ``min_radius``
+    (Nocedal & Wright, Alg. 4.1): every step is then rejected because the summed
+    OFV is flat to the inner problems' precision (about 1e-10), which otherwise
+    leaves the Cauchy test unmet at the optimum.
     ``result`` gives the parameters on NONMEM's scale and the OFV.
     """
     base = initial_params(model) if init is None else init
@@ -133,7 +137,10 @@ def fed_focei(model: PopModel, n_occ: int = 1, *, init: PopParams | None = None,
     def done(server: FOCEIServer):
         terminate, _ = solver.terminate(_surrogate, server.y, dummy, {},
                                         server.solver, frozenset())
-        return terminate
+        return terminate | _collapsed(server)
+
+    def _collapsed(server: FOCEIServer):
+        return server.solver.search_state.step_size < min_radius
 
     def result(server: FOCEIServer):
         params = packer.unpack(server.y)
@@ -141,7 +148,9 @@ def fed_focei(model: PopModel, n_occ: int = 1, *, init: PopParams | None = None,
                 "estimates": jnp.asarray(packer.to_natural(params)),
                 "names": packer.natural_names,
                 "ofv": server.solver.f_info.f,
-                "rounds": int(server.round)}
+                "rounds": int(server.round),
+                "stopped_by": ("trust region below min_radius"
+                               if bool(_collapsed(server)) else "Cauchy test")}
 
     return Algorithm("fed_focei", init_server, init_site, broadcast, local_update,
                      aggregate, done, result, {"ofv": (), "grad": (n_free,)},

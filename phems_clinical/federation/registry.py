@@ -23,6 +23,7 @@ from phems_clinical.federation.core import Algorithm
 from phems_clinical.federation.dp import DPConfig
 from phems_clinical.federation.focei import fed_focei
 from phems_clinical.federation.strategies import (
+    Objective,
     fedadam,
     fedavg,
     fedprox,
@@ -69,24 +70,41 @@ def build_algorithm(name: str, model: PopModel, *, n_sites: int, n_occ: int = 1,
             alg = consensus_mc(model, n_sites, n_occ, **kw)
     else:
         x0 = build_packer(model).pack(initial_params(model))
-        kw = {"learning_rate": opts.pop("learning_rate", 1e-3),
-              "local_steps": opts.pop("local_steps", 2),
-              "max_rounds": rounds or 50}
-        if "dp" in opts:
-            kw["dp"] = DPConfig(**opts.pop("dp"))
-        if name == "fedprox":
-            kw["mu"] = opts.pop("mu", 0.1)
-        if name in ("fedadam", "fedyogi"):
-            kw["server_learning_rate"] = opts.pop("server_learning_rate", 0.02)
-        build = {"fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam,
-                 "fedyogi": fedyogi}[name]
-        alg = build(focei_loss(model, n_occ), x0, **kw)
+        alg = build_fedopt(name, focei_loss(model, n_occ), x0, opts,
+                           default_rounds=rounds or 50)
     if opts:
         raise ValueError(f"options for {name}: unknown {', '.join(sorted(opts))}")
     return alg
 
 
+FEDOPT = ("fedavg", "fedprox", "fedadam", "fedyogi")
 
+
+def build_fedopt(name: str, objective: Objective, x0: Any, opts: dict[str, Any], *,
+                 default_rounds: int = 50, learning_rate: float = 1e-3,
+                 server_learning_rate: float = 0.02, local_steps: int = 2,
+                 **extra) -> Algorithm:
+    """A FedOpt-family algorithm on any per-patient :class:`Objective` (the PK
+    FOCEI terms, the sepsis and cardiac models), taking its options out of
+    ``opts`` (``rounds``, ``learning_rate``, ``server_learning_rate``,
+    ``local_steps``, ``mu``, ``dp``); the keyword defaults are the model's own.
+    Options left in ``opts`` are the caller's to refuse; ``extra`` goes to
+    :func:`~phems_clinical.federation.strategies.fedopt` (e.g. ``to_result``)."""
+    if name not in FEDOPT:
+        raise ValueError(f"algorithm: {name!r} is not one of {', '.join(FEDOPT)}")
+    kw = {"learning_rate": opts.pop("learning_rate", learning_rate),
+          "local_steps": opts.pop("local_steps", local_steps),
+          "max_rounds": opts.pop("rounds", None) or default_rounds, **extra}
+    if "dp" in opts:
+        kw["dp"] = DPConfig(**opts.pop("dp"))
+    if name == "fedprox":
+        kw["mu"] = opts.pop("mu", 0.1)
+    if name in ("fedadam", "fedyogi"):
+        kw["server_learning_rate"] = opts.pop("server_learning_rate",
+                                              server_learning_rate)
+    build = {"fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam,
+             "fedyogi": fedyogi}[name]
+    return build(objective, x0, **kw)
 
 
 def estimates_table(model: PopModel, result: dict) -> dict[str, dict[str, float]]:
@@ -103,4 +121,5 @@ def estimates_table(model: PopModel, result: dict) -> dict[str, dict[str, float]
         values = packer.to_natural(packer.unpack(result["x"]))
     return {n: {"estimate": float(v)} for n, v in zip(packer.natural_names, values,
                                                       strict=True)}
-__all__ = ["ALGORITHMS", "build_algorithm", "estimates_table"]
+
+__all__ = ["ALGORITHMS", "FEDOPT", "build_algorithm", "build_fedopt", "estimates_table"]
