@@ -13,6 +13,9 @@ Subcommands::
                                   a federated popPK fit over the data's hospitals
     phems audit verify|show LOG   check or list a site's audit log of outgoing
                                   messages (federated runs)
+    phems omop simulate --use-case picu|cardiac|haemophilia --out DIR
+                                  simulated hospitals as OMOP DuckDB files
+    phems omop check DB           what the loaders exclude from a site's OMOP data
 
 Errors in the input (data rows, model fields, options) are printed as one clear
 message and the command exits with status 2; nothing is written half-way silently.
@@ -259,8 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_federate)
 
     from phems_clinical.app.audit import add_audit_parser
+    from phems_clinical.app.omop import add_omop_parser
 
     add_audit_parser(sub)
+    add_omop_parser(sub)
     return parser
 
 

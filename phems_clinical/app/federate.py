@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from phems_clinical.app.fit import resolve_model
+from phems_clinical.app.omop import is_omop, model_factor, pk_events_from_omop
 from phems_clinical.federation.engine import RoundRecord, run_federated
 from phems_clinical.federation.gate import SiteGate
 from phems_clinical.federation.governance import load_policy
@@ -93,7 +94,11 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
     ``<site>.audit.jsonl`` and its ε spent to ``<site>.ledger.json`` there.
     """
     model = resolve_model(model_ref)
-    events = pd.read_csv(data)
+    omop_load = None
+    if is_omop(data):  # each site's OMOP database
+        events, omop_load = pk_events_from_omop(data, factor=model_factor(model))
+    else:
+        events = pd.read_csv(data)
     names, cohorts = cohorts_by_site(events, model)
     gates = None if policy_dir is None else site_gates(Path(policy_dir), names,
                                                        requester, experiment)
@@ -128,6 +133,7 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
         "sites": [{"name": n, "n_patients": c.n_subjects}
                   for n, c in zip(names, cohorts, strict=True)],
         "rounds": run.rounds, "converged": run.converged,
+        "stopped_by": run.result.get("stopped_by"),
         "seconds": round(seconds, 3),
         "estimates": estimates_table(model, run.result),
         "messages": {"fields": sorted(fields),
@@ -141,6 +147,7 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
             {"site": n, "audit_log": str(g.audit_log), "ledger": str(g.ledger)}
             for n, g in zip(names, gates, strict=True)],
         "history": _history(run.history),
+        "omop_load": omop_load,
         "versions": versions(), "code": code_state("phems_clinical/federation"),
     }
     if compare_pooled:

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from phems_clinical.app.omop import is_omop, model_factor, pk_events_from_omop
 from phems_clinical.data.nonmem import PKData, read_nonmem, to_cohort
 from phems_clinical.evaluation.plots import gof_figure, vpc_figure
 from phems_clinical.pk.diagnostics import compute_diagnostics, simulate_replicates
@@ -84,7 +85,10 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
         raise ValueError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
     options = dict(options or {})
     model = resolve_model(model_ref)
-    data = read_nonmem(data_path, required_covariates=model.covariate_names,
+    source, omop_load = data_path, None
+    if is_omop(data_path):  # a site's OMOP database(s): infusions and levels
+        source, omop_load = pk_events_from_omop(data_path, factor=model_factor(model))
+    data = read_nonmem(source, required_covariates=model.covariate_names,
                        dv_unit=options.pop("dv_unit", "IU/dL"))
     if model.blq == "drop":
         data = _drop_blq(data)
@@ -153,6 +157,7 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
         "n_observations": int(np.asarray(cohort.obs_mask).sum()),
         "n_blq": int((np.asarray(cohort.obs_blq) & np.asarray(cohort.obs_mask)).sum()),
         "exclusions": [e._asdict() for e in data.exclusions],
+        "omop_load": omop_load,
         "objective": objective,
         "theta": {}, "omega": {}, "omega_iov": {}, "sigma": {}, "baseline": {},
         "shrinkage_sd_percent": {p: float(s) for p, s in

@@ -1,0 +1,238 @@
+"""``phems omop simulate|check``: hospitals as OMOP CDM 5.4 databases.
+
+Each simulated hospital is written to its own DuckDB file ``OUT/<site>.duckdb`` (the
+embedded default of the data layer, :mod:`phems_clinical.data.omop`); the
+simulator's ground truth, which no real database has, goes beside it as
+``OUT/<site>.truth.csv`` for validation only. ``check`` reads a site's database
+with the loaders' validation and prints what would be excluded and why.
+
+The use-case commands read the same files: ``phems sepsis``/``phems cardiac`` take
+the folder, and ``phems fit``/``phems federate --data`` accept a ``.duckdb`` file, a
+``postgresql://`` URL or a folder of ``.duckdb`` files for the haemophilia cohorts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import pandas as pd
+
+from phems_clinical.data.omop import (
+    LoadReport,
+    connect,
+    create_cdm,
+    omop_to_pk,
+    pk_to_omop,
+    read_tables,
+    write_tables,
+)
+
+USE_CASES = ("picu", "cardiac", "haemophilia")
+
+PK_TABLES = ("person", "care_site", "visit_occurrence", "drug_exposure",
+             "measurement", "observation")
+
+
+def _is_database(target: str | Path) -> bool:
+    text = str(target)
+    return text.startswith(("postgresql://", "postgres://")) or text.endswith(
+        ".duckdb")
+
+
+def site_databases(target: str | Path) -> dict[str, str]:
+    """``{site: target}`` for a folder of ``<site>.duckdb`` files, one DuckDB file
+    or a PostgreSQL URL (site named by the file stem, or ``site``)."""
+    text = str(target)
+    if text.startswith(("postgresql://", "postgres://")):
+        return {"site": text}
+    path = Path(text)
+    if path.is_dir():
+        found = {p.stem: str(p) for p in sorted(path.glob("*.duckdb"))}
+        if not found:
+            raise FileNotFoundError(f"{path}: no <site>.duckdb files in this folder")
+        return found
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such OMOP database (expected a .duckdb "
+                                "file, a folder of them or a postgresql:// URL)")
+    return {path.stem: str(path)}
+
+
+def _write_site(path: Path, tables: Mapping[str, pd.DataFrame]) -> dict[str, int]:
+    if path.exists():
+        path.unlink()
+    with connect(path) as store:
+        create_cdm(store)
+        write_tables(store, tables)
+    return {t: len(df) for t, df in tables.items()}
+
+
+Tables = dict[str, pd.DataFrame]
+
+
+def _simulated_sites(use_case: str, key, n: int | None, product: str
+                     ) -> dict[str, tuple[Tables, pd.DataFrame | None]]:
+    if use_case == "picu":
+        from phems_clinical.data.picu import DEFAULT_SITES, simulate_sites
+
+        sites = {name: {**cfg, **({"n_stays": n} if n else {})}
+                 for name, cfg in DEFAULT_SITES.items()}
+        return {name: (c.tables, c.truth)
+                for name, c in simulate_sites(key, sites).items()}
+    if use_case == "cardiac":
+        from phems_clinical.data.cardiac import DEFAULT_SITES, simulate_sites
+
+        sites = {name: {**cfg, **({"n_episodes": n} if n else {})}
+                 for name, cfg in DEFAULT_SITES.items()}
+        return {name: (c.tables, c.truth)
+                for name, c in simulate_sites(key, sites).items()}
+    from phems_clinical.pk.library import load_product
+    from phems_clinical.pk.simulate import default_hospitals, simulate_hospitals
+
+    model = load_product(product)
+    factor = model_factor(model)
+    events, truth = simulate_hospitals(key, model, default_hospitals(3 * (n or 30)))
+    out = {}
+    for site, rows in events.groupby("SITE", sort=False):
+        tables = pk_to_omop(rows.drop(columns="SITE"), product=product, site=site,
+                            factor=factor)
+        out[site] = (tables, truth[truth["ID"].isin(rows["ID"])] if "ID" in truth
+                     else None)
+    return out
+
+
+def simulate_omop(use_case: str, out: str | Path, *, seed: int = 0,
+                  n: int | None = None, product: str = "advate") -> dict[str, Any]:
+    """Simulate the use case's default hospitals and write each to
+    ``out/<site>.duckdb`` (replacing an existing file); returns rows per table per
+    site.
+
+    ``n`` is the number of stays (picu), episodes (cardiac) or patients
+    (haemophilia) per site; default: each simulator's own site sizes.
+    """
+    if use_case not in USE_CASES:
+        raise ValueError(f"--use-case: {use_case!r} is not one of "
+                         f"{', '.join(USE_CASES)}")
+    if n is not None and n < 3:
+        raise ValueError(f"--n: {n} per site is too few (at least 3)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for site, (tables, truth) in _simulated_sites(use_case, jax.random.key(seed), n,
+                                                  product).items():
+        summary[site] = _write_site(out / f"{site}.duckdb", tables)
+        if truth is not None:
+            truth.to_csv(out / f"{site}.truth.csv", index=False)
+    return summary
+
+
+def load_site(target: str, tables: tuple[str, ...] | None = None
+              ) -> tuple[dict[str, pd.DataFrame], LoadReport]:
+    """Read and validate one site's OMOP tables (read-only for DuckDB files)."""
+    read_only = not str(target).startswith(("postgresql://", "postgres://"))
+    with connect(target, read_only=read_only) as store:
+        return read_tables(store, tables)
+
+
+def check_omop(target: str | Path) -> dict[str, LoadReport]:
+    """Each site's load report (nothing is changed in the databases)."""
+    return {site: load_site(db)[1] for site, db in site_databases(target).items()}
+
+
+def report_json(report: LoadReport) -> dict[str, Any]:
+    """A load report for result.json: rows read/kept per table, exclusions by
+    table and reason."""
+    return {"rows": report.n_input, "kept": report.n_kept,
+            "excluded": [{"table": r["table"], "reason": r["reason"], "n": int(r["n"])}
+                         for _, r in report.counts.iterrows()]}
+
+
+def pk_events_from_omop(target: str | Path, *, factor: str = "FVIII"
+                        ) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """NONMEM-style events (with a ``SITE`` column) from each site's OMOP database,
+    and each site's load report (for result.json)."""
+    frames, reports = [], {}
+    for site, db in site_databases(target).items():
+        tables, report = load_site(db, PK_TABLES)
+        events = omop_to_pk(tables, factor=factor)
+        events["SITE"] = site
+        frames.append(events)
+        reports[site] = report_json(report)
+    return pd.concat(frames, ignore_index=True), reports
+
+
+def model_factor(model) -> str:
+    """'FIX' for factor IX models (library metadata), else 'FVIII'."""
+    return "FIX" if model.metadata.get("factor") == "FIX" else "FVIII"
+
+
+def is_omop(data: str | Path) -> bool:
+    """Whether ``--data`` names OMOP databases rather than a CSV."""
+    return _is_database(data) or Path(str(data)).is_dir()
+
+
+# ------------------------------------------------------------------ command line
+
+def _simulate_cmd(args) -> int:
+    import json
+
+    summary = simulate_omop(args.use_case, args.out, seed=args.seed, n=args.n,
+                            product=args.product)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {len(summary)} OMOP database(s) to {args.out}/<site>.duckdb "
+          "(+ <site>.truth.csv: the simulator's ground truth, for validation only)")
+    return 0
+
+
+def _check_cmd(args) -> int:
+    reports = check_omop(args.db)
+    for site, report in reports.items():
+        print(f"[{site}] {report.summary()}")
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            report.to_frame().to_csv(out / f"{site}.exclusions.csv", index=False)
+    if args.out:
+        print(f"wrote {args.out}/<site>.exclusions.csv (one row per excluded record)")
+    return 0
+
+
+def add_omop_parser(subparsers):
+    """Register ``omop simulate`` and ``omop check`` on the ``phems`` subparsers.
+
+    Examples
+    --------
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="phems")
+    >>> _ = add_omop_parser(parser.add_subparsers(dest="command"))
+    >>> a = parser.parse_args(["omop", "simulate", "--use-case", "picu", "--out", "d"])
+    >>> a.use_case, a.n, a.func.__name__
+    ('picu', None, '_simulate_cmd')
+    """
+    o = subparsers.add_parser("omop", help="hospitals as OMOP CDM 5.4 databases: "
+                                           "simulate, check")
+    sub = o.add_subparsers(dest="omop_command", required=True)
+    s = sub.add_parser("simulate", help="simulate hospitals into <site>.duckdb files")
+    s.add_argument("--use-case", required=True, choices=USE_CASES)
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--n", type=int, default=None,
+                   help="stays / episodes / patients per site (default: the "
+                        "simulator's site sizes)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--product", default="advate",
+                   help="haemophilia: library product (e.g. advate, alprolix)")
+    s.set_defaults(func=_simulate_cmd)
+    c = sub.add_parser("check", help="validate a site's OMOP database and report "
+                                     "what the loaders exclude, and why")
+    c.add_argument("db", help="<site>.duckdb, a folder of them, or postgresql:// URL")
+    c.add_argument("--out", default=None,
+                   help="folder for <site>.exclusions.csv (optional)")
+    c.set_defaults(func=_check_cmd)
+    return o
+
+
+__all__ = ["USE_CASES", "add_omop_parser", "check_omop", "is_omop", "load_site",
+           "model_factor",
+           "pk_events_from_omop", "report_json", "simulate_omop", "site_databases"]
