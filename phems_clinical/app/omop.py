@@ -82,12 +82,10 @@ def _simulated_sites(use_case: str, key, n: int | None, product: str
         return {name: (c.tables, c.truth)
                 for name, c in simulate_sites(key, sites).items()}
     if use_case == "cardiac":
-        from phems_clinical.data.cardiac import DEFAULT_SITES, simulate_sites
+        from phems_clinical.data.cardiac import simulate_sites
 
-        sites = {name: {**cfg, **({"n_episodes": n} if n else {})}
-                 for name, cfg in DEFAULT_SITES.items()}
         return {name: (c.tables, c.truth)
-                for name, c in simulate_sites(key, sites).items()}
+                for name, c in simulate_sites(key, n_episodes=n or 500).items()}
     from phems_clinical.pk.library import load_product
     from phems_clinical.pk.simulate import default_hospitals, simulate_hospitals
 

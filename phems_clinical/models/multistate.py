@@ -143,7 +143,7 @@ def design(sojourns: pd.DataFrame, spec: MultistateSpec = DEFAULT_SPEC
     D = np.zeros((n, K, J))
     has_event = nxt != "CENSORED"
     to_idx = np.array([names.index(s) if s in names else -1 for s in nxt])
-    k_of = np.array([tk.get((a, b), -1) for a, b in zip(s_from, to_idx)])
+    k_of = np.array([tk.get((a, b), -1) for a, b in zip(s_from, to_idx, strict=True)])
     if np.any(has_event & (k_of < 0)):
         bad = sorted({(names[a], nxt[i]) for i, a in enumerate(s_from)
                       if has_event[i] and k_of[i] < 0})
@@ -214,8 +214,8 @@ def covariate_free_mle(examples: EpisodeExamples, spec: MultistateSpec = DEFAULT
     """Closed-form MLE of ``alpha`` without covariates: log(sum D / sum E)
     (``-inf`` where there are no events, also without exposure)."""
     D, E = sufficient_totals(examples, spec)
-    return jnp.where(D > 0, jnp.log(jnp.where(D > 0, D, 1.0) / jnp.where(E > 0, E, 1.0)),
-                     -jnp.inf)
+    rate = jnp.where(D > 0, D, 1.0) / jnp.where(E > 0, E, 1.0)
+    return jnp.where(D > 0, jnp.log(rate), -jnp.inf)
 
 
 def log_likelihood(params: Params, example: dict, spec: MultistateSpec = DEFAULT_SPEC
@@ -323,16 +323,9 @@ def penalised_nll(params: Params, examples: EpisodeExamples,
     m = jnp.asarray(examples.mask, float)
     out = -jnp.sum(m * ll) + 0.5 * ridge * jnp.sum(m) * jnp.sum(params.beta ** 2)
     if prior_sd_alpha is not None:
-        out += 0.5 * jnp.sum((params.alpha - prior_mean_alpha) ** 2) / prior_sd_alpha ** 2
+        dev = params.alpha - prior_mean_alpha
+        out += 0.5 * jnp.sum(dev ** 2) / prior_sd_alpha ** 2
     return out
-
-
-class FitResult(NamedTuple):
-    params: Params
-    se: Params          # from the inverse observed information
-    nll: float
-    iterations: int
-    converged: bool
 
 
 def _newton_parts(params: Params, data: dict, mask, frm, ridge, prec_alpha,
@@ -389,7 +382,7 @@ def fit(examples: EpisodeExamples, spec: MultistateSpec = DEFAULT_SPEC, *,
     p = init_params(None, spec, examples)
     fx, g, H = parts(p)
     converged, it = False, 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 (reported)
         step = jnp.linalg.solve(H + 1e-12 * jnp.eye(J + P)[None], g[..., None])[..., 0]
         dec = float(jnp.sum(g * step))
         t = 1.0
@@ -524,7 +517,8 @@ def prob_stay_longer(params: Params, x: jax.Array, days: float = 7.0,
     overlap = np.clip(np.minimum(cuts[1:], days) - cuts[:-1], 0, None)     # (J,)
     out_k = np.array([a == state for a, _ in spec.transitions], float)
     xs = jnp.atleast_2d(x)
-    lam = jnp.exp(params.alpha[None] + jnp.einsum("kp,np->nk", params.beta, xs)[..., None])
+    eta = jnp.einsum("kp,np->nk", params.beta, xs)[..., None]
+    lam = jnp.exp(params.alpha[None] + eta)
     return jnp.exp(-jnp.einsum("nkj,k,j->n", lam, jnp.asarray(out_k),
                                jnp.asarray(overlap)))
 

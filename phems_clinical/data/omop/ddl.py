@@ -27,6 +27,7 @@ PLACEHOLDER = "@cdmDatabaseSchema"
 USE_CASE_TABLES = (
     "person", "visit_occurrence", "visit_detail", "condition_occurrence",
     "drug_exposure", "measurement", "observation", "procedure_occurrence", "death",
+    "observation_period",
     "care_site", "concept",
 )
 
