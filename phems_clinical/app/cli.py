@@ -16,6 +16,8 @@ Subcommands::
     phems omop simulate --use-case picu|cardiac|haemophilia --out DIR
                                   simulated hospitals as OMOP DuckDB files
     phems omop check DB           what the loaders exclude from a site's OMOP data
+    phems cardiac --omop DIR --out OUT
+                                  cardiac pathways: federated multi-state model
 
 Errors in the input (data rows, model fields, options) are printed as one clear
 message and the command exits with status 2; nothing is written half-way silently.
@@ -262,10 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_federate)
 
     from phems_clinical.app.audit import add_audit_parser
+    from phems_clinical.app.cardiac import add_cardiac_parser
     from phems_clinical.app.omop import add_omop_parser
 
     add_audit_parser(sub)
     add_omop_parser(sub)
+    add_cardiac_parser(sub)
     return parser
 
 

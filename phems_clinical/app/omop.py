@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import pandas as pd
 
 from phems_clinical.data.omop import (
@@ -161,6 +162,29 @@ def pk_events_from_omop(target: str | Path, *, factor: str = "FVIII"
     return pd.concat(frames, ignore_index=True), reports
 
 
+def split_ids(key, ids, test_fraction: float) -> tuple[set, set]:
+    """A seeded random split of a site's patient/stay ids into (train, test); the
+    test share is held out real data for that site's evaluation."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"--test-fraction: {test_fraction} is not in (0, 1)")
+    ids = np.unique(np.asarray(ids))
+    order = np.asarray(jax.random.permutation(key, len(ids)))
+    n_test = max(1, int(round(test_fraction * len(ids))))
+    return set(ids[order[n_test:]].tolist()), set(ids[order[:n_test]].tolist())
+
+
+def round_printer(tag: str, n_sites: int, every: int = 10):
+    """An ``on_round`` callback printing progress every ``every`` rounds."""
+    def on_round(rec, server):
+        del server
+        if (rec.round + 1) % every == 0 or rec.round == 0:
+            print(f"[phems {tag}] round {rec.round + 1}: sites "
+                  f"{len(rec.participants)}/{n_sites}"
+                  + (f", dropped {list(rec.dropped)}" if rec.dropped else "")
+                  + f", {rec.seconds:.2f} s", flush=True)
+    return on_round
+
+
 def model_factor(model) -> str:
     """'FIX' for factor IX models (library metadata), else 'FVIII'."""
     return "FIX" if model.metadata.get("factor") == "FIX" else "FVIII"
@@ -232,5 +256,5 @@ def add_omop_parser(subparsers):
 
 
 __all__ = ["USE_CASES", "add_omop_parser", "check_omop", "is_omop", "load_site",
-           "model_factor",
+           "model_factor", "round_printer", "split_ids",
            "pk_events_from_omop", "report_json", "simulate_omop", "site_databases"]
