@@ -30,7 +30,7 @@ and ``mask (n,)`` bool (False for padding) -- the same structure as
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -69,7 +69,8 @@ def to_examples(site: SiteTensors, stats: FeatureStats | None = None) -> Example
     """Standardised :class:`Examples` of one site (``stats``: pooled sums across
     sites; default this site's own)."""
     stats = feature_stats(site) if stats is None else stats
-    data = {"x": standardise(site.x, stats), "y": site.y, "w": site.w,
+    names = site.names if site.model == LOGISTIC else None   # TCN: all features
+    data = {"x": standardise(site.x, stats, names), "y": site.y, "w": site.w,
             "sepsis_label": site.sepsis_label, "present": site.present}
     return Examples(data, np.ones(site.stay_id.shape[0], dtype=bool))
 
@@ -161,13 +162,18 @@ def init_params(key, n_features: int, model: str = LOGISTIC, *, channels: int = 
 
 
 def _causal_conv(h: jax.Array, w: jax.Array, dilation: int) -> jax.Array:
-    """(T, C) x (k, C, C') -> (T, C'): ``out[t] = sum_j w[j] h[t - d (k-1-j)]``."""
-    k = w.shape[0]
-    out = jax.lax.conv_general_dilated(
-        h[None], w.astype(h.dtype), window_strides=(1,),
-        padding=[(dilation * (k - 1), 0)], rhs_dilation=(dilation,),
-        dimension_numbers=("NWC", "WIO", "NWC"))
-    return out[0]
+    """(T, C) x (k, C, C') -> (T, C'): ``out[t] = sum_j h[t - d (k-1-j)] @ w[j]``
+    (zeros before hour 0). Written as k shifted matmuls rather than
+    ``lax.conv_general_dilated``: per-stay gradients of a convolution under
+    ``vmap`` become grouped convolutions, which are very slow on CPU."""
+    k, T = w.shape[0], h.shape[0]
+    out = h @ w[k - 1]
+    for j in range(k - 1):
+        s = dilation * (k - 1 - j)
+        if s < T:
+            shifted = jnp.concatenate([jnp.zeros((s, h.shape[1]), h.dtype), h[:T - s]])
+            out = out + shifted @ w[j]
+    return out
 
 
 def apply(params, x: jax.Array) -> jax.Array:
@@ -188,11 +194,17 @@ def _penalty(params) -> jax.Array:
                if getattr(p[-1], "key", None) == "w")
 
 
-def make_loss(unravel, *, l2: float = 1e-3, pos_weight: float = 1.0
+def make_loss(unravel, *, l2: float = 1e-4, pos_weight: float = 1.0,
+              hours_norm: float | None = None
               ) -> Callable[[jax.Array, Any], jax.Array]:
-    """``loss(x_flat, example) -> scalar``: the stay's mean weighted BCE over its
-    used hours (``example["w"]``) + ``l2/2 ||W||^2`` (see the module docstring).
+    """``loss(x_flat, example) -> scalar``: the stay's weighted BCE over its used
+    hours (``example["w"]``) + ``l2/2 ||W||^2`` (see the module docstring).
 
+    hours_norm : ``None`` (default): the stay's MEAN over its used hours (every
+        stay counts once). A number ``c``: the stay's SUM over used hours divided by
+        ``c``; the mean over stays is then the pooled hour-level loss (times
+        ``n_hours / (n_stays c)``), whose minimiser is calibrated per hour; take
+        ``c`` = the mean number of used hours per stay (a ratio of two sums).
     pos_weight : weight of the positive hours' term (1 keeps the probabilities
         calibrated).
     """
@@ -202,8 +214,8 @@ def make_loss(unravel, *, l2: float = 1e-3, pos_weight: float = 1.0
         y = ex["y"].astype(z.dtype)
         w = ex["w"].astype(z.dtype)
         bce = pos_weight * y * jax.nn.softplus(-z) + (1.0 - y) * jax.nn.softplus(z)
-        nll = jnp.sum(w * bce) / jnp.maximum(jnp.sum(w), 1.0)
-        return nll + 0.5 * l2 * _penalty(params)
+        den = jnp.maximum(jnp.sum(w), 1.0) if hours_norm is None else hours_norm
+        return jnp.sum(w * bce) / den + 0.5 * l2 * _penalty(params)
 
     return loss
 
@@ -217,7 +229,7 @@ def make_predict(unravel) -> Callable[[jax.Array, Any], jax.Array]:
         return jax.nn.sigmoid(jax.vmap(lambda s: apply(params, s))(data_x))
 
     def run(x, examples):
-        data = examples.data if hasattr(examples, "data") else examples
+        data = examples if isinstance(examples, Mapping) else examples.data
         return predict(x, jnp.asarray(data["x"]))
 
     return run
@@ -251,7 +263,7 @@ def fit_central(key, loss, x0, examples: Examples, *, epochs: int = 5,
     vg = jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0))
 
     @jax.jit
-    def epoch(carry, perm):
+    def epoch(carry, perm, data):
         def step(c, ids):
             x, st = c
             batch = jax.tree.map(lambda a: a[jnp.maximum(ids, 0)], data)
@@ -270,6 +282,6 @@ def fit_central(key, loss, x0, examples: Examples, *, epochs: int = 5,
         order = np.asarray(jax.random.permutation(k, n))
         ids = np.full(nb * bs, -1, dtype=np.int64)
         ids[:n] = idx_real[order]
-        carry, lv = epoch(carry, jnp.asarray(ids.reshape(nb, bs)))
+        carry, lv = epoch(carry, jnp.asarray(ids.reshape(nb, bs)), data)
         hist.append(float(lv))
     return CentralFit(carry[0], np.asarray(hist))

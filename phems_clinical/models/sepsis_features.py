@@ -24,10 +24,16 @@ is already septic); stays without onset contribute all their hours with ``y = 0`
   ``lookback_h``, measured-this-hour mask and hours since the last measurement;
   interventions this hour; age band and sex.
 
-Standardisation uses only sums (count, sum, sum of squares per feature over real
-hours), which sites can add up (:class:`FeatureStats`); after standardising, a
-feature that is NaN (nothing observed) becomes 0, the mean, with its missingness
-indicator carrying the information.
+Right-skewed labs and the SpO2:FiO2 / PaO2:FiO2 ratios (:data:`LOG_SCALE`) enter on
+the log scale. Standardisation uses only sums (count, sum, sum of squares per feature
+over real hours), which sites can add up (:class:`FeatureStats`). For the logistic
+model only the value summaries (last/min/max/mean) are standardised (indicators,
+counts, one-hots and the hours-since in [0, 1] stay as they are: standardising rare
+indicators gives values of 30 SD that slowed and destabilised training); the TCN's
+inputs are all standardised (it trained markedly better so: held-out AUROC 0.75
+vs 0.66 on the default simulated sites). After standardising, a feature
+that is NaN (nothing observed) becomes 0, the mean, with its missingness indicator
+carrying the information.
 """
 
 from __future__ import annotations
@@ -39,9 +45,9 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["AGE_BANDS_MONTHS", "FeatureStats", "INTERVENTIONS", "LOGISTIC",
-           "SepsisInputError", "SiteTensors", "TCN", "VARIABLES", "build_site",
-           "feature_names", "feature_stats", "make_labels", "onset_per_row",
-           "standardise"]
+           "LOG_SCALE", "SepsisInputError", "SiteTensors", "TCN", "VARIABLES",
+           "build_site", "feature_names", "feature_stats", "make_labels",
+           "onset_per_row", "scaled_features", "standardise"]
 
 LOGISTIC = "logistic"
 TCN = "tcn"
@@ -55,6 +61,10 @@ MEASURED = ("hr", "resp_rate", "sbp", "dbp", "map", "spo2", "temp", "gcs",
 #: respiratory inputs SpO2:FiO2 and PaO2:FiO2; FiO2 as a fraction).
 DERIVED = ("sf_ratio", "pf_ratio")
 VARIABLES = MEASURED + DERIVED
+#: Right-skewed positive labs (and the ratios) enter on the log scale, so that a
+#: few extreme values do not dominate the standardised features.
+LOG_SCALE = ("lactate", "inr", "d_dimer", "anc", "alc", "wbc", "creatinine",
+             "bilirubin", "alt", "sf_ratio", "pf_ratio")
 INTERVENTIONS = ("imv", "other_respiratory_support", "vasoactives", "antimicrobial",
                  "culture")
 #: Upper edges (months, exclusive) of the Phoenix age bands; the last is open.
@@ -144,6 +154,7 @@ class SiteTensors(NamedTuple):
     present : (n, T) bool -- the stay has a row for that hour.
     stay_id : (n,) int64.
     names : feature names (F,).
+    model : which model the features are for (``"logistic"`` or ``"tcn"``).
     """
 
     x: np.ndarray
@@ -153,6 +164,7 @@ class SiteTensors(NamedTuple):
     present: np.ndarray
     stay_id: np.ndarray
     names: tuple[str, ...]
+    model: str = LOGISTIC
 
 
 def feature_names(model: str = LOGISTIC, *, windows: Sequence[int] = (6, 24)
@@ -180,7 +192,7 @@ def build_site(hourly: pd.DataFrame, onset, *, model: str = LOGISTIC,
     """Labels and unstandardised features of one site's stays (see the module doc).
 
     Hours ``>= max_hours`` are dropped (T = min(max_hours, longest stay)). Memory:
-    ``n * T * F * 4`` bytes (F = 236 logistic, 92 TCN features).
+    ``n * T * F * 4`` bytes (F = 251 logistic, 90 TCN features).
     """
     _check_hourly(hourly)
     if max_hours < 1 or lookback_h < 1 or any(w < 1 for w in windows):
@@ -206,7 +218,11 @@ def build_site(hourly: pd.DataFrame, onset, *, model: str = LOGISTIC,
         ratios = np.column_stack([meas[:, MEASURED.index("spo2")] / fio2,
                                   meas[:, MEASURED.index("pao2")] / fio2])
     ratios[~np.isfinite(ratios)] = np.nan
-    v = grid(np.column_stack([meas, ratios]))                     # (n, T, V)
+    allv = np.column_stack([meas, ratios])
+    logc = [VARIABLES.index(c) for c in LOG_SCALE]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        allv[:, logc] = np.log(np.maximum(allv[:, logc], 1e-3))
+    v = grid(allv)                                                # (n, T, V)
     iv = grid(np.nan_to_num(df[list(INTERVENTIONS)].to_numpy(
         dtype=np.float64, na_value=np.nan)), 0.0)                # (n, T, I)
     age = df["age_months"].to_numpy(dtype=np.float64, na_value=np.nan)
@@ -262,7 +278,18 @@ def build_site(hourly: pd.DataFrame, onset, *, model: str = LOGISTIC,
     y = grid(lab["y"].to_numpy(np.float64), 0.0, np.float32)
     w = grid(lab["include"].to_numpy(np.float64), 0.0, np.float32)
     cinc = grid(lab["sepsis_label"].to_numpy(np.float64), 0.0, np.float32)
-    return SiteTensors(out, y, w, cinc, present, stay_id, names)
+    return SiteTensors(out, y, w, cinc, present, stay_id, names, model)
+
+
+_VALUE_STATS = ("last", "min", "max", "mean")
+
+
+def scaled_features(names: Sequence[str]) -> np.ndarray:
+    """Which features are standardised: the value summaries (last, min, max, mean);
+    indicators, counts, hours-since (already in [0, 1]) and one-hots stay as
+    they are."""
+    return np.array([any(n.startswith(v + "_") and n[len(v) + 1:].startswith(
+        _VALUE_STATS) for v in VARIABLES) for n in names])
 
 
 class FeatureStats(NamedTuple):
@@ -293,8 +320,13 @@ def feature_stats(site: SiteTensors) -> FeatureStats:
     return FeatureStats(ok.sum(0).astype(np.float64), x0.sum(0), (x0**2).sum(0))
 
 
-def standardise(x: np.ndarray, stats: FeatureStats) -> np.ndarray:
-    """``(x - mean) / sd`` with NaN -> 0 (float32)."""
+def standardise(x: np.ndarray, stats: FeatureStats,
+                names: Sequence[str] | None = None) -> np.ndarray:
+    """``(x - mean) / sd`` with NaN -> 0 (float32); with ``names``, only the
+    :func:`scaled_features` are standardised (the others keep their values)."""
     mean, sd = stats.mean_sd()
+    if names is not None:
+        keep = ~scaled_features(names)
+        mean, sd = np.where(keep, 0.0, mean), np.where(keep, 1.0, sd)
     z = (x - mean.astype(np.float32)) / sd.astype(np.float32)
     return np.nan_to_num(z, nan=0.0).astype(np.float32, copy=False)
