@@ -16,6 +16,8 @@ Subcommands::
     phems omop simulate --use-case picu|cardiac|haemophilia --out DIR
                                   simulated hospitals as OMOP DuckDB files
     phems omop check DB           what the loaders exclude from a site's OMOP data
+    phems sepsis --omop DIR --out OUT [--model logistic|tcn]
+                                  PICU sepsis risk: federated, per site + held out
     phems cardiac --omop DIR --out OUT
                                   cardiac pathways: federated multi-state model
 
@@ -266,9 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     from phems_clinical.app.audit import add_audit_parser
     from phems_clinical.app.cardiac import add_cardiac_parser
     from phems_clinical.app.omop import add_omop_parser
+    from phems_clinical.app.sepsis import add_sepsis_parser
 
     add_audit_parser(sub)
     add_omop_parser(sub)
+    add_sepsis_parser(sub)
     add_cardiac_parser(sub)
     return parser
 

@@ -1,0 +1,190 @@
+"""``phems sepsis``: PICU sepsis risk from each hospital's OMOP database, trained
+federatedly, evaluated per site and on a held-out hospital.
+
+1. Each site reads its OMOP database with the loaders' validation (excluded
+   records counted by reason in ``result.json``), builds the hourly table
+   (:func:`phems_clinical.data.picu.hourly_table`) and labels every stay with its
+   Phoenix sepsis onset (:func:`phems_clinical.models.scores.sepsis_onset`:
+   Phoenix Sepsis Score >= 2 with suspected infection; Schlapbach et al., JAMA
+   2024).
+2. Each training site keeps a random ``test_fraction`` of its stays aside. The
+   model (``logistic`` on windowed features, or ``tcn`` on the hourly sequence;
+   :mod:`phems_clinical.models.sepsis`) predicts onset within the next
+   ``horizon_h`` hours and is trained over the training sites with FedAdam or
+   FedAvg (:mod:`phems_clinical.evaluation.sepsis_eval`).
+3. The alarm threshold maximises the CinC 2019 normalised utility on the training
+   stays; each site's held-out stays and the held-out hospital are scored with
+   AUROC, AUPRC, calibration slope / intercept, ECE, Brier score and the utility.
+
+Writes ``result.json``, ``metrics.csv`` and ``calibration.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pandas as pd
+
+from phems_clinical.app.omop import (
+    load_site,
+    report_json,
+    round_printer,
+    site_databases,
+    split_ids,
+)
+from phems_clinical.data.picu import hourly_table
+from phems_clinical.evaluation import sepsis_eval as se
+from phems_clinical.models import scores
+from phems_clinical.provenance import code_state, versions
+
+TEST = ":test"
+"""Suffix of a training site's held-out stays in the metrics."""
+
+
+def load_sites(omop: str | Path) -> tuple[dict[str, pd.DataFrame],
+                                          dict[str, pd.Series], dict[str, Any]]:
+    """Each site's hourly table, Phoenix onsets (hour per stay_id, NaN = none) and
+    load report."""
+    hourly, onsets, reports = {}, {}, {}
+    for site, db in site_databases(omop).items():
+        tables, report = load_site(db)
+        h = hourly_table(tables, site=site)
+        if h.empty:
+            raise ValueError(f"site {site}: no ICU stay with hourly data in {db}")
+        onset = scores.sepsis_onset(h)
+        hourly[site], onsets[site] = h, onset
+        reports[site] = {**report_json(report), "stays": int(h["stay_id"].nunique()),
+                         "hours": len(h),
+                         "phoenix_sepsis_stays": int(np.isfinite(onset).sum())}
+    return hourly, onsets, reports
+
+
+def _calibration_figure(probs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    for name, (p, y) in probs.items():
+        if y.size == 0:
+            continue
+        edges = np.quantile(p, np.linspace(0, 1, 11))
+        idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, 9)
+        mp = [p[idx == b].mean() for b in range(10) if np.any(idx == b)]
+        my = [y[idx == b].mean() for b in range(10) if np.any(idx == b)]
+        ax.plot(mp, my, marker="o", label=name)
+    ax.set_xlabel("predicted probability (decile means)")
+    ax.set_ylabel("observed onset within horizon")
+    ax.set_title("calibration on held-out stays")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_sepsis(omop: str | Path, out: str | Path, *, holdout: str | None = None,
+               model: str = "logistic", algorithm: str = "fedadam",
+               rounds: int = 50, horizon_h: int = 6, seed: int = 0,
+               test_fraction: float = 0.25, progress: bool = True,
+               **train_kw) -> dict:
+    """Train and evaluate the sepsis model over the sites in ``omop``; writes
+    ``out``."""
+    hourly, onsets, reports = load_sites(omop)
+    names = list(hourly)
+    holdout = holdout or names[-1]
+    if holdout not in hourly:
+        raise ValueError(f"--holdout: {holdout!r} is not one of the sites "
+                         f"{', '.join(names)}")
+    train_names = [n for n in names if n != holdout]
+    if not train_names:
+        raise ValueError("--holdout: at least one other site is needed to train")
+    if horizon_h < 1:
+        raise ValueError(f"--horizon: {horizon_h} h; expected at least 1 hour")
+    key = jax.random.key(seed)
+    k_split, k_run = jax.random.split(key)
+    parts, onset_parts = {}, {}
+    for i, n in enumerate(train_names):
+        tr, te = split_ids(jax.random.fold_in(k_split, i), hourly[n]["stay_id"],
+                           test_fraction)
+        h = hourly[n]
+        parts[n] = h[h["stay_id"].isin(tr)]
+        parts[n + TEST] = h[h["stay_id"].isin(te)]
+        onset_parts[n] = onset_parts[n + TEST] = onsets[n]
+    parts[holdout], onset_parts[holdout] = hourly[holdout], onsets[holdout]
+    held_out = [n + TEST for n in train_names] + [holdout]
+    fields: set[str] = set()
+    run_kw = {"on_round": round_printer("sepsis", len(train_names)) if progress
+              else None, "on_message": lambda r, k, p: fields.update(p)}
+    res = se.cross_site_evaluation(k_run, parts, onset_parts, held_out=held_out,
+                                   model=model, horizon_h=horizon_h,
+                                   algorithm=algorithm, rounds=rounds,
+                                   run_kw=run_kw, **train_kw)
+    rows = []
+    for name, m in res["metrics"].items():
+        site, split = ((name[:-len(TEST)], "test") if name.endswith(TEST) else
+                       (name, "held-out hospital" if name == holdout else "train"))
+        rows.append({"site": site, "split": split, **m})
+    metrics = pd.DataFrame(rows)
+    result: dict[str, Any] = {
+        "use_case": "picu_sepsis", "model": model, "algorithm": algorithm,
+        "target": f"Phoenix sepsis onset within the next {horizon_h} h",
+        "rounds": res["rounds"], "seconds_train": round(res["seconds_train"], 3),
+        "seed": seed, "holdout": holdout, "test_fraction": test_fraction,
+        "threshold": res["threshold"], "train_utility": res["train_utility"],
+        "sites": reports, "metrics": metrics.to_dict(orient="records"),
+        "messages": {"fields": sorted(fields), "checked_against":
+                     "data_schemas/federation_message.schema.json"},
+        "privacy": res["privacy"],
+        "versions": versions(), "code": code_state("phems_clinical/models"),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics.to_csv(out / "metrics.csv", index=False)
+    _calibration_figure({n: res["probs"][n] for n in held_out},
+                        out / "calibration.png")
+    (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
+    return result
+
+
+def add_sepsis_parser(subparsers):
+    """Register ``phems sepsis``."""
+    s = subparsers.add_parser(
+        "sepsis", help="PICU sepsis risk: federated model from each site's OMOP "
+                       "database, evaluated per site and on a held-out hospital")
+    s.add_argument("--omop", required=True,
+                   help="folder of <site>.duckdb files (phems omop simulate "
+                        "--use-case picu)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--model", default="logistic", choices=("logistic", "tcn"))
+    s.add_argument("--algorithm", default="fedadam", choices=("fedadam", "fedavg"))
+    s.add_argument("--rounds", type=int, default=50)
+    s.add_argument("--horizon", type=int, default=6,
+                   help="predict Phoenix sepsis onset within this many hours")
+    s.add_argument("--holdout", default=None,
+                   help="site kept out of training (default: the last site)")
+    s.add_argument("--test-fraction", type=float, default=0.25,
+                   help="share of each training site's stays held out")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_sepsis_cmd)
+    return s
+
+
+def _sepsis_cmd(args) -> int:
+    res = run_sepsis(args.omop, args.out, holdout=args.holdout, model=args.model,
+                     algorithm=args.algorithm, rounds=args.rounds,
+                     horizon_h=args.horizon, seed=args.seed,
+                     test_fraction=args.test_fraction)
+    cols = ["site", "split", "n_stays", "auroc", "auprc", "calibration_slope",
+            "calibration_intercept", "ece", "utility"]
+    print(pd.DataFrame(res["metrics"])[cols].round(3).to_string(index=False))
+    print(f"wrote {args.out}/result.json, metrics.csv, calibration.png")
+    return 0
+
+
+__all__ = ["add_sepsis_parser", "load_sites", "run_sepsis"]
