@@ -32,11 +32,11 @@ import numpy as np
 import pandas as pd
 
 from phems_clinical.app.omop import (
+    holdout_split,
     load_site,
     report_json,
     round_printer,
     site_databases,
-    split_ids,
 )
 from phems_clinical.data.cardiac.pathways import episodes
 from phems_clinical.evaluation import cardiac_eval as ce
@@ -93,21 +93,10 @@ def run_cardiac(omop: str | Path, out: str | Path, *, holdout: str | None = None
     """Train and evaluate the cardiac multi-state model; writes ``out``."""
     sojourns, reports = load_sites(omop)
     names = list(sojourns)
-    holdout = holdout or names[-1]
-    if holdout not in sojourns:
-        raise ValueError(f"--holdout: {holdout!r} is not one of the sites "
-                         f"{', '.join(names)}")
-    train_names = [n for n in names if n != holdout]
-    if not train_names:
-        raise ValueError("--holdout: at least one other site is needed to train")
-    key = jax.random.key(seed)
-    k_split, k_run = jax.random.split(key)
-    train, test = {}, {}
-    for i, n in enumerate(train_names):
-        tr, te = split_ids(jax.random.fold_in(k_split, i), sojourns[n]["episode_id"],
-                           test_fraction)
-        train[n] = sojourns[n][sojourns[n]["episode_id"].isin(tr)]
-        test[n] = sojourns[n][sojourns[n]["episode_id"].isin(te)]
+    k_split, k_run = jax.random.split(jax.random.key(seed))
+    holdout, train, test = holdout_split(k_split, sojourns, "episode_id", holdout,
+                                         test_fraction)
+    train_names = list(train)
     lr = {"learning_rate": learning_rate} if learning_rate else {}
     if strategy == "fedadam" and not lr:
         lr = {"learning_rate": 0.1}

@@ -173,6 +173,27 @@ def split_ids(key, ids, test_fraction: float) -> tuple[set, set]:
     return set(ids[order[n_test:]].tolist()), set(ids[order[:n_test]].tolist())
 
 
+def holdout_split(key, frames: Mapping[str, pd.DataFrame], id_col: str,
+                  holdout: str | None, test_fraction: float
+                  ) -> tuple[str, dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+    """The held-out hospital (default: the last site) and, for every other site, a
+    seeded split of its rows by ``id_col`` into training and held-out test rows:
+    ``(holdout, train, test)``."""
+    names = list(frames)
+    holdout = holdout or names[-1]
+    if holdout not in frames:
+        raise ValueError(f"--holdout: {holdout!r} is not one of the sites "
+                         f"{', '.join(names)}")
+    if len(names) < 2:
+        raise ValueError("--holdout: at least one other site is needed to train")
+    train, test = {}, {}
+    for i, n in enumerate(x for x in names if x != holdout):
+        df = frames[n]
+        tr, te = split_ids(jax.random.fold_in(key, i), df[id_col], test_fraction)
+        train[n], test[n] = df[df[id_col].isin(tr)], df[df[id_col].isin(te)]
+    return holdout, train, test
+
+
 def round_printer(tag: str, n_sites: int, every: int = 10):
     """An ``on_round`` callback printing progress every ``every`` rounds."""
     def on_round(rec, server):
@@ -256,5 +277,5 @@ def add_omop_parser(subparsers):
 
 
 __all__ = ["USE_CASES", "add_omop_parser", "check_omop", "is_omop", "load_site",
-           "model_factor", "round_printer", "split_ids",
+           "holdout_split", "model_factor", "round_printer", "split_ids",
            "pk_events_from_omop", "report_json", "simulate_omop", "site_databases"]

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from phems_clinical.evaluation import classification as cm
 from phems_clinical.evaluation import survival as sv
 from phems_clinical.federation.engine import run_federated
 from phems_clinical.federation.strategies import (
@@ -56,16 +57,12 @@ def episode_outcomes(sojourns: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def auroc(y, score) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties 1/2), NaN labels dropped."""
+def _auroc_known(y, score) -> float:
+    """AUROC (:func:`phems_clinical.evaluation.classification.auroc`) over the
+    episodes whose outcome is known (NaN labels dropped, e.g. censored early)."""
     y = np.asarray(y, float)
-    s = np.asarray(score, float)
     ok = ~np.isnan(y)
-    y, s = y[ok], s[ok]
-    r = pd.Series(s).rank().to_numpy()
-    n1 = y.sum()
-    n0 = len(y) - n1
-    return float((r[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return cm.auroc(y[ok], np.asarray(score, float)[ok])
 
 
 def site_examples(sites: dict[str, pd.DataFrame], spec: ms.MultistateSpec =
@@ -139,7 +136,7 @@ def evaluate(params: ms.Params, sojourns: pd.DataFrame,
                                                        mort[:, i], h)
     out[f"brier_readmit_{int(horizons[-1])}d"] = sv.brier_score(
         oc.readmit_time, oc.readmit, readm[:, h_last], horizons[-1])
-    out["auc_cicu_gt7"] = auroc(oc.cicu_gt7, np.asarray(pred["cicu_gt7"]))
+    out["auc_cicu_gt7"] = _auroc_known(oc.cicu_gt7, np.asarray(pred["cicu_gt7"]))
     cal = sv.calibration_table(oc.death_time, oc.death, mort[:, h_last], horizons[-1],
                                groups=min(10, max(2, len(oc) // 50)))
     out.update({f"death_{k}": v for k, v in sv.calibration_summary(cal).items()})
@@ -164,6 +161,6 @@ def pooled_fit(sites: dict[str, pd.DataFrame], spec: ms.MultistateSpec =
                   prior_mean_alpha=prior_mean_alpha)
 
 
-__all__ = ["auroc", "episode_outcomes", "evaluate", "evaluate_sites", "pooled_fit",
+__all__ = ["episode_outcomes", "evaluate", "evaluate_sites", "pooled_fit",
            "site_examples", "train_federated"]
 
