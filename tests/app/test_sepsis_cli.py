@@ -20,7 +20,7 @@ def picu_dir(tmp_path_factory):
 def test_sepsis_trains_federated_and_evaluates(picu_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["sepsis", "--omop", str(picu_dir), "--out", str(out), "--rounds",
-                 "5", "--holdout", "district"]) == 0
+                 "5", "--holdout", "district", "--model", "logistic"]) == 0
     res = json.loads((out / "result.json").read_text())
     assert res["holdout"] == "district" and res["rounds"] == 5
     assert res["target"] == "Phoenix sepsis onset within the next 6 h"

@@ -233,3 +233,17 @@ def test_round_trip_through_omop_duckdb(tmp_path):
         assert len(back[name]) == len(df), name
     pd.testing.assert_frame_equal(hourly_table(back, site="B"),
                                   hourly_table(c.tables, site="B"))
+
+
+def test_simulated_stays_pass_the_omop_checks_even_for_newborns():
+    """Every simulated record is valid OMOP: no exclusion by the loaders' checks,
+    including newborns admitted within hours of birth (whose hospital visit must
+    not start before birth; this failed before the visit start was bounded)."""
+    from phems_clinical.data.omop import validate_tables
+    from phems_clinical.data.omop.concepts import bundled_concepts
+
+    c = simulate_picu(jax.random.key(1), n_stays=400, site="N", case_mix={
+        "age_band_weights": (1.0, 0.0, 0.0, 0.0, 0.0, 0.0)})
+    ids = set(bundled_concepts()["concept_id"].astype(int))
+    _, report = validate_tables(c.tables, concepts=ids)
+    assert report.exclusions.empty, report.summary()

@@ -625,7 +625,7 @@ def simulate_picu(key: Key, *, n_stays: int, site: str = "site",
         "gender_source_value": np.where(male, "M", "F").astype(object),
     })
     adm_name = np.array(_ADM_TYPES, dtype=object)[adm]
-    hs = t0 - pre
+    hs = np.maximum(t0 - pre, birth)  # a newborn's hospital visit starts at birth
     visit_occurrence = pd.DataFrame({
         "visit_occurrence_id": visit_id,
         "person_id": person_id,
