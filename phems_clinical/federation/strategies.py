@@ -134,7 +134,7 @@ def fedopt(name: str, objective: Objective, x0: jax.Array, *,
     to_result : callable, optional
         ``x -> dict`` of named estimates for ``result``.
     """
-    x0 = jnp.asarray(x0, dtype=jnp.float64)
+    x0 = jnp.asarray(x0, dtype=float)  # float64 with x64 on, else float32
     d = int(x0.shape[0])
     if dp is not None:
         dpm.validate_config(dp)
@@ -175,7 +175,7 @@ def fedopt(name: str, objective: Objective, x0: jax.Array, *,
         carry = (x_global, local_optimizer.init(x_global), state.local)
         (x, _, local), losses = jax.lax.scan(step, carry,
                                              jax.random.split(key, local_steps))
-        weight = jnp.sum(site.mask).astype(jnp.float64)
+        weight = jnp.sum(site.mask).astype(x0.dtype)
         delta = x - x_global
         if site_dp is not None:
             delta, weight = dpm.clip_vector(delta, site_dp.clip), jnp.ones(())
