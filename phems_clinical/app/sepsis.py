@@ -70,7 +70,7 @@ def _calibration_figure(probs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    top = 0.0
     for name, (p, y) in probs.items():
         if y.size == 0:
             continue
@@ -79,6 +79,11 @@ def _calibration_figure(probs: dict, path: Path) -> None:
         mp = [p[idx == b].mean() for b in range(10) if np.any(idx == b)]
         my = [y[idx == b].mean() for b in range(10) if np.any(idx == b)]
         ax.plot(mp, my, marker="o", label=name)
+        top = max(top, *mp, *my)
+    top = 1.1 * top if top > 0 else 1.0  # hourly risks are small: zoom to the data
+    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls=":")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
     ax.set_xlabel("predicted probability (decile means)")
     ax.set_ylabel("observed onset within horizon")
     ax.set_title("calibration on held-out stays")
