@@ -53,6 +53,8 @@ import jax
 import numpy as np
 import pandas as pd
 
+from phems_clinical.data.omop.events import event_table
+
 # --------------------------------------------------------------------------- concepts
 #: Concept ids used by the cardiac simulator (fixed by /work/notes/issue5.md).
 CONCEPTS: dict[str, int] = {
@@ -556,35 +558,17 @@ def _frames(t_start, site, person_id, male, birth, vo, vd, proc, drug, deaths, w
     p = pd.DataFrame(proc, columns=["procedure_occurrence_id", "person_id", "c", "s",
                                     "e", "vid", "did", "src"])
     ps, pe = _dt(t_start, p.s.to_numpy(float)), _dt(t_start, p.e.to_numpy(float))
-    procedure_occurrence = pd.DataFrame({
-        "procedure_occurrence_id": p.procedure_occurrence_id.astype(np.int64),
-        "person_id": p.person_id.astype(np.int64),
-        "procedure_concept_id": p.c.astype(np.int64),
-        "procedure_date": pd.DatetimeIndex(ps).normalize(),
-        "procedure_datetime": ps,
-        "procedure_end_date": pd.DatetimeIndex(pe).normalize(),
-        "procedure_end_datetime": pe,
-        "procedure_type_concept_id": np.full(len(p), ehr, np.int64),
-        "visit_occurrence_id": p.vid.astype(np.int64),
-        "visit_detail_id": p.did.astype(np.int64),
-        "procedure_source_value": p.src,
-    })
+    procedure_occurrence = event_table(
+        "procedure_occurrence", ids=p.procedure_occurrence_id, person_id=p.person_id,
+        concept_id=p.c, start=ps, end=pe, visit_occurrence_id=p.vid,
+        visit_detail_id=p.did, procedure_source_value=p.src)
     g = pd.DataFrame(drug, columns=["drug_exposure_id", "person_id", "c", "s", "e",
                                     "vid", "did"])
     gs, ge = _dt(t_start, g.s.to_numpy(float)), _dt(t_start, g.e.to_numpy(float))
-    drug_exposure = pd.DataFrame({
-        "drug_exposure_id": g.drug_exposure_id.astype(np.int64),
-        "person_id": g.person_id.astype(np.int64),
-        "drug_concept_id": g.c.astype(np.int64),
-        "drug_exposure_start_date": pd.DatetimeIndex(gs).normalize(),
-        "drug_exposure_start_datetime": gs,
-        "drug_exposure_end_date": pd.DatetimeIndex(ge).normalize(),
-        "drug_exposure_end_datetime": ge,
-        "drug_type_concept_id": np.full(len(g), ehr, np.int64),
-        "visit_occurrence_id": g.vid.astype(np.int64),
-        "visit_detail_id": g.did.astype(np.int64),
-        "drug_source_value": "vasoactive infusion",
-    })
+    drug_exposure = event_table(
+        "drug_exposure", ids=g.drug_exposure_id, person_id=g.person_id,
+        concept_id=g.c, start=gs, end=ge, visit_occurrence_id=g.vid,
+        visit_detail_id=g.did, drug_source_value="vasoactive infusion")
     wt = _dt(t_start, surg_day - preop)
     measurement = pd.DataFrame({
         "measurement_id": person_id,

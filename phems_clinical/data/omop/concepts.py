@@ -26,7 +26,7 @@ __all__ = [
     "CONCEPTS_FILE", "CONDITION", "DEATH_TYPE", "DRUG", "GENDER", "LOCAL_MIN",
     "MEASUREMENT", "OBSERVATION", "OPERATOR", "PK_COVARIATE", "PK_COVARIATE_OTHER",
     "PROCEDURE",
-    "TYPE_EHR", "UNITS", "VISIT", "VISIT_DETAIL", "all_ids",
+    "ROUTE", "TYPE_EHR", "UNITS", "VISIT", "VISIT_DETAIL", "all_ids",
     "bundled_concepts",
 ]
 
@@ -85,6 +85,8 @@ CONDITION = {
 
 #: Measurement value operators (``measurement.operator_concept_id``).
 OPERATOR = {"<": 4171756, "=": 4172703}
+#: drug_exposure.route_concept_id (SNOMED route).
+ROUTE = {"intravenous": 4171047}
 
 #: Haemophilia PK covariates (NONMEM column -> (table, concept id)). SEX and AGE go
 #: to ``person`` (gender, birth); ASSAY and LLOQ to the level's source value.
@@ -101,7 +103,7 @@ PK_COVARIATE_OTHER = 2_000_000_799
 
 def _groups() -> list[dict]:
     return [GENDER, VISIT, VISIT_DETAIL, MEASUREMENT, OBSERVATION, DRUG, PROCEDURE,
-            CONDITION, OPERATOR,
+            CONDITION, OPERATOR, ROUTE,
             {k: v for k, (_, v) in PK_COVARIATE.items()},
             {"type_ehr": TYPE_EHR, "pk_other": PK_COVARIATE_OTHER}]
 

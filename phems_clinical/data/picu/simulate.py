@@ -62,6 +62,8 @@ import pandas as pd
 from scipy.signal import lfilter
 
 from phems_clinical._typing import Key
+from phems_clinical.data.omop.concepts import ROUTE
+from phems_clinical.data.omop.events import event_table
 from phems_clinical.data.picu.hourly import (
     CONDITION,
     DRUG,
@@ -555,21 +557,13 @@ def simulate_picu(key: Key, *, n_stays: int, site: str = "site",
     ds = t0[d_stay] + d_h0 * _HOUR_NS + rng.integers(0, 20, len(d_stay)) * _MIN_NS
     de = t0[d_stay] + (d_h1 + 1) * _HOUR_NS - rng.integers(1, 20, len(d_stay)) * _MIN_NS
     is_vaso = np.isin(d_drug, np.array(sorted(VASOACTIVES)))
-    drug_exposure = pd.DataFrame({
-        "drug_exposure_id": np.arange(1, len(d_stay) + 1, dtype=np.int64),
-        "person_id": person_id[d_stay],
-        "drug_concept_id": d_drug,
-        "drug_exposure_start_date": _dates(ds),
-        "drug_exposure_start_datetime": ds.astype("datetime64[ns]"),
-        "drug_exposure_end_date": _dates(de),
-        "drug_exposure_end_datetime": de.astype("datetime64[ns]"),
-        "drug_type_concept_id": np.full(len(d_stay), TYPE_EHR, np.int64),
-        "route_concept_id": np.full(len(d_stay), 4171047, np.int64),  # intravenous
-        "visit_occurrence_id": visit_id[d_stay],
-        "visit_detail_id": stay_id[d_stay],
-        "drug_source_value": np.where(is_vaso, "continuous infusion",
-                                      "intermittent IV").astype(object),
-    })
+    drug_exposure = event_table(
+        "drug_exposure", ids=np.arange(1, len(d_stay) + 1), person_id=person_id[d_stay],
+        concept_id=d_drug, start=ds, end=de, visit_occurrence_id=visit_id[d_stay],
+        visit_detail_id=stay_id[d_stay],
+        route_concept_id=np.full(len(d_stay), ROUTE["intravenous"], np.int64),
+        drug_source_value=np.where(is_vaso, "continuous infusion",
+                                   "intermittent IV").astype(object))
 
     # ------------------------------------------------ procedures: support, cultures
     p_stay, p_h0, p_h1, p_cid = [], [], [], []
@@ -591,18 +585,10 @@ def simulate_picu(key: Key, *, n_stays: int, site: str = "site",
     ps = t0[p_stay] + p_h0 * _HOUR_NS + rng.integers(0, 20, len(p_stay)) * _MIN_NS
     pe = np.where(is_cult, ps, t0[p_stay] + (p_h1 + 1) * _HOUR_NS
                   - rng.integers(1, 20, len(p_stay)) * _MIN_NS)
-    procedure_occurrence = pd.DataFrame({
-        "procedure_occurrence_id": np.arange(1, len(p_stay) + 1, dtype=np.int64),
-        "person_id": person_id[p_stay],
-        "procedure_concept_id": p_cid,
-        "procedure_date": _dates(ps),
-        "procedure_datetime": ps.astype("datetime64[ns]"),
-        "procedure_end_date": _dates(pe),
-        "procedure_end_datetime": pe.astype("datetime64[ns]"),
-        "procedure_type_concept_id": np.full(len(p_stay), TYPE_EHR, np.int64),
-        "visit_occurrence_id": visit_id[p_stay],
-        "visit_detail_id": stay_id[p_stay],
-    })
+    procedure_occurrence = event_table(
+        "procedure_occurrence", ids=np.arange(1, len(p_stay) + 1),
+        person_id=person_id[p_stay], concept_id=p_cid, start=ps, end=pe,
+        visit_occurrence_id=visit_id[p_stay], visit_detail_id=stay_id[p_stay])
 
     # ------------------------------------------------ stays, visits, persons, deaths
     icu_end = t0 + T * _HOUR_NS
