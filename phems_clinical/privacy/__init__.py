@@ -1,5 +1,9 @@
-"""Privacy of derived data sets (issue 6): anonymity checks, re-identification risk
-and utility-loss metrics (:mod:`phems_clinical.privacy.anonymity`)."""
+"""Privacy of derived data sets (issue 6, in progress): anonymity checks,
+re-identification risk and utility-loss metrics (:mod:`.anonymity`), paediatric
+generalisation hierarchies (:mod:`.hierarchies`) and per-patient date shifting
+(:mod:`.dates`). ``privacy`` depends only on ``data``. The date hierarchy is
+:func:`phems_clinical.privacy.hierarchies.dates` (not re-exported here, where the
+name is the :mod:`.dates` module)."""
 
 from phems_clinical.privacy.anonymity import (
     DEFAULT_RISK_THRESHOLD,
@@ -17,8 +21,28 @@ from phems_clinical.privacy.anonymity import (
     suppressed_share,
     t_closeness,
 )
+from phems_clinical.privacy.dates import (
+    DateShiftError,
+    already_shifted,
+    shift_dates,
+)
+from phems_clinical.privacy.hierarchies import (
+    Hierarchy,
+    HierarchyError,
+    categorical,
+    check_covers,
+    check_nested,
+    height_cm,
+    ich_e11_age,
+    interval,
+    paediatric_age,
+    weight_kg,
+)
 
 __all__ = [
+    "DateShiftError", "Hierarchy", "HierarchyError", "already_shifted",
+    "categorical", "check_covers", "check_nested", "height_cm",
+    "ich_e11_age", "interval", "paediatric_age", "shift_dates", "weight_kg",
     "DEFAULT_RISK_THRESHOLD", "AnonymityInputError", "anonymity_report",
     "average_class_size", "discernibility", "equivalence_classes",
     "generalisation_loss", "journalist_risk", "k_anonymity", "l_diversity",
