@@ -1,9 +1,10 @@
 """Privacy of derived data sets (issue 6, in progress): anonymity checks,
 re-identification risk and utility-loss metrics (:mod:`.anonymity`), paediatric
-generalisation hierarchies (:mod:`.hierarchies`) and per-patient date shifting
-(:mod:`.dates`). ``privacy`` depends only on ``data``. The date hierarchy is
-:func:`phems_clinical.privacy.hierarchies.dates` (not re-exported here, where the
-name is the :mod:`.dates` module)."""
+generalisation hierarchies (:mod:`.hierarchies`), per-patient date shifting
+(:mod:`.dates`), full-domain lattice search and Mondrian (:mod:`.search`) and the
+Gaussian copula synthesiser (:mod:`.synth`). ``privacy`` depends only on
+``data``. The date hierarchy is :func:`phems_clinical.privacy.hierarchies.dates`
+(not re-exported here, where the name is the :mod:`.dates` module)."""
 
 from phems_clinical.privacy.anonymity import (
     DEFAULT_RISK_THRESHOLD,
@@ -38,8 +39,15 @@ from phems_clinical.privacy.hierarchies import (
     paediatric_age,
     weight_kg,
 )
+from phems_clinical.privacy.search import (
+    AnonymisationResult,
+    SearchError,
+    lattice_search,
+    mondrian,
+)
 
 __all__ = [
+    "AnonymisationResult", "SearchError", "lattice_search", "mondrian",
     "DateShiftError", "Hierarchy", "HierarchyError", "already_shifted",
     "categorical", "check_covers", "check_nested", "height_cm",
     "ich_e11_age", "interval", "paediatric_age", "shift_dates", "weight_kg",
