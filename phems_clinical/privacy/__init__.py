@@ -1,10 +1,12 @@
 """Privacy of derived data sets (issue 6, in progress): anonymity checks,
 re-identification risk and utility-loss metrics (:mod:`.anonymity`), paediatric
 generalisation hierarchies (:mod:`.hierarchies`), per-patient date shifting
-(:mod:`.dates`), full-domain lattice search and Mondrian (:mod:`.search`) and the
-Gaussian copula synthesiser (:mod:`.synth`). ``privacy`` depends only on
-``data``. The date hierarchy is :func:`phems_clinical.privacy.hierarchies.dates`
-(not re-exported here, where the name is the :mod:`.dates` module)."""
+(:mod:`.dates`), full-domain lattice search and Mondrian (:mod:`.search`), the
+Gaussian copula synthesiser (:mod:`.synth`), fidelity metrics (:mod:`.fidelity`)
+and privacy attacks by the anonymeter method (:mod:`.attacks`). ``privacy``
+depends only on ``data``. The date hierarchy is
+:func:`phems_clinical.privacy.hierarchies.dates` (not re-exported here, where the
+name is the :mod:`.dates` module)."""
 
 from phems_clinical.privacy.anonymity import (
     DEFAULT_RISK_THRESHOLD,
