@@ -82,6 +82,26 @@ def _round_dose(dose: float, vials: list[float]) -> float:
     return float(max(step, math.ceil(dose / step - 1e-9) * step))
 
 
+def simulate_observations(k_kappa: Key, k_eps: Key, model: PopModel, p: PopParams,
+                          cohort, eta, n_occ: int) -> tuple[np.ndarray, np.ndarray]:
+    """Observed levels (IU/dL, with the model's residual error) and individual
+    parameters of a stacked cohort for given random effects ``eta`` (n, n_eta);
+    inter-occasion effects are drawn from ``k_kappa``, residuals from ``k_eps``.
+    Shared by :func:`simulate_cohort` and the PK virtual population
+    (:mod:`phems_clinical.privacy.synth.pk_virtual`)."""
+    n = eta.shape[0]
+    kappa = (jax.random.normal(k_kappa, (n, n_occ, model.n_kappa))
+             * jnp.sqrt(p.omega_iov) if model.n_kappa else jnp.zeros((n, n_occ, 0)))
+    f = jax.vmap(lambda s, e, k: predict(model, s, p.theta, e, k, p.baseline))(
+        cohort, eta, kappa)
+    sd = jnp.sqrt(p.sigma[0] ** 2 + (p.sigma[1] * f) ** 2)
+    y = np.asarray(f + sd * jax.random.normal(k_eps, f.shape))
+    indiv = np.asarray(jax.vmap(
+        lambda e, k, c: individual_parameters(model, p.theta, e, k, c)[0])(
+        eta, kappa, cohort.covariates))
+    return y, indiv
+
+
 def simulate_cohort(key: Key, model: PopModel, hospital: HospitalSpec, *,
                     params: PopParams | None = None, id_offset: int = 0
                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -156,15 +176,7 @@ def simulate_cohort(key: Key, model: PopModel, hospital: HospitalSpec, *,
     n_occ = max(1, hospital.occasions)
     eta = (jax.random.multivariate_normal(k_eta, jnp.zeros(model.n_eta), p.omega, (n,))
            if model.n_eta else jnp.zeros((n, 0)))
-    kappa = (jax.random.normal(k_kappa, (n, n_occ, model.n_kappa))
-             * jnp.sqrt(p.omega_iov) if model.n_kappa else jnp.zeros((n, n_occ, 0)))
-    f = jax.vmap(lambda s, e, k: predict(model, s, p.theta, e, k, p.baseline))(
-        cohort, eta, kappa)
-    sd = jnp.sqrt(p.sigma[0] ** 2 + (p.sigma[1] * f) ** 2)
-    y = np.asarray(f + sd * jax.random.normal(k_eps, f.shape))
-    indiv = np.asarray(jax.vmap(
-        lambda e, k, c: individual_parameters(model, p.theta, e, k, c)[0])(
-        eta, kappa, cohort.covariates))
+    y, indiv = simulate_observations(k_kappa, k_eps, model, p, cohort, eta, n_occ)
 
     cov_cols = [c for c in demo.columns]
     for i, s in enumerate(subjects):

@@ -32,9 +32,9 @@ differentially private.
 
 Layering: unlike the rest of :mod:`phems_clinical.privacy` (which depends only on
 ``data``), this module imports the PK engine, because the population model *is*
-the generator. Imports stay one-way (``pk`` never imports ``privacy``). About ten
-lines (random effects, residual error, BLQ) repeat ``pk.simulate.simulate_cohort``
-inline; one shared simulator function in ``pk.simulate`` should serve both.
+the generator. Imports stay one-way (``pk`` never imports ``privacy``); the
+observations come from :func:`phems_clinical.pk.simulate.simulate_observations`,
+the same function the cohort simulator uses.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ import pandas as pd
 from phems_clinical._typing import Key
 from phems_clinical.data.cohort import stack_subjects
 from phems_clinical.data.nonmem import PKData, read_nonmem
-from phems_clinical.pk.model import PopParams, individual_parameters, predict
-from phems_clinical.pk.simulate import _round_dose
+from phems_clinical.pk.model import PopParams
+from phems_clinical.pk.simulate import _round_dose, simulate_observations
 from phems_clinical.pk.spec import PopModel
 from phems_clinical.privacy.synth.copula import CopulaModel, fit_copula, sample_copula
 
@@ -275,15 +275,7 @@ def sample_virtual_population(key: Key, vpm: VirtualPopulationModel, n: int
                                              (n,))
     else:
         eta = jnp.zeros((n, 0))
-    kappa = (jax.random.normal(k_kappa, (n, n_occ, model.n_kappa))
-             * jnp.sqrt(p.omega_iov) if model.n_kappa else jnp.zeros((n, n_occ, 0)))
-    f = jax.vmap(lambda s, e, k: predict(model, s, p.theta, e, k, p.baseline))(
-        cohort, eta, kappa)
-    sd = jnp.sqrt(p.sigma[0] ** 2 + (p.sigma[1] * f) ** 2)
-    y = np.asarray(f + sd * jax.random.normal(k_eps, f.shape))
-    indiv = np.asarray(jax.vmap(
-        lambda e, k, c: individual_parameters(model, p.theta, e, k, c)[0])(
-        eta, kappa, cohort.covariates))
+    y, indiv = simulate_observations(k_kappa, k_eps, model, p, cohort, eta, n_occ)
 
     ids = _synthetic_ids(n, vpm.source_ids)
     rows = []
