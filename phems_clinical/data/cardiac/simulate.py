@@ -53,22 +53,23 @@ import jax
 import numpy as np
 import pandas as pd
 
+from phems_clinical.data.omop import concepts as C
 from phems_clinical.data.omop.events import event_table
 
 # --------------------------------------------------------------------------- concepts
-#: Concept ids used by the cardiac simulator (fixed by /work/notes/issue5.md).
+#: Concept ids used by the cardiac simulator (the subset of data.omop.concepts).
 CONCEPTS: dict[str, int] = {
-    "male": 8507, "female": 8532,
-    "inpatient_visit": 9201, "outpatient_visit": 9202,
-    "icu": 32037, "ward": 8717, "operating_room": 2_000_000_101,
-    "ehr": 32817,
-    "weight": 3025315,
-    "imv": 4230167,
-    "epinephrine": 1343916, "norepinephrine": 1321341, "dopamine": 1337860,
-    "dobutamine": 1337720, "milrinone": 1368671, "vasopressin": 1507835,
-    "stat1": 2_000_000_401, "stat2": 2_000_000_402, "stat3": 2_000_000_403,
-    "stat4": 2_000_000_404, "stat5": 2_000_000_405,
-    "chd": 2_000_000_601,
+    "male": C.GENDER["male"], "female": C.GENDER["female"],
+    "inpatient_visit": C.VISIT["inpatient"], "outpatient_visit": C.VISIT["outpatient"],
+    "icu": C.VISIT_DETAIL["icu"], "ward": C.VISIT_DETAIL["ward"],
+    "operating_room": C.VISIT_DETAIL["or"],
+    "ehr": C.TYPE_EHR,
+    "weight": C.MEASUREMENT["weight"],
+    "imv": C.PROCEDURE["imv"],
+    **{d: C.DRUG[d] for d in ("epinephrine", "norepinephrine", "dopamine",
+                              "dobutamine", "milrinone", "vasopressin")},
+    **{f"stat{i}": C.PROCEDURE[f"stat{i}"] for i in range(1, 6)},
+    "chd": C.CONDITION["congenital_heart_disease"],
 }
 STAT_CONCEPTS: dict[int, int] = {c: CONCEPTS[f"stat{c}"] for c in range(1, 6)}
 VASOACTIVE_CONCEPTS = (CONCEPTS["epinephrine"], CONCEPTS["norepinephrine"],

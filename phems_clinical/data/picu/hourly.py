@@ -30,6 +30,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from phems_clinical.data.omop import concepts as C
+
 __all__ = [
     "ANTIMICROBIALS", "CONDITION", "DRUG", "GENDER", "HOURLY_COLUMNS", "MEASUREMENT",
     "OBSERVATION", "PROCEDURE", "TYPE_EHR", "VASOACTIVES", "VISIT",
@@ -37,55 +39,38 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------- concept ids
-# Fixed by the issue-5 contract (/work/notes/issue5.md); the OMOP helper owns the
-# bundled concept list (data_schemas/omop/concepts.csv).
+# One source of truth: phems_clinical.data.omop.concepts (data_schemas/omop/
+# concepts.csv); these are the PICU subset under the names this module uses.
+_CODES = C.bundled_concepts().set_index("concept_id")["concept_code"]
+_PICU_MEASUREMENTS = (
+    "hr", "resp_rate", "sbp", "dbp", "map", "spo2", "temp", "gcs", "fio2", "pao2",
+    "paco2", "lactate", "platelets", "inr", "d_dimer", "fibrinogen", "glucose",
+    "anc", "alc", "wbc", "creatinine", "bilirubin", "alt",
+)
 #: name -> (concept_id, LOINC code, unit as written in unit_source_value)
 MEASUREMENT: dict[str, tuple[int, str, str]] = {
-    "hr": (3027018, "8867-4", "/min"),
-    "resp_rate": (3024171, "9279-1", "/min"),
-    "sbp": (3004249, "8480-6", "mm[Hg]"),
-    "dbp": (3012888, "8462-4", "mm[Hg]"),
-    "map": (3027598, "8478-0", "mm[Hg]"),
-    "spo2": (40762499, "59408-5", "%"),
-    "temp": (3020891, "8310-5", "Cel"),
-    "gcs": (3032652, "9269-2", "{score}"),
-    "fio2": (3020716, "3150-0", "1"),
-    "pao2": (3027801, "2703-7", "mm[Hg]"),
-    "paco2": (3027946, "2019-8", "mm[Hg]"),
-    "lactate": (3047181, "32693-4", "mmol/L"),
-    "platelets": (3024929, "777-3", "10*3/uL"),
-    "inr": (3022217, "6301-6", "{INR}"),
-    "d_dimer": (3051714, "48065-7", "mg/L{FEU}"),
-    "fibrinogen": (3016407, "3255-7", "mg/dL"),
-    "glucose": (3004501, "2345-7", "mg/dL"),
-    "anc": (3013650, "751-8", "10*3/uL"),
-    "alc": (3004327, "731-0", "10*3/uL"),
-    "wbc": (3000905, "6690-2", "10*3/uL"),
-    "creatinine": (3016723, "2160-0", "mg/dL"),
-    "bilirubin": (3024128, "1975-2", "mg/dL"),
-    "alt": (3006923, "1742-6", "U/L"),
-}
+    k: (C.MEASUREMENT[k], str(_CODES[C.MEASUREMENT[k]]), C.UNITS[k])
+    for k in _PICU_MEASUREMENTS}
 #: observation concepts: bilaterally fixed pupils (local id; 1 = both fixed, 0 = not)
-OBSERVATION = {"fixed_pupils": 2000000201}
+OBSERVATION = {"fixed_pupils": C.OBSERVATION["fixed_pupils"]}
 #: drug ingredients (RxNorm)
-DRUG = {
-    "epinephrine": 1343916, "norepinephrine": 1321341, "dopamine": 1337860,
-    "dobutamine": 1337720, "milrinone": 1368671, "vasopressin": 1507835,
-    "ceftriaxone": 1777806, "vancomycin": 1707687, "meropenem": 1709170,
-    "piperacillin": 1746114,
-}
+DRUG = {k: C.DRUG[k] for k in (
+    "epinephrine", "norepinephrine", "dopamine", "dobutamine", "milrinone",
+    "vasopressin", "ceftriaxone", "vancomycin", "meropenem", "piperacillin")}
 VASOACTIVES = frozenset(DRUG[d] for d in (
     "epinephrine", "norepinephrine", "dopamine", "dobutamine", "milrinone",
     "vasopressin"))
 ANTIMICROBIALS = frozenset(DRUG[d] for d in (
     "ceftriaxone", "vancomycin", "meropenem", "piperacillin"))
 #: procedures (SNOMED): invasive ventilation, other respiratory support, blood culture
-PROCEDURE = {"imv": 4230167, "other_respiratory_support": 4239130,
-             "blood_culture": 4107893}
-CONDITION = {"sepsis": 132797, "septic_shock": 196236}
-VISIT = {"inpatient": 9201, "er": 9203, "icu": 32037}
-GENDER = {"M": 8507, "F": 8532}
-TYPE_EHR = 32817
+PROCEDURE = {"imv": C.PROCEDURE["imv"],
+             "other_respiratory_support": C.PROCEDURE["oxygen_therapy"],
+             "blood_culture": C.PROCEDURE["blood_culture"]}
+CONDITION = {k: C.CONDITION[k] for k in ("sepsis", "septic_shock")}
+VISIT = {"inpatient": C.VISIT["inpatient"], "er": C.VISIT["er"],
+         "icu": C.VISIT_DETAIL["icu"]}
+GENDER = {"M": C.GENDER["male"], "F": C.GENDER["female"]}
+TYPE_EHR = C.TYPE_EHR
 
 _VALUE_COLUMNS = (
     "hr", "resp_rate", "sbp", "dbp", "map", "spo2", "temp", "gcs", "fixed_pupils",
