@@ -526,36 +526,21 @@ def _frames(t_start, site, person_id, male, birth, vo, vd, proc, drug, deaths, w
                                   "visit_concept_id", "s", "e", "visit_source_value",
                                   "preceding_visit_occurrence_id"])
     vs, ve = _dt(t_start, v.s.to_numpy(float)), _dt(t_start, v.e.to_numpy(float))
-    visit_occurrence = pd.DataFrame({
-        "visit_occurrence_id": v.visit_occurrence_id.astype(np.int64),
-        "person_id": v.person_id.astype(np.int64),
-        "visit_concept_id": v.visit_concept_id.astype(np.int64),
-        "visit_start_date": pd.DatetimeIndex(vs).normalize(),
-        "visit_start_datetime": vs,
-        "visit_end_date": pd.DatetimeIndex(ve).normalize(),
-        "visit_end_datetime": ve,
-        "visit_type_concept_id": np.full(len(v), ehr, np.int64),
-        "visit_source_value": v.visit_source_value,
-        "preceding_visit_occurrence_id":
-            v.preceding_visit_occurrence_id.astype("Int64"),
-    }).sort_values("visit_occurrence_id", ignore_index=True)
+    visit_occurrence = event_table(
+        "visit_occurrence", ids=v.visit_occurrence_id, person_id=v.person_id,
+        concept_id=v.visit_concept_id, start=vs, end=ve,
+        visit_source_value=v.visit_source_value,
+        preceding_visit_occurrence_id=v.preceding_visit_occurrence_id.astype("Int64"),
+    ).sort_values("visit_occurrence_id", ignore_index=True)
     d = pd.DataFrame(vd, columns=["visit_detail_id", "person_id", "c", "s", "e", "src",
                                   "prev", "vid"])
     ds, de = _dt(t_start, d.s.to_numpy(float)), _dt(t_start, d.e.to_numpy(float))
-    visit_detail = pd.DataFrame({
-        "visit_detail_id": d.visit_detail_id.astype(np.int64),
-        "person_id": d.person_id.astype(np.int64),
-        "visit_detail_concept_id": d.c.astype(np.int64),
-        "visit_detail_start_date": pd.DatetimeIndex(ds).normalize(),
-        "visit_detail_start_datetime": ds,
-        "visit_detail_end_date": pd.DatetimeIndex(de).normalize(),
-        "visit_detail_end_datetime": de,
-        "visit_detail_type_concept_id": np.full(len(d), ehr, np.int64),
-        "visit_detail_source_value": d.src,
-        "preceding_visit_detail_id": d.prev.astype("Int64"),
-        "parent_visit_detail_id": pd.array([pd.NA] * len(d), dtype="Int64"),
-        "visit_occurrence_id": d.vid.astype(np.int64),
-    }).sort_values("visit_detail_id", ignore_index=True)
+    visit_detail = event_table(
+        "visit_detail", ids=d.visit_detail_id, person_id=d.person_id, concept_id=d.c,
+        start=ds, end=de, visit_occurrence_id=d.vid, visit_detail_source_value=d.src,
+        preceding_visit_detail_id=d.prev.astype("Int64"),
+        parent_visit_detail_id=pd.array([pd.NA] * len(d), dtype="Int64"),
+    ).sort_values("visit_detail_id", ignore_index=True)
     p = pd.DataFrame(proc, columns=["procedure_occurrence_id", "person_id", "c", "s",
                                     "e", "vid", "did", "src"])
     ps, pe = _dt(t_start, p.s.to_numpy(float)), _dt(t_start, p.e.to_numpy(float))
