@@ -612,30 +612,16 @@ def simulate_picu(key: Key, *, n_stays: int, site: str = "site",
     })
     adm_name = np.array(_ADM_TYPES, dtype=object)[adm]
     hs = np.maximum(t0 - pre, birth)  # a newborn's hospital visit starts at birth
-    visit_occurrence = pd.DataFrame({
-        "visit_occurrence_id": visit_id,
-        "person_id": person_id,
-        "visit_concept_id": np.full(n, VISIT["inpatient"], np.int64),
-        "visit_start_date": _dates(hs),
-        "visit_start_datetime": hs.astype("datetime64[ns]"),
-        "visit_end_date": _dates(hosp_end),
-        "visit_end_datetime": hosp_end.astype("datetime64[ns]"),
-        "visit_type_concept_id": np.full(n, TYPE_EHR, np.int64),
-        "visit_source_value": adm_name,
-        "admitted_from_concept_id": np.where(is_surg, 0, VISIT["er"]).astype(np.int64),
-    })
-    visit_detail = pd.DataFrame({
-        "visit_detail_id": stay_id,
-        "person_id": person_id,
-        "visit_detail_concept_id": np.full(n, VISIT["icu"], np.int64),
-        "visit_detail_start_date": _dates(t0),
-        "visit_detail_start_datetime": t0.astype("datetime64[ns]"),
-        "visit_detail_end_date": _dates(icu_end),
-        "visit_detail_end_datetime": icu_end.astype("datetime64[ns]"),
-        "visit_detail_type_concept_id": np.full(n, TYPE_EHR, np.int64),
-        "visit_detail_source_value": np.full(n, "PICU", dtype=object),
-        "visit_occurrence_id": visit_id,
-    })
+    visit_occurrence = event_table(
+        "visit_occurrence", ids=visit_id, person_id=person_id,
+        concept_id=np.full(n, VISIT["inpatient"]), start=hs, end=hosp_end,
+        visit_source_value=adm_name,
+        admitted_from_concept_id=np.where(is_surg, 0, VISIT["er"]).astype(np.int64))
+    visit_detail = event_table(
+        "visit_detail", ids=stay_id, person_id=person_id,
+        concept_id=np.full(n, VISIT["icu"]), start=t0, end=icu_end,
+        visit_occurrence_id=visit_id,
+        visit_detail_source_value=np.full(n, "PICU", dtype=object))
     dead = np.flatnonzero(died)
     death = pd.DataFrame({
         "person_id": person_id[dead],
