@@ -311,9 +311,14 @@ def _univariate_queries(rng, x: np.ndarray, numeric, n: int):
         vals, counts = np.unique(v, return_counts=True)
         cands.extend(((j, "==", float(u)),) for u in vals[counts == 1])
     order = rng.permutation(len(cands))
+    return _first_singling((cands[i] for i in order), x, n)
+
+
+def _first_singling(queries, x: np.ndarray, n: int) -> list:
+    """The first ``n`` distinct queries (consumed lazily) that single out exactly
+    one row of ``x``."""
     out, seen = [], set()
-    for i in order:
-        q = cands[i]
+    for q in queries:
         if q not in seen and _count(q, x) == 1:
             seen.add(q)
             out.append(q)
@@ -327,26 +332,23 @@ def _multivariate_queries(rng, x: np.ndarray, numeric, n: int, n_cols: int,
     med = np.array([np.nanmedian(x[:, j]) if numeric[j] and
                     np.isfinite(x[:, j]).any() else 0.0 for j in range(x.shape[1])])
     n_cols = min(n_cols, x.shape[1])
-    out, seen = [], set()
-    for _ in range(max_attempts):
-        row = x[rng.integers(x.shape[0])]
-        cols = np.sort(rng.choice(x.shape[1], size=n_cols, replace=False))
-        q = []
-        for j in cols:
-            v = float(row[j])
-            if np.isnan(v):
-                q.append((int(j), "na", 0.0))
-            elif numeric[j]:
-                q.append((int(j), "<=" if v <= med[j] else ">=", v))
-            else:
-                q.append((int(j), "==", v))
-        q = tuple(q)
-        if q not in seen and _count(q, x) == 1:
-            seen.add(q)
-            out.append(q)
-            if len(out) == n:
-                break
-    return out
+
+    def queries():
+        for _ in range(max_attempts):
+            row = x[rng.integers(x.shape[0])]
+            cols = np.sort(rng.choice(x.shape[1], size=n_cols, replace=False))
+            q = []
+            for j in cols:
+                v = float(row[j])
+                if np.isnan(v):
+                    q.append((int(j), "na", 0.0))
+                elif numeric[j]:
+                    q.append((int(j), "<=" if v <= med[j] else ">=", v))
+                else:
+                    q.append((int(j), "==", v))
+            yield tuple(q)
+
+    return _first_singling(queries(), x, n)
 
 
 def _random_queries(rng, x: np.ndarray, numeric, n: int, n_cols: int):
