@@ -136,3 +136,43 @@ def shift_dates(key, df: pd.DataFrame, id_col: str, date_cols: Sequence[str], *,
     out.attrs[MARKER] = {"id_col": id_col, "columns": sorted(done | set(todo)),
                          "unit": "days"}
     return out, table
+
+
+def shift_tables(key, tables, *, id_col: str = "person_id", max_days: int = 365,
+                 existing: pd.Series | None = None) -> tuple[dict, pd.Series]:
+    """Shift every datetime column of every table of one site, per patient.
+
+    ``tables``: name -> frame (e.g. OMOP CDM tables from
+    :func:`phems_clinical.data.omop.read_tables`). Each frame with ``id_col`` has all
+    its datetime64 columns moved by its patient's shift (one shift table for the
+    whole site, so intervals *across* tables are kept too: dose to level, admission
+    to death, birth to surgery). In an OMOP ``person`` table ``year_of_birth``,
+    ``month_of_birth`` and ``day_of_birth`` are recomputed from the shifted
+    ``birth_datetime``. Frames without ``id_col`` (``care_site``, ``concept``) are
+    returned unchanged. Returns the shifted tables and the shift table (days).
+    """
+    ids = pd.concat([t[id_col] for t in tables.values() if id_col in t.columns],
+                    ignore_index=True)
+    table = existing
+    if len(ids):
+        table = draw_shifts(key, ids, max_days) if existing is None else existing
+        missing = pd.Index(pd.unique(ids)).difference(table.index)
+        if len(missing):
+            table = pd.concat([table, draw_shifts(key, ids, max_days)[missing]])
+    out = {}
+    for name, t in tables.items():
+        cols = [c for c in t.columns if pd.api.types.is_datetime64_any_dtype(t[c])]
+        if id_col not in t.columns or not cols:
+            out[name] = t
+            continue
+        shifted, _ = shift_dates(key, t, id_col, cols, max_days=max_days,
+                                 existing=table)
+        if "birth_datetime" in cols:
+            b = shifted["birth_datetime"]
+            for part, attr in (("year_of_birth", "year"), ("month_of_birth", "month"),
+                               ("day_of_birth", "day")):
+                if part in shifted.columns:
+                    shifted[part] = getattr(b.dt, attr).astype(shifted[part].dtype)
+        out[name] = shifted
+    return out, (table if table is not None else
+                 pd.Series(dtype=np.int64, name="shift_days"))

@@ -219,6 +219,41 @@ def ich_e11_age(unit: str = "days", name: str = "age") -> Hierarchy:
                      covers=_age_covers(unit, name))
 
 
+_LIFE_EDGES = np.concatenate([_ISSUE6_EDGES, np.array([30.0, 40, 50, 60, 70, 80])
+                              * _DAYS_PER_YEAR])
+_LIFE_LABELS = [*_ISSUE6_LABELS, "18-29 y", "30-39 y", "40-49 y", "50-59 y",
+                "60-69 y", "70-79 y", "80+ y"]
+_LIFE_NESTED = [*_NESTED_LABELS, "18-39 y", "18-39 y", "40-59 y", "40-59 y",
+                "60+ y", "60+ y", "60+ y"]
+_MAX_AGE_DAYS = 130 * _DAYS_PER_YEAR
+
+
+def lifespan_age(unit: str = "years", name: str = "age") -> Hierarchy:
+    """The paediatric bands of :func:`paediatric_age` continued into adulthood.
+
+    Haemophilia PK cohorts span children and adults (pk_models.md: e.g. Advate
+    1-66 y), so their age QI needs adult bands. Level 1: the six paediatric bands,
+    then 18-29, 30-39, ..., 70-79, 80+ y; level 2 (nested): 0-11 m, 1-9 y,
+    10-17 y, 18-39 y, 40-59 y, 60+ y; level 3: '*'. Ages in [0, 130) y are covered.
+    """
+    _check_unit(unit)
+
+    def covers(s: pd.Series) -> np.ndarray:
+        d = _age_days(s, unit, name)
+        return np.isfinite(d) & (d >= 0) & (d < _MAX_AGE_DAYS)
+
+    return Hierarchy(
+        name,
+        (_binner(_LIFE_EDGES, _LIFE_LABELS, unit, name),
+         _binner(_LIFE_EDGES, _LIFE_NESTED, unit, name)),
+        covers=covers)
+
+
+def suppress_only(name: str) -> Hierarchy:
+    """Two levels: the original value, or '*' (e.g. sex, or a site code)."""
+    return Hierarchy(name, (), covers=lambda s: np.ones(len(s), dtype=bool))
+
+
 # ---------------------------------------------------------------------- intervals
 def _fmt(x: float) -> str:
     return f"{x:g}"

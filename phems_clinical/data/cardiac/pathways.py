@@ -96,6 +96,23 @@ def _ts(s: pd.Series) -> pd.Series:
     return pd.to_datetime(s).astype("datetime64[ns]")
 
 
+def derived_covariates(age_days, weight_kg):
+    """Age group ('neonate' <= 30 d, 'infant' <= 365 d, else 'child') and
+    weight-for-age z (log(weight / APLS median) / :data:`WEIGHT_LOG_SD`).
+
+    Scalars give a ``(str, float)`` pair, arrays a pair of arrays; used by
+    :func:`episodes` and wherever age or weight is changed afterwards (anonymised
+    releases, synthetic pathways), so the rule lives in one place.
+    """
+    age = np.asarray(age_days, dtype=float)
+    w = np.asarray(weight_kg, dtype=float)
+    idx = np.where(age <= 30, 0, np.where(age <= 365, 1, 2))
+    wz = np.log(w / _expected_w(age)) / WEIGHT_LOG_SD
+    if idx.ndim == 0:
+        return AGE_GROUPS[int(idx)], float(wz)
+    return np.asarray(AGE_GROUPS, dtype=object)[idx], np.asarray(wz, dtype=float)
+
+
 def episodes(tables: dict[str, pd.DataFrame], *, followup_days: float = 365.0,
              site: str | None = None) -> tuple[pd.DataFrame, PathwayReport]:
     """OMOP tables -> (sojourn table sorted by person/entry, report).
@@ -218,9 +235,8 @@ def episodes(tables: dict[str, pd.DataFrame], *, followup_days: float = 365.0,
                            < np.datetime64(t_surg))
                           & (imv_by_person.get(pid, np.array([], "datetime64[ns]"))
                              >= np.datetime64(out[1]))))
-        group = 0 if age <= 30 else (1 if age <= 365 else 2)
-        wz = float(np.log(w / _expected_w(age)) / WEIGHT_LOG_SD)
-        cov = (t_surg, float(age), AGE_GROUPS[group], sex.get(pid, "M"), float(w), wz,
+        group, wz = derived_covariates(float(age), float(w))
+        cov = (t_surg, float(age), group, sex.get(pid, "M"), float(w), wz,
                _STAT_OF[op[3]], vent)
         for r in out[0]:
             rows.append((site_of.get(pid, site or ""), pid, op[1],
