@@ -431,3 +431,23 @@ def fidelity_summary(key, real: pd.DataFrame, syn: pd.DataFrame, *,
                             else float("nan")),
     }
     return out
+
+
+def logistic_transfer(train: pd.DataFrame, y_train, test: pd.DataFrame, *,
+                      l2: float = 1.0) -> np.ndarray:
+    """Ridge logistic model fitted on ``train`` (features) and ``y_train`` (0/1),
+    predicted on ``test``: the probabilities for ``test``'s rows.
+
+    Same encoding and fit as the detection classifier (:func:`detection_auc`), with
+    a linear design; used for train-on-source, test-on-real utility of tabular
+    sources (Rankin et al., JMIR Med Inform 2020;8:e18910).
+    """
+    train, test = _check(train, test)
+    X = _design(train, test, quadratic=False)
+    X = np.column_stack([np.ones(len(X)), X])
+    n = len(train)
+    y = np.r_[np.asarray(y_train, float), np.zeros(len(test))]
+    w = np.r_[np.ones(n), np.zeros(len(test))]
+    P = np.asarray(_fit_predict(jnp.asarray(X), jnp.asarray(y[None]),
+                                jnp.asarray(w[None]), l2))
+    return P[0, n:]
