@@ -37,11 +37,19 @@ from phems_clinical.privacy.synth.pathways import (
     fit_pathways,
     sample_pathways,
 )
+from phems_clinical.privacy.synth.picu_sequences import (
+    PicuSequenceError,
+    PicuSequenceModel,
+    fit_picu_sequences,
+    sample_picu_sequences,
+)
 
 __all__ = [
     "ColumnMarginal", "CopulaInputError", "CopulaModel", "fit_copula",
     "nearest_pd_correlation", "sample_copula",
     "MSTBudget", "MSTInputError", "MSTModel", "fit_mst", "mst_budget",
     "mst_input_report", "sample_mst",
+    "PicuSequenceError", "PicuSequenceModel", "fit_picu_sequences",
+    "sample_picu_sequences",
     "PathwayInputError", "PathwayModel", "fit_pathways", "sample_pathways",
 ]

@@ -1,0 +1,1016 @@
+"""One scorecard for every data source: real, anonymised and synthetic (issue 6, §3).
+
+Every source is scored with the same metrics, in three groups:
+
+* **fidelity**: how closely the derived table resembles the real one
+  (:mod:`phems_clinical.privacy.fidelity`);
+* **utility**: how well analyses run on the source reproduce those run on real data
+  (train on the source, test on held-out real data; popPK bias; forecast accuracy).
+  These numbers come from the model code and are plugged in by name;
+* **privacy**: residual disclosure risk, by attacks with attack and control sets
+  (anonymeter method, :mod:`phems_clinical.privacy.attacks`), membership inference,
+  distance to the closest record (secondary) and, for anonymised tables, k, l, t and
+  re-identification risk (:mod:`phems_clinical.privacy.anonymity`).
+
+The scorecard is an :class:`xarray.Dataset` with dims ``("source", "metric")`` and
+data variables ``value``, ``ci_low``, ``ci_high`` (NaN where a metric does not apply
+to a source, or where no interval exists). Each metric carries its group, direction,
+target, acceptance band, plain-language caption and reference as coordinates, and
+each source its kind, generator, differential-privacy (epsilon, delta) and unit of
+privacy, so the file is self-describing and round-trips through netCDF
+(``engine="h5netcdf"``). :func:`assess` turns the acceptance bands into per-cell
+flags; :mod:`phems_clinical.evaluation.scorecard_report` renders them as HTML.
+
+Metric registry
+---------------
+:data:`METRICS` maps a metric name to a :class:`MetricSpec`. A name of the form
+``prefix_<param>`` is a pattern: ``pk_bias_cl`` and ``pk_bias_v1`` both use the
+``pk_bias_<param>`` entry, with the parameter named in the caption. Names that are
+not registered raise :class:`UnknownMetricError`; a caller with a metric of its own
+passes its :class:`MetricSpec` in ``extra_metrics`` (explicit, so nothing reaches a
+data controller without a caption and a target).
+
+Acceptance bands: ``bound="absolute"`` flags a value outside ``[lower, upper]``;
+``bound="relative_to_real"`` flags ``value - value_of_the_real_source`` outside
+``[lower, upper]`` (the first source of kind ``"real"`` is the reference);
+``bound="none"`` shows the value without a flag. Where no published threshold
+exists, the band is ours and the reference says so.
+
+References
+----------
+* EMA Policy 0070 external guidance (EMA/90915/2016, 2018) and Health Canada: 0.09
+  re-identification risk threshold; applied to synthetic data by El Emam, Mosquera,
+  Hoptroff, JMIR 2020;22:e23139.
+* Giomi et al., "A Unified Framework for Quantifying Privacy Risk in Synthetic Data",
+  PoPETs 2023(2):312-328 (anonymeter): singling-out, linkability, inference risk.
+* Stadler, Oprisanu & Troncoso, USENIX Security 2022: membership inference, AUC 0.5.
+* Snoke, Raab, Nowok, Dibben & Slavkovic, JRSS-A 2018;181(3):663-688: pMSE ratio 1.
+* Rankin et al., JMIR Med Inform 2020;8:e18910: train-synthetic-test-real deltas.
+* ``shared/reference/privacy.md`` §2 (target table) and §4 (popPK bias < 20 %).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _pkg_version
+from numbers import Real
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from phems_clinical.privacy import anonymity as _anon
+from phems_clinical.privacy import attacks as _attacks
+from phems_clinical.privacy import fidelity as _fid
+
+__all__ = [
+    "GROUPS",
+    "KINDS",
+    "METRICS",
+    "FIDELITY_METRICS",
+    "MetricSpec",
+    "Score",
+    "ScorecardInputError",
+    "UnknownMetricError",
+    "anonymity_scores",
+    "as_score",
+    "assess",
+    "build_scorecard",
+    "fidelity_scores",
+    "metric_spec",
+    "target_text",
+    "utility_scores",
+    "privacy_scores",
+]
+
+GROUPS = ("fidelity", "utility", "privacy")
+KINDS = ("real", "anonymised", "synthetic")
+_BETTER = ("higher", "lower", "closer_to_target")
+_BOUNDS = ("absolute", "relative_to_real", "none")
+_INF = math.inf
+_NAN = math.nan
+
+#: Re-identification risk threshold (EMA Policy 0070, EMA/90915/2016).
+RISK_THRESHOLD = _anon.DEFAULT_RISK_THRESHOLD
+
+_EMA = ("EMA Policy 0070 (EMA/90915/2016) and Health Canada: risk threshold 0.09; "
+        "applied to synthetic data by El Emam et al., JMIR 2020;22:e23139")
+_ANONYMETER = ("Giomi et al., PoPETs 2023(2):312-328 (anonymeter method); "
+               "threshold: " + _EMA)
+_OURS = "flag limit is ours (no published threshold)"
+_RANKIN = ("Rankin et al., JMIR Med Inform 2020;8:e18910 (synthetic-trained models "
+           "typically 0.06-0.19 worse); flag limit is ours")
+
+
+class ScorecardInputError(ValueError):
+    """Scores or source metadata that cannot be put on a scorecard."""
+
+
+class UnknownMetricError(ScorecardInputError):
+    """A metric name that is not in :data:`METRICS` nor in ``extra_metrics``."""
+
+
+class Score(NamedTuple):
+    """One scorecard cell: the value and its 95 % interval (NaN when none)."""
+
+    value: float
+    ci_low: float = _NAN
+    ci_high: float = _NAN
+
+
+class MetricSpec(NamedTuple):
+    """What a metric means and when it is flagged.
+
+    ``group`` in :data:`GROUPS`; ``better`` in ``higher``/``lower``/
+    ``closer_to_target``; ``target`` the ideal value (NaN: the real source's
+    value); ``lower``/``upper`` the acceptance band (see ``bound``: ``absolute``,
+    ``relative_to_real`` or ``none``); ``label`` a short name; ``caption`` one
+    plain-language sentence for a data controller; ``reference`` the source of the
+    target and band.
+    """
+
+    group: str
+    better: str
+    target: float
+    lower: float
+    upper: float
+    bound: str
+    label: str
+    caption: str
+    reference: str
+
+
+def _m(group, better, target, lower, upper, bound, label, caption, reference):
+    return MetricSpec(group, better, float(target), float(lower), float(upper),
+                      bound, label, caption, reference)
+
+
+#: Metric registry, in display order within each group.
+METRICS: dict[str, MetricSpec] = {
+    # ------------------------------------------------------------------ fidelity
+    "column_shapes": _m(
+        "fidelity", "higher", 1.0, 0.9, _INF, "absolute", "Column shapes",
+        "How closely each column's distribution matches the real data, averaged "
+        "over columns (1 minus the Kolmogorov-Smirnov distance for numbers or the "
+        "total variation distance for categories; 1 = identical).",
+        "SDMetrics Column Shapes (KSComplement/TVComplement); " + _OURS),
+    "max_column_statistic": _m(
+        "fidelity", "lower", 0.0, -_INF, 0.2, "absolute", "Worst column",
+        "Largest difference between the real and the derived distribution of any "
+        "single column (Kolmogorov-Smirnov or total variation distance; 0 = "
+        "identical, 1 = no overlap).",
+        "Kolmogorov-Smirnov / total variation distance; " + _OURS),
+    "mean_missing_diff": _m(
+        "fidelity", "lower", 0.0, -_INF, 0.05, "absolute", "Missing values",
+        "Average difference between real and derived data in the share of missing "
+        "values per column (0.05 = 5 percentage points).",
+        "privacy.md §2 (SDMetrics); " + _OURS),
+    "pair_trends": _m(
+        "fidelity", "higher", 1.0, 0.9, _INF, "absolute", "Relationships",
+        "How well relationships between pairs of columns are kept (correlations "
+        "and contingency tables; 1 = all relationships as in the real data).",
+        "SDMetrics Column Pair Trends (CorrelationSimilarity, "
+        "ContingencySimilarity); " + _OURS),
+    "mean_abs_diff": _m(
+        "fidelity", "lower", 0.0, -_INF, 0.1, "absolute", "Pair differences",
+        "Average change in the association between pairs of columns (Pearson "
+        "correlation or Cramer's V; 0 = unchanged).",
+        "privacy.md §2; " + _OURS),
+    "mean_abs_diff_pearson": _m(
+        "fidelity", "lower", 0.0, -_INF, 0.1, "absolute", "Numeric correlations",
+        "Average change in the correlation between pairs of numeric columns "
+        "(Pearson r; 0 = unchanged, 0.1 = correlations off by 0.1 on average).",
+        "privacy.md §2; " + _OURS),
+    "mean_abs_diff_cramers_v": _m(
+        "fidelity", "lower", 0.0, -_INF, 0.1, "absolute", "Category associations",
+        "Average change in the association between pairs of columns involving a "
+        "category (Cramer's V; 0 = unchanged).",
+        "privacy.md §2; " + _OURS),
+    "detection_auc": _m(
+        "fidelity", "closer_to_target", 0.5, -_INF, 0.6, "absolute",
+        "Detectability",
+        "How well a classifier tells derived records from real ones (0.5 = it "
+        "cannot tell them apart, 1 = it always can).",
+        "Target 0.5: privacy.md §2 (Snoke et al., JRSS-A 2018; synthgauge); "
+        + _OURS),
+    "pmse_ratio_perm": _m(
+        "fidelity", "closer_to_target", 1.0, -_INF, 3.0, "absolute",
+        "Propensity score (pMSE ratio)",
+        "Propensity mean squared error divided by its value for indistinguishable "
+        "data (1 = indistinguishable; larger = easier to tell derived from real "
+        "records).",
+        "Snoke, Raab, Nowok, Dibben & Slavkovic, JRSS-A 2018;181:663-688, "
+        "permutation null; target 1; " + _OURS),
+    "pmse_ratio": _m(
+        "fidelity", "closer_to_target", 1.0, _NAN, _NAN, "none",
+        "pMSE ratio (published null)",
+        "Propensity mean squared error divided by the published null value; for "
+        "two samples of one distribution it centres at 1/(1 - share of derived "
+        "rows), i.e. 2 for equal sizes, so no flag is set.",
+        "Snoke et al., JRSS-A 2018;181:663-688; see phems_clinical.privacy.fidelity"),
+    "pmse": _m(
+        "fidelity", "lower", 0.0, _NAN, _NAN, "none", "pMSE",
+        "Propensity mean squared error (0 = a classifier's predictions carry no "
+        "information about which records are derived).",
+        "Woo et al., J Priv Confid 2009; Snoke et al., JRSS-A 2018"),
+    # ------------------------------------------------------------------- utility
+    "auroc": _m(
+        "utility", "higher", _NAN, -0.05, _INF, "relative_to_real",
+        "Sepsis model AUROC",
+        "Sepsis model trained on this source and tested on held-out real "
+        "patients: area under the ROC curve (0.5 = chance, 1 = perfect).",
+        _RANKIN),
+    "auprc": _m(
+        "utility", "higher", _NAN, -0.05, _INF, "relative_to_real",
+        "Sepsis model AUPRC",
+        "Sepsis model trained on this source and tested on held-out real "
+        "patients: area under the precision-recall curve (higher = better).",
+        _RANKIN),
+    "brier": _m(
+        "utility", "lower", _NAN, -_INF, 0.02, "relative_to_real",
+        "Sepsis model Brier score",
+        "Sepsis model trained on this source and tested on held-out real "
+        "patients: mean squared error of the predicted probabilities (0 = "
+        "perfect).",
+        _RANKIN),
+    "calibration_slope": _m(
+        "utility", "closer_to_target", 1.0, 0.8, 1.2, "absolute",
+        "Sepsis model calibration slope",
+        "Sepsis model trained on this source and tested on held-out real "
+        "patients: calibration slope (1 = predicted risks neither too extreme "
+        "nor too modest).",
+        "Van Calster et al., J Clin Epidemiol 2016;74:167-176 (ideal 1); "
+        + _OURS),
+    "calibration_intercept": _m(
+        "utility", "closer_to_target", 0.0, _NAN, _NAN, "none",
+        "Sepsis model calibration intercept",
+        "Sepsis model trained on this source and tested on held-out real "
+        "patients: whether predicted risks are too high (< 0) or too low (> 0) on "
+        "average (0 = right on average).",
+        "Van Calster et al., J Clin Epidemiol 2016;74:167-176 (ideal 0)"),
+    "ece": _m(
+        "utility", "lower", _NAN, -_INF, 0.02, "relative_to_real",
+        "Sepsis model calibration error",
+        "Sepsis model trained on this source and tested on held-out real "
+        "patients: average gap between predicted and observed risk over 10 risk "
+        "bins (0 = perfect).",
+        "Naeini et al., AAAI 2015 (expected calibration error); " + _OURS),
+    "sepsis_clinical_utility": _m(
+        "utility", "higher", _NAN, -0.05, _INF, "relative_to_real",
+        "Sepsis alarm utility",
+        "Sepsis model trained on this source and tested on held-out real "
+        "patients: PhysioNet 2019 clinical utility of its alarms (1 = ideal, 0 = "
+        "no alarms).",
+        "Reyna et al., Crit Care Med 2020;48:210-217 (PhysioNet/CinC 2019); "
+        + _OURS),
+    "c_index": _m(
+        "utility", "higher", _NAN, -0.05, _INF, "relative_to_real",
+        "Cardiac model C-index",
+        "Cardiac pathway model fitted on this source and tested on held-out real "
+        "patients: concordance of predicted risk with observed outcomes (0.5 = "
+        "chance, 1 = perfect).",
+        _RANKIN),
+    "brier_death_30d": _m(
+        "utility", "lower", _NAN, -_INF, 0.02, "relative_to_real",
+        "Cardiac 30-day death Brier score",
+        "Cardiac pathway model fitted on this source and tested on held-out real "
+        "patients: Brier score of the predicted 30-day death risk (0 = perfect).",
+        _RANKIN),
+    "brier_death_360d": _m(
+        "utility", "lower", _NAN, -_INF, 0.02, "relative_to_real",
+        "Cardiac 1-year death Brier score",
+        "Cardiac pathway model fitted on this source and tested on held-out real "
+        "patients: Brier score of the predicted 1-year death risk (0 = perfect).",
+        _RANKIN),
+    "brier_readmit_30d": _m(
+        "utility", "lower", _NAN, -_INF, 0.02, "relative_to_real",
+        "Cardiac 30-day readmission Brier score",
+        "Cardiac pathway model fitted on this source and tested on held-out real "
+        "patients: Brier score of the predicted 30-day readmission risk, death "
+        "competing (0 = perfect).",
+        _RANKIN),
+    "brier_readmit_360d": _m(
+        "utility", "lower", _NAN, -_INF, 0.02, "relative_to_real",
+        "Cardiac 1-year readmission Brier score",
+        "Cardiac pathway model fitted on this source and tested on held-out real "
+        "patients: Brier score of the predicted 1-year readmission risk, death "
+        "competing (0 = perfect).",
+        _RANKIN),
+    "auroc_cicu_7d": _m(
+        "utility", "higher", _NAN, -0.05, _INF, "relative_to_real",
+        "Cardiac 7-day CICU AUROC",
+        "Cardiac pathway model fitted on this source and tested on held-out real "
+        "patients: AUROC for still being in cardiac intensive care at day 7.",
+        _RANKIN),
+    "pk_bias_<param>": _m(
+        "utility", "closer_to_target", 0.0, -0.2, 0.2, "absolute",
+        "PK bias <param>",
+        "Relative bias of the population <param> estimated by the popPK model "
+        "fitted on this source, compared with the fit on real data (0.1 = 10 % "
+        "too high; 0 = no bias).",
+        "privacy.md §4 proposed acceptance |bias| < 20 % (ours; no published "
+        "popPK fit on derived data)"),
+    "forecast_mdape": _m(
+        "utility", "lower", _NAN, -_INF, 0.05, "relative_to_real",
+        "Forecast error (MDAPE)",
+        "Dosing tool with its prior taken from this source: median absolute "
+        "percentage error of the forecast factor level (0.2 = 20 %).",
+        "Sheiner & Beal, J Pharmacokinet Biopharm 1981;9:503-512 (prediction "
+        "error); " + _OURS),
+    "forecast_mdpe": _m(
+        "utility", "closer_to_target", 0.0, -0.2, 0.2, "absolute",
+        "Forecast bias (MDPE)",
+        "Dosing tool with its prior taken from this source: median percentage "
+        "error of the forecast factor level (0 = unbiased; 0.1 = 10 % too high).",
+        "Sheiner & Beal, J Pharmacokinet Biopharm 1981;9:503-512; " + _OURS),
+    "forecast_within_20": _m(
+        "utility", "higher", _NAN, -0.1, _INF, "relative_to_real",
+        "Forecasts within 20 %",
+        "Dosing tool with its prior taken from this source: share of forecast "
+        "factor levels within 20 % of the measured level (1 = all).",
+        _OURS),
+    "suppressed_share": _m(
+        "utility", "lower", 0.0, -_INF, 0.1, "absolute", "Records suppressed",
+        "Share of patient records removed by the anonymisation (0.1 = 10 %).",
+        "privacy.md §4 (context-free anonymisation lost over a third of records); "
+        + _OURS),
+    "generalisation_loss": _m(
+        "utility", "lower", 0.0, _NAN, _NAN, "none", "Generalisation loss",
+        "How much the quasi-identifiers were coarsened, averaged over records and "
+        "columns (0 = original detail, 1 = fully generalised).",
+        "Sweeney, IJUFKS 2002;10(5):571-588 (1 - precision)"),
+    # ------------------------------------------------------------------- privacy
+    "singling_out_risk": _m(
+        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "Singling-out risk (one value)",
+        "Extra chance that an attacker can use this dataset to single out one "
+        "real patient by a single distinctive value, compared with patients the "
+        "dataset was not made from (0 = no better than for unseen patients, 1 = "
+        "always).",
+        _ANONYMETER),
+    "singling_out_risk_multivariate": _m(
+        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "Singling-out risk (combination)",
+        "Extra chance that an attacker can use this dataset to single out one "
+        "real patient by a combination of values such as age band, sex and "
+        "weight, compared with patients the dataset was not made from (0 = no "
+        "better than for unseen patients).",
+        _ANONYMETER),
+    "linkability_risk": _m(
+        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "Linkability risk",
+        "Extra chance that an attacker holding two separate pieces of a patient's "
+        "record (for example demographics and measurements) can link them "
+        "through this dataset, compared with patients the dataset was not made "
+        "from (0 = no better than for unseen patients).",
+        _ANONYMETER),
+    "inference_risk": _m(
+        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "Attribute-inference risk",
+        "Extra chance that an attacker who knows some of a patient's details can "
+        "correctly guess a sensitive value (for example the diagnosis) from this "
+        "dataset, compared with patients the dataset was not made from (0 = no "
+        "better than for unseen patients).",
+        _ANONYMETER),
+    "mia_auc": _m(
+        "privacy", "closer_to_target", 0.5, -_INF, 0.6, "absolute",
+        "Membership inference (AUC)",
+        "How well an attacker can tell whether a given patient's record was used "
+        "to build this dataset, from how close it lies to a released record (0.5 "
+        "= cannot tell, 1 = always can).",
+        "Target 0.5: Stadler, Oprisanu & Troncoso, USENIX Security 2022; "
+        + _OURS),
+    "dcr_share": _m(
+        "privacy", "closer_to_target", 0.5, -_INF, 0.6, "absolute",
+        "Closest-record share (secondary)",
+        "Share of released records that lie closer to a patient used to build "
+        "them than to a patient who was not used (0.5 = no closer). A secondary "
+        "measure only: it can miss copied data.",
+        "privacy.md §2 (DCR barely reacts to a verbatim copy; 'The DCR Delusion', "
+        "arXiv 2505.01524); " + _OURS),
+    "k_anonymity": _m(
+        "privacy", "higher", _NAN, 12.0, _INF, "absolute", "k-anonymity",
+        "Every released patient shares the combination of indirectly identifying "
+        "values (such as age band, sex, weight band) with at least k-1 others; "
+        "k is the smallest such group.",
+        "Sweeney, IJUFKS 2002; 1/k <= 0.09 needs k >= 12 (" + _EMA + "; "
+        "privacy.md rounds 1/11 = 0.091 to 0.09)"),
+    "prosecutor_risk_max": _m(
+        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "Re-identification risk (highest)",
+        "Highest chance of re-identifying a patient for an attacker who knows the "
+        "patient is in the data and knows the identifying values (1/k).",
+        "El Emam, Guide to the De-identification of Personal Health Information, "
+        "2013; " + _EMA),
+    "prosecutor_risk_mean": _m(
+        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "Re-identification risk (average)",
+        "Average over patients of the chance of re-identification for an "
+        "attacker who knows the patient is in the data.",
+        "El Emam 2013; " + _EMA),
+    "records_at_risk": _m(
+        "privacy", "lower", 0.0, -_INF, 0.0, "absolute", "Records at risk",
+        "Share of released patients whose re-identification risk is above 0.09 "
+        "(0.05 = 5 %).",
+        "El Emam 2013; " + _EMA),
+    "journalist_risk_max": _m(
+        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "Re-identification risk (journalist)",
+        "Highest chance of re-identifying a patient for an attacker who does not "
+        "know whether the patient is in the data (uses population group sizes).",
+        "El Emam 2013; " + _EMA),
+    "marketer_risk": _m(
+        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "Re-identification risk (marketer)",
+        "Expected share of patients an attacker would re-identify when trying to "
+        "match everyone at once.",
+        "El Emam 2013; " + _EMA),
+    "l_diversity": _m(
+        "privacy", "higher", _NAN, 2.0, _INF, "absolute", "l-diversity",
+        "Smallest number of different sensitive values (for example diagnoses) "
+        "within any group of patients who look alike; 1 means some group "
+        "reveals its sensitive value.",
+        "Machanavajjhala et al., ACM TKDD 2007;1(1):3 (l >= 2 avoids certain "
+        "disclosure)"),
+    "l_diversity_entropy": _m(
+        "privacy", "higher", _NAN, 2.0, _INF, "absolute", "Entropy l-diversity",
+        "Like l-diversity, but counting how evenly the sensitive values are "
+        "spread within each group (exp of the entropy; 1 = one value only).",
+        "Machanavajjhala et al., ACM TKDD 2007;1(1):3; " + _OURS),
+    "t_closeness": _m(
+        "privacy", "lower", 0.0, -_INF, 0.2, "absolute", "t-closeness",
+        "Largest difference between the sensitive values within a group of "
+        "look-alike patients and in the whole dataset (earth mover's distance; "
+        "0 = every group looks like the whole).",
+        "Li, Li & Venkatasubramanian, ICDE 2007:106-115; " + _OURS),
+}
+
+#: Headline fidelity metrics returned by :func:`fidelity_scores`.
+FIDELITY_METRICS = ("column_shapes", "max_column_statistic", "mean_missing_diff",
+                    "pair_trends", "mean_abs_diff_pearson", "mean_abs_diff_cramers_v",
+                    "detection_auc", "pmse_ratio_perm")
+
+_PATTERNS = {name.split("<", 1)[0]: name for name in METRICS if "<" in name}
+
+
+def metric_spec(name: str, extra_metrics: Mapping[str, MetricSpec] | None = None
+                ) -> MetricSpec:
+    """The :class:`MetricSpec` of ``name`` (patterns such as ``pk_bias_<param>``
+    filled in), from ``extra_metrics`` first, then :data:`METRICS`.
+
+    Examples
+    --------
+    >>> metric_spec("pk_bias_cl").label
+    'PK bias CL'
+    >>> metric_spec("singling_out_risk").upper
+    0.09
+    """
+    if extra_metrics and name in extra_metrics:
+        spec = extra_metrics[name]
+        if not isinstance(spec, MetricSpec):
+            raise ScorecardInputError(
+                f"extra_metrics[{name!r}]: expected a MetricSpec, got "
+                f"{type(spec).__name__}")
+        _check_spec(name, spec)
+        return spec
+    if name in METRICS and "<" not in name:
+        return METRICS[name]
+    for prefix, pattern in _PATTERNS.items():
+        if name.startswith(prefix) and len(name) > len(prefix):
+            param = name[len(prefix):].upper()
+            spec = METRICS[pattern]
+            return spec._replace(label=spec.label.replace("<param>", param),
+                                 caption=spec.caption.replace("<param>", param))
+    raise UnknownMetricError(f"unknown metric {name!r}")
+
+
+def _check_spec(name: str, spec: MetricSpec) -> None:
+    if spec.group not in GROUPS:
+        raise ScorecardInputError(f"metric {name!r}: group must be one of {GROUPS}, "
+                                  f"got {spec.group!r}")
+    if spec.better not in _BETTER:
+        raise ScorecardInputError(f"metric {name!r}: better must be one of "
+                                  f"{_BETTER}, got {spec.better!r}")
+    if spec.bound not in _BOUNDS:
+        raise ScorecardInputError(f"metric {name!r}: bound must be one of "
+                                  f"{_BOUNDS}, got {spec.bound!r}")
+    if not spec.caption.strip():
+        raise ScorecardInputError(f"metric {name!r}: a plain-language caption is "
+                                  "required")
+
+
+for _name, _spec in METRICS.items():
+    _check_spec(_name, _spec)
+
+
+# ---------------------------------------------------------------------- scores
+def as_score(x) -> Score:
+    """A :class:`Score` from a Score, an attacks ``Risk`` / ``MembershipResult``,
+    a ``(value, ci_low, ci_high)`` tuple, or a real number or 0-d numpy/JAX array
+    (no interval)."""
+    if isinstance(x, Score):
+        return Score(float(x.value), float(x.ci_low), float(x.ci_high))
+    if isinstance(x, _attacks.Risk):
+        return Score(float(x.value), float(x.ci_low), float(x.ci_high))
+    if isinstance(x, _attacks.MembershipResult):
+        return Score(float(x.auc), float(x.ci_low), float(x.ci_high))
+    if isinstance(x, tuple) and len(x) == 3:
+        return Score(*(float(v) for v in x))
+    if isinstance(x, np.ndarray | jax.Array) and x.ndim == 0 and \
+            np.issubdtype(x.dtype, np.number) and x.dtype != bool:
+        return Score(float(x))
+    if isinstance(x, bool) or not isinstance(x, Real | np.number):
+        raise ScorecardInputError(f"a score must be a number, a Score or a "
+                                  f"(value, ci_low, ci_high) tuple, got {x!r}")
+    return Score(float(x))
+
+
+_UTILITY_NAMES = {  # phems_clinical.evaluation.utility name -> (metric, scale)
+    "auroc": ("auroc", 1.0), "auprc": ("auprc", 1.0), "brier": ("brier", 1.0),
+    "calibration_slope": ("calibration_slope", 1.0),
+    "calibration_intercept": ("calibration_intercept", 1.0), "ece": ("ece", 1.0),
+    "utility": ("sepsis_clinical_utility", 1.0),
+    "c_death": ("c_index", 1.0), "c_index": ("c_index", 1.0),
+    "brier_death_30d": ("brier_death_30d", 1.0),
+    "brier_death_360d": ("brier_death_360d", 1.0),
+    "brier_readmit_30d": ("brier_readmit_30d", 1.0),
+    "brier_readmit_360d": ("brier_readmit_360d", 1.0),
+    "auc_cicu_gt7": ("auroc_cicu_7d", 1.0), "auroc_cicu_7d": ("auroc_cicu_7d", 1.0),
+    "mdape": ("forecast_mdape", 0.01), "mpe": ("forecast_mdpe", 0.01),
+    "within20": ("forecast_within_20", 1.0),
+}
+_REL_BIAS = re.compile(r"^rel_bias\[(THETA|CV_IIV)\(([A-Za-z0-9_]+)\)\]$")
+
+
+def utility_scores(metrics: Mapping[str, float]) -> dict[str, Score]:
+    """Scorecard cells from the dicts of :mod:`phems_clinical.evaluation.utility`.
+
+    Renames to the registry (``c_death`` -> ``c_index``, ``auc_cicu_gt7`` ->
+    ``auroc_cicu_7d``, ``utility`` -> ``sepsis_clinical_utility``, ``mdape`` /
+    ``mpe`` / ``within20`` -> ``forecast_mdape`` / ``forecast_mdpe`` /
+    ``forecast_within_20``, ``rel_bias[THETA(CL)]`` -> ``pk_bias_cl``,
+    ``rel_bias[CV_IIV(CL)]`` -> ``pk_bias_cv_iiv_cl``), converts percentages
+    (``mdape``, ``mpe``, in %) to fractions, and folds ``<name>_ci_low`` /
+    ``<name>_ci_high`` into the interval of ``<name>``. Bookkeeping entries (sizes,
+    thresholds, losses, ``pass[...]``, ``real_prior_*``, ``delta_*``...) are left
+    out: the scorecard compares sources through the real source's column.
+    """
+    out: dict[str, Score] = {}
+    for name, v in metrics.items():
+        if name.endswith(("_ci_low", "_ci_high")):
+            continue
+        m = _REL_BIAS.match(name)
+        if m:
+            kind, param = m.groups()
+            key = ("pk_bias_" + ("" if kind == "THETA" else "cv_iiv_")
+                   + param.lower())
+            scale = 1.0
+        elif name in _UTILITY_NAMES:
+            key, scale = _UTILITY_NAMES[name]
+        else:
+            continue
+        lo = metrics.get(f"{name}_ci_low", _NAN)
+        hi = metrics.get(f"{name}_ci_high", _NAN)
+        out[key] = Score(*(float(x) * scale for x in (as_score(v).value, lo, hi)))
+    return out
+
+
+def fidelity_scores(key, real: pd.DataFrame, derived: pd.DataFrame, *,
+                    metrics: Sequence[str] = FIDELITY_METRICS, folds: int = 5,
+                    n_permutations: int = 20) -> dict[str, Score]:
+    """Fidelity of ``derived`` to ``real`` (no intervals).
+
+    Wraps :func:`phems_clinical.privacy.fidelity.fidelity_summary`; ``metrics``
+    picks which of its numbers to keep (default :data:`FIDELITY_METRICS`; the pMSE
+    ratio is the permutation-null one, which centres at 1 for indistinguishable
+    data). ``key`` drives the classifier folds and the permutations.
+    """
+    for m in metrics:
+        metric_spec(m)
+    if "pmse_ratio_perm" in metrics and n_permutations < 1:
+        raise ScorecardInputError("n_permutations: pmse_ratio_perm needs at least 1 "
+                                  f"permutation, got {n_permutations}")
+    summary = _fid.fidelity_summary(key, real, derived, folds=folds,
+                                    n_permutations=n_permutations)
+    absent = [m for m in metrics if m not in summary]
+    if absent:
+        raise ScorecardInputError(f"metrics {absent} are not fidelity_summary "
+                                  f"outputs ({sorted(summary)})")
+    return {m: Score(float(summary[m])) for m in metrics}
+
+
+def _check_frames(train, control, derived) -> list[str]:
+    for name, df in (("train", train), ("control", control), ("derived", derived)):
+        if not isinstance(df, pd.DataFrame):
+            raise ScorecardInputError(f"{name}: expected a pandas DataFrame, got "
+                                      f"{type(df).__name__}")
+        if len(df) < 2:
+            raise ScorecardInputError(f"{name}: at least 2 rows are needed, got "
+                                      f"{len(df)}")
+    cols = list(derived.columns)
+    for name, df in (("train", train), ("control", control)):
+        missing = [c for c in cols if c not in df.columns]
+        if missing:
+            raise ScorecardInputError(f"{name}: column(s) {missing} of the derived "
+                                      "table are missing")
+    return cols
+
+
+def _subsample(key, df: pd.DataFrame, n: int) -> pd.DataFrame:
+    if len(df) <= n:
+        return df.reset_index(drop=True)
+    idx = np.sort(np.asarray(jax.random.permutation(key, len(df)))[:n])
+    return df.iloc[idx].reset_index(drop=True)
+
+
+def privacy_scores(key, train: pd.DataFrame, control: pd.DataFrame,
+                   derived: pd.DataFrame, *, aux_cols: Sequence[str] | None = None,
+                   secret: str | Sequence[str] | None = None,
+                   link_cols: tuple[Sequence[str], Sequence[str]] | None = None,
+                   n_attacks: int = 500, n_cols: int = 3) -> dict[str, Score]:
+    """Attack-based privacy risk of releasing ``derived``, made from ``train``.
+
+    ``control`` holds real records of the same population that were *not* used to
+    make ``derived`` (anonymeter's control set, the membership holdout). The
+    residual risk compares success on the training records with success on the
+    control records, and a predicate singles out one record more often in a
+    smaller table, so the two sets must be of equal size: the larger of ``train``
+    and ``control`` is subsampled (with ``key``) to the size of the smaller, and
+    every attack runs on these equal sets. All frames must be in the
+    representation of ``derived`` (for anonymised data: generalise ``train`` and
+    ``control`` the same way), one row per patient.
+
+    Returns ``singling_out_risk`` (univariate), ``singling_out_risk_multivariate``
+    (``n_cols`` conditions), ``linkability_risk`` (the attacker holds the two
+    column groups ``link_cols``; default: ``aux_cols`` cut in two halves),
+    ``inference_risk`` (only with ``secret``; the attacker knows ``aux_cols``,
+    default all other columns; with several secrets the highest risk),
+    ``mia_auc`` (distance-based membership inference, train vs control) and
+    ``dcr_share`` (secondary; target 0.5 as the sets are of equal size). Risks
+    carry the Wilson-based interval of the anonymeter method, the AUC a
+    Hanley-McNeil interval. When no predicate singles out a derived record at all,
+    the singling-out risk is 0 with no interval (no attack can be built).
+    """
+    cols = _check_frames(train, control, derived)
+    secrets = [] if secret is None else ([secret] if isinstance(secret, str)
+                                         else list(secret))
+    bad = [s for s in secrets if s not in cols]
+    if bad:
+        raise ScorecardInputError(f"secret column(s) {bad} are not columns of the "
+                                  f"derived table {cols}")
+    if aux_cols is None:
+        aux = [c for c in cols if c not in secrets]
+    else:
+        aux = list(aux_cols)
+        bad = [c for c in aux if c not in cols]
+        if bad:
+            raise ScorecardInputError(f"aux_cols {bad} are not columns of the "
+                                      f"derived table {cols}")
+    if link_cols is None:
+        if len(aux) < 2:
+            raise ScorecardInputError("link_cols: need two column groups; aux_cols "
+                                      f"{aux} has fewer than 2 columns to split")
+        half = len(aux) // 2
+        link_cols = (aux[:half], aux[half:])
+    if n_attacks < 1:
+        raise ScorecardInputError(f"n_attacks: expected >= 1, got {n_attacks}")
+    ks = jax.random.split(key, 8)
+    n = min(len(train), len(control))
+    ori = _subsample(ks[0], train, n)
+    ctrl = _subsample(ks[1], control, n)
+    n_att = min(n_attacks, n)
+    out: dict[str, Score] = {}
+    for name, mode, k in (("singling_out_risk", "univariate", ks[2]),
+                          ("singling_out_risk_multivariate", "multivariate", ks[3])):
+        try:
+            out[name] = as_score(_attacks.singling_out_risk(
+                k, ori[cols], derived[cols], ctrl[cols], n_attacks=n_att, mode=mode,
+                n_cols=n_cols))
+        except ValueError as err:
+            if "no predicate" not in str(err):
+                raise
+            out[name] = Score(0.0)
+    out["linkability_risk"] = as_score(_attacks.linkability_risk(
+        ori, derived, ctrl, aux_cols=link_cols, n_attacks=n_att, key=ks[4]))
+    if secrets:
+        risks = [_attacks.inference_risk(ori, derived, ctrl,
+                                         aux_cols=[c for c in aux if c != s],
+                                         secret=s, n_attacks=n_att,
+                                         key=jax.random.fold_in(ks[5], i))
+                 for i, s in enumerate(secrets)]
+        out["inference_risk"] = as_score(max(risks, key=lambda r: r.value))
+    out["mia_auc"] = as_score(_attacks.membership_inference(
+        ks[6], ori, ctrl, derived, n=n, cols=cols))
+    out["dcr_share"] = Score(_attacks.distance_to_closest_record(
+        ori, derived, ctrl, cols=cols).share_closer_to_train)
+    return out
+
+
+def anonymity_scores(df: pd.DataFrame, qis: str | Sequence[str],
+                     sensitive: str | Sequence[str] | None = None, *,
+                     population=None, suppressed=None,
+                     threshold: float = RISK_THRESHOLD, levels=None,
+                     heights=None) -> dict[str, Score]:
+    """k, l, t, re-identification risk and suppression of an anonymised table.
+
+    Wraps :func:`phems_clinical.privacy.anonymity.anonymity_report` (arguments as
+    there). With several sensitive columns, ``l_diversity`` and
+    ``l_diversity_entropy`` are the smallest and ``t_closeness`` the largest over
+    them (the worst case). ``journalist_risk_max`` only with ``population``;
+    ``generalisation_loss`` only with ``levels`` and ``heights``.
+    """
+    rep = _anon.anonymity_report(df, qis, sensitive, population=population,
+                                 suppressed=suppressed, threshold=threshold,
+                                 levels=levels, heights=heights)
+    out = {
+        "k_anonymity": Score(float(rep["k"])),
+        "prosecutor_risk_max": Score(rep["prosecutor"]["max"]),
+        "prosecutor_risk_mean": Score(rep["prosecutor"]["mean"]),
+        "records_at_risk": Score(rep["prosecutor"]["records_at_risk"]),
+        "marketer_risk": Score(float(rep["marketer"])),
+        "suppressed_share": Score(float(rep["suppressed_share"])),
+    }
+    if "journalist" in rep:
+        out["journalist_risk_max"] = Score(rep["journalist"]["max"])
+    if "sensitive" in rep:
+        per = rep["sensitive"].values()
+        out["l_diversity"] = Score(float(min(s["l_distinct"] for s in per)))
+        out["l_diversity_entropy"] = Score(float(min(s["l_entropy"] for s in per)))
+        out["t_closeness"] = Score(float(max(s["t"] for s in per)))
+    if "generalisation_loss" in rep:
+        out["generalisation_loss"] = Score(float(rep["generalisation_loss"]))
+    return out
+
+
+# ------------------------------------------------------------------- the Dataset
+def _created_by() -> str:
+    try:
+        v = _pkg_version("phems_clinical")
+    except PackageNotFoundError:  # pragma: no cover - source checkout
+        v = "unknown"
+    return f"phems_clinical {v} (phems_clinical.evaluation.scorecard)"
+
+
+def _meta_float(src: str, field: str, x, *, positive: bool = False,
+                below_one: bool = False) -> float:
+    if x is None:
+        return _NAN
+    if isinstance(x, bool) or not isinstance(x, Real | np.number):
+        raise ScorecardInputError(f"sources_meta[{src!r}][{field!r}]: expected a "
+                                  f"number or None, got {x!r}")
+    v = float(x)
+    if math.isnan(v):
+        return v
+    if positive and not v > 0:
+        raise ScorecardInputError(f"sources_meta[{src!r}][{field!r}]: must be > 0 "
+                                  f"(NaN or None = not differentially private), "
+                                  f"got {v}")
+    if below_one and not 0 <= v < 1:
+        raise ScorecardInputError(f"sources_meta[{src!r}][{field!r}]: must lie in "
+                                  f"[0, 1), got {v}")
+    if not positive and not below_one and v < 0:
+        raise ScorecardInputError(f"sources_meta[{src!r}][{field!r}]: must be >= 0, "
+                                  f"got {v}")
+    return v
+
+
+_META_KEYS = {"kind", "generator", "epsilon", "delta", "unit_of_privacy", "n_rows"}
+
+
+def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
+                    sources_meta: Mapping[str, Mapping[str, object]],
+                    use_case: str, seed: int,
+                    extra_metrics: Mapping[str, MetricSpec] | None = None
+                    ) -> xr.Dataset:
+    """Put the scores of every source on one scorecard.
+
+    Parameters
+    ----------
+    scores : mapping source -> mapping metric -> score
+        A score is a :class:`Score`, an attacks ``Risk``/``MembershipResult``, a
+        ``(value, ci_low, ci_high)`` tuple or a number. Metrics a source lacks are
+        NaN ("not applicable"), e.g. k-anonymity for a synthetic source.
+    sources_meta : mapping source -> dict
+        ``kind`` (required; ``"real"``, ``"anonymised"`` or ``"synthetic"``),
+        ``generator`` (str), ``epsilon`` and ``delta`` (differential privacy;
+        None/NaN = not DP; epsilon > 0, delta in [0, 1)), ``unit_of_privacy``
+        (e.g. ``"patient"``), ``n_rows``. ``generator`` falls back to
+        ``method``. Other keys (scalars only) are kept as JSON in the ``extra``
+        coordinate (e.g. fit time).
+    use_case, seed
+        Stored as attributes (``seed`` is the run's seed, for provenance).
+    extra_metrics : mapping name -> MetricSpec, optional
+        Metrics not in :data:`METRICS`; anything else unknown raises
+        :class:`UnknownMetricError`, naming every unknown metric.
+
+    Returns
+    -------
+    xarray.Dataset
+        dims ``("source", "metric")``; variables ``value``, ``ci_low``,
+        ``ci_high``; metric coords ``group, better, target, lower, upper, bound,
+        label, caption, reference``; source coords ``kind, generator, epsilon,
+        delta, unit, n_rows, extra``; attrs ``use_case, seed, created_by``. Metrics are
+        ordered by group (fidelity, utility, privacy), then registry order.
+    """
+    if not isinstance(scores, Mapping) or not scores:
+        raise ScorecardInputError("scores: expected a non-empty mapping source -> "
+                                  "{metric: score}")
+    sources = [str(s) for s in scores]
+    if len(set(sources)) != len(sources):
+        raise ScorecardInputError(f"scores: duplicate source names {sources}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise ScorecardInputError(f"seed: expected an integer, got {seed!r}")
+    if not isinstance(use_case, str) or not use_case:
+        raise ScorecardInputError(f"use_case: expected a non-empty string, got "
+                                  f"{use_case!r}")
+    missing_meta = [s for s in scores if s not in sources_meta]
+    if missing_meta:
+        raise ScorecardInputError(f"sources_meta: no entry for source(s) "
+                                  f"{missing_meta}; each needs at least 'kind'")
+    names: list[str] = []
+    for src, cells in scores.items():
+        if not isinstance(cells, Mapping):
+            raise ScorecardInputError(f"scores[{src!r}]: expected a mapping metric "
+                                      f"-> score, got {type(cells).__name__}")
+        names += [m for m in cells if m not in names]
+    if not names:
+        raise ScorecardInputError("scores: no source has any metric value")
+    specs, unknown = {}, []
+    for m in names:
+        try:
+            specs[m] = metric_spec(m, extra_metrics)
+        except UnknownMetricError:
+            unknown.append(m)
+    if unknown:
+        known = list(METRICS)
+        raise UnknownMetricError(
+            f"unknown metric name(s) {unknown}; registered: {known} (a name "
+            "'pk_bias_<param>' matches any parameter); pass a MetricSpec in "
+            "extra_metrics to add a metric")
+    order = list(METRICS)
+
+    def rank(m: str):
+        reg = next((i for i, k in enumerate(order)
+                    if k == m or ("<" in k and m.startswith(k.split("<")[0]))),
+                   len(order))
+        return GROUPS.index(specs[m].group), reg, m
+
+    metrics = sorted(names, key=rank)
+    shape = (len(sources), len(metrics))
+    val, lo, hi = (np.full(shape, np.nan) for _ in range(3))
+    for i, cells in enumerate(scores.values()):
+        for m, x in cells.items():
+            try:
+                s = as_score(x)
+            except ScorecardInputError as err:
+                raise ScorecardInputError(f"scores[{sources[i]!r}][{m!r}]: "
+                                          f"{err}") from None
+            j = metrics.index(m)
+            val[i, j], lo[i, j], hi[i, j] = s
+    meta = {k: [] for k in ("kind", "generator", "epsilon", "delta", "unit",
+                            "n_rows", "extra")}
+    for src in scores:
+        md = sources_meta[src]
+        extra = {}
+        for k in sorted(set(md) - _META_KEYS):
+            v = md[k]
+            if isinstance(v, np.generic):
+                v = v.item()
+            if v is not None and not isinstance(v, str | int | float | bool):
+                raise ScorecardInputError(
+                    f"sources_meta[{src!r}][{k!r}]: extra metadata must be a "
+                    f"string, number, bool or None, got {type(v).__name__}")
+            extra[str(k)] = v
+        meta["extra"].append(json.dumps(extra, sort_keys=True))
+        kind = md.get("kind")
+        if kind not in KINDS:
+            raise ScorecardInputError(f"sources_meta[{src!r}]['kind']: expected one "
+                                      f"of {KINDS}, got {kind!r}")
+        meta["kind"].append(kind)
+        meta["generator"].append(str(md.get("generator") or md.get("method")
+                                     or ""))
+        meta["epsilon"].append(_meta_float(src, "epsilon", md.get("epsilon"),
+                                           positive=True))
+        meta["delta"].append(_meta_float(src, "delta", md.get("delta"),
+                                         below_one=True))
+        meta["unit"].append(str(md.get("unit_of_privacy") or ""))
+        meta["n_rows"].append(_meta_float(src, "n_rows", md.get("n_rows")))
+    sp = [specs[m] for m in metrics]
+
+    def strs(xs):
+        return ("metric", np.array(xs, dtype=object))
+
+    coords = {
+        "source": ("source", np.array(sources, dtype=object)),
+        "metric": ("metric", np.array(metrics, dtype=object)),
+        "kind": ("source", np.array(meta["kind"], dtype=object)),
+        "generator": ("source", np.array(meta["generator"], dtype=object)),
+        "epsilon": ("source", np.array(meta["epsilon"], dtype=float)),
+        "delta": ("source", np.array(meta["delta"], dtype=float)),
+        "unit": ("source", np.array(meta["unit"], dtype=object)),
+        "n_rows": ("source", np.array(meta["n_rows"], dtype=float)),
+        "extra": ("source", np.array(meta["extra"], dtype=object)),
+        "group": strs([s.group for s in sp]),
+        "better": strs([s.better for s in sp]),
+        "target": ("metric", np.array([s.target for s in sp], dtype=float)),
+        "lower": ("metric", np.array([s.lower for s in sp], dtype=float)),
+        "upper": ("metric", np.array([s.upper for s in sp], dtype=float)),
+        "bound": strs([s.bound for s in sp]),
+        "label": strs([s.label for s in sp]),
+        "caption": strs([s.caption for s in sp]),
+        "reference": strs([s.reference for s in sp]),
+    }
+    dims = ("source", "metric")
+    ds = xr.Dataset(
+        {"value": (dims, val), "ci_low": (dims, lo), "ci_high": (dims, hi)},
+        coords=coords,
+        attrs={"use_case": str(use_case), "seed": int(seed),
+               "created_by": _created_by()})
+    ds["value"].attrs["description"] = "metric value (see caption)"
+    ds["ci_low"].attrs["description"] = "lower end of the 95 % interval (NaN: none)"
+    ds["ci_high"].attrs["description"] = "upper end of the 95 % interval (NaN: none)"
+    ds["epsilon"].attrs["description"] = "DP epsilon (NaN: not differentially private)"
+    return ds
+
+
+# ------------------------------------------------------------------------ flags
+def _g(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def assess(ds: xr.Dataset) -> xr.Dataset:
+    """Per cell: ``status`` and a plain-language ``note``.
+
+    ``status`` is ``"ok"`` (within the acceptance band), ``"flagged"`` (outside;
+    ``note`` says which way, e.g. ``"above 0.09 threshold"``), ``"not
+    applicable"`` (NaN value), ``"reference"`` (the real source for a metric judged
+    relative to it), or ``"no threshold"`` (band ``none``, or no real value to
+    compare with).
+    """
+    kinds = [str(k) for k in ds["kind"].values]
+    ref_i = kinds.index("real") if "real" in kinds else None
+    status = np.empty(ds["value"].shape, dtype=object)
+    note = np.empty(ds["value"].shape, dtype=object)
+    for j in range(ds.sizes["metric"]):
+        bound = str(ds["bound"].values[j])
+        lower, upper = float(ds["lower"].values[j]), float(ds["upper"].values[j])
+        ref = _NAN if ref_i is None else float(ds["value"].values[ref_i, j])
+        for i in range(ds.sizes["source"]):
+            v = float(ds["value"].values[i, j])
+            st, nt = "ok", "within target"
+            if math.isnan(v):
+                st, nt = "not applicable", "not applicable"
+            elif bound == "none":
+                st, nt = "no threshold", "no threshold (for information)"
+            elif bound == "relative_to_real":
+                if i == ref_i:
+                    st, nt = "reference", "real-data reference"
+                elif math.isnan(ref):
+                    st, nt = "no threshold", "no real-data value to compare with"
+                else:
+                    d = v - ref
+                    if d < lower:
+                        st = "flagged"
+                        nt = (f"{_g(-d)} below real data ({_g(ref)}); limit "
+                              f"{_g(-lower)} below")
+                    elif d > upper:
+                        st = "flagged"
+                        nt = (f"{_g(d)} above real data ({_g(ref)}); limit "
+                              f"{_g(upper)} above")
+                    else:
+                        nt = f"within target ({d:+.3g} vs real data)"
+            elif v < lower:
+                st, nt = "flagged", f"below {_g(lower)} threshold"
+            elif v > upper:
+                st, nt = "flagged", f"above {_g(upper)} threshold"
+            status[i, j], note[i, j] = st, nt
+    dims = ("source", "metric")
+    return xr.Dataset({"status": (dims, status), "note": (dims, note)},
+                      coords={"source": ds["source"], "metric": ds["metric"]})
+
+
+def target_text(spec_row: Mapping[str, object]) -> str:
+    """Human-readable target and flag limit of one metric (used by the report)."""
+    better, bound = spec_row["better"], spec_row["bound"]
+    t, lo, hi = (float(spec_row[k]) for k in ("target", "lower", "upper"))
+    if bound == "relative_to_real":
+        if better == "higher":
+            return f"as high as real data; flagged if more than {_g(-lo)} lower"
+        if better == "lower":
+            return f"as low as real data; flagged if more than {_g(hi)} higher"
+        return (f"as real data; flagged outside {_g(lo)} to {_g(hi)} of it")
+    ideal = "" if math.isnan(t) else f"ideal {_g(t)}; "
+    if bound == "none":
+        return f"{ideal}no threshold".strip("; ")
+    if math.isinf(lo) and not math.isinf(hi):
+        return f"{ideal}flagged above {_g(hi)}"
+    if math.isinf(hi) and not math.isinf(lo):
+        return f"{ideal}flagged below {_g(lo)}"
+    return f"{ideal}flagged outside {_g(lo)} to {_g(hi)}"
+
