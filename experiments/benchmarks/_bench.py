@@ -71,3 +71,18 @@ class Timed:
 def log(msg: str) -> None:
     """A time-stamped progress line on stderr."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def device_line() -> tuple[str, str]:
+    """(description of the JAX device, 'gpu' or 'cpu') for a benchmark's header."""
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return f"{device.platform}: {device.device_kind}", "gpu"
+    import platform
+
+    model = next((ln.split(":", 1)[1].strip() for ln in Path(
+        "/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+        platform.processor())
+    return f"CPU, {os.cpu_count()} cores ({model}), no GPU", "cpu"

@@ -203,20 +203,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     n_stays = args.stays or (1000 if args.quick else 10_000)
     n_episodes = args.episodes or (500 if args.quick else 5000)
-    device = jax.devices()[0]
     rows: list = []
     t0 = time.perf_counter()
     bench_picu(n_stays, args.max_hours, args.rounds, rows)
     bench_cardiac(n_episodes, args.rounds, rows)
-    dev = f"{device.platform}: {device.device_kind}"
-    if device.platform == "cpu":
-        import os
-        import platform
-
-        model = next((ln.split(":", 1)[1].strip() for ln in Path(
-            "/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
-            platform.processor())
-        dev = f"CPU, {os.cpu_count()} cores ({model}), no GPU"
+    dev, tag = _bench.device_line()
     lines = [f"# Use-case benchmark ({_dt.date.today()})", "",
              f"Device: {dev}. Command: `python {shlex.join(sys.argv)}`. "
              f"Total {time.perf_counter() - t0:.0f} s.", "",
@@ -224,7 +215,6 @@ def main(argv=None) -> int:
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    tag = "gpu" if device.platform == "gpu" else "cpu"
     out = Path(args.out) if args.out else HERE / (
         f"usecases_{tag}{'_quick' if args.quick else ''}.md")
     out.write_text(text)

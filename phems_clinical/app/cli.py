@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from phems_clinical.app.audit import add_audit_parser
     from phems_clinical.app.cardiac import add_cardiac_parser
+    from phems_clinical.app.derive import add_derive_parsers
     from phems_clinical.app.omop import add_omop_parser
     from phems_clinical.app.sepsis import add_sepsis_parser
 
@@ -274,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_omop_parser(sub)
     add_sepsis_parser(sub)
     add_cardiac_parser(sub)
+    add_derive_parsers(sub)
     return parser
 
 

@@ -14,7 +14,8 @@ inference attack tries to learn (:data:`ATTACK_COLUMNS`).
 - picu: age (months), sex, length of stay (h), died, mean HR, max lactate
   (mmol/L), min SpO2 (%), hours on IMV, hours on vasoactives, any culture.
 - cardiac: one row per episode: age (d), sex, weight (kg), STAT, ventilation,
-  first CICU stay (d), died, readmitted, total follow-up (d).
+  first CICU stay (d), died, readmitted, day of death (NaN if alive at the end
+  of follow-up).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _cardiac_profile(s: pd.DataFrame) -> pd.DataFrame:
         "ventilation": first["ventilation"].astype(int),
         "cicu_days": oc["cicu_days"], "died": oc["death"].astype(int),
         "readmitted": (oc["readmit"] == 1).astype(int),
-        "followup_days": oc["death_time"],
+        "death_day": oc["death_time"].where(oc["death"] == 1),
     })
     return out.reset_index(drop=True)
 

@@ -45,6 +45,7 @@ from phems_clinical.privacy.dates import shift_dates
 from phems_clinical.privacy.hierarchies import (
     SUPPRESSED,
     Hierarchy,
+    check_covers,
     lifespan_age,
     paediatric_age,
     suppress_only,
@@ -54,7 +55,7 @@ from phems_clinical.privacy.hierarchies import height_cm as _height_cm
 from phems_clinical.privacy.search import lattice_search, mondrian
 
 __all__ = ["BAND_SUFFIX", "MARKER", "ROLES", "AnonymiseError", "Release", "Roles",
-           "anonymise", "patient_table", "roles_for"]
+           "anonymise", "check_table", "patient_table", "roles_for"]
 
 MARKER = "phems_release"
 BAND_SUFFIX = "_band"
@@ -211,6 +212,15 @@ def _check_columns(data: pd.DataFrame, roles: Roles) -> None:
             f"{list(roles.quasi_identifiers)}; columns: {list(data.columns)})")
     if len(data) == 0:
         raise AnonymiseError(f"{roles.use_case}: the table is empty")
+
+
+def check_table(data: pd.DataFrame, roles: Roles | str) -> None:
+    """Raise if a required QI or the patient column is missing, or a QI value is
+    outside its hierarchy (:class:`HierarchyError` naming the column and rows)."""
+    roles = roles_for(roles)
+    _check_columns(data, roles)
+    for col, h in roles.qis(data).items():
+        check_covers(h, data[col])
 
 
 def _representatives(orig: pd.Series, labels: pd.Series, keep: np.ndarray,

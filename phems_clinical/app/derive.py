@@ -1,0 +1,255 @@
+"""``phems anonymise`` and ``phems synthesize``: a data controller's commands
+(issue 6, section 4).
+
+Each runs inside one hospital on its OMOP database (a ``<site>.duckdb`` file, a
+folder of them, or a PostgreSQL URL) or on a CSV extract in the use case's
+analysis form (NONMEM-style PK events, the PICU hourly table, cardiac sojourns).
+Per site it
+
+1. splits the patients into a training part (the source of the derived data) and
+   a holdout (``--holdout``, default 50 %: the control set of the privacy attacks
+   and the real test data of the utility metrics);
+2. derives the requested dataset from the training part
+   (:func:`phems_clinical.evaluation.sources.derive`);
+3. scores it next to the real training data with one scorecard
+   (:func:`phems_clinical.evaluation.sources.score_sources`).
+
+Outputs in ``--out/<site>/``: ``<use_case>_<source>.csv`` (the dataset to review
+for release), ``scorecard.nc`` (xarray), ``scorecard.html`` (plain-language
+report), ``report.json`` (what was changed or fitted, records excluded when
+loading, sizes, seconds). Nothing leaves the site; the CSV is what the controller
+may release after review.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pandas as pd
+
+from phems_clinical.evaluation import scorecard_report as rep
+from phems_clinical.evaluation.sources import (
+    GENERATORS,
+    SourceError,
+    SourceSpec,
+    derive,
+    score_sources,
+    split_patients,
+)
+from phems_clinical.privacy.release import check_table
+
+USE_CASES = tuple(GENERATORS)
+_DATE_NAME = re.compile(r"(date|datetime|DATE|DAT)$")
+
+
+def load_use_case(use_case: str, *, omop: str | None = None, csv: str | None = None,
+                  factor: str = "FVIII") -> tuple[dict[str, pd.DataFrame], dict]:
+    """Each site's analysis table and load report, from OMOP or one CSV extract."""
+    if (omop is None) == (csv is None):
+        raise SourceError("give exactly one of --omop (OMOP database) or --csv "
+                          "(analysis-form extract)")
+    if use_case not in USE_CASES:
+        raise SourceError(f"--use-case: {use_case!r} is not one of {USE_CASES}")
+    if csv is not None:
+        path = Path(csv)
+        if not path.is_file():
+            raise FileNotFoundError(f"--csv: {csv} does not exist")
+        df = pd.read_csv(path)
+        for c in df.columns:
+            if _DATE_NAME.search(str(c)) and df[c].dtype == object:
+                df[c] = pd.to_datetime(df[c], errors="raise")
+        return {path.stem: df}, {path.stem: {"source": str(path), "rows": len(df)}}
+    if use_case == "haemophilia":
+        from phems_clinical.app.omop import pk_events_from_omop
+
+        events, reports = pk_events_from_omop(omop, factor=factor)
+        return ({s: d.reset_index(drop=True) for s, d in events.groupby("SITE")},
+                reports)
+    if use_case == "picu":
+        from phems_clinical.app.sepsis import load_sites
+
+        hourly, _, reports = load_sites(omop)
+        return hourly, reports
+    from phems_clinical.app.cardiac import load_sites
+
+    return load_sites(omop)
+
+
+def run_derive(use_case: str, sources: list[SourceSpec], out: str | Path, *,
+               omop: str | None = None, csv: str | None = None, seed: int = 0,
+               holdout: float = 0.5, model: str | None = None,
+               n_attacks: int = 200, utility: bool = True,
+               site: str | None = None) -> dict[str, Any]:
+    """Derive and score ``sources`` at each site; write the outputs; return a
+    summary per site (also in each ``report.json``)."""
+    pk_model = None
+    factor = "FVIII"
+    if use_case == "haemophilia":
+        from phems_clinical.app.fit import resolve_model
+        from phems_clinical.app.omop import model_factor
+
+        pk_model = resolve_model(model or "advate")
+        factor = model_factor(pk_model)
+    sites, loads = load_use_case(use_case, omop=omop, csv=csv, factor=factor)
+    if site is not None:
+        if site not in sites:
+            raise SourceError(f"--site: {site!r} is not one of {sorted(sites)}")
+        sites = {site: sites[site]}
+    out = Path(out)
+    key = jax.random.key(seed)
+    summary = {}
+    for i, (name, data) in enumerate(sorted(sites.items())):
+        k_split, k_derive, k_score = jax.random.split(jax.random.fold_in(key, i), 3)
+        check_table(data, use_case)  # every row, before any split or derivation
+        train, hold = split_patients(k_split, data, use_case, holdout)
+        derived = [derive(jax.random.fold_in(k_derive, j), use_case, train, spec,
+                          pk_model=pk_model)
+                   for j, spec in enumerate([SourceSpec("real", "real"), *sources])]
+        ds = score_sources(k_score, use_case, train, hold, derived,
+                           n_attacks=n_attacks, utility=utility, pk_model=pk_model,
+                           seed=seed)
+        site_out = out / name
+        site_out.mkdir(parents=True, exist_ok=True)
+        files = []
+        for d in derived[1:]:
+            table = d.data if d.data is not None else d.profile
+            f = site_out / f"{use_case}_{d.spec.name}.csv"
+            table.to_csv(f, index=False)
+            files.append(f.name)
+        title = (f"{use_case} at {name}: "
+                 + ", ".join(d.spec.name for d in derived[1:])
+                 + " next to the real data")
+        rep.write_scorecard(ds, site_out, title=title)
+        report = {
+            "use_case": use_case, "site": name, "seed": seed, "holdout": holdout,
+            "patients_train": int(train[_pid(use_case)].nunique()),
+            "patients_holdout": int(hold[_pid(use_case)].nunique()),
+            "load": loads.get(name, {}),
+            "sources": {d.spec.name: {"spec": {"kind": d.spec.kind,
+                                               "method": d.spec.method,
+                                               "options": dict(d.spec.options)},
+                                      "meta": d.meta, "report": d.report}
+                        for d in derived[1:]},
+            "files": [*files, "scorecard.nc", "scorecard.html"],
+        }
+        (site_out / "report.json").write_text(json.dumps(_finite(report), indent=2,
+                                                         default=_json))
+        summary[name] = report
+    return summary
+
+
+def _pid(use_case: str) -> str:
+    from phems_clinical.privacy.release import roles_for
+
+    return roles_for(use_case).patient_id
+
+
+def _finite(x):
+    """NaN/inf -> None, so report.json is strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    if isinstance(x, float | np.floating) and not np.isfinite(x):
+        return None
+    return x
+
+
+def _json(x):
+    if isinstance(x, np.integer | np.floating | np.bool_):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, pd.Timestamp):
+        return x.isoformat()
+    return str(x)
+
+
+# ------------------------------------------------------------------ CLI
+def _common(p) -> None:
+    p.add_argument("--use-case", required=True, choices=USE_CASES)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--omop", help="a site's OMOP database (<site>.duckdb, a folder "
+                                    "of them, or a postgresql:// URL)")
+    src.add_argument("--csv", help="a CSV extract in the use case's analysis form")
+    p.add_argument("--site", default=None, help="only this site of an OMOP folder")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per "
+                                                "site)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=float, default=0.5,
+                   help="share of patients kept out of the derivation to score it")
+    p.add_argument("--model", default=None,
+                   help="haemophilia: population model (library product or YAML; "
+                        "default advate)")
+    p.add_argument("--attacks", type=int, default=200,
+                   help="attacks per privacy evaluation (anonymeter method)")
+    p.add_argument("--no-utility", action="store_true",
+                   help="skip the utility metrics (model fits on each source)")
+
+
+def add_derive_parsers(subparsers) -> None:
+    """Register ``phems anonymise`` and ``phems synthesize``."""
+    a = subparsers.add_parser(
+        "anonymise", help="anonymised version of a site's data, with its scorecard")
+    _common(a)
+    a.add_argument("--k", type=int, default=5, help="k-anonymity (patients per class)")
+    a.add_argument("--l", type=int, default=None, help="distinct l-diversity of the "
+                                                       "sensitive attribute")
+    a.add_argument("--t", type=float, default=None, help="t-closeness (EMD)")
+    a.add_argument("--max-suppression", type=float, default=0.05,
+                   help="largest share of patients that may be suppressed")
+    a.add_argument("--method", default="lattice", choices=("lattice", "mondrian"))
+    a.set_defaults(func=_anonymise_cmd)
+
+    s = subparsers.add_parser(
+        "synthesize", help="synthetic version of a site's data, with its scorecard")
+    _common(s)
+    s.add_argument("--generator", default=None,
+                   choices=("virtual", "sequence", "pathway", "mst"),
+                   help="default: the use case's longitudinal generator (virtual PK "
+                        "patients, PICU sequences, cardiac pathways); mst: DP "
+                        "patient profiles")
+    s.add_argument("--epsilon", type=float, default=1.0, help="MST privacy budget")
+    s.add_argument("--delta", type=float, default=1e-6, help="MST delta")
+    s.add_argument("--n", type=int, default=None,
+                   help="patients to generate (default: as many as the source)")
+    s.set_defaults(func=_synthesize_cmd)
+
+
+def _run(args, spec: SourceSpec) -> int:
+    summary = run_derive(args.use_case, [spec], args.out, omop=args.omop,
+                         csv=args.csv, seed=args.seed, holdout=args.holdout,
+                         model=args.model, n_attacks=args.attacks,
+                         utility=not args.no_utility, site=args.site)
+    for site, r in summary.items():
+        print(f"{site}: wrote {args.out}/{site}/" + ", ".join(r["files"]))
+    return 0
+
+
+def _anonymise_cmd(args) -> int:
+    opts = {"k": args.k, "l": args.l, "t": args.t,
+            "max_suppression": args.max_suppression}
+    return _run(args, SourceSpec("anonymised", "anonymised", args.method, opts))
+
+
+def _synthesize_cmd(args) -> int:
+    gen = args.generator or GENERATORS[args.use_case]
+    if gen != "mst" and gen != GENERATORS[args.use_case]:
+        raise SourceError(f"--generator: {gen!r} does not apply to {args.use_case}; "
+                          f"use {GENERATORS[args.use_case]!r} or 'mst'")
+    opts: dict = {} if args.n is None else {"n": args.n}
+    if gen == "mst":
+        if not args.epsilon > 0 or not np.isfinite(args.epsilon):
+            raise SourceError(f"--epsilon: must be a positive finite number, got "
+                              f"{args.epsilon}")
+        opts.update(epsilon=args.epsilon, delta=args.delta)
+    name = "synthetic-mst" if gen == "mst" else "synthetic"
+    return _run(args, SourceSpec(name, "synthetic", gen, opts))
+
+
+__all__ = ["add_derive_parsers", "load_use_case", "run_derive"]

@@ -1,0 +1,376 @@
+"""Real, anonymised and synthetic versions of one site's data, and their scorecard
+(issue 6, sections 2-4).
+
+Everything here runs inside one hospital: :func:`derive` turns the site's analysis
+table into a data source; :func:`score_sources` scores every source the same way
+into one xarray Dataset (:mod:`.scorecard`). The site's patients are split first
+(:func:`split_patients`): sources are derived from the *training* part only, and
+the *holdout* part serves as the control set of the privacy attacks and as the
+real test data of the utility metrics (anonymeter's design; Giomi et al., PoPETs
+2023).
+
+Sources (:class:`SourceSpec`; ``kind`` is what the report and ``results.nc`` call
+it):
+
+- ``real``: the training data as they are (the reference row: releasing them is
+  a verbatim copy, so its privacy risks show the worst case).
+- ``anonymised``: :func:`phems_clinical.privacy.release.anonymise` (method
+  ``lattice`` or ``mondrian``; options k, l, t, max_suppression).
+- ``synthetic`` with the use case's longitudinal generator (method
+  ``virtual`` for haemophilia PK, ``sequence`` for PICU hours, ``pathway`` for
+  cardiac pathways), or ``mst``: differentially private marginals (MST) of the
+  patient profiles (:mod:`.profiles`), with its epsilon and delta; unit of
+  privacy one patient (one profile row per patient, or per episode/stay where a
+  patient has several: then the unit is the episode/stay; said in the metadata).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import pandas as pd
+
+from phems_clinical.evaluation import scorecard as sc
+from phems_clinical.evaluation import utility as ut
+from phems_clinical.evaluation.classification import auroc
+from phems_clinical.evaluation.profiles import ATTACK_COLUMNS, profile
+from phems_clinical.privacy.fidelity import logistic_transfer
+from phems_clinical.privacy.release import (
+    BAND_SUFFIX,
+    ROLES,
+    anonymise,
+    patient_table,
+    roles_for,
+)
+
+__all__ = ["GENERATORS", "Derived", "SourceError", "SourceSpec", "default_sources",
+           "derive", "profile_domain", "score_sources", "split_patients"]
+
+#: The longitudinal generator of each use case (``synthetic`` sources).
+GENERATORS = {"haemophilia": "virtual", "picu": "sequence", "cardiac": "pathway"}
+#: Unit of the profile rows, i.e. the unit of privacy of profile-level DP.
+PROFILE_UNIT = {"haemophilia": "patient", "picu": "ICU stay", "cardiac":
+                "surgical episode"}
+#: Tabular train-on-source test-on-real check on the profiles: (outcome, baseline
+#: features). Features known before the outcome only (follow-up time would leak
+#: death).
+PROFILE_OUTCOME = {
+    "picu": ("died", ("age_months", "sex", "hr_mean", "lactate_max", "spo2_min",
+                      "imv_hours", "vasoactive_hours", "culture")),
+    "cardiac": ("died", ("age_days", "sex", "weight_kg", "stat", "ventilation")),
+}
+
+
+class SourceError(ValueError):
+    """A data source cannot be produced (names the option and what was expected)."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One data source: ``name`` (unique label), ``kind`` ('real', 'anonymised',
+    'synthetic'), ``method`` (see the module docstring) and its ``options``."""
+
+    name: str
+    kind: str
+    method: str = "none"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def default_sources(use_case: str, *, k: int = 5, max_suppression: float = 0.05,
+                    epsilon: float = 1.0, delta: float = 1e-6) -> list[SourceSpec]:
+    """real, anonymised (lattice, k), synthetic (longitudinal generator) and
+    synthetic-mst (epsilon, delta) for ``use_case``."""
+    if use_case not in GENERATORS:
+        raise SourceError(f"use case {use_case!r} is not one of {sorted(GENERATORS)}")
+    return [
+        SourceSpec("real", "real"),
+        SourceSpec("anonymised", "anonymised", "lattice",
+                   {"k": k, "max_suppression": max_suppression}),
+        SourceSpec("synthetic", "synthetic", GENERATORS[use_case]),
+        SourceSpec("synthetic-mst", "synthetic", "mst",
+                   {"epsilon": epsilon, "delta": delta}),
+    ]
+
+
+class Derived(NamedTuple):
+    """A derived source: the analysis table (``None`` for profile-level sources),
+    its patient profiles, metadata (kind, method, epsilon, delta, unit, sizes,
+    seconds) and the method's report (what changed, or what was fitted)."""
+
+    spec: SourceSpec
+    data: pd.DataFrame | None
+    profile: pd.DataFrame
+    meta: dict
+    report: dict
+
+
+def split_patients(key, data: pd.DataFrame, use_case: str, holdout: float
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split one site's table by patient into (train, holdout)."""
+    if not 0.0 < holdout < 1.0:
+        raise SourceError(f"holdout: expected a share in (0, 1), got {holdout!r}")
+    pid = roles_for(use_case).patient_id
+    ids = pd.unique(data[pid])
+    n_hold = int(round(holdout * len(ids)))
+    if n_hold < 5 or len(ids) - n_hold < 10:
+        raise SourceError(f"holdout={holdout}: {len(ids)} patients give {n_hold} "
+                          f"held out and {len(ids) - n_hold} for training; need >= 5 "
+                          f"and >= 10")
+    perm = np.asarray(jax.random.permutation(key, len(ids)))
+    hold = set(ids[perm[:n_hold]].tolist())
+    mask = data[pid].isin(hold).to_numpy()
+    return data[~mask].reset_index(drop=True), data[mask].reset_index(drop=True)
+
+
+# -------------------------------------------------------------------- MST domain
+#: Public bounds of the profile columns (clinical ranges, never read from the data):
+#: (lower, upper, bins) or a category list; columns that can be missing in a
+#: profile are listed in _MAY_BE_MISSING (the others get no missing cell).
+PROFILE_BOUNDS: dict[str, dict[str, Any]] = {
+    "haemophilia": {"AGE": (0, 80, 16), "WT": (0, 150, 15), "HT": (40, 210, 17),
+                    "SEX": [0, 1], "BGO": [0, 1], "dose_iu_kg": (0, 100, 10),
+                    "n_levels": (0, 12, 12), "level_first": (0, 250, 25),
+                    "time_first": (0, 48, 12), "log_slope": (-0.3, 0.0, 15)},
+    "picu": {"age_months": (0, 216, 24, "log1p"), "sex": ["F", "M"],
+             "los_hours": (1, 336, 16, "log1p"), "died": [0, 1],
+             "hr_mean": (40, 220, 18), "lactate_max": (0, 20, 12, "log1p"),
+             "spo2_min": (50, 100, 10), "imv_hours": (0, 336, 12, "log1p"),
+             "vasoactive_hours": (0, 336, 12, "log1p"), "culture": [0, 1]},
+    "cardiac": {"age_days": (0, 6575, 24, "log1p"), "sex": ["F", "M"],
+                "weight_kg": (1, 100, 20, "log1p"), "stat": [1, 2, 3, 4, 5],
+                "ventilation": [0, 1], "cicu_days": (0, 60, 15, "log1p"),
+                "died": [0, 1], "readmitted": [0, 1], "death_day": (0, 365, 12)},
+}
+_MAY_BE_MISSING = {"level_first", "time_first", "log_slope", "hr_mean", "lactate_max",
+                   "spo2_min", "death_day"}
+
+
+def profile_domain(use_case: str) -> dict:
+    """The public MST domain of a use case's profile columns (on the MST scale:
+    ``log1p`` for the skewed ones, see :data:`PROFILE_BOUNDS`)."""
+    from phems_clinical.privacy.synth import mst
+
+    out = {}
+    for col, spec in PROFILE_BOUNDS[use_case].items():
+        miss = col in _MAY_BE_MISSING
+        if isinstance(spec, list):
+            out[col] = mst.Categorical(tuple(spec), missing=miss)
+            continue
+        lo, hi, bins = float(spec[0]), float(spec[1]), int(spec[2])
+        if len(spec) > 3:  # bins equal on the log1p scale: fine where data crowd
+            lo, hi = np.log1p(lo), np.log1p(hi)
+        out[col] = mst.Numeric(lo, hi, bins, missing=miss)
+    return out
+
+
+def _log_columns(use_case: str) -> list[str]:
+    return [c for c, v in PROFILE_BOUNDS[use_case].items()
+            if not isinstance(v, list) and len(v) > 3]
+
+
+# -------------------------------------------------------------------- derive
+def _meta(spec: SourceSpec, use_case: str, n_in: int, prof: pd.DataFrame,
+          seconds: float, **extra) -> dict:
+    return {"kind": spec.kind, "method": spec.method, "epsilon": float("nan"),
+            "delta": float("nan"), "unit_of_privacy": "",
+            "n_patients_source": n_in, "n_profiles": len(prof),
+            "seconds": seconds, **extra}
+
+
+def derive(key, use_case: str, data: pd.DataFrame, spec: SourceSpec, *,
+           pk_model=None, pk_params=None) -> Derived:
+    """Derive one source from a site's (training) analysis table.
+
+    ``pk_model`` (a :class:`phems_clinical.pk.spec.PopModel`) is needed for the
+    haemophilia ``virtual`` generator; ``pk_params`` (population parameters) are
+    fitted on ``data`` by FOCEI when not given.
+    """
+    roles = roles_for(use_case)
+    n_in = int(data[roles.patient_id].nunique())
+    t0 = time.perf_counter()
+    opts = dict(spec.options)
+    if spec.kind == "real":
+        out, report = data, {}
+    elif spec.kind == "anonymised":
+        rel = anonymise(key, data, use_case, method=spec.method if spec.method in
+                        ("lattice", "mondrian") else "lattice", **opts)
+        out, report = rel.data, rel.report
+    elif spec.kind == "synthetic" and spec.method == "mst":
+        from phems_clinical.privacy.synth import mst
+
+        prof = profile(use_case, data)
+        eps = opts.get("epsilon", 1.0)
+        delta = opts.get("delta", 1e-6)
+        k_fit, k_sample = jax.random.split(key)
+        logs = _log_columns(use_case)
+        scaled = prof.assign(**{c: np.log1p(prof[c].astype(float)) for c in logs})
+        model = mst.fit_mst(k_fit, scaled, profile_domain(use_case), epsilon=eps,
+                            delta=delta)
+        n = int(opts.get("n") or max(1, round(model.n_estimate)))
+        syn = mst.sample_mst(k_sample, model, n)
+        for c in logs:
+            back = np.expm1(syn[c].astype(float))
+            syn[c] = back.round().astype(prof[c].dtype) if \
+                pd.api.types.is_integer_dtype(prof[c]) else back
+        meta = _meta(spec, use_case, n_in, syn, time.perf_counter() - t0,
+                     epsilon=float(eps), delta=float(delta),
+                     unit_of_privacy=PROFILE_UNIT[use_case])
+        b = model.budget
+        report = {"generator": "MST (McKenna et al. 2021) on patient profiles",
+                  "rho_zcdp": b.rho, "sigma_one_way": b.sigma_one_way,
+                  "sigma_two_way": b.sigma_two_way,
+                  "tree": [list(map(str, e)) for e in model.tree],
+                  "n_rows_noisy": float(model.n_estimate)}
+        return Derived(spec, None, syn, meta, report)
+    elif spec.kind == "synthetic":
+        out, report = _synthesise(key, use_case, data, spec.method, opts,
+                                  pk_model, pk_params)
+    else:
+        raise SourceError(f"source {spec.name!r}: kind {spec.kind!r} is not one of "
+                          f"'real', 'anonymised', 'synthetic'")
+    prof = profile(use_case, out)
+    unit = "patient (k-anonymity)" if spec.kind == "anonymised" else ""
+    return Derived(spec, out, prof, _meta(spec, use_case, n_in, prof,
+                                          time.perf_counter() - t0,
+                                          unit_of_privacy=unit), report)
+
+
+def _synthesise(key, use_case, data, method, opts, pk_model, pk_params):
+    want = GENERATORS[use_case]
+    if method != want:
+        raise SourceError(f"synthetic method {method!r} does not apply to "
+                          f"{use_case}; use {want!r} or 'mst'")
+    n = opts.get("n")
+    if use_case == "haemophilia":
+        from phems_clinical.privacy.synth import pk_virtual
+
+        if pk_model is None:
+            raise SourceError("haemophilia 'virtual' synthesis needs the population "
+                              "model (pk_model=, e.g. --model advate)")
+        if pk_params is None:
+            pk_params = ut.fit_population(data, pk_model).params
+        vpm = pk_virtual.fit_virtual_population(data, pk_model, pk_params)
+        n = int(n or data["ID"].nunique())
+        ev, _ = pk_virtual.sample_virtual_population(key, vpm, n)
+        return ev, {"n": n, "generator": "PK virtual population (copula covariates, "
+                    "population model parameters)"}
+    if use_case == "picu":
+        from phems_clinical.privacy.synth import picu_sequences as ps
+
+        model = ps.fit_picu_sequences(data)
+        n = int(n or data["stay_id"].nunique())
+        return ps.sample_picu_sequences(key, model, n), {"n": n}
+    from phems_clinical.privacy.synth import pathways as pw
+
+    model = pw.fit_pathways(data)
+    n = int(n or data["episode_id"].nunique())
+    return pw.sample_pathways(key, model, n), {"n": n}
+
+
+# -------------------------------------------------------------------- scoring
+#: Tabular train-on-source, test-on-real check that every source gets, profile-level
+#: ones (MST) included: a ridge logistic model of death from the other profile
+#: columns.
+OUTCOME_METRIC = {
+    "outcome_auroc": sc.MetricSpec(
+        "utility", "higher", float("nan"), -0.05, float("inf"), "relative_to_real",
+        "Death model AUROC (patient profiles)",
+        "A simple model of death, trained on this source's patient summaries and "
+        "tested on held-out real patients: area under the ROC curve (0.5 = chance; "
+        "compare with the real data's value).",
+        "Rankin et al., JMIR Med Inform 2020;8:e18910 (train on synthetic, test on "
+        "real); flag limit 0.05 below real is ours"),
+}
+
+
+def outcome_auroc(source_profile: pd.DataFrame, test_profile: pd.DataFrame,
+                  outcome: str, features: Sequence[str]) -> float:
+    """AUROC on ``test_profile`` of a ridge logistic model of ``outcome`` from
+    ``features``, fitted on ``source_profile`` (NaN when the source has a single
+    outcome class)."""
+    y = source_profile[outcome].to_numpy(float)
+    ok = ~np.isnan(y)
+    if len(np.unique(y[ok])) < 2:
+        return float("nan")
+    feats = list(features)
+    p = logistic_transfer(source_profile.loc[ok, feats], y[ok], test_profile[feats])
+    return auroc(test_profile[outcome].to_numpy(float), p)
+
+
+def _utility(key, use_case, src: Derived, train, holdout, hold_p, pk_model,
+             real_fit) -> dict:
+    out: dict = {}
+    if use_case in PROFILE_OUTCOME:
+        outcome, feats = PROFILE_OUTCOME[use_case]
+        out["outcome_auroc"] = outcome_auroc(src.profile, hold_p, outcome, feats)
+    if src.data is None:  # profile-level source: no model of the full data
+        return out
+    if use_case == "picu":
+        out.update(sc.utility_scores(ut.sepsis_utility(key, src.data, holdout)))
+    elif use_case == "cardiac":
+        out.update(sc.utility_scores(ut.cardiac_utility(src.data, holdout)))
+    elif pk_model is not None:
+        out.update(sc.utility_scores(ut.pk_parameter_bias(
+            src.data, train, pk_model, real_fit=real_fit)))
+        out.update(sc.utility_scores(ut.pk_forecast_accuracy(src.data, holdout,
+                                                             pk_model)))
+    return out
+
+
+def score_sources(key, use_case: str, train: pd.DataFrame, holdout: pd.DataFrame,
+                  derived: Sequence[Derived], *, n_attacks: int = 200,
+                  utility: bool = True, pk_model=None, seed: int = 0):
+    """Score every derived source the same way; an xarray Dataset (source, metric).
+
+    Fidelity compares each source's patient profiles with the real training
+    profiles; the privacy attacks target the training patients with the holdout
+    as control (the attacker knows a patient's original values); utility trains on
+    the source and tests on the holdout (real patients); anonymised sources also
+    get k, l, t and re-identification risks of their released patient table.
+    """
+    real_p = profile(use_case, train)
+    hold_p = profile(use_case, holdout)
+    aux, secret = ATTACK_COLUMNS[use_case]
+    n_att = int(min(n_attacks, len(hold_p), len(real_p)))
+    real_fit = None
+    if utility and use_case == "haemophilia" and pk_model is not None:
+        real_fit = ut.fit_population(train, pk_model)
+    scores, meta = {}, {}
+    for i, src in enumerate(derived):
+        k_f, k_p, k_u = jax.random.split(jax.random.fold_in(key, i), 3)
+        s: dict = {}
+        syn_p = src.profile[list(real_p.columns)]
+        # the real source is the training data itself: its fidelity is shown as
+        # that of the holdout, i.e. how far two real samples of the site differ
+        s.update(sc.fidelity_scores(k_f, real_p, hold_p if src.spec.kind == "real"
+                                    else syn_p))
+        s.update(sc.privacy_scores(k_p, real_p, hold_p, syn_p, aux_cols=list(aux),
+                                   secret=secret, n_attacks=n_att))
+        if src.spec.kind == "anonymised":
+            cfg = src.report["config"]
+            qis = cfg["quasi_identifiers"]
+            sens = cfg.get("sensitive") or (ROLES[use_case].sensitive or (None,))[0]
+            pt = _release_patients(src.data, use_case, qis, sens)
+            s.update(sc.anonymity_scores(pt, [q + BAND_SUFFIX for q in qis], sens))
+        if utility:
+            s.update(_utility(k_u, use_case, src, train, holdout, hold_p, pk_model,
+                              real_fit))
+        scores[src.spec.name] = s
+        meta[src.spec.name] = dict(src.meta)
+    return sc.build_scorecard(scores, sources_meta=meta, use_case=use_case,
+                              seed=int(seed), extra_metrics=OUTCOME_METRIC)
+
+
+def _release_patients(data, use_case, qis, sensitive):
+    """One row per released patient: the QI labels and the sensitive value."""
+    pid = roles_for(use_case).patient_id
+    bands = [q + BAND_SUFFIX for q in qis]
+    pt = data.groupby(pid, sort=False)[bands].first()
+    if sensitive is not None:
+        pt[sensitive] = patient_table(data, use_case)[sensitive].reindex(pt.index)
+    return pt.reset_index(drop=True)
