@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
@@ -20,3 +22,30 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 def key():
     """A fixed typed PRNG key; tests derive further keys with split/fold_in."""
     return jax.random.key(0)
+
+
+_WARDS = np.array(["PICU", "NICU", "cardio", "onco", "general"])
+_DIAG = np.array(["sepsis", "bronchiolitis", "CHD", "ALL", "trauma", "asthma",
+                  "pneumonia", "other"])
+
+
+def _toy_table(seed: int, n: int) -> pd.DataFrame:
+    """Toy paediatric table: continuous, integer, categorical and missing values."""
+    rng = np.random.default_rng(seed)
+    age = rng.uniform(0, 216, n)
+    sex = rng.choice(["F", "M"], n)
+    weight = 3.5 + 0.28 * age + rng.normal(0, 3, n)
+    ward_i = rng.integers(0, len(_WARDS), n)
+    diag = _DIAG[(ward_i + rng.integers(0, 2, n) * rng.integers(0, 8, n)) % 8]
+    crp = rng.lognormal(2.0, 1.0, n)
+    crp[rng.random(n) < 0.1] = np.nan
+    los = rng.poisson(4 + ward_i, n)
+    return pd.DataFrame({"age": age, "sex": sex, "weight": weight,
+                         "ward": _WARDS[ward_i], "diagnosis": diag, "crp": crp,
+                         "los": los})
+
+
+@pytest.fixture(scope="session")
+def toy_table():
+    """Factory ``toy_table(seed, n)`` of the privacy tests' toy paediatric table."""
+    return _toy_table

@@ -33,8 +33,10 @@ import numpy as np
 import pandas as pd
 
 from phems_clinical.evaluation import scorecard_report as rep
+from phems_clinical.evaluation.profiles import ATTACK_COLUMNS
 from phems_clinical.evaluation.sources import (
     GENERATORS,
+    PROFILE_UNIT,
     SourceError,
     SourceSpec,
     derive,
@@ -124,7 +126,17 @@ def run_derive(use_case: str, sources: list[SourceSpec], out: str | Path, *,
         title = (f"{use_case} at {name}: "
                  + ", ".join(d.spec.name for d in derived[1:])
                  + " next to the real data")
-        rep.write_scorecard(ds, site_out, title=title)
+        aux, secret = ATTACK_COLUMNS[use_case]
+        notes = (
+            f"Scored on one row per {PROFILE_UNIT[use_case]} (patient profile): "
+            + ", ".join(derived[0].profile.columns) + ".",
+            f"{len(train[_pid(use_case)].unique())} patients made the derived data; "
+            f"{len(hold[_pid(use_case)].unique())} held-out patients are the attacks' "
+            "control set and the real test data of the utility metrics.",
+            f"Attacks assume the attacker knows {', '.join(aux)}; the inference "
+            f"attack tries to learn {secret}.",
+        )
+        rep.write_scorecard(ds, site_out, title=title, notes=notes)
         report = {
             "use_case": use_case, "site": name, "seed": seed, "holdout": holdout,
             "patients_train": int(train[_pid(use_case)].nunique()),

@@ -16,28 +16,11 @@ import xarray as xr
 from phems_clinical.evaluation import scorecard as S
 from phems_clinical.evaluation import scorecard_report as R
 
-WARDS = np.array(["PICU", "NICU", "cardio", "onco", "general"])
-DIAG = np.array(["sepsis", "bronchiolitis", "CHD", "ALL", "trauma", "asthma",
-                 "pneumonia", "other"])
 AUX = ["age", "sex", "weight", "ward"]
 PRIVACY = ("singling_out_risk", "singling_out_risk_multivariate",
            "linkability_risk", "inference_risk")
 
 
-def make_table(seed: int, n: int) -> pd.DataFrame:
-    """Toy paediatric table: continuous, integer, categorical and missing values."""
-    rng = np.random.default_rng(seed)
-    age = rng.uniform(0, 216, n)
-    sex = rng.choice(["F", "M"], n)
-    weight = 3.5 + 0.28 * age + rng.normal(0, 3, n)
-    ward_i = rng.integers(0, len(WARDS), n)
-    diag = DIAG[(ward_i + rng.integers(0, 2, n) * rng.integers(0, 8, n)) % 8]
-    crp = rng.lognormal(2.0, 1.0, n)
-    crp[rng.random(n) < 0.1] = np.nan
-    los = rng.poisson(4 + ward_i, n)
-    return pd.DataFrame({"age": age, "sex": sex, "weight": weight,
-                         "ward": WARDS[ward_i], "diagnosis": diag, "crp": crp,
-                         "los": los})
 
 
 class _Cells(HTMLParser):
@@ -79,11 +62,11 @@ META = {
 
 
 @pytest.fixture(scope="module")
-def scored():
-    full = make_table(1, 600)
+def scored(toy_table):
+    full = toy_table(1, 600)
     train = full.iloc[:300].reset_index(drop=True)
     control = full.iloc[300:].reset_index(drop=True)
-    indep = make_table(2, 300)  # same generator, none of the training rows
+    indep = toy_table(2, 300)  # same generator, none of the training rows
     key = jax.random.key(3)
     kw = dict(aux_cols=AUX, secret="diagnosis", n_attacks=300)
     p_copy = S.privacy_scores(key, train, control, train.copy(), **kw)

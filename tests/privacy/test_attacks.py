@@ -7,34 +7,14 @@ import pytest
 
 from phems_clinical.privacy import attacks as A
 
-WARDS = np.array(["PICU", "NICU", "cardio", "onco", "general"])
-DIAG = np.array(["sepsis", "bronchiolitis", "CHD", "ALL", "trauma", "asthma",
-                 "pneumonia", "other"])
-
-
-def make_table(seed: int, n: int) -> pd.DataFrame:
-    """Toy paediatric table: continuous, integer, categorical and missing values."""
-    rng = np.random.default_rng(seed)
-    age = rng.uniform(0, 216, n)
-    sex = rng.choice(["F", "M"], n)
-    weight = 3.5 + 0.28 * age + rng.normal(0, 3, n)
-    ward_i = rng.integers(0, len(WARDS), n)
-    diag = DIAG[(ward_i + rng.integers(0, 2, n) * rng.integers(0, 8, n)) % 8]
-    crp = rng.lognormal(2.0, 1.0, n)
-    crp[rng.random(n) < 0.1] = np.nan
-    los = rng.poisson(4 + ward_i, n)
-    return pd.DataFrame({"age": age, "sex": sex, "weight": weight,
-                         "ward": WARDS[ward_i], "diagnosis": diag, "crp": crp,
-                         "los": los})
-
 
 @pytest.fixture(scope="module")
-def data():
-    full = make_table(1, 1000)
+def data(toy_table):
+    full = toy_table(1, 1000)
     train, control = full.iloc[:500].reset_index(drop=True), \
         full.iloc[500:].reset_index(drop=True)
     copy = train.copy()
-    indep = make_table(2, 500)  # same generator, none of the training rows
+    indep = toy_table(2, 500)  # same generator, none of the training rows
     return train, control, copy, indep
 
 

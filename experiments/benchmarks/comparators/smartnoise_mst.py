@@ -2,10 +2,11 @@
 own virtual environment named by PHEMS_SNSYNTH_PYTHON, never in ours).
 
 Usage: python smartnoise_mst.py IN.csv N OUT.csv EPSILON DOMAIN.json
-DOMAIN.json: {column: [lower, upper, bins] or [category, ...] as {"cat": [...]}},
+DOMAIN.json: {column: [lower, upper, bins(, "log1p")] or {"cat": [category, ...]}},
 the same public domain our MST gets, so no budget is spent on bounds (smartnoise's
 own bound finding fails on these columns: "BinTransformer could not find bounds",
-opendp/smartnoise-sdk#615). Missing numbers are filled with the lower bound.
+opendp/smartnoise-sdk#615). "log1p" columns are binned on that scale, as ours are.
+Missing numbers are filled with the lower bound.
 Prints JSON timings.
 """
 
@@ -14,6 +15,7 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import pandas as pd
 from snsynth import Synthesizer
 from snsynth.transform import BinTransformer, LabelTransformer, TableTransformer
@@ -29,8 +31,10 @@ for c in df.columns:
         df[c] = df[c].astype(str)
         transformers.append(LabelTransformer(nullable=True))
     else:
-        lo, hi, bins = spec
+        lo, hi, bins = spec[:3]
         df[c] = df[c].fillna(lo).clip(lo, hi)
+        if len(spec) > 3:
+            df[c], lo, hi = np.log1p(df[c]), float(np.log1p(lo)), float(np.log1p(hi))
         transformers.append(BinTransformer(lower=lo, upper=hi, bins=bins))
 tt = TableTransformer(transformers)
 t0 = time.perf_counter()
