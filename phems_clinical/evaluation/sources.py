@@ -258,7 +258,8 @@ def _synthesise(key, use_case, data, method, opts, pk_model, pk_params):
         n = int(n or data["ID"].nunique())
         ev, _ = pk_virtual.sample_virtual_population(key, vpm, n)
         return ev, {"n": n, "generator": "PK virtual population (copula covariates, "
-                    "population model parameters)"}
+                    "resampled designs, individual parameters drawn from the "
+                    "population model fitted on the source by FOCEI)"}
     if use_case == "picu":
         from phems_clinical.privacy.synth import picu_sequences as ps
 
@@ -274,8 +275,8 @@ def _synthesise(key, use_case, data, method, opts, pk_model, pk_params):
 
 # -------------------------------------------------------------------- scoring
 #: Tabular train-on-source, test-on-real check that every source gets, profile-level
-#: ones (MST) included: a ridge logistic model of death from the other profile
-#: columns.
+#: ones (MST) included: a ridge logistic model of death from the profile features
+#: of :data:`PROFILE_OUTCOME`.
 OUTCOME_METRIC = {
     "outcome_auroc": sc.MetricSpec(
         "utility", "higher", float("nan"), -0.05, float("inf"), "relative_to_real",
