@@ -216,6 +216,10 @@ def add_derive_parsers(subparsers) -> None:
     a.add_argument("--max-suppression", type=float, default=0.05,
                    help="largest share of patients that may be suppressed")
     a.add_argument("--method", default="lattice", choices=("lattice", "mondrian"))
+    a.add_argument("--suppression", default="records", choices=("records", "cells"),
+                   help="records: suppress whole patients of failing classes; "
+                        "cells: single QI values (local suppression); "
+                        "--max-suppression is then the share of QI cells")
     a.set_defaults(func=_anonymise_cmd)
 
     s = subparsers.add_parser(
@@ -246,6 +250,8 @@ def _run(args, spec: SourceSpec) -> int:
 def _anonymise_cmd(args) -> int:
     opts = {"k": args.k, "l": args.l, "t": args.t,
             "max_suppression": args.max_suppression}
+    if args.suppression != "records":
+        opts["suppression"] = args.suppression
     return _run(args, SourceSpec("anonymised", "anonymised", args.method, opts))
 
 

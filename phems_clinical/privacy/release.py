@@ -227,23 +227,26 @@ def _representatives(orig: pd.Series, labels: pd.Series, keep: np.ndarray,
                      level: int | None, hierarchy: Hierarchy) -> pd.Series:
     """Per patient, the released value of one QI.
 
-    Level 0: the original. A suppress-only QI (sex) at '*': missing. Otherwise a
-    numeric QI gets the median of the original values of the released patients
-    sharing its label (>= k patients), '*' the median over all released patients;
-    a non-numeric QI gets its label.
+    A '*' (the top level, or a suppressed cell) gives the median over all released
+    patients for a numeric QI with intervals, and missing otherwise. Level 0: the
+    original. Otherwise a numeric QI gets the median of the original values of the
+    released patients sharing its label (>= k patients), a non-numeric QI its label.
     """
-    if level == 0:
-        return orig
-    if hierarchy.height == 1:
-        return pd.Series(np.nan, index=orig.index) if \
-            pd.api.types.is_numeric_dtype(orig) else labels.where(labels != SUPPRESSED)
-    if not pd.api.types.is_numeric_dtype(orig) or pd.api.types.is_bool_dtype(orig):
-        return labels
-    med = orig[keep].groupby(labels[keep]).median()
-    rep = labels.map(med).astype(float)
-    top = (labels == SUPPRESSED).to_numpy()
-    if top.any():
-        rep[top] = float(orig[keep].median())
+    star = (labels.astype(object) == SUPPRESSED).to_numpy()
+    numeric = (pd.api.types.is_numeric_dtype(orig)
+               and not pd.api.types.is_bool_dtype(orig))
+    if level == 0 or hierarchy.height == 1:
+        rep = orig.astype(float) if numeric else orig.astype(object)
+    elif not numeric:
+        rep = labels.astype(object)
+    else:
+        med = orig[keep & ~star].groupby(labels[keep & ~star]).median()
+        rep = labels.map(med).astype(float)
+    if star.any():
+        rep = rep.copy()
+        fill = (float(orig[keep].median()) if numeric and hierarchy.height > 1
+                else (np.nan if numeric else None))
+        rep[star] = fill
     return rep
 
 
@@ -291,6 +294,7 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
               sensitive: str | None = None, max_suppression: float = 0.05,
               method: Literal["lattice", "mondrian"] = "lattice",
               metric: Literal["loss", "discernibility"] = "loss",
+              suppression: Literal["records", "cells"] = "records",
               max_shift_days: int = 365) -> Release:
     """Anonymise one site's analysis table at patient level (see module docstring).
 
@@ -306,7 +310,9 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
         of ``sensitive`` (default: the roles' first sensitive attribute when l or t
         is given).
     max_suppression : share of patients that may be suppressed (ARX default 0 to
-        10 %; EMA Policy 0070 accepts suppression with generalisation).
+        10 %; EMA Policy 0070 accepts suppression with generalisation), or with
+        ``suppression="cells"`` the share of QI cells (local suppression: single
+        values become '*', released as missing or the overall median).
     method : 'lattice' (optimal full-domain generalisation) or 'mondrian'.
 
     Raises
@@ -328,7 +334,12 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
     if method not in ("lattice", "mondrian"):
         raise AnonymiseError(f"method: expected 'lattice' or 'mondrian', got "
                              f"{method!r}")
+    if suppression == "cells" and method != "lattice":
+        raise AnonymiseError("suppression='cells' needs method='lattice' (Mondrian "
+                             "partitions without suppressing)")
     config = _config(roles, qis, k, l, t, sensitive, max_suppression, method, metric)
+    if suppression != "records":
+        config["suppression"] = suppression
     done = _already(data, roles, qis, config)
     if done is not None:
         return done
@@ -345,7 +356,8 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
     flat = patients.reset_index(drop=True)
     if method == "lattice":
         res = lattice_search(flat, hier, k=k, l=l, sensitive=sensitive, t=t,
-                             max_suppression=max_suppression, metric=metric)
+                             max_suppression=max_suppression, metric=metric,
+                             suppression=suppression)
     else:
         ordered = flat.copy()
         for c in qis:
@@ -402,6 +414,9 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
                 "height": hier[c].height,
                 "patients_changed": int(res.changes["quasi_identifiers"][c]
                                         ["cells_changed"]),
+                "cells_suppressed": int(((labels[c].astype(object) == SUPPRESSED)
+                                         .to_numpy() & keep).sum())
+                if res.levels is not None and res.levels[c] < hier[c].height else 0,
                 "released_as": "median of the original values per label"
                 if pd.api.types.is_numeric_dtype(patients[c]) else "label"}
             for c in qis},

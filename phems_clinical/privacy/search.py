@@ -269,18 +269,67 @@ def _emd_per_class(sens: pd.Series, t: float):
     return fails
 
 
+def _combine(codes_per_qi: Sequence[np.ndarray]) -> np.ndarray:
+    """Class index per record from per-QI integer codes (-1 = suppressed cell)."""
+    stacked = np.column_stack([np.asarray(c, np.int64) for c in codes_per_qi])
+    return np.unique(stacked, axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def _suppress_cells(codes_per_qi, k, sens_codes, l, t_emd):  # noqa: E741
+    """Greedy local suppression (after sdcMicro's ``localSuppression``, Templ et
+    al., J Stat Softw 2015;67(4)): at each step the records of failing classes get
+    one more QI cell replaced by '*' (code -1; '*' is a value of its own, so the
+    released table is k-anonymous as checked by :mod:`.anonymity`). The QI chosen
+    is the one that leaves the fewest failing records (ties: most distinct labels,
+    then QI order). Records still failing after every QI are suppressed whole.
+
+    Returns (cells (n, q) bool, records (n,) bool).
+    """
+    codes = [np.asarray(c, np.int64).copy() for c in codes_per_qi]
+    n, q = len(codes[0]), len(codes)
+    cells = np.zeros((n, q), dtype=bool)
+    distinct = [len(np.unique(c)) for c in codes]
+
+    def failing(cs) -> np.ndarray:
+        cls = _combine(cs)
+        sizes = np.bincount(cls)
+        return _fail_classes(cls, len(sizes), sizes, k, sens_codes, l, t_emd)[cls]
+
+    bad = failing(codes)
+    todo = list(range(q))
+    while bad.any() and todo:
+        trials = []
+        for j in todo:
+            trial = list(codes)
+            trial[j] = np.where(bad, -1, codes[j])
+            trials.append((int(failing(trial).sum()), -distinct[j], j, trial))
+        left, _, j, codes = min(trials, key=lambda x: x[:3])
+        cells[bad, j] = True
+        todo.remove(j)
+        bad = failing(codes)
+    cells[bad, :] = True
+    return cells, bad
+
+
 def lattice_search(df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy], *,
                    k: int, l: int | None = None,  # noqa: E741
                    sensitive: str | None = None,
                    t: float | None = None, max_suppression: float = 0.0,
                    metric: Literal["loss", "discernibility"] = "loss",
+                   suppression: Literal["records", "cells"] = "records",
                    ) -> AnonymisationResult:
     """Optimal full-domain generalisation with record suppression (ARX-style).
 
     ``hierarchies``: one :class:`Hierarchy` per QI (the QIs are its keys).
     ``l`` is distinct l-diversity and ``t`` t-closeness of column ``sensitive``.
-    Raises :class:`SearchError` for a missing QI, k > n, or when no node
-    satisfies the model within ``max_suppression``.
+    ``suppression``: ``"records"`` suppresses every QI of the records in failing
+    classes; ``"cells"`` (local suppression, as sdcMicro's ``localSuppression``)
+    replaces single QI values of those records by '*', QI by QI (most distinct
+    labels first), until every class passes; then ``max_suppression`` is the
+    largest share of QI cells suppressed, and a suppressed cell counts as fully
+    generalised in the information loss. Raises :class:`SearchError` for a
+    missing QI, k > n, or when no node satisfies the model within
+    ``max_suppression``.
     """
     qis = _check_qis(df, list(hierarchies))
     n = len(df)
@@ -289,12 +338,17 @@ def lattice_search(df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy], *,
     if metric not in ("loss", "discernibility"):
         raise SearchError(f"metric: expected 'loss' or 'discernibility', got "
                           f"{metric!r}")
+    if suppression not in ("records", "cells"):
+        raise SearchError(f"suppression: expected 'records' or 'cells', got "
+                          f"{suppression!r}")
     if not 0.0 <= max_suppression <= 1.0:
         raise SearchError(f"max_suppression: expected a share in [0, 1], got "
                           f"{max_suppression!r}")
     config = {"method": "lattice", "k": k, "l": l, "sensitive": sensitive, "t": t,
               "max_suppression": float(max_suppression), "metric": metric,
               "quasi_identifiers": qis}
+    if suppression == "cells":
+        config["suppression"] = "cells"
     mark = _marker(df)
     if mark is not None and mark.get("config") == config:
         return _unchanged(df, qis, mark["levels"], hierarchies)
@@ -329,16 +383,23 @@ def lattice_search(df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy], *,
             n_pruned += 1
             continue
         n_eval += 1
-        codes = np.zeros(n, dtype=np.int64)
-        for q, lv in enumerate(node):
-            c = lab_codes[q][lv]
-            codes = codes * (int(c.max()) + 1) + c
-        codes = np.unique(codes, return_inverse=True)[1].astype(np.int64)
+        node_codes = [lab_codes[q][lv] for q, lv in enumerate(node)]
+        codes = _combine(node_codes)
         sizes = np.bincount(codes)
         best_k_nosupp = max(best_k_nosupp, int(sizes.min()))
-        bad = _fail_classes(codes, len(sizes), sizes, k, sens_codes, l, t_emd)
-        mask = bad[codes]
-        share = mask.mean()
+        if suppression == "cells":
+            cells, mask = _suppress_cells(node_codes, k, sens_codes, l, t_emd)
+            share = cells.mean()
+            codes = _combine([np.where(cells[:, q], -1, c)
+                              for q, c in enumerate(node_codes)])
+            sizes = np.bincount(codes)
+            bad = np.zeros(len(sizes), dtype=bool)
+            bad[np.unique(codes[mask])] = True
+        else:
+            cells = None
+            bad = _fail_classes(codes, len(sizes), sizes, k, sens_codes, l, t_emd)
+            mask = bad[codes]
+            share = mask.mean()
         if share < least_supp[0]:
             least_supp = (share, node)
         if share > max_suppression + 1e-12 or mask.all():
@@ -352,14 +413,17 @@ def lattice_search(df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy], *,
         kept.append(node)
         if metric == "loss":
             frac = np.array([lv / h for lv, h in zip(node, heights, strict=True)])
-            value = float((frac.sum() * (n - mask.sum()) + len(qis) * mask.sum())
-                          / (n * len(qis)))
+            if cells is None:
+                value = float((frac.sum() * (n - mask.sum())
+                               + len(qis) * mask.sum()) / (n * len(qis)))
+            else:
+                value = float(np.where(cells, 1.0, frac[None, :]).mean())
         else:
             value = float((rel_sizes.astype(np.int64) ** 2).sum()
                           + int(mask.sum()) * n)
         cand = (value, sum(node), node)
         if best is None or cand < best[0]:
-            best = (cand, mask)
+            best = (cand, mask, cells)
     if best is None:
         sn = least_supp[1]
         raise SearchError(
@@ -370,16 +434,23 @@ def lattice_search(df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy], *,
             f"is {least_supp[0]:.1%} of records (levels "
             f"{dict(zip(qis, sn, strict=True)) if sn else None})")
 
-    (value, _, node), mask = best
+    (value, _, node), mask, cells = best
     levels = dict(zip(qis, (int(v) for v in node), strict=True))
     out = df.copy()
     for c in qis:
         out[c] = hierarchies[c].generalise(df[c], levels[c])
     out = _suppress(out, qis, mask)
+    if cells is not None:
+        for q, c in enumerate(qis):
+            col = out[c].astype(object)
+            col[cells[:, q]] = SUPPRESSED
+            out[c] = col
     metrics = {"k": k_anonymity(out, qis, suppressed=mask), "metric": metric,
                "information_loss": value,
                "discernibility": discernibility(out, qis, suppressed=mask),
                "suppressed_share": float(mask.mean()),
+               "suppressed_cells": 0 if cells is None else int(cells[~mask].sum()),
+               "suppressed_cell_share": 0.0 if cells is None else float(cells.mean()),
                "nodes": len(nodes), "nodes_evaluated": n_eval,
                "nodes_pruned": n_pruned}
     if sensitive is not None:
