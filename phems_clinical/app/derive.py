@@ -226,10 +226,11 @@ def add_derive_parsers(subparsers) -> None:
         "synthesize", help="synthetic version of a site's data, with its scorecard")
     _common(s)
     s.add_argument("--generator", default=None,
-                   choices=("virtual", "sequence", "pathway", "mst"),
+                   choices=("virtual", "sequence", "pathway", "copula", "mst"),
                    help="default: the use case's longitudinal generator (virtual PK "
-                        "patients, PICU sequences, cardiac pathways); mst: DP "
-                        "patient profiles")
+                        "patients, PICU sequences, cardiac pathways); copula: "
+                        "patient profiles by a Gaussian copula; mst: DP patient "
+                        "profiles")
     s.add_argument("--epsilon", type=float, default=1.0, help="MST privacy budget")
     s.add_argument("--delta", type=float, default=1e-6, help="MST delta")
     s.add_argument("--n", type=int, default=None,
@@ -257,16 +258,16 @@ def _anonymise_cmd(args) -> int:
 
 def _synthesize_cmd(args) -> int:
     gen = args.generator or GENERATORS[args.use_case]
-    if gen != "mst" and gen != GENERATORS[args.use_case]:
+    if gen not in ("mst", "copula", GENERATORS[args.use_case]):
         raise SourceError(f"--generator: {gen!r} does not apply to {args.use_case}; "
-                          f"use {GENERATORS[args.use_case]!r} or 'mst'")
+                          f"use {GENERATORS[args.use_case]!r}, 'copula' or 'mst'")
     opts: dict = {} if args.n is None else {"n": args.n}
     if gen == "mst":
         if not args.epsilon > 0 or not np.isfinite(args.epsilon):
             raise SourceError(f"--epsilon: must be a positive finite number, got "
                               f"{args.epsilon}")
         opts.update(epsilon=args.epsilon, delta=args.delta)
-    name = "synthetic-mst" if gen == "mst" else "synthetic"
+    name = f"synthetic-{gen}" if gen in ("mst", "copula") else "synthetic"
     return _run(args, SourceSpec(name, "synthetic", gen, opts))
 
 

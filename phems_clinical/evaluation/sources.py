@@ -18,8 +18,9 @@ it):
   ``lattice`` or ``mondrian``; options k, l, t, max_suppression).
 - ``synthetic`` with the use case's longitudinal generator (method
   ``virtual`` for haemophilia PK, ``sequence`` for PICU hours, ``pathway`` for
-  cardiac pathways), or ``mst``: differentially private marginals (MST) of the
-  patient profiles (:mod:`.profiles`), with its epsilon and delta; unit of
+  cardiac pathways), ``copula``: a Gaussian copula of the patient profiles
+  (:mod:`.profiles`), or ``mst``: differentially private marginals (MST) of the
+  patient profiles, with its epsilon and delta; unit of
   privacy one patient (one profile row per patient, or per episode/stay where a
   patient has several: then the unit is the episode/stay; said in the metadata).
 """
@@ -227,6 +228,17 @@ def derive(key, use_case: str, data: pd.DataFrame, spec: SourceSpec, *,
                   "tree": [list(map(str, e)) for e in model.tree],
                   "n_rows_noisy": float(model.n_estimate)}
         return Derived(spec, None, syn, meta, report)
+    elif spec.kind == "synthetic" and spec.method == "copula":
+        from phems_clinical.privacy.synth import fit_copula, sample_copula
+
+        prof = profile(use_case, data)
+        cat = [c for c, v in PROFILE_BOUNDS[use_case].items() if isinstance(v, list)]
+        model = fit_copula(prof, categorical=cat)
+        syn = sample_copula(key, model, int(opts.get("n") or len(prof)))
+        meta = _meta(spec, use_case, n_in, syn, time.perf_counter() - t0)
+        return Derived(spec, None, syn, meta, {
+            "generator": "Gaussian copula on patient profiles (not DP: its "
+                         "marginals are the data's quantiles)"})
     elif spec.kind == "synthetic":
         out, report = _synthesise(key, use_case, data, spec.method, opts,
                                   pk_model, pk_params)
@@ -244,7 +256,7 @@ def _synthesise(key, use_case, data, method, opts, pk_model, pk_params):
     want = GENERATORS[use_case]
     if method != want:
         raise SourceError(f"synthetic method {method!r} does not apply to "
-                          f"{use_case}; use {want!r} or 'mst'")
+                          f"{use_case}; use {want!r}, 'copula' or 'mst'")
     n = opts.get("n")
     if use_case == "haemophilia":
         from phems_clinical.privacy.synth import pk_virtual

@@ -105,3 +105,12 @@ def test_bad_requests_named(cardiac):
                                                          "weight_kg": "WT",
                                                          "sex": "SEX"}),
                SourceSpec("v", "synthetic", "virtual"))
+
+
+def test_copula_profiles_source(cardiac):
+    _, train, hold, *_ = cardiac
+    d = derive(KEY, "cardiac", train, SourceSpec("c", "synthetic", "copula"))
+    assert d.data is None and len(d.profile) == train["episode_id"].nunique()
+    assert set(d.profile["stat"]) <= {1, 2, 3, 4, 5}
+    assert set(d.profile["sex"]) <= {"F", "M"}
+    assert np.isnan(d.meta["epsilon"])
