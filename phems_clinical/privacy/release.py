@@ -384,7 +384,10 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
         recomputed = [c for c in roles.derived if c in before]
     k_ids, k_dates = jax.random.split(key)
     shifted: list[str] = []
-    dates = [c for c in roles.date_columns if c in out.columns]
+    # declared date columns and any other calendar column (e.g. a PK extract's
+    # DATETIME): dates are identifiers (HIPAA Safe Harbor), never released as is
+    dates = [c for c in out.columns if c in roles.date_columns
+             or pd.api.types.is_datetime64_any_dtype(out[c])]
     if dates:
         out, _ = shift_dates(k_dates, out, pid, dates, max_days=max_shift_days)
         shifted = dates

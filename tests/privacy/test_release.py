@@ -215,3 +215,16 @@ def test_lifespan_age_bands():
     assert list(h.generalise(v, 2))[-3:] == ["18-39 y", "40-59 y", "60+ y"]
     with pytest.raises(HierarchyError):
         h.generalise(pd.Series([-1.0]), 1)
+
+
+def test_any_calendar_column_is_shifted(sources):
+    ev = sources["haemophilia"].copy()
+    ev["DATETIME"] = pd.Timestamp("2025-03-01 08:00") + pd.to_timedelta(ev["TIME"],
+                                                                        unit="h")
+    rel = anonymise(KEY, ev, "haemophilia", k=3, max_suppression=0.1)
+    assert rel.report["dates_shifted"]["columns"] == ["DATETIME"]
+    d = rel.data
+    # each patient's times keep their spacing; the calendar moved
+    gap = (d["DATETIME"] - pd.to_timedelta(d["TIME"], unit="h"))
+    assert (gap.groupby(d["ID"]).nunique() == 1).all()
+    assert not (gap == pd.Timestamp("2025-03-01 08:00")).all()
