@@ -49,3 +49,17 @@ def _toy_table(seed: int, n: int) -> pd.DataFrame:
 def toy_table():
     """Factory ``toy_table(seed, n)`` of the privacy tests' toy paediatric table."""
     return _toy_table
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop JAX's in-memory compiled executables after each test module.
+
+    Every loaded CPU executable maps memory regions; an xdist worker that runs half
+    the suite (thousands of programs: MST alone compiles ~100 per fit) came close
+    to the kernel's ``vm.max_map_count`` (65,530) and segfaulted while loading one
+    more executable from the persistent cache. Clearing per module keeps a worker
+    far below it; later modules reload what they need from the on-disk cache.
+    """
+    yield
+    jax.clear_caches()
