@@ -47,6 +47,8 @@ class RunConfig:
 
 
 ConfigStore.instance().store(name="schema", node=RunConfig)
+# the experiment runner's schema (side_by_side.yaml) registers itself on import
+from phems_clinical.runner import config as _experiment_config  # noqa: E402,F401
 
 
 def run_demo(cfg: DictConfig, out: Path) -> dict:
@@ -135,7 +137,12 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     out = Path(HydraConfig.get().runtime.output_dir)
     os.makedirs(out, exist_ok=True)
-    run_demo(cfg, out)
+    if "sources" in cfg:  # the experiment runner (issue 7, in progress)
+        from phems_clinical.runner.experiment import run_experiment
+
+        run_experiment(cfg, out)
+    else:
+        run_demo(cfg, out)
 
 
 if __name__ == "__main__":
