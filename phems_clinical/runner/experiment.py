@@ -5,6 +5,10 @@ Each site's OMOP database (simulated into the run directory when ``data.omop`` i
 null) -> NONMEM-style events per site -> :func:`.pipeline.run_haemophilia` ->
 ``results.nc``, ``forecast.png``, per-site scorecards and ``result.json`` in the
 Hydra run directory (which also holds the composed config in ``.hydra/``).
+
+Interrupted? Run the same command with ``hydra.run.dir=<that run's directory>``:
+finished sources are taken from ``checkpoints/`` and the federated fit that was
+under way resumes from its last round (:func:`.pipeline.run_haemophilia`).
 """
 
 from __future__ import annotations
@@ -107,7 +111,8 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
         test_fraction=cfg.data.test_fraction, algorithm=cfg.federation.algorithm,
         options=OmegaConf.to_container(cfg.federation.options, resolve=True) or None,
         n_attacks=cfg.evaluation.n_attacks,
-        progress=lambda m: print(f"[phems run] {m}", flush=True))
+        progress=lambda m: print(f"[phems run] {m}", flush=True),
+        checkpoint_dir=out / "checkpoints")
     ds = to_dataset(runs, seed=int(cfg.seed))
     ds.attrs.update({"experiment": cfg.experiment_name, "use_case": cfg.use_case,
                      "model": model.name, "holdout_site": holdout,

@@ -21,7 +21,9 @@ estimates over ``source`` x ``parameter``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -60,6 +62,29 @@ class SourceRun(NamedTuple):
     converged: bool
 
 
+def _save(run: SourceRun, folder: Path) -> None:
+    """Write a finished source (scorecards as netCDF, the rest as JSON); the
+    ``done.json`` marker is written last, so a half-written folder is not 'done'."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for site, ds in run.scorecards.items():
+        ds.to_netcdf(folder / f"scorecard_{site}.nc", engine="h5netcdf")
+    (folder / "done.json").write_text(json.dumps({
+        "estimates": run.estimates, "forecast": run.forecast,
+        "sites": list(run.scorecards), "rounds": run.rounds,
+        "converged": run.converged}))
+
+
+def _load(folder: Path) -> SourceRun | None:
+    done = folder / "done.json"
+    if not done.exists():
+        return None
+    d = json.loads(done.read_text())
+    cards = {s: xr.open_dataset(folder / f"scorecard_{s}.nc", engine="h5netcdf").load()
+             for s in d["sites"]}
+    return SourceRun(d["estimates"], d["forecast"], cards, d["rounds"],
+                     d["converged"])
+
+
 def _site_column(events: pd.DataFrame, site: str) -> pd.DataFrame:
     out = events.copy()
     out["SITE"] = site
@@ -72,12 +97,17 @@ def run_haemophilia(key, sites: Mapping[str, pd.DataFrame], model: PopModel,
                     sources: Sequence[SourceSpec], *, holdout_site: str,
                     test_fraction: float = 0.5, algorithm: str = "fed_focei",
                     options: dict | None = None, n_attacks: int = 100,
-                    progress: Callable[[str], None] | None = print
+                    progress: Callable[[str], None] | None = print,
+                    checkpoint_dir: str | Path | None = None
                     ) -> dict[str, SourceRun]:
     """Federated population PK on each source, evaluated on real patients.
 
     ``sites``: each hospital's NONMEM-style events; ``holdout_site`` takes no part
-    in training and is evaluated whole.
+    in training and is evaluated whole. With ``checkpoint_dir`` every finished
+    source is saved there and the federated fit checkpoints every round, so an
+    interrupted run called again with the same arguments skips the finished
+    sources and resumes the fit it was in; the results equal an uninterrupted
+    run's (tested).
     """
     if holdout_site not in sites:
         raise ValueError(f"holdout_site: {holdout_site!r} is not one of "
@@ -89,10 +119,15 @@ def run_haemophilia(key, sites: Mapping[str, pd.DataFrame], model: PopModel,
     split = {s: split_patients(jax.random.fold_in(k_split, i), sites[s],
                                "haemophilia", test_fraction)
              for i, s in enumerate(train_sites)}
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    finished = {spec.name: _load(ckpt / spec.name) for spec in sources} if ckpt \
+        else {}
     # every source is derived at every site before any training: a source that
     # cannot be produced (k too large, too few patients) fails here
     derived = {}
     for j, spec in enumerate(sources):
+        if finished.get(spec.name) is not None:
+            continue
         derived[spec.name] = {
             s: derive(jax.random.fold_in(jax.random.fold_in(k_derive, j), i),
                       "haemophilia", split[s][0], spec, pk_model=model)
@@ -102,6 +137,12 @@ def run_haemophilia(key, sites: Mapping[str, pd.DataFrame], model: PopModel,
     packer = build_packer(model)
     out: dict[str, SourceRun] = {}
     for j, spec in enumerate(sources):
+        if finished.get(spec.name) is not None:
+            out[spec.name] = finished[spec.name]
+            if progress:
+                progress(f"{spec.name}: finished in an earlier run, taken from "
+                         f"{ckpt / spec.name}")
+            continue
         per_site = derived[spec.name]
         if any(d.data is None for d in per_site.values()):
             raise ValueError(f"source {spec.name!r} gives patient profiles only "
@@ -120,7 +161,9 @@ def run_haemophilia(key, sites: Mapping[str, pd.DataFrame], model: PopModel,
                          f"{len(rec.participants)}/{n_sites}")
 
         run = run_federated(jax.random.fold_in(k_fed, j), alg, pad_sites(cohorts),
-                            on_round=on_round)
+                            on_round=on_round,
+                            checkpoint_dir=None if ckpt is None
+                            else ckpt / spec.name / "federated")
         est = {k: v["estimate"] for k, v in
                estimates_table(model, run.result).items()}
         prior = (run.result["params"] if "params" in run.result
@@ -141,6 +184,8 @@ def run_haemophilia(key, sites: Mapping[str, pd.DataFrame], model: PopModel,
                 n_attacks=n_attacks, utility=False)
         out[spec.name] = SourceRun(est, forecast, cards, int(run.rounds),
                                    bool(run.converged))
+        if ckpt is not None:
+            _save(out[spec.name], ckpt / spec.name)
         if progress:
             progress(f"{spec.name}: {run.rounds} rounds; forecast MDAPE at "
                      f"{holdout_site} {forecast[holdout_site]['mdape']:.1f} %")

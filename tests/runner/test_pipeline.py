@@ -67,3 +67,31 @@ def test_bad_source_fails_before_training(setup):
     with pytest.raises(ValueError, match="holdout_site"):
         run_haemophilia(jax.random.key(0), sites, model, SOURCES,
                         holdout_site="H9", progress=None)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_results(setup, result, tmp_path):
+    model, sites = setup
+    seen = []
+
+    def stop_mid_second_source(msg):
+        seen.append(msg)
+        if msg.startswith("anonymised: round 10"):
+            raise _Stop  # as if the machine went down mid-fit
+
+    with pytest.raises(_Stop):
+        run_haemophilia(jax.random.key(7), sites, model, SOURCES, holdout_site="H3",
+                        progress=stop_mid_second_source, n_attacks=20,
+                        checkpoint_dir=tmp_path)
+    assert (tmp_path / "real" / "done.json").exists()
+    assert not (tmp_path / "anonymised" / "done.json").exists()
+    assert any((tmp_path / "anonymised" / "federated").iterdir())  # mid-fit state
+    again = []
+    runs = run_haemophilia(jax.random.key(7), sites, model, SOURCES,
+                           holdout_site="H3", progress=again.append, n_attacks=20,
+                           checkpoint_dir=tmp_path)
+    assert any(m.startswith("real: finished in an earlier run") for m in again)
+    xr.testing.assert_identical(to_dataset(runs, seed=7), result[1])
