@@ -36,6 +36,7 @@ import jax
 import numpy as np
 import pandas as pd
 
+from phems_clinical.data.split import split_ids
 from phems_clinical.evaluation import scorecard as sc
 from phems_clinical.evaluation import utility as ut
 from phems_clinical.evaluation.classification import auroc
@@ -116,14 +117,13 @@ def split_patients(key, data: pd.DataFrame, use_case: str, holdout: float
     if not 0.0 < holdout < 1.0:
         raise SourceError(f"holdout: expected a share in (0, 1), got {holdout!r}")
     pid = roles_for(use_case).patient_id
-    ids = pd.unique(data[pid])
-    n_hold = int(round(holdout * len(ids)))
-    if n_hold < 5 or len(ids) - n_hold < 10:
-        raise SourceError(f"holdout={holdout}: {len(ids)} patients give {n_hold} "
-                          f"held out and {len(ids) - n_hold} for training; need >= 5 "
+    n_ids = int(data[pid].nunique())
+    n_hold = int(round(holdout * n_ids))
+    if n_hold < 5 or n_ids - n_hold < 10:
+        raise SourceError(f"holdout={holdout}: {n_ids} patients give {n_hold} "
+                          f"held out and {n_ids - n_hold} for training; need >= 5 "
                           f"and >= 10")
-    perm = np.asarray(jax.random.permutation(key, len(ids)))
-    hold = set(ids[perm[:n_hold]].tolist())
+    _, hold = split_ids(key, data[pid], holdout)
     mask = data[pid].isin(hold).to_numpy()
     return data[~mask].reset_index(drop=True), data[mask].reset_index(drop=True)
 
@@ -198,8 +198,8 @@ def derive(key, use_case: str, data: pd.DataFrame, spec: SourceSpec, *,
     if spec.kind == "real":
         out, report = data, {}
     elif spec.kind == "anonymised":
-        rel = anonymise(key, data, use_case, method=spec.method if spec.method in
-                        ("lattice", "mondrian") else "lattice", **opts)
+        method = "lattice" if spec.method == "none" else spec.method
+        rel = anonymise(key, data, use_case, method=method, **opts)
         out, report = rel.data, rel.report
     elif spec.kind == "synthetic" and spec.method == "mst":
         from phems_clinical.privacy.synth import mst
