@@ -126,12 +126,14 @@ def run_derive(use_case: str, sources: list[SourceSpec], out: str | Path, *,
         title = (f"{use_case} at {name}: "
                  + ", ".join(d.spec.name for d in derived[1:])
                  + " next to the real data")
+        n_train = int(train[_pid(use_case)].nunique())
+        n_hold = int(hold[_pid(use_case)].nunique())
         aux, secret = ATTACK_COLUMNS[use_case]
         notes = (
             f"Scored on one row per {PROFILE_UNIT[use_case]} (patient profile): "
             + ", ".join(derived[0].profile.columns) + ".",
-            f"{len(train[_pid(use_case)].unique())} patients made the derived data; "
-            f"{len(hold[_pid(use_case)].unique())} held-out patients are the attacks' "
+            f"{n_train} patients made the derived data; "
+            f"{n_hold} held-out patients are the attacks' "
             "control set and the real test data of the utility metrics.",
             f"Attacks assume the attacker knows {', '.join(aux)}; the inference "
             f"attack tries to learn {secret}.",
@@ -139,8 +141,7 @@ def run_derive(use_case: str, sources: list[SourceSpec], out: str | Path, *,
         rep.write_scorecard(ds, site_out, title=title, notes=notes)
         report = {
             "use_case": use_case, "site": name, "seed": seed, "holdout": holdout,
-            "patients_train": int(train[_pid(use_case)].nunique()),
-            "patients_holdout": int(hold[_pid(use_case)].nunique()),
+            "patients_train": n_train, "patients_holdout": n_hold,
             "load": loads.get(name, {}),
             "sources": {d.spec.name: {"spec": {"kind": d.spec.kind,
                                                "method": d.spec.method,

@@ -50,7 +50,7 @@ def _pk_profile(ev: pd.DataFrame) -> pd.DataFrame:
     out["level_first"] = go["DV"].first().reindex(out.index)
     t0 = doses.groupby("ID", sort=False)["TIME"].first()
     out["time_first"] = (go["TIME"].first() - t0).reindex(out.index)
-    occ1 = obs[obs.get("OCC", 1) == 1] if "OCC" in obs.columns else obs
+    occ1 = obs[obs["OCC"] == 1] if "OCC" in obs.columns else obs
 
     def slope(d: pd.DataFrame) -> float:
         if len(d) < 2:

@@ -31,7 +31,7 @@ still satisfies the requested model and returns it unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -433,13 +433,3 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
     }
     out.attrs[MARKER] = {"config": config}
     return Release(out, released, report)
-
-
-def qi_columns(data: pd.DataFrame, roles: Roles | str) -> list[str]:
-    """The QI columns :func:`anonymise` uses for ``data``."""
-    return list(roles_for(roles).qis(data))
-
-
-def sensitive_columns(roles: Roles | str) -> Sequence[str]:
-    """The declared sensitive attributes."""
-    return roles_for(roles).sensitive

@@ -75,7 +75,8 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    from phems_clinical.app.omop import model_factor, pk_events_from_omop
+    from phems_clinical.app.derive import load_use_case
+    from phems_clinical.app.omop import model_factor
     from phems_clinical.evaluation.scorecard_report import write_scorecard
     from phems_clinical.evaluation.sources import SourceSpec
     from phems_clinical.pk.spec import parse_model
@@ -101,9 +102,9 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
         omop = Path(cfg.data.omop)
         if not omop.exists():
             raise FileNotFoundError(f"data.omop: {omop} does not exist")
-    events, loads = pk_events_from_omop(omop, factor=model_factor(model))
-    sites = {s: d.drop(columns="SITE").reset_index(drop=True)
-             for s, d in events.groupby("SITE", sort=False)}
+    sites, loads = load_use_case("haemophilia", omop=str(omop),
+                                 factor=model_factor(model))
+    sites = {s: d.drop(columns="SITE") for s, d in sites.items()}
     holdout = cfg.data.holdout_site or list(sites)[-1]
     t0 = time.perf_counter()
     runs = run_haemophilia(
