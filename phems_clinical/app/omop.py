@@ -61,7 +61,9 @@ def site_databases(target: str | Path) -> dict[str, str]:
     return {path.stem: str(path)}
 
 
-def _write_site(path: Path, tables: Mapping[str, pd.DataFrame]) -> dict[str, int]:
+def write_site(path: Path, tables: Mapping[str, pd.DataFrame]) -> dict[str, int]:
+    """Write one site's OMOP tables as a new DuckDB file ``path`` (replacing it);
+    returns rows per table."""
     if path.exists():
         path.unlink()
     with connect(path) as store:
@@ -121,7 +123,7 @@ def simulate_omop(use_case: str, out: str | Path, *, seed: int = 0,
     summary = {}
     for site, (tables, truth) in _simulated_sites(use_case, jax.random.key(seed), n,
                                                   product).items():
-        summary[site] = _write_site(out / f"{site}.duckdb", tables)
+        summary[site] = write_site(out / f"{site}.duckdb", tables)
         if truth is not None:
             truth.to_csv(out / f"{site}.truth.csv", index=False)
     return summary

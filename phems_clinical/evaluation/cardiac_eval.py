@@ -92,16 +92,9 @@ def train_federated(key, sites: dict[str, pd.DataFrame],
     < 1e-8 after 300 rounds); learning rate 0.3 diverges (the exponential hazard
     makes the curvature grow away from the optimum). FedAdam: local 0.1, server
     0.02. Several local steps add client drift (gap ~0.04 for 3 steps)."""
-    ex = site_examples(sites, spec)
-    per_site = [ms.scaling_totals(ms.EpisodeExamples(e.data, e.mask), spec)
-                for e in ex.values()]
-    scaling = ms.scaling_from_totals(jax.tree.map(lambda *a: sum(a), *per_site))
-    n_total = float(sum(jnp.sum(e.mask) for e in ex.values()))
-    loss, x0, to_natural = ms.make_loss(spec, ridge=ridge, scaling=scaling,
-                                        prior_sd_alpha=prior_sd_alpha,
-                                        prior_mean_alpha=prior_mean_alpha,
-                                        n_total=n_total)
-    obj = objective_from_loss(loss)
+    ex, obj, x0, to_natural = federated_objective(
+        sites, spec, ridge=ridge, prior_sd_alpha=prior_sd_alpha,
+        prior_mean_alpha=prior_mean_alpha)
     if strategy == "fedavg":
         alg = fedavg(obj, x0, learning_rate=learning_rate, local_steps=local_steps,
                      max_rounds=rounds)
@@ -113,6 +106,26 @@ def train_federated(key, sites: dict[str, pd.DataFrame],
         raise ValueError(f"strategy: expected 'fedavg' or 'fedadam', got {strategy!r}")
     run = run_federated(key, alg, list(ex.values()), **run_kw)
     return to_natural(run.server.x), run, to_natural
+
+
+def federated_objective(sites: dict[str, pd.DataFrame],
+                        spec: ms.MultistateSpec = ms.DEFAULT_SPEC, *,
+                        ridge: float = 1e-3, prior_sd_alpha: float | None = 3.0,
+                        prior_mean_alpha: float = float(np.log(0.05))):
+    """The sites' padded examples and the federated objective of
+    :func:`train_federated`: ``(examples, objective, x0, to_natural)``. The
+    scaling comes from the sites' summed totals (sums a secure aggregation could
+    carry)."""
+    ex = site_examples(sites, spec)
+    per_site = [ms.scaling_totals(ms.EpisodeExamples(e.data, e.mask), spec)
+                for e in ex.values()]
+    scaling = ms.scaling_from_totals(jax.tree.map(lambda *a: sum(a), *per_site))
+    n_total = float(sum(jnp.sum(e.mask) for e in ex.values()))
+    loss, x0, to_natural = ms.make_loss(spec, ridge=ridge, scaling=scaling,
+                                        prior_sd_alpha=prior_sd_alpha,
+                                        prior_mean_alpha=prior_mean_alpha,
+                                        n_total=n_total)
+    return ex, objective_from_loss(loss), x0, to_natural
 
 
 def evaluate(params: ms.Params, sojourns: pd.DataFrame,

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jinja2
+import markupsafe
 import numpy as np
 import xarray as xr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -198,6 +199,7 @@ Limits marked &ldquo;ours&rdquo; in the reference column have no published
 threshold. Sources of kind &ldquo;real&rdquo; are the reference the others are
 compared with; they are not released. The data controller decides what residual
 risk is acceptable.</p>
+{{ before_sections }}
 {% for sec in sections %}
 <h2 id="{{ sec.group }}">{{ sec.title }}</h2>
 <table class="group-{{ sec.group }}">
@@ -236,11 +238,14 @@ _ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
 
 
 def render_scorecard_html(ds: xr.Dataset, *, title: str = "Data-source scorecard",
-                          notes: Sequence[str] = (), figure: bool = True) -> str:
+                          notes: Sequence[str] = (), figure: bool = True,
+                          before_sections: str = "") -> str:
     """One self-contained HTML page of the scorecard ``ds`` (all text escaped).
 
     With ``figure``, the attack-based risks are also drawn
-    (:func:`privacy_figure`) and inlined as a base64 PNG.
+    (:func:`privacy_figure`) and inlined as a base64 PNG. ``before_sections``: an
+    HTML fragment placed before the metric tables, inserted as is (render it with
+    an autoescaping template, as :mod:`phems_clinical.runner.report` does).
     """
     flags = assess(ds)
     sources = []
@@ -288,7 +293,7 @@ def render_scorecard_html(ds: xr.Dataset, *, title: str = "Data-source scorecard
         seed=str(ds.attrs.get("seed", "")),
         created_by=str(ds.attrs.get("created_by", "")),
         summary=list(summary_lines(ds).values()), notes=[str(n) for n in notes],
-        figure=png_b64,
+        figure=png_b64, before_sections=markupsafe.Markup(before_sections),
         sources=sources, sections=sections)
 
 

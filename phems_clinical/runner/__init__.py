@@ -1,13 +1,16 @@
 """``phems run``: the Hydra entry point of the main job.
 
-Until the experiment runner exists, the main job is the PK demo: simulate a cohort of
-patients at several hospitals from a library model, write it as a NONMEM-style CSV,
-fit the population model back with the configured method (``phems fit``'s code path)
-and compare every estimate with the value it was simulated from.
+The main job (``configs/config.yaml``) is an experiment: real, anonymised and
+synthetic data side by side (:mod:`phems_clinical.runner.experiment`); the
+committed studies are ``experiment=<name>`` (``configs/experiment/``).
 
-Writes into the Hydra run directory: ``.hydra/`` (composed config), ``cohort.csv``,
+``phems run --config-name pk_demo`` is the PK demo: simulate a cohort of patients
+at several hospitals from a library model, write it as a NONMEM-style CSV, fit
+the population model back with the configured method (``phems fit``'s code path)
+and compare every estimate with the value it was simulated from. It writes into
+the Hydra run directory: ``.hydra/`` (composed config), ``cohort.csv``,
 ``truth.csv``, ``estimates.json``, ``estimates.nc``, ``gof.png``, ``vpc.png``,
-``recovery.csv`` and ``result.json`` (summary; see the README).
+``recovery.csv`` and ``result.json`` (see the README).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class RunConfig:
 
 
 ConfigStore.instance().store(name="schema", node=RunConfig)
-# the experiment runner's schema (side_by_side.yaml) registers itself on import
+# the experiment runner's schema (config.yaml) registers itself on import
 from phems_clinical.runner import config as _experiment_config  # noqa: E402,F401
 
 
@@ -137,7 +140,7 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     out = Path(HydraConfig.get().runtime.output_dir)
     os.makedirs(out, exist_ok=True)
-    if "sources" in cfg:  # the experiment runner (issue 7, in progress)
+    if "sources" in cfg:  # an experiment (config.yaml); else the PK demo
         from phems_clinical.runner.experiment import run_experiment
 
         run_experiment(cfg, out)

@@ -1,5 +1,10 @@
 """Structured configuration of an experiment run (issue 7): a misspelt key or a
-wrong type fails when Hydra composes the config, before anything runs."""
+wrong type fails when Hydra composes the config, before anything runs.
+
+Config groups (``configs/``): ``use_case``, ``model``, ``source`` (composed into
+``sources.<name>``), ``inference``, ``federation``, ``experiment`` (the committed
+studies).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ from omegaconf import MISSING
 @dataclass
 class DataConfig:
     """Where each site's data come from: ``omop`` (a folder of ``<site>.duckdb``)
-    or, when null, ``n_sites`` simulated hospitals of ``n_per_site`` patients."""
+    or, when null, ``n_sites`` simulated hospitals of ``n_per_site`` patients.
+    ``holdout_site``: the hospital kept out of training (null: the last one);
+    ``test_fraction``: share of each training hospital's patients held out."""
 
     omop: str | None = None
     n_sites: int = 5
@@ -24,21 +31,51 @@ class DataConfig:
 
 @dataclass
 class SourceConfig:
-    """One data source (see :class:`phems_clinical.evaluation.sources.SourceSpec`)."""
+    """One data source (:class:`phems_clinical.evaluation.sources.SourceSpec`):
+    ``kind`` real | anonymised | synthetic; ``method``: lattice | mondrian
+    (anonymised), default (the use case's generator) | copula | mst (synthetic)."""
 
     kind: str = MISSING
-    method: str = "none"
+    method: str = "default"
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InferenceConfig:
+    """The federated strategy (null: the use case's default) and its options
+    (``rounds``, ``learning_rate``, ``local_steps``...)."""
+
+    strategy: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DPSettings:
+    """Patient-level DP-SGD of training, by its target ε per site (null: off)."""
+
+    epsilon: float | None = None
+    delta: float | None = None
+    clip: float = 1.0
+    accountant: str = "rdp"
+    sampling_rate: float = 1.0
 
 
 @dataclass
 class FederationConfig:
-    algorithm: str = "fed_focei"
-    options: dict[str, Any] = field(default_factory=dict)
+    """``engine`` inprocess | flower | pooled; ``sites``: the training hospitals
+    (null: all but the held-out one); ``min_sites`` per round; ``secagg``."""
+
+    engine: str = "inprocess"
+    sites: list[str] | None = None
+    min_sites: int | None = None
+    secagg: bool = False
+    dp: DPSettings = field(default_factory=DPSettings)
 
 
 @dataclass
 class EvaluationConfig:
+    """``n_attacks``: attacks per privacy-risk estimate (anonymeter)."""
+
     n_attacks: int = 100
 
 
@@ -50,6 +87,7 @@ class ExperimentConfig:
     model: Any = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     sources: dict[str, SourceConfig] = field(default_factory=dict)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 

@@ -1,14 +1,18 @@
-"""``phems run --config-name side_by_side``: one experiment run (issue 7, in
-progress; haemophilia only so far).
+"""``phems run``: one experiment run, from the composed config to the outputs.
 
-Each site's OMOP database (simulated into the run directory when ``data.omop`` is
-null) -> NONMEM-style events per site -> :func:`.pipeline.run_haemophilia` ->
-``results.nc``, ``forecast.png``, per-site scorecards and ``result.json`` in the
-Hydra run directory (which also holds the composed config in ``.hydra/``).
+Each site's OMOP database (simulated into ``<run dir>/omop`` when ``data.omop`` is
+null) -> each site's analysis table -> :func:`.pipeline.run_pipeline` ->
+``results.nc`` (:mod:`.results`), ``utility.png``, ``report.html``
+(:mod:`.report`), ``scorecards/<site>/`` and ``result.json`` in the Hydra run
+directory (which also holds the composed config in ``.hydra/``).
+
+Everything that can be checked without training is checked first (use case,
+model, strategy, engine, DP settings, OMOP path, sources), so bad input fails in
+seconds with a message naming the setting.
 
 Interrupted? Run the same command with ``hydra.run.dir=<that run's directory>``:
-finished sources are taken from ``checkpoints/`` and the federated fit that was
-under way resumes from its last round (:func:`.pipeline.run_haemophilia`).
+finished steps are taken from ``checkpoints/`` and the federated fit that was under
+way resumes from its last round.
 """
 
 from __future__ import annotations
@@ -16,58 +20,95 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from phems_clinical.provenance import git_revision, versions
 
 
-def _simulate_sites(key, model, n_sites: int, n_per_site: int, folder: Path) -> None:
-    from phems_clinical.app.omop import model_factor
-    from phems_clinical.data.omop import connect, create_cdm, pk_to_omop, write_tables
-    from phems_clinical.pk.simulate import HospitalSpec, simulate_hospitals
+def simulate_sites(use_case: str, key, n_sites: int, n_per_site: int, model: Any,
+                   folder: Path) -> None:
+    """``n_sites`` simulated hospitals of ``n_per_site`` patients (PK), stays
+    (PICU) or surgical episodes (cardiac) as ``folder/<site>.duckdb``. PICU and
+    cardiac sites cycle through the simulators' case mixes (tertiary, surgical,
+    district; hospitals a, b, c)."""
+    from phems_clinical.app.omop import model_factor, write_site
+    from phems_clinical.data.omop import pk_to_omop
 
     if n_sites < 2:
-        raise ValueError(f"data.n_sites: need at least 2 hospitals, got {n_sites}")
-    hospitals = [HospitalSpec(f"hospital_{i + 1}", n_per_site)
-                 for i in range(n_sites)]
-    events, _ = simulate_hospitals(key, model, hospitals)
+        raise ValueError(f"data.n_sites: need at least 2 hospitals (one is held out),"
+                         f" got {n_sites}")
+    if n_per_site < 10:
+        raise ValueError(f"data.n_per_site: need at least 10 per hospital, got "
+                         f"{n_per_site}")
     folder.mkdir(parents=True, exist_ok=True)
-    for site, rows in events.groupby("SITE", sort=False):
-        tables = pk_to_omop(rows.drop(columns="SITE"), product=model.name,
-                            site=site, factor=model_factor(model))
-        path = folder / f"{site}.duckdb"
-        if path.exists():
-            path.unlink()
-        with connect(path) as store:
-            create_cdm(store)
-            write_tables(store, tables)
+    tables = {}
+    if use_case == "haemophilia":
+        from phems_clinical.pk.simulate import HospitalSpec, simulate_hospitals
+
+        events, _ = simulate_hospitals(key, model, [
+            HospitalSpec(f"hospital_{i + 1}", n_per_site) for i in range(n_sites)])
+        for site, rows in events.groupby("SITE", sort=False):
+            tables[site] = pk_to_omop(rows.drop(columns="SITE"), product=model.name,
+                                      site=site, factor=model_factor(model))
+    elif use_case == "picu":
+        from phems_clinical.data.picu import DEFAULT_SITES
+        from phems_clinical.data.picu import simulate_sites as sim
+
+        mixes = list(DEFAULT_SITES.items())
+        spec = {f"{mixes[i % 3][0]}_{i + 1}": {**mixes[i % 3][1],
+                                               "n_stays": n_per_site}
+                for i in range(n_sites)}
+        tables = {s: c.tables for s, c in sim(key, spec).items()}
+    else:
+        from phems_clinical.data.cardiac.simulate import SITE_CASE_MIX
+        from phems_clinical.data.cardiac.simulate import simulate_sites as sim
+
+        mixes = list(SITE_CASE_MIX.values())
+        spec = {f"hospital_{i + 1}": mixes[i % 3] for i in range(n_sites)}
+        tables = {s: c.tables for s, c in sim(key, n_episodes=n_per_site,
+                                              sites=spec).items()}
+    for site, t in tables.items():
+        write_site(folder / f"{site}.duckdb", t)
 
 
-def _forecast_figure(ds, path: Path) -> None:
-    import matplotlib
+def _settings(cfg: DictConfig):
+    from phems_clinical.runner.training import DPTarget, FederationSettings
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    f, d = cfg.federation, cfg.federation.dp
+    dp = None if d.epsilon is None else DPTarget(
+        float(d.epsilon), None if d.delta is None else float(d.delta), float(d.clip),
+        str(d.accountant), float(d.sampling_rate))
+    return FederationSettings(
+        engine=f.engine, strategy=cfg.inference.strategy,
+        options=OmegaConf.to_container(cfg.inference.options, resolve=True) or {},
+        secagg=bool(f.secagg), min_sites=f.min_sites, dp=dp)
 
-    mdape = ds["forecast"].sel(forecast_metric="mdape")
-    sources, sites = list(ds.source.values), list(ds.site.values)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(sources)
-    for i, s in enumerate(sources):
-        ax.bar(np.arange(len(sites)) + i * width, mdape.sel(source=s).values, width,
-               label=s)
-    held = ds.attrs.get("holdout_site")
-    labels = [f"{s}\n(held-out hospital)" if s == held else f"{s}\n(held-out patients)"
-              for s in sites]
-    ax.set_xticks(np.arange(len(sites)) + 0.4 - width / 2, labels, fontsize=7)
-    ax.set_ylabel("forecast MDAPE (%)")
-    ax.set_title("dosing forecast on held-out real patients, prior from each source")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+def _setup_lines(cfg: DictConfig, task, model_name: str, fed, sites: dict,
+                 holdout: str, train_sites: list[str]) -> list[str]:
+    size = {"haemophilia": "patients", "picu": "ICU stays", "cardiac": "episodes"}
+    strategy = fed.strategy or task.strategy
+    dp = ("off" if fed.dp is None else
+          f"patient-level DP-SGD at each site, target ε = {fed.dp.epsilon:g}")
+    return [
+        f"Use case {task.use_case}; model {model_name}; seed {cfg.seed}.",
+        f"{len(train_sites)} training hospitals ("
+        + ", ".join(f"{s}: {sites[s]} {size[task.use_case]}" for s in train_sites)
+        + f"); each keeps {cfg.data.test_fraction:.0%} of its patients out of "
+          f"training to score the models.",
+        f"Held-out hospital {holdout} ({sites[holdout]} {size[task.use_case]}) takes "
+        f"no part in training.",
+        "Sources: " + "; ".join(
+            f"{n} ({s.kind}" + (f", {s.method}" if s.method not in ("default",
+                                                                    "none") else "")
+            + (f", {dict(s.options)}" if s.options else "") + ")"
+            for n, s in cfg.sources.items()) + ". Each hospital derives them from "
+        "its own training patients.",
+        f"Training: strategy {strategy}, engine {fed.engine}, secure aggregation "
+        f"{'on' if fed.secagg else 'off'}, DP {dp}.",
+    ]
 
 
 def run_experiment(cfg: DictConfig, out: Path) -> dict:
@@ -79,15 +120,22 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
     from phems_clinical.app.omop import model_factor
     from phems_clinical.evaluation.scorecard_report import write_scorecard
     from phems_clinical.evaluation.sources import SourceSpec
-    from phems_clinical.pk.spec import parse_model
-    from phems_clinical.runner.pipeline import run_haemophilia, to_dataset
+    from phems_clinical.runner.pipeline import run_pipeline
+    from phems_clinical.runner.report import utility_figure, write_report
+    from phems_clinical.runner.results import to_dataset
+    from phems_clinical.runner.tasks import get_task
+    from phems_clinical.runner.training import check_settings
 
-    if cfg.use_case != "haemophilia":
-        raise ValueError(f"use_case: {cfg.use_case!r} does not run in the experiment "
-                         f"runner yet (only 'haemophilia')")
+    # everything checkable before data are touched
+    task = get_task(cfg.use_case)
+    model = task.model_from_config(OmegaConf.to_container(cfg.model, resolve=True))
+    model_name = getattr(model, "name", None) or (
+        getattr(model, "architecture", None) and f"sepsis {model.architecture}"
+        or "multi-state pathways")
+    fed = _settings(cfg)
+    check_settings(fed, fed.strategy or task.strategy)
     if not cfg.sources:
         raise ValueError("sources: at least one data source is needed")
-    model = parse_model(OmegaConf.to_container(cfg.model, resolve=True))
     sources = [SourceSpec(name, s.kind, s.method,
                           OmegaConf.to_container(s.options, resolve=True))
                for name, s in cfg.sources.items()]
@@ -95,47 +143,63 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
     k_data, k_run = jax.random.split(key)
     if cfg.data.omop is None:
         omop = out / "omop"
-        print(f"[phems run] simulating {cfg.data.n_sites} hospitals x "
-              f"{cfg.data.n_per_site} patients into {omop}", flush=True)
-        _simulate_sites(k_data, model, cfg.data.n_sites, cfg.data.n_per_site, omop)
+        if not any(omop.glob("*.duckdb")):  # a resumed run keeps its sites
+            print(f"[phems run] simulating {cfg.data.n_sites} hospitals x "
+                  f"{cfg.data.n_per_site} into {omop}", flush=True)
+            simulate_sites(task.use_case, k_data, int(cfg.data.n_sites),
+                           int(cfg.data.n_per_site), model, omop)
     else:
         omop = Path(cfg.data.omop)
         if not omop.exists():
-            raise FileNotFoundError(f"data.omop: {omop} does not exist")
-    sites, loads = load_use_case("haemophilia", omop=str(omop),
-                                 factor=model_factor(model))
-    sites = {s: d.drop(columns="SITE") for s, d in sites.items()}
+            raise FileNotFoundError(f"data.omop: {omop} does not exist (expected a "
+                                    f"folder of <site>.duckdb OMOP databases)")
+    factor = model_factor(model) if task.use_case == "haemophilia" else "FVIII"
+    sites, loads = load_use_case(task.use_case, omop=str(omop), factor=factor)
+    sites = {s: d.drop(columns="SITE", errors="ignore") for s, d in sites.items()}
     holdout = cfg.data.holdout_site or list(sites)[-1]
     t0 = time.perf_counter()
-    runs = run_haemophilia(
-        k_run, sites, model, sources, holdout_site=holdout,
-        test_fraction=cfg.data.test_fraction, algorithm=cfg.federation.algorithm,
-        options=OmegaConf.to_container(cfg.federation.options, resolve=True) or None,
-        n_attacks=cfg.evaluation.n_attacks,
+    run = run_pipeline(
+        k_run, task, sites, model, sources, holdout_site=holdout, federation=fed,
+        train_sites=list(cfg.federation.sites) if cfg.federation.sites else None,
+        test_fraction=cfg.data.test_fraction, n_attacks=cfg.evaluation.n_attacks,
         progress=lambda m: print(f"[phems run] {m}", flush=True),
         checkpoint_dir=out / "checkpoints")
-    ds = to_dataset(runs, seed=int(cfg.seed))
-    ds.attrs.update({"experiment": cfg.experiment_name, "use_case": cfg.use_case,
-                     "model": model.name, "holdout_site": holdout,
+    ds = to_dataset(run, task, sources, seed=int(cfg.seed))
+    ds.attrs.update({"experiment": cfg.experiment_name, "use_case": task.use_case,
+                     "model": str(model_name), "holdout_site": holdout,
+                     "engine": fed.engine,
+                     "strategy": fed.strategy or task.strategy,
                      "git_revision": git_revision() or ""})
     ds.to_netcdf(out / "results.nc", engine="h5netcdf")
-    _forecast_figure(ds, out / "forecast.png")  # after attrs: marks the held-out site
-    for name, r in runs.items():
-        for site, card in r.scorecards.items():
-            write_scorecard(card, out / "scorecards" / name / site,
-                            title=f"{name} data at {site}")
+    (out / "utility.png").write_bytes(utility_figure(ds, task))
+    pid = {"haemophilia": "ID", "picu": "stay_id", "cardiac": "episode_id"}
+    n = {s: int(d[pid[task.use_case]].nunique()) for s, d in sites.items()}
+    setup = _setup_lines(cfg, task, str(model_name), fed, n, holdout, run.train_sites)
+    write_report(ds, run.scorecards, task, setup, out / "report.html",
+                 title=f"{cfg.experiment_name}: real, anonymised and synthetic data "
+                       f"side by side")
+    for site, card in run.scorecards.items():
+        write_scorecard(card, out / "scorecards" / site,
+                        title=f"Data sources at {site}")
+    head = task.metrics[0]
+    table = ds["utility"].isel(seed=0).sel(utility_metric=head).to_pandas()
     result = {
         "experiment": cfg.experiment_name, "seed": int(cfg.seed),
-        "model": model.name, "holdout_site": holdout,
-        "sites": {s: int(d["ID"].nunique()) for s, d in sites.items()},
+        "use_case": task.use_case, "model": str(model_name),
+        "strategy": fed.strategy or task.strategy, "engine": fed.engine,
+        "secagg": fed.secagg, "holdout_site": holdout,
+        "training_sites": run.train_sites, "sites": n,
         "seconds": round(time.perf_counter() - t0, 1),
-        "forecast_mdape": ds["forecast"].sel(forecast_metric="mdape")
-        .to_pandas().round(2).to_dict(orient="index"),
-        "rounds": {s: r.rounds for s, r in runs.items()},
+        "headline_metric": head, "headline_label": task.labels[head],
+        "headline": table.round(4).to_dict(orient="index"),
+        "rounds": {s: r.rounds for s, r in run.sources.items()},
+        "converged": {s: r.converged for s, r in run.sources.items()},
+        "training_privacy": {s: r.privacy or "not DP"
+                             for s, r in run.sources.items()},
         "omop_load": loads, "versions": versions(), "git_revision": git_revision(),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
-    print(ds["forecast"].sel(forecast_metric="mdape").to_pandas().round(1)
-          .to_string(), flush=True)
-    print(f"[phems run] done in {result['seconds']} s; outputs in {out}", flush=True)
+    print(table.round(3).to_string(), flush=True)
+    print(f"[phems run] done in {result['seconds']} s; report: "
+          f"{out / 'report.html'}", flush=True)
     return result

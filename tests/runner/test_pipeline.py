@@ -1,19 +1,25 @@
-"""The haemophilia experiment pipeline (runner.pipeline): every source derived at
-every training site, fitted federatedly, forecast-scored on held-out real patients
-and on the held-out hospital; the same seed gives the same results.nc."""
+"""The experiment pipeline (runner.pipeline): every source derived at every
+training site, scored side by side, fitted federatedly and scored on held-out real
+patients and the held-out hospital; the same seed gives the same results.nc; an
+interrupted run resumes to identical results."""
 
 import jax
+import numpy as np
 import pytest
 import xarray as xr
 
 from phems_clinical.evaluation.sources import SourceSpec
 from phems_clinical.pk.library import load_product
 from phems_clinical.pk.simulate import HospitalSpec, simulate_hospitals
-from phems_clinical.runner.pipeline import run_haemophilia, to_dataset
+from phems_clinical.runner.pipeline import run_pipeline
+from phems_clinical.runner.results import to_dataset
+from phems_clinical.runner.tasks import get_task
+from phems_clinical.runner.training import DPTarget, FederationSettings
 
 SOURCES = [SourceSpec("real", "real"),
            SourceSpec("anonymised", "anonymised", "lattice",
                       {"k": 4, "max_suppression": 0.1})]
+TASK = get_task("haemophilia")
 
 
 @pytest.fixture(scope="module")
@@ -26,47 +32,66 @@ def setup():
     return model, sites
 
 
+def _run(setup, key=7, sources=SOURCES, **kw):
+    model, sites = setup
+    kw = {"holdout_site": "H3", "progress": None, "n_attacks": 20, **kw}
+    run = run_pipeline(jax.random.key(key), TASK, sites, model, sources, **kw)
+    return run, to_dataset(run, TASK, sources, seed=key)
+
+
 @pytest.fixture(scope="module")
 def result(setup):
-    model, sites = setup
-    runs = run_haemophilia(jax.random.key(7), sites, model, SOURCES,
-                           holdout_site="H3", progress=None, n_attacks=20)
-    return runs, to_dataset(runs, seed=7)
+    return _run(setup)
 
 
 def test_results_dataset_has_sources_sites_metrics(result):
-    runs, ds = result
+    run, ds = result
+    ds = ds.isel(seed=0)
     assert list(ds.source.values) == ["real", "anonymised"]
     assert list(ds.site.values) == ["H1", "H2", "H3"]
-    assert ds.forecast.sel(forecast_metric="mdape").notnull().all()
+    assert list(ds.site_role.values) == ["held-out patients"] * 2 + [
+        "held-out hospital"]
+    assert ds.utility.sel(utility_metric="mdape").notnull().all()
     assert "THETA(CL)" in ds.parameter.values
     assert bool(ds.converged.sel(source="real"))
-    # the real source's scorecard row is the verbatim-release reference
+    assert np.isnan(ds.train_epsilon).all()  # not DP
+    # one scorecard per site with both sources; the real row is the verbatim
+    # release, the anonymised one is k-anonymous
+    assert set(run.scorecards) == {"H1", "H2"}
+    assert list(run.scorecards["H1"].source.values) == ["real", "anonymised"]
     assert float(ds.scorecard.sel(source="real", metric="singling_out_risk")
                  .max()) > 0.5
-    k = ds.scorecard.sel(source="anonymised", metric="k_anonymity")
-    assert (k >= 4).all()
+    assert (ds.scorecard.sel(source="anonymised", metric="k_anonymity") >= 4).all()
     # CL near the simulating model's value (2-site federated fit on 24 patients)
     cl = float(ds.estimate.sel(source="real", parameter="THETA(CL)"))
     assert 0.5 < cl / 1.93 < 2.0
 
 
 def test_same_seed_same_results(setup, result):
-    model, sites = setup
-    again = run_haemophilia(jax.random.key(7), sites, model, SOURCES,
-                            holdout_site="H3", progress=None, n_attacks=20)
-    xr.testing.assert_identical(to_dataset(again, seed=7), result[1])
+    xr.testing.assert_identical(_run(setup)[1], result[1])
 
 
-def test_bad_source_fails_before_training(setup):
-    model, sites = setup
+def test_pooled_engine_equals_federated_focei(setup, result):
+    """Federated FOCEI sums the sites' exact objective terms, so it reaches the
+    pooled FOCEI estimate: the pooled engine (every patient at one site) agrees."""
+    _, pooled = _run(setup, sources=SOURCES[:1],
+                     federation=FederationSettings(engine="pooled"))
+    fed = result[1].estimate.sel(source="real")
+    np.testing.assert_allclose(pooled.estimate.sel(source="real").values,
+                               fed.values, rtol=2e-3)
+
+
+def test_bad_input_fails_before_training(setup):
     with pytest.raises(ValueError, match="k=50 is impossible"):
-        run_haemophilia(jax.random.key(0), sites, model,
-                        [SourceSpec("a", "anonymised", "lattice", {"k": 50})],
-                        holdout_site="H3", progress=None)
+        _run(setup, sources=[SourceSpec("a", "anonymised", "lattice", {"k": 50})])
     with pytest.raises(ValueError, match="holdout_site"):
-        run_haemophilia(jax.random.key(0), sites, model, SOURCES,
-                        holdout_site="H9", progress=None)
+        _run(setup, holdout_site="H9")
+    with pytest.raises(ValueError, match="federation.dp.*fed_focei"):
+        _run(setup, federation=FederationSettings(dp=DPTarget(epsilon=1.0)))
+    with pytest.raises(ValueError, match="federation.engine"):
+        _run(setup, federation=FederationSettings(engine="grpc"))
+    with pytest.raises(ValueError, match="profile row per patient"):
+        _run(setup, sources=[SourceSpec("m", "synthetic", "mst", {"epsilon": 1})])
 
 
 class _Stop(Exception):
@@ -74,24 +99,16 @@ class _Stop(Exception):
 
 
 def test_interrupted_run_resumes_to_the_same_results(setup, result, tmp_path):
-    model, sites = setup
-    seen = []
-
     def stop_mid_second_source(msg):
-        seen.append(msg)
-        if msg.startswith("anonymised: round 10"):
+        if msg.startswith("anonymised (inprocess, fed_focei): round 10"):
             raise _Stop  # as if the machine went down mid-fit
 
     with pytest.raises(_Stop):
-        run_haemophilia(jax.random.key(7), sites, model, SOURCES, holdout_site="H3",
-                        progress=stop_mid_second_source, n_attacks=20,
-                        checkpoint_dir=tmp_path)
+        _run(setup, progress=stop_mid_second_source, checkpoint_dir=tmp_path)
     assert (tmp_path / "real" / "done.json").exists()
     assert not (tmp_path / "anonymised" / "done.json").exists()
     assert any((tmp_path / "anonymised" / "federated").iterdir())  # mid-fit state
     again = []
-    runs = run_haemophilia(jax.random.key(7), sites, model, SOURCES,
-                           holdout_site="H3", progress=again.append, n_attacks=20,
-                           checkpoint_dir=tmp_path)
+    run, ds = _run(setup, progress=again.append, checkpoint_dir=tmp_path)
     assert any(m.startswith("real: finished in an earlier run") for m in again)
-    xr.testing.assert_identical(to_dataset(runs, seed=7), result[1])
+    xr.testing.assert_identical(ds, result[1])

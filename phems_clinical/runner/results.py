@@ -1,0 +1,89 @@
+"""``results.nc``: one experiment run as an xarray Dataset.
+
+=================  ==========================================  =====================
+variable           dims                                        meaning
+=================  ==========================================  =====================
+``utility``        seed, source, site, utility_metric          the model trained on
+                                                               each source, scored
+                                                               on real held-out data
+``scorecard``      seed, source, training_site, metric         privacy and fidelity
+                                                               of each site's source
+``estimate``       seed, source, parameter                     the model's estimates
+``rounds``         seed, source                                federated rounds
+``converged``      seed, source                                whether it converged
+``train_epsilon``  seed, source                                DP ε of training
+                                                               (NaN: not DP)
+``train_delta``    seed, source                                its δ
+=================  ==========================================  =====================
+
+Coordinates: ``site_role`` (``held-out patients`` or ``held-out hospital``) on
+``site``; per ``source`` its ``kind``, ``method``, data ``epsilon`` (the source's
+own DP, e.g. MST; NaN: not DP). A multirun stacks runs along
+``seed`` or along the swept settings (:mod:`phems_clinical.runner.collect`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xarray as xr
+
+from phems_clinical.evaluation.sources import SourceSpec
+from phems_clinical.runner.pipeline import PipelineRun
+from phems_clinical.runner.tasks import Task
+
+
+def _union(lists) -> list[str]:
+    out: list[str] = []
+    for items in lists:
+        out += [x for x in items if x not in out]
+    return out
+
+
+def to_dataset(run: PipelineRun, task: Task, sources: Sequence[SourceSpec], *,
+               seed: int) -> xr.Dataset:
+    """The Dataset of one run (see the module docstring)."""
+    names = list(run.sources)
+    sites = [*run.train_sites, run.holdout_site]
+    metrics = list(task.metrics)
+    ut = np.array([[[run.sources[s].utility[site].get(m, np.nan) for m in metrics]
+                    for site in sites] for s in names], float)
+    params = _union(r.estimates for r in run.sources.values())
+    est = np.array([[run.sources[s].estimates.get(p, np.nan) for p in params]
+                    for s in names], float)
+    card_metrics = _union(c.metric.values.tolist() for c in run.scorecards.values())
+    sc = np.full((len(names), len(run.train_sites), len(card_metrics)), np.nan)
+    data_eps = np.full(len(names), np.nan)
+    for j, site in enumerate(run.train_sites):
+        card = run.scorecards[site]
+        for i, s in enumerate(names):
+            v = card["value"].sel(source=s)
+            data_eps[i] = float(card["epsilon"].sel(source=s))
+            for k, m in enumerate(card_metrics):
+                if m in v.metric.values:
+                    sc[i, j, k] = float(v.sel(metric=m))
+    spec = {s.name: s for s in sources}
+    dp = [run.sources[s].privacy for s in names]
+    ds = xr.Dataset(
+        {"utility": (("source", "site", "utility_metric"), ut),
+         "scorecard": (("source", "training_site", "metric"), sc),
+         "estimate": (("source", "parameter"), est),
+         "rounds": (("source",), np.array([run.sources[s].rounds for s in names])),
+         "converged": (("source",), np.array([run.sources[s].converged
+                                              for s in names])),
+         "train_epsilon": (("source",), np.array([d.get("epsilon", np.nan)
+                                                  for d in dp], float)),
+         "train_delta": (("source",), np.array([d.get("delta", np.nan)
+                                                for d in dp], float))},
+        coords={"source": names, "site": sites, "utility_metric": metrics,
+                "training_site": run.train_sites, "metric": card_metrics,
+                "parameter": params,
+                "site_role": ("site", ["held-out patients"] * len(run.train_sites)
+                              + ["held-out hospital"]),
+                "kind": ("source", [spec[s].kind for s in names]),
+                "method": ("source", [spec[s].method for s in names]),
+                "epsilon": ("source", data_eps)})
+    ds["utility"].attrs["labels"] = "; ".join(f"{m}: {task.labels[m]}"
+                                              for m in metrics)
+    return ds.expand_dims(seed=[int(seed)])

@@ -1,0 +1,143 @@
+"""Federated training as an experiment configures it.
+
+One function, :func:`train`, runs any algorithm over the training hospitals'
+(derived) data on the configured engine:
+
+* ``inprocess``: :func:`phems_clinical.federation.engine.run_federated`, with
+  optional secure aggregation (:func:`~phems_clinical.federation.secure.
+  secagg_aggregator`), fewest sites per round and a checkpoint every round;
+* ``pooled``: the same algorithm on every training patient stacked at one site.
+  No hospital could run this; it is the centralised reference of the
+  federated-vs-pooled study;
+* ``flower`` (haemophilia only) lives in :mod:`phems_clinical.runner.tasks.
+  haemophilia`, where the Flower apps read a site's NONMEM-style cohort.
+
+Patient-level differential privacy is set by its target: :func:`with_dp` picks
+the smallest noise multiplier z whose ε after all the run's noisy steps is at most
+``DPTarget.epsilon`` at δ (``dp_accounting`` calibration, RDP by default), for the
+algorithm's planned rounds x local steps (:mod:`phems_clinical.federation.dp`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from phems_clinical.federation.core import Algorithm, site_size
+from phems_clinical.federation.dp import calibrate_noise_multiplier
+from phems_clinical.federation.engine import FederatedRun, run_federated
+from phems_clinical.federation.registry import FEDOPT
+from phems_clinical.federation.secagg import SecAggConfig
+from phems_clinical.federation.secure import secagg_aggregator
+
+ENGINES = ("inprocess", "pooled", "flower")
+SECAGG = {"clip": 1e6, "bits": 48}
+"""Payload range and quantisation under secure aggregation (as ``phems federate
+--secagg``): objectives and gradients stay far inside +-1e6."""
+
+
+class DPTarget(NamedTuple):
+    """Patient-level DP-SGD at every site, stated by its guarantee.
+
+    epsilon : target ε per site for the whole run; delta : δ (None: 1/(10 N) of the
+    largest site, so δ < 1/N everywhere); clip : L2 bound of one patient's gradient
+    row; accountant : ``rdp`` or ``pld``; sampling_rate : Poisson rate q per step.
+    Unit of privacy: one patient (all of that patient's rows at one site).
+    """
+
+    epsilon: float
+    delta: float | None = None
+    clip: float = 1.0
+    accountant: str = "rdp"
+    sampling_rate: float = 1.0
+
+
+class FederationSettings(NamedTuple):
+    """How training runs: engine, strategy (None: the use case's default) and its
+    options, secure aggregation, fewest sites per round, DP."""
+
+    engine: str = "inprocess"
+    strategy: str | None = None
+    options: Mapping[str, Any] = {}
+    secagg: bool = False
+    min_sites: int | None = None
+    dp: DPTarget | None = None
+
+
+def check_settings(fed: FederationSettings, strategy: str) -> None:
+    """Refuse settings that cannot run, by name, before any data are touched."""
+    if fed.engine not in ENGINES:
+        raise ValueError(f"federation.engine: {fed.engine!r} is not one of "
+                         f"{', '.join(ENGINES)}")
+    if fed.dp is not None:
+        if strategy not in FEDOPT:
+            raise ValueError(
+                f"federation.dp: patient-level DP-SGD needs a gradient strategy "
+                f"({', '.join(FEDOPT)}); inference.strategy is {strategy!r}")
+        if "dp" in fed.options:
+            raise ValueError("inference.options.dp and federation.dp.epsilon: give "
+                             "one of them")
+        if not fed.dp.epsilon > 0:
+            raise ValueError(f"federation.dp.epsilon: expected > 0, got "
+                             f"{fed.dp.epsilon}")
+    if fed.secagg and fed.engine == "pooled":
+        raise ValueError("federation.secagg: the pooled reference has no sites to "
+                         "aggregate; use engine inprocess or flower")
+
+
+def with_dp(build: Callable[[dict], Algorithm], options: Mapping[str, Any],
+            dp: DPTarget | None, sizes: Sequence[int]) -> tuple[Algorithm, dict]:
+    """``build(options)``, with DP-SGD calibrated to ``dp`` when it is given.
+
+    Returns the algorithm and what was set (``noise_multiplier``, ``delta``,
+    ``steps``); ``{}`` without DP.
+    """
+    opts = dict(options)
+    if dp is None:
+        return build(opts), {}
+    n_max = max(sizes)
+    delta = float(dp.delta) if dp.delta is not None else 1.0 / (10 * n_max)
+    if not 0 < delta < 1.0 / n_max:
+        raise ValueError(f"federation.dp.delta: {delta:g} must be in (0, 1/N) with "
+                         f"N = {n_max} patients at the largest site")
+    fields = {"clip": float(dp.clip), "delta": delta, "accountant": dp.accountant,
+              "sampling_rate": float(dp.sampling_rate)}
+    probe = build({**opts, "dp": {**fields, "noise_multiplier": 1.0}})
+    steps = int(probe.max_rounds) * int(probe.dp_steps_per_round)
+    z = calibrate_noise_multiplier(float(dp.epsilon), delta, steps,
+                                   float(dp.sampling_rate), accountant=dp.accountant)
+    return (build({**opts, "dp": {**fields, "noise_multiplier": z}}),
+            {"noise_multiplier": z, "delta": delta, "steps": steps})
+
+
+def train(key, build: Callable[[dict], Algorithm], sites: Sequence[Any],
+          fed: FederationSettings, *, label: str = "",
+          progress: Callable[[str], None] | None = None,
+          checkpoint_dir: str | Path | None = None,
+          on_message: Callable | None = None) -> tuple[FederatedRun, dict]:
+    """Run ``build(options)`` over ``sites`` (padded per-site pytrees) in process.
+
+    ``pooled``: pass one site holding every patient. Returns the engine's run and
+    the DP calibration (``{}`` without DP).
+    """
+    alg, dp_set = with_dp(build, fed.options, fed.dp,
+                          [site_size(s) for s in sites])
+    aggregator = None
+    if fed.secagg:
+        # Shamir threshold: one site may drop out (or min_sites, when given)
+        threshold = fed.min_sites or max(1, len(sites) - 1)
+        aggregator = secagg_aggregator(SecAggConfig(threshold=threshold, **SECAGG))
+    n = len(sites)
+
+    def on_round(rec, server):
+        if progress and ((rec.round + 1) % 10 == 0 or rec.round == 0):
+            progress(f"{label}: round {rec.round + 1} (at most {alg.max_rounds}), sites "
+                     f"{len(rec.participants)}/{n}"
+                     + (f", dropped {[k for k, _ in rec.dropped]}" if rec.dropped
+                        else ""))
+
+    run = run_federated(key, alg, list(sites), aggregator=aggregator,
+                        min_sites=fed.min_sites, checkpoint_dir=checkpoint_dir,
+                        on_round=on_round, on_message=on_message)
+    return run, dp_set
