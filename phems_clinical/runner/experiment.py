@@ -133,7 +133,8 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
         getattr(model, "architecture", None) and f"sepsis {model.architecture}"
         or "multi-state pathways")
     fed = _settings(cfg)
-    check_settings(fed, fed.strategy or task.strategy)
+    check_settings(fed, fed.strategy or task.strategy, task.strategies,
+                   task.use_case)
     if not cfg.sources:
         raise ValueError("sources: at least one data source is needed")
     sources = [SourceSpec(name, s.kind, s.method,

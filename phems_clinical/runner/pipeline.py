@@ -100,7 +100,7 @@ def _dp_statement(privacy: list[dict] | None, calibration: dict) -> dict:
 
 def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
                  sources: Sequence[SourceSpec], *, holdout_site: str,
-                 federation: FederationSettings = FederationSettings(),
+                 federation: FederationSettings | None = None,
                  train_sites: Sequence[str] | None = None,
                  test_fraction: float = 0.5, n_attacks: int = 100,
                  progress: Callable[[str], None] | None = print,
@@ -126,8 +126,9 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
                          "besides the held-out one")
     if not sources:
         raise ValueError("sources: at least one data source is needed")
+    federation = federation or FederationSettings()
     strategy = federation.strategy or task.strategy
-    check_settings(federation, strategy)
+    check_settings(federation, strategy, task.strategies, use_case)
     sources = [resolve_source(s, use_case) for s in sources]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
@@ -190,10 +191,6 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
         if federation.engine == "flower":
             from phems_clinical.runner.tasks.haemophilia import train_flower
 
-            if use_case != "haemophilia":
-                raise ValueError(f"federation.engine: flower runs the haemophilia "
-                                 f"use case only (the Flower apps fit population "
-                                 f"PK); {use_case} runs in process")
             seed = int(jax.random.randint(k_run, (), 0, 2**31 - 1))
             say(f"{label}: Flower SuperLink + {len(frames)} SuperNodes")
             fitted, rounds, converged = train_flower(

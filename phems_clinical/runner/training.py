@@ -65,11 +65,21 @@ class FederationSettings(NamedTuple):
     dp: DPTarget | None = None
 
 
-def check_settings(fed: FederationSettings, strategy: str) -> None:
-    """Refuse settings that cannot run, by name, before any data are touched."""
+def check_settings(fed: FederationSettings, strategy: str,
+                   strategies: Sequence[str] | None = None,
+                   use_case: str = "haemophilia") -> None:
+    """Refuse settings that cannot run, by name, before any data are touched
+    (``strategies``: those the use case offers)."""
     if fed.engine not in ENGINES:
         raise ValueError(f"federation.engine: {fed.engine!r} is not one of "
                          f"{', '.join(ENGINES)}")
+    if strategies is not None and strategy not in strategies:
+        raise ValueError(f"inference.strategy: {strategy!r} is not one of "
+                         f"{', '.join(strategies)} ({use_case})")
+    if fed.engine == "flower" and use_case != "haemophilia":
+        raise ValueError(f"federation.engine: flower runs the haemophilia use case "
+                         f"only (the Flower apps fit population PK); {use_case} "
+                         f"runs in process")
     if fed.dp is not None:
         if strategy not in FEDOPT:
             raise ValueError(
@@ -132,8 +142,8 @@ def train(key, build: Callable[[dict], Algorithm], sites: Sequence[Any],
 
     def on_round(rec, server):
         if progress and ((rec.round + 1) % 10 == 0 or rec.round == 0):
-            progress(f"{label}: round {rec.round + 1} (at most {alg.max_rounds}), sites "
-                     f"{len(rec.participants)}/{n}"
+            progress(f"{label}: round {rec.round + 1} (at most "
+                     f"{alg.max_rounds}), sites {len(rec.participants)}/{n}"
                      + (f", dropped {[k for k, _ in rec.dropped]}" if rec.dropped
                         else ""))
 

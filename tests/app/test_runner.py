@@ -15,7 +15,7 @@ from phems_clinical.runner import run_demo
 
 def _compose(overrides):
     with initialize_config_dir(config_dir=str(configs_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="pk_demo", overrides=overrides)
 
 
 def test_every_model_in_group_composes():
@@ -46,7 +46,8 @@ def test_typo_in_config_key_fails_at_compose_time():
 
 def test_cli_run_reports_bad_design(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "phems_clinical", "run", "cohort.design=weekly",
+        [sys.executable, "-m", "phems_clinical", "run", "--config-name", "pk_demo",
+         "cohort.design=weekly",
          f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "cohort.design" in proc.stderr + proc.stdout

@@ -36,7 +36,8 @@ def cardiac(tmp_path_factory):
     return _sites(tmp_path_factory, "cardiac", 80)
 
 
-def _fit(task, frames, model, fed=FederationSettings(), key=0):
+def _fit(task, frames, model, fed=None, key=0):
+    fed = fed or FederationSettings()
     strategy = fed.strategy or task.strategy
     prob = task.problem(jax.random.key(key), frames, strategy, model)
     run, cal = train(jax.random.key(key), prob.build, prob.sites, fed)

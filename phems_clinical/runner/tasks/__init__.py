@@ -45,6 +45,7 @@ class Problem(NamedTuple):
 class Task(NamedTuple):
     """One use case in the runner.
 
+    strategy : the default federated strategy; strategies : those offered;
     metrics : evaluation metrics kept in ``results.nc`` (the first is the headline
         of figures and captions); lower_is_better : the metrics where lower is
         better; id_columns : made unique when sites' tables are stacked.
@@ -52,6 +53,7 @@ class Task(NamedTuple):
 
     use_case: str
     strategy: str
+    strategies: tuple[str, ...]
     metrics: tuple[str, ...]
     lower_is_better: frozenset[str]
     labels: Mapping[str, str]

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from phems_clinical.evaluation import cardiac_eval as ce
-from phems_clinical.federation.registry import build_fedopt
+from phems_clinical.federation.registry import FEDOPT, build_fedopt
 from phems_clinical.models import multistate as ms
 from phems_clinical.runner.tasks import Fitted, Problem, Task, flat_estimates
 
@@ -69,7 +69,7 @@ def model_from_config(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 TASK = Task(
-    use_case="cardiac", strategy="fedadam", metrics=METRICS,
+    use_case="cardiac", strategy="fedadam", strategies=FEDOPT, metrics=METRICS,
     lower_is_better=frozenset({"brier_death_360d", "brier_readmit_360d"}),
     labels={"c_death": "C-index of death by 1 year",
             "auc_cicu_gt7": "AUROC of a CICU stay > 7 days",

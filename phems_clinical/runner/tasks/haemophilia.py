@@ -22,7 +22,11 @@ from phems_clinical.federation.pk_sites import (
     n_occasions_all,
     pad_sites,
 )
-from phems_clinical.federation.registry import build_algorithm, estimates_table
+from phems_clinical.federation.registry import (
+    ALGORITHMS,
+    build_algorithm,
+    estimates_table,
+)
 from phems_clinical.pk.packing import build_packer
 from phems_clinical.pk.spec import PopModel, parse_model
 from phems_clinical.runner.tasks import Fitted, Problem, Task
@@ -106,7 +110,8 @@ def model_from_config(spec: Mapping[str, Any]) -> PopModel:
 
 
 TASK = Task(
-    use_case="haemophilia", strategy="fed_focei", metrics=METRICS,
+    use_case="haemophilia", strategy="fed_focei", strategies=ALGORITHMS,
+    metrics=METRICS,
     lower_is_better=frozenset({"mdape"}),
     labels={"mdape": "forecast MDAPE (%)", "mpe": "forecast median bias (%)",
             "within20": "share of patients forecast within 20 %"},

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from phems_clinical.evaluation import sepsis_eval as se
-from phems_clinical.federation.registry import build_fedopt
+from phems_clinical.federation.registry import FEDOPT, build_fedopt
 from phems_clinical.federation.strategies import Examples, objective_from_loss
 from phems_clinical.models import sepsis as sm
 from phems_clinical.models.scores import sepsis_onset
@@ -111,7 +111,7 @@ def model_from_config(spec: Mapping[str, Any]) -> SepsisModel:
 
 
 TASK = Task(
-    use_case="picu", strategy="fedadam", metrics=METRICS,
+    use_case="picu", strategy="fedadam", strategies=FEDOPT, metrics=METRICS,
     lower_is_better=frozenset({"brier"}),
     labels={"auroc": "AUROC of sepsis onset within 6 h", "auprc": "AUPRC",
             "utility": "CinC 2019 normalised utility", "brier": "Brier score",
