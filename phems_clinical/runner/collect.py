@@ -1,7 +1,8 @@
 """A multirun's runs in one Dataset: ``phems run -m seed=0,1,2 federation.dp.
-epsilon=1,4,16`` ends by writing ``<sweep dir>/results.nc`` and
-``<sweep dir>/summary.csv`` (Hydra callback :class:`CollectSweep`, configured in
-``configs/config.yaml``; also ``python -m phems_clinical.runner.collect DIR``).
+epsilon=1,4,16`` ends by writing ``results.nc``, ``summary.csv`` and
+``sweep.png`` into the sweep directory (Hydra callback :class:`CollectSweep`,
+configured in ``configs/config.yaml``; also ``python -m phems_clinical.runner.
+collect DIR``).
 
 Each run's ``results.nc`` gains one dimension per swept setting (named after the
 override with dots as underscores, e.g. ``federation_dp_epsilon``; ``seed``
@@ -69,8 +70,44 @@ def collect(sweep_dir: str | Path) -> xr.Dataset:
                       combine_attrs="drop_conflicts")
     merged.attrs["swept"] = ", ".join(swept + ["seed"])
     merged.to_netcdf(sweep / "results.nc", engine="h5netcdf")
-    pd.DataFrame(rows).to_csv(sweep / "summary.csv", index=False)
+    summary = pd.DataFrame(rows)
+    summary.to_csv(sweep / "summary.csv", index=False)
+    sweep_figure(summary, swept, sweep / "sweep.png")
     return merged
+
+
+def sweep_figure(summary: pd.DataFrame, swept: list[str], path: Path) -> None:
+    """The headline score at the held-out hospital per swept setting (mean over
+    seeds, bars from the smallest to the largest seed's value), one bar per
+    source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    score = [c for c in summary.columns if " at " in c][0]
+    keys = swept or ["seed"]
+    label = summary[keys].astype(str).agg(", ".join, axis=1)
+    df = summary.assign(setting=label)
+    stats = df.groupby(["setting", "source"], sort=False)[score].agg(
+        ["mean", "min", "max"])
+    settings = list(dict.fromkeys(df["setting"]))
+    sources = list(dict.fromkeys(df["source"]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(settings) + 2), 3.6))
+    width = 0.8 / len(sources)
+    for i, src in enumerate(sources):
+        st = stats.xs(src, level="source").reindex(settings)
+        x = np.arange(len(settings)) + i * width
+        ax.bar(x, st["mean"], width, label=src,
+               yerr=[st["mean"] - st["min"], st["max"] - st["mean"]], capsize=2)
+    ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2, settings, fontsize=7,
+                  rotation=20)
+    ax.set_xlabel(", ".join(keys), fontsize=8)
+    ax.set_ylabel(score, fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 class CollectSweep(Callback):

@@ -195,6 +195,7 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
         "headline": table.round(4).to_dict(orient="index"),
         "rounds": {s: r.rounds for s, r in run.sources.items()},
         "converged": {s: r.converged for s, r in run.sources.items()},
+        "stopped_by": {s: r.stopped_by for s, r in run.sources.items()},
         "training_privacy": {s: r.privacy or "not DP"
                              for s, r in run.sources.items()},
         "omop_load": loads, "versions": versions(), "git_revision": git_revision(),

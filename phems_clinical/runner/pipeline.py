@@ -48,14 +48,16 @@ from phems_clinical.runner.training import FederationSettings, check_settings, t
 
 class SourceRun(NamedTuple):
     """What one source gave: the model's named estimates, its scores per
-    evaluation site (``{site: {metric: value}}``), rounds, convergence and the DP
-    guarantee of training (``{}`` when not DP)."""
+    evaluation site (``{site: {metric: value}}``), rounds, convergence (the
+    strategy's stopping rule met at a finite objective), the DP guarantee of
+    training (``{}`` when not DP) and why training stopped."""
 
     estimates: dict[str, float]
     utility: dict[str, dict[str, float]]
     rounds: int
     converged: bool
     privacy: dict[str, Any]
+    stopped_by: str = ""
 
 
 class PipelineRun(NamedTuple):
@@ -193,6 +195,7 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
 
             seed = int(jax.random.randint(k_run, (), 0, 2**31 - 1))
             say(f"{label}: Flower SuperLink + {len(frames)} SuperNodes")
+            stopped = "flower run completed"
             fitted, rounds, converged = train_flower(
                 seed, frames, strategy, model, dict(federation.options),
                 (ckpt or Path(tempfile.mkdtemp(prefix="phems_flower_")))
@@ -206,14 +209,23 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
                 progress=progress, checkpoint_dir=None if ckpt is None
                 else ckpt / spec.name / "federated")
             fitted = prob.finish(run.result)
-            rounds, converged = int(run.rounds), bool(run.converged)
+            rounds = int(run.rounds)
+            ofv = float(np.asarray(run.result.get("ofv", 0.0)))
+            # a fit whose objective was never finite has not converged, whatever
+            # its stopping rule says (e.g. every trust-region step rejected)
+            converged = bool(run.converged) and np.isfinite(ofv)
+            stopped = str(run.result.get("stopped_by") or (
+                "stopping rule" if run.converged else "rounds exhausted"))
+            if not np.isfinite(ofv):
+                stopped += "; objective not finite at any step (left at its start)"
             dp = _dp_statement(run.privacy, calibration)
         utility = {s: task.evaluate(fitted, split[s][1], model) for s in train_sites}
         utility[holdout_site] = task.evaluate(fitted, sites[holdout_site], model)
-        out[spec.name] = SourceRun(fitted.estimates, utility, rounds, converged, dp)
+        out[spec.name] = SourceRun(fitted.estimates, utility, rounds, converged, dp,
+                                   stopped)
         if ckpt is not None:
             _save_source(out[spec.name], ckpt / spec.name)
         head = task.metrics[0]
-        say(f"{spec.name}: {rounds} rounds; {task.labels[head]} at {holdout_site} "
-            f"{utility[holdout_site][head]:.3g}")
+        say(f"{spec.name}: {rounds} rounds ({stopped}); {task.labels[head]} at "
+            f"{holdout_site} {utility[holdout_site][head]:.3g}")
     return PipelineRun(out, cards, train_sites, holdout_site)

@@ -53,8 +53,9 @@ the scorecard below.</p>
 <table class="training"><thead><tr><th></th>
 {% for s in sources %}<th>{{ s }}</th>{% endfor %}</tr></thead><tbody>
 <tr><td>rounds</td>{% for t in training %}<td>{{ t.rounds }}</td>{% endfor %}</tr>
-<tr><td>converged</td>{% for t in training %}<td>{{ t.converged }}</td>{% endfor %}
-</tr><tr><td>training DP (&epsilon;, &delta;), unit</td>{% for t in training %}
+<tr><td>converged</td>{% for t in training %}<td>{{ t.converged }}</td>
+{% endfor %}</tr><tr><td>stopped by</td>{% for t in training %}<td>{{ t.stopped_by }}</td>
+{% endfor %}</tr><tr><td>training DP (&epsilon;, &delta;), unit</td>{% for t in training %}
 <td class="train-dp" data-source="{{ t.name }}">{{ t.dp }}</td>{% endfor %}</tr>
 </tbody></table>
 <p class="caption">The tables below put the sources side by side: utility at the
@@ -164,6 +165,8 @@ def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
     png = utility_figure(ds, task)
     training = [{"name": s, "rounds": int(run.rounds.sel(source=s)),
                  "converged": "yes" if bool(run.converged.sel(source=s)) else "no",
+                 "stopped_by": str(run.stopped_by.sel(source=s).item())
+                 if "stopped_by" in run.coords else "",
                  "dp": _dp_text(float(run.train_epsilon.sel(source=s)),
                                 float(run.train_delta.sel(source=s)))}
                 for s in sources]

@@ -18,7 +18,8 @@ variable           dims                                        meaning
 
 Coordinates: ``site_role`` (``held-out patients`` or ``held-out hospital``) on
 ``site``; per ``source`` its ``kind``, ``method``, data ``epsilon`` (the source's
-own DP, e.g. MST; NaN: not DP). A multirun stacks runs along
+own DP, e.g. MST; NaN: not DP) and ``stopped_by`` (why training
+stopped). A multirun stacks runs along
 ``seed`` or along the swept settings (:mod:`phems_clinical.runner.collect`).
 """
 
@@ -83,7 +84,9 @@ def to_dataset(run: PipelineRun, task: Task, sources: Sequence[SourceSpec], *,
                               + ["held-out hospital"]),
                 "kind": ("source", [spec[s].kind for s in names]),
                 "method": ("source", [spec[s].method for s in names]),
-                "epsilon": ("source", data_eps)})
+                "epsilon": ("source", data_eps),
+                "stopped_by": ("source", [run.sources[s].stopped_by
+                                          for s in names])})
     ds["utility"].attrs["labels"] = "; ".join(f"{m}: {task.labels[m]}"
                                               for m in metrics)
     return ds.expand_dims(seed=[int(seed)])
