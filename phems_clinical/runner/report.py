@@ -54,8 +54,10 @@ the scorecard below.</p>
 {% for s in sources %}<th>{{ s }}</th>{% endfor %}</tr></thead><tbody>
 <tr><td>rounds</td>{% for t in training %}<td>{{ t.rounds }}</td>{% endfor %}</tr>
 <tr><td>converged</td>{% for t in training %}<td>{{ t.converged }}</td>
-{% endfor %}</tr><tr><td>stopped by</td>{% for t in training %}<td>{{ t.stopped_by }}</td>
-{% endfor %}</tr><tr><td>training DP (&epsilon;, &delta;), unit</td>{% for t in training %}
+{% endfor %}</tr>
+<tr><td>stopped by</td>{% for t in training %}<td>{{ t.stopped_by }}</td>
+{% endfor %}</tr>
+<tr><td>training DP (&epsilon;, &delta;), unit</td>{% for t in training %}
 <td class="train-dp" data-source="{{ t.name }}">{{ t.dp }}</td>{% endfor %}</tr>
 </tbody></table>
 <p class="caption">The tables below put the sources side by side: utility at the
