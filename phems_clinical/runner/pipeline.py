@@ -213,7 +213,7 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
             ofv = float(np.asarray(run.result.get("ofv", 0.0)))
             # a fit whose objective was never finite has not converged, whatever
             # its stopping rule says (e.g. every trust-region step rejected)
-            converged = bool(run.converged) and np.isfinite(ofv)
+            converged = bool(run.converged and np.isfinite(ofv))
             stopped = str(run.result.get("stopped_by") or (
                 "stopping rule" if run.converged else "rounds exhausted"))
             if not np.isfinite(ofv):
