@@ -59,11 +59,15 @@ def collect(sweep_dir: str | Path) -> xr.Dataset:
         for s in ds.source.values:
             rows.append({"run": job.name, **{k: o.get(k) for k in keys},
                          "source": s, "seed": int(ds.seed.values[0]),
-                         f"{head} at {held}": float(ds.utility.isel(seed=0).sel(
-                             source=s, site=held, utility_metric=head)),
+                         "held_out_hospital": str(held),
+                         f"{head} at the held-out hospital": float(
+                             ds.utility.isel(seed=0).sel(
+                                 source=s, site=held, utility_metric=head)),
                          "train_epsilon": float(ds.train_epsilon.isel(seed=0)
                                                 .sel(source=s))})
-        ds = ds.expand_dims({k.replace(".", "_"): [o.get(k)] for k in swept})
+        # a site's role (held-out hospital or not) can change with the setting
+        ds = ds.reset_coords("site_role").expand_dims(
+            {k.replace(".", "_"): [o.get(k)] for k in swept})
         ds.attrs = {k: v for k, v in ds.attrs.items() if k != "holdout_site"}
         parts.append(ds)
     merged = xr.merge(parts, join="outer", compat="no_conflicts",
@@ -85,7 +89,7 @@ def sweep_figure(summary: pd.DataFrame, swept: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    score = [c for c in summary.columns if " at " in c][0]
+    score = [c for c in summary.columns if c.endswith("held-out hospital")][0]
     keys = swept or ["seed"]
     label = summary[keys].astype(str).agg(", ".join, axis=1)
     df = summary.assign(setting=label)
