@@ -120,7 +120,8 @@ def _numeric_values(s: pd.Series, kind: str) -> np.ndarray:
         ns = s.astype("datetime64[ns]").to_numpy().view("int64")
         out = ns.astype(np.float64)
     else:
-        out = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        # a copy: pandas 3 (copy-on-write) hands out read-only views
+        out = s.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
     out[miss] = np.nan
     return out
 
