@@ -27,6 +27,7 @@ from phems_clinical.federation.registry import (
     build_algorithm,
     estimates_table,
 )
+from phems_clinical.pk.model import PopParams
 from phems_clinical.pk.packing import build_packer
 from phems_clinical.pk.spec import PopModel, parse_model
 from phems_clinical.runner.tasks import Fitted, Problem, Task
@@ -102,6 +103,9 @@ def train_flower(key_seed: int, frames: Sequence[pd.DataFrame], strategy: str,
     res = run_loopback(dirs, folder / "flower", settings=settings)
     result = {k: (np.asarray(v) if isinstance(v, list) else v)
               for k, v in res["result"].items()}
+    if isinstance(result.get("params"), dict):  # PopParams, as JSON
+        result["params"] = PopParams(**{k: np.asarray(v, float)
+                                        for k, v in result["params"].items()})
     return _finish(model)(result), int(res["rounds"]), bool(res["converged"])
 
 
