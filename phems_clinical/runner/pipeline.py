@@ -214,8 +214,8 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
             # a fit whose objective was never finite has not converged, whatever
             # its stopping rule says (e.g. every trust-region step rejected)
             converged = bool(run.converged and np.isfinite(ofv))
-            stopped = str(run.result.get("stopped_by") or (
-                "stopping rule" if run.converged else "rounds exhausted"))
+            stopped = (str(run.result.get("stopped_by") or "stopping rule")
+                       if run.converged else "rounds exhausted")
             if not np.isfinite(ofv):
                 stopped += "; objective not finite at any step (left at its start)"
             dp = _dp_statement(run.privacy, calibration)
