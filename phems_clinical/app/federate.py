@@ -30,13 +30,11 @@ from phems_clinical.federation.pk_sites import (
     pooled,
 )
 from phems_clinical.federation.registry import build_algorithm, estimates_table
-from phems_clinical.federation.secagg import SecAggConfig
-from phems_clinical.federation.secure import secagg_aggregator
+from phems_clinical.federation.secure import (
+    default_secagg_config,
+    secagg_aggregator,
+)
 from phems_clinical.provenance import code_state, versions
-
-SECAGG_DEFAULT = {"clip": 1e6, "bits": 48}
-"""Payload range and quantisation of ``--secagg``: FOCEI objectives and gradients
-stay far inside +-1e6; the per-coordinate error is below K * 7e-9."""
 
 
 def site_gates(policy_dir: Path, sites: list[str], requester: str,
@@ -109,9 +107,7 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
     log: list = []
     aggregator = cfg = None
     if secagg:
-        # Shamir threshold: one site may drop out (or min_sites, when given)
-        threshold = max(1, len(sites) - 1) if min_sites is None else min_sites
-        cfg = SecAggConfig(threshold=threshold, **SECAGG_DEFAULT)
+        cfg = default_secagg_config(len(sites), min_sites)
         aggregator = secagg_aggregator(cfg, log)
     fields: set[str] = set()
 

@@ -34,6 +34,19 @@ class SecAggRound(NamedTuple):
     seconds: float
 
 
+FOCEI_SECAGG = {"clip": 1e6, "bits": 48}
+"""Payload range and quantisation for objectives and gradients: they stay far
+inside +-1e6; the per-coordinate error is below K * 7e-9."""
+
+
+def default_secagg_config(n_sites: int, min_sites: int | None = None
+                          ) -> SecAggConfig:
+    """:data:`FOCEI_SECAGG` with the Shamir threshold that lets one site drop out
+    (or ``min_sites``, when given)."""
+    threshold = max(1, n_sites - 1) if min_sites is None else int(min_sites)
+    return SecAggConfig(threshold=threshold, **FOCEI_SECAGG)
+
+
 def secagg_aggregator(cfg: SecAggConfig, log: list | None = None):
     """An engine aggregator that sums payloads with SecAgg under ``cfg``.
 

@@ -28,13 +28,12 @@ from phems_clinical.federation.core import Algorithm, site_size
 from phems_clinical.federation.dp import calibrate_noise_multiplier
 from phems_clinical.federation.engine import FederatedRun, run_federated
 from phems_clinical.federation.registry import FEDOPT
-from phems_clinical.federation.secagg import SecAggConfig
-from phems_clinical.federation.secure import secagg_aggregator
+from phems_clinical.federation.secure import (
+    default_secagg_config,
+    secagg_aggregator,
+)
 
 ENGINES = ("inprocess", "pooled", "flower")
-SECAGG = {"clip": 1e6, "bits": 48}
-"""Payload range and quantisation under secure aggregation (as ``phems federate
---secagg``): objectives and gradients stay far inside +-1e6."""
 
 
 class DPTarget(NamedTuple):
@@ -135,9 +134,8 @@ def train(key, build: Callable[[dict], Algorithm], sites: Sequence[Any],
                           [site_size(s) for s in sites])
     aggregator = None
     if fed.secagg:
-        # Shamir threshold: one site may drop out (or min_sites, when given)
-        threshold = fed.min_sites or max(1, len(sites) - 1)
-        aggregator = secagg_aggregator(SecAggConfig(threshold=threshold, **SECAGG))
+        aggregator = secagg_aggregator(default_secagg_config(len(sites),
+                                                             fed.min_sites))
     n = len(sites)
 
     def on_round(rec, server):
