@@ -1,10 +1,10 @@
 """PICU: federated sepsis early warning (Phoenix sepsis onset within 6 h).
 
-Each site builds its stays' hourly features (:mod:`phems_clinical.models.
-sepsis_features`); the standardisation is the training sites' summed
-:class:`~phems_clinical.models.sepsis_features.FeatureStats`; FedAdam (default)
-minimises the hour-weighted logistic loss of :func:`phems_clinical.models.sepsis.
-make_loss`; the alarm threshold maximises the pooled CinC 2019 utility on the
+Each site builds its stays' hourly features and the standardisation is the
+training sites' summed :class:`~phems_clinical.models.sepsis_features.
+FeatureStats` (:func:`phems_clinical.evaluation.sepsis_eval.prepare_sites`);
+FedAdam (default) minimises the hour-weighted logistic loss of
+:func:`phems_clinical.models.sepsis.make_loss`; the alarm threshold maximises the pooled CinC 2019 utility on the
 training data, as :func:`phems_clinical.evaluation.sepsis_eval.
 cross_site_evaluation` does. Scores on real held-out stays: AUROC, AUPRC,
 normalised utility (Reyna et al., Crit Care Med 2020;48:210), Brier score,
@@ -21,10 +21,10 @@ import pandas as pd
 
 from phems_clinical.evaluation import sepsis_eval as se
 from phems_clinical.federation.registry import FEDOPT, build_fedopt
-from phems_clinical.federation.strategies import Examples, objective_from_loss
+from phems_clinical.federation.strategies import objective_from_loss
 from phems_clinical.models import sepsis as sm
 from phems_clinical.models.scores import sepsis_onset
-from phems_clinical.models.sepsis_features import build_site, feature_stats
+from phems_clinical.models.sepsis_features import build_site
 from phems_clinical.runner.tasks import Fitted, Problem, Task
 
 METRICS = ("auroc", "auprc", "utility", "brier", "calibration_slope")
@@ -54,15 +54,16 @@ def _examples(hourly: pd.DataFrame, model: SepsisModel):
 
 def problem(key, frames: Sequence[pd.DataFrame], strategy: str, model: SepsisModel
             ) -> Problem:
-    tensors = [_examples(h, model) for h in frames]
-    stats = sum((feature_stats(t) for t in tensors[1:]), feature_stats(tensors[0]))
-    examples = [sm.to_examples(t, stats) for t in tensors]
-    padded = [Examples(e.data, e.mask) for e in sm.pad_examples(examples)]
+    named = {f"site_{k}": h for k, h in enumerate(frames)}
+    sites = se.prepare_sites(named, {n: sepsis_onset(h) for n, h in named.items()},
+                             held_out=[], model=model.architecture,
+                             horizon_h=model.horizon_h, max_hours=model.max_hours)
+    examples = [sites.test[n] for n in sites.train_names]
     used = sum(float(np.sum(e.data["w"])) for e in examples)
     stays = sum(float(np.sum(e.mask)) for e in examples)
     prev = sum(float(np.sum(e.data["y"] * e.data["w"])) for e in examples) / used
-    x0, unravel = sm.init_params(key, int(examples[0].data["x"].shape[-1]),
-                                 model.architecture, prior=min(max(prev, 1e-3), 0.5))
+    x0, unravel = sm.init_params(key, sites.n_features, model.architecture,
+                                 prior=min(max(prev, 1e-3), 0.5))
     loss = sm.make_loss(unravel, l2=model.l2, hours_norm=used / stays)
     objective = objective_from_loss(loss)
 
@@ -81,12 +82,12 @@ def problem(key, frames: Sequence[pd.DataFrame], strategy: str, model: SepsisMod
         x = result["x"]
         probs = [np.asarray(predict(x, e)) for e in examples]
         thr, u = se.choose_threshold(probs, examples)
-        return Fitted(Trained(x, predict, stats, thr),
+        return Fitted(Trained(x, predict, sites.stats, thr),
                       {"threshold": thr, "train_utility": u,
                        "intercept": float(unravel(x)["b"]) if model.architecture
                        == sm.LOGISTIC else float("nan")})
 
-    return Problem(build, padded, finish)
+    return Problem(build, sites.train, finish)
 
 
 def evaluate(fitted: Fitted, test: pd.DataFrame, model: SepsisModel
