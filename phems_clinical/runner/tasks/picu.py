@@ -4,11 +4,11 @@ Each site builds its stays' hourly features and the standardisation is the
 training sites' summed :class:`~phems_clinical.models.sepsis_features.
 FeatureStats` (:func:`phems_clinical.evaluation.sepsis_eval.prepare_sites`);
 FedAdam (default) minimises the hour-weighted logistic loss of
-:func:`phems_clinical.models.sepsis.make_loss`; the alarm threshold maximises the pooled CinC 2019 utility on the
-training data, as :func:`phems_clinical.evaluation.sepsis_eval.
-cross_site_evaluation` does. Scores on real held-out stays: AUROC, AUPRC,
-normalised utility (Reyna et al., Crit Care Med 2020;48:210), Brier score,
-calibration slope.
+:func:`phems_clinical.models.sepsis.make_loss`; the alarm threshold maximises
+the pooled CinC 2019 utility on the training data, as
+:func:`phems_clinical.evaluation.sepsis_eval.cross_site_evaluation` does.
+Scores on real held-out stays: AUROC, AUPRC, normalised utility (Reyna et al.,
+Crit Care Med 2020;48:210), Brier score, calibration slope.
 """
 
 from __future__ import annotations
