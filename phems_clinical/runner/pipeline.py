@@ -142,9 +142,19 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     say = progress or (lambda m: None)
 
+    # what an interrupted run finished: those sources need no derivation again
+    # once every site's scorecard is saved as well
+    finished = {spec.name: None if ckpt is None else _load_source(ckpt / spec.name)
+                for spec in sources}
+    card_path = {s: None if ckpt is None else ckpt / "scorecards" / f"{s}.nc"
+                 for s in train_sites}
+    cards_saved = all(p is not None and p.exists() for p in card_path.values())
+
     # 1. every source at every site, before any training
     derived = {}
     for j, spec in enumerate(sources):
+        if finished[spec.name] is not None and cards_saved:
+            continue
         derived[spec.name] = {
             s: derive(jax.random.fold_in(jax.random.fold_in(k_derive, j), i),
                       use_case, split[s][0], spec,
@@ -160,7 +170,7 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
     # 2. one scorecard per training site, every source side by side
     cards = {}
     for i, s in enumerate(train_sites):
-        path = None if ckpt is None else ckpt / "scorecards" / f"{s}.nc"
+        path = card_path[s]
         if path is not None and path.exists():
             cards[s] = xr.open_dataset(path, engine="h5netcdf").load()
             continue
@@ -179,7 +189,7 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
     # 3-4. train on each source, evaluate on real data
     out: dict[str, SourceRun] = {}
     for j, spec in enumerate(sources):
-        done = None if ckpt is None else _load_source(ckpt / spec.name)
+        done = finished[spec.name]
         if done is not None:
             out[spec.name] = done
             say(f"{spec.name}: finished in an earlier run ({ckpt / spec.name})")

@@ -111,4 +111,7 @@ def test_interrupted_run_resumes_to_the_same_results(setup, result, tmp_path):
     again = []
     run, ds = _run(setup, progress=again.append, checkpoint_dir=tmp_path)
     assert any(m.startswith("real: finished in an earlier run") for m in again)
+    # a finished source is not derived again (its scorecards are saved)
+    assert not any(m.startswith("derived real") for m in again)
+    assert any(m.startswith("derived anonymised") for m in again)
     xr.testing.assert_identical(ds, result[1])
