@@ -115,3 +115,27 @@ def test_interrupted_run_resumes_to_the_same_results(setup, result, tmp_path):
     assert not any(m.startswith("derived real") for m in again)
     assert any(m.startswith("derived anonymised") for m in again)
     xr.testing.assert_identical(ds, result[1])
+
+
+def test_report_scorecard_takes_the_worst_site_and_the_held_out_hospital(result):
+    """report.html's scorecard: privacy at the worst training site (largest risk,
+    smallest k), fidelity averaged, utility at the held-out hospital, all read back
+    from the per-site scorecards and results.nc."""
+    from phems_clinical.runner.report import combined_scorecard
+
+    run, ds = result
+    card = combined_scorecard(ds, run.scorecards, "haemophilia", 7)
+    per_site = [c["value"].sel(source="anonymised") for c in run.scorecards.values()]
+
+    def at(name):
+        return float(card["value"].sel(source="anonymised", metric=name))
+
+    risk = [float(v.sel(metric="singling_out_risk")) for v in per_site]
+    k = [float(v.sel(metric="k_anonymity")) for v in per_site]
+    shapes = [float(v.sel(metric="column_shapes")) for v in per_site]
+    assert at("singling_out_risk") == pytest.approx(max(risk))
+    assert at("k_anonymity") == pytest.approx(min(k))
+    assert at("column_shapes") == pytest.approx(np.mean(shapes))
+    mdape = float(ds.utility.isel(seed=0).sel(source="anonymised", site="H3",
+                                              utility_metric="mdape"))
+    assert at("forecast_mdape") == pytest.approx(mdape / 100)
