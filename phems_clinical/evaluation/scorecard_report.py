@@ -70,7 +70,8 @@ def _num(v: float, ci_low: float = math.nan, ci_high: float = math.nan) -> str:
     return s
 
 
-def _dp_text(eps: float, delta: float) -> str:
+def dp_text(eps: float, delta: float) -> str:
+    """``"ε = 1, δ = 1e-06"``, or ``"not DP"`` when ``eps`` is NaN."""
     if math.isnan(eps):
         return "not DP"
     s = f"\u03b5 = {eps:g}"
@@ -255,7 +256,7 @@ def render_scorecard_html(ds: xr.Dataset, *, title: str = "Data-source scorecard
             "name": name, "kind": str(ds["kind"].values[i]),
             "generator": str(ds["generator"].values[i]),
             "n_rows": "" if math.isnan(n) else _num(n),
-            "dp": _dp_text(float(ds["epsilon"].values[i]),
+            "dp": dp_text(float(ds["epsilon"].values[i]),
                            float(ds["delta"].values[i])),
             "unit": str(ds["unit"].values[i]),
         })

@@ -22,6 +22,8 @@ import xarray as xr
 import yaml
 from hydra.experimental.callback import Callback
 
+from phems_clinical.runner.results import held_out_site
+
 
 def _value(text: str) -> Any:
     v = yaml.safe_load(text)
@@ -52,9 +54,8 @@ def collect(sweep_dir: str | Path) -> xr.Dataset:
     parts, rows = [], []
     for job, o in zip(jobs, overrides, strict=True):
         ds = xr.open_dataset(job / "results.nc", engine="h5netcdf").load()
-        for v in ("converged",):
-            ds[v] = ds[v].astype(float)
-        held = ds.site.values[ds.site_role.values == "held-out hospital"][0]
+        ds["converged"] = ds["converged"].astype(float)  # NaN where a run lacks it
+        held = held_out_site(ds)
         head = ds.utility_metric.values[0]
         for s in ds.source.values:
             rows.append({"run": job.name, **{k: o.get(k) for k in keys},

@@ -88,17 +88,19 @@ def _settings(cfg: DictConfig):
 
 def _setup_lines(cfg: DictConfig, task, model_name: str, fed, sites: dict,
                  holdout: str, train_sites: list[str]) -> list[str]:
-    size = {"haemophilia": "patients", "picu": "ICU stays", "cardiac": "episodes"}
+    from phems_clinical.evaluation.sources import PROFILE_UNIT
+
+    unit = f"{PROFILE_UNIT[task.use_case]}s"
     strategy = fed.strategy or task.strategy
     dp = ("off" if fed.dp is None else
           f"patient-level DP-SGD at each site, target ε = {fed.dp.epsilon:g}")
     return [
         f"Use case {task.use_case}; model {model_name}; seed {cfg.seed}.",
         f"{len(train_sites)} training hospitals ("
-        + ", ".join(f"{s}: {sites[s]} {size[task.use_case]}" for s in train_sites)
+        + ", ".join(f"{s}: {sites[s]} {unit}" for s in train_sites)
         + f"); each keeps {cfg.data.test_fraction:.0%} of its patients out of "
           f"training to score the models.",
-        f"Held-out hospital {holdout} ({sites[holdout]} {size[task.use_case]}) takes "
+        f"Held-out hospital {holdout} ({sites[holdout]} {unit}) takes "
         f"no part in training.",
         "Sources: " + "; ".join(
             f"{n} ({s.kind}" + (f", {s.method}" if s.method not in ("default",
@@ -129,9 +131,7 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
     # everything checkable before data are touched
     task = get_task(cfg.use_case)
     model = task.model_from_config(OmegaConf.to_container(cfg.model, resolve=True))
-    model_name = getattr(model, "name", None) or (
-        getattr(model, "architecture", None) and f"sepsis {model.architecture}"
-        or "multi-state pathways")
+    model_name = task.model_label(model)
     fed = _settings(cfg)
     check_settings(fed, fed.strategy or task.strategy, task.strategies,
                    task.use_case)
@@ -167,15 +167,14 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
         checkpoint_dir=out / "checkpoints")
     ds = to_dataset(run, task, sources, seed=int(cfg.seed))
     ds.attrs.update({"experiment": cfg.experiment_name, "use_case": task.use_case,
-                     "model": str(model_name), "holdout_site": holdout,
+                     "model": model_name, "holdout_site": holdout,
                      "engine": fed.engine,
                      "strategy": fed.strategy or task.strategy,
                      "git_revision": git_revision() or ""})
     ds.to_netcdf(out / "results.nc", engine="h5netcdf")
     (out / "utility.png").write_bytes(utility_figure(ds, task))
-    pid = {"haemophilia": "ID", "picu": "stay_id", "cardiac": "episode_id"}
-    n = {s: int(d[pid[task.use_case]].nunique()) for s, d in sites.items()}
-    setup = _setup_lines(cfg, task, str(model_name), fed, n, holdout, run.train_sites)
+    n = {s: int(d[task.id_columns[0]].nunique()) for s, d in sites.items()}
+    setup = _setup_lines(cfg, task, model_name, fed, n, holdout, run.train_sites)
     write_report(ds, run.scorecards, task, setup, out / "report.html",
                  title=f"{cfg.experiment_name}: real, anonymised and synthetic data "
                        f"side by side")
@@ -186,7 +185,7 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
     table = ds["utility"].isel(seed=0).sel(utility_metric=head).to_pandas()
     result = {
         "experiment": cfg.experiment_name, "seed": int(cfg.seed),
-        "use_case": task.use_case, "model": str(model_name),
+        "use_case": task.use_case, "model": model_name,
         "strategy": fed.strategy or task.strategy, "engine": fed.engine,
         "secagg": fed.secagg, "holdout_site": holdout,
         "training_sites": run.train_sites, "sites": n,

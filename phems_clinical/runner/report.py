@@ -28,7 +28,11 @@ import numpy as np
 import xarray as xr
 
 from phems_clinical.evaluation.scorecard import build_scorecard, utility_scores
-from phems_clinical.evaluation.scorecard_report import render_scorecard_html
+from phems_clinical.evaluation.scorecard_report import (
+    dp_text,
+    render_scorecard_html,
+)
+from phems_clinical.runner.results import held_out_site
 from phems_clinical.runner.tasks import Task
 
 _FRAGMENT = """
@@ -83,8 +87,7 @@ def combined_scorecard(ds: xr.Dataset, cards: Mapping[str, xr.Dataset],
     groups = dict(zip(first.metric.values.tolist(), first.group.values.tolist(),
                       strict=True))
     run = ds.isel(seed=0)
-    held = [s for s, r in zip(run.site.values, run.site_role.values, strict=True)
-            if r == "held-out hospital"][0]
+    held = held_out_site(run)
     scores: dict[str, dict[str, Any]] = {}
     meta: dict[str, dict[str, Any]] = {}
     stacked = xr.concat([c["value"] for c in cards.values()], dim="training_site")
@@ -145,10 +148,9 @@ def utility_figure(ds: xr.Dataset, task: Task) -> bytes:
     return buf.getvalue()
 
 
-def _dp_text(eps: float, delta: float) -> str:
-    if not math.isfinite(eps):
-        return "not DP"
-    return f"ε = {eps:.3g}, δ = {delta:.2g}; unit: patient"
+def _training_dp(eps: float, delta: float) -> str:
+    text = dp_text(eps, delta)
+    return text if text == "not DP" else f"{text}; unit: one patient"
 
 
 def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
@@ -169,8 +171,8 @@ def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
                  "converged": "yes" if bool(run.converged.sel(source=s)) else "no",
                  "stopped_by": str(run.stopped_by.sel(source=s).item())
                  if "stopped_by" in run.coords else "",
-                 "dp": _dp_text(float(run.train_epsilon.sel(source=s)),
-                                float(run.train_delta.sel(source=s)))}
+                 "dp": _training_dp(float(run.train_epsilon.sel(source=s)),
+                                    float(run.train_delta.sel(source=s)))}
                 for s in sources]
     fragment = _ENV.from_string(_FRAGMENT).render(
         setup=setup, sources=sources, headline=head, utility_rows=rows,

@@ -35,6 +35,12 @@ from phems_clinical.runner.pipeline import PipelineRun
 from phems_clinical.runner.tasks import Task
 
 
+def held_out_site(ds: xr.Dataset) -> str:
+    """The site of ``ds`` whose ``site_role`` is ``held-out hospital``."""
+    roles = np.asarray(ds["site_role"].values)
+    return str(np.asarray(ds["site"].values)[roles == "held-out hospital"][0])
+
+
 def _union(lists) -> list[str]:
     out: list[str] = []
     for items in lists:

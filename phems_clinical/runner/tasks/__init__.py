@@ -48,7 +48,9 @@ class Task(NamedTuple):
     strategy : the default federated strategy; strategies : those offered;
     metrics : evaluation metrics kept in ``results.nc`` (the first is the headline
         of figures and captions); lower_is_better : the metrics where lower is
-        better; id_columns : made unique when sites' tables are stacked.
+        better; id_columns : made unique when sites' tables are stacked (the first is
+    the unit a site counts: patient, stay, episode); model_label : a model's name
+    for reports.
     """
 
     use_case: str
@@ -59,6 +61,7 @@ class Task(NamedTuple):
     labels: Mapping[str, str]
     id_columns: tuple[str, ...]
     model_from_config: Callable[[Mapping[str, Any]], Any]
+    model_label: Callable[[Any], str]
     problem: Callable[..., Problem]
     evaluate: Callable[[Fitted, pd.DataFrame, Any], dict[str, float]]
 

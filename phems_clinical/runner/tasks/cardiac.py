@@ -76,4 +76,5 @@ TASK = Task(
             "brier_death_360d": "Brier score of death by 1 year",
             "brier_readmit_360d": "Brier score of readmission by 1 year"},
     id_columns=("episode_id", "person_id"), model_from_config=model_from_config,
+    model_label=lambda m: "multi-state pathways",
     problem=problem, evaluate=evaluate)

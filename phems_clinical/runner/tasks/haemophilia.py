@@ -119,5 +119,6 @@ TASK = Task(
     lower_is_better=frozenset({"mdape"}),
     labels={"mdape": "forecast MDAPE (%)", "mpe": "forecast median bias (%)",
             "within20": "share of patients forecast within 20 %"},
-    id_columns=("ID",), model_from_config=model_from_config, problem=problem,
+    id_columns=("ID",), model_from_config=model_from_config,
+    model_label=lambda m: m.name, problem=problem,
     evaluate=evaluate)

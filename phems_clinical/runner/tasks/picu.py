@@ -118,4 +118,6 @@ TASK = Task(
             "utility": "CinC 2019 normalised utility", "brier": "Brier score",
             "calibration_slope": "calibration slope"},
     id_columns=("stay_id", "person_id", "visit_occurrence_id"),
-    model_from_config=model_from_config, problem=problem, evaluate=evaluate)
+    model_from_config=model_from_config,
+    model_label=lambda m: f"sepsis {m.architecture}", problem=problem,
+    evaluate=evaluate)
