@@ -17,15 +17,25 @@ A federated algorithm is an :class:`Algorithm`, a NamedTuple of pure functions:
 
 Weighted averages are sums too: a site sends ``n_k * delta_k`` and ``n_k``.
 
-Keys: a site's key is its own (DP noise must be secret from the server); in a
-simulation each site's key is derived from the run seed with
-:func:`site_round_key`, so the in-process engine and the Flower deployment draw
-identical numbers.
+Keys: a site's key is its own. Without patient-level DP, a simulated site's key is
+derived from the run seed (:func:`simulated_site_keys`, :func:`site_round_key`), so
+the in-process engine and the Flower deployment draw identical numbers and a seed
+reproduces a run bit for bit. With DP (``Algorithm.dp``) the noise must be secret
+from everyone who knows the seed (the server sets it, the outputs record it): a
+mechanism that is deterministic given public inputs is not DP at any epsilon. Each
+site's key then comes from its own OS CSPRNG (:func:`site_secret_key`, or in a
+deployment :func:`kept_site_secret` and :func:`derive_site_key`), is never derived
+from the run configuration and never written to any output; only a site that keeps
+its own secret can replay its noise.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import secrets
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -93,6 +103,132 @@ def simulated_site_keys(key: Key, n_sites: int) -> Key:
     return jax.random.split(jax.random.fold_in(key, 0x517E), n_sites)
 
 
+SECRET_FILE = "site-secret.key"
+"""Name of a site's kept secret in its node-local state folder (mode 0600)."""
+
+_SECRET_BYTES = 32  # 256-bit master secret of a site (HMAC-SHA256 key)
+_KEY_BYTES = 8  # threefry2x32 keys are 2 x uint32
+_KEY_INFO = b"phems_clinical/site-dp-key/v1"
+
+
+def key_from_bytes(raw: bytes) -> Key:
+    """A typed threefry2x32 JAX key made of 8 bytes (e.g. from the CSPRNG)."""
+    if len(raw) != _KEY_BYTES:
+        raise ValueError(f"key bytes: expected {_KEY_BYTES}, got {len(raw)}")
+    data = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+    return jax.random.wrap_key_data(jnp.asarray(data), impl="threefry2x32")
+
+
+def site_secret_key() -> Key:
+    """A fresh secret key for one site's private randomness (DP-SGD noise and
+    Poisson sampling), from the OS CSPRNG (``secrets.token_bytes``).
+
+    Its 64 bits are the whole key of JAX's threefry2x32 generator, and every draw
+    of the site's noise is a function of them and of nothing public, so the noise
+    cannot be regenerated from the run seed or the outputs; a blind search costs
+    about 2**63 regenerations of the site's noise per site and run. That is the
+    key size of threefry (Salmon et al., SC 2011), not a 128-bit cryptographic
+    margin: an adversary with that much compute is out of scope.
+    """
+    return key_from_bytes(secrets.token_bytes(_KEY_BYTES))
+
+
+def site_secret_keys(n_sites: int) -> Key:
+    """``(n_sites,)`` independent :func:`site_secret_key` keys (a simulation's
+    sites; keep them to replay a DP run exactly)."""
+    return jnp.stack([site_secret_key() for _ in range(int(n_sites))])
+
+
+def run_site_keys(key: Key, n_sites: int, *, private: bool,
+                  site_secrets: Key | None = None) -> Key:
+    """Each simulated site's key for a run, ``(n_sites,)``.
+
+    ``site_secrets`` (the keys the sites kept) when given; otherwise, for a run
+    with patient-level DP (``private``), fresh :func:`site_secret_key` keys that
+    nobody keeps, and without DP keys derived from the run ``key``
+    (:func:`simulated_site_keys`: the same seed, the same run).
+    """
+    if site_secrets is not None:
+        shape = getattr(site_secrets, "shape", None)
+        if not (hasattr(site_secrets, "dtype")
+                and jax.dtypes.issubdtype(site_secrets.dtype, jax.dtypes.prng_key)
+                and shape == (n_sites,)):
+            raise ValueError(f"site_secrets: expected {n_sites} typed JAX keys "
+                             f"(shape ({n_sites},), e.g. from site_secret_keys), "
+                             f"got shape {shape}")
+        return site_secrets
+    if private:
+        return site_secret_keys(n_sites)
+    return simulated_site_keys(key, n_sites)
+
+
+def kept_site_secret(folder: str | Path) -> bytes:
+    """The site's 256-bit secret kept in ``folder`` (its node-local state folder),
+    created from the OS CSPRNG at first use with file mode 0600.
+
+    Creation is atomic (written to a private temporary file, then hard-linked to
+    :data:`SECRET_FILE`, which fails if it exists), so two processes of one site
+    never hold different secrets. The secret never leaves the node: no message,
+    no result, no log carries it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SECRET_FILE
+    if not path.exists():
+        tmp = folder / f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(_SECRET_BYTES))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process of this site created it first: use theirs
+        finally:
+            tmp.unlink(missing_ok=True)
+    raw = path.read_bytes()
+    if len(raw) != _SECRET_BYTES:
+        raise ValueError(f"site secret file {SECRET_FILE}: expected {_SECRET_BYTES} "
+                         f"bytes, got {len(raw)} (refusing to use a damaged secret)")
+    return raw
+
+
+def tree_digest(*trees: Any) -> bytes:
+    """SHA-256 of pytrees of arrays (structure, shapes, dtypes, values), so that a
+    site's DP key depends on exactly what it computes on: the broadcast message,
+    its data and its state. Computed and used at the site only."""
+    h = hashlib.sha256()
+    for tree in trees:
+        leaves, treedef = jax.tree.flatten(tree)
+        h.update(repr(treedef).encode() + b"\0")
+        for leaf in leaves:
+            if jax.dtypes.issubdtype(getattr(leaf, "dtype", None),
+                                     jax.dtypes.prng_key):
+                leaf = jax.random.key_data(leaf)
+            v = np.ascontiguousarray(np.asarray(leaf))
+            h.update(f"{v.dtype.str}{v.shape}".encode() + b"\0" + v.tobytes())
+    return h.digest()
+
+
+def derive_site_key(secret: bytes, round_: int, context: bytes = b"") -> Key:
+    """The site's key for one round of a DP run: HMAC-SHA256 (RFC 2104; the
+    ``cryptography`` package) of the round and ``context`` under the site's kept
+    ``secret``, truncated to a threefry key.
+
+    Pass as ``context`` what the round computes on (:func:`tree_digest` of the
+    broadcast, the site's data and state): a repeated identical request gets the
+    identical answer (no new information), while the same round asked again with
+    anything changed (another broadcast, new patients at the site) gets
+    independent noise, never the same noise twice -- two releases with equal
+    noise would let their difference cancel it.
+    """
+    from cryptography.hazmat.primitives import hashes, hmac
+
+    mac = hmac.HMAC(secret, hashes.SHA256())
+    mac.update(_KEY_INFO + int(round_).to_bytes(8, "big") + context)
+    return key_from_bytes(mac.finalize()[:_KEY_BYTES])
+
+
 def server_round_key(key: Key, round_: int | Array) -> Key:
     """The server's key in ``round_`` (e.g. for site-level DP noise)."""
     return jax.random.fold_in(jax.random.fold_in(key, 0x5E4), round_)
@@ -143,7 +279,9 @@ def unflatten_payload(vector: np.ndarray, spec: Mapping[str, tuple]) -> Payload:
     return out
 
 
-__all__ = ["Algorithm", "Payload", "flatten_payload", "payload_to_numpy",
-           "server_round_key", "simulated_site_keys", "site_round_key", "site_size",
-           "stack_sites",
-           "sum_payloads", "unflatten_payload", "unstack_sites"]
+__all__ = ["SECRET_FILE", "Algorithm", "Payload", "derive_site_key",
+           "flatten_payload", "kept_site_secret", "key_from_bytes",
+           "payload_to_numpy", "run_site_keys", "server_round_key",
+           "simulated_site_keys", "site_round_key", "site_secret_key",
+           "site_secret_keys", "site_size", "stack_sites", "sum_payloads",
+           "tree_digest", "unflatten_payload", "unstack_sites"]

@@ -12,7 +12,9 @@ Guarantees
 * **Deterministic**: site ``k``'s key in round ``r`` is
   ``fold_in(site_key_k, r)``, the server's ``fold_in(key', r)``; nothing depends on
   wall-clock or iteration order, so the same seed gives the same result, and a run
-  resumed from a checkpoint gives the identical result.
+  resumed from a checkpoint gives the identical result. Exception by design: with
+  patient-level DP the site keys are the sites' own secrets from the OS CSPRNG
+  (``site_secrets``), so only a caller holding them reproduces the run.
 * **Population-level messages only**: every payload is checked against
   ``data_schemas/federation_message.schema.json`` and the algorithm's declared
   shapes before it is summed (:func:`phems_clinical.federation.messages.check_payload`);
@@ -43,7 +45,7 @@ from phems_clinical.federation.core import (
     Algorithm,
     Payload,
     server_round_key,
-    simulated_site_keys,
+    run_site_keys,
     site_round_key,
     site_size,
     stack_sites,
@@ -52,6 +54,7 @@ from phems_clinical.federation.core import (
 )
 from phems_clinical.federation.gate import SiteGate, admit, release, settle
 from phems_clinical.federation.messages import check_payload
+from phems_clinical.federation.site_errors import record_site_error
 
 
 class FederationAborted(RuntimeError):
@@ -185,14 +188,16 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
                   on_round: Callable[[RoundRecord, Any], None] | None = None,
                   on_message: Callable[[int, int, Payload], None] | None = None,
                   vectorise: bool = True, stop_after: int | None = None,
-                  gates: Sequence[SiteGate | None] | None = None
+                  gates: Sequence[SiteGate | None] | None = None,
+                  site_secrets: Key | None = None
                   ) -> FederatedRun:
     """Run ``algorithm`` over ``sites`` (one data pytree per hospital) in process.
 
     Parameters
     ----------
     key : PRNG key
-        The run seed; the server's and each simulated site's keys derive from it.
+        The run seed; the server's key derives from it, and so do the simulated
+        sites' keys of a run without patient-level DP (same seed, same run).
     max_rounds : int, optional
         Defaults to ``algorithm.max_rounds``; the run also stops when
         ``algorithm.done`` is true.
@@ -219,6 +224,11 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
         Each site's policy, audit log and privacy ledger
         (:mod:`phems_clinical.federation.gate`): checked before anything is
         computed, every payload logged, the privacy spent recorded at the end.
+    site_secrets : (n_sites,) typed keys, optional
+        The secret keys the sites kept (:func:`core.site_secret_keys`), to replay a
+        DP run exactly. With ``algorithm.dp`` and none given, each site draws a
+        fresh key from the OS CSPRNG that nobody keeps: DP noise is never
+        derived from the seed, and two DP runs with one seed differ by design.
 
     Raises
     ------
@@ -235,7 +245,8 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
                          f"got {min_sites}")
     max_rounds = algorithm.max_rounds if max_rounds is None else int(max_rounds)
     compiled = _compile(algorithm)
-    site_keys = simulated_site_keys(key, n_sites)
+    site_keys = run_site_keys(key, n_sites, private=algorithm.dp is not None,
+                              site_secrets=site_secrets)
     server = algorithm.init_server(key)
     states = [algorithm.init_site(s) for s in sites]
     history: list[RoundRecord] = []
@@ -347,7 +358,8 @@ def _try_round(r, compiled, algorithm, server, sites, states, data_stacked,
                 p, s, _ = compiled.local(message, sites[k], states[k], keys[k])
                 jax.block_until_ready(p)
             except Exception as err:  # a site's failure drops it from the round
-                dropped.append((k, f"failed: {type(err).__name__}: {err}"))
+                dropped.append((k, "failed: " + record_site_error(  # text: site log
+                    err, None, stage="train", context={"site": k, "round": r}).reason))
                 failed.add(k)
                 per_site.append(None)
                 new_states.append(states[k])

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from phems_clinical.federation import governance as gov
+from phems_clinical.federation.core import site_secret_keys
 from phems_clinical.federation.dp import DPConfig, PrivacyBudgetExceeded, SiteDPConfig
 from phems_clinical.federation.engine import run_federated
 from phems_clinical.federation.gate import SiteGate
@@ -93,7 +94,12 @@ def test_dp_noise_changes_result_and_reports_epsilon(logistic_sites):
                  local_steps=2, max_rounds=5, dp=cfg)
     a = run_federated(jax.random.key(1), alg, sites)
     b = run_federated(jax.random.key(1), alg, sites)
-    np.testing.assert_array_equal(np.asarray(a.server.x), np.asarray(b.server.x))
+    # DP noise comes from each site's OS CSPRNG, not the seed: same seed, new noise
+    assert not np.array_equal(np.asarray(a.server.x), np.asarray(b.server.x))
+    kept = site_secret_keys(len(sites))  # the sites' kept secrets replay the run
+    c = run_federated(jax.random.key(1), alg, sites, site_secrets=kept)
+    d = run_federated(jax.random.key(2), alg, sites, site_secrets=kept)
+    np.testing.assert_array_equal(np.asarray(c.server.x), np.asarray(d.server.x))
     assert [p["steps"] for p in a.privacy] == [10] * 4
     eps = [p["epsilon"] for p in a.privacy]
     assert all(0 < e < math.inf for e in eps) and len(set(eps)) == 1
