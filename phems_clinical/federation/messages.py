@@ -10,6 +10,11 @@ sent (Flower). It accepts a payload only when
    :attr:`~phems_clinical.federation.core.Algorithm.message_spec`, whose rank is the
    schema's ``x-shape`` (those sizes are fixed by the model, never by the number of
    patients).
+
+:func:`check_query_reply` does the same for the opening query round's reply
+(``$defs/query_reply``: the site's index and its cohort's sizes, counts only), at
+the site before it is sent and at the server on receipt. Its error texts name the
+field and what was expected, never the value received.
 """
 
 from __future__ import annotations
@@ -83,5 +88,51 @@ def check_payload(algorithm, payload: Mapping[str, Any], round_: int = 0) -> Non
                                   f"{tuple(np.shape(value))}, expected {want}")
 
 
-__all__ = ["MessageRejected", "check_payload", "declared_fields", "envelope",
-           "load_message_schema"]
+@cache
+def _query_validator() -> jsonschema.Draft202012Validator:
+    schema = load_message_schema()["$defs"]["query_reply"]
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def query_fields() -> tuple[str, ...]:
+    """The fields of a query reply, as declared in the schema."""
+    return tuple(load_message_schema()["$defs"]["query_reply"]["properties"])
+
+
+def _expected(prop: Mapping[str, Any]) -> str:
+    return f"an integer >= {prop['minimum']}"
+
+
+def check_query_reply(reply: Mapping[str, Any], num_sites: int | None = None
+                      ) -> dict[str, int]:
+    """The query reply as ``{field: int}``; raises :class:`MessageRejected` unless it
+    holds exactly the declared counts (and, with ``num_sites``, a site index in
+    ``0..num_sites - 1``). The error names the field, never the value."""
+    fields = query_fields()
+    if not isinstance(reply, Mapping):
+        raise MessageRejected("query reply: expected a record of "
+                              f"{', '.join(fields)}")
+    reply = dict(reply)
+    extra = [k for k in reply if k not in fields]
+    if extra:  # the names a site sent are not echoed
+        raise MessageRejected(f"query reply: {len(extra)} undeclared field(s); "
+                              f"expected only {', '.join(fields)}")
+    errors = sorted(_query_validator().iter_errors(reply),
+                    key=lambda e: (list(e.path), e.validator))
+    if errors:
+        e = errors[0]
+        if e.validator == "required":
+            missing = [k for k in fields if k not in reply]
+            raise MessageRejected(f"query reply: missing {', '.join(missing)}")
+        name = str(e.path[0]) if e.path else "reply"
+        prop = load_message_schema()["$defs"]["query_reply"]["properties"][name]
+        raise MessageRejected(f"query reply {name}: expected {_expected(prop)}")
+    out = {k: int(reply[k]) for k in fields}
+    if num_sites is not None and not out["site-index"] < num_sites:
+        raise MessageRejected(f"query reply site-index: expected 0..{num_sites - 1}")
+    return out
+
+
+__all__ = ["MessageRejected", "check_payload", "check_query_reply", "declared_fields",
+           "envelope", "load_message_schema", "query_fields"]
