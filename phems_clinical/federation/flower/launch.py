@@ -8,10 +8,19 @@ installed or downloaded at run time (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLAT
 and ``--disable-runtime-dependency-installation``; telemetry is off). All processes
 are stopped when the run ends, also on an error or an interrupt.
 
+Secure by default: the SuperLink serves HTTPS with a throw-away CA (SAN IP
+127.0.0.1) that the SuperNodes and ``flwr`` verify, and requires SuperNode
+authentication (each node's EC P-384 key registered with ``flwr supernode
+register``). Only ``--insecure`` (``tls=False, node_auth=False``) runs plaintext
+without authentication, for debugging. The Flower app bundle (FAB) is not
+signature-checked: Flower 1.41 verifies FABs (``flower-supernode
+--trusted-entities``) only when they carry Flower Hub verifications, which a
+self-built FAB submitted by ``flwr run`` never has (see ``docs/deployment.md``).
+
 Command line::
 
     python -m phems_clinical.federation.flower.launch --data DIR --out OUT \\
-        --rounds 3 [--simulate 24] [--tls [--node-auth]] [--seed 0] \\
+        --rounds 3 [--simulate 24] [--insecure] [--seed 0] \\
         [--product advate] [--min-sites K] [--round-timeout 300] \\
         [--job NAME [--resume]]
 
@@ -19,7 +28,8 @@ Command line::
 ``cohort.csv`` (sites are numbered in the sorted order of the sub-directories);
 ``--simulate N`` first writes three simulated hospitals with N patients in all.
 ``OUT`` receives ``result.json``, the server checkpoint, the logs of every
-process and, with ``--tls``, a throw-away CA and server certificate.
+process and (unless ``--insecure``) a throw-away CA, server certificate and the
+nodes' authentication keys.
 """
 
 from __future__ import annotations
@@ -316,9 +326,41 @@ def write_connection(flwr_home: Path, address: str, tls: TLSFiles | None) -> Pat
     return path
 
 
+def superlink_command(host: str, port: int, certs: TLSFiles | None,
+                      node_auth: bool) -> list[str]:
+    """The ``flower-superlink`` command line: HTTPS with ``certs`` (``--insecure``
+    only when ``certs`` is None), SuperNode authentication when ``node_auth``, no
+    run-time dependency installation."""
+    if node_auth and certs is None:
+        raise ValueError("node_auth: SuperNode authentication needs TLS certificates")
+    security = (["--insecure"] if certs is None else
+                ["--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile",
+                 str(certs.server_cert), "--ssl-keyfile", str(certs.server_key)])
+    return ["flower-superlink", *security, "--host", host, "--port", str(port),
+            "--disable-runtime-dependency-installation",
+            *(["--enable-supernode-auth"] if node_auth else [])]
+
+
+def supernode_command(superlink: str, host: str, port: int,
+                      node_config: Mapping[str, Any], certs: TLSFiles | None,
+                      auth_key: Path | None) -> list[str]:
+    """One hospital's ``flower-supernode`` command line: it verifies the
+    SuperLink's certificate against the CA of ``certs`` (``--insecure`` only when
+    ``certs`` is None) and authenticates with ``auth_key`` when given."""
+    if auth_key is not None and certs is None:
+        raise ValueError("auth_key: SuperNode authentication needs TLS certificates")
+    return ["flower-supernode",
+            *(["--insecure"] if certs is None else
+              ["--root-certificates", str(certs.ca_cert)]),
+            "--superlink", superlink, "--host", host, "--port", str(port),
+            "--node-config", _node_config(node_config),
+            *([] if auth_key is None else
+              ["--auth-supernode-private-key", str(auth_key)])]
+
+
 def run_loopback(sites: Sequence[Path], out: Path, *,
-                 settings: RunSettings | None = None, tls: bool = False,
-                 node_auth: bool = False,
+                 settings: RunSettings | None = None, tls: bool = True,
+                 node_auth: bool = True,
                  fail_rounds: Mapping[int, Sequence[int]] | None = None,
                  resume: bool = False, timeout: float = 1800.0,
                  env: Mapping[str, str] | None = None
@@ -338,10 +380,11 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
         ``checkpoint_dir`` default to ``out/result.json`` and ``out/checkpoint``.
     tls : bool
         Serve the SuperLink over HTTPS with a throw-away CA (SAN IP 127.0.0.1);
-        the SuperNodes and ``flwr`` verify it.
+        the SuperNodes and ``flwr`` verify it. Default True; ``tls=False`` needs
+        ``node_auth=False`` too (an explicitly insecure run).
     node_auth : bool
-        Also require SuperNode authentication (implies ``tls``): each node gets an
-        EC P-384 key, registered with ``flwr supernode register``.
+        Require SuperNode authentication (needs ``tls``): each node gets an EC
+        P-384 key, registered with ``flwr supernode register``. Default True.
     fail_rounds : mapping site -> rounds, optional
         Fault injection for tests (``fail-rounds`` in that node's config).
     resume : bool
@@ -359,7 +402,10 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     sites = [Path(s).resolve() for s in sites]
-    tls = tls or node_auth
+    if node_auth and not tls:
+        raise ValueError("node_auth: SuperNode authentication needs TLS; pass "
+                         "tls=False and node_auth=False (--insecure) for a "
+                         "plaintext run")
     settings = (settings or RunSettings())._replace(num_sites=len(sites))
     if not settings.out:
         settings = settings._replace(out=str(out / "result.json"))
@@ -381,40 +427,31 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
     certs = make_tls(out / "certs") if tls else None
     flwr_home = out / "flwr_home"
     write_connection(flwr_home, address, certs)
-    security = (["--insecure"] if certs is None else
-                ["--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile",
-                 str(certs.server_cert), "--ssl-keyfile", str(certs.server_key)])
     procs = Processes()
     timings: dict[str, float] = {}
     left: list[int] = []
     try:
-        link = procs.start("superlink", [
-            "flower-superlink", *security, "--host", host, "--port", str(port),
-            "--disable-runtime-dependency-installation",
-            *(["--enable-supernode-auth"] if node_auth else [])],
-            {**env, "FLWR_HOME": str(out / "superlink_home")}, logs / "superlink.log")
+        link = procs.start("superlink", superlink_command(host, port, certs,
+                                                          node_auth),
+                           {**env, "FLWR_HOME": str(out / "superlink_home")},
+                           logs / "superlink.log")
         _wait_port(host, port, link, 120.0, "flower-superlink",
                    logs / "superlink.log")
         timings["superlink_ready_s"] = time.perf_counter() - t0
         for k, site in enumerate(sites):
             node_env = {**env, "FLWR_HOME": str(out / "nodes" / f"site_{k}")}
-            auth = []
+            private = None
             if node_auth:
                 private, public = make_node_key(out / "keys", f"site_{k}")
                 subprocess.run(["flwr", "supernode", "register", str(public),
                                 CONNECTION], env={**env, "FLWR_HOME": str(flwr_home)},
                                check=True, capture_output=True, timeout=120)
-                auth = ["--auth-supernode-private-key", str(private)]
             config = {"site-dir": str(site), "site-index": k, "num-sites": len(sites)}
             fails = (fail_rounds or {}).get(k)
             if fails:
                 config["fail-rounds"] = ",".join(str(r) for r in fails)
-            procs.start(f"supernode-{k}", [
-                "flower-supernode",
-                *(["--insecure"] if certs is None else
-                  ["--root-certificates", str(certs.ca_cert)]),
-                "--superlink", address, "--host", host, "--port", str(node_ports[k]),
-                "--node-config", _node_config(config), *auth],
+            procs.start(f"supernode-{k}", supernode_command(
+                address, host, node_ports[k], config, certs, private),
                 node_env, logs / f"supernode_{k}.log")
         run_config = out / "run_config.toml"
         run_config.write_text("".join(f"{k} = {_toml_value(v)}\n"
@@ -489,9 +526,15 @@ def _parser() -> argparse.ArgumentParser:
                                              "state (needed to resume a run)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out (same --job)")
-    p.add_argument("--tls", action="store_true", help="HTTPS with a throw-away CA")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext HTTP and no SuperNode authentication (debugging "
+                        "only; default: HTTPS with a throw-away CA and node keys)")
+    p.add_argument("--tls", action="store_true",
+                   help="HTTPS with a throw-away CA (the default; kept for old "
+                        "command lines)")
     p.add_argument("--node-auth", action="store_true",
-                   help="SuperNode authentication (implies --tls)")
+                   help="SuperNode authentication (the default; kept for old "
+                        "command lines)")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds before everything is stopped")
     return p
@@ -500,6 +543,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; prints the result JSON."""
     args = _parser().parse_args(argv)
+    if args.insecure and (args.tls or args.node_auth):
+        print("error: --insecure contradicts --tls/--node-auth", file=sys.stderr)
+        return 2
     if args.simulate:
         import jax
 
@@ -515,9 +561,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                            rounds=args.rounds, round_timeout=args.round_timeout,
                            job=args.job, options=args.options)
     try:
-        result = run_loopback(sites, args.out, settings=settings, tls=args.tls,
-                              node_auth=args.node_auth, resume=args.resume,
-                              timeout=args.timeout)
+        result = run_loopback(sites, args.out, settings=settings,
+                              tls=not args.insecure, node_auth=not args.insecure,
+                              resume=args.resume, timeout=args.timeout)
     except (FileExistsError, RuntimeError, TimeoutError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
