@@ -11,8 +11,11 @@ Subcommands::
     phems serve [--host H --port P]   the clinician web app
     phems federate --data D.csv --model PRODUCT --algorithm fed_focei|... --out DIR
                                   a federated popPK fit over the data's hospitals
-    phems audit verify|show LOG   check or list a site's audit log of outgoing
-                                  messages (federated runs)
+    phems audit verify LOG --key KEY [--anchor SEQ:MAC] | show LOG
+                                  check or list a site's MAC'd audit log
+    phems governance keygen|sign-request|site-key
+                                  a data user's key and signed requests; a
+                                  site's audit MAC key
     phems omop simulate --use-case picu|cardiac|haemophilia --out DIR
                                   simulated hospitals as OMOP DuckDB files
     phems omop check DB           what the loaders exclude from a site's OMOP data
@@ -31,6 +34,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def _x64() -> None:
@@ -159,7 +163,10 @@ def _federate(args: argparse.Namespace) -> int:
                        min_sites=args.min_sites, checkpoint=args.checkpoint,
                        compare_pooled=args.compare_pooled,
                        policy_dir=args.site_policy_dir, requester=args.requester,
-                       experiment=args.experiment)
+                       experiment=args.experiment,
+                       request=(Path(args.request).read_text().strip()
+                                if args.request else ""),
+                       site_key_dir=args.site_key_dir)
     head = {k: res[k] for k in ("algorithm", "model", "rounds", "converged",
                                 "seconds")}
     head["sites"] = {s["name"]: s["n_patients"] for s in res["sites"]}
@@ -261,17 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--site-policy-dir", default=None,
                    help="folder with each site's policy <SITE>.yaml; audit logs and "
                         "privacy ledgers are written next to them")
-    g.add_argument("--requester", default="", help="data user id (site policies)")
-    g.add_argument("--experiment", default="", help="experiment name (site policies)")
+    g.add_argument("--requester", default="",
+                   help="data user id, optional: must match the signed --request")
+    g.add_argument("--experiment", default="",
+                   help="experiment name, optional: must match the signed --request")
+    g.add_argument("--request", default=None, metavar="FILE",
+                   help="the data user's signed request (from 'phems governance "
+                        "sign-request'); required with --site-policy-dir")
+    g.add_argument("--site-key-dir", default=None,
+                   help="folder (outside --site-policy-dir) of each site's audit "
+                        "MAC key <SITE>.key, created on first use")
     g.set_defaults(func=_federate)
 
     from phems_clinical.app.audit import add_audit_parser
     from phems_clinical.app.cardiac import add_cardiac_parser
     from phems_clinical.app.derive import add_derive_parsers
+    from phems_clinical.app.governance import add_governance_parser
     from phems_clinical.app.omop import add_omop_parser
     from phems_clinical.app.sepsis import add_sepsis_parser
 
     add_audit_parser(sub)
+    add_governance_parser(sub)
     add_omop_parser(sub)
     add_sepsis_parser(sub)
     add_cardiac_parser(sub)

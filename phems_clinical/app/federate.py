@@ -21,7 +21,7 @@ import pandas as pd
 from phems_clinical.app.fit import resolve_model
 from phems_clinical.app.omop import is_omop, model_factor, pk_events_from_omop
 from phems_clinical.federation.engine import RoundRecord, run_federated
-from phems_clinical.federation.gate import SiteGate
+from phems_clinical.federation.gate import SiteGate, head
 from phems_clinical.federation.governance import load_policy
 from phems_clinical.federation.pk_sites import (
     cohorts_by_site,
@@ -37,19 +37,27 @@ from phems_clinical.federation.secure import (
 from phems_clinical.provenance import code_state, versions
 
 
-def site_gates(policy_dir: Path, sites: list[str], requester: str,
-               experiment: str) -> list[SiteGate]:
-    """Each site's gate from ``policy_dir/<site>.yaml`` (all sites must have one)."""
-    if not requester or not experiment:
-        raise ValueError("--requester and --experiment: required with "
-                         "--site-policy-dir (site policies name who may run what)")
+def site_gates(policy_dir: Path, sites: list[str], request: str,
+               key_dir: Path | None, requester: str = "",
+               experiment: str = "") -> list[SiteGate]:
+    """Each site's gate from ``policy_dir/<site>.yaml`` (all sites must have one),
+    for the data user's signed ``request``; each site's MAC key is
+    ``key_dir/<site>.key`` (created on first use), outside ``policy_dir``."""
+    if not request:
+        raise ValueError("--request: required with --site-policy-dir (a signed "
+                         "request from 'phems governance sign-request')")
+    if key_dir is None:
+        raise ValueError("--site-key-dir: required with --site-policy-dir (a folder "
+                         "outside it for the sites' audit MAC keys)")
     missing = [s for s in sites if not (policy_dir / f"{s}.yaml").exists()]
     if missing:
         raise ValueError(f"--site-policy-dir: no policy for site(s) "
                          f"{', '.join(missing)} (expected {policy_dir}/<site>.yaml)")
     return [SiteGate(load_policy(policy_dir / f"{s}.yaml"),
                      policy_dir / f"{s}.audit.jsonl", policy_dir / f"{s}.ledger.json",
-                     requester, experiment) for s in sites]
+                     request, Path(key_dir) / f"{s}.key",
+                     policy_dir / f"{s}.admissions", "", requester, experiment)
+            for s in sites]
 
 
 def _history(records: list[RoundRecord]) -> list[dict]:
@@ -83,13 +91,16 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
                  checkpoint: str | Path | None = None,
                  compare_pooled: bool = False, progress: bool = True,
                  policy_dir: str | Path | None = None, requester: str = "",
-                 experiment: str = "") -> dict:
+                 experiment: str = "", request: str = "",
+                 site_key_dir: str | Path | None = None) -> dict:
     """Run a federated fit and write ``out/result.json``; returns its content.
 
     With ``policy_dir``, every site must have ``<policy_dir>/<site>.yaml``
     (``data_schemas/site_policy.schema.json``); the run is checked against each
-    before anything is computed, each site's outgoing messages are appended to
-    ``<site>.audit.jsonl`` and its ε spent to ``<site>.ledger.json`` there.
+    before anything is computed (``request``: the data user's signed request),
+    each site's outgoing messages are appended to ``<site>.audit.jsonl`` and its ε
+    spent per executed round to ``<site>.ledger.json`` there, both MAC'd with the
+    key ``<site_key_dir>/<site>.key``.
     """
     model = resolve_model(model_ref)
     omop_load = None
@@ -98,8 +109,9 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
     else:
         events = pd.read_csv(data)
     names, cohorts = cohorts_by_site(events, model)
-    gates = None if policy_dir is None else site_gates(Path(policy_dir), names,
-                                                       requester, experiment)
+    gates = None if policy_dir is None else site_gates(
+        Path(policy_dir), names, request,
+        None if site_key_dir is None else Path(site_key_dir), requester, experiment)
     n_occ = n_occasions_all(cohorts)
     sites = pad_sites(cohorts)
     alg = build_algorithm(algorithm, model, n_sites=len(sites), n_occ=n_occ,
@@ -140,7 +152,8 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
                 [b for r in log for b in r.bytes_per_site.values()]))},
         "privacy": run.privacy,
         "site_governance": None if gates is None else [
-            {"site": n, "audit_log": str(g.audit_log), "ledger": str(g.ledger)}
+            {"site": n, "audit_log": str(g.audit_log), "ledger": str(g.ledger),
+             "audit_head": "{}:{}".format(*head(g))}
             for n, g in zip(names, gates, strict=True)],
         "history": _history(run.history),
         "omop_load": omop_load,

@@ -52,7 +52,7 @@ from phems_clinical.federation.core import (
     sum_payloads,
     unstack_sites,
 )
-from phems_clinical.federation.gate import SiteGate, admit, release, settle
+from phems_clinical.federation.gate import SiteGate, admit, head, release, settle
 from phems_clinical.federation.messages import check_payload
 from phems_clinical.federation.site_errors import record_site_error
 
@@ -62,13 +62,16 @@ class FederationAborted(RuntimeError):
 
 
 class RoundRecord(NamedTuple):
-    """What happened in one round (kept in the results)."""
+    """What happened in one round (kept in the results); ``audit_heads`` holds,
+    for each participating site with a gate, ``(site, seq, mac)`` of its audit log
+    after the round: the coordinator's anchors (``phems audit verify --anchor``)."""
 
     round: int
     participants: tuple[int, ...]
     dropped: tuple[tuple[int, str], ...]
     attempts: int
     seconds: float
+    audit_heads: tuple[tuple[int, int, str], ...] = ()
 
 
 class FederatedRun(NamedTuple):
@@ -289,8 +292,10 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
         server, states, dropped = out
         participants = tuple(k for k in range(n_sites)
                              if k not in {d for d, _ in dropped})
+        heads = tuple((k, *head(gates[k])) for k in participants
+                      if gates[k] is not None)
         record = RoundRecord(r, participants, tuple(dropped), attempt + 1,
-                             time.perf_counter() - t0)
+                             time.perf_counter() - t0, heads)
         history.append(record)
         r += 1
         if ckpt is not None:
@@ -312,7 +317,9 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
 
 def _admit_all(algorithm, sizes, gates, max_rounds, start) -> None:
     """Every site's checks before anything is computed: its DP budget for the
-    planned rounds, then its policy."""
+    planned rounds, then its gate (signed request, policy, admission record; ε is
+    charged per executed round by ``release``, the admission closed by
+    ``settle``)."""
     planned = max_rounds - start
     if algorithm.dp is not None:
         for k, n in enumerate(sizes):
@@ -372,7 +379,8 @@ def _try_round(r, compiled, algorithm, server, sites, states, data_stacked,
     for k in alive:
         check_payload(algorithm, per_site[k], r)
         if gates[k] is not None:
-            release(gates[k], per_site[k], r)
+            release(gates[k], per_site[k], r, algorithm=algorithm,
+                    n_patients=site_size(sites[k]))
         if on_message is not None:
             on_message(r, k, per_site[k])
     payloads = {k: per_site[k] for k in alive}

@@ -8,30 +8,41 @@ A hospital (the data controller) keeps three files:
   :func:`check_request` *before any local computation*; a request that breaks the
   policy raises :class:`PolicyViolation` naming the policy field, what was
   requested and what is allowed.
-* a **privacy ledger** (JSON): the ε and δ each data user has spent at this site,
-  one record per run (:func:`record_spend`, :func:`load_spend`). Runs compose by
-  simple summation of ε and of δ (basic composition): conservative, never
-  smaller than the true (ε, δ) of the sequence of runs.
-* an **audit log** (JSON lines): one hash-chained entry per outgoing message with
-  its time, requester, recipient and a summary of what left (names, shapes, dtypes
-  and SHA-256 of the arrays, never their values) (:func:`append_entry`,
-  :func:`summarise_payload`, :func:`verify_log`).
+* a **privacy ledger** (JSON, sealed with HMAC-SHA256 under the site key): the ε
+  and δ each data user has spent at this site, one record per run holding the ε of
+  the rounds it actually executed (:func:`record_spend`, :func:`load_spend`). Runs
+  compose by simple summation of ε and of δ (basic composition): conservative,
+  never smaller than the true (ε, δ) of the sequence of runs. Unit of privacy:
+  one patient of the site.
+* an **audit log** (JSON lines): one entry per admission, outgoing message and
+  ε charge, each carrying an HMAC-SHA256 under the site key over its content and
+  the previous entry's MAC (:func:`append_entry`, :func:`verify_log`), with a
+  summary of what left (names, shapes, dtypes and SHA-256 of the arrays, never
+  their values; :func:`summarise_payload`). Every charge names the ledger
+  generation it wrote, so a deleted or rolled-back ledger is detected.
 
-The intended order at a site, for each run: ``check_request`` -> ``record_spend``
-(the budget is taken before the run starts, so a run that fails half-way has still
-spent it) -> for each round, ``check_payload`` -> ``append_entry`` -> send.
+The site key (:func:`create_site_key`, 256 bits from ``secrets``, mode 0600) is
+kept outside the folder of the log and the ledger. Requests are signed by the data
+user with Ed25519 (RFC 8032; :func:`sign_request`, :func:`verify_request`) against
+the public key the policy lists for it: a requester is an authenticated key, not a
+string in a run config. The per-run enforcement (admission, every round, every
+charge) is in :mod:`phems_clinical.federation.gate`.
 
 This module does file I/O; it is called by the site runner, never inside a kernel.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import fnmatch
 import hashlib
+import hmac
 import json
 import math
 import os
+import re
+import secrets
 import tempfile
 from collections.abc import Mapping
 from functools import lru_cache
@@ -41,6 +52,17 @@ from typing import Any, NamedTuple
 import jsonschema
 import numpy as np
 import yaml
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 
 from phems_clinical.data.dosing_request import RequestError
 from phems_clinical.data.schema_messages import (
@@ -52,17 +74,18 @@ from phems_clinical.data.schema_messages import (
 from phems_clinical.resources import schemas_dir
 
 __all__ = [
-    "GENESIS_HASH", "AuditLogError", "DataUser", "PolicyError", "PolicyViolation",
-    "PrivacySpend", "Request", "SitePolicy", "VerifyResult", "append_entry",
-    "check_payload", "check_request", "entry_hash", "load_policy",
-    "load_policy_schema", "load_spend", "read_log", "record_spend",
-    "summarise_payload", "verify_log",
+    "GENESIS_HASH", "AuditLogError", "DataUser", "IntegrityError", "PolicyError",
+    "PolicyViolation", "PrivacySpend", "Request", "SignedRequest", "SitePolicy",
+    "VerifyResult", "append_entry", "check_payload", "check_request",
+    "create_site_key", "entry_mac", "generate_user_key", "ledger_generation",
+    "load_policy", "load_policy_schema", "load_site_key", "load_spend",
+    "log_head", "parse_request", "read_log", "read_sealed", "record_spend",
+    "sign_request", "summarise_payload", "verify_log", "verify_request",
+    "write_sealed",
 ]
 
 SCHEMA_FILE = "site_policy.schema.json"
 GENESIS_HASH = "0" * 64
-ENTRY_KEYS = ("seq", "time", "requester", "experiment", "round", "recipient",
-              "summary", "prev_hash", "hash")
 COMPOSITION = "basic: epsilon and delta summed over runs"
 # Budgets are sums of floats (0.1 + 0.2 > 0.3 in binary); a run that lands on the
 # budget up to rounding is allowed.
@@ -75,7 +98,9 @@ class DataUser(NamedTuple):
     """A data user allowed at a site (see ``site_policy.schema.json``).
 
     ``epsilon_budget`` and ``delta_budget`` (None: no δ cap) are totals over all of
-    this user's runs at the site; ``experiments`` are names or glob patterns.
+    this user's runs at the site; ``experiments`` are names or glob patterns;
+    ``public_key`` is the user's Ed25519 public key (64 hex digits) that its
+    signed requests must verify against.
     """
 
     id: str
@@ -83,6 +108,7 @@ class DataUser(NamedTuple):
     experiments: tuple[str, ...]
     require_dp: bool = True
     delta_budget: float | None = None
+    public_key: str = ""
 
 
 class SitePolicy(NamedTuple):
@@ -171,10 +197,10 @@ def load_policy(source: str | os.PathLike | Mapping) -> SitePolicy:
     --------
     >>> obj = {"site": "H1", "min_cohort_size": 20, "allowed_fields": ["ofv"],
     ...        "data_users": [{"id": "uni-a", "epsilon_budget": 4.0,
-    ...                        "experiments": ["haemophilia_*"]}]}
-    >>> load_policy(obj).data_users[0]
-    DataUser(id='uni-a', epsilon_budget=4.0, experiments=('haemophilia_*',), \
-require_dp=True, delta_budget=None)
+    ...                        "experiments": ["haemophilia_*"],
+    ...                        "public_key": "ab" * 32}]}
+    >>> load_policy(obj).data_users[0][:5]
+    ('uni-a', 4.0, ('haemophilia_*',), True, None)
     >>> try:
     ...     load_policy({**obj, "min_cohort_size": -1})
     ... except PolicyError as err:
@@ -210,7 +236,7 @@ this site for any run), got -1
     users = tuple(DataUser(u["id"], float(u["epsilon_budget"]),
                            tuple(u["experiments"]), bool(u.get("require_dp", True)),
                            None if u.get("delta_budget") is None
-                           else float(u["delta_budget"]))
+                           else float(u["delta_budget"]), u["public_key"].lower())
                   for u in obj["data_users"])
     return SitePolicy(obj["site"], users, int(obj["min_cohort_size"]),
                       tuple(obj["allowed_fields"]), obj.get("max_rounds"),
@@ -324,7 +350,8 @@ def check_request(policy: SitePolicy, request: Request, spent: Mapping[str, floa
     >>> policy = load_policy({"site": "H1", "min_cohort_size": 20,
     ...     "allowed_fields": ["ofv", "grad"],
     ...     "data_users": [{"id": "uni-a", "epsilon_budget": 4.0,
-    ...                     "experiments": ["haemophilia_*"]}]})
+    ...                     "experiments": ["haemophilia_*"],
+    ...                     "public_key": "ab" * 32}]})
     >>> req = Request("uni-a", "haemophilia_fviii", "focei", n_patients=35,
     ...               fields=("ofv", "grad"), epsilon=1.5, rounds=50)
     >>> check_request(policy, req, {"uni-a": 2.0})
@@ -408,7 +435,241 @@ def check_payload(policy: SitePolicy, payload: Mapping[str, Any]) -> None:
             requested=tuple(extra), allowed=policy.allowed_fields)
 
 
+# ------------------------------------------------------------------ site key
+
+SITE_KEY_BYTES = 32
+"""A site's MAC key: 256 bits from the OS CSPRNG (``secrets``), as HMAC-SHA256
+wants a key at least as long as its output (RFC 2104, section 3)."""
+
+
+class IntegrityError(PolicyViolation):
+    """The site's own records fail their checks (an audit-log entry or the privacy
+    ledger does not carry a valid MAC, the ledger is missing or older than the log
+    says, the site key is unusable); the site refuses to run (fails closed).
+
+    ``field`` names the record (``audit_log``, ``privacy_ledger``, ``site_key``).
+    """
+
+
+def create_site_key(path: str | os.PathLike) -> bytes:
+    """Create a new site MAC key file (hex text, mode 0600) and return the key.
+
+    The key comes from :func:`secrets.token_bytes`; the file is created exclusively
+    (an existing key is never overwritten). Keep it outside the folder of the audit
+    log and the ledger it protects.
+    """
+    path = Path(path)
+    key = secrets.token_bytes(SITE_KEY_BYTES)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(key.hex() + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return key
+
+
+def load_site_key(path: str | os.PathLike) -> bytes:
+    """Read a site MAC key; refuse (``IntegrityError``, field ``site_key``) a file
+    others may read or write (mode must deny group and other) or that is not
+    64 hex digits."""
+    path = Path(path)
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise IntegrityError("site_key", f"the site key file has mode "
+                             f"{mode & 0o777:o}; expected 600 (owner only)")
+    text = path.read_text(encoding="ascii").strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != SITE_KEY_BYTES:
+        raise IntegrityError("site_key", f"expected {2 * SITE_KEY_BYTES} hex digits "
+                             "(a key made by create_site_key)")
+    return key
+
+
+def _mac(key: bytes, domain: bytes, obj: Any) -> str:
+    return hmac.new(key, domain + _canonical(obj), hashlib.sha256).hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON: temporary file, fsync, rename (old or new, never
+    half)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_sealed(path: str | os.PathLike, obj: Mapping[str, Any], key: bytes,
+                 domain: str) -> dict:
+    """Write ``obj`` plus ``mac`` = HMAC-SHA256(key, domain + canonical JSON)
+    atomically; returns what was written."""
+    body = {k: v for k, v in obj.items() if k != "mac"}
+    sealed = {**body, "mac": _mac(key, domain.encode() + b"\n", body)}
+    _write_json_atomic(Path(path), sealed)
+    return sealed
+
+
+def read_sealed(path: str | os.PathLike, key: bytes, domain: str,
+                field: str) -> dict:
+    """Read a file written by :func:`write_sealed`; ``IntegrityError`` naming
+    ``field`` when it is not JSON or its MAC does not match."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        ok = isinstance(obj, dict) and hmac.compare_digest(
+            str(obj.get("mac", "")),
+            _mac(key, domain.encode() + b"\n",
+                 {k: v for k, v in obj.items() if k != "mac"}))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise IntegrityError(field, "the file's MAC does not match its content "
+                             "(edited, or written without this site's key)")
+    return obj
+
+
+# ------------------------------------------------------------------ signed requests
+
+REQUEST_PREFIX = "phems-request-v1."
+REQUEST_DOMAIN = b"phems-clinical signed site request v1\n"
+REQUEST_KEYS = ("requester", "experiment", "algorithm", "rounds", "nonce", "expires")
+_NONCE = re.compile(r"[0-9a-f]{32}")
+
+
+class SignedRequest(NamedTuple):
+    """A data user's request to a site, signed with its Ed25519 key (RFC 8032).
+
+    ``rounds`` is the most rounds the data user authorises; ``nonce`` (128 bits,
+    hex, from ``secrets``) identifies the run and is accepted once per site;
+    ``expires`` is UTC ISO 8601; ``signature`` is hex over
+    ``REQUEST_DOMAIN + canonical JSON`` of the other fields.
+    """
+
+    requester: str
+    experiment: str
+    algorithm: str
+    rounds: int
+    nonce: str
+    expires: str
+    signature: str
+
+    def body(self) -> dict:
+        """The signed fields."""
+        return {k: getattr(self, k) for k in REQUEST_KEYS}
+
+
+def generate_user_key() -> tuple[bytes, bytes]:
+    """A data user's new Ed25519 key pair ``(private_raw, public_raw)`` (32 bytes
+    each; the private key from the OS CSPRNG via ``cryptography``)."""
+    sk = Ed25519PrivateKey.generate()
+    return (sk.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+            sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+
+def sign_request(private_key: bytes, *, requester: str, experiment: str,
+                 algorithm: str, rounds: int,
+                 valid_for: dt.timedelta = dt.timedelta(hours=24),
+                 nonce: str | None = None, now: dt.datetime | None = None) -> str:
+    """A signed request (text for a run config's ``request``).
+
+    The token is ``REQUEST_PREFIX`` + base64url of the canonical JSON of the
+    fields and the signature. ``nonce`` defaults to 128 bits from ``secrets``.
+    """
+    if int(rounds) < 1:
+        raise ValueError(f"rounds: expected a whole number >= 1, got {rounds}")
+    now = dt.datetime.now(dt.UTC) if now is None else now
+    body = {"requester": str(requester), "experiment": str(experiment),
+            "algorithm": str(algorithm), "rounds": int(rounds),
+            "nonce": secrets.token_hex(16) if nonce is None else nonce,
+            "expires": _utc(now + valid_for)}
+    sig = Ed25519PrivateKey.from_private_bytes(private_key).sign(
+        REQUEST_DOMAIN + _canonical(body))
+    text = _canonical({**body, "signature": sig.hex()})
+    return REQUEST_PREFIX + base64.urlsafe_b64encode(text).decode().rstrip("=")
+
+
+def parse_request(token: str) -> SignedRequest:
+    """Decode a signed request (unverified); ``PolicyViolation`` (field
+    ``request``) when it is not one."""
+    bad = PolicyViolation("request", "expected a signed request (text starting "
+                          f"{REQUEST_PREFIX!r}, made by 'phems governance "
+                          "sign-request'); requester and experiment strings alone "
+                          "are not accepted")
+    if not isinstance(token, str) or not token.startswith(REQUEST_PREFIX):
+        raise bad
+    b64 = token[len(REQUEST_PREFIX):]
+    try:
+        obj = json.loads(base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)))
+        req = SignedRequest(**{k: obj[k] for k in (*REQUEST_KEYS, "signature")})
+    except (ValueError, KeyError, TypeError):
+        raise bad from None
+    if set(obj) != {*REQUEST_KEYS, "signature"} or not all(
+            isinstance(getattr(req, k), str) for k in req._fields if k != "rounds") \
+            or type(req.rounds) is not int or not _NONCE.fullmatch(req.nonce):
+        raise bad
+    return req
+
+
+def verify_request(policy: SitePolicy, token: str, *,
+                   now: dt.datetime | None = None) -> SignedRequest:
+    """Authenticate a signed request against the site policy; return it.
+
+    Checked in this order (``PolicyViolation`` naming the field): it is a signed
+    request; its requester is a data user; the policy holds that user's
+    ``public_key``; the Ed25519 signature verifies; it has not expired. Replays of
+    its nonce are refused by the gate (:mod:`phems_clinical.federation.gate`).
+    """
+    req = parse_request(token)
+    ids = [u.id for u in policy.data_users]
+    if req.requester not in ids:
+        raise PolicyViolation(
+            "data_users", f"{req.requester!r} is not a data user of site "
+            f"{policy.site!r} (allowed: {', '.join(ids)})",
+            requested=req.requester, allowed=tuple(ids))
+    i = ids.index(req.requester)
+    user = policy.data_users[i]
+    if not user.public_key:
+        raise PolicyViolation(f"data_users[{i}].public_key", "no public key for "
+                              f"data user {user.id!r}: its requests cannot be "
+                              "authenticated", requested=req.requester,
+                              allowed="a listed Ed25519 public key")
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(user.public_key)).verify(
+            bytes.fromhex(req.signature), REQUEST_DOMAIN + _canonical(req.body()))
+    except (InvalidSignature, ValueError):
+        raise PolicyViolation(
+            "request.signature", f"the request's signature does not verify "
+            f"against data_users[{i}].public_key of {user.id!r} (forged, altered, "
+            "or signed with another key)", requested="invalid",
+            allowed="an Ed25519 signature by the data user") from None
+    try:
+        expires = dt.datetime.fromisoformat(req.expires)
+    except ValueError:
+        expires = None
+    if expires is None or expires.utcoffset() is None:
+        raise PolicyViolation("request.expires", "expected a UTC ISO 8601 time, "
+                              f"got {req.expires!r}")
+    now = dt.datetime.now(dt.UTC) if now is None else now
+    if now >= expires:
+        raise PolicyViolation("request.expires", f"the request expired at "
+                              f"{req.expires}", requested=req.expires,
+                              allowed=f"later than {_utc(now)}")
+    return req
+
+
 # ------------------------------------------------------------------ ledger
+
+LEDGER_DOMAIN = "phems-clinical privacy ledger v2"
+
 
 class PrivacySpend(NamedTuple):
     """Privacy spent at a site per data user: ε and δ summed over runs, run count."""
@@ -425,27 +686,36 @@ def _utc(now: dt.datetime | None) -> str:
     return now.astimezone(dt.UTC).isoformat(timespec="milliseconds")
 
 
-def _read_ledger(path: Path) -> dict:
+def _read_ledger(path: Path, key: bytes) -> dict:
     if not path.exists():
-        return {"composition": COMPOSITION, "records": []}
+        return {"composition": COMPOSITION, "generation": 0, "records": []}
+    obj = read_sealed(path, key, LEDGER_DOMAIN, "privacy_ledger")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-        records = obj["records"]
-        for r in records:
+        int(obj["generation"])
+        for r in obj["records"]:
             float(r["epsilon"]), float(r["delta"]), str(r["requester"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"privacy ledger {path} is not a valid ledger ({exc!r})") \
-            from None
+    except (ValueError, KeyError, TypeError):
+        raise IntegrityError("privacy_ledger", "not a valid ledger (generation "
+                             "and records expected)") from None
     return obj
 
 
-def load_spend(path: str | os.PathLike) -> PrivacySpend:
-    """Total ε, δ and runs per data user in a site's ledger (empty if no file yet).
+def ledger_generation(path: str | os.PathLike, *, key: bytes) -> tuple[int, str]:
+    """``(generation, mac)`` of a verified ledger: ``generation`` counts its writes
+    (0 and ``GENESIS_HASH`` when there is no file)."""
+    path = Path(path)
+    obj = _read_ledger(path, key)
+    return int(obj["generation"]), str(obj.get("mac", GENESIS_HASH))
+
+
+def load_spend(path: str | os.PathLike, *, key: bytes) -> PrivacySpend:
+    """Total ε, δ and runs per data user in a site's ledger (empty if no file yet),
+    after checking its MAC with the site ``key``.
 
     ε and δ are summed over the recorded runs (basic composition; see
-    :func:`check_request`).
+    :func:`check_request`). Unit of privacy: one patient of this site.
     """
-    records = _read_ledger(Path(path))["records"]
+    records = _read_ledger(Path(path), key)["records"]
     users = dict.fromkeys(r["requester"] for r in records)
     return PrivacySpend(
         {u: math.fsum(r["epsilon"] for r in records if r["requester"] == u)
@@ -456,36 +726,47 @@ def load_spend(path: str | os.PathLike) -> PrivacySpend:
 
 
 def record_spend(path: str | os.PathLike, requester: str, epsilon: float, *,
-                 delta: float = 0.0, experiment: str | None = None,
+                 key: bytes, delta: float = 0.0, experiment: str | None = None,
+                 run: str | None = None, rounds: int | None = None,
                  now: dt.datetime | None = None) -> PrivacySpend:
-    """Add one run's (ε, δ) for ``requester`` to the ledger; return the new totals.
+    """Record a run's (ε, δ) for ``requester``; return the new totals.
 
-    The file is rewritten atomically (temporary file, fsync, rename), so a crash
-    leaves either the old or the new ledger. One writer per ledger is assumed.
+    With ``run`` (the request nonce) the run's record is replaced when it exists:
+    it holds the run's ε and δ for the ``rounds`` executed so far (composed over
+    those rounds, not summed per round). The ledger's ``generation`` is increased
+    and it is sealed with HMAC-SHA256 under the site ``key``; the file is rewritten
+    atomically. One writer per ledger is assumed.
     """
     if not (math.isfinite(epsilon) and epsilon >= 0):
         raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
     if not 0 <= delta < 1:
         raise ValueError(f"delta must be in [0, 1), got {delta}")
     path = Path(path)
-    ledger = _read_ledger(path)
-    ledger["records"].append({"time": _utc(now), "requester": requester,
-                              "experiment": experiment, "epsilon": float(epsilon),
-                              "delta": float(delta)})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(ledger, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return load_spend(path)
+    ledger = _read_ledger(path, key)
+    record = {"time": _utc(now), "requester": requester, "experiment": experiment,
+              "epsilon": float(epsilon), "delta": float(delta), "run": run,
+              "rounds": rounds}
+    same = [i for i, r in enumerate(ledger["records"])
+            if run is not None and r.get("run") == run]
+    if same:
+        if ledger["records"][same[0]]["requester"] != requester:
+            raise ValueError("run: recorded for another requester")
+        ledger["records"][same[0]] = record
+    else:
+        ledger["records"].append(record)
+    ledger["generation"] = int(ledger["generation"]) + 1
+    ledger.pop("mac", None)
+    write_sealed(path, ledger, key, LEDGER_DOMAIN)
+    return load_spend(path, key=key)
 
 
 # ------------------------------------------------------------------ audit log
+
+LOG_DOMAIN = b"phems-clinical audit log v2\n"
+ENTRY_KEYS = ("seq", "time", "event", "run", "requester", "experiment", "round",
+              "recipient", "summary", "charge", "prev_mac", "mac")
+EVENTS = ("admit", "message", "close")
+
 
 class AuditLogError(ValueError):
     """An audit log cannot be read (not JSON lines, an interrupted write, ...)."""
@@ -495,15 +776,17 @@ class VerifyResult(NamedTuple):
     """Outcome of :func:`verify_log`.
 
     ``first_bad_seq`` is the position (1-based line number, = the seq the entry
-    there should carry) of the first entry that breaks the chain, None when ok;
-    ``last_hash`` is the hash of the last entry (``GENESIS_HASH`` if none).
+    there should carry) of the first entry that fails, None when ok; ``last_mac``
+    is the MAC of the last good entry (``GENESIS_HASH`` if none); ``ledger`` is the
+    ledger generation of the last good charge (0 if none).
     """
 
     ok: bool
     n_entries: int
     first_bad_seq: int | None
     reason: str
-    last_hash: str
+    last_mac: str
+    ledger: int = 0
 
 
 def _canonical(obj: Any) -> bytes:
@@ -511,13 +794,14 @@ def _canonical(obj: Any) -> bytes:
                       allow_nan=False).encode("ascii")
 
 
-def entry_hash(entry: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of the canonical JSON of ``entry`` without its ``hash`` key.
+def entry_mac(entry: Mapping[str, Any], key: bytes) -> str:
+    """HMAC-SHA256 (hex) under the site ``key`` of ``LOG_DOMAIN`` + the canonical
+    JSON of ``entry`` without its ``mac`` key (RFC 2104).
 
     Canonical: keys sorted, separators ``(",", ":")``, ASCII, no NaN/inf.
     """
-    return hashlib.sha256(_canonical({k: v for k, v in entry.items()
-                                      if k != "hash"})).hexdigest()
+    body = {k: v for k, v in entry.items() if k != "mac"}
+    return hmac.new(key, LOG_DOMAIN + _canonical(body), hashlib.sha256).hexdigest()
 
 
 def summarise_payload(payload: Mapping[str, Any]) -> dict[str, dict]:
@@ -553,7 +837,7 @@ def _last_line(path: Path) -> bytes | None:
             return None
         fh.seek(end - 1)
         if fh.read(1) != b"\n":
-            raise AuditLogError(f"{path}: the last line has no end of line (an "
+            raise AuditLogError(f"{path.name}: the last line has no end of line (an "
                                 "interrupted write?); verify and repair the log first")
         pos, buf = end - 1, b""
         while pos > 0 and b"\n" not in buf:
@@ -564,34 +848,54 @@ def _last_line(path: Path) -> bytes | None:
         return buf.rsplit(b"\n", 1)[-1] if b"\n" in buf else buf
 
 
-def append_entry(path: str | os.PathLike, *, requester: str, experiment: str,
-                 round: int, recipient: str, summary: Mapping[str, Any],
-                 now: dt.datetime | None = None) -> dict:
-    """Append one outgoing message to the audit log and return the entry.
-
-    The entry is ``{seq, time, requester, experiment, round, recipient, summary,
-    prev_hash, hash}``: ``seq`` counts from 1, ``time`` is UTC ISO 8601 (``now``,
-    default the current time), ``prev_hash`` is the previous entry's hash
-    (``GENESIS_HASH`` for the first) and ``hash`` is :func:`entry_hash`. The line is
-    written with one ``write`` in append mode, then flushed and fsynced.
-
-    Appending does not re-verify the whole log, only that its last line is a
-    complete entry; run :func:`verify_log` for that. One writer per log is assumed.
-    """
+def log_head(path: str | os.PathLike, *, key: bytes | None = None
+             ) -> tuple[int, str]:
+    """``(seq, mac)`` of the last entry (``(0, GENESIS_HASH)`` for no log): the
+    anchor a site sends with every message. With ``key`` the last entry's MAC is
+    checked (``AuditLogError`` when it fails)."""
     path = Path(path)
-    seq, prev = 1, GENESIS_HASH
-    if path.exists() and (line := _last_line(path)) is not None:
-        try:
-            last = json.loads(line)
-            seq, prev = int(last["seq"]) + 1, str(last["hash"])
-        except (ValueError, KeyError, TypeError):
-            raise AuditLogError(f"{path}: the last line is not an audit entry; "
-                                "verify the log first") from None
-    entry = {"seq": seq, "time": _utc(now), "requester": requester,
-             "experiment": experiment, "round": int(round), "recipient": recipient,
-             "summary": dict(summary), "prev_hash": prev}
-    entry["hash"] = entry_hash(entry)
+    if not path.exists() or (line := _last_line(path)) is None:
+        return 0, GENESIS_HASH
+    try:
+        last = json.loads(line)
+        seq, mac = int(last["seq"]), str(last["mac"])
+    except (ValueError, KeyError, TypeError):
+        raise AuditLogError(f"{path.name}: the last line is not a keyed audit entry; "
+                            "verify the log first") from None
+    if key is not None and not hmac.compare_digest(mac, entry_mac(last, key)):
+        raise AuditLogError(f"{path.name}: the last entry's MAC does not match "
+                            "(edited, or written without this site's key)")
+    return seq, mac
+
+
+def append_entry(path: str | os.PathLike, *, key: bytes, requester: str,
+                 experiment: str, round: int | None, recipient: str,
+                 summary: Mapping[str, Any], event: str = "message",
+                 run: str | None = None, charge: Mapping[str, Any] | None = None,
+                 now: dt.datetime | None = None) -> dict:
+    """Append one event to the audit log and return the entry.
+
+    The entry is ``{seq, time, event, run, requester, experiment, round, recipient,
+    summary, charge, prev_mac, mac}``: ``seq`` counts from 1, ``time`` is UTC ISO
+    8601 (``now``, default the current time), ``event`` one of :data:`EVENTS`,
+    ``charge`` the privacy charged with it (run, ε, δ, rounds, ledger generation
+    and MAC) or None, ``prev_mac`` the previous entry's ``mac`` (``GENESIS_HASH``
+    for the first), ``mac`` :func:`entry_mac` under the site key. The previous
+    entry's MAC is checked first; the line is written with one ``write`` in append
+    mode, then flushed and fsynced. One writer per log is assumed.
+    """
+    if event not in EVENTS:
+        raise ValueError(f"event: expected one of {EVENTS}, got {event!r}")
+    path = Path(path)
+    seq, prev = log_head(path, key=key)
+    entry = {"seq": seq + 1, "time": _utc(now), "event": event, "run": run,
+             "requester": requester, "experiment": experiment,
+             "round": None if round is None else int(round), "recipient": recipient,
+             "summary": dict(summary), "charge": None if charge is None
+             else dict(charge), "prev_mac": prev}
+    entry["mac"] = entry_mac(entry, key)
     line = _canonical(entry) + b"\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as fh:
         fh.write(line)
         fh.flush()
@@ -611,49 +915,60 @@ def read_log(path: str | os.PathLike) -> list[dict]:
             try:
                 entry = json.loads(line)   # bytes: UTF-8 expected
             except ValueError as exc:
-                raise AuditLogError(f"{path}: line {n} is not JSON ({exc})") from None
+                raise AuditLogError(f"line {n} is not JSON ({exc})") from None
             if not isinstance(entry, dict):
-                raise AuditLogError(f"{path}: line {n} is not a JSON object")
+                raise AuditLogError(f"line {n} is not a JSON object")
             entries.append(entry)
     return entries
 
 
-def _bad_entry(entry: dict, n: int, prev: str) -> str | None:
+def _bad_entry(entry: dict, n: int, prev: str, key: bytes) -> str | None:
+    if "mac" not in entry:
+        return ("no MAC: written without a site key (an unkeyed log, e.g. a "
+                "SHA-256 chain, is not trusted: anyone can rewrite it)")
     missing = [k for k in ENTRY_KEYS if k not in entry]
     if missing:
         return f"missing {', '.join(missing)}"
     extra = sorted(set(entry) - set(ENTRY_KEYS))
     if extra:
         return f"unexpected field(s) {', '.join(extra)} (an insertion)"
-    if entry["seq"] != n:
-        return (f"seq is {entry['seq']!r} where {n} was expected (an entry was "
-                "deleted, inserted or moved)")
-    if entry["prev_hash"] != prev:
-        return ("prev_hash does not match the previous entry's hash (an entry "
-                "before it was removed, replaced or moved)")
     try:
-        ok = entry_hash(entry) == entry["hash"]
+        ok = hmac.compare_digest(str(entry["mac"]), entry_mac(entry, key))
     except ValueError:
         ok = False
     if not ok:
-        return "hash does not match the entry's content (it was edited)"
+        return ("MAC does not match the entry's content under the site key (it "
+                "was edited or rewritten without the key)")
+    if entry["seq"] != n:
+        return (f"seq is {entry['seq']!r} where {n} was expected (an entry was "
+                "deleted, inserted or moved)")
+    if entry["prev_mac"] != prev:
+        return ("prev_mac does not match the previous entry's MAC (an entry "
+                "before it was removed, replaced or moved)")
     return None
 
 
-def verify_log(path: str | os.PathLike, *, anchor: str | None = None) -> VerifyResult:
-    """Check an audit log's hash chain.
+def _parse_anchor(anchor: str) -> tuple[int | None, str]:
+    seq, _, mac = anchor.rpartition(":")
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", mac) or (seq and not seq.isdigit()):
+        raise ValueError(f"anchor: expected SEQ:MAC or MAC (64 hex digits), got "
+                         f"{anchor!r}")
+    return (int(seq) if seq else None), mac.lower()
 
-    Each entry must carry ``seq`` = its line number, ``prev_hash`` = the previous
-    entry's ``hash`` and a ``hash`` that matches its content. This detects an
-    edited, deleted, inserted or reordered entry, and a truncation in the middle.
 
-    .. warning::
-        A hash chain alone cannot detect that entries were cut from the *end*, nor
-        a rewrite of the whole chain from the edited entry onwards (there is no
-        secret). Keep an ``anchor``: a hash published outside the site (e.g. sent
-        to the coordinator or a second custodian). When given, the anchor must be
-        the hash of some entry of the log (the log may have grown since), else the
-        result is not ok and ``first_bad_seq`` is the first missing position.
+def verify_log(path: str | os.PathLike, *, key: bytes,
+               anchor: str | None = None) -> VerifyResult:
+    """Check an audit log's MAC chain under the site ``key``.
+
+    Each entry must carry a valid HMAC-SHA256 under the key, ``seq`` = its line
+    number and ``prev_mac`` = the previous entry's ``mac``. This detects an
+    edited, deleted, inserted or reordered entry, a truncation in the middle, and
+    a rewrite of the chain by anyone without the key (an unkeyed entry fails).
+
+    Entries cut from the *end* need an ``anchor`` held outside the site: the head
+    ``"SEQ:MAC"`` (or ``"MAC"``) the site sent with a message (the coordinator
+    keeps it). The log must hold that entry (it may have grown since); else the
+    result is not ok and ``first_bad_seq`` is the first missing position.
 
     Raises
     ------
@@ -661,18 +976,28 @@ def verify_log(path: str | os.PathLike, *, anchor: str | None = None) -> VerifyR
         When a line is not a JSON object (the log cannot be read).
     FileNotFoundError
         When there is no file.
+    ValueError
+        When ``anchor`` is not ``SEQ:MAC`` or ``MAC``.
     """
+    want = None if anchor is None else _parse_anchor(anchor)
     entries = read_log(path)
-    prev, hashes = GENESIS_HASH, set()
+    prev, macs, ledger = GENESIS_HASH, {}, 0
     for n, entry in enumerate(entries, start=1):
-        reason = _bad_entry(entry, n, prev)
+        reason = _bad_entry(entry, n, prev, key)
         if reason is not None:
-            return VerifyResult(False, len(entries), n, f"entry {n}: {reason}", prev)
-        prev = entry["hash"]
-        hashes.add(prev)
-    if anchor is not None and anchor.lower() not in hashes:
-        return VerifyResult(False, len(entries), len(entries) + 1,
-                            f"the anchor {anchor} is not the hash of any entry: "
-                            "entries were cut from the end (or the anchor belongs "
-                            "to another log)", prev)
-    return VerifyResult(True, len(entries), None, "", prev)
+            return VerifyResult(False, len(entries), n, f"entry {n}: {reason}", prev,
+                                ledger)
+        prev = entry["mac"]
+        macs[prev] = n
+        if isinstance(entry["charge"], dict):
+            ledger = int(entry["charge"].get("ledger_generation", ledger))
+    if want is not None:
+        seq, mac = want
+        at = macs.get(mac)
+        if at is None or (seq is not None and at != seq):
+            first = len(entries) + 1 if seq is None else min(seq, len(entries) + 1)
+            return VerifyResult(False, len(entries), first,
+                                f"the anchor {anchor} is not an entry of this log: "
+                                "entries were cut from the end or rewritten (or "
+                                "the anchor belongs to another log)", prev, ledger)
+    return VerifyResult(True, len(entries), None, "", prev, ledger)

@@ -62,28 +62,48 @@ def test_missing_site_column_is_named(hospitals_csv, tmp_path, capsys):
     assert "column 'SITE': expected a site identifier column" in capsys.readouterr().err
 
 
-def _write_policy(path, site, min_cohort):
+def _write_policy(path, site, min_cohort, public_key):
     path.write_text(
         f"site: {site}\nmin_cohort_size: {min_cohort}\n"
         "allowed_fields: [ofv, grad]\nmax_rounds: 10\n"
         "data_users:\n  - id: pk-consortium\n    epsilon_budget: 1.0\n"
-        "    require_dp: false\n    experiments: ['haemophilia_*']\n")
+        "    require_dp: false\n    experiments: ['haemophilia_*']\n"
+        f"    public_key: {public_key}\n")
 
 
 def test_site_policies_refuse_or_log_every_message(hospitals_csv, tmp_path, capsys):
-    pol = tmp_path / "policies"
+    pol, keys = tmp_path / "policies", tmp_path / "site_keys"
     pol.mkdir()
+    assert main(["governance", "keygen", "--out", str(tmp_path / "user.key")]) == 0
+    public = capsys.readouterr().out.split("public_key: ")[1].strip()
     sites = ["paediatric", "adolescent", "adult"]
     for s in sites:
-        _write_policy(pol / f"{s}.yaml", s, 10 if s == "adult" else 5)
+        _write_policy(pol / f"{s}.yaml", s, 10 if s == "adult" else 5, public)
+
+    def request(name):   # the data user signs a new request per run
+        assert main(["governance", "sign-request", "--key", str(tmp_path / "user.key"),
+                     "--requester", "pk-consortium", "--experiment",
+                     "haemophilia_fviii", "--algorithm", "fed_focei", "--rounds",
+                     "2", "--out", str(tmp_path / name)]) == 0
+        return str(tmp_path / name)
+
     base = ["federate", "--data", str(hospitals_csv), "--model", "advate",
-            "--rounds", "2", "--site-policy-dir", str(pol), "--requester",
-            "pk-consortium", "--experiment", "haemophilia_fviii"]
-    assert main([*base, "--out", str(tmp_path / "no")]) == 2
+            "--rounds", "2", "--site-policy-dir", str(pol), "--site-key-dir",
+            str(keys)]
+    assert main([*base, "--request", request("r1"), "--out",
+                 str(tmp_path / "no")]) == 2
     assert "min_cohort_size" in capsys.readouterr().err
-    assert not list(pol.glob("*.audit.jsonl"))
-    _write_policy(pol / "adult.yaml", "adult", 5)
-    assert main([*base, "--out", str(tmp_path / "yes")]) == 0
-    for s in sites:
-        assert main(["audit", "verify", str(pol / f"{s}.audit.jsonl")]) == 0
-        assert "OK: 2 entries" in capsys.readouterr().out
+    assert not any(e["event"] == "message" for p in pol.glob("*.audit.jsonl")
+                   for e in json.loads("[" + ",".join(p.read_text().split()) + "]"))
+    # a requester string that is not the signed one is refused
+    assert main([*base, "--request", request("r2"), "--requester", "someone",
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "requester: the run config says 'someone'" in capsys.readouterr().err
+    _write_policy(pol / "adult.yaml", "adult", 5, public)
+    assert main([*base, "--request", request("r3"), "--out",
+                 str(tmp_path / "yes")]) == 0
+    res = json.loads((tmp_path / "yes" / "result.json").read_text())
+    for s, gov in zip(sites, res["site_governance"], strict=True):
+        assert main(["audit", "verify", str(pol / f"{s}.audit.jsonl"), "--key",
+                     str(keys / f"{s}.key"), "--anchor", gov["audit_head"]]) == 0
+        assert "OK: " in capsys.readouterr().out

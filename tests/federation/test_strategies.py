@@ -154,12 +154,16 @@ def test_adaptive_server_applies_optax_to_the_pseudo_gradient(name, logistic_sit
     np.testing.assert_allclose(np.asarray(run.server.x), np.asarray(b), rtol=1e-11)
 
 
+_USER_KEY = gov.generate_user_key()
+
+
 def _policy(min_cohort=5, budget=50.0):
     return gov.load_policy({
         "site": "H", "min_cohort_size": min_cohort,
         "allowed_fields": ["delta", "weight"], "max_rounds": 50,
         "data_users": [{"id": "consortium", "epsilon_budget": budget,
-                        "require_dp": True, "experiments": ["logit_*"]}]})
+                        "require_dp": True, "experiments": ["logit_*"],
+                        "public_key": _USER_KEY[1].hex()}]})
 
 
 def test_site_policy_refuses_before_computing_and_logs_every_message(
@@ -169,24 +173,38 @@ def test_site_policy_refuses_before_computing_and_logs_every_message(
     alg = fedavg(objective_from_loss(loss), jnp.zeros(3), learning_rate=0.5,
                  max_rounds=3, dp=cfg)
 
-    def gates(policy):
-        return [SiteGate(policy, tmp_path / f"s{k}.log", tmp_path / f"s{k}.json",
-                         "consortium", "logit_demo") for k in range(4)]
+    def gates(policy, logs="logs"):   # a fresh signed request per run
+        request = gov.sign_request(_USER_KEY[0], requester="consortium",
+                                   experiment="logit_demo", algorithm=alg.name,
+                                   rounds=3)
+        return [SiteGate(policy, tmp_path / logs / f"s{k}.log",
+                         tmp_path / logs / f"s{k}.json", request,
+                         tmp_path / "keys" / f"s{k}.key",
+                         tmp_path / logs / f"s{k}.admissions")
+                for k in range(4)]
 
     seen = []
     # site 3 has 7 patients: a minimum cohort of 10 refuses the whole run
     with pytest.raises(gov.PolicyViolation, match="min_cohort_size"):
-        run_federated(jax.random.key(0), alg, sites, gates=gates(_policy(10)),
+        run_federated(jax.random.key(0), alg, sites,
+                      gates=gates(_policy(10), "refused"),
                       on_message=lambda *a: seen.append(a))
-    assert seen == [] and not list(tmp_path.glob("*.log"))
+    assert seen == []   # the other sites admitted it, but nothing was sent
+    assert all(e["event"] == "admit" for p in (tmp_path / "refused").glob("*.log")
+               for e in gov.read_log(p))
 
     run = run_federated(jax.random.key(0), alg, sites, gates=gates(_policy()))
     for k in range(4):
-        res = gov.verify_log(tmp_path / f"s{k}.log")
-        assert res.ok and res.n_entries == 3
-        entry = gov.read_log(tmp_path / f"s{k}.log")[0]
-        assert set(entry["summary"]) == {"delta", "weight"}
-        spent = gov.load_spend(tmp_path / f"s{k}.json")
+        key = gov.load_site_key(tmp_path / "keys" / f"s{k}.key")
+        res = gov.verify_log(tmp_path / "logs" / f"s{k}.log", key=key)
+        # admit, three messages (each carrying its ε charge), close
+        assert res.ok and res.n_entries == 5
+        entries = gov.read_log(tmp_path / "logs" / f"s{k}.log")
+        assert [e["event"] for e in entries] == ["admit", "message", "message",
+                                                 "message", "close"]
+        assert set(entries[1]["summary"]) == {"delta", "weight"}
+        assert run.history[-1].audit_heads[k] == (k, 4, entries[3]["mac"])
+        spent = gov.load_spend(tmp_path / "logs" / f"s{k}.json", key=key)
         assert spent.epsilon["consortium"] == pytest.approx(
             run.privacy[k]["epsilon"])
     # a second run would exceed the per-user budget at the smallest site
