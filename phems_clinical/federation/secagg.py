@@ -1,7 +1,9 @@
 """Secure aggregation: the server learns the sum of the sites' vectors and nothing more.
 
-The protocol of Bonawitz et al. [1]_ against an honest-but-curious server. Each site
-holds a float64 vector of the same length ``d`` (a flattened payload). It
+The protocol of Bonawitz et al. [1]_ in its version against an *active* (malicious)
+server ([1]_, sections 4 and 6): signed key advertisements and a consistency-check
+round. Each site holds a float64 vector of the same length ``d`` (a flattened
+payload). It
 
 1. clips every coordinate to ``[-clip, clip]`` and stochastically rounds it onto the
    ``2**bits`` levels spanning that interval (unbiased; the randomness comes from an
@@ -13,45 +15,61 @@ holds a float64 vector of the same length ``d`` (a flattened payload). It
    key, encrypted to each peer and routed through the server, so that the server can
    remove the masks of sites that drop out.
 
-Four stages, each a site-side function returning ``(message, new_state)`` and a
-server-side function; every message is a NamedTuple of bytes, ints, strings and
-numpy arrays, so a transport (the in-process engine, a Flower adapter) can serialise
-it:
+Identities. Every site holds a long-term Ed25519 identity key
+(:func:`generate_identity`) and the identity public keys of all the federation's
+sites, ``trusted`` (site id -> 32 bytes). The hospitals exchange that roster among
+themselves, out of band, not through the coordinator; ``K = len(trusted)``.
 
-0. :func:`site_advertise_keys` sends :class:`AdvertiseKeys`;
+Five stages, each a site-side function returning ``(message, new_state)`` and a
+server-side function; every message is a NamedTuple of bytes, ints, strings, dicts
+and numpy arrays, so a transport (the in-process engine, a Flower adapter) can
+serialise it:
+
+0. :func:`site_advertise_keys` sends :class:`AdvertiseKeys`, its two public keys
+   signed with its identity key over (round, site id, keys);
    :func:`server_collect_keys` returns the roster U1 to broadcast.
-1. :func:`site_share_keys` sends :class:`ShareKeys`; :func:`server_route_shares`
-   returns each site's inbox of ciphertexts.
-2. :func:`site_masked_input` sends :class:`MaskedInput`;
-   :func:`server_collect_masked` returns the :class:`UnmaskRequest`.
-3. :func:`site_unmask` sends :class:`UnmaskShares`; :func:`server_unmask` returns
-   the :class:`AggregateResult`.
+1. :func:`site_share_keys` verifies every roster entry against ``trusted`` and
+   sends :class:`ShareKeys`; :func:`server_route_shares` returns each site's inbox.
+2. :func:`site_masked_input` opens and checks its shares (sender, receiver, round,
+   evaluation point) and sends :class:`MaskedInput`; :func:`server_collect_masked`
+   returns the :class:`ConsistencyRequest` (U3).
+3. :func:`site_consistency_check` checks ``|U3| >= t`` and that it is in U3, and
+   signs (round, sorted U3): :class:`ConsistencySignature`;
+   :func:`server_collect_consistency` returns the :class:`UnmaskRequest`, which
+   carries the signatures.
+4. :func:`site_unmask` verifies at least ``t`` signatures by members of U3 over the
+   U3 it signed itself, and that ``dropped`` is exactly ``U2 \\ U3``, before it
+   reveals any share; it answers one request per round. :func:`server_unmask`
+   returns the :class:`AggregateResult`.
 
-:func:`secure_sum` runs the four stages in process, with simulated dropouts.
+:func:`secure_sum` runs the five stages in process, with simulated dropouts.
 
-Cryptography (``cryptography``): two X25519 key pairs per site and round (masking
-agreement, share encryption); ``s_ij = HKDF-SHA256(ECDH)`` with the round id and the
-sorted pair ids in ``info``; masks are ChaCha20 key streams (zero nonce: every key
-expands exactly one stream) read as little-endian words mod ``2**ring_bits``; shares
-travel under ChaCha20-Poly1305 with a key per (round, sender, receiver) and the ids
-as associated data. All secrets come from the OS CSPRNG (``os.urandom``,
-``secrets``), never from ``jax.random``: a JAX key is a reproducible seed, which is
-what the encoding wants and what a mask must not be.
+Cryptography (``cryptography``): Ed25519 identity signatures; two X25519 key pairs per
+site and round (masking agreement, share encryption); ``s_ij = HKDF-SHA256(ECDH)``
+with the round id and the sorted pair ids in ``info``; masks are ChaCha20 key streams
+(zero nonce: every key expands exactly one stream) read as little-endian words mod
+``2**ring_bits``; shares travel under ChaCha20-Poly1305 with a key per (round,
+sender, receiver), the ids as associated data and (sender, receiver, round) again in
+the plaintext. All secrets come from the OS CSPRNG (``os.urandom``, ``secrets``,
+``cryptography``'s key generation), never from ``jax.random``: a JAX key is a
+reproducible seed, which is what the encoding wants and what a mask must not be.
 
 Shamir sharing is over GF(2**521 - 1) with Python ints (a Mersenne prime above every
 32-byte secret; one polynomial per secret). pycryptodome's ``Shamir`` works on
 16-byte secrets only, so a 32-byte seed or X25519 key would need two independently
-shared halves; the 30 lines here are simpler and keep another dependency out.
+shared halves; the 30 lines here are simpler and keep another dependency out. A
+site's evaluation point is its 1-based rank in ``sorted(trusted)``, so the server
+cannot move it.
 
 Dropout semantics (Bonawitz): ``U1`` advertised keys, ``U2 ⊆ U1`` shared keys,
-``U3 ⊆ U2`` sent a masked input, ``U5 ⊆ U3`` answered the unmasking request.
+``U3 ⊆ U2`` sent a masked input, ``U4 ⊆ U3`` signed the consistency check,
+``U5 ⊆ U4`` answered the unmasking request.
 
 * The sum is over ``U3``: every site whose masked input arrived is **included**,
   even if it drops before unmasking (the survivors reveal shares of its ``b_i``).
 * A site in ``U2 \\ U3`` (dropped before its masked input arrived) is **excluded**;
   the survivors reveal shares of its masking key, and the server removes its
-  pairwise masks from the others' inputs. A masked input arriving after the server
-  has listed the site as dropped is ignored (an honest server keeps to its list).
+  pairwise masks from the others' inputs.
 * A site reveals, for each peer, either the ``b`` share (peer in ``U3``) or the
   masking-key share (peer in ``U2 \\ U3``), never both, and answers one unmasking
   request per round.
@@ -59,19 +77,35 @@ Dropout semantics (Bonawitz): ``U1`` advertised keys, ``U2 ⊆ U1`` shared keys,
 
 Threat model and limits
 -----------------------
-The server and any set of fewer than ``threshold`` colluding sites learn nothing
-about the honest sites' inputs beyond their sum over ``U3`` ([1]_, section 6; the
-server follows the protocol, in particular it does not lie about who dropped out:
-the active-adversary version needs a consistency round and signatures). So choose
-``threshold`` above the number of sites that might collude with the server and,
-with K ≤ 10 hospitals, at K - 1 (one dropout tolerated), as the reference suggests.
+Covered, against a server that deviates arbitrarily from the protocol (substitutes
+or drops keys, misroutes shares, tells different sites different dropout sets,
+forges or replays messages) and colludes with a set C of sites: the honest sites'
+inputs stay hidden beyond sums over sets of at least ``t`` sites provided
+``t > (K + |C|) / 2`` ([1]_, section 6 and appendix; two different U3 accepted by
+honest sites would need ``2 t`` signatures, of which only the ``|C|`` colluders can
+give two). :func:`check_config` refuses ``t <= K / 2`` (then the server alone can
+split the honest sites into two groups) and warns
+(:class:`SecAggThresholdWarning`) below ``2 K / 3``, where a third of the sites
+colluding with the server break it. Key advertisements and consistency signatures
+bind the round id, so they cannot be replayed into another round.
 
-.. warning::
-   The sum itself is revealed. With K = 2 each hospital learns the other's input by
-   subtracting its own, and with K = 1 the server learns the input: SecAgg then
-   protects nothing, and only differential privacy (noise added at each site before
-   encoding) does. With any K, a site colluding with the server learns the sum of
-   the others. Pair SecAgg with DP.
+Not covered:
+
+* **The sum itself is revealed.** With K = 2 each hospital learns the other's input
+  by subtracting its own, and with K = 1 the server learns the input: SecAgg then
+  protects nothing, and only differential privacy (noise added at each site before
+  encoding) does. A site colluding with the server learns the sum of the others.
+  Pair SecAgg with DP.
+* **Correctness against malicious sites**: a site may send any vector in range (or
+  garbage shares, which make the round abort); nothing proves that an input is a
+  clipped payload (that needs zero-knowledge range proofs, out of scope).
+* **Availability**: the server, or ``K - t + 1`` sites, can always make a round
+  abort; a refusal raises :class:`SecAggError` and the round is lost, never the
+  secrets.
+* **Identity keys**: the guarantee rests on ``trusted`` being right and the
+  identity private keys staying at their sites.
+* **Across rounds**: sums of different subsets over several rounds can be
+  subtracted; keep the participating set stable or rely on DP.
 
 Encoding error: ``Δ = 2 clip / (2**bits - 1)``; each included site contributes an
 error below ``Δ`` per coordinate (zero mean), so the decoded sum is within
@@ -107,14 +141,19 @@ import math
 import numbers
 import os
 import secrets
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from cryptography.hazmat.primitives.asymmetric.x25519 import (
     X25519PrivateKey,
     X25519PublicKey,
@@ -130,12 +169,15 @@ __all__ = [
     "STAGES",
     "AdvertiseKeys",
     "AggregateResult",
+    "ConsistencyRequest",
+    "ConsistencySignature",
     "Encoding",
     "MaskedInput",
     "SecAggAbort",
     "SecAggConfig",
     "SecAggError",
     "SecAggResult",
+    "SecAggThresholdWarning",
     "ServerState",
     "ShareKeys",
     "SiteState",
@@ -144,20 +186,25 @@ __all__ = [
     "check_config",
     "decode",
     "encode",
+    "generate_identity",
     "grid_step",
     "plain_sum",
+    "safe_threshold",
     "secure_sum",
+    "server_collect_consistency",
     "server_collect_keys",
     "server_collect_masked",
     "server_route_shares",
     "server_unmask",
     "site_advertise_keys",
+    "site_consistency_check",
     "site_masked_input",
     "site_share_keys",
     "site_unmask",
 ]
 
-STAGES = ("advertise_keys", "share_keys", "masked_input", "unmasking")
+STAGES = ("advertise_keys", "share_keys", "masked_input", "consistency_check",
+          "unmasking")
 """Stage names by index, as used in transcripts and ``dropped`` lists."""
 
 _PRIME = 2**521 - 1  # Mersenne prime > 2**256: every 32-byte secret is a field element
@@ -167,12 +214,14 @@ _SHARE_BYTES = _SHARE_X_BYTES + _SHARE_Y_BYTES
 _SECRET_BYTES = 32
 _AEAD_NONCE_BYTES = 12
 _PUBLIC_KEY_BYTES = 32
+_SIGNATURE_BYTES = 64
 _MAX_BITS = 52  # a finer grid than float64 resolves on [-clip, clip] adds nothing
-_DOMAIN = b"phems_clinical/secagg/v1/"
+_DOMAIN = b"phems_clinical/secagg/v2/"
 
 
 class SecAggError(RuntimeError):
-    """The protocol was not followed (a malformed or unexpected message)."""
+    """The protocol was not followed (a malformed, unverifiable or unexpected
+    message); the site or server refuses it and the round is lost."""
 
 
 class SecAggAbort(SecAggError):
@@ -186,6 +235,11 @@ class SecAggAbort(SecAggError):
             f"secure aggregation aborted at stage {stage} ({STAGES[stage]}): "
             f"{n_survivors} site(s) survived, fewer than threshold={threshold}"
         )
+
+
+class SecAggThresholdWarning(UserWarning):
+    """``threshold < 2 K / 3``: a server colluding with about a third of the sites
+    could unmask an honest site's input (Bonawitz et al. 2017, section 6)."""
 
 
 class SecAggConfig(NamedTuple):
@@ -209,6 +263,7 @@ class AdvertiseKeys(NamedTuple):
 
     mask_pk: bytes  # X25519 public key (32 bytes) for the pairwise mask seeds
     enc_pk: bytes  # X25519 public key (32 bytes) for encrypting shares
+    signature: bytes  # Ed25519 (64 bytes) over (domain, round, site id, keys)
 
 
 class ShareKeys(NamedTuple):
@@ -223,15 +278,28 @@ class MaskedInput(NamedTuple):
     y: UInt[np.ndarray, " d"]
 
 
+class ConsistencyRequest(NamedTuple):
+    """Stage 3, server -> the sites of U3: whose masked inputs arrived."""
+
+    survivors: tuple[str, ...]  # U3, sorted
+
+
+class ConsistencySignature(NamedTuple):
+    """Stage 3, site -> server: Ed25519 signature over (domain, round, sorted U3)."""
+
+    signature: bytes  # 64 bytes
+
+
 class UnmaskRequest(NamedTuple):
-    """Stage 3, server -> surviving sites: whose inputs arrived and whose did not."""
+    """Stage 4, server -> the sites of U4: U3, U2 \\ U3 and the U3 signatures."""
 
     survivors: tuple[str, ...]  # U3: reveal shares of their self-mask seeds
     dropped: tuple[str, ...]  # U2 \\ U3: reveal shares of their masking keys
+    signatures: dict[str, bytes]  # signer in U3 -> its ConsistencySignature
 
 
 class UnmaskShares(NamedTuple):
-    """Stage 3, site -> server: the shares this site holds, one kind per peer."""
+    """Stage 4, site -> server: the shares this site holds, one kind per peer."""
 
     self_mask_shares: dict[str, bytes]  # peer in U3 -> share of b_peer
     mask_key_shares: dict[str, bytes]  # peer in U2 \\ U3 -> share of its masking key
@@ -244,12 +312,15 @@ class SiteState(NamedTuple):
     cfg: SecAggConfig
     round_id: int
     stage: int  # the next stage this site may run
+    identity_sk: bytes  # Ed25519 private key (raw, 32 bytes), long-term
+    trusted: dict[str, bytes]  # site id -> Ed25519 public key, out of band
     mask_sk: bytes  # X25519 private key (raw, 32 bytes)
     enc_sk: bytes  # X25519 private key (raw, 32 bytes)
     self_seed: bytes  # b_i (32 bytes) from stage 1 on, else b""
-    roster: dict[str, AdvertiseKeys]  # U1, from stage 1 on
+    roster: dict[str, AdvertiseKeys]  # U1 as verified, from stage 1 on
     shares: dict[str, tuple[bytes, bytes]]  # peer -> (mask-key share, b share) held
     peers: tuple[str, ...]  # U2 including this site, from stage 2 on
+    u3: tuple[str, ...]  # the U3 this site signed, from stage 3 on
 
 
 class ServerState(NamedTuple):
@@ -258,9 +329,11 @@ class ServerState(NamedTuple):
     cfg: SecAggConfig
     round_id: int
     stage: int  # the next stage the server expects
+    n_sites: int  # K, the sites of the federation (the threshold is checked on it)
     roster: dict[str, AdvertiseKeys]  # U1
     u2: tuple[str, ...]  # shared keys
     u3: tuple[str, ...]  # masked input arrived
+    u4: tuple[str, ...]  # signed the consistency check
     masked_sum: UInt[np.ndarray, " d"] | None  # sum of y_i over U3 mod 2**m, uint64
 
 
@@ -313,29 +386,57 @@ def _check_overflow(cfg: SecAggConfig, n_sites: int) -> None:
         )
 
 
-def check_config(cfg: SecAggConfig, n_sites: int) -> None:
-    """Raise ``ValueError`` unless ``cfg`` is usable for a round of ``n_sites`` sites.
+def safe_threshold(n_sites: int) -> int:
+    """The smallest threshold :func:`check_config` accepts for ``K = n_sites``:
+    ``floor(K / 2) + 1``, the least ``t > K / 2``."""
+    return n_sites // 2 + 1
 
-    Checks ``clip > 0``, ``ring_bits`` in {32, 64}, ``1 <= bits <= 52``,
-    ``1 <= threshold <= n_sites`` and the overflow guard
-    ``n_sites * (2**bits - 1) < 2**ring_bits``, under which the sum of the grid
-    indices is recovered exactly from its residue mod ``2**ring_bits``.
 
-    Call it when the federation is configured: at run time the server checks only
-    that enough sites survive (:class:`SecAggAbort`).
-    """
-    _check_fields(cfg)
+def _check_threshold(cfg: SecAggConfig, n_sites: int) -> None:
+    """``threshold`` in ``(K / 2, K]`` for ``K = n_sites``; raises ``ValueError``."""
     if not (isinstance(n_sites, int) and 1 <= n_sites < 2**(8 * _SHARE_X_BYTES)):
         raise ValueError(f"n_sites: expected an int in 1..65535, got {n_sites!r}")
     if cfg.threshold > n_sites:
         raise ValueError(f"threshold: expected at most n_sites={n_sites} (the number "
                          f"of sites), got threshold={cfg.threshold}")
+    if 2 * cfg.threshold <= n_sites:
+        raise ValueError(
+            f"threshold: expected more than half of the {n_sites} sites (at least "
+            f"{safe_threshold(n_sites)}), got threshold={cfg.threshold}: a server "
+            "that tells two halves of the sites different dropout sets would "
+            "unmask a site's input (Bonawitz et al. 2017, section 6)")
+
+
+def check_config(cfg: SecAggConfig, n_sites: int) -> None:
+    """Raise ``ValueError`` unless ``cfg`` is usable for a federation of ``n_sites``.
+
+    ``n_sites`` is K, the number of sites in the federation (the trusted identity
+    roster), not of those answering one round. Checks ``clip > 0``, ``ring_bits`` in
+    {32, 64}, ``1 <= bits <= 52``, ``K / 2 < threshold <= K`` and the overflow
+    guard ``n_sites * (2**bits - 1) < 2**ring_bits``, under which the sum of the
+    grid indices is recovered exactly from its residue mod ``2**ring_bits``. Warns
+    (:class:`SecAggThresholdWarning`) when ``threshold < 2 K / 3``.
+
+    Call it when the federation is configured: at run time the server checks only
+    that enough sites survive (:class:`SecAggAbort`).
+    """
+    _check_fields(cfg)
+    _check_threshold(cfg, n_sites)
     _check_overflow(cfg, n_sites)
+    if 3 * cfg.threshold < 2 * n_sites:
+        warnings.warn(
+            f"threshold={cfg.threshold} is below 2/3 of the {n_sites} sites: a "
+            f"server colluding with {2 * cfg.threshold - n_sites} site(s) could "
+            f"unmask an honest site's input; use threshold >= "
+            f"{-(-2 * n_sites // 3)} (Bonawitz et al. 2017, section 6)",
+            SecAggThresholdWarning, stacklevel=2)
 
 
 def grid_step(cfg: SecAggConfig) -> float:
     """The quantisation step ``Δ = 2 clip / (2**bits - 1)``, in the payload's units."""
     return 2.0 * cfg.clip / (2**cfg.bits - 1)
+
+
 
 
 # ------------------------------------------------------------------- encoding
@@ -527,65 +628,210 @@ def _check_round_id(round_id: int) -> None:
         raise ValueError(f"round_id: expected an int in 0..2**64-1, got {round_id!r}")
 
 
+def _check_site_id(site_id: Any, what: str) -> None:
+    if not (isinstance(site_id, str) and site_id and len(site_id.encode()) < 2**16):
+        raise ValueError(f"{what}: expected a non-empty str site id, got "
+                         f"{type(site_id).__name__}")
+
+
 def _expect_stage(state: SiteState | ServerState, stage: int) -> None:
     if state.stage != stage:
         raise SecAggError(f"expected stage {state.stage} next, not stage {stage} "
                           f"({STAGES[stage]}); each stage runs once per round")
 
 
+def _id_tuple(ids: Any, what: str) -> tuple[str, ...]:
+    """A request's site list: a sorted tuple of distinct str ids, else refused."""
+    if not (isinstance(ids, tuple | list) and all(isinstance(s, str) for s in ids)
+            and list(ids) == sorted(set(ids))):
+        raise SecAggError(f"{what}: expected a sorted tuple of distinct site ids")
+    return tuple(ids)
+
+
+# ------------------------------------------------------------------ identities
+
+
+def generate_identity() -> tuple[bytes, bytes]:
+    """A site's long-term Ed25519 identity key pair, raw: ``(private, public)``.
+
+    The private key stays at the site; the public key goes into every other site's
+    ``trusted`` roster by a channel the coordinator does not control.
+    """
+    sk = Ed25519PrivateKey.generate()
+    return sk.private_bytes_raw(), sk.public_key().public_bytes_raw()
+
+
+def _check_trusted(trusted: Mapping[str, bytes]) -> dict[str, bytes]:
+    if not isinstance(trusted, Mapping) or not 1 <= len(trusted) < 2**16:
+        raise ValueError("trusted: expected a mapping site id -> Ed25519 public key "
+                         "with 1..65535 entries")
+    out = {}
+    for s in trusted:
+        _check_site_id(s, "trusted")
+    for s in sorted(trusted):
+        pk = trusted[s]
+        try:
+            Ed25519PublicKey.from_public_bytes(pk)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"trusted: the identity key of {s!r} must be a raw "
+                             "32-byte Ed25519 public key") from err
+        out[s] = bytes(pk)
+    if len(set(out.values())) != len(out):
+        raise ValueError("trusted: expected a distinct identity key per site")
+    return out
+
+
+def _verify(public: bytes, signature: Any, message: bytes) -> bool:
+    if not (isinstance(signature, bytes) and len(signature) == _SIGNATURE_BYTES):
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _advert_message(round_id: int, site_id: str, mask_pk: bytes,
+                    enc_pk: bytes) -> bytes:
+    """What a key advertisement signs: domain, round, site id and both keys."""
+    return _info(b"advertise", round_id, site_id) + mask_pk + enc_pk
+
+
+def _consistency_message(round_id: int, u3: Sequence[str]) -> bytes:
+    """What a consistency signature signs: domain, round and sorted U3."""
+    return _info(b"consistency", round_id, *sorted(u3))
+
+
+def _share_header(round_id: int, sender: str, receiver: str) -> bytes:
+    return _info(b"share-plain", round_id, sender, receiver)
+
+
+def _verify_roster(state: SiteState, roster: Mapping[str, AdvertiseKeys]
+                   ) -> dict[str, AdvertiseKeys]:
+    """The roster with every entry checked against ``state.trusted``; else refused."""
+    me, r = state.site_id, state.round_id
+    if not (isinstance(roster, Mapping) and all(isinstance(s, str) for s in roster)):
+        raise SecAggError("roster: expected a mapping site id -> AdvertiseKeys")
+    out = {}
+    for s in sorted(roster):
+        if s not in state.trusted:
+            raise SecAggError(f"roster: {s!r} is not in the trusted identity roster")
+        try:
+            a = AdvertiseKeys(*roster[s])
+        except TypeError as err:
+            raise SecAggError(f"roster: the entry of {s!r} is malformed") from err
+        if not (all(isinstance(v, bytes) for v in a)
+                and len(a.mask_pk) == len(a.enc_pk) == _PUBLIC_KEY_BYTES):
+            raise SecAggError(f"roster: the entry of {s!r} must hold two 32-byte "
+                              "public keys and a signature")
+        if not _verify(state.trusted[s], a.signature,
+                       _advert_message(r, s, a.mask_pk, a.enc_pk)):
+            raise SecAggError(f"roster: the keys of {s!r} carry no valid signature "
+                              f"by its trusted identity key for round {r}")
+        out[s] = a
+    own = (X25519PrivateKey.from_private_bytes(state.mask_sk).public_key()
+           .public_bytes_raw(),
+           X25519PrivateKey.from_private_bytes(state.enc_sk).public_key()
+           .public_bytes_raw())
+    if me not in out or (out[me].mask_pk, out[me].enc_pk) != own:
+        raise SecAggError(f"roster: expected this site's ({me!r}) own keys in it")
+    pks = [pk for a in out.values() for pk in (a.mask_pk, a.enc_pk)]
+    if len(set(pks)) != len(pks):
+        raise SecAggError("roster: expected all public keys to be distinct")
+    _require(len(out), state.cfg.threshold, 1)
+    return out
+
+
+def _parse_share(plain: bytes, round_id: int, sender: str, receiver: str,
+                 point: int) -> tuple[bytes, bytes]:
+    """(mask-key share, b share) from a decrypted box, checked; else refused."""
+    header = _share_header(round_id, sender, receiver)
+    ok = len(plain) == len(header) + 2 * _SHARE_BYTES and plain.startswith(header)
+    pair = (plain[len(header):len(header) + _SHARE_BYTES],
+            plain[len(header) + _SHARE_BYTES:])
+    for share in pair if ok else ():
+        ok &= (int.from_bytes(share[:_SHARE_X_BYTES], "big") == point
+               and int.from_bytes(share[_SHARE_X_BYTES:], "big") < _PRIME)
+    if not ok:
+        raise SecAggError(f"share from {sender!r} to {receiver!r}: expected (sender, "
+                          f"receiver, round {round_id}) and two shares at this "
+                          "site's evaluation point")
+    return pair
+
+
+def _count_valid_signatures(state: SiteState, u3: tuple[str, ...],
+                            signatures: Mapping[str, bytes]) -> int:
+    """Signers in U3 (and trusted) whose signature over (round, U3) verifies."""
+    message = _consistency_message(state.round_id, u3)
+    return sum(1 for s in set(u3) & set(signatures)
+               if s in state.trusted
+               and _verify(state.trusted[s], signatures[s], message))
+
+
 # --------------------------------------------------------------- site stages
 
 
-def site_advertise_keys(site_id: str, cfg: SecAggConfig, *,
-                        round_id: int = 0) -> tuple[AdvertiseKeys, SiteState]:
-    """Stage 0: generate this round's two X25519 key pairs; send the public keys.
+def site_advertise_keys(site_id: str, cfg: SecAggConfig, identity_sk: bytes,
+                        trusted: Mapping[str, bytes], *, round_id: int = 0
+                        ) -> tuple[AdvertiseKeys, SiteState]:
+    """Stage 0: generate this round's two X25519 key pairs; send them, signed.
 
-    Keys come from the OS CSPRNG and must be fresh every round.
+    Keys come from the OS CSPRNG and are fresh every round. ``identity_sk`` is this
+    site's raw Ed25519 private key and must match ``trusted[site_id]``; ``trusted``
+    (site id -> Ed25519 public key, K entries) is the federation's identity roster,
+    obtained out of band. Refuses ``cfg.threshold <= K / 2`` (``ValueError``).
     """
     _check_fields(cfg)
     _check_round_id(round_id)
-    if not (isinstance(site_id, str) and site_id and len(site_id.encode()) < 2**16):
-        raise ValueError(f"site_id: expected a non-empty str, got {site_id!r}")
+    _check_site_id(site_id, "site_id")
+    trusted = _check_trusted(trusted)
+    if site_id not in trusted:
+        raise ValueError(f"trusted: expected an entry for this site ({site_id!r})")
+    try:
+        sk = Ed25519PrivateKey.from_private_bytes(identity_sk)
+    except (TypeError, ValueError) as err:
+        raise ValueError("identity_sk: expected a raw 32-byte Ed25519 private "
+                         "key") from err
+    if sk.public_key().public_bytes_raw() != trusted[site_id]:
+        raise ValueError(f"identity_sk: does not match trusted[{site_id!r}]")
+    _check_threshold(cfg, len(trusted))
     mask_sk, enc_sk = X25519PrivateKey.generate(), X25519PrivateKey.generate()
-    msg = AdvertiseKeys(mask_sk.public_key().public_bytes_raw(),
-                        enc_sk.public_key().public_bytes_raw())
-    state = SiteState(site_id, cfg, round_id, 1, mask_sk.private_bytes_raw(),
-                      enc_sk.private_bytes_raw(), b"", {}, {}, ())
-    return msg, state
+    mask_pk = mask_sk.public_key().public_bytes_raw()
+    enc_pk = enc_sk.public_key().public_bytes_raw()
+    signature = sk.sign(_advert_message(round_id, site_id, mask_pk, enc_pk))
+    state = SiteState(site_id, cfg, round_id, 1, bytes(identity_sk), trusted,
+                      mask_sk.private_bytes_raw(), enc_sk.private_bytes_raw(), b"",
+                      {}, {}, (), ())
+    return AdvertiseKeys(mask_pk, enc_pk, signature), state
 
 
 def site_share_keys(state: SiteState, roster: Mapping[str, AdvertiseKeys]
                     ) -> tuple[ShareKeys, SiteState]:
-    """Stage 1: draw ``b_i``; share it and the masking key among the roster (U1).
+    """Stage 1: verify the roster (U1); draw ``b_i``; share it and the masking key.
 
-    Each peer's pair of shares is encrypted to that peer (X25519 + HKDF +
-    ChaCha20-Poly1305); the site keeps its own pair.
+    Every entry must be signed by the identity key ``state.trusted`` holds for it,
+    for this round; this site's own keys must be there; at least ``threshold``
+    entries. Each peer's pair of shares, prefixed by (sender, receiver, round), is
+    encrypted to that peer (X25519 + HKDF + ChaCha20-Poly1305); the site keeps its
+    own pair.
     """
     _expect_stage(state, 1)
-    cfg, me = state.cfg, state.site_id
-    roster = {s: AdvertiseKeys(*a) for s, a in roster.items()}
-    _require(len(roster), cfg.threshold, 1)
-    own = AdvertiseKeys(
-        X25519PrivateKey.from_private_bytes(state.mask_sk).public_key()
-        .public_bytes_raw(),
-        X25519PrivateKey.from_private_bytes(state.enc_sk).public_key()
-        .public_bytes_raw())
-    if roster.get(me) != own:
-        raise SecAggError(f"site {me!r}: the roster does not carry this site's keys")
-    pks = [pk for a in roster.values() for pk in a]
-    if any(len(pk) != _PUBLIC_KEY_BYTES for pk in pks) or len(set(pks)) != len(pks):
-        raise SecAggError("roster: public keys must be 32 bytes and all distinct")
-    points = _share_points(roster)
+    cfg, me, r = state.cfg, state.site_id, state.round_id
+    roster = _verify_roster(state, roster)
+    points = _share_points(state.trusted)
     self_seed = secrets.token_bytes(_SECRET_BYTES)
-    key_shares = _shamir_split(state.mask_sk, points.values(), cfg.threshold)
-    seed_shares = _shamir_split(self_seed, points.values(), cfg.threshold)
+    xs = [points[s] for s in roster]
+    key_shares = _shamir_split(state.mask_sk, xs, cfg.threshold)
+    seed_shares = _shamir_split(self_seed, xs, cfg.threshold)
     boxes = {}
-    for peer, x in points.items():
+    for peer in roster:
         if peer == me:
             continue
-        k = _share_key(state.enc_sk, roster[peer].enc_pk, state.round_id, me, peer)
-        boxes[peer] = _seal(k, _info(b"share", state.round_id, me, peer),
-                            key_shares[x] + seed_shares[x])
+        x = points[peer]
+        k = _share_key(state.enc_sk, roster[peer].enc_pk, r, me, peer)
+        boxes[peer] = _seal(k, _info(b"share", r, me, peer),
+                            _share_header(r, me, peer) + key_shares[x]
+                            + seed_shares[x])
     held = {me: (key_shares[points[me]], seed_shares[points[me]])}
     return ShareKeys(boxes), state._replace(stage=2, self_seed=self_seed,
                                             roster=roster, shares=held)
@@ -599,7 +845,8 @@ def site_masked_input(state: SiteState, inbox: Mapping[str, bytes],
     ----------
     inbox : mapping
         ``sender -> ciphertext`` addressed to this site, from every other site that
-        shared keys (U2). Each is decrypted and authenticated here.
+        shared keys (U2). Each is decrypted, authenticated and checked to carry
+        (sender, this site, round) and shares at this site's evaluation point.
     q : integer array of shape (d,)
         Values in ``Z_{2**ring_bits}``; normally ``encode(...).q``.
     """
@@ -611,17 +858,22 @@ def site_masked_input(state: SiteState, inbox: Mapping[str, bytes],
     if q.size and (q.min() < 0 or q.max() > 2**cfg.ring_bits - 1):
         raise ValueError(f"q: values must lie in 0..2**{cfg.ring_bits}-1")
     q = q.astype(np.uint64)
+    if not isinstance(inbox, Mapping):
+        raise SecAggError("inbox: expected a mapping sender -> ciphertext")
+    point = _share_points(state.trusted)[me]
     held = dict(state.shares)
     for sender, box in inbox.items():
-        if sender == me or sender not in state.roster:
+        if not isinstance(sender, str) or sender == me or sender not in state.roster:
             raise SecAggError(f"inbox: unexpected sender {sender!r}")
         k = _share_key(state.enc_sk, state.roster[sender].enc_pk, r, sender, me)
         try:
+            if not (isinstance(box, bytes) and len(box) > _AEAD_NONCE_BYTES + 16):
+                raise InvalidTag
             plain = _open(k, _info(b"share", r, sender, me), box)
         except InvalidTag as err:
             raise SecAggError(f"site {me!r}: the share ciphertext from {sender!r} "
                               "failed authentication") from err
-        held[sender] = (plain[:_SHARE_BYTES], plain[_SHARE_BYTES:])
+        held[sender] = _parse_share(plain, r, sender, me, point)
     peers = tuple(sorted(held))
     _require(len(peers), cfg.threshold, 2)
     d = q.shape[0]
@@ -636,40 +888,93 @@ def site_masked_input(state: SiteState, inbox: Mapping[str, bytes],
     return MaskedInput(y), state._replace(stage=3, shares=held, peers=peers)
 
 
-def site_unmask(state: SiteState, request: UnmaskRequest
-                ) -> tuple[UnmaskShares, SiteState]:
-    """Stage 3: reveal ``b`` shares of the survivors, masking-key shares of the dropped.
+def site_consistency_check(state: SiteState, request: ConsistencyRequest
+                           ) -> tuple[ConsistencySignature, SiteState]:
+    """Stage 3: sign (round, sorted U3) with the identity key, once per round.
 
-    Refuses (``SecAggError``) a request that names a peer in both lists, omits a
-    peer of U2, or comes a second time: a peer's two secrets are never both revealed.
+    Refuses (``SecAggError``) a U3 with fewer than ``threshold`` sites, without this
+    site, or naming a site that did not share keys with it (U3 must lie in U2).
     """
     _expect_stage(state, 3)
-    survivors, dropped = set(request.survivors), set(request.dropped)
-    if survivors & dropped:
-        raise SecAggError(f"unmask request names {sorted(survivors & dropped)} both "
-                          "as survivors and as dropped")
-    if survivors | dropped != set(state.peers) or state.site_id not in survivors:
-        raise SecAggError("unmask request: survivors and dropped must partition the "
-                          "sites that shared keys, with this site among survivors")
-    _require(len(survivors), state.cfg.threshold, 3)
-    msg = UnmaskShares({v: state.shares[v][1] for v in sorted(survivors)},
-                       {v: state.shares[v][0] for v in sorted(dropped)})
-    return msg, state._replace(stage=4)
+    u3 = _id_tuple(getattr(request, "survivors", None), "consistency request")
+    _require(len(u3), state.cfg.threshold, 3)
+    if state.site_id not in u3:
+        raise SecAggError(f"consistency request: expected this site "
+                          f"({state.site_id!r}) among the survivors")
+    if not set(u3) <= set(state.peers):
+        raise SecAggError("consistency request: survivors must have shared keys "
+                          "with this site (U3 within U2)")
+    sk = Ed25519PrivateKey.from_private_bytes(state.identity_sk)
+    signature = sk.sign(_consistency_message(state.round_id, u3))
+    return ConsistencySignature(signature), state._replace(stage=4, u3=u3)
+
+
+def site_unmask(state: SiteState, request: UnmaskRequest
+                ) -> tuple[UnmaskShares, SiteState]:
+    """Stage 4: reveal ``b`` shares of U3, masking-key shares of ``U2 \\ U3``.
+
+    Before revealing anything it checks that ``survivors`` is the U3 it signed,
+    that ``dropped`` is exactly its ``U2 \\ U3`` and that ``signatures`` holds at
+    least ``threshold`` valid signatures over (round, U3) by members of U3 (ignoring
+    any other entry). Answers once per round, so a peer's two secrets are never
+    both revealed by an honest site.
+    """
+    _expect_stage(state, 4)
+    survivors = _id_tuple(getattr(request, "survivors", None),
+                          "unmask request: survivors")
+    dropped = _id_tuple(getattr(request, "dropped", None), "unmask request: dropped")
+    signatures = getattr(request, "signatures", None)
+    if not isinstance(signatures, Mapping):
+        raise SecAggError("unmask request: signatures: expected a mapping signer -> "
+                          "signature")
+    if survivors != state.u3:
+        raise SecAggError("unmask request: survivors differ from the U3 this site "
+                          "signed in the consistency check")
+    if dropped != tuple(s for s in state.peers if s not in state.u3):
+        raise SecAggError("unmask request: dropped must be exactly the sites that "
+                          "shared keys but sent no masked input (U2 minus U3)")
+    n_valid = _count_valid_signatures(state, survivors, signatures)
+    if n_valid < state.cfg.threshold:
+        raise SecAggError(f"unmask request: {n_valid} valid consistency "
+                          "signature(s) by members of U3 over this U3, expected at "
+                          f"least threshold={state.cfg.threshold}")
+    msg = UnmaskShares({v: state.shares[v][1] for v in survivors},
+                       {v: state.shares[v][0] for v in dropped})
+    return msg, state._replace(stage=5)
 
 
 # ------------------------------------------------------------- server stages
 
 
 def server_collect_keys(cfg: SecAggConfig, adverts: Mapping[str, AdvertiseKeys], *,
-                        round_id: int = 0
+                        round_id: int = 0, n_sites: int | None = None
                         ) -> tuple[dict[str, AdvertiseKeys], ServerState]:
-    """Stage 0: the roster U1 (broadcast it to every site in it)."""
+    """Stage 0: the roster U1 (broadcast it to every site in it).
+
+    ``n_sites`` is K, the number of sites in the federation (default: the number of
+    advertisements); :func:`check_config` checks ``cfg`` against it.
+    """
     _check_fields(cfg)
     _check_round_id(round_id)
-    roster = {s: AdvertiseKeys(*adverts[s]) for s in sorted(adverts)}
+    k = len(adverts) if n_sites is None else n_sites
+    check_config(cfg, k)
+    roster = {}
+    for s in sorted(adverts):
+        _check_site_id(s, "adverts")
+        try:
+            a = AdvertiseKeys(*adverts[s])
+        except TypeError as err:
+            raise SecAggError(f"adverts: the entry of {s!r} is malformed") from err
+        if not (all(isinstance(v, bytes) for v in a)
+                and len(a.mask_pk) == len(a.enc_pk) == _PUBLIC_KEY_BYTES
+                and len(a.signature) == _SIGNATURE_BYTES):
+            raise SecAggError(f"adverts: the entry of {s!r} must hold two 32-byte "
+                              "public keys and a 64-byte signature")
+        roster[s] = a
+    if len(roster) > k:
+        raise SecAggError(f"adverts: {len(roster)} advertisements for n_sites={k}")
     _require(len(roster), cfg.threshold, 0)
-    check_config(cfg, len(roster))
-    return roster, ServerState(cfg, round_id, 1, roster, (), (), None)
+    return roster, ServerState(cfg, round_id, 1, k, roster, (), (), (), None)
 
 
 def server_route_shares(state: ServerState, messages: Mapping[str, ShareKeys]
@@ -689,8 +994,8 @@ def server_route_shares(state: ServerState, messages: Mapping[str, ShareKeys]
 
 
 def server_collect_masked(state: ServerState, messages: Mapping[str, MaskedInput]
-                          ) -> tuple[UnmaskRequest, ServerState]:
-    """Stage 2: U3 = senders; sums their ``y`` and asks U3 to unmask."""
+                          ) -> tuple[ConsistencyRequest, ServerState]:
+    """Stage 2: U3 = senders; sums their ``y``; asks U3 to sign U3."""
     _expect_stage(state, 2)
     m = state.cfg.ring_bits
     u3 = tuple(sorted(messages))
@@ -704,20 +1009,38 @@ def server_collect_masked(state: ServerState, messages: Mapping[str, MaskedInput
         raise SecAggError(f"masked inputs: expected 1-D {_wire_dtype(m)} vectors of "
                           "one length")
     total = plain_sum(ys, state.cfg)
-    request = UnmaskRequest(u3, tuple(s for s in state.u2 if s not in u3))
-    return request, state._replace(stage=3, u3=u3, masked_sum=total)
+    return ConsistencyRequest(u3), state._replace(stage=3, u3=u3, masked_sum=total)
+
+
+def server_collect_consistency(state: ServerState,
+                               messages: Mapping[str, ConsistencySignature]
+                               ) -> tuple[UnmaskRequest, ServerState]:
+    """Stage 3: U4 = signers; the unmasking request forwards their signatures."""
+    _expect_stage(state, 3)
+    u4 = tuple(sorted(messages))
+    if not set(u4) <= set(state.u3):
+        raise SecAggError(f"consistency signatures from "
+                          f"{sorted(set(u4) - set(state.u3))}, which are not in U3")
+    for s in u4:
+        sig = getattr(messages[s], "signature", None)
+        if not (isinstance(sig, bytes) and len(sig) == _SIGNATURE_BYTES):
+            raise SecAggError(f"consistency signature from {s!r}: expected 64 bytes")
+    _require(len(u4), state.cfg.threshold, 3)
+    request = UnmaskRequest(state.u3, tuple(s for s in state.u2 if s not in state.u3),
+                            {s: messages[s].signature for s in u4})
+    return request, state._replace(stage=4, u4=u4)
 
 
 def server_unmask(state: ServerState, messages: Mapping[str, UnmaskShares]
                   ) -> AggregateResult:
-    """Stage 3: rebuild ``b_i`` (U3) and dropped sites' masking keys; decode the sum."""
-    _expect_stage(state, 3)
+    """Stage 4: rebuild ``b_i`` (U3) and dropped sites' masking keys; decode the sum."""
+    _expect_stage(state, 4)
     cfg, r = state.cfg, state.round_id
     u5 = tuple(sorted(messages))
-    if not set(u5) <= set(state.u3):
-        raise SecAggError(f"unmask shares from {sorted(set(u5) - set(state.u3))}, "
-                          "which are not survivors")
-    _require(len(u5), cfg.threshold, 3)
+    if not set(u5) <= set(state.u4):
+        raise SecAggError(f"unmask shares from {sorted(set(u5) - set(state.u4))}, "
+                          "which did not sign the consistency check")
+    _require(len(u5), cfg.threshold, 4)
     total = state.masked_sum.copy()
     d = total.shape[0]
     dropped_sites = [s for s in state.u2 if s not in state.u3]
@@ -738,13 +1061,14 @@ def server_unmask(state: ServerState, messages: Mapping[str, UnmaskShares]
                             cfg.ring_bits)
                 # y_u carries +mask when v sorts after u, -mask before: undo it.
                 total = total - mask if v > u else total + mask
-    except KeyError as err:
+    except (KeyError, AttributeError) as err:
         raise SecAggError(f"unmask shares: missing the share of {err}") from err
     sum_q = _reduce(total, cfg.ring_bits)
     dropped = tuple(sorted(
         [(s, 1) for s in state.roster if s not in state.u2]
         + [(s, 2) for s in dropped_sites]
-        + [(s, 3) for s in state.u3 if s not in u5]))
+        + [(s, 3) for s in state.u3 if s not in state.u4]
+        + [(s, 4) for s in state.u4 if s not in u5]))
     return AggregateResult(decode(sum_q, len(state.u3), cfg), sum_q, state.u3,
                            dropped)
 
@@ -753,21 +1077,26 @@ def server_unmask(state: ServerState, messages: Mapping[str, UnmaskShares]
 
 
 def _nbytes(msg: Any) -> int:
-    """Payload bytes of a message (keys, ciphertexts, shares, vector; no framing)."""
+    """Payload bytes of a message (keys, signatures, ciphertexts, shares, vector)."""
     if isinstance(msg, AdvertiseKeys):
-        return len(msg.mask_pk) + len(msg.enc_pk)
+        return len(msg.mask_pk) + len(msg.enc_pk) + len(msg.signature)
     if isinstance(msg, ShareKeys):
         return sum(len(b) for b in msg.ciphertexts.values())
     if isinstance(msg, MaskedInput):
         return int(msg.y.nbytes)
+    if isinstance(msg, ConsistencySignature):
+        return len(msg.signature)
     return sum(len(b) for b in msg.self_mask_shares.values()) + sum(
         len(b) for b in msg.mask_key_shares.values())
 
 
 def secure_sum(key: Key, vectors: Mapping[str, Float[np.ndarray, " d"]],
-               cfg: SecAggConfig, *, drop_before_sharing: Sequence[str] = (),
+               cfg: SecAggConfig, *,
+               identities: Mapping[str, tuple[bytes, bytes]] | None = None,
+               drop_before_sharing: Sequence[str] = (),
                drop_before_masking: Sequence[str] = (),
                drop_after_masking: Sequence[str] = (),
+               drop_after_consistency: Sequence[str] = (),
                round_id: int = 0) -> SecAggResult:
     """Run one SecAgg round in process over ``vectors`` (site id -> flat vector).
 
@@ -781,15 +1110,25 @@ def secure_sum(key: Key, vectors: Mapping[str, Float[np.ndarray, " d"]],
         Stochastic rounding only.
     vectors : mapping str -> array of shape (d,)
     cfg : SecAggConfig
-        Checked with :func:`check_config` for ``K = len(vectors)``.
+        Checked with :func:`check_config` for K = the number of identities.
+    identities : mapping str -> (private, public), optional
+        Each site's Ed25519 identity (:func:`generate_identity`); the public keys
+        form every site's trusted roster, and may name sites absent from
+        ``vectors`` (they count in K). Default: throw-away identities for the sites
+        of ``vectors``.
     drop_before_sharing : sequence of str
         Sites that advertise keys, then vanish (no shares, no masks; excluded).
     drop_before_masking : sequence of str
         Sites that share keys but whose masked input never arrives (excluded; their
         pairwise masks are removed using their reconstructed masking keys).
     drop_after_masking : sequence of str
-        Sites whose masked input arrives but which do not answer the unmasking
-        request (included, as in Bonawitz: their ``b_i`` is rebuilt from shares).
+        Sites whose masked input arrives but which do not sign the consistency
+        check (included, as in Bonawitz: their ``b_i`` is rebuilt from shares).
+    drop_after_consistency : sequence of str
+        Sites that sign the consistency check but do not answer the unmasking
+        request (included).
+    round_id : int
+        Bound into every signature; use a fresh one per round.
 
     Returns
     -------
@@ -801,12 +1140,18 @@ def secure_sum(key: Key, vectors: Mapping[str, Float[np.ndarray, " d"]],
         Fewer than ``cfg.threshold`` sites left at some stage.
     """
     ids = sorted(vectors)
-    check_config(cfg, len(ids))
+    if identities is None:
+        identities = {s: generate_identity() for s in ids}
+    if not set(ids) <= set(identities):
+        raise ValueError("identities: expected an identity for every site of "
+                         "vectors")
+    trusted = {s: identities[s][1] for s in identities}
+    check_config(cfg, len(trusted))
     xs = {s: np.asarray(vectors[s], dtype=np.float64) for s in ids}
     if len({x.shape for x in xs.values()}) != 1 or xs[ids[0]].ndim != 1:
         raise ValueError("vectors: expected 1-D arrays of one length")
     drops = [set(drop_before_sharing), set(drop_before_masking),
-             set(drop_after_masking)]
+             set(drop_after_masking), set(drop_after_consistency)]
     named = [s for ds in drops for s in ds]
     if not set(named) <= set(ids) or len(named) != len(set(named)):
         raise ValueError("drop_*: expected distinct site ids among vectors' keys")
@@ -822,8 +1167,10 @@ def secure_sum(key: Key, vectors: Mapping[str, Float[np.ndarray, " d"]],
 
     states, adverts = {}, {}
     for s in ids:
-        adverts[s], states[s] = site_advertise_keys(s, cfg, round_id=round_id)
-    roster, server = server_collect_keys(cfg, deliver(0, adverts), round_id=round_id)
+        adverts[s], states[s] = site_advertise_keys(s, cfg, identities[s][0],
+                                                    trusted, round_id=round_id)
+    roster, server = server_collect_keys(cfg, deliver(0, adverts),
+                                         round_id=round_id, n_sites=len(trusted))
 
     shares = {}
     for s in ids:
@@ -837,12 +1184,18 @@ def secure_sum(key: Key, vectors: Mapping[str, Float[np.ndarray, " d"]],
             enc = encode(site_keys[s], xs[s], cfg)
             n_clipped[s] = enc.n_clipped
             masked[s], states[s] = site_masked_input(states[s], inboxes[s], enc.q)
-    request, server = server_collect_masked(server, deliver(2, masked))
+    check, server = server_collect_masked(server, deliver(2, masked))
+
+    signed = {}
+    for s in check.survivors:
+        if s not in drops[2]:
+            signed[s], states[s] = site_consistency_check(states[s], check)
+    request, server = server_collect_consistency(server, deliver(3, signed))
 
     reveals = {}
-    for s in request.survivors:
-        if s not in drops[2]:
+    for s in request.signatures:
+        if s not in drops[3]:
             reveals[s], states[s] = site_unmask(states[s], request)
-    out = server_unmask(server, deliver(3, reveals))
+    out = server_unmask(server, deliver(4, reveals))
     return SecAggResult(out.total, out.included, out.dropped, transcript,
                         len(out.included) * grid_step(cfg), sent, n_clipped)

@@ -11,17 +11,31 @@ beyond it are clipped, silently from the server's point of view; the sites count
 them in ``SecAggRound.n_clipped``): e.g. 1e6 for FOCEI objectives and gradients.
 The per-coordinate error of the sum is at most ``n_sites * 2 clip / (2^bits - 1)``
 and zero on average.
+
+The protocol is the active-adversary version (signed key advertisements, a
+consistency-check round): each simulated site holds a long-term Ed25519 identity,
+made when the aggregator is built, and every site trusts the identity roster of all
+``n_sites`` sites. The threshold must exceed half of them
+(:func:`~phems_clinical.federation.secagg.check_config`).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
 
 from phems_clinical.federation.core import flatten_payload, unflatten_payload
-from phems_clinical.federation.secagg import SecAggConfig, check_config, secure_sum
+from phems_clinical.federation.secagg import (
+    SecAggConfig,
+    check_config,
+    generate_identity,
+    safe_threshold,
+    secure_sum,
+)
 
 
 class SecAggRound(NamedTuple):
@@ -41,20 +55,63 @@ inside +-1e6; the per-coordinate error is below K * 7e-9."""
 
 def default_secagg_config(n_sites: int, min_sites: int | None = None
                           ) -> SecAggConfig:
-    """:data:`FOCEI_SECAGG` with the Shamir threshold that lets one site drop out
-    (or ``min_sites``, when given)."""
-    threshold = max(1, n_sites - 1) if min_sites is None else int(min_sites)
-    return SecAggConfig(threshold=threshold, **FOCEI_SECAGG)
+    """:data:`FOCEI_SECAGG` with the Shamir threshold ``n_sites - 1`` (one site may
+    drop out), or ``min_sites`` when given, but never at most ``n_sites / 2``.
+
+    Raises ``ValueError`` naming ``min_sites`` when it would lower the threshold to
+    ``n_sites / 2`` or below (a server could then unmask a site's input; Bonawitz et
+    al., ACM CCS 2017, section 6). With ``n_sites <= 2`` the threshold is
+    ``n_sites`` (no dropout tolerated). A ``min_sites`` below ``2 n_sites / 3``
+    passes with a :class:`~phems_clinical.federation.secagg.SecAggThresholdWarning`
+    from :func:`~phems_clinical.federation.secagg.check_config`.
+    """
+    if not (isinstance(n_sites, int) and n_sites >= 1):
+        raise ValueError(f"n_sites: expected an int >= 1, got {n_sites!r}")
+    floor = safe_threshold(n_sites)
+    if min_sites is None:
+        threshold = max(n_sites - 1, floor)
+    elif int(min_sites) < floor:
+        raise ValueError(
+            f"min_sites: with secure aggregation expected at least {floor} of the "
+            f"{n_sites} sites per round (more than half: the Shamir threshold "
+            f"follows min_sites), got {min_sites}")
+    else:
+        threshold = int(min_sites)
+    cfg = SecAggConfig(threshold=threshold, **FOCEI_SECAGG)
+    check_config(cfg, n_sites)
+    return cfg
 
 
-def secagg_aggregator(cfg: SecAggConfig, log: list | None = None):
+def secagg_aggregator(cfg: SecAggConfig, log: list | None = None, *,
+                      n_sites: int | None = None,
+                      identities: Mapping[int, tuple[bytes, bytes]] | None = None):
     """An engine aggregator that sums payloads with SecAgg under ``cfg``.
 
     ``log`` (a list), if given, receives one :class:`SecAggRound` per round.
+    ``identities`` (site index -> Ed25519 key pair,
+    :func:`~phems_clinical.federation.secagg.generate_identity`) or ``n_sites``
+    (fresh identities for sites ``0 .. n_sites - 1``) fix the federation whose
+    identity roster every site trusts; with neither, a site gets an identity the
+    first time it takes part, and K counts the sites seen so far. Each call is a
+    new round id, bound into the round's signatures.
     """
+    ids_of: dict[int, tuple[bytes, bytes]] = {}
+    if identities is not None:
+        ids_of.update(identities)
+    elif n_sites is not None:
+        ids_of.update({k: generate_identity() for k in range(n_sites)})
+    fixed = bool(ids_of)
+    if fixed:
+        check_config(cfg, len(ids_of))
+    round_ids = itertools.count()
+
     def aggregate(key, payloads, algorithm):
         t0 = time.perf_counter()
-        check_config(cfg, len(payloads))
+        unknown = set(payloads) - set(ids_of)
+        if unknown and fixed:
+            raise ValueError(f"payloads: sites {sorted(unknown)} have no identity in "
+                             "the federation's roster")
+        ids_of.update({k: generate_identity() for k in sorted(unknown)})
         ids = {f"site{k:04d}": k for k in payloads}
         # A non-finite entry (e.g. FOCEI's +inf for a failed inner problem) is sent
         # as +-clip: the sum stays out of range, so the server still rejects it.
@@ -62,7 +119,9 @@ def secagg_aggregator(cfg: SecAggConfig, log: list | None = None):
                                                     algorithm.message_spec),
                                     nan=cfg.clip, posinf=cfg.clip, neginf=-cfg.clip)
                    for s, k in ids.items()}
-        res = secure_sum(key, vectors, cfg)
+        res = secure_sum(key, vectors, cfg,
+                         identities={f"site{k:04d}": v for k, v in ids_of.items()},
+                         round_id=next(round_ids))
         if log is not None:
             log.append(SecAggRound(tuple(ids[s] for s in res.included),
                                    res.max_error_bound,
@@ -74,4 +133,4 @@ def secagg_aggregator(cfg: SecAggConfig, log: list | None = None):
     return aggregate
 
 
-__all__ = ["SecAggConfig", "SecAggRound", "secagg_aggregator"]
+__all__ = ["SecAggConfig", "SecAggRound", "default_secagg_config", "secagg_aggregator"]
