@@ -11,7 +11,11 @@ returned earlier (same patient, same shift; also how several tables of one site
 share shifts). (2) The shifted frame carries the marker ``df.attrs[MARKER]``
 (id column, shifted columns, unit; never the shifts themselves, which are a secret
 key and must stay out of released data); columns named there are not shifted
-again. Reference: Hripcsak G et al. (2016) "Preserving temporal relations in
+again. The shifts are drawn from the OS CSPRNG (``secrets``), never from ``key``:
+a key derived from a run seed that the outputs record would let any data
+recipient recompute every shift and undo it (``from_key=True`` keeps the old
+key-derived draw, for tests and public demonstration data only). Reference:
+Hripcsak G et al. (2016) "Preserving temporal relations in
 clinical data while maintaining privacy", JAMIA 23:1040; HIPAA Safe Harbor
 (45 CFR 164.514(b)(2)) lists dates as identifiers.
 """
@@ -19,6 +23,8 @@ clinical data while maintaining privacy", JAMIA 23:1040; HIPAA Safe Harbor
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import secrets
 
 import jax
 import numpy as np
@@ -81,31 +87,41 @@ def _check_existing(existing, max_days: int) -> pd.Series:
     return v.astype(np.int64)
 
 
-def draw_shifts(key, ids, max_days: int = 365) -> pd.Series:
+def draw_shifts(key, ids, max_days: int = 365, *, from_key: bool = False
+                ) -> pd.Series:
     """Shift in days per id, uniform on [-max_days, max_days] without 0.
 
-    Deterministic in ``key`` and the *set* of ids (drawn in sorted id order, so
-    row order does not matter).
+    By default each shift is ``secrets.randbelow`` of the OS CSPRNG: the shift
+    table is a secret key that no seed reproduces (keep the returned table and
+    pass it as ``existing=`` to shift more tables of the site alike).
+    ``from_key=True``: deterministic in ``key`` and the *set* of ids (drawn in
+    sorted id order, so row order does not matter) -- never for released data
+    whose key or seed is known to anyone else.
     """
     uniq = pd.Index(pd.unique(pd.Series(ids)))
     try:
         uniq = uniq.sort_values()
     except TypeError:  # mixed id types: order by their text
         uniq = uniq[np.argsort(uniq.astype(str).to_numpy(), kind="stable")]
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
-    u = rng.integers(0, 2 * max_days, size=len(uniq))  # 2 * max_days outcomes
+    if from_key:
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+        u = rng.integers(0, 2 * max_days, size=len(uniq))  # 2 * max_days outcomes
+    else:
+        u = np.array([secrets.randbelow(2 * max_days) for _ in range(len(uniq))],
+                     dtype=np.int64)
     shift = np.where(u < max_days, u - max_days, u - max_days + 1)
     return pd.Series(shift.astype(np.int64), index=uniq, name="shift_days")
 
 
 def shift_dates(key, df: pd.DataFrame, id_col: str, date_cols: Sequence[str], *,
-                max_days: int = 365, existing: pd.Series | None = None
-                ) -> tuple[pd.DataFrame, pd.Series]:
+                max_days: int = 365, existing: pd.Series | None = None,
+                from_key: bool = False) -> tuple[pd.DataFrame, pd.Series]:
     """Shift every date column of each patient by one random whole-day offset.
 
     Returns the shifted copy (marked in ``attrs[MARKER]``) and the shift table
     (days, indexed by id: ``existing`` plus new draws). Ids in ``existing`` keep
     their shift; columns already marked as shifted are left alone. NaT stays NaT.
+    New shifts are secret draws (``from_key``: see :func:`draw_shifts`).
     """
     _check(df, id_col, date_cols, max_days)
     prev = df.attrs.get(MARKER)
@@ -124,7 +140,7 @@ def shift_dates(key, df: pd.DataFrame, id_col: str, date_cols: Sequence[str], *,
             f"{', '.join(_r(i) for i in new_ids[:5])} have no shift in `existing`; "
             f"shifting {todo} now would break their intervals")
     if todo and len(new_ids):
-        fresh = draw_shifts(key, ids, max_days)
+        fresh = draw_shifts(key, ids, max_days, from_key=from_key)
         table = pd.concat([table, fresh[fresh.index.isin(new_ids)]])
     table = table.astype(np.int64).rename("shift_days")
     out = df.copy()
@@ -139,7 +155,8 @@ def shift_dates(key, df: pd.DataFrame, id_col: str, date_cols: Sequence[str], *,
 
 
 def shift_tables(key, tables, *, id_col: str = "person_id", max_days: int = 365,
-                 existing: pd.Series | None = None) -> tuple[dict, pd.Series]:
+                 existing: pd.Series | None = None, from_key: bool = False
+                 ) -> tuple[dict, pd.Series]:
     """Shift every datetime column of every table of one site, per patient.
 
     ``tables``: name -> frame (e.g. OMOP CDM tables from
@@ -149,16 +166,19 @@ def shift_tables(key, tables, *, id_col: str = "person_id", max_days: int = 365,
     to death, birth to surgery). In an OMOP ``person`` table ``year_of_birth``,
     ``month_of_birth`` and ``day_of_birth`` are recomputed from the shifted
     ``birth_datetime``. Frames without ``id_col`` (``care_site``, ``concept``) are
-    returned unchanged. Returns the shifted tables and the shift table (days).
+    returned unchanged. Returns the shifted tables and the shift table (days);
+    keep the table at the site (it is the secret key of the release).
     """
     ids = pd.concat([t[id_col] for t in tables.values() if id_col in t.columns],
                     ignore_index=True)
     table = existing
     if len(ids):
-        table = draw_shifts(key, ids, max_days) if existing is None else existing
+        table = draw_shifts(key, ids, max_days, from_key=from_key) \
+            if existing is None else existing
         missing = pd.Index(pd.unique(ids)).difference(table.index)
         if len(missing):
-            table = pd.concat([table, draw_shifts(key, ids, max_days)[missing]])
+            table = pd.concat([table, draw_shifts(key, ids, max_days,
+                                                  from_key=from_key)[missing]])
     out = {}
     for name, t in tables.items():
         cols = [c for c in t.columns if pd.api.types.is_datetime64_any_dtype(t[c])]

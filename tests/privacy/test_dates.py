@@ -52,17 +52,26 @@ def test_intervals_preserved_to_the_ns_and_shifts_valid(key):
     assert out["time"].dt.time.equals(df["time"].dt.time)  # whole days
 
 
-def test_same_key_same_shifts_other_key_differs(key):
+def test_shifts_are_secret_by_default_key_derived_on_request(key):
+    """The shift table is a secret key: the same (public) key draws new shifts,
+    so a recipient who knows the seed cannot undo them. from_key=True keeps the
+    deterministic draw (row order does not matter; another key differs)."""
     df = _hourly(50)
-    a, sa = shift_dates(key, df, "person_id", ["time"])
-    b, sb = shift_dates(key, df.iloc[::-1], "person_id", ["time"])
+    _, s1 = shift_dates(key, df, "person_id", ["time"])
+    _, s2 = shift_dates(key, df, "person_id", ["time"])
+    _, s_key = shift_dates(key, df, "person_id", ["time"], from_key=True)
+    assert (s1 != s2).mean() > 0.9 and (s1 != s_key).mean() > 0.9
+    a, sa = shift_dates(key, df, "person_id", ["time"], from_key=True)
+    b, sb = shift_dates(key, df.iloc[::-1], "person_id", ["time"], from_key=True)
     assert sa.equals(sb) and a["time"].equals(b["time"].loc[a.index])
-    _, sc = shift_dates(jax.random.key(1), df, "person_id", ["time"])
+    _, sc = shift_dates(jax.random.key(1), df, "person_id", ["time"],
+                        from_key=True)
     assert (sa != sc).mean() > 0.9
 
 
-def test_draws_cover_the_range_without_zero(key):
-    s = draw_shifts(key, np.arange(20_000), max_days=3)
+@pytest.mark.parametrize("from_key", [False, True])
+def test_draws_cover_the_range_without_zero(key, from_key):
+    s = draw_shifts(key, np.arange(20_000), max_days=3, from_key=from_key)
     counts = s.value_counts().sort_index()
     assert counts.index.tolist() == [-3, -2, -1, 1, 2, 3]
     assert counts.min() > 3000  # uniform: about 3333 each
@@ -102,7 +111,7 @@ def test_partial_marker_needs_table(key):
     with pytest.raises(DateShiftError, match="already shifted"):
         shift_dates(key, once, "person_id", ["time", "birth"])
     both, _ = shift_dates(key, once, "person_id", ["time", "birth"], existing=table)
-    ref, _ = shift_dates(key, df, "person_id", ["time", "birth"])
+    ref, _ = shift_dates(key, df, "person_id", ["time", "birth"], existing=table)
     assert both.equals(ref) and both.attrs[MARKER]["columns"] == ["birth", "time"]
 
 

@@ -20,6 +20,13 @@ The mechanism itself (published only as a script in the mbi repository's
    its node and edge marginals are the released model, sampled here exactly
    (ancestral sampling along the tree) with an explicit JAX key.
 
+Secret randomness: the Gaussian noise of steps 2 and 5 and the exponential
+mechanism of step 4 draw from the OS CSPRNG held by the data controller
+(:mod:`phems_clinical.privacy.secret_rng`), never from the JAX key or a seed: noise
+that a seed regenerates can be subtracted, and the counts come back exactly. Two
+fits with the same key therefore differ, by design. Only sampling (step 6, no
+privacy cost) follows the key.
+
 Privacy accounting (zero-concentrated DP, Bun & Steinke, TCC 2016): the unit of
 privacy is **one row** (add/remove neighbours; the caller must ensure one row per
 patient). ``rho = cdp_rho(epsilon, delta)`` is the largest rho whose rho-zCDP
@@ -57,6 +64,8 @@ import pandas as pd
 from pandas.api import types as ptypes
 from scipy import optimize, special
 
+from phems_clinical.privacy.secret_rng import secret_generator
+
 __all__ = [
     "Categorical",
     "MSTBudget",
@@ -73,6 +82,8 @@ __all__ = [
 ]
 
 
+NOISE_SOURCE = ("OS CSPRNG of the data controller (secrets): not reproducible "
+                "from the seed, by design")
 _MAX_INT_CELLS = 1_000_000  # wider integer ranges: round a uniform value instead
 
 
@@ -129,6 +140,8 @@ class MSTModel(NamedTuple):
     selected edges (column-name pairs). ``nodes``: fitted probabilities of each
     column over its compressed cells; ``edges``: fitted joint probability tables of
     the tree edges (rows: first column). ``n_estimate``: the noisy number of rows.
+    ``noise_source``: where the private randomness came from (not reproducible
+    from any seed, by design).
     """
 
     columns: tuple
@@ -141,6 +154,7 @@ class MSTModel(NamedTuple):
     nodes: tuple
     edges: tuple
     n_estimate: float
+    noise_source: str = ""
 
 
 # --------------------------------------------------------------------- accounting
@@ -372,12 +386,15 @@ def fit_mst(
     clip: bool = True,
     min_rows: int = 10,
     iters: int = 5000,
+    noise: np.random.Generator | None = None,
 ) -> MSTModel:
     """Fit MST with an (``epsilon``, ``delta``)-DP guarantee per row.
 
     Parameters
     ----------
-    key : a typed JAX PRNG key (noise, selection); same key, same model.
+    key : a typed JAX PRNG key. Not used for the private steps (noise and tree
+        selection draw from ``noise``); accepted so that callers hand every
+        derivation step a key. Same key, *different* model, by design.
     df : the table, one row per patient (the unit of privacy is one row).
     domain : ``{column: Categorical | Numeric}`` covering exactly ``df.columns``;
         public knowledge only (see :func:`domain_from_frame` for why not the data).
@@ -390,6 +407,12 @@ def fit_mst(
     iters : mirror-descent iterations of the final mbi estimate (5,000 as in the
         reference code; for ~10 columns the cost is JIT compilation, ~10 CPU-s,
         not the iterations).
+    noise : numpy Generator, optional
+        The private randomness (measurement noise, exponential mechanism). Default:
+        a fresh generator keyed from the OS CSPRNG that nobody keeps
+        (:func:`~phems_clinical.privacy.secret_rng.secret_generator`). Pass
+        ``secret_generator(s)`` with a secret ``s`` you keep at the site only to
+        replay a fit exactly; never derive it from a seed or a config.
 
     Categorical values outside the declared categories raise
     :class:`MSTInputError` (naming the column, the count and examples): a domain
@@ -430,7 +453,11 @@ def fit_mst(
         codes.append(code)
     sizes = [_n_cells(s) for s in specs]
 
-    rng = _rng(key)
+    del key  # the private steps never draw from a public key
+    rng = secret_generator() if noise is None else noise
+    if not isinstance(rng, np.random.Generator):
+        raise MSTInputError(f"noise: expected a numpy Generator (from "
+                            f"secret_generator), got {type(rng).__name__}")
     s1, s2 = budget.sigma_one_way, budget.sigma_two_way
     one_way = [_counts([x], [n]) + rng.normal(0.0, s1, n)
                for x, n in zip(codes, sizes, strict=True)]
@@ -494,7 +521,8 @@ def fit_mst(
         flatten=False), np.float64)) for i, j in tree)
     return MSTModel(tuple(cols), tuple(specs), tuple(df[c].dtype for c in cols),
                     budget, tuple(one_way), tuple(supports),
-                    tuple((cols[i], cols[j]) for i, j in tree), nodes, edges, n_est)
+                    tuple((cols[i], cols[j]) for i, j in tree), nodes, edges, n_est,
+                    NOISE_SOURCE if noise is None else "caller's kept generator")
 
 
 def _normalise(p: np.ndarray) -> np.ndarray:
