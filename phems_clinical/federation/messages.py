@@ -134,5 +134,20 @@ def check_query_reply(reply: Mapping[str, Any], num_sites: int | None = None
     return out
 
 
-__all__ = ["MessageRejected", "check_payload", "check_query_reply", "declared_fields",
-           "envelope", "load_message_schema", "query_fields"]
+def check_audit_head(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The audit-log anchor of a reply (``$defs/audit_head``: ``seq`` and the hex
+    MAC ``head``); raises :class:`MessageRejected` naming the field, never the
+    value."""
+    schema = load_message_schema()["$defs"]["audit_head"]
+    if not isinstance(record, Mapping) or set(record) != set(schema["required"]):
+        raise MessageRejected("audit record: expected exactly seq and head")
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(dict(record)))
+    if errors:
+        name = str(errors[0].path[0]) if errors[0].path else "record"
+        raise MessageRejected(f"audit record {name}: expected "
+                              f"{schema['properties'][name]['description']}")
+    return {"seq": int(record["seq"]), "head": str(record["head"])}
+
+
+__all__ = ["MessageRejected", "check_audit_head", "check_payload", "check_query_reply",
+           "declared_fields", "envelope", "load_message_schema", "query_fields"]
