@@ -226,7 +226,8 @@ def derive(key, use_case: str, data: pd.DataFrame, spec: SourceSpec, *,
                   "rho_zcdp": b.rho, "sigma_one_way": b.sigma_one_way,
                   "sigma_two_way": b.sigma_two_way,
                   "tree": [list(map(str, e)) for e in model.tree],
-                  "n_rows_noisy": float(model.n_estimate)}
+                  "n_rows_noisy": float(model.n_estimate),
+                  "noise_source": model.noise_source}
         return Derived(spec, None, syn, meta, report)
     elif spec.kind == "synthetic" and spec.method == "copula":
         from phems_clinical.privacy.synth import fit_copula, sample_copula

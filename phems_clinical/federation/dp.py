@@ -94,6 +94,14 @@ __all__ = [
 
 ACCOUNTANTS = ("rdp", "pld")
 
+NOISE_SOURCE = {
+    "patient": "each site's OS CSPRNG (secrets), held at the site: not "
+               "reproducible from the run seed, by design",
+    "hospital": "the server's run key, derived from the run seed: replayable by "
+                "anyone who knows the seed (trusted-server model only)",
+}
+"""What :func:`privacy_report` states about the noise, per unit of privacy."""
+
 # Pessimistic PLD grid: ε stays an upper bound. 10x coarser than the library default
 # (1e-4) and 10x faster; on the ref. §5 examples ε changes by < 1e-4 relative.
 _PLD_DISCRETISATION = 1e-3
@@ -614,7 +622,10 @@ def privacy_report(cfg: AnyDPConfig, n_patients: int, steps: int) -> dict[str, A
     """JSON-safe statement of the guarantee after ``steps`` releases at one site.
 
     Keys: ``epsilon``, ``delta``, ``unit``, ``accountant``, ``noise_multiplier``,
-    ``clip``, ``steps``, ``sampling_rate``, ``epsilon_budget``. Infinite values
+    ``clip``, ``steps``, ``sampling_rate``, ``epsilon_budget``, ``noise_source``
+    (where the noise comes from, and that it is not reproducible from the run
+    seed by design; see :func:`phems_clinical.federation.core.run_site_keys`).
+    Infinite values
     (ε with z = 0, clip = inf) are the string ``"inf"``, as elsewhere in the suite.
 
     Examples
@@ -634,6 +645,7 @@ def privacy_report(cfg: AnyDPConfig, n_patients: int, steps: int) -> dict[str, A
         "steps": int(steps),
         "sampling_rate": float(cfg.sampling_rate),
         "epsilon_budget": None if b is None else _json_number(b),
+        "noise_source": NOISE_SOURCE[_expected_unit(cfg)],
     }
 
 

@@ -150,7 +150,9 @@ def utility_figure(ds: xr.Dataset, task: Task) -> bytes:
 
 def _training_dp(eps: float, delta: float) -> str:
     text = dp_text(eps, delta)
-    return text if text == "not DP" else f"{text}; unit: one patient"
+    return text if text == "not DP" else (
+        f"{text}; unit: one patient; noise from each site's OS CSPRNG, not "
+        "reproducible from the seed (by design)")
 
 
 def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,

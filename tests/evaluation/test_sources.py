@@ -85,6 +85,7 @@ def test_mst_source_reports_budget(cardiac):
     *_, derived, _ = cardiac
     mst = derived[3]
     assert mst.data is None and mst.meta["epsilon"] == 1.0
+    assert "not reproducible" in mst.report["noise_source"]
     assert mst.report["rho_zcdp"] > 0 and len(mst.report["tree"]) == \
         len(profile_domain("cardiac")) - 1
     assert (mst.profile["age_days"] >= 0).all()
