@@ -23,6 +23,10 @@ The in-process engine and the Flower client call the same functions:
   updated and a MAC'd audit entry naming the ledger generation appended;
 * :func:`settle` after the run: the admission is closed.
 
+The signed request is verified again on every message, so its expiry bounds the
+whole run; the audit log is verified in full on every message (linear in its
+length: rotate logs that grow large, keeping the last head as the next anchor).
+
 Round retries. A server may ask for round ``r`` again (too few sites answered its
 first attempt). An identical re-request (same round, same broadcast and
 configuration: :func:`request_digest`) is answered with the reply the site already
