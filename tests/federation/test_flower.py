@@ -151,24 +151,29 @@ class _FakeSite:
     server's ``state-from``), with scripted failures and silences."""
 
     def __init__(self, k, data, algorithm, seed, n_sites, fail=(), silent=(),
-                 fail_once=()):
+                 fail_once=(), query_extra=None):
         self.k, self.data, self.alg = k, data, algorithm
         self.key = simulated_site_keys(jax.random.key(seed), n_sites)[k]
         self.states = {0: algorithm.init_site(data)}
         self.fail, self.silent, self.fail_once = set(fail), set(silent), set(fail_once)
+        self.query_extra = query_extra or {}
 
     def handle(self, msg):
         if msg.metadata.message_type == MessageType.QUERY:
             return Message(RecordDict({"site": ConfigRecord(
                 {"site-index": self.k, "n-sub": 1, "n-dose": 1, "n-obs": 1,
-                 "n-occ": 1})}), reply_to=msg)
+                 "n-occ": 1, **self.query_extra})}), reply_to=msg)
         cfg = msg.content["config"]
         r = int(cfg["round"])
         if r in self.silent:
             return None
-        if r in self.fail or r in self.fail_once:
+        if r in self.fail:  # as the guarded ClientApp: category and reference
+            return Message(Error(2, "internal_error 00000000000" + str(self.k)),
+                           reply_to=msg)
+        if r in self.fail_once:  # free text (e.g. Flower's own): never kept
             self.fail_once.discard(r)
-            return Message(Error(0, f"site {self.k} broke"), reply_to=msg)
+            return Message(Error(0, f"site {self.k} broke at row 5 (ID MRN-0049001)"),
+                           reply_to=msg)
         message = {n: jnp.asarray(v)
                    for n, v in record_to_arrays(msg.content["broadcast"]).items()}
         payload, state, _ = jax.jit(self.alg.local_update)(
@@ -241,7 +246,7 @@ def test_server_loop_equals_engine_with_drops_and_retries(toy, tmp_path):
         [list(h.participants) for h in ref.history]
     assert [h["attempts"] for h in report["history"]] == [1, 1, 2, 1, 1]
     dropped = {h["round"]: h["dropped"] for h in report["history"]}
-    assert dropped[1] == [[1, "failed: site 1 broke"]]
+    assert dropped[1] == [[1, "failed: internal_error 000000000001"]]
     assert dropped[3][0][0] == 0 and dropped[3][0][1].startswith("timeout")
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["status"] == "completed" and saved["rounds"] == 5
@@ -249,6 +254,28 @@ def test_server_loop_equals_engine_with_drops_and_retries(toy, tmp_path):
                                                 alg.init_server(None), [])
     np.testing.assert_array_equal(server["w"], ref.server["w"])
     assert len(history) == 5
+
+
+def test_server_keeps_only_category_and_reference(toy, tmp_path):
+    """Attack: a site's error reply or query reply quoting a patient's ID and
+    value. The server keeps only ``category reference`` (else Flower's error code)
+    and rejects a query reply with anything but the declared counts."""
+    data, alg = toy
+    settings = fconfig.RunSettings(algorithm="toy", num_sites=3, min_sites=1,
+                                   rounds=2, round_timeout=0.5,
+                                   out=str(tmp_path / "result.json"))
+    sites = [_FakeSite(0, data[0], alg, 0, 3, fail_once={0}),
+             _FakeSite(1, data[1], alg, 0, 3, fail={1}),
+             _FakeSite(2, data[2], alg, 0, 3, query_extra={"n-sub": "MRN-0049001"})]
+    report = run_server(_FakeGrid(sites), settings)
+    assert report["query_problems"] == {
+        "node 102": "rejected: query reply n-sub: expected an integer >= 1"}
+    assert [h["dropped"] for h in report["history"]] == [
+        [[0, "failed: error code 0 (reason not kept)"],
+         [2, "failed: did not answer the query round"]],
+        [[1, "failed: internal_error 000000000001"],
+         [2, "failed: did not answer the query round"]]]
+    assert "MRN" not in (tmp_path / "result.json").read_text()
 
 
 def test_server_resumes_from_its_checkpoint(toy, tmp_path):
@@ -381,7 +408,10 @@ def test_loopback_deployment_equals_in_process_engine(tmp_path):
                                rtol=1e-12)
     assert [h["participants"] for h in result["history"]] == [[0, 1, 2], [0, 1],
                                                               [0, 1, 2]]
-    assert "injected failure" in result["history"][1]["dropped"][0][1]
+    from phems_clinical.federation.site_errors import parse_reason
+
+    why = result["history"][1]["dropped"][0][1]
+    assert parse_reason(why.removeprefix("failed: ")).category == "injected_failure"
     assert [h.participants for h in history] == [h.participants for h in ref.history]
     # The sites' states stayed on the nodes; none is left running.
     for d in site_dirs:

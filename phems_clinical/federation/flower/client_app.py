@@ -12,7 +12,9 @@ process:
   the node and reply with the payload only (an ``ArrayRecord`` of float64 arrays).
 
 The algorithm's per-site metrics stay on the node (appended to ``metrics.jsonl`` in
-the state folder).
+the state folder). A handler that fails replies with a Flower error whose reason is
+only a category and a reference (:mod:`~phems_clinical.federation.site_errors`);
+the exception's text and traceback go to ``site_errors.jsonl`` in the state folder.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.common.constant import ErrorCode  # noqa: E402
 
 from phems_clinical.federation.core import (  # noqa: E402
     payload_to_numpy,
@@ -65,8 +68,18 @@ from phems_clinical.federation.flower.site_state import (  # noqa: E402
     save_site_state,
 )
 from phems_clinical.federation.gate import admit, release, settle  # noqa: E402
-from phems_clinical.federation.messages import check_payload  # noqa: E402
+from phems_clinical.federation.messages import (  # noqa: E402
+    check_payload,
+    check_query_reply,
+)
 from phems_clinical.federation.pk_sites import pad_cohort  # noqa: E402
+from phems_clinical.federation.site_errors import (  # noqa: E402
+    LOG_FILE,
+    InjectedFailure,
+    SiteError,
+    SiteProtocolError,
+    guarded,
+)
 from phems_clinical.pk.model import n_occasions  # noqa: E402
 
 
@@ -85,11 +98,11 @@ def _process_start() -> float:
 def _checked_site(node_config: Mapping[str, Any], num_sites: int) -> SiteConfig:
     site = site_config(node_config)
     if site.num_sites is not None and site.num_sites != num_sites:
-        raise ValueError(f"node config num-sites={site.num_sites}, but the run has "
-                         f"{num_sites} sites")
+        raise SiteProtocolError(f"node config num-sites={site.num_sites}, but the "
+                                f"run has {num_sites} sites")
     if not 0 <= site.site_index < num_sites:
-        raise ValueError(f"node config site-index={site.site_index}: expected "
-                         f"0..{num_sites - 1}")
+        raise SiteProtocolError(f"node config site-index={site.site_index}: "
+                                f"expected 0..{num_sites - 1}")
     return site
 
 
@@ -111,8 +124,9 @@ def site_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
         rounds = settings.rounds or algorithm.max_rounds
         admit(gate, algorithm, cohort.n_subjects, rounds)
         settle(gate, algorithm, cohort.n_subjects, rounds)
-    return RecordDict({"site": ConfigRecord({"site-index": site.site_index,
-                                             **site_shape(cohort)})})
+    reply = check_query_reply({"site-index": site.site_index, **site_shape(cohort)},
+                              settings.num_sites)
+    return RecordDict({"site": ConfigRecord(reply)})
 
 
 def state_folder(site: SiteConfig, settings: RunSettings, run_id: int) -> Path:
@@ -130,9 +144,10 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
     settings = run_settings(run_config)
     site = _checked_site(node_config, n_sites)
     if site.site_index != k:
-        raise ValueError(f"message for site {k} delivered to site {site.site_index}")
+        raise SiteProtocolError(f"message for site {k} delivered to site "
+                                f"{site.site_index}")
     if r in site.fail_rounds:
-        raise RuntimeError(f"injected failure of site {k} in round {r}")
+        raise InjectedFailure(f"injected failure of site {k} in round {r}")
     algorithm = build_algorithm(settings, n_occ=int(config["n-occ"]))
     cohort = read_site_cohort(site, product_model(settings))
     data = pad_cohort(cohort, int(config["n-sub"]), int(config["n-dose"]),
@@ -168,16 +183,39 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
                        "site": ConfigRecord({"site-index": k, "round": r})})
 
 
+def site_error_log(node_config: Mapping[str, Any]) -> Path:
+    """The site's own error log (``site_errors.jsonl`` in its state folder)."""
+    return Path(site_config(node_config).state_dir) / LOG_FILE
+
+
+def _error_reply(error: SiteError, msg: Message, context: Context) -> Message:
+    del context
+    return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, error.reason),
+                   reply_to=msg)
+
+
+def site_guarded(stage: str):
+    """Decorate a ClientApp handler ``(msg, context) -> Message`` (``query``,
+    ``train`` or a later protocol stage) so that any exception becomes an error
+    reply carrying only ``"category reference"``; the full text and traceback go to
+    :func:`site_error_log` (:func:`~phems_clinical.federation.site_errors.guarded`).
+    """
+    return guarded(stage, lambda msg, context: site_error_log(context.node_config),
+                   _error_reply)
+
+
 app = ClientApp()
 
 
 @app.query()
+@site_guarded("query")
 def query(msg: Message, context: Context) -> Message:
     """Reply with the site's index and cohort sizes."""
     return Message(site_query(context.node_config, context.run_config), reply_to=msg)
 
 
 @app.train()
+@site_guarded("train")
 def train(msg: Message, context: Context) -> Message:
     """Run the site's ``local_update`` for the broadcast round."""
     content = site_update(msg.content, context.node_config, context.run_config,
@@ -185,4 +223,5 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-__all__ = ["app", "site_query", "site_update", "state_folder"]
+__all__ = ["app", "site_error_log", "site_guarded", "site_query", "site_update",
+           "state_folder"]

@@ -17,6 +17,11 @@ One run:
    stop when ``algorithm.done`` or after ``rounds`` rounds;
 4. write the result JSON (estimates, rounds, drops per round, seconds per round).
 
+A site that fails says only a category and a reference
+(:mod:`~phems_clinical.federation.site_errors`); the server keeps exactly that (any
+other error text, e.g. Flower's own, is reduced to its error code), so nothing the
+server writes -- result, checkpoint, logs, exceptions -- holds a site's error text.
+
 The sites' states never come here: they stay in each node's state folder
 (:mod:`~phems_clinical.federation.flower.site_state`).
 """
@@ -55,7 +60,13 @@ from phems_clinical.federation.flower.records import (  # noqa: E402
     arrays_to_record,
     record_to_arrays,
 )
-from phems_clinical.federation.messages import MessageRejected, check_payload  # noqa: E402
+from phems_clinical.federation.messages import (  # noqa: E402
+    MessageRejected,
+    check_audit_head,
+    check_payload,
+    check_query_reply,
+)
+from phems_clinical.federation.site_errors import parse_reason  # noqa: E402
 
 POLL_SECONDS = 0.2
 """How often the server asks the SuperLink for replies (Flower's own
@@ -95,7 +106,20 @@ def exchange(grid: Grid, messages: Mapping[int, Message], timeout: float, *,
 
 
 def _error_text(reply: Message) -> str:
-    return f"failed: {reply.error.reason}".strip()
+    """``"failed: category reference"`` of a site's error reply; any other reason
+    (not a site's guarded reply) is not kept, only Flower's error code."""
+    error = parse_reason(reply.error.reason)
+    if error is not None:
+        return f"failed: {error.reason}"
+    return f"failed: error code {int(reply.error.code)} (reason not kept)"
+
+
+def _rejected_text(err: Exception) -> str:
+    """Why a reply was rejected: the server's own check (field names, shapes), or
+    only the type of any other error (its text may quote what the site sent)."""
+    if isinstance(err, MessageRejected):
+        return f"rejected: {err}"
+    return f"rejected: malformed reply ({type(err).__name__})"
 
 
 def wait_for_nodes(grid: Grid, settings: RunSettings) -> list[int]:
@@ -125,17 +149,25 @@ def query_sites(grid: Grid, nodes: list[int], settings: RunSettings
         if reply.has_error():
             problems[f"node {node}"] = _error_text(reply)
             continue
-        info = dict(reply.content["site"])
-        k = int(info.pop("site-index"))
-        if not 0 <= k < settings.num_sites:
-            problems[f"node {node}"] = (f"site index {k} outside 0..."
-                                        f"{settings.num_sites - 1}")
-        elif k in node_of:
+        try:
+            records = set(reply.content.keys())
+            if "site" not in records or records - {"site", "audit"}:
+                raise MessageRejected("query reply: expected the records 'site' "
+                                      "and (with a site policy) 'audit'")
+            info = check_query_reply(dict(reply.content["site"]),
+                                     settings.num_sites)
+            if "audit" in records:
+                check_audit_head(dict(reply.content["audit"]))
+        except (MessageRejected, KeyError, ValueError, TypeError) as err:
+            problems[f"node {node}"] = _rejected_text(err)
+            continue
+        k = info.pop("site-index")
+        if k in node_of:
             raise ValueError(f"site index {k} claimed by nodes {node_of[k]} and "
                              f"{node}: check the SuperNodes' --node-config")
         else:
             node_of[k] = node
-            shapes[k] = {name: int(v) for name, v in info.items()}
+            shapes[k] = info
     return node_of, shapes, problems
 
 
@@ -187,7 +219,7 @@ def run_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
         try:
             payloads[k] = _accept(algorithm, reply, k, r)
         except (MessageRejected, KeyError, ValueError, TypeError) as err:
-            dropped.append((k, f"rejected: {err}"))
+            dropped.append((k, _rejected_text(err)))
     return payloads, sorted(dropped)
 
 
