@@ -70,6 +70,9 @@ class Algorithm(NamedTuple):
         ``rounds * dp_steps_per_round`` Gaussian mechanisms.
     dp : the patient-level ``DPConfig`` the algorithm applies at every site, or
         None (see :mod:`phems_clinical.federation.dp`).
+    server_dp : the hospital-level ``SiteDPConfig`` whose noise the server adds in
+        ``aggregate``, or None; the engines then draw the server's key from its
+        own OS CSPRNG (:func:`site_secret_key`), never from the run seed.
     """
 
     name: str
@@ -84,6 +87,7 @@ class Algorithm(NamedTuple):
     max_rounds: int = 100
     dp_steps_per_round: int = 0
     dp: Any = None
+    server_dp: Any = None
 
 
 def site_size(data: Any) -> int:
@@ -229,8 +233,17 @@ def derive_site_key(secret: bytes, round_: int, context: bytes = b"") -> Key:
     return key_from_bytes(mac.finalize()[:_KEY_BYTES])
 
 
+def server_run_key(key: Key, algorithm: Algorithm) -> Key:
+    """The key the server's ``aggregate`` draws from in a run: the run ``key``,
+    except with hospital-level DP (``algorithm.server_dp``), whose noise must not
+    be replayable from the seed that the outputs record: then a fresh secret key
+    from the server's OS CSPRNG (:func:`site_secret_key`) that nobody keeps."""
+    return key if algorithm.server_dp is None else site_secret_key()
+
+
 def server_round_key(key: Key, round_: int | Array) -> Key:
-    """The server's key in ``round_`` (e.g. for site-level DP noise)."""
+    """The server's key in ``round_`` (e.g. for hospital-level DP noise); pass
+    :func:`server_run_key`'s key."""
     return jax.random.fold_in(jax.random.fold_in(key, 0x5E4), round_)
 
 
@@ -281,7 +294,7 @@ def unflatten_payload(vector: np.ndarray, spec: Mapping[str, tuple]) -> Payload:
 
 __all__ = ["SECRET_FILE", "Algorithm", "Payload", "derive_site_key",
            "flatten_payload", "kept_site_secret", "key_from_bytes",
-           "payload_to_numpy", "run_site_keys", "server_round_key",
+           "payload_to_numpy", "run_site_keys", "server_round_key", "server_run_key",
            "simulated_site_keys", "site_round_key", "site_secret_key",
            "site_secret_keys", "site_size", "stack_sites", "sum_payloads",
            "tree_digest", "unflatten_payload", "unstack_sites"]

@@ -97,8 +97,9 @@ ACCOUNTANTS = ("rdp", "pld")
 NOISE_SOURCE = {
     "patient": "each site's OS CSPRNG (secrets), held at the site: not "
                "reproducible from the run seed, by design",
-    "hospital": "the server's run key, derived from the run seed: replayable by "
-                "anyone who knows the seed (trusted-server model only)",
+    "hospital": "the server's OS CSPRNG (secrets), held by the server: not "
+                "reproducible from the run seed, by design (it protects the "
+                "released model from its readers, not the sites from the server)",
 }
 """What :func:`privacy_report` states about the noise, per unit of privacy."""
 

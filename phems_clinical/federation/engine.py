@@ -44,8 +44,9 @@ from phems_clinical.federation import dp as dpm
 from phems_clinical.federation.core import (
     Algorithm,
     Payload,
-    server_round_key,
     run_site_keys,
+    server_round_key,
+    server_run_key,
     site_round_key,
     site_size,
     stack_sites,
@@ -251,6 +252,7 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
     site_keys = run_site_keys(key, n_sites, private=algorithm.dp is not None,
                               site_secrets=site_secrets)
     server = algorithm.init_server(key)
+    server_key = server_run_key(key, algorithm)
     states = [algorithm.init_site(s) for s in sites]
     history: list[RoundRecord] = []
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -278,8 +280,8 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
                 else []
             dropped = [(k, why) for k, why in dropped if why]
             out = _try_round(r, compiled, algorithm, server, sites, states,
-                             data_stacked, site_keys, key, dropped, aggregator,
-                             min_sites, on_message, gates)
+                             data_stacked, site_keys, server_key, dropped,
+                             aggregator, min_sites, on_message, gates)
             if out is not None:
                 break
         else:

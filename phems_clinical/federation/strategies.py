@@ -206,7 +206,8 @@ def fedopt(name: str, objective: Objective, x0: jax.Array, *,
     return Algorithm(name, init_server, init_site, broadcast, local_update,
                      aggregate, done, result, {"delta": (d,), "weight": ()},
                      max_rounds=max_rounds,
-                     dp_steps_per_round=local_steps if dp is not None else 0, dp=dp)
+                     dp_steps_per_round=local_steps if dp is not None else 0, dp=dp,
+                     server_dp=site_dp)
 
 
 def fedavg(objective: Objective, x0, *, learning_rate: float, local_steps: int = 1,

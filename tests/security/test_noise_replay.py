@@ -20,6 +20,7 @@ from phems_clinical.federation import dp as dpm
 from phems_clinical.federation.core import (
     derive_site_key,
     kept_site_secret,
+    server_round_key,
     simulated_site_keys,
     site_round_key,
     site_secret_keys,
@@ -132,6 +133,41 @@ def test_two_dp_runs_with_one_seed_differ_non_dp_identical(sites):
     assert np.array_equal(e, f) and not np.array_equal(e, a)
     with pytest.raises(ValueError, match="site_secrets: expected 3 typed JAX keys"):
         run_federated(key, private, sites, site_secrets=kept[:2])
+
+
+
+def test_hospital_level_noise_cannot_be_replayed_from_the_seed(sites, monkeypatch):
+    """Hospital-level DP (DP-FedAvg): the server adds N(0, (zS/K)^2) to the mean
+    of the sites' clipped updates. A reader of the released model who knows the
+    seed regenerates that noise from the seed-derived server key and subtracts
+    it: exact with the old behaviour, off by about sigma now."""
+    from phems_clinical.federation import engine
+
+    site_dp = dpm.SiteDPConfig(clip=1.0, noise_multiplier=1.0)
+    alg = fedavg(objective_from_loss(_loss), jnp.zeros(3), learning_rate=LR,
+                 local_steps=1, max_rounds=1, site_dp=site_dp, n_sites=N_SITES)
+    assert alg.server_dp is site_dp
+
+    def attack_error():
+        seen = {}
+        run = run_federated(jax.random.key(SEED), alg, sites,
+                            on_message=lambda r, k, p: seen.setdefault(k, p))
+        clean = sum(np.asarray(seen[k]["delta"]) for k in range(N_SITES)) / N_SITES
+        released = np.asarray(run.server.x)  # FedAvg: x1 = x0 + noisy mean, x0 = 0
+        noise = np.asarray(dpm.clip_and_noise_aggregate(  # zero input: the noise
+            server_round_key(jax.random.key(SEED), 0), jnp.zeros(3), N_SITES,
+            site_dp))
+        return np.abs(released - noise - clean).max(), released
+
+    with monkeypatch.context() as m:  # the old behaviour: the run key itself
+        m.setattr(engine, "server_run_key", lambda key, algorithm: key)
+        err_old, _ = attack_error()
+    assert err_old < 1e-9, err_old
+    err_new, a = attack_error()
+    _, b = attack_error()
+    assert err_new > 1e-2, err_new  # sigma = z S / K = 1/3 per coordinate
+    assert not np.array_equal(a, b)  # same seed, new noise
+    assert "OS CSPRNG" in dpm.NOISE_SOURCE["hospital"]
 
 
 def test_deployed_site_key_is_kept_secret_bound_to_its_inputs(tmp_path):
