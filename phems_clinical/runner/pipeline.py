@@ -210,7 +210,7 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
                 seed, frames, strategy, model, dict(federation.options),
                 (ckpt or Path(tempfile.mkdtemp(prefix="phems_flower_")))
                 / spec.name,
-                min_sites=federation.min_sites)
+                min_sites=federation.min_sites, secagg=federation.secagg)
             dp = {}
         else:
             prob = task.problem(k_prob, frames, strategy, model)

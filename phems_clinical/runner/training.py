@@ -10,7 +10,9 @@ One function, :func:`train`, runs any algorithm over the training hospitals'
   No hospital could run this; it is the centralised reference of the
   federated-vs-pooled study;
 * ``flower`` (haemophilia only) lives in :mod:`phems_clinical.runner.tasks.
-  haemophilia`, where the Flower apps read a site's NONMEM-style cohort.
+  haemophilia`, where the Flower apps read a site's NONMEM-style cohort; with
+  ``secagg`` the rounds run secure aggregation over Flower messages
+  (:mod:`phems_clinical.federation.flower.secagg_transport`).
 
 Patient-level differential privacy is set by its target: :func:`with_dp` picks
 the smallest noise multiplier z whose ε after all the run's noisy steps is at most

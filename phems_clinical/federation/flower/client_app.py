@@ -41,6 +41,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
 
 from phems_clinical.federation.core import (  # noqa: E402
+    flatten_payload,
     payload_to_numpy,
     simulated_site_keys,
     site_round_key,
@@ -61,6 +62,11 @@ from phems_clinical.federation.flower.config import (  # noqa: E402
 from phems_clinical.federation.flower.records import (  # noqa: E402
     arrays_to_record,
     record_to_arrays,
+)
+from phems_clinical.federation.flower.secagg_transport import (  # noqa: E402
+    ROUND_ID_KEY,
+    site_advertise,
+    site_stage,
 )
 from phems_clinical.federation.flower.site_state import (  # noqa: E402
     load_site_state,
@@ -148,6 +154,12 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
                                 f"{site.site_index}")
     if r in site.fail_rounds:
         raise InjectedFailure(f"injected failure of site {k} in round {r}")
+    secure = ROUND_ID_KEY in config
+    if not secure and (site.secagg_required or settings.secagg):
+        raise SiteProtocolError(
+            "train message without secagg-round-id: this site sends its payload "
+            "only under secure aggregation (node config secagg-required or run "
+            "config secagg is true)")
     algorithm = build_algorithm(settings, n_occ=int(config["n-occ"]))
     cohort = read_site_cohort(site, product_model(settings))
     data = pad_cohort(cohort, int(config["n-sub"]), int(config["n-dose"]),
@@ -179,8 +191,22 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
             "seconds": {"process_to_import": _T_IMPORT - _process_start(),
                         "import": t_start - _T_IMPORT, "load": t_loaded - t_start,
                         "update": t_done - t_loaded}}) + "\n")
+    if secure:  # keep the flattened payload here; reply with the key advert only
+        return site_advertise(folder, site, settings, k, r, int(config[ROUND_ID_KEY]),
+                              flatten_payload(payload_to_numpy(payload),
+                                              algorithm.message_spec))
     return RecordDict({"payload": arrays_to_record(payload_to_numpy(payload)),
                        "site": ConfigRecord({"site-index": k, "round": r})})
+
+
+def site_secagg(content: RecordDict, node_config: Mapping[str, Any],
+                run_config: Mapping[str, Any], run_id: int) -> RecordDict:
+    """A later SecAgg stage at this site: the reply content for a ``train.secagg``
+    message (:func:`~phems_clinical.federation.flower.secagg_transport.site_stage`
+    on the site's state folder)."""
+    settings = run_settings(run_config)
+    site = _checked_site(node_config, settings.num_sites)
+    return site_stage(content, state_folder(site, settings, run_id), site, settings)
 
 
 def site_error_log(node_config: Mapping[str, Any]) -> Path:
@@ -223,5 +249,14 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-__all__ = ["app", "site_error_log", "site_guarded", "site_query", "site_update",
-           "state_folder"]
+@app.train("secagg")
+@site_guarded("secagg")
+def secagg_stage(msg: Message, context: Context) -> Message:
+    """Answer a secure-aggregation stage after the key advertisement."""
+    content = site_secagg(msg.content, context.node_config, context.run_config,
+                          context.run_id)
+    return Message(content, reply_to=msg)
+
+
+__all__ = ["app", "site_error_log", "site_guarded", "site_query", "site_secagg",
+           "site_update", "state_folder"]

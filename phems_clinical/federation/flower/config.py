@@ -32,6 +32,14 @@ DATA_FILE = "cohort.csv"
 STATE_DIR = "flower_state"
 """Default folder (inside the site directory) of the node-local site state."""
 
+IDENTITY_FILE = "secagg_identity.key"
+"""Default file (inside the site directory) of the site's Ed25519 SecAgg identity
+key (raw 32 bytes, mode 0600)."""
+
+TRUSTED_FILE = "secagg_trusted.json"
+"""Default file (inside the site directory) of the site's trusted identity roster
+(``{site id: hex Ed25519 public key}``, from the hospitals' out-of-band exchange)."""
+
 
 class RunSettings(NamedTuple):
     """The run config of a federated Flower run (keys as in ``pyproject.toml``).
@@ -76,6 +84,12 @@ class RunSettings(NamedTuple):
     requester, experiment : str
         Who runs what, for the sites' policies (``site_policy.yaml`` in a site
         folder; see :func:`site_gate`).
+    secagg : bool
+        Sum the sites' payloads with secure aggregation (Bonawitz et al., CCS
+        2017; :mod:`~phems_clinical.federation.flower.secagg_transport`).
+    secagg_clip, secagg_bits, secagg_threshold : float, int, int
+        Its clip (payload units), quantisation bits and Shamir threshold; 0 takes
+        ``federation.secure.default_secagg_config`` (1e6, 48, K - 1 or min-sites).
     """
 
     seed: int = 0
@@ -94,6 +108,10 @@ class RunSettings(NamedTuple):
     options: str = ""
     requester: str = ""
     experiment: str = ""
+    secagg: bool = False
+    secagg_clip: float = 0.0
+    secagg_bits: int = 0
+    secagg_threshold: int = 0
 
 
 def run_settings(run_config: Mapping[str, Any]) -> RunSettings:
@@ -111,6 +129,9 @@ def run_settings(run_config: Mapping[str, Any]) -> RunSettings:
     for key, name in fields.items():
         if key in run_config:
             kind = type(getattr(defaults, name))
+            if kind is bool and not isinstance(run_config[key], bool):
+                raise ValueError(f"run config {key}: expected true or false, got "
+                                 f"{run_config[key]!r}")
             values[name] = kind(run_config[key])
     settings = RunSettings(**values)
     if settings.num_sites < 1:
@@ -203,6 +224,11 @@ class SiteConfig(NamedTuple):
         Where the node keeps its state between rounds (node-local).
     fail_rounds : frozenset of int
         Fault injection for tests: rounds in which this site raises.
+    secagg_required : bool
+        The site sends its payload only under secure aggregation (fails closed).
+    secagg_identity, secagg_trusted : Path or None
+        The site's Ed25519 identity key and its trusted identity roster
+        (:data:`IDENTITY_FILE`, :data:`TRUSTED_FILE` in ``site_dir`` by default).
     """
 
     site_dir: Path
@@ -211,14 +237,18 @@ class SiteConfig(NamedTuple):
     data_file: str = DATA_FILE
     state_dir: Path | None = None
     fail_rounds: frozenset[int] = frozenset()
+    secagg_required: bool = False
+    secagg_identity: Path | None = None
+    secagg_trusted: Path | None = None
 
 
 def site_config(node_config: Mapping[str, Any]) -> SiteConfig:
     """Read :class:`SiteConfig` from a SuperNode's node config.
 
     Keys: ``site-dir`` (required), ``site-index`` (required), ``num-sites``,
-    ``data-file``, ``state-dir`` and ``fail-rounds`` (comma-separated rounds, for
-    fault-injection tests).
+    ``data-file``, ``state-dir``, ``fail-rounds`` (comma-separated rounds, for
+    fault-injection tests), ``secagg-required`` (true: refuse to send a payload
+    unmasked), ``secagg-identity`` and ``secagg-trusted`` (paths).
     """
     missing = [k for k in ("site-dir", "site-index") if k not in node_config]
     if missing:
@@ -227,6 +257,14 @@ def site_config(node_config: Mapping[str, Any]) -> SiteConfig:
     site_dir = Path(str(node_config["site-dir"])).expanduser().resolve()
     state = node_config.get("state-dir")
     fails = str(node_config.get("fail-rounds", "")).strip()
+    required = node_config.get("secagg-required", False)
+    if not isinstance(required, bool):
+        raise ValueError(f"node config secagg-required: expected true or false, got "
+                         f"{required!r}")
+
+    def path(key: str, default: str) -> Path:
+        return Path(str(node_config.get(key) or site_dir / default)
+                    ).expanduser().resolve()
     return SiteConfig(
         site_dir=site_dir,
         site_index=int(node_config["site-index"]),
@@ -236,6 +274,9 @@ def site_config(node_config: Mapping[str, Any]) -> SiteConfig:
         state_dir=(Path(str(state)).expanduser().resolve() if state
                    else site_dir / STATE_DIR),
         fail_rounds=frozenset(int(r) for r in fails.split(",") if r.strip()),
+        secagg_required=required,
+        secagg_identity=path("secagg-identity", IDENTITY_FILE),
+        secagg_trusted=path("secagg-trusted", TRUSTED_FILE),
     )
 
 
@@ -279,7 +320,8 @@ def site_shape(cohort: Cohort) -> dict[str, int]:
             "n-obs": int(cohort.obs_time.shape[-1]), "n-occ": int(n_occasions(cohort))}
 
 
-__all__ = ["ALGORITHMS", "DATA_FILE", "RunSettings", "STATE_DIR", "SiteConfig",
+__all__ = ["ALGORITHMS", "DATA_FILE", "IDENTITY_FILE", "RunSettings", "STATE_DIR",
+           "SiteConfig", "TRUSTED_FILE",
            "algorithm_tag", "build_algorithm", "product_model",
            "read_site_cohort", "run_settings", "site_config", "site_shape",
            "to_run_config"]

@@ -22,7 +22,7 @@ Command line::
     python -m phems_clinical.federation.flower.launch --data DIR --out OUT \\
         --rounds 3 [--simulate 24] [--insecure] [--seed 0] \\
         [--product advate] [--min-sites K] [--round-timeout 300] \\
-        [--job NAME [--resume]]
+        [--job NAME [--resume]] [--secagg]
 
 ``DIR`` holds one sub-directory per hospital, each with a NONMEM-style
 ``cohort.csv`` (sites are numbered in the sorted order of the sub-directories);
@@ -358,6 +358,20 @@ def supernode_command(superlink: str, host: str, port: int,
               ["--auth-supernode-private-key", str(auth_key)])]
 
 
+def secagg_identities(sites: Sequence[Path]) -> dict[str, bytes]:
+    """Stand-in for the hospitals' out-of-band exchange of SecAgg identities: each
+    site's Ed25519 identity key in its folder (made once, mode 0600, then kept) and,
+    in every site folder, the trusted roster of all K public keys; returns it."""
+    from phems_clinical.federation.flower import secagg_transport as st
+    from phems_clinical.federation.flower.config import IDENTITY_FILE, TRUSTED_FILE
+
+    roster = {st.site_id(k): st.ensure_identity(Path(d) / IDENTITY_FILE)
+              for k, d in enumerate(sites)}
+    for d in sites:
+        st.write_trusted(Path(d) / TRUSTED_FILE, roster)
+    return roster
+
+
 def run_loopback(sites: Sequence[Path], out: Path, *,
                  settings: RunSettings | None = None, tls: bool = True,
                  node_auth: bool = True,
@@ -378,6 +392,8 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
     settings : RunSettings, optional
         The run config; ``num_sites`` is set to ``len(sites)``, ``out`` and
         ``checkpoint_dir`` default to ``out/result.json`` and ``out/checkpoint``.
+        With ``settings.secagg`` every site gets a SecAgg identity and the trusted
+        roster (:func:`secagg_identities`) and its node config requires SecAgg.
     tls : bool
         Serve the SuperLink over HTTPS with a throw-away CA (SAN IP 127.0.0.1);
         the SuperNodes and ``flwr`` verify it. Default True; ``tls=False`` needs
@@ -427,6 +443,8 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
     certs = make_tls(out / "certs") if tls else None
     flwr_home = out / "flwr_home"
     write_connection(flwr_home, address, certs)
+    if settings.secagg:
+        secagg_identities(sites)
     procs = Processes()
     timings: dict[str, float] = {}
     left: list[int] = []
@@ -446,7 +464,8 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
                 subprocess.run(["flwr", "supernode", "register", str(public),
                                 CONNECTION], env={**env, "FLWR_HOME": str(flwr_home)},
                                check=True, capture_output=True, timeout=120)
-            config = {"site-dir": str(site), "site-index": k, "num-sites": len(sites)}
+            config = {"site-dir": str(site), "site-index": k, "num-sites": len(sites),
+                      **({"secagg-required": True} if settings.secagg else {})}
             fails = (fail_rounds or {}).get(k)
             if fails:
                 config["fail-rounds"] = ",".join(str(r) for r in fails)
@@ -535,6 +554,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--node-auth", action="store_true",
                    help="SuperNode authentication (the default; kept for old "
                         "command lines)")
+    p.add_argument("--secagg", action="store_true",
+                   help="secure aggregation (Bonawitz et al. 2017): the server "
+                        "sees only masked payloads and their sum")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds before everything is stopped")
     return p
@@ -559,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = RunSettings(seed=args.seed, algorithm=args.algorithm,
                            product=args.product, min_sites=args.min_sites,
                            rounds=args.rounds, round_timeout=args.round_timeout,
-                           job=args.job, options=args.options)
+                           job=args.job, options=args.options, secagg=args.secagg)
     try:
         result = run_loopback(sites, args.out, settings=settings,
                               tls=not args.insecure, node_auth=not args.insecure,

@@ -44,7 +44,11 @@ import numpy as np  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-from phems_clinical.federation.core import Algorithm, server_round_key  # noqa: E402
+from phems_clinical.federation.core import (  # noqa: E402
+    Algorithm,
+    server_round_key,
+    unflatten_payload,
+)
 from phems_clinical.federation.engine import (  # noqa: E402
     FederationAborted,
     RoundRecord,
@@ -60,11 +64,24 @@ from phems_clinical.federation.flower.records import (  # noqa: E402
     arrays_to_record,
     record_to_arrays,
 )
+from phems_clinical.federation.flower.secagg_transport import (  # noqa: E402
+    MESSAGE_TYPE,
+    ROUND_ID_KEY,
+    read_reply,
+    secagg_config,
+    server_stages,
+    site_id,
+)
 from phems_clinical.federation.messages import (  # noqa: E402
     MessageRejected,
     check_audit_head,
     check_payload,
     check_query_reply,
+)
+from phems_clinical.federation.secagg import (  # noqa: E402
+    SecAggConfig,
+    SecAggError,
+    grid_step,
 )
 from phems_clinical.federation.site_errors import parse_reason  # noqa: E402
 
@@ -223,6 +240,69 @@ def run_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
     return payloads, sorted(dropped)
 
 
+def run_secagg_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
+                     attempt: int, node_of: Mapping[int, int],
+                     last_ok: Mapping[int, int], common: Mapping[str, Any],
+                     settings: RunSettings, cfg: SecAggConfig
+                     ) -> tuple[dict | None, tuple[int, ...], list[tuple[int, str]]]:
+    """One attempt at round ``r`` under secure aggregation (Bonawitz et al., CCS
+    2017; :mod:`~phems_clinical.federation.flower.secagg_transport`): the ``train``
+    message asks for key advertisements, then one exchange per later stage.
+
+    Returns the decoded sum as a payload (None when the attempt failed), the
+    included sites (whose masked input arrived) and the others with reasons.
+    """
+    round_id = r * (settings.retries + 1) + attempt - 1
+    broadcast = arrays_to_record(algorithm.broadcast(server))
+    msgs = _round_messages(broadcast, r, node_of, last_ok,
+                           {**common, ROUND_ID_KEY: round_id}, settings)
+    replies, missing = exchange(grid, msgs, settings.round_timeout)
+    site_of = {node: k for k, node in node_of.items()}
+    dropped = [(k, "failed: did not answer the query round")
+               for k in range(settings.num_sites) if k not in node_of]
+    dropped += [(site_of[node], why) for node, why in missing.items()]
+    adverts = {}
+    for node, reply in replies.items():
+        k = site_of[node]
+        if reply.has_error():
+            dropped.append((k, _error_text(reply)))
+            continue
+        try:
+            adverts[k] = read_reply(reply.content, "advertise_keys", k, r, round_id)
+        except MessageRejected as err:
+            dropped.append((k, _rejected_text(err)))
+
+    def send(stage: str, contents: Mapping[int, RecordDict]):
+        out = {node_of[k]: Message(c, dst_node_id=node_of[k],
+                                   message_type=MESSAGE_TYPE, group_id=str(r),
+                                   ttl=settings.round_timeout + 30.0)
+               for k, c in contents.items()}
+        got, lost = exchange(grid, out, settings.round_timeout)
+        failed = [(site_of[node], why) for node, why in lost.items()]
+        ok = {}
+        for node, reply in got.items():
+            if reply.has_error():
+                failed.append((site_of[node], _error_text(reply)))
+            else:
+                ok[site_of[node]] = reply.content
+        return ok, failed
+
+    left_out: list[tuple[int, str]] = []
+    try:
+        result = server_stages(cfg, adverts, send, r=r, round_id=round_id,
+                               n_sites=settings.num_sites, left_out=left_out)
+    except SecAggError as err:  # too few survivors, or a message it refuses
+        named = {k for k, _ in dropped + left_out}
+        why = f"not aggregated: secure aggregation failed ({err})"
+        return None, (), sorted(dropped + left_out +
+                                [(k, why) for k in adverts if k not in named])
+    index = {site_id(k): k for k in range(settings.num_sites)}
+    included = tuple(sorted(index[s] for s in result.included))
+    total = unflatten_payload(result.total, algorithm.message_spec)
+    return total, included, sorted(d for d in dropped + left_out
+                                   if d[0] not in included)
+
+
 def sum_in_site_order(payloads: Mapping[int, Mapping[str, np.ndarray]]) -> dict:
     """The sum over sites, added in site-index order as the in-process engine does
     (floating-point addition is not associative)."""
@@ -302,6 +382,10 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
     report["shape"] = dict(common)
     algorithm = build_algorithm(settings, n_occ=common["n-occ"])
     report["algorithm"] = algorithm.name
+    secure = secagg_config(settings) if settings.secagg else None
+    if secure is not None:
+        report["secure_aggregation"] = {
+            **secure._asdict(), "max_error_bound": n_sites * grid_step(secure)}
     key = jax.random.key(settings.seed)
     server = algorithm.init_server(key)
     history: list[RoundRecord] = []
@@ -329,9 +413,15 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
         attempts = 0
         while True:
             attempts += 1
-            payloads, dropped = run_round(grid, algorithm, server, r, node_of,
-                                          last_ok, common, settings)
-            if len(payloads) >= min_sites:
+            if secure is None:
+                payloads, dropped = run_round(grid, algorithm, server, r, node_of,
+                                              last_ok, common, settings)
+                included = tuple(sorted(payloads))
+            else:
+                total, included, dropped = run_secagg_round(
+                    grid, algorithm, server, r, attempts, node_of, last_ok, common,
+                    settings, secure)
+            if len(included) >= min_sites:
                 break
             if attempts > settings.retries:
                 if ckpt is not None:
@@ -342,12 +432,13 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
                     f"round {r}: fewer than min-sites={min_sites} of {n_sites} "
                     f"sites answered in {attempts} attempts ({dropped}); the run "
                     f"stopped after round {r - 1} (its checkpoint is kept)")
-        total = sum_in_site_order(payloads)
+        if secure is None:
+            total = sum_in_site_order(payloads)
         server = aggregate(server, total, server_round_key(key, r))
-        record = RoundRecord(r, tuple(sorted(payloads)), tuple(dropped), attempts,
+        record = RoundRecord(r, included, tuple(dropped), attempts,
                              time.perf_counter() - t0)
         history.append(record)
-        for k in payloads:
+        for k in included:
             last_ok[k] = r
         if ckpt is not None:
             save_checkpoint(ckpt, server, [], history)
@@ -373,5 +464,6 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, run_settings(context.run_config), run_id=context.run_id)
 
 
-__all__ = ["app", "exchange", "query_sites", "run_round", "run_server",
+__all__ = ["app", "exchange", "query_sites", "run_round", "run_secagg_round",
+           "run_server",
            "sum_in_site_order", "wait_for_nodes", "write_json"]

@@ -77,12 +77,15 @@ def evaluate(fitted: Fitted, test: pd.DataFrame, model: PopModel
 
 def train_flower(key_seed: int, frames: Sequence[pd.DataFrame], strategy: str,
                  model: PopModel, options: Mapping[str, Any], folder: Path, *,
-                 min_sites: int | None = None) -> tuple[Fitted, int, bool]:
+                 min_sites: int | None = None, secagg: bool = False
+                 ) -> tuple[Fitted, int, bool]:
     """The same fit over real Flower processes on this machine (one SuperLink, one
     SuperNode per site; :func:`phems_clinical.federation.flower.launch.
     run_loopback`): each site's derived data go to ``folder/site_<k>/cohort.csv``,
     the node's only input. ``model`` must be a library product (the Flower apps
-    load it by name). Returns the fit, rounds and whether it converged."""
+    load it by name). With ``secagg`` the payloads are summed with secure
+    aggregation over Flower (:mod:`phems_clinical.federation.flower.
+    secagg_transport`). Returns the fit, rounds and whether it converged."""
     import json
 
     from phems_clinical.federation.flower.config import DATA_FILE, RunSettings
@@ -97,7 +100,7 @@ def train_flower(key_seed: int, frames: Sequence[pd.DataFrame], strategy: str,
         dirs.append(d)
     settings = RunSettings(seed=int(key_seed), algorithm=strategy,
                            product=model.name, rounds=int(options.get("rounds", 0)),
-                           min_sites=int(min_sites or 0),
+                           min_sites=int(min_sites or 0), secagg=bool(secagg),
                            options=json.dumps({k: v for k, v in options.items()
                                                if k != "rounds"}))
     res = run_loopback(dirs, folder / "flower", settings=settings)
