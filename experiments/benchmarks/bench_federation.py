@@ -28,6 +28,12 @@ each, default 8):
   the unconstrained population parameters).
 * **Flower loopback**: a SuperLink and K = 3 SuperNodes as separate processes on
   127.0.0.1 running federated FOCEI; median seconds per round and start-up.
+* **SecAgg over Flower**: the same loopback federation and rounds with secure
+  aggregation (Bonawitz et al. 2017, signed keys and consistency check: one Flower
+  message exchange per protocol stage) against the plain Flower round, measured
+  in the same run: median seconds per round and their ratio.
+
+``--rows`` picks rows (e.g. ``--rows flower-secagg`` reruns only the last one).
 """
 
 from __future__ import annotations
@@ -240,6 +246,46 @@ def bench_flower(rows, rounds: int):
                         "message"))
 
 
+def bench_flower_secagg(rows, rounds: int):
+    """K = 3 SuperNodes on loopback, federated FOCEI for ``rounds`` rounds, plain
+    and with SecAgg over Flower, on the same site files and seed."""
+    try:
+        from phems_clinical.federation.flower.config import RunSettings
+        from phems_clinical.federation.flower.launch import (
+            run_loopback,
+            simulate_sites,
+        )
+    except ImportError as err:
+        rows.append(row("SecAgg over Flower", 3, None, None, None, None, "–",
+                        f"not run: {err}"))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        sites = simulate_sites(jax.random.key(4), Path(tmp) / "sites", 24)
+        per, res = {}, {}
+        for secure in (False, True):
+            log(f"Flower loopback, secagg={secure}")
+            res[secure] = run_loopback(
+                sites, Path(tmp) / f"out_{secure}",
+                settings=RunSettings(seed=0, rounds=rounds, secagg=secure))
+            per[secure] = statistics.median(h["seconds"]
+                                            for h in res[secure]["history"])
+        a = np.asarray(list(res[False]["estimates"].values()), dtype=float)
+        b = np.asarray(list(res[True]["estimates"].values()), dtype=float)
+        gap = float(np.max(np.abs(b / a - 1)))
+        rows.append(row("Flower round, plain (same run as the next row)", 3, 24,
+                        rounds, sum(h["seconds"] for h in res[False]["history"]),
+                        per[False], "–", "TLS + SuperNode auth"))
+        rows.append(row("SecAgg over Flower vs plain Flower round (ratio of median "
+                        "s/round)", 3, 24, rounds,
+                        sum(h["seconds"] for h in res[True]["history"]), per[True],
+                        f"{per[True] / per[False]:.2f}x plain",
+                        f"5 stage exchanges/round; max rel. diff to plain "
+                        f"{gap:.1e}"))
+
+
+ROWS = ("in-process", "secagg", "pooled", "flower", "flower-secagg")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -247,25 +293,35 @@ def main(argv=None) -> int:
     ap.add_argument("--per-site", type=int, default=8)
     ap.add_argument("--secagg-rounds", type=int, default=10)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                    help="rows to run (default: all)")
     args = ap.parse_args(argv)
+    if args.no_flower:
+        args.rows = [r for r in args.rows if not r.startswith("flower")]
     ks = (3, 10) if args.quick else (3, 10, 100)
     load0 = load_average()
     info = device_info()
     model = load_product("advate")
     rows: list[str] = []
     t0 = time.perf_counter()
-    bench_in_process(model, ks, args.per_site, rows)
-    bench_secagg(model, ks, args.per_site, 3 if args.quick else args.secagg_rounds,
-                 rows)
-    bench_vs_pooled(model, 5, args.per_site, 300 if args.quick else 1000, rows)
-    if not args.no_flower:
+    if "in-process" in args.rows:
+        bench_in_process(model, ks, args.per_site, rows)
+    if "secagg" in args.rows:
+        bench_secagg(model, ks, args.per_site,
+                     3 if args.quick else args.secagg_rounds, rows)
+    if "pooled" in args.rows:
+        bench_vs_pooled(model, 5, args.per_site, 300 if args.quick else 1000, rows)
+    if "flower" in args.rows:
         bench_flower(rows, 2 if args.quick else 3)
+    if "flower-secagg" in args.rows:
+        bench_flower_secagg(rows, 2 if args.quick else 3)
     head = ("| comparison | sites K | patients | rounds | seconds | s/round | "
             "accuracy / ratio | note |\n|---|---|---|---|---|---|---|---|")
     table = "\n".join([head, *rows])
     print(table)
     dev = "gpu" if info.get("platform") == "gpu" else "cpu"
-    out = Path(args.out) if args.out else HERE / f"federation_{dev}.md"
+    part = "" if list(args.rows) == list(ROWS) else "_" + "_".join(args.rows)
+    out = Path(args.out) if args.out else HERE / f"federation_{dev}{part}.md"
     cmd = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
     out.write_text(
         f"# Federation benchmark ({dev.upper()})\n\n"

@@ -9,7 +9,12 @@ process:
   node-local state, run ``algorithm.local_update`` with the site's key
   ``site_round_key(simulated_site_keys(key(seed), K)[site_index], round)``, check
   the payload against ``federation_message.schema.json``, store the new state on
-  the node and reply with the payload only (an ``ArrayRecord`` of float64 arrays).
+  the node and reply with the payload only (an ``ArrayRecord`` of float64 arrays);
+* with secure aggregation (run config ``secagg``), ``train`` keeps the flattened
+  payload on the node and replies with the SecAgg key advertisement only; each
+  later protocol stage is a ``train.secagg`` message
+  (:mod:`~phems_clinical.federation.flower.secagg_transport`). A site whose node
+  config sets ``secagg-required`` refuses a ``train`` message without SecAgg.
 
 The algorithm's per-site metrics stay on the node (appended to ``metrics.jsonl`` in
 the state folder). A handler that fails replies with a Flower error whose reason is

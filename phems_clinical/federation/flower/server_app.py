@@ -22,6 +22,12 @@ A site that fails says only a category and a reference
 other error text, e.g. Flower's own, is reduced to its error code), so nothing the
 server writes -- result, checkpoint, logs, exceptions -- holds a site's error text.
 
+With ``secagg`` in the run config, step 3 runs secure aggregation (Bonawitz et
+al., ACM CCS 2017) instead of collecting payloads: the ``train`` message asks
+each site for its signed key advertisement, then one ``train.secagg`` exchange per
+protocol stage (:func:`run_secagg_round`); the server sees only masked vectors,
+decodes their sum and passes it to ``aggregate``.
+
 The sites' states never come here: they stay in each node's state folder
 (:mod:`~phems_clinical.federation.flower.site_state`).
 """
