@@ -191,3 +191,27 @@ def test_loopback_secagg_equals_in_process_secagg(name, tmp_path):
     print(f"\n{name} loopback SecAgg: rounds {', '.join(f'{s:.1f}' for s in seconds)}"
           f" s; max |Flower - in-process| {max(gaps):.1e} (bound per summed "
           f"coordinate {log[0].max_error_bound:.1e})")
+
+
+def test_runner_applies_secagg_on_flower(monkeypatch, tmp_path):
+    """``federation.secagg`` with ``engine: flower`` reaches the Flower run config
+    (it used to be recorded as on without being applied)."""
+    import pandas as pd
+
+    from phems_clinical.federation.flower import launch
+    from phems_clinical.pk.library import load_product
+    from phems_clinical.runner.tasks.haemophilia import train_flower
+
+    seen = {}
+
+    def stop(dirs, out, *, settings):
+        seen["settings"] = settings
+        raise RuntimeError("stopped before any process starts")
+
+    monkeypatch.setattr(launch, "run_loopback", stop)
+    frames = [pd.DataFrame({"ID": [k], "TIME": [0.0]}) for k in range(3)]
+    for secure in (True, False):
+        with pytest.raises(RuntimeError, match="stopped"):
+            train_flower(1, frames, "fed_focei", load_product("advate"), {},
+                         tmp_path / str(secure), secagg=secure)
+        assert seen["settings"].secagg is secure
