@@ -60,6 +60,7 @@ from phems_clinical.federation import secagg
 from phems_clinical.federation.flower.config import RunSettings, SiteConfig
 from phems_clinical.federation.messages import MessageRejected
 from phems_clinical.federation.secure import default_secagg_config
+from phems_clinical.federation.site_errors import SiteProtocolError
 
 MESSAGE_TYPE = "train.secagg"
 """Flower message type of the stages after the first (``@app.train("secagg")``)."""
@@ -402,7 +403,9 @@ def encoding_key(seed: int, n_sites: int, k: int, r: int):
 
 def site_stage(content, folder: Path, site: SiteConfig, settings: RunSettings):
     """A later stage at this site: the reply content to a :data:`MESSAGE_TYPE`
-    message (the state file is deleted after the site's last stage)."""
+    message (the state file is deleted after the site's last stage, or at once
+    when the site refuses the stage: ``SiteProtocolError``, which leaves the site
+    as the category ``protocol_error`` only)."""
     try:
         head = content["config"]
         stage, k = str(head["stage"]), int(head["site-index"])
@@ -417,9 +420,9 @@ def site_stage(content, folder: Path, site: SiteConfig, settings: RunSettings):
                               f"{list(secagg.STAGES[1:])}")
     path = _state_file(folder, round_id)
     if not path.is_file():
-        raise secagg.SecAggError(f"stage {stage}: this site holds no SecAgg state "
-                                 "for the round (it did not advertise keys for it, "
-                                 "or the round already ended)")
+        raise SiteProtocolError(f"stage {stage}: this site holds no SecAgg state for "
+                                "the round (it did not advertise keys for it, or "
+                                "the round already ended)")
     kept = load_private(path)
     if (kept["round"], kept["site-index"]) != (r, k):
         raise MessageRejected("secagg message: round or site differs from the "
@@ -436,8 +439,11 @@ def site_stage(content, folder: Path, site: SiteConfig, settings: RunSettings):
             reply, state = secagg.site_masked_input(state, incoming, enc.q)
         else:
             reply, state = getattr(secagg, _SITE_STEP[stage])(state, incoming)
-    except BaseException:
+    except secagg.SecAggError as err:  # the protocol refuses the server's message
         clear_secrets(folder)  # a refused stage ends the round for this site
+        raise SiteProtocolError(f"secagg {stage}: {err}") from err
+    except BaseException:
+        clear_secrets(folder)
         raise
     if stage == secagg.STAGES[-1]:
         clear_secrets(folder)
