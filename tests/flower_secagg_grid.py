@@ -88,10 +88,11 @@ class Grid:
     message and reply crosses Flower's wire format. ``transcript`` keeps the bytes
     of every reply the server received; ``drop`` silences (stage, round, site)."""
 
-    def __init__(self, node_configs, run_config, drop=(), tamper=None):
+    def __init__(self, node_configs, run_config, drop=(), tamper=None, replay=()):
         self.nodes = {100 + k: cfg for k, cfg in enumerate(node_configs)}
         self.run_config = run_config
-        self.drop, self.tamper = set(drop), tamper
+        self.drop, self.tamper, self.replay = set(drop), tamper, set(replay)
+        self.replayed = {}
         self.outbox, self.transcript, self.replies = {}, [], []
         self.ids = itertools.count()
         self.seen_files: list[tuple[str, int]] = []
@@ -120,6 +121,8 @@ class Grid:
             ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node],
                           state=RecordDict(), run_config=self.run_config)
             reply = client_app.app(msg, ctx)
+            if (stage, r, node - 100) in self.replay:  # the same message again
+                self.replayed[stage, r, node - 100] = client_app.app(msg, ctx)
             folder = Path(self.nodes[node]["state-dir"]) / "job"
             self.seen_files += [(p.name, stat.S_IMODE(p.stat().st_mode))
                                 for p in folder.glob("secagg-*.json")]
@@ -155,7 +158,7 @@ def use_toy(monkeypatch) -> None:
 
 
 def run_grid(dirs, tmp, *, secure, drop=(), required=True, fail=None, tamper=None,
-         **kw):
+             replay=(), **kw):
     settings = fconfig.RunSettings(algorithm="toy", num_sites=3, rounds=2, seed=3,
                                    round_timeout=0.3, job="job", secagg=secure,
                                    **kw)
@@ -163,7 +166,7 @@ def run_grid(dirs, tmp, *, secure, drop=(), required=True, fail=None, tamper=Non
               "state-dir": str(tmp / f"state_{k}"), "secagg-required": required,
               **({"fail-rounds": fail[k]} if fail and k in fail else {})}
              for k, d in enumerate(dirs)]
-    grid = Grid(nodes, fconfig.to_run_config(settings), drop, tamper)
+    grid = Grid(nodes, fconfig.to_run_config(settings), drop, tamper, replay)
     return run_server(grid, settings), grid
 
 

@@ -11,7 +11,10 @@ real ClientApp (tests/flower_secagg_grid.py), three simulated hospitals:
 * a coordinator that turns SecAgg off in the run config gets no payload from a
   site whose own node config requires SecAgg;
 * a server that puts its own key pair in the roster in place of a site's keys is
-  refused by every site (signatures checked against the node's identity roster).
+  refused by every site (signatures checked against the node's identity roster);
+* a server that sends a site the same consistency or unmasking request twice (as
+  Flower may also run two copies of a message at once) gets one answer: the site's
+  state lives on its disk under a lock, and a stage runs once per round.
 """
 
 import pytest
@@ -106,4 +109,22 @@ def test_server_cannot_substitute_a_site_key(toy_sites, tmp_path):
         run_grid(toy_sites, tmp_path, secure=True, retries=0, tamper=swap)
     assert str(info.value).count("share_keys: failed: protocol_error") == 3
     # the refusing sites dropped their secrets of the round at once
+    assert not list(tmp_path.rglob("secagg-*.json"))
+
+
+def test_replayed_stage_is_answered_once(toy_sites, tmp_path):
+    """Site 0 gets round 0's consistency request twice, site 1 the unmasking
+    request twice. A second signature (over a survivor set the server could change)
+    or a second set of shares would help a server unmask one site; each site
+    answers once, drops its secrets, and the round still completes (site 0's input
+    is in the sum; the others reveal its self-mask seed)."""
+    report, grid = run_grid(toy_sites, tmp_path, secure=True, min_sites=2,
+                            replay={("consistency_check", 0, 0),
+                                    ("unmasking", 0, 1)})
+    assert set(grid.replayed) == {("consistency_check", 0, 0), ("unmasking", 0, 1)}
+    for again in grid.replayed.values():
+        assert again.has_error()
+        assert again.error.reason.startswith("protocol_error ")
+    assert report["history"][0]["participants"] == [0, 1, 2]
+    assert report["status"] == "completed"
     assert not list(tmp_path.rglob("secagg-*.json"))

@@ -47,10 +47,12 @@ References
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +296,21 @@ def _state_file(folder: Path, round_id: int) -> Path:
     return Path(folder) / f"secagg-{int(round_id):012d}.json"
 
 
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold the SecAgg lock of ``folder``: Flower may run two messages for one node
+    at once, and two copies of a stage must not both read the same state (e.g.
+    sign two different survivor sets, or answer two unmasking requests)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".secagg.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def clear_secrets(folder: Path) -> int:
     """Delete every SecAgg state file of ``folder`` (a finished or abandoned
     round's); returns how many."""
@@ -371,6 +388,11 @@ def site_advertise(folder: Path, site: SiteConfig, settings: RunSettings, k: int
     """Stage 0 at site ``k``: keep ``vector`` (the flattened payload) and the new
     SecAgg state in ``folder`` (0600); returns the reply content (the key
     advertisement only)."""
+    with _exclusive(folder):
+        return _advertise(folder, site, settings, k, r, round_id, vector)
+
+
+def _advertise(folder, site, settings, k, r, round_id, vector):
     clear_secrets(folder)  # secrets of an earlier, unfinished attempt
     cfg = secagg_config(settings)
     me = site_id(k)
@@ -413,11 +435,16 @@ def site_stage(content, folder: Path, site: SiteConfig, settings: RunSettings):
     except (KeyError, TypeError, ValueError) as err:
         raise MessageRejected(f"secagg message: header field {err} missing") from None
     if k != site.site_index:
-        raise ValueError(f"secagg message for site {k} delivered to site "
-                         f"{site.site_index}")
+        raise SiteProtocolError(f"secagg message for site {k} delivered to site "
+                                f"{site.site_index}")
     if stage not in secagg.STAGES[1:]:
         raise MessageRejected(f"secagg message: stage {stage!r} is not one of "
                               f"{list(secagg.STAGES[1:])}")
+    with _exclusive(folder):  # load, run the stage, save: one message at a time
+        return _stage(content, folder, settings, stage, k, r, round_id)
+
+
+def _stage(content, folder, settings, stage, k, r, round_id):
     path = _state_file(folder, round_id)
     if not path.is_file():
         raise SiteProtocolError(f"stage {stage}: this site holds no SecAgg state for "
