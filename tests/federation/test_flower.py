@@ -327,26 +327,42 @@ data_users:
     epsilon_budget: 1.0
     require_dp: false
     experiments: ['haemophilia_*']
+    public_key: {public}
 """
+_USER_KEY = gov.generate_user_key()   # the data user's Ed25519 key
+
+
+def _policy(min_cohort):
+    return _POLICY.format(min_cohort=min_cohort, public=_USER_KEY[1].hex())
+
+
+def _request(algorithm="fed_focei", rounds=3):
+    return gov.sign_request(_USER_KEY[0], requester="pk-consortium",
+                            experiment="haemophilia_fviii", algorithm=algorithm,
+                            rounds=rounds)
 
 
 def test_site_policy_refuses_in_the_query_round(tmp_path):
     """Before computing anything, a SuperNode whose folder holds a policy checks
-    the run against it (here: 8 patients < min_cohort_size 20)."""
+    the run's signed request and the run against it (here: 8 patients <
+    min_cohort_size 20); a requester string that is not the signed one is
+    refused."""
     from phems_clinical.federation.flower.client_app import site_query
     from phems_clinical.federation.flower.launch import simulate_sites
 
     site = simulate_sites(jax.random.key(11), tmp_path / "data", 24)[0]
-    node = {"site-dir": str(site), "site-index": 0}
+    node = {"site-dir": str(site), "site-index": 0,
+            "site-key": str(tmp_path / "keys" / "site_0.key")}
     run = {"num-sites": 3, "requester": "pk-consortium",
-           "experiment": "haemophilia_fviii"}
-    (site / fconfig.POLICY_FILE).write_text(_POLICY.format(min_cohort=20))
+           "experiment": "haemophilia_fviii", "request": _request()}
+    (site / fconfig.POLICY_FILE).write_text(_policy(20))
     with pytest.raises(gov.PolicyViolation, match="min_cohort_size"):
-        site_query(node, run)
-    (site / fconfig.POLICY_FILE).write_text(_POLICY.format(min_cohort=5))
-    assert site_query(node, run)["site"]["n-sub"] == 8
-    with pytest.raises(gov.PolicyViolation, match="not a data user"):
-        site_query(node, {**run, "requester": "someone"})
+        site_query(node, run, 1)
+    (site / fconfig.POLICY_FILE).write_text(_policy(5))
+    reply = site_query(node, run, 1)
+    assert reply["site"]["n-sub"] == 8 and reply["audit"]["seq"] == 1
+    with pytest.raises(gov.PolicyViolation, match="requester: the run config"):
+        site_query(node, {**run, "requester": "someone"}, 1)
 
 
 @pytest.mark.slow
@@ -375,10 +391,11 @@ def test_loopback_deployment_equals_in_process_engine(tmp_path):
     # Warm the nodes' export cache (a speed-up only: each node would export the
     # traced update itself on its first round).
     # Site 0 holds a policy: it checks the run, then logs every message it sends.
-    (site_dirs[0] / fconfig.POLICY_FILE).write_text(_POLICY.format(min_cohort=5))
+    (site_dirs[0] / fconfig.POLICY_FILE).write_text(_policy(5))
     settings = fconfig.RunSettings(seed=5, rounds=3, min_sites=2, num_sites=3,
                                    n_occ=n_occ, requester="pk-consortium",
-                                   experiment="haemophilia_fviii")
+                                   experiment="haemophilia_fviii",
+                                   request=_request())
     tag, files = fconfig.algorithm_tag(settings, n_occ)
     info = {}
     call_cached(algorithm.local_update,
@@ -417,8 +434,9 @@ def test_loopback_deployment_equals_in_process_engine(tmp_path):
     for d in site_dirs:
         assert list((d / fconfig.STATE_DIR).rglob("entering-*.eqx"))
     assert result["launch"]["left_running"] == []
-    audit = gov.verify_log(site_dirs[0] / "audit.jsonl")
-    assert audit.ok and audit.n_entries == 3
+    key = gov.load_site_key(tmp_path / "out" / "site_keys" / "site_0.key")
+    audit = gov.verify_log(site_dirs[0] / "audit.jsonl", key=key)
+    assert audit.ok and audit.n_entries == 4   # the admission and 3 messages
     seconds = [h["seconds"] for h in result["history"]]
     print(f"\nloopback: {result['launch']['to_first_round_s']:.1f} s from launch to "
           f"round 0, {result['launch']['total_s']:.1f} s in all; rounds "

@@ -7,7 +7,9 @@ process:
 * ``query``: read the site's event table and report its sizes (counts only);
 * ``train``: load the site's cohort padded to the broadcast shapes, load its
   node-local state, run ``algorithm.local_update`` with the site's key
-  ``site_round_key(simulated_site_keys(key(seed), K)[site_index], round)``, check
+  ``site_round_key(simulated_site_keys(key(seed), K)[site_index], round)`` (with
+  patient-level DP: ``core.derive_site_key`` of the site's own secret, kept in its
+  state folder, never the seed), check
   the payload against ``federation_message.schema.json``, store the new state on
   the node and reply with the payload only (an ``ArrayRecord`` of float64 arrays);
 * with secure aggregation (run config ``secagg``), ``train`` keeps the flattened
@@ -46,10 +48,13 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
 
 from phems_clinical.federation.core import (  # noqa: E402
+    derive_site_key,
     flatten_payload,
+    kept_site_secret,
     payload_to_numpy,
     simulated_site_keys,
     site_round_key,
+    tree_digest,
 )
 from phems_clinical.federation.flower.compiled import call_cached  # noqa: E402
 from phems_clinical.federation.flower.config import (  # noqa: E402
@@ -78,7 +83,14 @@ from phems_clinical.federation.flower.site_state import (  # noqa: E402
     prune_site_states,
     save_site_state,
 )
-from phems_clinical.federation.gate import admit, release, settle  # noqa: E402
+from phems_clinical.federation.gate import (  # noqa: E402
+    admit,
+    authenticate,
+    cached_reply,
+    head,
+    release,
+    request_digest,
+)
 from phems_clinical.federation.messages import (  # noqa: E402
     check_payload,
     check_query_reply,
@@ -117,27 +129,38 @@ def _checked_site(node_config: Mapping[str, Any], num_sites: int) -> SiteConfig:
     return site
 
 
-def site_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
-               ) -> RecordDict:
+def _with_head(content: RecordDict, gate) -> RecordDict:
+    """Add the site's audit-log head (``audit`` record: seq, MAC) to a reply, so
+    the coordinator holds an anchor of the site's log."""
+    if gate is not None:
+        seq, mac = head(gate)
+        content["audit"] = ConfigRecord({"seq": seq, "head": mac})
+    return content
+
+
+def site_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any],
+               run_id: int | None = None) -> RecordDict:
     """The reply to the query round: site index and cohort sizes.
 
-    A site with a policy (``site_policy.yaml`` in its folder) checks the run
-    against it first and refuses (``PolicyViolation``) before computing anything;
-    an admitted run's planned ε is reserved in the site's privacy ledger at once
-    (a run stopped early keeps its reservation: conservative).
+    A site with a policy (``site_policy.yaml`` in its folder) first authenticates
+    the run's signed request (before reading any data), then checks the run
+    against its policy and admits it for the planned rounds
+    (:func:`~phems_clinical.federation.gate.admit`), or refuses
+    (``PolicyViolation``); ε is charged per executed round in :func:`site_update`.
     """
     settings = run_settings(run_config)
     site = _checked_site(node_config, settings.num_sites)
+    gate = site_gate(site, settings, run_id)
+    if gate is not None:  # who asks for what, before any data are read
+        authenticate(gate)
     cohort = read_site_cohort(site, product_model(settings))
-    gate = site_gate(site, settings)
     if gate is not None:
         algorithm = build_algorithm(settings, n_occ=max(1, n_occasions(cohort)))
         rounds = settings.rounds or algorithm.max_rounds
         admit(gate, algorithm, cohort.n_subjects, rounds)
-        settle(gate, algorithm, cohort.n_subjects, rounds)
     reply = check_query_reply({"site-index": site.site_index, **site_shape(cohort)},
                               settings.num_sites)
-    return RecordDict({"site": ConfigRecord(reply)})
+    return _with_head(RecordDict({"site": ConfigRecord(reply)}), gate)
 
 
 def state_folder(site: SiteConfig, settings: RunSettings, run_id: int) -> Path:
@@ -166,6 +189,21 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
             "only under secure aggregation (node config secagg-required or run "
             "config secagg is true)")
     algorithm = build_algorithm(settings, n_occ=int(config["n-occ"]))
+    gate = site_gate(site, settings, run_id)
+    digest = None
+    if gate is not None:  # admitted, within its rounds, before any data are read
+        digest = request_digest(record_to_arrays(content["broadcast"]), {
+            n: v for n, v in config.items() if n != ROUND_ID_KEY})
+        cached = cached_reply(gate, r, digest)
+        if cached is not None:  # an identical re-request: the same reply, no new ε
+            if secure:
+                return _with_head(site_advertise(
+                    state_folder(site, settings, run_id), site, settings, k, r,
+                    int(config[ROUND_ID_KEY]),
+                    flatten_payload(cached, algorithm.message_spec)), gate)
+            return _with_head(RecordDict({
+                "payload": arrays_to_record(cached),
+                "site": ConfigRecord({"site-index": k, "round": r})}), gate)
     cohort = read_site_cohort(site, product_model(settings))
     data = pad_cohort(cohort, int(config["n-sub"]), int(config["n-dose"]),
                       int(config["n-obs"]))
@@ -175,17 +213,21 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
     message = {name: jnp.asarray(v) for name, v in
                record_to_arrays(content["broadcast"]).items()}
     t_loaded = time.time()
-    key = site_round_key(
-        simulated_site_keys(jax.random.key(settings.seed), n_sites)[k], r)
+    if algorithm.dp is None:  # no DP: the seed's keys, as the in-process engine
+        key = site_round_key(
+            simulated_site_keys(jax.random.key(settings.seed), n_sites)[k], r)
+    else:  # DP noise from the site's own kept CSPRNG secret, never the seed
+        key = derive_site_key(kept_site_secret(folder), r,
+                              tree_digest(message, data, state, state_from))
     tag, files = algorithm_tag(settings, int(config["n-occ"]))
     compiled: dict = {}
     payload, new_state, metrics = call_cached(
         algorithm.local_update, (message, data, state, key), tag=tag,
         extra_files=files, info=compiled)
     check_payload(algorithm, payload, r)
-    gate = site_gate(site, settings)
-    if gate is not None:  # the policy's allowed fields, then the audit log
-        release(gate, payload_to_numpy(payload), r)
+    if gate is not None:  # fields, the ε of the rounds executed, the audit log
+        release(gate, payload_to_numpy(payload), r, algorithm=algorithm,
+                n_patients=cohort.n_subjects, digest=digest)
     t_done = time.time()
     save_site_state(folder, r + 1, new_state)
     prune_site_states(folder, state_from)
@@ -197,11 +239,13 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
                         "import": t_start - _T_IMPORT, "load": t_loaded - t_start,
                         "update": t_done - t_loaded}}) + "\n")
     if secure:  # keep the flattened payload here; reply with the key advert only
-        return site_advertise(folder, site, settings, k, r, int(config[ROUND_ID_KEY]),
-                              flatten_payload(payload_to_numpy(payload),
-                                              algorithm.message_spec))
-    return RecordDict({"payload": arrays_to_record(payload_to_numpy(payload)),
-                       "site": ConfigRecord({"site-index": k, "round": r})})
+        return _with_head(site_advertise(
+            folder, site, settings, k, r, int(config[ROUND_ID_KEY]),
+            flatten_payload(payload_to_numpy(payload), algorithm.message_spec)),
+            gate)
+    return _with_head(RecordDict({
+        "payload": arrays_to_record(payload_to_numpy(payload)),
+        "site": ConfigRecord({"site-index": k, "round": r})}), gate)
 
 
 def site_secagg(content: RecordDict, node_config: Mapping[str, Any],
@@ -242,7 +286,8 @@ app = ClientApp()
 @site_guarded("query")
 def query(msg: Message, context: Context) -> Message:
     """Reply with the site's index and cohort sizes."""
-    return Message(site_query(context.node_config, context.run_config), reply_to=msg)
+    return Message(site_query(context.node_config, context.run_config,
+                              context.run_id), reply_to=msg)
 
 
 @app.train()

@@ -82,8 +82,12 @@ class RunSettings(NamedTuple):
         The algorithm's options as a JSON object ('' = its defaults), as for
         ``phems federate --options``.
     requester, experiment : str
-        Who runs what, for the sites' policies (``site_policy.yaml`` in a site
-        folder; see :func:`site_gate`).
+        Who runs what, as the coordinator claims it (optional; a site with a
+        policy refuses a claim that differs from the signed ``request``).
+    request : str
+        The data user's signed request (``phems governance sign-request``): what
+        a site with a policy (``site_policy.yaml``) authenticates before reading
+        any data (:func:`site_gate`, :mod:`phems_clinical.federation.gate`).
     secagg : bool
         Sum the sites' payloads with secure aggregation (Bonawitz et al., CCS
         2017; :mod:`~phems_clinical.federation.flower.secagg_transport`).
@@ -108,6 +112,7 @@ class RunSettings(NamedTuple):
     options: str = ""
     requester: str = ""
     experiment: str = ""
+    request: str = ""
     secagg: bool = False
     secagg_clip: float = 0.0
     secagg_bits: int = 0
@@ -224,6 +229,9 @@ class SiteConfig(NamedTuple):
         Where the node keeps its state between rounds (node-local).
     fail_rounds : frozenset of int
         Fault injection for tests: rounds in which this site raises.
+    site_key : Path or None
+        The site's audit/ledger MAC key file (``site-key``), outside ``site_dir``;
+        required when the site has a policy.
     secagg_required : bool
         The site sends its payload only under secure aggregation (fails closed).
     secagg_identity, secagg_trusted : Path or None
@@ -237,6 +245,7 @@ class SiteConfig(NamedTuple):
     data_file: str = DATA_FILE
     state_dir: Path | None = None
     fail_rounds: frozenset[int] = frozenset()
+    site_key: Path | None = None
     secagg_required: bool = False
     secagg_identity: Path | None = None
     secagg_trusted: Path | None = None
@@ -246,7 +255,8 @@ def site_config(node_config: Mapping[str, Any]) -> SiteConfig:
     """Read :class:`SiteConfig` from a SuperNode's node config.
 
     Keys: ``site-dir`` (required), ``site-index`` (required), ``num-sites``,
-    ``data-file``, ``state-dir``, ``fail-rounds`` (comma-separated rounds, for
+    ``data-file``, ``state-dir``, ``site-key`` (the MAC key file of the site's
+    audit log and ledger), ``fail-rounds`` (comma-separated rounds, for
     fault-injection tests), ``secagg-required`` (true: refuse to send a payload
     unmasked), ``secagg-identity`` and ``secagg-trusted`` (paths).
     """
@@ -274,6 +284,8 @@ def site_config(node_config: Mapping[str, Any]) -> SiteConfig:
         state_dir=(Path(str(state)).expanduser().resolve() if state
                    else site_dir / STATE_DIR),
         fail_rounds=frozenset(int(r) for r in fails.split(",") if r.strip()),
+        site_key=(Path(str(node_config["site-key"])).expanduser().resolve()
+                  if node_config.get("site-key") else None),
         secagg_required=required,
         secagg_identity=path("secagg-identity", IDENTITY_FILE),
         secagg_trusted=path("secagg-trusted", TRUSTED_FILE),
@@ -284,18 +296,28 @@ POLICY_FILE = "site_policy.yaml"
 """A site's policy inside its folder (``data_schemas/site_policy.schema.json``)."""
 
 
-def site_gate(site: SiteConfig, settings: RunSettings):
+def site_gate(site: SiteConfig, settings: RunSettings, run_id: Any = None):
     """The site's :class:`~phems_clinical.federation.gate.SiteGate` when its folder
-    holds ``site_policy.yaml`` (audit log ``audit.jsonl`` and privacy ledger
-    ``privacy_ledger.json`` next to it), else None."""
+    holds ``site_policy.yaml`` (audit log ``audit.jsonl``, privacy ledger
+    ``privacy_ledger.json`` and admission records ``admissions/`` next to it; the
+    MAC key from the node config's ``site-key``), else None.
+
+    Raises ``IntegrityError`` (field ``site_key``) for a policy without a key.
+    """
     from phems_clinical.federation.gate import SiteGate
-    from phems_clinical.federation.governance import load_policy
+    from phems_clinical.federation.governance import IntegrityError, load_policy
 
     path = site.site_dir / POLICY_FILE
     if not path.exists():
         return None
+    if site.site_key is None:
+        raise IntegrityError("site_key", "node config site-key: required when the "
+                             "site folder holds site_policy.yaml (a key file "
+                             "outside the site folder)")
     return SiteGate(load_policy(path), site.site_dir / "audit.jsonl",
-                    site.site_dir / "privacy_ledger.json", settings.requester,
+                    site.site_dir / "privacy_ledger.json", settings.request,
+                    site.site_key, site.site_dir / "admissions",
+                    "" if run_id is None else str(run_id), settings.requester,
                     settings.experiment)
 
 

@@ -466,6 +466,9 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
                                check=True, capture_output=True, timeout=120)
             config = {"site-dir": str(site), "site-index": k, "num-sites": len(sites),
                       **({"secagg-required": True} if settings.secagg else {})}
+            # the MAC key of a site's audit log, outside its folder (used when
+            # the site holds a policy)
+            config["site-key"] = str(out / "site_keys" / f"site_{k}.key")
             fails = (fail_rounds or {}).get(k)
             if fails:
                 config["fail-rounds"] = ",".join(str(r) for r in fails)
@@ -541,6 +544,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-sites", type=int, default=0,
                    help="fewest sites a round may complete with (0: all)")
     p.add_argument("--round-timeout", type=float, default=300.0, help="seconds")
+    p.add_argument("--request", default=None, metavar="FILE",
+                   help="the data user's signed request ('phems governance "
+                        "sign-request'), checked by sites that hold a policy")
     p.add_argument("--job", default="", help="job name under which sites keep "
                                              "state (needed to resume a run)")
     p.add_argument("--resume", action="store_true",
@@ -581,7 +587,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = RunSettings(seed=args.seed, algorithm=args.algorithm,
                            product=args.product, min_sites=args.min_sites,
                            rounds=args.rounds, round_timeout=args.round_timeout,
-                           job=args.job, options=args.options, secagg=args.secagg)
+                           job=args.job, options=args.options, secagg=args.secagg,
+                           request=(Path(args.request).read_text().strip()
+                                    if args.request else ""))
     try:
         result = run_loopback(sites, args.out, settings=settings,
                               tls=not args.insecure, node_auth=not args.insecure,
