@@ -158,13 +158,14 @@ def use_toy(monkeypatch) -> None:
 
 
 def run_grid(dirs, tmp, *, secure, drop=(), required=True, fail=None, tamper=None,
-             replay=(), **kw):
+             replay=(), site_keys=None, **kw):
     settings = fconfig.RunSettings(algorithm="toy", num_sites=3, rounds=2, seed=3,
                                    round_timeout=0.3, job="job", secagg=secure,
                                    **kw)
     nodes = [{"site-dir": str(d), "site-index": k, "num-sites": 3,
               "state-dir": str(tmp / f"state_{k}"), "secagg-required": required,
-              **({"fail-rounds": fail[k]} if fail and k in fail else {})}
+              **({"fail-rounds": fail[k]} if fail and k in fail else {}),
+              **({"site-key": str(site_keys[k])} if site_keys else {})}
              for k, d in enumerate(dirs)]
     grid = Grid(nodes, fconfig.to_run_config(settings), drop, tamper, replay)
     return run_server(grid, settings), grid

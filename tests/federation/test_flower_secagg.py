@@ -38,7 +38,6 @@ from phems_clinical.federation.flower import secagg_transport as st  # noqa: E40
 from phems_clinical.federation.flower.launch import simulate_sites  # noqa: E402
 from phems_clinical.federation.messages import MessageRejected  # noqa: E402
 
-
 # -- the codec ---------------------------------------------------------------------
 
 
@@ -136,6 +135,48 @@ def test_too_few_survivors_abort_the_round(toy_sites, tmp_path):
              drop={("masked_input", 0, 1), ("masked_input", 0, 2)})
     assert "secure aggregation failed" in str(info.value)
     assert "fewer than threshold=2" in str(info.value)
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_governed_sites_leave_the_coordinator_anchors(secure, toy_sites, tmp_path):
+    """Sites with a policy, a signed request and their MAC keys outside their
+    folders: the run completes (with and without SecAgg), every reply carries the
+    site's audit-log head, and the heads the server kept in ``audit_anchors``
+    verify each site's log -- and detect an entry cut from its end."""
+    import json
+    import shutil
+
+    from phems_clinical.federation import governance as gov
+
+    private, public = gov.generate_user_key()
+    dirs, keys = [], []
+    for k, d in enumerate(toy_sites):
+        dirs.append(shutil.copytree(d, tmp_path / "data" / d.name))
+        (dirs[-1] / fconfig.POLICY_FILE).write_text(json.dumps({
+            "site": f"H{k}", "min_cohort_size": 5,
+            "allowed_fields": ["delta", "weight"], "max_rounds": 4,
+            "data_users": [{"id": "pk-consortium", "epsilon_budget": 10.0,
+                            "require_dp": False, "experiments": ["haemophilia_*"],
+                            "public_key": public.hex()}]}))
+        keys.append(tmp_path / "site_keys" / f"site_{k}.key")
+    request = gov.sign_request(private, requester="pk-consortium",
+                               experiment="haemophilia_fviii", algorithm="fedavg",
+                               rounds=2)
+    out, _ = run_grid(dirs, tmp_path / "run", secure=secure, required=secure,
+                      site_keys=keys, request=request)
+    assert out["status"] == "completed" and out["rounds"] == 2
+    anchors = out["audit_anchors"]
+    assert sorted(anchors) == ["0", "1", "2"]
+    for k, d in enumerate(dirs):
+        log, key = d / "audit.jsonl", gov.load_site_key(keys[k])
+        seq, head = anchors[str(k)]["seq"], anchors[str(k)]["head"]
+        assert (seq, head) == gov.log_head(log, key=key)  # the latest head
+        assert gov.verify_log(log, key=key, anchor=f"{seq}:{head}").ok
+        lines = log.read_text().splitlines(keepends=True)
+        log.write_text("".join(lines[:-1]))  # the site's log loses its last entry
+        assert gov.verify_log(log, key=key).ok  # the chain alone cannot tell
+        cut = gov.verify_log(log, key=key, anchor=f"{seq}:{head}")
+        assert not cut.ok and cut.first_bad_seq == seq
 
 
 # -- SuperLink + SuperNodes as processes --------------------------------------------

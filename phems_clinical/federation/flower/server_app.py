@@ -15,7 +15,13 @@ One run:
    round ``retries`` times and then abort -- add the payloads **in site-index
    order** and ``aggregate`` with ``core.server_round_key(key, r)``; checkpoint;
    stop when ``algorithm.done`` or after ``rounds`` rounds;
-4. write the result JSON (estimates, rounds, drops per round, seconds per round).
+4. write the result JSON (estimates, rounds, drops per round, seconds per round,
+   and ``audit_anchors``: each governed site's latest audit-log head, the
+   coordinator's anchor for ``phems audit verify --anchor``).
+
+With hospital-level DP (``algorithm.server_dp``) the server's key comes from its
+own OS CSPRNG (``core.server_run_key``), so its noise is not replayable from the
+seed.
 
 A site that fails says only a category and a reference
 (:mod:`~phems_clinical.federation.site_errors`); the server keeps exactly that (any
@@ -53,6 +59,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from phems_clinical.federation.core import (  # noqa: E402
     Algorithm,
     server_round_key,
+    server_run_key,
     unflatten_payload,
 )
 from phems_clinical.federation.engine import (  # noqa: E402
@@ -156,10 +163,11 @@ def wait_for_nodes(grid: Grid, settings: RunSettings) -> list[int]:
         time.sleep(POLL_SECONDS)
 
 
-def query_sites(grid: Grid, nodes: list[int], settings: RunSettings
+def query_sites(grid: Grid, nodes: list[int], settings: RunSettings, *,
+                anchors: dict[int, dict] | None = None
                 ) -> tuple[dict[int, int], dict[int, dict[str, int]], dict[int, str]]:
     """The query round: ``site index -> node id``, each site's sizes, and why the
-    nodes that did not answer are out."""
+    nodes that did not answer are out (``anchors``: see :func:`keep_anchor`)."""
     msgs = {n: Message(RecordDict({"config": ConfigRecord(
         {"num-sites": settings.num_sites})}), dst_node_id=n,
         message_type=MessageType.QUERY, ttl=settings.round_timeout + 30.0)
@@ -191,6 +199,7 @@ def query_sites(grid: Grid, nodes: list[int], settings: RunSettings
         else:
             node_of[k] = node
             shapes[k] = info
+            keep_anchor(anchors, k, reply.content)
     return node_of, shapes, problems
 
 
@@ -207,6 +216,15 @@ def _round_messages(broadcast: RecordDict, r: int, node_of: Mapping[int, int],
     return out
 
 
+def keep_anchor(anchors: dict[int, dict] | None, k: int, content) -> None:
+    """Keep site ``k``'s audit-log head (``audit`` record: seq, MAC) from a reply,
+    checked against the message schema: the coordinator's anchor of the site's
+    log (``phems audit verify LOG --key K --anchor SEQ:MAC`` detects entries cut
+    from its end). A site without a policy sends none."""
+    if anchors is not None and "audit" in content:
+        anchors[k] = check_audit_head(dict(content["audit"]))
+
+
 def _accept(algorithm: Algorithm, reply: Message, k: int, r: int
             ) -> dict[str, np.ndarray]:
     """The payload of a site's reply, checked (raises MessageRejected)."""
@@ -221,10 +239,11 @@ def _accept(algorithm: Algorithm, reply: Message, k: int, r: int
 
 def run_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
               node_of: Mapping[int, int], last_ok: Mapping[int, int],
-              common: Mapping[str, Any], settings: RunSettings
+              common: Mapping[str, Any], settings: RunSettings, *,
+              anchors: dict[int, dict] | None = None
               ) -> tuple[dict[int, dict[str, np.ndarray]], list[tuple[int, str]]]:
     """One attempt at round ``r``: the accepted payloads by site index and the
-    dropped sites with reasons."""
+    dropped sites with reasons (``anchors``: see :func:`keep_anchor`)."""
     broadcast = arrays_to_record(algorithm.broadcast(server))
     msgs = _round_messages(broadcast, r, node_of, last_ok, common, settings)
     replies, missing = exchange(grid, msgs, settings.round_timeout)
@@ -241,7 +260,9 @@ def run_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
             continue
         try:
             payloads[k] = _accept(algorithm, reply, k, r)
+            keep_anchor(anchors, k, reply.content)
         except (MessageRejected, KeyError, ValueError, TypeError) as err:
+            payloads.pop(k, None)
             dropped.append((k, _rejected_text(err)))
     return payloads, sorted(dropped)
 
@@ -249,7 +270,8 @@ def run_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
 def run_secagg_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
                      attempt: int, node_of: Mapping[int, int],
                      last_ok: Mapping[int, int], common: Mapping[str, Any],
-                     settings: RunSettings, cfg: SecAggConfig
+                     settings: RunSettings, cfg: SecAggConfig, *,
+                     anchors: dict[int, dict] | None = None
                      ) -> tuple[dict | None, tuple[int, ...], list[tuple[int, str]]]:
     """One attempt at round ``r`` under secure aggregation (Bonawitz et al., CCS
     2017; :mod:`~phems_clinical.federation.flower.secagg_transport`): the ``train``
@@ -275,7 +297,9 @@ def run_secagg_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
             continue
         try:
             adverts[k] = read_reply(reply.content, "advertise_keys", k, r, round_id)
+            keep_anchor(anchors, k, reply.content)
         except MessageRejected as err:
+            adverts.pop(k, None)
             dropped.append((k, _rejected_text(err)))
 
     def send(stage: str, contents: Mapping[int, RecordDict]):
@@ -373,7 +397,11 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
     n_sites = settings.num_sites
     min_sites = settings.min_sites or n_sites
     nodes = wait_for_nodes(grid, settings)
-    node_of, shapes, problems = query_sites(grid, nodes, settings)
+    # each governed site's latest audit-log head, kept in the result (updated in
+    # place, so also when the run stops with an error)
+    anchors: dict[int, dict] = {}
+    report["audit_anchors"] = anchors
+    node_of, shapes, problems = query_sites(grid, nodes, settings, anchors=anchors)
     report["nodes"] = {str(k): node_of[k] for k in sorted(node_of)}
     report["query_problems"] = problems
     if len(node_of) < min_sites:
@@ -394,6 +422,7 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
             **secure._asdict(), "max_error_bound": n_sites * grid_step(secure)}
     key = jax.random.key(settings.seed)
     server = algorithm.init_server(key)
+    server_key = server_run_key(key, algorithm)  # secret with hospital-level DP
     history: list[RoundRecord] = []
     ckpt = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
     if ckpt is not None:
@@ -421,12 +450,13 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
             attempts += 1
             if secure is None:
                 payloads, dropped = run_round(grid, algorithm, server, r, node_of,
-                                              last_ok, common, settings)
+                                              last_ok, common, settings,
+                                              anchors=anchors)
                 included = tuple(sorted(payloads))
             else:
                 total, included, dropped = run_secagg_round(
                     grid, algorithm, server, r, attempts, node_of, last_ok, common,
-                    settings, secure)
+                    settings, secure, anchors=anchors)
             if len(included) >= min_sites:
                 break
             if attempts > settings.retries:
@@ -440,7 +470,7 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
                     f"stopped after round {r - 1} (its checkpoint is kept)")
         if secure is None:
             total = sum_in_site_order(payloads)
-        server = aggregate(server, total, server_round_key(key, r))
+        server = aggregate(server, total, server_round_key(server_key, r))
         record = RoundRecord(r, included, tuple(dropped), attempts,
                              time.perf_counter() - t0)
         history.append(record)
