@@ -120,7 +120,7 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
     aggregator = cfg = None
     if secagg:
         cfg = default_secagg_config(len(sites), min_sites)
-        aggregator = secagg_aggregator(cfg, log)
+        aggregator = secagg_aggregator(cfg, log, n_sites=len(sites))
     fields: set[str] = set()
 
     def on_round(rec, server):

@@ -97,7 +97,8 @@ def _dp_statement(privacy: list[dict] | None, calibration: dict) -> dict:
     return {"epsilon": max(eps), "delta": float(privacy[0]["delta"]),
             "unit": privacy[0]["unit"], "accountant": privacy[0]["accountant"],
             "noise_multiplier": float(calibration.get("noise_multiplier", np.nan)),
-            "steps": int(privacy[0]["steps"]), "clip": privacy[0]["clip"]}
+            "steps": int(privacy[0]["steps"]), "clip": privacy[0]["clip"],
+            "noise_source": privacy[0].get("noise_source", "")}
 
 
 def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,

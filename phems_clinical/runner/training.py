@@ -137,7 +137,8 @@ def train(key, build: Callable[[dict], Algorithm], sites: Sequence[Any],
     aggregator = None
     if fed.secagg:
         aggregator = secagg_aggregator(default_secagg_config(len(sites),
-                                                             fed.min_sites))
+                                                             fed.min_sites),
+                                       n_sites=len(sites))
     n = len(sites)
 
     def on_round(rec, server):
