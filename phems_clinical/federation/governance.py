@@ -306,6 +306,19 @@ def _check_values(request: Request) -> None:
                          f"{request.n_patients} and {request.rounds}")
 
 
+def _data_user(policy: SitePolicy, requester: str) -> tuple[int, DataUser]:
+    """The policy's entry for ``requester`` and its index; ``PolicyViolation``
+    (field ``data_users``) when the site does not know it."""
+    ids = [u.id for u in policy.data_users]
+    if requester not in ids:
+        raise PolicyViolation(
+            "data_users", f"{requester!r} is not a data user of site "
+            f"{policy.site!r} (allowed: {', '.join(ids)})",
+            requested=requester, allowed=tuple(ids))
+    i = ids.index(requester)
+    return i, policy.data_users[i]
+
+
 def _over(total: float, budget: float) -> bool:
     return total > budget * (1.0 + _RTOL)
 
@@ -362,14 +375,8 @@ def check_request(policy: SitePolicy, request: Request, spent: Mapping[str, floa
     data_users[0].epsilon_budget
     """
     _check_values(request)
-    ids = [u.id for u in policy.data_users]
-    if request.requester not in ids:
-        raise PolicyViolation(
-            "data_users", f"{request.requester!r} is not a data user of site "
-            f"{policy.site!r} (allowed: {', '.join(ids)})",
-            requested=request.requester, allowed=tuple(ids))
-    i = ids.index(request.requester)
-    user, where = policy.data_users[i], f"data_users[{i}]"
+    i, user = _data_user(policy, request.requester)
+    where = f"data_users[{i}]"
     if not any(fnmatch.fnmatchcase(request.experiment, p) for p in user.experiments):
         raise PolicyViolation(
             f"{where}.experiments", f"experiment {request.experiment!r} is not "
@@ -629,14 +636,7 @@ def verify_request(policy: SitePolicy, token: str, *,
     its nonce are refused by the gate (:mod:`phems_clinical.federation.gate`).
     """
     req = parse_request(token)
-    ids = [u.id for u in policy.data_users]
-    if req.requester not in ids:
-        raise PolicyViolation(
-            "data_users", f"{req.requester!r} is not a data user of site "
-            f"{policy.site!r} (allowed: {', '.join(ids)})",
-            requested=req.requester, allowed=tuple(ids))
-    i = ids.index(req.requester)
-    user = policy.data_users[i]
+    i, user = _data_user(policy, req.requester)
     if not user.public_key:
         raise PolicyViolation(f"data_users[{i}].public_key", "no public key for "
                               f"data user {user.id!r}: its requests cannot be "

@@ -244,27 +244,40 @@ def run_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
               ) -> tuple[dict[int, dict[str, np.ndarray]], list[tuple[int, str]]]:
     """One attempt at round ``r``: the accepted payloads by site index and the
     dropped sites with reasons (``anchors``: see :func:`keep_anchor`)."""
+    payloads, dropped = _train_replies(
+        grid, algorithm, server, r, node_of, last_ok, common, settings,
+        lambda reply, k: _accept(algorithm, reply, k, r), anchors)
+    return payloads, sorted(dropped)
+
+
+def _train_replies(grid: Grid, algorithm: Algorithm, server: Any, r: int,
+                   node_of: Mapping[int, int], last_ok: Mapping[int, int],
+                   common: Mapping[str, Any], settings: RunSettings,
+                   read: Any, anchors: dict[int, dict] | None
+                   ) -> tuple[dict[int, Any], list[tuple[int, str]]]:
+    """Send round ``r``'s ``train`` messages and read each reply with
+    ``read(reply, site)`` (raising ``MessageRejected`` to refuse it): the read
+    replies by site index, and the dropped sites with reasons."""
     broadcast = arrays_to_record(algorithm.broadcast(server))
     msgs = _round_messages(broadcast, r, node_of, last_ok, common, settings)
     replies, missing = exchange(grid, msgs, settings.round_timeout)
     site_of = {node: k for k, node in node_of.items()}
     dropped = [(k, "failed: did not answer the query round")
                for k in range(settings.num_sites) if k not in node_of]
-    payloads = {}
-    for node, why in missing.items():
-        dropped.append((site_of[node], why))
+    dropped += [(site_of[node], why) for node, why in missing.items()]
+    got = {}
     for node, reply in replies.items():
         k = site_of[node]
         if reply.has_error():
             dropped.append((k, _error_text(reply)))
             continue
         try:
-            payloads[k] = _accept(algorithm, reply, k, r)
+            got[k] = read(reply, k)
             keep_anchor(anchors, k, reply.content)
         except (MessageRejected, KeyError, ValueError, TypeError) as err:
-            payloads.pop(k, None)
+            got.pop(k, None)
             dropped.append((k, _rejected_text(err)))
-    return payloads, sorted(dropped)
+    return got, dropped
 
 
 def run_secagg_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
@@ -281,26 +294,12 @@ def run_secagg_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
     included sites (whose masked input arrived) and the others with reasons.
     """
     round_id = r * (settings.retries + 1) + attempt - 1
-    broadcast = arrays_to_record(algorithm.broadcast(server))
-    msgs = _round_messages(broadcast, r, node_of, last_ok,
-                           {**common, ROUND_ID_KEY: round_id}, settings)
-    replies, missing = exchange(grid, msgs, settings.round_timeout)
+    adverts, dropped = _train_replies(
+        grid, algorithm, server, r, node_of, last_ok,
+        {**common, ROUND_ID_KEY: round_id}, settings,
+        lambda reply, k: read_reply(reply.content, "advertise_keys", k, r, round_id),
+        anchors)
     site_of = {node: k for k, node in node_of.items()}
-    dropped = [(k, "failed: did not answer the query round")
-               for k in range(settings.num_sites) if k not in node_of]
-    dropped += [(site_of[node], why) for node, why in missing.items()]
-    adverts = {}
-    for node, reply in replies.items():
-        k = site_of[node]
-        if reply.has_error():
-            dropped.append((k, _error_text(reply)))
-            continue
-        try:
-            adverts[k] = read_reply(reply.content, "advertise_keys", k, r, round_id)
-            keep_anchor(anchors, k, reply.content)
-        except MessageRejected as err:
-            adverts.pop(k, None)
-            dropped.append((k, _rejected_text(err)))
 
     def send(stage: str, contents: Mapping[int, RecordDict]):
         out = {node_of[k]: Message(c, dst_node_id=node_of[k],
