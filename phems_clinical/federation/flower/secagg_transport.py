@@ -38,6 +38,18 @@ Messages cross the wire as a ``ConfigRecord`` of scalars and bytes plus an
 type tag per field; only the NamedTuple classes of :mod:`~phems_clinical.federation.
 secagg` are rebuilt, and an unknown tag, class or field is refused.
 
+Why not Flower's own SecAgg+ (``flwr.server.workflow.SecAggPlusWorkflow`` with
+``flwr.client.mod.secaggplus_mod``): in Flower 1.41 it exists only in the legacy
+API (``LegacyContext`` and legacy strategies), not for the Message API that these
+apps use. It is a protocol against an honest-but-curious server (no signed key
+advertisements, no consistency round), so it would not meet this suite's threat
+model. Its masks come from a seed XOR-folded to 32 bits and expanded by NumPy's
+MT19937, which is not a cryptographic generator. And it aggregates a weighted
+model vector, whereas our algorithms sum arbitrary declared payloads (FOCEI
+objectives and gradients, EP natural parameters). This transport runs the
+project's own protocol (:mod:`~phems_clinical.federation.secagg`, ChaCha20 masks,
+Ed25519 signatures) over plain Flower messages instead.
+
 References
 ----------
 .. [1] Bonawitz K, Ivanov V, Kreuter B, et al. Practical secure aggregation for
