@@ -14,7 +14,9 @@ Guarantees
   wall-clock or iteration order, so the same seed gives the same result, and a run
   resumed from a checkpoint gives the identical result. Exception by design: with
   patient-level DP the site keys are the sites' own secrets from the OS CSPRNG
-  (``site_secrets``), so only a caller holding them reproduces the run.
+  (``site_secrets``), so only a caller holding them reproduces the run; with
+  hospital-level DP the server's key is its own CSPRNG secret
+  (``core.server_run_key``).
 * **Population-level messages only**: every payload is checked against
   ``data_schemas/federation_message.schema.json`` and the algorithm's declared
   shapes before it is summed (:func:`phems_clinical.federation.messages.check_payload`);
