@@ -22,9 +22,8 @@ clinical data while maintaining privacy", JAMIA 23:1040; HIPAA Safe Harbor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import secrets
+from collections.abc import Sequence
 
 import jax
 import numpy as np
