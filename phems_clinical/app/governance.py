@@ -29,6 +29,7 @@ from phems_clinical.federation.governance import (
     generate_user_key,
     sign_request,
 )
+from phems_clinical.keyfiles import create_secret_file
 
 __all__ = ["add_governance_parser", "load_user_key"]
 
@@ -37,13 +38,6 @@ def _error(args: argparse.Namespace, message: str) -> int:
     print(f"phems governance {args.governance_command}: error: {message}",
           file=sys.stderr)
     return 2
-
-
-def _write_secret(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(text)
 
 
 def load_user_key(path: str | os.PathLike) -> bytes:
@@ -58,7 +52,7 @@ def load_user_key(path: str | os.PathLike) -> bytes:
 def _keygen(args: argparse.Namespace) -> int:
     private, public = generate_user_key()
     try:
-        _write_secret(Path(args.out), private.hex() + "\n")
+        create_secret_file(Path(args.out), (private.hex() + "\n").encode("ascii"))
     except FileExistsError:
         return _error(args, f"--out: {args.out} exists (a key is never overwritten)")
     print(f"private key written to {args.out} (mode 600: keep it secret)")

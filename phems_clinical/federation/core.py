@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phems_clinical._typing import Array, Key
+from phems_clinical.keyfiles import create_secret_file
 
 Payload = dict[str, Array]
 
@@ -180,10 +181,8 @@ def kept_site_secret(folder: str | Path) -> bytes:
     path = folder / SECRET_FILE
     if not path.exists():
         tmp = folder / f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        create_secret_file(tmp, secrets.token_bytes(_SECRET_BYTES))
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(secrets.token_bytes(_SECRET_BYTES))
             try:
                 os.link(tmp, path)
             except FileExistsError:

@@ -307,9 +307,9 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
         if on_round is not None:
             on_round(record, server)
         converged = bool(compiled.done(server))
-    for k, g in enumerate(gates):
+    for g in gates:
         if g is not None:
-            settle(g, algorithm, sizes[k], r - start)
+            settle(g)
     privacy = None
     if algorithm.dp is not None:
         privacy = [{"site": k, "n_patients": n, **dpm.privacy_report(

@@ -221,8 +221,7 @@ def authenticate(gate: SiteGate, *, now: dt.datetime | None = None
             raise gov.PolicyViolation(
                 field, f"the run config says {claimed!r} but the signed request "
                 f"is for {signed!r}", requested=claimed, allowed=signed)
-    i = [u.id for u in gate.policy.data_users].index(req.requester)
-    user = gate.policy.data_users[i]
+    i, user = gov.find_data_user(gate.policy, req.requester)
     if not any(fnmatch.fnmatchcase(req.experiment, p) for p in user.experiments):
         raise gov.PolicyViolation(
             f"data_users[{i}].experiments", f"experiment {req.experiment!r} is not "
@@ -403,10 +402,6 @@ def release(gate: SiteGate, payload: Mapping[str, Any], round_: int, *,
         charge = {"run": adm.nonce, "epsilon": eps, "delta": delta, "rounds": k,
                   "unit": "one patient", "ledger_generation": generation,
                   "ledger_mac": mac}
-    elif gate.policy.max_rounds is not None and k > gate.policy.max_rounds:
-        raise gov.PolicyViolation("max_rounds", f"round {k} of at most "
-                                  f"{gate.policy.max_rounds}", requested=k,
-                                  allowed=gate.policy.max_rounds)
     if digest is not None:
         cache = _cache_path(gate, adm, round_)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -423,11 +418,9 @@ def release(gate: SiteGate, payload: Mapping[str, Any], round_: int, *,
                             charge=charge, now=now)
 
 
-def settle(gate: SiteGate, algorithm=None, n_patients: int | None = None,
-           rounds: int | None = None, *, now: dt.datetime | None = None) -> None:
+def settle(gate: SiteGate, *, now: dt.datetime | None = None) -> None:
     """Close the run's admission (no further rounds) and log it. The privacy was
     charged round by round in :func:`release`; nothing is charged here."""
-    del algorithm, n_patients, rounds
     req = gov.parse_request(gate.request)
     key = site_key(gate)
     adm = _load_admission(gate, key, req.nonce)

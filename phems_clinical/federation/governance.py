@@ -71,13 +71,15 @@ from phems_clinical.data.schema_messages import (
     show_value,
     translate,
 )
+from phems_clinical.keyfiles import create_secret_file, owner_only_problem
 from phems_clinical.resources import schemas_dir
 
 __all__ = [
     "GENESIS_HASH", "AuditLogError", "DataUser", "IntegrityError", "PolicyError",
     "PolicyViolation", "PrivacySpend", "Request", "SignedRequest", "SitePolicy",
     "VerifyResult", "append_entry", "check_payload", "check_request",
-    "create_site_key", "entry_mac", "generate_user_key", "ledger_generation",
+    "create_site_key", "entry_mac", "find_data_user", "generate_user_key",
+    "ledger_generation",
     "load_policy", "load_policy_schema", "load_site_key", "load_spend",
     "log_head", "parse_request", "read_log", "read_sealed", "record_spend",
     "sign_request", "summarise_payload", "verify_log", "verify_request",
@@ -306,7 +308,7 @@ def _check_values(request: Request) -> None:
                          f"{request.n_patients} and {request.rounds}")
 
 
-def _data_user(policy: SitePolicy, requester: str) -> tuple[int, DataUser]:
+def find_data_user(policy: SitePolicy, requester: str) -> tuple[int, DataUser]:
     """The policy's entry for ``requester`` and its index; ``PolicyViolation``
     (field ``data_users``) when the site does not know it."""
     ids = [u.id for u in policy.data_users]
@@ -375,7 +377,7 @@ def check_request(policy: SitePolicy, request: Request, spent: Mapping[str, floa
     data_users[0].epsilon_budget
     """
     _check_values(request)
-    i, user = _data_user(policy, request.requester)
+    i, user = find_data_user(policy, request.requester)
     where = f"data_users[{i}]"
     if not any(fnmatch.fnmatchcase(request.experiment, p) for p in user.experiments):
         raise PolicyViolation(
@@ -465,14 +467,8 @@ def create_site_key(path: str | os.PathLike) -> bytes:
     (an existing key is never overwritten). Keep it outside the folder of the audit
     log and the ledger it protects.
     """
-    path = Path(path)
     key = secrets.token_bytes(SITE_KEY_BYTES)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(key.hex() + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    create_secret_file(path, (key.hex() + "\n").encode("ascii"))
     return key
 
 
@@ -481,10 +477,9 @@ def load_site_key(path: str | os.PathLike) -> bytes:
     others may read or write (mode must deny group and other) or that is not
     64 hex digits."""
     path = Path(path)
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        raise IntegrityError("site_key", f"the site key file has mode "
-                             f"{mode & 0o777:o}; expected 600 (owner only)")
+    problem = owner_only_problem(path)
+    if problem:
+        raise IntegrityError("site_key", f"site key: {problem}")
     text = path.read_text(encoding="ascii").strip()
     try:
         key = bytes.fromhex(text)
@@ -636,7 +631,7 @@ def verify_request(policy: SitePolicy, token: str, *,
     its nonce are refused by the gate (:mod:`phems_clinical.federation.gate`).
     """
     req = parse_request(token)
-    i, user = _data_user(policy, req.requester)
+    i, user = find_data_user(policy, req.requester)
     if not user.public_key:
         raise PolicyViolation(f"data_users[{i}].public_key", "no public key for "
                               f"data user {user.id!r}: its requests cannot be "
@@ -800,8 +795,7 @@ def entry_mac(entry: Mapping[str, Any], key: bytes) -> str:
 
     Canonical: keys sorted, separators ``(",", ":")``, ASCII, no NaN/inf.
     """
-    body = {k: v for k, v in entry.items() if k != "mac"}
-    return hmac.new(key, LOG_DOMAIN + _canonical(body), hashlib.sha256).hexdigest()
+    return _mac(key, LOG_DOMAIN, {k: v for k, v in entry.items() if k != "mac"})
 
 
 def summarise_payload(payload: Mapping[str, Any]) -> dict[str, dict]:

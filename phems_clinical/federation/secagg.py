@@ -190,6 +190,7 @@ __all__ = [
     "grid_step",
     "plain_sum",
     "safe_threshold",
+    "saturate",
     "secure_sum",
     "server_collect_consistency",
     "server_collect_keys",
@@ -446,6 +447,15 @@ def _uniform53(key: Key, d: int) -> np.ndarray:
     """``d`` uniforms on the 2**-53 grid of [0, 1), independent of jax_enable_x64."""
     bits = np.asarray(jax.random.bits(key, (2, d), dtype=jnp.uint32), np.uint64)
     return ((bits[0] >> 5) << 26 | bits[1] >> 6).astype(np.float64) * 2.0**-53
+
+
+def saturate(x: Float[np.ndarray, " d"], cfg: SecAggConfig) -> Float[np.ndarray, " d"]:
+    """A payload vector made encodable: a non-finite entry (e.g. FOCEI's +inf for
+    a failed inner problem) becomes ``+clip`` (NaN, +inf) or ``-clip`` (-inf), so
+    the decoded sum stays at the edge of the range and the server still rejects
+    it, instead of the site failing the round."""
+    return np.nan_to_num(np.asarray(x, np.float64), nan=cfg.clip, posinf=cfg.clip,
+                         neginf=-cfg.clip)
 
 
 def encode(key: Key, x: Float[np.ndarray, " d"], cfg: SecAggConfig) -> Encoding:

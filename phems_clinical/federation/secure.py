@@ -26,14 +26,13 @@ import time
 from collections.abc import Mapping
 from typing import NamedTuple
 
-import numpy as np
-
 from phems_clinical.federation.core import flatten_payload, unflatten_payload
 from phems_clinical.federation.secagg import (
     SecAggConfig,
     check_config,
     generate_identity,
     safe_threshold,
+    saturate,
     secure_sum,
 )
 
@@ -91,37 +90,32 @@ def secagg_aggregator(cfg: SecAggConfig, log: list | None = None, *,
     ``identities`` (site index -> Ed25519 key pair,
     :func:`~phems_clinical.federation.secagg.generate_identity`) or ``n_sites``
     (fresh identities for sites ``0 .. n_sites - 1``) fix the federation whose
-    identity roster every site trusts; with neither, a site gets an identity the
-    first time it takes part, and K counts the sites seen so far. Each call is a
-    new round id, bound into the round's signatures.
+    identity roster every site trusts (K, against which the threshold is
+    checked); one of them is required. Each call is a new round id, bound into
+    the round's signatures.
     """
-    ids_of: dict[int, tuple[bytes, bytes]] = {}
-    if identities is not None:
-        ids_of.update(identities)
-    elif n_sites is not None:
-        ids_of.update({k: generate_identity() for k in range(n_sites)})
-    fixed = bool(ids_of)
-    if fixed:
-        check_config(cfg, len(ids_of))
+    if identities is None:
+        if n_sites is None:
+            raise ValueError("n_sites: required (the number of sites whose "
+                             "identity roster every site trusts), or identities")
+        identities = {k: generate_identity() for k in range(n_sites)}
+    ids_of = dict(identities)
+    check_config(cfg, len(ids_of))
+    roster = {f"site{k:04d}": v for k, v in ids_of.items()}
     round_ids = itertools.count()
 
     def aggregate(key, payloads, algorithm):
         t0 = time.perf_counter()
         unknown = set(payloads) - set(ids_of)
-        if unknown and fixed:
+        if unknown:
             raise ValueError(f"payloads: sites {sorted(unknown)} have no identity in "
                              "the federation's roster")
-        ids_of.update({k: generate_identity() for k in sorted(unknown)})
         ids = {f"site{k:04d}": k for k in payloads}
-        # A non-finite entry (e.g. FOCEI's +inf for a failed inner problem) is sent
-        # as +-clip: the sum stays out of range, so the server still rejects it.
-        vectors = {s: np.nan_to_num(flatten_payload(payloads[k],
-                                                    algorithm.message_spec),
-                                    nan=cfg.clip, posinf=cfg.clip, neginf=-cfg.clip)
+        vectors = {s: saturate(flatten_payload(payloads[k], algorithm.message_spec),
+                               cfg)
                    for s, k in ids.items()}
         res = secure_sum(key, vectors, cfg,
-                         identities={f"site{k:04d}": v for k, v in ids_of.items()},
-                         round_id=next(round_ids))
+                         identities=roster, round_id=next(round_ids))
         if log is not None:
             log.append(SecAggRound(tuple(ids[s] for s in res.included),
                                    res.max_error_bound,

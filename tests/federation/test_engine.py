@@ -47,7 +47,7 @@ def test_focei_rounds_vectorised_equal_looped_and_secagg(advate_sites):
     log = []
     cfg = SecAggConfig(clip=1e6, bits=48, threshold=2)
     c = run_federated(jax.random.key(0), alg, sites, max_rounds=4,
-                      aggregator=secagg_aggregator(cfg, log))
+                      aggregator=secagg_aggregator(cfg, log, n_sites=3))
     assert len(log) == 4 and all(r.included == (0, 1, 2) for r in log)
     assert log[0].max_error_bound < 1e-7
     np.testing.assert_allclose(np.asarray(c.server.y), np.asarray(a.server.y),

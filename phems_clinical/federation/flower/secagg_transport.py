@@ -63,7 +63,6 @@ import contextlib
 import fcntl
 import json
 import os
-import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +74,7 @@ from phems_clinical.federation.flower.config import RunSettings, SiteConfig
 from phems_clinical.federation.messages import MessageRejected
 from phems_clinical.federation.secure import default_secagg_config
 from phems_clinical.federation.site_errors import SiteProtocolError
+from phems_clinical.keyfiles import create_secret_file, owner_only_problem
 
 MESSAGE_TYPE = "train.secagg"
 """Flower message type of the stages after the first (``@app.train("secagg")``)."""
@@ -345,10 +345,7 @@ def ensure_identity(path: Path) -> bytes:
     path = Path(path)
     if not path.exists():
         private, public = secagg.generate_identity()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(private)
+        create_secret_file(path, private)
         return public
     return Ed25519PrivateKey.from_private_bytes(
         read_identity(path)).public_key().public_bytes_raw()
@@ -360,7 +357,7 @@ def read_identity(path: Path) -> bytes:
     if not path.is_file():
         raise FileNotFoundError("node config secagg-identity: no identity key file "
                                 "(make one with secagg.generate_identity, mode 0600)")
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+    if owner_only_problem(path):
         raise PermissionError("node config secagg-identity: the key file is "
                               "readable by others; expected mode 0600")
     raw = path.read_bytes()
@@ -470,11 +467,9 @@ def _stage(content, folder, settings, stage, k, r, round_id):
     try:
         incoming = from_record(content)
         if stage == "masked_input":
-            cfg = state.cfg
-            x = np.nan_to_num(kept["x"], nan=cfg.clip, posinf=cfg.clip,
-                              neginf=-cfg.clip)
             enc = secagg.encode(encoding_key(settings.seed, settings.num_sites, k,
-                                             r), x, cfg)
+                                             r), secagg.saturate(kept["x"], state.cfg),
+                                state.cfg)
             reply, state = secagg.site_masked_input(state, incoming, enc.q)
         else:
             reply, state = getattr(secagg, _SITE_STEP[stage])(state, incoming)
