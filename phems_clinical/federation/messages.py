@@ -89,8 +89,9 @@ def check_payload(algorithm, payload: Mapping[str, Any], round_: int = 0) -> Non
 
 
 @cache
-def _query_validator() -> jsonschema.Draft202012Validator:
-    schema = load_message_schema()["$defs"]["query_reply"]
+def _def_validator(name: str) -> jsonschema.Draft202012Validator:
+    """The validator of the schema's ``$defs/<name>`` (built once)."""
+    schema = load_message_schema()["$defs"][name]
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
 
@@ -118,7 +119,7 @@ def check_query_reply(reply: Mapping[str, Any], num_sites: int | None = None
     if extra:  # the names a site sent are not echoed
         raise MessageRejected(f"query reply: {len(extra)} undeclared field(s); "
                               f"expected only {', '.join(fields)}")
-    errors = sorted(_query_validator().iter_errors(reply),
+    errors = sorted(_def_validator("query_reply").iter_errors(reply),
                     key=lambda e: (list(e.path), e.validator))
     if errors:
         e = errors[0]
@@ -141,7 +142,7 @@ def check_audit_head(record: Mapping[str, Any]) -> dict[str, Any]:
     schema = load_message_schema()["$defs"]["audit_head"]
     if not isinstance(record, Mapping) or set(record) != set(schema["required"]):
         raise MessageRejected("audit record: expected exactly seq and head")
-    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(dict(record)))
+    errors = list(_def_validator("audit_head").iter_errors(dict(record)))
     if errors:
         name = str(errors[0].path[0]) if errors[0].path else "record"
         raise MessageRejected(f"audit record {name}: expected "

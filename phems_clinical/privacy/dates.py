@@ -11,7 +11,7 @@ returned earlier (same patient, same shift; also how several tables of one site
 share shifts). (2) The shifted frame carries the marker ``df.attrs[MARKER]``
 (id column, shifted columns, unit; never the shifts themselves, which are a secret
 key and must stay out of released data); columns named there are not shifted
-again. The shifts are drawn from the OS CSPRNG (``secrets``), never from ``key``:
+again. The shifts are drawn from the OS CSPRNG, never from ``key``:
 a key derived from a run seed that the outputs record would let any data
 recipient recompute every shift and undo it (``from_key=True`` keeps the old
 key-derived draw, for tests and public demonstration data only). Reference:
@@ -22,12 +22,13 @@ clinical data while maintaining privacy", JAMIA 23:1040; HIPAA Safe Harbor
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 import pandas as pd
+
+from phems_clinical.privacy.secret_rng import secret_generator
 
 MARKER = "phems_dates_shifted"
 """``df.attrs`` key: ``{"id_col": str, "columns": list[str], "unit": "days"}``."""
@@ -90,7 +91,8 @@ def draw_shifts(key, ids, max_days: int = 365, *, from_key: bool = False
                 ) -> pd.Series:
     """Shift in days per id, uniform on [-max_days, max_days] without 0.
 
-    By default each shift is ``secrets.randbelow`` of the OS CSPRNG: the shift
+    By default each shift is drawn from the OS CSPRNG
+    (:func:`~phems_clinical.privacy.secret_rng.secret_generator`): the shift
     table is a secret key that no seed reproduces (keep the returned table and
     pass it as ``existing=`` to shift more tables of the site alike).
     ``from_key=True``: deterministic in ``key`` and the *set* of ids (drawn in
@@ -102,12 +104,9 @@ def draw_shifts(key, ids, max_days: int = 365, *, from_key: bool = False
         uniq = uniq.sort_values()
     except TypeError:  # mixed id types: order by their text
         uniq = uniq[np.argsort(uniq.astype(str).to_numpy(), kind="stable")]
-    if from_key:
-        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
-        u = rng.integers(0, 2 * max_days, size=len(uniq))  # 2 * max_days outcomes
-    else:
-        u = np.array([secrets.randbelow(2 * max_days) for _ in range(len(uniq))],
-                     dtype=np.int64)
+    rng = (np.random.default_rng(np.asarray(jax.random.key_data(key))) if from_key
+           else secret_generator())  # secret: nobody keeps it
+    u = rng.integers(0, 2 * max_days, size=len(uniq))  # 2 * max_days outcomes
     shift = np.where(u < max_days, u - max_days, u - max_days + 1)
     return pd.Series(shift.astype(np.int64), index=uniq, name="shift_days")
 

@@ -189,25 +189,31 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
             "only under secure aggregation (node config secagg-required or run "
             "config secagg is true)")
     algorithm = build_algorithm(settings, n_occ=int(config["n-occ"]))
+    folder = state_folder(site, settings, run_id)
     gate = site_gate(site, settings, run_id)
+
+    def reply(payload: Mapping[str, np.ndarray]) -> RecordDict:
+        """Under SecAgg the key advertisement only (the flattened payload stays
+        in ``folder``), else the payload; with the audit-log head."""
+        if secure:
+            out = site_advertise(folder, site, settings, k, r,
+                                 int(config[ROUND_ID_KEY]),
+                                 flatten_payload(payload, algorithm.message_spec))
+        else:
+            out = RecordDict({"payload": arrays_to_record(payload),
+                              "site": ConfigRecord({"site-index": k, "round": r})})
+        return _with_head(out, gate)
+
     digest = None
     if gate is not None:  # admitted, within its rounds, before any data are read
         digest = request_digest(record_to_arrays(content["broadcast"]), {
             n: v for n, v in config.items() if n != ROUND_ID_KEY})
         cached = cached_reply(gate, r, digest)
         if cached is not None:  # an identical re-request: the same reply, no new ε
-            if secure:
-                return _with_head(site_advertise(
-                    state_folder(site, settings, run_id), site, settings, k, r,
-                    int(config[ROUND_ID_KEY]),
-                    flatten_payload(cached, algorithm.message_spec)), gate)
-            return _with_head(RecordDict({
-                "payload": arrays_to_record(cached),
-                "site": ConfigRecord({"site-index": k, "round": r})}), gate)
+            return reply(cached)
     cohort = read_site_cohort(site, product_model(settings))
     data = pad_cohort(cohort, int(config["n-sub"]), int(config["n-dose"]),
                       int(config["n-obs"]))
-    folder = state_folder(site, settings, run_id)
     state_from = int(config["state-from"])
     state = load_site_state(folder, state_from, algorithm.init_site(data))
     message = {name: jnp.asarray(v) for name, v in
@@ -238,14 +244,7 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
             "seconds": {"process_to_import": _T_IMPORT - _process_start(),
                         "import": t_start - _T_IMPORT, "load": t_loaded - t_start,
                         "update": t_done - t_loaded}}) + "\n")
-    if secure:  # keep the flattened payload here; reply with the key advert only
-        return _with_head(site_advertise(
-            folder, site, settings, k, r, int(config[ROUND_ID_KEY]),
-            flatten_payload(payload_to_numpy(payload), algorithm.message_spec)),
-            gate)
-    return _with_head(RecordDict({
-        "payload": arrays_to_record(payload_to_numpy(payload)),
-        "site": ConfigRecord({"site-index": k, "round": r})}), gate)
+    return reply(payload_to_numpy(payload))
 
 
 def site_secagg(content: RecordDict, node_config: Mapping[str, Any],
