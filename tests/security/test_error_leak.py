@@ -217,6 +217,17 @@ def test_launcher_is_secure_by_default(tmp_path):
                         "--insecure", "--node-auth"]) == 2
 
 
+def test_launcher_refuses_an_unreadable_request_before_starting(tmp_path, capsys):
+    """A missing signed-request file: exit 2 naming the option, nothing started
+    (no output folder) and the path not echoed."""
+    missing = tmp_path / "Kinderklinik_request.txt"
+    assert launch.main(["--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                        "--request", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "--request" in err and "Kinderklinik" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def _server_side_text(out: Path) -> str:
     """Everything the server side of a loopback run wrote: result, checkpoint,
     run config, the SuperLink's and the ServerApp's logs and homes (not the

@@ -574,6 +574,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.insecure and (args.tls or args.node_auth):
         print("error: --insecure contradicts --tls/--node-auth", file=sys.stderr)
         return 2
+    request = ""
+    if args.request:  # read before anything starts
+        try:
+            request = Path(args.request).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            print(f"error: --request: cannot read the signed request file "
+                  f"({type(err).__name__})", file=sys.stderr)
+            return 2
     if args.simulate:
         import jax
 
@@ -588,8 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            product=args.product, min_sites=args.min_sites,
                            rounds=args.rounds, round_timeout=args.round_timeout,
                            job=args.job, options=args.options, secagg=args.secagg,
-                           request=(Path(args.request).read_text().strip()
-                                    if args.request else ""))
+                           request=request)
     try:
         result = run_loopback(sites, args.out, settings=settings,
                               tls=not args.insecure, node_auth=not args.insecure,
