@@ -184,12 +184,15 @@ def _meta(spec: SourceSpec, use_case: str, n_in: int, prof: pd.DataFrame,
 
 
 def derive(key, use_case: str, data: pd.DataFrame, spec: SourceSpec, *,
-           pk_model=None, pk_params=None) -> Derived:
+           pk_model=None, pk_params=None, noise=None) -> Derived:
     """Derive one source from a site's (training) analysis table.
 
     ``pk_model`` (a :class:`phems_clinical.pk.spec.PopModel`) is needed for the
     haemophilia ``virtual`` generator; ``pk_params`` (population parameters) are
-    fitted on ``data`` by FOCEI when not given.
+    fitted on ``data`` by FOCEI when not given. ``noise`` is the MST noise
+    generator (default: fresh OS-CSPRNG draws nobody keeps); pass
+    ``secret_generator(s)`` with a secret ``s`` kept at the site only to replay a
+    release exactly (see :func:`phems_clinical.privacy.synth.mst.fit_mst`).
     """
     roles = roles_for(use_case)
     n_in = int(data[roles.patient_id].nunique())
@@ -211,7 +214,7 @@ def derive(key, use_case: str, data: pd.DataFrame, spec: SourceSpec, *,
         logs = _log_columns(use_case)
         scaled = prof.assign(**{c: np.log1p(prof[c].astype(float)) for c in logs})
         model = mst.fit_mst(k_fit, scaled, profile_domain(use_case), epsilon=eps,
-                            delta=delta)
+                            delta=delta, noise=noise)
         n = int(opts.get("n") or max(1, round(model.n_estimate)))
         syn = mst.sample_mst(k_sample, model, n)
         for c in logs:
