@@ -43,7 +43,6 @@ import math
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -72,6 +71,7 @@ from phems_clinical.data.schema_messages import (
     translate,
 )
 from phems_clinical.keyfiles import create_secret_file, owner_only_problem
+from phems_clinical.outputs import write_json_atomic
 from phems_clinical.resources import schemas_dir
 
 __all__ = [
@@ -496,19 +496,8 @@ def _mac(key: bytes, domain: bytes, obj: Any) -> str:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON: temporary file, fsync, rename (old or new, never
-    half)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``obj`` as JSON, atomically and durably (old or new, never half)."""
+    write_json_atomic(path, obj, indent=1, sort_keys=True)
 
 
 def write_sealed(path: str | os.PathLike, obj: Mapping[str, Any], key: bytes,
