@@ -17,6 +17,15 @@ os.environ.setdefault("PHEMS_CACHE_DIR", os.path.join(os.path.dirname(__file__),
 jax.config.update("jax_compilation_cache_dir", os.environ["PHEMS_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+# Property-based tests (Hypothesis) run a fixed, derandomised example budget, so CI
+# is reproducible and bounded; PHEMS_HYPOTHESIS_PROFILE=thorough explores more.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=60, derandomize=True, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("PHEMS_HYPOTHESIS_PROFILE", "ci"))
+
 
 @pytest.fixture
 def key():
