@@ -36,12 +36,13 @@ import jsonschema
 import numpy as np
 import pandas as pd
 
+from phems_clinical.data import plausibility
 from phems_clinical.data.cohort import Cohort, stack_subjects
 from phems_clinical.resources import schemas_dir
 
 __all__ = [
-    "DataValidationError", "Exclusion", "Issue", "PKData", "from_cohort",
-    "load_schema", "read_nonmem", "to_cohort",
+    "DataValidationError", "Exclusion", "Issue", "PKData",
+    "PLAUSIBILITY", "from_cohort", "load_schema", "read_nonmem", "to_cohort",
 ]
 
 SCHEMA_FILE = "pk_dataset.schema.json"
@@ -71,7 +72,14 @@ _UNITS = {"IU/DL": "IU/dL", "IU/ML": "IU/mL"}
 # post-infusion sample (peaks are tens of IU/dL), so those levels are really IU/mL.
 _IU_ML_MEDIAN_MAX = 5.0
 _IU_DL_MAX_MIN = 1.5
-_LLOQ_IU_DL_RANGE = (0.05, 20.0)   # plausible assay LLOQs, IU/dL
+
+#: Columns checked against :mod:`phems_clinical.data.plausibility` limits (in the
+#: column's unit). The JSON Schema carries the same ``error`` bounds for these
+#: columns (``tests/data/test_nonmem_properties.py`` checks they agree). DV
+#: (``factor_level``), LLOQ (``lloq_IU_dL``) and AMT per kg (``dose_per_kg``) are
+#: checked after unit conversion, so the schema cannot hold them.
+PLAUSIBILITY = {"TIME": "time_h", "AMT": "dose_IU", "DUR": "infusion_duration_h",
+                "AGE": "age_y", "WT": "weight_kg", "HT": "height_cm"}
 
 _RATE_DUR_RTOL, _RATE_DUR_ATOL = 0.01, 1.0 / 60.0   # rounding in exported datasets
 
@@ -156,11 +164,17 @@ class PKData(NamedTuple):
         Rows not used, each with its reason.
     covariates : tuple of str
         Upper-case names of the numeric covariate columns available.
+    warnings : tuple of Issue
+        Values accepted but outside the ``warn`` range of
+        :mod:`phems_clinical.data.plausibility` (e.g. a level above 300 IU/dL),
+        each naming the row and column. Callers report them (``phems fit``
+        prints them).
     """
 
     events: pd.DataFrame
     exclusions: list[Exclusion]
     covariates: tuple[str, ...]
+    warnings: tuple[Issue, ...] = ()
 
 
 @lru_cache(maxsize=1)
@@ -236,7 +250,8 @@ def _load(source: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, 
         header, records, row_list = _split_lines(path)
         issues = [Issue(r, None, None, f"{len(rec)} fields but the header has "
                                        f"{len(header)} columns")
-                  for rec, r in zip(records, row_list) if len(rec) > len(header)]
+                  for rec, r in zip(records, row_list, strict=True)
+                  if len(rec) > len(header)]
         if issues:
             raise DataValidationError(issues, name)
         # Short records (trailing fields left off) are padded with missing values.
@@ -278,6 +293,16 @@ def _parse_numeric(values: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarra
     bad = ~missing & ~np.isfinite(num)
     num[bad] = np.nan
     return num, missing, bad
+
+
+def _bad_number(value) -> str:
+    """'non-numeric value ...' or, for NaN/inf/overflowing numbers, 'non-finite'."""
+    try:
+        x = float(str(value).strip())
+    except ValueError:
+        return f"non-numeric value {value!r:.60}"
+    kind = "missing (NaN)" if x != x else "non-finite"
+    return f"{kind} value {value!r:.60}"
 
 
 def _canonical_id(text: str) -> str:
@@ -354,6 +379,22 @@ def _schema_issues(instance: dict, row: int, id_: str | None, log: _Log) -> None
             log.add(row, id_, None, err.message, schema=True)
 
 
+def _plausible(log: _Log, warned: list[Issue], row: int, id_: str | None,
+               column: str, limit: str, value: float, shown: str | None = None,
+               ) -> None:
+    """Check ``value`` against plausibility ``limit``: an error is an issue (which
+    replaces the generic schema message for that cell), a warning goes to
+    ``warned``. ``shown`` describes the value as given when it was converted."""
+    found = plausibility.check(limit, value)
+    if found is None:
+        return
+    msg = found.message + (f" (from {shown})" if shown else "")
+    if found.level == "error":
+        log.add(row, id_, column, msg, claim=True)
+    else:
+        warned.append(Issue(int(row), id_, column, msg))
+
+
 def _native(x):
     """Python scalars for jsonschema (numpy integers are not JSON integers)."""
     if isinstance(x, np.generic):
@@ -400,7 +441,12 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
         exact duplicate records, contradictory units (mixed ``DVUNIT``, levels or
         LLOQs implausible in the declared unit, ``RATE`` disagreeing with ``DUR``),
         unsupported ``EVID`` 3/4, ``ADDL`` or ``SS`` records, missing required
-        covariates, and any other JSON Schema violation
+        covariates, a missing ``ID``/``TIME``/``DV`` column, an empty ID, an
+        observation to fit (MDV 0) without a DV unless it is BLQ, a level of 0
+        without BLQ or LLOQ, values outside the ``error`` range of
+        :mod:`phems_clinical.data.plausibility` (DV and LLOQ in IU/dL after
+        conversion, AMT in IU and in IU/kg of WT, DUR and AMT/RATE in h, TIME,
+        AGE, WT, HT), and any other JSON Schema violation
         (``data_schemas/pk_dataset.schema.json``).
     ValueError
         For an unknown ``dv_unit``.
@@ -418,8 +464,13 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
 
     Excluded (listed, not errors): commented-out records (first field starting with
     ``#``/``@`` or equal to ``C``, NONMEM ``IGNORE``), EVID 2 records, observation
-    records with ``MDV = 1`` or no DV, and all rows of subjects with no usable
-    observation (e.g. doses only).
+    records with ``MDV = 1`` (given, or derived when MDV is absent and DV is
+    missing), and all rows of subjects with no usable observation (e.g. doses
+    only). Every data row is kept, excluded or an error: ``len(events) +
+    len(exclusions)`` is the number of non-blank data rows.
+
+    NM-TRAN reads a missing DV ('.') as 0; here an observation to fit (MDV 0)
+    without a DV is an error instead, since a missing level is not a level of 0.
     """
     unit_arg = _normalise_unit(dv_unit)
     raw, rows, name = _load(source)
@@ -427,13 +478,13 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
     cols = list(raw.columns)
     log = _Log()
 
-    absent = [c for c in ("ID", "TIME") if c not in cols]
-    if "AMT" not in cols and "DV" not in cols:
-        absent.append("AMT/DV")
+    # DV is required as by NM-TRAN ($INPUT must list DV): without it no level could
+    # be told from a missing one.
+    absent = [c for c in ("ID", "TIME", "DV") if c not in cols]
     if absent:
         raise DataValidationError(
             [Issue(0, None, c, "required column is missing (columns present: "
-                               f"{', '.join(cols)})") for c in absent], name)
+                               f"{', '.join(cols) or 'none'})") for c in absent], name)
 
     # Commented-out records, as NM-TRAN's IGNORE=#, IGNORE=@ and IGNORE=C would do.
     first = _as_text(raw[cols[0]])
@@ -445,7 +496,9 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
     ids = np.array([_canonical_id(t) if t else None for t in id_text], dtype=object)
     for i in np.flatnonzero(active & (ids == None)):  # noqa: E711 - object array
         log.add(rows[i], None, "ID", "missing subject ID; expected a string or "
-                                     "integer identifier")
+                                     "integer identifier", claim=True)
+
+    has_id = ids != None  # noqa: E711 - object array
 
     def rid(i):
         return ids[i]
@@ -455,7 +508,7 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
     unit_text = _as_text(raw["DVUNIT"]) if dvunit_col else np.full(n, "", object)
     unit_norm = np.array([_UNITS.get(u.upper(), u) if u else "" for u in unit_text],
                          dtype=object)
-    file_units = list(dict.fromkeys(u for u, a in zip(unit_norm, active)
+    file_units = list(dict.fromkeys(u for u, a in zip(unit_norm, active, strict=True)
                                     if a and u in _UNITS.values()))
     unit = (file_units[0] if file_units else unit_arg) if dvunit_col else unit_arg
     unit_source = "DVUNIT column" if dvunit_col and file_units else "dv_unit argument"
@@ -470,7 +523,7 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
         num[col], given[col] = vals, ~missing & ~bad
         for i in np.flatnonzero(bad & active):
             bad_cells.add((i, col))
-            log.add(rows[i], rid(i), col, f"non-numeric value {raw[col].iloc[i]!r}; "
+            log.add(rows[i], rid(i), col, f"{_bad_number(raw[col].iloc[i])}; "
                     f"expected {_expected(col, unit)}")
 
     # Covariates: numeric non-reserved columns. A column that is mostly text is a
@@ -505,7 +558,7 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
             continue
         for i in np.flatnonzero(bad & active):
             bad_cells.add((i, col))
-            log.add(rows[i], rid(i), col, f"non-numeric value {raw[col].iloc[i]!r}; "
+            log.add(rows[i], rid(i), col, f"{_bad_number(raw[col].iloc[i])}; "
                     f"expected {_expected(col, unit)}")
         num[col], given[col] = vals, ~missing & ~bad
         covariates.append(col)
@@ -527,6 +580,7 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
     lloq = np.where(given["LLOQ"], num["LLOQ"], np.nan) if "LLOQ" in num \
         else np.full(n, np.nan)
     notes: list[list[str]] = [[] for _ in range(n)]
+    warned: list[Issue] = []
 
     evid = np.where(amt > 0, 1.0, 0.0)
     evid_given = given["EVID"] if "EVID" in given else np.zeros(n, bool)
@@ -568,9 +622,19 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
                     "supported; expected 0 (give the dose history explicitly)",
                     claim=True)
 
-    dose = active & (evid == 1)
-    obs_rec = active & (evid == 0)
+    # Rows without an ID are reported above; they are neither doses nor levels.
+    dose = active & has_id & (evid == 1)
+    obs_rec = active & has_id & (evid == 0)
     obs = obs_rec & (mdv == 0)
+
+    # A level to fit (MDV 0) needs a value: NaN becomes a number only for BLQ rows
+    # (M3, with their LLOQ). NM-TRAN would read '.' as 0, a measured level of 0.
+    for i in np.flatnonzero(obs & ~dv_given & ~blq_col):
+        if (i, "DV") not in bad_cells:
+            log.add(rows[i], rid(i), "DV", "observation record (EVID 0, MDV 0) "
+                    "without a value; expected a level"
+                    f"{' in ' + unit if unit else ''}, or MDV 1 to leave the record "
+                    "out, or BLQ 1 with LLOQ for a level below the limit", claim=True)
 
     # --------------------------------------------------------------------- units
     if dvunit_col:
@@ -583,13 +647,15 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
     if unit is not None:
         quant = obs & dv_given & ~blq_col
         pos = quant & (dv > 0)
-        for i in np.flatnonzero(quant & (dv < 0)):
+        unit_issue = False
+        for i in np.flatnonzero(obs & dv_given & (dv < 0)):
             log.add(rows[i], rid(i), "DV", f"negative level {dv[i]:g} {unit}; expected "
                     f"a factor activity >= 0 {unit} (log-transformed DV is not "
-                    "supported)")
+                    "supported)", claim=True)
         if pos.any():
             k = np.flatnonzero(pos)[np.argmax(dv[pos])]
             med = float(np.median(dv[pos]))
+            unit_issue = True
             if unit == "IU/mL" and med > _IU_ML_MEDIAN_MAX:
                 log.add(rows[k], rid(k), "DV", f"levels look like IU/dL, not IU/mL "
                         f"({unit_source}): median {med:g} and largest {dv[k]:g} IU/mL "
@@ -601,18 +667,32 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
                         f"({unit_source}): all {int(pos.sum())} quantified levels are "
                         f"below {_IU_DL_MAX_MIN:g} IU/dL (largest {dv[k]:g}); "
                         "expected levels in IU/dL, or declare DVUNIT IU/mL")
+            else:
+                unit_issue = False
         factor = 100.0 if unit == "IU/mL" else 1.0
-        lo, hi = _LLOQ_IU_DL_RANGE
-        has_lloq = obs_rec & np.isfinite(lloq) & (lloq > 0)
+        if not unit_issue:
+            # Plausible range in IU/dL (after conversion); negatives reported above.
+            for i in np.flatnonzero(obs & dv_given & (dv >= 0)):
+                _plausible(log, warned, rows[i], rid(i), "DV", "factor_level",
+                           dv[i] * factor, f"DV {dv[i]:g} {unit}" if factor != 1.0
+                           else None)
+            # A level of exactly 0 is no measurement: the assay reports "< LLOQ".
+            for i in np.flatnonzero(quant & (dv == 0) & ~np.isfinite(lloq)):
+                log.add(rows[i], rid(i), "DV", f"level 0 {unit} without BLQ or LLOQ; "
+                        "expected BLQ 1 with the assay's LLOQ for a level below the "
+                        "limit of quantification, or the measured level", claim=True)
+        lo, hi = plausibility.limit("lloq_IU_dL").error
+        has_lloq = obs_rec & np.isfinite(lloq) & (lloq >= 0)
         for i in np.flatnonzero(has_lloq):
             q = lloq[i] * factor
             if q > hi or q < lo:
                 hint = ("LLOQ seems to be in IU/dL while DV is in IU/mL" if q > hi
+                        else "an assay's LLOQ is positive" if q == 0
                         else "LLOQ seems to be in IU/mL while DV is in IU/dL")
                 log.add(rows[i], rid(i), "LLOQ", f"LLOQ {lloq[i]:g} {unit} "
                         f"(= {q:g} IU/dL) is implausible for a factor assay; expected "
                         f"{lo:g} to {hi:g} IU/dL in the unit of DV ({hint})")
-        both = quant & has_lloq
+        both = quant & has_lloq & (lloq > 0)
         if both.sum() >= 3 and np.all(dv[both] < lloq[both]):
             i = int(np.flatnonzero(both)[0])
             log.add(rows[i], rid(i), "LLOQ", f"every one of {int(both.sum())} "
@@ -666,6 +746,36 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
         elif np.isfinite(d) and d > 0:
             dur[i] = d
             notes[i].append(f"infusion over DUR {d:g} h")
+
+    # ------------------------------------------------------ plausibility limits
+    # Row values against data_schemas/plausibility.json. The schema holds the same
+    # bounds; these messages state the range and replace the schema's.
+    for col, lim in PLAUSIBILITY.items():
+        if col not in num or col == "AMT":
+            continue
+        for i in np.flatnonzero(active & given[col]):
+            _plausible(log, warned, rows[i], rid(i), col, lim, num[col][i])
+    for i in np.flatnonzero(dose & ~given.get("DUR", np.zeros(n, bool))
+                            & np.isfinite(rate) & (rate > 0)):
+        _plausible(log, warned, rows[i], rid(i), "RATE", "infusion_duration_h",
+                   dur[i], f"AMT/RATE = {amt[i]:g} IU / {rate[i]:g} IU/h")
+    if "AMT" in num:
+        # Per kg where the subject's weight is known and plausible, else in IU.
+        wt = num["WT"] if "WT" in num else np.full(n, np.nan)
+        w_lo, w_hi = plausibility.limit("weight_kg").error
+        ok_wt = np.isfinite(wt) & (wt >= w_lo) & (wt <= w_hi)
+        first_wt: dict[str, float] = {}
+        for i in np.flatnonzero(active & has_id & ok_wt):
+            first_wt.setdefault(ids[i], float(wt[i]))
+        for i in np.flatnonzero(active & given["AMT"]):
+            w = wt[i] if ok_wt[i] else first_wt.get(ids[i], np.nan)
+            if dose[i] and np.isfinite(w):
+                before = len(log.issues)
+                _plausible(log, warned, rows[i], rid(i), "AMT", "dose_per_kg",
+                           amt[i] / w, f"AMT {amt[i]:g} IU for WT {w:g} kg")
+                if len(log.issues) > before:
+                    continue
+            _plausible(log, warned, rows[i], rid(i), "AMT", "dose_IU", num["AMT"][i])
 
     # --------------------------------------------------------------- occasions
     if "OCC" in num:
@@ -830,7 +940,9 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
         events[col] = pd.Series(_as_text(raw[col])[sel], dtype=object)
     events["NOTE"] = pd.Series(["; ".join(notes[i]) for i in sel], dtype=object)
     exclusions.sort(key=lambda e: e.row)
-    return PKData(events.reset_index(drop=True), exclusions, tuple(covariates))
+    warned.sort(key=lambda w: (w.row, w.column or ""))
+    return PKData(events.reset_index(drop=True), exclusions, tuple(covariates),
+                  tuple(warned))
 
 
 def _key(x: float):
@@ -906,19 +1018,25 @@ def to_cohort(data: PKData, covariates: Sequence[str]) -> tuple[Cohort, list[str
                 cov.append(float(v.iloc[0]))
         blq = o["BLQ"].to_numpy(dtype=int) == 1
         lloq = o["LLOQ"].to_numpy(dtype=float)
-        for r, b, q in zip(o["ROW"], blq, lloq):
+        for r, b, q in zip(o["ROW"], blq, lloq, strict=True):
             if b and not (np.isfinite(q) and q > 0):
                 issues.append(Issue(int(r), str(sid), "LLOQ", "BLQ observation "
                                     "without a positive LLOQ; expected LLOQ > 0"))
         dvs = o["DV"].to_numpy(dtype=float)
+        for r, b, v in zip(o["ROW"], blq, dvs, strict=True):
+            if not b and not np.isfinite(v):
+                issues.append(Issue(int(r), str(sid), "DV", "observation without a "
+                                    "value that is not BLQ; expected a level, or "
+                                    "BLQ 1 with its LLOQ"))
         subjects.append({
             "dose_time": d["TIME"].to_numpy(float) - t0,
             "dose_amt": d["AMT"].to_numpy(float),
             "dose_dur": d["DUR"].to_numpy(float),
             "dose_occ": d["OCC"].to_numpy(int) - 1,
             "obs_time": o["TIME"].to_numpy(float) - t0,
-            # BLQ levels are ignored by the M3 likelihood; 0 keeps NaN out of the
-            # arrays (a NaN times zero weight would still poison gradients).
+            # Only BLQ levels can be missing here (checked above); the M3
+            # likelihood ignores their value, and 0 keeps NaN out of the arrays (a
+            # NaN times zero weight would still poison gradients).
             "obs_dv": np.where(np.isfinite(dvs), dvs, 0.0),
             "obs_blq": blq,
             "obs_lloq": np.where(np.isfinite(lloq), lloq, 0.0),
@@ -972,7 +1090,7 @@ def from_cohort(cohort: Cohort, ids: Sequence[str], covariate_names: Sequence[st
                          f"{arrays['covariates'].shape[-1]} covariate columns")
     out = []
     for s, sid in enumerate(ids):
-        cov = dict(zip(names, arrays["covariates"][s].tolist()))
+        cov = dict(zip(names, arrays["covariates"][s].tolist(), strict=True))
         real = arrays["dose_amt"][s] > 0
         dur = arrays["dose_dur"][s][real]
         doses = pd.DataFrame({

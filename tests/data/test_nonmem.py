@@ -122,7 +122,8 @@ def test_negative_time(tmp_path):
         ID,TIME,AMT,DV
         1,0,1000,.
         1,-1,0,20
-        """, row=2, column="TIME", contains=["minimum of 0", " h "])
+        """, row=2, column="TIME", contains=["outside the plausible range",
+                                             "(0 to 1.05192e+06 h)"])
 
 
 def test_times_decreasing_within_subject(tmp_path):
@@ -580,7 +581,7 @@ def test_round_trip_read_to_cohort_from_cohort(small, tmp_path):
     for again in (read_nonmem(rows), read_nonmem(path)):
         cohort2, ids2 = to_cohort(again, covs)
         assert ids2 == ids
-        for a, b, name in zip(cohort, cohort2, Cohort._fields):
+        for a, b, name in zip(cohort, cohort2, Cohort._fields, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), err_msg=name)
 
 
@@ -609,3 +610,116 @@ def test_pheno_reads_cleanly():
     assert float(cohort.covariates[0, 0]) == pytest.approx(1.4)
     back = from_cohort(cohort, ids, ["WGT", "APGR"], dv_unit=None)
     assert "DVUNIT" not in back.columns and len(back) == 155 + 589
+
+
+# ------------------------------------------- issue 16: missing and implausible values
+
+def test_observation_without_dv_is_an_error_unless_blq(tmp_path):
+    """A missing level to fit (MDV 0) is refused by row and DV, never fitted as 0;
+    a BLQ row (M3) may lack DV."""
+    err = _fails(tmp_path, """
+        ID,TIME,AMT,DV,MDV,BLQ,LLOQ
+        1,0,1000,.,1,0,.
+        1,4,0,50,0,0,1
+        1,24,0,.,0,0,1
+        1,48,0,.,0,1,1
+        """, row=3, column="DV", contains=["without a value"])
+    assert [(i.row, i.column) for i in err.issues] == [(3, "DV")]
+    # Without MDV, such a record is MDV 1 (NONMEM's default): a reported exclusion.
+    data = read_nonmem(_write(tmp_path, """
+        ID,TIME,AMT,DV,EVID
+        1,0,1000,.,1
+        1,4,0,50,0
+        1,24,0,.,0
+        """))
+    assert data.events["ROW"].tolist() == [1, 2]
+    assert [(e.row, "without DV" in e.reason) for e in data.exclusions] == [(3, True)]
+
+
+def test_missing_dv_column_is_an_error_naming_dv(tmp_path):
+    err = _fails_dataset(tmp_path, """
+        ID,TIME,AMT,MDV
+        1,0,1000,1
+        1,4,0,0
+        """)
+    assert "column DV: required column is missing" in str(err)
+
+
+def test_empty_id_cell_names_row_and_id(tmp_path):
+    err = _fails(tmp_path, """
+        ID,TIME,AMT,DV
+        1,0,1000,.
+        1,4,0,50
+        ,6,0,40
+        """, row=3, column="ID", contains=["missing subject ID"])
+    assert len(err.issues) == 1
+
+
+@pytest.mark.parametrize("header, row, column, contains", [
+    ("ID,TIME,AMT,DV\n1,0,1000,.\n1,4,0,1e308", "2", "DV", "0 to 500 IU/dL"),
+    ("ID,TIME,AMT,DV,DVUNIT\n1,0,1000,.,IU/mL\n1,4,0,0.5,IU/mL\n1,5,0,0.4,IU/mL\n"
+     "1,6,0,6,IU/mL", "4", "DV", "(from DV 6 IU/mL)"),
+    ("ID,TIME,AMT,DV\n1,0,1e308,.\n1,4,0,50", "1", "AMT", "0 to 100000 IU"),
+    ("ID,TIME,AMT,DV,WT\n1,0,1e7,.,25\n1,4,0,50,25", "1", "AMT", "0 to 500 IU/kg"),
+    ("ID,TIME,AMT,DV,WT\n1,0,25000,.,25\n1,4,0,50,.", "1", "AMT",
+     "(from AMT 25000 IU for WT 25 kg)"),
+    ("ID,TIME,AMT,RATE,DUR,DV\n1,0,1000,-2,1e6,.\n1,4,0,.,.,50", "1", "DUR",
+     "0 to 720 h"),
+    ("ID,TIME,AMT,RATE,DV\n1,0,1000,0.001,.\n1,4,0,.,50", "1", "RATE",
+     "AMT/RATE = 1000 IU / 0.001 IU/h"),
+    ("ID,TIME,AMT,DV\n1,0,1000,.\n1,1e300,0,50", "2", "TIME", "0 to 1.05192e+06 h"),
+    ("ID,TIME,AMT,DV,AGE\n1,0,1000,.,115\n1,4,0,50,130", "2", "AGE", "0 to 120 y"),
+    ("ID,TIME,AMT,DV,WT\n1,0,1000,.,0.1\n1,4,0,50,0.1", "1", "WT", "0.2 to 250 kg"),
+    ("ID,TIME,AMT,DV,HT\n1,0,1000,.,300\n1,4,0,50,300", "1", "HT", "30 to 230 cm"),
+    ("ID,TIME,AMT,DV,LLOQ\n1,0,1000,.,.\n1,4,0,50,0", "2", "LLOQ", "0.05 to 20 IU/dL"),
+])
+def test_implausible_values_are_refused_naming_row_column_and_range(
+        tmp_path, header, row, column, contains):
+    err = _fails(tmp_path, header, row=int(row), column=column, contains=[contains])
+    # one message per cell: the plausibility message replaces the schema's
+    cells = [(i.row, i.column) for i in err.issues]
+    assert len(cells) == len(set(cells)), err.issues
+
+
+def test_age_up_to_120_years_is_accepted(tmp_path):
+    data = read_nonmem(_write(tmp_path, "ID,TIME,AMT,DV,AGE\n1,0,1000,.,115\n"
+                                        "1,4,0,50,115"))
+    assert data.events["AGE"].tolist() == [115, 115]
+
+
+def test_unusual_values_are_accepted_with_warnings(tmp_path):
+    data = read_nonmem(_write(tmp_path, """
+        ID,TIME,AMT,RATE,DUR,DV,WT
+        1,0,6000,-2,400,.,25
+        1,401,0,.,.,350,25
+        """))
+    assert len(data.events) == 2
+    got = {(w.row, w.column): w.message for w in data.warnings}
+    assert set(got) == {(1, "AMT"), (1, "DUR"), (2, "DV")}, got
+    assert "240 IU/kg is unusual" in got[(1, "AMT")]
+    assert "at most 300 IU/dL" in got[(2, "DV")]
+
+
+def test_level_zero_without_blq_or_lloq_asks_for_blq(tmp_path):
+    _fails(tmp_path, """
+        ID,TIME,AMT,DV
+        1,0,1000,.
+        1,4,0,50
+        1,96,0,0
+        """, row=3, column="DV", contains=["BLQ 1 with the assay's LLOQ"])
+
+
+def test_non_finite_number_is_named_as_such(tmp_path):
+    err = _fails(tmp_path, """
+        ID,TIME,AMT,DV
+        1,0,inf,.
+        1,4,0,1e999
+        """, row=2, column="DV", contains=["non-finite value '1e999'"])
+    assert "row 1 (ID 1), column AMT: non-finite value 'inf'" in str(err)
+
+
+def test_to_cohort_refuses_a_missing_level_that_is_not_blq(small):
+    ev = small.events.copy()
+    ev.loc[(ev["EVID"] == 0) & (ev["ROW"] == 2), "DV"] = np.nan
+    with pytest.raises(DataValidationError, match="row 2 .*column DV"):
+        to_cohort(small._replace(events=ev), ["WT"])
