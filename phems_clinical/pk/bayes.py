@@ -54,6 +54,7 @@ Hoffman MD, Gelman A. The No-U-Turn sampler. JMLR 2014;15:1593-1623.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -92,6 +93,17 @@ from phems_clinical.pk.spec import PopModel, Theta
 
 LOCAL_SITES = ("z", "phi", "eta", "kappa_z")
 """Per-subject latent sites (the federated engine keeps these at the site)."""
+
+RHAT_MAX = 1.1
+"""Largest split R-hat of a converged NUTS fit (rank-normalised, Vehtari et al.,
+Bayesian Anal 2021;16:667-718): the conventional 1.1 of Gelman & Rubin (Stat Sci
+1992;7:457-472), as in ``tests/pk/test_recovery.py``. Vehtari et al. recommend 1.01
+for final results; pass ``max_r_hat`` to be stricter."""
+
+MAX_DIVERGENT = 0
+"""Most divergent transitions after warm-up in a converged NUTS fit: a divergence
+means the sampler missed part of the posterior, so its draws may be biased
+(Betancourt, arXiv:1701.02434, 2017, section 6.2)."""
 
 _SIGMA_NAMES = ("additive", "proportional")
 _SUMMARY_COLUMNS = ("mean", "sd", "median", "q5", "q95", "r_hat", "ess_bulk",
@@ -150,6 +162,13 @@ class BayesResult(NamedTuple):
         SVI loss (negative ELBO, up to the constant above) per step.
     inference_data : arviz.InferenceData or None
         NUTS draws of every site, plus the natural-scale draws in ``posterior``.
+    converged : bool
+        Every draw, posterior mean and (SVI) the final loss are finite; for NUTS
+        also the largest split R-hat is below ``max_r_hat`` and there are at most
+        ``max_divergent`` divergent transitions (:data:`RHAT_MAX`,
+        :data:`MAX_DIVERGENT` by default).
+    message : str
+        Why the fit is not converged ('' when it is).
     """
 
     samples: dict
@@ -162,6 +181,8 @@ class BayesResult(NamedTuple):
     seconds: float
     elbo: np.ndarray | None
     inference_data: object
+    converged: bool = True
+    message: str = ""
 
 
 # ---------------------------------------------------------------------------
@@ -212,7 +233,8 @@ def _estimated_sigma(model: PopModel) -> tuple[str, ...]:
     if model.residual.fixed:
         return ()
     return tuple(n for n, v in zip(_SIGMA_NAMES, (model.residual.additive,
-                                                  model.residual.proportional))
+                                                  model.residual.proportional),
+                                   strict=True)
                  if v > 0)
 
 
@@ -626,12 +648,41 @@ def _summary(names, nat_chains: np.ndarray, diagnostics: bool) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=list(_SUMMARY_COLUMNS))
 
 
+def _convergence(summary: pd.DataFrame, nat_chains: np.ndarray, eta, elbo,
+                 n_divergent: int, max_r_hat: float | None,
+                 max_divergent: int | None) -> str:
+    """Why a fit is not converged, '' when it is (see ``BayesResult.converged``)."""
+    problems = []
+    finite = np.all(np.isfinite(nat_chains.reshape(-1, nat_chains.shape[-1])), axis=0)
+    bad = [n for n, ok in zip(summary.index, finite, strict=True) if not ok]
+    if bad:
+        problems.append("non-finite draws of " + ", ".join(bad))
+    if eta is not None and not np.all(np.isfinite(eta)):
+        problems.append("non-finite random effects")
+    if elbo is not None and (elbo.size == 0 or not np.isfinite(elbo[-1])):
+        problems.append("the final SVI loss is not finite")
+    if max_r_hat is not None:
+        r_hat = summary["r_hat"].to_numpy(dtype=float)
+        high = summary.index[~(r_hat < max_r_hat)].tolist()
+        if high:
+            problems.append(f"split R-hat >= {max_r_hat:g} for {', '.join(high)} "
+                            f"(largest {np.nanmax(r_hat, initial=np.nan):.3g}); "
+                            "run more warm-up/samples or chains")
+    if max_divergent is not None and n_divergent > max_divergent:
+        problems.append(f"{n_divergent} divergent transitions (at most "
+                        f"{max_divergent} allowed)")
+    return "; ".join(problems)
+
+
 def _result(n_sub, nat_chains, packer, eta, *, method, start, n_divergent=0,
-            elbo=None, idata=None, diagnostics=False) -> BayesResult:
+            elbo=None, idata=None, diagnostics=False, max_r_hat=None,
+            max_divergent=None) -> BayesResult:
     names = packer.natural_names
     flat = nat_chains.reshape(-1, nat_chains.shape[-1])
     samples = {name: flat[:, k] for k, name in enumerate(names)}
     summary = _summary(names, nat_chains, diagnostics)
+    why = _convergence(summary, nat_chains, eta, elbo, int(n_divergent), max_r_hat,
+                       max_divergent)
     if eta is None:
         etas = np.zeros((n_sub, 0))
         eta_sd = np.zeros((n_sub, 0))
@@ -641,7 +692,7 @@ def _result(n_sub, nat_chains, packer, eta, *, method, start, n_divergent=0,
     return BayesResult(samples=samples, summary=summary, etas=etas, eta_sd=eta_sd,
                        params=params, n_divergent=int(n_divergent), method=method,
                        seconds=time.perf_counter() - start, elbo=elbo,
-                       inference_data=idata)
+                       inference_data=idata, converged=not why, message=why)
 
 
 # ---------------------------------------------------------------------------
@@ -652,7 +703,8 @@ def fit_nuts(key: Key, model: PopModel, cohort: Cohort, *,
              priors: Priors | None = None, num_warmup: int = 500,
              num_samples: int = 500, num_chains: int = 2,
              target_accept: float = 0.85, chain_method: str = "sequential",
-             parameterization: str = "auto") -> BayesResult:
+             parameterization: str = "auto", max_r_hat: float = RHAT_MAX,
+             max_divergent: int = MAX_DIVERGENT) -> BayesResult:
     """Sample the posterior of :func:`population_model` with NUTS.
 
     Diagonal mass matrix adapted during warm-up, chains started at the
@@ -660,7 +712,8 @@ def fit_nuts(key: Key, model: PopModel, cohort: Cohort, *,
     split statistics of Vehtari et al. (Bayesian Anal 2021;16:667-718), computed by
     arviz on the natural-scale draws (a single chain is split into its two halves
     first, as arviz needs two chains). ``n_divergent`` counts divergent transitions
-    after warm-up over all chains.
+    after warm-up over all chains. ``converged`` needs finite draws, R-hat below
+    ``max_r_hat`` for every parameter and at most ``max_divergent`` divergences.
 
     ``parameterization``: ``"noncentered"`` suits sparse sampling (the usual
     FVIII/FIX clinical design); with rich individual data the posterior of
@@ -697,8 +750,9 @@ def fit_nuts(key: Key, model: PopModel, cohort: Cohort, *,
     mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
                 num_chains=num_chains, chain_method=chain_method,
                 progress_bar=False)
-    mcmc.run(key, model, cohort, priors=priors, n_occ=n_occ,
-             extra_fields=("diverging",))
+    with _finite_start():
+        mcmc.run(key, model, cohort, priors=priors, n_occ=n_occ,
+                 extra_fields=("diverging",))
     grouped = mcmc.get_samples(group_by_chain=True)
     flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), grouped)
     nat, eta, packer = _natural_draws(model, flat)
@@ -712,7 +766,26 @@ def fit_nuts(key: Key, model: PopModel, cohort: Cohort, *,
             mcmc.get_extra_fields(group_by_chain=True)["diverging"])},
     )
     return _result(cohort.n_subjects, nat_chains, packer, eta, method="nuts",
-                   start=start, n_divergent=n_div, idata=idata, diagnostics=True)
+                   start=start, n_divergent=n_div, idata=idata, diagnostics=True,
+                   max_r_hat=max_r_hat, max_divergent=max_divergent)
+
+
+class NonFiniteStartError(ValueError):
+    """The log posterior (or its gradient) is not finite at the start values."""
+
+
+@contextlib.contextmanager
+def _finite_start():
+    """NumPyro's refusal of non-finite start values as :class:`NonFiniteStartError`
+    (a RuntimeError there; the cause is the data or the model's start values)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "valid initial parameters" not in str(err):
+            raise
+        raise NonFiniteStartError(
+            "the log posterior or its gradient is not finite at the start values; "
+            "nothing was estimated") from err
 
 
 def _is_global_sample(msg: dict) -> bool:
@@ -757,7 +830,8 @@ def fit_svi(key: Key, model: PopModel, cohort: Cohort, *,
     Maximises the ELBO (``Trace_ELBO``, one particle) of the guide of
     :func:`build_guide` with Adam (optax), then draws ``num_posterior_samples``
     from the guide. ``elbo`` in the result is the per-step loss (negative ELBO, up
-    to the omitted ``log(2 pi)`` constant).
+    to the omitted ``log(2 pi)`` constant). ``converged`` needs a finite final loss
+    and finite draws (SVI has no R-hat; judge the loss trace too).
 
     Parameters
     ----------
@@ -788,7 +862,8 @@ def fit_svi(key: Key, model: PopModel, cohort: Cohort, *,
     k_fit, k_post = jax.random.split(key)
     args = (model, cohort)
     kwargs = {"priors": priors, "n_occ": n_occ}
-    run = svi.run(k_fit, num_steps, *args, progress_bar=False, **kwargs)
+    with _finite_start():
+        run = svi.run(k_fit, num_steps, *args, progress_bar=False, **kwargs)
     draws = guide.sample_posterior(k_post, run.params, *args,
                                    sample_shape=(num_posterior_samples,), **kwargs)
     nat, eta, packer = _natural_draws(model, draws)
@@ -797,6 +872,8 @@ def fit_svi(key: Key, model: PopModel, cohort: Cohort, *,
 
 
 __all__ = [
-    "LOCAL_SITES", "BayesResult", "Priors", "build_guide", "fit_nuts", "fit_svi",
-    "library_priors", "population_model", "weak_priors",
+    "LOCAL_SITES", "MAX_DIVERGENT", "RHAT_MAX", "BayesResult", "NonFiniteStartError",
+    "Priors",
+    "build_guide", "fit_nuts", "fit_svi", "library_priors", "population_model",
+    "weak_priors",
 ]

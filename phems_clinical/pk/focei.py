@@ -71,6 +71,14 @@ class FOCEIResult(NamedTuple):
     ``se``/``se_sandwich`` are standard errors on NONMEM's scale (theta; omega and
     sigma as variances) from ``2 R^-1`` and ``R^-1 S R^-1``; ``shrinkage_sd`` is
     eta-shrinkage in percent, ``100 (1 - SD(eta_hat) / sqrt(omega))``.
+
+    ``converged`` is true only when the objective, every subject's contribution and
+    the gradient are finite at the final estimates and the optimiser stopped at a
+    minimum (success, or a largest gradient component below 1e-3). A non-finite
+    objective or gradient at the start values stops the fit at once
+    (``n_iterations`` 0, estimates = start values). ``nonfinite_subjects`` are the
+    cohort indices whose contribution or gradient was not finite where the fit
+    stopped (empty when all were finite); ``message`` says what happened.
     """
 
     params: PopParams
@@ -87,10 +95,11 @@ class FOCEIResult(NamedTuple):
     n_iterations: int
     message: str
     seconds: float
+    nonfinite_subjects: tuple[int, ...] = ()
 
 
 def build_focei(model: PopModel, n_occ: int = 1) -> FOCEIFns:
-    """Compile the per-subject FOCEI functions for ``model`` with ``n_occ`` occasions."""
+    """Compile the per-subject FOCEI functions of ``model`` with ``n_occ`` occasions."""
     n_eta, n_kappa = model.n_eta, model.n_kappa
     n_b = n_eta + n_occ * n_kappa
 
@@ -242,19 +251,36 @@ def fit_focei(model: PopModel, cohort: Cohort, *, init: PopParams | None = None,
         return np.inf, np.zeros_like(g)
 
     x0 = np.asarray(packer.pack(base), dtype=np.float64)
-    res = scipy.optimize.minimize(fun, x0, jac=True, method="BFGS",
-                                  options={"maxiter": maxiter, "gtol": gtol})
-    per, b, jac = evaluate(res.x)
-    params = packer.unpack(jnp.asarray(res.x))
+    per, b, jac = evaluate(x0)
+    bad = _nonfinite_subjects(per, jac)
+    if bad or not np.all(np.isfinite(x0)):
+        # BFGS would see a zero gradient here and report success at once.
+        x, n_iter, success = x0, 0, False
+        message = (f"the objective or its gradient is not finite at the start "
+                   f"values ({len(bad)} of {cohort.n_subjects} subject(s)); "
+                   "nothing was estimated")
+    else:
+        res = scipy.optimize.minimize(fun, x0, jac=True, method="BFGS",
+                                      options={"maxiter": maxiter, "gtol": gtol})
+        x, n_iter, message = res.x, int(res.nit), str(res.message)
+        success = bool(res.success)
+        per, b, jac = evaluate(x)
+        bad = _nonfinite_subjects(per, jac)
+        if bad or not np.all(np.isfinite(x)):
+            message = (f"the objective or its gradient is not finite at the final "
+                       f"estimates ({len(bad)} of {cohort.n_subjects} subject(s)); "
+                       f"optimiser: {message}")
+    params = packer.unpack(jnp.asarray(x))
     eta, kappa = jax.vmap(fns.unflatten)(b)
-    grad_norm = float(np.max(np.abs(jac.sum(axis=0)))) if jac.size else 0.0
+    finite = not bad and bool(np.all(np.isfinite(x)))
+    grad_norm = (float(np.max(np.abs(jac.sum(axis=0)))) if jac.size else 0.0)
     # BFGS reports "precision loss" when it sits at the optimum and cannot improve
     # further in double precision; judge convergence by the final gradient.
-    converged = bool(res.success) or grad_norm < 1e-3
+    converged = finite and (success or (n_iter > 0 and grad_norm < 1e-3))
 
     nat = np.asarray(packer.to_natural(params))
     se = se_sw = np.full(nat.shape, np.nan)
-    if covariance and nat.size:
+    if covariance and nat.size and finite:
         se, se_sw = _standard_errors(res.x, jac, lambda x: evaluate(x)[2].sum(0),
                                      lambda x: packer.to_natural(packer.unpack(x)))
     omega_diag = np.diag(np.asarray(params.omega))
@@ -266,9 +292,15 @@ def fit_focei(model: PopModel, cohort: Cohort, *, init: PopParams | None = None,
         params=params, ofv=float(per.sum()), ofv_subjects=per,
         etas=eta_np, kappas=np.asarray(kappa), natural_names=packer.natural_names,
         estimates=nat, se=se, se_sandwich=se_sw, shrinkage_sd=shrink,
-        converged=converged, n_iterations=int(res.nit),
-        message=str(res.message), seconds=time.perf_counter() - start,
+        converged=converged, n_iterations=n_iter, message=message,
+        seconds=time.perf_counter() - start, nonfinite_subjects=tuple(bad),
     )
+
+
+def _nonfinite_subjects(per: np.ndarray, jac: np.ndarray) -> list[int]:
+    """Cohort indices whose OFV contribution or its gradient is not finite."""
+    ok = np.isfinite(per) & np.all(np.isfinite(jac.reshape(per.shape[0], -1)), axis=1)
+    return [int(i) for i in np.flatnonzero(~ok)]
 
 
 def _standard_errors(x, jac, grad_fn, to_natural):
