@@ -38,7 +38,7 @@ def _read_error(args: argparse.Namespace, err: Exception) -> int:
         return _error(args, f"no such audit log: {args.log}")
     if isinstance(err, OSError):
         return _error(args, f"cannot read {args.log}: {err.strerror or err}")
-    return _error(args, str(err))
+    return _error(args, f"{args.log}: {err}")
 
 
 def _describe(entry: dict) -> str:

@@ -24,8 +24,19 @@ Subcommands::
     phems cardiac --omop DIR --out OUT
                                   cardiac pathways: federated multi-state model
 
-Errors in the input (data rows, model fields, options) are printed as one clear
-message and the command exits with status 2; nothing is written half-way silently.
+Exit statuses (every command, ``phems run`` included):
+
+* 0: done;
+* 2: the input cannot be used (a data row, model field, option, Hydra override,
+  file or database): one message ``phems <cmd>: error: <what, naming the row,
+  field or option>`` on standard error, nothing written;
+* 1: the run stopped for another reason (e.g. a federated round below its
+  threshold of sites), or an internal error, i.e. a bug: a short message naming
+  the exception type and where; set ``PHEMS_DEBUG=1`` for the full traceback.
+  ``phems audit verify`` also exits 1 for a log that fails verification.
+
+Outputs are never replaced silently: ``--out`` must be new or empty unless
+``--overwrite`` is given, and results are written whole or not at all.
 """
 
 from __future__ import annotations
@@ -33,8 +44,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
+
+#: Environment variable that makes an internal error print its full traceback.
+DEBUG_ENV = "PHEMS_DEBUG"
+#: Most patients ``phems simulate --n`` writes in one CSV.
+MAX_SIMULATED = 100_000
 
 
 def _x64() -> None:
@@ -43,9 +61,239 @@ def _x64() -> None:
     configure_jax()
 
 
+# ------------------------------------------------------------ option types
+def seed_arg(text: str) -> int:
+    """argparse type of ``--seed``: an integer within the ``seed`` plausibility
+    limit (``data_schemas/plausibility.json``: the signed 64-bit range)."""
+    from phems_clinical.data.plausibility import check
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}"
+                                         ) from None
+    finding = check("seed", value)
+    if finding is not None:
+        raise argparse.ArgumentTypeError(finding.message)
+    return value
+
+
+def count_arg(least: int = 1, most: int | None = None):
+    """argparse type of a count (``--n``, ``--chains``, rounds...): an integer
+    ``>= least`` (and ``<= most`` when given)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number >= {least}, got {text!r}") from None
+        if value < least or (most is not None and value > most):
+            bound = f">= {least}" if most is None else f"from {least} to {most}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {bound}, "
+                                             f"got {value}")
+        return value
+    parse.__name__ = "count"
+    return parse
+
+
+def limit_arg(name: str):
+    """argparse type of a number checked against plausibility limit ``name``
+    (e.g. ``age_y`` for ``--min-age``); NaN and infinities are refused."""
+    from phems_clinical.data.plausibility import check
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}"
+                                             ) from None
+        finding = check(name, value)
+        if finding is not None and finding.level == "error":
+            raise argparse.ArgumentTypeError(finding.message)
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _port(text: str) -> int:
+    return count_arg(1, 65535)(text)
+
+
+_port.__name__ = "port"
+
+
+# ------------------------------------------------------------ error contract
+def _option_for(args: argparse.Namespace | None, filename: str) -> str | None:
+    """The option (``--data``) or positional (``patient``) whose value is
+    ``filename``, for messages that name it."""
+    if args is None or not filename:
+        return None
+    for dest, value in vars(args).items():
+        values = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, str | os.PathLike) and os.fspath(v) == filename
+               for v in values):
+            return dest if dest in ("patient", "log", "path", "db") else \
+                "--" + dest.replace("_", "-")
+    return None
+
+
+_SECRET = re.compile(r"(password\s*=\s*)(\S+)|(://[^:/@\s]+:)([^@\s]+)(@)",
+                     re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with any password of a connection string (``password=...``,
+    ``scheme://user:PASSWORD@host``) replaced by ``***``.
+
+    >>> redact("postgresql://site:s3cret@db/omop; password=abc dbname=x")
+    'postgresql://site:***@db/omop; password=*** dbname=x'
+    """
+    return _SECRET.sub(lambda m: f"{m[1]}***" if m[1] else f"{m[3]}***{m[5]}",
+                       text)
+
+
+def _module_of(err: BaseException) -> str:
+    return type(err).__module__.split(".")[0]
+
+
+def user_error_message(err: BaseException,
+                       args: argparse.Namespace | None = None) -> str | None:
+    """The one-line (or, for several input errors, one-per-line) message of a
+    user-caused error, naming the option, file, row or field; ``None`` when
+    ``err`` is not user-caused (an internal error).
+
+    User-caused: ``ValueError`` (with ``OutputExistsError``,
+    ``DataValidationError``, ``ModelSpecError``, ``RequestError``, JSON and
+    Unicode errors), ``KeyError``, ``OSError`` (the file and, when known, its
+    option are named), ``OverflowError``, DuckDB and psycopg2 errors (any
+    connection password redacted), YAML errors, and Hydra's and OmegaConf's
+    configuration errors.
+
+    >>> user_error_message(KeyError(None))
+    'a required value is missing or empty (check for empty cells and fields)'
+    >>> user_error_message(FileNotFoundError(2, "No such file or directory", "x.csv"),
+    ...                    argparse.Namespace(data="x.csv"))
+    '--data: No such file or directory: x.csv'
+    >>> user_error_message(ZeroDivisionError("division by zero")) is None
+    True
+    """
+    errors = getattr(err, "errors", None)
+    if isinstance(err, ValueError) and isinstance(errors, list | tuple) and errors \
+            and all(hasattr(e, "message") for e in errors):  # RequestError
+        lines = [f"{getattr(e, 'field', '') or '(input)'}: {e.message}"
+                 for e in errors]
+        if len(lines) == 1:
+            return lines[0]
+        return f"{len(lines)} errors in the input:\n  " + "\n  ".join(lines)
+    module = _module_of(err)
+    if module in ("hydra", "omegaconf"):  # before OSError: a missing config is one
+        return _config_error_message(err)
+    if isinstance(err, OSError):
+        name = err.filename
+        if name is None:
+            return str(err) or type(err).__name__
+        option = _option_for(args, os.fspath(name))
+        what = err.strerror or type(err).__name__
+        text = f"{what}: {os.fspath(name)}"
+        if err.filename2 is not None:
+            text += f" -> {os.fspath(err.filename2)}"
+        return f"{option}: {text}" if option else text
+    if isinstance(err, KeyError):
+        key = err.args[0] if err.args else None
+        if key is None or (isinstance(key, str) and not key.strip()):
+            return ("a required value is missing or empty (check for empty cells "
+                    "and fields)")
+        return key if isinstance(key, str) else f"no entry for {key!r}"
+    if isinstance(err, UnicodeDecodeError):
+        return (f"the input is not {err.encoding} text (byte {err.start}: "
+                f"{err.reason}); expected a UTF-8 text file")
+    if isinstance(err, OverflowError):
+        return f"a number is too large ({err})"
+    if module in ("duckdb", "_duckdb"):
+        return f"DuckDB: {redact(str(err)).strip()}"
+    if module == "psycopg2":
+        first = redact(str(err)).strip().splitlines()
+        return "PostgreSQL: " + (" ".join(line.strip() for line in first)
+                                 if first else type(err).__name__)
+    if module == "yaml":
+        return f"YAML: {str(err).strip()}"
+    if isinstance(err, ValueError):
+        return str(err) or type(err).__name__
+    return None
+
+
+def _config_error_message(err: BaseException) -> str:
+    """Hydra's or OmegaConf's message, with its cause (the override's type
+    error) and without the config search path."""
+    text = str(err).split("\nConfig search path:")[0].strip()
+    cause = err.__cause__
+    if cause is not None:
+        head = str(cause).strip().splitlines()
+        key = next((line.strip() for line in head if line.strip().startswith(
+            "full_key:")), "")
+        text += f": {head[0] if head else type(cause).__name__}"
+        if key and key.split(":", 1)[1].strip():
+            text += f" ({key})"
+    return text
+
+
+def internal_error_message(err: BaseException) -> str:
+    """A short message for an internal error: its type and where (the last
+    frame in phems_clinical), never its text, which may hold data values."""
+    where = ""
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        path = frame.filename.replace(os.sep, "/")
+        if "/phems_clinical/" in path:
+            where = f" at phems_clinical/{path.split('/phems_clinical/')[-1]}:" \
+                    f"{frame.lineno}"
+            break
+    return (f"internal error ({type(err).__name__}{where}); this is a bug, not "
+            f"your input. Set {DEBUG_ENV}=1 for the full traceback")
+
+
+def debug() -> bool:
+    """Whether ``PHEMS_DEBUG`` asks for tracebacks."""
+    return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0", "false", "no")
+
+
+def _parse_json_option(text: str, option: str) -> object:
+    """JSON of an option, refusing duplicate keys and NaN/Infinity by name."""
+    def pairs(items):
+        keys = [k for k, _ in items]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"{option}: duplicate key(s) {', '.join(dup)}")
+        return dict(items)
+
+    def constant(name):
+        raise ValueError(f"{option}: {name} is not a number JSON allows")
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{option}: not valid JSON ({err.msg} at column "
+                         f"{err.colno})") from None
+
+
+def _refuse_existing_file(path: str | None, option: str, overwrite: bool) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{option}: {path} is a folder; expected a file name")
+    if p.exists() and not overwrite:
+        from phems_clinical.outputs import OutputExistsError
+
+        raise OutputExistsError(f"{option}: {path} exists; choose a new file or "
+                                f"pass --overwrite to replace it")
+
+
+# ------------------------------------------------------------ commands
 def _fit(args: argparse.Namespace) -> int:
     from phems_clinical.app.fit import run_fit
+    from phems_clinical.outputs import check_out
 
+    check_out(args.out, overwrite=args.overwrite)
     options = {}
     if args.method == "nuts":
         options = {"num_warmup": args.warmup, "num_samples": args.samples,
@@ -59,7 +307,7 @@ def _fit(args: argparse.Namespace) -> int:
     if args.dv_unit:
         options["dv_unit"] = None if args.dv_unit == "none" else args.dv_unit
     res = run_fit(args.data, args.model, args.method, args.out, seed=args.seed,
-                  options=options)
+                  options=options, overwrite=args.overwrite)
     head = {k: res[k] for k in ("method", "model", "n_subjects", "n_observations",
                                 "n_blq")}
     head["excluded_records"] = len(res["exclusions"])
@@ -77,12 +325,24 @@ def _simulate(args: argparse.Namespace) -> int:
     import jax
 
     from phems_clinical.app.fit import resolve_model
+    from phems_clinical.outputs import write_atomic
     from phems_clinical.pk.simulate import (
         HospitalSpec,
         default_hospitals,
         simulate_hospitals,
     )
 
+    _refuse_existing_file(args.out, "--out", args.overwrite)
+    _refuse_existing_file(args.truth, "--truth", args.overwrite)
+    if args.truth is not None and \
+            os.path.abspath(args.truth) == os.path.abspath(args.out):
+        raise ValueError("--truth: must differ from --out")
+    if args.design == "hospitals" and args.n < 3:
+        raise ValueError(f"--n: the 'hospitals' design spreads patients over three "
+                         f"hospitals; expected at least 3, got {args.n}")
+    if not args.min_age < args.max_age:
+        raise ValueError(f"--min-age/--max-age: expected min < max, got "
+                         f"{args.min_age:g} and {args.max_age:g}")
     model = resolve_model(args.model)
     if args.design == "hospitals":
         hospitals = default_hospitals(args.n)
@@ -90,9 +350,9 @@ def _simulate(args: argparse.Namespace) -> int:
         hospitals = [HospitalSpec("H1", args.n, design=args.design,
                                   age_range=(args.min_age, args.max_age))]
     events, truth = simulate_hospitals(jax.random.key(args.seed), model, hospitals)
-    events.to_csv(args.out, index=False)
     if args.truth:
-        truth.to_csv(args.truth, index=False)
+        write_atomic(args.truth, truth.to_csv(index=False))
+    write_atomic(args.out, events.to_csv(index=False))
     print(f"wrote {len(truth)} patients, {int((events.EVID == 0).sum())} samples "
           f"({int(events.BLQ.sum())} BLQ) to {args.out}")
     return 0
@@ -120,11 +380,13 @@ def _dose(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from phems_clinical.app.dose import run_dose, write_dose_outputs
+    from phems_clinical.outputs import check_out
 
+    check_out(args.out, overwrite=args.overwrite)
     source = sys.stdin.buffer.read() if args.patient == "-" else \
         Path(args.patient).read_bytes()
     out = run_dose(source, method=args.method, seed=args.seed)
-    paths = write_dose_outputs(out, args.out)
+    paths = write_dose_outputs(out, args.out, overwrite=args.overwrite)
     r = out.result
     for w in r["warnings"]:
         print(f"warning: {w['field']}: {w['message']}", file=sys.stderr)
@@ -152,8 +414,10 @@ def _dose(args: argparse.Namespace) -> int:
 
 def _federate(args: argparse.Namespace) -> int:
     from phems_clinical.app.federate import run_federate
+    from phems_clinical.outputs import check_out
 
-    options = json.loads(args.options) if args.options else {}
+    check_out(args.out, overwrite=args.overwrite)
+    options = _parse_json_option(args.options, "--options") if args.options else {}
     if not isinstance(options, dict):
         raise ValueError("--options: expected a JSON object, e.g. '{\"rounds\": 20}'")
     if args.rounds is not None:
@@ -166,7 +430,7 @@ def _federate(args: argparse.Namespace) -> int:
                        experiment=args.experiment,
                        request=(Path(args.request).read_text().strip()
                                 if args.request else ""),
-                       site_key_dir=args.site_key_dir)
+                       site_key_dir=args.site_key_dir, overwrite=args.overwrite)
     head = {k: res[k] for k in ("algorithm", "model", "rounds", "converged",
                                 "seconds")}
     head["sites"] = {s["name"]: s["n_patients"] for s in res["sites"]}
@@ -182,7 +446,7 @@ def _serve(args: argparse.Namespace) -> int:
     from phems_clinical.app.web import serve
 
     print(f"phems serve: open http://{args.host}:{args.port}/ (Ctrl-C to stop)")
-    serve(host=args.host, port=args.port)
+    serve(host=args.host, port=args.port, allowed_hosts=args.allowed_host)
     return 0
 
 
@@ -196,12 +460,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", required=True, help="NONMEM-style CSV data set")
     f.add_argument("--model", required=True, help="model YAML or library product")
     f.add_argument("--method", required=True, choices=("focei", "nuts", "svi"))
-    f.add_argument("--out", required=True, help="output directory")
-    f.add_argument("--seed", type=int, default=0, help="PRNG seed (NUTS/SVI/VPC)")
-    f.add_argument("--chains", type=int, default=2)
-    f.add_argument("--warmup", type=int, default=500)
-    f.add_argument("--samples", type=int, default=500)
-    f.add_argument("--steps", type=int, default=6000, help="SVI steps")
+    f.add_argument("--out", required=True, help="output directory (new or empty)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder as a whole")
+    f.add_argument("--seed", type=seed_arg, default=0,
+                   help="PRNG seed (NUTS/SVI/VPC)")
+    f.add_argument("--chains", type=count_arg(1), default=2)
+    f.add_argument("--warmup", type=count_arg(0), default=500)
+    f.add_argument("--samples", type=count_arg(1), default=500)
+    f.add_argument("--steps", type=count_arg(1), default=6000, help="SVI steps")
     f.add_argument("--priors", default="weak", choices=("weak", "library"),
                    help="NUTS/SVI priors: weakly informative, or centred on the "
                         "model's published values (product library)")
@@ -212,14 +479,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("simulate", help="simulate a virtual cohort (NONMEM-style CSV)")
     s.add_argument("--model", required=True, help="library product or model YAML")
-    s.add_argument("--n", type=int, default=100, help="number of patients")
+    s.add_argument("--n", type=count_arg(1, MAX_SIMULATED), default=100,
+                   help="number of patients")
     s.add_argument("--design", default="hospitals",
                    choices=("hospitals", "rich", "sparse", "sparse2"))
-    s.add_argument("--min-age", type=float, default=1.0)
-    s.add_argument("--max-age", type=float, default=65.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", required=True, help="CSV file to write")
+    s.add_argument("--min-age", type=limit_arg("age_y"), default=1.0,
+                   help="youngest age (years; 'rich'/'sparse' designs)")
+    s.add_argument("--max-age", type=limit_arg("age_y"), default=65.0,
+                   help="oldest age (years)")
+    s.add_argument("--seed", type=seed_arg, default=0)
+    s.add_argument("--out", required=True, help="CSV file to write (new)")
     s.add_argument("--truth", default=None, help="CSV of true individual parameters")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace existing --out/--truth files")
     s.set_defaults(func=_simulate)
 
     p = sub.add_parser("products", help="list the FVIII/FIX product library")
@@ -229,18 +501,24 @@ def build_parser() -> argparse.ArgumentParser:
                                     "from measured levels")
     d.add_argument("patient", help="patient request JSON file ('-' reads stdin); see "
                                    "data_schemas/dosing_request.schema.json")
-    d.add_argument("--out", required=True, help="output directory (result.json, "
-                                                "curve.png, report.html)")
+    d.add_argument("--out", required=True, help="output directory, new or empty "
+                                                "(result.json, curve.png, "
+                                                "report.html)")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder as a whole")
     d.add_argument("--method", default="map", choices=("map", "nuts"),
                    help="map: posterior mode + Laplace draws (fast, default); "
                         "nuts: the full individual posterior")
-    d.add_argument("--seed", type=int, default=None,
+    d.add_argument("--seed", type=seed_arg, default=None,
                    help="PRNG seed (default: the request's options.seed, else 0)")
     d.set_defaults(func=_dose)
 
     w = sub.add_parser("serve", help="start the clinician web app (local)")
     w.add_argument("--host", default="127.0.0.1")
-    w.add_argument("--port", type=int, default=8000)
+    w.add_argument("--port", type=_port, default=8000)
+    w.add_argument("--allowed-host", action="append", default=None, metavar="HOST",
+                   help="a Host header the app answers (repeatable; default: the "
+                        "loopback names); needed when --host is not loopback")
     w.set_defaults(func=_serve)
 
     g = sub.add_parser("federate", help="federated population-PK fit over the "
@@ -251,15 +529,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--algorithm", default="fed_focei",
                    choices=("fed_focei", "fedavg", "fedprox", "fedadam", "fedyogi",
                             "ep", "consensus_mc"))
-    g.add_argument("--out", required=True, help="output directory (result.json)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--rounds", type=int, default=None, help="maximum rounds")
+    g.add_argument("--out", required=True,
+                   help="output directory, new or empty (result.json)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder as a whole")
+    g.add_argument("--seed", type=seed_arg, default=0)
+    g.add_argument("--rounds", type=count_arg(1), default=None,
+                   help="maximum rounds")
     g.add_argument("--options", default=None,
                    help="algorithm options as JSON, e.g. '{\"local_steps\": 3, "
                         "\"dp\": {\"clip\": 50, \"noise_multiplier\": 1.0}}'")
     g.add_argument("--secagg", action="store_true",
                    help="sum the sites' messages with secure aggregation")
-    g.add_argument("--min-sites", type=int, default=None,
+    g.add_argument("--min-sites", type=count_arg(1), default=None,
                    help="fewest sites a round may complete with (default: all)")
     g.add_argument("--checkpoint", default=None,
                    help="checkpoint folder: saved every round, resumed if present")
@@ -296,36 +578,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(argv: list[str]) -> int:
+    """``phems run``: check every job's settings (Hydra composition and
+    :func:`phems_clinical.runner.validate.check_config`), then start Hydra.
+    Returns the exit status (2: a bad override or setting, before anything
+    runs)."""
+    from phems_clinical import runner
+    from phems_clinical.runner.validate import preflight
+
+    try:
+        preflight(argv)
+    except Exception as err:  # noqa: BLE001 - sorted into the contract below
+        return _report(err, "run", None)
+    sys.argv = ["phems run", *argv]
+    try:
+        runner.main()
+    except SystemExit as done:  # Hydra's own exit, or the job's (runner.main)
+        code = done.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
+
+
+def _report(err: BaseException, command: str,
+            args: argparse.Namespace | None) -> int:
+    """Print ``err`` by the error contract; return the exit status (2 or 1)."""
+    message = user_error_message(err, args)
+    if debug():
+        traceback.print_exception(err)
+    if message is not None:
+        print(f"phems {command}: error: {message}", file=sys.stderr)
+        return 2
+    if isinstance(err, RuntimeError) and type(err) is RuntimeError:
+        # e.g. a federated round aborted below its threshold of sites
+        print(f"phems {command}: stopped: {err}", file=sys.stderr)
+        return 1
+    if debug():
+        raise err
+    print(f"phems {command}: {internal_error_message(err)}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``phems`` command; returns its exit status (see the module doc)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if argv and argv[0] == "run":
-        from phems_clinical import runner
-
-        sys.argv = ["phems run", *argv[1:]]
-        runner.main()
-        return 0
+        return _run(argv[1:])
     args = build_parser().parse_args(argv)
     _x64()
-    from phems_clinical.data.dosing_request import RequestError
-    from phems_clinical.data.nonmem import DataValidationError
-    from phems_clinical.pk.spec import ModelSpecError
-
+    command = args.command
+    for sub in ("audit_command", "governance_command", "omop_command"):
+        if getattr(args, sub, None):
+            command += f" {getattr(args, sub)}"
     try:
         return args.func(args)
-    except RequestError as err:
-        print(f"phems {args.command}: {len(err.errors)} error(s) in the input:",
-              file=sys.stderr)
-        for e in err.errors:
-            print(f"  {e.field or '(input)'}: {e.message}", file=sys.stderr)
-        return 2
-    except (DataValidationError, ModelSpecError, ValueError, KeyError,
-            FileNotFoundError) as err:
-        print(f"phems {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:  # e.g. a federated round aborted below threshold
-        print(f"phems {args.command}: stopped: {err}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"phems {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - sorted into the contract in _report
+        return _report(err, command, args)
 
 
 if __name__ == "__main__":

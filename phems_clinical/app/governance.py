@@ -12,7 +12,9 @@ list as ``public_key`` in each site's policy. ``sign-request`` prints (or writes
 the signed request a run carries (``phems federate --request FILE``, the Flower run
 config's ``request``). ``site-key`` creates a site's HMAC key (from ``secrets``,
 mode 0600); keep it outside the folder of the site's audit log. Bad input prints
-one message and exits with status 2. Wiring, in
+one message naming the option and exits with status 2; nothing is overwritten
+(``sign-request --out`` replaces an existing file only with ``--overwrite``, and
+atomically). Wiring, in
 :func:`phems_clinical.app.cli.build_parser`: ``add_governance_parser(sub)``.
 """
 
@@ -24,14 +26,19 @@ import os
 import sys
 from pathlib import Path
 
+from phems_clinical.app.cli import count_arg
 from phems_clinical.federation.governance import (
     create_site_key,
     generate_user_key,
     sign_request,
 )
 from phems_clinical.keyfiles import create_secret_file
+from phems_clinical.outputs import write_atomic
 
 __all__ = ["add_governance_parser", "load_user_key"]
+
+#: Longest validity of a signed request, hours (a leap year; ours).
+MAX_VALID_HOURS = 8784.0
 
 
 def _error(args: argparse.Namespace, message: str) -> int:
@@ -67,13 +74,16 @@ def _sign(args: argparse.Namespace) -> int:
         return _error(args, f"--key: no such file {args.key}")
     except ValueError as err:
         return _error(args, str(err))
-    if args.rounds < 1 or args.valid_hours <= 0:
-        return _error(args, "--rounds and --valid-hours: expected positive numbers")
+    if args.out and Path(args.out).is_dir():
+        return _error(args, f"--out: {args.out} is a folder; expected a file name")
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        return _error(args, f"--out: {args.out} exists; choose a new file or pass "
+                            f"--overwrite to replace it")
     token = sign_request(key, requester=args.requester, experiment=args.experiment,
                          algorithm=args.algorithm, rounds=args.rounds,
                          valid_for=dt.timedelta(hours=args.valid_hours))
     if args.out:
-        Path(args.out).write_text(token + "\n", encoding="ascii")
+        write_atomic(args.out, (token + "\n").encode("ascii"))
         print(f"signed request written to {args.out}")
     else:
         print(token)
@@ -88,6 +98,19 @@ def _site_key(args: argparse.Namespace) -> int:
     print(f"site key written to {args.path} (mode 600); keep it outside the folder "
           "of the audit log")
     return 0
+
+
+def _hours(text: str) -> float:
+    """argparse type of ``--valid-hours``: a number in (0, MAX_VALID_HOURS]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of hours, got "
+                                         f"{text!r}") from None
+    if not 0 < value <= MAX_VALID_HOURS:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"expected hours in (0, "
+                                         f"{MAX_VALID_HOURS:g}], got {text}")
+    return value
 
 
 def add_governance_parser(subparsers) -> argparse.ArgumentParser:
@@ -112,10 +135,14 @@ def add_governance_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--requester", required=True, help="data user id (site policy)")
     s.add_argument("--experiment", required=True, help="experiment name")
     s.add_argument("--algorithm", required=True, help="algorithm name")
-    s.add_argument("--rounds", required=True, type=int, help="most rounds allowed")
-    s.add_argument("--valid-hours", type=float, default=24.0,
-                   help="hours until the request expires (default 24)")
+    s.add_argument("--rounds", required=True, type=count_arg(1),
+                   help="most rounds allowed")
+    s.add_argument("--valid-hours", type=_hours, default=24.0,
+                   help="hours until the request expires (default 24, at most "
+                        f"{MAX_VALID_HOURS:g})")
     s.add_argument("--out", default=None, help="file to write (default: print)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file")
     s.set_defaults(func=_sign)
     m = sub.add_parser("site-key", help="create a site's audit/ledger MAC key")
     m.add_argument("path", help="key file to create (outside the audit log's "

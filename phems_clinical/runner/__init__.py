@@ -8,9 +8,10 @@ committed studies are ``experiment=<name>`` (``configs/experiment/``).
 at several hospitals from a library model, write it as a NONMEM-style CSV, fit
 the population model back with the configured method (``phems fit``'s code path)
 and compare every estimate with the value it was simulated from. It writes into
-the Hydra run directory: ``.hydra/`` (composed config), ``cohort.csv``,
-``truth.csv``, ``estimates.json``, ``estimates.nc``, ``gof.png``, ``vpc.png``,
-``recovery.csv`` and ``result.json`` (see the README).
+the Hydra run directory: ``.hydra/`` (composed config), ``model.yaml`` (the
+generating model), ``cohort.csv``, ``truth.csv``, ``fit/`` (``phems fit``'s
+outputs: ``estimates.json``, ``estimates.nc``, ``gof.png``, ``vpc.png`` and the
+fitted ``model.yaml``), ``recovery.csv`` and ``result.json`` (see the README).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +78,11 @@ def run_demo(cfg: DictConfig, out: Path) -> dict:
     if cfg.cohort.design not in ("hospitals", *DESIGNS):
         raise ValueError(f"cohort.design: {cfg.cohort.design!r} is not one of "
                          f"hospitals, {', '.join(DESIGNS)}")
+    from phems_clinical.outputs import OutputExistsError
+
+    if (out / "fit").exists():
+        raise OutputExistsError(f"hydra.run.dir: {out} already holds a PK demo fit; "
+                                f"choose a new run directory")
     spec = OmegaConf.to_container(cfg.model, resolve=True)
     model = parse_model(spec)
     model_path = out / "model.yaml"
@@ -92,8 +99,8 @@ def run_demo(cfg: DictConfig, out: Path) -> dict:
     truth.to_csv(out / "truth.csv", index=False)
     print(f"[phems run] fitting by {cfg.method.upper()}", flush=True)
     t0 = time.perf_counter()
-    est = run_fit(out / "cohort.csv", str(model_path), cfg.method, out, seed=cfg.seed,
-                  options=OmegaConf.to_container(cfg.method_options))
+    est = run_fit(out / "cohort.csv", str(model_path), cfg.method, out / "fit",
+                  seed=cfg.seed, options=OmegaConf.to_container(cfg.method_options))
     seconds = time.perf_counter() - t0
 
     rows = []
@@ -133,19 +140,49 @@ def run_demo(cfg: DictConfig, out: Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(configs_dir()), config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point (``phems run``)."""
+    """Hydra entry point (``phems run``).
+
+    Every setting is checked first (:func:`.validate.check_config`); an error the
+    user can fix ends the job with ``phems run: error: <setting>: ...`` and exit
+    status 2, an internal error with a short message and status 1
+    (``PHEMS_DEBUG=1``: Hydra's full traceback), as every ``phems`` command does
+    (:mod:`phems_clinical.app.cli`).
+    """
     from hydra.core.hydra_config import HydraConfig
+
+    from phems_clinical.app.cli import (
+        debug,
+        internal_error_message,
+        user_error_message,
+    )
+    from phems_clinical.runner.validate import check_config
 
     # jax announces at INFO level each accelerator plugin it does not find
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    out = Path(HydraConfig.get().runtime.output_dir)
-    os.makedirs(out, exist_ok=True)
-    if "sources" in cfg:  # an experiment (config.yaml); else the PK demo
-        from phems_clinical.runner.experiment import run_experiment
+    try:
+        check_config(cfg)
+        out = Path(HydraConfig.get().runtime.output_dir)
+        os.makedirs(out, exist_ok=True)
+        if "sources" in cfg:  # an experiment (config.yaml); else the PK demo
+            from phems_clinical.runner.experiment import run_experiment
 
-        run_experiment(cfg, out)
-    else:
-        run_demo(cfg, out)
+            run_experiment(cfg, out)
+        else:
+            run_demo(cfg, out)
+    except Exception as err:  # noqa: BLE001 - sorted into the error contract
+        message = user_error_message(err)
+        if debug():
+            os.environ["HYDRA_FULL_ERROR"] = "1"
+            raise
+        if message is not None:
+            print(f"phems run: error: {message}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        if isinstance(err, RuntimeError) and type(err) is RuntimeError:
+            print(f"phems run: stopped: {err}", file=sys.stderr, flush=True)
+        else:
+            print(f"phems run: {internal_error_message(err)}", file=sys.stderr,
+                  flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

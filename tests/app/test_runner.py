@@ -30,8 +30,9 @@ def test_demo_run_writes_result(tmp_path):
     cfg = _compose(["model=jivi", "cohort.n_patients=12", "cohort.design=rich",
                     "seed=5"])
     res = run_demo(cfg, tmp_path)
-    for f in ("cohort.csv", "truth.csv", "estimates.json", "estimates.nc", "gof.png",
-              "vpc.png", "recovery.csv", "result.json"):
+    for f in ("model.yaml", "cohort.csv", "truth.csv", "fit/estimates.json",
+              "fit/estimates.nc", "fit/gof.png", "fit/vpc.png", "fit/model.yaml",
+              "recovery.csv", "result.json"):
         assert (tmp_path / f).exists(), f
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["n_patients"] == 12 and saved["method"] == "focei"
