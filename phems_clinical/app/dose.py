@@ -8,11 +8,17 @@ and ``report.html``) out. Steps:
    (:func:`~phems_clinical.data.dosing_request.parse_request`);
 2. resolve the population model (a library product, or a fitted ``model.yaml``) and
    the covariates it needs (derived or assumed where not given, always reported);
-3. check the levels against the model's prior predictive range (unit mix-ups);
+3. check the levels against the model's prior predictive range: a level that
+   fits only in the other unit is refused as a unit mix-up, one far outside the
+   range in both units is refused, one just outside it is warned about;
 4. estimate: MAP with Laplace draws, or NUTS (:mod:`phems_clinical.pk.forecast`);
 5. summarise and design regimens per posterior draw (:mod:`phems_clinical.pk.dosing`).
 
-Every problem with the input raises :class:`RequestError` naming the field.
+Every problem with the input raises :class:`RequestError` naming the field; so
+does a fitted model whose ``fitted`` block does not say ``converged: true``, and
+a calculation that would give a non-finite number. Outputs are written through
+:func:`phems_clinical.outputs.staged_dir`: all three files or none, and an earlier
+patient's folder is never replaced without ``overwrite``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phems_clinical.data import plausibility
 from phems_clinical.data.cohort import Cohort, stack_subjects
 from phems_clinical.data.demographics import (
     fat_free_mass,
@@ -41,6 +48,7 @@ from phems_clinical.data.dosing_request import (
     parse_request,
 )
 from phems_clinical.evaluation.report import curve_figure, render_report
+from phems_clinical.outputs import staged_dir
 from phems_clinical.pk.dosing import (
     DoseRecommendation,
     prior_predictive,
@@ -58,7 +66,11 @@ __all__ = ["METHODS", "DoseOutput", "run_dose", "write_dose_outputs"]
 METHODS = ("map", "nuts")
 SCHEMA_VERSION = 1
 _PRIOR_PREDICTIVE_DRAWS = 2000
-_IMPLAUSIBLE = (0.0005, 0.9995)  # prior predictive quantiles for the unit check
+_IMPLAUSIBLE = (0.0005, 0.9995)  # prior predictive quantiles for the level check
+# A level more than this factor outside the 99.9% prior predictive range (in both
+# units) is refused, not warned about: the dose, time or value is wrong (ours).
+_REFUSE_FACTOR = 3.0
+_TITLE_ID_CHARS = 24  # patient id shown in the figure's title (ellipsis beyond)
 
 
 class DoseOutput(NamedTuple):
@@ -110,6 +122,16 @@ def _resolve_model(req: DosingRequest) -> tuple[PopModel, dict]:
     except (ModelSpecError, OSError, ValueError) as err:
         raise RequestError([FieldError("model", f"cannot use {str(path)!r} as a "
                                                 f"population model: {err}")]) from None
+    fitted = model.metadata.get("fitted")
+    if fitted is not None and not (isinstance(fitted, dict)
+                                   and fitted.get("converged") is True):
+        said = (f"fitted.converged is {fitted.get('converged')!r}"
+                if isinstance(fitted, dict) and "converged" in fitted
+                else "its fitted block does not record convergence")
+        raise RequestError([FieldError("model", (
+            f"{str(path)!r} comes from a fit that did not converge ({said}); "
+            "a failed fit is no prior for dosing: refit, or use a library "
+            "product"))])
     return model, {"source": "file", "path": str(path)}
 
 
@@ -201,30 +223,54 @@ def _subject(model: PopModel, req: DosingRequest, cov: np.ndarray
     return jax.tree.map(lambda x: x[0], cohort), n_occ
 
 
-def _unit_check(key, model, params, subject, req, raw: dict, n_occ: int
-                ) -> list[FieldError]:
-    """Levels outside the prior predictive range that fit it in the other unit."""
+def _level_check(key, model, params, subject, req, n_occ: int
+                 ) -> tuple[list[FieldError], list[FieldError]]:
+    """Levels against the population model's prior predictive range.
+
+    Returns (errors, warnings). For each quantified level, the range is the
+    central 99.9% of ``_PRIOR_PREDICTIVE_DRAWS`` simulated measurements at its time
+    (inter-individual, inter-occasion and residual variability). Outside the range
+    in its unit but inside it in the other unit (x 100 or / 100): an error on the
+    unit. Outside it in both units: an error on the value when more than
+    ``_REFUSE_FACTOR`` times beyond the range, else a warning.
+    """
     if all(lv.blq for lv in req.levels):
-        return []
+        return [], []
     sims = prior_predictive(key, model, params, subject, n_occ=n_occ,
                             n=_PRIOR_PREDICTIVE_DRAWS)
     lo, hi = np.quantile(sims, _IMPLAUSIBLE, axis=0)
-    errors = []
+    errors, warnings = [], []
     for j, lv in enumerate(req.levels):
         if lv.blq:
             continue
-        unit = raw["levels"][lv.index].get("unit", "IU/dL")
+        unit = lv.unit
+        given = lv.value_IU_dL / (100.0 if unit == "IU/mL" else 1.0)
         # the value read in the other unit, in IU/dL
         factor = 0.01 if unit == "IU/mL" else 100.0
         other = "IU/dL" if unit == "IU/mL" else "IU/mL"
         v, alt = lv.value_IU_dL, lv.value_IU_dL * factor
-        if not lo[j] <= v <= hi[j] and lo[j] <= alt <= hi[j]:
+        lo_j, hi_j = max(lo[j], 0.0), hi[j]
+        expects = (f"the population model expects {lo_j:.3g}-{hi_j:.3g} IU/dL at "
+                   f"{lv.time_h:g} h after these infusions, 99.9% prior predictive "
+                   "range")
+        if lo_j <= v <= hi_j:
+            continue
+        if lo_j <= alt <= hi_j:
             errors.append(FieldError(f"levels[{lv.index}].unit", (
-                f"{raw['levels'][lv.index].get('value')} {unit} at {lv.time_h:g} h is "
-                f"implausible for this dose (the population model expects "
-                f"{max(lo[j], 0.0):.3g}-{hi[j]:.3g} IU/dL); it fits if the unit is "
-                f"{other}. Check the unit")))
-    return errors
+                f"{given:g} {unit} at {lv.time_h:g} h is implausible for this dose "
+                f"({expects}); it fits if the unit is {other}. Check the unit")))
+        elif v > _REFUSE_FACTOR * hi_j or v < lo_j / _REFUSE_FACTOR:
+            errors.append(FieldError(f"levels[{lv.index}].value", (
+                f"{given:g} {unit} is far outside what this dose can give, in "
+                f"{unit} and in {other} ({expects}); check the value, its unit and "
+                "time, and the doses and times of the infusions (a patient with an "
+                "inhibitor is outside what this tool models)")))
+        else:
+            warnings.append(FieldError(f"levels[{lv.index}].value", (
+                f"{given:g} {unit} is outside the range the population model "
+                f"expects, in {unit} and in {other} ({expects}); check the value, "
+                "its time and the doses; the result leans on this level")))
+    return errors, warnings
 
 
 def _est(x: np.ndarray) -> dict:
@@ -277,30 +323,42 @@ def run_dose(request: dict | str | bytes, *, method: str = "map",
     if method not in METHODS:
         raise RequestError([FieldError("method", f"{method!r} is not one of "
                                                  f"{', '.join(METHODS)}")])
-    raw = request if isinstance(request, dict) else _loads(request)
-    # the text is decoded once; parse_request reports undecodable input itself
-    req = parse_request(raw if isinstance(raw, dict) else request)
+    req = parse_request(request)
+    if seed is not None and (bad := plausibility.check("seed", seed)):
+        raise RequestError([FieldError("seed", bad.message)])
     model, source = _resolve_model(req)
     opts = req.options
     seed = opts.seed if seed is None else int(seed)
     cov_info, warnings = _covariates(model, req)
-    warnings += _range_warnings(model, req)
+    warnings += list(req.warnings) + _range_warnings(model, req)
     cov = np.array([cov_info[c]["value"] for c in model.covariate_names], float)
     params = initial_params(model)
     if req.baseline_IU_dL is not None:
         params = params._replace(baseline=jnp.asarray(req.baseline_IU_dL, float))
     subject, n_occ = _subject(model, req, cov)
     k_check, k_post, k_future = jax.random.split(jax.random.key(seed), 3)
-    unit_errors = _unit_check(k_check, model, params, subject, req, raw, n_occ)
-    if unit_errors:
-        raise RequestError(unit_errors)
+    level_errors, level_warnings = _level_check(k_check, model, params, subject,
+                                                req, n_occ)
+    if level_errors:
+        raise RequestError(level_errors)
+    warnings += level_warnings
 
     if method == "map":
         mode = fit_map(model, params, subject, n_occ=n_occ)
+        if not (math.isfinite(float(mode.objective))
+                and math.isfinite(float(mode.grad_norm))):
+            raise RequestError([FieldError("levels", (
+                "the individual fit to these levels failed (non-finite objective "
+                "or gradient); check the levels, their times and the doses"))])
         draws = laplace_draws(k_post, mode, opts.n_draws)
         diagnostics = {"objective": float(mode.objective),
                        "gradient_max_abs": float(mode.grad_norm),
                        "converged": bool(float(mode.grad_norm) < 1e-5)}
+        if not diagnostics["converged"]:
+            warnings.append(FieldError("method", (
+                f"the posterior mode (MAP) search stopped with a gradient of "
+                f"{float(mode.grad_norm):.2g} (converged below 1e-5): the estimates "
+                "may be off; rerun with method nuts")))
         uncertainty = (f"Laplace approximation of the posterior at its mode "
                        f"(MAP), {opts.n_draws} draws")
         if any(lv.blq for lv in req.levels):
@@ -346,15 +404,46 @@ def run_dose(request: dict | str | bytes, *, method: str = "map",
 
     result = _result(req, model, source, method, seed, uncertainty, cov_info, rec,
                      diagnostics, warnings, params)
-    png = curve_figure(result)
+    _check_finite(result)
+    png = curve_figure(_for_display(result))
     return DoseOutput(result, png, render_report(result, png))
 
 
-def _loads(text: str | bytes) -> Any:
-    try:
-        return json.loads(text)
-    except (ValueError, TypeError):
-        return None  # parse_request reports it
+def _short(text: str | None, n: int) -> str | None:
+    return text if text is None or len(text) <= n else text[:n - 1] + "\u2026"
+
+
+def _for_display(result: dict) -> dict:
+    """The result as the figure shows it: a long patient id shortened to fit the
+    title, and ``$`` escaped in free text (matplotlib reads ``$...$`` as maths and
+    fails on what it cannot typeset)."""
+    def text(s):
+        return None if s is None else s.replace("$", r"\$")
+    model = dict(result["model"], name=text(result["model"].get("name")))
+    return {**result, "model": model, "product": text(result["product"]),
+            "patient_id": text(_short(result["patient_id"], _TITLE_ID_CHARS))}
+
+
+def _nonfinite(obj: Any, where: str = "") -> str | None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "(result)"
+    items = (obj.items() if isinstance(obj, dict)
+             else enumerate(obj) if isinstance(obj, list) else ())
+    for k, v in items:
+        if (found := _nonfinite(v, f"{where}[{k}]" if isinstance(k, int) else
+                                f"{where}.{k}" if where else str(k))):
+            return found
+    return None
+
+
+def _check_finite(result: dict) -> None:
+    """Refuse a result holding NaN or an infinity (other than the documented
+    ``"inf"`` strings of a level never reached): it would be no result at all."""
+    where = _nonfinite(result)
+    if where is not None:
+        raise RequestError([FieldError("", (
+            f"the calculation gave a non-finite number for {where} with this input; "
+            "no result is given. Check the doses, times and levels"))])
 
 
 def _result(req: DosingRequest, model: PopModel, source: dict, method: str,
@@ -427,12 +516,20 @@ def _result(req: DosingRequest, model: PopModel, source: dict, method: str,
     }
 
 
-def write_dose_outputs(output: DoseOutput, out_dir: str | Path) -> list[Path]:
-    """Write ``result.json``, ``curve.png`` and ``report.html`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "result.json", out / "curve.png", out / "report.html"]
-    paths[0].write_text(json.dumps(output.result, indent=2, allow_nan=False))
-    paths[1].write_bytes(output.curve_png)
-    paths[2].write_text(output.report_html, encoding="utf-8")
-    return paths
+def write_dose_outputs(output: DoseOutput, out_dir: str | Path, *,
+                       overwrite: bool = False) -> list[Path]:
+    """Write ``result.json``, ``curve.png`` and ``report.html`` into ``out_dir``.
+
+    All three or none: they are written into a temporary sibling folder that is
+    renamed to ``out_dir`` at the end (:func:`phems_clinical.outputs.staged_dir`).
+    A non-empty ``out_dir`` (e.g. the previous patient's report) is refused with
+    :class:`~phems_clinical.outputs.OutputExistsError` naming ``--out`` unless
+    ``overwrite``, and then replaced as a whole.
+    """
+    names = ("result.json", "curve.png", "report.html")
+    text = json.dumps(output.result, indent=2, allow_nan=False)
+    with staged_dir(out_dir, overwrite=overwrite) as tmp:
+        (tmp / names[0]).write_text(text, encoding="utf-8")
+        (tmp / names[1]).write_bytes(output.curve_png)
+        (tmp / names[2]).write_text(output.report_html, encoding="utf-8")
+    return [Path(out_dir) / n for n in names]

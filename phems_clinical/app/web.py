@@ -17,22 +17,41 @@ Endpoints
     The product library for the drop-down: ``[{"name", "product", "factor",
     "half_life_class", "citation", "validated_range"}, ...]``.
 ``POST /api/dose[?method=map|nuts]``
-    Body: a dosing request (JSON, the format of ``data_schemas/dosing_request``).
+    Body: a dosing request (JSON, the format of ``data_schemas/dosing_request``),
+    sent as ``Content-Type: application/json``.
     200: ``{"result": <result.json>, "curve_png_base64": str, "report_id": str}``
     (as in ``result.json``, an infinite number, e.g. a threshold never reached, is
     the string ``"inf"`` and NaN is ``null``: JSON has neither);
     422: ``{"errors": [{"field", "message"}, ...]}`` for every problem in the input
     (``field`` is the dotted path into the request, ``""`` for the whole body);
+    413 (body over ``max_body_bytes``), 415 (not ``application/json``) and 503
+    (all ``max_concurrent`` calculation slots busy, with ``Retry-After``; or the
+    calculation ran past ``time_limit_s``) answer in the same ``{"errors": ...}``
+    form, so the page shows them like any other error;
     500: a plain-text message (the traceback goes to the server log only).
 ``GET /api/report/{report_id}``
     ``report.html`` of a recent calculation, as a download. The last
     ``REPORTS_KEPT`` reports are kept in memory (nothing is written to disk).
 
+Limits
+------
+Every request must name an allowed host (Starlette's ``TrustedHostMiddleware``;
+``localhost``, ``127.0.0.1``, the address :func:`serve` binds and its
+``allowed_hosts``; 400 otherwise), which stops DNS-rebinding pages from reaching
+a local server. Requiring ``application/json`` stops cross-origin pages from
+posting: a browser sends only ``text/plain``, form or multipart bodies across
+origins without a CORS preflight, which this server never grants. The body cap
+keeps a request to what a dosing request needs; the JSON inside is further
+limited by :func:`~phems_clinical.data.dosing_request.parse_request` (text
+lengths, nesting, list sizes). A calculation still running when its request
+times out keeps its slot until it ends, so ``max_concurrent`` bounds the work.
+
 .. warning::
    The server has no authentication. :func:`serve` binds to ``127.0.0.1`` by
-   default; bind to another address only behind the hospital's access control.
-   Requests naming a model *file* (``"model"``) are refused: a path on the server
-   is not something a web page should choose.
+   default and logs a warning when bound beyond loopback; bind to another address
+   only behind the hospital's access control. Requests naming a model *file*
+   (``"model"``) are refused: a path on the server is not something a web page
+   should choose.
 
 Examples
 --------
@@ -44,14 +63,17 @@ Examples
 from __future__ import annotations
 
 import base64
-import json
+import ipaddress
 import logging
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import (
     FileResponse,
@@ -60,12 +82,18 @@ from fastapi.responses import (
     Response,
 )
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-__all__ = ["REPORTS_KEPT", "create_app", "serve"]
+__all__ = ["MAX_BODY_BYTES", "MAX_CONCURRENT", "REPORTS_KEPT", "TIME_LIMIT_S",
+           "create_app", "serve", "trusted_hosts"]
 
 REPORTS_KEPT = 50
 METHODS = ("map", "nuts")
+MAX_BODY_BYTES = 64 * 1024  # a full request (400 infusions) is under 40 KB
+MAX_CONCURRENT = 2          # calculations at once; each uses the CPU fully
+TIME_LIMIT_S = 120.0        # per calculation (NUTS takes 20-60 s, MAP a few)
+RETRY_AFTER_S = 10
+LOCAL_HOSTS = ("localhost", "127.0.0.1")
 
 _STATIC = Path(__file__).resolve().parent / "static"
 # The page may load only what this server sends; curve images are data: URLs and
@@ -122,24 +150,64 @@ def _product_list() -> list[dict[str, Any]]:
     return out
 
 
-def _errors(errors: list[tuple[str, str]]) -> JSONResponse:
+def _errors(errors: list[tuple[str, str]], status: int = 422,
+            headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
-        status_code=422,
+        status_code=status, headers=headers,
         content={"errors": [{"field": f, "message": m} for f, m in errors]},
     )
 
 
-def _model_file_refused(body: bytes) -> bool:
-    """True when the body is a JSON object that names a model file."""
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
     try:
-        request = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(request, dict) and "model" in request
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any interface
 
 
-def create_app() -> FastAPI:
+def trusted_hosts(allowed_hosts: Iterable[str] = (), host: str | None = None
+                  ) -> list[str]:
+    """The Host header values the app answers: ``localhost``, ``127.0.0.1``, the
+    bound ``host`` (unless a wildcard address) and ``allowed_hosts``.
+
+    Raises ``ValueError`` naming ``--allowed-host`` for an entry that is empty,
+    holds a port, path or space, or is ``*`` (which would answer any host).
+    ``*.example.org`` is allowed (the domain's subdomains).
+    """
+    extra = list(allowed_hosts)
+    for h in extra:
+        bad = (not isinstance(h, str) or not h or any(c in h for c in " /:@\\")
+               or "*" in h[1:] or (h.startswith("*") and not h.startswith("*.")))
+        if bad:
+            raise ValueError(
+                f"--allowed-host: {h!r:.80} is not a host name (expected a name or "
+                "address without port, e.g. dosing.hospital.org, or *.hospital.org "
+                "for its subdomains; '*' alone would answer any host)")
+    out = list(LOCAL_HOSTS)
+    if host and host not in ("0.0.0.0", "::", ""):
+        out.append(host)
+    return list(dict.fromkeys(out + extra))
+
+
+def create_app(*, allowed_hosts: Iterable[str] = (),
+               max_body_bytes: int = MAX_BODY_BYTES,
+               max_concurrent: int = MAX_CONCURRENT,
+               time_limit_s: float = TIME_LIMIT_S) -> FastAPI:
     """Build the dosing web app (enables JAX float64, which the PK estimation needs).
+
+    Parameters
+    ----------
+    allowed_hosts
+        Host names (or addresses) the app answers besides ``localhost`` and
+        ``127.0.0.1`` (see :func:`trusted_hosts`); others get 400.
+    max_body_bytes
+        Largest request body, bytes (413 beyond).
+    max_concurrent
+        Calculations running at once (503 with ``Retry-After`` beyond).
+    time_limit_s
+        Longest a client waits for one calculation, s (503 beyond).
 
     Returns
     -------
@@ -149,9 +217,14 @@ def create_app() -> FastAPI:
     from phems_clinical.runtime import configure_jax
 
     configure_jax()
+    hosts = trusted_hosts(allowed_hosts)
+    slots = threading.BoundedSemaphore(max_concurrent)
+    cap_kb = f"{max_body_bytes / 1024:g} KB"
 
     app = FastAPI(title="phems_clinical dosing tool", docs_url=None,
                   redoc_url=None, openapi_url=None)
+    # added first, so it runs inside _headers: refusals carry the headers too
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     reports = _ReportStore(REPORTS_KEPT)
     products: list[dict[str, Any]] = []
     products_lock = threading.Lock()
@@ -179,20 +252,70 @@ def create_app() -> FastAPI:
                 products.extend(_product_list())
         return products
 
+    def too_large() -> JSONResponse:
+        return _errors([("", f"the request body is larger than the {cap_kb} "
+                             f"({max_body_bytes} bytes) a dosing request may be; "
+                             "is a text field such as patient_id too long?")], 413)
+
+    async def read_body(request: Request) -> bytes | None:
+        """The body, or None once it passes the cap (read no further)."""
+        length = request.headers.get("content-length", "")
+        if length.strip().isdigit() and int(length) > max_body_bytes:
+            return None
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                return None
+        return bytes(body)
+
     @app.post("/api/dose")
     async def api_dose(request: Request, method: str = "map") -> Response:
         from phems_clinical.app import dose
-        from phems_clinical.data.dosing_request import RequestError
+        from phems_clinical.data.dosing_request import RequestError, load_json
 
         if method not in METHODS:
-            return _errors([("method", f"expected 'map' or 'nuts', got {method!r}")])
-        body = await request.body()
-        if _model_file_refused(body):
+            return _errors([("method", f"expected 'map' or 'nuts', got "
+                                       f"{method!r:.40}")])
+        media = request.headers.get("content-type", "").split(";")[0].strip()
+        if media.lower() != "application/json":
+            return _errors([("Content-Type", (
+                f"expected application/json, got {media!r:.60}: send the dosing "
+                "request as JSON"))], 415)
+        body = await read_body(request)
+        if body is None:
+            return too_large()
+        try:
+            obj = load_json(body)
+        except RequestError as err:
+            return _errors([(e.field, e.message) for e in err.errors])
+        if isinstance(obj, dict) and "model" in obj:
             return _errors([("model", "model files cannot be used from the web "
                                       "page; choose a library product")])
+        if not slots.acquire(blocking=False):
+            return _errors([("", (
+                f"the server is busy with {max_concurrent} other calculation(s); "
+                f"try again in {RETRY_AFTER_S} s"))], 503,
+                {"Retry-After": str(RETRY_AFTER_S)})
+
+        def work():
+            try:
+                return dose.run_dose(obj, method=method)
+            finally:
+                slots.release()
+
         try:
-            # run_dose is CPU-bound and blocking: keep it off the event loop.
-            out = await run_in_threadpool(dose.run_dose, body, method=method)
+            # run_dose is CPU-bound and blocking: keep it off the event loop. On
+            # the time limit the client is answered; the thread finishes (it
+            # cannot be stopped) and frees its slot then.
+            with anyio.fail_after(time_limit_s):
+                out = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except TimeoutError:
+            return _errors([("method" if method == "nuts" else "", (
+                f"the calculation took longer than the server's limit of "
+                f"{time_limit_s:g} s and was abandoned"
+                + ("; try method map" if method == "nuts" else
+                   "; try again later")))], 503)
         except RequestError as err:
             return _errors([(e.field, e.message) for e in err.errors])
         except Exception:
@@ -223,16 +346,29 @@ def create_app() -> FastAPI:
     return app
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(host: str = "127.0.0.1", port: int = 8000, *,
+          allowed_hosts: Iterable[str] = ()) -> None:
     """Run the dosing web app with uvicorn until interrupted (Ctrl+C).
 
     Parameters
     ----------
     host
-        Address to bind; the default serves this machine only.
+        Address to bind; the default serves this machine only. Any other
+        address logs a warning (the server has no authentication).
     port
         TCP port; the page is then at ``http://{host}:{port}/``.
+    allowed_hosts
+        Further names the page may be reached by (``phems serve
+        --allowed-host``), e.g. the machine's DNS name when bound to 0.0.0.0.
     """
     import uvicorn
 
-    uvicorn.run(create_app(), host=host, port=port, ws="none", lifespan="off")
+    hosts = trusted_hosts(allowed_hosts, host)
+    if not _is_loopback(host):
+        logger.warning(
+            "serving the dosing tool on %s, beyond this machine: it has no "
+            "authentication, so run it only behind the hospital's access control. "
+            "It answers requests for the hosts %s (add names with "
+            "--allowed-host).", host, ", ".join(hosts))
+    uvicorn.run(create_app(allowed_hosts=hosts[len(LOCAL_HOSTS):]), host=host,
+                port=port, ws="none", lifespan="off")

@@ -6,7 +6,13 @@ covariates, the infusions given and the factor levels measured; its contract is
 two passes, each reporting *all* problems at once as :class:`FieldError` s (a
 dotted path such as ``levels[1].value`` and a plain-language message) inside one
 :class:`RequestError`: first against the JSON Schema, then for meaning (levels
-after the first infusion, consistent date-times, plausible units, BLQ coding).
+after the first infusion, consistent date-times, plausible values and units,
+BLQ coding). Before either pass the JSON itself is checked: duplicate keys, NaN
+or infinite numbers, lone surrogates, over-long text and deep nesting are
+refused by name, so nothing odd reaches the schema's messages or the model.
+Plausibility limits (dose per kg, times, levels, LLOQ, seed) are those of
+:mod:`phems_clinical.data.plausibility`, shared with the NONMEM and OMOP readers;
+values outside a warning range come back in ``DosingRequest.warnings``.
 
 Units: times in h, doses in IU, weights in kg, ages in years, factor levels in
 IU/dL (= %; IU/mL is multiplied by 100). Times are either hours (``time_h``) or
@@ -24,8 +30,10 @@ from typing import NamedTuple
 
 import jsonschema
 
+from phems_clinical.data import plausibility
 from phems_clinical.data.schema_messages import (
     FieldError,
+    field_path,
     nonfinite_fields,
     show_value,
     translate,
@@ -37,15 +45,20 @@ from phems_clinical.resources import schemas_dir
 
 __all__ = [
     "DosingOptions", "DosingRequest", "FieldError", "Infusion", "Level",
-    "RequestError", "load_request_schema", "parse_request",
+    "RequestError", "load_json", "load_request_schema", "parse_request",
 ]
 
 SCHEMA_FILE = "dosing_request.schema.json"
 
 _TO_IU_DL = {"IU/dL": 1.0, "%": 1.0, "IU/mL": 100.0}
-# FVIII/FIX activity above 500 IU/dL (5 IU/mL) does not occur, even at the peak
-# of a large dose: such a value is a unit mistake, not a measurement.
-_MAX_IU_DL = 500.0
+# Shape of the JSON before the schema sees it (the deepest valid path is
+# options.targets_IU_dL[0], depth 3; the schema's longest text is a model path).
+_MAX_DEPTH = 6
+_MAX_TEXT = 1024
+_MAX_KEY = 64
+_MAX_ITEMS = 1000
+_MAX_INT_DIGITS = 300   # longer integer literals read as inf (refused by name)
+_MAX_ERRORS = 50        # listed per RequestError; the rest are counted
 _NUMERIC_COVARIATES = {"height_cm": "HT", "lean_body_weight_kg": "LBW",
                        "fat_free_mass_kg": "FFM", "vwf_IU_dL": "VWF",
                        "hematocrit_pct": "HCT"}
@@ -61,7 +74,12 @@ class RequestError(ValueError):
     """A request failed validation; ``errors`` lists every problem found."""
 
     def __init__(self, errors: list[FieldError]):
-        self.errors = list(errors)
+        errors = list(errors)
+        if len(errors) > _MAX_ERRORS:
+            more = len(errors) - _MAX_ERRORS
+            errors = errors[:_MAX_ERRORS] + [FieldError(
+                "", f"and {more} more problem(s) not listed; correct these first")]
+        self.errors = errors
         super().__init__("; ".join(f"{e.field}: {e.message}" for e in self.errors))
 
 
@@ -81,7 +99,8 @@ class Level(NamedTuple):
     """A measured factor level, in IU/dL.
 
     ``value_IU_dL`` is nan for a BLQ level given without a value; ``lloq_IU_dL`` is
-    nan when no LLOQ was given; ``index`` is its position in ``request["levels"]``.
+    nan when no LLOQ was given; ``index`` is its position in ``request["levels"]``;
+    ``unit`` is the unit the level was given in.
     """
 
     time_h: float
@@ -89,6 +108,7 @@ class Level(NamedTuple):
     blq: bool
     lloq_IU_dL: float
     index: int
+    unit: str = "IU/dL"
 
 
 class DosingOptions(NamedTuple):
@@ -109,7 +129,8 @@ class DosingRequest(NamedTuple):
     ``covariates`` uses model names (WT kg, AGE y always; HT cm, LBW kg, FFM kg,
     VWF IU/dL, HCT %, BGO 1 = group O, ASSAY 1 = one-stage, SEX 1 = female when
     given). ``infusions`` and ``levels`` are sorted by time; ``time_origin`` is
-    the ISO date-time of t = 0 when date-times were used, else None.
+    the ISO date-time of t = 0 when date-times were used, else None;
+    ``warnings`` lists values accepted but unusual (plausibility warning ranges).
     """
 
     product: str | None
@@ -123,6 +144,7 @@ class DosingRequest(NamedTuple):
     baseline_IU_dL: float | None
     time_origin: str | None
     options: DosingOptions
+    warnings: tuple[FieldError, ...] = ()
 
 
 @lru_cache(maxsize=1)
@@ -146,14 +168,159 @@ def _title(schema: dict, fallback: str) -> str:
     return schema.get("title", fallback)
 
 
+def _translate(err: jsonschema.ValidationError) -> list[FieldError]:
+    """:func:`translate`, plus the length limits (whose jsonschema messages would
+    repeat the whole over-long value)."""
+    if err.validator in ("maxLength", "maxItems"):
+        what = "characters" if err.validator == "maxLength" else "entries"
+        title = _title(err.schema, str(err.absolute_path[-1]) if err.absolute_path
+                       else "input")
+        return [FieldError(field_path(err.absolute_path),
+                           f"expected at most {err.validator_value} {what} ({title}), "
+                           f"got {len(err.instance)}")]
+    return translate(err, _title)
+
+
 def _implausible(x: float, unit: str) -> str | None:
-    if x * _TO_IU_DL[unit] <= _MAX_IU_DL:
+    """Message for a factor level outside ``plausibility`` 's error range, with
+    the likely unit mistake; None when plausible."""
+    finding = plausibility.check("factor_level", x * _TO_IU_DL[unit])
+    if finding is None or finding.level != "error":
         return None
     if unit == "IU/mL":
         return (f"{_num(x)} IU/mL = {_num(x * 100.0)} IU/dL is implausible for a "
-                "factor level; was the unit IU/dL?")
-    return (f"{_num(x)} {unit} is implausible for a factor level (above 500 IU/dL); "
-            "was the unit IU/mL?")
+                f"factor level; was the unit IU/dL? ({finding.message})")
+    return (f"{_num(x)} {unit} is implausible for a factor level; was the unit "
+            f"IU/mL? ({finding.message})")
+
+
+def _flag(name: str, value: float, field: str, errors: list[FieldError],
+          warnings: list[FieldError], prefix: str = "") -> None:
+    """Apply plausibility limit ``name``: an error or a warning naming ``field``."""
+    finding = plausibility.check(name, value)
+    if finding is not None:
+        (errors if finding.level == "error" else warnings).append(
+            FieldError(field, prefix + finding.message))
+
+
+# ------------------------------------------------------------------ JSON shape
+
+class _Object(dict):
+    """A JSON object as read, remembering keys given more than once."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, object]]) -> _Object:
+    obj = _Object(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        obj.duplicates = tuple(dict.fromkeys(
+            k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _int(text: str) -> int | float:
+    # Python refuses to read integers of more than 4300 digits (a ValueError that
+    # would say nothing about the field); an absurdly long one is inf instead and
+    # refused by name as a non-finite number.
+    return int(text) if len(text) <= _MAX_INT_DIGITS else math.inf
+
+
+def load_json(source: str | bytes | bytearray) -> object:
+    """Read JSON text as the request parser does.
+
+    Duplicate keys are kept for :func:`parse_request` to refuse by name (JSON
+    itself would keep only the last one silently); integer literals of more than
+    300 digits read as inf (refused by name later).
+
+    Raises
+    ------
+    RequestError
+        On text that is not JSON, not UTF-8, or nested too deeply to read.
+    """
+    try:
+        return json.loads(source, object_pairs_hook=_object, parse_int=_int)
+    except json.JSONDecodeError as exc:
+        msg = f"{exc.msg} at line {exc.lineno}, column {exc.colno}"
+        raise RequestError([FieldError("", f"not valid JSON: {msg}")]) from None
+    except UnicodeDecodeError as exc:
+        raise RequestError([FieldError("", "not valid JSON: the text is not "
+                                       f"UTF-8 ({exc.reason})")]) from None
+    except RecursionError:
+        raise RequestError([FieldError("", "not a dosing request: the JSON is "
+                                       f"nested too deeply (a request is at most "
+                                       f"{_MAX_DEPTH} levels deep)")]) from None
+    except (ValueError, TypeError) as exc:  # e.g. a str/bytes type mix-up
+        raise RequestError([FieldError("", f"not valid JSON: {exc}")]) from None
+
+
+def _valid_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shape_errors(obj: object) -> list[FieldError]:
+    """Problems with the JSON as such, found before the schema looks at it.
+
+    Duplicate keys, keys or text that are too long or not valid Unicode (a lone
+    ``\\ud800`` escape), lists longer than any request needs, nesting deeper than
+    any request, and values that are not JSON (when a dict is passed directly).
+    Walks iteratively: a deeply nested input cannot exhaust the stack.
+    """
+    errors: list[FieldError] = []
+    stack: list[tuple[object, tuple, int]] = [(obj, (), 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        path = field_path(where)
+        if isinstance(value, str):
+            if len(value) > _MAX_TEXT:
+                errors.append(FieldError(path, f"text of {len(value)} characters is "
+                                         f"too long (at most {_MAX_TEXT})"))
+            elif not _valid_text(value):
+                errors.append(FieldError(path, "text is not valid Unicode (it holds "
+                                         "a lone surrogate escape such as \\ud800)"))
+            continue
+        if value is None or isinstance(value, bool | int | float):
+            continue
+        if not isinstance(value, dict | list):
+            errors.append(FieldError(path, "expected a JSON value (object, list, "
+                                     f"text, number, true/false or null), got a "
+                                     f"{type(value).__name__}"))
+            continue
+        if depth >= _MAX_DEPTH:
+            errors.append(FieldError(path, "nested too deeply: a dosing request is "
+                                     f"at most {_MAX_DEPTH} levels deep"))
+            continue
+        if isinstance(value, list):
+            if len(value) > _MAX_ITEMS:
+                errors.append(FieldError(path, f"a list of {len(value)} entries is "
+                                         f"too long (at most {_MAX_ITEMS})"))
+                continue
+            stack.extend((v, (*where, i), depth + 1)
+                         for i, v in reversed(list(enumerate(value))))
+            continue
+        for key in getattr(value, "duplicates", ()):
+            errors.append(FieldError(field_path((*where, key)), (
+                f"duplicate field {key!r}: given more than once in the same object "
+                "(JSON would keep only the last silently); give it once")))
+        children = []
+        for key, v in value.items():
+            if not isinstance(key, str):
+                errors.append(FieldError(path, "field names must be text, got "
+                                         f"{type(key).__name__} {key!r:.40}"))
+            elif len(key) > _MAX_KEY or not _valid_text(key):
+                errors.append(FieldError(path, f"a field name of {len(key)} "
+                                         "characters is not a field of a dosing "
+                                         f"request (names are text of at most "
+                                         f"{_MAX_KEY} characters)"))
+            else:
+                children.append((v, (*where, key), depth + 1))
+        stack.extend(reversed(children))
+    return errors
 
 
 # ------------------------------------------------------------------ meaning
@@ -198,17 +365,34 @@ def _times(obj: dict, errors: list[FieldError]) -> tuple[dict, str | None] | Non
     if len(errors) > n_errors:
         return None
     t0 = min(t for (k, _), t in stamps.items() if k == "infusions")
-    return ({key: (t - t0).total_seconds() / 3600.0 for key, t in stamps.items()},
-            t0.isoformat())
+    hours = {key: (t - t0).total_seconds() / 3600.0 for key, t in stamps.items()}
+    for (k, i), h in hours.items():
+        finding = plausibility.check("time_h", h)
+        if finding is not None and finding.level == "error" and h > 0:
+            errors.append(FieldError(f"{k}[{i}].datetime", (
+                f"{obj[k][i]['datetime']!r} is {_num(h)} h after the first infusion: "
+                f"{finding.message}")))
+    if len(errors) > n_errors:
+        return None
+    return hours, t0.isoformat()
 
 
-def _level(i: int, lv: dict, t: float, errors: list[FieldError]) -> Level:
+def _level(i: int, lv: dict, t: float, errors: list[FieldError],
+           warnings: list[FieldError]) -> Level:
     unit, f = lv["unit"], _TO_IU_DL[lv["unit"]]
     value, lloq, blq = lv.get("value"), lv.get("lloq"), lv.get("blq", False)
+    n_errors = len(errors)
     for name in ("value", "lloq"):
         if lv.get(name) is not None and (msg := _implausible(lv[name], unit)):
             errors.append(FieldError(f"levels[{i}].{name}", msg))
-    if blq and value is None and lloq is None:
+    if len(errors) == n_errors:
+        if lloq is not None:
+            _flag("lloq_IU_dL", lloq * f, f"levels[{i}].lloq", errors, warnings,
+                  f"{_num(lloq)} {unit}: " if unit == "IU/mL" else "")
+        if value is not None and not blq:
+            _flag("factor_level", value * f, f"levels[{i}].value", errors, warnings,
+                  f"{_num(value)} {unit}: " if unit == "IU/mL" else "")
+    if blq and lloq is None and not value:
         errors.append(FieldError(f"levels[{i}].lloq", "a level marked blq needs its "
                                  f"lloq (lower limit of quantification, in {unit})"))
     elif blq and lloq is None:
@@ -221,26 +405,41 @@ def _level(i: int, lv: dict, t: float, errors: list[FieldError]) -> Level:
         errors.append(FieldError(f"levels[{i}].value", "required field missing: "
                                  "measured factor level in the given unit (or mark "
                                  'the level "blq": true with its lloq)'))
+    elif not blq and value == 0:
+        # A measured 0 is below any assay's limit of quantification; read as a
+        # number it pulls the fit towards a very short half-life.
+        errors.append(FieldError(f"levels[{i}].value", (
+            f"a level of 0 {unit} is below the assay's limit of quantification: "
+            'mark it "blq": true with the assay\'s "lloq" (or give the measured '
+            "value)")))
     elif not blq and lloq is not None and value < lloq:
         errors.append(FieldError(f"levels[{i}].value", f"value {_num(value)} {unit} "
                                  f"is below its LLOQ ({_num(lloq)} {unit}): mark it "
                                  "blq"))
     nan = math.nan
     return Level(t, nan if value is None else value * f, bool(blq),
-                 nan if lloq is None else lloq * f, i)
+                 nan if lloq is None else lloq * f, i, unit)
 
 
 def _build(obj: dict, errors: list[FieldError]) -> DosingRequest:
+    warnings: list[FieldError] = []
     timed = _times(obj, errors)
     times, origin = timed if timed is not None else ({}, None)
     infusions = tuple(sorted(
         (Infusion(times.get(("infusions", i), math.nan), float(e["dose_IU"]),
                   float(e.get("duration_h", 0.0)), i)
          for i, e in enumerate(obj["infusions"])), key=lambda x: (x.time_h, x.index)))
+    weight = float(obj["weight_kg"])
+    for inf in sorted(infusions, key=lambda x: x.index):
+        _flag("dose_per_kg", inf.dose_IU / weight, f"infusions[{inf.index}].dose_IU",
+              errors, warnings,
+              f"{_num(inf.dose_IU)} IU for {_num(weight)} kg (weight_kg) is "
+              f"{inf.dose_IU / weight:.4g} IU/kg: ")
     first = infusions[0]
     levels = []
     for i, lv in enumerate(obj.get("levels", [])):
-        levels.append(_level(i, lv, times.get(("levels", i), math.nan), errors))
+        levels.append(_level(i, lv, times.get(("levels", i), math.nan), errors,
+                             warnings))
         if timed is not None and levels[-1].time_h <= first.time_h:
             key = _style(lv)
             when = (lv[key], obj["infusions"][first.index][key]) if origin else (
@@ -251,7 +450,10 @@ def _build(obj: dict, errors: list[FieldError]) -> DosingRequest:
     base = obj.get("baseline")
     if base is not None and (msg := _implausible(base["value"], base["unit"])):
         errors.append(FieldError("baseline.value", msg))
-    covariates = {"WT": float(obj["weight_kg"]), "AGE": float(obj["age_y"])}
+    elif base is not None:
+        _flag("factor_level", base["value"] * _TO_IU_DL[base["unit"]],
+              "baseline.value", errors, warnings)
+    covariates = {"WT": weight, "AGE": float(obj["age_y"])}
     covariates |= {name: float(obj[k]) for k, name in _NUMERIC_COVARIATES.items()
                    if k in obj}
     covariates |= {name: float(codes[obj[k]])
@@ -263,12 +465,13 @@ def _build(obj: dict, errors: list[FieldError]) -> DosingRequest:
     return DosingRequest(
         product=obj.get("product"), model_path=obj.get("model"),
         patient_id=None if pid is None else str(pid),
-        weight_kg=float(obj["weight_kg"]), age_y=float(obj["age_y"]),
+        weight_kg=weight, age_y=float(obj["age_y"]),
         covariates=covariates, infusions=infusions,
         levels=tuple(sorted(levels, key=lambda x: (x.time_h, x.index))),
         baseline_IU_dL=(None if base is None
                         else base["value"] * _TO_IU_DL[base["unit"]]),
-        time_origin=origin, options=DosingOptions(**opts))
+        time_origin=origin, options=DosingOptions(**opts),
+        warnings=tuple(warnings))
 
 
 def parse_request(source: dict | str | bytes) -> DosingRequest:
@@ -294,7 +497,9 @@ def parse_request(source: dict | str | bytes) -> DosingRequest:
         With a :class:`FieldError` for *every* problem found: first all JSON
         Schema violations; if there are none, all problems of meaning (levels at
         or before the first infusion, mixed time styles or time zones, implausible
-        units, inconsistent BLQ coding).
+        values or units, a level of 0 not marked BLQ, inconsistent BLQ coding).
+        Problems with the JSON itself (duplicate keys, over-long text, deep
+        nesting) come first and alone. At most 50 problems are listed.
 
     Examples
     --------
@@ -317,24 +522,18 @@ def parse_request(source: dict | str | bytes) -> DosingRequest:
     infusions: required field missing: list of infusions
     wieght_kg: unknown field 'wieght_kg' (did you mean 'weight_kg'?)
     """
-    if isinstance(source, str | bytes | bytearray):
-        try:
-            obj = json.loads(source)
-        except json.JSONDecodeError as exc:
-            msg = f"{exc.msg} at line {exc.lineno}, column {exc.colno}"
-            raise RequestError([FieldError("", f"not valid JSON: {msg}")]) from None
-        except UnicodeDecodeError as exc:
-            raise RequestError([FieldError("", "not valid JSON: the text is not "
-                                           f"UTF-8 ({exc.reason})")]) from None
-    else:
-        obj = source
+    obj = (load_json(source) if isinstance(source, str | bytes | bytearray)
+           else source)
     if not isinstance(obj, dict):
         raise RequestError([FieldError("", "expected a JSON object {...} with the "
                                        f"request fields, got {show_value(obj)}")])
+    errors = _shape_errors(obj)
+    if errors:  # the schema's messages would repeat what is wrong here
+        raise RequestError(list(dict.fromkeys(errors)))
     errors = list(nonfinite_fields(obj))
     flagged = {e.field for e in errors}
     for err in _validator().iter_errors(obj):
-        errors += [e for e in translate(err, _title) if e.field not in flagged]
+        errors += [e for e in _translate(err) if e.field not in flagged]
     if not errors:
         request = _build(obj, errors)
     if errors:

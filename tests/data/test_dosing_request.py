@@ -85,8 +85,10 @@ def test_minimal_request_as_written():
         assert (req.weight_kg, req.age_y) == (25.0, 8.0)
         assert req.covariates == {"WT": 25.0, "AGE": 8.0}
         assert req.infusions == (Infusion(0.0, 1000.0, 0.17, 0),)
-        assert [lv[:3] + lv[4:] for lv in req.levels] == [
-            (4.0, 40.2, False, 0), (24.0, 10.1, False, 1), (48.0, 1.5, False, 2)]
+        assert [lv[:3] + (lv.index, lv.unit) for lv in req.levels] == [
+            (4.0, 40.2, False, 0, "IU/dL"), (24.0, 10.1, False, 1, "IU/dL"),
+            (48.0, 1.5, False, 2, "IU/dL")]
+        assert req.warnings == ()
         assert all(isinstance(lv, Level) and math.isnan(lv.lloq_IU_dL)
                    for lv in req.levels)
         assert req.baseline_IU_dL is None and req.time_origin is None
@@ -213,7 +215,7 @@ def test_unknown_field_suggests_the_right_name():
 @pytest.mark.parametrize(("changes", "field", "phrases"), [
     ({"weight_kg": "abc"}, "weight_kg",
      ["expected a number", "body weight in kg", "got 'abc'"]),
-    ({"weight_kg": -3}, "weight_kg", ["expected a number > 0 and <= 250", "kg",
+    ({"weight_kg": -3}, "weight_kg", ["expected a number >= 0.2 and <= 250", "kg",
                                       "got -3"]),
     ({"weight_kg": 300}, "weight_kg", ["<= 250", "got 300"]),
     ({"weight_kg": True}, "weight_kg", ["expected a number", "got true"]),
@@ -238,7 +240,7 @@ def test_unknown_field_suggests_the_right_name():
     ({"infusions": [{"time_h": 0}]}, "infusions[0].dose_IU",
      ["required field missing: dose in IU"]),
     ({"infusions": [{"time_h": 0, "dose_IU": 0}]}, "infusions[0].dose_IU",
-     ["expected a number > 0 (dose in IU)", "got 0"]),
+     ["expected a number > 0 and <= 100000 (dose in IU)", "got 0"]),
     ({"infusions": [{"time_h": 0, "dose_IU": 500, "duration_h": 24}]},
      "infusions[0].duration_h", [">= 0 and < 24", "infusion duration in h"]),
     ({"infusions": [{"time_h": 0, "dose_IU": 500, "duration_h": -1}]},
@@ -272,7 +274,7 @@ def test_unknown_field_suggests_the_right_name():
     ({"options": {"trough_probability": 1}}, "options.trough_probability",
      ["> 0.5 and < 1"]),
     ({"options": {"targets_IU_dL": [1, 0]}}, "options.targets_IU_dL[1]",
-     ["expected a number > 0 (trough target in IU/dL)"]),
+     ["expected a number > 0 and <= 100 (trough target in IU/dL)"]),
     ({"options": {"targets_IU_dL": []}}, "options.targets_IU_dL", ["at least 1"]),
     ({"options": {"intervals_h": [24, 400]}}, "options.intervals_h[1]",
      ["> 0 and <= 336", "dosing interval in h"]),

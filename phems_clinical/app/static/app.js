@@ -98,7 +98,8 @@
 
   // "levels[1].value" -> "Level 2, value" (for messages not shown next to an input).
   const FIELD_NAMES = { infusions: "Infusions", levels: "Measured levels",
-    model: "Model file", options: "Options", baseline: "Baseline level" };
+    model: "Model file", options: "Options", baseline: "Baseline level",
+    method: "Method", "Content-Type": "Request format" };
 
   function fieldLabel(field) {
     if (!field) return "Request";
@@ -627,17 +628,23 @@
       if (resp.ok) {
         showResults(await resp.json());
         setStatus("Done.");
-      } else if (resp.status === 422) {
-        const body = await resp.json().catch(() => ({}));
-        const errors = Array.isArray(body.errors) ? body.errors
-          : [{ field: "", message: "The server refused the request." }];
-        showErrors(errors);
-        setStatus("Please correct the input.");
       } else {
+        // 422 (input), 413 (body too large), 415 (not JSON) and 503 (busy or
+        // over the time limit) all carry {"errors": [{field, message}]}: each is
+        // shown at its field; anything else (e.g. a 500) as plain text.
         const text = await resp.text();
-        showGeneral([{ field: "", message: `${text} (HTTP ${resp.status})` }]);
-        setStatus("");
-        $("#general-errors").focus();
+        let body = null;
+        try { body = JSON.parse(text); } catch (_) { body = null; }
+        if (body && Array.isArray(body.errors) && body.errors.length) {
+          showErrors(body.errors);
+          setStatus(resp.status === 422 ? "Please correct the input."
+            : resp.status === 503 ? "Not calculated: the server could not take "
+              + "this calculation now." : "The server refused the request.");
+        } else {
+          showGeneral([{ field: "", message: `${text} (HTTP ${resp.status})` }]);
+          setStatus("");
+          $("#general-errors").focus();
+        }
       }
     } catch (e) {
       showGeneral([{ field: "", message: `Cannot reach the server (${e.message}).` }]);
