@@ -167,16 +167,18 @@ def _is_loopback(host: str) -> bool:
         return False  # a name: it may resolve to any interface
 
 
-def trusted_hosts(allowed_hosts: Iterable[str] = (), host: str | None = None
+def trusted_hosts(allowed_hosts: Iterable[str] | None = (), host: str | None = None
                   ) -> list[str]:
     """The Host header values the app answers: ``localhost``, ``127.0.0.1``, the
     bound ``host`` (unless a wildcard address) and ``allowed_hosts``.
 
     Raises ``ValueError`` naming ``--allowed-host`` for an entry that is empty,
     holds a port, path or space, or is ``*`` (which would answer any host).
-    ``*.example.org`` is allowed (the domain's subdomains).
+    ``*.example.org`` is allowed (the domain's subdomains). IPv6 literals cannot
+    be matched (Starlette compares the Host header up to its first colon): reach
+    an IPv6-bound server by name.
     """
-    extra = list(allowed_hosts)
+    extra = list(allowed_hosts or ())
     for h in extra:
         bad = (not isinstance(h, str) or not h or any(c in h for c in " /:@\\")
                or "*" in h[1:] or (h.startswith("*") and not h.startswith("*.")))
@@ -191,7 +193,7 @@ def trusted_hosts(allowed_hosts: Iterable[str] = (), host: str | None = None
     return list(dict.fromkeys(out + extra))
 
 
-def create_app(*, allowed_hosts: Iterable[str] = (),
+def create_app(*, allowed_hosts: Iterable[str] | None = (),
                max_body_bytes: int = MAX_BODY_BYTES,
                max_concurrent: int = MAX_CONCURRENT,
                time_limit_s: float = TIME_LIMIT_S) -> FastAPI:
@@ -347,7 +349,7 @@ def create_app(*, allowed_hosts: Iterable[str] = (),
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, *,
-          allowed_hosts: Iterable[str] = ()) -> None:
+          allowed_hosts: Iterable[str] | None = ()) -> None:
     """Run the dosing web app with uvicorn until interrupted (Ctrl+C).
 
     Parameters

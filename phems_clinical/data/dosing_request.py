@@ -171,6 +171,8 @@ def _title(schema: dict, fallback: str) -> str:
 def _translate(err: jsonschema.ValidationError) -> list[FieldError]:
     """:func:`translate`, plus the length limits (whose jsonschema messages would
     repeat the whole over-long value)."""
+    if err.validator == "oneOf" and not isinstance(err.instance, dict):
+        return []   # "one of these fields" means nothing here: the type error says it
     if err.validator in ("maxLength", "maxItems"):
         what = "characters" if err.validator == "maxLength" else "entries"
         title = _title(err.schema, str(err.absolute_path[-1]) if err.absolute_path
@@ -312,11 +314,15 @@ def _shape_errors(obj: object) -> list[FieldError]:
             if not isinstance(key, str):
                 errors.append(FieldError(path, "field names must be text, got "
                                          f"{type(key).__name__} {key!r:.40}"))
-            elif len(key) > _MAX_KEY or not _valid_text(key):
+            elif len(key) > _MAX_KEY:
                 errors.append(FieldError(path, f"a field name of {len(key)} "
                                          "characters is not a field of a dosing "
                                          f"request (names are text of at most "
                                          f"{_MAX_KEY} characters)"))
+            elif not _valid_text(key):
+                errors.append(FieldError(path, "a field name is not valid Unicode "
+                                         "(it holds a lone surrogate escape such "
+                                         "as \\ud800)"))
             else:
                 children.append((v, (*where, key), depth + 1))
         stack.extend(reversed(children))
