@@ -13,7 +13,18 @@ Outputs in ``--out DIR``:
   It holds the estimated theta, omega, IOV variances, residual SDs and baseline
   (FOCEI: the optimum; NUTS/SVI: the posterior means), the original metadata
   (citation, vial sizes, validated range, ...) and a ``fitted`` block recording
-  method, data path, subjects, observations, OFV (FOCEI, else null), seed and date.
+  method, data path, subjects, observations, OFV (FOCEI, else null), seed, date
+  and ``converged: true``.
+
+A fit that fails writes nothing: a non-finite objective or gradient (at the start
+values or at the end), an optimiser that stopped short of a minimum, or NUTS/SVI
+draws that are not finite or (NUTS) not mixed (split R-hat, divergences; see
+:data:`phems_clinical.pk.bayes.RHAT_MAX`) raise :class:`FitFailedError`, whose
+message names the implausible data values it found (``phems fit`` exits 2). The
+outputs are written into a temporary folder beside ``--out`` and renamed into
+place at the end (:func:`phems_clinical.outputs.staged_dir`); a non-empty
+``--out`` is refused before any work unless ``overwrite``, and then replaced as a
+whole, so no file of an earlier run survives beside the new ones.
 """
 
 from __future__ import annotations
@@ -32,7 +43,9 @@ import xarray as xr
 
 from phems_clinical.app.omop import is_omop, model_factor, pk_events_from_omop
 from phems_clinical.data.nonmem import PKData, read_nonmem, to_cohort
+from phems_clinical.data.plausibility import check
 from phems_clinical.evaluation.plots import gof_figure, vpc_figure
+from phems_clinical.outputs import check_out, staged_dir
 from phems_clinical.pk.diagnostics import compute_diagnostics, simulate_replicates
 from phems_clinical.pk.focei import fit_focei, focei_objective
 from phems_clinical.pk.library import load_product
@@ -46,6 +59,17 @@ from phems_clinical.pk.spec import (
 )
 
 METHODS = ("focei", "nuts", "svi")
+
+#: Data columns and the plausibility limit (``data_schemas/plausibility.json``)
+#: each is checked against when a fit fails, and the records they apply to.
+_DIAGNOSED = (("DV", "factor_level", "obs"), ("LLOQ", "lloq_IU_dL", "obs"),
+              ("AMT", "dose_IU", "dose"), ("DUR", "infusion_duration_h", "dose"),
+              ("TIME", "time_h", "all"), ("WT", "weight_kg", "all"),
+              ("AGE", "age_y", "all"))
+
+
+class FitFailedError(ValueError):
+    """The fit failed (non-finite objective, no convergence); nothing was written."""
 
 
 def resolve_model(name_or_path: str) -> PopModel:
@@ -73,16 +97,19 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path, *,
-            seed: int = 0, options: dict | None = None, n_vpc: int = 200
-            ) -> dict:
+            seed: int = 0, options: dict | None = None, n_vpc: int = 200,
+            overwrite: bool = False) -> dict:
     """Fit ``model_ref`` to ``data_path`` and write all outputs to ``out``.
 
     Writes ``estimates.json``, ``estimates.nc``, ``gof.png``, ``vpc.png`` and the
     fitted model ``model.yaml`` (see the module docstring); returns the
-    ``estimates.json`` content.
+    ``estimates.json`` content. Raises :class:`FitFailedError` (writing nothing)
+    when the fit fails, and :class:`~phems_clinical.outputs.OutputExistsError`
+    before any work when ``out`` holds files and ``overwrite`` is false.
     """
     if method not in METHODS:
         raise ValueError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
+    out = check_out(out, overwrite=overwrite)
     options = dict(options or {})
     model = resolve_model(model_ref)
     source, omop_load = data_path, None
@@ -93,13 +120,14 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
     if model.blq == "drop":
         data = _drop_blq(data)
     cohort, ids = to_cohort(data, model.covariate_names)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(seed)
     k_fit, k_vpc = jax.random.split(key)
 
     if method == "focei":
         res = fit_focei(model, cohort, **options)
+        if not res.converged:
+            raise FitFailedError(_failure(method, res.message, data, ids,
+                                          res.nonfinite_subjects))
         params, b_hat = res.params, _b_from(res)
         names = list(res.natural_names)
         table = pd.DataFrame({"estimate": res.estimates, "se": res.se,
@@ -117,13 +145,19 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
         fit_fn = bayes.fit_nuts if method == "nuts" else bayes.fit_svi
         if options.get("priors") == "library":
             options["priors"] = bayes.library_priors(model)
-        res = fit_fn(k_fit, model, cohort, **options)
+        try:
+            res = fit_fn(k_fit, model, cohort, **options)
+        except bayes.NonFiniteStartError as err:
+            raise FitFailedError(_failure(method, str(err), data, ids, ())) from None
+        if not res.converged:
+            raise FitFailedError(_failure(method, res.message, data, ids, ()))
         params = res.params
         names = list(res.summary.index)
         table = res.summary.copy()
         table.insert(0, "estimate", table["mean"])
         b_hat = _map_modes(model, cohort, params)
-        run_info = {"seconds": res.seconds, "divergences": int(res.n_divergent)}
+        run_info = {"converged": res.converged, "seconds": res.seconds,
+                    "divergences": int(res.n_divergent)}
         if "r_hat" in table and np.isfinite(table["r_hat"].to_numpy()).any():
             run_info["max_r_hat"] = float(np.nanmax(table["r_hat"].to_numpy()))
             run_info["min_ess_bulk"] = float(np.nanmin(table["ess_bulk"].to_numpy()))
@@ -140,11 +174,7 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
     mask = np.asarray(cohort.obs_mask) & ~np.asarray(cohort.obs_blq)
     dv = np.asarray(cohort.obs_dv)[mask]
     t = np.asarray(cohort.obs_time)[mask]
-    gof_figure(dv, diag.pred[mask], diag.ipred[mask], diag.cwres[mask], t,
-               out / "gof.png", title=f"{model.name}: {method.upper()}")
     sims = simulate_replicates(k_vpc, model, cohort, params, n_vpc)
-    vpc_figure(_time_after_dose(cohort)[mask], dv, sims[:, mask], out / "vpc.png",
-               title=f"{model.name}: VPC ({n_vpc} replicates, {method.upper()})")
 
     eta_cols = [f"ETA_{p}" for p in model.iiv_parameters]
     n_eta = model.n_eta
@@ -178,7 +208,7 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
         entry = {k: _finite(float(v)) for k, v in row.items()
                  if isinstance(v, (int, float, np.floating))}
         result[group_of.get(kind, kind)][label] = entry
-    (out / "estimates.json").write_text(json.dumps(result, indent=2, default=str))
+    result = _strict(result)
 
     ds = xr.Dataset(
         {col: ("parameter", table[col].to_numpy(dtype=float)) for col in table.columns},
@@ -192,17 +222,87 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
                        np.stack([np.asarray(draws[n]) for n in names], axis=1))
     ds.attrs.update({"method": method, "model": model.name, "seed": seed,
                      "ofv": objective["ofv"] if objective else np.nan})
-    ds.to_netcdf(out / "estimates.nc", engine="h5netcdf")
 
     fitted = {"method": method, "data": str(data_path),
               "n_subjects": result["n_subjects"],
               "n_observations": result["n_observations"],
               "ofv": _finite(float(objective["ofv"])) if objective else None,
               "seed": seed,
-              "date": datetime.now(UTC).isoformat(timespec="seconds")}
-    save_model(fitted_model(model, params, fitted), out / "model.yaml",
-               header=f"Fitted by `phems fit --method {method}` to {data_path}.")
+              "date": datetime.now(UTC).isoformat(timespec="seconds"),
+              "converged": True}
+    with staged_dir(out, overwrite=overwrite) as tmp:
+        gof_figure(dv, diag.pred[mask], diag.ipred[mask], diag.cwres[mask], t,
+                   tmp / "gof.png", title=f"{model.name}: {method.upper()}")
+        vpc_figure(_time_after_dose(cohort)[mask], dv, sims[:, mask],
+                   tmp / "vpc.png", title=f"{model.name}: VPC ({n_vpc} replicates, "
+                                          f"{method.upper()})")
+        (tmp / "estimates.json").write_text(
+            json.dumps(result, indent=2, default=str, allow_nan=False))
+        ds.to_netcdf(tmp / "estimates.nc", engine="h5netcdf")
+        save_model(fitted_model(model, params, fitted), tmp / "model.yaml",
+                   header=f"Fitted by `phems fit --method {method}` to {data_path}.")
     return result
+
+
+def _strict(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by None (strict JSON)."""
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_strict(v) for v in x]
+    if isinstance(x, float | np.floating):
+        return float(x) if math.isfinite(x) else None
+    return x
+
+
+def _failure(method: str, why: str, data: PKData, ids: list,
+             subjects: tuple[int, ...]) -> str:
+    """The message of a failed fit: what failed, for whom, and which data values
+    are implausible (``data_schemas/plausibility.json``)."""
+    who = [str(ids[i]) for i in subjects]
+    msg = f"--data: the {method.upper()} fit failed: {why}"
+    if who:
+        msg += (f" (subject ID {', '.join(who[:5])}"
+                + (f" and {len(who) - 5} more" if len(who) > 5 else "") + ")")
+    found = _implausible(data, set(who) if who else None)
+    if found:
+        msg += "; implausible values: " + "; ".join(found)
+    else:
+        msg += ("; the data are within the plausibility limits: check the model's "
+                "initial estimates (--model), the data's units (--dv-unit) and the "
+                "fit options")
+    return msg + ". Nothing was written"
+
+
+def _implausible(data: PKData, subjects: set[str] | None, per_column: int = 1
+                 ) -> list[str]:
+    """``row R (ID i), column C: <finding>`` for the first implausible value of
+    each column in :data:`_DIAGNOSED` (restricted to ``subjects`` when given)."""
+    ev = data.events
+    if subjects is not None:
+        ev = ev[ev["ID"].astype(str).isin(subjects)]
+    is_obs = (ev["EVID"] == 0) & (ev.get("BLQ", 0) != 1)
+    kinds = {"obs": is_obs, "dose": ev["EVID"] == 1,
+             "all": pd.Series(True, index=ev.index)}
+    converted = "DVUNIT" not in ev or ev["DVUNIT"].notna().all()
+    found = []
+    for col, lim, kind in _DIAGNOSED:
+        if col not in ev or (col in ("DV", "LLOQ") and not converted):
+            continue
+        rows = ev.loc[kinds[kind], ["ROW", "ID", col]] if "ROW" in ev else \
+            ev.loc[kinds[kind], ["ID", col]].assign(ROW=-1)
+        n = 0
+        for r in rows.itertuples(index=False):
+            value = getattr(r, col)
+            if col in ("LLOQ", "WT", "AGE") and pd.isna(value):
+                continue  # optional here; the reader decides whether it may be missing
+            f = check(lim, value)
+            if f is not None and f.level == "error":
+                found.append(f"row {r.ROW} (ID {r.ID}), column {col}: {f.message}")
+                n += 1
+                if n >= per_column:
+                    break
+    return found
 
 
 def fitted_model(model: PopModel, params: PopParams, fitted: dict[str, Any]
@@ -266,4 +366,4 @@ def _drop_blq(data: PKData) -> PKData:
                          exclusions=list(data.exclusions) + excl)
 
 
-__all__ = ["METHODS", "fitted_model", "resolve_model", "run_fit"]
+__all__ = ["METHODS", "FitFailedError", "fitted_model", "resolve_model", "run_fit"]

@@ -1,0 +1,122 @@
+"""``phems fit`` outputs: a failed fit writes nothing, an earlier folder is never
+half-replaced, ``model.yaml`` records convergence (issue 16, items 2 and 4)."""
+
+import hashlib
+import json
+
+import jax
+import pytest
+
+from phems_clinical.app import fit as fit_app
+from phems_clinical.app.cli import main
+from phems_clinical.app.fit import FitFailedError, run_fit
+from phems_clinical.outputs import OutputExistsError
+from phems_clinical.pk.library import load_product
+from phems_clinical.pk.simulate import HospitalSpec, simulate_hospitals
+from phems_clinical.pk.spec import load_model
+from phems_clinical.resources import configs_dir
+
+FAST = {"covariance": False}
+PHENO = "tests/reference/nonmem_pheno/pheno.dta"
+
+
+@pytest.fixture(scope="module")
+def csv(tmp_path_factory):
+    events, _ = simulate_hospitals(jax.random.key(1), load_product("advate"),
+                                   [HospitalSpec("H1", 4, design="rich")])
+    path = tmp_path_factory.mktemp("fitout") / "advate.csv"
+    events.to_csv(path, index=False)
+    return path
+
+
+def _extreme_dv(monkeypatch):
+    """The reader passes a DV of 1e308 (as if its plausibility limit were absent)."""
+    real = fit_app.read_nonmem
+
+    def read(*a, **kw):
+        data = real(*a, **kw)
+        ev = data.events.copy()
+        i = ev.index[(ev["EVID"] == 0) & (ev["ID"] == ev["ID"].iloc[-1])][0]
+        ev.loc[i, "DV"] = 1e308
+        return data._replace(events=ev)
+
+    monkeypatch.setattr(fit_app, "read_nonmem", read)
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _old_results(folder):
+    folder.mkdir()
+    (folder / "model.yaml").write_text("# an earlier fit\n")
+    (folder / "estimates.json").write_text('{"earlier": true}\n')
+    return _snapshot(folder)
+
+
+def test_success_records_convergence_and_replaces_the_folder_whole(tmp_path):
+    """Phenobarbital (one compartment, 12 BFGS iterations): the quickest real fit."""
+    from pathlib import Path
+
+    out = tmp_path / "fit"
+    _old_results(out)
+    (out / "stale.png").write_bytes(b"x")
+    res = run_fit(Path(__file__).parents[2] / PHENO,
+                  str(configs_dir() / "model" / "pheno.yaml"), "focei", out,
+                  options={**FAST, "dv_unit": None}, n_vpc=20, overwrite=True)
+    assert res["run"]["converged"] is True
+    fitted = load_model(out / "model.yaml").metadata["fitted"]
+    assert fitted["converged"] is True and fitted["method"] == "focei"
+    assert fitted["ofv"] == pytest.approx(586.276, abs=0.01)  # NONMEM's, see test_focei
+    assert sorted(p.name for p in out.iterdir()) == [
+        "estimates.json", "estimates.nc", "gof.png", "model.yaml", "vpc.png"]
+    json.loads((out / "estimates.json").read_text(),
+               parse_constant=lambda c: pytest.fail(f"{c} in estimates.json"))
+    assert [p.name for p in tmp_path.iterdir()] == ["fit"]  # no staging left
+
+
+def test_failed_fit_leaves_the_old_folder_byte_identical(csv, tmp_path, monkeypatch):
+    _extreme_dv(monkeypatch)
+    out = tmp_path / "fit"
+    before = _old_results(out)
+    with pytest.raises(FitFailedError) as err:
+        run_fit(csv, "advate", "focei", out, options=FAST, n_vpc=20, overwrite=True)
+    msg = str(err.value)
+    assert "not finite at the start values" in msg
+    assert "column DV" in msg and "row " in msg and "Nothing was written" in msg
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["fit"]
+
+
+def test_failed_fit_cli_exits_2_and_writes_nothing(csv, tmp_path, monkeypatch,
+                                                   capsys):
+    _extreme_dv(monkeypatch)
+    out = tmp_path / "new"
+    assert main(["fit", "--data", str(csv), "--model", "advate", "--method", "focei",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "phems fit: error: --data: the FOCEI fit failed" in err
+    assert "column DV" in err
+    assert not out.exists()
+
+
+def test_non_empty_out_is_refused_before_any_work(csv, tmp_path, monkeypatch):
+    out = tmp_path / "fit"
+    before = _old_results(out)
+
+    def no_work(*a, **kw):
+        raise AssertionError("the data were read before --out was checked")
+
+    monkeypatch.setattr(fit_app, "read_nonmem", no_work)
+    with pytest.raises(OutputExistsError, match="--out"):
+        run_fit(csv, "advate", "focei", out)
+    assert _snapshot(out) == before
+
+
+def test_failed_svi_start_is_a_fit_failure(csv, tmp_path, monkeypatch):
+    _extreme_dv(monkeypatch)
+    with pytest.raises(FitFailedError, match="SVI fit failed.*column DV"):
+        run_fit(csv, "advate", "svi", tmp_path / "svi",
+                options={"num_steps": 5, "warm_start": False})
+    assert not (tmp_path / "svi").exists()
