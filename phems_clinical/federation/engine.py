@@ -30,6 +30,8 @@ Guarantees
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +60,7 @@ from phems_clinical.federation.core import (
 from phems_clinical.federation.gate import SiteGate, admit, head, release, settle
 from phems_clinical.federation.messages import check_payload
 from phems_clinical.federation.site_errors import record_site_error
+from phems_clinical.outputs import write_atomic
 
 
 class FederationAborted(RuntimeError):
@@ -104,35 +107,118 @@ def _plain_sum(key, payloads, algorithm):
     return {k: sum(p[k] for p in payloads.values()) for k in algorithm.message_spec}
 
 
-def _checkpoint_paths(directory: Path) -> tuple[Path, Path]:
-    return directory / "state.eqx", directory / "history.json"
+CHECKPOINT_FILE = "state.eqx"
+"""The one checkpoint file in a checkpoint folder (see :func:`save_checkpoint`)."""
+
+_MAGIC = b"PHEMS-CHECKPOINT 1\n"
+_LEGACY = ("history.json",)  # the two-file format before issue 16
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder holds something that cannot be resumed safely."""
+
+
+def checkpoint_path(directory: str | Path) -> Path:
+    """The checkpoint file of ``directory`` (it may not exist)."""
+    return Path(directory) / CHECKPOINT_FILE
 
 
 def save_checkpoint(directory: Path, server, sites: list, history: list[RoundRecord]
                     ) -> None:
-    """Write the state after ``len(history)`` rounds (atomic rename)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    state_path, hist_path = _checkpoint_paths(directory)
-    tmp = state_path.with_suffix(".tmp")
-    eqx.tree_serialise_leaves(tmp, (server, sites))
-    hist_tmp = hist_path.with_suffix(".tmp")
-    hist_tmp.write_text(json.dumps([r._asdict() for r in history]))
-    tmp.replace(state_path)
-    hist_tmp.replace(hist_path)
+    """Write the state after ``len(history)`` rounds as one file, atomically.
+
+    The file (:data:`CHECKPOINT_FILE`) holds a magic line, a JSON manifest (the
+    round count, the history and the SHA-256 and length of the state), the
+    manifest's own SHA-256, and the state's leaves
+    (``equinox.tree_serialise_leaves``). It is replaced by
+    :func:`phems_clinical.outputs.write_atomic` (temporary file, fsync, rename,
+    fsync of the folder): a kill at any moment leaves the previous checkpoint or
+    the new one, never a mixture.
+    """
+    buf = io.BytesIO()
+    eqx.tree_serialise_leaves(buf, (server, sites))
+    state = buf.getvalue()
+    manifest = json.dumps({
+        "round": len(history),
+        "history": [_record_json(r) for r in history],
+        "state_sha256": hashlib.sha256(state).hexdigest(),
+        "state_bytes": len(state)}, allow_nan=False).encode()
+    digest = hashlib.sha256(manifest).hexdigest().encode()
+    write_atomic(checkpoint_path(directory),
+                 _MAGIC + manifest + b"\n" + digest + b"\n" + state)
 
 
 def load_checkpoint(directory: Path, like_server, like_sites: list
                     ) -> tuple[Any, list, list[RoundRecord]] | None:
-    """The saved state, or ``None`` when ``directory`` has no checkpoint."""
-    state_path, hist_path = _checkpoint_paths(directory)
-    if not (state_path.exists() and hist_path.exists()):
+    """The saved state, or ``None`` when ``directory`` has no checkpoint.
+
+    Raises :class:`CheckpointError` naming ``directory`` when the file is not a
+    checkpoint of this format, a hash or length does not match, the round count
+    disagrees with the history, or the state does not fit this run's shapes:
+    never a silent resume from a damaged or foreign checkpoint.
+    """
+    directory = Path(directory)
+    path = checkpoint_path(directory)
+    if not path.exists():
+        legacy = [n for n in _LEGACY if (directory / n).exists()]
+        if legacy:
+            raise CheckpointError(
+                f"checkpoint {directory}: holds {', '.join(legacy)} of the older "
+                "two-file format, which cannot be verified; start in an empty "
+                "checkpoint folder")
         return None
-    server, sites = eqx.tree_deserialise_leaves(state_path, (like_server, like_sites))
-    history = [RoundRecord(r["round"], tuple(r["participants"]),
-                           tuple(tuple(d) for d in r["dropped"]), r["attempts"],
-                           r["seconds"])
-               for r in json.loads(hist_path.read_text())]
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {directory}: {why}; it cannot be resumed "
+                               "safely (start in an empty checkpoint folder, or "
+                               "restore the checkpoint)")
+
+    raw = path.read_bytes()
+    if not raw.startswith(_MAGIC):
+        raise bad(f"{CHECKPOINT_FILE} is not a checkpoint of this format")
+    parts = raw[len(_MAGIC):].split(b"\n", 2)
+    if len(parts) != 3:
+        raise bad(f"{CHECKPOINT_FILE} is truncated")
+    manifest, digest, state = parts
+    if hashlib.sha256(manifest).hexdigest().encode() != digest:
+        raise bad("the manifest does not match its SHA-256")
+    try:
+        meta = json.loads(manifest)
+        history = [_record(r) for r in meta["history"]]
+        n_round, want_sha, want_len = (meta["round"], meta["state_sha256"],
+                                       meta["state_bytes"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise bad(f"the manifest is malformed ({err})") from None
+    if len(state) != want_len or hashlib.sha256(state).hexdigest() != want_sha:
+        raise bad("the saved state does not match the SHA-256 in its manifest")
+    if n_round != len(history) or [r.round for r in history] != list(range(n_round)):
+        raise bad(f"the manifest says {n_round} rounds but its history has "
+                  f"{[r.round for r in history]}")
+    foreign = bad("the saved state does not fit this run (another algorithm, "
+                  "model or number of sites?)")
+    buf = io.BytesIO(state)
+    try:
+        server, sites = eqx.tree_deserialise_leaves(buf, (like_server, like_sites))
+    except Exception:  # noqa: BLE001 - any mismatch is a foreign state
+        raise foreign from None
+    if buf.tell() != len(state):  # fewer leaves here than were saved
+        raise foreign
     return server, list(sites), history
+
+
+def _record_json(r: RoundRecord) -> dict:
+    d = r._asdict()
+    return {**d, "participants": [int(k) for k in r.participants],
+            "dropped": [[int(k), str(why)] for k, why in r.dropped],
+            "audit_heads": [[int(k), int(q), str(m)] for k, q, m in r.audit_heads]}
+
+
+def _record(d: dict) -> RoundRecord:
+    return RoundRecord(int(d["round"]), tuple(int(k) for k in d["participants"]),
+                       tuple((int(k), str(why)) for k, why in d["dropped"]),
+                       int(d["attempts"]), float(d["seconds"]),
+                       tuple((int(k), int(q), str(m))
+                             for k, q, m in d.get("audit_heads", ())))
 
 
 def _same_shapes(trees: Sequence) -> bool:
@@ -216,8 +302,9 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
     fault : callable, optional
         Fault injection ``(round, site, attempt) -> reason | None``.
     checkpoint_dir : path, optional
-        Save the state after every round there, and resume from it when it holds a
-        checkpoint.
+        Save the state after every round there (one file, written atomically; see
+        :func:`save_checkpoint`), and resume from it when it holds a checkpoint; a
+        damaged or foreign checkpoint raises :class:`CheckpointError`.
     on_round, on_message : callables, optional
         Progress (each completed round and the server state) and message
         inspection (round, site, payload) hooks.
@@ -399,5 +486,6 @@ def _check_all(algorithm, payloads, participate):
         check_payload(algorithm, {n: v[k] for n, v in payloads.items()})
 
 
-__all__ = ["FaultFn", "FederatedRun", "FederationAborted", "RoundRecord",
-           "load_checkpoint", "run_federated", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FILE", "CheckpointError", "FaultFn", "FederatedRun",
+           "FederationAborted", "RoundRecord", "checkpoint_path", "load_checkpoint",
+           "run_federated", "save_checkpoint"]
