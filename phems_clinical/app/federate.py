@@ -5,11 +5,18 @@ their own, as they would be inside that hospital), runs the chosen algorithm wit
 the in-process engine (optionally with secure aggregation and a pooled
 comparison), and writes ``result.json``. Flower deployment of the same algorithms:
 ``python -m phems_clinical.federation.flower.launch`` (see the README).
+
+``--out`` is refused before any work when it holds files (unless ``overwrite``,
+which replaces it as a whole); ``result.json`` is written into a temporary
+folder renamed into place at the end (:func:`phems_clinical.outputs.staged_dir`).
+Non-finite federated estimates are an error, never a result; a ``--checkpoint``
+folder must lie outside ``--out``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +25,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from phems_clinical.app.fit import resolve_model
+from phems_clinical.app.fit import FitFailedError, _strict, resolve_model
 from phems_clinical.app.omop import is_omop, model_factor, pk_events_from_omop
 from phems_clinical.federation.engine import RoundRecord, run_federated
 from phems_clinical.federation.gate import SiteGate, head
@@ -34,6 +41,7 @@ from phems_clinical.federation.secure import (
     default_secagg_config,
     secagg_aggregator,
 )
+from phems_clinical.outputs import check_out, staged_dir
 from phems_clinical.provenance import code_state, versions
 
 
@@ -80,9 +88,18 @@ def _pooled_reference(name, model, cohorts, n_occ, seed) -> tuple[dict, float]:
         from phems_clinical.pk.focei import fit_focei
 
         ref = fit_focei(model, pooled(cohorts), covariance=False)
+        if not ref.converged:
+            raise FitFailedError(f"--compare-pooled: the pooled FOCEI reference fit "
+                                 f"failed: {ref.message}. Nothing was written")
         table = {n: {"estimate": float(v)} for n, v in zip(
             ref.natural_names, ref.estimates, strict=True)}
     return table, time.perf_counter() - t0
+
+
+def _nonfinite(table: dict) -> list[str]:
+    """Names of the estimates (or SDs) in ``table`` that are not finite."""
+    return [name for name, entry in table.items()
+            if not all(math.isfinite(v) for v in entry.values())]
 
 
 def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Path,
@@ -92,8 +109,13 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
                  compare_pooled: bool = False, progress: bool = True,
                  policy_dir: str | Path | None = None, requester: str = "",
                  experiment: str = "", request: str = "",
-                 site_key_dir: str | Path | None = None) -> dict:
+                 site_key_dir: str | Path | None = None,
+                 overwrite: bool = False) -> dict:
     """Run a federated fit and write ``out/result.json``; returns its content.
+
+    ``out`` must be missing or empty unless ``overwrite`` (checked before any
+    work; then replaced as a whole at the end). Raises :class:`FitFailedError`
+    when an estimate is not finite (nothing is written).
 
     With ``policy_dir``, every site must have ``<policy_dir>/<site>.yaml``
     (``data_schemas/site_policy.schema.json``); the run is checked against each
@@ -102,6 +124,11 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
     spent per executed round to ``<site>.ledger.json`` there, both MAC'd with the
     key ``<site_key_dir>/<site>.key``.
     """
+    out = check_out(out, overwrite=overwrite)
+    if checkpoint is not None and _inside(Path(checkpoint), out):
+        raise ValueError(f"--checkpoint: {checkpoint} lies inside --out {out}, which "
+                         "is replaced as a whole at the end; choose a folder outside "
+                         "it")
     model = resolve_model(model_ref)
     omop_load = None
     if is_omop(data):  # each site's OMOP database
@@ -136,6 +163,14 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
                         on_round=on_round, gates=gates,
                         on_message=lambda r, k, p: fields.update(p))
     seconds = time.perf_counter() - t0
+    estimates = estimates_table(model, run.result)
+    bad = _nonfinite(estimates)
+    if bad:
+        raise FitFailedError(
+            f"--data: the federated {algorithm} fit ended with non-finite "
+            f"estimates of {', '.join(bad)} after {run.rounds} round(s); check the "
+            "sites' data and --options. Nothing was written"
+            + (" (the checkpoint is kept)" if checkpoint is not None else ""))
     result = {
         "algorithm": algorithm, "model": model.name, "seed": seed,
         "sites": [{"name": n, "n_patients": c.n_subjects}
@@ -143,7 +178,7 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
         "rounds": run.rounds, "converged": run.converged,
         "stopped_by": run.result.get("stopped_by"),
         "seconds": round(seconds, 3),
-        "estimates": estimates_table(model, run.result),
+        "estimates": estimates,
         "messages": {"fields": sorted(fields),
                      "checked_against": "data_schemas/federation_message.schema.json"},
         "secure_aggregation": None if cfg is None else {
@@ -167,10 +202,15 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
             "max_relative_difference": max(
                 abs(fed[k]["estimate"] / ref[k]["estimate"] - 1) for k in ref
                 if ref[k]["estimate"] != 0)}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+    with staged_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "result.json").write_text(json.dumps(_strict(result), indent=2,
+                                                    allow_nan=False))
     return result
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 __all__ = ["run_federate"]

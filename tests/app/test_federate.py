@@ -107,3 +107,53 @@ def test_site_policies_refuse_or_log_every_message(hospitals_csv, tmp_path, caps
         assert main(["audit", "verify", str(pol / f"{s}.audit.jsonl"), "--key",
                      str(keys / f"{s}.key"), "--anchor", gov["audit_head"]]) == 0
         assert "OK: " in capsys.readouterr().out
+
+
+def _old(folder):
+    folder.mkdir()
+    (folder / "result.json").write_text('{"earlier": true}\n')
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_non_empty_out_is_refused_before_any_work(hospitals_csv, tmp_path, capsys,
+                                                  monkeypatch):
+    from phems_clinical.app import federate
+
+    out = tmp_path / "run"
+    before = _old(out)
+    monkeypatch.setattr(federate, "resolve_model", lambda *a: pytest.fail("work"))
+    assert main(["federate", "--data", str(hospitals_csv), "--model", "advate",
+                 "--out", str(out), "--rounds", "1"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_checkpoint_inside_out_is_refused(hospitals_csv, tmp_path):
+    from phems_clinical.app.federate import run_federate
+
+    with pytest.raises(ValueError, match="--checkpoint: .* inside --out"):
+        run_federate(hospitals_csv, "advate", "fed_focei", tmp_path / "run",
+                     checkpoint=tmp_path / "run" / "ckpt")
+
+
+def test_non_finite_estimates_write_nothing(hospitals_csv, tmp_path, monkeypatch):
+    """A federated fit whose estimates end non-finite is an error; the earlier
+    folder stays byte-identical even with overwrite."""
+    from phems_clinical.app import federate
+    from phems_clinical.app.fit import FitFailedError
+
+    real = federate.estimates_table
+
+    def diverged(model, result):
+        table = real(model, result)
+        table["THETA(CL)"]["estimate"] = float("nan")
+        return table
+
+    monkeypatch.setattr(federate, "estimates_table", diverged)
+    out = tmp_path / "run"
+    before = _old(out)
+    with pytest.raises(FitFailedError, match="non-finite estimates of THETA"):
+        federate.run_federate(hospitals_csv, "advate", "fed_focei", out,
+                              options={"rounds": 1}, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
