@@ -49,7 +49,10 @@ def _error(args: argparse.Namespace, message: str) -> int:
 
 def load_user_key(path: str | os.PathLike) -> bytes:
     """A data user's Ed25519 private key (raw 32 bytes) from a ``keygen`` file."""
-    key = bytes.fromhex(Path(path).read_text(encoding="ascii").strip())
+    try:
+        key = bytes.fromhex(Path(path).read_text(encoding="ascii").strip())
+    except ValueError:  # not hex, or not ASCII text
+        key = b""
     if len(key) != 32:
         raise ValueError("--key: expected 64 hex digits (a file made by "
                          "'phems governance keygen')")
