@@ -188,7 +188,7 @@ def trusted_hosts(allowed_hosts: Iterable[str] | None = (), host: str | None = N
                 "address without port, e.g. dosing.hospital.org, or *.hospital.org "
                 "for its subdomains; '*' alone would answer any host)")
     out = list(LOCAL_HOSTS)
-    if host and host not in ("0.0.0.0", "::", ""):
+    if host and host != "0.0.0.0" and ":" not in host:  # not a wildcard or IPv6
         out.append(host)
     return list(dict.fromkeys(out + extra))
 
@@ -372,5 +372,5 @@ def serve(host: str = "127.0.0.1", port: int = 8000, *,
             "authentication, so run it only behind the hospital's access control. "
             "It answers requests for the hosts %s (add names with "
             "--allowed-host).", host, ", ".join(hosts))
-    uvicorn.run(create_app(allowed_hosts=hosts[len(LOCAL_HOSTS):]), host=host,
-                port=port, ws="none", lifespan="off")
+    app = create_app(allowed_hosts=[h for h in hosts if h not in LOCAL_HOSTS])
+    uvicorn.run(app, host=host, port=port, ws="none", lifespan="off")

@@ -6,6 +6,7 @@ own browser download is never used.
 """
 
 import base64
+import functools
 import json
 import logging
 import re
@@ -337,4 +338,45 @@ def test_page_end_to_end(browser, live_server):
     expect(page.locator(".field-error")).to_have_count(0)
     assert bodies == [upload]
     assert errors == []
+    context.close()
+
+
+def _fulfil(route, *, reply):
+    route.fulfill(**reply)
+
+
+def test_page_shows_limit_errors_by_field(browser, live_server):
+    """413, 415 and 503 replies carry {"errors": [...]} like 422: the page shows
+    each message at its field (or on top), not the raw reply."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.goto(f"{live_server}/")
+    expect(page.locator("#product option[value=alprolix]")).to_have_count(
+        1, timeout=WAIT_MS)
+    calculate = page.get_by_role("button", name="Calculate")
+    general = page.locator("#general-errors")
+    for status, field, message in [
+            (413, "", "the request body is larger than the 64 KB"),
+            (415, "Content-Type", "expected application/json"),
+            (503, "", "the server is busy with 2 other calculation(s)"),
+            (503, "patient_id", "a field-level refusal")]:
+        reply = {"status": status, "headers": {"Retry-After": "10"},
+                 "json": {"errors": [{"field": field, "message": message}]}}
+        page.unroute("**/api/dose*")
+        page.route("**/api/dose*", functools.partial(_fulfil, reply=reply))
+        calculate.click()
+        if field == "patient_id":
+            shown = page.locator("#patient_id").locator(
+                "xpath=following-sibling::*[1]")
+            expect(shown).to_have_class(re.compile(r"\bfield-error\b"))
+            expect(shown).to_contain_text(message)
+        else:
+            expect(general).to_be_visible()
+            expect(general).to_contain_text(message)
+            expect(general).not_to_contain_text('{"errors"')
+            expect(general).not_to_contain_text(f"HTTP {status}")
+    expect(page.locator("#patient_id")).to_have_attribute("maxlength", "64")
     context.close()
