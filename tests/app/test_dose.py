@@ -1,6 +1,7 @@
 """``phems dose``: the issue's example gives every output; each bad input is refused
 with a message naming its field and exit status 2; warnings; fitted-model priors."""
 
+import dataclasses
 import json
 import math
 
@@ -209,3 +210,135 @@ def test_infinite_time_when_baseline_above_threshold():
     r = run_dose({**EXAMPLE, "baseline": {"value": 3.0, "unit": "IU/dL"}}).result
     assert r["time_to_threshold_h"]["1"]["median"] == "inf"
     assert not math.isinf(r["time_to_threshold_h"]["5"]["median"])
+
+
+# ------------------------------------------------ fail closed (issue 16)
+
+def _fitted(tmp_path, fitted):
+    from phems_clinical.pk.library import load_product
+    from phems_clinical.pk.spec import save_model
+
+    model = load_product("advate")
+    meta = dict(model.metadata)
+    if fitted is not None:
+        meta["fitted"] = fitted
+    path = save_model(dataclasses.replace(model, metadata=meta),
+                      tmp_path / "model.yaml")
+    return {k: v for k, v in EXAMPLE.items() if k != "product"} | {"model": str(path)}
+
+
+@pytest.mark.parametrize("fitted", [{"converged": False, "objective": None},
+                                    {"objective": 12.5}, {"converged": "yes"}])
+def test_model_from_a_failed_fit_is_refused(tmp_path, fitted):
+    with pytest.raises(RequestError) as err:
+        run_dose(_fitted(tmp_path, fitted))
+    (e,) = err.value.errors
+    assert e.field == "model" and "model.yaml" in e.message
+    assert "did not converge" in e.message
+
+
+def test_model_from_a_converged_fit_is_used(tmp_path):
+    from phems_clinical.app.dose import _resolve_model
+    from phems_clinical.data.dosing_request import parse_request
+
+    req = parse_request(_fitted(tmp_path, {"converged": True, "method": "focei"}))
+    model, source = _resolve_model(req)
+    assert source["source"] == "file"
+    assert model.metadata["fitted"]["converged"] is True
+
+
+def _fake_output(tag: str):
+    from phems_clinical.app.dose import DoseOutput
+
+    return DoseOutput({"patient_id": tag}, b"\x89PNG" + tag.encode(),
+                      f"<html>{tag}</html>")
+
+
+def test_outputs_never_replace_a_report_silently(tmp_path):
+    from phems_clinical.app.dose import write_dose_outputs
+    from phems_clinical.outputs import OutputExistsError
+
+    out = tmp_path / "out"
+    write_dose_outputs(_fake_output("first"), out)
+    (out / "notes.txt").write_text("clinician's notes")
+    with pytest.raises(OutputExistsError, match="--out"):
+        write_dose_outputs(_fake_output("second"), out)
+    assert json.loads((out / "result.json").read_text())["patient_id"] == "first"
+    paths = write_dose_outputs(_fake_output("second"), out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)
+    assert (out / "report.html").read_text() == "<html>second</html>"
+
+
+def test_failed_write_leaves_the_old_report(tmp_path):
+    from phems_clinical.app.dose import DoseOutput, write_dose_outputs
+
+    out = tmp_path / "out"
+    write_dose_outputs(_fake_output("first"), out)
+    bad = DoseOutput({"x": math.nan}, b"png", "<html/>")   # NaN is no JSON
+    with pytest.raises(ValueError):
+        write_dose_outputs(bad, out, overwrite=True)
+    assert (out / "report.html").read_text() == "<html>first</html>"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_cli_refuses_the_previous_patients_folder(capsys, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "report.html").write_text("previous patient")
+    rc = main(["dose", str(_write(tmp_path, EXAMPLE)), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--out" in err and "--overwrite" in err
+    assert (out / "report.html").read_text() == "previous patient"
+
+
+def test_levels_of_zero_not_marked_blq(capsys, tmp_path):
+    req = {**EXAMPLE, "levels": [{**lv, "value": 0} for lv in EXAMPLE["levels"]]}
+    err = _errors(capsys, tmp_path, req)
+    assert "levels[0].value" in err and "levels[2].value" in err
+    assert '"blq": true' in err
+
+
+def test_level_far_outside_the_prior_predictive_range_is_refused():
+    req = {**EXAMPLE, "levels": [EXAMPLE["levels"][0],
+                                 {"time_h": 24.0, "value": 300.0, "unit": "IU/dL"}]}
+    with pytest.raises(RequestError) as err:
+        run_dose(req)
+    (e,) = err.value.errors
+    assert e.field == "levels[1].value"
+    assert "in IU/dL and in IU/mL" in e.message and "expects" in e.message
+
+
+def test_level_just_outside_the_prior_predictive_range_is_a_warning():
+    req = {**EXAMPLE, "levels": [{"time_h": 4.0, "value": 120.0, "unit": "IU/dL"},
+                                 *EXAMPLE["levels"][1:]]}
+    r = run_dose(req).result
+    (w,) = [w for w in r["warnings"] if w["field"] == "levels[0].value"]
+    assert "outside the range the population model expects" in w["message"]
+
+
+def test_seed_override_out_of_range():
+    with pytest.raises(RequestError) as err:
+        run_dose(EXAMPLE, seed=10 ** 30)
+    assert [e.field for e in err.value.errors] == ["seed"]
+
+
+def test_figure_shortens_the_id_and_typesets_no_maths(example_run):
+    from phems_clinical.app.dose import _for_display
+    from phems_clinical.evaluation.report import curve_figure
+
+    r = json.loads((example_run / "result.json").read_text())
+    r["patient_id"] = "$\\foo$ " + "x" * 57
+    with pytest.raises(ValueError):
+        curve_figure(r)   # matplotlib reads $...$ as maths
+    shown = _for_display(r)
+    assert shown["patient_id"].startswith("\\$\\foo\\$ ")
+    assert len(shown["patient_id"]) < 30 and shown["patient_id"].endswith("\u2026")
+    assert curve_figure(shown).startswith(b"\x89PNG")
+
+
+def test_non_finite_results_are_refused():
+    from phems_clinical.app.dose import _check_finite
+
+    _check_finite({"a": [1.0, "inf"], "b": {"c": None}})
+    with pytest.raises(RequestError, match=r"curve\.p50\[1\]"):
+        _check_finite({"curve": {"p50": [1.0, math.nan]}})
