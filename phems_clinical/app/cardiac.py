@@ -17,7 +17,10 @@ a federated multi-state model, evaluated per site and on a held-out hospital.
 
 Writes ``result.json``, ``metrics.csv``, ``hazard_ratios.csv`` and
 ``occupation.png`` (predicted vs Aalen-Johansen state occupation at the held-out
-hospital).
+hospital) into a temporary folder beside ``--out``, renamed into place at the end
+(:func:`phems_clinical.outputs.staged_dir`); a non-empty ``--out`` is refused
+before any work unless ``--overwrite``. Undefined metrics are ``null`` in
+``result.json`` (strict JSON).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from phems_clinical.data.cardiac.pathways import episodes
 from phems_clinical.evaluation import cardiac_eval as ce
 from phems_clinical.evaluation.survival import aalen_johansen_multistate
 from phems_clinical.models import multistate as ms
+from phems_clinical.outputs import check_out, staged_dir
 from phems_clinical.provenance import code_state, versions
 
 
@@ -89,8 +93,11 @@ def _occupation_figure(params, sojourns: pd.DataFrame, path: Path, title: str) -
 def run_cardiac(omop: str | Path, out: str | Path, *, holdout: str | None = None,
                 strategy: str = "fedadam", rounds: int = 300, seed: int = 0,
                 test_fraction: float = 0.25, learning_rate: float | None = None,
-                compare_pooled: bool = False, progress: bool = True) -> dict:
-    """Train and evaluate the cardiac multi-state model; writes ``out``."""
+                compare_pooled: bool = False, progress: bool = True,
+                overwrite: bool = False) -> dict:
+    """Train and evaluate the cardiac multi-state model; writes ``out`` (missing
+    or empty unless ``overwrite``)."""
+    out = check_out(out, overwrite=overwrite)
     sojourns, reports = load_sites(omop)
     names = list(sojourns)
     k_split, k_run = jax.random.split(jax.random.key(seed))
@@ -135,20 +142,23 @@ def run_cardiac(omop: str | Path, out: str | Path, *, holdout: str | None = None
                             "max_abs_log_hr_difference": float(np.max(np.abs(
                                 np.asarray(params.beta)
                                 - np.asarray(ref.params.beta))))}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics.to_csv(out / "metrics.csv", index=False)
     spec = ms.DEFAULT_SPEC
     beta = np.asarray(params.beta)
-    pd.DataFrame([{"transition": f"{spec.states[a]}->{spec.states[b]}",
-                   "covariate": c, "log_hr": beta[k, p],
-                   "hr": float(np.exp(beta[k, p]))}
-                  for k, (a, b) in enumerate(spec.transitions)
-                  for p, c in enumerate(spec.covariates)]).to_csv(
-        out / "hazard_ratios.csv", index=False)
-    _occupation_figure(params, sojourns[holdout], out / "occupation.png",
-                       f"held-out hospital {holdout}: state occupation")
-    (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
+    from phems_clinical.app.fit import _strict  # NaN -> null (strict JSON)
+
+    result = _strict(json.loads(json.dumps(result, default=float)))
+    with staged_dir(out, overwrite=overwrite) as tmp:
+        metrics.to_csv(tmp / "metrics.csv", index=False)
+        pd.DataFrame([{"transition": f"{spec.states[a]}->{spec.states[b]}",
+                       "covariate": c, "log_hr": beta[k, p],
+                       "hr": float(np.exp(beta[k, p]))}
+                      for k, (a, b) in enumerate(spec.transitions)
+                      for p, c in enumerate(spec.covariates)]).to_csv(
+            tmp / "hazard_ratios.csv", index=False)
+        _occupation_figure(params, sojourns[holdout], tmp / "occupation.png",
+                           f"held-out hospital {holdout}: state occupation")
+        (tmp / "result.json").write_text(json.dumps(result, indent=2,
+                                                    allow_nan=False))
     return result
 
 
@@ -175,6 +185,8 @@ def add_cardiac_parser(subparsers):
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--compare-pooled", action="store_true",
                    help="also fit the pooled training episodes centrally (Newton)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out as a whole (refused otherwise)")
     c.set_defaults(func=_cardiac_cmd)
     return c
 
@@ -184,7 +196,8 @@ def _cardiac_cmd(args) -> int:
                       strategy=args.strategy, rounds=args.rounds, seed=args.seed,
                       test_fraction=args.test_fraction,
                       learning_rate=args.learning_rate,
-                      compare_pooled=args.compare_pooled)
+                      compare_pooled=args.compare_pooled,
+                      overwrite=args.overwrite)
     print(pd.DataFrame(res["metrics"]).round(3).to_string(index=False))
     if "pooled" in res:
         print(f"objective gap to the pooled fit: {res['pooled']['objective_gap']:.2e}")

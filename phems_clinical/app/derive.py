@@ -18,7 +18,10 @@ Outputs in ``--out/<site>/``: ``<use_case>_<source>.csv`` (the dataset to review
 for release), ``scorecard.nc`` (xarray), ``scorecard.html`` (plain-language
 report), ``report.json`` (what was changed or fitted, records excluded when
 loading, sizes, seconds). Nothing leaves the site; the CSV is what the controller
-may release after review.
+may release after review. Every site is written into a temporary folder beside
+``--out`` that becomes ``--out`` only when all sites succeeded
+(:func:`phems_clinical.outputs.staged_dir`); a non-empty ``--out`` is refused
+before any work unless ``--overwrite`` (then replaced as a whole).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from phems_clinical.evaluation.sources import (
     score_sources,
     split_patients,
 )
+from phems_clinical.outputs import check_out, staged_dir
 from phems_clinical.privacy.release import check_table
 
 USE_CASES = tuple(GENERATORS)
@@ -86,9 +90,11 @@ def run_derive(use_case: str, sources: list[SourceSpec], out: str | Path, *,
                omop: str | None = None, csv: str | None = None, seed: int = 0,
                holdout: float = 0.5, model: str | None = None,
                n_attacks: int = 200, utility: bool = True,
-               site: str | None = None) -> dict[str, Any]:
+               site: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Derive and score ``sources`` at each site; write the outputs; return a
-    summary per site (also in each ``report.json``)."""
+    summary per site (also in each ``report.json``). ``out`` must be missing or
+    empty unless ``overwrite``; it appears only when every site succeeded."""
+    out = check_out(out, overwrite=overwrite)
     pk_model = None
     factor = "FVIII"
     if use_case == "haemophilia":
@@ -102,7 +108,14 @@ def run_derive(use_case: str, sources: list[SourceSpec], out: str | Path, *,
         if site not in sites:
             raise SourceError(f"--site: {site!r} is not one of {sorted(sites)}")
         sites = {site: sites[site]}
-    out = Path(out)
+    with staged_dir(out, overwrite=overwrite) as staging:
+        return _derive_sites(use_case, sources, sites, loads, staging, seed=seed,
+                             holdout=holdout, pk_model=pk_model,
+                             n_attacks=n_attacks, utility=utility)
+
+
+def _derive_sites(use_case, sources, sites, loads, out: Path, *, seed, holdout,
+                  pk_model, n_attacks, utility) -> dict[str, Any]:
     key = jax.random.key(seed)
     summary = {}
     for i, (name, data) in enumerate(sorted(sites.items())):
@@ -116,7 +129,7 @@ def run_derive(use_case: str, sources: list[SourceSpec], out: str | Path, *,
                            n_attacks=n_attacks, utility=utility, pk_model=pk_model,
                            seed=seed)
         site_out = out / name
-        site_out.mkdir(parents=True, exist_ok=True)
+        site_out.mkdir()
         files = []
         for d in derived[1:]:
             table = d.data if d.data is not None else d.profile
@@ -150,8 +163,8 @@ def run_derive(use_case: str, sources: list[SourceSpec], out: str | Path, *,
                         for d in derived[1:]},
             "files": [*files, "scorecard.nc", "scorecard.html"],
         }
-        (site_out / "report.json").write_text(json.dumps(_finite(report), indent=2,
-                                                         default=_json))
+        (site_out / "report.json").write_text(json.dumps(
+            _finite(report), indent=2, default=_json, allow_nan=False))
         summary[name] = report
     return summary
 
@@ -175,9 +188,9 @@ def _finite(x):
 
 def _json(x):
     if isinstance(x, np.integer | np.floating | np.bool_):
-        return x.item()
+        return _finite(x.item())
     if isinstance(x, np.ndarray):
-        return x.tolist()
+        return _finite(x.tolist())
     if isinstance(x, pd.Timestamp):
         return x.isoformat()
     return str(x)
@@ -203,6 +216,8 @@ def _common(p) -> None:
                    help="attacks per privacy evaluation (anonymeter method)")
     p.add_argument("--no-utility", action="store_true",
                    help="skip the utility metrics (model fits on each source)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out as a whole (refused otherwise)")
 
 
 def add_derive_parsers(subparsers) -> None:
@@ -243,7 +258,8 @@ def _run(args, spec: SourceSpec) -> int:
     summary = run_derive(args.use_case, [spec], args.out, omop=args.omop,
                          csv=args.csv, seed=args.seed, holdout=args.holdout,
                          model=args.model, n_attacks=args.attacks,
-                         utility=not args.no_utility, site=args.site)
+                         utility=not args.no_utility, site=args.site,
+                         overwrite=args.overwrite)
     for site, r in summary.items():
         print(f"{site}: wrote {args.out}/{site}/" + ", ".join(r["files"]))
     return 0

@@ -16,7 +16,12 @@ federatedly, evaluated per site and on a held-out hospital.
    stays; each site's held-out stays and the held-out hospital are scored with
    AUROC, AUPRC, calibration slope / intercept, ECE, Brier score and the utility.
 
-Writes ``result.json``, ``metrics.csv`` and ``calibration.png``.
+Writes ``result.json``, ``metrics.csv`` and ``calibration.png`` into a temporary
+folder beside ``--out``, renamed into place at the end
+(:func:`phems_clinical.outputs.staged_dir`); a non-empty ``--out`` is refused
+before any work unless ``--overwrite``. Undefined metrics (e.g. AUROC at a site
+without an onset) are ``null`` in ``result.json`` (strict JSON) and empty in
+``metrics.csv``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from phems_clinical.app.omop import (
 from phems_clinical.data.picu import hourly_table
 from phems_clinical.evaluation import sepsis_eval as se
 from phems_clinical.models import scores
+from phems_clinical.outputs import check_out, staged_dir
 from phems_clinical.provenance import code_state, versions
 
 TEST = ":test"
@@ -97,9 +103,10 @@ def run_sepsis(omop: str | Path, out: str | Path, *, holdout: str | None = None,
                model: str = "tcn", algorithm: str = "fedadam",
                rounds: int = 50, horizon_h: int = 6, seed: int = 0,
                test_fraction: float = 0.25, progress: bool = True,
-               **train_kw) -> dict:
+               overwrite: bool = False, **train_kw) -> dict:
     """Train and evaluate the sepsis model over the sites in ``omop``; writes
-    ``out``."""
+    ``out`` (missing or empty unless ``overwrite``)."""
+    out = check_out(out, overwrite=overwrite)
     hourly, onsets, reports = load_sites(omop)
     if horizon_h < 1:
         raise ValueError(f"--horizon: {horizon_h} h; expected at least 1 hour")
@@ -138,12 +145,15 @@ def run_sepsis(omop: str | Path, out: str | Path, *, holdout: str | None = None,
         "privacy": res["privacy"],
         "versions": versions(), "code": code_state("phems_clinical/models"),
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics.to_csv(out / "metrics.csv", index=False)
-    _calibration_figure({n: res["probs"][n] for n in held_out},
-                        out / "calibration.png")
-    (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
+    from phems_clinical.app.fit import _strict  # NaN -> null (strict JSON)
+
+    result = _strict(json.loads(json.dumps(result, default=float)))
+    with staged_dir(out, overwrite=overwrite) as tmp:
+        metrics.to_csv(tmp / "metrics.csv", index=False)
+        _calibration_figure({n: res["probs"][n] for n in held_out},
+                            tmp / "calibration.png")
+        (tmp / "result.json").write_text(json.dumps(result, indent=2,
+                                                    allow_nan=False))
     return result
 
 
@@ -168,6 +178,8 @@ def add_sepsis_parser(subparsers):
     s.add_argument("--test-fraction", type=float, default=0.25,
                    help="share of each training site's stays held out")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out as a whole (refused otherwise)")
     s.set_defaults(func=_sepsis_cmd)
     return s
 
@@ -176,7 +188,8 @@ def _sepsis_cmd(args) -> int:
     res = run_sepsis(args.omop, args.out, holdout=args.holdout, model=args.model,
                      algorithm=args.algorithm, rounds=args.rounds,
                      horizon_h=args.horizon, seed=args.seed,
-                     test_fraction=args.test_fraction)
+                     test_fraction=args.test_fraction,
+                     overwrite=args.overwrite)
     cols = ["site", "split", "n_stays", "auroc", "auprc", "calibration_slope",
             "calibration_intercept", "ece", "utility"]
     print(pd.DataFrame(res["metrics"])[cols].round(3).to_string(index=False))

@@ -38,12 +38,17 @@ def test_cardiac_federated_equals_pooled_and_reports(cardiac_dir, tmp_path, caps
     for f in ("metrics.csv", "hazard_ratios.csv", "occupation.png"):
         assert (out / f).stat().st_size > 0
     assert "held-out hospital" in capsys.readouterr().out
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert main(["cardiac", "--omop", str(cardiac_dir), "--out", str(out)]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
 def test_cardiac_bad_holdout_and_missing_folder(cardiac_dir, tmp_path, capsys):
-    assert main(["cardiac", "--omop", str(cardiac_dir), "--out", str(tmp_path),
-                 "--holdout", "nowhere"]) == 2
+    assert main(["cardiac", "--omop", str(cardiac_dir), "--out",
+                 str(tmp_path / "o"), "--holdout", "nowhere"]) == 2
     assert "--holdout: 'nowhere' is not one of the sites" in capsys.readouterr().err
     assert main(["cardiac", "--omop", str(tmp_path / "none"), "--out",
-                 str(tmp_path)]) == 2
+                 str(tmp_path / "o")]) == 2
     assert "no such OMOP database" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, no staging left

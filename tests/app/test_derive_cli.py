@@ -70,9 +70,15 @@ def test_synthesize_picu_sequences_and_mst(picu_dir, tmp_path):
     syn = pd.read_csv(out / "tertiary" / "picu_synthetic.csv")
     assert (syn.groupby("stay_id")["hour"].agg(lambda h: (h.diff().dropna() == 1)
                                                .all())).all()
-    assert main(["synthesize", "--use-case", "picu", "--omop", str(picu_dir),
-                 "--site", "tertiary", "--generator", "mst", "--epsilon", "2",
-                 "--out", str(out), "--attacks", "50", "--no-utility"]) == 0
+    mst = ["synthesize", "--use-case", "picu", "--omop", str(picu_dir), "--site",
+           "tertiary", "--generator", "mst", "--epsilon", "2", "--out", str(out),
+           "--attacks", "50", "--no-utility"]
+    before = (out / "tertiary" / "report.json").read_bytes()
+    assert main(mst) == 2  # an earlier result is never replaced silently
+    assert (out / "tertiary" / "report.json").read_bytes() == before
+    assert main([*mst, "--overwrite"]) == 0
+    # replaced as a whole: nothing of the first run survives beside the new files
+    assert not (out / "tertiary" / "picu_synthetic.csv").exists()
     ds = xr.open_dataset(out / "tertiary" / "scorecard.nc", engine="h5netcdf")
     assert float(ds["epsilon"].sel(source="synthetic-mst")) == 2.0
     assert "2" in (out / "tertiary" / "scorecard.html").read_text()
@@ -94,28 +100,39 @@ def test_synthesize_pk_virtual_from_csv(pk_csv, tmp_path):
 ])
 def test_bad_options_exit_2(cardiac_dir, tmp_path, capsys, args, message):
     cmd = [args[0], "--use-case", "cardiac", "--omop", str(cardiac_dir), "--site",
-           "hospital_a", "--out", str(tmp_path), *args[1:]]
+           "hospital_a", "--out", str(tmp_path / "o"), *args[1:]]
     assert main(cmd) == 2
     assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, no staging left
+
+
+def test_non_empty_out_is_refused_before_loading(tmp_path, capsys):
+    (tmp_path / "earlier.csv").write_text("x\n1\n")
+    assert main(["anonymise", "--use-case", "cardiac", "--omop",
+                 str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "--overwrite" in err and "missing" not in err
 
 
 def test_bad_input_files_exit_2(pk_csv, tmp_path, capsys):
     ev = pd.read_csv(pk_csv)
+    out = tmp_path / "o"
     no_wt = tmp_path / "no_wt.csv"
     ev.drop(columns="WT").to_csv(no_wt, index=False)
     assert main(["anonymise", "--use-case", "haemophilia", "--csv", str(no_wt),
-                 "--out", str(tmp_path)]) == 2
+                 "--out", str(out)]) == 2
     assert "WT" in capsys.readouterr().err
     neg = tmp_path / "neg_age.csv"
     ev.assign(AGE=ev["AGE"].where(ev["ID"] != ev["ID"].iloc[0], -2.0)).to_csv(
         neg, index=False)
     assert main(["anonymise", "--use-case", "haemophilia", "--csv", str(neg),
-                 "--out", str(tmp_path), "--no-utility"]) == 2
+                 "--out", str(out), "--no-utility"]) == 2
     assert "AGE" in capsys.readouterr().err
     tiny = tmp_path / "tiny.csv"
     ev[ev["ID"].isin(ev["ID"].unique()[:3])].to_csv(tiny, index=False)
     assert main(["synthesize", "--use-case", "haemophilia", "--csv", str(tiny),
-                 "--out", str(tmp_path)]) == 2
+                 "--out", str(out)]) == 2
     assert "3 patients" in capsys.readouterr().err
     assert main(["anonymise", "--use-case", "cardiac", "--omop",
-                 str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+                 str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert not out.exists()

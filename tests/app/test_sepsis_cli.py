@@ -29,9 +29,9 @@ def test_sepsis_trains_federated_and_evaluates(picu_dir, tmp_path, capsys):
             ("district", "held-out hospital")} <= splits
     test_rows = [m for m in res["metrics"] if m["split"] == "test"]
     assert sum(m["n_stays"] for m in test_rows) == 20  # 25 % of 2 x 40 stays
-    for m in res["metrics"]:  # AUROC is undefined (NaN) without a positive hour
-        assert 0.0 <= m["auroc"] <= 1.0 or (m["auroc"] != m["auroc"]
-                                             and m["prevalence"] in (0.0, 1.0))
+    for m in res["metrics"]:  # AUROC is undefined (null) without a positive hour
+        assert m["auroc"] is None and m["prevalence"] in (0.0, 1.0) or \
+            0.0 <= m["auroc"] <= 1.0
         assert 0.0 <= m["brier"] <= 1.0
     # Phoenix labels per site, counted; load reports present
     assert all(s["stays"] == 40 for s in res["sites"].values())
@@ -39,6 +39,12 @@ def test_sepsis_trains_federated_and_evaluates(picu_dir, tmp_path, capsys):
     assert res["messages"]["fields"] == ["delta", "weight"]
     assert (out / "calibration.png").stat().st_size > 0
     assert "held-out hospital" in capsys.readouterr().out
+    json.loads((out / "result.json").read_text(),  # strict JSON: no NaN
+               parse_constant=lambda c: pytest.fail(f"{c} in result.json"))
+    before = (out / "result.json").read_bytes()
+    assert main(["sepsis", "--omop", str(picu_dir), "--out", str(out)]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert (out / "result.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("args,message", [
@@ -49,10 +55,11 @@ def test_sepsis_trains_federated_and_evaluates(picu_dir, tmp_path, capsys):
 ])
 def test_sepsis_bad_options(picu_dir, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) if "invalid choice" in message else _null():
-        rc = main(["sepsis", "--omop", str(picu_dir), "--out", str(tmp_path), *args])
+        rc = main(["sepsis", "--omop", str(picu_dir), "--out", str(tmp_path / "o"),
+                   *args])
         assert rc == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "result.json").exists()
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, no staging left
 
 
 class _null:
