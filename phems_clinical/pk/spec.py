@@ -346,6 +346,12 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
     meta = {k: v for k, v in spec.items()
             if k not in ("structure", "parameters", "covariates", "iiv", "iov",
                          "residual", "baseline", "blq", "name")}
+    fitted = meta.get("fitted")
+    if fitted is not None and not isinstance(fitted, dict):
+        raise ModelSpecError("fitted: expected a mapping (written by phems fit)")
+    if fitted is not None and not isinstance(fitted.get("converged", False), bool):
+        raise ModelSpecError(f"fitted.converged: expected true or false, got "
+                             f"{fitted['converged']!r:.40}")
     return PopModel(
         name=name, n_cmt=n_cmt, thetas=tuple(thetas), structural=STRUCTURAL[n_cmt],
         covariate_effects=tuple(effects), iiv_parameters=iiv_params, omega=omega,
@@ -355,6 +361,22 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
         baseline=_float(base.get("value", 0.0), "baseline.value"),
         baseline_estimated=bool(base.get("estimate", False)), blq=blq, metadata=meta,
     )
+
+
+def not_converged(model: PopModel) -> str | None:
+    """Why a fitted ``model`` must not be used (``None`` when it may be).
+
+    A model written by ``phems fit`` carries ``fitted: {..., converged: true}``;
+    one whose ``fitted`` block lacks ``converged: true`` (a failed fit, or one
+    written before convergence was recorded) is refused. Library products have no
+    ``fitted`` block.
+    """
+    fitted = model.metadata.get("fitted")
+    if fitted is None or fitted.get("converged") is True:
+        return None
+    return (f"model {model.name!r}: its fit is not recorded as converged "
+            f"(fitted.converged: {fitted.get('converged', 'missing')}); refit it with "
+            "phems fit")
 
 
 def load_model(path: str | Path) -> PopModel:

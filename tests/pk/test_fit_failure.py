@@ -104,3 +104,29 @@ def test_nuts_non_finite_draws_are_not_converged():
     why = bayes._convergence(_summary([1.0, 1.0]), draws, jnp.zeros((3, 1)), None, 0,
                              bayes.RHAT_MAX, bayes.MAX_DIVERGENT)
     assert "non-finite draws of THETA(CL)" in why
+
+
+@pytest.mark.parametrize("fitted, why", [
+    (None, None),
+    ({"method": "focei", "converged": True}, None),
+    ({"method": "focei", "converged": False}, "converged: False"),
+    ({"method": "focei"}, "converged: missing"),
+])
+def test_not_converged_names_a_fit_that_must_not_be_used(fitted, why):
+    from phems_clinical.pk.spec import not_converged, parse_model, to_spec
+
+    spec = to_spec(load_product("advate"))
+    spec.pop("fitted", None)
+    if fitted is not None:
+        spec["fitted"] = fitted
+    reason = not_converged(parse_model(spec))
+    assert reason is None if why is None else why in reason
+
+
+@pytest.mark.parametrize("fitted", [{"converged": "yes"}, "converged"])
+def test_malformed_fitted_block_is_a_spec_error(fitted):
+    from phems_clinical.pk.spec import ModelSpecError, parse_model, to_spec
+
+    spec = {**to_spec(load_product("advate")), "fitted": fitted}
+    with pytest.raises(ModelSpecError, match="fitted"):
+        parse_model(spec)
