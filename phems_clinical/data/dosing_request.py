@@ -232,9 +232,10 @@ def _int(text: str) -> int | float:
 def load_json(source: str | bytes | bytearray) -> object:
     """Read JSON text as the request parser does.
 
-    Duplicate keys are kept for :func:`parse_request` to refuse by name (JSON
-    itself would keep only the last one silently); integer literals of more than
-    300 digits read as inf (refused by name later).
+    Bytes must be UTF-8 (a byte-order mark is allowed). Duplicate keys are kept
+    for :func:`parse_request` to refuse by name (JSON itself would keep only the
+    last one silently); integer literals of more than 300 digits read as inf
+    (refused by name later).
 
     Raises
     ------
@@ -242,13 +243,18 @@ def load_json(source: str | bytes | bytearray) -> object:
         On text that is not JSON, not UTF-8, or nested too deeply to read.
     """
     try:
+        if isinstance(source, bytes | bytearray):
+            # JSON exchanged between systems is UTF-8 (RFC 8259, section 8.1);
+            # json.loads would guess UTF-16/32 from the first bytes instead.
+            source = bytes(source).decode("utf-8-sig")
         return json.loads(source, object_pairs_hook=_object, parse_int=_int)
     except json.JSONDecodeError as exc:
         msg = f"{exc.msg} at line {exc.lineno}, column {exc.colno}"
         raise RequestError([FieldError("", f"not valid JSON: {msg}")]) from None
     except UnicodeDecodeError as exc:
         raise RequestError([FieldError("", "not valid JSON: the text is not "
-                                       f"UTF-8 ({exc.reason})")]) from None
+                                       f"UTF-8 ({exc.reason} at byte {exc.start}); "
+                                       "save it as UTF-8")]) from None
     except RecursionError:
         raise RequestError([FieldError("", "not a dosing request: the JSON is "
                                        f"nested too deeply (a request is at most "

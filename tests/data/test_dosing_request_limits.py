@@ -237,3 +237,10 @@ def test_load_json_reports_bad_text_as_request_errors():
     for text in (b"\xff\xfe\x00", "{", "[" * 50_000):
         with pytest.raises(RequestError):
             load_json(text)
+
+
+def test_bytes_must_be_utf8():
+    text = json.dumps(_req(patient_id="Jos\u00e9"), ensure_ascii=False)
+    assert parse_request(text.encode("utf-8-sig")).patient_id == "Jos\u00e9"
+    for raw in (text.encode("utf-16"), text.encode("latin-1"), b"\xff\xfe\xfa{"):
+        assert "not UTF-8" in _errors(raw)[""]
