@@ -8,11 +8,21 @@ with the loaders' validation and prints what would be excluded and why.
 
 The use-case commands read the same files: ``phems sepsis``/``phems cardiac`` take
 the folder, and ``phems fit``/``phems federate --data`` accept a ``.duckdb`` file, a
-``postgresql://`` URL or a folder of ``.duckdb`` files for the haemophilia cohorts.
+``postgresql://`` URL (credentials from libpq: ``PGPASSWORD``, ``~/.pgpass``), or
+``env:NAME`` (a URL held in environment variable NAME) or a folder of ``.duckdb``
+files for the haemophilia cohorts. A URL with a password on the command line is
+refused: every user of the machine could read it in the process list.
+
+Databases are read without changing them (DuckDB read-only with external access
+off, PostgreSQL read-only sessions); ``simulate`` writes a new folder as a whole
+(``--overwrite`` to replace one) and never deletes an existing database.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +30,7 @@ from typing import Any
 import jax
 import pandas as pd
 
+from phems_clinical import outputs
 from phems_clinical.data.omop import (
     LoadReport,
     connect,
@@ -37,17 +48,38 @@ PK_TABLES = ("person", "care_site", "visit_occurrence", "drug_exposure",
              "measurement", "observation")
 
 
+_PG = ("postgresql://", "postgres://", "env:")
+
+
 def _is_database(target: str | Path) -> bool:
     text = str(target)
-    return text.startswith(("postgresql://", "postgres://")) or text.endswith(
-        ".duckdb")
+    return text.startswith(_PG) or text.endswith(".duckdb")
+
+
+def _refuse_password(url: str) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+    except ValueError:
+        raise ValueError("the PostgreSQL URL is not valid (postgresql://user@host:"
+                         "port/database)") from None
+    if parts.password is not None or "password" in {k.lower() for k in query}:
+        raise ValueError("the PostgreSQL URL holds a password, which other users can "
+                         "read in the process list; put it in PGPASSWORD or "
+                         "~/.pgpass, or give env:NAME with the URL in environment "
+                         "variable NAME")
 
 
 def site_databases(target: str | Path) -> dict[str, str]:
-    """``{site: target}`` for a folder of ``<site>.duckdb`` files, one DuckDB file
-    or a PostgreSQL URL (site named by the file stem, or ``site``)."""
+    """``{site: target}`` for a folder of ``<site>.duckdb`` files, one DuckDB file,
+    a PostgreSQL URL without a password, or ``env:NAME`` (site named by the file
+    stem, or ``site``)."""
     text = str(target)
-    if text.startswith(("postgresql://", "postgres://")):
+    if text.startswith(_PG):
+        if not text.startswith("env:"):
+            _refuse_password(text)
         return {"site": text}
     path = Path(text)
     if path.is_dir():
@@ -62,13 +94,30 @@ def site_databases(target: str | Path) -> dict[str, str]:
 
 
 def write_site(path: Path, tables: Mapping[str, pd.DataFrame]) -> dict[str, int]:
-    """Write one site's OMOP tables as a new DuckDB file ``path`` (replacing it);
-    returns rows per table."""
+    """Write one site's OMOP tables as a new DuckDB file ``path``; returns rows per
+    table. An existing file is never replaced (``FileExistsError``): the database
+    is written beside it under a temporary name and renamed when complete."""
+    path = Path(path)
     if path.exists():
-        path.unlink()
-    with connect(path) as store:
-        create_cdm(store)
-        write_tables(store, tables)
+        raise FileExistsError(errno.EEXIST, "an OMOP database is already there; "
+                              "it is not replaced", str(path))
+    tmp = path.with_name(f".{path.name}.partial-{secrets.token_hex(4)}")
+    try:
+        with connect(tmp) as store:
+            create_cdm(store)
+            write_tables(store, tables)
+        try:
+            os.link(tmp, path)  # fails if path appeared meanwhile: no overwrite
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links
+            if path.exists():
+                raise FileExistsError(errno.EEXIST, "an OMOP database is already "
+                                      "there; it is not replaced", str(path)) from None
+            os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+            leftover.unlink(missing_ok=True)
     return {t: len(df) for t, df in tables.items()}
 
 
@@ -105,35 +154,38 @@ def _simulated_sites(use_case: str, key, n: int | None, product: str
 
 
 def simulate_omop(use_case: str, out: str | Path, *, seed: int = 0,
-                  n: int | None = None, product: str = "advate") -> dict[str, Any]:
+                  n: int | None = None, product: str = "advate",
+                  overwrite: bool = False) -> dict[str, Any]:
     """Simulate the use case's default hospitals and write each to
-    ``out/<site>.duckdb`` (replacing an existing file); returns rows per table per
-    site.
+    ``out/<site>.duckdb``; returns rows per table per site.
 
     ``n`` is the number of stays (picu), episodes (cardiac) or patients
-    (haemophilia) per site; default: each simulator's own site sizes.
+    (haemophilia) per site; default: each simulator's own site sizes. A non-empty
+    ``out`` is refused before anything is simulated unless ``overwrite``; the
+    folder is written under a temporary name and renamed into place at the end
+    (:func:`phems_clinical.outputs.staged_dir`), so a failure leaves the old one.
     """
     if use_case not in USE_CASES:
         raise ValueError(f"--use-case: {use_case!r} is not one of "
                          f"{', '.join(USE_CASES)}")
     if n is not None and n < 3:
         raise ValueError(f"--n: {n} per site is too few (at least 3)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    outputs.check_out(out, overwrite=overwrite)
     summary = {}
-    for site, (tables, truth) in _simulated_sites(use_case, jax.random.key(seed), n,
-                                                  product).items():
-        summary[site] = write_site(out / f"{site}.duckdb", tables)
-        if truth is not None:
-            truth.to_csv(out / f"{site}.truth.csv", index=False)
+    with outputs.staged_dir(out, overwrite=overwrite) as tmp:
+        for site, (tables, truth) in _simulated_sites(
+                use_case, jax.random.key(seed), n, product).items():
+            summary[site] = write_site(tmp / f"{site}.duckdb", tables)
+            if truth is not None:
+                truth.to_csv(tmp / f"{site}.truth.csv", index=False)
     return summary
 
 
 def load_site(target: str, tables: tuple[str, ...] | None = None
               ) -> tuple[dict[str, pd.DataFrame], LoadReport]:
-    """Read and validate one site's OMOP tables (read-only for DuckDB files)."""
-    read_only = not str(target).startswith(("postgresql://", "postgres://"))
-    with connect(target, read_only=read_only) as store:
+    """Read and validate one site's OMOP tables (a read-only DuckDB connection or
+    PostgreSQL session)."""
+    with connect(target, read_only=True) as store:
         return read_tables(store, tables)
 
 
@@ -192,7 +244,7 @@ def _simulate_cmd(args) -> int:
     import json
 
     summary = simulate_omop(args.use_case, args.out, seed=args.seed, n=args.n,
-                            product=args.product)
+                            product=args.product, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     print(f"wrote {len(summary)} OMOP database(s) to {args.out}/<site>.duckdb "
           "(+ <site>.truth.csv: the simulator's ground truth, for validation only)")
@@ -200,14 +252,15 @@ def _simulate_cmd(args) -> int:
 
 
 def _check_cmd(args) -> int:
+    if args.out:
+        outputs.check_out(args.out, overwrite=args.overwrite)
     reports = check_omop(args.db)
     for site, report in reports.items():
         print(f"[{site}] {report.summary()}")
-        if args.out:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            report.to_frame().to_csv(out / f"{site}.exclusions.csv", index=False)
     if args.out:
+        with outputs.staged_dir(args.out, overwrite=args.overwrite) as tmp:
+            for site, report in reports.items():
+                report.to_frame().to_csv(tmp / f"{site}.exclusions.csv", index=False)
         print(f"wrote {args.out}/<site>.exclusions.csv (one row per excluded record)")
     return 0
 
@@ -236,12 +289,18 @@ def add_omop_parser(subparsers):
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--product", default="advate",
                    help="haemophilia: library product (e.g. advate, alprolix)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out folder as a whole")
     s.set_defaults(func=_simulate_cmd)
     c = sub.add_parser("check", help="validate a site's OMOP database and report "
                                      "what the loaders exclude, and why")
-    c.add_argument("db", help="<site>.duckdb, a folder of them, or postgresql:// URL")
+    c.add_argument("db", help="<site>.duckdb, a folder of them, a postgresql:// URL "
+                              "without password (PGPASSWORD, ~/.pgpass) or env:NAME "
+                              "(the URL in environment variable NAME)")
     c.add_argument("--out", default=None,
                    help="folder for <site>.exclusions.csv (optional)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out folder as a whole")
     c.set_defaults(func=_check_cmd)
     return o
 

@@ -69,8 +69,8 @@ def test_federate_from_omop_equals_federate_from_csv(tmp_path):
     res = {}
     for name, data in (("csv", csv), ("omop", tmp_path / "omop")):
         assert main(["federate", "--data", str(data), "--model", "advate", "--out",
-                     str(tmp_path / name), "--rounds", "3"]) == 0
-        res[name] = json.loads((tmp_path / name / "result.json").read_text())
+                     str(tmp_path / f"fed_{name}"), "--rounds", "3"]) == 0
+        res[name] = json.loads((tmp_path / f"fed_{name}" / "result.json").read_text())
     assert {s["name"] for s in res["omop"]["sites"]} == {
         s["name"] for s in res["csv"]["sites"]}
     assert res["omop"]["omop_load"]["adult"]["excluded"] == []

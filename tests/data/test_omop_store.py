@@ -58,9 +58,10 @@ def test_create_cdm_is_idempotent(tmp_path):
         assert s.fetchall(f"SELECT count(*) FROM {s.qualified('concept')}")[0][0] == n
         # primary keys from primary_keys.sql are in force
         s.execute(f"INSERT INTO {s.qualified('care_site')} (care_site_id) VALUES (1)")
-        with pytest.raises(duckdb.ConstraintException):
+        with pytest.raises(omop.OmopDatabaseError, match="Duplicate key") as info:
             s.execute(f"INSERT INTO {s.qualified('care_site')} (care_site_id) "
                       "VALUES (1)")
+        assert isinstance(info.value.__cause__, duckdb.ConstraintException)
 
 
 def test_concept_list_covers_the_module():

@@ -12,6 +12,9 @@ from phems_clinical.data.omop import concepts
 from phems_clinical.data.omop.ddl import USE_CASE_TABLES
 from phems_clinical.data.omop.pk import omop_to_pk, pk_to_omop
 from phems_clinical.data.omop.store import (
+    DUCKDB_CONFIG,
+    OmopConnectionError,
+    OmopDatabaseError,
     OmopStore,
     connect,
     create_cdm,
@@ -29,7 +32,8 @@ from phems_clinical.data.omop.validate import (
 )
 
 __all__ = [
-    "BOUNDS", "Bound", "LoadReport", "OmopSchemaError", "OmopStore", "REASONS",
+    "BOUNDS", "DUCKDB_CONFIG", "Bound", "LoadReport", "OmopConnectionError",
+    "OmopDatabaseError", "OmopSchemaError", "OmopStore", "REASONS",
     "USE_CASE_TABLES", "concepts", "connect", "create_cdm", "known_concepts",
     "omop_to_pk", "pk_to_omop", "read_tables", "validate_tables", "write_tables",
 ]

@@ -39,6 +39,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from phems_clinical.data.omop import ddl
 from phems_clinical.data.omop.concepts import (
     DRUG,
     GENDER,
@@ -125,6 +126,21 @@ def pk_to_omop(events: pd.DataFrame, *, product: str, site: str,
     if len(other):
         raise ValueError(f"events: rows {other[:10].tolist()} are neither doses "
                          "(EVID 1) nor observations (EVID 0, MDV 0); filter them first")
+    # A missing value is never written as a number (nor as a NULL level).
+    num = {c: (pd.to_numeric(ev[c], errors="coerce").astype("float64").to_numpy()
+               if c in ev.columns else np.full(len(ev), np.nan))
+           for c in ("TIME", "AMT", "DV", "BLQ")}
+    for col, bad, what in (
+            ("TIME", ~np.isfinite(num["TIME"]), "a time in h"),
+            ("AMT", is_dose & ~(num["AMT"] > 0), "a dose > 0 IU"),
+            ("DV", is_obs & ~np.isfinite(num["DV"]) & (num["BLQ"] != 1),
+             "a level in IU/dL, or BLQ 1 with LLOQ")):
+        rows = np.flatnonzero(bad)
+        if len(rows):
+            raise ValueError(f"events: column {col} missing or not a number on rows "
+                             f"{rows[:10].tolist()} (IDs "
+                             f"{pd.unique(ev['ID'].iloc[rows[:10]]).tolist()}); "
+                             f"expected {what}")
     first = {"visit_occurrence": 1, "drug_exposure": 1, "measurement": 1,
              "observation": 1, **(first_ids or {})}
 
@@ -296,14 +312,37 @@ def pk_to_omop(events: pd.DataFrame, *, product: str, site: str,
     return out
 
 
+def _refuse_missing(table: str, df: pd.DataFrame, field: str, missing: np.ndarray,
+                    what: str) -> None:
+    """ValueError naming the rows' ids when ``field`` is missing (validated tables
+    have excluded them already, reason ``missing_value``)."""
+    if not missing.any():
+        return
+    key = ddl.primary_key(table) or "person_id"
+    ids = df[key].to_numpy()[missing][:10].tolist() if key in df.columns else []
+    raise ValueError(f"{table}: {field} is NULL on {int(missing.sum())} row(s) "
+                     f"({key} {ids}); expected {what}")
+
+
 def _parse_source(text) -> tuple[float, float]:
     """(ASSAY 1/0/NaN, LLOQ or NaN) from ``FVIII:C|ASSAY=OSA|LLOQ=1.0``."""
     assay, lloq = np.nan, np.nan
-    for part in str(text or "").split("|"):
+    text = "" if text is None or (isinstance(text, float) and np.isnan(text)) \
+        else str(text)
+    for part in text.split("|"):
         if part.startswith("ASSAY="):
-            assay = 1.0 if part[6:] == "OSA" else 0.0
+            codes = {"OSA": 1.0, "CSA": 0.0}
+            if part[6:] not in codes:
+                raise ValueError(f"measurement.measurement_source_value: assay "
+                                 f"{part[6:]!r:.20}; expected ASSAY=OSA or ASSAY=CSA")
+            assay = codes[part[6:]]
         elif part.startswith("LLOQ="):
-            lloq = float(part[5:])
+            try:
+                lloq = float(part[5:])
+            except ValueError:
+                raise ValueError(f"measurement.measurement_source_value: LLOQ "
+                                 f"{part[5:]!r:.20} is not a number; expected "
+                                 "LLOQ=<IU/dL>") from None
     return assay, lloq
 
 
@@ -359,7 +398,14 @@ def omop_to_pk(tables: Mapping[str, pd.DataFrame], *, factor: str = "FVIII",
     de = de[de["person_id"].isin(keep)]
     lv = lv[lv["person_id"].isin(keep)]
     d_start = pd.to_datetime(de["drug_exposure_start_datetime"])
-    d_end = pd.to_datetime(de["drug_exposure_end_datetime"]).fillna(d_start)
+    d_end = pd.to_datetime(de["drug_exposure_end_datetime"])
+    _refuse_missing("drug_exposure", de, "drug_exposure_end_datetime",
+                    d_end.isna().to_numpy() | d_start.isna().to_numpy(),
+                    "the start and end of the infusion (end = start for a bolus)")
+    _refuse_missing("drug_exposure", de, "quantity",
+                    pd.to_numeric(de["quantity"]).isna().to_numpy()
+                    if "quantity" in de.columns else np.ones(len(de), bool),
+                    "the dose in IU")
     doses = pd.DataFrame({
         "_pid": de["person_id"].to_numpy(),
         "TIME": rel_h(de["person_id"], d_start),
@@ -379,6 +425,9 @@ def omop_to_pk(tables: Mapping[str, pd.DataFrame], *, factor: str = "FVIII",
           if "operator_concept_id" in lv.columns else np.full(len(lv), np.nan))
     blq = op == OPERATOR["<"]
     val = lv["value_as_number"].astype(float).to_numpy()
+    _refuse_missing("measurement", lv, "value_as_number", np.isnan(val),
+                    "the level in IU/dL (for a level below the limit of "
+                    "quantification: the LLOQ with operator '<')")
     lloq = np.where(blq & np.isnan(lloq), val, lloq)
     obs = pd.DataFrame({
         "_pid": lv["person_id"].to_numpy(),

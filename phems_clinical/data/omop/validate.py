@@ -29,10 +29,24 @@ kept + excluded = input). Reasons:
 ``zero_heart_rate_alive``
     Heart rate <= 0 /min more than ``asystole_window`` (1 h) before death, or in a
     patient who did not die.
+``missing_value``
+    No value where one is needed: a numeric measurement (a concept of
+    :data:`BOUNDS` or a PK covariate) or PK covariate observation with NULL
+    ``value_as_number``, a factor VIII/IX infusion with NULL ``quantity`` or NULL
+    ``drug_exposure_end_datetime`` (a missing value never becomes a number).
 ``implausible_value``
     A measurement outside the bounds of :data:`BOUNDS` (given in the unit of
     :data:`~phems_clinical.data.omop.concepts.UNITS`; rows whose
-    ``unit_source_value`` names another unit are not range-checked).
+    ``unit_source_value`` names another unit are not range-checked); a birth year
+    outside ``birth_year``; a factor VIII/IX infusion whose ``quantity`` is outside
+    ``dose_IU`` (or ``dose_per_kg`` of the person's first plausible weight) or
+    whose duration is outside ``infusion_duration_h`` (limits of
+    :mod:`phems_clinical.data.plausibility`, shared with the NONMEM reader).
+
+Each reason corresponds to a check of the OHDSI Data Quality Dashboard
+(Blacketer et al., JAMIA 2021;28:2251-2257), listed in :data:`DQD_CHECKS`;
+:attr:`LoadReport.completeness` counts NULLs per field as its
+``measureValueCompleteness`` does.
 """
 
 from __future__ import annotations
@@ -43,18 +57,44 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from phems_clinical.data import plausibility
 from phems_clinical.data.omop import ddl
-from phems_clinical.data.omop.concepts import MEASUREMENT, bundled_concepts
+from phems_clinical.data.omop.concepts import (
+    DRUG,
+    MEASUREMENT,
+    PK_COVARIATE,
+    PK_COVARIATE_OTHER,
+    bundled_concepts,
+)
 
 __all__ = [
-    "BOUNDS", "Bound", "LoadReport", "OmopSchemaError", "REASONS", "derive_columns",
-    "validate_tables",
+    "BOUNDS", "DQD_CHECKS", "Bound", "LoadReport", "OmopSchemaError", "REASONS",
+    "derive_columns", "validate_tables",
 ]
 
 REASONS = ("null_required_value", "duplicate_key", "unmapped_concept",
            "unknown_concept_id", "unknown_person", "person_excluded",
            "event_before_birth", "end_before_start", "event_after_death",
-           "zero_heart_rate_alive", "implausible_value")
+           "zero_heart_rate_alive", "missing_value", "implausible_value")
+
+#: The OHDSI Data Quality Dashboard check each reason corresponds to (Blacketer
+#: et al., JAMIA 2021;28:2251-2257; DQD 2.x check names).
+DQD_CHECKS = {
+    "null_required_value": "isRequired", "duplicate_key": "isPrimaryKey",
+    "unmapped_concept": "standardConceptRecordCompleteness",
+    "unknown_concept_id": "isStandardValidConcept", "unknown_person": "isForeignKey",
+    "person_excluded": "isForeignKey", "event_before_birth": "plausibleAfterBirth",
+    "end_before_start": "plausibleStartBeforeEnd",
+    "event_after_death": "plausibleDuringLife",
+    "zero_heart_rate_alive": "plausibleValueLow",
+    "missing_value": "measureValueCompleteness",
+    "implausible_value": "plausibleValueLow/High",
+}
+
+#: Factor VIII/IX concentrates (drug_concept_id) whose infusions are checked.
+FACTOR_DRUGS = (DRUG["fviii"], DRUG["fix"])
+#: Concepts whose rows carry a number (NULL value_as_number: missing_value).
+NUMERIC_OBSERVATIONS = (PK_COVARIATE["BGO"][1], PK_COVARIATE_OTHER)
 
 
 class OmopSchemaError(ValueError):
@@ -79,6 +119,14 @@ class Bound(NamedTuple):
 
 _MIMIC = ("MIMIC-IV mimic-code measurement/vitalsign.sql filters (Johnson et al., "
           "Sci Data 2023;10:1)")
+
+
+def _limit(name: str, unit: str) -> Bound:
+    """A bound from a shared plausibility limit (``error`` range, inclusive)."""
+    lim = plausibility.limit(name)
+    lo, hi = lim.error
+    return Bound(lo, hi, True, True, unit, f"data_schemas/plausibility.json {name}: "
+                 + lim.source)
 
 #: Bounds per measurement concept id, in the units of ``concepts.UNITS``. They mark
 #: values that cannot be real (device/entry errors), not abnormal ones; they are
@@ -121,16 +169,10 @@ BOUNDS: dict[int, Bound] = {
     MEASUREMENT["creatinine"]: Bound(0, 40, False, True, "mg/dL", "gross range check"),
     MEASUREMENT["bilirubin"]: Bound(0, 100, True, True, "mg/dL", "gross range check"),
     MEASUREMENT["alt"]: Bound(0, 50000, True, True, "U/L", "gross range check"),
-    MEASUREMENT["weight"]: Bound(0.2, 400, True, True, "kg",
-                                 "extremely preterm newborns weigh > 0.2 kg"),
-    MEASUREMENT["height"]: Bound(20, 275, True, True, "cm",
-                                 "extremely preterm newborns are > 20 cm long"),
-    MEASUREMENT["fviii_activity"]: Bound(0, 1000, True, True, "[IU]/dL",
-                                         "normal 50-150 IU/dL; post-infusion peaks "
-                                         "stay far below 1000"),
-    MEASUREMENT["fix_activity"]: Bound(0, 1000, True, True, "[IU]/dL",
-                                       "normal 50-150 IU/dL; post-infusion peaks "
-                                       "stay far below 1000"),
+    MEASUREMENT["weight"]: _limit("weight_kg", "kg"),
+    MEASUREMENT["height"]: _limit("height_cm", "cm"),
+    MEASUREMENT["fviii_activity"]: _limit("factor_level", "[IU]/dL"),
+    MEASUREMENT["fix_activity"]: _limit("factor_level", "[IU]/dL"),
 }
 
 #: The table's main concept column ("unmapped_concept" when 0).
@@ -173,13 +215,21 @@ class LoadReport:
         (one of :data:`REASONS`).
     n_input, n_kept : dict
         Rows per table before and after exclusion.
+    completeness : pandas.DataFrame
+        NULLs in the fields the loaders need (NOT NULL in the DDL or
+        :data:`~phems_clinical.data.omop.ddl.LOADER_COLUMNS`) of the input rows:
+        ``table``, ``field``, ``n_null``, ``n_rows``; only fields with a NULL
+        (the Data Quality Dashboard's ``measureValueCompleteness``, as counts).
     """
 
     def __init__(self, exclusions: pd.DataFrame, n_input: Mapping[str, int],
-                 n_kept: Mapping[str, int]):
+                 n_kept: Mapping[str, int], completeness: pd.DataFrame | None = None):
         self.exclusions = exclusions.reset_index(drop=True)
         self.n_input = dict(n_input)
         self.n_kept = dict(n_kept)
+        self.completeness = (completeness if completeness is not None
+                             else pd.DataFrame({"table": [], "field": [], "n_null": [],
+                                                "n_rows": []}))
 
     @classmethod
     def empty(cls, n_input: Mapping[str, int]) -> LoadReport:
@@ -214,14 +264,25 @@ class LoadReport:
         return self.exclusions.copy()
 
     def summary(self) -> str:
-        """Human-readable text: per table input/kept/excluded and counts by reason."""
+        """Human-readable text: per table input/kept/excluded, counts by reason
+        (with the Data Quality Dashboard check and the fields) and NULL counts of
+        the fields the loaders need. Counts only, never a patient's value."""
         lines = ["OMOP load report"]
+        c = self.counts
+        e = self.exclusions
+        nulls = self.completeness
         for t in self.n_input:
             lines.append(f"  {t}: {self.n_input[t]} rows, kept {self.n_kept[t]}, "
                          f"excluded {self.n_input[t] - self.n_kept[t]}")
-            c = self.counts
             for _, r in c[c["table"] == t].iterrows():
-                lines.append(f"    {r['reason']}: {r['n']}")
+                sel = e[(e["table"] == t) & (e["reason"] == r["reason"])]
+                fields = sel["field"].astype(str).value_counts()
+                by = ", ".join(f"{f} {n}" for f, n in fields.items())
+                lines.append(f"    {r['reason']}: {r['n']} (DQD "
+                             f"{DQD_CHECKS.get(r['reason'], '-')}; {by})")
+            for _, r in nulls[nulls["table"] == t].iterrows():
+                lines.append(f"    NULL {r['field']}: {int(r['n_null'])} of "
+                             f"{int(r['n_rows'])} rows (DQD measureValueCompleteness)")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -365,6 +426,9 @@ def _bounds(rows: _Rows, bounds: Mapping[int, Bound], death_t: pd.Series,
         return
     cid = df["measurement_concept_id"].to_numpy()
     val = pd.to_numeric(df["value_as_number"]).astype("float64").to_numpy()
+    numeric = np.isin(cid, [*bounds, *(c for t, c in PK_COVARIATE.values()
+                                       if t == "measurement")])
+    rows.flag(numeric & np.isnan(val), "missing_value", "value_as_number")
     if "unit_source_value" in df.columns:
         u = df["unit_source_value"].astype(object)
         no_unit = u.isna().to_numpy()
@@ -402,6 +466,86 @@ def _bounds(rows: _Rows, bounds: Mapping[int, Bound], death_t: pd.Series,
         m = np.zeros(len(df), bool)
         m[v_idx[lo | hi]] = True
         rows.flag(m, "implausible_value", "value_as_number")
+
+
+def _numeric_observations(rows: _Rows) -> None:
+    """PK covariates kept in ``observation`` need a number."""
+    df = rows.df
+    if "value_as_number" not in df.columns:
+        return
+    val = pd.to_numeric(df["value_as_number"]).astype("float64").to_numpy()
+    numeric = np.isin(df["observation_concept_id"].to_numpy(), NUMERIC_OBSERVATIONS)
+    rows.flag(numeric & np.isnan(val), "missing_value", "value_as_number")
+
+
+def _outside(name: str, values: np.ndarray) -> np.ndarray:
+    """Finite ``values`` outside the ``error`` range of plausibility limit ``name``."""
+    lo, hi = plausibility.limit(name).error
+    with np.errstate(invalid="ignore"):
+        out = np.zeros(len(values), bool)
+        if lo is not None:
+            out |= values < lo
+        if hi is not None:
+            out |= values > hi
+    return out & np.isfinite(values)
+
+
+def _birth_years(rows: _Rows) -> None:
+    y = pd.to_numeric(rows.df["year_of_birth"]).astype("float64").to_numpy()
+    rows.flag(_outside("birth_year", y), "implausible_value", "year_of_birth")
+
+
+def _weights(tables: Mapping[str, pd.DataFrame]) -> pd.Series:
+    """Each person's first plausible body weight (kg) from ``measurement``."""
+    me = tables.get("measurement")
+    if me is None or not {"measurement_concept_id", "value_as_number",
+                          "person_id"} <= set(me.columns):
+        return pd.Series(dtype="float64")
+    w = me[me["measurement_concept_id"] == MEASUREMENT["weight"]]
+    v = pd.to_numeric(w["value_as_number"]).astype("float64")
+    w = w[v.notna().to_numpy() & ~_outside("weight_kg", v.to_numpy())]
+    if "measurement_datetime" in w.columns:
+        w = w.sort_values("measurement_datetime", kind="stable")
+    return (pd.to_numeric(w["value_as_number"]).astype("float64")
+            .groupby(w["person_id"].to_numpy()).first())
+
+
+def _factor_doses(rows: _Rows, weights: pd.Series) -> None:
+    """Factor VIII/IX infusions: a dose and an end are needed, and plausible."""
+    df = rows.df
+    factor = df["drug_concept_id"].isin(FACTOR_DRUGS).to_numpy()
+    if not factor.any():
+        return
+    q = (pd.to_numeric(df["quantity"]).astype("float64").to_numpy()
+         if "quantity" in df.columns else np.full(len(df), np.nan))
+    start, _ = _times(df, EVENT_START["drug_exposure"])
+    end = pd.to_datetime(df["drug_exposure_end_datetime"]).astype("datetime64[ns]")
+    rows.flag(factor & np.isnan(q), "missing_value", "quantity")
+    rows.flag(factor & end.isna().to_numpy(), "missing_value",
+              "drug_exposure_end_datetime")
+    w = df["person_id"].map(weights).astype("float64").to_numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_kg = q / w
+    rows.flag(factor & (_outside("dose_IU", q) | _outside("dose_per_kg", per_kg)),
+              "implausible_value", "quantity")
+    hours = ((end - start) / pd.Timedelta(hours=1)).astype("float64").to_numpy()
+    rows.flag(factor & _outside("infusion_duration_h", hours), "implausible_value",
+              "drug_exposure_end_datetime", values=end)
+
+
+def _completeness(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """NULL counts of the fields the loaders need, per table (fields with a NULL)."""
+    out = []
+    for t, df in tables.items():
+        if t in ("concept", "care_site"):
+            continue
+        for f in ddl.required_columns(t):
+            if f in df.columns:
+                n = int(df[f].isna().sum())
+                if n:
+                    out.append({"table": t, "field": f, "n_null": n,
+                                "n_rows": len(df)})
+    return pd.DataFrame(out, columns=["table", "field", "n_null", "n_rows"])
 
 
 #: Default grace after death and window of a recorded asystole before death.
@@ -458,6 +602,7 @@ def validate_tables(tables: Mapping[str, pd.DataFrame], *,
     bounds = BOUNDS if bounds is None else bounds
 
     out, excl, n_in, n_kept = {}, [], {}, {}
+    weights = _weights(tables)
 
     def finish(t, rows):
         out[t] = rows.df[rows.keep].reset_index(drop=True)
@@ -470,6 +615,7 @@ def validate_tables(tables: Mapping[str, pd.DataFrame], *,
         df = tables["person"].reset_index(drop=True)
         rows = _Rows("person", df)
         _common(rows, known_or_none)
+        _birth_years(rows)
         finish("person", rows)
         all_persons = df["person_id"].dropna().to_numpy()
         kept_persons = out["person"]["person_id"].to_numpy()
@@ -506,6 +652,10 @@ def validate_tables(tables: Mapping[str, pd.DataFrame], *,
                           EVENT_START[t][0], values=start)
         if t == "measurement":
             _bounds(rows, bounds, death_t, asystole_window)
+        elif t == "observation":
+            _numeric_observations(rows)
+        elif t == "drug_exposure":
+            _factor_doses(rows, weights)
         finish(t, rows)
         if t == "death":
             dd = out["death"]
@@ -519,4 +669,4 @@ def validate_tables(tables: Mapping[str, pd.DataFrame], *,
     excl = [e for e in excl if len(e)]
     exclusions = (pd.concat(excl, ignore_index=True) if excl
                   else LoadReport.empty({}).exclusions)
-    return out, LoadReport(exclusions, n_in, n_kept)
+    return out, LoadReport(exclusions, n_in, n_kept, _completeness(tables))
