@@ -260,11 +260,15 @@ def _failure(method: str, why: str, data: PKData, ids: list,
     """The message of a failed fit: what failed, for whom, and which data values
     are implausible (``data_schemas/plausibility.json``)."""
     who = [str(ids[i]) for i in subjects]
-    msg = f"--data: the {method.upper()} fit failed: {why}"
+    found = _implausible(data, set(who) if who else None)
+    # implausible data are named first; else non-finite start values point at
+    # the model, and a fit that stopped short at both
+    option = ("--data" if found else "--model" if "start values" in why
+              else "--data/--model")
+    msg = f"{option}: the {method.upper()} fit failed: {why.rstrip('.')}"
     if who:
         msg += (f" (subject ID {', '.join(who[:5])}"
                 + (f" and {len(who) - 5} more" if len(who) > 5 else "") + ")")
-    found = _implausible(data, set(who) if who else None)
     if found:
         msg += "; implausible values: " + "; ".join(found)
     else:

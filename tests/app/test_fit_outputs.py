@@ -120,3 +120,21 @@ def test_failed_svi_start_is_a_fit_failure(csv, tmp_path, monkeypatch):
         run_fit(csv, "advate", "svi", tmp_path / "svi",
                 options={"num_steps": 5, "warm_start": False})
     assert not (tmp_path / "svi").exists()
+
+
+def test_start_values_that_overflow_name_the_model(csv, tmp_path):
+    """Plausible data, a model whose CL start (1e300 dL/h) overflows the
+    objective: the fit stops at once and the message points at --model."""
+    import yaml
+
+    from phems_clinical.pk.spec import to_spec
+
+    spec = to_spec(load_product("advate"))
+    spec["parameters"]["CL"]["value"] = 1e300
+    spec["parameters"]["CL"].pop("upper", None)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(FitFailedError, match=r"^--model: .*not finite at the start "
+                                             r"values .*initial estimates"):
+        run_fit(csv, str(tmp_path / "m.yaml"), "focei", tmp_path / "fit",
+                options=FAST)
+    assert not (tmp_path / "fit").exists()
