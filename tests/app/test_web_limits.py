@@ -220,8 +220,9 @@ def _contract(resp, keys):
     assert resp.status_code in (413, 415, 422), resp.text
     event(f"status {resp.status_code}")
     for e in _no_nan(resp.text)["errors"]:
-        root = e["field"].replace("[", ".").split(".")[0]
-        assert e["message"] and (root in keys or root in ("", "Content-Type")), e
+        f = e["field"]
+        assert e["message"] and (f in ("", "Content-Type") or any(
+            f == k or f.startswith((f"{k}.", f"{k}[")) for k in keys)), e
     return False
 
 
