@@ -3,6 +3,7 @@ simulated hospitals land in one DuckDB file each, the loaders report what they
 exclude, and a federated fit from OMOP equals the fit from the same cohort's CSV."""
 
 import json
+import shutil
 
 import duckdb
 import pytest
@@ -77,3 +78,58 @@ def test_federate_from_omop_equals_federate_from_csv(tmp_path):
     for k, v in res["csv"]["estimates"].items():
         assert res["omop"]["estimates"][k]["estimate"] == pytest.approx(
             v["estimate"], rel=1e-4), k
+
+
+def test_simulate_never_replaces_existing_databases(picu_dir, tmp_path, capsys):
+    """A non-empty --out is refused before anything is simulated; --overwrite
+    replaces the folder as a whole (no stale file of the earlier run)."""
+    before = {p.name: p.read_bytes() for p in picu_dir.iterdir()}
+    assert main(["omop", "simulate", "--use-case", "picu", "--n", "6", "--seed", "4",
+                 "--out", str(picu_dir)]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in picu_dir.iterdir()} == before
+    out = tmp_path / "sites"
+    shutil.copytree(picu_dir, out)
+    (out / "stale.duckdb").write_bytes(b"x")
+    assert main(["omop", "simulate", "--use-case", "picu", "--n", "3", "--seed", "4",
+                 "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("*.duckdb")) == [
+        "district.duckdb", "surgical.duckdb", "tertiary.duckdb"]
+    assert (out / "tertiary.duckdb").read_bytes() != before["tertiary.duckdb"]
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "view"])
+def test_check_refuses_bad_database_files_by_name(picu_dir, tmp_path, capsys, damage):
+    bad = tmp_path / "bad.duckdb"
+    data = (picu_dir / "district.duckdb").read_bytes()
+    bad.write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
+                     "view": data}[damage])
+    if damage == "view":
+        (tmp_path / "x.csv").write_text("a\n1\n")
+        with duckdb.connect(str(bad)) as con:
+            con.execute("drop table death")
+            con.execute(f"create view death as select * from read_csv("
+                        f"'{tmp_path / 'x.csv'}')")
+    assert main(["omop", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert ("death" in err and "view" in err) if damage == "view" else str(bad) in err
+
+
+def test_check_reports_missing_values_and_implausible_birth_years(picu_dir, tmp_path,
+                                                                 capsys):
+    bad = tmp_path / "bad.duckdb"
+    bad.write_bytes((picu_dir / "tertiary.duckdb").read_bytes())
+    with duckdb.connect(str(bad)) as con:
+        mid = con.execute("select min(measurement_id) from measurement where "
+                          "measurement_concept_id = 3027018 and person_id > "
+                          "(select min(person_id) from person)").fetchone()[0]
+        con.execute(f"update measurement set value_as_number = NULL where "
+                    f"measurement_id = {mid}")
+        con.execute("update person set year_of_birth = 2999 where person_id = "
+                    "(select min(person_id) from person)")
+    assert main(["omop", "check", str(bad)]) == 0
+    out = capsys.readouterr().out
+    assert "missing_value: 1 (DQD measureValueCompleteness; value_as_number 1)" in out
+    assert "implausible_value: 1 (DQD plausibleValueLow/High; year_of_birth 1)" in out
+    assert "NULL value_as_number: 1 of" in out and "2999" not in out

@@ -20,6 +20,7 @@ from phems_clinical.data.omop.store import (
     create_cdm,
     known_concepts,
     read_tables,
+    resolve_target,
     write_tables,
 )
 from phems_clinical.data.omop.validate import (
@@ -35,5 +36,6 @@ __all__ = [
     "BOUNDS", "DUCKDB_CONFIG", "Bound", "LoadReport", "OmopConnectionError",
     "OmopDatabaseError", "OmopSchemaError", "OmopStore", "REASONS",
     "USE_CASE_TABLES", "concepts", "connect", "create_cdm", "known_concepts",
-    "omop_to_pk", "pk_to_omop", "read_tables", "validate_tables", "write_tables",
+    "omop_to_pk", "pk_to_omop", "read_tables", "resolve_target", "validate_tables",
+    "write_tables",
 ]
