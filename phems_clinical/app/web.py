@@ -274,7 +274,11 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
     @app.post("/api/dose")
     async def api_dose(request: Request, method: str = "map") -> Response:
         from phems_clinical.app import dose
-        from phems_clinical.data.dosing_request import RequestError, load_json
+        from phems_clinical.data.dosing_request import (
+            RequestError,
+            load_json,
+            parse_request,
+        )
 
         if method not in METHODS:
             return _errors([("method", f"expected 'map' or 'nuts', got "
@@ -289,11 +293,12 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
             return too_large()
         try:
             obj = load_json(body)
+            if isinstance(obj, dict) and "model" in obj:
+                return _errors([("model", "model files cannot be used from the web "
+                                          "page; choose a library product")])
+            parse_request(obj)   # cheap: input errors are answered even when busy
         except RequestError as err:
             return _errors([(e.field, e.message) for e in err.errors])
-        if isinstance(obj, dict) and "model" in obj:
-            return _errors([("model", "model files cannot be used from the web "
-                                      "page; choose a library product")])
         if not slots.acquire(blocking=False):
             return _errors([("", (
                 f"the server is busy with {max_concurrent} other calculation(s); "

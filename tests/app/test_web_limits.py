@@ -150,9 +150,11 @@ def test_busy_server_answers_503_with_retry_after(monkeypatch):
         t.start()
         assert started.wait(10)
         busy = _post(c, REQUEST)
+        invalid = _post(c, {**REQUEST, "weight_kg": -1})
         release.set()
         t.join(10)
     assert "busy" in _errors(busy, 503)[""]
+    assert "weight_kg" in _errors(invalid, 422)   # input errors need no slot
     assert busy.headers["retry-after"] == str(web.RETRY_AFTER_S)
     assert _errors(first["r"], 422) == {"levels": "stub refusal"}
 
