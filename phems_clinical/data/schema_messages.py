@@ -49,7 +49,7 @@ def show_value(v: Any) -> str:
     if isinstance(v, int | float):
         return show_number(v)
     if isinstance(v, str):
-        return repr(v)
+        return repr(v) if len(v) <= 40 else f"{v[:40]!r}... ({len(v)} characters)"
     if isinstance(v, list):
         return "a list" if v else "an empty list"
     return "an object"
@@ -97,6 +97,9 @@ def translate(err: jsonschema.ValidationError,
         return [FieldError(field_path([*where, str(k)]),
                            unknown_field(str(k), list(props)))
                 for k in val if k not in props]
+    if kw == "oneOf" and not isinstance(val, dict):
+        return [FieldError(field_path(where), f"expected an object, got "
+                                              f"{show_value(val)}")]
     if kw == "oneOf":   # used only for "exactly one of these fields"
         names = [alt["required"][0] for alt in err.validator_value]
         if any(n in val for n in names):
@@ -122,6 +125,12 @@ def translate(err: jsonschema.ValidationError,
         msg = f"expected at least {s['minItems']} entry ({title})"
     elif kw == "minLength":
         msg = f"expected non-empty text ({title})"
+    elif kw == "maxLength":
+        msg = f"expected at most {s['maxLength']} characters ({title})"
+        return [FieldError(field_path(where), f"{msg}, got {len(val)}")]
+    elif kw == "maxItems":
+        msg = f"expected at most {s['maxItems']} entries ({title})"
+        return [FieldError(field_path(where), f"{msg}, got {len(val)}")]
     elif kw == "pattern":
         msg = f"expected {title}"
     else:   # pragma: no cover - the schemas use no other keywords
