@@ -210,9 +210,15 @@ def pk_events_from_omop(target: str | Path, *, factor: str = "FVIII"
     for site, db in site_databases(target).items():
         tables, report = load_site(db, PK_TABLES)
         events = omop_to_pk(tables, factor=factor)
+        untimed = events.attrs.pop("exclusions", None)
         events["SITE"] = site
         frames.append(events)
         reports[site] = report_json(report)
+        if untimed is not None and len(untimed):
+            # levels of persons without a (kept) dose: reported, not dropped
+            reports[site]["excluded"].append({
+                "table": "measurement", "reason": "no_dose_to_time",
+                "n": int(len(untimed))})
     return pd.concat(frames, ignore_index=True), reports
 
 

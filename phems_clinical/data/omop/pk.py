@@ -366,8 +366,17 @@ def omop_to_pk(tables: Mapping[str, pd.DataFrame], *, factor: str = "FVIII",
     -------
     pandas.DataFrame
         ``ID, SITE, TIME, AMT, DUR, DV, MDV, EVID, BLQ, LLOQ, OCC, AGE, SEX`` plus
-        ``ASSAY`` and the covariates found, sorted by ID, TIME, doses first. Persons
-        without doses are left out (their levels cannot be timed).
+        ``ASSAY`` and the covariates found, sorted by ID, TIME, doses first. Levels
+        of persons without a dose cannot be timed: they are left out and listed
+        in ``attrs["exclusions"]`` (``table, row_key, person_id, field, value,
+        reason`` as in :class:`~phems_clinical.data.omop.LoadReport`, reason
+        ``no_dose_to_time``).
+
+    Raises
+    ------
+    ValueError
+        Naming the table, field and row ids: a NULL level, level time, dose or
+        infusion start/end (validated tables have excluded these already).
     """
     drug_id, level_id, _ = _factor(factor)
     person = tables["person"]
@@ -396,7 +405,11 @@ def omop_to_pk(tables: Mapping[str, pd.DataFrame], *, factor: str = "FVIII",
         return dt.astype("timedelta64[us]").astype("int64") / _HOUR_US
 
     de = de[de["person_id"].isin(keep)]
+    untimed = lv[~lv["person_id"].isin(keep)]
     lv = lv[lv["person_id"].isin(keep)]
+    _refuse_missing("measurement", lv, "measurement_datetime",
+                    pd.to_datetime(lv["measurement_datetime"]).isna().to_numpy(),
+                    "the time of the sample")
     d_start = pd.to_datetime(de["drug_exposure_start_datetime"])
     d_end = pd.to_datetime(de["drug_exposure_end_datetime"])
     _refuse_missing("drug_exposure", de, "drug_exposure_end_datetime",
@@ -500,4 +513,11 @@ def omop_to_pk(tables: Mapping[str, pd.DataFrame], *, factor: str = "FVIII",
     ev = ev.sort_values(["_pid", "TIME", "EVID"], ascending=[True, True, False],
                         kind="stable")
     ev = ev.drop(columns=[c for c in ev.columns if c.startswith("_")])
-    return ev.reset_index(drop=True)
+    ev = ev.reset_index(drop=True)
+    ev.attrs["exclusions"] = pd.DataFrame({
+        "table": "measurement",
+        "row_key": untimed["measurement_id"].to_numpy() if "measurement_id"
+        in untimed.columns else pd.NA,
+        "person_id": untimed["person_id"].to_numpy(), "field": "person_id",
+        "value": None, "reason": "no_dose_to_time"})
+    return ev

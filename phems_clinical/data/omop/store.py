@@ -457,7 +457,13 @@ def _coerce(table: str, df: pd.DataFrame, dialect: str) -> pd.DataFrame:
         elif t in ("timestamp", "date"):
             fmt = "ISO8601" if s.dtype == object or pd.api.types.is_string_dtype(s) \
                 else None
-            s = pd.to_datetime(s, format=fmt).astype("datetime64[ns]")
+            try:
+                s = pd.to_datetime(s, format=fmt).astype("datetime64[ns]")
+            except (pd.errors.OutOfBoundsDatetime, OverflowError):
+                raise OmopDatabaseError(
+                    f"table {table}, column {name}: a date outside 1677-2262 (the "
+                    "range of nanosecond timestamps); expected plausible dates"
+                ) from None
         elif t:
             s = s.astype(object).where(s.notna(), None)
         out[name] = s

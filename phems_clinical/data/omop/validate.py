@@ -32,8 +32,9 @@ kept + excluded = input). Reasons:
 ``missing_value``
     No value where one is needed: a numeric measurement (a concept of
     :data:`BOUNDS` or a PK covariate) or PK covariate observation with NULL
-    ``value_as_number``, a factor VIII/IX infusion with NULL ``quantity`` or NULL
-    ``drug_exposure_end_datetime`` (a missing value never becomes a number).
+    ``value_as_number``, a factor level with NULL ``measurement_datetime``, a
+    factor VIII/IX infusion with NULL ``quantity`` or start or end datetime (a
+    missing value never becomes a number).
 ``implausible_value``
     A measurement outside the bounds of :data:`BOUNDS` (given in the unit of
     :data:`~phems_clinical.data.omop.concepts.UNITS`; rows whose
@@ -429,6 +430,9 @@ def _bounds(rows: _Rows, bounds: Mapping[int, Bound], death_t: pd.Series,
     numeric = np.isin(cid, [*bounds, *(c for t, c in PK_COVARIATE.values()
                                        if t == "measurement")])
     rows.flag(numeric & np.isnan(val), "missing_value", "value_as_number")
+    levels = np.isin(cid, [MEASUREMENT["fviii_activity"], MEASUREMENT["fix_activity"]])
+    rows.flag(levels & pd.to_datetime(df["measurement_datetime"]).isna().to_numpy(),
+              "missing_value", "measurement_datetime")
     if "unit_source_value" in df.columns:
         u = df["unit_source_value"].astype(object)
         no_unit = u.isna().to_numpy()
@@ -521,6 +525,8 @@ def _factor_doses(rows: _Rows, weights: pd.Series) -> None:
     start, _ = _times(df, EVENT_START["drug_exposure"])
     end = pd.to_datetime(df["drug_exposure_end_datetime"]).astype("datetime64[ns]")
     rows.flag(factor & np.isnan(q), "missing_value", "quantity")
+    rows.flag(factor & pd.to_datetime(df["drug_exposure_start_datetime"]).isna()
+              .to_numpy(), "missing_value", "drug_exposure_start_datetime")
     rows.flag(factor & end.isna().to_numpy(), "missing_value",
               "drug_exposure_end_datetime")
     w = df["person_id"].map(weights).astype("float64").to_numpy()
