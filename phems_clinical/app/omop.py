@@ -260,9 +260,16 @@ def _simulate_cmd(args) -> int:
 def _check_cmd(args) -> int:
     if args.out:
         outputs.check_out(args.out, overwrite=args.overwrite)
+    from phems_clinical.data.omop import USE_CASE_TABLES
+
     reports = check_omop(args.db)
     for site, report in reports.items():
         print(f"[{site}] {report.summary()}")
+        absent = [t for t in USE_CASE_TABLES
+                  if t not in report.n_input and t != "concept"]
+        if absent:
+            print(f"  absent tables: {', '.join(absent)} (the use cases' loaders "
+                  "read them: each is refused by name where it is needed)")
     if args.out:
         with outputs.staged_dir(args.out, overwrite=args.overwrite) as tmp:
             for site, report in reports.items():
