@@ -35,12 +35,14 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OutputExistsError", "check_out", "staged_dir", "write_atomic",
-           "write_json_atomic"]
+import numpy as np
+
+__all__ = ["OutputExistsError", "check_out", "staged_dir", "strict_json",
+           "write_atomic", "write_json_atomic"]
 
 
 class OutputExistsError(ValueError):
@@ -137,3 +139,33 @@ def write_json_atomic(path: str | Path, obj: Any, **dump_kwargs: Any) -> Path:
     other readers reject."""
     dump_kwargs.setdefault("indent", 2)
     return write_atomic(path, json.dumps(obj, allow_nan=False, **dump_kwargs) + "\n")
+
+
+def strict_json(x: Any) -> Any:
+    """``x`` as plain JSON values: NaN and infinities become ``None`` (JSON has
+    neither; a reader must see "no value", never a number), mappings get string
+    keys, NamedTuples become objects, tuples and arrays lists, numpy scalars
+    Python numbers, dates ISO 8601 text; anything else its ``str``.
+
+    >>> strict_json({"a": float("nan"), 1: (np.float64(2.5), np.inf)})
+    {'a': None, '1': [2.5, None]}
+    """
+    if isinstance(x, Mapping):
+        return {str(k): strict_json(v) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(type(x), "_fields"):
+        return {k: strict_json(v) for k, v in x._asdict().items()}
+    if isinstance(x, list | tuple):
+        return [strict_json(v) for v in x]
+    if isinstance(x, bool | np.bool_):
+        return bool(x)
+    if isinstance(x, int | np.integer):
+        return int(x)
+    if isinstance(x, float | np.floating):
+        return float(x) if np.isfinite(x) else None
+    if x is None or isinstance(x, str):
+        return x
+    if isinstance(x, np.ndarray) or hasattr(x, "__array__"):
+        return strict_json(np.asarray(x).tolist())
+    if hasattr(x, "isoformat"):
+        return x.isoformat()
+    return str(x)

@@ -144,9 +144,9 @@ def run_cardiac(omop: str | Path, out: str | Path, *, holdout: str | None = None
                                 - np.asarray(ref.params.beta))))}
     spec = ms.DEFAULT_SPEC
     beta = np.asarray(params.beta)
-    from phems_clinical.app.fit import _strict  # NaN -> null (strict JSON)
+    from phems_clinical.outputs import strict_json  # NaN -> null
 
-    result = _strict(json.loads(json.dumps(result, default=float)))
+    result = strict_json(result)
     with staged_dir(out, overwrite=overwrite) as tmp:
         metrics.to_csv(tmp / "metrics.csv", index=False)
         pd.DataFrame([{"transition": f"{spec.states[a]}->{spec.states[b]}",

@@ -311,6 +311,13 @@ def _fit(args: argparse.Namespace) -> int:
     head = {k: res[k] for k in ("method", "model", "n_subjects", "n_observations",
                                 "n_blq")}
     head["excluded_records"] = len(res["exclusions"])
+    for e in res["exclusions"]:
+        print(f"excluded: row {e['row']} (ID {e['id'] or '-'}): {e['reason']}",
+              file=sys.stderr)
+    for w in res["data_warnings"]:
+        where = f"row {w['row']}" if w["row"] else "data set"
+        col = f", {w['column']}" if w.get("column") else ""
+        print(f"warning: {where}{col}: {w['message']}", file=sys.stderr)
     if res["objective"]:
         head["ofv"] = round(res["objective"]["ofv"], 4)
     head["theta"] = {k: round(v["estimate"], 5) for k, v in res["theta"].items()}

@@ -46,7 +46,7 @@ from phems_clinical.evaluation.sources import (
     score_sources,
     split_patients,
 )
-from phems_clinical.outputs import check_out, staged_dir
+from phems_clinical.outputs import check_out, staged_dir, strict_json
 from phems_clinical.privacy.release import check_table
 
 USE_CASES = tuple(GENERATORS)
@@ -164,7 +164,7 @@ def _derive_sites(use_case, sources, sites, loads, out: Path, *, seed, holdout,
             "files": [*files, "scorecard.nc", "scorecard.html"],
         }
         (site_out / "report.json").write_text(json.dumps(
-            _finite(report), indent=2, default=_json, allow_nan=False))
+            strict_json(report), indent=2, allow_nan=False))
         summary[name] = report
     return summary
 
@@ -173,27 +173,6 @@ def _pid(use_case: str) -> str:
     from phems_clinical.privacy.release import roles_for
 
     return roles_for(use_case).patient_id
-
-
-def _finite(x):
-    """NaN/inf -> None, so report.json is strict JSON."""
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    if isinstance(x, float | np.floating) and not np.isfinite(x):
-        return None
-    return x
-
-
-def _json(x):
-    if isinstance(x, np.integer | np.floating | np.bool_):
-        return _finite(x.item())
-    if isinstance(x, np.ndarray):
-        return _finite(x.tolist())
-    if isinstance(x, pd.Timestamp):
-        return x.isoformat()
-    return str(x)
 
 
 # ------------------------------------------------------------------ CLI

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from phems_clinical.app.fit import FitFailedError, _strict, resolve_model
+from phems_clinical.app.fit import FitFailedError, resolve_model
 from phems_clinical.app.omop import is_omop, model_factor, pk_events_from_omop
 from phems_clinical.federation.engine import RoundRecord, run_federated
 from phems_clinical.federation.gate import SiteGate, head
@@ -41,7 +41,7 @@ from phems_clinical.federation.secure import (
     default_secagg_config,
     secagg_aggregator,
 )
-from phems_clinical.outputs import check_out, staged_dir
+from phems_clinical.outputs import check_out, staged_dir, strict_json
 from phems_clinical.provenance import code_state, versions
 
 
@@ -203,7 +203,7 @@ def run_federate(data: str | Path, model_ref: str, algorithm: str, out: str | Pa
                 abs(fed[k]["estimate"] / ref[k]["estimate"] - 1) for k in ref
                 if ref[k]["estimate"] != 0)}
     with staged_dir(out, overwrite=overwrite) as tmp:
-        (tmp / "result.json").write_text(json.dumps(_strict(result), indent=2,
+        (tmp / "result.json").write_text(json.dumps(strict_json(result), indent=2,
                                                     allow_nan=False))
     return result
 

@@ -30,7 +30,6 @@ whole, so no file of an earlier run survives beside the new ones.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +44,7 @@ from phems_clinical.app.omop import is_omop, model_factor, pk_events_from_omop
 from phems_clinical.data.nonmem import PKData, read_nonmem, to_cohort
 from phems_clinical.data.plausibility import check
 from phems_clinical.evaluation.plots import gof_figure, vpc_figure
-from phems_clinical.outputs import check_out, staged_dir
+from phems_clinical.outputs import check_out, staged_dir, strict_json
 from phems_clinical.pk.diagnostics import compute_diagnostics, simulate_replicates
 from phems_clinical.pk.focei import fit_focei, focei_objective
 from phems_clinical.pk.library import load_product
@@ -83,12 +82,6 @@ def resolve_model(name_or_path: str) -> PopModel:
         raise ModelSpecError(
             f"--model: {name_or_path!r} is neither a YAML file nor a library product"
         ) from None
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -187,6 +180,7 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
         "n_observations": int(np.asarray(cohort.obs_mask).sum()),
         "n_blq": int((np.asarray(cohort.obs_blq) & np.asarray(cohort.obs_mask)).sum()),
         "exclusions": [e._asdict() for e in data.exclusions],
+        "data_warnings": [w._asdict() for w in data.warnings],
         "omop_load": omop_load,
         "objective": objective,
         "theta": {}, "omega": {}, "omega_iov": {}, "sigma": {}, "baseline": {},
@@ -205,10 +199,10 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
             kind, label = _split(name)
         else:
             kind, label = "baseline", name
-        entry = {k: _finite(float(v)) for k, v in row.items()
+        entry = {k: float(v) for k, v in row.items()
                  if isinstance(v, (int, float, np.floating))}
         result[group_of.get(kind, kind)][label] = entry
-    result = _strict(result)
+    result = strict_json(result)
 
     ds = xr.Dataset(
         {col: ("parameter", table[col].to_numpy(dtype=float)) for col in table.columns},
@@ -226,7 +220,7 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
     fitted = {"method": method, "data": str(data_path),
               "n_subjects": result["n_subjects"],
               "n_observations": result["n_observations"],
-              "ofv": _finite(float(objective["ofv"])) if objective else None,
+              "ofv": strict_json(float(objective["ofv"])) if objective else None,
               "seed": seed,
               "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "converged": True}
@@ -242,17 +236,6 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
         save_model(fitted_model(model, params, fitted), tmp / "model.yaml",
                    header=f"Fitted by `phems fit --method {method}` to {data_path}.")
     return result
-
-
-def _strict(x: Any) -> Any:
-    """``x`` with every non-finite float replaced by None (strict JSON)."""
-    if isinstance(x, dict):
-        return {k: _strict(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_strict(v) for v in x]
-    if isinstance(x, float | np.floating):
-        return float(x) if math.isfinite(x) else None
-    return x
 
 
 def _failure(method: str, why: str, data: PKData, ids: list,

@@ -145,9 +145,9 @@ def run_sepsis(omop: str | Path, out: str | Path, *, holdout: str | None = None,
         "privacy": res["privacy"],
         "versions": versions(), "code": code_state("phems_clinical/models"),
     }
-    from phems_clinical.app.fit import _strict  # NaN -> null (strict JSON)
+    from phems_clinical.outputs import strict_json  # NaN -> null
 
-    result = _strict(json.loads(json.dumps(result, default=float)))
+    result = strict_json(result)
     with staged_dir(out, overwrite=overwrite) as tmp:
         metrics.to_csv(tmp / "metrics.csv", index=False)
         _calibration_figure({n: res["probs"][n] for n in held_out},

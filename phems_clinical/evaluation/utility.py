@@ -395,7 +395,9 @@ def _as_params(x, model: PopModel, name: str, fit_kw) -> PopParams:
                             f"FOCEIResult or PopParams, got {type(x).__name__}")
 
 
-def _named_values(model: PopModel, p: PopParams) -> dict[str, float]:
+def _named_values(model: PopModel, p: PopParams, *, failed: bool = False
+                  ) -> dict[str, float]:
+    """Named population estimates (all NaN for a ``failed`` fit)."""
     out = {f"THETA({n})": float(v) for n, v in zip(model.theta_names,
                                                    np.asarray(p.theta), strict=True)}
     om = np.diag(np.asarray(p.omega)).reshape(-1)
@@ -406,7 +408,7 @@ def _named_values(model: PopModel, p: PopParams) -> dict[str, float]:
                     strict=True)})
     sig = np.asarray(p.sigma)
     out["SIGMA(additive)"], out["SIGMA(proportional)"] = float(sig[0]), float(sig[1])
-    return out
+    return dict.fromkeys(out, float("nan")) if failed else out
 
 
 def pk_parameter_bias(source_events, real_events, model: PopModel, *,
@@ -442,15 +444,19 @@ def pk_parameter_bias(source_events, real_events, model: PopModel, *,
                                     "not given")
         real_fit = fit_population(real_events, model, **fit_kw)
     src_fit = fit_population(source_events, model, **{"covariance": False, **fit_kw})
-    s_val = _named_values(model, src_fit.params)
-    r_val = _named_values(model, real_fit.params)
+    # A failed fit (non-finite objective: its estimates are the start values or
+    # worse) gives no estimates, so no bias: NaN, never a number.
+    s_val = _named_values(model, src_fit.params, failed=not np.isfinite(src_fit.ofv))
+    r_val = _named_values(model, real_fit.params,
+                          failed=not np.isfinite(real_fit.ofv))
     out: dict[str, float] = {}
     for q in s_val:
         r, s = r_val[q], s_val[q]
         rb = (s - r) / r if r != 0 else float("nan")
         out[f"source[{q}]"], out[f"real[{q}]"] = s, r
         out[f"rel_bias[{q}]"] = rb
-        out[f"pass[{q}]"] = float(abs(rb) < tolerance)
+        out[f"pass[{q}]"] = float(abs(rb) < tolerance) if np.isfinite(rb) \
+            else float("nan")
     se = dict(zip(real_fit.natural_names, np.asarray(real_fit.se, float),
                   strict=True))
     om_s = np.diag(np.asarray(src_fit.params.omega)).reshape(-1)
@@ -461,8 +467,10 @@ def pk_parameter_bias(source_events, real_events, model: PopModel, *,
             float(abs(om_s[k] - om_r[k]) <= 1.96 * s_e) if np.isfinite(s_e)
             else float("nan"))
     crit = [abs(out[f"rel_bias[THETA({p})]"]) for p in pass_params]
-    out["max_abs_bias_cl_v"] = float(max(crit))
-    out["pass_cl_v"] = float(all(c < tolerance for c in crit))
+    ok = all(np.isfinite(crit))
+    out["max_abs_bias_cl_v"] = float(max(crit)) if ok else float("nan")
+    out["pass_cl_v"] = float(all(c < tolerance for c in crit)) if ok \
+        else float("nan")
     out["source_converged"] = float(src_fit.converged)
     out["real_converged"] = float(real_fit.converged)
     return out

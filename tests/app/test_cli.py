@@ -65,6 +65,22 @@ def test_fit_each_method_writes_outputs(cohort_csv, tmp_path, method, extra):
         assert (out / png).stat().st_size > 10_000
 
 
+def test_fit_names_each_excluded_record(cohort_csv, tmp_path, capsys):
+    """A patient with doses only is excluded, and the command says who and why
+    (not only a count)."""
+    df = pd.read_csv(cohort_csv)
+    dose = df[df.EVID == 1].iloc[[0]].assign(ID=999)
+    data = tmp_path / "with_dose_only.csv"
+    pd.concat([df, dose]).to_csv(data, index=False)
+    rc = main(["fit", "--data", str(data), "--model", "jivi", "--method", "focei",
+               "--out", str(tmp_path / "o"), "--seed", "1"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.split("\nwrote")[0])["excluded_records"] == 1
+    line = next(x for x in captured.err.splitlines() if x.startswith("excluded:"))
+    assert "ID 999" in line and f"row {len(df) + 1}" in line
+
+
 def test_fit_missing_covariate_is_a_clear_error(cohort_csv, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     pd.read_csv(cohort_csv).drop(columns=["VWF"]).to_csv(bad, index=False)

@@ -189,6 +189,19 @@ def test_pk_bias_identity_is_exactly_zero(advate, pk_real):
 
 
 @pytest.mark.slow
+def test_pk_bias_from_a_failed_fit_is_no_value(advate, pk_real):
+    """A failed fit (non-finite objective) yields no estimates: every bias and
+    pass flag is NaN, never a number computed from start values."""
+    events, real_fit = pk_real
+    failed = real_fit._replace(ofv=float("nan"), converged=False)
+    res = ut.pk_parameter_bias(events.copy(), None, advate, real_fit=failed)
+    assert np.isnan(res["real[THETA(CL)]"]) and np.isnan(res["rel_bias[THETA(CL)]"])
+    assert np.isnan(res["pass[THETA(CL)]"]) and np.isnan(res["pass_cl_v"])
+    assert np.isnan(res["max_abs_bias_cl_v"]) and res["real_converged"] == 0.0
+    assert np.isfinite(res["source[THETA(CL)]"])
+
+
+@pytest.mark.slow
 def test_pk_bias_halved_levels_double_cl_and_v(advate, pk_real):
     """Mutation: every level halved -> CL, V1 and V2 double (exactly but for the
     additive error and the LLOQ), covariate exponents and IIV unchanged; the 20 %

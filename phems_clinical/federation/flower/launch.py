@@ -427,7 +427,9 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
         settings = settings._replace(out=str(out / "result.json"))
     if not settings.checkpoint_dir:
         settings = settings._replace(checkpoint_dir=str(out / "checkpoint"))
-    if not resume and (Path(settings.checkpoint_dir) / "state.eqx").exists():
+    from phems_clinical.federation.engine import checkpoint_path
+
+    if not resume and checkpoint_path(settings.checkpoint_dir).exists():
         raise FileExistsError(
             f"{settings.checkpoint_dir} holds a checkpoint: pass resume=True (--resume)"
             " with the job name of that run, or use a new output folder")

@@ -97,6 +97,7 @@ from phems_clinical.federation.secagg import (  # noqa: E402
     grid_step,
 )
 from phems_clinical.federation.site_errors import parse_reason  # noqa: E402
+from phems_clinical.outputs import write_atomic  # noqa: E402
 
 POLL_SECONDS = 0.2
 """How often the server asks the SuperLink for replies (Flower's own
@@ -353,12 +354,9 @@ def _jsonable(x: Any) -> Any:
 
 
 def write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    """Atomically write ``obj`` as JSON (floats round-trip exactly)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=1))
-    tmp.replace(path)
+    """Write ``obj`` as JSON atomically and durably (floats round-trip exactly;
+    NaN is written as JSON's common ``NaN`` extension, which Python reads back)."""
+    write_atomic(path, json.dumps(_jsonable(obj), indent=1))
 
 
 def run_server(grid: Grid, settings: RunSettings, *, run_id: int = 0) -> dict:
