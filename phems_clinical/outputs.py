@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OutputExistsError", "check_out", "staged_dir", "strict_json",
-           "write_atomic", "write_json_atomic"]
+__all__ = ["OutputExistsError", "check_out", "replaced_file", "staged_dir",
+           "strict_json", "write_atomic", "write_json_atomic"]
 
 
 class OutputExistsError(ValueError):
@@ -114,23 +114,31 @@ def staged_dir(out: str | Path, *, overwrite: bool = False,
         raise
 
 
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Replace ``path`` with ``data`` atomically and durably (see module doc)."""
+@contextlib.contextmanager
+def replaced_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for a writer (e.g. ``to_netcdf``);
+    on success it is fsynced and renamed over ``path`` (old or new, never half);
+    on an exception it is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{secrets.token_hex(4)}")
-    raw = data.encode("utf-8") if isinstance(data, str) else data
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Replace ``path`` with ``data`` atomically and durably (see module doc)."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with replaced_file(path) as tmp:
+        tmp.write_bytes(raw)
+    return Path(path)
 
 
 def write_json_atomic(path: str | Path, obj: Any, **dump_kwargs: Any) -> Path:

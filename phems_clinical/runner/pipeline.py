@@ -42,6 +42,8 @@ from phems_clinical.evaluation.sources import (
     score_sources,
     split_patients,
 )
+from phems_clinical.federation.engine import CheckpointError
+from phems_clinical.outputs import replaced_file, write_atomic
 from phems_clinical.runner.tasks import Task, stack_sites
 from phems_clinical.runner.training import FederationSettings, check_settings, train
 
@@ -78,14 +80,32 @@ def resolve_source(spec: SourceSpec, use_case: str) -> SourceSpec:
 
 
 def _save_source(run: SourceRun, folder: Path) -> None:
-    """The ``done.json`` marker of a finished source (written last of its files)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "done.json").write_text(json.dumps(run._asdict()))
+    """The ``done.json`` marker of a finished source (written last of its files,
+    atomically: a kill leaves no marker or a whole one). NaN scores are kept as
+    JSON's NaN extension, so a resumed run reads back exactly what it saved."""
+    write_atomic(folder / "done.json", json.dumps(run._asdict()))
 
 
 def _load_source(folder: Path) -> SourceRun | None:
+    """The finished source kept in ``folder``, or None; a marker that cannot be
+    read is an error naming it, never a silent rerun or a half-read result."""
     done = folder / "done.json"
-    return SourceRun(**json.loads(done.read_text())) if done.exists() else None
+    if not done.exists():
+        return None
+    try:
+        return SourceRun(**json.loads(done.read_text()))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {done}: cannot be read ({err}); remove "
+                              f"the folder {folder} to rerun this source") from None
+
+
+def _load_card(path: Path) -> xr.Dataset:
+    try:
+        return xr.open_dataset(path, engine="h5netcdf").load()
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: cannot be read "
+                              f"({type(err).__name__}); remove it to rescore this "
+                              f"site") from None
 
 
 def _dp_statement(privacy: list[dict] | None, calibration: dict) -> dict:
@@ -173,7 +193,7 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
     for i, s in enumerate(train_sites):
         path = card_path[s]
         if path is not None and path.exists():
-            cards[s] = xr.open_dataset(path, engine="h5netcdf").load()
+            cards[s] = _load_card(path)
             continue
         at_site = [derived[n][s] for n in names]
         if "real" not in names:  # the verbatim reference row
@@ -183,8 +203,8 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
                                  split[s][0], split[s][1], at_site,
                                  n_attacks=n_attacks, utility=False)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            cards[s].to_netcdf(path, engine="h5netcdf")
+            with replaced_file(path) as tmp:
+                cards[s].to_netcdf(tmp, engine="h5netcdf")
         say(f"scored privacy and fidelity at {s}")
 
     # 3-4. train on each source, evaluate on real data

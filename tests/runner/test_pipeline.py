@@ -117,6 +117,27 @@ def test_interrupted_run_resumes_to_the_same_results(setup, result, tmp_path):
     xr.testing.assert_identical(ds, result[1])
 
 
+def test_a_damaged_step_checkpoint_is_an_error_naming_it(setup, tmp_path):
+    """A half-written marker or scorecard (as after a kill on a file system
+    without atomic rename) is refused by name, never resumed from or rerun
+    silently."""
+    from phems_clinical.federation.engine import CheckpointError
+
+    real = SOURCES[:1]
+    _run(setup, sources=real, checkpoint_dir=tmp_path)
+    card = tmp_path / "scorecards" / "H1.nc"
+    assert card.exists() and not list(tmp_path.rglob("*.partial-*"))
+    good = card.read_bytes()
+    card.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="H1.nc"):
+        _run(setup, sources=real, checkpoint_dir=tmp_path)
+    card.write_bytes(good)
+    done = tmp_path / "real" / "done.json"
+    done.write_text(done.read_text()[:40])
+    with pytest.raises(CheckpointError, match="done.json"):
+        _run(setup, sources=real, checkpoint_dir=tmp_path)
+
+
 def test_report_scorecard_takes_the_worst_site_and_the_held_out_hospital(result):
     """report.html's scorecard: privacy at the worst training site (largest risk,
     smallest k), fidelity averaged, utility at the held-out hospital, all read back
