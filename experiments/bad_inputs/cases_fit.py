@@ -161,10 +161,12 @@ CASES = [
          expect="warning"),
     # ---- codes and limits
     Case(C, "EVID 7", _at(_obs, "EVID"), _set("EVID", "7")),
+    # the NONMEM convention of writing the LLOQ in DV: accepted with a warning
     Case(C, "BLQ 1 without LLOQ", _at(_obs, "LLOQ"),
          _frame(lambda d: d.assign(
              BLQ=d.BLQ.where(d.index != _obs(d), 1),
-             LLOQ=d.LLOQ.where(d.index != _obs(d), float("nan"))))),
+             LLOQ=d.LLOQ.where(d.index != _obs(d), float("nan")))),
+         expect="warning"),
     Case(C, "LLOQ -1", _at(_obs, "LLOQ"), _set("LLOQ", "-1")),
     Case(C, "RATE disagrees with DUR", _at(_dose, "DUR") + r"|RATE",
          _frame(_rate_disagrees)),

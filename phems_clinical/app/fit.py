@@ -258,6 +258,13 @@ def _failure(method: str, why: str, data: PKData, ids: list,
         msg += ("; the data are within the plausibility limits: check the model's "
                 "initial estimates (--model), the data's units (--dv-unit) and the "
                 "fit options")
+    if data.warnings:  # unusual values the reader accepted may be the cause
+        shown = [f"{'row ' + str(w.row) if w.row else 'data set'}"
+                 f"{', column ' + w.column if w.column else ''}: {w.message}"
+                 for w in data.warnings[:3]]
+        more = len(data.warnings) - len(shown)
+        msg += (f"; {len(data.warnings)} data warning(s): " + "; ".join(shown)
+                + (f"; and {more} more" if more > 0 else ""))
     return msg + ". Nothing was written"
 
 

@@ -710,16 +710,31 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
     for i in np.flatnonzero(derived):
         was = " (BLQ was 0)" if "BLQ" in num and given["BLQ"][i] else ""
         notes[i].append(f"BLQ derived: DV {dv[i]:g} < LLOQ {lloq[i]:g}{was}")
+        if was:  # the file said "quantified": a contradiction worth saying
+            warned.append(Issue(int(rows[i]), rid(i), "BLQ", f"DV {dv[i]:g} is "
+                                f"below LLOQ {lloq[i]:g} but BLQ is 0; fitted as "
+                                "BLQ (M3): mark it BLQ 1, or correct DV or LLOQ"))
     blq |= derived
+    lo_q, hi_q = plausibility.limit("lloq_IU_dL").error
     for i in np.flatnonzero(obs & blq_col):
         if np.isfinite(lloq[i]) and lloq[i] > 0:
             if dv_given[i] and dv[i] > lloq[i]:
                 log.add(rows[i], rid(i), "BLQ", f"BLQ 1 but DV {dv[i]:g} is above "
                         f"LLOQ {lloq[i]:g}; expected DV <= LLOQ (or missing) on a "
                         "BLQ record")
+        elif dv_given[i] and dv[i] > 0 and unit and not (
+                lo_q <= dv[i] <= hi_q):
+            # DV cannot be the assay's LLOQ (dv is in IU/dL here)
+            log.add(rows[i], rid(i), "LLOQ", f"BLQ 1 without a LLOQ, and DV "
+                    f"{dv[i]:g} IU/dL is no assay's LLOQ ({lo_q:g} to {hi_q:g} "
+                    "IU/dL); expected LLOQ, or BLQ 0 for a quantified level")
         elif dv_given[i] and dv[i] > 0:
             lloq[i] = dv[i]
             notes[i].append("LLOQ missing on a BLQ record; DV used as LLOQ")
+            warned.append(Issue(int(rows[i]), rid(i), "LLOQ", "missing on a BLQ "
+                                f"record; DV {dv[i]:g} taken as the LLOQ (the "
+                                "convention of writing the LLOQ in DV): give LLOQ "
+                                "if that is not what DV holds"))
         else:
             log.add(rows[i], rid(i), "LLOQ", "BLQ record without a LLOQ and without "
                     f"a positive DV; expected LLOQ{' in ' + unit if unit else ''} > 0")
@@ -939,6 +954,17 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
     for col in text_cols:
         events[col] = pd.Series(_as_text(raw[col])[sel], dtype=object)
     events["NOTE"] = pd.Series(["; ".join(notes[i]) for i in sel], dtype=object)
+    # A required covariate missing on some of a subject's records: the subject's
+    # first value is used (covariates are constant in time, to_cohort); say so.
+    for col in required:
+        gap = ~given[col][sel] if col in given else np.zeros(0, bool)
+        if gap.any():
+            where = ", ".join(str(int(r)) for r in rows[sel][gap][:5])
+            more = " ..." if gap.sum() > 5 else ""
+            warned.append(Issue(0, None, col, f"missing on {int(gap.sum())} "
+                                f"record(s) (rows {where}{more}); each subject's "
+                                "first non-missing value is used (covariates are "
+                                "constant in time)"))
     exclusions.sort(key=lambda e: e.row)
     warned.sort(key=lambda w: (w.row, w.column or ""))
     return PKData(events.reset_index(drop=True), exclusions, tuple(covariates),

@@ -138,3 +138,31 @@ def test_start_values_that_overflow_name_the_model(csv, tmp_path):
         run_fit(csv, str(tmp_path / "m.yaml"), "focei", tmp_path / "fit",
                 options=FAST)
     assert not (tmp_path / "fit").exists()
+
+
+def test_a_failed_fit_names_the_unusual_values_the_reader_accepted(
+        csv, tmp_path, monkeypatch):
+    """Warnings the reader gave (here an unusual 350 IU/dL level) travel with the
+    failure message: a failed fit names its suspects even when every value is
+    within the error limits."""
+    from phems_clinical.data.nonmem import Issue
+
+    real = fit_app.read_nonmem
+
+    def read(*a, **kw):
+        return real(*a, **kw)._replace(
+            warnings=(Issue(7, "1", "DV", "350 IU/dL is unusual"),))
+
+    monkeypatch.setattr(fit_app, "read_nonmem", read)
+    real_fit = fit_app.fit_focei
+
+    def fails(*a, **kw):
+        res = real_fit(*a, **kw)
+        return res._replace(converged=False, ofv=float("nan"),
+                            message="stopped")
+
+    monkeypatch.setattr(fit_app, "fit_focei", fails)
+    with pytest.raises(FitFailedError, match=r"1 data warning\(s\): row 7, column "
+                                             r"DV: 350 IU/dL is unusual"):
+        run_fit(csv, "advate", "focei", tmp_path / "o", options=FAST, n_vpc=20)
+    assert not (tmp_path / "o").exists()

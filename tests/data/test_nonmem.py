@@ -709,6 +709,33 @@ def test_level_zero_without_blq_or_lloq_asks_for_blq(tmp_path):
         """, row=3, column="DV", contains=["BLQ 1 with the assay's LLOQ"])
 
 
+def test_blq_contradictions_and_gaps_are_said_not_silent(tmp_path):
+    """Accepted as NONMEM users write them, but each said by row and column: a
+    level below the LLOQ marked BLQ 0 (fitted as BLQ), a BLQ record whose DV holds
+    the LLOQ, and a required covariate missing on one record."""
+    data = read_nonmem(_write(tmp_path, """
+        ID,TIME,AMT,DV,BLQ,LLOQ,WT
+        1,0,1000,.,.,.,25
+        1,4,0,0,0,1,25
+        1,24,0,0.8,1,.,
+        1,30,0,40,0,1,25
+        """), required_covariates=["WT"])
+    got = {(w.row, w.column): w.message for w in data.warnings}
+    assert "below LLOQ 1 but BLQ is 0" in got[(2, "BLQ")]
+    assert "DV 0.8 taken as the LLOQ" in got[(3, "LLOQ")]
+    assert "missing on 1 record(s) (rows 3)" in got[(0, "WT")]
+    assert data.events["BLQ"].tolist() == [0, 1, 1, 0]
+
+
+def test_blq_without_lloq_and_a_dv_no_assay_has_is_refused(tmp_path):
+    _fails(tmp_path, """
+        ID,TIME,AMT,DV,BLQ
+        1,0,1000,.,.
+        1,4,0,167,1
+        1,24,0,20,0
+        """, row=2, column="LLOQ", contains=["no assay's LLOQ"])
+
+
 def test_non_finite_number_is_named_as_such(tmp_path):
     err = _fails(tmp_path, """
         ID,TIME,AMT,DV
