@@ -149,31 +149,41 @@ def write_json_atomic(path: str | Path, obj: Any, **dump_kwargs: Any) -> Path:
     return write_atomic(path, json.dumps(obj, allow_nan=False, **dump_kwargs) + "\n")
 
 
-def strict_json(x: Any) -> Any:
+def strict_json(x: Any, *, keep_nonfinite: bool = False) -> Any:
     """``x`` as plain JSON values: NaN and infinities become ``None`` (JSON has
     neither; a reader must see "no value", never a number), mappings get string
     keys, NamedTuples become objects, tuples and arrays lists, numpy scalars
     Python numbers, dates ISO 8601 text; anything else its ``str``.
 
+    ``keep_nonfinite=True`` keeps NaN and infinities as floats, for files only
+    this package reads back (Python's ``json`` writes and reads them as the
+    ``NaN``/``Infinity`` extension), e.g. checkpoints that must round-trip exactly.
+
     >>> strict_json({"a": float("nan"), 1: (np.float64(2.5), np.inf)})
     {'a': None, '1': [2.5, None]}
+    >>> strict_json([np.float32(np.nan)], keep_nonfinite=True)
+    [nan]
     """
-    if isinstance(x, Mapping):
-        return {str(k): strict_json(v) for k, v in x.items()}
-    if isinstance(x, tuple) and hasattr(type(x), "_fields"):
-        return {k: strict_json(v) for k, v in x._asdict().items()}
-    if isinstance(x, list | tuple):
-        return [strict_json(v) for v in x]
-    if isinstance(x, bool | np.bool_):
-        return bool(x)
-    if isinstance(x, int | np.integer):
-        return int(x)
-    if isinstance(x, float | np.floating):
-        return float(x) if np.isfinite(x) else None
-    if x is None or isinstance(x, str):
-        return x
-    if isinstance(x, np.ndarray) or hasattr(x, "__array__"):
-        return strict_json(np.asarray(x).tolist())
-    if hasattr(x, "isoformat"):
-        return x.isoformat()
-    return str(x)
+
+    def go(v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {str(k): go(w) for k, w in v.items()}
+        if isinstance(v, tuple) and hasattr(type(v), "_fields"):
+            return {k: go(w) for k, w in v._asdict().items()}
+        if isinstance(v, list | tuple):
+            return [go(w) for w in v]
+        if isinstance(v, bool | np.bool_):
+            return bool(v)
+        if isinstance(v, int | np.integer):
+            return int(v)
+        if isinstance(v, float | np.floating):
+            return float(v) if keep_nonfinite or np.isfinite(v) else None
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, np.ndarray) or hasattr(v, "__array__"):
+            return go(np.asarray(v).tolist())
+        if hasattr(v, "isoformat"):
+            return v.isoformat()
+        return str(v)
+
+    return go(x)

@@ -97,7 +97,7 @@ from phems_clinical.federation.secagg import (  # noqa: E402
     grid_step,
 )
 from phems_clinical.federation.site_errors import parse_reason  # noqa: E402
-from phems_clinical.outputs import write_atomic  # noqa: E402
+from phems_clinical.outputs import strict_json, write_atomic  # noqa: E402
 
 POLL_SECONDS = 0.2
 """How often the server asks the SuperLink for replies (Flower's own
@@ -342,15 +342,8 @@ def sum_in_site_order(payloads: Mapping[int, Mapping[str, np.ndarray]]) -> dict:
 
 
 def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, tuple) and hasattr(type(x), "_fields"):
-        return {k: _jsonable(v) for k, v in x._asdict().items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, str | bool | int | float) or x is None:
-        return x
-    return np.asarray(x).tolist()
+    """JSON values with NaN kept (the result must read back exactly)."""
+    return strict_json(x, keep_nonfinite=True)
 
 
 def write_json(path: Path, obj: Mapping[str, Any]) -> None:
