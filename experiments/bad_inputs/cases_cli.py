@@ -1,6 +1,6 @@
-"""Bad options, paths and outputs across the ``phems`` commands (issue 16 item 8,
-the CLI wiring of item 4): seeds, counts and ages; missing, unreadable and folder
-paths; outputs that would be replaced; JSON options; governance and audit.
+"""Bad options, paths and outputs across the ``phems`` commands: seeds, counts and
+ages; missing, unreadable and folder paths; outputs that would be replaced; JSON
+options; governance and audit.
 
 Each case's ``names`` is the option, argument or file the message must name.
 """

@@ -1,4 +1,4 @@
-"""Bad dosing requests for ``phems dose`` (issue 16 items 3 and 9): implausible
+"""Bad dosing requests for ``phems dose``: implausible
 doses, levels, times and seeds, levels of 0 not marked BLQ, unit mix-ups, levels
 the population model cannot produce, duplicate keys, non-finite numbers, long or
 odd text, a model from a failed fit.

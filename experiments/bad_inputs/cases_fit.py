@@ -1,4 +1,4 @@
-"""Bad data rows and failing fits for ``phems fit`` (issue 16 items 1-3; options
+"""Bad data rows and failing fits for ``phems fit`` ( options
 and paths are in ``cases_cli.py``).
 
 Every case starts from the same small simulated data set (Jivi, Shah et al.
@@ -142,7 +142,7 @@ CASES = [
     Case(C, "empty ID", rf"row {_row(_obs)}\b.*\bID\b", _set("ID", "")),
     Case(C, "empty covariate (VWF) on one row", r"\bVWF\b", _set("VWF", ""),
          expect="warning"),
-    # ---- extreme values (issue: NaN objective marked converged)
+    # ---- extreme values (were: a NaN objective marked converged)
     Case(C, "DV 1e308", _at(_obs, "DV"), _set("DV", "1e308")),
     Case(C, "DV inf", _at(_obs, "DV"), _set("DV", "inf")),
     Case(C, "DV -5", _at(_obs, "DV"), _set("DV", "-5")),

@@ -1,11 +1,9 @@
-"""Bad NONMEM-style data sets for ``phems fit`` beyond ``cases_fit.py`` (issue 16
-items 1 and 3, the data reader): the plausibility limits of
-``data_schemas/plausibility.json`` on every column that has one (in IU/dL after
-unit conversion, per kg where WT is known), missing values, comment lines and
-units. The data set is a small hand-written Advate cohort (covariates WT, AGE);
-``names`` is the row and column the message must name (data rows 1-based,
-header excluded).
-"""
+"""Bad NONMEM-style data sets for ``phems fit`` beyond ``cases_fit.py``: the
+plausibility limits of ``data_schemas/plausibility.json`` on every column that has
+one (in IU/dL after unit conversion, per kg where WT is known), missing values,
+comment lines and units. The data set is a small hand-written Advate cohort
+(covariates WT, AGE); ``names`` is the row and column the message must name (data
+rows 1-based, header excluded)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Bad OMOP databases for ``phems omop check`` and bad outputs for ``phems omop
-simulate`` (issue 16 items 1, 3, 4 and 7).
+simulate``.
 
 Each check case starts from one small haemophilia site (two patients written by
 ``pk_to_omop`` into a DuckDB file), damages one thing and checks it. Missing or

@@ -1,4 +1,4 @@
-"""Bad Hydra overrides of ``phems run`` (issue 16 item 8): each must exit 2 naming
+"""Bad Hydra overrides of ``phems run``: each must exit 2 naming
 the setting before any hospital is simulated or loaded. Run as subprocesses (the
 Hydra app owns the interpreter's exit)."""
 

@@ -1,4 +1,4 @@
-"""Bad requests to the dosing web API ``POST /api/dose`` (issue 16 items 6 and 9):
+"""Bad requests to the dosing web API ``POST /api/dose``:
 oversized bodies, other content types, untrusted hosts, long or odd text, the
 request-field cases of ``phems dose`` over HTTP.
 

@@ -3,7 +3,7 @@
 Each ``cases_*.py`` beside this file defines ``CASES``, a list of :class:`Case`.
 A case writes its input files into a fresh temporary folder and returns either
 the ``phems`` arguments (``argv``) or an HTTP request for the dosing web API
-(``http``). The outcome is put in one of the columns of issue-style tables:
+(``http``). The outcome is put in one of the columns of the review's table:
 
 ``clean error``
     exit status 2 (web: 4xx with a JSON error or a plain message) and the message
@@ -145,7 +145,7 @@ def run_cases(cases: list[Case]) -> list[Outcome]:
 
 
 def table(outcomes: list[Outcome]) -> str:
-    """The issue-style summary: one row per command, one column per outcome."""
+    """The review-style summary: one row per command, one column per outcome."""
     commands = list(dict.fromkeys(o.case.command for o in outcomes))
     lines = ["| command | cases | " + " | ".join(COLUMNS) + " |",
              "|---|---|" + "---|" * len(COLUMNS)]

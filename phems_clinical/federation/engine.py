@@ -111,7 +111,7 @@ CHECKPOINT_FILE = "state.eqx"
 """The one checkpoint file in a checkpoint folder (see :func:`save_checkpoint`)."""
 
 _MAGIC = b"PHEMS-CHECKPOINT 1\n"
-_LEGACY = ("history.json",)  # the two-file format before issue 16
+_LEGACY = ("history.json",)  # the two-file format of earlier versions
 
 
 class CheckpointError(ValueError):

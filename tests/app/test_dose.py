@@ -212,7 +212,7 @@ def test_infinite_time_when_baseline_above_threshold():
     assert not math.isinf(r["time_to_threshold_h"]["5"]["median"])
 
 
-# ------------------------------------------------ fail closed (issue 16)
+# ------------------------------------------------ fail closed
 
 def _fitted(tmp_path, fitted):
     from phems_clinical.pk.library import load_product

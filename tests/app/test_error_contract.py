@@ -1,4 +1,4 @@
-"""One error contract for every ``phems`` command (issue 16 item 8): a user-caused
+"""One error contract for every ``phems`` command: a user-caused
 failure exits 2 with ``phems <cmd>: error: <message naming the option, file or
 field>``; an internal error exits 1 with a short message (``PHEMS_DEBUG=1``: the
 traceback); outputs are refused, not replaced, without ``--overwrite``."""

@@ -1,5 +1,5 @@
 """``phems fit`` outputs: a failed fit writes nothing, an earlier folder is never
-half-replaced, ``model.yaml`` records convergence (issue 16, items 2 and 4)."""
+half-replaced, ``model.yaml`` records convergence."""
 
 import hashlib
 import json

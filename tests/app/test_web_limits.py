@@ -1,4 +1,4 @@
-"""Limits of the dosing web API (issue 16, item 6) and its error contract under
+"""Limits of the dosing web API and its error contract under
 any input (item 9): trusted hosts, JSON content type, body cap, bounded
 concurrent calculations, a per-request time limit, a warning when bound beyond
 loopback; whatever the body, a 4xx naming fields or a 200 with finite numbers,

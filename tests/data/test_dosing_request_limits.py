@@ -1,4 +1,4 @@
-"""The dosing request fails closed (issue 16): plausibility limits shared with the
+"""The dosing request fails closed: plausibility limits shared with the
 other readers, a level of 0 not marked BLQ, duplicate keys, non-finite numbers,
 over-long or invalid text and deep nesting are all refused by name."""
 

@@ -1,4 +1,4 @@
-"""Property-based tests of the dosing-request parser (issue 16, item 9).
+"""Property-based tests of the dosing-request parser.
 
 Whatever the input (random JSON structures, random requests built from the real
 field names, valid requests perturbed: a field removed, a value replaced by an odd

@@ -612,7 +612,7 @@ def test_pheno_reads_cleanly():
     assert "DVUNIT" not in back.columns and len(back) == 155 + 589
 
 
-# ------------------------------------------- issue 16: missing and implausible values
+# ------------------------------------------------- missing and implausible values
 
 def test_observation_without_dv_is_an_error_unless_blq(tmp_path):
     """A missing level to fit (MDV 0) is refused by row and DV, never fitted as 0;

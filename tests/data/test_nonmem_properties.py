@@ -1,4 +1,4 @@
-"""Property-based tests of the NONMEM reader (issue 16): whatever the file, the
+"""Property-based tests of the NONMEM reader: whatever the file, the
 result is a data set whose levels are all numbers (NaN only on BLQ rows) and whose
 rows are all kept or reported as excluded, or a DataValidationError naming rows and
 columns; never another exception."""
@@ -127,11 +127,11 @@ def _check_result(data, rows: list[int]) -> None:
 
 @given(csv_texts())
 @example("ID,TIME,AMT,DV,MDV\n1,0,1000,.,1\n1,4,0,,0\n").via(
-    "issue 16: a missing level was fitted as 0")
+    "regression: a missing level was fitted as 0")
 @example("ID,TIME,AMT,DV\n1,0,1000,.\n,4,0,50\n1,6,0,40\n").via(
-    "issue 16: an empty ID gave 'error: None'")
+    "regression: an empty ID gave 'error: None'")
 @example("ID,TIME,AMT,MDV\n1,0,1000,1\n1,4,0,0\n").via(
-    "issue 16: no DV column was fitted as levels of 0")
+    "regression: no DV column was fitted as levels of 0")
 def test_any_perturbed_csv_gives_a_clean_result_or_a_named_error(text):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "data.csv"
@@ -153,8 +153,8 @@ NUMBERS = st.one_of(st.sampled_from([np.nan, None, np.inf, -np.inf, 0.0, 1e308,
                                            "WT", "ID"]),
                           st.integers(0, len(BASE) - 1), NUMBERS),
                 min_size=1, max_size=3))
-@example([("DV", 1, None)]).via("issue 16: a missing level was fitted as 0")
-@example([("ID", 2, np.nan)]).via("issue 16: an empty ID gave 'error: None'")
+@example([("DV", 1, None)]).via("regression: a missing level was fitted as 0")
+@example([("ID", 2, np.nan)]).via("regression: an empty ID gave 'error: None'")
 def test_any_perturbed_dataframe_gives_a_clean_result_or_a_named_error(changes):
     """Frames (the OMOP path) with NaN, None, inf and float extremes in cells."""
     df = pd.DataFrame([[np.nan if v == "." else float(v) for v in r] for r in BASE],

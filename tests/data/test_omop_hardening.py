@@ -1,4 +1,4 @@
-"""OMOP data access fails closed (issue 16): hardened DuckDB (no external access,
+"""OMOP data access fails closed: hardened DuckDB (no external access,
 no extension auto-install/load, views refused), clean errors for bad files and
 refused connections, read-only PostgreSQL sessions, and missing or implausible
 values excluded and reported as the OHDSI Data Quality Dashboard would."""

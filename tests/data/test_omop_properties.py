@@ -1,4 +1,4 @@
-"""Property-based tests of the OMOP loaders (issue 16): a small DuckDB site with
+"""Property-based tests of the OMOP loaders: a small DuckDB site with
 NULLs and out-of-range values in the fields the PK path reads gives either NONMEM
 events whose levels are all numbers (NaN only on BLQ rows) with every record kept
 or reported, or an error naming the table/field or row; never another exception."""
@@ -83,11 +83,11 @@ def _check_named(err: Exception) -> None:
 
 @given(st.lists(PERTURBATION, min_size=1, max_size=3))
 @example([("measurement", ("value_as_number", "NULL"), 2)]).via(
-    "issue 16: a NULL level was fitted as 0")
+    "regression: a NULL level was fitted as 0")
 @example([("person", ("year_of_birth", "2999"), 1)]).via(
-    "issue 16: omop check missed birth year 2999")
+    "regression: omop check missed birth year 2999")
 @example([("drug_exposure", ("quantity", "9999999"), 1)]).via(
-    "issue 16: omop check missed a 9,999,999 IU dose")
+    "regression: omop check missed a 9,999,999 IU dose")
 def test_perturbed_site_gives_events_or_a_named_error(base_db, changes):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "site.duckdb"

@@ -1,7 +1,7 @@
-"""Checkpoints are one file written atomically and verified on load (issue 16,
-item 5): a kill while saving leaves the previous round's checkpoint, and a
-damaged or foreign checkpoint is an error naming its folder, never a silent
-resume (the old two-file format resumed with one round too many)."""
+"""Checkpoints are one file written atomically and verified on load: a kill
+while saving leaves the previous round's checkpoint, and a damaged or foreign
+checkpoint is an error naming its folder, never a silent resume (the old two-file
+format resumed with one round too many)."""
 
 import hashlib
 import json

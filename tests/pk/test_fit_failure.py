@@ -1,7 +1,7 @@
 """A fit that fails says so: a non-finite objective or gradient is never converged.
 
-Issue 16: a DV or AMT of 1e308 gave a NaN objective that BFGS took for an optimum
-(zero gradient), reported as ``converged: true``. The cohorts here are built
+Before this check, a DV or AMT of 1e308 gave a NaN objective that BFGS took for an
+optimum (zero gradient), reported as ``converged: true``. The cohorts here are built
 directly, past the reader's plausibility limits, so the check holds on its own.
 """
 

@@ -1,5 +1,5 @@
 """``phems run`` checks every setting before any hospital is simulated or loaded,
-and exits 2 naming the setting (issue 16 item 8); every committed config passes."""
+and exits 2 naming the setting; every committed config passes."""
 
 import subprocess
 import sys
