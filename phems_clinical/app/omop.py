@@ -85,11 +85,14 @@ def site_databases(target: str | Path) -> dict[str, str]:
     if path.is_dir():
         found = {p.stem: str(p) for p in sorted(path.glob("*.duckdb"))}
         if not found:
-            raise FileNotFoundError(f"{path}: no <site>.duckdb files in this folder")
+            # errno/strerror/filename, so the CLI names the option (--data)
+            raise FileNotFoundError(errno.ENOENT, "no <site>.duckdb files in this "
+                                    "folder", str(path))
         return found
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such OMOP database (expected a .duckdb "
-                                "file, a folder of them or a postgresql:// URL)")
+        raise FileNotFoundError(errno.ENOENT, "no such OMOP database (expected a "
+                                ".duckdb file, a folder of them or a postgresql:// "
+                                "URL)", str(path))
     return {path.stem: str(path)}
 
 

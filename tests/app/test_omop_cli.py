@@ -56,6 +56,13 @@ def test_missing_column_and_missing_database_exit_2(picu_dir, tmp_path, capsys):
     assert "measurement" in err and "measurement_datetime" in err
     assert main(["omop", "check", str(tmp_path / "none.duckdb")]) == 2
     assert "no such OMOP database" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["fit", "--data", str(empty), "--model", "advate", "--method",
+                 "focei", "--out", str(tmp_path / "o")]) == 2
+    # the option is named, not only the folder
+    assert "error: --data: no <site>.duckdb files in this folder" in \
+        capsys.readouterr().err
 
 
 def test_federate_from_omop_equals_federate_from_csv(tmp_path):
