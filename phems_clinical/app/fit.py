@@ -246,8 +246,9 @@ def _failure(method: str, why: str, data: PKData, ids: list,
     found = _implausible(data, set(who) if who else None)
     # implausible data are named first; else non-finite start values point at
     # the model, and a fit that stopped short at both
+    sampler = "R-hat" in why or "divergent" in why  # NUTS ran but did not mix
     option = ("--data" if found else "--model" if "start values" in why
-              else "--data/--model")
+              else "--warmup/--samples/--chains" if sampler else "--data/--model")
     msg = f"{option}: the {method.upper()} fit failed: {why.rstrip('.')}"
     if who:
         msg += (f" (subject ID {', '.join(who[:5])}"

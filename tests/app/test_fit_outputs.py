@@ -166,3 +166,16 @@ def test_a_failed_fit_names_the_unusual_values_the_reader_accepted(
                                              r"DV: 350 IU/dL is unusual"):
         run_fit(csv, "advate", "focei", tmp_path / "o", options=FAST, n_vpc=20)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_sampler_that_did_not_mix_names_the_sampler_options(csv):
+    """A NUTS fit refused for R-hat or divergences points at the sampler's
+    options, not at the data (whose values are plausible)."""
+    data = fit_app.read_nonmem(csv)
+    ids = sorted(data.events["ID"].unique())
+    msg = fit_app._failure("nuts", "split R-hat >= 1.1 for THETA(V1) (largest "
+                           "1.3); run more warm-up/samples or chains", data, ids, ())
+    assert msg.startswith("--warmup/--samples/--chains: the NUTS fit failed")
+    msg = fit_app._failure("focei", "objective not finite at the start values",
+                           data, ids, ())
+    assert msg.startswith("--model: the FOCEI fit failed")
