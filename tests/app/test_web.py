@@ -20,18 +20,6 @@ import pytest
 from phems_clinical.app import web
 from phems_clinical.app.web import create_app
 
-# Starlette >= 1.0 wants httpx2 for its TestClient and warns, once, on import when it
-# finds only httpx (the declared test dependency); TestClient is imported in the tests.
-# Its TestClient also still names anyio.abc.BlockingPortal, which anyio >= 4.16
-# deprecates (the fastapi/starlette pair that flwr 1.41 pins resolves to it).
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:Using `httpx` with `starlette.testclient` is deprecated"
-        ":starlette.exceptions.StarletteDeprecationWarning"),
-    pytest.mark.filterwarnings(
-        "ignore:The anyio.abc.BlockingPortal alias is deprecated:DeprecationWarning"),
-]
-
 CHROMIUM = Path("/usr/bin/chromium")
 WAIT_MS = 60_000  # generous: CI machines are small and run two test workers
 CHROMIUM_ARGS = [

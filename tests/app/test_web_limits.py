@@ -21,14 +21,6 @@ from hypothesis import strategies as st
 from phems_clinical.app import dose, web
 from phems_clinical.app.web import create_app, trusted_hosts
 
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:Using `httpx` with `starlette.testclient` is deprecated"
-        ":starlette.exceptions.StarletteDeprecationWarning"),
-    pytest.mark.filterwarnings(
-        "ignore:The anyio.abc.BlockingPortal alias is deprecated:DeprecationWarning"),
-]
-
 REQUEST = {"product": "advate", "weight_kg": 25, "age_y": 8,
            "infusions": [{"time_h": 0, "dose_IU": 1000, "duration_h": 0.17}],
            "levels": [{"time_h": 4, "value": 40.2, "unit": "IU/dL"},
