@@ -291,14 +291,15 @@ def _num(x: float) -> float | str | None:
     return x
 
 
-def run_dose(request: dict | str | bytes, *, method: str = "map",
+def run_dose(request: DosingRequest | dict | str | bytes, *, method: str = "map",
              seed: int | None = None) -> DoseOutput:
     """Forecast one patient's levels and design prophylaxis regimens.
 
     Parameters
     ----------
-    request : dict, JSON text or bytes
-        A dosing request (``data_schemas/dosing_request.schema.json``).
+    request : DosingRequest, dict, JSON text or bytes
+        A dosing request (``data_schemas/dosing_request.schema.json``), or one
+        already checked by :func:`~phems_clinical.data.dosing_request.parse_request`.
     method : {"map", "nuts"}
         ``map``: posterior mode with Laplace draws (fast); ``nuts``: the full
         individual posterior by NUTS.
@@ -323,7 +324,7 @@ def run_dose(request: dict | str | bytes, *, method: str = "map",
     if method not in METHODS:
         raise RequestError([FieldError("method", f"{method!r} is not one of "
                                                  f"{', '.join(METHODS)}")])
-    req = parse_request(request)
+    req = request if isinstance(request, DosingRequest) else parse_request(request)
     if seed is not None and (bad := plausibility.check("seed", seed)):
         raise RequestError([FieldError("seed", bad.message)])
     model, source = _resolve_model(req)

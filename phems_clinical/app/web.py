@@ -296,7 +296,7 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
             if isinstance(obj, dict) and "model" in obj:
                 return _errors([("model", "model files cannot be used from the web "
                                           "page; choose a library product")])
-            parse_request(obj)   # cheap: input errors are answered even when busy
+            req = parse_request(obj)  # input errors are answered even when busy
         except RequestError as err:
             return _errors([(e.field, e.message) for e in err.errors])
         if not slots.acquire(blocking=False):
@@ -307,7 +307,7 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
 
         def work():
             try:
-                return dose.run_dose(obj, method=method)
+                return dose.run_dose(req, method=method)
             finally:
                 slots.release()
 
