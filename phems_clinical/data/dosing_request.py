@@ -14,10 +14,12 @@ Plausibility limits (dose per kg, times, levels, LLOQ, seed) are those of
 :mod:`phems_clinical.data.plausibility`, shared with the NONMEM and OMOP readers;
 values outside a warning range come back in ``DosingRequest.warnings``.
 
-Units: times in h, doses in IU, weights in kg, ages in years, factor levels in
-IU/dL (= %; IU/mL is multiplied by 100). Times are either hours (``time_h``) or
-ISO 8601 date-times (``datetime``, t = 0 at the earliest infusion), one style
-per request.
+Units: times in h, doses in IU, weights in kg (``weight_lb`` is converted with
+1 lb = 0.45359237 kg exactly), ages in years, factor levels in IU/dL (= %; IU/mL
+is multiplied by 100). Times are either hours (``time_h``) or date-times
+(``datetime``, t = 0 at the earliest infusion), one style per request; a
+date-time is ISO 8601 or day-first as European clinics write it
+(``DD/MM/YYYY HH:MM``, ``DD.MM.YYYY HH:MM``, ``DD-MM-YYYY HH:MM``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -44,15 +47,19 @@ from phems_clinical.data.schema_messages import (
 from phems_clinical.resources import schemas_dir
 
 __all__ = [
-    "DosingOptions", "DosingRequest", "FieldError", "Infusion", "Level",
-    "RequestError", "load_json", "load_request_schema", "parse_request",
+    "LB_KG", "DosingOptions", "DosingRequest", "EvaluateRegimen", "FieldError",
+    "Infusion", "Level", "RequestError", "load_json", "load_request_schema",
+    "parse_datetime", "parse_request",
 ]
+
+#: kg per pound, exact (international yard and pound agreement, 1959).
+LB_KG = 0.45359237
 
 SCHEMA_FILE = "dosing_request.schema.json"
 
 _TO_IU_DL = {"IU/dL": 1.0, "%": 1.0, "IU/mL": 100.0}
 # Shape of the JSON before the schema sees it (the deepest valid path is
-# options.targets_IU_dL[0], depth 3; the schema's longest text is a model path).
+# options.evaluate[0].schedule, depth 4; the schema's longest text is a model path).
 _MAX_DEPTH = 6
 _MAX_TEXT = 1024
 _MAX_KEY = 64
@@ -67,6 +74,11 @@ _CODED_COVARIATES = {
     "assay": ("ASSAY", {"one-stage": 1, "OSA": 1, "chromogenic": 0, "CSA": 0}),
     "sex": ("SEX", {"male": 0, "female": 1}),
 }
+_ASSAY = {"one-stage": "one-stage", "OSA": "one-stage", "chromogenic": "chromogenic",
+          "CSA": "chromogenic"}
+# day-first date-times as European clinics write them: 01/03/2024 08:30
+_DAY_FIRST = re.compile(r"(\d{1,2})([/.-])(\d{1,2})\2(\d{4})[ T](\d{1,2}):(\d{2})"
+                        r"(?::(\d{2}))?")
 
 
 
@@ -109,10 +121,24 @@ class Level(NamedTuple):
     lloq_IU_dL: float
     index: int
     unit: str = "IU/dL"
+    assay: str | None = None
+
+
+class EvaluateRegimen(NamedTuple):
+    """A regimen the clinician chose: a schedule text and a dose per infusion
+    (``dose_IU`` or ``dose_IU_kg``, the other None); ``index`` in
+    ``options.evaluate``."""
+
+    schedule: str
+    dose_IU: float | None
+    dose_IU_kg: float | None
+    index: int
 
 
 class DosingOptions(NamedTuple):
-    """Forecast and dose-search settings (``intervals_h`` None: by product class)."""
+    """Forecast and dose-search settings (``intervals_h`` and ``schedules`` None:
+    by product class). ``max_dose_IU_kg`` is the cap on a designed dose;
+    ``peak_flag_IU_dL`` the median steady-state peak that is flagged."""
 
     trough_probability: float = 0.9
     targets_IU_dL: tuple[float, ...] = (1.0, 3.0, 5.0)
@@ -121,6 +147,10 @@ class DosingOptions(NamedTuple):
     standard_dose_IU_kg: float = 50.0
     n_draws: int = 4000
     seed: int = 0
+    schedules: tuple[str, ...] | None = None
+    max_dose_IU_kg: float = 100.0
+    peak_flag_IU_dL: float = 150.0
+    evaluate: tuple[EvaluateRegimen, ...] = ()
 
 
 class DosingRequest(NamedTuple):
@@ -131,6 +161,11 @@ class DosingRequest(NamedTuple):
     given). ``infusions`` and ``levels`` are sorted by time; ``time_origin`` is
     the ISO date-time of t = 0 when date-times were used, else None;
     ``warnings`` lists values accepted but unusual (plausibility warning ranges).
+    ``weight_unit`` is the unit the weight was given in (``"kg"`` or ``"lb"``;
+    ``weight_kg`` is always in kg); ``assay`` the assay of the levels
+    (``"one-stage"``, ``"chromogenic"`` or None), each level's own in
+    ``Level.assay``; ``acknowledge_unverified`` the request's acknowledgement of
+    unverified model sections.
     """
 
     product: str | None
@@ -145,6 +180,9 @@ class DosingRequest(NamedTuple):
     time_origin: str | None
     options: DosingOptions
     warnings: tuple[FieldError, ...] = ()
+    weight_unit: str = "kg"
+    assay: str | None = None
+    acknowledge_unverified: bool = False
 
 
 @lru_cache(maxsize=1)
@@ -173,6 +211,15 @@ def _translate(err: jsonschema.ValidationError) -> list[FieldError]:
     repeat the whole over-long value)."""
     if err.validator == "oneOf" and not isinstance(err.instance, dict):
         return []   # "one of these fields" means nothing here: the type error says it
+    if err.validator == "oneOf" and "properties" not in err.schema:
+        # a top-level "exactly one of" inside allOf (product/model, weight_kg/lb)
+        names = [alt["required"][0] for alt in err.validator_value]
+        props = load_request_schema()["properties"]
+        if any(n in err.instance for n in names):
+            return [FieldError(names[-1], f"give either {' or '.join(names)}, "
+                                          "not both")]
+        which = " or ".join(f"{n} ({props[n]['title']})" for n in names)
+        return [FieldError(names[0], f"required field missing: {which}")]
     if err.validator in ("maxLength", "maxItems"):
         what = "characters" if err.validator == "maxLength" else "entries"
         title = _title(err.schema, str(err.absolute_path[-1]) if err.absolute_path
@@ -359,7 +406,7 @@ def _times(obj: dict, errors: list[FieldError]) -> tuple[dict, str | None] | Non
     for k, i, e in entries:
         where = f"{k}[{i}].datetime"
         try:
-            t = dt.datetime.fromisoformat(e["datetime"])
+            t = parse_datetime(e["datetime"])
         except ValueError as exc:
             errors.append(FieldError(where, f"not a valid date-time: "
                                      f"{e['datetime']!r} ({exc})"))
@@ -387,6 +434,34 @@ def _times(obj: dict, errors: list[FieldError]) -> tuple[dict, str | None] | Non
     if len(errors) > n_errors:
         return None
     return hours, t0.isoformat()
+
+
+def parse_datetime(text: str) -> dt.datetime:
+    """A date-time as ISO 8601 or day-first ``DD/MM/YYYY HH:MM`` (also ``.`` or
+    ``-`` between the parts, optional ``:SS``; European order, never month-first).
+
+    >>> parse_datetime("01/03/2026 08:30"), parse_datetime("1.3.2026 8:30")
+    (datetime.datetime(2026, 3, 1, 8, 30), datetime.datetime(2026, 3, 1, 8, 30))
+    >>> parse_datetime("31/02/2026 08:00")
+    Traceback (most recent call last):
+    ...
+    ValueError: day is out of range for month (day-first DD/MM/YYYY: day 31, month 2)
+
+    Raises
+    ------
+    ValueError
+        For text in neither form or an impossible date or time.
+    """
+    m = _DAY_FIRST.fullmatch(text.strip())
+    if m is None:
+        return dt.datetime.fromisoformat(text)
+    day, _, month, year, hour, minute, sec = m.groups()
+    try:
+        return dt.datetime(int(year), int(month), int(day), int(hour), int(minute),
+                           int(sec or 0))
+    except ValueError as exc:
+        raise ValueError(f"{exc} (day-first DD/MM/YYYY: day {int(day)}, month "
+                         f"{int(month)})") from None
 
 
 def _level(i: int, lv: dict, t: float, errors: list[FieldError],
@@ -430,7 +505,8 @@ def _level(i: int, lv: dict, t: float, errors: list[FieldError],
                                  "blq"))
     nan = math.nan
     return Level(t, nan if value is None else value * f, bool(blq),
-                 nan if lloq is None else lloq * f, i, unit)
+                 nan if lloq is None else lloq * f, i, unit,
+                 _ASSAY.get(lv.get("assay")))
 
 
 def _build(obj: dict, errors: list[FieldError]) -> DosingRequest:
@@ -441,7 +517,8 @@ def _build(obj: dict, errors: list[FieldError]) -> DosingRequest:
         (Infusion(times.get(("infusions", i), math.nan), float(e["dose_IU"]),
                   float(e.get("duration_h", 0.0)), i)
          for i, e in enumerate(obj["infusions"])), key=lambda x: (x.time_h, x.index)))
-    weight = float(obj["weight_kg"])
+    weight = (float(obj["weight_kg"]) if "weight_kg" in obj
+              else float(obj["weight_lb"]) * LB_KG)
     for inf in sorted(infusions, key=lambda x: x.index):
         _flag("dose_per_kg", inf.dose_IU / weight, f"infusions[{inf.index}].dose_IU",
               errors, warnings,
@@ -456,9 +533,12 @@ def _build(obj: dict, errors: list[FieldError]) -> DosingRequest:
             key = _style(lv)
             when = (lv[key], obj["infusions"][first.index][key]) if origin else (
                 f"{_num(levels[-1].time_h)} h", f"{_num(first.time_h)} h")
-            errors.append(FieldError(f"levels[{i}].{key}", f"level at {when[0]} is "
-                                     f"not after the first infusion (at {when[1]}); "
-                                     'a pre-dose level belongs in "baseline"'))
+            errors.append(FieldError(f"levels[{i}].{key}", (
+                f"level at {when[0]} is not after the first infusion (at {when[1]}): "
+                "a pre-infusion (trough) level is what remains of earlier "
+                "infusions, so enter the earlier infusion(s) (time and dose) that "
+                "this level follows; only a true endogenous level (mild/moderate "
+                'haemophilia) belongs in "baseline"')))
     base = obj.get("baseline")
     if base is not None and (msg := _implausible(base["value"], base["unit"])):
         errors.append(FieldError("baseline.value", msg))
@@ -472,7 +552,23 @@ def _build(obj: dict, errors: list[FieldError]) -> DosingRequest:
                    for k, (name, codes) in _CODED_COVARIATES.items() if k in obj}
     opts = {k: tuple(map(float, v)) if isinstance(v, list)
             else int(v) if k in ("n_draws", "seed") else float(v)
-            for k, v in obj.get("options", {}).items()}
+            for k, v in obj.get("options", {}).items()
+            if k not in ("schedules", "evaluate")}
+    given = obj.get("options", {})
+    if "schedules" in given:
+        opts["schedules"] = tuple(str(x).strip() for x in given["schedules"])
+    if "evaluate" in given:
+        opts["evaluate"] = tuple(EvaluateRegimen(
+            str(e["schedule"]).strip(),
+            None if e.get("dose_IU") is None else float(e["dose_IU"]),
+            None if e.get("dose_IU_kg") is None else float(e["dose_IU_kg"]), i)
+            for i, e in enumerate(given["evaluate"]))
+    for e in opts.get("evaluate", ()):
+        if e.dose_IU is not None:
+            _flag("dose_per_kg", e.dose_IU / weight, f"options.evaluate[{e.index}]"
+                  ".dose_IU", errors, warnings,
+                  f"{_num(e.dose_IU)} IU for {_num(weight)} kg is "
+                  f"{e.dose_IU / weight:.4g} IU/kg: ")
     pid = obj.get("patient_id")
     return DosingRequest(
         product=obj.get("product"), model_path=obj.get("model"),
@@ -483,7 +579,10 @@ def _build(obj: dict, errors: list[FieldError]) -> DosingRequest:
         baseline_IU_dL=(None if base is None
                         else base["value"] * _TO_IU_DL[base["unit"]]),
         time_origin=origin, options=DosingOptions(**opts),
-        warnings=tuple(warnings))
+        warnings=tuple(warnings),
+        weight_unit="kg" if "weight_kg" in obj else "lb",
+        assay=_ASSAY.get(obj.get("assay")),
+        acknowledge_unverified=bool(obj.get("acknowledge_unverified", False)))
 
 
 def parse_request(source: dict | str | bytes) -> DosingRequest:
@@ -529,9 +628,9 @@ def parse_request(source: dict | str | bytes) -> DosingRequest:
     ...     parse_request('{"product": "advate", "wieght_kg": 25, "age_y": 8}')
     ... except RequestError as err:
     ...     for e in err.errors:
-    ...         print(f"{e.field}: {e.message}")
-    weight_kg: required field missing: body weight in kg
+    ...         print(f"{e.field}: {e.message[:60]}")
     infusions: required field missing: list of infusions
+    weight_kg: required field missing: weight_kg (body weight in kg) or wei
     wieght_kg: unknown field 'wieght_kg' (did you mean 'weight_kg'?)
     """
     obj = (load_json(source) if isinstance(source, str | bytes | bytearray)

@@ -205,7 +205,7 @@ def test_unknown_field_suggests_the_right_name():
     msg = _fails(_request(weight_kg=None, wieght_kg=25.0), "wieght_kg")
     assert msg == "unknown field 'wieght_kg' (did you mean 'weight_kg'?)"
     _fails(_request(weight_kg=None, wieght_kg=25.0), "weight_kg",
-           "required field missing: body weight in kg")
+           "required field missing: weight_kg (body weight in kg) or weight_lb")
     _fails(_request(levels=[{"time_h": 4, "value": 4, "untis": "%", "unit": "%"}]),
            "levels[0].untis", "did you mean 'unit'?")
     _fails(_request(options={"Seed": 1}), "options.Seed", "did you mean 'seed'?")
@@ -219,7 +219,8 @@ def test_unknown_field_suggests_the_right_name():
                                       "got -3"]),
     ({"weight_kg": 300}, "weight_kg", ["<= 250", "got 300"]),
     ({"weight_kg": True}, "weight_kg", ["expected a number", "got true"]),
-    ({"weight_kg": None}, "weight_kg", ["required field missing: body weight in kg"]),
+    ({"weight_kg": None}, "weight_kg",
+     ["required field missing: weight_kg (body weight in kg)"]),
     ({"age_y": None}, "age_y", ["required field missing: age in years"]),
     ({"age_y": -1}, "age_y", [">= 0 and <= 120", "age in years"]),
     ({"age_y": 121}, "age_y", ["<= 120"]),
@@ -233,7 +234,8 @@ def test_unknown_field_suggests_the_right_name():
     ({"patient_id": 1.5}, "patient_id", ["expected text or a whole number"]),
     ({"product": None}, "product",
      ["required field missing: product", "or model"]),
-    ({"model": "fit.yaml"}, "", ["give either product or model, not both"]),
+    ({"model": "fit.yaml"}, "model", ["give either product or model, not both"]),
+    ({"weight_lb": 55}, "weight_lb", ["give either weight_kg or weight_lb, not both"]),
     ({"product": ""}, "product", ["expected non-empty text"]),
     ({"infusions": None}, "infusions", ["required field missing: list of infusions"]),
     ({"infusions": []}, "infusions", ["at least 1 entry", "got an empty list"]),
@@ -315,7 +317,8 @@ def test_many_schema_errors_at_once():
                       "levels": [{"time_h": 4, "value": 40, "unit": "IU"}],
                       "wieght": 3})
     assert {e.field for e in errors} == {
-        "", "weight_kg", "age_y", "infusions[0].dose_IU", "levels[0].unit", "wieght"}
+        "model", "weight_kg", "age_y", "infusions[0].dose_IU", "levels[0].unit",
+        "wieght"}
 
 
 # ------------------------------------------------------------------ meaning
@@ -329,13 +332,18 @@ def test_level_at_or_before_first_infusion():
                            {"time_h": 28, "value": 8, "unit": "%"}])
     errors = _errors(req)
     assert [e.field for e in errors] == ["levels[1].time_h", "levels[2].time_h"]
-    assert errors[0].message == ('level at 2 h is not after the first infusion '
-                                 '(at 2 h); a pre-dose level belongs in "baseline"')
+    # a pre-infusion trough is left over from earlier infusions: it belongs to
+    # them, never in baseline (which would add it to every prediction)
+    assert errors[0].message == (
+        'level at 2 h is not after the first infusion (at 2 h): a pre-infusion '
+        '(trough) level is what remains of earlier infusions, so enter the earlier '
+        'infusion(s) (time and dose) that this level follows; only a true '
+        'endogenous level (mild/moderate haemophilia) belongs in "baseline"')
     _fails(_request(infusions=[{"datetime": "2024-03-01T08:00", "dose_IU": 1000}],
                     levels=[{"datetime": "2024-03-01T07:00", "value": 1,
                              "unit": "%"}]),
            "levels[0].datetime", "level at 2024-03-01T07:00",
-           "(at 2024-03-01T08:00)", '"baseline"')
+           "(at 2024-03-01T08:00)", "enter the earlier infusion(s) (time and dose)")
 
 
 def test_mixed_time_styles():
