@@ -8,7 +8,9 @@ Subcommands::
     phems products                list the product library with typical half-lives
     phems dose PATIENT.json --out DIR [--method map|nuts]
                                   one patient's PK curve and regimens
-    phems serve [--host H --port P]   the clinician web app
+    phems serve [--host H --port P] [--db F]   the clinician web app
+    phems patients list|history|show|export --db F
+                                  the clinic's patient history (local file)
     phems federate --data D.csv --model PRODUCT --algorithm fed_focei|... --out DIR
                                   a federated popPK fit over the data's hospitals
     phems audit verify LOG --key KEY [--anchor SEQ:MAC] | show LOG
@@ -392,8 +394,19 @@ def _dose(args: argparse.Namespace) -> int:
     check_out(args.out, overwrite=args.overwrite)
     source = sys.stdin.buffer.read() if args.patient == "-" else \
         Path(args.patient).read_bytes()
-    out = run_dose(source, method=args.method, seed=args.seed)
+    clinic = _dose_history(args, source)
+    out = run_dose(source, method=args.method, seed=args.seed,
+                   **_previous_kw(run_dose, clinic and clinic[1]))
     paths = write_dose_outputs(out, args.out, overwrite=args.overwrite)
+    if clinic is not None:
+        from phems_clinical.data.dosing_request import load_json
+        from phems_clinical.dosing.history import save_assessment
+
+        store, _, when = clinic
+        with store:
+            aid = save_assessment(store, load_json(source), out.result, when=when)
+        print(f"saved assessment {aid} of patient {out.result['patient_id']} "
+              f"in {args.db}", file=sys.stderr)
     r = out.result
     for w in r["warnings"]:
         print(f"warning: {w['field']}: {w['message']}", file=sys.stderr)
@@ -453,8 +466,162 @@ def _serve(args: argparse.Namespace) -> int:
     from phems_clinical.app.web import serve
 
     print(f"phems serve: open http://{args.host}:{args.port}/ (Ctrl-C to stop)")
-    serve(host=args.host, port=args.port, allowed_hosts=args.allowed_host)
+    serve(host=args.host, port=args.port, allowed_hosts=args.allowed_host,
+          db=args.db)
     return 0
+
+
+# ------------------------------------------------------------ patient history
+def _open_db(path: str, *, create: bool):
+    """The clinic's history file of ``--db`` (created when ``create``)."""
+    from phems_clinical.dosing.history import StoreError, open_store
+
+    if not create and not Path(path).is_file():
+        raise ValueError(f"--db: {path} does not exist (expected the clinic's "
+                         "patient-history file written by 'phems dose --db' or "
+                         "'phems serve --db')")
+    try:
+        return open_store(path)
+    except StoreError as err:
+        raise StoreError(f"--db: {err}") from None
+
+
+def _previous_kw(run, previous) -> dict:
+    """``previous=`` for the dosing run when it takes one: the earlier
+    assessment's result, with its date as ``assessed_at``."""
+    import inspect
+
+    if previous is None or "previous" not in inspect.signature(run).parameters:
+        return {}
+    return {"previous": {**previous.result,
+                         "assessed_at": previous.summary.assessed_at}}
+
+
+def _dose_history(args: argparse.Namespace, source: bytes):
+    """``phems dose --db``: (store, previous assessment, date of this one), or
+    None without ``--db``. A request without a patient id is refused first."""
+    if not args.db:
+        return None
+    from phems_clinical.data.dosing_request import (
+        FieldError,
+        RequestError,
+        parse_request,
+    )
+    from phems_clinical.dosing import history
+
+    req = parse_request(source)
+    if not (req.patient_id or "").strip():
+        raise RequestError([FieldError("patient_id", (
+            "a patient id is required with --db (the assessment is saved under "
+            "it in the patient history)"))])
+    store = _open_db(args.db, create=True)
+    when = history.assessment_time(req.time_origin,
+                                   [lv.time_h for lv in req.levels])
+    previous = history.previous_assessment(store, req.patient_id.strip(),
+                                           before=when)
+    return store, previous, when
+
+
+def redraw_dose_outputs(result: dict, previous: dict | None = None):
+    """``DoseOutput`` (result, curve PNG, report HTML) redrawn from a stored
+    result, with ``previous`` (an earlier result) beside it in the report when
+    the report takes one."""
+    import inspect
+
+    from phems_clinical.app import dose
+    from phems_clinical.evaluation.report import curve_figure, render_report
+
+    png = curve_figure(dose._for_display(result))
+    kw = ({"previous": previous} if previous is not None and "previous" in
+          inspect.signature(render_report).parameters else {})
+    return dose.DoseOutput(result, png, render_report(result, png, **kw))
+
+
+def _print_table(columns: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(columns, *rows,
+                                                              strict=True)]
+    for row in (columns, ["-" * w for w in widths], *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)
+                        ).rstrip())
+
+
+def _patients(args: argparse.Namespace) -> int:
+    from phems_clinical.dosing import history
+
+    cmd = args.patients_command
+    if cmd in ("show", "export"):
+        if cmd == "show":
+            from phems_clinical.outputs import check_out
+
+            check_out(args.out, overwrite=args.overwrite)
+        else:
+            _refuse_existing_file(args.out, "--out", args.overwrite)
+    with _open_db(args.db, create=False) as store:
+        if cmd == "list":
+            rows = [[p.patient_id, str(p.n_assessments), p.first_assessed.replace(
+                "T", " "), p.last_assessed.replace("T", " ")]
+                for p in history.list_patients(store)]
+            _print_table(["Patient", "Assessments", "First", "Latest"], rows)
+        elif cmd == "history":
+            table = history.history_table(store, args.patient_id)
+            _print_table(["Id", *table["columns"]],
+                         [[str(i), *r] for i, r in zip(table["assessment_ids"],
+                                                       table["rows"], strict=True)])
+        elif cmd == "show":
+            from phems_clinical.app.dose import write_dose_outputs
+
+            s = history.assessment_summary(store, args.assessment_id)
+            _, result = history.load_assessment(store, s.assessment_id)
+            prev = history.previous_assessment(store, s.patient_id,
+                                               before=s.assessed_at,
+                                               exclude_id=s.assessment_id)
+            out = redraw_dose_outputs(
+                result, _previous_kw(redraw_dose_outputs, prev).get("previous"))
+            paths = write_dose_outputs(out, args.out, overwrite=args.overwrite)
+            print(f"assessment {s.assessment_id} of patient {s.patient_id} "
+                  f"({s.assessed_at.replace('T', ' ')}): wrote "
+                  + ", ".join(str(p) for p in paths))
+        else:
+            from phems_clinical.outputs import write_atomic
+
+            text = history.export(store, args.patient_id, args.format)
+            write_atomic(args.out, text)
+            print(f"wrote {args.out}")
+    return 0
+
+
+def _add_patients_parser(sub) -> None:
+    p = sub.add_parser("patients", help="the clinic's patient history (a local "
+                                        "database file, --db)")
+    psub = p.add_subparsers(dest="patients_command", required=True)
+
+    def db(q):
+        q.add_argument("--db", required=True, help="the clinic's patient-history "
+                       "file (SQLite; holds patient data: keep it in the clinic)")
+        q.set_defaults(func=_patients)
+
+    db(psub.add_parser("list", help="patients with saved assessments"))
+    q = psub.add_parser("history", help="one patient's assessments over time")
+    q.add_argument("patient_id", metavar="PATIENT", help="patient id")
+    db(q)
+    q = psub.add_parser("show", help="reopen a saved assessment: write its "
+                                     "result.json, curve.png and report.html")
+    q.add_argument("assessment_id", metavar="ASSESSMENT_ID", type=count_arg(1),
+                   help="the assessment's id (first column of 'patients history')")
+    q.add_argument("--out", required=True, help="output directory, new or empty")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder as a whole")
+    db(q)
+    q = psub.add_parser("export", help="one patient's history as a JSON or CSV "
+                                       "file")
+    q.add_argument("patient_id", metavar="PATIENT", help="patient id")
+    q.add_argument("--format", default="json", choices=("json", "csv"),
+                   help="json: every request and result as saved; csv: one row "
+                        "per assessment")
+    q.add_argument("--out", required=True, help="file to write (new)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file")
+    db(q)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -518,6 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "nuts: the full individual posterior")
     d.add_argument("--seed", type=seed_arg, default=None,
                    help="PRNG seed (default: the request's options.seed, else 0)")
+    d.add_argument("--db", default=None, metavar="FILE",
+                   help="the clinic's patient-history file (SQLite, created if "
+                        "absent): the assessment is saved under the request's "
+                        "patient_id and the report shows the previous one")
     d.set_defaults(func=_dose)
 
     w = sub.add_parser("serve", help="start the clinician web app (local)")
@@ -526,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--allowed-host", action="append", default=None, metavar="HOST",
                    help="a Host header the app answers (repeatable; default: the "
                         "loopback names); needed when --host is not loopback")
+    w.add_argument("--db", default=None, metavar="FILE",
+                   help="the clinic's patient-history file (SQLite, created if "
+                        "absent): enables saving and reopening assessments")
     w.set_defaults(func=_serve)
 
     g = sub.add_parser("federate", help="federated population-PK fit over the "
@@ -582,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sepsis_parser(sub)
     add_cardiac_parser(sub)
     add_derive_parsers(sub)
+    _add_patients_parser(sub)
     return parser
 
 
@@ -634,7 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _x64()
     command = args.command
-    for sub in ("audit_command", "governance_command", "omop_command"):
+    for sub in ("audit_command", "governance_command", "omop_command",
+                "patients_command"):
         if getattr(args, sub, None):
             command += f" {getattr(args, sub)}"
     try:

@@ -33,6 +33,32 @@ Endpoints
     ``report.html`` of a recent calculation, as a download. The last
     ``REPORTS_KEPT`` reports are kept in memory (nothing is written to disk).
 
+Patient history (``phems serve --db clinic.db``; see
+:mod:`phems_clinical.dosing.history`)
+    With a history file, ``/api/dose`` also answers ``"previous"`` (the
+    patient's latest earlier assessment: ``{"assessment_id", "assessed_at",
+    "result"}`` or ``null``) and ``"assessed_at"``, and the report shows the
+    previous assessment beside the new one.
+
+``GET /api/patients``
+    ``{"enabled": bool, "patients": [{"patient_id", "n_assessments",
+    "first_assessed", "last_assessed"}, ...]}`` (``enabled`` false without
+    ``--db``).
+``GET /api/patients/{patient_id}``
+    The patient's history: ``{"patient_id", "table": {"columns", "rows"},
+    "assessments": [{"assessment_id", "assessed_at", "product_display"}, ...]}``
+    (all text from each result's ``display``); 404 for an unknown patient.
+``POST /api/assessments``
+    Body ``{"report_id": str}`` (JSON): saves the calculation behind that
+    report, exactly as the server computed it (the page cannot send a result);
+    201 ``{"assessment_id", "patient_id", "assessed_at"}``. Saving the same
+    calculation twice gives the same id. 409 without ``--db``, 404 for a
+    calculation no longer kept, 422 on ``patient_id`` when the request had none.
+``GET /api/assessments/{assessment_id}``
+    Reopen: ``{"assessment_id", "patient_id", "assessed_at", "request",
+    "result", "previous", "curve_png_base64", "report_id"}`` (curve and report
+    redrawn from the stored result).
+
 Limits
 ------
 Every request must name an allowed host (Starlette's ``TrustedHostMiddleware``;
@@ -56,8 +82,13 @@ times out keeps its slot until it ends, so ``max_concurrent`` bounds the work.
 Examples
 --------
 >>> app = create_app()
->>> sorted(r.path for r in app.routes if r.path.startswith("/api"))
-['/api/dose', '/api/products', '/api/report/{report_id}']
+>>> paths = sorted(r.path for r in app.routes if r.path.startswith("/api"))
+>>> paths[:3]
+['/api/assessments', '/api/assessments/{assessment_id}', '/api/dose']
+>>> paths[3:5]
+['/api/patients', '/api/patients/{patient_id}']
+>>> paths[5:]
+['/api/products', '/api/report/{report_id}']
 """
 
 from __future__ import annotations
@@ -65,6 +96,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import logging
+import os
 import secrets
 import threading
 from collections import OrderedDict
@@ -108,46 +140,95 @@ logger = logging.getLogger(__name__)
 
 
 class _ReportStore:
-    """The last ``size`` reports, keyed by an unguessable id (thread-safe LRU)."""
+    """The last ``size`` reports, keyed by an unguessable id (thread-safe LRU),
+    each with what it was computed from (``payload``: request, result, date),
+    so that a calculation can be saved to the patient history as computed."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._items: OrderedDict[str, str] = OrderedDict()
+        self._items: OrderedDict[str, tuple[str, dict | None]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def add(self, html: str) -> str:
+    def add(self, html: str, payload: dict | None = None) -> str:
         report_id = secrets.token_urlsafe(16)
         with self._lock:
-            self._items[report_id] = html
+            self._items[report_id] = (html, payload)
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
         return report_id
 
-    def get(self, report_id: str) -> str | None:
+    def _entry(self, report_id: str) -> tuple[str, dict | None] | None:
         with self._lock:
-            html = self._items.get(report_id)
-            if html is not None:
+            item = self._items.get(report_id)
+            if item is not None:
                 self._items.move_to_end(report_id)
-            return html
+            return item
+
+    def get(self, report_id: str) -> str | None:
+        item = self._entry(report_id)
+        return None if item is None else item[0]
+
+    def payload(self, report_id: str) -> dict | None:
+        item = self._entry(report_id)
+        return None if item is None else item[1]
 
 
 def _product_list() -> list[dict[str, Any]]:
+    """The library for the page's product list: display name (brand, INN,
+    model), factor, population and ages, assay, when to choose it, and the
+    model sections not verified against their publication."""
+    from phems_clinical.pk import library
     from phems_clinical.pk.dosing import validated_range
-    from phems_clinical.pk.library import list_products, load_product
 
     out = []
-    for name in list_products():
-        model = load_product(name)
+    for name in library.list_products():
+        model = library.load_product(name)
         meta = model.metadata
+        info = library.product_info(name)
         out.append({
             "name": name,
-            "product": meta.get("product", name),
-            "factor": meta.get("factor"),
-            "half_life_class": meta.get("half_life_class"),
+            "product": info.brand,
+            "display": info.display,
+            "inn": info.inn,
+            "factor": info.factor,
+            "half_life_class": info.half_life_class,
+            "population": info.population,
+            "ages": info.ages,
+            "assay": info.assay,
+            "choose_when": info.choose_when,
+            "unverified": list(info.unverified),
             "citation": meta.get("citation"),
             "validated_range": {k: list(v) for k, v in validated_range(model).items()},
         })
     return out
+
+
+def _previous_kw(run, previous) -> dict:
+    from phems_clinical.app.cli import _previous_kw
+
+    return _previous_kw(run, previous)
+
+
+def _previous_for(store, req) -> tuple[str | None, Any]:
+    """(date of this assessment, the patient's previous one) with a history
+    file and a patient id; (None, None) otherwise."""
+    if store is None or not (req.patient_id or "").strip():
+        return None, None
+    from phems_clinical.dosing import history
+
+    when = history.assessment_time(req.time_origin,
+                                   [lv.time_h for lv in req.levels])
+    return when, history.previous_assessment(store, req.patient_id.strip(),
+                                             before=when)
+
+
+def _previous_json(previous) -> dict | None:
+    if previous is None:
+        return None
+    return {"assessment_id": previous.summary.assessment_id,
+            "assessed_at": previous.summary.assessed_at,
+            "product_display": previous.summary.product_display,
+            "result": previous.result}
 
 
 def _errors(errors: list[tuple[str, str]], status: int = 422,
@@ -196,7 +277,8 @@ def trusted_hosts(allowed_hosts: Iterable[str] | None = (), host: str | None = N
 def create_app(*, allowed_hosts: Iterable[str] | None = (),
                max_body_bytes: int = MAX_BODY_BYTES,
                max_concurrent: int = MAX_CONCURRENT,
-               time_limit_s: float = TIME_LIMIT_S) -> FastAPI:
+               time_limit_s: float = TIME_LIMIT_S,
+               db: str | os.PathLike | None = None) -> FastAPI:
     """Build the dosing web app (enables JAX float64, which the PK estimation needs).
 
     Parameters
@@ -210,6 +292,10 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
         Calculations running at once (503 with ``Retry-After`` beyond).
     time_limit_s
         Longest a client waits for one calculation, s (503 beyond).
+    db
+        The clinic's patient-history file (created if absent): enables saving,
+        listing and reopening assessments. It holds patient data and stays on
+        this machine.
 
     Returns
     -------
@@ -220,6 +306,11 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
 
     configure_jax()
     hosts = trusted_hosts(allowed_hosts)
+    store = None
+    if db is not None:
+        from phems_clinical.dosing.history import open_store
+
+        store = open_store(db)
     slots = threading.BoundedSemaphore(max_concurrent)
     cap_kb = f"{max_body_bytes / 1024:g} KB"
 
@@ -228,6 +319,7 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
     # added first, so it runs inside _headers: refusals carry the headers too
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     reports = _ReportStore(REPORTS_KEPT)
+    save_lock = threading.Lock()
     products: list[dict[str, Any]] = []
     products_lock = threading.Lock()
 
@@ -299,15 +391,14 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
             req = parse_request(obj)  # input errors are answered even when busy
         except RequestError as err:
             return _errors([(e.field, e.message) for e in err.errors])
+        when, previous = _previous_for(store, req)
         if not slots.acquire(blocking=False):
-            return _errors([("", (
-                f"the server is busy with {max_concurrent} other calculation(s); "
-                f"try again in {RETRY_AFTER_S} s"))], 503,
-                {"Retry-After": str(RETRY_AFTER_S)})
+            return busy()
 
         def work():
             try:
-                return dose.run_dose(req, method=method)
+                return dose.run_dose(req, method=method,
+                                     **_previous_kw(dose.run_dose, previous))
             finally:
                 slots.release()
 
@@ -334,8 +425,135 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
         return JSONResponse({
             "result": out.result,  # JSON-safe by construction (run_dose)
             "curve_png_base64": base64.b64encode(out.curve_png).decode("ascii"),
-            "report_id": reports.add(out.report_html),
+            "report_id": reports.add(out.report_html, {
+                "request": obj, "result": out.result, "when": when}),
+            "history_enabled": store is not None,
+            "assessed_at": when,
+            "previous": _previous_json(previous),
         })
+
+    def busy() -> JSONResponse:
+        return _errors([("", (
+            f"the server is busy with {max_concurrent} other calculation(s); "
+            f"try again in {RETRY_AFTER_S} s"))], 503,
+            {"Retry-After": str(RETRY_AFTER_S)})
+
+    def no_history() -> JSONResponse:
+        return _errors([("", (
+            "this server keeps no patient history: start it with "
+            "'phems serve --db FILE' (the clinic's history file)"))], 409)
+
+    @app.get("/api/patients")
+    def api_patients() -> Response:
+        from phems_clinical.dosing.history import list_patients
+
+        if store is None:
+            return JSONResponse({"enabled": False, "patients": []})
+        return JSONResponse({"enabled": True, "patients": [
+            p._asdict() for p in list_patients(store)]})
+
+    @app.get("/api/patients/{patient_id}")
+    def api_patient(patient_id: str) -> Response:
+        from phems_clinical.data.dosing_request import RequestError
+        from phems_clinical.dosing import history
+
+        if store is None:
+            return no_history()
+        try:
+            table = history.history_table(store, patient_id)
+            rows = history.history(store, patient_id)
+        except RequestError as err:
+            return _errors([(e.field, e.message) for e in err.errors], 404)
+        return JSONResponse({
+            "patient_id": patient_id,
+            "table": {"columns": table["columns"], "rows": table["rows"]},
+            "assessments": [{"assessment_id": r.assessment_id,
+                             "assessed_at": r.assessed_at,
+                             "product_display": r.product_display}
+                            for r in rows]})
+
+    @app.post("/api/assessments")
+    async def api_save(request: Request) -> Response:
+        from phems_clinical.data.dosing_request import RequestError, load_json
+        from phems_clinical.dosing.history import save_assessment
+
+        if store is None:
+            return no_history()
+        media = request.headers.get("content-type", "").split(";")[0].strip()
+        if media.lower() != "application/json":
+            return _errors([("Content-Type", (
+                f"expected application/json, got {media!r:.60}"))], 415)
+        body = await read_body(request)
+        if body is None:
+            return too_large()
+        try:
+            obj = load_json(body)
+        except RequestError as err:
+            return _errors([(e.field, e.message) for e in err.errors])
+        report_id = obj.get("report_id") if isinstance(obj, dict) else None
+        if not isinstance(report_id, str) or not report_id:
+            return _errors([("report_id", "expected the report_id of a "
+                                          "calculation (text)")])
+        payload = reports.payload(report_id)
+        if payload is None:
+            return _errors([("report_id", (
+                f"no such calculation: only the last {REPORTS_KEPT} are kept, "
+                "until the server stops; calculate again, then save"))], 404)
+
+        def save():
+            with save_lock:
+                if "assessment_id" not in payload:
+                    payload["assessment_id"] = save_assessment(
+                        store, payload["request"], payload["result"],
+                        when=payload["when"])
+                return payload["assessment_id"]
+
+        try:
+            aid = await anyio.to_thread.run_sync(save)
+        except RequestError as err:
+            return _errors([(e.field, e.message) for e in err.errors])
+        return JSONResponse(status_code=201, content={
+            "assessment_id": aid, "patient_id": payload["result"]["patient_id"],
+            "assessed_at": payload["when"]})
+
+    @app.get("/api/assessments/{assessment_id}")
+    async def api_assessment(assessment_id: str) -> Response:
+        from phems_clinical.app.cli import redraw_dose_outputs
+        from phems_clinical.data.dosing_request import RequestError
+        from phems_clinical.dosing import history
+
+        if store is None:
+            return no_history()
+        if not assessment_id.isdigit() or len(assessment_id) > 18:
+            return _errors([("assessment_id", f"expected a whole number, got "
+                                              f"{assessment_id!r:.40}")])
+        try:
+            s = history.assessment_summary(store, int(assessment_id))
+            req, result = history.load_assessment(store, s.assessment_id)
+        except RequestError as err:
+            return _errors([(e.field, e.message) for e in err.errors], 404)
+        previous = history.previous_assessment(
+            store, s.patient_id, before=s.assessed_at, exclude_id=s.assessment_id)
+        if not slots.acquire(blocking=False):
+            return busy()
+
+        def work():
+            try:
+                return redraw_dose_outputs(
+                    result, _previous_kw(redraw_dose_outputs, previous).get(
+                        "previous"))
+            finally:
+                slots.release()
+
+        out = await anyio.to_thread.run_sync(work)
+        return JSONResponse({
+            "assessment_id": s.assessment_id, "patient_id": s.patient_id,
+            "assessed_at": s.assessed_at, "request": req, "result": result,
+            "previous": _previous_json(previous),
+            "curve_png_base64": base64.b64encode(out.curve_png).decode("ascii"),
+            "report_id": reports.add(out.report_html, {
+                "request": req, "result": result, "when": s.assessed_at,
+                "assessment_id": s.assessment_id})})
 
     @app.get("/api/report/{report_id}")
     def api_report(report_id: str) -> Response:
@@ -354,7 +572,8 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, *,
-          allowed_hosts: Iterable[str] | None = ()) -> None:
+          allowed_hosts: Iterable[str] | None = (),
+          db: str | os.PathLike | None = None) -> None:
     """Run the dosing web app with uvicorn until interrupted (Ctrl+C).
 
     Parameters
@@ -367,6 +586,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, *,
     allowed_hosts
         Further names the page may be reached by (``phems serve
         --allowed-host``), e.g. the machine's DNS name when bound to 0.0.0.0.
+    db
+        The clinic's patient-history file (``phems serve --db``), see
+        :func:`create_app`.
     """
     import uvicorn
 
@@ -377,5 +599,6 @@ def serve(host: str = "127.0.0.1", port: int = 8000, *,
             "authentication, so run it only behind the hospital's access control. "
             "It answers requests for the hosts %s (add names with "
             "--allowed-host).", host, ", ".join(hosts))
-    app = create_app(allowed_hosts=[h for h in hosts if h not in LOCAL_HOSTS])
+    app = create_app(allowed_hosts=[h for h in hosts if h not in LOCAL_HOSTS],
+                     db=db)
     uvicorn.run(app, host=host, port=port, ws="none", lifespan="off")

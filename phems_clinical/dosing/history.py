@@ -55,9 +55,9 @@ from phems_clinical.data.dosing_request import FieldError, RequestError
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "AssessmentSummary",
            "PatientSummary", "Previous", "Store", "StoreError",
-           "assessment_summary", "export", "history", "list_patients",
-           "load_assessment", "open_store", "previous_assessment",
-           "save_assessment"]
+           "assessment_summary", "assessment_time", "export", "history",
+           "history_table", "list_patients", "load_assessment", "open_store",
+           "previous_assessment", "save_assessment"]
 
 #: ``PRAGMA application_id`` of a history file ("PHEM" in ASCII).
 APPLICATION_ID = 0x5048454D
@@ -260,21 +260,26 @@ def _iso(when: str | dt.datetime, field: str = "when") -> str:
     return t.replace(microsecond=0).isoformat(timespec="minutes")
 
 
-def _default_when(result: dict) -> str:
-    """The date-time of the last level when the request had date-times
-    (``result["time_origin"]`` + the level's ``time_h``), else now (UTC)."""
-    origin = result.get("time_origin") if isinstance(result, dict) else None
-    levels = result.get("levels") or [] if isinstance(result, dict) else []
-    if origin:
+def assessment_time(time_origin: str | None, level_times_h) -> str:
+    """Date of an assessment: its last level's date-time when the request gives
+    date-times (``time_origin`` + the latest ``time_h``), else now (UTC);
+    ISO 8601 to the minute."""
+    if time_origin:
         try:
-            t0 = dt.datetime.fromisoformat(origin)
+            t0 = dt.datetime.fromisoformat(time_origin)
         except (TypeError, ValueError):
             t0 = None
-        times = [lv.get("time_h") for lv in levels if isinstance(lv, dict)]
-        times = [t for t in times if isinstance(t, int | float)]
+        times = [t for t in level_times_h if isinstance(t, int | float)]
         if t0 is not None:
             return _iso(t0 + dt.timedelta(hours=max(times, default=0.0)))
     return _iso(dt.datetime.now(dt.UTC))
+
+
+def _default_when(result: dict) -> str:
+    levels = result.get("levels") or []
+    return assessment_time(result.get("time_origin"),
+                           [lv.get("time_h") for lv in levels
+                            if isinstance(lv, dict)])
 
 
 def _json(obj: Any, field: str) -> str:
@@ -434,6 +439,79 @@ def previous_assessment(store: Store, patient_id: str, *,
         return None
     request, result = load_assessment(store, row[0])
     return Previous(_summary(row), request, result)
+
+
+# ------------------------------------------------------------------ table
+
+#: Summary lines of ``result["display"]`` shown in the history table, in order
+#: (those an assessment's display lacks are left empty).
+HISTORY_LABELS = ("Effective half-life", "Terminal half-life", "Clearance")
+
+
+_LEGACY = (("Weight", None, "kg"),
+           ("Effective half-life", "effective_half_life_h", "h"),
+           ("Terminal half-life", "half_life_h", "h"),
+           ("Clearance", "clearance_mL_h_kg", "mL/h/kg"))
+
+
+def _legacy_values(result: dict) -> dict[str, str]:
+    """For a result saved without ``display`` (older versions): median and
+    90 % interval to 3 significant figures."""
+    out = {}
+    wt = ((result.get("covariates") or {}).get("WT") or {}).get("value")
+    for label, key, unit in _LEGACY:
+        if key is None:
+            if isinstance(wt, int | float):
+                out[label] = f"{wt:.3g} {unit}"
+            continue
+        e = _estimate(result, key)
+        if e and all(isinstance(e.get(k), int | float)
+                     for k in ("median", "lo90", "hi90")):
+            out[label] = (f"{e['median']:.3g} {unit} (90 % interval "
+                          f"{e['lo90']:.3g}–{e['hi90']:.3g} {unit})")
+    return out
+
+
+def _display_values(result: dict) -> dict[str, str]:
+    display = result.get("display")
+    if not isinstance(display, dict):
+        return _legacy_values(result)
+    return {str(item.get("label")): str(item.get("value"))
+            for item in display.get("summary") or [] if isinstance(item, dict)}
+
+
+def _chosen_text(result: dict) -> str:
+    table = (result.get("display") or {}).get("evaluated_table") or {}
+    cols, rows = table.get("columns") or [], table.get("rows") or []
+    if not rows:
+        return ""
+    row = dict(zip(cols, rows[0], strict=False))
+    return ", ".join(str(row[c]) for c in ("Schedule", "Dose", "P(trough ≥ target)")
+                     if row.get(c))
+
+
+def history_table(store: Store, patient_id: str) -> dict:
+    """The patient's assessments over time as ``{"columns": [...], "rows":
+    [[...], ...]}`` of text, earliest first, plus ``"assessment_ids"``.
+
+    Every number is the text the assessment's own ``result["display"]`` shows
+    (:mod:`phems_clinical.dosing.wording`); only a result saved without one
+    is formatted here (3 significant figures). The chosen regimen is the first
+    regimen the clinician evaluated.
+    """
+    rows, ids = [], []
+    for s in history(store, patient_id):
+        _, result = load_assessment(store, s.assessment_id)
+        values = _display_values(result)
+        weight = next((v for k, v in values.items() if k.startswith("Weight")), "")
+        rows.append([s.assessed_at.replace("T", " "), s.product_display or "",
+                     weight, *(next((v for k, v in values.items()
+                                     if k.startswith(label)), "")
+                               for label in HISTORY_LABELS),
+                     _chosen_text(result)])
+        ids.append(s.assessment_id)
+    return {"columns": ["Date", "Product", "Weight", *HISTORY_LABELS,
+                        "Chosen regimen"], "rows": rows, "assessment_ids": ids}
 
 
 # ------------------------------------------------------------------ export
