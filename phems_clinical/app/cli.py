@@ -385,6 +385,64 @@ def _products(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_arg(text: str) -> dict:
+    """argparse type of ``phems dose --evaluate``: ``SCHEDULE:DOSE IU`` or
+    ``SCHEDULE:DOSE IU/kg`` (``"Mon/Wed/Fri:1000IU"``, ``"every 48 h:40IU/kg"``)."""
+    m = re.fullmatch(r"\s*(.+?)\s*:\s*([0-9]+(?:\.[0-9]+)?)\s*(IU/kg|IU)\s*", text,
+                     flags=re.I)
+    if m is None:
+        raise argparse.ArgumentTypeError(
+            f"expected SCHEDULE:DOSE IU or SCHEDULE:DOSE IU/kg (e.g. "
+            f"'Mon/Wed/Fri:1000IU', 'every 48 h:40IU/kg'), got {text!r:.60}")
+    key = "dose_IU_kg" if m.group(3).lower() == "iu/kg" else "dose_IU"
+    value = float(m.group(2))
+    if not 0 < value <= (200 if key == "dose_IU_kg" else 100_000):
+        raise argparse.ArgumentTypeError(
+            f"expected a dose > 0 and <= {200 if key == 'dose_IU_kg' else 100_000} "
+            f"{m.group(3)}, got {m.group(2)}")
+    return {"schedule": m.group(1), key: value}
+
+
+def _open_arg(lo: float, hi: float, what: str, *, hi_open: bool = False):
+    """argparse type of a number ``> lo`` and ``<= hi`` (``< hi`` if ``hi_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value > lo and (value < hi if hi_open else value <= hi)):
+            raise argparse.ArgumentTypeError(
+                f"expected {what}: a number > {lo:g} and {'<' if hi_open else '<='} "
+                f"{hi:g}, got {text!r:.40}")
+        return value
+    return parse
+
+
+def _dose_request(args: argparse.Namespace, source: bytes) -> bytes:
+    """The request with the command line's overrides (``--accept-unverified``,
+    ``--assay``, ``--target``, ``--schedule``, ``--probability``,
+    ``--max-dose-iu-kg``, ``--evaluate``) applied; unchanged bytes without any."""
+    top = {"acknowledge_unverified": True if args.accept_unverified else None,
+           "assay": args.assay}
+    opts = {"targets_IU_dL": args.target, "schedules": args.schedule,
+            "trough_probability": args.probability,
+            "max_dose_IU_kg": args.max_dose_iu_kg, "evaluate": args.evaluate}
+    top = {k: v for k, v in top.items() if v is not None}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if not top and not opts:
+        return source
+    from phems_clinical.data.dosing_request import load_json
+
+    obj = load_json(source)
+    if not isinstance(obj, dict):
+        return source  # refused by the parser, naming what was expected
+    obj.update(top)
+    if opts:
+        given = obj.get("options")
+        obj["options"] = {**(given if isinstance(given, dict) else {}), **opts}
+    return json.dumps(obj).encode("utf-8")
+
+
 def _dose(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -394,6 +452,7 @@ def _dose(args: argparse.Namespace) -> int:
     check_out(args.out, overwrite=args.overwrite)
     source = sys.stdin.buffer.read() if args.patient == "-" else \
         Path(args.patient).read_bytes()
+    source = _dose_request(args, source)
     clinic = _dose_history(args, source)
     out = run_dose(source, method=args.method, seed=args.seed,
                    **_previous_kw(run_dose, clinic and clinic[1]))
@@ -407,27 +466,14 @@ def _dose(args: argparse.Namespace) -> int:
             aid = save_assessment(store, load_json(source), out.result, when=when)
         print(f"saved assessment {aid} of patient {out.result['patient_id']} "
               f"in {args.db}", file=sys.stderr)
-    r = out.result
-    for w in r["warnings"]:
-        print(f"warning: {w['field']}: {w['message']}", file=sys.stderr)
+    from phems_clinical.dosing.wording import as_text
 
-    def show(e, unit):
-        return (f"{e['median']:.3g} {unit} "
-                f"(90% interval {e['lo90']:.3g}-{e['hi90']:.3g})")
-
-    print(f"{r['model']['name']}: terminal half-life {show(r['half_life_h'], 'h')}; "
-          f"effective half-life {show(r['effective_half_life_h'], 'h')}; "
-          f"clearance {show(r['clearance_mL_h_kg'], 'mL/h/kg')}")
-    for t, e in r["time_to_threshold_h"].items():
-        if isinstance(e["median"], float):
-            print(f"  time to {t} IU/dL after the last infusion: {show(e, 'h')}")
-    print(f"regimens (P(trough >= target) >= {r['trough_probability']:g}):")
-    for g in r["regimens"]:
-        dose = (f"{g['dose_IU']:.0f} IU ({g['dose_IU_kg']:.0f} IU/kg), "
-                f"P = {g['trough_prob']:.2f}" if g["dose_IU"] is not None
-                else "not reachable")
-        print(f"  every {g['interval_h']:g} h, trough >= {g['target_IU_dL']:g} "
-              f"IU/dL: {dose}")
+    # the same text as the report and the page (result["display"]); the
+    # warnings also on stderr, where scripts look for them
+    disp = out.result["display"]
+    for w in disp["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    print(as_text(disp))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -522,21 +568,6 @@ def _dose_history(args: argparse.Namespace, source: bytes):
     return store, previous, when
 
 
-def redraw_dose_outputs(result: dict, previous: dict | None = None):
-    """``DoseOutput`` (result, curve PNG, report HTML) redrawn from a stored
-    result, with ``previous`` (an earlier result) beside it in the report when
-    the report takes one."""
-    import inspect
-
-    from phems_clinical.app import dose
-    from phems_clinical.evaluation.report import curve_figure, render_report
-
-    png = curve_figure(dose._for_display(result))
-    kw = ({"previous": previous} if previous is not None and "previous" in
-          inspect.signature(render_report).parameters else {})
-    return dose.DoseOutput(result, png, render_report(result, png, **kw))
-
-
 def _print_table(columns: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(columns, *rows,
                                                               strict=True)]
@@ -568,15 +599,15 @@ def _patients(args: argparse.Namespace) -> int:
                          [[str(i), *r] for i, r in zip(table["assessment_ids"],
                                                        table["rows"], strict=True)])
         elif cmd == "show":
-            from phems_clinical.app.dose import write_dose_outputs
+            from phems_clinical.app.dose import redraw_dose, write_dose_outputs
 
             s = history.assessment_summary(store, args.assessment_id)
             _, result = history.load_assessment(store, s.assessment_id)
             prev = history.previous_assessment(store, s.patient_id,
                                                before=s.assessed_at,
                                                exclude_id=s.assessment_id)
-            out = redraw_dose_outputs(
-                result, _previous_kw(redraw_dose_outputs, prev).get("previous"))
+            out = redraw_dose(result,
+                              _previous_kw(redraw_dose, prev).get("previous"))
             paths = write_dose_outputs(out, args.out, overwrite=args.overwrite)
             print(f"assessment {s.assessment_id} of patient {s.patient_id} "
                   f"({s.assessed_at.replace('T', ' ')}): wrote "
@@ -689,6 +720,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the clinic's patient-history file (SQLite, created if "
                         "absent): the assessment is saved under the request's "
                         "patient_id and the report shows the previous one")
+    d.add_argument("--accept-unverified", action="store_true",
+                   help="use a product whose model has sections not verified "
+                        "against the primary paper (recorded in the result and "
+                        "shown as a warning); without it such a model is refused")
+    d.add_argument("--assay", choices=("one-stage", "chromogenic"), default=None,
+                   help="assay of the measured levels (overrides the request's "
+                        "assay); converted to the model's assay where the label "
+                        "publishes a factor")
+    d.add_argument("--target", type=_open_arg(0, 100, "a trough target in IU/dL"),
+                   action="append", default=None, metavar="IU_DL",
+                   help="trough target in IU/dL (repeatable; overrides "
+                        "options.targets_IU_dL)")
+    d.add_argument("--schedule", action="append", default=None, metavar="TEXT",
+                   help="dosing schedule for the regimen designer (repeatable; "
+                        "e.g. 'every 48 h', 'Mon/Wed/Fri', '3x/week', 'every 7 "
+                        "days'; overrides options.schedules)")
+    d.add_argument("--probability", type=_open_arg(
+        0.5, 1, "the required P(trough >= target)", hi_open=True), default=None,
+                   help="required probability that the trough stays at or above "
+                        "the target (> 0.5 and < 1; overrides "
+                        "options.trough_probability)")
+    d.add_argument("--max-dose-iu-kg", type=_open_arg(
+        0, 200, "the cap on a designed dose in IU/kg"), default=None,
+                   metavar="IU_KG",
+                   help="the cap on a designed dose per infusion, IU/kg (default "
+                        "100; overrides options.max_dose_IU_kg)")
+    d.add_argument("--evaluate", type=_evaluate_arg, action="append", default=None,
+                   metavar="SCHEDULE:DOSE",
+                   help="a regimen to evaluate as given: 'Mon/Wed/Fri:1000IU' or "
+                        "'every 48 h:40IU/kg' (repeatable; overrides "
+                        "options.evaluate)")
     d.set_defaults(func=_dose)
 
     w = sub.add_parser("serve", help="start the clinician web app (local)")
