@@ -518,7 +518,7 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
 
     @app.get("/api/assessments/{assessment_id}")
     async def api_assessment(assessment_id: str) -> Response:
-        from phems_clinical.app.cli import redraw_dose_outputs
+        from phems_clinical.app.dose import redraw_dose
         from phems_clinical.data.dosing_request import RequestError
         from phems_clinical.dosing import history
 
@@ -539,9 +539,8 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
 
         def work():
             try:
-                return redraw_dose_outputs(
-                    result, _previous_kw(redraw_dose_outputs, previous).get(
-                        "previous"))
+                return redraw_dose(
+                    result, _previous_kw(redraw_dose, previous).get("previous"))
             finally:
                 slots.release()
 
