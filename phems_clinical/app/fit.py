@@ -321,8 +321,9 @@ def fitted_model(model: PopModel, params: PopParams, fitted: dict[str, Any]
     new = with_values(
         model, thetas=dict(zip(model.theta_names, theta.tolist(), strict=True)),
         omega=np.where(mask, omega, 0.0),
-        omega_iov=np.asarray(params.omega_iov, dtype=np.float64).reshape(-1),
-        residual=residual_from_sigma(np.asarray(params.sigma), model.residual.fixed),
+        omega_iov=np.asarray(params.omega_iov, dtype=np.float64),
+        residual=residual_from_sigma(np.asarray(params.sigma), model.residual.fixed,
+                                     model.residual.form),
         baseline=float(params.baseline),
     )
     meta = {k: v for k, v in model.metadata.items() if k != "fitted"}

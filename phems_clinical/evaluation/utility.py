@@ -404,7 +404,8 @@ def _named_values(model: PopModel, p: PopParams, *, failed: bool = False
     out.update({f"CV_IIV({n})": float(c) for n, c in
                 zip(model.iiv_parameters, cv_percent(om), strict=True)})
     out.update({f"CV_IOV({n})": float(c) for n, c in
-                zip(model.iov_parameters, cv_percent(np.asarray(p.omega_iov)),
+                zip(model.iov_parameters,
+                    cv_percent(np.diag(np.asarray(p.omega_iov)).reshape(-1)),
                     strict=True)})
     sig = np.asarray(p.sigma)
     out["SIGMA(additive)"], out["SIGMA(proportional)"] = float(sig[0]), float(sig[1])

@@ -286,7 +286,7 @@ def site_model(model: PopModel, packer: Packer, cohort: Cohort,
     ``subject``) the log individual parameters ``phi_i ~ N(log TV_i(theta, cov_i),
     Omega)`` (site ``phi``, ``eta_i = phi_i - log TV_i``; with ``centered=False``
     ``z_i ~ N(0, I)`` and ``eta_i = L z_i``) and ``kappa_z ~ N(0, I)`` per occasion
-    (plate ``occasion``) with ``kappa = sqrt(omega_iov) kappa_z``; the observations
+    (plate ``occasion``) with ``kappa = chol(omega_iov) kappa_z``; the observations
     enter as :func:`phems_clinical.pk.bayes.population_model`'s factor (levels
     IU/dL, times h).
 
@@ -299,10 +299,11 @@ def site_model(model: PopModel, packer: Packer, cohort: Cohort,
     params = packer.unpack(x)
     n_sub, n_eta = cohort.n_subjects, model.n_eta
     scale = (jnp.linalg.cholesky(params.omega) if n_eta else jnp.zeros((0, 0)))
-    iov_sd = jnp.sqrt(params.omega_iov)
+    iov_scale = (jnp.linalg.cholesky(params.omega_iov) if model.n_kappa
+                 else jnp.zeros((0, 0)))
     data = likelihood_cohort(model, cohort)
     with numpyro.plate("subject", n_sub, dim=-1):
-        eta, kappa = sample_random_effects(model, params.theta, scale, iov_sd,
+        eta, kappa = sample_random_effects(model, params.theta, scale, iov_scale,
                                            cohort.covariates, n_occ, centered,
                                            record_eta=False)
         ll = _subject_loglik(model)(data, params, eta, kappa)

@@ -222,6 +222,12 @@ def _response(
     shape = (1,) * t_rel.ndim + (-1,)
     lam = lam.reshape(shape)
     a = a.reshape(shape)
+    return amt * jnp.sum(a * _unit_modes(t, dur, lam), axis=-1)
+
+
+def _unit_modes(t: Array, dur: Array, lam: Array) -> Array:
+    """Per-mode response ``g_i`` of a unit dose (``t`` and ``lam`` broadcast): the
+    dose response is ``amt * sum_i A_i g_i``; see :func:`dose_response`."""
     after = t >= dur
     during = (t > 0.0) & ~after
     # t/dur only where it is selected, so that dur == 0 gives no 0/0 in gradients;
@@ -231,8 +237,7 @@ def _response(
     )
     tau = jnp.clip(t, 0.0, dur)
     since_end = jnp.maximum(t - dur, 0.0)
-    g = frac * _exprel1(lam * tau) * jnp.exp(-lam * since_end)
-    return amt * jnp.sum(a * g, axis=-1)
+    return frac * _exprel1(lam * tau) * jnp.exp(-lam * since_end)
 
 
 def _response_slope(

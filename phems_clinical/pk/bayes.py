@@ -18,9 +18,10 @@ Population (global) sites
   correlation within each IIV block with more than one parameter
   (``model.omega_blocks``). The IIV covariance is
   ``Omega = L L'`` with ``L = blockdiag(diag(omega_sd_b) R_b)``. With
-  ``model.omega_fixed`` these are constants (``Omega`` and the IOV variances of the
-  specification) and none of the sites exist;
-* ``omega_iov_sd_<P>``: SD of the log-scale inter-occasion variability of ``P``;
+  ``model.omega_fixed`` these are constants (``Omega`` of the specification) and
+  none of the sites exist;
+* ``omega_iov_sd_<P>``: SD of the log-scale inter-occasion variability of ``P``
+  (absent with ``model.omega_iov_fixed``: the specification's IOV block is used);
 * ``sigma_additive`` (IU/dL), ``sigma_proportional`` (fraction): residual SDs, for
   the components that are non-zero in the specification (unless
   ``model.residual.fixed``);
@@ -31,11 +32,14 @@ Subjects (local sites, ``numpyro.plate("subject", N)``), non-centred
 * ``z``: ``(N, n_eta)`` standard normal; ``eta_i = L z_i`` so
   ``eta_i ~ N(0, Omega)``;
 * ``kappa_z``: ``(O, N, n_kappa)`` standard normal inside the nested
-  ``numpyro.plate("occasion", O, dim=-2)``; ``kappa_io = omega_iov_sd * kappa_z``.
+  ``numpyro.plate("occasion", O, dim=-2)``; ``kappa_io = omega_iov_sd * kappa_z``
+  (a fixed IOV block, ``iov.fixed: true``, may be correlated: ``kappa_io =
+  L_iov kappa_z``; an estimated one is diagonal).
 
 Likelihood: individual parameters ``P_io = TV(theta, cov_i) exp(eta_i + kappa_io)``,
 prediction ``f_ij`` from :func:`phems_clinical.pk.model.predict` (IU/dL), and
-``y_ij ~ N(f_ij, sigma_add**2 + (sigma_prop f_ij)**2)``; a BLQ sample contributes
+``y_ij ~ N(f_ij, V_ij)`` with ``V_ij`` of the model's residual form
+(:func:`~phems_clinical.pk.model.residual_variance`); a BLQ sample contributes
 ``Phi((LLOQ - f_ij) / sd_ij)`` (M3). It enters as
 ``numpyro.factor("obs", -0.5 * sum_j obs_neg2ll_ij)`` per subject, i.e. NONMEM's
 -2LL without the ``log(2 pi)`` per quantified sample: a constant that does not
@@ -89,7 +93,7 @@ from phems_clinical.pk.model import (
     typical_parameters,
 )
 from phems_clinical.pk.packing import build_packer
-from phems_clinical.pk.spec import PopModel, Theta
+from phems_clinical.pk.spec import PopModel, Theta, check_iov_estimable
 
 LOCAL_SITES = ("z", "phi", "eta", "kappa_z")
 """Per-subject latent sites (the federated engine keeps these at the site)."""
@@ -222,7 +226,7 @@ def _theta_prior(t: Theta, scale: float, coef_scale: float) -> dist.Distribution
 def _spec_sds(model: PopModel) -> tuple[dict, dict, dict]:
     om = np.asarray(model.omega, dtype=np.float64).reshape(model.n_eta, model.n_eta)
     iiv = {p: float(np.sqrt(om[k, k])) for k, p in enumerate(model.iiv_parameters)}
-    iov = {p: float(np.sqrt(model.omega_iov[k]))
+    iov = {p: float(np.sqrt(model.omega_iov[k, k]))
            for k, p in enumerate(model.iov_parameters)}
     res = {"additive": model.residual.additive,
            "proportional": model.residual.proportional}
@@ -309,10 +313,11 @@ def library_priors(model: PopModel, *, theta_cv: float = 0.2, sd_cv: float = 0.3
 
 
 def _check_priors(model: PopModel, priors: Priors) -> None:
+    check_iov_estimable(model)
     need = {
         "theta": [t.name for t in model.thetas if not t.fixed],
         "omega_sd": [] if model.omega_fixed else list(model.iiv_parameters),
-        "omega_iov_sd": [] if model.omega_fixed else list(model.iov_parameters),
+        "omega_iov_sd": [] if model.omega_iov_fixed else list(model.iov_parameters),
         "sigma": list(_estimated_sigma(model)),
     }
     for field_name, names in need.items():
@@ -341,6 +346,7 @@ def _sample_population(model: PopModel, priors: Priors) -> dict:
                 g[_block_name(b)] = numpyro.sample(
                     _block_name(b),
                     dist.LKJCholesky(len(b), priors.omega_corr_concentration))
+    if not model.omega_iov_fixed:
         for p in model.iov_parameters:
             g[f"omega_iov_sd_{p}"] = numpyro.sample(f"omega_iov_sd_{p}",
                                                     priors.omega_iov_sd[p])
@@ -352,7 +358,9 @@ def _sample_population(model: PopModel, priors: Priors) -> dict:
 
 
 def _assemble(model: PopModel, g: dict):
-    """Population sites -> (PopParams, IIV scale L with ``L L' = Omega``, IOV SDs)."""
+    """Population sites -> (PopParams, IIV scale L with ``L L' = Omega``, IOV scale
+    ``L_iov`` with ``L_iov L_iov' = omega_iov``: the Cholesky factor of a fixed
+    (possibly correlated) block, else the diagonal of the sampled SDs)."""
     theta = jnp.asarray(model.theta_values)
     for i, t in enumerate(model.thetas):
         if not t.fixed:
@@ -361,7 +369,6 @@ def _assemble(model: PopModel, g: dict):
     if model.omega_fixed:
         om = np.asarray(model.omega, np.float64).reshape(n_eta, n_eta)
         scale = jnp.asarray(np.linalg.cholesky(om) if n_eta else om)
-        iov_sd = jnp.sqrt(jnp.asarray(model.omega_iov, jnp.float64).reshape(-1))
     else:
         eta_names = model.iiv_parameters
         scale = jnp.zeros((n_eta, n_eta))
@@ -370,16 +377,23 @@ def _assemble(model: PopModel, g: dict):
             sd = jnp.stack([g[f"omega_sd_{p}"] for p in b])
             corr = g[_block_name(b)] if len(b) > 1 else jnp.ones((1, 1))
             scale = scale.at[np.ix_(idx, idx)].set(sd[:, None] * corr)
-        iov_sd = (jnp.stack([g[f"omega_iov_sd_{p}"] for p in model.iov_parameters])
-                  if model.n_kappa else jnp.zeros((0,)))
+    if model.omega_iov_fixed or not model.n_kappa:
+        om_iov = np.asarray(model.omega_iov, np.float64).reshape(model.n_kappa,
+                                                                 model.n_kappa)
+        iov_scale = jnp.asarray(np.linalg.cholesky(om_iov) if model.n_kappa
+                                else om_iov)
+    else:
+        iov_scale = jnp.diag(jnp.stack([g[f"omega_iov_sd_{p}"]
+                                        for p in model.iov_parameters]))
     sigma = jnp.asarray([model.residual.additive, model.residual.proportional],
                         dtype=jnp.float64)
     for k, n in enumerate(_SIGMA_NAMES):
         if f"sigma_{n}" in g:
             sigma = sigma.at[k].set(g[f"sigma_{n}"])
     baseline = g.get("baseline", jnp.asarray(model.baseline, jnp.float64))
-    params = PopParams(theta, scale @ scale.T, iov_sd**2, sigma, baseline)
-    return params, scale, iov_sd
+    params = PopParams(theta, scale @ scale.T, iov_scale @ iov_scale.T, sigma,
+                       baseline)
+    return params, scale, iov_scale
 
 
 def _subject_loglik_impl(model: PopModel, data: Cohort, params: PopParams,
@@ -389,7 +403,8 @@ def _subject_loglik_impl(model: PopModel, data: Cohort, params: PopParams,
     """``-0.5 * sum_j obs_neg2ll`` per subject: single-subject ``predict``, vmapped."""
     f = jax.vmap(partial(predict, model), in_axes=(0, None, 0, 0, None))(
         data, params.theta, eta, kappa, params.baseline)
-    n2ll = jax.vmap(obs_neg2ll, in_axes=(0, 0, None))(data, f, params.sigma)
+    n2ll = jax.vmap(partial(obs_neg2ll, form=model.residual.form),
+                    in_axes=(0, 0, None))(data, f, params.sigma)
     return -0.5 * jnp.sum(n2ll, axis=-1)
 
 
@@ -431,22 +446,26 @@ def population_model(model: PopModel, cohort: Cohort, *, priors: Priors,
     """
     _check_priors(model, priors)
     g = _sample_population(model, priors)
-    params, scale, iov_sd = _assemble(model, g)
+    params, scale, iov_scale = _assemble(model, g)
     n_sub = cohort.n_subjects
     data = likelihood_cohort(model, cohort)
     with numpyro.plate("subject", n_sub, dim=-1):
-        eta, kappa = sample_random_effects(model, params.theta, scale, iov_sd,
+        eta, kappa = sample_random_effects(model, params.theta, scale, iov_scale,
                                            cohort.covariates, n_occ, centered)
         numpyro.factor("obs", _subject_loglik(model)(data, params, eta, kappa))
 
 
-def sample_random_effects(model: PopModel, theta, scale, iov_sd, covariates,
+def sample_random_effects(model: PopModel, theta, scale, iov_scale, covariates,
                           n_occ: int, centered: bool, *, record_eta: bool = True):
     """Inside ``numpyro.plate("subject", N)``: each subject's IIV ``eta`` (N, n_eta)
     and IOV ``kappa`` (N, n_occ, n_kappa), centred (site ``phi``) or non-centred
     (site ``z``), and ``kappa_z`` in a nested ``occasion`` plate (see
-    :func:`population_model`). ``record_eta`` keeps ``eta`` as a deterministic
-    site when centred."""
+    :func:`population_model`), ``kappa = L_iov kappa_z`` with ``iov_scale`` the
+    lower-triangular ``L_iov`` (``L_iov L_iov' = omega_iov``; a 1-D array is taken
+    as SDs). ``record_eta`` keeps ``eta`` as a deterministic site when centred."""
+    iov_scale = jnp.asarray(iov_scale)
+    if iov_scale.ndim == 1:
+        iov_scale = jnp.diag(iov_scale)
     n_sub, n_eta, n_kappa = covariates.shape[0], model.n_eta, model.n_kappa
     if n_eta and centered:
         mu = _log_typical_iiv(model, theta, covariates)
@@ -461,7 +480,7 @@ def sample_random_effects(model: PopModel, theta, scale, iov_sd, covariates,
         with numpyro.plate("occasion", n_occ, dim=-2):
             kz = numpyro.sample(
                 "kappa_z", dist.Normal(0.0, 1.0).expand([n_kappa]).to_event(1))
-        kappa = jnp.swapaxes(kz, 0, 1) * iov_sd
+        kappa = jnp.swapaxes(kz, 0, 1) @ iov_scale.T
     else:
         kappa = jnp.zeros((n_sub, n_occ, 0))
     return eta, kappa
@@ -489,8 +508,9 @@ def _site_values(model: PopModel, params: PopParams) -> dict:
                 sd = np.sqrt(np.diag(sub))
                 v[_block_name(b)] = jnp.asarray(
                     np.linalg.cholesky(sub / np.outer(sd, sd)))
+    if not model.omega_iov_fixed:
         for k, p in enumerate(model.iov_parameters):
-            v[f"omega_iov_sd_{p}"] = jnp.sqrt(params.omega_iov[k])
+            v[f"omega_iov_sd_{p}"] = jnp.sqrt(params.omega_iov[k, k])
     for n in _estimated_sigma(model):
         v[f"sigma_{n}"] = params.sigma[_SIGMA_NAMES.index(n)]
     if model.baseline_estimated:
@@ -536,7 +556,7 @@ def _warm_start(model: PopModel, cohort: Cohort, n_occ: int, n_rounds: int = 3
     0.05 with correlations shrunk by 10% to stay well inside positive definiteness.
     ``C_i`` keeps poorly informed variances at their previous value instead of
     letting the shrunken modes collapse them. Finally ``z = L^-1 eta`` and
-    ``kappa_z = kappa / omega_iov_sd`` at the updated values.
+    ``kappa_z = L_iov^-1 kappa`` at the updated values.
     """
     n_sub, n_eta, n_kappa = cohort.n_subjects, model.n_eta, model.n_kappa
     params = initial_params(model)
@@ -569,21 +589,24 @@ def _warm_start(model: PopModel, cohort: Cohort, n_occ: int, n_rounds: int = 3
                 corr = 0.9 * corr + 0.1 * np.eye(len(idx))
                 sd = np.sqrt(np.maximum(var, floor))
                 omega[np.ix_(idx, idx)] = corr * np.outer(sd, sd)
-            if n_kappa:
-                kappa = b[:, n_eta:].reshape(n_sub, n_occ, n_kappa)
-                kvar = np.diagonal(cov, axis1=1, axis2=2)[:, n_eta:]
-                kvar = kvar.reshape(n_sub, n_occ, n_kappa)
-                omega_iov = np.maximum((kappa**2 + kvar).mean(axis=(0, 1)), floor)
+        if n_kappa and not model.omega_iov_fixed:
+            kappa = b[:, n_eta:].reshape(n_sub, n_occ, n_kappa)
+            kvar = np.diagonal(cov, axis1=1, axis2=2)[:, n_eta:]
+            kvar = kvar.reshape(n_sub, n_occ, n_kappa)
+            omega_iov = np.diag(np.maximum((kappa**2 + kvar).mean(axis=(0, 1)),
+                                           floor))
         params = params._replace(theta=jnp.asarray(theta), omega=jnp.asarray(omega),
                                  omega_iov=jnp.asarray(omega_iov))
     values = _site_values(model, params)
-    _, scale, iov_sd = _assemble(model, values)
+    _, scale, iov_scale = _assemble(model, values)
     b = modes(params, data)[0]
     if n_eta:
         values["z"] = jnp.linalg.solve(scale, b[:, :n_eta].T).T
     if n_kappa:
         kappa = b[:, n_eta:].reshape(n_sub, n_occ, n_kappa)
-        values["kappa_z"] = jnp.swapaxes(kappa / iov_sd, 0, 1)
+        values["kappa_z"] = jnp.swapaxes(
+            jnp.linalg.solve(iov_scale, kappa.reshape(-1, n_kappa).T).T
+            .reshape(n_sub, n_occ, n_kappa), 0, 1)
     return values
 
 

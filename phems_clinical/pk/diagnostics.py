@@ -23,6 +23,7 @@ from phems_clinical._typing import Array, Float, Key
 from phems_clinical.data.cohort import Cohort
 from phems_clinical.pk.model import (
     PopParams,
+    iov_covariance,
     n_occasions,
     predict,
     residual_variance,
@@ -44,7 +45,7 @@ def _omega_full(model: PopModel, params: PopParams, n_occ: int):
     if model.n_eta:
         parts.append(params.omega)
     if model.n_kappa:
-        parts.append(jnp.diag(jnp.tile(params.omega_iov, n_occ)))
+        parts.append(iov_covariance(params.omega_iov, n_occ))
     return jax.scipy.linalg.block_diag(*parts) if parts else jnp.zeros((0, 0))
 
 
@@ -63,7 +64,7 @@ def compute_diagnostics(model: PopModel, cohort: Cohort, params: PopParams,
         ipred = f_of_b(b, subject)
         pred = f_of_b(jnp.zeros_like(b), subject)
         g = jax.jacfwd(f_of_b)(b, subject)
-        var = residual_variance(ipred, params.sigma)
+        var = residual_variance(ipred, params.sigma, model.residual.form)
         use = subject.obs_mask & ~subject.obs_blq
         mean = ipred - g @ b
         cov = g @ om @ g.T + jnp.diag(var)
@@ -104,7 +105,7 @@ def simulate_replicates(key: Key, model: PopModel, cohort: Cohort, params: PopPa
             return predict(model, s, params.theta, eta, kappa, params.baseline)
 
         f = jax.vmap(subj)(cohort, b)
-        sd = jnp.sqrt(residual_variance(f, params.sigma))
+        sd = jnp.sqrt(residual_variance(f, params.sigma, model.residual.form))
         return f + sd * jax.random.normal(ke, f.shape)
 
     return np.asarray(jax.jit(jax.vmap(one_rep))(jax.random.split(key, n_rep)))

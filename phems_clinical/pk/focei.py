@@ -1,7 +1,7 @@
 """First-order conditional estimation with interaction (FOCEI), as NONMEM defines it.
 
 For subject ``i`` with random effects ``b = (eta, kappa_1..kappa_O)`` and prior
-precision ``P = blockdiag(Omega^-1, diag(omega_iov)^-1 per occasion)``, the inner
+precision ``P = blockdiag(Omega^-1, Omega_IOV^-1 per occasion)``, the inner
 objective is
 
     O_i(b) = sum_j [log V_ij + (y_ij - f_ij)^2 / V_ij] + b' P b
@@ -44,6 +44,7 @@ from phems_clinical.pk._newton import newton_minimise
 from phems_clinical.pk.model import (
     PopParams,
     initial_params,
+    iov_covariance,
     likelihood_cohort,
     n_occasions,
     obs_neg2ll,
@@ -102,6 +103,7 @@ def build_focei(model: PopModel, n_occ: int = 1) -> FOCEIFns:
     """Compile the per-subject FOCEI functions of ``model`` with ``n_occ`` occasions."""
     n_eta, n_kappa = model.n_eta, model.n_kappa
     n_b = n_eta + n_occ * n_kappa
+    form = model.residual.form
 
     def unflatten(b):
         return b[:n_eta], b[n_eta:].reshape(n_occ, n_kappa)
@@ -111,7 +113,7 @@ def build_focei(model: PopModel, n_occ: int = 1) -> FOCEIFns:
         if n_eta:
             parts.append(jnp.linalg.inv(params.omega))
         if n_kappa:
-            parts.append(jnp.diag(jnp.tile(1.0 / params.omega_iov, n_occ)))
+            parts.append(iov_covariance(jnp.linalg.inv(params.omega_iov), n_occ))
         return jax.scipy.linalg.block_diag(*parts) if parts else jnp.zeros((0, 0))
 
     def logdet_omega_full(params: PopParams):
@@ -119,7 +121,7 @@ def build_focei(model: PopModel, n_occ: int = 1) -> FOCEIFns:
         if n_eta:
             out = out + jnp.linalg.slogdet(params.omega)[1]
         if n_kappa:
-            out = out + n_occ * jnp.sum(jnp.log(params.omega_iov))
+            out = out + n_occ * jnp.linalg.slogdet(params.omega_iov)[1]
         return out
 
     def f_of_b(b, params, subject):
@@ -129,21 +131,24 @@ def build_focei(model: PopModel, n_occ: int = 1) -> FOCEIFns:
     def inner_objective(b, params, subject):
         subject = likelihood_cohort(model, subject)
         f = f_of_b(b, params, subject)
-        return jnp.sum(obs_neg2ll(subject, f, params.sigma)) + b @ precision(params) @ b
+        return (jnp.sum(obs_neg2ll(subject, f, params.sigma, form))
+                + b @ precision(params) @ b)
 
     def foce_hessian(b, params, subject):
         subject = likelihood_cohort(model, subject)
         f = f_of_b(b, params, subject)
         g = jax.jacfwd(f_of_b)(b, params, subject)
-        var = residual_variance(f, params.sigma)
-        dvar = 2.0 * params.sigma[1] ** 2 * f[:, None] * g
+        var, dvar_df = jax.jvp(
+            lambda ff: residual_variance(ff, params.sigma, form), (f,),
+            (jnp.ones_like(f),))
+        dvar = dvar_df[:, None] * g
         w = jnp.where(subject.obs_mask & ~subject.obs_blq, 1.0, 0.0)
         h = precision(params) + (g.T * (w / var)) @ g
         h = h + 0.5 * (dvar.T * (w / var**2)) @ dvar
         if model.blq == "m3":
             def blq_part(bb):
                 ff = f_of_b(bb, params, subject)
-                terms = obs_neg2ll(subject, ff, params.sigma)
+                terms = obs_neg2ll(subject, ff, params.sigma, form)
                 return jnp.sum(jnp.where(subject.obs_blq, terms, 0.0))
             h = h + 0.5 * jax.hessian(blq_part)(b)
         return h

@@ -7,8 +7,9 @@ levels ``y``, the negative twice log posterior is FOCEI's inner objective
     O(b) = sum_j [log V_j + (y_j - f_j)^2 / V_j] + b' P b        (+ const)
 
 with M3 terms ``-2 log Phi((LLOQ - f_j) / sqrt(V_j))`` for BLQ levels (Beal 2001) and
-``P`` the prior precision (``Omega^-1`` and ``1/omega_iov`` per occasion), exactly
-what NONMEM's ``MAXEVAL=0 POSTHOC`` and mapbayr minimise. BLQ levels follow the
+``P`` the prior precision (``Omega^-1`` and ``Omega_IOV^-1`` per occasion, the full
+IOV block), exactly what NONMEM's ``MAXEVAL=0 POSTHOC`` and mapbayr minimise
+(``V_j`` in the model's residual form). BLQ levels follow the
 model's ``blq`` setting (a ``blq: drop`` model ignores them); ``phems dose`` always
 forecasts with ``blq: m3``.
 
@@ -105,7 +106,7 @@ def _compiled_map(model: PopModel, n_occ: int, batched: bool):
         fn = jax.vmap(one, in_axes=(None, 0)) if batched else one
         return jax.jit(fn)
 
-    return per_model(model, ("map", n_occ, batched), build)
+    return per_model(model, ("map", n_occ, batched), build, persist=True)
 
 
 def fit_map(model: PopModel, params: PopParams, subject: Cohort, *,

@@ -7,8 +7,10 @@ as a plain Python argument (it fixes shapes and structure); close over it with
 Parameter scales (NONMEM conventions, so estimates compare directly):
 
 * ``theta``: natural-scale fixed effects in ``model.theta_names`` order;
-* ``omega``: IIV covariance of ``eta`` (log scale), ``omega_iov``: IOV variances;
-* ``sigma``: residual standard deviations ``(additive IU/dL, proportional fraction)``.
+* ``omega``: IIV covariance of ``eta`` (log scale), ``omega_iov``: IOV covariance of
+  ``kappa`` (the same for every occasion, occasions independent);
+* ``sigma``: residual standard deviations ``(additive IU/dL, proportional fraction)``
+  combined as ``model.residual.form`` says (:func:`residual_variance`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from jax.scipy.special import log_ndtr
 from phems_clinical._typing import Array, Float
 from phems_clinical.data.cohort import Cohort
 from phems_clinical.pk.analytic import concentration
+from phems_clinical.pk.occasions import occasion_concentration
 from phems_clinical.pk.spec import PopModel, Residual
 
 _OPS = {
@@ -35,14 +38,14 @@ class PopParams(NamedTuple):
 
     theta : (n_theta,) fixed effects, ``model.theta_names`` order.
     omega : (n_eta, n_eta) IIV covariance (log-scale variances).
-    omega_iov : (n_kappa,) IOV variances.
+    omega_iov : (n_kappa, n_kappa) IOV covariance of one occasion's ``kappa``.
     sigma : (2,) residual SDs: additive (IU/dL), proportional (fraction).
     baseline : () endogenous level (IU/dL) added to every prediction.
     """
 
     theta: Float[Array, " n_theta"]
     omega: Float[Array, "n_eta n_eta"]
-    omega_iov: Float[Array, " n_kappa"]
+    omega_iov: Float[Array, "n_kappa n_kappa"]
     sigma: Float[Array, 2]
     baseline: Float[Array, ""]
 
@@ -65,7 +68,8 @@ def initial_params(model: PopModel) -> PopParams:
         theta=jnp.asarray(model.theta_values),
         omega=jnp.asarray(model.omega, dtype=jnp.float64).reshape(model.n_eta,
                                                                   model.n_eta),
-        omega_iov=jnp.asarray(model.omega_iov, dtype=jnp.float64).reshape(-1),
+        omega_iov=jnp.asarray(model.omega_iov, dtype=jnp.float64).reshape(
+            model.n_kappa, model.n_kappa),
         sigma=jnp.asarray([model.residual.additive, model.residual.proportional],
                           dtype=jnp.float64),
         baseline=jnp.asarray(model.baseline, dtype=jnp.float64),
@@ -131,31 +135,56 @@ def predict(model: PopModel, subject: Cohort, theta: Float[Array, " n_theta"],
             ) -> Float[Array, " n_t"]:
     """Predicted level (IU/dL) at ``times`` (default: the subject's observation times).
 
-    Each dose is disposed with the parameters of its occasion (IOV), see
+    With IOV and more than one occasion, the parameters switch with NONMEM's
+    semantics: from each dose on, all drug in the body follows the parameters of
+    that dose's occasion (occasion ``k`` starts at its first dose), see
+    :func:`phems_clinical.pk.occasions.occasion_concentration`. Otherwise (no IOV,
+    or one occasion: ``kappa.shape[0] == 1``) plain superposition,
     :func:`phems_clinical.pk.analytic.concentration`.
     """
     params = individual_parameters(model, theta, eta, kappa, subject.covariates)
-    per_dose = params[subject.dose_occ]
     t = subject.obs_time if times is None else times
+    if model.n_kappa and kappa.shape[0] > 1:
+        return occasion_concentration(t, subject.dose_time, subject.dose_amt,
+                                      subject.dose_dur, subject.dose_occ, params,
+                                      model.n_cmt, baseline)
+    per_dose = params[subject.dose_occ]
     return concentration(t, subject.dose_time, subject.dose_amt, subject.dose_dur,
                          per_dose, model.n_cmt, baseline)
 
 
-def residual_variance(f: Float[Array, " n_obs"], sigma: Float[Array, 2]
-                      ) -> Float[Array, " n_obs"]:
-    """``Var(y | f) = add**2 + (prop * f)**2`` (NONMEM ``Y = F + F*EPS(1) + EPS(2)``)."""
+def residual_variance(f: Float[Array, " n_obs"], sigma: Float[Array, 2],
+                      form: str = "combined2") -> Float[Array, " n_obs"]:
+    """Residual variance of a level given its prediction ``f`` (IU/dL).
+
+    ``combined2`` (NONMEM ``Y = F + F*EPS(1) + EPS(2)``): ``add**2 + (prop * f)**2``;
+    ``combined1`` (Monolix): ``(add + prop * f)**2``, Allard et al., Pharmaceutics
+    2020;12:380, Eq. 3. ``form`` is ``model.residual.form`` (static).
+    """
+    if form == "combined1":
+        return (sigma[0] + sigma[1] * jnp.abs(f)) ** 2
+    if form != "combined2":
+        raise ValueError(f"residual form {form!r} is not combined1 or combined2")
     return sigma[0] ** 2 + (sigma[1] * f) ** 2
 
 
-def obs_neg2ll(subject: Cohort, f: Float[Array, " n_obs"], sigma: Float[Array, 2]
-               ) -> Float[Array, " n_obs"]:
+def iov_covariance(omega_iov: Float[Array, "n_kappa n_kappa"], n_occ: int
+                   ) -> Float[Array, "n n"]:
+    """Covariance of ``kappa`` flattened occasion by occasion (``(n_occ, n_kappa)``
+    row-major): ``n_occ`` independent copies of ``omega_iov`` on the diagonal."""
+    return jnp.kron(jnp.eye(n_occ), jnp.asarray(omega_iov))
+
+
+def obs_neg2ll(subject: Cohort, f: Float[Array, " n_obs"], sigma: Float[Array, 2],
+               form: str = "combined2") -> Float[Array, " n_obs"]:
     """Per-observation -2 log-likelihood without the 2*pi constant (NONMEM style).
 
-    Quantified samples: ``log V + (y - f)**2 / V``. BLQ samples use the M3 method
+    Quantified samples: ``log V + (y - f)**2 / V`` with ``V`` from
+    :func:`residual_variance` in the residual ``form``. BLQ samples use the M3 method
     (Beal, J Pharmacokinet Pharmacodyn 2001;28:481-504): ``-2 log Phi((LLOQ - f)/sd)``.
     Padded observations contribute 0.
     """
-    var = residual_variance(f, sigma)
+    var = residual_variance(f, sigma, form)
     quant = jnp.log(var) + (subject.obs_dv - f) ** 2 / var
     blq = -2.0 * log_ndtr((subject.obs_lloq - f) / jnp.sqrt(var))
     out = jnp.where(subject.obs_blq, blq, quant)
@@ -175,13 +204,14 @@ def n_occasions(cohort: Cohort) -> int:
     return int(max(int(jnp.max(cohort.dose_occ)), int(jnp.max(cohort.obs_occ)))) + 1
 
 
-def residual_from_sigma(sigma: np.ndarray, fixed: bool = False) -> Residual:
+def residual_from_sigma(sigma: np.ndarray, fixed: bool = False,
+                        form: str = "combined2") -> Residual:
     """Convert estimated residual SDs back into a spec :class:`Residual`."""
-    return Residual(float(sigma[0]), float(sigma[1]), fixed)
+    return Residual(float(sigma[0]), float(sigma[1]), fixed, form)
 
 
 __all__ = [
     "PopParams", "covariate_vector", "individual_parameters", "initial_params",
-    "likelihood_cohort", "n_occasions", "obs_neg2ll", "predict", "residual_from_sigma", "residual_variance",
-    "typical_parameters",
+    "iov_covariance", "likelihood_cohort", "n_occasions", "obs_neg2ll", "predict",
+    "residual_from_sigma", "residual_variance", "typical_parameters",
 ]

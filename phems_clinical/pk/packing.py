@@ -3,9 +3,10 @@
 Transforms follow NONMEM's bounds: a fixed effect with ``lower == 0`` is optimised on
 the log scale, one with two finite bounds on a logit scale between them, an unbounded
 one as is. Each IIV block is a Cholesky factor with log-diagonal (so Omega stays
-positive definite and keeps its declared zero pattern); IOV variances and residual
-SDs are on the log scale. Fixed quantities (``fixed: true``, a zero residual
-component, a non-estimated baseline) are held at their specification values.
+positive definite and keeps its declared zero pattern); IOV variances (only the
+diagonal is estimated, see :func:`build_packer`) and residual SDs are on the log
+scale. Fixed quantities (``fixed: true``, a zero residual component, a non-estimated
+baseline) are held at their specification values.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 
 from phems_clinical._typing import Array, Float
 from phems_clinical.pk.model import PopParams, initial_params
-from phems_clinical.pk.spec import PopModel
+from phems_clinical.pk.spec import PopModel, check_iov_estimable
 
 
 class Packer(NamedTuple):
@@ -54,14 +55,19 @@ def _theta_inv(x, lo, hi):
 
 
 def build_packer(model: PopModel, init: PopParams | None = None) -> Packer:
-    """Build the packer for ``model``; non-free values are taken from ``init``."""
+    """Build the packer for ``model``; non-free values are taken from ``init``.
+
+    IOV is estimated as variances (a diagonal ``omega_iov``) unless ``iov.fixed``;
+    a correlated IOV block must be fixed (:func:`~.spec.check_iov_estimable`).
+    """
+    check_iov_estimable(model)
     base = initial_params(model) if init is None else init
     names_t = model.theta_names
     free_t = [i for i, t in enumerate(model.thetas) if not t.fixed]
     eta_names = model.iiv_parameters
     blocks = [[eta_names.index(p) for p in b] for b in model.omega_blocks]
     omega_free = not model.omega_fixed and model.n_eta > 0
-    kappa_free = not model.omega_fixed and model.n_kappa > 0
+    kappa_free = not model.omega_iov_fixed and model.n_kappa > 0
     spec_sd = (model.residual.additive, model.residual.proportional)
     sig_free = [k for k in (0, 1) if not model.residual.fixed and spec_sd[k] > 0]
     base_free = model.baseline_estimated
@@ -92,7 +98,7 @@ def build_packer(model: PopModel, init: PopParams | None = None) -> Packer:
                         vals.append(jnp.log(chol[r, c]) if r == c else chol[r, c])
                 parts.append(jnp.stack(vals))
         if kappa_free:
-            parts.append(jnp.log(p.omega_iov))
+            parts.append(jnp.log(jnp.diag(p.omega_iov)))
         if sig_free:
             parts.append(jnp.log(p.sigma[jnp.array(sig_free)]))
         if base_free:
@@ -120,7 +126,7 @@ def build_packer(model: PopModel, init: PopParams | None = None) -> Packer:
                 omega = omega.at[jnp.ix_(idx, idx)].set(chol @ chol.T)
         omega_iov = base.omega_iov
         if kappa_free:
-            omega_iov = jnp.exp(x[k:k + model.n_kappa])
+            omega_iov = jnp.diag(jnp.exp(x[k:k + model.n_kappa]))
             k += model.n_kappa
         sigma = base.sigma
         for j in sig_free:
@@ -150,7 +156,7 @@ def build_packer(model: PopModel, init: PopParams | None = None) -> Packer:
                 parts.append(jnp.stack([p.omega[b[r], b[c]] for r in range(len(b))
                                         for c in range(r + 1)]))
         if kappa_free:
-            parts.append(p.omega_iov)
+            parts.append(jnp.diag(p.omega_iov))
         if sig_free:
             parts.append(p.sigma[jnp.array(sig_free)] ** 2)
         if base_free:
@@ -172,7 +178,7 @@ def build_packer(model: PopModel, init: PopParams | None = None) -> Packer:
                         k += 1
         omega_iov = base.omega_iov
         if kappa_free:
-            omega_iov = v[k:k + model.n_kappa]
+            omega_iov = jnp.diag(v[k:k + model.n_kappa])
             k += model.n_kappa
         sigma = base.sigma
         for j in sig_free:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from phems_clinical._typing import Key
+from phems_clinical._typing import Array, Float, Key
 from phems_clinical.data.cohort import stack_subjects
 from phems_clinical.data.demographics import simulate_demographics
 from phems_clinical.pk.model import (
@@ -36,6 +36,7 @@ from phems_clinical.pk.model import (
     individual_parameters,
     initial_params,
     predict,
+    residual_variance,
 )
 from phems_clinical.pk.spec import PopModel
 
@@ -82,19 +83,33 @@ def _round_dose(dose: float, vials: list[float]) -> float:
     return float(max(step, math.ceil(dose / step - 1e-9) * step))
 
 
+def draw_kappa(key: Key, omega_iov: Float[Array, "n_kappa n_kappa"],
+               shape: tuple[int, ...]) -> Float[Array, "*shape n_kappa"]:
+    """Inter-occasion effects ``kappa ~ N(0, omega_iov)``, independent over ``shape``
+    (e.g. ``(n_subjects, n_occasions)``); the full (correlated) IOV block."""
+    omega_iov = jnp.asarray(omega_iov)
+    n_kappa = omega_iov.shape[0]
+    if n_kappa == 0:
+        return jnp.zeros((*shape, 0))
+    chol = jnp.linalg.cholesky(omega_iov)
+    return jax.random.normal(key, (*shape, n_kappa)) @ chol.T
+
+
 def simulate_observations(k_kappa: Key, k_eps: Key, model: PopModel, p: PopParams,
                           cohort, eta, n_occ: int) -> tuple[np.ndarray, np.ndarray]:
     """Observed levels (IU/dL, with the model's residual error) and individual
     parameters of a stacked cohort for given random effects ``eta`` (n, n_eta);
-    inter-occasion effects are drawn from ``k_kappa``, residuals from ``k_eps``.
-    Shared by :func:`simulate_cohort` and the PK virtual population
+    inter-occasion effects ``kappa ~ N(0, omega_iov)`` (the full IOV block, each
+    occasion independently) are drawn from ``k_kappa``, residuals (in the model's
+    residual form) from ``k_eps``. Parameters switch at each occasion's first dose
+    for all drug in the body (:func:`~phems_clinical.pk.model.predict`). Shared by
+    :func:`simulate_cohort` and the PK virtual population
     (:mod:`phems_clinical.privacy.synth.pk_virtual`)."""
     n = eta.shape[0]
-    kappa = (jax.random.normal(k_kappa, (n, n_occ, model.n_kappa))
-             * jnp.sqrt(p.omega_iov) if model.n_kappa else jnp.zeros((n, n_occ, 0)))
+    kappa = draw_kappa(k_kappa, p.omega_iov, (n, n_occ))
     f = jax.vmap(lambda s, e, k: predict(model, s, p.theta, e, k, p.baseline))(
         cohort, eta, kappa)
-    sd = jnp.sqrt(p.sigma[0] ** 2 + (p.sigma[1] * f) ** 2)
+    sd = jnp.sqrt(residual_variance(f, p.sigma, model.residual.form))
     y = np.asarray(f + sd * jax.random.normal(k_eps, f.shape))
     indiv = np.asarray(jax.vmap(
         lambda e, k, c: individual_parameters(model, p.theta, e, k, c)[0])(
@@ -232,5 +247,5 @@ def default_hospitals(n_total: int = 100) -> list[HospitalSpec]:
     ]
 
 
-__all__ = ["DESIGNS", "HospitalSpec", "default_hospitals", "simulate_cohort",
-           "simulate_hospitals"]
+__all__ = ["DESIGNS", "HospitalSpec", "default_hospitals", "draw_kappa",
+           "simulate_cohort", "simulate_hospitals"]

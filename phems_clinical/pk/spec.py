@@ -7,7 +7,17 @@ A specification compiles to a flat vector of named fixed effects (``thetas``): t
 typical value of every structural parameter plus every covariate coefficient, each
 with NONMEM-style bounds and a ``fixed`` flag. Random effects are log-normal:
 ``P_i = TV(theta, covariates) * exp(eta_i + kappa_io)`` with ``eta ~ N(0, Omega)``
-(IIV) and ``kappa ~ N(0, diag(omega_iov))`` per occasion (IOV).
+(IIV) and ``kappa ~ N(0, Omega_IOV)`` per occasion (IOV, a full covariance: e.g.
+correlated IOV of CL and V1 for Eloctate, Nestorov et al., Clin Pharmacol Drug Dev
+2015;4:163-174). Occasion ``k`` starts at its first dose and its parameters govern
+all drug in the body from then on (NONMEM's semantics,
+:mod:`phems_clinical.pk.occasions`).
+
+The format is strict: an unknown key at any level (top level, ``structure``, a
+``parameters`` or ``covariates`` entry, ``iiv``, ``iov``, ``residual``,
+``baseline``, ``fitted``) is refused with the closest known key, e.g.
+``parameters.CL.lowr: unknown key; did you mean 'lower'?``. Top-level keys other
+than the model sections are metadata (:data:`METADATA_KEYS`), free-form values.
 
 Units: time h, amounts IU, volumes dL, clearances dL/h, levels IU/dL.
 
@@ -25,6 +35,7 @@ Examples
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -42,11 +53,65 @@ STRUCTURAL = {
 ALIASES = {"V": "V1", "VC": "V1", "Q": "Q2", "VP": "V2", "VP1": "V2", "VP2": "V3",
            "Q1": "Q2"}
 EFFECTS = ("power", "linear", "exponential", "indicator")
+RESIDUAL_FORMS = ("combined2", "combined1")
+
+SECTIONS = ("name", "structure", "parameters", "covariates", "iiv", "iov", "residual",
+            "baseline", "blq")
+METADATA_KEYS = (
+    "citation", "product", "brand", "inn", "model_label", "factor", "half_life_class",
+    "population", "validated_range", "assay", "assay_conversion", "choose_when",
+    "software", "reference_covariates", "covariate_units", "vial_sizes_IU",
+    "vial_notes", "unverified", "sources", "external_validation", "reference_values",
+    "notes", "description", "baseline_estimated_IU_dL", "fitted",
+)
+"""Top-level keys besides :data:`SECTIONS`: descriptive metadata of the library
+(``configs/model/*.yaml``) and of ``phems fit`` outputs (``fitted``), kept in
+:attr:`PopModel.metadata`."""
+_KEYS = {
+    "structure": ("compartments",),
+    "parameter": ("value", "lower", "upper", "fixed", "unit"),
+    "covariate": ("parameter", "covariate", "effect", "coefficient", "reference",
+                  "condition", "piecewise", "name", "lower", "upper", "fixed"),
+    "iiv": ("parameters", "variance", "sd", "correlation", "cv", "structure",
+            "blocks", "fixed"),
+    "iov": ("parameters", "variance", "sd", "correlation", "cv", "fixed"),
+    "residual": ("additive", "proportional", "form", "fixed"),
+    "baseline": ("value", "estimate"),
+    "fitted": ("method", "data", "n_subjects", "n_observations", "ofv", "seed", "date",
+               "converged"),
+}
 _COND = re.compile(r"^\s*(<=|>=|==|!=|<|>)\s*(-?[0-9.eE+-]+)\s*$")
 
 
 class ModelSpecError(ValueError):
     """A population-model specification is invalid; the message names the field."""
+
+
+def _check_keys(block: dict, allowed: tuple[str, ...], where: str) -> None:
+    """Refuse keys of ``block`` not in ``allowed``, suggesting the closest one."""
+    for key in block:
+        if key in allowed:
+            continue
+        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        hint = (f"did you mean {close[0]!r}?" if close
+                else f"expected one of {', '.join(allowed)}")
+        raise ModelSpecError(f"{where}{'.' if where else ''}{key}: unknown key; {hint}")
+
+
+def _mapping(x: Any, where: str, allowed: tuple[str, ...]) -> dict:
+    """``x`` (``None`` -> empty) as a mapping with only ``allowed`` keys."""
+    if x is None:
+        return {}
+    if not isinstance(x, dict):
+        raise ModelSpecError(f"{where}: expected a mapping, got {x!r:.40}")
+    _check_keys(x, allowed, where)
+    return x
+
+
+def _bool(x: Any, where: str) -> bool:
+    if not isinstance(x, (bool, np.bool_)):
+        raise ModelSpecError(f"{where}: expected true or false, got {x!r:.40}")
+    return bool(x)
 
 
 @dataclass(frozen=True)
@@ -87,7 +152,12 @@ class CovariateEffect:
 
 @dataclass(frozen=True)
 class Residual:
-    """Residual error: ``Var(y) = additive**2 + (proportional * f)**2``.
+    """Residual error of a level ``f`` (IU/dL), in one of two forms:
+
+    * ``combined2`` (default, NONMEM ``Y = F + F*EPS(1) + EPS(2)``):
+      ``Var(y) = additive**2 + (proportional * f)**2``;
+    * ``combined1`` (Monolix): ``SD(y) = additive + proportional * f``, e.g. Allard
+      et al., Pharmaceutics 2020;12:380, Eq. 3.
 
     ``additive`` in IU/dL, ``proportional`` a fraction (0.1 = 10% CV). NONMEM's
     ``SIGMA`` entries are the squares of these.
@@ -96,6 +166,7 @@ class Residual:
     additive: float = 0.0
     proportional: float = 0.0
     fixed: bool = False
+    form: str = "combined2"
 
     @property
     def kind(self) -> str:
@@ -121,6 +192,7 @@ class PopModel:
     iov_parameters: tuple[str, ...]
     omega_iov: np.ndarray
     residual: Residual
+    omega_iov_fixed: bool = False
     baseline: float = 0.0
     baseline_estimated: bool = False
     blq: str = "m3"
@@ -168,6 +240,26 @@ class PopModel:
     def n_kappa(self) -> int:
         return len(self.iov_parameters)
 
+    @property
+    def iov_correlated(self) -> bool:
+        """``omega_iov`` has non-zero off-diagonal elements."""
+        om = np.asarray(self.omega_iov)
+        return bool(om.size and np.any(om - np.diag(np.diag(om)) != 0))
+
+
+def check_iov_estimable(model: PopModel) -> None:
+    """Refuse to *estimate* a correlated IOV block (only variances are estimated).
+
+    Forecasting, simulation and dosing use the full block; estimation
+    (FOCEI, population NUTS/SVI, federated fits) needs ``iov.fixed: true`` for a
+    correlated one.
+    """
+    if model.iov_correlated and not model.omega_iov_fixed:
+        raise ModelSpecError(
+            f"iov.correlation: model {model.name!r} has a correlated IOV block; "
+            "estimation estimates IOV variances only, so set iov.fixed: true (the "
+            "block is then used as given) or remove the correlation")
+
 
 def _float(x: Any, where: str) -> float:
     try:
@@ -187,25 +279,47 @@ def _canonical(name: str, n_cmt: int, where: str) -> str:
     return up
 
 
+def _array(x: Any, where: str) -> np.ndarray:
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ModelSpecError(f"{where}: expected numbers, got {x!r:.60}") from None
+
+
 def _omega(block: dict, params: tuple[str, ...], where: str) -> np.ndarray:
+    """Covariance matrix from ``variance`` (matrix, or a list of variances), ``sd``
+    (+ ``correlation``) or ``cv`` (+ ``correlation``; ``log(1 + cv^2)`` variances)."""
     n = len(params)
     if n == 0:
         return np.zeros((0, 0))
+    given = [k for k in ("variance", "sd", "cv") if k in block]
+    if len(given) > 1:
+        raise ModelSpecError(f"{where}: give one of 'variance', 'sd', 'cv', not "
+                             f"{' and '.join(given)}")
+    if "correlation" in block and "variance" in block:
+        raise ModelSpecError(f"{where}.correlation: goes with 'sd' or 'cv'; a "
+                             "'variance' matrix already holds the covariances")
     if "variance" in block:
-        om = np.asarray(block["variance"], dtype=np.float64)
+        om = _array(block["variance"], f"{where}.variance")
         if om.ndim == 1:
+            if om.shape != (n,):
+                raise ModelSpecError(
+                    f"{where}.variance: expected {n} values, got {om.size}")
             om = np.diag(om)
-    elif "sd" in block:
-        sd = np.asarray(block["sd"], dtype=np.float64).reshape(-1)
+    elif "sd" in block or "cv" in block:
+        key = "sd" if "sd" in block else "cv"
+        sd = _array(block[key], f"{where}.{key}").reshape(-1)
         if sd.shape != (n,):
-            raise ModelSpecError(f"{where}.sd: expected {n} values, got {sd.size}")
-        corr = np.asarray(block.get("correlation", np.eye(n)), dtype=np.float64)
+            raise ModelSpecError(f"{where}.{key}: expected {n} values, got {sd.size}")
+        if key == "cv":
+            sd = np.sqrt(np.log1p(sd**2))
+        corr = _array(block.get("correlation", np.eye(n)), f"{where}.correlation")
         if corr.shape != (n, n):
             raise ModelSpecError(f"{where}.correlation: expected a {n}x{n} matrix")
+        if np.any(np.diag(corr) != 1.0) or np.any(np.abs(corr) > 1.0):
+            raise ModelSpecError(f"{where}.correlation: expected 1 on the diagonal "
+                                 "and values in [-1, 1]")
         om = corr * np.outer(sd, sd)
-    elif "cv" in block:
-        cv = np.asarray(block["cv"], dtype=np.float64).reshape(-1)
-        om = np.diag(np.log1p(cv**2))
     else:
         raise ModelSpecError(
             f"{where}: give 'variance', 'sd' (+ 'correlation') or 'cv'")
@@ -229,39 +343,50 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
     """
     if not isinstance(spec, dict):
         raise ModelSpecError("model: expected a mapping")
+    _check_keys(spec, SECTIONS + METADATA_KEYS, "")
     name = str(spec.get("name", "unnamed"))
-    struct = spec.get("structure", {}) or {}
-    n_cmt = int(struct.get("compartments", 0) or 0)
-    if n_cmt not in STRUCTURAL:
+    struct = _mapping(spec.get("structure"), "structure", _KEYS["structure"])
+    n_cmt = struct.get("compartments", 0) or 0
+    if isinstance(n_cmt, bool) or n_cmt not in STRUCTURAL:
         raise ModelSpecError("structure.compartments: expected 1, 2 or 3")
+    n_cmt = int(n_cmt)
     params = spec.get("parameters")
     if not isinstance(params, dict):
         raise ModelSpecError("parameters: expected a mapping of structural parameters")
 
     thetas: list[Theta] = []
-    given = {}
+    given: dict[str, tuple[str, dict]] = {}
     for pname, p in params.items():
         canon = _canonical(pname, n_cmt, f"parameters.{pname}")
-        if not isinstance(p, dict):
-            p = {"value": p}
-        given[canon] = p
+        if canon in given:
+            raise ModelSpecError(f"parameters.{pname}: {canon} is already given as "
+                                 f"{given[canon][0]!r}")
+        p = ({"value": p} if not isinstance(p, dict)
+             else _mapping(p, f"parameters.{pname}", _KEYS["parameter"]))
+        given[canon] = (str(pname), p)
     for canon in STRUCTURAL[n_cmt]:
         if canon not in given:
             raise ModelSpecError(f"parameters.{canon}: missing (needed by "
                                  f"a {n_cmt}-compartment model)")
-        p = given[canon]
-        value = _float(p.get("value"), f"parameters.{canon}.value")
+        pname, p = given[canon]
+        where = f"parameters.{pname}"
+        value = _float(p.get("value"), f"{where}.value")
         if value <= 0:
-            raise ModelSpecError(f"parameters.{canon}.value: must be > 0")
-        thetas.append(Theta(canon, value, _float(p.get("lower", 0.0), canon),
-                            _float(p.get("upper", math.inf), canon),
-                            bool(p.get("fixed", False)), str(p.get("unit", ""))))
+            raise ModelSpecError(f"{where}.value: must be > 0")
+        thetas.append(Theta(canon, value, _float(p.get("lower", 0.0), f"{where}.lower"),
+                            _float(p.get("upper", math.inf), f"{where}.upper"),
+                            _bool(p.get("fixed", False), f"{where}.fixed"),
+                            str(p.get("unit", ""))))
 
     effects: list[CovariateEffect] = []
-    for k, c in enumerate(spec.get("covariates", []) or []):
+    covs = spec.get("covariates", []) or []
+    if not isinstance(covs, list):
+        raise ModelSpecError("covariates: expected a list of covariate effects")
+    for k, c in enumerate(covs):
         where = f"covariates[{k}]"
         if not isinstance(c, dict):
             raise ModelSpecError(f"{where}: expected a mapping")
+        _check_keys(c, _KEYS["covariate"], where)
         par = _canonical(c.get("parameter", ""), n_cmt, f"{where}.parameter")
         cov = str(c.get("covariate", "")).upper()
         if not cov:
@@ -286,7 +411,7 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
         thetas.append(Theta(tname, _float(c.get("coefficient"), f"{where}.coefficient"),
                             _float(c.get("lower", lower_default), f"{where}.lower"),
                             _float(c.get("upper", math.inf), f"{where}.upper"),
-                            bool(c.get("fixed", False))))
+                            _bool(c.get("fixed", False), f"{where}.fixed")))
         ref = _float(c.get("reference", 1.0 if eff == "power" else 0.0),
                      f"{where}.reference")
         if eff == "power" and ref <= 0:
@@ -294,9 +419,8 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
                 f"{where}.reference: a power effect needs reference > 0")
         effects.append(CovariateEffect(par, cov, eff, tname, ref, cond, piecewise))
 
-    iiv = spec.get("iiv", {}) or {}
-    iiv_params = tuple(_canonical(p, n_cmt, "iiv.parameters")
-                       for p in iiv.get("parameters", []) or [])
+    iiv = _mapping(spec.get("iiv"), "iiv", _KEYS["iiv"])
+    iiv_params = _random_parameters(iiv, n_cmt, "iiv")
     omega = _omega(iiv, iiv_params, "iiv") if iiv_params else np.zeros((0, 0))
     structure = str(iiv.get("structure", "auto"))
     blocks: tuple[tuple[str, ...], ...]
@@ -323,44 +447,64 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
     else:
         raise ModelSpecError("iiv.structure: expected diagonal, block, full or auto")
 
-    iov = spec.get("iov", {}) or {}
-    iov_params = tuple(_canonical(p, n_cmt, "iov.parameters")
-                       for p in iov.get("parameters", []) or [])
-    omega_iov = (np.diag(_omega(iov, iov_params, "iov")) if iov_params
-                 else np.zeros((0,)))
+    iov = _mapping(spec.get("iov"), "iov", _KEYS["iov"])
+    iov_params = _random_parameters(iov, n_cmt, "iov")
+    omega_iov = _omega(iov, iov_params, "iov") if iov_params else np.zeros((0, 0))
+    omega_fixed = _bool(iiv.get("fixed", False), "iiv.fixed")
+    # IOV is estimated together with IIV unless iov.fixed says otherwise
+    omega_iov_fixed = _bool(iov.get("fixed", omega_fixed), "iov.fixed")
 
-    res = spec.get("residual", {}) or {}
+    res = _mapping(spec.get("residual"), "residual", _KEYS["residual"])
+    form = res.get("form", "combined2")
+    if form not in RESIDUAL_FORMS:
+        raise ModelSpecError(f"residual.form: {form!r} is not one of "
+                             f"{', '.join(RESIDUAL_FORMS)} (combined2: NONMEM, "
+                             "Var = a^2 + (b f)^2; combined1: Monolix, SD = a + b f)")
     residual = Residual(_float(res.get("additive", 0.0), "residual.additive"),
                         _float(res.get("proportional", 0.0), "residual.proportional"),
-                        bool(res.get("fixed", False)))
+                        _bool(res.get("fixed", False), "residual.fixed"), str(form))
     if residual.additive < 0 or residual.proportional < 0:
         raise ModelSpecError("residual: standard deviations must be >= 0")
     if residual.additive == 0 and residual.proportional == 0:
         raise ModelSpecError("residual: give 'additive' (IU/dL) and/or 'proportional'")
 
-    base = spec.get("baseline", {}) or {}
+    base = _mapping(spec.get("baseline"), "baseline", _KEYS["baseline"])
     blq = str(spec.get("blq", "m3"))
     if blq not in ("m3", "drop"):
         raise ModelSpecError("blq: expected 'm3' (likelihood) or 'drop'")
 
-    meta = {k: v for k, v in spec.items()
-            if k not in ("structure", "parameters", "covariates", "iiv", "iov",
-                         "residual", "baseline", "blq", "name")}
+    meta = {k: v for k, v in spec.items() if k not in SECTIONS}
     fitted = meta.get("fitted")
-    if fitted is not None and not isinstance(fitted, dict):
-        raise ModelSpecError("fitted: expected a mapping (written by phems fit)")
-    if fitted is not None and not isinstance(fitted.get("converged", False), bool):
-        raise ModelSpecError(f"fitted.converged: expected true or false, got "
-                             f"{fitted['converged']!r:.40}")
+    if fitted is not None:
+        _mapping(fitted, "fitted", _KEYS["fitted"])
+        if not isinstance(fitted.get("converged", False), bool):
+            raise ModelSpecError(f"fitted.converged: expected true or false, got "
+                                 f"{fitted['converged']!r:.40}")
     return PopModel(
         name=name, n_cmt=n_cmt, thetas=tuple(thetas), structural=STRUCTURAL[n_cmt],
         covariate_effects=tuple(effects), iiv_parameters=iiv_params, omega=omega,
         omega_structure=structure, omega_blocks=blocks,
-        omega_fixed=bool(iiv.get("fixed", False)), iov_parameters=iov_params,
-        omega_iov=omega_iov, residual=residual,
+        omega_fixed=omega_fixed, iov_parameters=iov_params,
+        omega_iov=omega_iov, residual=residual, omega_iov_fixed=omega_iov_fixed,
         baseline=_float(base.get("value", 0.0), "baseline.value"),
-        baseline_estimated=bool(base.get("estimate", False)), blq=blq, metadata=meta,
+        baseline_estimated=_bool(base.get("estimate", False), "baseline.estimate"),
+        blq=blq, metadata=meta,
     )
+
+
+def _random_parameters(block: dict, n_cmt: int, where: str) -> tuple[str, ...]:
+    """The canonical names of ``block['parameters']``, each at most once."""
+    raw = block.get("parameters", []) or []
+    if not isinstance(raw, list):
+        raise ModelSpecError(f"{where}.parameters: expected a list of parameter names")
+    out = tuple(_canonical(p, n_cmt, f"{where}.parameters") for p in raw)
+    dup = sorted({p for p in out if out.count(p) > 1})
+    if dup:
+        raise ModelSpecError(f"{where}.parameters: {', '.join(dup)} listed twice")
+    if not out and any(k in block for k in ("variance", "sd", "cv", "correlation")):
+        raise ModelSpecError(f"{where}.parameters: missing (the variances given "
+                             "need the parameters they belong to)")
+    return out
 
 
 def not_converged(model: PopModel) -> str | None:
@@ -396,8 +540,19 @@ def with_values(model: PopModel, *, thetas: dict[str, float] | None = None,
                 omega: np.ndarray | None = None, omega_iov: np.ndarray | None = None,
                 residual: Residual | None = None, baseline: float | None = None
                 ) -> PopModel:
-    """Return a copy of ``model`` with new parameter values (models are immutable)."""
+    """Return a copy of ``model`` with new parameter values (models are immutable).
+
+    ``omega_iov`` is the IOV covariance matrix; a 1-D array is taken as variances.
+    """
     from dataclasses import replace
+
+    if omega_iov is not None:
+        omega_iov = np.asarray(omega_iov, np.float64)
+        if omega_iov.ndim == 1:
+            omega_iov = np.diag(omega_iov)
+        if omega_iov.shape != (model.n_kappa, model.n_kappa):
+            raise ModelSpecError(f"omega_iov: expected a {model.n_kappa}x"
+                                 f"{model.n_kappa} matrix, got {omega_iov.shape}")
 
     new_thetas = model.thetas
     if thetas:
@@ -409,14 +564,10 @@ def with_values(model: PopModel, *, thetas: dict[str, float] | None = None,
     return replace(
         model, thetas=new_thetas,
         omega=model.omega if omega is None else np.asarray(omega, np.float64),
-        omega_iov=model.omega_iov if omega_iov is None else np.asarray(omega_iov),
+        omega_iov=model.omega_iov if omega_iov is None else omega_iov,
         residual=model.residual if residual is None else residual,
         baseline=model.baseline if baseline is None else float(baseline),
     )
-
-
-_SECTIONS = ("name", "structure", "parameters", "covariates", "iiv", "iov", "residual",
-             "baseline", "blq")
 
 
 def _plain(x: Any) -> Any:
@@ -453,8 +604,9 @@ def to_spec(model: PopModel) -> dict[str, Any]:
     be written with ``yaml.safe_dump`` (see :func:`save_model`). Bounds equal to the
     parser's defaults (``lower: 0`` for structural parameters, ``-0.999`` for
     indicator and ``-inf`` for other coefficients, ``upper: inf``) are left out; any
-    other infinite bound is written as YAML's ``.inf``/``-.inf``. IIV is written as
-    the full ``variance`` matrix with an explicit ``structure`` (and ``blocks``).
+    other infinite bound is written as YAML's ``.inf``/``-.inf``. IIV and IOV are
+    written as full ``variance`` matrices (IIV with an explicit ``structure`` and
+    ``blocks``), ``iov.fixed`` and ``residual.form`` explicitly.
 
     Examples
     --------
@@ -510,17 +662,18 @@ def to_spec(model: PopModel) -> dict[str, Any]:
     iov: dict[str, Any] = {}
     if model.iov_parameters:
         iov["parameters"] = list(model.iov_parameters)
-        iov["variance"] = _plain(np.asarray(model.omega_iov, dtype=np.float64)
-                                 .reshape(-1))
+        iov["variance"] = _plain(np.asarray(model.omega_iov, dtype=np.float64))
+        iov["fixed"] = bool(model.omega_iov_fixed)
 
     residual: dict[str, Any] = {"additive": float(model.residual.additive),
-                                "proportional": float(model.residual.proportional)}
+                                "proportional": float(model.residual.proportional),
+                                "form": model.residual.form}
     if model.residual.fixed:
         residual["fixed"] = True
 
     spec: dict[str, Any] = {"name": model.name}
     spec.update(_plain({k: v for k, v in model.metadata.items()
-                        if k not in _SECTIONS}))
+                        if k not in SECTIONS}))
     spec.update({
         "structure": {"compartments": int(model.n_cmt)},
         "parameters": parameters,
