@@ -192,7 +192,7 @@ def published_designs(m: PopModel) -> list[PublishedDesign]:
     for d in PUBLISHED_DESIGNS:
         if (m.name in d.products or any(i in product for i in d.inn)
                 or (d.fix_standard and m.metadata.get("factor") == "FIX"
-                    and not m.extended_half_life)):
+                    and m.metadata.get("half_life_class") == "standard")):
             out.append(d)
     return out
 
