@@ -299,137 +299,15 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def _covariate_rows(result: dict) -> list[dict]:
-    ranges = (result.get("model") or {}).get("validated_range") or {}
-    rows = []
-    for key, cov in (result.get("covariates") or {}).items():
-        label, unit, names = _COVARIATES.get(key, (key, "", None))
-        value = _num(cov.get("value"))
-        shown = _lab(value)
-        if names and value is not None:
-            shown = names.get(value, shown)
-        notes = []
-        if cov.get("source") == "assumed":
-            notes.append("assumed, not measured")
-        rng = ranges.get(key)
-        lo, hi = (rng or (None, None))[:2]
-        if value is not None and ((lo is not None and value < lo)
-                                  or (hi is not None and value > hi)):
-            span = (f"{_lab(lo)}{DASH}{_lab(hi)}" if lo is not None and hi is not None
-                    else f"≥ {_lab(lo)}" if lo is not None else f"≤ {_lab(hi)}")
-            notes.append(f"outside validated range {span}")
-        rows.append({"name": f"{label} ({key})", "value": shown, "unit": unit,
-                     "source": cov.get("source") or DASH, "note": "; ".join(notes),
-                     "flag": bool(notes)})
-    return rows
-
-
-def _estimate_rows(result: dict) -> list[dict]:
-    def row(label, unit, est, inf="\u221e"):
-        # an infinite median reads as "not reached"; an interval bound stays "∞"
-        return {"label": label, "unit": unit, "median": _median(est, inf=inf),
-                "interval": _interval(est)}
-
-    rows = [
-        row("Terminal half-life", "h", result.get("half_life_h")),
-        row("Effective half-life", "h", result.get("effective_half_life_h")),
-        row("Clearance", "dL/h", result.get("clearance_dL_h")),
-        row("Clearance", "mL/h/kg", result.get("clearance_mL_h_kg")),
-        row("Central volume (V1)", "dL", result.get("v1_dL")),
-        row("Volume at steady state (Vss)", "dL", result.get("vss_dL")),
-        row("Incremental recovery", "IU/dL per IU/kg",
-            result.get("incremental_recovery")),
-    ]
-    std = result.get("standard_dose_IU")
-    wt = _num(((result.get("covariates") or {}).get("WT") or {}).get("value"))
-    std_label = f"{_dose(std)} IU" + (f" ({_lab(std / wt)} IU/kg)"
-                                      if wt and _num(std) is not None else "")
-    for key, after in (("time_to_threshold_h", "after the last infusion"),
-                       ("time_to_threshold_after_standard_dose_h",
-                        f"after a standard dose of {std_label}")):
-        times = result.get(key) or {}
-        for thr in sorted(times, key=_key_num):
-            rows.append(row(f"Time to {_lab(thr)} IU/dL {after}", "h", times[thr],
-                            inf="not reached"))
-    return rows
-
-
-def _level_rows(result: dict) -> list[dict]:
-    rows = []
-    for lv in result.get("levels") or []:
-        if lv.get("blq"):
-            lloq = _num(lv.get("lloq_IU_dL"))
-            value = f"BLQ (< LLOQ {_lab(lloq)})" if lloq is not None else BLQ_LABEL
-        else:
-            value = _fmt(lv.get("value_IU_dL"))
-        rows.append({"time": _lab(lv.get("time_h")),
-                     "clock": _clock(result.get("time_origin"), lv.get("time_h")),
-                     "value": value,
-                     "median": _median(lv.get("predicted")),
-                     "interval": _interval(lv.get("predicted"))})
-    return rows
-
-
-def _regimen_groups(result: dict) -> list[dict]:
-    groups: dict[float, list[dict]] = {}
-    for reg in result.get("regimens") or []:
-        groups.setdefault(float(reg["interval_h"]), []).append(reg)
-    out = []
-    for h in sorted(groups):
-        rows = []
-        for reg in sorted(groups[h], key=lambda r: float(r["target_IU_dL"])):
-            reachable = _num(reg.get("dose_IU")) is not None
-            peak = reg.get("peak_IU_dL")
-            rows.append({
-                "target": _lab(reg["target_IU_dL"]),
-                "reachable": reachable,
-                "dose": _dose(reg.get("dose_IU")),
-                "dose_kg": _fmt(reg.get("dose_IU_kg")),
-                "prob": _pct(reg.get("trough_prob")),
-                "peak": _median(peak),
-                "peak_interval": _interval(peak) if isinstance(peak, dict) else "",
-                "below": _median(reg.get("hours_below_target_per_week")),
-            })
-        out.append({"interval": _interval_name(h), "rows": rows})
-    return out
-
-
-def _current_regimen(result: dict) -> str | None:
-    cur = result.get("current_regimen")
-    if not cur:
-        return None
-    text = f"{_dose(cur.get('dose_IU'))} IU {_interval_name(float(cur['interval_h']))}"
-    probs = result.get("current_regimen_trough_prob") or {}
-    parts = [f"P(trough \u2265 {_lab(k)} IU/dL) = {_pct(probs[k])}"
-             for k in sorted(probs, key=_key_num)]
-    return text + (": " + ", ".join(parts) if parts else "")
-
-
-def _validated_range(model: dict) -> str:
-    rng = model.get("validated_range") or {}
-    parts = []
-    for key, (lo, hi) in rng.items():
-        label, unit, _ = _COVARIATES.get(key, (key, "", None))
-        parts.append(f"{label.lower()} {_lab(lo)}{DASH}{_lab(hi)} {unit}".rstrip())
-    return "; ".join(parts) or "not stated"
-
-
-def _flatten(d: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """Nested diagnostics/versions as ``(dotted key, text)`` pairs."""
-    if isinstance(d, dict):
-        return [kv for k, v in d.items()
-                for kv in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
-    if isinstance(d, bool) or d is None:
-        return [(prefix, {True: "yes", False: "no", None: DASH}[d])]
-    if isinstance(d, int | float):
-        return [(prefix, _fmt(d) if isinstance(d, float) else str(d))]
-    if isinstance(d, list | tuple):
-        return [(prefix, ", ".join(map(str, d)))]
-    return [(prefix, str(d))]
+def _versions(d: Any) -> list[tuple[str, str]]:
+    """Package versions as ``(name, version)`` pairs."""
+    return [(str(k), str(v)) for k, v in (d or {}).items()] if isinstance(
+        d, dict) else []
 
 
 def _generated(result: dict, generated: datetime | str | None) -> str:
-    when = generated if generated is not None else result.get("generated")
+    when = generated if generated is not None else (
+        result.get("generated") or result.get("assessed"))
     if when is None:
         when = datetime.now().astimezone()
     return when.strftime("%Y-%m-%d %H:%M %Z").strip() if isinstance(
@@ -440,14 +318,20 @@ def render_report(result: dict, curve_png: bytes, *,
                   generated: datetime | str | None = None) -> str:
     """Render the self-contained HTML report of one dosing result.
 
+    The report shows ``result["display"]`` (built by
+    :func:`phems_clinical.dosing.wording.display`): the same title, summary,
+    tables, warnings and notes the command line prints and the web page shows,
+    as finished text; with a previous assessment, its comparison table. No
+    number is formatted here, and no fit internals are shown.
+
     Parameters
     ----------
     result : dict
-        A dosing result (dosing contract §3).
+        A dosing result with its ``display``.
     curve_png : bytes
         The figure from :func:`curve_figure`, inlined as a base64 ``data:`` URI.
     generated : datetime or str, optional
-        Date shown as "generated"; default ``result["generated"]`` if present, else
+        Date shown as "generated"; default ``result["assessed"]`` if present, else
         now. Pass it for reproducible output.
 
     Returns
@@ -455,34 +339,23 @@ def render_report(result: dict, curve_png: bytes, *,
     str
         One HTML page: inline CSS with print rules, no scripts, no external URLs.
         Every string taken from ``result`` is HTML-escaped.
+
+    Raises
+    ------
+    ValueError
+        When ``result`` has no ``display`` (rebuild it with
+        :func:`phems_clinical.dosing.workflow.redraw`).
     """
-    model = {"name": DASH, "citation": DASH, "source": "library", "path": None,
-             "factor": DASH, "half_life_class": DASH, "unverified": [],
-             "validated_range": {}} | (result.get("model") or {})
-    warnings = [{"field": w.get("field") or "", "message": w.get("message", "")}
-                if isinstance(w, dict) else {"field": "", "message": str(w)}
-                for w in result.get("warnings") or []]
+    disp = result.get("display")
+    if not isinstance(disp, dict):
+        raise ValueError("result: no 'display' to render; rebuild it with "
+                         "phems_clinical.dosing.workflow.redraw")
     ctx = {
-        "title": _title(result),
-        "patient_id": result.get("patient_id"),
-        "product": result.get("product"),
+        "d": disp,
+        "title": disp.get("title", ""),
         "generated": _generated(result, generated),
-        "model": model,
-        "method": _METHODS.get(result.get("method"), result.get("method") or DASH),
-        "uncertainty": result.get("uncertainty") or DASH,
-        "seed": result.get("seed"),
-        "covariates": _covariate_rows(result),
-        "warnings": warnings,
         "image": base64.b64encode(curve_png).decode("ascii"),
         "time_axis": _time_label(result)[0].lower() + _time_label(result)[1:],
-        "estimates": _estimate_rows(result),
-        "levels": _level_rows(result),
-        "has_clock": bool(result.get("time_origin")),
-        "regimens": _regimen_groups(result),
-        "trough_probability": _pct(result.get("trough_probability")),
-        "current_regimen": _current_regimen(result),
-        "validated_range": _validated_range(model),
-        "diagnostics": _flatten(result.get("diagnostics") or {}),
-        "versions": _flatten(result.get("versions") or {}),
+        "versions": _versions(result.get("versions")),
     }
     return _environment().get_template("dose_report.html.j2").render(**ctx)

@@ -13,7 +13,8 @@ from phems_clinical.app.cli import main
 from phems_clinical.app.dose import run_dose
 from phems_clinical.data.dosing_request import RequestError
 
-EXAMPLE = {"product": "advate", "weight_kg": 25.0, "age_y": 8.0,
+# Kovaltry (Garmann 2017): the library's fully verified default (no acknowledgement)
+EXAMPLE = {"product": "kovaltry", "weight_kg": 25.0, "age_y": 8.0, "height_cm": 128.0,
            "infusions": [{"time_h": 0.0, "dose_IU": 1000, "duration_h": 0.17}],
            "levels": [{"time_h": 4.0, "value": 40.2, "unit": "IU/dL"},
                       {"time_h": 24.0, "value": 10.1, "unit": "IU/dL"},
@@ -48,22 +49,31 @@ def test_example_writes_all_outputs(example_run):
     assert ttt["5"]["median"] < ttt["2"]["median"] < ttt["1"]["median"]
     # the measured 1.5 IU/dL at 48 h: the level reaches 1 IU/dL some hours later
     assert 48.0 < ttt["1"]["median"] < 72.0
-    # standard half-life product: 24/48/72 h x targets 1/3/5
-    grid = {(g["interval_h"], g["target_IU_dL"]) for g in r["regimens"]}
-    assert grid == {(t, x) for t in (24.0, 48.0, 72.0) for x in (1.0, 3.0, 5.0)}
-    vials = (250, 500, 1000, 1500, 2000, 3000)
+    # standard half-life product: every 24/48/72 h x targets 1/3/5
+    grid = {(g["schedule"]["every_h"], g["target_IU_dL"]) for g in r["regimens"]}
+    assert {(t, x) for t in (24.0, 48.0, 72.0) for x in (1.0, 3.0, 5.0)} <= grid
     for g in r["regimens"]:
-        if g["dose_IU"] is not None:
+        assert g["cap_IU_kg"] == 100.0
+        if g["status"] == "ok":
             assert g["trough_prob"] >= 0.9
-            assert g["dose_IU"] % 250 == 0 and g["dose_IU"] >= min(vials)
+            assert g["dose_IU"] % 250 == 0 and g["dose_IU"] >= 250
+            assert g["dose_IU_kg"] == pytest.approx(g["dose_IU"] / 25.0)
+            assert g["dose_IU_kg_week"] == pytest.approx(
+                g["dose_IU_kg"] * g["infusions_per_week"])
+        else:   # the cap named as a cap, its dose shown
+            assert g["status"] == "above_cap"
+            assert g["dose_IU_kg"] <= 100.0 + 1e-9
     assert r["current_regimen"] is None and r["current_regimen_trough_prob"] is None
-    assert r["warnings"] == []
+    assert r["warnings"] == [] and r["acknowledged_unverified"] == []
+    assert r["product"] == "kovaltry"
+    assert r["display"]["title"] == "Kovaltry (octocog alfa) \u2014 Garmann 2017"
     assert r["method"] == "map" and r["model"]["source"] == "library"
     assert len(r["curve"]["time_h"]) == len(r["curve"]["p50"]) > 100
     png = matplotlib.image.imread(example_run / "curve.png")
     assert png.shape[0] > 300
     html = (example_run / "report.html").read_text()
-    assert "data:image/png;base64," in html and "Björkman" in html
+    assert "data:image/png;base64," in html and "Garmann" in html
+    assert "gradient_max_abs" not in html and "objective" not in html
     assert "http://" not in html and "https://" not in html
 
 
@@ -99,9 +109,8 @@ def _errors(capsys, tmp_path, request):
 
 
 def test_unknown_product_lists_the_known_ones(capsys, tmp_path):
-    err = _errors(capsys, tmp_path, {**EXAMPLE, "product": "advat"})
-    assert "product: unknown product 'advat'" in err
-    assert "advate" in err and "alprolix" in err
+    err = _errors(capsys, tmp_path, {**EXAMPLE, "product": "kovalty"})
+    assert "product: " in err and "'kovalty'" in err and "kovaltry" in err
 
 
 def test_level_before_infusion(capsys, tmp_path):
@@ -144,7 +153,7 @@ def test_extrapolation_warning(capsys, tmp_path):
     rc = main(["dose", str(_write(tmp_path, req)), "--out", str(tmp_path / "o")])
     assert rc == 0
     err = capsys.readouterr().err
-    assert "age_y" in err and "outside the range the model was built on (1-65 y)" in err
+    assert "age_y" in err and "outside the range the model was built on (1-61 y)" in err
     r = json.loads((tmp_path / "o" / "result.json").read_text())
     assert any(w["field"] == "age_y" for w in r["warnings"])
     assert "outside the range" in (tmp_path / "o" / "report.html").read_text()
@@ -171,11 +180,13 @@ def test_blq_datetimes_and_assumed_covariates():
     assert r["covariates"]["VWF"]["source"] == "assumed"
     assert {w["field"] for w in r["warnings"]} >= {"vwf_IU_dL", "hematocrit_pct",
                                                    "method"}
-    assert max(g["interval_h"] for g in r["regimens"]) == 168.0
+    assert max(g["schedule"]["every_h"] or 0 for g in r["regimens"]) == 168.0
+    # an extended half-life product leads with the effective half-life
+    assert r["display"]["summary"][0]["label"] == "Effective half-life"
 
 
 def test_regular_history_reports_current_regimen():
-    req = {"product": "advate", "weight_kg": 30.0, "age_y": 10.0,
+    req = {"product": "kovaltry", "weight_kg": 30.0, "age_y": 10.0, "height_cm": 138,
            "infusions": [{"time_h": t, "dose_IU": 1000, "duration_h": 0.1}
                          for t in (0.0, 48.0, 96.0, 144.0)],
            "levels": [{"time_h": 148.0, "value": 35.0, "unit": "IU/dL"},
@@ -191,7 +202,7 @@ def test_fitted_model_file_as_prior(tmp_path):
     from phems_clinical.pk.library import load_product
     from phems_clinical.pk.spec import save_model, with_values
 
-    fitted = with_values(load_product("advate"), thetas={"CL": 2.5})
+    fitted = with_values(load_product("kovaltry"), thetas={"CL": 2.5})
     path = save_model(fitted, tmp_path / "model.yaml")
     req = {k: v for k, v in EXAMPLE.items() if k != "product"} | {"model": str(path)}
     r = run_dose(req).result
@@ -218,7 +229,7 @@ def _fitted(tmp_path, fitted):
     from phems_clinical.pk.library import load_product
     from phems_clinical.pk.spec import save_model
 
-    model = load_product("advate")
+    model = load_product("kovaltry")
     meta = dict(model.metadata)
     if fitted is not None:
         meta["fitted"] = fitted
@@ -238,11 +249,11 @@ def test_model_from_a_failed_fit_is_refused(tmp_path, fitted):
 
 
 def test_model_from_a_converged_fit_is_used(tmp_path):
-    from phems_clinical.app.dose import _resolve_model
     from phems_clinical.data.dosing_request import parse_request
+    from phems_clinical.dosing.workflow import _resolve_model
 
     req = parse_request(_fitted(tmp_path, {"converged": True, "method": "focei"}))
-    model, source = _resolve_model(req)
+    model, source = _resolve_model(req)[:2]
     assert source["source"] == "file"
     assert model.metadata["fitted"]["converged"] is True
 
@@ -337,7 +348,7 @@ def test_figure_shortens_the_id_and_typesets_no_maths(example_run):
 
 
 def test_non_finite_results_are_refused():
-    from phems_clinical.app.dose import _check_finite
+    from phems_clinical.dosing.workflow import _check_finite
 
     _check_finite({"a": [1.0, "inf"], "b": {"c": None}})
     with pytest.raises(RequestError, match=r"curve\.p50\[1\]"):
