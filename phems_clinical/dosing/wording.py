@@ -364,7 +364,7 @@ def _covariates_table(result: Mapping) -> dict:
         lo, hi = _value(lo), _value(hi)
         if v is not None and ((lo is not None and v < lo)
                               or (hi is not None and v > hi)):
-            notes.append(f"outside the model's range {_range_text(lo, hi, unit)}")
+            notes.append(f"outside the model range {_range_text(lo, hi, unit)}")
         rows.append([f"{name} ({key})", shown, str(cov.get("source") or DASH),
                      "; ".join(notes)])
     return {"columns": ["Covariate", "Value", "Source", "Note"], "rows": rows}

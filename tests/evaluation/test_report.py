@@ -13,6 +13,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
+from phems_clinical.dosing.wording import display
 from phems_clinical.evaluation.report import _fmt, curve_figure, render_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -21,6 +22,20 @@ GENERATED = "2024-05-06 09:30"
 
 def _est(median, rel=0.2):
     return {"median": median, "lo90": median * (1 - rel), "hi90": median * (1 + rel)}
+
+
+def _reg(label, every_h, target, dose, prob, peak, status="ok", peak_flag=None):
+    per_week = 168 / every_h if every_h else 3.0
+    return {"schedule": {"label": label, "every_h": every_h,
+                         "weekdays": [] if every_h else [0, 2, 4]},
+            "target_IU_dL": target, "status": status, "dose_IU": dose,
+            "dose_IU_kg": dose / 30.0, "infusions_per_week": per_week,
+            "dose_IU_kg_week": dose / 30.0 * per_week,
+            "vials": [{"size_IU": 1000, "count": dose // 1000}],
+            "trough_IU_dL": _est(target * 1.5), "trough_prob": prob,
+            "peak_IU_dL": _est(peak), "peak_flag": peak_flag,
+            "time_above_h_per_week": {"1": _est(150.0, 0.05)},
+            "hours_below_target_per_week": _est(3.4), "cap_IU_kg": 100.0}
 
 
 def make_result() -> dict:
@@ -61,25 +76,19 @@ def make_result() -> dict:
         "v1_dL": _est(15.01), "vss_dL": _est(19.87),
         "incremental_recovery": _est(2.04, 0.1),
         "time_to_threshold_h": {"1": _est(92.3), "2": _est(80.1), "5": _est(61.6)},
-        "standard_dose_IU": 1500.0,
+        "standard_dose_IU": 1500.0, "standard_dose_IU_kg": 50.0,
         "time_to_threshold_after_standard_dose_h": {
             "1": {"median": math.inf, "lo90": 71.0, "hi90": math.inf},
             "2": _est(60.4), "5": _est(42.2)},
         "trough_probability": 0.9,
         "regimens": [
-            {"interval_h": 72, "target_IU_dL": 1, "dose_IU": 3500,
-             "dose_IU_kg": 116.7, "trough_prob": 0.9, "peak_IU_dL": _est(245.0),
-             "hours_below_target_per_week": _est(3.4)},
-            {"interval_h": 48, "target_IU_dL": 3, "dose_IU": 2000,
-             "dose_IU_kg": 66.67, "trough_prob": 0.912, "peak_IU_dL": _est(140.5),
-             "hours_below_target_per_week": _est(1.2)},
-            {"interval_h": 48, "target_IU_dL": 1, "dose_IU": 1000,
-             "dose_IU_kg": 33.33, "trough_prob": 0.93, "peak_IU_dL": _est(70.2),
-             "hours_below_target_per_week": _est(0.0)},
-            {"interval_h": 72, "target_IU_dL": 3, "dose_IU": None, "dose_IU_kg": None,
-             "trough_prob": None, "peak_IU_dL": None,
-             "hours_below_target_per_week": None},
+            _reg("every 48 h", 48, 1, 1000, 0.93, 70.2),
+            _reg("Mon/Wed/Fri", None, 3, 2000, 0.912, 140.5),
+            _reg("every 72 h", 72, 3, 3000, 0.62, 245.0, status="above_cap",
+                 peak_flag="above"),
         ],
+        "evaluated_regimens": [],
+        "max_dose_IU_kg": 100.0, "peak_flag_IU_dL": 150.0,
         "current_regimen": {"interval_h": 48, "dose_IU": 1500},
         "current_regimen_trough_prob": {"1": 0.97, "3": 0.62, "5": 0.21},
         "levels": [
@@ -112,9 +121,13 @@ def png(result) -> bytes:
     return curve_figure(result)
 
 
+def _render(result, png, **kw) -> str:
+    return render_report({**result, "display": display(result)}, png, **kw)
+
+
 @pytest.fixture
 def html(result, png) -> str:
-    return render_report(result, png, generated=GENERATED)
+    return _render(result, png, generated=GENERATED)
 
 
 class _TagBalance(HTMLParser):
@@ -197,85 +210,79 @@ def test_html_is_self_contained_and_well_formed(html, png):
     assert {"html", "head", "body", "header", "main", "footer", "table"} <= parser.seen
 
 
-def test_html_header_and_covariates(html):
+def test_html_needs_display(result, png):
+    with pytest.raises(ValueError, match="display"):
+        render_report(result, png)
+
+
+def test_html_header_summary_and_covariates(html, result):
     assert "<h1>Individual PK report</h1>" in html
-    assert "<dd>PK-0042</dd>" in html and f"<dd>{GENERATED}</dd>" in html
-    assert "<dd>Björkman S, et al. Blood 2012;119:612-618.</dd>" in html
-    assert "Maximum a posteriori (MAP) estimate with Laplace approximation" in html
-    assert "<dd>Laplace approximation at the posterior mode, 4000 draws</dd>" in html
-    assert _row(html, "Body weight") == "Body weight (WT) | 30 | kg | given | "
-    assert _row(html, "Blood group") == (
-        "Blood group (BGO) | non-O |  | assumed | assumed, not measured")
+    assert f"<dd>{GENERATED}</dd>" in html
+    rows = _rows(html)
+    summary = display(result)["summary"]
+    # standard half-life: the terminal half-life first
+    assert summary[0] == {"label": "Terminal half-life",
+                          "value": "12.3 h (90 % interval 9.88\u201314.8 h)"}
+    item = {"label": "Time to 1 IU/dL after 1,500 IU (50 IU/kg)",
+            "value": "not reached (90 % interval 71.0 h\u2013\u221e)"}
+    assert item in summary
+    assert (f'<tr><th scope="row">{item["label"]}</th><td>{item["value"]}</td></tr>'
+            in html)
+    assert "Blood group (BGO) | non-O | assumed | assumed, not measured" in rows
+
+
+def test_extended_half_life_leads_with_the_effective_one(result):
+    result["model"]["half_life_class"] = "extended"
+    assert display(result)["summary"][0]["label"] == "Effective half-life"
 
 
 def test_html_flags_covariate_outside_validated_range(result, png):
     result["covariates"]["AGE"]["value"] = 0.5
-    out = render_report(result, png, generated=GENERATED)
-    assert _row(out, "Age") == (
-        "Age (AGE) | 0.5 | y | given | outside validated range 1\u201365")
+    out = _render(result, png, generated=GENERATED)
+    assert ("Age (AGE) | 0.5 y | given | outside the model range 1\u201365 y"
+            in _rows(out))
 
 
 def test_html_warnings(html):
     box = re.search(r'<section class="warnings".*?</section>', html, flags=re.S)
     assert box is not None
-    assert ("<strong>age_y</strong>: age 0.5 y is outside the validated range 1-65 y"
-            in box.group())
+    assert "age_y: age 0.5 y is outside the validated range 1-65 y" in box.group()
 
 
 def test_html_no_warning_box_without_warnings(result, png):
     result["warnings"] = []
-    assert 'class="warnings"' not in render_report(result, png, generated=GENERATED)
-
-
-def test_html_estimates(html):
-    rows = _rows(html)
-    assert "Terminal half-life | 12.3 | 9.88 \u2013 14.8 | h" in rows
-    assert "Effective half-life | 10.2 | 8.17 \u2013 12.3 | h" in rows
-    assert "Clearance | 1.23 | 0.988 \u2013 1.48 | dL/h" in rows
-    assert "Clearance | 4.12 | 3.29 \u2013 4.94 | mL/h/kg" in rows
-    assert "Central volume (V1) | 15.0 | 12.0 \u2013 18.0 | dL" in rows
-    assert "Volume at steady state (Vss) | 19.9 | 15.9 \u2013 23.8 | dL" in rows
-    assert "Incremental recovery | 2.04 | 1.84 \u2013 2.24 | IU/dL per IU/kg" in rows
-    assert ("Time to 5 IU/dL after the last infusion | 61.6 | 49.3 \u2013 73.9 | h"
-            in rows)
-    assert ("Time to 1 IU/dL after a standard dose of 1,500 IU (50 IU/kg) "
-            "| not reached | 71.0 \u2013 \u221e | h") in rows
+    assert 'class="warnings"' not in _render(result, png, generated=GENERATED)
 
 
 def test_html_levels(html):
     rows = _rows(html)
-    assert "4 | 58.0 | 55.9 | 49.2 \u2013 62.7" in rows
-    assert "116 | BLQ (&lt; LLOQ 1) | 0.520 | 0.260 \u2013 0.780" in rows
+    assert ("4 h | \u2013 | 58.0 IU/dL | 55.9 IU/dL (90 % interval "
+            "49.2\u201362.7 IU/dL)") in rows
+    assert any(r.startswith("116 h | \u2013 | below LLOQ 1.00 IU/dL") for r in rows)
 
 
 def test_html_regimens(html):
-    assert ("smallest dose, rounded up to vial sizes, with P(trough ≥ target) "
-            "≥ 90%") in html
     rows = _rows(html)
-    # grouped by interval (48 h first), targets ascending within each group
-    order = [rows.index(r) for r in (
-        "every 48 h (every 2 days) | 1 | 1,000 | 33.3 | 93% | 70.2 (56.2 \u2013 84.2)"
-        " | 0",
-        "3 | 2,000 | 66.7 | 91% | 140 (112 \u2013 169) | 1.20",
-        "every 72 h (every 3 days) | 1 | 3,500 | 117 | 90% | 245 (196 \u2013 294)"
-        " | 3.40",
-        "3 | not reachable with listed vials",
-    )]
-    assert order == sorted(order)
-    assert html.count('<tbody class="group">') == 2
-    assert ("<strong>Current regimen:</strong> 1,500 IU every 48 h (every 2 days): "
-            "P(trough ≥ 1 IU/dL) = 97%, P(trough ≥ 3 IU/dL) = 62%, "
-            "P(trough ≥ 5 IU/dL) = 21%") in html
+    assert rows.index(next(r for r in rows if r.startswith("every 48 h"))) < \
+        rows.index(next(r for r in rows if r.startswith("Mon/Wed/Fri")))
+    row = next(r for r in rows if r.startswith("Mon/Wed/Fri")).split(" | ")
+    assert row[:8] == ["Mon/Wed/Fri", "3 IU/dL", "2,000 IU", "66.7 IU/kg",
+                       "200 IU/kg", "2 \u00d7 1,000",
+                       "4.50 IU/dL (90 % interval 3.60\u20135.40 IU/dL)", "91 %"]
+    cap = next(r for r in rows if r.startswith("every 72 h"))
+    assert "3,000 IU (cap)" in cap and "cap of 100 IU/kg" in cap
+    assert "peak 245 IU/dL is above 150 IU/dL" in cap and "Koster" in cap
+    assert "Hours above 1 IU/dL per week" in html
 
 
-def test_html_model_and_uncertainty_note(html):
-    assert "Unverified model values: iiv, iov, residual, vial_sizes_IU." in html
-    assert "not checked against the primary paper" in html
-    assert "<dd>age 1\u201365 y; body weight 11\u2013108 kg</dd>" in html
-    assert "<dd>product library</dd>" in html
-    assert "<dd>objective: 12.3; converged: yes</dd>" in html
-    assert "90% probability" in html and "assay error of future samples" in html
-    assert "extrapolations" in html and "The treating clinician decides" in html
+def test_html_model_and_notes_without_internals(html):
+    rows = _rows(html)
+    assert "Unverified model sections | iiv, iov, residual, vial_sizes_IU" in rows
+    assert "Age range of the model | 1\u201365 y" in rows
+    assert "Source | product library" in rows
+    assert "objective" not in html and "converged" not in html
+    assert "90 % probability" in html and "assay error of future samples" in html
+    assert "extrapolations" in html and "the treating clinician decides" in html
     assert "Software: phems_clinical 0.1.0 · jax 0.4.30." in html
 
 
@@ -284,7 +291,7 @@ def test_html_escapes_user_strings(result, png):
     result["patient_id"] = evil
     result["warnings"] = [{"field": "x", "message": evil}]
     result["model"]["citation"] = evil
-    out = render_report(result, png, generated=evil)
+    out = _render(result, png, generated=evil)
     assert evil not in out and "<script" not in out
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in out
 
@@ -294,18 +301,27 @@ def test_html_model_file_and_time_origin(result, png):
     result["model"] |= {"source": "file", "path": "/models/fit.yaml",
                         "unverified": []}
     result["time_origin"] = "2024-05-01T08:00"
-    out = render_report(result, png, generated=GENERATED)
-    assert "<dd>model file /models/fit.yaml</dd>" in out
-    assert "No model values are flagged as unverified." in out
-    assert "116 | 2024-05-06 04:00 | BLQ (&lt; LLOQ 1)" in "\n".join(_rows(out))
+    out = _render(result, png, generated=GENERATED)
+    assert "Source | model file /models/fit.yaml" in _rows(out)
+    assert "Unverified model sections | none" in _rows(out)
     assert "against time since 2024-05-01T08:00 (h)" in out
 
 
+def test_html_comparison_with_a_previous_assessment(result, png):
+    previous = copy.deepcopy(result) | {"assessed_at": "2023-05-06T09:30:00"}
+    previous["half_life_h"] = _est(10.0)
+    out = render_report({**result, "display": display(result, previous)}, png,
+                        generated=GENERATED)
+    assert "Previous assessment" in out
+    rows = _rows(out)
+    assert any(r.startswith("2023-05-06 09:30 |") and "10.0 h" in r for r in rows)
+
+
 def test_html_generated_defaults_to_now(result, png):
-    out = render_report(result, png)
+    out = _render(result, png)
     assert re.search(r"<dd>\d{4}-\d\d-\d\d \d\d:\d\d", out)
     result["generated"] = "2023-01-02 03:04"
-    assert "<dd>2023-01-02 03:04</dd>" in render_report(result, png)
+    assert "<dd>2023-01-02 03:04</dd>" in _render(result, png)
 
 
 def test_write_examples(png, html):
