@@ -60,6 +60,7 @@ def assert_same_model(a: PopModel, b: PopModel) -> None:
     assert a.iov_parameters == b.iov_parameters
     np.testing.assert_array_equal(a.omega_iov, b.omega_iov)
     assert a.omega_iov.shape == b.omega_iov.shape
+    assert a.omega_iov_fixed == b.omega_iov_fixed
     assert a.residual == b.residual
     assert a.baseline == b.baseline
     assert a.baseline_estimated == b.baseline_estimated
@@ -138,6 +139,26 @@ def test_nondefault_bounds_blocks_and_flags_roundtrip(tmp_path):
     assert_same_typical(model, back)
     assert back.thetas[0].lower == -math.inf
     assert back.covariate_effects[2].condition == (">=", 2.5e-3)
+
+
+def test_correlated_iov_and_residual_form_roundtrip(tmp_path):
+    """A correlated IOV block (pdFIX: CL 21.4 %, V1 20.1 %, r 0.902; Brekkan et al.,
+    J Thromb Haemost 2016;14:724-732) stays a full matrix, ``iov.fixed`` may differ
+    from ``iiv.fixed``, and the Monolix ``combined1`` residual form is kept."""
+    model = parse_model({
+        "name": "corr-iov", "structure": {"compartments": 2},
+        "parameters": {"CL": 3.0, "V1": 60.0, "Q2": 4.0, "V2": 40.0},
+        "iiv": {"parameters": ["CL"], "sd": [0.3], "fixed": True},
+        "iov": {"parameters": ["CL", "V1"], "sd": [0.214, 0.201],
+                "correlation": [[1.0, 0.902], [0.902, 1.0]], "fixed": False},
+        "residual": {"additive": 0.868, "proportional": 0.108, "form": "combined1"},
+    })
+    assert model.omega_iov[0, 1] == pytest.approx(0.902 * 0.214 * 0.201, rel=1e-15)
+    assert model.omega_fixed and not model.omega_iov_fixed
+    spec = to_spec(model)
+    assert spec["iov"]["fixed"] is False and spec["residual"]["form"] == "combined1"
+    back = load_model(save_model(model, tmp_path / "corr.yaml"))
+    assert_same_model(model, back)
 
 
 def test_to_spec_omits_default_and_infinite_bounds():
