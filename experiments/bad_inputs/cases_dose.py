@@ -15,7 +15,7 @@ from pathlib import Path
 
 from harness import Case
 
-EXAMPLE = {"product": "advate", "weight_kg": 25.0, "age_y": 8.0,
+EXAMPLE = {"product": "kovaltry", "weight_kg": 25.0, "age_y": 8.0, "height_cm": 128,
            "infusions": [{"time_h": 0.0, "dose_IU": 1000, "duration_h": 0.17}],
            "levels": [{"time_h": 4.0, "value": 40.2, "unit": "IU/dL"},
                       {"time_h": 24.0, "value": 10.1, "unit": "IU/dL"},
@@ -55,7 +55,7 @@ def _failed_fit(tmp: Path) -> list[str]:
     from phems_clinical.pk.library import load_product
     from phems_clinical.pk.spec import save_model
 
-    model = load_product("advate")
+    model = load_product("kovaltry")
     meta = {**model.metadata, "fitted": {"method": "focei", "converged": False}}
     path = save_model(dataclasses.replace(model, metadata=meta), tmp / "model.yaml")
     req = {k: v for k, v in EXAMPLE.items() if k != "product"} | {"model": str(path)}
@@ -130,5 +130,29 @@ CASES = [
     Case(D, "a JSON list, not an object", r"JSON object", _run("[1, 2]")),
     # the model
     Case(D, "model from a failed fit", r"model.*did not converge", _failed_fit),
-    Case(D, "unknown product", r"product", _run(_with(product="advat"))),
+    Case(D, "unknown product", r"product", _run(_with(product="kovalty"))),
+    Case(D, "unverified model without acknowledgement", r"acknowledge_unverified",
+         _run(_with(product="advate"))),
+    Case(D, "acknowledgement not a boolean", r"acknowledge_unverified",
+         _run(_with(product="advate", acknowledge_unverified="yes"))),
+    # clinic input: weight in lb, day-first dates, assay, designer options
+    Case(D, "weight in kg and in lb", r"weight_lb", _run(_with(weight_lb=55))),
+    Case(D, "weight_lb of 600", r"weight_lb",
+         _run({k: v for k, v in _with(weight_lb=600).items() if k != "weight_kg"})),
+    Case(D, "31/02/2026 date", r"levels\[0\]\.datetime",
+         _run(_with(infusions=[{"datetime": "01/02/2026 08:00", "dose_IU": 1000}],
+                    levels=[{"datetime": "31/02/2026 08:00", "value": 5,
+                             "unit": "%"}]))),
+    Case(D, "month-first date", r"infusions\[0\]\.datetime",
+         _run(_with(infusions=[{"datetime": "2026/03/01 08:00", "dose_IU": 1000}],
+                    levels=[]))),
+    Case(D, "unknown assay of a level", r"levels\[0\]\.assay",
+         _run(_level(0, assay="aPTT"))),
+    Case(D, "evaluate without a dose", r"options\.evaluate\[0\]\.dose_IU",
+         _run(_with(options={"evaluate": [{"schedule": "Mon/Wed/Fri"}]}))),
+    Case(D, "evaluate 50000 IU for 25 kg", r"options\.evaluate\[0\]\.dose_IU",
+         _run(_with(options={"evaluate": [{"schedule": "Mon/Wed/Fri",
+                                           "dose_IU": 50000}]}))),
+    Case(D, "cap of 0 IU/kg", r"options\.max_dose_IU_kg",
+         _run(_with(options={"max_dose_IU_kg": 0}))),
 ]

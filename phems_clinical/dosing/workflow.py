@@ -121,7 +121,9 @@ def _resolve_product(text: str) -> str:
         try:
             return resolve(text)
         except ValueError as err:
-            raise RequestError([FieldError("product", str(err))]) from None
+            text = str(err)   # the library's message may name the field itself
+            raise RequestError([FieldError("product", text.removeprefix(
+                "product: "))]) from None
     name, known = text.strip().lower(), library.list_products()
     if name not in known:
         raise RequestError([FieldError("product", (
