@@ -44,6 +44,7 @@ Outputs are never replaced silently: ``--out`` must be new or empty unless
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -655,7 +656,38 @@ def _add_patients_parser(sub) -> None:
     db(q)
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Subcommands whose modules import JAX, pandas or jsonschema at import time:
+#: (module, parser function, {command: help}). :func:`build_parser` imports a
+#: module only when one of its commands is run (``phems --help`` and the other
+#: commands start without them); tests/app/test_cli_imports.py checks the help
+#: texts against the modules'.
+_LAZY_PARSERS = (
+    ("phems_clinical.app.audit", "add_audit_parser",
+     {"audit": "check or list a site's audit log of outgoing messages"}),
+    ("phems_clinical.app.governance", "add_governance_parser",
+     {"governance": "data users' keys and signed requests; sites' audit MAC keys"}),
+    ("phems_clinical.app.omop", "add_omop_parser",
+     {"omop": "hospitals as OMOP CDM 5.4 databases: simulate, check"}),
+    ("phems_clinical.app.sepsis", "add_sepsis_parser",
+     {"sepsis": "PICU sepsis risk: federated model from each site's OMOP database, "
+                "evaluated per site and on a held-out hospital"}),
+    ("phems_clinical.app.cardiac", "add_cardiac_parser",
+     {"cardiac": "cardiac pathways: federated multi-state model from each site's "
+                 "OMOP database, evaluated per site and on a held-out hospital"}),
+    ("phems_clinical.app.derive", "add_derive_parsers",
+     {"anonymise": "anonymised version of a site's data, with its scorecard",
+      "synthesize": "synthetic version of a site's data, with its scorecard"}),
+)
+
+
+def _command_of(argv: list[str] | None) -> str | None:
+    """The subcommand ``argv`` names (its first word that is not an option)."""
+    return next((a for a in argv or () if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``phems`` parser; with ``argv``, the subcommands of
+    :data:`_LAZY_PARSERS` other than the one ``argv`` runs are help-only stubs."""
     parser = argparse.ArgumentParser(prog="phems", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="the main job (Hydra app); pass Hydra overrides",
@@ -805,19 +837,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "MAC key <SITE>.key, created on first use")
     g.set_defaults(func=_federate)
 
-    from phems_clinical.app.audit import add_audit_parser
-    from phems_clinical.app.cardiac import add_cardiac_parser
-    from phems_clinical.app.derive import add_derive_parsers
-    from phems_clinical.app.governance import add_governance_parser
-    from phems_clinical.app.omop import add_omop_parser
-    from phems_clinical.app.sepsis import add_sepsis_parser
-
-    add_audit_parser(sub)
-    add_governance_parser(sub)
-    add_omop_parser(sub)
-    add_sepsis_parser(sub)
-    add_cardiac_parser(sub)
-    add_derive_parsers(sub)
+    chosen = _command_of(argv)
+    for module, adder, helps in _LAZY_PARSERS:
+        if argv is None or chosen in helps:
+            getattr(importlib.import_module(module), adder)(sub)
+        else:  # listed by name and help only: their modules load JAX and pandas
+            for name, text in helps.items():
+                sub.add_parser(name, help=text, add_help=False)
     _add_patients_parser(sub)
     return parser
 
@@ -868,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if argv and argv[0] == "run":
         return _run(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     _x64()
     command = args.command
     for sub in ("audit_command", "governance_command", "omop_command",

@@ -1,29 +1,21 @@
-"""Hospital data: the Cohort pytree, the NONMEM-style reader/validator, demographics."""
+"""Hospital data: the Cohort pytree, the NONMEM-style reader/validator, demographics.
 
-from phems_clinical.data.cohort import Cohort, stack_subjects
-from phems_clinical.data.demographics import (
-    fat_free_mass,
-    lean_body_weight,
-    simulate_demographics,
-)
-from phems_clinical.data.dosing_request import (
-    DosingOptions,
-    DosingRequest,
-    FieldError,
-    Infusion,
-    Level,
-    RequestError,
-    parse_request,
-)
-from phems_clinical.data.nonmem import (
-    DataValidationError,
-    Exclusion,
-    Issue,
-    PKData,
-    from_cohort,
-    read_nonmem,
-    to_cohort,
-)
+Names are imported from their submodules on first use
+(:func:`phems_clinical.lazy_exports`), so importing a light submodule such as
+:mod:`~phems_clinical.data.plausibility` loads neither JAX nor pandas.
+"""
+
+from phems_clinical import lazy_exports
+
+_EXPORTS = {
+    ".cohort": ("Cohort", "stack_subjects"),
+    ".demographics": ("fat_free_mass", "lean_body_weight", "simulate_demographics"),
+    ".dosing_request": ("DosingOptions", "DosingRequest", "FieldError", "Infusion",
+                        "Level", "RequestError", "parse_request"),
+    ".nonmem": ("DataValidationError", "Exclusion", "Issue", "PKData", "from_cohort",
+                "read_nonmem", "to_cohort"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "Cohort", "DataValidationError", "Exclusion", "Issue", "PKData", "fat_free_mass",

@@ -5,39 +5,27 @@ specification and product library (:mod:`~phems_clinical.pk.spec`,
 :mod:`~phems_clinical.pk.library`), the population model's pure functions
 (:mod:`~phems_clinical.pk.model`), FOCEI (:mod:`~phems_clinical.pk.focei`), NUTS and SVI
 (:mod:`phems_clinical.pk.bayes`, imported on demand: it loads NumPyro), diagnostics
-and the cohort simulator.
+and the cohort simulator. Names are imported from their submodules on first use
+(:func:`phems_clinical.lazy_exports`).
 """
 
-from phems_clinical.pk.analytic import concentration, dose_response, macro_constants
-from phems_clinical.pk.derived import (
-    DEFAULT_THRESHOLDS,
-    auc,
-    auc_inf,
-    clearance,
-    effective_half_life,
-    incremental_recovery,
-    summarise,
-    terminal_half_life,
-    time_to_threshold,
-    vss,
-)
-from phems_clinical.pk.diagnostics import compute_diagnostics, simulate_replicates
-from phems_clinical.pk.focei import FOCEIResult, fit_focei, focei_objective
-from phems_clinical.pk.library import list_products, load_product
-from phems_clinical.pk.model import (
-    PopParams,
-    individual_parameters,
-    initial_params,
-    predict,
-    typical_parameters,
-)
-from phems_clinical.pk.simulate import (
-    HospitalSpec,
-    default_hospitals,
-    simulate_cohort,
-    simulate_hospitals,
-)
-from phems_clinical.pk.spec import ModelSpecError, PopModel, load_model, parse_model
+from phems_clinical import lazy_exports
+
+_EXPORTS = {
+    ".analytic": ("concentration", "dose_response", "macro_constants"),
+    ".derived": ("DEFAULT_THRESHOLDS", "auc", "auc_inf", "clearance",
+                 "effective_half_life", "incremental_recovery", "summarise",
+                 "terminal_half_life", "time_to_threshold", "vss"),
+    ".diagnostics": ("compute_diagnostics", "simulate_replicates"),
+    ".focei": ("FOCEIResult", "fit_focei", "focei_objective"),
+    ".library": ("list_products", "load_product"),
+    ".model": ("PopParams", "individual_parameters", "initial_params", "predict",
+               "typical_parameters"),
+    ".simulate": ("HospitalSpec", "default_hospitals", "simulate_cohort",
+                  "simulate_hospitals"),
+    ".spec": ("ModelSpecError", "PopModel", "load_model", "parse_model"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "DEFAULT_THRESHOLDS", "FOCEIResult", "HospitalSpec", "ModelSpecError", "PopModel",
