@@ -27,9 +27,9 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 
-# The page's default patient (the minimal example request of the dosing tool).
+# A minimal request on a fully verified product (the page's example patient).
 REQUEST = {
-    "product": "advate",
+    "product": "kovaltry",
     "weight_kg": 25,
     "age_y": 8,
     "infusions": [{"time_h": 0, "dose_IU": 1000, "duration_h": 0.17}],
@@ -101,16 +101,28 @@ def test_products_list_the_library(client):
     assert "Blood" in advate["citation"]
     assert "validated_range" in advate
     assert products["alprolix"]["factor"] == "FIX"
+    # shown by brand and INN, with population, when to choose it, and the
+    # sections that need an acknowledgement (pk.library.product_info)
+    from phems_clinical.pk.library import product_info
+
+    for name, p in products.items():
+        info = product_info(name)
+        assert p["display"] == info.display and p["ages"] == info.ages
+        assert p["choose_when"] == info.choose_when
+        assert p["unverified"] == list(info.unverified)
+    assert products["advate"]["display"].startswith("Advate (octocog alfa)")
+    assert products["advate"]["unverified"] and not products["kovaltry"]["unverified"]
 
 
 def test_valid_request_gives_result_curve_and_report(client, dosed):
     result = dosed["result"]
-    assert result["schema_version"] == 1
-    assert result["product"] == "advate" and result["method"] == "map"
+    assert result["product"] == "kovaltry" and result["method"] == "map"
     hl = result["half_life_h"]
     assert 0 < hl["lo90"] <= hl["median"] <= hl["hi90"]
-    assert result["regimens"] and {"interval_h", "target_IU_dL", "dose_IU",
+    assert result["regimens"] and {"schedule", "target_IU_dL", "dose_IU",
                                    "trough_prob"} <= set(result["regimens"][0])
+    assert result["display"]["summary"] and result["display"]["regimen_table"]
+    assert dosed["history_enabled"] is False and dosed["previous"] is None
     assert [lv["time_h"] for lv in result["levels"]] == [4, 24, 48]
     png = base64.b64decode(dosed["curve_png_base64"])
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
@@ -180,17 +192,99 @@ def test_report_store_keeps_the_most_recent():
     assert (store.get(a), store.get(c)) == ("a", "c")
 
 
+# ------------------------------------------------------- patient history (API)
+
+def _clinic_request(year: int, weight_lb: float, pid: str = "HB-7") -> dict:
+    """A clinic's request: weight in lb, day-first date-times."""
+    return {"patient_id": pid, "product": "kovaltry", "weight_lb": weight_lb,
+            "age_y": 8,
+            "infusions": [{"datetime": f"01/03/{year} 08:00", "dose_IU": 1000,
+                           "duration_h": 0.17}],
+            "levels": [{"datetime": f"01/03/{year} 12:00", "value": 40.2,
+                        "unit": "IU/dL"},
+                       {"datetime": f"02/03/{year} 08:00", "value": 10.1,
+                        "unit": "IU/dL"},
+                       {"datetime": f"03/03/{year} 08:00", "value": 2.5,
+                        "unit": "IU/dL"}]}
+
+
+def _save(client, report_id):
+    return client.post("/api/assessments", content=json.dumps(
+        {"report_id": report_id}), headers={"Content-Type": "application/json"})
+
+
+def test_history_api_saves_lists_and_reopens(tmp_path):
+    db = tmp_path / "clinic.db"
+    with TestClient(create_app(db=db)) as c:
+        assert c.get("/api/patients").json() == {"enabled": True, "patients": []}
+        first = _post(c, _clinic_request(2024, 55)).json()
+        assert first["history_enabled"] and first["previous"] is None
+        assert first["assessed_at"] == "2024-03-03T08:00"
+        saved = _save(c, first["report_id"])
+        assert saved.status_code == 201, saved.text
+        aid = saved.json()["assessment_id"]
+        assert _save(c, first["report_id"]).json()["assessment_id"] == aid  # once
+        second = _post(c, _clinic_request(2025, 62)).json()
+        assert second["previous"]["assessment_id"] == aid
+        assert second["previous"]["result"]["effective_half_life_h"] == \
+            first["result"]["effective_half_life_h"]
+        assert len(second["result"]["display"]["comparison"]["rows"]) == 2
+        bid = _save(c, second["report_id"]).json()["assessment_id"]
+
+        [p] = c.get("/api/patients").json()["patients"]
+        assert (p["patient_id"], p["n_assessments"]) == ("HB-7", 2)
+        hist = c.get("/api/patients/HB-7").json()
+        assert [a["assessment_id"] for a in hist["assessments"]] == [aid, bid]
+        assert [r[0] for r in hist["table"]["rows"]] == ["2024-03-03 08:00",
+                                                        "2025-03-03 08:00"]
+        eff = hist["table"]["columns"].index("Effective half-life")
+        shown = {d["label"]: d["value"] for d in first["result"]["display"]["summary"]}
+        assert hist["table"]["rows"][0][eff] == shown["Effective half-life"]
+
+        again = c.get(f"/api/assessments/{aid}").json()
+        assert again["request"] == _clinic_request(2024, 55)
+        assert {k: v for k, v in again["result"].items() if k != "display"} == \
+            {k: v for k, v in first["result"].items() if k != "display"}
+        assert again["previous"] is None
+        assert base64.b64decode(again["curve_png_base64"]).startswith(b"\x89PNG")
+        assert c.get(f"/api/report/{again['report_id']}").status_code == 200
+        assert c.get(f"/api/assessments/{bid}").json()["previous"][
+            "assessment_id"] == aid
+
+        # errors by field
+        anonymous = {k: v for k, v in _clinic_request(2024, 55).items()
+                     if k != "patient_id"}
+        no_id = _post(c, anonymous).json()
+        assert _save(c, no_id["report_id"]).json()["errors"][0]["field"] == \
+            "patient_id"
+        assert _save(c, "gone").status_code == 404
+        assert c.get("/api/patients/nobody").status_code == 404
+        assert c.get("/api/assessments/999").status_code == 404
+        assert _fields(c.get("/api/assessments/1x")) == {"assessment_id"}
+        assert c.post("/api/assessments", content=b"{}", headers={
+            "Content-Type": "text/plain"}).status_code == 415
+        assert _fields(c.post("/api/assessments", content=b"[1]", headers={
+            "Content-Type": "application/json"})) == {"report_id"}
+
+
+def test_without_db_there_is_no_history(client, dosed):
+    assert client.get("/api/patients").json() == {"enabled": False, "patients": []}
+    resp = _save(client, dosed["report_id"])
+    assert resp.status_code == 409 and "--db" in resp.json()["errors"][0]["message"]
+
+
 # ------------------------------------------------------ the page in a real browser
 
 
 @pytest.fixture(scope="module")
-def live_server():
+def live_server(tmp_path_factory):
     import uvicorn
 
+    db = tmp_path_factory.mktemp("clinic") / "clinic.db"
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(), ws="none", lifespan="off",
+    config = uvicorn.Config(create_app(db=db), ws="none", lifespan="off",
                             log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
@@ -205,7 +299,7 @@ def live_server():
     # test measures. The page's own calculations then run on the compiled code.
     from phems_clinical.app.dose import run_dose
 
-    run_dose(json.dumps(REQUEST))
+    run_dose(json.dumps(_clinic_request(2023, 50, "warm-up")))
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=15)
@@ -225,107 +319,162 @@ def browser():
         b.close()
 
 
-def test_page_end_to_end(browser, live_server):
+def _enter_patient(page, year: int, weight_lb: str):
+    """Type a patient as a clinic writes it: weight in lb, DD/MM/YYYY times."""
+    page.locator("#patient_id").fill("HB-7")
+    page.locator("#weight").fill(weight_lb)
+    page.locator("#weight-unit").select_option("lb")
+    page.locator("#age_y").fill("8")
+    row = page.locator("#infusions tbody tr").nth(0)
+    row.locator('[data-key="time"]').fill(f"01/03/{year} 08:00")
+    row.locator('[data-key="dose_IU"]').fill("1000")
+    row.locator('[data-key="duration_h"]').fill("0.17")
+    for i, (when, value) in enumerate([(f"01/03/{year} 12:00", "40.2"),
+                                       (f"02/03/{year} 08:00", "10.1"),
+                                       (f"03/03/{year} 08:00", "2.5")]):
+        if page.locator("#levels tbody tr").count() <= i:
+            page.get_by_role("button", name="Add level").click()
+        row = page.locator("#levels tbody tr").nth(i)
+        row.locator('[data-key="time"]').fill(when)
+        row.locator('[data-key="value"]').fill(value)
+
+
+@pytest.mark.slow
+def test_clinic_walk_new_patient_design_save_and_next_year(browser, live_server):
+    """The issue's walk: an empty page; a shipped product; a new patient in lb
+    with DD/MM/YYYY times; calculate; change the target and a schedule;
+    evaluate Mon/Wed/Fri; save; the same patient a year later, with the
+    history and the previous assessment beside the new one."""
     from playwright.sync_api import expect
 
+    expect.set_options(timeout=WAIT_MS)   # calculations compile on first use
     context = browser.new_context(accept_downloads=True)
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(f"{live_server}/")
-    expect(page.locator("#product option[value=alprolix]")).to_have_count(
-        1, timeout=WAIT_MS)
-    expect(page.locator("#product")).to_have_value("advate")
+    expect(page.locator("#product option[value=kovaltry]")).to_have_count(1)
 
-    # 1. The default patient, as it stands.
+    # 1. The page starts empty; the example is loaded only on request, labelled.
+    expect(page.locator("#product")).to_have_value("")
+    for field in ("#patient_id", "#weight", "#age_y", "#targets", "#schedules"):
+        expect(page.locator(field)).to_have_value("")
+    expect(page.locator("#infusions tbody input[type=text]").first).to_have_value("")
+    expect(page.locator("#results")).to_be_hidden()
+    expect(page.locator("#example-note")).to_be_hidden()
+    expect(page.locator("#history-tools")).to_be_visible()   # served with --db
+    page.get_by_role("button", name="Load example").click()
+    expect(page.locator("#example-note")).to_be_visible()
+    expect(page.locator("#example-note")).to_contain_text("not a real patient")
+    expect(page.locator("#patient_id")).to_have_value("EXAMPLE")
+    page.get_by_role("button", name="New patient").click()
+    expect(page.locator("#example-note")).to_be_hidden()
+    expect(page.locator("#weight")).to_have_value("")
+
+    # 2. A shipped product, by its display name; an unverified one asks for an
+    #    acknowledgement, a verified one does not.
+    page.locator("#product").select_option(
+        label="Advate (octocog alfa) — Björkman 2012")
+    expect(page.locator("#unverified-box")).to_be_visible()
+    page.locator("#product").select_option("kovaltry")
+    expect(page.locator("#unverified-box")).to_be_hidden()
+    expect(page.locator("#product-info")).to_contain_text("aged")
+    expect(page.locator("#product-choose")).to_contain_text("When to choose it")
+
+    # 3. A new patient, calculated.
+    _enter_patient(page, 2024, "55")
     calculate = page.get_by_role("button", name="Calculate")
     with page.expect_request("**/api/dose?method=map") as sent:
         calculate.click()
-    assert sent.value.post_data_json == REQUEST
-    expect(page.locator("#curve")).to_be_visible(timeout=WAIT_MS)
-    page.wait_for_function(
-        "() => { const i = document.getElementById('curve');"
-        " return i.complete && i.naturalWidth > 100; }")
-    expect(page.locator("#regimens tbody tr").first).to_be_visible(timeout=WAIT_MS)
-    half_life = page.locator('[data-estimate="half_life_h"] .median').inner_text()
-    assert float(half_life) > 0
+    body = sent.value.post_data_json
+    assert body["weight_lb"] == 55 and "weight_kg" not in body
+    assert body["infusions"][0]["datetime"] == "01/03/2024 08:00"
+    assert body["levels"][2] == {"datetime": "03/03/2024 08:00", "value": 2.5,
+                                 "unit": "IU/dL"}
+    expect(page.locator("#regimens tbody tr").first).to_be_visible()
+    expect(page.locator("#summary")).to_contain_text("Effective half-life")
     expect(page.locator(".field-error")).to_have_count(0)
 
+    # 4. Another target and schedule; a chosen regimen evaluated.
+    page.locator("#targets").fill("3")
+    page.locator("#schedules").fill("Mon/Wed/Fri\nevery 3 days")
+    row = page.locator("#evaluate tbody tr").nth(0)
+    row.locator('[data-key="schedule"]').fill("Mon/Wed/Fri")
+    row.locator('[data-key="dose"]').fill("1000")
+    with page.expect_request("**/api/dose?method=map") as sent:
+        calculate.click()
+    assert sent.value.post_data_json["options"] == {
+        "targets_IU_dL": [3], "schedules": ["Mon/Wed/Fri", "every 3 days"],
+        "evaluate": [{"schedule": "Mon/Wed/Fri", "dose_IU": 1000}]}
+    expect(page.locator("#evaluated tbody tr")).to_have_count(1)
+    expect(page.locator("#evaluated tbody tr").first).to_contain_text("Mon/Wed/Fri")
+    expect(page.locator("#evaluated tbody tr").first).to_contain_text("1000")
+    expect(page.locator("#regimens tbody")).to_contain_text("Mon/Wed/Fri")
+    expect(page.locator("#regimens tbody tr")).to_have_count(2)
+
+    # 5. Saved; the history lists it.
+    page.get_by_role("button", name="Save assessment").click()
+    expect(page.locator("#save-status")).to_contain_text("Saved assessment")
+    expect(page.locator("#history-table tbody tr")).to_have_count(1)
+    expect(page.locator("#history-table tbody tr").first).to_contain_text(
+        "2024-03-03 08:00")
+
+    # 6. Next year: the same patient re-assessed; the previous one beside it.
+    page.get_by_role("button", name="New patient").click()
+    page.locator("#product").select_option("kovaltry")
+    _enter_patient(page, 2025, "62")
+    calculate.click()
+    expect(page.locator("#comparison-box")).to_be_visible()
+    expect(page.locator("#comparison tbody tr")).to_have_count(2)
+    page.get_by_role("button", name="Save assessment").click()
+    expect(page.locator("#save-status")).to_contain_text("Saved assessment")
+    rows = page.locator("#history-table tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text("2024-03-03 08:00")
+    expect(rows.nth(1)).to_contain_text("2025-03-03 08:00")
+    expect(page.locator("#patient-list option[value=HB-7]")).to_have_count(1)
+
+    # 7. Reopen last year's assessment: its request and its result come back.
+    rows.nth(0).get_by_role("button", name="Reopen").click()
+    expect(page.locator("#status")).to_contain_text("Reopened assessment")
+    expect(page.locator('[data-field="infusions[0].time_h"]')).to_have_value(
+        "01/03/2024 08:00")
+    expect(page.locator("#weight")).to_have_value("55")
+    expect(page.locator("#weight-unit")).to_have_value("lb")
+    expect(page.locator("#evaluated tbody tr")).to_have_count(1)
     with page.expect_download() as report:
         page.get_by_role("link", name="Download report").click()
-    assert report.value.suggested_filename == "report.html"
     assert "<html" in Path(report.value.path()).read_text().lower()
-    with page.expect_download() as result_json:
-        page.get_by_role("link", name="Download result.json").click()
-    saved = json.loads(Path(result_json.value.path()).read_text())
-    assert saved["product"] == "advate" and saved["half_life_h"]["median"] > 0
+    assert errors == []
+    context.close()
 
-    # 2. Bad input: each error right after its own input, nothing calculated.
-    weight = page.locator('[data-field="weight_kg"]')
+
+def test_page_shows_errors_by_field(browser, live_server):
+    """Bad input: each error right after its own input (the weight in lb too),
+    nothing calculated; an error without an input goes on top."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.goto(f"{live_server}/")
+    expect(page.locator("#product option[value=kovaltry]")).to_have_count(1)
+    page.get_by_role("button", name="Load example").click()
+    page.locator("#weight-unit").select_option("lb")
+    weight = page.locator("#weight")
     weight.fill("-5")
     level = page.locator('[data-field="levels[1].value"]')
     level.fill("ten")
-    calculate.click()
+    page.locator("#schedules").fill("every 48 h\nfortnightly-ish")
+    page.get_by_role("button", name="Calculate").click()
     weight_error = weight.locator("xpath=following-sibling::*[1]")
     expect(weight_error).to_have_class(re.compile(r"\bfield-error\b"))
-    expect(weight_error).to_have_attribute("role", "alert")
-    expect(weight_error).to_contain_text(re.compile("weight", re.I))
     expect(weight_error).to_contain_text("-5")
     expect(weight).to_have_attribute("aria-invalid", "true")
-    level_error = level.locator("xpath=following-sibling::*[1]")
-    expect(level_error).to_have_class(re.compile(r"\bfield-error\b"))
-    expect(level_error).to_contain_text("ten")
-    expect(page.locator(".field-error")).to_have_count(2)
+    expect(level.locator("xpath=following-sibling::*[1]")).to_contain_text("ten")
     expect(page.locator("#results")).to_be_hidden()
-
-    # 3. Corrected: the errors go, the results come back.
-    weight.fill("25")
-    level.fill("10.1")
-    expect(page.locator(".field-error")).to_have_count(0)
-    calculate.click()
-    expect(page.locator("#regimens tbody tr").first).to_be_visible(timeout=WAIT_MS)
-    expect(page.locator(".field-error")).to_have_count(0)
-    expect(page.locator("[aria-invalid=true]")).to_have_count(0)
-    expect(page.locator("#general-errors")).to_be_hidden()
-
-    # 4. A request file fills the form; fields the form lacks are kept and named.
-    upload = {**REQUEST, "patient_id": "PK-7", "weight_kg": 31.5, "sex": "male",
-              "options": {"n_draws": 1000},
-              "levels": [{"datetime": "2024-03-01T12:30", "value": 0.3,
-                          "unit": "IU/mL"}],
-              "infusions": [{"datetime": "2024-03-01T08:30", "dose_IU": 1500}]}
-    page.locator("#request-file").set_input_files(files=[{
-        "name": "request.json", "mimeType": "application/json",
-        "buffer": json.dumps(upload).encode()}])
-    expect(page.locator("#patient_id")).to_have_value("PK-7")
-    expect(weight).to_have_value("31.5")
-    expect(page.locator('[data-field="infusions[0].time_h"]')).to_have_value(
-        "2024-03-01T08:30")
-    expect(page.locator('[data-field="levels[0].value"]')).to_have_value("0.3")
-    expect(page.locator("#levels tbody tr")).to_have_count(1)
-    expect(page.locator("#file-note")).to_contain_text("sex, options")
-    expect(page.locator("#results")).to_be_hidden()
-
-    # 5. What the form sends for that file; an error without an input goes on top.
-    bodies = []
-
-    def refuse(route):
-        bodies.append(route.request.post_data_json)
-        route.fulfill(status=422, json={"errors": [
-            {"field": "options.n_draws", "message": "expected at least 500"},
-            {"field": "", "message": "something about the whole request"}]})
-
-    page.route("**/api/dose*", refuse)
-    page.locator("#method").select_option("nuts")
-    calculate.click()
-    general = page.locator("#general-errors")
-    expect(general).to_be_visible()
-    expect(general).to_contain_text("options, n_draws: expected at least 500")
-    expect(general).to_contain_text("something about the whole request")
-    expect(page.locator(".field-error")).to_have_count(0)
-    assert bodies == [upload]
-    assert errors == []
     context.close()
 
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from phems_clinical.app import dose, web
 from phems_clinical.app.web import create_app, trusted_hosts
 
-REQUEST = {"product": "advate", "weight_kg": 25, "age_y": 8,
+REQUEST = {"product": "kovaltry", "weight_kg": 25, "age_y": 8,
            "infusions": [{"time_h": 0, "dose_IU": 1000, "duration_h": 0.17}],
            "levels": [{"time_h": 4, "value": 40.2, "unit": "IU/dL"},
                       {"time_h": 24, "value": 10.1, "unit": "IU/dL"},

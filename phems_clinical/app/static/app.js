@@ -1,13 +1,17 @@
 // The dosing page: builds a dosing request (data_schemas/dosing_request.schema.json)
 // from the form, posts it to /api/dose and shows the result or, for bad input, each
-// error next to its field. Plain JavaScript, no libraries, nothing loaded from
-// outside this server. The server validates; the page only shapes the request.
+// error next to its field. Every number and text of a result comes from the
+// server (result.display): the page formats none. With a patient history
+// (phems serve --db) it saves assessments and shows earlier ones. Plain
+// JavaScript, no libraries, nothing loaded from outside this server. The server
+// validates; the page only shapes the request.
 "use strict";
 
 (() => {
-  // The minimal example request: a child on Advate with three measured levels.
-  const DEFAULT_REQUEST = {
-    product: "advate",
+  // The example patient behind "Load example", clearly labelled on the page.
+  const EXAMPLE_REQUEST = {
+    patient_id: "EXAMPLE",
+    product: "kovaltry",
     weight_kg: 25,
     age_y: 8,
     infusions: [{ time_h: 0, dose_IU: 1000, duration_h: 0.17 }],
@@ -19,23 +23,31 @@
   };
 
   // Top-level request fields that have an input on the page.
-  const NUMBER_FIELDS = ["weight_kg", "age_y", "height_cm", "vwf_IU_dL"];
+  const NUMBER_FIELDS = ["age_y", "height_cm", "vwf_IU_dL"];
   const TEXT_FIELDS = ["patient_id"];
   const CHOICE_FIELDS = ["blood_group", "assay"];
   const FORM_FIELDS = new Set(["product", ...NUMBER_FIELDS, ...TEXT_FIELDS,
-    ...CHOICE_FIELDS, "infusions", "levels"]);
+    ...CHOICE_FIELDS, "infusions", "levels", "weight_kg", "weight_lb",
+    "acknowledge_unverified"]);
+  // options with an input on the page; other options are kept as sent
+  const OPTION_FIELDS = new Set(["targets_IU_dL", "schedules", "trough_probability",
+    "max_dose_IU_kg", "evaluate"]);
   const INFUSION_KEYS = new Set(["time_h", "datetime", "dose_IU", "duration_h"]);
   const LEVEL_KEYS = new Set(["time_h", "datetime", "value", "unit", "blq", "lloq"]);
   const UNITS = ["IU/dL", "IU/mL", "%"];
-  const DATETIME = /^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}/;
+  // ISO 8601 or a clinic's day-first date (01/03/2024 08:30, 01.03.2024, 01-03-2024)
+  const DATETIME = /^(\d{4}-\d{2}-\d{2}|\d{1,2}[./-]\d{1,2}[./-]\d{4})[T ]\d{1,2}:\d{2}/;
 
   const $ = (sel, root = document) => root.querySelector(sel);
   const $$ = (sel, root = document) => Array.from(root.querySelectorAll(sel));
   const form = $("#dose-form");
   let products = [];
   let extras = {};          // request fields from a loaded file that the form lacks
+  let extraOptions = {};    // options from a loaded file that the form lacks
   let jsonUrl = null;       // blob: URL of the current result.json
   let idCounter = 0;
+  let historyEnabled = false;
+  let current = null;       // {report_id, patient_id} of the shown result
 
   // ---------- small helpers ----------
 
@@ -61,45 +73,11 @@
     return Number.isFinite(n) ? n : s;
   }
 
-  // Infinite numbers arrive as the strings "inf" / "-inf" (JSON has no infinity):
-  // for a time to a threshold they mean the level never gets there.
-  function fmt(x, inf = "∞") {
-    if (x === "inf") x = Infinity;
-    else if (x === "-inf") x = -Infinity;
-    if (x === Infinity) return inf;
-    if (x === -Infinity) return `-${inf}`;
-    if (x === null || x === undefined || !Number.isFinite(x)) return "–";
-    const a = Math.abs(x);
-    if (Number.isInteger(x) && a < 1e7) return String(x);
-    if (a >= 100) return x.toFixed(0);
-    if (a >= 10) return x.toFixed(1);
-    if (a >= 1) return x.toFixed(2);
-    if (a === 0) return "0";
-    return x.toPrecision(2);
-  }
-
-  function fmtInterval(est, inf = "∞") {
-    if (!est) return "–";
-    return `${fmt(est.lo90, inf)} – ${fmt(est.hi90, inf)}`;
-  }
-
-  // 3 significant figures without trailing zeros, for ranges in running text.
-  function plain(x) {
-    return Number.isFinite(x) ? String(Number(x.toPrecision(3))) : "–";
-  }
-
-  function fmtPercent(p) {
-    if (p === null || p === undefined || !Number.isFinite(p)) return "–";
-    // From a finite set of draws, "100%" would overstate the certainty.
-    if (p > 0.99) return "> 99%";
-    if (p > 0 && p < 0.01) return "< 1%";
-    return `${Math.round(100 * p)}%`;
-  }
-
   // "levels[1].value" -> "Level 2, value" (for messages not shown next to an input).
   const FIELD_NAMES = { infusions: "Infusions", levels: "Measured levels",
     model: "Model file", options: "Options", baseline: "Baseline level",
-    method: "Method", "Content-Type": "Request format" };
+    method: "Method", "Content-Type": "Request format", report_id: "Saving",
+    assessment_id: "Assessment" };
 
   function fieldLabel(field) {
     if (!field) return "Request";
@@ -109,6 +87,7 @@
     return field
       .replace(/^infusions\[(\d+)\]/, (_, i) => `Infusion ${Number(i) + 1}`)
       .replace(/^levels\[(\d+)\]/, (_, i) => `Level ${Number(i) + 1}`)
+      .replace(/^options\.evaluate\[(\d+)\]/, (_, i) => `Evaluated regimen ${Number(i) + 1}`)
       .replace(/\./g, ", ");
   }
 
@@ -188,6 +167,25 @@
     return tr;
   }
 
+  function addEvaluate(row = {}) {
+    const tr = el("tr");
+    const unit = el("select", { "data-key": "dose_unit", "aria-label": "Dose unit" });
+    for (const u of ["IU", "IU/kg"]) unit.append(el("option", { value: u, text: u }));
+    unit.value = row.dose_IU_kg !== undefined ? "IU/kg" : "IU";
+    tr.append(
+      el("td", { className: "rownum" }),
+      el("td", {}, cellInput({ "data-key": "schedule", inputmode: "text",
+        "aria-label": "Schedule", value: row.schedule ?? "" })),
+      el("td", {}, cellInput({ "data-key": "dose", "aria-label": "Dose",
+        value: row.dose_IU_kg ?? row.dose_IU ?? "" })),
+      el("td", {}, unit),
+      el("td", {}, removeButton(tr, "regimen")),
+    );
+    $("#evaluate tbody").append(tr);
+    renumber();
+    return tr;
+  }
+
   // Rows left completely empty are not sent; the others get data-field paths that
   // match their index in the request, so that errors land on the right cell.
   function rowIsEmpty(tr) {
@@ -217,6 +215,28 @@
         if (!empty) index += 1;
       });
     }
+    let index = 0;
+    $$("#evaluate tbody tr").forEach((tr, pos) => {
+      const empty = rowIsEmpty(tr);
+      $(".rownum", tr).textContent = String(pos + 1);
+      const perKg = $('[data-key="dose_unit"]', tr).value === "IU/kg";
+      const paths = { schedule: "schedule", dose: perKg ? "dose_IU_kg" : "dose_IU" };
+      for (const input of $$("input[data-key]", tr)) {
+        const key = input.dataset.key;
+        input.setAttribute("aria-label", `Evaluated regimen ${pos + 1}, ${key}`);
+        if (empty) input.removeAttribute("data-field");
+        else input.dataset.field = `options.evaluate[${index}].${paths[key]}`;
+      }
+      if (!empty) index += 1;
+    });
+  }
+
+  // "1, 3; 5" -> [1, 3, 5] (a number typed with a decimal comma needs a space
+  // after the list's comma: "1,5" is 1.5); undefined when empty.
+  function parseList(text) {
+    const s = text.trim();
+    if (s === "") return undefined;
+    return s.split(/[;\s]+|,\s+/).filter(Boolean).map((t) => parseNumber(t));
   }
 
   // ---------- request <-> form ----------
@@ -245,10 +265,35 @@
       if (v !== "") req[f] = v;
     }
     for (const f of NUMBER_FIELDS) putNumber(req, f, $(`#${f}`).value);
+    putNumber(req, $("#weight-unit").value === "lb" ? "weight_lb" : "weight_kg",
+      $("#weight").value);
     for (const f of CHOICE_FIELDS) {
       const v = $(`#${f}`).value;
       if (v !== "") req[f] = v;
     }
+    if (!$("#unverified-box").hidden && $("#acknowledge_unverified").checked) {
+      req.acknowledge_unverified = true;
+    }
+    const options = { ...extraOptions };
+    const targets = parseList($("#targets").value);
+    if (targets !== undefined) options.targets_IU_dL = targets;
+    const schedules = $("#schedules").value.split("\n").map((x) => x.trim())
+      .filter(Boolean);
+    if (schedules.length) options.schedules = schedules;
+    putNumber(options, "trough_probability", $("#probability").value);
+    putNumber(options, "max_dose_IU_kg", $("#cap").value);
+    const evaluate = [];
+    for (const tr of $$("#evaluate tbody tr")) {
+      if (rowIsEmpty(tr)) continue;
+      const reg = {};
+      const sched = $('[data-key="schedule"]', tr).value.trim();
+      if (sched) reg.schedule = sched;
+      putNumber(reg, $('[data-key="dose_unit"]', tr).value === "IU/kg"
+        ? "dose_IU_kg" : "dose_IU", $('[data-key="dose"]', tr).value);
+      evaluate.push(reg);
+    }
+    if (evaluate.length) options.evaluate = evaluate;
+    if (Object.keys(options).length) req.options = options;
     req.infusions = [];
     for (const tr of $$("#infusions tbody tr")) {
       if (rowIsEmpty(tr)) continue;
@@ -284,15 +329,38 @@
     select.value = v;
   }
 
-  function fillForm(req) {
+  function textOf(v) {
+    return v === undefined || v === null ? "" : String(v);
+  }
+
+  function fillForm(req, { example = false } = {}) {
     clearErrors();
     extras = Object.fromEntries(
-      Object.entries(req).filter(([k]) => !FORM_FIELDS.has(k)));
+      Object.entries(req).filter(([k]) => !FORM_FIELDS.has(k) && k !== "options"));
+    const opts = req.options && typeof req.options === "object"
+      && !Array.isArray(req.options) ? req.options : {};
+    extraOptions = Object.fromEntries(
+      Object.entries(opts).filter(([k]) => !OPTION_FIELDS.has(k)));
+    if (req.options !== undefined && req.options !== opts) extras.options = req.options;
     setSelect($("#product"), req.product ?? "");
-    for (const f of [...TEXT_FIELDS, ...NUMBER_FIELDS]) {
-      $(`#${f}`).value = req[f] === undefined || req[f] === null ? "" : String(req[f]);
-    }
+    for (const f of [...TEXT_FIELDS, ...NUMBER_FIELDS]) $(`#${f}`).value = textOf(req[f]);
+    const lb = req.weight_lb !== undefined && req.weight_kg === undefined;
+    $("#weight-unit").value = lb ? "lb" : "kg";
+    $("#weight").value = textOf(lb ? req.weight_lb : req.weight_kg);
+    setWeightField();
+    $("#acknowledge_unverified").checked = req.acknowledge_unverified === true;
     for (const f of CHOICE_FIELDS) setSelect($(`#${f}`), req[f]);
+    $("#targets").value = Array.isArray(opts.targets_IU_dL)
+      ? opts.targets_IU_dL.join(", ") : textOf(opts.targets_IU_dL);
+    $("#schedules").value = Array.isArray(opts.schedules)
+      ? opts.schedules.join("\n") : textOf(opts.schedules);
+    $("#probability").value = textOf(opts.trough_probability);
+    $("#cap").value = textOf(opts.max_dose_IU_kg);
+    $("#evaluate tbody").replaceChildren();
+    (Array.isArray(opts.evaluate) ? opts.evaluate : []).forEach(
+      (r) => addEvaluate(r && typeof r === "object" ? r : {}));
+    if (!$$("#evaluate tbody tr").length) addEvaluate();
+    $("#example-note").hidden = !example;
     $("#infusions tbody").replaceChildren();
     $("#levels tbody").replaceChildren();
     const infusions = Array.isArray(req.infusions) ? req.infusions : [];
@@ -303,10 +371,16 @@
     if (!levels.length) addLevel();
     showProductInfo();
     const note = $("#file-note");
-    const kept = Object.keys(extras);
+    const kept = [...Object.keys(extras),
+      ...Object.keys(extraOptions).map((k) => `options.${k}`)];
     note.hidden = kept.length === 0;
     note.textContent = kept.length
       ? `Also sent from the file (not editable here): ${kept.join(", ")}.` : "";
+  }
+
+  function setWeightField() {
+    const lb = $("#weight-unit").value === "lb";
+    $("#weight").dataset.field = lb ? "weight_lb" : "weight_kg";
   }
 
   function loadFile(file) {
@@ -336,21 +410,35 @@
 
   // ---------- products ----------
 
+  const SECTION_NAMES = { fixed_effects: "typical values", covariates: "covariate effects",
+    iiv: "between-patient variability", iov: "between-occasion variability",
+    residual: "residual error", vial_sizes_IU: "vial sizes" };
+
   function showProductInfo() {
     const p = products.find((x) => x.name === $("#product").value);
     const info = $("#product-info");
+    const box = $("#unverified-box");
     if (!p) {
       info.textContent = "";
+      $("#product-choose").textContent = "";
+      box.hidden = true;
       return;
     }
+    const pop = p.population && typeof p.population === "object" ? p.population : {};
     const parts = [`${p.factor ?? ""}, ${p.half_life_class ?? ""} half-life`];
-    const range = p.validated_range || {};
-    const span = (v, unit) => (Array.isArray(v) && v[0] !== null && v[1] !== null
-      ? `${plain(v[0])}–${plain(v[1])} ${unit}` : "");
-    const ranges = [span(range.AGE, "y"), span(range.WT, "kg")].filter(Boolean);
-    if (ranges.length) parts.push(`built on patients of ${ranges.join(", ")}`);
+    if (p.ages) parts.push(`model built on patients aged ${p.ages}`);
+    if (pop.N) parts.push(`${pop.N} patients`);
+    if (p.assay) parts.push(`levels measured by ${p.assay} assay`);
     if (p.citation) parts.push(`model: ${p.citation}`);
     info.textContent = parts.join("; ");
+    $("#product-choose").textContent = p.choose_when ? `When to choose it: ${p.choose_when}` : "";
+    const sections = (p.unverified || []).map((x) => SECTION_NAMES[x] || x);
+    box.hidden = sections.length === 0;
+    $("#unverified-sections").textContent = sections.join(", ");
+    $("#unverified-text").textContent = sections.length
+      ? `${p.display}: ${sections.join(", ")} not verified against the primary `
+        + "publication. It can be used only with your acknowledgement, which is "
+        + "recorded in the result." : "";
   }
 
   async function loadProducts() {
@@ -364,10 +452,19 @@
       return;
     }
     const select = $("#product");
-    const current = select.value;
-    select.replaceChildren(...products.map((p) => el("option", { value: p.name,
-      text: `${p.product} [${p.name}] – ${p.factor}` })));
-    setSelect(select, current || DEFAULT_REQUEST.product);
+    const chosen = select.value;
+    const groups = [["FVIII", "Factor VIII"], ["FIX", "Factor IX"]].map(([f, name]) => {
+      const g = el("optgroup", { label: name });
+      for (const p of products.filter((x) => x.factor === f)) {
+        g.append(el("option", { value: p.name, text: p.display || p.name }));
+      }
+      return g;
+    }).filter((g) => g.childElementCount);
+    const other = products.filter((x) => x.factor !== "FVIII" && x.factor !== "FIX")
+      .map((p) => el("option", { value: p.name, text: p.display || p.name }));
+    select.replaceChildren(el("option", { value: "", text: "— choose a product —" }),
+      ...groups, ...other);
+    setSelect(select, chosen);
     showProductInfo();
   }
 
@@ -377,7 +474,11 @@
     const esc = (f) => (window.CSS && CSS.escape ? CSS.escape(f) : f);
     return $(`[data-field="${esc(field)}"]`, form)
       // a row given as a date-time: its time cell carries the time_h path
-      || $(`[data-field="${esc(field.replace(/\.datetime$/, ".time_h"))}"]`, form);
+      || $(`[data-field="${esc(field.replace(/\.datetime$/, ".time_h"))}"]`, form)
+      // one entry of a list typed in one input (options.schedules[1])
+      || $(`[data-field="${esc(field.replace(/\[\d+\]$/, ""))}"]`, form)
+      // weight given in the other unit
+      || (/^weight_(kg|lb)$/.test(field) ? $("#weight") : null);
   }
 
   // aria-describedby of an input in error: its error message, then its own hint.
@@ -462,126 +563,43 @@
     else if (general.length) $("#general-errors").focus();
   }
 
-  // ---------- results ----------
+  // ---------- results (all text from result.display) ----------
 
-  const ESTIMATES = [
-    ["half_life_h", "Terminal half-life", "h"],
-    ["effective_half_life_h", "Effective half-life", "h"],
-    ["clearance_dL_h", "Clearance", "dL/h"],
-    ["clearance_mL_h_kg", "Clearance per kg", "mL/h/kg"],
-    ["v1_dL", "Central volume (V1)", "dL"],
-    ["vss_dL", "Volume at steady state (Vss)", "dL"],
-    ["incremental_recovery", "Incremental recovery", "IU/dL per IU/kg"],
-  ];
-
-  function estimateRow(key, label, unit, est, inf = "∞") {
-    return el("tr", { "data-estimate": key },
-      el("th", { scope: "row", text: label }),
-      el("td", { className: "num median", text: fmt(est ? est.median : null, inf) }),
-      el("td", { className: "num interval", text: fmtInterval(est, inf) }),
-      el("td", { text: unit }));
+  function fillTable(table, data) {
+    const cols = (data && data.columns) || [];
+    const rows = (data && data.rows) || [];
+    table.replaceChildren(
+      el("thead", {}, el("tr", {}, ...cols.map((c) => el("th", { scope: "col", text: c })))),
+      el("tbody", {}, ...rows.map((r) => el("tr", {}, ...r.map((c, i) => (i === 0
+        ? el("th", { scope: "row", text: textOf(c) })
+        : el("td", { text: textOf(c) })))))));
+    return rows.length;
   }
 
-  // A plain number, or an estimate shown as its median with the 90% interval.
-  function numberOrEstimateCell(x) {
-    const td = el("td", { className: "num" });
-    if (x && typeof x === "object" && (x.median === null || x.median === undefined)) {
-      td.append("–");
-    } else if (x && typeof x === "object") {
-      td.append(fmt(x.median), el("span", { className: "ci",
-        text: ` (${fmtInterval(x)})` }));
-    } else {
-      td.append(fmt(x));
-    }
-    return td;
-  }
-
-  function thresholdKeys(obj) {
-    return Object.keys(obj || {}).sort((a, b) => Number(a) - Number(b));
+  function fillList(list, box, items) {
+    list.replaceChildren(...(items || []).map((t) => el("li", { text: t })));
+    box.hidden = !(items && items.length);
   }
 
   function showResults(data) {
     const r = data.result;
-    const model = r.model || {};
-    const who = r.patient_id ? `Patient ${r.patient_id}` : "Patient";
-    const cov = r.covariates || {};
-    const about = [cov.WT ? `${plain(cov.WT.value)} kg` : "",
-      cov.AGE ? `${plain(cov.AGE.value)} y` : ""].filter(Boolean);
-    $("#summary").textContent = [
-      `${[who, ...about].join(", ")}.`,
-      `Model: ${model.name ?? r.product ?? ""}${model.citation ? ` (${model.citation})` : ""}.`,
-      `Method: ${String(r.method).toUpperCase()}; ${r.uncertainty ?? ""}.`,
-    ].join(" ");
-
-    const warnings = [...(r.warnings || [])];
-    if (model.unverified && model.unverified.length) {
-      warnings.push({ field: "", message: "Model values not yet checked against the "
-        + `primary publication: ${model.unverified.join(", ")}.` });
-    }
-    const wl = $("#warning-list");
-    wl.replaceChildren(...warnings.map((w) => {
-      const li = el("li");
-      if (w.field) li.append(el("strong", { text: `${fieldLabel(w.field)}: ` }));
-      li.append(w.message);
-      return li;
-    }));
-    $("#warnings").hidden = warnings.length === 0;
+    const d = r.display || {};
+    $("#result-title").textContent = d.title || "";
+    $("#summary").replaceChildren(...(d.summary || []).flatMap((item) => [
+      el("dt", { text: item.label }), el("dd", { text: item.value })]));
+    fillList($("#warning-list"), $("#warnings"), d.warnings);
+    fillList($("#note-list"), $("#notes-box"), d.notes);
+    const comparison = d.comparison;
+    $("#comparison-box").hidden = !(comparison && fillTable($("#comparison"), comparison));
 
     const img = $("#curve");
     img.src = `data:image/png;base64,${data.curve_png_base64}`;
-    img.alt = `Predicted factor activity over time for ${who.toLowerCase()}, `
+    img.alt = `Predicted factor activity over time${r.patient_id ? ` for ${r.patient_id}` : ""}, `
       + "with 50% and 90% prediction intervals and the measured levels.";
 
-    const rows = ESTIMATES.map(([k, label, unit]) => estimateRow(k, label, unit, r[k]));
-    for (const t of thresholdKeys(r.time_to_threshold_h)) {
-      rows.push(estimateRow(`time_to_threshold_h.${t}`,
-        `Time to ${t} IU/dL after the last infusion`, "h", r.time_to_threshold_h[t],
-        "not reached"));
-    }
-    for (const t of thresholdKeys(r.time_to_threshold_after_standard_dose_h)) {
-      rows.push(estimateRow(`time_to_threshold_after_standard_dose_h.${t}`,
-        `Time to ${t} IU/dL after ${fmt(r.standard_dose_IU)} IU (standard dose)`, "h",
-        r.time_to_threshold_after_standard_dose_h[t], "not reached"));
-    }
-    $("#estimates tbody").replaceChildren(...rows);
-
-    $("#regimen-note").textContent = "Smallest dose that keeps the trough at or above "
-      + `the target with probability ${fmtPercent(r.trough_probability)}.`;
-    const regimens = [...(r.regimens || [])].sort((a, b) =>
-      (a.interval_h - b.interval_h) || (a.target_IU_dL - b.target_IU_dL));
-    $("#regimens tbody").replaceChildren(...regimens.map((g) => {
-      const reachable = g.dose_IU !== null && g.dose_IU !== undefined;
-      return el("tr", { className: reachable ? "" : "unreachable" },
-        el("td", { className: "num", text: fmt(g.interval_h) }),
-        el("td", { className: "num", text: fmt(g.target_IU_dL) }),
-        el("td", { className: "num dose", text: reachable ? fmt(g.dose_IU)
-          : "not reachable" }),
-        el("td", { className: "num", text: fmt(g.dose_IU_kg) }),
-        el("td", { className: "num", text: fmtPercent(g.trough_prob) }),
-        numberOrEstimateCell(g.peak_IU_dL),
-        numberOrEstimateCell(g.hours_below_target_per_week));
-    }));
-
-    const cur = $("#current-regimen");
-    if (r.current_regimen) {
-      const probs = r.current_regimen_trough_prob || {};
-      const ps = thresholdKeys(probs)
-        .map((t) => `≥ ${t} IU/dL: ${fmtPercent(probs[t])}`).join(", ");
-      cur.textContent = `Current regimen ${fmt(r.current_regimen.dose_IU)} IU every `
-        + `${fmt(r.current_regimen.interval_h)} h; probability that the trough stays `
-        + `${ps}.`;
-      cur.hidden = false;
-    } else {
-      cur.hidden = true;
-    }
-
-    $("#level-fit tbody").replaceChildren(...(r.levels || []).map((l) => el("tr", {},
-      el("td", { className: "num", text: fmt(l.time_h) }),
-      el("td", { className: "num", text: l.blq
-        ? `BLQ${Number.isFinite(l.lloq_IU_dL) ? ` (< ${fmt(l.lloq_IU_dL)})` : ""}`
-        : fmt(l.value_IU_dL) }),
-      el("td", { className: "num", text: fmt(l.predicted ? l.predicted.median : null) }),
-      el("td", { className: "num", text: fmtInterval(l.predicted) }))));
+    fillTable($("#regimens"), d.regimen_table);
+    $("#evaluated-box").hidden = !fillTable($("#evaluated"), d.evaluated_table);
+    fillTable($("#level-fit"), d.levels_table);
 
     $("#report-link").href = `/api/report/${encodeURIComponent(data.report_id)}`;
     if (jsonUrl) URL.revokeObjectURL(jsonUrl);
@@ -589,8 +607,119 @@
       { type: "application/json" }));
     $("#json-link").href = jsonUrl;
 
+    current = { report_id: data.report_id, patient_id: r.patient_id,
+      assessment_id: data.assessment_id ?? null };
+    historyEnabled = data.history_enabled ?? historyEnabled;
+    const save = $("#save");
+    save.hidden = !historyEnabled;
+    save.disabled = current.assessment_id !== null;
+    $("#save-status").textContent = current.assessment_id !== null
+      ? `Saved assessment ${current.assessment_id} (${data.assessed_at || ""}).` : "";
+
     $("#results").hidden = false;
     $("#results-title").focus();
+  }
+
+  // ---------- patient history (phems serve --db) ----------
+
+  async function getJson(url, options) {
+    const resp = await fetch(url, options);
+    const text = await resp.text();
+    let body = null;
+    try { body = JSON.parse(text); } catch (_) { body = null; }
+    if (!resp.ok) {
+      const errors = body && Array.isArray(body.errors) && body.errors.length
+        ? body.errors : [{ field: "", message: `${text} (HTTP ${resp.status})` }];
+      throw Object.assign(new Error("refused"), { errors });
+    }
+    return body;
+  }
+
+  function showHistoryError(e) {
+    showGeneral(e.errors || [{ field: "", message:
+      `Cannot reach the server (${e.message}).` }]);
+    $("#general-errors").focus();
+  }
+
+  async function loadPatients(select = "") {
+    let body;
+    try {
+      body = await getJson("/api/patients");
+    } catch (e) {
+      showHistoryError(e);
+      return;
+    }
+    historyEnabled = body.enabled;
+    $("#history-tools").hidden = !historyEnabled;
+    const list = $("#patient-list");
+    list.replaceChildren(el("option", { value: "", text: "—" }),
+      ...body.patients.map((p) => el("option", { value: p.patient_id,
+        text: `${p.patient_id} (${p.n_assessments})` })));
+    setSelect(list, select);
+  }
+
+  async function showHistory(patientId) {
+    if (!historyEnabled || !patientId) return;
+    let body;
+    try {
+      body = await getJson(`/api/patients/${encodeURIComponent(patientId)}`);
+    } catch (e) {
+      if (!(e.errors && e.errors[0] && e.errors[0].field === "patient_id")) {
+        showHistoryError(e);
+      }
+      $("#history").hidden = true;  // a new patient: no history yet
+      return;
+    }
+    $("#history-who").textContent = `Patient ${body.patient_id}: `
+      + `${body.assessments.length} saved assessment(s), earliest first.`;
+    const table = $("#history-table");
+    fillTable(table, { columns: [...body.table.columns, ""], rows: [] });
+    $("tbody", table).replaceChildren(...body.table.rows.map((row, i) => {
+      const a = body.assessments[i];
+      const open = el("button", { type: "button", className: "secondary open",
+        "data-assessment": a.assessment_id, text: "Reopen",
+        "aria-label": `Reopen the assessment of ${row[0]}` });
+      open.addEventListener("click", () => reopen(a.assessment_id));
+      return el("tr", { "data-assessment": a.assessment_id },
+        el("th", { scope: "row", text: row[0] }),
+        ...row.slice(1).map((c) => el("td", { text: textOf(c) })), el("td", {}, open));
+    }));
+    $("#history").hidden = false;
+  }
+
+  async function save() {
+    if (!current) return;
+    $("#save").disabled = true;
+    $("#save-status").textContent = "Saving…";
+    try {
+      const body = await getJson("/api/assessments", { method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ report_id: current.report_id }) });
+      current.assessment_id = body.assessment_id;
+      $("#save-status").textContent = `Saved assessment ${body.assessment_id} of `
+        + `patient ${body.patient_id} (${body.assessed_at}).`;
+      await loadPatients(body.patient_id);
+      await showHistory(body.patient_id);
+    } catch (e) {
+      $("#save").disabled = false;
+      $("#save-status").textContent = "Not saved.";
+      if (e.errors) showErrors(e.errors);
+      else showHistoryError(e);
+    }
+  }
+
+  async function reopen(assessmentId) {
+    setStatus("Opening the saved assessment…");
+    try {
+      const body = await getJson(`/api/assessments/${encodeURIComponent(assessmentId)}`);
+      fillForm(body.request);
+      showResults({ ...body, history_enabled: true });
+      setStatus(`Reopened assessment ${body.assessment_id} of patient `
+        + `${body.patient_id} (${body.assessed_at}).`);
+    } catch (e) {
+      setStatus("");
+      showHistoryError(e);
+    }
   }
 
   function hideResults() {
@@ -626,8 +755,12 @@
         body: JSON.stringify(request),
       });
       if (resp.ok) {
-        showResults(await resp.json());
+        const data = await resp.json();
+        showResults(data);
         setStatus("Done.");
+        if (data.history_enabled && data.result.patient_id) {
+          showHistory(data.result.patient_id);
+        }
       } else {
         // 422 (input), 413 (body too large), 415 (not JSON) and 503 (busy or
         // over the time limit) all carry {"errors": [{field, message}]}: each is
@@ -656,9 +789,43 @@
 
   // ---------- wiring ----------
 
+  function newPatient() {
+    hideResults();
+    fillForm({});
+    $("#history").hidden = true;
+    $("#patient-list").value = "";
+    setStatus("");
+    $("#product").focus();
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
-    fillForm(DEFAULT_REQUEST);
+    // The page starts empty: a patient is entered, loaded from a file, reopened
+    // from the history, or the labelled example is loaded on request.
+    fillForm({});
     loadProducts();
+    loadPatients();
+    $("#new-patient").addEventListener("click", newPatient);
+    $("#load-example").addEventListener("click", () => {
+      hideResults();
+      $("#history").hidden = true;
+      fillForm(EXAMPLE_REQUEST, { example: true });
+      setStatus("Example patient loaded.");
+    });
+    $("#save").addEventListener("click", save);
+    $("#open-history").addEventListener("click", () => {
+      const id = $("#patient-list").value;
+      if (id) showHistory(id);
+    });
+    $("#weight-unit").addEventListener("change", () => {
+      clearFieldError($("#weight"));
+      setWeightField();
+    });
+    $("#add-evaluate").addEventListener("click", () => {
+      $("input", addEvaluate()).focus();
+    });
+    $("#evaluate").addEventListener("change", (ev) => {
+      if (ev.target.dataset.key === "dose_unit") renumber();
+    });
     form.addEventListener("submit", calculate);
     $("#add-infusion").addEventListener("click", () => {
       $("input", addInfusion()).focus();
