@@ -216,7 +216,8 @@ def prior_predictive(key: Key, model: PopModel, params: PopParams, subject: Coho
             return jax.vmap(one)(b, eps)
         return jax.jit(sim)
 
-    return np.asarray(per_model(model, ("prior_predictive", n_occ, n), build)(
+    return np.asarray(per_model(model, ("prior_predictive", n_occ, n), build,
+                                persist=True)(
         key, params, subject))
 
 
@@ -261,7 +262,7 @@ def _fns(model: PopModel, n_occ: int, thresholds: tuple[float, ...]):
         return jax.jit(jax.vmap(patient, in_axes=(None, None, 0, 0, None, None, None,
                                                    None)))
 
-    return per_model(model, ("dosing", n_occ, thresholds), build)
+    return per_model(model, ("dosing", n_occ, thresholds), build, persist=True)
 
 
 def _unit_ss(model: PopModel):
@@ -296,7 +297,7 @@ def _unit_ss(model: PopModel):
         hb = jax.jit(jax.vmap(hours_below, in_axes=(0, None, None, None, None)))
         return tp, hb
 
-    return per_model(model, ("unit_ss",), build)
+    return per_model(model, ("unit_ss",), build, persist=True)
 
 
 def recommend(key: Key, model: PopModel, params: PopParams, subject: Cohort,
