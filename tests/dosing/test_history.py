@@ -222,3 +222,29 @@ def test_one_store_serves_several_threads(path):
                 range(12)))
         assert len(set(ids)) == 12
         assert sum(p.n_assessments for p in h.list_patients(store)) == 12
+
+
+def test_history_table_shows_each_assessments_own_display_text(path):
+    req, res = _pair()
+    res["display"] = {"summary": [
+        {"label": "Patient", "value": "P-1"},
+        {"label": "Weight", "value": "25 kg"},
+        {"label": "Effective half-life", "value": "12.0 h (90 % interval 9.6–15 h)"},
+        {"label": "Clearance", "value": "3.0 mL/h/kg (90 % …)"}],
+        "evaluated_table": {"columns": ["Schedule", "Target", "Dose",
+                                        "P(trough ≥ target)"],
+                            "rows": [["Mon/Wed/Fri", "1 IU/dL", "1000 IU", "87 %"]]}}
+    legacy_req, legacy = _pair(t_eff=11.0)
+    with h.open_store(path) as store:
+        a = h.save_assessment(store, legacy_req, legacy, when="2023-01-01T00:00")
+        b = h.save_assessment(store, req, res, when="2024-03-01T10:00")
+        table = h.history_table(store, "P-1")
+    assert table["assessment_ids"] == [a, b]
+    assert table["columns"] == ["Date", "Product", "Weight", "Effective half-life",
+                                "Terminal half-life", "Clearance", "Chosen regimen"]
+    assert table["rows"][1] == [
+        "2024-03-01 10:00", "Advate (octocog alfa) — Björkman 2012", "25 kg",
+        "12.0 h (90 % interval 9.6–15 h)", "", "3.0 mL/h/kg (90 % …)",
+        "Mon/Wed/Fri, 1000 IU, 87 %"]
+    # a result saved without display: median and 90 % interval, 3 figures
+    assert table["rows"][0][3] == "11 h (90 % interval 8.8–13.8 h)"
