@@ -33,6 +33,7 @@ Haemost 2019;3:117-129.
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import reduce
 from typing import NamedTuple
@@ -45,7 +46,7 @@ from phems_clinical._typing import Array, Float, Key
 from phems_clinical.data.cohort import Cohort
 from phems_clinical.data.demographics import GROWTH_REFERENCE
 from phems_clinical.pk._cache import per_model
-from phems_clinical.pk.analytic import concentration, steady_state
+from phems_clinical.pk.analytic import macro_constants, steady_state
 from phems_clinical.pk.derived import (
     effective_half_life,
     terminal_half_life,
@@ -55,9 +56,11 @@ from phems_clinical.pk.derived import (
 from phems_clinical.pk.model import (
     PopParams,
     individual_parameters,
+    iov_covariance,
     predict,
     residual_variance,
 )
+from phems_clinical.pk.simulate import draw_kappa
 from phems_clinical.pk.spec import PopModel
 
 __all__ = [
@@ -203,7 +206,7 @@ def prior_predictive(key: Key, model: PopModel, params: PopParams, subject: Coho
         def sim(key, params, subject):
             k1, k2 = jax.random.split(key)
             om = jax.scipy.linalg.block_diag(
-                params.omega, jnp.diag(jnp.tile(params.omega_iov, n_occ)))
+                params.omega, iov_covariance(params.omega_iov, n_occ))
             b = jax.random.multivariate_normal(k1, jnp.zeros(n_b), om, shape=(n,),
                                                method="eigh")
             eps = jax.random.normal(k2, (n, subject.obs_time.shape[0]))
@@ -212,7 +215,8 @@ def prior_predictive(key: Key, model: PopModel, params: PopParams, subject: Coho
                 f = predict(model, subject, params.theta, bb[:model.n_eta],
                             bb[model.n_eta:].reshape(n_occ, model.n_kappa),
                             params.baseline)
-                return f + jnp.sqrt(residual_variance(f, params.sigma)) * e
+                return f + jnp.sqrt(residual_variance(f, params.sigma,
+                                                      model.residual.form)) * e
             return jax.vmap(one)(b, eps)
         return jax.jit(sim)
 
@@ -254,8 +258,9 @@ def _fns(model: PopModel, n_occ: int, thresholds: tuple[float, ...]):
         std = jax.vmap(lambda x: time_to_threshold(
             x, std_dur, one, jnp.full(1, std_dose), jnp.full(1, std_dur), future,
             n_cmt, base))(thr) - std_dur
-        level_pred = concentration(subject.obs_time, dt, da, dd, per_dose, n_cmt, base)
-        curve = concentration(curve_t, dt, da, dd, per_dose, n_cmt, base)
+        # NONMEM's IOV semantics (pk.occasions): all drug follows the current occasion
+        level_pred = predict(model, subject, params.theta, eta, kappa, base)
+        curve = predict(model, subject, params.theta, eta, kappa, base, times=curve_t)
         return out, ttt, std, level_pred, curve, future
 
     def build():
@@ -334,8 +339,7 @@ def recommend(key: Key, model: PopModel, params: PopParams, subject: Cohort,
     b_draws = jnp.asarray(b_draws)
     n = b_draws.shape[0]
     intervals = intervals or default_intervals(model)
-    kappa_new = (jax.random.normal(key, (n, model.n_kappa))
-                 * jnp.sqrt(jnp.asarray(params.omega_iov)))
+    kappa_new = future_kappa(key, params.omega_iov, n, model.n_kappa)
     last = subject.dose_time[jnp.argmax(jnp.where(subject.dose_amt > 0,
                                                   subject.dose_time, -jnp.inf))]
     std_dur = float(jnp.max(jnp.where(subject.dose_amt > 0, subject.dose_dur, 0.0)))
@@ -383,3 +387,302 @@ def recommend(key: Key, model: PopModel, params: PopParams, subject: Cohort,
         curve_time=np.asarray(curve_time), curve=q, regimens=tuple(regimens),
         current_regimen=current, current_trough_prob=current_prob,
     )
+
+
+# ---------------------------------------------------------------------------
+# Steady state of any periodic schedule (fixed interval or weekdays)
+# ---------------------------------------------------------------------------
+
+_RISE_NEWTON_STEPS = 8
+_FALL_GRID = 16
+_FALL_NEWTON_STEPS = 6
+
+
+def future_kappa(key: Key, omega_iov: Array, n: int, n_kappa: int
+                 ) -> Float[Array, "n n_kappa"]:
+    """IOV effects of a future occasion, ``kappa ~ N(0, Omega_IOV)``: (n, n_kappa).
+
+    ``omega_iov`` is the covariance matrix (2-D) or, uncorrelated, the variances
+    (1-D, taken as their diagonal matrix): the same draws from the same key
+    (:func:`~phems_clinical.pk.simulate.draw_kappa`).
+    """
+    om = jnp.asarray(omega_iov, dtype=float)
+    om = jnp.diag(om) if om.ndim == 1 else om.reshape(n_kappa, n_kappa)
+    return draw_kappa(key, om, (n,))
+
+
+def future_parameters(key: Key, model: PopModel, params: PopParams, subject: Cohort,
+                      b_draws: Float[Array, "n_draws n_b"]
+                      ) -> Float[Array, "n_draws n_par"]:
+    """The patient's PK parameters at a future occasion, one row per posterior draw:
+    the draw's ``eta`` with new IOV effects from :func:`future_kappa` (the next
+    infusions are new occasions). Order ``PARAM_NAMES[n_cmt]``, dL/h and dL."""
+    b_draws = jnp.asarray(b_draws)
+    kappa = future_kappa(key, params.omega_iov, b_draws.shape[0], model.n_kappa)
+
+    def build():
+        def one(theta, cov, b, k):
+            return individual_parameters(model, theta, b[:model.n_eta], k[None],
+                                         cov)[0]
+        return jax.jit(jax.vmap(one, in_axes=(None, None, 0, 0)))
+
+    fn = per_model(model, ("future_parameters",), build, persist=True)
+    return fn(params.theta, subject.covariates, b_draws, kappa)
+
+
+def _pos_exprel(x):
+    """``(1 - exp(-x)) / x`` for ``x >= 0``, 1 at 0 (values only)."""
+    xs = jnp.where(x > 0, x, 1.0)
+    return jnp.where(x > 0, -jnp.expm1(-xs) / xs, 1.0)
+
+
+def _segments(p, offsets, period, dur, n_cmt):
+    """Per-infusion coefficients of the unit-dose steady state.
+
+    Every infusion ``k`` (start ``offsets[k]`` in ``[0, period)``, ascending, all
+    ``dur`` h long) repeats every ``period`` h. With ``C(t) = sum_i A_i exp(-lam_i
+    t)`` the unit-bolus response (:func:`~.analytic.macro_constants`), the level
+    (above baseline, per IU of each dose) ``s`` h after the start of infusion ``m``
+    is ``sum_i P_mi exp(-lam_i s) + A_i (1 - exp(-lam_i s))/(lam_i dur)`` during
+    the infusion and ``sum_i E_mi exp(-lam_i (s - dur))`` after it, where
+
+    ``P_mi = A_i exprel(lam_i dur) sum_k exp(-lam_i l_mk) / (1 - exp(-lam_i period))``
+
+    sums every earlier infusion over all past periods (geometric series), ``l_mk``
+    being the time from the end of infusion ``k`` to the start of ``m``, and
+    ``E_mi = P_mi exp(-lam_i dur) + A_i exprel(lam_i dur)``.
+
+    Returns ``lam, a, P, E, gaps`` with ``gaps[m]`` the time from the start of
+    infusion ``m`` to the next one (h).
+    """
+    lam, a = macro_constants(p, n_cmt)
+    e = a * _pos_exprel(lam * dur)
+    # time from the end of infusion k to the next start of m, in (0, period]
+    lag = period - jnp.mod(offsets[None, :] + dur - offsets[:, None], period)
+    geo = jnp.exp(-lam[None, None, :] * lag[:, :, None]).sum(axis=1)
+    pre = e * geo / -jnp.expm1(-lam * period)
+    end = pre * jnp.exp(-lam * dur) + e
+    gaps = jnp.diff(jnp.concatenate([offsets, offsets[:1] + period]))
+    return lam, a, pre, end, gaps
+
+
+def _trough_peak(p, offsets, period, dur, n_cmt):
+    """Unit-dose steady-state trough (lowest pre-dose level of the period) and
+    peak (highest level at the end of an infusion), IU/dL per IU.
+
+    Between infusions every dose's contribution is a positive sum of decaying
+    exponentials (``A_i > 0``), so the minimum of the period is a pre-dose level
+    and the maximum is at the end of an infusion (the level rises during one, see
+    :func:`_time_above`).
+    """
+    _, _, pre, end, _ = _segments(p, offsets, period, dur, n_cmt)
+    return jnp.min(pre.sum(-1)), jnp.max(end.sum(-1))
+
+
+def _time_above(p, offsets, period, dur, z, n_cmt):
+    """Hours per ``period`` that the unit-dose steady-state level is ``>= z``
+    (each of ``z``, IU/dL per IU), summed over the infusions.
+
+    During an infusion each exponential term rises and is concave (its slope
+    ``exp(-lam_i s) (A_i/dur - lam_i P_i)`` is positive because infusions do not
+    overlap, so ``lam_i P_i < A_i/dur``): Newton from the start of the infusion
+    increases monotonically to the crossing. After it the level is
+    ``sum_i E_i exp(-lam_i s)``
+    and its log is convex and decreasing in ``s``: Newton from the last point of a
+    grid (denser early, where the level bends most) still above ``z`` increases
+    monotonically to the crossing. Both converge to rounding error in the fixed
+    number of steps used here (checked against a dense grid in the tests).
+    """
+    lam, a, pre, end, gaps = _segments(p, offsets, period, dur, n_cmt)
+    fall = gaps - dur                                    # (n_inf,)
+    lo_rise, hi = pre.sum(-1), end.sum(-1)
+    lo_fall = (end * jnp.exp(-lam * fall[:, None])).sum(-1)
+    dur_safe = jnp.where(dur > 0, dur, 1.0)
+    zz = z[None, :]                                      # (1, n_z)
+    shape = (offsets.shape[0], z.shape[0])               # (n_inf, n_z)
+
+    def rise_newton(_, s):
+        e = jnp.exp(-lam * s[..., None])
+        level = jnp.sum(pre[:, None] * e - a * jnp.expm1(-lam * s[..., None])
+                        / (lam * dur_safe), -1)
+        slope = jnp.sum(e * (a / dur_safe - lam * pre[:, None]), -1)
+        return jnp.clip(s - (level - zz) / slope, 0.0, dur)
+
+    s_up = jax.lax.fori_loop(0, _RISE_NEWTON_STEPS, rise_newton, jnp.zeros(shape))
+    rise = jnp.where(zz <= lo_rise[:, None], dur,
+                     jnp.where(zz > hi[:, None], 0.0, dur - s_up))
+
+    log_z = jnp.log(jnp.where(zz > 0, zz, 1.0))
+    log_end = jnp.log(end)                               # (n_inf, n_cmt)
+    grid = jnp.linspace(0.0, 1.0, _FALL_GRID)[None, :] ** 2 * fall[:, None]
+    log_grid = jax.nn.logsumexp(log_end[:, None, :] - lam * grid[..., None], -1)
+    k = jnp.sum(log_grid[:, None, :] >= log_z[..., None], -1)
+    start = jnp.take_along_axis(grid, jnp.clip(k - 1, 0, _FALL_GRID - 1), axis=1)
+
+    def fall_newton(_, s):
+        x = log_end[:, None, :] - lam * s[..., None]
+        top = x.max(-1)
+        e = jnp.exp(x - top[..., None])
+        tot = e.sum(-1)
+        step = (top + jnp.log(tot) - log_z) * tot / jnp.sum(e * lam, -1)
+        return jnp.clip(s + step, 0.0, fall[:, None])
+
+    cross = jax.lax.fori_loop(0, _FALL_NEWTON_STEPS, fall_newton, start)
+    down = jnp.where(zz > hi[:, None], 0.0,
+                     jnp.where(zz <= lo_fall[:, None], fall[:, None], cross))
+    return jnp.where(z <= 0, period, (rise + down).sum(0))
+
+
+@functools.cache
+def _schedule_fns(n_cmt: int):
+    """Jitted, vectorised over draws: ``(trough, peak)`` and time above levels."""
+    tp = jax.jit(jax.vmap(functools.partial(_trough_peak, n_cmt=n_cmt),
+                          in_axes=(0, None, None, None)))
+    above = jax.jit(jax.vmap(functools.partial(_time_above, n_cmt=n_cmt),
+                             in_axes=(0, None, None, None, None)))
+    return tp, above
+
+
+class SteadyState(NamedTuple):
+    """Unit-dose steady state of one schedule, per posterior draw.
+
+    A dose of ``D`` IU per infusion gives the level ``baseline + D * u`` (the model
+    is linear in the dose), so trough and peak are stored per IU.
+    """
+
+    period_h: float
+    trough_per_IU: np.ndarray    # (n_draws,) IU/dL per IU
+    peak_per_IU: np.ndarray      # (n_draws,) IU/dL per IU
+    params: Float[Array, "n_draws n_par"]
+    offsets_h: np.ndarray
+    dur_h: float
+    n_cmt: int
+
+
+def _check_pattern(offsets: np.ndarray, period: float, dur: float) -> None:
+    if not (math.isfinite(period) and period > 0):
+        raise ValueError(f"the dosing period must be a positive number of hours, "
+                         f"got {period!r}")
+    if offsets.ndim != 1 or offsets.size == 0 or np.any(np.diff(offsets) <= 0) or \
+            offsets[0] < 0 or offsets[-1] >= period:
+        raise ValueError(f"infusion starts must be ascending within [0, {period:g}) "
+                         f"h, got {offsets.tolist()}")
+    gaps = np.diff(np.append(offsets, offsets[0] + period))
+    if not (math.isfinite(dur) and 0 <= dur < gaps.min()):
+        raise ValueError(f"infusion duration: expected 0 to less than the shortest "
+                         f"gap between infusions ({gaps.min():g} h), got {dur!r} h")
+
+
+def steady_state_schedule(future: Float[Array, "n_draws n_par"], n_cmt: int,
+                          offsets_h, period_h: float, dur_h: float) -> SteadyState:
+    """Trough and peak of a unit dose at steady state for each draw's parameters.
+
+    Parameters
+    ----------
+    future : (n_draws, 2 * n_cmt)
+        Parameters of a future occasion (:func:`future_parameters`).
+    offsets_h, period_h : infusion starts (h, ascending in ``[0, period)``) of a
+        pattern repeated every ``period_h`` h: ``[0], tau`` for a fixed interval,
+        ``24 * weekday`` and 168 h for named weekdays at the same clock time.
+    dur_h : infusion duration, h (0: bolus), shorter than every gap.
+    """
+    offsets = np.asarray(offsets_h, float)
+    _check_pattern(offsets, float(period_h), float(dur_h))
+    tp, _ = _schedule_fns(n_cmt)
+    trough, peak = tp(future, jnp.asarray(offsets), float(period_h), float(dur_h))
+    return SteadyState(float(period_h), np.asarray(trough), np.asarray(peak), future,
+                       offsets, float(dur_h), n_cmt)
+
+
+def time_above_per_week(ss: SteadyState, dose_IU, baseline: float,
+                        levels_IU_dL) -> np.ndarray:
+    """Hours per week at steady state with the level ``>=`` each of
+    ``levels_IU_dL`` on ``dose_IU`` per infusion (a scalar, or one dose per level):
+    (n_draws, n_levels)."""
+    levels = np.atleast_1d(np.asarray(levels_IU_dL, float))
+    dose = np.broadcast_to(np.asarray(dose_IU, float), levels.shape)
+    if not np.all(dose > 0):
+        raise ValueError(f"dose_IU: expected a positive dose, got {dose_IU!r}")
+    z = (levels - baseline) / dose
+    n_pad = -(-z.size // 16) * 16  # a multiple of 16: fewer compiled shapes
+    z_pad = np.concatenate([z, np.full(n_pad - z.size, z[-1] if z.size else 1.0)])
+    _, above = _schedule_fns(ss.n_cmt)
+    out = np.asarray(above(ss.params, jnp.asarray(ss.offsets_h), ss.period_h,
+                           ss.dur_h, jnp.asarray(z_pad)))[:, :z.size]
+    return out * (168.0 / ss.period_h)
+
+
+def minimal_dose(ss: SteadyState, target_IU_dL: float, baseline: float,
+                 probability: float) -> float:
+    """Smallest dose per infusion (IU, not vial-rounded) with ``P(trough >=
+    target) >= probability`` over the draws.
+
+    The trough is ``baseline + D u`` (``u > 0``), so draw ``j`` needs ``D >=
+    (target - baseline) / u_j``; the smallest ``D`` that enough draws accept is the
+    ``probability``-quantile of those needs with the inverted empirical CDF (the
+    smallest value whose ECDF reaches ``probability``): at it the probability is
+    ``>= probability``, at any smaller dose it is below.
+    """
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"probability: expected a number in (0, 1), got "
+                         f"{probability!r}")
+    need = (target_IU_dL - baseline) / ss.trough_per_IU
+    return float(np.quantile(need, probability, method="inverted_cdf"))
+
+
+def trough_probability(ss: SteadyState, dose_IU: float, baseline: float,
+                       target_IU_dL: float) -> float:
+    """``P(trough >= target)`` over the draws on ``dose_IU`` per infusion."""
+    return float(np.mean(baseline + dose_IU * ss.trough_per_IU >= target_IU_dL))
+
+
+def _vial_table(n_units: int, units: list[int]) -> np.ndarray:
+    """Fewest vials making up ``i`` units (``i = 0..n_units``); ``inf`` if none."""
+    count = np.full(n_units + 1, np.inf)
+    count[0] = 0.0
+    for i in range(1, n_units + 1):
+        best = min((count[i - u] for u in units if u <= i), default=np.inf)
+        count[i] = best + 1.0
+    return count
+
+
+def vial_combination(dose_IU: float, vial_sizes: tuple[float, ...]
+                     ) -> list[tuple[int, int]]:
+    """Vials for the smallest total at or above ``dose_IU``
+    (:func:`round_to_vials`), with the fewest vials for that total:
+    ``[(size_IU, count), ...]`` largest size first.
+
+    >>> vial_combination(1130.0, (250, 500, 1000))
+    [(1000, 1), (250, 1)]
+    >>> vial_combination(1500.0, (250, 500, 750, 1000))
+    [(1000, 1), (500, 1)]
+    """
+    total = round_to_vials(dose_IU, vial_sizes)
+    if not math.isfinite(total):
+        raise ValueError(f"dose_IU: expected a finite dose, got {dose_IU!r}")
+    sizes = sorted({int(v) for v in vial_sizes})
+    step = reduce(math.gcd, sizes)
+    units = [s // step for s in sizes]
+    n = int(round(total / step))
+    count = _vial_table(n, units)
+    out: dict[int, int] = {}
+    i = n
+    while i > 0:
+        # the largest size on a fewest-vials path
+        u = max(u for u in units if u <= i and count[i - u] == count[i] - 1)
+        out[u * step] = out.get(u * step, 0) + 1
+        i -= u
+    return sorted(out.items(), reverse=True)
+
+
+def round_down_to_vials(dose_IU: float, vial_sizes: tuple[float, ...]) -> float:
+    """Largest total at or below ``dose_IU`` that whole vials make up, IU; ``nan``
+    when even the smallest vial is larger."""
+    sizes = sorted({int(v) for v in vial_sizes})
+    if not math.isfinite(dose_IU) or dose_IU < sizes[0]:
+        return math.nan
+    step = reduce(math.gcd, sizes)
+    n = int(math.floor(dose_IU / step + 1e-9))
+    count = _vial_table(n, [s // step for s in sizes])
+    reach = np.flatnonzero(np.isfinite(count))
+    return float(reach[-1] * step)
