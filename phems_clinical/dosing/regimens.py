@@ -21,7 +21,11 @@ Each regimen is a JSON-ready dict with raw numbers (text is made by
      "cap_IU_kg"}
 
 ``vials`` is the fewest vials making up the smallest total at or above ``dose_IU``;
-``vials_exact`` says whether that total is ``dose_IU`` itself. ``peak_flag`` is
+``vials_exact`` says whether that total is ``dose_IU`` itself. ``status
+"above_cap"`` (designer only): no vial total up to the cap meets the target with
+the required probability; the dose fields are then those of the largest vial total
+within the cap. An evaluated regimen adds ``exceeds_cap`` (its dose is above the
+cap). ``peak_flag`` is
 :data:`PEAK_FLAG` when the median peak is above ``peak_flag_IU_dL``: FVIII above
 150 IU/dL is associated with venous thrombosis (Koster T, Blann AD, Briet E, et al.
 Lancet 1995;345:152-155), as is FIX above 129 IU/dL (van Hylckama Vlieg A, van der
@@ -57,8 +61,8 @@ from phems_clinical.pk.model import PopParams
 from phems_clinical.pk.spec import PopModel
 
 __all__ = [
-    "ACCEPTED_FORMS", "PEAK_FLAG", "PEAK_FLAG_IU_DL", "Schedule", "default_schedules",
-    "design_regimens", "evaluate_regimen", "parse_schedule",
+    "ACCEPTED_FORMS", "PEAK_FLAG", "PEAK_FLAG_IU_DL", "Schedule", "design_regimens",
+    "evaluate_regimen", "parse_schedule",
 ]
 
 PEAK_FLAG = "median_peak_above_flag_level"
@@ -186,16 +190,6 @@ def parse_schedule(text: str) -> Schedule:
         return _weekdays(text, sorted(days))
     raise ValueError(f"schedule {text!r} is not understood; accepted forms: "
                      f"{ACCEPTED_FORMS}")
-
-
-def default_schedules(model: PopModel) -> tuple[str, ...]:
-    """Schedules the designer lists by default: up to every 72 h for standard
-    half-life FVIII, twice weekly and weekly added for extended half-life products
-    and FIX."""
-    base = ("every 24 h", "every 48 h", "Mon/Wed/Fri", "every 72 h")
-    if model.extended_half_life:
-        return (*base, "Mon/Thu", "every 7 days")
-    return base
 
 
 def _est(x: np.ndarray) -> dict:
@@ -358,8 +352,9 @@ def evaluate_regimen(key: Key, model: PopModel, params: PopParams, subject: Coho
 
     Give ``dose_IU`` or ``dose_IU_kg`` (exactly one). The dose is used as given;
     when vials cannot make it up exactly, ``vials`` lists the fewest vials for the
-    nearest total above it and ``vials_exact`` is false. ``status`` is
-    ``"above_cap"`` when the dose exceeds ``max_dose_IU_kg``. Without a target,
+    nearest total above it and ``vials_exact`` is false. ``status`` is ``"ok"``;
+    the dict adds ``exceeds_cap``, true when the dose is above ``max_dose_IU_kg``
+    (kept as chosen, said by the views). Without a target,
     ``target_IU_dL``, ``trough_prob`` and ``hours_below_target_per_week`` are
     ``None``. Other arguments as for :func:`design_regimens`.
     """
@@ -382,9 +377,10 @@ def evaluate_regimen(key: Key, model: PopModel, params: PopParams, subject: Coho
                                _infusion_h(subject, infusion_h))
     levels = [*thresholds] + ([target_IU_dL] if target_IU_dL is not None else [])
     above = time_above_per_week(ss, dose, base, levels)
-    status = "above_cap" if dose > max_dose_IU_kg * weight_kg * (1 + 1e-12) else "ok"
-    return _outcome(ss, sched, dose_IU=dose, status=status, target=target_IU_dL,
-                    probability=float(probability), baseline=base,
-                    weight_kg=weight_kg, vial_sizes=vials, thresholds=thresholds,
-                    cap_IU_kg=max_dose_IU_kg, peak_flag_IU_dL=peak_flag_IU_dL,
-                    above=above)
+    out = _outcome(ss, sched, dose_IU=dose, status="ok", target=target_IU_dL,
+                   probability=float(probability), baseline=base,
+                   weight_kg=weight_kg, vial_sizes=vials, thresholds=thresholds,
+                   cap_IU_kg=max_dose_IU_kg, peak_flag_IU_dL=peak_flag_IU_dL,
+                   above=above)
+    out["exceeds_cap"] = dose > max_dose_IU_kg * weight_kg * (1 + 1e-12)
+    return out
