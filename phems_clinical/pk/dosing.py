@@ -9,16 +9,17 @@ interval of that quantity (not a delta-method approximation):
 * the level curve and the predicted measured levels over the observed occasions;
 * the time until the level falls to each threshold after the last infusion (with
   that infusion's occasion effects) and after a standard dose;
-* prophylaxis regimens at steady state (closed form,
-  :func:`~phems_clinical.pk.analytic.steady_state`) for a *future* occasion: its IOV
-  effects are drawn from the prior, ``kappa ~ N(0, omega_iov)``, because the next
-  infusions are new occasions.
+* prophylaxis regimens at steady state for a *future* occasion: its IOV effects are
+  drawn from the prior, ``kappa ~ N(0, Omega_IOV)``, because the next infusions are
+  new occasions. Any periodic schedule: a fixed interval or named weekdays at the
+  same clock time (:func:`steady_state_schedule`: each infusion repeated every
+  period, superposed in closed form; trough, peak and hours above levels per week).
 
-The dose for an interval ``tau`` and target trough ``T`` is the smallest dose that
-vials can make up with ``P(trough >= T) >= p`` over the draws. The model is linear
-in the dose: the trough is ``B + D u`` with ``u`` the trough of a unit dose, so
+The dose for a schedule and target trough ``T`` is the smallest dose that vials can
+make up with ``P(trough >= T) >= p`` over the draws. The model is linear in the
+dose: the trough is ``B + D u`` with ``u`` the trough of a unit dose, so
 ``P(B + D u >= T) = P(D >= (T - B)/u)`` and the minimal dose is the ``p``-quantile of
-``(T - B)/u``.
+``(T - B)/u`` (:func:`minimal_dose`).
 
 Units: h, IU, dL, IU/dL.
 
@@ -64,8 +65,11 @@ from phems_clinical.pk.simulate import draw_kappa
 from phems_clinical.pk.spec import PopModel
 
 __all__ = [
-    "DoseRecommendation", "Regimen", "default_intervals", "detect_regimen",
-    "prior_predictive", "recommend", "round_to_vials", "validated_range",
+    "DoseRecommendation", "Regimen", "SteadyState", "default_intervals",
+    "detect_regimen", "future_kappa", "future_parameters", "minimal_dose",
+    "prior_predictive", "recommend", "round_down_to_vials", "round_to_vials",
+    "steady_state_schedule", "time_above_per_week", "trough_probability",
+    "validated_range", "vial_combination",
 ]
 
 CURVE_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
