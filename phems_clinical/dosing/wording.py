@@ -186,8 +186,11 @@ def _regimen_row(reg: Mapping, thr: str | None, factor: str | None,
             "the cap's dose is shown")
     if (text := _peak_flag(reg, factor, flag_at)) is not None:
         flags.append(text)
-    if reg.get("vials_note"):
-        flags.append(str(reg["vials_note"]))
+    if reg.get("exceeds_cap"):
+        flags.append(f"above the cap of {label(reg.get('cap_IU_kg'))} IU/kg")
+    if reg.get("vials_exact") is False:
+        flags.append("not a vial total: the vials shown make up the nearest "
+                     "total above it")
     target = _value(reg.get("target_IU_dL"))
     above = (reg.get("time_above_h_per_week") or {}).get(thr) if thr else None
     trough = reg.get("trough_IU_dL")

@@ -72,9 +72,6 @@ _TITLE_ID_CHARS = 24  # patient id shown in the figure's title (ellipsis beyond)
 # Unverified entries that do not change a prediction: no acknowledgement needed.
 _INFORMATIONAL = ("vial_sizes_IU", "vial_notes", "reference_values",
                   "external_validation")
-# The regimen designer (phems_clinical.dosing.regimens) replaces pk.dosing's fixed
-# interval x target grid when True.
-USE_DESIGNER = False
 
 _REQUEST_FIELD = {"VWF": "vwf_IU_dL", "HCT": "hematocrit_pct", "HT": "height_cm",
                   "BGO": "blood_group", "ASSAY": "assay", "SEX": "sex"}
@@ -475,8 +472,6 @@ def _schedules(model, req: DosingRequest) -> list[tuple[str, str]]:
 def _designer(key, model, params, subject, draws, n_occ, req, vials
               ) -> tuple[list[dict], list[dict]]:
     """Designed and evaluated regimens by :mod:`phems_clinical.dosing.regimens`."""
-    import jax
-
     from phems_clinical.dosing import regimens
 
     opts = req.options
@@ -498,9 +493,21 @@ def _designer(key, model, params, subject, draws, n_occ, req, vials
     common = dict(n_occ=n_occ, weight_kg=req.weight_kg, vial_sizes=vials,
                   peak_flag_IU_dL=opts.peak_flag_IU_dL,
                   thresholds_IU_dL=tuple(opts.thresholds_IU_dL))
-    k_design, k_eval = jax.random.split(key)
+    # one key for both tables: the same future-occasion IOV draws, so a regimen
+    # shows the same numbers whether designed or evaluated
+    try:
+        return _run_designer(regimens, key, model, params, subject, draws, req,
+                             parsed, chosen, common)
+    except ValueError as err:
+        # the designer's messages start with the field they concern
+        raise RequestError([FieldError("options", str(err))]) from None
+
+
+def _run_designer(regimens, key, model, params, subject, draws, req, parsed,
+                  chosen, common) -> tuple[list[dict], list[dict]]:
+    opts = req.options
     designed = regimens.design_regimens(
-        k_design, model, params, subject, draws, schedules=tuple(parsed),
+        key, model, params, subject, draws, schedules=tuple(parsed),
         targets_IU_dL=tuple(opts.targets_IU_dL),
         probability=opts.trough_probability, max_dose_IU_kg=opts.max_dose_IU_kg,
         **common)
@@ -509,42 +516,10 @@ def _designer(key, model, params, subject, draws, n_occ, req, vials
     for e, sched in chosen:
         dose = e.dose_IU if e.dose_IU is not None else e.dose_IU_kg * req.weight_kg
         evaluated.append(regimens.evaluate_regimen(
-            k_eval, model, params, subject, draws, schedule=sched, dose_IU=dose,
-            target_IU_dL=target, probability=opts.trough_probability, **common))
+            key, model, params, subject, draws, schedule=sched, dose_IU=dose,
+            target_IU_dL=target, probability=opts.trough_probability,
+            max_dose_IU_kg=opts.max_dose_IU_kg, **common))
     return list(designed), evaluated
-
-
-def _legacy_regimens(rec, req: DosingRequest) -> list[dict]:
-    """pk.dosing.recommend's interval x target grid in the designer's format
-    (until the designer is switched on): no trough estimate, vial combination or
-    time above threshold."""
-    cap = req.options.max_dose_IU_kg
-    out = []
-    for r in rec.regimens:
-        ok = math.isfinite(r.dose_IU)
-        dose = r.dose_IU if ok else cap * req.weight_kg
-        per_week = 168.0 / r.interval_h
-        peak = _est(r.peak_IU_dL) if ok else None
-        med = peak["median"] if peak else None
-        out.append({
-            "schedule": {"label": f"every {r.interval_h:g} h",
-                         "every_h": r.interval_h, "weekdays": []},
-            "target_IU_dL": r.target_IU_dL,
-            "status": "ok" if ok else "above_cap",
-            "dose_IU": _num(dose), "dose_IU_kg": _num(dose / req.weight_kg),
-            "infusions_per_week": per_week,
-            "dose_IU_kg_week": _num(dose / req.weight_kg * per_week),
-            "vials": None, "trough_IU_dL": None,
-            "trough_prob": _num(r.trough_prob) if ok else None,
-            "peak_IU_dL": peak,
-            "peak_flag": ("above" if isinstance(med, float)
-                          and med > req.options.peak_flag_IU_dL else None),
-            "time_above_h_per_week": {},
-            "hours_below_target_per_week": (_est(r.hours_below_target_per_week)
-                                            if ok else None),
-            "cap_IU_kg": cap,
-        })
-    return out
 
 
 # ------------------------------------------------------------------ assess
@@ -682,17 +657,8 @@ def assess(request: DosingRequest | dict | str | bytes, *, method: str = "map",
         targets=opts.targets_IU_dL, intervals=intervals,
         probability=opts.trough_probability, vial_sizes=vials,
         standard_dose_IU_kg=opts.standard_dose_IU_kg, curve_time=jnp.asarray(grid))
-    if USE_DESIGNER:
-        designed, evaluated = _designer(k_design, model, params, subject, draws,
-                                        n_occ, req, vials)
-    else:
-        if opts.schedules or opts.evaluate:
-            field = "options.schedules" if opts.schedules else "options.evaluate"
-            raise RequestError([FieldError(field, (
-                "schedules by name and evaluated regimens need the regimen "
-                "designer, which this version does not have; use "
-                "options.intervals_h"))])
-        designed, evaluated = _legacy_regimens(rec, req), []
+    designed, evaluated = _designer(k_design, model, params, subject, draws,
+                                    n_occ, req, vials)
 
     result = _result(req, model, source, name, method, seed, uncertainty, cov_info,
                      rec, diagnostics, warnings, params, acknowledged, assay,
