@@ -33,6 +33,7 @@ from phems_clinical.pk.model import (
     predict,
     residual_variance,
 )
+from phems_clinical.pk.simulate import draw_kappa
 from phems_clinical.pk.spec import parse_model
 
 TRUE = {  # the data-generating model (units dL, dL/h, IU, IU/dL, h)
@@ -71,8 +72,7 @@ def simulate(key, model, *, n_sub, times=RICH, dose=2500.0, lloq=None,
     p = initial_params(model)
     chol = jnp.linalg.cholesky(p.omega)
     eta = jax.random.normal(k_eta, (n_sub, model.n_eta)) @ chol.T
-    kappa = (jax.random.normal(k_kappa, (n_sub, n_occ, model.n_kappa))
-             * jnp.sqrt(p.omega_iov))
+    kappa = draw_kappa(k_kappa, p.omega_iov, (n_sub, n_occ))
     f = jax.vmap(partial(predict, model), in_axes=(0, None, 0, 0, None))(
         cohort, p.theta, eta, kappa, p.baseline)
     y = f + jnp.sqrt(residual_variance(f, p.sigma)) * jax.random.normal(k_eps, f.shape)
