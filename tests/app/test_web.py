@@ -409,7 +409,7 @@ def test_clinic_walk_new_patient_design_save_and_next_year(browser, live_server)
         "evaluate": [{"schedule": "Mon/Wed/Fri", "dose_IU": 1000}]}
     expect(page.locator("#evaluated tbody tr")).to_have_count(1)
     expect(page.locator("#evaluated tbody tr").first).to_contain_text("Mon/Wed/Fri")
-    expect(page.locator("#evaluated tbody tr").first).to_contain_text("1000")
+    expect(page.locator("#evaluated tbody tr").first).to_contain_text("1,000 IU")
     expect(page.locator("#regimens tbody")).to_contain_text("Mon/Wed/Fri")
     expect(page.locator("#regimens tbody tr")).to_have_count(2)
 
