@@ -32,8 +32,9 @@ class FieldError(NamedTuple):
 def field_path(parts) -> str:
     """``["levels", 1, "value"]`` -> ``"levels[1].value"``."""
     out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    for i, p in enumerate(parts):
+        # by position, not by text so far: an empty first key still gets its "."
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p))
     return out
 
 
