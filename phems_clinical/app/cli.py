@@ -369,20 +369,31 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _products(args: argparse.Namespace) -> int:
-    from phems_clinical.pk.derived import effective_half_life, terminal_half_life
-    from phems_clinical.pk.library import list_products, load_product
-    from phems_clinical.pk.model import covariate_vector, typical_parameters
+    """The product library as a clinician chooses from it: brand, INN and model,
+    ages, assay, typical half-lives, what is unverified and when to choose it."""
+    from phems_clinical.dosing.workflow import requires_acknowledgement
+    from phems_clinical.pk.library import products_table
 
-    print(f"{'product':<20} {'factor':<6} {'cmt':>3} {'t1/2 term (h)':>14} "
-          f"{'t1/2 eff (h)':>13}  citation")
-    for name in list_products():
-        m = load_product(name)
-        p = typical_parameters(m, m.theta_values,
-                               covariate_vector(m, m.reference_covariates))
-        print(f"{name:<20} {m.metadata.get('factor', ''):<6} {m.n_cmt:>3} "
-              f"{float(terminal_half_life(p, m.n_cmt)):>14.1f} "
-              f"{float(effective_half_life(p, m.n_cmt)):>13.1f}  "
-              f"{m.metadata.get('citation', '')}")
+    rows = products_table()
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    for r in rows:
+        head = f"{r['display']}  [id: {r['id']}{', default' if r['default'] else ''}]"
+        print(head)
+        print(f"    {r['factor']}, {r['half_life_class']} half-life; ages "
+              f"{r['ages'] or 'not recorded'}; assay {r['assay'] or 'not recorded'}; "
+              f"typical half-life {r['effective_half_life_h']:g} h effective, "
+              f"{r['terminal_half_life_h']:g} h terminal")
+        needs = requires_acknowledgement(r["unverified"])
+        status = ("all model values verified against the publication" if not needs
+                  else "UNVERIFIED: " + ", ".join(needs)
+                  + " (use needs --accept-unverified)")
+        if informational := [u for u in r["unverified"] if u not in needs]:
+            status += f"; not verified, informational only: {', '.join(informational)}"
+        print(f"    {status}")
+        if r["choose_when"]:
+            print(f"    choose when: {r['choose_when']}")
     return 0
 
 
@@ -732,6 +743,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=_simulate)
 
     p = sub.add_parser("products", help="list the FVIII/FIX product library")
+    p.add_argument("--json", action="store_true",
+                   help="print the table as JSON (one object per product)")
     p.set_defaults(func=_products)
 
     d = sub.add_parser("dose", help="one patient's PK curve and prophylaxis regimens "

@@ -121,7 +121,22 @@ def test_products_lists_library(capsys):
     assert main(["products"]) == 0
     out = capsys.readouterr().out
     for name in ("advate", "kovaltry", "eloctate", "jivi", "alprolix"):
-        assert name in out
+        assert f"[id: {name}" in out
+    # brand, INN and model; the default; what needs the acknowledgement
+    assert "Kovaltry (octocog alfa) \u2014 Garmann 2017  [id: kovaltry, default]" in out
+    advate = out.split("[id: advate]")[1].split("[id:")[0]
+    assert "UNVERIFIED: fixed_effects, covariates, iiv, iov, residual" in advate
+    kovaltry = out.split("[id: kovaltry, default]")[1].split("[id:")[0]
+    assert "all model values verified" in kovaltry and "UNVERIFIED" not in kovaltry
+
+
+def test_products_json_matches_the_library(capsys):
+    from phems_clinical.pk.library import list_products
+
+    assert main(["products", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["id"] for r in rows] == list(list_products())
+    assert sum(r["default"] for r in rows) == 1
 
 
 def test_console_entry_point_runs():
