@@ -540,10 +540,14 @@ def _time_above(p, offsets, period, dur, z, n_cmt):
 @functools.cache
 def _schedule_fns(n_cmt: int):
     """Jitted, vectorised over draws: ``(trough, peak)`` and time above levels."""
-    tp = jax.jit(jax.vmap(functools.partial(_trough_peak, n_cmt=n_cmt),
-                          in_axes=(0, None, None, None)))
-    above = jax.jit(jax.vmap(functools.partial(_time_above, n_cmt=n_cmt),
-                             in_axes=(0, None, None, None, None)))
+    from phems_clinical.pk.export_cache import persistent_jit  # kept between runs
+
+    tp = persistent_jit(jax.vmap(functools.partial(_trough_peak, n_cmt=n_cmt),
+                                 in_axes=(0, None, None, None)),
+                        ("schedule_trough_peak", n_cmt))
+    above = persistent_jit(jax.vmap(functools.partial(_time_above, n_cmt=n_cmt),
+                                    in_axes=(0, None, None, None, None)),
+                           ("schedule_time_above", n_cmt))
     return tp, above
 
 

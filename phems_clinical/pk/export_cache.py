@@ -220,5 +220,11 @@ def persistent(value: Any, model: Any, tag: tuple) -> Any:
     return Persistent(value, name, parts)
 
 
-__all__ = ["Persistent", "model_digest", "persistent", "program_folder",
-           "source_digest"]
+def persistent_jit(fn: Callable, tag: tuple) -> Persistent:
+    """``jax.jit(fn)`` as a :class:`Persistent`, for a program that depends on no
+    model; ``tag`` names it and everything it closes over (e.g. a draw count)."""
+    return Persistent(jax.jit(fn), str(tag[0]), (repr(tag),))
+
+
+__all__ = ["Persistent", "model_digest", "persistent", "persistent_jit",
+           "program_folder", "source_digest"]

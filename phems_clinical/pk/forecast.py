@@ -35,6 +35,7 @@ J Pharmacokinet Pharmacodyn 2001;28:481-504.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import NamedTuple
 
 import jax
@@ -154,8 +155,18 @@ def laplace_draws(key: Key, res: MAPResult, n: int) -> Float[Array, "n n_b"]:
     """``n`` draws from the Laplace approximation ``N(b_hat, 2 H^-1)``."""
     if res.b.shape[-1] == 0:
         return jnp.zeros((n, 0))
-    return jax.random.multivariate_normal(key, res.b, res.cov, shape=(n,),
-                                          method="eigh")
+    return _laplace_program(n)(key, res.b, res.cov)
+
+
+@cache
+def _laplace_program(n: int):
+    """The compiled draw of :func:`laplace_draws`, kept between processes."""
+    from phems_clinical.pk.export_cache import persistent_jit
+
+    def draw(key, b, cov):
+        return jax.random.multivariate_normal(key, b, cov, shape=(n,), method="eigh")
+
+    return persistent_jit(draw, ("laplace_draws", n))
 
 
 def _nuts_runner(model: PopModel, n_occ: int, num_warmup: int, num_samples: int,
