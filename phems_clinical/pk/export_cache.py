@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import pickle
+import weakref
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -169,6 +170,7 @@ class Persistent:
         self._programs: dict[tuple, tuple[Any, Callable]] = {}
         #: how each signature was obtained: "loaded", "exported" or "jit"
         self.sources: dict[tuple, str] = {}
+        _INSTANCES.add(self)
 
     def __call__(self, *args: Any) -> Any:
         leaves, tree = jax.tree.flatten(args)
@@ -203,6 +205,17 @@ class Persistent:
         return out_tree, jax.jit(program.call)
 
 
+_INSTANCES: weakref.WeakSet[Persistent] = weakref.WeakSet()
+
+
+def forget_programs() -> None:
+    """Drop the programs every :class:`Persistent` holds in memory, as a new
+    process starts: the next calls load them from the cache folder (tests)."""
+    for fn in list(_INSTANCES):
+        fn._programs.clear()
+        fn.sources.clear()
+
+
 def program_folder() -> Path | None:
     """``<cache>/programs`` (see :func:`phems_clinical.runtime.cache_dir`), or
     ``None`` when the cache is off."""
@@ -226,5 +239,5 @@ def persistent_jit(fn: Callable, tag: tuple) -> Persistent:
     return Persistent(jax.jit(fn), str(tag[0]), (repr(tag),))
 
 
-__all__ = ["Persistent", "model_digest", "persistent", "persistent_jit",
-           "program_folder", "source_digest"]
+__all__ = ["Persistent", "forget_programs", "model_digest", "persistent",
+           "persistent_jit", "program_folder", "source_digest"]
