@@ -189,3 +189,23 @@ def test_dosing_assessment_reloaded_is_bit_identical(cache):
     first.pop("assessed", None)
     second.pop("assessed", None)
     assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"PHEMS_CACHE_DIR": "off"}, None),
+    ({"PHEMS_CACHE_DIR": "OFF"}, None),
+    ({"PHEMS_CACHE_DIR": "/x/y"}, Path("/x/y")),
+    ({"XDG_CACHE_HOME": "/xdg"}, Path("/xdg/phems_clinical/jax")),
+    ({"XDG_CACHE_HOME": "relative"}, Path.home() / ".cache/phems_clinical/jax"),
+    ({}, Path.home() / ".cache/phems_clinical/jax"),
+])
+def test_cache_dir(monkeypatch, env, expected):
+    from phems_clinical.runtime import cache_dir
+
+    monkeypatch.delenv("PHEMS_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cache_dir() == expected
+    programs = ec.program_folder()
+    assert programs == (None if expected is None else expected / "programs")
