@@ -488,6 +488,8 @@ def simulate(key, sc: Scenario, n: int) -> Patients:
     events, truth = simulate_cohort(key, sim, HospitalSpec(
         sc.sim, n, age_range=ages, design="sparse", dose_IU_per_kg=DOSE_IU_KG,
         washout_fraction=1.0, occasions=1, lloq_IU_dL=LLOQ))
+    for name, value in sc.set_covariates:  # also where only the prior uses it
+        events[name] = value
     need = sorted(set(prior.covariate_names) | set(sim.covariate_names))
     data = read_nonmem(events, required_covariates=need)
     cohort, ids = to_cohort(data, prior.covariate_names)
