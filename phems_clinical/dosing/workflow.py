@@ -568,6 +568,12 @@ def assess(request: DosingRequest | dict | str | bytes, *, method: str = "map",
     from phems_clinical.pk.forecast import fit_map, fit_nuts_individual, laplace_draws
     from phems_clinical.pk.model import initial_params
 
+
+    if not jax.config.jax_enable_x64:
+        # the MAP convergence threshold and the regimen bisection assume float64;
+        # a caller of the Python API may not have enabled it (the CLI and the web
+        # app do, through runtime.configure_jax)
+        jax.config.update("jax_enable_x64", True)
     if method not in METHODS:
         raise RequestError([FieldError("method", f"{method!r} is not one of "
                                                  f"{', '.join(METHODS)}")])

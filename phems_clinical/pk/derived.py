@@ -47,6 +47,7 @@ from phems_clinical.pk.analytic import (
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "time_to_level",
     "auc",
     "auc_inf",
     "clearance",
@@ -227,8 +228,6 @@ def time_to_threshold(
         ``t_start`` is already ``<= threshold``, ``+inf`` when ``baseline >=
         threshold`` (the level never falls to it).
     """
-    threshold, t_start = _as_float(threshold), _as_float(t_start)
-    baseline = _as_float(baseline)
     dose_time = _as_float(dose_time)
     lam, a = _per_dose_macro(_as_float(params), n_cmt, dose_time.shape[0])
     # macro-constants once, outside the loops; (time, amt, dur, lambda, A) per dose
@@ -242,6 +241,33 @@ def time_to_threshold(
         time, amt, dur, lam, a = d
         return (jnp.sum(jax.vmap(_response)(t - time, amt, dur, lam, a)),
                 jnp.sum(jax.vmap(_response_slope)(t - time, amt, dur, lam, a)))
+
+    return time_to_level(above_baseline, dose, threshold, t_start, baseline,
+                         value_and_slope=value_and_slope)
+
+
+def time_to_level(above_baseline, args, threshold: Float[ArrayLike, ""],
+                  t_start: Float[ArrayLike, ""], baseline: Float[ArrayLike, ""] = 0.0,
+                  *, value_and_slope=None) -> Float[Array, ""]:
+    """First time ``t >= t_start`` at which a decreasing level falls to ``threshold``.
+
+    The root finder of :func:`time_to_threshold` for any level:
+    ``above_baseline(t, args)`` is the level above ``baseline`` (IU/dL) at the
+    absolute time ``t`` (h), a positive function decreasing from ``t_start`` on
+    (e.g. :func:`phems_clinical.pk.occasions.occasion_concentration` after the last
+    infusion, whose parameters change by occasion). ``args`` is the pytree the
+    gradient flows through (the loops run on ``stop_gradient(args)``; one final
+    Newton step carries the implicit-function gradient). ``value_and_slope(t,
+    args)`` gives the level and its time derivative; by default it is
+    ``jax.jvp`` of ``above_baseline``. Returns ``t_start`` when the level is already
+    at or below ``threshold``, ``+inf`` when ``baseline >= threshold``.
+    """
+    threshold, t_start = _as_float(threshold), _as_float(t_start)
+    baseline = _as_float(baseline)
+    if value_and_slope is None:
+        def value_and_slope(t, d):
+            return jax.jvp(lambda x: above_baseline(x, d), (t,), (jnp.ones_like(t),))
+    dose = args
 
     target = threshold - baseline
     never = target <= 0.0

@@ -7,8 +7,9 @@ interval of that quantity (not a delta-method approximation):
 * the patient's own parameters (random effects of the patient, IOV at its mean 0):
   clearance, V1, Vss, terminal and effective half-life, incremental recovery;
 * the level curve and the predicted measured levels over the observed occasions;
-* the time until the level falls to each threshold after the last infusion (with
-  that infusion's occasion effects) and after a standard dose;
+* the time until the level falls to each threshold after the last infusion (all
+  drug left in the body follows the last infusion's occasion, NONMEM's IOV rule,
+  :mod:`phems_clinical.pk.occasions`) and after a standard dose;
 * prophylaxis regimens at steady state for a *future* occasion: its IOV effects are
   drawn from the prior, ``kappa ~ N(0, Omega_IOV)``, because the next infusions are
   new occasions. Any periodic schedule: a fixed interval or named weekdays at the
@@ -51,6 +52,7 @@ from phems_clinical.pk.analytic import macro_constants, steady_state
 from phems_clinical.pk.derived import (
     effective_half_life,
     terminal_half_life,
+    time_to_level,
     time_to_threshold,
     vss,
 )
@@ -61,6 +63,7 @@ from phems_clinical.pk.model import (
     predict,
     residual_variance,
 )
+from phems_clinical.pk.occasions import occasion_concentration
 from phems_clinical.pk.simulate import draw_kappa
 from phems_clinical.pk.spec import PopModel
 
@@ -256,8 +259,20 @@ def _fns(model: PopModel, n_occ: int, thresholds: tuple[float, ...]):
         dt, da, dd = subject.dose_time, subject.dose_amt, subject.dose_dur
         end = jnp.max(jnp.where(da > 0, dt + dd, -jnp.inf))
         thr = jnp.asarray(thresholds)
-        ttt = jax.vmap(lambda x: time_to_threshold(x, end, dt, da, dd, per_dose,
-                                                   n_cmt, base))(thr) - end
+        if model.n_kappa and n_occ > 1:
+            # NONMEM's IOV semantics: after the last infusion all drug left in the
+            # body follows the last occasion's parameters (pk.occasions)
+            occ_params = individual_parameters(model, params.theta, eta, kappa, cov)
+
+            def above(t, p):
+                return occasion_concentration(t[None], dt, da, dd, subject.dose_occ,
+                                              p, n_cmt)[0]
+
+            ttt = jax.vmap(lambda x: time_to_level(above, occ_params, x, end,
+                                                   base))(thr) - end
+        else:
+            ttt = jax.vmap(lambda x: time_to_threshold(x, end, dt, da, dd, per_dose,
+                                                       n_cmt, base))(thr) - end
         one = jnp.zeros(1)
         std = jax.vmap(lambda x: time_to_threshold(
             x, std_dur, one, jnp.full(1, std_dose), jnp.full(1, std_dur), future,

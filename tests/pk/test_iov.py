@@ -372,3 +372,39 @@ def test_residual_form_is_validated_and_kept():
     assert parse_model(IOV_SPEC).residual.form == "combined2"
     with pytest.raises(ModelSpecError, match=r"residual\.form: 'combined3'"):
         parse_model({**spec, "residual": {"additive": 0.5, "form": "combined3"}})
+
+
+# --------------------------------------------------------------------------------
+# time to a threshold after the last infusion, through occasion changes
+
+
+@pytest.mark.parametrize("threshold", [5.0, 1.0])
+def test_time_to_level_through_occasions_matches_ode_root(threshold):
+    """After the last infusion, every compartment follows the last occasion's
+    parameters: the crossing found by ``derived.time_to_level`` on
+    ``occasion_concentration`` equals a root of the piecewise ODE solution (brentq),
+    and differs from superposition with each dose's own occasion (the old rule)."""
+    from scipy.optimize import brentq
+
+    from phems_clinical.pk.derived import time_to_level, time_to_threshold
+
+    n_cmt = 2
+    rng = np.random.default_rng(5)
+    occ = np.asarray(BASE[n_cmt]) * np.exp(rng.normal(0.0, 0.3, (4, 2 * n_cmt)))
+    end = float(np.max((DOSE_TIME + DOSE_DUR)[DOSE_AMT > 0]))
+
+    def above(t, p):
+        return occasion_concentration(t[None], DOSE_TIME, DOSE_AMT, DOSE_DUR,
+                                      DOSE_OCC, p, n_cmt)[0]
+
+    t_new = float(time_to_level(above, jnp.asarray(occ), threshold, end))
+
+    def ode_excess(t):
+        return ode_levels([end, t], DOSE_TIME, DOSE_AMT, DOSE_DUR, DOSE_OCC, occ,
+                          n_cmt)[1] - threshold
+
+    t_ref = brentq(ode_excess, end + 1e-6, end + 2000.0, xtol=1e-10, rtol=1e-14)
+    assert t_new == pytest.approx(t_ref, rel=1e-9)
+    old = float(time_to_threshold(threshold, end, DOSE_TIME, DOSE_AMT, DOSE_DUR,
+                                  occ[DOSE_OCC], n_cmt))
+    assert abs(old - t_ref) > 0.1   # the old rule is off by more than 6 minutes
