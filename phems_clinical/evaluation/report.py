@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
@@ -33,24 +33,6 @@ __all__ = ["curve_figure", "render_report"]
 DASH = "\u2013"  # en dash, shown for missing values
 BLQ_LABEL = "BLQ (< LLOQ)"
 
-# Display name, unit and value labels of the model covariates (dosing contract §1).
-_COVARIATES: dict[str, tuple[str, str, dict[float, str] | None]] = {
-    "WT": ("Body weight", "kg", None),
-    "AGE": ("Age", "y", None),
-    "HT": ("Height", "cm", None),
-    "LBW": ("Lean body weight", "kg", None),
-    "FFM": ("Fat-free mass", "kg", None),
-    "VWF": ("VWF antigen", "IU/dL", None),
-    "BGO": ("Blood group", "", {1.0: "O", 0.0: "non-O"}),
-    "ASSAY": ("Factor assay", "", {1.0: "one-stage", 0.0: "chromogenic"}),
-    "SEX": ("Sex", "", {0.0: "male", 1.0: "female"}),
-    "HCT": ("Haematocrit", "%", None),
-}
-
-_METHODS = {
-    "map": "Maximum a posteriori (MAP) estimate with Laplace approximation",
-    "nuts": "Full Bayesian posterior sampling (NUTS)",
-}
 
 # Colours: one hue for the prediction, dark neutral for data (prints in greyscale).
 _BLUE, _DATA, _GREY, _RED = "#1f5fa8", "#222222", "#6b6b6b", "#c0392b"
@@ -109,63 +91,10 @@ def _lab(x: Any) -> str:
     return _fmt(x, trim=True)
 
 
-def _interval(est: Any) -> str:
-    """The 90% interval of an estimate dict as ``"lo – hi"``."""
-    if not isinstance(est, dict):
-        return DASH
-    lo, hi = est.get("lo90"), est.get("hi90")
-    if _num(lo) is None and _num(hi) is None:
-        return DASH
-    return f"{_fmt(lo)} {DASH} {_fmt(hi)}"
-
-
-def _median(est: Any, *, inf: str = "\u221e") -> str:
-    """The median of an estimate dict, or the value itself when given a number."""
-    return _fmt(est.get("median") if isinstance(est, dict) else est, inf=inf)
-
-
-def _pct(p: Any) -> str:
-    """A probability as a whole percentage; ``>99%``/``<1%`` near the ends."""
-    v = _num(p)
-    if v is None:
-        return DASH
-    if 0.995 <= v < 1:
-        return ">99%"
-    if 0 < v < 0.005:
-        return "<1%"
-    return f"{100 * v:.0f}%"
-
-
 def _dose(x: Any) -> str:
     """A dose in IU: vial sums are exact, so no significant-figure rounding."""
     v = _num(x)
     return DASH if v is None else f"{v:,.0f}"
-
-
-def _key_num(k: str) -> float:
-    """Sort key for threshold dict keys such as ``"1"``, ``"2.5"``."""
-    v = _num(k)
-    return math.inf if v is None else v
-
-
-def _interval_name(h: float) -> str:
-    """Clinical name of a dosing interval in hours."""
-    names = {24: "daily", 48: "every 2 days", 72: "every 3 days",
-             84: "twice weekly", 168: "weekly", 336: "every 2 weeks"}
-    name = names.get(round(h)) if abs(h - round(h)) < 1e-9 else None
-    return f"every {_lab(h)} h" + (f" ({name})" if name else "")
-
-
-def _clock(origin: str | None, time_h: Any) -> str | None:
-    """Date-time of ``time_h`` hours after an ISO ``origin``, or None."""
-    v = _num(time_h)
-    if not origin or v is None:
-        return None
-    try:
-        t = datetime.fromisoformat(origin) + timedelta(hours=v)
-    except ValueError:
-        return None
-    return t.strftime("%Y-%m-%d %H:%M")
 
 
 # --------------------------------------------------------------------------- figure
