@@ -30,13 +30,16 @@ References
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 
 from phems_clinical._typing import Key
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "GROWTH_REFERENCE", "fat_free_mass", "growth_medians", "lean_body_weight",
@@ -328,6 +331,8 @@ def simulate_demographics(
     hct = np.clip(hct_mean + hct_sd * rng.standard_normal(n), *_HCT_RANGE)
 
     assay = np.where(rng.uniform(size=n) < _P_OSA, "OSA", "CSA")
+
+    import pandas as pd  # here: the dosing tool needs this module, not pandas
 
     return pd.DataFrame({
         "AGE": age, "SEX": sex, "WT": wt, "HT": ht, "BMI": bmi,

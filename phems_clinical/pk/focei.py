@@ -35,7 +35,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 
 from phems_clinical._typing import Array, Float
 from phems_clinical.data.cohort import Cohort
@@ -265,6 +264,8 @@ def fit_focei(model: PopModel, cohort: Cohort, *, init: PopParams | None = None,
                    f"values ({len(bad)} of {cohort.n_subjects} subject(s)); "
                    "nothing was estimated")
     else:
+        import scipy.optimize  # here: not on the dosing tool's start-up path
+
         res = scipy.optimize.minimize(fun, x0, jac=True, method="BFGS",
                                       options={"maxiter": maxiter, "gtol": gtol})
         x, n_iter, message = res.x, int(res.nit), str(res.message)

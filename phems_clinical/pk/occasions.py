@@ -56,7 +56,7 @@ second occasion, level at 30 h.
 ...                            jnp.array([1000.0, 1000.0]), jnp.zeros(2),
 ...                            jnp.array([0, 1]), p, 1)
 >>> round(float(c[0]), 2)
-13.53
+17.85
 """
 
 from __future__ import annotations

@@ -15,8 +15,11 @@ from phems_clinical.app.cli import main
 def cohort_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("sim") / "jivi.csv"
     truth = path.with_name("truth.csv")
+    # seed 1: a cohort whose FOCEI fit converges cleanly. Since jivi's validated
+    # range starts at 12 y (the licence), seed 3's 24 patients put OMEGA(V1) on
+    # its boundary (BFGS "precision loss", refused as not converged)
     rc = main(["simulate", "--model", "jivi", "--n", "24", "--design", "rich",
-               "--seed", "3", "--out", str(path), "--truth", str(truth)])
+               "--seed", "1", "--out", str(path), "--truth", str(truth)])
     assert rc == 0
     return path
 

@@ -180,7 +180,7 @@ def test_serve_passes_allowed_hosts(monkeypatch, capsys):
     assert main(["serve", "--host", "0.0.0.0", "--allowed-host", "ward.example",
                  "--allowed-host", "10.0.0.5"]) == 0
     assert seen == {"host": "0.0.0.0", "port": 8000,
-                    "allowed_hosts": ["ward.example", "10.0.0.5"]}
+                    "allowed_hosts": ["ward.example", "10.0.0.5"], "db": None}
     main(["serve"])
     assert seen["allowed_hosts"] is None  # the app's loopback default
 
