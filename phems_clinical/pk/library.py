@@ -98,7 +98,9 @@ def _model_dir() -> Path:
 @functools.lru_cache(maxsize=64)
 def _read(path: str, mtime_ns: int) -> dict[str, Any]:
     with open(path, encoding="utf-8") as fh:
-        spec = yaml.safe_load(fh) or {}
+        # libyaml's safe loader where PyYAML has it: the same documents, read about
+        # ten times faster (the whole library is read when a product is resolved)
+        spec = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
     if not isinstance(spec, dict):
         raise ModelSpecError(f"{path}: expected a mapping")
     return spec

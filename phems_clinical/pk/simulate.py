@@ -21,12 +21,11 @@ Sampling designs (hours after the start of the PK-study infusion):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 
 from phems_clinical._typing import Array, Float, Key
 from phems_clinical.data.cohort import stack_subjects
@@ -44,6 +43,9 @@ RICH_TIMES = (0.25, 0.5, 1.0, 3.0, 6.0, 9.0, 24.0, 28.0, 32.0, 48.0)
 SPARSE_SHL = ((4.0, 1.0), (24.0, 4.0), (48.0, 4.0))  # (nominal h, half-window h)
 SPARSE_EHL = ((4.0, 1.0), (48.0, 4.0), (72.0, 4.0))
 DESIGNS = ("rich", "sparse", "sparse2")
+
+if TYPE_CHECKING:  # pandas is loaded only when a cohort is simulated
+    import pandas as pd
 
 
 class HospitalSpec(NamedTuple):
@@ -209,6 +211,8 @@ def simulate_cohort(key: Key, model: PopModel, hospital: HospitalSpec, *,
                              AMT=0.0, DUR=0.0, DV=np.nan if blq else round(value, 4),
                              MDV=0, EVID=0, BLQ=int(blq), LLOQ=hospital.lloq_IU_dL,
                              OCC=int(occ) + 1, **covs))
+    import pandas as pd
+
     events = pd.DataFrame(rows).sort_values(["ID", "TIME", "EVID"],
                                             ascending=[True, True, False],
                                             kind="stable").reset_index(drop=True)
@@ -224,6 +228,8 @@ def simulate_hospitals(key: Key, model: PopModel, hospitals: list[HospitalSpec],
                        params: PopParams | None = None
                        ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Simulate several hospitals with different case-mix; IDs are unique overall."""
+    import pandas as pd
+
     events, truths, offset = [], [], 0
     for h, k in zip(hospitals, jax.random.split(key, len(hospitals))):
         e, t = simulate_cohort(k, model, h, params=params, id_offset=offset)
