@@ -175,6 +175,9 @@ def test_dosing_assessment_reloaded_is_bit_identical(cache):
     root = Path(__file__).resolve().parents[2]
     request = json.loads((root / "data_schemas" / "examples" /
                           "dosing_request.minimal.json").read_text())
+    # programs an earlier test of this process holds in memory were written to
+    # another cache folder: start as a new process would, from this one
+    ec.forget_programs()
     first = assess(request, seed=0).result
     written = {p.name for p in cache.glob("*.jaxexp")}
     ec.forget_programs()
