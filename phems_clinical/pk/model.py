@@ -77,7 +77,7 @@ def initial_params(model: PopModel) -> PopParams:
 
 
 def covariate_vector(model: PopModel, values: dict[str, float]) -> np.ndarray:
-    """Covariates in ``model.covariate_names`` order from a mapping (missing -> error)."""
+    """Covariates in ``model.covariate_names`` order (KeyError if one is missing)."""
     missing = [c for c in model.covariate_names if c not in values]
     if missing:
         raise KeyError(f"model {model.name!r} needs covariates {missing}")

@@ -199,12 +199,12 @@ def simulate_cohort(key: Key, model: PopModel, hospital: HospitalSpec, *,
     for i, s in enumerate(subjects):
         sid = id_offset + i + 1
         covs = {c: demo[c].iloc[i] for c in cov_cols}
-        for t, occ in zip(s["dose_time"], s["dose_occ"]):
+        for t, occ in zip(s["dose_time"], s["dose_occ"], strict=True):
             rows.append(dict(ID=sid, SITE=hospital.name, TIME=round(float(t), 4),
                              AMT=float(s["dose_amt"][0]), DUR=hospital.infusion_h,
                              DV=np.nan, MDV=1, EVID=1, BLQ=0, LLOQ=np.nan,
                              OCC=int(occ) + 1, **covs))
-        for j, (t, occ) in enumerate(zip(s["obs_time"], s["obs_occ"])):
+        for j, (t, occ) in enumerate(zip(s["obs_time"], s["obs_occ"], strict=True)):
             value = float(y[i, j])
             blq = value < hospital.lloq_IU_dL
             rows.append(dict(ID=sid, SITE=hospital.name, TIME=round(float(t), 4),
@@ -231,7 +231,7 @@ def simulate_hospitals(key: Key, model: PopModel, hospitals: list[HospitalSpec],
     import pandas as pd
 
     events, truths, offset = [], [], 0
-    for h, k in zip(hospitals, jax.random.split(key, len(hospitals))):
+    for h, k in zip(hospitals, jax.random.split(key, len(hospitals)), strict=True):
         e, t = simulate_cohort(k, model, h, params=params, id_offset=offset)
         events.append(e)
         truths.append(t)
