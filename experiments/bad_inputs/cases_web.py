@@ -15,7 +15,7 @@ from harness import Case
 
 URL = "http://localhost/api/dose"
 JSON_TYPE = {"Content-Type": "application/json"}
-EXAMPLE = {"product": "advate", "weight_kg": 25, "age_y": 8,
+EXAMPLE = {"product": "kovaltry", "weight_kg": 25, "age_y": 8, "height_cm": 128,
            "infusions": [{"time_h": 0, "dose_IU": 1000, "duration_h": 0.17}],
            "levels": [{"time_h": 4, "value": 40.2, "unit": "IU/dL"},
                       {"time_h": 24, "value": 10.1, "unit": "IU/dL"},
