@@ -18,12 +18,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from phems_clinical.evaluation.numbers import DASH, dose, label, number, value
+
 __all__ = [
     "DASH", "REGIMEN_COLUMNS", "as_text", "comparison", "display", "dose",
     "estimate", "number", "probability", "schedule",
 ]
 
-DASH = "\u2013"  # en dash: a missing value, and ranges
 NOT_REACHED = "not reached"
 
 # Peak flags: the level above which a factor is associated with venous thrombosis.
@@ -35,49 +36,6 @@ _PEAK_RISK = {
 }
 
 
-def _value(x: Any) -> float | None:
-    """A float from a number or the JSON strings ``"inf"``/``"-inf"``; None for
-    None, NaN, booleans and anything else."""
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(v) else v
-
-
-def number(x: Any, *, sig: int = 3, inf: str = "\u221e") -> str:
-    """A number to ``sig`` significant figures, without exponent, thousands
-    separated by commas; trailing zeros kept (they state the precision).
-
-    >>> number(11.7349), number(0.021349), number(1234.5), number(None)
-    ('11.7', '0.0213', '1,230', '–')
-    >>> number(48.0), number(2.5), number(float("inf")), number("inf"), number(0)
-    ('48.0', '2.50', '∞', '∞', '0')
-    """
-    v = _value(x)
-    if v is None:
-        return DASH
-    if math.isinf(v):
-        return inf if v > 0 else "-" + inf
-    return "0" if v == 0 else _sig(v, sig)
-
-
-def _sig(v: float, sig: int) -> str:
-    mag = math.floor(math.log10(abs(v)))
-    v = round(v, sig - 1 - mag)
-    mag = math.floor(math.log10(abs(v))) if v else 0  # 9.996 rounds up to 10.0
-    return f"{v:,.{max(0, sig - 1 - mag)}f}"
-
-
-def label(x: Any) -> str:
-    """An input value such as a target or threshold: up to 3 significant figures
-    without trailing zeros (``1``, ``2.5``)."""
-    text = number(x)
-    return text.rstrip("0").rstrip(".") if "." in text else text
-
-
 def probability(p: Any) -> str:
     """A probability as a whole percentage, never 0 % or 100 % (a finite number of
     posterior draws cannot show certainty).
@@ -87,7 +45,7 @@ def probability(p: Any) -> str:
     >>> probability(None)
     '–'
     """
-    v = _value(p)
+    v = value(p)
     if v is None:
         return DASH
     if v >= 0.995:
@@ -109,9 +67,9 @@ def estimate(est: Any, unit: str, *, inf: str = NOT_REACHED) -> str:
     'not reached (90 % interval 70.2 h–∞)'
     """
     if not isinstance(est, Mapping):
-        v = _value(est)
+        v = value(est)
         return DASH if v is None else f"{number(v)} {unit}".rstrip()
-    med, lo, hi = (_value(est.get(k)) for k in ("median", "lo90", "hi90"))
+    med, lo, hi = (value(est.get(k)) for k in ("median", "lo90", "hi90"))
     sep = " " if unit else ""
     head = (DASH if med is None else inf if math.isinf(med)
             else f"{number(med)}{sep}{unit}")
@@ -125,20 +83,10 @@ def estimate(est: Any, unit: str, *, inf: str = NOT_REACHED) -> str:
     return f"{head} (90 % interval {lo_t}{DASH}{hi_t})"
 
 
-def dose(x: Any, unit: str = "IU") -> str:
-    """A dose: whole IU with thousands separators (vial sums are exact).
-
-    >>> dose(1250.0), dose(None)
-    ('1,250 IU', '–')
-    """
-    v = _value(x)
-    return DASH if v is None or math.isinf(v) else f"{v:,.0f} {unit}"
-
-
 def per_kg(x: Any) -> str:
     """IU/kg to 3 significant figures: ``"40.0 IU/kg"``."""
-    v = _value(x)
-    return DASH if v is None or math.isinf(v) else f"{_sig(v, 3) if v else 0} IU/kg"
+    v = value(x)
+    return DASH if v is None or math.isinf(v) else f"{number(v)} IU/kg"
 
 
 def schedule(s: Any) -> str:
@@ -148,7 +96,7 @@ def schedule(s: Any) -> str:
         if s.get("label"):
             return str(s["label"])
         s = s.get("every_h")
-    v = _value(s)
+    v = value(s)
     if v is not None:
         return f"every {label(v)} h"
     return DASH if s is None else str(s)
@@ -171,7 +119,7 @@ def _vials(vials: Any) -> str:
 def _peak_flag(reg: Mapping, factor: str | None, flag_at: float) -> str | None:
     if not reg.get("peak_flag"):
         return None
-    med = _value((reg.get("peak_IU_dL") or {}).get("median"))
+    med = value((reg.get("peak_IU_dL") or {}).get("median"))
     risk = _PEAK_RISK.get(factor or "", _PEAK_RISK["FVIII"])
     return (f"peak {number(med)} IU/dL is above {label(flag_at)} IU/dL: {risk}")
 
@@ -191,7 +139,7 @@ def _regimen_row(reg: Mapping, thr: str | None, factor: str | None,
     if reg.get("vials_exact") is False:
         flags.append("not a vial total: the vials shown make up the nearest "
                      "total above it")
-    target = _value(reg.get("target_IU_dL"))
+    target = value(reg.get("target_IU_dL"))
     above = (reg.get("time_above_h_per_week") or {}).get(thr) if thr else None
     trough = reg.get("trough_IU_dL")
     return [
@@ -236,21 +184,21 @@ def _summary(result: Mapping, ehl: bool) -> list[dict]:
                         f"after {dose(result.get('standard_dose_IU'))} "
                         f"({label(result.get('standard_dose_IU_kg'))} IU/kg)")):
         times = result.get(key) or {}
-        for thr in sorted(times, key=lambda k: _value(k) or 0.0):
+        for thr in sorted(times, key=lambda k: value(k) or 0.0):
             items.append((f"Time to {label(thr)} IU/dL {after}",
                           estimate(times[thr], "h")))
     cur = result.get("current_regimen")
     if cur:
         probs = result.get("current_regimen_trough_prob") or {}
         parts = [f"P(trough \u2265 {label(k)} IU/dL) {probability(probs[k])}"
-                 for k in sorted(probs, key=lambda k: _value(k) or 0.0)]
+                 for k in sorted(probs, key=lambda k: value(k) or 0.0)]
         items.append(("Current regimen", f"{dose(cur.get('dose_IU'))} "
                       f"{schedule(cur.get('interval_h'))}"
                       + (": " + ", ".join(parts) if parts else "")))
     if result.get("patient_id") is not None:
         items.append(("Patient", str(result["patient_id"])))
     cov = result.get("covariates") or {}
-    wt = _value((cov.get("WT") or {}).get("value"))
+    wt = value((cov.get("WT") or {}).get("value"))
     weight = result.get("weight") or {}
     if weight.get("unit") == "lb":
         items.append(("Body weight", f"{label(weight.get('value'))} lb "
@@ -273,7 +221,7 @@ def _assay_text(assay: Mapping) -> str:
     measured = _ASSAY_NAME.get(assay.get("measured"), str(assay.get("measured")))
     model = assay.get("model") or "not recorded"
     text = f"levels {measured}, model {model}"
-    f = _value(assay.get("factor"))
+    f = value(assay.get("factor"))
     if f is not None and f != 1.0:
         text += f"; levels multiplied by {number(f)} ({assay.get('source')})"
     return text
@@ -296,7 +244,7 @@ def _notes(result: Mapping) -> list[str]:
          "adherence."),
     ]
     assay = result.get("assay") or {}
-    f = _value(assay.get("factor"))
+    f = value(assay.get("factor"))
     if f is not None and f != 1.0:
         notes.insert(0, f"Measured levels ({assay.get('measured')} assay) were "
                         f"multiplied by {number(f)} to put them on the model's "
@@ -342,7 +290,7 @@ _COVARIATES: dict[str, tuple[str, str, dict[float, str] | None]] = {
 
 
 def _range_text(lo: Any, hi: Any, unit: str) -> str:
-    lo, hi = _value(lo), _value(hi)
+    lo, hi = value(lo), value(hi)
     if lo is None and hi is None:
         return "not stated"
     if hi is None:
@@ -357,14 +305,14 @@ def _covariates_table(result: Mapping) -> dict:
     rows = []
     for key, cov in (result.get("covariates") or {}).items():
         name, unit, names = _COVARIATES.get(key, (key, "", None))
-        v = _value(cov.get("value"))
+        v = value(cov.get("value"))
         shown = (names.get(v, label(v)) if names and v is not None
                  else f"{label(v)} {unit}".rstrip())
         notes = []
         if cov.get("source") == "assumed":
             notes.append("assumed, not measured")
         lo, hi = (list(ranges.get(key) or (None, None)) + [None, None])[:2]
-        lo, hi = _value(lo), _value(hi)
+        lo, hi = value(lo), value(hi)
         if v is not None and ((lo is not None and v < lo)
                               or (hi is not None and v > hi)):
             notes.append(f"outside the model range {_range_text(lo, hi, unit)}")
@@ -420,8 +368,8 @@ def display(result: Mapping, previous: Mapping | None = None) -> dict:
     thresholds = result.get("thresholds_IU_dL") or []
     thr = label(min(thresholds)) if thresholds else None
     factor = model.get("factor")
-    flag_at = _value(result.get("peak_flag_IU_dL")) or 150.0
-    prob = _value(result.get("trough_probability")) or 0.9
+    flag_at = value(result.get("peak_flag_IU_dL")) or 150.0
+    prob = value(result.get("trough_probability")) or 0.9
     out = {
         "title": str(result.get("product_display") or model.get("name") or "Dosing"),
         "summary": _summary(result, ehl),
@@ -450,7 +398,7 @@ def _chosen_trough(result: Mapping) -> str:
     cur = result.get("current_regimen")
     probs = result.get("current_regimen_trough_prob") or {}
     if cur and probs:
-        k = min(probs, key=lambda k: _value(k) or 0.0)
+        k = min(probs, key=lambda k: value(k) or 0.0)
         return (f"{schedule(cur.get('interval_h'))} {dose(cur.get('dose_IU'))}: "
                 f"P(trough \u2265 {label(k)} IU/dL) {probability(probs[k])}")
     return DASH

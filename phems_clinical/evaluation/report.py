@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -28,73 +27,15 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MultipleLocator
 from matplotlib.transforms import blended_transform_factory
 
+from phems_clinical.evaluation import numbers
+
 __all__ = ["curve_figure", "render_report"]
 
-DASH = "\u2013"  # en dash, shown for missing values
 BLQ_LABEL = "BLQ (< LLOQ)"
 
 
 # Colours: one hue for the prediction, dark neutral for data (prints in greyscale).
 _BLUE, _DATA, _GREY, _RED = "#1f5fa8", "#222222", "#6b6b6b", "#c0392b"
-
-
-# --------------------------------------------------------------------------- format
-def _num(x: Any) -> float | None:
-    """``x`` as a float, or None for None / NaN / non-numbers."""
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(v) else v
-
-
-def _fmt(x: Any, *, inf: str = "\u221e", sig: int = 3, trim: bool = False) -> str:
-    """Format a number to ``sig`` significant figures for display.
-
-    Parameters
-    ----------
-    x : float or None
-        The value; None and NaN give an en dash.
-    inf : str
-        Text for +infinity (e.g. ``"not reached"`` for a threshold time).
-    sig : int
-        Significant figures. Large numbers are rounded, never shown in exponent form.
-    trim : bool
-        Drop trailing zeros, for labels and inputs (``1 IU/dL``, ``48 h``) rather
-        than estimates, where ``1.20`` states the precision.
-
-    Examples
-    --------
-    >>> _fmt(11.7349), _fmt(0.021349), _fmt(1234.5), _fmt(None), _fmt(float("inf"))
-    ('11.7', '0.0213', '1,230', '–', '∞')
-    >>> _fmt(48.0), _fmt(48.0, trim=True), _fmt(2.50, trim=True)
-    ('48.0', '48', '2.5')
-    """
-    v = _num(x)
-    if v is None:
-        return DASH
-    if math.isinf(v):
-        return inf if v > 0 else "-" + inf
-    if v == 0:
-        return "0"
-    mag = math.floor(math.log10(abs(v)))
-    v = round(v, sig - 1 - mag)
-    mag = math.floor(math.log10(abs(v))) if v else 0  # 9.996 rounds up to 10.0
-    text = f"{v:,.{max(0, sig - 1 - mag)}f}"
-    return text.rstrip("0").rstrip(".") if trim and "." in text else text
-
-
-def _lab(x: Any) -> str:
-    """A label or input value: 3 significant figures without trailing zeros."""
-    return _fmt(x, trim=True)
-
-
-def _dose(x: Any) -> str:
-    """A dose in IU: vial sums are exact, so no significant-figure rounding."""
-    v = _num(x)
-    return DASH if v is None else f"{v:,.0f}"
 
 
 # --------------------------------------------------------------------------- figure
@@ -139,8 +80,9 @@ def curve_figure(result: dict) -> bytes:
     levels = result.get("levels") or []
     infusions = result.get("infusions") or []
     quant = [(lv["time_h"], v) for lv in levels if not lv.get("blq")
-             and (v := _num(lv.get("value_IU_dL"))) is not None and v > 0]
-    blq = [(lv["time_h"], _num(lv.get("lloq_IU_dL")) or _num(lv.get("value_IU_dL")))
+             and (v := numbers.value(lv.get("value_IU_dL"))) is not None and v > 0]
+    blq = [(lv["time_h"], numbers.value(lv.get("lloq_IU_dL"))
+            or numbers.value(lv.get("value_IU_dL")))
            for lv in levels if lv.get("blq")]
     # Log axis floor: half the lowest threshold, lowered to show every measured level;
     # a BLQ sample without an LLOQ is drawn at that level, above the infusion carets.
@@ -180,22 +122,22 @@ def curve_figure(result: dict) -> bytes:
             handles.append(Line2D([], [], ls="none", label=label, **style))
     if len(infusions) <= 6:
         for inf in infusions:
-            ax.annotate(f"{_dose(inf['dose_IU'])} IU", (inf["time_h"], 0.0),
+            ax.annotate(numbers.dose(inf["dose_IU"]), (inf["time_h"], 0.0),
                         xycoords=xdata_yaxes, xytext=(3, 6),
                         textcoords="offset points", fontsize=7, color=_RED)
 
     yaxes_xdata = blended_transform_factory(ax.transAxes, ax.transData)
     for thr in thresholds:
         ax.axhline(thr, color=_GREY, lw=0.9, ls="--", zorder=1)
-        ax.text(0.008, thr, f"{_lab(thr)} IU/dL", transform=yaxes_xdata, ha="left",
-                va="bottom", fontsize=7.5, color=_GREY)
+        ax.text(0.008, thr, f"{numbers.label(thr)} IU/dL", transform=yaxes_xdata,
+                ha="left", va="bottom", fontsize=7.5, color=_GREY)
 
     ax.set_yscale("log")
     ax.set_ylim(floor, top)
     x0 = min([float(t.min())] + [i["time_h"] for i in infusions])
     # a small left margin keeps the first infusion caret clear of the y axis
     ax.set_xlim(x0 - 0.015 * (float(t.max()) - x0), float(t.max()))
-    ax.yaxis.set_major_formatter(lambda y, _pos: _lab(y))
+    ax.yaxis.set_major_formatter(lambda y, _pos: numbers.label(y))
     span_d = (float(t.max()) - x0) / 24
     if span_d <= 14:  # ticks at whole days, the unit doses are timed in
         ax.xaxis.set_major_locator(MultipleLocator(24 if span_d <= 7 else 48))

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from phems_clinical.dosing.wording import display
-from phems_clinical.evaluation.report import _fmt, curve_figure, render_report
+from phems_clinical.evaluation.numbers import label, number
+from phems_clinical.evaluation.report import curve_figure, render_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GENERATED = "2024-05-06 09:30"
@@ -170,13 +171,13 @@ def _row(html: str, start: str) -> str:
 
 
 def test_fmt_significant_figures():
-    assert _fmt(12.345) == "12.3"
-    assert _fmt(0.0213456) == "0.0213"
-    assert _fmt(9.9996) == "10.0"
-    assert _fmt(1234.5) == "1,230"
-    assert _fmt(48.0, trim=True) == "48"
-    assert _fmt(None) == _fmt(float("nan")) == "\u2013"
-    assert _fmt(math.inf, inf="not reached") == "not reached"
+    assert number(12.345) == "12.3"
+    assert number(0.0213456) == "0.0213"
+    assert number(9.9996) == "10.0"
+    assert number(1234.5) == "1,230"
+    assert label(48.0) == "48"
+    assert number(None) == number(float("nan")) == "\u2013"
+    assert number(math.inf, inf="not reached") == "not reached"
 
 
 def test_curve_png_is_valid_image(png):
