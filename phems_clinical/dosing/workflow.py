@@ -656,11 +656,12 @@ def assess(request: DosingRequest | dict | str | bytes, *, method: str = "map",
     vials = tuple(getattr(info, "vial_sizes_IU", None) or
                   model.metadata.get("vial_sizes_IU", (250, 500, 1000)))
     k_rec, k_design = jax.random.split(k_future)
-    intervals = opts.intervals_h
+    # regimens come from the designer below (options.intervals_h are among its
+    # schedules): recommend's fixed interval grid is not computed
     rec = recommend(
         k_rec, model, params, subject, draws, n_occ=n_occ,
         weight_kg=req.weight_kg, thresholds=opts.thresholds_IU_dL,
-        targets=opts.targets_IU_dL, intervals=intervals,
+        targets=opts.targets_IU_dL, intervals=(),
         probability=opts.trough_probability, vial_sizes=vials,
         standard_dose_IU_kg=opts.standard_dose_IU_kg, curve_time=jnp.asarray(grid))
     designed, evaluated = _designer(k_design, model, params, subject, draws,

@@ -350,14 +350,15 @@ def recommend(key: Key, model: PopModel, params: PopParams, subject: Cohort,
         Number of occasions in ``subject``; body weight (kg).
     thresholds, targets, intervals, probability, vial_sizes, standard_dose_IU_kg
         Levels for the times to threshold (IU/dL); trough targets (IU/dL); dosing
-        intervals (h, default :func:`default_intervals`); the required
+        intervals (h; ``None``: :func:`default_intervals`, ``()``: no interval
+        grid, as when :mod:`phems_clinical.dosing.regimens` designs); the required
         ``P(trough >= target)``; vial contents (IU); the standard dose (IU/kg).
     curve_time : (n_t,) h, optional
         Times of the level curve (default: 0 to 96 h after the last infusion).
     """
     b_draws = jnp.asarray(b_draws)
     n = b_draws.shape[0]
-    intervals = intervals or default_intervals(model)
+    intervals = default_intervals(model) if intervals is None else tuple(intervals)
     kappa_new = future_kappa(key, params.omega_iov, n, model.n_kappa)
     last = subject.dose_time[jnp.argmax(jnp.where(subject.dose_amt > 0,
                                                   subject.dose_time, -jnp.inf))]
@@ -371,10 +372,10 @@ def recommend(key: Key, model: PopModel, params: PopParams, subject: Cohort,
         jnp.asarray(curve_time))
     base = float(params.baseline)
 
-    trough_peak, hours_below = _unit_ss(model)
     regimens = []
     max_dose = MAX_DOSE_IU_KG * weight_kg
     for tau in intervals:
+        trough_peak, hours_below = _unit_ss(model)
         u_trough, u_peak = (np.asarray(x) for x in trough_peak(future, tau, std_dur))
         for target in targets:
             need = (target - base) / u_trough  # dose each draw needs
@@ -393,7 +394,7 @@ def recommend(key: Key, model: PopModel, params: PopParams, subject: Cohort,
                              np.asarray(subject.dose_amt))
     current_prob = None
     if current is not None:
-        u_trough, _ = trough_peak(future, current[0], std_dur)
+        u_trough, _ = _unit_ss(model)[0](future, current[0], std_dur)
         current_prob = {t: float(np.mean(base + current[1] * np.asarray(u_trough) >= t))
                         for t in targets}
     q = np.quantile(np.asarray(curve), CURVE_QUANTILES, axis=0)
