@@ -70,9 +70,10 @@ class TLSFiles(NamedTuple):
     server_key: Path
 
 
-def make_tls(directory: Path, *, host: str = "127.0.0.1") -> TLSFiles:
-    """A self-signed CA and a server certificate for ``host`` (SAN IP and
-    ``localhost``), valid for one day; keys are EC P-384."""
+def make_ca(directory: Path, *, name: str = "phems loopback CA",
+            days: float = 1.0) -> tuple[Path, Path]:
+    """A self-signed CA: ``directory/ca.crt`` and its EC P-384 key ``ca.key``
+    (PKCS#8, mode 0600), valid for ``days`` days from 5 minutes ago."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -80,37 +81,73 @@ def make_tls(directory: Path, *, host: str = "127.0.0.1") -> TLSFiles:
 
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca = (x509.CertificateBuilder().subject_name(name("phems loopback CA"))
-          .issuer_name(name("phems loopback CA")).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number())
-          .not_valid_before(start).not_valid_after(end)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-          .sign(ca_key, hashes.SHA256()))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     key = ec.generate_private_key(ec.SECP384R1())
-    cert = (x509.CertificateBuilder().subject_name(name(host))
-            .issuer_name(ca.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address(host)),
-                 x509.DNSName("localhost")]), False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-            .sign(ca_key, hashes.SHA256()))
-    files = TLSFiles(directory / "ca.crt", directory / "server.pem",
-                     directory / "server.key")
-    files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.server_key.write_bytes(key.private_bytes(
+    ca = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+          .public_key(key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+          .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "ca.crt", directory / "ca.key"
+    cert_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    key_path.touch(mode=0o600)
+    key_path.chmod(0o600)
+    key_path.write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
-    files.server_key.chmod(0o600)
-    return files
+    return cert_path, key_path
+
+
+def issue_server_cert(ca_cert: Path, ca_key: Path, directory: Path, host: str, *,
+                      names: Sequence[str] = (), days: float = 1.0
+                      ) -> tuple[Path, Path]:
+    """A server certificate for ``host`` (SAN: an IP address, or else a DNS name,
+    plus the DNS ``names``) signed by the CA; writes ``directory/server.pem`` and
+    its EC P-384 key ``server.key`` (mode 0600)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
+    signer = serialization.load_pem_private_key(Path(ca_key).read_bytes(), None)
+    try:
+        san: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(host))]
+    except ValueError:
+        san = [x509.DNSName(host)]
+    san += [x509.DNSName(n) for n in names]
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(san), False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+            .sign(signer, hashes.SHA256()))
+    cert_path, key_path = directory / "server.pem", directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.touch(mode=0o600)
+    key_path.chmod(0o600)
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def make_tls(directory: Path, *, host: str = "127.0.0.1") -> TLSFiles:
+    """A throw-away CA and a server certificate for ``host`` (SAN IP and
+    ``localhost``), valid for one day; keys are EC P-384. The CA key is deleted
+    once the certificate is signed."""
+    ca_cert, ca_key = make_ca(directory)
+    cert, key = issue_server_cert(ca_cert, ca_key, directory, host,
+                                  names=("localhost",))
+    ca_key.unlink()
+    return TLSFiles(ca_cert, cert, key)
 
 
 def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
@@ -312,11 +349,12 @@ def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def write_connection(flwr_home: Path, address: str, tls: TLSFiles | None) -> Path:
-    """``$FLWR_HOME/config.toml`` with the SuperLink connection :data:`CONNECTION`."""
+def write_connection(flwr_home: Path, address: str, tls: TLSFiles | None, *,
+                     name: str = CONNECTION) -> Path:
+    """``$FLWR_HOME/config.toml`` with the SuperLink connection ``name``."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "",
-             f"[superlink.{CONNECTION}]", f'address = "{address}"']
+    lines = ["[superlink]", f'default = "{name}"', "",
+             f"[superlink.{name}]", f'address = "{address}"']
     if tls is None:
         lines.append("insecure = true")
     else:
