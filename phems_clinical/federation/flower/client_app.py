@@ -2,7 +2,9 @@
 
 A SuperNode is started with its own ``--node-config`` (``site-dir``,
 ``site-index``); every message it receives runs here, in a fresh ``flwr-clientapp``
-process:
+process, or in the node's long-lived host (:mod:`~phems_clinical.federation.
+flower.host`), which keeps the algorithm, the cohort and the compiled update
+between messages (:func:`~phems_clinical.federation.flower.compiled.memoised`):
 
 * ``query``: read the site's event table and report its sizes (counts only);
 * ``train``: load the site's cohort padded to the broadcast shapes, load its
@@ -56,7 +58,10 @@ from phems_clinical.federation.core import (  # noqa: E402
     site_round_key,
     tree_digest,
 )
-from phems_clinical.federation.flower.compiled import call_cached  # noqa: E402
+from phems_clinical.federation.flower.compiled import (  # noqa: E402
+    call_cached,
+    memoised,
+)
 from phems_clinical.federation.flower.config import (  # noqa: E402
     RunSettings,
     SiteConfig,
@@ -129,6 +134,25 @@ def _checked_site(node_config: Mapping[str, Any], num_sites: int) -> SiteConfig:
     return site
 
 
+def _algorithm(settings: RunSettings, n_occ: int):
+    """:func:`build_algorithm`, kept by a long-lived host between messages
+    (:func:`~phems_clinical.federation.flower.compiled.memoised`)."""
+    return memoised("algorithm", (settings, int(n_occ)),
+                    lambda: build_algorithm(settings, n_occ=int(n_occ)))
+
+
+def _site_cohort(site: SiteConfig, settings: RunSettings):
+    """:func:`read_site_cohort`, kept by a long-lived host between messages and
+    read again when the event table changes (its size, mtime or inode)."""
+    try:
+        st = (site.site_dir / site.data_file).stat()
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+    except OSError:  # read_site_cohort says what is wrong
+        return read_site_cohort(site, product_model(settings))
+    return memoised("cohort", (site, settings.product, stamp),
+                    lambda: read_site_cohort(site, product_model(settings)))
+
+
 def _with_head(content: RecordDict, gate) -> RecordDict:
     """Add the site's audit-log head (``audit`` record: seq, MAC) to a reply, so
     the coordinator holds an anchor of the site's log."""
@@ -153,9 +177,9 @@ def site_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any],
     gate = site_gate(site, settings, run_id)
     if gate is not None:  # who asks for what, before any data are read
         authenticate(gate)
-    cohort = read_site_cohort(site, product_model(settings))
+    cohort = _site_cohort(site, settings)
     if gate is not None:
-        algorithm = build_algorithm(settings, n_occ=max(1, n_occasions(cohort)))
+        algorithm = _algorithm(settings, max(1, n_occasions(cohort)))
         rounds = settings.rounds or algorithm.max_rounds
         admit(gate, algorithm, cohort.n_subjects, rounds)
     reply = check_query_reply({"site-index": site.site_index, **site_shape(cohort)},
@@ -188,7 +212,7 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
             "train message without secagg-round-id: this site sends its payload "
             "only under secure aggregation (node config secagg-required or run "
             "config secagg is true)")
-    algorithm = build_algorithm(settings, n_occ=int(config["n-occ"]))
+    algorithm = _algorithm(settings, int(config["n-occ"]))
     folder = state_folder(site, settings, run_id)
     gate = site_gate(site, settings, run_id)
 
@@ -211,7 +235,7 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
         cached = cached_reply(gate, r, digest)
         if cached is not None:  # an identical re-request: the same reply, no new ε
             return reply(cached)
-    cohort = read_site_cohort(site, product_model(settings))
+    cohort = _site_cohort(site, settings)
     data = pad_cohort(cohort, int(config["n-sub"]), int(config["n-dose"]),
                       int(config["n-obs"]))
     state_from = int(config["state-from"])

@@ -12,6 +12,14 @@ The export is stored with ``pickle`` (``Exported.serialize`` needs the optional
 ``flatbuffers`` package), so the cache folder must be as trusted as JAX's own
 compilation cache, which also holds executables: it is the node's own
 ``$PHEMS_CACHE_DIR``. Any problem with the cache falls back to ``jax.jit``.
+
+A long-lived process (the warm ClientApp host, :mod:`.host`) also keeps what it
+built between messages, in memory: the loaded program and its compiled call
+(:func:`call_cached`), and whatever the ClientApp memoises with :func:`memoised`
+(the algorithm, the site's cohort). Everything is kept for one *scope* (the FAB
+hash, run config and node config of the message, :func:`warm_scope`) and dropped
+when the scope changes. In Flower's own process-per-message mode the memo lives
+and dies with the one message.
 """
 
 from __future__ import annotations
@@ -20,15 +28,64 @@ import dataclasses
 import hashlib
 import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jaxlib
 
 import phems_clinical
+
+T = TypeVar("T")
+
+_MEMO: dict[tuple[str, Hashable], Any] = {}
+"""What this process built for the current scope: ``(kind, key) -> value``."""
+
+_SCOPE: list[Hashable] = []
+"""The current scope (empty: none set yet)."""
+
+
+def memoised(kind: str, key: Hashable, build: Callable[[], T]) -> T:
+    """``build()``, kept in this process under ``(kind, key)`` until the scope
+    changes (:func:`warm_scope`) or :func:`clear_memo`.
+
+    ``key`` must name everything ``build`` depends on besides the scope (e.g. the
+    run settings and ``n_occ`` for an algorithm; the site, the product and the
+    event table's ``stat`` for a cohort), so that a value is never reused for
+    other inputs even within one scope.
+    """
+    try:
+        return _MEMO[kind, key]
+    except KeyError:
+        value = _MEMO[kind, key] = build()
+        return value
+
+
+def clear_memo() -> int:
+    """Drop everything kept (memoised values and loaded programs); returns how
+    many entries were dropped."""
+    n = len(_MEMO) + len(_PROGRAMS)
+    _MEMO.clear()
+    _PROGRAMS.clear()
+    return n
+
+
+def warm_scope(scope: Hashable) -> bool:
+    """Enter ``scope`` (e.g. FAB hash, run config, node config); when it differs
+    from the current one everything kept is dropped first. Returns True when
+    it was dropped (a new scope), False when the scope is unchanged."""
+    if _SCOPE and _SCOPE[0] == scope:
+        return False
+    clear_memo()
+    _SCOPE[:] = [scope]
+    return True
+
+
+def memo_info() -> dict[str, int]:
+    """How many values and programs are kept (for logs and tests)."""
+    return {"values": len(_MEMO), "programs": len(_PROGRAMS)}
 
 
 @cache
@@ -78,8 +135,9 @@ def call_cached(fn: Callable, args: tuple, *, tag: str,
         Cache folder (default :func:`cache_folder`); ``None`` and no default means
         plain ``jax.jit``.
     info : dict, optional
-        Filled with ``key`` (the export's cache key) and ``cache`` (``"hit"``,
-        ``"exported"`` or ``"jit"``), for the site's log.
+        Filled with ``key`` (the export's cache key) and ``cache`` (``"memory"``:
+        loaded earlier in this process, ``"hit"``, ``"exported"`` or ``"jit"``),
+        for the site's log.
     """
     info = {} if info is None else info
     folder = folder if folder is not None else cache_folder()
@@ -93,6 +151,11 @@ def call_cached(fn: Callable, args: tuple, *, tag: str,
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()
     path = folder / f"{key[:32]}.pkl"
     info.update(key=key[:32], cache="hit")
+    kept = _PROGRAMS.get(key)
+    if kept is not None:  # loaded earlier in this process (and scope)
+        info["cache"] = "memory"
+        out_tree, call = kept
+        return jax.tree.unflatten(out_tree, call(*leaves))
     exported = _load(path)
     if exported is None:
         info["cache"] = "exported"
@@ -101,7 +164,12 @@ def call_cached(fn: Callable, args: tuple, *, tag: str,
             info["cache"] = "jit"
             return jax.jit(fn)(*args)
     out_tree, program = exported
+    _PROGRAMS[key] = out_tree, program.call
     return jax.tree.unflatten(out_tree, program.call(*leaves))
+
+
+_PROGRAMS: dict[str, tuple[Any, Callable]] = {}
+"""Programs loaded in this process: export cache key -> (output tree, call)."""
 
 
 def _load(path: Path):
@@ -137,4 +205,5 @@ def _export(fn: Callable, tree, leaves, path: Path):
     return out_tree[0], program
 
 
-__all__ = ["cache_folder", "call_cached", "source_digest"]
+__all__ = ["cache_folder", "call_cached", "clear_memo", "memo_info", "memoised",
+           "source_digest", "warm_scope"]

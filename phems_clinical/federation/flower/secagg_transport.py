@@ -21,6 +21,14 @@ payloads in clear:
   ``algorithm.aggregate``. The site deletes its SecAgg secrets after its last
   stage (and any left by an aborted attempt when the next round begins).
 
+Where a site keeps its secrets between stages: Flower's stock ClientApp runs every
+message in a new process, so they go to an owner-only file in the site's state
+folder (:func:`save_private`, deleted as above). A long-lived ClientApp host
+(:mod:`~phems_clinical.federation.flower.host`) calls :func:`hold_secrets_in_memory`
+and keeps them in its own memory instead: nothing is written, and a host that
+stops mid-round loses them (the site then drops out of that round, as the
+protocol allows).
+
 Dropouts follow the protocol: a site that fails, times out or sends a malformed
 message at a stage is left out of that stage; with fewer than ``threshold`` sites
 left the attempt fails (:class:`~phems_clinical.federation.secagg.SecAggAbort`)
@@ -63,6 +71,7 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -308,6 +317,46 @@ def _state_file(folder: Path, round_id: int) -> Path:
     return Path(folder) / f"secagg-{int(round_id):012d}.json"
 
 
+_IN_MEMORY: dict[tuple[str, int], Any] = {}
+"""Secrets held in this process (``hold_secrets_in_memory``): (folder, round id)
+-> the site's SecAgg state, its vector, round and site index."""
+
+_MEMORY: list[bool] = [False]
+_MEMORY_LOCK = threading.Lock()
+
+
+def hold_secrets_in_memory(on: bool = True) -> None:
+    """Keep this process's SecAgg secrets in memory (``on``) or in owner-only
+    files of the site's state folder (the default; Flower's process-per-message
+    ClientApp needs the files). Switching drops any secrets held in memory."""
+    with _MEMORY_LOCK:
+        _MEMORY[0] = bool(on)
+        _IN_MEMORY.clear()
+
+
+def secrets_in_memory() -> bool:
+    """Whether :func:`hold_secrets_in_memory` is on in this process."""
+    return _MEMORY[0]
+
+
+def _keep(folder: Path, round_id: int, obj: Any) -> None:
+    """Hold a round's secrets (memory or an owner-only file)."""
+    if _MEMORY[0]:
+        with _MEMORY_LOCK:
+            _IN_MEMORY[str(Path(folder)), int(round_id)] = obj
+    else:
+        save_private(_state_file(folder, round_id), obj)
+
+
+def _kept(folder: Path, round_id: int) -> Any | None:
+    """A round's secrets, or None when this site holds none."""
+    if _MEMORY[0]:
+        with _MEMORY_LOCK:
+            return _IN_MEMORY.get((str(Path(folder)), int(round_id)))
+    path = _state_file(folder, round_id)
+    return load_private(path) if path.is_file() else None
+
+
 @contextlib.contextmanager
 def _exclusive(folder: Path) -> Iterator[None]:
     """Hold the SecAgg lock of ``folder``: Flower may run two messages for one node
@@ -324,12 +373,16 @@ def _exclusive(folder: Path) -> Iterator[None]:
 
 
 def clear_secrets(folder: Path) -> int:
-    """Delete every SecAgg state file of ``folder`` (a finished or abandoned
-    round's); returns how many."""
+    """Delete every SecAgg secret of ``folder`` (a finished or abandoned round's),
+    held in memory or in files; returns how many."""
     folder = Path(folder)
+    with _MEMORY_LOCK:
+        mine = [k for k in _IN_MEMORY if k[0] == str(folder)]
+        for k in mine:
+            del _IN_MEMORY[k]
+    n = len(mine)
     if not folder.is_dir():
-        return 0
-    n = 0
+        return n
     for path in folder.glob("secagg-*.json"):
         path.unlink(missing_ok=True)
         n += 1
@@ -413,9 +466,8 @@ def _advertise(folder, site, settings, k, r, round_id, vector):
     # the site's own roster, not the coordinator's num-sites
     advert, state = secagg.site_advertise_keys(
         me, cfg, read_identity(site.secagg_identity), trusted, round_id=round_id)
-    save_private(_state_file(folder, round_id),
-                 {"state": state, "x": np.asarray(vector, np.float64),
-                  "round": int(r), "site-index": int(k)})
+    _keep(folder, round_id, {"state": state, "x": np.asarray(vector, np.float64),
+                             "round": int(r), "site-index": int(k)})
     return to_record(advert, header(secagg.STAGES[0], k, r, round_id))
 
 
@@ -454,12 +506,11 @@ def site_stage(content, folder: Path, site: SiteConfig, settings: RunSettings):
 
 
 def _stage(content, folder, settings, stage, k, r, round_id):
-    path = _state_file(folder, round_id)
-    if not path.is_file():
+    kept = _kept(folder, round_id)
+    if kept is None:
         raise SiteProtocolError(f"stage {stage}: this site holds no SecAgg state for "
                                 "the round (it did not advertise keys for it, or "
                                 "the round already ended)")
-    kept = load_private(path)
     if (kept["round"], kept["site-index"]) != (r, k):
         raise MessageRejected("secagg message: round or site differs from the "
                               "round this site advertised keys for")
@@ -482,7 +533,7 @@ def _stage(content, folder, settings, stage, k, r, round_id):
     if stage == secagg.STAGES[-1]:
         clear_secrets(folder)
     else:
-        save_private(path, {**kept, "state": state})
+        _keep(folder, round_id, {**kept, "state": state})
     return to_record(reply, header(stage, k, r, round_id))
 
 
@@ -565,6 +616,7 @@ def server_stages(cfg: secagg.SecAggConfig, adverts: Mapping[int, Any], send: Se
 
 __all__ = ["MESSAGE_TYPE", "ROUND_ID_KEY", "check_header", "clear_secrets",
            "encoding_key", "ensure_identity", "flatten", "from_record", "header",
-           "load_private", "read_identity", "read_reply", "read_trusted",
-           "save_private", "secagg_config", "server_stages", "site_advertise",
-           "site_id", "site_stage", "to_record", "unflatten", "write_trusted"]
+           "hold_secrets_in_memory", "load_private", "read_identity", "read_reply",
+           "read_trusted", "save_private", "secagg_config", "secrets_in_memory",
+           "server_stages", "site_advertise", "site_id", "site_stage", "to_record",
+           "unflatten", "write_trusted"]
