@@ -45,7 +45,12 @@ from phems_clinical.evaluation.sources import (
 from phems_clinical.federation.engine import CheckpointError
 from phems_clinical.outputs import replaced_file, write_atomic
 from phems_clinical.runner.tasks import Task, stack_sites
-from phems_clinical.runner.training import FederationSettings, check_settings, train
+from phems_clinical.runner.training import (
+    FederationSettings,
+    check_settings,
+    train,
+    train_flower,
+)
 
 
 class SourceRun(NamedTuple):
@@ -222,17 +227,16 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
         k_prob, k_run = jax.random.split(k_src)
         label = f"{spec.name} ({federation.engine}, {strategy})"
         if federation.engine == "flower":
-            from phems_clinical.runner.tasks.haemophilia import train_flower
-
             seed = int(jax.random.randint(k_run, (), 0, 2**31 - 1))
             say(f"{label}: Flower SuperLink + {len(frames)} SuperNodes")
-            stopped = "flower run completed"
-            fitted, rounds, converged = train_flower(
-                seed, frames, strategy, model, dict(federation.options),
+            fitted, calibration, res = train_flower(
+                task, k_prob, seed, frames, strategy, model, federation,
                 (ckpt or Path(tempfile.mkdtemp(prefix="phems_flower_")))
-                / spec.name,
-                min_sites=federation.min_sites, secagg=federation.secagg)
-            dp = {}
+                / spec.name)
+            rounds, converged = int(res["rounds"]), bool(res["converged"])
+            stopped = (str(res["result"].get("stopped_by") or "stopping rule")
+                       if converged else "rounds exhausted")
+            dp = _dp_statement(res.get("privacy"), calibration)
         else:
             prob = task.problem(k_prob, frames, strategy, model)
             run, calibration = train(

@@ -9,10 +9,16 @@ One function, :func:`train`, runs any algorithm over the training hospitals'
 * ``pooled``: the same algorithm on every training patient stacked at one site.
   No hospital could run this; it is the centralised reference of the
   federated-vs-pooled study;
-* ``flower`` (haemophilia only) lives in :mod:`phems_clinical.runner.tasks.
-  haemophilia`, where the Flower apps read a site's NONMEM-style cohort; with
-  ``secagg`` the rounds run secure aggregation over Flower messages
-  (:mod:`phems_clinical.federation.flower.secagg_transport`).
+* ``flower``: :func:`train_flower`, the same algorithm over real Flower
+  processes on this machine (one SuperLink, one SuperNode per site), for every
+  use case (:mod:`phems_clinical.federation.flower.tasks`): each site reads only
+  its own table; the sums a use case needs across sites (PICU standardisation,
+  cardiac scaling, the PICU alarm threshold) travel as summed rounds; with
+  ``secagg`` every sum, training and summaries alike, runs secure aggregation
+  over Flower messages (:mod:`phems_clinical.federation.flower.
+  secagg_transport`); with DP each site draws its noise from its own OS CSPRNG.
+  An interrupted Flower run resumes from its checkpoint and the sites' job
+  state.
 
 Patient-level differential privacy is set by its target: :func:`with_dp` picks
 the smallest noise multiplier z whose ε after all the run's noisy steps is at most
@@ -25,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from phems_clinical.federation.core import Algorithm, site_size
 from phems_clinical.federation.dp import calibrate_noise_multiplier
@@ -77,10 +85,6 @@ def check_settings(fed: FederationSettings, strategy: str,
     if strategies is not None and strategy not in strategies:
         raise ValueError(f"inference.strategy: {strategy!r} is not one of "
                          f"{', '.join(strategies)} ({use_case})")
-    if fed.engine == "flower" and use_case != "haemophilia":
-        raise ValueError(f"federation.engine: flower runs the haemophilia use case "
-                         f"only (the Flower apps fit population PK); {use_case} "
-                         f"runs in process")
     if fed.dp is not None:
         if strategy not in FEDOPT:
             raise ValueError(
@@ -152,3 +156,86 @@ def train(key, build: Callable[[dict], Algorithm], sites: Sequence[Any],
                         min_sites=fed.min_sites, checkpoint_dir=checkpoint_dir,
                         on_round=on_round, on_message=on_message)
     return run, dp_set
+
+
+def _run_config_model(use_case: str, model: Any) -> tuple[str, str]:
+    """``(product, model JSON)`` of the Flower run config for a use case's model."""
+    import json
+
+    if use_case == "haemophilia":
+        return model.name, ""
+    if use_case == "picu":
+        return "", json.dumps(model._asdict())
+    return "", json.dumps(dict(model))
+
+
+def train_flower(task, key, seed: int, frames: Sequence[Any], strategy: str,
+                 model: Any, fed: FederationSettings, folder: str | Path, *,
+                 stop_after: int | None = None) -> tuple[Any, dict, dict]:
+    """Train ``task``'s model over real Flower processes on this machine (one
+    SuperLink, one SuperNode per site; :func:`phems_clinical.federation.flower.
+    launch.run_loopback`).
+
+    Site ``k``'s (derived) table goes to ``folder/sites/site_<k>/<file>``
+    (``cohort.csv``, ``hourly.csv`` or ``sojourns.csv``), the node's only input; the
+    server's checkpoint and the result go to ``folder/flower``. A folder holding
+    the checkpoint of an interrupted run resumes it (same job name, the sites'
+    kept state) to the result of an uninterrupted one. ``seed``: the Flower run's
+    seed (site keys, PICU initial weights); ``key``: the in-process problem's key,
+    used only to calibrate DP (``fed.dp``: the noise multiplier for the target ε,
+    as :func:`with_dp`; the noise itself comes from each site's OS CSPRNG).
+    ``stop_after``: stop after that many rounds with the checkpoint kept (an
+    interruption, for tests). Haemophilia: ``model`` must be a library product
+    (the apps load it by name).
+
+    Returns the fitted model, the DP calibration (``{}`` without DP) and the
+    server's result JSON (rounds, convergence, history, secure aggregation and
+    privacy records).
+    """
+    import json
+
+    from phems_clinical.federation.engine import checkpoint_path
+    from phems_clinical.federation.flower.config import RunSettings
+    from phems_clinical.federation.flower.launch import run_loopback
+    from phems_clinical.federation.flower.tasks import (
+        unpack_sums,
+        use_case,
+        write_table,
+    )
+
+    folder = Path(folder)
+    uc = use_case(task.use_case)
+    options = dict(fed.options)
+    calibration: dict = {}
+    if fed.dp is not None:  # calibrate z for the target, as in process
+        prob = task.problem(key, frames, strategy, model)
+        _, calibration = with_dp(prob.build, options, fed.dp,
+                                 [site_size(s) for s in prob.sites])
+        options["dp"] = {"clip": float(fed.dp.clip), "delta": calibration["delta"],
+                         "accountant": fed.dp.accountant,
+                         "sampling_rate": float(fed.dp.sampling_rate),
+                         "noise_multiplier": calibration["noise_multiplier"]}
+    dirs = []
+    for k, df in enumerate(frames):
+        d = folder / "sites" / f"site_{k}"
+        d.mkdir(parents=True, exist_ok=True)
+        write_table(df.drop(columns="SITE", errors="ignore"), d / uc.data_file)
+        dirs.append(d)
+    product, model_json = _run_config_model(task.use_case, model)
+    out = folder / "flower"
+    rounds = int(options.get("rounds", 0))
+    settings = RunSettings(
+        seed=int(seed), algorithm=strategy, use_case=task.use_case,
+        product=product or RunSettings().product, model=model_json,
+        rounds=int(stop_after) if stop_after else rounds,
+        min_sites=int(fed.min_sites or 0), secagg=bool(fed.secagg),
+        options=json.dumps(options), job=f"phems-{folder.name}",
+        checkpoint_dir=str(out / "checkpoint"))
+    resume = checkpoint_path(settings.checkpoint_dir).exists()
+    res = run_loopback(dirs, out, settings=settings,
+                       **({"resume": True} if resume else {}))
+    result = {k: (np.asarray(v) if isinstance(v, list) else v)
+              for k, v in res["result"].items()}
+    sums = unpack_sums({f"{st}.{f}": v for st, fields in
+                        res.get("summaries", {}).items() for f, v in fields.items()})
+    return task.flower_fitted(result, settings, sums, model), calibration, res

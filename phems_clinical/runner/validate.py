@@ -317,11 +317,6 @@ def _check_federation(p: _Problems, cfg: DictConfig, task, sites: list[str] | No
     engine_ok = p.choice("federation.engine", f.engine, ENGINES)
     strategy_ok = task is not None and p.choice(
         "inference.strategy", strategy, task.strategies)
-    if engine_ok and task is not None and f.engine == "flower" and \
-            task.use_case != "haemophilia":
-        p.add("federation.engine", f"flower runs the haemophilia use case only (the "
-                                   f"Flower apps fit population PK); {task.use_case}"
-                                   f" runs in process")
     if engine_ok and f.secagg and f.engine == "pooled":
         p.add("federation.secagg", "the pooled reference has no sites to aggregate;"
                                    " use engine inprocess or flower")

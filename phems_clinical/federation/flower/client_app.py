@@ -63,16 +63,12 @@ from phems_clinical.federation.flower.compiled import (  # noqa: E402
     memoised,
 )
 from phems_clinical.federation.flower.config import (  # noqa: E402
+    DATA_FILE,
     RunSettings,
     SiteConfig,
-    algorithm_tag,
-    build_algorithm,
-    product_model,
-    read_site_cohort,
     run_settings,
     site_config,
     site_gate,
-    site_shape,
 )
 from phems_clinical.federation.flower.records import (  # noqa: E402
     arrays_to_record,
@@ -88,6 +84,20 @@ from phems_clinical.federation.flower.site_state import (  # noqa: E402
     prune_site_states,
     save_site_state,
 )
+from phems_clinical.federation.flower.tasks import (  # noqa: E402
+    SECAGG_BITS,
+    check_clip,
+    check_query,
+    check_summary,
+    find_stage,
+    stage_round,
+    sums_digest,
+    unpack_sums,
+    use_case,
+)
+from phems_clinical.federation.flower.tasks import (  # noqa: E402
+    query_fields as tasks_query_fields,
+)
 from phems_clinical.federation.gate import (  # noqa: E402
     admit,
     authenticate,
@@ -98,9 +108,7 @@ from phems_clinical.federation.gate import (  # noqa: E402
 )
 from phems_clinical.federation.messages import (  # noqa: E402
     check_payload,
-    check_query_reply,
 )
-from phems_clinical.federation.pk_sites import pad_cohort  # noqa: E402
 from phems_clinical.federation.site_errors import (  # noqa: E402
     LOG_FILE,
     InjectedFailure,
@@ -134,23 +142,44 @@ def _checked_site(node_config: Mapping[str, Any], num_sites: int) -> SiteConfig:
     return site
 
 
-def _algorithm(settings: RunSettings, n_occ: int):
-    """:func:`build_algorithm`, kept by a long-lived host between messages
+def _algorithm(settings: RunSettings, common: Mapping[str, int],
+               sums: Mapping[str, Any]):
+    """The use case's algorithm (:mod:`~phems_clinical.federation.flower.tasks`),
+    kept by a long-lived host between messages
     (:func:`~phems_clinical.federation.flower.compiled.memoised`)."""
-    return memoised("algorithm", (settings, int(n_occ)),
-                    lambda: build_algorithm(settings, n_occ=int(n_occ)))
+    uc = use_case(settings.use_case)
+    return memoised("algorithm", (settings, tuple(sorted(common.items())),
+                                  sums_digest(sums)),
+                    lambda: uc.build(settings, common, sums))
 
 
 def _site_cohort(site: SiteConfig, settings: RunSettings):
-    """:func:`read_site_cohort`, kept by a long-lived host between messages and
-    read again when the event table changes (its size, mtime or inode)."""
+    """The site's own data as its use case reads them (haemophilia: its cohort,
+    :func:`read_site_cohort`), kept by a long-lived host between messages and
+    read again when the file changes (its size, mtime or inode)."""
+    uc = use_case(settings.use_case)
+    name = site.data_file if site.data_file != DATA_FILE else uc.data_file
     try:
-        st = (site.site_dir / site.data_file).stat()
+        st = (site.site_dir / name).stat()
         stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
-    except OSError:  # read_site_cohort says what is wrong
-        return read_site_cohort(site, product_model(settings))
-    return memoised("cohort", (site, settings.product, stamp),
-                    lambda: read_site_cohort(site, product_model(settings)))
+    except OSError:  # read_site says what is wrong
+        return uc.read_site(site, settings)
+    return memoised("cohort", (site, settings.use_case, settings.product,
+                               settings.model, stamp),
+                    lambda: uc.read_site(site, settings))
+
+
+def _common(config: Mapping[str, Any], settings: RunSettings) -> dict[str, int]:
+    """The padded sizes the server broadcast (the use case's query counts)."""
+    uc = use_case(settings.use_case)
+    return {f: int(config[f]) for f in tasks_query_fields(uc)}
+
+
+def _sums(content: RecordDict) -> dict[str, dict[str, np.ndarray]]:
+    """The summed rounds' results the server sends with a message (none before
+    the first summed round)."""
+    return unpack_sums(record_to_arrays(content["sums"])) if "sums" in content \
+        else {}
 
 
 def _with_head(content: RecordDict, gate) -> RecordDict:
@@ -177,13 +206,19 @@ def site_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any],
     gate = site_gate(site, settings, run_id)
     if gate is not None:  # who asks for what, before any data are read
         authenticate(gate)
+    uc = use_case(settings.use_case)
+    if gate is not None and uc.before:
+        raise SiteProtocolError(
+            f"site_policy.yaml: a governed site admits a run before its summed "
+            f"rounds, which the {uc.name} use case needs first; run it without a "
+            f"site policy or in process")
     cohort = _site_cohort(site, settings)
     if gate is not None:
-        algorithm = _algorithm(settings, max(1, n_occasions(cohort)))
+        algorithm = _algorithm(settings, {"n-occ": max(1, n_occasions(cohort))}, {})
         rounds = settings.rounds or algorithm.max_rounds
         admit(gate, algorithm, cohort.n_subjects, rounds)
-    reply = check_query_reply({"site-index": site.site_index, **site_shape(cohort)},
-                              settings.num_sites)
+    reply = check_query({"site-index": site.site_index, **uc.shape(cohort)}, uc,
+                        settings.num_sites)
     return _with_head(RecordDict({"site": ConfigRecord(reply)}), gate)
 
 
@@ -206,13 +241,16 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
                                 f"{site.site_index}")
     if r in site.fail_rounds:
         raise InjectedFailure(f"injected failure of site {k} in round {r}")
+    if "stage" in config:
+        return site_summary(content, site, settings, run_id)
     secure = ROUND_ID_KEY in config
     if not secure and (site.secagg_required or settings.secagg):
         raise SiteProtocolError(
             "train message without secagg-round-id: this site sends its payload "
             "only under secure aggregation (node config secagg-required or run "
             "config secagg is true)")
-    algorithm = _algorithm(settings, int(config["n-occ"]))
+    common, sums = _common(config, settings), _sums(content)
+    algorithm = _algorithm(settings, common, sums)
     folder = state_folder(site, settings, run_id)
     gate = site_gate(site, settings, run_id)
 
@@ -236,8 +274,7 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
         if cached is not None:  # an identical re-request: the same reply, no new ε
             return reply(cached)
     cohort = _site_cohort(site, settings)
-    data = pad_cohort(cohort, int(config["n-sub"]), int(config["n-dose"]),
-                      int(config["n-obs"]))
+    data = use_case(settings.use_case).site_data(cohort, settings, common, sums)
     state_from = int(config["state-from"])
     state = load_site_state(folder, state_from, algorithm.init_site(data))
     message = {name: jnp.asarray(v) for name, v in
@@ -249,7 +286,8 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
     else:  # DP noise from the site's own kept CSPRNG secret, never the seed
         key = derive_site_key(kept_site_secret(folder), r,
                               tree_digest(message, data, state, state_from))
-    tag, files = algorithm_tag(settings, int(config["n-occ"]))
+    tag, files = use_case(settings.use_case).tag(settings, common)
+    tag = f"{tag}|sums={sums_digest(sums)}" if sums else tag
     compiled: dict = {}
     payload, new_state, metrics = call_cached(
         algorithm.local_update, (message, data, state, key), tag=tag,
@@ -257,7 +295,7 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
     check_payload(algorithm, payload, r)
     if gate is not None:  # fields, the ε of the rounds executed, the audit log
         release(gate, payload_to_numpy(payload), r, algorithm=algorithm,
-                n_patients=cohort.n_subjects, digest=digest)
+                n_patients=use_case(settings.use_case).size(cohort), digest=digest)
     t_done = time.time()
     save_site_state(folder, r + 1, new_state)
     prune_site_states(folder, state_from)
@@ -269,6 +307,44 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
                         "import": t_start - _T_IMPORT, "load": t_loaded - t_start,
                         "update": t_done - t_loaded}}) + "\n")
     return reply(payload_to_numpy(payload))
+
+
+def site_summary(content: RecordDict, site: SiteConfig, settings: RunSettings,
+                 run_id: int) -> RecordDict:
+    """A summed round at this site (:class:`~phems_clinical.federation.flower.
+    tasks.Stage`): its population-level summand, checked against the message
+    schema (``$defs/summary_<stage>``) before it leaves; under secure aggregation
+    only the key advertisement (the summand stays in the state folder)."""
+    config = content["config"]
+    r, k = int(config["round"]), int(config["site-index"])
+    uc = use_case(settings.use_case)
+    stage = find_stage(uc, str(config["stage"]))
+    if r != stage_round(uc, stage.name):
+        raise SiteProtocolError(f"summary {stage.name}: round {r}, expected "
+                                f"{stage_round(uc, stage.name)}")
+    secure = ROUND_ID_KEY in config
+    if not secure and (site.secagg_required or settings.secagg):
+        raise SiteProtocolError(
+            "summary message without secagg-round-id: this site sends its sums "
+            "only under secure aggregation (node config secagg-required or run "
+            "config secagg is true)")
+    common, sums = _common(config, settings), _sums(content)
+    broadcast = record_to_arrays(content["broadcast"])
+    local = _site_cohort(site, settings)
+    summand = {n: np.asarray(v, np.float64) for n, v in
+               stage.site(local, settings, common, sums, broadcast).items()}
+    spec = stage.spec(settings, common)
+    check_summary(stage.name, summand, spec)
+    if secure:
+        check_clip(stage, summand)
+        folder = state_folder(site, settings, run_id)
+        return site_advertise(
+            folder, site, settings._replace(secagg_clip=stage.clip,
+                                            secagg_bits=SECAGG_BITS),
+            k, r, int(config[ROUND_ID_KEY]),
+            np.concatenate([summand[n].ravel() for n in sorted(spec)]))
+    return RecordDict({"payload": arrays_to_record(summand),
+                       "site": ConfigRecord({"site-index": k, "round": r})})
 
 
 def site_secagg(content: RecordDict, node_config: Mapping[str, Any],

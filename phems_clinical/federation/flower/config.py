@@ -94,6 +94,14 @@ class RunSettings(NamedTuple):
     secagg_clip, secagg_bits, secagg_threshold : float, int, int
         Its clip (payload units), quantisation bits and Shamir threshold; 0 takes
         ``federation.secure.default_secagg_config`` (1e6, 48, K - 1 or min-sites).
+    use_case : str
+        What the run fits (:mod:`~phems_clinical.federation.flower.tasks`):
+        ``haemophilia`` (population PK of ``product``), ``picu`` (sepsis early
+        warning), ``cardiac`` (multi-state pathways).
+    model : str
+        The use case's model settings as a JSON object ('' = its defaults), e.g.
+        ``{"architecture": "logistic", "horizon_h": 6}`` (picu) or
+        ``{"ridge": 0.001}`` (cardiac); haemophilia takes ``product``.
     """
 
     seed: int = 0
@@ -117,6 +125,8 @@ class RunSettings(NamedTuple):
     secagg_clip: float = 0.0
     secagg_bits: int = 0
     secagg_threshold: int = 0
+    use_case: str = "haemophilia"
+    model: str = ""
 
 
 def run_settings(run_config: Mapping[str, Any]) -> RunSettings:
@@ -200,7 +210,8 @@ def algorithm_tag(settings: RunSettings, n_occ: int) -> tuple[str, list[Path]]:
 
     tag = (f"{settings.algorithm}|product={settings.product}|n_occ={int(n_occ)}|"
            f"seed={settings.seed}|num_sites={settings.num_sites}|"
-           f"options={settings.options}")
+           f"options={settings.options}|use_case={settings.use_case}|"
+           f"model={settings.model}")
     return tag, sorted((configs_dir() / "model").glob("*.yaml"))
 
 

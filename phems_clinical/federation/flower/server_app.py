@@ -62,6 +62,9 @@ from phems_clinical.federation.core import (  # noqa: E402
     server_run_key,
     unflatten_payload,
 )
+from phems_clinical.federation.dp import (  # noqa: E402
+    privacy_report as dp_privacy_report,
+)
 from phems_clinical.federation.engine import (  # noqa: E402
     FederationAborted,
     RoundRecord,
@@ -70,7 +73,6 @@ from phems_clinical.federation.engine import (  # noqa: E402
 )
 from phems_clinical.federation.flower.config import (  # noqa: E402
     RunSettings,
-    build_algorithm,
     run_settings,
 )
 from phems_clinical.federation.flower.records import (  # noqa: E402
@@ -85,11 +87,19 @@ from phems_clinical.federation.flower.secagg_transport import (  # noqa: E402
     server_stages,
     site_id,
 )
+from phems_clinical.federation.flower.tasks import (  # noqa: E402
+    SECAGG_BITS,
+    Stage,
+    check_query,
+    check_summary,
+    pack_sums,
+    stage_round,
+    use_case,
+)
 from phems_clinical.federation.messages import (  # noqa: E402
     MessageRejected,
     check_audit_head,
     check_payload,
-    check_query_reply,
 )
 from phems_clinical.federation.secagg import (  # noqa: E402
     SecAggConfig,
@@ -186,8 +196,8 @@ def query_sites(grid: Grid, nodes: list[int], settings: RunSettings, *,
             if "site" not in records or records - {"site", "audit"}:
                 raise MessageRejected("query reply: expected the records 'site' "
                                       "and (with a site policy) 'audit'")
-            info = check_query_reply(dict(reply.content["site"]),
-                                     settings.num_sites)
+            info = check_query(dict(reply.content["site"]),
+                               use_case(settings.use_case), settings.num_sites)
             if "audit" in records:
                 check_audit_head(dict(reply.content["audit"]))
         except (MessageRejected, KeyError, ValueError, TypeError) as err:
@@ -206,12 +216,16 @@ def query_sites(grid: Grid, nodes: list[int], settings: RunSettings, *,
 
 def _round_messages(broadcast: RecordDict, r: int, node_of: Mapping[int, int],
                     last_ok: Mapping[int, int], common: Mapping[str, Any],
-                    settings: RunSettings) -> dict[int, Message]:
+                    settings: RunSettings, sums: Mapping[str, Any] | None = None
+                    ) -> dict[int, Message]:
     out = {}
     for k, node in node_of.items():
         config = ConfigRecord({**common, "round": r, "site-index": k,
                                "state-from": last_ok[k] + 1})
-        out[node] = Message(RecordDict({"broadcast": broadcast, "config": config}),
+        records = {"broadcast": broadcast, "config": config}
+        if sums:  # the summed rounds' results (population-level)
+            records["sums"] = arrays_to_record(pack_sums(sums))
+        out[node] = Message(RecordDict(records),
                             dst_node_id=node, message_type=MessageType.TRAIN,
                             group_id=str(r), ttl=settings.round_timeout + 30.0)
     return out
@@ -241,26 +255,29 @@ def _accept(algorithm: Algorithm, reply: Message, k: int, r: int
 def run_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
               node_of: Mapping[int, int], last_ok: Mapping[int, int],
               common: Mapping[str, Any], settings: RunSettings, *,
-              anchors: dict[int, dict] | None = None
+              anchors: dict[int, dict] | None = None,
+              sums: Mapping[str, Any] | None = None
               ) -> tuple[dict[int, dict[str, np.ndarray]], list[tuple[int, str]]]:
     """One attempt at round ``r``: the accepted payloads by site index and the
-    dropped sites with reasons (``anchors``: see :func:`keep_anchor`)."""
+    dropped sites with reasons (``anchors``: see :func:`keep_anchor`; ``sums``:
+    the summed rounds' results every site needs)."""
     payloads, dropped = _train_replies(
-        grid, algorithm, server, r, node_of, last_ok, common, settings,
-        lambda reply, k: _accept(algorithm, reply, k, r), anchors)
+        grid, algorithm.broadcast(server), r, node_of, last_ok, common, settings,
+        lambda reply, k: _accept(algorithm, reply, k, r), anchors, sums)
     return payloads, sorted(dropped)
 
 
-def _train_replies(grid: Grid, algorithm: Algorithm, server: Any, r: int,
+def _train_replies(grid: Grid, arrays: Mapping[str, Any], r: int,
                    node_of: Mapping[int, int], last_ok: Mapping[int, int],
                    common: Mapping[str, Any], settings: RunSettings,
-                   read: Any, anchors: dict[int, dict] | None
+                   read: Any, anchors: dict[int, dict] | None,
+                   sums: Mapping[str, Any] | None = None
                    ) -> tuple[dict[int, Any], list[tuple[int, str]]]:
-    """Send round ``r``'s ``train`` messages and read each reply with
-    ``read(reply, site)`` (raising ``MessageRejected`` to refuse it): the read
-    replies by site index, and the dropped sites with reasons."""
-    broadcast = arrays_to_record(algorithm.broadcast(server))
-    msgs = _round_messages(broadcast, r, node_of, last_ok, common, settings)
+    """Send round ``r``'s ``train`` messages (broadcasting ``arrays``) and read
+    each reply with ``read(reply, site)`` (raising ``MessageRejected`` to refuse
+    it): the read replies by site index, and the dropped sites with reasons."""
+    broadcast = arrays_to_record(arrays)
+    msgs = _round_messages(broadcast, r, node_of, last_ok, common, settings, sums)
     replies, missing = exchange(grid, msgs, settings.round_timeout)
     site_of = {node: k for k, node in node_of.items()}
     dropped = [(k, "failed: did not answer the query round")
@@ -285,7 +302,10 @@ def run_secagg_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
                      attempt: int, node_of: Mapping[int, int],
                      last_ok: Mapping[int, int], common: Mapping[str, Any],
                      settings: RunSettings, cfg: SecAggConfig, *,
-                     anchors: dict[int, dict] | None = None
+                     anchors: dict[int, dict] | None = None,
+                     sums: Mapping[str, Any] | None = None,
+                     arrays: Mapping[str, Any] | None = None,
+                     unflatten: Any = None
                      ) -> tuple[dict | None, tuple[int, ...], list[tuple[int, str]]]:
     """One attempt at round ``r`` under secure aggregation (Bonawitz et al., CCS
     2017; :mod:`~phems_clinical.federation.flower.secagg_transport`): the ``train``
@@ -296,10 +316,10 @@ def run_secagg_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
     """
     round_id = r * (settings.retries + 1) + attempt - 1
     adverts, dropped = _train_replies(
-        grid, algorithm, server, r, node_of, last_ok,
-        {**common, ROUND_ID_KEY: round_id}, settings,
+        grid, algorithm.broadcast(server) if arrays is None else arrays, r,
+        node_of, last_ok, {**common, ROUND_ID_KEY: round_id}, settings,
         lambda reply, k: read_reply(reply.content, "advertise_keys", k, r, round_id),
-        anchors)
+        anchors, sums)
     site_of = {node: k for k, node in node_of.items()}
 
     def send(stage: str, contents: Mapping[int, RecordDict]):
@@ -328,9 +348,86 @@ def run_secagg_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
                                 [(k, why) for k in adverts if k not in named])
     index = {site_id(k): k for k in range(settings.num_sites)}
     included = tuple(sorted(index[s] for s in result.included))
-    total = unflatten_payload(result.total, algorithm.message_spec)
+    total = (unflatten_payload(result.total, algorithm.message_spec)
+             if unflatten is None else unflatten(result.total))
     return total, included, sorted(d for d in dropped + left_out
                                    if d[0] not in included)
+
+
+def run_summary(grid: Grid, stage: Stage, node_of: Mapping[int, int],
+                common: Mapping[str, Any], settings: RunSettings,
+                sums: Mapping[str, Any], broadcast: Mapping[str, Any], *,
+                anchors: dict[int, dict] | None = None
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """One summed round (:class:`~phems_clinical.federation.flower.tasks.Stage`)
+    with the run's retries: the sum over the sites (in site order, or decoded by
+    secure aggregation with the stage's public bound and
+    :data:`~phems_clinical.federation.flower.tasks.SECAGG_BITS` bits) and what
+    happened (sites, drops, attempts).
+
+    Every site must answer (a sum over fewer sites is another statistic)."""
+    uc = use_case(settings.use_case)
+    r = stage_round(uc, stage.name)
+    spec = stage.spec(settings, common)
+    names = sorted(spec)
+    sizes = [int(np.prod(spec[n], dtype=int)) for n in names]
+    config = {**common, "stage": stage.name}
+    last_ok = dict.fromkeys(range(settings.num_sites), -1)
+    attempts = 0
+    while True:
+        attempts += 1
+        if settings.secagg:
+            cfg = secagg_config(settings._replace(secagg_clip=stage.clip,
+                                                  secagg_bits=SECAGG_BITS))
+
+            def unflatten(vec):
+                parts = np.split(np.asarray(vec, np.float64), np.cumsum(sizes)[:-1])
+                return {n: p.reshape(spec[n]) for n, p in zip(names, parts,
+                                                              strict=True)}
+
+            total, included, dropped = run_secagg_round(
+                grid, None, None, r, attempts, node_of, last_ok, config, settings,
+                cfg, anchors=anchors, sums=sums, arrays=broadcast,
+                unflatten=unflatten)
+        else:
+            def read(reply, k):
+                site = reply.content["site"]
+                if int(site["site-index"]) != k or int(site["round"]) != r:
+                    raise MessageRejected(f"summary reply for site "
+                                          f"{site['site-index']} round "
+                                          f"{site['round']}, expected site {k} "
+                                          f"round {r}")
+                arrays = record_to_arrays(reply.content["payload"], spec)
+                check_summary(stage.name, arrays, spec)
+                return arrays
+
+            got, dropped = _train_replies(grid, broadcast, r, node_of, last_ok,
+                                          config, settings, read, anchors, sums)
+            included = tuple(sorted(got))
+            total = sum_in_site_order(got) if got else None
+        if len(included) == settings.num_sites:
+            break
+        if attempts > settings.retries:
+            raise FederationAborted(
+                f"summary {stage.name}: {len(included)} of {settings.num_sites} "
+                f"sites answered in {attempts} attempts ({sorted(dropped)}); every "
+                f"site's sum is needed")
+    out = {n: np.asarray(v, np.float64) for n, v in total.items()}
+    return out, {"stage": stage.name, "round": r, "attempts": attempts,
+                 "dropped": sorted(dropped), "secure": bool(settings.secagg)}
+
+
+def _load_sums(path: Path | None) -> dict[str, dict[str, np.ndarray]]:
+    if path is None or not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    return {s: {f: np.asarray(v, np.float64) for f, v in fields.items()}
+            for s, fields in raw.items()}
+
+
+def _sums_json(sums: Mapping[str, Mapping[str, Any]]) -> dict:
+    return {s: {f: np.asarray(v).tolist() for f, v in fields.items()}
+            for s, fields in sums.items()}
 
 
 def sum_in_site_order(payloads: Mapping[int, Mapping[str, np.ndarray]]) -> dict:
@@ -398,23 +495,42 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
         raise FederationAborted(
             f"only {len(node_of)} of {n_sites} sites answered the query round "
             f"(min-sites {min_sites}): {problems or 'no SuperNode connected'}")
-    common = {name: max(s[name] for s in shapes.values())
-              for name in ("n-sub", "n-dose", "n-obs", "n-occ")}
-    if settings.n_occ:
-        common["n-occ"] = settings.n_occ
+    uc = use_case(settings.use_case)
+    report["use_case"] = uc.name
+    common = uc.common(list(shapes.values()), settings)
+    padded = dict(common)
     common["num-sites"] = n_sites
     report["shape"] = dict(common)
-    algorithm = build_algorithm(settings, n_occ=common["n-occ"])
-    report["algorithm"] = algorithm.name
     secure = secagg_config(settings) if settings.secagg else None
     if secure is not None:
         report["secure_aggregation"] = {
-            **secure._asdict(), "max_error_bound": n_sites * grid_step(secure)}
+            **secure._asdict(), "max_error_bound": n_sites * grid_step(secure),
+            "summaries": {
+                s.name: {"clip": s.clip, "bits": SECAGG_BITS,
+                         "max_error_bound": n_sites * grid_step(secure._replace(
+                             clip=s.clip, bits=SECAGG_BITS))}
+                for s in uc.before + uc.after}}
+    ckpt = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
+    sums_file = None if ckpt is None else ckpt / "summaries.json"
+    # the sums before training: kept with the checkpoint, so a resumed run trains
+    # on exactly the numbers the interrupted one did
+    sums = {k: v for k, v in _load_sums(sums_file).items()
+            if k in {s.name for s in uc.before}}
+    report["summary_rounds"] = []
+    for stage in uc.before:
+        if stage.name in sums:
+            continue
+        sums[stage.name], info = run_summary(grid, stage, node_of, common,
+                                             settings, sums, {}, anchors=anchors)
+        report["summary_rounds"].append(info)
+        if sums_file is not None:
+            write_json(sums_file, _sums_json(sums))
+    algorithm = uc.build(settings, padded, sums)
+    report["algorithm"] = algorithm.name
     key = jax.random.key(settings.seed)
     server = algorithm.init_server(key)
     server_key = server_run_key(key, algorithm)  # secret with hospital-level DP
     history: list[RoundRecord] = []
-    ckpt = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
     if ckpt is not None:
         loaded = load_checkpoint(ckpt, server, [])
         if loaded is not None and loaded[2]:
@@ -441,12 +557,12 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
             if secure is None:
                 payloads, dropped = run_round(grid, algorithm, server, r, node_of,
                                               last_ok, common, settings,
-                                              anchors=anchors)
+                                              anchors=anchors, sums=sums)
                 included = tuple(sorted(payloads))
             else:
                 total, included, dropped = run_secagg_round(
                     grid, algorithm, server, r, attempts, node_of, last_ok, common,
-                    settings, secure, anchors=anchors)
+                    settings, secure, anchors=anchors, sums=sums)
             if len(included) >= min_sites:
                 break
             if attempts > settings.retries:
@@ -471,7 +587,19 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
         r += 1
         converged = bool(done(server))
         report["history"] = [h._asdict() for h in history]
-    result = algorithm.result(server)
+    for stage in uc.after:  # summed rounds on the trained model
+        sums[stage.name], info = run_summary(
+            grid, stage, node_of, common, settings, sums,
+            algorithm.broadcast(server), anchors=anchors)
+        report["summary_rounds"].append(info)
+    result = {**algorithm.result(server), **uc.conclude(settings, padded, sums)}
+    report["summaries"] = _sums_json(sums)
+    if algorithm.dp is not None:  # each site's guarantee, as the engine states it
+        report["privacy"] = [
+            {"site": k, "n_patients": int(shapes[k][uc.size_field]),
+             **dp_privacy_report(algorithm.dp, int(shapes[k][uc.size_field]),
+                                 r * algorithm.dp_steps_per_round)}
+            for k in sorted(shapes)]
     report.update(status="completed", rounds=r, converged=converged,
                   total_seconds=time.perf_counter() - t_start, result=result)
     if "names" in result and "estimates" in result:

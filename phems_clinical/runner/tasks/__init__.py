@@ -50,7 +50,9 @@ class Task(NamedTuple):
         of figures and captions); lower_is_better : the metrics where lower is
         better; id_columns : made unique when sites' tables are stacked (the first is
     the unit a site counts: patient, stay, episode); model_label : a model's name
-    for reports.
+    for reports; flower_fitted : ``(result, run settings, sums, model) -> Fitted``
+    of a Flower run's result JSON (:func:`phems_clinical.runner.training.
+    train_flower`).
     """
 
     use_case: str
@@ -64,6 +66,7 @@ class Task(NamedTuple):
     model_label: Callable[[Any], str]
     problem: Callable[..., Problem]
     evaluate: Callable[[Fitted, pd.DataFrame, Any], dict[str, float]]
+    flower_fitted: Callable[..., Fitted] | None = None
 
 
 def stack_sites(frames: Sequence[pd.DataFrame], id_columns: Sequence[str]

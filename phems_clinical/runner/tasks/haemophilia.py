@@ -4,7 +4,8 @@ The prior of ``phems dose`` is the population the federation fitted; each real
 held-out patient's MAP estimate from their first 2 levels predicts their later
 levels (:func:`phems_clinical.evaluation.utility.pk_forecast_accuracy`).
 Strategies: every algorithm of :mod:`phems_clinical.federation.registry`
-(federated FOCEI by default). Flower engine: :func:`train_flower`.
+(federated FOCEI by default). Flower engine: :func:`flower_fitted` reads the
+result of :func:`phems_clinical.runner.training.train_flower`.
 """
 
 from __future__ import annotations
@@ -75,41 +76,31 @@ def evaluate(fitted: Fitted, test: pd.DataFrame, model: PopModel
                                                         errors="ignore"), model)
 
 
+def flower_fitted(result: Mapping[str, Any], settings, sums, model: PopModel
+                  ) -> Fitted:
+    """The :class:`Fitted` population of a Flower run's result JSON."""
+    del settings, sums
+    result = dict(result)
+    if isinstance(result.get("params"), dict):  # PopParams, as JSON
+        result["params"] = PopParams(**{k: np.asarray(v, float)
+                                        for k, v in result["params"].items()})
+    return _finish(model)(result)
+
+
 def train_flower(key_seed: int, frames: Sequence[pd.DataFrame], strategy: str,
                  model: PopModel, options: Mapping[str, Any], folder: Path, *,
                  min_sites: int | None = None, secagg: bool = False
                  ) -> tuple[Fitted, int, bool]:
-    """The same fit over real Flower processes on this machine (one SuperLink, one
-    SuperNode per site; :func:`phems_clinical.federation.flower.launch.
-    run_loopback`): each site's derived data go to ``folder/site_<k>/cohort.csv``,
-    the node's only input. ``model`` must be a library product (the Flower apps
-    load it by name). With ``secagg`` the payloads are summed with secure
-    aggregation over Flower (:mod:`phems_clinical.federation.flower.
-    secagg_transport`). Returns the fit, rounds and whether it converged."""
-    import json
+    """The fit over real Flower processes
+    (:func:`phems_clinical.runner.training.train_flower`): returns the fit, rounds
+    and whether it converged."""
+    from phems_clinical.runner.training import FederationSettings
+    from phems_clinical.runner.training import train_flower as train
 
-    from phems_clinical.federation.flower.config import DATA_FILE, RunSettings
-    from phems_clinical.federation.flower.launch import run_loopback
-
-    dirs = []
-    for k, df in enumerate(frames):
-        d = folder / "sites" / f"site_{k}"
-        d.mkdir(parents=True, exist_ok=True)
-        df.drop(columns="SITE", errors="ignore").to_csv(d / DATA_FILE, index=False,
-                                                        float_format="%.17g")
-        dirs.append(d)
-    settings = RunSettings(seed=int(key_seed), algorithm=strategy,
-                           product=model.name, rounds=int(options.get("rounds", 0)),
-                           min_sites=int(min_sites or 0), secagg=bool(secagg),
-                           options=json.dumps({k: v for k, v in options.items()
-                                               if k != "rounds"}))
-    res = run_loopback(dirs, folder / "flower", settings=settings)
-    result = {k: (np.asarray(v) if isinstance(v, list) else v)
-              for k, v in res["result"].items()}
-    if isinstance(result.get("params"), dict):  # PopParams, as JSON
-        result["params"] = PopParams(**{k: np.asarray(v, float)
-                                        for k, v in result["params"].items()})
-    return _finish(model)(result), int(res["rounds"]), bool(res["converged"])
+    fitted, _, res = train(TASK, None, key_seed, frames, strategy, model,
+                           FederationSettings("flower", strategy, dict(options),
+                                              secagg, min_sites), folder)
+    return fitted, int(res["rounds"]), bool(res["converged"])
 
 
 def model_from_config(spec: Mapping[str, Any]) -> PopModel:
@@ -124,4 +115,4 @@ TASK = Task(
             "within20": "share of patients forecast within 20 %"},
     id_columns=("ID",), model_from_config=model_from_config,
     model_label=lambda m: m.name, problem=problem,
-    evaluate=evaluate)
+    evaluate=evaluate, flower_fitted=flower_fitted)

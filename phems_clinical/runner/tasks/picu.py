@@ -52,6 +52,65 @@ def _examples(hourly: pd.DataFrame, model: SepsisModel):
                       horizon_h=model.horizon_h, max_hours=model.max_hours)
 
 
+THRESHOLDS = 1.0 / (1.0 + np.exp(-np.linspace(np.log(1e-4 / (1 - 1e-4)),
+                                                np.log(0.99 / 0.01), 999)))
+"""Public candidate alarm thresholds (999, equally spaced in logit from 1e-4 to
+0.99): every site sends its CinC utility totals at each (sums), and the pooled
+normalised utility is maximised over them -- no prediction leaves a site."""
+
+
+def _algorithm(key, strategy: str, options: dict, n_features: int,
+               model: SepsisModel, hours: float, stays: float,
+               positive_hours: float):
+    """FedOpt over the hour-weighted loss, from the summed hours, stays and
+    positive hours (the output bias starts at the pooled prevalence); returns
+    ``(algorithm, unravel)``."""
+    prev = positive_hours / hours
+    x0, unravel = sm.init_params(key, n_features, model.architecture,
+                                 prior=min(max(prev, 1e-3), 0.5))
+    loss = sm.make_loss(unravel, l2=model.l2, hours_norm=hours / stays)
+    opts = dict(options)
+    alg = build_fedopt(strategy, objective_from_loss(loss), x0, opts,
+                       default_rounds=50, learning_rate=0.05, local_steps=5)
+    if opts:
+        raise ValueError(f"inference.options for {strategy}: unknown "
+                         f"{', '.join(sorted(opts))}")
+    return alg, unravel
+
+
+def _site_sums(ex) -> dict[str, float]:
+    """A site's hours, stays and positive hours (population-level sums)."""
+    return {"hours": float(np.sum(ex.data["w"])), "stays": float(np.sum(ex.mask)),
+            "positive_hours": float(np.sum(ex.data["y"] * ex.data["w"]))}
+
+
+def _utility_totals(probs, ex) -> dict[str, np.ndarray]:
+    """A site's CinC utility totals at each of :data:`THRESHOLDS`."""
+    t = se.utility_totals(probs, ex, THRESHOLDS)
+    return {"observed": np.array([u.observed for u in t], np.float64),
+            "best": np.asarray(t[0].best, np.float64),
+            "inaction": np.asarray(t[0].inaction, np.float64)}
+
+
+def _choose_threshold(sums: dict[str, np.ndarray]) -> tuple[float, float]:
+    """The candidate maximising the pooled normalised utility
+    ``(U - U_inaction) / (U_best - U_inaction)`` (Reyna et al. 2020) from the summed
+    totals: ``(threshold, normalised utility)``."""
+    den = float(sums["best"]) - float(sums["inaction"])
+    scores = ((np.asarray(sums["observed"]) - float(sums["inaction"])) / den
+              if den != 0 else np.full(len(THRESHOLDS), np.nan))
+    i = int(np.nanargmax(scores))
+    return float(THRESHOLDS[i]), float(scores[i])
+
+
+def _fitted(x, unravel, stats, threshold: float, utility: float,
+            model: SepsisModel) -> Fitted:
+    return Fitted(Trained(x, sm.make_predict(unravel), stats, threshold),
+                  {"threshold": threshold, "train_utility": utility,
+                   "intercept": float(unravel(x)["b"]) if model.architecture
+                   == sm.LOGISTIC else float("nan")})
+
+
 def problem(key, frames: Sequence[pd.DataFrame], strategy: str, model: SepsisModel
             ) -> Problem:
     named = {f"site_{k}": h for k, h in enumerate(frames)}
@@ -59,33 +118,22 @@ def problem(key, frames: Sequence[pd.DataFrame], strategy: str, model: SepsisMod
                              held_out=[], model=model.architecture,
                              horizon_h=model.horizon_h, max_hours=model.max_hours)
     examples = [sites.test[n] for n in sites.train_names]
-    used = sum(float(np.sum(e.data["w"])) for e in examples)
-    stays = sum(float(np.sum(e.mask)) for e in examples)
-    prev = sum(float(np.sum(e.data["y"] * e.data["w"])) for e in examples) / used
-    x0, unravel = sm.init_params(key, sites.n_features, model.architecture,
-                                 prior=min(max(prev, 1e-3), 0.5))
-    loss = sm.make_loss(unravel, l2=model.l2, hours_norm=used / stays)
-    objective = objective_from_loss(loss)
+    per_site = [_site_sums(e) for e in examples]
+    total = {k: sum(s[k] for s in per_site) for k in per_site[0]}
+    _, unravel = _algorithm(key, strategy, {}, sites.n_features, model, **total)
 
     def build(options: dict):
-        opts = dict(options)
-        alg = build_fedopt(strategy, objective, x0, opts, default_rounds=50,
-                           learning_rate=0.05, local_steps=5)
-        if opts:
-            raise ValueError(f"inference.options for {strategy}: unknown "
-                             f"{', '.join(sorted(opts))}")
-        return alg
+        return _algorithm(key, strategy, options, sites.n_features, model,
+                          **total)[0]
 
     predict = sm.make_predict(unravel)
 
     def finish(result: dict) -> Fitted:
         x = result["x"]
-        probs = [np.asarray(predict(x, e)) for e in examples]
-        thr, u = se.choose_threshold(probs, examples)
-        return Fitted(Trained(x, predict, sites.stats, thr),
-                      {"threshold": thr, "train_utility": u,
-                       "intercept": float(unravel(x)["b"]) if model.architecture
-                       == sm.LOGISTIC else float("nan")})
+        per = [_utility_totals(np.asarray(predict(x, e)), e) for e in examples]
+        summed = {k: sum(p[k] for p in per) for k in per[0]}
+        thr, u = _choose_threshold(summed)
+        return _fitted(x, unravel, sites.stats, thr, u, model)
 
     return Problem(build, sites.train, finish)
 
@@ -111,6 +159,126 @@ def model_from_config(spec: Mapping[str, Any]) -> SepsisModel:
     return m
 
 
+# ------------------------------------------------------------------ Flower
+def _settings_model(settings) -> SepsisModel:
+    from phems_clinical.federation.flower.tasks import model_options
+
+    return model_from_config(model_options(settings))
+
+
+def _n_features(model: SepsisModel) -> int:
+    from phems_clinical.models.sepsis_features import feature_names
+
+    return len(feature_names(model.architecture))
+
+
+def _fl_read(site, settings):
+    from phems_clinical.federation.flower.tasks import read_table
+
+    return _examples(read_table(site, FLOWER), _settings_model(settings))
+
+
+def _fl_stats(tensors, settings, common, sums, broadcast):
+    from phems_clinical.models.sepsis_features import feature_stats
+
+    fs = feature_stats(tensors)
+    return {"count": fs.count, "total": fs.total, "total_sq": fs.total_sq,
+            **{k: np.asarray(v) for k, v in
+               _site_sums(sm.to_examples(tensors, fs)).items()}}
+
+
+def _stats(sums):
+    from phems_clinical.models.sepsis_features import FeatureStats
+
+    st = sums["picu_stats"]
+    return FeatureStats(*(np.asarray(st[k], np.float64)
+                          for k in ("count", "total", "total_sq")))
+
+
+def _fl_algorithm(settings, sums):
+    import json
+
+    import jax
+
+    st = sums["picu_stats"]
+    model = _settings_model(settings)
+    return _algorithm(jax.random.key(settings.seed), settings.algorithm,
+                      json.loads(settings.options) if settings.options else {},
+                      _n_features(model), model, hours=float(st["hours"]),
+                      stays=float(st["stays"]),
+                      positive_hours=float(st["positive_hours"]))
+
+
+def _fl_data(tensors, settings, common, sums):
+    from phems_clinical.federation.strategies import Examples
+
+    ex = sm.to_examples(tensors, _stats(sums))
+    padded = sm.pad_examples([ex], n=int(common["n-stays"]),
+                             T=int(common["n-hours"]))[0]
+    return Examples(padded.data, padded.mask)
+
+
+def _fl_threshold(tensors, settings, common, sums, broadcast):
+    import jax
+    import jax.numpy as jnp
+
+    model = _settings_model(settings)
+    _, unravel = sm.init_params(jax.random.key(0), _n_features(model),
+                                model.architecture)   # the structure only
+    ex = sm.to_examples(tensors, _stats(sums))
+    probs = np.asarray(sm.make_predict(unravel)(jnp.asarray(broadcast["x"]), ex))
+    return _utility_totals(probs, ex)
+
+
+def _fl_tag(settings, common):
+    return (f"picu|{settings.algorithm}|seed={settings.seed}|"
+            f"options={settings.options}|model={settings.model}", [])
+
+
+def flower_fitted(result: Mapping[str, Any], settings, sums, model=None
+                  ) -> Fitted:
+    """The :class:`Fitted` model of a Flower run's result (``x``, ``threshold``,
+    ``train_utility``) and its summed statistics."""
+    import jax.numpy as jnp
+
+    _, unravel = _fl_algorithm(settings, sums)
+    return _fitted(jnp.asarray(result["x"], jnp.float64), unravel, _stats(sums),
+                   float(result["threshold"]), float(result["train_utility"]),
+                   _settings_model(settings))
+
+
+def _flower():
+    from phems_clinical.federation.flower.tasks import Stage, UseCase, largest
+
+    stats = Stage(
+        "picu_stats",
+        lambda settings, common: {
+            **dict.fromkeys(("count", "total", "total_sq"),
+                            (_n_features(_settings_model(settings)),)),
+            **dict.fromkeys(("hours", "stays", "positive_hours"), ())},
+        _fl_stats, clip=1e13)
+    threshold = Stage(
+        "picu_threshold",
+        lambda settings, common: {"observed": (len(THRESHOLDS),), "best": (),
+                                  "inaction": ()},
+        _fl_threshold, clip=1e9)
+
+    def conclude(settings, common, sums):
+        thr, u = _choose_threshold(sums["picu_threshold"])
+        return {"threshold": thr, "train_utility": u}
+
+    return UseCase(
+        name="picu", data_file="hourly.csv", query="query_reply_picu",
+        read_site=_fl_read,
+        shape=lambda t: {"n-stays": int(t.stay_id.shape[0]),
+                         "n-hours": int(t.x.shape[1])},
+        size=lambda t: int(t.stay_id.shape[0]),
+        common=lambda shapes, settings: largest(shapes, ("n-stays", "n-hours")),
+        build=lambda settings, common, sums: _fl_algorithm(settings, sums)[0],
+        site_data=_fl_data, tag=_fl_tag, before=(stats,), after=(threshold,),
+        conclude=conclude, size_field="n-stays")
+
+
 TASK = Task(
     use_case="picu", strategy="fedadam", strategies=FEDOPT, metrics=METRICS,
     lower_is_better=frozenset({"brier"}),
@@ -120,4 +288,10 @@ TASK = Task(
     id_columns=("stay_id", "person_id", "visit_occurrence_id"),
     model_from_config=model_from_config,
     model_label=lambda m: f"sepsis {m.architecture}", problem=problem,
-    evaluate=evaluate)
+    evaluate=evaluate, flower_fitted=flower_fitted)
+
+FLOWER = _flower()
+"""The PICU recipe of the Flower apps (:mod:`phems_clinical.federation.flower.
+tasks`): a site reads its hourly table (``hourly.csv``); the summed round before
+training carries the standardisation sums, hours, stays and positive hours; after
+training the utility totals at :data:`THRESHOLDS` choose the alarm threshold."""
