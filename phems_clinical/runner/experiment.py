@@ -126,7 +126,7 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
     from phems_clinical.runner.report import utility_figure, write_report
     from phems_clinical.runner.results import to_dataset
     from phems_clinical.runner.tasks import get_task
-    from phems_clinical.runner.training import check_settings
+    from phems_clinical.runner.training import check_flower_model, check_settings
 
     # everything checkable before data are touched
     task = get_task(cfg.use_case)
@@ -135,6 +135,8 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
     fed = _settings(cfg)
     check_settings(fed, fed.strategy or task.strategy, task.strategies,
                    task.use_case)
+    if fed.engine == "flower":
+        check_flower_model(task.use_case, model)
     if not cfg.sources:
         raise ValueError("sources: at least one data source is needed")
     sources = [SourceSpec(name, s.kind, s.method,

@@ -47,6 +47,7 @@ from phems_clinical.outputs import replaced_file, write_atomic
 from phems_clinical.runner.tasks import Task, stack_sites
 from phems_clinical.runner.training import (
     FederationSettings,
+    check_flower_model,
     check_settings,
     train,
     train_flower,
@@ -157,6 +158,8 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
     federation = federation or FederationSettings()
     strategy = federation.strategy or task.strategy
     check_settings(federation, strategy, task.strategies, use_case)
+    if federation.engine == "flower":
+        check_flower_model(use_case, model)
     sources = [resolve_source(s, use_case) for s in sources]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):

@@ -101,6 +101,28 @@ def check_settings(fed: FederationSettings, strategy: str,
                          "aggregate; use engine inprocess or flower")
 
 
+def check_flower_model(use_case: str, model: Any) -> None:
+    """Refuse, by name, a model the Flower engine would not fit as configured: the
+    Flower apps load a haemophilia population model by its library product name,
+    so a model that is not exactly that library product (edited parameters, a
+    model of its own) would be silently replaced."""
+    if use_case != "haemophilia":
+        return
+    import pickle
+
+    from phems_clinical.pk.library import load_product
+
+    try:
+        library = load_product(model.name)
+    except (KeyError, ValueError, FileNotFoundError, OSError):
+        library = None
+    if library is None or pickle.dumps(library) != pickle.dumps(model):
+        raise ValueError(f"model: federation.engine flower loads the population "
+                         f"model by product name, and {model.name!r} is not "
+                         f"exactly a library product (configs/model); use engine "
+                         f"inprocess for an edited or own model")
+
+
 def with_dp(build: Callable[[dict], Algorithm], options: Mapping[str, Any],
             dp: DPTarget | None, sizes: Sequence[int]) -> tuple[Algorithm, dict]:
     """``build(options)``, with DP-SGD calibrated to ``dp`` when it is given.

@@ -366,9 +366,13 @@ def _check_experiment(p: _Problems, cfg: DictConfig, model: bool) -> None:
         p.add("use_case", _text(err).removeprefix("use_case: "))
     if model and task is not None:
         try:
-            task.model_from_config(_container(cfg.model))
+            parsed = task.model_from_config(_container(cfg.model))
+            if cfg.federation.engine == "flower":
+                from phems_clinical.runner.training import check_flower_model
+
+                check_flower_model(task.use_case, parsed)
         except (ValueError, KeyError, TypeError) as err:
-            p.add("model", _text(err))
+            p.add("model", _text(err).removeprefix("model: "))
     sites, n_train = _site_names(p, cfg, task.use_case if task else None)
     holdout = None
     if sites is not None:

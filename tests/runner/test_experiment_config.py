@@ -62,7 +62,7 @@ def test_unknown_experiment_and_use_case_are_named():
     (["federation.engine=grpc"], "federation.engine"),
     (["federation.dp.epsilon=1"], "federation.dp"),            # fed_focei has no DP
     (["inference.strategy=newton"], "inference.strategy"),
-    (["experiment=picu_sepsis", "federation=flower"], "flower"),
+    (["federation=flower", "model.parameters.CL.value=2.5"], "flower"),
     (["data.n_sites=1"], "data.n_sites"),
     (["sources.anonymised.options.k=500", "data.n_sites=2", "data.n_per_site=24"],
      "k=500"),

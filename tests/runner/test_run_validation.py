@@ -22,7 +22,14 @@ def _compose(overrides=(), name="config"):
                                        ["inference=ep"], ["inference=fedadam",
                                                           "federation.dp.epsilon=2"],
                                        ["federation=pooled"], ["federation=flower"],
-                                       ["federation.secagg=true"]])
+                                       ["federation.secagg=true"],
+                                       # every use case runs on Flower, with SecAgg
+                                       # and DP as in process
+                                       ["experiment=picu_sepsis", "federation=flower"],
+                                       ["experiment=cardiac", "federation=flower",
+                                        "federation.secagg=true"],
+                                       ["inference=fedadam", "federation=flower",
+                                        "federation.dp.epsilon=2"]])
 def test_committed_configs_pass(overrides):
     check_config(_compose(overrides))
 
@@ -64,6 +71,9 @@ def test_demo_config_passes():
     (["federation=pooled", "federation.secagg=true"], ["federation.secagg"]),
     (["seed=-1"], ["seed"]),
     (["model.structure.compartments=7"], ["model"]),
+    # the Flower apps load a PK model by product name: an edited one is refused
+    (["federation=flower", "model.parameters.CL.value=2.5"],
+     ["model", "federation.engine flower", "'advate'", "library product"]),
 ])
 def test_bad_settings_are_named(overrides, names):
     with pytest.raises(ConfigError) as err:

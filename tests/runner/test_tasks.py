@@ -62,9 +62,19 @@ def test_picu_task_equals_cross_site_evaluation(picu):
     ref = se.cross_site_evaluation(jax.random.key(0), picu, onsets, held_out=[held],
                                    algorithm="fedadam", rounds=50,
                                    model_kw={"prior": prev})
-    for m in ("auroc", "auprc", "brier", "utility"):
+    for m in ("auroc", "auprc", "brier"):
         assert ours[m] == pytest.approx(ref["metrics"][held][m], rel=1e-6, abs=1e-9)
     assert ours["auroc"] > 0.6
+    # the alarm threshold comes from summed per-candidate utility totals (what a
+    # federation can send): the same choice as the pooled predictions give over
+    # the same public candidates
+    from phems_clinical.runner.tasks.picu import THRESHOLDS
+
+    ex = [prep.test[s] for s in train_names]
+    probs = [np.asarray(fitted.model.predict(fitted.model.x, e)) for e in ex]
+    thr, u = se.choose_threshold(probs, ex, thresholds=THRESHOLDS)
+    assert fitted.estimates["threshold"] == thr
+    assert fitted.estimates["train_utility"] == pytest.approx(u, rel=1e-12)
 
 
 def test_cardiac_task_reaches_the_pooled_newton_fit(cardiac):
