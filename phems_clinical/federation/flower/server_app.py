@@ -4,10 +4,15 @@ One run:
 
 1. wait until ``num-sites`` SuperNodes are connected (Flower's ServerApp would
    otherwise wait for ever; ``connect-timeout`` bounds it);
-2. a **query round** asks every node for its site index and its cohort's sizes
-   (subjects, doses, samples, occasions: counts only) -- the server maps node ids
-   to site indices and broadcasts the padded shapes every site must use, so that
+2. a **query round** asks every node for its site index and its data's sizes
+   (counts only, per use case: run config ``use-case``,
+   :mod:`~phems_clinical.federation.flower.tasks`) -- the server maps node ids to
+   site indices and broadcasts the padded shapes every site must use, so that
    every site computes exactly what it computes in the in-process engine;
+   then the use case's **summed rounds** before training (e.g. the PICU feature
+   standardisation sums): every site's population-level arrays, checked against
+   the message schema and added in site order (or under secure aggregation), kept
+   with the checkpoint and sent with every later message;
 3. per round ``r``: broadcast ``algorithm.broadcast(server)`` (an ``ArrayRecord``)
    with a ``ConfigRecord`` (round, shapes, which stored state to start from), wait
    at most ``round-timeout`` s, drop sites that failed, timed out or sent a payload
@@ -15,7 +20,10 @@ One run:
    round ``retries`` times and then abort -- add the payloads **in site-index
    order** and ``aggregate`` with ``core.server_round_key(key, r)``; checkpoint;
    stop when ``algorithm.done`` or after ``rounds`` rounds;
-4. write the result JSON (estimates, rounds, drops per round, seconds per round,
+4. the use case's summed rounds on the trained model (e.g. the PICU alarm
+   threshold from per-candidate utility totals);
+5. write the result JSON (estimates, rounds, drops per round, seconds per round,
+   the summed arrays, with DP each site's privacy statement,
    and ``audit_anchors``: each governed site's latest audit-log head, the
    coordinator's anchor for ``phems audit verify --anchor``).
 
@@ -548,6 +556,7 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
     report["startup_seconds"] = time.perf_counter() - t_start
     report["first_round_at"] = time.time()  # wall clock, for the launcher
     r = len(history)
+    report["resumed_after"] = r  # rounds taken from the checkpoint
     converged = bool(done(server)) if r else False
     while r < max_rounds and not converged:
         t0 = time.perf_counter()

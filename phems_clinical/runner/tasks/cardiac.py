@@ -126,10 +126,13 @@ def _flower():
     from phems_clinical.federation.flower.tasks import Stage, UseCase, largest
 
     K, J, P = ms.DEFAULT_SPEC.dims
+    # SecAgg bound 1e7 (events, episode-days of exposure per cell): 52-bit steps
+    # of 4.4e-9, small against the shrinkage of an empty cell's log rate; a site
+    # whose totals exceed it refuses to send, naming the field
     stats = Stage("cardiac_stats",
                   lambda settings, common: {"D": (K, J), "E": (K, J), "Dx": (K, P),
                                             "Dx2": (K, P), "n": ()},
-                  _fl_stats, clip=1e12)
+                  _fl_stats, clip=1e7)
     return UseCase(
         name="cardiac", data_file="sojourns.csv", query="query_reply_cardiac",
         read_site=_fl_read,
