@@ -6,8 +6,13 @@ process, or in the node's long-lived host (:mod:`~phems_clinical.federation.
 flower.host`), which keeps the algorithm, the cohort and the compiled update
 between messages (:func:`~phems_clinical.federation.flower.compiled.memoised`):
 
-* ``query``: read the site's event table and report its sizes (counts only);
-* ``train``: load the site's cohort padded to the broadcast shapes, load its
+* ``query``: read the site's own table (the run config's ``use-case``:
+  :mod:`~phems_clinical.federation.flower.tasks`) and report its sizes (counts
+  only, as the message schema declares for that use case);
+* ``train`` with a ``stage`` (a summed round, :func:`site_summary`): the site's
+  population-level arrays for that stage (e.g. PICU standardisation sums),
+  checked against the schema's ``$defs/summary_<stage>`` before they leave;
+* ``train``: load the site's data padded to the broadcast shapes, load its
   node-local state, run ``algorithm.local_update`` with the site's key
   ``site_round_key(simulated_site_keys(key(seed), K)[site_index], round)`` (with
   patient-level DP: ``core.derive_site_key`` of the site's own secret, kept in its
