@@ -34,6 +34,11 @@ each, default 8):
   message exchange per protocol stage) against the plain Flower round, measured
   in the same run: median seconds per round and their ratio.
 
+* **FOCEI servers** (``--rows newton``, K = 3, 5, 10, 100): rounds, warm seconds
+  and seconds per round of ``fed_focei`` with the exact-Hessian trust-region
+  Newton, the BHHH curvature and BFGS, in the same run; max relative difference
+  to the pooled fit for K <= 10.
+
 ``--rows`` picks rows (e.g. ``--rows flower-secagg`` reruns only the last one).
 """
 
@@ -286,7 +291,36 @@ def bench_flower_secagg(rows, rounds: int):
                         f"{gap:.1e}"))
 
 
-ROWS = ("in-process", "secagg", "pooled", "flower", "flower-secagg")
+def bench_newton(model, ks, per_site, rows, pooled_up_to: int = 10):
+    """Federated FOCEI servers compared in the same run: trust-region Newton on
+    the summed exact site Hessians, the same with the BHHH curvature, and BFGS
+    (``fed_focei(hessian=...)``); cold = first run, warm = an identical second
+    run; max relative difference to pooled scipy-BFGS ``fit_focei`` for K up to
+    ``pooled_up_to``."""
+    for k in ks:
+        cohorts, sites, n_occ = federation(model, k, per_site)
+        ref = (fit_focei(model, pooled(cohorts), covariance=False)
+               if k <= pooled_up_to else None)
+        for hessian in ("exact", "bhhh", "bfgs"):
+            alg = fed_focei(model, n_occ, hessian=hessian)
+            log(f"fed_focei hessian={hessian} K={k}: cold")
+            cold, t_cold = timed(run_federated, jax.random.key(0), alg, sites)
+            log(f"fed_focei hessian={hessian} K={k}: warm ({cold.rounds} rounds)")
+            warm, t_warm = timed(run_federated, jax.random.key(0), alg, sites)
+            acc = "–"
+            if ref is not None:
+                est = np.asarray(warm.result["estimates"])
+                rel = np.max(np.abs(est / ref.estimates - 1))
+                acc = f"max rel. diff to pooled {rel:.1e}"
+            rows.append(row(f"fed_focei hessian={hessian} to convergence (cold "
+                            f"{t_cold:.1f} s)", k, k * per_site, warm.rounds,
+                            t_warm, t_warm / warm.rounds, acc,
+                            warm.result["stopped_by"]
+                            + ("" if warm.converged else "; NOT converged")))
+            log(rows[-1])
+
+
+ROWS = ("in-process", "secagg", "pooled", "flower", "flower-secagg", "newton")
 
 
 def main(argv=None) -> int:
@@ -296,6 +330,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per-site", type=int, default=8)
     ap.add_argument("--secagg-rounds", type=int, default=10)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--newton-k", type=int, nargs="+", default=[3, 5, 10, 100],
+                    help="site counts of the newton rows (default 3 5 10 100)")
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                     help="rows to run (default: all)")
     args = ap.parse_args(argv)
@@ -318,6 +354,9 @@ def main(argv=None) -> int:
         bench_flower(rows, 2 if args.quick else 3)
     if "flower-secagg" in args.rows:
         bench_flower_secagg(rows, 2 if args.quick else 3)
+    if "newton" in args.rows:
+        bench_newton(model, (3, 10) if args.quick else args.newton_k, args.per_site,
+                     rows)
     head = ("| comparison | sites K | patients | rounds | seconds | s/round | "
             "accuracy / ratio | note |\n|---|---|---|---|---|---|---|---|")
     table = "\n".join([head, *rows])
