@@ -8,6 +8,13 @@ installed or downloaded at run time (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLAT
 and ``--disable-runtime-dependency-installation``; telemetry is off). All processes
 are stopped when the run ends, also on an error or an interrupt.
 
+By default each SuperNode runs with ``--isolation process`` and a warm ClientApp
+host beside it (:mod:`~phems_clinical.federation.flower.host`: one long-lived
+process that runs the node's messages through Flower's task protocol and keeps the
+app, algorithm, cohort and compiled update between them), and the SuperNode's
+fixed waits are capped; ``--stock-clientapp`` runs Flower's stock SuperNode, which
+starts a new ``flwr-clientapp`` process per message.
+
 Secure by default: the SuperLink serves HTTPS with a throw-away CA (SAN IP
 127.0.0.1) that the SuperNodes and ``flwr`` verify, and requires SuperNode
 authentication (each node's EC P-384 key registered with ``flwr supernode
@@ -22,7 +29,7 @@ Command line::
     python -m phems_clinical.federation.flower.launch --data DIR --out OUT \\
         --rounds 3 [--simulate 24] [--insecure] [--seed 0] \\
         [--product advate] [--min-sites K] [--round-timeout 300] \\
-        [--job NAME [--resume]] [--secagg]
+        [--job NAME [--resume]] [--secagg] [--stock-clientapp]
 
 ``DIR`` holds one sub-directory per hospital, each with a NONMEM-style
 ``cohort.csv`` (sites are numbered in the sorted order of the sub-directories);
@@ -396,6 +403,30 @@ def supernode_command(superlink: str, host: str, port: int,
               ["--auth-supernode-private-key", str(auth_key)])]
 
 
+HOST_MODULE = "phems_clinical.federation.flower.host"
+"""The warm ClientApp host (:mod:`.host`), run as ``python -m HOST_MODULE``."""
+
+
+def warm_node_commands(superlink: str, host: str, port: int,
+                       node_config: Mapping[str, Any], certs: TLSFiles | None,
+                       auth_key: Path | None, *, idle_poll: float = 0.1,
+                       reply_poll: float = 0.02, host_poll: float = 0.02
+                       ) -> tuple[list[str], list[str]]:
+    """One hospital's two commands with a warm ClientApp host: Flower's SuperNode
+    as in :func:`supernode_command` plus ``--isolation process``, run through
+    :func:`~phems_clinical.federation.flower.host.run_supernode` (its idle and
+    reply waits capped to ``idle_poll`` and ``reply_poll`` s), and the host on the
+    node's Runtime API (plain HTTP on ``host``, as Flower's own executor uses it),
+    looking for a new task every ``host_poll`` s."""
+    node = supernode_command(superlink, host, port, node_config, certs, auth_key)
+    python = [sys.executable, "-m", HOST_MODULE]
+    return ([*python, "supernode", "--idle-poll", repr(float(idle_poll)),
+             "--reply-poll", repr(float(reply_poll)), "--", *node[1:],
+             "--isolation", "process"],
+            [*python, "--runtime-api-address", f"{host}:{port}", "--insecure",
+             "--poll", repr(float(host_poll))])
+
+
 def secagg_identities(sites: Sequence[Path]) -> dict[str, bytes]:
     """Stand-in for the hospitals' out-of-band exchange of SecAgg identities: each
     site's Ed25519 identity key in its folder (made once, mode 0600, then kept) and,
@@ -415,7 +446,7 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
                  node_auth: bool = True,
                  fail_rounds: Mapping[int, Sequence[int]] | None = None,
                  resume: bool = False, timeout: float = 1800.0,
-                 env: Mapping[str, str] | None = None
+                 env: Mapping[str, str] | None = None, warm_host: bool = True
                  ) -> dict:
     """Run ``settings`` over one SuperNode per directory of ``sites``; return the
     result JSON (plus ``"launch"`` timings).
@@ -446,6 +477,12 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
         states are found under ``settings.job``, which must be that run's).
     timeout : float
         Seconds the whole run may take before everything is stopped.
+    warm_host : bool
+        Default True: each SuperNode runs with ``--isolation process`` and its
+        fixed waits capped, and one warm ClientApp host per node
+        (:mod:`~phems_clinical.federation.flower.host`, :func:`warm_node_commands`)
+        runs its messages in one long-lived process. False: Flower's stock
+        ``flower-supernode``, a new ``flwr-clientapp`` process per message.
 
     Raises
     ------
@@ -512,9 +549,17 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
             fails = (fail_rounds or {}).get(k)
             if fails:
                 config["fail-rounds"] = ",".join(str(r) for r in fails)
-            procs.start(f"supernode-{k}", supernode_command(
-                address, host, node_ports[k], config, certs, private),
-                node_env, logs / f"supernode_{k}.log")
+            if warm_host:
+                node_cmd, host_cmd = warm_node_commands(
+                    address, host, node_ports[k], config, certs, private)
+                procs.start(f"supernode-{k}", node_cmd, node_env,
+                            logs / f"supernode_{k}.log")
+                procs.start(f"host-{k}", host_cmd, node_env,
+                            logs / f"host_{k}.log")
+            else:
+                procs.start(f"supernode-{k}", supernode_command(
+                    address, host, node_ports[k], config, certs, private),
+                    node_env, logs / f"supernode_{k}.log")
         run_config = out / "run_config.toml"
         run_config.write_text("".join(f"{k} = {_toml_value(v)}\n"
                                       for k, v in to_run_config(settings).items()))
@@ -545,6 +590,7 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
         timings["to_first_round_s"] = result["first_round_at"] - wall0
     result["launch"] = {**timings, "address": address, "tls": tls,
                         "node_auth": node_auth, "logs": str(logs),
+                        "clientapp": "warm host" if warm_host else "stock",
                         "processes": len(procs.started) + len(procs._seen),
                         "left_running": left}
     if result.get("status") != "completed":
@@ -605,6 +651,10 @@ def _parser() -> argparse.ArgumentParser:
                         "sees only masked payloads and their sum")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds before everything is stopped")
+    p.add_argument("--stock-clientapp", action="store_true",
+                   help="Flower's stock SuperNode: a new flwr-clientapp process "
+                        "per message (default: one warm ClientApp host per "
+                        "SuperNode, its fixed waits capped)")
     return p
 
 
@@ -640,7 +690,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run_loopback(sites, args.out, settings=settings,
                               tls=not args.insecure, node_auth=not args.insecure,
-                              resume=args.resume, timeout=args.timeout)
+                              resume=args.resume, timeout=args.timeout,
+                              warm_host=not args.stock_clientapp)
     except (FileExistsError, RuntimeError, TimeoutError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
