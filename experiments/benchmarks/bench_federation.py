@@ -29,6 +29,11 @@ each, default 8):
   the unconstrained population parameters).
 * **Flower loopback**: a SuperLink and K = 3 SuperNodes as separate processes on
   127.0.0.1 running federated FOCEI; median seconds per round and start-up.
+* **warm ClientApp host** (``--rows flower-warm``): the same loopback, K = 3,
+  stock SuperNodes (a process per message) against one warm host per SuperNode
+  with Flower's fixed waits capped (``flower.host``), median s/round of each in
+  the same run; and the wall time of a full federated FOCEI fit of 5 hospitals
+  over Flower with SecAgg on.
 * **SecAgg over Flower**: the same loopback federation and rounds with secure
   aggregation (Bonawitz et al. 2017, signed keys and consistency check: one Flower
   message exchange per protocol stage) against the plain Flower round, measured
@@ -320,7 +325,76 @@ def bench_newton(model, ks, per_site, rows, pooled_up_to: int = 10):
             log(rows[-1])
 
 
-ROWS = ("in-process", "secagg", "pooled", "flower", "flower-secagg", "newton")
+def _site_dirs(model, root: Path, k: int, per_site: int, seed: int = 4):
+    """K simulated hospitals (:func:`hospitals`) written as site folders, as
+    ``launch.simulate_sites`` writes three (17 significant digits)."""
+    events, _ = simulate_hospitals(jax.random.key(seed), model,
+                                   hospitals(k, per_site))
+    dirs = []
+    for i, name in enumerate(dict.fromkeys(events["SITE"])):
+        d = root / f"site_{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        events[events["SITE"] == name].drop(columns=["SITE"]).to_csv(
+            d / "cohort.csv", index=False, float_format="%.17g")
+        dirs.append(d)
+    return dirs
+
+
+def bench_flower_warm(model, rows, rounds: int, per_site: int):
+    """Flower on loopback (TLS + SuperNode auth), K = 3: the stock SuperNode (a new
+    ``flwr-clientapp`` process per message) against the warm ClientApp host per
+    SuperNode with capped waits (``flower.host``), the same rounds, site files and
+    seed in the same run; then a full federated FOCEI fit of 5 hospitals with
+    SecAgg over the warm hosts."""
+    from phems_clinical.federation.flower.config import RunSettings
+    from phems_clinical.federation.flower.launch import run_loopback
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sites = _site_dirs(model, Path(tmp) / "sites3", 3, per_site)
+        per, res = {}, {}
+        for warm in (False, True):
+            log(f"Flower loopback, warm_host={warm}")
+            res[warm] = run_loopback(sites, Path(tmp) / f"out_{warm}",
+                                     settings=RunSettings(seed=0, rounds=rounds),
+                                     warm_host=warm)
+            per[warm] = statistics.median(h["seconds"]
+                                          for h in res[warm]["history"])
+        a = np.asarray(list(res[False]["estimates"].values()), dtype=float)
+        b = np.asarray(list(res[True]["estimates"].values()), dtype=float)
+        same = "bit-identical" if a.tobytes() == b.tobytes() else \
+            f"max rel. diff {float(np.max(np.abs(b / a - 1))):.1e}"
+        for warm in (False, True):
+            h = res[warm]["history"]
+            rows.append(row(
+                "Flower round, " + ("warm ClientApp host, waits capped" if warm
+                                    else "stock (process per message)"),
+                3, 3 * per_site, len(h), sum(x["seconds"] for x in h), per[warm],
+                f"{per[False] / per[True]:.1f}x faster; estimates {same}" if warm
+                else "–",
+                f"launch to round 1: {res[warm]['launch']['to_first_round_s']:.0f}"
+                " s; TLS + SuperNode auth"))
+            log(rows[-1])
+        sites5 = _site_dirs(model, Path(tmp) / "sites5", 5, per_site)
+        log("full federated FOCEI fit, 5 hospitals, SecAgg, warm hosts")
+        t0 = time.perf_counter()
+        full = run_loopback(sites5, Path(tmp) / "out_full",
+                            settings=RunSettings(seed=0, rounds=0, secagg=True),
+                            warm_host=True, timeout=1800)
+        wall = time.perf_counter() - t0
+        h = full["history"]
+        rows.append(row("full federated FOCEI fit over Flower on loopback, SecAgg "
+                        "on, warm hosts (wall time, launch to result)", 5,
+                        5 * per_site, len(h), wall,
+                        statistics.median(x["seconds"] for x in h),
+                        "converged" if full.get("converged") else "NOT converged",
+                        f"target < 120 s; rounds alone "
+                        f"{sum(x['seconds'] for x in h):.0f} s; 5 stage "
+                        "exchanges/round"))
+        log(rows[-1])
+
+
+ROWS = ("in-process", "secagg", "pooled", "flower", "flower-secagg", "newton",
+        "flower-warm")
 
 
 def main(argv=None) -> int:
@@ -354,6 +428,8 @@ def main(argv=None) -> int:
         bench_flower(rows, 2 if args.quick else 3)
     if "flower-secagg" in args.rows:
         bench_flower_secagg(rows, 2 if args.quick else 3)
+    if "flower-warm" in args.rows:
+        bench_flower_warm(model, rows, 2 if args.quick else 3, args.per_site)
     if "newton" in args.rows:
         bench_newton(model, (3, 10) if args.quick else args.newton_k, args.per_site,
                      rows)
