@@ -269,12 +269,14 @@ def test_warm_host_loopback_equals_in_process_engine(tmp_path):
                          strict=True):
         assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
     assert result["launch"]["left_running"] == []
-    # every message of a site ran in its one host process, the update in memory
+    # every message of a site ran in its one host process: the export loaded
+    # once, then the update kept in memory (site 2 failed its round 1)
     for d in dirs:
         lines = [json.loads(x) for x in
                  next((d / fconfig.STATE_DIR).rglob("metrics.jsonl")).read_text()
                  .splitlines()]
-        assert lines[-1]["compiled"]["cache"] == "memory"
+        caches = [line["compiled"]["cache"] for line in lines]
+        assert caches == (["hit", "memory"] if d != dirs[2] else ["hit"])
         log = (tmp_path / "out" / "logs" / f"host_{dirs.index(d)}.log").read_text()
         assert re.search(r"stopped after \d+ tasks", log)
     seconds = ", ".join(f"{h['seconds']:.2f}" for h in result["history"])
