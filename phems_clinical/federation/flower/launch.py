@@ -109,9 +109,9 @@ def make_ca(directory: Path, *, name: str = "phems loopback CA",
 def issue_server_cert(ca_cert: Path, ca_key: Path, directory: Path, host: str, *,
                       names: Sequence[str] = (), days: float = 1.0
                       ) -> tuple[Path, Path]:
-    """A server certificate for ``host`` (SAN: an IP address, or else a DNS name,
-    plus the DNS ``names``) signed by the CA; writes ``directory/server.pem`` and
-    its EC P-384 key ``server.key`` (mode 0600)."""
+    """A server certificate for ``host`` (SAN: ``host`` and ``names``, each an IP
+    address or else a DNS name) signed by the CA; writes ``directory/server.pem``
+    and its EC P-384 key ``server.key`` (mode 0600)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -119,11 +119,12 @@ def issue_server_cert(ca_cert: Path, ca_key: Path, directory: Path, host: str, *
 
     ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
     signer = serialization.load_pem_private_key(Path(ca_key).read_bytes(), None)
-    try:
-        san: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(host))]
-    except ValueError:
-        san = [x509.DNSName(host)]
-    san += [x509.DNSName(n) for n in names]
+    san: list[x509.GeneralName] = []
+    for n in (host, *names):
+        try:
+            san.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            san.append(x509.DNSName(n))
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP384R1())
