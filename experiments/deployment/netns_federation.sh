@@ -231,7 +231,7 @@ for k in $(seq 0 $((K - 1))); do
     cat > "$H/policy.yaml" <<EOF
 site: site_$k
 min_cohort_size: 5
-allowed_fields: [ofv, grad]
+allowed_fields: [ofv, grad, hess]
 data_users:
   - id: pk-consortium
     epsilon_budget: 1.0

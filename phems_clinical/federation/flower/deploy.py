@@ -572,7 +572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({k: result[k] for k in (
                 "status", "rounds", "converged", "estimates", "history",
                 "submit_s") if k in result}, indent=1))
-            return 0 if result.get("status") == "completed" else 1
+            if result.get("status") != "completed":
+                print(f"{prog}: error: run {result.get('status')}: "
+                      f"{result.get('error')}", file=sys.stderr)
+                return 1
         elif args.command == "site-init":
             info = site_init(args.dir, args.site_dir, args.ca, policy=args.policy)
             print(json.dumps(info, indent=1))
