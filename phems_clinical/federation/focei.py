@@ -18,20 +18,24 @@ Server optimisers (``hessian=``):
   difference of its exact FOCEI gradient (the gradient differentiates the inner
   modes implicitly; its second derivative through ``jax.hessian`` would not, since
   the modes are found under ``stop_gradient``), the 2d perturbed gradients vmapped
-  and warm-started from the modes at the broadcast point, then symmetrised. On the
-  Advate model (d = 10): 8 rounds for 3, 5, 10 and 100 hospitals of 8 patients,
-  against 84-122 for BFGS; each round costs a site about 2d + 1 gradients.
+  and warm-started from the modes at the broadcast point, then symmetrised. On
+  the Advate model (d = 10, hospitals of 8 patients): 9 and 7 rounds for 3 and
+  5 hospitals against 94 and 81 for BFGS, measured in the same run
+  (``experiments/benchmarks/federation_cpu_newton.md``). Each round costs a site
+  about 2d + 1 gradients, so the warm in-process run is not faster (8.4 s
+  against 5.4 s for K = 3) and compiling it takes longer (about 5 min on 2
+  loaded cores): the gain is in rounds, i.e. in a deployment's messages.
 * ``"bhhh"``: the same trust-region Newton with the outer-product curvature
   ``1/2 sum_i g_i g_i'`` over the site's patients (``g_i`` the gradient of patient
   ``i``'s OFV term, -2 log-likelihood; Berndt, Hall, Hall & Hausman, 1974), free
-  given the per-patient gradients. It is the expected information only at the
-  optimum and misses the curvature of the omegas on 8-patient sites, so the
-  trust region does the rest: 18-25 rounds on the same cohorts, at the cost of a
-  gradient round.
+  given the per-patient gradients. It estimates the Hessian only at the optimum
+  (information equality) and carries no negative curvature, so as a per-round
+  model it gains little: 73 and 59 rounds on the same cohorts. Using it only to
+  start BFGS was not measured.
 * ``"bfgs"``: the BFGS Hessian update inside a classical trust region (optimistix's
   BFGS update, damped Newton descent and classical trust-region search); only
-  ``ofv`` and ``grad`` leave. 84-122 rounds on the same cohorts (the identity
-  start is far from a Hessian whose eigenvalues span 6.5 to 1.8e5).
+  ``ofv`` and ``grad`` leave. 81-122 rounds for 3 to 100 hospitals (the identity
+  start is far from a Hessian whose eigenvalues span about 1 to 1.2e5).
 
 Both optimisers run "ask and tell": a round evaluates the objective exactly once,
 at the point the server broadcasts, and the whole optimiser state is an explicit
