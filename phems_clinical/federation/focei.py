@@ -30,8 +30,10 @@ Server optimisers (``hessian=``):
   ``i``'s OFV term, -2 log-likelihood; Berndt, Hall, Hall & Hausman, 1974), free
   given the per-patient gradients. It estimates the Hessian only at the optimum
   (information equality) and carries no negative curvature, so as a per-round
-  model it gains little: 73 and 59 rounds on the same cohorts. Using it only to
-  start BFGS was not measured.
+  model it gains little and is unreliable: 73 and 59 rounds on the same
+  cohorts, but 1170 on the 3-hospital cohort of the tests (simulation seed 7)
+  before the trust region collapsed. Using it only to start BFGS was not
+  measured.
 * ``"bfgs"``: the BFGS Hessian update inside a classical trust region (optimistix's
   BFGS update, damped Newton descent and classical trust-region search); only
   ``ofv`` and ``grad`` leave. 81-122 rounds for 3 to 100 hospitals (the identity

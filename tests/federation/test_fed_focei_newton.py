@@ -242,8 +242,7 @@ def test_fd_steps_are_relative():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hessian,max_rounds", [("exact", 15), ("bhhh", 150),
-                                                ("bfgs", 200)])
+@pytest.mark.parametrize("hessian,max_rounds", [("exact", 15), ("bfgs", 200)])
 def test_reaches_the_pooled_optimum(advate_sites, hessian, max_rounds):
     """Every estimate within 1e-6 relative of the pooled scipy-BFGS fit (24
     patients, 3 hospitals); the exact Newton server in at most 15 rounds."""
