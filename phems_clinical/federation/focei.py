@@ -135,27 +135,43 @@ def fd_steps(x: jax.Array, rel_step: float) -> jax.Array:
     return rel_step * jnp.maximum(1.0, jnp.abs(x))
 
 
-def site_hessian(model: PopModel, n_occ: int, base: PopParams, *,
-                 rel_step: float = 1e-4):
-    """``(x, site, b) -> H``: the Hessian (d x d) of a site's summed FOCEI objective
-    in the free population parameters, by central differences of its exact
-    gradient at ``x +- h_j e_j`` (the 2d gradients vmapped; inner modes
-    warm-started from ``b``, the modes at ``x``), symmetrised.
+def site_newton_terms(model: PopModel, n_occ: int, base: PopParams, *,
+                      rel_step: float = 1e-4):
+    """``(x, site, b0) -> (per, jac, b, H)``: :func:`site_objective` at ``x`` and the
+    Hessian (d x d) of the site's summed FOCEI objective in the free population
+    parameters, by central differences of its exact gradient at ``x +- h_j e_j``,
+    symmetrised.
 
-    The truncation error is O(h^2) and the error of the warm-started inner modes,
-    second order in h and equal at ``+h`` and ``-h``, cancels in the difference
-    (Nocedal & Wright, section 8.1). Padding rows contribute exactly zero.
+    The 2d + 1 evaluations (``x`` first) run as one ``lax.map`` over a single
+    compiled objective, all warm-started from ``b0``: one FOCEI program to compile
+    instead of two (the centre and a vmapped batch; about 20 s instead of 65 s cold
+    on 2 cores), at the same run time. The truncation error is O(h^2), and the
+    warm starts at ``+h`` and ``-h`` are the same, so their error cancels in the
+    difference (Nocedal & Wright, Numerical Optimization, 2nd ed., section 8.1).
+    Padding rows contribute exactly zero.
     """
     objective = site_objective(model, n_occ, base)
 
-    def hessian(x, site: SiteCohort, b):
+    def terms(x, site: SiteCohort, b0):
         d = x.shape[0]
         h = fd_steps(x, rel_step)
         e = jnp.eye(d, dtype=x.dtype) * h[:, None]
-        pts = jnp.concatenate([x[None] + e, x[None] - e])
-        grads = jax.vmap(lambda xx: jnp.sum(objective(xx, site, b)[1], axis=0))(pts)
+        pts = jnp.concatenate([x[None], x[None] + e, x[None] - e])
+        per, jac, b = jax.lax.map(lambda xx: objective(xx, site, b0), pts)
+        grads = jnp.sum(jac[1:], axis=1)
         hess = (grads[:d] - grads[d:]) / (2.0 * h[:, None])
-        return 0.5 * (hess + hess.T)
+        return per[0], jac[0], b[0], 0.5 * (hess + hess.T)
+
+    return terms
+
+
+def site_hessian(model: PopModel, n_occ: int, base: PopParams, *,
+                 rel_step: float = 1e-4):
+    """``(x, site, b0) -> H``: the Hessian part of :func:`site_newton_terms`."""
+    terms = site_newton_terms(model, n_occ, base, rel_step=rel_step)
+
+    def hessian(x, site: SiteCohort, b0):
+        return terms(x, site, b0)[3]
 
     return hessian
 
@@ -284,7 +300,7 @@ def _newton(model, n_occ, base, packer, y0, n_free, hessian, *, rtol, atol,
     Alg. 4.1: eta = 1e-4, shrink to ||p|| / 4 below rho = 1/4, double on the
     boundary above rho = 3/4)."""
     objective = site_objective(model, n_occ, base)
-    site_hess = site_hessian(model, n_occ, base, rel_step=fd_step)
+    newton_terms = site_newton_terms(model, n_occ, base, rel_step=fd_step)
     d = n_free
 
     def init_server(key):
@@ -299,12 +315,12 @@ def _newton(model, n_occ, base, packer, y0, n_free, hessian, *, rtol, atol,
     def local_update(message, site: SiteCohort, b0, key):
         del key
         x = message["x"]
-        per, jac, b = objective(x, site, b0)
-        ofv, grad = jnp.sum(per), jnp.sum(jac, axis=0)
         if hessian == "exact":
-            hess = site_hess(x, site, b)
+            per, jac, b, hess = newton_terms(x, site, b0)
         else:  # BHHH: -2 log L_i per patient, so the information is g g' / 2
+            per, jac, b = objective(x, site, b0)
             hess = 0.5 * jac.T @ jac
+        ofv, grad = jnp.sum(per), jnp.sum(jac, axis=0)
         ok = (jnp.isfinite(ofv) & jnp.all(jnp.isfinite(grad))
               & jnp.all(jnp.isfinite(hess)))
         # A failed inner problem reports +inf, which the trust region rejects; the
@@ -431,4 +447,4 @@ def _bfgs(model, n_occ, base, packer, y0, n_free, *, rtol, atol, min_radius,
 
 __all__ = ["HESSIANS", "STOPPED_BY", "FOCEIServer", "NewtonServer",
            "TrustRegionBFGS", "fd_steps", "fed_focei", "site_hessian",
-           "site_objective", "trust_region_step"]
+           "site_newton_terms", "site_objective", "trust_region_step"]

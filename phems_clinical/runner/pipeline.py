@@ -226,11 +226,14 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
         frames = [derived[spec.name][s].data for s in train_sites]
         if federation.engine == "pooled":
             frames = [stack_sites(frames, task.id_columns)]
-        k_src = jax.random.fold_in(k_fed, j)
-        k_prob, k_run = jax.random.split(k_src)
+        # Every engine draws from key(seed), the key the Flower apps rebuild from
+        # their run config (server_app, the use case's initial weights), so a
+        # stochastic strategy gives the same numbers in process and over Flower.
+        seed = int(jax.random.randint(jax.random.fold_in(k_fed, j), (), 0,
+                                      2**31 - 1))
+        k_prob = k_run = jax.random.key(seed)
         label = f"{spec.name} ({federation.engine}, {strategy})"
         if federation.engine == "flower":
-            seed = int(jax.random.randint(k_run, (), 0, 2**31 - 1))
             say(f"{label}: Flower SuperLink + {len(frames)} SuperNodes")
             fitted, calibration, res = train_flower(
                 task, k_prob, seed, frames, strategy, model, federation,

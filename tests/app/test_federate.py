@@ -25,7 +25,7 @@ def test_federate_writes_result_with_secagg(hospitals_csv, tmp_path, capsys):
     res = json.loads((out / "result.json").read_text())
     assert res["algorithm"] == "fed_focei" and res["rounds"] == 3
     assert [s["n_patients"] for s in res["sites"]] == [8, 8, 8]
-    assert res["messages"]["fields"] == ["grad", "ofv"]
+    assert res["messages"]["fields"] == ["grad", "hess", "ofv"]
     assert res["secure_aggregation"]["threshold"] == 2
     assert res["secure_aggregation"]["max_error_bound"] < 1e-7
     assert len(res["history"]) == 3 and res["history"][0]["participants"] == [0, 1, 2]
@@ -65,7 +65,7 @@ def test_missing_site_column_is_named(hospitals_csv, tmp_path, capsys):
 def _write_policy(path, site, min_cohort, public_key):
     path.write_text(
         f"site: {site}\nmin_cohort_size: {min_cohort}\n"
-        "allowed_fields: [ofv, grad]\nmax_rounds: 10\n"
+        "allowed_fields: [ofv, grad, hess]\nmax_rounds: 10\n"
         "data_users:\n  - id: pk-consortium\n    epsilon_budget: 1.0\n"
         "    require_dp: false\n    experiments: ['haemophilia_*']\n"
         f"    public_key: {public_key}\n")

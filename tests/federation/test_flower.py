@@ -321,7 +321,7 @@ def test_server_aborts_below_min_sites(toy, tmp_path):
 
 _POLICY = """site: site_0
 min_cohort_size: {min_cohort}
-allowed_fields: [ofv, grad]
+allowed_fields: [ofv, grad, hess]
 data_users:
   - id: pk-consortium
     epsilon_budget: 1.0

@@ -82,7 +82,7 @@ def make_ca(directory: Path, *, name: str = "phems loopback CA",
     """A self-signed CA: ``directory/ca.crt`` and its EC P-384 key ``ca.key``
     (PKCS#8, mode 0600), valid for ``days`` days from 5 minutes ago."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
@@ -96,8 +96,15 @@ def make_ca(directory: Path, *, name: str = "phems loopback CA",
           .not_valid_after(now + datetime.timedelta(days=days))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
           .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "ca.crt", directory / "ca.key"
-    cert_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return _write_pem(ca, key, directory / "ca.crt", directory / "ca.key")
+
+
+def _write_pem(cert, key, cert_path: Path, key_path: Path) -> tuple[Path, Path]:
+    """Write a certificate and its private key (PKCS#8, created with mode 0600
+    before any byte of it is written) as PEM."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.touch(mode=0o600)
     key_path.chmod(0o600)
     key_path.write_bytes(key.private_bytes(
@@ -137,14 +144,8 @@ def issue_server_cert(ca_cert: Path, ca_key: Path, directory: Path, host: str, *
             .add_extension(x509.SubjectAlternativeName(san), False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
             .sign(signer, hashes.SHA256()))
-    cert_path, key_path = directory / "server.pem", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.touch(mode=0o600)
-    key_path.chmod(0o600)
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    return cert_path, key_path
+    return _write_pem(cert, key, directory / "server.pem",
+                      directory / "server.key")
 
 
 def make_tls(directory: Path, *, host: str = "127.0.0.1") -> TLSFiles:
