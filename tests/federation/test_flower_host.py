@@ -281,3 +281,23 @@ def test_warm_host_loopback_equals_in_process_engine(tmp_path):
         assert re.search(r"stopped after \d+ tasks", log)
     seconds = ", ".join(f"{h['seconds']:.2f}" for h in result["history"])
     print(f"\nwarm-host loopback: rounds {seconds} s")
+
+
+def test_serverapp_wait_cap_only_sets_the_pull_backoff(monkeypatch):
+    """The ServerApp's cap wraps Flower's grid ``pull_objects`` with a 0.05 s first
+    backoff (once, however often it is applied) and refuses a value out of range."""
+    import functools
+
+    from flwr.superlink.grid import http_grid
+
+    from phems_clinical.federation.flower.host import cap_serverapp_waits
+
+    original = http_grid.pull_objects
+    monkeypatch.setattr(http_grid, "pull_objects", original)  # restored after
+    cap_serverapp_waits()
+    cap_serverapp_waits()
+    capped = http_grid.pull_objects
+    assert isinstance(capped, functools.partial) and capped.func is original
+    assert capped.keywords == {"initial_backoff": 0.05}
+    with pytest.raises(ValueError, match="pull_backoff"):
+        cap_serverapp_waits(10.0)

@@ -354,6 +354,26 @@ def cap_supernode_waits(idle: float = 0.1, reply: float = 0.02,
                                          initial_backoff=float(pull_backoff))
 
 
+def cap_serverapp_waits(pull_backoff: float = 0.05) -> None:
+    """In this (ServerApp) process only: Flower 1.41's grid pulls a reply's
+    objects with ``pull_objects``, whose first retry, when a SuperNode has not yet
+    finished uploading them, waits 1 s (doubling); start it at ``pull_backoff``
+    s instead. Refused on another Flower version, as :func:`cap_supernode_waits`."""
+    if not 0.001 <= pull_backoff <= 3.0:
+        raise ValueError(f"pull_backoff: expected 0.001..3 seconds, got "
+                         f"{pull_backoff!r}")
+    import flwr
+    from flwr.superlink.grid import http_grid
+
+    version = getattr(flwr, "__version__", "")
+    if not version.startswith("1.41.") or not hasattr(http_grid, "pull_objects"):
+        raise RuntimeError(f"cap_serverapp_waits: written for Flower 1.41, found "
+                           f"{version!r}")
+    if not isinstance(http_grid.pull_objects, functools.partial):
+        http_grid.pull_objects = functools.partial(
+            http_grid.pull_objects, initial_backoff=float(pull_backoff))
+
+
 def run_supernode(argv: Sequence[str], *, idle: float, reply: float,
                   pull_backoff: float) -> None:
     """Flower's ``flower-supernode`` with ``argv``, its waits capped

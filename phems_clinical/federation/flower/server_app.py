@@ -623,7 +623,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """The ServerApp's entry point (``flwr run``)."""
+    """The ServerApp's entry point (``flwr run``). Flower's 1 s first backoff
+    when pulling a reply still being uploaded is capped in this process
+    (:func:`~phems_clinical.federation.flower.host.cap_serverapp_waits`)."""
+    from phems_clinical.federation.flower.host import cap_serverapp_waits
+
+    cap_serverapp_waits()
     run_server(grid, run_settings(context.run_config), run_id=context.run_id)
 
 
