@@ -47,7 +47,9 @@ def build_algorithm(name: str, model: PopModel, *, n_sites: int, n_occ: int = 1,
     (FedAdam/FedYogi, default 0.02), ``local_steps`` (default 2), ``mu``
     (FedProx, default 0.1), ``dp`` (a dict of
     :class:`~phems_clinical.federation.dp.DPConfig` fields: patient-level DP-SGD);
-    EP/consensus MC: ``num_warmup``, ``num_samples``, ``num_chains``, ``damping``.
+    federated FOCEI: ``hessian`` (``exact``, the default Newton server; ``bhhh``;
+    ``bfgs``); EP/consensus MC: ``num_warmup``, ``num_samples``, ``num_chains``,
+    ``damping``.
     Unknown options are refused by name.
     """
     opts = dict(options or {})
@@ -55,7 +57,9 @@ def build_algorithm(name: str, model: PopModel, *, n_sites: int, n_occ: int = 1,
         raise ValueError(f"algorithm: {name!r} is not one of {', '.join(ALGORITHMS)}")
     rounds = opts.pop("rounds", None)
     if name == "fed_focei":
-        alg = fed_focei(model, n_occ, **({"max_rounds": rounds} if rounds else {}))
+        kw = {"hessian": opts.pop("hessian")} if "hessian" in opts else {}
+        alg = fed_focei(model, n_occ, **kw,
+                        **({"max_rounds": rounds} if rounds else {}))
     elif name in ("ep", "consensus_mc"):
         nuts = {k: opts.pop(k) for k in ("num_warmup", "num_samples", "num_chains")
                 if k in opts}

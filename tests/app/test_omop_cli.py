@@ -77,7 +77,11 @@ def test_federate_from_omop_equals_federate_from_csv(tmp_path):
     res = {}
     for name, data in (("csv", csv), ("omop", tmp_path / "omop")):
         assert main(["federate", "--data", str(data), "--model", "advate", "--out",
-                     str(tmp_path / f"fed_{name}"), "--rounds", "3"]) == 0
+                     str(tmp_path / f"fed_{name}"), "--rounds", "3",
+                     # the BFGS server: its first rounds are short steps, so the
+                     # data's 3-decimal rounding stays below rtol; a Newton step
+                     # lands near the optimum, where it is amplified (~1e-3)
+                     "--options", '{"hessian": "bfgs"}']) == 0
         res[name] = json.loads((tmp_path / f"fed_{name}" / "result.json").read_text())
     assert {s["name"] for s in res["omop"]["sites"]} == {
         s["name"] for s in res["csv"]["sites"]}

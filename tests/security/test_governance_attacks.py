@@ -129,7 +129,8 @@ def _no_cohort_read(monkeypatch):
     """Reading the cohort now fails loudly: a refusal must come before it."""
     def read(*args, **kwargs):
         raise AssertionError("the cohort was read before the request was checked")
-    monkeypatch.setattr(client_app, "read_site_cohort", read)
+    # every use case's site data are read through this one function
+    monkeypatch.setattr(client_app, "_site_cohort", read)
 
 
 def test_train_without_admission_is_refused(site, user_key, monkeypatch):

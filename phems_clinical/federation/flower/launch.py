@@ -557,7 +557,7 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
                 procs.start(f"supernode-{k}", node_cmd, node_env,
                             logs / f"supernode_{k}.log")
                 procs.start(f"host-{k}", host_cmd, node_env,
-                            logs / f"host_{k}.log")
+                            logs / f"supernode_{k}_clientapp.log")
             else:
                 procs.start(f"supernode-{k}", supernode_command(
                     address, host, node_ports[k], config, certs, private),
