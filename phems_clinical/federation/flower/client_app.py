@@ -187,6 +187,19 @@ def _sums(content: RecordDict) -> dict[str, dict[str, np.ndarray]]:
         else {}
 
 
+def _secure_round(config, site: SiteConfig, settings: RunSettings, kind: str,
+                  what: str) -> bool:
+    """Whether the message runs secure aggregation (it carries a SecAgg round
+    id); refuses a clear one when the node or run config requires SecAgg."""
+    secure = ROUND_ID_KEY in config
+    if not secure and (site.secagg_required or settings.secagg):
+        raise SiteProtocolError(
+            f"{kind} message without secagg-round-id: this site sends its {what} "
+            "only under secure aggregation (node config secagg-required or run "
+            "config secagg is true)")
+    return secure
+
+
 def _with_head(content: RecordDict, gate) -> RecordDict:
     """Add the site's audit-log head (``audit`` record: seq, MAC) to a reply, so
     the coordinator holds an anchor of the site's log."""
@@ -248,12 +261,7 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
         raise InjectedFailure(f"injected failure of site {k} in round {r}")
     if "stage" in config:
         return site_summary(content, site, settings, run_id)
-    secure = ROUND_ID_KEY in config
-    if not secure and (site.secagg_required or settings.secagg):
-        raise SiteProtocolError(
-            "train message without secagg-round-id: this site sends its payload "
-            "only under secure aggregation (node config secagg-required or run "
-            "config secagg is true)")
+    secure = _secure_round(config, site, settings, "train", "payload")
     common, sums = _common(config, settings), _sums(content)
     algorithm = _algorithm(settings, common, sums)
     folder = state_folder(site, settings, run_id)
@@ -327,12 +335,7 @@ def site_summary(content: RecordDict, site: SiteConfig, settings: RunSettings,
     if r != stage_round(uc, stage.name):
         raise SiteProtocolError(f"summary {stage.name}: round {r}, expected "
                                 f"{stage_round(uc, stage.name)}")
-    secure = ROUND_ID_KEY in config
-    if not secure and (site.secagg_required or settings.secagg):
-        raise SiteProtocolError(
-            "summary message without secagg-round-id: this site sends its sums "
-            "only under secure aggregation (node config secagg-required or run "
-            "config secagg is true)")
+    secure = _secure_round(config, site, settings, "summary", "sums")
     common, sums = _common(config, settings), _sums(content)
     broadcast = record_to_arrays(content["broadcast"])
     local = _site_cohort(site, settings)
