@@ -277,7 +277,8 @@ def test_warm_host_loopback_equals_in_process_engine(tmp_path):
                  .splitlines()]
         caches = [line["compiled"]["cache"] for line in lines]
         assert caches == (["hit", "memory"] if d != dirs[2] else ["hit"])
-        log = (tmp_path / "out" / "logs" / f"host_{dirs.index(d)}.log").read_text()
+        log = (tmp_path / "out" / "logs"
+               / f"supernode_{dirs.index(d)}_clientapp.log").read_text()
         assert re.search(r"stopped after \d+ tasks", log)
     seconds = ", ".join(f"{h['seconds']:.2f}" for h in result["history"])
     print(f"\nwarm-host loopback: rounds {seconds} s")
