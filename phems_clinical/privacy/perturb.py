@@ -220,8 +220,10 @@ def perturb_longitudinal(key, data: pd.DataFrame, roles: LongitudinalRoles, *,
     additive columns normal noise of SD ``noise`` times the column SD, per row or
     once per course (:class:`ValueColumn`), then clipping to the clinical range
     and rounding to the recorded resolution; (3) round every time column up to
-    ``time_grid`` (in ``roles.time_unit``), capped at the column's largest value
-    (the end of follow-up).
+    ``time_grid`` (in ``roles.time_unit``). Times are not capped: a cap at the
+    largest time would release that one exact value; an end of follow-up that is
+    not on the grid moves up to the next grid point (365 d -> 371 d on a 7-day
+    grid).
 
     Parameters
     ----------
@@ -292,6 +294,6 @@ def perturb_longitudinal(key, data: pd.DataFrame, roles: LongitudinalRoles, *,
     if time_grid is not None:
         for c in times:
             x = out[c].to_numpy(dtype=float, na_value=np.nan)
-            out[c] = np.minimum(coarsen(x, time_grid, mode="up"), np.nanmax(x))
+            out[c] = coarsen(x, time_grid, mode="up")
     report["il1s"] = il1s(data, out, [*values, *times])
     return Perturbation(out, report)
