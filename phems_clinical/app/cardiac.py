@@ -34,35 +34,13 @@ import jax
 import numpy as np
 import pandas as pd
 
-from phems_clinical.app.omop import (
-    holdout_split,
-    load_site,
-    report_json,
-    round_printer,
-    site_databases,
-)
-from phems_clinical.data.cardiac.pathways import episodes
+from phems_clinical.app.omop import holdout_split, round_printer
 from phems_clinical.evaluation import cardiac_eval as ce
 from phems_clinical.evaluation.survival import aalen_johansen_multistate
 from phems_clinical.models import multistate as ms
 from phems_clinical.outputs import check_out, staged_dir
 from phems_clinical.provenance import code_state, versions
-
-
-def load_sites(omop: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
-    """Each site's sojourn table and its load report (OMOP and pathway checks)."""
-    sojourns, reports = {}, {}
-    for site, db in site_databases(omop).items():
-        tables, report = load_site(db)
-        soj, preport = episodes(tables, site=site)
-        if soj.empty:
-            raise ValueError(f"site {site}: no usable cardiac surgery episode in {db} "
-                             f"({preport.summary()})")
-        sojourns[site] = soj
-        reports[site] = {**report_json(report), "episodes": int(preport.n_episodes),
-                         "excluded_episodes": {str(k): int(v) for k, v in
-                                               preport.counts().items()}}
-    return sojourns, reports
+from phems_clinical.usecases.cardiac import load_sites
 
 
 def _occupation_figure(params, sojourns: pd.DataFrame, path: Path, title: str) -> None:

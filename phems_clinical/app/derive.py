@@ -35,11 +35,9 @@ import jax
 import numpy as np
 import pandas as pd
 
+from phems_clinical import usecases
 from phems_clinical.evaluation import scorecard_report as rep
-from phems_clinical.evaluation.profiles import ATTACK_COLUMNS
 from phems_clinical.evaluation.sources import (
-    GENERATORS,
-    PROFILE_UNIT,
     SourceError,
     SourceSpec,
     derive,
@@ -49,13 +47,15 @@ from phems_clinical.evaluation.sources import (
 from phems_clinical.outputs import check_out, staged_dir, strict_json
 from phems_clinical.privacy.release import check_table
 
-USE_CASES = tuple(GENERATORS)
+USE_CASES = usecases.names()
 _DATE_NAME = re.compile(r"(date|datetime|DATE|DAT)$")
 
 
 def load_use_case(use_case: str, *, omop: str | None = None, csv: str | None = None,
-                  factor: str = "FVIII") -> tuple[dict[str, pd.DataFrame], dict]:
-    """Each site's analysis table and load report, from OMOP or one CSV extract."""
+                  model=None) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Each site's analysis table and load report, from OMOP or one CSV extract
+    (``model``: the use case's model where its loader needs it, e.g. the factor
+    of a population PK model)."""
     if (omop is None) == (csv is None):
         raise SourceError("give exactly one of --omop (OMOP database) or --csv "
                           "(analysis-form extract)")
@@ -70,20 +70,7 @@ def load_use_case(use_case: str, *, omop: str | None = None, csv: str | None = N
             if _DATE_NAME.search(str(c)) and df[c].dtype == object:
                 df[c] = pd.to_datetime(df[c], errors="raise")
         return {path.stem: df}, {path.stem: {"source": str(path), "rows": len(df)}}
-    if use_case == "haemophilia":
-        from phems_clinical.app.omop import pk_events_from_omop
-
-        events, reports = pk_events_from_omop(omop, factor=factor)
-        return ({s: d.reset_index(drop=True) for s, d in events.groupby("SITE")},
-                reports)
-    if use_case == "picu":
-        from phems_clinical.app.sepsis import load_sites
-
-        hourly, _, reports = load_sites(omop)
-        return hourly, reports
-    from phems_clinical.app.cardiac import load_sites
-
-    return load_sites(omop)
+    return usecases.get(use_case).load(omop, model)
 
 
 def run_derive(use_case: str, sources: list[SourceSpec], out: str | Path, *,
@@ -95,37 +82,38 @@ def run_derive(use_case: str, sources: list[SourceSpec], out: str | Path, *,
     summary per site (also in each ``report.json``). ``out`` must be missing or
     empty unless ``overwrite``; it appears only when every site succeeded."""
     out = check_out(out, overwrite=overwrite)
+    if use_case not in USE_CASES:
+        raise SourceError(f"--use-case: {use_case!r} is not one of {USE_CASES}")
+    uc = usecases.get(use_case)
     pk_model = None
-    factor = "FVIII"
-    if use_case == "haemophilia":
+    if uc.default_model is not None:
         from phems_clinical.app.fit import resolve_model
-        from phems_clinical.app.omop import model_factor
 
-        pk_model = resolve_model(model or "advate")
-        factor = model_factor(pk_model)
-    sites, loads = load_use_case(use_case, omop=omop, csv=csv, factor=factor)
+        pk_model = resolve_model(model or uc.default_model)
+    sites, loads = load_use_case(use_case, omop=omop, csv=csv, model=pk_model)
     if site is not None:
         if site not in sites:
             raise SourceError(f"--site: {site!r} is not one of {sorted(sites)}")
         sites = {site: sites[site]}
     with staged_dir(out, overwrite=overwrite) as staging:
-        return _derive_sites(use_case, sources, sites, loads, staging, seed=seed,
+        return _derive_sites(uc, sources, sites, loads, staging, seed=seed,
                              holdout=holdout, pk_model=pk_model,
                              n_attacks=n_attacks, utility=utility)
 
 
-def _derive_sites(use_case, sources, sites, loads, out: Path, *, seed, holdout,
+def _derive_sites(uc, sources, sites, loads, out: Path, *, seed, holdout,
                   pk_model, n_attacks, utility) -> dict[str, Any]:
     key = jax.random.key(seed)
+    use_case = uc.name
     summary = {}
     for i, (name, data) in enumerate(sorted(sites.items())):
         k_split, k_derive, k_score = jax.random.split(jax.random.fold_in(key, i), 3)
-        check_table(data, use_case)  # every row, before any split or derivation
-        train, hold = split_patients(k_split, data, use_case, holdout)
-        derived = [derive(jax.random.fold_in(k_derive, j), use_case, train, spec,
+        check_table(data, uc.roles)  # every row, before any split or derivation
+        train, hold = split_patients(k_split, data, uc, holdout)
+        derived = [derive(jax.random.fold_in(k_derive, j), uc, train, spec,
                           pk_model=pk_model)
                    for j, spec in enumerate([SourceSpec("real", "real"), *sources])]
-        ds = score_sources(k_score, use_case, train, hold, derived,
+        ds = score_sources(k_score, uc, train, hold, derived,
                            n_attacks=n_attacks, utility=utility, pk_model=pk_model,
                            seed=seed)
         site_out = out / name
@@ -139,11 +127,11 @@ def _derive_sites(use_case, sources, sites, loads, out: Path, *, seed, holdout,
         title = (f"{use_case} at {name}: "
                  + ", ".join(d.spec.name for d in derived[1:])
                  + " next to the real data")
-        n_train = int(train[_pid(use_case)].nunique())
-        n_hold = int(hold[_pid(use_case)].nunique())
-        aux, secret = ATTACK_COLUMNS[use_case]
+        n_train = int(train[uc.patient_id].nunique())
+        n_hold = int(hold[uc.patient_id].nunique())
+        aux, secret = uc.attack_columns
         notes = (
-            f"Scored on one row per {PROFILE_UNIT[use_case]} (patient profile): "
+            f"Scored on one row per {uc.unit} (patient profile): "
             + ", ".join(derived[0].profile.columns) + ".",
             f"{n_train} patients made the derived data; "
             f"{n_hold} held-out patients are the attacks' "
@@ -167,12 +155,6 @@ def _derive_sites(use_case, sources, sites, loads, out: Path, *, seed, holdout,
             strict_json(report), indent=2, allow_nan=False))
         summary[name] = report
     return summary
-
-
-def _pid(use_case: str) -> str:
-    from phems_clinical.privacy.release import roles_for
-
-    return roles_for(use_case).patient_id
 
 
 # ------------------------------------------------------------------ CLI
@@ -221,7 +203,8 @@ def add_derive_parsers(subparsers) -> None:
         "synthesize", help="synthetic version of a site's data, with its scorecard")
     _common(s)
     s.add_argument("--generator", default=None,
-                   choices=("virtual", "sequence", "pathway", "copula", "mst"),
+                   choices=(*dict.fromkeys(usecases.get(n).generator
+                                           for n in USE_CASES), "copula", "mst"),
                    help="default: the use case's longitudinal generator (virtual PK "
                         "patients, PICU sequences, cardiac pathways); copula: "
                         "patient profiles by a Gaussian copula; mst: DP patient "
@@ -253,10 +236,11 @@ def _anonymise_cmd(args) -> int:
 
 
 def _synthesize_cmd(args) -> int:
-    gen = args.generator or GENERATORS[args.use_case]
-    if gen not in ("mst", "copula", GENERATORS[args.use_case]):
+    own = usecases.get(args.use_case).generator
+    gen = args.generator or own
+    if gen not in ("mst", "copula", own):
         raise SourceError(f"--generator: {gen!r} does not apply to {args.use_case}; "
-                          f"use {GENERATORS[args.use_case]!r}, 'copula' or 'mst'")
+                          f"use {own!r}, 'copula' or 'mst'")
     opts: dict = {} if args.n is None else {"n": args.n}
     if gen == "mst":
         if not args.epsilon > 0 or not np.isfinite(args.epsilon):

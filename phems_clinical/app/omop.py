@@ -20,140 +20,28 @@ off, PostgreSQL read-only sessions); ``simulate`` writes a new folder as a whole
 
 from __future__ import annotations
 
-import errno
-import os
-import secrets
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
-import pandas as pd
 
-from phems_clinical import outputs
-from phems_clinical.data.omop import (
-    LoadReport,
-    connect,
-    create_cdm,
-    omop_to_pk,
-    pk_to_omop,
-    read_tables,
-    write_tables,
-)
+from phems_clinical import outputs, usecases
+from phems_clinical.data.omop import LoadReport
 from phems_clinical.data.split import holdout_split, split_ids
+from phems_clinical.usecases.omop_sites import (
+    PK_TABLES,
+    is_database,
+    load_site,
+    model_factor,
+    pk_events_from_omop,
+    report_json,
+    site_databases,
+    write_site,
+)
 
-USE_CASES = ("picu", "cardiac", "haemophilia")
-
-PK_TABLES = ("person", "care_site", "visit_occurrence", "drug_exposure",
-             "measurement", "observation")
-
-
-_PG = ("postgresql://", "postgres://", "env:")
-
-
-def _is_database(target: str | Path) -> bool:
-    text = str(target)
-    return text.startswith(_PG) or text.endswith(".duckdb")
-
-
-def _refuse_password(url: str) -> None:
-    from urllib.parse import parse_qs, urlsplit
-
-    try:
-        parts = urlsplit(url)
-        query = parse_qs(parts.query)
-    except ValueError:
-        raise ValueError("the PostgreSQL URL is not valid (postgresql://user@host:"
-                         "port/database)") from None
-    if parts.password is not None or "password" in {k.lower() for k in query}:
-        raise ValueError("the PostgreSQL URL holds a password, which other users can "
-                         "read in the process list; put it in PGPASSWORD or "
-                         "~/.pgpass, or give env:NAME with the URL in environment "
-                         "variable NAME")
+USE_CASES = usecases.names()
 
 
-def site_databases(target: str | Path) -> dict[str, str]:
-    """``{site: target}`` for a folder of ``<site>.duckdb`` files, one DuckDB file,
-    a PostgreSQL URL without a password, or ``env:NAME`` (site named by the file
-    stem, or ``site``)."""
-    text = str(target)
-    if text.startswith(_PG):
-        if not text.startswith("env:"):
-            _refuse_password(text)
-        return {"site": text}
-    path = Path(text)
-    if path.is_dir():
-        found = {p.stem: str(p) for p in sorted(path.glob("*.duckdb"))}
-        if not found:
-            # errno/strerror/filename, so the CLI names the option (--data)
-            raise FileNotFoundError(errno.ENOENT, "no <site>.duckdb files in this "
-                                    "folder", str(path))
-        return found
-    if not path.exists():
-        raise FileNotFoundError(errno.ENOENT, "no such OMOP database (expected a "
-                                ".duckdb file, a folder of them or a postgresql:// "
-                                "URL)", str(path))
-    return {path.stem: str(path)}
-
-
-def write_site(path: Path, tables: Mapping[str, pd.DataFrame]) -> dict[str, int]:
-    """Write one site's OMOP tables as a new DuckDB file ``path``; returns rows per
-    table. An existing file is never replaced (``FileExistsError``): the database
-    is written beside it under a temporary name and renamed when complete."""
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(errno.EEXIST, "an OMOP database is already there; "
-                              "it is not replaced", str(path))
-    tmp = path.with_name(f".{path.name}.partial-{secrets.token_hex(4)}")
-    try:
-        with connect(tmp) as store:
-            create_cdm(store)
-            write_tables(store, tables)
-        try:
-            os.link(tmp, path)  # fails if path appeared meanwhile: no overwrite
-        except FileExistsError:
-            raise
-        except OSError:  # a file system without hard links
-            if path.exists():
-                raise FileExistsError(errno.EEXIST, "an OMOP database is already "
-                                      "there; it is not replaced", str(path)) from None
-            os.replace(tmp, path)
-    finally:
-        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
-            leftover.unlink(missing_ok=True)
-    return {t: len(df) for t, df in tables.items()}
-
-
-Tables = dict[str, pd.DataFrame]
-
-
-def _simulated_sites(use_case: str, key, n: int | None, product: str
-                     ) -> dict[str, tuple[Tables, pd.DataFrame | None]]:
-    if use_case == "picu":
-        from phems_clinical.data.picu import DEFAULT_SITES, simulate_sites
-
-        sites = {name: {**cfg, **({"n_stays": n} if n else {})}
-                 for name, cfg in DEFAULT_SITES.items()}
-        return {name: (c.tables, c.truth)
-                for name, c in simulate_sites(key, sites).items()}
-    if use_case == "cardiac":
-        from phems_clinical.data.cardiac import simulate_sites
-
-        return {name: (c.tables, c.truth)
-                for name, c in simulate_sites(key, n_episodes=n or 500).items()}
-    from phems_clinical.pk.library import load_product
-    from phems_clinical.pk.simulate import default_hospitals, simulate_hospitals
-
-    model = load_product(product)
-    factor = model_factor(model)
-    events, truth = simulate_hospitals(key, model, default_hospitals(3 * (n or 30)))
-    out = {}
-    for site, rows in events.groupby("SITE", sort=False):
-        tables = pk_to_omop(rows.drop(columns="SITE"), product=product, site=site,
-                            factor=factor)
-        out[site] = (tables, truth[truth["ID"].isin(rows["ID"])] if "ID" in truth
-                     else None)
-    return out
 
 
 def simulate_omop(use_case: str, out: str | Path, *, seed: int = 0,
@@ -176,53 +64,17 @@ def simulate_omop(use_case: str, out: str | Path, *, seed: int = 0,
     outputs.check_out(out, overwrite=overwrite)
     summary = {}
     with outputs.staged_dir(out, overwrite=overwrite) as tmp:
-        for site, (tables, truth) in _simulated_sites(
-                use_case, jax.random.key(seed), n, product).items():
+        for site, (tables, truth) in usecases.get(use_case).simulate_default(
+                jax.random.key(seed), n, product).items():
             summary[site] = write_site(tmp / f"{site}.duckdb", tables)
             if truth is not None:
                 truth.to_csv(tmp / f"{site}.truth.csv", index=False)
     return summary
 
 
-def load_site(target: str, tables: tuple[str, ...] | None = None
-              ) -> tuple[dict[str, pd.DataFrame], LoadReport]:
-    """Read and validate one site's OMOP tables (a read-only DuckDB connection or
-    PostgreSQL session)."""
-    with connect(target, read_only=True) as store:
-        return read_tables(store, tables)
-
-
 def check_omop(target: str | Path) -> dict[str, LoadReport]:
     """Each site's load report (nothing is changed in the databases)."""
     return {site: load_site(db)[1] for site, db in site_databases(target).items()}
-
-
-def report_json(report: LoadReport) -> dict[str, Any]:
-    """A load report for result.json: rows read/kept per table, exclusions by
-    table and reason."""
-    return {"rows": report.n_input, "kept": report.n_kept,
-            "excluded": [{"table": r["table"], "reason": r["reason"], "n": int(r["n"])}
-                         for _, r in report.counts.iterrows()]}
-
-
-def pk_events_from_omop(target: str | Path, *, factor: str = "FVIII"
-                        ) -> tuple[pd.DataFrame, dict[str, dict]]:
-    """NONMEM-style events (with a ``SITE`` column) from each site's OMOP database,
-    and each site's load report (for result.json)."""
-    frames, reports = [], {}
-    for site, db in site_databases(target).items():
-        tables, report = load_site(db, PK_TABLES)
-        events = omop_to_pk(tables, factor=factor)
-        untimed = events.attrs.pop("exclusions", None)
-        events["SITE"] = site
-        frames.append(events)
-        reports[site] = report_json(report)
-        if untimed is not None and len(untimed):
-            # levels of persons without a (kept) dose: reported, not dropped
-            reports[site]["excluded"].append({
-                "table": "measurement", "reason": "no_dose_to_time",
-                "n": int(len(untimed))})
-    return pd.concat(frames, ignore_index=True), reports
 
 
 def round_printer(tag: str, n_sites: int, every: int = 10):
@@ -237,14 +89,9 @@ def round_printer(tag: str, n_sites: int, every: int = 10):
     return on_round
 
 
-def model_factor(model) -> str:
-    """'FIX' for factor IX models (library metadata), else 'FVIII'."""
-    return "FIX" if model.metadata.get("factor") == "FIX" else "FVIII"
-
-
 def is_omop(data: str | Path) -> bool:
     """Whether ``--data`` names OMOP databases rather than a CSV."""
-    return _is_database(data) or Path(str(data)).is_dir()
+    return is_database(data) or Path(str(data)).is_dir()
 
 
 # ------------------------------------------------------------------ command line
@@ -321,6 +168,7 @@ def add_omop_parser(subparsers):
     return o
 
 
-__all__ = ["USE_CASES", "add_omop_parser", "check_omop", "is_omop", "load_site",
+__all__ = ["PK_TABLES", "USE_CASES", "add_omop_parser", "check_omop", "is_omop",
+           "load_site",
            "holdout_split", "model_factor", "round_printer", "split_ids",
            "pk_events_from_omop", "report_json", "simulate_omop", "site_databases"]

@@ -34,39 +34,14 @@ import jax
 import numpy as np
 import pandas as pd
 
-from phems_clinical.app.omop import (
-    holdout_split,
-    load_site,
-    report_json,
-    round_printer,
-    site_databases,
-)
-from phems_clinical.data.picu import hourly_table
+from phems_clinical.app.omop import holdout_split, round_printer
 from phems_clinical.evaluation import sepsis_eval as se
-from phems_clinical.models import scores
 from phems_clinical.outputs import check_out, staged_dir
 from phems_clinical.provenance import code_state, versions
+from phems_clinical.usecases.picu import load_sites
 
 TEST = ":test"
 """Suffix of a training site's held-out stays in the metrics."""
-
-
-def load_sites(omop: str | Path) -> tuple[dict[str, pd.DataFrame],
-                                          dict[str, pd.Series], dict[str, Any]]:
-    """Each site's hourly table, Phoenix onsets (hour per stay_id, NaN = none) and
-    load report."""
-    hourly, onsets, reports = {}, {}, {}
-    for site, db in site_databases(omop).items():
-        tables, report = load_site(db)
-        h = hourly_table(tables, site=site)
-        if h.empty:
-            raise ValueError(f"site {site}: no ICU stay with hourly data in {db}")
-        onset = scores.sepsis_onset(h)
-        hourly[site], onsets[site] = h, onset
-        reports[site] = {**report_json(report), "stays": int(h["stay_id"].nunique()),
-                         "hours": len(h),
-                         "phoenix_sepsis_stays": int(np.isfinite(onset).sum())}
-    return hourly, onsets, reports
 
 
 def _calibration_figure(probs: dict, path: Path) -> None:

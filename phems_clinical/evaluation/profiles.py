@@ -6,7 +6,9 @@ targets a patient, and a generator must reproduce each patient's summary, not
 just the pooled rows. A profile holds the patient's covariates (the attacker's
 auxiliary knowledge: the quasi-identifiers of :mod:`phems_clinical.privacy.
 release`) and summaries of the patient's course, one of which is the secret an
-inference attack tries to learn (:data:`ATTACK_COLUMNS`).
+inference attack tries to learn (the use case's ``attack_columns``,
+:class:`phems_clinical.usecases.UseCase`). Each use case names its profile
+function; :func:`profile` takes the use case object.
 
 - haemophilia: AGE y, WT kg, HT cm, SEX, BGO, first dose IU/kg, number of levels,
   first measured level (IU/dL) and its time (h), terminal log-slope of the first
@@ -25,15 +27,9 @@ import pandas as pd
 
 from phems_clinical.evaluation.cardiac_eval import episode_outcomes
 
-#: Per use case: (aux columns an attacker knows, secret attribute to infer).
-ATTACK_COLUMNS: dict[str, tuple[tuple[str, ...], str]] = {
-    "haemophilia": (("AGE", "WT", "SEX"), "level_first"),
-    "picu": (("age_months", "sex", "los_hours"), "died"),
-    "cardiac": (("age_days", "sex", "weight_kg", "stat"), "died"),
-}
 
-
-def _pk_profile(ev: pd.DataFrame) -> pd.DataFrame:
+def pk_profile(ev: pd.DataFrame) -> pd.DataFrame:
+    """Haemophilia: one row per PK subject (see the module docstring)."""
     ev = ev.copy()
     ev["EVID"] = ev["EVID"].astype(int)
     g = ev.groupby("ID", sort=False)
@@ -63,7 +59,8 @@ def _pk_profile(ev: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def _picu_profile(h: pd.DataFrame) -> pd.DataFrame:
+def picu_profile(h: pd.DataFrame) -> pd.DataFrame:
+    """PICU: one row per ICU stay (see the module docstring)."""
     g = h.groupby("stay_id", sort=False)
     out = pd.DataFrame({
         "age_months": g["age_months"].first(),
@@ -81,7 +78,8 @@ def _picu_profile(h: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def _cardiac_profile(s: pd.DataFrame) -> pd.DataFrame:
+def cardiac_profile(s: pd.DataFrame) -> pd.DataFrame:
+    """Cardiac: one row per surgical episode (see the module docstring)."""
     first = s.groupby("episode_id", sort=False).nth(0).set_index("episode_id")
     oc = episode_outcomes(s).set_index("episode_id")
     out = pd.DataFrame({
@@ -95,12 +93,11 @@ def _cardiac_profile(s: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-_PROFILES = {"haemophilia": _pk_profile, "picu": _picu_profile,
-             "cardiac": _cardiac_profile}
-
-
-def profile(use_case: str, data: pd.DataFrame) -> pd.DataFrame:
-    """One row per patient (PK subject, PICU stay, cardiac episode) of ``data``."""
-    if use_case not in _PROFILES:
-        raise ValueError(f"use case {use_case!r} is not one of {sorted(_PROFILES)}")
-    return _PROFILES[use_case](data)
+def profile(use_case, data: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient (PK subject, PICU stay, cardiac episode) of ``data``, by
+    the ``profile`` function of ``use_case`` (a :class:`phems_clinical.usecases.
+    UseCase`)."""
+    if isinstance(use_case, str):
+        raise ValueError(f"use case {use_case!r}: pass the use-case object "
+                         f"(phems_clinical.usecases.get({use_case!r})), not its name")
+    return use_case.profile(data)

@@ -16,13 +16,18 @@ it):
   a verbatim copy, so its privacy risks show the worst case).
 - ``anonymised``: :func:`phems_clinical.privacy.release.anonymise` (method
   ``lattice`` or ``mondrian``; options k, l, t, max_suppression).
-- ``synthetic`` with the use case's longitudinal generator (method
+- ``synthetic`` with the use case's longitudinal generator (its ``generator``:
   ``virtual`` for haemophilia PK, ``sequence`` for PICU hours, ``pathway`` for
   cardiac pathways), ``copula``: a Gaussian copula of the patient profiles
   (:mod:`.profiles`), or ``mst``: differentially private marginals (MST) of the
   patient profiles, with its epsilon and delta; unit of
   privacy one patient (one profile row per patient, or per episode/stay where a
   patient has several: then the unit is the episode/stay; said in the metadata).
+
+Every function takes the use case as an object (``use_case``: a
+:class:`phems_clinical.usecases.UseCase`, e.g. ``phems_clinical.usecases.get(
+"picu")``) and asks it for its roles, profile, generator and utility metrics;
+nothing here branches on a use case's name.
 """
 
 from __future__ import annotations
@@ -38,38 +43,30 @@ import pandas as pd
 
 from phems_clinical.data.split import split_ids
 from phems_clinical.evaluation import scorecard as sc
-from phems_clinical.evaluation import utility as ut
 from phems_clinical.evaluation.classification import auroc
-from phems_clinical.evaluation.profiles import ATTACK_COLUMNS, profile
+from phems_clinical.evaluation.profiles import profile
 from phems_clinical.privacy.fidelity import logistic_transfer
 from phems_clinical.privacy.release import (
     BAND_SUFFIX,
-    ROLES,
     anonymise,
     patient_table,
-    roles_for,
 )
 
-__all__ = ["GENERATORS", "Derived", "SourceError", "SourceSpec", "default_sources",
-           "derive", "profile_domain", "score_sources", "split_patients"]
-
-#: The longitudinal generator of each use case (``synthetic`` sources).
-GENERATORS = {"haemophilia": "virtual", "picu": "sequence", "cardiac": "pathway"}
-#: Unit of the profile rows, i.e. the unit of privacy of profile-level DP.
-PROFILE_UNIT = {"haemophilia": "patient", "picu": "ICU stay", "cardiac":
-                "surgical episode"}
-#: Tabular train-on-source test-on-real check on the profiles: (outcome, baseline
-#: features). Features known before the outcome only (follow-up time would leak
-#: death).
-PROFILE_OUTCOME = {
-    "picu": ("died", ("age_months", "sex", "hr_mean", "lactate_max", "spo2_min",
-                      "imv_hours", "vasoactive_hours", "culture")),
-    "cardiac": ("died", ("age_days", "sex", "weight_kg", "stat", "ventilation")),
-}
+__all__ = ["Derived", "SourceError", "SourceSpec", "default_sources", "derive",
+           "profile_domain", "score_sources", "split_patients"]
 
 
 class SourceError(ValueError):
     """A data source cannot be produced (names the option and what was expected)."""
+
+
+def _use_case(use_case):
+    """``use_case`` when it is a use-case object; a name is refused (this layer
+    never looks names up: the caller passes ``phems_clinical.usecases.get(name)``)."""
+    if isinstance(use_case, str):
+        raise SourceError(f"use case {use_case!r}: pass the use-case object "
+                          f"(phems_clinical.usecases.get({use_case!r})), not its name")
+    return use_case
 
 
 @dataclass(frozen=True)
@@ -83,17 +80,16 @@ class SourceSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def default_sources(use_case: str, *, k: int = 5, max_suppression: float = 0.05,
+def default_sources(use_case, *, k: int = 5, max_suppression: float = 0.05,
                     epsilon: float = 1.0, delta: float = 1e-6) -> list[SourceSpec]:
     """real, anonymised (lattice, k), synthetic (longitudinal generator) and
     synthetic-mst (epsilon, delta) for ``use_case``."""
-    if use_case not in GENERATORS:
-        raise SourceError(f"use case {use_case!r} is not one of {sorted(GENERATORS)}")
+    use_case = _use_case(use_case)
     return [
         SourceSpec("real", "real"),
         SourceSpec("anonymised", "anonymised", "lattice",
                    {"k": k, "max_suppression": max_suppression}),
-        SourceSpec("synthetic", "synthetic", GENERATORS[use_case]),
+        SourceSpec("synthetic", "synthetic", use_case.generator),
         SourceSpec("synthetic-mst", "synthetic", "mst",
                    {"epsilon": epsilon, "delta": delta}),
     ]
@@ -111,12 +107,12 @@ class Derived(NamedTuple):
     report: dict
 
 
-def split_patients(key, data: pd.DataFrame, use_case: str, holdout: float
+def split_patients(key, data: pd.DataFrame, use_case, holdout: float
                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split one site's table by patient into (train, holdout)."""
     if not 0.0 < holdout < 1.0:
         raise SourceError(f"holdout: expected a share in (0, 1), got {holdout!r}")
-    pid = roles_for(use_case).patient_id
+    pid = _use_case(use_case).patient_id
     n_ids = int(data[pid].nunique())
     n_hold = int(round(holdout * n_ids))
     if n_hold < 5 or n_ids - n_hold < 10:
@@ -129,36 +125,17 @@ def split_patients(key, data: pd.DataFrame, use_case: str, holdout: float
 
 
 # -------------------------------------------------------------------- MST domain
-#: Public bounds of the profile columns (clinical ranges, never read from the data):
-#: (lower, upper, bins) or a category list; columns that can be missing in a
-#: profile are listed in _MAY_BE_MISSING (the others get no missing cell).
-PROFILE_BOUNDS: dict[str, dict[str, Any]] = {
-    "haemophilia": {"AGE": (0, 80, 16), "WT": (0, 150, 15), "HT": (40, 210, 17),
-                    "SEX": [0, 1], "BGO": [0, 1], "dose_iu_kg": (0, 100, 10),
-                    "n_levels": (0, 12, 12), "level_first": (0, 250, 25),
-                    "time_first": (0, 48, 12), "log_slope": (-0.3, 0.0, 15)},
-    "picu": {"age_months": (0, 216, 24, "log1p"), "sex": ["F", "M"],
-             "los_hours": (1, 336, 16, "log1p"), "died": [0, 1],
-             "hr_mean": (40, 220, 18), "lactate_max": (0, 20, 12, "log1p"),
-             "spo2_min": (50, 100, 10), "imv_hours": (0, 336, 12, "log1p"),
-             "vasoactive_hours": (0, 336, 12, "log1p"), "culture": [0, 1]},
-    "cardiac": {"age_days": (0, 6575, 24, "log1p"), "sex": ["F", "M"],
-                "weight_kg": (1, 100, 20, "log1p"), "stat": [1, 2, 3, 4, 5],
-                "ventilation": [0, 1], "cicu_days": (0, 60, 15, "log1p"),
-                "died": [0, 1], "readmitted": [0, 1], "death_day": (0, 365, 12)},
-}
-_MAY_BE_MISSING = {"level_first", "time_first", "log_slope", "hr_mean", "lactate_max",
-                   "spo2_min", "death_day"}
-
-
-def profile_domain(use_case: str) -> dict:
-    """The public MST domain of a use case's profile columns (on the MST scale:
-    ``log1p`` for the skewed ones, see :data:`PROFILE_BOUNDS`)."""
+def profile_domain(use_case) -> dict:
+    """The public MST domain of a use case's profile columns (its
+    ``profile_bounds``: clinical ranges, never read from the data; on the MST
+    scale: ``log1p`` for the skewed ones; ``may_be_missing`` columns get a missing
+    cell)."""
     from phems_clinical.privacy.synth import mst
 
+    use_case = _use_case(use_case)
     out = {}
-    for col, spec in PROFILE_BOUNDS[use_case].items():
-        miss = col in _MAY_BE_MISSING
+    for col, spec in use_case.profile_bounds.items():
+        miss = col in use_case.may_be_missing
         if isinstance(spec, list):
             out[col] = mst.Categorical(tuple(spec), missing=miss)
             continue
@@ -167,11 +144,6 @@ def profile_domain(use_case: str) -> dict:
             lo, hi = np.log1p(lo), np.log1p(hi)
         out[col] = mst.Numeric(lo, hi, bins, missing=miss)
     return out
-
-
-def _log_columns(use_case: str) -> list[str]:
-    return [c for c, v in PROFILE_BOUNDS[use_case].items()
-            if not isinstance(v, list) and len(v) > 3]
 
 
 # -------------------------------------------------------------------- derive
@@ -183,7 +155,7 @@ def _meta(spec: SourceSpec, use_case: str, n_in: int, prof: pd.DataFrame,
             "seconds": seconds, **extra}
 
 
-def derive(key, use_case: str, data: pd.DataFrame, spec: SourceSpec, *,
+def derive(key, use_case, data: pd.DataFrame, spec: SourceSpec, *,
            pk_model=None, pk_params=None, noise=None) -> Derived:
     """Derive one source from a site's (training) analysis table.
 
@@ -194,15 +166,15 @@ def derive(key, use_case: str, data: pd.DataFrame, spec: SourceSpec, *,
     ``secret_generator(s)`` with a secret ``s`` kept at the site only to replay a
     release exactly (see :func:`phems_clinical.privacy.synth.mst.fit_mst`).
     """
-    roles = roles_for(use_case)
-    n_in = int(data[roles.patient_id].nunique())
+    use_case = _use_case(use_case)
+    n_in = int(data[use_case.patient_id].nunique())
     t0 = time.perf_counter()
     opts = dict(spec.options)
     if spec.kind == "real":
         out, report = data, {}
     elif spec.kind == "anonymised":
         method = "lattice" if spec.method == "none" else spec.method
-        rel = anonymise(key, data, use_case, method=method, **opts)
+        rel = anonymise(key, data, use_case.roles, method=method, **opts)
         out, report = rel.data, rel.report
     elif spec.kind == "synthetic" and spec.method == "mst":
         from phems_clinical.privacy.synth import mst
@@ -211,7 +183,7 @@ def derive(key, use_case: str, data: pd.DataFrame, spec: SourceSpec, *,
         eps = opts.get("epsilon", 1.0)
         delta = opts.get("delta", 1e-6)
         k_fit, k_sample = jax.random.split(key)
-        logs = _log_columns(use_case)
+        logs = use_case.log_columns
         scaled = prof.assign(**{c: np.log1p(prof[c].astype(float)) for c in logs})
         model = mst.fit_mst(k_fit, scaled, profile_domain(use_case), epsilon=eps,
                             delta=delta, noise=noise)
@@ -223,7 +195,7 @@ def derive(key, use_case: str, data: pd.DataFrame, spec: SourceSpec, *,
                 pd.api.types.is_integer_dtype(prof[c]) else back
         meta = _meta(spec, use_case, n_in, syn, time.perf_counter() - t0,
                      epsilon=float(eps), delta=float(delta),
-                     unit_of_privacy=PROFILE_UNIT[use_case])
+                     unit_of_privacy=use_case.unit)
         b = model.budget
         report = {"generator": "MST (McKenna et al. 2021) on patient profiles",
                   "rho_zcdp": b.rho, "sigma_one_way": b.sigma_one_way,
@@ -236,8 +208,7 @@ def derive(key, use_case: str, data: pd.DataFrame, spec: SourceSpec, *,
         from phems_clinical.privacy.synth import fit_copula, sample_copula
 
         prof = profile(use_case, data)
-        cat = [c for c, v in PROFILE_BOUNDS[use_case].items() if isinstance(v, list)]
-        model = fit_copula(prof, categorical=cat)
+        model = fit_copula(prof, categorical=use_case.categorical)
         syn = sample_copula(key, model, int(opts.get("n") or len(prof)))
         meta = _meta(spec, use_case, n_in, syn, time.perf_counter() - t0)
         return Derived(spec, None, syn, meta, {
@@ -257,42 +228,18 @@ def derive(key, use_case: str, data: pd.DataFrame, spec: SourceSpec, *,
 
 
 def _synthesise(key, use_case, data, method, opts, pk_model, pk_params):
-    want = GENERATORS[use_case]
+    want = use_case.generator
     if method != want:
         raise SourceError(f"synthetic method {method!r} does not apply to "
-                          f"{use_case}; use {want!r}, 'copula' or 'mst'")
-    n = opts.get("n")
-    if use_case == "haemophilia":
-        from phems_clinical.privacy.synth import pk_virtual
-
-        if pk_model is None:
-            raise SourceError("haemophilia 'virtual' synthesis needs the population "
-                              "model (pk_model=, e.g. --model advate)")
-        if pk_params is None:
-            pk_params = ut.fit_population(data, pk_model).params
-        vpm = pk_virtual.fit_virtual_population(data, pk_model, pk_params)
-        n = int(n or data["ID"].nunique())
-        ev, _ = pk_virtual.sample_virtual_population(key, vpm, n)
-        return ev, {"n": n, "generator": "PK virtual population (copula covariates, "
-                    "resampled designs, individual parameters drawn from the "
-                    "population model fitted on the source by FOCEI)"}
-    if use_case == "picu":
-        from phems_clinical.privacy.synth import picu_sequences as ps
-
-        model = ps.fit_picu_sequences(data)
-        n = int(n or data["stay_id"].nunique())
-        return ps.sample_picu_sequences(key, model, n), {"n": n}
-    from phems_clinical.privacy.synth import pathways as pw
-
-    model = pw.fit_pathways(data)
-    n = int(n or data["episode_id"].nunique())
-    return pw.sample_pathways(key, model, n), {"n": n}
+                          f"{use_case.name}; use {want!r}, 'copula' or 'mst'")
+    return use_case.synthesise(key, data, opts, pk_model, pk_params)
 
 
 # -------------------------------------------------------------------- scoring
 #: Tabular train-on-source, test-on-real check that every source gets, profile-level
 #: ones (MST) included: a ridge logistic model of death from the profile features
-#: of :data:`PROFILE_OUTCOME`.
+#: of the use case's ``outcome`` (features known before the outcome only: follow-up
+#: time would leak death).
 OUTCOME_METRIC = {
     "outcome_auroc": sc.MetricSpec(
         "utility", "higher", float("nan"), -0.05, float("inf"), "relative_to_real",
@@ -322,24 +269,17 @@ def outcome_auroc(source_profile: pd.DataFrame, test_profile: pd.DataFrame,
 def _utility(key, use_case, src: Derived, train, holdout, hold_p, pk_model,
              real_fit) -> dict:
     out: dict = {}
-    if use_case in PROFILE_OUTCOME:
-        outcome, feats = PROFILE_OUTCOME[use_case]
+    if use_case.outcome is not None:
+        outcome, feats = use_case.outcome
         out["outcome_auroc"] = outcome_auroc(src.profile, hold_p, outcome, feats)
-    if src.data is None:  # profile-level source: no model of the full data
-        return out
-    if use_case == "picu":
-        out.update(sc.utility_scores(ut.sepsis_utility(key, src.data, holdout)))
-    elif use_case == "cardiac":
-        out.update(sc.utility_scores(ut.cardiac_utility(src.data, holdout)))
-    elif pk_model is not None:
-        out.update(sc.utility_scores(ut.pk_parameter_bias(
-            src.data, train, pk_model, real_fit=real_fit)))
-        out.update(sc.utility_scores(ut.pk_forecast_accuracy(src.data, holdout,
-                                                             pk_model)))
+    if src.data is None or use_case.utility is None:  # profile-level source: no
+        return out                                     # model of the full data
+    out.update(sc.utility_scores(use_case.utility(key, src.data, train, holdout,
+                                                  pk_model, real_fit)))
     return out
 
 
-def score_sources(key, use_case: str, train: pd.DataFrame, holdout: pd.DataFrame,
+def score_sources(key, use_case, train: pd.DataFrame, holdout: pd.DataFrame,
                   derived: Sequence[Derived], *, n_attacks: int = 200,
                   utility: bool = True, pk_model=None, seed: int = 0):
     """Score every derived source the same way; an xarray Dataset (source, metric).
@@ -350,13 +290,14 @@ def score_sources(key, use_case: str, train: pd.DataFrame, holdout: pd.DataFrame
     the source and tests on the holdout (real patients); anonymised sources also
     get k, l, t and re-identification risks of their released patient table.
     """
+    use_case = _use_case(use_case)
     real_p = profile(use_case, train)
     hold_p = profile(use_case, holdout)
-    aux, secret = ATTACK_COLUMNS[use_case]
+    aux, secret = use_case.attack_columns
     n_att = int(min(n_attacks, len(hold_p), len(real_p)))
     real_fit = None
-    if utility and use_case == "haemophilia" and pk_model is not None:
-        real_fit = ut.fit_population(train, pk_model)
+    if utility and use_case.reference_fit is not None and pk_model is not None:
+        real_fit = use_case.reference_fit(train, pk_model)
     scores, meta = {}, {}
     for i, src in enumerate(derived):
         k_f, k_p, k_u = jax.random.split(jax.random.fold_in(key, i), 3)
@@ -371,7 +312,7 @@ def score_sources(key, use_case: str, train: pd.DataFrame, holdout: pd.DataFrame
         if src.spec.kind == "anonymised":
             cfg = src.report["config"]
             qis = cfg["quasi_identifiers"]
-            sens = cfg.get("sensitive") or (ROLES[use_case].sensitive or (None,))[0]
+            sens = cfg.get("sensitive") or (use_case.roles.sensitive or (None,))[0]
             pt = _release_patients(src.data, use_case, qis, sens)
             s.update(sc.anonymity_scores(pt, [q + BAND_SUFFIX for q in qis], sens))
         if utility:
@@ -379,15 +320,16 @@ def score_sources(key, use_case: str, train: pd.DataFrame, holdout: pd.DataFrame
                               real_fit))
         scores[src.spec.name] = s
         meta[src.spec.name] = dict(src.meta)
-    return sc.build_scorecard(scores, sources_meta=meta, use_case=use_case,
+    return sc.build_scorecard(scores, sources_meta=meta, use_case=use_case.name,
                               seed=int(seed), extra_metrics=OUTCOME_METRIC)
 
 
 def _release_patients(data, use_case, qis, sensitive):
     """One row per released patient: the QI labels and the sensitive value."""
-    pid = roles_for(use_case).patient_id
+    pid = use_case.patient_id
     bands = [q + BAND_SUFFIX for q in qis]
     pt = data.groupby(pid, sort=False)[bands].first()
     if sensitive is not None:
-        pt[sensitive] = patient_table(data, use_case)[sensitive].reindex(pt.index)
+        pt[sensitive] = patient_table(data, use_case.roles)[sensitive].reindex(
+            pt.index)
     return pt.reset_index(drop=True)

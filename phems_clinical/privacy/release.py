@@ -1,4 +1,4 @@
-"""Roles per use case, and one-call anonymisation of a site's analysis table
+"""Roles of a use case's table, and one-call anonymisation of a site's analysis table
 (issue 6, section 1).
 
 A use case's analysis table is longitudinal: many rows per patient (PK events,
@@ -39,22 +39,16 @@ import jax
 import numpy as np
 import pandas as pd
 
-from phems_clinical.data.demographics import fat_free_mass, lean_body_weight
 from phems_clinical.privacy.anonymity import anonymity_report, k_anonymity
 from phems_clinical.privacy.dates import shift_dates
 from phems_clinical.privacy.hierarchies import (
     SUPPRESSED,
     Hierarchy,
     check_covers,
-    lifespan_age,
-    paediatric_age,
-    suppress_only,
-    weight_kg,
 )
-from phems_clinical.privacy.hierarchies import height_cm as _height_cm
 from phems_clinical.privacy.search import lattice_search, mondrian
 
-__all__ = ["BAND_SUFFIX", "MARKER", "ROLES", "AnonymiseError", "Release", "Roles",
+__all__ = ["BAND_SUFFIX", "MARKER", "AnonymiseError", "Release", "Roles",
            "anonymise", "check_table", "patient_table", "roles_for"]
 
 MARKER = "phems_release"
@@ -96,71 +90,21 @@ class Roles:
         return out
 
 
-def _pk_recompute(df: pd.DataFrame) -> pd.DataFrame:
-    """BMI, LBW, FFM from the released WT / HT / SEX / AGE (data.demographics)."""
-    out = df.copy()
-    if "HT" not in out.columns:
-        return out.drop(columns=[c for c in ("BMI", "LBW", "FFM") if c in out])
-    wt, ht = out["WT"].to_numpy(float), out["HT"].to_numpy(float)
-    sex = out["SEX"].to_numpy(float) if "SEX" in out else np.zeros(len(out))
-    if "BMI" in out:
-        out["BMI"] = wt / (ht / 100.0) ** 2
-    if "LBW" in out:
-        out["LBW"] = np.asarray(lean_body_weight(wt, ht, sex), float)
-    if "FFM" in out:
-        out["FFM"] = np.asarray(fat_free_mass(wt, ht, sex, out["AGE"].to_numpy(float)),
-                                float)
-    return out
-
-
-def _cardiac_recompute(df: pd.DataFrame) -> pd.DataFrame:
-    """age_group and weight_z from the released age_days / weight_kg, by the rule of
-    :func:`phems_clinical.data.cardiac.pathways.episodes`."""
-    from phems_clinical.data.cardiac.pathways import derived_covariates
-
-    out = df.copy()
-    group, wz = derived_covariates(out["age_days"].to_numpy(float),
-                                   out["weight_kg"].to_numpy(float))
-    out["age_group"] = group
-    out["weight_z"] = wz
-    return out
-
-
-#: Roles of the three use cases' analysis tables (the issue-6 contract forms).
-ROLES: dict[str, Roles] = {
-    "haemophilia": Roles(
-        use_case="haemophilia", patient_id="ID", identifiers=("ID",),
-        quasi_identifiers={"AGE": lambda: lifespan_age("years", "AGE"),
-                           "WT": lambda: weight_kg("WT"),
-                           "SEX": lambda: suppress_only("SEX")},
-        optional_qis={"HT": lambda: _height_cm("HT")},
-        sensitive=("BGO",), sensitive_rule={"BGO": "first"},
-        derived=("BMI", "LBW", "FFM"), recompute=_pk_recompute),
-    "picu": Roles(
-        use_case="picu", patient_id="person_id", identifiers=("person_id", "stay_id"),
-        quasi_identifiers={"age_months": lambda: paediatric_age("months",
-                                                                "age_months"),
-                           "sex": lambda: suppress_only("sex")},
-        sensitive=("died",), sensitive_rule={"died": "max"}),
-    "cardiac": Roles(
-        use_case="cardiac", patient_id="person_id",
-        identifiers=("person_id", "episode_id"),
-        quasi_identifiers={"age_days": lambda: paediatric_age("days", "age_days"),
-                           "sex": lambda: suppress_only("sex"),
-                           "weight_kg": lambda: weight_kg("weight_kg")},
-        sensitive=("died",), sensitive_rule={"died": "state:DEAD"},
-        date_columns=("surgery_datetime",),
-        derived=("age_group", "weight_z"), recompute=_cardiac_recompute),
-}
-
-
-def roles_for(use_case: str | Roles) -> Roles:
-    """The :class:`Roles` of a use case name (or ``use_case`` itself)."""
+def roles_for(use_case) -> Roles:
+    """The :class:`Roles` of a use case: ``use_case`` itself, or the ``roles`` of a
+    use-case object (:class:`phems_clinical.usecases.UseCase`); a bare name is
+    refused (this library never looks use cases up by name)."""
     if isinstance(use_case, Roles):
         return use_case
-    if use_case not in ROLES:
-        raise AnonymiseError(f"use case {use_case!r} is not one of {sorted(ROLES)}")
-    return ROLES[use_case]
+    roles = getattr(use_case, "roles", None)
+    if isinstance(roles, Roles):
+        return roles
+    if isinstance(use_case, str):
+        raise AnonymiseError(f"use case {use_case!r}: pass its Roles "
+                             f"(phems_clinical.usecases.get({use_case!r}).roles), "
+                             f"not its name")
+    raise AnonymiseError(f"roles: expected a Roles or a use case, got "
+                         f"{type(use_case).__name__}")
 
 
 class Release(NamedTuple):
@@ -184,7 +128,7 @@ def _sensitive_value(df: pd.DataFrame, pid: str, col: str, rule: str) -> pd.Seri
     raise AnonymiseError(f"sensitive rule {rule!r} for {col!r} is unknown")
 
 
-def patient_table(data: pd.DataFrame, roles: Roles | str) -> pd.DataFrame:
+def patient_table(data: pd.DataFrame, roles) -> pd.DataFrame:
     """One row per patient: the QIs at the patient's first row and the sensitive
     attributes (indexed by the patient id, in order of first appearance)."""
     roles = roles_for(roles)
@@ -214,7 +158,7 @@ def _check_columns(data: pd.DataFrame, roles: Roles) -> None:
         raise AnonymiseError(f"{roles.use_case}: the table is empty")
 
 
-def check_table(data: pd.DataFrame, roles: Roles | str) -> None:
+def check_table(data: pd.DataFrame, roles) -> None:
     """Raise if a required QI or the patient column is missing, or a QI value is
     outside its hierarchy (:class:`HierarchyError` naming the column and rows)."""
     roles = roles_for(roles)
@@ -305,7 +249,7 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
     data : DataFrame
         The use case's analysis table (PK events, PICU hourly table, cardiac
         sojourns).
-    roles : Roles or {'haemophilia', 'picu', 'cardiac'}
+    roles : Roles, or a use case (its ``roles``; :mod:`phems_clinical.usecases`)
     k, l, t : privacy model: k-anonymity, distinct l-diversity and t-closeness (EMD)
         of ``sensitive`` (default: the roles' first sensitive attribute when l or t
         is given).

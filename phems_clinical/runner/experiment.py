@@ -24,18 +24,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from phems_clinical import usecases
 from phems_clinical.provenance import git_revision, versions
 
 
 def simulate_sites(use_case: str, key, n_sites: int, n_per_site: int, model: Any,
                    folder: Path) -> None:
     """``n_sites`` simulated hospitals of ``n_per_site`` patients (PK), stays
-    (PICU) or surgical episodes (cardiac) as ``folder/<site>.duckdb``. PICU and
-    cardiac sites cycle through the simulators' case mixes (tertiary, surgical,
-    district; hospitals a, b, c)."""
-    from phems_clinical.app.omop import model_factor, write_site
-    from phems_clinical.data.omop import pk_to_omop
+    (PICU) or surgical episodes (cardiac) as ``folder/<site>.duckdb``, by the use
+    case's ``simulate`` (names: its ``site_names``)."""
+    from phems_clinical.usecases.omop_sites import write_site
 
+    uc = usecases.get(use_case)
     if n_sites < 2:
         raise ValueError(f"data.n_sites: need at least 2 hospitals (one is held out),"
                          f" got {n_sites}")
@@ -43,33 +43,7 @@ def simulate_sites(use_case: str, key, n_sites: int, n_per_site: int, model: Any
         raise ValueError(f"data.n_per_site: need at least 10 per hospital, got "
                          f"{n_per_site}")
     folder.mkdir(parents=True, exist_ok=True)
-    tables = {}
-    if use_case == "haemophilia":
-        from phems_clinical.pk.simulate import HospitalSpec, simulate_hospitals
-
-        events, _ = simulate_hospitals(key, model, [
-            HospitalSpec(f"hospital_{i + 1}", n_per_site) for i in range(n_sites)])
-        for site, rows in events.groupby("SITE", sort=False):
-            tables[site] = pk_to_omop(rows.drop(columns="SITE"), product=model.name,
-                                      site=site, factor=model_factor(model))
-    elif use_case == "picu":
-        from phems_clinical.data.picu import DEFAULT_SITES
-        from phems_clinical.data.picu import simulate_sites as sim
-
-        mixes = list(DEFAULT_SITES.items())
-        spec = {f"{mixes[i % 3][0]}_{i + 1}": {**mixes[i % 3][1],
-                                               "n_stays": n_per_site}
-                for i in range(n_sites)}
-        tables = {s: c.tables for s, c in sim(key, spec).items()}
-    else:
-        from phems_clinical.data.cardiac.simulate import SITE_CASE_MIX
-        from phems_clinical.data.cardiac.simulate import simulate_sites as sim
-
-        mixes = list(SITE_CASE_MIX.values())
-        spec = {f"hospital_{i + 1}": mixes[i % 3] for i in range(n_sites)}
-        tables = {s: c.tables for s, c in sim(key, n_episodes=n_per_site,
-                                              sites=spec).items()}
-    for site, t in tables.items():
+    for site, t in uc.simulate(key, n_sites, n_per_site, model).items():
         write_site(folder / f"{site}.duckdb", t)
 
 
@@ -88,9 +62,7 @@ def _settings(cfg: DictConfig):
 
 def _setup_lines(cfg: DictConfig, task, model_name: str, fed, sites: dict,
                  holdout: str, train_sites: list[str]) -> list[str]:
-    from phems_clinical.evaluation.sources import PROFILE_UNIT
-
-    unit = f"{PROFILE_UNIT[task.use_case]}s"
+    unit = f"{usecases.get(task.use_case).unit}s"
     strategy = fed.strategy or task.strategy
     dp = ("off" if fed.dp is None else
           f"patient-level DP-SGD at each site, target ε = {fed.dp.epsilon:g}")
@@ -118,18 +90,16 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    from phems_clinical.app.derive import load_use_case
-    from phems_clinical.app.omop import model_factor
     from phems_clinical.evaluation.scorecard_report import write_scorecard
     from phems_clinical.evaluation.sources import SourceSpec
     from phems_clinical.runner.pipeline import run_pipeline
     from phems_clinical.runner.report import utility_figure, write_report
     from phems_clinical.runner.results import to_dataset
-    from phems_clinical.runner.tasks import get_task
     from phems_clinical.runner.training import check_flower_model, check_settings
 
     # everything checkable before data are touched
-    task = get_task(cfg.use_case)
+    uc = usecases.get(cfg.use_case)
+    task = uc.task
     model = task.model_from_config(OmegaConf.to_container(cfg.model, resolve=True))
     model_name = task.model_label(model)
     fed = _settings(cfg)
@@ -156,8 +126,7 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
         if not omop.exists():
             raise FileNotFoundError(f"data.omop: {omop} does not exist (expected a "
                                     f"folder of <site>.duckdb OMOP databases)")
-    factor = model_factor(model) if task.use_case == "haemophilia" else "FVIII"
-    sites, loads = load_use_case(task.use_case, omop=str(omop), factor=factor)
+    sites, loads = uc.load(str(omop), model)
     sites = {s: d.drop(columns="SITE", errors="ignore") for s, d in sites.items()}
     holdout = cfg.data.holdout_site or list(sites)[-1]
     t0 = time.perf_counter()

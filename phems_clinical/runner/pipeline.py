@@ -9,7 +9,8 @@
 2. Each training hospital scores all its derived sources side by side (fidelity
    and privacy) against its own held-out patients
    (:func:`phems_clinical.evaluation.sources.score_sources`): one scorecard per site.
-3. Per source, the use case's model (:mod:`phems_clinical.runner.tasks`) is trained
+3. Per source, the use case's model (its ``task``, :mod:`phems_clinical.usecases`) is
+   trained
    federatedly over the hospitals' derived data (:mod:`phems_clinical.runner.
    training`; only the algorithm's messages leave a site).
 4. The model is scored on the held-out real patients of every training hospital
@@ -35,8 +36,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from phems_clinical import usecases
 from phems_clinical.evaluation.sources import (
-    GENERATORS,
     SourceSpec,
     derive,
     score_sources,
@@ -44,7 +45,6 @@ from phems_clinical.evaluation.sources import (
 )
 from phems_clinical.federation.engine import CheckpointError
 from phems_clinical.outputs import replaced_file, write_atomic
-from phems_clinical.runner.tasks import Task, stack_sites
 from phems_clinical.runner.training import (
     FederationSettings,
     check_flower_model,
@@ -52,6 +52,7 @@ from phems_clinical.runner.training import (
     train,
     train_flower,
 )
+from phems_clinical.usecases.task import Task, stack_sites
 
 
 class SourceRun(NamedTuple):
@@ -81,7 +82,7 @@ class PipelineRun(NamedTuple):
 def resolve_source(spec: SourceSpec, use_case: str) -> SourceSpec:
     """``synthetic`` with method ``default`` means the use case's generator."""
     if spec.kind == "synthetic" and spec.method in ("default", "none"):
-        return dataclasses.replace(spec, method=GENERATORS[use_case])
+        return dataclasses.replace(spec, method=usecases.get(use_case).generator)
     return spec
 
 
@@ -142,6 +143,7 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
     ``model``: the task's model (``task.model_from_config``).
     """
     use_case = task.use_case
+    uc = usecases.get(use_case)
     if holdout_site not in sites:
         raise ValueError(f"data.holdout_site: {holdout_site!r} is not one of "
                          f"{sorted(sites)}")
@@ -165,7 +167,7 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
     if len(set(names)) != len(names):
         raise ValueError(f"sources: duplicate names {names}")
     k_split, k_derive, k_fed, k_score = jax.random.split(key, 4)
-    split = {s: split_patients(jax.random.fold_in(k_split, i), sites[s], use_case,
+    split = {s: split_patients(jax.random.fold_in(k_split, i), sites[s], uc,
                                test_fraction)
              for i, s in enumerate(train_sites)}
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -186,14 +188,13 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
             continue
         derived[spec.name] = {
             s: derive(jax.random.fold_in(jax.random.fold_in(k_derive, j), i),
-                      use_case, split[s][0], spec,
-                      pk_model=model if use_case == "haemophilia" else None)
+                      uc, split[s][0], spec, pk_model=model)
             for i, s in enumerate(train_sites)}
         if any(d.data is None for d in derived[spec.name].values()):
             raise ValueError(
                 f"source {spec.name!r}: {spec.method} gives one profile row per "
                 f"patient only; the {use_case} model needs the full records "
-                f"(use a longitudinal generator: {GENERATORS[use_case]!r})")
+                f"(use a longitudinal generator: {uc.generator!r})")
         say(f"derived {spec.name} at {len(train_sites)} sites")
 
     # 2. one scorecard per training site, every source side by side
@@ -205,9 +206,9 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
             continue
         at_site = [derived[n][s] for n in names]
         if "real" not in names:  # the verbatim reference row
-            at_site.insert(0, derive(k_derive, use_case, split[s][0],
+            at_site.insert(0, derive(k_derive, uc, split[s][0],
                                      SourceSpec("real", "real")))
-        cards[s] = score_sources(jax.random.fold_in(k_score, i), use_case,
+        cards[s] = score_sources(jax.random.fold_in(k_score, i), uc,
                                  split[s][0], split[s][1], at_site,
                                  n_attacks=n_attacks, utility=False)
         if path is not None:

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from phems_clinical import usecases
 from phems_clinical.federation.core import Algorithm, site_size
 from phems_clinical.federation.dp import calibrate_noise_multiplier
 from phems_clinical.federation.engine import FederatedRun, run_federated
@@ -102,25 +103,13 @@ def check_settings(fed: FederationSettings, strategy: str,
 
 
 def check_flower_model(use_case: str, model: Any) -> None:
-    """Refuse, by name, a model the Flower engine would not fit as configured: the
-    Flower apps load a haemophilia population model by its library product name,
-    so a model that is not exactly that library product (edited parameters, a
-    model of its own) would be silently replaced."""
-    if use_case != "haemophilia":
-        return
-    import pickle
-
-    from phems_clinical.pk.library import load_product
-
-    try:
-        library = load_product(model.name)
-    except (KeyError, ValueError, FileNotFoundError, OSError):
-        library = None
-    if library is None or pickle.dumps(library) != pickle.dumps(model):
-        raise ValueError(f"model: federation.engine flower loads the population "
-                         f"model by product name, and {model.name!r} is not "
-                         f"exactly a library product (configs/model); use engine "
-                         f"inprocess for an edited or own model")
+    """Refuse, by name, a model the Flower engine would not fit as configured (the
+    use case task's ``check_flower_model``; e.g. the Flower apps load a
+    haemophilia population model by its library product name, so an edited one
+    would be silently replaced)."""
+    check = usecases.get(use_case).task.check_flower_model
+    if check is not None:
+        check(model)
 
 
 def with_dp(build: Callable[[dict], Algorithm], options: Mapping[str, Any],
@@ -180,17 +169,6 @@ def train(key, build: Callable[[dict], Algorithm], sites: Sequence[Any],
     return run, dp_set
 
 
-def _run_config_model(use_case: str, model: Any) -> tuple[str, str]:
-    """``(product, model JSON)`` of the Flower run config for a use case's model."""
-    import json
-
-    if use_case == "haemophilia":
-        return model.name, ""
-    if use_case == "picu":
-        return "", json.dumps(model._asdict())
-    return "", json.dumps(dict(model))
-
-
 def train_flower(task, key, seed: int, frames: Sequence[Any], strategy: str,
                  model: Any, fed: FederationSettings, folder: str | Path, *,
                  stop_after: int | None = None) -> tuple[Any, dict, dict]:
@@ -243,7 +221,8 @@ def train_flower(task, key, seed: int, frames: Sequence[Any], strategy: str,
         d.mkdir(parents=True, exist_ok=True)
         write_table(df.drop(columns="SITE", errors="ignore"), d / uc.data_file)
         dirs.append(d)
-    product, model_json = _run_config_model(task.use_case, model)
+    product, model_json = (task.flower_model(model) if task.flower_model is not None
+                           else ("", ""))
     out = folder / "flower"
     rounds = int(options.get("rounds", 0))
     settings = RunSettings(

@@ -40,6 +40,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from phems_clinical import usecases
+
 __all__ = ["ConfigError", "check_config", "preflight"]
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -226,12 +228,7 @@ def _text(err: BaseException) -> str:
 # --------------------------------------------------------------- experiment
 def simulated_site_names(use_case: str, n_sites: int) -> list[str]:
     """The names :func:`phems_clinical.runner.experiment.simulate_sites` gives."""
-    if use_case == "picu":
-        from phems_clinical.data.picu import DEFAULT_SITES
-
-        mixes = list(DEFAULT_SITES)
-        return [f"{mixes[i % 3]}_{i + 1}" for i in range(n_sites)]
-    return [f"hospital_{i + 1}" for i in range(n_sites)]
+    return usecases.get(use_case).site_names(n_sites)
 
 
 def _site_names(p: _Problems, cfg: DictConfig, use_case: str | None
@@ -275,8 +272,6 @@ def _site_names(p: _Problems, cfg: DictConfig, use_case: str | None
 
 def _check_sources(p: _Problems, cfg: DictConfig, use_case: str | None,
                    n_train: int | None) -> None:
-    from phems_clinical.evaluation.sources import GENERATORS
-
     if not cfg.sources:
         p.add("sources", "at least one data source is needed")
         return
@@ -300,7 +295,8 @@ def _check_sources(p: _Problems, cfg: DictConfig, use_case: str | None,
                       f"patients per hospital (data.n_per_site x (1 - "
                       f"data.test_fraction))")
         else:
-            own = GENERATORS.get(use_case or "", "")
+            own = (usecases.get(use_case).generator if use_case in usecases.names()
+                   else "")
             methods = ("default", "none", "copula", "mst", *([own] if own else []))
             if not p.choice(f"{where}.method", s.method, methods):
                 continue
@@ -356,12 +352,10 @@ def _check_federation(p: _Problems, cfg: DictConfig, task, sites: list[str] | No
 
 
 def _check_experiment(p: _Problems, cfg: DictConfig, model: bool) -> None:
-    from phems_clinical.runner.tasks import get_task
-
     _seed(p, cfg.seed)
     task = None
     try:
-        task = get_task(cfg.use_case)
+        task = usecases.get(cfg.use_case).task
     except ValueError as err:
         p.add("use_case", _text(err).removeprefix("use_case: "))
     if model and task is not None:

@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 from scipy import optimize
 
+from phems_clinical import usecases
 from phems_clinical.data.cardiac import simulate_cardiac
 from phems_clinical.data.cardiac.pathways import episodes
-from phems_clinical.evaluation.profiles import ATTACK_COLUMNS, profile
+from phems_clinical.evaluation.profiles import profile
 from phems_clinical.privacy.fidelity import logistic_transfer
 
 
@@ -26,7 +27,7 @@ def test_pk_profile_hand_worked():
                              SEX=0, BGO=sid - 1))
     rows.append(dict(ID=2, TIME=72.0, AMT=0.0, DV=0.5, EVID=0, MDV=0, BLQ=1, OCC=1,
                      AGE=16.0, WT=50.0, SEX=0, BGO=1))  # BLQ: not a level
-    p = profile("haemophilia", pd.DataFrame(rows))
+    p = profile(usecases.get("haemophilia"), pd.DataFrame(rows))
     np.testing.assert_allclose(p["dose_iu_kg"], [50.0, 50.0])
     np.testing.assert_allclose(p["log_slope"], [-k, -k], rtol=1e-9)
     assert list(p["n_levels"]) == [3, 3]
@@ -43,7 +44,7 @@ def test_picu_profile_hand_worked():
         "lactate": [np.nan, 2.0, 4.5, np.nan, np.nan], "spo2": [97, 91, 88, 99, 98],
         "imv": [0, 1, 1, 0, 0], "vasoactives": [0, 0, 2, 0, 0],
         "culture": [0, 1, 0, 0, 0]})
-    p = profile("picu", h)
+    p = profile(usecases.get("picu"), h)
     assert list(p["los_hours"]) == [3, 2] and list(p["died"]) == [1, 0]
     np.testing.assert_allclose(p["hr_mean"], [110.0, 92.0])
     assert p["lactate_max"].iloc[0] == 4.5 and np.isnan(p["lactate_max"].iloc[1])
@@ -53,12 +54,12 @@ def test_picu_profile_hand_worked():
 
 def test_cardiac_profile_matches_sojourns():
     s = episodes(simulate_cardiac(jax.random.key(1), n_episodes=80).tables)[0]
-    p = profile("cardiac", s)
+    p = profile(usecases.get("cardiac"), s)
     assert len(p) == s["episode_id"].nunique()
     died = s.groupby("episode_id", sort=False)["next_state"].apply(
         lambda x: int((x == "DEAD").any()))
     assert list(p["died"]) == list(died)
-    for aux, secret in ATTACK_COLUMNS.values():
+    for aux, secret in (usecases.get(n).attack_columns for n in usecases.names()):
         assert secret not in aux
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from phems_clinical import usecases
 from phems_clinical.data.cardiac import simulate_cardiac
 from phems_clinical.data.cardiac.pathways import episodes
 from phems_clinical.evaluation.sources import (
@@ -22,19 +23,21 @@ from phems_clinical.privacy.secret_rng import secret_generator
 from phems_clinical.privacy.synth.mst import MSTInputError
 
 KEY = jax.random.key(11)
+CARDIAC = usecases.get("cardiac")
+HAEMOPHILIA = usecases.get("haemophilia")
 
 
 @pytest.fixture(scope="module")
 def cardiac():
     s = episodes(simulate_cardiac(KEY, n_episodes=240).tables)[0]
-    train, hold = split_patients(KEY, s, "cardiac", 0.5)
+    train, hold = split_patients(KEY, s, CARDIAC, 0.5)
     # MST noise is secret by design; a kept test secret replays one release, so
     # the assertions below do not depend on a fresh draw (with fresh noise, ~120
     # DP profiles sometimes hold no death and the death model has one class).
-    derived = [derive(jax.random.fold_in(KEY, i), "cardiac", train, spec,
+    derived = [derive(jax.random.fold_in(KEY, i), CARDIAC, train, spec,
                       noise=secret_generator(20261207))
-               for i, spec in enumerate(default_sources("cardiac"))]
-    ds = score_sources(KEY, "cardiac", train, hold, derived, n_attacks=100, seed=3)
+               for i, spec in enumerate(default_sources(CARDIAC))]
+    ds = score_sources(KEY, CARDIAC, train, hold, derived, n_attacks=100, seed=3)
     return s, train, hold, derived, ds
 
 
@@ -44,7 +47,7 @@ def test_split_is_by_patient_and_disjoint(cardiac):
     assert not a & b and a | b == set(s["person_id"])
     assert len(train) + len(hold) == len(s)
     with pytest.raises(SourceError, match="holdout"):
-        split_patients(KEY, s, "cardiac", 1.2)
+        split_patients(KEY, s, CARDIAC, 1.2)
 
 
 def test_scorecard_rates_every_source(cardiac):
@@ -78,7 +81,7 @@ def test_verbatim_release_high_risk_generated_low(cardiac):
 
 def test_reproducible_and_netcdf(cardiac, tmp_path):
     _, train, hold, derived, ds = cardiac
-    again = score_sources(KEY, "cardiac", train, hold, derived, n_attacks=100,
+    again = score_sources(KEY, CARDIAC, train, hold, derived, n_attacks=100,
                           seed=3)
     xr.testing.assert_identical(ds, again)
     ds.to_netcdf(tmp_path / "s.nc", engine="h5netcdf")
@@ -94,21 +97,21 @@ def test_mst_source_reports_budget(cardiac):
     # release says "OS CSPRNG ... not reproducible": tests/privacy/test_mst.py)
     assert mst.report["noise_source"] == "caller's kept generator"
     assert mst.report["rho_zcdp"] > 0 and len(mst.report["tree"]) == \
-        len(profile_domain("cardiac")) - 1
+        len(profile_domain(CARDIAC)) - 1
     assert (mst.profile["age_days"] >= 0).all()
 
 
 def test_bad_requests_named(cardiac):
     _, train, *_ = cardiac
     with pytest.raises(SourceError, match="does not apply to cardiac"):
-        derive(KEY, "cardiac", train, SourceSpec("s", "synthetic", "sequence"))
+        derive(KEY, CARDIAC, train, SourceSpec("s", "synthetic", "sequence"))
     with pytest.raises(SourceError, match="kind 'fake'"):
-        derive(KEY, "cardiac", train, SourceSpec("s", "fake"))
+        derive(KEY, CARDIAC, train, SourceSpec("s", "fake"))
     with pytest.raises(MSTInputError, match="epsilon"):
-        derive(KEY, "cardiac", train, SourceSpec("m", "synthetic", "mst",
+        derive(KEY, CARDIAC, train, SourceSpec("m", "synthetic", "mst",
                                                  {"epsilon": 0.0}))
     with pytest.raises(SourceError, match="pk_model"):
-        derive(KEY, "haemophilia", train.rename(columns={"person_id": "ID",
+        derive(KEY, HAEMOPHILIA, train.rename(columns={"person_id": "ID",
                                                          "age_days": "AGE",
                                                          "weight_kg": "WT",
                                                          "sex": "SEX"}),
@@ -117,7 +120,7 @@ def test_bad_requests_named(cardiac):
 
 def test_copula_profiles_source(cardiac):
     _, train, hold, *_ = cardiac
-    d = derive(KEY, "cardiac", train, SourceSpec("c", "synthetic", "copula"))
+    d = derive(KEY, CARDIAC, train, SourceSpec("c", "synthetic", "copula"))
     assert d.data is None and len(d.profile) == train["episode_id"].nunique()
     assert set(d.profile["stat"]) <= {1, 2, 3, 4, 5}
     assert set(d.profile["sex"]) <= {"F", "M"}

@@ -244,7 +244,8 @@ def test_runner_applies_secagg_on_flower(monkeypatch, tmp_path):
 
     from phems_clinical.federation.flower import launch
     from phems_clinical.pk.library import load_product
-    from phems_clinical.runner.tasks.haemophilia import train_flower
+    from phems_clinical import usecases
+    from phems_clinical.runner.training import FederationSettings, train_flower
 
     seen = {}
 
@@ -256,6 +257,8 @@ def test_runner_applies_secagg_on_flower(monkeypatch, tmp_path):
     frames = [pd.DataFrame({"ID": [k], "TIME": [0.0]}) for k in range(3)]
     for secure in (True, False):
         with pytest.raises(RuntimeError, match="stopped"):
-            train_flower(1, frames, "fed_focei", load_product("advate"), {},
-                         tmp_path / str(secure), secagg=secure)
+            train_flower(usecases.get("haemophilia").task, None, 1, frames,
+                         "fed_focei", load_product("advate"),
+                         FederationSettings("flower", "fed_focei", {}, secure),
+                         tmp_path / str(secure))
         assert seen["settings"].secagg is secure

@@ -6,12 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from phems_clinical import usecases
 from phems_clinical.data.cardiac import simulate_cardiac
 from phems_clinical.data.cardiac.pathways import episodes
 from phems_clinical.privacy.anonymity import k_anonymity
 from phems_clinical.privacy.hierarchies import categorical, suppress_only
 from phems_clinical.privacy.release import BAND_SUFFIX, AnonymiseError, anonymise
 from phems_clinical.privacy.search import SearchError, lattice_search
+
+CARDIAC = usecases.get("cardiac").roles
 
 # 6 records in two classes of 3, and 2 records (1,3) and (2,3) that are unique on
 # (A, B) but share B: one cell each (A) makes them a class of 2.
@@ -67,7 +70,7 @@ def test_generalisation_levels_still_searched():
 
 def test_release_with_cell_suppression():
     s = episodes(simulate_cardiac(jax.random.key(4), n_episodes=200).tables)[0]
-    rel = anonymise(jax.random.key(0), s, "cardiac", k=5, max_suppression=0.05,
+    rel = anonymise(jax.random.key(0), s, CARDIAC, k=5, max_suppression=0.05,
                     suppression="cells")
     bands = [c + BAND_SUFFIX for c in ("age_days", "sex", "weight_kg")]
     pt = rel.data.groupby("person_id")[bands].first()
@@ -80,7 +83,7 @@ def test_release_with_cell_suppression():
     starred = first["sex_band"] == "*"
     assert first.loc[starred, "sex"].isna().all()
     with pytest.raises(AnonymiseError, match="cells"):
-        anonymise(jax.random.key(0), s, "cardiac", method="mondrian",
+        anonymise(jax.random.key(0), s, CARDIAC, method="mondrian",
                   suppression="cells")
     np.testing.assert_array_equal(
         rel.data["age_group"].to_numpy(),

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from phems_clinical import usecases
 from phems_clinical.data.cardiac import simulate_cardiac
 from phems_clinical.data.cardiac.pathways import episodes
 from phems_clinical.data.picu import hourly_table, simulate_picu
@@ -22,7 +23,6 @@ from phems_clinical.privacy.hierarchies import (
 )
 from phems_clinical.privacy.release import (
     BAND_SUFFIX,
-    ROLES,
     AnonymiseError,
     anonymise,
     patient_table,
@@ -42,13 +42,14 @@ def sources():
 
 
 USE_CASES = ("haemophilia", "picu", "cardiac")
+ROLES = {n: usecases.get(n).roles for n in USE_CASES}
 
 
 @pytest.mark.parametrize("uc", USE_CASES)
 def test_release_is_k_anonymous_by_patient(sources, uc):
     data = sources[uc]
     roles = ROLES[uc]
-    rel = anonymise(KEY, data, uc, k=5, max_suppression=0.1)
+    rel = anonymise(KEY, data, ROLES[uc], k=5, max_suppression=0.1)
     bands = [c + BAND_SUFFIX for c in rel.report["config"]["quasi_identifiers"]]
     per_patient = rel.data.groupby(roles.patient_id)[bands].nunique()
     assert (per_patient == 1).all().all()  # one label per patient and QI
@@ -68,7 +69,7 @@ def test_release_is_k_anonymous_by_patient(sources, uc):
 
 @pytest.mark.parametrize("uc", USE_CASES)
 def test_released_value_lies_in_its_band(sources, uc):
-    rel = anonymise(KEY, sources[uc], uc, k=5, max_suppression=0.1)
+    rel = anonymise(KEY, sources[uc], ROLES[uc], k=5, max_suppression=0.1)
     hier = ROLES[uc].qis(sources[uc])
     for c, info in rel.report["quasi_identifiers"].items():
         lvl = info["level"]
@@ -80,7 +81,7 @@ def test_released_value_lies_in_its_band(sources, uc):
 
 def test_longitudinal_values_untouched_for_kept_patients(sources):
     data = sources["picu"]
-    rel = anonymise(KEY, data, "picu", k=5)
+    rel = anonymise(KEY, data, ROLES["picu"], k=5)
     assert rel.report["patients_suppressed"] == 0
     for col in ("hr", "lactate", "imv"):
         a = np.sort(data[col].dropna().to_numpy())
@@ -93,7 +94,7 @@ def test_longitudinal_values_untouched_for_kept_patients(sources):
 
 def test_cardiac_dates_shifted_per_patient_and_derived_recomputed(sources):
     data = sources["cardiac"]
-    rel = anonymise(KEY, data, "cardiac", k=5, max_suppression=0.1)
+    rel = anonymise(KEY, data, ROLES["cardiac"], k=5, max_suppression=0.1)
     assert rel.report["dates_shifted"]["columns"] == ["surgery_datetime"]
     assert set(rel.report["recomputed_columns"]) == {"age_group", "weight_z"}
     # intervals: every sojourn of a patient shares one surgery time (shift constant)
@@ -109,7 +110,7 @@ def test_cardiac_dates_shifted_per_patient_and_derived_recomputed(sources):
 
 
 def test_pk_derived_columns_follow_released_size(sources):
-    rel = anonymise(KEY, sources["haemophilia"], "haemophilia", k=3,
+    rel = anonymise(KEY, sources["haemophilia"], ROLES["haemophilia"], k=3,
                     max_suppression=0.1)
     d = rel.data
     np.testing.assert_allclose(d["BMI"], d["WT"] / (d["HT"] / 100) ** 2)
@@ -118,23 +119,23 @@ def test_pk_derived_columns_follow_released_size(sources):
 
 @pytest.mark.parametrize("uc", USE_CASES)
 def test_idempotent_in_memory_and_after_csv(sources, uc, tmp_path):
-    rel = anonymise(KEY, sources[uc], uc, k=5, max_suppression=0.1)
-    again = anonymise(KEY, rel.data, uc, k=5, max_suppression=0.1)
+    rel = anonymise(KEY, sources[uc], ROLES[uc], k=5, max_suppression=0.1)
+    again = anonymise(KEY, rel.data, ROLES[uc], k=5, max_suppression=0.1)
     assert again.report["already_anonymised"]
     pd.testing.assert_frame_equal(again.data, rel.data)
     path = tmp_path / "rel.csv"
     rel.data.to_csv(path, index=False)
     back = pd.read_csv(path)
-    assert anonymise(KEY, back, uc, k=5, max_suppression=0.1).report[
+    assert anonymise(KEY, back, ROLES[uc], k=5, max_suppression=0.1).report[
         "already_anonymised"]
     with pytest.raises(AnonymiseError, match="already anonymised"):
-        anonymise(KEY, rel.data, uc, k=6, max_suppression=0.1)
+        anonymise(KEY, rel.data, ROLES[uc], k=6, max_suppression=0.1)
 
 
 def test_reproducible_and_key_dependent(sources):
-    a = anonymise(KEY, sources["cardiac"], "cardiac", k=5, max_suppression=0.1)
-    b = anonymise(KEY, sources["cardiac"], "cardiac", k=5, max_suppression=0.1)
-    c = anonymise(jax.random.key(99), sources["cardiac"], "cardiac", k=5,
+    a = anonymise(KEY, sources["cardiac"], ROLES["cardiac"], k=5, max_suppression=0.1)
+    b = anonymise(KEY, sources["cardiac"], ROLES["cardiac"], k=5, max_suppression=0.1)
+    c = anonymise(jax.random.key(99), sources["cardiac"], ROLES["cardiac"], k=5,
                   max_suppression=0.1)
     # the key fixes everything but the date shifts, which are a secret drawn from
     # the OS CSPRNG: a recipient who knows the key (the seed) cannot undo them
@@ -148,14 +149,14 @@ def test_reproducible_and_key_dependent(sources):
 
 
 def test_mondrian_release(sources):
-    rel = anonymise(KEY, sources["cardiac"], "cardiac", k=5, method="mondrian")
+    rel = anonymise(KEY, sources["cardiac"], ROLES["cardiac"], k=5, method="mondrian")
     bands = [c + BAND_SUFFIX for c in ("age_days", "sex", "weight_kg")]
     sizes = rel.data.groupby("person_id")[bands].first().value_counts()
     assert sizes.min() >= 5 and rel.report["patients_suppressed"] == 0
 
 
 def test_l_diversity_on_patient_outcome(sources):
-    rel = anonymise(KEY, sources["cardiac"], "cardiac", k=3, l=2,
+    rel = anonymise(KEY, sources["cardiac"], ROLES["cardiac"], k=3, l=2,
                     max_suppression=0.3)
     pt = rel.patients
     assert pt.groupby(list(pt.columns[:-1]))["died"].nunique().min() >= 2
@@ -164,7 +165,7 @@ def test_l_diversity_on_patient_outcome(sources):
 
 def test_patient_table_sensitive_rule(sources):
     s = sources["cardiac"]
-    pt = patient_table(s, "cardiac")
+    pt = patient_table(s, ROLES["cardiac"])
     died = s.groupby("person_id")["next_state"].apply(lambda x: (x == "DEAD").any())
     assert (pt["died"].astype(bool) == died.reindex(pt.index)).all()
 
@@ -172,29 +173,32 @@ def test_patient_table_sensitive_rule(sources):
 # ---------------------------------------------------------------- bad input
 def test_missing_quasi_identifier_named(sources):
     with pytest.raises(AnonymiseError, match="weight_kg"):
-        anonymise(KEY, sources["cardiac"].drop(columns="weight_kg"), "cardiac")
+        anonymise(KEY, sources["cardiac"].drop(columns="weight_kg"), ROLES["cardiac"])
 
 
 def test_impossible_k_named(sources):
     with pytest.raises(AnonymiseError, match="k=500 is impossible.*150 patients"):
-        anonymise(KEY, sources["cardiac"], "cardiac", k=500)
+        anonymise(KEY, sources["cardiac"], ROLES["cardiac"], k=500)
 
 
 def test_unreachable_model_reports_best_k(sources):
     with pytest.raises(SearchError, match="best k reached"):
-        anonymise(KEY, sources["picu"], "picu", k=5, l=3, max_suppression=0.0)
+        anonymise(KEY, sources["picu"], ROLES["picu"], k=5, l=3, max_suppression=0.0)
 
 
 def test_uncovered_hierarchy_value_named(sources):
     bad = sources["cardiac"].copy()
     bad.loc[bad.index[:2], "age_days"] = -4.0
     with pytest.raises(HierarchyError, match="age_days"):
-        anonymise(KEY, bad, "cardiac", k=5, max_suppression=0.1)
+        anonymise(KEY, bad, ROLES["cardiac"], k=5, max_suppression=0.1)
 
 
 def test_unknown_use_case():
-    with pytest.raises(AnonymiseError, match="not one of"):
-        anonymise(KEY, pd.DataFrame({"a": [1]}), "oncology")
+    # the library takes roles, never a name: a name is refused naming the way
+    with pytest.raises(AnonymiseError, match=r"usecases\.get\('picu'\)\.roles"):
+        anonymise(KEY, pd.DataFrame({"a": [1]}), "picu")
+    with pytest.raises(usecases.UseCaseError, match="not one of haemophilia, picu"):
+        usecases.get("oncology")
 
 
 # ---------------------------------------------------------------- OMOP dates
@@ -228,7 +232,7 @@ def test_any_calendar_column_is_shifted(sources):
     ev = sources["haemophilia"].copy()
     ev["DATETIME"] = pd.Timestamp("2025-03-01 08:00") + pd.to_timedelta(ev["TIME"],
                                                                         unit="h")
-    rel = anonymise(KEY, ev, "haemophilia", k=3, max_suppression=0.1)
+    rel = anonymise(KEY, ev, ROLES["haemophilia"], k=3, max_suppression=0.1)
     assert rel.report["dates_shifted"]["columns"] == ["DATETIME"]
     d = rel.data
     # each patient's times keep their spacing; the calendar moved

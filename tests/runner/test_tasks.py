@@ -68,7 +68,7 @@ def test_picu_task_equals_cross_site_evaluation(picu):
     # the alarm threshold comes from summed per-candidate utility totals (what a
     # federation can send): the same choice as the pooled predictions give over
     # the same public candidates
-    from phems_clinical.runner.tasks.picu import THRESHOLDS
+    from phems_clinical.usecases.picu import THRESHOLDS
 
     ex = [prep.test[s] for s in train_names]
     probs = [np.asarray(fitted.model.predict(fitted.model.x, e)) for e in ex]

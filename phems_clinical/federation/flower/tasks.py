@@ -24,7 +24,7 @@ one use case (run config ``use-case``):
 Layering: haemophilia's recipe uses the federation and PK layers only and lives
 here; the PICU and cardiac recipes compose models with the evaluation layer
 (utility totals, multi-state design), so they live with their use case
-(:mod:`phems_clinical.runner.tasks.picu`, ``.cardiac``: attribute ``FLOWER``) and
+(:mod:`phems_clinical.usecases.picu`, ``.cardiac``: attribute ``FLOWER``) and
 the Flower apps, the deployment entry points, look them up by name at call time
 (:func:`use_case`); nothing here imports them at module import.
 """
@@ -101,7 +101,7 @@ def use_case(name: str) -> UseCase:
     if name == "haemophilia":
         return HAEMOPHILIA
     if name in USE_CASES:
-        return importlib.import_module(f"phems_clinical.runner.tasks.{name}").FLOWER
+        return importlib.import_module(f"phems_clinical.usecases.{name}").FLOWER
     raise ValueError(f"run config use-case: {name!r} is not one of "
                      f"{', '.join(USE_CASES)}")
 

@@ -1,5 +1,10 @@
 """Cardiac: federated multi-state model of paediatric cardiac surgical pathways.
 
+Analysis table: one row per sojourn of a surgical episode (:func:`phems_clinical.
+data.cardiac.pathways.episodes` from each site's OMOP database); profile: one row
+per episode (:func:`phems_clinical.evaluation.profiles.cardiac_profile`);
+synthetic data: pathways (:mod:`phems_clinical.privacy.synth.pathways`).
+
 Piecewise-exponential transition hazards with covariates (:mod:`phems_clinical.
 models.multistate`), penalised likelihood minimised by FedAdam (default; it
 reaches the pooled optimum, :mod:`phems_clinical.evaluation.cardiac_eval`).
@@ -10,16 +15,29 @@ over 7 days, IPCW Brier scores of death and readmission.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from phems_clinical.data.cardiac.pathways import derived_covariates, episodes
 from phems_clinical.evaluation import cardiac_eval as ce
+from phems_clinical.evaluation import utility as ut
+from phems_clinical.evaluation.profiles import cardiac_profile
 from phems_clinical.federation.registry import FEDOPT, build_fedopt
 from phems_clinical.models import multistate as ms
-from phems_clinical.runner.tasks import Fitted, Problem, Task, flat_estimates
+from phems_clinical.privacy.hierarchies import (
+    paediatric_age,
+    suppress_only,
+    weight_kg,
+)
+from phems_clinical.privacy.release import Roles
+from phems_clinical.usecases.base import UseCase
+from phems_clinical.usecases.omop_sites import load_site, report_json, site_databases
+from phems_clinical.usecases.task import Fitted, Problem, Task, flat_estimates
 
 METRICS = ("c_death", "auc_cicu_gt7", "brier_death_360d", "brier_readmit_360d")
 
@@ -173,9 +191,118 @@ TASK = Task(
             "brier_readmit_360d": "Brier score of readmission by 1 year"},
     id_columns=("episode_id", "person_id"), model_from_config=model_from_config,
     model_label=lambda m: "multi-state pathways",
-    problem=problem, evaluate=evaluate, flower_fitted=flower_fitted)
+    problem=problem, evaluate=evaluate, flower_fitted=flower_fitted,
+    flower_model=lambda m: ("", json.dumps(dict(m))))
 
 FLOWER = _flower()
 """The cardiac recipe of the Flower apps (:mod:`phems_clinical.federation.flower.
 tasks`): a site reads its sojourn table (``sojourns.csv``); the summed round before
 training carries the scaling totals of the multi-state model."""
+
+
+# ------------------------------------------------------------ data and sources
+def recompute(df: pd.DataFrame) -> pd.DataFrame:
+    """age_group and weight_z from the released age_days / weight_kg, by the rule of
+    :func:`phems_clinical.data.cardiac.pathways.episodes`."""
+    out = df.copy()
+    group, wz = derived_covariates(out["age_days"].to_numpy(float),
+                                   out["weight_kg"].to_numpy(float))
+    out["age_group"] = group
+    out["weight_z"] = wz
+    return out
+
+
+ROLES = Roles(
+    use_case="cardiac", patient_id="person_id",
+    identifiers=("person_id", "episode_id"),
+    quasi_identifiers={"age_days": lambda: paediatric_age("days", "age_days"),
+                       "sex": lambda: suppress_only("sex"),
+                       "weight_kg": lambda: weight_kg("weight_kg")},
+    sensitive=("died",), sensitive_rule={"died": "state:DEAD"},
+    date_columns=("surgery_datetime",),
+    derived=("age_group", "weight_z"), recompute=recompute)
+
+#: Public bounds of the profile columns (clinical ranges, never read from data).
+PROFILE_BOUNDS = {
+    "age_days": (0, 6575, 24, "log1p"), "sex": ["F", "M"],
+    "weight_kg": (1, 100, 20, "log1p"), "stat": [1, 2, 3, 4, 5],
+    "ventilation": [0, 1], "cicu_days": (0, 60, 15, "log1p"),
+    "died": [0, 1], "readmitted": [0, 1], "death_day": (0, 365, 12)}
+
+
+def synthesise(key, data: pd.DataFrame, options: Mapping[str, Any], model=None,
+               params=None) -> tuple[pd.DataFrame, dict]:
+    """Synthetic surgical pathways (``options["n"]`` episodes, default as many as
+    ``data``)."""
+    del model, params
+    from phems_clinical.privacy.synth import pathways as pw
+
+    fitted = pw.fit_pathways(data)
+    n = int(options.get("n") or data["episode_id"].nunique())
+    return pw.sample_pathways(key, fitted, n), {"n": n}
+
+
+def utility(key, source: pd.DataFrame, train: pd.DataFrame, holdout: pd.DataFrame,
+            model=None, reference=None) -> dict[str, float]:
+    """The multi-state model fitted on ``source``, scored on the real holdout."""
+    del key, train, model, reference
+    return ut.cardiac_utility(source, holdout)
+
+
+def load_sites(omop: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Each site's sojourn table and its load report (OMOP and pathway checks)."""
+    sojourns, reports = {}, {}
+    for site, db in site_databases(omop).items():
+        tables, report = load_site(db)
+        soj, preport = episodes(tables, site=site)
+        if soj.empty:
+            raise ValueError(f"site {site}: no usable cardiac surgery episode in {db} "
+                             f"({preport.summary()})")
+        sojourns[site] = soj
+        reports[site] = {**report_json(report), "episodes": int(preport.n_episodes),
+                         "excluded_episodes": {str(k): int(v) for k, v in
+                                               preport.counts().items()}}
+    return sojourns, reports
+
+
+def load(omop, model=None) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Each site's sojourn table and load report."""
+    del model
+    return load_sites(omop)
+
+
+def site_names(n_sites: int) -> list[str]:
+    return [f"hospital_{i + 1}" for i in range(n_sites)]
+
+
+def simulate(key, n_sites: int, n_per_site: int, model=None) -> dict:
+    """``n_sites`` hospitals of ``n_per_site`` surgical episodes as OMOP tables,
+    cycling through the simulator's case mixes (hospitals a, b, c)."""
+    del model
+    from phems_clinical.data.cardiac.simulate import SITE_CASE_MIX, simulate_sites
+
+    mixes = list(SITE_CASE_MIX.values())
+    spec = {name: mixes[i % 3] for i, name in enumerate(site_names(n_sites))}
+    return {s: c.tables for s, c in simulate_sites(key, n_episodes=n_per_site,
+                                                   sites=spec).items()}
+
+
+def simulate_default(key, n: int | None, product: str = "") -> dict:
+    """The simulator's default hospitals (``n`` episodes each, default 500), with
+    the simulator's truth."""
+    del product
+    from phems_clinical.data.cardiac import simulate_sites
+
+    return {name: (c.tables, c.truth)
+            for name, c in simulate_sites(key, n_episodes=n or 500).items()}
+
+
+USE_CASE = UseCase(
+    name="cardiac", unit="surgical episode", roles=ROLES, profile=cardiac_profile,
+    profile_bounds=PROFILE_BOUNDS, may_be_missing=frozenset({"death_day"}),
+    attack_columns=(("age_days", "sex", "weight_kg", "stat"), "died"),
+    generator="pathway", synthesise=synthesise, utility=utility, load=load,
+    simulate=simulate, site_names=site_names, simulate_default=simulate_default,
+    task=TASK,
+    outcome=("died", ("age_days", "sex", "weight_kg", "stat", "ventilation")))
+"""Paediatric cardiac surgical pathways (see the module docstring)."""

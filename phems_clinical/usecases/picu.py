@@ -1,5 +1,10 @@
 """PICU: federated sepsis early warning (Phoenix sepsis onset within 6 h).
 
+Analysis table: one row per ICU stay-hour (:func:`phems_clinical.data.picu.
+hourly_table` from each site's OMOP database); profile: one row per ICU stay
+(:func:`phems_clinical.evaluation.profiles.picu_profile`); synthetic data: stay
+sequences (:mod:`phems_clinical.privacy.synth.picu_sequences`).
+
 Each site builds its stays' hourly features and the standardisation is the
 training sites' summed :class:`~phems_clinical.models.sepsis_features.
 FeatureStats` (:func:`phems_clinical.evaluation.sepsis_eval.prepare_sites`);
@@ -13,19 +18,28 @@ Crit Care Med 2020;48:210), Brier score, calibration slope.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from phems_clinical.data.picu import hourly_table
 from phems_clinical.evaluation import sepsis_eval as se
+from phems_clinical.evaluation import utility as ut
+from phems_clinical.evaluation.profiles import picu_profile
 from phems_clinical.federation.registry import FEDOPT, build_fedopt
 from phems_clinical.federation.strategies import objective_from_loss
 from phems_clinical.models import sepsis as sm
 from phems_clinical.models.scores import sepsis_onset
 from phems_clinical.models.sepsis_features import build_site
-from phems_clinical.runner.tasks import Fitted, Problem, Task
+from phems_clinical.privacy.hierarchies import paediatric_age, suppress_only
+from phems_clinical.privacy.release import Roles
+from phems_clinical.usecases.base import UseCase
+from phems_clinical.usecases.omop_sites import load_site, report_json, site_databases
+from phems_clinical.usecases.task import Fitted, Problem, Task
 
 METRICS = ("auroc", "auprc", "utility", "brier", "calibration_slope")
 
@@ -288,10 +302,118 @@ TASK = Task(
     id_columns=("stay_id", "person_id", "visit_occurrence_id"),
     model_from_config=model_from_config,
     model_label=lambda m: f"sepsis {m.architecture}", problem=problem,
-    evaluate=evaluate, flower_fitted=flower_fitted)
+    evaluate=evaluate, flower_fitted=flower_fitted,
+    flower_model=lambda m: ("", json.dumps(m._asdict())))
 
 FLOWER = _flower()
 """The PICU recipe of the Flower apps (:mod:`phems_clinical.federation.flower.
 tasks`): a site reads its hourly table (``hourly.csv``); the summed round before
 training carries the standardisation sums, hours, stays and positive hours; after
 training the utility totals at :data:`THRESHOLDS` choose the alarm threshold."""
+
+
+# ------------------------------------------------------------ data and sources
+ROLES = Roles(
+    use_case="picu", patient_id="person_id", identifiers=("person_id", "stay_id"),
+    quasi_identifiers={"age_months": lambda: paediatric_age("months", "age_months"),
+                       "sex": lambda: suppress_only("sex")},
+    sensitive=("died",), sensitive_rule={"died": "max"})
+
+#: Public bounds of the profile columns (clinical ranges, never read from data).
+PROFILE_BOUNDS = {
+    "age_months": (0, 216, 24, "log1p"), "sex": ["F", "M"],
+    "los_hours": (1, 336, 16, "log1p"), "died": [0, 1],
+    "hr_mean": (40, 220, 18), "lactate_max": (0, 20, 12, "log1p"),
+    "spo2_min": (50, 100, 10), "imv_hours": (0, 336, 12, "log1p"),
+    "vasoactive_hours": (0, 336, 12, "log1p"), "culture": [0, 1]}
+
+
+def synthesise(key, data: pd.DataFrame, options: Mapping[str, Any], model=None,
+               params=None) -> tuple[pd.DataFrame, dict]:
+    """Synthetic ICU stays (``options["n"]``, default as many as ``data``)."""
+    del model, params
+    from phems_clinical.privacy.synth import picu_sequences as ps
+
+    fitted = ps.fit_picu_sequences(data)
+    n = int(options.get("n") or data["stay_id"].nunique())
+    return ps.sample_picu_sequences(key, fitted, n), {"n": n}
+
+
+def utility(key, source: pd.DataFrame, train: pd.DataFrame, holdout: pd.DataFrame,
+            model=None, reference=None) -> dict[str, float]:
+    """The sepsis model trained on ``source``, scored on the real holdout."""
+    del train, model, reference
+    return ut.sepsis_utility(key, source, holdout)
+
+
+def load_sites(omop: str | Path) -> tuple[dict[str, pd.DataFrame],
+                                          dict[str, pd.Series], dict[str, Any]]:
+    """Each site's hourly table, Phoenix onsets (hour per stay_id, NaN = none) and
+    load report."""
+    hourly, onsets, reports = {}, {}, {}
+    for site, db in site_databases(omop).items():
+        tables, report = load_site(db)
+        h = hourly_table(tables, site=site)
+        if h.empty:
+            raise ValueError(f"site {site}: no ICU stay with hourly data in {db}")
+        onset = sepsis_onset(h)
+        hourly[site], onsets[site] = h, onset
+        reports[site] = {**report_json(report), "stays": int(h["stay_id"].nunique()),
+                         "hours": len(h),
+                         "phoenix_sepsis_stays": int(np.isfinite(onset).sum())}
+    return hourly, onsets, reports
+
+
+def load(omop, model=None) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
+    """Each site's hourly table and load report."""
+    del model
+    hourly, _, reports = load_sites(omop)
+    return hourly, reports
+
+
+def _site_mixes(n_sites: int) -> dict[str, dict]:
+    from phems_clinical.data.picu import DEFAULT_SITES
+
+    mixes = list(DEFAULT_SITES.items())
+    return {f"{mixes[i % 3][0]}_{i + 1}": mixes[i % 3][1] for i in range(n_sites)}
+
+
+def site_names(n_sites: int) -> list[str]:
+    """Sites cycle through the simulator's case mixes (tertiary, surgical,
+    district)."""
+    return list(_site_mixes(n_sites))
+
+
+def simulate(key, n_sites: int, n_per_site: int, model=None) -> dict:
+    """``n_sites`` hospitals of ``n_per_site`` stays as OMOP tables."""
+    del model
+    from phems_clinical.data.picu import simulate_sites
+
+    spec = {s: {**cfg, "n_stays": n_per_site}
+            for s, cfg in _site_mixes(n_sites).items()}
+    return {s: c.tables for s, c in simulate_sites(key, spec).items()}
+
+
+def simulate_default(key, n: int | None, product: str = "") -> dict:
+    """The simulator's default hospitals (``n`` stays each when given), with the
+    simulator's truth."""
+    del product
+    from phems_clinical.data.picu import DEFAULT_SITES, simulate_sites
+
+    sites = {name: {**cfg, **({"n_stays": n} if n else {})}
+             for name, cfg in DEFAULT_SITES.items()}
+    return {name: (c.tables, c.truth)
+            for name, c in simulate_sites(key, sites).items()}
+
+
+USE_CASE = UseCase(
+    name="picu", unit="ICU stay", roles=ROLES, profile=picu_profile,
+    profile_bounds=PROFILE_BOUNDS,
+    may_be_missing=frozenset({"hr_mean", "lactate_max", "spo2_min"}),
+    attack_columns=(("age_months", "sex", "los_hours"), "died"),
+    generator="sequence", synthesise=synthesise, utility=utility, load=load,
+    simulate=simulate, site_names=site_names, simulate_default=simulate_default,
+    task=TASK,
+    outcome=("died", ("age_months", "sex", "hr_mean", "lactate_max", "spo2_min",
+                      "imv_hours", "vasoactive_hours", "culture")))
+"""PICU sepsis early warning (see the module docstring)."""
