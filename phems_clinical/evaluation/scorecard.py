@@ -117,11 +117,16 @@ class UnknownMetricError(ScorecardInputError):
 
 
 class Score(NamedTuple):
-    """One scorecard cell: the value and its 95 % interval (NaN when none)."""
+    """One scorecard cell: the value, its 95 % interval (NaN when none), the
+    sample size ``n`` the interval rests on (attacks, patients; NaN unknown) and,
+    when the metric cannot tell good from bad at this size, why
+    (``uninformative``; empty when it can)."""
 
     value: float
     ci_low: float = _NAN
     ci_high: float = _NAN
+    n: float = _NAN
+    uninformative: str = ""
 
 
 class MetricSpec(NamedTuple):
@@ -132,7 +137,8 @@ class MetricSpec(NamedTuple):
     value); ``lower``/``upper`` the acceptance band (see ``bound``: ``absolute``,
     ``relative_to_real`` or ``none``); ``label`` a short name; ``caption`` one
     plain-language sentence for a data controller; ``reference`` the source of the
-    target and band.
+    target and band; ``exact``: the value is a property of the released table
+    itself (k, l, t, prosecutor risk), not an estimate, so it needs no interval.
     """
 
     group: str
@@ -144,11 +150,13 @@ class MetricSpec(NamedTuple):
     label: str
     caption: str
     reference: str
+    exact: bool = False
 
 
-def _m(group, better, target, lower, upper, bound, label, caption, reference):
+def _m(group, better, target, lower, upper, bound, label, caption, reference,
+       exact=False):
     return MetricSpec(group, better, float(target), float(lower), float(upper),
-                      bound, label, caption, reference)
+                      bound, label, caption, reference, bool(exact))
 
 
 #: Metric registry, in display order within each group.
@@ -317,17 +325,18 @@ METRICS: dict[str, MetricSpec] = {
         "privacy.md §4 proposed acceptance |bias| < 20 % (ours; no published "
         "popPK fit on derived data)"),
     "forecast_mdape": _m(
-        "utility", "lower", _NAN, -_INF, 0.05, "relative_to_real",
-        "Forecast error (MDAPE)",
+        "utility", "lower", _NAN, -_INF, 5.0, "relative_to_real",
+        "Forecast error (MDAPE, %)",
         "Dosing tool with its prior taken from this source: median absolute "
-        "percentage error of the forecast factor level (0.2 = 20 %).",
+        "percentage error of the forecast factor level, in % (20 = 20 %).",
         "Sheiner & Beal, J Pharmacokinet Biopharm 1981;9:503-512 (prediction "
         "error); " + _OURS),
     "forecast_mdpe": _m(
-        "utility", "closer_to_target", 0.0, -0.2, 0.2, "absolute",
-        "Forecast bias (MDPE)",
+        "utility", "closer_to_target", 0.0, -20.0, 20.0, "absolute",
+        "Forecast bias (MDPE, %)",
         "Dosing tool with its prior taken from this source: median percentage "
-        "error of the forecast factor level (0 = unbiased; 0.1 = 10 % too high).",
+        "error of the forecast factor level, in % (0 = unbiased; 10 = 10 % too "
+        "high).",
         "Sheiner & Beal, J Pharmacokinet Biopharm 1981;9:503-512; " + _OURS),
     "forecast_within_20": _m(
         "utility", "higher", _NAN, -0.1, _INF, "relative_to_real",
@@ -339,12 +348,12 @@ METRICS: dict[str, MetricSpec] = {
         "utility", "lower", 0.0, -_INF, 0.1, "absolute", "Records suppressed",
         "Share of patient records removed by the anonymisation (0.1 = 10 %).",
         "privacy.md §4 (context-free anonymisation lost over a third of records); "
-        + _OURS),
+        + _OURS, exact=True),
     "generalisation_loss": _m(
         "utility", "lower", 0.0, _NAN, _NAN, "none", "Generalisation loss",
         "How much the quasi-identifiers were coarsened, averaged over records and "
         "columns (0 = original detail, 1 = fully generalised).",
-        "Sweeney, IJUFKS 2002;10(5):571-588 (1 - precision)"),
+        "Sweeney, IJUFKS 2002;10(5):571-588 (1 - precision)", exact=True),
     # ------------------------------------------------------------------- privacy
     "singling_out_risk": _m(
         "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
@@ -400,55 +409,55 @@ METRICS: dict[str, MetricSpec] = {
         "values (such as age band, sex, weight band) with at least k-1 others; "
         "k is the smallest such group.",
         "Sweeney, IJUFKS 2002; 1/k <= 0.09 needs k >= 12 (" + _EMA + "; "
-        "privacy.md rounds 1/11 = 0.091 to 0.09)"),
+        "privacy.md rounds 1/11 = 0.091 to 0.09)", exact=True),
     "prosecutor_risk_max": _m(
         "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
         "Re-identification risk (highest)",
         "Highest chance of re-identifying a patient for an attacker who knows the "
         "patient is in the data and knows the identifying values (1/k).",
         "El Emam, Guide to the De-identification of Personal Health Information, "
-        "2013; " + _EMA),
+        "2013; " + _EMA, exact=True),
     "prosecutor_risk_mean": _m(
         "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
         "Re-identification risk (average)",
         "Average over patients of the chance of re-identification for an "
         "attacker who knows the patient is in the data.",
-        "El Emam 2013; " + _EMA),
+        "El Emam 2013; " + _EMA, exact=True),
     "records_at_risk": _m(
         "privacy", "lower", 0.0, -_INF, 0.0, "absolute", "Records at risk",
         "Share of released patients whose re-identification risk is above 0.09 "
         "(0.05 = 5 %).",
-        "El Emam 2013; " + _EMA),
+        "El Emam 2013; " + _EMA, exact=True),
     "journalist_risk_max": _m(
         "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
         "Re-identification risk (journalist)",
         "Highest chance of re-identifying a patient for an attacker who does not "
         "know whether the patient is in the data (uses population group sizes).",
-        "El Emam 2013; " + _EMA),
+        "El Emam 2013; " + _EMA, exact=True),
     "marketer_risk": _m(
         "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
         "Re-identification risk (marketer)",
         "Expected share of patients an attacker would re-identify when trying to "
         "match everyone at once.",
-        "El Emam 2013; " + _EMA),
+        "El Emam 2013; " + _EMA, exact=True),
     "l_diversity": _m(
         "privacy", "higher", _NAN, 2.0, _INF, "absolute", "l-diversity",
         "Smallest number of different sensitive values (for example diagnoses) "
         "within any group of patients who look alike; 1 means some group "
         "reveals its sensitive value.",
         "Machanavajjhala et al., ACM TKDD 2007;1(1):3 (l >= 2 avoids certain "
-        "disclosure)"),
+        "disclosure)", exact=True),
     "l_diversity_entropy": _m(
         "privacy", "higher", _NAN, 2.0, _INF, "absolute", "Entropy l-diversity",
         "Like l-diversity, but counting how evenly the sensitive values are "
         "spread within each group (exp of the entropy; 1 = one value only).",
-        "Machanavajjhala et al., ACM TKDD 2007;1(1):3; " + _OURS),
+        "Machanavajjhala et al., ACM TKDD 2007;1(1):3; " + _OURS, exact=True),
     "t_closeness": _m(
         "privacy", "lower", 0.0, -_INF, 0.2, "absolute", "t-closeness",
         "Largest difference between the sensitive values within a group of "
         "look-alike patients and in the whole dataset (earth mover's distance; "
         "0 = every group looks like the whole).",
-        "Li, Li & Venkatasubramanian, ICDE 2007:106-115; " + _OURS),
+        "Li, Li & Venkatasubramanian, ICDE 2007:106-115; " + _OURS, exact=True),
 }
 
 #: Headline fidelity metrics returned by :func:`fidelity_scores`.
@@ -515,11 +524,14 @@ def as_score(x) -> Score:
     a ``(value, ci_low, ci_high)`` tuple, or a real number or 0-d numpy/JAX array
     (no interval)."""
     if isinstance(x, Score):
-        return Score(float(x.value), float(x.ci_low), float(x.ci_high))
+        return Score(float(x.value), float(x.ci_low), float(x.ci_high), float(x.n),
+                     str(x.uninformative))
     if isinstance(x, _attacks.Risk):
-        return Score(float(x.value), float(x.ci_low), float(x.ci_high))
+        return Score(float(x.value), float(x.ci_low), float(x.ci_high),
+                     float(x.n_attacks))
     if isinstance(x, _attacks.MembershipResult):
-        return Score(float(x.auc), float(x.ci_low), float(x.ci_high))
+        return Score(float(x.auc), float(x.ci_low), float(x.ci_high),
+                     float(min(x.n_members, x.n_nonmembers)))
     if isinstance(x, tuple) and len(x) == 3:
         return Score(*(float(v) for v in x))
     if isinstance(x, np.ndarray | jax.Array) and x.ndim == 0 and \
@@ -542,7 +554,7 @@ _UTILITY_NAMES = {  # phems_clinical.evaluation.utility name -> (metric, scale)
     "brier_readmit_30d": ("brier_readmit_30d", 1.0),
     "brier_readmit_360d": ("brier_readmit_360d", 1.0),
     "auc_cicu_gt7": ("auroc_cicu_7d", 1.0), "auroc_cicu_7d": ("auroc_cicu_7d", 1.0),
-    "mdape": ("forecast_mdape", 0.01), "mpe": ("forecast_mdpe", 0.01),
+    "mdape": ("forecast_mdape", 1.0), "mpe": ("forecast_mdpe", 1.0),
     "within20": ("forecast_within_20", 1.0),
 }
 _REL_BIAS = re.compile(r"^rel_bias\[(THETA|CV_IIV)\(([A-Za-z0-9_]+)\)\]$")
@@ -555,8 +567,8 @@ def utility_scores(metrics: Mapping[str, float]) -> dict[str, Score]:
     ``auroc_cicu_7d``, ``utility`` -> ``sepsis_clinical_utility``, ``mdape`` /
     ``mpe`` / ``within20`` -> ``forecast_mdape`` / ``forecast_mdpe`` /
     ``forecast_within_20``, ``rel_bias[THETA(CL)]`` -> ``pk_bias_cl``,
-    ``rel_bias[CV_IIV(CL)]`` -> ``pk_bias_cv_iiv_cl``), converts percentages
-    (``mdape``, ``mpe``, in %) to fractions, and folds ``<name>_ci_low`` /
+    ``rel_bias[CV_IIV(CL)]`` -> ``pk_bias_cv_iiv_cl``), keeps ``mdape`` and
+    ``mpe`` in % (one unit in every table), and folds ``<name>_ci_low`` /
     ``<name>_ci_high`` into the interval of ``<name>``. Bookkeeping entries (sizes,
     thresholds, losses, ``pass[...]``, ``real_prior_*``, ``delta_*``...) are left
     out: the scorecard compares sources through the real source's column.
@@ -581,28 +593,112 @@ def utility_scores(metrics: Mapping[str, float]) -> dict[str, Score]:
     return out
 
 
+_COLUMN_METRICS = ("column_shapes", "max_column_statistic", "mean_missing_diff",
+                   "pair_trends", "mean_abs_diff", "mean_abs_diff_pearson",
+                   "mean_abs_diff_cramers_v")
+
+
+def _column_metrics(real: pd.DataFrame, derived: pd.DataFrame) -> dict[str, float]:
+    """The column and pair metrics of ``fidelity_summary`` (same definitions)."""
+    cols = _fid.column_fidelity(real, derived)
+    pairs = _fid.pairwise_fidelity(real, derived)
+    sims = np.where(pairs.metric == "pearson", 1 - pairs.abs_diff / 2,
+                    1 - pairs.abs_diff)
+    sims = sims[~np.isnan(sims)]
+    return {"column_shapes": float(cols.score.mean()),
+            "max_column_statistic": float(cols.statistic.max()),
+            "mean_missing_diff": float(cols.missing_diff.mean()),
+            **_fid.pairwise_summary(pairs),
+            "pair_trends": float(np.mean(sims)) if sims.size else _NAN}
+
+
+def hanley_mcneil(auc: float, n1: int, n0: int) -> tuple[float, float]:
+    """95 % interval of an AUC, +-1.96 SE of Hanley & McNeil (Radiology
+    1982;143:29-36), clipped to [0, 1]."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n1 - 1) * (q1 - auc**2)
+           + (n0 - 1) * (q2 - auc**2)) / (n1 * n0)
+    se = math.sqrt(max(var, 0.0))
+    return max(0.0, auc - 1.96 * se), min(1.0, auc + 1.96 * se)
+
+
 def fidelity_scores(key, real: pd.DataFrame, derived: pd.DataFrame, *,
                     metrics: Sequence[str] = FIDELITY_METRICS, folds: int = 5,
-                    n_permutations: int = 20) -> dict[str, Score]:
-    """Fidelity of ``derived`` to ``real`` (no intervals).
+                    n_permutations: int = 20, n_boot: int = 40
+                    ) -> dict[str, Score]:
+    """Fidelity of ``derived`` to ``real``, each with a 95 % interval.
 
-    Wraps :func:`phems_clinical.privacy.fidelity.fidelity_summary`; ``metrics``
-    picks which of its numbers to keep (default :data:`FIDELITY_METRICS`; the pMSE
-    ratio is the permutation-null one, which centres at 1 for indistinguishable
-    data). ``key`` drives the classifier folds and the permutations.
+    The values are those of
+    :func:`phems_clinical.privacy.fidelity.fidelity_summary` (``metrics`` picks
+    which; default :data:`FIDELITY_METRICS`; the pMSE ratio is the
+    permutation-null one, which centres at 1 for indistinguishable data).
+    Intervals: column and pair metrics +-1.96 bootstrap SD, the rows (patients)
+    of both tables resampled ``n_boot`` times, clipped to [0, 1] (normal
+    bootstrap interval, Efron & Tibshirani, An Introduction to the Bootstrap,
+    1993, ch. 13; percentile intervals of a resampled distance are shifted by its
+    upward bias); detection AUC by Hanley & McNeil with the cross-validated
+    predictions taken as one test set; pMSE ratio +-1.96 SD of its permutation
+    null (the spread of the ratio when the tables are alike).
+
+    The pMSE ratio is *uninformative* when even perfectly separable tables could
+    not reach the flag limit: perfect separation gives pMSE = c(1 - c), c = share
+    of derived rows (Snoke, Raab, Nowok, Dibben & Slavkovic, JRSS-A 2018), so the
+    largest reachable ratio is c(1 - c) / E_perm[pMSE]; a logistic model with about
+    as many parameters as rows fits any labels and makes this ~1 (the cell's
+    ``uninformative`` says so). ``key`` drives the folds, permutations and
+    resamples.
     """
     for m in metrics:
         metric_spec(m)
     if "pmse_ratio_perm" in metrics and n_permutations < 1:
         raise ScorecardInputError("n_permutations: pmse_ratio_perm needs at least 1 "
                                   f"permutation, got {n_permutations}")
-    summary = _fid.fidelity_summary(key, real, derived, folds=folds,
+    if n_boot < 0:
+        raise ScorecardInputError(f"n_boot: expected >= 0, got {n_boot}")
+    k_sum, k_boot = jax.random.split(key)
+    summary = _fid.fidelity_summary(k_sum, real, derived, folds=folds,
                                     n_permutations=n_permutations)
     absent = [m for m in metrics if m not in summary]
     if absent:
         raise ScorecardInputError(f"metrics {absent} are not fidelity_summary "
                                   f"outputs ({sorted(summary)})")
-    return {m: Score(float(summary[m])) for m in metrics}
+    n0, n1 = len(real), len(derived)
+    n = float(min(n0, n1))
+    out = {m: Score(float(summary[m]), n=n) for m in metrics}
+    boot_m = [m for m in metrics if m in _COLUMN_METRICS]
+    if boot_m and n_boot:
+        rng = _attacks._rng(k_boot)
+        reps = np.array([[v[m] for m in boot_m] for v in (
+            _column_metrics(real.iloc[rng.integers(0, n0, n0)].reset_index(drop=True),
+                            derived.iloc[rng.integers(0, n1, n1)]
+                            .reset_index(drop=True))
+            for _ in range(n_boot))])
+        sd = np.nanstd(reps, axis=0, ddof=1)
+        for j, m in enumerate(boot_m):
+            v = out[m].value
+            lo, hi = np.clip([v - 1.96 * sd[j], v + 1.96 * sd[j]], 0.0, 1.0)
+            out[m] = Score(v, float(lo), float(hi), n)
+    if "detection_auc" in out:
+        v = out["detection_auc"].value
+        out["detection_auc"] = Score(v, *hanley_mcneil(v, n1, n0), n)
+    if "pmse_ratio_perm" in out:
+        # the permutation null of fidelity_summary, redrawn with its own key
+        _, k_pmse = jax.random.split(k_sum)
+        _, perm, _, c, _ = _fid._pmse_parts(k_pmse, real, derived, True,
+                                            n_permutations, 1e-6)
+        v, null_mean = out["pmse_ratio_perm"].value, float(np.mean(perm))
+        reach = c * (1 - c) / null_mean if null_mean > 0 else _NAN
+        limit = METRICS["pmse_ratio_perm"].upper
+        if not reach >= limit:
+            out["pmse_ratio_perm"] = Score(v, n=n, uninformative=(
+                f"uninformative at n = {n0} + {n1} rows: even perfectly separable "
+                f"data would give a ratio of only {reach:.3g} (limit {limit:g}); "
+                f"the propensity model has about as many parameters as rows"))
+        else:
+            half = (1.96 * float(np.std(perm, ddof=1)) / null_mean
+                    if len(perm) > 1 else _NAN)
+            out["pmse_ratio_perm"] = Score(v, max(0.0, v - half), v + half, n)
+    return out
 
 
 def _check_frames(train, control, derived) -> list[str]:
@@ -654,8 +750,8 @@ def privacy_scores(key, train: pd.DataFrame, control: pd.DataFrame,
     ``mia_auc`` (distance-based membership inference, train vs control) and
     ``dcr_share`` (secondary; target 0.5 as the sets are of equal size). Risks
     carry the Wilson-based interval of the anonymeter method, the AUC a
-    Hanley-McNeil interval. When no predicate singles out a derived record at all,
-    the singling-out risk is 0 with no interval (no attack can be built).
+    Hanley-McNeil interval, the DCR share a Wilson interval over the derived rows. When no predicate singles out a derived record at all,
+    the singling-out risk is 0 with the interval [0, 0] (no attack can be built).
     """
     cols = _check_frames(train, control, derived)
     secrets = [] if secret is None else ([secret] if isinstance(secret, str)
@@ -695,7 +791,7 @@ def privacy_scores(key, train: pd.DataFrame, control: pd.DataFrame,
         except ValueError as err:
             if "no predicate" not in str(err):
                 raise
-            out[name] = Score(0.0)
+            out[name] = Score(0.0, 0.0, 0.0, float(n_att))  # no attack exists
     out["linkability_risk"] = as_score(_attacks.linkability_risk(
         ori, derived, ctrl, aux_cols=link_cols, n_attacks=n_att, key=ks[4]))
     if secrets:
@@ -707,8 +803,13 @@ def privacy_scores(key, train: pd.DataFrame, control: pd.DataFrame,
         out["inference_risk"] = as_score(max(risks, key=lambda r: r.value))
     out["mia_auc"] = as_score(_attacks.membership_inference(
         ks[6], ori, ctrl, derived, n=n, cols=cols))
-    out["dcr_share"] = Score(_attacks.distance_to_closest_record(
-        ori, derived, ctrl, cols=cols).share_closer_to_train)
+    share = _attacks.distance_to_closest_record(ori, derived, ctrl,
+                                                cols=cols).share_closer_to_train
+    # Wilson interval over the derived rows (ties, counted 1/2, rounded)
+    centre, err = _attacks.wilson_rate(int(round(share * len(derived))),
+                                       len(derived))
+    out["dcr_share"] = Score(share, max(0.0, centre - err), min(1.0, centre + err),
+                             float(len(derived)))
     return out
 
 
@@ -813,10 +914,12 @@ def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
     -------
     xarray.Dataset
         dims ``("source", "metric")``; variables ``value``, ``ci_low``,
-        ``ci_high``; metric coords ``group, better, target, lower, upper, bound,
-        label, caption, reference``; source coords ``kind, generator, epsilon,
-        delta, unit, n_rows, extra``; attrs ``use_case, seed, created_by``. Metrics are
-        ordered by group (fidelity, utility, privacy), then registry order.
+        ``ci_high``, ``n`` (sample size of the interval), ``uninformative``
+        (reason, or empty); metric coords ``group, better, target, lower, upper,
+        bound, label, caption, reference, exact``; source coords ``kind,
+        generator, epsilon, delta, unit, n_rows, extra``; attrs ``use_case, seed,
+        created_by``. Metrics are ordered by group (fidelity, utility, privacy),
+        then registry order.
     """
     if not isinstance(scores, Mapping) or not scores:
         raise ScorecardInputError("scores: expected a non-empty mapping source -> "
@@ -863,7 +966,8 @@ def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
 
     metrics = sorted(names, key=rank)
     shape = (len(sources), len(metrics))
-    val, lo, hi = (np.full(shape, np.nan) for _ in range(3))
+    val, lo, hi, nn = (np.full(shape, np.nan) for _ in range(4))
+    why = np.full(shape, "", dtype=object)
     for i, cells in enumerate(scores.values()):
         for m, x in cells.items():
             try:
@@ -872,7 +976,7 @@ def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
                 raise ScorecardInputError(f"scores[{sources[i]!r}][{m!r}]: "
                                           f"{err}") from None
             j = metrics.index(m)
-            val[i, j], lo[i, j], hi[i, j] = s
+            val[i, j], lo[i, j], hi[i, j], nn[i, j], why[i, j] = s
     meta = {k: [] for k in ("kind", "generator", "epsilon", "delta", "unit",
                             "n_rows", "extra")}
     for src in scores:
@@ -925,16 +1029,22 @@ def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
         "label": strs([s.label for s in sp]),
         "caption": strs([s.caption for s in sp]),
         "reference": strs([s.reference for s in sp]),
+        "exact": ("metric", np.array([s.exact for s in sp], dtype=bool)),
     }
     dims = ("source", "metric")
     ds = xr.Dataset(
-        {"value": (dims, val), "ci_low": (dims, lo), "ci_high": (dims, hi)},
+        {"value": (dims, val), "ci_low": (dims, lo), "ci_high": (dims, hi),
+         "n": (dims, nn), "uninformative": (dims, why)},
         coords=coords,
         attrs={"use_case": str(use_case), "seed": int(seed),
                "created_by": _created_by()})
     ds["value"].attrs["description"] = "metric value (see caption)"
     ds["ci_low"].attrs["description"] = "lower end of the 95 % interval (NaN: none)"
     ds["ci_high"].attrs["description"] = "upper end of the 95 % interval (NaN: none)"
+    ds["n"].attrs["description"] = ("sample size of the interval: attacks or "
+                                    "patients (NaN: unknown)")
+    ds["uninformative"].attrs["description"] = (
+        "why the metric cannot tell good from bad at this size (empty: it can)")
     ds["epsilon"].attrs["description"] = "DP epsilon (NaN: not differentially private)"
     return ds
 
@@ -944,51 +1054,156 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
-def assess(ds: xr.Dataset) -> xr.Dataset:
-    """Per cell: ``status`` and a plain-language ``note``.
+def needed_n(value: float, ci_low: float, ci_high: float, n: float,
+             limit: float) -> float:
+    """Sample size at which the 95 % interval would exclude ``limit``, the value
+    staying as observed: n_req = n (h / |value - limit|)^2, h the half-width on
+    the side facing the limit. Wilson, Hanley-McNeil and bootstrap half-widths
+    shrink as 1/sqrt(n) (to first order), so the half-width at n_req is
+    |value - limit|. NaN without an interval or n; inf when value == limit."""
+    if any(math.isnan(x) for x in (value, ci_low, ci_high, n, limit)):
+        return _NAN
+    gap = abs(value - limit)
+    if gap == 0:
+        return _INF
+    h = (value - ci_low) if limit < value else (ci_high - value)
+    if h <= 0:  # clipped at a bound of the scale: use the other side
+        h = max(ci_high - value, value - ci_low)
+    return float(math.ceil(n * (h / gap) ** 2))
 
-    ``status`` is ``"ok"`` (within the acceptance band), ``"flagged"`` (outside;
-    ``note`` says which way, e.g. ``"above 0.09 threshold"``), ``"not
-    applicable"`` (NaN value), ``"reference"`` (the real source for a metric judged
-    relative to it), or ``"no threshold"`` (band ``none``, or no real value to
-    compare with).
+
+def _get(ds: xr.Dataset, name: str, i: int, j: int, default):
+    return ds[name].values[i, j] if name in ds else default
+
+
+_REF_NOTES = {
+    "privacy": "reference: what an unprotected release of these real records "
+               "would leak",
+    "fidelity": "reference: how far two real samples of this size differ "
+                "(held-out vs training patients)",
+    "utility": "real-data reference",
+}
+
+
+def _verdict(lo: float, hi: float, lower: float, upper: float) -> str:
+    if lo >= lower and hi <= upper:
+        return "ok"
+    if hi < lower or lo > upper:
+        return "flagged"
+    return "inconclusive"
+
+
+def assess(ds: xr.Dataset) -> xr.Dataset:
+    """Per cell: ``status`` and a plain-language ``note``; never a pass from a
+    point value alone.
+
+    ``status``: ``"ok"`` (within target: the whole 95 % interval inside the
+    acceptance band), ``"flagged"`` (outside target: the whole interval outside;
+    ``note`` says which way, e.g. ``"above 0.09 threshold"``), ``"inconclusive"``
+    (the interval spans a limit, or there is no interval; ``note`` gives the
+    sample size that would settle it, :func:`needed_n`), ``"uninformative"``
+    (the metric cannot flag anything at this size, e.g. a fidelity metric
+    whose real-vs-real reference value is already outside its band; ``note``
+    says why),
+    ``"reference"`` (a source of kind ``real``: the baseline the others are
+    compared with, not a release), ``"not applicable"`` (NaN value) or ``"no
+    threshold"``. Metrics marked ``exact`` (properties of the released table:
+    k, l, t, prosecutor risk) are judged on their value. A metric judged
+    relative to real data is judged on the difference, its interval combining
+    both cells' half-widths in quadrature (as if independent: conservative
+    where they share test patients).
     """
     kinds = [str(k) for k in ds["kind"].values]
     ref_i = kinds.index("real") if "real" in kinds else None
     status = np.empty(ds["value"].shape, dtype=object)
     note = np.empty(ds["value"].shape, dtype=object)
+    exact = (ds["exact"].values.astype(bool) if "exact" in ds.coords
+             else np.zeros(ds.sizes["metric"], bool))
     for j in range(ds.sizes["metric"]):
-        bound = str(ds["bound"].values[j])
+        bound, group = str(ds["bound"].values[j]), str(ds["group"].values[j])
         lower, upper = float(ds["lower"].values[j]), float(ds["upper"].values[j])
         ref = _NAN if ref_i is None else float(ds["value"].values[ref_i, j])
         for i in range(ds.sizes["source"]):
             v = float(ds["value"].values[i, j])
-            st, nt = "ok", "within target"
+            lo = float(ds["ci_low"].values[i, j])
+            hi = float(ds["ci_high"].values[i, j])
+            n = float(_get(ds, "n", i, j, _NAN))
+            why = str(_get(ds, "uninformative", i, j, ""))
             if math.isnan(v):
-                st, nt = "not applicable", "not applicable"
-            elif bound == "none":
-                st, nt = "no threshold", "no threshold (for information)"
-            elif bound == "relative_to_real":
-                if i == ref_i:
-                    st, nt = "reference", "real-data reference"
-                elif math.isnan(ref):
-                    st, nt = "no threshold", "no real-data value to compare with"
+                status[i, j], note[i, j] = "not applicable", "not applicable"
+                continue
+            if kinds[i] == "real":
+                status[i, j], note[i, j] = "reference", _REF_NOTES[group]
+                continue
+            if bound == "none":
+                status[i, j] = "no threshold"
+                note[i, j] = "no threshold (for information)"
+                continue
+            if why:
+                status[i, j], note[i, j] = "uninformative", why
+                continue
+            if group == "fidelity" and bound == "absolute" and \
+                    not math.isnan(ref) and not lower <= ref <= upper:
+                status[i, j] = "uninformative"
+                note[i, j] = (f"uninformative at this size: two real samples "
+                              f"(held-out vs training patients) already give "
+                              f"{_g(ref)}, outside the limit")
+                continue
+            has_ci = not (math.isnan(lo) or math.isnan(hi))
+            if bound == "relative_to_real":
+                if math.isnan(ref):
+                    status[i, j] = "no threshold"
+                    note[i, j] = "no real-data value to compare with"
+                    continue
+                rlo = float(ds["ci_low"].values[ref_i, j])
+                rhi = float(ds["ci_high"].values[ref_i, j])
+                d = v - ref
+                if has_ci:
+                    rh = 0.0 if math.isnan(rlo) or math.isnan(rhi) else (rhi - rlo) / 2
+                    h = math.hypot((hi - lo) / 2, rh)
+                    dlo, dhi = d - h, d + h
                 else:
-                    d = v - ref
-                    if d < lower:
-                        st = "flagged"
-                        nt = (f"{_g(-d)} below real data ({_g(ref)}); limit "
-                              f"{_g(-lower)} below")
-                    elif d > upper:
-                        st = "flagged"
-                        nt = (f"{_g(d)} above real data ({_g(ref)}); limit "
-                              f"{_g(upper)} above")
-                    else:
-                        nt = f"within target ({d:+.3g} vs real data)"
-            elif v < lower:
-                st, nt = "flagged", f"below {_g(lower)} threshold"
-            elif v > upper:
-                st, nt = "flagged", f"above {_g(upper)} threshold"
+                    dlo = dhi = d
+                st = _verdict(dlo, dhi, lower, upper) if has_ci or exact[j] \
+                    else "inconclusive"
+                rel = f"{d:+.3g} vs real data ({_g(ref)})"
+                if st == "ok":
+                    nt = f"within target ({rel})"
+                elif st == "flagged":
+                    nt = (f"{_g(-d)} below real data ({_g(ref)}); limit "
+                          f"{_g(-lower)} below" if d < lower else
+                          f"{_g(d)} above real data ({_g(ref)}); limit "
+                          f"{_g(upper)} above")
+                elif has_ci:
+                    nt = (f"inconclusive: difference {rel}, 95 % interval "
+                          f"{dlo:+.3g} to {dhi:+.3g} spans the limit")
+                else:
+                    nt = (f"inconclusive: no interval ({rel}; a point value "
+                          f"alone is no verdict)")
+                status[i, j], note[i, j] = st, nt
+                continue
+            if exact[j]:
+                lo = hi = v
+            elif not has_ci:
+                side = "within" if lower <= v <= upper else "outside"
+                status[i, j] = "inconclusive"
+                note[i, j] = (f"inconclusive: no interval (point value {side} "
+                              f"target; a point value alone is no verdict)")
+                continue
+            st = _verdict(lo, hi, lower, upper)
+            if st == "ok":
+                nt = "within target"
+            elif st == "flagged":
+                nt = (f"below {_g(lower)} threshold" if hi < lower
+                      else f"above {_g(upper)} threshold")
+            else:
+                limit = upper if hi > upper else lower
+                req = needed_n(v, lo, hi, n, limit)
+                nt = (f"inconclusive: 95 % interval {_g(lo)}\u2013{_g(hi)} spans "
+                      f"the {_g(limit)} limit")
+                if math.isfinite(req):
+                    nt += (f"; about n = {int(req)} would settle it at this "
+                           f"value (now n = {int(n)})")
             status[i, j], note[i, j] = st, nt
     dims = ("source", "metric")
     return xr.Dataset({"status": (dims, status), "note": (dims, note)},

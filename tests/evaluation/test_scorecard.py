@@ -111,11 +111,21 @@ def test_independent_sample_low_and_not_flagged(scored):
     assert p_ind["mia_auc"].ci_low < 0.5 < p_ind["mia_auc"].ci_high
     assert abs(p_ind["dcr_share"].value - 0.5) < 0.06
     cells = cells_of(R.render_scorecard_html(ds))
+    status = {}
     for m in (*PRIVACY, "mia_auc", "dcr_share"):
         st, text = cells[("independent", m)]
-        assert st == "ok" and "threshold" not in text, m
-    assert R.summary_lines(ds)["independent"].startswith(
-        "independent (synthetic, MST): privacy risks low (all 6 checks")
+        status[m] = st
+        # never outside target; a risk whose interval still reaches 0.09 at 300
+        # attacks is inconclusive, not a pass
+        assert st in ("ok", "inconclusive") and "outside" not in text, m
+        p = p_ind[m]
+        assert (st == "ok") == (p.ci_high <= (0.6 if m in ("mia_auc", "dcr_share")
+                                              else S.RISK_THRESHOLD)), m
+    n_ok = sum(s == "ok" for s in status.values())
+    assert n_ok >= 4
+    line = R.summary_lines(ds)["independent"]
+    assert line.startswith("independent (synthetic, MST): privacy risks low")
+    assert "outside target" not in line.split(";")[0]
 
 
 def test_privacy_scores_reproducible_and_bad_input(scored):
@@ -161,6 +171,8 @@ def test_netcdf_round_trip_exact(scored, tmp_path):
         (0.12, 0.05, 0.2)
     st, text = cells_of(R.render_scorecard_html(ds2))[("anon <k=5>", "pk_bias_cl")]
     assert st == "ok" and text.startswith("0.12 (95 % CI 0.05\u20130.2)")
+    st, text = cells_of(R.render_scorecard_html(ds2))[("synth", "pk_bias_cl")]
+    assert st == "inconclusive" and "no interval" in text  # point value only
 
 
 def test_html_captions_dp_not_applicable_and_escaping(scored):
@@ -232,8 +244,8 @@ def test_unknown_metric_names_them_and_extra_metrics():
     assert isinstance(err.value, ValueError)
     spec = S.MetricSpec("utility", "higher", 1.0, 0.5, math.inf, "absolute",
                         "AUC (ROC)", "Custom AUC of the sepsis model.", "ours")
-    ds = S.build_scorecard({"a": {"auc_roc": 0.4}},
-                           sources_meta={"a": {"kind": "real"}}, use_case="x",
+    ds = S.build_scorecard({"a": {"auc_roc": S.Score(0.4, 0.35, 0.45, 200)}},
+                           sources_meta={"a": {"kind": "synthetic"}}, use_case="x",
                            seed=0, extra_metrics={"auc_roc": spec})
     assert str(ds["caption"].sel(metric="auc_roc").values) == spec.caption
     assert S.assess(ds)["note"].sel(source="a", metric="auc_roc") == \
@@ -245,16 +257,29 @@ def test_unknown_metric_names_them_and_extra_metrics():
 
 
 def test_relative_utility_flags():
+    def sc(v, h=0.005):
+        return S.Score(v, v - h, v + h, 400.0)
+
     ds = S.build_scorecard(
-        {"real": {"auroc": 0.80, "brier": 0.10, "calibration_slope": 1.0},
-         "good": {"auroc": 0.78, "brier": 0.11, "calibration_slope": 0.9},
-         "poor": {"auroc": 0.70, "brier": 0.15, "calibration_slope": 1.5}},
+        {"real": {"auroc": sc(0.80), "brier": sc(0.10),
+                  "calibration_slope": sc(1.0)},
+         "good": {"auroc": sc(0.78), "brier": sc(0.11),
+                  "calibration_slope": sc(0.9)},
+         "poor": {"auroc": sc(0.70), "brier": sc(0.15),
+                  "calibration_slope": sc(1.5)},
+         "wide": {"auroc": sc(0.76, 0.05), "brier": 0.105}},
         sources_meta={"real": {"kind": "real"}, "good": {"kind": "synthetic"},
-                      "poor": {"kind": "anonymised"}}, use_case="picu", seed=0)
+                      "poor": {"kind": "anonymised"},
+                      "wide": {"kind": "synthetic"}}, use_case="picu", seed=0)
     a = S.assess(ds)
     st = a["status"]
-    assert (st.sel(source="real", metric=["auroc", "brier"]) == "reference").all()
-    assert st.sel(source="real", metric="calibration_slope") == "ok"
+    # the real source is the reference throughout, never judged as a release
+    assert (st.sel(source="real") == "reference").all()
+    # -0.04 +- hypot(0.05, 0.005) spans the -0.05 limit; a point value alone
+    # (brier) is no verdict either
+    assert st.sel(source="wide", metric="auroc") == "inconclusive"
+    assert st.sel(source="wide", metric="brier") == "inconclusive"
+    assert "no interval" in str(a["note"].sel(source="wide", metric="brier").values)
     assert (st.sel(source="good") == "ok").all()
     assert (st.sel(source="poor") == "flagged").all()
     assert str(a["note"].sel(source="poor", metric="auroc").values).startswith(
@@ -263,6 +288,7 @@ def test_relative_utility_flags():
         "above 1.2 threshold"
     lines = R.summary_lines(ds)
     assert "utility close to real data" in lines["good"]
+    assert "reference" in lines["real"] and "HIGH" not in lines["real"]
     assert "utility low (3 of 3 checks outside target" in lines["poor"]
 
 
@@ -344,12 +370,21 @@ def test_utility_scores_adapter_renames_and_rescales():
         "auroc": S.Score(0.81, 0.75, 0.86), "c_index": S.Score(0.7),
         "auroc_cicu_7d": S.Score(0.66), "pk_bias_cl": S.Score(0.12),
         "pk_bias_cv_iiv_v1": S.Score(-0.3),
-        "forecast_mdape": S.Score(0.18, 0.15, 0.22),
-        "forecast_mdpe": S.Score(-0.04), "forecast_within_20": S.Score(0.55)}
+        "forecast_mdape": S.Score(18.0, 15.0, 22.0),  # % as in results.nc
+        "forecast_mdpe": S.Score(-4.0), "forecast_within_20": S.Score(0.55)}
     assert sc.keys() == expected.keys()
     for k, v in expected.items():
-        np.testing.assert_allclose(sc[k], v, rtol=1e-12, err_msg=k)  # NaN == NaN
+        np.testing.assert_allclose(sc[k][:3], v[:3], rtol=1e-12,
+                                   err_msg=k)  # NaN == NaN
     ds = S.build_scorecard({"syn": sc}, sources_meta={"syn": {"kind": "synthetic"}},
+                           use_case="all", seed=0)
+    st = S.assess(ds)["status"].sel(source="syn")
+    # no interval: a point value is no verdict, whichever side of the limit
+    assert st.sel(metric="pk_bias_cl") == "inconclusive"
+    assert st.sel(metric="pk_bias_cv_iiv_v1") == "inconclusive"
+    sc2 = {"pk_bias_cl": S.Score(0.12, 0.05, 0.18),
+           "pk_bias_cv_iiv_v1": S.Score(-0.3, -0.38, -0.22)}
+    ds = S.build_scorecard({"syn": sc2}, sources_meta={"syn": {"kind": "synthetic"}},
                            use_case="all", seed=0)
     st = S.assess(ds)["status"].sel(source="syn")
     assert st.sel(metric="pk_bias_cl") == "ok"
