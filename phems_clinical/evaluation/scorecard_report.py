@@ -33,8 +33,8 @@ from matplotlib.figure import Figure
 
 from phems_clinical.evaluation.scorecard import RISK_THRESHOLD, assess, target_text
 
-__all__ = ["privacy_figure", "render_scorecard_html", "summary_lines",
-           "write_scorecard"]
+__all__ = ["privacy_figure", "rank_sources", "render_scorecard_html",
+           "summary_lines", "write_scorecard"]
 
 #: Attack-based risks drawn by :func:`privacy_figure` (all on a 0-1 scale).
 ATTACK_RISKS = ("singling_out_risk", "singling_out_risk_multivariate",
@@ -123,12 +123,28 @@ def privacy_figure(ds: xr.Dataset) -> bytes | None:
     return buf.getvalue()
 
 
+def _worst_attack(ds: xr.Dataset, i: int) -> tuple[str, float, float, float]:
+    """(label, value, ci_low, ci_high) of source ``i``'s highest attack risk."""
+    best = ("", math.nan, math.nan, math.nan)
+    for m in ATTACK_RISKS:
+        if m not in ds["metric"].values:
+            continue
+        c = ds.sel(metric=m).isel(source=i)
+        v = float(c["value"])
+        if math.isfinite(v) and not v <= best[1]:
+            best = (str(c["label"].values), v, float(c["ci_low"]),
+                    float(c["ci_high"]))
+    return best
+
+
 def summary_lines(ds: xr.Dataset) -> dict[str, str]:
-    """One plain-language line per source, derived from the flags of :func:`assess`.
+    """One plain-language line per source, derived from the verdicts of
+    :func:`assess`.
 
     E.g. ``"synthetic (copula): privacy risks low (all 6 checks within target);
-    fidelity moderate (1 of 8 checks outside target: Detectability); utility not
-    assessed"``.
+    fidelity inconclusive (2 of 8 checks: intervals span the limit: ...);
+    utility not assessed"``. A source of kind ``real`` is the reference: its line
+    says what an unprotected release of it would leak.
     """
     flags = assess(ds)
     groups = [str(g) for g in ds["group"].values]
@@ -137,29 +153,127 @@ def summary_lines(ds: xr.Dataset) -> dict[str, str]:
     for i, src in enumerate(str(s) for s in ds["source"].values):
         kind, gen = str(ds["kind"].values[i]), str(ds["generator"].values[i])
         head = f"{kind}, {gen}" if gen else kind
+        if kind == "real":
+            lab, v, lo, hi = _worst_attack(ds, i)
+            leak = (f"an unprotected release of these records would leak up to "
+                    f"{_num(v, lo, hi)} ({lab.lower()})" if lab else
+                    "no attack figures")
+            out[src] = (f"{src} ({head}): the reference the other sources are "
+                        f"compared with, not a release; {leak}")
+            continue
         parts = []
         for g in _ORDER:
             js = [j for j, gg in enumerate(groups) if gg == g]
             st = [str(flags["status"].values[i, j]) for j in js]
-            judged = [j for j, s in zip(js, st, strict=True) if s in ("ok", "flagged")]
-            bad = [labels[j] for j, s in zip(js, st, strict=True) if s == "flagged"]
-            if not judged:
-                if any(s == "reference" for s in st):
-                    parts.append(f"{g}: real-data reference")
-                else:
-                    parts.append(f"{g} not assessed")
+
+            def having(code, js=js, st=st):
+                return [labels[j] for j, s in zip(js, st, strict=True) if s == code]
+
+            ok, bad, unsure = having("ok"), having("flagged"), having("inconclusive")
+            idle = having("uninformative")
+            n = len(ok) + len(bad) + len(unsure)
+            tail = (f"; {len(idle)} uninformative at this size: {', '.join(idle)}"
+                    if idle else "")
+            if not n:
+                parts.append(f"{g} not assessed{tail}")
                 continue
             words = _WORDS[g]
-            n = len(judged)
-            if not bad:
-                parts.append(f"{words[0]} (all {n} checks within target)" if n > 1
-                             else f"{words[0]} (the 1 check is within target)")
-            else:
+            if bad:
                 w = words[1] if len(bad) <= n / 2 else words[2]
-                parts.append(f"{w} ({len(bad)} of {n} check{'s' * (n > 1)} outside "
-                             f"target: {', '.join(bad)})")
+                text = (f"{w} ({len(bad)} of {n} check{'s' * (n > 1)} outside "
+                        f"target: {', '.join(bad)}")
+                if unsure:
+                    text += f"; {len(unsure)} inconclusive: {', '.join(unsure)}"
+            elif unsure:
+                text = (f"{g} inconclusive ({len(ok)} of {n} checks within "
+                        f"target; {len(unsure)} inconclusive, the interval "
+                        f"spanning the limit: {', '.join(unsure)}")
+            else:
+                text = (f"{words[0]} (all {n} checks within target" if n > 1
+                        else f"{words[0]} (the 1 check is within target")
+            parts.append(text + tail + ")")
         out[src] = f"{src} ({head}): " + "; ".join(parts)
     return out
+
+
+def _loss(ds: xr.Dataset, metric: str, i: int, ref_i: int) -> tuple[float, float]:
+    """Utility loss of source ``i`` against the real source on ``metric`` (positive
+    = worse than real) and its half-width (quadrature of both cells')."""
+    c, r = ds.sel(metric=metric).isel(source=i), ds.sel(metric=metric).isel(
+        source=ref_i)
+    v, ref = float(c["value"]), float(r["value"])
+    better, t = str(c["better"].values), float(c["target"])
+    if better == "higher":
+        loss = ref - v
+    elif better == "lower":
+        loss = v - ref
+    else:
+        t = ref if math.isnan(t) else t
+        loss = abs(v - t) - abs(ref - t)
+
+    def half(x):
+        h = (float(x["ci_high"]) - float(x["ci_low"])) / 2
+        return 0.0 if math.isnan(h) else h
+
+    h = math.hypot(half(c), half(r))
+    return loss, (h if h > 0 else math.nan)
+
+
+def rank_sources(ds: xr.Dataset, utility_metric: str | None = None
+                 ) -> list[dict]:
+    """The derived sources ranked by residual risk (highest attack risk, lower is
+    better), ties broken by utility loss against the real source on
+    ``utility_metric`` (default: the first utility metric the real source has).
+
+    Each row: ``source``, ``kind``, ``risk`` and ``risk_text`` (the worst attack
+    with its interval), ``loss`` and ``loss_text``, ``risk_rank``, ``loss_rank``
+    (1 = best) and the verdict counts. Empty without a real source.
+    """
+    kinds = [str(k) for k in ds["kind"].values]
+    if "real" not in kinds:
+        return []
+    ref_i = kinds.index("real")
+    if utility_metric is None:
+        cands = [str(m) for m, g in zip(ds["metric"].values, ds["group"].values,
+                                         strict=True)
+                 if g == "utility" and str(ds["bound"].sel(metric=m).values) != "none"
+                 and math.isfinite(float(ds["value"].sel(metric=m).isel(
+                     source=ref_i)))]
+        utility_metric = cands[0] if cands else None
+    flags = assess(ds)
+    rows = []
+    for i, src in enumerate(str(s) for s in ds["source"].values):
+        if i == ref_i:
+            continue
+        lab, risk, lo, hi = _worst_attack(ds, i)
+        loss, h = (_loss(ds, utility_metric, i, ref_i) if utility_metric
+                   else (math.nan, math.nan))
+        st = [str(x) for x in flags["status"].values[i]]
+        rows.append({
+            "source": src, "kind": kinds[i], "risk": risk,
+            "risk_text": f"{_num(risk, lo, hi)} ({lab.lower()})" if lab else "n/a",
+            "loss": loss,
+            "loss_text": ("n/a" if math.isnan(loss) else
+                          f"{loss:+.3g}" + ("" if math.isnan(h)
+                                            else f" (\u00b1{h:.2g})")),
+            "n_ok": st.count("ok"), "n_flagged": st.count("flagged"),
+            "n_inconclusive": st.count("inconclusive"),
+            "n_uninformative": st.count("uninformative")})
+
+    def order(key):
+        vals = sorted({r[key] for r in rows if math.isfinite(r[key])})
+        return {v: k + 1 for k, v in enumerate(vals)}
+
+    for key, name in (("risk", "risk_rank"), ("loss", "loss_rank")):
+        rk = order(key)
+        for r in rows:
+            r[name] = rk.get(r[key], "")
+    rows.sort(key=lambda r: (r["risk"] if math.isfinite(r["risk"]) else math.inf,
+                             r["loss"] if math.isfinite(r["loss"]) else math.inf))
+    for r in rows:
+        r["utility_metric"] = ("" if utility_metric is None else
+                               str(ds["label"].sel(metric=utility_metric).values))
+    return rows
 
 
 _TEMPLATE = """<!DOCTYPE html>
@@ -179,6 +293,9 @@ tr.dp th,tr.dp td{background:#f7f3e8}
 .val{font-weight:600;white-space:nowrap}
 .st-flagged{background:#fbe3e0} .st-flagged .flag{color:#9b1c10;font-weight:600}
 .st-ok .flag{color:#1d6b2f} .st-not-applicable{color:#777;font-style:italic}
+.st-inconclusive{background:#fff6dc} .st-inconclusive .flag{color:#7a5a00}
+.st-uninformative .flag{color:#666;font-style:italic}
+.st-reference{background:#f1f3f5} th.reference{background:#e4e7eb}
 .st-reference .flag,.st-no-threshold .flag{color:#555}
 ul.summary li{margin:.3em 0} img{max-width:100%} .legend{font-size:.85em;color:#444}
 </style></head><body>
@@ -192,20 +309,42 @@ ul.summary li{margin:.3em 0} img{max-width:100%} .legend{font-size:.85em;color:#
 {% if notes %}<h2>Notes</h2><ul>
 {% for n in notes %}<li>{{ n }}</li>
 {% endfor %}</ul>{% endif %}
-<p class="legend">Each value is shown with its 95 % confidence interval where one
-exists. A value outside its target is marked &ldquo;&#9888; outside target&rdquo;
-and says which limit it crosses. &ldquo;Not applicable&rdquo; means the metric
-does not apply to that source (for example k-anonymity for synthetic data).
-Limits marked &ldquo;ours&rdquo; in the reference column have no published
-threshold. Sources of kind &ldquo;real&rdquo; are the reference the others are
-compared with; they are not released. The data controller decides what residual
-risk is acceptable.</p>
+<p class="legend">Each value is shown with its 95 % confidence interval. A
+verdict needs the whole interval: &ldquo;&#10003; within target&rdquo; when it
+lies inside the acceptance band, &ldquo;&#9888; outside target&rdquo; when it
+lies outside (the note says which limit), &ldquo;? inconclusive&rdquo; when it
+spans a limit or no interval exists (the note gives the sample size that would
+settle it), and &ldquo;uninformative&rdquo; when the metric cannot flag anything
+at this size. Properties of the released table itself (k, l, t,
+re-identification risk) are exact and need no interval. &ldquo;Not
+applicable&rdquo; means the metric does not apply to that source. Limits marked
+&ldquo;ours&rdquo; have no published threshold. The real source (grey column) is
+the reference, not a release: its attack figures are what an unprotected release
+of the real records would leak, its fidelity is how far two real samples of
+this size differ. The data controller decides what residual risk is
+acceptable.</p>
+{% if ranking %}<h2 id="ranking">Derived sources ranked</h2>
+<p class="caption">Ranked by residual risk (the highest attack-based risk, with
+its interval), then by utility lost against the real data{% if ranking[0]
+.utility_metric %} ({{ ranking[0].utility_metric }}; positive = worse than real
+data){% endif %}. Rank 1 = least risk / least loss.</p>
+<table class="ranking"><thead><tr><th>Source</th><th>Kind</th>
+<th>Residual risk (worst attack)</th><th>Risk rank</th><th>Utility loss vs real
+</th><th>Loss rank</th><th>Verdicts: within / outside / inconclusive /
+uninformative</th></tr></thead><tbody>
+{% for r in ranking %}<tr data-source="{{ r.source }}"><td>{{ r.source }}</td>
+<td>{{ r.kind }}</td><td>{{ r.risk_text }}</td><td>{{ r.risk_rank }}</td>
+<td>{{ r.loss_text }}</td><td>{{ r.loss_rank }}</td><td>{{ r.n_ok }} / {{
+ r.n_flagged }} / {{ r.n_inconclusive }} / {{ r.n_uninformative }}</td></tr>
+{% endfor %}</tbody></table>{% endif %}
 {{ before_sections }}
 {% for sec in sections %}
 <h2 id="{{ sec.group }}">{{ sec.title }}</h2>
 <table class="group-{{ sec.group }}">
 <thead>
-<tr><th>Metric</th><th>Target</th>{% for s in sources %}<th>{{ s.name }}</th>
+<tr><th>Metric</th><th>Target</th>{% for s in sources %}<th{% if s.kind ==
+ "real" %} class="reference"{% endif %}>{{ s.name }}{% if s.kind == "real" %}
+(reference){% endif %}</th>
 {% endfor %}</tr>
 <tr class="dp"><th>Kind / generator</th><td></td>{% for s in sources %}
 <td>{{ s.kind }}{% if s.generator %} / {{ s.generator }}{% endif %}{% if s.n_rows %}
@@ -222,7 +361,8 @@ risk is acceptable.</p>
  data-source="{{ c.source }}" data-metric="{{ r.metric }}"
  data-status="{{ c.status }}">{% if c.status ==
  "not applicable" %}not applicable{% else %}<span class="val">{{ c.value }}</span>
-<div class="flag">{% if c.status == "flagged" %}&#9888; outside target: {% endif %}{{
+<div class="flag">{% if c.status == "flagged" %}&#9888; outside target: {% elif
+ c.status == "ok" %}&#10003; {% elif c.status == "inconclusive" %}? {% endif %}{{
  c.note }}</div>{% endif %}</td>
 {% endfor %}</tr>
 {% endfor %}</tbody></table>
@@ -240,13 +380,16 @@ _ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
 
 def render_scorecard_html(ds: xr.Dataset, *, title: str = "Data-source scorecard",
                           notes: Sequence[str] = (), figure: bool = True,
-                          before_sections: str = "") -> str:
+                          before_sections: str = "", rank: bool = True,
+                          utility_metric: str | None = None) -> str:
     """One self-contained HTML page of the scorecard ``ds`` (all text escaped).
 
     With ``figure``, the attack-based risks are also drawn
     (:func:`privacy_figure`) and inlined as a base64 PNG. ``before_sections``: an
     HTML fragment placed before the metric tables, inserted as is (render it with
     an autoescaping template, as :mod:`phems_clinical.runner.report` does).
+    With ``rank``, a table ranks the derived sources (:func:`rank_sources`, by
+    ``utility_metric`` when given).
     """
     flags = assess(ds)
     sources = []
@@ -295,7 +438,8 @@ def render_scorecard_html(ds: xr.Dataset, *, title: str = "Data-source scorecard
         created_by=str(ds.attrs.get("created_by", "")),
         summary=list(summary_lines(ds).values()), notes=[str(n) for n in notes],
         figure=png_b64, before_sections=markupsafe.Markup(before_sections),
-        sources=sources, sections=sections)
+        sources=sources, sections=sections,
+        ranking=rank_sources(ds, utility_metric) if rank else [])
 
 
 def write_scorecard(ds: xr.Dataset, out_dir: str | Path, *,
