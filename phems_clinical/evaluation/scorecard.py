@@ -750,8 +750,9 @@ def privacy_scores(key, train: pd.DataFrame, control: pd.DataFrame,
     ``mia_auc`` (distance-based membership inference, train vs control) and
     ``dcr_share`` (secondary; target 0.5 as the sets are of equal size). Risks
     carry the Wilson-based interval of the anonymeter method, the AUC a
-    Hanley-McNeil interval, the DCR share a Wilson interval over the derived rows. When no predicate singles out a derived record at all,
-    the singling-out risk is 0 with the interval [0, 0] (no attack can be built).
+    Hanley-McNeil interval, the DCR share a Wilson interval over the derived
+    rows. When no predicate singles out a derived record at all, the singling-out
+    risk is 0 with the interval [0, 0] (no attack can be built).
     """
     cols = _check_frames(train, control, derived)
     secrets = [] if secret is None else ([secret] if isinstance(secret, str)

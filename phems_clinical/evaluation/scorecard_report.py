@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from phems_clinical.evaluation.scorecard import RISK_THRESHOLD, assess, target_text
 
 __all__ = ["privacy_figure", "rank_sources", "render_scorecard_html",
-           "summary_lines", "write_scorecard"]
+           "summary_lines", "utility_loss", "worst_attack", "write_scorecard"]
 
 #: Attack-based risks drawn by :func:`privacy_figure` (all on a 0-1 scale).
 ATTACK_RISKS = ("singling_out_risk", "singling_out_risk_multivariate",
@@ -123,7 +123,7 @@ def privacy_figure(ds: xr.Dataset) -> bytes | None:
     return buf.getvalue()
 
 
-def _worst_attack(ds: xr.Dataset, i: int) -> tuple[str, float, float, float]:
+def worst_attack(ds: xr.Dataset, i: int) -> tuple[str, float, float, float]:
     """(label, value, ci_low, ci_high) of source ``i``'s highest attack risk."""
     best = ("", math.nan, math.nan, math.nan)
     for m in ATTACK_RISKS:
@@ -154,7 +154,7 @@ def summary_lines(ds: xr.Dataset) -> dict[str, str]:
         kind, gen = str(ds["kind"].values[i]), str(ds["generator"].values[i])
         head = f"{kind}, {gen}" if gen else kind
         if kind == "real":
-            lab, v, lo, hi = _worst_attack(ds, i)
+            lab, v, lo, hi = worst_attack(ds, i)
             leak = (f"an unprotected release of these records would leak up to "
                     f"{_num(v, lo, hi)} ({lab.lower()})" if lab else
                     "no attack figures")
@@ -196,7 +196,8 @@ def summary_lines(ds: xr.Dataset) -> dict[str, str]:
     return out
 
 
-def _loss(ds: xr.Dataset, metric: str, i: int, ref_i: int) -> tuple[float, float]:
+def utility_loss(ds: xr.Dataset, metric: str, i: int, ref_i: int
+                 ) -> tuple[float, float]:
     """Utility loss of source ``i`` against the real source on ``metric`` (positive
     = worse than real) and its half-width (quadrature of both cells')."""
     c, r = ds.sel(metric=metric).isel(source=i), ds.sel(metric=metric).isel(
@@ -245,8 +246,8 @@ def rank_sources(ds: xr.Dataset, utility_metric: str | None = None
     for i, src in enumerate(str(s) for s in ds["source"].values):
         if i == ref_i:
             continue
-        lab, risk, lo, hi = _worst_attack(ds, i)
-        loss, h = (_loss(ds, utility_metric, i, ref_i) if utility_metric
+        lab, risk, lo, hi = worst_attack(ds, i)
+        loss, h = (utility_loss(ds, utility_metric, i, ref_i) if utility_metric
                    else (math.nan, math.nan))
         st = [str(x) for x in flags["status"].values[i]]
         rows.append({

@@ -27,12 +27,19 @@ import jinja2
 import numpy as np
 import xarray as xr
 
-from phems_clinical.evaluation.scorecard import build_scorecard, utility_scores
+from phems_clinical.evaluation.plots import risk_utility_map, spread_figure
+from phems_clinical.evaluation.scorecard import (
+    RISK_THRESHOLD,
+    build_scorecard,
+    utility_scores,
+)
 from phems_clinical.evaluation.scorecard_report import (
     dp_text,
+    rank_sources,
     render_scorecard_html,
+    utility_loss,
+    worst_attack,
 )
-from phems_clinical.runner.results import held_out_site
 from phems_clinical.runner.tasks import Task
 
 _FRAGMENT = """
@@ -44,10 +51,25 @@ _FRAGMENT = """
 {% for s in sources %}<th>{{ s }}</th>{% endfor %}</tr></thead><tbody>
 {% for row in utility_rows %}<tr><td>{{ row.site }}</td><td>{{ row.role }}</td>
 {% for v in row.cells %}<td class="val" data-metric="{{ headline }}">{{ v }}</td>
-{% endfor %}</tr>{% endfor %}</tbody></table>
+{% endfor %}</tr>{% endfor %}
+<tr class="summary"><td><b>all hospitals</b></td><td>mean (95 % interval
+across hospitals{% if n_seeds > 1 %} and seeds{% endif %})</td>
+{% for v in utility_mean %}<td class="val">{{ v }}</td>{% endfor %}</tr>
+</tbody></table>
 {% if figure %}<figure><img alt="{{ figure_alt }}" src="data:image/png;base64,{{
  figure }}"><figcaption class="caption">{{ figure_alt }}</figcaption></figure>
 {% endif %}
+<figure><img alt="{{ spread_alt }}" src="data:image/png;base64,{{ spread }}">
+<figcaption class="caption">{{ spread_alt }}</figcaption></figure>
+{% if map %}<h2 id="map">Privacy and utility of each source</h2>
+<figure><img alt="{{ map_alt }}" src="data:image/png;base64,{{ map }}">
+<figcaption class="caption">{{ map_alt }}</figcaption></figure>{% endif %}
+<h2 id="estimates">Population estimates fitted on each source</h2>
+<p class="caption">{{ estimates_caption }}</p>
+<table class="estimates"><thead><tr><th>Parameter</th>
+{% for s in sources %}<th>{{ s }}</th>{% endfor %}</tr></thead><tbody>
+{% for row in estimates %}<tr><td>{{ row.name }}</td>{% for v in row.cells %}
+<td class="val">{{ v }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
 <h2 id="training">Training</h2>
 <p class="caption">Federated rounds run per source, whether the strategy reached its
 stopping rule, and the differential-privacy guarantee of training itself (patient-
@@ -79,33 +101,78 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
+def _half(c: xr.Dataset) -> np.ndarray:
+    return (c["ci_high"].values - c["ci_low"].values) / 2
+
+
+def across_sites(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95 % t-interval over independent hospitals (and seeds):
+    mean +- t(0.975, K-1) SD / sqrt(K); no interval for K < 2."""
+    from scipy.stats import t as student_t
+
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return math.nan, math.nan, math.nan
+    m = float(v.mean())
+    if v.size < 2:
+        return m, math.nan, math.nan
+    h = float(student_t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return m, m - h, m + h
+
+
 def combined_scorecard(ds: xr.Dataset, cards: Mapping[str, xr.Dataset],
                        use_case: str, seed: int) -> xr.Dataset:
-    """One scorecard over the sources: utility at the held-out hospital (from
-    ``results.nc``), privacy at the worst training site, fidelity averaged."""
+    """One scorecard over the sources, every cell with its interval.
+
+    Privacy: the worst training site (its value, interval and number of attacks).
+    Fidelity: the mean over training sites, half-width sqrt(sum h_k^2) / K (sites
+    hold different patients); uninformative where any site's cell is. Utility:
+    the task's metrics, mean over every evaluation hospital (and seed) with a
+    95 % t-interval across them (:func:`across_sites`).
+    """
+    from phems_clinical.evaluation.scorecard import Score
+
     first = next(iter(cards.values()))
     groups = dict(zip(first.metric.values.tolist(), first.group.values.tolist(),
                       strict=True))
-    run = ds.isel(seed=0)
-    held = held_out_site(run)
     scores: dict[str, dict[str, Any]] = {}
     meta: dict[str, dict[str, Any]] = {}
-    stacked = xr.concat([c["value"] for c in cards.values()], dim="training_site")
-    for s in run.source.values.tolist():
+    per_site = list(cards.values())
+    for s in ds.source.values.tolist():
         row = {}
         for m, g in groups.items():
-            v = stacked.sel(source=s, metric=m)
-            vals = v.values[np.isfinite(v.values)]
-            if not vals.size:
+            cells = [c.sel(source=s, metric=m) for c in per_site
+                     if m in c.metric.values]
+            vals = np.array([float(c["value"]) for c in cells])
+            ok = np.isfinite(vals)
+            if not ok.any():
                 continue
-            if g != "privacy":
-                row[m] = float(vals.mean())
-            else:  # the worst training site
+            cells = [c for c, k in zip(cells, ok, strict=True) if k]
+            n = np.array([float(c["n"]) if "n" in c else math.nan for c in cells])
+            why = next((str(c["uninformative"].values) for c in cells
+                        if "uninformative" in c and str(c["uninformative"].values)),
+                       "")
+            if g == "privacy":  # the worst training site
                 lower = first.better.sel(metric=m).item() == "lower"
-                row[m] = float(vals.max() if lower else vals.min())
-        u = run["utility"].sel(source=s, site=held)
-        row.update(utility_scores(dict(zip(run.utility_metric.values.tolist(),
-                                           u.values.tolist(), strict=True))))
+                k = int(np.argmax(vals[ok]) if lower else np.argmin(vals[ok]))
+                c = cells[k]
+                row[m] = Score(float(c["value"]), float(c["ci_low"]),
+                               float(c["ci_high"]), float(n[k]), why)
+            else:
+                h = np.array([float(_half(c)) for c in cells])
+                v = float(vals[ok].mean())
+                hh = (float(np.sqrt(np.sum(h**2))) / len(h) if np.isfinite(h).all()
+                      else math.nan)
+                row[m] = Score(v, v - hh, v + hh, float(np.nansum(n)), why)
+        u = ds["utility"].sel(source=s)
+        for um in ds.utility_metric.values.tolist():
+            name = next(iter(utility_scores({um: 0.0})), None)
+            if name is None:
+                continue
+            v, lo, hi = across_sites(u.sel(utility_metric=um).values.ravel())
+            if math.isfinite(v):
+                row[name] = Score(v, lo, hi, float(u.sizes["site"]))
         scores[s] = row
         c = first.sel(source=s)
         eps, delta = float(c.epsilon), float(c.delta)
@@ -169,6 +236,40 @@ def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
             for site, role in zip(run.site.values.tolist(),
                                   run.site_role.values.tolist(), strict=True)]
     png = utility_figure(ds, task)
+    n_seeds = int(ds.sizes["seed"])
+    head_values = {s: ds["utility"].sel(source=s, utility_metric=head).values.ravel()
+                   for s in sources}
+    utility_mean = []
+    for s in sources:
+        m, lo, hi = across_sites(head_values[s])
+        utility_mean.append(_fmt(m) if math.isnan(lo) else
+                            f"{_fmt(m)} ({_fmt(lo)}\u2013{_fmt(hi)})")
+    spread = spread_figure(head_values, ylabel=task.labels[head],
+                           title="each dot one hospital" + (" and seed" if n_seeds
+                                                            > 1 else ""))
+    card = combined_scorecard(ds, cards, task.use_case, int(run.seed))
+    card_head = next(iter(utility_scores({head: 0.0})), None)
+    points = []
+    if card_head is not None and card_head in card.metric.values:
+        for r in rank_sources(card, card_head):
+            i = card.source.values.tolist().index(r["source"])
+            _, risk, rlo, rhi = worst_attack(card, i)
+            ref_i = card.kind.values.tolist().index("real")
+            loss, h = utility_loss(card, card_head, i, ref_i)
+            points.append((r["source"], loss, h, risk, rlo, rhi))
+    map_png = (risk_utility_map(points, threshold=RISK_THRESHOLD,
+                                xlabel=f"utility loss vs real data "
+                                       f"({task.labels[head]}; > 0 = worse)")
+               if points else None)
+    est = ds["estimate"]
+    estimates = []
+    for p in est.parameter.values.tolist():
+        cells = []
+        for s in sources:
+            m, lo, hi = across_sites(est.sel(source=s, parameter=p).values.ravel())
+            cells.append(_fmt(m) if math.isnan(lo) else
+                         f"{_fmt(m)} ({_fmt(lo)}\u2013{_fmt(hi)})")
+        estimates.append({"name": p, "cells": cells})
     training = [{"name": s, "rounds": int(run.rounds.sel(source=s)),
                  "converged": "yes" if bool(run.converged.sel(source=s)) else "no",
                  "stopped_by": str(run.stopped_by.sel(source=s).item())
@@ -185,11 +286,30 @@ def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
             f"patient of the hospital that took no part in training. A source is "
             f"worth using when its value is close to the real data's."),
         figure=base64.b64encode(png).decode("ascii"),
+        n_seeds=n_seeds, utility_mean=utility_mean,
+        spread=base64.b64encode(spread).decode("ascii"),
+        spread_alt=(f"{task.labels[head]} of the model trained on each source: "
+                    f"each dot one evaluation hospital"
+                    + (" and seed" if n_seeds > 1 else "")
+                    + "; black: mean with its 95 % t-interval across them."),
+        map=base64.b64encode(map_png).decode("ascii") if map_png else "",
+        map_alt=("Each derived source at its utility loss against the real data "
+                 "(mean over hospitals, interval from both sources' intervals) "
+                 "and its residual risk (highest attack risk at the worst "
+                 "training hospital, 95 % interval); dashed: the 0.09 "
+                 "threshold. Bottom left is best."),
+        estimates=estimates,
+        estimates_caption=(
+            "The model's estimates fitted federatedly on each source (mean over "
+            "seeds" + (", with a 95 % t-interval across them" if n_seeds > 1
+                       else "; one seed") + "). No standard errors: the "
+            "federated fit reports point estimates only, so within-fit "
+            "intervals are not available."),
         figure_alt=(f"{task.labels[head]} per hospital, one bar per source "
                     f"({better} is better)."),
         training=training)
-    card = combined_scorecard(ds, cards, task.use_case, int(run.seed))
-    return render_scorecard_html(card, title=title, before_sections=fragment)
+    return render_scorecard_html(card, title=title, before_sections=fragment,
+                                 utility_metric=card_head)
 
 
 def write_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
