@@ -57,15 +57,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import dp_accounting as dpa
 import jax
 import jax.numpy as jnp
 import optax
-from dp_accounting import pld, rdp
 
 from phems_clinical._typing import Array, Bool, Float, Int, Key
+
+if TYPE_CHECKING:
+    import dp_accounting as dpa
 
 __all__ = [
     "DPAggregateState",
@@ -519,6 +520,10 @@ def _check_steps(steps: int) -> int:
 
 
 def _event(z: float, steps: int, q: float) -> dpa.DpEvent:
+    # dp_accounting (with scipy.signal) is imported where it is used: a site only
+    # adds noise, and importing it cost about a third of a ClientApp's start-up
+    import dp_accounting as dpa
+
     event = dpa.GaussianDpEvent(z)
     if q < 1:
         event = dpa.PoissonSampledDpEvent(q, event)
@@ -526,6 +531,9 @@ def _event(z: float, steps: int, q: float) -> dpa.DpEvent:
 
 
 def _accountant(name: str) -> dpa.PrivacyAccountant:
+    import dp_accounting as dpa
+    from dp_accounting import pld, rdp
+
     rel = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
     if name == "pld":
         return pld.PLDAccountant(rel, value_discretization_interval=_PLD_DISCRETISATION)
@@ -607,6 +615,8 @@ def calibrate_noise_multiplier(
         lo, hi = lo / 2, lo
         if lo < 1e-6:
             return hi
+    import dp_accounting as dpa
+
     return float(dpa.calibrate_dp_mechanism(
         lambda: _accountant(accountant),
         lambda z: _event(z, steps, sampling_rate),

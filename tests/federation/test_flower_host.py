@@ -302,3 +302,29 @@ def test_serverapp_wait_cap_only_sets_the_pull_backoff(monkeypatch):
     assert capped.keywords == {"initial_backoff": 0.05}
     with pytest.raises(ValueError, match="pull_backoff"):
         cap_serverapp_waits(10.0)
+
+
+def test_host_wait_cap_starts_the_task_pull_backoff_early(monkeypatch):
+    """The warm host's cap binds a 0.05 s first backoff to the function that
+    Flower's ``pull_task_input`` uses to pull a task's message (its default is
+    1 s), once however often it is applied."""
+    import functools
+    import inspect
+
+    from flwr.supernode.runtime import run_clientapp
+
+    from phems_clinical.federation.flower.host import cap_host_waits
+
+    original = run_clientapp.pull_and_inflate_object_from_tree
+    assert inspect.signature(original).parameters["initial_backoff"].default == 1
+    assert "pull_and_inflate_object_from_tree(" in inspect.getsource(
+        run_clientapp.pull_task_input)
+    monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree",
+                        original)  # restored after
+    cap_host_waits()
+    cap_host_waits()
+    capped = run_clientapp.pull_and_inflate_object_from_tree
+    assert isinstance(capped, functools.partial) and capped.func is original
+    assert capped.keywords == {"initial_backoff": 0.05}
+    with pytest.raises(ValueError, match="pull_backoff"):
+        cap_host_waits(0.0)
