@@ -51,6 +51,7 @@ from _bench import Timed, log  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
+from phems_clinical import usecases  # noqa: E402
 from phems_clinical.data.cardiac import simulate_cardiac  # noqa: E402
 from phems_clinical.data.cardiac.pathways import episodes  # noqa: E402
 from phems_clinical.data.picu import hourly_table, simulate_picu  # noqa: E402
@@ -119,8 +120,8 @@ def bench(use_case: str, n: int, rows: list) -> None:
     n_pat = data[unit].nunique()
     tag = f"{use_case} ({n_pat:,} patients, {len(data):,} rows)"
     for method in ("lattice", "mondrian"):
-        t = Timed(anonymise, KEY, data, use_case, k=5, max_suppression=0.05,
-                  method=method)
+        t = Timed(anonymise, KEY, data, usecases.get(use_case).roles, k=5,
+                  max_suppression=0.05, method=method)
         r = t.value.report
         rows.append((tag, f"anonymise, {method} k=5", f"{t.seconds:.2f}", "",
                      f"k={r['k']}, {r['patients_suppressed']} suppressed, levels "
@@ -132,7 +133,7 @@ def bench(use_case: str, n: int, rows: list) -> None:
                  f"{len(smp.value):,} rows sampled; "
                  + fit.note("fit") + "; " + smp.note("sample")))
     log(f"{use_case}: generator done")
-    prof = profile(use_case, data)
+    prof = profile(usecases.get(use_case), data)
     cat = [c for c in prof.columns if prof[c].dtype == object
            or c in ("SEX", "BGO", "died", "culture", "stat", "ventilation",
                     "readmitted")]

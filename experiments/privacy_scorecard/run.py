@@ -21,6 +21,7 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+from phems_clinical import usecases  # noqa: E402
 from phems_clinical.data.cardiac import simulate_cardiac  # noqa: E402
 from phems_clinical.data.cardiac.pathways import episodes  # noqa: E402
 from phems_clinical.data.picu import hourly_table, simulate_picu  # noqa: E402
@@ -59,11 +60,12 @@ def run(use_case: str, n: int, seed: int, out: Path) -> tuple[str, float]:
     k_data, k_split, k_derive, k_score = jax.random.split(key, 4)
     t0 = time.perf_counter()
     data = site_data(use_case, n, k_data)
-    train, hold = split_patients(k_split, data, use_case, 0.5)
+    uc = usecases.get(use_case)
+    train, hold = split_patients(k_split, data, uc, 0.5)
     pk = load_product("advate") if use_case == "haemophilia" else None
-    derived = [derive(jax.random.fold_in(k_derive, i), use_case, train, spec,
-                      pk_model=pk) for i, spec in enumerate(default_sources(use_case))]
-    ds = score_sources(k_score, use_case, train, hold, derived, pk_model=pk,
+    derived = [derive(jax.random.fold_in(k_derive, i), uc, train, spec,
+                      pk_model=pk) for i, spec in enumerate(default_sources(uc))]
+    ds = score_sources(k_score, uc, train, hold, derived, pk_model=pk,
                        seed=seed)
     write_scorecard(ds, out / use_case,
                     title=f"{use_case}: real, anonymised and synthetic data")

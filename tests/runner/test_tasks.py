@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from phems_clinical import usecases
 from phems_clinical.app.derive import load_use_case
 from phems_clinical.evaluation import cardiac_eval as ce
 from phems_clinical.evaluation import sepsis_eval as se
@@ -15,7 +16,6 @@ from phems_clinical.federation import dp as dpm
 from phems_clinical.models.scores import sepsis_onset
 from phems_clinical.runner.experiment import simulate_sites
 from phems_clinical.runner.pipeline import run_pipeline
-from phems_clinical.runner.tasks import get_task
 from phems_clinical.runner.training import DPTarget, FederationSettings, train
 
 
@@ -48,7 +48,7 @@ def test_picu_task_equals_cross_site_evaluation(picu):
     """Same sites, same FedAdam settings (logistic weights start at zero, no
     randomness without DP): the runner's scores on a held-out hospital equal the
     reference pipeline's to float precision."""
-    task = get_task("picu")
+    task = usecases.get("picu").task
     model = task.model_from_config({"horizon_h": 6})
     names = list(picu)
     train_names, held = names[:2], names[2]
@@ -81,7 +81,7 @@ def test_cardiac_task_reaches_the_pooled_newton_fit(cardiac):
     """FedAdam over the sites vs Newton on the pooled episodes (the centralised
     penalised MLE, cardiac_eval.pooled_fit): same C-index on the held-out
     hospital."""
-    task = get_task("cardiac")
+    task = usecases.get("cardiac").task
     model = task.model_from_config({})
     names = list(cardiac)
     frames = [cardiac[s] for s in names[:2]]
@@ -98,7 +98,7 @@ def test_cardiac_task_reaches_the_pooled_newton_fit(cardiac):
 def test_dp_target_epsilon_is_met_and_stated(picu):
     """DP-SGD calibrated to epsilon = 2: every site's accounted epsilon (the
     engine's report, dp-accounting RDP) is at most 2 and within 2 % of it."""
-    task = get_task("picu")
+    task = usecases.get("picu").task
     model = task.model_from_config({})
     frames = [picu[s] for s in list(picu)[:2]]
     fed = FederationSettings(options={"rounds": 5}, dp=DPTarget(epsilon=2.0,
@@ -115,7 +115,7 @@ def test_dp_target_epsilon_is_met_and_stated(picu):
 
 
 def test_secure_aggregation_gives_the_plain_estimate(cardiac):
-    task = get_task("cardiac")
+    task = usecases.get("cardiac").task
     model = task.model_from_config({})
     frames = [cardiac[s] for s in list(cardiac)[:2]]
     fed = FederationSettings(options={"rounds": 20})
@@ -126,7 +126,7 @@ def test_secure_aggregation_gives_the_plain_estimate(cardiac):
 
 
 def test_picu_pipeline_sources_side_by_side(picu):
-    task = get_task("picu")
+    task = usecases.get("picu").task
     model = task.model_from_config({})
     run = run_pipeline(jax.random.key(1), task, picu, model,
                        [SourceSpec("real", "real"),
@@ -138,5 +138,6 @@ def test_picu_pipeline_sources_side_by_side(picu):
     assert 0 <= held["auroc"] <= 1 and held["n_stays"] == picu[list(picu)[2]][
         "stay_id"].nunique()
     # the split keeps each training site's held-out stays apart
-    train, test = split_patients(jax.random.key(0), picu[list(picu)[0]], "picu", 0.5)
+    train, test = split_patients(jax.random.key(0), picu[list(picu)[0]],
+                                 usecases.get("picu"), 0.5)
     assert not set(train.stay_id) & set(test.stay_id)
