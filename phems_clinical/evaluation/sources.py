@@ -51,6 +51,7 @@ from phems_clinical.privacy.release import (
     anonymise,
     patient_table,
 )
+from phems_clinical.progress import ProgressFn, silent, step
 
 __all__ = ["Derived", "SourceError", "SourceSpec", "default_sources", "derive",
            "profile_domain", "score_sources", "split_patients"]
@@ -281,7 +282,8 @@ def _utility(key, use_case, src: Derived, train, holdout, hold_p, pk_model,
 
 def score_sources(key, use_case, train: pd.DataFrame, holdout: pd.DataFrame,
                   derived: Sequence[Derived], *, n_attacks: int = 200,
-                  utility: bool = True, pk_model=None, seed: int = 0):
+                  utility: bool = True, pk_model=None, seed: int = 0,
+                  progress: ProgressFn = silent):
     """Score every derived source the same way; an xarray Dataset (source, metric).
 
     Fidelity compares each source's patient profiles with the real training
@@ -289,6 +291,8 @@ def score_sources(key, use_case, train: pd.DataFrame, holdout: pd.DataFrame,
     as control (the attacker knows a patient's original values); utility trains on
     the source and tests on the holdout (real patients); anonymised sources also
     get k, l, t and re-identification risks of their released patient table.
+    ``progress``: one ``score`` step per source scored
+    (:mod:`phems_clinical.progress`).
     """
     use_case = _use_case(use_case)
     real_p = profile(use_case, train)
@@ -320,6 +324,7 @@ def score_sources(key, use_case, train: pd.DataFrame, holdout: pd.DataFrame,
                               real_fit))
         scores[src.spec.name] = s
         meta[src.spec.name] = dict(src.meta)
+        step(progress, "score", i + 1, len(derived), src.spec.name)
     return sc.build_scorecard(scores, sources_meta=meta, use_case=use_case.name,
                               seed=int(seed), extra_metrics=OUTCOME_METRIC)
 

@@ -61,6 +61,7 @@ from phems_clinical.federation.gate import SiteGate, admit, head, release, settl
 from phems_clinical.federation.messages import check_payload
 from phems_clinical.federation.site_errors import record_site_error
 from phems_clinical.outputs import write_atomic
+from phems_clinical.progress import ProgressFn, begin, end, silent, step
 
 
 class FederationAborted(RuntimeError):
@@ -281,7 +282,8 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
                   on_message: Callable[[int, int, Payload], None] | None = None,
                   vectorise: bool = True, stop_after: int | None = None,
                   gates: Sequence[SiteGate | None] | None = None,
-                  site_secrets: Key | None = None
+                  site_secrets: Key | None = None,
+                  progress: ProgressFn = silent
                   ) -> FederatedRun:
     """Run ``algorithm`` over ``sites`` (one data pytree per hospital) in process.
 
@@ -322,6 +324,13 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
         DP run exactly. With ``algorithm.dp`` and none given, each site draws a
         fresh key from the OS CSPRNG that nobody keeps: DP noise is never
         derived from the seed, and two DP runs with one seed differ by design.
+    progress : callable, optional
+        Listener of :mod:`phems_clinical.progress` events: task ``rounds`` starts
+        (total None: the run stops at convergence, ``info["at_most"]`` rounds at
+        most), one step per completed round (``sites`` answered, ``seconds``,
+        and ``ofv``, the server's objective, when the algorithm sends one) and
+        an end (``converged``). It only observes: results are the same with or
+        without it.
 
     Raises
     ------
@@ -340,15 +349,16 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
     compiled = _compile(algorithm)
     site_keys = run_site_keys(key, n_sites, private=algorithm.dp is not None,
                               site_secrets=site_secrets)
-    server = algorithm.init_server(key)
+    server = _strong(algorithm.init_server(key))
     server_key = server_run_key(key, algorithm)
-    states = [algorithm.init_site(s) for s in sites]
+    states = [_strong(algorithm.init_site(s)) for s in sites]
     history: list[RoundRecord] = []
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
         loaded = load_checkpoint(ckpt, server, states)
         if loaded is not None:
             server, states, history = loaded
+            server, states = _strong(server), _strong(states)
     stacked = vectorise and n_sites > 1 and _same_shapes(sites) and _same_shapes(
         states)
     data_stacked = stack_sites(list(sites)) if stacked else None
@@ -360,6 +370,7 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
 
     r = len(history)
     converged = bool(compiled.done(server)) if r else False
+    begin(progress, "rounds", None, at_most=max_rounds, resumed_at=r)
     while r < max_rounds and not converged:
         if stop_after is not None and r >= stop_after:
             break
@@ -394,6 +405,10 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
         if on_round is not None:
             on_round(record, server)
         converged = bool(compiled.done(server))
+        if progress is not silent:
+            step(progress, "rounds", r, None, **_round_info(
+                algorithm, server, record, n_sites, max_rounds))
+    end(progress, "rounds", r, None, converged=converged)
     for g in gates:
         if g is not None:
             settle(g)
@@ -404,6 +419,32 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
             for k, n in enumerate(sizes)]
     return FederatedRun(server, states, history, algorithm.result(server), r,
                         converged, privacy)
+
+
+def _strong(tree):
+    """``tree`` with its weak-typed leaves (``jnp.asarray(jnp.inf)``, Python
+    scalars) made strong, of the same dtype. ``aggregate`` and ``local_update``
+    return strong arrays, so without this the first round's compiled call would
+    not fit the second's and the whole round, the longest compile of a fit, would
+    be compiled twice (JAX type promotion: weak types)."""
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x))
+                        if getattr(x, "weak_type", False) else x, tree)
+
+
+def _round_info(algorithm, server, record, n_sites, max_rounds) -> dict:
+    """What a progress listener sees of a round: sites that answered, its
+    duration, the largest number of rounds and, for an algorithm whose sites send
+    an objective (``ofv`` in its message), the server's current objective (a
+    population-level value the server holds anyway)."""
+    info = {"at_most": max_rounds, "sites": f"{len(record.participants)}/{n_sites}",
+            "seconds": record.seconds}
+    if record.dropped:
+        info["dropped"] = [k for k, _ in record.dropped]
+    if "ofv" in algorithm.message_spec:
+        ofv = algorithm.result(server).get("ofv")
+        if ofv is not None and np.ndim(ofv) == 0:
+            info["ofv"] = float(ofv)
+    return info
 
 
 def _admit_all(algorithm, sizes, gates, max_rounds, start) -> None:

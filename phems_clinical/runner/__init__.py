@@ -21,6 +21,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from phems_clinical.progress import ProgressFn
 from phems_clinical.provenance import git_revision, versions
 from phems_clinical.resources import configs_dir
 
@@ -49,9 +52,66 @@ class RunConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     cohort: CohortConfig = field(default_factory=CohortConfig)
     model: Any = MISSING
+    progress: bool = True  # bars on stderr when it is a terminal
 
 
 ConfigStore.instance().store(name="schema", node=RunConfig)
+
+#: The runner's logger; Hydra's job logging sends it to the terminal and
+#: ``runner.log`` (``configs/hydra/job_logging/phems.yaml``).
+LOG = logging.getLogger("phems_clinical.runner")
+
+
+@contextmanager
+def run_logging(progress: bool = True) -> Iterator[ProgressFn]:
+    """The listener a run reports its progress to, set up for its duration.
+
+    Python warnings go to logging (``py.warnings``: the terminal and the run
+    log); every progress event goes to :data:`LOG`
+    (:func:`phems_clinical.progress.log_events`); with ``progress`` true and
+    stderr a terminal, tqdm bars are drawn on stderr, and the steps they show
+    are logged at DEBUG (the run log keeps them; the terminal shows the bars),
+    while log lines are written above the bars instead of through them
+    (``tqdm.contrib.logging.logging_redirect_tqdm``).
+    """
+    from phems_clinical.progress import bars, bars_wanted, fan_out, log_events
+
+    drawn = bars_wanted(progress)
+    listener, close = bars(enabled=drawn)
+    logged = log_events(LOG, step_level=logging.DEBUG if drawn else logging.INFO)
+    logging.captureWarnings(True)
+    try:
+        if drawn:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with logging_redirect_tqdm(loggers=[logging.root]):
+                yield fan_out(logged, listener)
+        else:
+            yield logged
+    finally:
+        close()
+        logging.captureWarnings(False)
+
+
+def _log_config(cfg: DictConfig, out: Path) -> None:
+    """The run's settings in a few lines (the whole composed config is in
+    ``.hydra/config.yaml``)."""
+    LOG.info("run directory %s (composed config: .hydra/config.yaml)", out)
+    LOG.info("experiment %s, seed %s, git %s", cfg.get("experiment_name"),
+             cfg.get("seed"), git_revision() or "unknown")
+    if "sources" in cfg:
+        fed, inf, data = cfg.federation, cfg.inference, cfg.data
+        LOG.info("use case %s; data %s; sources %s; strategy %s, engine %s, "
+                 "secure aggregation %s, DP %s", cfg.use_case,
+                 data.omop or f"{data.n_sites} simulated sites x {data.n_per_site}",
+                 ", ".join(f"{n} ({s.kind}, {s.method})"
+                           for n, s in cfg.sources.items()),
+                 inf.strategy or "default", fed.engine,
+                 "on" if fed.secagg else "off",
+                 "off" if fed.dp.epsilon is None else f"epsilon {fed.dp.epsilon}")
+    else:
+        LOG.info("PK demo: %s patients, design %s, method %s",
+                 cfg.cohort.n_patients, cfg.cohort.design, cfg.method)
 # the experiment runner's schema (config.yaml) registers itself on import
 from phems_clinical.runner import config as _experiment_config  # noqa: E402,F401
 
@@ -92,12 +152,12 @@ def run_demo(cfg: DictConfig, out: Path) -> dict:
                  else [HospitalSpec("H1", cfg.cohort.n_patients,
                                     design=cfg.cohort.design)])
     k_sim, _ = jax.random.split(jax.random.key(cfg.seed))
-    print(f"[phems run] simulating {cfg.cohort.n_patients} patients at "
-          f"{len(hospitals)} hospital(s) from {model.name}", flush=True)
+    LOG.info("simulating %d patients at %d hospital(s) from %s",
+             cfg.cohort.n_patients, len(hospitals), model.name)
     events, truth = simulate_hospitals(k_sim, model, hospitals)
     events.to_csv(out / "cohort.csv", index=False)
     truth.to_csv(out / "truth.csv", index=False)
-    print(f"[phems run] fitting by {cfg.method.upper()}", flush=True)
+    LOG.info("fitting by %s", cfg.method.upper())
     t0 = time.perf_counter()
     est = run_fit(out / "cohort.csv", str(model_path), cfg.method, out / "fit",
                   seed=cfg.seed, options=OmegaConf.to_container(cfg.method_options))
@@ -133,8 +193,9 @@ def run_demo(cfg: DictConfig, out: Path) -> dict:
         "versions": versions(), "git_revision": git_revision(),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
-    print(rec.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"[phems run] done in {seconds:.1f} s; outputs in {out}", flush=True)
+    LOG.info("recovery:\n%s", rec.to_string(index=False,
+                                             float_format=lambda v: f"{v:.4g}"))
+    LOG.info("done in %.1f s; outputs in %s", seconds, out)
     return result
 
 
@@ -147,6 +208,12 @@ def main(cfg: DictConfig) -> None:
     status 2, an internal error with a short message and status 1
     (``PHEMS_DEBUG=1``: Hydra's full traceback), as every ``phems`` command does
     (:mod:`phems_clinical.app.cli`).
+
+    What happened goes to Python logging (logger ``phems_clinical.runner``),
+    which Hydra's job logging (``configs/hydra/job_logging/phems.yaml``) writes
+    to the terminal and to ``runner.log`` in the run directory; progress bars
+    with ETA go to stderr when it is a terminal and ``progress`` is true
+    (:func:`run_logging`).
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -156,20 +223,30 @@ def main(cfg: DictConfig) -> None:
         user_error_message,
     )
     from phems_clinical.runner.validate import check_config
+    from phems_clinical.runtime import configure_jax
 
+    # x64 and JAX's persistent compilation cache, as for every phems command: a
+    # second run loads the federated round instead of compiling it for minutes
+    configure_jax()
     # jax announces at INFO level each accelerator plugin it does not find
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
         check_config(cfg)
         out = Path(HydraConfig.get().runtime.output_dir)
         os.makedirs(out, exist_ok=True)
-        if "sources" in cfg:  # an experiment (config.yaml); else the PK demo
-            from phems_clinical.runner.experiment import run_experiment
+        with run_logging(bool(cfg.get("progress", True))) as progress:
+            _log_config(cfg, out)
+            t0 = time.perf_counter()
+            if "sources" in cfg:  # an experiment (config.yaml); else the PK demo
+                from phems_clinical.runner.experiment import run_experiment
 
-            run_experiment(cfg, out)
-        else:
-            run_demo(cfg, out)
+                run_experiment(cfg, out, progress=progress)
+            else:
+                run_demo(cfg, out)
+            LOG.info("run finished in %.1f s; run log %s", time.perf_counter() - t0,
+                     out / f"{HydraConfig.get().job.name}.log")
     except Exception as err:  # noqa: BLE001 - sorted into the error contract
+        LOG.debug("run stopped by %s", type(err).__name__, exc_info=True)
         message = user_error_message(err)
         if debug():
             os.environ["HYDRA_FULL_ERROR"] = "1"

@@ -90,6 +90,7 @@ class ExperimentConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    progress: bool = True  # bars with ETA on stderr when it is a terminal
 
 
 ConfigStore.instance().store(name="experiment_schema", node=ExperimentConfig)

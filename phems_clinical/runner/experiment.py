@@ -18,6 +18,7 @@ way resumes from its last round.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from phems_clinical import usecases
+from phems_clinical.progress import ProgressFn
 from phems_clinical.provenance import git_revision, versions
+
+#: The runner's logger (``phems_clinical.runner``): the terminal and runner.log.
+LOG = logging.getLogger("phems_clinical.runner")
 
 
 def simulate_sites(use_case: str, key, n_sites: int, n_per_site: int, model: Any,
@@ -85,8 +90,14 @@ def _setup_lines(cfg: DictConfig, task, model_name: str, fed, sites: dict,
     ]
 
 
-def run_experiment(cfg: DictConfig, out: Path) -> dict:
-    """Run the configured experiment into ``out``; returns ``result.json``."""
+def run_experiment(cfg: DictConfig, out: Path, *,
+                   progress: ProgressFn | None = None) -> dict:
+    """Run the configured experiment into ``out``; returns ``result.json``.
+
+    What happened (data loaded and excluded, each stage, the files written) goes
+    to the logger ``phems_clinical.runner``; ``progress``: listener of the
+    pipeline's events (:mod:`phems_clinical.progress`; default silent).
+    """
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -117,8 +128,8 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
     if cfg.data.omop is None:
         omop = out / "omop"
         if not any(omop.glob("*.duckdb")):  # a resumed run keeps its sites
-            print(f"[phems run] simulating {cfg.data.n_sites} hospitals x "
-                  f"{cfg.data.n_per_site} into {omop}", flush=True)
+            LOG.info("simulating %s hospitals x %s into %s", cfg.data.n_sites,
+                     cfg.data.n_per_site, omop)
             simulate_sites(task.use_case, k_data, int(cfg.data.n_sites),
                            int(cfg.data.n_per_site), model, omop)
     else:
@@ -128,13 +139,14 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
                                     f"folder of <site>.duckdb OMOP databases)")
     sites, loads = uc.load(str(omop), model)
     sites = {s: d.drop(columns="SITE", errors="ignore") for s, d in sites.items()}
+    _log_loads(loads, omop)
     holdout = cfg.data.holdout_site or list(sites)[-1]
     t0 = time.perf_counter()
     run = run_pipeline(
         k_run, task, sites, model, sources, holdout_site=holdout, federation=fed,
         train_sites=list(cfg.federation.sites) if cfg.federation.sites else None,
         test_fraction=cfg.data.test_fraction, n_attacks=cfg.evaluation.n_attacks,
-        progress=lambda m: print(f"[phems run] {m}", flush=True),
+        progress=progress,
         checkpoint_dir=out / "checkpoints")
     ds = to_dataset(run, task, sources, seed=int(cfg.seed))
     ds.attrs.update({"experiment": cfg.experiment_name, "use_case": task.use_case,
@@ -171,7 +183,27 @@ def run_experiment(cfg: DictConfig, out: Path) -> dict:
         "omop_load": loads, "versions": versions(), "git_revision": git_revision(),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
-    print(table.round(3).to_string(), flush=True)
-    print(f"[phems run] done in {result['seconds']} s; report: "
-          f"{out / 'report.html'}", flush=True)
+    LOG.info("%s by source and site:\n%s", task.labels[head],
+             table.round(3).to_string())
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                     if p.is_file() and p.parts[len(out.parts)] not in
+                     ("checkpoints", "omop", ".hydra") and p.suffix != ".log")
+    LOG.info("wrote %s", ", ".join(written))
+    LOG.info("done in %s s; report: %s", result["seconds"], out / "report.html")
     return result
+
+
+def _log_loads(loads: dict, omop: Path) -> None:
+    """Each site's rows read and kept, and the records excluded by table and
+    reason (counts only), to the run log."""
+    for site, rep in loads.items():
+        if not isinstance(rep, dict):
+            continue
+        rows, kept = rep.get("rows"), rep.get("kept")
+        if isinstance(rows, dict) and isinstance(kept, dict):
+            LOG.info("%s: %d of %d OMOP rows kept (%s)", site,
+                     sum(kept.values()), sum(rows.values()), omop)
+        for ex in rep.get("excluded") or ():
+            if int(ex.get("n", 0)):
+                LOG.warning("%s: excluded %s record(s) of %s: %s", site, ex["n"],
+                            ex.get("table", "?"), ex.get("reason", "?"))

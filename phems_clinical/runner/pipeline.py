@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,6 +45,7 @@ from phems_clinical.evaluation.sources import (
 )
 from phems_clinical.federation.engine import CheckpointError
 from phems_clinical.outputs import replaced_file, write_atomic
+from phems_clinical.progress import ProgressFn, begin, end, note, silent, step, within
 from phems_clinical.runner.training import (
     FederationSettings,
     check_flower_model,
@@ -133,14 +134,18 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
                  federation: FederationSettings | None = None,
                  train_sites: Sequence[str] | None = None,
                  test_fraction: float = 0.5, n_attacks: int = 100,
-                 progress: Callable[[str], None] | None = print,
+                 progress: ProgressFn | None = None,
                  checkpoint_dir: str | Path | None = None) -> PipelineRun:
     """Derive, score, train federatedly and evaluate every source.
 
     ``sites``: each hospital's analysis table (events, hourly table or sojourns);
     ``holdout_site`` takes no part in training and is evaluated whole;
     ``train_sites``: the hospitals that train (default: all the others);
-    ``model``: the task's model (``task.model_from_config``).
+    ``model``: the task's model (``task.model_from_config``);
+    ``progress``: listener of :mod:`phems_clinical.progress` events (tasks
+    ``derive``: sources x sites, ``score``: sites x sources, ``train``: sources,
+    ``rounds``: each federated fit; notes say what each stage gave). It only
+    observes: the results are the same with any listener or none.
     """
     use_case = task.use_case
     uc = usecases.get(use_case)
@@ -171,7 +176,7 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
                                test_fraction)
              for i, s in enumerate(train_sites)}
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    say = progress or (lambda m: None)
+    progress = progress or silent
 
     # what an interrupted run finished: those sources need no derivation again
     # once every site's scorecard is saved as well
@@ -183,26 +188,38 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
 
     # 1. every source at every site, before any training
     derived = {}
+    to_derive = [spec for spec in sources
+                 if not (finished[spec.name] is not None and cards_saved)]
+    n_derive = len(to_derive) * len(train_sites)
+    begin(progress, "derive", n_derive)
     for j, spec in enumerate(sources):
         if finished[spec.name] is not None and cards_saved:
             continue
-        derived[spec.name] = {
-            s: derive(jax.random.fold_in(jax.random.fold_in(k_derive, j), i),
-                      uc, split[s][0], spec, pk_model=model)
-            for i, s in enumerate(train_sites)}
+        derived[spec.name] = {}
+        for i, s in enumerate(train_sites):
+            derived[spec.name][s] = derive(
+                jax.random.fold_in(jax.random.fold_in(k_derive, j), i), uc,
+                split[s][0], spec, pk_model=model)
+            step(progress, "derive", sum(map(len, derived.values())), n_derive,
+                 f"{spec.name} at {s}")
         if any(d.data is None for d in derived[spec.name].values()):
             raise ValueError(
                 f"source {spec.name!r}: {spec.method} gives one profile row per "
                 f"patient only; the {use_case} model needs the full records "
                 f"(use a longitudinal generator: {uc.generator!r})")
-        say(f"derived {spec.name} at {len(train_sites)} sites")
+        note(progress, f"derived {spec.name} at {len(train_sites)} sites")
+    end(progress, "derive", n_derive, n_derive)
 
     # 2. one scorecard per training site, every source side by side
     cards = {}
+    n_cards = len(train_sites)
+    begin(progress, "score", n_cards * len(names))
     for i, s in enumerate(train_sites):
         path = card_path[s]
         if path is not None and path.exists():
             cards[s] = _load_card(path)
+            step(progress, "score", (i + 1) * len(names), n_cards * len(names),
+                 f"{s} (kept)")
             continue
         at_site = [derived[n][s] for n in names]
         if "real" not in names:  # the verbatim reference row
@@ -210,19 +227,25 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
                                      SourceSpec("real", "real")))
         cards[s] = score_sources(jax.random.fold_in(k_score, i), uc,
                                  split[s][0], split[s][1], at_site,
-                                 n_attacks=n_attacks, utility=False)
+                                 n_attacks=n_attacks, utility=False,
+                                 progress=within(progress, i * len(names),
+                                                 n_cards * len(names), f" at {s}"))
         if path is not None:
             with replaced_file(path) as tmp:
                 cards[s].to_netcdf(tmp, engine="h5netcdf")
-        say(f"scored privacy and fidelity at {s}")
+        note(progress, f"scored privacy and fidelity at {s}")
+    end(progress, "score", n_cards * len(names), n_cards * len(names))
 
     # 3-4. train on each source, evaluate on real data
     out: dict[str, SourceRun] = {}
+    begin(progress, "train", len(sources))
     for j, spec in enumerate(sources):
         done = finished[spec.name]
         if done is not None:
             out[spec.name] = done
-            say(f"{spec.name}: finished in an earlier run ({ckpt / spec.name})")
+            note(progress, f"{spec.name}: finished in an earlier run "
+                           f"({ckpt / spec.name})")
+            step(progress, "train", j + 1, len(sources), f"{spec.name} (kept)")
             continue
         frames = [derived[spec.name][s].data for s in train_sites]
         if federation.engine == "pooled":
@@ -235,7 +258,7 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
         k_prob = k_run = jax.random.key(seed)
         label = f"{spec.name} ({federation.engine}, {strategy})"
         if federation.engine == "flower":
-            say(f"{label}: Flower SuperLink + {len(frames)} SuperNodes")
+            note(progress, f"{label}: Flower SuperLink + {len(frames)} SuperNodes")
             fitted, calibration, res = train_flower(
                 task, k_prob, seed, frames, strategy, model, federation,
                 (ckpt or Path(tempfile.mkdtemp(prefix="phems_flower_")))
@@ -245,6 +268,9 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
                        if converged else "rounds exhausted")
             dp = _dp_statement(res.get("privacy"), calibration)
         else:
+            note(progress, f"{label}: the first round compiles the federated round "
+                           f"(on CPU this can take minutes; JAX's compilation "
+                           f"cache keeps it for later runs)")
             prob = task.problem(k_prob, frames, strategy, model)
             run, calibration = train(
                 k_run, prob.build, prob.sites, federation, label=label,
@@ -268,6 +294,10 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
         if ckpt is not None:
             _save_source(out[spec.name], ckpt / spec.name)
         head = task.metrics[0]
-        say(f"{spec.name}: {rounds} rounds ({stopped}); {task.labels[head]} at "
-            f"{holdout_site} {utility[holdout_site][head]:.3g}")
+        note(progress, f"{spec.name}: {rounds} rounds ({stopped}); "
+                       f"{task.labels[head]} at {holdout_site} "
+                       f"{utility[holdout_site][head]:.3g}")
+        step(progress, "train", j + 1, len(sources), spec.name, rounds=rounds,
+             converged=converged)
+    end(progress, "train", len(sources), len(sources))
     return PipelineRun(out, cards, train_sites, holdout_site)

@@ -43,6 +43,7 @@ from phems_clinical.federation.secure import (
     default_secagg_config,
     secagg_aggregator,
 )
+from phems_clinical.progress import ProgressFn, labelled, silent
 
 ENGINES = ("inprocess", "pooled", "flower")
 
@@ -139,13 +140,15 @@ def with_dp(build: Callable[[dict], Algorithm], options: Mapping[str, Any],
 
 def train(key, build: Callable[[dict], Algorithm], sites: Sequence[Any],
           fed: FederationSettings, *, label: str = "",
-          progress: Callable[[str], None] | None = None,
+          progress: ProgressFn | None = None,
           checkpoint_dir: str | Path | None = None,
           on_message: Callable | None = None) -> tuple[FederatedRun, dict]:
     """Run ``build(options)`` over ``sites`` (padded per-site pytrees) in process.
 
-    ``pooled``: pass one site holding every patient. Returns the engine's run and
-    the DP calibration (``{}`` without DP).
+    ``pooled``: pass one site holding every patient. ``progress``: listener of
+    the engine's ``rounds`` events (:mod:`phems_clinical.progress`), labelled
+    ``label``. Returns the engine's run and the DP calibration (``{}`` without
+    DP).
     """
     alg, dp_set = with_dp(build, fed.options, fed.dp,
                           [site_size(s) for s in sites])
@@ -154,18 +157,10 @@ def train(key, build: Callable[[dict], Algorithm], sites: Sequence[Any],
         aggregator = secagg_aggregator(default_secagg_config(len(sites),
                                                              fed.min_sites),
                                        n_sites=len(sites))
-    n = len(sites)
-
-    def on_round(rec, server):
-        if progress and ((rec.round + 1) % 10 == 0 or rec.round == 0):
-            progress(f"{label}: round {rec.round + 1} (at most "
-                     f"{alg.max_rounds}), sites {len(rec.participants)}/{n}"
-                     + (f", dropped {[k for k, _ in rec.dropped]}" if rec.dropped
-                        else ""))
-
     run = run_federated(key, alg, list(sites), aggregator=aggregator,
                         min_sites=fed.min_sites, checkpoint_dir=checkpoint_dir,
-                        on_round=on_round, on_message=on_message)
+                        on_message=on_message,
+                        progress=labelled(progress or silent, label))
     return run, dp_set
 
 

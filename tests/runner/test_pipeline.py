@@ -99,8 +99,9 @@ class _Stop(Exception):
 
 
 def test_interrupted_run_resumes_to_the_same_results(setup, result, tmp_path):
-    def stop_mid_second_source(msg):
-        if msg.startswith("anonymised (inprocess, fed_focei): round 10"):
+    def stop_mid_second_source(ev):
+        if (ev.task, ev.done) == ("rounds", 10) and ev.label.startswith(
+                "anonymised (inprocess, fed_focei)"):
             raise _Stop  # as if the machine went down mid-fit
 
     with pytest.raises(_Stop):
@@ -108,8 +109,9 @@ def test_interrupted_run_resumes_to_the_same_results(setup, result, tmp_path):
     assert (tmp_path / "real" / "done.json").exists()
     assert not (tmp_path / "anonymised" / "done.json").exists()
     assert any((tmp_path / "anonymised" / "federated").iterdir())  # mid-fit state
-    again = []
-    run, ds = _run(setup, progress=again.append, checkpoint_dir=tmp_path)
+    events = []
+    run, ds = _run(setup, progress=events.append, checkpoint_dir=tmp_path)
+    again = [ev.label for ev in events if ev.kind == "note"]
     assert any(m.startswith("real: finished in an earlier run") for m in again)
     # a finished source is not derived again (its scorecards are saved)
     assert not any(m.startswith("derived real") for m in again)
