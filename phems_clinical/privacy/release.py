@@ -46,10 +46,16 @@ from phems_clinical.privacy.hierarchies import (
     Hierarchy,
     check_covers,
 )
+from phems_clinical.privacy.perturb import (
+    LongitudinalRoles,
+    il1s,
+    perturb_longitudinal,
+)
 from phems_clinical.privacy.search import lattice_search, mondrian
 
 __all__ = ["BAND_SUFFIX", "MARKER", "AnonymiseError", "Release", "Roles",
-           "anonymise", "check_table", "patient_table", "roles_for"]
+           "anonymise", "anonymise_longitudinal", "check_table", "patient_table",
+           "roles_for"]
 
 MARKER = "phems_release"
 BAND_SUFFIX = "_band"
@@ -69,7 +75,8 @@ class Roles:
     ``sensitive_rule``: column -> how the patient value is formed from the rows
     (``"first"`` or ``"max"``); ``date_columns``: shifted per patient;
     ``derived``: columns computed from QIs, recomputed by ``recompute`` after
-    generalisation.
+    generalisation; ``longitudinal``: the measured values and event times that
+    :func:`anonymise_longitudinal` perturbs.
     """
 
     use_case: str
@@ -82,6 +89,7 @@ class Roles:
     date_columns: tuple[str, ...] = ()
     derived: tuple[str, ...] = ()
     recompute: Callable[[pd.DataFrame], pd.DataFrame] | None = None
+    longitudinal: LongitudinalRoles | None = None
 
     def qis(self, df: pd.DataFrame) -> dict[str, Hierarchy]:
         """Hierarchies of the QIs for ``df`` (required ones, then optional present)."""
@@ -377,3 +385,99 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
     }
     out.attrs[MARKER] = {"config": config}
     return Release(out, released, report)
+
+
+def anonymise_longitudinal(key, data: pd.DataFrame, roles, *,
+                           micro_k: int | None = None, noise: float = 0.0,
+                           time_grid: float | None = None,
+                           longitudinal: LongitudinalRoles | None = None,
+                           **options) -> Release:
+    """:func:`anonymise` (QI generalisation, pseudonyms, date shifts), then the
+    perturbation of the measured values and event times that QI generalisation
+    leaves as they are (:func:`.perturb.perturb_longitudinal`).
+
+    Parameters
+    ----------
+    key : jax PRNG key
+        The run key. ``anonymise`` gets ``key`` itself (so with every
+        longitudinal option off the release equals ``anonymise(key, ...)``); the
+        noise draws from ``fold_in(key, 1)``: reproducible anonymisation, not a
+        differential-privacy guarantee.
+    data, roles : as for :func:`anonymise`.
+    micro_k : int or None
+        MDAV group size for each course's level (None: off).
+    noise : float
+        CV of the log-normal noise of multiplicative columns and SD, as a fraction
+        of the column SD, of the normal noise of additive columns (0: off).
+    time_grid : float or None
+        Event times rounded up to this grid, in ``roles.longitudinal.time_unit``.
+    longitudinal : LongitudinalRoles, optional
+        Overrides ``roles.longitudinal``.
+    **options
+        ``k``, ``l``, ``t``, ``max_suppression``, ``method``... of
+        :func:`anonymise`.
+
+    Returns
+    -------
+    Release
+        ``report["longitudinal"]`` holds the perturbation report and
+        ``report["information_loss"]`` the IL1s per column (QIs, values, times)
+        against the original rows of the released patients, their mean and the
+        suppressed share; ``report["config"]["longitudinal"]`` the options.
+    """
+    roles = roles_for(roles)
+    lon = longitudinal if longitudinal is not None else roles.longitudinal
+    settings = {"micro_k": None if micro_k is None else int(micro_k),
+                "noise": float(noise),
+                "time_grid": None if time_grid is None else float(time_grid)}
+    active = micro_k is not None or noise != 0 or time_grid is not None
+    if active and lon is None:
+        raise AnonymiseError(f"{roles.use_case}: micro_k/noise/time_grid need the "
+                             f"longitudinal columns, and the roles declare none")
+    mark = data.attrs.get(MARKER) if isinstance(data, pd.DataFrame) else None
+    if mark is not None and "longitudinal" in mark.get("config", {}):
+        cfg = dict(mark["config"])
+        if cfg.pop("longitudinal") != settings:
+            raise AnonymiseError(
+                f"the table is already perturbed with {mark['config']['longitudinal']}"
+                f"; anonymise the original data instead of re-anonymising a release")
+        return Release(data.copy(), patient_table(data, roles),
+                       {"already_anonymised": True, "rows_in": len(data),
+                        "rows_out": len(data), "config": mark["config"]})
+    rel = anonymise(key, data, roles, **options)
+    if rel.report.get("already_anonymised"):
+        if active:
+            raise AnonymiseError(
+                "the table is already a QI release with no record of its "
+                "longitudinal perturbation; perturb the original data instead")
+        return rel
+    if not active:  # the QI release itself, with its loss on the same columns
+        cols = [*rel.report["quasi_identifiers"],
+                *([] if lon is None else [*lon.values, *lon.times])]
+        return rel._replace(report={**rel.report, "information_loss":
+                                    _information_loss(data, rel, rel.data, cols,
+                                                      roles)})
+    pert = perturb_longitudinal(jax.random.fold_in(key, 1), rel.data, lon,
+                                micro_k=micro_k, noise=noise, time_grid=time_grid)
+    out = pert.data
+    cols = [*rel.report["quasi_identifiers"], *pert.report["values"],
+            *pert.report["times"]]
+    config = {**rel.report["config"], "longitudinal": settings}
+    report = {**rel.report, "config": config, "longitudinal": pert.report,
+              "information_loss": _information_loss(data, rel, out, cols, roles)}
+    out.attrs[MARKER] = {"config": config}
+    return Release(out, rel.patients, report)
+
+
+def _information_loss(data: pd.DataFrame, rel: Release, out: pd.DataFrame,
+                      columns, roles: Roles) -> dict:
+    """IL1s per numeric column of ``out`` against the original rows of the
+    released patients (same order), their mean, and the suppressed share."""
+    kept = data[data[roles.patient_id].isin(rel.patients.index)].reset_index(drop=True)
+    cols = [c for c in columns if c in out.columns and c in kept.columns
+            and pd.api.types.is_numeric_dtype(kept[c])
+            and not pd.api.types.is_bool_dtype(kept[c])]
+    loss = il1s(kept, out, cols)
+    return {"il1s": loss,
+            "il1s_mean": float(np.mean(list(loss.values()))) if loss else 0.0,
+            "suppressed_share": rel.report["suppressed_share"]}
