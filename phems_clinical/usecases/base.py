@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+#: Column naming the hospital in the tables handed to :attr:`UseCase.plots`.
+PLOT_SITE = "hospital"
+
 
 class UseCaseError(ValueError):
     """An unknown or malformed use case (names the valid ones)."""
@@ -55,10 +58,12 @@ class UseCase(NamedTuple):
     default_model : the ``--model`` of ``phems anonymise|synthesize`` when none
         is given (a library product), or None when the use case has no model to
         name there.
-    plots : name -> ``function(tables by source name, **options) -> matplotlib
-        Figure``: the use case's own figures of a side-by-side comparison
-        (concentration-time, trajectories, occupation curves), drawn by the
-        report code without knowing the use case.
+    plots : title -> ``function(tables by source name) -> (PNG bytes,
+        caption)``: the use case's figures of a side-by-side comparison
+        (concentration-time, trajectories, occupation curves, covariates), drawn
+        by the report without knowing the use case. Each table is a source's
+        analysis table, the training hospitals' stacked, with the column
+        :data:`PLOT_SITE` naming the hospital.
     """
 
     name: str
@@ -79,7 +84,7 @@ class UseCase(NamedTuple):
     outcome: tuple[str, tuple[str, ...]] | None = None
     reference_fit: Callable[[Any, Any], Any] | None = None
     default_model: str | None = None
-    plots: Mapping[str, Callable[..., Any]] = {}
+    plots: Mapping[str, Callable[[Mapping[str, Any]], tuple[bytes, str]]] = {}
 
     @property
     def patient_id(self) -> str:

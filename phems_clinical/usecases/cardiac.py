@@ -35,7 +35,7 @@ from phems_clinical.privacy.hierarchies import (
     weight_kg,
 )
 from phems_clinical.privacy.release import Roles
-from phems_clinical.usecases.base import UseCase
+from phems_clinical.usecases.base import PLOT_SITE, UseCase
 from phems_clinical.usecases.omop_sites import load_site, report_json, site_databases
 from phems_clinical.usecases.task import Fitted, Problem, Task, flat_estimates
 
@@ -297,6 +297,35 @@ def simulate_default(key, n: int | None, product: str = "") -> dict:
             for name, c in simulate_sites(key, n_episodes=n or 500).items()}
 
 
+#: Days since surgery at which the occupation curves are drawn.
+OCCUPATION_DAYS = tuple(float(d) for d in range(0, 31)) + tuple(
+    float(d) for d in range(35, 366, 5))
+
+
+def _occupation(tables: Mapping[str, pd.DataFrame]) -> tuple[bytes, str]:
+    from phems_clinical.evaluation.plots import occupation_figure
+
+    png = occupation_figure(tables, ms.DEFAULT_SPEC.states, OCCUPATION_DAYS,
+                            xlabel="days since surgery")
+    return png, ("Share of each source's surgical episodes in each state over the "
+                 "first year (Aalen-Johansen estimate from the sojourns, which "
+                 "allows for censoring), episodes pooled over the training "
+                 "hospitals.")
+
+
+def _covariates(tables: Mapping[str, pd.DataFrame]) -> tuple[bytes, str]:
+    from phems_clinical.evaluation.plots import covariate_figure, edges_from_bounds
+
+    png = covariate_figure(
+        tables, ["age_days", "weight_kg", "sex"], unit=(PLOT_SITE, "episode_id"),
+        bins={"age_days": edges_from_bounds((0, 6575, 8, "log1p")),
+              "weight_kg": edges_from_bounds((1, 100, 8, "log1p")),
+              "sex": PROFILE_BOUNDS["sex"]},
+        labels={"age_days": "age at surgery (days)", "weight_kg": "weight (kg)"})
+    return png, ("Age, weight and sex of each source's surgical episodes: share per "
+                 "public bin (cells of fewer than 5 episodes are not drawn).")
+
+
 USE_CASE = UseCase(
     name="cardiac", unit="surgical episode", roles=ROLES, profile=cardiac_profile,
     profile_bounds=PROFILE_BOUNDS, may_be_missing=frozenset({"death_day"}),
@@ -304,5 +333,7 @@ USE_CASE = UseCase(
     generator="pathway", synthesise=synthesise, utility=utility, load=load,
     simulate=simulate, site_names=site_names, simulate_default=simulate_default,
     task=TASK,
-    outcome=("died", ("age_days", "sex", "weight_kg", "stat", "ventilation")))
+    outcome=("died", ("age_days", "sex", "weight_kg", "stat", "ventilation")),
+    plots={"State occupation by source": _occupation,
+           "Covariates by source": _covariates})
 """Paediatric cardiac surgical pathways (see the module docstring)."""

@@ -49,7 +49,7 @@ from phems_clinical.privacy.hierarchies import (
     weight_kg,
 )
 from phems_clinical.privacy.release import Roles
-from phems_clinical.usecases.base import UseCase
+from phems_clinical.usecases.base import PLOT_SITE, UseCase
 from phems_clinical.usecases.omop_sites import model_factor, pk_events_from_omop
 from phems_clinical.usecases.task import Fitted, Problem, Task
 
@@ -256,6 +256,48 @@ def simulate_default(key, n: int | None, product: str) -> dict:
     return out
 
 
+#: Time-after-dose bins (h) of the concentration-time figure.
+TAD_EDGES = (0.0, 1.0, 3.0, 6.0, 12.0, 18.0, 24.0, 30.0, 36.0, 48.0, 60.0, 72.0,
+             96.0, 120.0)
+
+
+def time_after_dose(events: pd.DataFrame, unit: Sequence[str]) -> pd.DataFrame:
+    """The quantified levels (``EVID`` 0, ``BLQ`` 0, ``DV`` present) with ``TAD``:
+    hours since the start of the unit's latest dose at or before the sample."""
+    unit = list(unit)
+    obs = events[(events.EVID == 0) & (events.BLQ == 0) & events.DV.notna()]
+    doses = events.loc[events.EVID == 1, [*unit, "TIME"]].rename(
+        columns={"TIME": "DOSE_TIME"})
+    out = pd.merge_asof(obs.sort_values("TIME"), doses.sort_values("DOSE_TIME"),
+                        left_on="TIME", right_on="DOSE_TIME", by=unit)
+    return out.assign(TAD=out.TIME - out.DOSE_TIME).dropna(subset=["TAD"])
+
+
+def _concentration_time(tables: Mapping[str, pd.DataFrame]) -> tuple[bytes, str]:
+    from phems_clinical.evaluation.plots import band_figure
+
+    unit = (PLOT_SITE, "ID")
+    png = band_figure({n: time_after_dose(t, unit) for n, t in tables.items()},
+                      "TAD", "DV", edges=TAD_EDGES, unit=unit,
+                      xlabel="time after dose (h)", ylabels="factor level (IU/dL)",
+                      log_y=True)
+    return png, ("Factor level against time after dose (log scale), each source's "
+                 "training patients pooled over the training hospitals: median per "
+                 "time bin and the 10-90 % band (bins with fewer than 5 patients "
+                 "are left out; no single level is drawn).")
+
+
+def _covariates(tables: Mapping[str, pd.DataFrame]) -> tuple[bytes, str]:
+    from phems_clinical.evaluation.plots import covariate_figure, edges_from_bounds
+
+    png = covariate_figure(tables, ["AGE", "WT"], unit=(PLOT_SITE, "ID"),
+                           bins={c: edges_from_bounds(PROFILE_BOUNDS[c])
+                                 for c in ("AGE", "WT")},
+                           labels={"AGE": "age (y)", "WT": "weight (kg)"})
+    return png, ("Age and weight of each source's patients: share per public bin "
+                 "(cells of fewer than 5 patients are not drawn).")
+
+
 USE_CASE = UseCase(
     name="haemophilia", unit="patient", roles=ROLES, profile=pk_profile,
     profile_bounds=PROFILE_BOUNDS,
@@ -263,5 +305,7 @@ USE_CASE = UseCase(
     attack_columns=(("AGE", "WT", "SEX"), "level_first"), generator="virtual",
     synthesise=synthesise, utility=utility, load=load, simulate=simulate,
     site_names=site_names, simulate_default=simulate_default, task=TASK,
-    reference_fit=ut.fit_population, default_model="advate")
+    reference_fit=ut.fit_population, default_model="advate",
+    plots={"Concentration-time by source": _concentration_time,
+           "Covariates by source": _covariates})
 """Haemophilia A/B population PK (see the module docstring)."""

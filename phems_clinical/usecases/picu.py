@@ -37,7 +37,7 @@ from phems_clinical.models.scores import sepsis_onset
 from phems_clinical.models.sepsis_features import build_site
 from phems_clinical.privacy.hierarchies import paediatric_age, suppress_only
 from phems_clinical.privacy.release import Roles
-from phems_clinical.usecases.base import UseCase
+from phems_clinical.usecases.base import PLOT_SITE, UseCase
 from phems_clinical.usecases.omop_sites import load_site, report_json, site_databases
 from phems_clinical.usecases.task import Fitted, Problem, Task
 
@@ -406,6 +406,36 @@ def simulate_default(key, n: int | None, product: str = "") -> dict:
             for name, c in simulate_sites(key, sites).items()}
 
 
+#: Hours-since-admission bins of the trajectory figure.
+HOUR_EDGES = (0, 6, 12, 18, 24, 36, 48, 72, 96, 120, 168)
+
+
+def _trajectories(tables: Mapping[str, pd.DataFrame]) -> tuple[bytes, str]:
+    from phems_clinical.evaluation.plots import band_figure
+
+    png = band_figure(tables, "hour", ["hr", "lactate"], edges=HOUR_EDGES,
+                      unit=(PLOT_SITE, "stay_id"),
+                      xlabel="hours since PICU admission",
+                      ylabels=["heart rate (/min)", "lactate (mmol/L)"],
+                      log_y=[False, True])
+    return png, ("Heart rate and lactate over the stay, each source's stays pooled "
+                 "over the training hospitals: median per time bin and the 10-90 % "
+                 "band of the recorded values (bins with fewer than 5 stays are "
+                 "left out; no single value is drawn).")
+
+
+def _covariates(tables: Mapping[str, pd.DataFrame]) -> tuple[bytes, str]:
+    from phems_clinical.evaluation.plots import covariate_figure, edges_from_bounds
+
+    png = covariate_figure(
+        tables, ["age_months", "sex"], unit=(PLOT_SITE, "stay_id"),
+        bins={"age_months": edges_from_bounds((0, 216, 8, "log1p")),
+              "sex": PROFILE_BOUNDS["sex"]},
+        labels={"age_months": "age at admission (months)"})
+    return png, ("Age and sex of each source's stays: share per public bin (cells "
+                 "of fewer than 5 stays are not drawn).")
+
+
 USE_CASE = UseCase(
     name="picu", unit="ICU stay", roles=ROLES, profile=picu_profile,
     profile_bounds=PROFILE_BOUNDS,
@@ -415,5 +445,7 @@ USE_CASE = UseCase(
     simulate=simulate, site_names=site_names, simulate_default=simulate_default,
     task=TASK,
     outcome=("died", ("age_months", "sex", "hr_mean", "lactate_max", "spo2_min",
-                      "imv_hours", "vasoactive_hours", "culture")))
+                      "imv_hours", "vasoactive_hours", "culture")),
+    plots={"Trajectories by source": _trajectories,
+           "Covariates by source": _covariates})
 """PICU sepsis early warning (see the module docstring)."""
