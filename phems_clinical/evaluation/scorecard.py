@@ -673,7 +673,10 @@ def fidelity_scores(key, real: pd.DataFrame, derived: pd.DataFrame, *,
                             derived.iloc[rng.integers(0, n1, n1)]
                             .reset_index(drop=True))
             for _ in range(n_boot))])
-        sd = np.nanstd(reps, axis=0, ddof=1)
+        finite = np.isfinite(reps).sum(axis=0)
+        sd = np.full(len(boot_m), _NAN)  # no interval from fewer than 2 finite
+        ok = finite >= 2
+        sd[ok] = np.nanstd(reps[:, ok], axis=0, ddof=1)
         for j, m in enumerate(boot_m):
             v = out[m].value
             lo, hi = np.clip([v - 1.96 * sd[j], v + 1.96 * sd[j]], 0.0, 1.0)
