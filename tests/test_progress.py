@@ -181,17 +181,17 @@ def test_pipeline_reports_derive_score_and_train_totals(tmp_path):
     """A tiny PICU run (3 hospitals, one held out; two sources, both the real
     data; 3 FedAdam rounds): the pipeline's events count sources x sites, sites
     x sources and sources, and listening changes no result."""
+    from phems_clinical import usecases
     from phems_clinical.app.derive import load_use_case
     from phems_clinical.evaluation.sources import SourceSpec
     from phems_clinical.runner.experiment import simulate_sites
     from phems_clinical.runner.pipeline import run_pipeline
-    from phems_clinical.runner.tasks import get_task
     from phems_clinical.runner.training import FederationSettings
 
     simulate_sites("picu", jax.random.key(3), 3, 30, None, tmp_path)
     sites, _ = load_use_case("picu", omop=str(tmp_path))
     sites = {s: d.drop(columns="SITE", errors="ignore") for s, d in sites.items()}
-    task = get_task("picu")
+    task = usecases.get("picu").task
     model = task.model_from_config({})
     sources = [SourceSpec("real", "real"),
                SourceSpec("again", "real")]  # a second source; real is fastest

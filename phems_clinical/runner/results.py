@@ -32,7 +32,7 @@ import xarray as xr
 
 from phems_clinical.evaluation.sources import SourceSpec
 from phems_clinical.runner.pipeline import PipelineRun
-from phems_clinical.runner.tasks import Task
+from phems_clinical.usecases.task import Task
 
 
 def held_out_site(ds: xr.Dataset) -> str:

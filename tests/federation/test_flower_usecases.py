@@ -27,6 +27,7 @@ pytest.importorskip("flwr", reason="the Flower adapter needs flwr>=1.41,<1.42")
 from flwr.app import Message, MessageType  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from phems_clinical import usecases  # noqa: E402
 from phems_clinical.app.derive import load_use_case  # noqa: E402
 from phems_clinical.federation.flower import client_app  # noqa: E402
 from phems_clinical.federation.flower import tasks as ft  # noqa: E402
@@ -38,7 +39,6 @@ from phems_clinical.federation.flower.launch import secagg_identities  # noqa: E
 from phems_clinical.federation.flower.server_app import run_server  # noqa: E402
 from phems_clinical.federation.messages import MessageRejected  # noqa: E402
 from phems_clinical.runner.experiment import simulate_sites  # noqa: E402
-from phems_clinical.runner.tasks import get_task  # noqa: E402
 from phems_clinical.runner.training import (  # noqa: E402
     FederationSettings,
     train,
@@ -73,7 +73,7 @@ def _model_json(use_case, model):
 
 
 def _in_process(use_case, frames, options):
-    task = get_task(use_case)
+    task = usecases.get(use_case).task
     model = task.model_from_config({})
     prob = task.problem(jax.random.key(SEED), frames, task.strategy, model)
     run, _ = train(jax.random.key(SEED), prob.build, prob.sites,
@@ -133,7 +133,7 @@ class _AppGrid:
 
 
 def _settings(use_case, model, tmp_path, **kw):
-    task = get_task(use_case)
+    task = usecases.get(use_case).task
     return RunSettings(seed=SEED, algorithm=task.strategy, use_case=use_case,
                        model=_model_json(use_case, model), num_sites=2,
                        rounds=ROUNDS, options=json.dumps({"rounds": ROUNDS}),

@@ -18,13 +18,13 @@ import pytest
 
 pytest.importorskip("flwr", reason="the Flower adapter needs flwr>=1.41,<1.42")
 
+from phems_clinical import usecases  # noqa: E402
 from phems_clinical.app.derive import load_use_case  # noqa: E402
 from phems_clinical.evaluation.sources import SourceSpec  # noqa: E402
 from phems_clinical.pk.library import load_product  # noqa: E402
 from phems_clinical.pk.simulate import HospitalSpec, simulate_hospitals  # noqa: E402
 from phems_clinical.runner import pipeline  # noqa: E402
 from phems_clinical.runner.experiment import simulate_sites  # noqa: E402
-from phems_clinical.runner.tasks import get_task  # noqa: E402
 from phems_clinical.runner.training import (  # noqa: E402
     DPTarget,
     FederationSettings,
@@ -63,7 +63,7 @@ def test_interrupted_flower_run_resumes_through_the_runner(tmp_path, monkeypatch
                                [HospitalSpec(f"H{i}", 24) for i in (1, 2, 3)])
     sites = {s: d.drop(columns="SITE").reset_index(drop=True)
              for s, d in ev.groupby("SITE")}
-    task = get_task("haemophilia")
+    task = usecases.get("haemophilia").task
     fed = FederationSettings("flower", "fedadam", {"rounds": 2})
     ref = _pipeline(task, sites, model, fed._replace(engine="inprocess"), "H3")
     real = pipeline.train_flower
@@ -97,7 +97,7 @@ def test_interrupted_flower_run_resumes_through_the_runner(tmp_path, monkeypatch
 def test_picu_experiment_on_flower_equals_in_process(picu):
     """``experiment=picu_sepsis federation=flower``: the same estimates, alarm
     threshold and held-out scores as in process, for the same seed."""
-    task = get_task("picu")
+    task = usecases.get("picu").task
     model = task.model_from_config({})
     holdout = list(picu)[2]
     fed = FederationSettings("flower", options={"rounds": 2})
@@ -118,7 +118,7 @@ def test_dp_over_flower_is_applied_and_stated_as_in_process(picu, tmp_path):
     ε exactly as in process, each site's accountant ε recorded by the server equal
     to the engine's, and the noise applied (the weights differ from the noiseless
     run; drawn from the sites' OS CSPRNG, not the seed)."""
-    task = get_task("picu")
+    task = usecases.get("picu").task
     model = task.model_from_config({})
     frames = [picu[s] for s in list(picu)[:2]]
     fed = FederationSettings("flower", options={"rounds": 2},

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from phems_clinical import usecases
 from phems_clinical.evaluation.sources import SourceSpec
 from phems_clinical.pk.library import load_product
 from phems_clinical.pk.simulate import HospitalSpec, simulate_hospitals
 from phems_clinical.runner.pipeline import run_pipeline
 from phems_clinical.runner.results import to_dataset
-from phems_clinical.runner.tasks import get_task
 from phems_clinical.runner.training import DPTarget, FederationSettings
 
 SOURCES = [SourceSpec("real", "real"),
            SourceSpec("anonymised", "anonymised", "lattice",
                       {"k": 4, "max_suppression": 0.1})]
-TASK = get_task("haemophilia")
+TASK = usecases.get("haemophilia").task
 
 
 @pytest.fixture(scope="module")
