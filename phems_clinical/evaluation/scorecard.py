@@ -86,6 +86,7 @@ __all__ = [
     "metric_spec",
     "target_text",
     "utility_scores",
+    "pooled_risk",
     "privacy_scores",
 ]
 
@@ -120,13 +121,18 @@ class Score(NamedTuple):
     """One scorecard cell: the value, its 95 % interval (NaN when none), the
     sample size ``n`` the interval rests on (attacks, patients; NaN unknown) and,
     when the metric cannot tell good from bad at this size, why
-    (``uninformative``; empty when it can)."""
+    (``uninformative``; empty when it can). An anonymeter-style risk also keeps
+    its counts: ``successes`` of the ``n`` attacks on training targets and
+    ``control_successes`` of the ``n`` on control targets (NaN otherwise), so
+    that releases of one mechanism can be pooled (:func:`pooled_risk`)."""
 
     value: float
     ci_low: float = _NAN
     ci_high: float = _NAN
     n: float = _NAN
     uninformative: str = ""
+    successes: float = _NAN
+    control_successes: float = _NAN
 
 
 class MetricSpec(NamedTuple):
@@ -525,10 +531,13 @@ def as_score(x) -> Score:
     (no interval)."""
     if isinstance(x, Score):
         return Score(float(x.value), float(x.ci_low), float(x.ci_high), float(x.n),
-                     str(x.uninformative))
+                     str(x.uninformative), float(x.successes),
+                     float(x.control_successes))
     if isinstance(x, _attacks.Risk):
-        return Score(float(x.value), float(x.ci_low), float(x.ci_high),
-                     float(x.n_attacks))
+        n = int(x.n_attacks)
+        return Score(float(x.value), float(x.ci_low), float(x.ci_high), float(n),
+                     successes=_wilson_count(x.attack_rate, n),
+                     control_successes=_wilson_count(x.control_rate, n))
     if isinstance(x, _attacks.MembershipResult):
         return Score(float(x.auc), float(x.ci_low), float(x.ci_high),
                      float(min(x.n_members, x.n_nonmembers)))
@@ -541,6 +550,42 @@ def as_score(x) -> Score:
         raise ScorecardInputError(f"a score must be a number, a Score or a "
                                   f"(value, ci_low, ci_high) tuple, got {x!r}")
     return Score(float(x))
+
+
+def _wilson_count(rate: float, n: int) -> float:
+    """The success count behind a Wilson centre ``rate = (s + z^2/2) / (n + z^2)``
+    of :func:`phems_clinical.privacy.attacks.wilson_rate` (95 %), i.e. ``s``."""
+    from scipy.stats import norm
+
+    z2 = float(norm.ppf(0.975)) ** 2
+    return float(round(rate * (n + z2) - z2 / 2))
+
+
+def pooled_risk(scores: Sequence[Score]) -> Score:
+    """The residual risk of one release mechanism from several independent
+    releases of it (e.g. each hospital's), pooling the attack trials: the
+    anonymeter risk of the summed counts, ``(a - c) / (1 - c)`` with ``a`` and
+    ``c`` the Wilson rates of sum(successes) / sum(n) and sum(control_successes)
+    / sum(n) and their propagated error (Giomi et al., PoPETs 2023(2):312-328;
+    Wilson, JASA 1927;22:209-212). It is the risk of the mechanism at these
+    sizes, not of any one release: a single site's release can be riskier.
+
+    Every score needs its counts (``successes``, ``control_successes``, ``n``);
+    a score without them is an error naming its position."""
+    scores = [as_score(x) for x in scores]
+    if not scores:
+        raise ScorecardInputError("pooled_risk: no scores to pool")
+    bad = [i for i, x in enumerate(scores)
+           if not all(math.isfinite(v) for v in (x.n, x.successes,
+                                                 x.control_successes))]
+    if bad:
+        raise ScorecardInputError(f"pooled_risk: score(s) at position {bad} carry "
+                                  "no attack counts (successes, control_successes"
+                                  ", n)")
+    n = int(sum(x.n for x in scores))
+    s = int(sum(x.successes for x in scores))
+    c = int(sum(x.control_successes for x in scores))
+    return as_score(_attacks.residual_risk(s, n, c, n))
 
 
 _UTILITY_NAMES = {  # phems_clinical.evaluation.utility name -> (metric, scale)
@@ -795,7 +840,8 @@ def privacy_scores(key, train: pd.DataFrame, control: pd.DataFrame,
         except ValueError as err:
             if "no predicate" not in str(err):
                 raise
-            out[name] = Score(0.0, 0.0, 0.0, float(n_att))  # no attack exists
+            out[name] = Score(0.0, 0.0, 0.0, float(n_att), successes=0.0,
+                              control_successes=0.0)  # no attack exists
     out["linkability_risk"] = as_score(_attacks.linkability_risk(
         ori, derived, ctrl, aux_cols=link_cols, n_attacks=n_att, key=ks[4]))
     if secrets:
@@ -970,7 +1016,7 @@ def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
 
     metrics = sorted(names, key=rank)
     shape = (len(sources), len(metrics))
-    val, lo, hi, nn = (np.full(shape, np.nan) for _ in range(4))
+    val, lo, hi, nn, succ, ctrl = (np.full(shape, np.nan) for _ in range(6))
     why = np.full(shape, "", dtype=object)
     for i, cells in enumerate(scores.values()):
         for m, x in cells.items():
@@ -980,7 +1026,8 @@ def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
                 raise ScorecardInputError(f"scores[{sources[i]!r}][{m!r}]: "
                                           f"{err}") from None
             j = metrics.index(m)
-            val[i, j], lo[i, j], hi[i, j], nn[i, j], why[i, j] = s
+            (val[i, j], lo[i, j], hi[i, j], nn[i, j], why[i, j], succ[i, j],
+             ctrl[i, j]) = s
     meta = {k: [] for k in ("kind", "generator", "epsilon", "delta", "unit",
                             "n_rows", "extra")}
     for src in scores:
@@ -1038,7 +1085,8 @@ def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
     dims = ("source", "metric")
     ds = xr.Dataset(
         {"value": (dims, val), "ci_low": (dims, lo), "ci_high": (dims, hi),
-         "n": (dims, nn), "uninformative": (dims, why)},
+         "n": (dims, nn), "uninformative": (dims, why),
+         "successes": (dims, succ), "control_successes": (dims, ctrl)},
         coords=coords,
         attrs={"use_case": str(use_case), "seed": int(seed),
                "created_by": _created_by()})

@@ -160,7 +160,7 @@ def run_experiment(cfg: DictConfig, out: Path, *,
     setup = _setup_lines(cfg, task, model_name, fed, n, holdout, run.train_sites)
     write_report(ds, run.scorecards, task, setup, out / "report.html",
                  title=f"{cfg.experiment_name}: real, anonymised and synthetic data "
-                       f"side by side")
+                       f"side by side", tables=run.tables)
     for site, card in run.scorecards.items():
         write_scorecard(card, out / "scorecards" / site,
                         title=f"Data sources at {site}")

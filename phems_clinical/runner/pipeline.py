@@ -53,6 +53,7 @@ from phems_clinical.runner.training import (
     train,
     train_flower,
 )
+from phems_clinical.usecases.base import PLOT_SITE
 from phems_clinical.usecases.task import Task, stack_sites
 
 
@@ -72,12 +73,16 @@ class SourceRun(NamedTuple):
 
 class PipelineRun(NamedTuple):
     """Every source's :class:`SourceRun` and each training site's scorecard (all
-    sources side by side)."""
+    sources side by side); ``tables``: each source derived in this run (and the
+    real training data as ``real``), the training sites' tables stacked with the
+    column :data:`phems_clinical.usecases.base.PLOT_SITE` (the report's figures;
+    kept in memory only)."""
 
     sources: dict[str, SourceRun]
     scorecards: dict[str, xr.Dataset]
     train_sites: list[str]
     holdout_site: str
+    tables: dict[str, pd.DataFrame] = {}
 
 
 def resolve_source(spec: SourceSpec, use_case: str) -> SourceSpec:
@@ -210,6 +215,13 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
         note(progress, f"derived {spec.name} at {len(train_sites)} sites")
     end(progress, "derive", n_derive, n_derive)
 
+    tables = {n: pd.concat([d[s].data.assign(**{PLOT_SITE: s}) for s in train_sites],
+                           ignore_index=True) for n, d in derived.items()}
+    if "real" not in tables:
+        tables = {"real": pd.concat([split[s][0].assign(**{PLOT_SITE: s})
+                                     for s in train_sites], ignore_index=True),
+                  **tables}
+
     # 2. one scorecard per training site, every source side by side
     cards = {}
     n_cards = len(train_sites)
@@ -300,4 +312,4 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
         step(progress, "train", j + 1, len(sources), spec.name, rounds=rounds,
              converged=converged)
     end(progress, "train", len(sources), len(sources))
-    return PipelineRun(out, cards, train_sites, holdout_site)
+    return PipelineRun(out, cards, train_sites, holdout_site, tables)

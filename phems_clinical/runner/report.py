@@ -5,13 +5,16 @@ side, on one self-contained page (inline CSS and PNG, no scripts, no network).
    DP) in plain words.
 2. Utility: the model trained federatedly on each source, scored on real held-out
    patients of every training hospital and on the held-out hospital (table and
-   figure, each with a caption).
+   figure, each with a caption); the data side by side (the use case's figures:
+   concentration-time, trajectories or occupation curves, covariates); attack
+   risks pooled over the training hospitals and per hospital.
 3. Training: rounds, convergence and the DP guarantee of training (ε, δ, unit of
    privacy, or "not DP").
 4. The scorecard of :mod:`phems_clinical.evaluation.scorecard_report` with one
-   column per source: utility at the held-out hospital, privacy risk (the worst
-   training site), fidelity (mean over training sites), each with its caption,
-   target and reference, and each source's data ε.
+   column per source: utility at the held-out hospital, privacy risk (attacks
+   pooled over the training sites, other checks at the worst site), fidelity
+   (mean over training sites), each with its caption, target and reference, and
+   each source's data ε.
 """
 
 from __future__ import annotations
@@ -27,13 +30,17 @@ import jinja2
 import numpy as np
 import xarray as xr
 
+from phems_clinical import usecases
 from phems_clinical.evaluation.plots import risk_utility_map, spread_figure
 from phems_clinical.evaluation.scorecard import (
     RISK_THRESHOLD,
+    Score,
     build_scorecard,
+    pooled_risk,
     utility_scores,
 )
 from phems_clinical.evaluation.scorecard_report import (
+    ATTACK_RISKS,
     dp_text,
     rank_sources,
     render_scorecard_html,
@@ -70,6 +77,21 @@ across hospitals{% if n_seeds > 1 %} and seeds{% endif %})</td>
 {% for s in sources %}<th>{{ s }}</th>{% endfor %}</tr></thead><tbody>
 {% for row in estimates %}<tr><td>{{ row.name }}</td>{% for v in row.cells %}
 <td class="val">{{ v }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
+{% if plots %}<h2 id="data">The data side by side</h2>
+<p class="caption">Each source as the training hospitals derived it, next to the
+real training data it was derived from (the reference). Only summaries of at least
+5 patients are drawn.</p>
+{% for f in plots %}<h3>{{ f.title }}</h3><figure><img alt="{{ f.caption }}"
+src="data:image/png;base64,{{ f.png }}"><figcaption class="caption">{{ f.caption
+}}</figcaption></figure>{% endfor %}{% endif %}
+{% if privacy_rows %}<h2 id="pooled">Attack risks: pooled over hospitals and per
+hospital</h2>
+<p class="caption">{{ pooled_caption }}</p>
+<table class="pooled"><thead><tr><th>Attack</th><th>Hospital</th>
+{% for s in sources %}<th>{{ s }}</th>{% endfor %}</tr></thead><tbody>
+{% for row in privacy_rows %}<tr{% if row.pooled %} class="summary"{% endif %}>
+<td>{{ row.label }}</td><td>{{ row.site }}</td>{% for v in row.cells %}
+<td class="val">{{ v }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>{% endif %}
 <h2 id="training">Training</h2>
 <p class="caption">Federated rounds run per source, whether the strategy reached its
 stopping rule, and the differential-privacy guarantee of training itself (patient-
@@ -125,14 +147,16 @@ def combined_scorecard(ds: xr.Dataset, cards: Mapping[str, xr.Dataset],
                        use_case: str, seed: int) -> xr.Dataset:
     """One scorecard over the sources, every cell with its interval.
 
-    Privacy: the worst training site (its value, interval and number of attacks).
+    Privacy: the anonymeter attack risks (:data:`ATTACK_RISKS`) pooled over the
+    training sites (:func:`~phems_clinical.evaluation.scorecard.pooled_risk`:
+    the risk of the release mechanism, from the summed attack counts; the worst
+    site where a card lacks the counts); the other privacy metrics from the
+    worst training site (its value, interval and number of attacks).
     Fidelity: the mean over training sites, half-width sqrt(sum h_k^2) / K (sites
     hold different patients); uninformative where any site's cell is. Utility:
     the task's metrics, mean over every evaluation hospital (and seed) with a
     95 % t-interval across them (:func:`across_sites`).
     """
-    from phems_clinical.evaluation.scorecard import Score
-
     first = next(iter(cards.values()))
     groups = dict(zip(first.metric.values.tolist(), first.group.values.tolist(),
                       strict=True))
@@ -153,7 +177,17 @@ def combined_scorecard(ds: xr.Dataset, cards: Mapping[str, xr.Dataset],
             why = next((str(c["uninformative"].values) for c in cells
                         if "uninformative" in c and str(c["uninformative"].values)),
                        "")
-            if g == "privacy":  # the worst training site
+            counts = [c for c in cells if "successes" in c
+                      and np.isfinite(float(c["successes"]))
+                      and np.isfinite(float(c["control_successes"]))]
+            if m in ATTACK_RISKS and counts and len(counts) == len(cells):
+                p = pooled_risk([Score(float(c["value"]), n=float(c["n"]),
+                                       successes=float(c["successes"]),
+                                       control_successes=float(
+                                           c["control_successes"]))
+                                 for c in cells])
+                row[m] = p._replace(uninformative=why)
+            elif g == "privacy":  # the worst training site
                 lower = first.better.sel(metric=m).item() == "lower"
                 k = int(np.argmax(vals[ok]) if lower else np.argmin(vals[ok]))
                 c = cells[k]
@@ -222,9 +256,72 @@ def _training_dp(eps: float, delta: float) -> str:
         "reproducible from the seed (by design)")
 
 
+def _interval(v: float, lo: float, hi: float) -> str:
+    if not math.isfinite(v):
+        return "n/a"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return _fmt(v)
+    return f"{_fmt(v)} ({_fmt(lo)}\u2013{_fmt(hi)})"
+
+
+def privacy_rows(card: xr.Dataset, cards: Mapping[str, xr.Dataset],
+                 sources: list[str]) -> list[dict]:
+    """Per attack risk: the pooled row of the combined ``card`` (with its number
+    of attacks), then one row per training site, each cell ``value (95 %
+    interval)``."""
+    rows = []
+    for m in ATTACK_RISKS:
+        if m not in card.metric.values:
+            continue
+        label = str(card.label.sel(metric=m).item())
+        c = card.sel(metric=m)
+        rows.append({"label": label, "site": "all (pooled)", "pooled": True,
+                     "cells": [_interval(float(c.value.sel(source=s)),
+                                         float(c.ci_low.sel(source=s)),
+                                         float(c.ci_high.sel(source=s)))
+                               + (f"; {int(c.n.sel(source=s))} attacks"
+                                  if np.isfinite(float(c.n.sel(source=s)))
+                                  else "")
+                               for s in sources]})
+        for site, sc in cards.items():
+            if m not in sc.metric.values:
+                continue
+            c = sc.sel(metric=m)
+            rows.append({"label": "", "site": site, "pooled": False,
+                         "cells": [_interval(float(c.value.sel(source=s)),
+                                             float(c.ci_low.sel(source=s)),
+                                             float(c.ci_high.sel(source=s)))
+                                   if s in sc.source.values else "n/a"
+                                   for s in sources]})
+    return rows
+
+
+def data_figures(use_case: str, tables: Mapping[str, Any] | None,
+                 sources: list[str]) -> list[dict]:
+    """The use case's side-by-side figures (:attr:`UseCase.plots`) of the sources
+    in ``tables`` (real first, then in the run's order); none without tables."""
+    if not tables:
+        return []
+    order = ["real"] + [s for s in sources if s != "real"]
+    tabs = {s: tables[s] for s in order if s in tables}
+    missing = [s for s in sources if s not in tabs]
+    out = []
+    for name, draw in usecases.get(use_case).plots.items():
+        png, caption = draw(tabs)
+        if missing:
+            caption += (f" Not drawn: {', '.join(missing)} (kept from an earlier, "
+                        "interrupted run).")
+        out.append({"title": name, "png": base64.b64encode(png).decode("ascii"),
+                    "caption": caption})
+    return out
+
+
 def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
-                  setup: list[str], *, title: str) -> str:
-    """The page (see the module docstring)."""
+                  setup: list[str], *, title: str,
+                  tables: Mapping[str, Any] | None = None) -> str:
+    """The page (see the module docstring); ``tables``: each source's derived
+    tables for the side-by-side figures (:attr:`.pipeline.PipelineRun.tables`;
+    none drawn without)."""
     run = ds.isel(seed=0)
     head = task.metrics[0]
     better = "lower" if head in task.lower_is_better else "higher"
@@ -307,14 +404,25 @@ def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
             "intervals are not available."),
         figure_alt=(f"{task.labels[head]} per hospital, one bar per source "
                     f"({better} is better)."),
-        training=training)
+        training=training, plots=data_figures(task.use_case, tables, sources),
+        privacy_rows=privacy_rows(card, cards, sources),
+        pooled_caption=(
+            "Pooled: each attack's trials at all training hospitals added up "
+            "(each hospital released its own data by the same method), the "
+            "anonymeter risk of the summed counts with its 95 % interval. It is "
+            "the risk of the release method at this size, not of one hospital's "
+            "release: the per-hospital rows below it are each release's own "
+            "risk, with the wider intervals of their fewer attacks. The "
+            "scorecard below uses the pooled figure for these attacks."))
     return render_scorecard_html(card, title=title, before_sections=fragment,
                                  utility_metric=card_head)
 
 
 def write_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
-                 setup: list[str], path: str | Path, *, title: str) -> Path:
+                 setup: list[str], path: str | Path, *, title: str,
+                 tables: Mapping[str, Any] | None = None) -> Path:
     path = Path(path)
-    path.write_text(render_report(ds, cards, task, setup, title=title),
+    path.write_text(render_report(ds, cards, task, setup, title=title,
+                                  tables=tables),
                     encoding="utf-8")
     return path
