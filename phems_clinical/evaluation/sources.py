@@ -15,7 +15,14 @@ it):
 - ``real``: the training data as they are (the reference row: releasing them is
   a verbatim copy, so its privacy risks show the worst case).
 - ``anonymised``: :func:`phems_clinical.privacy.release.anonymise` (method
-  ``lattice`` or ``mondrian``; options k, l, t, max_suppression).
+  ``lattice`` or ``mondrian``; options k, l, t, max_suppression). With any of
+  the options ``micro_k``, ``noise``, ``time_grid`` the measured values and event
+  times are perturbed too
+  (:func:`~phems_clinical.privacy.release.anonymise_longitudinal`);
+  with ``target`` (risk name -> upper bound) the least-loss setting meeting the
+  bounds is searched on the site's own training data
+  (:func:`~phems_clinical.privacy.target_risk.search_target_risk`; see
+  :data:`ANONYMISED_OPTIONS`).
 - ``synthetic`` with the use case's longitudinal generator (its ``generator``:
   ``virtual`` for haemophilia PK, ``sequence`` for PICU hours, ``pathway`` for
   cardiac pathways), ``copula``: a Gaussian copula of the patient profiles
@@ -49,12 +56,15 @@ from phems_clinical.privacy.fidelity import logistic_transfer
 from phems_clinical.privacy.release import (
     BAND_SUFFIX,
     anonymise,
+    anonymise_longitudinal,
     patient_table,
 )
+from phems_clinical.privacy.target_risk import default_ladder, search_target_risk
 from phems_clinical.progress import ProgressFn, silent, step
 
-__all__ = ["Derived", "SourceError", "SourceSpec", "default_sources", "derive",
-           "profile_domain", "score_sources", "split_patients"]
+__all__ = ["ANONYMISED_OPTIONS", "TARGET_RISKS", "Derived", "SourceError",
+           "SourceSpec", "default_sources", "derive", "profile_domain",
+           "score_sources", "split_patients"]
 
 
 class SourceError(ValueError):
@@ -175,7 +185,14 @@ def derive(key, use_case, data: pd.DataFrame, spec: SourceSpec, *,
         out, report = data, {}
     elif spec.kind == "anonymised":
         method = "lattice" if spec.method == "none" else spec.method
-        rel = anonymise(key, data, use_case.roles, method=method, **opts)
+        qi, lon, target = _anonymised_options(spec, use_case)
+        if target:
+            rel = _target_release(key, use_case, data, spec.name, method, qi, target)
+        elif lon:
+            rel = anonymise_longitudinal(key, data, use_case.roles, method=method,
+                                         **qi, **lon)
+        else:  # QI generalisation only (the default)
+            rel = anonymise(key, data, use_case.roles, method=method, **qi)
         out, report = rel.data, rel.report
     elif spec.kind == "synthetic" and spec.method == "mst":
         from phems_clinical.privacy.synth import mst
@@ -226,6 +243,142 @@ def derive(key, use_case, data: pd.DataFrame, spec: SourceSpec, *,
     return Derived(spec, out, prof, _meta(spec, use_case, n_in, prof,
                                           time.perf_counter() - t0,
                                           unit_of_privacy=unit), report)
+
+
+#: Options of an ``anonymised`` source: the QI generalisation of
+#: :func:`phems_clinical.privacy.release.anonymise`, then the perturbation of the
+#: longitudinal values and times (:mod:`phems_clinical.privacy.perturb`):
+#: ``micro_k`` (MDAV group size of each course's level, >= 2), ``noise`` (CV of
+#: the log-normal noise of concentrations and labs; SD, as a fraction of the
+#: column SD, of the normal noise of vital signs), ``time_grid`` (event times
+#: rounded up, in the use case's time unit), or ``target``: risk name -> upper
+#: bound of its 95 % interval, for which the least-loss setting is searched.
+ANONYMISED_OPTIONS = {
+    "qi": ("k", "l", "t", "sensitive", "max_suppression", "metric", "suppression",
+           "max_shift_days"),
+    "longitudinal": ("micro_k", "noise", "time_grid"),
+    "search": ("target",),
+}
+
+#: Risks a ``target`` may bound (names of :func:`.scorecard.privacy_scores`).
+TARGET_RISKS = ("singling_out_risk", "singling_out_risk_multivariate",
+                "linkability_risk", "inference_risk", "mia_auc")
+
+#: Share of the site's training patients held out as the attacks' control set
+#: during a target-risk search (the scorecard's own holdout is never used).
+TARGET_CONTROL = 0.5
+
+
+def _number(name: str, opt: str, x, *, minimum: float, strict: bool,
+            integer: bool = False):
+    """``x`` checked as a finite number (an integer if ``integer``) >= or >
+    ``minimum``; the error names the source and option."""
+    ok = not isinstance(x, bool) and isinstance(
+        x, (int, np.integer) if integer else (int, float, np.integer, np.floating))
+    ok = ok and bool(np.isfinite(x)) and (x > minimum if strict else x >= minimum)
+    if not ok:
+        what = "an integer" if integer else "a finite number"
+        raise SourceError(f"source {name!r}: option {opt!r}: expected {what} "
+                          f"{'>' if strict else '>='} {minimum:g}, got {x!r}")
+    return int(x) if integer else float(x)
+
+
+def _anonymised_options(spec: SourceSpec, use_case) -> tuple[dict, dict, dict]:
+    """(QI options, longitudinal options, risk targets) of an ``anonymised``
+    source, checked; longitudinal options left unset (None, or noise 0) are
+    dropped, so a spec without them gives today's QI-only release."""
+    opts = dict(spec.options)
+    known = [o for g in ANONYMISED_OPTIONS.values() for o in g]
+    bad = [o for o in opts if o not in known]
+    if bad:
+        raise SourceError(f"source {spec.name!r}: option(s) {bad} are not options "
+                          f"of an anonymised source; expected some of {known}")
+    qi = {o: opts[o] for o in ANONYMISED_OPTIONS["qi"] if o in opts}
+    lon: dict = {}
+    if opts.get("micro_k") is not None:
+        lon["micro_k"] = _number(spec.name, "micro_k", opts["micro_k"], minimum=2,
+                                 strict=False, integer=True)
+    if opts.get("noise") is not None:
+        noise = _number(spec.name, "noise", opts["noise"], minimum=0, strict=False)
+        if noise > 0:
+            lon["noise"] = noise
+    if opts.get("time_grid") is not None:
+        lon["time_grid"] = _number(spec.name, "time_grid", opts["time_grid"],
+                                   minimum=0, strict=True)
+    target = opts.get("target")
+    if target is not None:
+        if not isinstance(target, Mapping) or not target:
+            raise SourceError(f"source {spec.name!r}: option 'target': expected a "
+                              f"mapping of risk name -> upper bound, e.g. "
+                              f"{{singling_out_risk: 0.2}}, got {target!r}")
+        bad = [t for t in target if t not in TARGET_RISKS]
+        if bad:
+            raise SourceError(f"source {spec.name!r}: option 'target': {bad} are not "
+                              f"risks it can bound; expected some of {TARGET_RISKS}")
+        target = {str(t): _number(spec.name, f"target.{t}", v, minimum=0,
+                                  strict=False) for t, v in target.items()}
+        over = [t for t, v in target.items() if v > 1]
+        if over:
+            raise SourceError(f"source {spec.name!r}: option 'target': bounds of "
+                              f"{over} must be risks in [0, 1]")
+        if lon:
+            raise SourceError(f"source {spec.name!r}: option 'target' chooses "
+                              f"micro_k, noise and time_grid itself; drop "
+                              f"{sorted(lon)} or the target")
+    used = [*lon, *(["target"] if target else [])]
+    if used and use_case.roles.longitudinal is None:
+        raise SourceError(f"source {spec.name!r}: option(s) {used} need the "
+                          f"longitudinal columns of {use_case.name}, and its roles "
+                          f"declare none")
+    return qi, lon, target or {}
+
+
+def _target_release(key, use_case, data: pd.DataFrame, name: str, method: str,
+                    qi: dict, target: dict):
+    """The release of ``data`` with the least-loss setting (QI ``k`` as stated;
+    :func:`~phems_clinical.privacy.target_risk.default_ladder` of micro_k, noise,
+    time grid) whose attack risks meet ``target``, searched on the site's own
+    training data: the patients are split (:data:`TARGET_CONTROL` held out), each
+    setting's release of the inner part is attacked with the held-out part as
+    control (:func:`.scorecard.privacy_scores`, anonymeter's design; Giomi et al.,
+    PoPETs 2023), then the chosen setting is applied to all of ``data``. No
+    setting meeting the bounds is an error naming the bound and the best reached
+    (nothing is released)."""
+    k_split, k_search, k_rel = jax.random.split(key, 3)
+    try:
+        inner, control = split_patients(k_split, data, use_case, TARGET_CONTROL)
+    except SourceError as e:
+        raise SourceError(f"source {name!r}: option 'target' needs enough patients "
+                          f"to attack its own releases: {e}") from None
+    inner_p, control_p = profile(use_case, inner), profile(use_case, control)
+    aux, secret = use_case.attack_columns
+    n_att = int(min(200, len(inner_p), len(control_p)))
+
+    def measure(k, released):
+        got = profile(use_case, released)[list(inner_p.columns)]
+        return sc.privacy_scores(k, inner_p, control_p, got, aux_cols=list(aux),
+                                 secret=secret, n_attacks=n_att)
+
+    k = qi.get("k", 5)
+    rest = {o: v for o, v in qi.items() if o != "k"}
+    res = search_target_risk(k_search, inner, use_case.roles, target, measure,
+                             ladder=default_ladder(use_case.roles, k=(k,)),
+                             method=method, **rest)
+    if not res.met:
+        raise SourceError(f"source {name!r}: option 'target': {res.message}")
+    s = res.setting
+    rel = anonymise_longitudinal(k_rel, data, use_case.roles, method=method,
+                                 **{**qi, "k": s.k}, micro_k=s.micro_k,
+                                 noise=s.noise, time_grid=s.time_grid)
+    steps = [{"setting": st.setting._asdict(), "information_loss": st.loss,
+              "suppressed_share": st.suppressed_share,
+              "risks": {r: list(v) for r, v in st.risks.items()},
+              "meets": st.meets, "error": st.error} for st in res.steps]
+    search = {"targets": res.targets, "setting": s._asdict(),
+              "message": res.message, "control_share": TARGET_CONTROL,
+              "patients_searched": int(inner[use_case.patient_id].nunique()),
+              "steps": steps}
+    return rel._replace(report={**rel.report, "target_risk": search})
 
 
 def _synthesise(key, use_case, data, method, opts, pk_model, pk_params):

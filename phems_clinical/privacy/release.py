@@ -400,8 +400,9 @@ def anonymise_longitudinal(key, data: pd.DataFrame, roles, *,
     ----------
     key : jax PRNG key
         The run key. ``anonymise`` gets ``key`` itself (so with every
-        longitudinal option off the release equals ``anonymise(key, ...)``); the
-        noise draws from ``fold_in(key, 1)``: reproducible anonymisation, not a
+        longitudinal option off the release is that of ``anonymise(key, ...)``,
+        up to its date shifts, which are fresh secret draws); the noise draws
+        from ``fold_in(key, 1)``: reproducible anonymisation, not a
         differential-privacy guarantee.
     data, roles : as for :func:`anonymise`.
     micro_k : int or None
