@@ -84,7 +84,15 @@ def run_logging(progress: bool = True) -> Iterator[ProgressFn]:
         if drawn:
             from tqdm.contrib.logging import logging_redirect_tqdm
 
+            before = set(logging.root.handlers)
+            levels = [h.level for h in logging.root.handlers
+                      if type(h) is logging.StreamHandler]
             with logging_redirect_tqdm(loggers=[logging.root]):
+                # the handler that writes above the bars takes the console's
+                # level (tqdm copies its stream and format, not its level), so
+                # the steps the bars show stay out of the terminal
+                for h in set(logging.root.handlers) - before:
+                    h.setLevel(max(levels, default=logging.NOTSET))
                 yield fan_out(logged, listener)
         else:
             yield logged

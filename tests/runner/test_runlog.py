@@ -4,6 +4,8 @@ PICU experiment, run as a user runs it (stderr not a terminal), writes
 end with its duration, the federated rounds, the files written; the terminal
 gets the same lines and no progress bar."""
 
+import io
+import logging
 import re
 import subprocess
 import sys
@@ -53,3 +55,40 @@ def test_terminal_shows_the_lines_and_no_bars_when_not_a_terminal(tiny_run):
     assert "[phems run] derive: started" in proc.stdout
     assert "[phems run] done in" in proc.stdout
     assert "\r" not in proc.stderr and "it/s" not in proc.stderr
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_with_bars_the_steps_stay_out_of_the_terminal_lines(monkeypatch):
+    """On a terminal the bars show the steps; the console's log lines keep
+    their INFO level under tqdm's redirection, the run log gets every step."""
+    from phems_clinical import progress as pg
+    from phems_clinical.runner import LOG, run_logging
+
+    term, console, file = _Terminal(), io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", term)
+    shown = logging.StreamHandler(console)
+    shown.setLevel(logging.INFO)
+    kept = logging.StreamHandler(file)
+    kept.setLevel(logging.DEBUG)
+    root, level = logging.getLogger(), LOG.level
+    monkeypatch.setattr(root, "handlers", [shown, kept])
+    LOG.setLevel(logging.DEBUG)
+    try:
+        with run_logging(True) as progress:
+            pg.begin(progress, "derive", 2)
+            pg.step(progress, "derive", 1, 2, "real at H1")
+            pg.end(progress, "derive", 2, 2)
+        with run_logging(False) as progress:  # progress=false: no bars
+            pg.step(progress, "derive", 1, 2, "real at H2")
+    finally:
+        LOG.setLevel(level)
+    assert "derive: 1/2 real at H1" in file.getvalue()
+    # tqdm writes the redirected lines to the console handler's own stream
+    assert "derive: started" in console.getvalue()
+    assert "real at H1" not in console.getvalue()
+    assert "derive: 1/2 real at H2" in console.getvalue()
+    assert "real at H1" in term.getvalue() and "real at H2" not in term.getvalue()
