@@ -38,6 +38,7 @@ import pandas as pd
 from phems_clinical import usecases
 from phems_clinical.evaluation import scorecard_report as rep
 from phems_clinical.evaluation.sources import (
+    TARGET_RISKS,
     SourceError,
     SourceSpec,
     derive,
@@ -197,6 +198,23 @@ def add_derive_parsers(subparsers) -> None:
                    help="records: suppress whole patients of failing classes; "
                         "cells: single QI values (local suppression); "
                         "--max-suppression is then the share of QI cells")
+    lon = a.add_argument_group(
+        "longitudinal perturbation", "measured values and event times, which QI "
+        "generalisation leaves as they are (default: off)")
+    lon.add_argument("--micro-k", type=int, default=None,
+                     help="MDAV group size (>= 2) of each course's level")
+    lon.add_argument("--noise", type=float, default=None,
+                     help="CV of the log-normal noise of concentrations and labs; "
+                          "SD, as a fraction of the column SD, of vital signs")
+    lon.add_argument("--time-grid", type=float, default=None,
+                     help="event times rounded up to this grid (h, or d for "
+                          "cardiac)")
+    lon.add_argument("--target", action="append", default=None, metavar="RISK=BOUND",
+                     help="residual risk accepted (upper end of its 95 %% "
+                          "interval), e.g. singling_out_risk=0.2; repeatable; the "
+                          "least-loss setting meeting every bound is searched on "
+                          "the site's training data (instead of --micro-k, "
+                          "--noise, --time-grid). Risks: " + ", ".join(TARGET_RISKS))
     a.set_defaults(func=_anonymise_cmd)
 
     s = subparsers.add_parser(
@@ -227,11 +245,55 @@ def _run(args, spec: SourceSpec) -> int:
     return 0
 
 
+def _longitudinal_flags(args) -> dict:
+    """The perturbation options of ``phems anonymise``, checked before any data
+    are read (errors name the flag)."""
+    opts: dict = {}
+    if args.micro_k is not None:
+        if args.micro_k < 2:
+            raise SourceError(f"--micro-k: expected an integer >= 2, got "
+                              f"{args.micro_k}")
+        opts["micro_k"] = args.micro_k
+    if args.noise is not None:
+        if not (np.isfinite(args.noise) and args.noise >= 0):
+            raise SourceError(f"--noise: expected a finite number >= 0, got "
+                              f"{args.noise}")
+        opts["noise"] = args.noise
+    if args.time_grid is not None:
+        if not (np.isfinite(args.time_grid) and args.time_grid > 0):
+            raise SourceError(f"--time-grid: expected a finite number > 0, got "
+                              f"{args.time_grid}")
+        opts["time_grid"] = args.time_grid
+    if args.target:
+        if opts:
+            raise SourceError(f"--target: the search chooses --micro-k, --noise and "
+                              f"--time-grid itself; drop {sorted(opts)} or --target")
+        target: dict[str, float] = {}
+        for item in args.target:
+            risk, sep, bound = item.partition("=")
+            if not sep or risk not in TARGET_RISKS:
+                raise SourceError(f"--target: expected RISK=BOUND with RISK one of "
+                                  f"{', '.join(TARGET_RISKS)}, got {item!r}")
+            try:
+                b = float(bound)
+            except ValueError:
+                b = float("nan")
+            if not 0 <= b <= 1:
+                raise SourceError(f"--target {risk}: expected a bound in [0, 1], "
+                                  f"got {bound!r}")
+            if risk in target:
+                raise SourceError(f"--target: {risk} is given twice")
+            target[risk] = b
+        opts["target"] = target
+    return opts
+
+
 def _anonymise_cmd(args) -> int:
     opts = {"k": args.k, "l": args.l, "t": args.t,
             "max_suppression": args.max_suppression}
     if args.suppression != "records":
         opts["suppression"] = args.suppression
+    opts.update(_longitudinal_flags(args))
     return _run(args, SourceSpec("anonymised", "anonymised", args.method, opts))
 
 

@@ -69,7 +69,11 @@ SOURCE_OPTIONS: dict[str, dict[str, str]] = {
     "real": {},
     "anonymised": {"k": "int>=2", "l": "int>=2", "t": "share", "sensitive": "str",
                    "max_suppression": "share0", "metric": "str",
-                   "suppression": "str", "max_shift_days": "int>=0"},
+                   "suppression": "str", "max_shift_days": "int>=0",
+                   # longitudinal perturbation; target: risk name -> bound
+                   # (names and bounds checked by evaluation.sources.derive)
+                   "micro_k": "int>=2", "noise": _NONNEG, "time_grid": _POS,
+                   "target": "dict"},
     "mst": {"epsilon": _POS, "delta": "open01", "n": _INT1},
     "copula": {"n": _INT1},
     "generator": {"n": _INT1},

@@ -151,3 +151,77 @@ def test_target_needs_patients(cardiac):
     few = train[train.person_id.isin(train.person_id.unique()[:12])]
     with pytest.raises(SourceError, match="'target' needs enough patients"):
         derive(KEY, CARDIAC, few, _anon({"target": {"singling_out_risk": 0.2}}))
+
+
+def _run_config(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from phems_clinical.resources import configs_dir
+
+    with initialize_config_dir(config_dir=str(configs_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_run_preflight_knows_the_options():
+    from phems_clinical.runner.validate import ConfigError, check_config
+
+    # the committed source config documents them (unset)
+    check_config(_run_config(["+sources.anonymised.options.micro_k=3",
+                              "+sources.anonymised.options.noise=0.1",
+                              "+sources.anonymised.options.time_grid=6"]))
+    check_config(_run_config(
+        ["+sources.anonymised.options.target={singling_out_risk: 0.2}"]))
+    for bad, name in (("micro_k=1", "options.micro_k"), ("noise=-1", "options.noise"),
+                      ("time_grid=0", "options.time_grid"),
+                      ("target=0.2", "options.target")):
+        with pytest.raises(ConfigError, match=name):
+            check_config(_run_config([f"+sources.anonymised.options.{bad}"]))
+
+
+@pytest.fixture(scope="module")
+def pk_csv(haemophilia, tmp_path_factory):
+    path = tmp_path_factory.mktemp("pk") / "site_x.csv"
+    haemophilia.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--micro-k", "1"], "--micro-k: expected an integer >= 2, got 1"),
+    (["--noise", "-0.1"], "--noise: expected a finite number >= 0"),
+    (["--noise", "nan"], "--noise: expected a finite number >= 0"),
+    (["--time-grid", "0"], "--time-grid: expected a finite number > 0"),
+    (["--target", "singling_out=0.2"], "--target: expected RISK=BOUND"),
+    (["--target", "singling_out_risk"], "--target: expected RISK=BOUND"),
+    (["--target", "mia_auc=high"], "--target mia_auc: expected a bound in [0, 1]"),
+    (["--target", "mia_auc=1.5"], "--target mia_auc: expected a bound in [0, 1]"),
+    (["--target", "mia_auc=0.6", "--target", "mia_auc=0.7"], "mia_auc is given twice"),
+    (["--target", "mia_auc=0.6", "--noise", "0.1"],
+     "--target: the search chooses --micro-k, --noise and --time-grid itself"),
+])
+def test_anonymise_bad_flags_exit_2(pk_csv, tmp_path, capsys, flags, message):
+    from phems_clinical.app.cli import main
+
+    assert main(["anonymise", "--use-case", "haemophilia", "--csv", str(pk_csv),
+                 "--out", str(tmp_path / "o"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_anonymise_with_perturbation_flags(pk_csv, tmp_path):
+    import json
+
+    from phems_clinical.app.cli import main
+
+    out = tmp_path / "o"
+    assert main(["anonymise", "--use-case", "haemophilia", "--csv", str(pk_csv),
+                 "--out", str(out), "--no-utility", "--attacks", "20",
+                 "--noise", "0.1", "--time-grid", "6"]) == 0
+    rel = pd.read_csv(out / "site_x" / "haemophilia_anonymised.csv")
+    assert np.allclose(rel.TIME, 6 * np.round(rel.TIME / 6))
+    rep = json.loads((out / "site_x" / "report.json").read_text())
+    src = rep["sources"]["anonymised"]
+    assert src["spec"]["options"]["time_grid"] == 6.0
+    assert src["report"]["config"]["longitudinal"] == {"micro_k": None,
+                                                       "noise": 0.1,
+                                                       "time_grid": 6.0}
+    assert src["report"]["information_loss"]["il1s"]["TIME"] > 0
