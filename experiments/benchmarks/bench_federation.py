@@ -406,6 +406,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--newton-k", type=int, nargs="+", default=[3, 5, 10, 100],
                     help="site counts of the newton rows (default 3 5 10 100)")
+    ap.add_argument("--pooled-up-to", type=int, default=10,
+                    help="largest K of the newton rows given a pooled fit_focei "
+                         "reference (default 10; K = 100 adds about 2 min)")
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                     help="rows to run (default: all)")
     args = ap.parse_args(argv)
@@ -432,7 +435,7 @@ def main(argv=None) -> int:
         bench_flower_warm(model, rows, 2 if args.quick else 3, args.per_site)
     if "newton" in args.rows:
         bench_newton(model, (3, 10) if args.quick else args.newton_k, args.per_site,
-                     rows)
+                     rows, pooled_up_to=args.pooled_up_to)
     head = ("| comparison | sites K | patients | rounds | seconds | s/round | "
             "accuracy / ratio | note |\n|---|---|---|---|---|---|---|---|")
     table = "\n".join([head, *rows])
