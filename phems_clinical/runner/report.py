@@ -47,7 +47,7 @@ from phems_clinical.evaluation.scorecard_report import (
     utility_loss,
     worst_attack,
 )
-from phems_clinical.runner.tasks import Task
+from phems_clinical.usecases.task import Task
 
 _FRAGMENT = """
 <h2 id="run">What this run did</h2>
