@@ -34,6 +34,7 @@ from phems_clinical.privacy.hierarchies import (
     suppress_only,
     weight_kg,
 )
+from phems_clinical.privacy.perturb import LongitudinalRoles
 from phems_clinical.privacy.release import Roles
 from phems_clinical.usecases.base import PLOT_SITE, UseCase
 from phems_clinical.usecases.omop_sites import load_site, report_json, site_databases
@@ -220,7 +221,10 @@ ROLES = Roles(
                        "weight_kg": lambda: weight_kg("weight_kg")},
     sensitive=("died",), sensitive_rule={"died": "state:DEAD"},
     date_columns=("surgery_datetime",),
-    derived=("age_group", "weight_z"), recompute=recompute)
+    derived=("age_group", "weight_z"), recompute=recompute,
+    # sojourn entry/exit (days since surgery) are coarsened; no measured values
+    longitudinal=LongitudinalRoles(course="episode_id", times=("entry", "exit"),
+                                   time_unit="d"))
 
 #: Public bounds of the profile columns (clinical ranges, never read from data).
 PROFILE_BOUNDS = {

@@ -48,6 +48,7 @@ from phems_clinical.privacy.hierarchies import (
     suppress_only,
     weight_kg,
 )
+from phems_clinical.privacy.perturb import LongitudinalRoles, ValueColumn
 from phems_clinical.privacy.release import Roles
 from phems_clinical.usecases.base import PLOT_SITE, UseCase
 from phems_clinical.usecases.omop_sites import model_factor, pk_events_from_omop
@@ -172,7 +173,15 @@ ROLES = Roles(
                        "SEX": lambda: suppress_only("SEX")},
     optional_qis={"HT": lambda: height_cm("HT")},
     sensitive=("BGO",), sensitive_rule={"BGO": "first"},
-    derived=("BMI", "LBW", "FFM"), recompute=recompute)
+    derived=("BMI", "LBW", "FFM"), recompute=recompute,
+    # factor levels (IU/dL) and the per-patient lab covariates (VWF IU/dL, HCT %)
+    # get proportional noise; sample and dose times (h) are coarsened
+    longitudinal=LongitudinalRoles(
+        course="ID", times=("TIME",), time_unit="h",
+        values={"DV": ValueColumn("multiplicative", lower=0.0),
+                "VWF": ValueColumn("multiplicative", per="course", lower=0.0),
+                "HCT": ValueColumn("multiplicative", per="course", lower=0.0,
+                                   upper=100.0)}))
 
 #: Public bounds of the profile columns (clinical ranges, never read from data).
 PROFILE_BOUNDS = {"AGE": (0, 80, 16), "WT": (0, 150, 15), "HT": (40, 210, 17),

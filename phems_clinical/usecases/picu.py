@@ -36,6 +36,7 @@ from phems_clinical.models import sepsis as sm
 from phems_clinical.models.scores import sepsis_onset
 from phems_clinical.models.sepsis_features import build_site
 from phems_clinical.privacy.hierarchies import paediatric_age, suppress_only
+from phems_clinical.privacy.perturb import LongitudinalRoles, ValueColumn
 from phems_clinical.privacy.release import Roles
 from phems_clinical.usecases.base import PLOT_SITE, UseCase
 from phems_clinical.usecases.omop_sites import load_site, report_json, site_databases
@@ -317,7 +318,18 @@ ROLES = Roles(
     use_case="picu", patient_id="person_id", identifiers=("person_id", "stay_id"),
     quasi_identifiers={"age_months": lambda: paediatric_age("months", "age_months"),
                        "sex": lambda: suppress_only("sex")},
-    sensitive=("died",), sensitive_rule={"died": "max"})
+    sensitive=("died",), sensitive_rule={"died": "max"},
+    longitudinal=LongitudinalRoles(course="stay_id", time_unit="h", values={
+        **{c: ValueColumn("additive", lower=0.0, upper=hi, resolution=1.0)
+           for c, hi in (("hr", 300.0), ("resp_rate", 150.0), ("sbp", 300.0),
+                         ("dbp", 300.0), ("map", 300.0), ("spo2", 100.0))},
+        "temp": ValueColumn("additive", lower=25.0, upper=45.0, resolution=0.1),
+        **{c: ValueColumn("multiplicative", lower=0.0, resolution=r)
+           for c, r in (("lactate", 0.1), ("platelets", 1.0), ("inr", 0.01),
+                        ("d_dimer", 0.01), ("fibrinogen", 1.0), ("glucose", 1.0),
+                        ("anc", 0.01), ("alc", 0.01), ("wbc", 0.1),
+                        ("creatinine", 0.01), ("bilirubin", 0.1), ("alt", 1.0),
+                        ("pao2", 1.0), ("paco2", 1.0))}}))
 
 #: Public bounds of the profile columns (clinical ranges, never read from data).
 PROFILE_BOUNDS = {
