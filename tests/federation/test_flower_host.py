@@ -328,3 +328,44 @@ def test_host_wait_cap_starts_the_task_pull_backoff_early(monkeypatch):
     assert capped.keywords == {"initial_backoff": 0.05}
     with pytest.raises(ValueError, match="pull_backoff"):
         cap_host_waits(0.0)
+
+
+def test_first_compile_lock_makes_other_processes_wait(tmp_path):
+    """Processes sharing a cache folder compile a program one at a time: while one
+    holds the program's lock (here: this test, through its own open file, as
+    another process would), ``call_cached`` waits; once released it exports, runs
+    and records the wait; a later process (memo cleared) loads the export
+    without waiting. Results equal ``jax.jit``."""
+    import fcntl
+    import threading
+
+    def fn(x, y):
+        return {"s": jnp.sum(jnp.sin(x) * y)}
+
+    args = (jnp.arange(5.0), jnp.float64(2.0))
+    want = float(jax.jit(fn)(*args)["s"])
+    compiled.clear_memo()
+    info, out = {}, {}
+    probe = {}
+    compiled.call_cached(fn, args, tag="probe", folder=tmp_path, info=probe)
+    compiled.clear_memo()
+    lock = tmp_path / f"{probe['key']}.lock"
+    for p in tmp_path.glob("*.pkl"):
+        p.unlink()  # the next call must export again, under the lock
+    with lock.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: out.update(r=compiled.call_cached(
+            fn, args, tag="probe", folder=tmp_path, info=info)))
+        worker.start()
+        time.sleep(0.6)
+        assert worker.is_alive() and "r" not in out  # waiting for the lock
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    worker.join(timeout=60)
+    assert float(out["r"]["s"]) == want
+    assert info["cache"] == "exported" and info["waited_s"] >= 0.5
+    compiled.clear_memo()
+    later = {}
+    got = compiled.call_cached(fn, args, tag="probe", folder=tmp_path, info=later)
+    assert float(got["s"]) == want
+    assert later["cache"] == "hit" and "waited_s" not in later
+    compiled.clear_memo()

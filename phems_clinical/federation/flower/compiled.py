@@ -20,14 +20,24 @@ built between messages, in memory: the loaded program and its compiled call
 hash, run config and node config of the message, :func:`warm_scope`) and dropped
 when the scope changes. In Flower's own process-per-message mode the memo lives
 and dies with the one message.
+
+Nodes that share one machine and cache folder (loopback tests, a hospital running
+several nodes) compile a program once: the first process to meet a key holds an
+exclusive lock on it (``<key>.lock`` beside the export, :func:`_first_compile`)
+while it exports, compiles and runs it; the others wait, then load the export and
+find the executable in JAX's persistent cache. Five sites on 2 cores took 81 s for
+a first FOCEI Newton round that compiled five times at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import os
 import pickle
+import time
 from collections.abc import Callable, Hashable, Sequence
 from functools import cache
 from pathlib import Path
@@ -156,16 +166,57 @@ def call_cached(fn: Callable, args: tuple, *, tag: str,
         info["cache"] = "memory"
         out_tree, call = kept
         return jax.tree.unflatten(out_tree, call(*leaves))
-    exported = _load(path)
-    if exported is None:
-        info["cache"] = "exported"
-        exported = _export(fn, tree, leaves, path)
+    with _first_compile(folder / f"{key[:32]}.lock", info):
+        exported = _load(path)
         if exported is None:
-            info["cache"] = "jit"
-            return jax.jit(fn)(*args)
-    out_tree, program = exported
+            info["cache"] = "exported"
+            exported = _export(fn, tree, leaves, path)
+            if exported is None:
+                info["cache"] = "jit"
+                return jax.jit(fn)(*args)
+        out_tree, program = exported
+        out = program.call(*leaves)  # compiles (or loads from JAX's cache)
     _PROGRAMS[key] = out_tree, program.call
-    return jax.tree.unflatten(out_tree, program.call(*leaves))
+    return jax.tree.unflatten(out_tree, out)
+
+
+LOCK_WAIT_SECONDS = 900.0
+"""How long a process waits for another one's first compile of the same program
+before it compiles on its own."""
+
+
+@contextlib.contextmanager
+def _first_compile(lock: Path, info: dict, wait: float | None = None):
+    """Hold an exclusive ``flock`` on ``lock`` (created as needed) for the block,
+    so that processes sharing a cache folder compile a program one at a time and
+    the later ones hit JAX's persistent cache. Waits at most ``wait`` s
+    (:data:`LOCK_WAIT_SECONDS`), then goes on unlocked; a folder that cannot hold
+    the lock file means no lock. Records the seconds waited in ``info``."""
+    wait = LOCK_WAIT_SECONDS if wait is None else wait
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fh = lock.open("a")
+    except OSError:
+        yield
+        return
+    t0, held = time.monotonic(), False
+    try:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() - t0 >= wait:
+                    break
+                time.sleep(0.05)
+        if time.monotonic() - t0 >= 0.05:
+            info["waited_s"] = round(time.monotonic() - t0, 2)
+        yield
+    finally:
+        if held:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
 
 
 _PROGRAMS: dict[str, tuple[Any, Callable]] = {}
