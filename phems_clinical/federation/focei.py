@@ -61,6 +61,7 @@ import optimistix as optx
 from phems_clinical.federation.core import Algorithm
 from phems_clinical.federation.pk_sites import SiteCohort
 from phems_clinical.pk.focei import _compiled as _compiled_focei
+from phems_clinical.pk.focei import r_standard_errors
 from phems_clinical.pk.model import PopParams, initial_params
 from phems_clinical.pk.packing import build_packer
 from phems_clinical.pk.spec import PopModel
@@ -257,7 +258,10 @@ def fed_focei(model: PopModel, n_occ: int = 1, *, init: PopParams | None = None,
     tolerances on the free-parameter vector and on the OFV (defaults 1e-9, tight so
     that the estimate equals the pooled fit to about 1e-6 relative).
 
-    ``result`` gives the parameters on NONMEM's scale and the OFV.
+    ``result`` gives the parameters on NONMEM's scale and the OFV; with
+    ``hessian="exact"`` also ``se``, R-based standard errors (NONMEM's
+    ``$COVARIANCE MATRIX=R``) from the summed site Hessians, NaN unless the Newton
+    test stopped the run.
     """
     if hessian not in HESSIANS:
         raise ValueError(f"hessian: expected one of {', '.join(HESSIANS)}, "
@@ -371,12 +375,22 @@ def _newton(model, n_occ, base, packer, y0, n_free, hessian, *, rtol, atol,
 
     def result(server: NewtonServer):
         params = packer.unpack(server.y)
-        return {"params": params,
-                "estimates": jnp.asarray(packer.to_natural(params)),
-                "names": packer.natural_names,
-                "ofv": server.f,
-                "rounds": int(server.round),
-                "stopped_by": STOPPED_BY[int(server.stop)]}
+        out = {"params": params,
+               "estimates": jnp.asarray(packer.to_natural(params)),
+               "names": packer.natural_names,
+               "ofv": server.f,
+               "rounds": int(server.round),
+               "stopped_by": STOPPED_BY[int(server.stop)]}
+        if hessian == "exact":
+            # the summed site Hessians at the accepted point are NONMEM's R
+            # matrix of the pooled OFV: R-based standard errors come with it
+            # (no sandwich: that needs per-patient gradients, which stay home)
+            se, _ = r_standard_errors(
+                server.y, server.h,
+                lambda y: packer.to_natural(packer.unpack(y)))
+            out["se"] = jnp.asarray(se if int(server.stop) == 1 else
+                                    jnp.full(se.shape, jnp.nan))
+        return out
 
     spec = {"ofv": (), "grad": (n_free,), "hess": (n_free, n_free)}
     return Algorithm("fed_focei", init_server, _init_site(model, n_occ), broadcast,

@@ -112,8 +112,9 @@ def build_fedopt(name: str, objective: Objective, x0: Any, opts: dict[str, Any],
 
 
 def estimates_table(model: PopModel, result: dict) -> dict[str, dict[str, float]]:
-    """``{NONMEM name: {"estimate": ..., ["sd": ...]}}`` from any algorithm's
-    ``result`` (posterior mean and SD for the Bayesian ones)."""
+    """``{NONMEM name: {"estimate": ..., ["sd": ...], ["se": ...]}}`` from any
+    algorithm's ``result`` (posterior mean and SD for the Bayesian ones; standard
+    error where the fit gives one)."""
     packer = build_packer(model)
     if "natural_mean" in result:
         return {n: {"estimate": float(m), "sd": float(s)} for n, m, s in zip(
@@ -123,7 +124,10 @@ def estimates_table(model: PopModel, result: dict) -> dict[str, dict[str, float]
         values = result["estimates"]
     else:
         values = packer.to_natural(packer.unpack(result["x"]))
-    return {n: {"estimate": float(v)} for n, v in zip(packer.natural_names, values,
-                                                      strict=True)}
+    out = {n: {"estimate": float(v)} for n, v in zip(packer.natural_names, values,
+                                                     strict=True)}
+    for n, s in zip(packer.natural_names, result.get("se", ()), strict=False):
+        out[n]["se"] = float(s)  # federated FOCEI's R-based standard errors
+    return out
 
 __all__ = ["ALGORITHMS", "FEDOPT", "build_algorithm", "build_fedopt", "estimates_table"]

@@ -318,18 +318,36 @@ def _standard_errors(x, jac, grad_fn, to_natural):
         e = np.zeros(n)
         e[k] = h
         r[:, k] = (grad_fn(x + e) - grad_fn(x - e)) / (2 * h)
-    r = 0.5 * (r + r.T)
-    s = jac.T @ jac
+    return r_standard_errors(x, r, to_natural, s=jac.T @ jac)
+
+
+def r_standard_errors(x, r, to_natural, s=None):
+    """Standard errors of the natural-scale estimates from ``R``, the Hessian of the
+    OFV (-2 log-likelihood) with respect to the free parameters ``x``: the
+    covariance is ``A (2 R^-1) A^T`` with ``A`` the Jacobian of ``to_natural`` at
+    ``x`` (delta method), NONMEM's ``MATRIX=R``; with ``s`` (the summed outer
+    products of the subjects' OFV gradients) also the sandwich ``A R^-1 S R^-1 A^T``
+    (NONMEM's default). Returns ``(se_r, se_sandwich)``; NaN where ``R`` is
+    singular, NaN sandwich without ``s``."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.size
+    r = 0.5 * (np.asarray(r, dtype=np.float64) + np.asarray(r, dtype=np.float64).T)
+    a = np.asarray(jax.jacfwd(to_natural)(jnp.asarray(x)))
+    nan = np.full(a.shape[0], np.nan)
     try:
         r_inv = np.linalg.inv(r)
     except np.linalg.LinAlgError:
-        return np.full(n, np.nan), np.full(n, np.nan)
-    a = np.asarray(jax.jacfwd(to_natural)(jnp.asarray(x)))
+        return nan, nan
+    if not np.all(np.isfinite(r_inv)) or n == 0:
+        return nan, nan
     cov_r = a @ (2.0 * r_inv) @ a.T
-    cov_sw = a @ (r_inv @ s @ r_inv) @ a.T
     with np.errstate(invalid="ignore"):
-        return np.sqrt(np.diag(cov_r)), np.sqrt(np.diag(cov_sw))
+        se_r = np.sqrt(np.diag(cov_r))
+        if s is None:
+            return se_r, nan
+        cov_sw = a @ (r_inv @ np.asarray(s) @ r_inv) @ a.T
+        return se_r, np.sqrt(np.diag(cov_sw))
 
 
 __all__ = ["FOCEIFns", "FOCEIResult", "build_focei", "compiled_focei", "fit_focei",
-           "focei_objective"]
+           "focei_objective", "r_standard_errors"]

@@ -61,7 +61,8 @@ class SourceRun(NamedTuple):
     """What one source gave: the model's named estimates, its scores per
     evaluation site (``{site: {metric: value}}``), rounds, convergence (the
     strategy's stopping rule met at a finite objective), the DP guarantee of
-    training (``{}`` when not DP) and why training stopped."""
+    training (``{}`` when not DP), why training stopped and, where the fit gives
+    them, the estimates' standard errors."""
 
     estimates: dict[str, float]
     utility: dict[str, dict[str, float]]
@@ -69,6 +70,7 @@ class SourceRun(NamedTuple):
     converged: bool
     privacy: dict[str, Any]
     stopped_by: str = ""
+    se: dict[str, float] = {}
 
 
 class PipelineRun(NamedTuple):
@@ -302,7 +304,7 @@ def run_pipeline(key, task: Task, sites: Mapping[str, pd.DataFrame], model: Any,
         utility = {s: task.evaluate(fitted, split[s][1], model) for s in train_sites}
         utility[holdout_site] = task.evaluate(fitted, sites[holdout_site], model)
         out[spec.name] = SourceRun(fitted.estimates, utility, rounds, converged, dp,
-                                   stopped)
+                                   stopped, dict(fitted.se))
         if ckpt is not None:
             _save_source(out[spec.name], ckpt / spec.name)
         head = task.metrics[0]

@@ -359,11 +359,16 @@ def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
                                        f"({task.labels[head]}; > 0 = worse)")
                if points else None)
     est = ds["estimate"]
-    estimates = []
+    est_se = ds["estimate_se"] if "estimate_se" in ds else None
+    estimates, wald = [], False
     for p in est.parameter.values.tolist():
         cells = []
         for s in sources:
             m, lo, hi = across_sites(est.sel(source=s, parameter=p).values.ravel())
+            if n_seeds == 1 and est_se is not None:
+                se = float(est_se.sel(source=s, parameter=p).values.ravel()[0])
+                if math.isfinite(se) and math.isfinite(m):
+                    lo, hi, wald = m - 1.96 * se, m + 1.96 * se, True
             cells.append(_fmt(m) if math.isnan(lo) else
                          f"{_fmt(m)} ({_fmt(lo)}\u2013{_fmt(hi)})")
         estimates.append({"name": p, "cells": cells})
@@ -399,9 +404,15 @@ def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
         estimates_caption=(
             "The model's estimates fitted federatedly on each source (mean over "
             "seeds" + (", with a 95 % t-interval across them" if n_seeds > 1
-                       else "; one seed") + "). No standard errors: the "
-            "federated fit reports point estimates only, so within-fit "
-            "intervals are not available."),
+                       else "; one seed") + ")."
+            + (" Intervals: estimate \u00b1 1.96 standard errors of the fit "
+               "(federated FOCEI: R-based, from the summed site Hessians, as "
+               "NONMEM's $COVARIANCE MATRIX=R). They show how precise the fit "
+               "on that source looks; a derived source whose interval excludes "
+               "the real data's estimate changed what the model learns."
+               if wald else
+               (" No standard errors: this fit reports point estimates only."
+                if n_seeds == 1 else ""))),
         figure_alt=(f"{task.labels[head]} per hospital, one bar per source "
                     f"({better} is better)."),
         training=training, plots=data_figures(task.use_case, tables, sources),

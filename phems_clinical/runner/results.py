@@ -9,6 +9,9 @@ variable           dims                                        meaning
 ``scorecard``      seed, source, training_site, metric         privacy and fidelity
                                                                of each site's source
 ``estimate``       seed, source, parameter                     the model's estimates
+``estimate_se``    seed, source, parameter                     their standard errors
+                                                               (NaN: the fit gives
+                                                               none)
 ``rounds``         seed, source                                federated rounds
 ``converged``      seed, source                                whether it converged
 ``train_epsilon``  seed, source                                DP ε of training
@@ -59,6 +62,8 @@ def to_dataset(run: PipelineRun, task: Task, sources: Sequence[SourceSpec], *,
     params = _union(r.estimates for r in run.sources.values())
     est = np.array([[run.sources[s].estimates.get(p, np.nan) for p in params]
                     for s in names], float)
+    est_se = np.array([[run.sources[s].se.get(p, np.nan) for p in params]
+                       for s in names], float)
     card_metrics = _union(c.metric.values.tolist() for c in run.scorecards.values())
     sc = np.full((len(names), len(run.train_sites), len(card_metrics)), np.nan)
     data_eps = np.full(len(names), np.nan)
@@ -76,6 +81,7 @@ def to_dataset(run: PipelineRun, task: Task, sources: Sequence[SourceSpec], *,
         {"utility": (("source", "site", "utility_metric"), ut),
          "scorecard": (("source", "training_site", "metric"), sc),
          "estimate": (("source", "parameter"), est),
+         "estimate_se": (("source", "parameter"), est_se),
          "rounds": (("source",), np.array([run.sources[s].rounds for s in names])),
          "converged": (("source",), np.array([run.sources[s].converged
                                               for s in names])),

@@ -72,8 +72,9 @@ def _finish(model: PopModel):
     def finish(result: dict) -> Fitted:
         prior = (result["params"] if "params" in result
                  else packer.unpack(np.asarray(result["x"])))
-        est = {k: v["estimate"] for k, v in estimates_table(model, result).items()}
-        return Fitted(prior, est)
+        table = estimates_table(model, result)
+        return Fitted(prior, {k: v["estimate"] for k, v in table.items()},
+                      {k: v["se"] for k, v in table.items() if "se" in v})
 
     return finish
 

@@ -28,11 +28,13 @@ from phems_clinical.federation.core import Algorithm
 
 
 class Fitted(NamedTuple):
-    """A trained model (``model``: what ``evaluate`` needs) and its named estimates
-    (``results.nc`` variable ``estimate``)."""
+    """A trained model (``model``: what ``evaluate`` needs), its named estimates
+    (``results.nc`` variable ``estimate``) and, where the fit gives them, their
+    standard errors (``estimate_se``; e.g. federated FOCEI's R-based SEs)."""
 
     model: Any
     estimates: dict[str, float]
+    se: dict[str, float] = {}
 
 
 class Problem(NamedTuple):

@@ -245,12 +245,20 @@ def test_fd_steps_are_relative():
 @pytest.mark.parametrize("hessian,max_rounds", [("exact", 15), ("bfgs", 200)])
 def test_reaches_the_pooled_optimum(advate_sites, hessian, max_rounds):
     """Every estimate within 1e-6 relative of the pooled scipy-BFGS fit (24
-    patients, 3 hospitals); the exact Newton server in at most 15 rounds."""
+    patients, 3 hospitals); the exact Newton server in at most 15 rounds, with
+    R-based standard errors equal to the pooled fit's (its R matrix by central
+    differences of the pooled gradient, ``fit_focei(covariance=True)``)."""
     model, sites, pooled, n_occ = advate_sites
-    ref = fit_focei(model, pooled, covariance=False)
+    ref = fit_focei(model, pooled, covariance=hessian == "exact")
     run = run_federated(jax.random.key(0), fed_focei(model, n_occ, hessian=hessian),
                         sites)
     assert run.converged and run.rounds <= max_rounds, run.rounds
     est = np.asarray(run.result["estimates"])
     np.testing.assert_allclose(est, ref.estimates, rtol=1e-6)
     np.testing.assert_allclose(float(run.result["ofv"]), ref.ofv, rtol=1e-9)
+    if hessian == "exact":
+        se = np.asarray(run.result["se"])
+        assert np.all(np.isfinite(se)) and np.all(se > 0)
+        np.testing.assert_allclose(se, ref.se, rtol=1e-3)
+    else:
+        assert "se" not in run.result

@@ -55,6 +55,9 @@ def test_results_dataset_has_sources_sites_metrics(result):
     assert ds.utility.sel(utility_metric="mdape").notnull().all()
     assert "THETA(CL)" in ds.parameter.values
     assert bool(ds.converged.sel(source="real"))
+    # the default federated FOCEI server (exact Newton) gives R-based SEs
+    se = ds.estimate_se.sel(source="real")
+    assert bool(np.isfinite(se).all()) and bool((se > 0).all())
     assert np.isnan(ds.train_epsilon).all()  # not DP
     # one scorecard per site with both sources; the real row is the verbatim
     # release, the anonymised one is k-anonymous
