@@ -84,7 +84,8 @@ def stack_subjects(subjects: list[dict], *, n_dose: int | None = None,
     last_obs = [float(np.max(s["obs_time"])) if len(s["obs_time"]) else 0.0
                 for s in subjects]
     obs_time = np.stack([
-        pad(s["obs_time"], n_obs, t, np.float64) for s, t in zip(subjects, last_obs)
+        pad(s["obs_time"], n_obs, t, np.float64)
+        for s, t in zip(subjects, last_obs, strict=True)
     ])
     mask = np.stack([pad(np.ones(len(s["obs_time"]), bool), n_obs, False, bool)
                      for s in subjects])

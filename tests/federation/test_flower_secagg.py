@@ -242,9 +242,9 @@ def test_runner_applies_secagg_on_flower(monkeypatch, tmp_path):
     (it used to be recorded as on without being applied)."""
     import pandas as pd
 
+    from phems_clinical import usecases
     from phems_clinical.federation.flower import launch
     from phems_clinical.pk.library import load_product
-    from phems_clinical import usecases
     from phems_clinical.runner.training import FederationSettings, train_flower
 
     seen = {}

@@ -30,7 +30,7 @@ def advate_rich():
 
 
 def _relative_errors(model, estimates: dict[str, float]):
-    true = dict(zip(model.theta_names, model.theta_values))
+    true = dict(zip(model.theta_names, model.theta_values, strict=True))
     return {p: estimates[f"THETA({p})"] / true[p] - 1 for p in STRUCTURAL}
 
 
@@ -38,7 +38,7 @@ def test_focei_recovers_advate(advate_rich):
     model, cohort = advate_rich
     fit = fit_focei(model, cohort, covariance=False)
     assert fit.converged, fit.message
-    est = dict(zip(fit.natural_names, fit.estimates))
+    est = dict(zip(fit.natural_names, fit.estimates, strict=True))
     errors = _relative_errors(model, est)
     assert all(abs(e) < 0.10 for e in errors.values()), errors
     om = np.diag(np.asarray(fit.params.omega))
@@ -79,7 +79,7 @@ def test_nuts_interval_coverage():
     assert binom.cdf(int(REQUIRED_COVERAGE * 4 * N_SEEDS) - 1, 4 * N_SEEDS,
                      0.9) < 0.01
     model = load_product("jivi")  # 1-cmt: CL, V1 with correlated IIV
-    true = dict(zip(model.theta_names, model.theta_values))
+    true = dict(zip(model.theta_names, model.theta_values, strict=True))
     covered = []
     for seed in range(N_SEEDS):
         events, _ = simulate_cohort(jax.random.key(100 + seed), model,
