@@ -1,4 +1,4 @@
-"""One scorecard for every data source: real, anonymised and synthetic (issue 6, §3).
+"""One scorecard for every data source: real, anonymised and synthetic.
 
 Every source is scored with the same metrics, in three groups:
 
@@ -46,7 +46,10 @@ References
 * Stadler, Oprisanu & Troncoso, USENIX Security 2022: membership inference, AUC 0.5.
 * Snoke, Raab, Nowok, Dibben & Slavkovic, JRSS-A 2018;181(3):663-688: pMSE ratio 1.
 * Rankin et al., JMIR Med Inform 2020;8:e18910: train-synthetic-test-real deltas.
-* ``shared/reference/privacy.md`` §2 (target table) and §4 (popPK bias < 20 %).
+* SDMetrics documentation (https://docs.sdv.dev/sdmetrics): Column Shapes, Column
+  Pair Trends, MissingValueSimilarity.
+* The target table with its sources: ``docs/reference/privacy_targets.md``; the
+  popPK bias band (< 20 %) is ours, as no published popPK fit on derived data exists.
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ METRICS: dict[str, MetricSpec] = {
         "fidelity", "lower", 0.0, -_INF, 0.05, "absolute", "Missing values",
         "Average difference between real and derived data in the share of missing "
         "values per column (0.05 = 5 percentage points).",
-        "privacy.md §2 (SDMetrics); " + _OURS),
+        "SDMetrics MissingValueSimilarity; " + _OURS),
     "pair_trends": _m(
         "fidelity", "higher", 1.0, 0.9, _INF, "absolute", "Relationships",
         "How well relationships between pairs of columns are kept (correlations "
@@ -195,23 +198,23 @@ METRICS: dict[str, MetricSpec] = {
         "fidelity", "lower", 0.0, -_INF, 0.1, "absolute", "Pair differences",
         "Average change in the association between pairs of columns (Pearson "
         "correlation or Cramer's V; 0 = unchanged).",
-        "privacy.md §2; " + _OURS),
+        "SDMetrics Column Pair Trends (CorrelationSimilarity); " + _OURS),
     "mean_abs_diff_pearson": _m(
         "fidelity", "lower", 0.0, -_INF, 0.1, "absolute", "Numeric correlations",
         "Average change in the correlation between pairs of numeric columns "
         "(Pearson r; 0 = unchanged, 0.1 = correlations off by 0.1 on average).",
-        "privacy.md §2; " + _OURS),
+        "SDMetrics CorrelationSimilarity; " + _OURS),
     "mean_abs_diff_cramers_v": _m(
         "fidelity", "lower", 0.0, -_INF, 0.1, "absolute", "Category associations",
         "Average change in the association between pairs of columns involving a "
         "category (Cramer's V; 0 = unchanged).",
-        "privacy.md §2; " + _OURS),
+        "Cramer's V (Cramer, Mathematical Methods of Statistics, 1946); " + _OURS),
     "detection_auc": _m(
         "fidelity", "closer_to_target", 0.5, -_INF, 0.6, "absolute",
         "Detectability",
         "How well a classifier tells derived records from real ones (0.5 = it "
         "cannot tell them apart, 1 = it always can).",
-        "Target 0.5: privacy.md §2 (Snoke et al., JRSS-A 2018; synthgauge); "
+        "Target 0.5: Snoke et al., JRSS-A 2018;181(3):663-688; synthgauge docs; "
         + _OURS),
     "pmse_ratio_perm": _m(
         "fidelity", "closer_to_target", 1.0, -_INF, 3.0, "absolute",
@@ -328,8 +331,8 @@ METRICS: dict[str, MetricSpec] = {
         "Relative bias of the population <param> estimated by the popPK model "
         "fitted on this source, compared with the fit on real data (0.1 = 10 % "
         "too high; 0 = no bias).",
-        "privacy.md §4 proposed acceptance |bias| < 20 % (ours; no published "
-        "popPK fit on derived data)"),
+        "acceptance |bias| < 20 % is ours (no published popPK fit on derived "
+        "data)"),
     "forecast_mdape": _m(
         "utility", "lower", _NAN, -_INF, 5.0, "relative_to_real",
         "Forecast error (MDAPE, %)",
@@ -353,8 +356,9 @@ METRICS: dict[str, MetricSpec] = {
     "suppressed_share": _m(
         "utility", "lower", 0.0, -_INF, 0.1, "absolute", "Records suppressed",
         "Share of patient records removed by the anonymisation (0.1 = 10 %).",
-        "privacy.md §4 (context-free anonymisation lost over a third of records); "
-        + _OURS, exact=True),
+        "context-free anonymisation lost over a third of records in claims data "
+        "(npj Digit Med 2026, doi:10.1038/s41746-026-02622-5); " + _OURS,
+        exact=True),
     "generalisation_loss": _m(
         "utility", "lower", 0.0, _NAN, _NAN, "none", "Generalisation loss",
         "How much the quasi-identifiers were coarsened, averaged over records and "
@@ -407,15 +411,15 @@ METRICS: dict[str, MetricSpec] = {
         "Share of released records that lie closer to a patient used to build "
         "them than to a patient who was not used (0.5 = no closer). A secondary "
         "measure only: it can miss copied data.",
-        "privacy.md §2 (DCR barely reacts to a verbatim copy; 'The DCR Delusion', "
-        "arXiv 2505.01524); " + _OURS),
+        "DCR can pass data open to membership inference ('The DCR Delusion', "
+        "arXiv 2505.01524; Ganev & De Cristofaro, arXiv 2312.05114); " + _OURS),
     "k_anonymity": _m(
         "privacy", "higher", _NAN, 12.0, _INF, "absolute", "k-anonymity",
         "Every released patient shares the combination of indirectly identifying "
         "values (such as age band, sex, weight band) with at least k-1 others; "
         "k is the smallest such group.",
         "Sweeney, IJUFKS 2002; 1/k <= 0.09 needs k >= 12 (" + _EMA + "; "
-        "privacy.md rounds 1/11 = 0.091 to 0.09)", exact=True),
+        "1/11 = 0.091 is often quoted as 0.09)", exact=True),
     "prosecutor_risk_max": _m(
         "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
         "Re-identification risk (highest)",
