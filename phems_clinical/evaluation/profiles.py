@@ -1,7 +1,7 @@
 """Patient profiles: one row per patient of a use case's analysis table, the table
-the scorecard's fidelity and privacy metrics compare (issue 6, section 3).
+the scorecard's fidelity and privacy metrics compare.
 
-Longitudinal data are scored at patient level (privacy.md section 6.4): an attacker
+Longitudinal data are scored at patient level: an attacker
 targets a patient, and a generator must reproduce each patient's summary, not
 just the pooled rows. A profile holds the patient's covariates (the attacker's
 auxiliary knowledge: the quasi-identifiers of :mod:`phems_clinical.privacy.

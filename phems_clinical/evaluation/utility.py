@@ -17,7 +17,7 @@ Med Inform 2020;8:e18910: report the difference with a CI).
   real held-out episodes (:func:`phems_clinical.evaluation.cardiac_eval.evaluate`).
 * :func:`pk_parameter_bias`: FOCEI population fit on the source and on the real
   data; relative bias of every typical value, of the IIV as CV %, and of the
-  residual SDs. Acceptance (proposed in ``privacy.md``, no published criterion):
+  residual SDs. Acceptance (proposed by us; no published criterion exists):
   ``|bias| < 20 %`` for CL and V1, IIV within the real fit's 95 % Wald CI.
 * :func:`pk_forecast_accuracy`: the dosing tool's MAP Bayesian forecast
   (:func:`phems_clinical.pk.forecast.fit_map_batch`, BLQ by M3 as in ``phems
@@ -424,10 +424,10 @@ def pk_parameter_bias(source_events, real_events, model: PopModel, *,
     ``source[q]``, ``real[q]``, ``rel_bias[q] = (source - real) / real`` and
     ``pass[q]`` (``|rel_bias| < tolerance``). ``omega_in_real_ci[name]`` says
     whether the source's IIV variance lies in the real fit's 95 % Wald interval
-    (``omega +- 1.96 SE``; a cheap stand-in for the bootstrap CI of privacy.md;
+    (``omega +- 1.96 SE``; a cheap stand-in for a bootstrap CI;
     NaN when the real fit has no SEs). Summary: ``max_abs_bias_cl_v`` and
     ``pass_cl_v`` over ``pass_params`` typical values (default CL and V1; the
-    criterion ``|bias| < 20 %`` is proposed in privacy.md, not published), and
+    criterion ``|bias| < 20 %`` is proposed by us, not published), and
     ``source_converged`` / ``real_converged``.
 
     real_fit : a FOCEI fit of the real data (then ``real_events`` may be None).

@@ -34,8 +34,8 @@ control attack does as well as the attack on the training records.
 
 Also here: a distance-to-closest-synthetic-record membership-inference attack
 (AUC, advantage) and the distance-to-closest-record (DCR) share, which is a
-secondary measure only (it barely reacts to a verbatim copy, see
-``shared/reference/privacy.md`` section 2).
+secondary measure only (data that pass a DCR check can still be open to
+membership inference: 'The DCR Delusion', arXiv 2505.01524).
 
 Distances are Gower-like (Gower, Biometrics 1971;27:857-871): the mean over columns
 of ``|x - y| / range`` (clipped to 1) for numeric columns and of a 0/1 mismatch for

@@ -391,10 +391,10 @@ def pmse_ratio(key, real: pd.DataFrame, syn: pd.DataFrame, *,
     al. 2018; as in synthpop and synthgauge), k = rank of the logistic design
     (intercept included), for a correctly specified, essentially unpenalised
     logistic model. For two *independent* samples of one distribution this ratio
-    centres at 1/(1-c) (2 for equal sizes), not 1: the delta method and the
-    simulation in ``/work/notes/issue6_fidelity.md`` give E[pMSE] =
-    (k-1) c (1-c) / N. With ``n_permutations > 0`` the null is the mean pMSE over
-    that many label permutations drawn from ``key`` (centres at 1 for
+    centres at 1/(1-c) (2 for equal sizes), not 1: the delta method gives
+    E[pMSE] = (k-1) c (1-c) / N (checked by simulation in the tests). With
+    ``n_permutations > 0`` the null is the mean pMSE over that many label
+    permutations drawn from ``key`` (centres at 1 for
     indistinguishable tables and holds for any model).
     """
     pm, perm, k, c, N = _pmse_parts(key, real, syn, quadratic, n_permutations, l2)

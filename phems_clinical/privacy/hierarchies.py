@@ -14,7 +14,7 @@ values and rows), never silently suppressed: issue 6, section 5.
 References: Sweeney L (2002) k-anonymity, IJUFKS 10:557 (generalisation
 hierarchies); Prasser F, Kohlmayer F (2015) "Putting statistical disclosure control
 into practice: the ARX data anonymization tool" (hierarchies as data, monotone
-lattice). ``/work/shared/reference/privacy.md`` section 3.
+lattice).
 """
 
 from __future__ import annotations
@@ -231,10 +231,11 @@ _MAX_AGE_DAYS = 130 * _DAYS_PER_YEAR
 def lifespan_age(unit: str = "years", name: str = "age") -> Hierarchy:
     """The paediatric bands of :func:`paediatric_age` continued into adulthood.
 
-    Haemophilia PK cohorts span children and adults (pk_models.md: e.g. Advate
-    1-66 y), so their age QI needs adult bands. Level 1: the six paediatric bands,
-    then 18-29, 30-39, ..., 70-79, 80+ y; level 2 (nested): 0-11 m, 1-9 y,
-    10-17 y, 18-39 y, 40-59 y, 60+ y; level 3: '*'. Ages in [0, 130) y are covered.
+    Haemophilia PK cohorts span children and adults (e.g. Advate 1-65 y, Bjorkman
+    et al., Blood 2012;119:612-618), so their age QI needs adult bands. Level 1:
+    the six paediatric bands, then 18-29, 30-39, ..., 70-79, 80+ y; level 2
+    (nested): 0-11 m, 1-9 y, 10-17 y, 18-39 y, 40-59 y, 60+ y; level 3: '*'.
+    Ages in [0, 130) y are covered.
     """
     _check_unit(unit)
 

@@ -135,7 +135,7 @@ def _limit(name: str, unit: str) -> Bound:
 BOUNDS: dict[int, Bound] = {
     MEASUREMENT["hr"]: Bound(0, 350, False, True, "/min",
                              "0 = asystole (see zero_heart_rate_alive); > 350 /min "
-                             "exceeds infant SVT rates; contract issue5.md; "
+                             "exceeds infant SVT rates; "
                              + _MIMIC + " use 0 < HR < 300 in adults"),
     MEASUREMENT["resp_rate"]: Bound(0, 150, True, True, "/min",
                                     "apnoea (0) is possible; " + _MIMIC
@@ -146,8 +146,8 @@ BOUNDS: dict[int, Bound] = {
     MEASUREMENT["spo2"]: Bound(0, 100, False, True, "%",
                                "a saturation is <= 100 %; " + _MIMIC),
     MEASUREMENT["temp"]: Bound(25, 45, True, True, "Cel",
-                               "core temperature compatible with life; contract "
-                               "issue5.md (" + _MIMIC + " use 10-50 Cel)"),
+                               "core temperature compatible with life ("
+                               + _MIMIC + " use 10-50 Cel)"),
     MEASUREMENT["gcs"]: Bound(3, 15, True, True, "{score}",
                               "GCS total is 3-15 (Teasdale & Jennett, Lancet "
                               "1974;2:81-84)"),

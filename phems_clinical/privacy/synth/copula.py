@@ -29,8 +29,8 @@ positive definite by an eigenvalue floor and rescaled to unit diagonal (Higham
 2002 discusses the nearest-correlation problem; the floor is the simple variant).
 
 Privacy note: the model holds per-column quantiles (at most ``n_quantiles``) and
-category lists, i.e. it discloses marginals (cf. the SDV metadata leak noted in
-``shared/reference/privacy.md``); it is not differentially private.
+category lists, i.e. it discloses marginals (as SDV's detected metadata stores
+exact column ranges and category lists); it is not differentially private.
 """
 
 from __future__ import annotations
