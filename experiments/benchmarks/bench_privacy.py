@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Anonymisation and synthetic-data benchmark (issue 6, section 6): fit and sample
+"""Anonymisation and synthetic-data benchmark: fit and sample
 times of each generator, and the anonymiser's time, on N patients per use case.
 Prints one markdown table, device named.
 

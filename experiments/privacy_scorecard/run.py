@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Real, anonymised and synthetic data side by side at one simulated hospital per
-use case (issue 6): every source derived from the same training patients and
+use case: every source derived from the same training patients and
 scored on one scorecard against the same held-out real patients.
 
     python experiments/privacy_scorecard/run.py            # the committed run

@@ -1,5 +1,4 @@
-"""``phems anonymise`` and ``phems synthesize``: a data controller's commands
-(issue 6, section 4).
+"""``phems anonymise`` and ``phems synthesize``: a data controller's commands.
 
 Each runs inside one hospital on its OMOP database (a ``<site>.duckdb`` file, a
 folder of them, or a PostgreSQL URL) or on a CSV extract in the use case's

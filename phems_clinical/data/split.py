@@ -1,4 +1,4 @@
-"""Seeded splits of a site's patients (issue 5; shared by the sepsis and cardiac
+"""Seeded splits of a site's patients (shared by the sepsis and cardiac
 commands, the data controller's commands and the experiment runner): training vs
 held-out real patients within a site, and a held-out hospital."""
 

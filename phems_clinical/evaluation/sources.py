@@ -1,5 +1,4 @@
-"""Real, anonymised and synthetic versions of one site's data, and their scorecard
-(issue 6, sections 2-4).
+"""Real, anonymised and synthetic versions of one site's data, and their scorecard.
 
 Everything here runs inside one hospital: :func:`derive` turns the site's analysis
 table into a data source; :func:`score_sources` scores every source the same way

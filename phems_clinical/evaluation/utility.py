@@ -1,5 +1,5 @@
 """Downstream utility of a data source (real, anonymised or synthetic): train on the
-source, test on held-out real data (issue 6, scorecard section 3).
+source, test on held-out real data.
 
 Every function returns a plain ``{metric name: float}`` dict (flags are 1.0/0.0),
 so a scorecard can stack the sources into an xarray Dataset. Called with the real

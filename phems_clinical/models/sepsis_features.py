@@ -1,6 +1,6 @@
 """Labels and hourly features for sepsis prediction from the hourly PICU table.
 
-Input: the hourly table of the issue-5 contract (one row per stay-hour, columns
+Input: the hourly PICU analysis table (one row per stay-hour, columns
 ``site, person_id, stay_id, hour, age_months, sex``, the vitals/labs, the
 interventions; labs NOT carried forward) and the Phoenix sepsis onset hour per stay
 (``phems_clinical.models.scores.sepsis_onset``; Schlapbach et al., JAMA 2024;331:665).

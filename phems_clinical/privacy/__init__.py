@@ -1,4 +1,4 @@
-"""Privacy of derived data sets (issue 6, in progress): anonymity checks,
+"""Privacy of derived data sets: anonymity checks,
 re-identification risk and utility-loss metrics (:mod:`.anonymity`), paediatric
 generalisation hierarchies (:mod:`.hierarchies`), per-patient date shifting
 (:mod:`.dates`), full-domain lattice search and Mondrian (:mod:`.search`), the

@@ -1,4 +1,4 @@
-"""Per-patient random date shifting that preserves intervals (issue 6, section 1).
+"""Per-patient random date shifting that preserves intervals.
 
 Every date column of one patient moves by the same whole number of days, drawn
 uniformly from ``[-max_days, max_days]`` without 0. Whole days keep the time of

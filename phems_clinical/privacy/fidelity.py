@@ -1,5 +1,5 @@
 """Fidelity of a synthetic (or anonymised) table to the real one: the fidelity part
-of the issue-6 scorecard.
+of the scorecard (:mod:`phems_clinical.evaluation.scorecard`).
 
 * :func:`column_fidelity` - per column, the two-sample Kolmogorov-Smirnov statistic
   (numeric; :func:`scipy.stats.ks_2samp` on the non-missing values) or the total

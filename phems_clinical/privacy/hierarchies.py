@@ -1,4 +1,4 @@
-"""Generalisation hierarchies for quasi-identifiers, as data (issue 6, section 1).
+"""Generalisation hierarchies for quasi-identifiers, as data.
 
 A :class:`Hierarchy` maps original values to coarser labels, one level at a time:
 level 0 is the original value, levels ``1 .. height - 1`` are the steps given in
@@ -9,7 +9,7 @@ decides what to do with them.
 
 A value outside a hierarchy's domain (a negative age, a weight above the upper
 bound, an unmapped diagnosis) is an error (:class:`HierarchyError`, naming the
-values and rows), never silently suppressed: issue 6, section 5.
+values and rows), never silently suppressed.
 
 References: Sweeney L (2002) k-anonymity, IJUFKS 10:557 (generalisation
 hierarchies); Prasser F, Kohlmayer F (2015) "Putting statistical disclosure control
@@ -147,9 +147,9 @@ def check_nested(hierarchy: Hierarchy, values) -> None:
 
 
 # --------------------------------------------------------------------------- ages
-_ISSUE6_EDGES = np.array([0.0, 28.0, 1, 5, 10, 15, 18])
-_ISSUE6_EDGES[2:] *= _DAYS_PER_YEAR
-_ISSUE6_LABELS = ["0-27 d", "1-11 m", "1-4 y", "5-9 y", "10-14 y", "15-17 y"]
+_PAEDIATRIC_EDGES = np.array([0.0, 28.0, 1, 5, 10, 15, 18])
+_PAEDIATRIC_EDGES[2:] *= _DAYS_PER_YEAR
+_PAEDIATRIC_LABELS = ["0-27 d", "1-11 m", "1-4 y", "5-9 y", "10-14 y", "15-17 y"]
 _NESTED_LABELS = ["0-11 m", "0-11 m", "1-9 y", "1-9 y", "10-17 y", "10-17 y"]
 _ICH_EDGES = np.array([0.0, 28.0, 2 * _DAYS_PER_YEAR, 12 * _DAYS_PER_YEAR,
                        18 * _DAYS_PER_YEAR])
@@ -189,7 +189,8 @@ def _check_unit(unit: str) -> None:
 
 
 def paediatric_age(unit: str = "days", name: str = "age") -> Hierarchy:
-    """Paediatric age bands of issue 6 (age in days by default).
+    """Paediatric age bands 0-27 d, 1-11 m, 1-4, 5-9, 10-14, 15-17 y (age in days
+    by default).
 
     Level 1: 0-27 d, 1-11 m, 1-4 y, 5-9 y, 10-14 y, 15-17 y; level 2 (nested):
     0-11 m, 1-9 y, 10-17 y; level 3: '*'. Ages convert to days with a Julian year
@@ -200,8 +201,8 @@ def paediatric_age(unit: str = "days", name: str = "age") -> Hierarchy:
     _check_unit(unit)
     return Hierarchy(
         name,
-        (_binner(_ISSUE6_EDGES, _ISSUE6_LABELS, unit, name),
-         _binner(_ISSUE6_EDGES, _NESTED_LABELS, unit, name)),
+        (_binner(_PAEDIATRIC_EDGES, _PAEDIATRIC_LABELS, unit, name),
+         _binner(_PAEDIATRIC_EDGES, _NESTED_LABELS, unit, name)),
         covers=_age_covers(unit, name))
 
 
@@ -219,9 +220,9 @@ def ich_e11_age(unit: str = "days", name: str = "age") -> Hierarchy:
                      covers=_age_covers(unit, name))
 
 
-_LIFE_EDGES = np.concatenate([_ISSUE6_EDGES, np.array([30.0, 40, 50, 60, 70, 80])
+_LIFE_EDGES = np.concatenate([_PAEDIATRIC_EDGES, np.array([30.0, 40, 50, 60, 70, 80])
                               * _DAYS_PER_YEAR])
-_LIFE_LABELS = [*_ISSUE6_LABELS, "18-29 y", "30-39 y", "40-49 y", "50-59 y",
+_LIFE_LABELS = [*_PAEDIATRIC_LABELS, "18-29 y", "30-39 y", "40-49 y", "50-59 y",
                 "60-69 y", "70-79 y", "80+ y"]
 _LIFE_NESTED = [*_NESTED_LABELS, "18-39 y", "18-39 y", "40-59 y", "40-59 y",
                 "60+ y", "60+ y", "60+ y"]

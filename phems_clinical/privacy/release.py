@@ -1,5 +1,4 @@
-"""Roles of a use case's table, and one-call anonymisation of a site's analysis table
-(issue 6, section 1).
+"""Roles of a use case's table, and one-call anonymisation of a site's analysis table.
 
 A use case's analysis table is longitudinal: many rows per patient (PK events,
 PICU stay-hours, cardiac sojourns). Re-identification is about *patients*, so:

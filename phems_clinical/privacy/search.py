@@ -1,4 +1,4 @@
-"""Anonymisation search: full-domain lattice search and Mondrian (issue 6, section 1).
+"""Anonymisation search: full-domain lattice search and Mondrian.
 
 * :func:`generalise` applies one full-domain generalisation (one level per
   quasi-identifier, QI) to the *original* values with the hierarchies of

@@ -1,4 +1,4 @@
-"""Structured configuration of an experiment run (issue 7): a misspelt key or a
+"""Structured configuration of an experiment run: a misspelt key or a
 wrong type fails when Hydra composes the config, before anything runs.
 
 Config groups (``configs/``): ``use_case``, ``model``, ``source`` (composed into

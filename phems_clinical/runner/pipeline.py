@@ -1,4 +1,4 @@
-"""One experiment run, for any use case (issue 7, section 2).
+"""One experiment run, for any use case.
 
 1. Each training hospital splits its patients into training and held-out real
    patients (:func:`phems_clinical.evaluation.sources.split_patients`) and derives

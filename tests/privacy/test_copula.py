@@ -1,4 +1,4 @@
-"""Gaussian copula synthesiser (issue 6, section 2 tabular; section 5 bad input)."""
+"""Gaussian copula synthesiser: tabular data and bad input."""
 
 import jax
 import numpy as np

@@ -1,4 +1,4 @@
-"""Per-patient date shifting (issue 6, section 1: mandatory for PK and hourly data)."""
+"""Per-patient date shifting (mandatory for PK and hourly data)."""
 
 import jax
 import numpy as np

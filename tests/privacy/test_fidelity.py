@@ -1,4 +1,4 @@
-"""Tests of the fidelity metrics (issue 6 scorecard)."""
+"""Tests of the fidelity metrics of the scorecard."""
 
 import jax
 import numpy as np

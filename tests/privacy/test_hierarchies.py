@@ -1,4 +1,4 @@
-"""Generalisation hierarchies on hand-worked values (issue 6, sections 1 and 5)."""
+"""Generalisation hierarchies on hand-worked values, and bad input."""
 
 import numpy as np
 import pandas as pd

@@ -1,4 +1,4 @@
-"""MST differentially private synthesiser (issue 6, section 2 "MST/AIM family")."""
+"""MST differentially private synthesiser (McKenna et al., J Priv Confid 2021)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""PK virtual patients (issue 6, section 2, first bullet)."""
+"""PK virtual patients."""
 
 import jax
 import numpy as np

@@ -1,4 +1,4 @@
-"""Lattice search and Mondrian (issue 6, section 1), checked by anonymity.py."""
+"""Lattice search and Mondrian, checked by anonymity.py."""
 
 import itertools
 

@@ -1,7 +1,7 @@
 """Red team: whoever can write a site's files (an insider, or malware on the node)
 against its audit log and privacy ledger.
 
-Before issue 15 (commit 8e5a754) the audit log was an unkeyed SHA-256 chain with an
+Before commit 8e5a754 the audit log was an unkeyed SHA-256 chain with an
 optional manual anchor, and the ε ledger plain JSON: an edited and re-chained log
 verified with exit 0, and deleting the ledger reset every data user's budget.
 :func:`_old_verify` reproduces that verification here, so each attack is shown to

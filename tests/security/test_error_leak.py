@@ -1,4 +1,4 @@
-"""Red team: patient-level text in the errors a site sends (issue 15, items 3, 6, 8).
+"""Red team: patient-level text in the errors a site sends.
 
 The attack: a site's cohort holds one bad record (patient ``MRN-0049001``, a
 negative factor level) in a folder named after the hospital. Its validator's

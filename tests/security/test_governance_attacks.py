@@ -2,7 +2,7 @@
 
 Each attack is played through the real Flower ClientApp functions (``site_query``,
 ``site_update``) against a simulated hospital with a site policy. The docstrings
-say what the attack obtained before issue 15 (commit 8e5a754: the policy was
+say what the attack obtained before commit 8e5a754 (the policy was
 checked once, in the query round, against a ``requester`` string from the run
 config, and ε was reserved for the planned rounds).
 """

@@ -1,4 +1,4 @@
-"""Red team: replaying privacy noise from public inputs (issue 15, items 2 and 8).
+"""Red team: replaying privacy noise from public inputs.
 
 A mechanism whose noise is a function of the run seed (set by the server, recorded
 in the outputs) is not DP at any epsilon: regenerate the noise, subtract it, and

@@ -1,4 +1,4 @@
-"""Named OMOP concept ids used by the suite (the contract of /work/notes/issue5.md).
+"""Named OMOP concept ids used by the suite (OMOP CDM v5.4 standard vocabularies).
 
 Every id here is a row of ``data_schemas/omop/concepts.csv`` (with its name, domain,
 vocabulary, code and whether it was verified against public OMOP code; see the

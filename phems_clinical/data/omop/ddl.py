@@ -22,7 +22,7 @@ __all__ = [
 DIALECTS = ("duckdb", "pg")
 PLACEHOLDER = "@cdmDatabaseSchema"
 
-#: The tables the use cases write and read (issue 5, section 1), plus the
+#: The tables the use cases write and read, plus the
 #: vocabulary ``concept`` table and ``care_site`` (the hospital of a visit).
 USE_CASE_TABLES = (
     "person", "visit_occurrence", "visit_detail", "condition_occurrence",

@@ -1,7 +1,8 @@
 """One site's OMOP CDM 5.4 database: DuckDB file (default) or PostgreSQL by URL.
 
 Tables in memory are ``dict[str, pandas.DataFrame]`` keyed by lower-case CDM table
-name, with CDM column names (see /work/notes/issue5.md). Column dtypes after
+name, with CDM column names (OMOP CDM v5.4,
+https://ohdsi.github.io/CommonDataModel/cdm54.html). Column dtypes after
 :func:`read_tables`: NOT NULL integers ``int64``, nullable integers ``Int64``
 (pandas nullable), ``NUMERIC`` ``float64``, ``TIMESTAMP`` and ``date``
 ``datetime64[ns]`` (naive, UTC by convention), text ``object``.

@@ -1,4 +1,4 @@
-"""Synthetic data generators (issue 6, section 2), each per site, seeded by an
+"""Synthetic data generators, each per site, seeded by an
 explicit JAX key and reproducible:
 
 - :mod:`.copula`: Gaussian copula for one table with categorical, bounded and

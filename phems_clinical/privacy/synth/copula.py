@@ -1,4 +1,4 @@
-"""Gaussian copula synthesiser for one table (issue 6, section 2, "Tabular").
+"""Gaussian copula synthesiser for one table.
 
 Every column gets a latent standard-normal *value* dimension, and every column with
 missing values a second latent *missing-indicator* dimension, so missingness is

@@ -1,4 +1,4 @@
-"""MST: differentially private synthetic data from noisy marginals (issue 6, section 2).
+"""MST: differentially private synthetic data from noisy marginals.
 
 MST (McKenna, Miklau & Sheldon, "Winning the NIST Contest: A scalable and general
 approach to differentially private synthetic data", J Priv Confid 2021;11(3),

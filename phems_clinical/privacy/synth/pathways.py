@@ -1,4 +1,4 @@
-"""Synthetic post-operative cardiac pathways (issue 6, section 2, "Longitudinal").
+"""Synthetic post-operative cardiac pathways.
 
 Input and output are the sojourn table of
 :func:`phems_clinical.data.cardiac.pathways.episodes` (one row per stay in a state:
@@ -57,7 +57,7 @@ order of magnitude of the source ids is kept).
 
 Privacy: the model stores aggregate counts (events and exposure per stratum,
 transition and piece), shares and the copula's marginal quantiles; it is **not**
-differentially private (see the issue 6 notes: the copula has no DP variant yet,
+differentially private (the copula has no DP variant yet,
 so DP noise on the counts alone would not make the output DP).
 
 Examples

@@ -1,4 +1,4 @@
-"""Synthetic hourly PICU sequences (issue 6, section 2, "Longitudinal").
+"""Synthetic hourly PICU sequences.
 
 Input and output are the hourly table of :func:`phems_clinical.data.picu.hourly_table`
 (one row per ICU stay-hour, ``data_schemas/sepsis_hourly.schema.json``): same columns,

@@ -1,4 +1,4 @@
-"""PK virtual patients (issue 6, section 2, first bullet).
+"""PK virtual patients.
 
 A pharmacometric virtual population built from a real PK dataset and a population
 model:
