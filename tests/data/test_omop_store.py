@@ -72,7 +72,11 @@ def test_concept_list_covers_the_module():
     assert (local["concept_id"] >= C.LOCAL_MIN).all()
     high = b.loc[b["concept_id"] >= C.LOCAL_MIN, "vocabulary_id"]
     assert (high == "PHEMS local").all()
-    assert b["source"].str.len().gt(0).all()
+    assert list(b.columns)[-2:] == ["verified", "note"]
+    assert (b.loc[b["concept_id"] >= C.LOCAL_MIN, "note"].str.len() > 0).all()
+    # the note says what a concept is, never how its id was looked up
+    assert not b["note"].str.contains(
+        r"memory|find_string|search|public code|contract", case=False).any()
     assert set(C.UNITS) == set(C.MEASUREMENT)
     # ids checked against public OMOP code keep verified=True
     v = b.set_index("concept_id")["verified"]

@@ -1,9 +1,8 @@
 """Named OMOP concept ids used by the suite (OMOP CDM v5.4 standard vocabularies).
 
 Every id here is a row of ``data_schemas/omop/concepts.csv`` (with its name, domain,
-vocabulary, code and whether it was verified against public OMOP code; see the
-``source`` column), which :func:`phems_clinical.data.omop.create_cdm` loads into the
-``concept`` table. Standard ids are OMOP vocabulary ids (LOINC for labs and vitals,
+vocabulary, code, whether it was verified and a ``note``), which
+:func:`phems_clinical.data.omop.create_cdm` loads into the ``concept`` table. Standard ids are OMOP vocabulary ids (LOINC for labs and vitals,
 SNOMED for conditions and procedures, RxNorm ingredients for drugs). Codes without a
 standard concept use local ids >= :data:`LOCAL_MIN` (the OMOP convention for
 site-defined concepts: OHDSI, "The Book of OHDSI", 2021, ch. 5).
@@ -132,6 +131,6 @@ def bundled_concepts() -> pd.DataFrame:
     """``data_schemas/omop/concepts.csv`` as a DataFrame (a copy).
 
     Columns: concept_id (int64), concept_name, domain_id, vocabulary_id,
-    concept_class_id, concept_code, standard (bool), verified (bool), source.
+    concept_class_id, concept_code, standard (bool), verified (bool), note.
     """
     return _bundled().copy()
