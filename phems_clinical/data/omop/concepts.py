@@ -3,8 +3,9 @@
 Every id here is a row of ``data_schemas/omop/concepts.csv`` (with its name, domain,
 vocabulary, code, whether it was verified and a ``note``), which
 :func:`phems_clinical.data.omop.create_cdm` loads into the ``concept`` table.
-Standard ids are OMOP vocabulary ids (LOINC for labs and vitals, SNOMED for conditions and procedures, RxNorm ingredients for drugs). Codes without a
-standard concept use local ids >= :data:`LOCAL_MIN` (the OMOP convention for
+Standard ids are OMOP vocabulary ids (LOINC for labs and vitals, SNOMED for
+conditions and procedures, RxNorm ingredients for drugs). Codes without a standard
+concept use local ids >= :data:`LOCAL_MIN` (the OMOP convention for
 site-defined concepts: OHDSI, "The Book of OHDSI", 2021, ch. 5).
 
 Units are not coded (``unit_concept_id`` is left NULL); the unit is written to
