@@ -138,7 +138,7 @@ def test_septic_stays_meet_phoenix_after_true_onset(cohort, hourly):
     assert (after.loc[sep.index] >= 2).mean() > 0.9
     lag = onset.loc[sep.index] - sep["onset_hour"]
     assert lag.notna().mean() > 0.85
-    assert 0 <= lag.median() <= 6  # median lag reported in the notes
+    assert 0 <= lag.median() <= 6
     assert (lag >= 0).mean() > 0.8
     # Phoenix sepsis is rarer in stays without true sepsis
     non = truth.index[~truth["septic"]]

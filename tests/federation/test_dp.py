@@ -227,7 +227,8 @@ def test_one_release_matches_analytic_gaussian(z, delta):
     [(1.0, 50, 57, 54), (2.0, 50, 22, 21), (5.0, 50, 7.1, 6.6), (1.0, 200, 166, 159)],
 )
 def test_reference_hospital_level_numbers(z, steps, rdp_ref, pld_ref):
-    # Reference file §5: hospital level, q = 1, δ = 1e-5 (K = 5 sites).
+    # Figures computed once with dp-accounting 0.6.0 (RDP / PLD accountants):
+    # hospital level, q = 1, δ = 1e-5 (K = 5 sites).
     cfg = SiteDPConfig(clip=1.0, noise_multiplier=z, delta=1e-5)
     assert dp.epsilon(cfg, 5, steps) == pytest.approx(rdp_ref, rel=0.02)
     assert dp.epsilon(cfg._replace(accountant="pld"), 5, steps) == pytest.approx(
@@ -235,7 +236,8 @@ def test_reference_hospital_level_numbers(z, steps, rdp_ref, pld_ref):
 
 
 def test_reference_patient_level_dp_sgd_numbers():
-    # Reference file §5: N = 2000, q = 0.032, z = 1.1, 20 epochs = 625 steps.
+    # dp-accounting 0.6.0 (RDP / PLD) at δ = 1e-5: N = 2000, q = 0.032, z = 1.1,
+    # 20 epochs = 625 steps.
     cfg = DPConfig(clip=1.0, noise_multiplier=1.1, delta=1e-5, sampling_rate=0.032)
     steps = round(20 / 0.032)
     assert dp.epsilon(cfg, 2000, steps) == pytest.approx(4.75, rel=0.02)

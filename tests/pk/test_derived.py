@@ -1,5 +1,5 @@
 """Secondary PK quantities: against SciPy root finding and quadrature, closed forms, and
-the published typical values tabulated in shared/reference/pk_models.md."""
+the published typical values (docs/reference/pk_models.md)."""
 
 import math
 
@@ -37,9 +37,10 @@ half_lives = jax.jit(lambda p, n_cmt: (terminal_half_life(p, n_cmt),
                                        effective_half_life(p, n_cmt)),
                      static_argnames="n_cmt")
 
-# Typical values at the reference subject (pk_models.md section 1): terminal t1/2 (h,
-# as tabulated) and the time for a 3500 IU bolus to fall to 1 IU/dL (h, section 1c;
-# whole hours, rounded inconsistently up or to nearest, hence a 1 h tolerance).
+# Typical values at the reference subject (each model's paper): terminal t1/2 (h) and
+# the time for a 3500 IU bolus to fall to 1 IU/dL (h; both as tabulated in
+# docs/reference/pk_models.md; whole hours, rounded inconsistently up or to nearest,
+# hence a 1 h tolerance).
 PUBLISHED = [
     ("Garmann 2017", 2, (1.88, 30.0, 1.90, 6.37), 13.9, 90),
     ("Nestorov 2015", 2, (1.65, 37.5, 0.0746, 6.92), 68.0, 112),

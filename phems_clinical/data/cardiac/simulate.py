@@ -36,8 +36,8 @@ inverting each transition's cumulative hazard (competing latent times).
   DiBardino et al., Ann Thorac Surg 2012;94:2054), i.e. about 20% neonates, 40%
   infants and 40% children in the reference case-mix.
 * Mortality covariate effects (neonate, infant, ventilation, weight), readmission
-  and late-death hazards are assumptions chosen to be plausible (stated here,
-  flagged in the notes), not published estimates.
+  and late-death hazards are assumptions chosen to be plausible (stated here),
+  not published estimates.
 
 The per-category constants ``_GAMMA`` (log death-hazard multiplier) and ``_DELTA``
 (log LOS multiplier) were fitted by fixed-point iteration on simulated
