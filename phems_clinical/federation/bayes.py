@@ -542,10 +542,12 @@ def ep(model: PopModel, n_sites: int, n_occ: int = 1, *,
         ``cov``, ``names``, ``natural_names``, ``natural_mean``, ``natural_sd``,
         ``rounds``, ``valid``, ``change``.
 
-    .. warning:: The same key gives the same result in the same engine mode. The
-       vmapped and the looped modes (``run_federated(vectorise=...)``) compile
-       batched and unbatched code whose last-bit differences grow along the Markov
-       chains, so their draws differ (statistically equivalent, not bitwise).
+    Warnings
+    --------
+    The same key gives the same result in the same engine mode. The vmapped and
+    the looped modes (``run_federated(vectorise=...)``) compile batched and
+    unbatched code whose last-bit differences grow along the Markov chains, so
+    their draws differ (statistically equivalent, not bitwise).
     """
     settings = SITE_NUTS if settings is None else settings
     prior = gaussian_prior(model) if prior is None else prior

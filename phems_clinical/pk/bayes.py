@@ -867,12 +867,14 @@ def fit_svi(key: Key, model: PopModel, cohort: Cohort, *,
         ridges make Adam at ``learning_rate=0.01`` need many thousands of steps when
         the specification is far from the data.
 
-    .. warning:: The guide is independent between population and subject sites
-       while the etas are non-centred, so it cannot represent how the typical
-       values and IIV SDs trade off against every ``z_i``. Point estimates are close
-       to NUTS, but posterior SDs of typical values and IIV variances come out too
-       small (5-10x on the tests' rich-data cohort) and weakly identified IIV
-       variances are pulled towards 0. Use :func:`fit_nuts` for uncertainty.
+    Warnings
+    --------
+    The guide is independent between population and subject sites while the
+    etas are non-centred, so it cannot represent how the typical values and IIV
+    SDs trade off against every ``z_i``. Point estimates are close to NUTS, but
+    posterior SDs of typical values and IIV variances come out too small (5-10x
+    on the tests' rich-data cohort) and weakly identified IIV variances are
+    pulled towards 0. Use :func:`fit_nuts` for uncertainty.
     """
     start = time.perf_counter()
     priors = weak_priors(model) if priors is None else priors

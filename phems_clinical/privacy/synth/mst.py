@@ -414,10 +414,13 @@ def fit_mst(
         ``secret_generator(s)`` with a secret ``s`` you keep at the site only to
         replay a fit exactly; never derive it from a seed or a config.
 
-    Categorical values outside the declared categories raise
-    :class:`MSTInputError` (naming the column, the count and examples): a domain
-    that does not cover the data is a schema error, and mapping such values to
-    missing would silently bias the synthetic table. Recode them first.
+    Raises
+    ------
+    MSTInputError
+        Categorical values outside the declared categories (naming the column,
+        the count and examples): a domain that does not cover the data is a
+        schema error, and mapping such values to missing would silently bias
+        the synthetic table. Recode them first.
 
     References
     ----------

@@ -355,12 +355,14 @@ def fit_picu_sequences(hourly: pd.DataFrame, *, min_stays: int = 10,
         curve point describes one or a few children).
     n_quantiles : at most this many quantiles per marginal are kept.
 
-    The AR bias correction simulates with a fixed internal seed, so the fit is a
-    deterministic function of the table and takes no key.
-
     Returns
     -------
     PicuSequenceModel
+
+    Notes
+    -----
+    The AR bias correction simulates with a fixed internal seed, so the fit is a
+    deterministic function of the table and takes no key.
     """
     if not 1 <= int(n_factors) <= 10:
         raise PicuSequenceError(f"n_factors: expected 1-10, got {n_factors}")
