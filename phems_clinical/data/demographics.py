@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phems_clinical._typing import Key
+from phems_clinical.rng import numpy_generator
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -227,12 +228,6 @@ def fat_free_mass(wt_kg, ht_cm, sex, age_y):
 
 # --------------------------------------------------------------------- simulation
 
-def _rng(key: Key) -> np.random.Generator:
-    """A numpy Generator seeded from a JAX key (typed, or a legacy uint32 key)."""
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return np.random.default_rng(np.asarray(key).ravel())
-
 
 def _correlated_z(rng: np.random.Generator, n: int, rho: float) -> np.ndarray:
     """(n, 2) standard normals with correlation ``rho``; pairs beyond +-3 redrawn."""
@@ -293,7 +288,7 @@ def simulate_demographics(
         raise ValueError(f"n must be >= 0, not {n}")
     if not 0.0 <= female_fraction <= 1.0:
         raise ValueError(f"female_fraction must be in [0, 1], not {female_fraction}")
-    rng = _rng(key)
+    rng = numpy_generator(key)
 
     if isinstance(age_distribution, str):
         if age_distribution != "uniform":

@@ -71,6 +71,7 @@ import xarray as xr
 from phems_clinical.privacy import anonymity as _anon
 from phems_clinical.privacy import attacks as _attacks
 from phems_clinical.privacy import fidelity as _fid
+from phems_clinical.rng import numpy_generator
 
 __all__ = [
     "GROUPS",
@@ -716,7 +717,7 @@ def fidelity_scores(key, real: pd.DataFrame, derived: pd.DataFrame, *,
     out = {m: Score(float(summary[m]), n=n) for m in metrics}
     boot_m = [m for m in metrics if m in _COLUMN_METRICS]
     if boot_m and n_boot:
-        rng = _attacks._rng(k_boot)
+        rng = numpy_generator(k_boot)
         reps = np.array([[v[m] for m in boot_m] for v in (
             _column_metrics(real.iloc[rng.integers(0, n0, n0)].reset_index(drop=True),
                             derived.iloc[rng.integers(0, n1, n1)]

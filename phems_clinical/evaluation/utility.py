@@ -53,6 +53,7 @@ from phems_clinical.pk.focei import FOCEIResult, build_focei, fit_focei
 from phems_clinical.pk.forecast import fit_map_batch
 from phems_clinical.pk.model import PopParams, n_occasions, predict
 from phems_clinical.pk.spec import PopModel
+from phems_clinical.rng import numpy_generator
 
 __all__ = ["CAPTIONS", "UtilityInputError", "captions", "cardiac_utility",
            "cv_percent", "fit_population", "pk_forecast_accuracy",
@@ -165,11 +166,6 @@ CAPTIONS: dict[str, str] = {
 class UtilityInputError(ValueError):
     """Bad input to a utility metric (names the argument or column and what was
     expected)."""
-
-
-def _rng(key) -> np.random.Generator:
-    """numpy generator from a JAX key (as :mod:`phems_clinical.privacy.attacks`)."""
-    return np.random.default_rng(np.asarray(jax.random.key_data(key)))
 
 
 def _percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
@@ -295,8 +291,9 @@ def sepsis_utility(key, source_hourly: pd.DataFrame, test_hourly: pd.DataFrame, 
     thr, u_src = se.choose_threshold([p_src], [src])
     out = {k: float(v) for k, v in se.evaluate_site(p_tst, tst, thr).items()}
     stay, used = _used_hours(tst)
-    lo, hi = _stay_bootstrap(_rng(k_boot), stay, np.asarray(tst.data["y"])[used],
-                             p_tst[used], n_boot, level)
+    lo, hi = _stay_bootstrap(numpy_generator(k_boot), stay,
+                             np.asarray(tst.data["y"])[used], p_tst[used],
+                             n_boot, level)
     out.update(auroc_ci_low=lo, auroc_ci_high=hi, threshold=float(thr),
                source_utility=float(u_src),
                n_source_stays=float(np.sum(np.asarray(src.mask))),
@@ -345,7 +342,7 @@ def cardiac_utility(source_sojourns: pd.DataFrame, test_sojourns: pd.DataFrame, 
         gt7 = np.asarray(pred["cicu_gt7"])
         t, d = oc.death_time.to_numpy(float), oc.death.to_numpy(float)
         y7 = oc.cicu_gt7.to_numpy(float)
-        rng = _rng(key)
+        rng = numpy_generator(key)
         c_b, a_b = np.empty(n_boot), np.empty(n_boot)
         for b in range(n_boot):
             i = rng.integers(0, len(oc), len(oc))
@@ -556,7 +553,7 @@ def pk_forecast_accuracy(source, holdout_events, model: PopModel, *,
     if not target.any():
         raise UtilityInputError(f"holdout_events: no patient has more than "
                                 f"n_prior_obs={n_prior_obs} levels to forecast")
-    rng = _rng(key) if key is not None else None
+    rng = numpy_generator(key) if key is not None else None
     out: dict[str, float] = {}
     priors = [("", source, "source")]
     if real is not None:

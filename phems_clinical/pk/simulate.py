@@ -38,6 +38,7 @@ from phems_clinical.pk.model import (
     residual_variance,
 )
 from phems_clinical.pk.spec import PopModel
+from phems_clinical.rng import numpy_generator
 
 RICH_TIMES = (0.25, 0.5, 1.0, 3.0, 6.0, 9.0, 24.0, 28.0, 32.0, 48.0)
 SPARSE_SHL = ((4.0, 1.0), (24.0, 4.0), (48.0, 4.0))  # (nominal h, half-window h)
@@ -157,7 +158,7 @@ def simulate_cohort(key: Key, model: PopModel, hospital: HospitalSpec, *,
     for c in model.covariate_names:
         if c not in demo:
             demo[c] = ref.get(c, 0.0)
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(k_np)).ravel())
+    rng = numpy_generator(k_np)
     extended = model.extended_half_life
     vials = [float(v) for v in model.metadata.get("vial_sizes_IU", [250.0])]
 

@@ -56,10 +56,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import jax
 import numpy as np
 import pandas as pd
 from scipy.stats import norm, rankdata
+
+from phems_clinical.rng import numpy_generator
 
 __all__ = [
     "Risk",
@@ -162,10 +163,6 @@ def residual_risk(
 # ----------------------------------------------------------------------------
 # Encoding and distances
 # ----------------------------------------------------------------------------
-
-
-def _rng(key) -> np.random.Generator:
-    return np.random.default_rng(np.asarray(jax.random.key_data(key)))
 
 
 def _is_numeric(s: pd.Series) -> bool:
@@ -394,7 +391,7 @@ def singling_out_risk(key, ori: pd.DataFrame, syn: pd.DataFrame,
     cols = list(syn.columns) if cols is None else list(cols)
     enc = _encode([ori, syn, control], cols)
     xo, xs, xc = enc.values
-    rng = _rng(key)
+    rng = numpy_generator(key)
     if mode == "univariate":
         queries = _univariate_queries(rng, xs, enc.numeric, n_attacks)
         k = 1
@@ -434,7 +431,7 @@ def linkability_risk(ori: pd.DataFrame, syn: pd.DataFrame, control: pd.DataFrame
     cols_a, cols_b = (list(c) for c in aux_cols)
     if set(cols_a) & set(cols_b):
         raise ValueError("the two groups of aux_cols must be disjoint")
-    rng = None if key is None else _rng(key)
+    rng = None if key is None else numpy_generator(key)
     to = _targets(rng, ori, n_attacks)
     tc = _targets(rng, control, n_attacks)
 
@@ -487,7 +484,7 @@ def inference_risk(ori: pd.DataFrame, syn: pd.DataFrame, control: pd.DataFrame,
         raise ValueError("secret must not be among aux_cols")
     if regression is None:
         regression = _is_numeric(ori[secret])
-    rng = None if key is None else _rng(key)
+    rng = None if key is None else numpy_generator(key)
     to = _targets(rng, ori, n_attacks)
     tc = _targets(rng, control, n_attacks)
     syn_secret = syn[secret].to_numpy()
@@ -520,7 +517,7 @@ def membership_inference(key, train: pd.DataFrame, holdout: pd.DataFrame,
     synthetic data. AUC = U / (n1 n0) (Mann-Whitney, mid-ranks for ties).
     """
     cols = list(syn.columns) if cols is None else list(cols)
-    rng = _rng(key)
+    rng = numpy_generator(key)
     m = _targets(rng, train, n)
     h = _targets(rng, holdout, n)
     enc = _encode([m, h, syn], cols)

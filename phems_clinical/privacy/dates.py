@@ -24,11 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 import pandas as pd
 
 from phems_clinical.privacy.secret_rng import secret_generator
+from phems_clinical.rng import numpy_generator
 
 MARKER = "phems_dates_shifted"
 """``df.attrs`` key: ``{"id_col": str, "columns": list[str], "unit": "days"}``."""
@@ -104,7 +104,7 @@ def draw_shifts(key, ids, max_days: int = 365, *, from_key: bool = False
         uniq = uniq.sort_values()
     except TypeError:  # mixed id types: order by their text
         uniq = uniq[np.argsort(uniq.astype(str).to_numpy(), kind="stable")]
-    rng = (np.random.default_rng(np.asarray(jax.random.key_data(key))) if from_key
+    rng = (numpy_generator(key) if from_key
            else secret_generator())  # secret: nobody keeps it
     u = rng.integers(0, 2 * max_days, size=len(uniq))  # 2 * max_days outcomes
     shift = np.where(u < max_days, u - max_days, u - max_days + 1)

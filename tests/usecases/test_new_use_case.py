@@ -19,11 +19,12 @@ from phems_clinical.evaluation.sources import (
 )
 from phems_clinical.privacy.hierarchies import paediatric_age, suppress_only
 from phems_clinical.privacy.release import Roles, check_table
+from phems_clinical.rng import numpy_generator
 
 
 def _ward(key, n: int) -> pd.DataFrame:
     """``n`` patients, 3-8 hourly rows each; death more likely with a high HR."""
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    rng = numpy_generator(key)
     rows = []
     for pid in range(1, n + 1):
         age, sex = int(rng.integers(1, 200)), ["F", "M"][int(rng.integers(2))]

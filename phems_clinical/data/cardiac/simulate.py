@@ -55,6 +55,7 @@ import pandas as pd
 
 from phems_clinical.data.omop import concepts as C
 from phems_clinical.data.omop.events import event_table
+from phems_clinical.rng import numpy_generator
 
 # --------------------------------------------------------------------------- concepts
 #: Concept ids used by the cardiac simulator (the subset of data.omop.concepts).
@@ -191,10 +192,6 @@ def expected_weight_kg(age_days):
     return w
 
 
-def _rng(key) -> np.random.Generator:
-    return np.random.default_rng(np.asarray(jax.random.key_data(key)))
-
-
 # Fine grid for the cumulative baseline hazards (trapezoid on log-linear hazards).
 _GRID = np.concatenate([np.arange(0, 30, 0.01), np.arange(30, 400.001, 0.1)])
 
@@ -308,7 +305,7 @@ def simulate_cardiac(key, *, n_episodes: int, site: str = "hospital_a",
         procedure_occurrence, drug_exposure, measurement, condition_occurrence,
         death.
     """
-    rng = _rng(key)
+    rng = numpy_generator(key)
     n = int(n_episodes)
     cm = case_mix
     # ---- covariates

@@ -75,6 +75,7 @@ from phems_clinical.data.picu.hourly import (
     VASOACTIVES,
     VISIT,
 )
+from phems_clinical.rng import numpy_generator
 
 __all__ = [
     "AGE_BANDS_MONTHS", "DEFAULT_CASE_MIX", "DEFAULT_SITES", "PicuCohort",
@@ -147,15 +148,6 @@ class PicuCohort(NamedTuple):
     site: str
     tables: dict[str, pd.DataFrame]
     truth: pd.DataFrame
-
-
-def _rng(key: Key) -> np.random.Generator:
-    """numpy Generator derived from a JAX key (typed or raw uint32)."""
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        data = jax.random.key_data(key)
-    else:
-        data = key
-    return np.random.default_rng(np.asarray(data))  # as fixed by the contract
 
 
 def _interp(age_months, table):
@@ -242,7 +234,7 @@ def simulate_picu(key: Key, *, n_stays: int, site: str = "site",
     if max_los_h < 24:
         raise ValueError(f"max_los_h: expected >= 24 h, got {max_los_h}")
     wb, wa, los_scale, mort_scale = _merge_case_mix(case_mix)
-    rng = _rng(key)
+    rng = numpy_generator(key)
     n = int(n_stays)
 
     # ------------------------------------------------------------ stay level

@@ -65,6 +65,7 @@ from pandas.api import types as ptypes
 from scipy import optimize, special
 
 from phems_clinical.privacy.secret_rng import secret_generator
+from phems_clinical.rng import numpy_generator
 
 __all__ = [
     "Categorical",
@@ -353,10 +354,6 @@ def domain_from_frame(df: pd.DataFrame, *, n_bins: int = 20,
 
 
 # --------------------------------------------------------------------- mechanism
-def _rng(key: jax.Array) -> np.random.Generator:
-    return np.random.default_rng(np.asarray(jax.random.key_data(key)))
-
-
 def _counts(codes: list[np.ndarray], sizes: list[int]) -> np.ndarray:
     flat = np.ravel_multi_index(codes, sizes)
     return np.bincount(flat, minlength=math.prod(sizes)).astype(np.float64)
@@ -608,7 +605,7 @@ def sample_mst(key: jax.Array, model: MSTModel, n: int) -> pd.DataFrame:
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
         raise MSTInputError(f"n must be a positive integer, got {n!r}")
     n = int(n)
-    rng = _rng(key)
+    rng = numpy_generator(key)
     cols = list(model.columns)
     idx = {c: i for i, c in enumerate(cols)}
     adj: dict[int, list] = {i: [] for i in range(len(cols))}

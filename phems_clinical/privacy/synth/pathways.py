@@ -91,6 +91,7 @@ from phems_clinical.data.cardiac.simulate import (
     expected_weight_kg,
 )
 from phems_clinical.privacy.synth.copula import CopulaModel, fit_copula, sample_copula
+from phems_clinical.rng import numpy_generator
 
 #: Default time grid (days since surgery; the last piece is open-ended), the same
 #: cuts as ``phems_clinical.models.multistate.DEFAULT_CUTS`` (not imported: privacy
@@ -389,10 +390,6 @@ def fit_pathways(sojourns: pd.DataFrame, *, states: Sequence[str] | None = None,
         n_episodes=n_ep, repeat_visits=bool(repeat_visits))
 
 
-def _rng(key) -> np.random.Generator:
-    return np.random.default_rng(np.asarray(jax.random.key_data(key)))
-
-
 def _covariates(key, model: PathwayModel, n: int) -> pd.DataFrame:
     cov = sample_copula(key, model.covariates, n)
     age = cov.age_days.to_numpy(float)
@@ -502,7 +499,7 @@ def sample_pathways(key: jax.Array, model: PathwayModel, n_episodes: int, *,
     n = int(n_episodes)
     k_cov, k_path = jax.random.split(key)
     cov = _covariates(k_cov, model, n)
-    rng = _rng(k_path)
+    rng = numpy_generator(k_path)
     if model.strata:
         codes = [pd.Index(list(lv)).get_indexer(cov[c])
                  for c, lv in zip(model.strata, model.levels, strict=True)]

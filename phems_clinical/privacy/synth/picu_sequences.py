@@ -91,6 +91,7 @@ from phems_clinical.privacy.synth.copula import (
     nearest_pd_correlation,
     sample_copula,
 )
+from phems_clinical.rng import numpy_generator
 
 __all__ = [
     "VALUE_COLUMNS", "PicuSequenceError", "PicuSequenceModel", "fit_picu_sequences",
@@ -149,13 +150,6 @@ class PicuSequenceModel(NamedTuple):
 
 
 # ------------------------------------------------------------------ helpers
-def _np_rng(key) -> np.random.Generator:
-    """numpy Generator from a JAX key (as data.picu.simulate does)."""
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        data = jax.random.key_data(key)
-    else:
-        data = key
-    return np.random.default_rng(np.asarray(data))
 
 
 def _decimals(x: np.ndarray) -> int:
@@ -568,7 +562,7 @@ def sample_picu_sequences(key, model: PicuSequenceModel, n_stays: int, *,
     k_stay, k_np = jax.random.split(key)
     n = int(n_stays)
     st = sample_copula(k_stay, model.stays, n)
-    rng = _np_rng(k_np)
+    rng = numpy_generator(k_np)
     length = np.maximum(st["los"].to_numpy(np.int64), 1)
     start = np.concatenate([[0], np.cumsum(length)[:-1]])
     R = int(length.sum())
