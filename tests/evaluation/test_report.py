@@ -325,9 +325,9 @@ def test_html_generated_defaults_to_now(result, png):
     assert "<dd>2023-01-02 03:04</dd>" in _render(result, png)
 
 
-def test_write_examples(png, html):
+def test_write_examples(png, html, tmp_path):
     """Save an example render for visual inspection (looks are not asserted)."""
-    with open("/tmp/curve_example.png", "wb") as fh:
+    with open(tmp_path / "curve_example.png", "wb") as fh:
         fh.write(png)
-    with open("/tmp/report_example.html", "w", encoding="utf-8") as fh:
+    with open(tmp_path / "report_example.html", "w", encoding="utf-8") as fh:
         fh.write(html)
