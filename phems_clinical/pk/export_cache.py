@@ -105,7 +105,8 @@ def _key(parts: tuple, leaves: list, tree: Any) -> str:
     text = json.dumps([list(map(str, parts)), str(tree), [_aval(x) for x in leaves],
                        phems_clinical.__version__, source_digest(), jax.__version__,
                        jaxlib.__version__, jax.default_backend(),
-                       bool(jax.config.jax_enable_x64)])
+                       # jax.config sets its flags as attributes at run time
+                       bool(jax.config.jax_enable_x64)])  # type: ignore[attr-defined]
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -105,6 +105,9 @@ def typical_parameters(model: PopModel, theta: Float[Array, " n_theta"],
                 d = jnp.minimum(d, 0.0)
             term = _log_positive(1.0 + coef * d)
         else:  # indicator
+            if e.condition is None:
+                raise ValueError(f"covariate effect {e.theta}: an indicator effect "
+                                 "needs a condition such as ('==', 1.0)")
             op, value = e.condition
             term = jnp.where(_OPS[op](x, value), jnp.log1p(coef), 0.0)
         log_tv[e.parameter] = log_tv[e.parameter] + term

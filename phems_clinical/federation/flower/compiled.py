@@ -155,8 +155,10 @@ def call_cached(fn: Callable, args: tuple, *, tag: str,
     if folder is None:
         info["cache"] = "jit"
         return jax.jit(fn)(*args)
+    # jax.config sets its flags as attributes at run time (hence the ignore)
+    x64 = str(jax.config.jax_enable_x64)  # type: ignore[attr-defined]
     parts = [tag, _signature(leaves), str(tree), jax.__version__, jaxlib.__version__,
-             jax.default_backend(), str(jax.config.jax_enable_x64),
+             jax.default_backend(), x64,
              source_digest(tuple(str(f) for f in extra_files))]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()
     path = folder / f"{key[:32]}.pkl"
