@@ -1,5 +1,5 @@
 """Secondary PK quantities: against SciPy root finding and quadrature, closed forms, and
-the published typical values (docs/reference/pk_models.md)."""
+the published typical values (docs/reference/pk_model_library.md)."""
 
 import math
 
@@ -39,7 +39,7 @@ half_lives = jax.jit(lambda p, n_cmt: (terminal_half_life(p, n_cmt),
 
 # Typical values at the reference subject (each model's paper): terminal t1/2 (h) and
 # the time for a 3500 IU bolus to fall to 1 IU/dL (h; both as tabulated in
-# docs/reference/pk_models.md; whole hours, rounded inconsistently up or to nearest,
+# docs/reference/pk_model_library.md; whole hours, rounded inconsistently up or to nearest,
 # hence a 1 h tolerance).
 PUBLISHED = [
     ("Garmann 2017", 2, (1.88, 30.0, 1.90, 6.37), 13.9, 90),
