@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -473,502 +474,723 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
     without a DV is an error instead, since a missing level is not a level of 0.
     """
     unit_arg = _normalise_unit(dv_unit)
+    unit_arg = _normalise_unit(dv_unit)
     raw, rows, name = _load(source)
-    n = len(raw)
-    cols = list(raw.columns)
-    log = _Log()
+    _check_required_columns(list(raw.columns), name)
+    rec = _Records(raw, rows, unit_arg,
+                   tuple(str(c).strip().upper() for c in required_covariates))
+    # Parsing: comments, IDs, unit, numbers, covariates.
+    _mark_comments(rec)
+    _subject_ids(rec)
+    _file_unit(rec)
+    _parse_items(rec)
+    _parse_covariates(rec)
+    _check_required_covariate_columns(rec)
+    # Record types and the NONMEM event rules.
+    _event_types(rec)
+    _check_event_records(rec)
+    _check_missing_levels(rec)
+    # Units, BLQ, infusions, plausibility limits, occasions.
+    if rec.dvunit_col:
+        _check_dvunit_mix(rec)
+    if rec.unit is not None:
+        _check_levels(rec)
+        _check_lloq(rec)
+        _convert_to_iu_dl(rec)
+    _derive_blq(rec)
+    _infusion_durations(rec)
+    _check_plausibility(rec)
+    _check_amounts(rec)
+    _occasions(rec)
+    # Record order, what is left out, per-subject covariates, the schema.
+    _check_time_order(rec)
+    _check_duplicates(rec)
+    order = _file_order(rec)
+    _check_dose_precedence(rec, order)
+    exclusions, keep = _exclusions(rec)
+    _check_subject_covariates(rec, order, keep)
+    _check_schema(rec)
+    if rec.log.issues:
+        raise DataValidationError(rec.log.issues, name)
 
-    # DV is required as by NM-TRAN ($INPUT must list DV): without it no level could
-    # be told from a missing one.
+    sel = order[keep[order]]
+    events = _events_table(rec, sel)
+    _warn_covariate_gaps(rec, sel)
+    exclusions.sort(key=lambda e: e.row)
+    rec.warned.sort(key=lambda w: (w.row, w.column or ""))
+    return PKData(events.reset_index(drop=True), exclusions, tuple(rec.covariates),
+                  tuple(rec.warned))
+
+
+# ---------------------------------------------------------------- reader stages
+# Each stage reads and fills a _Records (one entry per data row, commented-out rows
+# included); checks add issues to rec.log, accepted-but-unusual values go to
+# rec.warned and derivations to rec.notes. The stages run in the order of
+# read_nonmem; a later stage relies on the fields the earlier ones set.
+
+@dataclass
+class _Records:
+    """Working state of :func:`read_nonmem`, one array entry per data row."""
+
+    raw: pd.DataFrame                   # object dtype, upper-case columns
+    rows: np.ndarray                    # 1-based data row of each record
+    unit_arg: str | None                # normalised ``dv_unit``
+    required: tuple[str, ...] = ()      # required covariates, upper case
+    log: _Log = field(default_factory=_Log)
+    warned: list[Issue] = field(default_factory=list)
+    cols: list[str] = field(init=False)
+    n: int = field(init=False)
+    notes: list[list[str]] = field(init=False)  # what was derived, per record
+    # _mark_comments, _subject_ids
+    commented: np.ndarray = field(init=False)
+    active: np.ndarray = field(init=False)
+    ids: np.ndarray = field(init=False)  # canonical ID text, None when missing
+    has_id: np.ndarray = field(init=False)
+    # _file_unit
+    dvunit_col: bool = field(init=False)
+    unit_text: np.ndarray = field(init=False)   # DVUNIT as given ('' if none)
+    unit_norm: np.ndarray = field(init=False)
+    file_units: list[str] = field(init=False)
+    unit: str | None = field(init=False)     # unit of DV and LLOQ as given
+    unit_source: str = field(init=False)
+    # _parse_items, _parse_covariates: numbers, "present and numeric", bad cells
+    num: dict[str, np.ndarray] = field(init=False)
+    given: dict[str, np.ndarray] = field(init=False)
+    bad_cells: set[tuple[int, str]] = field(init=False)
+    covariates: list[str] = field(init=False)
+    text_cols: list[str] = field(init=False)
+    # _event_types (time h, amt IU, dv and lloq in `unit` until converted)
+    time: np.ndarray = field(init=False)
+    amt: np.ndarray = field(init=False)
+    dv: np.ndarray = field(init=False)
+    dv_given: np.ndarray = field(init=False)
+    blq_col: np.ndarray = field(init=False)
+    lloq: np.ndarray = field(init=False)
+    evid: np.ndarray = field(init=False)
+    evid_given: np.ndarray = field(init=False)
+    mdv_in: np.ndarray = field(init=False)
+    mdv: np.ndarray = field(init=False)
+    dose: np.ndarray = field(init=False)      # usable dose record
+    obs_rec: np.ndarray = field(init=False)   # observation record (EVID 0)
+    obs: np.ndarray = field(init=False)       # observation to fit (MDV 0)
+    # _derive_blq, _infusion_durations, _occasions
+    blq: np.ndarray = field(init=False)
+    rate: np.ndarray = field(init=False)
+    dur: np.ndarray = field(init=False)       # effective infusion duration, h
+    occ: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.cols = list(self.raw.columns)
+        self.n = len(self.raw)
+        self.notes = [[] for _ in range(self.n)]
+
+    def issue(self, i, column, message, *, claim=False):
+        """An issue on record ``i`` (0-based), naming its row and subject."""
+        self.log.add(self.rows[i], self.ids[i], column, message, claim=claim)
+
+    def warn(self, i, column, message):
+        """A warning on record ``i`` (0-based), naming its row and subject."""
+        self.warned.append(Issue(int(self.rows[i]), self.ids[i], column, message))
+
+    def column(self, col, fill=np.nan):
+        """Numbers of ``col`` where given, else ``fill`` (also when absent)."""
+        if col not in self.num:
+            return np.full(self.n, fill)
+        return np.where(self.given[col], self.num[col], fill)
+
+    def given_or_false(self, col):
+        return self.given[col] if col in self.given else np.zeros(self.n, bool)
+
+
+def _check_required_columns(cols: list[str], name: str) -> None:
+    """ID, TIME and DV must be columns (NM-TRAN's $INPUT must list DV: without it no
+    level could be told from a missing one)."""
     absent = [c for c in ("ID", "TIME", "DV") if c not in cols]
     if absent:
         raise DataValidationError(
             [Issue(0, None, c, "required column is missing (columns present: "
                                f"{', '.join(cols) or 'none'})") for c in absent], name)
 
-    # Commented-out records, as NM-TRAN's IGNORE=#, IGNORE=@ and IGNORE=C would do.
-    first = _as_text(raw[cols[0]])
-    commented = np.array([f.startswith(("#", "@")) or f == "C" for f in first],
-                         dtype=bool)
-    active = ~commented
 
-    id_text = _as_text(raw["ID"])
-    ids = np.array([_canonical_id(t) if t else None for t in id_text], dtype=object)
-    for i in np.flatnonzero(active & (ids == None)):  # noqa: E711 - object array
-        log.add(rows[i], None, "ID", "missing subject ID; expected a string or "
-                                     "integer identifier", claim=True)
+def _mark_comments(rec: _Records) -> None:
+    """Commented-out records, as NM-TRAN's IGNORE=#, IGNORE=@ and IGNORE=C would do."""
+    first = _as_text(rec.raw[rec.cols[0]])
+    rec.commented = np.array([f.startswith(("#", "@")) or f == "C" for f in first],
+                             dtype=bool)
+    rec.active = ~rec.commented
 
-    has_id = ids != None  # noqa: E711 - object array
 
-    def rid(i):
-        return ids[i]
+def _subject_ids(rec: _Records) -> None:
+    """Canonical subject IDs ('1.0' is '1'); a missing ID is an issue."""
+    id_text = _as_text(rec.raw["ID"])
+    rec.ids = np.array([_canonical_id(t) if t else None for t in id_text],
+                       dtype=object)
+    for i in np.flatnonzero(rec.active & (rec.ids == None)):  # noqa: E711 - object
+        rec.log.add(rec.rows[i], None, "ID", "missing subject ID; expected a string "
+                                             "or integer identifier", claim=True)
+    rec.has_id = rec.ids != None  # noqa: E711 - object array
 
-    # ------------------------------------------------------------------ parsing
-    dvunit_col = "DVUNIT" in cols
-    unit_text = _as_text(raw["DVUNIT"]) if dvunit_col else np.full(n, "", object)
-    unit_norm = np.array([_UNITS.get(u.upper(), u) if u else "" for u in unit_text],
-                         dtype=object)
-    file_units = list(dict.fromkeys(u for u, a in zip(unit_norm, active, strict=True)
-                                    if a and u in _UNITS.values()))
-    unit = (file_units[0] if file_units else unit_arg) if dvunit_col else unit_arg
-    unit_source = "DVUNIT column" if dvunit_col and file_units else "dv_unit argument"
 
-    num: dict[str, np.ndarray] = {}
-    given: dict[str, np.ndarray] = {}      # value present and numeric
-    bad_cells: set[tuple[int, str]] = set()
+def _file_unit(rec: _Records) -> None:
+    """The unit of DV and LLOQ: the first known DVUNIT of an active record, else
+    ``dv_unit``."""
+    rec.dvunit_col = "DVUNIT" in rec.cols
+    rec.unit_text = (_as_text(rec.raw["DVUNIT"]) if rec.dvunit_col
+                     else np.full(rec.n, "", object))
+    rec.unit_norm = np.array([_UNITS.get(u.upper(), u) if u else ""
+                              for u in rec.unit_text], dtype=object)
+    rec.file_units = list(dict.fromkeys(
+        u for u, a in zip(rec.unit_norm, rec.active, strict=True)
+        if a and u in _UNITS.values()))
+    rec.unit = ((rec.file_units[0] if rec.file_units else rec.unit_arg)
+                if rec.dvunit_col else rec.unit_arg)
+    rec.unit_source = ("DVUNIT column" if rec.dvunit_col and rec.file_units
+                       else "dv_unit argument")
+
+
+def _bad_cell(rec: _Records, i: int, col: str) -> None:
+    """Record ``i``'s ``col`` is not a finite number."""
+    rec.bad_cells.add((i, col))
+    rec.issue(i, col, f"{_bad_number(rec.raw[col].iloc[i])}; "
+                      f"expected {_expected(col, rec.unit)}")
+
+
+def _parse_items(rec: _Records) -> None:
+    """Numbers of the NONMEM data items present; a non-numeric value is an issue."""
+    rec.num, rec.given, rec.bad_cells = {}, {}, set()
     for col in _NUMERIC_ITEMS:
-        if col not in cols:
+        if col not in rec.cols:
             continue
-        vals, missing, bad = _parse_numeric(raw[col])
-        num[col], given[col] = vals, ~missing & ~bad
-        for i in np.flatnonzero(bad & active):
-            bad_cells.add((i, col))
-            log.add(rows[i], rid(i), col, f"{_bad_number(raw[col].iloc[i])}; "
-                    f"expected {_expected(col, unit)}")
+        vals, missing, bad = _parse_numeric(rec.raw[col])
+        rec.num[col], rec.given[col] = vals, ~missing & ~bad
+        for i in np.flatnonzero(bad & rec.active):
+            _bad_cell(rec, i, col)
 
-    # Covariates: numeric non-reserved columns. A column that is mostly text is a
-    # text column (e.g. a comment), unless the schema or the caller says it is a
-    # covariate, in which case every non-numeric value is an issue.
-    required = tuple(str(c).strip().upper() for c in required_covariates)
-    covariates: list[str] = []
-    text_cols: list[str] = []
-    for col in cols:
+
+def _assay_codes(rec: _Records, col: str) -> np.ndarray:
+    """ASSAY coded 1 = one-stage (OSA), 0 = chromogenic (CSA); others are issues."""
+    codes = np.full(rec.n, np.nan)
+    for i, t in enumerate(_as_text(rec.raw[col])):
+        u = t.upper()
+        if u in ("OSA", "1", "1.0"):
+            codes[i] = 1.0
+        elif u in ("CSA", "0", "0.0"):
+            codes[i] = 0.0
+        elif t and rec.active[i]:
+            rec.bad_cells.add((i, col))
+            rec.issue(i, col, f"unknown assay {t!r}; expected 'OSA' (one-stage) or "
+                              "'CSA' (chromogenic), or 1/0")
+    return codes
+
+
+def _parse_covariates(rec: _Records) -> None:
+    """Covariates: numeric non-reserved columns.
+
+    A column that is mostly text is a text column (e.g. a comment), unless the
+    schema or the caller says it is a covariate, in which case every non-numeric
+    value is an issue.
+    """
+    rec.covariates, rec.text_cols = [], []
+    for col in rec.cols:
         if col in _RESERVED:
             continue
         if col == "ASSAY":
-            codes = np.full(n, np.nan)
-            for i, t in enumerate(_as_text(raw[col])):
-                u = t.upper()
-                if u in ("OSA", "1", "1.0"):
-                    codes[i] = 1.0
-                elif u in ("CSA", "0", "0.0"):
-                    codes[i] = 0.0
-                elif t and active[i]:
-                    bad_cells.add((i, col))
-                    log.add(rows[i], rid(i), col, f"unknown assay {t!r}; expected "
-                            "'OSA' (one-stage) or 'CSA' (chromogenic), or 1/0")
-            num[col], given[col] = codes, np.isfinite(codes)
-            covariates.append(col)
+            codes = _assay_codes(rec, col)
+            rec.num[col], rec.given[col] = codes, np.isfinite(codes)
+            rec.covariates.append(col)
             continue
-        vals, missing, bad = _parse_numeric(raw[col])
-        strict = col in required or col in _KNOWN_COVARIATES
-        if not strict and (bad & active).sum() >= (~missing & ~bad & active).sum() \
-                and (bad & active).any():
-            text_cols.append(col)
+        vals, missing, bad = _parse_numeric(rec.raw[col])
+        strict = col in rec.required or col in _KNOWN_COVARIATES
+        bad_active = bad & rec.active
+        if (not strict and bad_active.sum() >= (~missing & ~bad & rec.active).sum()
+                and bad_active.any()):
+            rec.text_cols.append(col)
             continue
-        for i in np.flatnonzero(bad & active):
-            bad_cells.add((i, col))
-            log.add(rows[i], rid(i), col, f"{_bad_number(raw[col].iloc[i])}; "
-                    f"expected {_expected(col, unit)}")
-        num[col], given[col] = vals, ~missing & ~bad
-        covariates.append(col)
+        for i in np.flatnonzero(bad_active):
+            _bad_cell(rec, i, col)
+        rec.num[col], rec.given[col] = vals, ~missing & ~bad
+        rec.covariates.append(col)
 
-    for col in required:
-        if col not in cols:
-            log.add(0, None, col, "required covariate column is missing (columns "
-                                  f"present: {', '.join(cols)})")
-        elif col in text_cols or col not in covariates:
-            log.add(0, None, col, "required covariate is not a numeric column")
 
-    # ------------------------------------------------------------- event types
-    time = num["TIME"]
-    amt = np.where(given.get("AMT", np.zeros(n, bool)), num.get("AMT", 0.0), 0.0)
-    dv = num["DV"].copy() if "DV" in num else np.full(n, np.nan)
-    dv_given = given["DV"] if "DV" in given else np.zeros(n, bool)
-    blq_col = (np.where(given["BLQ"], num["BLQ"], 0.0) == 1) if "BLQ" in num \
+def _check_required_covariate_columns(rec: _Records) -> None:
+    for col in rec.required:
+        if col not in rec.cols:
+            rec.log.add(0, None, col, "required covariate column is missing (columns "
+                                      f"present: {', '.join(rec.cols)})")
+        elif col in rec.text_cols or col not in rec.covariates:
+            rec.log.add(0, None, col, "required covariate is not a numeric column")
+
+
+def _event_types(rec: _Records) -> None:
+    """EVID and MDV as given, or derived as NONMEM does (Users Guide V).
+
+    Without EVID a record with AMT > 0 is a dose and an MDV 1 record without a dose
+    an "other" event (EVID 2); without MDV it is 1 for non-observation records and
+    for observations with neither DV nor BLQ.
+    """
+    n = rec.n
+    rec.time = rec.num["TIME"]
+    rec.amt = rec.column("AMT", 0.0)
+    rec.dv = rec.num["DV"].copy() if "DV" in rec.num else np.full(n, np.nan)
+    rec.dv_given = rec.given_or_false("DV")
+    rec.blq_col = (rec.column("BLQ", 0.0) == 1) if "BLQ" in rec.num \
         else np.zeros(n, bool)
-    lloq = np.where(given["LLOQ"], num["LLOQ"], np.nan) if "LLOQ" in num \
-        else np.full(n, np.nan)
-    notes: list[list[str]] = [[] for _ in range(n)]
-    warned: list[Issue] = []
+    rec.lloq = rec.column("LLOQ")
+    evid = np.where(rec.amt > 0, 1.0, 0.0)
+    rec.evid_given = rec.given_or_false("EVID")
+    rec.mdv_in = rec.column("MDV")
+    evid = np.where((evid == 0) & (rec.mdv_in == 1), 2.0, evid)
+    if "EVID" in rec.num:
+        has = rec.given["EVID"]
+        for i in np.flatnonzero(~has & rec.active):
+            if (i, "EVID") not in rec.bad_cells:
+                rec.notes[i].append(f"EVID missing; derived {int(evid[i])}")
+        evid = np.where(has, rec.num["EVID"], evid)
+    rec.evid = evid
+    mdv = np.where((evid != 0) | (~rec.dv_given & ~rec.blq_col), 1.0, 0.0)
+    rec.mdv = np.where(np.isfinite(rec.mdv_in), rec.mdv_in, mdv)
+    # Rows without an ID are reported already; they are neither doses nor levels.
+    rec.dose = rec.active & rec.has_id & (rec.evid == 1)
+    rec.obs_rec = rec.active & rec.has_id & (rec.evid == 0)
+    rec.obs = rec.obs_rec & (rec.mdv == 0)
 
-    evid = np.where(amt > 0, 1.0, 0.0)
-    evid_given = given["EVID"] if "EVID" in given else np.zeros(n, bool)
-    mdv_in = np.where(given["MDV"], num["MDV"], np.nan) if "MDV" in num \
-        else np.full(n, np.nan)
-    # Without EVID, NONMEM makes an MDV=1 record without a dose an "other" event.
-    evid = np.where((evid == 0) & (mdv_in == 1), 2.0, evid)
-    if "EVID" in num:
-        has = given["EVID"]
-        for i in np.flatnonzero(~has & active):
-            if (i, "EVID") not in bad_cells:
-                notes[i].append(f"EVID missing; derived {int(evid[i])}")
-        evid = np.where(has, num["EVID"], evid)
-    mdv = np.where((evid != 0) | (~dv_given & ~blq_col), 1.0, 0.0)
-    mdv = np.where(np.isfinite(mdv_in), mdv_in, mdv)
 
-    for i in np.flatnonzero(active):
-        e = evid[i]
+def _check_event_records(rec: _Records) -> None:
+    """EVID 3/4, doses without an amount, observations with one, MDV 0 on a dose,
+    ADDL and SS are refused."""
+    num, given, amt = rec.num, rec.given, rec.amt
+    for i in np.flatnonzero(rec.active):
+        e = rec.evid[i]
         if e in (3, 4):
-            log.add(rows[i], rid(i), "EVID", f"EVID {int(e)} (system reset"
-                    f"{' and dose' if e == 4 else ''}) is not supported; split the "
-                    "record history into occasions (OCC) instead", claim=True)
-        elif e == 1 and amt[i] <= 0 and (i, "AMT") not in bad_cells:
-            log.add(rows[i], rid(i), "AMT", "dose record (EVID 1) without an "
-                    "amount; expected AMT > 0 IU", claim=True)
+            rec.issue(i, "EVID", f"EVID {int(e)} (system reset"
+                      f"{' and dose' if e == 4 else ''}) is not supported; split the "
+                      "record history into occasions (OCC) instead", claim=True)
+        elif e == 1 and amt[i] <= 0 and (i, "AMT") not in rec.bad_cells:
+            rec.issue(i, "AMT", "dose record (EVID 1) without an amount; expected "
+                      "AMT > 0 IU", claim=True)
         elif e == 0 and amt[i] > 0:
-            log.add(rows[i], rid(i), "AMT", f"observation record (EVID 0) has AMT "
-                    f"{amt[i]:g}; expected 0 IU on an observation record")
-        elif e == 1 and mdv_in[i] == 0:
-            log.add(rows[i], rid(i), "MDV", "dose record (AMT > 0 or EVID 1) has "
-                    "MDV 0; expected MDV 1 (split a dose-and-sample record into a "
-                    "dose record and an observation record)")
+            rec.issue(i, "AMT", f"observation record (EVID 0) has AMT {amt[i]:g}; "
+                      "expected 0 IU on an observation record")
+        elif e == 1 and rec.mdv_in[i] == 0:
+            rec.issue(i, "MDV", "dose record (AMT > 0 or EVID 1) has MDV 0; expected "
+                      "MDV 1 (split a dose-and-sample record into a dose record and "
+                      "an observation record)")
         if "ADDL" in num and given["ADDL"][i] and num["ADDL"][i] > 0:
-            log.add(rows[i], rid(i), "ADDL", f"ADDL {num['ADDL'][i]:g} additional "
-                    "doses are not supported; expected 0 (write each dose as its own "
-                    "record)")
+            rec.issue(i, "ADDL", f"ADDL {num['ADDL'][i]:g} additional doses are not "
+                      "supported; expected 0 (write each dose as its own record)")
         if "SS" in num and given["SS"][i] and num["SS"][i] != 0:
-            log.add(rows[i], rid(i), "SS", "steady-state dosing (SS > 0) is not "
-                    "supported; expected 0 (give the dose history explicitly)",
-                    claim=True)
+            rec.issue(i, "SS", "steady-state dosing (SS > 0) is not supported; "
+                      "expected 0 (give the dose history explicitly)", claim=True)
 
-    # Rows without an ID are reported above; they are neither doses nor levels.
-    dose = active & has_id & (evid == 1)
-    obs_rec = active & has_id & (evid == 0)
-    obs = obs_rec & (mdv == 0)
 
-    # A level to fit (MDV 0) needs a value: NaN becomes a number only for BLQ rows
-    # (M3, with their LLOQ). NM-TRAN would read '.' as 0, a measured level of 0.
-    for i in np.flatnonzero(obs & ~dv_given & ~blq_col):
-        if (i, "DV") not in bad_cells:
-            log.add(rows[i], rid(i), "DV", "observation record (EVID 0, MDV 0) "
-                    "without a value; expected a level"
-                    f"{' in ' + unit if unit else ''}, or MDV 1 to leave the record "
-                    "out, or BLQ 1 with LLOQ for a level below the limit", claim=True)
+def _check_missing_levels(rec: _Records) -> None:
+    """A level to fit (MDV 0) needs a value: NaN becomes a number only for BLQ rows
+    (M3, with their LLOQ). NM-TRAN would read '.' as 0, a measured level of 0."""
+    unit = rec.unit
+    for i in np.flatnonzero(rec.obs & ~rec.dv_given & ~rec.blq_col):
+        if (i, "DV") not in rec.bad_cells:
+            rec.issue(i, "DV", "observation record (EVID 0, MDV 0) without a value; "
+                      f"expected a level{' in ' + unit if unit else ''}, or MDV 1 to "
+                      "leave the record out, or BLQ 1 with LLOQ for a level below the "
+                      "limit", claim=True)
 
-    # --------------------------------------------------------------------- units
-    if dvunit_col:
-        for i in np.flatnonzero(active):
-            u = unit_norm[i]
-            if u and u in _UNITS.values() and file_units and u != file_units[0]:
-                log.add(rows[i], rid(i), "DVUNIT", f"DVUNIT {u!r} differs from "
-                        f"{file_units[0]!r} used earlier in the file; expected one "
-                        "unit for the whole file")
-    if unit is not None:
-        quant = obs & dv_given & ~blq_col
-        pos = quant & (dv > 0)
-        unit_issue = False
-        for i in np.flatnonzero(obs & dv_given & (dv < 0)):
-            log.add(rows[i], rid(i), "DV", f"negative level {dv[i]:g} {unit}; expected "
-                    f"a factor activity >= 0 {unit} (log-transformed DV is not "
-                    "supported)", claim=True)
-        if pos.any():
-            k = np.flatnonzero(pos)[np.argmax(dv[pos])]
-            med = float(np.median(dv[pos]))
-            unit_issue = True
-            if unit == "IU/mL" and med > _IU_ML_MEDIAN_MAX:
-                log.add(rows[k], rid(k), "DV", f"levels look like IU/dL, not IU/mL "
-                        f"({unit_source}): median {med:g} and largest {dv[k]:g} IU/mL "
-                        f"(= {100 * dv[k]:g} IU/dL); expected IU/mL levels below "
-                        f"{_IU_ML_MEDIAN_MAX:g}")
-            elif (unit == "IU/dL" and pos.sum() >= 3
-                  and float(dv[k]) < _IU_DL_MAX_MIN):
-                log.add(rows[k], rid(k), "DV", f"levels look like IU/mL, not IU/dL "
-                        f"({unit_source}): all {int(pos.sum())} quantified levels are "
-                        f"below {_IU_DL_MAX_MIN:g} IU/dL (largest {dv[k]:g}); "
-                        "expected levels in IU/dL, or declare DVUNIT IU/mL")
-            else:
-                unit_issue = False
-        factor = 100.0 if unit == "IU/mL" else 1.0
-        if not unit_issue:
-            # Plausible range in IU/dL (after conversion); negatives reported above.
-            for i in np.flatnonzero(obs & dv_given & (dv >= 0)):
-                _plausible(log, warned, rows[i], rid(i), "DV", "factor_level",
-                           dv[i] * factor, f"DV {dv[i]:g} {unit}" if factor != 1.0
-                           else None)
-            # A level of exactly 0 is no measurement: the assay reports "< LLOQ".
-            for i in np.flatnonzero(quant & (dv == 0) & ~np.isfinite(lloq)):
-                log.add(rows[i], rid(i), "DV", f"level 0 {unit} without BLQ or LLOQ; "
-                        "expected BLQ 1 with the assay's LLOQ for a level below the "
-                        "limit of quantification, or the measured level", claim=True)
-        lo, hi = plausibility.limit("lloq_IU_dL").error
-        has_lloq = obs_rec & np.isfinite(lloq) & (lloq >= 0)
-        for i in np.flatnonzero(has_lloq):
-            q = lloq[i] * factor
-            if q > hi or q < lo:
-                hint = ("LLOQ seems to be in IU/dL while DV is in IU/mL" if q > hi
-                        else "an assay's LLOQ is positive" if q == 0
-                        else "LLOQ seems to be in IU/mL while DV is in IU/dL")
-                log.add(rows[i], rid(i), "LLOQ", f"LLOQ {lloq[i]:g} {unit} "
-                        f"(= {q:g} IU/dL) is implausible for a factor assay; expected "
-                        f"{lo:g} to {hi:g} IU/dL in the unit of DV ({hint})")
-        both = quant & has_lloq & (lloq > 0)
-        if both.sum() >= 3 and np.all(dv[both] < lloq[both]):
-            i = int(np.flatnonzero(both)[0])
-            log.add(rows[i], rid(i), "LLOQ", f"every one of {int(both.sum())} "
-                    "quantified levels is below its LLOQ; DV and LLOQ seem to be in "
-                    f"different units (expected both in {unit})")
-        if factor != 1.0:
-            dv = dv * factor
-            lloq = lloq * factor
-            for i in np.flatnonzero(obs_rec):
-                notes[i].append("DV/LLOQ converted from IU/mL to IU/dL (x100)")
 
-    # ------------------------------------------------------------------- BLQ
-    blq = blq_col.copy()
-    derived = obs & ~blq_col & dv_given & np.isfinite(lloq) & (dv < lloq)
+def _check_dvunit_mix(rec: _Records) -> None:
+    """One DVUNIT for the whole file."""
+    first = rec.file_units[0] if rec.file_units else None
+    for i in np.flatnonzero(rec.active):
+        u = rec.unit_norm[i]
+        if u and u in _UNITS.values() and first and u != first:
+            rec.issue(i, "DVUNIT", f"DVUNIT {u!r} differs from {first!r} used "
+                      "earlier in the file; expected one unit for the whole file")
+
+
+def _level_unit_suspicion(rec: _Records) -> bool:
+    """Levels implausible in the declared unit (IU/mL levels with a median above
+    5, or IU/dL levels all below 1.5): an issue on the largest level."""
+    unit, dv = rec.unit, rec.dv
+    pos = rec.obs & rec.dv_given & ~rec.blq_col & (dv > 0)
+    if not pos.any():
+        return False
+    k = np.flatnonzero(pos)[np.argmax(dv[pos])]
+    med = float(np.median(dv[pos]))
+    if unit == "IU/mL" and med > _IU_ML_MEDIAN_MAX:
+        rec.issue(k, "DV", f"levels look like IU/dL, not IU/mL ({rec.unit_source}): "
+                  f"median {med:g} and largest {dv[k]:g} IU/mL (= {100 * dv[k]:g} "
+                  f"IU/dL); expected IU/mL levels below {_IU_ML_MEDIAN_MAX:g}")
+        return True
+    if unit == "IU/dL" and pos.sum() >= 3 and float(dv[k]) < _IU_DL_MAX_MIN:
+        rec.issue(k, "DV", f"levels look like IU/mL, not IU/dL ({rec.unit_source}): "
+                  f"all {int(pos.sum())} quantified levels are below "
+                  f"{_IU_DL_MAX_MIN:g} IU/dL (largest {dv[k]:g}); expected levels "
+                  "in IU/dL, or declare DVUNIT IU/mL")
+        return True
+    return False
+
+
+def _check_levels(rec: _Records) -> None:
+    """Factor activity levels: not negative, plausible in their unit and in IU/dL,
+    and a level of 0 only with BLQ or LLOQ."""
+    unit, dv = rec.unit, rec.dv
+    quant = rec.obs & rec.dv_given & ~rec.blq_col
+    for i in np.flatnonzero(rec.obs & rec.dv_given & (dv < 0)):
+        rec.issue(i, "DV", f"negative level {dv[i]:g} {unit}; expected a factor "
+                  f"activity >= 0 {unit} (log-transformed DV is not supported)",
+                  claim=True)
+    if _level_unit_suspicion(rec):
+        return
+    factor = 100.0 if unit == "IU/mL" else 1.0
+    # Plausible range in IU/dL (after conversion); negatives reported above.
+    for i in np.flatnonzero(rec.obs & rec.dv_given & (dv >= 0)):
+        _plausible(rec.log, rec.warned, rec.rows[i], rec.ids[i], "DV", "factor_level",
+                   dv[i] * factor, f"DV {dv[i]:g} {unit}" if factor != 1.0 else None)
+    # A level of exactly 0 is no measurement: the assay reports "< LLOQ".
+    for i in np.flatnonzero(quant & (dv == 0) & ~np.isfinite(rec.lloq)):
+        rec.issue(i, "DV", f"level 0 {unit} without BLQ or LLOQ; expected BLQ 1 with "
+                  "the assay's LLOQ for a level below the limit of quantification, "
+                  "or the measured level", claim=True)
+
+
+def _check_lloq(rec: _Records) -> None:
+    """LLOQ in the plausible range of a factor assay (in IU/dL), and not above
+    every quantified level (DV and LLOQ in different units)."""
+    unit, dv, lloq = rec.unit, rec.dv, rec.lloq
+    factor = 100.0 if unit == "IU/mL" else 1.0
+    lo, hi = plausibility.limit("lloq_IU_dL").error
+    has_lloq = rec.obs_rec & np.isfinite(lloq) & (lloq >= 0)
+    for i in np.flatnonzero(has_lloq):
+        q = lloq[i] * factor
+        if q > hi or q < lo:
+            hint = ("LLOQ seems to be in IU/dL while DV is in IU/mL" if q > hi
+                    else "an assay's LLOQ is positive" if q == 0
+                    else "LLOQ seems to be in IU/mL while DV is in IU/dL")
+            rec.issue(i, "LLOQ", f"LLOQ {lloq[i]:g} {unit} (= {q:g} IU/dL) is "
+                      "implausible for a factor assay; expected "
+                      f"{lo:g} to {hi:g} IU/dL in the unit of DV ({hint})")
+    both = rec.obs & rec.dv_given & ~rec.blq_col & has_lloq & (lloq > 0)
+    if both.sum() >= 3 and np.all(dv[both] < lloq[both]):
+        i = int(np.flatnonzero(both)[0])
+        rec.issue(i, "LLOQ", f"every one of {int(both.sum())} quantified levels is "
+                  "below its LLOQ; DV and LLOQ seem to be in different units "
+                  f"(expected both in {unit})")
+
+
+def _convert_to_iu_dl(rec: _Records) -> None:
+    """IU/mL levels and LLOQs to IU/dL (x100), noted on each observation record."""
+    if rec.unit != "IU/mL":
+        return
+    rec.dv = rec.dv * 100.0
+    rec.lloq = rec.lloq * 100.0
+    for i in np.flatnonzero(rec.obs_rec):
+        rec.notes[i].append("DV/LLOQ converted from IU/mL to IU/dL (x100)")
+
+
+def _derive_blq(rec: _Records) -> None:
+    """BLQ from the column or DV < LLOQ; a BLQ record needs a LLOQ (its DV is taken
+    as the LLOQ when it can be one)."""
+    dv, lloq, dv_given, blq_col = rec.dv, rec.lloq, rec.dv_given, rec.blq_col
+    unit = rec.unit
+    derived = rec.obs & ~blq_col & dv_given & np.isfinite(lloq) & (dv < lloq)
     for i in np.flatnonzero(derived):
-        was = " (BLQ was 0)" if "BLQ" in num and given["BLQ"][i] else ""
-        notes[i].append(f"BLQ derived: DV {dv[i]:g} < LLOQ {lloq[i]:g}{was}")
+        was = " (BLQ was 0)" if "BLQ" in rec.num and rec.given["BLQ"][i] else ""
+        rec.notes[i].append(f"BLQ derived: DV {dv[i]:g} < LLOQ {lloq[i]:g}{was}")
         if was:  # the file said "quantified": a contradiction worth saying
-            warned.append(Issue(int(rows[i]), rid(i), "BLQ", f"DV {dv[i]:g} is "
-                                f"below LLOQ {lloq[i]:g} but BLQ is 0; fitted as "
-                                "BLQ (M3): mark it BLQ 1, or correct DV or LLOQ"))
-    blq |= derived
+            rec.warn(i, "BLQ", f"DV {dv[i]:g} is below LLOQ {lloq[i]:g} but BLQ is "
+                     "0; fitted as BLQ (M3): mark it BLQ 1, or correct DV or LLOQ")
+    rec.blq = blq_col | derived
     lo_q, hi_q = plausibility.limit("lloq_IU_dL").error
-    for i in np.flatnonzero(obs & blq_col):
+    for i in np.flatnonzero(rec.obs & blq_col):
         if np.isfinite(lloq[i]) and lloq[i] > 0:
             if dv_given[i] and dv[i] > lloq[i]:
-                log.add(rows[i], rid(i), "BLQ", f"BLQ 1 but DV {dv[i]:g} is above "
-                        f"LLOQ {lloq[i]:g}; expected DV <= LLOQ (or missing) on a "
-                        "BLQ record")
-        elif dv_given[i] and dv[i] > 0 and unit and not (
-                lo_q <= dv[i] <= hi_q):
+                rec.issue(i, "BLQ", f"BLQ 1 but DV {dv[i]:g} is above LLOQ "
+                          f"{lloq[i]:g}; expected DV <= LLOQ (or missing) on a BLQ "
+                          "record")
+        elif dv_given[i] and dv[i] > 0 and unit and not (lo_q <= dv[i] <= hi_q):
             # DV cannot be the assay's LLOQ (dv is in IU/dL here)
-            log.add(rows[i], rid(i), "LLOQ", f"BLQ 1 without a LLOQ, and DV "
-                    f"{dv[i]:g} IU/dL is no assay's LLOQ ({lo_q:g} to {hi_q:g} "
-                    "IU/dL); expected LLOQ, or BLQ 0 for a quantified level")
+            rec.issue(i, "LLOQ", f"BLQ 1 without a LLOQ, and DV {dv[i]:g} IU/dL is "
+                      f"no assay's LLOQ ({lo_q:g} to {hi_q:g} IU/dL); expected LLOQ, "
+                      "or BLQ 0 for a quantified level")
         elif dv_given[i] and dv[i] > 0:
             lloq[i] = dv[i]
-            notes[i].append("LLOQ missing on a BLQ record; DV used as LLOQ")
-            warned.append(Issue(int(rows[i]), rid(i), "LLOQ", "missing on a BLQ "
-                                f"record; DV {dv[i]:g} taken as the LLOQ (the "
-                                "convention of writing the LLOQ in DV): give LLOQ "
-                                "if that is not what DV holds"))
+            rec.notes[i].append("LLOQ missing on a BLQ record; DV used as LLOQ")
+            rec.warn(i, "LLOQ", f"missing on a BLQ record; DV {dv[i]:g} taken as the "
+                     "LLOQ (the convention of writing the LLOQ in DV): give LLOQ if "
+                     "that is not what DV holds")
         else:
-            log.add(rows[i], rid(i), "LLOQ", "BLQ record without a LLOQ and without "
-                    f"a positive DV; expected LLOQ{' in ' + unit if unit else ''} > 0")
+            rec.issue(i, "LLOQ", "BLQ record without a LLOQ and without a positive "
+                      f"DV; expected LLOQ{' in ' + unit if unit else ''} > 0")
 
-    # --------------------------------------------------------- infusion duration
-    rate = np.where(given["RATE"], num["RATE"], np.nan) if "RATE" in num \
-        else np.full(n, np.nan)
-    dur_in = np.where(given["DUR"], num["DUR"], np.nan) if "DUR" in num \
-        else np.full(n, np.nan)
-    dur = np.zeros(n)
-    for i in np.flatnonzero(dose):
-        r, d = rate[i], dur_in[i]
+
+def _infusion_durations(rec: _Records) -> None:
+    """Infusion duration (h) of each dose: DUR with RATE -2, AMT/RATE with RATE > 0
+    (checked against DUR when both are given), else DUR, else 0 (bolus)."""
+    rec.rate = rec.column("RATE")
+    dur_in = rec.column("DUR")
+    rec.dur = np.zeros(rec.n)
+    for i in np.flatnonzero(rec.dose):
+        r, d = rec.rate[i], dur_in[i]
         if r == -2:
             if np.isfinite(d) and d > 0:
-                dur[i] = d
+                rec.dur[i] = d
             # (the schema reports RATE=-2 without DUR > 0)
         elif np.isfinite(r) and r > 0:
-            dur[i] = amt[i] / r
+            rec.dur[i] = rec.amt[i] / r
             if np.isfinite(d) and d > 0 and not np.isclose(
-                    dur[i], d, rtol=_RATE_DUR_RTOL, atol=_RATE_DUR_ATOL):
-                log.add(rows[i], rid(i), "DUR", f"RATE {r:g} IU/h and DUR {d:g} h "
-                        f"disagree: AMT/RATE = {dur[i]:.4g} h; expected DUR = AMT/RATE "
-                        "(or give only one of them)")
+                    rec.dur[i], d, rtol=_RATE_DUR_RTOL, atol=_RATE_DUR_ATOL):
+                rec.issue(i, "DUR", f"RATE {r:g} IU/h and DUR {d:g} h disagree: "
+                          f"AMT/RATE = {rec.dur[i]:.4g} h; expected DUR = AMT/RATE "
+                          "(or give only one of them)")
         elif np.isfinite(d) and d > 0:
-            dur[i] = d
-            notes[i].append(f"infusion over DUR {d:g} h")
+            rec.dur[i] = d
+            rec.notes[i].append(f"infusion over DUR {d:g} h")
 
-    # ------------------------------------------------------ plausibility limits
-    # Row values against data_schemas/plausibility.json. The schema holds the same
-    # bounds; these messages state the range and replace the schema's.
+
+def _check_plausibility(rec: _Records) -> None:
+    """Row values against the plausibility limits (``PLAUSIBILITY``; AMT in
+    :func:`_check_amounts`), and the infusion duration AMT/RATE. The schema holds
+    the same bounds; these messages state the range and replace the schema's."""
     for col, lim in PLAUSIBILITY.items():
-        if col not in num or col == "AMT":
+        if col not in rec.num or col == "AMT":
             continue
-        for i in np.flatnonzero(active & given[col]):
-            _plausible(log, warned, rows[i], rid(i), col, lim, num[col][i])
-    for i in np.flatnonzero(dose & ~given.get("DUR", np.zeros(n, bool))
+        for i in np.flatnonzero(rec.active & rec.given[col]):
+            _plausible(rec.log, rec.warned, rec.rows[i], rec.ids[i], col, lim,
+                       rec.num[col][i])
+    rate = rec.rate
+    for i in np.flatnonzero(rec.dose & ~rec.given_or_false("DUR")
                             & np.isfinite(rate) & (rate > 0)):
-        _plausible(log, warned, rows[i], rid(i), "RATE", "infusion_duration_h",
-                   dur[i], f"AMT/RATE = {amt[i]:g} IU / {rate[i]:g} IU/h")
-    if "AMT" in num:
-        # Per kg where the subject's weight is known and plausible, else in IU.
-        wt = num["WT"] if "WT" in num else np.full(n, np.nan)
-        w_lo, w_hi = plausibility.limit("weight_kg").error
-        ok_wt = np.isfinite(wt) & (wt >= w_lo) & (wt <= w_hi)
-        first_wt: dict[str, float] = {}
-        for i in np.flatnonzero(active & has_id & ok_wt):
-            first_wt.setdefault(ids[i], float(wt[i]))
-        for i in np.flatnonzero(active & given["AMT"]):
-            w = wt[i] if ok_wt[i] else first_wt.get(ids[i], np.nan)
-            if dose[i] and np.isfinite(w):
-                before = len(log.issues)
-                _plausible(log, warned, rows[i], rid(i), "AMT", "dose_per_kg",
-                           amt[i] / w, f"AMT {amt[i]:g} IU for WT {w:g} kg")
-                if len(log.issues) > before:
-                    continue
-            _plausible(log, warned, rows[i], rid(i), "AMT", "dose_IU", num["AMT"][i])
+        _plausible(rec.log, rec.warned, rec.rows[i], rec.ids[i], "RATE",
+                   "infusion_duration_h", rec.dur[i],
+                   f"AMT/RATE = {rec.amt[i]:g} IU / {rate[i]:g} IU/h")
 
-    # --------------------------------------------------------------- occasions
-    if "OCC" in num:
-        occ = num["OCC"].copy()
-        for i in np.flatnonzero((dose | obs) & ~given["OCC"]):
-            if (i, "OCC") not in bad_cells:
-                log.add(rows[i], rid(i), "OCC", "missing occasion; expected an "
-                                                "integer occasion >= 1")
-        occ = np.where(np.isfinite(occ), occ, 1.0)
-    else:
-        occ = np.ones(n)
 
-    # ------------------------------------------------------- times and duplicates
+def _check_amounts(rec: _Records) -> None:
+    """AMT per kg where the subject's weight is known and plausible (the row's WT,
+    else the subject's first plausible WT), else in IU."""
+    if "AMT" not in rec.num:
+        return
+    amt, ids = rec.amt, rec.ids
+    wt = rec.num["WT"] if "WT" in rec.num else np.full(rec.n, np.nan)
+    w_lo, w_hi = plausibility.limit("weight_kg").error
+    ok_wt = np.isfinite(wt) & (wt >= w_lo) & (wt <= w_hi)
+    first_wt: dict[str, float] = {}
+    for i in np.flatnonzero(rec.active & rec.has_id & ok_wt):
+        first_wt.setdefault(ids[i], float(wt[i]))
+    for i in np.flatnonzero(rec.active & rec.given["AMT"]):
+        w = wt[i] if ok_wt[i] else first_wt.get(ids[i], np.nan)
+        if rec.dose[i] and np.isfinite(w):
+            before = len(rec.log.issues)
+            _plausible(rec.log, rec.warned, rec.rows[i], ids[i], "AMT", "dose_per_kg",
+                       amt[i] / w, f"AMT {amt[i]:g} IU for WT {w:g} kg")
+            if len(rec.log.issues) > before:
+                continue
+        _plausible(rec.log, rec.warned, rec.rows[i], ids[i], "AMT", "dose_IU",
+                   rec.num["AMT"][i])
+
+
+def _occasions(rec: _Records) -> None:
+    """OCC as given (a dose or level without one is an issue), else 1."""
+    if "OCC" not in rec.num:
+        rec.occ = np.ones(rec.n)
+        return
+    occ = rec.num["OCC"].copy()
+    for i in np.flatnonzero((rec.dose | rec.obs) & ~rec.given["OCC"]):
+        if (i, "OCC") not in rec.bad_cells:
+            rec.issue(i, "OCC", "missing occasion; expected an integer occasion >= 1")
+    rec.occ = np.where(np.isfinite(occ), occ, 1.0)
+
+
+def _check_time_order(rec: _Records) -> None:
+    """Times must not decrease within a subject (in file order)."""
+    time, ids = rec.time, rec.ids
     last_time: dict[str, tuple[float, int]] = {}
-    for i in np.flatnonzero(active):
+    for i in np.flatnonzero(rec.active):
         if ids[i] is None or not np.isfinite(time[i]):
             continue
         prev = last_time.get(ids[i])
         if prev is not None and time[i] < prev[0]:
-            log.add(rows[i], rid(i), "TIME", f"TIME {time[i]:g} h is earlier than TIME "
-                    f"{prev[0]:g} h on row {prev[1]} of the same subject; expected "
-                    "non-decreasing times within a subject")
+            rec.issue(i, "TIME", f"TIME {time[i]:g} h is earlier than TIME "
+                      f"{prev[0]:g} h on row {prev[1]} of the same subject; expected "
+                      "non-decreasing times within a subject")
         if prev is None or time[i] >= prev[0]:
-            last_time[ids[i]] = (float(time[i]), int(rows[i]))
+            last_time[ids[i]] = (float(time[i]), int(rec.rows[i]))
 
+
+def _check_duplicates(rec: _Records) -> None:
+    """No two records with the same ID, TIME, EVID, AMT and DV."""
     seen: dict[tuple, int] = {}
-    for i in np.flatnonzero(active):
-        key = (ids[i], _key(time[i]), _key(evid[i]), _key(amt[i]),
-               _key(dv[i] if dv_given[i] else np.nan))
+    for i in np.flatnonzero(rec.active):
+        key = (rec.ids[i], _key(rec.time[i]), _key(rec.evid[i]), _key(rec.amt[i]),
+               _key(rec.dv[i] if rec.dv_given[i] else np.nan))
         if key in seen:
-            log.add(rows[i], rid(i), "TIME", f"exact duplicate of row {seen[key]} "
-                    "(same ID, TIME, EVID, AMT and DV); expected each record once")
+            rec.issue(i, "TIME", f"exact duplicate of row {seen[key]} (same ID, TIME, "
+                      "EVID, AMT and DV); expected each record once")
         else:
-            seen[key] = int(rows[i])
+            seen[key] = int(rec.rows[i])
 
-    # ----------------------------------------------------- sort, dose precedence
-    sort_id = _id_sort_key(ids)
-    order = np.lexsort((rows, np.where(np.isfinite(time), time, np.inf), sort_id))
-    order = order[active[order]]
+
+def _file_order(rec: _Records) -> np.ndarray:
+    """Active records sorted by ID, then TIME, then file row (stable)."""
+    order = np.lexsort((rec.rows, np.where(np.isfinite(rec.time), rec.time, np.inf),
+                        _id_sort_key(rec.ids)))
+    return order[rec.active[order]]
+
+
+def _check_dose_precedence(rec: _Records, order: np.ndarray) -> None:
+    """Each level must follow a dose of its subject, and not be listed before a bolus
+    given at the same time (a pre-dose sample)."""
+    ids, time = rec.ids, rec.time
     doses_seen: dict[str, int] = {}
     bolus_at: dict[tuple[str, float], list[int]] = {}
-    for i in np.flatnonzero(dose):
-        if dur[i] == 0 and ids[i] is not None:
-            bolus_at.setdefault((ids[i], float(time[i])), []).append(int(rows[i]))
+    for i in np.flatnonzero(rec.dose):
+        if rec.dur[i] == 0 and ids[i] is not None:
+            bolus_at.setdefault((ids[i], float(time[i])), []).append(int(rec.rows[i]))
     for i in order:
         if ids[i] is None:
             continue
-        if dose[i]:
+        if rec.dose[i]:
             doses_seen[ids[i]] = doses_seen.get(ids[i], 0) + 1
-        elif obs[i] and time[i] >= 0:     # negative times are reported already
+        elif rec.obs[i] and time[i] >= 0:     # negative times are reported already
             t = time[i]
             if doses_seen.get(ids[i], 0) == 0:
-                log.add(rows[i], rid(i), "TIME", f"observation at TIME {t:g} h "
-                        "comes before any dose of this subject (a pre-dose or "
-                        "baseline level); expected a dose record earlier. NONMEM "
-                        "would predict 0 here: remove the row, set MDV 1, or "
-                        "subtract the baseline")
-            elif any(r > rows[i] for r in bolus_at.get((ids[i], float(t)), [])):
-                log.add(rows[i], rid(i), "TIME", f"observation at TIME {t:g} h is "
-                        "listed before a bolus dose at the same TIME (a pre-dose "
-                        "sample), but levels are computed after all doses given at "
-                        "or before the sampling time; expected the real, earlier "
-                        "sampling time")
+                rec.issue(i, "TIME", f"observation at TIME {t:g} h comes before any "
+                          "dose of this subject (a pre-dose or baseline level); "
+                          "expected a dose record earlier. NONMEM would predict 0 "
+                          "here: remove the row, set MDV 1, or subtract the baseline")
+            elif any(r > rec.rows[i] for r in bolus_at.get((ids[i], float(t)), [])):
+                rec.issue(i, "TIME", f"observation at TIME {t:g} h is listed before a "
+                          "bolus dose at the same TIME (a pre-dose sample), but levels "
+                          "are computed after all doses given at or before the "
+                          "sampling time; expected the real, earlier sampling time")
 
-    # -------------------------------------------------------------- exclusions
+
+def _exclusions(rec: _Records) -> tuple[list[Exclusion], np.ndarray]:
+    """Rows left out with the reason, and the mask of records kept."""
+    ids, rows = rec.ids, rec.rows
     exclusions: list[Exclusion] = []
-    for i in np.flatnonzero(commented):
+    for i in np.flatnonzero(rec.commented):
         exclusions.append(Exclusion(int(rows[i]), ids[i] or "", "commented-out "
                                     "record (first field starts with '#'/'@' or is "
                                     "'C'; NONMEM IGNORE)"))
-    for i in np.flatnonzero(active & (evid == 2)):
-        why = ("EVID 2 (other-type event)" if evid_given[i]
+    for i in np.flatnonzero(rec.active & (rec.evid == 2)):
+        why = ("EVID 2 (other-type event)" if rec.evid_given[i]
                else "MDV 1 record without a dose (NONMEM EVID 2, other-type event)")
         exclusions.append(Exclusion(int(rows[i]), ids[i] or "", why + ": no dose or "
                                     "observation to use"))
-    for i in np.flatnonzero(obs_rec & (mdv == 1)):
-        why = ("observation record with MDV 1" if mdv_in[i] == 1
+    for i in np.flatnonzero(rec.obs_rec & (rec.mdv == 1)):
+        why = ("observation record with MDV 1" if rec.mdv_in[i] == 1
                else "observation record without DV (missing value)")
         exclusions.append(Exclusion(int(rows[i]), ids[i] or "", why + ": not used in "
                                     "the fit"))
-    subj_obs = {ids[i] for i in np.flatnonzero(obs)}
-    dropped_subject = dose & np.array([x not in subj_obs for x in ids], dtype=bool)
+    subj_obs = {ids[i] for i in np.flatnonzero(rec.obs)}
+    dropped_subject = rec.dose & np.array([x not in subj_obs for x in ids], dtype=bool)
     for i in np.flatnonzero(dropped_subject):
         exclusions.append(Exclusion(int(rows[i]), ids[i] or "", "subject has doses "
                                     "but no usable observation: subject excluded"))
-    keep = (dose & ~dropped_subject) | obs
+    return exclusions, (rec.dose & ~dropped_subject) | rec.obs
 
-    # --------------------------------------------------------------- covariates
+
+def _check_subject_covariates(rec: _Records, order: np.ndarray,
+                              keep: np.ndarray) -> None:
+    """A required covariate needs a value for each kept subject; a covariate that
+    varies within a subject is noted (the first value is used, as in to_cohort)."""
+    ids, rows = rec.ids, rec.rows
     subj_rows: dict[str, list[int]] = {}
     for i in order:
         if ids[i] is not None:
             subj_rows.setdefault(ids[i], []).append(int(i))
-    kept_subjects = [s for s in dict.fromkeys(ids[i] for i in order if keep[i])]
+    kept_subjects = list(dict.fromkeys(ids[i] for i in order if keep[i]))
     for s in kept_subjects:
         # Only the rows that reach the cohort count, as in to_cohort.
         idx = [j for j in subj_rows[s] if keep[j]]
-        for col in covariates:
-            vals = num[col][idx]
+        for col in rec.covariates:
+            vals = rec.num[col][idx]
             ok = np.isfinite(vals)
             if not ok.any():
-                if col in required:
+                if col in rec.required:
                     listed = ", ".join(str(rows[j]) for j in idx[:12])
                     listed = ("rows " if len(idx) > 1 else "row ") + listed
                     listed += ", ..." if len(idx) > 12 else ""
-                    log.add(rows[idx[0]], s, col, f"required covariate {col} has no "
-                            f"value for this subject ({listed}); expected "
-                            f"{_expected(col, unit)}")
+                    rec.log.add(rows[idx[0]], s, col, f"required covariate {col} has "
+                                f"no value for this subject ({listed}); expected "
+                                f"{_expected(col, rec.unit)}")
                 continue
             uniq = np.unique(vals[ok])
             if len(uniq) > 1:
-                notes[idx[0]].append(f"{col} varies within subject ({uniq.min():g} to "
-                                     f"{uniq.max():g}); first value used")
+                rec.notes[idx[0]].append(f"{col} varies within subject "
+                                         f"({uniq.min():g} to {uniq.max():g}); first "
+                                         "value used")
 
-    # ------------------------------------------------------------ schema, per row
-    text_for_schema = {c: _as_text(raw[c]) for c in ("DVUNIT",) if c in cols}
-    for i in np.flatnonzero(active):
-        rec: dict = {}
-        if ids[i] is not None:
-            rec["ID"] = int(ids[i]) if ids[i].lstrip("-").isdigit() else ids[i]
-        for col, vals in num.items():
-            if (i, col) in bad_cells:
-                continue
-            if given[col][i]:
-                rec[col] = _native(vals[i])
-            elif col == "AMT":
-                rec[col] = 0.0      # NONMEM reads a missing AMT ('.') as 0
-        for col, vals in text_for_schema.items():
-            if vals[i]:
-                rec[col] = unit_norm[i] if col == "DVUNIT" else vals[i]
-        if "TIME" not in rec and (i, "TIME") not in bad_cells:
+
+def _schema_record(rec: _Records, i: int) -> dict:
+    """Record ``i`` as a JSON instance of ``pk_dataset.schema.json``."""
+    out: dict = {}
+    if rec.ids[i] is not None:
+        out["ID"] = int(rec.ids[i]) if rec.ids[i].lstrip("-").isdigit() else rec.ids[i]
+    for col, vals in rec.num.items():
+        if (i, col) in rec.bad_cells:
+            continue
+        if rec.given[col][i]:
+            out[col] = _native(vals[i])
+        elif col == "AMT":
+            out[col] = 0.0      # NONMEM reads a missing AMT ('.') as 0
+    if rec.unit_text[i]:
+        out["DVUNIT"] = rec.unit_norm[i]
+    return out
+
+
+def _check_schema(rec: _Records) -> None:
+    """Each active record against the JSON Schema (issues the specific checks
+    claimed are left out)."""
+    for i in np.flatnonzero(rec.active):
+        instance = _schema_record(rec, i)
+        if "TIME" not in instance and (i, "TIME") not in rec.bad_cells:
             # Say "missing TIME" rather than the schema's generic message.
-            log.add(rows[i], rid(i), "TIME", "missing time; expected a number in h "
-                                             "(>= 0)", claim=True)
-        _schema_issues(rec, int(rows[i]), rid(i), log)
+            rec.issue(i, "TIME", "missing time; expected a number in h (>= 0)",
+                      claim=True)
+        _schema_issues(instance, int(rec.rows[i]), rec.ids[i], rec.log)
 
-    if log.issues:
-        raise DataValidationError(log.issues, name)
 
-    # ------------------------------------------------------------------- events
-    sel = order[keep[order]]
+def _events_table(rec: _Records, sel: np.ndarray) -> pd.DataFrame:
+    """The event rows ``sel`` (in order) as :attr:`PKData.events`."""
+    obs = rec.obs[sel]
     data = {
-        "ROW": rows[sel].astype(int),
-        "ID": pd.Series(ids[sel], dtype=object),
-        "TIME": time[sel],
-        "EVID": evid[sel].astype(int),
-        "MDV": mdv[sel].astype(int),
-        "AMT": amt[sel],
-        "RATE": rate[sel],
-        "DUR": dur[sel],
-        "DV": np.where(obs[sel], dv[sel], np.nan),
-        "BLQ": (blq[sel] & obs[sel]).astype(int),
-        "LLOQ": np.where(obs[sel], lloq[sel], np.nan),
-        "OCC": occ[sel].astype(int),
-        "DVUNIT": pd.Series(["IU/dL" if unit else None] * len(sel), dtype=object),
+        "ROW": rec.rows[sel].astype(int),
+        "ID": pd.Series(rec.ids[sel], dtype=object),
+        "TIME": rec.time[sel],
+        "EVID": rec.evid[sel].astype(int),
+        "MDV": rec.mdv[sel].astype(int),
+        "AMT": rec.amt[sel],
+        "RATE": rec.rate[sel],
+        "DUR": rec.dur[sel],
+        "DV": np.where(obs, rec.dv[sel], np.nan),
+        "BLQ": (rec.blq[sel] & obs).astype(int),
+        "LLOQ": np.where(obs, rec.lloq[sel], np.nan),
+        "OCC": rec.occ[sel].astype(int),
+        "DVUNIT": pd.Series(["IU/dL" if rec.unit else None] * len(sel), dtype=object),
     }
-    if "CMT" in num:
-        data["CMT"] = num["CMT"][sel]
+    if "CMT" in rec.num:
+        data["CMT"] = rec.num["CMT"][sel]
     events = pd.DataFrame(data)
-    for col in covariates:
-        events[col] = num[col][sel]
-    for col in text_cols:
-        events[col] = pd.Series(_as_text(raw[col])[sel], dtype=object)
-    events["NOTE"] = pd.Series(["; ".join(notes[i]) for i in sel], dtype=object)
-    # A required covariate missing on some of a subject's records: the subject's
-    # first value is used (covariates are constant in time, to_cohort); say so.
-    for col in required:
-        gap = ~given[col][sel] if col in given else np.zeros(0, bool)
+    for col in rec.covariates:
+        events[col] = rec.num[col][sel]
+    for col in rec.text_cols:
+        events[col] = pd.Series(_as_text(rec.raw[col])[sel], dtype=object)
+    events["NOTE"] = pd.Series(["; ".join(rec.notes[i]) for i in sel], dtype=object)
+    return events
+
+
+def _warn_covariate_gaps(rec: _Records, sel: np.ndarray) -> None:
+    """A required covariate missing on some of a subject's records: the subject's
+    first value is used (covariates are constant in time, to_cohort); say so."""
+    for col in rec.required:
+        gap = ~rec.given[col][sel] if col in rec.given else np.zeros(0, bool)
         if gap.any():
-            where = ", ".join(str(int(r)) for r in rows[sel][gap][:5])
+            where = ", ".join(str(int(r)) for r in rec.rows[sel][gap][:5])
             more = " ..." if gap.sum() > 5 else ""
-            warned.append(Issue(0, None, col, f"missing on {int(gap.sum())} "
-                                f"record(s) (rows {where}{more}); each subject's "
-                                "first non-missing value is used (covariates are "
-                                "constant in time)"))
-    exclusions.sort(key=lambda e: e.row)
-    warned.sort(key=lambda w: (w.row, w.column or ""))
-    return PKData(events.reset_index(drop=True), exclusions, tuple(covariates),
-                  tuple(warned))
+            rec.warned.append(Issue(0, None, col, f"missing on {int(gap.sum())} "
+                                    f"record(s) (rows {where}{more}); each subject's "
+                                    "first non-missing value is used (covariates are "
+                                    "constant in time)"))
 
 
 def _key(x: float):
