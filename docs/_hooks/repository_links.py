@@ -9,7 +9,10 @@ links, which GitHub follows. For the site, this hook
 - turns a link to any other existing repository file into a link to it on the
   repository host (``repo_url``), or into its plain text when no ``repo_url``
   is configured;
-- reports a link whose target does not exist, which fails ``--strict``.
+- reports a link whose target does not exist, which fails ``--strict``;
+- expands ``<!-- api: submodules of PACKAGE -->`` in an API page into one
+  mkdocstrings block per public module of PACKAGE, found at build time, so the
+  reference follows the package as modules are added, split or renamed.
 
 MkDocs hooks: https://www.mkdocs.org/user-guide/configuration/#hooks
 """
@@ -82,5 +85,33 @@ def _rewrite(markdown: str, page, config) -> str:
     return "".join(out)
 
 
+API_MARKER = re.compile(r"^<!-- api: submodules of ([\w.]+) -->$", re.M)
+
+
+def _submodules(root: Path, package: str) -> list[str]:
+    base = root.joinpath(*package.split("."))
+    names = []
+    for path in sorted(base.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        inner = parts[len(package.split(".")) :]
+        if inner and not any(p.startswith("_") for p in inner):
+            names.append(".".join(parts))
+    return names
+
+
+def _expand_api(markdown: str, config) -> str:
+    root = _repo_root(config)
+
+    def sub(match: re.Match) -> str:
+        modules = _submodules(root, match.group(1))
+        if not modules:
+            log.warning("no public modules under %s", match.group(1))
+        return "\n\n".join(f"::: {m}" for m in modules)
+
+    return API_MARKER.sub(sub, markdown)
+
+
 def on_page_markdown(markdown, page, config, files):
-    return _rewrite(markdown, page, config)
+    return _rewrite(_expand_api(markdown, config), page, config)
