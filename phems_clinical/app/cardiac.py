@@ -154,13 +154,16 @@ def add_cardiac_parser(subparsers):
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--holdout", default=None,
                    help="site kept out of training (default: the last site)")
-    c.add_argument("--strategy", default="fedadam", choices=("fedadam", "fedavg"))
-    c.add_argument("--rounds", type=int, default=300)
+    c.add_argument("--strategy", default="fedadam", choices=("fedadam", "fedavg"),
+                   help="federated strategy: fedadam (Adam on the server, default) "
+                        "or fedavg (weighted mean)")
+    c.add_argument("--rounds", type=int, default=300,
+                   help="federated rounds (default 300)")
     c.add_argument("--learning-rate", type=float, default=None,
                    help="local SGD step (default 0.1 FedAdam, 0.15 FedAvg)")
     c.add_argument("--test-fraction", type=float, default=0.25,
                    help="share of each training site's episodes held out")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     c.add_argument("--compare-pooled", action="store_true",
                    help="also fit the pooled training episodes centrally (Newton)")
     c.add_argument("--overwrite", action="store_true",

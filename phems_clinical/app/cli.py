@@ -49,6 +49,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 import traceback
 from pathlib import Path
 
@@ -62,6 +63,114 @@ def _x64() -> None:
     from phems_clinical.runtime import configure_jax
 
     configure_jax()
+
+
+# ------------------------------------------------------------ --version, run --help
+def version_text() -> str:
+    """``phems --version``: the installed versions of phems_clinical and JAX (read
+    from the package metadata, so JAX is not imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+    return f"phems_clinical {of('phems_clinical')} (jax {of('jax')})"
+
+
+#: ``phems run`` configuration groups in the order ``phems run --help`` lists
+#: them, with what choosing one does.
+RUN_GROUPS = {
+    "experiment": "a committed study: sets the groups below and its own settings",
+    "use_case": "the clinical question",
+    "model": "the model trained (PK product, sepsis or cardiac model)",
+    "inference": "the federated strategy",
+    "federation": "where training runs",
+    "source": "how a data source is derived from each hospital's real patients "
+              "(used as sources.<name>)",
+    "cohort": "the simulated cohort of the PK demo (--config-name pk_demo)",
+}
+
+def config_description(path: Path) -> str:
+    """A config file's leading comment up to the first line that ends a sentence
+    (its ``@package`` line and example commands left out); ``""`` when it has
+    none."""
+    lines: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text.startswith("@package"):
+            continue
+        if not text or text.startswith("phems "):
+            break
+        lines.append(text)
+        if text.endswith((".", "?")):
+            break
+    return " ".join(lines)
+
+
+def _default_choices(config: Path) -> dict[str, str]:
+    """``{group: option}`` of the defaults list of the main job's config."""
+    import yaml
+
+    chosen: dict[str, str] = {}
+    for entry in yaml.safe_load(config.read_text(encoding="utf-8"))["defaults"]:
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                group = key.split("@")[0]
+                if group in RUN_GROUPS and value is not None:
+                    chosen.setdefault(group, str(value))
+    return chosen
+
+
+def run_help_text(configs: Path | None = None) -> str:
+    """``phems run --help``: the configuration groups with their options and
+    descriptions (read from ``configs/<group>/*.yaml``), the committed
+    experiments and example overrides."""
+    from phems_clinical.resources import configs_dir
+
+    root = Path(configs) if configs is not None else configs_dir()
+    defaults = _default_choices(root / "config.yaml")
+    out = [
+        "usage: phems run [OVERRIDE ...]      (Hydra: group=option key=value)",
+        "",
+        "The main job: real, anonymised and synthetic data side by side. Simulated",
+        "hospitals (or your OMOP databases, data.omop=DIR) each derive every data",
+        "source; the model is trained federatedly on each source and scored on",
+        "held-out real patients and a held-out hospital; each source gets a",
+        "privacy and fidelity scorecard. Results: outputs/<experiment>/<time>/.",
+        "",
+        "Configuration groups (choose one option with group=option; * = default):",
+    ]
+    for group, what in RUN_GROUPS.items():
+        files = sorted((root / group).glob("*.yaml"))
+        if not files:
+            continue
+        out += ["", f"  {group}: {what}"]
+        width = max(len(f.stem) for f in files)
+        for f in files:
+            mark = "*" if defaults.get(group) == f.stem else " "
+            out += textwrap.wrap(config_description(f), 79,
+                                 initial_indent=f"   {mark} {f.stem:<{width}}  ",
+                                 subsequent_indent=" " * (width + 7))
+    out += [
+        "",
+        "Examples:",
+        "  phems run                                   the default experiment",
+        "  phems run experiment=picu_sepsis            a committed study",
+        "  phems run -m seed=0,1,2                     a sweep (multirun)",
+        "  phems run data.n_per_site=60 federation.secagg=true inference=fedadam",
+        "  phems run federation=flower                 real Flower processes",
+        "  phems run data.omop=DIR                     your sites' OMOP databases",
+        "  phems run --config-name pk_demo model=kovaltry cohort=rich",
+        "",
+        "Hydra's own options still work: --cfg job (print the composed settings),",
+        "--hydra-help (Hydra's flags), -m/--multirun, --config-name NAME.",
+        "Exit statuses: 0 done, 2 a bad override or setting (nothing runs), 1 other.",
+    ]
+    return "\n".join(out) + "\n"
 
 
 # ------------------------------------------------------------ option types
@@ -700,22 +809,30 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``phems`` parser; with ``argv``, the subcommands of
     :data:`_LAZY_PARSERS` other than the one ``argv`` runs are help-only stubs."""
     parser = argparse.ArgumentParser(prog="phems", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print the versions of phems_clinical and JAX and exit")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="the main job (Hydra app); pass Hydra overrides",
+    sub.add_parser("run", help="the main job (Hydra app); pass Hydra overrides "
+                               "('phems run --help' lists them)",
                    add_help=False)
 
     f = sub.add_parser("fit", help="fit a population PK model")
     f.add_argument("--data", required=True, help="NONMEM-style CSV data set")
     f.add_argument("--model", required=True, help="model YAML or library product")
-    f.add_argument("--method", required=True, choices=("focei", "nuts", "svi"))
+    f.add_argument("--method", required=True, choices=("focei", "nuts", "svi"),
+                   help="focei: maximum likelihood (NONMEM's FOCE-I); nuts: "
+                        "full posterior (NumPyro NUTS); svi: variational posterior")
     f.add_argument("--out", required=True, help="output directory (new or empty)")
     f.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out folder as a whole")
     f.add_argument("--seed", type=seed_arg, default=0,
                    help="PRNG seed (NUTS/SVI/VPC)")
-    f.add_argument("--chains", type=count_arg(1), default=2)
-    f.add_argument("--warmup", type=count_arg(0), default=500)
-    f.add_argument("--samples", type=count_arg(1), default=500)
+    f.add_argument("--chains", type=count_arg(1), default=2,
+                   help="NUTS chains (default 2)")
+    f.add_argument("--warmup", type=count_arg(0), default=500,
+                   help="NUTS warm-up draws per chain (default 500)")
+    f.add_argument("--samples", type=count_arg(1), default=500,
+                   help="NUTS draws kept per chain (default 500)")
     f.add_argument("--steps", type=count_arg(1), default=6000, help="SVI steps")
     f.add_argument("--priors", default="weak", choices=("weak", "library"),
                    help="NUTS/SVI priors: weakly informative, or centred on the "
@@ -730,12 +847,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--n", type=count_arg(1, MAX_SIMULATED), default=100,
                    help="number of patients")
     s.add_argument("--design", default="hospitals",
-                   choices=("hospitals", "rich", "sparse", "sparse2"))
+                   choices=("hospitals", "rich", "sparse", "sparse2"),
+                   help="sampling design: hospitals (three case-mixes, default), "
+                        "rich (10 samples over 48 h), sparse (3 samples, ISTH), "
+                        "sparse2 (the first and last sparse samples)")
     s.add_argument("--min-age", type=limit_arg("age_y"), default=1.0,
                    help="youngest age (years; 'rich'/'sparse' designs)")
     s.add_argument("--max-age", type=limit_arg("age_y"), default=65.0,
                    help="oldest age (years)")
-    s.add_argument("--seed", type=seed_arg, default=0)
+    s.add_argument("--seed", type=seed_arg, default=0, help="PRNG seed (default 0)")
     s.add_argument("--out", required=True, help="CSV file to write (new)")
     s.add_argument("--truth", default=None, help="CSV of true individual parameters")
     s.add_argument("--overwrite", action="store_true",
@@ -799,8 +919,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     d.set_defaults(func=_dose)
 
     w = sub.add_parser("serve", help="start the clinician web app (local)")
-    w.add_argument("--host", default="127.0.0.1")
-    w.add_argument("--port", type=_port, default=8000)
+    w.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=_port, default=8000,
+                   help="TCP port to listen on (default 8000)")
     w.add_argument("--allowed-host", action="append", default=None, metavar="HOST",
                    help="a Host header the app answers (repeatable; default: the "
                         "loopback names); needed when --host is not loopback")
@@ -816,12 +938,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="library product or model YAML")
     g.add_argument("--algorithm", default="fed_focei",
                    choices=("fed_focei", "fedavg", "fedprox", "fedadam", "fedyogi",
-                            "ep", "consensus_mc"))
+                            "ep", "consensus_mc"),
+                   help="federated algorithm (default fed_focei: the pooled FOCEI "
+                        "estimate from exact sums)")
     g.add_argument("--out", required=True,
                    help="output directory, new or empty (result.json)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out folder as a whole")
-    g.add_argument("--seed", type=seed_arg, default=0)
+    g.add_argument("--seed", type=seed_arg, default=0, help="PRNG seed (default 0)")
     g.add_argument("--rounds", type=count_arg(1), default=None,
                    help="maximum rounds")
     g.add_argument("--options", default=None,
@@ -866,6 +990,9 @@ def _run(argv: list[str]) -> int:
     :func:`phems_clinical.runner.validate.check_config`), then start Hydra.
     Returns the exit status (2: a bad override or setting, before anything
     runs)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(run_help_text(), end="")
+        return 0
     from phems_clinical import runner
     from phems_clinical.runner.validate import preflight
 

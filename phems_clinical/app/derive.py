@@ -159,7 +159,8 @@ def _derive_sites(uc, sources, sites, loads, out: Path, *, seed, holdout,
 
 # ------------------------------------------------------------------ CLI
 def _common(p) -> None:
-    p.add_argument("--use-case", required=True, choices=USE_CASES)
+    p.add_argument("--use-case", required=True, choices=USE_CASES,
+                   help="the use case whose data the input holds")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--omop", help="a site's OMOP database (<site>.duckdb, a folder "
                                     "of them, or a postgresql:// URL)")
@@ -167,7 +168,9 @@ def _common(p) -> None:
     p.add_argument("--site", default=None, help="only this site of an OMOP folder")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per "
                                                 "site)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the run key (default 0): the held-out split, "
+                        "generators and attacks")
     p.add_argument("--holdout", type=float, default=0.5,
                    help="share of patients kept out of the derivation to score it")
     p.add_argument("--model", default=None,
@@ -192,7 +195,9 @@ def add_derive_parsers(subparsers) -> None:
     a.add_argument("--t", type=float, default=None, help="t-closeness (EMD)")
     a.add_argument("--max-suppression", type=float, default=0.05,
                    help="largest share of patients that may be suppressed")
-    a.add_argument("--method", default="lattice", choices=("lattice", "mondrian"))
+    a.add_argument("--method", default="lattice", choices=("lattice", "mondrian"),
+                   help="lattice: optimal full-domain generalisation (default); "
+                        "mondrian: multidimensional partitioning (LeFevre 2006)")
     a.add_argument("--suppression", default="records", choices=("records", "cells"),
                    help="records: suppress whole patients of failing classes; "
                         "cells: single QI values (local suppression); "

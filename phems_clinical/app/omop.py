@@ -144,12 +144,14 @@ def add_omop_parser(subparsers):
                                            "simulate, check")
     sub = o.add_subparsers(dest="omop_command", required=True)
     s = sub.add_parser("simulate", help="simulate hospitals into <site>.duckdb files")
-    s.add_argument("--use-case", required=True, choices=USE_CASES)
+    s.add_argument("--use-case", required=True, choices=USE_CASES,
+                   help="which hospitals: PICU stays, cardiac surgical episodes or "
+                        "haemophilia patients")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--n", type=int, default=None,
                    help="stays / episodes / patients per site (default: the "
                         "simulator's site sizes)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     s.add_argument("--product", default="advate",
                    help="haemophilia: library product (e.g. advate, alprolix)")
     s.add_argument("--overwrite", action="store_true",

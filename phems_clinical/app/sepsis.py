@@ -144,15 +144,18 @@ def add_sepsis_parser(subparsers):
     s.add_argument("--model", default="tcn", choices=("tcn", "logistic"),
                    help="tcn (default; held-out AUROC 0.74 on the default sites) or "
                         "logistic (fast, weak: 0.51)")
-    s.add_argument("--algorithm", default="fedadam", choices=("fedadam", "fedavg"))
-    s.add_argument("--rounds", type=int, default=50)
+    s.add_argument("--algorithm", default="fedadam", choices=("fedadam", "fedavg"),
+                   help="federated strategy: fedadam (Adam on the server, default) "
+                        "or fedavg (weighted mean)")
+    s.add_argument("--rounds", type=int, default=50,
+                   help="federated rounds (default 50)")
     s.add_argument("--horizon", type=int, default=6,
                    help="predict Phoenix sepsis onset within this many hours")
     s.add_argument("--holdout", default=None,
                    help="site kept out of training (default: the last site)")
     s.add_argument("--test-fraction", type=float, default=0.25,
                    help="share of each training site's stays held out")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out as a whole (refused otherwise)")
     s.set_defaults(func=_sepsis_cmd)
