@@ -175,12 +175,12 @@ def _our_eval_seconds(model, cohort, repeats: int = 5):
     try:
         import jax.numpy as jnp
 
-        from phems_clinical.pk.focei import _compiled
+        from phems_clinical.pk.focei import compiled_fit_functions
         from phems_clinical.pk.model import initial_params, n_occasions
         from phems_clinical.pk.packing import build_packer
 
         base = initial_params(model)
-        fns, with_jac = _compiled(model, n_occasions(cohort))
+        fns, with_jac = compiled_fit_functions(model, n_occasions(cohort))
         x = build_packer(model, base).pack(base)
         b0 = jnp.zeros((cohort.n_subjects, fns.n_b))
         jax.block_until_ready(with_jac(x, base, cohort, b0))

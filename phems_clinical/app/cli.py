@@ -576,7 +576,7 @@ def _dose(args: argparse.Namespace) -> int:
     source = _dose_request(args, source)
     clinic = _dose_history(args, source)
     out = run_dose(source, method=args.method, seed=args.seed,
-                   **_previous_kw(run_dose, clinic and clinic[1]))
+                   **previous_kw(run_dose, clinic and clinic[1]))
     paths = write_dose_outputs(out, args.out, overwrite=args.overwrite)
     if clinic is not None:
         from phems_clinical.data.dosing_request import load_json
@@ -653,7 +653,7 @@ def _open_db(path: str, *, create: bool):
         raise StoreError(f"--db: {err}") from None
 
 
-def _previous_kw(run, previous) -> dict:
+def previous_kw(run, previous) -> dict:
     """``previous=`` for the dosing run when it takes one: the earlier
     assessment's result, with its date as ``assessed_at``."""
     import inspect
@@ -728,7 +728,7 @@ def _patients(args: argparse.Namespace) -> int:
                                                before=s.assessed_at,
                                                exclude_id=s.assessment_id)
             out = redraw_dose(result,
-                              _previous_kw(redraw_dose, prev).get("previous"))
+                              previous_kw(redraw_dose, prev).get("previous"))
             paths = write_dose_outputs(out, args.out, overwrite=args.overwrite)
             print(f"assessment {s.assessment_id} of patient {s.patient_id} "
                   f"({s.assessed_at.replace('T', ' ')}): wrote "

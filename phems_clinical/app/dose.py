@@ -19,7 +19,7 @@ from phems_clinical.data.dosing_request import (
     RequestError,
 )
 from phems_clinical.dosing.workflow import METHODS, Assessment, assess
-from phems_clinical.dosing.workflow import _for_figure as _for_display  # noqa: F401  (app.cli redraws with it)
+from phems_clinical.dosing.workflow import for_figure as _for_display  # noqa: F401  (app.cli redraws with it)
 from phems_clinical.outputs import staged_dir
 
 __all__ = ["METHODS", "DoseOutput", "FieldError", "RequestError", "redraw_dose",

@@ -203,10 +203,10 @@ def _product_list() -> list[dict[str, Any]]:
     return out
 
 
-def _previous_kw(run, previous) -> dict:
-    from phems_clinical.app.cli import _previous_kw
+def previous_kw(run, previous) -> dict:
+    from phems_clinical.app.cli import previous_kw
 
-    return _previous_kw(run, previous)
+    return previous_kw(run, previous)
 
 
 def _previous_for(store, req) -> tuple[str | None, Any]:
@@ -398,7 +398,7 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
         def work():
             try:
                 return dose.run_dose(req, method=method,
-                                     **_previous_kw(dose.run_dose, previous))
+                                     **previous_kw(dose.run_dose, previous))
             finally:
                 slots.release()
 
@@ -540,7 +540,7 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
         def work():
             try:
                 return redraw_dose(
-                    result, _previous_kw(redraw_dose, previous).get("previous"))
+                    result, previous_kw(redraw_dose, previous).get("previous"))
             finally:
                 slots.release()
 

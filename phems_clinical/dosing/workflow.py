@@ -54,7 +54,7 @@ from phems_clinical.dosing import wording
 from phems_clinical.dosing.assay import conversion
 
 __all__ = ["METHODS", "MAP_GRADIENT_TOL", "Assessment", "assess",
-           "default_schedules", "redraw", "requires_acknowledgement"]
+           "default_schedules", "redraw", "requires_acknowledgement", "for_figure"]
 
 METHODS = ("map", "nuts")
 SCHEMA_VERSION = 2
@@ -672,7 +672,7 @@ def assess(request: DosingRequest | dict | str | bytes, *, method: str = "map",
                      designed, evaluated, info)
     _check_finite(result)
     result["display"] = wording.display(result, previous)
-    png = curve_figure(_for_figure(result))
+    png = curve_figure(for_figure(result))
     return Assessment(result, png, render_report(result, png))
 
 
@@ -680,7 +680,7 @@ def _short(text: str | None, n: int) -> str | None:
     return text if text is None or len(text) <= n else text[:n - 1] + "\u2026"
 
 
-def _for_figure(result: dict) -> dict:
+def for_figure(result: dict) -> dict:
     """The result as the figure shows it: a long patient id shortened to fit the
     title, and ``$`` escaped in free text (matplotlib reads ``$...$`` as maths and
     fails on what it cannot typeset)."""
@@ -700,7 +700,7 @@ def redraw(result: dict, previous: dict | None = None) -> Assessment:
 
     result = {k: v for k, v in result.items() if k != "display"}
     result["display"] = wording.display(result, previous)
-    png = curve_figure(_for_figure(result))
+    png = curve_figure(for_figure(result))
     return Assessment(result, png, render_report(result, png))
 
 

@@ -737,7 +737,7 @@ def fidelity_scores(key, real: pd.DataFrame, derived: pd.DataFrame, *,
     if "pmse_ratio_perm" in out:
         # the permutation null of fidelity_summary, redrawn with its own key
         _, k_pmse = jax.random.split(k_sum)
-        _, perm, _, c, _ = _fid._pmse_parts(k_pmse, real, derived, True,
+        _, perm, _, c, _ = _fid.pmse_parts(k_pmse, real, derived, True,
                                             n_permutations, 1e-6)
         v, null_mean = out["pmse_ratio_perm"].value, float(np.mean(perm))
         reach = c * (1 - c) / null_mean if null_mean > 0 else _NAN

@@ -73,10 +73,10 @@ from phems_clinical.federation.core import Algorithm
 from phems_clinical.federation.pk_sites import SiteCohort
 from phems_clinical.pk._cache import per_model
 from phems_clinical.pk.bayes import (
-    _coef_scale,
-    _log_typical_iiv,
-    _subject_loglik,
+    coef_scale,
+    log_typical_iiv,
     sample_random_effects,
+    subject_loglik,
 )
 from phems_clinical.pk.model import PopParams, initial_params, likelihood_cohort
 from phems_clinical.pk.packing import Packer, build_packer
@@ -228,7 +228,7 @@ def gaussian_prior(model: PopModel, base: PopParams | None = None, *,
                 t = model.thetas[model.theta_names.index(name[len("theta:"):])]
                 unbounded = not (math.isfinite(t.lower) or math.isfinite(t.upper))
                 if unbounded:
-                    scales[k] = _coef_scale(model, t)
+                    scales[k] = coef_scale(model, t)
     else:
         scales = np.broadcast_to(np.asarray(sd, np.float64), (d,))
     prec = jnp.diag(jnp.asarray(1.0 / scales**2))
@@ -306,7 +306,7 @@ def site_model(model: PopModel, packer: Packer, cohort: Cohort,
         eta, kappa = sample_random_effects(model, params.theta, scale, iov_scale,
                                            cohort.covariates, n_occ, centered,
                                            record_eta=False)
-        ll = _subject_loglik(model)(data, params, eta, kappa)
+        ll = subject_loglik(model)(data, params, eta, kappa)
         numpyro.factor("obs", jnp.where(mask, ll, 0.0))
 
 
@@ -337,7 +337,7 @@ def _sampler(model: PopModel, packer: Packer, n_occ: int, s: NUTSSettings):
             n_sub = cohort.n_subjects
             v = {"u": jnp.zeros_like(loc)}
             if model.n_eta and s.centered:
-                v["phi"] = _log_typical_iiv(model, packer.unpack(loc).theta,
+                v["phi"] = log_typical_iiv(model, packer.unpack(loc).theta,
                                             cohort.covariates)
             elif model.n_eta:
                 v["z"] = jnp.zeros((n_sub, model.n_eta))

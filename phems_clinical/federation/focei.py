@@ -60,8 +60,7 @@ import optimistix as optx
 
 from phems_clinical.federation.core import Algorithm
 from phems_clinical.federation.pk_sites import SiteCohort
-from phems_clinical.pk.focei import _compiled as _compiled_focei
-from phems_clinical.pk.focei import r_standard_errors
+from phems_clinical.pk.focei import compiled_fit_functions, r_standard_errors
 from phems_clinical.pk.model import PopParams, initial_params
 from phems_clinical.pk.packing import build_packer
 from phems_clinical.pk.spec import PopModel
@@ -120,7 +119,7 @@ def site_objective(model: PopModel, n_occ: int, base: PopParams):
     """``(x, site, b0) -> (ofv_i, grad_i, b)``: each patient's FOCEI objective term,
     its gradient in ``x`` and the new conditional modes at one site (padding rows
     are zero, dropped with ``where`` so no non-finite value leaks)."""
-    _, with_jac = _compiled_focei(model, n_occ)
+    _, with_jac = compiled_fit_functions(model, n_occ)
 
     def objective(x, site: SiteCohort, b0):
         per, b, jac = with_jac(x, base, site.cohort, b0)

@@ -126,11 +126,12 @@ def request_digest(broadcast: Mapping[str, Any], config: Mapping[str, Any]) -> s
     body = {"broadcast": gov.summarise_payload(broadcast),
             "config": {str(k): (v if isinstance(v, str | int | float | bool)
                                 else str(v)) for k, v in sorted(config.items())}}
-    return hashlib.sha256(gov._canonical(body)).hexdigest()
+    return hashlib.sha256(gov.canonical_json(body)).hexdigest()
 
 
 def _payload_digest(payload: Mapping[str, Any]) -> str:
-    return hashlib.sha256(gov._canonical(gov.summarise_payload(payload))).hexdigest()
+    return hashlib.sha256(
+        gov.canonical_json(gov.summarise_payload(payload))).hexdigest()
 
 
 # ------------------------------------------------------------------ site records

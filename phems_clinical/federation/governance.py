@@ -84,6 +84,7 @@ __all__ = [
     "log_head", "parse_request", "read_log", "read_sealed", "record_spend",
     "sign_request", "summarise_payload", "verify_log", "verify_request",
     "write_sealed",
+    "canonical_json",
 ]
 
 SCHEMA_FILE = "site_policy.schema.json"
@@ -492,7 +493,7 @@ def load_site_key(path: str | os.PathLike) -> bytes:
 
 
 def _mac(key: bytes, domain: bytes, obj: Any) -> str:
-    return hmac.new(key, domain + _canonical(obj), hashlib.sha256).hexdigest()
+    return hmac.new(key, domain + canonical_json(obj), hashlib.sha256).hexdigest()
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -583,8 +584,8 @@ def sign_request(private_key: bytes, *, requester: str, experiment: str,
             "nonce": secrets.token_hex(16) if nonce is None else nonce,
             "expires": _utc(now + valid_for)}
     sig = Ed25519PrivateKey.from_private_bytes(private_key).sign(
-        REQUEST_DOMAIN + _canonical(body))
-    text = _canonical({**body, "signature": sig.hex()})
+        REQUEST_DOMAIN + canonical_json(body))
+    text = canonical_json({**body, "signature": sig.hex()})
     return REQUEST_PREFIX + base64.urlsafe_b64encode(text).decode().rstrip("=")
 
 
@@ -628,7 +629,7 @@ def verify_request(policy: SitePolicy, token: str, *,
                               allowed="a listed Ed25519 public key")
     try:
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(user.public_key)).verify(
-            bytes.fromhex(req.signature), REQUEST_DOMAIN + _canonical(req.body()))
+            bytes.fromhex(req.signature), REQUEST_DOMAIN + canonical_json(req.body()))
     except (InvalidSignature, ValueError):
         raise PolicyViolation(
             "request.signature", f"the request's signature does not verify "
@@ -773,7 +774,9 @@ class VerifyResult(NamedTuple):
     ledger: int = 0
 
 
-def _canonical(obj: Any) -> bytes:
+def canonical_json(obj: Any) -> bytes:
+    """Canonical JSON bytes of ``obj`` for signing and hashing: sorted keys, no
+    spaces, ASCII, and non-finite numbers refused (``ValueError``; RFC 8259)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       allow_nan=False).encode("ascii")
 
@@ -877,7 +880,7 @@ def append_entry(path: str | os.PathLike, *, key: bytes, requester: str,
              "summary": dict(summary), "charge": None if charge is None
              else dict(charge), "prev_mac": prev}
     entry["mac"] = entry_mac(entry, key)
-    line = _canonical(entry) + b"\n"
+    line = canonical_json(entry) + b"\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as fh:
         fh.write(line)

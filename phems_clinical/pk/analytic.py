@@ -50,6 +50,9 @@ __all__ = [
     "macro_constants",
     "macro_constants_eigh",
     "steady_state",
+    # building blocks shared with derived.py and occasions.py
+    "as_float", "check_params", "exprel1", "exprel2", "per_dose_macro",
+    "macro_response", "macro_response_slope", "unit_modes",
 ]
 
 PARAM_NAMES: dict[int, tuple[str, ...]] = {
@@ -65,14 +68,17 @@ _SERIES_BELOW = 0.1
 _N_TERMS = 9
 
 
-def _as_float(x: ArrayLike) -> Array:
+def as_float(x: ArrayLike) -> Array:
+    """``x`` as a JAX float array (float64 under ``jax_enable_x64``)."""
     return jnp.asarray(x, dtype=float)
 
 
-def _check_params(params: ArrayLike, n_cmt: int) -> Array:
+def check_params(params: ArrayLike, n_cmt: int) -> Array:
+    """``params`` as floats, checked to hold the ``2 * n_cmt`` parameters of an
+    ``n_cmt``-compartment model in its last axis (``ValueError`` otherwise)."""
     if n_cmt not in PARAM_NAMES:
         raise ValueError(f"n_cmt must be 1, 2 or 3, got {n_cmt!r}")
-    params = _as_float(params)
+    params = as_float(params)
     if params.shape[-1:] != (2 * n_cmt,):
         raise ValueError(
             f"a {n_cmt}-compartment model takes {2 * n_cmt} parameters "
@@ -88,7 +94,7 @@ def _series(x: Array, coeffs: list[float]) -> Array:
     return out
 
 
-def _exprel1(x: Array) -> Array:
+def exprel1(x: Array) -> Array:
     """``(1 - exp(-x)) / x``, 1 at 0; finite value and derivatives."""
     small = jnp.abs(x) < _SERIES_BELOW
     xs = jnp.where(small, 1.0, x)
@@ -97,7 +103,7 @@ def _exprel1(x: Array) -> Array:
     return jnp.where(small, series, direct)
 
 
-def _exprel2(x: Array) -> Array:
+def exprel2(x: Array) -> Array:
     """``(x - 1 + exp(-x)) / x**2``, 1/2 at 0; finite value and derivatives."""
     small = jnp.abs(x) < _SERIES_BELOW
     xs = jnp.where(small, 1.0, x)
@@ -151,7 +157,7 @@ def macro_constants(
     Abuhelwa, Foster & Upton 2015 (PKADVAN), J Pharmacol Toxicol Methods 73:42-48;
     Gibaldi & Perrier, Pharmacokinetics, 2nd ed., 1982.
     """
-    params = _check_params(params, n_cmt)
+    params = check_params(params, n_cmt)
     if params.ndim != 1:
         raise ValueError(f"params must be 1-D (one patient), got {params.shape}")
     cl, v1 = params[0], params[1]
@@ -201,7 +207,7 @@ def macro_constants_eigh(
     Parameters and returns are as for :func:`macro_constants`. Gradients are undefined
     where eigenvalues coincide; use :func:`macro_constants` in models.
     """
-    params = _check_params(params, n_cmt)
+    params = check_params(params, n_cmt)
     cl, v1 = params[0], params[1]
     q = params[2::2]
     vols = params[1::2]
@@ -214,7 +220,7 @@ def macro_constants_eigh(
     return lam, u[0] ** 2 / v1
 
 
-def _response(
+def macro_response(
     t_rel: Array, amt: Array, dur: Array, lam: Array, a: Array
 ) -> Array:
     """Dose response given the macro-constants; see :func:`dose_response`."""
@@ -222,10 +228,10 @@ def _response(
     shape = (1,) * t_rel.ndim + (-1,)
     lam = lam.reshape(shape)
     a = a.reshape(shape)
-    return amt * jnp.sum(a * _unit_modes(t, dur, lam), axis=-1)
+    return amt * jnp.sum(a * unit_modes(t, dur, lam), axis=-1)
 
 
-def _unit_modes(t: Array, dur: Array, lam: Array) -> Array:
+def unit_modes(t: Array, dur: Array, lam: Array) -> Array:
     """Per-mode response ``g_i`` of a unit dose (``t`` and ``lam`` broadcast): the
     dose response is ``amt * sum_i A_i g_i``; see :func:`dose_response`."""
     after = t >= dur
@@ -237,13 +243,13 @@ def _unit_modes(t: Array, dur: Array, lam: Array) -> Array:
     )
     tau = jnp.clip(t, 0.0, dur)
     since_end = jnp.maximum(t - dur, 0.0)
-    return frac * _exprel1(lam * tau) * jnp.exp(-lam * since_end)
+    return frac * exprel1(lam * tau) * jnp.exp(-lam * since_end)
 
 
-def _response_slope(
+def macro_response_slope(
     t_rel: Array, amt: Array, dur: Array, lam: Array, a: Array
 ) -> Array:
-    """d/dt of :func:`_response` (right derivative at the end of an infusion)."""
+    """d/dt of :func:`macro_response` (right derivative at the end of an infusion)."""
     t = t_rel[..., None]
     shape = (1,) * t_rel.ndim + (-1,)
     lam = lam.reshape(shape)
@@ -251,7 +257,7 @@ def _response_slope(
     after = t >= dur
     during = (t > 0.0) & ~after
     rise = jnp.exp(-lam * jnp.maximum(t, 0.0)) / jnp.where(during, dur, 1.0)
-    fall = -lam * _exprel1(lam * dur) * jnp.exp(-lam * jnp.maximum(t - dur, 0.0))
+    fall = -lam * exprel1(lam * dur) * jnp.exp(-lam * jnp.maximum(t - dur, 0.0))
     g = jnp.where(after, fall, jnp.where(during, rise, 0.0))
     return amt * jnp.sum(a * g, axis=-1)
 
@@ -294,12 +300,12 @@ def dose_response(
     ``dur -> 0`` (Abuhelwa et al. 2015).
     """
     lam, a = macro_constants(params, n_cmt)
-    return _response(_as_float(t_rel), _as_float(amt), _as_float(dur), lam, a)
+    return macro_response(as_float(t_rel), as_float(amt), as_float(dur), lam, a)
 
 
-def _per_dose_macro(params: Array, n_cmt: int, n_dose: int) -> tuple[Array, Array]:
+def per_dose_macro(params: Array, n_cmt: int, n_dose: int) -> tuple[Array, Array]:
     """Macro-constants of shape (n_dose, n_cmt) from shared or per-dose parameters."""
-    params = _check_params(params, n_cmt)
+    params = check_params(params, n_cmt)
     if params.ndim == 1:
         lam, a = macro_constants(params, n_cmt)
         return (jnp.broadcast_to(lam, (n_dose, n_cmt)),
@@ -317,9 +323,9 @@ def _dose_curves(
     params: Array, n_cmt: int,
 ) -> Array:
     """Per-dose concentration curves, shape (n_dose, n_t)."""
-    lam, a = _per_dose_macro(params, n_cmt, dose_time.shape[0])
+    lam, a = per_dose_macro(params, n_cmt, dose_time.shape[0])
     t_rel = t[None, :] - dose_time[:, None]
-    return jax.vmap(_response)(t_rel, dose_amt, dose_dur, lam, a)
+    return jax.vmap(macro_response)(t_rel, dose_amt, dose_dur, lam, a)
 
 
 def concentration(
@@ -363,10 +369,10 @@ def concentration(
     >>> [round(float(x), 2) for x in c]
     [25.0, 32.53]
     """
-    t = _as_float(t)
-    curves = _dose_curves(t, _as_float(dose_time), _as_float(dose_amt),
-                          _as_float(dose_dur), _as_float(params), n_cmt)
-    return _as_float(baseline) + jnp.sum(curves, axis=0)
+    t = as_float(t)
+    curves = _dose_curves(t, as_float(dose_time), as_float(dose_amt),
+                          as_float(dose_dur), as_float(params), n_cmt)
+    return as_float(baseline) + jnp.sum(curves, axis=0)
 
 
 def steady_state(
@@ -415,8 +421,8 @@ def steady_state(
     (10.7753, 10.7753)
     """
     lam, a = macro_constants(params, n_cmt)
-    t, amt, dur = _as_float(t_rel), _as_float(amt), _as_float(dur)
-    current = _response(t, amt, dur, lam, a)
-    earlier = amt * a * _exprel1(lam * dur) / jnp.expm1(lam * _as_float(tau))
+    t, amt, dur = as_float(t_rel), as_float(amt), as_float(dur)
+    current = macro_response(t, amt, dur, lam, a)
+    earlier = amt * a * exprel1(lam * dur) / jnp.expm1(lam * as_float(tau))
     decay = jnp.exp(-lam * (t[..., None] - dur))
     return current + jnp.sum(earlier * decay, axis=-1)

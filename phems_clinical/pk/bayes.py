@@ -242,7 +242,7 @@ def _estimated_sigma(model: PopModel) -> tuple[str, ...]:
                  if v > 0)
 
 
-def _coef_scale(model: PopModel, t: Theta) -> float:
+def coef_scale(model: PopModel, t: Theta) -> float:
     """Weak prior SD of an unbounded covariate coefficient, on its own scale.
 
     Power exponents are O(1): SD 1. Linear and exponential coefficients are per
@@ -270,7 +270,7 @@ def weak_priors(model: PopModel) -> Priors:
     """
     _, _, res = _spec_sds(model)
     return Priors(
-        theta={t.name: _theta_prior(t, 1.0, _coef_scale(model, t))
+        theta={t.name: _theta_prior(t, 1.0, coef_scale(model, t))
                for t in model.thetas if not t.fixed},
         omega_sd={p: dist.HalfNormal(1.0) for p in model.iiv_parameters},
         omega_corr_concentration=2.0,
@@ -408,7 +408,7 @@ def _subject_loglik_impl(model: PopModel, data: Cohort, params: PopParams,
     return -0.5 * jnp.sum(n2ll, axis=-1)
 
 
-def _subject_loglik(model: PopModel):
+def subject_loglik(model: PopModel):
     """A jitted :func:`_subject_loglik_impl` for ``model``, one per model object.
 
     Why jit inside the library: NumPyro evaluates the model eagerly while it
@@ -452,7 +452,7 @@ def population_model(model: PopModel, cohort: Cohort, *, priors: Priors,
     with numpyro.plate("subject", n_sub, dim=-1):
         eta, kappa = sample_random_effects(model, params.theta, scale, iov_scale,
                                            cohort.covariates, n_occ, centered)
-        numpyro.factor("obs", _subject_loglik(model)(data, params, eta, kappa))
+        numpyro.factor("obs", subject_loglik(model)(data, params, eta, kappa))
 
 
 def sample_random_effects(model: PopModel, theta, scale, iov_scale, covariates,
@@ -468,7 +468,7 @@ def sample_random_effects(model: PopModel, theta, scale, iov_scale, covariates,
         iov_scale = jnp.diag(iov_scale)
     n_sub, n_eta, n_kappa = covariates.shape[0], model.n_eta, model.n_kappa
     if n_eta and centered:
-        mu = _log_typical_iiv(model, theta, covariates)
+        mu = log_typical_iiv(model, theta, covariates)
         phi = numpyro.sample("phi", dist.MultivariateNormal(mu, scale_tril=scale))
         eta = numpyro.deterministic("eta", phi - mu) if record_eta else phi - mu
     elif n_eta:
@@ -486,7 +486,7 @@ def sample_random_effects(model: PopModel, theta, scale, iov_scale, covariates,
     return eta, kappa
 
 
-def _log_typical_iiv(model: PopModel, theta, covariates):
+def log_typical_iiv(model: PopModel, theta, covariates):
     """log typical values of the IIV parameters per subject, (n_sub, n_eta)."""
     idx = np.array([model.structural.index(p) for p in model.iiv_parameters])
     tv = jax.vmap(lambda c: typical_parameters(model, theta, c))(covariates)
@@ -765,7 +765,7 @@ def fit_nuts(key: Key, model: PopModel, cohort: Cohort, *,
     init = _init_values(model, cohort.n_subjects, n_occ)
     if centered and "z" in init:
         init.pop("z")
-        init["phi"] = _log_typical_iiv(model, jnp.asarray(model.theta_values),
+        init["phi"] = log_typical_iiv(model, jnp.asarray(model.theta_values),
                                        cohort.covariates)
     kernel = NUTS(partial(population_model, centered=centered), dense_mass=False,
                   target_accept_prob=target_accept,
@@ -901,4 +901,5 @@ __all__ = [
     "Priors",
     "build_guide", "fit_nuts", "fit_svi", "library_priors", "population_model",
     "weak_priors",
+    "coef_scale", "log_typical_iiv", "subject_loglik",
 ]

@@ -35,14 +35,14 @@ from jax.typing import ArrayLike
 
 from phems_clinical._typing import Array, Float
 from phems_clinical.pk.analytic import (
-    _as_float,
-    _check_params,
-    _exprel1,
-    _exprel2,
-    _per_dose_macro,
-    _response,
-    _response_slope,
+    as_float,
+    check_params,
+    exprel1,
+    exprel2,
     macro_constants,
+    macro_response,
+    macro_response_slope,
+    per_dose_macro,
 )
 
 __all__ = [
@@ -70,7 +70,7 @@ _XTOL = 1e-10  # h, absolute part of the root-finding tolerance
 
 def clearance(params: Float[ArrayLike, " n_par"], n_cmt: int) -> Float[Array, ""]:
     """Total (elimination) clearance ``CL``, dL/h."""
-    return _check_params(params, n_cmt)[0]
+    return check_params(params, n_cmt)[0]
 
 
 def vss(params: Float[ArrayLike, " n_par"], n_cmt: int) -> Float[Array, ""]:
@@ -79,7 +79,7 @@ def vss(params: Float[ArrayLike, " n_par"], n_cmt: int) -> Float[Array, ""]:
     For a mammillary model with elimination from the central compartment,
     ``Vss = CL * MRT`` (Gibaldi & Perrier 1982, ch. 7).
     """
-    return jnp.sum(_check_params(params, n_cmt)[1::2])
+    return jnp.sum(check_params(params, n_cmt)[1::2])
 
 
 def terminal_half_life(
@@ -120,14 +120,14 @@ def incremental_recovery(
     The immediate rise of the level per IU/kg of an IV bolus, as reported on
     factor-concentrate labels (e.g. ~2 for FVIII, ~0.7-1 for FIX).
     """
-    return _as_float(weight_kg) / _check_params(params, n_cmt)[1]
+    return as_float(weight_kg) / check_params(params, n_cmt)[1]
 
 
 def auc_inf(
     amt: Float[ArrayLike, ""], params: Float[ArrayLike, " n_par"], n_cmt: int
 ) -> Float[Array, ""]:
     """Area above baseline from the dose to infinity, ``amt / CL``, IU·h/dL."""
-    return _as_float(amt) / clearance(params, n_cmt)
+    return as_float(amt) / clearance(params, n_cmt)
 
 
 def _unit_integral(s0: Array, s1: Array, dur: Array, lam: Array) -> Array:
@@ -141,14 +141,14 @@ def _unit_integral(s0: Array, s1: Array, dur: Array, lam: Array) -> Array:
         during = (s > 0.0) & ~after
         w = jnp.where(after, dur, jnp.where(during, s * s / jnp.where(during, dur, 1.0),
                                             0.0))
-        return w * _exprel2(lam * jnp.clip(s, 0.0, dur))
+        return w * exprel2(lam * jnp.clip(s, 0.0, dur))
 
     u0 = jnp.maximum(s0 - dur, 0.0)
     u1 = jnp.maximum(s1 - dur, 0.0)
     # post-infusion part as exp(-lam u0) * int_0^(u1-u0): no difference of two
     # nearly equal cumulative integrals late in the decay
-    post = (_exprel1(lam * dur) * jnp.exp(-lam * u0) * (u1 - u0)
-            * _exprel1(lam * (u1 - u0)))
+    post = (exprel1(lam * dur) * jnp.exp(-lam * u0) * (u1 - u0)
+            * exprel1(lam * (u1 - u0)))
     return infused(s1) - infused(s0) + post
 
 
@@ -179,15 +179,15 @@ def auc(
         ``baseline * (t1 - t0)`` plus the exposure from every dose. Over
         ``[first dose, inf)`` the dose part equals ``sum(dose_amt) / CL``.
     """
-    t0, t1 = _as_float(t0), _as_float(t1)
-    dose_time = _as_float(dose_time)
-    dose_amt = _as_float(dose_amt)
-    dose_dur = _as_float(dose_dur)
-    lam, a = _per_dose_macro(_as_float(params), n_cmt, dose_time.shape[0])
+    t0, t1 = as_float(t0), as_float(t1)
+    dose_time = as_float(dose_time)
+    dose_amt = as_float(dose_amt)
+    dose_dur = as_float(dose_dur)
+    lam, a = per_dose_macro(as_float(params), n_cmt, dose_time.shape[0])
     per_dose = jax.vmap(_unit_integral)(
         t0 - dose_time[:, None], t1 - dose_time[:, None], dose_dur[:, None], lam
     )
-    return _as_float(baseline) * (t1 - t0) + jnp.sum(dose_amt[:, None] * a * per_dose)
+    return as_float(baseline) * (t1 - t0) + jnp.sum(dose_amt[:, None] * a * per_dose)
 
 
 def time_to_threshold(
@@ -228,19 +228,19 @@ def time_to_threshold(
         ``t_start`` is already ``<= threshold``, ``+inf`` when ``baseline >=
         threshold`` (the level never falls to it).
     """
-    dose_time = _as_float(dose_time)
-    lam, a = _per_dose_macro(_as_float(params), n_cmt, dose_time.shape[0])
+    dose_time = as_float(dose_time)
+    lam, a = per_dose_macro(as_float(params), n_cmt, dose_time.shape[0])
     # macro-constants once, outside the loops; (time, amt, dur, lambda, A) per dose
-    dose = (dose_time, _as_float(dose_amt), _as_float(dose_dur), lam, a)
+    dose = (dose_time, as_float(dose_amt), as_float(dose_dur), lam, a)
 
     def above_baseline(t, d):
         time, amt, dur, lam, a = d
-        return jnp.sum(jax.vmap(_response)(t - time, amt, dur, lam, a))
+        return jnp.sum(jax.vmap(macro_response)(t - time, amt, dur, lam, a))
 
     def value_and_slope(t, d):
         time, amt, dur, lam, a = d
-        return (jnp.sum(jax.vmap(_response)(t - time, amt, dur, lam, a)),
-                jnp.sum(jax.vmap(_response_slope)(t - time, amt, dur, lam, a)))
+        return (jnp.sum(jax.vmap(macro_response)(t - time, amt, dur, lam, a)),
+                jnp.sum(jax.vmap(macro_response_slope)(t - time, amt, dur, lam, a)))
 
     return time_to_level(above_baseline, dose, threshold, t_start, baseline,
                          value_and_slope=value_and_slope)
@@ -262,8 +262,8 @@ def time_to_level(above_baseline, args, threshold: Float[ArrayLike, ""],
     ``jax.jvp`` of ``above_baseline``. Returns ``t_start`` when the level is already
     at or below ``threshold``, ``+inf`` when ``baseline >= threshold``.
     """
-    threshold, t_start = _as_float(threshold), _as_float(t_start)
-    baseline = _as_float(baseline)
+    threshold, t_start = as_float(threshold), as_float(t_start)
+    baseline = as_float(baseline)
     if value_and_slope is None:
         def value_and_slope(t, d):
             return jax.jvp(lambda x: above_baseline(x, d), (t,), (jnp.ones_like(t),))
@@ -370,10 +370,10 @@ def summarise(
         ``end_of_dosing`` until the level falls to ``x`` (0 if already below,
         ``inf`` if never).
     """
-    params = _check_params(params, n_cmt)
+    params = check_params(params, n_cmt)
     if params.ndim != 1:
         raise ValueError(f"summarise takes one patient's params, got {params.shape}")
-    dose_time, dose_amt, dose_dur = (_as_float(x) for x in (dose_time, dose_amt,
+    dose_time, dose_amt, dose_dur = (as_float(x) for x in (dose_time, dose_amt,
                                                              dose_dur))
     end = _end_of_dosing(dose_time, dose_amt, dose_dur)
     out = {

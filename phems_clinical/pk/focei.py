@@ -198,7 +198,7 @@ def focei_objective(model: PopModel, cohort: Cohort, params: PopParams,
     return jnp.sum(per), per, b
 
 
-def _compiled(model: PopModel, n_occ: int):
+def compiled_fit_functions(model: PopModel, n_occ: int):
     """Jitted per-subject OFV/mode/Jacobian for ``model`` (cached: warm refits)."""
     def build():
         fns = build_focei(model, n_occ)
@@ -239,7 +239,7 @@ def fit_focei(model: PopModel, cohort: Cohort, *, init: PopParams | None = None,
     base = initial_params(model) if init is None else init
     packer = build_packer(model, base)
     n_occ = n_occasions(cohort)
-    fns, with_jac = _compiled(model, n_occ)
+    fns, with_jac = compiled_fit_functions(model, n_occ)
     state = {"b": jnp.zeros((cohort.n_subjects, fns.n_b))}
 
     def evaluate(x):
@@ -350,4 +350,5 @@ def r_standard_errors(x, r, to_natural, s=None):
 
 
 __all__ = ["FOCEIFns", "FOCEIResult", "build_focei", "compiled_focei", "fit_focei",
-           "focei_objective", "r_standard_errors"]
+           "focei_objective", "r_standard_errors",
+           "compiled_fit_functions"]

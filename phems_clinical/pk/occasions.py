@@ -67,11 +67,11 @@ from jax.typing import ArrayLike
 
 from phems_clinical._typing import Array, Float, Int
 from phems_clinical.pk.analytic import (
-    _as_float,
-    _check_params,
-    _response,
-    _unit_modes,
+    as_float,
+    check_params,
     macro_constants,
+    macro_response,
+    unit_modes,
 )
 
 __all__ = ["eigenvectors", "occasion_concentration"]
@@ -87,8 +87,8 @@ def eigenvectors(params: Float[ArrayLike, " n_par"], lam: Float[ArrayLike, " n_c
     Both are scaled to a first (central) component of 1, so that
     ``exp(K t) = sum_i exp(-lam_i t) w_i outer(r_i, l_i)`` with ``w_i = V1 A_i``.
     """
-    params = _check_params(params, n_cmt)
-    lam = _as_float(lam)
+    params = check_params(params, n_cmt)
+    lam = as_float(lam)
     v1 = params[1]
     k_out = params[2::2] / v1
     k_back = params[2::2] / params[3::2]
@@ -134,10 +134,10 @@ def occasion_concentration(
         Level, IU/dL, with the switching rule of the module docstring. An infusion
         running across a switch continues at its rate under the new parameters.
     """
-    t = _as_float(t)
-    dose_time, dose_amt, dose_dur = (_as_float(x) for x in
+    t = as_float(t)
+    dose_time, dose_amt, dose_dur = (as_float(x) for x in
                                      (dose_time, dose_amt, dose_dur))
-    occ_params = _check_params(occ_params, n_cmt)
+    occ_params = check_params(occ_params, n_cmt)
     dose_occ = jnp.asarray(dose_occ)
     if occ_params.ndim != 2:
         raise ValueError(f"occ_params must be (n_occ, {2 * n_cmt}); got "
@@ -177,7 +177,7 @@ def occasion_concentration(
         inside = live & (t >= s) & (t < s_next)
         since = jnp.maximum(t - s, 0.0)
         carried = jnp.sum(z0 / v1 * jnp.exp(-lam[None, :] * since[:, None]), axis=-1)
-        doses = jnp.sum(jax.vmap(_response, in_axes=(0, 0, 0, None, None))(
+        doses = jnp.sum(jax.vmap(macro_response, in_axes=(0, 0, 0, None, None))(
             t[None, :] - piece_start[:, None], piece_amt, piece_dur, lam, a), axis=0)
         level = level + jnp.where(inside, carried + doses, 0.0)
 
@@ -185,7 +185,7 @@ def occasion_concentration(
         has_next = live & jnp.isfinite(s_next)
         s_end = jnp.where(has_next, s_next, s)
         before = jnp.where(dose_time < s_end, piece_amt, 0.0)
-        g = _unit_modes((s_end - piece_start)[:, None], piece_dur[:, None],
+        g = unit_modes((s_end - piece_start)[:, None], piece_dur[:, None],
                         lam[None, :])
         z = jnp.exp(-lam * (s_end - s)) * z0 + w * jnp.sum(before[:, None] * g, axis=0)
         amounts = jnp.where(has_next, right.T @ z, amounts)
@@ -193,4 +193,4 @@ def occasion_concentration(
 
     init = (jnp.zeros(n_cmt, dtype=t.dtype), jnp.zeros_like(t))
     (_, level), _ = jax.lax.scan(segment, init, (seg_start, seg_next, seg_occ))
-    return _as_float(baseline) + level
+    return as_float(baseline) + level

@@ -81,7 +81,9 @@ def _sample_times(rng: np.random.Generator, design: str, extended: bool) -> np.n
     return np.array([rng.uniform(t - w, t + w) for t, w in windows])
 
 
-def _round_dose(dose: float, vials: list[float]) -> float:
+def round_dose(dose: float, vials: list[float]) -> float:
+    """``dose`` (IU) rounded up to a whole number of the smallest vial (250 IU
+    when none is given), at least one vial."""
     step = min(vials) if vials else 250.0
     return float(max(step, math.ceil(dose / step - 1e-9) * step))
 
@@ -165,7 +167,7 @@ def simulate_cohort(key: Key, model: PopModel, hospital: HospitalSpec, *,
     subjects, rows = [], []
     for i in range(n):
         wt = float(demo["WT"].iloc[i])
-        dose = _round_dose(hospital.dose_IU_per_kg * wt, vials)
+        dose = round_dose(hospital.dose_IU_per_kg * wt, vials)
         washout = rng.uniform() < hospital.washout_fraction
         dose_t, dose_occ, obs_t, obs_occ = [], [], [], []
         t0 = 0.0
@@ -255,4 +257,4 @@ def default_hospitals(n_total: int = 100) -> list[HospitalSpec]:
 
 
 __all__ = ["DESIGNS", "HospitalSpec", "default_hospitals", "draw_kappa",
-           "simulate_cohort", "simulate_hospitals"]
+           "simulate_cohort", "simulate_hospitals", "round_dose"]

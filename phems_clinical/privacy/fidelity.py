@@ -61,6 +61,7 @@ __all__ = [
     "pmse",
     "pmse_ratio",
     "total_variation",
+    "pmse_parts",
 ]
 
 MISSING = "<missing>"
@@ -358,7 +359,10 @@ def detection_auc(key, real: pd.DataFrame, syn: pd.DataFrame, *, folds: int = 5,
                           for f in range(folds)]))
 
 
-def _pmse_parts(key, real, syn, quadratic, n_permutations, l2):
+def pmse_parts(key, real, syn, quadratic, n_permutations, l2):
+    """pMSE pieces ``(pmse, permuted pmses, k, c, N)`` shared by :func:`pmse`,
+    :func:`pmse_ratio` and the scorecard (``k``: design rank; ``c``: synthetic
+    share; ``N``: rows)."""
     X, y = _prepare(real, syn, quadratic)
     N, c = len(y), float(y.mean())
     Y = [y]
@@ -379,7 +383,7 @@ def pmse(key, real: pd.DataFrame, syn: pd.DataFrame, *, quadratic: bool = True,
     The fit is deterministic; ``key`` is accepted for a uniform API (it drives the
     permutations of :func:`pmse_ratio`). ``l2`` is a tiny stabilising ridge.
     """
-    return _pmse_parts(key, real, syn, quadratic, 0, l2)[0]
+    return pmse_parts(key, real, syn, quadratic, 0, l2)[0]
 
 
 def pmse_ratio(key, real: pd.DataFrame, syn: pd.DataFrame, *,
@@ -397,7 +401,7 @@ def pmse_ratio(key, real: pd.DataFrame, syn: pd.DataFrame, *,
     permutations drawn from ``key`` (centres at 1 for
     indistinguishable tables and holds for any model).
     """
-    pm, perm, k, c, N = _pmse_parts(key, real, syn, quadratic, n_permutations, l2)
+    pm, perm, k, c, N = pmse_parts(key, real, syn, quadratic, n_permutations, l2)
     null = float(perm.mean()) if n_permutations else (k - 1) * (1 - c) ** 2 * c / N
     return pm / null if null > 0 else float("nan")
 
@@ -419,7 +423,7 @@ def fidelity_summary(key, real: pd.DataFrame, syn: pd.DataFrame, *,
     k_auc, k_pmse = jax.random.split(key)
     sims = np.where(pairs.metric == "pearson", 1 - pairs.abs_diff / 2,
                     1 - pairs.abs_diff)
-    pm, perm, k, c, N = _pmse_parts(k_pmse, real, syn, True, n_permutations, 1e-6)
+    pm, perm, k, c, N = pmse_parts(k_pmse, real, syn, True, n_permutations, 1e-6)
     out = {
         "column_shapes": float(cols.score.mean()),
         "max_column_statistic": float(cols.statistic.max()),

@@ -169,7 +169,7 @@ def test_previous_is_passed_only_to_a_run_that_takes_it():
     def old(source):
         return None
 
-    assert cli._previous_kw(takes, Prev) == {
+    assert cli.previous_kw(takes, Prev) == {
         "previous": {"a": 1, "assessed_at": "2024-01-01T00:00"}}
-    assert cli._previous_kw(old, Prev) == {}
-    assert cli._previous_kw(takes, None) == {}
+    assert cli.previous_kw(old, Prev) == {}
+    assert cli.previous_kw(takes, None) == {}

@@ -14,6 +14,7 @@ from phems_clinical.pk.analytic import (
     concentration,
     dose_response,
     macro_constants,
+    macro_response_slope,
     macro_constants_eigh,
 )
 
@@ -230,7 +231,7 @@ def test_analytic_slope_matches_autodiff(dur):
     params = jnp.array([2.0, 40.0, 1.0, 10.0, 5.0, 20.0])
     t = jnp.array([-1.0, 0.2, 1.0, 1.6, 5.0, 50.0])
     lam, a = macro_constants(params, 3)
-    got = jax.jit(_response_slope)(t, 1000.0, dur, lam, a)
+    got = jax.jit(macro_response_slope)(t, 1000.0, dur, lam, a)
     expect = jax.jit(jax.vmap(jax.grad(
         lambda s: dose_response(s, 1000.0, dur, params, 3))))(t)
     np.testing.assert_allclose(got, expect, rtol=1e-12)

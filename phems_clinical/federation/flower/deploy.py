@@ -303,7 +303,7 @@ def submit(directory: Path, name: str, settings: RunSettings, *, resume: bool = 
     ``runs/<name>/flwr_run.log``.
     """
     from phems_clinical.federation.engine import checkpoint_path
-    from phems_clinical.federation.flower.launch import _toml_value
+    from phems_clinical.federation.flower.launch import toml_value
 
     directory = Path(directory).resolve()
     _coordinator(directory)
@@ -318,7 +318,7 @@ def submit(directory: Path, name: str, settings: RunSettings, *, resume: bool = 
     result = Path(settings.out)
     result.unlink(missing_ok=True)
     config = run_dir / "run_config.toml"
-    config.write_text("".join(f"{k} = {_toml_value(v)}\n"
+    config.write_text("".join(f"{k} = {toml_value(v)}\n"
                               for k, v in to_run_config(settings).items()))
     log = run_dir / "flwr_run.log"
     t0 = time.monotonic()

@@ -325,7 +325,9 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float,
                        f" see {log}")
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """``v`` as a TOML value (TOML v1.0.0): booleans and numbers bare, anything
+    else as a basic string."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
@@ -334,7 +336,7 @@ def _toml_value(v: Any) -> str:
 
 
 def _node_config(values: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
 def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -563,7 +565,7 @@ def run_loopback(sites: Sequence[Path], out: Path, *,
                     address, host, node_ports[k], config, certs, private),
                     node_env, logs / f"supernode_{k}.log")
         run_config = out / "run_config.toml"
-        run_config.write_text("".join(f"{k} = {_toml_value(v)}\n"
+        run_config.write_text("".join(f"{k} = {toml_value(v)}\n"
                                       for k, v in to_run_config(settings).items()))
         flwr = procs.start("flwr-run", [
             "flwr", "run", str(APP_DIR), CONNECTION, "--stream",

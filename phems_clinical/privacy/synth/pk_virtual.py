@@ -50,7 +50,7 @@ from phems_clinical._typing import Key
 from phems_clinical.data.cohort import stack_subjects
 from phems_clinical.data.nonmem import PKData, read_nonmem
 from phems_clinical.pk.model import PopParams
-from phems_clinical.pk.simulate import _round_dose, simulate_observations
+from phems_clinical.pk.simulate import round_dose, simulate_observations
 from phems_clinical.pk.spec import PopModel
 from phems_clinical.privacy.synth.copula import CopulaModel, fit_copula, sample_copula
 
@@ -258,7 +258,7 @@ def sample_virtual_population(key: Key, vpm: VirtualPopulationModel, n: int
         amt = d.dose_amt
         if d.per_kg:
             wt = float(synth["WT"].iloc[i])
-            amt = np.array([_round_dose(a * wt, list(vpm.vials)) for a in amt])
+            amt = np.array([round_dose(a * wt, list(vpm.vials)) for a in amt])
         subjects.append(dict(
             dose_time=d.dose_time, dose_amt=amt, dose_dur=d.dose_dur,
             dose_occ=d.dose_occ, obs_time=d.obs_time,
