@@ -10,12 +10,11 @@ from scipy.integrate import solve_ivp
 from phems_clinical.pk import spec
 from phems_clinical.pk.analytic import (
     PARAM_NAMES,
-    _response_slope,
     concentration,
     dose_response,
     macro_constants,
-    macro_response_slope,
     macro_constants_eigh,
+    macro_response_slope,
 )
 
 N_DOSE = 6  # histories are padded to this many doses (amt == 0), one compiled shape
