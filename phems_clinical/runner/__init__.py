@@ -12,6 +12,14 @@ the Hydra run directory: ``.hydra/`` (composed config), ``model.yaml`` (the
 generating model), ``cohort.csv``, ``truth.csv``, ``fit/`` (``phems fit``'s
 outputs: ``estimates.json``, ``estimates.nc``, ``gof.png``, ``vpc.png`` and the
 fitted ``model.yaml``), ``recovery.csv`` and ``result.json`` (see the README).
+
+The package's names, by purpose: the Hydra entry point (``main``, ``RunConfig``,
+``LOG``, ``run_logging``) and the PK demo (``run_demo``); the experiment and its
+resumable pipeline (``run_experiment``, ``run_pipeline``); training
+(``train``, ``train_flower``, ``FederationSettings``, ``DPTarget``); config checks
+(``check_config``, ``preflight``, ``ConfigError``); results (``to_dataset``,
+``combined_scorecard``). Stage names are imported from their submodules on first
+use (:func:`phems_clinical.lazy_exports`).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from phems_clinical import lazy_exports
 from phems_clinical.progress import ProgressFn
 from phems_clinical.provenance import git_revision, versions
 from phems_clinical.resources import configs_dir
@@ -268,6 +277,25 @@ def main(cfg: DictConfig) -> None:
             print(f"phems run: {internal_error_message(err)}", file=sys.stderr,
                   flush=True)
         raise SystemExit(1) from None
+
+
+#: the runner's stages, imported from their submodules on first use
+_EXPORTS = {
+    ".experiment": ("run_experiment",),
+    ".pipeline": ("run_pipeline",),
+    ".report": ("combined_scorecard",),
+    ".results": ("to_dataset",),
+    ".training": ("DPTarget", "FederationSettings", "train", "train_flower"),
+    ".validate": ("ConfigError", "check_config", "preflight"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = [
+    "LOG", "CohortConfig", "ConfigError", "DPTarget", "FederationSettings",
+    "RunConfig", "check_config", "combined_scorecard", "main", "preflight",
+    "run_demo", "run_experiment", "run_logging", "run_pipeline", "to_dataset",
+    "train", "train_flower",
+]
 
 
 if __name__ == "__main__":
