@@ -415,11 +415,11 @@ def summarise_draws(model: PopModel, draws: Float[Array, "n_chains n_samples d"]
     """Summary of MCMC draws of ``x`` (chains on the leading axis), with bulk ESS."""
     from numpyro.diagnostics import effective_sample_size
 
-    draws = np.asarray(draws, np.float64)
-    flat = draws.reshape(-1, draws.shape[-1])
+    chains = np.asarray(draws, np.float64)
+    flat = chains.reshape(-1, chains.shape[-1])
     mean = flat.mean(axis=0)
     cov = np.cov(flat, rowvar=False).reshape(flat.shape[1], flat.shape[1])
-    ess = effective_sample_size(draws) if draws.shape[1] > 3 else None
+    ess = effective_sample_size(chains) if chains.shape[1] > 3 else None
     return _summary(build_packer(model), mean, cov,
                     _natural_fn(model)(jnp.asarray(flat)),
                     ess=ess, n_divergent=n_divergent, seconds=seconds)

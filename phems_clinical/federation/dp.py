@@ -419,7 +419,9 @@ class DPAggregateState(NamedTuple):
     """State of :func:`dp_aggregate` (the key lives in state, as in optax)."""
 
     rng_key: Key
-    count: Int[Array, ""]  # noisy releases so far = steps for the ledger
+    # noisy releases so far = steps for the ledger; named as optax's states name
+    # their step counters, which shadows tuple.count (hence the ignore)
+    count: Int[Array, ""]  # type: ignore[assignment]
 
 
 def dp_aggregate(cfg: DPConfig, key: Key) -> optax.GradientTransformationExtraArgs:

@@ -394,8 +394,8 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
         server, states, dropped = out
         participants = tuple(k for k in range(n_sites)
                              if k not in {d for d, _ in dropped})
-        heads = tuple((k, *head(gates[k])) for k in participants
-                      if gates[k] is not None)
+        heads = tuple((k, *head(g)) for k in participants
+                      if (g := gates[k]) is not None)
         record = RoundRecord(r, participants, tuple(dropped), attempt + 1,
                              time.perf_counter() - t0, heads)
         history.append(record)
@@ -414,6 +414,7 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
             settle(g)
     privacy = None
     if algorithm.dp is not None:
+        assert sizes is not None  # counted above whenever dp is set
         privacy = [{"site": k, "n_patients": n, **dpm.privacy_report(
             algorithm.dp, n, r * algorithm.dp_steps_per_round)}
             for k, n in enumerate(sizes)]

@@ -51,7 +51,8 @@ definite Hessian, while the FOCEI Hessian away from the optimum can be indefinit
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -75,18 +76,21 @@ class TrustRegionBFGS(optx.AbstractBFGS):
 
     rtol: float
     atol: float
-    norm: object = eqx.field(static=True, default=optx.max_norm)
+    norm: Callable[[Any], jax.Array] = eqx.field(static=True, default=optx.max_norm)
     use_inverse: bool = eqx.field(static=True, default=False)
-    descent: object = eqx.field(default_factory=optx.DampedNewtonDescent)
-    search: object = eqx.field(default_factory=optx.ClassicalTrustRegion)
-    verbose: object = eqx.field(static=True, default=lambda **kwargs: None)
+    descent: optx.DampedNewtonDescent = eqx.field(
+        default_factory=optx.DampedNewtonDescent)
+    search: optx.ClassicalTrustRegion = eqx.field(
+        default_factory=optx.ClassicalTrustRegion)
+    verbose: Callable[..., None] = eqx.field(static=True,
+                                             default=lambda **kwargs: None)
 
 
 class FOCEIServer(NamedTuple):
     """BFGS server state: the last accepted point ``y`` and the BFGS state."""
 
     y: jax.Array
-    solver: object
+    solver: Any  # optimistix's quasi-Newton state (a private class there)
     round: jax.Array
 
 

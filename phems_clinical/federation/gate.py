@@ -407,7 +407,9 @@ def release(gate: SiteGate, payload: Mapping[str, Any], round_: int, *,
         cache = _cache_path(gate, adm, round_)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, **{n: np.asarray(v) for n, v in payload.items()})
+        # numpy's stub types **kwds as if a field could be named "allow_pickle"
+        arrays = {n: np.asarray(v) for n, v in payload.items()}
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
         tmp.replace(cache)
     executed = {**adm.executed, r: {"request": digest, "payload": pd}}
     _save_admission(gate, key, adm._replace(

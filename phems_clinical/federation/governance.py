@@ -172,7 +172,8 @@ def _yaml_hint(err: jsonschema.ValidationError) -> str:
 
 
 def _duplicates(obj: dict) -> list[FieldError]:
-    errors, seen = [], {}
+    errors: list[FieldError] = []
+    seen: dict[str, int] = {}
     for i, user in enumerate(obj["data_users"]):
         if user["id"] in seen:
             errors.append(FieldError(f"data_users[{i}].id", f"duplicate data user "

@@ -16,6 +16,7 @@ consensus_mc   one-shot consensus Monte Carlo (the Bayesian baseline)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from phems_clinical.federation.bayes import NUTSSettings, consensus_mc, ep
@@ -106,9 +107,9 @@ def build_fedopt(name: str, objective: Objective, x0: Any, opts: dict[str, Any],
     if name in ("fedadam", "fedyogi"):
         kw["server_learning_rate"] = opts.pop("server_learning_rate",
                                               server_learning_rate)
-    build = {"fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam,
-             "fedyogi": fedyogi}[name]
-    return build(objective, x0, **kw)
+    builders: dict[str, Callable[..., Algorithm]] = {
+        "fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam, "fedyogi": fedyogi}
+    return builders[name](objective, x0, **kw)
 
 
 def estimates_table(model: PopModel, result: dict) -> dict[str, dict[str, float]]:

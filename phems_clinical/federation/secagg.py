@@ -1051,6 +1051,7 @@ def server_unmask(state: ServerState, messages: Mapping[str, UnmaskShares]
         raise SecAggError(f"unmask shares from {sorted(set(u5) - set(state.u4))}, "
                           "which did not sign the consistency check")
     _require(len(u5), cfg.threshold, 4)
+    assert state.masked_sum is not None  # set by stage 3, checked by _expect_stage
     total = state.masked_sum.copy()
     d = total.shape[0]
     dropped_sites = [s for s in state.u2 if s not in state.u3]

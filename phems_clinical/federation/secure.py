@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 from phems_clinical.federation.core import flatten_payload, unflatten_payload
 from phems_clinical.federation.secagg import (
@@ -47,7 +47,14 @@ class SecAggRound(NamedTuple):
     seconds: float
 
 
-FOCEI_SECAGG = {"clip": 1e6, "bits": 48}
+class Quantisation(TypedDict):
+    """The :class:`SecAggConfig` fields other than the threshold."""
+
+    clip: float
+    bits: int
+
+
+FOCEI_SECAGG: Quantisation = {"clip": 1e6, "bits": 48}
 """Payload range and quantisation for objectives, gradients and Hessians: they
 stay far inside +-1e6 per site (Advate, 8 patients: Hessian entries up to about
 4e4); the per-coordinate error is below K * 7e-9 (7e-7 for K = 100, against

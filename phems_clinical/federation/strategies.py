@@ -187,6 +187,7 @@ def fedopt(name: str, objective: Objective, x0: jax.Array, *,
         if site_dp is None:
             mean_delta = total["delta"] / total["weight"]
         else:
+            assert n_sites is not None  # required above whenever site_dp is set
             mean_delta = dpm.clip_and_noise_aggregate(key, total["delta"], n_sites,
                                                       site_dp)
         updates, opt_state = server_optimizer.update(-mean_delta, server.opt_state,

@@ -21,7 +21,7 @@ Sampling designs (hours after the start of the PK-study infusion):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +73,7 @@ class HospitalSpec(NamedTuple):
 def _sample_times(rng: np.random.Generator, design: str, extended: bool) -> np.ndarray:
     if design == "rich":
         return np.array(RICH_TIMES)
-    windows = SPARSE_EHL if extended else SPARSE_SHL
+    windows: tuple[tuple[float, float], ...] = SPARSE_EHL if extended else SPARSE_SHL
     if design == "sparse2":
         windows = (windows[0], windows[-1])
     elif design != "sparse":
@@ -164,12 +164,16 @@ def simulate_cohort(key: Key, model: PopModel, hospital: HospitalSpec, *,
     extended = model.extended_half_life
     vials = [float(v) for v in model.metadata.get("vial_sizes_IU", [250.0])]
 
-    subjects, rows = [], []
+    subjects: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     for i in range(n):
         wt = float(demo["WT"].iloc[i])
         dose = round_dose(hospital.dose_IU_per_kg * wt, vials)
         washout = rng.uniform() < hospital.washout_fraction
-        dose_t, dose_occ, obs_t, obs_occ = [], [], [], []
+        dose_t: list[float] = []
+        dose_occ: list[int] = []
+        obs_t: list[float] = []
+        obs_occ: list[int] = []
         t0 = 0.0
         if not washout:
             for k in range(hospital.prior_doses):
@@ -187,7 +191,7 @@ def simulate_cohort(key: Key, model: PopModel, hospital: HospitalSpec, *,
             dose_time=np.array(dose_t), dose_amt=np.full(len(dose_t), dose),
             dose_dur=np.full(len(dose_t), hospital.infusion_h),
             dose_occ=np.array(dose_occ), obs_time=np.array(obs_t),
-            obs_dv=np.zeros(len(obs_t)), obs_blq=np.zeros(len(obs_t), bool),
+            obs_dv=np.zeros(len(obs_t)), obs_blq=np.zeros(len(obs_t), np.bool_),
             obs_lloq=np.full(len(obs_t), hospital.lloq_IU_dL),
             obs_occ=np.array(obs_occ),
             covariates=[float(demo[c].iloc[i]) for c in model.covariate_names]))

@@ -76,7 +76,10 @@ from phems_clinical.federation.flower.config import (  # noqa: E402
     site_gate,
 )
 from phems_clinical.federation.flower.records import (  # noqa: E402
+    array_record,
     arrays_to_record,
+    config_int,
+    config_record,
     record_to_arrays,
 )
 from phems_clinical.federation.flower.secagg_transport import (  # noqa: E402
@@ -177,14 +180,14 @@ def _site_cohort(site: SiteConfig, settings: RunSettings):
 def _common(config: Mapping[str, Any], settings: RunSettings) -> dict[str, int]:
     """The padded sizes the server broadcast (the use case's query counts)."""
     uc = use_case(settings.use_case)
-    return {f: int(config[f]) for f in tasks_query_fields(uc)}
+    return {f: config_int(config, f) for f in tasks_query_fields(uc)}
 
 
 def _sums(content: RecordDict) -> dict[str, dict[str, np.ndarray]]:
     """The summed rounds' results the server sends with a message (none before
     the first summed round)."""
-    return unpack_sums(record_to_arrays(content["sums"])) if "sums" in content \
-        else {}
+    return (unpack_sums(record_to_arrays(array_record(content, "sums")))
+            if "sums" in content else {})
 
 
 def _secure_round(config, site: SiteConfig, settings: RunSettings, kind: str,
@@ -237,21 +240,21 @@ def site_query(node_config: Mapping[str, Any], run_config: Mapping[str, Any],
         admit(gate, algorithm, cohort.n_subjects, rounds)
     reply = check_query({"site-index": site.site_index, **uc.shape(cohort)}, uc,
                         settings.num_sites)
-    return _with_head(RecordDict({"site": ConfigRecord(reply)}), gate)
+    return _with_head(RecordDict({"site": ConfigRecord({**reply})}), gate)
 
 
 def state_folder(site: SiteConfig, settings: RunSettings, run_id: int) -> Path:
     """The node-local folder of this job's site state."""
-    return Path(site.state_dir) / (settings.job or f"run-{run_id}")
+    return site.state_path / (settings.job or f"run-{run_id}")
 
 
 def site_update(content: RecordDict, node_config: Mapping[str, Any],
                 run_config: Mapping[str, Any], run_id: int) -> RecordDict:
     """One site's round: the reply content for a ``train`` message."""
     t_start = time.time()
-    config = content["config"]
-    r, k = int(config["round"]), int(config["site-index"])
-    n_sites = int(config["num-sites"])
+    config = config_record(content, "config")
+    r, k = config_int(config, "round"), config_int(config, "site-index")
+    n_sites = config_int(config, "num-sites")
     settings = run_settings(run_config)
     site = _checked_site(node_config, n_sites)
     if site.site_index != k:
@@ -272,7 +275,7 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
         in ``folder``), else the payload; with the audit-log head."""
         if secure:
             out = site_advertise(folder, site, settings, k, r,
-                                 int(config[ROUND_ID_KEY]),
+                                 config_int(config, ROUND_ID_KEY),
                                  flatten_payload(payload, algorithm.message_spec))
         else:
             out = RecordDict({"payload": arrays_to_record(payload),
@@ -281,17 +284,17 @@ def site_update(content: RecordDict, node_config: Mapping[str, Any],
 
     digest = None
     if gate is not None:  # admitted, within its rounds, before any data are read
-        digest = request_digest(record_to_arrays(content["broadcast"]), {
+        digest = request_digest(record_to_arrays(array_record(content, "broadcast")), {
             n: v for n, v in config.items() if n != ROUND_ID_KEY})
         cached = cached_reply(gate, r, digest)
         if cached is not None:  # an identical re-request: the same reply, no new ε
             return reply(cached)
     cohort = _site_cohort(site, settings)
     data = use_case(settings.use_case).site_data(cohort, settings, common, sums)
-    state_from = int(config["state-from"])
+    state_from = config_int(config, "state-from")
     state = load_site_state(folder, state_from, algorithm.init_site(data))
     message = {name: jnp.asarray(v) for name, v in
-               record_to_arrays(content["broadcast"]).items()}
+               record_to_arrays(array_record(content, "broadcast")).items()}
     t_loaded = time.time()
     if algorithm.dp is None:  # no DP: the seed's keys, as the in-process engine
         key = site_round_key(
@@ -328,8 +331,8 @@ def site_summary(content: RecordDict, site: SiteConfig, settings: RunSettings,
     tasks.Stage`): its population-level summand, checked against the message
     schema (``$defs/summary_<stage>``) before it leaves; under secure aggregation
     only the key advertisement (the summand stays in the state folder)."""
-    config = content["config"]
-    r, k = int(config["round"]), int(config["site-index"])
+    config = config_record(content, "config")
+    r, k = config_int(config, "round"), config_int(config, "site-index")
     uc = use_case(settings.use_case)
     stage = find_stage(uc, str(config["stage"]))
     if r != stage_round(uc, stage.name):
@@ -337,7 +340,7 @@ def site_summary(content: RecordDict, site: SiteConfig, settings: RunSettings,
                                 f"{stage_round(uc, stage.name)}")
     secure = _secure_round(config, site, settings, "summary", "sums")
     common, sums = _common(config, settings), _sums(content)
-    broadcast = record_to_arrays(content["broadcast"])
+    broadcast = record_to_arrays(array_record(content, "broadcast"))
     local = _site_cohort(site, settings)
     summand = {n: np.asarray(v, np.float64) for n, v in
                stage.site(local, settings, common, sums, broadcast).items()}
@@ -349,7 +352,7 @@ def site_summary(content: RecordDict, site: SiteConfig, settings: RunSettings,
         return site_advertise(
             folder, site, settings._replace(secagg_clip=stage.clip,
                                             secagg_bits=SECAGG_BITS),
-            k, r, int(config[ROUND_ID_KEY]),
+            k, r, config_int(config, ROUND_ID_KEY),
             np.concatenate([summand[n].ravel() for n in sorted(spec)]))
     return RecordDict({"payload": arrays_to_record(summand),
                        "site": ConfigRecord({"site-index": k, "round": r})})
@@ -367,7 +370,7 @@ def site_secagg(content: RecordDict, node_config: Mapping[str, Any],
 
 def site_error_log(node_config: Mapping[str, Any]) -> Path:
     """The site's own error log (``site_errors.jsonl`` in its state folder)."""
-    return Path(site_config(node_config).state_dir) / LOG_FILE
+    return site_config(node_config).state_path / LOG_FILE
 
 
 def _error_reply(error: SiteError, msg: Message, context: Context) -> Message:

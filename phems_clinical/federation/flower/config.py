@@ -236,8 +236,9 @@ class SiteConfig(NamedTuple):
         K as the node was told (checked against the run's, when given).
     data_file : str
         Event table inside ``site_dir``.
-    state_dir : Path
-        Where the node keeps its state between rounds (node-local).
+    state_dir : Path or None
+        Where the node keeps its state between rounds (node-local); None:
+        ``site_dir / STATE_DIR`` (see :attr:`state_path`).
     fail_rounds : frozenset of int
         Fault injection for tests: rounds in which this site raises.
     site_key : Path or None
@@ -260,6 +261,13 @@ class SiteConfig(NamedTuple):
     secagg_required: bool = False
     secagg_identity: Path | None = None
     secagg_trusted: Path | None = None
+
+    @property
+    def state_path(self) -> Path:
+        """The node-local state folder: ``state_dir``, else
+        ``site_dir / STATE_DIR``."""
+        return self.state_dir if self.state_dir is not None else (
+            self.site_dir / STATE_DIR)
 
 
 def site_config(node_config: Mapping[str, Any]) -> SiteConfig:

@@ -99,7 +99,7 @@ def _site_log(node_config: Mapping[str, Any] | None) -> Path | None:
         from phems_clinical.federation.flower.config import site_config
         from phems_clinical.federation.site_errors import LOG_FILE
 
-        return Path(site_config(node_config).state_dir) / LOG_FILE
+        return site_config(node_config).state_path / LOG_FILE
     except Exception:  # noqa: BLE001 -- then the host's own log
         return None
 
@@ -349,7 +349,8 @@ def cap_supernode_waits(idle: float = 0.1, reply: float = 0.02,
             f"cap_supernode_waits: written for Flower 1.41, found {version!r}"
             + (f" without {missing} in start_client_internal" if missing else "")
             + "; run flower-supernode without the wrapper")
-    sci.time = _CappedSleep(float(idle), float(reply))
+    # stands in for the time module inside that one Flower module
+    sci.time = _CappedSleep(float(idle), float(reply))  # type: ignore[assignment]
     sci.pull_objects = functools.partial(sci.pull_objects,
                                          initial_backoff=float(pull_backoff))
 

@@ -121,11 +121,14 @@ def issue_server_cert(ca_cert: Path, ca_key: Path, directory: Path, host: str, *
     and its EC P-384 key ``server.key`` (mode 0600)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import NameOID
 
     ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
     signer = serialization.load_pem_private_key(Path(ca_key).read_bytes(), None)
+    if not isinstance(signer, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ValueError(f"ca_key: expected an EC or RSA private key (signed with "
+                         f"SHA-256), got {type(signer).__name__}")
     san: list[x509.GeneralName] = []
     for n in (host, *names):
         try:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from phems_clinical.federation.messages import MessageRejected
 
@@ -48,4 +48,35 @@ def record_to_arrays(record: ArrayRecord,
     return arrays
 
 
-__all__ = ["arrays_to_record", "record_to_arrays"]
+def array_record(content: RecordDict, name: str) -> ArrayRecord:
+    """The ``ArrayRecord`` ``name`` of a message's content, else
+    ``MessageRejected``."""
+    record = content.get(name)
+    if not isinstance(record, ArrayRecord):
+        raise MessageRejected(f"record {name!r}: expected an ArrayRecord, got "
+                              f"{type(record).__name__}")
+    return record
+
+
+def config_record(content: RecordDict, name: str) -> ConfigRecord:
+    """The ``ConfigRecord`` ``name`` of a message's content, else
+    ``MessageRejected``."""
+    record = content.get(name)
+    if not isinstance(record, ConfigRecord):
+        raise MessageRejected(f"record {name!r}: expected a ConfigRecord, got "
+                              f"{type(record).__name__}")
+    return record
+
+
+def config_int(record: Mapping[str, Any], name: str) -> int:
+    """The integer field ``name`` of a config record (a bool is refused), else
+    ``MessageRejected``."""
+    value = record.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageRejected(f"field {name!r}: expected an integer, got "
+                              f"{type(value).__name__}")
+    return value
+
+
+__all__ = ["array_record", "arrays_to_record", "config_int", "config_record",
+           "record_to_arrays"]

@@ -132,9 +132,10 @@ def flatten(obj: Any, path: str = "m") -> dict[str, Any]:
 
 def _put(obj: Any, path: str, out: dict[str, Any]) -> None:
     tag = path + "@"
-    if isinstance(obj, tuple) and _CLASSES.get(type(obj).__name__) is type(obj):
+    cls = _CLASSES.get(type(obj).__name__)
+    if isinstance(obj, tuple) and cls is type(obj):
         out[tag] = "nt:" + type(obj).__name__
-        for name in obj._fields:
+        for name in cls._fields:
             _put(getattr(obj, name), f"{path}.{name}", out)
     elif isinstance(obj, Mapping):
         out[tag], out[path + "#"] = "dict", len(obj)
@@ -301,7 +302,7 @@ def save_private(path: Path, obj: Any) -> Path:
 
 def load_private(path: Path) -> Any:
     """Read a :func:`save_private` file."""
-    flat = {}
+    flat: dict[str, Any] = {}
     for key, (kind, *v) in json.loads(Path(path).read_text()).items():
         if kind == "a":
             flat[key] = np.frombuffer(bytes.fromhex(v[2]),

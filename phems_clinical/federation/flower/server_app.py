@@ -61,7 +61,15 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import (  # noqa: E402
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from phems_clinical.federation.core import (  # noqa: E402
@@ -84,7 +92,10 @@ from phems_clinical.federation.flower.config import (  # noqa: E402
     run_settings,
 )
 from phems_clinical.federation.flower.records import (  # noqa: E402
+    array_record,
     arrays_to_record,
+    config_int,
+    config_record,
     record_to_arrays,
 )
 from phems_clinical.federation.flower.secagg_transport import (  # noqa: E402
@@ -133,7 +144,8 @@ def exchange(grid: Grid, messages: Mapping[int, Message], timeout: float, *,
     """
     nodes = list(messages)
     ids = list(grid.push_messages([messages[n] for n in nodes]))
-    pending, missing = {}, {}
+    pending: dict[str, int] = {}
+    missing: dict[int, str] = {}
     for node, mid in zip(nodes, ids, strict=True):
         if mid is None:
             missing[node] = "failed: the SuperLink did not accept the message"
@@ -143,9 +155,9 @@ def exchange(grid: Grid, messages: Mapping[int, Message], timeout: float, *,
     deadline = time.monotonic() + timeout
     while pending:
         for reply in grid.pull_messages(list(pending)):
-            node = pending.pop(reply.metadata.reply_to_message_id, None)
-            if node is not None:
-                replies[node] = reply
+            sender = pending.pop(reply.metadata.reply_to_message_id, None)
+            if sender is not None:
+                replies[sender] = reply
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(poll)
@@ -184,7 +196,7 @@ def wait_for_nodes(grid: Grid, settings: RunSettings) -> list[int]:
 
 def query_sites(grid: Grid, nodes: list[int], settings: RunSettings, *,
                 anchors: dict[int, dict] | None = None
-                ) -> tuple[dict[int, int], dict[int, dict[str, int]], dict[int, str]]:
+                ) -> tuple[dict[int, int], dict[int, dict[str, int]], dict[str, str]]:
     """The query round: ``site index -> node id``, each site's sizes, and why the
     nodes that did not answer are out (``anchors``: see :func:`keep_anchor`)."""
     msgs = {n: Message(RecordDict({"config": ConfigRecord(
@@ -222,7 +234,7 @@ def query_sites(grid: Grid, nodes: list[int], settings: RunSettings, *,
     return node_of, shapes, problems
 
 
-def _round_messages(broadcast: RecordDict, r: int, node_of: Mapping[int, int],
+def _round_messages(broadcast: ArrayRecord, r: int, node_of: Mapping[int, int],
                     last_ok: Mapping[int, int], common: Mapping[str, Any],
                     settings: RunSettings, sums: Mapping[str, Any] | None = None
                     ) -> dict[int, Message]:
@@ -230,7 +242,8 @@ def _round_messages(broadcast: RecordDict, r: int, node_of: Mapping[int, int],
     for k, node in node_of.items():
         config = ConfigRecord({**common, "round": r, "site-index": k,
                                "state-from": last_ok[k] + 1})
-        records = {"broadcast": broadcast, "config": config}
+        records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
+            "broadcast": broadcast, "config": config}
         if sums:  # the summed rounds' results (population-level)
             records["sums"] = arrays_to_record(pack_sums(sums))
         out[node] = Message(RecordDict(records),
@@ -251,11 +264,13 @@ def keep_anchor(anchors: dict[int, dict] | None, k: int, content) -> None:
 def _accept(algorithm: Algorithm, reply: Message, k: int, r: int
             ) -> dict[str, np.ndarray]:
     """The payload of a site's reply, checked (raises MessageRejected)."""
-    site = reply.content["site"]
-    if int(site["site-index"]) != k or int(site["round"]) != r:
-        raise MessageRejected(f"reply for site {site['site-index']} round "
-                              f"{site['round']}, expected site {k} round {r}")
-    payload = record_to_arrays(reply.content["payload"], algorithm.message_spec)
+    site = config_record(reply.content, "site")
+    got_k, got_r = config_int(site, "site-index"), config_int(site, "round")
+    if got_k != k or got_r != r:
+        raise MessageRejected(f"reply for site {got_k} round {got_r}, expected "
+                              f"site {k} round {r}")
+    payload = record_to_arrays(array_record(reply.content, "payload"),
+                               algorithm.message_spec)
     check_payload(algorithm, payload, r)
     return payload
 
@@ -306,7 +321,7 @@ def _train_replies(grid: Grid, arrays: Mapping[str, Any], r: int,
     return got, dropped
 
 
-def run_secagg_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
+def run_secagg_round(grid: Grid, algorithm: Algorithm | None, server: Any, r: int,
                      attempt: int, node_of: Mapping[int, int],
                      last_ok: Mapping[int, int], common: Mapping[str, Any],
                      settings: RunSettings, cfg: SecAggConfig, *,
@@ -321,10 +336,19 @@ def run_secagg_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
 
     Returns the decoded sum as a payload (None when the attempt failed), the
     included sites (whose masked input arrived) and the others with reasons.
+    ``algorithm`` (and ``server``) may be None when ``arrays`` and ``unflatten``
+    are given.
     """
+    if arrays is None or unflatten is None:
+        if algorithm is None:
+            raise ValueError("algorithm: required unless arrays and unflatten are "
+                             "given")
+        spec = algorithm.message_spec
+        arrays = algorithm.broadcast(server) if arrays is None else arrays
+        unflatten = unflatten or (lambda vec: unflatten_payload(vec, spec))
     round_id = r * (settings.retries + 1) + attempt - 1
     adverts, dropped = _train_replies(
-        grid, algorithm.broadcast(server) if arrays is None else arrays, r,
+        grid, arrays, r,
         node_of, last_ok, {**common, ROUND_ID_KEY: round_id}, settings,
         lambda reply, k: read_reply(reply.content, "advertise_keys", k, r, round_id),
         anchors, sums)
@@ -356,8 +380,7 @@ def run_secagg_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
                                 [(k, why) for k in adverts if k not in named])
     index = {site_id(k): k for k in range(settings.num_sites)}
     included = tuple(sorted(index[s] for s in result.included))
-    total = (unflatten_payload(result.total, algorithm.message_spec)
-             if unflatten is None else unflatten(result.total))
+    total = unflatten(result.total)
     return total, included, sorted(d for d in dropped + left_out
                                    if d[0] not in included)
 
@@ -399,13 +422,13 @@ def run_summary(grid: Grid, stage: Stage, node_of: Mapping[int, int],
                 unflatten=unflatten)
         else:
             def read(reply, k):
-                site = reply.content["site"]
-                if int(site["site-index"]) != k or int(site["round"]) != r:
-                    raise MessageRejected(f"summary reply for site "
-                                          f"{site['site-index']} round "
-                                          f"{site['round']}, expected site {k} "
-                                          f"round {r}")
-                arrays = record_to_arrays(reply.content["payload"], spec)
+                site = config_record(reply.content, "site")
+                got_k, got_r = config_int(site, "site-index"), config_int(site, "round")
+                if got_k != k or got_r != r:
+                    raise MessageRejected(f"summary reply for site {got_k} round "
+                                          f"{got_r}, expected site {k} round {r}")
+                arrays = record_to_arrays(array_record(reply.content, "payload"),
+                                          spec)
                 check_summary(stage.name, arrays, spec)
                 return arrays
 
@@ -420,6 +443,7 @@ def run_summary(grid: Grid, stage: Stage, node_of: Mapping[int, int],
                 f"summary {stage.name}: {len(included)} of {settings.num_sites} "
                 f"sites answered in {attempts} attempts ({sorted(dropped)}); every "
                 f"site's sum is needed")
+    assert total is not None  # every site's sum arrived
     out = {n: np.asarray(v, np.float64) for n, v in total.items()}
     return out, {"stage": stage.name, "round": r, "attempts": attempts,
                  "dropped": sorted(dropped), "secure": bool(settings.secagg)}
