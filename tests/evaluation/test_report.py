@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import io
+import json
 import math
 import re
 from html.parser import HTMLParser
@@ -325,9 +326,39 @@ def test_html_generated_defaults_to_now(result, png):
     assert "<dd>2023-01-02 03:04</dd>" in _render(result, png)
 
 
-def test_write_examples(png, html, tmp_path):
-    """Save an example render for visual inspection (looks are not asserted)."""
-    with open(tmp_path / "curve_example.png", "wb") as fh:
-        fh.write(png)
-    with open(tmp_path / "report_example.html", "w", encoding="utf-8") as fh:
-        fh.write(html)
+def test_write_examples(result, png, html, tmp_path):
+    """The report as ``phems dose`` saves it (``write_dose_outputs``): exactly
+    ``result.json``, ``curve.png`` and ``report.html`` in the output folder, each
+    holding what was rendered; the HTML has every section, embeds the curve and
+    shows the patient's values."""
+    from phems_clinical.app.dose import DoseOutput, write_dose_outputs
+    from phems_clinical.outputs import strict_json
+
+    # as the dosing workflow hands it over: JSON values, infinities as None
+    full = strict_json({**result, "display": display(result)})
+    out = tmp_path / "report"
+    paths = write_dose_outputs(DoseOutput(full, png, html), out)
+    assert paths == [out / "result.json", out / "curve.png", out / "report.html"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [
+        "curve.png", "report", "report.html", "result.json"]  # nothing else
+    assert json.loads((out / "result.json").read_text(encoding="utf-8")) == \
+        full
+    saved_png = (out / "curve.png").read_bytes()
+    assert saved_png == png
+    assert mpimg.imread(io.BytesIO(saved_png), format="png").shape[:2] == (540, 960)
+    saved = (out / "report.html").read_text(encoding="utf-8")
+    assert saved == html
+    headings = re.findall(r"<h[12][^>]*>(.*?)</h[12]>", saved)
+    assert headings == ["Individual PK report", "Warnings (1)", "Summary",
+                        "Designed regimens", "Measured levels",
+                        "Patient covariates", "Model", "Notes"]
+    assert saved.count('src="data:image/png;base64,') == 1
+    assert base64.b64encode(png).decode() in saved
+    # values rendered: the patient, the model, the half-life and a covariate row
+    assert "PK-0042" in saved and "Björkman 2012" in saved
+    assert "12.3 h (90 % interval 9.88\u201314.8 h)" in saved
+    assert _row(saved, "Blood group (BGO)") == \
+        "Blood group (BGO) | non-O | assumed | assumed, not measured"
+    # a second save into the same folder is refused, not silently replaced
+    with pytest.raises(ValueError, match="--out"):
+        write_dose_outputs(DoseOutput(full, png, html), out)
