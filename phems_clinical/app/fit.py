@@ -214,6 +214,7 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
     if draws is not None:
         ds["draws"] = (("draw", "parameter"),
                        np.stack([np.asarray(draws[n]) for n in names], axis=1))
+    _describe(ds, model, names)
     ds.attrs.update({"method": method, "model": model.name, "seed": seed,
                      "ofv": objective["ofv"] if objective else np.nan})
 
@@ -363,3 +364,23 @@ def _drop_blq(data: PKData) -> PKData:
 
 
 __all__ = ["METHODS", "FitFailedError", "fitted_model", "resolve_model", "run_fit"]
+
+
+def _describe(ds, model, names) -> None:
+    """``long_name`` and ``units`` on every variable of ``estimates.nc``: the
+    table's columns are in each parameter's unit (coordinate ``parameter_unit``,
+    the model's unit of a typical value, ``""`` where not stated) except
+    ``rse_percent`` (%), ``r_hat`` and effective sample sizes (1); the random
+    effects ``eta`` are on the log scale (1)."""
+    from phems_clinical.runner.results import parameter_units
+
+    units = parameter_units(model, names)
+    ds.coords["parameter_unit"] = ("parameter", [units.get(n, "") for n in names])
+    for name in ds.data_vars:
+        if name == "rse_percent":
+            unit = "%"
+        elif name == "eta" or name == "r_hat" or name.startswith("ess"):
+            unit = "1"
+        else:
+            unit = "see parameter_unit"
+        ds[name].attrs.update(long_name=name.replace("_", " "), units=unit)

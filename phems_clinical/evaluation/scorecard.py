@@ -1103,6 +1103,14 @@ def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
     ds["uninformative"].attrs["description"] = (
         "why the metric cannot tell good from bad at this size (empty: it can)")
     ds["epsilon"].attrs["description"] = "DP epsilon (NaN: not differentially private)"
+    for name, (long_name, units) in {
+            "value": ("metric value", "see label (per metric)"),
+            "ci_low": ("lower end of the 95 % interval", "see label (per metric)"),
+            "ci_high": ("upper end of the 95 % interval", "see label (per metric)"),
+            "n": ("sample size of the interval", "1"),
+            "successes": ("successful attacks", "1"),
+            "control_successes": ("successful control attacks", "1")}.items():
+        ds[name].attrs.update(long_name=long_name, units=units)
     return ds
 
 

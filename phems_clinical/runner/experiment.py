@@ -105,7 +105,7 @@ def run_experiment(cfg: DictConfig, out: Path, *,
     from phems_clinical.evaluation.sources import SourceSpec
     from phems_clinical.runner.pipeline import run_pipeline
     from phems_clinical.runner.report import utility_figure, write_report
-    from phems_clinical.runner.results import to_dataset
+    from phems_clinical.runner.results import parameter_units, to_dataset
     from phems_clinical.runner.training import check_flower_model, check_settings
 
     # everything checkable before data are touched
@@ -148,7 +148,9 @@ def run_experiment(cfg: DictConfig, out: Path, *,
         test_fraction=cfg.data.test_fraction, n_attacks=cfg.evaluation.n_attacks,
         progress=progress,
         checkpoint_dir=out / "checkpoints")
-    ds = to_dataset(run, task, sources, seed=int(cfg.seed))
+    ds = to_dataset(run, task, sources, seed=int(cfg.seed),
+                    parameter_units=parameter_units(
+                        model, [p for r in run.sources.values() for p in r.estimates]))
     ds.attrs.update({"experiment": cfg.experiment_name, "use_case": task.use_case,
                      "model": model_name, "holdout_site": holdout,
                      "engine": fed.engine,

@@ -19,6 +19,9 @@ variable           dims                                        meaning
 ``train_delta``    seed, source                                its δ
 =================  ==========================================  =====================
 
+Every variable has ``long_name`` and ``units`` (:data:`VARIABLES`); per-element
+units are the coordinates ``utility_unit`` and ``parameter_unit`` (the model's
+units of the PK typical values, e.g. ``dL/h``; ``""``: not stated).
 Coordinates: ``site_role`` (``held-out patients`` or ``held-out hospital``) on
 ``site``; per ``source`` its ``kind``, ``method``, data ``epsilon`` (the source's
 own DP, e.g. MST; NaN: not DP) and ``stopped_by`` (why training
@@ -28,7 +31,7 @@ stopped). A multirun stacks runs along
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import xarray as xr
@@ -52,8 +55,10 @@ def _union(lists) -> list[str]:
 
 
 def to_dataset(run: PipelineRun, task: Task, sources: Sequence[SourceSpec], *,
-               seed: int) -> xr.Dataset:
-    """The Dataset of one run (see the module docstring)."""
+               seed: int, parameter_units: Mapping[str, str] | None = None
+               ) -> xr.Dataset:
+    """The Dataset of one run (see the module docstring); ``parameter_units``:
+    ``{estimate name: unit}`` (:func:`parameter_units`), the rest ``""``."""
     names = list(run.sources)
     sites = [*run.train_sites, run.holdout_site]
     metrics = list(task.metrics)
@@ -101,4 +106,43 @@ def to_dataset(run: PipelineRun, task: Task, sources: Sequence[SourceSpec], *,
                                           for s in names])})
     ds["utility"].attrs["labels"] = "; ".join(f"{m}: {task.labels[m]}"
                                               for m in metrics)
+    ds = ds.assign_coords(
+        utility_unit=("utility_metric", [METRIC_UNITS.get(m, "") for m in metrics]),
+        parameter_unit=("parameter", [(parameter_units or {}).get(p, "")
+                                      for p in params]))
+    for name, (long_name, units) in VARIABLES.items():
+        ds[name].attrs.update(long_name=long_name, units=units)
     return ds.expand_dims(seed=[int(seed)])
+
+
+#: Units of the use cases' utility metrics (``"1"``: dimensionless; a share is a
+#: fraction from 0 to 1); ``utility_unit`` is ``""`` for a metric not listed.
+METRIC_UNITS = {"mdape": "%", "mpe": "%", "within20": "1", "auroc": "1",
+                "auprc": "1", "utility": "1", "brier": "1",
+                "calibration_slope": "1", "c_death": "1", "auc_cicu_gt7": "1",
+                "brier_death_360d": "1", "brier_readmit_360d": "1"}
+
+#: ``long_name`` and ``units`` of every data variable of ``results.nc``; where
+#: the unit differs along a dimension, ``units`` names the coordinate that holds
+#: it per element (CF has no per-element units).
+VARIABLES = {
+    "utility": ("utility of the model trained on each source, on real held-out "
+                "data", "see utility_unit"),
+    "scorecard": ("privacy and fidelity metric of each site's source",
+                  "see the scorecard's metric labels"),
+    "estimate": ("model estimate", "see parameter_unit"),
+    "estimate_se": ("standard error of the estimate", "see parameter_unit"),
+    "rounds": ("federated rounds", "1"),
+    "converged": ("training converged (1) or not (0)", "1"),
+    "train_epsilon": ("differential-privacy epsilon of training", "1"),
+    "train_delta": ("differential-privacy delta of training", "1"),
+}
+
+
+def parameter_units(model, names: Sequence[str]) -> dict[str, str]:
+    """``{name: unit}`` of the NONMEM-named estimates (``THETA(CL)``) whose
+    typical value declares a unit in the model (population PK models: e.g.
+    ``dL/h``); others are left out (their unit is not stated)."""
+    units = {f"THETA({t.name})": t.unit for t in getattr(model, "thetas", ())
+             if getattr(t, "unit", "")}
+    return {n: units[n] for n in names if n in units}

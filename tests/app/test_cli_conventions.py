@@ -109,3 +109,61 @@ def test_hydra_own_options_still_work():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "seed: 7" in r.stdout and "use_case:" in r.stdout
+
+
+# ------------------------------------------------------------ NetCDF units
+def _numeric_without_units(path) -> list[str]:
+    import numpy as np
+    import xarray as xr
+
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        return [n for n, v in ds.data_vars.items()
+                if np.issubdtype(v.dtype, np.number) or v.dtype == bool
+                if not v.attrs.get("units") or not v.attrs.get("long_name")]
+
+
+def test_scorecard_nc_has_units(tmp_path):
+    from phems_clinical.evaluation.scorecard import build_scorecard
+    from phems_clinical.evaluation.scorecard_report import write_scorecard
+
+    ds = build_scorecard(
+        {"real": {"k_anonymity": 1.0}, "anon": {"k_anonymity": 5.0}},
+        sources_meta={"real": {"kind": "real"}, "anon": {"kind": "anonymised"}},
+        use_case="haemophilia", seed=0)
+    nc, _ = write_scorecard(ds, tmp_path)
+    assert _numeric_without_units(nc) == []
+    import xarray as xr
+    with xr.open_dataset(nc, engine="h5netcdf") as back:
+        assert back["n"].attrs["units"] == "1"
+
+
+def test_results_nc_has_units_and_pk_units(tmp_path):
+    from types import SimpleNamespace
+
+    from phems_clinical.evaluation.scorecard import build_scorecard
+    from phems_clinical.evaluation.sources import SourceSpec
+    from phems_clinical.pk.library import load_product
+    from phems_clinical.runner.results import parameter_units, to_dataset
+    from phems_clinical.usecases.haemophilia import TASK
+    card = build_scorecard({"real": {"k_anonymity": 1.0}},
+                           sources_meta={"real": {"kind": "real"}},
+                           use_case="haemophilia", seed=0)
+    names = ["THETA(CL)", "THETA(V1)", "THETA(CL_WT_pow)", "OMEGA(CL,CL)"]
+    src = SimpleNamespace(
+        utility={"A": {"mdape": 20.0, "mpe": -3.0, "within20": 0.5},
+                 "B": {"mdape": 25.0, "mpe": 1.0, "within20": 0.4}},
+        estimates=dict.fromkeys(names, 1.0), se=dict.fromkeys(names, 0.1),
+        rounds=3, converged=True, privacy={}, stopped_by="converged")
+    run = SimpleNamespace(sources={"real": src}, train_sites=["A"],
+                          holdout_site="B", scorecards={"A": card})
+    units = parameter_units(load_product("advate"), names)
+    assert units == {"THETA(CL)": "dL/h", "THETA(V1)": "dL"}  # configs/model/advate
+    ds = to_dataset(run, TASK, [SourceSpec("real", "real")], seed=0,
+                    parameter_units=units)
+    ds.to_netcdf(tmp_path / "results.nc", engine="h5netcdf")
+    assert _numeric_without_units(tmp_path / "results.nc") == []
+    import xarray as xr
+    with xr.open_dataset(tmp_path / "results.nc", engine="h5netcdf") as back:
+        assert back["parameter_unit"].values.tolist() == ["dL/h", "dL", "", ""]
+        assert back["utility_unit"].values.tolist() == ["%", "%", "1"]
+        assert back["estimate_se"].attrs["units"] == "see parameter_unit"
