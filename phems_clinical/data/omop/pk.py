@@ -113,6 +113,45 @@ def pk_to_omop(events: pd.DataFrame, *, product: str, site: str,
         neither doses nor observations, or a dose without duration information.
     """
     drug_id, level_id, fname = _factor(factor)
+    ev, is_dose, is_obs = _checked_events(events)
+    first = {"visit_occurrence": 1, "drug_exposure": 1, "measurement": 1,
+             "observation": 1, **(first_ids or {})}
+    t0_of = _assign_persons(ev, start)
+    person, t0_s = _person_table(ev, t0_of, care_site_id)
+    care_site = pd.DataFrame({"care_site_id": [care_site_id],
+                              "care_site_name": [str(site)],
+                              "care_site_source_value": [str(site)[:50]]})
+    dose = ev[is_dose].copy()
+    dur = _dose_durations(dose)
+    visit, vid = _visit_table(ev, is_dose, dur, first["visit_occurrence"],
+                              care_site_id)
+    drug = pd.DataFrame({
+        "drug_exposure_id": np.arange(len(dose), dtype="int64")
+        + first["drug_exposure"],
+        "person_id": dose["_pid"].to_numpy(),
+        "drug_concept_id": drug_id,
+        "drug_exposure_start_datetime": dose["_t"].to_numpy(),
+        "drug_exposure_end_datetime": (dose["_t"] + _hours(dur.to_numpy())).to_numpy(),
+        "drug_type_concept_id": TYPE_EHR,
+        "quantity": dose["AMT"].astype(float).to_numpy(),
+        "visit_occurrence_id": vid[is_dose],
+        "drug_source_value": str(product)[:50],
+        "dose_unit_source_value": "[IU]",
+    })
+    levels = _level_table(ev[is_obs], vid[is_obs], level_id, fname)
+    measurement, observation = _covariate_tables(ev, t0_s, levels, first)
+    out = {"person": person, "care_site": care_site, "visit_occurrence": visit,
+           "drug_exposure": drug, "measurement": measurement}
+    if observation is not None:
+        out["observation"] = observation
+    return out
+
+
+def _checked_events(events: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray,
+                                                    np.ndarray]:
+    """Upper-case copy of ``events`` and its dose and observation masks; a missing
+    ID/TIME/AGE column, a row that is neither, or a missing time, dose or level
+    (unless BLQ) is refused naming the rows."""
     ev = events.rename(columns=str.upper).reset_index(drop=True).copy()
     for col in ("ID", "TIME", "AGE"):
         if col not in ev.columns:
@@ -141,9 +180,12 @@ def pk_to_omop(events: pd.DataFrame, *, product: str, site: str,
                              f"{rows[:10].tolist()} (IDs "
                              f"{pd.unique(ev['ID'].iloc[rows[:10]]).tolist()}); "
                              f"expected {what}")
-    first = {"visit_occurrence": 1, "drug_exposure": 1, "measurement": 1,
-             "observation": 1, **(first_ids or {})}
+    return ev, is_dose, is_obs
 
+
+def _assign_persons(ev: pd.DataFrame, start) -> dict:
+    """Add ``_pid`` (the ID when all IDs are positive integers, else 1..n), ``_t``
+    (calendar time) and ``_occ`` to ``ev``; return time 0 per person_id."""
     ids = pd.unique(ev["ID"])
     numeric = pd.to_numeric(pd.Series(ids), errors="coerce")
     if numeric.notna().all() and (numeric > 0).all() and (numeric % 1 == 0).all():
@@ -157,20 +199,27 @@ def pk_to_omop(events: pd.DataFrame, *, product: str, site: str,
         t0_of = {pid_of[i]: pd.Timestamp(start) for i in ids}
     t0 = ev["_pid"].map(t0_of).astype("datetime64[ns]")
     ev["_t"] = t0 + _hours(ev["TIME"])
-    occ = ev["OCC"].fillna(1).astype(int) if "OCC" in ev.columns else 1
-    ev["_occ"] = occ
+    ev["_occ"] = ev["OCC"].fillna(1).astype(int) if "OCC" in ev.columns else 1
+    return t0_of
 
+
+def _subject_value(ev: pd.DataFrame, col: str) -> pd.Series:
+    """Each person's first non-missing ``col`` (NaN if none), by ``_pid``."""
+    return ev.groupby("_pid", sort=False)[col].agg(
+        lambda s: s.dropna().iloc[0] if s.notna().any() else np.nan)
+
+
+def _person_table(ev: pd.DataFrame, t0_of: dict, care_site_id: int
+                  ) -> tuple[pd.DataFrame, pd.Series]:
+    """OMOP person (birth = time 0 minus AGE years of 365.25 days) and time 0 per
+    person; a person without AGE is refused."""
     first_row = ev.groupby("_pid", sort=False).first()
-
-    def subject_value(col):
-        return ev.groupby("_pid", sort=False)[col].agg(
-            lambda s: s.dropna().iloc[0] if s.notna().any() else np.nan)
-
-    age = subject_value("AGE")
+    age = _subject_value(ev, "AGE")
     if age.isna().any():
         bad = age.index[age.isna()].tolist()
         raise ValueError(f"events: AGE missing for person(s) {bad}")
-    sex = subject_value("SEX") if "SEX" in ev.columns else pd.Series(0, index=age.index)
+    sex = (_subject_value(ev, "SEX") if "SEX" in ev.columns
+           else pd.Series(0, index=age.index))
     pids = age.index.to_numpy()
     t0_s = pd.Series([t0_of[p] for p in pids], index=pids, dtype="datetime64[ns]")
     birth = t0_s - _hours(age.to_numpy() * 8766.0)  # 365.25 d * 24 h
@@ -187,12 +236,12 @@ def pk_to_omop(events: pd.DataFrame, *, product: str, site: str,
     person["year_of_birth"] = person["birth_datetime"].dt.year.astype("int64")
     person["month_of_birth"] = person["birth_datetime"].dt.month.astype("int64")
     person["day_of_birth"] = person["birth_datetime"].dt.day.astype("int64")
-    care_site = pd.DataFrame({"care_site_id": [care_site_id],
-                              "care_site_name": [str(site)],
-                              "care_site_source_value": [str(site)[:50]]})
+    return person, t0_s
 
-    # durations
-    dose = ev[is_dose].copy()
+
+def _dose_durations(dose: pd.DataFrame) -> pd.Series:
+    """Infusion duration (h) of each dose: DUR, else AMT/RATE for RATE > 0, else 0
+    (bolus); doses with neither column are refused."""
     if "DUR" in dose.columns and dose["DUR"].notna().all():
         dur = dose["DUR"].astype(float)
     elif "RATE" in dose.columns:
@@ -203,15 +252,18 @@ def pk_to_omop(events: pd.DataFrame, *, product: str, site: str,
             dur = dose["DUR"].astype(float).fillna(dur)
     else:
         raise ValueError("events: doses need DUR (h) or RATE (IU/h)")
-    dur = dur.fillna(0.0)
+    return dur.fillna(0.0)
 
-    # visits: one per (person, OCC)
+
+def _visit_table(ev: pd.DataFrame, is_dose: np.ndarray, dur: pd.Series,
+                 first_id: int, care_site_id: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """One outpatient visit per (person, OCC), from its first event to the end of
+    its last; and the visit id of each event row."""
     ev["_end"] = ev["_t"]
     ev.loc[is_dose, "_end"] = ev.loc[is_dose, "_t"] + _hours(dur.to_numpy())
     vis = (ev.groupby(["_pid", "_occ"], sort=True)
            .agg(start=("_t", "min"), end=("_end", "max")).reset_index())
-    vis["visit_occurrence_id"] = np.arange(len(vis), dtype="int64") + first[
-        "visit_occurrence"]
+    vis["visit_occurrence_id"] = np.arange(len(vis), dtype="int64") + first_id
     visit = pd.DataFrame({
         "visit_occurrence_id": vis["visit_occurrence_id"],
         "person_id": vis["_pid"].astype("int64"),
@@ -222,22 +274,13 @@ def pk_to_omop(events: pd.DataFrame, *, product: str, site: str,
     })
     vid = ev.merge(vis[["_pid", "_occ", "visit_occurrence_id"]], on=["_pid", "_occ"],
                    how="left")["visit_occurrence_id"].to_numpy()
+    return visit, vid
 
-    drug = pd.DataFrame({
-        "drug_exposure_id": np.arange(len(dose), dtype="int64")
-        + first["drug_exposure"],
-        "person_id": dose["_pid"].to_numpy(),
-        "drug_concept_id": drug_id,
-        "drug_exposure_start_datetime": dose["_t"].to_numpy(),
-        "drug_exposure_end_datetime": (dose["_t"] + _hours(dur.to_numpy())).to_numpy(),
-        "drug_type_concept_id": TYPE_EHR,
-        "quantity": dose["AMT"].astype(float).to_numpy(),
-        "visit_occurrence_id": vid[is_dose],
-        "drug_source_value": str(product)[:50],
-        "dose_unit_source_value": "[IU]",
-    })
 
-    obs = ev[is_obs]
+def _level_table(obs: pd.DataFrame, vid: np.ndarray, level_id: int,
+                 fname: str) -> pd.DataFrame:
+    """Factor levels as measurement rows: "=" DV, or "<" LLOQ for BLQ; assay and
+    LLOQ in measurement_source_value (``FVIII:C|ASSAY=OSA|LLOQ=1.0``)."""
     blq = (obs["BLQ"].fillna(0).astype(int).to_numpy() == 1 if "BLQ" in obs.columns
            else np.zeros(len(obs), bool))
     lloq = (obs["LLOQ"].astype(float).to_numpy() if "LLOQ" in obs.columns
@@ -254,7 +297,7 @@ def pk_to_omop(events: pd.DataFrame, *, product: str, site: str,
             parts.append("LLOQ=" + _num(lq))
         src.append("|".join(parts))
     value = np.where(blq, lloq, dv)
-    levels = pd.DataFrame({
+    return pd.DataFrame({
         "person_id": obs["_pid"].to_numpy(),
         "measurement_concept_id": level_id,
         "measurement_datetime": obs["_t"].to_numpy(),
@@ -262,17 +305,23 @@ def pk_to_omop(events: pd.DataFrame, *, product: str, site: str,
         "operator_concept_id": np.where(blq, OPERATOR["<"], OPERATOR["="]),
         "value_as_number": value,
         "unit_source_value": "[IU]/dL",
-        "visit_occurrence_id": vid[is_obs],
+        "visit_occurrence_id": vid,
         "measurement_source_value": src,
         "value_source_value": [("<" + _num(v)) if b else _num(v) if pd.notna(v)
                                else None for v, b in zip(value, blq, strict=True)],
     })
 
+
+def _covariate_tables(ev: pd.DataFrame, t0_s: pd.Series, levels: pd.DataFrame,
+                      first: Mapping[str, int]
+                      ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Measurement (levels, then covariates by PK_COVARIATE) and observation
+    (other covariates; None if there are none) tables, covariates at time 0."""
     covs = [c for c in ev.columns if c not in _NON_COVARIATES
             and not c.startswith("_") and pd.api.types.is_numeric_dtype(ev[c])]
     meas_cov, obs_cov = [], []
     for c in covs:
-        v = subject_value(c)
+        v = _subject_value(ev, c)
         v = v[v.notna()]
         if not len(v):
             continue
@@ -294,22 +343,17 @@ def pk_to_omop(events: pd.DataFrame, *, product: str, site: str,
     measurement = pd.concat(meas_parts, ignore_index=True)
     measurement.insert(0, "measurement_id", np.arange(len(measurement), dtype="int64")
                        + first["measurement"])
-    if obs_cov:
-        oc = pd.concat(obs_cov, ignore_index=True)
-        observation = pd.DataFrame({
-            "observation_id": np.arange(len(oc), dtype="int64") + first["observation"],
-            "person_id": oc["person_id"], "observation_concept_id": oc["concept"],
-            "observation_datetime": oc["_t"],
-            "observation_type_concept_id": TYPE_EHR,
-            "value_as_number": oc["value_as_number"],
-            "observation_source_value": oc["name"]})
-    else:
-        observation = None
-    out = {"person": person, "care_site": care_site, "visit_occurrence": visit,
-           "drug_exposure": drug, "measurement": measurement}
-    if observation is not None:
-        out["observation"] = observation
-    return out
+    if not obs_cov:
+        return measurement, None
+    oc = pd.concat(obs_cov, ignore_index=True)
+    observation = pd.DataFrame({
+        "observation_id": np.arange(len(oc), dtype="int64") + first["observation"],
+        "person_id": oc["person_id"], "observation_concept_id": oc["concept"],
+        "observation_datetime": oc["_t"],
+        "observation_type_concept_id": TYPE_EHR,
+        "value_as_number": oc["value_as_number"],
+        "observation_source_value": oc["name"]})
+    return measurement, observation
 
 
 def _refuse_missing(table: str, df: pd.DataFrame, field: str, missing: np.ndarray,
