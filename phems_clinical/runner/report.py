@@ -407,9 +407,11 @@ def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
                        else "; one seed") + ")."
             + (" Intervals: estimate \u00b1 1.96 standard errors of the fit "
                "(federated FOCEI: R-based, from the summed site Hessians, as "
-               "NONMEM's $COVARIANCE MATRIX=R). They show how precise the fit "
-               "on that source looks; a derived source whose interval excludes "
-               "the real data's estimate changed what the model learns."
+               "NONMEM's $COVARIANCE MATRIX=R; symmetric Wald intervals, so a "
+               "lower bound below 0 for a positive parameter means that source "
+               "barely informs it). They show how precise the fit on that "
+               "source looks; a derived source whose interval excludes the real "
+               "data's estimate changed what the model learns."
                if wald else
                (" No standard errors: this fit reports point estimates only."
                 if n_seeds == 1 else ""))),
