@@ -18,8 +18,9 @@ from collections.abc import Callable, Mapping
 __version__ = "0.1.0"
 
 
-def lazy_exports(package: str, exports: Mapping[str, tuple[str, ...]]
-                 ) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
+def lazy_exports(
+    package: str, exports: Mapping[str, tuple[str, ...]]
+) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for ``package`` (PEP 562): ``exports`` maps a
     submodule (relative, e.g. ``".cohort"``) to the names it provides, and a name
     is imported from its submodule on first use, then kept on the package."""

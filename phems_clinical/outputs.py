@@ -41,8 +41,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OutputExistsError", "check_out", "replaced_file", "staged_dir",
-           "strict_json", "write_atomic", "write_json_atomic"]
+__all__ = [
+    "OutputExistsError",
+    "check_out",
+    "replaced_file",
+    "staged_dir",
+    "strict_json",
+    "write_atomic",
+    "write_json_atomic",
+]
 
 
 class OutputExistsError(ValueError):
@@ -60,8 +67,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def check_out(out: str | Path, *, overwrite: bool = False,
-              option: str = "--out") -> Path:
+def check_out(
+    out: str | Path, *, overwrite: bool = False, option: str = "--out"
+) -> Path:
     """Refuse ``out`` before any work starts when it would be replaced silently.
 
     ``out`` may be missing or an empty folder; a non-empty folder needs
@@ -74,13 +82,15 @@ def check_out(out: str | Path, *, overwrite: bool = False,
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(
             f"{option}: {out} already holds results; choose a new folder or pass "
-            f"--overwrite to replace it as a whole")
+            f"--overwrite to replace it as a whole"
+        )
     return out
 
 
 @contextlib.contextmanager
-def staged_dir(out: str | Path, *, overwrite: bool = False,
-               option: str = "--out") -> Iterator[Path]:
+def staged_dir(
+    out: str | Path, *, overwrite: bool = False, option: str = "--out"
+) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success it becomes ``out``.
 
     The temporary folder is ``.<name>.partial-<random>`` in ``out``'s parent (the

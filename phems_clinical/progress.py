@@ -26,9 +26,21 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, TextIO
 
-__all__ = ["ProgressEvent", "ProgressFn", "bars", "bars_wanted", "begin", "end",
-           "fan_out", "labelled", "log_events", "note", "silent", "step",
-           "within"]
+__all__ = [
+    "ProgressEvent",
+    "ProgressFn",
+    "bars",
+    "bars_wanted",
+    "begin",
+    "end",
+    "fan_out",
+    "labelled",
+    "log_events",
+    "note",
+    "silent",
+    "step",
+    "within",
+]
 
 
 class ProgressEvent(NamedTuple):
@@ -61,20 +73,33 @@ def silent(event: ProgressEvent) -> None:
     del event
 
 
-def begin(progress: ProgressFn, task: str, total: int | None, label: str = "",
-          **info: Any) -> None:
+def begin(
+    progress: ProgressFn, task: str, total: int | None, label: str = "", **info: Any
+) -> None:
     """Announce that ``task`` starts, with ``total`` steps (None: unknown)."""
     progress(ProgressEvent("start", task, 0, total, label, info))
 
 
-def step(progress: ProgressFn, task: str, done: int, total: int | None,
-         label: str = "", **info: Any) -> None:
+def step(
+    progress: ProgressFn,
+    task: str,
+    done: int,
+    total: int | None,
+    label: str = "",
+    **info: Any,
+) -> None:
     """Announce that ``done`` steps of ``task`` are finished."""
     progress(ProgressEvent("step", task, done, total, label, info))
 
 
-def end(progress: ProgressFn, task: str, done: int, total: int | None = None,
-        label: str = "", **info: Any) -> None:
+def end(
+    progress: ProgressFn,
+    task: str,
+    done: int,
+    total: int | None = None,
+    label: str = "",
+    **info: Any,
+) -> None:
     """Announce that ``task`` ended after ``done`` steps."""
     progress(ProgressEvent("end", task, done, total, label, info))
 
@@ -115,8 +140,9 @@ def _info_text(event: ProgressEvent) -> str:
     return ", ".join(parts)
 
 
-def log_events(logger: logging.Logger, *, step_level: int = logging.INFO,
-               every: int = 10) -> ProgressFn:
+def log_events(
+    logger: logging.Logger, *, step_level: int = logging.INFO, every: int = 10
+) -> ProgressFn:
     """A listener that writes events to ``logger``.
 
     Starts, ends (with the stage's duration) and notes at INFO; steps at
@@ -131,22 +157,42 @@ def log_events(logger: logging.Logger, *, step_level: int = logging.INFO,
             logger.info("%s", event.label)
         elif event.kind == "start":
             started[event.task] = time.perf_counter()
-            size = ("" if event.total is None else
-                    f" ({event.total} step{'s' * (event.total != 1)})")
-            logger.info("%s: started%s%s%s", event.task,
-                        f" {event.label}" if event.label else "", size,
-                        f"; {extra}" if extra else "")
+            size = (
+                ""
+                if event.total is None
+                else f" ({event.total} step{'s' * (event.total != 1)})"
+            )
+            logger.info(
+                "%s: started%s%s%s",
+                event.task,
+                f" {event.label}" if event.label else "",
+                size,
+                f"; {extra}" if extra else "",
+            )
         elif event.kind == "end":
             took = time.perf_counter() - started.pop(event.task, time.perf_counter())
             unit = "round" if event.task == "rounds" else "step"
-            logger.info("%s: finished%s after %d %s%s in %.1f s%s", event.task,
-                        f" {event.label}" if event.label else "", event.done, unit,
-                        "s" * (event.done != 1), took,
-                        f"; {extra}" if extra else "")
+            logger.info(
+                "%s: finished%s after %d %s%s in %.1f s%s",
+                event.task,
+                f" {event.label}" if event.label else "",
+                event.done,
+                unit,
+                "s" * (event.done != 1),
+                took,
+                f"; {extra}" if extra else "",
+            )
         elif event.task != "rounds" or event.done == 1 or event.done % every == 0:
             of = "" if event.total is None else f"/{event.total}"
-            logger.log(step_level, "%s: %d%s %s%s", event.task, event.done, of,
-                       event.label, f" ({extra})" if extra else "")
+            logger.log(
+                step_level,
+                "%s: %d%s %s%s",
+                event.task,
+                event.done,
+                of,
+                event.label,
+                f" ({extra})" if extra else "",
+            )
 
     return listener
 
@@ -159,8 +205,9 @@ def bars_wanted(enabled: bool = True, stream: TextIO | None = None) -> bool:
     return bool(enabled and isatty is not None and isatty())
 
 
-def bars(*, enabled: bool = True, stream: TextIO | None = None
-         ) -> tuple[ProgressFn, Callable[[], None]]:
+def bars(
+    *, enabled: bool = True, stream: TextIO | None = None
+) -> tuple[ProgressFn, Callable[[], None]]:
     """tqdm bars on ``stream`` (default stderr), one per running task.
 
     Returns ``(listener, close)``; ``close`` removes bars left open (an
@@ -183,13 +230,20 @@ def bars(*, enabled: bool = True, stream: TextIO | None = None
             if bar is not None:
                 bar.close()
             bar = open_bars[event.task] = tqdm(
-                total=event.total, desc=event.task, file=stream, dynamic_ncols=True,
-                leave=event.task != "rounds", unit="round" if event.task == "rounds"
-                else "step", mininterval=0.2)
+                total=event.total,
+                desc=event.task,
+                file=stream,
+                dynamic_ncols=True,
+                leave=event.task != "rounds",
+                unit="round" if event.task == "rounds" else "step",
+                mininterval=0.2,
+            )
         if event.kind in ("step", "end"):
             bar.update(event.done - bar.n)
-            bar.set_postfix_str(" ".join(x for x in (event.label, _info_text(event))
-                                         if x), refresh=False)
+            bar.set_postfix_str(
+                " ".join(x for x in (event.label, _info_text(event)) if x),
+                refresh=False,
+            )
             bar.refresh()
         if event.kind == "end":
             bar.close()
@@ -210,14 +264,18 @@ def labelled(progress: ProgressFn, label: str) -> ProgressFn:
         return silent
 
     def listener(event: ProgressEvent) -> None:
-        progress(event if event.label or event.kind == "note"
-                 else event._replace(label=label))
+        progress(
+            event
+            if event.label or event.kind == "note"
+            else event._replace(label=label)
+        )
 
     return listener
 
 
-def within(progress: ProgressFn, offset: int, total: int, suffix: str = ""
-           ) -> ProgressFn:
+def within(
+    progress: ProgressFn, offset: int, total: int, suffix: str = ""
+) -> ProgressFn:
     """``progress`` seen from a part of a larger task: a part's steps count from
     ``offset`` out of the task's ``total``, its labels end in ``suffix``; its
     start and end are dropped (the caller starts and ends the whole task)."""
@@ -226,8 +284,11 @@ def within(progress: ProgressFn, offset: int, total: int, suffix: str = ""
 
     def listener(event: ProgressEvent) -> None:
         if event.kind == "step":
-            progress(event._replace(done=offset + event.done, total=total,
-                                    label=event.label + suffix))
+            progress(
+                event._replace(
+                    done=offset + event.done, total=total, label=event.label + suffix
+                )
+            )
         elif event.kind == "note":
             progress(event)
 

@@ -14,8 +14,18 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parent.parent
-DEFAULT_PACKAGES = ("phems_clinical", "jax", "jaxlib", "numpyro", "optax", "numpy",
-                    "scipy", "pandas", "xarray", "hydra-core")
+DEFAULT_PACKAGES = (
+    "phems_clinical",
+    "jax",
+    "jaxlib",
+    "numpyro",
+    "optax",
+    "numpy",
+    "scipy",
+    "pandas",
+    "xarray",
+    "hydra-core",
+)
 
 
 def versions(packages: tuple[str, ...] = DEFAULT_PACKAGES) -> dict[str, str]:
@@ -31,8 +41,9 @@ def versions(packages: tuple[str, ...] = DEFAULT_PACKAGES) -> dict[str, str]:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], capture_output=True, text=True,
-                              cwd=_REPO, timeout=10).stdout
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, cwd=_REPO, timeout=10
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -46,14 +57,19 @@ def code_state(folder: str = "phems_clinical/pk") -> str:
     """Short revision, uncommitted package changes and a hash of ``folder``'s
     sources, so that a benchmark table names the exact code it timed."""
     head = _git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    dirty = [ln[3:].strip() for ln in _git("status", "--porcelain", "--",
-                                           "phems_clinical").splitlines() if ln.strip()]
+    dirty = [
+        ln[3:].strip()
+        for ln in _git("status", "--porcelain", "--", "phems_clinical").splitlines()
+        if ln.strip()
+    ]
     digest = hashlib.sha256()
     for f in sorted((_REPO / folder).glob("*.py")):
         digest.update(f.read_bytes())
-    return (f"git {head}" + (f" + uncommitted changes in {', '.join(dirty)}"
-                             if dirty else " (clean)")
-            + f"; sha256({folder}/*.py) {digest.hexdigest()[:12]}")
+    return (
+        f"git {head}"
+        + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else " (clean)")
+        + f"; sha256({folder}/*.py) {digest.hexdigest()[:12]}"
+    )
 
 
 def device_info() -> dict[str, str | int]:

@@ -32,5 +32,6 @@ def numpy_generator(key: jax.Array) -> np.random.Generator:
     if data.ndim != 1:
         raise ValueError(
             f"key: expected one JAX key, got a batch of key data of shape "
-            f"{data.shape}; pass a single key (e.g. jax.random.split(key)[0])")
+            f"{data.shape}; pass a single key (e.g. jax.random.split(key)[0])"
+        )
     return np.random.default_rng(data)

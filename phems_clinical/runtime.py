@@ -49,8 +49,10 @@ def configure_jax() -> None:
     settings = {"jax_enable_x64": True}
     if path is not None:
         # min time 0: a cold start loads even small programs instead of compiling
-        settings.update(jax_compilation_cache_dir=str(path),
-                        jax_persistent_cache_min_compile_time_secs=0.0)
+        settings.update(
+            jax_compilation_cache_dir=str(path),
+            jax_persistent_cache_min_compile_time_secs=0.0,
+        )
     if "jax" not in sys.modules:
         for name, value in settings.items():
             os.environ[name.upper()] = str(int(value) if value is True else value)

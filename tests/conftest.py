@@ -12,8 +12,9 @@ import pytest  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 # Compiled code is shared between the xdist workers (and later runs) through JAX's
 # persistent cache: a pure speed-up, keyed on the program and the JAX version.
-os.environ.setdefault("PHEMS_CACHE_DIR", os.path.join(os.path.dirname(__file__),
-                                                      "..", ".cache", "jax"))
+os.environ.setdefault(
+    "PHEMS_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "jax")
+)
 jax.config.update("jax_compilation_cache_dir", os.environ["PHEMS_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -21,8 +22,13 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # is reproducible and bounded; PHEMS_HYPOTHESIS_PROFILE=thorough explores more.
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile("ci", max_examples=60, derandomize=True, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("PHEMS_HYPOTHESIS_PROFILE", "ci"))
 
@@ -34,8 +40,9 @@ def key():
 
 
 _WARDS = np.array(["PICU", "NICU", "cardio", "onco", "general"])
-_DIAG = np.array(["sepsis", "bronchiolitis", "CHD", "ALL", "trauma", "asthma",
-                  "pneumonia", "other"])
+_DIAG = np.array(
+    ["sepsis", "bronchiolitis", "CHD", "ALL", "trauma", "asthma", "pneumonia", "other"]
+)
 
 
 def _toy_table(seed: int, n: int) -> pd.DataFrame:
@@ -49,9 +56,17 @@ def _toy_table(seed: int, n: int) -> pd.DataFrame:
     crp = rng.lognormal(2.0, 1.0, n)
     crp[rng.random(n) < 0.1] = np.nan
     los = rng.poisson(4 + ward_i, n)
-    return pd.DataFrame({"age": age, "sex": sex, "weight": weight,
-                         "ward": _WARDS[ward_i], "diagnosis": diag, "crp": crp,
-                         "los": los})
+    return pd.DataFrame(
+        {
+            "age": age,
+            "sex": sex,
+            "weight": weight,
+            "ward": _WARDS[ward_i],
+            "diagnosis": diag,
+            "crp": crp,
+            "los": los,
+        }
+    )
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip(
-    "flwr", reason="the Flower adapter needs flwr>=1.41,<1.42, which is not installed")
+    "flwr", reason="the Flower adapter needs flwr>=1.41,<1.42, which is not installed"
+)
 
 from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import (  # noqa: E402
@@ -67,19 +68,30 @@ def toy(settings, n_occ) -> Algorithm:
         dv = jnp.sum(jnp.where(data.obs_mask, data.obs_dv, 0.0)) / n
         dose = jnp.sum(data.dose_amt) / jnp.maximum(jnp.sum(data.dose_amt > 0), 1)
         target = jnp.stack([dv, dose / 100.0])
-        delta = n * (target - message["w"]) + state + 1e-3 * jax.random.normal(
-            key, (D,))
+        delta = (
+            n * (target - message["w"]) + state + 1e-3 * jax.random.normal(key, (D,))
+        )
         return {"delta": delta, "weight": n}, state + 1.0, {}
 
     def aggregate(server, total, key):
         del key
-        return {"w": server["w"] + total["delta"] / total["weight"],
-                "round": server["round"] + 1}
+        return {
+            "w": server["w"] + total["delta"] / total["weight"],
+            "round": server["round"] + 1,
+        }
 
-    return Algorithm("fedavg", init_server, lambda data: jnp.zeros(D),
-                     lambda s: {"w": s["w"]}, local_update, aggregate,
-                     lambda s: s["round"] >= 100, lambda s: {"w": s["w"]},
-                     {"delta": (D,), "weight": ()}, max_rounds=100)
+    return Algorithm(
+        "fedavg",
+        init_server,
+        lambda data: jnp.zeros(D),
+        lambda s: {"w": s["w"]},
+        local_update,
+        aggregate,
+        lambda s: s["round"] >= 100,
+        lambda s: {"w": s["w"]},
+        {"delta": (D,), "weight": ()},
+        max_rounds=100,
+    )
 
 
 class Grid:
@@ -118,14 +130,21 @@ class Grid:
             if self.tamper is not None:  # a dishonest server's edit
                 msg.content = self.tamper(stage, msg.content)
             msg.content = over_the_wire(msg.content)
-            ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node],
-                          state=RecordDict(), run_config=self.run_config)
+            ctx = Context(
+                run_id=1,
+                node_id=node,
+                node_config=self.nodes[node],
+                state=RecordDict(),
+                run_config=self.run_config,
+            )
             reply = client_app.app(msg, ctx)
             if (stage, r, node - 100) in self.replay:  # the same message again
                 self.replayed[stage, r, node - 100] = client_app.app(msg, ctx)
             folder = Path(self.nodes[node]["state-dir"]) / "job"
-            self.seen_files += [(p.name, stat.S_IMODE(p.stat().st_mode))
-                                for p in folder.glob("secagg-*.json")]
+            self.seen_files += [
+                (p.name, stat.S_IMODE(p.stat().st_mode))
+                for p in folder.glob("secagg-*.json")
+            ]
             if (stage, r, node - 100) in self.drop:
                 ids.append(mid)
                 continue
@@ -157,16 +176,41 @@ def use_toy(monkeypatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def run_grid(dirs, tmp, *, secure, drop=(), required=True, fail=None, tamper=None,
-             replay=(), site_keys=None, **kw):
-    settings = fconfig.RunSettings(algorithm="toy", num_sites=3, rounds=2, seed=3,
-                                   round_timeout=0.3, job="job", secagg=secure,
-                                   **kw)
-    nodes = [{"site-dir": str(d), "site-index": k, "num-sites": 3,
-              "state-dir": str(tmp / f"state_{k}"), "secagg-required": required,
-              **({"fail-rounds": fail[k]} if fail and k in fail else {}),
-              **({"site-key": str(site_keys[k])} if site_keys else {})}
-             for k, d in enumerate(dirs)]
+def run_grid(
+    dirs,
+    tmp,
+    *,
+    secure,
+    drop=(),
+    required=True,
+    fail=None,
+    tamper=None,
+    replay=(),
+    site_keys=None,
+    **kw,
+):
+    settings = fconfig.RunSettings(
+        algorithm="toy",
+        num_sites=3,
+        rounds=2,
+        seed=3,
+        round_timeout=0.3,
+        job="job",
+        secagg=secure,
+        **kw,
+    )
+    nodes = [
+        {
+            "site-dir": str(d),
+            "site-index": k,
+            "num-sites": 3,
+            "state-dir": str(tmp / f"state_{k}"),
+            "secagg-required": required,
+            **({"fail-rounds": fail[k]} if fail and k in fail else {}),
+            **({"site-key": str(site_keys[k])} if site_keys else {}),
+        }
+        for k, d in enumerate(dirs)
+    ]
     grid = Grid(nodes, fconfig.to_run_config(settings), drop, tamper, replay)
     return run_server(grid, settings), grid
 
@@ -174,7 +218,10 @@ def run_grid(dirs, tmp, *, secure, drop=(), required=True, fail=None, tamper=Non
 def train_payloads(grid, r=0) -> dict[int, np.ndarray]:
     """What a curious server reads from a plain run: each site's payload of round
     ``r``, flattened as SecAgg would."""
-    return {k: flatten_payload(record_to_arrays(c["payload"]),
-                               {"delta": (D,), "weight": ()})
-            for stage, rr, k, c in grid.replies
-            if stage == "train" and rr == r and "payload" in c}
+    return {
+        k: flatten_payload(
+            record_to_arrays(c["payload"]), {"delta": (D,), "weight": ()}
+        )
+        for stage, rr, k, c in grid.replies
+        if stage == "train" and rr == r and "payload" in c
+    }

@@ -16,8 +16,18 @@ ROOT = Path(__file__).resolve().parents[1] / "phems_clinical"
 
 #: package -> layer (higher number = higher layer); modules not listed directly
 #: under phems_clinical are shared utilities (layer 0).
-LAYERS = {"data": 1, "pk": 2, "models": 2, "privacy": 3, "federation": 4,
-          "evaluation": 5, "dosing": 5, "usecases": 6, "runner": 7, "app": 7}
+LAYERS = {
+    "data": 1,
+    "pk": 2,
+    "models": 2,
+    "privacy": 3,
+    "federation": 4,
+    "evaluation": 5,
+    "dosing": 5,
+    "usecases": 6,
+    "runner": 7,
+    "app": 7,
+}
 #: peers that must not import each other
 PEERS = {("runner", "app"), ("app", "runner")}
 #: the package's entry point sits above everything
@@ -55,15 +65,14 @@ def _imports(path: Path, rel: Path) -> list[tuple[int, str]]:
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = here[:len(here) - node.level + 1]
+                base = here[: len(here) - node.level + 1]
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
             out.append((node.lineno, mod))
             # ``from phems_clinical import usecases`` names a package
             if mod == "phems_clinical":
-                out += [(node.lineno, f"phems_clinical.{a.name}")
-                        for a in node.names]
+                out += [(node.lineno, f"phems_clinical.{a.name}") for a in node.names]
     return out
 
 
@@ -98,19 +107,23 @@ def test_checker_sees_a_violation(tmp_path):
     (pkg / "evaluation").mkdir(parents=True)
     (pkg / "runner").mkdir()
     (pkg / "evaluation" / "bad.py").write_text(
-        "def f():\n    from phems_clinical import usecases\n    return usecases\n")
+        "def f():\n    from phems_clinical import usecases\n    return usecases\n"
+    )
     (pkg / "runner" / "bad.py").write_text("from ..app import derive\n")
     (pkg / "runner" / "fine.py").write_text(
-        "from phems_clinical.usecases import get\nfrom . import pipeline\n")
+        "from phems_clinical.usecases import get\nfrom . import pipeline\n"
+    )
     found = violations(pkg)
     assert found == [
         "phems_clinical/evaluation/bad.py:2 (evaluation) imports "
         "phems_clinical.usecases",
-        "phems_clinical/runner/bad.py:1 (runner) imports phems_clinical.app"]
+        "phems_clinical/runner/bad.py:1 (runner) imports phems_clinical.app",
+    ]
 
 
-@pytest.mark.parametrize("package", ["evaluation", "privacy", "federation",
-                                     "models", "data"])
+@pytest.mark.parametrize(
+    "package", ["evaluation", "privacy", "federation", "models", "data"]
+)
 def test_lower_layers_do_not_branch_on_use_case_names(package):
     """No comparison of ``use_case`` with a literal name below the use cases."""
     names = ("haemophilia", "picu", "cardiac")
@@ -118,8 +131,9 @@ def test_lower_layers_do_not_branch_on_use_case_names(package):
     for path in sorted((ROOT / package).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Compare) and any(
-                    isinstance(c, ast.Constant) and c.value in names
-                    for c in [node.left, *node.comparators]):
+                isinstance(c, ast.Constant) and c.value in names
+                for c in [node.left, *node.comparators]
+            ):
                 hits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     allowed = {"federation"}  # the Flower apps' run-config recipe lookup
     assert hits == [] or package in allowed, hits

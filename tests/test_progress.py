@@ -23,16 +23,18 @@ class _Server(NamedTuple):
     round: jax.Array
 
 
-def _gradient_descent(targets_dim: int = 2, lr: float = 0.5,
-                      max_rounds: int = 50) -> Algorithm:
+def _gradient_descent(
+    targets_dim: int = 2, lr: float = 0.5, max_rounds: int = 50
+) -> Algorithm:
     """Federated gradient descent on sum_i 0.5 |x - y_i|^2, declared under the
     ``fed_focei`` message (ofv, grad): the server's objective after round r is
     that of the point it evaluated in round r, by hand below."""
 
     def init_server(key):
         del key
-        return _Server(jnp.zeros(targets_dim), jnp.asarray(jnp.inf),
-                       jnp.zeros((), jnp.int32))
+        return _Server(
+            jnp.zeros(targets_dim), jnp.asarray(jnp.inf), jnp.zeros((), jnp.int32)
+        )
 
     def local_update(message, site, state, key):
         del key
@@ -43,15 +45,22 @@ def _gradient_descent(targets_dim: int = 2, lr: float = 0.5,
 
     def aggregate(server, total, key):
         del key
-        return _Server(server.x - lr * total["grad"] / 6.0, total["ofv"],
-                       server.round + 1)
+        return _Server(
+            server.x - lr * total["grad"] / 6.0, total["ofv"], server.round + 1
+        )
 
     return Algorithm(
-        "fed_focei", init_server, lambda site: jnp.zeros(()),
-        lambda s: {"x": s.x}, local_update, aggregate,
+        "fed_focei",
+        init_server,
+        lambda site: jnp.zeros(()),
+        lambda s: {"x": s.x},
+        local_update,
+        aggregate,
         lambda s: jnp.max(jnp.abs(s.x - 1.0)) < 1e-3,
         lambda s: {"x": s.x, "ofv": s.f, "rounds": int(s.round)},
-        {"ofv": (), "grad": (targets_dim,)}, max_rounds=max_rounds)
+        {"ofv": (), "grad": (targets_dim,)},
+        max_rounds=max_rounds,
+    )
 
 
 class _Site(NamedTuple):
@@ -71,14 +80,18 @@ def test_engine_reports_every_round_with_its_objective():
     alg = _gradient_descent()
     run = run_federated(jax.random.key(0), alg, _sites(), progress=events.append)
     quiet = run_federated(jax.random.key(0), alg, _sites())
-    np.testing.assert_array_equal(np.asarray(run.server.x),
-                                  np.asarray(quiet.server.x))  # observes only
-    assert events[0] == pg.ProgressEvent("start", "rounds", 0, None, "",
-                                         {"at_most": 50, "resumed_at": 0})
+    np.testing.assert_array_equal(
+        np.asarray(run.server.x), np.asarray(quiet.server.x)
+    )  # observes only
+    assert events[0] == pg.ProgressEvent(
+        "start", "rounds", 0, None, "", {"at_most": 50, "resumed_at": 0}
+    )
     steps = [e for e in events if e.kind == "step"]
     assert [e.done for e in steps] == list(range(1, run.rounds + 1))
-    assert all(e.total is None and e.info["at_most"] == 50
-               and e.info["sites"] == "3/3" for e in steps)
+    assert all(
+        e.total is None and e.info["at_most"] == 50 and e.info["sites"] == "3/3"
+        for e in steps
+    )
     # by hand: x_r = 1 - 0.5^r in both coordinates (the mean of the y_i is
     # (1, 1), the step halves the distance); round r's objective is the one the
     # sites evaluated at x_{r-1}: sum_i 0.5 |x_{r-1} - y_i|^2
@@ -111,9 +124,14 @@ def test_training_labels_the_rounds_with_the_source():
     from phems_clinical.runner.training import FederationSettings, train
 
     events = []
-    run, _ = train(jax.random.key(0), lambda opts: _gradient_descent(), _sites(),
-                   FederationSettings(), label="real (inprocess)",
-                   progress=events.append)
+    run, _ = train(
+        jax.random.key(0),
+        lambda opts: _gradient_descent(),
+        _sites(),
+        FederationSettings(),
+        label="real (inprocess)",
+        progress=events.append,
+    )
     assert {e.label for e in events} == {"real (inprocess)"}
     assert sum(e.kind == "step" for e in events) == run.rounds
 
@@ -125,8 +143,10 @@ def test_helpers_offset_and_label_events():
     pg.step(part, "score", 2, 3, "synthetic")
     pg.note(part, "hello")
     pg.end(part, "score", 3, 3)
-    assert got == [pg.ProgressEvent("step", "score", 8, 9, "synthetic at H2", {}),
-                   pg.ProgressEvent("note", "", 0, None, "hello", {})]
+    assert got == [
+        pg.ProgressEvent("step", "score", 8, 9, "synthetic at H2", {}),
+        pg.ProgressEvent("note", "", 0, None, "hello", {}),
+    ]
     got.clear()
     pg.step(pg.labelled(got.append, "real"), "rounds", 1, None)
     assert got[0].label == "real"
@@ -170,7 +190,10 @@ def test_log_listener_records_stages_with_durations(caplog):
     assert lines[0] == "train: started (2 steps)"
     # rounds 1, 5, 10 of 11 (every 5th and the first)
     assert [ln.split()[1] for ln in lines if ln.startswith("rounds")] == [
-        "1", "5", "10"]
+        "1",
+        "5",
+        "10",
+    ]
     assert "at most 100, ofv 1.5" in lines[1]
     assert lines[-2] == "real: 11 rounds (Cauchy test)"
     assert lines[-1].startswith("train: finished after 2 steps in ")
@@ -193,31 +216,57 @@ def test_pipeline_reports_derive_score_and_train_totals(tmp_path):
     sites = {s: d.drop(columns="SITE", errors="ignore") for s, d in sites.items()}
     task = usecases.get("picu").task
     model = task.model_from_config({})
-    sources = [SourceSpec("real", "real"),
-               SourceSpec("again", "real")]  # a second source; real is fastest
+    sources = [
+        SourceSpec("real", "real"),
+        SourceSpec("again", "real"),
+    ]  # a second source; real is fastest
     names = list(sites)
 
     def run(progress):
-        return run_pipeline(jax.random.key(1), task, sites, model, sources,
-                            holdout_site=names[2], n_attacks=10, progress=progress,
-                            federation=FederationSettings(options={"rounds": 3}))
+        return run_pipeline(
+            jax.random.key(1),
+            task,
+            sites,
+            model,
+            sources,
+            holdout_site=names[2],
+            n_attacks=10,
+            progress=progress,
+            federation=FederationSettings(options={"rounds": 3}),
+        )
 
     events = []
     got = run(events.append)
-    by = {t: [e for e in events if e.task == t] for t in
-          ("derive", "score", "train", "rounds")}
+    by = {
+        t: [e for e in events if e.task == t]
+        for t in ("derive", "score", "train", "rounds")
+    }
     assert [(e.kind, e.done, e.total) for e in by["derive"]] == [
-        ("start", 0, 4), ("step", 1, 4), ("step", 2, 4), ("step", 3, 4),
-        ("step", 4, 4), ("end", 4, 4)]
+        ("start", 0, 4),
+        ("step", 1, 4),
+        ("step", 2, 4),
+        ("step", 3, 4),
+        ("step", 4, 4),
+        ("end", 4, 4),
+    ]
     assert [e.label for e in by["derive"][1:5]] == [
-        f"{src} at {s}" for src in ("real", "again") for s in names[:2]]
+        f"{src} at {s}" for src in ("real", "again") for s in names[:2]
+    ]
     assert [(e.kind, e.done, e.total) for e in by["score"]] == [
-        ("start", 0, 4), ("step", 1, 4), ("step", 2, 4), ("step", 3, 4),
-        ("step", 4, 4), ("end", 4, 4)]
+        ("start", 0, 4),
+        ("step", 1, 4),
+        ("step", 2, 4),
+        ("step", 3, 4),
+        ("step", 4, 4),
+        ("end", 4, 4),
+    ]
     assert by["score"][3].label == f"real at {names[1]}"
     assert [(e.kind, e.done, e.label) for e in by["train"]] == [
-        ("start", 0, ""), ("step", 1, "real"), ("step", 2, "again"),
-        ("end", 2, "")]
+        ("start", 0, ""),
+        ("step", 1, "real"),
+        ("step", 2, "again"),
+        ("end", 2, ""),
+    ]
     rounds = [e for e in by["rounds"] if e.kind == "step"]
     assert [e.done for e in rounds] == [1, 2, 3] * 2
     assert {e.label.split()[0] for e in rounds} == {"real", "again"}

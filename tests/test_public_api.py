@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "phems_clinical"
-PACKAGES = ["pk", "federation", "evaluation", "privacy", "models", "data",
-            "dosing", "usecases", "runner", "app"]
+PACKAGES = [
+    "pk",
+    "federation",
+    "evaluation",
+    "privacy",
+    "models",
+    "data",
+    "dosing",
+    "usecases",
+    "runner",
+    "app",
+]
 
 
 def _module_of(node: ast.ImportFrom, rel: Path) -> str:
@@ -17,7 +27,7 @@ def _module_of(node: ast.ImportFrom, rel: Path) -> str:
     if not node.level:
         return node.module or ""
     here = list(rel.with_suffix("").parts)[:-1]
-    base = here[:len(here) - node.level + 1]
+    base = here[: len(here) - node.level + 1]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -44,9 +54,13 @@ def private_imports(root: Path = ROOT) -> list[str]:
                     if a.name.startswith("phems_clinical"):
                         modules.add(a.asname or a.name.split(".")[0])
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                    and node.value.id in modules and node.attr.startswith("_")
-                    and not node.attr.startswith("__")):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in modules
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 found.append(f"{rel}:{node.lineno} uses {node.value.id}.{node.attr}")
     return found
 
@@ -63,10 +77,12 @@ def test_checker_sees_private_imports(tmp_path):
     (pkg / "pk" / "a.py").write_text("def _h():\n    return 1\n")
     (pkg / "pk" / "b.py").write_text(
         "from .a import _h\nfrom phems_clinical.pk import a as _a\n"
-        "import numpy as np\nx = _a._h() + np._NoValue.__hash__()\n")
+        "import numpy as np\nx = _a._h() + np._NoValue.__hash__()\n"
+    )
     assert private_imports(pkg) == [
         "phems_clinical/pk/b.py:1 imports phems_clinical.pk.a._h",
-        "phems_clinical/pk/b.py:4 uses _a._h"]
+        "phems_clinical/pk/b.py:4 uses _a._h",
+    ]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

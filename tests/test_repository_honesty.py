@@ -20,32 +20,59 @@ ROOT = Path(__file__).resolve().parents[1]
 _NOTE_NAMES = r"privacy|pk_models|clinical|federation|pk_library_sources"
 CITATION = re.compile(
     rf"(?P<path>[\w./-]*\b(?:{_NOTE_NAMES})\.md)|shared/reference|notes/issue|"
-    r"\bissue\d+(?:_\w+)?\.md")
+    r"\bissue\d+(?:_\w+)?\.md"
+)
 #: Absolute paths of a development machine.
 MACHINE = re.compile(r"/work/|/root/|/home/\w|(?<![\w.~$])/tmp/")
 #: Tracker words in identifiers, comments and text ("issue 6", ``_ISSUE6_EDGES``).
 TRACKER = re.compile(r"(?i)\bissue[ _-]?\d+|_issue\d")
 
-RULES = {"citation of a document outside the repository": CITATION,
-         "absolute path of a development machine": MACHINE,
-         "tracker word": TRACKER}
+RULES = {
+    "citation of a document outside the repository": CITATION,
+    "absolute path of a development machine": MACHINE,
+    "tracker word": TRACKER,
+}
 
 #: (path, rule) pairs allowed to match, with the reason.
 ALLOWED: dict[tuple[str, str], str] = {
     ("tests/test_repository_honesty.py", "*"): "defines the patterns it searches for",
 }
 
-_BINARY_SUFFIXES = {".nc", ".png", ".jpg", ".jpeg", ".gif", ".ico", ".pdf", ".duckdb",
-                    ".parquet", ".npz", ".npy", ".gz", ".zip", ".woff", ".woff2"}
+_BINARY_SUFFIXES = {
+    ".nc",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".ico",
+    ".pdf",
+    ".duckdb",
+    ".parquet",
+    ".npz",
+    ".npy",
+    ".gz",
+    ".zip",
+    ".woff",
+    ".woff2",
+}
 
 
 def _files() -> list[str]:
     out = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, check=True).stdout.decode()
-    return sorted({f for f in out.split("\0")
-                   if f and Path(f).suffix.lower() not in _BINARY_SUFFIXES
-                   and (ROOT / f).is_file()})
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return sorted(
+        {
+            f
+            for f in out.split("\0")
+            if f
+            and Path(f).suffix.lower() not in _BINARY_SUFFIXES
+            and (ROOT / f).is_file()
+        }
+    )
 
 
 def _repo_has(path: str, citing: str, files: set[str]) -> bool:
@@ -54,8 +81,11 @@ def _repo_has(path: str, citing: str, files: set[str]) -> bool:
     p = path.lstrip("./")
     if "/" not in path:
         return str(Path(citing).parent / path).lstrip("./") in files
-    return (p in files or any(f.endswith("/" + p) for f in files)
-            or str(Path(citing).parent / path) in files)
+    return (
+        p in files
+        or any(f.endswith("/" + p) for f in files)
+        or str(Path(citing).parent / path) in files
+    )
 
 
 def findings(files: list[str] | None = None) -> list[str]:
@@ -72,8 +102,11 @@ def findings(files: list[str] | None = None) -> list[str]:
                 if (f, "*") in ALLOWED or (f, rule) in ALLOWED:
                     continue
                 for m in pat.finditer(line):
-                    if (pat is CITATION and m.group("path")
-                            and _repo_has(m.group("path"), f, present)):
+                    if (
+                        pat is CITATION
+                        and m.group("path")
+                        and _repo_has(m.group("path"), f, present)
+                    ):
                         continue
                     out.append(f"{f}:{i}: {rule}: {line.strip()[:120]}")
                     break
@@ -83,6 +116,7 @@ def findings(files: list[str] | None = None) -> list[str]:
 def test_patterns_catch_what_they_should():
     def hit(rule, text):
         return RULES[rule].search(text) is not None
+
     cite = "citation of a document outside the repository"
     assert hit(cite, "see shared/reference/privacy.md section 2")
     assert hit(cite, "(pk_models.md section 1)") and hit(cite, "contract issue5.md")
@@ -102,13 +136,28 @@ def test_a_cited_file_of_the_repository_is_fine():
     assert not _repo_has("shared/privacy.md", "docs/index.md", files)
 
 
-@pytest.mark.parametrize("area", ["phems_clinical", "configs", "data_schemas",
-                                  "experiments", "tests", "docs", "other"])
+@pytest.mark.parametrize(
+    "area",
+    [
+        "phems_clinical",
+        "configs",
+        "data_schemas",
+        "experiments",
+        "tests",
+        "docs",
+        "other",
+    ],
+)
 def test_no_external_citations_machine_paths_or_tracker_words(area):
-    tops = {"phems_clinical", "configs", "data_schemas", "experiments", "tests",
-            "docs"}
-    files = [f for f in _files()
-             if (f.split("/", 1)[0] == area if area != "other"
-                 else f.split("/", 1)[0] not in tops)]
+    tops = {"phems_clinical", "configs", "data_schemas", "experiments", "tests", "docs"}
+    files = [
+        f
+        for f in _files()
+        if (
+            f.split("/", 1)[0] == area
+            if area != "other"
+            else f.split("/", 1)[0] not in tops
+        )
+    ]
     bad = findings(files)
     assert not bad, "\n".join(bad)

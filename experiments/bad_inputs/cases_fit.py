@@ -27,8 +27,11 @@ def _base() -> pd.DataFrame:
         from phems_clinical.pk.library import load_product
         from phems_clinical.pk.simulate import HospitalSpec, simulate_hospitals
 
-        events, _ = simulate_hospitals(jax.random.key(3), load_product("jivi"),
-                                       [HospitalSpec("H1", 6, design="rich")])
+        events, _ = simulate_hospitals(
+            jax.random.key(3),
+            load_product("jivi"),
+            [HospitalSpec("H1", 6, design="rich")],
+        )
         _BASE.append(events)
     return _BASE[0].copy()
 
@@ -49,26 +52,40 @@ def _row(which: Callable[[pd.DataFrame], int]) -> int:
 
 
 def _fit(data: str, *extra: str) -> list[str]:
-    return ["fit", "--data", data, "--model", "jivi", "--method", "focei",
-            "--out", "out", *extra]
+    return [
+        "fit",
+        "--data",
+        data,
+        "--model",
+        "jivi",
+        "--method",
+        "focei",
+        "--out",
+        "out",
+        *extra,
+    ]
 
 
 def _set(col: str, value, which=_obs) -> Callable[[Path], list[str]]:
     """Write the base data with ``col`` of one record set to ``value`` (text)."""
+
     def make(tmp: Path) -> list[str]:
         df = _base()
         df[col] = df[col].astype(object)
         df.loc[which(df), col] = value
         df.to_csv(tmp / "d.csv", index=False)
         return _fit("d.csv")
+
     return make
 
 
-def _frame(change: Callable[[pd.DataFrame], pd.DataFrame],
-           *extra: str) -> Callable[[Path], list[str]]:
+def _frame(
+    change: Callable[[pd.DataFrame], pd.DataFrame], *extra: str
+) -> Callable[[Path], list[str]]:
     def make(tmp: Path) -> list[str]:
         change(_base()).to_csv(tmp / "d.csv", index=False)
         return _fit("d.csv", *extra)
+
     return make
 
 
@@ -77,6 +94,7 @@ def _text(edit: Callable[[str], str | bytes]) -> Callable[[Path], list[str]]:
         raw = edit(_base().to_csv(index=False))
         (tmp / "d.csv").write_bytes(raw if isinstance(raw, bytes) else raw.encode())
         return _fit("d.csv")
+
     return make
 
 
@@ -122,26 +140,54 @@ def _bad_start_model(tmp: Path) -> list[str]:
     spec["parameters"]["CL"].pop("upper", None)
     (tmp / "m.yaml").write_text(yaml.safe_dump(spec))
     _base().to_csv(tmp / "d.csv", index=False)
-    return ["fit", "--data", "d.csv", "--model", "m.yaml", "--method", "focei",
-            "--out", "out"]
+    return [
+        "fit",
+        "--data",
+        "d.csv",
+        "--model",
+        "m.yaml",
+        "--method",
+        "focei",
+        "--out",
+        "out",
+    ]
 
 
 C = "phems fit"
 CASES = [
     # ---- missing values: never a number
-    Case(C, "empty DV on an observation row", _at(_obs, "DV"),
-         _set("DV", ""), expect="exclusion"),
-    Case(C, "DV 'NA' on an observation row", _at(_obs, "DV"),
-         _set("DV", "NA"), expect="exclusion"),
-    Case(C, "DV 'nan' on an observation row", _at(_obs, "DV"),
-         _set("DV", "nan"), expect="exclusion"),
-    Case(C, "no DV column at all", r"\bDV\b",
-         _frame(lambda d: d.drop(columns="DV"))),
+    Case(
+        C,
+        "empty DV on an observation row",
+        _at(_obs, "DV"),
+        _set("DV", ""),
+        expect="exclusion",
+    ),
+    Case(
+        C,
+        "DV 'NA' on an observation row",
+        _at(_obs, "DV"),
+        _set("DV", "NA"),
+        expect="exclusion",
+    ),
+    Case(
+        C,
+        "DV 'nan' on an observation row",
+        _at(_obs, "DV"),
+        _set("DV", "nan"),
+        expect="exclusion",
+    ),
+    Case(C, "no DV column at all", r"\bDV\b", _frame(lambda d: d.drop(columns="DV"))),
     Case(C, "empty AMT on a dose row", _at(_dose, "AMT"), _set("AMT", "", _dose)),
     Case(C, "empty TIME", _at(_obs, "TIME"), _set("TIME", "")),
     Case(C, "empty ID", rf"row {_row(_obs)}\b.*\bID\b", _set("ID", "")),
-    Case(C, "empty covariate (VWF) on one row", r"\bVWF\b", _set("VWF", ""),
-         expect="warning"),
+    Case(
+        C,
+        "empty covariate (VWF) on one row",
+        r"\bVWF\b",
+        _set("VWF", ""),
+        expect="warning",
+    ),
     # ---- extreme values (were: a NaN objective marked converged)
     Case(C, "DV 1e308", _at(_obs, "DV"), _set("DV", "1e308")),
     Case(C, "DV inf", _at(_obs, "DV"), _set("DV", "inf")),
@@ -154,36 +200,85 @@ CASES = [
     Case(C, "AGE 500 y", r"\bAGE\b", _set("AGE", "500")),
     Case(C, "WT 0 kg", r"\bWT\b", _set("WT", "0")),
     Case(C, "VWF 1e308 (covariate overflow)", r"\bVWF\b", _set("VWF", "1e308")),
-    Case(C, "three levels of 0 not marked BLQ", r"\bBLQ\b|\bDV\b",
-         _frame(_zeros_not_blq), expect="warning"),
-    Case(C, "levels in IU/mL in a file declared IU/dL", r"\bDV\b|IU/mL",
-         _frame(lambda d: d.assign(DV=d.DV / 100), "--dv-unit", "IU/dL"),
-         expect="warning"),
+    Case(
+        C,
+        "three levels of 0 not marked BLQ",
+        r"\bBLQ\b|\bDV\b",
+        _frame(_zeros_not_blq),
+        expect="warning",
+    ),
+    Case(
+        C,
+        "levels in IU/mL in a file declared IU/dL",
+        r"\bDV\b|IU/mL",
+        _frame(lambda d: d.assign(DV=d.DV / 100), "--dv-unit", "IU/dL"),
+        expect="warning",
+    ),
     # ---- codes and limits
     Case(C, "EVID 7", _at(_obs, "EVID"), _set("EVID", "7")),
     # the NONMEM convention of writing the LLOQ in DV: accepted with a warning
-    Case(C, "BLQ 1 without LLOQ", _at(_obs, "LLOQ"),
-         _frame(lambda d: d.assign(
-             BLQ=d.BLQ.where(d.index != _obs(d), 1),
-             LLOQ=d.LLOQ.where(d.index != _obs(d), float("nan")))),
-         expect="warning"),
+    Case(
+        C,
+        "BLQ 1 without LLOQ",
+        _at(_obs, "LLOQ"),
+        _frame(
+            lambda d: d.assign(
+                BLQ=d.BLQ.where(d.index != _obs(d), 1),
+                LLOQ=d.LLOQ.where(d.index != _obs(d), float("nan")),
+            )
+        ),
+        expect="warning",
+    ),
     Case(C, "LLOQ -1", _at(_obs, "LLOQ"), _set("LLOQ", "-1")),
-    Case(C, "RATE disagrees with DUR", _at(_dose, "DUR") + r"|RATE",
-         _frame(_rate_disagrees)),
-    Case(C, "a patient with doses only", r"\bID 99\b",
-         _frame(_only_doses), expect="exclusion"),
+    Case(
+        C,
+        "RATE disagrees with DUR",
+        _at(_dose, "DUR") + r"|RATE",
+        _frame(_rate_disagrees),
+    ),
+    Case(
+        C,
+        "a patient with doses only",
+        r"\bID 99\b",
+        _frame(_only_doses),
+        expect="exclusion",
+    ),
     # ---- the file itself
     Case(C, "empty file", r"d\.csv|--data|empty", _text(lambda s: "")),
-    Case(C, "header only", r"d\.csv|--data|no (usable )?(rows|records|subject)",
-         _text(lambda s: s.splitlines()[0] + "\n")),
-    Case(C, "not UTF-8", r"(?i)utf-8|encod|d\.csv",
-         _text(lambda s: s.encode("utf-16"))),
-    Case(C, "a row with too many fields", r"row \d+|line \d+",
-         _text(lambda s: _edit_line(s, 4, lambda ln: ln + ",9,9"))),
-    Case(C, "DV column twice", r"\bDV\b",
-         _text(lambda s: "\n".join(ln + (",DV" if i == 0 else ",1")
-                                   for i, ln in enumerate(s.splitlines())) + "\n")),
+    Case(
+        C,
+        "header only",
+        r"d\.csv|--data|no (usable )?(rows|records|subject)",
+        _text(lambda s: s.splitlines()[0] + "\n"),
+    ),
+    Case(
+        C, "not UTF-8", r"(?i)utf-8|encod|d\.csv", _text(lambda s: s.encode("utf-16"))
+    ),
+    Case(
+        C,
+        "a row with too many fields",
+        r"row \d+|line \d+",
+        _text(lambda s: _edit_line(s, 4, lambda ln: ln + ",9,9")),
+    ),
+    Case(
+        C,
+        "DV column twice",
+        r"\bDV\b",
+        _text(
+            lambda s: (
+                "\n".join(
+                    ln + (",DV" if i == 0 else ",1")
+                    for i, ln in enumerate(s.splitlines())
+                )
+                + "\n"
+            )
+        ),
+    ),
     # ---- a fit that cannot be computed (no model.yaml, exit 2)
-    Case(C, "start values give a non-finite objective", r"--model|initial estimates",
-         _bad_start_model),
+    Case(
+        C,
+        "start values give a non-finite objective",
+        r"--model|initial estimates",
+        _bad_start_model,
+    ),
 ]

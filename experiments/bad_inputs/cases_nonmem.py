@@ -30,37 +30,60 @@ ROWS = [
 COLS = HEADER.split(",")
 
 
-def _data(edit: Callable[[list[list[str]]], list[list[str]] | None] | None = None,
-          header: str = HEADER, *extra: str) -> Callable[[Path], list[str]]:
+def _data(
+    edit: Callable[[list[list[str]]], list[list[str]] | None] | None = None,
+    header: str = HEADER,
+    *extra: str,
+) -> Callable[[Path], list[str]]:
     def make(tmp: Path) -> list[str]:
         rows = [r.split(",") for r in ROWS]
         if edit is not None:
             rows = edit(rows) or rows
         text = header + "\n" + "\n".join(",".join(r) for r in rows) + "\n"
         (tmp / "d.csv").write_text(text)
-        return ["fit", "--data", "d.csv", "--model", "advate", "--method", "focei",
-                "--out", "out", *extra]
+        return [
+            "fit",
+            "--data",
+            "d.csv",
+            "--model",
+            "advate",
+            "--method",
+            "focei",
+            "--out",
+            "out",
+            *extra,
+        ]
+
     return make
 
 
 def _cell(row: int, col: str, value: str) -> Callable[[list[list[str]]], None]:
     """Set ``col`` of data row ``row`` (1-based) to ``value``."""
+
     def edit(rows: list[list[str]]) -> None:
         rows[row - 1][COLS.index(col)] = value
+
     return edit
 
 
 def _cells(row: int, **values: str) -> Callable[[list[list[str]]], None]:
     """Set several columns of data row ``row`` (1-based)."""
+
     def edit(rows: list[list[str]]) -> None:
         for col, value in values.items():
             rows[row - 1][COLS.index(col)] = value
+
     return edit
 
 
 def _case(name: str, row: int, col: str, value: str, expect: str = "error") -> Case:
-    return Case("phems fit", f"data: {name}", rf"row {row}\b.*\b{col}\b",
-                argv=_data(_cell(row, col, value)), expect=expect)
+    return Case(
+        "phems fit",
+        f"data: {name}",
+        rf"row {row}\b.*\b{col}\b",
+        argv=_data(_cell(row, col, value)),
+        expect=expect,
+    )
 
 
 def _drop(col: str) -> Callable[[list[list[str]]], None]:
@@ -69,6 +92,7 @@ def _drop(col: str) -> Callable[[list[list[str]]], None]:
     def edit(rows):
         for r in rows:
             del r[i]
+
     return edit
 
 
@@ -90,8 +114,12 @@ CASES = [
     _case("level '.' with MDV 0 and BLQ 0", 3, "DV", "."),
     _case("level 'NULL' with MDV 0", 3, "DV", "NULL"),
     _case("level '1e999' (overflows)", 3, "DV", "1e999"),
-    Case("phems fit", "data: level 0 without BLQ or LLOQ", r"row 4\b.*\bDV\b.*BLQ",
-         argv=_data(_cells(4, DV="0", LLOQ="."))),
+    Case(
+        "phems fit",
+        "data: level 0 without BLQ or LLOQ",
+        r"row 4\b.*\bDV\b.*BLQ",
+        argv=_data(_cells(4, DV="0", LLOQ=".")),
+    ),
     _case("LLOQ 0", 4, "LLOQ", "0"),
     _case("LLOQ 50 IU/dL", 4, "LLOQ", "50"),
     _case("dose 1e7 IU for 20 kg", 5, "AMT", "10000000"),
@@ -108,22 +136,59 @@ CASES = [
     _case("HT 300 cm", 6, "HT", "300"),
     _case("ID ' ' (blank)", 7, "ID", " "),
     _case("MDV 0 on a dose row", 1, "MDV", "0"),
-    Case("phems fit", "data: levels in IU/mL, one of 6 IU/mL (= 600 IU/dL)",
-         r"row 2\b.*\bDV\b.*IU/mL", argv=_data(_iu_ml, HEADER + ",DVUNIT")),
-    Case("phems fit", "data: DVUNIT IU/dL and IU/mL mixed", r"row \d+\b.*\bDVUNIT\b",
-         argv=_data(lambda rows: [r + ["IU/mL" if i == 5 else "IU/dL"]
-                                  for i, r in enumerate(rows)], HEADER + ",DVUNIT")),
-    Case("phems fit", "data: no DV column, MDV 0 rows", r"\bDV\b.*required column",
-         argv=_data(_drop("DV"), ",".join(c for c in COLS if c != "DV"))),
-    Case("phems fit", "data: no TIME column", r"\bTIME\b.*required column",
-         argv=_data(_drop("TIME"), ",".join(c for c in COLS if c != "TIME"))),
-    Case("phems fit", "data: WT column missing (model covariate)",
-         r"\bWT\b.*(missing|not)",
-         argv=_data(_drop("WT"), ",".join(c for c in COLS if c != "WT"))),
-    Case("phems fit", "data: column ID twice (case differs)", r"\bID\b.*more than once",
-         argv=_data(lambda rows: [r + [r[0]] for r in rows], HEADER + ",id")),
-    Case("phems fit", "data: level 350 IU/dL (unusual)", r"row 2\b.*\bDV\b",
-         argv=_data(_cell(2, "DV", "350")), expect="warning"),
-    Case("phems fit", "data: a commented-out record", r"row 3\b.*comment",
-         argv=_data(_cell(3, "ID", "#1")), expect="exclusion"),
+    Case(
+        "phems fit",
+        "data: levels in IU/mL, one of 6 IU/mL (= 600 IU/dL)",
+        r"row 2\b.*\bDV\b.*IU/mL",
+        argv=_data(_iu_ml, HEADER + ",DVUNIT"),
+    ),
+    Case(
+        "phems fit",
+        "data: DVUNIT IU/dL and IU/mL mixed",
+        r"row \d+\b.*\bDVUNIT\b",
+        argv=_data(
+            lambda rows: [
+                r + ["IU/mL" if i == 5 else "IU/dL"] for i, r in enumerate(rows)
+            ],
+            HEADER + ",DVUNIT",
+        ),
+    ),
+    Case(
+        "phems fit",
+        "data: no DV column, MDV 0 rows",
+        r"\bDV\b.*required column",
+        argv=_data(_drop("DV"), ",".join(c for c in COLS if c != "DV")),
+    ),
+    Case(
+        "phems fit",
+        "data: no TIME column",
+        r"\bTIME\b.*required column",
+        argv=_data(_drop("TIME"), ",".join(c for c in COLS if c != "TIME")),
+    ),
+    Case(
+        "phems fit",
+        "data: WT column missing (model covariate)",
+        r"\bWT\b.*(missing|not)",
+        argv=_data(_drop("WT"), ",".join(c for c in COLS if c != "WT")),
+    ),
+    Case(
+        "phems fit",
+        "data: column ID twice (case differs)",
+        r"\bID\b.*more than once",
+        argv=_data(lambda rows: [r + [r[0]] for r in rows], HEADER + ",id"),
+    ),
+    Case(
+        "phems fit",
+        "data: level 350 IU/dL (unusual)",
+        r"row 2\b.*\bDV\b",
+        argv=_data(_cell(2, "DV", "350")),
+        expect="warning",
+    ),
+    Case(
+        "phems fit",
+        "data: a commented-out record",
+        r"row 3\b.*comment",
+        argv=_data(_cell(3, "ID", "#1")),
+        expect="exclusion",
+    ),
 ]

@@ -39,8 +39,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 HERE = Path(__file__).resolve().parent
-COLUMNS = ("clean error", "reported", "unhelpful error", "traceback",
-           "silently accepted")
+COLUMNS = (
+    "clean error",
+    "reported",
+    "unhelpful error",
+    "traceback",
+    "silently accepted",
+)
 
 
 class Case(NamedTuple):
@@ -74,16 +79,24 @@ class Outcome(NamedTuple):
 def _run_cli(case: Case, tmp: Path) -> tuple[int, str, bool]:
     argv = case.argv(tmp)
     if case.subprocess:
-        p = subprocess.run([sys.executable, "-m", "phems_clinical", *argv],
-                           cwd=tmp, capture_output=True, text=True, timeout=1800)
+        p = subprocess.run(
+            [sys.executable, "-m", "phems_clinical", *argv],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         text = p.stdout + p.stderr
         return p.returncode, text, "Traceback (most recent call last)" in text
     from phems_clinical.app.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     crashed = False
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            contextlib.chdir(tmp):
+    with (
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+        contextlib.chdir(tmp),
+    ):
         try:
             rc = main(argv)
         except SystemExit as e:  # argparse
@@ -96,8 +109,12 @@ def _run_cli(case: Case, tmp: Path) -> tuple[int, str, bool]:
 
 def _run_http(case: Case, tmp: Path, client) -> tuple[int, str, bool]:
     req = case.http(tmp)
-    r = client.request(req.get("method", "POST"), req["url"],
-                       headers=req.get("headers"), content=req.get("content"))
+    r = client.request(
+        req.get("method", "POST"),
+        req["url"],
+        headers=req.get("headers"),
+        content=req.get("content"),
+    )
     return r.status_code, r.text, r.status_code >= 500
 
 
@@ -133,8 +150,9 @@ def run_cases(cases: list[Case]) -> list[Outcome]:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
             if case.http is not None:
-                client = client or TestClient(create_app(),
-                                              raise_server_exceptions=False)
+                client = client or TestClient(
+                    create_app(), raise_server_exceptions=False
+                )
                 status, text, crashed = _run_http(case, tmp, client)
             else:
                 status, text, crashed = _run_cli(case, tmp)
@@ -147,20 +165,28 @@ def run_cases(cases: list[Case]) -> list[Outcome]:
 def table(outcomes: list[Outcome]) -> str:
     """The review-style summary: one row per command, one column per outcome."""
     commands = list(dict.fromkeys(o.case.command for o in outcomes))
-    lines = ["| command | cases | " + " | ".join(COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
+    lines = [
+        "| command | cases | " + " | ".join(COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
+    ]
     for c in commands:
         n = Counter(o.column for o in outcomes if o.case.command == c)
-        lines.append(f"| `{c}` | {sum(n.values())} | "
-                     + " | ".join(str(n[k]) for k in COLUMNS) + " |")
+        lines.append(
+            f"| `{c}` | {sum(n.values())} | "
+            + " | ".join(str(n[k]) for k in COLUMNS)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def details(outcomes: list[Outcome]) -> str:
-    lines = ["| command | case | outcome | status | message (last line) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| command | case | outcome | status | message (last line) |",
+        "|---|---|---|---|---|",
+    ]
     for o in outcomes:
         last = (o.message.splitlines() or [""])[-1].replace("|", "\\|")[:160]
-        lines.append(f"| `{o.case.command}` | {o.case.name} | {o.column} | "
-                     f"{o.status} | {last} |")
+        lines.append(
+            f"| `{o.case.command}` | {o.case.name} | {o.column} | {o.status} | {last} |"
+        )
     return "\n".join(lines)

@@ -34,8 +34,11 @@ def main() -> int:
     if args.details:
         Path(args.details).parent.mkdir(parents=True, exist_ok=True)
         Path(args.details).write_text(details(outcomes) + "\n")
-    bad = [o for o in outcomes if o.column in ("traceback", "unhelpful error",
-                                               "silently accepted")]
+    bad = [
+        o
+        for o in outcomes
+        if o.column in ("traceback", "unhelpful error", "silently accepted")
+    ]
     return 1 if bad else 0
 
 

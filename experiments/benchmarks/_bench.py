@@ -22,15 +22,20 @@ def choose_device() -> None:
     Only when the user has not chosen a platform with ``JAX_PLATFORMS``."""
     if "JAX_PLATFORMS" in os.environ:
         return
-    has_gpu = (shutil.which("nvidia-smi") is not None
-               or Path("/dev/nvidia0").exists() or Path("/dev/kfd").exists())
+    has_gpu = (
+        shutil.which("nvidia-smi") is not None
+        or Path("/dev/nvidia0").exists()
+        or Path("/dev/kfd").exists()
+    )
     if not has_gpu:
         os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
 _compile = {"s": 0.0, "n": 0, "listening": False}
 
 
@@ -82,7 +87,12 @@ def device_line() -> tuple[str, str]:
         return f"{device.platform}: {device.device_kind}", "gpu"
     import platform
 
-    model = next((ln.split(":", 1)[1].strip() for ln in Path(
-        "/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
-        platform.processor())
+    model = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return f"CPU, {os.cpu_count()} cores ({model}), no GPU", "cpu"

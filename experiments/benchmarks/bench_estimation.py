@@ -89,7 +89,6 @@ TARGET_NUTS_200_S = 60.0
 # Device description
 
 
-
 # ---------------------------------------------------------------------------
 # Data sets
 
@@ -109,15 +108,21 @@ def pheno_dataset() -> Dataset:
     cohort, _ = to_cohort(data, model.covariate_names)
     raw = pd.read_csv(PHENO_DIR / "pheno.dta", sep=r"\s+")
     subs = ref.subjects_from_events(raw, model.covariate_names)
-    return Dataset("pheno", lambda: load_model(path), cohort, subs,
-                   "NONMEM example pheno_real (Grasela & Donn 1985), 1-cmt IV bolus")
+    return Dataset(
+        "pheno",
+        lambda: load_model(path),
+        cohort,
+        subs,
+        "NONMEM example pheno_real (Grasela & Donn 1985), 1-cmt IV bolus",
+    )
 
 
 def advate_dataset(n: int, design: str, seed: int) -> Dataset:
     model = load_product("advate")
     key = jax.random.fold_in(jax.random.PRNGKey(seed), n)
-    events, _ = simulate_cohort(key, model, HospitalSpec(
-        f"advate{n}", n, design=design, lloq_IU_dL=0.05))
+    events, _ = simulate_cohort(
+        key, model, HospitalSpec(f"advate{n}", n, design=design, lloq_IU_dL=0.05)
+    )
     # The reference has no M3, so the (rare, < 0.05 IU/dL) BLQ samples are removed
     # from the data set that every method sees.
     n_blq = int(events["BLQ"].sum())
@@ -125,9 +130,11 @@ def advate_dataset(n: int, design: str, seed: int) -> Dataset:
     data = read_nonmem(events, required_covariates=model.covariate_names)
     cohort, _ = to_cohort(data, model.covariate_names)
     subs = ref.subjects_from_events(events, model.covariate_names)
-    note = (f"simulated from the Advate library model (2-cmt, 10-min infusion), "
-            f"{design} design, key fold_in(PRNGKey({seed}), {n})"
-            + (f", {n_blq} BLQ samples removed" if n_blq else ""))
+    note = (
+        f"simulated from the Advate library model (2-cmt, 10-min infusion), "
+        f"{design} design, key fold_in(PRNGKey({seed}), {n})"
+        + (f", {n_blq} BLQ samples removed" if n_blq else "")
+    )
     return Dataset(f"advate-{n}", lambda: load_product("advate"), cohort, subs, note)
 
 
@@ -152,22 +159,39 @@ def run_focei(ds: Dataset, rows: list, args, results: dict) -> None:
     r = warm.value
     # one warm OFV + exact-gradient evaluation (the optimiser's unit of work)
     per_eval = _our_eval_seconds(model, ds.cohort)
-    results[(ds.name, "focei")] = dict(warm=warm.seconds, ofv=r.ofv, per_eval=per_eval,
-                                       n_free=len(r.natural_names), fit=r)
+    results[(ds.name, "focei")] = dict(
+        warm=warm.seconds,
+        ofv=r.ofv,
+        per_eval=per_eval,
+        n_free=len(r.natural_names),
+        fit=r,
+    )
     status = "converged" if r.converged else f"NOT CONVERGED: {r.message}"
-    notes = [f"{r.n_iterations} BFGS it., {status}",
-             cold.note("cold"), warm.note("warm"),
-             f"with $COV: {cov.seconds:.2f} s warm ({cov1.seconds:.2f} s on its "
-             f"first call, {cov1.compile_s:.1f} s of it compiling)"]
+    notes = [
+        f"{r.n_iterations} BFGS it., {status}",
+        cold.note("cold"),
+        warm.note("warm"),
+        f"with $COV: {cov.seconds:.2f} s warm ({cov1.seconds:.2f} s on its "
+        f"first call, {cov1.compile_s:.1f} s of it compiling)",
+    ]
     if per_eval is not None:
         notes.append(f"OFV+grad eval {per_eval * 1e3:.1f} ms")
     if cold.value.ofv != r.ofv:
         notes.append(f"cold OFV {cold.value.ofv:.4f} != warm")
     if ds.name.startswith("advate"):
         notes.append(_cl_note(r.natural_names, r.estimates))
-    rows.append(dict(dataset=ds.name, n_sub=ds.n_sub, n_obs=ds.n_obs, method="FOCEI",
-                     cold=cold.seconds, warm=warm.seconds, obj=f"OFV {r.ofv:.4f}",
-                     notes=notes))
+    rows.append(
+        dict(
+            dataset=ds.name,
+            n_sub=ds.n_sub,
+            n_obs=ds.n_obs,
+            method="FOCEI",
+            cold=cold.seconds,
+            warm=warm.seconds,
+            obj=f"OFV {r.ofv:.4f}",
+            notes=notes,
+        )
+    )
 
 
 def _our_eval_seconds(model, cohort, repeats: int = 5):
@@ -212,26 +236,42 @@ def run_reference(ds: Dataset, rows: list, args, results: dict, fit: bool) -> No
         log(f"{ds.name}: NumPy reference FOCEI fit")
         r = ref.fit_focei_reference(model, ds.ref_subjects, maxiter=args.ref_maxiter)
         per_eval = r.seconds / max(r.n_ofv_evals, 1)
-        notes = [f"{r.n_iterations} L-BFGS-B it., {r.n_ofv_evals} OFV evals "
-                 f"({per_eval * 1e3:.0f} ms each; FD gradient = {2 * n_free + 1})",
-                 "converged" if r.converged else f"stopped: {r.message}"]
+        notes = [
+            f"{r.n_iterations} L-BFGS-B it., {r.n_ofv_evals} OFV evals "
+            f"({per_eval * 1e3:.0f} ms each; FD gradient = {2 * n_free + 1})",
+            "converged" if r.converged else f"stopped: {r.message}",
+        ]
         if ours is not None:
             notes.append(f"OFV − ours {r.ofv - ours['ofv']:+.2e}")
             ratio = r.seconds / ours["warm"]
             ours["ratio"] = ratio
-            rows_ours = [x for x in rows if x["dataset"] == ds.name and
-                         x["method"] == "FOCEI"]
+            rows_ours = [
+                x for x in rows if x["dataset"] == ds.name and x["method"] == "FOCEI"
+            ]
             for x in rows_ours:
                 x["ratio"] = ratio
                 if ours["per_eval"]:
                     speedup = (2 * n_free + 1) * per_eval / ours["per_eval"]
                     x["notes"].append(f"per OFV+grad eval ×{speedup:.0f} vs ref")
         if ds.name.startswith("advate"):
-            notes.append(_cl_note(("THETA(CL)", "THETA(V1)"),
-                                  [r.params.theta[0], r.params.theta[1]]))
-        rows.append(dict(dataset=ds.name, n_sub=ds.n_sub, n_obs=ds.n_obs,
-                         method="NumPy ref. FOCEI", cold=None, warm=r.seconds,
-                         obj=f"OFV {r.ofv:.4f}", ratio=1.0, notes=notes))
+            notes.append(
+                _cl_note(
+                    ("THETA(CL)", "THETA(V1)"), [r.params.theta[0], r.params.theta[1]]
+                )
+            )
+        rows.append(
+            dict(
+                dataset=ds.name,
+                n_sub=ds.n_sub,
+                n_obs=ds.n_obs,
+                method="NumPy ref. FOCEI",
+                cold=None,
+                warm=r.seconds,
+                obj=f"OFV {r.ofv:.4f}",
+                ratio=1.0,
+                notes=notes,
+            )
+        )
         return
     # too slow to fit here: time single OFV evaluations at the specification values
     log(f"{ds.name}: NumPy reference, per-evaluation timing only")
@@ -244,15 +284,28 @@ def run_reference(ds: Dataset, rows: list, args, results: dict, fit: bool) -> No
     t0 = time.perf_counter()
     ref.focei_ofv(model, ds.ref_subjects, tr.unpack(x), eta)
     t_fd = time.perf_counter() - t0
-    notes = [f"fit skipped (too slow); one OFV eval {t_cold:.2f} s from eta=0, "
-             f"{t_fd:.2f} s warm-started (an FD-gradient point)"]
+    notes = [
+        f"fit skipped (too slow); one OFV eval {t_cold:.2f} s from eta=0, "
+        f"{t_fd:.2f} s warm-started (an FD-gradient point)"
+    ]
     if ours is not None and ours["per_eval"]:
-        notes.append(f"OFV+grad: ref {(2 * n_free + 1) * t_fd:.1f} s vs ours "
-                     f"{ours['per_eval'] * 1e3:.0f} ms "
-                     f"(×{(2 * n_free + 1) * t_fd / ours['per_eval']:.0f})")
-    rows.append(dict(dataset=ds.name, n_sub=ds.n_sub, n_obs=ds.n_obs,
-                     method="NumPy ref. (1 eval)", cold=None, warm=None, obj="—",
-                     notes=notes))
+        notes.append(
+            f"OFV+grad: ref {(2 * n_free + 1) * t_fd:.1f} s vs ours "
+            f"{ours['per_eval'] * 1e3:.0f} ms "
+            f"(×{(2 * n_free + 1) * t_fd / ours['per_eval']:.0f})"
+        )
+    rows.append(
+        dict(
+            dataset=ds.name,
+            n_sub=ds.n_sub,
+            n_obs=ds.n_obs,
+            method="NumPy ref. (1 eval)",
+            cold=None,
+            warm=None,
+            obj="—",
+            notes=notes,
+        )
+    )
 
 
 def fixed_linear_effects(model):
@@ -260,9 +313,13 @@ def fixed_linear_effects(model):
     import dataclasses
 
     names = {e.theta for e in model.covariate_effects if e.effect == "linear"}
-    return dataclasses.replace(model, thetas=tuple(
-        dataclasses.replace(t, fixed=True) if t.name in names else t
-        for t in model.thetas)), sorted(names)
+    return dataclasses.replace(
+        model,
+        thetas=tuple(
+            dataclasses.replace(t, fixed=True) if t.name in names else t
+            for t in model.thetas
+        ),
+    ), sorted(names)
 
 
 def run_svi(ds: Dataset, rows: list, args, results: dict) -> None:
@@ -279,23 +336,34 @@ def run_svi(ds: Dataset, rows: list, args, results: dict) -> None:
         model, fixed = fixed_linear_effects(model)
         if not fixed:
             raise
-        notes.append(f"library model FAILED ({type(err).__name__}: {msg}); timed with "
-                     f"{', '.join(fixed)} fixed at its spec value")
+        notes.append(
+            f"library model FAILED ({type(err).__name__}: {msg}); timed with "
+            f"{', '.join(fixed)} fixed at its spec value"
+        )
         label = f"SVI ({args.svi_steps} steps)*"
         log(f"{ds.name}: SVI cold, {', '.join(fixed)} fixed")
         cold = Timed(fit_svi, key, model, ds.cohort, num_steps=args.svi_steps)
     log(f"{ds.name}: SVI warm ({cold.seconds:.1f} s cold)")
     warm = Timed(fit_svi, key, model, ds.cohort, num_steps=args.svi_steps)
     r = warm.value
-    loss = float(np.mean(r.elbo[-min(100, len(r.elbo)):]))
+    loss = float(np.mean(r.elbo[-min(100, len(r.elbo)) :]))
     summ = r.summary
     notes += [cold.note("cold"), warm.note("warm")]
     if warm.n_compiles and warm.compile_s > 0.2 * warm.seconds:
         notes.append("warm call RECOMPILES")
     notes.append(_cl_note(summ.index, summ["mean"].to_numpy()))
-    rows.append(dict(dataset=ds.name, n_sub=ds.n_sub, n_obs=ds.n_obs,
-                     method=label, cold=cold.seconds,
-                     warm=warm.seconds, obj=f"−ELBO {loss:.2f}", notes=notes))
+    rows.append(
+        dict(
+            dataset=ds.name,
+            n_sub=ds.n_sub,
+            n_obs=ds.n_obs,
+            method=label,
+            cold=cold.seconds,
+            warm=warm.seconds,
+            obj=f"−ELBO {loss:.2f}",
+            notes=notes,
+        )
+    )
 
 
 def run_nuts(ds: Dataset, rows: list, args, results: dict) -> None:
@@ -310,17 +378,21 @@ def run_nuts(ds: Dataset, rows: list, args, results: dict) -> None:
             nw, ns = max(200, nw // 2), max(200, ns // 2)
             predicted = prev * (nw + ns) * ds.n_obs
         if (nw, ns) != (args.nuts_warmup, args.nuts_samples):
-            notes.append(f"reduced to {nw}+{ns}: {args.nuts_warmup}+{args.nuts_samples}"
-                         f" predicted > {args.nuts_budget_s:.0f} s")
+            notes.append(
+                f"reduced to {nw}+{ns}: {args.nuts_warmup}+{args.nuts_samples}"
+                f" predicted > {args.nuts_budget_s:.0f} s"
+            )
     log(f"{ds.name}: NUTS cold (1 chain, {nw}+{ns})")
-    cold = Timed(fit_nuts, key, model, ds.cohort, num_warmup=nw, num_samples=ns,
-                 num_chains=1)
-    results["nuts_rate"] = ((cold.seconds - cold.compile_s) / ((nw + ns) * ds.n_obs))
+    cold = Timed(
+        fit_nuts, key, model, ds.cohort, num_warmup=nw, num_samples=ns, num_chains=1
+    )
+    results["nuts_rate"] = (cold.seconds - cold.compile_s) / ((nw + ns) * ds.n_obs)
     warm = None
     if ds.n_sub <= args.nuts_warm_max:
         log(f"{ds.name}: NUTS warm ({cold.seconds:.1f} s cold)")
-        warm = Timed(fit_nuts, key, model, ds.cohort, num_warmup=nw, num_samples=ns,
-                     num_chains=1)
+        warm = Timed(
+            fit_nuts, key, model, ds.cohort, num_warmup=nw, num_samples=ns, num_chains=1
+        )
     r = (warm or cold).value
     s = r.summary
     # fit_nuts(parameterization="auto"): centred when the median subject has >= 4
@@ -328,23 +400,36 @@ def run_nuts(ds: Dataset, rows: list, args, results: dict) -> None:
     per_subject = np.sum(np.asarray(ds.cohort.obs_mask & ~ds.cohort.obs_blq), axis=-1)
     param = "centred" if np.median(per_subject) >= 4 else "non-centred"
     worst = s["ess_bulk"].idxmin() if s["ess_bulk"].notna().any() else "?"
-    notes += [f"auto → {param}; R-hat max {np.nanmax(s['r_hat']):.3f}, ESS bulk min "
-              f"{np.nanmin(s['ess_bulk']):.0f} ({worst}), {r.n_divergent} divergent",
-              cold.note("cold")]
+    notes += [
+        f"auto → {param}; R-hat max {np.nanmax(s['r_hat']):.3f}, ESS bulk min "
+        f"{np.nanmin(s['ess_bulk']):.0f} ({worst}), {r.n_divergent} divergent",
+        cold.note("cold"),
+    ]
     if warm is not None:
         notes.append(warm.note("warm"))
         if warm.n_compiles and warm.compile_s > 0.2 * warm.seconds:
             notes.append("warm call RECOMPILES")
     else:
-        notes.append(f"warm not run (> {args.nuts_warm_max} patients); cold minus "
-                     f"compile = {cold.seconds - cold.compile_s:.1f} s")
+        notes.append(
+            f"warm not run (> {args.nuts_warm_max} patients); cold minus "
+            f"compile = {cold.seconds - cold.compile_s:.1f} s"
+        )
     notes.append(_cl_note(s.index, s["mean"].to_numpy()))
-    results[(ds.name, "nuts")] = dict(cold=cold.seconds, warm=warm and warm.seconds,
-                                      compile=cold.compile_s)
-    rows.append(dict(dataset=ds.name, n_sub=ds.n_sub, n_obs=ds.n_obs,
-                     method=f"NUTS (1 chain, {nw}+{ns})", cold=cold.seconds,
-                     warm=None if warm is None else warm.seconds, obj="—",
-                     notes=notes))
+    results[(ds.name, "nuts")] = dict(
+        cold=cold.seconds, warm=warm and warm.seconds, compile=cold.compile_s
+    )
+    rows.append(
+        dict(
+            dataset=ds.name,
+            n_sub=ds.n_sub,
+            n_obs=ds.n_obs,
+            method=f"NUTS (1 chain, {nw}+{ns})",
+            cold=cold.seconds,
+            warm=None if warm is None else warm.seconds,
+            obj="—",
+            notes=notes,
+        )
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -352,18 +437,36 @@ def run_nuts(ds: Dataset, rows: list, args, results: dict) -> None:
 
 
 def table(rows: list) -> str:
-    head = ("| dataset | n_subjects | n_obs | method | cold_s | warm_s | OFV / −ELBO | "
-            "ratio vs ref | NONMEM 7.5.1 (lit.) | notes |")
+    head = (
+        "| dataset | n_subjects | n_obs | method | cold_s | warm_s | OFV / −ELBO | "
+        "ratio vs ref | NONMEM 7.5.1 (lit.) | notes |"
+    )
     out = [head, "|" + "---|" * 10]
     for r in rows:
-        lit = (f"{NONMEM_EST_S} s est. (+{NONMEM_COV_S} s $COV), OFV {NONMEM_OFV:.4f}"
-               if r["dataset"] == "pheno" and r["method"] == "FOCEI" else "")
+        lit = (
+            f"{NONMEM_EST_S} s est. (+{NONMEM_COV_S} s $COV), OFV {NONMEM_OFV:.4f}"
+            if r["dataset"] == "pheno" and r["method"] == "FOCEI"
+            else ""
+        )
         ratio = r.get("ratio")
-        out.append("| " + " | ".join([
-            r["dataset"], str(r["n_sub"]), str(r["n_obs"]), r["method"],
-            fmt(r["cold"]), fmt(r["warm"]), r["obj"],
-            "—" if ratio is None else f"{ratio:.1f}×", lit,
-            "; ".join(n for n in r["notes"] if n)]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    r["dataset"],
+                    str(r["n_sub"]),
+                    str(r["n_obs"]),
+                    r["method"],
+                    fmt(r["cold"]),
+                    fmt(r["warm"]),
+                    r["obj"],
+                    "—" if ratio is None else f"{ratio:.1f}×",
+                    lit,
+                    "; ".join(n for n in r["notes"] if n),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(out)
 
 
@@ -372,10 +475,12 @@ def targets(results: dict) -> list[str]:
     f = results.get(("pheno", "focei"))
     if f:
         ok = f["warm"] < TARGET_FOCEI_PHENO_S
-        lines.append(f"- warm FOCEI on pheno (59 subjects, 155 obs) < "
-                     f"{TARGET_FOCEI_PHENO_S:.0f} s on CPU (NONMEM 7.5.1: "
-                     f"{NONMEM_EST_S} s): **{f['warm']:.2f} s — "
-                     f"{'met' if ok else 'NOT met'}**")
+        lines.append(
+            f"- warm FOCEI on pheno (59 subjects, 155 obs) < "
+            f"{TARGET_FOCEI_PHENO_S:.0f} s on CPU (NONMEM 7.5.1: "
+            f"{NONMEM_EST_S} s): **{f['warm']:.2f} s — "
+            f"{'met' if ok else 'NOT met'}**"
+        )
     n = results.get(("advate-200", "nuts"))
     if n:
         if n["warm"] is not None:
@@ -383,15 +488,28 @@ def targets(results: dict) -> list[str]:
         else:
             best, how = n["cold"], f"cold, incl. {n['compile']:.1f} s compilation"
         ok = best < TARGET_NUTS_200_S
-        lines.append(f"- NUTS on 200 patients < {TARGET_NUTS_200_S:.0f} s on CPU: "
-                     f"**{best:.1f} s ({how}) — {'met' if ok else 'NOT met'}**")
+        lines.append(
+            f"- NUTS on 200 patients < {TARGET_NUTS_200_S:.0f} s on CPU: "
+            f"**{best:.1f} s ({how}) — {'met' if ok else 'NOT met'}**"
+        )
     return lines
 
 
-def write_report(path: Path, info: dict, args, rows, results, checks, started,
-                 load0, partial: bool, datasets=()) -> str:
-    cmd = "python " + " ".join(shlex.quote(a) for a in
-                               [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+def write_report(
+    path: Path,
+    info: dict,
+    args,
+    rows,
+    results,
+    checks,
+    started,
+    load0,
+    partial: bool,
+    datasets=(),
+) -> str:
+    cmd = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]
+    )
     plat_env = os.environ.get("JAX_PLATFORMS", "(unset)")
     lines = [
         f"# Estimation benchmark — {info['device']}"
@@ -416,8 +534,11 @@ def write_report(path: Path, info: dict, args, rows, results, checks, started,
         "",
         "## Results",
         "",
-        *[f"- `{d.name}`: {d.n_sub} subjects, {d.n_obs} observations"
-          + (f"; {d.note}" if d.note else "") for d in datasets],
+        *[
+            f"- `{d.name}`: {d.n_sub} subjects, {d.n_obs} observations"
+            + (f"; {d.note}" if d.note else "")
+            for d in datasets
+        ],
         "",
         table(rows),
         "",
@@ -441,13 +562,16 @@ def reference_self_check_nonmem(pheno: Dataset) -> list[str]:
     theta = model.theta_values.copy()
     free = [i for i, t in enumerate(model.thetas) if not t.fixed]
     theta[free] = NONMEM_THETA
-    p = ref.RefParams(theta, np.diag(NONMEM_OMEGA),
-                      np.array([0.0, math.sqrt(NONMEM_SIGMA)]))
+    p = ref.RefParams(
+        theta, np.diag(NONMEM_OMEGA), np.array([0.0, math.sqrt(NONMEM_SIGMA)])
+    )
     ofv = ref.focei_ofv(model, pheno.ref_subjects, p)[0]
     rel = abs(ofv / NONMEM_OFV - 1.0)
     assert rel < 1e-6, f"reference OFV {ofv} vs NONMEM {NONMEM_OFV}: rel {rel:.2e}"
-    return [f"pheno at NONMEM's estimates: reference OFV {ofv:.8f}, NONMEM "
-            f"{NONMEM_OFV:.8f} (rel. diff {rel:.1e}, required < 1e-6)"]
+    return [
+        f"pheno at NONMEM's estimates: reference OFV {ofv:.8f}, NONMEM "
+        f"{NONMEM_OFV:.8f} (rel. diff {rel:.1e}, required < 1e-6)"
+    ]
 
 
 def reference_self_check_ours(ds: Dataset, at: str) -> str:
@@ -462,51 +586,98 @@ def reference_self_check_ours(ds: Dataset, at: str) -> str:
         theta = model.theta_values.copy()
         free = [i for i, t in enumerate(model.thetas) if not t.fixed]
         theta[free] = NONMEM_THETA
-        p = ref.RefParams(theta, np.diag(NONMEM_OMEGA),
-                          np.array([0.0, math.sqrt(NONMEM_SIGMA)]))
+        p = ref.RefParams(
+            theta, np.diag(NONMEM_OMEGA), np.array([0.0, math.sqrt(NONMEM_SIGMA)])
+        )
     else:
         p = ref.Transform(model).base
-    ours = float(focei_objective(model, ds.cohort, PopParams(
-        jnp.asarray(p.theta), jnp.asarray(p.omega), initial_params(model).omega_iov,
-        jnp.asarray(p.sigma), jnp.asarray(0.0)))[0])
+    ours = float(
+        focei_objective(
+            model,
+            ds.cohort,
+            PopParams(
+                jnp.asarray(p.theta),
+                jnp.asarray(p.omega),
+                initial_params(model).omega_iov,
+                jnp.asarray(p.sigma),
+                jnp.asarray(0.0),
+            ),
+        )[0]
+    )
     mine = ref.focei_ofv(model, ds.ref_subjects, p)[0]
     rel = abs(mine / ours - 1.0)
     assert rel < 1e-6, f"{ds.name}: reference OFV {mine} vs ours {ours}: rel {rel:.2e}"
     where = "NONMEM's estimates" if at == "nonmem" else "the specification values"
-    return (f"{ds.name} at {where}: reference OFV {mine:.8f}, ours (JAX "
-            f"`focei_objective`) {ours:.8f} (rel. diff {rel:.1e}, required < 1e-6)")
+    return (
+        f"{ds.name} at {where}: reference OFV {mine:.8f}, ours (JAX "
+        f"`focei_objective`) {ours:.8f} (rel. diff {rel:.1e}, required < 1e-6)"
+    )
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[50, 200, 1000],
-                    help="simulated Advate cohort sizes (default 50 200 1000)")
-    ap.add_argument("--methods", nargs="+", default=["focei", "svi", "nuts", "ref"],
-                    choices=["focei", "svi", "nuts", "ref"])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[50, 200, 1000],
+        help="simulated Advate cohort sizes (default 50 200 1000)",
+    )
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["focei", "svi", "nuts", "ref"],
+        choices=["focei", "svi", "nuts", "ref"],
+    )
     ap.add_argument("--no-pheno", action="store_true", help="skip the pheno data set")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke test: 20 patients, 50 SVI steps, NUTS 20+20, "
-                         "reference capped at 3 iterations")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="markdown output (default experiments/benchmarks/"
-                         "estimation_<cpu|gpu>[_quick].md)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 20 patients, 50 SVI steps, NUTS 20+20, "
+        "reference capped at 3 iterations",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown output (default experiments/benchmarks/"
+        "estimation_<cpu|gpu>[_quick].md)",
+    )
     ap.add_argument("--seed", type=int, default=2024)
-    ap.add_argument("--sparse-from", type=int, default=500,
-                    help="cohorts with at least this many patients use the sparse "
-                         "design (default 500)")
+    ap.add_argument(
+        "--sparse-from",
+        type=int,
+        default=500,
+        help="cohorts with at least this many patients use the sparse "
+        "design (default 500)",
+    )
     ap.add_argument("--maxiter", type=int, default=1000, help="FOCEI BFGS maxiter")
     ap.add_argument("--svi-steps", type=int, default=2000)
     ap.add_argument("--nuts-warmup", type=int, default=500)
     ap.add_argument("--nuts-samples", type=int, default=500)
-    ap.add_argument("--nuts-warm-max", type=int, default=50,
-                    help="run a second (warm) NUTS call up to this many patients")
-    ap.add_argument("--nuts-budget-s", type=float, default=900.0,
-                    help="halve NUTS warmup/samples (down to 200+200) when the time "
-                         "predicted from the previous size exceeds this")
-    ap.add_argument("--ref-max-n", type=int, default=60,
-                    help="fit the NumPy reference up to this many subjects; above, "
-                         "time single OFV evaluations only")
+    ap.add_argument(
+        "--nuts-warm-max",
+        type=int,
+        default=50,
+        help="run a second (warm) NUTS call up to this many patients",
+    )
+    ap.add_argument(
+        "--nuts-budget-s",
+        type=float,
+        default=900.0,
+        help="halve NUTS warmup/samples (down to 200+200) when the time "
+        "predicted from the previous size exceeds this",
+    )
+    ap.add_argument(
+        "--ref-max-n",
+        type=int,
+        default=60,
+        help="fit the NumPy reference up to this many subjects; above, "
+        "time single OFV evaluations only",
+    )
     ap.add_argument("--ref-maxiter", type=int, default=500)
     args = ap.parse_args(argv)
     if args.quick:
@@ -535,16 +706,23 @@ def main(argv=None) -> int:
         datasets.append(advate_dataset(n, design, args.seed))
 
     def flush(partial=True):
-        return write_report(out, info, args, rows, results, checks, started, load0,
-                            partial, datasets)
+        return write_report(
+            out, info, args, rows, results, checks, started, load0, partial, datasets
+        )
 
     for ds in datasets:
         log(f"== {ds.name}: {ds.n_sub} subjects, {ds.n_obs} observations {ds.note}")
         bayes_ok = ds.name != "pheno"  # pheno: FOCEI and the reference only
         todo = [("focei", "FOCEI", run_focei)]
-        todo.append(("ref", "NumPy ref. FOCEI",
-                     lambda d, r, a, res: run_reference(
-                         d, r, a, res, fit=d.n_sub <= a.ref_max_n)))
+        todo.append(
+            (
+                "ref",
+                "NumPy ref. FOCEI",
+                lambda d, r, a, res: run_reference(
+                    d, r, a, res, fit=d.n_sub <= a.ref_max_n
+                ),
+            )
+        )
         if bayes_ok:
             todo += [("svi", "SVI", run_svi), ("nuts", "NUTS", run_nuts)]
         for key, label, fn in todo:
@@ -559,10 +737,21 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 msg = " ".join(str(err).split())[:160]
                 log(f"{ds.name}: {label} FAILED: {msg}")
-                rows.append(dict(dataset=ds.name, n_sub=ds.n_sub, n_obs=ds.n_obs,
-                                 method=label, cold=None, warm=None, obj="FAILED",
-                                 notes=[f"{type(err).__name__}: {msg} (after "
-                                        f"{time.perf_counter() - t0:.0f} s)"]))
+                rows.append(
+                    dict(
+                        dataset=ds.name,
+                        n_sub=ds.n_sub,
+                        n_obs=ds.n_obs,
+                        method=label,
+                        cold=None,
+                        warm=None,
+                        obj="FAILED",
+                        notes=[
+                            f"{type(err).__name__}: {msg} (after "
+                            f"{time.perf_counter() - t0:.0f} s)"
+                        ],
+                    )
+                )
             flush()
     # cross-check against our JAX objective last (it compiles; keep "cold" cold)
     if datasets:

@@ -106,13 +106,13 @@ from phems_clinical.provenance import (  # noqa: E402
 def hospitals(k: int, per_site: int) -> list[HospitalSpec]:
     """K hospitals cycling the simulator's three case-mixes."""
     kinds = default_hospitals(3 * per_site)
-    return [kinds[i % 3]._replace(name=f"H{i:03d}", n_patients=per_site)
-            for i in range(k)]
+    return [
+        kinds[i % 3]._replace(name=f"H{i:03d}", n_patients=per_site) for i in range(k)
+    ]
 
 
 def federation(model, k: int, per_site: int, seed: int = 0):
-    events, _ = simulate_hospitals(jax.random.key(seed), model,
-                                   hospitals(k, per_site))
+    events, _ = simulate_hospitals(jax.random.key(seed), model, hospitals(k, per_site))
     _, cohorts = cohorts_by_site(events, model)
     return cohorts, pad_sites(cohorts), n_occasions_all(cohorts)
 
@@ -128,8 +128,10 @@ def row(what, k, patients, rounds, seconds, per_round, accuracy, note=""):
     def f(v, p):
         return "–" if v is None else f"{v:.{p}g}"
 
-    return (f"| {what} | {k} | {patients} | {rounds if rounds is not None else '–'} "
-            f"| {f(seconds, 3)} | {f(per_round, 3)} | {accuracy} | {note} |")
+    return (
+        f"| {what} | {k} | {patients} | {rounds if rounds is not None else '–'} "
+        f"| {f(seconds, 3)} | {f(per_round, 3)} | {accuracy} | {note} |"
+    )
 
 
 def bench_in_process(model, ks, per_site, rows):
@@ -140,11 +142,18 @@ def bench_in_process(model, ks, per_site, rows):
         cold, t_cold = timed(run_federated, jax.random.key(0), alg, sites)
         log(f"in-process FOCEI K={k}: warm ({cold.rounds} rounds)")
         warm, t_warm = timed(run_federated, jax.random.key(0), alg, sites)
-        rows.append(row(f"in-process federated FOCEI to convergence (cold {t_cold:.1f}"
-                        " s)", k, k * per_site, warm.rounds, t_warm,
-                        t_warm / warm.rounds,
-                        f"{warm.rounds / t_warm:.2f} rounds/s",
-                        "converged" if warm.converged else "NOT converged"))
+        rows.append(
+            row(
+                f"in-process federated FOCEI to convergence (cold {t_cold:.1f} s)",
+                k,
+                k * per_site,
+                warm.rounds,
+                t_warm,
+                t_warm / warm.rounds,
+                f"{warm.rounds / t_warm:.2f} rounds/s",
+                "converged" if warm.converged else "NOT converged",
+            )
+        )
 
 
 def _ignore(*args) -> None:
@@ -158,21 +167,46 @@ def bench_secagg(model, ks, per_site, n_rounds, rows):
         cfg = default_secagg_config(k)
         # the same split round (vmapped sites, then the sum on the host) both
         # times; compiled first
-        run_federated(jax.random.key(0), alg, sites, max_rounds=1,
-                      aggregator=secagg_aggregator(cfg, n_sites=k))
+        run_federated(
+            jax.random.key(0),
+            alg,
+            sites,
+            max_rounds=1,
+            aggregator=secagg_aggregator(cfg, n_sites=k),
+        )
         log(f"SecAgg K={k}: {n_rounds} rounds plain and secure")
-        p, t_plain = timed(run_federated, jax.random.key(0), alg, sites,
-                           on_message=_ignore)
+        p, t_plain = timed(
+            run_federated, jax.random.key(0), alg, sites, on_message=_ignore
+        )
         stats: list = []
-        s, t_sec = timed(run_federated, jax.random.key(0), alg, sites,
-                         aggregator=secagg_aggregator(cfg, stats, n_sites=k))
-        err = float(np.max(np.abs(np.asarray(s.server.solver.y_eval)
-                                  - np.asarray(p.server.solver.y_eval))))
+        s, t_sec = timed(
+            run_federated,
+            jax.random.key(0),
+            alg,
+            sites,
+            aggregator=secagg_aggregator(cfg, stats, n_sites=k),
+        )
+        err = float(
+            np.max(
+                np.abs(
+                    np.asarray(s.server.solver.y_eval)
+                    - np.asarray(p.server.solver.y_eval)
+                )
+            )
+        )
         kb = np.mean([b for r in stats for b in r.bytes_per_site.values()]) / 1e3
-        rows.append(row("SecAgg vs plain sum (same rounds; ratio of s/round)", k,
-                        k * per_site, n_rounds, t_sec, t_sec / n_rounds,
-                        f"{t_sec / t_plain:.2f}x plain",
-                        f"{kb:.1f} kB/site/round; max |Δparam| {err:.1e}"))
+        rows.append(
+            row(
+                "SecAgg vs plain sum (same rounds; ratio of s/round)",
+                k,
+                k * per_site,
+                n_rounds,
+                t_sec,
+                t_sec / n_rounds,
+                f"{t_sec / t_plain:.2f}x plain",
+                f"{kb:.1f} kB/site/round; max |Δparam| {err:.1e}",
+            )
+        )
 
 
 def bench_vs_pooled(model, k, per_site, nuts_samples, rows):
@@ -183,44 +217,99 @@ def bench_vs_pooled(model, k, per_site, nuts_samples, rows):
     t0 = time.perf_counter()
     ref = fit_focei(model, pc, covariance=False)
     t_ref = time.perf_counter() - t0
-    rows.append(row("pooled FOCEI (scipy BFGS), the reference", 1, n,
-                    ref.n_iterations, t_ref, None, "–", "iterations, not rounds"))
+    rows.append(
+        row(
+            "pooled FOCEI (scipy BFGS), the reference",
+            1,
+            n,
+            ref.n_iterations,
+            t_ref,
+            None,
+            "–",
+            "iterations, not rounds",
+        )
+    )
     log("federated FOCEI")
     run, t = timed(run_federated, jax.random.key(0), fed_focei(model, n_occ), sites)
     rel = np.max(np.abs(np.asarray(run.result["estimates"]) / ref.estimates - 1))
-    rows.append(row("federated FOCEI vs pooled FOCEI", k, n, run.rounds, t,
-                    t / run.rounds, f"max rel. diff {rel:.1e}", "target < 1e-4"))
+    rows.append(
+        row(
+            "federated FOCEI vs pooled FOCEI",
+            k,
+            n,
+            run.rounds,
+            t,
+            t / run.rounds,
+            f"max rel. diff {rel:.1e}",
+            "target < 1e-4",
+        )
+    )
     log("FedAdam on FOCEI terms")
-    alg = build_algorithm("fedadam", model, n_sites=k, n_occ=n_occ,
-                          options={"rounds": 100, "local_steps": 2})
+    alg = build_algorithm(
+        "fedadam",
+        model,
+        n_sites=k,
+        n_occ=n_occ,
+        options={"rounds": 100, "local_steps": 2},
+    )
     run, t = timed(run_federated, jax.random.key(0), alg, sites)
     from phems_clinical.pk.packing import build_packer
 
     packer = build_packer(model)
     est = np.asarray(packer.to_natural(packer.unpack(run.server.x)))
     rel = np.max(np.abs(est / ref.estimates - 1))
-    rows.append(row("FedAdam on per-patient FOCEI terms vs pooled FOCEI", k, n,
-                    run.rounds, t, t / run.rounds, f"max rel. diff {rel:.2g}",
-                    "local SGD 2 steps, lr 1e-3; server Adam 0.02"))
+    rows.append(
+        row(
+            "FedAdam on per-patient FOCEI terms vs pooled FOCEI",
+            k,
+            n,
+            run.rounds,
+            t,
+            t / run.rounds,
+            f"max rel. diff {rel:.2g}",
+            "local SGD 2 steps, lr 1e-3; server Adam 0.02",
+        )
+    )
     log("pooled NUTS")
     t0 = time.perf_counter()
     nuts = pooled_reference(jax.random.key(1), model, pc, n_occ=n_occ)
     t_nuts = time.perf_counter() - t0
-    rows.append(row("pooled NUTS (4 x 2000 draws), the Bayesian reference", 1, n,
-                    None, t_nuts, None, "–", ""))
+    rows.append(
+        row(
+            "pooled NUTS (4 x 2000 draws), the Bayesian reference",
+            1,
+            n,
+            None,
+            t_nuts,
+            None,
+            "–",
+            "",
+        )
+    )
     for name in ("ep", "consensus_mc"):
         log(name)
-        alg = build_algorithm(name, model, n_sites=k, n_occ=n_occ,
-                              options={"num_samples": nuts_samples})
+        alg = build_algorithm(
+            name, model, n_sites=k, n_occ=n_occ, options={"num_samples": nuts_samples}
+        )
         run, t = timed(run_federated, jax.random.key(2), alg, sites)
         table = compare(run.result["summary"], nuts)
         x = table[table.index.str.startswith("x:")]
-        acc = (f"max abs Δmean/SD {x.dmean_over_sd.max():.2f}; SD ratio "
-               f"{x.sd_ratio.min():.2f}–{x.sd_ratio.max():.2f}")
-        rows.append(row(f"{'EP' if name == 'ep' else 'consensus MC'} vs pooled NUTS",
-                        k, n, run.rounds, t, t / max(run.rounds, 1), acc,
-                        "target < 0.1 and 0.8–1.25" if name == "ep" else
-                        "one-shot baseline"))
+        acc = (
+            f"max abs Δmean/SD {x.dmean_over_sd.max():.2f}; SD ratio "
+            f"{x.sd_ratio.min():.2f}–{x.sd_ratio.max():.2f}"
+        )
+        rows.append(
+            row(
+                f"{'EP' if name == 'ep' else 'consensus MC'} vs pooled NUTS",
+                k,
+                n,
+                run.rounds,
+                t,
+                t / max(run.rounds, 1),
+                acc,
+                "target < 0.1 and 0.8–1.25" if name == "ep" else "one-shot baseline",
+            )
+        )
 
 
 def bench_flower(rows, rounds: int):
@@ -233,31 +322,44 @@ def bench_flower(rows, rounds: int):
             simulate_sites,
         )
     except ImportError as err:
-        rows.append(row("Flower loopback", 3, None, None, None, None, "–",
-                        f"not run: {err}"))
+        rows.append(
+            row("Flower loopback", 3, None, None, None, None, "–", f"not run: {err}")
+        )
         return
     model = load_product("advate")
     with tempfile.TemporaryDirectory() as tmp:
         sites = simulate_sites(jax.random.key(4), Path(tmp) / "sites", 24)
         log("Flower loopback")
-        res = run_loopback(sites, Path(tmp) / "out",
-                           settings=RunSettings(seed=0, rounds=rounds))
+        res = run_loopback(
+            sites, Path(tmp) / "out", settings=RunSettings(seed=0, rounds=rounds)
+        )
         per = [h["seconds"] for h in res["history"]]
-        events = pd.concat([pd.read_csv(d / "cohort.csv").assign(SITE=d.name)
-                            for d in sites])
+        events = pd.concat(
+            [pd.read_csv(d / "cohort.csv").assign(SITE=d.name) for d in sites]
+        )
         _, cohorts = cohorts_by_site(events, model)
-        ref = run_federated(jax.random.key(0),
-                            fed_focei(model, n_occasions_all(cohorts)),
-                            pad_sites(cohorts), max_rounds=rounds)
+        ref = run_federated(
+            jax.random.key(0),
+            fed_focei(model, n_occasions_all(cohorts)),
+            pad_sites(cohorts),
+            max_rounds=rounds,
+        )
         fl = np.asarray(list(res["estimates"].values()), dtype=float)
         ours = np.asarray(ref.result["estimates"])
         gap = float(np.max(np.abs(fl / ours - 1)))
         start = res["launch"].get("to_first_round_s", float("nan"))
-        rows.append(row("Flower: SuperLink + 3 SuperNodes on loopback (FOCEI)", 3,
-                        24, len(per), sum(per), statistics.median(per),
-                        f"max rel. diff to in-process {gap:.1e}",
-                        f"launch to round 1: {start:.0f} s; a new process per "
-                        "message"))
+        rows.append(
+            row(
+                "Flower: SuperLink + 3 SuperNodes on loopback (FOCEI)",
+                3,
+                24,
+                len(per),
+                sum(per),
+                statistics.median(per),
+                f"max rel. diff to in-process {gap:.1e}",
+                f"launch to round 1: {start:.0f} s; a new process per message",
+            )
+        )
 
 
 def bench_flower_secagg(rows, rounds: int):
@@ -270,8 +372,9 @@ def bench_flower_secagg(rows, rounds: int):
             simulate_sites,
         )
     except ImportError as err:
-        rows.append(row("SecAgg over Flower", 3, None, None, None, None, "–",
-                        f"not run: {err}"))
+        rows.append(
+            row("SecAgg over Flower", 3, None, None, None, None, "–", f"not run: {err}")
+        )
         return
     with tempfile.TemporaryDirectory() as tmp:
         sites = simulate_sites(jax.random.key(4), Path(tmp) / "sites", 24)
@@ -279,22 +382,40 @@ def bench_flower_secagg(rows, rounds: int):
         for secure in (False, True):
             log(f"Flower loopback, secagg={secure}")
             res[secure] = run_loopback(
-                sites, Path(tmp) / f"out_{secure}",
-                settings=RunSettings(seed=0, rounds=rounds, secagg=secure))
-            per[secure] = statistics.median(h["seconds"]
-                                            for h in res[secure]["history"])
+                sites,
+                Path(tmp) / f"out_{secure}",
+                settings=RunSettings(seed=0, rounds=rounds, secagg=secure),
+            )
+            per[secure] = statistics.median(
+                h["seconds"] for h in res[secure]["history"]
+            )
         a = np.asarray(list(res[False]["estimates"].values()), dtype=float)
         b = np.asarray(list(res[True]["estimates"].values()), dtype=float)
         gap = float(np.max(np.abs(b / a - 1)))
-        rows.append(row("Flower round, plain (same run as the next row)", 3, 24,
-                        rounds, sum(h["seconds"] for h in res[False]["history"]),
-                        per[False], "–", "TLS + SuperNode auth"))
-        rows.append(row("SecAgg over Flower vs plain Flower round (ratio of median "
-                        "s/round)", 3, 24, rounds,
-                        sum(h["seconds"] for h in res[True]["history"]), per[True],
-                        f"{per[True] / per[False]:.2f}x plain",
-                        f"5 stage exchanges/round; max rel. diff to plain "
-                        f"{gap:.1e}"))
+        rows.append(
+            row(
+                "Flower round, plain (same run as the next row)",
+                3,
+                24,
+                rounds,
+                sum(h["seconds"] for h in res[False]["history"]),
+                per[False],
+                "–",
+                "TLS + SuperNode auth",
+            )
+        )
+        rows.append(
+            row(
+                "SecAgg over Flower vs plain Flower round (ratio of median s/round)",
+                3,
+                24,
+                rounds,
+                sum(h["seconds"] for h in res[True]["history"]),
+                per[True],
+                f"{per[True] / per[False]:.2f}x plain",
+                f"5 stage exchanges/round; max rel. diff to plain {gap:.1e}",
+            )
+        )
 
 
 def bench_newton(model, ks, per_site, rows, pooled_up_to: int = 10):
@@ -305,8 +426,11 @@ def bench_newton(model, ks, per_site, rows, pooled_up_to: int = 10):
     ``pooled_up_to``."""
     for k in ks:
         cohorts, sites, n_occ = federation(model, k, per_site)
-        ref = (fit_focei(model, pooled(cohorts), covariance=False)
-               if k <= pooled_up_to else None)
+        ref = (
+            fit_focei(model, pooled(cohorts), covariance=False)
+            if k <= pooled_up_to
+            else None
+        )
         for hessian in ("exact", "bhhh", "bfgs"):
             alg = fed_focei(model, n_occ, hessian=hessian)
             log(f"fed_focei hessian={hessian} K={k}: cold")
@@ -318,25 +442,33 @@ def bench_newton(model, ks, per_site, rows, pooled_up_to: int = 10):
                 est = np.asarray(warm.result["estimates"])
                 rel = np.max(np.abs(est / ref.estimates - 1))
                 acc = f"max rel. diff to pooled {rel:.1e}"
-            rows.append(row(f"fed_focei hessian={hessian} to convergence (cold "
-                            f"{t_cold:.1f} s)", k, k * per_site, warm.rounds,
-                            t_warm, t_warm / warm.rounds, acc,
-                            warm.result["stopped_by"]
-                            + ("" if warm.converged else "; NOT converged")))
+            rows.append(
+                row(
+                    f"fed_focei hessian={hessian} to convergence (cold {t_cold:.1f} s)",
+                    k,
+                    k * per_site,
+                    warm.rounds,
+                    t_warm,
+                    t_warm / warm.rounds,
+                    acc,
+                    warm.result["stopped_by"]
+                    + ("" if warm.converged else "; NOT converged"),
+                )
+            )
             log(rows[-1])
 
 
 def _site_dirs(model, root: Path, k: int, per_site: int, seed: int = 4):
     """K simulated hospitals (:func:`hospitals`) written as site folders, as
     ``launch.simulate_sites`` writes three (17 significant digits)."""
-    events, _ = simulate_hospitals(jax.random.key(seed), model,
-                                   hospitals(k, per_site))
+    events, _ = simulate_hospitals(jax.random.key(seed), model, hospitals(k, per_site))
     dirs = []
     for i, name in enumerate(dict.fromkeys(events["SITE"])):
         d = root / f"site_{i}"
         d.mkdir(parents=True, exist_ok=True)
         events[events["SITE"] == name].drop(columns=["SITE"]).to_csv(
-            d / "cohort.csv", index=False, float_format="%.17g")
+            d / "cohort.csv", index=False, float_format="%.17g"
+        )
         dirs.append(d)
     return dirs
 
@@ -356,25 +488,42 @@ def bench_flower_warm(model, rows, rounds: int, per_site: int):
         per, res = {}, {}
         for warm in (False, True):
             log(f"Flower loopback, warm_host={warm}")
-            res[warm] = run_loopback(sites, Path(tmp) / f"out_{warm}",
-                                     settings=RunSettings(seed=0, rounds=rounds),
-                                     warm_host=warm)
-            per[warm] = statistics.median(h["seconds"]
-                                          for h in res[warm]["history"])
+            res[warm] = run_loopback(
+                sites,
+                Path(tmp) / f"out_{warm}",
+                settings=RunSettings(seed=0, rounds=rounds),
+                warm_host=warm,
+            )
+            per[warm] = statistics.median(h["seconds"] for h in res[warm]["history"])
         a = np.asarray(list(res[False]["estimates"].values()), dtype=float)
         b = np.asarray(list(res[True]["estimates"].values()), dtype=float)
-        same = "bit-identical" if a.tobytes() == b.tobytes() else \
-            f"max rel. diff {float(np.max(np.abs(b / a - 1))):.1e}"
+        same = (
+            "bit-identical"
+            if a.tobytes() == b.tobytes()
+            else f"max rel. diff {float(np.max(np.abs(b / a - 1))):.1e}"
+        )
         for warm in (False, True):
             h = res[warm]["history"]
-            rows.append(row(
-                "Flower round, " + ("warm ClientApp host, waits capped" if warm
-                                    else "stock (process per message)"),
-                3, 3 * per_site, len(h), sum(x["seconds"] for x in h), per[warm],
-                f"{per[False] / per[True]:.1f}x faster; estimates {same}" if warm
-                else "–",
-                f"launch to round 1: {res[warm]['launch']['to_first_round_s']:.0f}"
-                " s; TLS + SuperNode auth"))
+            rows.append(
+                row(
+                    "Flower round, "
+                    + (
+                        "warm ClientApp host, waits capped"
+                        if warm
+                        else "stock (process per message)"
+                    ),
+                    3,
+                    3 * per_site,
+                    len(h),
+                    sum(x["seconds"] for x in h),
+                    per[warm],
+                    f"{per[False] / per[True]:.1f}x faster; estimates {same}"
+                    if warm
+                    else "–",
+                    f"launch to round 1: {res[warm]['launch']['to_first_round_s']:.0f}"
+                    " s; TLS + SuperNode auth",
+                )
+            )
             log(rows[-1])
         sites5 = _site_dirs(model, Path(tmp) / "sites5", 5, per_site)
         # a first-ever fit (empty compilation caches: every program is traced and
@@ -385,25 +534,35 @@ def bench_flower_warm(model, rows, rounds: int, per_site: int):
         os.environ["PHEMS_CACHE_DIR"] = str(cache)
         try:
             for when in ("first fit, empty caches", "later fit, caches kept"):
-                log(f"full federated FOCEI fit, 5 hospitals, SecAgg, warm hosts, "
-                    f"{when}")
+                log(
+                    f"full federated FOCEI fit, 5 hospitals, SecAgg, warm hosts, {when}"
+                )
                 out = Path(tmp) / f"out_full_{len(rows)}"
                 t0 = time.perf_counter()
-                full = run_loopback(sites5, out,
-                                    settings=RunSettings(seed=0, rounds=0,
-                                                         secagg=True),
-                                    warm_host=True, timeout=1800)
+                full = run_loopback(
+                    sites5,
+                    out,
+                    settings=RunSettings(seed=0, rounds=0, secagg=True),
+                    warm_host=True,
+                    timeout=1800,
+                )
                 wall = time.perf_counter() - t0
                 h = full["history"]
-                rows.append(row(
-                    "full federated FOCEI fit over Flower on loopback, SecAgg on, "
-                    f"warm hosts, {when} (wall time, launch to result)", 5,
-                    5 * per_site, len(h), wall,
-                    statistics.median(x["seconds"] for x in h),
-                    "converged" if full.get("converged") else "NOT converged",
-                    f"target < 120 s; launch to round 1 "
-                    f"{full['launch']['to_first_round_s']:.0f} s; round 1 "
-                    f"{h[0]['seconds']:.0f} s; 5 stage exchanges/round"))
+                rows.append(
+                    row(
+                        "full federated FOCEI fit over Flower on loopback, SecAgg on, "
+                        f"warm hosts, {when} (wall time, launch to result)",
+                        5,
+                        5 * per_site,
+                        len(h),
+                        wall,
+                        statistics.median(x["seconds"] for x in h),
+                        "converged" if full.get("converged") else "NOT converged",
+                        f"target < 120 s; launch to round 1 "
+                        f"{full['launch']['to_first_round_s']:.0f} s; round 1 "
+                        f"{h[0]['seconds']:.0f} s; 5 stage exchanges/round",
+                    )
+                )
                 log(rows[-1])
         finally:
             if before is None:
@@ -412,8 +571,15 @@ def bench_flower_warm(model, rows, rounds: int, per_site: int):
                 os.environ["PHEMS_CACHE_DIR"] = before
 
 
-ROWS = ("in-process", "secagg", "pooled", "flower", "flower-secagg", "newton",
-        "flower-warm")
+ROWS = (
+    "in-process",
+    "secagg",
+    "pooled",
+    "flower",
+    "flower-secagg",
+    "newton",
+    "flower-warm",
+)
 
 
 def main(argv=None) -> int:
@@ -423,13 +589,27 @@ def main(argv=None) -> int:
     ap.add_argument("--per-site", type=int, default=8)
     ap.add_argument("--secagg-rounds", type=int, default=10)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--newton-k", type=int, nargs="+", default=[3, 5, 10, 100],
-                    help="site counts of the newton rows (default 3 5 10 100)")
-    ap.add_argument("--pooled-up-to", type=int, default=10,
-                    help="largest K of the newton rows given a pooled fit_focei "
-                         "reference (default 10; K = 100 adds about 2 min)")
-    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
-                    help="rows to run (default: all)")
+    ap.add_argument(
+        "--newton-k",
+        type=int,
+        nargs="+",
+        default=[3, 5, 10, 100],
+        help="site counts of the newton rows (default 3 5 10 100)",
+    )
+    ap.add_argument(
+        "--pooled-up-to",
+        type=int,
+        default=10,
+        help="largest K of the newton rows given a pooled fit_focei "
+        "reference (default 10; K = 100 adds about 2 min)",
+    )
+    ap.add_argument(
+        "--rows",
+        nargs="+",
+        choices=ROWS,
+        default=list(ROWS),
+        help="rows to run (default: all)",
+    )
     args = ap.parse_args(argv)
     if args.no_flower:
         args.rows = [r for r in args.rows if not r.startswith("flower")]
@@ -442,8 +622,9 @@ def main(argv=None) -> int:
     if "in-process" in args.rows:
         bench_in_process(model, ks, args.per_site, rows)
     if "secagg" in args.rows:
-        bench_secagg(model, ks, args.per_site,
-                     3 if args.quick else args.secagg_rounds, rows)
+        bench_secagg(
+            model, ks, args.per_site, 3 if args.quick else args.secagg_rounds, rows
+        )
     if "pooled" in args.rows:
         bench_vs_pooled(model, 5, args.per_site, 300 if args.quick else 1000, rows)
     if "flower" in args.rows:
@@ -453,10 +634,17 @@ def main(argv=None) -> int:
     if "flower-warm" in args.rows:
         bench_flower_warm(model, rows, 2 if args.quick else 3, args.per_site)
     if "newton" in args.rows:
-        bench_newton(model, (3, 10) if args.quick else args.newton_k, args.per_site,
-                     rows, pooled_up_to=args.pooled_up_to)
-    head = ("| comparison | sites K | patients | rounds | seconds | s/round | "
-            "accuracy / ratio | note |\n|---|---|---|---|---|---|---|---|")
+        bench_newton(
+            model,
+            (3, 10) if args.quick else args.newton_k,
+            args.per_site,
+            rows,
+            pooled_up_to=args.pooled_up_to,
+        )
+    head = (
+        "| comparison | sites K | patients | rounds | seconds | s/round | "
+        "accuracy / ratio | note |\n|---|---|---|---|---|---|---|---|"
+    )
     table = "\n".join([head, *rows])
     print(table)
     dev = "gpu" if info.get("platform") == "gpu" else "cpu"
@@ -469,7 +657,8 @@ def main(argv=None) -> int:
         f"- device: {info}\n- versions: {versions()}\n"
         f"- code: {code_state('phems_clinical/federation')}\n"
         f"- load average (1/5/15 min) at start: {load0}; at end: {load_average()}\n"
-        f"- total wall time: {time.perf_counter() - t0:.0f} s\n\n{table}\n")
+        f"- total wall time: {time.perf_counter() - t0:.0f} s\n\n{table}\n"
+    )
     log(f"wrote {out}")
     return 0
 

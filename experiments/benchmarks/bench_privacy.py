@@ -77,8 +77,9 @@ KEY = jax.random.key(0)
 
 def _data(use_case: str, n: int):
     if use_case == "haemophilia":
-        ev, _ = simulate_cohort(KEY, load_product("advate"),
-                                HospitalSpec("h", n, design="sparse"))
+        ev, _ = simulate_cohort(
+            KEY, load_product("advate"), HospitalSpec("h", n, design="sparse")
+        )
         return ev, "ID"
     if use_case == "picu":
         return hourly_table(simulate_picu(KEY, n_stays=n).tables), "stay_id"
@@ -93,8 +94,11 @@ def _generator(use_case: str, data, n: int):
         return "PK virtual population", fit, smp
     if use_case == "picu":
         fit = Timed(ps.fit_picu_sequences, data)
-        return "PICU hourly sequences", fit, Timed(ps.sample_picu_sequences, KEY,
-                                                   fit.value, n)
+        return (
+            "PICU hourly sequences",
+            fit,
+            Timed(ps.sample_picu_sequences, KEY, fit.value, n),
+        )
     fit = Timed(fit_pathways, data)
     return "cardiac pathways", fit, Timed(sample_pathways, KEY, fit.value, n)
 
@@ -106,9 +110,19 @@ def _comparator(env: str, script: str, prof, n: int, extra: list[str]):
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in.csv"
         prof.to_csv(src, index=False)
-        res = subprocess.run([python, str(HERE / "comparators" / script), str(src),
-                              str(n), str(Path(tmp) / "out.csv"), *extra],
-                             capture_output=True, text=True, check=False)
+        res = subprocess.run(
+            [
+                python,
+                str(HERE / "comparators" / script),
+                str(src),
+                str(n),
+                str(Path(tmp) / "out.csv"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     if res.returncode:
         log(f"{script} failed: {res.stderr[-500:]}")
         return {"error": res.stderr.strip().splitlines()[-1][:120]}
@@ -120,50 +134,100 @@ def bench(use_case: str, n: int, rows: list) -> None:
     n_pat = data[unit].nunique()
     tag = f"{use_case} ({n_pat:,} patients, {len(data):,} rows)"
     for method in ("lattice", "mondrian"):
-        t = Timed(anonymise, KEY, data, usecases.get(use_case).roles, k=5,
-                  max_suppression=0.05, method=method)
+        t = Timed(
+            anonymise,
+            KEY,
+            data,
+            usecases.get(use_case).roles,
+            k=5,
+            max_suppression=0.05,
+            method=method,
+        )
         r = t.value.report
-        rows.append((tag, f"anonymise, {method} k=5", f"{t.seconds:.2f}", "",
-                     f"k={r['k']}, {r['patients_suppressed']} suppressed, levels "
-                     + ", ".join(f"{c}={q['level']}" for c, q in
-                                 r["quasi_identifiers"].items())))
+        rows.append(
+            (
+                tag,
+                f"anonymise, {method} k=5",
+                f"{t.seconds:.2f}",
+                "",
+                f"k={r['k']}, {r['patients_suppressed']} suppressed, levels "
+                + ", ".join(
+                    f"{c}={q['level']}" for c, q in r["quasi_identifiers"].items()
+                ),
+            )
+        )
     log(f"{use_case}: anonymiser done")
     name, fit, smp = _generator(use_case, data, n_pat)
-    rows.append((tag, name, f"{fit.seconds:.2f}", f"{smp.seconds:.2f}",
-                 f"{len(smp.value):,} rows sampled; "
-                 + fit.note("fit") + "; " + smp.note("sample")))
+    rows.append(
+        (
+            tag,
+            name,
+            f"{fit.seconds:.2f}",
+            f"{smp.seconds:.2f}",
+            f"{len(smp.value):,} rows sampled; "
+            + fit.note("fit")
+            + "; "
+            + smp.note("sample"),
+        )
+    )
     log(f"{use_case}: generator done")
     prof = profile(usecases.get(use_case), data)
-    cat = [c for c in prof.columns if prof[c].dtype == object
-           or c in ("SEX", "BGO", "died", "culture", "stat", "ventilation",
-                    "readmitted")]
+    cat = [
+        c
+        for c in prof.columns
+        if prof[c].dtype == object
+        or c in ("SEX", "BGO", "died", "culture", "stat", "ventilation", "readmitted")
+    ]
     cop = Timed(fit_copula, prof, categorical=cat)
     cs = Timed(sample_copula, KEY, cop.value, len(prof))
     ptag = f"{use_case} profiles ({len(prof):,} x {prof.shape[1]})"
-    rows.append((ptag, "Gaussian copula (ours)", f"{cop.seconds:.2f}",
-                 f"{cs.seconds:.2f}", ""))
-    mst = Timed(fit_mst, KEY, prof, profile_domain(use_case), epsilon=1.0,
-                delta=1e-6)
+    rows.append(
+        (ptag, "Gaussian copula (ours)", f"{cop.seconds:.2f}", f"{cs.seconds:.2f}", "")
+    )
+    mst = Timed(fit_mst, KEY, prof, profile_domain(use_case), epsilon=1.0, delta=1e-6)
     ms_ = Timed(sample_mst, KEY, mst.value, len(prof))
-    rows.append((ptag, "MST (ours, mbi 2.0), epsilon 1", f"{mst.seconds:.2f}",
-                 f"{ms_.seconds:.2f}", mst.note("fit")))
-    sdv = _comparator("PHEMS_SDV_PYTHON", "sdv_gaussian_copula.py", prof, len(prof),
-                      [])
+    rows.append(
+        (
+            ptag,
+            "MST (ours, mbi 2.0), epsilon 1",
+            f"{mst.seconds:.2f}",
+            f"{ms_.seconds:.2f}",
+            mst.note("fit"),
+        )
+    )
+    sdv = _comparator("PHEMS_SDV_PYTHON", "sdv_gaussian_copula.py", prof, len(prof), [])
     if sdv is not None:
-        rows.append((ptag, f"SDV {sdv.get('version', '')} GaussianCopula "
-                     "(comparator)", f"{sdv.get('fit_s', float('nan')):.2f}",
-                     f"{sdv.get('sample_s', float('nan')):.2f}",
-                     sdv.get("error", "separate venv")))
+        rows.append(
+            (
+                ptag,
+                f"SDV {sdv.get('version', '')} GaussianCopula (comparator)",
+                f"{sdv.get('fit_s', float('nan')):.2f}",
+                f"{sdv.get('sample_s', float('nan')):.2f}",
+                sdv.get("error", "separate venv"),
+            )
+        )
     dom = Path(tempfile.mkdtemp()) / "domain.json"
-    dom.write_text(json.dumps({c: ({"cat": list(v)} if isinstance(v, list) else v)
-                               for c, v in PROFILE_BOUNDS[use_case].items()}))
-    sn = _comparator("PHEMS_SNSYNTH_PYTHON", "smartnoise_mst.py", prof, len(prof),
-                     ["1.0", str(dom)])
+    dom.write_text(
+        json.dumps(
+            {
+                c: ({"cat": list(v)} if isinstance(v, list) else v)
+                for c, v in PROFILE_BOUNDS[use_case].items()
+            }
+        )
+    )
+    sn = _comparator(
+        "PHEMS_SNSYNTH_PYTHON", "smartnoise_mst.py", prof, len(prof), ["1.0", str(dom)]
+    )
     if sn is not None:
-        rows.append((ptag, "smartnoise-synth MST, epsilon 1 (comparator)",
-                     f"{sn.get('fit_s', float('nan')):.2f}",
-                     f"{sn.get('sample_s', float('nan')):.2f}",
-                     sn.get("error", "separate venv; same public domain")))
+        rows.append(
+            (
+                ptag,
+                "smartnoise-synth MST, epsilon 1 (comparator)",
+                f"{sn.get('fit_s', float('nan')):.2f}",
+                f"{sn.get('sample_s', float('nan')):.2f}",
+                sn.get("error", "separate venv; same public domain"),
+            )
+        )
     log(f"{use_case}: profiles done")
 
 
@@ -178,11 +242,15 @@ def main(argv=None) -> int:
     for uc in args.use_cases.split(","):
         bench(uc, args.n, rows)
     dev, tag = _bench.device_line()
-    lines = [f"# Anonymisation and synthetic-data benchmark ({_dt.date.today()})", "",
-             f"Device: {dev}. Command: `python {shlex.join(sys.argv)}`. "
-             f"Total {time.perf_counter() - t0:.0f} s.", "",
-             "| data | method | fit / run (s) | sample (s) | notes |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# Anonymisation and synthetic-data benchmark ({_dt.date.today()})",
+        "",
+        f"Device: {dev}. Command: `python {shlex.join(sys.argv)}`. "
+        f"Total {time.perf_counter() - t0:.0f} s.",
+        "",
+        "| data | method | fit / run (s) | sample (s) | notes |",
+        "|---|---|---|---|---|",
+    ]
     lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
     text = "\n".join(lines) + "\n"
     print(text)

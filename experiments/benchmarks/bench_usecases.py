@@ -97,8 +97,14 @@ def _epochs(alg, sites, n_rounds: int) -> tuple[float, float, float]:
     def on_round(rec, server):
         times.append(rec.seconds)
 
-    t = Timed(run_federated, jax.random.key(0), alg, sites, max_rounds=n_rounds,
-              on_round=on_round)
+    t = Timed(
+        run_federated,
+        jax.random.key(0),
+        alg,
+        sites,
+        max_rounds=n_rounds,
+        on_round=on_round,
+    )
     return times[0], t.compile_s, statistics.median(times[1:])
 
 
@@ -106,59 +112,108 @@ def _central_epoch(loss, x0, pooled) -> float:
     """Warm seconds of one full-batch gradient over all pooled stays (jitted, no
     federation): the reference for the federated epoch."""
     data = jax.tree.map(jax.numpy.asarray, pooled.data)
-    vg = jax.jit(lambda x, d: jax.tree.map(lambda a: a.sum(0), jax.vmap(
-        jax.value_and_grad(loss), in_axes=(None, 0))(x, d)))
+    vg = jax.jit(
+        lambda x, d: jax.tree.map(
+            lambda a: a.sum(0),
+            jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0))(x, d),
+        )
+    )
     jax.block_until_ready(vg(x0, data))
     return statistics.median(Timed(vg, x0, data).seconds for _ in range(3))
 
 
 def bench_picu(n_stays: int, max_hours: int, n_rounds: int, rows: list) -> None:
     total = sum(c["n_stays"] for c in DEFAULT_SITES.values())
-    cfg = {name: {**c, "n_stays": max(10, round(c["n_stays"] * n_stays / total))}
-           for name, c in DEFAULT_SITES.items()}
+    cfg = {
+        name: {**c, "n_stays": max(10, round(c["n_stays"] * n_stays / total))}
+        for name, c in DEFAULT_SITES.items()
+    }
     n = sum(c["n_stays"] for c in cfg.values())
     cohorts, s_sim = _seconds(picu_sites, jax.random.key(1), cfg)
     n_meas = sum(len(c.tables["measurement"]) for c in cohorts.values())
-    rows.append((f"PICU: simulate {n:,} stays, 3 hospitals", f"{s_sim:.1f} s",
-                 f"{n_meas:,} OMOP measurement rows"))
+    rows.append(
+        (
+            f"PICU: simulate {n:,} stays, 3 hospitals",
+            f"{s_sim:.1f} s",
+            f"{n_meas:,} OMOP measurement rows",
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         _, s_w = _seconds(_write, Path(tmp), {k: c.tables for k, c in cohorts.items()})
-        rows.append(("PICU: write OMOP, one DuckDB file per hospital", f"{s_w:.1f} s",
-                     ""))
+        rows.append(
+            ("PICU: write OMOP, one DuckDB file per hospital", f"{s_w:.1f} s", "")
+        )
         del cohorts
         loaded, s_r = _seconds(_read, Path(tmp), list(cfg))
     excl = sum(len(r.exclusions) for _, r in loaded.values())
-    rows.append(("PICU: load + validate (read_tables)", f"{s_r:.1f} s",
-                 f"{excl} records excluded"))
-    hourly, s_h = _seconds(lambda: {k: hourly_table(t, site=k)
-                                    for k, (t, _) in loaded.items()})
+    rows.append(
+        (
+            "PICU: load + validate (read_tables)",
+            f"{s_r:.1f} s",
+            f"{excl} records excluded",
+        )
+    )
+    hourly, s_h = _seconds(
+        lambda: {k: hourly_table(t, site=k) for k, (t, _) in loaded.items()}
+    )
     n_rows = sum(len(h) for h in hourly.values())
     rows.append(("PICU: hourly table", f"{s_h:.1f} s", f"{n_rows:,} stay-hours"))
     loaded.clear()  # free the OMOP tables (RAM)
-    onsets, s_p = _seconds(lambda: {k: scores.sepsis_onset(h)
-                                    for k, h in hourly.items()})
+    onsets, s_p = _seconds(
+        lambda: {k: scores.sepsis_onset(h) for k, h in hourly.items()}
+    )
     n_sep = sum(int(np.isfinite(o).sum()) for o in onsets.values())
-    rows.append(("PICU: Phoenix scores and onsets", f"{s_p:.1f} s",
-                 f"{n_sep:,} stays with Phoenix sepsis ({n_sep / n:.1%})"))
+    rows.append(
+        (
+            "PICU: Phoenix scores and onsets",
+            f"{s_p:.1f} s",
+            f"{n_sep:,} stays with Phoenix sepsis ({n_sep / n:.1%})",
+        )
+    )
     log(f"PICU data done ({n_rows} rows)")
     for model in (sm.LOGISTIC, sm.TCN):
-        prep, s_f = _seconds(se.prepare_sites, hourly, onsets, held_out=[],
-                             model=model, max_hours=max_hours)
+        prep, s_f = _seconds(
+            se.prepare_sites,
+            hourly,
+            onsets,
+            held_out=[],
+            model=model,
+            max_hours=max_hours,
+        )
         x0, unravel = sm.init_params(jax.random.key(2), prep.n_features, model)
-        alg = fedavg(objective_from_loss(sm.make_loss(unravel)), x0,
-                     learning_rate=0.05, local_steps=1, max_rounds=n_rounds)
+        alg = fedavg(
+            objective_from_loss(sm.make_loss(unravel)),
+            x0,
+            learning_rate=0.05,
+            local_steps=1,
+            max_rounds=n_rounds,
+        )
         sites = [jax.tree.map(jax.numpy.asarray, s) for s in prep.train]
         cold, comp, warm = _epochs(alg, sites, n_rounds)
         ref = _central_epoch(sm.make_loss(unravel), x0, sm.pool_examples(prep.train))
         shape = tuple(prep.train[0].data["x"].shape)
-        rows.append((f"sepsis {model}: features/tensors", f"{s_f:.1f} s",
-                     f"3 x {shape} (stays, hours, features), {x0.size:,} parameters"))
-        rows.append((f"sepsis {model}: one epoch (FedAvg round, 3 hospitals)",
-                     f"**{warm:.2f} s** warm", f"first round {cold:.1f} s; "
-                     f"{comp:.1f} s XLA compilation in the run"))
-        rows.append((f"sepsis {model}: reference, the same full-batch gradient "
-                     "pooled in one process", f"{ref:.2f} s",
-                     f"federated / pooled = {warm / ref:.2f}"))
+        rows.append(
+            (
+                f"sepsis {model}: features/tensors",
+                f"{s_f:.1f} s",
+                f"3 x {shape} (stays, hours, features), {x0.size:,} parameters",
+            )
+        )
+        rows.append(
+            (
+                f"sepsis {model}: one epoch (FedAvg round, 3 hospitals)",
+                f"**{warm:.2f} s** warm",
+                f"first round {cold:.1f} s; {comp:.1f} s XLA compilation in the run",
+            )
+        )
+        rows.append(
+            (
+                f"sepsis {model}: reference, the same full-batch gradient "
+                "pooled in one process",
+                f"{ref:.2f} s",
+                f"federated / pooled = {warm / ref:.2f}",
+            )
+        )
         del prep, sites, alg  # free one model's tensors before the next (RAM)
         gc.collect()
         log(f"sepsis {model} done")
@@ -168,25 +223,46 @@ def bench_cardiac(n_episodes: int, n_rounds: int, rows: list) -> None:
     per = max(10, n_episodes // 3)
     cohorts, s_sim = _seconds(cardiac_sites, jax.random.key(3), n_episodes=per)
     n_rows = sum(len(df) for c in cohorts.values() for df in c.tables.values())
-    rows.append((f"cardiac: simulate {3 * per:,} episodes, 3 hospitals",
-                 f"{s_sim:.1f} s", f"{n_rows:,} OMOP rows"))
+    rows.append(
+        (
+            f"cardiac: simulate {3 * per:,} episodes, 3 hospitals",
+            f"{s_sim:.1f} s",
+            f"{n_rows:,} OMOP rows",
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         _, s_w = _seconds(_write, Path(tmp), {k: c.tables for k, c in cohorts.items()})
         rows.append(("cardiac: write OMOP (DuckDB)", f"{s_w:.1f} s", ""))
         loaded, s_r = _seconds(_read, Path(tmp), list(cohorts))
     rows.append(("cardiac: load + validate", f"{s_r:.1f} s", ""))
-    soj, s_e = _seconds(lambda: {k: episodes(t, site=k)[0]
-                                 for k, (t, _) in loaded.items()})
-    rows.append(("cardiac: OMOP -> sojourns", f"{s_e:.1f} s",
-                 f"{sum(len(s) for s in soj.values()):,} sojourns"))
+    soj, s_e = _seconds(
+        lambda: {k: episodes(t, site=k)[0] for k, (t, _) in loaded.items()}
+    )
+    rows.append(
+        (
+            "cardiac: OMOP -> sojourns",
+            f"{s_e:.1f} s",
+            f"{sum(len(s) for s in soj.values()):,} sojourns",
+        )
+    )
     times = []
-    t = Timed(ce.train_federated, jax.random.key(0), soj, strategy="fedadam",
-              learning_rate=0.1, rounds=n_rounds,
-              on_round=lambda rec, server: times.append(rec.seconds))
-    rows.append(("cardiac: one epoch (FedAdam round, 3 hospitals)",
-                 f"**{statistics.median(times[1:]) * 1e3:.1f} ms** warm",
-                 f"first round {times[0]:.1f} s; {t.compile_s:.1f} s XLA compilation "
-                 "in the run"))
+    t = Timed(
+        ce.train_federated,
+        jax.random.key(0),
+        soj,
+        strategy="fedadam",
+        learning_rate=0.1,
+        rounds=n_rounds,
+        on_round=lambda rec, server: times.append(rec.seconds),
+    )
+    rows.append(
+        (
+            "cardiac: one epoch (FedAdam round, 3 hospitals)",
+            f"**{statistics.median(times[1:]) * 1e3:.1f} ms** warm",
+            f"first round {times[0]:.1f} s; {t.compile_s:.1f} s XLA compilation "
+            "in the run",
+        )
+    )
     _, s_n = _seconds(ce.pooled_fit, soj)
     rows.append(("cardiac: pooled Newton fit (reference)", f"{s_n:.1f} s", ""))
     log("cardiac done")
@@ -208,15 +284,23 @@ def main(argv=None) -> int:
     bench_picu(n_stays, args.max_hours, args.rounds, rows)
     bench_cardiac(n_episodes, args.rounds, rows)
     dev, tag = _bench.device_line()
-    lines = [f"# Use-case benchmark ({_dt.date.today()})", "",
-             f"Device: {dev}. Command: `python {shlex.join(sys.argv)}`. "
-             f"Total {time.perf_counter() - t0:.0f} s.", "",
-             "| case | time | notes |", "|---|---|---|"]
+    lines = [
+        f"# Use-case benchmark ({_dt.date.today()})",
+        "",
+        f"Device: {dev}. Command: `python {shlex.join(sys.argv)}`. "
+        f"Total {time.perf_counter() - t0:.0f} s.",
+        "",
+        "| case | time | notes |",
+        "|---|---|---|",
+    ]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out) if args.out else HERE / (
-        f"usecases_{tag}{'_quick' if args.quick else ''}.md")
+    out = (
+        Path(args.out)
+        if args.out
+        else HERE / (f"usecases_{tag}{'_quick' if args.quick else ''}.md")
+    )
     out.write_text(text)
     log(f"wrote {out}")
     return 0

@@ -45,8 +45,14 @@ import pandas as pd
 import scipy.optimize
 
 _FD_ETA = 1e-5  # central-difference step for df/deta (log-parameter scale)
-_OPS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
-        "==": np.equal, "!=": np.not_equal}
+_OPS = {
+    "<": np.less,
+    "<=": np.less_equal,
+    ">": np.greater,
+    ">=": np.greater_equal,
+    "==": np.equal,
+    "!=": np.not_equal,
+}
 
 
 # ---------------------------------------------------------------------------
@@ -65,8 +71,9 @@ class Subject:
     covariates: dict
 
 
-def subjects_from_events(df: pd.DataFrame, covariates: tuple[str, ...]
-                         ) -> list[Subject]:
+def subjects_from_events(
+    df: pd.DataFrame, covariates: tuple[str, ...]
+) -> list[Subject]:
     """Subjects from a NONMEM-style event table (upper-case column names).
 
     Dose rows: ``EVID == 1`` if there is an ``EVID`` column, else ``AMT > 0``.
@@ -91,15 +98,25 @@ def subjects_from_events(df: pd.DataFrame, covariates: tuple[str, ...]
             dur = d["DUR"].fillna(0.0).to_numpy(float)
         elif "RATE" in g:
             rate = d["RATE"].to_numpy(float)
-            dur = np.where(rate > 0, d["AMT"].to_numpy(float) / np.where(rate > 0, rate,
-                                                                          1.0), 0.0)
+            dur = np.where(
+                rate > 0, d["AMT"].to_numpy(float) / np.where(rate > 0, rate, 1.0), 0.0
+            )
         else:
             dur = np.zeros(len(d))
-        cov = {c: float(pd.to_numeric(g[c], errors="coerce").dropna().iloc[0])
-               for c in covariates}
-        out.append(Subject(d["TIME"].to_numpy(float) - t0, d["AMT"].to_numpy(float),
-                           dur, o["TIME"].to_numpy(float) - t0,
-                           o["DV"].to_numpy(float), cov))
+        cov = {
+            c: float(pd.to_numeric(g[c], errors="coerce").dropna().iloc[0])
+            for c in covariates
+        }
+        out.append(
+            Subject(
+                d["TIME"].to_numpy(float) - t0,
+                d["AMT"].to_numpy(float),
+                dur,
+                o["TIME"].to_numpy(float) - t0,
+                o["DV"].to_numpy(float),
+                cov,
+            )
+        )
     return out
 
 
@@ -150,8 +167,9 @@ def concentration(p: np.ndarray, s: Subject, n_cmt: int) -> np.ndarray:
     resp_bolus = amt * a * np.exp(-lam * tc)
     during = np.minimum(tc, safe_dur)
     after = np.maximum(tc - safe_dur, 0.0)
-    resp_inf = (amt / safe_dur) * a / lam * (-np.expm1(-lam * during)) * np.exp(
-        -lam * after)
+    resp_inf = (
+        (amt / safe_dur) * a / lam * (-np.expm1(-lam * during)) * np.exp(-lam * after)
+    )
     resp = np.where(bolus, resp_bolus, resp_inf)
     resp = np.where(t >= 0.0, resp, 0.0)
     return resp.sum(axis=(2, 3))
@@ -206,12 +224,16 @@ class Transform:
         self.omega_free = not model.omega_fixed and self.n_eta > 0
         self.full = model.omega_structure != "diagonal"
         res = model.residual
-        self.sig_free = [k for k, v in enumerate((res.additive, res.proportional))
-                         if v > 0 and not res.fixed]
-        self.base = RefParams(model.theta_values.copy(),
-                              np.asarray(model.omega, float).reshape(self.n_eta,
-                                                                     self.n_eta),
-                              np.array([res.additive, res.proportional]))
+        self.sig_free = [
+            k
+            for k, v in enumerate((res.additive, res.proportional))
+            if v > 0 and not res.fixed
+        ]
+        self.base = RefParams(
+            model.theta_values.copy(),
+            np.asarray(model.omega, float).reshape(self.n_eta, self.n_eta),
+            np.array([res.additive, res.proportional]),
+        )
 
     def _tri(self):
         if self.full:
@@ -233,8 +255,11 @@ class Transform:
             else:
                 out.append(v)
         if self.omega_free:
-            ch = np.linalg.cholesky(p.omega) if self.full else np.diag(
-                np.sqrt(np.diag(p.omega)))
+            ch = (
+                np.linalg.cholesky(p.omega)
+                if self.full
+                else np.diag(np.sqrt(np.diag(p.omega)))
+            )
             out += [math.log(ch[r, c]) if r == c else ch[r, c] for r, c in self._tri()]
         out += [math.log(p.sigma[k]) for k in self.sig_free]
         return np.array(out, dtype=float)
@@ -296,7 +321,7 @@ class _SubjectProblem:
         p[:, self.idx] *= np.exp(etas)
         f = concentration(p, self.s, self.n_cmt)
         n = len(self.idx)
-        g = (f[1:1 + n] - f[1 + n:]).T / (2.0 * _FD_ETA)
+        g = (f[1 : 1 + n] - f[1 + n :]).T / (2.0 * _FD_ETA)
         return f[0], g
 
     def objective(self, eta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -308,8 +333,11 @@ class _SubjectProblem:
             r = self.s.dv - f
             oi_eta = self.omega_inv @ eta
             val = np.sum(np.log(v) + r * r / v) + eta @ oi_eta
-            grad = (dv / v[:, None] - 2.0 * (r / v)[:, None] * g
-                    - (r * r / (v * v))[:, None] * dv).sum(axis=0) + 2.0 * oi_eta
+            grad = (
+                dv / v[:, None]
+                - 2.0 * (r / v)[:, None] * g
+                - (r * r / (v * v))[:, None] * dv
+            ).sum(axis=0) + 2.0 * oi_eta
         if not (np.isfinite(val) and np.all(np.isfinite(grad))):
             return math.inf, np.zeros_like(eta)  # the line search backs off
         return float(val), grad
@@ -319,8 +347,11 @@ class _SubjectProblem:
         f, g = self.f_and_g(eta)
         v = self.add2 + self.prop2 * f * f
         dv = 2.0 * self.prop2 * f[:, None] * g
-        return (self.omega_inv + (g / v[:, None]).T @ g
-                + 0.5 * (dv / (v * v)[:, None]).T @ dv)
+        return (
+            self.omega_inv
+            + (g / v[:, None]).T @ g
+            + 0.5 * (dv / (v * v)[:, None]).T @ dv
+        )
 
     def ofv(self, eta: np.ndarray) -> float:
         """``O(eta) + log det H`` (the caller adds ``log det Omega``)."""
@@ -329,17 +360,24 @@ class _SubjectProblem:
         dv = 2.0 * self.prop2 * f[:, None] * g
         r = self.s.dv - f
         o = np.sum(np.log(v) + r * r / v) + eta @ self.omega_inv @ eta
-        h = (self.omega_inv + (g / v[:, None]).T @ g
-             + 0.5 * (dv / (v * v)[:, None]).T @ dv)
+        h = (
+            self.omega_inv
+            + (g / v[:, None]).T @ g
+            + 0.5 * (dv / (v * v)[:, None]).T @ dv
+        )
         sign, logdet = np.linalg.slogdet(h)
         if not np.isfinite(o):
             return math.inf
         return float(o + logdet) if sign > 0 else math.inf
 
 
-def focei_ofv(model, subjects: list[Subject], p: RefParams,
-              eta0: np.ndarray | None = None, inner_gtol: float = 1e-7
-              ) -> tuple[float, np.ndarray, np.ndarray]:
+def focei_ofv(
+    model,
+    subjects: list[Subject],
+    p: RefParams,
+    eta0: np.ndarray | None = None,
+    inner_gtol: float = 1e-7,
+) -> tuple[float, np.ndarray, np.ndarray]:
     """FOCEI OFV, per-subject contributions and modes ``eta_hat (n_sub, n_eta)``."""
     n_eta = model.n_eta
     eta0 = np.zeros((len(subjects), n_eta)) if eta0 is None else eta0
@@ -361,9 +399,13 @@ def focei_ofv(model, subjects: list[Subject], p: RefParams,
                 h0 = None
         except np.linalg.LinAlgError:
             h0 = None
-        res = scipy.optimize.minimize(prob.objective, eta0[i], jac=True, method="BFGS",
-                                      options={"gtol": inner_gtol, "maxiter": 200,
-                                               "hess_inv0": h0})
+        res = scipy.optimize.minimize(
+            prob.objective,
+            eta0[i],
+            jac=True,
+            method="BFGS",
+            options={"gtol": inner_gtol, "maxiter": 200, "hess_inv0": h0},
+        )
         etas[i] = res.x
         per[i] = prob.ofv(res.x) + logdet_omega
     total = float(per.sum())
@@ -382,9 +424,15 @@ class RefResult(NamedTuple):
     seconds: float
 
 
-def fit_focei_reference(model, subjects: list[Subject], *, maxiter: int = 500,
-                        fd_step: float = 1e-4, ftol: float = 1e-10,
-                        gtol: float = 1e-3) -> RefResult:
+def fit_focei_reference(
+    model,
+    subjects: list[Subject],
+    *,
+    maxiter: int = 500,
+    fd_step: float = 1e-4,
+    ftol: float = 1e-10,
+    gtol: float = 1e-3,
+) -> RefResult:
     """Minimise the FOCEI OFV from the specification values (L-BFGS-B, FD gradients).
 
     Each gradient costs ``2 n_free + 1`` OFV evaluations (central differences with
@@ -415,15 +463,36 @@ def fit_focei_reference(model, subjects: list[Subject], *, maxiter: int = 500,
         return val, grad
 
     x0 = tr.pack(tr.base)
-    res = scipy.optimize.minimize(fun, x0, jac=True, method="L-BFGS-B",
-                                  options={"maxiter": maxiter, "ftol": ftol,
-                                           "gtol": gtol, "maxls": 30})
+    res = scipy.optimize.minimize(
+        fun,
+        x0,
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": maxiter, "ftol": ftol, "gtol": gtol, "maxls": 30},
+    )
     p = tr.unpack(res.x)
     ofv, _, eta = focei_ofv(model, subjects, p, state["eta"])
-    return RefResult(ofv, p, tr.natural(p), eta, int(res.nit), state["n"],
-                     bool(res.success), str(res.message), time.perf_counter() - start)
+    return RefResult(
+        ofv,
+        p,
+        tr.natural(p),
+        eta,
+        int(res.nit),
+        state["n"],
+        bool(res.success),
+        str(res.message),
+        time.perf_counter() - start,
+    )
 
 
-__all__ = ["RefParams", "RefResult", "Subject", "Transform", "concentration",
-           "fit_focei_reference", "focei_ofv", "subjects_from_events",
-           "typical_values"]
+__all__ = [
+    "RefParams",
+    "RefResult",
+    "Subject",
+    "Transform",
+    "concentration",
+    "fit_focei_reference",
+    "focei_ofv",
+    "subjects_from_events",
+    "typical_values",
+]

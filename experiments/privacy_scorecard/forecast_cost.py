@@ -39,22 +39,33 @@ def run(seed: int) -> None:
     def row(name, fit):
         d = ut._named_values(m, fit.params)
         mdape = ut.pk_forecast_accuracy(fit, hold, m)["mdape"]
-        print(f"| {seed} | {name} | {mdape:.2f} | {fit.ofv:.1f} | "
-              f"{d['THETA(Q2)']:.3g} | {d['THETA(V2)']:.3g} | "
-              f"{d['SIGMA(proportional)']:.3f} |", flush=True)
+        print(
+            f"| {seed} | {name} | {mdape:.2f} | {fit.ofv:.1f} | "
+            f"{d['THETA(Q2)']:.3g} | {d['THETA(V2)']:.3g} | "
+            f"{d['SIGMA(proportional)']:.3f} |",
+            flush=True,
+        )
 
     row("real", ut.fit_population(train, m, covariance=False))
     r = anonymise(k_an, train, uc.roles, method="lattice", k=5).data
     k5 = ut.fit_population(r, m, covariance=False)
     row("k=5 only", k5)
     for j in range(1, 4):
-        s = perturb_longitudinal(jax.random.fold_in(k_an, j), r,
-                                 uc.roles.longitudinal, noise=0.05,
-                                 time_grid=1.0).data
-        row(f"chosen, draw {j}, default start",
-            ut.fit_population(s, m, covariance=False))
-        row(f"chosen, draw {j}, start at k=5 fit",
-            ut.fit_population(s, m, covariance=False, init=k5.params))
+        s = perturb_longitudinal(
+            jax.random.fold_in(k_an, j),
+            r,
+            uc.roles.longitudinal,
+            noise=0.05,
+            time_grid=1.0,
+        ).data
+        row(
+            f"chosen, draw {j}, default start",
+            ut.fit_population(s, m, covariance=False),
+        )
+        row(
+            f"chosen, draw {j}, start at k=5 fit",
+            ut.fit_population(s, m, covariance=False, init=k5.params),
+        )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,14 @@ from phems_clinical.pk.simulate import HospitalSpec, simulate_cohort  # noqa: E4
 HERE = Path(__file__).resolve().parent
 HEADLINE = {
     "fidelity": ("column_shapes", "detection_auc", "pmse_ratio_perm"),
-    "privacy": ("singling_out_risk", "linkability_risk", "inference_risk",
-                "mia_auc", "k_anonymity", "prosecutor_risk_max"),
+    "privacy": (
+        "singling_out_risk",
+        "linkability_risk",
+        "inference_risk",
+        "mia_auc",
+        "k_anonymity",
+        "prosecutor_risk_max",
+    ),
     "haemophilia": ("pk_bias_cl", "pk_bias_v1", "forecast_mdape"),
     "picu": ("auroc", "outcome_auroc"),
     "cardiac": ("c_index", "auroc_cicu_7d", "outcome_auroc"),
@@ -63,24 +69,37 @@ def run(use_case: str, n: int, seed: int, out: Path) -> tuple[str, float]:
     uc = usecases.get(use_case)
     train, hold = split_patients(k_split, data, uc, 0.5)
     pk = load_product("advate") if use_case == "haemophilia" else None
-    derived = [derive(jax.random.fold_in(k_derive, i), uc, train, spec,
-                      pk_model=pk) for i, spec in enumerate(default_sources(uc))]
-    ds = score_sources(k_score, uc, train, hold, derived, pk_model=pk,
-                       seed=seed)
-    write_scorecard(ds, out / use_case,
-                    title=f"{use_case}: real, anonymised and synthetic data")
+    derived = [
+        derive(jax.random.fold_in(k_derive, i), uc, train, spec, pk_model=pk)
+        for i, spec in enumerate(default_sources(uc))
+    ]
+    ds = score_sources(k_score, uc, train, hold, derived, pk_model=pk, seed=seed)
+    write_scorecard(
+        ds, out / use_case, title=f"{use_case}: real, anonymised and synthetic data"
+    )
     metrics = [m for g in ("fidelity", use_case, "privacy") for m in HEADLINE[g]]
     v = ds["value"].sel(metric=metrics).to_pandas().T
-    lines = [f"### {use_case} ({n} simulated patients; 50 % held out)", "",
-             "| metric | " + " | ".join(v.columns) + " |",
-             "|---|" + "---|" * len(v.columns)]
+    lines = [
+        f"### {use_case} ({n} simulated patients; 50 % held out)",
+        "",
+        "| metric | " + " | ".join(v.columns) + " |",
+        "|---|" + "---|" * len(v.columns),
+    ]
     for m, row in v.iterrows():
-        lines.append(f"| {ds['label'].sel(metric=m).item()} | "
-                     + " | ".join("n/a" if row[c] != row[c] else f"{row[c]:.3g}"
-                                  for c in v.columns) + " |")
+        lines.append(
+            f"| {ds['label'].sel(metric=m).item()} | "
+            + " | ".join(
+                "n/a" if row[c] != row[c] else f"{row[c]:.3g}" for c in v.columns
+            )
+            + " |"
+        )
     eps = ds["epsilon"].to_pandas()
-    lines += ["", "epsilon: " + ", ".join(
-        f"{s} {'not DP' if e != e else f'{e:g}'}" for s, e in eps.items()), ""]
+    lines += [
+        "",
+        "epsilon: "
+        + ", ".join(f"{s} {'not DP' if e != e else f'{e:g}'}" for s, e in eps.items()),
+        "",
+    ]
     return "\n".join(lines), time.perf_counter() - t0
 
 
@@ -89,12 +108,19 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    sizes = ({"haemophilia": 60, "picu": 200, "cardiac": 300} if args.quick else
-             {"haemophilia": 200, "picu": 1000, "cardiac": 2000})
+    sizes = (
+        {"haemophilia": 60, "picu": 200, "cardiac": 300}
+        if args.quick
+        else {"haemophilia": 200, "picu": 1000, "cardiac": 2000}
+    )
     out = HERE / "results"
-    parts = [f"# Scorecard summary (seed {args.seed})", "",
-             f"Command: `python experiments/privacy_scorecard/run.py"
-             f"{' --quick' if args.quick else ''}`", ""]
+    parts = [
+        f"# Scorecard summary (seed {args.seed})",
+        "",
+        f"Command: `python experiments/privacy_scorecard/run.py"
+        f"{' --quick' if args.quick else ''}`",
+        "",
+    ]
     for uc, n in sizes.items():
         text, sec = run(uc, n, args.seed, out)
         parts += [text, f"({sec:.0f} s)", ""]

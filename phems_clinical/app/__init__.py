@@ -25,7 +25,16 @@ _EXPORTS = {
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
-    "DoseOutput", "FitFailedError", "build_parser", "create_app",
-    "internal_error_message", "load_use_case", "main", "run_dose", "run_federate",
-    "run_fit", "user_error_message", "write_dose_outputs",
+    "DoseOutput",
+    "FitFailedError",
+    "build_parser",
+    "create_app",
+    "internal_error_message",
+    "load_use_case",
+    "main",
+    "run_dose",
+    "run_federate",
+    "run_fit",
+    "user_error_message",
+    "write_dose_outputs",
 ]

@@ -42,8 +42,7 @@ def _read_error(args: argparse.Namespace, err: Exception) -> int:
 
 
 def _describe(entry: dict) -> str:
-    keys = ("seq", "time", "event", "requester", "experiment", "round",
-            "recipient")
+    keys = ("seq", "time", "event", "requester", "experiment", "round", "recipient")
     parts = [f"{k} {entry[k]}" for k in keys if k in entry]
     if isinstance(entry.get("summary"), dict):
         parts.append("fields " + ",".join(entry["summary"]))
@@ -52,8 +51,10 @@ def _describe(entry: dict) -> str:
 
 def _verify(args: argparse.Namespace) -> int:
     if args.anchor is not None and not _ANCHOR.fullmatch(args.anchor):
-        return _error(args, f"--anchor: expected SEQ:MAC or MAC (64 hex digits), "
-                            f"got {args.anchor!r}")
+        return _error(
+            args,
+            f"--anchor: expected SEQ:MAC or MAC (64 hex digits), got {args.anchor!r}",
+        )
     try:
         key = load_site_key(args.key)
     except FileNotFoundError:
@@ -69,8 +70,10 @@ def _verify(args: argparse.Namespace) -> int:
         return 0
     print(f"FAILED: {args.log}: {res.reason}")
     if res.first_bad_seq <= res.n_entries:
-        print(f"line {res.first_bad_seq}: "
-              f"{_describe(read_log(args.log)[res.first_bad_seq - 1])}")
+        print(
+            f"line {res.first_bad_seq}: "
+            f"{_describe(read_log(args.log)[res.first_bad_seq - 1])}"
+        )
     if res.first_bad_seq > 1:
         print(f"the chain is intact up to entry {res.first_bad_seq - 1}")
     return 1
@@ -81,21 +84,40 @@ def _show(args: argparse.Namespace) -> int:
         entries = read_log(args.log)
     except (OSError, ValueError) as err:
         return _read_error(args, err)
-    heads = ("seq", "time", "event", "requester", "experiment", "round",
-             "recipient", "fields")
+    heads = (
+        "seq",
+        "time",
+        "event",
+        "requester",
+        "experiment",
+        "round",
+        "recipient",
+        "fields",
+    )
     rows = [heads] + [
-        (str(e.get("seq", "?")), str(e.get("time", "?")), str(e.get("event", "?")),
-         str(e.get("requester", "?")),
-         str(e.get("experiment", "?")), str(e.get("round", "?")),
-         str(e.get("recipient", "?")),
-         ",".join(e["summary"]) if isinstance(e.get("summary"), dict) else "?")
-        for e in entries]
+        (
+            str(e.get("seq", "?")),
+            str(e.get("time", "?")),
+            str(e.get("event", "?")),
+            str(e.get("requester", "?")),
+            str(e.get("experiment", "?")),
+            str(e.get("round", "?")),
+            str(e.get("recipient", "?")),
+            ",".join(e["summary"]) if isinstance(e.get("summary"), dict) else "?",
+        )
+        for e in entries
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(heads) - 1)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
-              + "  " + r[-1])
-    print(f"({len(entries)} entries, not verified: run 'phems audit verify "
-          f"{args.log} --key KEYFILE')")
+        print(
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
+            + "  "
+            + r[-1]
+        )
+    print(
+        f"({len(entries)} entries, not verified: run 'phems audit verify "
+        f"{args.log} --key KEYFILE')"
+    )
     return 0
 
 
@@ -113,21 +135,33 @@ def add_audit_parser(subparsers) -> argparse.ArgumentParser:
     >>> args.audit_command, args.log, args.key, args.func.__name__
     ('verify', 'site.log', 'k', '_verify')
     """
-    a = subparsers.add_parser("audit", help="check or list a site's audit log of "
-                                            "outgoing messages")
+    a = subparsers.add_parser(
+        "audit", help="check or list a site's audit log of outgoing messages"
+    )
     sub = a.add_subparsers(dest="audit_command", required=True)
     v = sub.add_parser("verify", help="check the log's MAC chain (exit 1 if broken)")
     v.add_argument("log", help="audit log (JSON lines)")
-    v.add_argument("--key", required=True, metavar="KEYFILE",
-                   help="the site's MAC key file (kept outside the log's folder)")
-    v.add_argument("--anchor", default=None, metavar="HEAD",
-                   help="a head SEQ:MAC held outside the site (the coordinator "
-                        "receives one with every message); detects entries cut "
-                        "from the end")
+    v.add_argument(
+        "--key",
+        required=True,
+        metavar="KEYFILE",
+        help="the site's MAC key file (kept outside the log's folder)",
+    )
+    v.add_argument(
+        "--anchor",
+        default=None,
+        metavar="HEAD",
+        help="a head SEQ:MAC held outside the site (the coordinator "
+        "receives one with every message); detects entries cut "
+        "from the end",
+    )
     v.set_defaults(func=_verify)
-    s = sub.add_parser("show", help="one line per entry: seq, time, event, "
-                                    "requester, experiment, round, recipient, "
-                                    "fields")
+    s = sub.add_parser(
+        "show",
+        help="one line per entry: seq, time, event, "
+        "requester, experiment, round, recipient, "
+        "fields",
+    )
     s.add_argument("log", help="audit log (JSON lines)")
     s.set_defaults(func=_show)
     return a

@@ -56,9 +56,14 @@ def _occupation_figure(params, sojourns: pd.DataFrame, path: Path, title: str) -
     emp = aalen_johansen_multistate(sojourns, list(spec.states), times)
     fig, ax = plt.subplots(figsize=(7, 4))
     for j, state in enumerate(spec.states):
-        line, = ax.plot(times, pred[:, j], label=f"{state} (model)")
-        ax.plot(times, emp[:, j], ls="--", color=line.get_color(),
-                label=f"{state} (Aalen-Johansen)")
+        (line,) = ax.plot(times, pred[:, j], label=f"{state} (model)")
+        ax.plot(
+            times,
+            emp[:, j],
+            ls="--",
+            color=line.get_color(),
+            label=f"{state} (Aalen-Johansen)",
+        )
     ax.set_xlabel("days since surgery")
     ax.set_ylabel("probability of being in state")
     ax.set_title(title)
@@ -68,19 +73,29 @@ def _occupation_figure(params, sojourns: pd.DataFrame, path: Path, title: str) -
     plt.close(fig)
 
 
-def run_cardiac(omop: str | Path, out: str | Path, *, holdout: str | None = None,
-                strategy: str = "fedadam", rounds: int = 300, seed: int = 0,
-                test_fraction: float = 0.25, learning_rate: float | None = None,
-                compare_pooled: bool = False, progress: bool = True,
-                overwrite: bool = False) -> dict:
+def run_cardiac(
+    omop: str | Path,
+    out: str | Path,
+    *,
+    holdout: str | None = None,
+    strategy: str = "fedadam",
+    rounds: int = 300,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    learning_rate: float | None = None,
+    compare_pooled: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Train and evaluate the cardiac multi-state model; writes ``out`` (missing
     or empty unless ``overwrite``)."""
     out = check_out(out, overwrite=overwrite)
     sojourns, reports = load_sites(omop)
     names = list(sojourns)
     k_split, k_run = jax.random.split(jax.random.key(seed))
-    holdout, train, test = holdout_split(k_split, sojourns, "episode_id", holdout,
-                                         test_fraction)
+    holdout, train, test = holdout_split(
+        k_split, sojourns, "episode_id", holdout, test_fraction
+    )
     train_names = list(train)
     lr = {"learning_rate": learning_rate} if learning_rate else {}
     if strategy == "fedadam" and not lr:
@@ -88,38 +103,76 @@ def run_cardiac(omop: str | Path, out: str | Path, *, holdout: str | None = None
     fields: set[str] = set()
     t0 = time.perf_counter()
     params, run, _ = ce.train_federated(
-        k_run, train, strategy=strategy, rounds=rounds, **lr,
+        k_run,
+        train,
+        strategy=strategy,
+        rounds=rounds,
+        **lr,
         on_round=round_printer("cardiac", len(train)) if progress else None,
-        on_message=lambda r, k, p: fields.update(p))
+        on_message=lambda r, k, p: fields.update(p),
+    )
     seconds = time.perf_counter() - t0
-    rows = [{"site": n, "split": "test", **ce.evaluate(params, test[n])}
-            for n in train_names]
-    rows.append({"site": holdout, "split": "held-out hospital",
-                 **ce.evaluate(params, sojourns[holdout])})
+    rows = [
+        {"site": n, "split": "test", **ce.evaluate(params, test[n])}
+        for n in train_names
+    ]
+    rows.append(
+        {
+            "site": holdout,
+            "split": "held-out hospital",
+            **ce.evaluate(params, sojourns[holdout]),
+        }
+    )
     metrics = pd.DataFrame(rows)
     result: dict[str, Any] = {
-        "use_case": "cardiac", "model": "multi-state, piecewise-constant hazards",
-        "strategy": strategy, "rounds": run.rounds, "seconds": round(seconds, 3),
-        "seed": seed, "holdout": holdout, "test_fraction": test_fraction,
-        "sites": {n: {"training_episodes": int(train[n]["episode_id"].nunique())
-                      if n in train else 0, **reports[n]} for n in names},
+        "use_case": "cardiac",
+        "model": "multi-state, piecewise-constant hazards",
+        "strategy": strategy,
+        "rounds": run.rounds,
+        "seconds": round(seconds, 3),
+        "seed": seed,
+        "holdout": holdout,
+        "test_fraction": test_fraction,
+        "sites": {
+            n: {
+                "training_episodes": int(train[n]["episode_id"].nunique())
+                if n in train
+                else 0,
+                **reports[n],
+            }
+            for n in names
+        },
         "metrics": metrics.to_dict(orient="records"),
-        "messages": {"fields": sorted(fields),
-                     "checked_against": "data_schemas/federation_message.schema.json"},
+        "messages": {
+            "fields": sorted(fields),
+            "checked_against": "data_schemas/federation_message.schema.json",
+        },
         "privacy": run.privacy,
-        "versions": versions(), "code": code_state("phems_clinical/models"),
+        "versions": versions(),
+        "code": code_state("phems_clinical/models"),
     }
     if compare_pooled:
         ref = ce.pooled_fit(train)
         ex = ms.stack_examples([ms.site_examples(v) for v in train.values()])
-        nll = {k: float(ms.penalised_nll(p, ex, ridge=1e-3, prior_sd_alpha=3.0,
-                                         prior_mean_alpha=float(np.log(0.05))))
-               for k, p in (("federated", params), ("pooled", ref.params))}
-        result["pooled"] = {"objective": nll, "objective_gap":
-                            nll["federated"] - nll["pooled"],
-                            "max_abs_log_hr_difference": float(np.max(np.abs(
-                                np.asarray(params.beta)
-                                - np.asarray(ref.params.beta))))}
+        nll = {
+            k: float(
+                ms.penalised_nll(
+                    p,
+                    ex,
+                    ridge=1e-3,
+                    prior_sd_alpha=3.0,
+                    prior_mean_alpha=float(np.log(0.05)),
+                )
+            )
+            for k, p in (("federated", params), ("pooled", ref.params))
+        }
+        result["pooled"] = {
+            "objective": nll,
+            "objective_gap": nll["federated"] - nll["pooled"],
+            "max_abs_log_hr_difference": float(
+                np.max(np.abs(np.asarray(params.beta) - np.asarray(ref.params.beta)))
+            ),
+        }
     spec = ms.DEFAULT_SPEC
     beta = np.asarray(params.beta)
     from phems_clinical.outputs import strict_json  # NaN -> null
@@ -127,63 +180,103 @@ def run_cardiac(omop: str | Path, out: str | Path, *, holdout: str | None = None
     result = strict_json(result)
     with staged_dir(out, overwrite=overwrite) as tmp:
         metrics.to_csv(tmp / "metrics.csv", index=False)
-        pd.DataFrame([{"transition": f"{spec.states[a]}->{spec.states[b]}",
-                       "covariate": c, "log_hr": beta[k, p],
-                       "hr": float(np.exp(beta[k, p]))}
-                      for k, (a, b) in enumerate(spec.transitions)
-                      for p, c in enumerate(spec.covariates)]).to_csv(
-            tmp / "hazard_ratios.csv", index=False)
-        _occupation_figure(params, sojourns[holdout], tmp / "occupation.png",
-                           f"held-out hospital {holdout}: state occupation")
-        (tmp / "result.json").write_text(json.dumps(result, indent=2,
-                                                    allow_nan=False))
+        pd.DataFrame(
+            [
+                {
+                    "transition": f"{spec.states[a]}->{spec.states[b]}",
+                    "covariate": c,
+                    "log_hr": beta[k, p],
+                    "hr": float(np.exp(beta[k, p])),
+                }
+                for k, (a, b) in enumerate(spec.transitions)
+                for p, c in enumerate(spec.covariates)
+            ]
+        ).to_csv(tmp / "hazard_ratios.csv", index=False)
+        _occupation_figure(
+            params,
+            sojourns[holdout],
+            tmp / "occupation.png",
+            f"held-out hospital {holdout}: state occupation",
+        )
+        (tmp / "result.json").write_text(json.dumps(result, indent=2, allow_nan=False))
     return result
-
-
 
 
 def add_cardiac_parser(subparsers):
     """Register ``phems cardiac``."""
     c = subparsers.add_parser(
-        "cardiac", help="cardiac pathways: federated multi-state model from each "
-                        "site's OMOP database, evaluated per site and on a "
-                        "held-out hospital")
-    c.add_argument("--omop", required=True,
-                   help="folder of <site>.duckdb files (phems omop simulate "
-                        "--use-case cardiac)")
+        "cardiac",
+        help="cardiac pathways: federated multi-state model from each "
+        "site's OMOP database, evaluated per site and on a "
+        "held-out hospital",
+    )
+    c.add_argument(
+        "--omop",
+        required=True,
+        help="folder of <site>.duckdb files (phems omop simulate --use-case cardiac)",
+    )
     c.add_argument("--out", required=True, help="output folder")
-    c.add_argument("--holdout", default=None,
-                   help="site kept out of training (default: the last site)")
-    c.add_argument("--strategy", default="fedadam", choices=("fedadam", "fedavg"),
-                   help="federated strategy: fedadam (Adam on the server, default) "
-                        "or fedavg (weighted mean)")
-    c.add_argument("--rounds", type=int, default=300,
-                   help="federated rounds (default 300)")
-    c.add_argument("--learning-rate", type=float, default=None,
-                   help="local SGD step (default 0.1 FedAdam, 0.15 FedAvg)")
-    c.add_argument("--test-fraction", type=float, default=0.25,
-                   help="share of each training site's episodes held out")
+    c.add_argument(
+        "--holdout",
+        default=None,
+        help="site kept out of training (default: the last site)",
+    )
+    c.add_argument(
+        "--strategy",
+        default="fedadam",
+        choices=("fedadam", "fedavg"),
+        help="federated strategy: fedadam (Adam on the server, default) "
+        "or fedavg (weighted mean)",
+    )
+    c.add_argument(
+        "--rounds", type=int, default=300, help="federated rounds (default 300)"
+    )
+    c.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="local SGD step (default 0.1 FedAdam, 0.15 FedAvg)",
+    )
+    c.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.25,
+        help="share of each training site's episodes held out",
+    )
     c.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
-    c.add_argument("--compare-pooled", action="store_true",
-                   help="also fit the pooled training episodes centrally (Newton)")
-    c.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out as a whole (refused otherwise)")
+    c.add_argument(
+        "--compare-pooled",
+        action="store_true",
+        help="also fit the pooled training episodes centrally (Newton)",
+    )
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out as a whole (refused otherwise)",
+    )
     c.set_defaults(func=_cardiac_cmd)
     return c
 
 
 def _cardiac_cmd(args) -> int:
-    res = run_cardiac(args.omop, args.out, holdout=args.holdout,
-                      strategy=args.strategy, rounds=args.rounds, seed=args.seed,
-                      test_fraction=args.test_fraction,
-                      learning_rate=args.learning_rate,
-                      compare_pooled=args.compare_pooled,
-                      overwrite=args.overwrite)
+    res = run_cardiac(
+        args.omop,
+        args.out,
+        holdout=args.holdout,
+        strategy=args.strategy,
+        rounds=args.rounds,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        learning_rate=args.learning_rate,
+        compare_pooled=args.compare_pooled,
+        overwrite=args.overwrite,
+    )
     print(pd.DataFrame(res["metrics"]).round(3).to_string(index=False))
     if "pooled" in res:
         print(f"objective gap to the pooled fit: {res['pooled']['objective_gap']:.2e}")
-    print(f"wrote {args.out}/result.json, metrics.csv, hazard_ratios.csv, "
-          "occupation.png")
+    print(
+        f"wrote {args.out}/result.json, metrics.csv, hazard_ratios.csv, occupation.png"
+    )
     return 0
 
 

@@ -22,16 +22,28 @@ from phems_clinical.dosing.workflow import METHODS, Assessment, assess
 from phems_clinical.dosing.workflow import for_figure as _for_display  # noqa: F401  (app.cli redraws with it)
 from phems_clinical.outputs import staged_dir
 
-__all__ = ["METHODS", "DoseOutput", "FieldError", "RequestError", "redraw_dose",
-           "run_dose", "write_dose_outputs"]
+__all__ = [
+    "METHODS",
+    "DoseOutput",
+    "FieldError",
+    "RequestError",
+    "redraw_dose",
+    "run_dose",
+    "write_dose_outputs",
+]
 
 #: ``result`` (``result.json`` with ``result["display"]``), ``curve_png`` and
 #: ``report_html``.
 DoseOutput = Assessment
 
 
-def run_dose(request: DosingRequest | dict | str | bytes, *, method: str = "map",
-             seed: int | None = None, previous: dict | None = None) -> DoseOutput:
+def run_dose(
+    request: DosingRequest | dict | str | bytes,
+    *,
+    method: str = "map",
+    seed: int | None = None,
+    previous: dict | None = None,
+) -> DoseOutput:
     """One patient's assessment: :func:`phems_clinical.dosing.workflow.assess`.
 
     ``previous`` is an earlier result of the same patient, shown beside this one.
@@ -48,8 +60,9 @@ def redraw_dose(result: dict, previous: dict | None = None) -> DoseOutput:
     return redraw(result, previous)
 
 
-def write_dose_outputs(output: DoseOutput, out_dir: str | Path, *,
-                       overwrite: bool = False) -> list[Path]:
+def write_dose_outputs(
+    output: DoseOutput, out_dir: str | Path, *, overwrite: bool = False
+) -> list[Path]:
     """Write ``result.json``, ``curve.png`` and ``report.html`` into ``out_dir``.
 
     All three or none: they are written into a temporary sibling folder that is

@@ -61,10 +61,15 @@ METHODS = ("focei", "nuts", "svi")
 
 #: Data columns and the plausibility limit (``data_schemas/plausibility.json``)
 #: each is checked against when a fit fails, and the records they apply to.
-_DIAGNOSED = (("DV", "factor_level", "obs"), ("LLOQ", "lloq_IU_dL", "obs"),
-              ("AMT", "dose_IU", "dose"), ("DUR", "infusion_duration_h", "dose"),
-              ("TIME", "time_h", "all"), ("WT", "weight_kg", "all"),
-              ("AGE", "age_y", "all"))
+_DIAGNOSED = (
+    ("DV", "factor_level", "obs"),
+    ("LLOQ", "lloq_IU_dL", "obs"),
+    ("AMT", "dose_IU", "dose"),
+    ("DUR", "infusion_duration_h", "dose"),
+    ("TIME", "time_h", "all"),
+    ("WT", "weight_kg", "all"),
+    ("AGE", "age_y", "all"),
+)
 
 
 class FitFailedError(ValueError):
@@ -89,9 +94,17 @@ def _split(name: str) -> tuple[str, str]:
     return kind.lower(), rest.rstrip(")")
 
 
-def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path, *,
-            seed: int = 0, options: dict | None = None, n_vpc: int = 200,
-            overwrite: bool = False) -> dict:
+def run_fit(
+    data_path: str | Path,
+    model_ref: str,
+    method: str,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    options: dict | None = None,
+    n_vpc: int = 200,
+    overwrite: bool = False,
+) -> dict:
     """Fit ``model_ref`` to ``data_path`` and write all outputs to ``out``.
 
     Writes ``estimates.json``, ``estimates.nc``, ``gof.png``, ``vpc.png`` and the
@@ -108,8 +121,11 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
     source, omop_load = data_path, None
     if is_omop(data_path):  # a site's OMOP database(s): infusions and levels
         source, omop_load = pk_events_from_omop(data_path, factor=model_factor(model))
-    data = read_nonmem(source, required_covariates=model.covariate_names,
-                       dv_unit=options.pop("dv_unit", "IU/dL"))
+    data = read_nonmem(
+        source,
+        required_covariates=model.covariate_names,
+        dv_unit=options.pop("dv_unit", "IU/dL"),
+    )
     if model.blq == "drop":
         data = _drop_blq(data)
     cohort, ids = to_cohort(data, model.covariate_names)
@@ -119,17 +135,27 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
     if method == "focei":
         res = fit_focei(model, cohort, **options)
         if not res.converged:
-            raise FitFailedError(_failure(method, res.message, data, ids,
-                                          res.nonfinite_subjects))
+            raise FitFailedError(
+                _failure(method, res.message, data, ids, res.nonfinite_subjects)
+            )
         params, b_hat = res.params, _b_from(res)
         names = list(res.natural_names)
-        table = pd.DataFrame({"estimate": res.estimates, "se": res.se,
-                              "se_sandwich": res.se_sandwich}, index=names)
+        table = pd.DataFrame(
+            {"estimate": res.estimates, "se": res.se, "se_sandwich": res.se_sandwich},
+            index=names,
+        )
         table["rse_percent"] = 100 * table["se"] / table["estimate"].abs()
-        run_info = {"converged": res.converged, "iterations": res.n_iterations,
-                    "message": res.message, "seconds": res.seconds}
-        objective = {"ofv": res.ofv, "definition": "NONMEM FOCEI objective: -2 log "
-                     "likelihood without the n_obs*log(2*pi) constant"}
+        run_info = {
+            "converged": res.converged,
+            "iterations": res.n_iterations,
+            "message": res.message,
+            "seconds": res.seconds,
+        }
+        objective = {
+            "ofv": res.ofv,
+            "definition": "NONMEM FOCEI objective: -2 log "
+            "likelihood without the n_obs*log(2*pi) constant",
+        }
         shrinkage = res.shrinkage_sd
         draws = None
     else:
@@ -149,8 +175,11 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
         table = res.summary.copy()
         table.insert(0, "estimate", table["mean"])
         b_hat = _map_modes(model, cohort, params)
-        run_info = {"converged": res.converged, "seconds": res.seconds,
-                    "divergences": int(res.n_divergent)}
+        run_info = {
+            "converged": res.converged,
+            "seconds": res.seconds,
+            "divergences": int(res.n_divergent),
+        }
         if "r_hat" in table and np.isfinite(table["r_hat"].to_numpy()).any():
             run_info["max_r_hat"] = float(np.nanmax(table["r_hat"].to_numpy()))
             run_info["min_ess_bulk"] = float(np.nanmin(table["ess_bulk"].to_numpy()))
@@ -158,9 +187,11 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
             run_info["final_loss"] = float(np.asarray(res.elbo)[-1])
         objective = None
         eta_np = np.asarray(res.etas)
-        shrinkage = (100 * (1 - eta_np.std(axis=0)
-                            / np.sqrt(np.diag(np.asarray(params.omega))))
-                     if eta_np.size else np.zeros(0))
+        shrinkage = (
+            100 * (1 - eta_np.std(axis=0) / np.sqrt(np.diag(np.asarray(params.omega))))
+            if eta_np.size
+            else np.zeros(0)
+        )
         draws = res.samples
 
     diag = compute_diagnostics(model, cohort, params, b_hat)
@@ -175,32 +206,54 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
     etas.insert(0, "ID", ids)
 
     result: dict[str, Any] = {
-        "method": method, "model": model.name, "data": str(data_path),
-        "seed": seed, "n_subjects": len(ids),
+        "method": method,
+        "model": model.name,
+        "data": str(data_path),
+        "seed": seed,
+        "n_subjects": len(ids),
         "n_observations": int(np.asarray(cohort.obs_mask).sum()),
         "n_blq": int((np.asarray(cohort.obs_blq) & np.asarray(cohort.obs_mask)).sum()),
         "exclusions": [e._asdict() for e in data.exclusions],
         "data_warnings": [w._asdict() for w in data.warnings],
         "omop_load": omop_load,
         "objective": objective,
-        "theta": {}, "omega": {}, "omega_iov": {}, "sigma": {}, "baseline": {},
-        "shrinkage_sd_percent": {p: float(s) for p, s in
-                                 zip(model.iiv_parameters, shrinkage, strict=False)},
+        "theta": {},
+        "omega": {},
+        "omega_iov": {},
+        "sigma": {},
+        "baseline": {},
+        "shrinkage_sd_percent": {
+            p: float(s) for p, s in zip(model.iiv_parameters, shrinkage, strict=False)
+        },
         "etas": json.loads(etas.to_json(orient="records")),
         "run": run_info,
-        "units": {"time": "h", "amount": "IU", "volume": "dL", "clearance": "dL/h",
-                  "level": "IU/dL", "omega": "variance of log-parameter",
-                  "sigma": "variance (additive: (IU/dL)^2; proportional: fraction^2)"},
+        "units": {
+            "time": "h",
+            "amount": "IU",
+            "volume": "dL",
+            "clearance": "dL/h",
+            "level": "IU/dL",
+            "omega": "variance of log-parameter",
+            "sigma": "variance (additive: (IU/dL)^2; proportional: fraction^2)",
+        },
     }
-    group_of = {"theta": "theta", "omega": "omega", "omega_iov": "omega_iov",
-                "sigma": "sigma", "baseline": "baseline"}
+    group_of = {
+        "theta": "theta",
+        "omega": "omega",
+        "omega_iov": "omega_iov",
+        "sigma": "sigma",
+        "baseline": "baseline",
+    }
     for name, row in table.iterrows():
         if "(" in name:
             kind, label = _split(name)
         else:
             kind, label = "baseline", name
-        entry = {k: float(v) for k, v in row.items()
-                 if isinstance(v, (int, float, np.floating))}
+        entry = {
+            k: float(v)
+            for k, v in row.items()
+            if isinstance(v, (int, float, np.floating))
+        }
         result[group_of.get(kind, kind)][label] = entry
     result = strict_json(result)
 
@@ -209,38 +262,66 @@ def run_fit(data_path: str | Path, model_ref: str, method: str, out: str | Path,
         coords={"parameter": names},
     )
     ds["eta"] = (("subject", "eta_parameter"), np.asarray(b_hat)[:, :n_eta])
-    ds = ds.assign_coords(subject=[str(i) for i in ids],
-                          eta_parameter=list(model.iiv_parameters))
+    ds = ds.assign_coords(
+        subject=[str(i) for i in ids], eta_parameter=list(model.iiv_parameters)
+    )
     if draws is not None:
-        ds["draws"] = (("draw", "parameter"),
-                       np.stack([np.asarray(draws[n]) for n in names], axis=1))
+        ds["draws"] = (
+            ("draw", "parameter"),
+            np.stack([np.asarray(draws[n]) for n in names], axis=1),
+        )
     _describe(ds, model, names)
-    ds.attrs.update({"method": method, "model": model.name, "seed": seed,
-                     "ofv": objective["ofv"] if objective else np.nan})
+    ds.attrs.update(
+        {
+            "method": method,
+            "model": model.name,
+            "seed": seed,
+            "ofv": objective["ofv"] if objective else np.nan,
+        }
+    )
 
-    fitted = {"method": method, "data": str(data_path),
-              "n_subjects": result["n_subjects"],
-              "n_observations": result["n_observations"],
-              "ofv": strict_json(float(objective["ofv"])) if objective else None,
-              "seed": seed,
-              "date": datetime.now(UTC).isoformat(timespec="seconds"),
-              "converged": True}
+    fitted = {
+        "method": method,
+        "data": str(data_path),
+        "n_subjects": result["n_subjects"],
+        "n_observations": result["n_observations"],
+        "ofv": strict_json(float(objective["ofv"])) if objective else None,
+        "seed": seed,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "converged": True,
+    }
     with staged_dir(out, overwrite=overwrite) as tmp:
-        gof_figure(dv, diag.pred[mask], diag.ipred[mask], diag.cwres[mask], t,
-                   tmp / "gof.png", title=f"{model.name}: {method.upper()}")
-        vpc_figure(_time_after_dose(cohort)[mask], dv, sims[:, mask],
-                   tmp / "vpc.png", title=f"{model.name}: VPC ({n_vpc} replicates, "
-                                          f"{method.upper()})")
+        gof_figure(
+            dv,
+            diag.pred[mask],
+            diag.ipred[mask],
+            diag.cwres[mask],
+            t,
+            tmp / "gof.png",
+            title=f"{model.name}: {method.upper()}",
+        )
+        vpc_figure(
+            _time_after_dose(cohort)[mask],
+            dv,
+            sims[:, mask],
+            tmp / "vpc.png",
+            title=f"{model.name}: VPC ({n_vpc} replicates, {method.upper()})",
+        )
         (tmp / "estimates.json").write_text(
-            json.dumps(result, indent=2, default=str, allow_nan=False))
+            json.dumps(result, indent=2, default=str, allow_nan=False)
+        )
         ds.to_netcdf(tmp / "estimates.nc", engine="h5netcdf")
-        save_model(fitted_model(model, params, fitted), tmp / "model.yaml",
-                   header=f"Fitted by `phems fit --method {method}` to {data_path}.")
+        save_model(
+            fitted_model(model, params, fitted),
+            tmp / "model.yaml",
+            header=f"Fitted by `phems fit --method {method}` to {data_path}.",
+        )
     return result
 
 
-def _failure(method: str, why: str, data: PKData, ids: list,
-             subjects: tuple[int, ...]) -> str:
+def _failure(
+    method: str, why: str, data: PKData, ids: list, subjects: tuple[int, ...]
+) -> str:
     """The message of a failed fit: what failed, for whom, and which data values
     are implausible (``data_schemas/plausibility.json``)."""
     who = [str(ids[i]) for i in subjects]
@@ -248,45 +329,69 @@ def _failure(method: str, why: str, data: PKData, ids: list,
     # implausible data are named first; else non-finite start values point at
     # the model, and a fit that stopped short at both
     sampler = "R-hat" in why or "divergent" in why  # NUTS ran but did not mix
-    option = ("--data" if found else "--model" if "start values" in why
-              else "--warmup/--samples/--chains" if sampler else "--data/--model")
+    option = (
+        "--data"
+        if found
+        else "--model"
+        if "start values" in why
+        else "--warmup/--samples/--chains"
+        if sampler
+        else "--data/--model"
+    )
     msg = f"{option}: the {method.upper()} fit failed: {why.rstrip('.')}"
     if who:
-        msg += (f" (subject ID {', '.join(who[:5])}"
-                + (f" and {len(who) - 5} more" if len(who) > 5 else "") + ")")
+        msg += (
+            f" (subject ID {', '.join(who[:5])}"
+            + (f" and {len(who) - 5} more" if len(who) > 5 else "")
+            + ")"
+        )
     if found:
         msg += "; implausible values: " + "; ".join(found)
     else:
-        msg += ("; the data are within the plausibility limits: check the model's "
-                "initial estimates (--model), the data's units (--dv-unit) and the "
-                "fit options")
+        msg += (
+            "; the data are within the plausibility limits: check the model's "
+            "initial estimates (--model), the data's units (--dv-unit) and the "
+            "fit options"
+        )
     if data.warnings:  # unusual values the reader accepted may be the cause
-        shown = [f"{'row ' + str(w.row) if w.row else 'data set'}"
-                 f"{', column ' + w.column if w.column else ''}: {w.message}"
-                 for w in data.warnings[:3]]
+        shown = [
+            f"{'row ' + str(w.row) if w.row else 'data set'}"
+            f"{', column ' + w.column if w.column else ''}: {w.message}"
+            for w in data.warnings[:3]
+        ]
         more = len(data.warnings) - len(shown)
-        msg += (f"; {len(data.warnings)} data warning(s): " + "; ".join(shown)
-                + (f"; and {more} more" if more > 0 else ""))
+        msg += (
+            f"; {len(data.warnings)} data warning(s): "
+            + "; ".join(shown)
+            + (f"; and {more} more" if more > 0 else "")
+        )
     return msg + ". Nothing was written"
 
 
-def _implausible(data: PKData, subjects: set[str] | None, per_column: int = 1
-                 ) -> list[str]:
+def _implausible(
+    data: PKData, subjects: set[str] | None, per_column: int = 1
+) -> list[str]:
     """``row R (ID i), column C: <finding>`` for the first implausible value of
     each column in :data:`_DIAGNOSED` (restricted to ``subjects`` when given)."""
     ev = data.events
     if subjects is not None:
         ev = ev[ev["ID"].astype(str).isin(subjects)]
     is_obs = (ev["EVID"] == 0) & (ev.get("BLQ", 0) != 1)
-    kinds = {"obs": is_obs, "dose": ev["EVID"] == 1,
-             "all": pd.Series(True, index=ev.index)}
+    kinds = {
+        "obs": is_obs,
+        "dose": ev["EVID"] == 1,
+        "all": pd.Series(True, index=ev.index),
+    }
     converted = "DVUNIT" not in ev or ev["DVUNIT"].notna().all()
     found = []
     for col, lim, kind in _DIAGNOSED:
         if col not in ev or (col in ("DV", "LLOQ") and not converted):
             continue
-        rows = ev.loc[kinds[kind], ["ROW", "ID", col]] if "ROW" in ev else \
-            ev.loc[kinds[kind], ["ID", col]].assign(ROW=-1)
+        rows = (
+            ev.loc[kinds[kind], ["ROW", "ID", col]]
+            if "ROW" in ev
+            else ev.loc[kinds[kind], ["ID", col]].assign(ROW=-1)
+        )
         n = 0
         for r in rows.itertuples(index=False):
             value = getattr(r, col)
@@ -301,8 +406,9 @@ def _implausible(data: PKData, subjects: set[str] | None, per_column: int = 1
     return found
 
 
-def fitted_model(model: PopModel, params: PopParams, fitted: dict[str, Any]
-                 ) -> PopModel:
+def fitted_model(
+    model: PopModel, params: PopParams, fitted: dict[str, Any]
+) -> PopModel:
     """``model`` with the estimated ``params`` and a ``fitted`` metadata entry.
 
     ``params.theta`` is the full vector (fixed thetas included) in
@@ -312,19 +418,20 @@ def fitted_model(model: PopModel, params: PopParams, fitted: dict[str, Any]
     ``fitted`` entry is replaced.
     """
     theta = np.asarray(params.theta, dtype=np.float64)
-    omega = np.asarray(params.omega, dtype=np.float64).reshape(model.n_eta,
-                                                               model.n_eta)
+    omega = np.asarray(params.omega, dtype=np.float64).reshape(model.n_eta, model.n_eta)
     index = {p: k for k, p in enumerate(model.iiv_parameters)}
     mask = np.zeros_like(omega, dtype=bool)
     for block in model.omega_blocks:
         ks = [index[p] for p in block]
         mask[np.ix_(ks, ks)] = True
     new = with_values(
-        model, thetas=dict(zip(model.theta_names, theta.tolist(), strict=True)),
+        model,
+        thetas=dict(zip(model.theta_names, theta.tolist(), strict=True)),
         omega=np.where(mask, omega, 0.0),
         omega_iov=np.asarray(params.omega_iov, dtype=np.float64),
-        residual=residual_from_sigma(np.asarray(params.sigma), model.residual.fixed,
-                                     model.residual.form),
+        residual=residual_from_sigma(
+            np.asarray(params.sigma), model.residual.fixed, model.residual.form
+        ),
         baseline=float(params.baseline),
     )
     meta = {k: v for k, v in model.metadata.items() if k != "fitted"}
@@ -356,11 +463,18 @@ def _drop_blq(data: PKData) -> PKData:
     ev = data.events
     blq = (ev["EVID"] == 0) & (ev["BLQ"] == 1)
     rows = ev.loc[blq]
-    excl = [Exclusion(int(r.get("ROW", -1)) if "ROW" in ev else -1, str(r["ID"]),
-                      "BLQ sample dropped (model declares blq: drop)")
-            for _, r in rows.iterrows()]
-    return data._replace(events=ev.loc[~blq].reset_index(drop=True),
-                         exclusions=list(data.exclusions) + excl)
+    excl = [
+        Exclusion(
+            int(r.get("ROW", -1)) if "ROW" in ev else -1,
+            str(r["ID"]),
+            "BLQ sample dropped (model declares blq: drop)",
+        )
+        for _, r in rows.iterrows()
+    ]
+    return data._replace(
+        events=ev.loc[~blq].reset_index(drop=True),
+        exclusions=list(data.exclusions) + excl,
+    )
 
 
 __all__ = ["METHODS", "FitFailedError", "fitted_model", "resolve_model", "run_fit"]

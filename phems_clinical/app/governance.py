@@ -42,8 +42,9 @@ MAX_VALID_HOURS = 8784.0
 
 
 def _error(args: argparse.Namespace, message: str) -> int:
-    print(f"phems governance {args.governance_command}: error: {message}",
-          file=sys.stderr)
+    print(
+        f"phems governance {args.governance_command}: error: {message}", file=sys.stderr
+    )
     return 2
 
 
@@ -54,8 +55,9 @@ def load_user_key(path: str | os.PathLike) -> bytes:
     except ValueError:  # not hex, or not ASCII text
         key = b""
     if len(key) != 32:
-        raise ValueError("--key: expected 64 hex digits (a file made by "
-                         "'phems governance keygen')")
+        raise ValueError(
+            "--key: expected 64 hex digits (a file made by 'phems governance keygen')"
+        )
     return key
 
 
@@ -80,11 +82,19 @@ def _sign(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).is_dir():
         return _error(args, f"--out: {args.out} is a folder; expected a file name")
     if args.out and Path(args.out).exists() and not args.overwrite:
-        return _error(args, f"--out: {args.out} exists; choose a new file or pass "
-                            f"--overwrite to replace it")
-    token = sign_request(key, requester=args.requester, experiment=args.experiment,
-                         algorithm=args.algorithm, rounds=args.rounds,
-                         valid_for=dt.timedelta(hours=args.valid_hours))
+        return _error(
+            args,
+            f"--out: {args.out} exists; choose a new file or pass "
+            f"--overwrite to replace it",
+        )
+    token = sign_request(
+        key,
+        requester=args.requester,
+        experiment=args.experiment,
+        algorithm=args.algorithm,
+        rounds=args.rounds,
+        valid_for=dt.timedelta(hours=args.valid_hours),
+    )
     if args.out:
         write_atomic(args.out, (token + "\n").encode("ascii"))
         print(f"signed request written to {args.out}")
@@ -98,8 +108,10 @@ def _site_key(args: argparse.Namespace) -> int:
         create_site_key(args.path)
     except FileExistsError:
         return _error(args, f"{args.path} exists (a key is never overwritten)")
-    print(f"site key written to {args.path} (mode 600); keep it outside the folder "
-          "of the audit log")
+    print(
+        f"site key written to {args.path} (mode 600); keep it outside the folder "
+        "of the audit log"
+    )
     return 0
 
 
@@ -108,11 +120,13 @@ def _hours(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of hours, got "
-                                         f"{text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a number of hours, got {text!r}"
+        ) from None
     if not 0 < value <= MAX_VALID_HOURS:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"expected hours in (0, "
-                                         f"{MAX_VALID_HOURS:g}], got {text}")
+        raise argparse.ArgumentTypeError(
+            f"expected hours in (0, {MAX_VALID_HOURS:g}], got {text}"
+        )
     return value
 
 
@@ -127,8 +141,9 @@ def add_governance_parser(subparsers) -> argparse.ArgumentParser:
     >>> args.governance_command, args.func.__name__
     ('keygen', '_keygen')
     """
-    g = subparsers.add_parser("governance", help="data users' keys and signed "
-                                                 "requests; sites' audit MAC keys")
+    g = subparsers.add_parser(
+        "governance", help="data users' keys and signed requests; sites' audit MAC keys"
+    )
     sub = g.add_subparsers(dest="governance_command", required=True)
     k = sub.add_parser("keygen", help="make a data user's Ed25519 key pair")
     k.add_argument("--out", required=True, help="private key file to create")
@@ -138,17 +153,22 @@ def add_governance_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--requester", required=True, help="data user id (site policy)")
     s.add_argument("--experiment", required=True, help="experiment name")
     s.add_argument("--algorithm", required=True, help="algorithm name")
-    s.add_argument("--rounds", required=True, type=count_arg(1),
-                   help="most rounds allowed")
-    s.add_argument("--valid-hours", type=_hours, default=24.0,
-                   help="hours until the request expires (default 24, at most "
-                        f"{MAX_VALID_HOURS:g})")
+    s.add_argument(
+        "--rounds", required=True, type=count_arg(1), help="most rounds allowed"
+    )
+    s.add_argument(
+        "--valid-hours",
+        type=_hours,
+        default=24.0,
+        help="hours until the request expires (default 24, at most "
+        f"{MAX_VALID_HOURS:g})",
+    )
     s.add_argument("--out", default=None, help="file to write (default: print)")
-    s.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out file")
+    s.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out file"
+    )
     s.set_defaults(func=_sign)
     m = sub.add_parser("site-key", help="create a site's audit/ledger MAC key")
-    m.add_argument("path", help="key file to create (outside the audit log's "
-                                "folder)")
+    m.add_argument("path", help="key file to create (outside the audit log's folder)")
     m.set_defaults(func=_site_key)
     return g

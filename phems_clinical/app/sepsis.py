@@ -74,11 +74,21 @@ def _calibration_figure(probs: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_sepsis(omop: str | Path, out: str | Path, *, holdout: str | None = None,
-               model: str = "tcn", algorithm: str = "fedadam",
-               rounds: int = 50, horizon_h: int = 6, seed: int = 0,
-               test_fraction: float = 0.25, progress: bool = True,
-               overwrite: bool = False, **train_kw) -> dict:
+def run_sepsis(
+    omop: str | Path,
+    out: str | Path,
+    *,
+    holdout: str | None = None,
+    model: str = "tcn",
+    algorithm: str = "fedadam",
+    rounds: int = 50,
+    horizon_h: int = 6,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    progress: bool = True,
+    overwrite: bool = False,
+    **train_kw,
+) -> dict:
     """Train and evaluate the sepsis model over the sites in ``omop``; writes
     ``out`` (missing or empty unless ``overwrite``)."""
     out = check_out(out, overwrite=overwrite)
@@ -86,8 +96,9 @@ def run_sepsis(omop: str | Path, out: str | Path, *, holdout: str | None = None,
     if horizon_h < 1:
         raise ValueError(f"--horizon: {horizon_h} h; expected at least 1 hour")
     k_split, k_run = jax.random.split(jax.random.key(seed))
-    holdout, train, test = holdout_split(k_split, hourly, "stay_id", holdout,
-                                         test_fraction)
+    holdout, train, test = holdout_split(
+        k_split, hourly, "stay_id", holdout, test_fraction
+    )
     train_names = list(train)
     parts, onset_parts = {}, {}
     for n in train_names:
@@ -96,80 +107,146 @@ def run_sepsis(omop: str | Path, out: str | Path, *, holdout: str | None = None,
     parts[holdout], onset_parts[holdout] = hourly[holdout], onsets[holdout]
     held_out = [n + TEST for n in train_names] + [holdout]
     fields: set[str] = set()
-    run_kw = {"on_round": round_printer("sepsis", len(train_names)) if progress
-              else None, "on_message": lambda r, k, p: fields.update(p)}
-    res = se.cross_site_evaluation(k_run, parts, onset_parts, held_out=held_out,
-                                   model=model, horizon_h=horizon_h,
-                                   algorithm=algorithm, rounds=rounds,
-                                   run_kw=run_kw, **train_kw)
+    run_kw = {
+        "on_round": round_printer("sepsis", len(train_names)) if progress else None,
+        "on_message": lambda r, k, p: fields.update(p),
+    }
+    res = se.cross_site_evaluation(
+        k_run,
+        parts,
+        onset_parts,
+        held_out=held_out,
+        model=model,
+        horizon_h=horizon_h,
+        algorithm=algorithm,
+        rounds=rounds,
+        run_kw=run_kw,
+        **train_kw,
+    )
     rows = []
     for name, m in res["metrics"].items():
-        site, split = ((name[:-len(TEST)], "test") if name.endswith(TEST) else
-                       (name, "held-out hospital" if name == holdout else "train"))
+        site, split = (
+            (name[: -len(TEST)], "test")
+            if name.endswith(TEST)
+            else (name, "held-out hospital" if name == holdout else "train")
+        )
         rows.append({"site": site, "split": split, **m})
     metrics = pd.DataFrame(rows)
     result: dict[str, Any] = {
-        "use_case": "picu_sepsis", "model": model, "algorithm": algorithm,
+        "use_case": "picu_sepsis",
+        "model": model,
+        "algorithm": algorithm,
         "target": f"Phoenix sepsis onset within the next {horizon_h} h",
-        "rounds": res["rounds"], "seconds_train": round(res["seconds_train"], 3),
-        "seed": seed, "holdout": holdout, "test_fraction": test_fraction,
-        "threshold": res["threshold"], "train_utility": res["train_utility"],
-        "sites": reports, "metrics": metrics.to_dict(orient="records"),
-        "messages": {"fields": sorted(fields), "checked_against":
-                     "data_schemas/federation_message.schema.json"},
+        "rounds": res["rounds"],
+        "seconds_train": round(res["seconds_train"], 3),
+        "seed": seed,
+        "holdout": holdout,
+        "test_fraction": test_fraction,
+        "threshold": res["threshold"],
+        "train_utility": res["train_utility"],
+        "sites": reports,
+        "metrics": metrics.to_dict(orient="records"),
+        "messages": {
+            "fields": sorted(fields),
+            "checked_against": "data_schemas/federation_message.schema.json",
+        },
         "privacy": res["privacy"],
-        "versions": versions(), "code": code_state("phems_clinical/models"),
+        "versions": versions(),
+        "code": code_state("phems_clinical/models"),
     }
     from phems_clinical.outputs import strict_json  # NaN -> null
 
     result = strict_json(result)
     with staged_dir(out, overwrite=overwrite) as tmp:
         metrics.to_csv(tmp / "metrics.csv", index=False)
-        _calibration_figure({n: res["probs"][n] for n in held_out},
-                            tmp / "calibration.png")
-        (tmp / "result.json").write_text(json.dumps(result, indent=2,
-                                                    allow_nan=False))
+        _calibration_figure(
+            {n: res["probs"][n] for n in held_out}, tmp / "calibration.png"
+        )
+        (tmp / "result.json").write_text(json.dumps(result, indent=2, allow_nan=False))
     return result
 
 
 def add_sepsis_parser(subparsers):
     """Register ``phems sepsis``."""
     s = subparsers.add_parser(
-        "sepsis", help="PICU sepsis risk: federated model from each site's OMOP "
-                       "database, evaluated per site and on a held-out hospital")
-    s.add_argument("--omop", required=True,
-                   help="folder of <site>.duckdb files (phems omop simulate "
-                        "--use-case picu)")
+        "sepsis",
+        help="PICU sepsis risk: federated model from each site's OMOP "
+        "database, evaluated per site and on a held-out hospital",
+    )
+    s.add_argument(
+        "--omop",
+        required=True,
+        help="folder of <site>.duckdb files (phems omop simulate --use-case picu)",
+    )
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--model", default="tcn", choices=("tcn", "logistic"),
-                   help="tcn (default; held-out AUROC 0.74 on the default sites) or "
-                        "logistic (fast, weak: 0.51)")
-    s.add_argument("--algorithm", default="fedadam", choices=("fedadam", "fedavg"),
-                   help="federated strategy: fedadam (Adam on the server, default) "
-                        "or fedavg (weighted mean)")
-    s.add_argument("--rounds", type=int, default=50,
-                   help="federated rounds (default 50)")
-    s.add_argument("--horizon", type=int, default=6,
-                   help="predict Phoenix sepsis onset within this many hours")
-    s.add_argument("--holdout", default=None,
-                   help="site kept out of training (default: the last site)")
-    s.add_argument("--test-fraction", type=float, default=0.25,
-                   help="share of each training site's stays held out")
+    s.add_argument(
+        "--model",
+        default="tcn",
+        choices=("tcn", "logistic"),
+        help="tcn (default; held-out AUROC 0.74 on the default sites) or "
+        "logistic (fast, weak: 0.51)",
+    )
+    s.add_argument(
+        "--algorithm",
+        default="fedadam",
+        choices=("fedadam", "fedavg"),
+        help="federated strategy: fedadam (Adam on the server, default) "
+        "or fedavg (weighted mean)",
+    )
+    s.add_argument(
+        "--rounds", type=int, default=50, help="federated rounds (default 50)"
+    )
+    s.add_argument(
+        "--horizon",
+        type=int,
+        default=6,
+        help="predict Phoenix sepsis onset within this many hours",
+    )
+    s.add_argument(
+        "--holdout",
+        default=None,
+        help="site kept out of training (default: the last site)",
+    )
+    s.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.25,
+        help="share of each training site's stays held out",
+    )
     s.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
-    s.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out as a whole (refused otherwise)")
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out as a whole (refused otherwise)",
+    )
     s.set_defaults(func=_sepsis_cmd)
     return s
 
 
 def _sepsis_cmd(args) -> int:
-    res = run_sepsis(args.omop, args.out, holdout=args.holdout, model=args.model,
-                     algorithm=args.algorithm, rounds=args.rounds,
-                     horizon_h=args.horizon, seed=args.seed,
-                     test_fraction=args.test_fraction,
-                     overwrite=args.overwrite)
-    cols = ["site", "split", "n_stays", "auroc", "auprc", "calibration_slope",
-            "calibration_intercept", "ece", "utility"]
+    res = run_sepsis(
+        args.omop,
+        args.out,
+        holdout=args.holdout,
+        model=args.model,
+        algorithm=args.algorithm,
+        rounds=args.rounds,
+        horizon_h=args.horizon,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        overwrite=args.overwrite,
+    )
+    cols = [
+        "site",
+        "split",
+        "n_stays",
+        "auroc",
+        "auprc",
+        "calibration_slope",
+        "calibration_intercept",
+        "ece",
+        "utility",
+    ]
     print(pd.DataFrame(res["metrics"])[cols].round(3).to_string(index=False))
     print(f"wrote {args.out}/result.json, metrics.csv, calibration.png")
     return 0

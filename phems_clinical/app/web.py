@@ -116,23 +116,32 @@ from fastapi.responses import (
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-__all__ = ["MAX_BODY_BYTES", "MAX_CONCURRENT", "REPORTS_KEPT", "TIME_LIMIT_S",
-           "create_app", "serve", "trusted_hosts"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_CONCURRENT",
+    "REPORTS_KEPT",
+    "TIME_LIMIT_S",
+    "create_app",
+    "serve",
+    "trusted_hosts",
+]
 
 REPORTS_KEPT = 50
 METHODS = ("map", "nuts")
 MAX_BODY_BYTES = 64 * 1024  # a full request (400 infusions) is under 40 KB
-MAX_CONCURRENT = 2          # calculations at once; each uses the CPU fully
-TIME_LIMIT_S = 120.0        # per calculation (NUTS takes 20-60 s, MAP a few)
+MAX_CONCURRENT = 2  # calculations at once; each uses the CPU fully
+TIME_LIMIT_S = 120.0  # per calculation (NUTS takes 20-60 s, MAP a few)
 RETRY_AFTER_S = 10
 LOCAL_HOSTS = ("localhost", "127.0.0.1")
 
 _STATIC = Path(__file__).resolve().parent / "static"
 # The page may load only what this server sends; curve images are data: URLs and
 # the result.json download is a blob: URL.
-_CSP = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
-        "style-src 'self'; connect-src 'self'; object-src 'none'; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
+    "style-src 'self'; connect-src 'self'; object-src 'none'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 # The report is self-contained: inline CSS and data: images, nothing else.
 _REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -185,21 +194,25 @@ def _product_list() -> list[dict[str, Any]]:
         model = library.load_product(name)
         meta = model.metadata
         info = library.product_info(name)
-        out.append({
-            "name": name,
-            "product": info.brand,
-            "display": info.display,
-            "inn": info.inn,
-            "factor": info.factor,
-            "half_life_class": info.half_life_class,
-            "population": info.population,
-            "ages": info.ages,
-            "assay": info.assay,
-            "choose_when": info.choose_when,
-            "unverified": list(info.unverified),
-            "citation": meta.get("citation"),
-            "validated_range": {k: list(v) for k, v in validated_range(model).items()},
-        })
+        out.append(
+            {
+                "name": name,
+                "product": info.brand,
+                "display": info.display,
+                "inn": info.inn,
+                "factor": info.factor,
+                "half_life_class": info.half_life_class,
+                "population": info.population,
+                "ages": info.ages,
+                "assay": info.assay,
+                "choose_when": info.choose_when,
+                "unverified": list(info.unverified),
+                "citation": meta.get("citation"),
+                "validated_range": {
+                    k: list(v) for k, v in validated_range(model).items()
+                },
+            }
+        )
     return out
 
 
@@ -216,25 +229,29 @@ def _previous_for(store, req) -> tuple[str | None, Any]:
         return None, None
     from phems_clinical.dosing import history
 
-    when = history.assessment_time(req.time_origin,
-                                   [lv.time_h for lv in req.levels])
-    return when, history.previous_assessment(store, req.patient_id.strip(),
-                                             before=when)
+    when = history.assessment_time(req.time_origin, [lv.time_h for lv in req.levels])
+    return when, history.previous_assessment(store, req.patient_id.strip(), before=when)
 
 
 def _previous_json(previous) -> dict | None:
     if previous is None:
         return None
-    return {"assessment_id": previous.summary.assessment_id,
-            "assessed_at": previous.summary.assessed_at,
-            "product_display": previous.summary.product_display,
-            "result": previous.result}
+    return {
+        "assessment_id": previous.summary.assessment_id,
+        "assessed_at": previous.summary.assessed_at,
+        "product_display": previous.summary.product_display,
+        "result": previous.result,
+    }
 
 
-def _errors(errors: list[tuple[str, str]], status: int = 422,
-            headers: dict[str, str] | None = None) -> JSONResponse:
+def _errors(
+    errors: list[tuple[str, str]],
+    status: int = 422,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(
-        status_code=status, headers=headers,
+        status_code=status,
+        headers=headers,
         content={"errors": [{"field": f, "message": m} for f, m in errors]},
     )
 
@@ -248,8 +265,9 @@ def _is_loopback(host: str) -> bool:
         return False  # a name: it may resolve to any interface
 
 
-def trusted_hosts(allowed_hosts: Iterable[str] | None = (), host: str | None = None
-                  ) -> list[str]:
+def trusted_hosts(
+    allowed_hosts: Iterable[str] | None = (), host: str | None = None
+) -> list[str]:
     """The Host header values the app answers: ``localhost``, ``127.0.0.1``, the
     bound ``host`` (unless a wildcard address) and ``allowed_hosts``.
 
@@ -261,24 +279,33 @@ def trusted_hosts(allowed_hosts: Iterable[str] | None = (), host: str | None = N
     """
     extra = list(allowed_hosts or ())
     for h in extra:
-        bad = (not isinstance(h, str) or not h or any(c in h for c in " /:@\\")
-               or "*" in h[1:] or (h.startswith("*") and not h.startswith("*.")))
+        bad = (
+            not isinstance(h, str)
+            or not h
+            or any(c in h for c in " /:@\\")
+            or "*" in h[1:]
+            or (h.startswith("*") and not h.startswith("*."))
+        )
         if bad:
             raise ValueError(
                 f"--allowed-host: {h!r:.80} is not a host name (expected a name or "
                 "address without port, e.g. dosing.hospital.org, or *.hospital.org "
-                "for its subdomains; '*' alone would answer any host)")
+                "for its subdomains; '*' alone would answer any host)"
+            )
     out = list(LOCAL_HOSTS)
     if host and host != "0.0.0.0" and ":" not in host:  # not a wildcard or IPv6
         out.append(host)
     return list(dict.fromkeys(out + extra))
 
 
-def create_app(*, allowed_hosts: Iterable[str] | None = (),
-               max_body_bytes: int = MAX_BODY_BYTES,
-               max_concurrent: int = MAX_CONCURRENT,
-               time_limit_s: float = TIME_LIMIT_S,
-               db: str | os.PathLike | None = None) -> FastAPI:
+def create_app(
+    *,
+    allowed_hosts: Iterable[str] | None = (),
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_concurrent: int = MAX_CONCURRENT,
+    time_limit_s: float = TIME_LIMIT_S,
+    db: str | os.PathLike | None = None,
+) -> FastAPI:
     """Build the dosing web app (enables JAX float64, which the PK estimation needs).
 
     Parameters
@@ -314,8 +341,12 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
     slots = threading.BoundedSemaphore(max_concurrent)
     cap_kb = f"{max_body_bytes / 1024:g} KB"
 
-    app = FastAPI(title="phems_clinical dosing tool", docs_url=None,
-                  redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="phems_clinical dosing tool",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     # added first, so it runs inside _headers: refusals carry the headers too
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     reports = _ReportStore(REPORTS_KEPT)
@@ -347,9 +378,17 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
         return products
 
     def too_large() -> JSONResponse:
-        return _errors([("", f"the request body is larger than the {cap_kb} "
-                             f"({max_body_bytes} bytes) a dosing request may be; "
-                             "is a text field such as patient_id too long?")], 413)
+        return _errors(
+            [
+                (
+                    "",
+                    f"the request body is larger than the {cap_kb} "
+                    f"({max_body_bytes} bytes) a dosing request may be; "
+                    "is a text field such as patient_id too long?",
+                )
+            ],
+            413,
+        )
 
     async def read_body(request: Request) -> bytes | None:
         """The body, or None once it passes the cap (read no further)."""
@@ -373,21 +412,38 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
         )
 
         if method not in METHODS:
-            return _errors([("method", f"expected 'map' or 'nuts', got "
-                                       f"{method!r:.40}")])
+            return _errors(
+                [("method", f"expected 'map' or 'nuts', got {method!r:.40}")]
+            )
         media = request.headers.get("content-type", "").split(";")[0].strip()
         if media.lower() != "application/json":
-            return _errors([("Content-Type", (
-                f"expected application/json, got {media!r:.60}: send the dosing "
-                "request as JSON"))], 415)
+            return _errors(
+                [
+                    (
+                        "Content-Type",
+                        (
+                            f"expected application/json, got {media!r:.60}: send the dosing "
+                            "request as JSON"
+                        ),
+                    )
+                ],
+                415,
+            )
         body = await read_body(request)
         if body is None:
             return too_large()
         try:
             obj = load_json(body)
             if isinstance(obj, dict) and "model" in obj:
-                return _errors([("model", "model files cannot be used from the web "
-                                          "page; choose a library product")])
+                return _errors(
+                    [
+                        (
+                            "model",
+                            "model files cannot be used from the web "
+                            "page; choose a library product",
+                        )
+                    ]
+                )
             req = parse_request(obj)  # input errors are answered even when busy
         except RequestError as err:
             return _errors([(e.field, e.message) for e in err.errors])
@@ -397,8 +453,9 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
 
         def work():
             try:
-                return dose.run_dose(req, method=method,
-                                     **previous_kw(dose.run_dose, previous))
+                return dose.run_dose(
+                    req, method=method, **previous_kw(dose.run_dose, previous)
+                )
             finally:
                 slots.release()
 
@@ -409,11 +466,23 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
             with anyio.fail_after(time_limit_s):
                 out = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
         except TimeoutError:
-            return _errors([("method" if method == "nuts" else "", (
-                f"the calculation took longer than the server's limit of "
-                f"{time_limit_s:g} s and was abandoned"
-                + ("; try method map" if method == "nuts" else
-                   "; try again later")))], 503)
+            return _errors(
+                [
+                    (
+                        "method" if method == "nuts" else "",
+                        (
+                            f"the calculation took longer than the server's limit of "
+                            f"{time_limit_s:g} s and was abandoned"
+                            + (
+                                "; try method map"
+                                if method == "nuts"
+                                else "; try again later"
+                            )
+                        ),
+                    )
+                ],
+                503,
+            )
         except RequestError as err:
             return _errors([(e.field, e.message) for e in err.errors])
         except Exception:
@@ -421,27 +490,51 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
             logger.exception("dose calculation failed (reference %s)", ref)
             return PlainTextResponse(
                 f"The calculation failed because of an internal error (reference "
-                f"{ref}); the details are in the server log.", status_code=500)
-        return JSONResponse({
-            "result": out.result,  # JSON-safe by construction (run_dose)
-            "curve_png_base64": base64.b64encode(out.curve_png).decode("ascii"),
-            "report_id": reports.add(out.report_html, {
-                "request": obj, "result": out.result, "when": when}),
-            "history_enabled": store is not None,
-            "assessed_at": when,
-            "previous": _previous_json(previous),
-        })
+                f"{ref}); the details are in the server log.",
+                status_code=500,
+            )
+        return JSONResponse(
+            {
+                "result": out.result,  # JSON-safe by construction (run_dose)
+                "curve_png_base64": base64.b64encode(out.curve_png).decode("ascii"),
+                "report_id": reports.add(
+                    out.report_html,
+                    {"request": obj, "result": out.result, "when": when},
+                ),
+                "history_enabled": store is not None,
+                "assessed_at": when,
+                "previous": _previous_json(previous),
+            }
+        )
 
     def busy() -> JSONResponse:
-        return _errors([("", (
-            f"the server is busy with {max_concurrent} other calculation(s); "
-            f"try again in {RETRY_AFTER_S} s"))], 503,
-            {"Retry-After": str(RETRY_AFTER_S)})
+        return _errors(
+            [
+                (
+                    "",
+                    (
+                        f"the server is busy with {max_concurrent} other calculation(s); "
+                        f"try again in {RETRY_AFTER_S} s"
+                    ),
+                )
+            ],
+            503,
+            {"Retry-After": str(RETRY_AFTER_S)},
+        )
 
     def no_history() -> JSONResponse:
-        return _errors([("", (
-            "this server keeps no patient history: start it with "
-            "'phems serve --db FILE' (the clinic's history file)"))], 409)
+        return _errors(
+            [
+                (
+                    "",
+                    (
+                        "this server keeps no patient history: start it with "
+                        "'phems serve --db FILE' (the clinic's history file)"
+                    ),
+                )
+            ],
+            409,
+        )
 
     @app.get("/api/patients")
     def api_patients() -> Response:
@@ -449,8 +542,9 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
 
         if store is None:
             return JSONResponse({"enabled": False, "patients": []})
-        return JSONResponse({"enabled": True, "patients": [
-            p._asdict() for p in list_patients(store)]})
+        return JSONResponse(
+            {"enabled": True, "patients": [p._asdict() for p in list_patients(store)]}
+        )
 
     @app.get("/api/patients/{patient_id}")
     def api_patient(patient_id: str) -> Response:
@@ -464,13 +558,20 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
             rows = history.history(store, patient_id)
         except RequestError as err:
             return _errors([(e.field, e.message) for e in err.errors], 404)
-        return JSONResponse({
-            "patient_id": patient_id,
-            "table": {"columns": table["columns"], "rows": table["rows"]},
-            "assessments": [{"assessment_id": r.assessment_id,
-                             "assessed_at": r.assessed_at,
-                             "product_display": r.product_display}
-                            for r in rows]})
+        return JSONResponse(
+            {
+                "patient_id": patient_id,
+                "table": {"columns": table["columns"], "rows": table["rows"]},
+                "assessments": [
+                    {
+                        "assessment_id": r.assessment_id,
+                        "assessed_at": r.assessed_at,
+                        "product_display": r.product_display,
+                    }
+                    for r in rows
+                ],
+            }
+        )
 
     @app.post("/api/assessments")
     async def api_save(request: Request) -> Response:
@@ -481,8 +582,10 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
             return no_history()
         media = request.headers.get("content-type", "").split(";")[0].strip()
         if media.lower() != "application/json":
-            return _errors([("Content-Type", (
-                f"expected application/json, got {media!r:.60}"))], 415)
+            return _errors(
+                [("Content-Type", (f"expected application/json, got {media!r:.60}"))],
+                415,
+            )
         body = await read_body(request)
         if body is None:
             return too_large()
@@ -492,29 +595,47 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
             return _errors([(e.field, e.message) for e in err.errors])
         report_id = obj.get("report_id") if isinstance(obj, dict) else None
         if not isinstance(report_id, str) or not report_id:
-            return _errors([("report_id", "expected the report_id of a "
-                                          "calculation (text)")])
+            return _errors(
+                [("report_id", "expected the report_id of a calculation (text)")]
+            )
         payload = reports.payload(report_id)
         if payload is None:
-            return _errors([("report_id", (
-                f"no such calculation: only the last {REPORTS_KEPT} are kept, "
-                "until the server stops; calculate again, then save"))], 404)
+            return _errors(
+                [
+                    (
+                        "report_id",
+                        (
+                            f"no such calculation: only the last {REPORTS_KEPT} are kept, "
+                            "until the server stops; calculate again, then save"
+                        ),
+                    )
+                ],
+                404,
+            )
 
         def save():
             with save_lock:
                 if "assessment_id" not in payload:
                     payload["assessment_id"] = save_assessment(
-                        store, payload["request"], payload["result"],
-                        when=payload["when"])
+                        store,
+                        payload["request"],
+                        payload["result"],
+                        when=payload["when"],
+                    )
                 return payload["assessment_id"]
 
         try:
             aid = await anyio.to_thread.run_sync(save)
         except RequestError as err:
             return _errors([(e.field, e.message) for e in err.errors])
-        return JSONResponse(status_code=201, content={
-            "assessment_id": aid, "patient_id": payload["result"]["patient_id"],
-            "assessed_at": payload["when"]})
+        return JSONResponse(
+            status_code=201,
+            content={
+                "assessment_id": aid,
+                "patient_id": payload["result"]["patient_id"],
+                "assessed_at": payload["when"],
+            },
+        )
 
     @app.get("/api/assessments/{assessment_id}")
     async def api_assessment(assessment_id: str) -> Response:
@@ -525,34 +646,54 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
         if store is None:
             return no_history()
         if not assessment_id.isdigit() or len(assessment_id) > 18:
-            return _errors([("assessment_id", f"expected a whole number, got "
-                                              f"{assessment_id!r:.40}")])
+            return _errors(
+                [
+                    (
+                        "assessment_id",
+                        f"expected a whole number, got {assessment_id!r:.40}",
+                    )
+                ]
+            )
         try:
             s = history.assessment_summary(store, int(assessment_id))
             req, result = history.load_assessment(store, s.assessment_id)
         except RequestError as err:
             return _errors([(e.field, e.message) for e in err.errors], 404)
         previous = history.previous_assessment(
-            store, s.patient_id, before=s.assessed_at, exclude_id=s.assessment_id)
+            store, s.patient_id, before=s.assessed_at, exclude_id=s.assessment_id
+        )
         if not slots.acquire(blocking=False):
             return busy()
 
         def work():
             try:
                 return redraw_dose(
-                    result, previous_kw(redraw_dose, previous).get("previous"))
+                    result, previous_kw(redraw_dose, previous).get("previous")
+                )
             finally:
                 slots.release()
 
         out = await anyio.to_thread.run_sync(work)
-        return JSONResponse({
-            "assessment_id": s.assessment_id, "patient_id": s.patient_id,
-            "assessed_at": s.assessed_at, "request": req, "result": result,
-            "previous": _previous_json(previous),
-            "curve_png_base64": base64.b64encode(out.curve_png).decode("ascii"),
-            "report_id": reports.add(out.report_html, {
-                "request": req, "result": result, "when": s.assessed_at,
-                "assessment_id": s.assessment_id})})
+        return JSONResponse(
+            {
+                "assessment_id": s.assessment_id,
+                "patient_id": s.patient_id,
+                "assessed_at": s.assessed_at,
+                "request": req,
+                "result": result,
+                "previous": _previous_json(previous),
+                "curve_png_base64": base64.b64encode(out.curve_png).decode("ascii"),
+                "report_id": reports.add(
+                    out.report_html,
+                    {
+                        "request": req,
+                        "result": result,
+                        "when": s.assessed_at,
+                        "assessment_id": s.assessment_id,
+                    },
+                ),
+            }
+        )
 
     @app.get("/api/report/{report_id}")
     def api_report(report_id: str) -> Response:
@@ -561,18 +702,27 @@ def create_app(*, allowed_hosts: Iterable[str] | None = (),
             return PlainTextResponse(
                 f"No such report. Only the last {REPORTS_KEPT} reports are kept, "
                 f"in memory, until the server stops: calculate again.",
-                status_code=404)
+                status_code=404,
+            )
         return Response(
-            html, media_type="text/html; charset=utf-8",
-            headers={"Content-Disposition": 'attachment; filename="report.html"',
-                     "Content-Security-Policy": _REPORT_CSP})
+            html,
+            media_type="text/html; charset=utf-8",
+            headers={
+                "Content-Disposition": 'attachment; filename="report.html"',
+                "Content-Security-Policy": _REPORT_CSP,
+            },
+        )
 
     return app
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, *,
-          allowed_hosts: Iterable[str] | None = (),
-          db: str | os.PathLike | None = None) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    allowed_hosts: Iterable[str] | None = (),
+    db: str | os.PathLike | None = None,
+) -> None:
     """Run the dosing web app with uvicorn until interrupted (Ctrl+C).
 
     Parameters
@@ -597,7 +747,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, *,
             "serving the dosing tool on %s, beyond this machine: it has no "
             "authentication, so run it only behind the hospital's access control. "
             "It answers requests for the hosts %s (add names with "
-            "--allowed-host).", host, ", ".join(hosts))
-    app = create_app(allowed_hosts=[h for h in hosts if h not in LOCAL_HOSTS],
-                     db=db)
+            "--allowed-host).",
+            host,
+            ", ".join(hosts),
+        )
+    app = create_app(allowed_hosts=[h for h in hosts if h not in LOCAL_HOSTS], db=db)
     uvicorn.run(app, host=host, port=port, ws="none", lifespan="off")

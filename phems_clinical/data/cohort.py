@@ -57,8 +57,9 @@ class Cohort(NamedTuple):
         return 1 if self.obs_time.ndim == 1 else int(self.obs_time.shape[0])
 
 
-def stack_subjects(subjects: list[dict], *, n_dose: int | None = None,
-                   n_obs: int | None = None) -> Cohort:
+def stack_subjects(
+    subjects: list[dict], *, n_dose: int | None = None, n_obs: int | None = None
+) -> Cohort:
     """Pad and stack per-subject event dictionaries into a batched :class:`Cohort`.
 
     Parameters
@@ -81,14 +82,18 @@ def stack_subjects(subjects: list[dict], *, n_dose: int | None = None,
     def col(name, n, fill, dtype):
         return jnp.asarray(np.stack([pad(s[name], n, fill, dtype) for s in subjects]))
 
-    last_obs = [float(np.max(s["obs_time"])) if len(s["obs_time"]) else 0.0
-                for s in subjects]
-    obs_time = np.stack([
-        pad(s["obs_time"], n_obs, t, np.float64)
-        for s, t in zip(subjects, last_obs, strict=True)
-    ])
-    mask = np.stack([pad(np.ones(len(s["obs_time"]), bool), n_obs, False, bool)
-                     for s in subjects])
+    last_obs = [
+        float(np.max(s["obs_time"])) if len(s["obs_time"]) else 0.0 for s in subjects
+    ]
+    obs_time = np.stack(
+        [
+            pad(s["obs_time"], n_obs, t, np.float64)
+            for s, t in zip(subjects, last_obs, strict=True)
+        ]
+    )
+    mask = np.stack(
+        [pad(np.ones(len(s["obs_time"]), bool), n_obs, False, bool) for s in subjects]
+    )
     return Cohort(
         dose_time=col("dose_time", n_dose, 0.0, np.float64),
         dose_amt=col("dose_amt", n_dose, 0.0, np.float64),
@@ -100,6 +105,7 @@ def stack_subjects(subjects: list[dict], *, n_dose: int | None = None,
         obs_blq=col("obs_blq", n_obs, False, bool),
         obs_lloq=col("obs_lloq", n_obs, 0.0, np.float64),
         obs_occ=col("obs_occ", n_obs, 0, np.int32),
-        covariates=jnp.asarray(np.stack([np.asarray(s["covariates"], np.float64)
-                                         for s in subjects])),
+        covariates=jnp.asarray(
+            np.stack([np.asarray(s["covariates"], np.float64) for s in subjects])
+        ),
     )

@@ -43,7 +43,10 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
-    "GROWTH_REFERENCE", "fat_free_mass", "growth_medians", "lean_body_weight",
+    "GROWTH_REFERENCE",
+    "fat_free_mass",
+    "growth_medians",
+    "lean_body_weight",
     "simulate_demographics",
 ]
 
@@ -53,24 +56,66 @@ __all__ = [
 # "roughly correct" is the aim, within about 2%); adults: height from [NCD] for
 # European adults, weight from a BMI of about 24-26 kg/m2 (median adult BMI ~25).
 # Columns: age (y), median height (cm), median weight (kg).
-_BOYS = np.array([
-    [0.0, 49.9, 3.3], [0.5, 67.6, 7.9], [1.0, 75.7, 9.6], [2.0, 86.8, 12.5],
-    [3.0, 95.5, 14.3], [4.0, 102.5, 16.3], [5.0, 109.2, 18.4], [6.0, 115.6, 20.7],
-    [7.0, 121.9, 22.9], [8.0, 128.0, 25.6], [9.0, 133.6, 28.6], [10.0, 138.8, 31.9],
-    [11.0, 143.6, 35.6], [12.0, 149.1, 40.0], [13.0, 156.0, 45.3], [14.0, 163.0, 50.8],
-    [15.0, 169.0, 56.0], [16.0, 173.2, 60.8], [17.0, 175.3, 64.5], [18.0, 176.1, 67.2],
-    [19.0, 176.6, 69.1], [20.0, 176.8, 70.6], [25.0, 178.0, 75.0], [30.0, 178.0, 78.0],
-    [45.0, 178.0, 81.0], [65.0, 178.0, 81.0],
-])
-_GIRLS = np.array([
-    [0.0, 49.1, 3.2], [0.5, 65.7, 7.3], [1.0, 74.0, 8.9], [2.0, 85.5, 12.0],
-    [3.0, 94.5, 14.0], [4.0, 101.6, 16.0], [5.0, 108.4, 18.0], [6.0, 115.0, 20.3],
-    [7.0, 121.0, 22.6], [8.0, 127.0, 25.6], [9.0, 132.8, 28.7], [10.0, 138.6, 32.3],
-    [11.0, 144.8, 36.9], [12.0, 151.0, 41.5], [13.0, 156.4, 45.8], [14.0, 159.6, 49.4],
-    [15.0, 161.7, 52.1], [16.0, 162.5, 53.5], [17.0, 162.9, 54.6], [18.0, 163.1, 56.0],
-    [19.0, 163.2, 57.0], [20.0, 163.3, 57.7], [25.0, 164.0, 61.0], [30.0, 164.0, 63.0],
-    [45.0, 164.0, 66.0], [65.0, 164.0, 67.0],
-])
+_BOYS = np.array(
+    [
+        [0.0, 49.9, 3.3],
+        [0.5, 67.6, 7.9],
+        [1.0, 75.7, 9.6],
+        [2.0, 86.8, 12.5],
+        [3.0, 95.5, 14.3],
+        [4.0, 102.5, 16.3],
+        [5.0, 109.2, 18.4],
+        [6.0, 115.6, 20.7],
+        [7.0, 121.9, 22.9],
+        [8.0, 128.0, 25.6],
+        [9.0, 133.6, 28.6],
+        [10.0, 138.8, 31.9],
+        [11.0, 143.6, 35.6],
+        [12.0, 149.1, 40.0],
+        [13.0, 156.0, 45.3],
+        [14.0, 163.0, 50.8],
+        [15.0, 169.0, 56.0],
+        [16.0, 173.2, 60.8],
+        [17.0, 175.3, 64.5],
+        [18.0, 176.1, 67.2],
+        [19.0, 176.6, 69.1],
+        [20.0, 176.8, 70.6],
+        [25.0, 178.0, 75.0],
+        [30.0, 178.0, 78.0],
+        [45.0, 178.0, 81.0],
+        [65.0, 178.0, 81.0],
+    ]
+)
+_GIRLS = np.array(
+    [
+        [0.0, 49.1, 3.2],
+        [0.5, 65.7, 7.3],
+        [1.0, 74.0, 8.9],
+        [2.0, 85.5, 12.0],
+        [3.0, 94.5, 14.0],
+        [4.0, 101.6, 16.0],
+        [5.0, 108.4, 18.0],
+        [6.0, 115.0, 20.3],
+        [7.0, 121.0, 22.6],
+        [8.0, 127.0, 25.6],
+        [9.0, 132.8, 28.7],
+        [10.0, 138.6, 32.3],
+        [11.0, 144.8, 36.9],
+        [12.0, 151.0, 41.5],
+        [13.0, 156.4, 45.8],
+        [14.0, 159.6, 49.4],
+        [15.0, 161.7, 52.1],
+        [16.0, 162.5, 53.5],
+        [17.0, 162.9, 54.6],
+        [18.0, 163.1, 56.0],
+        [19.0, 163.2, 57.0],
+        [20.0, 163.3, 57.7],
+        [25.0, 164.0, 61.0],
+        [30.0, 164.0, 63.0],
+        [45.0, 164.0, 66.0],
+        [65.0, 164.0, 67.0],
+    ]
+)
 
 #: Median growth curves, ``{"male" | "female": (n, 3) array of age y, HT cm, WT kg}``.
 GROWTH_REFERENCE = {"male": _BOYS, "female": _GIRLS}
@@ -80,33 +125,59 @@ GROWTH_REFERENCE = {"male": _BOYS, "female": _GIRLS}
 # [NCD]), a little wider in puberty, when timing varies. Weight: log-normal, with a
 # log-SD that widens from ~0.11 in toddlers to ~0.19 around puberty (the CDC weight
 # percentiles are right-skewed), ~0.17 in adults.
-_SPREAD = np.array([  # age, CV of height, log-SD of weight
-    [0.0, 0.040, 0.11], [2.0, 0.040, 0.11], [5.0, 0.042, 0.13], [8.0, 0.043, 0.16],
-    [10.0, 0.044, 0.19], [13.0, 0.047, 0.20], [15.0, 0.045, 0.18], [18.0, 0.040, 0.17],
-    [65.0, 0.040, 0.17],
-])
-_RHO_HT_WT = 0.5   # correlation of the height and weight z-scores (heavier if taller)
-_Z_MAX = 3.0       # z-scores beyond +-3 are redrawn (keeps values physiological)
+_SPREAD = np.array(
+    [  # age, CV of height, log-SD of weight
+        [0.0, 0.040, 0.11],
+        [2.0, 0.040, 0.11],
+        [5.0, 0.042, 0.13],
+        [8.0, 0.043, 0.16],
+        [10.0, 0.044, 0.19],
+        [13.0, 0.047, 0.20],
+        [15.0, 0.045, 0.18],
+        [18.0, 0.040, 0.17],
+        [65.0, 0.040, 0.17],
+    ]
+)
+_RHO_HT_WT = 0.5  # correlation of the height and weight z-scores (heavier if taller)
+_Z_MAX = 3.0  # z-scores beyond +-3 are redrawn (keeps values physiological)
 
 # Blood group O about 45% in Europeans; VWF:Ag log-normal by ABO [Gill] (means 74.8
 # U/dL for O, 105.9 A, 116.9 B, 123.3 AB; non-O pooled here as ~105), rising with age
 # (about +0.6%/y, i.e. +20% from 30 to 65 y), log-SD 0.3 (CV ~30%).
 _P_GROUP_O = 0.45
-_VWF_MEDIAN = {"O": 75.0, "nonO": 105.0}   # IU/dL at _VWF_REF_AGE
+_VWF_MEDIAN = {"O": 75.0, "nonO": 105.0}  # IU/dL at _VWF_REF_AGE
 _VWF_REF_AGE, _VWF_AGE_SLOPE, _VWF_LOG_SD = 30.0, 0.006, 0.30
 _VWF_RANGE = (10.0, 400.0)
 
 # Haematocrit (%), mean by age: ~35-37% in young children, rising through puberty to
 # ~44% in men and ~40% in women (approximate paediatric reference intervals, e.g.
 # Nathan and Oski's Hematology of Infancy and Childhood, reference-value appendix).
-_HCT_BOYS = np.array([[0.5, 35.0], [2.0, 36.0], [6.0, 37.5], [12.0, 40.0],
-                      [15.0, 42.0], [18.0, 44.0], [65.0, 44.0]])
-_HCT_GIRLS = np.array([[0.5, 35.0], [2.0, 36.0], [6.0, 37.5], [12.0, 39.0],
-                       [15.0, 39.5], [18.0, 40.0], [65.0, 40.0]])
+_HCT_BOYS = np.array(
+    [
+        [0.5, 35.0],
+        [2.0, 36.0],
+        [6.0, 37.5],
+        [12.0, 40.0],
+        [15.0, 42.0],
+        [18.0, 44.0],
+        [65.0, 44.0],
+    ]
+)
+_HCT_GIRLS = np.array(
+    [
+        [0.5, 35.0],
+        [2.0, 36.0],
+        [6.0, 37.5],
+        [12.0, 39.0],
+        [15.0, 39.5],
+        [18.0, 40.0],
+        [65.0, 40.0],
+    ]
+)
 _HCT_SD = {"child": 2.5, "adult": 3.0}
 _HCT_RANGE = (25.0, 55.0)
 
-_P_OSA = 0.7   # one-stage clotting assay is still the most common in routine labs
+_P_OSA = 0.7  # one-stage clotting assay is still the most common in routine labs
 
 
 def growth_medians(age_y, sex) -> tuple[np.ndarray, np.ndarray]:
@@ -136,6 +207,7 @@ def growth_medians(age_y, sex) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------ size formulas
+
 
 def _xp(*xs):
     """jax.numpy when any input is a JAX array (so the formula traces), else numpy."""
@@ -292,12 +364,15 @@ def simulate_demographics(
 
     if isinstance(age_distribution, str):
         if age_distribution != "uniform":
-            raise ValueError(f"age_distribution must be 'uniform' or an array of ages,"
-                             f" not {age_distribution!r}")
+            raise ValueError(
+                f"age_distribution must be 'uniform' or an array of ages,"
+                f" not {age_distribution!r}"
+            )
         lo, hi = map(float, age_range)
         if not 0.0 <= lo <= hi <= 110.0:
-            raise ValueError(f"age_range must satisfy 0 <= low <= high <= 110, not "
-                             f"{age_range}")
+            raise ValueError(
+                f"age_range must satisfy 0 <= low <= high <= 110, not {age_range}"
+            )
         age = rng.uniform(lo, hi, size=n)
     else:
         pool = np.asarray(age_distribution, dtype=float).ravel()
@@ -320,8 +395,11 @@ def simulate_demographics(
     vwf_med = vwf_med * np.exp(_VWF_AGE_SLOPE * (age - _VWF_REF_AGE))
     vwf = np.clip(vwf_med * np.exp(_VWF_LOG_SD * rng.standard_normal(n)), *_VWF_RANGE)
 
-    hct_mean = np.where(sex == 1, np.interp(age, _HCT_GIRLS[:, 0], _HCT_GIRLS[:, 1]),
-                        np.interp(age, _HCT_BOYS[:, 0], _HCT_BOYS[:, 1]))
+    hct_mean = np.where(
+        sex == 1,
+        np.interp(age, _HCT_GIRLS[:, 0], _HCT_GIRLS[:, 1]),
+        np.interp(age, _HCT_BOYS[:, 0], _HCT_BOYS[:, 1]),
+    )
     hct_sd = np.where(age >= 18.0, _HCT_SD["adult"], _HCT_SD["child"])
     hct = np.clip(hct_mean + hct_sd * rng.standard_normal(n), *_HCT_RANGE)
 
@@ -329,10 +407,18 @@ def simulate_demographics(
 
     import pandas as pd  # here: the dosing tool needs this module, not pandas
 
-    return pd.DataFrame({
-        "AGE": age, "SEX": sex, "WT": wt, "HT": ht, "BMI": bmi,
-        "LBW": np.asarray(lean_body_weight(wt, ht, sex)),
-        "FFM": np.asarray(fat_free_mass(wt, ht, sex, age)),
-        "BGO": bgo, "VWF": vwf, "HCT": hct,
-        "ASSAY": pd.Series(assay, dtype=object),
-    })
+    return pd.DataFrame(
+        {
+            "AGE": age,
+            "SEX": sex,
+            "WT": wt,
+            "HT": ht,
+            "BMI": bmi,
+            "LBW": np.asarray(lean_body_weight(wt, ht, sex)),
+            "FFM": np.asarray(fat_free_mass(wt, ht, sex, age)),
+            "BGO": bgo,
+            "VWF": vwf,
+            "HCT": hct,
+            "ASSAY": pd.Series(assay, dtype=object),
+        }
+    )

@@ -47,9 +47,18 @@ from phems_clinical.data.schema_messages import (
 from phems_clinical.resources import schemas_dir
 
 __all__ = [
-    "LB_KG", "DosingOptions", "DosingRequest", "EvaluateRegimen", "FieldError",
-    "Infusion", "Level", "RequestError", "load_json", "load_request_schema",
-    "parse_datetime", "parse_request",
+    "LB_KG",
+    "DosingOptions",
+    "DosingRequest",
+    "EvaluateRegimen",
+    "FieldError",
+    "Infusion",
+    "Level",
+    "RequestError",
+    "load_json",
+    "load_request_schema",
+    "parse_datetime",
+    "parse_request",
 ]
 
 #: kg per pound, exact (international yard and pound agreement, 1959).
@@ -64,22 +73,31 @@ _MAX_DEPTH = 6
 _MAX_TEXT = 1024
 _MAX_KEY = 64
 _MAX_ITEMS = 1000
-_MAX_INT_DIGITS = 300   # longer integer literals read as inf (refused by name)
-_MAX_ERRORS = 50        # listed per RequestError; the rest are counted
-_NUMERIC_COVARIATES = {"height_cm": "HT", "lean_body_weight_kg": "LBW",
-                       "fat_free_mass_kg": "FFM", "vwf_IU_dL": "VWF",
-                       "hematocrit_pct": "HCT"}
+_MAX_INT_DIGITS = 300  # longer integer literals read as inf (refused by name)
+_MAX_ERRORS = 50  # listed per RequestError; the rest are counted
+_NUMERIC_COVARIATES = {
+    "height_cm": "HT",
+    "lean_body_weight_kg": "LBW",
+    "fat_free_mass_kg": "FFM",
+    "vwf_IU_dL": "VWF",
+    "hematocrit_pct": "HCT",
+}
 _CODED_COVARIATES = {
     "blood_group": ("BGO", {"O": 1, "A": 0, "B": 0, "AB": 0}),
     "assay": ("ASSAY", {"one-stage": 1, "OSA": 1, "chromogenic": 0, "CSA": 0}),
     "sex": ("SEX", {"male": 0, "female": 1}),
 }
-_ASSAY = {"one-stage": "one-stage", "OSA": "one-stage", "chromogenic": "chromogenic",
-          "CSA": "chromogenic"}
+_ASSAY = {
+    "one-stage": "one-stage",
+    "OSA": "one-stage",
+    "chromogenic": "chromogenic",
+    "CSA": "chromogenic",
+}
 # day-first date-times as European clinics write them: 01/03/2024 08:30
-_DAY_FIRST = re.compile(r"(\d{1,2})([/.-])(\d{1,2})\2(\d{4})[ T](\d{1,2}):(\d{2})"
-                        r"(?::(\d{2}))?")
-
+_DAY_FIRST = re.compile(
+    r"(\d{1,2})([/.-])(\d{1,2})\2(\d{4})[ T](\d{1,2}):(\d{2})"
+    r"(?::(\d{2}))?"
+)
 
 
 class RequestError(ValueError):
@@ -89,8 +107,11 @@ class RequestError(ValueError):
         errors = list(errors)
         if len(errors) > _MAX_ERRORS:
             more = len(errors) - _MAX_ERRORS
-            errors = errors[:_MAX_ERRORS] + [FieldError(
-                "", f"and {more} more problem(s) not listed; correct these first")]
+            errors = errors[:_MAX_ERRORS] + [
+                FieldError(
+                    "", f"and {more} more problem(s) not listed; correct these first"
+                )
+            ]
         self.errors = errors
         super().__init__("; ".join(f"{e.field}: {e.message}" for e in self.errors))
 
@@ -199,6 +220,7 @@ def _validator() -> jsonschema.Draft202012Validator:
 
 # ------------------------------------------------------------------ messages
 
+
 def _title(schema: dict, fallback: str) -> str:
     ref = schema.get("$ref", "")
     if ref.startswith("#/$defs/"):
@@ -210,23 +232,29 @@ def _translate(err: jsonschema.ValidationError) -> list[FieldError]:
     """:func:`translate`, plus the length limits (whose jsonschema messages would
     repeat the whole over-long value)."""
     if err.validator == "oneOf" and not isinstance(err.instance, dict):
-        return []   # "one of these fields" means nothing here: the type error says it
+        return []  # "one of these fields" means nothing here: the type error says it
     if err.validator == "oneOf" and "properties" not in err.schema:
         # a top-level "exactly one of" inside allOf (product/model, weight_kg/lb)
         names = [alt["required"][0] for alt in err.validator_value]
         props = load_request_schema()["properties"]
         if any(n in err.instance for n in names):
-            return [FieldError(names[-1], f"give either {' or '.join(names)}, "
-                                          "not both")]
+            return [
+                FieldError(names[-1], f"give either {' or '.join(names)}, not both")
+            ]
         which = " or ".join(f"{n} ({props[n]['title']})" for n in names)
         return [FieldError(names[0], f"required field missing: {which}")]
     if err.validator in ("maxLength", "maxItems"):
         what = "characters" if err.validator == "maxLength" else "entries"
-        title = _title(err.schema, str(err.absolute_path[-1]) if err.absolute_path
-                       else "input")
-        return [FieldError(field_path(err.absolute_path),
-                           f"expected at most {err.validator_value} {what} ({title}), "
-                           f"got {len(err.instance)}")]
+        title = _title(
+            err.schema, str(err.absolute_path[-1]) if err.absolute_path else "input"
+        )
+        return [
+            FieldError(
+                field_path(err.absolute_path),
+                f"expected at most {err.validator_value} {what} ({title}), "
+                f"got {len(err.instance)}",
+            )
+        ]
     return translate(err, _title)
 
 
@@ -237,22 +265,34 @@ def _implausible(x: float, unit: str) -> str | None:
     if finding is None or finding.level != "error":
         return None
     if unit == "IU/mL":
-        return (f"{_num(x)} IU/mL = {_num(x * 100.0)} IU/dL is implausible for a "
-                f"factor level; was the unit IU/dL? ({finding.message})")
-    return (f"{_num(x)} {unit} is implausible for a factor level; was the unit "
-            f"IU/mL? ({finding.message})")
+        return (
+            f"{_num(x)} IU/mL = {_num(x * 100.0)} IU/dL is implausible for a "
+            f"factor level; was the unit IU/dL? ({finding.message})"
+        )
+    return (
+        f"{_num(x)} {unit} is implausible for a factor level; was the unit "
+        f"IU/mL? ({finding.message})"
+    )
 
 
-def _flag(name: str, value: float, field: str, errors: list[FieldError],
-          warnings: list[FieldError], prefix: str = "") -> None:
+def _flag(
+    name: str,
+    value: float,
+    field: str,
+    errors: list[FieldError],
+    warnings: list[FieldError],
+    prefix: str = "",
+) -> None:
     """Apply plausibility limit ``name``: an error or a warning naming ``field``."""
     finding = plausibility.check(name, value)
     if finding is not None:
         (errors if finding.level == "error" else warnings).append(
-            FieldError(field, prefix + finding.message))
+            FieldError(field, prefix + finding.message)
+        )
 
 
 # ------------------------------------------------------------------ JSON shape
+
 
 class _Object(dict):
     """A JSON object as read, remembering keys given more than once."""
@@ -264,8 +304,9 @@ def _object(pairs: list[tuple[str, object]]) -> _Object:
     obj = _Object(pairs)
     if len(obj) < len(pairs):
         seen: set[str] = set()
-        obj.duplicates = tuple(dict.fromkeys(
-            k for k, _ in pairs if k in seen or seen.add(k)))
+        obj.duplicates = tuple(
+            dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k))
+        )
     return obj
 
 
@@ -299,13 +340,27 @@ def load_json(source: str | bytes | bytearray) -> object:
         msg = f"{exc.msg} at line {exc.lineno}, column {exc.colno}"
         raise RequestError([FieldError("", f"not valid JSON: {msg}")]) from None
     except UnicodeDecodeError as exc:
-        raise RequestError([FieldError("", "not valid JSON: the text is not "
-                                       f"UTF-8 ({exc.reason} at byte {exc.start}); "
-                                       "save it as UTF-8")]) from None
+        raise RequestError(
+            [
+                FieldError(
+                    "",
+                    "not valid JSON: the text is not "
+                    f"UTF-8 ({exc.reason} at byte {exc.start}); "
+                    "save it as UTF-8",
+                )
+            ]
+        ) from None
     except RecursionError:
-        raise RequestError([FieldError("", "not a dosing request: the JSON is "
-                                       f"nested too deeply (a request is at most "
-                                       f"{_MAX_DEPTH} levels deep)")]) from None
+        raise RequestError(
+            [
+                FieldError(
+                    "",
+                    "not a dosing request: the JSON is "
+                    f"nested too deeply (a request is at most "
+                    f"{_MAX_DEPTH} levels deep)",
+                )
+            ]
+        ) from None
     except (ValueError, TypeError) as exc:  # e.g. a str/bytes type mix-up
         raise RequestError([FieldError("", f"not valid JSON: {exc}")]) from None
 
@@ -333,49 +388,96 @@ def _shape_errors(obj: object) -> list[FieldError]:
         path = field_path(where)
         if isinstance(value, str):
             if len(value) > _MAX_TEXT:
-                errors.append(FieldError(path, f"text of {len(value)} characters is "
-                                         f"too long (at most {_MAX_TEXT})"))
+                errors.append(
+                    FieldError(
+                        path,
+                        f"text of {len(value)} characters is "
+                        f"too long (at most {_MAX_TEXT})",
+                    )
+                )
             elif not _valid_text(value):
-                errors.append(FieldError(path, "text is not valid Unicode (it holds "
-                                         "a lone surrogate escape such as \\ud800)"))
+                errors.append(
+                    FieldError(
+                        path,
+                        "text is not valid Unicode (it holds "
+                        "a lone surrogate escape such as \\ud800)",
+                    )
+                )
             continue
         if value is None or isinstance(value, bool | int | float):
             continue
         if not isinstance(value, dict | list):
-            errors.append(FieldError(path, "expected a JSON value (object, list, "
-                                     f"text, number, true/false or null), got a "
-                                     f"{type(value).__name__}"))
+            errors.append(
+                FieldError(
+                    path,
+                    "expected a JSON value (object, list, "
+                    f"text, number, true/false or null), got a "
+                    f"{type(value).__name__}",
+                )
+            )
             continue
         if depth >= _MAX_DEPTH:
-            errors.append(FieldError(path, "nested too deeply: a dosing request is "
-                                     f"at most {_MAX_DEPTH} levels deep"))
+            errors.append(
+                FieldError(
+                    path,
+                    "nested too deeply: a dosing request is "
+                    f"at most {_MAX_DEPTH} levels deep",
+                )
+            )
             continue
         if isinstance(value, list):
             if len(value) > _MAX_ITEMS:
-                errors.append(FieldError(path, f"a list of {len(value)} entries is "
-                                         f"too long (at most {_MAX_ITEMS})"))
+                errors.append(
+                    FieldError(
+                        path,
+                        f"a list of {len(value)} entries is "
+                        f"too long (at most {_MAX_ITEMS})",
+                    )
+                )
                 continue
-            stack.extend((v, (*where, i), depth + 1)
-                         for i, v in reversed(list(enumerate(value))))
+            stack.extend(
+                (v, (*where, i), depth + 1) for i, v in reversed(list(enumerate(value)))
+            )
             continue
         for key in getattr(value, "duplicates", ()):
-            errors.append(FieldError(field_path((*where, key)), (
-                f"duplicate field {key!r}: given more than once in the same object "
-                "(JSON would keep only the last silently); give it once")))
+            errors.append(
+                FieldError(
+                    field_path((*where, key)),
+                    (
+                        f"duplicate field {key!r}: given more than once in the same object "
+                        "(JSON would keep only the last silently); give it once"
+                    ),
+                )
+            )
         children = []
         for key, v in value.items():
             if not isinstance(key, str):
-                errors.append(FieldError(path, "field names must be text, got "
-                                         f"{type(key).__name__} {key!r:.40}"))
+                errors.append(
+                    FieldError(
+                        path,
+                        "field names must be text, got "
+                        f"{type(key).__name__} {key!r:.40}",
+                    )
+                )
             elif len(key) > _MAX_KEY:
-                errors.append(FieldError(path, f"a field name of {len(key)} "
-                                         "characters is not a field of a dosing "
-                                         f"request (names are text of at most "
-                                         f"{_MAX_KEY} characters)"))
+                errors.append(
+                    FieldError(
+                        path,
+                        f"a field name of {len(key)} "
+                        "characters is not a field of a dosing "
+                        f"request (names are text of at most "
+                        f"{_MAX_KEY} characters)",
+                    )
+                )
             elif not _valid_text(key):
-                errors.append(FieldError(path, "a field name is not valid Unicode "
-                                         "(it holds a lone surrogate escape such "
-                                         "as \\ud800)"))
+                errors.append(
+                    FieldError(
+                        path,
+                        "a field name is not valid Unicode "
+                        "(it holds a lone surrogate escape such "
+                        "as \\ud800)",
+                    )
+                )
             else:
                 children.append((v, (*where, key), depth + 1))
         stack.extend(reversed(children))
@@ -384,20 +486,27 @@ def _shape_errors(obj: object) -> list[FieldError]:
 
 # ------------------------------------------------------------------ meaning
 
+
 def _style(entry: dict) -> str:
     return "time_h" if "time_h" in entry else "datetime"
 
 
 def _times(obj: dict, errors: list[FieldError]) -> tuple[dict, str | None] | None:
     """Hours since the origin of every infusion and level, keyed by (list, index)."""
-    entries = [(k, i, e) for k in ("infusions", "levels")
-               for i, e in enumerate(obj.get(k, []))]
+    entries = [
+        (k, i, e) for k in ("infusions", "levels") for i, e in enumerate(obj.get(k, []))
+    ]
     first = _style(entries[0][2])
     mixed = [(k, i, e) for k, i, e in entries if _style(e) != first]
     for k, i, e in mixed:
-        errors.append(FieldError(f"{k}[{i}].{_style(e)}", "this request mixes time_h "
-                                 f"and datetime (infusions[0] uses {first}); use "
-                                 "one style for all infusions and levels"))
+        errors.append(
+            FieldError(
+                f"{k}[{i}].{_style(e)}",
+                "this request mixes time_h "
+                f"and datetime (infusions[0] uses {first}); use "
+                "one style for all infusions and levels",
+            )
+        )
     if mixed:
         return None
     if first == "time_h":
@@ -408,18 +517,24 @@ def _times(obj: dict, errors: list[FieldError]) -> tuple[dict, str | None] | Non
         try:
             t = parse_datetime(e["datetime"])
         except ValueError as exc:
-            errors.append(FieldError(where, f"not a valid date-time: "
-                                     f"{e['datetime']!r} ({exc})"))
+            errors.append(
+                FieldError(where, f"not a valid date-time: {e['datetime']!r} ({exc})")
+            )
             continue
         aware = t.utcoffset() is not None
         if ref is None:
             ref = (where, aware)
         elif aware != ref[1]:
             has = "has a time zone" if aware else "has no time zone"
-            errors.append(FieldError(where, f"date-time {e['datetime']!r} {has} but "
-                                     f"{ref[0]} {'does not' if aware else 'does'}; "
-                                     "give all date-times with a time zone (e.g. "
-                                     "+01:00) or all without"))
+            errors.append(
+                FieldError(
+                    where,
+                    f"date-time {e['datetime']!r} {has} but "
+                    f"{ref[0]} {'does not' if aware else 'does'}; "
+                    "give all date-times with a time zone (e.g. "
+                    "+01:00) or all without",
+                )
+            )
         stamps[k, i] = t
     if len(errors) > n_errors:
         return None
@@ -428,9 +543,15 @@ def _times(obj: dict, errors: list[FieldError]) -> tuple[dict, str | None] | Non
     for (k, i), h in hours.items():
         finding = plausibility.check("time_h", h)
         if finding is not None and finding.level == "error" and h > 0:
-            errors.append(FieldError(f"{k}[{i}].datetime", (
-                f"{obj[k][i]['datetime']!r} is {_num(h)} h after the first infusion: "
-                f"{finding.message}")))
+            errors.append(
+                FieldError(
+                    f"{k}[{i}].datetime",
+                    (
+                        f"{obj[k][i]['datetime']!r} is {_num(h)} h after the first infusion: "
+                        f"{finding.message}"
+                    ),
+                )
+            )
     if len(errors) > n_errors:
         return None
     return hours, t0.isoformat()
@@ -457,15 +578,18 @@ def parse_datetime(text: str) -> dt.datetime:
         return dt.datetime.fromisoformat(text)
     day, _, month, year, hour, minute, sec = m.groups()
     try:
-        return dt.datetime(int(year), int(month), int(day), int(hour), int(minute),
-                           int(sec or 0))
+        return dt.datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(sec or 0)
+        )
     except ValueError as exc:
-        raise ValueError(f"{exc} (day-first DD/MM/YYYY: day {int(day)}, month "
-                         f"{int(month)})") from None
+        raise ValueError(
+            f"{exc} (day-first DD/MM/YYYY: day {int(day)}, month {int(month)})"
+        ) from None
 
 
-def _level(i: int, lv: dict, t: float, errors: list[FieldError],
-           warnings: list[FieldError]) -> Level:
+def _level(
+    i: int, lv: dict, t: float, errors: list[FieldError], warnings: list[FieldError]
+) -> Level:
     unit, f = lv["unit"], _TO_IU_DL[lv["unit"]]
     value, lloq, blq = lv.get("value"), lv.get("lloq"), lv.get("blq", False)
     n_errors = len(errors)
@@ -474,115 +598,216 @@ def _level(i: int, lv: dict, t: float, errors: list[FieldError],
             errors.append(FieldError(f"levels[{i}].{name}", msg))
     if len(errors) == n_errors:
         if lloq is not None:
-            _flag("lloq_IU_dL", lloq * f, f"levels[{i}].lloq", errors, warnings,
-                  f"{_num(lloq)} {unit}: " if unit == "IU/mL" else "")
+            _flag(
+                "lloq_IU_dL",
+                lloq * f,
+                f"levels[{i}].lloq",
+                errors,
+                warnings,
+                f"{_num(lloq)} {unit}: " if unit == "IU/mL" else "",
+            )
         if value is not None and not blq:
-            _flag("factor_level", value * f, f"levels[{i}].value", errors, warnings,
-                  f"{_num(value)} {unit}: " if unit == "IU/mL" else "")
+            _flag(
+                "factor_level",
+                value * f,
+                f"levels[{i}].value",
+                errors,
+                warnings,
+                f"{_num(value)} {unit}: " if unit == "IU/mL" else "",
+            )
     if blq and lloq is None and not value:
-        errors.append(FieldError(f"levels[{i}].lloq", "a level marked blq needs its "
-                                 f"lloq (lower limit of quantification, in {unit})"))
+        errors.append(
+            FieldError(
+                f"levels[{i}].lloq",
+                "a level marked blq needs its "
+                f"lloq (lower limit of quantification, in {unit})",
+            )
+        )
     elif blq and lloq is None:
         lloq = value
     elif blq and value is not None and value > lloq:
-        errors.append(FieldError(f"levels[{i}].value", f"marked blq but the value "
-                                 f"{_num(value)} {unit} is above its lloq "
-                                 f"{_num(lloq)} {unit}"))
+        errors.append(
+            FieldError(
+                f"levels[{i}].value",
+                f"marked blq but the value "
+                f"{_num(value)} {unit} is above its lloq "
+                f"{_num(lloq)} {unit}",
+            )
+        )
     elif not blq and value is None:
-        errors.append(FieldError(f"levels[{i}].value", "required field missing: "
-                                 "measured factor level in the given unit (or mark "
-                                 'the level "blq": true with its lloq)'))
+        errors.append(
+            FieldError(
+                f"levels[{i}].value",
+                "required field missing: "
+                "measured factor level in the given unit (or mark "
+                'the level "blq": true with its lloq)',
+            )
+        )
     elif not blq and value == 0:
         # A measured 0 is below any assay's limit of quantification; read as a
         # number it pulls the fit towards a very short half-life.
-        errors.append(FieldError(f"levels[{i}].value", (
-            f"a level of 0 {unit} is below the assay's limit of quantification: "
-            'mark it "blq": true with the assay\'s "lloq" (or give the measured '
-            "value)")))
+        errors.append(
+            FieldError(
+                f"levels[{i}].value",
+                (
+                    f"a level of 0 {unit} is below the assay's limit of quantification: "
+                    'mark it "blq": true with the assay\'s "lloq" (or give the measured '
+                    "value)"
+                ),
+            )
+        )
     elif not blq and lloq is not None and value < lloq:
-        errors.append(FieldError(f"levels[{i}].value", f"value {_num(value)} {unit} "
-                                 f"is below its LLOQ ({_num(lloq)} {unit}): mark it "
-                                 "blq"))
+        errors.append(
+            FieldError(
+                f"levels[{i}].value",
+                f"value {_num(value)} {unit} "
+                f"is below its LLOQ ({_num(lloq)} {unit}): mark it "
+                "blq",
+            )
+        )
     nan = math.nan
-    return Level(t, nan if value is None else value * f, bool(blq),
-                 nan if lloq is None else lloq * f, i, unit,
-                 _ASSAY.get(lv.get("assay")))
+    return Level(
+        t,
+        nan if value is None else value * f,
+        bool(blq),
+        nan if lloq is None else lloq * f,
+        i,
+        unit,
+        _ASSAY.get(lv.get("assay")),
+    )
 
 
 def _build(obj: dict, errors: list[FieldError]) -> DosingRequest:
     warnings: list[FieldError] = []
     timed = _times(obj, errors)
     times, origin = timed if timed is not None else ({}, None)
-    infusions = tuple(sorted(
-        (Infusion(times.get(("infusions", i), math.nan), float(e["dose_IU"]),
-                  float(e.get("duration_h", 0.0)), i)
-         for i, e in enumerate(obj["infusions"])), key=lambda x: (x.time_h, x.index)))
-    weight = (float(obj["weight_kg"]) if "weight_kg" in obj
-              else float(obj["weight_lb"]) * LB_KG)
+    infusions = tuple(
+        sorted(
+            (
+                Infusion(
+                    times.get(("infusions", i), math.nan),
+                    float(e["dose_IU"]),
+                    float(e.get("duration_h", 0.0)),
+                    i,
+                )
+                for i, e in enumerate(obj["infusions"])
+            ),
+            key=lambda x: (x.time_h, x.index),
+        )
+    )
+    weight = (
+        float(obj["weight_kg"])
+        if "weight_kg" in obj
+        else float(obj["weight_lb"]) * LB_KG
+    )
     for inf in sorted(infusions, key=lambda x: x.index):
-        _flag("dose_per_kg", inf.dose_IU / weight, f"infusions[{inf.index}].dose_IU",
-              errors, warnings,
-              f"{_num(inf.dose_IU)} IU for {_num(weight)} kg (weight_kg) is "
-              f"{inf.dose_IU / weight:.4g} IU/kg: ")
+        _flag(
+            "dose_per_kg",
+            inf.dose_IU / weight,
+            f"infusions[{inf.index}].dose_IU",
+            errors,
+            warnings,
+            f"{_num(inf.dose_IU)} IU for {_num(weight)} kg (weight_kg) is "
+            f"{inf.dose_IU / weight:.4g} IU/kg: ",
+        )
     first = infusions[0]
     levels = []
     for i, lv in enumerate(obj.get("levels", [])):
-        levels.append(_level(i, lv, times.get(("levels", i), math.nan), errors,
-                             warnings))
+        levels.append(
+            _level(i, lv, times.get(("levels", i), math.nan), errors, warnings)
+        )
         if timed is not None and levels[-1].time_h <= first.time_h:
             key = _style(lv)
-            when = (lv[key], obj["infusions"][first.index][key]) if origin else (
-                f"{_num(levels[-1].time_h)} h", f"{_num(first.time_h)} h")
-            errors.append(FieldError(f"levels[{i}].{key}", (
-                f"level at {when[0]} is not after the first infusion (at {when[1]}): "
-                "a pre-infusion (trough) level is what remains of earlier "
-                "infusions, so enter the earlier infusion(s) (time and dose) that "
-                "this level follows; only a true endogenous level (mild/moderate "
-                'haemophilia) belongs in "baseline"')))
+            when = (
+                (lv[key], obj["infusions"][first.index][key])
+                if origin
+                else (f"{_num(levels[-1].time_h)} h", f"{_num(first.time_h)} h")
+            )
+            errors.append(
+                FieldError(
+                    f"levels[{i}].{key}",
+                    (
+                        f"level at {when[0]} is not after the first infusion (at {when[1]}): "
+                        "a pre-infusion (trough) level is what remains of earlier "
+                        "infusions, so enter the earlier infusion(s) (time and dose) that "
+                        "this level follows; only a true endogenous level (mild/moderate "
+                        'haemophilia) belongs in "baseline"'
+                    ),
+                )
+            )
     base = obj.get("baseline")
     if base is not None and (msg := _implausible(base["value"], base["unit"])):
         errors.append(FieldError("baseline.value", msg))
     elif base is not None:
-        _flag("factor_level", base["value"] * _TO_IU_DL[base["unit"]],
-              "baseline.value", errors, warnings)
+        _flag(
+            "factor_level",
+            base["value"] * _TO_IU_DL[base["unit"]],
+            "baseline.value",
+            errors,
+            warnings,
+        )
     covariates = {"WT": weight, "AGE": float(obj["age_y"])}
-    covariates |= {name: float(obj[k]) for k, name in _NUMERIC_COVARIATES.items()
-                   if k in obj}
-    covariates |= {name: float(codes[obj[k]])
-                   for k, (name, codes) in _CODED_COVARIATES.items() if k in obj}
-    opts = {k: tuple(map(float, v)) if isinstance(v, list)
-            else int(v) if k in ("n_draws", "seed") else float(v)
-            for k, v in obj.get("options", {}).items()
-            if k not in ("schedules", "evaluate")}
+    covariates |= {
+        name: float(obj[k]) for k, name in _NUMERIC_COVARIATES.items() if k in obj
+    }
+    covariates |= {
+        name: float(codes[obj[k]])
+        for k, (name, codes) in _CODED_COVARIATES.items()
+        if k in obj
+    }
+    opts = {
+        k: tuple(map(float, v))
+        if isinstance(v, list)
+        else int(v)
+        if k in ("n_draws", "seed")
+        else float(v)
+        for k, v in obj.get("options", {}).items()
+        if k not in ("schedules", "evaluate")
+    }
     given = obj.get("options", {})
     if "schedules" in given:
         opts["schedules"] = tuple(str(x).strip() for x in given["schedules"])
     if "evaluate" in given:
-        opts["evaluate"] = tuple(EvaluateRegimen(
-            str(e["schedule"]).strip(),
-            None if e.get("dose_IU") is None else float(e["dose_IU"]),
-            None if e.get("dose_IU_kg") is None else float(e["dose_IU_kg"]), i)
-            for i, e in enumerate(given["evaluate"]))
+        opts["evaluate"] = tuple(
+            EvaluateRegimen(
+                str(e["schedule"]).strip(),
+                None if e.get("dose_IU") is None else float(e["dose_IU"]),
+                None if e.get("dose_IU_kg") is None else float(e["dose_IU_kg"]),
+                i,
+            )
+            for i, e in enumerate(given["evaluate"])
+        )
     for e in opts.get("evaluate", ()):
         if e.dose_IU is not None:
-            _flag("dose_per_kg", e.dose_IU / weight, f"options.evaluate[{e.index}]"
-                  ".dose_IU", errors, warnings,
-                  f"{_num(e.dose_IU)} IU for {_num(weight)} kg is "
-                  f"{e.dose_IU / weight:.4g} IU/kg: ")
+            _flag(
+                "dose_per_kg",
+                e.dose_IU / weight,
+                f"options.evaluate[{e.index}].dose_IU",
+                errors,
+                warnings,
+                f"{_num(e.dose_IU)} IU for {_num(weight)} kg is "
+                f"{e.dose_IU / weight:.4g} IU/kg: ",
+            )
     pid = obj.get("patient_id")
     return DosingRequest(
-        product=obj.get("product"), model_path=obj.get("model"),
+        product=obj.get("product"),
+        model_path=obj.get("model"),
         patient_id=None if pid is None else str(pid),
-        weight_kg=weight, age_y=float(obj["age_y"]),
-        covariates=covariates, infusions=infusions,
+        weight_kg=weight,
+        age_y=float(obj["age_y"]),
+        covariates=covariates,
+        infusions=infusions,
         levels=tuple(sorted(levels, key=lambda x: (x.time_h, x.index))),
-        baseline_IU_dL=(None if base is None
-                        else base["value"] * _TO_IU_DL[base["unit"]]),
-        time_origin=origin, options=DosingOptions(**opts),
+        baseline_IU_dL=(
+            None if base is None else base["value"] * _TO_IU_DL[base["unit"]]
+        ),
+        time_origin=origin,
+        options=DosingOptions(**opts),
         warnings=tuple(warnings),
         weight_unit="kg" if "weight_kg" in obj else "lb",
         assay=_ASSAY.get(obj.get("assay")),
-        acknowledge_unverified=bool(obj.get("acknowledge_unverified", False)))
+        acknowledge_unverified=bool(obj.get("acknowledge_unverified", False)),
+    )
 
 
 def parse_request(source: dict | str | bytes) -> DosingRequest:
@@ -633,11 +858,17 @@ def parse_request(source: dict | str | bytes) -> DosingRequest:
     weight_kg: required field missing: weight_kg (body weight in kg) or wei
     wieght_kg: unknown field 'wieght_kg' (did you mean 'weight_kg'?)
     """
-    obj = (load_json(source) if isinstance(source, str | bytes | bytearray)
-           else source)
+    obj = load_json(source) if isinstance(source, str | bytes | bytearray) else source
     if not isinstance(obj, dict):
-        raise RequestError([FieldError("", "expected a JSON object {...} with the "
-                                       f"request fields, got {show_value(obj)}")])
+        raise RequestError(
+            [
+                FieldError(
+                    "",
+                    "expected a JSON object {...} with the "
+                    f"request fields, got {show_value(obj)}",
+                )
+            ]
+        )
     errors = _shape_errors(obj)
     if errors:  # the schema's messages would repeat what is wrong here
         raise RequestError(list(dict.fromkeys(errors)))

@@ -42,8 +42,15 @@ from phems_clinical.data.cohort import Cohort, stack_subjects
 from phems_clinical.resources import schemas_dir
 
 __all__ = [
-    "DataValidationError", "Exclusion", "Issue", "PKData",
-    "PLAUSIBILITY", "from_cohort", "load_schema", "read_nonmem", "to_cohort",
+    "DataValidationError",
+    "Exclusion",
+    "Issue",
+    "PKData",
+    "PLAUSIBILITY",
+    "from_cohort",
+    "load_schema",
+    "read_nonmem",
+    "to_cohort",
 ]
 
 SCHEMA_FILE = "pk_dataset.schema.json"
@@ -52,18 +59,68 @@ SCHEMA_FILE = "pk_dataset.schema.json"
 _MISSING = frozenset({"", ".", "NA", "N/A", "NAN", "NULL", "NONE"})
 
 #: NONMEM data items and derived columns: never treated as covariates.
-_RESERVED = frozenset({
-    "ID", "TIME", "AMT", "RATE", "DUR", "DV", "MDV", "EVID", "BLQ", "LLOQ", "CMT",
-    "OCC", "DVUNIT", "ADDL", "II", "SS", "C", "DATE", "DAT1", "DAT2", "DAT3", "L1",
-    "L2", "PCMT", "CALL", "CONT", "ROW", "NOTE",
-})
-_NUMERIC_ITEMS = ("TIME", "AMT", "RATE", "DUR", "DV", "MDV", "EVID", "BLQ", "LLOQ",
-                  "CMT", "OCC", "ADDL", "II", "SS")
+_RESERVED = frozenset(
+    {
+        "ID",
+        "TIME",
+        "AMT",
+        "RATE",
+        "DUR",
+        "DV",
+        "MDV",
+        "EVID",
+        "BLQ",
+        "LLOQ",
+        "CMT",
+        "OCC",
+        "DVUNIT",
+        "ADDL",
+        "II",
+        "SS",
+        "C",
+        "DATE",
+        "DAT1",
+        "DAT2",
+        "DAT3",
+        "L1",
+        "L2",
+        "PCMT",
+        "CALL",
+        "CONT",
+        "ROW",
+        "NOTE",
+    }
+)
+_NUMERIC_ITEMS = (
+    "TIME",
+    "AMT",
+    "RATE",
+    "DUR",
+    "DV",
+    "MDV",
+    "EVID",
+    "BLQ",
+    "LLOQ",
+    "CMT",
+    "OCC",
+    "ADDL",
+    "II",
+    "SS",
+)
 
 #: Covariates described by the schema; always parsed strictly as numbers.
-_KNOWN_COVARIATES = {"WT": "kg", "HT": "cm", "AGE": "y", "BMI": "kg/m2", "LBW": "kg",
-                     "FFM": "kg", "SEX": "0 male / 1 female", "BGO": "0/1",
-                     "VWF": "IU/dL", "HCT": "%"}
+_KNOWN_COVARIATES = {
+    "WT": "kg",
+    "HT": "cm",
+    "AGE": "y",
+    "BMI": "kg/m2",
+    "LBW": "kg",
+    "FFM": "kg",
+    "SEX": "0 male / 1 female",
+    "BGO": "0/1",
+    "VWF": "IU/dL",
+    "HCT": "%",
+}
 
 _UNITS = {"IU/DL": "IU/dL", "IU/ML": "IU/mL"}
 
@@ -79,10 +136,16 @@ _IU_DL_MAX_MIN = 1.5
 #: columns (``tests/data/test_nonmem_properties.py`` checks they agree). DV
 #: (``factor_level``), LLOQ (``lloq_IU_dL``) and AMT per kg (``dose_per_kg``) are
 #: checked after unit conversion, so the schema cannot hold them.
-PLAUSIBILITY = {"TIME": "time_h", "AMT": "dose_IU", "DUR": "infusion_duration_h",
-                "AGE": "age_y", "WT": "weight_kg", "HT": "height_cm"}
+PLAUSIBILITY = {
+    "TIME": "time_h",
+    "AMT": "dose_IU",
+    "DUR": "infusion_duration_h",
+    "AGE": "age_y",
+    "WT": "weight_kg",
+    "HT": "height_cm",
+}
 
-_RATE_DUR_RTOL, _RATE_DUR_ATOL = 0.01, 1.0 / 60.0   # rounding in exported datasets
+_RATE_DUR_RTOL, _RATE_DUR_ATOL = 0.01, 1.0 / 60.0  # rounding in exported datasets
 
 
 class Issue(NamedTuple):
@@ -194,6 +257,7 @@ def _validator() -> jsonschema.Draft202012Validator:
 
 # --------------------------------------------------------------------------- loading
 
+
 def _normalise_unit(unit: str | None) -> str | None:
     if unit is None:
         return None
@@ -215,8 +279,9 @@ def _split_lines(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
     try:
         h = next(i for i, line in enumerate(lines) if line.strip())
     except StopIteration:
-        raise DataValidationError([Issue(0, None, None, "file is empty")],
-                                  str(path)) from None
+        raise DataValidationError(
+            [Issue(0, None, None, "file is empty")], str(path)
+        ) from None
     header_line = lines[h]
     delim = next((d for d in (",", "\t", ";") if d in header_line), None)
 
@@ -227,11 +292,11 @@ def _split_lines(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
 
     header = split(header_line)
     if header and header[0].strip() in ("#", "@"):
-        header = header[1:]     # '# ID TIME ...': the comment mark is not a column
+        header = header[1:]  # '# ID TIME ...': the comment mark is not a column
     records, rows = [], []
     for i in range(h + 1, len(lines)):
         if not lines[i].strip():
-            continue            # blank lines carry nothing, but keep the numbering
+            continue  # blank lines carry nothing, but keep the numbering
         records.append(split(lines[i]))
         rows.append(i - h)
     return header, records, rows
@@ -249,10 +314,16 @@ def _load(source: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, 
         path = Path(source)
         name = str(path)
         header, records, row_list = _split_lines(path)
-        issues = [Issue(r, None, None, f"{len(rec)} fields but the header has "
-                                       f"{len(header)} columns")
-                  for rec, r in zip(records, row_list, strict=True)
-                  if len(rec) > len(header)]
+        issues = [
+            Issue(
+                r,
+                None,
+                None,
+                f"{len(rec)} fields but the header has {len(header)} columns",
+            )
+            for rec, r in zip(records, row_list, strict=True)
+            if len(rec) > len(header)
+        ]
         if issues:
             raise DataValidationError(issues, name)
         # Short records (trailing fields left off) are padded with missing values.
@@ -267,8 +338,17 @@ def _load(source: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, 
     dupes = sorted({c for c in cols if cols.count(c) > 1})
     if dupes:
         raise DataValidationError(
-            [Issue(0, None, c, "column appears more than once (names are "
-                               "case-insensitive)") for c in dupes], name)
+            [
+                Issue(
+                    0,
+                    None,
+                    c,
+                    "column appears more than once (names are case-insensitive)",
+                )
+                for c in dupes
+            ],
+            name,
+        )
     raw.columns = cols
     return raw, rows, name
 
@@ -289,8 +369,9 @@ def _parse_numeric(values: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarra
     """Numbers from a column: (value or NaN, missing mask, non-numeric mask)."""
     text = _as_text(values)
     missing = text == ""
-    num = pd.to_numeric(pd.Series(np.where(missing, None, text), dtype=object),
-                        errors="coerce").to_numpy(dtype=float, copy=True)
+    num = pd.to_numeric(
+        pd.Series(np.where(missing, None, text), dtype=object), errors="coerce"
+    ).to_numpy(dtype=float, copy=True)
     bad = ~missing & ~np.isfinite(num)
     num[bad] = np.nan
     return num, missing, bad
@@ -316,6 +397,7 @@ def _canonical_id(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- checks
+
 
 class _Log:
     """Collects issues.
@@ -346,9 +428,14 @@ def _expected(column: str, unit: str | None) -> str:
         "DUR": "a number in h (>= 0)",
         "DV": dv,
         "LLOQ": dv + " (>= 0)",
-        "MDV": "0 or 1", "EVID": "0, 1 or 2", "BLQ": "0 or 1",
-        "CMT": "an integer compartment number", "OCC": "an integer occasion >= 1",
-        "ADDL": "an integer >= 0", "II": "a number in h", "SS": "0",
+        "MDV": "0 or 1",
+        "EVID": "0, 1 or 2",
+        "BLQ": "0 or 1",
+        "CMT": "an integer compartment number",
+        "OCC": "an integer occasion >= 1",
+        "ADDL": "an integer >= 0",
+        "II": "a number in h",
+        "SS": "0",
     }
     if column in table:
         return table[column]
@@ -365,24 +452,47 @@ def _schema_issues(instance: dict, row: int, id_: str | None, log: _Log) -> None
         if path:
             col = str(path[0])
             what = props.get(col, {}).get("description", "")
-            msg = (f"invalid value {err.instance!r} ({err.message}); "
-                   f"expected {what[:1].lower() + what[1:]}" if what else err.message)
+            msg = (
+                f"invalid value {err.instance!r} ({err.message}); "
+                f"expected {what[:1].lower() + what[1:]}"
+                if what
+                else err.message
+            )
             log.add(row, id_, col, msg, schema=True)
         elif err.validator == "required":
             for col in err.validator_value:
                 if col not in instance:
-                    log.add(row, id_, col, "required value is missing; expected "
-                            + props[col]["description"].lower(), schema=True)
+                    log.add(
+                        row,
+                        id_,
+                        col,
+                        "required value is missing; expected "
+                        + props[col]["description"].lower(),
+                        schema=True,
+                    )
         elif err.validator == "anyOf":
-            log.add(row, id_, "AMT/DV", "neither AMT (IU) nor DV (IU/dL) is given; "
-                    "a record needs at least one of them", schema=True)
-        else:   # pragma: no cover - the schema has no other record-level keywords
+            log.add(
+                row,
+                id_,
+                "AMT/DV",
+                "neither AMT (IU) nor DV (IU/dL) is given; "
+                "a record needs at least one of them",
+                schema=True,
+            )
+        else:  # pragma: no cover - the schema has no other record-level keywords
             log.add(row, id_, None, err.message, schema=True)
 
 
-def _plausible(log: _Log, warned: list[Issue], row: int, id_: str | None,
-               column: str, limit: str, value: float, shown: str | None = None,
-               ) -> None:
+def _plausible(
+    log: _Log,
+    warned: list[Issue],
+    row: int,
+    id_: str | None,
+    column: str,
+    limit: str,
+    value: float,
+    shown: str | None = None,
+) -> None:
     """Check ``value`` against plausibility ``limit``: an error is an issue (which
     replaces the generic schema message for that cell), a warning goes to
     ``warned``. ``shown`` describes the value as given when it was converted."""
@@ -405,9 +515,13 @@ def _native(x):
 
 # --------------------------------------------------------------------------- reader
 
-def read_nonmem(source: str | Path | pd.DataFrame, *,
-                required_covariates: Sequence[str] = (),
-                dv_unit: str | None = "IU/dL") -> PKData:
+
+def read_nonmem(
+    source: str | Path | pd.DataFrame,
+    *,
+    required_covariates: Sequence[str] = (),
+    dv_unit: str | None = "IU/dL",
+) -> PKData:
     """Read and validate a NONMEM-style FVIII/FIX PK dataset.
 
     Parameters
@@ -477,8 +591,9 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
     unit_arg = _normalise_unit(dv_unit)
     raw, rows, name = _load(source)
     _check_required_columns(list(raw.columns), name)
-    rec = _Records(raw, rows, unit_arg,
-                   tuple(str(c).strip().upper() for c in required_covariates))
+    rec = _Records(
+        raw, rows, unit_arg, tuple(str(c).strip().upper() for c in required_covariates)
+    )
     # Parsing: comments, IDs, unit, numbers, covariates.
     _mark_comments(rec)
     _subject_ids(rec)
@@ -518,8 +633,12 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
     _warn_covariate_gaps(rec, sel)
     exclusions.sort(key=lambda e: e.row)
     rec.warned.sort(key=lambda w: (w.row, w.column or ""))
-    return PKData(events.reset_index(drop=True), exclusions, tuple(rec.covariates),
-                  tuple(rec.warned))
+    return PKData(
+        events.reset_index(drop=True),
+        exclusions,
+        tuple(rec.covariates),
+        tuple(rec.warned),
+    )
 
 
 # ---------------------------------------------------------------- reader stages
@@ -528,14 +647,15 @@ def read_nonmem(source: str | Path | pd.DataFrame, *,
 # rec.warned and derivations to rec.notes. The stages run in the order of
 # read_nonmem; a later stage relies on the fields the earlier ones set.
 
+
 @dataclass
 class _Records:
     """Working state of :func:`read_nonmem`, one array entry per data row."""
 
-    raw: pd.DataFrame                   # object dtype, upper-case columns
-    rows: np.ndarray                    # 1-based data row of each record
-    unit_arg: str | None                # normalised ``dv_unit``
-    required: tuple[str, ...] = ()      # required covariates, upper case
+    raw: pd.DataFrame  # object dtype, upper-case columns
+    rows: np.ndarray  # 1-based data row of each record
+    unit_arg: str | None  # normalised ``dv_unit``
+    required: tuple[str, ...] = ()  # required covariates, upper case
     log: _Log = field(default_factory=_Log)
     warned: list[Issue] = field(default_factory=list)
     cols: list[str] = field(init=False)
@@ -548,10 +668,10 @@ class _Records:
     has_id: np.ndarray = field(init=False)
     # _file_unit
     dvunit_col: bool = field(init=False)
-    unit_text: np.ndarray = field(init=False)   # DVUNIT as given ('' if none)
+    unit_text: np.ndarray = field(init=False)  # DVUNIT as given ('' if none)
     unit_norm: np.ndarray = field(init=False)
     file_units: list[str] = field(init=False)
-    unit: str | None = field(init=False)     # unit of DV and LLOQ as given
+    unit: str | None = field(init=False)  # unit of DV and LLOQ as given
     unit_source: str = field(init=False)
     # _parse_items, _parse_covariates: numbers, "present and numeric", bad cells
     num: dict[str, np.ndarray] = field(init=False)
@@ -570,13 +690,13 @@ class _Records:
     evid_given: np.ndarray = field(init=False)
     mdv_in: np.ndarray = field(init=False)
     mdv: np.ndarray = field(init=False)
-    dose: np.ndarray = field(init=False)      # usable dose record
-    obs_rec: np.ndarray = field(init=False)   # observation record (EVID 0)
-    obs: np.ndarray = field(init=False)       # observation to fit (MDV 0)
+    dose: np.ndarray = field(init=False)  # usable dose record
+    obs_rec: np.ndarray = field(init=False)  # observation record (EVID 0)
+    obs: np.ndarray = field(init=False)  # observation to fit (MDV 0)
     # _derive_blq, _infusion_durations, _occasions
     blq: np.ndarray = field(init=False)
     rate: np.ndarray = field(init=False)
-    dur: np.ndarray = field(init=False)       # effective infusion duration, h
+    dur: np.ndarray = field(init=False)  # effective infusion duration, h
     occ: np.ndarray = field(init=False)
 
     def __post_init__(self):
@@ -608,26 +728,41 @@ def _check_required_columns(cols: list[str], name: str) -> None:
     absent = [c for c in ("ID", "TIME", "DV") if c not in cols]
     if absent:
         raise DataValidationError(
-            [Issue(0, None, c, "required column is missing (columns present: "
-                               f"{', '.join(cols) or 'none'})") for c in absent], name)
+            [
+                Issue(
+                    0,
+                    None,
+                    c,
+                    "required column is missing (columns present: "
+                    f"{', '.join(cols) or 'none'})",
+                )
+                for c in absent
+            ],
+            name,
+        )
 
 
 def _mark_comments(rec: _Records) -> None:
     """Commented-out records, as NM-TRAN's IGNORE=#, IGNORE=@ and IGNORE=C would do."""
     first = _as_text(rec.raw[rec.cols[0]])
-    rec.commented = np.array([f.startswith(("#", "@")) or f == "C" for f in first],
-                             dtype=bool)
+    rec.commented = np.array(
+        [f.startswith(("#", "@")) or f == "C" for f in first], dtype=bool
+    )
     rec.active = ~rec.commented
 
 
 def _subject_ids(rec: _Records) -> None:
     """Canonical subject IDs ('1.0' is '1'); a missing ID is an issue."""
     id_text = _as_text(rec.raw["ID"])
-    rec.ids = np.array([_canonical_id(t) if t else None for t in id_text],
-                       dtype=object)
+    rec.ids = np.array([_canonical_id(t) if t else None for t in id_text], dtype=object)
     for i in np.flatnonzero(rec.active & (rec.ids == None)):  # noqa: E711 - object
-        rec.log.add(rec.rows[i], None, "ID", "missing subject ID; expected a string "
-                                             "or integer identifier", claim=True)
+        rec.log.add(
+            rec.rows[i],
+            None,
+            "ID",
+            "missing subject ID; expected a string or integer identifier",
+            claim=True,
+        )
     rec.has_id = rec.ids != None  # noqa: E711 - object array
 
 
@@ -635,24 +770,37 @@ def _file_unit(rec: _Records) -> None:
     """The unit of DV and LLOQ: the first known DVUNIT of an active record, else
     ``dv_unit``."""
     rec.dvunit_col = "DVUNIT" in rec.cols
-    rec.unit_text = (_as_text(rec.raw["DVUNIT"]) if rec.dvunit_col
-                     else np.full(rec.n, "", object))
-    rec.unit_norm = np.array([_UNITS.get(u.upper(), u) if u else ""
-                              for u in rec.unit_text], dtype=object)
-    rec.file_units = list(dict.fromkeys(
-        u for u, a in zip(rec.unit_norm, rec.active, strict=True)
-        if a and u in _UNITS.values()))
-    rec.unit = ((rec.file_units[0] if rec.file_units else rec.unit_arg)
-                if rec.dvunit_col else rec.unit_arg)
-    rec.unit_source = ("DVUNIT column" if rec.dvunit_col and rec.file_units
-                       else "dv_unit argument")
+    rec.unit_text = (
+        _as_text(rec.raw["DVUNIT"]) if rec.dvunit_col else np.full(rec.n, "", object)
+    )
+    rec.unit_norm = np.array(
+        [_UNITS.get(u.upper(), u) if u else "" for u in rec.unit_text], dtype=object
+    )
+    rec.file_units = list(
+        dict.fromkeys(
+            u
+            for u, a in zip(rec.unit_norm, rec.active, strict=True)
+            if a and u in _UNITS.values()
+        )
+    )
+    rec.unit = (
+        (rec.file_units[0] if rec.file_units else rec.unit_arg)
+        if rec.dvunit_col
+        else rec.unit_arg
+    )
+    rec.unit_source = (
+        "DVUNIT column" if rec.dvunit_col and rec.file_units else "dv_unit argument"
+    )
 
 
 def _bad_cell(rec: _Records, i: int, col: str) -> None:
     """Record ``i``'s ``col`` is not a finite number."""
     rec.bad_cells.add((i, col))
-    rec.issue(i, col, f"{_bad_number(rec.raw[col].iloc[i])}; "
-                      f"expected {_expected(col, rec.unit)}")
+    rec.issue(
+        i,
+        col,
+        f"{_bad_number(rec.raw[col].iloc[i])}; expected {_expected(col, rec.unit)}",
+    )
 
 
 def _parse_items(rec: _Records) -> None:
@@ -678,8 +826,12 @@ def _assay_codes(rec: _Records, col: str) -> np.ndarray:
             codes[i] = 0.0
         elif t and rec.active[i]:
             rec.bad_cells.add((i, col))
-            rec.issue(i, col, f"unknown assay {t!r}; expected 'OSA' (one-stage) or "
-                              "'CSA' (chromogenic), or 1/0")
+            rec.issue(
+                i,
+                col,
+                f"unknown assay {t!r}; expected 'OSA' (one-stage) or "
+                "'CSA' (chromogenic), or 1/0",
+            )
     return codes
 
 
@@ -702,8 +854,11 @@ def _parse_covariates(rec: _Records) -> None:
         vals, missing, bad = _parse_numeric(rec.raw[col])
         strict = col in rec.required or col in _KNOWN_COVARIATES
         bad_active = bad & rec.active
-        if (not strict and bad_active.sum() >= (~missing & ~bad & rec.active).sum()
-                and bad_active.any()):
+        if (
+            not strict
+            and bad_active.sum() >= (~missing & ~bad & rec.active).sum()
+            and bad_active.any()
+        ):
             rec.text_cols.append(col)
             continue
         for i in np.flatnonzero(bad_active):
@@ -715,8 +870,13 @@ def _parse_covariates(rec: _Records) -> None:
 def _check_required_covariate_columns(rec: _Records) -> None:
     for col in rec.required:
         if col not in rec.cols:
-            rec.log.add(0, None, col, "required covariate column is missing (columns "
-                                      f"present: {', '.join(rec.cols)})")
+            rec.log.add(
+                0,
+                None,
+                col,
+                "required covariate column is missing (columns "
+                f"present: {', '.join(rec.cols)})",
+            )
         elif col in rec.text_cols or col not in rec.covariates:
             rec.log.add(0, None, col, "required covariate is not a numeric column")
 
@@ -733,8 +893,9 @@ def _event_types(rec: _Records) -> None:
     rec.amt = rec.column("AMT", 0.0)
     rec.dv = rec.num["DV"].copy() if "DV" in rec.num else np.full(n, np.nan)
     rec.dv_given = rec.given_or_false("DV")
-    rec.blq_col = (rec.column("BLQ", 0.0) == 1) if "BLQ" in rec.num \
-        else np.zeros(n, bool)
+    rec.blq_col = (
+        (rec.column("BLQ", 0.0) == 1) if "BLQ" in rec.num else np.zeros(n, bool)
+    )
     rec.lloq = rec.column("LLOQ")
     evid = np.where(rec.amt > 0, 1.0, 0.0)
     rec.evid_given = rec.given_or_false("EVID")
@@ -762,25 +923,51 @@ def _check_event_records(rec: _Records) -> None:
     for i in np.flatnonzero(rec.active):
         e = rec.evid[i]
         if e in (3, 4):
-            rec.issue(i, "EVID", f"EVID {int(e)} (system reset"
-                      f"{' and dose' if e == 4 else ''}) is not supported; split the "
-                      "record history into occasions (OCC) instead", claim=True)
+            rec.issue(
+                i,
+                "EVID",
+                f"EVID {int(e)} (system reset"
+                f"{' and dose' if e == 4 else ''}) is not supported; split the "
+                "record history into occasions (OCC) instead",
+                claim=True,
+            )
         elif e == 1 and amt[i] <= 0 and (i, "AMT") not in rec.bad_cells:
-            rec.issue(i, "AMT", "dose record (EVID 1) without an amount; expected "
-                      "AMT > 0 IU", claim=True)
+            rec.issue(
+                i,
+                "AMT",
+                "dose record (EVID 1) without an amount; expected AMT > 0 IU",
+                claim=True,
+            )
         elif e == 0 and amt[i] > 0:
-            rec.issue(i, "AMT", f"observation record (EVID 0) has AMT {amt[i]:g}; "
-                      "expected 0 IU on an observation record")
+            rec.issue(
+                i,
+                "AMT",
+                f"observation record (EVID 0) has AMT {amt[i]:g}; "
+                "expected 0 IU on an observation record",
+            )
         elif e == 1 and rec.mdv_in[i] == 0:
-            rec.issue(i, "MDV", "dose record (AMT > 0 or EVID 1) has MDV 0; expected "
-                      "MDV 1 (split a dose-and-sample record into a dose record and "
-                      "an observation record)")
+            rec.issue(
+                i,
+                "MDV",
+                "dose record (AMT > 0 or EVID 1) has MDV 0; expected "
+                "MDV 1 (split a dose-and-sample record into a dose record and "
+                "an observation record)",
+            )
         if "ADDL" in num and given["ADDL"][i] and num["ADDL"][i] > 0:
-            rec.issue(i, "ADDL", f"ADDL {num['ADDL'][i]:g} additional doses are not "
-                      "supported; expected 0 (write each dose as its own record)")
+            rec.issue(
+                i,
+                "ADDL",
+                f"ADDL {num['ADDL'][i]:g} additional doses are not "
+                "supported; expected 0 (write each dose as its own record)",
+            )
         if "SS" in num and given["SS"][i] and num["SS"][i] != 0:
-            rec.issue(i, "SS", "steady-state dosing (SS > 0) is not supported; "
-                      "expected 0 (give the dose history explicitly)", claim=True)
+            rec.issue(
+                i,
+                "SS",
+                "steady-state dosing (SS > 0) is not supported; "
+                "expected 0 (give the dose history explicitly)",
+                claim=True,
+            )
 
 
 def _check_missing_levels(rec: _Records) -> None:
@@ -789,10 +976,15 @@ def _check_missing_levels(rec: _Records) -> None:
     unit = rec.unit
     for i in np.flatnonzero(rec.obs & ~rec.dv_given & ~rec.blq_col):
         if (i, "DV") not in rec.bad_cells:
-            rec.issue(i, "DV", "observation record (EVID 0, MDV 0) without a value; "
-                      f"expected a level{' in ' + unit if unit else ''}, or MDV 1 to "
-                      "leave the record out, or BLQ 1 with LLOQ for a level below the "
-                      "limit", claim=True)
+            rec.issue(
+                i,
+                "DV",
+                "observation record (EVID 0, MDV 0) without a value; "
+                f"expected a level{' in ' + unit if unit else ''}, or MDV 1 to "
+                "leave the record out, or BLQ 1 with LLOQ for a level below the "
+                "limit",
+                claim=True,
+            )
 
 
 def _check_dvunit_mix(rec: _Records) -> None:
@@ -801,8 +993,12 @@ def _check_dvunit_mix(rec: _Records) -> None:
     for i in np.flatnonzero(rec.active):
         u = rec.unit_norm[i]
         if u and u in _UNITS.values() and first and u != first:
-            rec.issue(i, "DVUNIT", f"DVUNIT {u!r} differs from {first!r} used "
-                      "earlier in the file; expected one unit for the whole file")
+            rec.issue(
+                i,
+                "DVUNIT",
+                f"DVUNIT {u!r} differs from {first!r} used "
+                "earlier in the file; expected one unit for the whole file",
+            )
 
 
 def _level_unit_suspicion(rec: _Records) -> bool:
@@ -815,15 +1011,23 @@ def _level_unit_suspicion(rec: _Records) -> bool:
     k = np.flatnonzero(pos)[np.argmax(dv[pos])]
     med = float(np.median(dv[pos]))
     if unit == "IU/mL" and med > _IU_ML_MEDIAN_MAX:
-        rec.issue(k, "DV", f"levels look like IU/dL, not IU/mL ({rec.unit_source}): "
-                  f"median {med:g} and largest {dv[k]:g} IU/mL (= {100 * dv[k]:g} "
-                  f"IU/dL); expected IU/mL levels below {_IU_ML_MEDIAN_MAX:g}")
+        rec.issue(
+            k,
+            "DV",
+            f"levels look like IU/dL, not IU/mL ({rec.unit_source}): "
+            f"median {med:g} and largest {dv[k]:g} IU/mL (= {100 * dv[k]:g} "
+            f"IU/dL); expected IU/mL levels below {_IU_ML_MEDIAN_MAX:g}",
+        )
         return True
     if unit == "IU/dL" and pos.sum() >= 3 and float(dv[k]) < _IU_DL_MAX_MIN:
-        rec.issue(k, "DV", f"levels look like IU/mL, not IU/dL ({rec.unit_source}): "
-                  f"all {int(pos.sum())} quantified levels are below "
-                  f"{_IU_DL_MAX_MIN:g} IU/dL (largest {dv[k]:g}); expected levels "
-                  "in IU/dL, or declare DVUNIT IU/mL")
+        rec.issue(
+            k,
+            "DV",
+            f"levels look like IU/mL, not IU/dL ({rec.unit_source}): "
+            f"all {int(pos.sum())} quantified levels are below "
+            f"{_IU_DL_MAX_MIN:g} IU/dL (largest {dv[k]:g}); expected levels "
+            "in IU/dL, or declare DVUNIT IU/mL",
+        )
         return True
     return False
 
@@ -834,21 +1038,38 @@ def _check_levels(rec: _Records) -> None:
     unit, dv = rec.unit, rec.dv
     quant = rec.obs & rec.dv_given & ~rec.blq_col
     for i in np.flatnonzero(rec.obs & rec.dv_given & (dv < 0)):
-        rec.issue(i, "DV", f"negative level {dv[i]:g} {unit}; expected a factor "
-                  f"activity >= 0 {unit} (log-transformed DV is not supported)",
-                  claim=True)
+        rec.issue(
+            i,
+            "DV",
+            f"negative level {dv[i]:g} {unit}; expected a factor "
+            f"activity >= 0 {unit} (log-transformed DV is not supported)",
+            claim=True,
+        )
     if _level_unit_suspicion(rec):
         return
     factor = 100.0 if unit == "IU/mL" else 1.0
     # Plausible range in IU/dL (after conversion); negatives reported above.
     for i in np.flatnonzero(rec.obs & rec.dv_given & (dv >= 0)):
-        _plausible(rec.log, rec.warned, rec.rows[i], rec.ids[i], "DV", "factor_level",
-                   dv[i] * factor, f"DV {dv[i]:g} {unit}" if factor != 1.0 else None)
+        _plausible(
+            rec.log,
+            rec.warned,
+            rec.rows[i],
+            rec.ids[i],
+            "DV",
+            "factor_level",
+            dv[i] * factor,
+            f"DV {dv[i]:g} {unit}" if factor != 1.0 else None,
+        )
     # A level of exactly 0 is no measurement: the assay reports "< LLOQ".
     for i in np.flatnonzero(quant & (dv == 0) & ~np.isfinite(rec.lloq)):
-        rec.issue(i, "DV", f"level 0 {unit} without BLQ or LLOQ; expected BLQ 1 with "
-                  "the assay's LLOQ for a level below the limit of quantification, "
-                  "or the measured level", claim=True)
+        rec.issue(
+            i,
+            "DV",
+            f"level 0 {unit} without BLQ or LLOQ; expected BLQ 1 with "
+            "the assay's LLOQ for a level below the limit of quantification, "
+            "or the measured level",
+            claim=True,
+        )
 
 
 def _check_lloq(rec: _Records) -> None:
@@ -861,18 +1082,30 @@ def _check_lloq(rec: _Records) -> None:
     for i in np.flatnonzero(has_lloq):
         q = lloq[i] * factor
         if q > hi or q < lo:
-            hint = ("LLOQ seems to be in IU/dL while DV is in IU/mL" if q > hi
-                    else "an assay's LLOQ is positive" if q == 0
-                    else "LLOQ seems to be in IU/mL while DV is in IU/dL")
-            rec.issue(i, "LLOQ", f"LLOQ {lloq[i]:g} {unit} (= {q:g} IU/dL) is "
-                      "implausible for a factor assay; expected "
-                      f"{lo:g} to {hi:g} IU/dL in the unit of DV ({hint})")
+            hint = (
+                "LLOQ seems to be in IU/dL while DV is in IU/mL"
+                if q > hi
+                else "an assay's LLOQ is positive"
+                if q == 0
+                else "LLOQ seems to be in IU/mL while DV is in IU/dL"
+            )
+            rec.issue(
+                i,
+                "LLOQ",
+                f"LLOQ {lloq[i]:g} {unit} (= {q:g} IU/dL) is "
+                "implausible for a factor assay; expected "
+                f"{lo:g} to {hi:g} IU/dL in the unit of DV ({hint})",
+            )
     both = rec.obs & rec.dv_given & ~rec.blq_col & has_lloq & (lloq > 0)
     if both.sum() >= 3 and np.all(dv[both] < lloq[both]):
         i = int(np.flatnonzero(both)[0])
-        rec.issue(i, "LLOQ", f"every one of {int(both.sum())} quantified levels is "
-                  "below its LLOQ; DV and LLOQ seem to be in different units "
-                  f"(expected both in {unit})")
+        rec.issue(
+            i,
+            "LLOQ",
+            f"every one of {int(both.sum())} quantified levels is "
+            "below its LLOQ; DV and LLOQ seem to be in different units "
+            f"(expected both in {unit})",
+        )
 
 
 def _convert_to_iu_dl(rec: _Records) -> None:
@@ -895,30 +1128,50 @@ def _derive_blq(rec: _Records) -> None:
         was = " (BLQ was 0)" if "BLQ" in rec.num and rec.given["BLQ"][i] else ""
         rec.notes[i].append(f"BLQ derived: DV {dv[i]:g} < LLOQ {lloq[i]:g}{was}")
         if was:  # the file said "quantified": a contradiction worth saying
-            rec.warn(i, "BLQ", f"DV {dv[i]:g} is below LLOQ {lloq[i]:g} but BLQ is "
-                     "0; fitted as BLQ (M3): mark it BLQ 1, or correct DV or LLOQ")
+            rec.warn(
+                i,
+                "BLQ",
+                f"DV {dv[i]:g} is below LLOQ {lloq[i]:g} but BLQ is "
+                "0; fitted as BLQ (M3): mark it BLQ 1, or correct DV or LLOQ",
+            )
     rec.blq = blq_col | derived
     lo_q, hi_q = plausibility.limit("lloq_IU_dL").error
     for i in np.flatnonzero(rec.obs & blq_col):
         if np.isfinite(lloq[i]) and lloq[i] > 0:
             if dv_given[i] and dv[i] > lloq[i]:
-                rec.issue(i, "BLQ", f"BLQ 1 but DV {dv[i]:g} is above LLOQ "
-                          f"{lloq[i]:g}; expected DV <= LLOQ (or missing) on a BLQ "
-                          "record")
+                rec.issue(
+                    i,
+                    "BLQ",
+                    f"BLQ 1 but DV {dv[i]:g} is above LLOQ "
+                    f"{lloq[i]:g}; expected DV <= LLOQ (or missing) on a BLQ "
+                    "record",
+                )
         elif dv_given[i] and dv[i] > 0 and unit and not (lo_q <= dv[i] <= hi_q):
             # DV cannot be the assay's LLOQ (dv is in IU/dL here)
-            rec.issue(i, "LLOQ", f"BLQ 1 without a LLOQ, and DV {dv[i]:g} IU/dL is "
-                      f"no assay's LLOQ ({lo_q:g} to {hi_q:g} IU/dL); expected LLOQ, "
-                      "or BLQ 0 for a quantified level")
+            rec.issue(
+                i,
+                "LLOQ",
+                f"BLQ 1 without a LLOQ, and DV {dv[i]:g} IU/dL is "
+                f"no assay's LLOQ ({lo_q:g} to {hi_q:g} IU/dL); expected LLOQ, "
+                "or BLQ 0 for a quantified level",
+            )
         elif dv_given[i] and dv[i] > 0:
             lloq[i] = dv[i]
             rec.notes[i].append("LLOQ missing on a BLQ record; DV used as LLOQ")
-            rec.warn(i, "LLOQ", f"missing on a BLQ record; DV {dv[i]:g} taken as the "
-                     "LLOQ (the convention of writing the LLOQ in DV): give LLOQ if "
-                     "that is not what DV holds")
+            rec.warn(
+                i,
+                "LLOQ",
+                f"missing on a BLQ record; DV {dv[i]:g} taken as the "
+                "LLOQ (the convention of writing the LLOQ in DV): give LLOQ if "
+                "that is not what DV holds",
+            )
         else:
-            rec.issue(i, "LLOQ", "BLQ record without a LLOQ and without a positive "
-                      f"DV; expected LLOQ{' in ' + unit if unit else ''} > 0")
+            rec.issue(
+                i,
+                "LLOQ",
+                "BLQ record without a LLOQ and without a positive "
+                f"DV; expected LLOQ{' in ' + unit if unit else ''} > 0",
+            )
 
 
 def _infusion_durations(rec: _Records) -> None:
@@ -935,11 +1188,20 @@ def _infusion_durations(rec: _Records) -> None:
             # (the schema reports RATE=-2 without DUR > 0)
         elif np.isfinite(r) and r > 0:
             rec.dur[i] = rec.amt[i] / r
-            if np.isfinite(d) and d > 0 and not np.isclose(
-                    rec.dur[i], d, rtol=_RATE_DUR_RTOL, atol=_RATE_DUR_ATOL):
-                rec.issue(i, "DUR", f"RATE {r:g} IU/h and DUR {d:g} h disagree: "
-                          f"AMT/RATE = {rec.dur[i]:.4g} h; expected DUR = AMT/RATE "
-                          "(or give only one of them)")
+            if (
+                np.isfinite(d)
+                and d > 0
+                and not np.isclose(
+                    rec.dur[i], d, rtol=_RATE_DUR_RTOL, atol=_RATE_DUR_ATOL
+                )
+            ):
+                rec.issue(
+                    i,
+                    "DUR",
+                    f"RATE {r:g} IU/h and DUR {d:g} h disagree: "
+                    f"AMT/RATE = {rec.dur[i]:.4g} h; expected DUR = AMT/RATE "
+                    "(or give only one of them)",
+                )
         elif np.isfinite(d) and d > 0:
             rec.dur[i] = d
             rec.notes[i].append(f"infusion over DUR {d:g} h")
@@ -953,14 +1215,23 @@ def _check_plausibility(rec: _Records) -> None:
         if col not in rec.num or col == "AMT":
             continue
         for i in np.flatnonzero(rec.active & rec.given[col]):
-            _plausible(rec.log, rec.warned, rec.rows[i], rec.ids[i], col, lim,
-                       rec.num[col][i])
+            _plausible(
+                rec.log, rec.warned, rec.rows[i], rec.ids[i], col, lim, rec.num[col][i]
+            )
     rate = rec.rate
-    for i in np.flatnonzero(rec.dose & ~rec.given_or_false("DUR")
-                            & np.isfinite(rate) & (rate > 0)):
-        _plausible(rec.log, rec.warned, rec.rows[i], rec.ids[i], "RATE",
-                   "infusion_duration_h", rec.dur[i],
-                   f"AMT/RATE = {rec.amt[i]:g} IU / {rate[i]:g} IU/h")
+    for i in np.flatnonzero(
+        rec.dose & ~rec.given_or_false("DUR") & np.isfinite(rate) & (rate > 0)
+    ):
+        _plausible(
+            rec.log,
+            rec.warned,
+            rec.rows[i],
+            rec.ids[i],
+            "RATE",
+            "infusion_duration_h",
+            rec.dur[i],
+            f"AMT/RATE = {rec.amt[i]:g} IU / {rate[i]:g} IU/h",
+        )
 
 
 def _check_amounts(rec: _Records) -> None:
@@ -979,12 +1250,27 @@ def _check_amounts(rec: _Records) -> None:
         w = wt[i] if ok_wt[i] else first_wt.get(ids[i], np.nan)
         if rec.dose[i] and np.isfinite(w):
             before = len(rec.log.issues)
-            _plausible(rec.log, rec.warned, rec.rows[i], ids[i], "AMT", "dose_per_kg",
-                       amt[i] / w, f"AMT {amt[i]:g} IU for WT {w:g} kg")
+            _plausible(
+                rec.log,
+                rec.warned,
+                rec.rows[i],
+                ids[i],
+                "AMT",
+                "dose_per_kg",
+                amt[i] / w,
+                f"AMT {amt[i]:g} IU for WT {w:g} kg",
+            )
             if len(rec.log.issues) > before:
                 continue
-        _plausible(rec.log, rec.warned, rec.rows[i], ids[i], "AMT", "dose_IU",
-                   rec.num["AMT"][i])
+        _plausible(
+            rec.log,
+            rec.warned,
+            rec.rows[i],
+            ids[i],
+            "AMT",
+            "dose_IU",
+            rec.num["AMT"][i],
+        )
 
 
 def _occasions(rec: _Records) -> None:
@@ -1008,9 +1294,13 @@ def _check_time_order(rec: _Records) -> None:
             continue
         prev = last_time.get(ids[i])
         if prev is not None and time[i] < prev[0]:
-            rec.issue(i, "TIME", f"TIME {time[i]:g} h is earlier than TIME "
-                      f"{prev[0]:g} h on row {prev[1]} of the same subject; expected "
-                      "non-decreasing times within a subject")
+            rec.issue(
+                i,
+                "TIME",
+                f"TIME {time[i]:g} h is earlier than TIME "
+                f"{prev[0]:g} h on row {prev[1]} of the same subject; expected "
+                "non-decreasing times within a subject",
+            )
         if prev is None or time[i] >= prev[0]:
             last_time[ids[i]] = (float(time[i]), int(rec.rows[i]))
 
@@ -1019,19 +1309,33 @@ def _check_duplicates(rec: _Records) -> None:
     """No two records with the same ID, TIME, EVID, AMT and DV."""
     seen: dict[tuple, int] = {}
     for i in np.flatnonzero(rec.active):
-        key = (rec.ids[i], _key(rec.time[i]), _key(rec.evid[i]), _key(rec.amt[i]),
-               _key(rec.dv[i] if rec.dv_given[i] else np.nan))
+        key = (
+            rec.ids[i],
+            _key(rec.time[i]),
+            _key(rec.evid[i]),
+            _key(rec.amt[i]),
+            _key(rec.dv[i] if rec.dv_given[i] else np.nan),
+        )
         if key in seen:
-            rec.issue(i, "TIME", f"exact duplicate of row {seen[key]} (same ID, TIME, "
-                      "EVID, AMT and DV); expected each record once")
+            rec.issue(
+                i,
+                "TIME",
+                f"exact duplicate of row {seen[key]} (same ID, TIME, "
+                "EVID, AMT and DV); expected each record once",
+            )
         else:
             seen[key] = int(rec.rows[i])
 
 
 def _file_order(rec: _Records) -> np.ndarray:
     """Active records sorted by ID, then TIME, then file row (stable)."""
-    order = np.lexsort((rec.rows, np.where(np.isfinite(rec.time), rec.time, np.inf),
-                        _id_sort_key(rec.ids)))
+    order = np.lexsort(
+        (
+            rec.rows,
+            np.where(np.isfinite(rec.time), rec.time, np.inf),
+            _id_sort_key(rec.ids),
+        )
+    )
     return order[rec.active[order]]
 
 
@@ -1049,18 +1353,26 @@ def _check_dose_precedence(rec: _Records, order: np.ndarray) -> None:
             continue
         if rec.dose[i]:
             doses_seen[ids[i]] = doses_seen.get(ids[i], 0) + 1
-        elif rec.obs[i] and time[i] >= 0:     # negative times are reported already
+        elif rec.obs[i] and time[i] >= 0:  # negative times are reported already
             t = time[i]
             if doses_seen.get(ids[i], 0) == 0:
-                rec.issue(i, "TIME", f"observation at TIME {t:g} h comes before any "
-                          "dose of this subject (a pre-dose or baseline level); "
-                          "expected a dose record earlier. NONMEM would predict 0 "
-                          "here: remove the row, set MDV 1, or subtract the baseline")
+                rec.issue(
+                    i,
+                    "TIME",
+                    f"observation at TIME {t:g} h comes before any "
+                    "dose of this subject (a pre-dose or baseline level); "
+                    "expected a dose record earlier. NONMEM would predict 0 "
+                    "here: remove the row, set MDV 1, or subtract the baseline",
+                )
             elif any(r > rec.rows[i] for r in bolus_at.get((ids[i], float(t)), [])):
-                rec.issue(i, "TIME", f"observation at TIME {t:g} h is listed before a "
-                          "bolus dose at the same TIME (a pre-dose sample), but levels "
-                          "are computed after all doses given at or before the "
-                          "sampling time; expected the real, earlier sampling time")
+                rec.issue(
+                    i,
+                    "TIME",
+                    f"observation at TIME {t:g} h is listed before a "
+                    "bolus dose at the same TIME (a pre-dose sample), but levels "
+                    "are computed after all doses given at or before the "
+                    "sampling time; expected the real, earlier sampling time",
+                )
 
 
 def _exclusions(rec: _Records) -> tuple[list[Exclusion], np.ndarray]:
@@ -1068,29 +1380,51 @@ def _exclusions(rec: _Records) -> tuple[list[Exclusion], np.ndarray]:
     ids, rows = rec.ids, rec.rows
     exclusions: list[Exclusion] = []
     for i in np.flatnonzero(rec.commented):
-        exclusions.append(Exclusion(int(rows[i]), ids[i] or "", "commented-out "
-                                    "record (first field starts with '#'/'@' or is "
-                                    "'C'; NONMEM IGNORE)"))
+        exclusions.append(
+            Exclusion(
+                int(rows[i]),
+                ids[i] or "",
+                "commented-out "
+                "record (first field starts with '#'/'@' or is "
+                "'C'; NONMEM IGNORE)",
+            )
+        )
     for i in np.flatnonzero(rec.active & (rec.evid == 2)):
-        why = ("EVID 2 (other-type event)" if rec.evid_given[i]
-               else "MDV 1 record without a dose (NONMEM EVID 2, other-type event)")
-        exclusions.append(Exclusion(int(rows[i]), ids[i] or "", why + ": no dose or "
-                                    "observation to use"))
+        why = (
+            "EVID 2 (other-type event)"
+            if rec.evid_given[i]
+            else "MDV 1 record without a dose (NONMEM EVID 2, other-type event)"
+        )
+        exclusions.append(
+            Exclusion(
+                int(rows[i]), ids[i] or "", why + ": no dose or observation to use"
+            )
+        )
     for i in np.flatnonzero(rec.obs_rec & (rec.mdv == 1)):
-        why = ("observation record with MDV 1" if rec.mdv_in[i] == 1
-               else "observation record without DV (missing value)")
-        exclusions.append(Exclusion(int(rows[i]), ids[i] or "", why + ": not used in "
-                                    "the fit"))
+        why = (
+            "observation record with MDV 1"
+            if rec.mdv_in[i] == 1
+            else "observation record without DV (missing value)"
+        )
+        exclusions.append(
+            Exclusion(int(rows[i]), ids[i] or "", why + ": not used in the fit")
+        )
     subj_obs = {ids[i] for i in np.flatnonzero(rec.obs)}
     dropped_subject = rec.dose & np.array([x not in subj_obs for x in ids], dtype=bool)
     for i in np.flatnonzero(dropped_subject):
-        exclusions.append(Exclusion(int(rows[i]), ids[i] or "", "subject has doses "
-                                    "but no usable observation: subject excluded"))
+        exclusions.append(
+            Exclusion(
+                int(rows[i]),
+                ids[i] or "",
+                "subject has doses but no usable observation: subject excluded",
+            )
+        )
     return exclusions, (rec.dose & ~dropped_subject) | rec.obs
 
 
-def _check_subject_covariates(rec: _Records, order: np.ndarray,
-                              keep: np.ndarray) -> None:
+def _check_subject_covariates(
+    rec: _Records, order: np.ndarray, keep: np.ndarray
+) -> None:
     """A required covariate needs a value for each kept subject; a covariate that
     varies within a subject is noted (the first value is used, as in to_cohort)."""
     ids, rows = rec.ids, rec.rows
@@ -1110,15 +1444,22 @@ def _check_subject_covariates(rec: _Records, order: np.ndarray,
                     listed = ", ".join(str(rows[j]) for j in idx[:12])
                     listed = ("rows " if len(idx) > 1 else "row ") + listed
                     listed += ", ..." if len(idx) > 12 else ""
-                    rec.log.add(rows[idx[0]], s, col, f"required covariate {col} has "
-                                f"no value for this subject ({listed}); expected "
-                                f"{_expected(col, rec.unit)}")
+                    rec.log.add(
+                        rows[idx[0]],
+                        s,
+                        col,
+                        f"required covariate {col} has "
+                        f"no value for this subject ({listed}); expected "
+                        f"{_expected(col, rec.unit)}",
+                    )
                 continue
             uniq = np.unique(vals[ok])
             if len(uniq) > 1:
-                rec.notes[idx[0]].append(f"{col} varies within subject "
-                                         f"({uniq.min():g} to {uniq.max():g}); first "
-                                         "value used")
+                rec.notes[idx[0]].append(
+                    f"{col} varies within subject "
+                    f"({uniq.min():g} to {uniq.max():g}); first "
+                    "value used"
+                )
 
 
 def _schema_record(rec: _Records, i: int) -> dict:
@@ -1132,7 +1473,7 @@ def _schema_record(rec: _Records, i: int) -> dict:
         if rec.given[col][i]:
             out[col] = _native(vals[i])
         elif col == "AMT":
-            out[col] = 0.0      # NONMEM reads a missing AMT ('.') as 0
+            out[col] = 0.0  # NONMEM reads a missing AMT ('.') as 0
     if rec.unit_text[i]:
         out["DVUNIT"] = rec.unit_norm[i]
     return out
@@ -1145,8 +1486,9 @@ def _check_schema(rec: _Records) -> None:
         instance = _schema_record(rec, i)
         if "TIME" not in instance and (i, "TIME") not in rec.bad_cells:
             # Say "missing TIME" rather than the schema's generic message.
-            rec.issue(i, "TIME", "missing time; expected a number in h (>= 0)",
-                      claim=True)
+            rec.issue(
+                i, "TIME", "missing time; expected a number in h (>= 0)", claim=True
+            )
         _schema_issues(instance, int(rec.rows[i]), rec.ids[i], rec.log)
 
 
@@ -1187,10 +1529,17 @@ def _warn_covariate_gaps(rec: _Records, sel: np.ndarray) -> None:
         if gap.any():
             where = ", ".join(str(int(r)) for r in rec.rows[sel][gap][:5])
             more = " ..." if gap.sum() > 5 else ""
-            rec.warned.append(Issue(0, None, col, f"missing on {int(gap.sum())} "
-                                    f"record(s) (rows {where}{more}); each subject's "
-                                    "first non-missing value is used (covariates are "
-                                    "constant in time)"))
+            rec.warned.append(
+                Issue(
+                    0,
+                    None,
+                    col,
+                    f"missing on {int(gap.sum())} "
+                    f"record(s) (rows {where}{more}); each subject's "
+                    "first non-missing value is used (covariates are "
+                    "constant in time)",
+                )
+            )
 
 
 def _key(x: float):
@@ -1209,6 +1558,7 @@ def _id_sort_key(ids: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------- conversions
+
 
 def to_cohort(data: PKData, covariates: Sequence[str]) -> tuple[Cohort, list[str]]:
     """Pad a checked dataset into a :class:`Cohort` pytree.
@@ -1243,8 +1593,15 @@ def to_cohort(data: PKData, covariates: Sequence[str]) -> tuple[Cohort, list[str
     issues: list[Issue] = []
     for c in names:
         if c not in ev.columns:
-            issues.append(Issue(0, None, c, "covariate column is not in the dataset "
-                                f"(available: {', '.join(data.covariates) or 'none'})"))
+            issues.append(
+                Issue(
+                    0,
+                    None,
+                    c,
+                    "covariate column is not in the dataset "
+                    f"(available: {', '.join(data.covariates) or 'none'})",
+                )
+            )
         elif c not in data.covariates:
             issues.append(Issue(0, None, c, "covariate column is not numeric"))
     if issues:
@@ -1259,8 +1616,14 @@ def to_cohort(data: PKData, covariates: Sequence[str]) -> tuple[Cohort, list[str
         for c in names:
             v = pd.to_numeric(g[c], errors="coerce").dropna()
             if v.empty:
-                issues.append(Issue(int(g["ROW"].iloc[0]), str(sid), c, "covariate has "
-                                    "no value for this subject; expected a number"))
+                issues.append(
+                    Issue(
+                        int(g["ROW"].iloc[0]),
+                        str(sid),
+                        c,
+                        "covariate has no value for this subject; expected a number",
+                    )
+                )
                 cov.append(np.nan)
             else:
                 cov.append(float(v.iloc[0]))
@@ -1268,40 +1631,61 @@ def to_cohort(data: PKData, covariates: Sequence[str]) -> tuple[Cohort, list[str
         lloq = o["LLOQ"].to_numpy(dtype=float)
         for r, b, q in zip(o["ROW"], blq, lloq, strict=True):
             if b and not (np.isfinite(q) and q > 0):
-                issues.append(Issue(int(r), str(sid), "LLOQ", "BLQ observation "
-                                    "without a positive LLOQ; expected LLOQ > 0"))
+                issues.append(
+                    Issue(
+                        int(r),
+                        str(sid),
+                        "LLOQ",
+                        "BLQ observation without a positive LLOQ; expected LLOQ > 0",
+                    )
+                )
         dvs = o["DV"].to_numpy(dtype=float)
         for r, b, v in zip(o["ROW"], blq, dvs, strict=True):
             if not b and not np.isfinite(v):
-                issues.append(Issue(int(r), str(sid), "DV", "observation without a "
-                                    "value that is not BLQ; expected a level, or "
-                                    "BLQ 1 with its LLOQ"))
-        subjects.append({
-            "dose_time": d["TIME"].to_numpy(float) - t0,
-            "dose_amt": d["AMT"].to_numpy(float),
-            "dose_dur": d["DUR"].to_numpy(float),
-            "dose_occ": d["OCC"].to_numpy(int) - 1,
-            "obs_time": o["TIME"].to_numpy(float) - t0,
-            # Only BLQ levels can be missing here (checked above); the M3
-            # likelihood ignores their value, and 0 keeps NaN out of the arrays (a
-            # NaN times zero weight would still poison gradients).
-            "obs_dv": np.where(np.isfinite(dvs), dvs, 0.0),
-            "obs_blq": blq,
-            "obs_lloq": np.where(np.isfinite(lloq), lloq, 0.0),
-            "obs_occ": o["OCC"].to_numpy(int) - 1,
-            "covariates": np.asarray(cov, dtype=float),
-        })
+                issues.append(
+                    Issue(
+                        int(r),
+                        str(sid),
+                        "DV",
+                        "observation without a "
+                        "value that is not BLQ; expected a level, or "
+                        "BLQ 1 with its LLOQ",
+                    )
+                )
+        subjects.append(
+            {
+                "dose_time": d["TIME"].to_numpy(float) - t0,
+                "dose_amt": d["AMT"].to_numpy(float),
+                "dose_dur": d["DUR"].to_numpy(float),
+                "dose_occ": d["OCC"].to_numpy(int) - 1,
+                "obs_time": o["TIME"].to_numpy(float) - t0,
+                # Only BLQ levels can be missing here (checked above); the M3
+                # likelihood ignores their value, and 0 keeps NaN out of the arrays (a
+                # NaN times zero weight would still poison gradients).
+                "obs_dv": np.where(np.isfinite(dvs), dvs, 0.0),
+                "obs_blq": blq,
+                "obs_lloq": np.where(np.isfinite(lloq), lloq, 0.0),
+                "obs_occ": o["OCC"].to_numpy(int) - 1,
+                "covariates": np.asarray(cov, dtype=float),
+            }
+        )
         ids.append(str(sid))
     if issues:
         raise DataValidationError(issues)
     if not subjects:
-        raise DataValidationError([Issue(0, None, None, "no subject with both doses "
-                                                        "and observations")])
+        raise DataValidationError(
+            [Issue(0, None, None, "no subject with both doses and observations")]
+        )
     return stack_subjects(subjects), ids
 
 
-def from_cohort(cohort: Cohort, ids: Sequence[str], covariate_names: Sequence[str],
-                *, dv_unit: str | None = "IU/dL") -> pd.DataFrame:
+def from_cohort(
+    cohort: Cohort,
+    ids: Sequence[str],
+    covariate_names: Sequence[str],
+    *,
+    dv_unit: str | None = "IU/dL",
+) -> pd.DataFrame:
     """Write a cohort back as NONMEM-style rows (the inverse of :func:`to_cohort`).
 
     Parameters
@@ -1334,32 +1718,52 @@ def from_cohort(cohort: Cohort, ids: Sequence[str], covariate_names: Sequence[st
         raise ValueError(f"{len(ids)} ids for a cohort of {n_subj} subjects")
     names = [str(c).upper() for c in covariate_names]
     if len(names) != arrays["covariates"].shape[-1]:
-        raise ValueError(f"{len(names)} covariate names for "
-                         f"{arrays['covariates'].shape[-1]} covariate columns")
+        raise ValueError(
+            f"{len(names)} covariate names for "
+            f"{arrays['covariates'].shape[-1]} covariate columns"
+        )
     out = []
     for s, sid in enumerate(ids):
         cov = dict(zip(names, arrays["covariates"][s].tolist(), strict=True))
         real = arrays["dose_amt"][s] > 0
         dur = arrays["dose_dur"][s][real]
-        doses = pd.DataFrame({
-            "ID": str(sid), "TIME": arrays["dose_time"][s][real], "EVID": 1, "MDV": 1,
-            "AMT": arrays["dose_amt"][s][real],
-            "RATE": np.where(dur > 0, -2.0, 0.0), "DUR": dur, "DV": np.nan,
-            "BLQ": 0, "LLOQ": np.nan, "OCC": arrays["dose_occ"][s][real] + 1,
-        })
+        doses = pd.DataFrame(
+            {
+                "ID": str(sid),
+                "TIME": arrays["dose_time"][s][real],
+                "EVID": 1,
+                "MDV": 1,
+                "AMT": arrays["dose_amt"][s][real],
+                "RATE": np.where(dur > 0, -2.0, 0.0),
+                "DUR": dur,
+                "DV": np.nan,
+                "BLQ": 0,
+                "LLOQ": np.nan,
+                "OCC": arrays["dose_occ"][s][real] + 1,
+            }
+        )
         m = arrays["obs_mask"][s]
         lloq = arrays["obs_lloq"][s][m]
-        obs = pd.DataFrame({
-            "ID": str(sid), "TIME": arrays["obs_time"][s][m], "EVID": 0, "MDV": 0,
-            "AMT": 0.0, "RATE": 0.0, "DUR": 0.0, "DV": arrays["obs_dv"][s][m],
-            "BLQ": arrays["obs_blq"][s][m].astype(int),
-            "LLOQ": np.where(lloq > 0, lloq, np.nan),
-            "OCC": arrays["obs_occ"][s][m] + 1,
-        })
+        obs = pd.DataFrame(
+            {
+                "ID": str(sid),
+                "TIME": arrays["obs_time"][s][m],
+                "EVID": 0,
+                "MDV": 0,
+                "AMT": 0.0,
+                "RATE": 0.0,
+                "DUR": 0.0,
+                "DV": arrays["obs_dv"][s][m],
+                "BLQ": arrays["obs_blq"][s][m].astype(int),
+                "LLOQ": np.where(lloq > 0, lloq, np.nan),
+                "OCC": arrays["obs_occ"][s][m] + 1,
+            }
+        )
         frame = pd.concat([doses, obs], ignore_index=True)
         # Doses sort before observations at the same time (EVID 1 before 0).
-        frame = frame.sort_values(["TIME", "EVID"], ascending=[True, False],
-                                  kind="mergesort")
+        frame = frame.sort_values(
+            ["TIME", "EVID"], ascending=[True, False], kind="mergesort"
+        )
         for c in names:
             frame[c] = cov[c]
         out.append(frame)
@@ -1369,5 +1773,20 @@ def from_cohort(cohort: Cohort, ids: Sequence[str], covariate_names: Sequence[st
     if dv_unit is not None:
         df["DVUNIT"] = _normalise_unit(dv_unit)
         unit_cols = ["DVUNIT"]
-    return df[["ID", "TIME", "EVID", "MDV", "AMT", "RATE", "DUR", "DV", "BLQ", "LLOQ",
-               "OCC", *unit_cols, *names]]
+    return df[
+        [
+            "ID",
+            "TIME",
+            "EVID",
+            "MDV",
+            "AMT",
+            "RATE",
+            "DUR",
+            "DV",
+            "BLQ",
+            "LLOQ",
+            "OCC",
+            *unit_cols,
+            *names,
+        ]
+    ]

@@ -64,11 +64,17 @@ def limits() -> dict[str, Limit]:
     """Every limit of ``data_schemas/plausibility.json``, by name."""
     with open(schemas_dir() / LIMITS_FILE, encoding="utf-8") as fh:
         raw = json.load(fh)["limits"]
-    return {name: Limit(name, d["unit"],
-                        (_bound(d["error"]["min"]), _bound(d["error"]["max"])),
-                        (_bound(d["warn"]["min"]), _bound(d["warn"]["max"])),
-                        d["description"], d["source"])
-            for name, d in raw.items()}
+    return {
+        name: Limit(
+            name,
+            d["unit"],
+            (_bound(d["error"]["min"]), _bound(d["error"]["max"])),
+            (_bound(d["warn"]["min"]), _bound(d["warn"]["max"])),
+            d["description"],
+            d["source"],
+        )
+        for name, d in raw.items()
+    }
 
 
 def limit(name: str) -> Limit:
@@ -76,8 +82,9 @@ def limit(name: str) -> Limit:
     try:
         return limits()[name]
     except KeyError:
-        raise KeyError(f"no plausibility limit {name!r}; known: "
-                       f"{', '.join(sorted(limits()))}") from None
+        raise KeyError(
+            f"no plausibility limit {name!r}; known: {', '.join(sorted(limits()))}"
+        ) from None
 
 
 def _num(x: float) -> str:
@@ -105,15 +112,19 @@ def check(name: str, value: float) -> Finding | None:
     try:
         x = float(value)
     except (TypeError, ValueError, OverflowError):
-        return Finding("error", f"expected a number ({lim.description}), got "
-                                f"{value!r:.40}")
+        return Finding(
+            "error", f"expected a number ({lim.description}), got {value!r:.40}"
+        )
     if not math.isfinite(x):
-        return Finding("error", f"expected a finite number ({lim.description}), "
-                                f"got {value!r:.40}")
+        return Finding(
+            "error", f"expected a finite number ({lim.description}), got {value!r:.40}"
+        )
     for level, (lo, hi) in (("error", lim.error), ("warning", lim.warn)):
         if (lo is not None and x < lo) or (hi is not None and x > hi):
-            what = "outside the plausible range" if level == "error" else \
-                "unusual"
-            return Finding(level, f"{_num(x)}{u} is {what} for {lim.description} "
-                                  f"({_range(lo, hi, lim.unit)})")
+            what = "outside the plausible range" if level == "error" else "unusual"
+            return Finding(
+                level,
+                f"{_num(x)}{u} is {what} for {lim.description} "
+                f"({_range(lo, hi, lim.unit)})",
+            )
     return None

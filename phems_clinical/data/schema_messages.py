@@ -15,10 +15,20 @@ from typing import Any, NamedTuple
 
 import jsonschema
 
-KINDS = {"number": "a number", "integer": "a whole number", "string": "text",
-         "boolean": "true or false", "array": "a list", "object": "an object"}
-BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=",
-          "exclusiveMaximum": "<"}
+KINDS = {
+    "number": "a number",
+    "integer": "a whole number",
+    "string": "text",
+    "boolean": "true or false",
+    "array": "a list",
+    "object": "an object",
+}
+BOUNDS = {
+    "minimum": ">=",
+    "exclusiveMinimum": ">",
+    "maximum": "<=",
+    "exclusiveMaximum": "<",
+}
 
 
 class FieldError(NamedTuple):
@@ -78,10 +88,11 @@ def nonfinite_fields(obj: Any, where: tuple = ()) -> Iterator[FieldError]:
             yield from nonfinite_fields(v, (*where, i))
 
 
-def translate(err: jsonschema.ValidationError,
-              title_of: Callable[[dict, str], str],
-              hint: Callable[[jsonschema.ValidationError], str] = lambda e: ""
-              ) -> list[FieldError]:
+def translate(
+    err: jsonschema.ValidationError,
+    title_of: Callable[[dict, str], str],
+    hint: Callable[[jsonschema.ValidationError], str] = lambda e: "",
+) -> list[FieldError]:
     """Plain-language errors for one schema violation.
 
     ``title_of(schema, fallback)`` names a field (its schema ``title``, resolving a
@@ -91,24 +102,38 @@ def translate(err: jsonschema.ValidationError,
     where, s, kw, val = list(err.absolute_path), err.schema, err.validator, err.instance
     props = s.get("properties", {})
     if kw == "required":
-        return [FieldError(field_path([*where, n]),
-                           "required field missing: " + title_of(props[n], n))
-                for n in err.validator_value if n not in val]
+        return [
+            FieldError(
+                field_path([*where, n]),
+                "required field missing: " + title_of(props[n], n),
+            )
+            for n in err.validator_value
+            if n not in val
+        ]
     if kw == "additionalProperties":
-        return [FieldError(field_path([*where, str(k)]),
-                           unknown_field(str(k), list(props)))
-                for k in val if k not in props]
+        return [
+            FieldError(field_path([*where, str(k)]), unknown_field(str(k), list(props)))
+            for k in val
+            if k not in props
+        ]
     if kw == "oneOf" and not isinstance(val, dict):
-        return [FieldError(field_path(where), f"expected an object, got "
-                                              f"{show_value(val)}")]
-    if kw == "oneOf":   # used only for "exactly one of these fields"
+        return [
+            FieldError(field_path(where), f"expected an object, got {show_value(val)}")
+        ]
+    if kw == "oneOf":  # used only for "exactly one of these fields"
         names = [alt["required"][0] for alt in err.validator_value]
         if any(n in val for n in names):
-            return [FieldError(field_path(where), f"give either {' or '.join(names)}"
-                               ", not both")]
+            return [
+                FieldError(
+                    field_path(where), f"give either {' or '.join(names)}, not both"
+                )
+            ]
         which = " or ".join(f"{n} ({title_of(props[n], n)})" for n in names)
-        return [FieldError(field_path([*where, names[0]]),
-                           f"required field missing: {which}")]
+        return [
+            FieldError(
+                field_path([*where, names[0]]), f"required field missing: {which}"
+            )
+        ]
     title = title_of(s, str(where[-1]) if where else "input")
     extra = ""
     if kw == "type" or kw in BOUNDS:
@@ -116,8 +141,9 @@ def translate(err: jsonschema.ValidationError,
         types = s.get("type", "number")
         types = types if isinstance(types, list) else [types]
         kind = " or ".join(KINDS[t] for t in types)
-        bounds = " and ".join(f"{op} {show_number(s[k])}"
-                              for k, op in BOUNDS.items() if k in s)
+        bounds = " and ".join(
+            f"{op} {show_number(s[k])}" for k, op in BOUNDS.items() if k in s
+        )
         msg = f"expected {kind} {bounds}".rstrip() + f" ({title})"
         extra = hint(err)
     elif kw == "enum":
@@ -134,10 +160,19 @@ def translate(err: jsonschema.ValidationError,
         return [FieldError(field_path(where), f"{msg}, got {len(val)}")]
     elif kw == "pattern":
         msg = f"expected {title}"
-    else:   # pragma: no cover - the schemas use no other keywords
+    else:  # pragma: no cover - the schemas use no other keywords
         msg = f"invalid value ({title}): {err.message}"
     return [FieldError(field_path(where), f"{msg}, got {show_value(val)}{extra}")]
 
 
-__all__ = ["BOUNDS", "KINDS", "FieldError", "field_path", "nonfinite_fields",
-           "show_number", "show_value", "translate", "unknown_field"]
+__all__ = [
+    "BOUNDS",
+    "KINDS",
+    "FieldError",
+    "field_path",
+    "nonfinite_fields",
+    "show_number",
+    "show_value",
+    "translate",
+    "unknown_field",
+]

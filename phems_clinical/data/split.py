@@ -22,17 +22,22 @@ def split_ids(key, ids, test_fraction: float) -> tuple[set, set]:
     return set(ids[order[n_test:]].tolist()), set(ids[order[:n_test]].tolist())
 
 
-def holdout_split(key, frames: Mapping[str, pd.DataFrame], id_col: str,
-                  holdout: str | None, test_fraction: float
-                  ) -> tuple[str, dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+def holdout_split(
+    key,
+    frames: Mapping[str, pd.DataFrame],
+    id_col: str,
+    holdout: str | None,
+    test_fraction: float,
+) -> tuple[str, dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
     """The held-out hospital (default: the last site) and, for every other site, a
     seeded split of its rows by ``id_col`` into training and held-out test rows:
     ``(holdout, train, test)``."""
     names = list(frames)
     holdout = holdout or names[-1]
     if holdout not in frames:
-        raise ValueError(f"--holdout: {holdout!r} is not one of the sites "
-                         f"{', '.join(names)}")
+        raise ValueError(
+            f"--holdout: {holdout!r} is not one of the sites {', '.join(names)}"
+        )
     if len(names) < 2:
         raise ValueError("--holdout: at least one other site is needed to train")
     train, test = {}, {}

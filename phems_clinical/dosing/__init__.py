@@ -27,14 +27,31 @@ _EXPORTS = {
     ".history": ("StoreError", "list_patients", "open_store", "save_assessment"),
     ".regimens": ("Schedule", "design_regimens", "evaluate_regimen", "parse_schedule"),
     ".wording": ("as_text", "display"),
-    ".workflow": ("METHODS", "Assessment", "assess", "redraw",
-                  "requires_acknowledgement"),
+    ".workflow": (
+        "METHODS",
+        "Assessment",
+        "assess",
+        "redraw",
+        "requires_acknowledgement",
+    ),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
-    "Assessment", "METHODS", "Schedule", "StoreError", "as_text", "assess",
-    "conversion", "design_regimens", "display", "evaluate_regimen", "list_patients",
-    "open_store", "parse_schedule", "redraw", "requires_acknowledgement",
+    "Assessment",
+    "METHODS",
+    "Schedule",
+    "StoreError",
+    "as_text",
+    "assess",
+    "conversion",
+    "design_regimens",
+    "display",
+    "evaluate_regimen",
+    "list_patients",
+    "open_store",
+    "parse_schedule",
+    "redraw",
+    "requires_acknowledgement",
     "save_assessment",
 ]

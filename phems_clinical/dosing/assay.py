@@ -21,11 +21,19 @@ from typing import NamedTuple
 __all__ = ["ASSAYS", "AssayConversion", "canonical", "conversion"]
 
 ASSAYS = ("one-stage", "chromogenic")
-_ALIASES = {"one-stage": "one-stage", "one stage": "one-stage", "osa": "one-stage",
-            "one-stage (osa)": "one-stage", "chromogenic": "chromogenic",
-            "csa": "chromogenic", "chromogenic (csa)": "chromogenic"}
-_NAMES = {"one-stage": "one-stage clotting assay",
-          "chromogenic": "chromogenic substrate assay"}
+_ALIASES = {
+    "one-stage": "one-stage",
+    "one stage": "one-stage",
+    "osa": "one-stage",
+    "one-stage (osa)": "one-stage",
+    "chromogenic": "chromogenic",
+    "csa": "chromogenic",
+    "chromogenic (csa)": "chromogenic",
+}
+_NAMES = {
+    "one-stage": "one-stage clotting assay",
+    "chromogenic": "chromogenic substrate assay",
+}
 
 
 class AssayConversion(NamedTuple):
@@ -72,8 +80,13 @@ def _factors(table: Mapping | None) -> dict[str, tuple[float, str]]:
     return out
 
 
-def conversion(model_assay: str | None, table: Mapping | None,
-               measured: str | None, *, covariate: bool = False) -> AssayConversion:
+def conversion(
+    model_assay: str | None,
+    table: Mapping | None,
+    measured: str | None,
+    *,
+    covariate: bool = False,
+) -> AssayConversion:
     """The factor that puts a level measured with ``measured`` on the model's scale.
 
     Parameters
@@ -108,23 +121,44 @@ def conversion(model_assay: str | None, table: Mapping | None,
             return AssayConversion(None, model, 1.0, "not given", None)
         a = others[0]
         f, src = factors[a]
-        return AssayConversion(None, model, 1.0, "not given", (
-            f"the assay of the levels was not given; for this product, levels "
-            f"measured with the {_NAMES[a]} are multiplied by {f:g} ({src}) to put "
-            f"them on the model's scale. Give assay (\"one-stage\" or "
-            f"\"chromogenic\"); the levels were used as measured"))
+        return AssayConversion(
+            None,
+            model,
+            1.0,
+            "not given",
+            (
+                f"the assay of the levels was not given; for this product, levels "
+                f"measured with the {_NAMES[a]} are multiplied by {f:g} ({src}) to put "
+                f'them on the model\'s scale. Give assay ("one-stage" or '
+                f'"chromogenic"); the levels were used as measured'
+            ),
+        )
     if measured in factors and measured != model:
         f, src = factors[measured]
         return AssayConversion(measured, model, f, src, None)
     if model is None:
-        return AssayConversion(measured, None, 1.0, "model assay not recorded", (
-            f"levels measured with the {_NAMES[measured]}; the model does not record "
-            "the assay of its data, so a difference between assays cannot be "
-            "checked or converted; the levels were used as measured"))
+        return AssayConversion(
+            measured,
+            None,
+            1.0,
+            "model assay not recorded",
+            (
+                f"levels measured with the {_NAMES[measured]}; the model does not record "
+                "the assay of its data, so a difference between assays cannot be "
+                "checked or converted; the levels were used as measured"
+            ),
+        )
     if measured == model:
         return AssayConversion(measured, model, 1.0, "same assay", None)
-    return AssayConversion(measured, model, 1.0, "no published conversion", (
-        f"levels measured with the {_NAMES[measured]}, but the model was built on "
-        f"levels from the {_NAMES[model]} and no published conversion between them "
-        "is recorded for this product; the levels were used unconverted, and the "
-        "estimates may be biased by the difference between the assays"))
+    return AssayConversion(
+        measured,
+        model,
+        1.0,
+        "no published conversion",
+        (
+            f"levels measured with the {_NAMES[measured]}, but the model was built on "
+            f"levels from the {_NAMES[model]} and no published conversion between them "
+            "is recorded for this product; the levels were used unconverted, and the "
+            "estimates may be biased by the difference between the assays"
+        ),
+    )

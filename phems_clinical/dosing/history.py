@@ -53,11 +53,25 @@ from typing import Any, NamedTuple
 
 from phems_clinical.data.dosing_request import FieldError, RequestError
 
-__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "AssessmentSummary",
-           "PatientSummary", "Previous", "Store", "StoreError",
-           "assessment_summary", "assessment_time", "export", "history",
-           "history_table", "list_patients", "load_assessment", "open_store",
-           "previous_assessment", "save_assessment"]
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "AssessmentSummary",
+    "PatientSummary",
+    "Previous",
+    "Store",
+    "StoreError",
+    "assessment_summary",
+    "assessment_time",
+    "export",
+    "history",
+    "history_table",
+    "list_patients",
+    "load_assessment",
+    "open_store",
+    "previous_assessment",
+    "save_assessment",
+]
 
 #: ``PRAGMA application_id`` of a history file ("PHEM" in ASCII).
 APPLICATION_ID = 0x5048454D
@@ -97,8 +111,8 @@ class PatientSummary(NamedTuple):
 
     patient_id: str
     n_assessments: int
-    first_assessed: str   # ISO 8601 date-time of the earliest assessment
-    last_assessed: str    # ... and of the latest
+    first_assessed: str  # ISO 8601 date-time of the earliest assessment
+    last_assessed: str  # ... and of the latest
 
 
 class AssessmentSummary(NamedTuple):
@@ -111,9 +125,9 @@ class AssessmentSummary(NamedTuple):
 
     assessment_id: int
     patient_id: str
-    assessed_at: str                     # ISO 8601 date-time
-    product: str | None                  # library id
-    product_display: str | None          # e.g. "Advate (octocog alfa) — Björkman 2012"
+    assessed_at: str  # ISO 8601 date-time
+    product: str | None  # library id
+    product_display: str | None  # e.g. "Advate (octocog alfa) — Björkman 2012"
     weight_kg: float | None
     age_y: float | None
     effective_half_life_h: dict | None
@@ -200,8 +214,10 @@ def open_store(path: str | os.PathLike) -> Store:
                 c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     c.execute(statement)
-                c.execute("INSERT INTO schema_version VALUES (?, ?)",
-                          (SCHEMA_VERSION, _utc_now()))
+                c.execute(
+                    "INSERT INTO schema_version VALUES (?, ?)",
+                    (SCHEMA_VERSION, _utc_now()),
+                )
         else:
             _check_schema(p, conn)
     except sqlite3.DatabaseError as err:
@@ -216,9 +232,11 @@ def open_store(path: str | os.PathLike) -> Store:
 def _check_schema(path: Path, conn: sqlite3.Connection) -> None:
     app_id = conn.execute("PRAGMA application_id").fetchone()[0]
     if app_id != APPLICATION_ID:
-        raise StoreError(f"{path} is an SQLite database of another application "
-                         "(not a phems_clinical patient history); choose another "
-                         "file")
+        raise StoreError(
+            f"{path} is an SQLite database of another application "
+            "(not a phems_clinical patient history); choose another "
+            "file"
+        )
     try:
         rows = conn.execute("SELECT version FROM schema_version").fetchall()
     except sqlite3.OperationalError:
@@ -226,22 +244,33 @@ def _check_schema(path: Path, conn: sqlite3.Connection) -> None:
     versions = sorted({r[0] for r in rows})
     if versions != [SCHEMA_VERSION]:
         found = ", ".join(map(str, versions)) or "none recorded"
-        raise StoreError(f"{path} has patient-history schema version {found}; this "
-                         f"version of phems_clinical reads version "
-                         f"{SCHEMA_VERSION} only. Use the phems_clinical version "
-                         "that wrote it, or a new file")
+        raise StoreError(
+            f"{path} has patient-history schema version {found}; this "
+            f"version of phems_clinical reads version "
+            f"{SCHEMA_VERSION} only. Use the phems_clinical version "
+            "that wrote it, or a new file"
+        )
 
 
 # ------------------------------------------------------------------ writing
+
 
 def _patient_id(request: dict, result: dict) -> str:
     pid = request.get("patient_id") if isinstance(request, dict) else None
     if pid is None and isinstance(result, dict):
         pid = result.get("patient_id")
     if not isinstance(pid, str) or not pid.strip():
-        raise RequestError([FieldError("patient_id", (
-            "a patient id is required to save the assessment in the patient "
-            "history (the clinic's own identifier, e.g. the hospital number)"))])
+        raise RequestError(
+            [
+                FieldError(
+                    "patient_id",
+                    (
+                        "a patient id is required to save the assessment in the patient "
+                        "history (the clinic's own identifier, e.g. the hospital number)"
+                    ),
+                )
+            ]
+        )
     return pid.strip()
 
 
@@ -252,9 +281,17 @@ def _iso(when: str | dt.datetime, field: str = "when") -> str:
         try:
             t = dt.datetime.fromisoformat(str(when))
         except ValueError:
-            raise RequestError([FieldError(field, (
-                f"{str(when)!r:.40} is not an ISO 8601 date-time (expected e.g. "
-                "2024-03-01T08:30)"))]) from None
+            raise RequestError(
+                [
+                    FieldError(
+                        field,
+                        (
+                            f"{str(when)!r:.40} is not an ISO 8601 date-time (expected e.g. "
+                            "2024-03-01T08:30)"
+                        ),
+                    )
+                ]
+            ) from None
     if t.tzinfo is not None:
         t = t.astimezone(dt.UTC).replace(tzinfo=None)
     return t.replace(microsecond=0).isoformat(timespec="minutes")
@@ -277,22 +314,26 @@ def assessment_time(time_origin: str | None, level_times_h) -> str:
 
 def _default_when(result: dict) -> str:
     levels = result.get("levels") or []
-    return assessment_time(result.get("time_origin"),
-                           [lv.get("time_h") for lv in levels
-                            if isinstance(lv, dict)])
+    return assessment_time(
+        result.get("time_origin"),
+        [lv.get("time_h") for lv in levels if isinstance(lv, dict)],
+    )
 
 
 def _json(obj: Any, field: str) -> str:
     try:
-        return json.dumps(obj, allow_nan=False, ensure_ascii=False,
-                          separators=(",", ":"))
+        return json.dumps(
+            obj, allow_nan=False, ensure_ascii=False, separators=(",", ":")
+        )
     except (TypeError, ValueError) as err:
-        raise RequestError([FieldError(field, f"cannot be stored as JSON ({err})")]
-                           ) from None
+        raise RequestError(
+            [FieldError(field, f"cannot be stored as JSON ({err})")]
+        ) from None
 
 
-def save_assessment(store: Store, request: dict, result: dict, *,
-                    when: str | dt.datetime | None = None) -> int:
+def save_assessment(
+    store: Store, request: dict, result: dict, *, when: str | dt.datetime | None = None
+) -> int:
     """Save one assessment; returns its id.
 
     Parameters
@@ -319,19 +360,29 @@ def save_assessment(store: Store, request: dict, result: dict, *,
         cur = c.execute(
             "INSERT INTO assessments (patient_id, assessed_at, saved_utc, product, "
             "product_display, request_json, result_json) VALUES (?,?,?,?,?,?,?)",
-            (pid, assessed_at, now, result.get("product"),
-             result.get("product_display"), req_text, res_text))
+            (
+                pid,
+                assessed_at,
+                now,
+                result.get("product"),
+                result.get("product_display"),
+                req_text,
+                res_text,
+            ),
+        )
         return int(cur.lastrowid)
 
 
 # ------------------------------------------------------------------ reading
+
 
 def list_patients(store: Store) -> list[PatientSummary]:
     """Every patient with at least one assessment, by patient id."""
     with store._read() as c:
         rows = c.execute(
             "SELECT patient_id, COUNT(*), MIN(assessed_at), MAX(assessed_at) "
-            "FROM assessments GROUP BY patient_id ORDER BY patient_id").fetchall()
+            "FROM assessments GROUP BY patient_id ORDER BY patient_id"
+        ).fetchall()
     return [PatientSummary(*r) for r in rows]
 
 
@@ -352,25 +403,44 @@ def _summary(row: tuple) -> AssessmentSummary:
     chosen = r.get("evaluated_regimens") or []
     model = r.get("model") or {}
     return AssessmentSummary(
-        assessment_id=aid, patient_id=pid, assessed_at=when, product=product,
+        assessment_id=aid,
+        patient_id=pid,
+        assessed_at=when,
+        product=product,
         product_display=display or model.get("name") or product,
-        weight_kg=value("WT"), age_y=value("AGE"),
+        weight_kg=value("WT"),
+        age_y=value("AGE"),
         effective_half_life_h=_estimate(r, "effective_half_life_h"),
         terminal_half_life_h=_estimate(r, "half_life_h"),
         clearance_mL_h_kg=_estimate(r, "clearance_mL_h_kg"),
-        chosen_regimen=chosen[0] if chosen and isinstance(chosen[0], dict) else None)
+        chosen_regimen=chosen[0] if chosen and isinstance(chosen[0], dict) else None,
+    )
 
 
-_SUMMARY_SQL = ("SELECT id, patient_id, assessed_at, product, product_display, "
-                "result_json FROM assessments ")
+_SUMMARY_SQL = (
+    "SELECT id, patient_id, assessed_at, product, product_display, "
+    "result_json FROM assessments "
+)
 
 
 def _known(c: sqlite3.Connection, patient_id: str) -> None:
-    if c.execute("SELECT 1 FROM patients WHERE patient_id = ?",
-                 (patient_id,)).fetchone() is None:
-        raise RequestError([FieldError("patient_id", (
-            f"no assessments saved for patient {patient_id!r:.80} in this "
-            "history file"))])
+    if (
+        c.execute(
+            "SELECT 1 FROM patients WHERE patient_id = ?", (patient_id,)
+        ).fetchone()
+        is None
+    ):
+        raise RequestError(
+            [
+                FieldError(
+                    "patient_id",
+                    (
+                        f"no assessments saved for patient {patient_id!r:.80} in this "
+                        "history file"
+                    ),
+                )
+            ]
+        )
 
 
 def history(store: Store, patient_id: str) -> list[AssessmentSummary]:
@@ -380,8 +450,10 @@ def history(store: Store, patient_id: str) -> list[AssessmentSummary]:
     """
     with store._read() as c:
         _known(c, patient_id)
-        rows = c.execute(_SUMMARY_SQL + "WHERE patient_id = ? ORDER BY "
-                         "assessed_at, id", (patient_id,)).fetchall()
+        rows = c.execute(
+            _SUMMARY_SQL + "WHERE patient_id = ? ORDER BY assessed_at, id",
+            (patient_id,),
+        ).fetchall()
     return [_summary(r) for r in rows]
 
 
@@ -391,22 +463,35 @@ def load_assessment(store: Store, assessment_id: int) -> tuple[dict, dict]:
     Raises :class:`RequestError` on ``assessment_id`` when there is none.
     """
     with store._read() as c:
-        row = c.execute("SELECT request_json, result_json FROM assessments "
-                        "WHERE id = ?", (int(assessment_id),)).fetchone()
+        row = c.execute(
+            "SELECT request_json, result_json FROM assessments WHERE id = ?",
+            (int(assessment_id),),
+        ).fetchone()
     if row is None:
-        raise RequestError([FieldError("assessment_id", (
-            f"no assessment {assessment_id} in this history file"))])
+        raise RequestError(
+            [
+                FieldError(
+                    "assessment_id",
+                    (f"no assessment {assessment_id} in this history file"),
+                )
+            ]
+        )
     return json.loads(row[0]), json.loads(row[1])
 
 
 def assessment_summary(store: Store, assessment_id: int) -> AssessmentSummary:
     """The history row of one assessment (:class:`RequestError` if none)."""
     with store._read() as c:
-        row = c.execute(_SUMMARY_SQL + "WHERE id = ?",
-                        (int(assessment_id),)).fetchone()
+        row = c.execute(_SUMMARY_SQL + "WHERE id = ?", (int(assessment_id),)).fetchone()
     if row is None:
-        raise RequestError([FieldError("assessment_id", (
-            f"no assessment {assessment_id} in this history file"))])
+        raise RequestError(
+            [
+                FieldError(
+                    "assessment_id",
+                    (f"no assessment {assessment_id} in this history file"),
+                )
+            ]
+        )
     return _summary(row)
 
 
@@ -418,9 +503,13 @@ class Previous(NamedTuple):
     result: dict
 
 
-def previous_assessment(store: Store, patient_id: str, *,
-                        before: str | dt.datetime | None = None,
-                        exclude_id: int | None = None) -> Previous | None:
+def previous_assessment(
+    store: Store,
+    patient_id: str,
+    *,
+    before: str | dt.datetime | None = None,
+    exclude_id: int | None = None,
+) -> Previous | None:
     """The patient's latest assessment dated strictly before ``before``
     (default: the latest of all), skipping ``exclude_id``; ``None`` when the
     patient has none (a new patient)."""
@@ -433,8 +522,9 @@ def previous_assessment(store: Store, patient_id: str, *,
         sql += " AND id != ?"
         args.append(int(exclude_id))
     with store._read() as c:
-        row = c.execute(sql + " ORDER BY assessed_at DESC, id DESC LIMIT 1",
-                        args).fetchone()
+        row = c.execute(
+            sql + " ORDER BY assessed_at DESC, id DESC LIMIT 1", args
+        ).fetchone()
     if row is None:
         return None
     request, result = load_assessment(store, row[0])
@@ -448,10 +538,12 @@ def previous_assessment(store: Store, patient_id: str, *,
 HISTORY_LABELS = ("Effective half-life", "Terminal half-life", "Clearance")
 
 
-_LEGACY = (("Weight", None, "kg"),
-           ("Effective half-life", "effective_half_life_h", "h"),
-           ("Terminal half-life", "half_life_h", "h"),
-           ("Clearance", "clearance_mL_h_kg", "mL/h/kg"))
+_LEGACY = (
+    ("Weight", None, "kg"),
+    ("Effective half-life", "effective_half_life_h", "h"),
+    ("Terminal half-life", "half_life_h", "h"),
+    ("Clearance", "clearance_mL_h_kg", "mL/h/kg"),
+)
 
 
 def _legacy_values(result: dict) -> dict[str, str]:
@@ -465,10 +557,13 @@ def _legacy_values(result: dict) -> dict[str, str]:
                 out[label] = f"{wt:.3g} {unit}"
             continue
         e = _estimate(result, key)
-        if e and all(isinstance(e.get(k), int | float)
-                     for k in ("median", "lo90", "hi90")):
-            out[label] = (f"{e['median']:.3g} {unit} (90 % interval "
-                          f"{e['lo90']:.3g}–{e['hi90']:.3g} {unit})")
+        if e and all(
+            isinstance(e.get(k), int | float) for k in ("median", "lo90", "hi90")
+        ):
+            out[label] = (
+                f"{e['median']:.3g} {unit} (90 % interval "
+                f"{e['lo90']:.3g}–{e['hi90']:.3g} {unit})"
+            )
     return out
 
 
@@ -476,8 +571,11 @@ def _display_values(result: dict) -> dict[str, str]:
     display = result.get("display")
     if not isinstance(display, dict):
         return _legacy_values(result)
-    return {str(item.get("label")): str(item.get("value"))
-            for item in display.get("summary") or [] if isinstance(item, dict)}
+    return {
+        str(item.get("label")): str(item.get("value"))
+        for item in display.get("summary") or []
+        if isinstance(item, dict)
+    }
 
 
 def _chosen_text(result: dict) -> str:
@@ -486,8 +584,9 @@ def _chosen_text(result: dict) -> str:
     if not rows:
         return ""
     row = dict(zip(cols, rows[0], strict=False))
-    return ", ".join(str(row[c]) for c in ("Schedule", "Dose", "P(trough ≥ target)")
-                     if row.get(c))
+    return ", ".join(
+        str(row[c]) for c in ("Schedule", "Dose", "P(trough ≥ target)") if row.get(c)
+    )
 
 
 def history_table(store: Store, patient_id: str) -> dict:
@@ -504,40 +603,77 @@ def history_table(store: Store, patient_id: str) -> dict:
         _, result = load_assessment(store, s.assessment_id)
         values = _display_values(result)
         weight = next((v for k, v in values.items() if k.startswith("Weight")), "")
-        rows.append([s.assessed_at.replace("T", " "), s.product_display or "",
-                     weight, *(next((v for k, v in values.items()
-                                     if k.startswith(label)), "")
-                               for label in HISTORY_LABELS),
-                     _chosen_text(result)])
+        rows.append(
+            [
+                s.assessed_at.replace("T", " "),
+                s.product_display or "",
+                weight,
+                *(
+                    next((v for k, v in values.items() if k.startswith(label)), "")
+                    for label in HISTORY_LABELS
+                ),
+                _chosen_text(result),
+            ]
+        )
         ids.append(s.assessment_id)
-    return {"columns": ["Date", "Product", "Weight", *HISTORY_LABELS,
-                        "Chosen regimen"], "rows": rows, "assessment_ids": ids}
+    return {
+        "columns": ["Date", "Product", "Weight", *HISTORY_LABELS, "Chosen regimen"],
+        "rows": rows,
+        "assessment_ids": ids,
+    }
 
 
 # ------------------------------------------------------------------ export
 
 CSV_COLUMNS = (
-    "assessment_id", "patient_id", "assessed_at", "product", "product_display",
-    "weight_kg", "age_y",
-    "effective_half_life_h", "effective_half_life_h_lo90",
+    "assessment_id",
+    "patient_id",
+    "assessed_at",
+    "product",
+    "product_display",
+    "weight_kg",
+    "age_y",
+    "effective_half_life_h",
+    "effective_half_life_h_lo90",
     "effective_half_life_h_hi90",
-    "terminal_half_life_h", "terminal_half_life_h_lo90", "terminal_half_life_h_hi90",
-    "clearance_mL_h_kg", "clearance_mL_h_kg_lo90", "clearance_mL_h_kg_hi90",
-    "chosen_schedule", "chosen_dose_IU", "chosen_dose_IU_kg")
+    "terminal_half_life_h",
+    "terminal_half_life_h_lo90",
+    "terminal_half_life_h_hi90",
+    "clearance_mL_h_kg",
+    "clearance_mL_h_kg_lo90",
+    "clearance_mL_h_kg_hi90",
+    "chosen_schedule",
+    "chosen_dose_IU",
+    "chosen_dose_IU_kg",
+)
 
 
 def _csv_row(s: AssessmentSummary) -> list:
     def est(e):
-        return [None, None, None] if e is None else [e.get("median"), e.get("lo90"),
-                                                     e.get("hi90")]
+        return (
+            [None, None, None]
+            if e is None
+            else [e.get("median"), e.get("lo90"), e.get("hi90")]
+        )
+
     ch = s.chosen_regimen or {}
     sched = ch.get("schedule")
     label = sched.get("label") if isinstance(sched, dict) else sched
-    return [s.assessment_id, s.patient_id, s.assessed_at, s.product,
-            s.product_display, s.weight_kg, s.age_y,
-            *est(s.effective_half_life_h), *est(s.terminal_half_life_h),
-            *est(s.clearance_mL_h_kg), label, ch.get("dose_IU"),
-            ch.get("dose_IU_kg")]
+    return [
+        s.assessment_id,
+        s.patient_id,
+        s.assessed_at,
+        s.product,
+        s.product_display,
+        s.weight_kg,
+        s.age_y,
+        *est(s.effective_half_life_h),
+        *est(s.terminal_half_life_h),
+        *est(s.clearance_mL_h_kg),
+        label,
+        ch.get("dose_IU"),
+        ch.get("dose_IU_kg"),
+    ]
 
 
 def export(store: Store, patient_id: str, fmt: str = "json") -> str:
@@ -550,8 +686,9 @@ def export(store: Store, patient_id: str, fmt: str = "json") -> str:
     cell is a value the result does not hold).
     """
     if fmt not in EXPORT_FORMATS:
-        raise RequestError([FieldError("format", f"expected json or csv, got "
-                                                 f"{fmt!r:.20}")])
+        raise RequestError(
+            [FieldError("format", f"expected json or csv, got {fmt!r:.20}")]
+        )
     rows = history(store, patient_id)
     if fmt == "csv":
         buf = io.StringIO()
@@ -562,10 +699,23 @@ def export(store: Store, patient_id: str, fmt: str = "json") -> str:
     items = []
     for s in rows:
         request, result = load_assessment(store, s.assessment_id)
-        items.append({"assessment_id": s.assessment_id,
-                      "assessed_at": s.assessed_at, "request": request,
-                      "result": result})
-    return json.dumps({"format": "phems_clinical patient history",
-                       "schema_version": SCHEMA_VERSION, "patient_id": patient_id,
-                       "exported_utc": _utc_now(), "assessments": items},
-                      indent=2, ensure_ascii=False, allow_nan=False)
+        items.append(
+            {
+                "assessment_id": s.assessment_id,
+                "assessed_at": s.assessed_at,
+                "request": request,
+                "result": result,
+            }
+        )
+    return json.dumps(
+        {
+            "format": "phems_clinical patient history",
+            "schema_version": SCHEMA_VERSION,
+            "patient_id": patient_id,
+            "exported_utc": _utc_now(),
+            "assessments": items,
+        },
+        indent=2,
+        ensure_ascii=False,
+        allow_nan=False,
+    )

@@ -61,8 +61,13 @@ from phems_clinical.pk.model import PopParams
 from phems_clinical.pk.spec import PopModel
 
 __all__ = [
-    "ACCEPTED_FORMS", "PEAK_FLAG", "PEAK_FLAG_IU_DL", "Schedule", "design_regimens",
-    "evaluate_regimen", "parse_schedule",
+    "ACCEPTED_FORMS",
+    "PEAK_FLAG",
+    "PEAK_FLAG_IU_DL",
+    "Schedule",
+    "design_regimens",
+    "evaluate_regimen",
+    "parse_schedule",
 ]
 
 PEAK_FLAG = "median_peak_above_flag_level"
@@ -73,23 +78,42 @@ PEAK_FLAG_IU_DL = 150.0
 deep-vein thrombosis compared with below 100 IU/dL (Koster T, et al. Lancet
 1995;345:152-155)."""
 
-ACCEPTED_FORMS = ('"every 48 h", "48h", "every 2 days", "daily", "weekly", '
-                  '"Mon/Wed/Fri" (weekday names or abbreviations separated by / or ,), '
-                  '"3x/week" (= Mon/Wed/Fri), "2x/week" (= Mon/Thu)')
+ACCEPTED_FORMS = (
+    '"every 48 h", "48h", "every 2 days", "daily", "weekly", '
+    '"Mon/Wed/Fri" (weekday names or abbreviations separated by / or ,), '
+    '"3x/week" (= Mon/Wed/Fri), "2x/week" (= Mon/Thu)'
+)
 MIN_INTERVAL_H, MAX_INTERVAL_H = 4.0, 28 * 24.0
 _DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _WEEKDAYS = {
     **{d.lower(): i for i, d in enumerate(_DAY_NAMES)},
-    "monday": 0, "tues": 1, "tuesday": 1, "weds": 2, "wednesday": 2, "thur": 3,
-    "thurs": 3, "thursday": 3, "friday": 4, "saturday": 5, "sunday": 6,
+    "monday": 0,
+    "tues": 1,
+    "tuesday": 1,
+    "weds": 2,
+    "wednesday": 2,
+    "thur": 3,
+    "thurs": 3,
+    "thursday": 3,
+    "friday": 4,
+    "saturday": 5,
+    "sunday": 6,
 }
 _NUM = r"(\d+(?:\.\d+)?)"
 _HOURS = re.compile(rf"^(?:every|q)?\s*{_NUM}\s*(?:h|hr|hrs|hour|hours)$")
 _DAYS = re.compile(rf"^(?:every\s*)?{_NUM}\s*(?:d|day|days)$")
 _PER_WEEK = re.compile(r"^(\d+)\s*(?:x|times)\s*(?:/|a|per|an|each)?\s*(?:week|wk)$")
-_NAMED = {"daily": 24.0, "every day": 24.0, "once daily": 24.0, "once a day": 24.0,
-          "every other day": 48.0, "weekly": 168.0, "once weekly": 168.0,
-          "once a week": 168.0, "every week": 168.0}
+_NAMED = {
+    "daily": 24.0,
+    "every day": 24.0,
+    "once daily": 24.0,
+    "once a day": 24.0,
+    "every other day": 48.0,
+    "weekly": 168.0,
+    "once weekly": 168.0,
+    "once a week": 168.0,
+    "every week": 168.0,
+}
 _PER_WEEK_DAYS = {2: (0, 3), 3: (0, 2, 4)}
 
 
@@ -108,8 +132,11 @@ class Schedule(NamedTuple):
     @property
     def infusions_per_week(self) -> float:
         """Infusions per week (168 h)."""
-        return (168.0 / self.every_h if self.every_h is not None
-                else float(len(self.weekdays)))
+        return (
+            168.0 / self.every_h
+            if self.every_h is not None
+            else float(len(self.weekdays))
+        )
 
     @property
     def pattern(self) -> tuple[np.ndarray, float]:
@@ -120,14 +147,19 @@ class Schedule(NamedTuple):
         return 24.0 * np.asarray(self.weekdays, float), 168.0
 
     def as_dict(self) -> dict:
-        return {"label": self.label, "every_h": self.every_h,
-                "weekdays": list(self.weekdays)}
+        return {
+            "label": self.label,
+            "every_h": self.every_h,
+            "weekdays": list(self.weekdays),
+        }
 
 
 def _interval(text: str, hours: float, label: str) -> Schedule:
     if not MIN_INTERVAL_H <= hours <= MAX_INTERVAL_H:
-        raise ValueError(f"schedule {text!r}: the interval must be from "
-                         f"{MIN_INTERVAL_H:g} h to {MAX_INTERVAL_H / 24:g} days")
+        raise ValueError(
+            f"schedule {text!r}: the interval must be from "
+            f"{MIN_INTERVAL_H:g} h to {MAX_INTERVAL_H / 24:g} days"
+        )
     return Schedule(label, hours, ())
 
 
@@ -155,8 +187,9 @@ def parse_schedule(text: str) -> Schedule:
     'Mon/Wed/Fri'
     """
     if not isinstance(text, str):
-        raise ValueError(f"schedule: expected text such as {ACCEPTED_FORMS}; "
-                         f"got {text!r}")
+        raise ValueError(
+            f"schedule: expected text such as {ACCEPTED_FORMS}; got {text!r}"
+        )
     t = " ".join(text.strip().lower().split())
     if t in _NAMED:
         h = _NAMED[t]
@@ -166,8 +199,9 @@ def parse_schedule(text: str) -> Schedule:
         return _interval(text, h, f"every {h:g} h")
     if m := _DAYS.match(t):
         d = float(m.group(1))
-        return _interval(text, 24.0 * d,
-                         "every 24 h" if d == 1 else f"every {d:g} days")
+        return _interval(
+            text, 24.0 * d, "every 24 h" if d == 1 else f"every {d:g} days"
+        )
     if m := _PER_WEEK.match(t.replace(" ", "")):
         n = int(m.group(1))
         if n == 1:
@@ -176,9 +210,11 @@ def parse_schedule(text: str) -> Schedule:
             return _interval(text, 24.0, "every 24 h")
         if n in _PER_WEEK_DAYS:
             return _weekdays(text, _PER_WEEK_DAYS[n])
-        raise ValueError(f"schedule {text!r}: only 1x, 2x, 3x and 7x/week are "
-                         "understood; name the weekdays for other patterns, e.g. "
-                         "\"Mon/Tue/Thu/Sat\"")
+        raise ValueError(
+            f"schedule {text!r}: only 1x, 2x, 3x and 7x/week are "
+            "understood; name the weekdays for other patterns, e.g. "
+            '"Mon/Tue/Thu/Sat"'
+        )
     tokens = re.split(r"[/,]", t)
     if len(tokens) == 1:
         tokens = t.split(" ")
@@ -188,8 +224,9 @@ def parse_schedule(text: str) -> Schedule:
         if len(set(days)) != len(days):
             raise ValueError(f"schedule {text!r}: a weekday is named twice")
         return _weekdays(text, sorted(days))
-    raise ValueError(f"schedule {text!r} is not understood; accepted forms: "
-                     f"{ACCEPTED_FORMS}")
+    raise ValueError(
+        f"schedule {text!r} is not understood; accepted forms: {ACCEPTED_FORMS}"
+    )
 
 
 def _est(x: np.ndarray) -> dict:
@@ -218,10 +255,22 @@ def _check_positive(name: str, value) -> float:
     return x
 
 
-def _outcome(ss: SteadyState, schedule: Schedule, *, dose_IU: float, status: str,
-             target: float | None, probability: float, baseline: float,
-             weight_kg: float, vial_sizes, thresholds, cap_IU_kg: float,
-             peak_flag_IU_dL: float, above: np.ndarray) -> dict:
+def _outcome(
+    ss: SteadyState,
+    schedule: Schedule,
+    *,
+    dose_IU: float,
+    status: str,
+    target: float | None,
+    probability: float,
+    baseline: float,
+    weight_kg: float,
+    vial_sizes,
+    thresholds,
+    cap_IU_kg: float,
+    peak_flag_IU_dL: float,
+    above: np.ndarray,
+) -> dict:
     """One regimen's dict; ``above`` holds the hours per week above each threshold
     and then above the target (when given), (n_draws, n_levels)."""
     vials = vial_combination(dose_IU, vial_sizes)
@@ -240,15 +289,20 @@ def _outcome(ss: SteadyState, schedule: Schedule, *, dose_IU: float, status: str
         "vials": [{"size_IU": float(s), "count": c} for s, c in vials],
         "vials_exact": sum(s * c for s, c in vials) == dose_IU,
         "trough_IU_dL": _est(baseline + dose_IU * ss.trough_per_IU),
-        "trough_prob": (None if target is None else
-                        trough_probability(ss, dose_IU, baseline, target)),
+        "trough_prob": (
+            None
+            if target is None
+            else trough_probability(ss, dose_IU, baseline, target)
+        ),
         "peak_IU_dL": _est(peak),
         "peak_flag": PEAK_FLAG if peak_med > peak_flag_IU_dL else None,
         "peak_flag_IU_dL": float(peak_flag_IU_dL),
-        "time_above_h_per_week": {f"{t:g}": _est(above[:, i])
-                                  for i, t in enumerate(thresholds)},
-        "hours_below_target_per_week": (None if target is None else
-                                        _est(168.0 - above[:, len(thresholds)])),
+        "time_above_h_per_week": {
+            f"{t:g}": _est(above[:, i]) for i, t in enumerate(thresholds)
+        },
+        "hours_below_target_per_week": (
+            None if target is None else _est(168.0 - above[:, len(thresholds)])
+        ),
         "cap_IU_kg": float(cap_IU_kg),
     }
 
@@ -258,8 +312,10 @@ def _check_common(weight_kg, thresholds, probability, vial_sizes, cap, peak_flag
     _check_positive("max_dose_IU_kg", cap)
     _check_positive("peak_flag_IU_dL", peak_flag)
     if not 0.0 < float(probability) < 1.0:
-        raise ValueError(f"trough_probability: expected a number between 0 and 1 "
-                         f"(exclusive), got {probability!r}")
+        raise ValueError(
+            f"trough_probability: expected a number between 0 and 1 "
+            f"(exclusive), got {probability!r}"
+        )
     for t in thresholds:
         _check_positive("thresholds_IU_dL", t)
     if not vial_sizes:
@@ -269,15 +325,24 @@ def _check_common(weight_kg, thresholds, probability, vial_sizes, cap, peak_flag
             raise ValueError(f"vial_sizes_IU: expected whole IU, got {v!r}")
 
 
-def design_regimens(key: Key, model: PopModel, params: PopParams, subject: Cohort,
-                    draws: Float[Array, "n_draws n_b"], *, n_occ: int,
-                    schedules: Sequence[str | Schedule],
-                    targets_IU_dL: Sequence[float], probability: float,
-                    weight_kg: float, vial_sizes: Sequence[float],
-                    max_dose_IU_kg: float = MAX_DOSE_IU_KG,
-                    peak_flag_IU_dL: float = PEAK_FLAG_IU_DL,
-                    thresholds_IU_dL: Sequence[float] = (1.0, 2.0, 5.0),
-                    infusion_h: float | None = None) -> list[dict]:
+def design_regimens(
+    key: Key,
+    model: PopModel,
+    params: PopParams,
+    subject: Cohort,
+    draws: Float[Array, "n_draws n_b"],
+    *,
+    n_occ: int,
+    schedules: Sequence[str | Schedule],
+    targets_IU_dL: Sequence[float],
+    probability: float,
+    weight_kg: float,
+    vial_sizes: Sequence[float],
+    max_dose_IU_kg: float = MAX_DOSE_IU_KG,
+    peak_flag_IU_dL: float = PEAK_FLAG_IU_DL,
+    thresholds_IU_dL: Sequence[float] = (1.0, 2.0, 5.0),
+    infusion_h: float | None = None,
+) -> list[dict]:
     """For each schedule and each trough target, the smallest vial total with
     ``P(steady-state trough >= target) >= probability`` (one dict per pair, in
     schedule-major order; format in the module docstring).
@@ -298,8 +363,14 @@ def design_regimens(key: Key, model: PopModel, params: PopParams, subject: Cohor
         Infusion duration (default: the longest in the patient's history).
     """
     del n_occ  # the future occasion only needs each draw's eta
-    _check_common(weight_kg, thresholds_IU_dL, probability, vial_sizes,
-                  max_dose_IU_kg, peak_flag_IU_dL)
+    _check_common(
+        weight_kg,
+        thresholds_IU_dL,
+        probability,
+        vial_sizes,
+        max_dose_IU_kg,
+        peak_flag_IU_dL,
+    )
     for t in targets_IU_dL:
         _check_positive("targets_IU_dL", t)
     scheds = _schedules(schedules)
@@ -322,32 +393,58 @@ def design_regimens(key: Key, model: PopModel, params: PopParams, subject: Cohor
                 plans.append((float(target), dose, "ok"))
             else:
                 at_cap = round_down_to_vials(cap_iu, vials)
-                plans.append((float(target), at_cap if math.isfinite(at_cap)
-                              else cap_iu, "above_cap"))
+                plans.append(
+                    (
+                        float(target),
+                        at_cap if math.isfinite(at_cap) else cap_iu,
+                        "above_cap",
+                    )
+                )
         levels = [[*thresholds, t] for t, _, _ in plans]
         doses = [[d] * len(lv) for (_, d, _), lv in zip(plans, levels, strict=True)]
         above = time_above_per_week(ss, np.ravel(doses), base, np.ravel(levels))
         width = len(thresholds) + 1
         for i, (target, dose, status) in enumerate(plans):
-            out.append(_outcome(
-                ss, sched, dose_IU=dose, status=status, target=target,
-                probability=float(probability), baseline=base, weight_kg=weight_kg,
-                vial_sizes=vials, thresholds=thresholds, cap_IU_kg=max_dose_IU_kg,
-                peak_flag_IU_dL=peak_flag_IU_dL,
-                above=above[:, i * width:(i + 1) * width]))
+            out.append(
+                _outcome(
+                    ss,
+                    sched,
+                    dose_IU=dose,
+                    status=status,
+                    target=target,
+                    probability=float(probability),
+                    baseline=base,
+                    weight_kg=weight_kg,
+                    vial_sizes=vials,
+                    thresholds=thresholds,
+                    cap_IU_kg=max_dose_IU_kg,
+                    peak_flag_IU_dL=peak_flag_IU_dL,
+                    above=above[:, i * width : (i + 1) * width],
+                )
+            )
     return out
 
 
-def evaluate_regimen(key: Key, model: PopModel, params: PopParams, subject: Cohort,
-                     draws: Float[Array, "n_draws n_b"], *, n_occ: int,
-                     schedule: str | Schedule, dose_IU: float | None = None,
-                     weight_kg: float, vial_sizes: Sequence[float],
-                     peak_flag_IU_dL: float = PEAK_FLAG_IU_DL,
-                     thresholds_IU_dL: Sequence[float] = (1.0, 2.0, 5.0),
-                     target_IU_dL: float | None = None, probability: float = 0.9,
-                     dose_IU_kg: float | None = None,
-                     max_dose_IU_kg: float = MAX_DOSE_IU_KG,
-                     infusion_h: float | None = None) -> dict:
+def evaluate_regimen(
+    key: Key,
+    model: PopModel,
+    params: PopParams,
+    subject: Cohort,
+    draws: Float[Array, "n_draws n_b"],
+    *,
+    n_occ: int,
+    schedule: str | Schedule,
+    dose_IU: float | None = None,
+    weight_kg: float,
+    vial_sizes: Sequence[float],
+    peak_flag_IU_dL: float = PEAK_FLAG_IU_DL,
+    thresholds_IU_dL: Sequence[float] = (1.0, 2.0, 5.0),
+    target_IU_dL: float | None = None,
+    probability: float = 0.9,
+    dose_IU_kg: float | None = None,
+    max_dose_IU_kg: float = MAX_DOSE_IU_KG,
+    infusion_h: float | None = None,
+) -> dict:
     """Steady-state outcomes of a dose and schedule the clinician chooses.
 
     Give ``dose_IU`` or ``dose_IU_kg`` (exactly one). The dose is used as given;
@@ -359,13 +456,23 @@ def evaluate_regimen(key: Key, model: PopModel, params: PopParams, subject: Coho
     ``None``. Other arguments as for :func:`design_regimens`.
     """
     del n_occ
-    _check_common(weight_kg, thresholds_IU_dL, probability, vial_sizes,
-                  max_dose_IU_kg, peak_flag_IU_dL)
+    _check_common(
+        weight_kg,
+        thresholds_IU_dL,
+        probability,
+        vial_sizes,
+        max_dose_IU_kg,
+        peak_flag_IU_dL,
+    )
     if (dose_IU is None) == (dose_IU_kg is None):
-        raise ValueError("dose_IU: give the dose in IU or in IU/kg (dose_IU_kg), "
-                         "exactly one of them")
-    dose = (_check_positive("dose_IU", dose_IU) if dose_IU is not None else
-            _check_positive("dose_IU_kg", dose_IU_kg) * weight_kg)
+        raise ValueError(
+            "dose_IU: give the dose in IU or in IU/kg (dose_IU_kg), exactly one of them"
+        )
+    dose = (
+        _check_positive("dose_IU", dose_IU)
+        if dose_IU is not None
+        else _check_positive("dose_IU_kg", dose_IU_kg) * weight_kg
+    )
     if target_IU_dL is not None:
         target_IU_dL = _check_positive("target_IU_dL", target_IU_dL)
     sched = schedule if isinstance(schedule, Schedule) else parse_schedule(schedule)
@@ -373,14 +480,25 @@ def evaluate_regimen(key: Key, model: PopModel, params: PopParams, subject: Coho
     thresholds = tuple(float(t) for t in thresholds_IU_dL)
     base = float(params.baseline)
     future = future_parameters(key, model, params, subject, draws)
-    ss = steady_state_schedule(future, model.n_cmt, *sched.pattern,
-                               _infusion_h(subject, infusion_h))
+    ss = steady_state_schedule(
+        future, model.n_cmt, *sched.pattern, _infusion_h(subject, infusion_h)
+    )
     levels = [*thresholds] + ([target_IU_dL] if target_IU_dL is not None else [])
     above = time_above_per_week(ss, dose, base, levels)
-    out = _outcome(ss, sched, dose_IU=dose, status="ok", target=target_IU_dL,
-                   probability=float(probability), baseline=base,
-                   weight_kg=weight_kg, vial_sizes=vials, thresholds=thresholds,
-                   cap_IU_kg=max_dose_IU_kg, peak_flag_IU_dL=peak_flag_IU_dL,
-                   above=above)
+    out = _outcome(
+        ss,
+        sched,
+        dose_IU=dose,
+        status="ok",
+        target=target_IU_dL,
+        probability=float(probability),
+        baseline=base,
+        weight_kg=weight_kg,
+        vial_sizes=vials,
+        thresholds=thresholds,
+        cap_IU_kg=max_dose_IU_kg,
+        peak_flag_IU_dL=peak_flag_IU_dL,
+        above=above,
+    )
     out["exceeds_cap"] = dose > max_dose_IU_kg * weight_kg * (1 + 1e-12)
     return out

@@ -53,8 +53,16 @@ from phems_clinical.data.dosing_request import (
 from phems_clinical.dosing import wording
 from phems_clinical.dosing.assay import conversion
 
-__all__ = ["METHODS", "MAP_GRADIENT_TOL", "Assessment", "assess",
-           "default_schedules", "redraw", "requires_acknowledgement", "for_figure"]
+__all__ = [
+    "METHODS",
+    "MAP_GRADIENT_TOL",
+    "Assessment",
+    "assess",
+    "default_schedules",
+    "redraw",
+    "requires_acknowledgement",
+    "for_figure",
+]
 
 METHODS = ("map", "nuts")
 SCHEMA_VERSION = 2
@@ -70,11 +78,21 @@ _IMPLAUSIBLE = (0.0005, 0.9995)  # prior predictive quantiles for the level chec
 _REFUSE_FACTOR = 3.0
 _TITLE_ID_CHARS = 24  # patient id shown in the figure's title (ellipsis beyond)
 # Unverified entries that do not change a prediction: no acknowledgement needed.
-_INFORMATIONAL = ("vial_sizes_IU", "vial_notes", "reference_values",
-                  "external_validation")
+_INFORMATIONAL = (
+    "vial_sizes_IU",
+    "vial_notes",
+    "reference_values",
+    "external_validation",
+)
 
-_REQUEST_FIELD = {"VWF": "vwf_IU_dL", "HCT": "hematocrit_pct", "HT": "height_cm",
-                  "BGO": "blood_group", "ASSAY": "assay", "SEX": "sex"}
+_REQUEST_FIELD = {
+    "VWF": "vwf_IU_dL",
+    "HCT": "hematocrit_pct",
+    "HT": "height_cm",
+    "BGO": "blood_group",
+    "ASSAY": "assay",
+    "SEX": "sex",
+}
 
 
 class Assessment(NamedTuple):
@@ -87,6 +105,7 @@ class Assessment(NamedTuple):
 
 
 # ------------------------------------------------------------------ the model
+
 
 def _for_forecasting(model):
     """BLQ levels always enter by M3 here: a model fitted with ``blq: drop`` says how
@@ -118,13 +137,20 @@ def _resolve_product(text: str) -> str:
         try:
             return resolve(text)
         except ValueError as err:
-            text = str(err)   # the library's message may name the field itself
-            raise RequestError([FieldError("product", text.removeprefix(
-                "product: "))]) from None
+            text = str(err)  # the library's message may name the field itself
+            raise RequestError(
+                [FieldError("product", text.removeprefix("product: "))]
+            ) from None
     name, known = text.strip().lower(), library.list_products()
     if name not in known:
-        raise RequestError([FieldError("product", (
-            f"unknown product {text!r}; known products: {', '.join(known)}"))])
+        raise RequestError(
+            [
+                FieldError(
+                    "product",
+                    (f"unknown product {text!r}; known products: {', '.join(known)}"),
+                )
+            ]
+        )
     return name
 
 
@@ -150,23 +176,46 @@ def _resolve_model(req: DosingRequest) -> tuple[Any, dict]:
         return _product(pid), {"source": "library", "path": None, "id": pid}
     path = Path(req.model_path)
     if not path.is_file():
-        raise RequestError([FieldError("model", f"model file {str(path)!r} not found "
-                                                "(give the path of a model.yaml)")])
+        raise RequestError(
+            [
+                FieldError(
+                    "model",
+                    f"model file {str(path)!r} not found "
+                    "(give the path of a model.yaml)",
+                )
+            ]
+        )
     try:
         model = _model_file(str(path.resolve()), path.stat().st_mtime_ns)
     except (ModelSpecError, OSError, ValueError) as err:
-        raise RequestError([FieldError("model", f"cannot use {str(path)!r} as a "
-                                                f"population model: {err}")]) from None
+        raise RequestError(
+            [
+                FieldError(
+                    "model", f"cannot use {str(path)!r} as a population model: {err}"
+                )
+            ]
+        ) from None
     fitted = model.metadata.get("fitted")
-    if fitted is not None and not (isinstance(fitted, dict)
-                                   and fitted.get("converged") is True):
-        said = (f"fitted.converged is {fitted.get('converged')!r}"
-                if isinstance(fitted, dict) and "converged" in fitted
-                else "its fitted block does not record convergence")
-        raise RequestError([FieldError("model", (
-            f"{str(path)!r} comes from a fit that did not converge ({said}); "
-            "a failed fit is no prior for dosing: refit, or use a library "
-            "product"))])
+    if fitted is not None and not (
+        isinstance(fitted, dict) and fitted.get("converged") is True
+    ):
+        said = (
+            f"fitted.converged is {fitted.get('converged')!r}"
+            if isinstance(fitted, dict) and "converged" in fitted
+            else "its fitted block does not record convergence"
+        )
+        raise RequestError(
+            [
+                FieldError(
+                    "model",
+                    (
+                        f"{str(path)!r} comes from a fit that did not converge ({said}); "
+                        "a failed fit is no prior for dosing: refit, or use a library "
+                        "product"
+                    ),
+                )
+            ]
+        )
     return model, {"source": "file", "path": str(path), "id": None}
 
 
@@ -189,12 +238,12 @@ def requires_acknowledgement(unverified) -> list[str]:
     >>> requires_acknowledgement(["iiv", "iov", "residual", "vial_sizes_IU"])
     ['iiv', 'iov', 'residual']
     """
-    return [str(s) for s in unverified or ()
-            if not str(s).startswith(_INFORMATIONAL)]
+    return [str(s) for s in unverified or () if not str(s).startswith(_INFORMATIONAL)]
 
 
-def _acknowledgement(model, req: DosingRequest, name: str
-                     ) -> tuple[list[str], list[FieldError]]:
+def _acknowledgement(
+    model, req: DosingRequest, name: str
+) -> tuple[list[str], list[FieldError]]:
     """Refuse a model with unverified sections unless acknowledged; else the
     sections acknowledged and the warning that says so."""
     sections = requires_acknowledgement(model.metadata.get("unverified"))
@@ -211,51 +260,87 @@ def _acknowledgement(model, req: DosingRequest, name: str
 
     listed = "; ".join(where(s) for s in sections)
     if not req.acknowledge_unverified:
-        raise RequestError([FieldError("acknowledge_unverified", (
-            f"{name} has model sections not verified against the primary paper: "
-            f"{listed}. Every interval and trough probability depends on them. To "
-            "use it anyway, acknowledge this (request: \"acknowledge_unverified\": "
-            "true; command line: --accept-unverified; page: the acknowledgement "
-            "box), or choose a verified product"))])
-    return sections, [FieldError("acknowledge_unverified", (
-        f"used with unverified model sections acknowledged: {listed}; intervals "
-        "and trough probabilities rest on values not checked against the primary "
-        "paper"))]
+        raise RequestError(
+            [
+                FieldError(
+                    "acknowledge_unverified",
+                    (
+                        f"{name} has model sections not verified against the primary paper: "
+                        f"{listed}. Every interval and trough probability depends on them. To "
+                        'use it anyway, acknowledge this (request: "acknowledge_unverified": '
+                        "true; command line: --accept-unverified; page: the acknowledgement "
+                        "box), or choose a verified product"
+                    ),
+                )
+            ]
+        )
+    return sections, [
+        FieldError(
+            "acknowledge_unverified",
+            (
+                f"used with unverified model sections acknowledged: {listed}; intervals "
+                "and trough probabilities rest on values not checked against the primary "
+                "paper"
+            ),
+        )
+    ]
 
 
 # ------------------------------------------------------------------ the patient
 
-def _assay(model, info, req: DosingRequest
-           ) -> tuple[DosingRequest, dict, list[float], list[FieldError]]:
+
+def _assay(
+    model, info, req: DosingRequest
+) -> tuple[DosingRequest, dict, list[float], list[FieldError]]:
     """Levels on the model's assay scale, the assay record and the warnings."""
     meta = model.metadata
     model_assay = getattr(info, "assay", None) if info is not None else None
     model_assay = model_assay or meta.get("assay")
-    table = (getattr(info, "assay_conversion", None) if info is not None
-             else None) or meta.get("assay_conversion")
+    table = (
+        getattr(info, "assay_conversion", None) if info is not None else None
+    ) or meta.get("assay_conversion")
     covariate = "ASSAY" in model.covariate_names
     warnings: dict[str, FieldError] = {}
     levels, factors = [], []
     head = conversion(model_assay, table, req.assay, covariate=covariate)
-    if head.warning and (req.assay is not None or not req.levels
-                         or any(lv.assay is None for lv in req.levels)):
+    if head.warning and (
+        req.assay is not None
+        or not req.levels
+        or any(lv.assay is None for lv in req.levels)
+    ):
         warnings[head.warning] = FieldError("assay", head.warning)
     for lv in req.levels:
-        c = (head if lv.assay is None else
-             conversion(model_assay, table, lv.assay, covariate=covariate))
+        c = (
+            head
+            if lv.assay is None
+            else conversion(model_assay, table, lv.assay, covariate=covariate)
+        )
         if lv.assay is not None and c.warning and c.warning not in warnings:
             warnings[c.warning] = FieldError(f"levels[{lv.index}].assay", c.warning)
         factors.append(c.factor)
-        levels.append(lv._replace(value_IU_dL=lv.value_IU_dL * c.factor,
-                                  lloq_IU_dL=lv.lloq_IU_dL * c.factor))
-    record = {"measured": req.assay, "model": head.model, "factor": head.factor,
-              "source": head.source}
+        levels.append(
+            lv._replace(
+                value_IU_dL=lv.value_IU_dL * c.factor,
+                lloq_IU_dL=lv.lloq_IU_dL * c.factor,
+            )
+        )
+    record = {
+        "measured": req.assay,
+        "model": head.model,
+        "factor": head.factor,
+        "source": head.source,
+    }
     if any(lv.assay is not None for lv in req.levels):
-        record["levels"] = [{"index": lv.index, "measured": lv.assay or req.assay,
-                             "factor": f} for lv, f in zip(req.levels, factors,
-                                                           strict=True)]
-    return (req._replace(levels=tuple(levels)), record, factors,
-            list(warnings.values()))
+        record["levels"] = [
+            {"index": lv.index, "measured": lv.assay or req.assay, "factor": f}
+            for lv, f in zip(req.levels, factors, strict=True)
+        ]
+    return (
+        req._replace(levels=tuple(levels)),
+        record,
+        factors,
+        list(warnings.values()),
+    )
 
 
 def _covariates(model, req: DosingRequest) -> tuple[dict[str, dict], list[FieldError]]:
@@ -283,17 +368,32 @@ def _covariates(model, req: DosingRequest) -> tuple[dict[str, dict], list[FieldE
             else:
                 ht = float(growth_medians(np.array([req.age_y]), sex)[0][0])
                 src = "assumed"
-                warnings.append(FieldError("height_cm", (
-                    f"height not given: the median height for age ({ht:.0f} cm) "
-                    f"was assumed to compute {name}; give height_cm for accuracy")))
-            value = (lean_body_weight(req.weight_kg, ht, sex) if name == "LBW"
-                     else fat_free_mass(req.weight_kg, ht, sex, req.age_y))
+                warnings.append(
+                    FieldError(
+                        "height_cm",
+                        (
+                            f"height not given: the median height for age ({ht:.0f} cm) "
+                            f"was assumed to compute {name}; give height_cm for accuracy"
+                        ),
+                    )
+                )
+            value = (
+                lean_body_weight(req.weight_kg, ht, sex)
+                if name == "LBW"
+                else fat_free_mass(req.weight_kg, ht, sex, req.age_y)
+            )
             out[name] = {"value": round(float(value), 2), "source": src}
         else:
             ref = float(model.reference_covariates.get(name, 0.0))
             out[name] = {"value": ref, "source": "assumed"}
-            warnings.append(FieldError(_REQUEST_FIELD.get(name, "covariates"), (
-                f"{name} not given: the model's reference value {ref:g} was assumed")))
+            warnings.append(
+                FieldError(
+                    _REQUEST_FIELD.get(name, "covariates"),
+                    (
+                        f"{name} not given: the model's reference value {ref:g} was assumed"
+                    ),
+                )
+            )
     return out, warnings
 
 
@@ -303,19 +403,33 @@ def _range_warnings(model, req: DosingRequest) -> list[FieldError]:
     rng = validated_range(model)
     out = []
     wfield = "weight_kg" if req.weight_unit == "kg" else "weight_lb"
-    for name, field, value, unit in (("AGE", "age_y", req.age_y, "y"),
-                                     ("WT", wfield, req.weight_kg, "kg")):
+    for name, field, value, unit in (
+        ("AGE", "age_y", req.age_y, "y"),
+        ("WT", wfield, req.weight_kg, "kg"),
+    ):
         lo, hi = rng[name]
         if lo is None and hi is None:
-            out.append(FieldError(field, (
-                f"the model records no validated {name} range: the prediction may be "
-                "an extrapolation")))
+            out.append(
+                FieldError(
+                    field,
+                    (
+                        f"the model records no validated {name} range: the prediction may be "
+                        "an extrapolation"
+                    ),
+                )
+            )
         elif (lo is not None and value < lo) or (hi is not None and value > hi):
             span = f"{lo:g}-{hi:g}" if hi is not None else f">= {lo:g}"
-            out.append(FieldError(field, (
-                f"{value:.4g} {unit} is outside the range the model was built on "
-                f"({span} {unit}): results are an extrapolation, interpret with "
-                "care")))
+            out.append(
+                FieldError(
+                    field,
+                    (
+                        f"{value:.4g} {unit} is outside the range the model was built on "
+                        f"({span} {unit}): results are an extrapolation, interpret with "
+                        "care"
+                    ),
+                )
+            )
     return out
 
 
@@ -335,26 +449,37 @@ def _subject(model, req: DosingRequest, cov: np.ndarray):
     dose_occ = np.arange(len(t_inf)) if iov else np.zeros(len(t_inf), int)
     t_obs = np.array([lv.time_h for lv in req.levels])
     # a level belongs to the occasion of the latest infusion started before it
-    obs_occ = (np.searchsorted(t_inf, t_obs, side="left") - 1 if iov
-               else np.zeros(len(t_obs), int))
+    obs_occ = (
+        np.searchsorted(t_inf, t_obs, side="left") - 1
+        if iov
+        else np.zeros(len(t_obs), int)
+    )
     row = dict(
-        dose_time=t_inf, dose_amt=[i.dose_IU for i in req.infusions],
-        dose_dur=[i.duration_h for i in req.infusions], dose_occ=dose_occ,
+        dose_time=t_inf,
+        dose_amt=[i.dose_IU for i in req.infusions],
+        dose_dur=[i.duration_h for i in req.infusions],
+        dose_occ=dose_occ,
         obs_time=t_obs,
-        obs_dv=[0.0 if math.isnan(lv.value_IU_dL) else lv.value_IU_dL
-                for lv in req.levels],
+        obs_dv=[
+            0.0 if math.isnan(lv.value_IU_dL) else lv.value_IU_dL for lv in req.levels
+        ],
         obs_blq=[lv.blq for lv in req.levels],
-        obs_lloq=[0.0 if math.isnan(lv.lloq_IU_dL) else lv.lloq_IU_dL
-                  for lv in req.levels],
-        obs_occ=obs_occ, covariates=cov)
-    cohort = stack_subjects([row], n_dose=_bucket(len(t_inf), 2),
-                            n_obs=_bucket(len(t_obs), 4))
+        obs_lloq=[
+            0.0 if math.isnan(lv.lloq_IU_dL) else lv.lloq_IU_dL for lv in req.levels
+        ],
+        obs_occ=obs_occ,
+        covariates=cov,
+    )
+    cohort = stack_subjects(
+        [row], n_dose=_bucket(len(t_inf), 2), n_obs=_bucket(len(t_obs), 4)
+    )
     n_occ = len(t_inf) if iov else 1
     return jax.tree.map(lambda x: x[0], cohort), n_occ
 
 
-def _level_check(key, model, params, subject, req, n_occ: int
-                 ) -> tuple[list[FieldError], list[FieldError]]:
+def _level_check(
+    key, model, params, subject, req, n_occ: int
+) -> tuple[list[FieldError], list[FieldError]]:
     """Levels against the population model's prior predictive range.
 
     Returns (errors, warnings). For each quantified level, the range is the
@@ -368,8 +493,9 @@ def _level_check(key, model, params, subject, req, n_occ: int
 
     if all(lv.blq for lv in req.levels):
         return [], []
-    sims = prior_predictive(key, model, params, subject, n_occ=n_occ,
-                            n=_PRIOR_PREDICTIVE_DRAWS)
+    sims = prior_predictive(
+        key, model, params, subject, n_occ=n_occ, n=_PRIOR_PREDICTIVE_DRAWS
+    )
     lo, hi = np.quantile(sims, _IMPLAUSIBLE, axis=0)
     errors, warnings = [], []
     for j, lv in enumerate(req.levels):
@@ -382,30 +508,51 @@ def _level_check(key, model, params, subject, req, n_occ: int
         other = "IU/dL" if unit == "IU/mL" else "IU/mL"
         v, alt = lv.value_IU_dL, lv.value_IU_dL * factor
         lo_j, hi_j = max(lo[j], 0.0), hi[j]
-        expects = (f"the population model expects {lo_j:.3g}-{hi_j:.3g} IU/dL at "
-                   f"{lv.time_h:g} h after these infusions, 99.9% prior predictive "
-                   "range")
+        expects = (
+            f"the population model expects {lo_j:.3g}-{hi_j:.3g} IU/dL at "
+            f"{lv.time_h:g} h after these infusions, 99.9% prior predictive "
+            "range"
+        )
         if lo_j <= v <= hi_j:
             continue
         if lo_j <= alt <= hi_j:
-            errors.append(FieldError(f"levels[{lv.index}].unit", (
-                f"{given:g} {unit} at {lv.time_h:g} h is implausible for this dose "
-                f"({expects}); it fits if the unit is {other}. Check the unit")))
+            errors.append(
+                FieldError(
+                    f"levels[{lv.index}].unit",
+                    (
+                        f"{given:g} {unit} at {lv.time_h:g} h is implausible for this dose "
+                        f"({expects}); it fits if the unit is {other}. Check the unit"
+                    ),
+                )
+            )
         elif v > _REFUSE_FACTOR * hi_j or v < lo_j / _REFUSE_FACTOR:
-            errors.append(FieldError(f"levels[{lv.index}].value", (
-                f"{given:g} {unit} is far outside what this dose can give, in "
-                f"{unit} and in {other} ({expects}); check the value, its unit and "
-                "time, and the doses and times of the infusions (a patient with an "
-                "inhibitor is outside what this tool models)")))
+            errors.append(
+                FieldError(
+                    f"levels[{lv.index}].value",
+                    (
+                        f"{given:g} {unit} is far outside what this dose can give, in "
+                        f"{unit} and in {other} ({expects}); check the value, its unit and "
+                        "time, and the doses and times of the infusions (a patient with an "
+                        "inhibitor is outside what this tool models)"
+                    ),
+                )
+            )
         else:
-            warnings.append(FieldError(f"levels[{lv.index}].value", (
-                f"{given:g} {unit} is outside the range the population model "
-                f"expects, in {unit} and in {other} ({expects}); check the value, "
-                "its time and the doses; the result leans on this level")))
+            warnings.append(
+                FieldError(
+                    f"levels[{lv.index}].value",
+                    (
+                        f"{given:g} {unit} is outside the range the population model "
+                        f"expects, in {unit} and in {other} ({expects}); check the value, "
+                        "its time and the doses; the result leans on this level"
+                    ),
+                )
+            )
     return errors, warnings
 
 
 # ------------------------------------------------------------------ numbers
+
 
 def _est(x) -> dict:
     x = np.asarray(x, float)
@@ -428,11 +575,22 @@ def _num(x: float) -> float | str | None:
 def _nonfinite(obj: Any, where: str = "") -> str | None:
     if isinstance(obj, float) and not math.isfinite(obj):
         return where or "(result)"
-    items = (obj.items() if isinstance(obj, dict)
-             else enumerate(obj) if isinstance(obj, list) else ())
+    items = (
+        obj.items()
+        if isinstance(obj, dict)
+        else enumerate(obj)
+        if isinstance(obj, list)
+        else ()
+    )
     for k, v in items:
-        if (found := _nonfinite(v, f"{where}[{k}]" if isinstance(k, int) else
-                                f"{where}.{k}" if where else str(k))):
+        if found := _nonfinite(
+            v,
+            f"{where}[{k}]"
+            if isinstance(k, int)
+            else f"{where}.{k}"
+            if where
+            else str(k),
+        ):
             return found
     return None
 
@@ -442,12 +600,21 @@ def _check_finite(result: dict) -> None:
     ``"inf"`` strings of a level never reached): it would be no result at all."""
     where = _nonfinite(result)
     if where is not None:
-        raise RequestError([FieldError("", (
-            f"the calculation gave a non-finite number for {where} with this input; "
-            "no result is given. Check the doses, times and levels"))])
+        raise RequestError(
+            [
+                FieldError(
+                    "",
+                    (
+                        f"the calculation gave a non-finite number for {where} with this input; "
+                        "no result is given. Check the doses, times and levels"
+                    ),
+                )
+            ]
+        )
 
 
 # ------------------------------------------------------------------ regimens
+
 
 def default_schedules(model) -> tuple[str, ...]:
     """Schedules the designer tabulates when the request names none: every 24,
@@ -460,17 +627,19 @@ def default_schedules(model) -> tuple[str, ...]:
 def _schedules(model, req: DosingRequest) -> list[tuple[str, str]]:
     """(text, request field) of each schedule to design."""
     opts = req.options
-    out = [(f"every {h:g} h", f"options.intervals_h[{i}]")
-           for i, h in enumerate(opts.intervals_h or ())]
-    out += [(s, f"options.schedules[{i}]")
-            for i, s in enumerate(opts.schedules or ())]
+    out = [
+        (f"every {h:g} h", f"options.intervals_h[{i}]")
+        for i, h in enumerate(opts.intervals_h or ())
+    ]
+    out += [(s, f"options.schedules[{i}]") for i, s in enumerate(opts.schedules or ())]
     if not out:
         out = [(s, "options.schedules") for s in default_schedules(model)]
     return out
 
 
-def _designer(key, model, params, subject, draws, n_occ, req, vials
-              ) -> tuple[list[dict], list[dict]]:
+def _designer(
+    key, model, params, subject, draws, n_occ, req, vials
+) -> tuple[list[dict], list[dict]]:
     """Designed and evaluated regimens by :mod:`phems_clinical.dosing.regimens`."""
     from phems_clinical.dosing import regimens
 
@@ -486,46 +655,75 @@ def _designer(key, model, params, subject, draws, n_occ, req, vials
         try:
             chosen.append((e, regimens.parse_schedule(e.schedule)))
         except ValueError as err:
-            errors.append(FieldError(f"options.evaluate[{e.index}].schedule",
-                                     str(err)))
+            errors.append(FieldError(f"options.evaluate[{e.index}].schedule", str(err)))
     if errors:
         raise RequestError(errors)
-    common = dict(n_occ=n_occ, weight_kg=req.weight_kg, vial_sizes=vials,
-                  peak_flag_IU_dL=opts.peak_flag_IU_dL,
-                  thresholds_IU_dL=tuple(opts.thresholds_IU_dL))
+    common = dict(
+        n_occ=n_occ,
+        weight_kg=req.weight_kg,
+        vial_sizes=vials,
+        peak_flag_IU_dL=opts.peak_flag_IU_dL,
+        thresholds_IU_dL=tuple(opts.thresholds_IU_dL),
+    )
     # one key for both tables: the same future-occasion IOV draws, so a regimen
     # shows the same numbers whether designed or evaluated
     try:
-        return _run_designer(regimens, key, model, params, subject, draws, req,
-                             parsed, chosen, common)
+        return _run_designer(
+            regimens, key, model, params, subject, draws, req, parsed, chosen, common
+        )
     except ValueError as err:
         # the designer's messages start with the field they concern
         raise RequestError([FieldError("options", str(err))]) from None
 
 
-def _run_designer(regimens, key, model, params, subject, draws, req, parsed,
-                  chosen, common) -> tuple[list[dict], list[dict]]:
+def _run_designer(
+    regimens, key, model, params, subject, draws, req, parsed, chosen, common
+) -> tuple[list[dict], list[dict]]:
     opts = req.options
     designed = regimens.design_regimens(
-        key, model, params, subject, draws, schedules=tuple(parsed),
+        key,
+        model,
+        params,
+        subject,
+        draws,
+        schedules=tuple(parsed),
         targets_IU_dL=tuple(opts.targets_IU_dL),
-        probability=opts.trough_probability, max_dose_IU_kg=opts.max_dose_IU_kg,
-        **common)
+        probability=opts.trough_probability,
+        max_dose_IU_kg=opts.max_dose_IU_kg,
+        **common,
+    )
     evaluated = []
     target = min(opts.targets_IU_dL)
     for e, sched in chosen:
         dose = e.dose_IU if e.dose_IU is not None else e.dose_IU_kg * req.weight_kg
-        evaluated.append(regimens.evaluate_regimen(
-            key, model, params, subject, draws, schedule=sched, dose_IU=dose,
-            target_IU_dL=target, probability=opts.trough_probability,
-            max_dose_IU_kg=opts.max_dose_IU_kg, **common))
+        evaluated.append(
+            regimens.evaluate_regimen(
+                key,
+                model,
+                params,
+                subject,
+                draws,
+                schedule=sched,
+                dose_IU=dose,
+                target_IU_dL=target,
+                probability=opts.trough_probability,
+                max_dose_IU_kg=opts.max_dose_IU_kg,
+                **common,
+            )
+        )
     return list(designed), evaluated
 
 
 # ------------------------------------------------------------------ assess
 
-def assess(request: DosingRequest | dict | str | bytes, *, method: str = "map",
-           seed: int | None = None, previous: dict | None = None) -> Assessment:
+
+def assess(
+    request: DosingRequest | dict | str | bytes,
+    *,
+    method: str = "map",
+    seed: int | None = None,
+    previous: dict | None = None,
+) -> Assessment:
     """Forecast one patient's levels and design prophylaxis regimens.
 
     Parameters
@@ -568,15 +766,15 @@ def assess(request: DosingRequest | dict | str | bytes, *, method: str = "map",
     from phems_clinical.pk.forecast import fit_map, fit_nuts_individual, laplace_draws
     from phems_clinical.pk.model import initial_params
 
-
     if not jax.config.jax_enable_x64:
         # the MAP convergence threshold and the regimen bisection assume float64;
         # a caller of the Python API may not have enabled it (the CLI and the web
         # app do, through runtime.configure_jax)
         jax.config.update("jax_enable_x64", True)
     if method not in METHODS:
-        raise RequestError([FieldError("method", f"{method!r} is not one of "
-                                                 f"{', '.join(METHODS)}")])
+        raise RequestError(
+            [FieldError("method", f"{method!r} is not one of {', '.join(METHODS)}")]
+        )
     req = request if isinstance(request, DosingRequest) else parse_request(request)
     if seed is not None and (bad := plausibility.check("seed", seed)):
         raise RequestError([FieldError("seed", bad.message)])
@@ -588,88 +786,156 @@ def assess(request: DosingRequest | dict | str | bytes, *, method: str = "map",
     opts = req.options
     seed = opts.seed if seed is None else int(seed)
     cov_info, cov_warnings = _covariates(model, req)
-    warnings += (cov_warnings + assay_warnings + list(req.warnings)
-                 + _range_warnings(model, req))
+    warnings += (
+        cov_warnings + assay_warnings + list(req.warnings) + _range_warnings(model, req)
+    )
     cov = np.array([cov_info[c]["value"] for c in model.covariate_names], float)
     params = initial_params(model)
     if req.baseline_IU_dL is not None:
         params = params._replace(baseline=jnp.asarray(req.baseline_IU_dL, float))
     subject, n_occ = _subject(model, req, cov)
     k_check, k_post, k_future = jax.random.split(jax.random.key(seed), 3)
-    level_errors, level_warnings = _level_check(k_check, model, params, subject,
-                                                req, n_occ)
+    level_errors, level_warnings = _level_check(
+        k_check, model, params, subject, req, n_occ
+    )
     if level_errors:
         raise RequestError(level_errors)
     warnings += level_warnings
 
     if method == "map":
         mode = fit_map(model, params, subject, n_occ=n_occ)
-        if not (math.isfinite(float(mode.objective))
-                and math.isfinite(float(mode.grad_norm))):
-            raise RequestError([FieldError("levels", (
-                "the individual fit to these levels failed (non-finite objective "
-                "or gradient); check the levels, their times and the doses"))])
+        if not (
+            math.isfinite(float(mode.objective))
+            and math.isfinite(float(mode.grad_norm))
+        ):
+            raise RequestError(
+                [
+                    FieldError(
+                        "levels",
+                        (
+                            "the individual fit to these levels failed (non-finite objective "
+                            "or gradient); check the levels, their times and the doses"
+                        ),
+                    )
+                ]
+            )
         draws = laplace_draws(k_post, mode, opts.n_draws)
-        diagnostics = {"objective": float(mode.objective),
-                       "gradient_max_abs": float(mode.grad_norm),
-                       "converged": bool(float(mode.grad_norm) < MAP_GRADIENT_TOL)}
+        diagnostics = {
+            "objective": float(mode.objective),
+            "gradient_max_abs": float(mode.grad_norm),
+            "converged": bool(float(mode.grad_norm) < MAP_GRADIENT_TOL),
+        }
         if not diagnostics["converged"]:
-            warnings.append(FieldError("method", (
-                f"the posterior mode (MAP) search stopped with a gradient of "
-                f"{float(mode.grad_norm):.2g} (converged below {MAP_GRADIENT_TOL:g}):"
-                " the estimates may be off; rerun with method nuts")))
-        uncertainty = (f"posterior mode (MAP) with a Laplace approximation, "
-                       f"{opts.n_draws} draws")
+            warnings.append(
+                FieldError(
+                    "method",
+                    (
+                        f"the posterior mode (MAP) search stopped with a gradient of "
+                        f"{float(mode.grad_norm):.2g} (converged below {MAP_GRADIENT_TOL:g}):"
+                        " the estimates may be off; rerun with method nuts"
+                    ),
+                )
+            )
+        uncertainty = (
+            f"posterior mode (MAP) with a Laplace approximation, {opts.n_draws} draws"
+        )
         if any(lv.blq for lv in req.levels):
             # experiments/dosing_validation: with a BLQ level the posterior is
             # skewed and Laplace intervals of time to 1 IU/dL covered 75-80%
             # (NUTS 89%)
-            warnings.append(FieldError("method", (
-                "a level below the LLOQ makes the posterior skewed: the MAP-Laplace "
-                "intervals may be too narrow; rerun with method nuts for exact "
-                "intervals")))
+            warnings.append(
+                FieldError(
+                    "method",
+                    (
+                        "a level below the LLOQ makes the posterior skewed: the MAP-Laplace "
+                        "intervals may be too narrow; rerun with method nuts for exact "
+                        "intervals"
+                    ),
+                )
+            )
     else:
         post = fit_nuts_individual(k_post, model, params, subject, n_occ=n_occ)
         draws, mode = post.b, post.map
-        diagnostics = {"divergences": post.n_divergent,
-                       "max_r_hat": _num(np.nanmax(post.r_hat, initial=np.nan)),
-                       "min_ess": _num(np.min(post.ess, initial=np.inf)),
-                       "n_draws": int(draws.shape[0])}
-        uncertainty = (f"full posterior by NUTS, {int(draws.shape[0])} draws "
-                       "(4 chains)")
+        diagnostics = {
+            "divergences": post.n_divergent,
+            "max_r_hat": _num(np.nanmax(post.r_hat, initial=np.nan)),
+            "min_ess": _num(np.min(post.ess, initial=np.inf)),
+            "n_draws": int(draws.shape[0]),
+        }
+        uncertainty = f"full posterior by NUTS, {int(draws.shape[0])} draws (4 chains)"
         if post.n_divergent:
-            warnings.append(FieldError("method", f"NUTS reported {post.n_divergent} "
-                                                 "divergent transitions"))
+            warnings.append(
+                FieldError(
+                    "method", f"NUTS reported {post.n_divergent} divergent transitions"
+                )
+            )
     if req.levels:
-        diagnostics["eta"] = {p: float(mode.b[k])
-                              for k, p in enumerate(model.iiv_parameters)}
+        diagnostics["eta"] = {
+            p: float(mode.b[k]) for k, p in enumerate(model.iiv_parameters)
+        }
 
     last_inf = req.infusions[-1]
     horizon = HORIZON_H["extended" if model.extended_half_life else "standard"]
-    t_end = max(last_inf.time_h + last_inf.duration_h + horizon,
-                max((lv.time_h for lv in req.levels), default=0.0) + 12.0)
+    t_end = max(
+        last_inf.time_h + last_inf.duration_h + horizon,
+        max((lv.time_h for lv in req.levels), default=0.0) + 12.0,
+    )
     t_start = max(0.0, last_inf.time_h - 14 * 24.0)
-    grid = np.unique(np.concatenate([
-        np.linspace(t_start, t_end, 400),
-        [i.time_h for i in req.infusions if i.time_h >= t_start],
-        [i.time_h + i.duration_h for i in req.infusions if i.time_h >= t_start]]))
-    vials = tuple(getattr(info, "vial_sizes_IU", None) or
-                  model.metadata.get("vial_sizes_IU", (250, 500, 1000)))
+    grid = np.unique(
+        np.concatenate(
+            [
+                np.linspace(t_start, t_end, 400),
+                [i.time_h for i in req.infusions if i.time_h >= t_start],
+                [i.time_h + i.duration_h for i in req.infusions if i.time_h >= t_start],
+            ]
+        )
+    )
+    vials = tuple(
+        getattr(info, "vial_sizes_IU", None)
+        or model.metadata.get("vial_sizes_IU", (250, 500, 1000))
+    )
     k_rec, k_design = jax.random.split(k_future)
     # regimens come from the designer below (options.intervals_h are among its
     # schedules): recommend's fixed interval grid is not computed
     rec = recommend(
-        k_rec, model, params, subject, draws, n_occ=n_occ,
-        weight_kg=req.weight_kg, thresholds=opts.thresholds_IU_dL,
-        targets=opts.targets_IU_dL, intervals=(),
-        probability=opts.trough_probability, vial_sizes=vials,
-        standard_dose_IU_kg=opts.standard_dose_IU_kg, curve_time=jnp.asarray(grid))
-    designed, evaluated = _designer(k_design, model, params, subject, draws,
-                                    n_occ, req, vials)
+        k_rec,
+        model,
+        params,
+        subject,
+        draws,
+        n_occ=n_occ,
+        weight_kg=req.weight_kg,
+        thresholds=opts.thresholds_IU_dL,
+        targets=opts.targets_IU_dL,
+        intervals=(),
+        probability=opts.trough_probability,
+        vial_sizes=vials,
+        standard_dose_IU_kg=opts.standard_dose_IU_kg,
+        curve_time=jnp.asarray(grid),
+    )
+    designed, evaluated = _designer(
+        k_design, model, params, subject, draws, n_occ, req, vials
+    )
 
-    result = _result(req, model, source, name, method, seed, uncertainty, cov_info,
-                     rec, diagnostics, warnings, params, acknowledged, assay,
-                     designed, evaluated, info)
+    result = _result(
+        req,
+        model,
+        source,
+        name,
+        method,
+        seed,
+        uncertainty,
+        cov_info,
+        rec,
+        diagnostics,
+        warnings,
+        params,
+        acknowledged,
+        assay,
+        designed,
+        evaluated,
+        info,
+    )
     _check_finite(result)
     result["display"] = wording.display(result, previous)
     png = curve_figure(for_figure(result))
@@ -677,19 +943,25 @@ def assess(request: DosingRequest | dict | str | bytes, *, method: str = "map",
 
 
 def _short(text: str | None, n: int) -> str | None:
-    return text if text is None or len(text) <= n else text[:n - 1] + "\u2026"
+    return text if text is None or len(text) <= n else text[: n - 1] + "\u2026"
 
 
 def for_figure(result: dict) -> dict:
     """The result as the figure shows it: a long patient id shortened to fit the
     title, and ``$`` escaped in free text (matplotlib reads ``$...$`` as maths and
     fails on what it cannot typeset)."""
+
     def text(s):
         return None if s is None else s.replace("$", r"\$")
+
     model = dict(result["model"], name=text(result["model"].get("name")))
     shown = result.get("product_display") or result.get("product")
-    return {**result, "model": model, "product": text(shown),
-            "patient_id": text(_short(result.get("patient_id"), _TITLE_ID_CHARS))}
+    return {
+        **result,
+        "model": model,
+        "product": text(shown),
+        "patient_id": text(_short(result.get("patient_id"), _TITLE_ID_CHARS)),
+    }
 
 
 def redraw(result: dict, previous: dict | None = None) -> Assessment:
@@ -711,9 +983,25 @@ def _clock(origin: str | None, h: float) -> str | None:
     return t.strftime("%d/%m/%Y %H:%M")
 
 
-def _result(req, model, source, name, method, seed, uncertainty, cov_info, rec,
-            diagnostics, warnings, params, acknowledged, assay, designed, evaluated,
-            info) -> dict:
+def _result(
+    req,
+    model,
+    source,
+    name,
+    method,
+    seed,
+    uncertainty,
+    cov_info,
+    rec,
+    diagnostics,
+    warnings,
+    params,
+    acknowledged,
+    assay,
+    designed,
+    evaluated,
+    info,
+) -> dict:
     from phems_clinical.pk.dosing import validated_range
     from phems_clinical.provenance import versions
 
@@ -722,14 +1010,23 @@ def _result(req, model, source, name, method, seed, uncertainty, cov_info, rec,
     rng = validated_range(model)
     thr = {f"{t:g}": _est(v) for t, v in rec.time_to_threshold.items()}
     thr_std = {f"{t:g}": _est(v) for t, v in rec.time_to_threshold_standard.items()}
-    levels = [{"time_h": lv.time_h, "datetime": _clock(req.time_origin, lv.time_h),
-               "value_IU_dL": _num(lv.value_IU_dL),
-               "blq": lv.blq, "lloq_IU_dL": _num(lv.lloq_IU_dL),
-               "predicted": _est(rec.level_pred[:, j])}
-              for j, lv in enumerate(req.levels)]
+    levels = [
+        {
+            "time_h": lv.time_h,
+            "datetime": _clock(req.time_origin, lv.time_h),
+            "value_IU_dL": _num(lv.value_IU_dL),
+            "blq": lv.blq,
+            "lloq_IU_dL": _num(lv.lloq_IU_dL),
+            "predicted": _est(rec.level_pred[:, j]),
+        }
+        for j, lv in enumerate(req.levels)
+    ]
     q = dict(zip(("p05", "p25", "p50", "p75", "p95"), rec.curve, strict=True))
-    weight = ({"value": req.weight_kg, "unit": "kg"} if req.weight_unit == "kg" else
-              {"value": round(req.weight_kg / LB_KG, 6), "unit": "lb"})
+    weight = (
+        {"value": req.weight_kg, "unit": "kg"}
+        if req.weight_unit == "kg"
+        else {"value": round(req.weight_kg / LB_KG, 6), "unit": "lb"}
+    )
     return {
         "schema_version": SCHEMA_VERSION,
         "assessed": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -738,8 +1035,10 @@ def _result(req, model, source, name, method, seed, uncertainty, cov_info, rec,
         "product_display": name,
         "acknowledged_unverified": acknowledged,
         "model": {
-            "name": model.name, "citation": meta.get("citation"),
-            "source": source["source"], "path": source["path"],
+            "name": model.name,
+            "citation": meta.get("citation"),
+            "source": source["source"],
+            "path": source["path"],
             "factor": meta.get("factor"),
             "half_life_class": meta.get("half_life_class"),
             "unverified": list(meta.get("unverified", []) or []),
@@ -771,18 +1070,29 @@ def _result(req, model, source, name, method, seed, uncertainty, cov_info, rec,
         "peak_flag_IU_dL": req.options.peak_flag_IU_dL,
         "regimens": designed,
         "evaluated_regimens": evaluated,
-        "current_regimen": (None if rec.current_regimen is None else
-                            {"interval_h": rec.current_regimen[0],
-                             "dose_IU": rec.current_regimen[1]}),
+        "current_regimen": (
+            None
+            if rec.current_regimen is None
+            else {
+                "interval_h": rec.current_regimen[0],
+                "dose_IU": rec.current_regimen[1],
+            }
+        ),
         "current_regimen_trough_prob": (
-            None if rec.current_trough_prob is None else
-            {f"{t:g}": v for t, v in rec.current_trough_prob.items()}),
+            None
+            if rec.current_trough_prob is None
+            else {f"{t:g}": v for t, v in rec.current_trough_prob.items()}
+        ),
         "levels": levels,
-        "infusions": [{"time_h": i.time_h, "dose_IU": i.dose_IU,
-                       "duration_h": i.duration_h} for i in req.infusions],
+        "infusions": [
+            {"time_h": i.time_h, "dose_IU": i.dose_IU, "duration_h": i.duration_h}
+            for i in req.infusions
+        ],
         "time_origin": req.time_origin,
-        "curve": {"time_h": rec.curve_time.tolist(),
-                  **{k: v.tolist() for k, v in q.items()}},
+        "curve": {
+            "time_h": rec.curve_time.tolist(),
+            **{k: v.tolist() for k, v in q.items()},
+        },
         "thresholds_IU_dL": list(req.options.thresholds_IU_dL),
         "diagnostics": diagnostics,
         "warnings": [{"field": w.field, "message": w.message} for w in warnings],

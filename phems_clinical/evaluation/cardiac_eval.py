@@ -52,8 +52,9 @@ def episode_outcomes(sojourns: pd.DataFrame) -> pd.DataFrame:
     out["readmit"] = np.where(r.notna(), 1, np.where(out.death == 1, 2, 0))
     cicu = first.exit - first.entry
     out["cicu_days"] = cicu
-    out["cicu_gt7"] = np.where(cicu > 7, 1.0,
-                               np.where(first.next_state == "CENSORED", np.nan, 0.0))
+    out["cicu_gt7"] = np.where(
+        cicu > 7, 1.0, np.where(first.next_state == "CENSORED", np.nan, 0.0)
+    )
     return out.reset_index()
 
 
@@ -65,8 +66,9 @@ def _auroc_known(y, score) -> float:
     return cm.auroc(y[ok], np.asarray(score, float)[ok])
 
 
-def site_examples(sites: dict[str, pd.DataFrame], spec: ms.MultistateSpec =
-                  ms.DEFAULT_SPEC) -> dict[str, Examples]:
+def site_examples(
+    sites: dict[str, pd.DataFrame], spec: ms.MultistateSpec = ms.DEFAULT_SPEC
+) -> dict[str, Examples]:
     """Each site's episodes as federation ``Examples`` padded to the largest
     site's number of episodes (mask False on padding)."""
     n_pad = max(s.episode_id.nunique() for s in sites.values())
@@ -77,12 +79,21 @@ def site_examples(sites: dict[str, pd.DataFrame], spec: ms.MultistateSpec =
     return out
 
 
-def train_federated(key, sites: dict[str, pd.DataFrame],
-                    spec: ms.MultistateSpec = ms.DEFAULT_SPEC, *,
-                    strategy: str = "fedavg", rounds: int = 300, local_steps: int = 1,
-                    learning_rate: float = 0.15, server_learning_rate: float = 0.02,
-                    ridge: float = 1e-3, prior_sd_alpha: float | None = 3.0,
-                    prior_mean_alpha: float = float(np.log(0.05)), **run_kw):
+def train_federated(
+    key,
+    sites: dict[str, pd.DataFrame],
+    spec: ms.MultistateSpec = ms.DEFAULT_SPEC,
+    *,
+    strategy: str = "fedavg",
+    rounds: int = 300,
+    local_steps: int = 1,
+    learning_rate: float = 0.15,
+    server_learning_rate: float = 0.02,
+    ridge: float = 1e-3,
+    prior_sd_alpha: float | None = 3.0,
+    prior_mean_alpha: float = float(np.log(0.05)),
+    **run_kw,
+):
     """Federated (penalised) maximum likelihood. Returns ``(params, run, to_natural)``:
     natural-scale :class:`~phems_clinical.models.multistate.Params`, the engine's
     ``FederatedRun`` and the flat -> Params map.
@@ -93,44 +104,71 @@ def train_federated(key, sites: dict[str, pd.DataFrame],
     makes the curvature grow away from the optimum). FedAdam: local 0.1, server
     0.02. Several local steps add client drift (gap ~0.04 for 3 steps)."""
     ex, obj, x0, to_natural = federated_objective(
-        sites, spec, ridge=ridge, prior_sd_alpha=prior_sd_alpha,
-        prior_mean_alpha=prior_mean_alpha)
+        sites,
+        spec,
+        ridge=ridge,
+        prior_sd_alpha=prior_sd_alpha,
+        prior_mean_alpha=prior_mean_alpha,
+    )
     if strategy == "fedavg":
-        alg = fedavg(obj, x0, learning_rate=learning_rate, local_steps=local_steps,
-                     max_rounds=rounds)
+        alg = fedavg(
+            obj,
+            x0,
+            learning_rate=learning_rate,
+            local_steps=local_steps,
+            max_rounds=rounds,
+        )
     elif strategy == "fedadam":
-        alg = fedadam(obj, x0, learning_rate=learning_rate,
-                      server_learning_rate=server_learning_rate,
-                      local_steps=local_steps, max_rounds=rounds)
+        alg = fedadam(
+            obj,
+            x0,
+            learning_rate=learning_rate,
+            server_learning_rate=server_learning_rate,
+            local_steps=local_steps,
+            max_rounds=rounds,
+        )
     else:
         raise ValueError(f"strategy: expected 'fedavg' or 'fedadam', got {strategy!r}")
     run = run_federated(key, alg, list(ex.values()), **run_kw)
     return to_natural(run.server.x), run, to_natural
 
 
-def federated_objective(sites: dict[str, pd.DataFrame],
-                        spec: ms.MultistateSpec = ms.DEFAULT_SPEC, *,
-                        ridge: float = 1e-3, prior_sd_alpha: float | None = 3.0,
-                        prior_mean_alpha: float = float(np.log(0.05))):
+def federated_objective(
+    sites: dict[str, pd.DataFrame],
+    spec: ms.MultistateSpec = ms.DEFAULT_SPEC,
+    *,
+    ridge: float = 1e-3,
+    prior_sd_alpha: float | None = 3.0,
+    prior_mean_alpha: float = float(np.log(0.05)),
+):
     """The sites' padded examples and the federated objective of
     :func:`train_federated`: ``(examples, objective, x0, to_natural)``. The
     scaling comes from the sites' summed totals (sums a secure aggregation could
     carry)."""
     ex = site_examples(sites, spec)
-    per_site = [ms.scaling_totals(ms.EpisodeExamples(e.data, e.mask), spec)
-                for e in ex.values()]
+    per_site = [
+        ms.scaling_totals(ms.EpisodeExamples(e.data, e.mask), spec) for e in ex.values()
+    ]
     scaling = ms.scaling_from_totals(jax.tree.map(lambda *a: sum(a), *per_site))
     n_total = float(sum(jnp.sum(e.mask) for e in ex.values()))
-    loss, x0, to_natural = ms.make_loss(spec, ridge=ridge, scaling=scaling,
-                                        prior_sd_alpha=prior_sd_alpha,
-                                        prior_mean_alpha=prior_mean_alpha,
-                                        n_total=n_total)
+    loss, x0, to_natural = ms.make_loss(
+        spec,
+        ridge=ridge,
+        scaling=scaling,
+        prior_sd_alpha=prior_sd_alpha,
+        prior_mean_alpha=prior_mean_alpha,
+        n_total=n_total,
+    )
     return ex, objective_from_loss(loss), x0, to_natural
 
 
-def evaluate(params: ms.Params, sojourns: pd.DataFrame,
-             spec: ms.MultistateSpec = ms.DEFAULT_SPEC, *,
-             horizons=(30.0, 360.0)) -> dict[str, float]:
+def evaluate(
+    params: ms.Params,
+    sojourns: pd.DataFrame,
+    spec: ms.MultistateSpec = ms.DEFAULT_SPEC,
+    *,
+    horizons=(30.0, 360.0),
+) -> dict[str, float]:
     """Discrimination and calibration of one site's (or a held-out hospital's)
     episodes. The last horizon must be shorter than the administrative follow-up
     (IPCW needs G(horizon) > 0)."""
@@ -145,35 +183,61 @@ def evaluate(params: ms.Params, sojourns: pd.DataFrame,
     h_last = len(horizons) - 1
     out["c_death"] = sv.harrell_c(oc.death_time, mort[:, h_last], oc.death)
     for i, h in enumerate(horizons):
-        out[f"brier_death_{int(h)}d"] = sv.brier_score(oc.death_time, oc.death,
-                                                       mort[:, i], h)
+        out[f"brier_death_{int(h)}d"] = sv.brier_score(
+            oc.death_time, oc.death, mort[:, i], h
+        )
     out[f"brier_readmit_{int(horizons[-1])}d"] = sv.brier_score(
-        oc.readmit_time, oc.readmit, readm[:, h_last], horizons[-1])
+        oc.readmit_time, oc.readmit, readm[:, h_last], horizons[-1]
+    )
     out["auc_cicu_gt7"] = _auroc_known(oc.cicu_gt7, np.asarray(pred["cicu_gt7"]))
-    cal = sv.calibration_table(oc.death_time, oc.death, mort[:, h_last], horizons[-1],
-                               groups=min(10, max(2, len(oc) // 50)))
+    cal = sv.calibration_table(
+        oc.death_time,
+        oc.death,
+        mort[:, h_last],
+        horizons[-1],
+        groups=min(10, max(2, len(oc) // 50)),
+    )
     out.update({f"death_{k}": v for k, v in sv.calibration_summary(cal).items()})
     return out
 
 
-def evaluate_sites(params: ms.Params, sites: dict[str, pd.DataFrame],
-                   spec: ms.MultistateSpec = ms.DEFAULT_SPEC, **kw) -> pd.DataFrame:
+def evaluate_sites(
+    params: ms.Params,
+    sites: dict[str, pd.DataFrame],
+    spec: ms.MultistateSpec = ms.DEFAULT_SPEC,
+    **kw,
+) -> pd.DataFrame:
     """:func:`evaluate` for every site (rows)."""
-    return pd.DataFrame({k: evaluate(params, v, spec, **kw) for k, v in sites.items()}
-                        ).T
+    return pd.DataFrame(
+        {k: evaluate(params, v, spec, **kw) for k, v in sites.items()}
+    ).T
 
 
-def pooled_fit(sites: dict[str, pd.DataFrame], spec: ms.MultistateSpec =
-               ms.DEFAULT_SPEC, *, ridge: float = 1e-3,
-               prior_sd_alpha: float | None = 3.0,
-               prior_mean_alpha: float = float(np.log(0.05))) -> ms.FitResult:
+def pooled_fit(
+    sites: dict[str, pd.DataFrame],
+    spec: ms.MultistateSpec = ms.DEFAULT_SPEC,
+    *,
+    ridge: float = 1e-3,
+    prior_sd_alpha: float | None = 3.0,
+    prior_mean_alpha: float = float(np.log(0.05)),
+) -> ms.FitResult:
     """Centralised reference: Newton on the pooled episodes (same penalties as
     :func:`train_federated`)."""
     pooled = ms.stack_examples([ms.site_examples(v, spec) for v in sites.values()])
-    return ms.fit(pooled, spec, ridge=ridge, prior_sd_alpha=prior_sd_alpha,
-                  prior_mean_alpha=prior_mean_alpha)
+    return ms.fit(
+        pooled,
+        spec,
+        ridge=ridge,
+        prior_sd_alpha=prior_sd_alpha,
+        prior_mean_alpha=prior_mean_alpha,
+    )
 
 
-__all__ = ["episode_outcomes", "evaluate", "evaluate_sites", "pooled_fit",
-           "site_examples", "train_federated"]
-
+__all__ = [
+    "episode_outcomes",
+    "evaluate",
+    "evaluate_sites",
+    "pooled_fit",
+    "site_examples",
+    "train_federated",
+]

@@ -28,10 +28,21 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["CINC_2019", "CalibrationFit", "CincUtilityParams", "UtilityTotals",
-           "auprc", "auroc", "brier_score", "calibration_slope_intercept",
-           "cinc_labels", "cinc_normalised_utility", "cinc_utility",
-           "cinc_utility_totals", "expected_calibration_error"]
+__all__ = [
+    "CINC_2019",
+    "CalibrationFit",
+    "CincUtilityParams",
+    "UtilityTotals",
+    "auprc",
+    "auroc",
+    "brier_score",
+    "calibration_slope_intercept",
+    "cinc_labels",
+    "cinc_normalised_utility",
+    "cinc_utility",
+    "cinc_utility_totals",
+    "expected_calibration_error",
+]
 
 
 class ClassificationInputError(ValueError):
@@ -44,7 +55,8 @@ def _check(y, p, *, probabilities: bool = False) -> tuple[np.ndarray, np.ndarray
     if y.ndim != 1 or p.ndim != 1 or y.shape != p.shape:
         raise ClassificationInputError(
             f"y, score: expected two 1-D arrays of equal length, got shapes "
-            f"{y.shape} and {p.shape}")
+            f"{y.shape} and {p.shape}"
+        )
     if not np.all((y == 0) | (y == 1)):
         raise ClassificationInputError("y: expected labels 0/1 (bool or numeric)")
     if not np.all(np.isfinite(p)):
@@ -66,7 +78,7 @@ def auroc(y, score) -> float:
     if n1 == 0 or n0 == 0:
         return float("nan")
     _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
-    midrank = np.cumsum(counts) - (counts - 1) / 2.0      # 1-based average ranks
+    midrank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average ranks
     r1 = np.sum(midrank[inv] * y)
     return float((r1 - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
@@ -82,7 +94,7 @@ def auprc(y, score) -> float:
     n1 = y.sum()
     if n1 == 0:
         return float("nan")
-    _, inv = np.unique(-s, return_inverse=True)          # group 0 = highest score
+    _, inv = np.unique(-s, return_inverse=True)  # group 0 = highest score
     pos = np.bincount(inv, weights=y)
     tot = np.bincount(inv)
     tp = np.cumsum(pos)
@@ -122,8 +134,9 @@ class CalibrationFit(NamedTuple):
     intercept_joint: float
 
 
-def calibration_slope_intercept(y, p, *, eps: float = 1e-12, max_iter: int = 100,
-                                tol: float = 1e-12) -> CalibrationFit:
+def calibration_slope_intercept(
+    y, p, *, eps: float = 1e-12, max_iter: int = 100, tol: float = 1e-12
+) -> CalibrationFit:
     """Calibration slope and intercept by maximum likelihood (Newton-Raphson).
 
     Probabilities are clipped to ``[eps, 1 - eps]`` before ``logit``. ``nan``
@@ -162,8 +175,9 @@ def calibration_slope_intercept(y, p, *, eps: float = 1e-12, max_iter: int = 100
     return CalibrationFit(float(beta[1]), intercept, float(beta[0]))
 
 
-def expected_calibration_error(y, p, *, n_bins: int = 10,
-                               strategy: str = "uniform") -> float:
+def expected_calibration_error(
+    y, p, *, n_bins: int = 10, strategy: str = "uniform"
+) -> float:
     """``sum_b (n_b / n) |mean(y_b) - mean(p_b)|`` over probability bins.
 
     strategy : ``"uniform"`` (default): equal-width bins ``[0, 1/B), ..., [(B-1)/B,
@@ -182,15 +196,19 @@ def expected_calibration_error(y, p, *, n_bins: int = 10,
         b[np.argsort(p, kind="stable")] = (np.arange(y.size) * n_bins) // y.size
     else:
         raise ClassificationInputError(
-            f"strategy: expected 'uniform' or 'quantile', got {strategy!r}")
+            f"strategy: expected 'uniform' or 'quantile', got {strategy!r}"
+        )
     n_b = np.bincount(b, minlength=n_bins)
-    gap = np.abs(np.bincount(b, weights=y, minlength=n_bins)
-                 - np.bincount(b, weights=p, minlength=n_bins))
+    gap = np.abs(
+        np.bincount(b, weights=y, minlength=n_bins)
+        - np.bincount(b, weights=p, minlength=n_bins)
+    )
     # |sum y - sum p| / n = (n_b / n) |mean y - mean p| per bin.
     return float(np.sum(gap[n_b > 0]) / y.size)
 
 
 # --- PhysioNet/CinC 2019 utility -------------------------------------------------
+
 
 class CincUtilityParams(NamedTuple):
     """The challenge's utility parameters (hours relative to ``t_sepsis``).
@@ -221,7 +239,8 @@ def cinc_labels(hour, onset, *, params: CincUtilityParams = CINC_2019) -> np.nda
     onset = np.asarray(onset, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         return (np.isfinite(onset) & (hour >= onset + params.dt_optimal)).astype(
-            np.int64)
+            np.int64
+        )
 
 
 def _stay_codes(stay) -> tuple[np.ndarray, int]:
@@ -237,8 +256,9 @@ def _row_position(codes: np.ndarray, n: int) -> np.ndarray:
     order = np.argsort(codes, kind="stable")
     first = np.searchsorted(codes[order], np.arange(n))
     pos = np.empty(codes.size, dtype=np.int64)
-    pos[order] = np.arange(codes.size) - np.repeat(first, np.bincount(codes,
-                                                                      minlength=n))
+    pos[order] = np.arange(codes.size) - np.repeat(
+        first, np.bincount(codes, minlength=n)
+    )
     return pos
 
 
@@ -261,8 +281,9 @@ def _row_utility(t, t_sepsis, septic, pred, prm: CincUtilityParams) -> np.ndarra
     return np.where(septic & (d > prm.dt_late), 0.0, u)
 
 
-def cinc_utility(stay, labels, predictions, *, params: CincUtilityParams = CINC_2019
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def cinc_utility(
+    stay, labels, predictions, *, params: CincUtilityParams = CINC_2019
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-stay utility of binary predictions, as the official
     ``compute_prediction_utility``, for many stays at once.
 
@@ -277,7 +298,8 @@ def cinc_utility(stay, labels, predictions, *, params: CincUtilityParams = CINC_
     predictions = np.asarray(predictions)
     if not (stay.shape == labels.shape == predictions.shape) or stay.ndim != 1:
         raise ClassificationInputError(
-            "stay, labels, predictions: expected 1-D arrays of equal length")
+            "stay, labels, predictions: expected 1-D arrays of equal length"
+        )
     for name, v in (("labels", labels), ("predictions", predictions)):
         if not np.all((v == 0) | (v == 1)):
             raise ClassificationInputError(f"{name}: expected 0/1 values")
@@ -311,12 +333,14 @@ class UtilityTotals(NamedTuple):
     @property
     def normalised(self) -> float:
         den = self.best - self.inaction
-        return float((self.observed - self.inaction) / den) if den != 0 else float(
-            "nan")
+        return (
+            float((self.observed - self.inaction) / den) if den != 0 else float("nan")
+        )
 
 
-def cinc_utility_totals(stay, labels, predictions, *,
-                        params: CincUtilityParams = CINC_2019) -> UtilityTotals:
+def cinc_utility_totals(
+    stay, labels, predictions, *, params: CincUtilityParams = CINC_2019
+) -> UtilityTotals:
     """Observed, best and inaction utility totals over all stays (the terms of the
     official normalised score)."""
     labels = np.asarray(labels)
@@ -335,8 +359,9 @@ def cinc_utility_totals(stay, labels, predictions, *,
     return UtilityTotals(float(observed), float(best_u), float(none_u))
 
 
-def cinc_normalised_utility(stay, labels, predictions, *,
-                            params: CincUtilityParams = CINC_2019) -> float:
+def cinc_normalised_utility(
+    stay, labels, predictions, *, params: CincUtilityParams = CINC_2019
+) -> float:
     """The challenge score: ``(U - U_inaction) / (U_best - U_inaction)`` summed over
     stays (1 = optimal alarms, 0 = never alarm)."""
     return cinc_utility_totals(stay, labels, predictions, params=params).normalised

@@ -62,19 +62,22 @@ def pk_profile(ev: pd.DataFrame) -> pd.DataFrame:
 def picu_profile(h: pd.DataFrame) -> pd.DataFrame:
     """PICU: one row per ICU stay (see the module docstring)."""
     g = h.groupby("stay_id", sort=False)
-    out = pd.DataFrame({
-        "age_months": g["age_months"].first(),
-        "sex": g["sex"].first(),
-        "los_hours": g["hour"].max() + 1,
-        "died": g["died"].max().astype(int),
-        "hr_mean": g["hr"].mean(),
-        "lactate_max": g["lactate"].max(),
-        "spo2_min": g["spo2"].min(),
-        "imv_hours": g["imv"].sum(),
-        "vasoactive_hours": (h["vasoactives"] > 0).groupby(h["stay_id"],
-                                                            sort=False).sum(),
-        "culture": g["culture"].max().astype(int),
-    })
+    out = pd.DataFrame(
+        {
+            "age_months": g["age_months"].first(),
+            "sex": g["sex"].first(),
+            "los_hours": g["hour"].max() + 1,
+            "died": g["died"].max().astype(int),
+            "hr_mean": g["hr"].mean(),
+            "lactate_max": g["lactate"].max(),
+            "spo2_min": g["spo2"].min(),
+            "imv_hours": g["imv"].sum(),
+            "vasoactive_hours": (h["vasoactives"] > 0)
+            .groupby(h["stay_id"], sort=False)
+            .sum(),
+            "culture": g["culture"].max().astype(int),
+        }
+    )
     return out.reset_index(drop=True)
 
 
@@ -82,14 +85,19 @@ def cardiac_profile(s: pd.DataFrame) -> pd.DataFrame:
     """Cardiac: one row per surgical episode (see the module docstring)."""
     first = s.groupby("episode_id", sort=False).nth(0).set_index("episode_id")
     oc = episode_outcomes(s).set_index("episode_id")
-    out = pd.DataFrame({
-        "age_days": first["age_days"], "sex": first["sex"],
-        "weight_kg": first["weight_kg"], "stat": first["stat"].astype(int),
-        "ventilation": first["ventilation"].astype(int),
-        "cicu_days": oc["cicu_days"], "died": oc["death"].astype(int),
-        "readmitted": (oc["readmit"] == 1).astype(int),
-        "death_day": oc["death_time"].where(oc["death"] == 1),
-    })
+    out = pd.DataFrame(
+        {
+            "age_days": first["age_days"],
+            "sex": first["sex"],
+            "weight_kg": first["weight_kg"],
+            "stat": first["stat"].astype(int),
+            "ventilation": first["ventilation"].astype(int),
+            "cicu_days": oc["cicu_days"],
+            "died": oc["death"].astype(int),
+            "readmitted": (oc["readmit"] == 1).astype(int),
+            "death_day": oc["death_time"].where(oc["death"] == 1),
+        }
+    )
     return out.reset_index(drop=True)
 
 
@@ -98,6 +106,8 @@ def profile(use_case, data: pd.DataFrame) -> pd.DataFrame:
     the ``profile`` function of ``use_case`` (a :class:`phems_clinical.usecases.
     UseCase`)."""
     if isinstance(use_case, str):
-        raise ValueError(f"use case {use_case!r}: pass the use-case object "
-                         f"(phems_clinical.usecases.get({use_case!r})), not its name")
+        raise ValueError(
+            f"use case {use_case!r}: pass the use-case object "
+            f"(phems_clinical.usecases.get({use_case!r})), not its name"
+        )
     return use_case.profile(data)

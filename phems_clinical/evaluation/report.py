@@ -50,8 +50,7 @@ def _title(result: dict) -> str:
 
 def _time_label(result: dict) -> str:
     origin = result.get("time_origin")
-    return (f"Time since {origin} (h)" if origin
-            else "Time since first infusion (h)")
+    return f"Time since {origin} (h)" if origin else "Time since first infusion (h)"
 
 
 def curve_figure(result: dict) -> bytes:
@@ -79,19 +78,31 @@ def curve_figure(result: dict) -> bytes:
     thresholds = [float(x) for x in result.get("thresholds_IU_dL") or []]
     levels = result.get("levels") or []
     infusions = result.get("infusions") or []
-    quant = [(lv["time_h"], v) for lv in levels if not lv.get("blq")
-             and (v := numbers.value(lv.get("value_IU_dL"))) is not None and v > 0]
-    blq = [(lv["time_h"], numbers.value(lv.get("lloq_IU_dL"))
-            or numbers.value(lv.get("value_IU_dL")))
-           for lv in levels if lv.get("blq")]
+    quant = [
+        (lv["time_h"], v)
+        for lv in levels
+        if not lv.get("blq")
+        and (v := numbers.value(lv.get("value_IU_dL"))) is not None
+        and v > 0
+    ]
+    blq = [
+        (
+            lv["time_h"],
+            numbers.value(lv.get("lloq_IU_dL")) or numbers.value(lv.get("value_IU_dL")),
+        )
+        for lv in levels
+        if lv.get("blq")
+    ]
     # Log axis floor: half the lowest threshold, lowered to show every measured level;
     # a BLQ sample without an LLOQ is drawn at that level, above the infusion carets.
-    low = 0.5 * min(thresholds) if thresholds else 0.5 * float(
-        np.min(curve["p05"][curve["p05"] > 0], initial=0.2))
+    low = (
+        0.5 * min(thresholds)
+        if thresholds
+        else 0.5 * float(np.min(curve["p05"][curve["p05"] > 0], initial=0.2))
+    )
     blq = [(x, y or low) for x, y in blq]
     floor = min([low] + [0.7 * v for _, v in quant + blq])
-    top = 1.6 * max([float(np.nanmax(curve["p95"])), 4 * floor]
-                    + [v for _, v in quant])
+    top = 1.6 * max([float(np.nanmax(curve["p95"])), 4 * floor] + [v for _, v in quant])
 
     fig = Figure(figsize=(8, 4.5), dpi=120)
     FigureCanvasAgg(fig)
@@ -108,13 +119,24 @@ def curve_figure(result: dict) -> bytes:
 
     xdata_yaxes = blended_transform_factory(ax.transData, ax.transAxes)
     markers = (
-        ("Measured level", quant, {"marker": "o", "ms": 6, "color": _DATA,
-                                   "mec": "white", "mew": 0.8}, {}),
-        (BLQ_LABEL, blq,
-         {"marker": "v", "ms": 7, "mfc": "white", "mec": _DATA, "mew": 1.3}, {}),
-        ("Infusion", [(i["time_h"], 0.0) for i in infusions],
-         {"marker": 10, "ms": 9, "color": _RED},  # caret sitting on the time axis
-         {"transform": xdata_yaxes, "clip_on": False}),
+        (
+            "Measured level",
+            quant,
+            {"marker": "o", "ms": 6, "color": _DATA, "mec": "white", "mew": 0.8},
+            {},
+        ),
+        (
+            BLQ_LABEL,
+            blq,
+            {"marker": "v", "ms": 7, "mfc": "white", "mec": _DATA, "mew": 1.3},
+            {},
+        ),
+        (
+            "Infusion",
+            [(i["time_h"], 0.0) for i in infusions],
+            {"marker": 10, "ms": 9, "color": _RED},  # caret sitting on the time axis
+            {"transform": xdata_yaxes, "clip_on": False},
+        ),
     )
     for label, points, style, where in markers:
         if points:
@@ -122,15 +144,29 @@ def curve_figure(result: dict) -> bytes:
             handles.append(Line2D([], [], ls="none", label=label, **style))
     if len(infusions) <= 6:
         for inf in infusions:
-            ax.annotate(numbers.dose(inf["dose_IU"]), (inf["time_h"], 0.0),
-                        xycoords=xdata_yaxes, xytext=(3, 6),
-                        textcoords="offset points", fontsize=7, color=_RED)
+            ax.annotate(
+                numbers.dose(inf["dose_IU"]),
+                (inf["time_h"], 0.0),
+                xycoords=xdata_yaxes,
+                xytext=(3, 6),
+                textcoords="offset points",
+                fontsize=7,
+                color=_RED,
+            )
 
     yaxes_xdata = blended_transform_factory(ax.transAxes, ax.transData)
     for thr in thresholds:
         ax.axhline(thr, color=_GREY, lw=0.9, ls="--", zorder=1)
-        ax.text(0.008, thr, f"{numbers.label(thr)} IU/dL", transform=yaxes_xdata,
-                ha="left", va="bottom", fontsize=7.5, color=_GREY)
+        ax.text(
+            0.008,
+            thr,
+            f"{numbers.label(thr)} IU/dL",
+            transform=yaxes_xdata,
+            ha="left",
+            va="bottom",
+            fontsize=7.5,
+            color=_GREY,
+        )
 
     ax.set_yscale("log")
     ax.set_ylim(floor, top)
@@ -148,8 +184,14 @@ def curve_figure(result: dict) -> bytes:
     ax.set_axisbelow(True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-              fontsize=8, frameon=False, borderaxespad=0.0)
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        frameon=False,
+        borderaxespad=0.0,
+    )
     fig.tight_layout()
 
     buf = io.BytesIO()
@@ -172,21 +214,29 @@ def _environment() -> jinja2.Environment:
 
 def _versions(d: Any) -> list[tuple[str, str]]:
     """Package versions as ``(name, version)`` pairs."""
-    return [(str(k), str(v)) for k, v in (d or {}).items()] if isinstance(
-        d, dict) else []
+    return (
+        [(str(k), str(v)) for k, v in (d or {}).items()] if isinstance(d, dict) else []
+    )
 
 
 def _generated(result: dict, generated: datetime | str | None) -> str:
-    when = generated if generated is not None else (
-        result.get("generated") or result.get("assessed"))
+    when = (
+        generated
+        if generated is not None
+        else (result.get("generated") or result.get("assessed"))
+    )
     if when is None:
         when = datetime.now().astimezone()
-    return when.strftime("%Y-%m-%d %H:%M %Z").strip() if isinstance(
-        when, datetime) else str(when)
+    return (
+        when.strftime("%Y-%m-%d %H:%M %Z").strip()
+        if isinstance(when, datetime)
+        else str(when)
+    )
 
 
-def render_report(result: dict, curve_png: bytes, *,
-                  generated: datetime | str | None = None) -> str:
+def render_report(
+    result: dict, curve_png: bytes, *, generated: datetime | str | None = None
+) -> str:
     """Render the self-contained HTML report of one dosing result.
 
     The report shows ``result["display"]`` (built by
@@ -219,8 +269,10 @@ def render_report(result: dict, curve_png: bytes, *,
     """
     disp = result.get("display")
     if not isinstance(disp, dict):
-        raise ValueError("result: no 'display' to render; rebuild it with "
-                         "phems_clinical.dosing.workflow.redraw")
+        raise ValueError(
+            "result: no 'display' to render; rebuild it with "
+            "phems_clinical.dosing.workflow.redraw"
+        )
     ctx = {
         "d": disp,
         "title": disp.get("title", ""),

@@ -104,13 +104,18 @@ _NAN = math.nan
 #: Re-identification risk threshold (EMA Policy 0070, EMA/90915/2016).
 RISK_THRESHOLD = _anon.DEFAULT_RISK_THRESHOLD
 
-_EMA = ("EMA Policy 0070 (EMA/90915/2016) and Health Canada: risk threshold 0.09; "
-        "applied to synthetic data by El Emam et al., JMIR 2020;22:e23139")
-_ANONYMETER = ("Giomi et al., PoPETs 2023(2):312-328 (anonymeter method); "
-               "threshold: " + _EMA)
+_EMA = (
+    "EMA Policy 0070 (EMA/90915/2016) and Health Canada: risk threshold 0.09; "
+    "applied to synthetic data by El Emam et al., JMIR 2020;22:e23139"
+)
+_ANONYMETER = (
+    "Giomi et al., PoPETs 2023(2):312-328 (anonymeter method); threshold: " + _EMA
+)
 _OURS = "flag limit is ours (no published threshold)"
-_RANKIN = ("Rankin et al., JMIR Med Inform 2020;8:e18910 (synthetic-trained models "
-           "typically 0.06-0.19 worse); flag limit is ours")
+_RANKIN = (
+    "Rankin et al., JMIR Med Inform 2020;8:e18910 (synthetic-trained models "
+    "typically 0.06-0.19 worse); flag limit is ours"
+)
 
 
 class ScorecardInputError(ValueError):
@@ -163,324 +168,634 @@ class MetricSpec(NamedTuple):
     exact: bool = False
 
 
-def _m(group, better, target, lower, upper, bound, label, caption, reference,
-       exact=False):
-    return MetricSpec(group, better, float(target), float(lower), float(upper),
-                      bound, label, caption, reference, bool(exact))
+def _m(
+    group, better, target, lower, upper, bound, label, caption, reference, exact=False
+):
+    return MetricSpec(
+        group,
+        better,
+        float(target),
+        float(lower),
+        float(upper),
+        bound,
+        label,
+        caption,
+        reference,
+        bool(exact),
+    )
 
 
 #: Metric registry, in display order within each group.
 METRICS: dict[str, MetricSpec] = {
     # ------------------------------------------------------------------ fidelity
     "column_shapes": _m(
-        "fidelity", "higher", 1.0, 0.9, _INF, "absolute", "Column shapes",
+        "fidelity",
+        "higher",
+        1.0,
+        0.9,
+        _INF,
+        "absolute",
+        "Column shapes",
         "How closely each column's distribution matches the real data, averaged "
         "over columns (1 minus the Kolmogorov-Smirnov distance for numbers or the "
         "total variation distance for categories; 1 = identical).",
-        "SDMetrics Column Shapes (KSComplement/TVComplement); " + _OURS),
+        "SDMetrics Column Shapes (KSComplement/TVComplement); " + _OURS,
+    ),
     "max_column_statistic": _m(
-        "fidelity", "lower", 0.0, -_INF, 0.2, "absolute", "Worst column",
+        "fidelity",
+        "lower",
+        0.0,
+        -_INF,
+        0.2,
+        "absolute",
+        "Worst column",
         "Largest difference between the real and the derived distribution of any "
         "single column (Kolmogorov-Smirnov or total variation distance; 0 = "
         "identical, 1 = no overlap).",
-        "Kolmogorov-Smirnov / total variation distance; " + _OURS),
+        "Kolmogorov-Smirnov / total variation distance; " + _OURS,
+    ),
     "mean_missing_diff": _m(
-        "fidelity", "lower", 0.0, -_INF, 0.05, "absolute", "Missing values",
+        "fidelity",
+        "lower",
+        0.0,
+        -_INF,
+        0.05,
+        "absolute",
+        "Missing values",
         "Average difference between real and derived data in the share of missing "
         "values per column (0.05 = 5 percentage points).",
-        "SDMetrics MissingValueSimilarity; " + _OURS),
+        "SDMetrics MissingValueSimilarity; " + _OURS,
+    ),
     "pair_trends": _m(
-        "fidelity", "higher", 1.0, 0.9, _INF, "absolute", "Relationships",
+        "fidelity",
+        "higher",
+        1.0,
+        0.9,
+        _INF,
+        "absolute",
+        "Relationships",
         "How well relationships between pairs of columns are kept (correlations "
         "and contingency tables; 1 = all relationships as in the real data).",
         "SDMetrics Column Pair Trends (CorrelationSimilarity, "
-        "ContingencySimilarity); " + _OURS),
+        "ContingencySimilarity); " + _OURS,
+    ),
     "mean_abs_diff": _m(
-        "fidelity", "lower", 0.0, -_INF, 0.1, "absolute", "Pair differences",
+        "fidelity",
+        "lower",
+        0.0,
+        -_INF,
+        0.1,
+        "absolute",
+        "Pair differences",
         "Average change in the association between pairs of columns (Pearson "
         "correlation or Cramer's V; 0 = unchanged).",
-        "SDMetrics Column Pair Trends (CorrelationSimilarity); " + _OURS),
+        "SDMetrics Column Pair Trends (CorrelationSimilarity); " + _OURS,
+    ),
     "mean_abs_diff_pearson": _m(
-        "fidelity", "lower", 0.0, -_INF, 0.1, "absolute", "Numeric correlations",
+        "fidelity",
+        "lower",
+        0.0,
+        -_INF,
+        0.1,
+        "absolute",
+        "Numeric correlations",
         "Average change in the correlation between pairs of numeric columns "
         "(Pearson r; 0 = unchanged, 0.1 = correlations off by 0.1 on average).",
-        "SDMetrics CorrelationSimilarity; " + _OURS),
+        "SDMetrics CorrelationSimilarity; " + _OURS,
+    ),
     "mean_abs_diff_cramers_v": _m(
-        "fidelity", "lower", 0.0, -_INF, 0.1, "absolute", "Category associations",
+        "fidelity",
+        "lower",
+        0.0,
+        -_INF,
+        0.1,
+        "absolute",
+        "Category associations",
         "Average change in the association between pairs of columns involving a "
         "category (Cramer's V; 0 = unchanged).",
-        "Cramer's V (Cramer, Mathematical Methods of Statistics, 1946); " + _OURS),
+        "Cramer's V (Cramer, Mathematical Methods of Statistics, 1946); " + _OURS,
+    ),
     "detection_auc": _m(
-        "fidelity", "closer_to_target", 0.5, -_INF, 0.6, "absolute",
+        "fidelity",
+        "closer_to_target",
+        0.5,
+        -_INF,
+        0.6,
+        "absolute",
         "Detectability",
         "How well a classifier tells derived records from real ones (0.5 = it "
         "cannot tell them apart, 1 = it always can).",
         "Target 0.5: Snoke et al., JRSS-A 2018;181(3):663-688; synthgauge docs; "
-        + _OURS),
+        + _OURS,
+    ),
     "pmse_ratio_perm": _m(
-        "fidelity", "closer_to_target", 1.0, -_INF, 3.0, "absolute",
+        "fidelity",
+        "closer_to_target",
+        1.0,
+        -_INF,
+        3.0,
+        "absolute",
         "Propensity score (pMSE ratio)",
         "Propensity mean squared error divided by its value for indistinguishable "
         "data (1 = indistinguishable; larger = easier to tell derived from real "
         "records).",
         "Snoke, Raab, Nowok, Dibben & Slavkovic, JRSS-A 2018;181:663-688, "
-        "permutation null; target 1; " + _OURS),
+        "permutation null; target 1; " + _OURS,
+    ),
     "pmse_ratio": _m(
-        "fidelity", "closer_to_target", 1.0, _NAN, _NAN, "none",
+        "fidelity",
+        "closer_to_target",
+        1.0,
+        _NAN,
+        _NAN,
+        "none",
         "pMSE ratio (published null)",
         "Propensity mean squared error divided by the published null value; for "
         "two samples of one distribution it centres at 1/(1 - share of derived "
         "rows), i.e. 2 for equal sizes, so no flag is set.",
-        "Snoke et al., JRSS-A 2018;181:663-688; see phems_clinical.privacy.fidelity"),
+        "Snoke et al., JRSS-A 2018;181:663-688; see phems_clinical.privacy.fidelity",
+    ),
     "pmse": _m(
-        "fidelity", "lower", 0.0, _NAN, _NAN, "none", "pMSE",
+        "fidelity",
+        "lower",
+        0.0,
+        _NAN,
+        _NAN,
+        "none",
+        "pMSE",
         "Propensity mean squared error (0 = a classifier's predictions carry no "
         "information about which records are derived).",
-        "Woo et al., J Priv Confid 2009; Snoke et al., JRSS-A 2018"),
+        "Woo et al., J Priv Confid 2009; Snoke et al., JRSS-A 2018",
+    ),
     # ------------------------------------------------------------------- utility
     "auroc": _m(
-        "utility", "higher", _NAN, -0.05, _INF, "relative_to_real",
+        "utility",
+        "higher",
+        _NAN,
+        -0.05,
+        _INF,
+        "relative_to_real",
         "Sepsis model AUROC",
         "Sepsis model trained on this source and tested on held-out real "
         "patients: area under the ROC curve (0.5 = chance, 1 = perfect).",
-        _RANKIN),
+        _RANKIN,
+    ),
     "auprc": _m(
-        "utility", "higher", _NAN, -0.05, _INF, "relative_to_real",
+        "utility",
+        "higher",
+        _NAN,
+        -0.05,
+        _INF,
+        "relative_to_real",
         "Sepsis model AUPRC",
         "Sepsis model trained on this source and tested on held-out real "
         "patients: area under the precision-recall curve (higher = better).",
-        _RANKIN),
+        _RANKIN,
+    ),
     "brier": _m(
-        "utility", "lower", _NAN, -_INF, 0.02, "relative_to_real",
+        "utility",
+        "lower",
+        _NAN,
+        -_INF,
+        0.02,
+        "relative_to_real",
         "Sepsis model Brier score",
         "Sepsis model trained on this source and tested on held-out real "
         "patients: mean squared error of the predicted probabilities (0 = "
         "perfect).",
-        _RANKIN),
+        _RANKIN,
+    ),
     "calibration_slope": _m(
-        "utility", "closer_to_target", 1.0, 0.8, 1.2, "absolute",
+        "utility",
+        "closer_to_target",
+        1.0,
+        0.8,
+        1.2,
+        "absolute",
         "Sepsis model calibration slope",
         "Sepsis model trained on this source and tested on held-out real "
         "patients: calibration slope (1 = predicted risks neither too extreme "
         "nor too modest).",
-        "Van Calster et al., J Clin Epidemiol 2016;74:167-176 (ideal 1); "
-        + _OURS),
+        "Van Calster et al., J Clin Epidemiol 2016;74:167-176 (ideal 1); " + _OURS,
+    ),
     "calibration_intercept": _m(
-        "utility", "closer_to_target", 0.0, _NAN, _NAN, "none",
+        "utility",
+        "closer_to_target",
+        0.0,
+        _NAN,
+        _NAN,
+        "none",
         "Sepsis model calibration intercept",
         "Sepsis model trained on this source and tested on held-out real "
         "patients: whether predicted risks are too high (< 0) or too low (> 0) on "
         "average (0 = right on average).",
-        "Van Calster et al., J Clin Epidemiol 2016;74:167-176 (ideal 0)"),
+        "Van Calster et al., J Clin Epidemiol 2016;74:167-176 (ideal 0)",
+    ),
     "ece": _m(
-        "utility", "lower", _NAN, -_INF, 0.02, "relative_to_real",
+        "utility",
+        "lower",
+        _NAN,
+        -_INF,
+        0.02,
+        "relative_to_real",
         "Sepsis model calibration error",
         "Sepsis model trained on this source and tested on held-out real "
         "patients: average gap between predicted and observed risk over 10 risk "
         "bins (0 = perfect).",
-        "Naeini et al., AAAI 2015 (expected calibration error); " + _OURS),
+        "Naeini et al., AAAI 2015 (expected calibration error); " + _OURS,
+    ),
     "sepsis_clinical_utility": _m(
-        "utility", "higher", _NAN, -0.05, _INF, "relative_to_real",
+        "utility",
+        "higher",
+        _NAN,
+        -0.05,
+        _INF,
+        "relative_to_real",
         "Sepsis alarm utility",
         "Sepsis model trained on this source and tested on held-out real "
         "patients: PhysioNet 2019 clinical utility of its alarms (1 = ideal, 0 = "
         "no alarms).",
-        "Reyna et al., Crit Care Med 2020;48:210-217 (PhysioNet/CinC 2019); "
-        + _OURS),
+        "Reyna et al., Crit Care Med 2020;48:210-217 (PhysioNet/CinC 2019); " + _OURS,
+    ),
     "c_index": _m(
-        "utility", "higher", _NAN, -0.05, _INF, "relative_to_real",
+        "utility",
+        "higher",
+        _NAN,
+        -0.05,
+        _INF,
+        "relative_to_real",
         "Cardiac model C-index",
         "Cardiac pathway model fitted on this source and tested on held-out real "
         "patients: concordance of predicted risk with observed outcomes (0.5 = "
         "chance, 1 = perfect).",
-        _RANKIN),
+        _RANKIN,
+    ),
     "brier_death_30d": _m(
-        "utility", "lower", _NAN, -_INF, 0.02, "relative_to_real",
+        "utility",
+        "lower",
+        _NAN,
+        -_INF,
+        0.02,
+        "relative_to_real",
         "Cardiac 30-day death Brier score",
         "Cardiac pathway model fitted on this source and tested on held-out real "
         "patients: Brier score of the predicted 30-day death risk (0 = perfect).",
-        _RANKIN),
+        _RANKIN,
+    ),
     "brier_death_360d": _m(
-        "utility", "lower", _NAN, -_INF, 0.02, "relative_to_real",
+        "utility",
+        "lower",
+        _NAN,
+        -_INF,
+        0.02,
+        "relative_to_real",
         "Cardiac 1-year death Brier score",
         "Cardiac pathway model fitted on this source and tested on held-out real "
         "patients: Brier score of the predicted 1-year death risk (0 = perfect).",
-        _RANKIN),
+        _RANKIN,
+    ),
     "brier_readmit_30d": _m(
-        "utility", "lower", _NAN, -_INF, 0.02, "relative_to_real",
+        "utility",
+        "lower",
+        _NAN,
+        -_INF,
+        0.02,
+        "relative_to_real",
         "Cardiac 30-day readmission Brier score",
         "Cardiac pathway model fitted on this source and tested on held-out real "
         "patients: Brier score of the predicted 30-day readmission risk, death "
         "competing (0 = perfect).",
-        _RANKIN),
+        _RANKIN,
+    ),
     "brier_readmit_360d": _m(
-        "utility", "lower", _NAN, -_INF, 0.02, "relative_to_real",
+        "utility",
+        "lower",
+        _NAN,
+        -_INF,
+        0.02,
+        "relative_to_real",
         "Cardiac 1-year readmission Brier score",
         "Cardiac pathway model fitted on this source and tested on held-out real "
         "patients: Brier score of the predicted 1-year readmission risk, death "
         "competing (0 = perfect).",
-        _RANKIN),
+        _RANKIN,
+    ),
     "auroc_cicu_7d": _m(
-        "utility", "higher", _NAN, -0.05, _INF, "relative_to_real",
+        "utility",
+        "higher",
+        _NAN,
+        -0.05,
+        _INF,
+        "relative_to_real",
         "Cardiac 7-day CICU AUROC",
         "Cardiac pathway model fitted on this source and tested on held-out real "
         "patients: AUROC for still being in cardiac intensive care at day 7.",
-        _RANKIN),
+        _RANKIN,
+    ),
     "pk_bias_<param>": _m(
-        "utility", "closer_to_target", 0.0, -0.2, 0.2, "absolute",
+        "utility",
+        "closer_to_target",
+        0.0,
+        -0.2,
+        0.2,
+        "absolute",
         "PK bias <param>",
         "Relative bias of the population <param> estimated by the popPK model "
         "fitted on this source, compared with the fit on real data (0.1 = 10 % "
         "too high; 0 = no bias).",
-        "acceptance |bias| < 20 % is ours (no published popPK fit on derived "
-        "data)"),
+        "acceptance |bias| < 20 % is ours (no published popPK fit on derived data)",
+    ),
     "forecast_mdape": _m(
-        "utility", "lower", _NAN, -_INF, 5.0, "relative_to_real",
+        "utility",
+        "lower",
+        _NAN,
+        -_INF,
+        5.0,
+        "relative_to_real",
         "Forecast error (MDAPE, %)",
         "Dosing tool with its prior taken from this source: median absolute "
         "percentage error of the forecast factor level, in % (20 = 20 %).",
         "Sheiner & Beal, J Pharmacokinet Biopharm 1981;9:503-512 (prediction "
-        "error); " + _OURS),
+        "error); " + _OURS,
+    ),
     "forecast_mdpe": _m(
-        "utility", "closer_to_target", 0.0, -20.0, 20.0, "absolute",
+        "utility",
+        "closer_to_target",
+        0.0,
+        -20.0,
+        20.0,
+        "absolute",
         "Forecast bias (MDPE, %)",
         "Dosing tool with its prior taken from this source: median percentage "
         "error of the forecast factor level, in % (0 = unbiased; 10 = 10 % too "
         "high).",
-        "Sheiner & Beal, J Pharmacokinet Biopharm 1981;9:503-512; " + _OURS),
+        "Sheiner & Beal, J Pharmacokinet Biopharm 1981;9:503-512; " + _OURS,
+    ),
     "forecast_within_20": _m(
-        "utility", "higher", _NAN, -0.1, _INF, "relative_to_real",
+        "utility",
+        "higher",
+        _NAN,
+        -0.1,
+        _INF,
+        "relative_to_real",
         "Forecasts within 20 %",
         "Dosing tool with its prior taken from this source: share of forecast "
         "factor levels within 20 % of the measured level (1 = all).",
-        _OURS),
+        _OURS,
+    ),
     "suppressed_share": _m(
-        "utility", "lower", 0.0, -_INF, 0.1, "absolute", "Records suppressed",
+        "utility",
+        "lower",
+        0.0,
+        -_INF,
+        0.1,
+        "absolute",
+        "Records suppressed",
         "Share of patient records removed by the anonymisation (0.1 = 10 %).",
         "context-free anonymisation lost over a third of records in claims data "
         "(npj Digit Med 2026, doi:10.1038/s41746-026-02622-5); " + _OURS,
-        exact=True),
+        exact=True,
+    ),
     "generalisation_loss": _m(
-        "utility", "lower", 0.0, _NAN, _NAN, "none", "Generalisation loss",
+        "utility",
+        "lower",
+        0.0,
+        _NAN,
+        _NAN,
+        "none",
+        "Generalisation loss",
         "How much the quasi-identifiers were coarsened, averaged over records and "
         "columns (0 = original detail, 1 = fully generalised).",
-        "Sweeney, IJUFKS 2002;10(5):571-588 (1 - precision)", exact=True),
+        "Sweeney, IJUFKS 2002;10(5):571-588 (1 - precision)",
+        exact=True,
+    ),
     # ------------------------------------------------------------------- privacy
     "singling_out_risk": _m(
-        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "privacy",
+        "lower",
+        0.0,
+        -_INF,
+        RISK_THRESHOLD,
+        "absolute",
         "Singling-out risk (one value)",
         "Extra chance that an attacker can use this dataset to single out one "
         "real patient by a single distinctive value, compared with patients the "
         "dataset was not made from (0 = no better than for unseen patients, 1 = "
         "always).",
-        _ANONYMETER),
+        _ANONYMETER,
+    ),
     "singling_out_risk_multivariate": _m(
-        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "privacy",
+        "lower",
+        0.0,
+        -_INF,
+        RISK_THRESHOLD,
+        "absolute",
         "Singling-out risk (combination)",
         "Extra chance that an attacker can use this dataset to single out one "
         "real patient by a combination of values such as age band, sex and "
         "weight, compared with patients the dataset was not made from (0 = no "
         "better than for unseen patients).",
-        _ANONYMETER),
+        _ANONYMETER,
+    ),
     "linkability_risk": _m(
-        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "privacy",
+        "lower",
+        0.0,
+        -_INF,
+        RISK_THRESHOLD,
+        "absolute",
         "Linkability risk",
         "Extra chance that an attacker holding two separate pieces of a patient's "
         "record (for example demographics and measurements) can link them "
         "through this dataset, compared with patients the dataset was not made "
         "from (0 = no better than for unseen patients).",
-        _ANONYMETER),
+        _ANONYMETER,
+    ),
     "inference_risk": _m(
-        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "privacy",
+        "lower",
+        0.0,
+        -_INF,
+        RISK_THRESHOLD,
+        "absolute",
         "Attribute-inference risk",
         "Extra chance that an attacker who knows some of a patient's details can "
         "correctly guess a sensitive value (for example the diagnosis) from this "
         "dataset, compared with patients the dataset was not made from (0 = no "
         "better than for unseen patients).",
-        _ANONYMETER),
+        _ANONYMETER,
+    ),
     "mia_auc": _m(
-        "privacy", "closer_to_target", 0.5, -_INF, 0.6, "absolute",
+        "privacy",
+        "closer_to_target",
+        0.5,
+        -_INF,
+        0.6,
+        "absolute",
         "Membership inference (AUC)",
         "How well an attacker can tell whether a given patient's record was used "
         "to build this dataset, from how close it lies to a released record (0.5 "
         "= cannot tell, 1 = always can).",
-        "Target 0.5: Stadler, Oprisanu & Troncoso, USENIX Security 2022; "
-        + _OURS),
+        "Target 0.5: Stadler, Oprisanu & Troncoso, USENIX Security 2022; " + _OURS,
+    ),
     "dcr_share": _m(
-        "privacy", "closer_to_target", 0.5, -_INF, 0.6, "absolute",
+        "privacy",
+        "closer_to_target",
+        0.5,
+        -_INF,
+        0.6,
+        "absolute",
         "Closest-record share (secondary)",
         "Share of released records that lie closer to a patient used to build "
         "them than to a patient who was not used (0.5 = no closer). A secondary "
         "measure only: it can miss copied data.",
         "DCR can pass data open to membership inference ('The DCR Delusion', "
-        "arXiv 2505.01524; Ganev & De Cristofaro, arXiv 2312.05114); " + _OURS),
+        "arXiv 2505.01524; Ganev & De Cristofaro, arXiv 2312.05114); " + _OURS,
+    ),
     "k_anonymity": _m(
-        "privacy", "higher", _NAN, 12.0, _INF, "absolute", "k-anonymity",
+        "privacy",
+        "higher",
+        _NAN,
+        12.0,
+        _INF,
+        "absolute",
+        "k-anonymity",
         "Every released patient shares the combination of indirectly identifying "
         "values (such as age band, sex, weight band) with at least k-1 others; "
         "k is the smallest such group.",
         "Sweeney, IJUFKS 2002; 1/k <= 0.09 needs k >= 12 (" + _EMA + "; "
-        "1/11 = 0.091 is often quoted as 0.09)", exact=True),
+        "1/11 = 0.091 is often quoted as 0.09)",
+        exact=True,
+    ),
     "prosecutor_risk_max": _m(
-        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "privacy",
+        "lower",
+        0.0,
+        -_INF,
+        RISK_THRESHOLD,
+        "absolute",
         "Re-identification risk (highest)",
         "Highest chance of re-identifying a patient for an attacker who knows the "
         "patient is in the data and knows the identifying values (1/k).",
         "El Emam, Guide to the De-identification of Personal Health Information, "
-        "2013; " + _EMA, exact=True),
+        "2013; " + _EMA,
+        exact=True,
+    ),
     "prosecutor_risk_mean": _m(
-        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "privacy",
+        "lower",
+        0.0,
+        -_INF,
+        RISK_THRESHOLD,
+        "absolute",
         "Re-identification risk (average)",
         "Average over patients of the chance of re-identification for an "
         "attacker who knows the patient is in the data.",
-        "El Emam 2013; " + _EMA, exact=True),
+        "El Emam 2013; " + _EMA,
+        exact=True,
+    ),
     "records_at_risk": _m(
-        "privacy", "lower", 0.0, -_INF, 0.0, "absolute", "Records at risk",
+        "privacy",
+        "lower",
+        0.0,
+        -_INF,
+        0.0,
+        "absolute",
+        "Records at risk",
         "Share of released patients whose re-identification risk is above 0.09 "
         "(0.05 = 5 %).",
-        "El Emam 2013; " + _EMA, exact=True),
+        "El Emam 2013; " + _EMA,
+        exact=True,
+    ),
     "journalist_risk_max": _m(
-        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "privacy",
+        "lower",
+        0.0,
+        -_INF,
+        RISK_THRESHOLD,
+        "absolute",
         "Re-identification risk (journalist)",
         "Highest chance of re-identifying a patient for an attacker who does not "
         "know whether the patient is in the data (uses population group sizes).",
-        "El Emam 2013; " + _EMA, exact=True),
+        "El Emam 2013; " + _EMA,
+        exact=True,
+    ),
     "marketer_risk": _m(
-        "privacy", "lower", 0.0, -_INF, RISK_THRESHOLD, "absolute",
+        "privacy",
+        "lower",
+        0.0,
+        -_INF,
+        RISK_THRESHOLD,
+        "absolute",
         "Re-identification risk (marketer)",
         "Expected share of patients an attacker would re-identify when trying to "
         "match everyone at once.",
-        "El Emam 2013; " + _EMA, exact=True),
+        "El Emam 2013; " + _EMA,
+        exact=True,
+    ),
     "l_diversity": _m(
-        "privacy", "higher", _NAN, 2.0, _INF, "absolute", "l-diversity",
+        "privacy",
+        "higher",
+        _NAN,
+        2.0,
+        _INF,
+        "absolute",
+        "l-diversity",
         "Smallest number of different sensitive values (for example diagnoses) "
         "within any group of patients who look alike; 1 means some group "
         "reveals its sensitive value.",
         "Machanavajjhala et al., ACM TKDD 2007;1(1):3 (l >= 2 avoids certain "
-        "disclosure)", exact=True),
+        "disclosure)",
+        exact=True,
+    ),
     "l_diversity_entropy": _m(
-        "privacy", "higher", _NAN, 2.0, _INF, "absolute", "Entropy l-diversity",
+        "privacy",
+        "higher",
+        _NAN,
+        2.0,
+        _INF,
+        "absolute",
+        "Entropy l-diversity",
         "Like l-diversity, but counting how evenly the sensitive values are "
         "spread within each group (exp of the entropy; 1 = one value only).",
-        "Machanavajjhala et al., ACM TKDD 2007;1(1):3; " + _OURS, exact=True),
+        "Machanavajjhala et al., ACM TKDD 2007;1(1):3; " + _OURS,
+        exact=True,
+    ),
     "t_closeness": _m(
-        "privacy", "lower", 0.0, -_INF, 0.2, "absolute", "t-closeness",
+        "privacy",
+        "lower",
+        0.0,
+        -_INF,
+        0.2,
+        "absolute",
+        "t-closeness",
         "Largest difference between the sensitive values within a group of "
         "look-alike patients and in the whole dataset (earth mover's distance; "
         "0 = every group looks like the whole).",
-        "Li, Li & Venkatasubramanian, ICDE 2007:106-115; " + _OURS, exact=True),
+        "Li, Li & Venkatasubramanian, ICDE 2007:106-115; " + _OURS,
+        exact=True,
+    ),
 }
 
 #: Headline fidelity metrics returned by :func:`fidelity_scores`.
-FIDELITY_METRICS = ("column_shapes", "max_column_statistic", "mean_missing_diff",
-                    "pair_trends", "mean_abs_diff_pearson", "mean_abs_diff_cramers_v",
-                    "detection_auc", "pmse_ratio_perm")
+FIDELITY_METRICS = (
+    "column_shapes",
+    "max_column_statistic",
+    "mean_missing_diff",
+    "pair_trends",
+    "mean_abs_diff_pearson",
+    "mean_abs_diff_cramers_v",
+    "detection_auc",
+    "pmse_ratio_perm",
+)
 
 _PATTERNS = {name.split("<", 1)[0]: name for name in METRICS if "<" in name}
 
 
-def metric_spec(name: str, extra_metrics: Mapping[str, MetricSpec] | None = None
-                ) -> MetricSpec:
+def metric_spec(
+    name: str, extra_metrics: Mapping[str, MetricSpec] | None = None
+) -> MetricSpec:
     """The :class:`MetricSpec` of ``name`` (patterns such as ``pk_bias_<param>``
     filled in), from ``extra_metrics`` first, then :data:`METRICS`.
 
@@ -496,33 +811,40 @@ def metric_spec(name: str, extra_metrics: Mapping[str, MetricSpec] | None = None
         if not isinstance(spec, MetricSpec):
             raise ScorecardInputError(
                 f"extra_metrics[{name!r}]: expected a MetricSpec, got "
-                f"{type(spec).__name__}")
+                f"{type(spec).__name__}"
+            )
         _check_spec(name, spec)
         return spec
     if name in METRICS and "<" not in name:
         return METRICS[name]
     for prefix, pattern in _PATTERNS.items():
         if name.startswith(prefix) and len(name) > len(prefix):
-            param = name[len(prefix):].upper()
+            param = name[len(prefix) :].upper()
             spec = METRICS[pattern]
-            return spec._replace(label=spec.label.replace("<param>", param),
-                                 caption=spec.caption.replace("<param>", param))
+            return spec._replace(
+                label=spec.label.replace("<param>", param),
+                caption=spec.caption.replace("<param>", param),
+            )
     raise UnknownMetricError(f"unknown metric {name!r}")
 
 
 def _check_spec(name: str, spec: MetricSpec) -> None:
     if spec.group not in GROUPS:
-        raise ScorecardInputError(f"metric {name!r}: group must be one of {GROUPS}, "
-                                  f"got {spec.group!r}")
+        raise ScorecardInputError(
+            f"metric {name!r}: group must be one of {GROUPS}, got {spec.group!r}"
+        )
     if spec.better not in _BETTER:
-        raise ScorecardInputError(f"metric {name!r}: better must be one of "
-                                  f"{_BETTER}, got {spec.better!r}")
+        raise ScorecardInputError(
+            f"metric {name!r}: better must be one of {_BETTER}, got {spec.better!r}"
+        )
     if spec.bound not in _BOUNDS:
-        raise ScorecardInputError(f"metric {name!r}: bound must be one of "
-                                  f"{_BOUNDS}, got {spec.bound!r}")
+        raise ScorecardInputError(
+            f"metric {name!r}: bound must be one of {_BOUNDS}, got {spec.bound!r}"
+        )
     if not spec.caption.strip():
-        raise ScorecardInputError(f"metric {name!r}: a plain-language caption is "
-                                  "required")
+        raise ScorecardInputError(
+            f"metric {name!r}: a plain-language caption is required"
+        )
 
 
 for _name, _spec in METRICS.items():
@@ -535,25 +857,46 @@ def as_score(x) -> Score:
     a ``(value, ci_low, ci_high)`` tuple, or a real number or 0-d numpy/JAX array
     (no interval)."""
     if isinstance(x, Score):
-        return Score(float(x.value), float(x.ci_low), float(x.ci_high), float(x.n),
-                     str(x.uninformative), float(x.successes),
-                     float(x.control_successes))
+        return Score(
+            float(x.value),
+            float(x.ci_low),
+            float(x.ci_high),
+            float(x.n),
+            str(x.uninformative),
+            float(x.successes),
+            float(x.control_successes),
+        )
     if isinstance(x, _attacks.Risk):
         n = int(x.n_attacks)
-        return Score(float(x.value), float(x.ci_low), float(x.ci_high), float(n),
-                     successes=_wilson_count(x.attack_rate, n),
-                     control_successes=_wilson_count(x.control_rate, n))
+        return Score(
+            float(x.value),
+            float(x.ci_low),
+            float(x.ci_high),
+            float(n),
+            successes=_wilson_count(x.attack_rate, n),
+            control_successes=_wilson_count(x.control_rate, n),
+        )
     if isinstance(x, _attacks.MembershipResult):
-        return Score(float(x.auc), float(x.ci_low), float(x.ci_high),
-                     float(min(x.n_members, x.n_nonmembers)))
+        return Score(
+            float(x.auc),
+            float(x.ci_low),
+            float(x.ci_high),
+            float(min(x.n_members, x.n_nonmembers)),
+        )
     if isinstance(x, tuple) and len(x) == 3:
         return Score(*(float(v) for v in x))
-    if isinstance(x, np.ndarray | jax.Array) and x.ndim == 0 and \
-            np.issubdtype(x.dtype, np.number) and x.dtype != bool:
+    if (
+        isinstance(x, np.ndarray | jax.Array)
+        and x.ndim == 0
+        and np.issubdtype(x.dtype, np.number)
+        and x.dtype != bool
+    ):
         return Score(float(x))
     if isinstance(x, bool) or not isinstance(x, Real | np.number):
-        raise ScorecardInputError(f"a score must be a number, a Score or a "
-                                  f"(value, ci_low, ci_high) tuple, got {x!r}")
+        raise ScorecardInputError(
+            f"a score must be a number, a Score or a "
+            f"(value, ci_low, ci_high) tuple, got {x!r}"
+        )
     return Score(float(x))
 
 
@@ -580,13 +923,17 @@ def pooled_risk(scores: Sequence[Score]) -> Score:
     scores = [as_score(x) for x in scores]
     if not scores:
         raise ScorecardInputError("pooled_risk: no scores to pool")
-    bad = [i for i, x in enumerate(scores)
-           if not all(math.isfinite(v) for v in (x.n, x.successes,
-                                                 x.control_successes))]
+    bad = [
+        i
+        for i, x in enumerate(scores)
+        if not all(math.isfinite(v) for v in (x.n, x.successes, x.control_successes))
+    ]
     if bad:
-        raise ScorecardInputError(f"pooled_risk: score(s) at position {bad} carry "
-                                  "no attack counts (successes, control_successes"
-                                  ", n)")
+        raise ScorecardInputError(
+            f"pooled_risk: score(s) at position {bad} carry "
+            "no attack counts (successes, control_successes"
+            ", n)"
+        )
     n = int(sum(x.n for x in scores))
     s = int(sum(x.successes for x in scores))
     c = int(sum(x.control_successes for x in scores))
@@ -594,17 +941,23 @@ def pooled_risk(scores: Sequence[Score]) -> Score:
 
 
 _UTILITY_NAMES = {  # phems_clinical.evaluation.utility name -> (metric, scale)
-    "auroc": ("auroc", 1.0), "auprc": ("auprc", 1.0), "brier": ("brier", 1.0),
+    "auroc": ("auroc", 1.0),
+    "auprc": ("auprc", 1.0),
+    "brier": ("brier", 1.0),
     "calibration_slope": ("calibration_slope", 1.0),
-    "calibration_intercept": ("calibration_intercept", 1.0), "ece": ("ece", 1.0),
+    "calibration_intercept": ("calibration_intercept", 1.0),
+    "ece": ("ece", 1.0),
     "utility": ("sepsis_clinical_utility", 1.0),
-    "c_death": ("c_index", 1.0), "c_index": ("c_index", 1.0),
+    "c_death": ("c_index", 1.0),
+    "c_index": ("c_index", 1.0),
     "brier_death_30d": ("brier_death_30d", 1.0),
     "brier_death_360d": ("brier_death_360d", 1.0),
     "brier_readmit_30d": ("brier_readmit_30d", 1.0),
     "brier_readmit_360d": ("brier_readmit_360d", 1.0),
-    "auc_cicu_gt7": ("auroc_cicu_7d", 1.0), "auroc_cicu_7d": ("auroc_cicu_7d", 1.0),
-    "mdape": ("forecast_mdape", 1.0), "mpe": ("forecast_mdpe", 1.0),
+    "auc_cicu_gt7": ("auroc_cicu_7d", 1.0),
+    "auroc_cicu_7d": ("auroc_cicu_7d", 1.0),
+    "mdape": ("forecast_mdape", 1.0),
+    "mpe": ("forecast_mdpe", 1.0),
     "within20": ("forecast_within_20", 1.0),
 }
 _REL_BIAS = re.compile(r"^rel_bias\[(THETA|CV_IIV)\(([A-Za-z0-9_]+)\)\]$")
@@ -630,8 +983,7 @@ def utility_scores(metrics: Mapping[str, float]) -> dict[str, Score]:
         m = _REL_BIAS.match(name)
         if m:
             kind, param = m.groups()
-            key = ("pk_bias_" + ("" if kind == "THETA" else "cv_iiv_")
-                   + param.lower())
+            key = "pk_bias_" + ("" if kind == "THETA" else "cv_iiv_") + param.lower()
             scale = 1.0
         elif name in _UTILITY_NAMES:
             key, scale = _UTILITY_NAMES[name]
@@ -643,39 +995,55 @@ def utility_scores(metrics: Mapping[str, float]) -> dict[str, Score]:
     return out
 
 
-_COLUMN_METRICS = ("column_shapes", "max_column_statistic", "mean_missing_diff",
-                   "pair_trends", "mean_abs_diff", "mean_abs_diff_pearson",
-                   "mean_abs_diff_cramers_v")
+_COLUMN_METRICS = (
+    "column_shapes",
+    "max_column_statistic",
+    "mean_missing_diff",
+    "pair_trends",
+    "mean_abs_diff",
+    "mean_abs_diff_pearson",
+    "mean_abs_diff_cramers_v",
+)
 
 
 def _column_metrics(real: pd.DataFrame, derived: pd.DataFrame) -> dict[str, float]:
     """The column and pair metrics of ``fidelity_summary`` (same definitions)."""
     cols = _fid.column_fidelity(real, derived)
     pairs = _fid.pairwise_fidelity(real, derived)
-    sims = np.where(pairs.metric == "pearson", 1 - pairs.abs_diff / 2,
-                    1 - pairs.abs_diff)
+    sims = np.where(
+        pairs.metric == "pearson", 1 - pairs.abs_diff / 2, 1 - pairs.abs_diff
+    )
     sims = sims[~np.isnan(sims)]
-    return {"column_shapes": float(cols.score.mean()),
-            "max_column_statistic": float(cols.statistic.max()),
-            "mean_missing_diff": float(cols.missing_diff.mean()),
-            **_fid.pairwise_summary(pairs),
-            "pair_trends": float(np.mean(sims)) if sims.size else _NAN}
+    return {
+        "column_shapes": float(cols.score.mean()),
+        "max_column_statistic": float(cols.statistic.max()),
+        "mean_missing_diff": float(cols.missing_diff.mean()),
+        **_fid.pairwise_summary(pairs),
+        "pair_trends": float(np.mean(sims)) if sims.size else _NAN,
+    }
 
 
 def hanley_mcneil(auc: float, n1: int, n0: int) -> tuple[float, float]:
     """95 % interval of an AUC, +-1.96 SE of Hanley & McNeil (Radiology
     1982;143:29-36), clipped to [0, 1]."""
     q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    var = (auc * (1 - auc) + (n1 - 1) * (q1 - auc**2)
-           + (n0 - 1) * (q2 - auc**2)) / (n1 * n0)
+    var = (auc * (1 - auc) + (n1 - 1) * (q1 - auc**2) + (n0 - 1) * (q2 - auc**2)) / (
+        n1 * n0
+    )
     se = math.sqrt(max(var, 0.0))
     return max(0.0, auc - 1.96 * se), min(1.0, auc + 1.96 * se)
 
 
-def fidelity_scores(key, real: pd.DataFrame, derived: pd.DataFrame, *,
-                    metrics: Sequence[str] = FIDELITY_METRICS, folds: int = 5,
-                    n_permutations: int = 20, n_boot: int = 40
-                    ) -> dict[str, Score]:
+def fidelity_scores(
+    key,
+    real: pd.DataFrame,
+    derived: pd.DataFrame,
+    *,
+    metrics: Sequence[str] = FIDELITY_METRICS,
+    folds: int = 5,
+    n_permutations: int = 20,
+    n_boot: int = 40,
+) -> dict[str, Score]:
     """Fidelity of ``derived`` to ``real``, each with a 95 % interval.
 
     The values are those of
@@ -701,28 +1069,39 @@ def fidelity_scores(key, real: pd.DataFrame, derived: pd.DataFrame, *,
     for m in metrics:
         metric_spec(m)
     if "pmse_ratio_perm" in metrics and n_permutations < 1:
-        raise ScorecardInputError("n_permutations: pmse_ratio_perm needs at least 1 "
-                                  f"permutation, got {n_permutations}")
+        raise ScorecardInputError(
+            "n_permutations: pmse_ratio_perm needs at least 1 "
+            f"permutation, got {n_permutations}"
+        )
     if n_boot < 0:
         raise ScorecardInputError(f"n_boot: expected >= 0, got {n_boot}")
     k_sum, k_boot = jax.random.split(key)
-    summary = _fid.fidelity_summary(k_sum, real, derived, folds=folds,
-                                    n_permutations=n_permutations)
+    summary = _fid.fidelity_summary(
+        k_sum, real, derived, folds=folds, n_permutations=n_permutations
+    )
     absent = [m for m in metrics if m not in summary]
     if absent:
-        raise ScorecardInputError(f"metrics {absent} are not fidelity_summary "
-                                  f"outputs ({sorted(summary)})")
+        raise ScorecardInputError(
+            f"metrics {absent} are not fidelity_summary outputs ({sorted(summary)})"
+        )
     n0, n1 = len(real), len(derived)
     n = float(min(n0, n1))
     out = {m: Score(float(summary[m]), n=n) for m in metrics}
     boot_m = [m for m in metrics if m in _COLUMN_METRICS]
     if boot_m and n_boot:
         rng = numpy_generator(k_boot)
-        reps = np.array([[v[m] for m in boot_m] for v in (
-            _column_metrics(real.iloc[rng.integers(0, n0, n0)].reset_index(drop=True),
-                            derived.iloc[rng.integers(0, n1, n1)]
-                            .reset_index(drop=True))
-            for _ in range(n_boot))])
+        reps = np.array(
+            [
+                [v[m] for m in boot_m]
+                for v in (
+                    _column_metrics(
+                        real.iloc[rng.integers(0, n0, n0)].reset_index(drop=True),
+                        derived.iloc[rng.integers(0, n1, n1)].reset_index(drop=True),
+                    )
+                    for _ in range(n_boot)
+                )
+            ]
+        )
         finite = np.isfinite(reps).sum(axis=0)
         sd = np.full(len(boot_m), _NAN)  # no interval from fewer than 2 finite
         ok = finite >= 2
@@ -737,19 +1116,28 @@ def fidelity_scores(key, real: pd.DataFrame, derived: pd.DataFrame, *,
     if "pmse_ratio_perm" in out:
         # the permutation null of fidelity_summary, redrawn with its own key
         _, k_pmse = jax.random.split(k_sum)
-        _, perm, _, c, _ = _fid.pmse_parts(k_pmse, real, derived, True,
-                                            n_permutations, 1e-6)
+        _, perm, _, c, _ = _fid.pmse_parts(
+            k_pmse, real, derived, True, n_permutations, 1e-6
+        )
         v, null_mean = out["pmse_ratio_perm"].value, float(np.mean(perm))
         reach = c * (1 - c) / null_mean if null_mean > 0 else _NAN
         limit = METRICS["pmse_ratio_perm"].upper
         if not reach >= limit:
-            out["pmse_ratio_perm"] = Score(v, n=n, uninformative=(
-                f"uninformative at n = {n0} + {n1} rows: even perfectly separable "
-                f"data would give a ratio of only {reach:.3g} (limit {limit:g}); "
-                f"the propensity model has about as many parameters as rows"))
+            out["pmse_ratio_perm"] = Score(
+                v,
+                n=n,
+                uninformative=(
+                    f"uninformative at n = {n0} + {n1} rows: even perfectly separable "
+                    f"data would give a ratio of only {reach:.3g} (limit {limit:g}); "
+                    f"the propensity model has about as many parameters as rows"
+                ),
+            )
         else:
-            half = (1.96 * float(np.std(perm, ddof=1)) / null_mean
-                    if len(perm) > 1 else _NAN)
+            half = (
+                1.96 * float(np.std(perm, ddof=1)) / null_mean
+                if len(perm) > 1
+                else _NAN
+            )
             out["pmse_ratio_perm"] = Score(v, max(0.0, v - half), v + half, n)
     return out
 
@@ -757,17 +1145,20 @@ def fidelity_scores(key, real: pd.DataFrame, derived: pd.DataFrame, *,
 def _check_frames(train, control, derived) -> list[str]:
     for name, df in (("train", train), ("control", control), ("derived", derived)):
         if not isinstance(df, pd.DataFrame):
-            raise ScorecardInputError(f"{name}: expected a pandas DataFrame, got "
-                                      f"{type(df).__name__}")
+            raise ScorecardInputError(
+                f"{name}: expected a pandas DataFrame, got {type(df).__name__}"
+            )
         if len(df) < 2:
-            raise ScorecardInputError(f"{name}: at least 2 rows are needed, got "
-                                      f"{len(df)}")
+            raise ScorecardInputError(
+                f"{name}: at least 2 rows are needed, got {len(df)}"
+            )
     cols = list(derived.columns)
     for name, df in (("train", train), ("control", control)):
         missing = [c for c in cols if c not in df.columns]
         if missing:
-            raise ScorecardInputError(f"{name}: column(s) {missing} of the derived "
-                                      "table are missing")
+            raise ScorecardInputError(
+                f"{name}: column(s) {missing} of the derived table are missing"
+            )
     return cols
 
 
@@ -778,11 +1169,18 @@ def _subsample(key, df: pd.DataFrame, n: int) -> pd.DataFrame:
     return df.iloc[idx].reset_index(drop=True)
 
 
-def privacy_scores(key, train: pd.DataFrame, control: pd.DataFrame,
-                   derived: pd.DataFrame, *, aux_cols: Sequence[str] | None = None,
-                   secret: str | Sequence[str] | None = None,
-                   link_cols: tuple[Sequence[str], Sequence[str]] | None = None,
-                   n_attacks: int = 500, n_cols: int = 3) -> dict[str, Score]:
+def privacy_scores(
+    key,
+    train: pd.DataFrame,
+    control: pd.DataFrame,
+    derived: pd.DataFrame,
+    *,
+    aux_cols: Sequence[str] | None = None,
+    secret: str | Sequence[str] | None = None,
+    link_cols: tuple[Sequence[str], Sequence[str]] | None = None,
+    n_attacks: int = 500,
+    n_cols: int = 3,
+) -> dict[str, Score]:
     """Attack-based privacy risk of releasing ``derived``, made from ``train``.
 
     ``control`` holds real records of the same population that were *not* used to
@@ -808,24 +1206,31 @@ def privacy_scores(key, train: pd.DataFrame, control: pd.DataFrame,
     risk is 0 with the interval [0, 0] (no attack can be built).
     """
     cols = _check_frames(train, control, derived)
-    secrets = [] if secret is None else ([secret] if isinstance(secret, str)
-                                         else list(secret))
+    secrets = (
+        []
+        if secret is None
+        else ([secret] if isinstance(secret, str) else list(secret))
+    )
     bad = [s for s in secrets if s not in cols]
     if bad:
-        raise ScorecardInputError(f"secret column(s) {bad} are not columns of the "
-                                  f"derived table {cols}")
+        raise ScorecardInputError(
+            f"secret column(s) {bad} are not columns of the derived table {cols}"
+        )
     if aux_cols is None:
         aux = [c for c in cols if c not in secrets]
     else:
         aux = list(aux_cols)
         bad = [c for c in aux if c not in cols]
         if bad:
-            raise ScorecardInputError(f"aux_cols {bad} are not columns of the "
-                                      f"derived table {cols}")
+            raise ScorecardInputError(
+                f"aux_cols {bad} are not columns of the derived table {cols}"
+            )
     if link_cols is None:
         if len(aux) < 2:
-            raise ScorecardInputError("link_cols: need two column groups; aux_cols "
-                                      f"{aux} has fewer than 2 columns to split")
+            raise ScorecardInputError(
+                "link_cols: need two column groups; aux_cols "
+                f"{aux} has fewer than 2 columns to split"
+            )
         half = len(aux) // 2
         link_cols = (aux[:half], aux[half:])
     if n_attacks < 1:
@@ -836,43 +1241,72 @@ def privacy_scores(key, train: pd.DataFrame, control: pd.DataFrame,
     ctrl = _subsample(ks[1], control, n)
     n_att = min(n_attacks, n)
     out: dict[str, Score] = {}
-    for name, mode, k in (("singling_out_risk", "univariate", ks[2]),
-                          ("singling_out_risk_multivariate", "multivariate", ks[3])):
+    for name, mode, k in (
+        ("singling_out_risk", "univariate", ks[2]),
+        ("singling_out_risk_multivariate", "multivariate", ks[3]),
+    ):
         try:
-            out[name] = as_score(_attacks.singling_out_risk(
-                k, ori[cols], derived[cols], ctrl[cols], n_attacks=n_att, mode=mode,
-                n_cols=n_cols))
+            out[name] = as_score(
+                _attacks.singling_out_risk(
+                    k,
+                    ori[cols],
+                    derived[cols],
+                    ctrl[cols],
+                    n_attacks=n_att,
+                    mode=mode,
+                    n_cols=n_cols,
+                )
+            )
         except ValueError as err:
             if "no predicate" not in str(err):
                 raise
-            out[name] = Score(0.0, 0.0, 0.0, float(n_att), successes=0.0,
-                              control_successes=0.0)  # no attack exists
-    out["linkability_risk"] = as_score(_attacks.linkability_risk(
-        ori, derived, ctrl, aux_cols=link_cols, n_attacks=n_att, key=ks[4]))
+            out[name] = Score(
+                0.0, 0.0, 0.0, float(n_att), successes=0.0, control_successes=0.0
+            )  # no attack exists
+    out["linkability_risk"] = as_score(
+        _attacks.linkability_risk(
+            ori, derived, ctrl, aux_cols=link_cols, n_attacks=n_att, key=ks[4]
+        )
+    )
     if secrets:
-        risks = [_attacks.inference_risk(ori, derived, ctrl,
-                                         aux_cols=[c for c in aux if c != s],
-                                         secret=s, n_attacks=n_att,
-                                         key=jax.random.fold_in(ks[5], i))
-                 for i, s in enumerate(secrets)]
+        risks = [
+            _attacks.inference_risk(
+                ori,
+                derived,
+                ctrl,
+                aux_cols=[c for c in aux if c != s],
+                secret=s,
+                n_attacks=n_att,
+                key=jax.random.fold_in(ks[5], i),
+            )
+            for i, s in enumerate(secrets)
+        ]
         out["inference_risk"] = as_score(max(risks, key=lambda r: r.value))
-    out["mia_auc"] = as_score(_attacks.membership_inference(
-        ks[6], ori, ctrl, derived, n=n, cols=cols))
-    share = _attacks.distance_to_closest_record(ori, derived, ctrl,
-                                                cols=cols).share_closer_to_train
+    out["mia_auc"] = as_score(
+        _attacks.membership_inference(ks[6], ori, ctrl, derived, n=n, cols=cols)
+    )
+    share = _attacks.distance_to_closest_record(
+        ori, derived, ctrl, cols=cols
+    ).share_closer_to_train
     # Wilson interval over the derived rows (ties, counted 1/2, rounded)
-    centre, err = _attacks.wilson_rate(int(round(share * len(derived))),
-                                       len(derived))
-    out["dcr_share"] = Score(share, max(0.0, centre - err), min(1.0, centre + err),
-                             float(len(derived)))
+    centre, err = _attacks.wilson_rate(int(round(share * len(derived))), len(derived))
+    out["dcr_share"] = Score(
+        share, max(0.0, centre - err), min(1.0, centre + err), float(len(derived))
+    )
     return out
 
 
-def anonymity_scores(df: pd.DataFrame, qis: str | Sequence[str],
-                     sensitive: str | Sequence[str] | None = None, *,
-                     population=None, suppressed=None,
-                     threshold: float = RISK_THRESHOLD, levels=None,
-                     heights=None) -> dict[str, Score]:
+def anonymity_scores(
+    df: pd.DataFrame,
+    qis: str | Sequence[str],
+    sensitive: str | Sequence[str] | None = None,
+    *,
+    population=None,
+    suppressed=None,
+    threshold: float = RISK_THRESHOLD,
+    levels=None,
+    heights=None,
+) -> dict[str, Score]:
     """k, l, t, re-identification risk and suppression of an anonymised table.
 
     Wraps :func:`phems_clinical.privacy.anonymity.anonymity_report` (arguments as
@@ -881,9 +1315,16 @@ def anonymity_scores(df: pd.DataFrame, qis: str | Sequence[str],
     them (the worst case). ``journalist_risk_max`` only with ``population``;
     ``generalisation_loss`` only with ``levels`` and ``heights``.
     """
-    rep = _anon.anonymity_report(df, qis, sensitive, population=population,
-                                 suppressed=suppressed, threshold=threshold,
-                                 levels=levels, heights=heights)
+    rep = _anon.anonymity_report(
+        df,
+        qis,
+        sensitive,
+        population=population,
+        suppressed=suppressed,
+        threshold=threshold,
+        levels=levels,
+        heights=heights,
+    )
     out = {
         "k_anonymity": Score(float(rep["k"])),
         "prosecutor_risk_max": Score(rep["prosecutor"]["max"]),
@@ -913,37 +1354,46 @@ def _created_by() -> str:
     return f"phems_clinical {v} (phems_clinical.evaluation.scorecard)"
 
 
-def _meta_float(src: str, field: str, x, *, positive: bool = False,
-                below_one: bool = False) -> float:
+def _meta_float(
+    src: str, field: str, x, *, positive: bool = False, below_one: bool = False
+) -> float:
     if x is None:
         return _NAN
     if isinstance(x, bool) or not isinstance(x, Real | np.number):
-        raise ScorecardInputError(f"sources_meta[{src!r}][{field!r}]: expected a "
-                                  f"number or None, got {x!r}")
+        raise ScorecardInputError(
+            f"sources_meta[{src!r}][{field!r}]: expected a number or None, got {x!r}"
+        )
     v = float(x)
     if math.isnan(v):
         return v
     if positive and not v > 0:
-        raise ScorecardInputError(f"sources_meta[{src!r}][{field!r}]: must be > 0 "
-                                  f"(NaN or None = not differentially private), "
-                                  f"got {v}")
+        raise ScorecardInputError(
+            f"sources_meta[{src!r}][{field!r}]: must be > 0 "
+            f"(NaN or None = not differentially private), "
+            f"got {v}"
+        )
     if below_one and not 0 <= v < 1:
-        raise ScorecardInputError(f"sources_meta[{src!r}][{field!r}]: must lie in "
-                                  f"[0, 1), got {v}")
+        raise ScorecardInputError(
+            f"sources_meta[{src!r}][{field!r}]: must lie in [0, 1), got {v}"
+        )
     if not positive and not below_one and v < 0:
-        raise ScorecardInputError(f"sources_meta[{src!r}][{field!r}]: must be >= 0, "
-                                  f"got {v}")
+        raise ScorecardInputError(
+            f"sources_meta[{src!r}][{field!r}]: must be >= 0, got {v}"
+        )
     return v
 
 
 _META_KEYS = {"kind", "generator", "epsilon", "delta", "unit_of_privacy", "n_rows"}
 
 
-def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
-                    sources_meta: Mapping[str, Mapping[str, object]],
-                    use_case: str, seed: int,
-                    extra_metrics: Mapping[str, MetricSpec] | None = None
-                    ) -> xr.Dataset:
+def build_scorecard(
+    scores: Mapping[str, Mapping[str, object]],
+    *,
+    sources_meta: Mapping[str, Mapping[str, object]],
+    use_case: str,
+    seed: int,
+    extra_metrics: Mapping[str, MetricSpec] | None = None,
+) -> xr.Dataset:
     """Put the scores of every source on one scorecard.
 
     Parameters
@@ -977,25 +1427,31 @@ def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
         then registry order.
     """
     if not isinstance(scores, Mapping) or not scores:
-        raise ScorecardInputError("scores: expected a non-empty mapping source -> "
-                                  "{metric: score}")
+        raise ScorecardInputError(
+            "scores: expected a non-empty mapping source -> {metric: score}"
+        )
     sources = [str(s) for s in scores]
     if len(set(sources)) != len(sources):
         raise ScorecardInputError(f"scores: duplicate source names {sources}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise ScorecardInputError(f"seed: expected an integer, got {seed!r}")
     if not isinstance(use_case, str) or not use_case:
-        raise ScorecardInputError(f"use_case: expected a non-empty string, got "
-                                  f"{use_case!r}")
+        raise ScorecardInputError(
+            f"use_case: expected a non-empty string, got {use_case!r}"
+        )
     missing_meta = [s for s in scores if s not in sources_meta]
     if missing_meta:
-        raise ScorecardInputError(f"sources_meta: no entry for source(s) "
-                                  f"{missing_meta}; each needs at least 'kind'")
+        raise ScorecardInputError(
+            f"sources_meta: no entry for source(s) "
+            f"{missing_meta}; each needs at least 'kind'"
+        )
     names: list[str] = []
     for src, cells in scores.items():
         if not isinstance(cells, Mapping):
-            raise ScorecardInputError(f"scores[{src!r}]: expected a mapping metric "
-                                      f"-> score, got {type(cells).__name__}")
+            raise ScorecardInputError(
+                f"scores[{src!r}]: expected a mapping metric "
+                f"-> score, got {type(cells).__name__}"
+            )
         names += [m for m in cells if m not in names]
     if not names:
         raise ScorecardInputError("scores: no source has any metric value")
@@ -1010,13 +1466,19 @@ def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
         raise UnknownMetricError(
             f"unknown metric name(s) {unknown}; registered: {known} (a name "
             "'pk_bias_<param>' matches any parameter); pass a MetricSpec in "
-            "extra_metrics to add a metric")
+            "extra_metrics to add a metric"
+        )
     order = list(METRICS)
 
     def rank(m: str):
-        reg = next((i for i, k in enumerate(order)
-                    if k == m or ("<" in k and m.startswith(k.split("<")[0]))),
-                   len(order))
+        reg = next(
+            (
+                i
+                for i, k in enumerate(order)
+                if k == m or ("<" in k and m.startswith(k.split("<")[0]))
+            ),
+            len(order),
+        )
         return GROUPS.index(specs[m].group), reg, m
 
     metrics = sorted(names, key=rank)
@@ -1028,13 +1490,23 @@ def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
             try:
                 s = as_score(x)
             except ScorecardInputError as err:
-                raise ScorecardInputError(f"scores[{sources[i]!r}][{m!r}]: "
-                                          f"{err}") from None
+                raise ScorecardInputError(
+                    f"scores[{sources[i]!r}][{m!r}]: {err}"
+                ) from None
             j = metrics.index(m)
-            (val[i, j], lo[i, j], hi[i, j], nn[i, j], why[i, j], succ[i, j],
-             ctrl[i, j]) = s
-    meta = {k: [] for k in ("kind", "generator", "epsilon", "delta", "unit",
-                            "n_rows", "extra")}
+            (
+                val[i, j],
+                lo[i, j],
+                hi[i, j],
+                nn[i, j],
+                why[i, j],
+                succ[i, j],
+                ctrl[i, j],
+            ) = s
+    meta = {
+        k: []
+        for k in ("kind", "generator", "epsilon", "delta", "unit", "n_rows", "extra")
+    }
     for src in scores:
         md = sources_meta[src]
         extra = {}
@@ -1045,20 +1517,21 @@ def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
             if v is not None and not isinstance(v, str | int | float | bool):
                 raise ScorecardInputError(
                     f"sources_meta[{src!r}][{k!r}]: extra metadata must be a "
-                    f"string, number, bool or None, got {type(v).__name__}")
+                    f"string, number, bool or None, got {type(v).__name__}"
+                )
             extra[str(k)] = v
         meta["extra"].append(json.dumps(extra, sort_keys=True))
         kind = md.get("kind")
         if kind not in KINDS:
-            raise ScorecardInputError(f"sources_meta[{src!r}]['kind']: expected one "
-                                      f"of {KINDS}, got {kind!r}")
+            raise ScorecardInputError(
+                f"sources_meta[{src!r}]['kind']: expected one of {KINDS}, got {kind!r}"
+            )
         meta["kind"].append(kind)
-        meta["generator"].append(str(md.get("generator") or md.get("method")
-                                     or ""))
-        meta["epsilon"].append(_meta_float(src, "epsilon", md.get("epsilon"),
-                                           positive=True))
-        meta["delta"].append(_meta_float(src, "delta", md.get("delta"),
-                                         below_one=True))
+        meta["generator"].append(str(md.get("generator") or md.get("method") or ""))
+        meta["epsilon"].append(
+            _meta_float(src, "epsilon", md.get("epsilon"), positive=True)
+        )
+        meta["delta"].append(_meta_float(src, "delta", md.get("delta"), below_one=True))
         meta["unit"].append(str(md.get("unit_of_privacy") or ""))
         meta["n_rows"].append(_meta_float(src, "n_rows", md.get("n_rows")))
     sp = [specs[m] for m in metrics]
@@ -1089,27 +1562,40 @@ def build_scorecard(scores: Mapping[str, Mapping[str, object]], *,
     }
     dims = ("source", "metric")
     ds = xr.Dataset(
-        {"value": (dims, val), "ci_low": (dims, lo), "ci_high": (dims, hi),
-         "n": (dims, nn), "uninformative": (dims, why),
-         "successes": (dims, succ), "control_successes": (dims, ctrl)},
+        {
+            "value": (dims, val),
+            "ci_low": (dims, lo),
+            "ci_high": (dims, hi),
+            "n": (dims, nn),
+            "uninformative": (dims, why),
+            "successes": (dims, succ),
+            "control_successes": (dims, ctrl),
+        },
         coords=coords,
-        attrs={"use_case": str(use_case), "seed": int(seed),
-               "created_by": _created_by()})
+        attrs={
+            "use_case": str(use_case),
+            "seed": int(seed),
+            "created_by": _created_by(),
+        },
+    )
     ds["value"].attrs["description"] = "metric value (see caption)"
     ds["ci_low"].attrs["description"] = "lower end of the 95 % interval (NaN: none)"
     ds["ci_high"].attrs["description"] = "upper end of the 95 % interval (NaN: none)"
-    ds["n"].attrs["description"] = ("sample size of the interval: attacks or "
-                                    "patients (NaN: unknown)")
+    ds["n"].attrs["description"] = (
+        "sample size of the interval: attacks or patients (NaN: unknown)"
+    )
     ds["uninformative"].attrs["description"] = (
-        "why the metric cannot tell good from bad at this size (empty: it can)")
+        "why the metric cannot tell good from bad at this size (empty: it can)"
+    )
     ds["epsilon"].attrs["description"] = "DP epsilon (NaN: not differentially private)"
     for name, (long_name, units) in {
-            "value": ("metric value", "see label (per metric)"),
-            "ci_low": ("lower end of the 95 % interval", "see label (per metric)"),
-            "ci_high": ("upper end of the 95 % interval", "see label (per metric)"),
-            "n": ("sample size of the interval", "1"),
-            "successes": ("successful attacks", "1"),
-            "control_successes": ("successful control attacks", "1")}.items():
+        "value": ("metric value", "see label (per metric)"),
+        "ci_low": ("lower end of the 95 % interval", "see label (per metric)"),
+        "ci_high": ("upper end of the 95 % interval", "see label (per metric)"),
+        "n": ("sample size of the interval", "1"),
+        "successes": ("successful attacks", "1"),
+        "control_successes": ("successful control attacks", "1"),
+    }.items():
         ds[name].attrs.update(long_name=long_name, units=units)
     return ds
 
@@ -1119,8 +1605,9 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
-def needed_n(value: float, ci_low: float, ci_high: float, n: float,
-             limit: float) -> float:
+def needed_n(
+    value: float, ci_low: float, ci_high: float, n: float, limit: float
+) -> float:
     """Sample size at which the 95 % interval would exclude ``limit``, the value
     staying as observed: n_req = n (h / |value - limit|)^2, h the half-width on
     the side facing the limit. Wilson, Hanley-McNeil and bootstrap half-widths
@@ -1143,9 +1630,9 @@ def _get(ds: xr.Dataset, name: str, i: int, j: int, default):
 
 _REF_NOTES = {
     "privacy": "reference: what an unprotected release of these real records "
-               "would leak",
+    "would leak",
     "fidelity": "reference: how far two real samples of this size differ "
-                "(held-out vs training patients)",
+    "(held-out vs training patients)",
     "utility": "real-data reference",
 }
 
@@ -1182,8 +1669,11 @@ def assess(ds: xr.Dataset) -> xr.Dataset:
     ref_i = kinds.index("real") if "real" in kinds else None
     status = np.empty(ds["value"].shape, dtype=object)
     note = np.empty(ds["value"].shape, dtype=object)
-    exact = (ds["exact"].values.astype(bool) if "exact" in ds.coords
-             else np.zeros(ds.sizes["metric"], bool))
+    exact = (
+        ds["exact"].values.astype(bool)
+        if "exact" in ds.coords
+        else np.zeros(ds.sizes["metric"], bool)
+    )
     for j in range(ds.sizes["metric"]):
         bound, group = str(ds["bound"].values[j]), str(ds["group"].values[j])
         lower, upper = float(ds["lower"].values[j]), float(ds["upper"].values[j])
@@ -1207,12 +1697,18 @@ def assess(ds: xr.Dataset) -> xr.Dataset:
             if why:
                 status[i, j], note[i, j] = "uninformative", why
                 continue
-            if group == "fidelity" and bound == "absolute" and \
-                    not math.isnan(ref) and not lower <= ref <= upper:
+            if (
+                group == "fidelity"
+                and bound == "absolute"
+                and not math.isnan(ref)
+                and not lower <= ref <= upper
+            ):
                 status[i, j] = "uninformative"
-                note[i, j] = (f"uninformative at this size: two real samples "
-                              f"(held-out vs training patients) already give "
-                              f"{_g(ref)}, outside the limit")
+                note[i, j] = (
+                    f"uninformative at this size: two real samples "
+                    f"(held-out vs training patients) already give "
+                    f"{_g(ref)}, outside the limit"
+                )
                 continue
             has_ci = not (math.isnan(lo) or math.isnan(hi))
             if bound == "relative_to_real":
@@ -1229,22 +1725,32 @@ def assess(ds: xr.Dataset) -> xr.Dataset:
                     dlo, dhi = d - h, d + h
                 else:
                     dlo = dhi = d
-                st = _verdict(dlo, dhi, lower, upper) if has_ci or exact[j] \
+                st = (
+                    _verdict(dlo, dhi, lower, upper)
+                    if has_ci or exact[j]
                     else "inconclusive"
+                )
                 rel = f"{d:+.3g} vs real data ({_g(ref)})"
                 if st == "ok":
                     nt = f"within target ({rel})"
                 elif st == "flagged":
-                    nt = (f"{_g(-d)} below real data ({_g(ref)}); limit "
-                          f"{_g(-lower)} below" if d < lower else
-                          f"{_g(d)} above real data ({_g(ref)}); limit "
-                          f"{_g(upper)} above")
+                    nt = (
+                        f"{_g(-d)} below real data ({_g(ref)}); limit "
+                        f"{_g(-lower)} below"
+                        if d < lower
+                        else f"{_g(d)} above real data ({_g(ref)}); limit "
+                        f"{_g(upper)} above"
+                    )
                 elif has_ci:
-                    nt = (f"inconclusive: difference {rel}, 95 % interval "
-                          f"{dlo:+.3g} to {dhi:+.3g} spans the limit")
+                    nt = (
+                        f"inconclusive: difference {rel}, 95 % interval "
+                        f"{dlo:+.3g} to {dhi:+.3g} spans the limit"
+                    )
                 else:
-                    nt = (f"inconclusive: no interval ({rel}; a point value "
-                          f"alone is no verdict)")
+                    nt = (
+                        f"inconclusive: no interval ({rel}; a point value "
+                        f"alone is no verdict)"
+                    )
                 status[i, j], note[i, j] = st, nt
                 continue
             if exact[j]:
@@ -1252,27 +1758,38 @@ def assess(ds: xr.Dataset) -> xr.Dataset:
             elif not has_ci:
                 side = "within" if lower <= v <= upper else "outside"
                 status[i, j] = "inconclusive"
-                note[i, j] = (f"inconclusive: no interval (point value {side} "
-                              f"target; a point value alone is no verdict)")
+                note[i, j] = (
+                    f"inconclusive: no interval (point value {side} "
+                    f"target; a point value alone is no verdict)"
+                )
                 continue
             st = _verdict(lo, hi, lower, upper)
             if st == "ok":
                 nt = "within target"
             elif st == "flagged":
-                nt = (f"below {_g(lower)} threshold" if hi < lower
-                      else f"above {_g(upper)} threshold")
+                nt = (
+                    f"below {_g(lower)} threshold"
+                    if hi < lower
+                    else f"above {_g(upper)} threshold"
+                )
             else:
                 limit = upper if hi > upper else lower
                 req = needed_n(v, lo, hi, n, limit)
-                nt = (f"inconclusive: 95 % interval {_g(lo)}\u2013{_g(hi)} spans "
-                      f"the {_g(limit)} limit")
+                nt = (
+                    f"inconclusive: 95 % interval {_g(lo)}\u2013{_g(hi)} spans "
+                    f"the {_g(limit)} limit"
+                )
                 if math.isfinite(req):
-                    nt += (f"; about n = {int(req)} would settle it at this "
-                           f"value (now n = {int(n)})")
+                    nt += (
+                        f"; about n = {int(req)} would settle it at this "
+                        f"value (now n = {int(n)})"
+                    )
             status[i, j], note[i, j] = st, nt
     dims = ("source", "metric")
-    return xr.Dataset({"status": (dims, status), "note": (dims, note)},
-                      coords={"source": ds["source"], "metric": ds["metric"]})
+    return xr.Dataset(
+        {"status": (dims, status), "note": (dims, note)},
+        coords={"source": ds["source"], "metric": ds["metric"]},
+    )
 
 
 def target_text(spec_row: Mapping[str, object]) -> str:
@@ -1284,7 +1801,7 @@ def target_text(spec_row: Mapping[str, object]) -> str:
             return f"as high as real data; flagged if more than {_g(-lo)} lower"
         if better == "lower":
             return f"as low as real data; flagged if more than {_g(hi)} higher"
-        return (f"as real data; flagged outside {_g(lo)} to {_g(hi)} of it")
+        return f"as real data; flagged outside {_g(lo)} to {_g(hi)} of it"
     ideal = "" if math.isnan(t) else f"ideal {_g(t)}; "
     if bound == "none":
         return f"{ideal}no threshold".strip("; ")
@@ -1293,4 +1810,3 @@ def target_text(spec_row: Mapping[str, object]) -> str:
     if math.isinf(hi) and not math.isinf(lo):
         return f"{ideal}flagged below {_g(lo)}"
     return f"{ideal}flagged outside {_g(lo)} to {_g(hi)}"
-

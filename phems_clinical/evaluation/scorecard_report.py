@@ -33,12 +33,23 @@ from matplotlib.figure import Figure
 
 from phems_clinical.evaluation.scorecard import RISK_THRESHOLD, assess, target_text
 
-__all__ = ["privacy_figure", "rank_sources", "render_scorecard_html",
-           "summary_lines", "utility_loss", "worst_attack", "write_scorecard"]
+__all__ = [
+    "privacy_figure",
+    "rank_sources",
+    "render_scorecard_html",
+    "summary_lines",
+    "utility_loss",
+    "worst_attack",
+    "write_scorecard",
+]
 
 #: Attack-based risks drawn by :func:`privacy_figure` (all on a 0-1 scale).
-ATTACK_RISKS = ("singling_out_risk", "singling_out_risk_multivariate",
-                "linkability_risk", "inference_risk")
+ATTACK_RISKS = (
+    "singling_out_risk",
+    "singling_out_risk_multivariate",
+    "linkability_risk",
+    "inference_risk",
+)
 _MARKERS = "osD^vP*Xph"
 
 _ORDER = ("privacy", "fidelity", "utility")
@@ -48,11 +59,17 @@ _TITLES = {
     "utility": "Utility: do analyses on these data give the real-data answers?",
 }
 _WORDS = {  # (all within target, at most half flagged, more than half flagged)
-    "privacy": ("privacy risks low", "privacy risks above target",
-                "privacy risks HIGH"),
+    "privacy": (
+        "privacy risks low",
+        "privacy risks above target",
+        "privacy risks HIGH",
+    ),
     "fidelity": ("fidelity high", "fidelity moderate", "fidelity low"),
-    "utility": ("utility close to real data", "utility somewhat reduced",
-                "utility low"),
+    "utility": (
+        "utility close to real data",
+        "utility somewhat reduced",
+        "utility low",
+    ),
 }
 
 
@@ -89,33 +106,55 @@ def privacy_figure(ds: xr.Dataset) -> bytes | None:
     if not metrics:
         return None
     sub = ds.sel(metric=metrics)
-    keep = [i for i in range(sub.sizes["source"])
-            if np.isfinite(sub["value"].values[i]).any()]
+    keep = [
+        i
+        for i in range(sub.sizes["source"])
+        if np.isfinite(sub["value"].values[i]).any()
+    ]
     if not keep:
         return None
-    fig = Figure(figsize=(7.0, 0.55 * len(metrics) * max(2, len(keep)) / 2 + 1.3),
-                 dpi=110)
+    fig = Figure(
+        figsize=(7.0, 0.55 * len(metrics) * max(2, len(keep)) / 2 + 1.3), dpi=110
+    )
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     step = 0.7 / max(1, len(keep))
     for n, i in enumerate(keep):
         y = np.arange(len(metrics)) - 0.35 + step * (n + 0.5)
         v, lo, hi = (sub[k].values[i] for k in ("value", "ci_low", "ci_high"))
-        err = np.vstack([np.where(np.isnan(lo), 0, v - lo),
-                         np.where(np.isnan(hi), 0, hi - v)])
-        ax.errorbar(v, y, xerr=err, fmt=_MARKERS[n % len(_MARKERS)], ms=6,
-                    capsize=3, label=str(sub["source"].values[i]))
+        err = np.vstack(
+            [np.where(np.isnan(lo), 0, v - lo), np.where(np.isnan(hi), 0, hi - v)]
+        )
+        ax.errorbar(
+            v,
+            y,
+            xerr=err,
+            fmt=_MARKERS[n % len(_MARKERS)],
+            ms=6,
+            capsize=3,
+            label=str(sub["source"].values[i]),
+        )
     ax.axvline(RISK_THRESHOLD, color="#9b1c10", ls="--", lw=1)
-    ax.text(RISK_THRESHOLD, len(metrics) - 0.45, f" {RISK_THRESHOLD:g} threshold",
-            color="#9b1c10", fontsize=8, va="bottom")
-    ax.set_yticks(np.arange(len(metrics)),
-                  [str(x) for x in sub["label"].values])
+    ax.text(
+        RISK_THRESHOLD,
+        len(metrics) - 0.45,
+        f" {RISK_THRESHOLD:g} threshold",
+        color="#9b1c10",
+        fontsize=8,
+        va="bottom",
+    )
+    ax.set_yticks(np.arange(len(metrics)), [str(x) for x in sub["label"].values])
     ax.invert_yaxis()
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(len(metrics) - 0.4, -0.6)
     ax.set_xlabel("residual risk (0 = no better than for unseen patients)")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2),
-              ncol=min(4, len(keep)), frameon=False)
+    ax.legend(
+        fontsize=8,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+        ncol=min(4, len(keep)),
+        frameon=False,
+    )
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -132,8 +171,7 @@ def worst_attack(ds: xr.Dataset, i: int) -> tuple[str, float, float, float]:
         c = ds.sel(metric=m).isel(source=i)
         v = float(c["value"])
         if math.isfinite(v) and not v <= best[1]:
-            best = (str(c["label"].values), v, float(c["ci_low"]),
-                    float(c["ci_high"]))
+            best = (str(c["label"].values), v, float(c["ci_low"]), float(c["ci_high"]))
     return best
 
 
@@ -155,11 +193,16 @@ def summary_lines(ds: xr.Dataset) -> dict[str, str]:
         head = f"{kind}, {gen}" if gen else kind
         if kind == "real":
             lab, v, lo, hi = worst_attack(ds, i)
-            leak = (f"an unprotected release of these records would leak up to "
-                    f"{_num(v, lo, hi)} ({lab.lower()})" if lab else
-                    "no attack figures")
-            out[src] = (f"{src} ({head}): the reference the other sources are "
-                        f"compared with, not a release; {leak}")
+            leak = (
+                f"an unprotected release of these records would leak up to "
+                f"{_num(v, lo, hi)} ({lab.lower()})"
+                if lab
+                else "no attack figures"
+            )
+            out[src] = (
+                f"{src} ({head}): the reference the other sources are "
+                f"compared with, not a release; {leak}"
+            )
             continue
         parts = []
         for g in _ORDER:
@@ -172,36 +215,49 @@ def summary_lines(ds: xr.Dataset) -> dict[str, str]:
             ok, bad, unsure = having("ok"), having("flagged"), having("inconclusive")
             idle = having("uninformative")
             n = len(ok) + len(bad) + len(unsure)
-            tail = (f"; {len(idle)} uninformative at this size: {', '.join(idle)}"
-                    if idle else "")
+            tail = (
+                f"; {len(idle)} uninformative at this size: {', '.join(idle)}"
+                if idle
+                else ""
+            )
             if not n:
                 parts.append(f"{g} not assessed{tail}")
                 continue
             words = _WORDS[g]
             if bad:
                 w = words[1] if len(bad) <= n / 2 else words[2]
-                text = (f"{w} ({len(bad)} of {n} check{'s' * (n > 1)} outside "
-                        f"target: {', '.join(bad)}")
+                text = (
+                    f"{w} ({len(bad)} of {n} check{'s' * (n > 1)} outside "
+                    f"target: {', '.join(bad)}"
+                )
                 if unsure:
                     text += f"; {len(unsure)} inconclusive: {', '.join(unsure)}"
             elif unsure:
-                text = (f"{g} inconclusive ({len(ok)} of {n} checks within "
-                        f"target; {len(unsure)} inconclusive, the interval "
-                        f"spanning the limit: {', '.join(unsure)}")
+                text = (
+                    f"{g} inconclusive ({len(ok)} of {n} checks within "
+                    f"target; {len(unsure)} inconclusive, the interval "
+                    f"spanning the limit: {', '.join(unsure)}"
+                )
             else:
-                text = (f"{words[0]} (all {n} checks within target" if n > 1
-                        else f"{words[0]} (the 1 check is within target")
+                text = (
+                    f"{words[0]} (all {n} checks within target"
+                    if n > 1
+                    else f"{words[0]} (the 1 check is within target"
+                )
             parts.append(text + tail + ")")
         out[src] = f"{src} ({head}): " + "; ".join(parts)
     return out
 
 
-def utility_loss(ds: xr.Dataset, metric: str, i: int, ref_i: int
-                 ) -> tuple[float, float]:
+def utility_loss(
+    ds: xr.Dataset, metric: str, i: int, ref_i: int
+) -> tuple[float, float]:
     """Utility loss of source ``i`` against the real source on ``metric`` (positive
     = worse than real) and its half-width (quadrature of both cells')."""
-    c, r = ds.sel(metric=metric).isel(source=i), ds.sel(metric=metric).isel(
-        source=ref_i)
+    c, r = (
+        ds.sel(metric=metric).isel(source=i),
+        ds.sel(metric=metric).isel(source=ref_i),
+    )
     v, ref = float(c["value"]), float(r["value"])
     better, t = str(c["better"].values), float(c["target"])
     if better == "higher":
@@ -220,8 +276,7 @@ def utility_loss(ds: xr.Dataset, metric: str, i: int, ref_i: int
     return loss, (h if h > 0 else math.nan)
 
 
-def rank_sources(ds: xr.Dataset, utility_metric: str | None = None
-                 ) -> list[dict]:
+def rank_sources(ds: xr.Dataset, utility_metric: str | None = None) -> list[dict]:
     """The derived sources ranked by residual risk (highest attack risk, lower is
     better), ties broken by utility loss against the real source on
     ``utility_metric`` (default: the first utility metric the real source has).
@@ -235,11 +290,13 @@ def rank_sources(ds: xr.Dataset, utility_metric: str | None = None
         return []
     ref_i = kinds.index("real")
     if utility_metric is None:
-        cands = [str(m) for m, g in zip(ds["metric"].values, ds["group"].values,
-                                         strict=True)
-                 if g == "utility" and str(ds["bound"].sel(metric=m).values) != "none"
-                 and math.isfinite(float(ds["value"].sel(metric=m).isel(
-                     source=ref_i)))]
+        cands = [
+            str(m)
+            for m, g in zip(ds["metric"].values, ds["group"].values, strict=True)
+            if g == "utility"
+            and str(ds["bound"].sel(metric=m).values) != "none"
+            and math.isfinite(float(ds["value"].sel(metric=m).isel(source=ref_i)))
+        ]
         utility_metric = cands[0] if cands else None
     flags = assess(ds)
     rows = []
@@ -247,19 +304,30 @@ def rank_sources(ds: xr.Dataset, utility_metric: str | None = None
         if i == ref_i:
             continue
         lab, risk, lo, hi = worst_attack(ds, i)
-        loss, h = (utility_loss(ds, utility_metric, i, ref_i) if utility_metric
-                   else (math.nan, math.nan))
+        loss, h = (
+            utility_loss(ds, utility_metric, i, ref_i)
+            if utility_metric
+            else (math.nan, math.nan)
+        )
         st = [str(x) for x in flags["status"].values[i]]
-        rows.append({
-            "source": src, "kind": kinds[i], "risk": risk,
-            "risk_text": f"{_num(risk, lo, hi)} ({lab.lower()})" if lab else "n/a",
-            "loss": loss,
-            "loss_text": ("n/a" if math.isnan(loss) else
-                          f"{loss:+.3g}" + ("" if math.isnan(h)
-                                            else f" (\u00b1{h:.2g})")),
-            "n_ok": st.count("ok"), "n_flagged": st.count("flagged"),
-            "n_inconclusive": st.count("inconclusive"),
-            "n_uninformative": st.count("uninformative")})
+        rows.append(
+            {
+                "source": src,
+                "kind": kinds[i],
+                "risk": risk,
+                "risk_text": f"{_num(risk, lo, hi)} ({lab.lower()})" if lab else "n/a",
+                "loss": loss,
+                "loss_text": (
+                    "n/a"
+                    if math.isnan(loss)
+                    else f"{loss:+.3g}" + ("" if math.isnan(h) else f" (\u00b1{h:.2g})")
+                ),
+                "n_ok": st.count("ok"),
+                "n_flagged": st.count("flagged"),
+                "n_inconclusive": st.count("inconclusive"),
+                "n_uninformative": st.count("uninformative"),
+            }
+        )
 
     def order(key):
         vals = sorted({r[key] for r in rows if math.isfinite(r[key])})
@@ -269,11 +337,18 @@ def rank_sources(ds: xr.Dataset, utility_metric: str | None = None
         rk = order(key)
         for r in rows:
             r[name] = rk.get(r[key], "")
-    rows.sort(key=lambda r: (r["risk"] if math.isfinite(r["risk"]) else math.inf,
-                             r["loss"] if math.isfinite(r["loss"]) else math.inf))
+    rows.sort(
+        key=lambda r: (
+            r["risk"] if math.isfinite(r["risk"]) else math.inf,
+            r["loss"] if math.isfinite(r["loss"]) else math.inf,
+        )
+    )
     for r in rows:
-        r["utility_metric"] = ("" if utility_metric is None else
-                               str(ds["label"].sel(metric=utility_metric).values))
+        r["utility_metric"] = (
+            ""
+            if utility_metric is None
+            else str(ds["label"].sel(metric=utility_metric).values)
+        )
     return rows
 
 
@@ -379,10 +454,16 @@ threshold.</figcaption></figure>{% endif %}
 _ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
 
 
-def render_scorecard_html(ds: xr.Dataset, *, title: str = "Data-source scorecard",
-                          notes: Sequence[str] = (), figure: bool = True,
-                          before_sections: str = "", rank: bool = True,
-                          utility_metric: str | None = None) -> str:
+def render_scorecard_html(
+    ds: xr.Dataset,
+    *,
+    title: str = "Data-source scorecard",
+    notes: Sequence[str] = (),
+    figure: bool = True,
+    before_sections: str = "",
+    rank: bool = True,
+    utility_metric: str | None = None,
+) -> str:
     """One self-contained HTML page of the scorecard ``ds`` (all text escaped).
 
     With ``figure``, the attack-based risks are also drawn
@@ -396,14 +477,18 @@ def render_scorecard_html(ds: xr.Dataset, *, title: str = "Data-source scorecard
     sources = []
     for i, name in enumerate(str(s) for s in ds["source"].values):
         n = float(ds["n_rows"].values[i])
-        sources.append({
-            "name": name, "kind": str(ds["kind"].values[i]),
-            "generator": str(ds["generator"].values[i]),
-            "n_rows": "" if math.isnan(n) else _num(n),
-            "dp": dp_text(float(ds["epsilon"].values[i]),
-                           float(ds["delta"].values[i])),
-            "unit": str(ds["unit"].values[i]),
-        })
+        sources.append(
+            {
+                "name": name,
+                "kind": str(ds["kind"].values[i]),
+                "generator": str(ds["generator"].values[i]),
+                "n_rows": "" if math.isnan(n) else _num(n),
+                "dp": dp_text(
+                    float(ds["epsilon"].values[i]), float(ds["delta"].values[i])
+                ),
+                "unit": str(ds["unit"].values[i]),
+            }
+        )
     png = privacy_figure(ds) if figure else None
     png_b64 = base64.b64encode(png).decode("ascii") if png else ""
     sections = []
@@ -411,47 +496,67 @@ def render_scorecard_html(ds: xr.Dataset, *, title: str = "Data-source scorecard
     for g in _ORDER:
         rows = []
         for j in (j for j, gg in enumerate(groups) if gg == g):
-            spec = {k: ds[k].values[j] for k in ("better", "bound", "target",
-                                                  "lower", "upper")}
+            spec = {
+                k: ds[k].values[j]
+                for k in ("better", "bound", "target", "lower", "upper")
+            }
             cells = []
             for i, src in enumerate(sources):
                 st = str(flags["status"].values[i, j])
-                cells.append({
-                    "source": src["name"], "status": st,
-                    "status_css": st.replace(" ", "-"),
-                    "note": str(flags["note"].values[i, j]),
-                    "value": _num(float(ds["value"].values[i, j]),
-                                  float(ds["ci_low"].values[i, j]),
-                                  float(ds["ci_high"].values[i, j])),
-                })
-            rows.append({
-                "metric": str(ds["metric"].values[j]),
-                "label": str(ds["label"].values[j]),
-                "caption": str(ds["caption"].values[j]),
-                "reference": str(ds["reference"].values[j]),
-                "target": target_text(spec), "cells": cells,
-            })
+                cells.append(
+                    {
+                        "source": src["name"],
+                        "status": st,
+                        "status_css": st.replace(" ", "-"),
+                        "note": str(flags["note"].values[i, j]),
+                        "value": _num(
+                            float(ds["value"].values[i, j]),
+                            float(ds["ci_low"].values[i, j]),
+                            float(ds["ci_high"].values[i, j]),
+                        ),
+                    }
+                )
+            rows.append(
+                {
+                    "metric": str(ds["metric"].values[j]),
+                    "label": str(ds["label"].values[j]),
+                    "caption": str(ds["caption"].values[j]),
+                    "reference": str(ds["reference"].values[j]),
+                    "target": target_text(spec),
+                    "cells": cells,
+                }
+            )
         if rows:
             sections.append({"group": g, "title": _TITLES[g], "rows": rows})
     return _ENV.from_string(_TEMPLATE).render(
-        title=title, use_case=str(ds.attrs.get("use_case", "")),
+        title=title,
+        use_case=str(ds.attrs.get("use_case", "")),
         seed=str(ds.attrs.get("seed", "")),
         created_by=str(ds.attrs.get("created_by", "")),
-        summary=list(summary_lines(ds).values()), notes=[str(n) for n in notes],
-        figure=png_b64, before_sections=markupsafe.Markup(before_sections),
-        sources=sources, sections=sections,
-        ranking=rank_sources(ds, utility_metric) if rank else [])
+        summary=list(summary_lines(ds).values()),
+        notes=[str(n) for n in notes],
+        figure=png_b64,
+        before_sections=markupsafe.Markup(before_sections),
+        sources=sources,
+        sections=sections,
+        ranking=rank_sources(ds, utility_metric) if rank else [],
+    )
 
 
-def write_scorecard(ds: xr.Dataset, out_dir: str | Path, *,
-                    title: str = "Data-source scorecard",
-                    notes: Sequence[str] = ()) -> tuple[Path, Path]:
+def write_scorecard(
+    ds: xr.Dataset,
+    out_dir: str | Path,
+    *,
+    title: str = "Data-source scorecard",
+    notes: Sequence[str] = (),
+) -> tuple[Path, Path]:
     """Write ``scorecard.nc`` (netCDF4 via h5netcdf) and ``scorecard.html`` into
     ``out_dir`` (created if needed); returns both paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     nc, html = out / "scorecard.nc", out / "scorecard.html"
     ds.to_netcdf(nc, engine="h5netcdf")
-    html.write_text(render_scorecard_html(ds, title=title, notes=notes),
-                    encoding="utf-8")
+    html.write_text(
+        render_scorecard_html(ds, title=title, notes=notes), encoding="utf-8"
+    )
     return nc, html

@@ -42,8 +42,15 @@ from phems_clinical.models.sepsis_features import (
     feature_stats,
 )
 
-__all__ = ["SepsisSites", "choose_threshold", "cross_site_evaluation",
-           "evaluate_site", "prepare_sites", "train_federated", "utility_totals"]
+__all__ = [
+    "SepsisSites",
+    "choose_threshold",
+    "cross_site_evaluation",
+    "evaluate_site",
+    "prepare_sites",
+    "train_federated",
+    "utility_totals",
+]
 
 
 class SepsisSites(NamedTuple):
@@ -61,9 +68,16 @@ class SepsisSites(NamedTuple):
     n_features: int
 
 
-def prepare_sites(hourly_by_site: Mapping[str, Any], onset, *, held_out: Sequence[str],
-                  model: str = sm.LOGISTIC, horizon_h: int = 6, max_hours: int = 168,
-                  **feature_kw) -> SepsisSites:
+def prepare_sites(
+    hourly_by_site: Mapping[str, Any],
+    onset,
+    *,
+    held_out: Sequence[str],
+    model: str = sm.LOGISTIC,
+    horizon_h: int = 6,
+    max_hours: int = 168,
+    **feature_kw,
+) -> SepsisSites:
     """Features and labels of every site; standardisation from the training sites'
     summed :class:`FeatureStats`.
 
@@ -73,25 +87,44 @@ def prepare_sites(hourly_by_site: Mapping[str, Any], onset, *, held_out: Sequenc
     tensors = {}
     for name, df in hourly_by_site.items():
         o = onset[name] if isinstance(onset, Mapping) else onset
-        tensors[name] = build_site(df, o, model=model, horizon_h=horizon_h,
-                                   max_hours=max_hours, **feature_kw)
+        tensors[name] = build_site(
+            df, o, model=model, horizon_h=horizon_h, max_hours=max_hours, **feature_kw
+        )
     train_names = [s for s in tensors if s not in set(held_out)]
     if not train_names:
         raise ValueError("held_out: every site is held out; none left to train on")
-    stats = sum((feature_stats(tensors[s]) for s in train_names[1:]),
-                feature_stats(tensors[train_names[0]]))
+    stats = sum(
+        (feature_stats(tensors[s]) for s in train_names[1:]),
+        feature_stats(tensors[train_names[0]]),
+    )
     test = {s: sm.to_examples(t, stats) for s, t in tensors.items()}
-    train = [Examples(e.data, e.mask)
-             for e in sm.pad_examples([test[s] for s in train_names])]
-    return SepsisSites(train, train_names, test, stats,
-                       int(next(iter(test.values())).data["x"].shape[-1]))
+    train = [
+        Examples(e.data, e.mask)
+        for e in sm.pad_examples([test[s] for s in train_names])
+    ]
+    return SepsisSites(
+        train,
+        train_names,
+        test,
+        stats,
+        int(next(iter(test.values())).data["x"].shape[-1]),
+    )
 
 
-def train_federated(key, loss, x0, sites: Sequence[Examples], *,
-                    algorithm: str = "fedadam", rounds: int = 50,
-                    local_steps: int = 5, learning_rate: float = 0.05,
-                    server_learning_rate: float = 0.02,
-                    run_kw: Mapping | None = None, **kw):
+def train_federated(
+    key,
+    loss,
+    x0,
+    sites: Sequence[Examples],
+    *,
+    algorithm: str = "fedadam",
+    rounds: int = 50,
+    local_steps: int = 5,
+    learning_rate: float = 0.05,
+    server_learning_rate: float = 0.02,
+    run_kw: Mapping | None = None,
+    **kw,
+):
     """Train over the padded sites; returns the engine's ``FederatedRun`` (final
     parameters in ``run.server.x``).
 
@@ -101,17 +134,31 @@ def train_federated(key, loss, x0, sites: Sequence[Examples], *,
     """
     obj = objective_from_loss(loss)
     if algorithm == "fedavg":
-        alg = fedavg(obj, x0, learning_rate=learning_rate, local_steps=local_steps,
-                     max_rounds=rounds, **kw)
+        alg = fedavg(
+            obj,
+            x0,
+            learning_rate=learning_rate,
+            local_steps=local_steps,
+            max_rounds=rounds,
+            **kw,
+        )
     elif algorithm == "fedadam":
-        alg = fedadam(obj, x0, learning_rate=learning_rate,
-                      server_learning_rate=server_learning_rate,
-                      local_steps=local_steps, max_rounds=rounds, **kw)
+        alg = fedadam(
+            obj,
+            x0,
+            learning_rate=learning_rate,
+            server_learning_rate=server_learning_rate,
+            local_steps=local_steps,
+            max_rounds=rounds,
+            **kw,
+        )
     else:
-        raise ValueError(f"algorithm: expected 'fedavg' or 'fedadam', got "
-                         f"{algorithm!r}")
-    data = [Examples(jax.tree.map(jnp.asarray, s.data), jnp.asarray(s.mask))
-            for s in sites]
+        raise ValueError(
+            f"algorithm: expected 'fedavg' or 'fedadam', got {algorithm!r}"
+        )
+    data = [
+        Examples(jax.tree.map(jnp.asarray, s.data), jnp.asarray(s.mask)) for s in sites
+    ]
     return run_federated(key, alg, data, **(run_kw or {}))
 
 
@@ -120,33 +167,42 @@ def _flat(probs, ex: Examples):
     probs = np.asarray(probs)
     present = np.asarray(ex.data["present"]) & np.asarray(ex.mask)[:, None]
     stay = np.broadcast_to(np.arange(present.shape[0])[:, None], present.shape)
-    return (stay[present], probs[present], np.asarray(ex.data["y"])[present],
-            np.asarray(ex.data["w"])[present] > 0,
-            np.asarray(ex.data["sepsis_label"])[present])
+    return (
+        stay[present],
+        probs[present],
+        np.asarray(ex.data["y"])[present],
+        np.asarray(ex.data["w"])[present] > 0,
+        np.asarray(ex.data["sepsis_label"])[present],
+    )
 
 
 def utility_totals(probs, ex: Examples, thresholds) -> list[cm.UtilityTotals]:
     """CinC 2019 utility totals of one site for each candidate threshold (additive
     across sites)."""
     stay, p, _, _, lab = _flat(probs, ex)
-    return [cm.cinc_utility_totals(stay, lab, (p >= t).astype(np.int64))
-            for t in np.atleast_1d(thresholds)]
+    return [
+        cm.cinc_utility_totals(stay, lab, (p >= t).astype(np.int64))
+        for t in np.atleast_1d(thresholds)
+    ]
 
 
-def choose_threshold(probs_by_site: Sequence, sites: Sequence[Examples],
-                     thresholds=None) -> tuple[float, float]:
+def choose_threshold(
+    probs_by_site: Sequence, sites: Sequence[Examples], thresholds=None
+) -> tuple[float, float]:
     """The threshold maximising the pooled normalised utility over ``sites``
     (default grid: 99 quantiles of the pooled used-hour probabilities).
     Returns ``(threshold, normalised utility)``."""
     if thresholds is None:
-        pooled = np.concatenate([_flat(p, e)[1] for p, e in zip(probs_by_site, sites,
-                                                                 strict=True)])
+        pooled = np.concatenate(
+            [_flat(p, e)[1] for p, e in zip(probs_by_site, sites, strict=True)]
+        )
         thresholds = np.unique(np.quantile(pooled, np.linspace(0.01, 0.99, 99)))
     totals = None
     for p, e in zip(probs_by_site, sites, strict=True):
         t = utility_totals(p, e, thresholds)
-        totals = t if totals is None else [a + b for a, b in zip(totals, t,
-                                                                 strict=True)]
+        totals = (
+            t if totals is None else [a + b for a, b in zip(totals, t, strict=True)]
+        )
     scores = np.array([t.normalised for t in totals])
     i = int(np.nanargmax(scores))
     return float(np.atleast_1d(thresholds)[i]), float(scores[i])
@@ -167,18 +223,27 @@ def evaluate_site(probs, ex: Examples, threshold: float) -> dict[str, float]:
         "calibration_intercept": cal.intercept,
         "ece": cm.expected_calibration_error(yw, pw),
         "brier": cm.brier_score(yw, pw),
-        "utility": cm.cinc_normalised_utility(stay, lab,
-                                              (p >= threshold).astype(np.int64)),
+        "utility": cm.cinc_normalised_utility(
+            stay, lab, (p >= threshold).astype(np.int64)
+        ),
     }
 
 
-def cross_site_evaluation(key, hourly_by_site: Mapping[str, Any], onset, *,
-                          held_out: Sequence[str], model: str = sm.LOGISTIC,
-                          horizon_h: int = 6, max_hours: int = 168,
-                          l2: float = 1e-4, weighting: str = "hour",
-                          model_kw: Mapping | None = None,
-                          feature_kw: Mapping | None = None,
-                          **train_kw) -> dict[str, Any]:
+def cross_site_evaluation(
+    key,
+    hourly_by_site: Mapping[str, Any],
+    onset,
+    *,
+    held_out: Sequence[str],
+    model: str = sm.LOGISTIC,
+    horizon_h: int = 6,
+    max_hours: int = 168,
+    l2: float = 1e-4,
+    weighting: str = "hour",
+    model_kw: Mapping | None = None,
+    feature_kw: Mapping | None = None,
+    **train_kw,
+) -> dict[str, Any]:
     """Prepare, train federatedly, choose the threshold on the training sites and
     evaluate every site.
 
@@ -191,9 +256,15 @@ def cross_site_evaluation(key, hourly_by_site: Mapping[str, Any], onset, *,
     "seconds_train", "rounds", "privacy"}``; ``train_kw`` goes to
     :func:`train_federated` (``run_kw`` to the engine, e.g. ``on_round``)."""
     k_init, k_run = jax.random.split(key)
-    sites = prepare_sites(hourly_by_site, onset, held_out=held_out, model=model,
-                          horizon_h=horizon_h, max_hours=max_hours,
-                          **(feature_kw or {}))
+    sites = prepare_sites(
+        hourly_by_site,
+        onset,
+        held_out=held_out,
+        model=model,
+        horizon_h=horizon_h,
+        max_hours=max_hours,
+        **(feature_kw or {}),
+    )
     x0, unravel = sm.init_params(k_init, sites.n_features, model, **(model_kw or {}))
     if weighting == "hour":
         used = sum(float(np.sum(s.data["w"])) for s in sites.train)
@@ -210,11 +281,20 @@ def cross_site_evaluation(key, hourly_by_site: Mapping[str, Any], onset, *,
     seconds = time.perf_counter() - t0
     predict = sm.make_predict(unravel)
     probs = {s: np.asarray(predict(x, e)) for s, e in sites.test.items()}
-    thr, u_train = choose_threshold([probs[s] for s in sites.train_names],
-                                    [sites.test[s] for s in sites.train_names])
+    thr, u_train = choose_threshold(
+        [probs[s] for s in sites.train_names],
+        [sites.test[s] for s in sites.train_names],
+    )
     metrics = {s: evaluate_site(probs[s], e, thr) for s, e in sites.test.items()}
     used = {s: _flat(probs[s], e) for s, e in sites.test.items()}
-    return {"x": x, "threshold": thr, "train_utility": u_train, "metrics": metrics,
-            "probs": {s: (p[w], y[w]) for s, (_, p, y, w, _) in used.items()},
-            "held_out": list(held_out), "seconds_train": seconds,
-            "rounds": run.rounds, "privacy": run.privacy}
+    return {
+        "x": x,
+        "threshold": thr,
+        "train_utility": u_train,
+        "metrics": metrics,
+        "probs": {s: (p[w], y[w]) for s, (_, p, y, w, _) in used.items()},
+        "held_out": list(held_out),
+        "seconds_train": seconds,
+        "rounds": run.rounds,
+        "privacy": run.privacy,
+    }

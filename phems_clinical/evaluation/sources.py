@@ -61,9 +61,18 @@ from phems_clinical.privacy.release import (
 from phems_clinical.privacy.target_risk import default_ladder, search_target_risk
 from phems_clinical.progress import ProgressFn, silent, step
 
-__all__ = ["ANONYMISED_OPTIONS", "TARGET_RISKS", "Derived", "SourceError",
-           "SourceSpec", "default_sources", "derive", "profile_domain",
-           "score_sources", "split_patients"]
+__all__ = [
+    "ANONYMISED_OPTIONS",
+    "TARGET_RISKS",
+    "Derived",
+    "SourceError",
+    "SourceSpec",
+    "default_sources",
+    "derive",
+    "profile_domain",
+    "score_sources",
+    "split_patients",
+]
 
 
 class SourceError(ValueError):
@@ -74,8 +83,10 @@ def _use_case(use_case):
     """``use_case`` when it is a use-case object; a name is refused (this layer
     never looks names up: the caller passes ``phems_clinical.usecases.get(name)``)."""
     if isinstance(use_case, str):
-        raise SourceError(f"use case {use_case!r}: pass the use-case object "
-                          f"(phems_clinical.usecases.get({use_case!r})), not its name")
+        raise SourceError(
+            f"use case {use_case!r}: pass the use-case object "
+            f"(phems_clinical.usecases.get({use_case!r})), not its name"
+        )
     return use_case
 
 
@@ -90,18 +101,29 @@ class SourceSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def default_sources(use_case, *, k: int = 5, max_suppression: float = 0.05,
-                    epsilon: float = 1.0, delta: float = 1e-6) -> list[SourceSpec]:
+def default_sources(
+    use_case,
+    *,
+    k: int = 5,
+    max_suppression: float = 0.05,
+    epsilon: float = 1.0,
+    delta: float = 1e-6,
+) -> list[SourceSpec]:
     """real, anonymised (lattice, k), synthetic (longitudinal generator) and
     synthetic-mst (epsilon, delta) for ``use_case``."""
     use_case = _use_case(use_case)
     return [
         SourceSpec("real", "real"),
-        SourceSpec("anonymised", "anonymised", "lattice",
-                   {"k": k, "max_suppression": max_suppression}),
+        SourceSpec(
+            "anonymised",
+            "anonymised",
+            "lattice",
+            {"k": k, "max_suppression": max_suppression},
+        ),
         SourceSpec("synthetic", "synthetic", use_case.generator),
-        SourceSpec("synthetic-mst", "synthetic", "mst",
-                   {"epsilon": epsilon, "delta": delta}),
+        SourceSpec(
+            "synthetic-mst", "synthetic", "mst", {"epsilon": epsilon, "delta": delta}
+        ),
     ]
 
 
@@ -117,8 +139,9 @@ class Derived(NamedTuple):
     report: dict
 
 
-def split_patients(key, data: pd.DataFrame, use_case, holdout: float
-                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_patients(
+    key, data: pd.DataFrame, use_case, holdout: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split one site's table by patient into (train, holdout)."""
     if not 0.0 < holdout < 1.0:
         raise SourceError(f"holdout: expected a share in (0, 1), got {holdout!r}")
@@ -126,9 +149,11 @@ def split_patients(key, data: pd.DataFrame, use_case, holdout: float
     n_ids = int(data[pid].nunique())
     n_hold = int(round(holdout * n_ids))
     if n_hold < 5 or n_ids - n_hold < 10:
-        raise SourceError(f"holdout={holdout}: {n_ids} patients give {n_hold} "
-                          f"held out and {n_ids - n_hold} for training; need >= 5 "
-                          f"and >= 10")
+        raise SourceError(
+            f"holdout={holdout}: {n_ids} patients give {n_hold} "
+            f"held out and {n_ids - n_hold} for training; need >= 5 "
+            f"and >= 10"
+        )
     _, hold = split_ids(key, data[pid], holdout)
     mask = data[pid].isin(hold).to_numpy()
     return data[~mask].reset_index(drop=True), data[mask].reset_index(drop=True)
@@ -157,16 +182,37 @@ def profile_domain(use_case) -> dict:
 
 
 # -------------------------------------------------------------------- derive
-def _meta(spec: SourceSpec, use_case: str, n_in: int, prof: pd.DataFrame,
-          seconds: float, **extra) -> dict:
-    return {"kind": spec.kind, "method": spec.method, "epsilon": float("nan"),
-            "delta": float("nan"), "unit_of_privacy": "",
-            "n_patients_source": n_in, "n_profiles": len(prof),
-            "seconds": seconds, **extra}
+def _meta(
+    spec: SourceSpec,
+    use_case: str,
+    n_in: int,
+    prof: pd.DataFrame,
+    seconds: float,
+    **extra,
+) -> dict:
+    return {
+        "kind": spec.kind,
+        "method": spec.method,
+        "epsilon": float("nan"),
+        "delta": float("nan"),
+        "unit_of_privacy": "",
+        "n_patients_source": n_in,
+        "n_profiles": len(prof),
+        "seconds": seconds,
+        **extra,
+    }
 
 
-def derive(key, use_case, data: pd.DataFrame, spec: SourceSpec, *,
-           pk_model=None, pk_params=None, noise=None) -> Derived:
+def derive(
+    key,
+    use_case,
+    data: pd.DataFrame,
+    spec: SourceSpec,
+    *,
+    pk_model=None,
+    pk_params=None,
+    noise=None,
+) -> Derived:
     """Derive one source from a site's (training) analysis table.
 
     ``pk_model`` (a :class:`phems_clinical.pk.spec.PopModel`) is needed for the
@@ -188,8 +234,9 @@ def derive(key, use_case, data: pd.DataFrame, spec: SourceSpec, *,
         if target:
             rel = _target_release(key, use_case, data, spec.name, method, qi, target)
         elif lon:
-            rel = anonymise_longitudinal(key, data, use_case.roles, method=method,
-                                         **qi, **lon)
+            rel = anonymise_longitudinal(
+                key, data, use_case.roles, method=method, **qi, **lon
+            )
         else:  # QI generalisation only (the default)
             rel = anonymise(key, data, use_case.roles, method=method, **qi)
         out, report = rel.data, rel.report
@@ -202,24 +249,43 @@ def derive(key, use_case, data: pd.DataFrame, spec: SourceSpec, *,
         k_fit, k_sample = jax.random.split(key)
         logs = use_case.log_columns
         scaled = prof.assign(**{c: np.log1p(prof[c].astype(float)) for c in logs})
-        model = mst.fit_mst(k_fit, scaled, profile_domain(use_case), epsilon=eps,
-                            delta=delta, noise=noise)
+        model = mst.fit_mst(
+            k_fit,
+            scaled,
+            profile_domain(use_case),
+            epsilon=eps,
+            delta=delta,
+            noise=noise,
+        )
         n = int(opts.get("n") or max(1, round(model.n_estimate)))
         syn = mst.sample_mst(k_sample, model, n)
         for c in logs:
             back = np.expm1(syn[c].astype(float))
-            syn[c] = back.round().astype(prof[c].dtype) if \
-                pd.api.types.is_integer_dtype(prof[c]) else back
-        meta = _meta(spec, use_case, n_in, syn, time.perf_counter() - t0,
-                     epsilon=float(eps), delta=float(delta),
-                     unit_of_privacy=use_case.unit)
+            syn[c] = (
+                back.round().astype(prof[c].dtype)
+                if pd.api.types.is_integer_dtype(prof[c])
+                else back
+            )
+        meta = _meta(
+            spec,
+            use_case,
+            n_in,
+            syn,
+            time.perf_counter() - t0,
+            epsilon=float(eps),
+            delta=float(delta),
+            unit_of_privacy=use_case.unit,
+        )
         b = model.budget
-        report = {"generator": "MST (McKenna et al. 2021) on patient profiles",
-                  "rho_zcdp": b.rho, "sigma_one_way": b.sigma_one_way,
-                  "sigma_two_way": b.sigma_two_way,
-                  "tree": [list(map(str, e)) for e in model.tree],
-                  "n_rows_noisy": float(model.n_estimate),
-                  "noise_source": model.noise_source}
+        report = {
+            "generator": "MST (McKenna et al. 2021) on patient profiles",
+            "rho_zcdp": b.rho,
+            "sigma_one_way": b.sigma_one_way,
+            "sigma_two_way": b.sigma_two_way,
+            "tree": [list(map(str, e)) for e in model.tree],
+            "n_rows_noisy": float(model.n_estimate),
+            "noise_source": model.noise_source,
+        }
         return Derived(spec, None, syn, meta, report)
     elif spec.kind == "synthetic" and spec.method == "copula":
         from phems_clinical.privacy.synth import fit_copula, sample_copula
@@ -228,20 +294,36 @@ def derive(key, use_case, data: pd.DataFrame, spec: SourceSpec, *,
         model = fit_copula(prof, categorical=use_case.categorical)
         syn = sample_copula(key, model, int(opts.get("n") or len(prof)))
         meta = _meta(spec, use_case, n_in, syn, time.perf_counter() - t0)
-        return Derived(spec, None, syn, meta, {
-            "generator": "Gaussian copula on patient profiles (not DP: its "
-                         "marginals are the data's quantiles)"})
+        return Derived(
+            spec,
+            None,
+            syn,
+            meta,
+            {
+                "generator": "Gaussian copula on patient profiles (not DP: its "
+                "marginals are the data's quantiles)"
+            },
+        )
     elif spec.kind == "synthetic":
-        out, report = _synthesise(key, use_case, data, spec.method, opts,
-                                  pk_model, pk_params)
+        out, report = _synthesise(
+            key, use_case, data, spec.method, opts, pk_model, pk_params
+        )
     else:
-        raise SourceError(f"source {spec.name!r}: kind {spec.kind!r} is not one of "
-                          f"'real', 'anonymised', 'synthetic'")
+        raise SourceError(
+            f"source {spec.name!r}: kind {spec.kind!r} is not one of "
+            f"'real', 'anonymised', 'synthetic'"
+        )
     prof = profile(use_case, out)
     unit = "patient (k-anonymity)" if spec.kind == "anonymised" else ""
-    return Derived(spec, out, prof, _meta(spec, use_case, n_in, prof,
-                                          time.perf_counter() - t0,
-                                          unit_of_privacy=unit), report)
+    return Derived(
+        spec,
+        out,
+        prof,
+        _meta(
+            spec, use_case, n_in, prof, time.perf_counter() - t0, unit_of_privacy=unit
+        ),
+        report,
+    )
 
 
 #: Options of an ``anonymised`` source: the QI generalisation of
@@ -253,32 +335,49 @@ def derive(key, use_case, data: pd.DataFrame, spec: SourceSpec, *,
 #: rounded up, in the use case's time unit), or ``target``: risk name -> upper
 #: bound of its 95 % interval, for which the least-loss setting is searched.
 ANONYMISED_OPTIONS = {
-    "qi": ("k", "l", "t", "sensitive", "max_suppression", "metric", "suppression",
-           "max_shift_days"),
+    "qi": (
+        "k",
+        "l",
+        "t",
+        "sensitive",
+        "max_suppression",
+        "metric",
+        "suppression",
+        "max_shift_days",
+    ),
     "longitudinal": ("micro_k", "noise", "time_grid"),
     "search": ("target",),
 }
 
 #: Risks a ``target`` may bound (names of :func:`.scorecard.privacy_scores`).
-TARGET_RISKS = ("singling_out_risk", "singling_out_risk_multivariate",
-                "linkability_risk", "inference_risk", "mia_auc")
+TARGET_RISKS = (
+    "singling_out_risk",
+    "singling_out_risk_multivariate",
+    "linkability_risk",
+    "inference_risk",
+    "mia_auc",
+)
 
 #: Share of the site's training patients held out as the attacks' control set
 #: during a target-risk search (the scorecard's own holdout is never used).
 TARGET_CONTROL = 0.5
 
 
-def _number(name: str, opt: str, x, *, minimum: float, strict: bool,
-            integer: bool = False):
+def _number(
+    name: str, opt: str, x, *, minimum: float, strict: bool, integer: bool = False
+):
     """``x`` checked as a finite number (an integer if ``integer``) >= or >
     ``minimum``; the error names the source and option."""
     ok = not isinstance(x, bool) and isinstance(
-        x, (int, np.integer) if integer else (int, float, np.integer, np.floating))
+        x, (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    )
     ok = ok and bool(np.isfinite(x)) and (x > minimum if strict else x >= minimum)
     if not ok:
         what = "an integer" if integer else "a finite number"
-        raise SourceError(f"source {name!r}: option {opt!r}: expected {what} "
-                          f"{'>' if strict else '>='} {minimum:g}, got {x!r}")
+        raise SourceError(
+            f"source {name!r}: option {opt!r}: expected {what} "
+            f"{'>' if strict else '>='} {minimum:g}, got {x!r}"
+        )
     return int(x) if integer else float(x)
 
 
@@ -290,50 +389,67 @@ def _anonymised_options(spec: SourceSpec, use_case) -> tuple[dict, dict, dict]:
     known = [o for g in ANONYMISED_OPTIONS.values() for o in g]
     bad = [o for o in opts if o not in known]
     if bad:
-        raise SourceError(f"source {spec.name!r}: option(s) {bad} are not options "
-                          f"of an anonymised source; expected some of {known}")
+        raise SourceError(
+            f"source {spec.name!r}: option(s) {bad} are not options "
+            f"of an anonymised source; expected some of {known}"
+        )
     qi = {o: opts[o] for o in ANONYMISED_OPTIONS["qi"] if o in opts}
     lon: dict = {}
     if opts.get("micro_k") is not None:
-        lon["micro_k"] = _number(spec.name, "micro_k", opts["micro_k"], minimum=2,
-                                 strict=False, integer=True)
+        lon["micro_k"] = _number(
+            spec.name, "micro_k", opts["micro_k"], minimum=2, strict=False, integer=True
+        )
     if opts.get("noise") is not None:
         noise = _number(spec.name, "noise", opts["noise"], minimum=0, strict=False)
         if noise > 0:
             lon["noise"] = noise
     if opts.get("time_grid") is not None:
-        lon["time_grid"] = _number(spec.name, "time_grid", opts["time_grid"],
-                                   minimum=0, strict=True)
+        lon["time_grid"] = _number(
+            spec.name, "time_grid", opts["time_grid"], minimum=0, strict=True
+        )
     target = opts.get("target")
     if target is not None:
         if not isinstance(target, Mapping) or not target:
-            raise SourceError(f"source {spec.name!r}: option 'target': expected a "
-                              f"mapping of risk name -> upper bound, e.g. "
-                              f"{{singling_out_risk: 0.2}}, got {target!r}")
+            raise SourceError(
+                f"source {spec.name!r}: option 'target': expected a "
+                f"mapping of risk name -> upper bound, e.g. "
+                f"{{singling_out_risk: 0.2}}, got {target!r}"
+            )
         bad = [t for t in target if t not in TARGET_RISKS]
         if bad:
-            raise SourceError(f"source {spec.name!r}: option 'target': {bad} are not "
-                              f"risks it can bound; expected some of {TARGET_RISKS}")
-        target = {str(t): _number(spec.name, f"target.{t}", v, minimum=0,
-                                  strict=False) for t, v in target.items()}
+            raise SourceError(
+                f"source {spec.name!r}: option 'target': {bad} are not "
+                f"risks it can bound; expected some of {TARGET_RISKS}"
+            )
+        target = {
+            str(t): _number(spec.name, f"target.{t}", v, minimum=0, strict=False)
+            for t, v in target.items()
+        }
         over = [t for t, v in target.items() if v > 1]
         if over:
-            raise SourceError(f"source {spec.name!r}: option 'target': bounds of "
-                              f"{over} must be risks in [0, 1]")
+            raise SourceError(
+                f"source {spec.name!r}: option 'target': bounds of "
+                f"{over} must be risks in [0, 1]"
+            )
         if lon:
-            raise SourceError(f"source {spec.name!r}: option 'target' chooses "
-                              f"micro_k, noise and time_grid itself; drop "
-                              f"{sorted(lon)} or the target")
+            raise SourceError(
+                f"source {spec.name!r}: option 'target' chooses "
+                f"micro_k, noise and time_grid itself; drop "
+                f"{sorted(lon)} or the target"
+            )
     used = [*lon, *(["target"] if target else [])]
     if used and use_case.roles.longitudinal is None:
-        raise SourceError(f"source {spec.name!r}: option(s) {used} need the "
-                          f"longitudinal columns of {use_case.name}, and its roles "
-                          f"declare none")
+        raise SourceError(
+            f"source {spec.name!r}: option(s) {used} need the "
+            f"longitudinal columns of {use_case.name}, and its roles "
+            f"declare none"
+        )
     return qi, lon, target or {}
 
 
-def _target_release(key, use_case, data: pd.DataFrame, name: str, method: str,
-                    qi: dict, target: dict):
+def _target_release(
+    key, use_case, data: pd.DataFrame, name: str, method: str, qi: dict, target: dict
+):
     """The release of ``data`` with the least-loss setting (QI ``k`` as stated;
     :func:`~phems_clinical.privacy.target_risk.default_ladder` of micro_k, noise,
     time grid) whose attack risks meet ``target``, searched on the site's own
@@ -347,44 +463,80 @@ def _target_release(key, use_case, data: pd.DataFrame, name: str, method: str,
     try:
         inner, control = split_patients(k_split, data, use_case, TARGET_CONTROL)
     except SourceError as e:
-        raise SourceError(f"source {name!r}: option 'target' needs enough patients "
-                          f"to attack its own releases: {e}") from None
+        raise SourceError(
+            f"source {name!r}: option 'target' needs enough patients "
+            f"to attack its own releases: {e}"
+        ) from None
     inner_p, control_p = profile(use_case, inner), profile(use_case, control)
     aux, secret = use_case.attack_columns
     n_att = int(min(200, len(inner_p), len(control_p)))
 
     def measure(k, released):
         got = profile(use_case, released)[list(inner_p.columns)]
-        return sc.privacy_scores(k, inner_p, control_p, got, aux_cols=list(aux),
-                                 secret=secret, n_attacks=n_att)
+        return sc.privacy_scores(
+            k,
+            inner_p,
+            control_p,
+            got,
+            aux_cols=list(aux),
+            secret=secret,
+            n_attacks=n_att,
+        )
 
     k = qi.get("k", 5)
     rest = {o: v for o, v in qi.items() if o != "k"}
-    res = search_target_risk(k_search, inner, use_case.roles, target, measure,
-                             ladder=default_ladder(use_case.roles, k=(k,)),
-                             method=method, **rest)
+    res = search_target_risk(
+        k_search,
+        inner,
+        use_case.roles,
+        target,
+        measure,
+        ladder=default_ladder(use_case.roles, k=(k,)),
+        method=method,
+        **rest,
+    )
     if not res.met:
         raise SourceError(f"source {name!r}: option 'target': {res.message}")
     s = res.setting
-    rel = anonymise_longitudinal(k_rel, data, use_case.roles, method=method,
-                                 **{**qi, "k": s.k}, micro_k=s.micro_k,
-                                 noise=s.noise, time_grid=s.time_grid)
-    steps = [{"setting": st.setting._asdict(), "information_loss": st.loss,
-              "suppressed_share": st.suppressed_share,
-              "risks": {r: list(v) for r, v in st.risks.items()},
-              "meets": st.meets, "error": st.error} for st in res.steps]
-    search = {"targets": res.targets, "setting": s._asdict(),
-              "message": res.message, "control_share": TARGET_CONTROL,
-              "patients_searched": int(inner[use_case.patient_id].nunique()),
-              "steps": steps}
+    rel = anonymise_longitudinal(
+        k_rel,
+        data,
+        use_case.roles,
+        method=method,
+        **{**qi, "k": s.k},
+        micro_k=s.micro_k,
+        noise=s.noise,
+        time_grid=s.time_grid,
+    )
+    steps = [
+        {
+            "setting": st.setting._asdict(),
+            "information_loss": st.loss,
+            "suppressed_share": st.suppressed_share,
+            "risks": {r: list(v) for r, v in st.risks.items()},
+            "meets": st.meets,
+            "error": st.error,
+        }
+        for st in res.steps
+    ]
+    search = {
+        "targets": res.targets,
+        "setting": s._asdict(),
+        "message": res.message,
+        "control_share": TARGET_CONTROL,
+        "patients_searched": int(inner[use_case.patient_id].nunique()),
+        "steps": steps,
+    }
     return rel._replace(report={**rel.report, "target_risk": search})
 
 
 def _synthesise(key, use_case, data, method, opts, pk_model, pk_params):
     want = use_case.generator
     if method != want:
-        raise SourceError(f"synthetic method {method!r} does not apply to "
-                          f"{use_case.name}; use {want!r}, 'copula' or 'mst'")
+        raise SourceError(
+            f"synthetic method {method!r} does not apply to "
+            f"{use_case.name}; use {want!r}, 'copula' or 'mst'"
+        )
     return use_case.synthesise(key, data, opts, pk_model, pk_params)
 
 
@@ -395,18 +547,28 @@ def _synthesise(key, use_case, data, method, opts, pk_model, pk_params):
 #: time would leak death).
 OUTCOME_METRIC = {
     "outcome_auroc": sc.MetricSpec(
-        "utility", "higher", float("nan"), -0.05, float("inf"), "relative_to_real",
+        "utility",
+        "higher",
+        float("nan"),
+        -0.05,
+        float("inf"),
+        "relative_to_real",
         "Death model AUROC (patient profiles)",
         "A simple model of death, trained on this source's patient summaries and "
         "tested on held-out real patients: area under the ROC curve (0.5 = chance; "
         "compare with the real data's value).",
         "Rankin et al., JMIR Med Inform 2020;8:e18910 (train on synthetic, test on "
-        "real); flag limit 0.05 below real is ours"),
+        "real); flag limit 0.05 below real is ours",
+    ),
 }
 
 
-def outcome_auroc(source_profile: pd.DataFrame, test_profile: pd.DataFrame,
-                  outcome: str, features: Sequence[str]) -> float:
+def outcome_auroc(
+    source_profile: pd.DataFrame,
+    test_profile: pd.DataFrame,
+    outcome: str,
+    features: Sequence[str],
+) -> float:
     """AUROC on ``test_profile`` of a ridge logistic model of ``outcome`` from
     ``features``, fitted on ``source_profile`` (NaN when the source has a single
     outcome class)."""
@@ -419,23 +581,36 @@ def outcome_auroc(source_profile: pd.DataFrame, test_profile: pd.DataFrame,
     return auroc(test_profile[outcome].to_numpy(float), p)
 
 
-def _utility(key, use_case, src: Derived, train, holdout, hold_p, pk_model,
-             real_fit) -> dict:
+def _utility(
+    key, use_case, src: Derived, train, holdout, hold_p, pk_model, real_fit
+) -> dict:
     out: dict = {}
     if use_case.outcome is not None:
         outcome, feats = use_case.outcome
         out["outcome_auroc"] = outcome_auroc(src.profile, hold_p, outcome, feats)
     if src.data is None or use_case.utility is None:  # profile-level source: no
-        return out                                     # model of the full data
-    out.update(sc.utility_scores(use_case.utility(key, src.data, train, holdout,
-                                                  pk_model, real_fit)))
+        return out  # model of the full data
+    out.update(
+        sc.utility_scores(
+            use_case.utility(key, src.data, train, holdout, pk_model, real_fit)
+        )
+    )
     return out
 
 
-def score_sources(key, use_case, train: pd.DataFrame, holdout: pd.DataFrame,
-                  derived: Sequence[Derived], *, n_attacks: int = 200,
-                  utility: bool = True, pk_model=None, seed: int = 0,
-                  progress: ProgressFn = silent):
+def score_sources(
+    key,
+    use_case,
+    train: pd.DataFrame,
+    holdout: pd.DataFrame,
+    derived: Sequence[Derived],
+    *,
+    n_attacks: int = 200,
+    utility: bool = True,
+    pk_model=None,
+    seed: int = 0,
+    progress: ProgressFn = silent,
+):
     """Score every derived source the same way; an xarray Dataset (source, metric).
 
     Fidelity compares each source's patient profiles with the real training
@@ -461,10 +636,22 @@ def score_sources(key, use_case, train: pd.DataFrame, holdout: pd.DataFrame,
         syn_p = src.profile[list(real_p.columns)]
         # the real source is the training data itself: its fidelity is shown as
         # that of the holdout, i.e. how far two real samples of the site differ
-        s.update(sc.fidelity_scores(k_f, real_p, hold_p if src.spec.kind == "real"
-                                    else syn_p))
-        s.update(sc.privacy_scores(k_p, real_p, hold_p, syn_p, aux_cols=list(aux),
-                                   secret=secret, n_attacks=n_att))
+        s.update(
+            sc.fidelity_scores(
+                k_f, real_p, hold_p if src.spec.kind == "real" else syn_p
+            )
+        )
+        s.update(
+            sc.privacy_scores(
+                k_p,
+                real_p,
+                hold_p,
+                syn_p,
+                aux_cols=list(aux),
+                secret=secret,
+                n_attacks=n_att,
+            )
+        )
         if src.spec.kind == "anonymised":
             cfg = src.report["config"]
             qis = cfg["quasi_identifiers"]
@@ -472,13 +659,19 @@ def score_sources(key, use_case, train: pd.DataFrame, holdout: pd.DataFrame,
             pt = _release_patients(src.data, use_case, qis, sens)
             s.update(sc.anonymity_scores(pt, [q + BAND_SUFFIX for q in qis], sens))
         if utility:
-            s.update(_utility(k_u, use_case, src, train, holdout, hold_p, pk_model,
-                              real_fit))
+            s.update(
+                _utility(k_u, use_case, src, train, holdout, hold_p, pk_model, real_fit)
+            )
         scores[src.spec.name] = s
         meta[src.spec.name] = dict(src.meta)
         step(progress, "score", i + 1, len(derived), src.spec.name)
-    return sc.build_scorecard(scores, sources_meta=meta, use_case=use_case.name,
-                              seed=int(seed), extra_metrics=OUTCOME_METRIC)
+    return sc.build_scorecard(
+        scores,
+        sources_meta=meta,
+        use_case=use_case.name,
+        seed=int(seed),
+        extra_metrics=OUTCOME_METRIC,
+    )
 
 
 def _release_patients(data, use_case, qis, sensitive):
@@ -487,6 +680,5 @@ def _release_patients(data, use_case, qis, sensitive):
     bands = [q + BAND_SUFFIX for q in qis]
     pt = data.groupby(pid, sort=False)[bands].first()
     if sensitive is not None:
-        pt[sensitive] = patient_table(data, use_case.roles)[sensitive].reindex(
-            pt.index)
+        pt[sensitive] = patient_table(data, use_case.roles)[sensitive].reindex(pt.index)
     return pt.reset_index(drop=True)

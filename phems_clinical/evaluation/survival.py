@@ -77,13 +77,15 @@ def brier_score(time, event, risk, horizon: float) -> float:
     g_minus = step_eval(gt, gs, t, left=True)
     g_h = step_eval(gt, gs, horizon)
     if not g_h > 0:
-        raise ValueError(f"brier_score: censoring survival G({horizon}) = 0 (everyone "
-                         "still event-free is censored by then); use an earlier "
-                         "horizon")
+        raise ValueError(
+            f"brier_score: censoring survival G({horizon}) = 0 (everyone "
+            "still event-free is censored by then); use an earlier "
+            "horizon"
+        )
     early = t <= horizon
     contrib = np.where(early & (e == 1), (1 - f) ** 2 / g_minus, 0.0)
-    contrib += np.where(early & (e == 2), f ** 2 / g_minus, 0.0)
-    contrib += np.where(~early, f ** 2 / g_h, 0.0)
+    contrib += np.where(early & (e == 2), f**2 / g_minus, 0.0)
+    contrib += np.where(~early, f**2 / g_h, 0.0)
     return float(contrib.mean())
 
 
@@ -100,8 +102,9 @@ def aalen_johansen_cif(time, event, cause: int = 1) -> tuple[np.ndarray, np.ndar
     return ut, np.cumsum(s_before * d_c / n_risk)
 
 
-def calibration_table(time, event, risk, horizon: float, *, groups: int = 10
-                      ) -> pd.DataFrame:
+def calibration_table(
+    time, event, risk, horizon: float, *, groups: int = 10
+) -> pd.DataFrame:
     """Predicted vs observed risk by ``groups`` quantile groups of predicted risk at
     ``horizon``: observed = 1 - KM (no competing events) or the Aalen-Johansen CIF
     of event 1 (with competing events), within each group."""
@@ -126,12 +129,15 @@ def calibration_summary(table: pd.DataFrame) -> dict:
     """Weighted mean |predicted - observed| (ECE-like) and the calibration-in-the-
     large difference (mean predicted - mean observed)."""
     w = table.n / table.n.sum()
-    return {"ece": float(np.sum(w * np.abs(table.predicted - table.observed))),
-            "citl": float(np.sum(w * (table.predicted - table.observed)))}
+    return {
+        "ece": float(np.sum(w * np.abs(table.predicted - table.observed))),
+        "citl": float(np.sum(w * (table.predicted - table.observed))),
+    }
 
 
-def aalen_johansen_multistate(sojourns: pd.DataFrame, states: list[str], times, *,
-                              start: str | None = None) -> np.ndarray:
+def aalen_johansen_multistate(
+    sojourns: pd.DataFrame, states: list[str], times, *, start: str | None = None
+) -> np.ndarray:
     """Empirical state-occupation probabilities (T, S) at ``times`` from the
     Aalen-Johansen product integral ``prod (I + dA(t))`` with Nelson-Aalen
     increments ``dA_hj = dN_hj / Y_h`` (Aalen & Johansen 1978), from a sojourn table
@@ -157,8 +163,9 @@ def aalen_johansen_multistate(sojourns: pd.DataFrame, states: list[str], times, 
     for s in range(S):
         m = st == s
         ea, xb = np.sort(a[m]), np.sort(b[m])
-        Y_at[s] = (np.searchsorted(ea, ut, side="left")
-                   - np.searchsorted(xb, ut, side="left"))
+        Y_at[s] = np.searchsorted(ea, ut, side="left") - np.searchsorted(
+            xb, ut, side="left"
+        )
     tq = np.atleast_1d(np.asarray(times, float))
     k = 0
     for gi, g in enumerate(grp):
@@ -177,6 +184,14 @@ def aalen_johansen_multistate(sojourns: pd.DataFrame, states: list[str], times, 
     return out
 
 
-__all__ = ["aalen_johansen_cif", "aalen_johansen_multistate", "brier_score",
-           "calibration_summary", "calibration_table", "censoring_survival",
-           "harrell_c", "kaplan_meier", "step_eval"]
+__all__ = [
+    "aalen_johansen_cif",
+    "aalen_johansen_multistate",
+    "brier_score",
+    "calibration_summary",
+    "calibration_table",
+    "censoring_survival",
+    "harrell_c",
+    "kaplan_meier",
+    "step_eval",
+]

@@ -194,8 +194,12 @@ POOLED_NUTS = NUTSSettings(num_warmup=500, num_samples=2000, num_chains=4)
 # Gaussians
 
 
-def gaussian_prior(model: PopModel, base: PopParams | None = None, *,
-                   sd: float | Float[Array, " d"] | None = None) -> Gaussian:
+def gaussian_prior(
+    model: PopModel,
+    base: PopParams | None = None,
+    *,
+    sd: float | Float[Array, " d"] | None = None,
+) -> Gaussian:
     """The prior ``N(m0, S0)`` of the packed population parameters ``x``.
 
     ``m0 = pack(base)`` (default: the specification's values) and ``S0`` is
@@ -225,7 +229,7 @@ def gaussian_prior(model: PopModel, base: PopParams | None = None, *,
         scales = np.ones(d)
         for k, name in enumerate(packer.names):
             if name.startswith("theta:"):
-                t = model.thetas[model.theta_names.index(name[len("theta:"):])]
+                t = model.thetas[model.theta_names.index(name[len("theta:") :])]
                 unbounded = not (math.isfinite(t.lower) or math.isfinite(t.upper))
                 if unbounded:
                     scales[k] = coef_scale(model, t)
@@ -275,9 +279,16 @@ def _precision_estimate(cov: Float[Array, "d d"], n_draws: int) -> Float[Array, 
 # The site model and its sampler
 
 
-def site_model(model: PopModel, packer: Packer, cohort: Cohort,
-               mask: Bool[Array, " n_sub"], cavity: Gaussian, *, n_occ: int = 1,
-               centered: bool = True) -> None:
+def site_model(
+    model: PopModel,
+    packer: Packer,
+    cohort: Cohort,
+    mask: Bool[Array, " n_sub"],
+    cavity: Gaussian,
+    *,
+    n_occ: int = 1,
+    centered: bool = True,
+) -> None:
     """NumPyro model of one hospital's patients under a Gaussian prior on ``x``.
 
     ``x ~ N(Q^-1 r, Q^-1)`` for ``cavity = (Q, r)`` (the prior, an EP cavity or
@@ -298,14 +309,22 @@ def site_model(model: PopModel, packer: Packer, cohort: Cohort,
     x = numpyro.sample("x", dist.MultivariateNormal(loc, precision_matrix=cavity.prec))
     params = packer.unpack(x)
     n_sub, n_eta = cohort.n_subjects, model.n_eta
-    scale = (jnp.linalg.cholesky(params.omega) if n_eta else jnp.zeros((0, 0)))
-    iov_scale = (jnp.linalg.cholesky(params.omega_iov) if model.n_kappa
-                 else jnp.zeros((0, 0)))
+    scale = jnp.linalg.cholesky(params.omega) if n_eta else jnp.zeros((0, 0))
+    iov_scale = (
+        jnp.linalg.cholesky(params.omega_iov) if model.n_kappa else jnp.zeros((0, 0))
+    )
     data = likelihood_cohort(model, cohort)
     with numpyro.plate("subject", n_sub, dim=-1):
-        eta, kappa = sample_random_effects(model, params.theta, scale, iov_scale,
-                                           cohort.covariates, n_occ, centered,
-                                           record_eta=False)
+        eta, kappa = sample_random_effects(
+            model,
+            params.theta,
+            scale,
+            iov_scale,
+            cohort.covariates,
+            n_occ,
+            centered,
+            record_eta=False,
+        )
         ll = subject_loglik(model)(data, params, eta, kappa)
         numpyro.factor("obs", jnp.where(mask, ll, 0.0))
 
@@ -319,6 +338,7 @@ def _sampler(model: PopModel, packer: Packer, n_occ: int, s: NUTSSettings):
     """``(key, cohort, mask, cavity, loc, chol) -> _Run``: NUTS on ``site_model``
     with ``x = loc + chol @ u``; uncompiled (so it can be ``vmap``-ed and fused into
     a federated round), built once per model and settings."""
+
     def build():
         from numpyro.infer.hmc import hmc
 
@@ -329,6 +349,7 @@ def _sampler(model: PopModel, packer: Packer, n_occ: int, s: NUTSSettings):
                 values = {k: v for k, v in p.items() if k != "u"}
                 values["x"] = loc + chol @ p["u"]
                 return potential_energy(fn, (cohort, mask, cavity), {}, values)
+
             return potential
 
         init_kernel, sample_kernel = hmc(potential_fn_gen=potential_gen, algo="NUTS")
@@ -337,8 +358,9 @@ def _sampler(model: PopModel, packer: Packer, n_occ: int, s: NUTSSettings):
             n_sub = cohort.n_subjects
             v = {"u": jnp.zeros_like(loc)}
             if model.n_eta and s.centered:
-                v["phi"] = log_typical_iiv(model, packer.unpack(loc).theta,
-                                            cohort.covariates)
+                v["phi"] = log_typical_iiv(
+                    model, packer.unpack(loc).theta, cohort.covariates
+                )
             elif model.n_eta:
                 v["z"] = jnp.zeros((n_sub, model.n_eta))
             if model.n_kappa:
@@ -347,24 +369,30 @@ def _sampler(model: PopModel, packer: Packer, n_occ: int, s: NUTSSettings):
 
         def one_chain(key, args):
             cohort, _, _, loc, chol = args
-            state = init_kernel(init_values(cohort, loc), s.num_warmup,
-                                target_accept_prob=s.target_accept,
-                                max_tree_depth=s.max_tree_depth,
-                                model_args=args, rng_key=key)
+            state = init_kernel(
+                init_values(cohort, loc),
+                s.num_warmup,
+                target_accept_prob=s.target_accept,
+                max_tree_depth=s.max_tree_depth,
+                model_args=args,
+                rng_key=key,
+            )
 
             def step(state, _):
                 state = sample_kernel(state, model_args=args)
                 return state, (state.z["u"], state.diverging)
 
-            _, (u, diverging) = jax.lax.scan(step, state, None,
-                                             length=s.num_warmup + s.num_samples)
-            x = loc + u[s.num_warmup:] @ chol.T
-            return x, jnp.sum(diverging[s.num_warmup:])
+            _, (u, diverging) = jax.lax.scan(
+                step, state, None, length=s.num_warmup + s.num_samples
+            )
+            x = loc + u[s.num_warmup :] @ chol.T
+            return x, jnp.sum(diverging[s.num_warmup :])
 
         def run(key, cohort, mask, cavity, loc, chol):
             keys = jax.random.split(key, s.num_chains)
             x, div = jax.vmap(one_chain, in_axes=(0, None))(
-                keys, (cohort, mask, cavity, loc, chol))
+                keys, (cohort, mask, cavity, loc, chol)
+            )
             return _Run(x, jnp.sum(div))
 
         return run
@@ -379,6 +407,7 @@ def _whitening(g: Gaussian):
 
 def _natural_fn(model: PopModel):
     """Draws of ``x`` -> natural-scale draws (one compiled function per model)."""
+
     def build():
         packer = build_packer(model)
         return jax.jit(jax.vmap(lambda x: packer.to_natural(packer.unpack(x))))
@@ -386,32 +415,45 @@ def _natural_fn(model: PopModel):
     return per_model(model, ("fed_bayes_natural",), build)
 
 
-def _summary(packer: Packer, mean, cov, natural, *, ess=None, n_divergent=0,
-             seconds=math.nan) -> PosteriorSummary:
+def _summary(
+    packer: Packer, mean, cov, natural, *, ess=None, n_divergent=0, seconds=math.nan
+) -> PosteriorSummary:
     mean, cov = np.asarray(mean, np.float64), np.asarray(cov, np.float64)
     natural = np.asarray(natural, np.float64)
     d = mean.shape[0]
     return PosteriorSummary(
-        mean=mean, sd=np.sqrt(np.diag(cov)), cov=cov, names=packer.names,
-        natural_mean=natural.mean(axis=0), natural_sd=natural.std(axis=0, ddof=1),
+        mean=mean,
+        sd=np.sqrt(np.diag(cov)),
+        cov=cov,
+        names=packer.names,
+        natural_mean=natural.mean(axis=0),
+        natural_sd=natural.std(axis=0, ddof=1),
         natural_names=packer.natural_names,
         ess=np.full(d, np.nan) if ess is None else np.asarray(ess, np.float64),
-        n_divergent=int(n_divergent), seconds=float(seconds))
+        n_divergent=int(n_divergent),
+        seconds=float(seconds),
+    )
 
 
-def summarise_gaussian(model: PopModel, g: Gaussian, *,
-                       n_draws: int = _NATURAL_DRAWS) -> PosteriorSummary:
+def summarise_gaussian(
+    model: PopModel, g: Gaussian, *, n_draws: int = _NATURAL_DRAWS
+) -> PosteriorSummary:
     """Summary of a Gaussian approximation of ``x``; the natural-scale moments come
     from ``n_draws`` draws of it (a fixed key, so the summary is deterministic)."""
     mean, cov = moments(g)
-    draws = jax.random.multivariate_normal(jax.random.key(0), mean, cov, (n_draws,),
-                                           method="eigh")
+    draws = jax.random.multivariate_normal(
+        jax.random.key(0), mean, cov, (n_draws,), method="eigh"
+    )
     return _summary(build_packer(model), mean, cov, _natural_fn(model)(draws))
 
 
-def summarise_draws(model: PopModel, draws: Float[Array, "n_chains n_samples d"], *,
-                    n_divergent: int = 0, seconds: float = math.nan
-                    ) -> PosteriorSummary:
+def summarise_draws(
+    model: PopModel,
+    draws: Float[Array, "n_chains n_samples d"],
+    *,
+    n_divergent: int = 0,
+    seconds: float = math.nan,
+) -> PosteriorSummary:
     """Summary of MCMC draws of ``x`` (chains on the leading axis), with bulk ESS."""
     from numpyro.diagnostics import effective_sample_size
 
@@ -420,18 +462,30 @@ def summarise_draws(model: PopModel, draws: Float[Array, "n_chains n_samples d"]
     mean = flat.mean(axis=0)
     cov = np.cov(flat, rowvar=False).reshape(flat.shape[1], flat.shape[1])
     ess = effective_sample_size(chains) if chains.shape[1] > 3 else None
-    return _summary(build_packer(model), mean, cov,
-                    _natural_fn(model)(jnp.asarray(flat)),
-                    ess=ess, n_divergent=n_divergent, seconds=seconds)
+    return _summary(
+        build_packer(model),
+        mean,
+        cov,
+        _natural_fn(model)(jnp.asarray(flat)),
+        ess=ess,
+        n_divergent=n_divergent,
+        seconds=seconds,
+    )
 
 
 # ---------------------------------------------------------------------------
 # Pooled reference
 
 
-def pooled_reference(key: Key, model: PopModel, cohort: Cohort, *, n_occ: int = 1,
-                     prior: Gaussian | None = None,
-                     settings: NUTSSettings | None = None) -> PosteriorSummary:
+def pooled_reference(
+    key: Key,
+    model: PopModel,
+    cohort: Cohort,
+    *,
+    n_occ: int = 1,
+    prior: Gaussian | None = None,
+    settings: NUTSSettings | None = None,
+) -> PosteriorSummary:
     """The pooled posterior of ``x``: NUTS on every patient in one place.
 
     Same model (:func:`site_model` with all subjects and ``cavity = prior``, default
@@ -447,8 +501,12 @@ def pooled_reference(key: Key, model: PopModel, cohort: Cohort, *, n_occ: int = 
     mask = jnp.ones(cohort.n_subjects, dtype=bool)
     loc, chol = _whitening(prior)
     out = jax.block_until_ready(run(key, cohort, mask, prior, loc, chol))
-    return summarise_draws(model, out.draws, n_divergent=int(out.n_divergent),
-                           seconds=time.perf_counter() - start)
+    return summarise_draws(
+        model,
+        out.draws,
+        n_divergent=int(out.n_divergent),
+        seconds=time.perf_counter() - start,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -459,6 +517,7 @@ def _ep_site(model: PopModel, n_occ: int, settings: NUTSSettings):
     """EP's ``local_update``, one function object per model and settings (the
     server's damping travels in the message), so every EP run of the same model
     and settings reuses the compiled site computation."""
+
     def build():
         packer = build_packer(model)
         sample = _sampler(model, packer, n_occ, settings)
@@ -471,8 +530,7 @@ def _ep_site(model: PopModel, n_occ: int, settings: NUTSSettings):
             cavity_ok = _is_pd(cavity.prec)
             # A non-PD cavity is no distribution: sample under the global q instead
             # (so that every number stays finite) and discard the result.
-            safe = jax.tree.map(lambda c, g: jnp.where(cavity_ok, c, g), cavity,
-                                glob)
+            safe = jax.tree.map(lambda c, g: jnp.where(cavity_ok, c, g), cavity, glob)
             loc, chol = _whitening(glob)
             out = sample(key, site.cohort, site.mask, safe, loc, chol)
             mean, cov = _draw_moments(out.draws.reshape(-1, d))
@@ -485,8 +543,11 @@ def _ep_site(model: PopModel, n_occ: int, settings: NUTSSettings):
             d_prec = jnp.where(ok, step * (prec - glob.prec), 0.0)
             d_shift = jnp.where(ok, step * (shift - glob.shift), 0.0)
             new = Gaussian(factor.prec + d_prec, factor.shift + d_shift)
-            metrics = {"n_divergent": out.n_divergent, "updated": ok,
-                       "cavity_pd": cavity_ok}
+            metrics = {
+                "n_divergent": out.n_divergent,
+                "updated": ok,
+                "cavity_pd": cavity_ok,
+            }
             return {"delta_prec": d_prec, "delta_shift": d_shift}, new, metrics
 
         return local_update
@@ -494,10 +555,18 @@ def _ep_site(model: PopModel, n_occ: int, settings: NUTSSettings):
     return per_model(model, ("ep_site", n_occ, settings), build)
 
 
-def ep(model: PopModel, n_sites: int, n_occ: int = 1, *,
-       prior: Gaussian | None = None, damping: float | None = None,
-       settings: NUTSSettings | None = None, max_rounds: int | None = None,
-       tol: float = 0.0, min_rounds: int = 3) -> Algorithm:
+def ep(
+    model: PopModel,
+    n_sites: int,
+    n_occ: int = 1,
+    *,
+    prior: Gaussian | None = None,
+    damping: float | None = None,
+    settings: NUTSSettings | None = None,
+    max_rounds: int | None = None,
+    tol: float = 0.0,
+    min_rounds: int = 3,
+) -> Algorithm:
     """Expectation propagation across ``n_sites`` hospitals (Vehtari et al. 2020).
 
     Parameters
@@ -557,16 +626,19 @@ def ep(model: PopModel, n_sites: int, n_occ: int = 1, *,
 
     def init_server(key):
         del key
-        return EPServer(prior, jnp.zeros((), jnp.int32),
-                        jnp.full((), jnp.inf, jnp.float64), jnp.ones((), bool))
+        return EPServer(
+            prior,
+            jnp.zeros((), jnp.int32),
+            jnp.full((), jnp.inf, jnp.float64),
+            jnp.ones((), bool),
+        )
 
     def init_site(site: SiteCohort):
         del site
         return Gaussian(jnp.zeros((d, d)), jnp.zeros(d))
 
     def broadcast(server: EPServer):
-        return {"prec": server.post.prec, "shift": server.post.shift,
-                "damping": step}
+        return {"prec": server.post.prec, "shift": server.post.shift, "damping": step}
 
     def aggregate(server: EPServer, total, key):
         del key
@@ -576,27 +648,43 @@ def ep(model: PopModel, n_sites: int, n_occ: int = 1, *,
         m0, c0 = moments(server.post)
         m1, c1 = moments(post)
         sd0, sd1 = jnp.sqrt(jnp.diag(c0)), jnp.sqrt(jnp.diag(c1))
-        change = jnp.maximum(jnp.max(jnp.abs(m1 - m0) / sd1),
-                             jnp.max(jnp.abs(jnp.log(sd1 / sd0))))
-        return EPServer(post, server.round + 1, jnp.where(valid, change, jnp.inf),
-                        valid)
+        change = jnp.maximum(
+            jnp.max(jnp.abs(m1 - m0) / sd1), jnp.max(jnp.abs(jnp.log(sd1 / sd0)))
+        )
+        return EPServer(
+            post, server.round + 1, jnp.where(valid, change, jnp.inf), valid
+        )
 
     def done(server: EPServer):
         return ~server.valid | ((server.round >= min_rounds) & (server.change < tol))
 
     def result(server: EPServer):
         summary = summarise_gaussian(model, server.post)
-        return {"summary": summary, "mean": summary.mean, "cov": summary.cov,
-                "names": packer.names, "natural_names": packer.natural_names,
-                "natural_mean": summary.natural_mean,
-                "natural_sd": summary.natural_sd, "rounds": int(server.round),
-                "valid": bool(server.valid), "change": float(server.change)}
+        return {
+            "summary": summary,
+            "mean": summary.mean,
+            "cov": summary.cov,
+            "names": packer.names,
+            "natural_names": packer.natural_names,
+            "natural_mean": summary.natural_mean,
+            "natural_sd": summary.natural_sd,
+            "rounds": int(server.round),
+            "valid": bool(server.valid),
+            "change": float(server.change),
+        }
 
-    return Algorithm("ep", init_server, init_site, broadcast,
-                     _ep_site(model, n_occ, settings), aggregate, done, result,
-                     {"delta_prec": (d, d), "delta_shift": (d,)},
-                     max_rounds=max(4 * n_sites, 10) if max_rounds is None
-                     else int(max_rounds))
+    return Algorithm(
+        "ep",
+        init_server,
+        init_site,
+        broadcast,
+        _ep_site(model, n_occ, settings),
+        aggregate,
+        done,
+        result,
+        {"delta_prec": (d, d), "delta_shift": (d,)},
+        max_rounds=max(4 * n_sites, 10) if max_rounds is None else int(max_rounds),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -606,6 +694,7 @@ def ep(model: PopModel, n_sites: int, n_occ: int = 1, *,
 def _consensus_site(model: PopModel, n_occ: int, settings: NUTSSettings):
     """Consensus MC's ``local_update``, one function object per model and settings
     (the tempered prior travels in the message)."""
+
     def build():
         sample = _sampler(model, build_packer(model), n_occ, settings)
 
@@ -617,17 +706,25 @@ def _consensus_site(model: PopModel, n_occ: int, settings: NUTSSettings):
             _, cov = _draw_moments(draws)
             w = jnp.linalg.inv(cov)
             w = 0.5 * (w + w.T)
-            return ({"weighted_draws": draws @ w, "precision": w}, state,
-                    {"n_divergent": out.n_divergent})
+            return (
+                {"weighted_draws": draws @ w, "precision": w},
+                state,
+                {"n_divergent": out.n_divergent},
+            )
 
         return local_update
 
     return per_model(model, ("consensus_site", n_occ, settings), build)
 
 
-def consensus_mc(model: PopModel, n_sites: int, n_occ: int = 1, *,
-                 prior: Gaussian | None = None,
-                 settings: NUTSSettings | None = None) -> Algorithm:
+def consensus_mc(
+    model: PopModel,
+    n_sites: int,
+    n_occ: int = 1,
+    *,
+    prior: Gaussian | None = None,
+    settings: NUTSSettings | None = None,
+) -> Algorithm:
     """One-shot consensus Monte Carlo (Scott et al. 2016) across ``n_sites`` sites.
 
     The server broadcasts the tempered prior ``N(x; m0, K S0)`` (the prior to the
@@ -650,8 +747,9 @@ def consensus_mc(model: PopModel, n_sites: int, n_occ: int = 1, *,
 
     def init_server(key):
         del key
-        return ConsensusServer(jnp.zeros((n_draws, d)), jnp.zeros((d, d)),
-                               jnp.zeros((), jnp.int32))
+        return ConsensusServer(
+            jnp.zeros((n_draws, d)), jnp.zeros((d, d)), jnp.zeros((), jnp.int32)
+        )
 
     def init_site(site: SiteCohort):
         del site
@@ -663,8 +761,9 @@ def consensus_mc(model: PopModel, n_sites: int, n_occ: int = 1, *,
 
     def aggregate(server: ConsensusServer, total, key):
         del key
-        return ConsensusServer(total["weighted_draws"], total["precision"],
-                               server.round + 1)
+        return ConsensusServer(
+            total["weighted_draws"], total["precision"], server.round + 1
+        )
 
     def done(server: ConsensusServer):
         return server.round >= 1
@@ -672,16 +771,30 @@ def consensus_mc(model: PopModel, n_sites: int, n_occ: int = 1, *,
     def result(server: ConsensusServer):
         draws = jnp.linalg.solve(server.precision, server.weighted_draws.T).T
         summary = summarise_draws(model, draws[None])
-        return {"summary": summary, "mean": summary.mean, "cov": summary.cov,
-                "names": packer.names, "natural_names": packer.natural_names,
-                "natural_mean": summary.natural_mean,
-                "natural_sd": summary.natural_sd, "draws": np.asarray(draws),
-                "rounds": int(server.round)}
+        return {
+            "summary": summary,
+            "mean": summary.mean,
+            "cov": summary.cov,
+            "names": packer.names,
+            "natural_names": packer.natural_names,
+            "natural_mean": summary.natural_mean,
+            "natural_sd": summary.natural_sd,
+            "draws": np.asarray(draws),
+            "rounds": int(server.round),
+        }
 
-    return Algorithm("consensus_mc", init_server, init_site, broadcast,
-                     _consensus_site(model, n_occ, settings), aggregate, done,
-                     result, {"weighted_draws": (n_draws, d), "precision": (d, d)},
-                     max_rounds=1)
+    return Algorithm(
+        "consensus_mc",
+        init_server,
+        init_site,
+        broadcast,
+        _consensus_site(model, n_occ, settings),
+        aggregate,
+        done,
+        result,
+        {"weighted_draws": (n_draws, d), "precision": (d, d)},
+        max_rounds=1,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -694,18 +807,44 @@ def compare(approx: PosteriorSummary, reference: PosteriorSummary) -> pd.DataFra
     (index: ``x:<name>`` and ``natural:<NAME>``)."""
     rows = {}
     for scale, names, ma, sa, mr, sr in (
-            ("x", approx.names, approx.mean, approx.sd, reference.mean, reference.sd),
-            ("natural", approx.natural_names, approx.natural_mean, approx.natural_sd,
-             reference.natural_mean, reference.natural_sd)):
+        ("x", approx.names, approx.mean, approx.sd, reference.mean, reference.sd),
+        (
+            "natural",
+            approx.natural_names,
+            approx.natural_mean,
+            approx.natural_sd,
+            reference.natural_mean,
+            reference.natural_sd,
+        ),
+    ):
         for k, name in enumerate(names):
             rows[f"{scale}:{name}"] = {
-                "ref_mean": mr[k], "ref_sd": sr[k], "mean": ma[k], "sd": sa[k],
+                "ref_mean": mr[k],
+                "ref_sd": sr[k],
+                "mean": ma[k],
+                "sd": sa[k],
                 "dmean_over_sd": abs(ma[k] - mr[k]) / sr[k],
-                "sd_ratio": sa[k] / sr[k]}
+                "sd_ratio": sa[k] / sr[k],
+            }
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-__all__ = ["POOLED_NUTS", "SITE_NUTS", "ConsensusServer", "EPServer", "Gaussian",
-           "NUTSSettings", "PosteriorSummary", "compare", "consensus_mc", "ep",
-           "from_moments", "gaussian_prior", "moments", "pooled_reference",
-           "site_model", "summarise_draws", "summarise_gaussian"]
+__all__ = [
+    "POOLED_NUTS",
+    "SITE_NUTS",
+    "ConsensusServer",
+    "EPServer",
+    "Gaussian",
+    "NUTSSettings",
+    "PosteriorSummary",
+    "compare",
+    "consensus_mc",
+    "ep",
+    "from_moments",
+    "gaussian_prior",
+    "moments",
+    "pooled_reference",
+    "site_model",
+    "summarise_draws",
+    "summarise_gaussian",
+]

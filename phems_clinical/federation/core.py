@@ -144,8 +144,9 @@ def site_secret_keys(n_sites: int) -> Key:
     return jnp.stack([site_secret_key() for _ in range(int(n_sites))])
 
 
-def run_site_keys(key: Key, n_sites: int, *, private: bool,
-                  site_secrets: Key | None = None) -> Key:
+def run_site_keys(
+    key: Key, n_sites: int, *, private: bool, site_secrets: Key | None = None
+) -> Key:
     """Each simulated site's key for a run, ``(n_sites,)``.
 
     ``site_secrets`` (the keys the sites kept) when given; otherwise, for a run
@@ -155,12 +156,16 @@ def run_site_keys(key: Key, n_sites: int, *, private: bool,
     """
     if site_secrets is not None:
         shape = getattr(site_secrets, "shape", None)
-        if not (hasattr(site_secrets, "dtype")
-                and jax.dtypes.issubdtype(site_secrets.dtype, jax.dtypes.prng_key)
-                and shape == (n_sites,)):
-            raise ValueError(f"site_secrets: expected {n_sites} typed JAX keys "
-                             f"(shape ({n_sites},), e.g. from site_secret_keys), "
-                             f"got shape {shape}")
+        if not (
+            hasattr(site_secrets, "dtype")
+            and jax.dtypes.issubdtype(site_secrets.dtype, jax.dtypes.prng_key)
+            and shape == (n_sites,)
+        ):
+            raise ValueError(
+                f"site_secrets: expected {n_sites} typed JAX keys "
+                f"(shape ({n_sites},), e.g. from site_secret_keys), "
+                f"got shape {shape}"
+            )
         return site_secrets
     if private:
         return site_secret_keys(n_sites)
@@ -191,8 +196,10 @@ def kept_site_secret(folder: str | Path) -> bytes:
             tmp.unlink(missing_ok=True)
     raw = path.read_bytes()
     if len(raw) != _SECRET_BYTES:
-        raise ValueError(f"site secret file {SECRET_FILE}: expected {_SECRET_BYTES} "
-                         f"bytes, got {len(raw)} (refusing to use a damaged secret)")
+        raise ValueError(
+            f"site secret file {SECRET_FILE}: expected {_SECRET_BYTES} "
+            f"bytes, got {len(raw)} (refusing to use a damaged secret)"
+        )
     return raw
 
 
@@ -205,8 +212,7 @@ def tree_digest(*trees: Any) -> bytes:
         leaves, treedef = jax.tree.flatten(tree)
         h.update(repr(treedef).encode() + b"\0")
         for leaf in leaves:
-            if jax.dtypes.issubdtype(getattr(leaf, "dtype", None),
-                                     jax.dtypes.prng_key):
+            if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
                 leaf = jax.random.key_data(leaf)
             v = np.ascontiguousarray(np.asarray(leaf))
             h.update(f"{v.dtype.str}{v.shape}".encode() + b"\0" + v.tobytes())
@@ -251,6 +257,7 @@ def sum_payloads(payloads: Payload, participate: Array) -> Payload:
 
     ``jnp.where`` rather than a product, so that a failed site's non-finite values
     cannot leak into the sum."""
+
     def total(x):
         w = participate.reshape((-1,) + (1,) * (x.ndim - 1))
         return jnp.sum(jnp.where(w, x, 0.0), axis=0)
@@ -273,12 +280,14 @@ def payload_to_numpy(payload: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float64) for k, v in payload.items()}
 
 
-def flatten_payload(payload: Mapping[str, Any], spec: Mapping[str, tuple]
-                    ) -> np.ndarray:
+def flatten_payload(
+    payload: Mapping[str, Any], spec: Mapping[str, tuple]
+) -> np.ndarray:
     """Concatenate a payload's arrays in ``spec`` order into one float64 vector
     (the form secure aggregation works on)."""
-    return np.concatenate([np.asarray(payload[k], np.float64).reshape(-1)
-                           for k in spec])
+    return np.concatenate(
+        [np.asarray(payload[k], np.float64).reshape(-1) for k in spec]
+    )
 
 
 def unflatten_payload(vector: np.ndarray, spec: Mapping[str, tuple]) -> Payload:
@@ -286,14 +295,31 @@ def unflatten_payload(vector: np.ndarray, spec: Mapping[str, tuple]) -> Payload:
     out, i = {}, 0
     for k, shape in spec.items():
         n = int(np.prod(shape, dtype=int))
-        out[k] = jnp.asarray(vector[i:i + n].reshape(shape))
+        out[k] = jnp.asarray(vector[i : i + n].reshape(shape))
         i += n
     return out
 
 
-__all__ = ["SECRET_FILE", "Algorithm", "Payload", "derive_site_key",
-           "flatten_payload", "kept_site_secret", "key_from_bytes",
-           "payload_to_numpy", "run_site_keys", "server_round_key", "server_run_key",
-           "simulated_site_keys", "site_round_key", "site_secret_key",
-           "site_secret_keys", "site_size", "stack_sites", "sum_payloads",
-           "tree_digest", "unflatten_payload", "unstack_sites"]
+__all__ = [
+    "SECRET_FILE",
+    "Algorithm",
+    "Payload",
+    "derive_site_key",
+    "flatten_payload",
+    "kept_site_secret",
+    "key_from_bytes",
+    "payload_to_numpy",
+    "run_site_keys",
+    "server_round_key",
+    "server_run_key",
+    "simulated_site_keys",
+    "site_round_key",
+    "site_secret_key",
+    "site_secret_keys",
+    "site_size",
+    "stack_sites",
+    "sum_payloads",
+    "tree_digest",
+    "unflatten_payload",
+    "unstack_sites",
+]

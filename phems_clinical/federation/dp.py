@@ -97,10 +97,10 @@ ACCOUNTANTS = ("rdp", "pld")
 
 NOISE_SOURCE = {
     "patient": "each site's OS CSPRNG (secrets), held at the site: not "
-               "reproducible from the run seed, by design",
+    "reproducible from the run seed, by design",
     "hospital": "the server's OS CSPRNG (secrets), held by the server: not "
-                "reproducible from the run seed, by design (it protects the "
-                "released model from its readers, not the sites from the server)",
+    "reproducible from the run seed, by design (it protects the "
+    "released model from its readers, not the sites from the server)",
 }
 """What :func:`privacy_report` states about the noise, per unit of privacy."""
 
@@ -210,27 +210,33 @@ def validate_config(cfg: AnyDPConfig, n: int | None = None) -> None:
     name = type(cfg).__name__
     clip, z, q = cfg.clip, cfg.noise_multiplier, cfg.sampling_rate
     if _is_number(clip) and not clip > 0:  # also catches nan
-        raise ValueError(f"{name}.clip must be > 0 (math.inf = no clipping), "
-                         f"got {clip}")
+        raise ValueError(
+            f"{name}.clip must be > 0 (math.inf = no clipping), got {clip}"
+        )
     if _is_number(z) and not (z >= 0 and math.isfinite(z)):
         raise ValueError(f"{name}.noise_multiplier must be finite and >= 0, got {z}")
     if _is_number(z) and _is_number(clip) and z > 0 and math.isinf(clip):
-        raise ValueError(f"{name}.clip must be finite when noise_multiplier > 0 "
-                         f"(sigma = z*clip), got {clip}")
+        raise ValueError(
+            f"{name}.clip must be finite when noise_multiplier > 0 "
+            f"(sigma = z*clip), got {clip}"
+        )
     if _is_number(q) and not 0 < q <= 1:
         raise ValueError(f"{name}.sampling_rate must be in (0, 1], got {q}")
     if cfg.accountant not in ACCOUNTANTS:
-        raise ValueError(f"{name}.accountant must be one of {ACCOUNTANTS}, "
-                         f"got {cfg.accountant!r}")
+        raise ValueError(
+            f"{name}.accountant must be one of {ACCOUNTANTS}, got {cfg.accountant!r}"
+        )
     if cfg.unit != _expected_unit(cfg):
-        raise ValueError(f"{name}.unit must be {_expected_unit(cfg)!r}, "
-                         f"got {cfg.unit!r}")
+        raise ValueError(
+            f"{name}.unit must be {_expected_unit(cfg)!r}, got {cfg.unit!r}"
+        )
     b = cfg.epsilon_budget
     if b is not None and not b > 0:
         raise ValueError(f"{name}.epsilon_budget must be > 0 or None, got {b}")
     if n is not None and (int(n) != n or n < 1):
-        raise ValueError(f"number of {_population(cfg)} must be an integer >= 1, "
-                         f"got {n}")
+        raise ValueError(
+            f"number of {_population(cfg)} must be an integer >= 1, got {n}"
+        )
     d = cfg.delta
     if d is not None:
         if not 0 < d < 1:
@@ -239,7 +245,8 @@ def validate_config(cfg: AnyDPConfig, n: int | None = None) -> None:
             raise ValueError(
                 f"{name}.delta must be < 1/N = {1 / n:.4g} (N = {n} "
                 f"{_population(cfg)}; with delta >= 1/N, releasing one random "
-                f"record is '(0, delta)-DP'), got {d}")
+                f"record is '(0, delta)-DP'), got {d}"
+            )
 
 
 def resolve_delta(cfg: AnyDPConfig, n: int) -> float:
@@ -306,12 +313,14 @@ def _noise_std(clip: Any, z: Any, dtype: Any) -> Float[Array, ""]:
     # z = 0 with clip = inf must give exactly 0, not 0*inf = nan.
     clip, z = jnp.asarray(clip, dtype), jnp.asarray(z, dtype)
     on = z > 0
-    return jnp.where(on, z * jnp.where(on, clip, jnp.zeros_like(clip)),
-                     jnp.zeros_like(z))
+    return jnp.where(
+        on, z * jnp.where(on, clip, jnp.zeros_like(clip)), jnp.zeros_like(z)
+    )
 
 
-def _gaussian_sum(key: Key, total: Float[Array, " d"], std: Float[Array, ""]
-                  ) -> Float[Array, " d"]:
+def _gaussian_sum(
+    key: Key, total: Float[Array, " d"], std: Float[Array, ""]
+) -> Float[Array, " d"]:
     noise = jax.random.normal(key, total.shape, total.dtype)
     return jnp.where(std > 0, total + std * noise, total)
 
@@ -453,9 +462,14 @@ def dp_aggregate(cfg: DPConfig, key: Key) -> optax.GradientTransformationExtraAr
         del params  # The state does not depend on the parameters.
         return DPAggregateState(rng_key=key, count=jnp.zeros((), jnp.int32))
 
-    def update(updates: Float[Array, "n d"], state: DPAggregateState,
-               params: Any = None, *, mask: Bool[Array, " n"] | None = None,
-               **extra_args: Any) -> tuple[Float[Array, " d"], DPAggregateState]:
+    def update(
+        updates: Float[Array, "n d"],
+        state: DPAggregateState,
+        params: Any = None,
+        *,
+        mask: Bool[Array, " n"] | None = None,
+        **extra_args: Any,
+    ) -> tuple[Float[Array, " d"], DPAggregateState]:
         del params, extra_args  # Only the per-patient rows and the mask matter.
         new_key, step_key = jax.random.split(state.rng_key)
         mean, _ = privatise_mean(step_key, updates, cfg, mask)
@@ -464,8 +478,9 @@ def dp_aggregate(cfg: DPConfig, key: Key) -> optax.GradientTransformationExtraAr
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def clip_vector(v: Float[Array, " d"], clip: float | Float[Array, ""]
-                ) -> Float[Array, " d"]:
+def clip_vector(
+    v: Float[Array, " d"], clip: float | Float[Array, ""]
+) -> Float[Array, " d"]:
     """Clip one site's update to L2 norm ``clip`` (S in DP-FedAvg); vectors with
     norm <= S are returned bit-for-bit. Run at the site before sending.
 
@@ -571,8 +586,13 @@ def epsilon(cfg: AnyDPConfig, n_patients: int, steps: int) -> float:
     4.75
     """
     delta = resolve_delta(cfg, n_patients)
-    return _epsilon(float(cfg.noise_multiplier), _check_steps(steps),
-                    float(cfg.sampling_rate), delta, cfg.accountant)
+    return _epsilon(
+        float(cfg.noise_multiplier),
+        _check_steps(steps),
+        float(cfg.sampling_rate),
+        delta,
+        cfg.accountant,
+    )
 
 
 def calibrate_noise_multiplier(
@@ -619,11 +639,15 @@ def calibrate_noise_multiplier(
             return hi
     import dp_accounting as dpa
 
-    return float(dpa.calibrate_dp_mechanism(
-        lambda: _accountant(accountant),
-        lambda z: _event(z, steps, sampling_rate),
-        target_epsilon, delta,
-        bracket_interval=dpa.ExplicitBracketInterval(lo, hi)))
+    return float(
+        dpa.calibrate_dp_mechanism(
+            lambda: _accountant(accountant),
+            lambda z: _event(z, steps, sampling_rate),
+            target_epsilon,
+            delta,
+            bracket_interval=dpa.ExplicitBracketInterval(lo, hi),
+        )
+    )
 
 
 def _json_number(x: float) -> float | str:
@@ -691,7 +715,8 @@ def check_budget(
             f"{eps:.4g} > budget {b:g} at delta = {resolve_delta(cfg, n_patients):.4g}"
             f" (unit of privacy: one {u}, add/remove of one {u}'s whole record at "
             f"{where}; {cfg.accountant} accountant, z = {cfg.noise_multiplier:g}, "
-            f"q = {cfg.sampling_rate:g}, clip = {cfg.clip:g})")
+            f"q = {cfg.sampling_rate:g}, clip = {cfg.clip:g})"
+        )
     return eps
 
 
@@ -731,7 +756,9 @@ def ledger_epsilons(
     """ε spent by each site (its own δ from its N). Sites hold disjoint patients,
     so the suite's patient-level ε is the max (parallel composition)."""
     if len(n_patients) != len(ledger.steps):
-        raise ValueError(f"n_patients has {len(n_patients)} entries for "
-                         f"{len(ledger.steps)} sites")
-    return tuple(epsilon(cfg, n, s) for n, s in zip(n_patients, ledger.steps,
-                                                    strict=True))
+        raise ValueError(
+            f"n_patients has {len(n_patients)} entries for {len(ledger.steps)} sites"
+        )
+    return tuple(
+        epsilon(cfg, n, s) for n, s in zip(n_patients, ledger.steps, strict=True)
+    )

@@ -124,8 +124,9 @@ def checkpoint_path(directory: str | Path) -> Path:
     return Path(directory) / CHECKPOINT_FILE
 
 
-def save_checkpoint(directory: Path, server, sites: list, history: list[RoundRecord]
-                    ) -> None:
+def save_checkpoint(
+    directory: Path, server, sites: list, history: list[RoundRecord]
+) -> None:
     """Write the state after ``len(history)`` rounds as one file, atomically.
 
     The file (:data:`CHECKPOINT_FILE`) holds a magic line, a JSON manifest (the
@@ -139,18 +140,24 @@ def save_checkpoint(directory: Path, server, sites: list, history: list[RoundRec
     buf = io.BytesIO()
     eqx.tree_serialise_leaves(buf, (server, sites))
     state = buf.getvalue()
-    manifest = json.dumps({
-        "round": len(history),
-        "history": [_record_json(r) for r in history],
-        "state_sha256": hashlib.sha256(state).hexdigest(),
-        "state_bytes": len(state)}, allow_nan=False).encode()
+    manifest = json.dumps(
+        {
+            "round": len(history),
+            "history": [_record_json(r) for r in history],
+            "state_sha256": hashlib.sha256(state).hexdigest(),
+            "state_bytes": len(state),
+        },
+        allow_nan=False,
+    ).encode()
     digest = hashlib.sha256(manifest).hexdigest().encode()
-    write_atomic(checkpoint_path(directory),
-                 _MAGIC + manifest + b"\n" + digest + b"\n" + state)
+    write_atomic(
+        checkpoint_path(directory), _MAGIC + manifest + b"\n" + digest + b"\n" + state
+    )
 
 
-def load_checkpoint(directory: Path, like_server, like_sites: list
-                    ) -> tuple[Any, list, list[RoundRecord]] | None:
+def load_checkpoint(
+    directory: Path, like_server, like_sites: list
+) -> tuple[Any, list, list[RoundRecord]] | None:
     """The saved state, or ``None`` when ``directory`` has no checkpoint.
 
     Raises :class:`CheckpointError` naming ``directory`` when the file is not a
@@ -166,18 +173,21 @@ def load_checkpoint(directory: Path, like_server, like_sites: list
             raise CheckpointError(
                 f"checkpoint {directory}: holds {', '.join(legacy)} of the older "
                 "two-file format, which cannot be verified; start in an empty "
-                "checkpoint folder")
+                "checkpoint folder"
+            )
         return None
 
     def bad(why: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {directory}: {why}; it cannot be resumed "
-                               "safely (start in an empty checkpoint folder, or "
-                               "restore the checkpoint)")
+        return CheckpointError(
+            f"checkpoint {directory}: {why}; it cannot be resumed "
+            "safely (start in an empty checkpoint folder, or "
+            "restore the checkpoint)"
+        )
 
     raw = path.read_bytes()
     if not raw.startswith(_MAGIC):
         raise bad(f"{CHECKPOINT_FILE} is not a checkpoint of this format")
-    parts = raw[len(_MAGIC):].split(b"\n", 2)
+    parts = raw[len(_MAGIC) :].split(b"\n", 2)
     if len(parts) != 3:
         raise bad(f"{CHECKPOINT_FILE} is truncated")
     manifest, digest, state = parts
@@ -186,17 +196,24 @@ def load_checkpoint(directory: Path, like_server, like_sites: list
     try:
         meta = json.loads(manifest)
         history = [_record(r) for r in meta["history"]]
-        n_round, want_sha, want_len = (meta["round"], meta["state_sha256"],
-                                       meta["state_bytes"])
+        n_round, want_sha, want_len = (
+            meta["round"],
+            meta["state_sha256"],
+            meta["state_bytes"],
+        )
     except (ValueError, KeyError, TypeError) as err:
         raise bad(f"the manifest is malformed ({err})") from None
     if len(state) != want_len or hashlib.sha256(state).hexdigest() != want_sha:
         raise bad("the saved state does not match the SHA-256 in its manifest")
     if n_round != len(history) or [r.round for r in history] != list(range(n_round)):
-        raise bad(f"the manifest says {n_round} rounds but its history has "
-                  f"{[r.round for r in history]}")
-    foreign = bad("the saved state does not fit this run (another algorithm, "
-                  "model or number of sites?)")
+        raise bad(
+            f"the manifest says {n_round} rounds but its history has "
+            f"{[r.round for r in history]}"
+        )
+    foreign = bad(
+        "the saved state does not fit this run (another algorithm, "
+        "model or number of sites?)"
+    )
     buf = io.BytesIO(state)
     try:
         server, sites = eqx.tree_deserialise_leaves(buf, (like_server, like_sites))
@@ -209,22 +226,29 @@ def load_checkpoint(directory: Path, like_server, like_sites: list
 
 def _record_json(r: RoundRecord) -> dict:
     d = r._asdict()
-    return {**d, "participants": [int(k) for k in r.participants],
-            "dropped": [[int(k), str(why)] for k, why in r.dropped],
-            "audit_heads": [[int(k), int(q), str(m)] for k, q, m in r.audit_heads]}
+    return {
+        **d,
+        "participants": [int(k) for k in r.participants],
+        "dropped": [[int(k), str(why)] for k, why in r.dropped],
+        "audit_heads": [[int(k), int(q), str(m)] for k, q, m in r.audit_heads],
+    }
 
 
 def _record(d: dict) -> RoundRecord:
-    return RoundRecord(int(d["round"]), tuple(int(k) for k in d["participants"]),
-                       tuple((int(k), str(why)) for k, why in d["dropped"]),
-                       int(d["attempts"]), float(d["seconds"]),
-                       tuple((int(k), int(q), str(m))
-                             for k, q, m in d.get("audit_heads", ())))
+    return RoundRecord(
+        int(d["round"]),
+        tuple(int(k) for k in d["participants"]),
+        tuple((int(k), str(why)) for k, why in d["dropped"]),
+        int(d["attempts"]),
+        float(d["seconds"]),
+        tuple((int(k), int(q), str(m)) for k, q, m in d.get("audit_heads", ())),
+    )
 
 
 def _same_shapes(trees: Sequence) -> bool:
-    shapes = [jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), t)
-              for t in trees]
+    shapes = [
+        jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), t) for t in trees
+    ]
     return all(s == shapes[0] for s in shapes[1:])
 
 
@@ -252,39 +276,54 @@ def _compile(algorithm: Algorithm) -> _Compiled:
 
 def _build(algorithm: Algorithm) -> _Compiled:
     def local_vmapped(message, data, states, keys, participate):
-        payloads, new, metrics = jax.vmap(algorithm.local_update,
-                                          in_axes=(None, 0, 0, 0))(message, data,
-                                                                   states, keys)
+        payloads, new, metrics = jax.vmap(
+            algorithm.local_update, in_axes=(None, 0, 0, 0)
+        )(message, data, states, keys)
         keep = jax.tree.map(
-            lambda n, o: jnp.where(participate.reshape((-1,) + (1,) * (n.ndim - 1)),
-                                   n, o), new, states)
+            lambda n, o: jnp.where(
+                participate.reshape((-1,) + (1,) * (n.ndim - 1)), n, o
+            ),
+            new,
+            states,
+        )
         return payloads, keep, metrics
 
     def whole_round(server, data, states, keys, participate, server_key):
         message = algorithm.broadcast(server)
-        payloads, states, metrics = local_vmapped(message, data, states, keys,
-                                                  participate)
+        payloads, states, metrics = local_vmapped(
+            message, data, states, keys, participate
+        )
         total = sum_payloads(payloads, participate)
         return algorithm.aggregate(server, total, server_key), states, payloads
 
-    return _Compiled(jax.jit(algorithm.local_update), jax.jit(local_vmapped),
-                     jax.jit(algorithm.aggregate), jax.jit(whole_round),
-                     jax.jit(algorithm.done))
+    return _Compiled(
+        jax.jit(algorithm.local_update),
+        jax.jit(local_vmapped),
+        jax.jit(algorithm.aggregate),
+        jax.jit(whole_round),
+        jax.jit(algorithm.done),
+    )
 
 
-def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
-                  max_rounds: int | None = None,
-                  aggregator: Aggregator | None = None,
-                  min_sites: int | None = None, retries: int = 2,
-                  fault: FaultFn | None = None,
-                  checkpoint_dir: str | Path | None = None,
-                  on_round: Callable[[RoundRecord, Any], None] | None = None,
-                  on_message: Callable[[int, int, Payload], None] | None = None,
-                  vectorise: bool = True, stop_after: int | None = None,
-                  gates: Sequence[SiteGate | None] | None = None,
-                  site_secrets: Key | None = None,
-                  progress: ProgressFn = silent
-                  ) -> FederatedRun:
+def run_federated(
+    key: Key,
+    algorithm: Algorithm,
+    sites: Sequence[Any],
+    *,
+    max_rounds: int | None = None,
+    aggregator: Aggregator | None = None,
+    min_sites: int | None = None,
+    retries: int = 2,
+    fault: FaultFn | None = None,
+    checkpoint_dir: str | Path | None = None,
+    on_round: Callable[[RoundRecord, Any], None] | None = None,
+    on_message: Callable[[int, int, Payload], None] | None = None,
+    vectorise: bool = True,
+    stop_after: int | None = None,
+    gates: Sequence[SiteGate | None] | None = None,
+    site_secrets: Key | None = None,
+    progress: ProgressFn = silent,
+) -> FederatedRun:
     """Run ``algorithm`` over ``sites`` (one data pytree per hospital) in process.
 
     Parameters
@@ -343,12 +382,14 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
     n_sites = len(sites)
     min_sites = n_sites if min_sites is None else int(min_sites)
     if not 1 <= min_sites <= n_sites:
-        raise ValueError(f"min_sites: expected 1..{n_sites} (the number of sites), "
-                         f"got {min_sites}")
+        raise ValueError(
+            f"min_sites: expected 1..{n_sites} (the number of sites), got {min_sites}"
+        )
     max_rounds = algorithm.max_rounds if max_rounds is None else int(max_rounds)
     compiled = _compile(algorithm)
-    site_keys = run_site_keys(key, n_sites, private=algorithm.dp is not None,
-                              site_secrets=site_secrets)
+    site_keys = run_site_keys(
+        key, n_sites, private=algorithm.dp is not None, site_secrets=site_secrets
+    )
     server = _strong(algorithm.init_server(key))
     server_key = server_run_key(key, algorithm)
     states = [_strong(algorithm.init_site(s)) for s in sites]
@@ -359,12 +400,14 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
         if loaded is not None:
             server, states, history = loaded
             server, states = _strong(server), _strong(states)
-    stacked = vectorise and n_sites > 1 and _same_shapes(sites) and _same_shapes(
-        states)
+    stacked = vectorise and n_sites > 1 and _same_shapes(sites) and _same_shapes(states)
     data_stacked = stack_sites(list(sites)) if stacked else None
     gates = list(gates) if gates is not None else [None] * n_sites
-    sizes = [site_size(s) for s in sites] if (algorithm.dp is not None
-                                               or any(gates)) else None
+    sizes = (
+        [site_size(s) for s in sites]
+        if (algorithm.dp is not None or any(gates))
+        else None
+    )
     start = len(history)
     _admit_all(algorithm, sizes, gates, max_rounds, start)
 
@@ -376,12 +419,26 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
             break
         t0 = time.perf_counter()
         for attempt in range(retries + 1):
-            dropped = [(k, fault(r, k, attempt)) for k in range(n_sites)] if fault \
-                else []
+            dropped = (
+                [(k, fault(r, k, attempt)) for k in range(n_sites)] if fault else []
+            )
             dropped = [(k, why) for k, why in dropped if why]
-            out = _try_round(r, compiled, algorithm, server, sites, states,
-                             data_stacked, site_keys, server_key, dropped,
-                             aggregator, min_sites, on_message, gates)
+            out = _try_round(
+                r,
+                compiled,
+                algorithm,
+                server,
+                sites,
+                states,
+                data_stacked,
+                site_keys,
+                server_key,
+                dropped,
+                aggregator,
+                min_sites,
+                on_message,
+                gates,
+            )
             if out is not None:
                 break
         else:
@@ -390,14 +447,23 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
             raise FederationAborted(
                 f"round {r}: fewer than min_sites={min_sites} of {n_sites} sites "
                 f"answered in {retries + 1} attempts; the run stopped after round "
-                f"{r - 1} (its checkpoint is kept)")
+                f"{r - 1} (its checkpoint is kept)"
+            )
         server, states, dropped = out
-        participants = tuple(k for k in range(n_sites)
-                             if k not in {d for d, _ in dropped})
-        heads = tuple((k, *head(g)) for k in participants
-                      if (g := gates[k]) is not None)
-        record = RoundRecord(r, participants, tuple(dropped), attempt + 1,
-                             time.perf_counter() - t0, heads)
+        participants = tuple(
+            k for k in range(n_sites) if k not in {d for d, _ in dropped}
+        )
+        heads = tuple(
+            (k, *head(g)) for k in participants if (g := gates[k]) is not None
+        )
+        record = RoundRecord(
+            r,
+            participants,
+            tuple(dropped),
+            attempt + 1,
+            time.perf_counter() - t0,
+            heads,
+        )
         history.append(record)
         r += 1
         if ckpt is not None:
@@ -406,8 +472,13 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
             on_round(record, server)
         converged = bool(compiled.done(server))
         if progress is not silent:
-            step(progress, "rounds", r, None, **_round_info(
-                algorithm, server, record, n_sites, max_rounds))
+            step(
+                progress,
+                "rounds",
+                r,
+                None,
+                **_round_info(algorithm, server, record, n_sites, max_rounds),
+            )
     end(progress, "rounds", r, None, converged=converged)
     for g in gates:
         if g is not None:
@@ -415,11 +486,17 @@ def run_federated(key: Key, algorithm: Algorithm, sites: Sequence[Any], *,
     privacy = None
     if algorithm.dp is not None:
         assert sizes is not None  # counted above whenever dp is set
-        privacy = [{"site": k, "n_patients": n, **dpm.privacy_report(
-            algorithm.dp, n, r * algorithm.dp_steps_per_round)}
-            for k, n in enumerate(sizes)]
-    return FederatedRun(server, states, history, algorithm.result(server), r,
-                        converged, privacy)
+        privacy = [
+            {
+                "site": k,
+                "n_patients": n,
+                **dpm.privacy_report(algorithm.dp, n, r * algorithm.dp_steps_per_round),
+            }
+            for k, n in enumerate(sizes)
+        ]
+    return FederatedRun(
+        server, states, history, algorithm.result(server), r, converged, privacy
+    )
 
 
 def _strong(tree):
@@ -428,8 +505,12 @@ def _strong(tree):
     return strong arrays, so without this the first round's compiled call would
     not fit the second's and the whole round, the longest compile of a fit, would
     be compiled twice (JAX type promotion: weak types)."""
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x))
-                        if getattr(x, "weak_type", False) else x, tree)
+    return jax.tree.map(
+        lambda x: (
+            jnp.asarray(x, jnp.result_type(x)) if getattr(x, "weak_type", False) else x
+        ),
+        tree,
+    )
 
 
 def _round_info(algorithm, server, record, n_sites, max_rounds) -> dict:
@@ -437,8 +518,11 @@ def _round_info(algorithm, server, record, n_sites, max_rounds) -> dict:
     duration, the largest number of rounds and, for an algorithm whose sites send
     an objective (``ofv`` in its message), the server's current objective (a
     population-level value the server holds anyway)."""
-    info = {"at_most": max_rounds, "sites": f"{len(record.participants)}/{n_sites}",
-            "seconds": record.seconds}
+    info = {
+        "at_most": max_rounds,
+        "sites": f"{len(record.participants)}/{n_sites}",
+        "seconds": record.seconds,
+    }
     if record.dropped:
         info["dropped"] = [k for k, _ in record.dropped]
     if "ofv" in algorithm.message_spec:
@@ -456,15 +540,30 @@ def _admit_all(algorithm, sizes, gates, max_rounds, start) -> None:
     planned = max_rounds - start
     if algorithm.dp is not None:
         for k, n in enumerate(sizes):
-            dpm.check_budget(algorithm.dp, n,
-                             max_rounds * algorithm.dp_steps_per_round, site=k)
+            dpm.check_budget(
+                algorithm.dp, n, max_rounds * algorithm.dp_steps_per_round, site=k
+            )
     for k, g in enumerate(gates):
         if g is not None:
             admit(g, algorithm, sizes[k], planned)
 
 
-def _try_round(r, compiled, algorithm, server, sites, states, data_stacked,
-               site_keys, key, dropped, aggregator, min_sites, on_message, gates):
+def _try_round(
+    r,
+    compiled,
+    algorithm,
+    server,
+    sites,
+    states,
+    data_stacked,
+    site_keys,
+    key,
+    dropped,
+    aggregator,
+    min_sites,
+    on_message,
+    gates,
+):
     """One attempt at round ``r``; ``None`` when too few sites answered."""
     n_sites = len(sites)
     dropped = list(dropped)
@@ -478,12 +577,14 @@ def _try_round(r, compiled, algorithm, server, sites, states, data_stacked,
         st = stack_sites(states)
         if aggregator is None and on_message is None and not any(gates):
             server, st, payloads = compiled.whole_round(
-                server, data_stacked, st, keys, participate, skey)
+                server, data_stacked, st, keys, participate, skey
+            )
             _check_all(algorithm, payloads, participate)
             return server, unstack_sites(st, n_sites), dropped
         message = algorithm.broadcast(server)
-        payloads, st, _ = compiled.local_vmapped(message, data_stacked, st, keys,
-                                                 participate)
+        payloads, st, _ = compiled.local_vmapped(
+            message, data_stacked, st, keys, participate
+        )
         per_site = unstack_sites(payloads, n_sites)
         new_states = unstack_sites(st, n_sites)
     else:
@@ -498,8 +599,15 @@ def _try_round(r, compiled, algorithm, server, sites, states, data_stacked,
                 p, s, _ = compiled.local(message, sites[k], states[k], keys[k])
                 jax.block_until_ready(p)
             except Exception as err:  # a site's failure drops it from the round
-                dropped.append((k, "failed: " + record_site_error(  # text: site log
-                    err, None, stage="train", context={"site": k, "round": r}).reason))
+                dropped.append(
+                    (
+                        k,
+                        "failed: "
+                        + record_site_error(  # text: site log
+                            err, None, stage="train", context={"site": k, "round": r}
+                        ).reason,
+                    )
+                )
                 failed.add(k)
                 per_site.append(None)
                 new_states.append(states[k])
@@ -512,13 +620,21 @@ def _try_round(r, compiled, algorithm, server, sites, states, data_stacked,
     for k in alive:
         check_payload(algorithm, per_site[k], r)
         if gates[k] is not None:
-            release(gates[k], per_site[k], r, algorithm=algorithm,
-                    n_patients=site_size(sites[k]))
+            release(
+                gates[k],
+                per_site[k],
+                r,
+                algorithm=algorithm,
+                n_patients=site_size(sites[k]),
+            )
         if on_message is not None:
             on_message(r, k, per_site[k])
     payloads = {k: per_site[k] for k in alive}
-    total = (_plain_sum(skey, payloads, algorithm) if aggregator is None
-             else aggregator(jax.random.fold_in(skey, 1), payloads, algorithm))
+    total = (
+        _plain_sum(skey, payloads, algorithm)
+        if aggregator is None
+        else aggregator(jax.random.fold_in(skey, 1), payloads, algorithm)
+    )
     server = compiled.aggregate(server, total, skey)
     return server, new_states, dropped
 
@@ -528,6 +644,15 @@ def _check_all(algorithm, payloads, participate):
         check_payload(algorithm, {n: v[k] for n, v in payloads.items()})
 
 
-__all__ = ["CHECKPOINT_FILE", "CheckpointError", "FaultFn", "FederatedRun",
-           "FederationAborted", "RoundRecord", "checkpoint_path", "load_checkpoint",
-           "run_federated", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CheckpointError",
+    "FaultFn",
+    "FederatedRun",
+    "FederationAborted",
+    "RoundRecord",
+    "checkpoint_path",
+    "load_checkpoint",
+    "run_federated",
+    "save_checkpoint",
+]

@@ -79,11 +79,12 @@ class TrustRegionBFGS(optx.AbstractBFGS):
     norm: Callable[[Any], jax.Array] = eqx.field(static=True, default=optx.max_norm)
     use_inverse: bool = eqx.field(static=True, default=False)
     descent: optx.DampedNewtonDescent = eqx.field(
-        default_factory=optx.DampedNewtonDescent)
+        default_factory=optx.DampedNewtonDescent
+    )
     search: optx.ClassicalTrustRegion = eqx.field(
-        default_factory=optx.ClassicalTrustRegion)
-    verbose: Callable[..., None] = eqx.field(static=True,
-                                             default=lambda **kwargs: None)
+        default_factory=optx.ClassicalTrustRegion
+    )
+    verbose: Callable[..., None] = eqx.field(static=True, default=lambda **kwargs: None)
 
 
 class FOCEIServer(NamedTuple):
@@ -114,9 +115,12 @@ class NewtonServer(NamedTuple):
     stop: jax.Array
 
 
-STOPPED_BY = {0: "max_rounds", 1: "Newton step below tolerance",
-              2: "trust region below min_radius",
-              3: "objective not finite at the start values"}
+STOPPED_BY = {
+    0: "max_rounds",
+    1: "Newton step below tolerance",
+    2: "trust region below min_radius",
+    3: "objective not finite at the start values",
+}
 
 
 def site_objective(model: PopModel, n_occ: int, base: PopParams):
@@ -139,8 +143,9 @@ def fd_steps(x: jax.Array, rel_step: float) -> jax.Array:
     return rel_step * jnp.maximum(1.0, jnp.abs(x))
 
 
-def site_newton_terms(model: PopModel, n_occ: int, base: PopParams, *,
-                      rel_step: float = 1e-4):
+def site_newton_terms(
+    model: PopModel, n_occ: int, base: PopParams, *, rel_step: float = 1e-4
+):
     """``(x, site, b0) -> (per, jac, b, H)``: :func:`site_objective` at ``x`` and the
     Hessian (d x d) of the site's summed FOCEI objective in the free population
     parameters, by central differences of its exact gradient at ``x +- h_j e_j``,
@@ -170,8 +175,9 @@ def site_newton_terms(model: PopModel, n_occ: int, base: PopParams, *,
     return terms
 
 
-def site_hessian(model: PopModel, n_occ: int, base: PopParams, *,
-                 rel_step: float = 1e-4):
+def site_hessian(
+    model: PopModel, n_occ: int, base: PopParams, *, rel_step: float = 1e-4
+):
     """``(x, site, b0) -> H``: the Hessian part of :func:`site_newton_terms`."""
     terms = site_newton_terms(model, n_occ, base, rel_step=rel_step)
 
@@ -181,8 +187,9 @@ def site_hessian(model: PopModel, n_occ: int, base: PopParams, *,
     return hessian
 
 
-def trust_region_step(g: jax.Array, h: jax.Array, radius: jax.Array,
-                      iters: int = 200) -> jax.Array:
+def trust_region_step(
+    g: jax.Array, h: jax.Array, radius: jax.Array, iters: int = 200
+) -> jax.Array:
     """The exact minimiser of ``g'p + p'Hp/2`` over ``||p||_2 <= radius``.
 
     In the eigenbasis of ``H`` (Nocedal & Wright, section 4.3): the Newton step when
@@ -237,11 +244,20 @@ def _surrogate(y, args):
     return f + jnp.dot(g, y - y0), None
 
 
-def fed_focei(model: PopModel, n_occ: int = 1, *, init: PopParams | None = None,
-              hessian: str = "exact", rtol: float | None = None,
-              atol: float | None = None, min_radius: float = 1e-10,
-              radius: float = 1.0, max_radius: float = 100.0,
-              fd_step: float = 1e-4, max_rounds: int = 2000) -> Algorithm:
+def fed_focei(
+    model: PopModel,
+    n_occ: int = 1,
+    *,
+    init: PopParams | None = None,
+    hessian: str = "exact",
+    rtol: float | None = None,
+    atol: float | None = None,
+    min_radius: float = 1e-10,
+    radius: float = 1.0,
+    max_radius: float = 100.0,
+    fd_step: float = 1e-4,
+    max_rounds: int = 2000,
+) -> Algorithm:
     """Federated FOCEI of ``model`` (all sites must agree on ``n_occ``).
 
     One round is one evaluation of the pooled objective. ``hessian`` picks the
@@ -267,15 +283,21 @@ def fed_focei(model: PopModel, n_occ: int = 1, *, init: PopParams | None = None,
     test stopped the run.
     """
     if hessian not in HESSIANS:
-        raise ValueError(f"hessian: expected one of {', '.join(HESSIANS)}, "
-                         f"got {hessian!r}")
-    for name, value in (("min_radius", min_radius), ("radius", radius),
-                        ("max_radius", max_radius), ("fd_step", fd_step)):
+        raise ValueError(
+            f"hessian: expected one of {', '.join(HESSIANS)}, got {hessian!r}"
+        )
+    for name, value in (
+        ("min_radius", min_radius),
+        ("radius", radius),
+        ("max_radius", max_radius),
+        ("fd_step", fd_step),
+    ):
         if not (isinstance(value, int | float) and 0 < value < float("inf")):
             raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
     if radius > max_radius:
-        raise ValueError(f"radius: expected at most max_radius ({max_radius}), "
-                         f"got {radius}")
+        raise ValueError(
+            f"radius: expected at most max_radius ({max_radius}), got {radius}"
+        )
     default_tol = 1e-9 if hessian == "bfgs" else 1e-8
     rtol = default_tol if rtol is None else rtol
     atol = default_tol if atol is None else atol
@@ -287,11 +309,34 @@ def fed_focei(model: PopModel, n_occ: int = 1, *, init: PopParams | None = None,
     y0 = jnp.asarray(packer.pack(base), dtype=jnp.float64)
     n_free = int(y0.shape[0])
     if hessian == "bfgs":
-        return _bfgs(model, n_occ, base, packer, y0, n_free, rtol=rtol, atol=atol,
-                     min_radius=min_radius, max_rounds=max_rounds)
-    return _newton(model, n_occ, base, packer, y0, n_free, hessian, rtol=rtol,
-                   atol=atol, min_radius=min_radius, radius=radius,
-                   max_radius=max_radius, fd_step=fd_step, max_rounds=max_rounds)
+        return _bfgs(
+            model,
+            n_occ,
+            base,
+            packer,
+            y0,
+            n_free,
+            rtol=rtol,
+            atol=atol,
+            min_radius=min_radius,
+            max_rounds=max_rounds,
+        )
+    return _newton(
+        model,
+        n_occ,
+        base,
+        packer,
+        y0,
+        n_free,
+        hessian,
+        rtol=rtol,
+        atol=atol,
+        min_radius=min_radius,
+        radius=radius,
+        max_radius=max_radius,
+        fd_step=fd_step,
+        max_rounds=max_rounds,
+    )
 
 
 def _init_site(model: PopModel, n_occ: int):
@@ -302,8 +347,23 @@ def _init_site(model: PopModel, n_occ: int):
     return init_site
 
 
-def _newton(model, n_occ, base, packer, y0, n_free, hessian, *, rtol, atol,
-            min_radius, radius, max_radius, fd_step, max_rounds) -> Algorithm:
+def _newton(
+    model,
+    n_occ,
+    base,
+    packer,
+    y0,
+    n_free,
+    hessian,
+    *,
+    rtol,
+    atol,
+    min_radius,
+    radius,
+    max_radius,
+    fd_step,
+    max_rounds,
+) -> Algorithm:
     """Trust-region Newton on the summed site curvatures (Nocedal & Wright,
     Alg. 4.1: eta = 1e-4, shrink to ||p|| / 4 below rho = 1/4, double on the
     boundary above rho = 3/4)."""
@@ -313,9 +373,16 @@ def _newton(model, n_occ, base, packer, y0, n_free, hessian, *, rtol, atol,
 
     def init_server(key):
         del key
-        return NewtonServer(y0, jnp.asarray(jnp.inf), jnp.zeros(d), jnp.zeros((d, d)),
-                            y0, jnp.asarray(radius, jnp.float64),
-                            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+        return NewtonServer(
+            y0,
+            jnp.asarray(jnp.inf),
+            jnp.zeros(d),
+            jnp.zeros((d, d)),
+            y0,
+            jnp.asarray(radius, jnp.float64),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32),
+        )
 
     def broadcast(server: NewtonServer):
         return {"x": server.y_eval}
@@ -329,13 +396,18 @@ def _newton(model, n_occ, base, packer, y0, n_free, hessian, *, rtol, atol,
             per, jac, b = objective(x, site, b0)
             hess = 0.5 * jac.T @ jac
         ofv, grad = jnp.sum(per), jnp.sum(jac, axis=0)
-        ok = (jnp.isfinite(ofv) & jnp.all(jnp.isfinite(grad))
-              & jnp.all(jnp.isfinite(hess)))
+        ok = (
+            jnp.isfinite(ofv)
+            & jnp.all(jnp.isfinite(grad))
+            & jnp.all(jnp.isfinite(hess))
+        )
         # A failed inner problem reports +inf, which the trust region rejects; the
         # warm start is kept (as the pooled fit does).
-        payload = {"ofv": jnp.where(ok, ofv, jnp.inf),
-                   "grad": jnp.where(ok, grad, 0.0),
-                   "hess": jnp.where(ok, hess, 0.0)}
+        payload = {
+            "ofv": jnp.where(ok, ofv, jnp.inf),
+            "grad": jnp.where(ok, grad, 0.0),
+            "hess": jnp.where(ok, hess, 0.0),
+        }
         return payload, jnp.where(ok, b, b0), {"ofv": ofv}
 
     def newton_small(y, g, h):
@@ -356,53 +428,80 @@ def _newton(model, n_occ, base, packer, y0, n_free, hessian, *, rtol, atol,
         accept = ok & (first | ((pred > 0) & (rho > 1e-4)))
         pnorm = jnp.linalg.norm(p)
         new_radius = jnp.where(
-            first, server.radius,
-            jnp.where(~accept | (rho < 0.25), 0.25 * pnorm,
-                      jnp.where((rho > 0.75) & (pnorm >= 0.99 * server.radius),
-                                jnp.minimum(2.0 * server.radius, max_radius),
-                                server.radius)))
+            first,
+            server.radius,
+            jnp.where(
+                ~accept | (rho < 0.25),
+                0.25 * pnorm,
+                jnp.where(
+                    (rho > 0.75) & (pnorm >= 0.99 * server.radius),
+                    jnp.minimum(2.0 * server.radius, max_radius),
+                    server.radius,
+                ),
+            ),
+        )
         y = jnp.where(accept, server.y_eval, server.y)
         f = jnp.where(accept, f_e, server.f)
         g = jnp.where(accept, g_e, server.g)
         h = jnp.where(accept, h_e, server.h)
-        stop = jnp.where(first & ~ok, 3,
-                         jnp.where(accept & newton_small(y, g, h), 1,
-                                   jnp.where(new_radius < min_radius, 2, 0)))
+        stop = jnp.where(
+            first & ~ok,
+            3,
+            jnp.where(
+                accept & newton_small(y, g, h),
+                1,
+                jnp.where(new_radius < min_radius, 2, 0),
+            ),
+        )
         step = trust_region_step(g, h, new_radius)
         y_eval = jnp.where(stop == 0, y + step, y)
-        return NewtonServer(y, f, g, h, y_eval, new_radius, server.round + 1,
-                            stop.astype(jnp.int32))
+        return NewtonServer(
+            y, f, g, h, y_eval, new_radius, server.round + 1, stop.astype(jnp.int32)
+        )
 
     def done(server: NewtonServer):
         return server.stop != 0
 
     def result(server: NewtonServer):
         params = packer.unpack(server.y)
-        out = {"params": params,
-               "estimates": jnp.asarray(packer.to_natural(params)),
-               "names": packer.natural_names,
-               "ofv": server.f,
-               "rounds": int(server.round),
-               "stopped_by": STOPPED_BY[int(server.stop)]}
+        out = {
+            "params": params,
+            "estimates": jnp.asarray(packer.to_natural(params)),
+            "names": packer.natural_names,
+            "ofv": server.f,
+            "rounds": int(server.round),
+            "stopped_by": STOPPED_BY[int(server.stop)],
+        }
         if hessian == "exact":
             # the summed site Hessians at the accepted point are NONMEM's R
             # matrix of the pooled OFV: R-based standard errors come with it
             # (no sandwich: that needs per-patient gradients, which stay home)
             se, _ = r_standard_errors(
-                server.y, server.h,
-                lambda y: packer.to_natural(packer.unpack(y)))
-            out["se"] = jnp.asarray(se if int(server.stop) == 1 else
-                                    jnp.full(se.shape, jnp.nan))
+                server.y, server.h, lambda y: packer.to_natural(packer.unpack(y))
+            )
+            out["se"] = jnp.asarray(
+                se if int(server.stop) == 1 else jnp.full(se.shape, jnp.nan)
+            )
         return out
 
     spec = {"ofv": (), "grad": (n_free,), "hess": (n_free, n_free)}
-    return Algorithm("fed_focei", init_server, _init_site(model, n_occ), broadcast,
-                     local_update, aggregate, done, result, spec,
-                     max_rounds=max_rounds)
+    return Algorithm(
+        "fed_focei",
+        init_server,
+        _init_site(model, n_occ),
+        broadcast,
+        local_update,
+        aggregate,
+        done,
+        result,
+        spec,
+        max_rounds=max_rounds,
+    )
 
 
-def _bfgs(model, n_occ, base, packer, y0, n_free, *, rtol, atol, min_radius,
-          max_rounds) -> Algorithm:
+def _bfgs(
+    model, n_occ, base, packer, y0, n_free, *, rtol, atol, min_radius, max_rounds
+) -> Algorithm:
     """Trust-region BFGS (optimistix), ask and tell: every optimistix ``step``
     evaluates the objective exactly once, at ``state.y_eval``; a round sends
     ``y_eval`` to the sites and feeds the summed answer back through a linear
@@ -427,8 +526,7 @@ def _bfgs(model, n_occ, base, packer, y0, n_free, *, rtol, atol, min_radius,
         ok = jnp.isfinite(ofv) & jnp.all(jnp.isfinite(grad))
         # A failed inner problem reports +inf, which the line search rejects; the
         # warm start is kept (as the pooled fit does).
-        payload = {"ofv": jnp.where(ok, ofv, jnp.inf),
-                   "grad": jnp.where(ok, grad, 0.0)}
+        payload = {"ofv": jnp.where(ok, ofv, jnp.inf), "grad": jnp.where(ok, grad, 0.0)}
         return payload, jnp.where(ok, b, b0), {"ofv": ofv}
 
     def aggregate(server: FOCEIServer, total, key):
@@ -436,13 +534,15 @@ def _bfgs(model, n_occ, base, packer, y0, n_free, *, rtol, atol, min_radius,
         f = jnp.where(jnp.isfinite(total["ofv"]), total["ofv"], jnp.inf)
         g = jnp.where(jnp.isfinite(f), total["grad"], 0.0)
         args = (f, g, server.solver.y_eval)
-        y, state, _ = solver.step(_surrogate, server.y, args, {}, server.solver,
-                                  frozenset())
+        y, state, _ = solver.step(
+            _surrogate, server.y, args, {}, server.solver, frozenset()
+        )
         return FOCEIServer(y, state, server.round + 1)
 
     def done(server: FOCEIServer):
-        terminate, _ = solver.terminate(_surrogate, server.y, dummy, {},
-                                        server.solver, frozenset())
+        terminate, _ = solver.terminate(
+            _surrogate, server.y, dummy, {}, server.solver, frozenset()
+        )
         return terminate | _collapsed(server)
 
     def _collapsed(server: FOCEIServer):
@@ -450,19 +550,43 @@ def _bfgs(model, n_occ, base, packer, y0, n_free, *, rtol, atol, min_radius,
 
     def result(server: FOCEIServer):
         params = packer.unpack(server.y)
-        return {"params": params,
-                "estimates": jnp.asarray(packer.to_natural(params)),
-                "names": packer.natural_names,
-                "ofv": server.solver.f_info.f,
-                "rounds": int(server.round),
-                "stopped_by": ("trust region below min_radius"
-                               if bool(_collapsed(server)) else "Cauchy test")}
+        return {
+            "params": params,
+            "estimates": jnp.asarray(packer.to_natural(params)),
+            "names": packer.natural_names,
+            "ofv": server.solver.f_info.f,
+            "rounds": int(server.round),
+            "stopped_by": (
+                "trust region below min_radius"
+                if bool(_collapsed(server))
+                else "Cauchy test"
+            ),
+        }
 
-    return Algorithm("fed_focei", init_server, _init_site(model, n_occ), broadcast,
-                     local_update, aggregate, done, result,
-                     {"ofv": (), "grad": (n_free,)}, max_rounds=max_rounds)
+    return Algorithm(
+        "fed_focei",
+        init_server,
+        _init_site(model, n_occ),
+        broadcast,
+        local_update,
+        aggregate,
+        done,
+        result,
+        {"ofv": (), "grad": (n_free,)},
+        max_rounds=max_rounds,
+    )
 
 
-__all__ = ["HESSIANS", "STOPPED_BY", "FOCEIServer", "NewtonServer",
-           "TrustRegionBFGS", "fd_steps", "fed_focei", "site_hessian",
-           "site_newton_terms", "site_objective", "trust_region_step"]
+__all__ = [
+    "HESSIANS",
+    "STOPPED_BY",
+    "FOCEIServer",
+    "NewtonServer",
+    "TrustRegionBFGS",
+    "fd_steps",
+    "fed_focei",
+    "site_hessian",
+    "site_newton_terms",
+    "site_objective",
+    "trust_region_step",
+]

@@ -109,32 +109,41 @@ class Admission(NamedTuple):
     closed: bool
 
 
-def planned_privacy(algorithm, n_patients: int, rounds: int
-                    ) -> tuple[float | None, float]:
+def planned_privacy(
+    algorithm, n_patients: int, rounds: int
+) -> tuple[float | None, float]:
     """(ε, δ) a run of ``rounds`` rounds spends at a site of ``n_patients``
     (``None, 0`` without patient-level DP; unit: one patient)."""
     if algorithm.dp is None:
         return None, 0.0
     steps = rounds * algorithm.dp_steps_per_round
-    return (dpm.epsilon(algorithm.dp, n_patients, steps),
-            dpm.resolve_delta(algorithm.dp, n_patients))
+    return (
+        dpm.epsilon(algorithm.dp, n_patients, steps),
+        dpm.resolve_delta(algorithm.dp, n_patients),
+    )
 
 
 def request_digest(broadcast: Mapping[str, Any], config: Mapping[str, Any]) -> str:
     """SHA-256 of what a train message asks (the broadcast arrays' shapes, dtypes
     and bytes, and its configuration values): equal digests, equal requests."""
-    body = {"broadcast": gov.summarise_payload(broadcast),
-            "config": {str(k): (v if isinstance(v, str | int | float | bool)
-                                else str(v)) for k, v in sorted(config.items())}}
+    body = {
+        "broadcast": gov.summarise_payload(broadcast),
+        "config": {
+            str(k): (v if isinstance(v, str | int | float | bool) else str(v))
+            for k, v in sorted(config.items())
+        },
+    }
     return hashlib.sha256(gov.canonical_json(body)).hexdigest()
 
 
 def _payload_digest(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(
-        gov.canonical_json(gov.summarise_payload(payload))).hexdigest()
+        gov.canonical_json(gov.summarise_payload(payload))
+    ).hexdigest()
 
 
 # ------------------------------------------------------------------ site records
+
 
 def site_key(gate: SiteGate) -> bytes:
     """The site's MAC key; created (``secrets``, mode 0600) when the site has
@@ -144,19 +153,25 @@ def site_key(gate: SiteGate) -> bytes:
     folder of the log or the ledger, or is missing while they exist.
     """
     key = Path(gate.site_key).resolve()
-    for folder in {Path(gate.audit_log).parent.resolve(),
-                   Path(gate.ledger).parent.resolve()}:
+    for folder in {
+        Path(gate.audit_log).parent.resolve(),
+        Path(gate.ledger).parent.resolve(),
+    }:
         if folder == key.parent or folder in key.parents:
             raise gov.IntegrityError(
-                "site_key", "the site key must be kept outside the folder of the "
+                "site_key",
+                "the site key must be kept outside the folder of the "
                 "audit log and the privacy ledger (a copy of that folder must not "
-                "carry the key)")
+                "carry the key)",
+            )
     if key.exists():
         return gov.load_site_key(key)
     if Path(gate.audit_log).exists() or Path(gate.ledger).exists():
         raise gov.IntegrityError(
-            "site_key", "no site key, but the site has an audit log or a privacy "
-            "ledger: they cannot be verified (restore the key)")
+            "site_key",
+            "no site key, but the site has an audit log or a privacy "
+            "ledger: they cannot be verified (restore the key)",
+        )
     return gov.create_site_key(key)
 
 
@@ -166,17 +181,20 @@ def check_records(gate: SiteGate, key: bytes) -> gov.VerifyResult:
     if Path(gate.audit_log).exists():
         res = gov.verify_log(gate.audit_log, key=key)
         if not res.ok:
-            raise gov.IntegrityError("audit_log", f"verification failed at "
-                                     f"{res.reason}")
+            raise gov.IntegrityError(
+                "audit_log", f"verification failed at {res.reason}"
+            )
     else:
         res = gov.VerifyResult(True, 0, None, "", gov.GENESIS_HASH, 0)
     generation, _ = gov.ledger_generation(gate.ledger, key=key)
     if generation < res.ledger:
         what = "missing" if generation == 0 else f"at generation {generation}"
         raise gov.IntegrityError(
-            "privacy_ledger", f"the ledger is {what}, but the audit log records a "
+            "privacy_ledger",
+            f"the ledger is {what}, but the audit log records a "
             f"charge that wrote generation {res.ledger}: it was deleted or rolled "
-            "back; the site refuses to run until it is restored")
+            "back; the site refuses to run until it is restored",
+        )
     return res
 
 
@@ -193,8 +211,9 @@ def _load_admission(gate: SiteGate, key: bytes, nonce: str) -> Admission | None:
 
 
 def _save_admission(gate: SiteGate, key: bytes, adm: Admission) -> None:
-    gov.write_sealed(_admission_path(gate, adm.nonce), adm._asdict(), key,
-                     ADMISSION_DOMAIN)
+    gov.write_sealed(
+        _admission_path(gate, adm.nonce), adm._asdict(), key, ADMISSION_DOMAIN
+    )
 
 
 def head(gate: SiteGate) -> tuple[int, str]:
@@ -204,8 +223,10 @@ def head(gate: SiteGate) -> tuple[int, str]:
 
 # ------------------------------------------------------------------ checks
 
-def authenticate(gate: SiteGate, *, now: dt.datetime | None = None
-                 ) -> gov.SignedRequest:
+
+def authenticate(
+    gate: SiteGate, *, now: dt.datetime | None = None
+) -> gov.SignedRequest:
     """Who asks for what, checked before the site reads any data.
 
     The signed request verifies against the policy (signature, expiry), matches
@@ -214,34 +235,50 @@ def authenticate(gate: SiteGate, *, now: dt.datetime | None = None
     Raises ``PolicyViolation`` naming the field.
     """
     req = gov.verify_request(gate.policy, gate.request, now=now)
-    for field, claimed, signed in (("requester", gate.claimed_requester,
-                                    req.requester),
-                                   ("experiment", gate.claimed_experiment,
-                                    req.experiment)):
+    for field, claimed, signed in (
+        ("requester", gate.claimed_requester, req.requester),
+        ("experiment", gate.claimed_experiment, req.experiment),
+    ):
         if claimed and claimed != signed:
             raise gov.PolicyViolation(
-                field, f"the run config says {claimed!r} but the signed request "
-                f"is for {signed!r}", requested=claimed, allowed=signed)
+                field,
+                f"the run config says {claimed!r} but the signed request "
+                f"is for {signed!r}",
+                requested=claimed,
+                allowed=signed,
+            )
     i, user = gov.find_data_user(gate.policy, req.requester)
     if not any(fnmatch.fnmatchcase(req.experiment, p) for p in user.experiments):
         raise gov.PolicyViolation(
-            f"data_users[{i}].experiments", f"experiment {req.experiment!r} is not "
+            f"data_users[{i}].experiments",
+            f"experiment {req.experiment!r} is not "
             f"allowed for data user {user.id!r} (allowed: "
-            f"{', '.join(user.experiments)})", requested=req.experiment,
-            allowed=user.experiments)
+            f"{', '.join(user.experiments)})",
+            requested=req.experiment,
+            allowed=user.experiments,
+        )
     key = site_key(gate)
     check_records(gate, key)
     adm = _load_admission(gate, key, req.nonce)
     if adm is not None and (not gate.run_id or adm.run != gate.run_id):
         raise gov.PolicyViolation(
-            "request.nonce", "this signed request was already admitted for another "
+            "request.nonce",
+            "this signed request was already admitted for another "
             "run at this site (a replay); the data user must sign a new request",
-            requested=req.nonce, allowed="an unused nonce")
+            requested=req.nonce,
+            allowed="an unused nonce",
+        )
     return req
 
 
-def admit(gate: SiteGate, algorithm, n_patients: int, rounds: int, *,
-          now: dt.datetime | None = None) -> Admission:
+def admit(
+    gate: SiteGate,
+    algorithm,
+    n_patients: int,
+    rounds: int,
+    *,
+    now: dt.datetime | None = None,
+) -> Admission:
     """Admit a run of at most ``rounds`` rounds or refuse it (``PolicyViolation``).
 
     After :func:`authenticate`: the algorithm is the one signed, ``rounds`` is
@@ -254,36 +291,73 @@ def admit(gate: SiteGate, algorithm, n_patients: int, rounds: int, *,
     req = authenticate(gate, now=now)
     if algorithm.name != req.algorithm:
         raise gov.PolicyViolation(
-            "request.algorithm", f"the run uses algorithm {algorithm.name!r}, the "
-            f"signed request allows {req.algorithm!r}", requested=algorithm.name,
-            allowed=req.algorithm)
+            "request.algorithm",
+            f"the run uses algorithm {algorithm.name!r}, the "
+            f"signed request allows {req.algorithm!r}",
+            requested=algorithm.name,
+            allowed=req.algorithm,
+        )
     if int(rounds) > req.rounds:
         raise gov.PolicyViolation(
-            "request.rounds", f"{int(rounds)} rounds planned, the signed request "
-            f"allows at most {req.rounds}", requested=int(rounds),
-            allowed=req.rounds)
+            "request.rounds",
+            f"{int(rounds)} rounds planned, the signed request "
+            f"allows at most {req.rounds}",
+            requested=int(rounds),
+            allowed=req.rounds,
+        )
     key = site_key(gate)
     eps, delta = planned_privacy(algorithm, n_patients, rounds)
     spent = gov.load_spend(gate.ledger, key=key)
-    gov.check_request(gate.policy, gov.Request(
-        req.requester, req.experiment, algorithm.name, int(n_patients),
-        tuple(algorithm.message_spec), eps, int(rounds), delta),
-        spent.epsilon, spent_delta=spent.delta)
+    gov.check_request(
+        gate.policy,
+        gov.Request(
+            req.requester,
+            req.experiment,
+            algorithm.name,
+            int(n_patients),
+            tuple(algorithm.message_spec),
+            eps,
+            int(rounds),
+            delta,
+        ),
+        spent.epsilon,
+        spent_delta=spent.delta,
+    )
     adm = _load_admission(gate, key, req.nonce)
     if adm is not None:
         return adm
-    adm = Admission(req.nonce, gate.run_id, req.requester, req.experiment,
-                    algorithm.name, int(rounds), int(n_patients), {}, None, 0.0,
-                    False)
+    adm = Admission(
+        req.nonce,
+        gate.run_id,
+        req.requester,
+        req.experiment,
+        algorithm.name,
+        int(rounds),
+        int(n_patients),
+        {},
+        None,
+        0.0,
+        False,
+    )
     _save_admission(gate, key, adm)
-    gov.append_entry(gate.audit_log, key=key, event="admit", run=req.nonce,
-                     requester=req.requester, experiment=req.experiment, round=None,
-                     recipient="server", summary={"rounds": int(rounds)}, now=now)
+    gov.append_entry(
+        gate.audit_log,
+        key=key,
+        event="admit",
+        run=req.nonce,
+        requester=req.requester,
+        experiment=req.experiment,
+        round=None,
+        recipient="server",
+        summary={"rounds": int(rounds)},
+        now=now,
+    )
     return adm
 
 
-def begin_round(gate: SiteGate, round_: int, *, now: dt.datetime | None = None
-                ) -> Admission:
+def begin_round(
+    gate: SiteGate, round_: int, *, now: dt.datetime | None = None
+) -> Admission:
     """Check a train message for round ``round_`` before any data are read.
 
     Refused (``PolicyViolation``) without an admission for this run, after it was
@@ -297,12 +371,18 @@ def begin_round(gate: SiteGate, round_: int, *, now: dt.datetime | None = None
     adm = _load_admission(gate, key, req.nonce)
     if adm is None or adm.run != gate.run_id:
         raise gov.PolicyViolation(
-            "admission", f"no admission for this run at site {gate.policy.site!r}: "
+            "admission",
+            f"no admission for this run at site {gate.policy.site!r}: "
             "a train message without an admitted query round is refused",
-            requested=int(round_), allowed="an admitted run")
+            requested=int(round_),
+            allowed="an admitted run",
+        )
     if adm.closed:
-        raise gov.PolicyViolation("admission", "the run was closed at this site; "
-                                  "no further rounds", requested=int(round_))
+        raise gov.PolicyViolation(
+            "admission",
+            "the run was closed at this site; no further rounds",
+            requested=int(round_),
+        )
     if str(int(round_)) in adm.executed:
         return adm
     done = len(adm.executed)
@@ -310,14 +390,20 @@ def begin_round(gate: SiteGate, round_: int, *, now: dt.datetime | None = None
     if done >= limit:
         field = "rounds" if limit == adm.rounds else "max_rounds"
         raise gov.PolicyViolation(
-            field, f"{done} rounds executed of the {limit} admitted at site "
+            field,
+            f"{done} rounds executed of the {limit} admitted at site "
             f"{gate.policy.site!r}; round {int(round_)} is refused",
-            requested=done + 1, allowed=limit)
+            requested=done + 1,
+            allowed=limit,
+        )
     last = max((int(r) for r in adm.executed), default=-1)
     if int(round_) < last:
         raise gov.PolicyViolation(
-            "round", f"round {int(round_)} after round {last}: rounds only go "
-            "forward", requested=int(round_), allowed=f"> {last}")
+            "round",
+            f"round {int(round_)} after round {last}: rounds only go forward",
+            requested=int(round_),
+            allowed=f"> {last}",
+        )
     return adm
 
 
@@ -325,9 +411,14 @@ def _cache_path(gate: SiteGate, adm: Admission, round_: int) -> Path:
     return Path(gate.admissions) / adm.nonce / f"round-{int(round_):06d}.npz"
 
 
-def cached_reply(gate: SiteGate, round_: int, digest: str, *,
-                 recipient: str = "server", now: dt.datetime | None = None
-                 ) -> dict[str, np.ndarray] | None:
+def cached_reply(
+    gate: SiteGate,
+    round_: int,
+    digest: str,
+    *,
+    recipient: str = "server",
+    now: dt.datetime | None = None,
+) -> dict[str, np.ndarray] | None:
     """The payload already sent for an identical re-request of round ``round_``
     (logged again, no new ε), None for a round not executed yet; a different
     request for an executed round is refused."""
@@ -337,25 +428,46 @@ def cached_reply(gate: SiteGate, round_: int, digest: str, *,
         return None
     if done["request"] != digest:
         raise gov.PolicyViolation(
-            "round", f"round {int(round_)} was already executed for another request "
+            "round",
+            f"round {int(round_)} was already executed for another request "
             "(broadcast or configuration): a repeat must be identical",
-            requested="a different request", allowed="the identical request")
+            requested="a different request",
+            allowed="the identical request",
+        )
     with np.load(_cache_path(gate, adm, round_)) as z:
         payload = {n: z[n] for n in z.files}
     if _payload_digest(payload) != done["payload"]:
-        raise gov.IntegrityError("admission", f"the stored reply of round "
-                                 f"{int(round_)} does not match its record")
+        raise gov.IntegrityError(
+            "admission",
+            f"the stored reply of round {int(round_)} does not match its record",
+        )
     key = site_key(gate)
-    gov.append_entry(gate.audit_log, key=key, event="message", run=adm.nonce,
-                     requester=adm.requester, experiment=adm.experiment,
-                     round=int(round_), recipient=recipient,
-                     summary=gov.summarise_payload(payload), now=now)
+    gov.append_entry(
+        gate.audit_log,
+        key=key,
+        event="message",
+        run=adm.nonce,
+        requester=adm.requester,
+        experiment=adm.experiment,
+        round=int(round_),
+        recipient=recipient,
+        summary=gov.summarise_payload(payload),
+        now=now,
+    )
     return payload
 
 
-def release(gate: SiteGate, payload: Mapping[str, Any], round_: int, *,
-            algorithm, n_patients: int, digest: str | None = None,
-            recipient: str = "server", now: dt.datetime | None = None) -> dict:
+def release(
+    gate: SiteGate,
+    payload: Mapping[str, Any],
+    round_: int,
+    *,
+    algorithm,
+    n_patients: int,
+    digest: str | None = None,
+    recipient: str = "server",
+    now: dt.datetime | None = None,
+) -> dict:
     """Check, charge and log an outgoing payload of round ``round_``; returns the
     audit entry (its ``seq`` and ``mac`` are the head to send along).
 
@@ -375,16 +487,26 @@ def release(gate: SiteGate, payload: Mapping[str, Any], round_: int, *,
     summary = gov.summarise_payload(payload)
     if r in adm.executed:
         done = adm.executed[r]
-        if done["payload"] != pd or (digest is not None
-                                     and done["request"] != digest):
+        if done["payload"] != pd or (digest is not None and done["request"] != digest):
             raise gov.PolicyViolation(
-                "round", f"round {r} was already sent with other content: a "
-                "repeat must be identical", requested="different content",
-                allowed="the identical payload")
-        return gov.append_entry(gate.audit_log, key=key, event="message",
-                                run=adm.nonce, requester=adm.requester,
-                                experiment=adm.experiment, round=int(round_),
-                                recipient=recipient, summary=summary, now=now)
+                "round",
+                f"round {r} was already sent with other content: a "
+                "repeat must be identical",
+                requested="different content",
+                allowed="the identical payload",
+            )
+        return gov.append_entry(
+            gate.audit_log,
+            key=key,
+            event="message",
+            run=adm.nonce,
+            requester=adm.requester,
+            experiment=adm.experiment,
+            round=int(round_),
+            recipient=recipient,
+            summary=summary,
+            now=now,
+        )
     k = len(adm.executed) + 1
     eps, delta = planned_privacy(algorithm, n_patients, k)
     charge = None
@@ -392,17 +514,42 @@ def release(gate: SiteGate, payload: Mapping[str, Any], round_: int, *,
         spent = gov.load_spend(gate.ledger, key=key)
         others = spent.epsilon.get(adm.requester, 0.0) - (adm.epsilon or 0.0)
         others_d = spent.delta.get(adm.requester, 0.0) - adm.delta
-        gov.check_request(gate.policy, gov.Request(
-            adm.requester, adm.experiment, algorithm.name, int(n_patients),
-            tuple(payload), eps, k, delta), {adm.requester: max(others, 0.0)},
-            spent_delta={adm.requester: max(others_d, 0.0)})
-        gov.record_spend(gate.ledger, adm.requester, eps, key=key, delta=delta,
-                         experiment=adm.experiment, run=adm.nonce, rounds=k,
-                         now=now)
+        gov.check_request(
+            gate.policy,
+            gov.Request(
+                adm.requester,
+                adm.experiment,
+                algorithm.name,
+                int(n_patients),
+                tuple(payload),
+                eps,
+                k,
+                delta,
+            ),
+            {adm.requester: max(others, 0.0)},
+            spent_delta={adm.requester: max(others_d, 0.0)},
+        )
+        gov.record_spend(
+            gate.ledger,
+            adm.requester,
+            eps,
+            key=key,
+            delta=delta,
+            experiment=adm.experiment,
+            run=adm.nonce,
+            rounds=k,
+            now=now,
+        )
         generation, mac = gov.ledger_generation(gate.ledger, key=key)
-        charge = {"run": adm.nonce, "epsilon": eps, "delta": delta, "rounds": k,
-                  "unit": "one patient", "ledger_generation": generation,
-                  "ledger_mac": mac}
+        charge = {
+            "run": adm.nonce,
+            "epsilon": eps,
+            "delta": delta,
+            "rounds": k,
+            "unit": "one patient",
+            "ledger_generation": generation,
+            "ledger_mac": mac,
+        }
     if digest is not None:
         cache = _cache_path(gate, adm, round_)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -412,13 +559,28 @@ def release(gate: SiteGate, payload: Mapping[str, Any], round_: int, *,
         np.savez(tmp, **arrays)  # type: ignore[arg-type]
         tmp.replace(cache)
     executed = {**adm.executed, r: {"request": digest, "payload": pd}}
-    _save_admission(gate, key, adm._replace(
-        executed=executed, epsilon=None if charge is None else eps,
-        delta=0.0 if charge is None else delta))
-    return gov.append_entry(gate.audit_log, key=key, event="message", run=adm.nonce,
-                            requester=adm.requester, experiment=adm.experiment,
-                            round=int(round_), recipient=recipient, summary=summary,
-                            charge=charge, now=now)
+    _save_admission(
+        gate,
+        key,
+        adm._replace(
+            executed=executed,
+            epsilon=None if charge is None else eps,
+            delta=0.0 if charge is None else delta,
+        ),
+    )
+    return gov.append_entry(
+        gate.audit_log,
+        key=key,
+        event="message",
+        run=adm.nonce,
+        requester=adm.requester,
+        experiment=adm.experiment,
+        round=int(round_),
+        recipient=recipient,
+        summary=summary,
+        charge=charge,
+        now=now,
+    )
 
 
 def settle(gate: SiteGate, *, now: dt.datetime | None = None) -> None:
@@ -430,12 +592,32 @@ def settle(gate: SiteGate, *, now: dt.datetime | None = None) -> None:
     if adm is None or adm.closed:
         return
     _save_admission(gate, key, adm._replace(closed=True))
-    gov.append_entry(gate.audit_log, key=key, event="close", run=adm.nonce,
-                     requester=adm.requester, experiment=adm.experiment, round=None,
-                     recipient="site", summary={"rounds_executed":
-                                                len(adm.executed)}, now=now)
+    gov.append_entry(
+        gate.audit_log,
+        key=key,
+        event="close",
+        run=adm.nonce,
+        requester=adm.requester,
+        experiment=adm.experiment,
+        round=None,
+        recipient="site",
+        summary={"rounds_executed": len(adm.executed)},
+        now=now,
+    )
 
 
-__all__ = ["Admission", "SiteGate", "admit", "authenticate", "begin_round",
-           "cached_reply", "check_records", "head", "planned_privacy", "release",
-           "request_digest", "settle", "site_key"]
+__all__ = [
+    "Admission",
+    "SiteGate",
+    "admit",
+    "authenticate",
+    "begin_round",
+    "cached_reply",
+    "check_records",
+    "head",
+    "planned_privacy",
+    "release",
+    "request_digest",
+    "settle",
+    "site_key",
+]

@@ -75,14 +75,38 @@ from phems_clinical.outputs import write_json_atomic
 from phems_clinical.resources import schemas_dir
 
 __all__ = [
-    "GENESIS_HASH", "AuditLogError", "DataUser", "IntegrityError", "PolicyError",
-    "PolicyViolation", "PrivacySpend", "Request", "SignedRequest", "SitePolicy",
-    "VerifyResult", "append_entry", "check_payload", "check_request",
-    "create_site_key", "entry_mac", "find_data_user", "generate_user_key",
+    "GENESIS_HASH",
+    "AuditLogError",
+    "DataUser",
+    "IntegrityError",
+    "PolicyError",
+    "PolicyViolation",
+    "PrivacySpend",
+    "Request",
+    "SignedRequest",
+    "SitePolicy",
+    "VerifyResult",
+    "append_entry",
+    "check_payload",
+    "check_request",
+    "create_site_key",
+    "entry_mac",
+    "find_data_user",
+    "generate_user_key",
     "ledger_generation",
-    "load_policy", "load_policy_schema", "load_site_key", "load_spend",
-    "log_head", "parse_request", "read_log", "read_sealed", "record_spend",
-    "sign_request", "summarise_payload", "verify_log", "verify_request",
+    "load_policy",
+    "load_policy_schema",
+    "load_site_key",
+    "load_spend",
+    "log_head",
+    "parse_request",
+    "read_log",
+    "read_sealed",
+    "record_spend",
+    "sign_request",
+    "summarise_payload",
+    "verify_log",
+    "verify_request",
     "write_sealed",
     "canonical_json",
 ]
@@ -96,6 +120,7 @@ _RTOL = 1e-9
 
 
 # ------------------------------------------------------------------ policy
+
 
 class DataUser(NamedTuple):
     """A data user allowed at a site (see ``site_policy.schema.json``).
@@ -150,7 +175,8 @@ class _StrictLoader(yaml.SafeLoader):
             if key in keys[:i]:
                 mark = node.value[i][0].start_mark
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice", mark)
+                    None, None, f"key {key!r} appears twice", mark
+                )
         return super().construct_mapping(node, deep=deep)
 
 
@@ -161,8 +187,9 @@ def _title(schema: dict, fallback: str) -> str:
 def _yaml_hint(err: jsonschema.ValidationError) -> str:
     """PyYAML reads ``1e-5`` (no decimal point) as text, not a number."""
     val, types = err.instance, err.schema.get("type", "number")
-    if isinstance(val, str) and "number" in (types if isinstance(types, list)
-                                             else [types]):
+    if isinstance(val, str) and "number" in (
+        types if isinstance(types, list) else [types]
+    ):
         try:
             float(val)
             return "; YAML reads 1e-5 as text: write 1.0e-5"
@@ -176,13 +203,21 @@ def _duplicates(obj: dict) -> list[FieldError]:
     seen: dict[str, int] = {}
     for i, user in enumerate(obj["data_users"]):
         if user["id"] in seen:
-            errors.append(FieldError(f"data_users[{i}].id", f"duplicate data user "
-                                     f"{user['id']!r} (also data_users"
-                                     f"[{seen[user['id']]}])"))
+            errors.append(
+                FieldError(
+                    f"data_users[{i}].id",
+                    f"duplicate data user "
+                    f"{user['id']!r} (also data_users"
+                    f"[{seen[user['id']]}])",
+                )
+            )
         seen.setdefault(user["id"], i)
     fields = obj["allowed_fields"]
-    errors += [FieldError(f"allowed_fields[{i}]", f"duplicate field {f!r}")
-               for i, f in enumerate(fields) if f in fields[:i]]
+    errors += [
+        FieldError(f"allowed_fields[{i}]", f"duplicate field {f!r}")
+        for i, f in enumerate(fields)
+        if f in fields[:i]
+    ]
     return errors
 
 
@@ -213,41 +248,61 @@ def load_policy(source: str | os.PathLike | Mapping) -> SitePolicy:
 this site for any run), got -1
     """
     if isinstance(source, Mapping):
-        try:   # a deep copy, with tuples as lists
+        try:  # a deep copy, with tuples as lists
             obj = json.loads(json.dumps(dict(source)))
         except TypeError as exc:
             raise PolicyError([FieldError("", f"not plain data: {exc}")]) from None
     else:
         text = Path(source).read_text(encoding="utf-8")
         try:
-            obj = yaml.load(text, Loader=_StrictLoader)   # a SafeLoader subclass
+            obj = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
         except yaml.YAMLError as exc:
-            raise PolicyError([FieldError("", f"not valid YAML in {source}: "
-                                          f"{exc}")]) from None
+            raise PolicyError(
+                [FieldError("", f"not valid YAML in {source}: {exc}")]
+            ) from None
     if not isinstance(obj, dict):
-        raise PolicyError([FieldError("", "expected a mapping of policy fields "
-                                      "(site, data_users, ...), got "
-                                      + show_value(obj))])
+        raise PolicyError(
+            [
+                FieldError(
+                    "",
+                    "expected a mapping of policy fields "
+                    "(site, data_users, ...), got " + show_value(obj),
+                )
+            ]
+        )
     errors = list(nonfinite_fields(obj))
     flagged = {e.field for e in errors}
     for err in _validator().iter_errors(obj):
-        errors += [e for e in translate(err, _title, _yaml_hint)
-                   if e.field not in flagged]
+        errors += [
+            e for e in translate(err, _title, _yaml_hint) if e.field not in flagged
+        ]
     if not errors:
         errors = _duplicates(obj)
     if errors:
         raise PolicyError(list(dict.fromkeys(errors)))
-    users = tuple(DataUser(u["id"], float(u["epsilon_budget"]),
-                           tuple(u["experiments"]), bool(u.get("require_dp", True)),
-                           None if u.get("delta_budget") is None
-                           else float(u["delta_budget"]), u["public_key"].lower())
-                  for u in obj["data_users"])
-    return SitePolicy(obj["site"], users, int(obj["min_cohort_size"]),
-                      tuple(obj["allowed_fields"]), obj.get("max_rounds"),
-                      obj.get("description", ""))
+    users = tuple(
+        DataUser(
+            u["id"],
+            float(u["epsilon_budget"]),
+            tuple(u["experiments"]),
+            bool(u.get("require_dp", True)),
+            None if u.get("delta_budget") is None else float(u["delta_budget"]),
+            u["public_key"].lower(),
+        )
+        for u in obj["data_users"]
+    )
+    return SitePolicy(
+        obj["site"],
+        users,
+        int(obj["min_cohort_size"]),
+        tuple(obj["allowed_fields"]),
+        obj.get("max_rounds"),
+        obj.get("description", ""),
+    )
 
 
 # ------------------------------------------------------------------ enforcement
+
 
 class Request(NamedTuple):
     """What a federated run would do at this site, known before it starts.
@@ -288,8 +343,9 @@ class PolicyViolation(ValueError):
     sides; ``str(err)`` is ``"{field}: {message}"``.
     """
 
-    def __init__(self, field: str, message: str, *, requested: Any = None,
-                 allowed: Any = None):
+    def __init__(
+        self, field: str, message: str, *, requested: Any = None, allowed: Any = None
+    ):
         self.field, self.message = field, message
         self.requested, self.allowed = requested, allowed
         super().__init__(f"{field}: {message}")
@@ -306,8 +362,10 @@ def _check_values(request: Request) -> None:
     if math.isnan(delta) or not 0 <= delta < 1:
         raise ValueError(f"request delta must be in [0, 1), got {delta}")
     if request.n_patients < 0 or request.rounds < 1:
-        raise ValueError("request n_patients must be >= 0 and rounds >= 1, got "
-                         f"{request.n_patients} and {request.rounds}")
+        raise ValueError(
+            "request n_patients must be >= 0 and rounds >= 1, got "
+            f"{request.n_patients} and {request.rounds}"
+        )
 
 
 def find_data_user(policy: SitePolicy, requester: str) -> tuple[int, DataUser]:
@@ -316,9 +374,12 @@ def find_data_user(policy: SitePolicy, requester: str) -> tuple[int, DataUser]:
     ids = [u.id for u in policy.data_users]
     if requester not in ids:
         raise PolicyViolation(
-            "data_users", f"{requester!r} is not a data user of site "
+            "data_users",
+            f"{requester!r} is not a data user of site "
             f"{policy.site!r} (allowed: {', '.join(ids)})",
-            requested=requester, allowed=tuple(ids))
+            requested=requester,
+            allowed=tuple(ids),
+        )
     i = ids.index(requester)
     return i, policy.data_users[i]
 
@@ -327,8 +388,13 @@ def _over(total: float, budget: float) -> bool:
     return total > budget * (1.0 + _RTOL)
 
 
-def check_request(policy: SitePolicy, request: Request, spent: Mapping[str, float],
-                  *, spent_delta: Mapping[str, float] | None = None) -> None:
+def check_request(
+    policy: SitePolicy,
+    request: Request,
+    spent: Mapping[str, float],
+    *,
+    spent_delta: Mapping[str, float] | None = None,
+) -> None:
     """Refuse a request that breaks the site policy; return None when it is allowed.
 
     Checked in this order, the first broken rule raising: the requester is a data
@@ -383,52 +449,74 @@ def check_request(policy: SitePolicy, request: Request, spent: Mapping[str, floa
     where = f"data_users[{i}]"
     if not any(fnmatch.fnmatchcase(request.experiment, p) for p in user.experiments):
         raise PolicyViolation(
-            f"{where}.experiments", f"experiment {request.experiment!r} is not "
+            f"{where}.experiments",
+            f"experiment {request.experiment!r} is not "
             f"allowed for data user {user.id!r} (allowed: "
             f"{', '.join(user.experiments)})",
-            requested=request.experiment, allowed=user.experiments)
+            requested=request.experiment,
+            allowed=user.experiments,
+        )
     if request.n_patients < policy.min_cohort_size:
         raise PolicyViolation(
-            "min_cohort_size", f"the cohort for {request.experiment!r} has "
+            "min_cohort_size",
+            f"the cohort for {request.experiment!r} has "
             f"{request.n_patients} patients, fewer than the site minimum of "
             f"{policy.min_cohort_size}",
-            requested=request.n_patients, allowed=policy.min_cohort_size)
+            requested=request.n_patients,
+            allowed=policy.min_cohort_size,
+        )
     extra = [f for f in request.fields if f not in policy.allowed_fields]
     if extra:
         raise PolicyViolation(
-            "allowed_fields", f"algorithm {request.algorithm!r} would send "
+            "allowed_fields",
+            f"algorithm {request.algorithm!r} would send "
             f"{', '.join(map(repr, extra))}, which may not leave site "
             f"{policy.site!r} (allowed: {', '.join(policy.allowed_fields)})",
-            requested=tuple(extra), allowed=policy.allowed_fields)
+            requested=tuple(extra),
+            allowed=policy.allowed_fields,
+        )
     if policy.max_rounds is not None and request.rounds > policy.max_rounds:
         raise PolicyViolation(
-            "max_rounds", f"{request.rounds} rounds requested, site "
+            "max_rounds",
+            f"{request.rounds} rounds requested, site "
             f"{policy.site!r} allows at most {policy.max_rounds}",
-            requested=request.rounds, allowed=policy.max_rounds)
+            requested=request.rounds,
+            allowed=policy.max_rounds,
+        )
     eps = request.epsilon
     if eps is None or math.isinf(eps):
         if user.require_dp:
             how = "has no DP" if eps is None else "adds no DP noise (epsilon = inf)"
             raise PolicyViolation(
-                f"{where}.require_dp", f"data user {user.id!r} must use differential "
+                f"{where}.require_dp",
+                f"data user {user.id!r} must use differential "
                 f"privacy at site {policy.site!r}, but algorithm "
-                f"{request.algorithm!r} {how}", requested=eps, allowed="finite")
+                f"{request.algorithm!r} {how}",
+                requested=eps,
+                allowed="finite",
+            )
         return
     used = float(spent.get(user.id, 0.0))
     if _over(used + eps, user.epsilon_budget):
         raise PolicyViolation(
-            f"{where}.epsilon_budget", f"data user {user.id!r} has spent epsilon = "
+            f"{where}.epsilon_budget",
+            f"data user {user.id!r} has spent epsilon = "
             f"{_num(used)} of its budget {_num(user.epsilon_budget)} at site "
             f"{policy.site!r}; this run would add {_num(eps)} (total "
-            f"{_num(used + eps)})", requested=used + eps, allowed=user.epsilon_budget)
+            f"{_num(used + eps)})",
+            requested=used + eps,
+            allowed=user.epsilon_budget,
+        )
     used = float((spent_delta or {}).get(user.id, 0.0))
-    if user.delta_budget is not None and _over(used + request.delta,
-                                               user.delta_budget):
+    if user.delta_budget is not None and _over(used + request.delta, user.delta_budget):
         raise PolicyViolation(
-            f"{where}.delta_budget", f"data user {user.id!r} has spent delta = "
+            f"{where}.delta_budget",
+            f"data user {user.id!r} has spent delta = "
             f"{_num(used)} of its budget {_num(user.delta_budget)} at site "
             f"{policy.site!r}; this run would add {_num(request.delta)}",
-            requested=used + request.delta, allowed=user.delta_budget)
+            requested=used + request.delta,
+            allowed=user.delta_budget,
+        )
 
 
 def check_payload(policy: SitePolicy, payload: Mapping[str, Any]) -> None:
@@ -440,10 +528,13 @@ def check_payload(policy: SitePolicy, payload: Mapping[str, Any]) -> None:
     extra = [f for f in payload if f not in policy.allowed_fields]
     if extra:
         raise PolicyViolation(
-            "allowed_fields", "the outgoing message holds "
+            "allowed_fields",
+            "the outgoing message holds "
             f"{', '.join(map(repr, extra))}, which may not leave site "
             f"{policy.site!r}",
-            requested=tuple(extra), allowed=policy.allowed_fields)
+            requested=tuple(extra),
+            allowed=policy.allowed_fields,
+        )
 
 
 # ------------------------------------------------------------------ site key
@@ -488,8 +579,10 @@ def load_site_key(path: str | os.PathLike) -> bytes:
     except ValueError:
         key = b""
     if len(key) != SITE_KEY_BYTES:
-        raise IntegrityError("site_key", f"expected {2 * SITE_KEY_BYTES} hex digits "
-                             "(a key made by create_site_key)")
+        raise IntegrityError(
+            "site_key",
+            f"expected {2 * SITE_KEY_BYTES} hex digits (a key made by create_site_key)",
+        )
     return key
 
 
@@ -502,8 +595,9 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     write_json_atomic(path, obj, indent=1, sort_keys=True)
 
 
-def write_sealed(path: str | os.PathLike, obj: Mapping[str, Any], key: bytes,
-                 domain: str) -> dict:
+def write_sealed(
+    path: str | os.PathLike, obj: Mapping[str, Any], key: bytes, domain: str
+) -> dict:
     """Write ``obj`` plus ``mac`` = HMAC-SHA256(key, domain + canonical JSON)
     atomically; returns what was written."""
     body = {k: v for k, v in obj.items() if k != "mac"}
@@ -512,21 +606,27 @@ def write_sealed(path: str | os.PathLike, obj: Mapping[str, Any], key: bytes,
     return sealed
 
 
-def read_sealed(path: str | os.PathLike, key: bytes, domain: str,
-                field: str) -> dict:
+def read_sealed(path: str | os.PathLike, key: bytes, domain: str, field: str) -> dict:
     """Read a file written by :func:`write_sealed`; ``IntegrityError`` naming
     ``field`` when it is not JSON or its MAC does not match."""
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
         ok = isinstance(obj, dict) and hmac.compare_digest(
             str(obj.get("mac", "")),
-            _mac(key, domain.encode() + b"\n",
-                 {k: v for k, v in obj.items() if k != "mac"}))
+            _mac(
+                key,
+                domain.encode() + b"\n",
+                {k: v for k, v in obj.items() if k != "mac"},
+            ),
+        )
     except ValueError:
         ok = False
     if not ok:
-        raise IntegrityError(field, "the file's MAC does not match its content "
-                             "(edited, or written without this site's key)")
+        raise IntegrityError(
+            field,
+            "the file's MAC does not match its content "
+            "(edited, or written without this site's key)",
+        )
     return obj
 
 
@@ -564,14 +664,23 @@ def generate_user_key() -> tuple[bytes, bytes]:
     """A data user's new Ed25519 key pair ``(private_raw, public_raw)`` (32 bytes
     each; the private key from the OS CSPRNG via ``cryptography``)."""
     sk = Ed25519PrivateKey.generate()
-    return (sk.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
-            sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+    return (
+        sk.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+        sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+    )
 
 
-def sign_request(private_key: bytes, *, requester: str, experiment: str,
-                 algorithm: str, rounds: int,
-                 valid_for: dt.timedelta = dt.timedelta(hours=24),
-                 nonce: str | None = None, now: dt.datetime | None = None) -> str:
+def sign_request(
+    private_key: bytes,
+    *,
+    requester: str,
+    experiment: str,
+    algorithm: str,
+    rounds: int,
+    valid_for: dt.timedelta = dt.timedelta(hours=24),
+    nonce: str | None = None,
+    now: dt.datetime | None = None,
+) -> str:
     """A signed request (text for a run config's ``request``).
 
     The token is ``REQUEST_PREFIX`` + base64url of the canonical JSON of the
@@ -580,12 +689,17 @@ def sign_request(private_key: bytes, *, requester: str, experiment: str,
     if int(rounds) < 1:
         raise ValueError(f"rounds: expected a whole number >= 1, got {rounds}")
     now = dt.datetime.now(dt.UTC) if now is None else now
-    body = {"requester": str(requester), "experiment": str(experiment),
-            "algorithm": str(algorithm), "rounds": int(rounds),
-            "nonce": secrets.token_hex(16) if nonce is None else nonce,
-            "expires": _utc(now + valid_for)}
+    body = {
+        "requester": str(requester),
+        "experiment": str(experiment),
+        "algorithm": str(algorithm),
+        "rounds": int(rounds),
+        "nonce": secrets.token_hex(16) if nonce is None else nonce,
+        "expires": _utc(now + valid_for),
+    }
     sig = Ed25519PrivateKey.from_private_bytes(private_key).sign(
-        REQUEST_DOMAIN + canonical_json(body))
+        REQUEST_DOMAIN + canonical_json(body)
+    )
     text = canonical_json({**body, "signature": sig.hex()})
     return REQUEST_PREFIX + base64.urlsafe_b64encode(text).decode().rstrip("=")
 
@@ -593,27 +707,36 @@ def sign_request(private_key: bytes, *, requester: str, experiment: str,
 def parse_request(token: str) -> SignedRequest:
     """Decode a signed request (unverified); ``PolicyViolation`` (field
     ``request``) when it is not one."""
-    bad = PolicyViolation("request", "expected a signed request (text starting "
-                          f"{REQUEST_PREFIX!r}, made by 'phems governance "
-                          "sign-request'); requester and experiment strings alone "
-                          "are not accepted")
+    bad = PolicyViolation(
+        "request",
+        "expected a signed request (text starting "
+        f"{REQUEST_PREFIX!r}, made by 'phems governance "
+        "sign-request'); requester and experiment strings alone "
+        "are not accepted",
+    )
     if not isinstance(token, str) or not token.startswith(REQUEST_PREFIX):
         raise bad
-    b64 = token[len(REQUEST_PREFIX):]
+    b64 = token[len(REQUEST_PREFIX) :]
     try:
         obj = json.loads(base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)))
         req = SignedRequest(**{k: obj[k] for k in (*REQUEST_KEYS, "signature")})
     except (ValueError, KeyError, TypeError):
         raise bad from None
-    if set(obj) != {*REQUEST_KEYS, "signature"} or not all(
-            isinstance(getattr(req, k), str) for k in req._fields if k != "rounds") \
-            or type(req.rounds) is not int or not _NONCE.fullmatch(req.nonce):
+    if (
+        set(obj) != {*REQUEST_KEYS, "signature"}
+        or not all(
+            isinstance(getattr(req, k), str) for k in req._fields if k != "rounds"
+        )
+        or type(req.rounds) is not int
+        or not _NONCE.fullmatch(req.nonce)
+    ):
         raise bad
     return req
 
 
-def verify_request(policy: SitePolicy, token: str, *,
-                   now: dt.datetime | None = None) -> SignedRequest:
+def verify_request(
+    policy: SitePolicy, token: str, *, now: dt.datetime | None = None
+) -> SignedRequest:
     """Authenticate a signed request against the site policy; return it.
 
     Checked in this order (``PolicyViolation`` naming the field): it is a signed
@@ -624,31 +747,43 @@ def verify_request(policy: SitePolicy, token: str, *,
     req = parse_request(token)
     i, user = find_data_user(policy, req.requester)
     if not user.public_key:
-        raise PolicyViolation(f"data_users[{i}].public_key", "no public key for "
-                              f"data user {user.id!r}: its requests cannot be "
-                              "authenticated", requested=req.requester,
-                              allowed="a listed Ed25519 public key")
+        raise PolicyViolation(
+            f"data_users[{i}].public_key",
+            "no public key for "
+            f"data user {user.id!r}: its requests cannot be "
+            "authenticated",
+            requested=req.requester,
+            allowed="a listed Ed25519 public key",
+        )
     try:
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(user.public_key)).verify(
-            bytes.fromhex(req.signature), REQUEST_DOMAIN + canonical_json(req.body()))
+            bytes.fromhex(req.signature), REQUEST_DOMAIN + canonical_json(req.body())
+        )
     except (InvalidSignature, ValueError):
         raise PolicyViolation(
-            "request.signature", f"the request's signature does not verify "
+            "request.signature",
+            f"the request's signature does not verify "
             f"against data_users[{i}].public_key of {user.id!r} (forged, altered, "
-            "or signed with another key)", requested="invalid",
-            allowed="an Ed25519 signature by the data user") from None
+            "or signed with another key)",
+            requested="invalid",
+            allowed="an Ed25519 signature by the data user",
+        ) from None
     try:
         expires = dt.datetime.fromisoformat(req.expires)
     except ValueError:
         expires = None
     if expires is None or expires.utcoffset() is None:
-        raise PolicyViolation("request.expires", "expected a UTC ISO 8601 time, "
-                              f"got {req.expires!r}")
+        raise PolicyViolation(
+            "request.expires", f"expected a UTC ISO 8601 time, got {req.expires!r}"
+        )
     now = dt.datetime.now(dt.UTC) if now is None else now
     if now >= expires:
-        raise PolicyViolation("request.expires", f"the request expired at "
-                              f"{req.expires}", requested=req.expires,
-                              allowed=f"later than {_utc(now)}")
+        raise PolicyViolation(
+            "request.expires",
+            f"the request expired at {req.expires}",
+            requested=req.expires,
+            allowed=f"later than {_utc(now)}",
+        )
     return req
 
 
@@ -681,8 +816,9 @@ def _read_ledger(path: Path, key: bytes) -> dict:
         for r in obj["records"]:
             float(r["epsilon"]), float(r["delta"]), str(r["requester"])
     except (ValueError, KeyError, TypeError):
-        raise IntegrityError("privacy_ledger", "not a valid ledger (generation "
-                             "and records expected)") from None
+        raise IntegrityError(
+            "privacy_ledger", "not a valid ledger (generation and records expected)"
+        ) from None
     return obj
 
 
@@ -704,17 +840,30 @@ def load_spend(path: str | os.PathLike, *, key: bytes) -> PrivacySpend:
     records = _read_ledger(Path(path), key)["records"]
     users = dict.fromkeys(r["requester"] for r in records)
     return PrivacySpend(
-        {u: math.fsum(r["epsilon"] for r in records if r["requester"] == u)
-         for u in users},
-        {u: math.fsum(r["delta"] for r in records if r["requester"] == u)
-         for u in users},
-        {u: sum(r["requester"] == u for r in records) for u in users})
+        {
+            u: math.fsum(r["epsilon"] for r in records if r["requester"] == u)
+            for u in users
+        },
+        {
+            u: math.fsum(r["delta"] for r in records if r["requester"] == u)
+            for u in users
+        },
+        {u: sum(r["requester"] == u for r in records) for u in users},
+    )
 
 
-def record_spend(path: str | os.PathLike, requester: str, epsilon: float, *,
-                 key: bytes, delta: float = 0.0, experiment: str | None = None,
-                 run: str | None = None, rounds: int | None = None,
-                 now: dt.datetime | None = None) -> PrivacySpend:
+def record_spend(
+    path: str | os.PathLike,
+    requester: str,
+    epsilon: float,
+    *,
+    key: bytes,
+    delta: float = 0.0,
+    experiment: str | None = None,
+    run: str | None = None,
+    rounds: int | None = None,
+    now: dt.datetime | None = None,
+) -> PrivacySpend:
     """Record a run's (ε, δ) for ``requester``; return the new totals.
 
     With ``run`` (the request nonce) the run's record is replaced when it exists:
@@ -729,11 +878,20 @@ def record_spend(path: str | os.PathLike, requester: str, epsilon: float, *,
         raise ValueError(f"delta must be in [0, 1), got {delta}")
     path = Path(path)
     ledger = _read_ledger(path, key)
-    record = {"time": _utc(now), "requester": requester, "experiment": experiment,
-              "epsilon": float(epsilon), "delta": float(delta), "run": run,
-              "rounds": rounds}
-    same = [i for i, r in enumerate(ledger["records"])
-            if run is not None and r.get("run") == run]
+    record = {
+        "time": _utc(now),
+        "requester": requester,
+        "experiment": experiment,
+        "epsilon": float(epsilon),
+        "delta": float(delta),
+        "run": run,
+        "rounds": rounds,
+    }
+    same = [
+        i
+        for i, r in enumerate(ledger["records"])
+        if run is not None and r.get("run") == run
+    ]
     if same:
         if ledger["records"][same[0]]["requester"] != requester:
             raise ValueError("run: recorded for another requester")
@@ -749,8 +907,20 @@ def record_spend(path: str | os.PathLike, requester: str, epsilon: float, *,
 # ------------------------------------------------------------------ audit log
 
 LOG_DOMAIN = b"phems-clinical audit log v2\n"
-ENTRY_KEYS = ("seq", "time", "event", "run", "requester", "experiment", "round",
-              "recipient", "summary", "charge", "prev_mac", "mac")
+ENTRY_KEYS = (
+    "seq",
+    "time",
+    "event",
+    "run",
+    "requester",
+    "experiment",
+    "round",
+    "recipient",
+    "summary",
+    "charge",
+    "prev_mac",
+    "mac",
+)
 EVENTS = ("admit", "message", "close")
 
 
@@ -778,8 +948,9 @@ class VerifyResult(NamedTuple):
 def canonical_json(obj: Any) -> bytes:
     """Canonical JSON bytes of ``obj`` for signing and hashing: sorted keys, no
     spaces, ASCII, and non-finite numbers refused (``ValueError``; RFC 8259)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
 
 
 def entry_mac(entry: Mapping[str, Any], key: bytes) -> str:
@@ -808,11 +979,15 @@ def summarise_payload(payload: Mapping[str, Any]) -> dict[str, dict]:
     for name in sorted(payload):
         arr = np.asarray(payload[name])
         if arr.dtype.hasobject:
-            raise ValueError(f"payload field {name!r} is not a numeric array "
-                             f"(dtype {arr.dtype})")
+            raise ValueError(
+                f"payload field {name!r} is not a numeric array (dtype {arr.dtype})"
+            )
         data = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<")))
-        out[name] = {"shape": list(arr.shape), "dtype": arr.dtype.name,
-                     "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+        out[name] = {
+            "shape": list(arr.shape),
+            "dtype": arr.dtype.name,
+            "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+        }
     return out
 
 
@@ -824,8 +999,10 @@ def _last_line(path: Path) -> bytes | None:
             return None
         fh.seek(end - 1)
         if fh.read(1) != b"\n":
-            raise AuditLogError(f"{path.name}: the last line has no end of line (an "
-                                "interrupted write?); verify and repair the log first")
+            raise AuditLogError(
+                f"{path.name}: the last line has no end of line (an "
+                "interrupted write?); verify and repair the log first"
+            )
         pos, buf = end - 1, b""
         while pos > 0 and b"\n" not in buf:
             step = min(4096, pos)
@@ -835,8 +1012,7 @@ def _last_line(path: Path) -> bytes | None:
         return buf.rsplit(b"\n", 1)[-1] if b"\n" in buf else buf
 
 
-def log_head(path: str | os.PathLike, *, key: bytes | None = None
-             ) -> tuple[int, str]:
+def log_head(path: str | os.PathLike, *, key: bytes | None = None) -> tuple[int, str]:
     """``(seq, mac)`` of the last entry (``(0, GENESIS_HASH)`` for no log): the
     anchor a site sends with every message. With ``key`` the last entry's MAC is
     checked (``AuditLogError`` when it fails)."""
@@ -847,19 +1023,32 @@ def log_head(path: str | os.PathLike, *, key: bytes | None = None
         last = json.loads(line)
         seq, mac = int(last["seq"]), str(last["mac"])
     except (ValueError, KeyError, TypeError):
-        raise AuditLogError(f"{path.name}: the last line is not a keyed audit entry; "
-                            "verify the log first") from None
+        raise AuditLogError(
+            f"{path.name}: the last line is not a keyed audit entry; "
+            "verify the log first"
+        ) from None
     if key is not None and not hmac.compare_digest(mac, entry_mac(last, key)):
-        raise AuditLogError(f"{path.name}: the last entry's MAC does not match "
-                            "(edited, or written without this site's key)")
+        raise AuditLogError(
+            f"{path.name}: the last entry's MAC does not match "
+            "(edited, or written without this site's key)"
+        )
     return seq, mac
 
 
-def append_entry(path: str | os.PathLike, *, key: bytes, requester: str,
-                 experiment: str, round: int | None, recipient: str,
-                 summary: Mapping[str, Any], event: str = "message",
-                 run: str | None = None, charge: Mapping[str, Any] | None = None,
-                 now: dt.datetime | None = None) -> dict:
+def append_entry(
+    path: str | os.PathLike,
+    *,
+    key: bytes,
+    requester: str,
+    experiment: str,
+    round: int | None,
+    recipient: str,
+    summary: Mapping[str, Any],
+    event: str = "message",
+    run: str | None = None,
+    charge: Mapping[str, Any] | None = None,
+    now: dt.datetime | None = None,
+) -> dict:
     """Append one event to the audit log and return the entry.
 
     The entry is ``{seq, time, event, run, requester, experiment, round, recipient,
@@ -875,11 +1064,19 @@ def append_entry(path: str | os.PathLike, *, key: bytes, requester: str,
         raise ValueError(f"event: expected one of {EVENTS}, got {event!r}")
     path = Path(path)
     seq, prev = log_head(path, key=key)
-    entry = {"seq": seq + 1, "time": _utc(now), "event": event, "run": run,
-             "requester": requester, "experiment": experiment,
-             "round": None if round is None else int(round), "recipient": recipient,
-             "summary": dict(summary), "charge": None if charge is None
-             else dict(charge), "prev_mac": prev}
+    entry = {
+        "seq": seq + 1,
+        "time": _utc(now),
+        "event": event,
+        "run": run,
+        "requester": requester,
+        "experiment": experiment,
+        "round": None if round is None else int(round),
+        "recipient": recipient,
+        "summary": dict(summary),
+        "charge": None if charge is None else dict(charge),
+        "prev_mac": prev,
+    }
     entry["mac"] = entry_mac(entry, key)
     line = canonical_json(entry) + b"\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -900,7 +1097,7 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     with open(path, "rb") as fh:
         for n, line in enumerate(fh, start=1):
             try:
-                entry = json.loads(line)   # bytes: UTF-8 expected
+                entry = json.loads(line)  # bytes: UTF-8 expected
             except ValueError as exc:
                 raise AuditLogError(f"line {n} is not JSON ({exc})") from None
             if not isinstance(entry, dict):
@@ -911,8 +1108,10 @@ def read_log(path: str | os.PathLike) -> list[dict]:
 
 def _bad_entry(entry: dict, n: int, prev: str, key: bytes) -> str | None:
     if "mac" not in entry:
-        return ("no MAC: written without a site key (an unkeyed log, e.g. a "
-                "SHA-256 chain, is not trusted: anyone can rewrite it)")
+        return (
+            "no MAC: written without a site key (an unkeyed log, e.g. a "
+            "SHA-256 chain, is not trusted: anyone can rewrite it)"
+        )
     missing = [k for k in ENTRY_KEYS if k not in entry]
     if missing:
         return f"missing {', '.join(missing)}"
@@ -924,27 +1123,35 @@ def _bad_entry(entry: dict, n: int, prev: str, key: bytes) -> str | None:
     except ValueError:
         ok = False
     if not ok:
-        return ("MAC does not match the entry's content under the site key (it "
-                "was edited or rewritten without the key)")
+        return (
+            "MAC does not match the entry's content under the site key (it "
+            "was edited or rewritten without the key)"
+        )
     if entry["seq"] != n:
-        return (f"seq is {entry['seq']!r} where {n} was expected (an entry was "
-                "deleted, inserted or moved)")
+        return (
+            f"seq is {entry['seq']!r} where {n} was expected (an entry was "
+            "deleted, inserted or moved)"
+        )
     if entry["prev_mac"] != prev:
-        return ("prev_mac does not match the previous entry's MAC (an entry "
-                "before it was removed, replaced or moved)")
+        return (
+            "prev_mac does not match the previous entry's MAC (an entry "
+            "before it was removed, replaced or moved)"
+        )
     return None
 
 
 def _parse_anchor(anchor: str) -> tuple[int | None, str]:
     seq, _, mac = anchor.rpartition(":")
     if not re.fullmatch(r"[0-9a-fA-F]{64}", mac) or (seq and not seq.isdigit()):
-        raise ValueError(f"anchor: expected SEQ:MAC or MAC (64 hex digits), got "
-                         f"{anchor!r}")
+        raise ValueError(
+            f"anchor: expected SEQ:MAC or MAC (64 hex digits), got {anchor!r}"
+        )
     return (int(seq) if seq else None), mac.lower()
 
 
-def verify_log(path: str | os.PathLike, *, key: bytes,
-               anchor: str | None = None) -> VerifyResult:
+def verify_log(
+    path: str | os.PathLike, *, key: bytes, anchor: str | None = None
+) -> VerifyResult:
     """Check an audit log's MAC chain under the site ``key``.
 
     Each entry must carry a valid HMAC-SHA256 under the key, ``seq`` = its line
@@ -972,8 +1179,9 @@ def verify_log(path: str | os.PathLike, *, key: bytes,
     for n, entry in enumerate(entries, start=1):
         reason = _bad_entry(entry, n, prev, key)
         if reason is not None:
-            return VerifyResult(False, len(entries), n, f"entry {n}: {reason}", prev,
-                                ledger)
+            return VerifyResult(
+                False, len(entries), n, f"entry {n}: {reason}", prev, ledger
+            )
         prev = entry["mac"]
         macs[prev] = n
         if isinstance(entry["charge"], dict):
@@ -983,8 +1191,14 @@ def verify_log(path: str | os.PathLike, *, key: bytes,
         at = macs.get(mac)
         if at is None or (seq is not None and at != seq):
             first = len(entries) + 1 if seq is None else min(seq, len(entries) + 1)
-            return VerifyResult(False, len(entries), first,
-                                f"the anchor {anchor} is not an entry of this log: "
-                                "entries were cut from the end or rewritten (or "
-                                "the anchor belongs to another log)", prev, ledger)
+            return VerifyResult(
+                False,
+                len(entries),
+                first,
+                f"the anchor {anchor} is not an entry of this log: "
+                "entries were cut from the end or rewritten (or "
+                "the anchor belongs to another log)",
+                prev,
+                ledger,
+            )
     return VerifyResult(True, len(entries), None, "", prev, ledger)

@@ -57,16 +57,21 @@ def declared_fields(algorithm_name: str) -> dict[str, list[str]]:
             ref = clause["then"]["properties"]["arrays"]["$ref"].split("/")[-1]
             props = schema["$defs"][ref]["properties"]
             return {k: v["x-shape"] for k, v in props.items()}
-    raise MessageRejected(f"algorithm {algorithm_name!r}: not declared in "
-                          "federation_message.schema.json")
+    raise MessageRejected(
+        f"algorithm {algorithm_name!r}: not declared in federation_message.schema.json"
+    )
 
 
 def envelope(algorithm_name: str, round_: int, payload: Mapping[str, Any]) -> dict:
     """The JSON-able description of a payload (names, shapes, dtypes; no values)."""
-    return {"algorithm": algorithm_name, "round": int(round_),
-            "arrays": {k: {"shape": list(np.shape(v)),
-                           "dtype": str(np.asarray(v).dtype)}
-                       for k, v in payload.items()}}
+    return {
+        "algorithm": algorithm_name,
+        "round": int(round_),
+        "arrays": {
+            k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)}
+            for k, v in payload.items()
+        },
+    }
 
 
 def check_payload(algorithm, payload: Mapping[str, Any], round_: int = 0) -> None:
@@ -81,11 +86,15 @@ def check_payload(algorithm, payload: Mapping[str, Any], round_: int = 0) -> Non
     for name, value in payload.items():
         want = tuple(algorithm.message_spec[name])
         if len(want) != len(declared[name]):
-            raise MessageRejected(f"{algorithm.name}.{name}: the algorithm declares "
-                                  f"shape {want}, the schema rank {declared[name]}")
+            raise MessageRejected(
+                f"{algorithm.name}.{name}: the algorithm declares "
+                f"shape {want}, the schema rank {declared[name]}"
+            )
         if tuple(np.shape(value)) != want:
-            raise MessageRejected(f"{algorithm.name}.{name}: shape "
-                                  f"{tuple(np.shape(value))}, expected {want}")
+            raise MessageRejected(
+                f"{algorithm.name}.{name}: shape "
+                f"{tuple(np.shape(value))}, expected {want}"
+            )
 
 
 @cache
@@ -105,22 +114,26 @@ def _expected(prop: Mapping[str, Any]) -> str:
     return f"an integer >= {prop['minimum']}"
 
 
-def check_query_reply(reply: Mapping[str, Any], num_sites: int | None = None
-                      ) -> dict[str, int]:
+def check_query_reply(
+    reply: Mapping[str, Any], num_sites: int | None = None
+) -> dict[str, int]:
     """The query reply as ``{field: int}``; raises :class:`MessageRejected` unless it
     holds exactly the declared counts (and, with ``num_sites``, a site index in
     ``0..num_sites - 1``). The error names the field, never the value."""
     fields = query_fields()
     if not isinstance(reply, Mapping):
-        raise MessageRejected("query reply: expected a record of "
-                              f"{', '.join(fields)}")
+        raise MessageRejected(f"query reply: expected a record of {', '.join(fields)}")
     reply = dict(reply)
     extra = [k for k in reply if k not in fields]
     if extra:  # the names a site sent are not echoed
-        raise MessageRejected(f"query reply: {len(extra)} undeclared field(s); "
-                              f"expected only {', '.join(fields)}")
-    errors = sorted(_def_validator("query_reply").iter_errors(reply),
-                    key=lambda e: (list(e.path), e.validator))
+        raise MessageRejected(
+            f"query reply: {len(extra)} undeclared field(s); "
+            f"expected only {', '.join(fields)}"
+        )
+    errors = sorted(
+        _def_validator("query_reply").iter_errors(reply),
+        key=lambda e: (list(e.path), e.validator),
+    )
     if errors:
         e = errors[0]
         if e.validator == "required":
@@ -145,10 +158,19 @@ def check_audit_head(record: Mapping[str, Any]) -> dict[str, Any]:
     errors = list(_def_validator("audit_head").iter_errors(dict(record)))
     if errors:
         name = str(errors[0].path[0]) if errors[0].path else "record"
-        raise MessageRejected(f"audit record {name}: expected "
-                              f"{schema['properties'][name]['description']}")
+        raise MessageRejected(
+            f"audit record {name}: expected {schema['properties'][name]['description']}"
+        )
     return {"seq": int(record["seq"]), "head": str(record["head"])}
 
 
-__all__ = ["MessageRejected", "check_audit_head", "check_payload", "check_query_reply",
-           "declared_fields", "envelope", "load_message_schema", "query_fields"]
+__all__ = [
+    "MessageRejected",
+    "check_audit_head",
+    "check_payload",
+    "check_query_reply",
+    "declared_fields",
+    "envelope",
+    "load_message_schema",
+    "query_fields",
+]

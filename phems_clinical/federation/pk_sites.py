@@ -48,11 +48,20 @@ def pad_cohort(cohort: Cohort, n_sub: int, n_dose: int, n_obs: int) -> SiteCohor
     :class:`Cohort` conventions); extra subjects copy subject 0 and are masked out.
     """
     if cohort.n_subjects > n_sub:
-        raise ValueError(f"cohort has {cohort.n_subjects} subjects, more than n_sub="
-                         f"{n_sub}")
-    fills = {"dose_time": 0.0, "dose_amt": 0.0, "dose_dur": 0.0, "dose_occ": 0,
-             "obs_dv": 0.0, "obs_mask": False, "obs_blq": False, "obs_lloq": 0.0,
-             "obs_occ": 0}
+        raise ValueError(
+            f"cohort has {cohort.n_subjects} subjects, more than n_sub={n_sub}"
+        )
+    fills = {
+        "dose_time": 0.0,
+        "dose_amt": 0.0,
+        "dose_dur": 0.0,
+        "dose_occ": 0,
+        "obs_dv": 0.0,
+        "obs_mask": False,
+        "obs_blq": False,
+        "obs_lloq": 0.0,
+        "obs_occ": 0,
+    }
     out = {}
     for name, x in cohort._asdict().items():
         x = np.asarray(x)
@@ -77,8 +86,9 @@ def pad_sites(cohorts: Sequence[Cohort]) -> list[SiteCohort]:
     return [pad_cohort(c, n_sub, n_dose, n_obs) for c in cohorts]
 
 
-def cohorts_by_site(events: pd.DataFrame, model: PopModel, *, site_column: str = "SITE"
-                    ) -> tuple[list[str], list[Cohort]]:
+def cohorts_by_site(
+    events: pd.DataFrame, model: PopModel, *, site_column: str = "SITE"
+) -> tuple[list[str], list[Cohort]]:
     """Split a NONMEM-style event table into one checked cohort per site.
 
     Each site's rows go through :func:`phems_clinical.data.nonmem.read_nonmem` on
@@ -86,14 +96,17 @@ def cohorts_by_site(events: pd.DataFrame, model: PopModel, *, site_column: str =
     appearance and their cohorts.
     """
     if site_column not in events.columns:
-        raise ValueError(f"column {site_column!r}: expected a site identifier column "
-                         f"in the event table (have {', '.join(events.columns)})")
+        raise ValueError(
+            f"column {site_column!r}: expected a site identifier column "
+            f"in the event table (have {', '.join(events.columns)})"
+        )
     names = list(dict.fromkeys(events[site_column].astype(str)))
     cohorts = []
     for name in names:
         rows = events[events[site_column].astype(str) == name]
-        data = read_nonmem(rows.drop(columns=[site_column]),
-                           required_covariates=model.covariate_names)
+        data = read_nonmem(
+            rows.drop(columns=[site_column]), required_covariates=model.covariate_names
+        )
         cohorts.append(to_cohort(data, model.covariate_names)[0])
     return names, cohorts
 
@@ -107,10 +120,21 @@ def pooled(cohorts: Sequence[Cohort]) -> Cohort:
     """All sites' subjects in one cohort (the pooled reference analysis only)."""
     sites = pad_sites(cohorts)
     keep = [np.asarray(s.mask) for s in sites]
-    return Cohort(*[
-        jnp.concatenate([np.asarray(f)[k] for f, k in zip(fields, keep, strict=True)])
-        for fields in zip(*[s.cohort for s in sites], strict=True)])
+    return Cohort(
+        *[
+            jnp.concatenate(
+                [np.asarray(f)[k] for f, k in zip(fields, keep, strict=True)]
+            )
+            for fields in zip(*[s.cohort for s in sites], strict=True)
+        ]
+    )
 
 
-__all__ = ["SiteCohort", "cohorts_by_site", "n_occasions_all", "pad_cohort",
-           "pad_sites", "pooled"]
+__all__ = [
+    "SiteCohort",
+    "cohorts_by_site",
+    "n_occasions_all",
+    "pad_cohort",
+    "pad_sites",
+    "pooled",
+]

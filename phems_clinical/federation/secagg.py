@@ -204,8 +204,13 @@ __all__ = [
     "site_unmask",
 ]
 
-STAGES = ("advertise_keys", "share_keys", "masked_input", "consistency_check",
-          "unmasking")
+STAGES = (
+    "advertise_keys",
+    "share_keys",
+    "masked_input",
+    "consistency_check",
+    "unmasking",
+)
 """Stage names by index, as used in transcripts and ``dropped`` lists."""
 
 _PRIME = 2**521 - 1  # Mersenne prime > 2**256: every 32-byte secret is a field element
@@ -363,14 +368,17 @@ class SecAggResult(NamedTuple):
 
 
 def _check_fields(cfg: SecAggConfig) -> None:
-    if not (isinstance(cfg.clip, numbers.Real) and math.isfinite(cfg.clip)
-            and cfg.clip > 0):
+    if not (
+        isinstance(cfg.clip, numbers.Real) and math.isfinite(cfg.clip) and cfg.clip > 0
+    ):
         raise ValueError(f"clip: expected a finite number > 0, got {cfg.clip!r}")
     if cfg.ring_bits not in (32, 64):
         raise ValueError(f"ring_bits: expected 32 or 64, got {cfg.ring_bits!r}")
     if not (isinstance(cfg.bits, numbers.Integral) and 1 <= cfg.bits <= _MAX_BITS):
-        raise ValueError(f"bits: expected an int in 1..{_MAX_BITS} (float64 resolves "
-                         f"no finer grid), got {cfg.bits!r}")
+        raise ValueError(
+            f"bits: expected an int in 1..{_MAX_BITS} (float64 resolves "
+            f"no finer grid), got {cfg.bits!r}"
+        )
     if not (isinstance(cfg.threshold, numbers.Integral) and cfg.threshold >= 1):
         raise ValueError(f"threshold: expected an int >= 1, got {cfg.threshold!r}")
 
@@ -395,17 +403,20 @@ def safe_threshold(n_sites: int) -> int:
 
 def _check_threshold(cfg: SecAggConfig, n_sites: int) -> None:
     """``threshold`` in ``(K / 2, K]`` for ``K = n_sites``; raises ``ValueError``."""
-    if not (isinstance(n_sites, int) and 1 <= n_sites < 2**(8 * _SHARE_X_BYTES)):
+    if not (isinstance(n_sites, int) and 1 <= n_sites < 2 ** (8 * _SHARE_X_BYTES)):
         raise ValueError(f"n_sites: expected an int in 1..65535, got {n_sites!r}")
     if cfg.threshold > n_sites:
-        raise ValueError(f"threshold: expected at most n_sites={n_sites} (the number "
-                         f"of sites), got threshold={cfg.threshold}")
+        raise ValueError(
+            f"threshold: expected at most n_sites={n_sites} (the number "
+            f"of sites), got threshold={cfg.threshold}"
+        )
     if 2 * cfg.threshold <= n_sites:
         raise ValueError(
             f"threshold: expected more than half of the {n_sites} sites (at least "
             f"{safe_threshold(n_sites)}), got threshold={cfg.threshold}: a server "
             "that tells two halves of the sites different dropout sets would "
-            "unmask a site's input (Bonawitz et al. 2017, section 6)")
+            "unmask a site's input (Bonawitz et al. 2017, section 6)"
+        )
 
 
 def check_config(cfg: SecAggConfig, n_sites: int) -> None:
@@ -430,14 +441,14 @@ def check_config(cfg: SecAggConfig, n_sites: int) -> None:
             f"server colluding with {2 * cfg.threshold - n_sites} site(s) could "
             f"unmask an honest site's input; use threshold >= "
             f"{-(-2 * n_sites // 3)} (Bonawitz et al. 2017, section 6)",
-            SecAggThresholdWarning, stacklevel=2)
+            SecAggThresholdWarning,
+            stacklevel=2,
+        )
 
 
 def grid_step(cfg: SecAggConfig) -> float:
     """The quantisation step ``Δ = 2 clip / (2**bits - 1)``, in the payload's units."""
     return 2.0 * cfg.clip / (2**cfg.bits - 1)
-
-
 
 
 # ------------------------------------------------------------------- encoding
@@ -454,8 +465,9 @@ def saturate(x: Float[np.ndarray, " d"], cfg: SecAggConfig) -> Float[np.ndarray,
     a failed inner problem) becomes ``+clip`` (NaN, +inf) or ``-clip`` (-inf), so
     the decoded sum stays at the edge of the range and the server still rejects
     it, instead of the site failing the round."""
-    return np.nan_to_num(np.asarray(x, np.float64), nan=cfg.clip, posinf=cfg.clip,
-                         neginf=-cfg.clip)
+    return np.nan_to_num(
+        np.asarray(x, np.float64), nan=cfg.clip, posinf=cfg.clip, neginf=-cfg.clip
+    )
 
 
 def encode(key: Key, x: Float[np.ndarray, " d"], cfg: SecAggConfig) -> Encoding:
@@ -486,15 +498,17 @@ def encode(key: Key, x: Float[np.ndarray, " d"], cfg: SecAggConfig) -> Encoding:
         raise ValueError("x: expected finite values (NaN or inf found)")
     levels = 2**cfg.bits - 1
     n_clipped = int(np.count_nonzero(np.abs(x) > cfg.clip))
-    u = np.clip((np.clip(x, -cfg.clip, cfg.clip) + cfg.clip) / grid_step(cfg),
-                0.0, levels)
+    u = np.clip(
+        (np.clip(x, -cfg.clip, cfg.clip) + cfg.clip) / grid_step(cfg), 0.0, levels
+    )
     lo = np.floor(u)
     q = lo + (_uniform53(key, x.shape[0]) < u - lo)
     return Encoding(np.minimum(q, levels).astype(np.uint64), n_clipped)
 
 
-def decode(sum_q: UInt[np.ndarray, " d"], n_included: int,
-           cfg: SecAggConfig) -> Float[np.ndarray, " d"]:
+def decode(
+    sum_q: UInt[np.ndarray, " d"], n_included: int, cfg: SecAggConfig
+) -> Float[np.ndarray, " d"]:
     """Sum of ``n_included`` sites' grid indices -> sum of their values.
 
     ``sum_k x_k ≈ Δ sum_q - n_included clip``; exact in the grid, within
@@ -504,8 +518,9 @@ def decode(sum_q: UInt[np.ndarray, " d"], n_included: int,
     return grid_step(cfg) * sum_q - n_included * cfg.clip
 
 
-def plain_sum(qs: Iterable[UInt[np.ndarray, " d"]],
-              cfg: SecAggConfig) -> UInt[np.ndarray, " d"]:
+def plain_sum(
+    qs: Iterable[UInt[np.ndarray, " d"]], cfg: SecAggConfig
+) -> UInt[np.ndarray, " d"]:
     """Sum of quantised vectors mod ``2**ring_bits`` in the clear (a test reference)."""
     total = None
     for q in qs:
@@ -542,18 +557,25 @@ def _id_bytes(site_id: str) -> bytes:
 
 
 def _info(purpose: bytes, round_id: int, *ids: str) -> bytes:
-    return (_DOMAIN + purpose + b"/" + round_id.to_bytes(8, "big")
-            + b"".join(_id_bytes(i) for i in ids))
+    return (
+        _DOMAIN
+        + purpose
+        + b"/"
+        + round_id.to_bytes(8, "big")
+        + b"".join(_id_bytes(i) for i in ids)
+    )
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=info).derive(secret)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(
+        secret
+    )
 
 
 def _ecdh(sk: bytes, pk: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(sk).exchange(
-        X25519PublicKey.from_public_bytes(pk))
+        X25519PublicKey.from_public_bytes(pk)
+    )
 
 
 def _pair_seed(sk: bytes, peer_pk: bytes, round_id: int, a: str, b: str) -> bytes:
@@ -561,8 +583,9 @@ def _pair_seed(sk: bytes, peer_pk: bytes, round_id: int, a: str, b: str) -> byte
     return _hkdf(_ecdh(sk, peer_pk), _info(b"mask", round_id, *sorted((a, b))))
 
 
-def _share_key(sk: bytes, peer_pk: bytes, round_id: int, sender: str,
-               receiver: str) -> bytes:
+def _share_key(
+    sk: bytes, peer_pk: bytes, round_id: int, sender: str, receiver: str
+) -> bytes:
     # Directional: i -> j and j -> i get different keys from the same ECDH secret.
     return _hkdf(_ecdh(sk, peer_pk), _info(b"share", round_id, sender, receiver))
 
@@ -609,8 +632,12 @@ def _shamir_combine(shares: Sequence[bytes], t: int, what: str) -> bytes:
     for s in shares:
         if len(s) != _SHARE_BYTES:
             raise SecAggError(f"{what}: a share has {len(s)} bytes, not {_SHARE_BYTES}")
-        points.append((int.from_bytes(s[:_SHARE_X_BYTES], "big"),
-                       int.from_bytes(s[_SHARE_X_BYTES:], "big")))
+        points.append(
+            (
+                int.from_bytes(s[:_SHARE_X_BYTES], "big"),
+                int.from_bytes(s[_SHARE_X_BYTES:], "big"),
+            )
+        )
     if len({x for x, _ in points}) != len(points) or len(points) < t:
         raise SecAggError(f"{what}: expected >= {t} shares at distinct points")
     base = points[:t]
@@ -618,7 +645,7 @@ def _shamir_combine(shares: Sequence[bytes], t: int, what: str) -> bytes:
         if _lagrange_at(base, x) != y:
             raise SecAggError(f"{what}: shares are inconsistent")
     secret = _lagrange_at(base, 0)
-    if secret >= 2**(8 * _SECRET_BYTES):
+    if secret >= 2 ** (8 * _SECRET_BYTES):
         raise SecAggError(f"{what}: reconstructed value is not a 32-byte secret")
     return secret.to_bytes(_SECRET_BYTES, "big")
 
@@ -640,20 +667,26 @@ def _check_round_id(round_id: int) -> None:
 
 def _check_site_id(site_id: Any, what: str) -> None:
     if not (isinstance(site_id, str) and site_id and len(site_id.encode()) < 2**16):
-        raise ValueError(f"{what}: expected a non-empty str site id, got "
-                         f"{type(site_id).__name__}")
+        raise ValueError(
+            f"{what}: expected a non-empty str site id, got {type(site_id).__name__}"
+        )
 
 
 def _expect_stage(state: SiteState | ServerState, stage: int) -> None:
     if state.stage != stage:
-        raise SecAggError(f"expected stage {state.stage} next, not stage {stage} "
-                          f"({STAGES[stage]}); each stage runs once per round")
+        raise SecAggError(
+            f"expected stage {state.stage} next, not stage {stage} "
+            f"({STAGES[stage]}); each stage runs once per round"
+        )
 
 
 def _id_tuple(ids: Any, what: str) -> tuple[str, ...]:
     """A request's site list: a sorted tuple of distinct str ids, else refused."""
-    if not (isinstance(ids, tuple | list) and all(isinstance(s, str) for s in ids)
-            and list(ids) == sorted(set(ids))):
+    if not (
+        isinstance(ids, tuple | list)
+        and all(isinstance(s, str) for s in ids)
+        and list(ids) == sorted(set(ids))
+    ):
         raise SecAggError(f"{what}: expected a sorted tuple of distinct site ids")
     return tuple(ids)
 
@@ -673,8 +706,10 @@ def generate_identity() -> tuple[bytes, bytes]:
 
 def _check_trusted(trusted: Mapping[str, bytes]) -> dict[str, bytes]:
     if not isinstance(trusted, Mapping) or not 1 <= len(trusted) < 2**16:
-        raise ValueError("trusted: expected a mapping site id -> Ed25519 public key "
-                         "with 1..65535 entries")
+        raise ValueError(
+            "trusted: expected a mapping site id -> Ed25519 public key "
+            "with 1..65535 entries"
+        )
     out = {}
     for s in trusted:
         _check_site_id(s, "trusted")
@@ -683,8 +718,10 @@ def _check_trusted(trusted: Mapping[str, bytes]) -> dict[str, bytes]:
         try:
             Ed25519PublicKey.from_public_bytes(pk)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"trusted: the identity key of {s!r} must be a raw "
-                             "32-byte Ed25519 public key") from err
+            raise ValueError(
+                f"trusted: the identity key of {s!r} must be a raw "
+                "32-byte Ed25519 public key"
+            ) from err
         out[s] = bytes(pk)
     if len(set(out.values())) != len(out):
         raise ValueError("trusted: expected a distinct identity key per site")
@@ -701,8 +738,9 @@ def _verify(public: bytes, signature: Any, message: bytes) -> bool:
     return True
 
 
-def _advert_message(round_id: int, site_id: str, mask_pk: bytes,
-                    enc_pk: bytes) -> bytes:
+def _advert_message(
+    round_id: int, site_id: str, mask_pk: bytes, enc_pk: bytes
+) -> bytes:
     """What a key advertisement signs: domain, round, site id and both keys."""
     return _info(b"advertise", round_id, site_id) + mask_pk + enc_pk
 
@@ -716,8 +754,9 @@ def _share_header(round_id: int, sender: str, receiver: str) -> bytes:
     return _info(b"share-plain", round_id, sender, receiver)
 
 
-def _verify_roster(state: SiteState, roster: Mapping[str, AdvertiseKeys]
-                   ) -> dict[str, AdvertiseKeys]:
+def _verify_roster(
+    state: SiteState, roster: Mapping[str, AdvertiseKeys]
+) -> dict[str, AdvertiseKeys]:
     """The roster with every entry checked against ``state.trusted``; else refused."""
     me, r = state.site_id, state.round_id
     if not (isinstance(roster, Mapping) and all(isinstance(s, str) for s in roster)):
@@ -730,19 +769,30 @@ def _verify_roster(state: SiteState, roster: Mapping[str, AdvertiseKeys]
             a = AdvertiseKeys(*roster[s])
         except TypeError as err:
             raise SecAggError(f"roster: the entry of {s!r} is malformed") from err
-        if not (all(isinstance(v, bytes) for v in a)
-                and len(a.mask_pk) == len(a.enc_pk) == _PUBLIC_KEY_BYTES):
-            raise SecAggError(f"roster: the entry of {s!r} must hold two 32-byte "
-                              "public keys and a signature")
-        if not _verify(state.trusted[s], a.signature,
-                       _advert_message(r, s, a.mask_pk, a.enc_pk)):
-            raise SecAggError(f"roster: the keys of {s!r} carry no valid signature "
-                              f"by its trusted identity key for round {r}")
+        if not (
+            all(isinstance(v, bytes) for v in a)
+            and len(a.mask_pk) == len(a.enc_pk) == _PUBLIC_KEY_BYTES
+        ):
+            raise SecAggError(
+                f"roster: the entry of {s!r} must hold two 32-byte "
+                "public keys and a signature"
+            )
+        if not _verify(
+            state.trusted[s], a.signature, _advert_message(r, s, a.mask_pk, a.enc_pk)
+        ):
+            raise SecAggError(
+                f"roster: the keys of {s!r} carry no valid signature "
+                f"by its trusted identity key for round {r}"
+            )
         out[s] = a
-    own = (X25519PrivateKey.from_private_bytes(state.mask_sk).public_key()
-           .public_bytes_raw(),
-           X25519PrivateKey.from_private_bytes(state.enc_sk).public_key()
-           .public_bytes_raw())
+    own = (
+        X25519PrivateKey.from_private_bytes(state.mask_sk)
+        .public_key()
+        .public_bytes_raw(),
+        X25519PrivateKey.from_private_bytes(state.enc_sk)
+        .public_key()
+        .public_bytes_raw(),
+    )
     if me not in out or (out[me].mask_pk, out[me].enc_pk) != own:
         raise SecAggError(f"roster: expected this site's ({me!r}) own keys in it")
     pks = [pk for a in out.values() for pk in (a.mask_pk, a.enc_pk)]
@@ -752,38 +802,53 @@ def _verify_roster(state: SiteState, roster: Mapping[str, AdvertiseKeys]
     return out
 
 
-def _parse_share(plain: bytes, round_id: int, sender: str, receiver: str,
-                 point: int) -> tuple[bytes, bytes]:
+def _parse_share(
+    plain: bytes, round_id: int, sender: str, receiver: str, point: int
+) -> tuple[bytes, bytes]:
     """(mask-key share, b share) from a decrypted box, checked; else refused."""
     header = _share_header(round_id, sender, receiver)
     ok = len(plain) == len(header) + 2 * _SHARE_BYTES and plain.startswith(header)
-    pair = (plain[len(header):len(header) + _SHARE_BYTES],
-            plain[len(header) + _SHARE_BYTES:])
+    pair = (
+        plain[len(header) : len(header) + _SHARE_BYTES],
+        plain[len(header) + _SHARE_BYTES :],
+    )
     for share in pair if ok else ():
-        ok &= (int.from_bytes(share[:_SHARE_X_BYTES], "big") == point
-               and int.from_bytes(share[_SHARE_X_BYTES:], "big") < _PRIME)
+        ok &= (
+            int.from_bytes(share[:_SHARE_X_BYTES], "big") == point
+            and int.from_bytes(share[_SHARE_X_BYTES:], "big") < _PRIME
+        )
     if not ok:
-        raise SecAggError(f"share from {sender!r} to {receiver!r}: expected (sender, "
-                          f"receiver, round {round_id}) and two shares at this "
-                          "site's evaluation point")
+        raise SecAggError(
+            f"share from {sender!r} to {receiver!r}: expected (sender, "
+            f"receiver, round {round_id}) and two shares at this "
+            "site's evaluation point"
+        )
     return pair
 
 
-def _count_valid_signatures(state: SiteState, u3: tuple[str, ...],
-                            signatures: Mapping[str, bytes]) -> int:
+def _count_valid_signatures(
+    state: SiteState, u3: tuple[str, ...], signatures: Mapping[str, bytes]
+) -> int:
     """Signers in U3 (and trusted) whose signature over (round, U3) verifies."""
     message = _consistency_message(state.round_id, u3)
-    return sum(1 for s in set(u3) & set(signatures)
-               if s in state.trusted
-               and _verify(state.trusted[s], signatures[s], message))
+    return sum(
+        1
+        for s in set(u3) & set(signatures)
+        if s in state.trusted and _verify(state.trusted[s], signatures[s], message)
+    )
 
 
 # --------------------------------------------------------------- site stages
 
 
-def site_advertise_keys(site_id: str, cfg: SecAggConfig, identity_sk: bytes,
-                        trusted: Mapping[str, bytes], *, round_id: int = 0
-                        ) -> tuple[AdvertiseKeys, SiteState]:
+def site_advertise_keys(
+    site_id: str,
+    cfg: SecAggConfig,
+    identity_sk: bytes,
+    trusted: Mapping[str, bytes],
+    *,
+    round_id: int = 0,
+) -> tuple[AdvertiseKeys, SiteState]:
     """Stage 0: generate this round's two X25519 key pairs; send them, signed.
 
     Keys come from the OS CSPRNG and are fresh every round. ``identity_sk`` is this
@@ -800,8 +865,9 @@ def site_advertise_keys(site_id: str, cfg: SecAggConfig, identity_sk: bytes,
     try:
         sk = Ed25519PrivateKey.from_private_bytes(identity_sk)
     except (TypeError, ValueError) as err:
-        raise ValueError("identity_sk: expected a raw 32-byte Ed25519 private "
-                         "key") from err
+        raise ValueError(
+            "identity_sk: expected a raw 32-byte Ed25519 private key"
+        ) from err
     if sk.public_key().public_bytes_raw() != trusted[site_id]:
         raise ValueError(f"identity_sk: does not match trusted[{site_id!r}]")
     _check_threshold(cfg, len(trusted))
@@ -809,14 +875,27 @@ def site_advertise_keys(site_id: str, cfg: SecAggConfig, identity_sk: bytes,
     mask_pk = mask_sk.public_key().public_bytes_raw()
     enc_pk = enc_sk.public_key().public_bytes_raw()
     signature = sk.sign(_advert_message(round_id, site_id, mask_pk, enc_pk))
-    state = SiteState(site_id, cfg, round_id, 1, bytes(identity_sk), trusted,
-                      mask_sk.private_bytes_raw(), enc_sk.private_bytes_raw(), b"",
-                      {}, {}, (), ())
+    state = SiteState(
+        site_id,
+        cfg,
+        round_id,
+        1,
+        bytes(identity_sk),
+        trusted,
+        mask_sk.private_bytes_raw(),
+        enc_sk.private_bytes_raw(),
+        b"",
+        {},
+        {},
+        (),
+        (),
+    )
     return AdvertiseKeys(mask_pk, enc_pk, signature), state
 
 
-def site_share_keys(state: SiteState, roster: Mapping[str, AdvertiseKeys]
-                    ) -> tuple[ShareKeys, SiteState]:
+def site_share_keys(
+    state: SiteState, roster: Mapping[str, AdvertiseKeys]
+) -> tuple[ShareKeys, SiteState]:
     """Stage 1: verify the roster (U1); draw ``b_i``; share it and the masking key.
 
     Every entry must be signed by the identity key ``state.trusted`` holds for it,
@@ -839,16 +918,20 @@ def site_share_keys(state: SiteState, roster: Mapping[str, AdvertiseKeys]
             continue
         x = points[peer]
         k = _share_key(state.enc_sk, roster[peer].enc_pk, r, me, peer)
-        boxes[peer] = _seal(k, _info(b"share", r, me, peer),
-                            _share_header(r, me, peer) + key_shares[x]
-                            + seed_shares[x])
+        boxes[peer] = _seal(
+            k,
+            _info(b"share", r, me, peer),
+            _share_header(r, me, peer) + key_shares[x] + seed_shares[x],
+        )
     held = {me: (key_shares[points[me]], seed_shares[points[me]])}
-    return ShareKeys(boxes), state._replace(stage=2, self_seed=self_seed,
-                                            roster=roster, shares=held)
+    return ShareKeys(boxes), state._replace(
+        stage=2, self_seed=self_seed, roster=roster, shares=held
+    )
 
 
-def site_masked_input(state: SiteState, inbox: Mapping[str, bytes],
-                      q: Integer[np.ndarray, " d"]) -> tuple[MaskedInput, SiteState]:
+def site_masked_input(
+    state: SiteState, inbox: Mapping[str, bytes], q: Integer[np.ndarray, " d"]
+) -> tuple[MaskedInput, SiteState]:
     """Stage 2: ``y = q + PRG(b_i) + sum_{j>i} PRG(s_ij) - sum_{j<i} PRG(s_ij)``.
 
     Parameters
@@ -881,8 +964,10 @@ def site_masked_input(state: SiteState, inbox: Mapping[str, bytes],
                 raise InvalidTag
             plain = _open(k, _info(b"share", r, sender, me), box)
         except InvalidTag as err:
-            raise SecAggError(f"site {me!r}: the share ciphertext from {sender!r} "
-                              "failed authentication") from err
+            raise SecAggError(
+                f"site {me!r}: the share ciphertext from {sender!r} "
+                "failed authentication"
+            ) from err
         held[sender] = _parse_share(plain, r, sender, me, point)
     peers = tuple(sorted(held))
     _require(len(peers), cfg.threshold, 2)
@@ -891,15 +976,19 @@ def site_masked_input(state: SiteState, inbox: Mapping[str, bytes],
     for peer in peers:
         if peer == me:
             continue
-        mask = _prg(_pair_seed(state.mask_sk, state.roster[peer].mask_pk, r, me, peer),
-                    d, cfg.ring_bits)
+        mask = _prg(
+            _pair_seed(state.mask_sk, state.roster[peer].mask_pk, r, me, peer),
+            d,
+            cfg.ring_bits,
+        )
         y = y + mask if peer > me else y - mask
     y = _reduce(y, cfg.ring_bits).astype(_wire_dtype(cfg.ring_bits))
     return MaskedInput(y), state._replace(stage=3, shares=held, peers=peers)
 
 
-def site_consistency_check(state: SiteState, request: ConsistencyRequest
-                           ) -> tuple[ConsistencySignature, SiteState]:
+def site_consistency_check(
+    state: SiteState, request: ConsistencyRequest
+) -> tuple[ConsistencySignature, SiteState]:
     """Stage 3: sign (round, sorted U3) with the identity key, once per round.
 
     Refuses (``SecAggError``) a U3 with fewer than ``threshold`` sites, without this
@@ -909,18 +998,23 @@ def site_consistency_check(state: SiteState, request: ConsistencyRequest
     u3 = _id_tuple(getattr(request, "survivors", None), "consistency request")
     _require(len(u3), state.cfg.threshold, 3)
     if state.site_id not in u3:
-        raise SecAggError(f"consistency request: expected this site "
-                          f"({state.site_id!r}) among the survivors")
+        raise SecAggError(
+            f"consistency request: expected this site "
+            f"({state.site_id!r}) among the survivors"
+        )
     if not set(u3) <= set(state.peers):
-        raise SecAggError("consistency request: survivors must have shared keys "
-                          "with this site (U3 within U2)")
+        raise SecAggError(
+            "consistency request: survivors must have shared keys "
+            "with this site (U3 within U2)"
+        )
     sk = Ed25519PrivateKey.from_private_bytes(state.identity_sk)
     signature = sk.sign(_consistency_message(state.round_id, u3))
     return ConsistencySignature(signature), state._replace(stage=4, u3=u3)
 
 
-def site_unmask(state: SiteState, request: UnmaskRequest
-                ) -> tuple[UnmaskShares, SiteState]:
+def site_unmask(
+    state: SiteState, request: UnmaskRequest
+) -> tuple[UnmaskShares, SiteState]:
     """Stage 4: reveal ``b`` shares of U3, masking-key shares of ``U2 \\ U3``.
 
     Before revealing anything it checks that ``survivors`` is the U3 it signed,
@@ -930,35 +1024,49 @@ def site_unmask(state: SiteState, request: UnmaskRequest
     both revealed by an honest site.
     """
     _expect_stage(state, 4)
-    survivors = _id_tuple(getattr(request, "survivors", None),
-                          "unmask request: survivors")
+    survivors = _id_tuple(
+        getattr(request, "survivors", None), "unmask request: survivors"
+    )
     dropped = _id_tuple(getattr(request, "dropped", None), "unmask request: dropped")
     signatures = getattr(request, "signatures", None)
     if not isinstance(signatures, Mapping):
-        raise SecAggError("unmask request: signatures: expected a mapping signer -> "
-                          "signature")
+        raise SecAggError(
+            "unmask request: signatures: expected a mapping signer -> signature"
+        )
     if survivors != state.u3:
-        raise SecAggError("unmask request: survivors differ from the U3 this site "
-                          "signed in the consistency check")
+        raise SecAggError(
+            "unmask request: survivors differ from the U3 this site "
+            "signed in the consistency check"
+        )
     if dropped != tuple(s for s in state.peers if s not in state.u3):
-        raise SecAggError("unmask request: dropped must be exactly the sites that "
-                          "shared keys but sent no masked input (U2 minus U3)")
+        raise SecAggError(
+            "unmask request: dropped must be exactly the sites that "
+            "shared keys but sent no masked input (U2 minus U3)"
+        )
     n_valid = _count_valid_signatures(state, survivors, signatures)
     if n_valid < state.cfg.threshold:
-        raise SecAggError(f"unmask request: {n_valid} valid consistency "
-                          "signature(s) by members of U3 over this U3, expected at "
-                          f"least threshold={state.cfg.threshold}")
-    msg = UnmaskShares({v: state.shares[v][1] for v in survivors},
-                       {v: state.shares[v][0] for v in dropped})
+        raise SecAggError(
+            f"unmask request: {n_valid} valid consistency "
+            "signature(s) by members of U3 over this U3, expected at "
+            f"least threshold={state.cfg.threshold}"
+        )
+    msg = UnmaskShares(
+        {v: state.shares[v][1] for v in survivors},
+        {v: state.shares[v][0] for v in dropped},
+    )
     return msg, state._replace(stage=5)
 
 
 # ------------------------------------------------------------- server stages
 
 
-def server_collect_keys(cfg: SecAggConfig, adverts: Mapping[str, AdvertiseKeys], *,
-                        round_id: int = 0, n_sites: int | None = None
-                        ) -> tuple[dict[str, AdvertiseKeys], ServerState]:
+def server_collect_keys(
+    cfg: SecAggConfig,
+    adverts: Mapping[str, AdvertiseKeys],
+    *,
+    round_id: int = 0,
+    n_sites: int | None = None,
+) -> tuple[dict[str, AdvertiseKeys], ServerState]:
     """Stage 0: the roster U1 (broadcast it to every site in it).
 
     ``n_sites`` is K, the number of sites in the federation (default: the number of
@@ -975,11 +1083,15 @@ def server_collect_keys(cfg: SecAggConfig, adverts: Mapping[str, AdvertiseKeys],
             a = AdvertiseKeys(*adverts[s])
         except TypeError as err:
             raise SecAggError(f"adverts: the entry of {s!r} is malformed") from err
-        if not (all(isinstance(v, bytes) for v in a)
-                and len(a.mask_pk) == len(a.enc_pk) == _PUBLIC_KEY_BYTES
-                and len(a.signature) == _SIGNATURE_BYTES):
-            raise SecAggError(f"adverts: the entry of {s!r} must hold two 32-byte "
-                              "public keys and a 64-byte signature")
+        if not (
+            all(isinstance(v, bytes) for v in a)
+            and len(a.mask_pk) == len(a.enc_pk) == _PUBLIC_KEY_BYTES
+            and len(a.signature) == _SIGNATURE_BYTES
+        ):
+            raise SecAggError(
+                f"adverts: the entry of {s!r} must hold two 32-byte "
+                "public keys and a 64-byte signature"
+            )
         roster[s] = a
     if len(roster) > k:
         raise SecAggError(f"adverts: {len(roster)} advertisements for n_sites={k}")
@@ -987,8 +1099,9 @@ def server_collect_keys(cfg: SecAggConfig, adverts: Mapping[str, AdvertiseKeys],
     return roster, ServerState(cfg, round_id, 1, k, roster, (), (), (), None)
 
 
-def server_route_shares(state: ServerState, messages: Mapping[str, ShareKeys]
-                        ) -> tuple[dict[str, dict[str, bytes]], ServerState]:
+def server_route_shares(
+    state: ServerState, messages: Mapping[str, ShareKeys]
+) -> tuple[dict[str, dict[str, bytes]], ServerState]:
     """Stage 1: U2 = senders; returns each U2 site's inbox ``{sender: ciphertext}``."""
     _expect_stage(state, 1)
     u2 = tuple(sorted(messages))
@@ -996,60 +1109,74 @@ def server_route_shares(state: ServerState, messages: Mapping[str, ShareKeys]
         if s not in state.roster:
             raise SecAggError(f"share_keys from {s!r}, which is not in the roster")
         if set(messages[s].ciphertexts) != set(state.roster) - {s}:
-            raise SecAggError(f"share_keys from {s!r}: expected one ciphertext per "
-                              "other site of the roster")
+            raise SecAggError(
+                f"share_keys from {s!r}: expected one ciphertext per "
+                "other site of the roster"
+            )
     _require(len(u2), state.cfg.threshold, 1)
     inboxes = {j: {i: messages[i].ciphertexts[j] for i in u2 if i != j} for j in u2}
     return inboxes, state._replace(stage=2, u2=u2)
 
 
-def server_collect_masked(state: ServerState, messages: Mapping[str, MaskedInput]
-                          ) -> tuple[ConsistencyRequest, ServerState]:
+def server_collect_masked(
+    state: ServerState, messages: Mapping[str, MaskedInput]
+) -> tuple[ConsistencyRequest, ServerState]:
     """Stage 2: U3 = senders; sums their ``y``; asks U3 to sign U3."""
     _expect_stage(state, 2)
     m = state.cfg.ring_bits
     u3 = tuple(sorted(messages))
     if not set(u3) <= set(state.u2):
-        raise SecAggError(f"masked input from {sorted(set(u3) - set(state.u2))}, "
-                          "which did not share keys")
+        raise SecAggError(
+            f"masked input from {sorted(set(u3) - set(state.u2))}, "
+            "which did not share keys"
+        )
     _require(len(u3), state.cfg.threshold, 2)
     ys = [np.asarray(messages[s].y) for s in u3]
     shape = ys[0].shape
     if any(y.dtype != _wire_dtype(m) or y.ndim != 1 or y.shape != shape for y in ys):
-        raise SecAggError(f"masked inputs: expected 1-D {_wire_dtype(m)} vectors of "
-                          "one length")
+        raise SecAggError(
+            f"masked inputs: expected 1-D {_wire_dtype(m)} vectors of one length"
+        )
     total = plain_sum(ys, state.cfg)
     return ConsistencyRequest(u3), state._replace(stage=3, u3=u3, masked_sum=total)
 
 
-def server_collect_consistency(state: ServerState,
-                               messages: Mapping[str, ConsistencySignature]
-                               ) -> tuple[UnmaskRequest, ServerState]:
+def server_collect_consistency(
+    state: ServerState, messages: Mapping[str, ConsistencySignature]
+) -> tuple[UnmaskRequest, ServerState]:
     """Stage 3: U4 = signers; the unmasking request forwards their signatures."""
     _expect_stage(state, 3)
     u4 = tuple(sorted(messages))
     if not set(u4) <= set(state.u3):
-        raise SecAggError(f"consistency signatures from "
-                          f"{sorted(set(u4) - set(state.u3))}, which are not in U3")
+        raise SecAggError(
+            f"consistency signatures from "
+            f"{sorted(set(u4) - set(state.u3))}, which are not in U3"
+        )
     for s in u4:
         sig = getattr(messages[s], "signature", None)
         if not (isinstance(sig, bytes) and len(sig) == _SIGNATURE_BYTES):
             raise SecAggError(f"consistency signature from {s!r}: expected 64 bytes")
     _require(len(u4), state.cfg.threshold, 3)
-    request = UnmaskRequest(state.u3, tuple(s for s in state.u2 if s not in state.u3),
-                            {s: messages[s].signature for s in u4})
+    request = UnmaskRequest(
+        state.u3,
+        tuple(s for s in state.u2 if s not in state.u3),
+        {s: messages[s].signature for s in u4},
+    )
     return request, state._replace(stage=4, u4=u4)
 
 
-def server_unmask(state: ServerState, messages: Mapping[str, UnmaskShares]
-                  ) -> AggregateResult:
+def server_unmask(
+    state: ServerState, messages: Mapping[str, UnmaskShares]
+) -> AggregateResult:
     """Stage 4: rebuild ``b_i`` (U3) and dropped sites' masking keys; decode the sum."""
     _expect_stage(state, 4)
     cfg, r = state.cfg, state.round_id
     u5 = tuple(sorted(messages))
     if not set(u5) <= set(state.u4):
-        raise SecAggError(f"unmask shares from {sorted(set(u5) - set(state.u4))}, "
-                          "which did not sign the consistency check")
+        raise SecAggError(
+            f"unmask shares from {sorted(set(u5) - set(state.u4))}, "
+            "which did not sign the consistency check"
+        )
     _require(len(u5), cfg.threshold, 4)
     assert state.masked_sum is not None  # set by stage 3, checked by _expect_stage
     total = state.masked_sum.copy()
@@ -1057,31 +1184,41 @@ def server_unmask(state: ServerState, messages: Mapping[str, UnmaskShares]
     dropped_sites = [s for s in state.u2 if s not in state.u3]
     try:
         for v in state.u3:
-            seed = _shamir_combine([messages[u].self_mask_shares[v] for u in u5],
-                                   cfg.threshold, f"b of {v!r}")
+            seed = _shamir_combine(
+                [messages[u].self_mask_shares[v] for u in u5],
+                cfg.threshold,
+                f"b of {v!r}",
+            )
             total = total - _prg(seed, d, cfg.ring_bits)
         for v in dropped_sites:
-            sk = _shamir_combine([messages[u].mask_key_shares[v] for u in u5],
-                                 cfg.threshold, f"masking key of {v!r}")
+            sk = _shamir_combine(
+                [messages[u].mask_key_shares[v] for u in u5],
+                cfg.threshold,
+                f"masking key of {v!r}",
+            )
             pk = X25519PrivateKey.from_private_bytes(sk).public_key()
             if pk.public_bytes_raw() != state.roster[v].mask_pk:
-                raise SecAggError(f"masking key of {v!r}: does not match its "
-                                  "public key")
+                raise SecAggError(
+                    f"masking key of {v!r}: does not match its public key"
+                )
             for u in state.u3:
-                mask = _prg(_pair_seed(sk, state.roster[u].mask_pk, r, u, v), d,
-                            cfg.ring_bits)
+                mask = _prg(
+                    _pair_seed(sk, state.roster[u].mask_pk, r, u, v), d, cfg.ring_bits
+                )
                 # y_u carries +mask when v sorts after u, -mask before: undo it.
                 total = total - mask if v > u else total + mask
     except (KeyError, AttributeError) as err:
         raise SecAggError(f"unmask shares: missing the share of {err}") from err
     sum_q = _reduce(total, cfg.ring_bits)
-    dropped = tuple(sorted(
-        [(s, 1) for s in state.roster if s not in state.u2]
-        + [(s, 2) for s in dropped_sites]
-        + [(s, 3) for s in state.u3 if s not in state.u4]
-        + [(s, 4) for s in state.u4 if s not in u5]))
-    return AggregateResult(decode(sum_q, len(state.u3), cfg), sum_q, state.u3,
-                           dropped)
+    dropped = tuple(
+        sorted(
+            [(s, 1) for s in state.roster if s not in state.u2]
+            + [(s, 2) for s in dropped_sites]
+            + [(s, 3) for s in state.u3 if s not in state.u4]
+            + [(s, 4) for s in state.u4 if s not in u5]
+        )
+    )
+    return AggregateResult(decode(sum_q, len(state.u3), cfg), sum_q, state.u3, dropped)
 
 
 # ------------------------------------------------------------------- driver
@@ -1098,17 +1235,22 @@ def _nbytes(msg: Any) -> int:
     if isinstance(msg, ConsistencySignature):
         return len(msg.signature)
     return sum(len(b) for b in msg.self_mask_shares.values()) + sum(
-        len(b) for b in msg.mask_key_shares.values())
+        len(b) for b in msg.mask_key_shares.values()
+    )
 
 
-def secure_sum(key: Key, vectors: Mapping[str, Float[np.ndarray, " d"]],
-               cfg: SecAggConfig, *,
-               identities: Mapping[str, tuple[bytes, bytes]] | None = None,
-               drop_before_sharing: Sequence[str] = (),
-               drop_before_masking: Sequence[str] = (),
-               drop_after_masking: Sequence[str] = (),
-               drop_after_consistency: Sequence[str] = (),
-               round_id: int = 0) -> SecAggResult:
+def secure_sum(
+    key: Key,
+    vectors: Mapping[str, Float[np.ndarray, " d"]],
+    cfg: SecAggConfig,
+    *,
+    identities: Mapping[str, tuple[bytes, bytes]] | None = None,
+    drop_before_sharing: Sequence[str] = (),
+    drop_before_masking: Sequence[str] = (),
+    drop_after_masking: Sequence[str] = (),
+    drop_after_consistency: Sequence[str] = (),
+    round_id: int = 0,
+) -> SecAggResult:
     """Run one SecAgg round in process over ``vectors`` (site id -> flat vector).
 
     Sites are taken in sorted id order; site ``k``'s encoding key is
@@ -1154,15 +1296,18 @@ def secure_sum(key: Key, vectors: Mapping[str, Float[np.ndarray, " d"]],
     if identities is None:
         identities = {s: generate_identity() for s in ids}
     if not set(ids) <= set(identities):
-        raise ValueError("identities: expected an identity for every site of "
-                         "vectors")
+        raise ValueError("identities: expected an identity for every site of vectors")
     trusted = {s: identities[s][1] for s in identities}
     check_config(cfg, len(trusted))
     xs = {s: np.asarray(vectors[s], dtype=np.float64) for s in ids}
     if len({x.shape for x in xs.values()}) != 1 or xs[ids[0]].ndim != 1:
         raise ValueError("vectors: expected 1-D arrays of one length")
-    drops = [set(drop_before_sharing), set(drop_before_masking),
-             set(drop_after_masking), set(drop_after_consistency)]
+    drops = [
+        set(drop_before_sharing),
+        set(drop_before_masking),
+        set(drop_after_masking),
+        set(drop_after_consistency),
+    ]
     named = [s for ds in drops for s in ds]
     if not set(named) <= set(ids) or len(named) != len(set(named)):
         raise ValueError("drop_*: expected distinct site ids among vectors' keys")
@@ -1178,10 +1323,12 @@ def secure_sum(key: Key, vectors: Mapping[str, Float[np.ndarray, " d"]],
 
     states, adverts = {}, {}
     for s in ids:
-        adverts[s], states[s] = site_advertise_keys(s, cfg, identities[s][0],
-                                                    trusted, round_id=round_id)
-    roster, server = server_collect_keys(cfg, deliver(0, adverts),
-                                         round_id=round_id, n_sites=len(trusted))
+        adverts[s], states[s] = site_advertise_keys(
+            s, cfg, identities[s][0], trusted, round_id=round_id
+        )
+    roster, server = server_collect_keys(
+        cfg, deliver(0, adverts), round_id=round_id, n_sites=len(trusted)
+    )
 
     shares = {}
     for s in ids:
@@ -1208,5 +1355,12 @@ def secure_sum(key: Key, vectors: Mapping[str, Float[np.ndarray, " d"]],
         if s not in drops[3]:
             reveals[s], states[s] = site_unmask(states[s], request)
     out = server_unmask(server, deliver(4, reveals))
-    return SecAggResult(out.total, out.included, out.dropped, transcript,
-                        len(out.included) * grid_step(cfg), sent, n_clipped)
+    return SecAggResult(
+        out.total,
+        out.included,
+        out.dropped,
+        transcript,
+        len(out.included) * grid_step(cfg),
+        sent,
+        n_clipped,
+    )

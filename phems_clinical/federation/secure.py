@@ -61,8 +61,7 @@ stay far inside +-1e6 per site (Advate, 8 patients: Hessian entries up to about
 Hessian eigenvalues of 1 and more), and K up to 65535 sites fit the 64-bit ring."""
 
 
-def default_secagg_config(n_sites: int, min_sites: int | None = None
-                          ) -> SecAggConfig:
+def default_secagg_config(n_sites: int, min_sites: int | None = None) -> SecAggConfig:
     """:data:`FOCEI_SECAGG` with the Shamir threshold ``n_sites - 1`` (one site may
     drop out), or ``min_sites`` when given, but never at most ``n_sites / 2``.
 
@@ -82,7 +81,8 @@ def default_secagg_config(n_sites: int, min_sites: int | None = None
         raise ValueError(
             f"min_sites: with secure aggregation expected at least {floor} of the "
             f"{n_sites} sites per round (more than half: the Shamir threshold "
-            f"follows min_sites), got {min_sites}")
+            f"follows min_sites), got {min_sites}"
+        )
     else:
         threshold = int(min_sites)
     cfg = SecAggConfig(threshold=threshold, **FOCEI_SECAGG)
@@ -90,9 +90,13 @@ def default_secagg_config(n_sites: int, min_sites: int | None = None
     return cfg
 
 
-def secagg_aggregator(cfg: SecAggConfig, log: list | None = None, *,
-                      n_sites: int | None = None,
-                      identities: Mapping[int, tuple[bytes, bytes]] | None = None):
+def secagg_aggregator(
+    cfg: SecAggConfig,
+    log: list | None = None,
+    *,
+    n_sites: int | None = None,
+    identities: Mapping[int, tuple[bytes, bytes]] | None = None,
+):
     """An engine aggregator that sums payloads with SecAgg under ``cfg``.
 
     ``log`` (a list), if given, receives one :class:`SecAggRound` per round.
@@ -105,8 +109,10 @@ def secagg_aggregator(cfg: SecAggConfig, log: list | None = None, *,
     """
     if identities is None:
         if n_sites is None:
-            raise ValueError("n_sites: required (the number of sites whose "
-                             "identity roster every site trusts), or identities")
+            raise ValueError(
+                "n_sites: required (the number of sites whose "
+                "identity roster every site trusts), or identities"
+            )
         identities = {k: generate_identity() for k in range(n_sites)}
     ids_of = dict(identities)
     check_config(cfg, len(ids_of))
@@ -117,20 +123,26 @@ def secagg_aggregator(cfg: SecAggConfig, log: list | None = None, *,
         t0 = time.perf_counter()
         unknown = set(payloads) - set(ids_of)
         if unknown:
-            raise ValueError(f"payloads: sites {sorted(unknown)} have no identity in "
-                             "the federation's roster")
+            raise ValueError(
+                f"payloads: sites {sorted(unknown)} have no identity in "
+                "the federation's roster"
+            )
         ids = {f"site{k:04d}": k for k in payloads}
-        vectors = {s: saturate(flatten_payload(payloads[k], algorithm.message_spec),
-                               cfg)
-                   for s, k in ids.items()}
-        res = secure_sum(key, vectors, cfg,
-                         identities=roster, round_id=next(round_ids))
+        vectors = {
+            s: saturate(flatten_payload(payloads[k], algorithm.message_spec), cfg)
+            for s, k in ids.items()
+        }
+        res = secure_sum(key, vectors, cfg, identities=roster, round_id=next(round_ids))
         if log is not None:
-            log.append(SecAggRound(tuple(ids[s] for s in res.included),
-                                   res.max_error_bound,
-                                   {ids[s]: b for s, b in res.bytes_sent.items()},
-                                   {ids[s]: c for s, c in res.n_clipped.items()},
-                                   time.perf_counter() - t0))
+            log.append(
+                SecAggRound(
+                    tuple(ids[s] for s in res.included),
+                    res.max_error_bound,
+                    {ids[s]: b for s, b in res.bytes_sent.items()},
+                    {ids[s]: c for s, c in res.n_clipped.items()},
+                    time.perf_counter() - t0,
+                )
+            )
         return unflatten_payload(res.total, algorithm.message_spec)
 
     return aggregate

@@ -37,8 +37,14 @@ from phems_clinical.federation.dp import PrivacyBudgetExceeded
 from phems_clinical.federation.governance import PolicyError, PolicyViolation
 from phems_clinical.federation.messages import MessageRejected
 
-CATEGORIES = ("invalid_data", "policy_refused", "budget_exceeded", "protocol_error",
-              "internal_error", "injected_failure")
+CATEGORIES = (
+    "invalid_data",
+    "policy_refused",
+    "budget_exceeded",
+    "protocol_error",
+    "internal_error",
+    "injected_failure",
+)
 """The only words about a failure that leave a site:
 
 * ``invalid_data``: the site's data failed validation or could not be read;
@@ -84,8 +90,9 @@ class SiteError(NamedTuple):
         return f"{self.category} {self.reference}"
 
 
-_BY_TYPE: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str],
-                ...] = (
+_BY_TYPE: tuple[
+    tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...
+] = (
     (InjectedFailure, "injected_failure"),
     ((PolicyViolation, PolicyError), "policy_refused"),
     (PrivacyBudgetExceeded, "budget_exceeded"),
@@ -107,8 +114,13 @@ def new_reference() -> str:
     return secrets.token_hex(REFERENCE_HEX // 2)
 
 
-def record_site_error(err: BaseException, log: Path | None, *, stage: str,
-                      context: Mapping[str, int | str] | None = None) -> SiteError:
+def record_site_error(
+    err: BaseException,
+    log: Path | None,
+    *,
+    stage: str,
+    context: Mapping[str, int | str] | None = None,
+) -> SiteError:
     """Categorise ``err``, append its full text and traceback to the site's log and
     return what may leave the site.
 
@@ -125,11 +137,16 @@ def record_site_error(err: BaseException, log: Path | None, *, stage: str,
         Site-side context kept with the entry (round, site index, ...).
     """
     error = SiteError(category_of(err), new_reference())
-    entry = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-             "reference": error.reference, "category": error.category,
-             "stage": stage, **dict(context or {}), "type": type(err).__name__,
-             "message": str(err),
-             "traceback": "".join(traceback.format_exception(err))}
+    entry = {
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "reference": error.reference,
+        "category": error.category,
+        "stage": stage,
+        **dict(context or {}),
+        "type": type(err).__name__,
+        "message": str(err),
+        "traceback": "".join(traceback.format_exception(err)),
+    }
     if log is not None:
         try:
             log = Path(log)
@@ -169,9 +186,9 @@ def read_site_log(log: Path, reference: str) -> dict | None:
 R = TypeVar("R")
 
 
-def guarded(stage: str, log_of: Callable[..., Path | None],
-            on_error: Callable[..., R]) -> Callable[[Callable[..., R]],
-                                                     Callable[..., R]]:
+def guarded(
+    stage: str, log_of: Callable[..., Path | None], on_error: Callable[..., R]
+) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Decorate a site-side handler so that no exception text leaves the site.
 
     The handler's arguments are passed to ``log_of`` (the site's log, or None) and,
@@ -179,6 +196,7 @@ def guarded(stage: str, log_of: Callable[..., Path | None],
     value (e.g. a Flower error reply) replaces the handler's. ``log_of`` failing is
     itself caught (the detail then goes to :data:`LOGGER`).
     """
+
     def decorate(handler: Callable[..., R]) -> Callable[..., R]:
         @functools.wraps(handler)
         def run(*args: Any, **kwargs: Any) -> R:
@@ -189,12 +207,27 @@ def guarded(stage: str, log_of: Callable[..., Path | None],
                     log = log_of(*args, **kwargs)
                 except Exception:  # noqa: BLE001
                     log = None
-                return on_error(record_site_error(err, log, stage=stage),
-                                *args, **kwargs)
+                return on_error(
+                    record_site_error(err, log, stage=stage), *args, **kwargs
+                )
+
         return run
+
     return decorate
 
 
-__all__ = ["CATEGORIES", "InjectedFailure", "LOG_FILE", "LOGGER", "REFERENCE_HEX",
-           "SiteError", "SiteProtocolError", "category_of", "guarded",
-           "new_reference", "parse_reason", "read_site_log", "record_site_error"]
+__all__ = [
+    "CATEGORIES",
+    "InjectedFailure",
+    "LOG_FILE",
+    "LOGGER",
+    "REFERENCE_HEX",
+    "SiteError",
+    "SiteProtocolError",
+    "category_of",
+    "guarded",
+    "new_reference",
+    "parse_reason",
+    "read_site_log",
+    "record_site_error",
+]

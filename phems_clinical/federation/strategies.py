@@ -75,8 +75,9 @@ def objective_from_loss(loss: Callable[[jax.Array, Any], jax.Array]) -> Objectiv
     return Objective(lambda site: jnp.zeros(()), per_patient)
 
 
-def focei_loss(model: PopModel, n_occ: int = 1, base: PopParams | None = None
-               ) -> Objective:
+def focei_loss(
+    model: PopModel, n_occ: int = 1, base: PopParams | None = None
+) -> Objective:
     """Each patient's FOCEI objective term (-2 log-likelihood, NONMEM's OFV_i) on
     the packed population parameters of :func:`phems_clinical.pk.packing.build_packer`
     over :class:`~phems_clinical.federation.pk_sites.SiteCohort` data; the local
@@ -89,8 +90,7 @@ def focei_loss(model: PopModel, n_occ: int = 1, base: PopParams | None = None
         per, jac, b = objective(x, site, b0)
         return per, jac, site.mask, b
 
-    return Objective(lambda site: jnp.zeros((site.cohort.n_subjects, n_b)),
-                     per_patient)
+    return Objective(lambda site: jnp.zeros((site.cohort.n_subjects, n_b)), per_patient)
 
 
 class ServerState(NamedTuple):
@@ -107,13 +107,21 @@ class SiteState(NamedTuple):
     local: Any
 
 
-def fedopt(name: str, objective: Objective, x0: jax.Array, *,
-           server_optimizer: optax.GradientTransformation,
-           local_optimizer: optax.GradientTransformation,
-           local_steps: int = 1, prox_mu: float = 0.0,
-           dp: dpm.DPConfig | None = None, site_dp: dpm.SiteDPConfig | None = None,
-           n_sites: int | None = None, max_rounds: int = 100,
-           to_result: Callable[[jax.Array], dict] | None = None) -> Algorithm:
+def fedopt(
+    name: str,
+    objective: Objective,
+    x0: jax.Array,
+    *,
+    server_optimizer: optax.GradientTransformation,
+    local_optimizer: optax.GradientTransformation,
+    local_steps: int = 1,
+    prox_mu: float = 0.0,
+    dp: dpm.DPConfig | None = None,
+    site_dp: dpm.SiteDPConfig | None = None,
+    n_sites: int | None = None,
+    max_rounds: int = 100,
+    to_result: Callable[[jax.Array], dict] | None = None,
+) -> Algorithm:
     """A FedOpt-family :class:`Algorithm` (see the module docstring).
 
     Parameters
@@ -141,8 +149,9 @@ def fedopt(name: str, objective: Objective, x0: jax.Array, *,
     if site_dp is not None:
         dpm.validate_config(site_dp)
         if n_sites is None:
-            raise ValueError("n_sites: required with site_dp (the DP-FedAvg "
-                             "denominator)")
+            raise ValueError(
+                "n_sites: required with site_dp (the DP-FedAvg denominator)"
+            )
     if local_steps < 1:
         raise ValueError(f"local_steps: expected >= 1, got {local_steps}")
 
@@ -173,27 +182,34 @@ def fedopt(name: str, objective: Objective, x0: jax.Array, *,
             return (optax.apply_updates(x, updates), opt_state, local), loss
 
         carry = (x_global, local_optimizer.init(x_global), state.local)
-        (x, _, local), losses = jax.lax.scan(step, carry,
-                                             jax.random.split(key, local_steps))
+        (x, _, local), losses = jax.lax.scan(
+            step, carry, jax.random.split(key, local_steps)
+        )
         weight = jnp.sum(site.mask).astype(x0.dtype)
         delta = x - x_global
         if site_dp is not None:
             delta, weight = dpm.clip_vector(delta, site_dp.clip), jnp.ones(())
         payload = {"delta": weight * delta, "weight": weight}
-        return payload, SiteState(local), {"loss_first": losses[0],
-                                           "loss_last": losses[-1]}
+        return (
+            payload,
+            SiteState(local),
+            {"loss_first": losses[0], "loss_last": losses[-1]},
+        )
 
     def aggregate(server, total, key):
         if site_dp is None:
             mean_delta = total["delta"] / total["weight"]
         else:
             assert n_sites is not None  # required above whenever site_dp is set
-            mean_delta = dpm.clip_and_noise_aggregate(key, total["delta"], n_sites,
-                                                      site_dp)
-        updates, opt_state = server_optimizer.update(-mean_delta, server.opt_state,
-                                                     server.x)
-        return ServerState(optax.apply_updates(server.x, updates), opt_state,
-                           server.round + 1)
+            mean_delta = dpm.clip_and_noise_aggregate(
+                key, total["delta"], n_sites, site_dp
+            )
+        updates, opt_state = server_optimizer.update(
+            -mean_delta, server.opt_state, server.x
+        )
+        return ServerState(
+            optax.apply_updates(server.x, updates), opt_state, server.round + 1
+        )
 
     def done(server):
         return server.round >= max_rounds
@@ -204,50 +220,118 @@ def fedopt(name: str, objective: Objective, x0: jax.Array, *,
             out.update(to_result(server.x))
         return out
 
-    return Algorithm(name, init_server, init_site, broadcast, local_update,
-                     aggregate, done, result, {"delta": (d,), "weight": ()},
-                     max_rounds=max_rounds,
-                     dp_steps_per_round=local_steps if dp is not None else 0, dp=dp,
-                     server_dp=site_dp)
+    return Algorithm(
+        name,
+        init_server,
+        init_site,
+        broadcast,
+        local_update,
+        aggregate,
+        done,
+        result,
+        {"delta": (d,), "weight": ()},
+        max_rounds=max_rounds,
+        dp_steps_per_round=local_steps if dp is not None else 0,
+        dp=dp,
+        server_dp=site_dp,
+    )
 
 
-def fedavg(objective: Objective, x0, *, learning_rate: float, local_steps: int = 1,
-           **kw) -> Algorithm:
+def fedavg(
+    objective: Objective, x0, *, learning_rate: float, local_steps: int = 1, **kw
+) -> Algorithm:
     """FedAvg: local SGD, server averages (server learning rate 1)."""
-    return fedopt("fedavg", objective, x0, server_optimizer=optax.sgd(1.0),
-                  local_optimizer=optax.sgd(learning_rate), local_steps=local_steps,
-                  **kw)
+    return fedopt(
+        "fedavg",
+        objective,
+        x0,
+        server_optimizer=optax.sgd(1.0),
+        local_optimizer=optax.sgd(learning_rate),
+        local_steps=local_steps,
+        **kw,
+    )
 
 
-def fedprox(objective: Objective, x0, *, learning_rate: float, mu: float,
-            local_steps: int = 1, **kw) -> Algorithm:
+def fedprox(
+    objective: Objective,
+    x0,
+    *,
+    learning_rate: float,
+    mu: float,
+    local_steps: int = 1,
+    **kw,
+) -> Algorithm:
     """FedProx: FedAvg with the proximal term ``mu/2 ||x_k - x||^2`` at sites."""
-    return fedopt("fedprox", objective, x0, server_optimizer=optax.sgd(1.0),
-                  local_optimizer=optax.sgd(learning_rate), local_steps=local_steps,
-                  prox_mu=mu, **kw)
+    return fedopt(
+        "fedprox",
+        objective,
+        x0,
+        server_optimizer=optax.sgd(1.0),
+        local_optimizer=optax.sgd(learning_rate),
+        local_steps=local_steps,
+        prox_mu=mu,
+        **kw,
+    )
 
 
-def fedadam(objective: Objective, x0, *, learning_rate: float,
-            server_learning_rate: float, local_steps: int = 1, b1: float = 0.9,
-            b2: float = 0.99, eps: float = 1e-3, **kw) -> Algorithm:
+def fedadam(
+    objective: Objective,
+    x0,
+    *,
+    learning_rate: float,
+    server_learning_rate: float,
+    local_steps: int = 1,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-3,
+    **kw,
+) -> Algorithm:
     """FedAdam: local SGD, Adam on the server (Reddi et al. 2021; eps = tau)."""
-    return fedopt("fedadam", objective, x0,
-                  server_optimizer=optax.adam(server_learning_rate, b1=b1, b2=b2,
-                                              eps=eps),
-                  local_optimizer=optax.sgd(learning_rate), local_steps=local_steps,
-                  **kw)
+    return fedopt(
+        "fedadam",
+        objective,
+        x0,
+        server_optimizer=optax.adam(server_learning_rate, b1=b1, b2=b2, eps=eps),
+        local_optimizer=optax.sgd(learning_rate),
+        local_steps=local_steps,
+        **kw,
+    )
 
 
-def fedyogi(objective: Objective, x0, *, learning_rate: float,
-            server_learning_rate: float, local_steps: int = 1, b1: float = 0.9,
-            b2: float = 0.99, eps: float = 1e-3, **kw) -> Algorithm:
+def fedyogi(
+    objective: Objective,
+    x0,
+    *,
+    learning_rate: float,
+    server_learning_rate: float,
+    local_steps: int = 1,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-3,
+    **kw,
+) -> Algorithm:
     """FedYogi: local SGD, Yogi on the server (Reddi et al. 2021)."""
-    return fedopt("fedyogi", objective, x0,
-                  server_optimizer=optax.yogi(server_learning_rate, b1=b1, b2=b2,
-                                              eps=eps),
-                  local_optimizer=optax.sgd(learning_rate), local_steps=local_steps,
-                  **kw)
+    return fedopt(
+        "fedyogi",
+        objective,
+        x0,
+        server_optimizer=optax.yogi(server_learning_rate, b1=b1, b2=b2, eps=eps),
+        local_optimizer=optax.sgd(learning_rate),
+        local_steps=local_steps,
+        **kw,
+    )
 
 
-__all__ = ["Examples", "Objective", "ServerState", "SiteState", "fedadam", "fedavg",
-           "fedopt", "fedprox", "fedyogi", "focei_loss", "objective_from_loss"]
+__all__ = [
+    "Examples",
+    "Objective",
+    "ServerState",
+    "SiteState",
+    "fedadam",
+    "fedavg",
+    "fedopt",
+    "fedprox",
+    "fedyogi",
+    "focei_loss",
+    "objective_from_loss",
+]

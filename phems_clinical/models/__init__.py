@@ -22,16 +22,39 @@ from phems_clinical import lazy_exports
 
 _EXPORTS = {
     ".multistate": ("DEFAULT_SPEC", "EpisodeExamples", "MultistateSpec"),
-    ".scores": ("ScoreInputError", "pelod2", "phoenix", "phoenix8", "psofa",
-                "sepsis_onset", "suspected_infection"),
-    ".sepsis_features": ("FeatureStats", "SepsisInputError", "build_site",
-                         "feature_names", "feature_stats"),
+    ".scores": (
+        "ScoreInputError",
+        "pelod2",
+        "phoenix",
+        "phoenix8",
+        "psofa",
+        "sepsis_onset",
+        "suspected_infection",
+    ),
+    ".sepsis_features": (
+        "FeatureStats",
+        "SepsisInputError",
+        "build_site",
+        "feature_names",
+        "feature_stats",
+    ),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
-    "DEFAULT_SPEC", "EpisodeExamples", "FeatureStats", "MultistateSpec",
-    "ScoreInputError", "SepsisInputError", "build_site", "feature_names",
-    "feature_stats", "pelod2", "phoenix", "phoenix8", "psofa", "sepsis_onset",
+    "DEFAULT_SPEC",
+    "EpisodeExamples",
+    "FeatureStats",
+    "MultistateSpec",
+    "ScoreInputError",
+    "SepsisInputError",
+    "build_site",
+    "feature_names",
+    "feature_stats",
+    "pelod2",
+    "phoenix",
+    "phoenix8",
+    "psofa",
+    "sepsis_onset",
     "suspected_infection",
 ]

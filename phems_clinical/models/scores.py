@@ -33,8 +33,15 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "ScoreInputError", "pelod2", "phoenix", "phoenix8", "psofa", "rolling_worst",
-    "sepsis_onset", "suspected_infection", "worst_in_window",
+    "ScoreInputError",
+    "pelod2",
+    "phoenix",
+    "phoenix8",
+    "psofa",
+    "rolling_worst",
+    "sepsis_onset",
+    "suspected_infection",
+    "worst_in_window",
 ]
 
 #: Age band lower edges (months) shared by Phoenix, pSOFA and PELOD-2.
@@ -50,16 +57,31 @@ _PHX_CREAT = np.array([0.8, 0.3, 0.4, 0.6, 0.7, 1.0])
 # Sequential Organ Failure Assessment score. JAMA Pediatr 2017;171(10):e172352,
 # Table 1): age bands <1, 1-11, 12-23, 24-59, 60-143, 144-216, >216 months.
 _PSOFA_MAP = np.array([46, 55, 60, 62, 65, 67, 70.0])  # MAP below scores 1
-_PSOFA_CREAT = np.array([  # creatinine (mg/dL) at or above scores 1, 2, 3, 4
-    [0.8, 1.0, 1.2, 1.6], [0.3, 0.5, 0.8, 1.2], [0.4, 0.6, 1.1, 1.5],
-    [0.6, 0.9, 1.6, 2.3], [0.7, 1.1, 1.8, 2.6], [1.0, 1.7, 2.9, 4.2],
-    [1.2, 2.0, 3.5, 5.0]])
+_PSOFA_CREAT = np.array(
+    [  # creatinine (mg/dL) at or above scores 1, 2, 3, 4
+        [0.8, 1.0, 1.2, 1.6],
+        [0.3, 0.5, 0.8, 1.2],
+        [0.4, 0.6, 1.1, 1.5],
+        [0.6, 0.9, 1.6, 2.3],
+        [0.7, 1.1, 1.8, 2.6],
+        [1.0, 1.7, 2.9, 4.2],
+        [1.2, 2.0, 3.5, 5.0],
+    ]
+)
 _PSOFA_AGE_EDGES = np.array([0.0, 1.0, 12.0, 24.0, 60.0, 144.0, 216.0])
 
 # PELOD-2 (Leteurtre S, et al. Crit Care Med 2013;41:1761-1773, Table 3 †): MAP below
 # c0 scores 2, below c1 3, below c2 6; creatinine (umol/L) at or above scores 2.
-_PELOD_MAP = np.array([[46, 31, 17], [55, 39, 25], [60, 44, 31], [62, 46, 32],
-                       [65, 49, 36], [67, 52, 38.0]])
+_PELOD_MAP = np.array(
+    [
+        [46, 31, 17],
+        [55, 39, 25],
+        [60, 44, 31],
+        [62, 46, 32],
+        [65, 49, 36],
+        [67, 52, 38.0],
+    ]
+)
 _PELOD_CREAT_UMOL = np.array([70, 23, 35, 51, 59, 93.0])
 _CREAT_MG_TO_UMOL = 88.4
 
@@ -74,8 +96,9 @@ class ScoreInputError(ValueError):
 # ---------------------------------------------------------------- helpers
 def _stay_keys(df: pd.DataFrame) -> np.ndarray:
     if "stay_id" not in df.columns or "hour" not in df.columns:
-        raise ScoreInputError("hourly frame: columns 'stay_id' and 'hour' are needed "
-                              "for per-stay windows")
+        raise ScoreInputError(
+            "hourly frame: columns 'stay_id' and 'hour' are needed for per-stay windows"
+        )
     if "site" in df.columns:
         code = pd.MultiIndex.from_arrays([df["site"], df["stay_id"]]).factorize()[0]
     else:
@@ -94,8 +117,9 @@ def _sorted_key(df: pd.DataFrame):
     return key, order
 
 
-def _values(df: pd.DataFrame, name: str, lookback_h: int = 0,
-            ctx: tuple | None = None) -> np.ndarray:
+def _values(
+    df: pd.DataFrame, name: str, lookback_h: int = 0, ctx: tuple | None = None
+) -> np.ndarray:
     """Column as float (NaN when absent), optionally the latest within lookback_h h."""
     if name not in df.columns:
         return np.full(len(df), np.nan)
@@ -132,8 +156,9 @@ class _Inputs:
     def ratios(self):
         fio2 = self("fio2")
         if np.nanmax(np.where(np.isnan(fio2), -np.inf, fio2), initial=-np.inf) > 1:
-            raise ScoreInputError("column 'fio2': expected a fraction 0.21-1, found "
-                                  "values > 1 (percent?)")
+            raise ScoreInputError(
+                "column 'fio2': expected a fraction 0.21-1, found values > 1 (percent?)"
+            )
         with np.errstate(divide="ignore", invalid="ignore"):
             pf = self("pao2") / fio2
             spo2 = self("spo2")
@@ -146,8 +171,11 @@ class _Inputs:
         return np.where(np.isnan(m), fallback, m)
 
     def age(self):
-        return self("age_months") if "age_months" in self.df.columns else np.full(
-            len(self.df), np.nan)
+        return (
+            self("age_months")
+            if "age_months" in self.df.columns
+            else np.full(len(self.df), np.nan)
+        )
 
 
 def _band(age: np.ndarray, edges: np.ndarray, upper: float | None) -> np.ndarray:
@@ -167,8 +195,9 @@ def _by_band(table: np.ndarray, band: np.ndarray, fill: float) -> np.ndarray:
 
 
 def _frame(df, cols: dict) -> pd.DataFrame:
-    return pd.DataFrame({k: np.asarray(v).astype(np.int64) for k, v in cols.items()},
-                        index=df.index)
+    return pd.DataFrame(
+        {k: np.asarray(v).astype(np.int64) for k, v in cols.items()}, index=df.index
+    )
 
 
 # ---------------------------------------------------------------- Phoenix
@@ -176,23 +205,38 @@ def _phoenix_parts(x: _Inputs) -> dict[str, np.ndarray]:
     pf, sf = x.ratios()
     imv = x.flag("imv")
     ors = ((imv == 1) | (x.flag("other_respiratory_support") == 1)).astype(int)
-    resp = (imv == 1) * (((pf < 100) | (sf < 148)).astype(int)
-                         + ((pf < 200) | (sf < 220)).astype(int)) \
-        + ors * ((pf < 400) | (sf < 292)).astype(int)
+    resp = (imv == 1) * (
+        ((pf < 100) | (sf < 148)).astype(int) + ((pf < 200) | (sf < 220)).astype(int)
+    ) + ors * ((pf < 400) | (sf < 292)).astype(int)
 
     vaso = np.nan_to_num(x("vasoactives"), nan=0.0)
     lact = x("lactate")
     mapv = x.map()
     cut = _by_band(_PHX_MAP, _band(x.age(), AGE_EDGES, 216.0), -np.inf)
-    card = ((vaso > 1).astype(int) + (vaso > 0) + (lact >= 11) + (lact >= 5)
-            + (mapv < cut[:, 0]) + (mapv < cut[:, 1]))
+    card = (
+        (vaso > 1).astype(int)
+        + (vaso > 0)
+        + (lact >= 11)
+        + (lact >= 5)
+        + (mapv < cut[:, 0])
+        + (mapv < cut[:, 1])
+    )
 
-    coag = np.minimum(2, (x("platelets") < 100).astype(int) + (x("inr") > 1.3)
-                      + (x("d_dimer") > 2) + (x("fibrinogen") < 100))
+    coag = np.minimum(
+        2,
+        (x("platelets") < 100).astype(int)
+        + (x("inr") > 1.3)
+        + (x("d_dimer") > 2)
+        + (x("fibrinogen") < 100),
+    )
     pupils = np.nan_to_num(x("fixed_pupils"), nan=0.0)
     neuro = np.minimum(2, 2 * (pupils == 1).astype(int) + (x("gcs") <= 10))
-    return {"respiratory": resp, "cardiovascular": card, "coagulation": coag,
-            "neurologic": neuro}
+    return {
+        "respiratory": resp,
+        "cardiovascular": card,
+        "coagulation": coag,
+        "neurologic": neuro,
+    }
 
 
 def _infection(df, suspected_infection, window_h):
@@ -202,13 +246,20 @@ def _infection(df, suspected_infection, window_h):
         return np.full(len(df), suspected_infection)
     si = np.asarray(suspected_infection, bool)
     if si.shape != (len(df),):
-        raise ScoreInputError(f"suspected_infection: expected a bool per row "
-                              f"({len(df)}), got shape {si.shape}")
+        raise ScoreInputError(
+            f"suspected_infection: expected a bool per row "
+            f"({len(df)}), got shape {si.shape}"
+        )
     return si
 
 
-def phoenix(df: pd.DataFrame, *, lookback_h: int = 0, suspected_infection=None,
-            window_h: int = 24) -> pd.DataFrame:
+def phoenix(
+    df: pd.DataFrame,
+    *,
+    lookback_h: int = 0,
+    suspected_infection=None,
+    window_h: int = 24,
+) -> pd.DataFrame:
     """Phoenix Sepsis Score per row (Sanchez-Pinto et al., JAMA 2024).
 
     Args:
@@ -227,12 +278,24 @@ def phoenix(df: pd.DataFrame, *, lookback_h: int = 0, suspected_infection=None,
     total = sum(parts.values())
     si = _infection(df, suspected_infection, window_h)
     sepsis = (total >= 2) & si
-    return _frame(df, {**parts, "total": total, "sepsis": sepsis,
-                       "septic_shock": sepsis & (parts["cardiovascular"] > 0)})
+    return _frame(
+        df,
+        {
+            **parts,
+            "total": total,
+            "sepsis": sepsis,
+            "septic_shock": sepsis & (parts["cardiovascular"] > 0),
+        },
+    )
 
 
-def phoenix8(df: pd.DataFrame, *, lookback_h: int = 0, suspected_infection=None,
-             window_h: int = 24) -> pd.DataFrame:
+def phoenix8(
+    df: pd.DataFrame,
+    *,
+    lookback_h: int = 0,
+    suspected_infection=None,
+    window_h: int = 24,
+) -> pd.DataFrame:
     """Phoenix-8: :func:`phoenix` plus endocrine, immunologic, renal, hepatic points.
 
     Endocrine: glucose < 50 or > 150 mg/dL; immunologic: ANC < 0.5 or ALC < 1.0
@@ -254,9 +317,17 @@ def phoenix8(df: pd.DataFrame, *, lookback_h: int = 0, suspected_infection=None,
     sepsis = (total >= 2) & si
     extra = {"endocrine": endo, "immunologic": immu, "renal": renal, "hepatic": hep}
     total8 = total + sum(v.astype(int) for v in extra.values())
-    return _frame(df, {**parts, "total": total, "sepsis": sepsis,
-                       "septic_shock": sepsis & (parts["cardiovascular"] > 0),
-                       **extra, "total8": total8})
+    return _frame(
+        df,
+        {
+            **parts,
+            "total": total,
+            "sepsis": sepsis,
+            "septic_shock": sepsis & (parts["cardiovascular"] > 0),
+            **extra,
+            "total8": total8,
+        },
+    )
 
 
 # ---------------------------------------------------------------- pSOFA
@@ -286,10 +357,18 @@ def psofa(df: pd.DataFrame, *, lookback_h: int = 0) -> pd.DataFrame:
     x = _Inputs(df, lookback_h)
     pf, sf = x.ratios()
     support = (x.flag("imv") == 1) | (x.flag("other_respiratory_support") == 1)
-    resp_pf = ((pf < 400).astype(int) + (pf < 300) + ((pf < 200) & support)
-               + ((pf < 100) & support))
-    resp_sf = ((sf < 292).astype(int) + (sf < 264) + ((sf < 221) & support)
-               + ((sf < 148) & support))
+    resp_pf = (
+        (pf < 400).astype(int)
+        + (pf < 300)
+        + ((pf < 200) & support)
+        + ((pf < 100) & support)
+    )
+    resp_sf = (
+        (sf < 292).astype(int)
+        + (sf < 264)
+        + ((sf < 221) & support)
+        + ((sf < 148) & support)
+    )
     # graded cut-offs: 3 and 4 need support; without support the ratio caps at 2
     resp = np.where(np.isnan(pf), resp_sf, resp_pf)
 
@@ -301,14 +380,24 @@ def psofa(df: pd.DataFrame, *, lookback_h: int = 0) -> pd.DataFrame:
     band = _band(x.age(), _PSOFA_AGE_EDGES, None)
     mapv = x.map()
     map_pt = (mapv < _by_band(_PSOFA_MAP, band, -np.inf)).astype(int)
-    dose_cols = ("dopamine_dose", "dobutamine_dose", "epinephrine_dose",
-                 "norepinephrine_dose")
+    dose_cols = (
+        "dopamine_dose",
+        "dobutamine_dose",
+        "epinephrine_dose",
+        "norepinephrine_dose",
+    )
     if any(c in df.columns for c in dose_cols):
         dop, dob, epi, nor = (np.nan_to_num(x(c), nan=0.0) for c in dose_cols)
         catechol = np.maximum(epi, nor)
         drug_pt = np.select(
-            [(dop > 15) | (catechol > 0.1), (dop > 5) | (catechol > 0),
-             (dop > 0) | (dob > 0)], [4, 3, 2], 0)
+            [
+                (dop > 15) | (catechol > 0.1),
+                (dop > 5) | (catechol > 0),
+                (dop > 0) | (dob > 0),
+            ],
+            [4, 3, 2],
+            0,
+        )
     else:
         vaso = np.nan_to_num(x("vasoactives"), nan=0.0)
         drug_pt = np.select([vaso >= 2, vaso >= 1], [4, 3], 0)
@@ -319,8 +408,14 @@ def psofa(df: pd.DataFrame, *, lookback_h: int = 0) -> pd.DataFrame:
     cut = _by_band(_PSOFA_CREAT, band, np.inf)
     cr = x("creatinine")[:, None]
     renal = (cr >= cut).sum(axis=1)
-    parts = {"respiratory": resp, "coagulation": coag, "hepatic": hep,
-             "cardiovascular": card, "neurologic": neuro, "renal": renal}
+    parts = {
+        "respiratory": resp,
+        "coagulation": coag,
+        "hepatic": hep,
+        "cardiovascular": card,
+        "neurologic": neuro,
+        "renal": renal,
+    }
     return _frame(df, {**parts, "total": sum(parts.values())})
 
 
@@ -346,19 +441,28 @@ def pelod2(df: pd.DataFrame, *, lookback_h: int = 0) -> pd.DataFrame:
     band = _band(x.age(), AGE_EDGES, None)
     cut = _by_band(_PELOD_MAP, band, -np.inf)
     mapv = x.map()
-    map_pt = np.select([mapv < cut[:, 2], mapv < cut[:, 1], mapv < cut[:, 0]],
-                       [6, 3, 2], 0)
+    map_pt = np.select(
+        [mapv < cut[:, 2], mapv < cut[:, 1], mapv < cut[:, 0]], [6, 3, 2], 0
+    )
     card = np.select([lact >= 11, lact >= 5], [4, 1], 0) + map_pt
     creat = x("creatinine") * _CREAT_MG_TO_UMOL
     renal = 2 * (creat >= _by_band(_PELOD_CREAT_UMOL, band, np.inf))
     pf, _ = x.ratios()
     paco2 = x("paco2")
-    resp = (2 * (pf <= 60) + np.select([paco2 >= 95, paco2 >= 59], [3, 1], 0)
-            + 3 * (x.flag("imv") == 1))
+    resp = (
+        2 * (pf <= 60)
+        + np.select([paco2 >= 95, paco2 >= 59], [3, 1], 0)
+        + 3 * (x.flag("imv") == 1)
+    )
     plt = x("platelets")
     haem = 2 * (x("wbc") <= 2) + np.select([plt <= 76, plt <= 141], [2, 1], 0)
-    parts = {"neurologic": neuro, "cardiovascular": card, "renal": renal,
-             "respiratory": resp, "hematologic": haem}
+    parts = {
+        "neurologic": neuro,
+        "cardiovascular": card,
+        "renal": renal,
+        "respiratory": resp,
+        "hematologic": haem,
+    }
     return _frame(df, {**parts, "total": sum(parts.values())})
 
 
@@ -375,7 +479,8 @@ def suspected_infection_flags(df: pd.DataFrame, *, window_h: int = 24) -> np.nda
         if c not in df.columns:
             raise ScoreInputError(
                 f"hourly frame: column '{c}' is needed for suspected infection (or "
-                f"pass suspected_infection=True/False or a bool per row)")
+                f"pass suspected_infection=True/False or a bool per row)"
+            )
     key, order = _sorted_key(df)
     ks = key[order]
     lo = np.searchsorted(ks, ks - window_h, side="left")
@@ -398,13 +503,20 @@ def _stay_index(df: pd.DataFrame) -> pd.Index:
     if "site" in df.columns:
         pairs = df[["site", "stay_id"]].drop_duplicates()
         if pairs["stay_id"].duplicated().any():
-            raise ScoreInputError("hourly frame: the same stay_id occurs at several "
-                                  "sites; results are indexed by stay_id")
+            raise ScoreInputError(
+                "hourly frame: the same stay_id occurs at several "
+                "sites; results are indexed by stay_id"
+            )
     return pd.Index(pd.unique(ids), name="stay_id")
 
 
-def worst_in_window(df: pd.DataFrame, score_col: str = "total", hours: int = 24, *,
-                    scores: pd.DataFrame | None = None) -> pd.Series:
+def worst_in_window(
+    df: pd.DataFrame,
+    score_col: str = "total",
+    hours: int = 24,
+    *,
+    scores: pd.DataFrame | None = None,
+) -> pd.Series:
     """Worst (highest) value of ``score_col`` in hours ``[0, hours)`` of each stay.
 
     This is the Phoenix "worst total score in the first 24 h", not the sum of each
@@ -418,8 +530,13 @@ def worst_in_window(df: pd.DataFrame, score_col: str = "total", hours: int = 24,
     return s.groupby(level=0).max().reindex(idx).rename(f"worst_{score_col}")
 
 
-def rolling_worst(df: pd.DataFrame, score_col: str = "total", hours: int = 24, *,
-                  scores: pd.DataFrame | None = None) -> pd.Series:
+def rolling_worst(
+    df: pd.DataFrame,
+    score_col: str = "total",
+    hours: int = 24,
+    *,
+    scores: pd.DataFrame | None = None,
+) -> pd.Series:
     """Per row, the worst ``score_col`` over hours ``[h - hours + 1, h]`` of the stay.
 
     Vectorised range-maximum (sparse table) over rows sorted by stay and hour; gaps
@@ -451,15 +568,22 @@ def rolling_worst(df: pd.DataFrame, score_col: str = "total", hours: int = 24, *
 def _score_column(df, score_col, scores):
     src = scores if scores is not None else df
     if score_col not in src.columns:
-        raise ScoreInputError(f"column '{score_col}' not found (pass scores=... "
-                              f"aligned with the hourly frame)")
+        raise ScoreInputError(
+            f"column '{score_col}' not found (pass scores=... "
+            f"aligned with the hourly frame)"
+        )
     if scores is not None and len(scores) != len(df):
         raise ScoreInputError("scores: expected one row per row of the hourly frame")
     return pd.to_numeric(src[score_col]).to_numpy(np.float64)
 
 
-def sepsis_onset(df: pd.DataFrame, *, window_h: int = 24, lookback_h: int = 0,
-                 scores: pd.DataFrame | None = None) -> pd.Series:
+def sepsis_onset(
+    df: pd.DataFrame,
+    *,
+    window_h: int = 24,
+    lookback_h: int = 0,
+    scores: pd.DataFrame | None = None,
+) -> pd.Series:
     """First hour of each stay with suspected infection and Phoenix total >= 2.
 
     Suspected infection as in :func:`suspected_infection` (culture and antimicrobials
@@ -467,9 +591,13 @@ def sepsis_onset(df: pd.DataFrame, *, window_h: int = 24, lookback_h: int = 0,
     (its ``total`` is used). Returns a float Series indexed by stay_id, named
     ``onset_hour``, NaN for stays that never meet the criteria.
     """
-    total = (scores["total"].to_numpy() if scores is not None
-             else phoenix(df, lookback_h=lookback_h, suspected_infection=False)[
-                 "total"].to_numpy())
+    total = (
+        scores["total"].to_numpy()
+        if scores is not None
+        else phoenix(df, lookback_h=lookback_h, suspected_infection=False)[
+            "total"
+        ].to_numpy()
+    )
     flag = (total >= 2) & suspected_infection_flags(df, window_h=window_h)
     idx = _stay_index(df)
     h = df["hour"].to_numpy(np.float64)

@@ -50,9 +50,20 @@ from phems_clinical.models.sepsis_features import (
     standardise,
 )
 
-__all__ = ["Examples", "LOGISTIC", "TCN", "apply", "fit_central", "init_params",
-           "make_loss", "make_predict", "pad_examples", "pool_examples",
-           "site_examples", "to_examples"]
+__all__ = [
+    "Examples",
+    "LOGISTIC",
+    "TCN",
+    "apply",
+    "fit_central",
+    "init_params",
+    "make_loss",
+    "make_predict",
+    "pad_examples",
+    "pool_examples",
+    "site_examples",
+    "to_examples",
+]
 
 
 class Examples(NamedTuple):
@@ -65,20 +76,34 @@ class Examples(NamedTuple):
 
 # --- data ------------------------------------------------------------------------
 
+
 def to_examples(site: SiteTensors, stats: FeatureStats | None = None) -> Examples:
     """Standardised :class:`Examples` of one site (``stats``: pooled sums across
     sites; default this site's own)."""
     stats = feature_stats(site) if stats is None else stats
-    names = site.names if site.model == LOGISTIC else None   # TCN: all features
-    data = {"x": standardise(site.x, stats, names), "y": site.y, "w": site.w,
-            "sepsis_label": site.sepsis_label, "present": site.present}
+    names = site.names if site.model == LOGISTIC else None  # TCN: all features
+    data = {
+        "x": standardise(site.x, stats, names),
+        "y": site.y,
+        "w": site.w,
+        "sepsis_label": site.sepsis_label,
+        "present": site.present,
+    }
     return Examples(data, np.ones(site.stay_id.shape[0], dtype=bool))
 
 
-def site_examples(hourly, onset, *, model: str = LOGISTIC, horizon_h: int = 6,
-                  max_hours: int = 168, stats: FeatureStats | None = None,
-                  lookback_h: int = 24, windows: Sequence[int] = (6, 24),
-                  return_ids: bool = False):
+def site_examples(
+    hourly,
+    onset,
+    *,
+    model: str = LOGISTIC,
+    horizon_h: int = 6,
+    max_hours: int = 168,
+    stats: FeatureStats | None = None,
+    lookback_h: int = 24,
+    windows: Sequence[int] = (6, 24),
+    return_ids: bool = False,
+):
     """One site's hourly table and onsets -> :class:`Examples` (one stay each).
 
     stats : pooled :class:`~.sepsis_features.FeatureStats` (sum of
@@ -86,8 +111,15 @@ def site_examples(hourly, onset, *, model: str = LOGISTIC, horizon_h: int = 6,
         site's own.
     return_ids : also return the stay ids (n,) in example order.
     """
-    site = build_site(hourly, onset, model=model, horizon_h=horizon_h,
-                      max_hours=max_hours, lookback_h=lookback_h, windows=windows)
+    site = build_site(
+        hourly,
+        onset,
+        model=model,
+        horizon_h=horizon_h,
+        max_hours=max_hours,
+        lookback_h=lookback_h,
+        windows=windows,
+    )
     ex = to_examples(site, stats)
     return (ex, site.stay_id) if return_ids else ex
 
@@ -100,8 +132,9 @@ def _pad_to(a: np.ndarray, n: int, T: int | None) -> np.ndarray:
     return np.pad(np.asarray(a), pad)
 
 
-def pad_examples(sites: Sequence[Examples], n: int | None = None,
-                 T: int | None = None) -> list[Examples]:
+def pad_examples(
+    sites: Sequence[Examples], n: int | None = None, T: int | None = None
+) -> list[Examples]:
     """Pad every site to the same number of stays and hours (zeros, ``mask`` and
     ``present`` False) so the sites can be vmapped."""
     n = max(int(s.mask.shape[0]) for s in sites) if n is None else n
@@ -109,8 +142,9 @@ def pad_examples(sites: Sequence[Examples], n: int | None = None,
     out = []
     for s in sites:
         if s.mask.shape[0] > n or s.data["x"].shape[1] > T:
-            raise SepsisInputError(f"pad_examples: a site has more than n={n} stays "
-                                   f"or T={T} hours")
+            raise SepsisInputError(
+                f"pad_examples: a site has more than n={n} stays or T={T} hours"
+            )
         data = {k: _pad_to(v, n, T) for k, v in s.data.items()}
         out.append(Examples(data, _pad_to(s.mask, n, None)))
     return out
@@ -119,16 +153,26 @@ def pad_examples(sites: Sequence[Examples], n: int | None = None,
 def pool_examples(sites: Sequence[Examples]) -> Examples:
     """All sites' real stays in one :class:`Examples` (centralised training)."""
     padded = pad_examples(sites)
-    data = {k: np.concatenate([np.asarray(s.data[k])[np.asarray(s.mask)]
-                               for s in padded]) for k in padded[0].data}
+    data = {
+        k: np.concatenate([np.asarray(s.data[k])[np.asarray(s.mask)] for s in padded])
+        for k in padded[0].data
+    }
     return Examples(data, np.ones(data["x"].shape[0], dtype=bool))
 
 
 # --- models ----------------------------------------------------------------------
 
-def init_params(key, n_features: int, model: str = LOGISTIC, *, channels: int = 32,
-                kernel_size: int = 3, n_blocks: int = 4, prior: float | None = None
-                ) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
+
+def init_params(
+    key,
+    n_features: int,
+    model: str = LOGISTIC,
+    *,
+    channels: int = 32,
+    kernel_size: int = 3,
+    n_blocks: int = 4,
+    prior: float | None = None,
+) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
     """Initial flat parameters and ``unravel``.
 
     prior : outcome prevalence for the output bias (``logit(prior)``); default 0.
@@ -146,17 +190,28 @@ def init_params(key, n_features: int, model: str = LOGISTIC, *, channels: int = 
             return jax.random.uniform(k, shape, minval=-lim, maxval=lim)
 
         params = {
-            "inp": {"w": uni(keys[0], (n_features, channels), n_features),
-                    "b": jnp.zeros(channels)},
-            "blocks": [{"w": uni(keys[1 + i], (kernel_size, channels, channels),
-                                 kernel_size * channels),
-                        "b": jnp.zeros(channels)} for i in range(n_blocks)],
+            "inp": {
+                "w": uni(keys[0], (n_features, channels), n_features),
+                "b": jnp.zeros(channels),
+            },
+            "blocks": [
+                {
+                    "w": uni(
+                        keys[1 + i],
+                        (kernel_size, channels, channels),
+                        kernel_size * channels,
+                    ),
+                    "b": jnp.zeros(channels),
+                }
+                for i in range(n_blocks)
+            ],
             "out": {"w": uni(keys[-1], (channels,), channels), "b": jnp.asarray(b0)},
             "skip": {"w": jnp.zeros(n_features)},
         }
     else:
-        raise SepsisInputError(f"model: expected {LOGISTIC!r} or {TCN!r}, got "
-                               f"{model!r}")
+        raise SepsisInputError(
+            f"model: expected {LOGISTIC!r} or {TCN!r}, got {model!r}"
+        )
     x0, unravel = ravel_pytree(params)
     return x0, unravel
 
@@ -171,14 +226,14 @@ def _causal_conv(h: jax.Array, w: jax.Array, dilation: int) -> jax.Array:
     for j in range(k - 1):
         s = dilation * (k - 1 - j)
         if s < T:
-            shifted = jnp.concatenate([jnp.zeros((s, h.shape[1]), h.dtype), h[:T - s]])
+            shifted = jnp.concatenate([jnp.zeros((s, h.shape[1]), h.dtype), h[: T - s]])
             out = out + shifted @ w[j]
     return out
 
 
 def apply(params, x: jax.Array) -> jax.Array:
     """Per-hour logits (T,) of one stay's features ``x`` (T, F)."""
-    if "blocks" not in params:                                     # logistic
+    if "blocks" not in params:  # logistic
         return x @ params["w"] + params["b"]
     dtype = params["inp"]["w"].dtype
     x = x.astype(dtype)
@@ -190,13 +245,16 @@ def apply(params, x: jax.Array) -> jax.Array:
 
 def _penalty(params) -> jax.Array:
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    return sum(jnp.sum(v**2) for p, v in leaves
-               if getattr(p[-1], "key", None) == "w")
+    return sum(jnp.sum(v**2) for p, v in leaves if getattr(p[-1], "key", None) == "w")
 
 
-def make_loss(unravel, *, l2: float = 1e-4, pos_weight: float = 1.0,
-              hours_norm: float | None = None
-              ) -> Callable[[jax.Array, Any], jax.Array]:
+def make_loss(
+    unravel,
+    *,
+    l2: float = 1e-4,
+    pos_weight: float = 1.0,
+    hours_norm: float | None = None,
+) -> Callable[[jax.Array, Any], jax.Array]:
     """``loss(x_flat, example) -> scalar``: the stay's weighted BCE over its used
     hours (``example["w"]``) + ``l2/2 ||W||^2`` (see the module docstring).
 
@@ -208,6 +266,7 @@ def make_loss(unravel, *, l2: float = 1e-4, pos_weight: float = 1.0,
     pos_weight : weight of the positive hours' term (1 keeps the probabilities
         calibrated).
     """
+
     def loss(x, ex):
         params = unravel(x)
         z = apply(params, ex["x"])
@@ -223,6 +282,7 @@ def make_loss(unravel, *, l2: float = 1e-4, pos_weight: float = 1.0,
 def make_predict(unravel) -> Callable[[jax.Array, Any], jax.Array]:
     """``predict(x_flat, examples) -> (n, T)`` probabilities for every stay-hour
     (padding included; select with ``present``/``w``)."""
+
     @jax.jit
     def predict(x, data_x):
         params = unravel(x)
@@ -242,10 +302,17 @@ class CentralFit(NamedTuple):
     losses: np.ndarray
 
 
-def fit_central(key, loss, x0, examples: Examples, *, epochs: int = 5,
-                batch_size: int = 64, learning_rate: float = 1e-2,
-                optimizer: optax.GradientTransformation | None = None
-                ) -> CentralFit:
+def fit_central(
+    key,
+    loss,
+    x0,
+    examples: Examples,
+    *,
+    epochs: int = 5,
+    batch_size: int = 64,
+    learning_rate: float = 1e-2,
+    optimizer: optax.GradientTransformation | None = None,
+) -> CentralFit:
     """Minibatch training over stays (optax, default Adam) of the mean stay loss.
 
     Each epoch visits the stays once in an order drawn from ``key``; the last batch
@@ -272,6 +339,7 @@ def fit_central(key, loss, x0, examples: Examples, *, epochs: int = 5,
             grad = jnp.sum(g * m[:, None], 0) / jnp.sum(m)
             upd, st = opt.update(grad, st, x)
             return (optax.apply_updates(x, upd), st), jnp.sum(v * m) / jnp.sum(m)
+
         carry, losses = jax.lax.scan(step, carry, perm)
         return carry, jnp.mean(losses)
 

@@ -44,29 +44,81 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-__all__ = ["AGE_BANDS_MONTHS", "FeatureStats", "INTERVENTIONS", "LOGISTIC",
-           "LOG_SCALE", "SepsisInputError", "SiteTensors", "TCN", "VARIABLES",
-           "build_site", "feature_names", "feature_stats", "make_labels",
-           "onset_per_row", "scaled_features", "standardise"]
+__all__ = [
+    "AGE_BANDS_MONTHS",
+    "FeatureStats",
+    "INTERVENTIONS",
+    "LOGISTIC",
+    "LOG_SCALE",
+    "SepsisInputError",
+    "SiteTensors",
+    "TCN",
+    "VARIABLES",
+    "build_site",
+    "feature_names",
+    "feature_stats",
+    "make_labels",
+    "onset_per_row",
+    "scaled_features",
+    "standardise",
+]
 
 LOGISTIC = "logistic"
 TCN = "tcn"
 
 #: Vitals and labs of the hourly contract (units as in the OMOP measurement list).
-MEASURED = ("hr", "resp_rate", "sbp", "dbp", "map", "spo2", "temp", "gcs",
-            "fixed_pupils", "fio2", "pao2", "paco2", "lactate", "platelets", "inr",
-            "d_dimer", "fibrinogen", "glucose", "anc", "alc", "wbc", "creatinine",
-            "bilirubin", "alt")
+MEASURED = (
+    "hr",
+    "resp_rate",
+    "sbp",
+    "dbp",
+    "map",
+    "spo2",
+    "temp",
+    "gcs",
+    "fixed_pupils",
+    "fio2",
+    "pao2",
+    "paco2",
+    "lactate",
+    "platelets",
+    "inr",
+    "d_dimer",
+    "fibrinogen",
+    "glucose",
+    "anc",
+    "alc",
+    "wbc",
+    "creatinine",
+    "bilirubin",
+    "alt",
+)
 #: Ratios formed when both parts are measured in the same hour (the Phoenix
 #: respiratory inputs SpO2:FiO2 and PaO2:FiO2; FiO2 as a fraction).
 DERIVED = ("sf_ratio", "pf_ratio")
 VARIABLES = MEASURED + DERIVED
 #: Right-skewed positive labs (and the ratios) enter on the log scale, so that a
 #: few extreme values do not dominate the standardised features.
-LOG_SCALE = ("lactate", "inr", "d_dimer", "anc", "alc", "wbc", "creatinine",
-             "bilirubin", "alt", "sf_ratio", "pf_ratio")
-INTERVENTIONS = ("imv", "other_respiratory_support", "vasoactives", "antimicrobial",
-                 "culture")
+LOG_SCALE = (
+    "lactate",
+    "inr",
+    "d_dimer",
+    "anc",
+    "alc",
+    "wbc",
+    "creatinine",
+    "bilirubin",
+    "alt",
+    "sf_ratio",
+    "pf_ratio",
+)
+INTERVENTIONS = (
+    "imv",
+    "other_respiratory_support",
+    "vasoactives",
+    "antimicrobial",
+    "culture",
+)
 #: Upper edges (months, exclusive) of the Phoenix age bands; the last is open.
 AGE_BANDS_MONTHS = (1.0, 12.0, 24.0, 60.0, 144.0)
 REQUIRED = ("stay_id", "hour", "age_months", "sex") + MEASURED + INTERVENTIONS
@@ -116,11 +168,18 @@ def make_labels(hourly: pd.DataFrame, onset, horizon_h: int = 6) -> pd.DataFrame
         include = none | (hour < o)
         y = ~none & include & (o - hour <= horizon_h)
         cinc = ~none & (hour >= o - 6.0)
-    return pd.DataFrame({"y": y.astype(np.int8), "include": include,
-                         "sepsis_label": cinc.astype(np.int8)}, index=hourly.index)
+    return pd.DataFrame(
+        {
+            "y": y.astype(np.int8),
+            "include": include,
+            "sepsis_label": cinc.astype(np.int8),
+        },
+        index=hourly.index,
+    )
 
 
 # --- windowed reductions along the hour axis (axis 1), NaN-aware --------------------
+
 
 def _shift(a: np.ndarray, k: int, fill) -> np.ndarray:
     """``out[:, t] = a[:, t - k]`` (``fill`` for ``t < k``)."""
@@ -167,8 +226,9 @@ class SiteTensors(NamedTuple):
     model: str = LOGISTIC
 
 
-def feature_names(model: str = LOGISTIC, *, windows: Sequence[int] = (6, 24)
-                  ) -> tuple[str, ...]:
+def feature_names(
+    model: str = LOGISTIC, *, windows: Sequence[int] = (6, 24)
+) -> tuple[str, ...]:
     """Names of the feature columns, in order."""
     bands = [f"age_band_{i}" for i in range(len(AGE_BANDS_MONTHS) + 1)]
     if model == LOGISTIC:
@@ -177,18 +237,27 @@ def feature_names(model: str = LOGISTIC, *, windows: Sequence[int] = (6, 24)
         names = [f"{v}_{s}" for v in VARIABLES for s in per]
         names += [f"{v}_{s}" for v in INTERVENTIONS for s in ("now", "max24h")]
     elif model == TCN:
-        names = [f"{v}_{s}" for v in VARIABLES for s in ("last", "measured",
-                                                         "hours_since")]
+        names = [
+            f"{v}_{s}" for v in VARIABLES for s in ("last", "measured", "hours_since")
+        ]
         names += [f"{v}_now" for v in INTERVENTIONS]
     else:
-        raise SepsisInputError(f"model: expected {LOGISTIC!r} or {TCN!r}, got "
-                               f"{model!r}")
+        raise SepsisInputError(
+            f"model: expected {LOGISTIC!r} or {TCN!r}, got {model!r}"
+        )
     return tuple(names + bands + ["male"])
 
 
-def build_site(hourly: pd.DataFrame, onset, *, model: str = LOGISTIC,
-               horizon_h: int = 6, max_hours: int = 168, lookback_h: int = 24,
-               windows: Sequence[int] = (6, 24)) -> SiteTensors:
+def build_site(
+    hourly: pd.DataFrame,
+    onset,
+    *,
+    model: str = LOGISTIC,
+    horizon_h: int = 6,
+    max_hours: int = 168,
+    lookback_h: int = 24,
+    windows: Sequence[int] = (6, 24),
+) -> SiteTensors:
     """Labels and unstandardised features of one site's stays (see the module doc).
 
     Hours ``>= max_hours`` are dropped (T = min(max_hours, longest stay)). Memory:
@@ -215,16 +284,24 @@ def build_site(hourly: pd.DataFrame, onset, *, model: str = LOGISTIC,
     meas = df[list(MEASURED)].to_numpy(dtype=np.float64, na_value=np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         fio2 = meas[:, MEASURED.index("fio2")]
-        ratios = np.column_stack([meas[:, MEASURED.index("spo2")] / fio2,
-                                  meas[:, MEASURED.index("pao2")] / fio2])
+        ratios = np.column_stack(
+            [
+                meas[:, MEASURED.index("spo2")] / fio2,
+                meas[:, MEASURED.index("pao2")] / fio2,
+            ]
+        )
     ratios[~np.isfinite(ratios)] = np.nan
     allv = np.column_stack([meas, ratios])
     logc = [VARIABLES.index(c) for c in LOG_SCALE]
     with np.errstate(divide="ignore", invalid="ignore"):
         allv[:, logc] = np.log(np.maximum(allv[:, logc], 1e-3))
-    v = grid(allv)                                                # (n, T, V)
-    iv = grid(np.nan_to_num(df[list(INTERVENTIONS)].to_numpy(
-        dtype=np.float64, na_value=np.nan)), 0.0)                # (n, T, I)
+    v = grid(allv)  # (n, T, V)
+    iv = grid(
+        np.nan_to_num(
+            df[list(INTERVENTIONS)].to_numpy(dtype=np.float64, na_value=np.nan)
+        ),
+        0.0,
+    )  # (n, T, I)
     age = df["age_months"].to_numpy(dtype=np.float64, na_value=np.nan)
     band = np.searchsorted(np.asarray(AGE_BANDS_MONTHS), age, side="right")
     static = np.zeros((len(df), len(AGE_BANDS_MONTHS) + 2))
@@ -236,7 +313,7 @@ def build_site(hourly: pd.DataFrame, onset, *, model: str = LOGISTIC,
     obs = ~np.isnan(v)
     t = np.arange(T, dtype=np.float64)[None, :, None]
     last_t = np.maximum.accumulate(np.where(obs, t, -np.inf), axis=1)
-    since = t - last_t                                            # inf: never
+    since = t - last_t  # inf: never
     idx = np.where(np.isfinite(last_t), last_t, 0).astype(np.int64)
     last = np.take_along_axis(v, idx, axis=1)
     recent = since < lookback_h
@@ -260,8 +337,9 @@ def build_site(hourly: pd.DataFrame, onset, *, model: str = LOGISTIC,
         block[..., k - 2] = since_scaled
         block[..., k - 1] = ~recent
         off = V * k
-        ivb = out[:, :, off: off + 2 * len(INTERVENTIONS)].reshape(
-            n, T, len(INTERVENTIONS), 2)
+        ivb = out[:, :, off : off + 2 * len(INTERVENTIONS)].reshape(
+            n, T, len(INTERVENTIONS), 2
+        )
         ivb[..., 0] = iv
         ivb[..., 1] = _rolling_extreme(iv, 24, np.fmax)
         off += 2 * len(INTERVENTIONS)
@@ -271,7 +349,7 @@ def build_site(hourly: pd.DataFrame, onset, *, model: str = LOGISTIC,
         block[..., 1] = obs
         block[..., 2] = since_scaled
         off = 3 * V
-        out[:, :, off: off + len(INTERVENTIONS)] = iv
+        out[:, :, off : off + len(INTERVENTIONS)] = iv
         off += len(INTERVENTIONS)
     out[:, :, off:] = static
 
@@ -288,8 +366,15 @@ def scaled_features(names: Sequence[str]) -> np.ndarray:
     """Which features are standardised: the value summaries (last, min, max, mean);
     indicators, counts, hours-since (already in [0, 1]) and one-hots stay as
     they are."""
-    return np.array([any(n.startswith(v + "_") and n[len(v) + 1:].startswith(
-        _VALUE_STATS) for v in VARIABLES) for n in names])
+    return np.array(
+        [
+            any(
+                n.startswith(v + "_") and n[len(v) + 1 :].startswith(_VALUE_STATS)
+                for v in VARIABLES
+            )
+            for n in names
+        ]
+    )
 
 
 class FeatureStats(NamedTuple):
@@ -314,14 +399,15 @@ class FeatureStats(NamedTuple):
 
 def feature_stats(site: SiteTensors) -> FeatureStats:
     """The site's sums over its present hours (float64)."""
-    x = site.x[site.present].astype(np.float64)                    # (rows, F)
+    x = site.x[site.present].astype(np.float64)  # (rows, F)
     ok = ~np.isnan(x)
     x0 = np.where(ok, x, 0.0)
     return FeatureStats(ok.sum(0).astype(np.float64), x0.sum(0), (x0**2).sum(0))
 
 
-def standardise(x: np.ndarray, stats: FeatureStats,
-                names: Sequence[str] | None = None) -> np.ndarray:
+def standardise(
+    x: np.ndarray, stats: FeatureStats, names: Sequence[str] | None = None
+) -> np.ndarray:
     """``(x - mean) / sd`` with NaN -> 0 (float32); with ``names``, only the
     :func:`scaled_features` are standardised (the others keep their values)."""
     mean, sd = stats.mean_sd()

@@ -22,8 +22,9 @@ _CACHE: dict[tuple, tuple[PopModel, Any]] = {}
 _MAX_ENTRIES = 64
 
 
-def per_model(model: PopModel, tag: tuple, build: Callable[[], Any], *,
-              persist: bool = False) -> Any:
+def per_model(
+    model: PopModel, tag: tuple, build: Callable[[], Any], *, persist: bool = False
+) -> Any:
     """``build()`` once per ``(model object, tag)``; later calls return the result.
 
     ``persist``: ``build()`` returns a jitted function (or a tuple of them) of

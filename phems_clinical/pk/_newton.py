@@ -17,10 +17,14 @@ import jax.numpy as jnp
 from phems_clinical._typing import Array, Float
 
 
-def newton_minimise(fun: Callable[[Array], Array], x0: Float[Array, " n"], *,
-                    max_iter: int = 100, gtol: float = 1e-9,
-                    dtol: float = 1e-14
-                    ) -> Float[Array, " n"]:
+def newton_minimise(
+    fun: Callable[[Array], Array],
+    x0: Float[Array, " n"],
+    *,
+    max_iter: int = 100,
+    gtol: float = 1e-9,
+    dtol: float = 1e-14,
+) -> Float[Array, " n"]:
     """Minimise a smooth scalar ``fun`` from ``x0``; jit/vmap-compatible.
 
     Stops when ``max |grad| <= gtol * (1 + |f|)``, when the Newton decrement

@@ -51,8 +51,14 @@ __all__ = [
     "macro_constants_eigh",
     "steady_state",
     # building blocks shared with derived.py and occasions.py
-    "as_float", "check_params", "exprel1", "exprel2", "per_dose_macro",
-    "macro_response", "macro_response_slope", "unit_modes",
+    "as_float",
+    "check_params",
+    "exprel1",
+    "exprel2",
+    "per_dose_macro",
+    "macro_response",
+    "macro_response_slope",
+    "unit_modes",
 ]
 
 PARAM_NAMES: dict[int, tuple[str, ...]] = {
@@ -220,9 +226,7 @@ def macro_constants_eigh(
     return lam, u[0] ** 2 / v1
 
 
-def macro_response(
-    t_rel: Array, amt: Array, dur: Array, lam: Array, a: Array
-) -> Array:
+def macro_response(t_rel: Array, amt: Array, dur: Array, lam: Array, a: Array) -> Array:
     """Dose response given the macro-constants; see :func:`dose_response`."""
     t = t_rel[..., None]
     shape = (1,) * t_rel.ndim + (-1,)
@@ -308,8 +312,10 @@ def per_dose_macro(params: Array, n_cmt: int, n_dose: int) -> tuple[Array, Array
     params = check_params(params, n_cmt)
     if params.ndim == 1:
         lam, a = macro_constants(params, n_cmt)
-        return (jnp.broadcast_to(lam, (n_dose, n_cmt)),
-                jnp.broadcast_to(a, (n_dose, n_cmt)))
+        return (
+            jnp.broadcast_to(lam, (n_dose, n_cmt)),
+            jnp.broadcast_to(a, (n_dose, n_cmt)),
+        )
     if params.ndim == 2 and params.shape[0] == n_dose:
         return jax.vmap(lambda p: macro_constants(p, n_cmt))(params)
     raise ValueError(
@@ -319,8 +325,12 @@ def per_dose_macro(params: Array, n_cmt: int, n_dose: int) -> tuple[Array, Array
 
 
 def _dose_curves(
-    t: Array, dose_time: Array, dose_amt: Array, dose_dur: Array,
-    params: Array, n_cmt: int,
+    t: Array,
+    dose_time: Array,
+    dose_amt: Array,
+    dose_dur: Array,
+    params: Array,
+    n_cmt: int,
 ) -> Array:
     """Per-dose concentration curves, shape (n_dose, n_t)."""
     lam, a = per_dose_macro(params, n_cmt, dose_time.shape[0])
@@ -370,8 +380,14 @@ def concentration(
     [25.0, 32.53]
     """
     t = as_float(t)
-    curves = _dose_curves(t, as_float(dose_time), as_float(dose_amt),
-                          as_float(dose_dur), as_float(params), n_cmt)
+    curves = _dose_curves(
+        t,
+        as_float(dose_time),
+        as_float(dose_amt),
+        as_float(dose_dur),
+        as_float(params),
+        n_cmt,
+    )
     return as_float(baseline) + jnp.sum(curves, axis=0)
 
 

@@ -110,8 +110,16 @@ means the sampler missed part of the posterior, so its draws may be biased
 (Betancourt, arXiv:1701.02434, 2017, section 6.2)."""
 
 _SIGMA_NAMES = ("additive", "proportional")
-_SUMMARY_COLUMNS = ("mean", "sd", "median", "q5", "q95", "r_hat", "ess_bulk",
-                    "ess_tail")
+_SUMMARY_COLUMNS = (
+    "mean",
+    "sd",
+    "median",
+    "q5",
+    "q95",
+    "r_hat",
+    "ess_bulk",
+    "ess_tail",
+)
 
 
 class Priors(NamedTuple):
@@ -209,37 +217,49 @@ def _theta_prior(t: Theta, scale: float, coef_scale: float) -> dist.Distribution
         u = min(max((v - lo) / (hi - lo), 1e-9), 1.0 - 1e-9)
         return dist.TransformedDistribution(
             dist.Normal(math.log(u) - math.log1p(-u), scale),
-            biject_to(constraints.interval(lo, hi)))
+            biject_to(constraints.interval(lo, hi)),
+        )
     if lo == 0.0:
         return dist.LogNormal(math.log(max(v, 1e-12)), scale)
     if math.isfinite(lo):
         d = max(v - lo, 1e-9 * (1.0 + abs(lo)))
-        return dist.TransformedDistribution(dist.Normal(math.log(d), scale),
-                                            biject_to(constraints.greater_than(lo)))
+        return dist.TransformedDistribution(
+            dist.Normal(math.log(d), scale), biject_to(constraints.greater_than(lo))
+        )
     if math.isfinite(hi):
         d = max(hi - v, 1e-9 * (1.0 + abs(hi)))
-        return dist.TransformedDistribution(dist.Normal(math.log(d), scale),
-                                            biject_to(constraints.less_than(hi)))
+        return dist.TransformedDistribution(
+            dist.Normal(math.log(d), scale), biject_to(constraints.less_than(hi))
+        )
     return dist.Normal(v, coef_scale)
 
 
 def _spec_sds(model: PopModel) -> tuple[dict, dict, dict]:
     om = np.asarray(model.omega, dtype=np.float64).reshape(model.n_eta, model.n_eta)
     iiv = {p: float(np.sqrt(om[k, k])) for k, p in enumerate(model.iiv_parameters)}
-    iov = {p: float(np.sqrt(model.omega_iov[k, k]))
-           for k, p in enumerate(model.iov_parameters)}
-    res = {"additive": model.residual.additive,
-           "proportional": model.residual.proportional}
+    iov = {
+        p: float(np.sqrt(model.omega_iov[k, k]))
+        for k, p in enumerate(model.iov_parameters)
+    }
+    res = {
+        "additive": model.residual.additive,
+        "proportional": model.residual.proportional,
+    }
     return iiv, iov, res
 
 
 def _estimated_sigma(model: PopModel) -> tuple[str, ...]:
     if model.residual.fixed:
         return ()
-    return tuple(n for n, v in zip(_SIGMA_NAMES, (model.residual.additive,
-                                                  model.residual.proportional),
-                                   strict=True)
-                 if v > 0)
+    return tuple(
+        n
+        for n, v in zip(
+            _SIGMA_NAMES,
+            (model.residual.additive, model.residual.proportional),
+            strict=True,
+        )
+        if v > 0
+    )
 
 
 def coef_scale(model: PopModel, t: Theta) -> float:
@@ -270,20 +290,28 @@ def weak_priors(model: PopModel) -> Priors:
     """
     _, _, res = _spec_sds(model)
     return Priors(
-        theta={t.name: _theta_prior(t, 1.0, coef_scale(model, t))
-               for t in model.thetas if not t.fixed},
+        theta={
+            t.name: _theta_prior(t, 1.0, coef_scale(model, t))
+            for t in model.thetas
+            if not t.fixed
+        },
         omega_sd={p: dist.HalfNormal(1.0) for p in model.iiv_parameters},
         omega_corr_concentration=2.0,
         omega_iov_sd={p: dist.HalfNormal(1.0) for p in model.iov_parameters},
-        sigma={n: dist.HalfNormal(max(2.0 * res[n], 0.01))
-               for n in _estimated_sigma(model)},
-        baseline=(dist.HalfNormal(max(2.0 * model.baseline, 1.0))
-                  if model.baseline_estimated else None),
+        sigma={
+            n: dist.HalfNormal(max(2.0 * res[n], 0.01)) for n in _estimated_sigma(model)
+        },
+        baseline=(
+            dist.HalfNormal(max(2.0 * model.baseline, 1.0))
+            if model.baseline_estimated
+            else None
+        ),
     )
 
 
-def library_priors(model: PopModel, *, theta_cv: float = 0.2, sd_cv: float = 0.3
-                   ) -> Priors:
+def library_priors(
+    model: PopModel, *, theta_cv: float = 0.2, sd_cv: float = 0.3
+) -> Priors:
     """Informative priors centred on a product-library model's published values.
 
     ``model`` is the library entry (:func:`~phems_clinical.pk.library.load_product`).
@@ -298,16 +326,23 @@ def library_priors(model: PopModel, *, theta_cv: float = 0.2, sd_cv: float = 0.3
     iiv, iov, res = _spec_sds(model)
     base = None
     if model.baseline_estimated:
-        base = (dist.LogNormal(math.log(model.baseline), sd_cv) if model.baseline > 0
-                else dist.HalfNormal(1.0))
+        base = (
+            dist.LogNormal(math.log(model.baseline), sd_cv)
+            if model.baseline > 0
+            else dist.HalfNormal(1.0)
+        )
     return Priors(
-        theta={t.name: _theta_prior(t, theta_cv, theta_cv * max(abs(t.value), 0.05))
-               for t in model.thetas if not t.fixed},
+        theta={
+            t.name: _theta_prior(t, theta_cv, theta_cv * max(abs(t.value), 0.05))
+            for t in model.thetas
+            if not t.fixed
+        },
         omega_sd={p: dist.LogNormal(math.log(s), sd_cv) for p, s in iiv.items()},
         omega_corr_concentration=2.0,
         omega_iov_sd={p: dist.LogNormal(math.log(s), sd_cv) for p, s in iov.items()},
-        sigma={n: dist.LogNormal(math.log(res[n]), sd_cv)
-               for n in _estimated_sigma(model)},
+        sigma={
+            n: dist.LogNormal(math.log(res[n]), sd_cv) for n in _estimated_sigma(model)
+        },
         baseline=base,
     )
 
@@ -336,8 +371,9 @@ def _sample_population(model: PopModel, priors: Priors) -> dict:
     g = {}
     for t in model.thetas:
         if not t.fixed:
-            g[f"theta_{t.name}"] = numpyro.sample(f"theta_{t.name}",
-                                                  priors.theta[t.name])
+            g[f"theta_{t.name}"] = numpyro.sample(
+                f"theta_{t.name}", priors.theta[t.name]
+            )
     if not model.omega_fixed:
         for p in model.iiv_parameters:
             g[f"omega_sd_{p}"] = numpyro.sample(f"omega_sd_{p}", priors.omega_sd[p])
@@ -345,11 +381,13 @@ def _sample_population(model: PopModel, priors: Priors) -> dict:
             if len(b) > 1:
                 g[_block_name(b)] = numpyro.sample(
                     _block_name(b),
-                    dist.LKJCholesky(len(b), priors.omega_corr_concentration))
+                    dist.LKJCholesky(len(b), priors.omega_corr_concentration),
+                )
     if not model.omega_iov_fixed:
         for p in model.iov_parameters:
-            g[f"omega_iov_sd_{p}"] = numpyro.sample(f"omega_iov_sd_{p}",
-                                                    priors.omega_iov_sd[p])
+            g[f"omega_iov_sd_{p}"] = numpyro.sample(
+                f"omega_iov_sd_{p}", priors.omega_iov_sd[p]
+            )
     for n in _estimated_sigma(model):
         g[f"sigma_{n}"] = numpyro.sample(f"sigma_{n}", priors.sigma[n])
     if model.baseline_estimated:
@@ -378,33 +416,39 @@ def _assemble(model: PopModel, g: dict):
             corr = g[_block_name(b)] if len(b) > 1 else jnp.ones((1, 1))
             scale = scale.at[np.ix_(idx, idx)].set(sd[:, None] * corr)
     if model.omega_iov_fixed or not model.n_kappa:
-        om_iov = np.asarray(model.omega_iov, np.float64).reshape(model.n_kappa,
-                                                                 model.n_kappa)
-        iov_scale = jnp.asarray(np.linalg.cholesky(om_iov) if model.n_kappa
-                                else om_iov)
+        om_iov = np.asarray(model.omega_iov, np.float64).reshape(
+            model.n_kappa, model.n_kappa
+        )
+        iov_scale = jnp.asarray(np.linalg.cholesky(om_iov) if model.n_kappa else om_iov)
     else:
-        iov_scale = jnp.diag(jnp.stack([g[f"omega_iov_sd_{p}"]
-                                        for p in model.iov_parameters]))
-    sigma = jnp.asarray([model.residual.additive, model.residual.proportional],
-                        dtype=jnp.float64)
+        iov_scale = jnp.diag(
+            jnp.stack([g[f"omega_iov_sd_{p}"] for p in model.iov_parameters])
+        )
+    sigma = jnp.asarray(
+        [model.residual.additive, model.residual.proportional], dtype=jnp.float64
+    )
     for k, n in enumerate(_SIGMA_NAMES):
         if f"sigma_{n}" in g:
             sigma = sigma.at[k].set(g[f"sigma_{n}"])
     baseline = g.get("baseline", jnp.asarray(model.baseline, jnp.float64))
-    params = PopParams(theta, scale @ scale.T, iov_scale @ iov_scale.T, sigma,
-                       baseline)
+    params = PopParams(theta, scale @ scale.T, iov_scale @ iov_scale.T, sigma, baseline)
     return params, scale, iov_scale
 
 
-def _subject_loglik_impl(model: PopModel, data: Cohort, params: PopParams,
-                         eta: Float[Array, "n_sub n_eta"],
-                         kappa: Float[Array, "n_sub n_occ n_kappa"]
-                         ) -> Float[Array, " n_sub"]:
+def _subject_loglik_impl(
+    model: PopModel,
+    data: Cohort,
+    params: PopParams,
+    eta: Float[Array, "n_sub n_eta"],
+    kappa: Float[Array, "n_sub n_occ n_kappa"],
+) -> Float[Array, " n_sub"]:
     """``-0.5 * sum_j obs_neg2ll`` per subject: single-subject ``predict``, vmapped."""
     f = jax.vmap(partial(predict, model), in_axes=(0, None, 0, 0, None))(
-        data, params.theta, eta, kappa, params.baseline)
-    n2ll = jax.vmap(partial(obs_neg2ll, form=model.residual.form),
-                    in_axes=(0, 0, None))(data, f, params.sigma)
+        data, params.theta, eta, kappa, params.baseline
+    )
+    n2ll = jax.vmap(
+        partial(obs_neg2ll, form=model.residual.form), in_axes=(0, 0, None)
+    )(data, f, params.sigma)
     return -0.5 * jnp.sum(n2ll, axis=-1)
 
 
@@ -417,12 +461,19 @@ def subject_loglik(model: PopModel):
     of small XLA compilations). One jitted function compiles once; inside the
     estimators' own ``jit``/``grad`` it is simply inlined.
     """
-    return per_model(model, ("loglik",),
-                      lambda: jax.jit(partial(_subject_loglik_impl, model)))
+    return per_model(
+        model, ("loglik",), lambda: jax.jit(partial(_subject_loglik_impl, model))
+    )
 
 
-def population_model(model: PopModel, cohort: Cohort, *, priors: Priors,
-                     n_occ: int = 1, centered: bool = False) -> None:
+def population_model(
+    model: PopModel,
+    cohort: Cohort,
+    *,
+    priors: Priors,
+    n_occ: int = 1,
+    centered: bool = False,
+) -> None:
     """NumPyro model of a population PK study (see the module docstring).
 
     Parameters
@@ -450,13 +501,23 @@ def population_model(model: PopModel, cohort: Cohort, *, priors: Priors,
     n_sub = cohort.n_subjects
     data = likelihood_cohort(model, cohort)
     with numpyro.plate("subject", n_sub, dim=-1):
-        eta, kappa = sample_random_effects(model, params.theta, scale, iov_scale,
-                                           cohort.covariates, n_occ, centered)
+        eta, kappa = sample_random_effects(
+            model, params.theta, scale, iov_scale, cohort.covariates, n_occ, centered
+        )
         numpyro.factor("obs", subject_loglik(model)(data, params, eta, kappa))
 
 
-def sample_random_effects(model: PopModel, theta, scale, iov_scale, covariates,
-                          n_occ: int, centered: bool, *, record_eta: bool = True):
+def sample_random_effects(
+    model: PopModel,
+    theta,
+    scale,
+    iov_scale,
+    covariates,
+    n_occ: int,
+    centered: bool,
+    *,
+    record_eta: bool = True,
+):
     """Inside ``numpyro.plate("subject", N)``: each subject's IIV ``eta`` (N, n_eta)
     and IOV ``kappa`` (N, n_occ, n_kappa), centred (site ``phi``) or non-centred
     (site ``z``), and ``kappa_z`` in a nested ``occasion`` plate (see
@@ -479,7 +540,8 @@ def sample_random_effects(model: PopModel, theta, scale, iov_scale, covariates,
     if n_kappa:
         with numpyro.plate("occasion", n_occ, dim=-2):
             kz = numpyro.sample(
-                "kappa_z", dist.Normal(0.0, 1.0).expand([n_kappa]).to_event(1))
+                "kappa_z", dist.Normal(0.0, 1.0).expand([n_kappa]).to_event(1)
+            )
         kappa = jnp.swapaxes(kz, 0, 1) @ iov_scale.T
     else:
         kappa = jnp.zeros((n_sub, n_occ, 0))
@@ -495,8 +557,11 @@ def log_typical_iiv(model: PopModel, theta, covariates):
 
 def _site_values(model: PopModel, params: PopParams) -> dict:
     """Population site values that reproduce ``params`` (a point in the support)."""
-    v = {f"theta_{t.name}": params.theta[i] for i, t in enumerate(model.thetas)
-         if not t.fixed}
+    v = {
+        f"theta_{t.name}": params.theta[i]
+        for i, t in enumerate(model.thetas)
+        if not t.fixed
+    }
     if not model.omega_fixed:
         om = np.asarray(params.omega, np.float64).reshape(model.n_eta, model.n_eta)
         for k, p in enumerate(model.iiv_parameters):
@@ -507,7 +572,8 @@ def _site_values(model: PopModel, params: PopParams) -> dict:
                 sub = om[np.ix_(idx, idx)]
                 sd = np.sqrt(np.diag(sub))
                 v[_block_name(b)] = jnp.asarray(
-                    np.linalg.cholesky(sub / np.outer(sd, sd)))
+                    np.linalg.cholesky(sub / np.outer(sd, sd))
+                )
     if not model.omega_iov_fixed:
         for k, p in enumerate(model.iov_parameters):
             v[f"omega_iov_sd_{p}"] = jnp.sqrt(params.omega_iov[k, k])
@@ -542,8 +608,7 @@ def _mode_solver(model: PopModel, n_occ: int):
     return jax.jit(jax.vmap(solve, in_axes=(None, 0)))
 
 
-def _warm_start(model: PopModel, cohort: Cohort, n_occ: int, n_rounds: int = 3
-                ) -> dict:
+def _warm_start(model: PopModel, cohort: Cohort, n_occ: int, n_rounds: int = 3) -> dict:
     """Data-informed starting values for SVI (a few Laplace-EM rounds).
 
     Starting the non-centred model at the specification is slow to optimise: the
@@ -582,8 +647,9 @@ def _warm_start(model: PopModel, cohort: Cohort, n_occ: int, n_rounds: int = 3
             omega = np.zeros((n_eta, n_eta))
             for blk in model.omega_blocks:
                 idx = np.array([model.iiv_parameters.index(p) for p in blk])
-                second = (np.einsum("si,sj->ij", eta[:, idx], eta[:, idx]) / n_sub
-                          + cov[:, idx[:, None], idx[None, :]].mean(axis=0))
+                second = np.einsum("si,sj->ij", eta[:, idx], eta[:, idx]) / n_sub + cov[
+                    :, idx[:, None], idx[None, :]
+                ].mean(axis=0)
                 var = np.diag(second)
                 corr = second / np.sqrt(np.outer(var, var))
                 corr = 0.9 * corr + 0.1 * np.eye(len(idx))
@@ -593,10 +659,12 @@ def _warm_start(model: PopModel, cohort: Cohort, n_occ: int, n_rounds: int = 3
             kappa = b[:, n_eta:].reshape(n_sub, n_occ, n_kappa)
             kvar = np.diagonal(cov, axis1=1, axis2=2)[:, n_eta:]
             kvar = kvar.reshape(n_sub, n_occ, n_kappa)
-            omega_iov = np.diag(np.maximum((kappa**2 + kvar).mean(axis=(0, 1)),
-                                           floor))
-        params = params._replace(theta=jnp.asarray(theta), omega=jnp.asarray(omega),
-                                 omega_iov=jnp.asarray(omega_iov))
+            omega_iov = np.diag(np.maximum((kappa**2 + kvar).mean(axis=(0, 1)), floor))
+        params = params._replace(
+            theta=jnp.asarray(theta),
+            omega=jnp.asarray(omega),
+            omega_iov=jnp.asarray(omega_iov),
+        )
     values = _site_values(model, params)
     _, scale, iov_scale = _assemble(model, values)
     b = modes(params, data)[0]
@@ -605,8 +673,12 @@ def _warm_start(model: PopModel, cohort: Cohort, n_occ: int, n_rounds: int = 3
     if n_kappa:
         kappa = b[:, n_eta:].reshape(n_sub, n_occ, n_kappa)
         values["kappa_z"] = jnp.swapaxes(
-            jnp.linalg.solve(iov_scale, kappa.reshape(-1, n_kappa).T).T
-            .reshape(n_sub, n_occ, n_kappa), 0, 1)
+            jnp.linalg.solve(iov_scale, kappa.reshape(-1, n_kappa).T).T.reshape(
+                n_sub, n_occ, n_kappa
+            ),
+            0,
+            1,
+        )
     return values
 
 
@@ -653,9 +725,16 @@ def _summary(names, nat_chains: np.ndarray, diagnostics: bool) -> pd.DataFrame:
     rows = {}
     for k, name in enumerate(names):
         x = flat[:, k]
-        row = {"mean": x.mean(), "sd": x.std(ddof=1), "median": np.median(x),
-               "q5": np.quantile(x, 0.05), "q95": np.quantile(x, 0.95),
-               "r_hat": np.nan, "ess_bulk": np.nan, "ess_tail": np.nan}
+        row = {
+            "mean": x.mean(),
+            "sd": x.std(ddof=1),
+            "median": np.median(x),
+            "q5": np.quantile(x, 0.05),
+            "q95": np.quantile(x, 0.95),
+            "r_hat": np.nan,
+            "ess_bulk": np.nan,
+            "ess_tail": np.nan,
+        }
         if diagnostics:
             az = _arviz()
             c = nat_chains[..., k]
@@ -663,7 +742,7 @@ def _summary(names, nat_chains: np.ndarray, diagnostics: bool) -> pd.DataFrame:
                 # arviz wants >= 2 chains: use the two halves of the single chain
                 # (its split statistics then compare four quarters).
                 half = c.shape[1] // 2
-                c = c[0, :2 * half].reshape(2, half)
+                c = c[0, : 2 * half].reshape(2, half)
             row["r_hat"] = float(az.rhat(c))
             row["ess_bulk"] = float(az.ess(c, method="bulk"))
             row["ess_tail"] = float(az.ess(c, method="tail"))
@@ -671,9 +750,15 @@ def _summary(names, nat_chains: np.ndarray, diagnostics: bool) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=list(_SUMMARY_COLUMNS))
 
 
-def _convergence(summary: pd.DataFrame, nat_chains: np.ndarray, eta, elbo,
-                 n_divergent: int, max_r_hat: float | None,
-                 max_divergent: int | None) -> str:
+def _convergence(
+    summary: pd.DataFrame,
+    nat_chains: np.ndarray,
+    eta,
+    elbo,
+    n_divergent: int,
+    max_r_hat: float | None,
+    max_divergent: int | None,
+) -> str:
     """Why a fit is not converged, '' when it is (see ``BayesResult.converged``)."""
     problems = []
     finite = np.all(np.isfinite(nat_chains.reshape(-1, nat_chains.shape[-1])), axis=0)
@@ -688,46 +773,81 @@ def _convergence(summary: pd.DataFrame, nat_chains: np.ndarray, eta, elbo,
         r_hat = summary["r_hat"].to_numpy(dtype=float)
         high = summary.index[~(r_hat < max_r_hat)].tolist()
         if high:
-            problems.append(f"split R-hat >= {max_r_hat:g} for {', '.join(high)} "
-                            f"(largest {np.nanmax(r_hat, initial=np.nan):.3g}); "
-                            "run more warm-up/samples or chains")
+            problems.append(
+                f"split R-hat >= {max_r_hat:g} for {', '.join(high)} "
+                f"(largest {np.nanmax(r_hat, initial=np.nan):.3g}); "
+                "run more warm-up/samples or chains"
+            )
     if max_divergent is not None and n_divergent > max_divergent:
-        problems.append(f"{n_divergent} divergent transitions (at most "
-                        f"{max_divergent} allowed)")
+        problems.append(
+            f"{n_divergent} divergent transitions (at most {max_divergent} allowed)"
+        )
     return "; ".join(problems)
 
 
-def _result(n_sub, nat_chains, packer, eta, *, method, start, n_divergent=0,
-            elbo=None, idata=None, diagnostics=False, max_r_hat=None,
-            max_divergent=None) -> BayesResult:
+def _result(
+    n_sub,
+    nat_chains,
+    packer,
+    eta,
+    *,
+    method,
+    start,
+    n_divergent=0,
+    elbo=None,
+    idata=None,
+    diagnostics=False,
+    max_r_hat=None,
+    max_divergent=None,
+) -> BayesResult:
     names = packer.natural_names
     flat = nat_chains.reshape(-1, nat_chains.shape[-1])
     samples = {name: flat[:, k] for k, name in enumerate(names)}
     summary = _summary(names, nat_chains, diagnostics)
-    why = _convergence(summary, nat_chains, eta, elbo, int(n_divergent), max_r_hat,
-                       max_divergent)
+    why = _convergence(
+        summary, nat_chains, eta, elbo, int(n_divergent), max_r_hat, max_divergent
+    )
     if eta is None:
         etas = np.zeros((n_sub, 0))
         eta_sd = np.zeros((n_sub, 0))
     else:
         etas, eta_sd = eta.mean(axis=0), eta.std(axis=0, ddof=1)
     params = packer.from_natural(jnp.asarray(flat.mean(axis=0)))
-    return BayesResult(samples=samples, summary=summary, etas=etas, eta_sd=eta_sd,
-                       params=params, n_divergent=int(n_divergent), method=method,
-                       seconds=time.perf_counter() - start, elbo=elbo,
-                       inference_data=idata, converged=not why, message=why)
+    return BayesResult(
+        samples=samples,
+        summary=summary,
+        etas=etas,
+        eta_sd=eta_sd,
+        params=params,
+        n_divergent=int(n_divergent),
+        method=method,
+        seconds=time.perf_counter() - start,
+        elbo=elbo,
+        inference_data=idata,
+        converged=not why,
+        message=why,
+    )
 
 
 # ---------------------------------------------------------------------------
 # Estimators
 
 
-def fit_nuts(key: Key, model: PopModel, cohort: Cohort, *,
-             priors: Priors | None = None, num_warmup: int = 500,
-             num_samples: int = 500, num_chains: int = 2,
-             target_accept: float = 0.85, chain_method: str = "sequential",
-             parameterization: str = "auto", max_r_hat: float = RHAT_MAX,
-             max_divergent: int = MAX_DIVERGENT) -> BayesResult:
+def fit_nuts(
+    key: Key,
+    model: PopModel,
+    cohort: Cohort,
+    *,
+    priors: Priors | None = None,
+    num_warmup: int = 500,
+    num_samples: int = 500,
+    num_chains: int = 2,
+    target_accept: float = 0.85,
+    chain_method: str = "sequential",
+    parameterization: str = "auto",
+    max_r_hat: float = RHAT_MAX,
+    max_divergent: int = MAX_DIVERGENT,
+) -> BayesResult:
     """Sample the posterior of :func:`population_model` with NUTS.
 
     Diagonal mass matrix adapted during warm-up, chains started at the
@@ -757,40 +877,63 @@ def fit_nuts(key: Key, model: PopModel, cohort: Cohort, *,
     n_occ = n_occasions(cohort)
     if parameterization == "auto":
         per_subject = np.sum(np.asarray(cohort.obs_mask & ~cohort.obs_blq), axis=-1)
-        parameterization = ("centered" if np.median(per_subject) >= 4
-                            else "noncentered")
+        parameterization = "centered" if np.median(per_subject) >= 4 else "noncentered"
     if parameterization not in ("centered", "noncentered"):
         raise ValueError("parameterization: expected auto, centered or noncentered")
     centered = parameterization == "centered"
     init = _init_values(model, cohort.n_subjects, n_occ)
     if centered and "z" in init:
         init.pop("z")
-        init["phi"] = log_typical_iiv(model, jnp.asarray(model.theta_values),
-                                       cohort.covariates)
-    kernel = NUTS(partial(population_model, centered=centered), dense_mass=False,
-                  target_accept_prob=target_accept,
-                  init_strategy=init_to_value(values=init))
-    mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
-                num_chains=num_chains, chain_method=chain_method,
-                progress_bar=False)
+        init["phi"] = log_typical_iiv(
+            model, jnp.asarray(model.theta_values), cohort.covariates
+        )
+    kernel = NUTS(
+        partial(population_model, centered=centered),
+        dense_mass=False,
+        target_accept_prob=target_accept,
+        init_strategy=init_to_value(values=init),
+    )
+    mcmc = MCMC(
+        kernel,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        chain_method=chain_method,
+        progress_bar=False,
+    )
     with _finite_start():
-        mcmc.run(key, model, cohort, priors=priors, n_occ=n_occ,
-                 extra_fields=("diverging",))
+        mcmc.run(
+            key, model, cohort, priors=priors, n_occ=n_occ, extra_fields=("diverging",)
+        )
     grouped = mcmc.get_samples(group_by_chain=True)
     flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), grouped)
     nat, eta, packer = _natural_draws(model, flat)
     nat_chains = nat.reshape(num_chains, num_samples, -1)
     n_div = int(np.sum(np.asarray(mcmc.get_extra_fields()["diverging"])))
     idata = _arviz().from_dict(
-        posterior={**{k: np.asarray(v) for k, v in grouped.items()},
-                   **{name: nat_chains[..., k]
-                      for k, name in enumerate(packer.natural_names)}},
-        sample_stats={"diverging": np.asarray(
-            mcmc.get_extra_fields(group_by_chain=True)["diverging"])},
+        posterior={
+            **{k: np.asarray(v) for k, v in grouped.items()},
+            **{name: nat_chains[..., k] for k, name in enumerate(packer.natural_names)},
+        },
+        sample_stats={
+            "diverging": np.asarray(
+                mcmc.get_extra_fields(group_by_chain=True)["diverging"]
+            )
+        },
     )
-    return _result(cohort.n_subjects, nat_chains, packer, eta, method="nuts",
-                   start=start, n_divergent=n_div, idata=idata, diagnostics=True,
-                   max_r_hat=max_r_hat, max_divergent=max_divergent)
+    return _result(
+        cohort.n_subjects,
+        nat_chains,
+        packer,
+        eta,
+        method="nuts",
+        start=start,
+        n_divergent=n_div,
+        idata=idata,
+        diagnostics=True,
+        max_r_hat=max_r_hat,
+        max_divergent=max_divergent,
+    )
 
 
 class NonFiniteStartError(ValueError):
@@ -808,7 +951,8 @@ def _finite_start():
             raise
         raise NonFiniteStartError(
             "the log posterior or its gradient is not finite at the start values; "
-            "nothing was estimated") from err
+            "nothing was estimated"
+        ) from err
 
 
 def _is_global_sample(msg: dict) -> bool:
@@ -816,8 +960,9 @@ def _is_global_sample(msg: dict) -> bool:
     return msg["type"] == "sample" and msg["name"] not in LOCAL_SITES
 
 
-def build_guide(model: PopModel, cohort: Cohort, *, init_values: dict | None = None
-                ) -> AutoGuideList:
+def build_guide(
+    model: PopModel, cohort: Cohort, *, init_values: dict | None = None
+) -> AutoGuideList:
     """The structured guide: full-rank MVN over population sites, mean-field locals.
 
     Population sites (``theta_*``, ``omega_*``, ``sigma_*``, ``baseline``) share one
@@ -834,20 +979,37 @@ def build_guide(model: PopModel, cohort: Cohort, *, init_values: dict | None = N
         init_values = _init_values(model, cohort.n_subjects, n_occasions(cohort))
     init = init_to_value(values=init_values)
     guide = AutoGuideList(population_model, init_loc_fn=init)
-    guide.append(AutoMultivariateNormal(
-        handlers.block(population_model, hide=list(LOCAL_SITES)), prefix="global",
-        init_loc_fn=init, init_scale=0.05))
+    guide.append(
+        AutoMultivariateNormal(
+            handlers.block(population_model, hide=list(LOCAL_SITES)),
+            prefix="global",
+            init_loc_fn=init,
+            init_scale=0.05,
+        )
+    )
     if model.n_eta or model.n_kappa:
-        guide.append(AutoNormal(
-            handlers.block(population_model, hide_fn=_is_global_sample),
-            prefix="local", init_loc_fn=init, init_scale=0.1))
+        guide.append(
+            AutoNormal(
+                handlers.block(population_model, hide_fn=_is_global_sample),
+                prefix="local",
+                init_loc_fn=init,
+                init_scale=0.1,
+            )
+        )
     return guide
 
 
-def fit_svi(key: Key, model: PopModel, cohort: Cohort, *,
-            priors: Priors | None = None, num_steps: int = 6000,
-            learning_rate: float = 0.01, num_posterior_samples: int = 1000,
-            warm_start: bool = True) -> BayesResult:
+def fit_svi(
+    key: Key,
+    model: PopModel,
+    cohort: Cohort,
+    *,
+    priors: Priors | None = None,
+    num_steps: int = 6000,
+    learning_rate: float = 0.01,
+    num_posterior_samples: int = 1000,
+    warm_start: bool = True,
+) -> BayesResult:
     """Approximate the posterior of :func:`population_model` by SVI.
 
     Maximises the ELBO (``Trace_ELBO``, one particle) of the guide of
@@ -879,8 +1041,11 @@ def fit_svi(key: Key, model: PopModel, cohort: Cohort, *,
     start = time.perf_counter()
     priors = weak_priors(model) if priors is None else priors
     n_occ = n_occasions(cohort)
-    init = (_warm_start(model, cohort, n_occ) if warm_start
-            else _init_values(model, cohort.n_subjects, n_occ))
+    init = (
+        _warm_start(model, cohort, n_occ)
+        if warm_start
+        else _init_values(model, cohort.n_subjects, n_occ)
+    )
     guide = build_guide(model, cohort, init_values=init)
     optim = optax_to_numpyro(optax.adam(learning_rate))
     svi = SVI(population_model, guide, optim, Trace_ELBO())
@@ -889,17 +1054,35 @@ def fit_svi(key: Key, model: PopModel, cohort: Cohort, *,
     kwargs = {"priors": priors, "n_occ": n_occ}
     with _finite_start():
         run = svi.run(k_fit, num_steps, *args, progress_bar=False, **kwargs)
-    draws = guide.sample_posterior(k_post, run.params, *args,
-                                   sample_shape=(num_posterior_samples,), **kwargs)
+    draws = guide.sample_posterior(
+        k_post, run.params, *args, sample_shape=(num_posterior_samples,), **kwargs
+    )
     nat, eta, packer = _natural_draws(model, draws)
-    return _result(cohort.n_subjects, nat[None], packer, eta, method="svi",
-                   start=start, elbo=np.asarray(run.losses))
+    return _result(
+        cohort.n_subjects,
+        nat[None],
+        packer,
+        eta,
+        method="svi",
+        start=start,
+        elbo=np.asarray(run.losses),
+    )
 
 
 __all__ = [
-    "LOCAL_SITES", "MAX_DIVERGENT", "RHAT_MAX", "BayesResult", "NonFiniteStartError",
+    "LOCAL_SITES",
+    "MAX_DIVERGENT",
+    "RHAT_MAX",
+    "BayesResult",
+    "NonFiniteStartError",
     "Priors",
-    "build_guide", "fit_nuts", "fit_svi", "library_priors", "population_model",
+    "build_guide",
+    "fit_nuts",
+    "fit_svi",
+    "library_priors",
+    "population_model",
     "weak_priors",
-    "coef_scale", "log_typical_iiv", "subject_loglik",
+    "coef_scale",
+    "log_typical_iiv",
+    "subject_loglik",
 ]

@@ -139,16 +139,18 @@ def _unit_integral(s0: Array, s1: Array, dur: Array, lam: Array) -> Array:
         # infusion, dur * exprel2(lam dur) after it (written so that dur == 0 is safe)
         after = s >= dur
         during = (s > 0.0) & ~after
-        w = jnp.where(after, dur, jnp.where(during, s * s / jnp.where(during, dur, 1.0),
-                                            0.0))
+        w = jnp.where(
+            after, dur, jnp.where(during, s * s / jnp.where(during, dur, 1.0), 0.0)
+        )
         return w * exprel2(lam * jnp.clip(s, 0.0, dur))
 
     u0 = jnp.maximum(s0 - dur, 0.0)
     u1 = jnp.maximum(s1 - dur, 0.0)
     # post-infusion part as exp(-lam u0) * int_0^(u1-u0): no difference of two
     # nearly equal cumulative integrals late in the decay
-    post = (exprel1(lam * dur) * jnp.exp(-lam * u0) * (u1 - u0)
-            * exprel1(lam * (u1 - u0)))
+    post = (
+        exprel1(lam * dur) * jnp.exp(-lam * u0) * (u1 - u0) * exprel1(lam * (u1 - u0))
+    )
     return infused(s1) - infused(s0) + post
 
 
@@ -239,16 +241,30 @@ def time_to_threshold(
 
     def value_and_slope(t, d):
         time, amt, dur, lam, a = d
-        return (jnp.sum(jax.vmap(macro_response)(t - time, amt, dur, lam, a)),
-                jnp.sum(jax.vmap(macro_response_slope)(t - time, amt, dur, lam, a)))
+        return (
+            jnp.sum(jax.vmap(macro_response)(t - time, amt, dur, lam, a)),
+            jnp.sum(jax.vmap(macro_response_slope)(t - time, amt, dur, lam, a)),
+        )
 
-    return time_to_level(above_baseline, dose, threshold, t_start, baseline,
-                         value_and_slope=value_and_slope)
+    return time_to_level(
+        above_baseline,
+        dose,
+        threshold,
+        t_start,
+        baseline,
+        value_and_slope=value_and_slope,
+    )
 
 
-def time_to_level(above_baseline, args, threshold: Float[ArrayLike, ""],
-                  t_start: Float[ArrayLike, ""], baseline: Float[ArrayLike, ""] = 0.0,
-                  *, value_and_slope=None) -> Float[Array, ""]:
+def time_to_level(
+    above_baseline,
+    args,
+    threshold: Float[ArrayLike, ""],
+    t_start: Float[ArrayLike, ""],
+    baseline: Float[ArrayLike, ""] = 0.0,
+    *,
+    value_and_slope=None,
+) -> Float[Array, ""]:
     """First time ``t >= t_start`` at which a decreasing level falls to ``threshold``.
 
     The root finder of :func:`time_to_threshold` for any level:
@@ -265,8 +281,10 @@ def time_to_level(above_baseline, args, threshold: Float[ArrayLike, ""],
     threshold, t_start = as_float(threshold), as_float(t_start)
     baseline = as_float(baseline)
     if value_and_slope is None:
+
         def value_and_slope(t, d):
             return jax.jvp(lambda x: above_baseline(x, d), (t,), (jnp.ones_like(t),))
+
     dose = args
 
     target = threshold - baseline
@@ -373,8 +391,9 @@ def summarise(
     params = check_params(params, n_cmt)
     if params.ndim != 1:
         raise ValueError(f"summarise takes one patient's params, got {params.shape}")
-    dose_time, dose_amt, dose_dur = (as_float(x) for x in (dose_time, dose_amt,
-                                                             dose_dur))
+    dose_time, dose_amt, dose_dur = (
+        as_float(x) for x in (dose_time, dose_amt, dose_dur)
+    )
     end = _end_of_dosing(dose_time, dose_amt, dose_dur)
     out = {
         "clearance": clearance(params, n_cmt),
@@ -387,8 +406,9 @@ def summarise(
     }
     # one vmapped root finder rather than one copy per threshold: compiles once
     times = jax.vmap(
-        lambda thr: time_to_threshold(thr, end, dose_time, dose_amt, dose_dur, params,
-                                      n_cmt, baseline)
+        lambda thr: time_to_threshold(
+            thr, end, dose_time, dose_amt, dose_dur, params, n_cmt, baseline
+        )
     )(jnp.asarray(thresholds, dtype=float))
     for i, thr in enumerate(thresholds):
         out[f"time_to_{thr:g}"] = times[i] - end

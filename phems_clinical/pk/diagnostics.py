@@ -49,8 +49,9 @@ def _omega_full(model: PopModel, params: PopParams, n_occ: int):
     return jax.scipy.linalg.block_diag(*parts) if parts else jnp.zeros((0, 0))
 
 
-def compute_diagnostics(model: PopModel, cohort: Cohort, params: PopParams,
-                        b_hat: Float[Array, "n_sub n_b"]) -> Diagnostics:
+def compute_diagnostics(
+    model: PopModel, cohort: Cohort, params: PopParams, b_hat: Float[Array, "n_sub n_b"]
+) -> Diagnostics:
     """PRED, IPRED, IWRES and CWRES for every observation of ``cohort``."""
     n_occ = n_occasions(cohort)
     n_eta, n_kappa = model.n_eta, model.n_kappa
@@ -82,8 +83,9 @@ def compute_diagnostics(model: PopModel, cohort: Cohort, params: PopParams,
     return Diagnostics(*(np.asarray(x) for x in out))
 
 
-def simulate_replicates(key: Key, model: PopModel, cohort: Cohort, params: PopParams,
-                        n_rep: int = 200) -> np.ndarray:
+def simulate_replicates(
+    key: Key, model: PopModel, cohort: Cohort, params: PopParams, n_rep: int = 200
+) -> np.ndarray:
     """Simulated observations (with residual error) for a visual predictive check.
 
     Returns an array ``(n_rep, n_sub, n_obs)`` on the cohort's own design, drawing new
@@ -95,13 +97,17 @@ def simulate_replicates(key: Key, model: PopModel, cohort: Cohort, params: PopPa
 
     def one_rep(k):
         kb, ke = jax.random.split(k)
-        b = (jax.random.multivariate_normal(kb, jnp.zeros(n_b), om,
-                                            (cohort.n_subjects,))
-             if n_b else jnp.zeros((cohort.n_subjects, 0)))
+        b = (
+            jax.random.multivariate_normal(kb, jnp.zeros(n_b), om, (cohort.n_subjects,))
+            if n_b
+            else jnp.zeros((cohort.n_subjects, 0))
+        )
 
         def subj(s, bb):
-            eta, kappa = bb[:model.n_eta], bb[model.n_eta:].reshape(n_occ,
-                                                                    model.n_kappa)
+            eta, kappa = (
+                bb[: model.n_eta],
+                bb[model.n_eta :].reshape(n_occ, model.n_kappa),
+            )
             return predict(model, s, params.theta, eta, kappa, params.baseline)
 
         f = jax.vmap(subj)(cohort, b)

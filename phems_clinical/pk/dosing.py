@@ -68,11 +68,23 @@ from phems_clinical.pk.simulate import draw_kappa
 from phems_clinical.pk.spec import PopModel
 
 __all__ = [
-    "DoseRecommendation", "Regimen", "SteadyState", "default_intervals",
-    "detect_regimen", "future_kappa", "future_parameters", "minimal_dose",
-    "prior_predictive", "recommend", "round_down_to_vials", "round_to_vials",
-    "steady_state_schedule", "time_above_per_week", "trough_probability",
-    "validated_range", "vial_combination",
+    "DoseRecommendation",
+    "Regimen",
+    "SteadyState",
+    "default_intervals",
+    "detect_regimen",
+    "future_kappa",
+    "future_parameters",
+    "minimal_dose",
+    "prior_predictive",
+    "recommend",
+    "round_down_to_vials",
+    "round_to_vials",
+    "steady_state_schedule",
+    "time_above_per_week",
+    "trough_probability",
+    "validated_range",
+    "vial_combination",
 ]
 
 CURVE_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -184,9 +196,13 @@ def round_to_vials(dose_iu: float, vial_sizes: tuple[float, ...]) -> float:
     return float(total * step)
 
 
-def detect_regimen(dose_time: np.ndarray, dose_amt: np.ndarray,
-                   *, min_doses: int = 3, rel_tol: float = 0.1
-                   ) -> tuple[float, float] | None:
+def detect_regimen(
+    dose_time: np.ndarray,
+    dose_amt: np.ndarray,
+    *,
+    min_doses: int = 3,
+    rel_tol: float = 0.1,
+) -> tuple[float, float] | None:
     """``(interval_h, dose_IU)`` when the last ``min_doses`` or more infusions are
     equal doses at a regular interval (both within ``rel_tol``); else ``None``."""
     t, d = np.asarray(dose_time, float), np.asarray(dose_amt, float)
@@ -196,40 +212,65 @@ def detect_regimen(dose_time: np.ndarray, dose_amt: np.ndarray,
         return None
     gaps = np.diff(t)
     tau, dose = float(np.median(gaps)), float(np.median(d))
-    if tau <= 0 or np.any(np.abs(gaps / tau - 1) > rel_tol) or np.any(
-            np.abs(d / dose - 1) > rel_tol):
+    if (
+        tau <= 0
+        or np.any(np.abs(gaps / tau - 1) > rel_tol)
+        or np.any(np.abs(d / dose - 1) > rel_tol)
+    ):
         return None
     return tau, dose
 
 
-def prior_predictive(key: Key, model: PopModel, params: PopParams, subject: Cohort,
-                     *, n_occ: int, n: int = 2000) -> np.ndarray:
+def prior_predictive(
+    key: Key,
+    model: PopModel,
+    params: PopParams,
+    subject: Cohort,
+    *,
+    n_occ: int,
+    n: int = 2000,
+) -> np.ndarray:
     """``n`` simulated measurements at the subject's sample times under the prior
     (IIV, IOV and residual error): (n, n_obs), IU/dL. Used to flag levels that the
     population model makes implausible (e.g. a unit mix-up)."""
+
     def build():
         n_b = model.n_eta + n_occ * model.n_kappa
 
         def sim(key, params, subject):
             k1, k2 = jax.random.split(key)
             om = jax.scipy.linalg.block_diag(
-                params.omega, iov_covariance(params.omega_iov, n_occ))
-            b = jax.random.multivariate_normal(k1, jnp.zeros(n_b), om, shape=(n,),
-                                               method="eigh")
+                params.omega, iov_covariance(params.omega_iov, n_occ)
+            )
+            b = jax.random.multivariate_normal(
+                k1, jnp.zeros(n_b), om, shape=(n,), method="eigh"
+            )
             eps = jax.random.normal(k2, (n, subject.obs_time.shape[0]))
 
             def one(bb, e):
-                f = predict(model, subject, params.theta, bb[:model.n_eta],
-                            bb[model.n_eta:].reshape(n_occ, model.n_kappa),
-                            params.baseline)
-                return f + jnp.sqrt(residual_variance(f, params.sigma,
-                                                      model.residual.form)) * e
+                f = predict(
+                    model,
+                    subject,
+                    params.theta,
+                    bb[: model.n_eta],
+                    bb[model.n_eta :].reshape(n_occ, model.n_kappa),
+                    params.baseline,
+                )
+                return (
+                    f
+                    + jnp.sqrt(residual_variance(f, params.sigma, model.residual.form))
+                    * e
+                )
+
             return jax.vmap(one)(b, eps)
+
         return jax.jit(sim)
 
-    return np.asarray(per_model(model, ("prior_predictive", n_occ, n), build,
-                                persist=True)(
-        key, params, subject))
+    return np.asarray(
+        per_model(model, ("prior_predictive", n_occ, n), build, persist=True)(
+            key, params, subject
+        )
+    )
 
 
 def _fns(model: PopModel, n_occ: int, thresholds: tuple[float, ...]):
@@ -239,19 +280,32 @@ def _fns(model: PopModel, n_occ: int, thresholds: tuple[float, ...]):
     def split(b):
         return b[:n_eta], b[n_eta:].reshape(n_occ, model.n_kappa)
 
-    def patient(params: PopParams, subject: Cohort, b, kappa_new, weight, std_dose,
-                std_dur, curve_t):
+    def patient(
+        params: PopParams,
+        subject: Cohort,
+        b,
+        kappa_new,
+        weight,
+        std_dose,
+        std_dur,
+        curve_t,
+    ):
         eta, kappa = split(b)
         cov = subject.covariates
-        own = individual_parameters(model, params.theta, eta,
-                                    jnp.zeros((1, model.n_kappa)), cov)[0]
-        future = individual_parameters(model, params.theta, eta, kappa_new[None],
-                                       cov)[0]
-        per_dose = individual_parameters(model, params.theta, eta, kappa,
-                                         cov)[subject.dose_occ]
+        own = individual_parameters(
+            model, params.theta, eta, jnp.zeros((1, model.n_kappa)), cov
+        )[0]
+        future = individual_parameters(model, params.theta, eta, kappa_new[None], cov)[
+            0
+        ]
+        per_dose = individual_parameters(model, params.theta, eta, kappa, cov)[
+            subject.dose_occ
+        ]
         base = params.baseline
         out = {
-            "clearance": own[0], "v1": own[1], "vss": vss(own, n_cmt),
+            "clearance": own[0],
+            "v1": own[1],
+            "vss": vss(own, n_cmt),
             "terminal_half_life": terminal_half_life(own, n_cmt),
             "effective_half_life": effective_half_life(own, n_cmt),
             "incremental_recovery": weight / own[1],
@@ -265,26 +319,48 @@ def _fns(model: PopModel, n_occ: int, thresholds: tuple[float, ...]):
             occ_params = individual_parameters(model, params.theta, eta, kappa, cov)
 
             def above(t, p):
-                return occasion_concentration(t[None], dt, da, dd, subject.dose_occ,
-                                              p, n_cmt)[0]
+                return occasion_concentration(
+                    t[None], dt, da, dd, subject.dose_occ, p, n_cmt
+                )[0]
 
-            ttt = jax.vmap(lambda x: time_to_level(above, occ_params, x, end,
-                                                   base))(thr) - end
+            ttt = (
+                jax.vmap(lambda x: time_to_level(above, occ_params, x, end, base))(thr)
+                - end
+            )
         else:
-            ttt = jax.vmap(lambda x: time_to_threshold(x, end, dt, da, dd, per_dose,
-                                                       n_cmt, base))(thr) - end
+            ttt = (
+                jax.vmap(
+                    lambda x: time_to_threshold(
+                        x, end, dt, da, dd, per_dose, n_cmt, base
+                    )
+                )(thr)
+                - end
+            )
         one = jnp.zeros(1)
-        std = jax.vmap(lambda x: time_to_threshold(
-            x, std_dur, one, jnp.full(1, std_dose), jnp.full(1, std_dur), future,
-            n_cmt, base))(thr) - std_dur
+        std = (
+            jax.vmap(
+                lambda x: time_to_threshold(
+                    x,
+                    std_dur,
+                    one,
+                    jnp.full(1, std_dose),
+                    jnp.full(1, std_dur),
+                    future,
+                    n_cmt,
+                    base,
+                )
+            )(thr)
+            - std_dur
+        )
         # NONMEM's IOV semantics (pk.occasions): all drug follows the current occasion
         level_pred = predict(model, subject, params.theta, eta, kappa, base)
         curve = predict(model, subject, params.theta, eta, kappa, base, times=curve_t)
         return out, ttt, std, level_pred, curve, future
 
     def build():
-        return jax.jit(jax.vmap(patient, in_axes=(None, None, 0, 0, None, None, None,
-                                                   None)))
+        return jax.jit(
+            jax.vmap(patient, in_axes=(None, None, 0, 0, None, None, None, None))
+        )
 
     return per_model(model, ("dosing", n_occ, thresholds), build, persist=True)
 
@@ -295,8 +371,10 @@ def _unit_ss(model: PopModel):
     n_cmt = model.n_cmt
 
     def trough_peak(p, tau, dur):
-        return (steady_state(tau, tau, 1.0, dur, p, n_cmt),
-                steady_state(dur, tau, 1.0, dur, p, n_cmt))
+        return (
+            steady_state(tau, tau, 1.0, dur, p, n_cmt),
+            steady_state(dur, tau, 1.0, dur, p, n_cmt),
+        )
 
     def hours_below(p, tau, dur, dose, gap):
         # the level above baseline falls monotonically from the end of the infusion
@@ -312,8 +390,9 @@ def _unit_ss(model: PopModel):
 
         lo, hi = jax.lax.fori_loop(0, _BISECT_STEPS, body, (dur, tau))
         t_cross = 0.5 * (lo + hi)
-        below = jnp.where(level(tau) >= gap, 0.0,
-                          jnp.where(level(dur) < gap, tau, tau - t_cross))
+        below = jnp.where(
+            level(tau) >= gap, 0.0, jnp.where(level(dur) < gap, tau, tau - t_cross)
+        )
         return below * 168.0 / tau
 
     def build():
@@ -324,15 +403,23 @@ def _unit_ss(model: PopModel):
     return per_model(model, ("unit_ss",), build, persist=True)
 
 
-def recommend(key: Key, model: PopModel, params: PopParams, subject: Cohort,
-              b_draws: Float[Array, "n_draws n_b"], *, n_occ: int, weight_kg: float,
-              thresholds: tuple[float, ...] = (1.0, 2.0, 5.0),
-              targets: tuple[float, ...] = (1.0, 3.0, 5.0),
-              intervals: tuple[float, ...] | None = None,
-              probability: float = 0.9,
-              vial_sizes: tuple[float, ...] = (250.0, 500.0, 1000.0),
-              standard_dose_IU_kg: float = 50.0,
-              curve_time: Float[Array, " n_t"] | None = None) -> DoseRecommendation:
+def recommend(
+    key: Key,
+    model: PopModel,
+    params: PopParams,
+    subject: Cohort,
+    b_draws: Float[Array, "n_draws n_b"],
+    *,
+    n_occ: int,
+    weight_kg: float,
+    thresholds: tuple[float, ...] = (1.0, 2.0, 5.0),
+    targets: tuple[float, ...] = (1.0, 3.0, 5.0),
+    intervals: tuple[float, ...] | None = None,
+    probability: float = 0.9,
+    vial_sizes: tuple[float, ...] = (250.0, 500.0, 1000.0),
+    standard_dose_IU_kg: float = 50.0,
+    curve_time: Float[Array, " n_t"] | None = None,
+) -> DoseRecommendation:
     """Everything the dosing tool reports, per posterior draw of ``b``.
 
     Parameters
@@ -360,16 +447,24 @@ def recommend(key: Key, model: PopModel, params: PopParams, subject: Cohort,
     n = b_draws.shape[0]
     intervals = default_intervals(model) if intervals is None else tuple(intervals)
     kappa_new = future_kappa(key, params.omega_iov, n, model.n_kappa)
-    last = subject.dose_time[jnp.argmax(jnp.where(subject.dose_amt > 0,
-                                                  subject.dose_time, -jnp.inf))]
+    last = subject.dose_time[
+        jnp.argmax(jnp.where(subject.dose_amt > 0, subject.dose_time, -jnp.inf))
+    ]
     std_dur = float(jnp.max(jnp.where(subject.dose_amt > 0, subject.dose_dur, 0.0)))
     if curve_time is None:
         curve_time = jnp.linspace(0.0, float(last) + 96.0, 300)
     std_dose = standard_dose_IU_kg * weight_kg
     per_draw = _fns(model, n_occ, tuple(float(t) for t in thresholds))
     own, ttt, std, level_pred, curve, future = per_draw(
-        params, subject, b_draws, kappa_new, weight_kg, std_dose, std_dur,
-        jnp.asarray(curve_time))
+        params,
+        subject,
+        b_draws,
+        kappa_new,
+        weight_kg,
+        std_dose,
+        std_dur,
+        jnp.asarray(curve_time),
+    )
     base = float(params.baseline)
 
     regimens = []
@@ -390,22 +485,30 @@ def recommend(key: Key, model: PopModel, params: PopParams, subject: Cohort,
                 peak, hb = np.full(n, np.nan), np.full(n, np.nan)
             regimens.append(Regimen(tau, target, dose, prob, peak, hb))
 
-    current = detect_regimen(np.asarray(subject.dose_time),
-                             np.asarray(subject.dose_amt))
+    current = detect_regimen(
+        np.asarray(subject.dose_time), np.asarray(subject.dose_amt)
+    )
     current_prob = None
     if current is not None:
         u_trough, _ = _unit_ss(model)[0](future, current[0], std_dur)
-        current_prob = {t: float(np.mean(base + current[1] * np.asarray(u_trough) >= t))
-                        for t in targets}
+        current_prob = {
+            t: float(np.mean(base + current[1] * np.asarray(u_trough) >= t))
+            for t in targets
+        }
     q = np.quantile(np.asarray(curve), CURVE_QUANTILES, axis=0)
     return DoseRecommendation(
         parameters={k: np.asarray(v) for k, v in own.items()},
         time_to_threshold={t: np.asarray(ttt[:, i]) for i, t in enumerate(thresholds)},
-        time_to_threshold_standard={t: np.asarray(std[:, i])
-                                    for i, t in enumerate(thresholds)},
-        standard_dose_IU=float(std_dose), level_pred=np.asarray(level_pred),
-        curve_time=np.asarray(curve_time), curve=q, regimens=tuple(regimens),
-        current_regimen=current, current_trough_prob=current_prob,
+        time_to_threshold_standard={
+            t: np.asarray(std[:, i]) for i, t in enumerate(thresholds)
+        },
+        standard_dose_IU=float(std_dose),
+        level_pred=np.asarray(level_pred),
+        curve_time=np.asarray(curve_time),
+        curve=q,
+        regimens=tuple(regimens),
+        current_regimen=current,
+        current_trough_prob=current_prob,
     )
 
 
@@ -418,8 +521,9 @@ _FALL_GRID = 16
 _FALL_NEWTON_STEPS = 6
 
 
-def future_kappa(key: Key, omega_iov: Array, n: int, n_kappa: int
-                 ) -> Float[Array, "n n_kappa"]:
+def future_kappa(
+    key: Key, omega_iov: Array, n: int, n_kappa: int
+) -> Float[Array, "n n_kappa"]:
     """IOV effects of a future occasion, ``kappa ~ N(0, Omega_IOV)``: (n, n_kappa).
 
     ``omega_iov`` is the covariance matrix (2-D) or, uncorrelated, the variances
@@ -431,9 +535,13 @@ def future_kappa(key: Key, omega_iov: Array, n: int, n_kappa: int
     return draw_kappa(key, om, (n,))
 
 
-def future_parameters(key: Key, model: PopModel, params: PopParams, subject: Cohort,
-                      b_draws: Float[Array, "n_draws n_b"]
-                      ) -> Float[Array, "n_draws n_par"]:
+def future_parameters(
+    key: Key,
+    model: PopModel,
+    params: PopParams,
+    subject: Cohort,
+    b_draws: Float[Array, "n_draws n_b"],
+) -> Float[Array, "n_draws n_par"]:
     """The patient's PK parameters at a future occasion, one row per posterior draw:
     the draw's ``eta`` with new IOV effects from :func:`future_kappa` (the next
     infusions are new occasions). Order ``PARAM_NAMES[n_cmt]``, dL/h and dL."""
@@ -442,8 +550,10 @@ def future_parameters(key: Key, model: PopModel, params: PopParams, subject: Coh
 
     def build():
         def one(theta, cov, b, k):
-            return individual_parameters(model, theta, b[:model.n_eta], k[None],
-                                         cov)[0]
+            return individual_parameters(model, theta, b[: model.n_eta], k[None], cov)[
+                0
+            ]
+
         return jax.jit(jax.vmap(one, in_axes=(None, None, 0, 0)))
 
     fn = per_model(model, ("future_parameters",), build, persist=True)
@@ -514,26 +624,28 @@ def _time_above(p, offsets, period, dur, z, n_cmt):
     number of steps used here (checked against a dense grid in the tests).
     """
     lam, a, pre, end, gaps = _segments(p, offsets, period, dur, n_cmt)
-    fall = gaps - dur                                    # (n_inf,)
+    fall = gaps - dur  # (n_inf,)
     lo_rise, hi = pre.sum(-1), end.sum(-1)
     lo_fall = (end * jnp.exp(-lam * fall[:, None])).sum(-1)
     dur_safe = jnp.where(dur > 0, dur, 1.0)
-    zz = z[None, :]                                      # (1, n_z)
-    shape = (offsets.shape[0], z.shape[0])               # (n_inf, n_z)
+    zz = z[None, :]  # (1, n_z)
+    shape = (offsets.shape[0], z.shape[0])  # (n_inf, n_z)
 
     def rise_newton(_, s):
         e = jnp.exp(-lam * s[..., None])
-        level = jnp.sum(pre[:, None] * e - a * jnp.expm1(-lam * s[..., None])
-                        / (lam * dur_safe), -1)
+        level = jnp.sum(
+            pre[:, None] * e - a * jnp.expm1(-lam * s[..., None]) / (lam * dur_safe), -1
+        )
         slope = jnp.sum(e * (a / dur_safe - lam * pre[:, None]), -1)
         return jnp.clip(s - (level - zz) / slope, 0.0, dur)
 
     s_up = jax.lax.fori_loop(0, _RISE_NEWTON_STEPS, rise_newton, jnp.zeros(shape))
-    rise = jnp.where(zz <= lo_rise[:, None], dur,
-                     jnp.where(zz > hi[:, None], 0.0, dur - s_up))
+    rise = jnp.where(
+        zz <= lo_rise[:, None], dur, jnp.where(zz > hi[:, None], 0.0, dur - s_up)
+    )
 
     log_z = jnp.log(jnp.where(zz > 0, zz, 1.0))
-    log_end = jnp.log(end)                               # (n_inf, n_cmt)
+    log_end = jnp.log(end)  # (n_inf, n_cmt)
     grid = jnp.linspace(0.0, 1.0, _FALL_GRID)[None, :] ** 2 * fall[:, None]
     log_grid = jax.nn.logsumexp(log_end[:, None, :] - lam * grid[..., None], -1)
     k = jnp.sum(log_grid[:, None, :] >= log_z[..., None], -1)
@@ -548,8 +660,9 @@ def _time_above(p, offsets, period, dur, z, n_cmt):
         return jnp.clip(s + step, 0.0, fall[:, None])
 
     cross = jax.lax.fori_loop(0, _FALL_NEWTON_STEPS, fall_newton, start)
-    down = jnp.where(zz > hi[:, None], 0.0,
-                     jnp.where(zz <= lo_fall[:, None], fall[:, None], cross))
+    down = jnp.where(
+        zz > hi[:, None], 0.0, jnp.where(zz <= lo_fall[:, None], fall[:, None], cross)
+    )
     return jnp.where(z <= 0, period, (rise + down).sum(0))
 
 
@@ -558,12 +671,19 @@ def _schedule_fns(n_cmt: int):
     """Jitted, vectorised over draws: ``(trough, peak)`` and time above levels."""
     from phems_clinical.pk.export_cache import persistent_jit  # kept between runs
 
-    tp = persistent_jit(jax.vmap(functools.partial(_trough_peak, n_cmt=n_cmt),
-                                 in_axes=(0, None, None, None)),
-                        ("schedule_trough_peak", n_cmt))
-    above = persistent_jit(jax.vmap(functools.partial(_time_above, n_cmt=n_cmt),
-                                    in_axes=(0, None, None, None, None)),
-                           ("schedule_time_above", n_cmt))
+    tp = persistent_jit(
+        jax.vmap(
+            functools.partial(_trough_peak, n_cmt=n_cmt), in_axes=(0, None, None, None)
+        ),
+        ("schedule_trough_peak", n_cmt),
+    )
+    above = persistent_jit(
+        jax.vmap(
+            functools.partial(_time_above, n_cmt=n_cmt),
+            in_axes=(0, None, None, None, None),
+        ),
+        ("schedule_time_above", n_cmt),
+    )
     return tp, above
 
 
@@ -575,8 +695,8 @@ class SteadyState(NamedTuple):
     """
 
     period_h: float
-    trough_per_IU: np.ndarray    # (n_draws,) IU/dL per IU
-    peak_per_IU: np.ndarray      # (n_draws,) IU/dL per IU
+    trough_per_IU: np.ndarray  # (n_draws,) IU/dL per IU
+    peak_per_IU: np.ndarray  # (n_draws,) IU/dL per IU
     params: Float[Array, "n_draws n_par"]
     offsets_h: np.ndarray
     dur_h: float
@@ -585,20 +705,35 @@ class SteadyState(NamedTuple):
 
 def _check_pattern(offsets: np.ndarray, period: float, dur: float) -> None:
     if not (math.isfinite(period) and period > 0):
-        raise ValueError(f"the dosing period must be a positive number of hours, "
-                         f"got {period!r}")
-    if offsets.ndim != 1 or offsets.size == 0 or np.any(np.diff(offsets) <= 0) or \
-            offsets[0] < 0 or offsets[-1] >= period:
-        raise ValueError(f"infusion starts must be ascending within [0, {period:g}) "
-                         f"h, got {offsets.tolist()}")
+        raise ValueError(
+            f"the dosing period must be a positive number of hours, got {period!r}"
+        )
+    if (
+        offsets.ndim != 1
+        or offsets.size == 0
+        or np.any(np.diff(offsets) <= 0)
+        or offsets[0] < 0
+        or offsets[-1] >= period
+    ):
+        raise ValueError(
+            f"infusion starts must be ascending within [0, {period:g}) "
+            f"h, got {offsets.tolist()}"
+        )
     gaps = np.diff(np.append(offsets, offsets[0] + period))
     if not (math.isfinite(dur) and 0 <= dur < gaps.min()):
-        raise ValueError(f"infusion duration: expected 0 to less than the shortest "
-                         f"gap between infusions ({gaps.min():g} h), got {dur!r} h")
+        raise ValueError(
+            f"infusion duration: expected 0 to less than the shortest "
+            f"gap between infusions ({gaps.min():g} h), got {dur!r} h"
+        )
 
 
-def steady_state_schedule(future: Float[Array, "n_draws n_par"], n_cmt: int,
-                          offsets_h, period_h: float, dur_h: float) -> SteadyState:
+def steady_state_schedule(
+    future: Float[Array, "n_draws n_par"],
+    n_cmt: int,
+    offsets_h,
+    period_h: float,
+    dur_h: float,
+) -> SteadyState:
     """Trough and peak of a unit dose at steady state for each draw's parameters.
 
     Parameters
@@ -614,12 +749,20 @@ def steady_state_schedule(future: Float[Array, "n_draws n_par"], n_cmt: int,
     _check_pattern(offsets, float(period_h), float(dur_h))
     tp, _ = _schedule_fns(n_cmt)
     trough, peak = tp(future, jnp.asarray(offsets), float(period_h), float(dur_h))
-    return SteadyState(float(period_h), np.asarray(trough), np.asarray(peak), future,
-                       offsets, float(dur_h), n_cmt)
+    return SteadyState(
+        float(period_h),
+        np.asarray(trough),
+        np.asarray(peak),
+        future,
+        offsets,
+        float(dur_h),
+        n_cmt,
+    )
 
 
-def time_above_per_week(ss: SteadyState, dose_IU, baseline: float,
-                        levels_IU_dL) -> np.ndarray:
+def time_above_per_week(
+    ss: SteadyState, dose_IU, baseline: float, levels_IU_dL
+) -> np.ndarray:
     """Hours per week at steady state with the level ``>=`` each of
     ``levels_IU_dL`` on ``dose_IU`` per infusion (a scalar, or one dose per level):
     (n_draws, n_levels)."""
@@ -631,13 +774,21 @@ def time_above_per_week(ss: SteadyState, dose_IU, baseline: float,
     n_pad = -(-z.size // 16) * 16  # a multiple of 16: fewer compiled shapes
     z_pad = np.concatenate([z, np.full(n_pad - z.size, z[-1] if z.size else 1.0)])
     _, above = _schedule_fns(ss.n_cmt)
-    out = np.asarray(above(ss.params, jnp.asarray(ss.offsets_h), ss.period_h,
-                           ss.dur_h, jnp.asarray(z_pad)))[:, :z.size]
+    out = np.asarray(
+        above(
+            ss.params,
+            jnp.asarray(ss.offsets_h),
+            ss.period_h,
+            ss.dur_h,
+            jnp.asarray(z_pad),
+        )
+    )[:, : z.size]
     return out * (168.0 / ss.period_h)
 
 
-def minimal_dose(ss: SteadyState, target_IU_dL: float, baseline: float,
-                 probability: float) -> float:
+def minimal_dose(
+    ss: SteadyState, target_IU_dL: float, baseline: float, probability: float
+) -> float:
     """Smallest dose per infusion (IU, not vial-rounded) with ``P(trough >=
     target) >= probability`` over the draws.
 
@@ -648,14 +799,16 @@ def minimal_dose(ss: SteadyState, target_IU_dL: float, baseline: float,
     ``>= probability``, at any smaller dose it is below.
     """
     if not 0.0 < probability < 1.0:
-        raise ValueError(f"probability: expected a number in (0, 1), got "
-                         f"{probability!r}")
+        raise ValueError(
+            f"probability: expected a number in (0, 1), got {probability!r}"
+        )
     need = (target_IU_dL - baseline) / ss.trough_per_IU
     return float(np.quantile(need, probability, method="inverted_cdf"))
 
 
-def trough_probability(ss: SteadyState, dose_IU: float, baseline: float,
-                       target_IU_dL: float) -> float:
+def trough_probability(
+    ss: SteadyState, dose_IU: float, baseline: float, target_IU_dL: float
+) -> float:
     """``P(trough >= target)`` over the draws on ``dose_IU`` per infusion."""
     return float(np.mean(baseline + dose_IU * ss.trough_per_IU >= target_IU_dL))
 
@@ -670,8 +823,9 @@ def _vial_table(n_units: int, units: list[int]) -> np.ndarray:
     return count
 
 
-def vial_combination(dose_IU: float, vial_sizes: tuple[float, ...]
-                     ) -> list[tuple[int, int]]:
+def vial_combination(
+    dose_IU: float, vial_sizes: tuple[float, ...]
+) -> list[tuple[int, int]]:
     """Vials for the smallest total at or above ``dose_IU``
     (:func:`round_to_vials`), with the fewest vials for that total:
     ``[(size_IU, count), ...]`` largest size first.

@@ -67,17 +67,27 @@ def _canonical(value: Any) -> Any:
     """``value`` as JSON-able data that determines it (dataclasses, arrays,
     containers, numbers by their exact ``repr``)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {"__class__": f"{type(value).__module__}.{type(value).__qualname__}",
-                **{f.name: _canonical(getattr(value, f.name))
-                   for f in dataclasses.fields(value)}}
+        return {
+            "__class__": f"{type(value).__module__}.{type(value).__qualname__}",
+            **{
+                f.name: _canonical(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+            },
+        }
     if isinstance(value, np.ndarray | np.generic) or hasattr(value, "__array__"):
         arr = np.asarray(value)
-        return {"__array__": str(arr.dtype), "shape": list(arr.shape),
-                "sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()
-                                         ).hexdigest()}
+        return {
+            "__array__": str(arr.dtype),
+            "shape": list(arr.shape),
+            "sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest(),
+        }
     if isinstance(value, dict):
-        return {"__dict__": sorted(([repr(k), _canonical(v)] for k, v in value.items()),
-                                   key=lambda kv: kv[0])}
+        return {
+            "__dict__": sorted(
+                ([repr(k), _canonical(v)] for k, v in value.items()),
+                key=lambda kv: kv[0],
+            )
+        }
     if isinstance(value, list | tuple):
         return [type(value).__name__, [_canonical(v) for v in value]]
     if isinstance(value, float):
@@ -90,23 +100,35 @@ def _canonical(value: Any) -> Any:
 def model_digest(model: Any) -> str:
     """SHA-256 of a model specification (every field of the ``PopModel``
     dataclass, arrays by their bytes)."""
-    return hashlib.sha256(json.dumps(_canonical(model), sort_keys=True).encode()
-                          ).hexdigest()
+    return hashlib.sha256(
+        json.dumps(_canonical(model), sort_keys=True).encode()
+    ).hexdigest()
 
 
 def _aval(x: Any) -> str:
     if isinstance(x, bool | int | float | complex):
         return f"py:{type(x).__name__}"
-    return (f"{tuple(np.shape(x))}:{x.dtype}"
-            f"{':weak' if getattr(x, 'weak_type', False) else ''}")
+    return (
+        f"{tuple(np.shape(x))}:{x.dtype}"
+        f"{':weak' if getattr(x, 'weak_type', False) else ''}"
+    )
 
 
 def _key(parts: tuple, leaves: list, tree: Any) -> str:
-    text = json.dumps([list(map(str, parts)), str(tree), [_aval(x) for x in leaves],
-                       phems_clinical.__version__, source_digest(), jax.__version__,
-                       jaxlib.__version__, jax.default_backend(),
-                       # jax.config sets its flags as attributes at run time
-                       bool(jax.config.jax_enable_x64)])  # type: ignore[attr-defined]
+    text = json.dumps(
+        [
+            list(map(str, parts)),
+            str(tree),
+            [_aval(x) for x in leaves],
+            phems_clinical.__version__,
+            source_digest(),
+            jax.__version__,
+            jaxlib.__version__,
+            jax.default_backend(),
+            # jax.config sets its flags as attributes at run time
+            bool(jax.config.jax_enable_x64),
+        ]
+    )  # type: ignore[attr-defined]
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -118,10 +140,13 @@ def _read(path: Path, key: str):
     except OSError:
         return None
     try:
-        magic, header, payload = blob[:len(MAGIC)], *blob[len(MAGIC):].split(b"\n", 1)
+        magic, header, payload = blob[: len(MAGIC)], *blob[len(MAGIC) :].split(b"\n", 1)
         meta = json.loads(header)
-        if magic != MAGIC or meta.get("key") != key or meta.get(
-                "sha256") != hashlib.sha256(payload).hexdigest():
+        if (
+            magic != MAGIC
+            or meta.get("key") != key
+            or meta.get("sha256") != hashlib.sha256(payload).hexdigest()
+        ):
             raise ValueError("header or checksum mismatch")
         out_tree, program = pickle.loads(payload)  # noqa: S301 - own cache, checked
         return out_tree, program
@@ -164,8 +189,9 @@ class Persistent:
     """A jitted function whose traced programs are exported to and loaded from
     the cache folder (one per argument signature); see the module doc."""
 
-    def __init__(self, fn: Callable, tag: str, parts: tuple,
-                 folder: Path | None = None):
+    def __init__(
+        self, fn: Callable, tag: str, parts: tuple, folder: Path | None = None
+    ):
         self.fn, self.tag, self.parts = fn, tag, parts
         self.folder = folder
         self._programs: dict[tuple, tuple[Any, Callable]] = {}
@@ -240,5 +266,12 @@ def persistent_jit(fn: Callable, tag: tuple) -> Persistent:
     return Persistent(jax.jit(fn), str(tag[0]), (repr(tag),))
 
 
-__all__ = ["Persistent", "forget_programs", "model_digest", "persistent",
-           "persistent_jit", "program_folder", "source_digest"]
+__all__ = [
+    "Persistent",
+    "forget_programs",
+    "model_digest",
+    "persistent",
+    "persistent_jit",
+    "program_folder",
+    "source_digest",
+]

@@ -130,25 +130,31 @@ def build_focei(model: PopModel, n_occ: int = 1) -> FOCEIFns:
     def inner_objective(b, params, subject):
         subject = likelihood_cohort(model, subject)
         f = f_of_b(b, params, subject)
-        return (jnp.sum(obs_neg2ll(subject, f, params.sigma, form))
-                + b @ precision(params) @ b)
+        return (
+            jnp.sum(obs_neg2ll(subject, f, params.sigma, form))
+            + b @ precision(params) @ b
+        )
 
     def foce_hessian(b, params, subject):
         subject = likelihood_cohort(model, subject)
         f = f_of_b(b, params, subject)
         g = jax.jacfwd(f_of_b)(b, params, subject)
         var, dvar_df = jax.jvp(
-            lambda ff: residual_variance(ff, params.sigma, form), (f,),
-            (jnp.ones_like(f),))
+            lambda ff: residual_variance(ff, params.sigma, form),
+            (f,),
+            (jnp.ones_like(f),),
+        )
         dvar = dvar_df[:, None] * g
         w = jnp.where(subject.obs_mask & ~subject.obs_blq, 1.0, 0.0)
         h = precision(params) + (g.T * (w / var)) @ g
         h = h + 0.5 * (dvar.T * (w / var**2)) @ dvar
         if model.blq == "m3":
+
             def blq_part(bb):
                 ff = f_of_b(bb, params, subject)
                 terms = obs_neg2ll(subject, ff, params.sigma, form)
                 return jnp.sum(jnp.where(subject.obs_blq, terms, 0.0))
+
             h = h + 0.5 * jax.hessian(blq_part)(b)
         return h
 
@@ -156,8 +162,11 @@ def build_focei(model: PopModel, n_occ: int = 1) -> FOCEIFns:
         if n_b == 0:
             return b0
         frozen = jax.lax.stop_gradient(params)
-        b_hat = jax.lax.stop_gradient(newton_minimise(
-            lambda b: inner_objective(b, frozen, subject), jax.lax.stop_gradient(b0)))
+        b_hat = jax.lax.stop_gradient(
+            newton_minimise(
+                lambda b: inner_objective(b, frozen, subject), jax.lax.stop_gradient(b0)
+            )
+        )
         # One Newton step from the converged mode: its value is b_hat (the gradient is
         # ~0 there) and its derivative w.r.t. the population parameters is exactly the
         # implicit-function derivative -H^-1 d2O/db dparams.
@@ -172,13 +181,15 @@ def build_focei(model: PopModel, n_occ: int = 1) -> FOCEIFns:
             ofv = ofv + jnp.linalg.slogdet(foce_hessian(b, params, subject))[1]
         return ofv, b
 
-    return FOCEIFns(n_b, unflatten, inner_objective, map_estimate, subject_ofv,
-                    foce_hessian)
+    return FOCEIFns(
+        n_b, unflatten, inner_objective, map_estimate, subject_ofv, foce_hessian
+    )
 
 
 def compiled_focei(model: PopModel, n_occ: int) -> tuple[FOCEIFns, Callable]:
     """``build_focei`` and the jitted, subject-vmapped ``subject_ofv`` (cached per
     model object; see :mod:`phems_clinical.pk._cache`)."""
+
     def build():
         fns = build_focei(model, n_occ)
         return fns, jax.jit(jax.vmap(fns.subject_ofv, in_axes=(None, 0, 0)))
@@ -186,10 +197,12 @@ def compiled_focei(model: PopModel, n_occ: int) -> tuple[FOCEIFns, Callable]:
     return per_model(model, ("focei_ofv", n_occ), build)
 
 
-def focei_objective(model: PopModel, cohort: Cohort, params: PopParams,
-                    b0: Float[Array, "n_sub n_b"] | None = None
-                    ) -> tuple[Float[Array, ""], Float[Array, " n_sub"],
-                               Float[Array, "n_sub n_b"]]:
+def focei_objective(
+    model: PopModel,
+    cohort: Cohort,
+    params: PopParams,
+    b0: Float[Array, "n_sub n_b"] | None = None,
+) -> tuple[Float[Array, ""], Float[Array, " n_sub"], Float[Array, "n_sub n_b"]]:
     """FOCEI objective (NONMEM OFV), per-subject contributions and conditional modes."""
     fns, per_subject = compiled_focei(model, n_occasions(cohort))
     if b0 is None:
@@ -200,6 +213,7 @@ def focei_objective(model: PopModel, cohort: Cohort, params: PopParams,
 
 def compiled_fit_functions(model: PopModel, n_occ: int):
     """Jitted per-subject OFV/mode/Jacobian for ``model`` (cached: warm refits)."""
+
     def build():
         fns = build_focei(model, n_occ)
         vm = jax.vmap(fns.subject_ofv, in_axes=(None, 0, 0))
@@ -222,9 +236,15 @@ def compiled_fit_functions(model: PopModel, n_occ: int):
     return per_model(model, ("focei_fit", n_occ), build)
 
 
-def fit_focei(model: PopModel, cohort: Cohort, *, init: PopParams | None = None,
-              maxiter: int = 1000, gtol: float = 1e-5, covariance: bool = True
-              ) -> FOCEIResult:
+def fit_focei(
+    model: PopModel,
+    cohort: Cohort,
+    *,
+    init: PopParams | None = None,
+    maxiter: int = 1000,
+    gtol: float = 1e-5,
+    covariance: bool = True,
+) -> FOCEIResult:
     """Estimate the population parameters of ``model`` by FOCEI.
 
     The outer problem is minimised with scipy's BFGS on the unconstrained scale
@@ -260,26 +280,31 @@ def fit_focei(model: PopModel, cohort: Cohort, *, init: PopParams | None = None,
     if bad or not np.all(np.isfinite(x0)):
         # BFGS would see a zero gradient here and report success at once.
         x, n_iter, success = x0, 0, False
-        message = (f"the objective or its gradient is not finite at the start "
-                   f"values ({len(bad)} of {cohort.n_subjects} subject(s)); "
-                   "nothing was estimated")
+        message = (
+            f"the objective or its gradient is not finite at the start "
+            f"values ({len(bad)} of {cohort.n_subjects} subject(s)); "
+            "nothing was estimated"
+        )
     else:
         import scipy.optimize  # here: not on the dosing tool's start-up path
 
-        res = scipy.optimize.minimize(fun, x0, jac=True, method="BFGS",
-                                      options={"maxiter": maxiter, "gtol": gtol})
+        res = scipy.optimize.minimize(
+            fun, x0, jac=True, method="BFGS", options={"maxiter": maxiter, "gtol": gtol}
+        )
         x, n_iter, message = res.x, int(res.nit), str(res.message)
         success = bool(res.success)
         per, b, jac = evaluate(x)
         bad = _nonfinite_subjects(per, jac)
         if bad or not np.all(np.isfinite(x)):
-            message = (f"the objective or its gradient is not finite at the final "
-                       f"estimates ({len(bad)} of {cohort.n_subjects} subject(s)); "
-                       f"optimiser: {message}")
+            message = (
+                f"the objective or its gradient is not finite at the final "
+                f"estimates ({len(bad)} of {cohort.n_subjects} subject(s)); "
+                f"optimiser: {message}"
+            )
     params = packer.unpack(jnp.asarray(x))
     eta, kappa = jax.vmap(fns.unflatten)(b)
     finite = not bad and bool(np.all(np.isfinite(x)))
-    grad_norm = (float(np.max(np.abs(jac.sum(axis=0)))) if jac.size else 0.0)
+    grad_norm = float(np.max(np.abs(jac.sum(axis=0)))) if jac.size else 0.0
     # BFGS reports "precision loss" when it sits at the optimum and cannot improve
     # further in double precision; judge convergence by the final gradient.
     converged = finite and (success or (n_iter > 0 and grad_norm < 1e-3))
@@ -287,19 +312,36 @@ def fit_focei(model: PopModel, cohort: Cohort, *, init: PopParams | None = None,
     nat = np.asarray(packer.to_natural(params))
     se = se_sw = np.full(nat.shape, np.nan)
     if covariance and nat.size and finite:
-        se, se_sw = _standard_errors(res.x, jac, lambda x: evaluate(x)[2].sum(0),
-                                     lambda x: packer.to_natural(packer.unpack(x)))
+        se, se_sw = _standard_errors(
+            res.x,
+            jac,
+            lambda x: evaluate(x)[2].sum(0),
+            lambda x: packer.to_natural(packer.unpack(x)),
+        )
     omega_diag = np.diag(np.asarray(params.omega))
     eta_np = np.asarray(eta)
     # NONMEM >= 7.5 ETASHRINKSD uses the population SD (ddof=0) of the EBEs.
-    shrink = (100.0 * (1.0 - eta_np.std(axis=0) / np.sqrt(omega_diag))
-              if eta_np.size else np.zeros((0,)))
+    shrink = (
+        100.0 * (1.0 - eta_np.std(axis=0) / np.sqrt(omega_diag))
+        if eta_np.size
+        else np.zeros((0,))
+    )
     return FOCEIResult(
-        params=params, ofv=float(per.sum()), ofv_subjects=per,
-        etas=eta_np, kappas=np.asarray(kappa), natural_names=packer.natural_names,
-        estimates=nat, se=se, se_sandwich=se_sw, shrinkage_sd=shrink,
-        converged=converged, n_iterations=n_iter, message=message,
-        seconds=time.perf_counter() - start, nonfinite_subjects=tuple(bad),
+        params=params,
+        ofv=float(per.sum()),
+        ofv_subjects=per,
+        etas=eta_np,
+        kappas=np.asarray(kappa),
+        natural_names=packer.natural_names,
+        estimates=nat,
+        se=se,
+        se_sandwich=se_sw,
+        shrinkage_sd=shrink,
+        converged=converged,
+        n_iterations=n_iter,
+        message=message,
+        seconds=time.perf_counter() - start,
+        nonfinite_subjects=tuple(bad),
     )
 
 
@@ -349,6 +391,13 @@ def r_standard_errors(x, r, to_natural, s=None):
         return se_r, np.sqrt(np.diag(cov_sw))
 
 
-__all__ = ["FOCEIFns", "FOCEIResult", "build_focei", "compiled_focei", "fit_focei",
-           "focei_objective", "r_standard_errors",
-           "compiled_fit_functions"]
+__all__ = [
+    "FOCEIFns",
+    "FOCEIResult",
+    "build_focei",
+    "compiled_focei",
+    "fit_focei",
+    "focei_objective",
+    "r_standard_errors",
+    "compiled_fit_functions",
+]

@@ -51,7 +51,11 @@ from phems_clinical.pk.model import PopParams
 from phems_clinical.pk.spec import PopModel
 
 __all__ = [
-    "MAPResult", "NUTSIndividual", "fit_map", "fit_map_batch", "fit_nuts_individual",
+    "MAPResult",
+    "NUTSIndividual",
+    "fit_map",
+    "fit_map_batch",
+    "fit_nuts_individual",
     "laplace_draws",
 ]
 
@@ -110,8 +114,9 @@ def _compiled_map(model: PopModel, n_occ: int, batched: bool):
     return per_model(model, ("map", n_occ, batched), build, persist=True)
 
 
-def fit_map(model: PopModel, params: PopParams, subject: Cohort, *,
-            n_occ: int = 1) -> MAPResult:
+def fit_map(
+    model: PopModel, params: PopParams, subject: Cohort, *, n_occ: int = 1
+) -> MAPResult:
     """Posterior mode and Laplace covariance of one patient's random effects.
 
     Parameters
@@ -145,8 +150,9 @@ def fit_map(model: PopModel, params: PopParams, subject: Cohort, *,
     return _compiled_map(model, n_occ, False)(params, subject)
 
 
-def fit_map_batch(model: PopModel, params: PopParams, cohort: Cohort, *,
-                  n_occ: int = 1) -> MAPResult:
+def fit_map_batch(
+    model: PopModel, params: PopParams, cohort: Cohort, *, n_occ: int = 1
+) -> MAPResult:
     """:func:`fit_map` for every patient of a batched cohort (one compiled vmap)."""
     return _compiled_map(model, n_occ, True)(params, cohort)
 
@@ -169,14 +175,16 @@ def _laplace_program(n: int):
     return persistent_jit(draw, ("laplace_draws", n))
 
 
-def _nuts_runner(model: PopModel, n_occ: int, num_warmup: int, num_samples: int,
-                 num_chains: int):
+def _nuts_runner(
+    model: PopModel, n_occ: int, num_warmup: int, num_samples: int, num_chains: int
+):
     """One jitted function running ``num_chains`` vectorised NUTS chains (NumPyro's
     functional ``hmc`` kernel: step-size and diagonal mass adaptation in warm-up).
 
     Patient data are arguments, so the compiled sampler is reused for every patient
     of the same array shapes (cached per model).
     """
+
     def build():
         from numpyro.infer.hmc import hmc
 
@@ -189,34 +197,49 @@ def _nuts_runner(model: PopModel, n_occ: int, num_warmup: int, num_samples: int,
             # exp(-O(b) / 2).
             def potential(z):
                 return 0.5 * fns.inner_objective(centre + chol @ z, params, subject)
+
             return potential
 
         init_kernel, sample_kernel = hmc(potential_fn_gen=potential_gen, algo="NUTS")
 
         def one_chain(key, args):
-            state = init_kernel(jnp.zeros(fns.n_b), num_warmup, target_accept_prob=0.9,
-                                model_args=args, rng_key=key)
+            state = init_kernel(
+                jnp.zeros(fns.n_b),
+                num_warmup,
+                target_accept_prob=0.9,
+                model_args=args,
+                rng_key=key,
+            )
 
             def step(state, _):
                 state = sample_kernel(state, model_args=args)
                 return state, (state.z, state.diverging)
 
-            _, (z, diverging) = jax.lax.scan(step, state, None,
-                                             length=num_warmup + num_samples)
+            _, (z, diverging) = jax.lax.scan(
+                step, state, None, length=num_warmup + num_samples
+            )
             centre, chol = args[2], args[3]
             b = centre + z[num_warmup:] @ chol.T
             return b, diverging[num_warmup:]
 
         return jax.jit(jax.vmap(one_chain, in_axes=(0, None)))
 
-    return per_model(model, ("nuts_individual", n_occ, num_warmup, num_samples,
-                             num_chains), build)
+    return per_model(
+        model, ("nuts_individual", n_occ, num_warmup, num_samples, num_chains), build
+    )
 
 
-def fit_nuts_individual(key: Key, model: PopModel, params: PopParams,
-                        subject: Cohort, *, n_occ: int = 1, num_warmup: int = 500,
-                        num_samples: int = 1000, num_chains: int = 4
-                        ) -> NUTSIndividual:
+def fit_nuts_individual(
+    key: Key,
+    model: PopModel,
+    params: PopParams,
+    subject: Cohort,
+    *,
+    n_occ: int = 1,
+    num_warmup: int = 500,
+    num_samples: int = 1000,
+    num_chains: int = 4,
+) -> NUTSIndividual:
     """The full individual posterior of ``b`` by NUTS, started at the mode.
 
     The chains run vectorised on one device. The target is the exact posterior
@@ -238,11 +261,13 @@ def fit_nuts_individual(key: Key, model: PopModel, params: PopParams,
         return NUTSIndividual(z, 0, np.zeros(0), np.zeros(0), mode)
     chol = jnp.linalg.cholesky(mode.cov)
     run = _nuts_runner(model, n_occ, num_warmup, num_samples, num_chains)
-    b, diverging = run(jax.random.split(key, num_chains),
-                       (params, subject, mode.b, chol))
+    b, diverging = run(
+        jax.random.split(key, num_chains), (params, subject, mode.b, chol)
+    )
     b_np = np.asarray(b)
-    r_hat = (np.asarray(split_gelman_rubin(b_np)) if num_chains > 1
-             else np.full(n_b, np.nan))
+    r_hat = (
+        np.asarray(split_gelman_rubin(b_np)) if num_chains > 1 else np.full(n_b, np.nan)
+    )
     ess = np.asarray(effective_sample_size(b_np))
     n_div = int(np.asarray(diverging).sum())
     return NUTSIndividual(b.reshape(-1, n_b), n_div, r_hat, ess, mode)

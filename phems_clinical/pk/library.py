@@ -42,8 +42,14 @@ from phems_clinical.resources import configs_dir
 DEFAULT_PRODUCT = "kovaltry"
 
 #: Sections graded in each entry's ``sources`` mapping.
-SOURCE_SECTIONS = ("fixed_effects", "covariates", "iiv", "iov", "residual",
-                   "vial_sizes_IU")
+SOURCE_SECTIONS = (
+    "fixed_effects",
+    "covariates",
+    "iiv",
+    "iov",
+    "residual",
+    "vial_sizes_IU",
+)
 #: Grades of ``sources``: P primary paper, S faithful secondary transcription of
 #: the paper's table, L regulatory label; the last three are not verified.
 VERIFIED_GRADES = ("P", "S", "L")
@@ -135,24 +141,32 @@ def _info(product_id: str, mtime_ns: int) -> ProductInfo:
     label = _text(spec, "model_label", product_id)
     assay = spec.get("assay")
     if assay is not None and assay not in ASSAYS:
-        raise ModelSpecError(f"{product_id}.yaml: assay: expected one of "
-                             f"{', '.join(ASSAYS)} or null, got {assay!r}")
+        raise ModelSpecError(
+            f"{product_id}.yaml: assay: expected one of "
+            f"{', '.join(ASSAYS)} or null, got {assay!r}"
+        )
     population = dict(spec.get("population") or {})
     ages = population.get("ages")
     return ProductInfo(
-        id=product_id, brand=brand, inn=inn, model_label=label,
+        id=product_id,
+        brand=brand,
+        inn=inn,
+        model_label=label,
         display=f"{brand} ({inn}) — {label}",
         factor=str(spec.get("factor", "")),
         half_life_class=str(spec.get("half_life_class", "")),
-        population=population, ages=None if ages is None else str(ages),
+        population=population,
+        ages=None if ages is None else str(ages),
         assay=assay,
-        assay_conversion={str(k): dict(v) for k, v in
-                          (spec.get("assay_conversion") or {}).items()},
+        assay_conversion={
+            str(k): dict(v) for k, v in (spec.get("assay_conversion") or {}).items()
+        },
         choose_when=_text(spec, "choose_when", product_id),
         unverified=tuple(str(u) for u in spec.get("unverified") or ()),
         vial_sizes_IU=tuple(int(v) for v in spec.get("vial_sizes_IU") or ()),
-        external_validation=tuple(dict(e) for e in
-                                  spec.get("external_validation") or ()),
+        external_validation=tuple(
+            dict(e) for e in spec.get("external_validation") or ()
+        ),
         citation=_text(spec, "citation", product_id),
         vial_notes=spec.get("vial_notes"),
     )
@@ -217,16 +231,26 @@ def resolve_product(text: str) -> str:
         listed = "; ".join(f"'{p}' = {product_info(p).display}" for p in hits)
         raise UnknownProductError(
             f"product: {text!r} names {len(hits)} library models; choose one by "
-            f"id: {listed}", tuple(hits))
-    close = difflib.get_close_matches(text.strip().lower(),
-                                      [w.lower() for w in written.values()],
-                                      n=3, cutoff=0.6)
+            f"id: {listed}",
+            tuple(hits),
+        )
+    close = difflib.get_close_matches(
+        text.strip().lower(), [w.lower() for w in written.values()], n=3, cutoff=0.6
+    )
     sugg = sorted({p for c in close for p in by_name[_norm(c)]})
-    hint = ("; did you mean " + " or ".join(
-        f"'{p}' ({product_info(p).display})" for p in sugg) + "?") if sugg else ""
+    hint = (
+        (
+            "; did you mean "
+            + " or ".join(f"'{p}' ({product_info(p).display})" for p in sugg)
+            + "?"
+        )
+        if sugg
+        else ""
+    )
     raise UnknownProductError(
         f"product: unknown product {text!r}{hint} Available: {', '.join(ids)}",
-        tuple(sugg))
+        tuple(sugg),
+    )
 
 
 def load_product(name: str) -> PopModel:
@@ -262,18 +286,33 @@ def products_table() -> list[dict[str, Any]]:
     for pid in list_products():
         info = product_info(pid)
         t_term, t_eff = _half_lives(load_product(pid))
-        rows.append({
-            "id": pid, "display": info.display, "factor": info.factor,
-            "half_life_class": info.half_life_class, "ages": info.ages,
-            "assay": info.assay, "verified": not info.unverified,
-            "unverified": list(info.unverified), "choose_when": info.choose_when,
-            "vial_sizes_IU": list(info.vial_sizes_IU),
-            "terminal_half_life_h": round(t_term, 1),
-            "effective_half_life_h": round(t_eff, 1),
-            "default": pid == DEFAULT_PRODUCT,
-        })
+        rows.append(
+            {
+                "id": pid,
+                "display": info.display,
+                "factor": info.factor,
+                "half_life_class": info.half_life_class,
+                "ages": info.ages,
+                "assay": info.assay,
+                "verified": not info.unverified,
+                "unverified": list(info.unverified),
+                "choose_when": info.choose_when,
+                "vial_sizes_IU": list(info.vial_sizes_IU),
+                "terminal_half_life_h": round(t_term, 1),
+                "effective_half_life_h": round(t_eff, 1),
+                "default": pid == DEFAULT_PRODUCT,
+            }
+        )
     return rows
 
 
-__all__ = ["DEFAULT_PRODUCT", "ProductInfo", "UnknownProductError", "list_products",
-           "load_product", "product_info", "products_table", "resolve_product"]
+__all__ = [
+    "DEFAULT_PRODUCT",
+    "ProductInfo",
+    "UnknownProductError",
+    "list_products",
+    "load_product",
+    "product_info",
+    "products_table",
+    "resolve_product",
+]

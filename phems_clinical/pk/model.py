@@ -28,8 +28,12 @@ from phems_clinical.pk.occasions import occasion_concentration
 from phems_clinical.pk.spec import PopModel, Residual
 
 _OPS = {
-    "<": jnp.less, "<=": jnp.less_equal, ">": jnp.greater, ">=": jnp.greater_equal,
-    "==": jnp.equal, "!=": jnp.not_equal,
+    "<": jnp.less,
+    "<=": jnp.less_equal,
+    ">": jnp.greater,
+    ">=": jnp.greater_equal,
+    "==": jnp.equal,
+    "!=": jnp.not_equal,
 }
 
 
@@ -66,12 +70,15 @@ def initial_params(model: PopModel) -> PopParams:
     """The values written in the model specification, as a :class:`PopParams`."""
     return PopParams(
         theta=jnp.asarray(model.theta_values),
-        omega=jnp.asarray(model.omega, dtype=jnp.float64).reshape(model.n_eta,
-                                                                  model.n_eta),
+        omega=jnp.asarray(model.omega, dtype=jnp.float64).reshape(
+            model.n_eta, model.n_eta
+        ),
         omega_iov=jnp.asarray(model.omega_iov, dtype=jnp.float64).reshape(
-            model.n_kappa, model.n_kappa),
-        sigma=jnp.asarray([model.residual.additive, model.residual.proportional],
-                          dtype=jnp.float64),
+            model.n_kappa, model.n_kappa
+        ),
+        sigma=jnp.asarray(
+            [model.residual.additive, model.residual.proportional], dtype=jnp.float64
+        ),
         baseline=jnp.asarray(model.baseline, dtype=jnp.float64),
     )
 
@@ -84,8 +91,9 @@ def covariate_vector(model: PopModel, values: dict[str, float]) -> np.ndarray:
     return np.array([float(values[c]) for c in model.covariate_names])
 
 
-def typical_parameters(model: PopModel, theta: Float[Array, " n_theta"],
-                       covariates: Float[Array, " n_cov"]) -> Float[Array, " n_par"]:
+def typical_parameters(
+    model: PopModel, theta: Float[Array, " n_theta"], covariates: Float[Array, " n_cov"]
+) -> Float[Array, " n_par"]:
     """Typical structural parameters (CL, V1, ...) for one subject's covariates."""
     names = model.theta_names
     cov_names = model.covariate_names
@@ -106,19 +114,23 @@ def typical_parameters(model: PopModel, theta: Float[Array, " n_theta"],
             term = _log_positive(1.0 + coef * d)
         else:  # indicator
             if e.condition is None:
-                raise ValueError(f"covariate effect {e.theta}: an indicator effect "
-                                 "needs a condition such as ('==', 1.0)")
+                raise ValueError(
+                    f"covariate effect {e.theta}: an indicator effect "
+                    "needs a condition such as ('==', 1.0)"
+                )
             op, value = e.condition
             term = jnp.where(_OPS[op](x, value), jnp.log1p(coef), 0.0)
         log_tv[e.parameter] = log_tv[e.parameter] + term
     return jnp.exp(jnp.stack([log_tv[p] for p in model.structural]))
 
 
-def individual_parameters(model: PopModel, theta: Float[Array, " n_theta"],
-                          eta: Float[Array, " n_eta"],
-                          kappa: Float[Array, "n_occ n_kappa"],
-                          covariates: Float[Array, " n_cov"]
-                          ) -> Float[Array, "n_occ n_par"]:
+def individual_parameters(
+    model: PopModel,
+    theta: Float[Array, " n_theta"],
+    eta: Float[Array, " n_eta"],
+    kappa: Float[Array, "n_occ n_kappa"],
+    covariates: Float[Array, " n_cov"],
+) -> Float[Array, "n_occ n_par"]:
     """Individual parameters per occasion: ``TV * exp(eta + kappa_occ)``."""
     tv = typical_parameters(model, theta, covariates)
     n_occ = kappa.shape[0]
@@ -132,10 +144,15 @@ def individual_parameters(model: PopModel, theta: Float[Array, " n_theta"],
     return jnp.exp(log_p)
 
 
-def predict(model: PopModel, subject: Cohort, theta: Float[Array, " n_theta"],
-            eta: Float[Array, " n_eta"], kappa: Float[Array, "n_occ n_kappa"],
-            baseline: Float[Array, ""], times: Float[Array, " n_t"] | None = None
-            ) -> Float[Array, " n_t"]:
+def predict(
+    model: PopModel,
+    subject: Cohort,
+    theta: Float[Array, " n_theta"],
+    eta: Float[Array, " n_eta"],
+    kappa: Float[Array, "n_occ n_kappa"],
+    baseline: Float[Array, ""],
+    times: Float[Array, " n_t"] | None = None,
+) -> Float[Array, " n_t"]:
     """Predicted level (IU/dL) at ``times`` (default: the subject's observation times).
 
     With IOV and more than one occasion, the parameters switch with NONMEM's
@@ -148,16 +165,31 @@ def predict(model: PopModel, subject: Cohort, theta: Float[Array, " n_theta"],
     params = individual_parameters(model, theta, eta, kappa, subject.covariates)
     t = subject.obs_time if times is None else times
     if model.n_kappa and kappa.shape[0] > 1:
-        return occasion_concentration(t, subject.dose_time, subject.dose_amt,
-                                      subject.dose_dur, subject.dose_occ, params,
-                                      model.n_cmt, baseline)
+        return occasion_concentration(
+            t,
+            subject.dose_time,
+            subject.dose_amt,
+            subject.dose_dur,
+            subject.dose_occ,
+            params,
+            model.n_cmt,
+            baseline,
+        )
     per_dose = params[subject.dose_occ]
-    return concentration(t, subject.dose_time, subject.dose_amt, subject.dose_dur,
-                         per_dose, model.n_cmt, baseline)
+    return concentration(
+        t,
+        subject.dose_time,
+        subject.dose_amt,
+        subject.dose_dur,
+        per_dose,
+        model.n_cmt,
+        baseline,
+    )
 
 
-def residual_variance(f: Float[Array, " n_obs"], sigma: Float[Array, 2],
-                      form: str = "combined2") -> Float[Array, " n_obs"]:
+def residual_variance(
+    f: Float[Array, " n_obs"], sigma: Float[Array, 2], form: str = "combined2"
+) -> Float[Array, " n_obs"]:
     """Residual variance of a level given its prediction ``f`` (IU/dL).
 
     ``combined2`` (NONMEM ``Y = F + F*EPS(1) + EPS(2)``): ``add**2 + (prop * f)**2``;
@@ -171,15 +203,20 @@ def residual_variance(f: Float[Array, " n_obs"], sigma: Float[Array, 2],
     return sigma[0] ** 2 + (sigma[1] * f) ** 2
 
 
-def iov_covariance(omega_iov: Float[Array, "n_kappa n_kappa"], n_occ: int
-                   ) -> Float[Array, "n n"]:
+def iov_covariance(
+    omega_iov: Float[Array, "n_kappa n_kappa"], n_occ: int
+) -> Float[Array, "n n"]:
     """Covariance of ``kappa`` flattened occasion by occasion (``(n_occ, n_kappa)``
     row-major): ``n_occ`` independent copies of ``omega_iov`` on the diagonal."""
     return jnp.kron(jnp.eye(n_occ), jnp.asarray(omega_iov))
 
 
-def obs_neg2ll(subject: Cohort, f: Float[Array, " n_obs"], sigma: Float[Array, 2],
-               form: str = "combined2") -> Float[Array, " n_obs"]:
+def obs_neg2ll(
+    subject: Cohort,
+    f: Float[Array, " n_obs"],
+    sigma: Float[Array, 2],
+    form: str = "combined2",
+) -> Float[Array, " n_obs"]:
     """Per-observation -2 log-likelihood without the 2*pi constant (NONMEM style).
 
     Quantified samples: ``log V + (y - f)**2 / V`` with ``V`` from
@@ -207,14 +244,24 @@ def n_occasions(cohort: Cohort) -> int:
     return int(max(int(jnp.max(cohort.dose_occ)), int(jnp.max(cohort.obs_occ)))) + 1
 
 
-def residual_from_sigma(sigma: np.ndarray, fixed: bool = False,
-                        form: str = "combined2") -> Residual:
+def residual_from_sigma(
+    sigma: np.ndarray, fixed: bool = False, form: str = "combined2"
+) -> Residual:
     """Convert estimated residual SDs back into a spec :class:`Residual`."""
     return Residual(float(sigma[0]), float(sigma[1]), fixed, form)
 
 
 __all__ = [
-    "PopParams", "covariate_vector", "individual_parameters", "initial_params",
-    "iov_covariance", "likelihood_cohort", "n_occasions", "obs_neg2ll", "predict",
-    "residual_from_sigma", "residual_variance", "typical_parameters",
+    "PopParams",
+    "covariate_vector",
+    "individual_parameters",
+    "initial_params",
+    "iov_covariance",
+    "likelihood_cohort",
+    "n_occasions",
+    "obs_neg2ll",
+    "predict",
+    "residual_from_sigma",
+    "residual_variance",
+    "typical_parameters",
 ]

@@ -77,9 +77,9 @@ from phems_clinical.pk.analytic import (
 __all__ = ["eigenvectors", "occasion_concentration"]
 
 
-def eigenvectors(params: Float[ArrayLike, " n_par"], lam: Float[ArrayLike, " n_cmt"],
-                 n_cmt: int) -> tuple[Float[Array, "n_cmt n_cmt"],
-                                      Float[Array, "n_cmt n_cmt"]]:
+def eigenvectors(
+    params: Float[ArrayLike, " n_par"], lam: Float[ArrayLike, " n_cmt"], n_cmt: int
+) -> tuple[Float[Array, "n_cmt n_cmt"], Float[Array, "n_cmt n_cmt"]]:
     """Right and left eigenvectors (rows ``r_i``, ``l_i``) of the amount system.
 
     ``dx/dt = K x`` with ``x`` the compartment amounts (IU, central first) has
@@ -135,16 +135,19 @@ def occasion_concentration(
         running across a switch continues at its rate under the new parameters.
     """
     t = as_float(t)
-    dose_time, dose_amt, dose_dur = (as_float(x) for x in
-                                     (dose_time, dose_amt, dose_dur))
+    dose_time, dose_amt, dose_dur = (
+        as_float(x) for x in (dose_time, dose_amt, dose_dur)
+    )
     occ_params = check_params(occ_params, n_cmt)
     dose_occ = jnp.asarray(dose_occ)
     if occ_params.ndim != 2:
-        raise ValueError(f"occ_params must be (n_occ, {2 * n_cmt}); got "
-                         f"{occ_params.shape}")
+        raise ValueError(
+            f"occ_params must be (n_occ, {2 * n_cmt}); got {occ_params.shape}"
+        )
     lam_all, a_all = jax.vmap(lambda p: macro_constants(p, n_cmt))(occ_params)
-    r_all, l_all = jax.vmap(lambda p, lam: eigenvectors(p, lam, n_cmt))(occ_params,
-                                                                        lam_all)
+    r_all, l_all = jax.vmap(lambda p, lam: eigenvectors(p, lam, n_cmt))(
+        occ_params, lam_all
+    )
 
     # segments start at each real dose, in time order (stable for ties); padding
     # sorts last with an infinite start and contributes empty segments
@@ -171,22 +174,28 @@ def occasion_concentration(
         # rest of an infusion (its rate times the remaining duration)
         piece_start = jnp.maximum(dose_time, s)
         piece_dur = jnp.where(infusion, jnp.maximum(end - piece_start, 0.0), 0.0)
-        piece_amt = jnp.where(infusion, dose_amt * piece_dur / dur_safe,
-                              jnp.where(dose_time >= s, dose_amt, 0.0))
+        piece_amt = jnp.where(
+            infusion,
+            dose_amt * piece_dur / dur_safe,
+            jnp.where(dose_time >= s, dose_amt, 0.0),
+        )
 
         inside = live & (t >= s) & (t < s_next)
         since = jnp.maximum(t - s, 0.0)
         carried = jnp.sum(z0 / v1 * jnp.exp(-lam[None, :] * since[:, None]), axis=-1)
-        doses = jnp.sum(jax.vmap(macro_response, in_axes=(0, 0, 0, None, None))(
-            t[None, :] - piece_start[:, None], piece_amt, piece_dur, lam, a), axis=0)
+        doses = jnp.sum(
+            jax.vmap(macro_response, in_axes=(0, 0, 0, None, None))(
+                t[None, :] - piece_start[:, None], piece_amt, piece_dur, lam, a
+            ),
+            axis=0,
+        )
         level = level + jnp.where(inside, carried + doses, 0.0)
 
         # amounts at the next switch (doses starting there belong to the next segment)
         has_next = live & jnp.isfinite(s_next)
         s_end = jnp.where(has_next, s_next, s)
         before = jnp.where(dose_time < s_end, piece_amt, 0.0)
-        g = unit_modes((s_end - piece_start)[:, None], piece_dur[:, None],
-                        lam[None, :])
+        g = unit_modes((s_end - piece_start)[:, None], piece_dur[:, None], lam[None, :])
         z = jnp.exp(-lam * (s_end - s)) * z0 + w * jnp.sum(before[:, None] * g, axis=0)
         amounts = jnp.where(has_next, right.T @ z, amounts)
         return (amounts, level), None

@@ -85,9 +85,20 @@ def build_packer(model: PopModel, init: PopParams | None = None) -> Packer:
         names.append("log_baseline")
 
     def pack(p: PopParams) -> Float[Array, " n_free"]:
-        parts = [jnp.stack([_theta_fwd(p.theta[i], model.thetas[i].lower,
-                                       model.thetas[i].upper) for i in free_t])
-                 ] if free_t else []
+        parts = (
+            [
+                jnp.stack(
+                    [
+                        _theta_fwd(
+                            p.theta[i], model.thetas[i].lower, model.thetas[i].upper
+                        )
+                        for i in free_t
+                    ]
+                )
+            ]
+            if free_t
+            else []
+        )
         if omega_free:
             for b in blocks:
                 sub = p.omega[jnp.ix_(jnp.array(b), jnp.array(b))]
@@ -126,7 +137,7 @@ def build_packer(model: PopModel, init: PopParams | None = None) -> Packer:
                 omega = omega.at[jnp.ix_(idx, idx)].set(chol @ chol.T)
         omega_iov = base.omega_iov
         if kappa_free:
-            omega_iov = jnp.diag(jnp.exp(x[k:k + model.n_kappa]))
+            omega_iov = jnp.diag(jnp.exp(x[k : k + model.n_kappa]))
             k += model.n_kappa
         sigma = base.sigma
         for j in sig_free:
@@ -153,8 +164,15 @@ def build_packer(model: PopModel, init: PopParams | None = None) -> Packer:
         parts = [p.theta[jnp.array(free_t)]] if free_t else []
         if omega_free:
             for b in blocks:
-                parts.append(jnp.stack([p.omega[b[r], b[c]] for r in range(len(b))
-                                        for c in range(r + 1)]))
+                parts.append(
+                    jnp.stack(
+                        [
+                            p.omega[b[r], b[c]]
+                            for r in range(len(b))
+                            for c in range(r + 1)
+                        ]
+                    )
+                )
         if kappa_free:
             parts.append(jnp.diag(p.omega_iov))
         if sig_free:
@@ -178,7 +196,7 @@ def build_packer(model: PopModel, init: PopParams | None = None) -> Packer:
                         k += 1
         omega_iov = base.omega_iov
         if kappa_free:
-            omega_iov = jnp.diag(v[k:k + model.n_kappa])
+            omega_iov = jnp.diag(v[k : k + model.n_kappa])
             k += model.n_kappa
         sigma = base.sigma
         for j in sig_free:
@@ -187,8 +205,9 @@ def build_packer(model: PopModel, init: PopParams | None = None) -> Packer:
         baseline = v[k] if base_free else base.baseline
         return PopParams(theta, omega, omega_iov, sigma, baseline)
 
-    return Packer(pack, unpack, tuple(names), to_natural, from_natural,
-                  tuple(nat_names))
+    return Packer(
+        pack, unpack, tuple(names), to_natural, from_natural, tuple(nat_names)
+    )
 
 
 __all__ = ["Packer", "build_packer"]

@@ -88,8 +88,9 @@ def round_dose(dose: float, vials: list[float]) -> float:
     return float(max(step, math.ceil(dose / step - 1e-9) * step))
 
 
-def draw_kappa(key: Key, omega_iov: Float[Array, "n_kappa n_kappa"],
-               shape: tuple[int, ...]) -> Float[Array, "*shape n_kappa"]:
+def draw_kappa(
+    key: Key, omega_iov: Float[Array, "n_kappa n_kappa"], shape: tuple[int, ...]
+) -> Float[Array, "*shape n_kappa"]:
     """Inter-occasion effects ``kappa ~ N(0, omega_iov)``, independent over ``shape``
     (e.g. ``(n_subjects, n_occasions)``); the full (correlated) IOV block."""
     omega_iov = jnp.asarray(omega_iov)
@@ -100,8 +101,9 @@ def draw_kappa(key: Key, omega_iov: Float[Array, "n_kappa n_kappa"],
     return jax.random.normal(key, (*shape, n_kappa)) @ chol.T
 
 
-def simulate_observations(k_kappa: Key, k_eps: Key, model: PopModel, p: PopParams,
-                          cohort, eta, n_occ: int) -> tuple[np.ndarray, np.ndarray]:
+def simulate_observations(
+    k_kappa: Key, k_eps: Key, model: PopModel, p: PopParams, cohort, eta, n_occ: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Observed levels (IU/dL, with the model's residual error) and individual
     parameters of a stacked cohort for given random effects ``eta`` (n, n_eta);
     inter-occasion effects ``kappa ~ N(0, omega_iov)`` (the full IOV block, each
@@ -113,18 +115,26 @@ def simulate_observations(k_kappa: Key, k_eps: Key, model: PopModel, p: PopParam
     n = eta.shape[0]
     kappa = draw_kappa(k_kappa, p.omega_iov, (n, n_occ))
     f = jax.vmap(lambda s, e, k: predict(model, s, p.theta, e, k, p.baseline))(
-        cohort, eta, kappa)
+        cohort, eta, kappa
+    )
     sd = jnp.sqrt(residual_variance(f, p.sigma, model.residual.form))
     y = np.asarray(f + sd * jax.random.normal(k_eps, f.shape))
-    indiv = np.asarray(jax.vmap(
-        lambda e, k, c: individual_parameters(model, p.theta, e, k, c)[0])(
-        eta, kappa, cohort.covariates))
+    indiv = np.asarray(
+        jax.vmap(lambda e, k, c: individual_parameters(model, p.theta, e, k, c)[0])(
+            eta, kappa, cohort.covariates
+        )
+    )
     return y, indiv
 
 
-def simulate_cohort(key: Key, model: PopModel, hospital: HospitalSpec, *,
-                    params: PopParams | None = None, id_offset: int = 0
-                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def simulate_cohort(
+    key: Key,
+    model: PopModel,
+    hospital: HospitalSpec,
+    *,
+    params: PopParams | None = None,
+    id_offset: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Simulate one hospital's cohort from ``model``.
 
     Parameters
@@ -187,19 +197,28 @@ def simulate_cohort(key: Key, model: PopModel, hospital: HospitalSpec, *,
             obs_t.extend(ts)
             obs_occ.extend([occ] * len(ts))
             t0 = float(ts.max()) + 96.0  # washout before the next study occasion
-        subjects.append(dict(
-            dose_time=np.array(dose_t), dose_amt=np.full(len(dose_t), dose),
-            dose_dur=np.full(len(dose_t), hospital.infusion_h),
-            dose_occ=np.array(dose_occ), obs_time=np.array(obs_t),
-            obs_dv=np.zeros(len(obs_t)), obs_blq=np.zeros(len(obs_t), np.bool_),
-            obs_lloq=np.full(len(obs_t), hospital.lloq_IU_dL),
-            obs_occ=np.array(obs_occ),
-            covariates=[float(demo[c].iloc[i]) for c in model.covariate_names]))
+        subjects.append(
+            dict(
+                dose_time=np.array(dose_t),
+                dose_amt=np.full(len(dose_t), dose),
+                dose_dur=np.full(len(dose_t), hospital.infusion_h),
+                dose_occ=np.array(dose_occ),
+                obs_time=np.array(obs_t),
+                obs_dv=np.zeros(len(obs_t)),
+                obs_blq=np.zeros(len(obs_t), np.bool_),
+                obs_lloq=np.full(len(obs_t), hospital.lloq_IU_dL),
+                obs_occ=np.array(obs_occ),
+                covariates=[float(demo[c].iloc[i]) for c in model.covariate_names],
+            )
+        )
 
     cohort = stack_subjects(subjects)
     n_occ = max(1, hospital.occasions)
-    eta = (jax.random.multivariate_normal(k_eta, jnp.zeros(model.n_eta), p.omega, (n,))
-           if model.n_eta else jnp.zeros((n, 0)))
+    eta = (
+        jax.random.multivariate_normal(k_eta, jnp.zeros(model.n_eta), p.omega, (n,))
+        if model.n_eta
+        else jnp.zeros((n, 0))
+    )
     y, indiv = simulate_observations(k_kappa, k_eps, model, p, cohort, eta, n_occ)
 
     cov_cols = [c for c in demo.columns]
@@ -207,22 +226,50 @@ def simulate_cohort(key: Key, model: PopModel, hospital: HospitalSpec, *,
         sid = id_offset + i + 1
         covs = {c: demo[c].iloc[i] for c in cov_cols}
         for t, occ in zip(s["dose_time"], s["dose_occ"], strict=True):
-            rows.append(dict(ID=sid, SITE=hospital.name, TIME=round(float(t), 4),
-                             AMT=float(s["dose_amt"][0]), DUR=hospital.infusion_h,
-                             DV=np.nan, MDV=1, EVID=1, BLQ=0, LLOQ=np.nan,
-                             OCC=int(occ) + 1, **covs))
+            rows.append(
+                dict(
+                    ID=sid,
+                    SITE=hospital.name,
+                    TIME=round(float(t), 4),
+                    AMT=float(s["dose_amt"][0]),
+                    DUR=hospital.infusion_h,
+                    DV=np.nan,
+                    MDV=1,
+                    EVID=1,
+                    BLQ=0,
+                    LLOQ=np.nan,
+                    OCC=int(occ) + 1,
+                    **covs,
+                )
+            )
         for j, (t, occ) in enumerate(zip(s["obs_time"], s["obs_occ"], strict=True)):
             value = float(y[i, j])
             blq = value < hospital.lloq_IU_dL
-            rows.append(dict(ID=sid, SITE=hospital.name, TIME=round(float(t), 4),
-                             AMT=0.0, DUR=0.0, DV=np.nan if blq else round(value, 4),
-                             MDV=0, EVID=0, BLQ=int(blq), LLOQ=hospital.lloq_IU_dL,
-                             OCC=int(occ) + 1, **covs))
+            rows.append(
+                dict(
+                    ID=sid,
+                    SITE=hospital.name,
+                    TIME=round(float(t), 4),
+                    AMT=0.0,
+                    DUR=0.0,
+                    DV=np.nan if blq else round(value, 4),
+                    MDV=0,
+                    EVID=0,
+                    BLQ=int(blq),
+                    LLOQ=hospital.lloq_IU_dL,
+                    OCC=int(occ) + 1,
+                    **covs,
+                )
+            )
     import pandas as pd
 
-    events = pd.DataFrame(rows).sort_values(["ID", "TIME", "EVID"],
-                                            ascending=[True, True, False],
-                                            kind="stable").reset_index(drop=True)
+    events = (
+        pd.DataFrame(rows)
+        .sort_values(
+            ["ID", "TIME", "EVID"], ascending=[True, True, False], kind="stable"
+        )
+        .reset_index(drop=True)
+    )
     truth = pd.DataFrame(indiv, columns=list(model.structural))
     truth.insert(0, "SITE", hospital.name)
     truth.insert(0, "ID", np.arange(n) + id_offset + 1)
@@ -231,9 +278,13 @@ def simulate_cohort(key: Key, model: PopModel, hospital: HospitalSpec, *,
     return events, truth
 
 
-def simulate_hospitals(key: Key, model: PopModel, hospitals: list[HospitalSpec], *,
-                       params: PopParams | None = None
-                       ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def simulate_hospitals(
+    key: Key,
+    model: PopModel,
+    hospitals: list[HospitalSpec],
+    *,
+    params: PopParams | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Simulate several hospitals with different case-mix; IDs are unique overall."""
     import pandas as pd
 
@@ -243,22 +294,39 @@ def simulate_hospitals(key: Key, model: PopModel, hospitals: list[HospitalSpec],
         events.append(e)
         truths.append(t)
         offset += h.n_patients
-    return (pd.concat(events, ignore_index=True),
-            pd.concat(truths, ignore_index=True))
+    return (pd.concat(events, ignore_index=True), pd.concat(truths, ignore_index=True))
 
 
 def default_hospitals(n_total: int = 100) -> list[HospitalSpec]:
     """Three hospitals with different case-mix (ages, designs, washout practice)."""
     a, b = n_total // 3, n_total // 3
     return [
-        HospitalSpec("paediatric", a, age_range=(1.0, 12.0), design="sparse",
-                     washout_fraction=0.3),
-        HospitalSpec("adolescent", b, age_range=(10.0, 18.0), design="rich",
-                     washout_fraction=1.0),
-        HospitalSpec("adult", n_total - a - b, age_range=(18.0, 65.0), design="sparse",
-                     washout_fraction=0.5),
+        HospitalSpec(
+            "paediatric",
+            a,
+            age_range=(1.0, 12.0),
+            design="sparse",
+            washout_fraction=0.3,
+        ),
+        HospitalSpec(
+            "adolescent", b, age_range=(10.0, 18.0), design="rich", washout_fraction=1.0
+        ),
+        HospitalSpec(
+            "adult",
+            n_total - a - b,
+            age_range=(18.0, 65.0),
+            design="sparse",
+            washout_fraction=0.5,
+        ),
     ]
 
 
-__all__ = ["DESIGNS", "HospitalSpec", "default_hospitals", "draw_kappa",
-           "simulate_cohort", "simulate_hospitals", "round_dose"]
+__all__ = [
+    "DESIGNS",
+    "HospitalSpec",
+    "default_hospitals",
+    "draw_kappa",
+    "simulate_cohort",
+    "simulate_hospitals",
+    "round_dose",
+]

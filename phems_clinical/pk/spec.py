@@ -50,19 +50,55 @@ STRUCTURAL = {
     2: ("CL", "V1", "Q2", "V2"),
     3: ("CL", "V1", "Q2", "V2", "Q3", "V3"),
 }
-ALIASES = {"V": "V1", "VC": "V1", "Q": "Q2", "VP": "V2", "VP1": "V2", "VP2": "V3",
-           "Q1": "Q2"}
+ALIASES = {
+    "V": "V1",
+    "VC": "V1",
+    "Q": "Q2",
+    "VP": "V2",
+    "VP1": "V2",
+    "VP2": "V3",
+    "Q1": "Q2",
+}
 EFFECTS = ("power", "linear", "exponential", "indicator")
 RESIDUAL_FORMS = ("combined2", "combined1")
 
-SECTIONS = ("name", "structure", "parameters", "covariates", "iiv", "iov", "residual",
-            "baseline", "blq")
+SECTIONS = (
+    "name",
+    "structure",
+    "parameters",
+    "covariates",
+    "iiv",
+    "iov",
+    "residual",
+    "baseline",
+    "blq",
+)
 METADATA_KEYS = (
-    "citation", "product", "brand", "inn", "model_label", "factor", "half_life_class",
-    "population", "validated_range", "assay", "assay_conversion", "choose_when",
-    "software", "reference_covariates", "covariate_units", "vial_sizes_IU",
-    "vial_notes", "unverified", "sources", "external_validation", "reference_values",
-    "notes", "description", "baseline_estimated_IU_dL", "fitted",
+    "citation",
+    "product",
+    "brand",
+    "inn",
+    "model_label",
+    "factor",
+    "half_life_class",
+    "population",
+    "validated_range",
+    "assay",
+    "assay_conversion",
+    "choose_when",
+    "software",
+    "reference_covariates",
+    "covariate_units",
+    "vial_sizes_IU",
+    "vial_notes",
+    "unverified",
+    "sources",
+    "external_validation",
+    "reference_values",
+    "notes",
+    "description",
+    "baseline_estimated_IU_dL",
+    "fitted",
 )
 """Top-level keys besides :data:`SECTIONS`: descriptive metadata of the library
 (``configs/model/*.yaml``) and of ``phems fit`` outputs (``fitted``), kept in
@@ -70,15 +106,42 @@ METADATA_KEYS = (
 _KEYS = {
     "structure": ("compartments",),
     "parameter": ("value", "lower", "upper", "fixed", "unit"),
-    "covariate": ("parameter", "covariate", "effect", "coefficient", "reference",
-                  "condition", "piecewise", "name", "lower", "upper", "fixed"),
-    "iiv": ("parameters", "variance", "sd", "correlation", "cv", "structure",
-            "blocks", "fixed"),
+    "covariate": (
+        "parameter",
+        "covariate",
+        "effect",
+        "coefficient",
+        "reference",
+        "condition",
+        "piecewise",
+        "name",
+        "lower",
+        "upper",
+        "fixed",
+    ),
+    "iiv": (
+        "parameters",
+        "variance",
+        "sd",
+        "correlation",
+        "cv",
+        "structure",
+        "blocks",
+        "fixed",
+    ),
     "iov": ("parameters", "variance", "sd", "correlation", "cv", "fixed"),
     "residual": ("additive", "proportional", "form", "fixed"),
     "baseline": ("value", "estimate"),
-    "fitted": ("method", "data", "n_subjects", "n_observations", "ofv", "seed", "date",
-               "converged"),
+    "fitted": (
+        "method",
+        "data",
+        "n_subjects",
+        "n_observations",
+        "ofv",
+        "seed",
+        "date",
+        "converged",
+    ),
 }
 _COND = re.compile(r"^\s*(<=|>=|==|!=|<|>)\s*(-?[0-9.eE+-]+)\s*$")
 
@@ -93,8 +156,11 @@ def _check_keys(block: dict, allowed: tuple[str, ...], where: str) -> None:
         if key in allowed:
             continue
         close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-        hint = (f"did you mean {close[0]!r}?" if close
-                else f"expected one of {', '.join(allowed)}")
+        hint = (
+            f"did you mean {close[0]!r}?"
+            if close
+            else f"expected one of {', '.join(allowed)}"
+        )
         raise ModelSpecError(f"{where}{'.' if where else ''}{key}: unknown key; {hint}")
 
 
@@ -229,8 +295,10 @@ class PopModel:
         """An extended half-life product or a FIX concentrate (metadata
         ``half_life_class``/``factor``): later ISTH sampling windows and dosing
         intervals up to weekly."""
-        return (self.metadata.get("half_life_class") == "extended"
-                or self.metadata.get("factor") == "FIX")
+        return (
+            self.metadata.get("half_life_class") == "extended"
+            or self.metadata.get("factor") == "FIX"
+        )
 
     @property
     def n_eta(self) -> int:
@@ -258,7 +326,8 @@ def check_iov_estimable(model: PopModel) -> None:
         raise ModelSpecError(
             f"iov.correlation: model {model.name!r} has a correlated IOV block; "
             "estimation estimates IOV variances only, so set iov.fixed: true (the "
-            "block is then used as given) or remove the correlation")
+            "block is then used as given) or remove the correlation"
+        )
 
 
 def _float(x: Any, where: str) -> float:
@@ -294,17 +363,21 @@ def _omega(block: dict, params: tuple[str, ...], where: str) -> np.ndarray:
         return np.zeros((0, 0))
     given = [k for k in ("variance", "sd", "cv") if k in block]
     if len(given) > 1:
-        raise ModelSpecError(f"{where}: give one of 'variance', 'sd', 'cv', not "
-                             f"{' and '.join(given)}")
+        raise ModelSpecError(
+            f"{where}: give one of 'variance', 'sd', 'cv', not {' and '.join(given)}"
+        )
     if "correlation" in block and "variance" in block:
-        raise ModelSpecError(f"{where}.correlation: goes with 'sd' or 'cv'; a "
-                             "'variance' matrix already holds the covariances")
+        raise ModelSpecError(
+            f"{where}.correlation: goes with 'sd' or 'cv'; a "
+            "'variance' matrix already holds the covariances"
+        )
     if "variance" in block:
         om = _array(block["variance"], f"{where}.variance")
         if om.ndim == 1:
             if om.shape != (n,):
                 raise ModelSpecError(
-                    f"{where}.variance: expected {n} values, got {om.size}")
+                    f"{where}.variance: expected {n} values, got {om.size}"
+                )
             om = np.diag(om)
     elif "sd" in block or "cv" in block:
         key = "sd" if "sd" in block else "cv"
@@ -317,19 +390,22 @@ def _omega(block: dict, params: tuple[str, ...], where: str) -> np.ndarray:
         if corr.shape != (n, n):
             raise ModelSpecError(f"{where}.correlation: expected a {n}x{n} matrix")
         if np.any(np.diag(corr) != 1.0) or np.any(np.abs(corr) > 1.0):
-            raise ModelSpecError(f"{where}.correlation: expected 1 on the diagonal "
-                                 "and values in [-1, 1]")
+            raise ModelSpecError(
+                f"{where}.correlation: expected 1 on the diagonal and values in [-1, 1]"
+            )
         om = corr * np.outer(sd, sd)
     else:
         raise ModelSpecError(
-            f"{where}: give 'variance', 'sd' (+ 'correlation') or 'cv'")
+            f"{where}: give 'variance', 'sd' (+ 'correlation') or 'cv'"
+        )
     if om.shape != (n, n):
         raise ModelSpecError(f"{where}: expected a {n}x{n} matrix for {list(params)}")
     if not np.allclose(om, om.T):
         raise ModelSpecError(f"{where}: the covariance matrix must be symmetric")
     if np.any(np.linalg.eigvalsh(om) <= 0):
         raise ModelSpecError(
-            f"{where}: the covariance matrix must be positive definite")
+            f"{where}: the covariance matrix must be positive definite"
+        )
     return om
 
 
@@ -359,24 +435,35 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
     for pname, p in params.items():
         canon = _canonical(pname, n_cmt, f"parameters.{pname}")
         if canon in given:
-            raise ModelSpecError(f"parameters.{pname}: {canon} is already given as "
-                                 f"{given[canon][0]!r}")
-        p = ({"value": p} if not isinstance(p, dict)
-             else _mapping(p, f"parameters.{pname}", _KEYS["parameter"]))
+            raise ModelSpecError(
+                f"parameters.{pname}: {canon} is already given as {given[canon][0]!r}"
+            )
+        p = (
+            {"value": p}
+            if not isinstance(p, dict)
+            else _mapping(p, f"parameters.{pname}", _KEYS["parameter"])
+        )
         given[canon] = (str(pname), p)
     for canon in STRUCTURAL[n_cmt]:
         if canon not in given:
-            raise ModelSpecError(f"parameters.{canon}: missing (needed by "
-                                 f"a {n_cmt}-compartment model)")
+            raise ModelSpecError(
+                f"parameters.{canon}: missing (needed by a {n_cmt}-compartment model)"
+            )
         pname, p = given[canon]
         where = f"parameters.{pname}"
         value = _float(p.get("value"), f"{where}.value")
         if value <= 0:
             raise ModelSpecError(f"{where}.value: must be > 0")
-        thetas.append(Theta(canon, value, _float(p.get("lower", 0.0), f"{where}.lower"),
-                            _float(p.get("upper", math.inf), f"{where}.upper"),
-                            _bool(p.get("fixed", False), f"{where}.fixed"),
-                            str(p.get("unit", ""))))
+        thetas.append(
+            Theta(
+                canon,
+                value,
+                _float(p.get("lower", 0.0), f"{where}.lower"),
+                _float(p.get("upper", math.inf), f"{where}.upper"),
+                _bool(p.get("fixed", False), f"{where}.fixed"),
+                str(p.get("unit", "")),
+            )
+        )
 
     effects: list[CovariateEffect] = []
     covs = spec.get("covariates", []) or []
@@ -399,7 +486,8 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
             m = _COND.match(str(c.get("condition", "== 1")))
             if not m:
                 raise ModelSpecError(
-                    f"{where}.condition: expected e.g. '< 5' or '== 1'")
+                    f"{where}.condition: expected e.g. '< 5' or '== 1'"
+                )
             cond = (m.group(1), float(m.group(2)))
         piecewise = c.get("piecewise")
         if piecewise not in (None, "above", "below"):
@@ -408,15 +496,22 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
         if tname in {t.name for t in thetas}:
             raise ModelSpecError(f"{where}.name: duplicate fixed-effect name {tname!r}")
         lower_default = -0.999 if eff == "indicator" else -math.inf
-        thetas.append(Theta(tname, _float(c.get("coefficient"), f"{where}.coefficient"),
-                            _float(c.get("lower", lower_default), f"{where}.lower"),
-                            _float(c.get("upper", math.inf), f"{where}.upper"),
-                            _bool(c.get("fixed", False), f"{where}.fixed")))
-        ref = _float(c.get("reference", 1.0 if eff == "power" else 0.0),
-                     f"{where}.reference")
+        thetas.append(
+            Theta(
+                tname,
+                _float(c.get("coefficient"), f"{where}.coefficient"),
+                _float(c.get("lower", lower_default), f"{where}.lower"),
+                _float(c.get("upper", math.inf), f"{where}.upper"),
+                _bool(c.get("fixed", False), f"{where}.fixed"),
+            )
+        )
+        ref = _float(
+            c.get("reference", 1.0 if eff == "power" else 0.0), f"{where}.reference"
+        )
         if eff == "power" and ref <= 0:
             raise ModelSpecError(
-                f"{where}.reference: a power effect needs reference > 0")
+                f"{where}.reference: a power effect needs reference > 0"
+            )
         effects.append(CovariateEffect(par, cov, eff, tname, ref, cond, piecewise))
 
     iiv = _mapping(spec.get("iiv"), "iiv", _KEYS["iiv"])
@@ -430,7 +525,8 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
     if structure == "diagonal":
         if omega.size and np.any(omega - np.diag(np.diag(omega)) != 0):
             raise ModelSpecError(
-                "iiv.structure: 'diagonal' but correlations were given")
+                "iiv.structure: 'diagonal' but correlations were given"
+            )
         blocks = tuple((p,) for p in iiv_params)
     elif structure == "full":
         blocks = (iiv_params,) if iiv_params else ()
@@ -438,12 +534,14 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
         raw = iiv.get("blocks")
         if not raw:
             raise ModelSpecError("iiv.blocks: 'block' structure needs a list of groups")
-        blocks = tuple(tuple(_canonical(p, n_cmt, "iiv.blocks") for p in b)
-                       for b in raw)
+        blocks = tuple(
+            tuple(_canonical(p, n_cmt, "iiv.blocks") for p in b) for b in raw
+        )
         flat = [p for b in blocks for p in b]
         if sorted(flat) != sorted(iiv_params):
             raise ModelSpecError(
-                "iiv.blocks: each IIV parameter must appear in one block")
+                "iiv.blocks: each IIV parameter must appear in one block"
+            )
     else:
         raise ModelSpecError("iiv.structure: expected diagonal, block, full or auto")
 
@@ -457,12 +555,17 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
     res = _mapping(spec.get("residual"), "residual", _KEYS["residual"])
     form = res.get("form", "combined2")
     if form not in RESIDUAL_FORMS:
-        raise ModelSpecError(f"residual.form: {form!r} is not one of "
-                             f"{', '.join(RESIDUAL_FORMS)} (combined2: NONMEM, "
-                             "Var = a^2 + (b f)^2; combined1: Monolix, SD = a + b f)")
-    residual = Residual(_float(res.get("additive", 0.0), "residual.additive"),
-                        _float(res.get("proportional", 0.0), "residual.proportional"),
-                        _bool(res.get("fixed", False), "residual.fixed"), str(form))
+        raise ModelSpecError(
+            f"residual.form: {form!r} is not one of "
+            f"{', '.join(RESIDUAL_FORMS)} (combined2: NONMEM, "
+            "Var = a^2 + (b f)^2; combined1: Monolix, SD = a + b f)"
+        )
+    residual = Residual(
+        _float(res.get("additive", 0.0), "residual.additive"),
+        _float(res.get("proportional", 0.0), "residual.proportional"),
+        _bool(res.get("fixed", False), "residual.fixed"),
+        str(form),
+    )
     if residual.additive < 0 or residual.proportional < 0:
         raise ModelSpecError("residual: standard deviations must be >= 0")
     if residual.additive == 0 and residual.proportional == 0:
@@ -478,17 +581,29 @@ def parse_model(spec: dict[str, Any]) -> PopModel:
     if fitted is not None:
         _mapping(fitted, "fitted", _KEYS["fitted"])
         if not isinstance(fitted.get("converged", False), bool):
-            raise ModelSpecError(f"fitted.converged: expected true or false, got "
-                                 f"{fitted['converged']!r:.40}")
+            raise ModelSpecError(
+                f"fitted.converged: expected true or false, got "
+                f"{fitted['converged']!r:.40}"
+            )
     return PopModel(
-        name=name, n_cmt=n_cmt, thetas=tuple(thetas), structural=STRUCTURAL[n_cmt],
-        covariate_effects=tuple(effects), iiv_parameters=iiv_params, omega=omega,
-        omega_structure=structure, omega_blocks=blocks,
-        omega_fixed=omega_fixed, iov_parameters=iov_params,
-        omega_iov=omega_iov, residual=residual, omega_iov_fixed=omega_iov_fixed,
+        name=name,
+        n_cmt=n_cmt,
+        thetas=tuple(thetas),
+        structural=STRUCTURAL[n_cmt],
+        covariate_effects=tuple(effects),
+        iiv_parameters=iiv_params,
+        omega=omega,
+        omega_structure=structure,
+        omega_blocks=blocks,
+        omega_fixed=omega_fixed,
+        iov_parameters=iov_params,
+        omega_iov=omega_iov,
+        residual=residual,
+        omega_iov_fixed=omega_iov_fixed,
         baseline=_float(base.get("value", 0.0), "baseline.value"),
         baseline_estimated=_bool(base.get("estimate", False), "baseline.estimate"),
-        blq=blq, metadata=meta,
+        blq=blq,
+        metadata=meta,
     )
 
 
@@ -502,8 +617,10 @@ def _random_parameters(block: dict, n_cmt: int, where: str) -> tuple[str, ...]:
     if dup:
         raise ModelSpecError(f"{where}.parameters: {', '.join(dup)} listed twice")
     if not out and any(k in block for k in ("variance", "sd", "cv", "correlation")):
-        raise ModelSpecError(f"{where}.parameters: missing (the variances given "
-                             "need the parameters they belong to)")
+        raise ModelSpecError(
+            f"{where}.parameters: missing (the variances given "
+            "need the parameters they belong to)"
+        )
     return out
 
 
@@ -518,9 +635,11 @@ def not_converged(model: PopModel) -> str | None:
     fitted = model.metadata.get("fitted")
     if fitted is None or fitted.get("converged") is True:
         return None
-    return (f"model {model.name!r}: its fit is not recorded as converged "
-            f"(fitted.converged: {fitted.get('converged', 'missing')}); refit it with "
-            "phems fit")
+    return (
+        f"model {model.name!r}: its fit is not recorded as converged "
+        f"(fitted.converged: {fitted.get('converged', 'missing')}); refit it with "
+        "phems fit"
+    )
 
 
 def load_model(path: str | Path) -> PopModel:
@@ -536,10 +655,15 @@ def load_model(path: str | Path) -> PopModel:
         raise ModelSpecError(f"{path}: {err}") from None
 
 
-def with_values(model: PopModel, *, thetas: dict[str, float] | None = None,
-                omega: np.ndarray | None = None, omega_iov: np.ndarray | None = None,
-                residual: Residual | None = None, baseline: float | None = None
-                ) -> PopModel:
+def with_values(
+    model: PopModel,
+    *,
+    thetas: dict[str, float] | None = None,
+    omega: np.ndarray | None = None,
+    omega_iov: np.ndarray | None = None,
+    residual: Residual | None = None,
+    baseline: float | None = None,
+) -> PopModel:
     """Return a copy of ``model`` with new parameter values (models are immutable).
 
     ``omega_iov`` is the IOV covariance matrix; a 1-D array is taken as variances.
@@ -551,18 +675,22 @@ def with_values(model: PopModel, *, thetas: dict[str, float] | None = None,
         if omega_iov.ndim == 1:
             omega_iov = np.diag(omega_iov)
         if omega_iov.shape != (model.n_kappa, model.n_kappa):
-            raise ModelSpecError(f"omega_iov: expected a {model.n_kappa}x"
-                                 f"{model.n_kappa} matrix, got {omega_iov.shape}")
+            raise ModelSpecError(
+                f"omega_iov: expected a {model.n_kappa}x"
+                f"{model.n_kappa} matrix, got {omega_iov.shape}"
+            )
 
     new_thetas = model.thetas
     if thetas:
         unknown = set(thetas) - set(model.theta_names)
         if unknown:
             raise ModelSpecError(f"unknown fixed effects {sorted(unknown)}")
-        new_thetas = tuple(replace(t, value=float(thetas.get(t.name, t.value)))
-                           for t in model.thetas)
+        new_thetas = tuple(
+            replace(t, value=float(thetas.get(t.name, t.value))) for t in model.thetas
+        )
     return replace(
-        model, thetas=new_thetas,
+        model,
+        thetas=new_thetas,
         omega=model.omega if omega is None else np.asarray(omega, np.float64),
         omega_iov=model.omega_iov if omega_iov is None else omega_iov,
         residual=model.residual if residual is None else residual,
@@ -636,8 +764,12 @@ def to_spec(model: PopModel) -> dict[str, Any]:
     covariates = []
     for e in model.covariate_effects:
         t = by_name[e.theta]
-        c: dict[str, Any] = {"parameter": e.parameter, "covariate": e.covariate,
-                             "effect": e.effect, "reference": float(e.reference)}
+        c: dict[str, Any] = {
+            "parameter": e.parameter,
+            "covariate": e.covariate,
+            "effect": e.effect,
+            "reference": float(e.reference),
+        }
         if e.condition is not None:
             op, value = e.condition
             c["condition"] = f"{op} {float(value)!r}"
@@ -665,31 +797,35 @@ def to_spec(model: PopModel) -> dict[str, Any]:
         iov["variance"] = _plain(np.asarray(model.omega_iov, dtype=np.float64))
         iov["fixed"] = bool(model.omega_iov_fixed)
 
-    residual: dict[str, Any] = {"additive": float(model.residual.additive),
-                                "proportional": float(model.residual.proportional),
-                                "form": model.residual.form}
+    residual: dict[str, Any] = {
+        "additive": float(model.residual.additive),
+        "proportional": float(model.residual.proportional),
+        "form": model.residual.form,
+    }
     if model.residual.fixed:
         residual["fixed"] = True
 
     spec: dict[str, Any] = {"name": model.name}
-    spec.update(_plain({k: v for k, v in model.metadata.items()
-                        if k not in SECTIONS}))
-    spec.update({
-        "structure": {"compartments": int(model.n_cmt)},
-        "parameters": parameters,
-        "covariates": covariates,
-        "iiv": iiv,
-        "iov": iov,
-        "residual": residual,
-        "baseline": {"value": float(model.baseline),
-                     "estimate": bool(model.baseline_estimated)},
-        "blq": model.blq,
-    })
+    spec.update(_plain({k: v for k, v in model.metadata.items() if k not in SECTIONS}))
+    spec.update(
+        {
+            "structure": {"compartments": int(model.n_cmt)},
+            "parameters": parameters,
+            "covariates": covariates,
+            "iiv": iiv,
+            "iov": iov,
+            "residual": residual,
+            "baseline": {
+                "value": float(model.baseline),
+                "estimate": bool(model.baseline_estimated),
+            },
+            "blq": model.blq,
+        }
+    )
     return spec
 
 
-def save_model(model: PopModel, path: str | Path, *, header: str | None = None
-               ) -> Path:
+def save_model(model: PopModel, path: str | Path, *, header: str | None = None) -> Path:
     """Write ``model`` as a YAML specification that :func:`load_model` reads back.
 
     ``header`` (optional, may span lines) is written as ``#`` comments above a
@@ -697,9 +833,15 @@ def save_model(model: PopModel, path: str | Path, *, header: str | None = None
     """
     path = Path(path)
     lines = [f"# {line}".rstrip() for line in (header or "").splitlines()]
-    lines.append("# Population PK model, phems_clinical.pk.spec format "
-                 "(read with load_model).")
-    text = yaml.safe_dump(to_spec(model), sort_keys=False, allow_unicode=True,
-                          default_flow_style=None, width=88)
+    lines.append(
+        "# Population PK model, phems_clinical.pk.spec format (read with load_model)."
+    )
+    text = yaml.safe_dump(
+        to_spec(model),
+        sort_keys=False,
+        allow_unicode=True,
+        default_flow_style=None,
+        width=88,
+    )
     path.write_text("\n".join(lines) + "\n" + text, encoding="utf-8")
     return path

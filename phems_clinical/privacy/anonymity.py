@@ -47,10 +47,20 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "DEFAULT_RISK_THRESHOLD", "AnonymityInputError", "anonymity_report",
-    "average_class_size", "discernibility", "equivalence_classes",
-    "generalisation_loss", "journalist_risk", "k_anonymity", "l_diversity",
-    "marketer_risk", "prosecutor_risk", "suppressed_share", "t_closeness",
+    "DEFAULT_RISK_THRESHOLD",
+    "AnonymityInputError",
+    "anonymity_report",
+    "average_class_size",
+    "discernibility",
+    "equivalence_classes",
+    "generalisation_loss",
+    "journalist_risk",
+    "k_anonymity",
+    "l_diversity",
+    "marketer_risk",
+    "prosecutor_risk",
+    "suppressed_share",
+    "t_closeness",
 ]
 
 #: Records-at-risk threshold (EMA Policy 0070 external guidance, EMA/90915/2016).
@@ -72,14 +82,17 @@ def _as_list(cols: str | Sequence[str], role: str) -> list[str]:
 
 def _check_table(df: pd.DataFrame, cols: list[str], role: str) -> None:
     if not isinstance(df, pd.DataFrame):
-        raise AnonymityInputError(f"table: expected a pandas DataFrame, got "
-                                  f"{type(df).__name__}")
+        raise AnonymityInputError(
+            f"table: expected a pandas DataFrame, got {type(df).__name__}"
+        )
     if len(df) == 0:
         raise AnonymityInputError("table: it is empty; at least one record is needed")
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise AnonymityInputError(f"{role} column(s) {missing} missing from the table "
-                                  f"(columns: {list(df.columns)})")
+        raise AnonymityInputError(
+            f"{role} column(s) {missing} missing from the table "
+            f"(columns: {list(df.columns)})"
+        )
 
 
 def _mask(df: pd.DataFrame, suppressed) -> np.ndarray:
@@ -87,18 +100,22 @@ def _mask(df: pd.DataFrame, suppressed) -> np.ndarray:
         return np.zeros(len(df), dtype=bool)
     m = np.asarray(suppressed)
     if m.shape != (len(df),) or m.dtype != bool:
-        raise AnonymityInputError(f"suppressed: expected a boolean mask of length "
-                                  f"{len(df)}, got dtype {m.dtype} shape {m.shape}")
+        raise AnonymityInputError(
+            f"suppressed: expected a boolean mask of length "
+            f"{len(df)}, got dtype {m.dtype} shape {m.shape}"
+        )
     if m.all():
-        raise AnonymityInputError("suppressed: every record is suppressed; nothing "
-                                  "is released to check")
+        raise AnonymityInputError(
+            "suppressed: every record is suppressed; nothing is released to check"
+        )
     return m
 
 
 def _threshold(threshold: float) -> float:
     if not 0.0 < threshold <= 1.0:
-        raise AnonymityInputError(f"threshold: expected a risk in (0, 1], got "
-                                  f"{threshold}")
+        raise AnonymityInputError(
+            f"threshold: expected a risk in (0, 1], got {threshold}"
+        )
     return float(threshold)
 
 
@@ -115,8 +132,9 @@ def _codes(df, quasi_identifiers, suppressed):
 
 
 # ---------------------------------------------------------------- classes and k
-def equivalence_classes(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
-                        suppressed=None) -> pd.Series:
+def equivalence_classes(
+    df: pd.DataFrame, quasi_identifiers: str | Sequence[str], suppressed=None
+) -> pd.Series:
     """Equivalence-class id per row (0.. in sorted QI order; ``<NA>`` if suppressed).
 
     Missing QI values form a value of their own.
@@ -127,8 +145,9 @@ def equivalence_classes(df: pd.DataFrame, quasi_identifiers: str | Sequence[str]
     return out
 
 
-def k_anonymity(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
-                suppressed=None) -> int:
+def k_anonymity(
+    df: pd.DataFrame, quasi_identifiers: str | Sequence[str], suppressed=None
+) -> int:
     """k = smallest equivalence-class size (Sweeney 2002)."""
     return int(_codes(df, quasi_identifiers, suppressed)[1].min())
 
@@ -139,23 +158,29 @@ def _sens_cols(df, sensitive, qis):
     _check_table(df, sens, "sensitive")
     clash = [s for s in sens if s in qis]
     if clash:
-        raise AnonymityInputError(f"sensitive column(s) {clash} are also "
-                                  f"quasi-identifiers; a column has one role")
+        raise AnonymityInputError(
+            f"sensitive column(s) {clash} are also "
+            f"quasi-identifiers; a column has one role"
+        )
     return sens
 
 
-def l_diversity(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
-                sensitive: str | Sequence[str],
-                kind: Literal["distinct", "entropy"] = "distinct",
-                suppressed=None) -> float:
+def l_diversity(
+    df: pd.DataFrame,
+    quasi_identifiers: str | Sequence[str],
+    sensitive: str | Sequence[str],
+    kind: Literal["distinct", "entropy"] = "distinct",
+    suppressed=None,
+) -> float:
     """Distinct or entropy l (Machanavajjhala et al. 2007); min over sensitive columns.
 
     Distinct l = min over ECs of #distinct values (an int); entropy l = min over ECs
     of exp(-sum p ln p) (a float >= 1). A missing sensitive value is a value.
     """
     if kind not in ("distinct", "entropy"):
-        raise AnonymityInputError(f"kind: expected 'distinct' or 'entropy', got "
-                                  f"{kind!r}")
+        raise AnonymityInputError(
+            f"kind: expected 'distinct' or 'entropy', got {kind!r}"
+        )
     codes, _, mask, qis = _codes(df, quasi_identifiers, suppressed)
     sens = _sens_cols(df, sensitive, qis)
     cls = codes[~mask]
@@ -174,8 +199,9 @@ def l_diversity(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
     return int(best) if kind == "distinct" else best
 
 
-def _emd_max(cls: np.ndarray, v: np.ndarray, n_cls: int, m: int,
-             ordered: bool) -> float:
+def _emd_max(
+    cls: np.ndarray, v: np.ndarray, n_cls: int, m: int, ordered: bool
+) -> float:
     """Max over classes of the EMD of q_class to p (dense blocks of classes)."""
     if m == 1:
         return 0.0
@@ -188,8 +214,9 @@ def _emd_max(cls: np.ndarray, v: np.ndarray, n_cls: int, m: int,
     for a in range(0, n_cls, step):
         b = min(n_cls, a + step)
         lo, hi = starts[a], starts[b]
-        counts = np.bincount((cls_s[lo:hi] - a) * m + v_s[lo:hi],
-                             minlength=(b - a) * m).reshape(b - a, m)
+        counts = np.bincount(
+            (cls_s[lo:hi] - a) * m + v_s[lo:hi], minlength=(b - a) * m
+        ).reshape(b - a, m)
         r = counts / counts.sum(axis=1, keepdims=True) - p
         if ordered:
             emd = np.abs(np.cumsum(r, axis=1)).sum(axis=1) / (m - 1)
@@ -199,9 +226,13 @@ def _emd_max(cls: np.ndarray, v: np.ndarray, n_cls: int, m: int,
     return worst
 
 
-def t_closeness(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
-                sensitive: str | Sequence[str], ordered: bool | None = None,
-                suppressed=None) -> float:
+def t_closeness(
+    df: pd.DataFrame,
+    quasi_identifiers: str | Sequence[str],
+    sensitive: str | Sequence[str],
+    ordered: bool | None = None,
+    suppressed=None,
+) -> float:
     """t = max over ECs of EMD(EC, released table) (Li, Li & Venkatasubramanian 2007).
 
     ``ordered=None``: numeric and ordered-categorical columns use the ordered
@@ -219,25 +250,31 @@ def t_closeness(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
         ord_s = ordered
         if ord_s is None:
             ord_s = (is_cat and col.cat.ordered) or (
-                not is_cat and pd.api.types.is_numeric_dtype(col)
-                and not pd.api.types.is_bool_dtype(col))
+                not is_cat
+                and pd.api.types.is_numeric_dtype(col)
+                and not pd.api.types.is_bool_dtype(col)
+            )
         if ord_s:
             if col.isna().any():
-                raise AnonymityInputError(f"sensitive column {s!r}: missing values "
-                                          f"cannot be placed on an ordered scale")
+                raise AnonymityInputError(
+                    f"sensitive column {s!r}: missing values "
+                    f"cannot be placed on an ordered scale"
+                )
             v = pd.factorize(col, sort=True)[0]  # sort = category order if ordered
         else:
             v = pd.factorize(col.to_numpy(), use_na_sentinel=False)[0]
         v = np.asarray(v, dtype=np.int64)
-        worst = max(worst, _emd_max(cls, v, len(sizes), int(v.max()) + 1,
-                                    bool(ord_s)))
+        worst = max(worst, _emd_max(cls, v, len(sizes), int(v.max()) + 1, bool(ord_s)))
     return worst
 
 
 # ---------------------------------------------------------------- risk
-def prosecutor_risk(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
-                    threshold: float = DEFAULT_RISK_THRESHOLD,
-                    suppressed=None) -> dict[str, float]:
+def prosecutor_risk(
+    df: pd.DataFrame,
+    quasi_identifiers: str | Sequence[str],
+    threshold: float = DEFAULT_RISK_THRESHOLD,
+    suppressed=None,
+) -> dict[str, float]:
     """Prosecutor risk 1/f_j (El Emam 2013): max, mean, records_at_risk (> threshold).
 
     max = 1/k; mean = #ECs / n (mean over records of 1/|EC|).
@@ -245,31 +282,38 @@ def prosecutor_risk(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
     thr = _threshold(threshold)
     _, sizes, _, _ = _codes(df, quasi_identifiers, suppressed)
     n = sizes.sum()
-    return {"max": float(1.0 / sizes.min()), "mean": float(len(sizes) / n),
-            "records_at_risk": float(sizes[1.0 / sizes > thr].sum() / n)}
+    return {
+        "max": float(1.0 / sizes.min()),
+        "mean": float(len(sizes) / n),
+        "records_at_risk": float(sizes[1.0 / sizes > thr].sum() / n),
+    }
 
 
 def _population_sizes(population, qis: list[str]) -> pd.DataFrame:
     """Population EC sizes as a frame with the QI columns and ``__F__``."""
     if isinstance(population, pd.DataFrame):
         _check_table(population, qis, "population quasi-identifier")
-        return (population.groupby(qis, dropna=False).size()
-                .rename("__F__").reset_index())
+        return (
+            population.groupby(qis, dropna=False).size().rename("__F__").reset_index()
+        )
     if isinstance(population, pd.Series):
         if population.index.nlevels != len(qis):
             raise AnonymityInputError(
                 f"population: a Series of class sizes must be keyed by the "
                 f"{len(qis)} quasi-identifiers {qis}, got {population.index.nlevels} "
-                f"index level(s)")
+                f"index level(s)"
+            )
         vals = pd.to_numeric(population, errors="coerce").to_numpy(dtype=float)
         if not (np.isfinite(vals) & (vals >= 1)).all():
             raise AnonymityInputError("population: class sizes must be numbers >= 1")
         out = population.rename("__F__").copy()
         out.index = out.index.set_names(qis)
         return out.reset_index()
-    raise AnonymityInputError(f"population: expected a DataFrame of the population "
-                              f"or a Series of class sizes, got "
-                              f"{type(population).__name__}")
+    raise AnonymityInputError(
+        f"population: expected a DataFrame of the population "
+        f"or a Series of class sizes, got "
+        f"{type(population).__name__}"
+    )
 
 
 def _f_and_F(df, quasi_identifiers, population, suppressed):
@@ -285,21 +329,29 @@ def _f_and_F(df, quasi_identifiers, population, suppressed):
     absent = merged["__F__"].isna().to_numpy()
     if absent.any():
         key = tuple(merged.loc[absent, qis].iloc[0])
-        raise AnonymityInputError(f"population: {int(absent.sum())} sample "
-                                  f"class(es) absent from the population, e.g. "
-                                  f"{dict(zip(qis, key, strict=True))}")
+        raise AnonymityInputError(
+            f"population: {int(absent.sum())} sample "
+            f"class(es) absent from the population, e.g. "
+            f"{dict(zip(qis, key, strict=True))}"
+        )
     f = merged["__f__"].to_numpy(dtype=float)
     big_f = merged["__F__"].to_numpy(dtype=float)
     if (big_f < f).any():
-        raise AnonymityInputError("population: a population class is smaller than "
-                                  "the sample class; the sample must be drawn from "
-                                  "the population")
+        raise AnonymityInputError(
+            "population: a population class is smaller than "
+            "the sample class; the sample must be drawn from "
+            "the population"
+        )
     return f, big_f
 
 
-def journalist_risk(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
-                    population, threshold: float = DEFAULT_RISK_THRESHOLD,
-                    suppressed=None) -> dict[str, float]:
+def journalist_risk(
+    df: pd.DataFrame,
+    quasi_identifiers: str | Sequence[str],
+    population,
+    threshold: float = DEFAULT_RISK_THRESHOLD,
+    suppressed=None,
+) -> dict[str, float]:
     """Journalist risk 1/F_j per record (El Emam 2013): max, mean, records_at_risk.
 
     ``population``: the population table, or a Series of population class sizes
@@ -308,12 +360,19 @@ def journalist_risk(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
     thr = _threshold(threshold)
     f, big_f = _f_and_F(df, quasi_identifiers, population, suppressed)
     n = f.sum()
-    return {"max": float(1.0 / big_f.min()), "mean": float((f / big_f).sum() / n),
-            "records_at_risk": float(f[1.0 / big_f > thr].sum() / n)}
+    return {
+        "max": float(1.0 / big_f.min()),
+        "mean": float((f / big_f).sum() / n),
+        "records_at_risk": float(f[1.0 / big_f > thr].sum() / n),
+    }
 
 
-def marketer_risk(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
-                  population=None, suppressed=None) -> float:
+def marketer_risk(
+    df: pd.DataFrame,
+    quasi_identifiers: str | Sequence[str],
+    population=None,
+    suppressed=None,
+) -> float:
     """Marketer risk (1/n) sum_j f_j/F_j; #ECs/n without a population (El Emam 2013)."""
     if population is None:
         _, sizes, _, _ = _codes(df, quasi_identifiers, suppressed)
@@ -323,15 +382,20 @@ def marketer_risk(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
 
 
 # ---------------------------------------------------------------- utility loss
-def discernibility(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
-                   suppressed=None) -> int:
+def discernibility(
+    df: pd.DataFrame, quasi_identifiers: str | Sequence[str], suppressed=None
+) -> int:
     """C_DM = sum |EC|^2 + n_suppressed * n (Bayardo & Agrawal 2005)."""
     _, sizes, mask, _ = _codes(df, quasi_identifiers, suppressed)
     return int((sizes.astype(np.int64) ** 2).sum() + int(mask.sum()) * len(df))
 
 
-def average_class_size(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
-                       k: int | None = None, suppressed=None) -> float:
+def average_class_size(
+    df: pd.DataFrame,
+    quasi_identifiers: str | Sequence[str],
+    k: int | None = None,
+    suppressed=None,
+) -> float:
     """C_avg = (n_released / #ECs) / k (LeFevre et al. 2006); k defaults to achieved k.
 
     Raises if k is not an integer in [1, n_released] (k impossible for the size).
@@ -341,8 +405,9 @@ def average_class_size(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
     if k is None:
         k = int(sizes.min())
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n:
-        raise AnonymityInputError(f"k: expected an integer in [1, {n}] (released "
-                                  f"records), got {k!r}")
+        raise AnonymityInputError(
+            f"k: expected an integer in [1, {n}] (released records), got {k!r}"
+        )
     return float(n / len(sizes) / k)
 
 
@@ -352,8 +417,9 @@ def suppressed_share(df: pd.DataFrame, suppressed=None) -> float:
     return float(_mask(df, suppressed).mean()) if suppressed is not None else 0.0
 
 
-def generalisation_loss(levels: pd.DataFrame | Mapping[str, int],
-                        heights: Mapping[str, int] | pd.Series) -> float:
+def generalisation_loss(
+    levels: pd.DataFrame | Mapping[str, int], heights: Mapping[str, int] | pd.Series
+) -> float:
     """Mean over records and QIs of level/height = 1 - Prec (Sweeney 2002).
 
     ``levels``: per-record generalisation level per QI (a DataFrame, one column per
@@ -361,14 +427,18 @@ def generalisation_loss(levels: pd.DataFrame | Mapping[str, int],
     QI with height 0 (no hierarchy) must be at level 0 and counts as no loss.
     """
     h = pd.Series(heights, dtype=float)
-    lv = (pd.DataFrame([dict(levels)]) if isinstance(levels, Mapping)
-          else pd.DataFrame(levels))
+    lv = (
+        pd.DataFrame([dict(levels)])
+        if isinstance(levels, Mapping)
+        else pd.DataFrame(levels)
+    )
     if lv.empty or lv.shape[1] == 0:
         raise AnonymityInputError("levels: expected at least one record and one QI")
     missing = [c for c in lv.columns if c not in h.index]
     if missing:
-        raise AnonymityInputError(f"heights: no hierarchy height for QI column(s) "
-                                  f"{missing}")
+        raise AnonymityInputError(
+            f"heights: no hierarchy height for QI column(s) {missing}"
+        )
     if (h < 0).any() or h.isna().any():
         raise AnonymityInputError("heights: expected heights >= 0")
     arr = lv.to_numpy(dtype=float)
@@ -376,25 +446,35 @@ def generalisation_loss(levels: pd.DataFrame | Mapping[str, int],
     bad = np.isnan(arr) | (arr < 0) | (arr > hh)
     if bad.any():
         col = lv.columns[np.nonzero(bad.any(axis=0))[0][0]]
-        raise AnonymityInputError(f"levels: column {col!r} has a level outside "
-                                  f"[0, height={h[col]:g}]")
+        raise AnonymityInputError(
+            f"levels: column {col!r} has a level outside [0, height={h[col]:g}]"
+        )
     with np.errstate(invalid="ignore", divide="ignore"):
         frac = np.where(hh > 0, arr / np.where(hh > 0, hh, 1.0), 0.0)
     return float(frac.mean())
 
 
 # ---------------------------------------------------------------- report
-def anonymity_report(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
-                     sensitive: str | Sequence[str] | None = None, population=None,
-                     suppressed=None, threshold: float = DEFAULT_RISK_THRESHOLD,
-                     levels=None, heights=None) -> dict:
+def anonymity_report(
+    df: pd.DataFrame,
+    quasi_identifiers: str | Sequence[str],
+    sensitive: str | Sequence[str] | None = None,
+    population=None,
+    suppressed=None,
+    threshold: float = DEFAULT_RISK_THRESHOLD,
+    levels=None,
+    heights=None,
+) -> dict:
     """All checks in one dict (``journalist`` only with a population; ``l``/``t``
     per sensitive column; ``generalisation_loss`` only with levels and heights)."""
     codes, sizes, mask, qis = _codes(df, quasi_identifiers, suppressed)
     out: dict = {
-        "n_records": len(df), "n_released": int(sizes.sum()),
-        "n_suppressed": int(mask.sum()), "n_classes": len(sizes),
-        "quasi_identifiers": qis, "k": int(sizes.min()),
+        "n_records": len(df),
+        "n_released": int(sizes.sum()),
+        "n_suppressed": int(mask.sum()),
+        "n_classes": len(sizes),
+        "quasi_identifiers": qis,
+        "k": int(sizes.min()),
         "prosecutor": prosecutor_risk(df, qis, threshold, suppressed),
         "marketer": marketer_risk(df, qis, population, suppressed),
         "discernibility": discernibility(df, qis, suppressed),
@@ -402,14 +482,16 @@ def anonymity_report(df: pd.DataFrame, quasi_identifiers: str | Sequence[str],
         "suppressed_share": suppressed_share(df, suppressed),
     }
     if population is not None:
-        out["journalist"] = journalist_risk(df, qis, population, threshold,
-                                            suppressed)
+        out["journalist"] = journalist_risk(df, qis, population, threshold, suppressed)
     if sensitive is not None:
         out["sensitive"] = {
-            s: {"l_distinct": l_diversity(df, qis, s, "distinct", suppressed),
+            s: {
+                "l_distinct": l_diversity(df, qis, s, "distinct", suppressed),
                 "l_entropy": l_diversity(df, qis, s, "entropy", suppressed),
-                "t": t_closeness(df, qis, s, None, suppressed)}
-            for s in _as_list(sensitive, "sensitive")}
+                "t": t_closeness(df, qis, s, None, suppressed),
+            }
+            for s in _as_list(sensitive, "sensitive")
+        }
     if levels is not None and heights is not None:
         out["generalisation_loss"] = generalisation_loss(levels, heights)
     return out

@@ -156,8 +156,9 @@ def residual_risk(
     def clip(x: float) -> float:
         return float(min(max(x, 0.0), 1.0))
 
-    return Risk(clip(value), clip(value - err), clip(value + err), a, c, b,
-                int(n_attacks))
+    return Risk(
+        clip(value), clip(value - err), clip(value + err), a, c, b, int(n_attacks)
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -183,8 +184,9 @@ def _encode(frames: Sequence[pd.DataFrame], cols: Sequence[str]) -> _Encoded:
         missing = [c for c in cols if c not in f.columns]
         if missing:
             raise KeyError(f"columns {missing} are missing from a data frame")
-    numeric = np.array([all(_is_numeric(f[c]) for f in frames) for c in cols],
-                       dtype=bool)
+    numeric = np.array(
+        [all(_is_numeric(f[c]) for f in frames) for c in cols], dtype=bool
+    )
     out = [np.empty((len(f), len(cols))) for f in frames]
     ranges = np.ones(len(cols))
     for j, c in enumerate(cols):
@@ -202,7 +204,7 @@ def _encode(frames: Sequence[pd.DataFrame], cols: Sequence[str]) -> _Encoded:
             codes[codes < 0] = np.nan
             start = 0
             for f, o in zip(frames, out, strict=True):
-                o[:, j] = codes[start:start + len(f)]
+                o[:, j] = codes[start : start + len(f)]
                 start += len(f)
     return _Encoded(cols, numeric, out, ranges)
 
@@ -240,20 +242,26 @@ def _knn(q, r, numeric, ranges, k: int):
     idx = np.empty((q.shape[0], k), dtype=np.int64)
     dist = np.empty((q.shape[0], k))
     for s in range(0, q.shape[0], rows):
-        d = _dist_block(q[s:s + rows], r, numeric, ranges)
+        d = _dist_block(q[s : s + rows], r, numeric, ranges)
         if k == 1:
             i = np.argmin(d, axis=1)[:, None]
         else:
             i = np.argpartition(d, k - 1, axis=1)[:, :k]
             dd = np.take_along_axis(d, i, axis=1)
             i = np.take_along_axis(i, np.argsort(dd, axis=1, kind="stable"), axis=1)
-        idx[s:s + rows] = i
-        dist[s:s + rows] = np.take_along_axis(d, i, axis=1)
+        idx[s : s + rows] = i
+        dist[s : s + rows] = np.take_along_axis(d, i, axis=1)
     return idx, dist
 
 
-def nearest_neighbors(queries: pd.DataFrame, reference: pd.DataFrame, cols=None,
-                      *, k: int = 1, ranges_from=()):
+def nearest_neighbors(
+    queries: pd.DataFrame,
+    reference: pd.DataFrame,
+    cols=None,
+    *,
+    k: int = 1,
+    ranges_from=(),
+):
     """Indices (positions) and Gower distances of the ``k`` nearest reference rows.
 
     Ranges are taken over ``queries``, ``reference`` and the frames in
@@ -324,10 +332,15 @@ def _first_singling(queries, x: np.ndarray, n: int) -> list:
     return out
 
 
-def _multivariate_queries(rng, x: np.ndarray, numeric, n: int, n_cols: int,
-                          max_attempts: int):
-    med = np.array([np.nanmedian(x[:, j]) if numeric[j] and
-                    np.isfinite(x[:, j]).any() else 0.0 for j in range(x.shape[1])])
+def _multivariate_queries(
+    rng, x: np.ndarray, numeric, n: int, n_cols: int, max_attempts: int
+):
+    med = np.array(
+        [
+            np.nanmedian(x[:, j]) if numeric[j] and np.isfinite(x[:, j]).any() else 0.0
+            for j in range(x.shape[1])
+        ]
+    )
     n_cols = min(n_cols, x.shape[1])
 
     def queries():
@@ -359,18 +372,31 @@ def _random_queries(rng, x: np.ndarray, numeric, n: int, n_cols: int):
             if v.size == 0:
                 q.append((int(j), "na", 0.0))
             elif numeric[j]:
-                q.append((int(j), str(rng.choice(["<=", ">="])),
-                          float(rng.uniform(v.min(), v.max()))))
+                q.append(
+                    (
+                        int(j),
+                        str(rng.choice(["<=", ">="])),
+                        float(rng.uniform(v.min(), v.max())),
+                    )
+                )
             else:
                 q.append((int(j), "==", float(rng.choice(np.unique(v)))))
         out.append(tuple(q))
     return out
 
 
-def singling_out_risk(key, ori: pd.DataFrame, syn: pd.DataFrame,
-                      control: pd.DataFrame, *, n_attacks: int,
-                      mode: str = "univariate", n_cols: int = 3,
-                      cols=None, max_attempts: int | None = None) -> Risk:
+def singling_out_risk(
+    key,
+    ori: pd.DataFrame,
+    syn: pd.DataFrame,
+    control: pd.DataFrame,
+    *,
+    n_attacks: int,
+    mode: str = "univariate",
+    n_cols: int = 3,
+    cols=None,
+    max_attempts: int | None = None,
+) -> Risk:
     """Singling-out risk (anonymeter ``SinglingOutEvaluator`` method).
 
     Predicates are built from ``syn`` only and kept when they single out exactly
@@ -397,8 +423,9 @@ def singling_out_risk(key, ori: pd.DataFrame, syn: pd.DataFrame,
         k = 1
     else:
         attempts = 10 * n_attacks if max_attempts is None else max_attempts
-        queries = _multivariate_queries(rng, xs, enc.numeric, n_attacks, n_cols,
-                                        attempts)
+        queries = _multivariate_queries(
+            rng, xs, enc.numeric, n_attacks, n_cols, attempts
+        )
         k = n_cols
     if not queries:
         raise ValueError("no predicate singles out a synthetic record")
@@ -415,9 +442,16 @@ def singling_out_risk(key, ori: pd.DataFrame, syn: pd.DataFrame,
 # ----------------------------------------------------------------------------
 
 
-def linkability_risk(ori: pd.DataFrame, syn: pd.DataFrame, control: pd.DataFrame,
-                     *, aux_cols, n_attacks: int, n_neighbors: int = 1,
-                     key=None) -> Risk:
+def linkability_risk(
+    ori: pd.DataFrame,
+    syn: pd.DataFrame,
+    control: pd.DataFrame,
+    *,
+    aux_cols,
+    n_attacks: int,
+    n_neighbors: int = 1,
+    key=None,
+) -> Risk:
     """Linkability risk (anonymeter ``LinkabilityEvaluator`` method).
 
     For each target record, the ``n_neighbors`` nearest synthetic rows are found on
@@ -442,8 +476,11 @@ def linkability_risk(ori: pd.DataFrame, syn: pd.DataFrame, control: pd.DataFrame
 
     n_syn = len(syn)
     k = min(n_neighbors, n_syn)
-    p_miss = np.prod([(n_syn - k - i) / (n_syn - i) for i in range(k)]) \
-        if n_syn >= 2 * k else 0.0
+    p_miss = (
+        np.prod([(n_syn - k - i) / (n_syn - i) for i in range(k)])
+        if n_syn >= 2 * k
+        else 0.0
+    )
     n_base = int(round((1.0 - p_miss) * len(to)))
     return residual_risk(links(to), len(to), links(tc), len(tc), n_base)
 
@@ -453,8 +490,9 @@ def linkability_risk(ori: pd.DataFrame, syn: pd.DataFrame, control: pd.DataFrame
 # ----------------------------------------------------------------------------
 
 
-def _matches(guess: np.ndarray, secret: np.ndarray, regression: bool,
-             tolerance: float) -> np.ndarray:
+def _matches(
+    guess: np.ndarray, secret: np.ndarray, regression: bool, tolerance: float
+) -> np.ndarray:
     gn, sn = pd.isna(guess), pd.isna(secret)
     if regression:
         g = np.asarray(guess, dtype=float)
@@ -466,10 +504,18 @@ def _matches(guess: np.ndarray, secret: np.ndarray, regression: bool,
     return (ok & ~gn & ~sn) | (gn & sn)
 
 
-def inference_risk(ori: pd.DataFrame, syn: pd.DataFrame, control: pd.DataFrame,
-                   *, aux_cols, secret: str, n_attacks: int,
-                   regression: bool | None = None, tolerance: float = 0.05,
-                   key=None) -> Risk:
+def inference_risk(
+    ori: pd.DataFrame,
+    syn: pd.DataFrame,
+    control: pd.DataFrame,
+    *,
+    aux_cols,
+    secret: str,
+    n_attacks: int,
+    regression: bool | None = None,
+    tolerance: float = 0.05,
+    key=None,
+) -> Risk:
     """Attribute-inference risk (anonymeter ``InferenceEvaluator`` method).
 
     The guess for a target is ``secret`` of its nearest synthetic row on
@@ -495,9 +541,19 @@ def inference_risk(ori: pd.DataFrame, syn: pd.DataFrame, control: pd.DataFrame,
         return int(_matches(guess, t[secret].to_numpy(), regression, tolerance).sum())
 
     true = to[secret].to_numpy()
-    p = np.array([_matches(syn_secret, np.full(len(syn_secret), v, dtype=object)
-                           if not regression else np.full(len(syn_secret), v),
-                           regression, tolerance).mean() for v in true])
+    p = np.array(
+        [
+            _matches(
+                syn_secret,
+                np.full(len(syn_secret), v, dtype=object)
+                if not regression
+                else np.full(len(syn_secret), v),
+                regression,
+                tolerance,
+            ).mean()
+            for v in true
+        ]
+    )
     n_base = int(round(p.sum()))
     return residual_risk(hits(to), len(to), hits(tc), len(tc), n_base)
 
@@ -507,9 +563,15 @@ def inference_risk(ori: pd.DataFrame, syn: pd.DataFrame, control: pd.DataFrame,
 # ----------------------------------------------------------------------------
 
 
-def membership_inference(key, train: pd.DataFrame, holdout: pd.DataFrame,
-                         syn: pd.DataFrame, *, n: int, cols=None
-                         ) -> MembershipResult:
+def membership_inference(
+    key,
+    train: pd.DataFrame,
+    holdout: pd.DataFrame,
+    syn: pd.DataFrame,
+    *,
+    n: int,
+    cols=None,
+) -> MembershipResult:
     """Distance-to-closest-synthetic-record membership attack.
 
     ``n`` members (from ``train``) and ``n`` non-members (from ``holdout``) are
@@ -527,15 +589,23 @@ def membership_inference(key, train: pd.DataFrame, holdout: pd.DataFrame,
     ranks = rankdata(np.concatenate([-dm, -dh]))
     auc = float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
     q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    var = (auc * (1 - auc) + (n1 - 1) * (q1 - auc**2) + (n0 - 1) * (q2 - auc**2)) \
-        / (n1 * n0)
+    var = (auc * (1 - auc) + (n1 - 1) * (q1 - auc**2) + (n0 - 1) * (q2 - auc**2)) / (
+        n1 * n0
+    )
     se = float(np.sqrt(max(var, 0.0)))
-    return MembershipResult(auc, 2 * (auc - 0.5), max(0.0, auc - 1.96 * se),
-                            min(1.0, auc + 1.96 * se), n1, n0)
+    return MembershipResult(
+        auc,
+        2 * (auc - 0.5),
+        max(0.0, auc - 1.96 * se),
+        min(1.0, auc + 1.96 * se),
+        n1,
+        n0,
+    )
 
 
-def distance_to_closest_record(train: pd.DataFrame, syn: pd.DataFrame,
-                               holdout: pd.DataFrame, cols=None) -> DCRResult:
+def distance_to_closest_record(
+    train: pd.DataFrame, syn: pd.DataFrame, holdout: pd.DataFrame, cols=None
+) -> DCRResult:
     """DCR of each synthetic row to ``train`` and to ``holdout``.
 
     SECONDARY MEASURE ONLY: a DCR comparison barely reacts to a verbatim copy in

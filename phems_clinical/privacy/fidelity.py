@@ -73,8 +73,9 @@ class FidelityInputError(ValueError):
 
 # ----------------------------------------------------------------------------- input
 def _is_numeric(s: pd.Series) -> bool:
-    return (pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)) \
-        or pd.api.types.is_datetime64_any_dtype(s)
+    return (
+        pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)
+    ) or pd.api.types.is_datetime64_any_dtype(s)
 
 
 def _as_float(s: pd.Series) -> np.ndarray:
@@ -96,19 +97,23 @@ def _check(real: pd.DataFrame, syn: pd.DataFrame) -> tuple[pd.DataFrame, pd.Data
     if missing or extra:
         raise FidelityInputError(
             "real and syn columns differ: missing from syn "
-            f"{[str(c) for c in missing]}, only in syn {[str(c) for c in extra]}")
+            f"{[str(c) for c in missing]}, only in syn {[str(c) for c in extra]}"
+        )
     syn = syn[list(real.columns)]
-    mixed = [str(c) for c in real.columns
-             if _is_numeric(real[c]) != _is_numeric(syn[c])]
+    mixed = [
+        str(c) for c in real.columns if _is_numeric(real[c]) != _is_numeric(syn[c])
+    ]
     if mixed:
         raise FidelityInputError(
-            f"columns numeric in one table and categorical in the other: {mixed}")
+            f"columns numeric in one table and categorical in the other: {mixed}"
+        )
     return real, syn
 
 
 def _kinds(real: pd.DataFrame) -> dict:
-    return {c: ("numeric" if _is_numeric(real[c]) else "categorical")
-            for c in real.columns}
+    return {
+        c: ("numeric" if _is_numeric(real[c]) else "categorical") for c in real.columns
+    }
 
 
 # --------------------------------------------------------------------------- columns
@@ -119,8 +124,9 @@ def total_variation(a: pd.Series, b: pd.Series) -> float:
     if p.empty or q.empty:
         return float("nan")
     idx = p.index.union(q.index)
-    return 0.5 * float(np.abs(p.reindex(idx, fill_value=0.0)
-                              - q.reindex(idx, fill_value=0.0)).sum())
+    return 0.5 * float(
+        np.abs(p.reindex(idx, fill_value=0.0) - q.reindex(idx, fill_value=0.0)).sum()
+    )
 
 
 def column_fidelity(real: pd.DataFrame, syn: pd.DataFrame) -> pd.DataFrame:
@@ -138,16 +144,27 @@ def column_fidelity(real: pd.DataFrame, syn: pd.DataFrame) -> pd.DataFrame:
             a, b = a[~np.isnan(a)], b[~np.isnan(b)]
             # the statistic only: the asymptotic p-value avoids scipy's exact-method
             # fallback warning, and the p-value is not used
-            stat = (float(stats.ks_2samp(a, b, method="asymp").statistic)
-                    if a.size and b.size
-                    else float("nan"))
+            stat = (
+                float(stats.ks_2samp(a, b, method="asymp").statistic)
+                if a.size and b.size
+                else float("nan")
+            )
             metric = "ks"
         else:
             stat, metric = total_variation(real[c], syn[c]), "tv"
         mr, ms = float(real[c].isna().mean()), float(syn[c].isna().mean())
-        rows.append(dict(column=c, kind=kind, metric=metric, statistic=stat,
-                         score=1.0 - stat, missing_real=mr, missing_syn=ms,
-                         missing_diff=abs(mr - ms)))
+        rows.append(
+            dict(
+                column=c,
+                kind=kind,
+                metric=metric,
+                statistic=stat,
+                score=1.0 - stat,
+                missing_real=mr,
+                missing_syn=ms,
+                missing_diff=abs(mr - ms),
+            )
+        )
     return pd.DataFrame(rows)
 
 
@@ -157,8 +174,9 @@ def cramers_v(a, b) -> float:
 
     0 when either variable has a single level (no association measurable).
     """
-    table = pd.crosstab(pd.Series(np.asarray(a, dtype=object)),
-                        pd.Series(np.asarray(b, dtype=object))).to_numpy(float)
+    table = pd.crosstab(
+        pd.Series(np.asarray(a, dtype=object)), pd.Series(np.asarray(b, dtype=object))
+    ).to_numpy(float)
     r, k = table.shape
     if min(r, k) < 2:
         return 0.0
@@ -188,8 +206,9 @@ def _levels(s: pd.Series, kind: str, edges: np.ndarray | None) -> np.ndarray:
     return s.astype(object).where(s.notna(), MISSING).to_numpy(dtype=object)
 
 
-def pairwise_fidelity(real: pd.DataFrame, syn: pd.DataFrame, *,
-                      bins: int = 5) -> pd.DataFrame:
+def pairwise_fidelity(
+    real: pd.DataFrame, syn: pd.DataFrame, *, bins: int = 5
+) -> pd.DataFrame:
     """Per column pair: |Pearson r_real - r_syn| or |V_real - V_syn|.
 
     Numeric-numeric pairs use Pearson correlation (pairwise-complete rows; 0 for a
@@ -206,8 +225,11 @@ def pairwise_fidelity(real: pd.DataFrame, syn: pd.DataFrame, *,
         if kd == "numeric":
             v = _as_float(real[c])
             v = v[~np.isnan(v)]
-            edges[c] = (np.unique(np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1]))
-                        if v.size else np.array([]))
+            edges[c] = (
+                np.unique(np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1]))
+                if v.size
+                else np.array([])
+            )
     rows = []
     for a, b in itertools.combinations(real.columns, 2):
         ka, kb = kinds[a], kinds[b]
@@ -216,37 +238,59 @@ def pairwise_fidelity(real: pd.DataFrame, syn: pd.DataFrame, *,
             s = _pearson(_as_float(syn[a]), _as_float(syn[b]))
             kind, metric = "numeric", "pearson"
         else:
-            r = cramers_v(_levels(real[a], ka, edges.get(a)),
-                          _levels(real[b], kb, edges.get(b)))
-            s = cramers_v(_levels(syn[a], ka, edges.get(a)),
-                          _levels(syn[b], kb, edges.get(b)))
+            r = cramers_v(
+                _levels(real[a], ka, edges.get(a)), _levels(real[b], kb, edges.get(b))
+            )
+            s = cramers_v(
+                _levels(syn[a], ka, edges.get(a)), _levels(syn[b], kb, edges.get(b))
+            )
             kind = "categorical" if ka == kb else "mixed"
             metric = "cramers_v"
-        rows.append(dict(col_a=a, col_b=b, kind=kind, metric=metric, real=r, syn=s,
-                         abs_diff=abs(r - s)))
-    out = pd.DataFrame(rows, columns=["col_a", "col_b", "kind", "metric", "real",
-                                      "syn", "abs_diff"])
+        rows.append(
+            dict(
+                col_a=a,
+                col_b=b,
+                kind=kind,
+                metric=metric,
+                real=r,
+                syn=s,
+                abs_diff=abs(r - s),
+            )
+        )
+    out = pd.DataFrame(
+        rows, columns=["col_a", "col_b", "kind", "metric", "real", "syn", "abs_diff"]
+    )
     out.attrs.update(pairwise_summary(out))
     return out
 
 
 def pairwise_summary(pairs: pd.DataFrame) -> dict:
     """Mean absolute differences: overall, Pearson pairs, Cramer's V pairs."""
+
     def _mean(x: pd.Series) -> float:
         x = x.dropna()
         return float(x.mean()) if len(x) else float("nan")
+
     return {
         "mean_abs_diff": _mean(pairs["abs_diff"]),
-        "mean_abs_diff_pearson": _mean(pairs.loc[pairs.metric == "pearson",
-                                                 "abs_diff"]),
-        "mean_abs_diff_cramers_v": _mean(pairs.loc[pairs.metric == "cramers_v",
-                                                   "abs_diff"]),
+        "mean_abs_diff_pearson": _mean(
+            pairs.loc[pairs.metric == "pearson", "abs_diff"]
+        ),
+        "mean_abs_diff_cramers_v": _mean(
+            pairs.loc[pairs.metric == "cramers_v", "abs_diff"]
+        ),
     }
 
 
 # -------------------------------------------------------------------------- features
-def _design(real: pd.DataFrame, syn: pd.DataFrame, *, quadratic: bool = True,
-            max_levels: int = 30, max_products: int = 45) -> np.ndarray:
+def _design(
+    real: pd.DataFrame,
+    syn: pd.DataFrame,
+    *,
+    quadratic: bool = True,
+    max_levels: int = 30,
+    max_products: int = 45,
+) -> np.ndarray:
     """Encoded feature matrix (no intercept) for the pooled rows real then syn.
 
     Numeric: median-filled, standardised, plus a missing indicator where any value
@@ -331,8 +375,15 @@ def _auc(score: np.ndarray, y: np.ndarray) -> float:
     return float((r[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def detection_auc(key, real: pd.DataFrame, syn: pd.DataFrame, *, folds: int = 5,
-                  l2: float = 1.0, quadratic: bool = True) -> float:
+def detection_auc(
+    key,
+    real: pd.DataFrame,
+    syn: pd.DataFrame,
+    *,
+    folds: int = 5,
+    l2: float = 1.0,
+    quadratic: bool = True,
+) -> float:
     """Mean held-out AUC of a ridge logistic real-vs-synthetic classifier.
 
     Rows are split into ``folds`` stratified folds by a permutation drawn from
@@ -346,17 +397,20 @@ def detection_auc(key, real: pd.DataFrame, syn: pd.DataFrame, *, folds: int = 5,
     if min(len(real), len(syn)) < folds:
         raise FidelityInputError(
             f"each table needs at least folds={folds} rows "
-            f"(real {len(real)}, syn {len(syn)})")
+            f"(real {len(real)}, syn {len(syn)})"
+        )
     fold = np.empty(len(y), dtype=int)
     for label, k in zip((0, 1), jax.random.split(key), strict=True):
         idx = np.flatnonzero(y == label)
         perm = np.asarray(jax.random.permutation(k, idx.size))
         fold[idx[perm]] = np.arange(idx.size) % folds
     W = np.stack([(fold != f).astype(float) for f in range(folds)])
-    P = np.asarray(_fit_predict(jnp.asarray(X), jnp.asarray(np.tile(y, (folds, 1))),
-                                jnp.asarray(W), l2))
-    return float(np.mean([_auc(P[f, fold == f], y[fold == f])
-                          for f in range(folds)]))
+    P = np.asarray(
+        _fit_predict(
+            jnp.asarray(X), jnp.asarray(np.tile(y, (folds, 1))), jnp.asarray(W), l2
+        )
+    )
+    return float(np.mean([_auc(P[f, fold == f], y[fold == f]) for f in range(folds)]))
 
 
 def pmse_parts(key, real, syn, quadratic, n_permutations, l2):
@@ -369,15 +423,22 @@ def pmse_parts(key, real, syn, quadratic, n_permutations, l2):
     for k in jax.random.split(key, n_permutations) if n_permutations else []:
         Y.append(y[np.asarray(jax.random.permutation(k, N))])
     Y = np.stack(Y)
-    P = np.asarray(_fit_predict(jnp.asarray(X), jnp.asarray(Y),
-                                jnp.ones_like(jnp.asarray(Y)), l2))
+    P = np.asarray(
+        _fit_predict(jnp.asarray(X), jnp.asarray(Y), jnp.ones_like(jnp.asarray(Y)), l2)
+    )
     pm = ((P - c) ** 2).mean(1)
     k = int(np.linalg.matrix_rank(X))
     return float(pm[0]), pm[1:], k, c, N
 
 
-def pmse(key, real: pd.DataFrame, syn: pd.DataFrame, *, quadratic: bool = True,
-         l2: float = 1e-6) -> float:
+def pmse(
+    key,
+    real: pd.DataFrame,
+    syn: pd.DataFrame,
+    *,
+    quadratic: bool = True,
+    l2: float = 1e-6,
+) -> float:
     """Propensity MSE 1/N sum (p_i - c)^2 of a logistic model, c = n_syn / N.
 
     The fit is deterministic; ``key`` is accepted for a uniform API (it drives the
@@ -386,9 +447,15 @@ def pmse(key, real: pd.DataFrame, syn: pd.DataFrame, *, quadratic: bool = True,
     return pmse_parts(key, real, syn, quadratic, 0, l2)[0]
 
 
-def pmse_ratio(key, real: pd.DataFrame, syn: pd.DataFrame, *,
-               quadratic: bool = True, n_permutations: int = 0,
-               l2: float = 1e-6) -> float:
+def pmse_ratio(
+    key,
+    real: pd.DataFrame,
+    syn: pd.DataFrame,
+    *,
+    quadratic: bool = True,
+    n_permutations: int = 0,
+    l2: float = 1e-6,
+) -> float:
     """pMSE divided by a null expectation.
 
     With ``n_permutations == 0``: the published null (k-1)(1-c)^2 c / N (Snoke et
@@ -407,8 +474,14 @@ def pmse_ratio(key, real: pd.DataFrame, syn: pd.DataFrame, *,
 
 
 # --------------------------------------------------------------------------- summary
-def fidelity_summary(key, real: pd.DataFrame, syn: pd.DataFrame, *,
-                     folds: int = 5, n_permutations: int = 20) -> dict:
+def fidelity_summary(
+    key,
+    real: pd.DataFrame,
+    syn: pd.DataFrame,
+    *,
+    folds: int = 5,
+    n_permutations: int = 20,
+) -> dict:
     """Headline fidelity numbers of ``syn`` against ``real`` (floats).
 
     ``column_shapes`` = mean KS/TV complement (SDMetrics' Column Shapes),
@@ -421,27 +494,33 @@ def fidelity_summary(key, real: pd.DataFrame, syn: pd.DataFrame, *,
     cols = column_fidelity(real, syn)
     pairs = pairwise_fidelity(real, syn)
     k_auc, k_pmse = jax.random.split(key)
-    sims = np.where(pairs.metric == "pearson", 1 - pairs.abs_diff / 2,
-                    1 - pairs.abs_diff)
+    sims = np.where(
+        pairs.metric == "pearson", 1 - pairs.abs_diff / 2, 1 - pairs.abs_diff
+    )
     pm, perm, k, c, N = pmse_parts(k_pmse, real, syn, True, n_permutations, 1e-6)
     out = {
         "column_shapes": float(cols.score.mean()),
         "max_column_statistic": float(cols.statistic.max()),
         "mean_missing_diff": float(cols.missing_diff.mean()),
         **pairwise_summary(pairs),
-        "pair_trends": (float(np.mean(sims[~np.isnan(sims)]))
-                        if np.any(~np.isnan(sims)) else float("nan")),
+        "pair_trends": (
+            float(np.mean(sims[~np.isnan(sims)]))
+            if np.any(~np.isnan(sims))
+            else float("nan")
+        ),
         "detection_auc": detection_auc(k_auc, real, syn, folds=folds),
         "pmse": pm,
         "pmse_ratio": pm / ((k - 1) * (1 - c) ** 2 * c / N) if k > 1 else float("nan"),
-        "pmse_ratio_perm": (pm / float(perm.mean()) if n_permutations
-                            else float("nan")),
+        "pmse_ratio_perm": (
+            pm / float(perm.mean()) if n_permutations else float("nan")
+        ),
     }
     return out
 
 
-def logistic_transfer(train: pd.DataFrame, y_train, test: pd.DataFrame, *,
-                      l2: float = 1.0) -> np.ndarray:
+def logistic_transfer(
+    train: pd.DataFrame, y_train, test: pd.DataFrame, *, l2: float = 1.0
+) -> np.ndarray:
     """Ridge logistic model fitted on ``train`` (features) and ``y_train`` (0/1),
     predicted on ``test``: the probabilities for ``test``'s rows.
 
@@ -455,6 +534,7 @@ def logistic_transfer(train: pd.DataFrame, y_train, test: pd.DataFrame, *,
     n = len(train)
     y = np.r_[np.asarray(y_train, float), np.zeros(len(test))]
     w = np.r_[np.ones(n), np.zeros(len(test))]
-    P = np.asarray(_fit_predict(jnp.asarray(X), jnp.asarray(y[None]),
-                                jnp.asarray(w[None]), l2))
+    P = np.asarray(
+        _fit_predict(jnp.asarray(X), jnp.asarray(y[None]), jnp.asarray(w[None]), l2)
+    )
     return P[0, n:]

@@ -91,7 +91,8 @@ class Hierarchy:
         if not isinstance(level, int | np.integer) or not 0 <= level <= self.height:
             raise HierarchyError(
                 f"hierarchy '{self.name}': level {level!r} is not an integer in "
-                f"0..{self.height}")
+                f"0..{self.height}"
+            )
         s = _series(values)
         check_covers(self, s)
         if level == 0:
@@ -123,7 +124,9 @@ def check_covers(hierarchy: Hierarchy, values) -> None:
     more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
     raise HierarchyError(
         f"hierarchy '{hierarchy.name}' does not cover {len(bad)} value(s) in column "
-        f"{s.name!r}: {shown}{more}", uncovered=bad)
+        f"{s.name!r}: {shown}{more}",
+        uncovered=bad,
+    )
 
 
 def check_nested(hierarchy: Hierarchy, values) -> None:
@@ -142,7 +145,8 @@ def check_nested(hierarchy: Hierarchy, values) -> None:
         if len(split):
             raise HierarchyError(
                 f"hierarchy '{hierarchy.name}': level {lvl} is not nested in level "
-                f"{lvl - 1}: {list(split.index[:10])!r} map to several labels")
+                f"{lvl - 1}: {list(split.index[:10])!r} map to several labels"
+            )
         prev = cur
 
 
@@ -151,17 +155,24 @@ _PAEDIATRIC_EDGES = np.array([0.0, 28.0, 1, 5, 10, 15, 18])
 _PAEDIATRIC_EDGES[2:] *= _DAYS_PER_YEAR
 _PAEDIATRIC_LABELS = ["0-27 d", "1-11 m", "1-4 y", "5-9 y", "10-14 y", "15-17 y"]
 _NESTED_LABELS = ["0-11 m", "0-11 m", "1-9 y", "1-9 y", "10-17 y", "10-17 y"]
-_ICH_EDGES = np.array([0.0, 28.0, 2 * _DAYS_PER_YEAR, 12 * _DAYS_PER_YEAR,
-                       18 * _DAYS_PER_YEAR])
-_ICH_LABELS = ["term newborn 0-27 d", "infant/toddler 28 d-23 m", "child 2-11 y",
-               "adolescent 12-17 y"]
+_ICH_EDGES = np.array(
+    [0.0, 28.0, 2 * _DAYS_PER_YEAR, 12 * _DAYS_PER_YEAR, 18 * _DAYS_PER_YEAR]
+)
+_ICH_LABELS = [
+    "term newborn 0-27 d",
+    "infant/toddler 28 d-23 m",
+    "child 2-11 y",
+    "adolescent 12-17 y",
+]
 _ADULT_DAYS = 18 * _DAYS_PER_YEAR  # 6574.5 d
 
 
 def _age_days(s: pd.Series, unit: str, name: str) -> np.ndarray:
     if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
-        raise HierarchyError(f"hierarchy '{name}': column {s.name!r} has dtype "
-                             f"{s.dtype}; expected a numeric age in {unit}")
+        raise HierarchyError(
+            f"hierarchy '{name}': column {s.name!r} has dtype "
+            f"{s.dtype}; expected a numeric age in {unit}"
+        )
     return s.to_numpy(dtype=np.float64, na_value=np.nan) * _UNIT_DAYS[unit]
 
 
@@ -201,9 +212,12 @@ def paediatric_age(unit: str = "days", name: str = "age") -> Hierarchy:
     _check_unit(unit)
     return Hierarchy(
         name,
-        (_binner(_PAEDIATRIC_EDGES, _PAEDIATRIC_LABELS, unit, name),
-         _binner(_PAEDIATRIC_EDGES, _NESTED_LABELS, unit, name)),
-        covers=_age_covers(unit, name))
+        (
+            _binner(_PAEDIATRIC_EDGES, _PAEDIATRIC_LABELS, unit, name),
+            _binner(_PAEDIATRIC_EDGES, _NESTED_LABELS, unit, name),
+        ),
+        covers=_age_covers(unit, name),
+    )
 
 
 def ich_e11_age(unit: str = "days", name: str = "age") -> Hierarchy:
@@ -216,16 +230,36 @@ def ich_e11_age(unit: str = "days", name: str = "age") -> Hierarchy:
     (1-4 y and 10-14 y straddle the 2 y and 12 y cut-offs), hence separate.
     """
     _check_unit(unit)
-    return Hierarchy(name, (_binner(_ICH_EDGES, _ICH_LABELS, unit, name),),
-                     covers=_age_covers(unit, name))
+    return Hierarchy(
+        name,
+        (_binner(_ICH_EDGES, _ICH_LABELS, unit, name),),
+        covers=_age_covers(unit, name),
+    )
 
 
-_LIFE_EDGES = np.concatenate([_PAEDIATRIC_EDGES, np.array([30.0, 40, 50, 60, 70, 80])
-                              * _DAYS_PER_YEAR])
-_LIFE_LABELS = [*_PAEDIATRIC_LABELS, "18-29 y", "30-39 y", "40-49 y", "50-59 y",
-                "60-69 y", "70-79 y", "80+ y"]
-_LIFE_NESTED = [*_NESTED_LABELS, "18-39 y", "18-39 y", "40-59 y", "40-59 y",
-                "60+ y", "60+ y", "60+ y"]
+_LIFE_EDGES = np.concatenate(
+    [_PAEDIATRIC_EDGES, np.array([30.0, 40, 50, 60, 70, 80]) * _DAYS_PER_YEAR]
+)
+_LIFE_LABELS = [
+    *_PAEDIATRIC_LABELS,
+    "18-29 y",
+    "30-39 y",
+    "40-49 y",
+    "50-59 y",
+    "60-69 y",
+    "70-79 y",
+    "80+ y",
+]
+_LIFE_NESTED = [
+    *_NESTED_LABELS,
+    "18-39 y",
+    "18-39 y",
+    "40-59 y",
+    "40-59 y",
+    "60+ y",
+    "60+ y",
+    "60+ y",
+]
 _MAX_AGE_DAYS = 130 * _DAYS_PER_YEAR
 
 
@@ -246,9 +280,12 @@ def lifespan_age(unit: str = "years", name: str = "age") -> Hierarchy:
 
     return Hierarchy(
         name,
-        (_binner(_LIFE_EDGES, _LIFE_LABELS, unit, name),
-         _binner(_LIFE_EDGES, _LIFE_NESTED, unit, name)),
-        covers=covers)
+        (
+            _binner(_LIFE_EDGES, _LIFE_LABELS, unit, name),
+            _binner(_LIFE_EDGES, _LIFE_NESTED, unit, name),
+        ),
+        covers=covers,
+    )
 
 
 def suppress_only(name: str) -> Hierarchy:
@@ -261,8 +298,13 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def interval(name: str, width_levels: Sequence[float] = (5, 10, 20), *,
-             lower: float, upper: float) -> Hierarchy:
+def interval(
+    name: str,
+    width_levels: Sequence[float] = (5, 10, 20),
+    *,
+    lower: float,
+    upper: float,
+) -> Hierarchy:
     """Half-open intervals '[a, b)' anchored at ``lower``, one width per level.
 
     Each width must be a whole multiple of the one before (so levels nest); values
@@ -270,28 +312,35 @@ def interval(name: str, width_levels: Sequence[float] = (5, 10, 20), *,
     """
     widths = [float(w) for w in width_levels]
     if not widths or any(w <= 0 for w in widths):
-        raise HierarchyError(f"hierarchy '{name}': widths {width_levels!r} must be "
-                             f"positive")
+        raise HierarchyError(
+            f"hierarchy '{name}': widths {width_levels!r} must be positive"
+        )
     for a, b in zip(widths, widths[1:], strict=False):
         r = b / a
         if r < 1 or abs(r - round(r)) > 1e-9:
-            raise HierarchyError(f"hierarchy '{name}': width {b:g} is not a whole "
-                                 f"multiple of {a:g}, so levels would not nest")
+            raise HierarchyError(
+                f"hierarchy '{name}': width {b:g} is not a whole "
+                f"multiple of {a:g}, so levels would not nest"
+            )
     if not np.isfinite(lower) or not np.isfinite(upper) or upper <= lower:
-        raise HierarchyError(f"hierarchy '{name}': need finite lower < upper, got "
-                             f"[{lower}, {upper})")
+        raise HierarchyError(
+            f"hierarchy '{name}': need finite lower < upper, got [{lower}, {upper})"
+        )
 
     def _num(s: pd.Series) -> np.ndarray:
         if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
-            raise HierarchyError(f"hierarchy '{name}': column {s.name!r} has dtype "
-                                 f"{s.dtype}; expected numbers")
+            raise HierarchyError(
+                f"hierarchy '{name}': column {s.name!r} has dtype "
+                f"{s.dtype}; expected numbers"
+            )
         return s.to_numpy(dtype=np.float64, na_value=np.nan)
 
     def make(w: float):
         def level(s: pd.Series) -> pd.Series:
             lo = lower + np.floor((_num(s) - lower) / w) * w
-            return pd.Series([f"[{_fmt(a)}, {_fmt(a + w)})" for a in lo],
-                             index=s.index, dtype=object)
+            return pd.Series(
+                [f"[{_fmt(a)}, {_fmt(a + w)})" for a in lo], index=s.index, dtype=object
+            )
 
         return level
 
@@ -321,15 +370,18 @@ def dates(name: str) -> Hierarchy:
 
     def _dt(s: pd.Series) -> pd.Series:
         if not pd.api.types.is_datetime64_any_dtype(s):
-            raise HierarchyError(f"hierarchy '{name}': column {s.name!r} has dtype "
-                                 f"{s.dtype}; expected datetime64 (use "
-                                 f"pd.to_datetime first)")
+            raise HierarchyError(
+                f"hierarchy '{name}': column {s.name!r} has dtype "
+                f"{s.dtype}; expected datetime64 (use "
+                f"pd.to_datetime first)"
+            )
         return s
 
     return Hierarchy(
         name,
         (lambda s: _dt(s).dt.strftime("%Y-%m"), lambda s: _dt(s).dt.strftime("%Y")),
-        covers=lambda s: np.ones(len(_dt(s)), dtype=bool))
+        covers=lambda s: np.ones(len(_dt(s)), dtype=bool),
+    )
 
 
 # -------------------------------------------------------------------- categorical
@@ -347,7 +399,9 @@ def categorical(name: str, mapping_levels: Sequence[Mapping]) -> Hierarchy:
         prev = composed[-1]
         gaps = sorted({str(v) for v in prev.values() if v not in nxt})
         if gaps:
-            raise HierarchyError(f"hierarchy '{name}': level {lvl} map has no entry "
-                                 f"for level-{lvl - 1} label(s) {gaps!r}")
+            raise HierarchyError(
+                f"hierarchy '{name}': level {lvl} map has no entry "
+                f"for level-{lvl - 1} label(s) {gaps!r}"
+            )
         composed.append({k: nxt[v] for k, v in prev.items()})
     return Hierarchy(name, tuple(composed))

@@ -38,8 +38,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float, Int
 
-__all__ = ["MicroaggregationError", "MicroaggregationResult", "mdav",
-           "microaggregate"]
+__all__ = ["MicroaggregationError", "MicroaggregationResult", "mdav", "microaggregate"]
 
 
 class MicroaggregationError(ValueError):
@@ -61,7 +60,8 @@ def _check_k(k: int, n: int) -> None:
         raise MicroaggregationError(f"k: expected an integer >= 1, got {k!r}")
     if n < k:
         raise MicroaggregationError(
-            f"k={k} is impossible: there are only {n} records to aggregate")
+            f"k={k} is impossible: there are only {n} records to aggregate"
+        )
 
 
 def mdav(x: Float[np.ndarray, "n p"], k: int) -> Int[np.ndarray, " n"]:
@@ -93,8 +93,10 @@ def mdav(x: Float[np.ndarray, "n p"], k: int) -> Int[np.ndarray, " n"]:
     _check_k(k, n)
     if not np.isfinite(x).all():
         bad = sorted(set(np.nonzero(~np.isfinite(x))[1].tolist()))
-        raise MicroaggregationError(f"x: columns {bad} hold missing or infinite "
-                                    f"values; impute or drop them first")
+        raise MicroaggregationError(
+            f"x: columns {bad} hold missing or infinite "
+            f"values; impute or drop them first"
+        )
     groups = np.full(n, -1, dtype=np.int64)
     remaining = np.arange(n)
     g = 0
@@ -107,7 +109,7 @@ def mdav(x: Float[np.ndarray, "n p"], k: int) -> Int[np.ndarray, " n"]:
         d = np.sum((x[idx] - x[center]) ** 2, axis=1)
         order = np.argsort(d, kind="stable")  # stable: ties by input order
         # the centre itself is at distance 0; put it first even among duplicates
-        members = [center] + [int(i) for i in idx[order] if i != center][:k - 1]
+        members = [center] + [int(i) for i in idx[order] if i != center][: k - 1]
         return np.asarray(members)
 
     def assign(members: np.ndarray) -> np.ndarray:
@@ -133,8 +135,9 @@ def mdav(x: Float[np.ndarray, "n p"], k: int) -> Int[np.ndarray, " n"]:
     return groups
 
 
-def microaggregate(frame: pd.DataFrame, columns: Sequence[str], k: int, *,
-                   standardise: bool = True) -> MicroaggregationResult:
+def microaggregate(
+    frame: pd.DataFrame, columns: Sequence[str], k: int, *, standardise: bool = True
+) -> MicroaggregationResult:
     """Replace ``columns`` of ``frame`` by their MDAV group means.
 
     Parameters
@@ -158,24 +161,29 @@ def microaggregate(frame: pd.DataFrame, columns: Sequence[str], k: int, *,
         than the number of rows.
     """
     if not isinstance(frame, pd.DataFrame):
-        raise MicroaggregationError(f"frame: expected a pandas DataFrame, got "
-                                    f"{type(frame).__name__}")
+        raise MicroaggregationError(
+            f"frame: expected a pandas DataFrame, got {type(frame).__name__}"
+        )
     cols = list(columns)
     if not cols:
         raise MicroaggregationError("columns: expected at least one column")
     missing = [c for c in cols if c not in frame.columns]
     if missing:
-        raise MicroaggregationError(f"columns {missing} are not in the table "
-                                    f"(columns: {list(frame.columns)})")
+        raise MicroaggregationError(
+            f"columns {missing} are not in the table (columns: {list(frame.columns)})"
+        )
     for c in cols:
         s = frame[c]
         if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
-            raise MicroaggregationError(f"column {c!r}: expected numeric values, "
-                                        f"got dtype {s.dtype}")
+            raise MicroaggregationError(
+                f"column {c!r}: expected numeric values, got dtype {s.dtype}"
+            )
         n_na = int(s.isna().sum())
         if n_na:
-            raise MicroaggregationError(f"column {c!r}: {n_na} missing values; "
-                                        f"impute or drop them before aggregating")
+            raise MicroaggregationError(
+                f"column {c!r}: {n_na} missing values; "
+                f"impute or drop them before aggregating"
+            )
     _check_k(k, len(frame))
     x = frame[cols].to_numpy(dtype=float)
     z = x

@@ -46,9 +46,17 @@ import pandas as pd
 
 from phems_clinical.privacy.microaggregation import mdav
 
-__all__ = ["LongitudinalRoles", "Perturbation", "PerturbError", "ValueColumn",
-           "additive_noise", "coarsen", "il1s", "multiplicative_noise",
-           "perturb_longitudinal"]
+__all__ = [
+    "LongitudinalRoles",
+    "Perturbation",
+    "PerturbError",
+    "ValueColumn",
+    "additive_noise",
+    "coarsen",
+    "il1s",
+    "multiplicative_noise",
+    "perturb_longitudinal",
+]
 
 
 class PerturbError(ValueError):
@@ -99,8 +107,12 @@ class Perturbation(NamedTuple):
 
 
 def _check_scale(name: str, x: float) -> float:
-    if isinstance(x, bool) or not isinstance(x, int | float | np.floating) or \
-            not np.isfinite(x) or x < 0:
+    if (
+        isinstance(x, bool)
+        or not isinstance(x, int | float | np.floating)
+        or not np.isfinite(x)
+        or x < 0
+    ):
         raise PerturbError(f"{name}: expected a finite number >= 0, got {x!r}")
     return float(x)
 
@@ -119,8 +131,9 @@ def multiplicative_noise(key, x: np.ndarray, cv: float) -> np.ndarray:
     return x * np.exp(s * z - 0.5 * s * s)
 
 
-def additive_noise(key, x: np.ndarray, fraction: float, *,
-                   sd: float | None = None) -> np.ndarray:
+def additive_noise(
+    key, x: np.ndarray, fraction: float, *, sd: float | None = None
+) -> np.ndarray:
     """``x`` plus normal noise of SD ``fraction * sd`` (default: the SD of the
     non-missing ``x``, ddof 1), as sdcMicro ``addNoise(method="additive",
     noise=100 * fraction)``. Missing values stay missing."""
@@ -134,16 +147,21 @@ def additive_noise(key, x: np.ndarray, fraction: float, *,
     return x + fraction * sd * z
 
 
-def coarsen(x: np.ndarray, grid: float, *,
-            mode: Literal["nearest", "up", "down"] = "nearest") -> np.ndarray:
+def coarsen(
+    x: np.ndarray, grid: float, *, mode: Literal["nearest", "up", "down"] = "nearest"
+) -> np.ndarray:
     """Round ``x`` to multiples of ``grid`` (half-way values go up in
     ``"nearest"``); missing values stay missing.
 
     >>> coarsen(np.array([0.0, 3.4342, 23.1125, 47.65]), 6.0, mode="up").tolist()
     [0.0, 6.0, 24.0, 48.0]
     """
-    if isinstance(grid, bool) or not isinstance(grid, int | float | np.floating) \
-            or not np.isfinite(grid) or grid <= 0:
+    if (
+        isinstance(grid, bool)
+        or not isinstance(grid, int | float | np.floating)
+        or not np.isfinite(grid)
+        or grid <= 0
+    ):
         raise PerturbError(f"grid: expected a finite number > 0, got {grid!r}")
     q = np.asarray(x, dtype=float) / grid
     # a value within rounding of a grid point is on it (48.000000001 / 6 -> 8)
@@ -171,13 +189,15 @@ def il1s(original: pd.DataFrame, masked: pd.DataFrame, columns) -> dict[str, flo
         b = masked[c].to_numpy(dtype=float, na_value=np.nan)
         ok = np.isfinite(a) & np.isfinite(b)
         s = float(np.std(a[ok], ddof=1)) if ok.sum() > 1 else 0.0
-        out[c] = float(np.mean(np.abs(a[ok] - b[ok])) / (np.sqrt(2) * s)) \
-            if s > 0 else 0.0
+        out[c] = (
+            float(np.mean(np.abs(a[ok] - b[ok])) / (np.sqrt(2) * s)) if s > 0 else 0.0
+        )
     return out
 
 
-def _levels(df: pd.DataFrame, course: str, values: Mapping[str, ValueColumn]
-            ) -> pd.DataFrame:
+def _levels(
+    df: pd.DataFrame, course: str, values: Mapping[str, ValueColumn]
+) -> pd.DataFrame:
     """Per course, the level of each value column (mean; mean log if
     multiplicative, over the positive values)."""
     cols = {}
@@ -192,8 +212,9 @@ def _levels(df: pd.DataFrame, course: str, values: Mapping[str, ValueColumn]
 def _microaggregate_levels(df, course, values, k):
     lev = _levels(df, course, values)
     if len(lev) < k:
-        raise PerturbError(f"micro_k={k} is impossible: the table has {len(lev)} "
-                           f"courses ({course!r})")
+        raise PerturbError(
+            f"micro_k={k} is impossible: the table has {len(lev)} courses ({course!r})"
+        )
     z = lev.to_numpy(dtype=float)
     mu, sd = np.nanmean(z, axis=0), np.nanstd(z, axis=0)
     z = (z - mu) / np.where(sd > 0, sd, 1.0)
@@ -209,9 +230,15 @@ def _microaggregate_levels(df, course, values, k):
     return out, groups
 
 
-def perturb_longitudinal(key, data: pd.DataFrame, roles: LongitudinalRoles, *,
-                         micro_k: int | None = None, noise: float = 0.0,
-                         time_grid: float | None = None) -> Perturbation:
+def perturb_longitudinal(
+    key,
+    data: pd.DataFrame,
+    roles: LongitudinalRoles,
+    *,
+    micro_k: int | None = None,
+    noise: float = 0.0,
+    time_grid: float | None = None,
+) -> Perturbation:
     """Perturb the value and time columns of a longitudinal table.
 
     Steps, each skipped when its option is off: (1) microaggregate each course's
@@ -242,8 +269,9 @@ def perturb_longitudinal(key, data: pd.DataFrame, roles: LongitudinalRoles, *,
         perturbed, the group sizes, and IL1s per column against ``data``.
     """
     if not isinstance(data, pd.DataFrame):
-        raise PerturbError(f"data: expected a pandas DataFrame, got "
-                           f"{type(data).__name__}")
+        raise PerturbError(
+            f"data: expected a pandas DataFrame, got {type(data).__name__}"
+        )
     if roles.course not in data.columns:
         raise PerturbError(f"course column {roles.course!r} is not in the table")
     noise = _check_scale("noise", noise)
@@ -251,42 +279,63 @@ def perturb_longitudinal(key, data: pd.DataFrame, roles: LongitudinalRoles, *,
     times = [c for c in roles.times if c in data.columns]
     for c in [*values, *times]:
         if not pd.api.types.is_numeric_dtype(data[c]):
-            raise PerturbError(f"column {c!r}: expected numeric values, got dtype "
-                               f"{data[c].dtype}")
+            raise PerturbError(
+                f"column {c!r}: expected numeric values, got dtype {data[c].dtype}"
+            )
     out = data.copy()
-    report: dict = {"micro_k": micro_k, "noise": noise, "time_grid": time_grid,
-                    "time_unit": roles.time_unit, "course": roles.course,
-                    "values": list(values), "times": times,
-                    "absent": [c for c in [*roles.values, *roles.times]
-                               if c not in data.columns]}
+    report: dict = {
+        "micro_k": micro_k,
+        "noise": noise,
+        "time_grid": time_grid,
+        "time_unit": roles.time_unit,
+        "course": roles.course,
+        "values": list(values),
+        "times": times,
+        "absent": [c for c in [*roles.values, *roles.times] if c not in data.columns],
+    }
     if micro_k is not None:
-        if isinstance(micro_k, bool) or not isinstance(micro_k, int | np.integer) \
-                or micro_k < 1:
+        if (
+            isinstance(micro_k, bool)
+            or not isinstance(micro_k, int | np.integer)
+            or micro_k < 1
+        ):
             raise PerturbError(f"micro_k: expected an integer >= 1, got {micro_k!r}")
         if not values:
-            raise PerturbError("micro_k: the table has no value columns to "
-                               f"microaggregate (declared: {list(roles.values)})")
+            raise PerturbError(
+                "micro_k: the table has no value columns to "
+                f"microaggregate (declared: {list(roles.values)})"
+            )
         out, groups = _microaggregate_levels(out, roles.course, values, int(micro_k))
         sizes = np.bincount(groups)
-        report["micro_groups"] = {"n": int(sizes.size), "min": int(sizes.min()),
-                                  "max": int(sizes.max())}
+        report["micro_groups"] = {
+            "n": int(sizes.size),
+            "min": int(sizes.min()),
+            "max": int(sizes.max()),
+        }
     if noise > 0 and values:
         keys = jax.random.split(key, len(values))
         for kk, (c, v) in zip(keys, values.items(), strict=True):
             x = out[c].to_numpy(dtype=float, na_value=np.nan)
             if v.per == "course":
                 codes, uniq = pd.factorize(out[roles.course], sort=False)
-                base = np.ones(len(uniq)) if v.noise == "multiplicative" else \
-                    np.zeros(len(uniq))
+                base = (
+                    np.ones(len(uniq))
+                    if v.noise == "multiplicative"
+                    else np.zeros(len(uniq))
+                )
                 sd = float(np.nanstd(out.groupby(codes)[c].first(), ddof=1))
-                draw = (multiplicative_noise(kk, base, noise) if v.noise ==
-                        "multiplicative" else additive_noise(kk, base, noise, sd=sd))
+                draw = (
+                    multiplicative_noise(kk, base, noise)
+                    if v.noise == "multiplicative"
+                    else additive_noise(kk, base, noise, sd=sd)
+                )
                 x = x * draw[codes] if v.noise == "multiplicative" else x + draw[codes]
             elif v.noise == "multiplicative":
                 x = multiplicative_noise(kk, x, noise)
             else:
-                x = additive_noise(kk, x, noise,
-                                   sd=float(np.nanstd(data[c].astype(float), ddof=1)))
+                x = additive_noise(
+                    kk, x, noise, sd=float(np.nanstd(data[c].astype(float), ddof=1))
+                )
             x = np.clip(x, v.lower, v.upper)
             if v.resolution > 0:
                 x = np.clip(coarsen(x, v.resolution), v.lower, v.upper)

@@ -52,9 +52,18 @@ from phems_clinical.privacy.perturb import (
 )
 from phems_clinical.privacy.search import lattice_search, mondrian
 
-__all__ = ["BAND_SUFFIX", "MARKER", "AnonymiseError", "Release", "Roles",
-           "anonymise", "anonymise_longitudinal", "check_table", "patient_table",
-           "roles_for"]
+__all__ = [
+    "BAND_SUFFIX",
+    "MARKER",
+    "AnonymiseError",
+    "Release",
+    "Roles",
+    "anonymise",
+    "anonymise_longitudinal",
+    "check_table",
+    "patient_table",
+    "roles_for",
+]
 
 MARKER = "phems_release"
 BAND_SUFFIX = "_band"
@@ -107,11 +116,14 @@ def roles_for(use_case) -> Roles:
     if isinstance(roles, Roles):
         return roles
     if isinstance(use_case, str):
-        raise AnonymiseError(f"use case {use_case!r}: pass its Roles "
-                             f"(phems_clinical.usecases.get({use_case!r}).roles), "
-                             f"not its name")
-    raise AnonymiseError(f"roles: expected a Roles or a use case, got "
-                         f"{type(use_case).__name__}")
+        raise AnonymiseError(
+            f"use case {use_case!r}: pass its Roles "
+            f"(phems_clinical.usecases.get({use_case!r}).roles), "
+            f"not its name"
+        )
+    raise AnonymiseError(
+        f"roles: expected a Roles or a use case, got {type(use_case).__name__}"
+    )
 
 
 class Release(NamedTuple):
@@ -130,7 +142,7 @@ def _sensitive_value(df: pd.DataFrame, pid: str, col: str, rule: str) -> pd.Seri
         return g[col].max()
     if rule.startswith("state:"):  # patient ever reaches this state (cardiac DEAD)
         state = rule.split(":", 1)[1]
-        hit = (df["state"].eq(state) | df.get("next_state", df["state"]).eq(state))
+        hit = df["state"].eq(state) | df.get("next_state", df["state"]).eq(state)
         return hit.groupby(df[pid], sort=False).max().astype(int)
     raise AnonymiseError(f"sensitive rule {rule!r} for {col!r} is unknown")
 
@@ -145,22 +157,25 @@ def patient_table(data: pd.DataFrame, roles) -> pd.DataFrame:
     out = data.groupby(pid, sort=False)[qis].first()
     for s in roles.sensitive:
         if s in data.columns or roles.sensitive_rule.get(s, "").startswith("state:"):
-            out[s] = _sensitive_value(data, pid, s,
-                                      roles.sensitive_rule.get(s, "first"))
+            out[s] = _sensitive_value(
+                data, pid, s, roles.sensitive_rule.get(s, "first")
+            )
     return out
 
 
 def _check_columns(data: pd.DataFrame, roles: Roles) -> None:
     if not isinstance(data, pd.DataFrame):
-        raise AnonymiseError(f"data: expected a pandas DataFrame, got "
-                             f"{type(data).__name__}")
+        raise AnonymiseError(
+            f"data: expected a pandas DataFrame, got {type(data).__name__}"
+        )
     need = [roles.patient_id, *roles.quasi_identifiers]
     missing = [c for c in need if c not in data.columns]
     if missing:
         raise AnonymiseError(
             f"{roles.use_case}: quasi-identifier/patient column(s) {missing} missing "
             f"from the table (roles: patient id {roles.patient_id!r}, QIs "
-            f"{list(roles.quasi_identifiers)}; columns: {list(data.columns)})")
+            f"{list(roles.quasi_identifiers)}; columns: {list(data.columns)})"
+        )
     if len(data) == 0:
         raise AnonymiseError(f"{roles.use_case}: the table is empty")
 
@@ -174,8 +189,13 @@ def check_table(data: pd.DataFrame, roles) -> None:
         check_covers(h, data[col])
 
 
-def _representatives(orig: pd.Series, labels: pd.Series, keep: np.ndarray,
-                     level: int | None, hierarchy: Hierarchy) -> pd.Series:
+def _representatives(
+    orig: pd.Series,
+    labels: pd.Series,
+    keep: np.ndarray,
+    level: int | None,
+    hierarchy: Hierarchy,
+) -> pd.Series:
     """Per patient, the released value of one QI.
 
     A '*' (the top level, or a suppressed cell) gives the median over all released
@@ -184,8 +204,9 @@ def _representatives(orig: pd.Series, labels: pd.Series, keep: np.ndarray,
     released patients sharing its label (>= k patients), a non-numeric QI its label.
     """
     star = (labels.astype(object) == SUPPRESSED).to_numpy()
-    numeric = (pd.api.types.is_numeric_dtype(orig)
-               and not pd.api.types.is_bool_dtype(orig))
+    numeric = pd.api.types.is_numeric_dtype(orig) and not pd.api.types.is_bool_dtype(
+        orig
+    )
     if level == 0 or hierarchy.height == 1:
         rep = orig.astype(float) if numeric else orig.astype(object)
     elif not numeric:
@@ -195,8 +216,11 @@ def _representatives(orig: pd.Series, labels: pd.Series, keep: np.ndarray,
         rep = labels.map(med).astype(float)
     if star.any():
         rep = rep.copy()
-        fill = (float(orig[keep].median()) if numeric and hierarchy.height > 1
-                else (np.nan if numeric else None))
+        fill = (
+            float(orig[keep].median())
+            if numeric and hierarchy.height > 1
+            else (np.nan if numeric else None)
+        )
         rep[star] = fill
     return rep
 
@@ -209,10 +233,17 @@ def _pseudonyms(key, values: pd.Series) -> pd.Series:
 
 
 def _config(roles, qis, k, l, t, sensitive, max_suppression, method, metric):  # noqa: E741
-    return {"use_case": roles.use_case, "quasi_identifiers": qis, "k": int(k),
-            "l": l, "t": t, "sensitive": sensitive,
-            "max_suppression": float(max_suppression), "method": method,
-            "metric": metric}
+    return {
+        "use_case": roles.use_case,
+        "quasi_identifiers": qis,
+        "k": int(k),
+        "l": l,
+        "t": t,
+        "sensitive": sensitive,
+        "max_suppression": float(max_suppression),
+        "method": method,
+        "metric": metric,
+    }
 
 
 def _already(data: pd.DataFrame, roles: Roles, qis, config) -> Release | None:
@@ -224,7 +255,8 @@ def _already(data: pd.DataFrame, roles: Roles, qis, config) -> Release | None:
     if mark is not None and mark.get("config") != config:
         raise AnonymiseError(
             f"the table is already anonymised with {mark.get('config')}; anonymise "
-            f"the original data instead of re-anonymising a release")
+            f"the original data instead of re-anonymising a release"
+        )
     if not all(b in data.columns for b in bands):
         raise AnonymiseError(f"the table is marked anonymised but lacks {bands}")
     pt = data.groupby(roles.patient_id, sort=False)[bands].first()
@@ -232,21 +264,38 @@ def _already(data: pd.DataFrame, roles: Roles, qis, config) -> Release | None:
     if k_now < config["k"]:
         raise AnonymiseError(
             f"the table has release columns {bands} but is only {k_now}-anonymous, "
-            f"not k={config['k']}: anonymise the original data instead")
+            f"not k={config['k']}: anonymise the original data instead"
+        )
     out = data.copy()
     out.attrs[MARKER] = {"config": config}
-    return Release(out, pt, {"already_anonymised": True, "k": k_now,
-                             "rows_in": len(data), "rows_out": len(data),
-                             "config": config})
+    return Release(
+        out,
+        pt,
+        {
+            "already_anonymised": True,
+            "k": k_now,
+            "rows_in": len(data),
+            "rows_out": len(data),
+            "config": config,
+        },
+    )
 
 
-def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
-              l: int | None = None, t: float | None = None,  # noqa: E741
-              sensitive: str | None = None, max_suppression: float = 0.05,
-              method: Literal["lattice", "mondrian"] = "lattice",
-              metric: Literal["loss", "discernibility"] = "loss",
-              suppression: Literal["records", "cells"] = "records",
-              max_shift_days: int = 365) -> Release:
+def anonymise(
+    key,
+    data: pd.DataFrame,
+    roles: Roles | str,
+    *,
+    k: int = 5,
+    l: int | None = None,  # noqa: E741 (l-diversity, as in the literature)
+    t: float | None = None,
+    sensitive: str | None = None,
+    max_suppression: float = 0.05,
+    method: Literal["lattice", "mondrian"] = "lattice",
+    metric: Literal["loss", "discernibility"] = "loss",
+    suppression: Literal["records", "cells"] = "records",
+    max_shift_days: int = 365,
+) -> Release:
     """Anonymise one site's analysis table at patient level (see module docstring).
 
     Parameters
@@ -279,15 +328,20 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
     qis = list(hier)
     if (l is not None or t is not None) and sensitive is None:
         if not roles.sensitive:
-            raise AnonymiseError(f"{roles.use_case}: l/t need a sensitive column "
-                                 f"and the roles declare none; pass sensitive=")
+            raise AnonymiseError(
+                f"{roles.use_case}: l/t need a sensitive column "
+                f"and the roles declare none; pass sensitive="
+            )
         sensitive = roles.sensitive[0]
     if method not in ("lattice", "mondrian"):
-        raise AnonymiseError(f"method: expected 'lattice' or 'mondrian', got "
-                             f"{method!r}")
+        raise AnonymiseError(
+            f"method: expected 'lattice' or 'mondrian', got {method!r}"
+        )
     if suppression == "cells" and method != "lattice":
-        raise AnonymiseError("suppression='cells' needs method='lattice' (Mondrian "
-                             "partitions without suppressing)")
+        raise AnonymiseError(
+            "suppression='cells' needs method='lattice' (Mondrian "
+            "partitions without suppressing)"
+        )
     config = _config(roles, qis, k, l, t, sensitive, max_suppression, method, metric)
     if suppression != "records":
         config["suppression"] = suppression
@@ -303,17 +357,27 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
     if isinstance(k, int | np.integer) and not isinstance(k, bool) and k > n_pat:
         raise AnonymiseError(
             f"k={k} is impossible: the table has {n_pat} patients (k must be <= the "
-            f"number of patients)")
+            f"number of patients)"
+        )
     flat = patients.reset_index(drop=True)
     if method == "lattice":
-        res = lattice_search(flat, hier, k=k, l=l, sensitive=sensitive, t=t,
-                             max_suppression=max_suppression, metric=metric,
-                             suppression=suppression)
+        res = lattice_search(
+            flat,
+            hier,
+            k=k,
+            l=l,
+            sensitive=sensitive,
+            t=t,
+            max_suppression=max_suppression,
+            metric=metric,
+            suppression=suppression,
+        )
     else:
         ordered = flat.copy()
         for c in qis:
-            if not pd.api.types.is_numeric_dtype(ordered[c]) or \
-                    pd.api.types.is_bool_dtype(ordered[c]):
+            if not pd.api.types.is_numeric_dtype(
+                ordered[c]
+            ) or pd.api.types.is_bool_dtype(ordered[c]):
                 ordered[c] = pd.Categorical(ordered[c], ordered=True)
         res = mondrian(ordered, qis, k, l=l, sensitive=sensitive)
     keep = ~np.asarray(res.suppressed, bool)
@@ -321,9 +385,16 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
     keep_s = pd.Series(keep, index=patients.index)
 
     # released values per patient
-    rep = {c: _representatives(patients[c], labels[c], keep,
-                               None if res.levels is None else res.levels[c], hier[c])
-           for c in qis}
+    rep = {
+        c: _representatives(
+            patients[c],
+            labels[c],
+            keep,
+            None if res.levels is None else res.levels[c],
+            hier[c],
+        )
+        for c in qis
+    }
     out = data[data[pid].map(keep_s).to_numpy(bool)].copy()
     for c in qis:
         out[c] = out[pid].map(rep[c]).to_numpy()
@@ -337,8 +408,11 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
     shifted: list[str] = []
     # declared date columns and any other calendar column (e.g. a PK extract's
     # DATETIME): dates are identifiers (HIPAA Safe Harbor), never released as is
-    dates = [c for c in out.columns if c in roles.date_columns
-             or pd.api.types.is_datetime64_any_dtype(out[c])]
+    dates = [
+        c
+        for c in out.columns
+        if c in roles.date_columns or pd.api.types.is_datetime64_any_dtype(out[c])
+    ]
     if dates:
         out, _ = shift_dates(k_dates, out, pid, dates, max_days=max_shift_days)
         shifted = dates
@@ -354,29 +428,45 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
     rel_flat = released.reset_index(drop=True)
     heights = {c: hier[c].height for c in qis}
     privacy = anonymity_report(
-        rel_flat, qis, sensitive=sensitive, levels=res.levels,
-        heights=heights if res.levels is not None else None)
+        rel_flat,
+        qis,
+        sensitive=sensitive,
+        levels=res.levels,
+        heights=heights if res.levels is not None else None,
+    )
     report = {
-        "use_case": roles.use_case, "config": config, "already_anonymised": False,
-        "patients_in": n_pat, "patients_out": int(keep.sum()),
+        "use_case": roles.use_case,
+        "config": config,
+        "already_anonymised": False,
+        "patients_in": n_pat,
+        "patients_out": int(keep.sum()),
         "patients_suppressed": int((~keep).sum()),
         "suppressed_share": float((~keep).mean()),
-        "rows_in": len(data), "rows_out": len(out),
+        "rows_in": len(data),
+        "rows_out": len(out),
         "rows_removed": len(data) - len(out),
         "quasi_identifiers": {
-            c: {"level": None if res.levels is None else int(res.levels[c]),
+            c: {
+                "level": None if res.levels is None else int(res.levels[c]),
                 "height": hier[c].height,
-                "patients_changed": int(res.changes["quasi_identifiers"][c]
-                                        ["cells_changed"]),
-                "cells_suppressed": int(((labels[c].astype(object) == SUPPRESSED)
-                                         .to_numpy() & keep).sum())
-                if res.levels is not None and res.levels[c] < hier[c].height else 0,
+                "patients_changed": int(
+                    res.changes["quasi_identifiers"][c]["cells_changed"]
+                ),
+                "cells_suppressed": int(
+                    ((labels[c].astype(object) == SUPPRESSED).to_numpy() & keep).sum()
+                )
+                if res.levels is not None and res.levels[c] < hier[c].height
+                else 0,
                 "released_as": "median of the original values per label"
-                if pd.api.types.is_numeric_dtype(patients[c]) else "label"}
-            for c in qis},
+                if pd.api.types.is_numeric_dtype(patients[c])
+                else "label",
+            }
+            for c in qis
+        },
         "recomputed_columns": recomputed,
         "dates_shifted": {"columns": shifted, "max_days": max_shift_days}
-        if shifted else None,
+        if shifted
+        else None,
         "pseudonymised": [c for c in roles.identifiers if c in data.columns],
         "search": {kk: v for kk, v in res.metrics.items() if kk != "partitions"},
         "privacy": privacy,
@@ -386,11 +476,17 @@ def anonymise(key, data: pd.DataFrame, roles: Roles | str, *, k: int = 5,
     return Release(out, released, report)
 
 
-def anonymise_longitudinal(key, data: pd.DataFrame, roles, *,
-                           micro_k: int | None = None, noise: float = 0.0,
-                           time_grid: float | None = None,
-                           longitudinal: LongitudinalRoles | None = None,
-                           **options) -> Release:
+def anonymise_longitudinal(
+    key,
+    data: pd.DataFrame,
+    roles,
+    *,
+    micro_k: int | None = None,
+    noise: float = 0.0,
+    time_grid: float | None = None,
+    longitudinal: LongitudinalRoles | None = None,
+    **options,
+) -> Release:
     """:func:`anonymise` (QI generalisation, pseudonyms, date shifts), then the
     perturbation of the measured values and event times that QI generalisation
     leaves as they are (:func:`.perturb.perturb_longitudinal`).
@@ -427,57 +523,96 @@ def anonymise_longitudinal(key, data: pd.DataFrame, roles, *,
     """
     roles = roles_for(roles)
     lon = longitudinal if longitudinal is not None else roles.longitudinal
-    settings = {"micro_k": None if micro_k is None else int(micro_k),
-                "noise": float(noise),
-                "time_grid": None if time_grid is None else float(time_grid)}
+    settings = {
+        "micro_k": None if micro_k is None else int(micro_k),
+        "noise": float(noise),
+        "time_grid": None if time_grid is None else float(time_grid),
+    }
     active = micro_k is not None or noise != 0 or time_grid is not None
     if active and lon is None:
-        raise AnonymiseError(f"{roles.use_case}: micro_k/noise/time_grid need the "
-                             f"longitudinal columns, and the roles declare none")
+        raise AnonymiseError(
+            f"{roles.use_case}: micro_k/noise/time_grid need the "
+            f"longitudinal columns, and the roles declare none"
+        )
     mark = data.attrs.get(MARKER) if isinstance(data, pd.DataFrame) else None
     if mark is not None and "longitudinal" in mark.get("config", {}):
         cfg = dict(mark["config"])
         if cfg.pop("longitudinal") != settings:
             raise AnonymiseError(
                 f"the table is already perturbed with {mark['config']['longitudinal']}"
-                f"; anonymise the original data instead of re-anonymising a release")
-        return Release(data.copy(), patient_table(data, roles),
-                       {"already_anonymised": True, "rows_in": len(data),
-                        "rows_out": len(data), "config": mark["config"]})
+                f"; anonymise the original data instead of re-anonymising a release"
+            )
+        return Release(
+            data.copy(),
+            patient_table(data, roles),
+            {
+                "already_anonymised": True,
+                "rows_in": len(data),
+                "rows_out": len(data),
+                "config": mark["config"],
+            },
+        )
     rel = anonymise(key, data, roles, **options)
     if rel.report.get("already_anonymised"):
         if active:
             raise AnonymiseError(
                 "the table is already a QI release with no record of its "
-                "longitudinal perturbation; perturb the original data instead")
+                "longitudinal perturbation; perturb the original data instead"
+            )
         return rel
     if not active:  # the QI release itself, with its loss on the same columns
-        cols = [*rel.report["quasi_identifiers"],
-                *([] if lon is None else [*lon.values, *lon.times])]
-        return rel._replace(report={**rel.report, "information_loss":
-                                    _information_loss(data, rel, rel.data, cols,
-                                                      roles)})
-    pert = perturb_longitudinal(jax.random.fold_in(key, 1), rel.data, lon,
-                                micro_k=micro_k, noise=noise, time_grid=time_grid)
+        cols = [
+            *rel.report["quasi_identifiers"],
+            *([] if lon is None else [*lon.values, *lon.times]),
+        ]
+        return rel._replace(
+            report={
+                **rel.report,
+                "information_loss": _information_loss(data, rel, rel.data, cols, roles),
+            }
+        )
+    pert = perturb_longitudinal(
+        jax.random.fold_in(key, 1),
+        rel.data,
+        lon,
+        micro_k=micro_k,
+        noise=noise,
+        time_grid=time_grid,
+    )
     out = pert.data
-    cols = [*rel.report["quasi_identifiers"], *pert.report["values"],
-            *pert.report["times"]]
+    cols = [
+        *rel.report["quasi_identifiers"],
+        *pert.report["values"],
+        *pert.report["times"],
+    ]
     config = {**rel.report["config"], "longitudinal": settings}
-    report = {**rel.report, "config": config, "longitudinal": pert.report,
-              "information_loss": _information_loss(data, rel, out, cols, roles)}
+    report = {
+        **rel.report,
+        "config": config,
+        "longitudinal": pert.report,
+        "information_loss": _information_loss(data, rel, out, cols, roles),
+    }
     out.attrs[MARKER] = {"config": config}
     return Release(out, rel.patients, report)
 
 
-def _information_loss(data: pd.DataFrame, rel: Release, out: pd.DataFrame,
-                      columns, roles: Roles) -> dict:
+def _information_loss(
+    data: pd.DataFrame, rel: Release, out: pd.DataFrame, columns, roles: Roles
+) -> dict:
     """IL1s per numeric column of ``out`` against the original rows of the
     released patients (same order), their mean, and the suppressed share."""
     kept = data[data[roles.patient_id].isin(rel.patients.index)].reset_index(drop=True)
-    cols = [c for c in columns if c in out.columns and c in kept.columns
-            and pd.api.types.is_numeric_dtype(kept[c])
-            and not pd.api.types.is_bool_dtype(kept[c])]
+    cols = [
+        c
+        for c in columns
+        if c in out.columns
+        and c in kept.columns
+        and pd.api.types.is_numeric_dtype(kept[c])
+        and not pd.api.types.is_bool_dtype(kept[c])
+    ]
     loss = il1s(kept, out, cols)
-    return {"il1s": loss,
-            "il1s_mean": float(np.mean(list(loss.values()))) if loss else 0.0,
-            "suppressed_share": rel.report["suppressed_share"]}
+    return {
+        "il1s": loss,
+        "il1s_mean": float(np.mean(list(loss.values()))) if loss else 0.0,
+        "suppressed_share": rel.report["suppressed_share"],
+    }

@@ -58,8 +58,14 @@ from phems_clinical.privacy.anonymity import (
 )
 from phems_clinical.privacy.hierarchies import SUPPRESSED, Hierarchy
 
-__all__ = ["MARKER", "AnonymisationResult", "SearchError", "generalise",
-           "lattice_search", "mondrian"]
+__all__ = [
+    "MARKER",
+    "AnonymisationResult",
+    "SearchError",
+    "generalise",
+    "lattice_search",
+    "mondrian",
+]
 
 #: ``DataFrame.attrs`` key marking anonymised output (levels and configuration).
 MARKER = "phems_anonymisation"
@@ -96,11 +102,15 @@ class AnonymisationResult:
         if _marker(df) is not None and _marker(df) == _marker(self.data):
             return df.copy()
         if self.levels is None or self.hierarchies is None:
-            raise SearchError("apply: a Mondrian result can only be re-applied to "
-                              "its own output; re-run mondrian() on the original")
+            raise SearchError(
+                "apply: a Mondrian result can only be re-applied to "
+                "its own output; re-run mondrian() on the original"
+            )
         if len(df) != len(self.suppressed):
-            raise SearchError(f"apply: the table has {len(df)} rows, the result "
-                              f"{len(self.suppressed)}")
+            raise SearchError(
+                f"apply: the table has {len(df)} rows, the result "
+                f"{len(self.suppressed)}"
+            )
         out = generalise(df, self.hierarchies, self.levels)
         out = _suppress(out, list(self.levels), self.suppressed)
         out.attrs[MARKER] = _marker(self.data)
@@ -114,15 +124,18 @@ def _marker(df: pd.DataFrame):
 
 def _check_qis(df: pd.DataFrame, qis: Sequence[str]) -> list[str]:
     if not isinstance(df, pd.DataFrame):
-        raise SearchError(f"table: expected a pandas DataFrame, got "
-                          f"{type(df).__name__}")
+        raise SearchError(
+            f"table: expected a pandas DataFrame, got {type(df).__name__}"
+        )
     qis = list(qis)
     if not qis:
         raise SearchError("quasi-identifiers: at least one is needed, got none")
     missing = [c for c in qis if c not in df.columns]
     if missing:
-        raise SearchError(f"quasi-identifier column(s) {missing} missing from the "
-                          f"table (columns: {list(df.columns)})")
+        raise SearchError(
+            f"quasi-identifier column(s) {missing} missing from the "
+            f"table (columns: {list(df.columns)})"
+        )
     if len(df) == 0:
         raise SearchError("table: it is empty; at least one record is needed")
     return qis
@@ -132,24 +145,27 @@ def _check_k(k, n: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise SearchError(f"k: expected an integer >= 1, got {k!r}")
     if k > n:
-        raise SearchError(f"k={k} is impossible for a table of {n} records "
-                          f"(k must be <= the number of records)")
+        raise SearchError(
+            f"k={k} is impossible for a table of {n} records "
+            f"(k must be <= the number of records)"
+        )
     return int(k)
 
 
 def _check_sensitive(df, qis, l, sensitive, t):  # noqa: E741
     if (l is not None or t is not None) and sensitive is None:
-        raise SearchError("sensitive: l-diversity and t-closeness need a sensitive "
-                          "column")
+        raise SearchError(
+            "sensitive: l-diversity and t-closeness need a sensitive column"
+        )
     if sensitive is None:
         return None
     if sensitive not in df.columns:
         raise SearchError(f"sensitive column {sensitive!r} missing from the table")
     if sensitive in qis:
-        raise SearchError(f"sensitive column {sensitive!r} is also a "
-                          f"quasi-identifier")
-    if l is not None and (isinstance(l, bool) or not isinstance(l, int | np.integer)
-                          or l < 1):
+        raise SearchError(f"sensitive column {sensitive!r} is also a quasi-identifier")
+    if l is not None and (
+        isinstance(l, bool) or not isinstance(l, int | np.integer) or l < 1
+    ):
         raise SearchError(f"l: expected an integer >= 1, got {l!r}")
     if t is not None and not 0.0 <= t <= 1.0:
         raise SearchError(f"t: expected a number in [0, 1], got {t!r}")
@@ -176,8 +192,12 @@ def _changes(orig, out, qis, levels, mask) -> dict:
     n = len(orig)
     return {
         "quasi_identifiers": {
-            c: {"level": None if levels is None else int(levels[c]),
-                "cells_changed": _changed(orig[c], out[c])} for c in qis},
+            c: {
+                "level": None if levels is None else int(levels[c]),
+                "cells_changed": _changed(orig[c], out[c]),
+            }
+            for c in qis
+        },
         "suppressed_rows": int(mask.sum()),
         "suppressed_share": float(mask.sum() / n),
     }
@@ -186,23 +206,36 @@ def _changes(orig, out, qis, levels, mask) -> dict:
 def _unchanged(df, qis, levels, hierarchies=None) -> AnonymisationResult:
     """Result for already-anonymised input with the same configuration."""
     star = np.logical_and.reduce(
-        [(df[c].astype(object) == SUPPRESSED).to_numpy() for c in qis])
-    all_top = levels is not None and all(levels[c] == hierarchies[c].height
-                                         for c in qis)
+        [(df[c].astype(object) == SUPPRESSED).to_numpy() for c in qis]
+    )
+    all_top = levels is not None and all(
+        levels[c] == hierarchies[c].height for c in qis
+    )
     mask = np.zeros(len(df), dtype=bool) if levels is None or all_top else star
     out = df.copy()
-    empty = {"quasi_identifiers": {
-        c: {"level": None if levels is None else int(levels[c]), "cells_changed": 0}
-        for c in qis}, "suppressed_rows": 0, "suppressed_share": 0.0,
-        "already_anonymised": True}
-    return AnonymisationResult(out, None if levels is None else dict(levels), mask,
-                               dict(_marker(df).get("metrics", {})), empty,
-                               hierarchies)
+    empty = {
+        "quasi_identifiers": {
+            c: {"level": None if levels is None else int(levels[c]), "cells_changed": 0}
+            for c in qis
+        },
+        "suppressed_rows": 0,
+        "suppressed_share": 0.0,
+        "already_anonymised": True,
+    }
+    return AnonymisationResult(
+        out,
+        None if levels is None else dict(levels),
+        mask,
+        dict(_marker(df).get("metrics", {})),
+        empty,
+        hierarchies,
+    )
 
 
 # ------------------------------------------------------------------ generalise
-def generalise(df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy],
-               levels: Mapping[str, int]) -> pd.DataFrame:
+def generalise(
+    df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy], levels: Mapping[str, int]
+) -> pd.DataFrame:
     """Copy of ``df`` with each QI in ``levels`` replaced by its level's labels.
 
     Levels apply to the original values. Output of this function (or of a search)
@@ -217,9 +250,11 @@ def generalise(df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy],
     if mark is not None:
         if mark.get("levels") == lv:
             return df.copy()
-        raise SearchError(f"table is already anonymised (levels "
-                          f"{mark.get('levels')}); apply levels {lv} to the "
-                          f"original values instead")
+        raise SearchError(
+            f"table is already anonymised (levels "
+            f"{mark.get('levels')}); apply levels {lv} to the "
+            f"original values instead"
+        )
     out = df.copy()
     for c in qis:
         out[c] = hierarchies[c].generalise(df[c], lv[c])
@@ -245,8 +280,10 @@ def _emd_per_class(sens: pd.Series, t: float):
     """Function (codes, n_cls) -> per-class EMD > t, same distance as anonymity."""
     is_cat = isinstance(sens.dtype, pd.CategoricalDtype)
     ordered = (is_cat and sens.cat.ordered) or (
-        not is_cat and pd.api.types.is_numeric_dtype(sens)
-        and not pd.api.types.is_bool_dtype(sens))
+        not is_cat
+        and pd.api.types.is_numeric_dtype(sens)
+        and not pd.api.types.is_bool_dtype(sens)
+    )
     if ordered:
         v = pd.factorize(sens, sort=True)[0]
     else:
@@ -311,13 +348,18 @@ def _suppress_cells(codes_per_qi, k, sens_codes, l, t_emd):  # noqa: E741
     return cells, bad
 
 
-def lattice_search(df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy], *,
-                   k: int, l: int | None = None,  # noqa: E741
-                   sensitive: str | None = None,
-                   t: float | None = None, max_suppression: float = 0.0,
-                   metric: Literal["loss", "discernibility"] = "loss",
-                   suppression: Literal["records", "cells"] = "records",
-                   ) -> AnonymisationResult:
+def lattice_search(
+    df: pd.DataFrame,
+    hierarchies: Mapping[str, Hierarchy],
+    *,
+    k: int,
+    l: int | None = None,  # noqa: E741
+    sensitive: str | None = None,
+    t: float | None = None,
+    max_suppression: float = 0.0,
+    metric: Literal["loss", "discernibility"] = "loss",
+    suppression: Literal["records", "cells"] = "records",
+) -> AnonymisationResult:
     """Optimal full-domain generalisation with record suppression (ARX-style).
 
     ``hierarchies``: one :class:`Hierarchy` per QI (the QIs are its keys).
@@ -336,41 +378,61 @@ def lattice_search(df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy], *,
     k = _check_k(k, n)
     sensitive = _check_sensitive(df, qis, l, sensitive, t)
     if metric not in ("loss", "discernibility"):
-        raise SearchError(f"metric: expected 'loss' or 'discernibility', got "
-                          f"{metric!r}")
+        raise SearchError(
+            f"metric: expected 'loss' or 'discernibility', got {metric!r}"
+        )
     if suppression not in ("records", "cells"):
-        raise SearchError(f"suppression: expected 'records' or 'cells', got "
-                          f"{suppression!r}")
+        raise SearchError(
+            f"suppression: expected 'records' or 'cells', got {suppression!r}"
+        )
     if not 0.0 <= max_suppression <= 1.0:
-        raise SearchError(f"max_suppression: expected a share in [0, 1], got "
-                          f"{max_suppression!r}")
-    config = {"method": "lattice", "k": k, "l": l, "sensitive": sensitive, "t": t,
-              "max_suppression": float(max_suppression), "metric": metric,
-              "quasi_identifiers": qis}
+        raise SearchError(
+            f"max_suppression: expected a share in [0, 1], got {max_suppression!r}"
+        )
+    config = {
+        "method": "lattice",
+        "k": k,
+        "l": l,
+        "sensitive": sensitive,
+        "t": t,
+        "max_suppression": float(max_suppression),
+        "metric": metric,
+        "quasi_identifiers": qis,
+    }
     if suppression == "cells":
         config["suppression"] = "cells"
     mark = _marker(df)
     if mark is not None and mark.get("config") == config:
         return _unchanged(df, qis, mark["levels"], hierarchies)
     if mark is not None:
-        raise SearchError(f"table is already anonymised ({mark.get('config')}); "
-                          f"search the original values instead")
+        raise SearchError(
+            f"table is already anonymised ({mark.get('config')}); "
+            f"search the original values instead"
+        )
 
     heights = [hierarchies[c].height for c in qis]
     # factorised labels per QI and level (levels apply to the original values)
-    lab_codes = [[pd.factorize(hierarchies[c].generalise(df[c], lv).to_numpy(),
-                               use_na_sentinel=False)[0].astype(np.int64)
-                  for lv in range(h + 1)] for c, h in zip(qis, heights, strict=True)]
+    lab_codes = [
+        [
+            pd.factorize(
+                hierarchies[c].generalise(df[c], lv).to_numpy(), use_na_sentinel=False
+            )[0].astype(np.int64)
+            for lv in range(h + 1)
+        ]
+        for c, h in zip(qis, heights, strict=True)
+    ]
     sens_codes = None
     t_emd = None
     if sensitive is not None:
-        sens_codes = np.asarray(pd.factorize(df[sensitive].to_numpy(),
-                                             use_na_sentinel=False)[0], np.int64)
+        sens_codes = np.asarray(
+            pd.factorize(df[sensitive].to_numpy(), use_na_sentinel=False)[0], np.int64
+        )
         if t is not None:
             t_emd = _emd_per_class(df[sensitive], t)
 
-    nodes = sorted(itertools.product(*(range(h + 1) for h in heights)),
-                   key=lambda v: (sum(v), v))
+    nodes = sorted(
+        itertools.product(*(range(h + 1) for h in heights)), key=lambda v: (sum(v), v)
+    )
     monotone = max_suppression == 0.0
     kept: list[tuple[int, ...]] = []
     best = None  # (metric value, sum levels, node, mask, k)
@@ -378,8 +440,9 @@ def lattice_search(df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy], *,
     best_k_nosupp = 0
     least_supp = (np.inf, None)
     for node in nodes:
-        if monotone and any(all(a >= b for a, b in zip(node, kn, strict=True))
-                            for kn in kept):
+        if monotone and any(
+            all(a >= b for a, b in zip(node, kn, strict=True)) for kn in kept
+        ):
             n_pruned += 1
             continue
         n_eval += 1
@@ -390,8 +453,9 @@ def lattice_search(df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy], *,
         if suppression == "cells":
             cells, mask = _suppress_cells(node_codes, k, sens_codes, l, t_emd)
             share = cells.mean()
-            codes = _combine([np.where(cells[:, q], -1, c)
-                              for q, c in enumerate(node_codes)])
+            codes = _combine(
+                [np.where(cells[:, q], -1, c) for q, c in enumerate(node_codes)]
+            )
             sizes = np.bincount(codes)
             bad = np.zeros(len(sizes), dtype=bool)
             bad[np.unique(codes[mask])] = True
@@ -406,33 +470,35 @@ def lattice_search(df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy], *,
             continue
         rel_sizes = sizes[~bad]
         if t is not None:  # suppression shifts the released distribution: re-check
-            sub = pd.DataFrame({"c": codes,
-                                "s": df[sensitive].reset_index(drop=True)})
+            sub = pd.DataFrame({"c": codes, "s": df[sensitive].reset_index(drop=True)})
             if t_closeness(sub, "c", "s", suppressed=mask) > t + 1e-12:
                 continue
         kept.append(node)
         if metric == "loss":
             frac = np.array([lv / h for lv, h in zip(node, heights, strict=True)])
             if cells is None:
-                value = float((frac.sum() * (n - mask.sum())
-                               + len(qis) * mask.sum()) / (n * len(qis)))
+                value = float(
+                    (frac.sum() * (n - mask.sum()) + len(qis) * mask.sum())
+                    / (n * len(qis))
+                )
             else:
                 value = float(np.where(cells, 1.0, frac[None, :]).mean())
         else:
-            value = float((rel_sizes.astype(np.int64) ** 2).sum()
-                          + int(mask.sum()) * n)
+            value = float((rel_sizes.astype(np.int64) ** 2).sum() + int(mask.sum()) * n)
         cand = (value, sum(node), node)
         if best is None or cand < best[0]:
             best = (cand, mask, cells)
     if best is None:
         sn = least_supp[1]
         raise SearchError(
-            f"no lattice node satisfies k={k}" + (f", l={l}" if l else "")
+            f"no lattice node satisfies k={k}"
+            + (f", l={l}" if l else "")
             + (f", t={t}" if t is not None else "")
             + f" within max_suppression={max_suppression:g}: the best k reached "
             f"without suppression is {best_k_nosupp}; the least suppression needed "
             f"is {least_supp[0]:.1%} of records (levels "
-            f"{dict(zip(qis, sn, strict=True)) if sn else None})")
+            f"{dict(zip(qis, sn, strict=True)) if sn else None})"
+        )
 
     (value, _, node), mask, cells = best
     levels = dict(zip(qis, (int(v) for v in node), strict=True))
@@ -445,21 +511,26 @@ def lattice_search(df: pd.DataFrame, hierarchies: Mapping[str, Hierarchy], *,
             col = out[c].astype(object)
             col[cells[:, q]] = SUPPRESSED
             out[c] = col
-    metrics = {"k": k_anonymity(out, qis, suppressed=mask), "metric": metric,
-               "information_loss": value,
-               "discernibility": discernibility(out, qis, suppressed=mask),
-               "suppressed_share": float(mask.mean()),
-               "suppressed_cells": 0 if cells is None else int(cells[~mask].sum()),
-               "suppressed_cell_share": 0.0 if cells is None else float(cells.mean()),
-               "nodes": len(nodes), "nodes_evaluated": n_eval,
-               "nodes_pruned": n_pruned}
+    metrics = {
+        "k": k_anonymity(out, qis, suppressed=mask),
+        "metric": metric,
+        "information_loss": value,
+        "discernibility": discernibility(out, qis, suppressed=mask),
+        "suppressed_share": float(mask.mean()),
+        "suppressed_cells": 0 if cells is None else int(cells[~mask].sum()),
+        "suppressed_cell_share": 0.0 if cells is None else float(cells.mean()),
+        "nodes": len(nodes),
+        "nodes_evaluated": n_eval,
+        "nodes_pruned": n_pruned,
+    }
     if sensitive is not None:
         rel = out.reset_index(drop=True)
         metrics["l"] = l_diversity(rel, qis, sensitive, suppressed=mask)
         metrics["t"] = t_closeness(rel, qis, sensitive, suppressed=mask)
     out.attrs[MARKER] = {"levels": levels, "config": config, "metrics": metrics}
-    return AnonymisationResult(out, levels, mask, metrics,
-                               _changes(df, out, qis, levels, mask), hierarchies)
+    return AnonymisationResult(
+        out, levels, mask, metrics, _changes(df, out, qis, levels, mask), hierarchies
+    )
 
 
 # ------------------------------------------------------------------ Mondrian
@@ -467,24 +538,33 @@ def _ordinal(df: pd.DataFrame, c: str) -> np.ndarray:
     s = df[c]
     if isinstance(s.dtype, pd.CategoricalDtype):
         if not s.cat.ordered:
-            raise SearchError(f"mondrian: quasi-identifier {c!r} is an unordered "
-                              f"categorical; Mondrian needs numbers or ordered "
-                              f"categories")
+            raise SearchError(
+                f"mondrian: quasi-identifier {c!r} is an unordered "
+                f"categorical; Mondrian needs numbers or ordered "
+                f"categories"
+            )
         if s.isna().any():
             raise SearchError(f"mondrian: quasi-identifier {c!r} has missing values")
         return s.cat.codes.to_numpy(dtype=np.float64)
     if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
-        raise SearchError(f"mondrian: quasi-identifier {c!r} has dtype {s.dtype}; "
-                          f"Mondrian needs numbers or ordered categories")
+        raise SearchError(
+            f"mondrian: quasi-identifier {c!r} has dtype {s.dtype}; "
+            f"Mondrian needs numbers or ordered categories"
+        )
     v = s.to_numpy(dtype=np.float64, na_value=np.nan)
     if np.isnan(v).any():
         raise SearchError(f"mondrian: quasi-identifier {c!r} has missing values")
     return v
 
 
-def mondrian(df: pd.DataFrame, qis: Sequence[str], k: int, *,
-             l: int | None = None,  # noqa: E741
-             sensitive: str | None = None) -> AnonymisationResult:
+def mondrian(
+    df: pd.DataFrame,
+    qis: Sequence[str],
+    k: int,
+    *,
+    l: int | None = None,  # noqa: E741
+    sensitive: str | None = None,
+) -> AnonymisationResult:
     """Strict multidimensional Mondrian partitioning (LeFevre et al., ICDE 2006).
 
     A partition is cut at the median of the QI with the widest range (normalised
@@ -497,14 +577,21 @@ def mondrian(df: pd.DataFrame, qis: Sequence[str], k: int, *,
     n = len(df)
     k = _check_k(k, n)
     sensitive = _check_sensitive(df, qis, l, sensitive, None)
-    config = {"method": "mondrian", "k": k, "l": l, "sensitive": sensitive,
-              "quasi_identifiers": qis}
+    config = {
+        "method": "mondrian",
+        "k": k,
+        "l": l,
+        "sensitive": sensitive,
+        "quasi_identifiers": qis,
+    }
     mark = _marker(df)
     if mark is not None and mark.get("config") == config:
         return _unchanged(df, qis, None)
     if mark is not None:
-        raise SearchError(f"table is already anonymised ({mark.get('config')}); "
-                          f"partition the original values instead")
+        raise SearchError(
+            f"table is already anonymised ({mark.get('config')}); "
+            f"partition the original values instead"
+        )
     x = np.column_stack([_ordinal(df, c) for c in qis])
     span = x.max(axis=0) - x.min(axis=0)
     span[span == 0] = 1.0
@@ -512,8 +599,10 @@ def mondrian(df: pd.DataFrame, qis: Sequence[str], k: int, *,
     if sensitive is not None:
         sens = pd.factorize(df[sensitive].to_numpy(), use_na_sentinel=False)[0]
         if l is not None and len(np.unique(sens)) < l:
-            raise SearchError(f"mondrian: l={l} is impossible: {sensitive!r} has "
-                              f"only {len(np.unique(sens))} distinct values")
+            raise SearchError(
+                f"mondrian: l={l} is impossible: {sensitive!r} has "
+                f"only {len(np.unique(sens))} distinct values"
+            )
 
     def ok(rows: np.ndarray) -> bool:
         if len(rows) < k:
@@ -533,8 +622,7 @@ def mondrian(df: pd.DataFrame, qis: Sequence[str], k: int, *,
             v = sub[:, d]
             med = np.median(v)
             for left in (v <= med, v < med):
-                if left.any() and (~left).any() and ok(rows[left]) \
-                        and ok(rows[~left]):
+                if left.any() and (~left).any() and ok(rows[left]) and ok(rows[~left]):
                     split = (rows[left], rows[~left])
                     break
             if split:
@@ -561,16 +649,28 @@ def mondrian(df: pd.DataFrame, qis: Sequence[str], k: int, *,
         out[c] = pd.Series(labels[c], index=df.index, dtype=object)
     mask = np.zeros(n, dtype=bool)
     sizes = np.array([len(r) for r in leaves])
-    ncp = float(sum(((x[r].max(axis=0) - x[r].min(axis=0)) / span).mean() * len(r)
-                    for r in leaves) / n)
-    metrics = {"k": k_anonymity(out, qis), "n_classes": len(leaves),
-               "discernibility": int((sizes.astype(np.int64) ** 2).sum()),
-               "normalised_certainty_penalty": ncp, "suppressed_share": 0.0,
-               "partitions": [r.tolist() for r in leaves]}
+    ncp = float(
+        sum(
+            ((x[r].max(axis=0) - x[r].min(axis=0)) / span).mean() * len(r)
+            for r in leaves
+        )
+        / n
+    )
+    metrics = {
+        "k": k_anonymity(out, qis),
+        "n_classes": len(leaves),
+        "discernibility": int((sizes.astype(np.int64) ** 2).sum()),
+        "normalised_certainty_penalty": ncp,
+        "suppressed_share": 0.0,
+        "partitions": [r.tolist() for r in leaves],
+    }
     if sensitive is not None:
         metrics["l"] = l_diversity(out.reset_index(drop=True), qis, sensitive)
-    out.attrs[MARKER] = {"levels": None, "config": config,
-                         "metrics": {kk: v for kk, v in metrics.items()
-                                     if kk != "partitions"}}
-    return AnonymisationResult(out, None, mask, metrics,
-                               _changes(df, out, qis, None, mask))
+    out.attrs[MARKER] = {
+        "levels": None,
+        "config": config,
+        "metrics": {kk: v for kk, v in metrics.items() if kk != "partitions"},
+    }
+    return AnonymisationResult(
+        out, None, mask, metrics, _changes(df, out, qis, None, mask)
+    )

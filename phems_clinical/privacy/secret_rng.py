@@ -40,10 +40,15 @@ def secret_generator(secret: int | None = None) -> np.random.Generator:
     """
     if secret is None:
         secret = new_secret()
-    if isinstance(secret, bool) or not isinstance(secret, int | np.integer) \
-            or not 0 <= int(secret) < 2**SECRET_BITS:
-        raise ValueError(f"secret: expected an integer in [0, 2**{SECRET_BITS}) "
-                         f"(from new_secret), got {type(secret).__name__}")
+    if (
+        isinstance(secret, bool)
+        or not isinstance(secret, int | np.integer)
+        or not 0 <= int(secret) < 2**SECRET_BITS
+    ):
+        raise ValueError(
+            f"secret: expected an integer in [0, 2**{SECRET_BITS}) "
+            f"(from new_secret), got {type(secret).__name__}"
+        )
     return np.random.Generator(np.random.Philox(key=int(secret)))
 
 

@@ -40,8 +40,14 @@ from phems_clinical.privacy.release import (
     roles_for,
 )
 
-__all__ = ["RiskStep", "Setting", "TargetRiskError", "TargetRiskResult",
-           "default_ladder", "search_target_risk"]
+__all__ = [
+    "RiskStep",
+    "Setting",
+    "TargetRiskError",
+    "TargetRiskResult",
+    "default_ladder",
+    "search_target_risk",
+]
 
 
 class TargetRiskError(ValueError):
@@ -97,11 +103,14 @@ class TargetRiskResult(NamedTuple):
     targets: dict[str, float]
 
 
-def default_ladder(roles, *, k: Sequence[int] = (5,),
-                   micro_k: Sequence[int | None] = (None, 3, 5, 10),
-                   noise: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.4),
-                   time_grid: Sequence[float | None] | None = None
-                   ) -> list[Setting]:
+def default_ladder(
+    roles,
+    *,
+    k: Sequence[int] = (5,),
+    micro_k: Sequence[int | None] = (None, 3, 5, 10),
+    noise: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.4),
+    time_grid: Sequence[float | None] | None = None,
+) -> list[Setting]:
     """Every combination of the options that apply to ``roles``' longitudinal
     columns (no ``micro_k`` or ``noise`` without value columns, no ``time_grid``
     without time columns). ``time_grid`` default: 1, 6, 24 h or 1, 7, 30 d."""
@@ -109,8 +118,11 @@ def default_ladder(roles, *, k: Sequence[int] = (5,),
     has_values = lon is not None and bool(lon.values)
     has_times = lon is not None and bool(lon.times)
     if time_grid is None:
-        time_grid = ((None, 1.0, 7.0, 30.0) if lon is not None and lon.time_unit == "d"
-                     else (None, 1.0, 6.0, 24.0))
+        time_grid = (
+            (None, 1.0, 7.0, 30.0)
+            if lon is not None and lon.time_unit == "d"
+            else (None, 1.0, 6.0, 24.0)
+        )
     mk = micro_k if has_values else (None,)
     nz = noise if has_values else (0.0,)
     tg = time_grid if has_times else (None,)
@@ -121,28 +133,37 @@ def _triple(r: Any, name: str) -> tuple[float, float, float]:
     try:
         return float(r.value), float(r.ci_low), float(r.ci_high)
     except AttributeError:
-        raise TargetRiskError(f"measure: risk {name!r} has no value/ci_low/ci_high "
-                              f"(got {type(r).__name__})") from None
+        raise TargetRiskError(
+            f"measure: risk {name!r} has no value/ci_low/ci_high "
+            f"(got {type(r).__name__})"
+        ) from None
 
 
 def _check_targets(targets: Mapping[str, float]) -> dict[str, float]:
     if not targets:
-        raise TargetRiskError("targets: state at least one risk bound, e.g. "
-                              "{'singling_out_risk': 0.2}")
+        raise TargetRiskError(
+            "targets: state at least one risk bound, e.g. {'singling_out_risk': 0.2}"
+        )
     out = {}
     for name, v in targets.items():
         if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
-            raise TargetRiskError(f"target {name!r}: expected a risk in [0, 1], "
-                                  f"got {v!r}")
+            raise TargetRiskError(
+                f"target {name!r}: expected a risk in [0, 1], got {v!r}"
+            )
         out[str(name)] = float(v)
     return out
 
 
-def search_target_risk(key, data: pd.DataFrame, roles,
-                       targets: Mapping[str, float],
-                       measure: Callable[[Any, pd.DataFrame], Mapping[str, Any]], *,
-                       ladder: Sequence[Setting] | None = None,
-                       **options) -> TargetRiskResult:
+def search_target_risk(
+    key,
+    data: pd.DataFrame,
+    roles,
+    targets: Mapping[str, float],
+    measure: Callable[[Any, pd.DataFrame], Mapping[str, Any]],
+    *,
+    ladder: Sequence[Setting] | None = None,
+    **options,
+) -> TargetRiskResult:
     """The least-loss setting of ``ladder`` whose release meets every target.
 
     Parameters
@@ -188,16 +209,25 @@ def search_target_risk(key, data: pd.DataFrame, roles,
     for i, s in enumerate(ladder):
         try:
             rel = anonymise_longitudinal(
-                jax.random.fold_in(k_rel, i), data, roles, k=s.k, micro_k=s.micro_k,
-                noise=s.noise, time_grid=s.time_grid, **options)
+                jax.random.fold_in(k_rel, i),
+                data,
+                roles,
+                k=s.k,
+                micro_k=s.micro_k,
+                noise=s.noise,
+                time_grid=s.time_grid,
+                **options,
+            )
         except ValueError as e:  # infeasible setting (k too large, no columns)
             made.append((np.inf, i, s, None, str(e)))
             continue
         loss = float(rel.report["information_loss"]["il1s_mean"])
         made.append((loss, i, s, rel, None))
     if all(m[3] is None for m in made):
-        raise TargetRiskError(f"no setting of the ladder can be made: "
-                              f"{made[0][2].describe(unit)}: {made[0][4]}")
+        raise TargetRiskError(
+            f"no setting of the ladder can be made: "
+            f"{made[0][2].describe(unit)}: {made[0][4]}"
+        )
     made.sort(key=lambda m: (m[0], m[1]))
     steps: list[RiskStep] = []
     chosen = None
@@ -212,8 +242,9 @@ def search_target_risk(key, data: pd.DataFrame, roles,
         got = measure(jax.random.fold_in(k_meas, i), rel.data)
         missing = [t for t in targets if t not in got]
         if missing:
-            raise TargetRiskError(f"measure: returned no {missing} (it returned "
-                                  f"{sorted(got)})")
+            raise TargetRiskError(
+                f"measure: returned no {missing} (it returned {sorted(got)})"
+            )
         risks = {n: _triple(r, n) for n, r in got.items()}
         meets = all(risks[t][2] <= b for t, b in targets.items())
         steps.append(RiskStep(s, loss, supp, risks, meets))
@@ -223,19 +254,26 @@ def search_target_risk(key, data: pd.DataFrame, roles,
     if chosen is not None:
         s, rel = chosen
         step = next(st for st in steps if st.setting == s and st.meets)
-        reached = ", ".join(f"{t} {v:.3g} (95 % CI {lo:.3g}-{hi:.3g})"
-                            for t in targets for v, lo, hi in [step.risks[t]])
-        msg = (f"{roles.use_case}: {s.describe(unit)} meets {bounds}: {reached}; "
-               f"loss IL1s {step.loss:.3g}, {step.suppressed_share:.1%} of patients "
-               f"suppressed")
+        reached = ", ".join(
+            f"{t} {v:.3g} (95 % CI {lo:.3g}-{hi:.3g})"
+            for t in targets
+            for v, lo, hi in [step.risks[t]]
+        )
+        msg = (
+            f"{roles.use_case}: {s.describe(unit)} meets {bounds}: {reached}; "
+            f"loss IL1s {step.loss:.3g}, {step.suppressed_share:.1%} of patients "
+            f"suppressed"
+        )
         return TargetRiskResult(True, s, rel, steps, msg, targets)
     measured = [st for st in steps if st.risks]
-    best = min(measured, key=lambda st: max(st.risks[t][2] - b
-                                            for t, b in targets.items()))
+    best = min(
+        measured, key=lambda st: max(st.risks[t][2] - b for t, b in targets.items())
+    )
     worst_t = max(targets, key=lambda t: best.risks[t][2] - targets[t])
     v, lo, hi = best.risks[worst_t]
-    msg = (f"{roles.use_case}: none of the {len(ladder)} settings meets {bounds} "
-           f"(best: {worst_t} {v:.3g}, 95 % CI {lo:.3g}-{hi:.3g}, at "
-           f"{best.setting.describe(unit)})")
+    msg = (
+        f"{roles.use_case}: none of the {len(ladder)} settings meets {bounds} "
+        f"(best: {worst_t} {v:.3g}, 95 % CI {lo:.3g}-{hi:.3g}, at "
+        f"{best.setting.describe(unit)})"
+    )
     return TargetRiskResult(False, None, None, steps, msg, targets)
-

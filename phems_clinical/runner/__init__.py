@@ -94,8 +94,11 @@ def run_logging(progress: bool = True) -> Iterator[ProgressFn]:
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             before = set(logging.root.handlers)
-            levels = [h.level for h in logging.root.handlers
-                      if type(h) is logging.StreamHandler]
+            levels = [
+                h.level
+                for h in logging.root.handlers
+                if type(h) is logging.StreamHandler
+            ]
             with logging_redirect_tqdm(loggers=[logging.root]):
                 # the handler that writes above the bars takes the console's
                 # level (tqdm copies its stream and format, not its level), so
@@ -114,21 +117,34 @@ def _log_config(cfg: DictConfig, out: Path) -> None:
     """The run's settings in a few lines (the whole composed config is in
     ``.hydra/config.yaml``)."""
     LOG.info("run directory %s (composed config: .hydra/config.yaml)", out)
-    LOG.info("experiment %s, seed %s, git %s", cfg.get("experiment_name"),
-             cfg.get("seed"), git_revision() or "unknown")
+    LOG.info(
+        "experiment %s, seed %s, git %s",
+        cfg.get("experiment_name"),
+        cfg.get("seed"),
+        git_revision() or "unknown",
+    )
     if "sources" in cfg:
         fed, inf, data = cfg.federation, cfg.inference, cfg.data
-        LOG.info("use case %s; data %s; sources %s; strategy %s, engine %s, "
-                 "secure aggregation %s, DP %s", cfg.use_case,
-                 data.omop or f"{data.n_sites} simulated sites x {data.n_per_site}",
-                 ", ".join(f"{n} ({s.kind}, {s.method})"
-                           for n, s in cfg.sources.items()),
-                 inf.strategy or "default", fed.engine,
-                 "on" if fed.secagg else "off",
-                 "off" if fed.dp.epsilon is None else f"epsilon {fed.dp.epsilon}")
+        LOG.info(
+            "use case %s; data %s; sources %s; strategy %s, engine %s, "
+            "secure aggregation %s, DP %s",
+            cfg.use_case,
+            data.omop or f"{data.n_sites} simulated sites x {data.n_per_site}",
+            ", ".join(f"{n} ({s.kind}, {s.method})" for n, s in cfg.sources.items()),
+            inf.strategy or "default",
+            fed.engine,
+            "on" if fed.secagg else "off",
+            "off" if fed.dp.epsilon is None else f"epsilon {fed.dp.epsilon}",
+        )
     else:
-        LOG.info("PK demo: %s patients, design %s, method %s",
-                 cfg.cohort.n_patients, cfg.cohort.design, cfg.method)
+        LOG.info(
+            "PK demo: %s patients, design %s, method %s",
+            cfg.cohort.n_patients,
+            cfg.cohort.design,
+            cfg.method,
+        )
+
+
 # the experiment runner's schema (config.yaml) registers itself on import
 from phems_clinical.runner import config as _experiment_config  # noqa: E402,F401
 
@@ -153,31 +169,46 @@ def run_demo(cfg: DictConfig, out: Path) -> dict:
     if cfg.method not in ("focei", "nuts", "svi"):
         raise ValueError(f"method: {cfg.method!r} is not one of focei, nuts, svi")
     if cfg.cohort.design not in ("hospitals", *DESIGNS):
-        raise ValueError(f"cohort.design: {cfg.cohort.design!r} is not one of "
-                         f"hospitals, {', '.join(DESIGNS)}")
+        raise ValueError(
+            f"cohort.design: {cfg.cohort.design!r} is not one of "
+            f"hospitals, {', '.join(DESIGNS)}"
+        )
     from phems_clinical.outputs import OutputExistsError
 
     if (out / "fit").exists():
-        raise OutputExistsError(f"hydra.run.dir: {out} already holds a PK demo fit; "
-                                f"choose a new run directory")
+        raise OutputExistsError(
+            f"hydra.run.dir: {out} already holds a PK demo fit; "
+            f"choose a new run directory"
+        )
     spec = OmegaConf.to_container(cfg.model, resolve=True)
     model = parse_model(spec)
     model_path = out / "model.yaml"
     model_path.write_text(OmegaConf.to_yaml(cfg.model))
-    hospitals = (default_hospitals(cfg.cohort.n_patients)
-                 if cfg.cohort.design == "hospitals"
-                 else [HospitalSpec("H1", cfg.cohort.n_patients,
-                                    design=cfg.cohort.design)])
+    hospitals = (
+        default_hospitals(cfg.cohort.n_patients)
+        if cfg.cohort.design == "hospitals"
+        else [HospitalSpec("H1", cfg.cohort.n_patients, design=cfg.cohort.design)]
+    )
     k_sim, _ = jax.random.split(jax.random.key(cfg.seed))
-    LOG.info("simulating %d patients at %d hospital(s) from %s",
-             cfg.cohort.n_patients, len(hospitals), model.name)
+    LOG.info(
+        "simulating %d patients at %d hospital(s) from %s",
+        cfg.cohort.n_patients,
+        len(hospitals),
+        model.name,
+    )
     events, truth = simulate_hospitals(k_sim, model, hospitals)
     events.to_csv(out / "cohort.csv", index=False)
     truth.to_csv(out / "truth.csv", index=False)
     LOG.info("fitting by %s", cfg.method.upper())
     t0 = time.perf_counter()
-    est = run_fit(out / "cohort.csv", str(model_path), cfg.method, out / "fit",
-                  seed=cfg.seed, options=OmegaConf.to_container(cfg.method_options))
+    est = run_fit(
+        out / "cohort.csv",
+        str(model_path),
+        cfg.method,
+        out / "fit",
+        seed=cfg.seed,
+        options=OmegaConf.to_container(cfg.method_options),
+    )
     seconds = time.perf_counter() - t0
 
     rows = []
@@ -185,33 +216,49 @@ def run_demo(cfg: DictConfig, out: Path) -> dict:
         if t.fixed:
             continue
         e = est["theta"][t.name]
-        rows.append({"parameter": f"THETA({t.name})", "true": t.value,
-                     "estimate": e["estimate"]})
+        rows.append(
+            {
+                "parameter": f"THETA({t.name})",
+                "true": t.value,
+                "estimate": e["estimate"],
+            }
+        )
     om = np.asarray(model.omega)
     for k, p in enumerate(model.iiv_parameters):
         e = est["omega"].get(f"{p},{p}")
         if e:
-            rows.append({"parameter": f"OMEGA({p},{p})", "true": float(om[k, k]),
-                         "estimate": e["estimate"]})
+            rows.append(
+                {
+                    "parameter": f"OMEGA({p},{p})",
+                    "true": float(om[k, k]),
+                    "estimate": e["estimate"],
+                }
+            )
     rec = pd.DataFrame(rows)
     rec["relative_error"] = rec["estimate"] / rec["true"] - 1.0
     rec.to_csv(out / "recovery.csv", index=False)
     result = {
-        "experiment": cfg.experiment_name, "seed": cfg.seed, "method": cfg.method,
-        "model": model.name, "n_patients": int(cfg.cohort.n_patients),
+        "experiment": cfg.experiment_name,
+        "seed": cfg.seed,
+        "method": cfg.method,
+        "model": model.name,
+        "n_patients": int(cfg.cohort.n_patients),
         "hospitals": [h.name for h in hospitals],
-        "n_observations": est["n_observations"], "n_blq": est["n_blq"],
+        "n_observations": est["n_observations"],
+        "n_blq": est["n_blq"],
         "fit_seconds": seconds,
         "ofv": est["objective"]["ofv"] if est["objective"] else None,
         "max_abs_relative_error_theta": float(
-            rec.loc[rec.parameter.str.startswith("THETA"), "relative_error"]
-            .abs().max()),
+            rec.loc[rec.parameter.str.startswith("THETA"), "relative_error"].abs().max()
+        ),
         "recovery": rec.to_dict(orient="records"),
-        "versions": versions(), "git_revision": git_revision(),
+        "versions": versions(),
+        "git_revision": git_revision(),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
-    LOG.info("recovery:\n%s", rec.to_string(index=False,
-                                             float_format=lambda v: f"{v:.4g}"))
+    LOG.info(
+        "recovery:\n%s", rec.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    )
     LOG.info("done in %.1f s; outputs in %s", seconds, out)
     return result
 
@@ -260,8 +307,11 @@ def main(cfg: DictConfig) -> None:
                 run_experiment(cfg, out, progress=progress)
             else:
                 run_demo(cfg, out)
-            LOG.info("run finished in %.1f s; run log %s", time.perf_counter() - t0,
-                     out / f"{HydraConfig.get().job.name}.log")
+            LOG.info(
+                "run finished in %.1f s; run log %s",
+                time.perf_counter() - t0,
+                out / f"{HydraConfig.get().job.name}.log",
+            )
     except Exception as err:  # noqa: BLE001 - sorted into the error contract
         LOG.debug("run stopped by %s", type(err).__name__, exc_info=True)
         message = user_error_message(err)
@@ -274,8 +324,9 @@ def main(cfg: DictConfig) -> None:
         if isinstance(err, RuntimeError) and type(err) is RuntimeError:
             print(f"phems run: stopped: {err}", file=sys.stderr, flush=True)
         else:
-            print(f"phems run: {internal_error_message(err)}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"phems run: {internal_error_message(err)}", file=sys.stderr, flush=True
+            )
         raise SystemExit(1) from None
 
 
@@ -291,10 +342,23 @@ _EXPORTS = {
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
-    "LOG", "CohortConfig", "ConfigError", "DPTarget", "FederationSettings",
-    "RunConfig", "check_config", "combined_scorecard", "main", "preflight",
-    "run_demo", "run_experiment", "run_logging", "run_pipeline", "to_dataset",
-    "train", "train_flower",
+    "LOG",
+    "CohortConfig",
+    "ConfigError",
+    "DPTarget",
+    "FederationSettings",
+    "RunConfig",
+    "check_config",
+    "combined_scorecard",
+    "main",
+    "preflight",
+    "run_demo",
+    "run_experiment",
+    "run_logging",
+    "run_pipeline",
+    "to_dataset",
+    "train",
+    "train_flower",
 ]
 
 

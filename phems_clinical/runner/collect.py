@@ -43,14 +43,17 @@ def _overrides(job: Path) -> dict[str, Any]:
 def collect(sweep_dir: str | Path) -> xr.Dataset:
     """Merge the runs under ``sweep_dir``; writes and returns ``results.nc``."""
     sweep = Path(sweep_dir)
-    jobs = sorted((p.parent for p in sweep.glob("*/results.nc")),
-                  key=lambda p: (len(p.name), p.name))
+    jobs = sorted(
+        (p.parent for p in sweep.glob("*/results.nc")),
+        key=lambda p: (len(p.name), p.name),
+    )
     if not jobs:
         raise FileNotFoundError(f"{sweep}: no run with a results.nc")
     overrides = [_overrides(j) for j in jobs]
     keys = sorted({k for o in overrides for k in o})
-    swept = [k for k in keys if k != "seed"
-             and len({repr(o.get(k)) for o in overrides}) > 1]
+    swept = [
+        k for k in keys if k != "seed" and len({repr(o.get(k)) for o in overrides}) > 1
+    ]
     parts, rows = [], []
     for job, o in zip(jobs, overrides, strict=True):
         ds = xr.open_dataset(job / "results.nc", engine="h5netcdf").load()
@@ -58,21 +61,30 @@ def collect(sweep_dir: str | Path) -> xr.Dataset:
         held = held_out_site(ds)
         head = ds.utility_metric.values[0]
         for s in ds.source.values:
-            rows.append({"run": job.name, **{k: o.get(k) for k in keys},
-                         "source": s, "seed": int(ds.seed.values[0]),
-                         "held_out_hospital": str(held),
-                         f"{head} at the held-out hospital": float(
-                             ds.utility.isel(seed=0).sel(
-                                 source=s, site=held, utility_metric=head)),
-                         "train_epsilon": float(ds.train_epsilon.isel(seed=0)
-                                                .sel(source=s))})
+            rows.append(
+                {
+                    "run": job.name,
+                    **{k: o.get(k) for k in keys},
+                    "source": s,
+                    "seed": int(ds.seed.values[0]),
+                    "held_out_hospital": str(held),
+                    f"{head} at the held-out hospital": float(
+                        ds.utility.isel(seed=0).sel(
+                            source=s, site=held, utility_metric=head
+                        )
+                    ),
+                    "train_epsilon": float(ds.train_epsilon.isel(seed=0).sel(source=s)),
+                }
+            )
         # a site's role (held-out hospital or not) can change with the setting
         ds = ds.reset_coords("site_role").expand_dims(
-            {k.replace(".", "_"): [o.get(k)] for k in swept})
+            {k.replace(".", "_"): [o.get(k)] for k in swept}
+        )
         ds.attrs = {k: v for k, v in ds.attrs.items() if k != "holdout_site"}
         parts.append(ds)
-    merged = xr.merge(parts, join="outer", compat="no_conflicts",
-                      combine_attrs="drop_conflicts")
+    merged = xr.merge(
+        parts, join="outer", compat="no_conflicts", combine_attrs="drop_conflicts"
+    )
     merged.attrs["swept"] = ", ".join(swept + ["seed"])
     merged.to_netcdf(sweep / "results.nc", engine="h5netcdf")
     summary = pd.DataFrame(rows)
@@ -95,7 +107,8 @@ def sweep_figure(summary: pd.DataFrame, swept: list[str], path: Path) -> None:
     label = summary[keys].astype(str).agg(", ".join, axis=1)
     df = summary.assign(setting=label)
     stats = df.groupby(["setting", "source"], sort=False)[score].agg(
-        ["mean", "min", "max"])
+        ["mean", "min", "max"]
+    )
     settings = list(dict.fromkeys(df["setting"]))
     sources = list(dict.fromkeys(df["source"]))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(settings) + 2), 3.6))
@@ -103,10 +116,17 @@ def sweep_figure(summary: pd.DataFrame, swept: list[str], path: Path) -> None:
     for i, src in enumerate(sources):
         st = stats.xs(src, level="source").reindex(settings)
         x = np.arange(len(settings)) + i * width
-        ax.bar(x, st["mean"], width, label=src,
-               yerr=[st["mean"] - st["min"], st["max"] - st["mean"]], capsize=2)
-    ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2, settings, fontsize=7,
-                  rotation=20)
+        ax.bar(
+            x,
+            st["mean"],
+            width,
+            label=src,
+            yerr=[st["mean"] - st["min"], st["max"] - st["mean"]],
+            capsize=2,
+        )
+    ax.set_xticks(
+        np.arange(len(settings)) + 0.4 - width / 2, settings, fontsize=7, rotation=20
+    )
     ax.set_xlabel(", ".join(keys), fontsize=8)
     ax.set_ylabel(score, fontsize=8)
     ax.legend(fontsize=8)
@@ -125,8 +145,11 @@ class CollectSweep(Callback):
         except FileNotFoundError as e:  # every run failed: nothing to merge
             print(f"[phems run] {e}", flush=True)
             return
-        print(f"[phems run] {ds.sizes['seed']} seed(s); swept: {ds.attrs['swept']}"
-              f"; merged into {sweep / 'results.nc'} and summary.csv", flush=True)
+        print(
+            f"[phems run] {ds.sizes['seed']} seed(s); swept: {ds.attrs['swept']}"
+            f"; merged into {sweep / 'results.nc'} and summary.csv",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -143,8 +143,9 @@ def across_sites(values: np.ndarray) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
-def combined_scorecard(ds: xr.Dataset, cards: Mapping[str, xr.Dataset],
-                       use_case: str, seed: int) -> xr.Dataset:
+def combined_scorecard(
+    ds: xr.Dataset, cards: Mapping[str, xr.Dataset], use_case: str, seed: int
+) -> xr.Dataset:
     """One scorecard over the sources, every cell with its interval.
 
     Privacy: the anonymeter attack risks (:data:`ATTACK_RISKS`) pooled over the
@@ -158,46 +159,71 @@ def combined_scorecard(ds: xr.Dataset, cards: Mapping[str, xr.Dataset],
     95 % t-interval across them (:func:`across_sites`).
     """
     first = next(iter(cards.values()))
-    groups = dict(zip(first.metric.values.tolist(), first.group.values.tolist(),
-                      strict=True))
+    groups = dict(
+        zip(first.metric.values.tolist(), first.group.values.tolist(), strict=True)
+    )
     scores: dict[str, dict[str, Any]] = {}
     meta: dict[str, dict[str, Any]] = {}
     per_site = list(cards.values())
     for s in ds.source.values.tolist():
         row = {}
         for m, g in groups.items():
-            cells = [c.sel(source=s, metric=m) for c in per_site
-                     if m in c.metric.values]
+            cells = [
+                c.sel(source=s, metric=m) for c in per_site if m in c.metric.values
+            ]
             vals = np.array([float(c["value"]) for c in cells])
             ok = np.isfinite(vals)
             if not ok.any():
                 continue
             cells = [c for c, k in zip(cells, ok, strict=True) if k]
             n = np.array([float(c["n"]) if "n" in c else math.nan for c in cells])
-            why = next((str(c["uninformative"].values) for c in cells
-                        if "uninformative" in c and str(c["uninformative"].values)),
-                       "")
-            counts = [c for c in cells if "successes" in c
-                      and np.isfinite(float(c["successes"]))
-                      and np.isfinite(float(c["control_successes"]))]
+            why = next(
+                (
+                    str(c["uninformative"].values)
+                    for c in cells
+                    if "uninformative" in c and str(c["uninformative"].values)
+                ),
+                "",
+            )
+            counts = [
+                c
+                for c in cells
+                if "successes" in c
+                and np.isfinite(float(c["successes"]))
+                and np.isfinite(float(c["control_successes"]))
+            ]
             if m in ATTACK_RISKS and counts and len(counts) == len(cells):
-                p = pooled_risk([Score(float(c["value"]), n=float(c["n"]),
-                                       successes=float(c["successes"]),
-                                       control_successes=float(
-                                           c["control_successes"]))
-                                 for c in cells])
+                p = pooled_risk(
+                    [
+                        Score(
+                            float(c["value"]),
+                            n=float(c["n"]),
+                            successes=float(c["successes"]),
+                            control_successes=float(c["control_successes"]),
+                        )
+                        for c in cells
+                    ]
+                )
                 row[m] = p._replace(uninformative=why)
             elif g == "privacy":  # the worst training site
                 lower = first.better.sel(metric=m).item() == "lower"
                 k = int(np.argmax(vals[ok]) if lower else np.argmin(vals[ok]))
                 c = cells[k]
-                row[m] = Score(float(c["value"]), float(c["ci_low"]),
-                               float(c["ci_high"]), float(n[k]), why)
+                row[m] = Score(
+                    float(c["value"]),
+                    float(c["ci_low"]),
+                    float(c["ci_high"]),
+                    float(n[k]),
+                    why,
+                )
             else:
                 h = np.array([float(_half(c)) for c in cells])
                 v = float(vals[ok].mean())
-                hh = (float(np.sqrt(np.sum(h**2))) / len(h) if np.isfinite(h).all()
-                      else math.nan)
+                hh = (
+                    float(np.sqrt(np.sum(h**2))) / len(h)
+                    if np.isfinite(h).all()
+                    else math.nan
+                )
                 row[m] = Score(v, v - hh, v + hh, float(np.nansum(n)), why)
         u = ds["utility"].sel(source=s)
         for um in ds.utility_metric.values.tolist():
@@ -210,12 +236,16 @@ def combined_scorecard(ds: xr.Dataset, cards: Mapping[str, xr.Dataset],
         scores[s] = row
         c = first.sel(source=s)
         eps, delta = float(c.epsilon), float(c.delta)
-        meta[s] = {"kind": str(c.kind.item()), "generator": str(c.generator.item()),
-                   "epsilon": None if math.isnan(eps) else eps,
-                   "delta": None if math.isnan(delta) else delta,
-                   "unit_of_privacy": str(c.unit.item()),
-                   "n_rows": float(sum(float(cd.n_rows.sel(source=s))
-                                       for cd in cards.values()))}
+        meta[s] = {
+            "kind": str(c.kind.item()),
+            "generator": str(c.generator.item()),
+            "epsilon": None if math.isnan(eps) else eps,
+            "delta": None if math.isnan(delta) else delta,
+            "unit_of_privacy": str(c.unit.item()),
+            "n_rows": float(
+                sum(float(cd.n_rows.sel(source=s)) for cd in cards.values())
+            ),
+        }
     return build_scorecard(scores, sources_meta=meta, use_case=use_case, seed=seed)
 
 
@@ -233,14 +263,15 @@ def utility_figure(ds: xr.Dataset, task: Task) -> bytes:
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     width = 0.8 / len(sources)
     for i, s in enumerate(sources):
-        ax.bar(np.arange(len(sites)) + i * width, v.sel(source=s).values, width,
-               label=s)
-    labels = [f"{s}\n({r})" for s, r in zip(sites, run.site_role.values,
-                                             strict=True)]
+        ax.bar(
+            np.arange(len(sites)) + i * width, v.sel(source=s).values, width, label=s
+        )
+    labels = [f"{s}\n({r})" for s, r in zip(sites, run.site_role.values, strict=True)]
     ax.set_xticks(np.arange(len(sites)) + 0.4 - width / 2, labels, fontsize=7)
     ax.set_ylabel(task.labels[head])
-    ax.set_title("model trained on each source, scored on real held-out data",
-                 fontsize=9)
+    ax.set_title(
+        "model trained on each source, scored on real held-out data", fontsize=9
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -251,9 +282,14 @@ def utility_figure(ds: xr.Dataset, task: Task) -> bytes:
 
 def _training_dp(eps: float, delta: float) -> str:
     text = dp_text(eps, delta)
-    return text if text == "not DP" else (
-        f"{text}; unit: one patient; noise from each site's OS CSPRNG, not "
-        "reproducible from the seed (by design)")
+    return (
+        text
+        if text == "not DP"
+        else (
+            f"{text}; unit: one patient; noise from each site's OS CSPRNG, not "
+            "reproducible from the seed (by design)"
+        )
+    )
 
 
 def _interval(v: float, lo: float, hi: float) -> str:
@@ -264,8 +300,9 @@ def _interval(v: float, lo: float, hi: float) -> str:
     return f"{_fmt(v)} ({_fmt(lo)}\u2013{_fmt(hi)})"
 
 
-def privacy_rows(card: xr.Dataset, cards: Mapping[str, xr.Dataset],
-                 sources: list[str]) -> list[dict]:
+def privacy_rows(
+    card: xr.Dataset, cards: Mapping[str, xr.Dataset], sources: list[str]
+) -> list[dict]:
     """Per attack risk: the pooled row of the combined ``card`` (with its number
     of attacks), then one row per training site, each cell ``value (95 %
     interval)``."""
@@ -275,29 +312,53 @@ def privacy_rows(card: xr.Dataset, cards: Mapping[str, xr.Dataset],
             continue
         label = str(card.label.sel(metric=m).item())
         c = card.sel(metric=m)
-        rows.append({"label": label, "site": "all (pooled)", "pooled": True,
-                     "cells": [_interval(float(c.value.sel(source=s)),
-                                         float(c.ci_low.sel(source=s)),
-                                         float(c.ci_high.sel(source=s)))
-                               + (f"; {int(c.n.sel(source=s))} attacks"
-                                  if np.isfinite(float(c.n.sel(source=s)))
-                                  else "")
-                               for s in sources]})
+        rows.append(
+            {
+                "label": label,
+                "site": "all (pooled)",
+                "pooled": True,
+                "cells": [
+                    _interval(
+                        float(c.value.sel(source=s)),
+                        float(c.ci_low.sel(source=s)),
+                        float(c.ci_high.sel(source=s)),
+                    )
+                    + (
+                        f"; {int(c.n.sel(source=s))} attacks"
+                        if np.isfinite(float(c.n.sel(source=s)))
+                        else ""
+                    )
+                    for s in sources
+                ],
+            }
+        )
         for site, sc in cards.items():
             if m not in sc.metric.values:
                 continue
             c = sc.sel(metric=m)
-            rows.append({"label": "", "site": site, "pooled": False,
-                         "cells": [_interval(float(c.value.sel(source=s)),
-                                             float(c.ci_low.sel(source=s)),
-                                             float(c.ci_high.sel(source=s)))
-                                   if s in sc.source.values else "n/a"
-                                   for s in sources]})
+            rows.append(
+                {
+                    "label": "",
+                    "site": site,
+                    "pooled": False,
+                    "cells": [
+                        _interval(
+                            float(c.value.sel(source=s)),
+                            float(c.ci_low.sel(source=s)),
+                            float(c.ci_high.sel(source=s)),
+                        )
+                        if s in sc.source.values
+                        else "n/a"
+                        for s in sources
+                    ],
+                }
+            )
     return rows
 
 
-def data_figures(use_case: str, tables: Mapping[str, Any] | None,
-                 sources: list[str]) -> list[dict]:
+def data_figures(
+    use_case: str, tables: Mapping[str, Any] | None, sources: list[str]
+) -> list[dict]:
     """The use case's side-by-side figures (:attr:`UseCase.plots`) of the sources
     in ``tables`` (real first, then in the run's order); none without tables."""
     if not tables:
@@ -309,16 +370,29 @@ def data_figures(use_case: str, tables: Mapping[str, Any] | None,
     for name, draw in usecases.get(use_case).plots.items():
         png, caption = draw(tabs)
         if missing:
-            caption += (f" Not drawn: {', '.join(missing)} (kept from an earlier, "
-                        "interrupted run).")
-        out.append({"title": name, "png": base64.b64encode(png).decode("ascii"),
-                    "caption": caption})
+            caption += (
+                f" Not drawn: {', '.join(missing)} (kept from an earlier, "
+                "interrupted run)."
+            )
+        out.append(
+            {
+                "title": name,
+                "png": base64.b64encode(png).decode("ascii"),
+                "caption": caption,
+            }
+        )
     return out
 
 
-def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
-                  setup: list[str], *, title: str,
-                  tables: Mapping[str, Any] | None = None) -> str:
+def render_report(
+    ds: xr.Dataset,
+    cards: Mapping[str, xr.Dataset],
+    task: Task,
+    setup: list[str],
+    *,
+    title: str,
+    tables: Mapping[str, Any] | None = None,
+) -> str:
     """The page (see the module docstring); ``tables``: each source's derived
     tables for the side-by-side figures (:attr:`.pipeline.PipelineRun.tables`;
     none drawn without)."""
@@ -326,24 +400,38 @@ def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
     head = task.metrics[0]
     better = "lower" if head in task.lower_is_better else "higher"
     sources = run.source.values.tolist()
-    rows = [{"site": site, "role": role,
-             "cells": [_fmt(float(run["utility"].sel(source=s, site=site,
-                                                      utility_metric=head)))
-                        for s in sources]}
-            for site, role in zip(run.site.values.tolist(),
-                                  run.site_role.values.tolist(), strict=True)]
+    rows = [
+        {
+            "site": site,
+            "role": role,
+            "cells": [
+                _fmt(
+                    float(run["utility"].sel(source=s, site=site, utility_metric=head))
+                )
+                for s in sources
+            ],
+        }
+        for site, role in zip(
+            run.site.values.tolist(), run.site_role.values.tolist(), strict=True
+        )
+    ]
     png = utility_figure(ds, task)
     n_seeds = int(ds.sizes["seed"])
-    head_values = {s: ds["utility"].sel(source=s, utility_metric=head).values.ravel()
-                   for s in sources}
+    head_values = {
+        s: ds["utility"].sel(source=s, utility_metric=head).values.ravel()
+        for s in sources
+    }
     utility_mean = []
     for s in sources:
         m, lo, hi = across_sites(head_values[s])
-        utility_mean.append(_fmt(m) if math.isnan(lo) else
-                            f"{_fmt(m)} ({_fmt(lo)}\u2013{_fmt(hi)})")
-    spread = spread_figure(head_values, ylabel=task.labels[head],
-                           title="each dot one hospital" + (" and seed" if n_seeds
-                                                            > 1 else ""))
+        utility_mean.append(
+            _fmt(m) if math.isnan(lo) else f"{_fmt(m)} ({_fmt(lo)}\u2013{_fmt(hi)})"
+        )
+    spread = spread_figure(
+        head_values,
+        ylabel=task.labels[head],
+        title="each dot one hospital" + (" and seed" if n_seeds > 1 else ""),
+    )
     card = combined_scorecard(ds, cards, task.use_case, int(run.seed))
     card_head = next(iter(utility_scores({head: 0.0})), None)
     points = []
@@ -354,10 +442,15 @@ def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
             ref_i = card.kind.values.tolist().index("real")
             loss, h = utility_loss(card, card_head, i, ref_i)
             points.append((r["source"], loss, h, risk, rlo, rhi))
-    map_png = (risk_utility_map(points, threshold=RISK_THRESHOLD,
-                                xlabel=f"utility loss vs real data "
-                                       f"({task.labels[head]}; > 0 = worse)")
-               if points else None)
+    map_png = (
+        risk_utility_map(
+            points,
+            threshold=RISK_THRESHOLD,
+            xlabel=f"utility loss vs real data ({task.labels[head]}; > 0 = worse)",
+        )
+        if points
+        else None
+    )
     est = ds["estimate"]
     est_se = ds["estimate_se"] if "estimate_se" in ds else None
     estimates, wald = [], False
@@ -369,55 +462,83 @@ def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
                 se = float(est_se.sel(source=s, parameter=p).values.ravel()[0])
                 if math.isfinite(se) and math.isfinite(m):
                     lo, hi, wald = m - 1.96 * se, m + 1.96 * se, True
-            cells.append(_fmt(m) if math.isnan(lo) else
-                         f"{_fmt(m)} ({_fmt(lo)}\u2013{_fmt(hi)})")
+            cells.append(
+                _fmt(m) if math.isnan(lo) else f"{_fmt(m)} ({_fmt(lo)}\u2013{_fmt(hi)})"
+            )
         estimates.append({"name": p, "cells": cells})
-    training = [{"name": s, "rounds": int(run.rounds.sel(source=s)),
-                 "converged": "yes" if bool(run.converged.sel(source=s)) else "no",
-                 "stopped_by": str(run.stopped_by.sel(source=s).item())
-                 if "stopped_by" in run.coords else "",
-                 "dp": _training_dp(float(run.train_epsilon.sel(source=s)),
-                                    float(run.train_delta.sel(source=s)))}
-                for s in sources]
+    training = [
+        {
+            "name": s,
+            "rounds": int(run.rounds.sel(source=s)),
+            "converged": "yes" if bool(run.converged.sel(source=s)) else "no",
+            "stopped_by": str(run.stopped_by.sel(source=s).item())
+            if "stopped_by" in run.coords
+            else "",
+            "dp": _training_dp(
+                float(run.train_epsilon.sel(source=s)),
+                float(run.train_delta.sel(source=s)),
+            ),
+        }
+        for s in sources
+    ]
     fragment = _ENV.from_string(_FRAGMENT).render(
-        setup=setup, sources=sources, headline=head, utility_rows=rows,
+        setup=setup,
+        sources=sources,
+        headline=head,
+        utility_rows=rows,
         utility_caption=(
             f"{task.labels[head]} ({better} is better) of the model trained "
             f"federatedly on each source and scored on real patients it never saw: "
             f"the held-out half of each training hospital's patients, and every "
             f"patient of the hospital that took no part in training. A source is "
-            f"worth using when its value is close to the real data's."),
+            f"worth using when its value is close to the real data's."
+        ),
         figure=base64.b64encode(png).decode("ascii"),
-        n_seeds=n_seeds, utility_mean=utility_mean,
+        n_seeds=n_seeds,
+        utility_mean=utility_mean,
         spread=base64.b64encode(spread).decode("ascii"),
-        spread_alt=(f"{task.labels[head]} of the model trained on each source: "
-                    f"each dot one evaluation hospital"
-                    + (" and seed" if n_seeds > 1 else "")
-                    + "; black: mean with its 95 % t-interval across them."),
+        spread_alt=(
+            f"{task.labels[head]} of the model trained on each source: "
+            f"each dot one evaluation hospital"
+            + (" and seed" if n_seeds > 1 else "")
+            + "; black: mean with its 95 % t-interval across them."
+        ),
         map=base64.b64encode(map_png).decode("ascii") if map_png else "",
-        map_alt=("Each derived source at its utility loss against the real data "
-                 "(mean over hospitals, interval from both sources' intervals) "
-                 "and its residual risk (highest attack risk at the worst "
-                 "training hospital, 95 % interval); dashed: the 0.09 "
-                 "threshold. Bottom left is best."),
+        map_alt=(
+            "Each derived source at its utility loss against the real data "
+            "(mean over hospitals, interval from both sources' intervals) "
+            "and its residual risk (highest attack risk at the worst "
+            "training hospital, 95 % interval); dashed: the 0.09 "
+            "threshold. Bottom left is best."
+        ),
         estimates=estimates,
         estimates_caption=(
             "The model's estimates fitted federatedly on each source (mean over "
-            "seeds" + (", with a 95 % t-interval across them" if n_seeds > 1
-                       else "; one seed") + ")."
-            + (" Intervals: estimate \u00b1 1.96 standard errors of the fit "
-               "(federated FOCEI: R-based, from the summed site Hessians, as "
-               "NONMEM's $COVARIANCE MATRIX=R; symmetric Wald intervals, so a "
-               "lower bound below 0 for a positive parameter means that source "
-               "barely informs it). They show how precise the fit on that "
-               "source looks; a derived source whose interval excludes the real "
-               "data's estimate changed what the model learns."
-               if wald else
-               (" No standard errors: this fit reports point estimates only."
-                if n_seeds == 1 else ""))),
-        figure_alt=(f"{task.labels[head]} per hospital, one bar per source "
-                    f"({better} is better)."),
-        training=training, plots=data_figures(task.use_case, tables, sources),
+            "seeds"
+            + (", with a 95 % t-interval across them" if n_seeds > 1 else "; one seed")
+            + ")."
+            + (
+                " Intervals: estimate \u00b1 1.96 standard errors of the fit "
+                "(federated FOCEI: R-based, from the summed site Hessians, as "
+                "NONMEM's $COVARIANCE MATRIX=R; symmetric Wald intervals, so a "
+                "lower bound below 0 for a positive parameter means that source "
+                "barely informs it). They show how precise the fit on that "
+                "source looks; a derived source whose interval excludes the real "
+                "data's estimate changed what the model learns."
+                if wald
+                else (
+                    " No standard errors: this fit reports point estimates only."
+                    if n_seeds == 1
+                    else ""
+                )
+            )
+        ),
+        figure_alt=(
+            f"{task.labels[head]} per hospital, one bar per source "
+            f"({better} is better)."
+        ),
+        training=training,
+        plots=data_figures(task.use_case, tables, sources),
         privacy_rows=privacy_rows(card, cards, sources),
         pooled_caption=(
             "Pooled: each attack's trials at all training hospitals added up "
@@ -426,16 +547,27 @@ def render_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
             "the risk of the release method at this size, not of one hospital's "
             "release: the per-hospital rows below it are each release's own "
             "risk, with the wider intervals of their fewer attacks. The "
-            "scorecard below uses the pooled figure for these attacks."))
-    return render_scorecard_html(card, title=title, before_sections=fragment,
-                                 utility_metric=card_head)
+            "scorecard below uses the pooled figure for these attacks."
+        ),
+    )
+    return render_scorecard_html(
+        card, title=title, before_sections=fragment, utility_metric=card_head
+    )
 
 
-def write_report(ds: xr.Dataset, cards: Mapping[str, xr.Dataset], task: Task,
-                 setup: list[str], path: str | Path, *, title: str,
-                 tables: Mapping[str, Any] | None = None) -> Path:
+def write_report(
+    ds: xr.Dataset,
+    cards: Mapping[str, xr.Dataset],
+    task: Task,
+    setup: list[str],
+    path: str | Path,
+    *,
+    title: str,
+    tables: Mapping[str, Any] | None = None,
+) -> Path:
     path = Path(path)
-    path.write_text(render_report(ds, cards, task, setup, title=title,
-                                  tables=tables),
-                    encoding="utf-8")
+    path.write_text(
+        render_report(ds, cards, task, setup, title=title, tables=tables),
+        encoding="utf-8",
+    )
     return path

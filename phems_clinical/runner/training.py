@@ -76,31 +76,42 @@ class FederationSettings(NamedTuple):
     dp: DPTarget | None = None
 
 
-def check_settings(fed: FederationSettings, strategy: str,
-                   strategies: Sequence[str] | None = None,
-                   use_case: str = "haemophilia") -> None:
+def check_settings(
+    fed: FederationSettings,
+    strategy: str,
+    strategies: Sequence[str] | None = None,
+    use_case: str = "haemophilia",
+) -> None:
     """Refuse settings that cannot run, by name, before any data are touched
     (``strategies``: those the use case offers)."""
     if fed.engine not in ENGINES:
-        raise ValueError(f"federation.engine: {fed.engine!r} is not one of "
-                         f"{', '.join(ENGINES)}")
+        raise ValueError(
+            f"federation.engine: {fed.engine!r} is not one of {', '.join(ENGINES)}"
+        )
     if strategies is not None and strategy not in strategies:
-        raise ValueError(f"inference.strategy: {strategy!r} is not one of "
-                         f"{', '.join(strategies)} ({use_case})")
+        raise ValueError(
+            f"inference.strategy: {strategy!r} is not one of "
+            f"{', '.join(strategies)} ({use_case})"
+        )
     if fed.dp is not None:
         if strategy not in FEDOPT:
             raise ValueError(
                 f"federation.dp: patient-level DP-SGD needs a gradient strategy "
-                f"({', '.join(FEDOPT)}); inference.strategy is {strategy!r}")
+                f"({', '.join(FEDOPT)}); inference.strategy is {strategy!r}"
+            )
         if "dp" in fed.options:
-            raise ValueError("inference.options.dp and federation.dp.epsilon: give "
-                             "one of them")
+            raise ValueError(
+                "inference.options.dp and federation.dp.epsilon: give one of them"
+            )
         if not fed.dp.epsilon > 0:
-            raise ValueError(f"federation.dp.epsilon: expected > 0, got "
-                             f"{fed.dp.epsilon}")
+            raise ValueError(
+                f"federation.dp.epsilon: expected > 0, got {fed.dp.epsilon}"
+            )
     if fed.secagg and fed.engine == "pooled":
-        raise ValueError("federation.secagg: the pooled reference has no sites to "
-                         "aggregate; use engine inprocess or flower")
+        raise ValueError(
+            "federation.secagg: the pooled reference has no sites to "
+            "aggregate; use engine inprocess or flower"
+        )
 
 
 def check_flower_model(use_case: str, model: Any) -> None:
@@ -113,8 +124,12 @@ def check_flower_model(use_case: str, model: Any) -> None:
         check(model)
 
 
-def with_dp(build: Callable[[dict], Algorithm], options: Mapping[str, Any],
-            dp: DPTarget | None, sizes: Sequence[int]) -> tuple[Algorithm, dict]:
+def with_dp(
+    build: Callable[[dict], Algorithm],
+    options: Mapping[str, Any],
+    dp: DPTarget | None,
+    sizes: Sequence[int],
+) -> tuple[Algorithm, dict]:
     """``build(options)``, with DP-SGD calibrated to ``dp`` when it is given.
 
     Returns the algorithm and what was set (``noise_multiplier``, ``delta``,
@@ -126,23 +141,42 @@ def with_dp(build: Callable[[dict], Algorithm], options: Mapping[str, Any],
     n_max = max(sizes)
     delta = float(dp.delta) if dp.delta is not None else 1.0 / (10 * n_max)
     if not 0 < delta < 1.0 / n_max:
-        raise ValueError(f"federation.dp.delta: {delta:g} must be in (0, 1/N) with "
-                         f"N = {n_max} patients at the largest site")
-    fields = {"clip": float(dp.clip), "delta": delta, "accountant": dp.accountant,
-              "sampling_rate": float(dp.sampling_rate)}
+        raise ValueError(
+            f"federation.dp.delta: {delta:g} must be in (0, 1/N) with "
+            f"N = {n_max} patients at the largest site"
+        )
+    fields = {
+        "clip": float(dp.clip),
+        "delta": delta,
+        "accountant": dp.accountant,
+        "sampling_rate": float(dp.sampling_rate),
+    }
     probe = build({**opts, "dp": {**fields, "noise_multiplier": 1.0}})
     steps = int(probe.max_rounds) * int(probe.dp_steps_per_round)
-    z = calibrate_noise_multiplier(float(dp.epsilon), delta, steps,
-                                   float(dp.sampling_rate), accountant=dp.accountant)
-    return (build({**opts, "dp": {**fields, "noise_multiplier": z}}),
-            {"noise_multiplier": z, "delta": delta, "steps": steps})
+    z = calibrate_noise_multiplier(
+        float(dp.epsilon),
+        delta,
+        steps,
+        float(dp.sampling_rate),
+        accountant=dp.accountant,
+    )
+    return (
+        build({**opts, "dp": {**fields, "noise_multiplier": z}}),
+        {"noise_multiplier": z, "delta": delta, "steps": steps},
+    )
 
 
-def train(key, build: Callable[[dict], Algorithm], sites: Sequence[Any],
-          fed: FederationSettings, *, label: str = "",
-          progress: ProgressFn | None = None,
-          checkpoint_dir: str | Path | None = None,
-          on_message: Callable | None = None) -> tuple[FederatedRun, dict]:
+def train(
+    key,
+    build: Callable[[dict], Algorithm],
+    sites: Sequence[Any],
+    fed: FederationSettings,
+    *,
+    label: str = "",
+    progress: ProgressFn | None = None,
+    checkpoint_dir: str | Path | None = None,
+    on_message: Callable | None = None,
+) -> tuple[FederatedRun, dict]:
     """Run ``build(options)`` over ``sites`` (padded per-site pytrees) in process.
 
     ``pooled``: pass one site holding every patient. ``progress``: listener of
@@ -150,23 +184,37 @@ def train(key, build: Callable[[dict], Algorithm], sites: Sequence[Any],
     ``label``. Returns the engine's run and the DP calibration (``{}`` without
     DP).
     """
-    alg, dp_set = with_dp(build, fed.options, fed.dp,
-                          [site_size(s) for s in sites])
+    alg, dp_set = with_dp(build, fed.options, fed.dp, [site_size(s) for s in sites])
     aggregator = None
     if fed.secagg:
-        aggregator = secagg_aggregator(default_secagg_config(len(sites),
-                                                             fed.min_sites),
-                                       n_sites=len(sites))
-    run = run_federated(key, alg, list(sites), aggregator=aggregator,
-                        min_sites=fed.min_sites, checkpoint_dir=checkpoint_dir,
-                        on_message=on_message,
-                        progress=labelled(progress or silent, label))
+        aggregator = secagg_aggregator(
+            default_secagg_config(len(sites), fed.min_sites), n_sites=len(sites)
+        )
+    run = run_federated(
+        key,
+        alg,
+        list(sites),
+        aggregator=aggregator,
+        min_sites=fed.min_sites,
+        checkpoint_dir=checkpoint_dir,
+        on_message=on_message,
+        progress=labelled(progress or silent, label),
+    )
     return run, dp_set
 
 
-def train_flower(task, key, seed: int, frames: Sequence[Any], strategy: str,
-                 model: Any, fed: FederationSettings, folder: str | Path, *,
-                 stop_after: int | None = None) -> tuple[Any, dict, dict]:
+def train_flower(
+    task,
+    key,
+    seed: int,
+    frames: Sequence[Any],
+    strategy: str,
+    model: Any,
+    fed: FederationSettings,
+    folder: str | Path,
+    *,
+    stop_after: int | None = None,
+) -> tuple[Any, dict, dict]:
     """Train ``task``'s model over real Flower processes on this machine (one
     SuperLink, one SuperNode per site; :func:`phems_clinical.federation.flower.
     launch.run_loopback`).
@@ -204,34 +252,53 @@ def train_flower(task, key, seed: int, frames: Sequence[Any], strategy: str,
     calibration: dict = {}
     if fed.dp is not None:  # calibrate z for the target, as in process
         prob = task.problem(key, frames, strategy, model)
-        _, calibration = with_dp(prob.build, options, fed.dp,
-                                 [site_size(s) for s in prob.sites])
-        options["dp"] = {"clip": float(fed.dp.clip), "delta": calibration["delta"],
-                         "accountant": fed.dp.accountant,
-                         "sampling_rate": float(fed.dp.sampling_rate),
-                         "noise_multiplier": calibration["noise_multiplier"]}
+        _, calibration = with_dp(
+            prob.build, options, fed.dp, [site_size(s) for s in prob.sites]
+        )
+        options["dp"] = {
+            "clip": float(fed.dp.clip),
+            "delta": calibration["delta"],
+            "accountant": fed.dp.accountant,
+            "sampling_rate": float(fed.dp.sampling_rate),
+            "noise_multiplier": calibration["noise_multiplier"],
+        }
     dirs = []
     for k, df in enumerate(frames):
         d = folder / "sites" / f"site_{k}"
         d.mkdir(parents=True, exist_ok=True)
         write_table(df.drop(columns="SITE", errors="ignore"), d / uc.data_file)
         dirs.append(d)
-    product, model_json = (task.flower_model(model) if task.flower_model is not None
-                           else ("", ""))
+    product, model_json = (
+        task.flower_model(model) if task.flower_model is not None else ("", "")
+    )
     out = folder / "flower"
     rounds = int(options.get("rounds", 0))
     settings = RunSettings(
-        seed=int(seed), algorithm=strategy, use_case=task.use_case,
-        product=product or RunSettings().product, model=model_json,
+        seed=int(seed),
+        algorithm=strategy,
+        use_case=task.use_case,
+        product=product or RunSettings().product,
+        model=model_json,
         rounds=int(stop_after) if stop_after else rounds,
-        min_sites=int(fed.min_sites or 0), secagg=bool(fed.secagg),
-        options=json.dumps(options), job=f"phems-{folder.name}",
-        checkpoint_dir=str(out / "checkpoint"))
+        min_sites=int(fed.min_sites or 0),
+        secagg=bool(fed.secagg),
+        options=json.dumps(options),
+        job=f"phems-{folder.name}",
+        checkpoint_dir=str(out / "checkpoint"),
+    )
     resume = checkpoint_path(settings.checkpoint_dir).exists()
-    res = run_loopback(dirs, out, settings=settings,
-                       **({"resume": True} if resume else {}))
-    result = {k: (np.asarray(v) if isinstance(v, list) else v)
-              for k, v in res["result"].items()}
-    sums = unpack_sums({f"{st}.{f}": v for st, fields in
-                        res.get("summaries", {}).items() for f, v in fields.items()})
+    res = run_loopback(
+        dirs, out, settings=settings, **({"resume": True} if resume else {})
+    )
+    result = {
+        k: (np.asarray(v) if isinstance(v, list) else v)
+        for k, v in res["result"].items()
+    }
+    sums = unpack_sums(
+        {
+            f"{st}.{f}": v
+            for st, fields in res.get("summaries", {}).items()
+            for f, v in fields.items()
+        }
+    )
     return task.flower_fitted(result, settings, sums, model), calibration, res

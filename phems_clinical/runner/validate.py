@@ -50,30 +50,47 @@ SOURCE_KINDS = ("real", "anonymised", "synthetic")
 # options of each federated strategy (phems_clinical.federation.registry.
 # build_algorithm and build_fedopt), with the check of each value
 _INT1, _POS, _NONNEG = "int>=1", "float>0", "float>=0"
-_FEDOPT_OPTS = {"rounds": _INT1, "learning_rate": _POS, "local_steps": _INT1,
-                "dp": "dict"}
+_FEDOPT_OPTS = {
+    "rounds": _INT1,
+    "learning_rate": _POS,
+    "local_steps": _INT1,
+    "dp": "dict",
+}
 STRATEGY_OPTIONS: dict[str, dict[str, str]] = {
     "fed_focei": {"rounds": _INT1},
     "fedavg": dict(_FEDOPT_OPTS),
     "fedprox": {**_FEDOPT_OPTS, "mu": _NONNEG},
     "fedadam": {**_FEDOPT_OPTS, "server_learning_rate": _POS},
     "fedyogi": {**_FEDOPT_OPTS, "server_learning_rate": _POS},
-    "ep": {"rounds": _INT1, "num_warmup": _INT1, "num_samples": _INT1,
-           "num_chains": _INT1, "damping": "share"},
-    "consensus_mc": {"num_warmup": _INT1, "num_samples": _INT1,
-                     "num_chains": _INT1},
+    "ep": {
+        "rounds": _INT1,
+        "num_warmup": _INT1,
+        "num_samples": _INT1,
+        "num_chains": _INT1,
+        "damping": "share",
+    },
+    "consensus_mc": {"num_warmup": _INT1, "num_samples": _INT1, "num_chains": _INT1},
 }
 # options of each source method (phems_clinical.evaluation.sources.derive and
 # phems_clinical.privacy.release.anonymise)
 SOURCE_OPTIONS: dict[str, dict[str, str]] = {
     "real": {},
-    "anonymised": {"k": "int>=2", "l": "int>=2", "t": "share", "sensitive": "str",
-                   "max_suppression": "share0", "metric": "str",
-                   "suppression": "str", "max_shift_days": "int>=0",
-                   # longitudinal perturbation; target: risk name -> bound
-                   # (names and bounds checked by evaluation.sources.derive)
-                   "micro_k": "int>=2", "noise": _NONNEG, "time_grid": _POS,
-                   "target": "dict"},
+    "anonymised": {
+        "k": "int>=2",
+        "l": "int>=2",
+        "t": "share",
+        "sensitive": "str",
+        "max_suppression": "share0",
+        "metric": "str",
+        "suppression": "str",
+        "max_shift_days": "int>=0",
+        # longitudinal perturbation; target: risk name -> bound
+        # (names and bounds checked by evaluation.sources.derive)
+        "micro_k": "int>=2",
+        "noise": _NONNEG,
+        "time_grid": _POS,
+        "target": "dict",
+    },
     "mst": {"epsilon": _POS, "delta": "open01", "n": _INT1},
     "copula": {"n": _INT1},
     "generator": {"n": _INT1},
@@ -95,17 +112,28 @@ def _value_problem(rule: str, value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             return f"expected an integer >= {lo}, got {value!r}"
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or \
-            not math.isfinite(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+    ):
         return f"expected a finite number, got {value!r}"
-    ok = {_POS: value > 0, _NONNEG: value >= 0, "share": 0 < value <= 1,
-          "share0": 0 <= value <= 1, "open01": 0 < value < 1}[rule]
+    ok = {
+        _POS: value > 0,
+        _NONNEG: value >= 0,
+        "share": 0 < value <= 1,
+        "share0": 0 <= value <= 1,
+        "open01": 0 < value < 1,
+    }[rule]
     if ok:
         return None
-    return {_POS: "expected a number > 0", _NONNEG: "expected a number >= 0",
-            "share": "expected a number in (0, 1]",
-            "share0": "expected a number in [0, 1]",
-            "open01": "expected a number in (0, 1)"}[rule] + f", got {value!r}"
+    return {
+        _POS: "expected a number > 0",
+        _NONNEG: "expected a number >= 0",
+        "share": "expected a number in (0, 1]",
+        "share0": "expected a number in [0, 1]",
+        "open01": "expected a number in (0, 1)",
+    }[rule] + f", got {value!r}"
 
 
 class _Problems:
@@ -127,12 +155,16 @@ class _Problems:
             return False
         return True
 
-    def options(self, name: str, opts: Mapping[str, Any],
-                rules: Mapping[str, str]) -> None:
+    def options(
+        self, name: str, opts: Mapping[str, Any], rules: Mapping[str, str]
+    ) -> None:
         unknown = sorted(set(opts) - set(rules))
         if unknown:
-            self.add(name, f"unknown option(s) {', '.join(unknown)}; expected "
-                           f"{', '.join(sorted(rules)) or 'none'}")
+            self.add(
+                name,
+                f"unknown option(s) {', '.join(unknown)}; expected "
+                f"{', '.join(sorted(rules)) or 'none'}",
+            )
         for k, v in opts.items():
             if k in rules and v is not None:
                 self.value(f"{name}.{k}", rules[k], v)
@@ -141,8 +173,9 @@ class _Problems:
         if len(self.items) == 1:
             raise ConfigError(self.items[0])
         if self.items:
-            raise ConfigError(f"{len(self.items)} settings cannot run:\n  "
-                              + "\n  ".join(self.items))
+            raise ConfigError(
+                f"{len(self.items)} settings cannot run:\n  " + "\n  ".join(self.items)
+            )
 
 
 def _seed(p: _Problems, seed: Any) -> None:
@@ -183,15 +216,27 @@ def _check_demo(p: _Problems, cfg: DictConfig, model: bool) -> None:
     _seed(p, cfg.seed)
     if p.choice("method", cfg.method, ("focei", "nuts", "svi")):
         fn = _fit_function(cfg.method)
-        known = [n for n, q in inspect.signature(fn).parameters.items()
-                 if q.kind == q.KEYWORD_ONLY] + ["dv_unit"]
+        known = [
+            n
+            for n, q in inspect.signature(fn).parameters.items()
+            if q.kind == q.KEYWORD_ONLY
+        ] + ["dv_unit"]
         opts = _container(cfg.method_options) or {}
         unknown = sorted(set(opts) - set(known))
         if unknown:
-            p.add("method_options", f"unknown option(s) {', '.join(unknown)} for "
-                                    f"{cfg.method}; expected {', '.join(known)}")
-        for k in ("num_warmup", "num_samples", "num_chains", "num_steps",
-                  "num_posterior_samples", "maxiter"):
+            p.add(
+                "method_options",
+                f"unknown option(s) {', '.join(unknown)} for "
+                f"{cfg.method}; expected {', '.join(known)}",
+            )
+        for k in (
+            "num_warmup",
+            "num_samples",
+            "num_chains",
+            "num_steps",
+            "num_posterior_samples",
+            "maxiter",
+        ):
             if k in opts:
                 p.value(f"method_options.{k}", _INT1, opts[k])
         for k in ("learning_rate", "gtol"):
@@ -235,8 +280,9 @@ def simulated_site_names(use_case: str, n_sites: int) -> list[str]:
     return usecases.get(use_case).site_names(n_sites)
 
 
-def _site_names(p: _Problems, cfg: DictConfig, use_case: str | None
-                ) -> tuple[list[str] | None, int | None]:
+def _site_names(
+    p: _Problems, cfg: DictConfig, use_case: str | None
+) -> tuple[list[str] | None, int | None]:
     """The sites the run would load (None if unknown) and the patients per site
     when simulated."""
     d = cfg.data
@@ -244,17 +290,26 @@ def _site_names(p: _Problems, cfg: DictConfig, use_case: str | None
     if d.omop is not None:
         folder = Path(os.path.expanduser(str(d.omop)))
         if not folder.exists():
-            p.add("data.omop", f"{folder} does not exist (expected a folder of "
-                               f"<site>.duckdb OMOP databases)")
+            p.add(
+                "data.omop",
+                f"{folder} does not exist (expected a folder of "
+                f"<site>.duckdb OMOP databases)",
+            )
             return None, None
         if not folder.is_dir():
-            p.add("data.omop", f"{folder} is not a folder (expected a folder of "
-                               f"<site>.duckdb OMOP databases)")
+            p.add(
+                "data.omop",
+                f"{folder} is not a folder (expected a folder of "
+                f"<site>.duckdb OMOP databases)",
+            )
             return None, None
         names = sorted(f.stem for f in folder.glob("*.duckdb"))
         if len(names) < 2:
-            p.add("data.omop", f"{folder} holds {len(names)} <site>.duckdb "
-                               f"database(s); need at least 2 (one is held out)")
+            p.add(
+                "data.omop",
+                f"{folder} holds {len(names)} <site>.duckdb "
+                f"database(s); need at least 2 (one is held out)",
+            )
             return None, None
         return names, None
     ok_n = p.value("data.n_sites", "int>=2", d.n_sites)
@@ -262,20 +317,25 @@ def _site_names(p: _Problems, cfg: DictConfig, use_case: str | None
     if ok_per and ok_frac:
         n_hold = int(round(d.test_fraction * d.n_per_site))
         if n_hold < 5 or d.n_per_site - n_hold < 10:
-            p.add("data.test_fraction", f"{d.test_fraction:g} of {d.n_per_site} "
-                  f"patients per hospital (data.n_per_site) keeps {n_hold} out and "
-                  f"{d.n_per_site - n_hold} for training; need >= 5 and >= 10")
+            p.add(
+                "data.test_fraction",
+                f"{d.test_fraction:g} of {d.n_per_site} "
+                f"patients per hospital (data.n_per_site) keeps {n_hold} out and "
+                f"{d.n_per_site - n_hold} for training; need >= 5 and >= 10",
+            )
             ok_per = False
-    names = simulated_site_names(use_case, int(d.n_sites)) \
-        if ok_n and use_case else None
+    names = (
+        simulated_site_names(use_case, int(d.n_sites)) if ok_n and use_case else None
+    )
     n_train = None
     if ok_per and ok_frac:
         n_train = int(d.n_per_site) - int(round(d.test_fraction * d.n_per_site))
     return names, n_train
 
 
-def _check_sources(p: _Problems, cfg: DictConfig, use_case: str | None,
-                   n_train: int | None) -> None:
+def _check_sources(
+    p: _Problems, cfg: DictConfig, use_case: str | None, n_train: int | None
+) -> None:
     if not cfg.sources:
         p.add("sources", "at least one data source is needed")
         return
@@ -288,19 +348,27 @@ def _check_sources(p: _Problems, cfg: DictConfig, use_case: str | None,
             p.choice(f"{where}.method", s.method, ("none", "default"))
             rules = SOURCE_OPTIONS["real"]
         elif s.kind == "anonymised":
-            if not p.choice(f"{where}.method", s.method,
-                            ("default", "none", *ANONYMISERS)):
+            if not p.choice(
+                f"{where}.method", s.method, ("default", "none", *ANONYMISERS)
+            ):
                 continue
             rules = SOURCE_OPTIONS["anonymised"]
             k = opts.get("k", 5)
-            if n_train is not None and _value_problem("int>=2", k) is None \
-                    and k > n_train:
-                p.add(f"{where}.options.k", f"k={k} exceeds the {n_train} training "
-                      f"patients per hospital (data.n_per_site x (1 - "
-                      f"data.test_fraction))")
+            if (
+                n_train is not None
+                and _value_problem("int>=2", k) is None
+                and k > n_train
+            ):
+                p.add(
+                    f"{where}.options.k",
+                    f"k={k} exceeds the {n_train} training "
+                    f"patients per hospital (data.n_per_site x (1 - "
+                    f"data.test_fraction))",
+                )
         else:
-            own = (usecases.get(use_case).generator if use_case in usecases.names()
-                   else "")
+            own = (
+                usecases.get(use_case).generator if use_case in usecases.names() else ""
+            )
             methods = ("default", "none", "copula", "mst", *([own] if own else []))
             if not p.choice(f"{where}.method", s.method, methods):
                 continue
@@ -308,29 +376,39 @@ def _check_sources(p: _Problems, cfg: DictConfig, use_case: str | None,
         p.options(f"{where}.options", opts, rules)
 
 
-def _check_federation(p: _Problems, cfg: DictConfig, task, sites: list[str] | None,
-                      holdout: str | None) -> None:
+def _check_federation(
+    p: _Problems, cfg: DictConfig, task, sites: list[str] | None, holdout: str | None
+) -> None:
     from phems_clinical.runner.training import ENGINES, FEDOPT
 
     f, d = cfg.federation, cfg.federation.dp
     strategy = cfg.inference.strategy or (task.strategy if task else None)
     engine_ok = p.choice("federation.engine", f.engine, ENGINES)
     strategy_ok = task is not None and p.choice(
-        "inference.strategy", strategy, task.strategies)
+        "inference.strategy", strategy, task.strategies
+    )
     if engine_ok and f.secagg and f.engine == "pooled":
-        p.add("federation.secagg", "the pooled reference has no sites to aggregate;"
-                                   " use engine inprocess or flower")
+        p.add(
+            "federation.secagg",
+            "the pooled reference has no sites to aggregate;"
+            " use engine inprocess or flower",
+        )
     opts = _container(cfg.inference.options) or {}
     if strategy_ok:
         p.options("inference.options", opts, STRATEGY_OPTIONS.get(strategy, {}))
     if d.epsilon is not None:
         if strategy_ok and strategy not in FEDOPT:
-            p.add("federation.dp", f"patient-level DP-SGD needs a gradient strategy "
-                                   f"({', '.join(FEDOPT)}); inference.strategy is "
-                                   f"{strategy!r}")
+            p.add(
+                "federation.dp",
+                f"patient-level DP-SGD needs a gradient strategy "
+                f"({', '.join(FEDOPT)}); inference.strategy is "
+                f"{strategy!r}",
+            )
         if "dp" in opts:
-            p.add("federation.dp.epsilon", "inference.options.dp is set as well; "
-                                           "give one of them")
+            p.add(
+                "federation.dp.epsilon",
+                "inference.options.dp is set as well; give one of them",
+            )
         p.value("federation.dp.epsilon", _POS, d.epsilon)
         if d.delta is not None:
             p.value("federation.dp.delta", "open01", d.delta)
@@ -342,17 +420,23 @@ def _check_federation(p: _Problems, cfg: DictConfig, task, sites: list[str] | No
         wanted = list(f.sites) if f.sites else sites
         unknown = [s for s in wanted if s not in sites]
         if unknown:
-            p.add("federation.sites", f"{', '.join(map(str, unknown))} not among the "
-                                      f"sites {', '.join(sites)}")
+            p.add(
+                "federation.sites",
+                f"{', '.join(map(str, unknown))} not among the "
+                f"sites {', '.join(sites)}",
+            )
         train = [s for s in wanted if s in sites and s != holdout]
         if not unknown and not train:
-            p.add("federation.sites", f"need at least one training site besides the "
-                                      f"held-out one ({holdout})")
-    if f.min_sites is not None and p.value("federation.min_sites", _INT1,
-                                           f.min_sites):
+            p.add(
+                "federation.sites",
+                f"need at least one training site besides the held-out one ({holdout})",
+            )
+    if f.min_sites is not None and p.value("federation.min_sites", _INT1, f.min_sites):
         if train and f.min_sites > len(train):
-            p.add("federation.min_sites", f"{f.min_sites} exceeds the "
-                                          f"{len(train)} training sites")
+            p.add(
+                "federation.min_sites",
+                f"{f.min_sites} exceeds the {len(train)} training sites",
+            )
 
 
 def _check_experiment(p: _Problems, cfg: DictConfig, model: bool) -> None:
@@ -376,8 +460,10 @@ def _check_experiment(p: _Problems, cfg: DictConfig, model: bool) -> None:
     if sites is not None:
         holdout = cfg.data.holdout_site or sites[-1]
         if holdout not in sites:
-            p.add("data.holdout_site", f"{holdout!r} is not one of the sites "
-                                       f"{', '.join(sites)}")
+            p.add(
+                "data.holdout_site",
+                f"{holdout!r} is not one of the sites {', '.join(sites)}",
+            )
             holdout = None
     _check_sources(p, cfg, task.use_case if task else None, n_train)
     _check_federation(p, cfg, task, sites, holdout)
@@ -385,8 +471,15 @@ def _check_experiment(p: _Problems, cfg: DictConfig, model: bool) -> None:
 
 
 # ---------------------------------------------------------------- pre-flight
-_DELEGATE = ("help", "hydra_help", "version", "cfg", "shell_completion", "info",
-             "experimental_rerun")
+_DELEGATE = (
+    "help",
+    "hydra_help",
+    "version",
+    "cfg",
+    "shell_completion",
+    "info",
+    "experimental_rerun",
+)
 
 
 def preflight(argv: Iterable[str]) -> int | None:
@@ -406,34 +499,43 @@ def preflight(argv: Iterable[str]) -> int | None:
     args = get_args_parser().parse_args(list(argv))
     if any(getattr(args, k, None) for k in _DELEGATE) or args.config_dir:
         return None
-    config_dir = os.path.abspath(args.config_path) if args.config_path else \
-        str(configs_dir())
+    config_dir = (
+        os.path.abspath(args.config_path) if args.config_path else str(configs_dir())
+    )
     name = args.config_name or "config"
     overrides = list(args.overrides)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3",
-                               job_name="phems_run"):
+    with initialize_config_dir(
+        config_dir=config_dir, version_base="1.3", job_name="phems_run"
+    ):
         hydra = GlobalHydra.instance().hydra
-        mode = RunMode.MULTIRUN if args.multirun else \
-            hydra.get_mode(config_name=name, overrides=overrides)
+        mode = (
+            RunMode.MULTIRUN
+            if args.multirun
+            else hydra.get_mode(config_name=name, overrides=overrides)
+        )
         if mode == RunMode.MULTIRUN:
-            multi = hydra.compose_config(name, overrides,
-                                         run_mode=RunMode.MULTIRUN,
-                                         with_log_configuration=False)
-            if multi.hydra.sweeper._target_ != \
-                    "hydra._internal.core_plugins.basic_sweeper.BasicSweeper":
+            multi = hydra.compose_config(
+                name, overrides, run_mode=RunMode.MULTIRUN, with_log_configuration=False
+            )
+            if (
+                multi.hydra.sweeper._target_
+                != "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+            ):
                 return None  # another sweeper: each job is checked when it starts
-            params = [f"{k}={v}" for k, v in (multi.hydra.sweeper.params or
-                                              {}).items()]
+            params = [f"{k}={v}" for k, v in (multi.hydra.sweeper.params or {}).items()]
             parsed = OverridesParser.create().parse_overrides(
-                params + list(multi.hydra.overrides.task))
-            jobs = [j for batch in BasicSweeper.split_arguments(parsed, None)
-                    for j in batch]
+                params + list(multi.hydra.overrides.task)
+            )
+            jobs = [
+                j for batch in BasicSweeper.split_arguments(parsed, None) for j in batch
+            ]
         else:
             jobs = [overrides]
         for job in jobs:
-            cfg = hydra.compose_config(name, job, run_mode=RunMode.RUN,
-                                       with_log_configuration=False)
+            cfg = hydra.compose_config(
+                name, job, run_mode=RunMode.RUN, with_log_configuration=False
+            )
             try:
                 check_config(cfg)
             except ConfigError as err:

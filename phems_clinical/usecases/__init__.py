@@ -40,10 +40,13 @@ HELPERS = frozenset({"base", "task", "omop_sites"})
 @cache
 def _modules() -> tuple[str, ...]:
     """Use-case modules of this package (file names only; nothing imported)."""
-    found = {m.name for m in pkgutil.iter_modules(__path__)
-             if not m.name.startswith("_") and m.name not in HELPERS}
-    return tuple(n for n in BUILTIN if n in found) + tuple(sorted(found -
-                                                                   set(BUILTIN)))
+    found = {
+        m.name
+        for m in pkgutil.iter_modules(__path__)
+        if not m.name.startswith("_") and m.name not in HELPERS
+    }
+    return tuple(n for n in BUILTIN if n in found) + tuple(sorted(found - set(BUILTIN)))
+
 
 _EXTRA: dict[str, UseCase] = {}
 
@@ -62,12 +65,13 @@ def get(name: str | UseCase) -> UseCase:
     if name in _EXTRA:
         return _EXTRA[name]
     if not isinstance(name, str) or name not in _modules():
-        raise UseCaseError(f"use_case: {name!r} is not one of "
-                           f"{', '.join(names())}")
+        raise UseCaseError(f"use_case: {name!r} is not one of {', '.join(names())}")
     uc = importlib.import_module(f"phems_clinical.usecases.{name}").USE_CASE
     if not isinstance(uc, UseCase) or uc.name != name:
-        raise UseCaseError(f"phems_clinical.usecases.{name}.USE_CASE: expected the "
-                           f"UseCase named {name!r}")
+        raise UseCaseError(
+            f"phems_clinical.usecases.{name}.USE_CASE: expected the "
+            f"UseCase named {name!r}"
+        )
     return uc
 
 
@@ -76,8 +80,7 @@ def registered(uc: UseCase) -> Iterator[UseCase]:
     """``uc`` known to :func:`get` and :func:`names` inside the ``with`` block only
     (a use case defined outside the package, e.g. in a test)."""
     if not isinstance(uc, UseCase):
-        raise UseCaseError(f"registered: expected a UseCase, got "
-                           f"{type(uc).__name__}")
+        raise UseCaseError(f"registered: expected a UseCase, got {type(uc).__name__}")
     if uc.name in _modules() or uc.name in _EXTRA:
         raise UseCaseError(f"use case {uc.name!r} is already registered")
     _EXTRA[uc.name] = uc

@@ -94,11 +94,13 @@ class UseCase(NamedTuple):
     @property
     def log_columns(self) -> list[str]:
         """Profile columns binned on the log1p scale (a 4-tuple bound)."""
-        return [c for c, v in self.profile_bounds.items()
-                if not isinstance(v, list) and len(v) > 3]
+        return [
+            c
+            for c, v in self.profile_bounds.items()
+            if not isinstance(v, list) and len(v) > 3
+        ]
 
     @property
     def categorical(self) -> list[str]:
         """Profile columns whose bounds are a category list."""
         return [c for c, v in self.profile_bounds.items() if isinstance(v, list)]
-

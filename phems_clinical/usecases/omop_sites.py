@@ -29,11 +29,25 @@ from phems_clinical.data.omop import (
     write_tables,
 )
 
-__all__ = ["PK_TABLES", "is_database", "load_site", "model_factor",
-           "pk_events_from_omop", "report_json", "site_databases", "write_site"]
+__all__ = [
+    "PK_TABLES",
+    "is_database",
+    "load_site",
+    "model_factor",
+    "pk_events_from_omop",
+    "report_json",
+    "site_databases",
+    "write_site",
+]
 
-PK_TABLES = ("person", "care_site", "visit_occurrence", "drug_exposure",
-             "measurement", "observation")
+PK_TABLES = (
+    "person",
+    "care_site",
+    "visit_occurrence",
+    "drug_exposure",
+    "measurement",
+    "observation",
+)
 
 
 _PG = ("postgresql://", "postgres://", "env:")
@@ -51,13 +65,16 @@ def _refuse_password(url: str) -> None:
         parts = urlsplit(url)
         query = parse_qs(parts.query)
     except ValueError:
-        raise ValueError("the PostgreSQL URL is not valid (postgresql://user@host:"
-                         "port/database)") from None
+        raise ValueError(
+            "the PostgreSQL URL is not valid (postgresql://user@host:port/database)"
+        ) from None
     if parts.password is not None or "password" in {k.lower() for k in query}:
-        raise ValueError("the PostgreSQL URL holds a password, which other users can "
-                         "read in the process list; put it in PGPASSWORD or "
-                         "~/.pgpass, or give env:NAME with the URL in environment "
-                         "variable NAME")
+        raise ValueError(
+            "the PostgreSQL URL holds a password, which other users can "
+            "read in the process list; put it in PGPASSWORD or "
+            "~/.pgpass, or give env:NAME with the URL in environment "
+            "variable NAME"
+        )
 
 
 def site_databases(target: str | Path) -> dict[str, str]:
@@ -74,13 +91,18 @@ def site_databases(target: str | Path) -> dict[str, str]:
         found = {p.stem: str(p) for p in sorted(path.glob("*.duckdb"))}
         if not found:
             # errno/strerror/filename, so the CLI names the option (--data)
-            raise FileNotFoundError(errno.ENOENT, "no <site>.duckdb files in this "
-                                    "folder", str(path))
+            raise FileNotFoundError(
+                errno.ENOENT, "no <site>.duckdb files in this folder", str(path)
+            )
         return found
     if not path.exists():
-        raise FileNotFoundError(errno.ENOENT, "no such OMOP database (expected a "
-                                ".duckdb file, a folder of them or a postgresql:// "
-                                "URL)", str(path))
+        raise FileNotFoundError(
+            errno.ENOENT,
+            "no such OMOP database (expected a "
+            ".duckdb file, a folder of them or a postgresql:// "
+            "URL)",
+            str(path),
+        )
     return {path.stem: str(path)}
 
 
@@ -90,8 +112,11 @@ def write_site(path: Path, tables: Mapping[str, pd.DataFrame]) -> dict[str, int]
     is written beside it under a temporary name and renamed when complete."""
     path = Path(path)
     if path.exists():
-        raise FileExistsError(errno.EEXIST, "an OMOP database is already there; "
-                              "it is not replaced", str(path))
+        raise FileExistsError(
+            errno.EEXIST,
+            "an OMOP database is already there; it is not replaced",
+            str(path),
+        )
     tmp = path.with_name(f".{path.name}.partial-{secrets.token_hex(4)}")
     try:
         with connect(tmp) as store:
@@ -103,8 +128,11 @@ def write_site(path: Path, tables: Mapping[str, pd.DataFrame]) -> dict[str, int]
             raise
         except OSError:  # a file system without hard links
             if path.exists():
-                raise FileExistsError(errno.EEXIST, "an OMOP database is already "
-                                      "there; it is not replaced", str(path)) from None
+                raise FileExistsError(
+                    errno.EEXIST,
+                    "an OMOP database is already there; it is not replaced",
+                    str(path),
+                ) from None
             os.replace(tmp, path)
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
@@ -112,8 +140,9 @@ def write_site(path: Path, tables: Mapping[str, pd.DataFrame]) -> dict[str, int]
     return {t: len(df) for t, df in tables.items()}
 
 
-def load_site(target: str, tables: tuple[str, ...] | None = None
-              ) -> tuple[dict[str, pd.DataFrame], LoadReport]:
+def load_site(
+    target: str, tables: tuple[str, ...] | None = None
+) -> tuple[dict[str, pd.DataFrame], LoadReport]:
     """Read and validate one site's OMOP tables (a read-only DuckDB connection or
     PostgreSQL session)."""
     with connect(target, read_only=True) as store:
@@ -123,13 +152,19 @@ def load_site(target: str, tables: tuple[str, ...] | None = None
 def report_json(report: LoadReport) -> dict[str, Any]:
     """A load report for result.json: rows read/kept per table, exclusions by
     table and reason."""
-    return {"rows": report.n_input, "kept": report.n_kept,
-            "excluded": [{"table": r["table"], "reason": r["reason"], "n": int(r["n"])}
-                         for _, r in report.counts.iterrows()]}
+    return {
+        "rows": report.n_input,
+        "kept": report.n_kept,
+        "excluded": [
+            {"table": r["table"], "reason": r["reason"], "n": int(r["n"])}
+            for _, r in report.counts.iterrows()
+        ],
+    }
 
 
-def pk_events_from_omop(target: str | Path, *, factor: str = "FVIII"
-                        ) -> tuple[pd.DataFrame, dict[str, dict]]:
+def pk_events_from_omop(
+    target: str | Path, *, factor: str = "FVIII"
+) -> tuple[pd.DataFrame, dict[str, dict]]:
     """NONMEM-style events (with a ``SITE`` column) from each site's OMOP database,
     and each site's load report (for result.json)."""
     frames, reports = [], {}
@@ -142,9 +177,13 @@ def pk_events_from_omop(target: str | Path, *, factor: str = "FVIII"
         reports[site] = report_json(report)
         if untimed is not None and len(untimed):
             # levels of persons without a (kept) dose: reported, not dropped
-            reports[site]["excluded"].append({
-                "table": "measurement", "reason": "no_dose_to_time",
-                "n": int(len(untimed))})
+            reports[site]["excluded"].append(
+                {
+                    "table": "measurement",
+                    "reason": "no_dose_to_time",
+                    "n": int(len(untimed)),
+                }
+            )
     return pd.concat(frames, ignore_index=True), reports
 
 

@@ -75,8 +75,9 @@ class Task(NamedTuple):
     check_flower_model: Callable[[Any], None] | None = None
 
 
-def stack_sites(frames: Sequence[pd.DataFrame], id_columns: Sequence[str]
-                ) -> pd.DataFrame:
+def stack_sites(
+    frames: Sequence[pd.DataFrame], id_columns: Sequence[str]
+) -> pd.DataFrame:
     """Stack sites' tables with their ids kept apart: integer ids are offset past
     the previous sites' largest, other ids get a ``<site index>:`` prefix."""
     out, offsets = [], dict.fromkeys(id_columns, 0)
@@ -94,8 +95,9 @@ def stack_sites(frames: Sequence[pd.DataFrame], id_columns: Sequence[str]
     return pd.concat(out, ignore_index=True)
 
 
-def flat_estimates(prefix: str, values, names: Sequence[str] | None = None
-                   ) -> dict[str, float]:
+def flat_estimates(
+    prefix: str, values, names: Sequence[str] | None = None
+) -> dict[str, float]:
     """``{prefix[i]: value}`` (or ``prefix[name]``) of an array's entries."""
     v = np.asarray(values, float).ravel()
     keys = names if names is not None else [str(i) for i in range(v.size)]

@@ -18,34 +18,89 @@ def cohort_csv(tmp_path_factory):
     # seed 1: a cohort whose FOCEI fit converges cleanly. Since jivi's validated
     # range starts at 12 y (the licence), seed 3's 24 patients put OMEGA(V1) on
     # its boundary (BFGS "precision loss", refused as not converged)
-    rc = main(["simulate", "--model", "jivi", "--n", "24", "--design", "rich",
-               "--seed", "1", "--out", str(path), "--truth", str(truth)])
+    rc = main(
+        [
+            "simulate",
+            "--model",
+            "jivi",
+            "--n",
+            "24",
+            "--design",
+            "rich",
+            "--seed",
+            "1",
+            "--out",
+            str(path),
+            "--truth",
+            str(truth),
+        ]
+    )
     assert rc == 0
     return path
 
 
 def test_simulate_writes_nonmem_csv(cohort_csv):
     df = pd.read_csv(cohort_csv)
-    assert {"ID", "TIME", "AMT", "DV", "EVID", "MDV", "BLQ", "LLOQ", "WT",
-            "LBW", "VWF"} <= set(df.columns)
+    assert {
+        "ID",
+        "TIME",
+        "AMT",
+        "DV",
+        "EVID",
+        "MDV",
+        "BLQ",
+        "LLOQ",
+        "WT",
+        "LBW",
+        "VWF",
+    } <= set(df.columns)
     assert df.ID.nunique() == 24
     assert (df.TIME >= 0).all()
     truth = pd.read_csv(cohort_csv.with_name("truth.csv"))
     assert {"CL", "V1", "ETA_CL", "ETA_V1"} <= set(truth.columns)
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("focei", []),
-    ("svi", ["--steps", "300"]),
-    # a NUTS fit must mix (split R-hat < 1.1) to be written: 60 + 60 draws of one
-    # chain did not (R-hat 1.15); 300 + 200 give 1.06
-    pytest.param("nuts", ["--chains", "1", "--warmup", "300", "--samples", "200",
-                          "--priors", "library"], marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("focei", []),
+        ("svi", ["--steps", "300"]),
+        # a NUTS fit must mix (split R-hat < 1.1) to be written: 60 + 60 draws of one
+        # chain did not (R-hat 1.15); 300 + 200 give 1.06
+        pytest.param(
+            "nuts",
+            [
+                "--chains",
+                "1",
+                "--warmup",
+                "300",
+                "--samples",
+                "200",
+                "--priors",
+                "library",
+            ],
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_fit_each_method_writes_outputs(cohort_csv, tmp_path, method, extra):
     out = tmp_path / method
-    rc = main(["fit", "--data", str(cohort_csv), "--model", "jivi", "--method",
-               method, "--out", str(out), "--seed", "1", *extra])
+    rc = main(
+        [
+            "fit",
+            "--data",
+            str(cohort_csv),
+            "--model",
+            "jivi",
+            "--method",
+            method,
+            "--out",
+            str(out),
+            "--seed",
+            "1",
+            *extra,
+        ]
+    )
     assert rc == 0
     est = json.loads((out / "estimates.json").read_text())
     assert est["method"] == method and est["n_subjects"] == 24
@@ -75,8 +130,21 @@ def test_fit_names_each_excluded_record(cohort_csv, tmp_path, capsys):
     dose = df[df.EVID == 1].iloc[[0]].assign(ID=999)
     data = tmp_path / "with_dose_only.csv"
     pd.concat([df, dose]).to_csv(data, index=False)
-    rc = main(["fit", "--data", str(data), "--model", "jivi", "--method", "focei",
-               "--out", str(tmp_path / "o"), "--seed", "1"])
+    rc = main(
+        [
+            "fit",
+            "--data",
+            str(data),
+            "--model",
+            "jivi",
+            "--method",
+            "focei",
+            "--out",
+            str(tmp_path / "o"),
+            "--seed",
+            "1",
+        ]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out.split("\nwrote")[0])["excluded_records"] == 1
@@ -87,8 +155,19 @@ def test_fit_names_each_excluded_record(cohort_csv, tmp_path, capsys):
 def test_fit_missing_covariate_is_a_clear_error(cohort_csv, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     pd.read_csv(cohort_csv).drop(columns=["VWF"]).to_csv(bad, index=False)
-    rc = main(["fit", "--data", str(bad), "--model", "jivi", "--method", "focei",
-               "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "fit",
+            "--data",
+            str(bad),
+            "--model",
+            "jivi",
+            "--method",
+            "focei",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "VWF" in err and "column" in err
@@ -102,21 +181,54 @@ def test_fit_bad_row_names_row_and_column(cohort_csv, tmp_path, capsys):
     df.loc[i, "DV"] = "abc"
     bad = tmp_path / "bad.csv"
     df.to_csv(bad, index=False)
-    rc = main(["fit", "--data", str(bad), "--model", "jivi", "--method", "focei",
-               "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "fit",
+            "--data",
+            str(bad),
+            "--model",
+            "jivi",
+            "--method",
+            "focei",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert f"row {i + 1}" in err and "DV" in err
 
 
 def test_unknown_model_and_method(cohort_csv, tmp_path, capsys):
-    rc = main(["fit", "--data", str(cohort_csv), "--model", "nosuchproduct",
-               "--method", "focei", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "fit",
+            "--data",
+            str(cohort_csv),
+            "--model",
+            "nosuchproduct",
+            "--method",
+            "focei",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 2
     assert "nosuchproduct" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "--data", str(cohort_csv), "--model", "jivi", "--method",
-              "saem", "--out", str(tmp_path)])
+        main(
+            [
+                "fit",
+                "--data",
+                str(cohort_csv),
+                "--model",
+                "jivi",
+                "--method",
+                "saem",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert exc.value.code == 2
 
 
@@ -143,8 +255,12 @@ def test_products_json_matches_the_library(capsys):
 
 
 def test_console_entry_point_runs():
-    proc = subprocess.run([sys.executable, "-m", "phems_clinical", "--help"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "phems_clinical", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "fit" in proc.stdout
 
 
@@ -168,8 +284,10 @@ def _check_fitted_model(out, est, seed):
         i, j = (ix[p] for p in label.split(","))
         assert fitted.omega[i, j] == pytest.approx(entry["estimate"], rel=1e-12)
         assert fitted.omega[j, i] == fitted.omega[i, j]
-    sd = {"additive": fitted.residual.additive,
-          "proportional": fitted.residual.proportional}
+    sd = {
+        "additive": fitted.residual.additive,
+        "proportional": fitted.residual.proportional,
+    }
     for label, entry in est["sigma"].items():
         assert sd[label] ** 2 == pytest.approx(entry["estimate"], rel=1e-12)
     assert fitted.omega_structure == prior.omega_structure

@@ -30,15 +30,29 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {heavy})))
 def _loaded(*argv: str) -> list[str]:
     """Heavy modules in ``sys.modules`` after ``phems ARGV`` in a new process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", _PROBE.format(heavy=set(HEAVY)),
-                           *argv], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(heavy=set(HEAVY)), *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("argv", [("--help",), ("dose", "--help"),
-                                  ("serve", "--help"), ("patients", "--help"),
-                                  ("fit", "--help"), ("sepsis", "--help")])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--help",),
+        ("dose", "--help"),
+        ("serve", "--help"),
+        ("patients", "--help"),
+        ("fit", "--help"),
+        ("sepsis", "--help"),
+    ],
+)
 def test_help_imports_no_heavy_library(argv):
     loaded = _loaded(*argv)
     if argv[0] == "sepsis":  # its module is imported to build its options
@@ -52,8 +66,7 @@ def test_parse_error_imports_no_heavy_library():
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, str]:
-    sub = next(a for a in parser._actions
-               if isinstance(a, argparse._SubParsersAction))
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return {c.dest: c.help for c in sub._choices_actions}
 
 
@@ -68,14 +81,17 @@ def test_stub_help_texts_are_the_modules():
     assert stubs <= set(full)
 
 
-@pytest.mark.parametrize("argv, dest", [
-    (["audit", "show", "log.jsonl"], "log"),
-    (["governance", "keygen", "--out", "k"], "out"),
-    (["omop", "check", "site.duckdb"], "db"),
-    (["sepsis", "--omop", "d", "--out", "o"], "omop"),
-    (["cardiac", "--omop", "d", "--out", "o"], "omop"),
-    (["anonymise", "--use-case", "picu", "--omop", "d", "--out", "o"], "use_case"),
-])
+@pytest.mark.parametrize(
+    "argv, dest",
+    [
+        (["audit", "show", "log.jsonl"], "log"),
+        (["governance", "keygen", "--out", "k"], "out"),
+        (["omop", "check", "site.duckdb"], "db"),
+        (["sepsis", "--omop", "d", "--out", "o"], "omop"),
+        (["cardiac", "--omop", "d", "--out", "o"], "omop"),
+        (["anonymise", "--use-case", "picu", "--omop", "d", "--out", "o"], "use_case"),
+    ],
+)
 def test_lazy_commands_parse_with_their_real_options(argv, dest):
     args = build_parser(argv).parse_args(argv)
     assert hasattr(args, dest) and callable(args.func)

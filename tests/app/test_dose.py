@@ -14,11 +14,18 @@ from phems_clinical.app.dose import run_dose
 from phems_clinical.data.dosing_request import RequestError
 
 # Kovaltry (Garmann 2017): the library's fully verified default (no acknowledgement)
-EXAMPLE = {"product": "kovaltry", "weight_kg": 25.0, "age_y": 8.0, "height_cm": 128.0,
-           "infusions": [{"time_h": 0.0, "dose_IU": 1000, "duration_h": 0.17}],
-           "levels": [{"time_h": 4.0, "value": 40.2, "unit": "IU/dL"},
-                      {"time_h": 24.0, "value": 10.1, "unit": "IU/dL"},
-                      {"time_h": 48.0, "value": 1.5, "unit": "IU/dL"}]}
+EXAMPLE = {
+    "product": "kovaltry",
+    "weight_kg": 25.0,
+    "age_y": 8.0,
+    "height_cm": 128.0,
+    "infusions": [{"time_h": 0.0, "dose_IU": 1000, "duration_h": 0.17}],
+    "levels": [
+        {"time_h": 4.0, "value": 40.2, "unit": "IU/dL"},
+        {"time_h": 24.0, "value": 10.1, "unit": "IU/dL"},
+        {"time_h": 48.0, "value": 1.5, "unit": "IU/dL"},
+    ],
+}
 EST = {"median", "lo90", "hi90"}
 
 
@@ -38,8 +45,14 @@ def example_run(tmp_path_factory):
 
 def test_example_writes_all_outputs(example_run):
     r = json.loads((example_run / "result.json").read_text())
-    for key in ("half_life_h", "effective_half_life_h", "clearance_dL_h", "v1_dL",
-                "vss_dL", "incremental_recovery"):
+    for key in (
+        "half_life_h",
+        "effective_half_life_h",
+        "clearance_dL_h",
+        "v1_dL",
+        "vss_dL",
+        "incremental_recovery",
+    ):
         assert set(r[key]) == EST
         assert r[key]["lo90"] < r[key]["median"] < r[key]["hi90"]
     assert set(r["time_to_threshold_h"]) == {"1", "2", "5"}
@@ -59,8 +72,9 @@ def test_example_writes_all_outputs(example_run):
             assert g["dose_IU"] % 250 == 0 and g["dose_IU"] >= 250
             assert g["dose_IU_kg"] == pytest.approx(g["dose_IU"] / 25.0)
             assert g["dose_IU_kg_week"] == pytest.approx(
-                g["dose_IU_kg"] * g["infusions_per_week"])
-        else:   # the cap named as a cap, its dose shown
+                g["dose_IU_kg"] * g["infusions_per_week"]
+            )
+        else:  # the cap named as a cap, its dose shown
             assert g["status"] == "above_cap"
             assert g["dose_IU_kg"] <= 100.0 + 1e-9
     assert r["current_regimen"] is None and r["current_regimen_trough_prob"] is None
@@ -86,8 +100,16 @@ def test_same_seed_same_result():
 
 
 def test_nuts_agrees_with_map(tmp_path):
-    rc = main(["dose", str(_write(tmp_path, EXAMPLE)), "--out", str(tmp_path / "n"),
-               "--method", "nuts"])
+    rc = main(
+        [
+            "dose",
+            str(_write(tmp_path, EXAMPLE)),
+            "--out",
+            str(tmp_path / "n"),
+            "--method",
+            "nuts",
+        ]
+    )
     assert rc == 0
     nuts = json.loads((tmp_path / "n" / "result.json").read_text())
     assert nuts["method"] == "nuts" and nuts["diagnostics"]["divergences"] == 0
@@ -119,15 +141,20 @@ def test_level_before_infusion(capsys, tmp_path):
     assert "levels[0].time_h" in err and "first infusion" in err
 
 
-@pytest.mark.parametrize("value,unit,field", [
-    (0.402, "IU/dL", "levels[0].unit"),   # IU/mL value entered as IU/dL
-    (40.2, "IU/mL", "levels[0].value"),   # 4020 IU/dL: impossible
-])
+@pytest.mark.parametrize(
+    "value,unit,field",
+    [
+        (0.402, "IU/dL", "levels[0].unit"),  # IU/mL value entered as IU/dL
+        (40.2, "IU/mL", "levels[0].value"),  # 4020 IU/dL: impossible
+    ],
+)
 def test_unit_confusion(capsys, tmp_path, value, unit, field):
     levels = [{"time_h": 4.0, "value": value, "unit": unit}] + EXAMPLE["levels"][1:]
     if unit == "IU/mL":
-        levels = [{**lv, "value": lv["value"] / 100, "unit": "IU/mL"} for lv in
-                  EXAMPLE["levels"][1:]]
+        levels = [
+            {**lv, "value": lv["value"] / 100, "unit": "IU/mL"}
+            for lv in EXAMPLE["levels"][1:]
+        ]
         levels.insert(0, {"time_h": 4.0, "value": value, "unit": unit})
     err = _errors(capsys, tmp_path, {**EXAMPLE, "levels": levels})
     assert field in err and "IU/" in err and "unit" in err
@@ -146,10 +173,16 @@ def test_non_json(capsys, tmp_path):
 
 
 def test_extrapolation_warning(capsys, tmp_path):
-    req = {**EXAMPLE, "age_y": 0.5, "weight_kg": 7.0,
-           "infusions": [{"time_h": 0.0, "dose_IU": 250, "duration_h": 0.1}],
-           "levels": [{"time_h": 4.0, "value": 35.0, "unit": "IU/dL"},
-                      {"time_h": 24.0, "value": 6.0, "unit": "IU/dL"}]}
+    req = {
+        **EXAMPLE,
+        "age_y": 0.5,
+        "weight_kg": 7.0,
+        "infusions": [{"time_h": 0.0, "dose_IU": 250, "duration_h": 0.1}],
+        "levels": [
+            {"time_h": 4.0, "value": 35.0, "unit": "IU/dL"},
+            {"time_h": 24.0, "value": 6.0, "unit": "IU/dL"},
+        ],
+    }
     rc = main(["dose", str(_write(tmp_path, req)), "--out", str(tmp_path / "o")])
     assert rc == 0
     err = capsys.readouterr().err
@@ -161,13 +194,19 @@ def test_extrapolation_warning(capsys, tmp_path):
 
 def test_blq_datetimes_and_assumed_covariates():
     """Date-times, a BLQ level (M3) and an EHL product with VWF/HCT not given."""
-    req = {"product": "eloctate", "weight_kg": 60.0, "age_y": 30.0,
-           "infusions": [{"datetime": "2026-11-02T08:00", "dose_IU": 3000,
-                          "duration_h": 0.1}],
-           "levels": [{"datetime": "2026-11-02T12:00", "value": 0.6, "unit": "IU/mL"},
-                      {"datetime": "2026-11-05T08:00", "value": 8.0, "unit": "IU/dL"},
-                      {"datetime": "2026-11-07T08:00", "blq": True, "lloq": 1.0,
-                       "unit": "IU/dL"}]}
+    req = {
+        "product": "eloctate",
+        "weight_kg": 60.0,
+        "age_y": 30.0,
+        "infusions": [
+            {"datetime": "2026-11-02T08:00", "dose_IU": 3000, "duration_h": 0.1}
+        ],
+        "levels": [
+            {"datetime": "2026-11-02T12:00", "value": 0.6, "unit": "IU/mL"},
+            {"datetime": "2026-11-05T08:00", "value": 8.0, "unit": "IU/dL"},
+            {"datetime": "2026-11-07T08:00", "blq": True, "lloq": 1.0, "unit": "IU/dL"},
+        ],
+    }
     r = run_dose(req).result
     assert r["time_origin"].startswith("2026-11-02T08:00")
     assert [lv["time_h"] for lv in r["levels"]] == [4.0, 72.0, 120.0]
@@ -178,19 +217,31 @@ def test_blq_datetimes_and_assumed_covariates():
     at_120 = np.interp(120.0, without["curve"]["time_h"], without["curve"]["p50"])
     assert r["levels"][2]["predicted"]["median"] < 0.85 * at_120
     assert r["covariates"]["VWF"]["source"] == "assumed"
-    assert {w["field"] for w in r["warnings"]} >= {"vwf_IU_dL", "hematocrit_pct",
-                                                   "method"}
+    assert {w["field"] for w in r["warnings"]} >= {
+        "vwf_IU_dL",
+        "hematocrit_pct",
+        "method",
+    }
     assert max(g["schedule"]["every_h"] or 0 for g in r["regimens"]) == 168.0
     # an extended half-life product leads with the effective half-life
     assert r["display"]["summary"][0]["label"] == "Effective half-life"
 
 
 def test_regular_history_reports_current_regimen():
-    req = {"product": "kovaltry", "weight_kg": 30.0, "age_y": 10.0, "height_cm": 138,
-           "infusions": [{"time_h": t, "dose_IU": 1000, "duration_h": 0.1}
-                         for t in (0.0, 48.0, 96.0, 144.0)],
-           "levels": [{"time_h": 148.0, "value": 35.0, "unit": "IU/dL"},
-                      {"time_h": 190.0, "value": 2.5, "unit": "IU/dL"}]}
+    req = {
+        "product": "kovaltry",
+        "weight_kg": 30.0,
+        "age_y": 10.0,
+        "height_cm": 138,
+        "infusions": [
+            {"time_h": t, "dose_IU": 1000, "duration_h": 0.1}
+            for t in (0.0, 48.0, 96.0, 144.0)
+        ],
+        "levels": [
+            {"time_h": 148.0, "value": 35.0, "unit": "IU/dL"},
+            {"time_h": 190.0, "value": 2.5, "unit": "IU/dL"},
+        ],
+    }
     r = run_dose(req).result
     assert r["current_regimen"] == {"interval_h": 48.0, "dose_IU": 1000.0}
     probs = r["current_regimen_trough_prob"]
@@ -225,6 +276,7 @@ def test_infinite_time_when_baseline_above_threshold():
 
 # ------------------------------------------------ fail closed
 
+
 def _fitted(tmp_path, fitted):
     from phems_clinical.pk.library import load_product
     from phems_clinical.pk.spec import save_model
@@ -233,19 +285,26 @@ def _fitted(tmp_path, fitted):
     meta = dict(model.metadata)
     if fitted is not None:
         meta["fitted"] = fitted
-    path = save_model(dataclasses.replace(model, metadata=meta),
-                      tmp_path / "model.yaml")
+    path = save_model(
+        dataclasses.replace(model, metadata=meta), tmp_path / "model.yaml"
+    )
     return {k: v for k, v in EXAMPLE.items() if k != "product"} | {"model": str(path)}
 
 
-@pytest.mark.parametrize("fitted", [{"converged": False, "objective": None},
-                                    {"objective": 12.5}, {"converged": "yes"}])
+@pytest.mark.parametrize(
+    "fitted",
+    [
+        {"converged": False, "objective": None},
+        {"objective": 12.5},
+        {"converged": "yes"},
+    ],
+)
 def test_model_from_a_failed_fit_is_refused(tmp_path, fitted):
     with pytest.raises(RequestError) as err:
         run_dose(_fitted(tmp_path, fitted))
     (e,) = err.value.errors
     assert e.field == "model" and "model.yaml" in e.message
-    assert "converge" in e.message   # did not converge / fitted.converged: ...
+    assert "converge" in e.message  # did not converge / fitted.converged: ...
 
 
 def test_model_from_a_converged_fit_is_used(tmp_path):
@@ -261,8 +320,9 @@ def test_model_from_a_converged_fit_is_used(tmp_path):
 def _fake_output(tag: str):
     from phems_clinical.app.dose import DoseOutput
 
-    return DoseOutput({"patient_id": tag}, b"\x89PNG" + tag.encode(),
-                      f"<html>{tag}</html>")
+    return DoseOutput(
+        {"patient_id": tag}, b"\x89PNG" + tag.encode(), f"<html>{tag}</html>"
+    )
 
 
 def test_outputs_never_replace_a_report_silently(tmp_path):
@@ -285,7 +345,7 @@ def test_failed_write_leaves_the_old_report(tmp_path):
 
     out = tmp_path / "out"
     write_dose_outputs(_fake_output("first"), out)
-    bad = DoseOutput({"x": math.nan}, b"png", "<html/>")   # NaN is no JSON
+    bad = DoseOutput({"x": math.nan}, b"png", "<html/>")  # NaN is no JSON
     with pytest.raises(ValueError):
         write_dose_outputs(bad, out, overwrite=True)
     assert (out / "report.html").read_text() == "<html>first</html>"
@@ -310,8 +370,13 @@ def test_levels_of_zero_not_marked_blq(capsys, tmp_path):
 
 
 def test_level_far_outside_the_prior_predictive_range_is_refused():
-    req = {**EXAMPLE, "levels": [EXAMPLE["levels"][0],
-                                 {"time_h": 24.0, "value": 300.0, "unit": "IU/dL"}]}
+    req = {
+        **EXAMPLE,
+        "levels": [
+            EXAMPLE["levels"][0],
+            {"time_h": 24.0, "value": 300.0, "unit": "IU/dL"},
+        ],
+    }
     with pytest.raises(RequestError) as err:
         run_dose(req)
     (e,) = err.value.errors
@@ -320,8 +385,13 @@ def test_level_far_outside_the_prior_predictive_range_is_refused():
 
 
 def test_level_just_outside_the_prior_predictive_range_is_a_warning():
-    req = {**EXAMPLE, "levels": [{"time_h": 4.0, "value": 120.0, "unit": "IU/dL"},
-                                 *EXAMPLE["levels"][1:]]}
+    req = {
+        **EXAMPLE,
+        "levels": [
+            {"time_h": 4.0, "value": 120.0, "unit": "IU/dL"},
+            *EXAMPLE["levels"][1:],
+        ],
+    }
     r = run_dose(req).result
     (w,) = [w for w in r["warnings"] if w["field"] == "levels[0].value"]
     assert "outside the range the population model expects" in w["message"]
@@ -329,7 +399,7 @@ def test_level_just_outside_the_prior_predictive_range_is_a_warning():
 
 def test_seed_override_out_of_range():
     with pytest.raises(RequestError) as err:
-        run_dose(EXAMPLE, seed=10 ** 30)
+        run_dose(EXAMPLE, seed=10**30)
     assert [e.field for e in err.value.errors] == ["seed"]
 
 
@@ -340,7 +410,7 @@ def test_figure_shortens_the_id_and_typesets_no_maths(example_run):
     r = json.loads((example_run / "result.json").read_text())
     r["patient_id"] = "$\\foo$ " + "x" * 57
     with pytest.raises(ValueError):
-        curve_figure(r)   # matplotlib reads $...$ as maths
+        curve_figure(r)  # matplotlib reads $...$ as maths
     shown = _for_display(r)
     assert shown["patient_id"].startswith("\\$\\foo\\$ ")
     assert len(shown["patient_id"]) < 30 and shown["patient_id"].endswith("\u2026")

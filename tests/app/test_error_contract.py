@@ -26,62 +26,184 @@ def _refused(capsys, argv, *names):
     return err
 
 
-@pytest.mark.parametrize("argv, name", [
-    (["simulate", "--model", "jivi", "--seed", str(10**30), "--out", "x.csv"],
-     "--seed"),
-    (["simulate", "--model", "jivi", "--seed", "-1", "--out", "x.csv"], "--seed"),
-    (["simulate", "--model", "jivi", "--n", "0", "--out", "x.csv"], "--n"),
-    (["simulate", "--model", "jivi", "--n", "1e9", "--out", "x.csv"], "--n"),
-    (["simulate", "--model", "jivi", "--min-age", "nan", "--out", "x.csv"],
-     "--min-age"),
-    (["simulate", "--model", "jivi", "--max-age", "200", "--out", "x.csv"],
-     "--max-age"),
-    (["fit", "--data", "d.csv", "--model", "jivi", "--method", "nuts", "--out",
-      "o", "--chains", "0"], "--chains"),
-    (["fit", "--data", "d.csv", "--model", "jivi", "--method", "nuts", "--out",
-      "o", "--samples", "-5"], "--samples"),
-    (["federate", "--data", "d.csv", "--model", "jivi", "--out", "o", "--rounds",
-      "0"], "--rounds"),
-    (["dose", "p.json", "--out", "o", "--seed", "1e3"], "--seed"),
-    (["serve", "--port", "70000"], "--port"),
-    (["governance", "sign-request", "--key", "k", "--requester", "r",
-      "--experiment", "e", "--algorithm", "fedavg", "--rounds", "0"], "--rounds"),
-    (["governance", "sign-request", "--key", "k", "--requester", "r",
-      "--experiment", "e", "--algorithm", "fedavg", "--rounds", "3",
-      "--valid-hours", "nan"], "--valid-hours"),
-    (["governance", "sign-request", "--key", "k", "--requester", "r",
-      "--experiment", "e", "--algorithm", "fedavg", "--rounds", "3",
-      "--valid-hours", "1e300"], "--valid-hours"),
-])
+@pytest.mark.parametrize(
+    "argv, name",
+    [
+        (
+            ["simulate", "--model", "jivi", "--seed", str(10**30), "--out", "x.csv"],
+            "--seed",
+        ),
+        (["simulate", "--model", "jivi", "--seed", "-1", "--out", "x.csv"], "--seed"),
+        (["simulate", "--model", "jivi", "--n", "0", "--out", "x.csv"], "--n"),
+        (["simulate", "--model", "jivi", "--n", "1e9", "--out", "x.csv"], "--n"),
+        (
+            ["simulate", "--model", "jivi", "--min-age", "nan", "--out", "x.csv"],
+            "--min-age",
+        ),
+        (
+            ["simulate", "--model", "jivi", "--max-age", "200", "--out", "x.csv"],
+            "--max-age",
+        ),
+        (
+            [
+                "fit",
+                "--data",
+                "d.csv",
+                "--model",
+                "jivi",
+                "--method",
+                "nuts",
+                "--out",
+                "o",
+                "--chains",
+                "0",
+            ],
+            "--chains",
+        ),
+        (
+            [
+                "fit",
+                "--data",
+                "d.csv",
+                "--model",
+                "jivi",
+                "--method",
+                "nuts",
+                "--out",
+                "o",
+                "--samples",
+                "-5",
+            ],
+            "--samples",
+        ),
+        (
+            [
+                "federate",
+                "--data",
+                "d.csv",
+                "--model",
+                "jivi",
+                "--out",
+                "o",
+                "--rounds",
+                "0",
+            ],
+            "--rounds",
+        ),
+        (["dose", "p.json", "--out", "o", "--seed", "1e3"], "--seed"),
+        (["serve", "--port", "70000"], "--port"),
+        (
+            [
+                "governance",
+                "sign-request",
+                "--key",
+                "k",
+                "--requester",
+                "r",
+                "--experiment",
+                "e",
+                "--algorithm",
+                "fedavg",
+                "--rounds",
+                "0",
+            ],
+            "--rounds",
+        ),
+        (
+            [
+                "governance",
+                "sign-request",
+                "--key",
+                "k",
+                "--requester",
+                "r",
+                "--experiment",
+                "e",
+                "--algorithm",
+                "fedavg",
+                "--rounds",
+                "3",
+                "--valid-hours",
+                "nan",
+            ],
+            "--valid-hours",
+        ),
+        (
+            [
+                "governance",
+                "sign-request",
+                "--key",
+                "k",
+                "--requester",
+                "r",
+                "--experiment",
+                "e",
+                "--algorithm",
+                "fedavg",
+                "--rounds",
+                "3",
+                "--valid-hours",
+                "1e300",
+            ],
+            "--valid-hours",
+        ),
+    ],
+)
 def test_options_are_checked_by_the_parser(capsys, argv, name):
     _refused(capsys, argv, name)
 
 
 def test_min_age_not_below_max_age(capsys, tmp_path):
-    _refused(capsys, ["simulate", "--model", "jivi", "--design", "rich", "--min-age",
-                      "30", "--max-age", "10", "--out", str(tmp_path / "x.csv")],
-             "--min-age/--max-age")
+    _refused(
+        capsys,
+        [
+            "simulate",
+            "--model",
+            "jivi",
+            "--design",
+            "rich",
+            "--min-age",
+            "30",
+            "--max-age",
+            "10",
+            "--out",
+            str(tmp_path / "x.csv"),
+        ],
+        "--min-age/--max-age",
+    )
     assert not (tmp_path / "x.csv").exists()
 
 
 def test_missing_file_names_it_and_its_argument(capsys, tmp_path):
     missing = tmp_path / "nobody.json"
-    err = _refused(capsys, ["dose", str(missing), "--out", str(tmp_path / "o")],
-                   "patient", str(missing), "No such file")
+    err = _refused(
+        capsys,
+        ["dose", str(missing), "--out", str(tmp_path / "o")],
+        "patient",
+        str(missing),
+        "No such file",
+    )
     assert err.startswith("phems dose: error: ")
     folder = tmp_path / "adir"
     folder.mkdir()
-    _refused(capsys, ["dose", str(folder), "--out", str(tmp_path / "o")], "patient",
-             str(folder))
+    _refused(
+        capsys,
+        ["dose", str(folder), "--out", str(tmp_path / "o")],
+        "patient",
+        str(folder),
+    )
 
 
-@pytest.mark.parametrize("raised, expected", [
-    (KeyError(None), "missing or empty"),
-    (KeyError(""), "missing or empty"),
-    (KeyError("column 'DV': expected a number"), "column 'DV'"),
-    (OverflowError("int too large to convert to float"), "too large"),
-    (ValueError("--model: unknown product"), "--model: unknown product"),
-])
+@pytest.mark.parametrize(
+    "raised, expected",
+    [
+        (KeyError(None), "missing or empty"),
+        (KeyError(""), "missing or empty"),
+        (KeyError("column 'DV': expected a number"), "column 'DV'"),
+        (OverflowError("int too large to convert to float"), "too large"),
+        (ValueError("--model: unknown product"), "--model: unknown product"),
+    ],
+)
 def test_user_errors_exit_2_with_a_message(capsys, monkeypatch, raised, expected):
     def boom(args):
         raise raised
@@ -110,7 +232,8 @@ def test_psycopg2_error_exits_2_without_the_password(capsys, monkeypatch):
     def boom(args):
         raise psycopg2.OperationalError(
             'connection to server at "db" failed: FATAL: password authentication '
-            'failed for "postgresql://site:hunter2@db/omop" (password=hunter2)')
+            'failed for "postgresql://site:hunter2@db/omop" (password=hunter2)'
+        )
 
     monkeypatch.setattr(cli, "_products", boom)
     err = _refused(capsys, ["products"], "PostgreSQL", "password authentication")
@@ -135,22 +258,68 @@ def test_internal_error_exits_1_briefly_and_debug_shows_it(capsys, monkeypatch):
 def test_simulate_refuses_to_replace_without_overwrite(capsys, tmp_path):
     out = tmp_path / "cohort.csv"
     out.write_text("earlier results\n")
-    _refused(capsys, ["simulate", "--model", "jivi", "--n", "3", "--design", "rich",
-                      "--out", str(out)], "--out", "--overwrite")
+    _refused(
+        capsys,
+        [
+            "simulate",
+            "--model",
+            "jivi",
+            "--n",
+            "3",
+            "--design",
+            "rich",
+            "--out",
+            str(out),
+        ],
+        "--out",
+        "--overwrite",
+    )
     assert out.read_text() == "earlier results\n"
-    _refused(capsys, ["simulate", "--model", "jivi", "--n", "3", "--design", "rich",
-                      "--out", str(tmp_path)], "--out", "folder")
-    assert main(["simulate", "--model", "jivi", "--n", "3", "--design", "rich",
-                 "--out", str(out), "--overwrite"]) == 0
+    _refused(
+        capsys,
+        [
+            "simulate",
+            "--model",
+            "jivi",
+            "--n",
+            "3",
+            "--design",
+            "rich",
+            "--out",
+            str(tmp_path),
+        ],
+        "--out",
+        "folder",
+    )
+    assert (
+        main(
+            [
+                "simulate",
+                "--model",
+                "jivi",
+                "--n",
+                "3",
+                "--design",
+                "rich",
+                "--out",
+                str(out),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert out.read_text().startswith("ID,")
     assert [p.name for p in tmp_path.iterdir()] == ["cohort.csv"]  # no temp file
 
 
-@pytest.mark.parametrize("command", [
-    ["fit", "--data", "missing.csv", "--model", "jivi", "--method", "focei"],
-    ["federate", "--data", "missing.csv", "--model", "jivi"],
-    ["dose", "missing.json"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["fit", "--data", "missing.csv", "--model", "jivi", "--method", "focei"],
+        ["federate", "--data", "missing.csv", "--model", "jivi"],
+        ["dose", "missing.json"],
+    ],
+)
 def test_nonempty_out_folder_is_refused_before_any_work(capsys, tmp_path, command):
     out = tmp_path / "earlier"
     out.mkdir()
@@ -160,16 +329,32 @@ def test_nonempty_out_folder_is_refused_before_any_work(capsys, tmp_path, comman
     assert [p.name for p in out.iterdir()] == ["result.json"]
 
 
-@pytest.mark.parametrize("options, name", [
-    ("{rounds: 3}", "not valid JSON"),
-    ('{"rounds": 3, "rounds": 4}', "duplicate key(s) rounds"),
-    ('{"learning_rate": NaN}', "NaN"),
-    ("[1, 2]", "JSON object"),
-])
+@pytest.mark.parametrize(
+    "options, name",
+    [
+        ("{rounds: 3}", "not valid JSON"),
+        ('{"rounds": 3, "rounds": 4}', "duplicate key(s) rounds"),
+        ('{"learning_rate": NaN}', "NaN"),
+        ("[1, 2]", "JSON object"),
+    ],
+)
 def test_federate_options_json_is_checked(capsys, tmp_path, options, name):
-    _refused(capsys, ["federate", "--data", "missing.csv", "--model", "jivi",
-                      "--out", str(tmp_path / "o"), "--options", options],
-             "--options", name)
+    _refused(
+        capsys,
+        [
+            "federate",
+            "--data",
+            "missing.csv",
+            "--model",
+            "jivi",
+            "--out",
+            str(tmp_path / "o"),
+            "--options",
+            options,
+        ],
+        "--options",
+        name,
+    )
 
 
 def test_serve_passes_allowed_hosts(monkeypatch, capsys):
@@ -177,10 +362,26 @@ def test_serve_passes_allowed_hosts(monkeypatch, capsys):
 
     seen = {}
     monkeypatch.setattr(web, "serve", lambda **kw: seen.update(kw))
-    assert main(["serve", "--host", "0.0.0.0", "--allowed-host", "ward.example",
-                 "--allowed-host", "10.0.0.5"]) == 0
-    assert seen == {"host": "0.0.0.0", "port": 8000,
-                    "allowed_hosts": ["ward.example", "10.0.0.5"], "db": None}
+    assert (
+        main(
+            [
+                "serve",
+                "--host",
+                "0.0.0.0",
+                "--allowed-host",
+                "ward.example",
+                "--allowed-host",
+                "10.0.0.5",
+            ]
+        )
+        == 0
+    )
+    assert seen == {
+        "host": "0.0.0.0",
+        "port": 8000,
+        "allowed_hosts": ["ward.example", "10.0.0.5"],
+        "db": None,
+    }
     main(["serve"])
     assert seen["allowed_hosts"] is None  # the app's loopback default
 
@@ -188,9 +389,22 @@ def test_serve_passes_allowed_hosts(monkeypatch, capsys):
 def test_sign_request_never_replaces_silently(capsys, tmp_path):
     key, token = tmp_path / "me.key", tmp_path / "request.txt"
     assert main(["governance", "keygen", "--out", str(key)]) == 0
-    sign = ["governance", "sign-request", "--key", str(key), "--requester", "r",
-            "--experiment", "e", "--algorithm", "fedavg", "--rounds", "3", "--out",
-            str(token)]
+    sign = [
+        "governance",
+        "sign-request",
+        "--key",
+        str(key),
+        "--requester",
+        "r",
+        "--experiment",
+        "e",
+        "--algorithm",
+        "fedavg",
+        "--rounds",
+        "3",
+        "--out",
+        str(token),
+    ]
     token.write_text("an earlier request\n")
     _refused(capsys, sign, "--out", "--overwrite")
     assert token.read_text() == "an earlier request\n"
@@ -206,8 +420,9 @@ def test_audit_show_names_the_log(capsys, tmp_path):
 
 
 def test_option_for_maps_values_to_options():
-    args = argparse.Namespace(data="d.csv", site_policy_dir="pol", patient="p.json",
-                              extra=["a", "b"])
+    args = argparse.Namespace(
+        data="d.csv", site_policy_dir="pol", patient="p.json", extra=["a", "b"]
+    )
     assert cli._option_for(args, "d.csv") == "--data"
     assert cli._option_for(args, "pol") == "--site-policy-dir"
     assert cli._option_for(args, "p.json") == "patient"

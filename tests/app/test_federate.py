@@ -12,15 +12,43 @@ from phems_clinical.app.cli import main
 @pytest.fixture(scope="module")
 def hospitals_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("fed") / "cohort.csv"
-    assert main(["simulate", "--model", "advate", "--n", "24", "--design",
-                 "hospitals", "--seed", "7", "--out", str(path)]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--model",
+                "advate",
+                "--n",
+                "24",
+                "--design",
+                "hospitals",
+                "--seed",
+                "7",
+                "--out",
+                str(path),
+            ]
+        )
+        == 0
+    )
     return path
 
 
 def test_federate_writes_result_with_secagg(hospitals_csv, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["federate", "--data", str(hospitals_csv), "--model", "advate",
-               "--out", str(out), "--rounds", "3", "--secagg"])
+    rc = main(
+        [
+            "federate",
+            "--data",
+            str(hospitals_csv),
+            "--model",
+            "advate",
+            "--out",
+            str(out),
+            "--rounds",
+            "3",
+            "--secagg",
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "result.json").read_text())
     assert res["algorithm"] == "fed_focei" and res["rounds"] == 3
@@ -33,17 +61,33 @@ def test_federate_writes_result_with_secagg(hospitals_csv, tmp_path, capsys):
     assert "round 3: sites 3/3" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--algorithm", "fedsgd"], "invalid choice: 'fedsgd'"),
-    (["--options", "[1]"], "--options: expected a JSON object"),
-    (["--algorithm", "fedadam", "--options", '{"lr": 1}'],
-     "options for fedadam: unknown lr"),
-    (["--min-sites", "4"], "min_sites: expected 1..3"),
-])
-def test_bad_options_exit_2_naming_the_option(hospitals_csv, tmp_path, capsys, args,
-                                              message):
-    argv = ["federate", "--data", str(hospitals_csv), "--model", "advate",
-            "--out", str(tmp_path / "x"), "--rounds", "1", *args]
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--algorithm", "fedsgd"], "invalid choice: 'fedsgd'"),
+        (["--options", "[1]"], "--options: expected a JSON object"),
+        (
+            ["--algorithm", "fedadam", "--options", '{"lr": 1}'],
+            "options for fedadam: unknown lr",
+        ),
+        (["--min-sites", "4"], "min_sites: expected 1..3"),
+    ],
+)
+def test_bad_options_exit_2_naming_the_option(
+    hospitals_csv, tmp_path, capsys, args, message
+):
+    argv = [
+        "federate",
+        "--data",
+        str(hospitals_csv),
+        "--model",
+        "advate",
+        "--out",
+        str(tmp_path / "x"),
+        "--rounds",
+        "1",
+        *args,
+    ]
     try:
         rc = main(argv)
     except SystemExit as exit_:  # argparse refuses unknown choices itself
@@ -56,8 +100,17 @@ def test_bad_options_exit_2_naming_the_option(hospitals_csv, tmp_path, capsys, a
 def test_missing_site_column_is_named(hospitals_csv, tmp_path, capsys):
     bad = tmp_path / "nosite.csv"
     pd.read_csv(hospitals_csv).drop(columns=["SITE"]).to_csv(bad, index=False)
-    rc = main(["federate", "--data", str(bad), "--model", "advate", "--out",
-               str(tmp_path / "y")])
+    rc = main(
+        [
+            "federate",
+            "--data",
+            str(bad),
+            "--model",
+            "advate",
+            "--out",
+            str(tmp_path / "y"),
+        ]
+    )
     assert rc == 2
     assert "column 'SITE': expected a site identifier column" in capsys.readouterr().err
 
@@ -68,7 +121,8 @@ def _write_policy(path, site, min_cohort, public_key):
         "allowed_fields: [ofv, grad, hess]\nmax_rounds: 10\n"
         "data_users:\n  - id: pk-consortium\n    epsilon_budget: 1.0\n"
         "    require_dp: false\n    experiments: ['haemophilia_*']\n"
-        f"    public_key: {public_key}\n")
+        f"    public_key: {public_key}\n"
+    )
 
 
 def test_site_policies_refuse_or_log_every_message(hospitals_csv, tmp_path, capsys):
@@ -80,32 +134,86 @@ def test_site_policies_refuse_or_log_every_message(hospitals_csv, tmp_path, caps
     for s in sites:
         _write_policy(pol / f"{s}.yaml", s, 10 if s == "adult" else 5, public)
 
-    def request(name):   # the data user signs a new request per run
-        assert main(["governance", "sign-request", "--key", str(tmp_path / "user.key"),
-                     "--requester", "pk-consortium", "--experiment",
-                     "haemophilia_fviii", "--algorithm", "fed_focei", "--rounds",
-                     "2", "--out", str(tmp_path / name)]) == 0
+    def request(name):  # the data user signs a new request per run
+        assert (
+            main(
+                [
+                    "governance",
+                    "sign-request",
+                    "--key",
+                    str(tmp_path / "user.key"),
+                    "--requester",
+                    "pk-consortium",
+                    "--experiment",
+                    "haemophilia_fviii",
+                    "--algorithm",
+                    "fed_focei",
+                    "--rounds",
+                    "2",
+                    "--out",
+                    str(tmp_path / name),
+                ]
+            )
+            == 0
+        )
         return str(tmp_path / name)
 
-    base = ["federate", "--data", str(hospitals_csv), "--model", "advate",
-            "--rounds", "2", "--site-policy-dir", str(pol), "--site-key-dir",
-            str(keys)]
-    assert main([*base, "--request", request("r1"), "--out",
-                 str(tmp_path / "no")]) == 2
+    base = [
+        "federate",
+        "--data",
+        str(hospitals_csv),
+        "--model",
+        "advate",
+        "--rounds",
+        "2",
+        "--site-policy-dir",
+        str(pol),
+        "--site-key-dir",
+        str(keys),
+    ]
+    assert main([*base, "--request", request("r1"), "--out", str(tmp_path / "no")]) == 2
     assert "min_cohort_size" in capsys.readouterr().err
-    assert not any(e["event"] == "message" for p in pol.glob("*.audit.jsonl")
-                   for e in json.loads("[" + ",".join(p.read_text().split()) + "]"))
+    assert not any(
+        e["event"] == "message"
+        for p in pol.glob("*.audit.jsonl")
+        for e in json.loads("[" + ",".join(p.read_text().split()) + "]")
+    )
     # a requester string that is not the signed one is refused
-    assert main([*base, "--request", request("r2"), "--requester", "someone",
-                 "--out", str(tmp_path / "no")]) == 2
+    assert (
+        main(
+            [
+                *base,
+                "--request",
+                request("r2"),
+                "--requester",
+                "someone",
+                "--out",
+                str(tmp_path / "no"),
+            ]
+        )
+        == 2
+    )
     assert "requester: the run config says 'someone'" in capsys.readouterr().err
     _write_policy(pol / "adult.yaml", "adult", 5, public)
-    assert main([*base, "--request", request("r3"), "--out",
-                 str(tmp_path / "yes")]) == 0
+    assert (
+        main([*base, "--request", request("r3"), "--out", str(tmp_path / "yes")]) == 0
+    )
     res = json.loads((tmp_path / "yes" / "result.json").read_text())
     for s, gov in zip(sites, res["site_governance"], strict=True):
-        assert main(["audit", "verify", str(pol / f"{s}.audit.jsonl"), "--key",
-                     str(keys / f"{s}.key"), "--anchor", gov["audit_head"]]) == 0
+        assert (
+            main(
+                [
+                    "audit",
+                    "verify",
+                    str(pol / f"{s}.audit.jsonl"),
+                    "--key",
+                    str(keys / f"{s}.key"),
+                    "--anchor",
+                    gov["audit_head"],
+                ]
+            )
+            == 0
+        )
         assert "OK: " in capsys.readouterr().out
 
 
@@ -115,15 +223,30 @@ def _old(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
-def test_non_empty_out_is_refused_before_any_work(hospitals_csv, tmp_path, capsys,
-                                                  monkeypatch):
+def test_non_empty_out_is_refused_before_any_work(
+    hospitals_csv, tmp_path, capsys, monkeypatch
+):
     from phems_clinical.app import federate
 
     out = tmp_path / "run"
     before = _old(out)
     monkeypatch.setattr(federate, "resolve_model", lambda *a: pytest.fail("work"))
-    assert main(["federate", "--data", str(hospitals_csv), "--model", "advate",
-                 "--out", str(out), "--rounds", "1"]) == 2
+    assert (
+        main(
+            [
+                "federate",
+                "--data",
+                str(hospitals_csv),
+                "--model",
+                "advate",
+                "--out",
+                str(out),
+                "--rounds",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "--out" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -132,8 +255,13 @@ def test_checkpoint_inside_out_is_refused(hospitals_csv, tmp_path):
     from phems_clinical.app.federate import run_federate
 
     with pytest.raises(ValueError, match="--checkpoint: .* inside --out"):
-        run_federate(hospitals_csv, "advate", "fed_focei", tmp_path / "run",
-                     checkpoint=tmp_path / "run" / "ckpt")
+        run_federate(
+            hospitals_csv,
+            "advate",
+            "fed_focei",
+            tmp_path / "run",
+            checkpoint=tmp_path / "run" / "ckpt",
+        )
 
 
 def test_non_finite_estimates_write_nothing(hospitals_csv, tmp_path, monkeypatch):
@@ -153,7 +281,14 @@ def test_non_finite_estimates_write_nothing(hospitals_csv, tmp_path, monkeypatch
     out = tmp_path / "run"
     before = _old(out)
     with pytest.raises(FitFailedError, match="non-finite estimates of THETA"):
-        federate.run_federate(hospitals_csv, "advate", "fed_focei", out,
-                              options={"rounds": 1}, overwrite=True, progress=False)
+        federate.run_federate(
+            hospitals_csv,
+            "advate",
+            "fed_focei",
+            out,
+            options={"rounds": 1},
+            overwrite=True,
+            progress=False,
+        )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["run"]

@@ -27,12 +27,22 @@ def test_every_model_in_group_composes():
 
 
 def test_demo_run_writes_result(tmp_path):
-    cfg = _compose(["model=jivi", "cohort.n_patients=12", "cohort.design=rich",
-                    "seed=5"])
+    cfg = _compose(
+        ["model=jivi", "cohort.n_patients=12", "cohort.design=rich", "seed=5"]
+    )
     res = run_demo(cfg, tmp_path)
-    for f in ("model.yaml", "cohort.csv", "truth.csv", "fit/estimates.json",
-              "fit/estimates.nc", "fit/gof.png", "fit/vpc.png", "fit/model.yaml",
-              "recovery.csv", "result.json"):
+    for f in (
+        "model.yaml",
+        "cohort.csv",
+        "truth.csv",
+        "fit/estimates.json",
+        "fit/estimates.nc",
+        "fit/gof.png",
+        "fit/vpc.png",
+        "fit/model.yaml",
+        "recovery.csv",
+        "result.json",
+    ):
         assert (tmp_path / f).exists(), f
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["n_patients"] == 12 and saved["method"] == "focei"
@@ -49,8 +59,19 @@ def test_typo_in_config_key_fails_at_compose_time():
 
 def test_cli_run_reports_bad_design(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "phems_clinical", "run", "--config-name", "pk_demo",
-         "cohort.design=weekly",
-         f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "phems_clinical",
+            "run",
+            "--config-name",
+            "pk_demo",
+            "cohort.design=weekly",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "cohort.design" in proc.stderr + proc.stdout

@@ -23,8 +23,14 @@ from phems_clinical.app.web import create_app
 CHROMIUM = Path("/usr/bin/chromium")
 WAIT_MS = 60_000  # generous: CI machines are small and run two test workers
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 # A minimal request on a fully verified product (the page's example patient).
@@ -50,8 +56,12 @@ def TestClient(app, **kwargs):  # noqa: N802 - stands in for the class
 
 def _post(client, body, **params):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return client.post("/api/dose", content=content, params=params,
-                       headers={"Content-Type": "application/json"})
+    return client.post(
+        "/api/dose",
+        content=content,
+        params=params,
+        headers={"Content-Type": "application/json"},
+    )
 
 
 def _fields(resp):
@@ -85,8 +95,11 @@ def test_page_and_assets_are_self_contained(client):
     refs = re.findall(r'(?:src|href)="([^"]*)"', page.text)
     assert "/static/app.js" in refs and "/static/app.css" in refs
     assert all(r.startswith("/static/") or r in ("#", "data:,") for r in refs), refs
-    for text in (page.text, client.get("/static/app.js").text,
-                 client.get("/static/app.css").text):
+    for text in (
+        page.text,
+        client.get("/static/app.js").text,
+        client.get("/static/app.css").text,
+    ):
         assert "http://" not in text and "https://" not in text
     assert client.get("/static/../web.py").status_code == 404
 
@@ -119,8 +132,12 @@ def test_valid_request_gives_result_curve_and_report(client, dosed):
     assert result["product"] == "kovaltry" and result["method"] == "map"
     hl = result["half_life_h"]
     assert 0 < hl["lo90"] <= hl["median"] <= hl["hi90"]
-    assert result["regimens"] and {"schedule", "target_IU_dL", "dose_IU",
-                                   "trough_prob"} <= set(result["regimens"][0])
+    assert result["regimens"] and {
+        "schedule",
+        "target_IU_dL",
+        "dose_IU",
+        "trough_prob",
+    } <= set(result["regimens"][0])
     assert result["display"]["summary"] and result["display"]["regimen_table"]
     assert dosed["history_enabled"] is False and dosed["previous"] is None
     assert [lv["time_h"] for lv in result["levels"]] == [4, 24, 48]
@@ -136,9 +153,12 @@ def test_valid_request_gives_result_curve_and_report(client, dosed):
 
 
 def test_invalid_fields_are_reported_by_path(client):
-    bad = {**REQUEST, "weight_kg": -5,
-           "levels": [REQUEST["levels"][0], {**REQUEST["levels"][1], "value": "abc"}],
-           "infusions": [{"time_h": 0, "dose_IU": 0}]}
+    bad = {
+        **REQUEST,
+        "weight_kg": -5,
+        "levels": [REQUEST["levels"][0], {**REQUEST["levels"][1], "value": "abc"}],
+        "infusions": [{"time_h": 0, "dose_IU": 0}],
+    }
     fields = _fields(_post(client, bad))
     assert {"weight_kg", "levels[1].value", "infusions[0].dose_IU"} <= fields
 
@@ -186,7 +206,7 @@ def test_infinity_stays_readable_through_the_api(client):
 def test_report_store_keeps_the_most_recent():
     store = web._ReportStore(2)
     a, b = store.add("a"), store.add("b")
-    assert store.get(a) == "a"        # a is now the most recently used
+    assert store.get(a) == "a"  # a is now the most recently used
     c = store.add("c")
     assert store.get(b) is None
     assert (store.get(a), store.get(c)) == ("a", "c")
@@ -194,23 +214,31 @@ def test_report_store_keeps_the_most_recent():
 
 # ------------------------------------------------------- patient history (API)
 
+
 def _clinic_request(year: int, weight_lb: float, pid: str = "HB-7") -> dict:
     """A clinic's request: weight in lb, day-first date-times."""
-    return {"patient_id": pid, "product": "kovaltry", "weight_lb": weight_lb,
-            "age_y": 8,
-            "infusions": [{"datetime": f"01/03/{year} 08:00", "dose_IU": 1000,
-                           "duration_h": 0.17}],
-            "levels": [{"datetime": f"01/03/{year} 12:00", "value": 40.2,
-                        "unit": "IU/dL"},
-                       {"datetime": f"02/03/{year} 08:00", "value": 10.1,
-                        "unit": "IU/dL"},
-                       {"datetime": f"03/03/{year} 08:00", "value": 2.5,
-                        "unit": "IU/dL"}]}
+    return {
+        "patient_id": pid,
+        "product": "kovaltry",
+        "weight_lb": weight_lb,
+        "age_y": 8,
+        "infusions": [
+            {"datetime": f"01/03/{year} 08:00", "dose_IU": 1000, "duration_h": 0.17}
+        ],
+        "levels": [
+            {"datetime": f"01/03/{year} 12:00", "value": 40.2, "unit": "IU/dL"},
+            {"datetime": f"02/03/{year} 08:00", "value": 10.1, "unit": "IU/dL"},
+            {"datetime": f"03/03/{year} 08:00", "value": 2.5, "unit": "IU/dL"},
+        ],
+    }
 
 
 def _save(client, report_id):
-    return client.post("/api/assessments", content=json.dumps(
-        {"report_id": report_id}), headers={"Content-Type": "application/json"})
+    return client.post(
+        "/api/assessments",
+        content=json.dumps({"report_id": report_id}),
+        headers={"Content-Type": "application/json"},
+    )
 
 
 def test_history_api_saves_lists_and_reopens(tmp_path):
@@ -226,8 +254,10 @@ def test_history_api_saves_lists_and_reopens(tmp_path):
         assert _save(c, first["report_id"]).json()["assessment_id"] == aid  # once
         second = _post(c, _clinic_request(2025, 62)).json()
         assert second["previous"]["assessment_id"] == aid
-        assert second["previous"]["result"]["effective_half_life_h"] == \
-            first["result"]["effective_half_life_h"]
+        assert (
+            second["previous"]["result"]["effective_half_life_h"]
+            == first["result"]["effective_half_life_h"]
+        )
         assert len(second["result"]["display"]["comparison"]["rows"]) == 2
         bid = _save(c, second["report_id"]).json()["assessment_id"]
 
@@ -235,36 +265,51 @@ def test_history_api_saves_lists_and_reopens(tmp_path):
         assert (p["patient_id"], p["n_assessments"]) == ("HB-7", 2)
         hist = c.get("/api/patients/HB-7").json()
         assert [a["assessment_id"] for a in hist["assessments"]] == [aid, bid]
-        assert [r[0] for r in hist["table"]["rows"]] == ["2024-03-03 08:00",
-                                                        "2025-03-03 08:00"]
+        assert [r[0] for r in hist["table"]["rows"]] == [
+            "2024-03-03 08:00",
+            "2025-03-03 08:00",
+        ]
         eff = hist["table"]["columns"].index("Effective half-life")
         shown = {d["label"]: d["value"] for d in first["result"]["display"]["summary"]}
         assert hist["table"]["rows"][0][eff] == shown["Effective half-life"]
 
         again = c.get(f"/api/assessments/{aid}").json()
         assert again["request"] == _clinic_request(2024, 55)
-        assert {k: v for k, v in again["result"].items() if k != "display"} == \
-            {k: v for k, v in first["result"].items() if k != "display"}
+        assert {k: v for k, v in again["result"].items() if k != "display"} == {
+            k: v for k, v in first["result"].items() if k != "display"
+        }
         assert again["previous"] is None
         assert base64.b64decode(again["curve_png_base64"]).startswith(b"\x89PNG")
         assert c.get(f"/api/report/{again['report_id']}").status_code == 200
-        assert c.get(f"/api/assessments/{bid}").json()["previous"][
-            "assessment_id"] == aid
+        assert (
+            c.get(f"/api/assessments/{bid}").json()["previous"]["assessment_id"] == aid
+        )
 
         # errors by field
-        anonymous = {k: v for k, v in _clinic_request(2024, 55).items()
-                     if k != "patient_id"}
+        anonymous = {
+            k: v for k, v in _clinic_request(2024, 55).items() if k != "patient_id"
+        }
         no_id = _post(c, anonymous).json()
-        assert _save(c, no_id["report_id"]).json()["errors"][0]["field"] == \
-            "patient_id"
+        assert _save(c, no_id["report_id"]).json()["errors"][0]["field"] == "patient_id"
         assert _save(c, "gone").status_code == 404
         assert c.get("/api/patients/nobody").status_code == 404
         assert c.get("/api/assessments/999").status_code == 404
         assert _fields(c.get("/api/assessments/1x")) == {"assessment_id"}
-        assert c.post("/api/assessments", content=b"{}", headers={
-            "Content-Type": "text/plain"}).status_code == 415
-        assert _fields(c.post("/api/assessments", content=b"[1]", headers={
-            "Content-Type": "application/json"})) == {"report_id"}
+        assert (
+            c.post(
+                "/api/assessments",
+                content=b"{}",
+                headers={"Content-Type": "text/plain"},
+            ).status_code
+            == 415
+        )
+        assert _fields(
+            c.post(
+                "/api/assessments",
+                content=b"[1]",
+                headers={"Content-Type": "application/json"},
+            )
+        ) == {"report_id"}
 
 
 def test_without_db_there_is_no_history(client, dosed):
@@ -284,11 +329,17 @@ def live_server(tmp_path_factory):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(db=db), ws="none", lifespan="off",
-                            log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        create_app(db=db),
+        ws="none",
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+    )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                              daemon=True)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, daemon=True
+    )
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -309,8 +360,10 @@ def live_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed at /usr/bin/chromium "
-                    "(.ci/run installs it: apt-get install chromium)")
+        pytest.skip(
+            "Debian chromium is not installed at /usr/bin/chromium "
+            "(.ci/run installs it: apt-get install chromium)"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -329,9 +382,13 @@ def _enter_patient(page, year: int, weight_lb: str):
     row.locator('[data-key="time"]').fill(f"01/03/{year} 08:00")
     row.locator('[data-key="dose_IU"]').fill("1000")
     row.locator('[data-key="duration_h"]').fill("0.17")
-    for i, (when, value) in enumerate([(f"01/03/{year} 12:00", "40.2"),
-                                       (f"02/03/{year} 08:00", "10.1"),
-                                       (f"03/03/{year} 08:00", "2.5")]):
+    for i, (when, value) in enumerate(
+        [
+            (f"01/03/{year} 12:00", "40.2"),
+            (f"02/03/{year} 08:00", "10.1"),
+            (f"03/03/{year} 08:00", "2.5"),
+        ]
+    ):
         if page.locator("#levels tbody tr").count() <= i:
             page.get_by_role("button", name="Add level").click()
         row = page.locator("#levels tbody tr").nth(i)
@@ -347,7 +404,7 @@ def test_clinic_walk_new_patient_design_save_and_next_year(browser, live_server)
     history and the previous assessment beside the new one."""
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=WAIT_MS)   # calculations compile on first use
+    expect.set_options(timeout=WAIT_MS)  # calculations compile on first use
     context = browser.new_context(accept_downloads=True)
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
@@ -363,7 +420,7 @@ def test_clinic_walk_new_patient_design_save_and_next_year(browser, live_server)
     expect(page.locator("#infusions tbody input[type=text]").first).to_have_value("")
     expect(page.locator("#results")).to_be_hidden()
     expect(page.locator("#example-note")).to_be_hidden()
-    expect(page.locator("#history-tools")).to_be_visible()   # served with --db
+    expect(page.locator("#history-tools")).to_be_visible()  # served with --db
     page.get_by_role("button", name="Load example").click()
     expect(page.locator("#example-note")).to_be_visible()
     expect(page.locator("#example-note")).to_contain_text("not a real patient")
@@ -375,7 +432,8 @@ def test_clinic_walk_new_patient_design_save_and_next_year(browser, live_server)
     # 2. A shipped product, by its display name; an unverified one asks for an
     #    acknowledgement, a verified one does not.
     page.locator("#product").select_option(
-        label="Advate (octocog alfa) — Björkman 2012")
+        label="Advate (octocog alfa) — Björkman 2012"
+    )
     expect(page.locator("#unverified-box")).to_be_visible()
     page.locator("#product").select_option("kovaltry")
     expect(page.locator("#unverified-box")).to_be_hidden()
@@ -390,8 +448,11 @@ def test_clinic_walk_new_patient_design_save_and_next_year(browser, live_server)
     body = sent.value.post_data_json
     assert body["weight_lb"] == 55 and "weight_kg" not in body
     assert body["infusions"][0]["datetime"] == "01/03/2024 08:00"
-    assert body["levels"][2] == {"datetime": "03/03/2024 08:00", "value": 2.5,
-                                 "unit": "IU/dL"}
+    assert body["levels"][2] == {
+        "datetime": "03/03/2024 08:00",
+        "value": 2.5,
+        "unit": "IU/dL",
+    }
     expect(page.locator("#regimens tbody tr").first).to_be_visible()
     expect(page.locator("#summary")).to_contain_text("Effective half-life")
     expect(page.locator(".field-error")).to_have_count(0)
@@ -405,8 +466,10 @@ def test_clinic_walk_new_patient_design_save_and_next_year(browser, live_server)
     with page.expect_request("**/api/dose?method=map") as sent:
         calculate.click()
     assert sent.value.post_data_json["options"] == {
-        "targets_IU_dL": [3], "schedules": ["Mon/Wed/Fri", "every 3 days"],
-        "evaluate": [{"schedule": "Mon/Wed/Fri", "dose_IU": 1000}]}
+        "targets_IU_dL": [3],
+        "schedules": ["Mon/Wed/Fri", "every 3 days"],
+        "evaluate": [{"schedule": "Mon/Wed/Fri", "dose_IU": 1000}],
+    }
     expect(page.locator("#evaluated tbody tr")).to_have_count(1)
     expect(page.locator("#evaluated tbody tr").first).to_contain_text("Mon/Wed/Fri")
     expect(page.locator("#evaluated tbody tr").first).to_contain_text("1,000 IU")
@@ -418,7 +481,8 @@ def test_clinic_walk_new_patient_design_save_and_next_year(browser, live_server)
     expect(page.locator("#save-status")).to_contain_text("Saved assessment")
     expect(page.locator("#history-table tbody tr")).to_have_count(1)
     expect(page.locator("#history-table tbody tr").first).to_contain_text(
-        "2024-03-03 08:00")
+        "2024-03-03 08:00"
+    )
 
     # 6. Next year: the same patient re-assessed; the previous one beside it.
     page.get_by_role("button", name="New patient").click()
@@ -439,7 +503,8 @@ def test_clinic_walk_new_patient_design_save_and_next_year(browser, live_server)
     rows.nth(0).get_by_role("button", name="Reopen").click()
     expect(page.locator("#status")).to_contain_text("Reopened assessment")
     expect(page.locator('[data-field="infusions[0].time_h"]')).to_have_value(
-        "01/03/2024 08:00")
+        "01/03/2024 08:00"
+    )
     expect(page.locator("#weight")).to_have_value("55")
     expect(page.locator("#weight-unit")).to_have_value("lb")
     expect(page.locator("#evaluated tbody tr")).to_have_count(1)
@@ -492,22 +557,26 @@ def test_page_shows_limit_errors_by_field(browser, live_server):
     page.set_default_timeout(WAIT_MS)
     page.goto(f"{live_server}/")
     expect(page.locator("#product option[value=alprolix]")).to_have_count(
-        1, timeout=WAIT_MS)
+        1, timeout=WAIT_MS
+    )
     calculate = page.get_by_role("button", name="Calculate")
     general = page.locator("#general-errors")
     for status, field, message in [
-            (413, "", "the request body is larger than the 64 KB"),
-            (415, "Content-Type", "expected application/json"),
-            (503, "", "the server is busy with 2 other calculation(s)"),
-            (503, "patient_id", "a field-level refusal")]:
-        reply = {"status": status, "headers": {"Retry-After": "10"},
-                 "json": {"errors": [{"field": field, "message": message}]}}
+        (413, "", "the request body is larger than the 64 KB"),
+        (415, "Content-Type", "expected application/json"),
+        (503, "", "the server is busy with 2 other calculation(s)"),
+        (503, "patient_id", "a field-level refusal"),
+    ]:
+        reply = {
+            "status": status,
+            "headers": {"Retry-After": "10"},
+            "json": {"errors": [{"field": field, "message": message}]},
+        }
         page.unroute("**/api/dose*")
         page.route("**/api/dose*", functools.partial(_fulfil, reply=reply))
         calculate.click()
         if field == "patient_id":
-            shown = page.locator("#patient_id").locator(
-                "xpath=following-sibling::*[1]")
+            shown = page.locator("#patient_id").locator("xpath=following-sibling::*[1]")
             expect(shown).to_have_class(re.compile(r"\bfield-error\b"))
             expect(shown).to_contain_text(message)
         else:

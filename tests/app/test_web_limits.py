@@ -21,19 +21,26 @@ from hypothesis import strategies as st
 from phems_clinical.app import dose, web
 from phems_clinical.app.web import create_app, trusted_hosts
 
-REQUEST = {"product": "kovaltry", "weight_kg": 25, "age_y": 8,
-           "infusions": [{"time_h": 0, "dose_IU": 1000, "duration_h": 0.17}],
-           "levels": [{"time_h": 4, "value": 40.2, "unit": "IU/dL"},
-                      {"time_h": 24, "value": 10.1, "unit": "IU/dL"},
-                      {"time_h": 48, "value": 1.5, "unit": "IU/dL"}]}
+REQUEST = {
+    "product": "kovaltry",
+    "weight_kg": 25,
+    "age_y": 8,
+    "infusions": [{"time_h": 0, "dose_IU": 1000, "duration_h": 0.17}],
+    "levels": [
+        {"time_h": 4, "value": 40.2, "unit": "IU/dL"},
+        {"time_h": 24, "value": 10.1, "unit": "IU/dL"},
+        {"time_h": 48, "value": 1.5, "unit": "IU/dL"},
+    ],
+}
 JSON_TYPE = {"Content-Type": "application/json"}
 
 
 def _client(app=None, host="localhost"):
     from fastapi.testclient import TestClient
 
-    return TestClient(app or create_app(), base_url=f"http://{host}",
-                      raise_server_exceptions=False)
+    return TestClient(
+        app or create_app(), base_url=f"http://{host}", raise_server_exceptions=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,29 +57,36 @@ def _post(client, body, headers=JSON_TYPE, **kwargs):
 def _errors(resp, status):
     assert resp.status_code == status, resp.text
     errors = resp.json()["errors"]
-    assert errors and all(set(e) == {"field", "message"} and e["message"]
-                          for e in errors)
+    assert errors and all(
+        set(e) == {"field", "message"} and e["message"] for e in errors
+    )
     return {e["field"]: e["message"] for e in errors}
 
 
 # ------------------------------------------------------------------------ hosts
 
+
 def test_untrusted_host_is_refused(client):
     assert client.get("/", headers={"Host": "evil.example"}).status_code == 400
     resp = _post(client, REQUEST, headers={**JSON_TYPE, "Host": "evil.example"})
     assert resp.status_code == 400 and "host" in resp.text.lower()
-    assert resp.headers["cache-control"] == "no-store"   # security headers too
+    assert resp.headers["cache-control"] == "no-store"  # security headers too
     for host in ("localhost", "127.0.0.1", "localhost:8000"):
         assert client.get("/", headers={"Host": host}).status_code == 200
 
 
 def test_allowed_hosts_extend_the_local_ones():
-    with _client(create_app(allowed_hosts=["dosing.hospital.org"]),
-                 host="dosing.hospital.org") as c:
+    with _client(
+        create_app(allowed_hosts=["dosing.hospital.org"]), host="dosing.hospital.org"
+    ) as c:
         assert c.get("/").status_code == 200
         assert c.get("/", headers={"Host": "other.org"}).status_code == 400
-    assert trusted_hosts(["a.org"], "10.0.0.5") == ["localhost", "127.0.0.1",
-                                                    "10.0.0.5", "a.org"]
+    assert trusted_hosts(["a.org"], "10.0.0.5") == [
+        "localhost",
+        "127.0.0.1",
+        "10.0.0.5",
+        "a.org",
+    ]
     assert trusted_hosts(None, "0.0.0.0") == ["localhost", "127.0.0.1"]
     assert "*.hospital.org" in trusted_hosts(["*.hospital.org"])
 
@@ -85,9 +99,16 @@ def test_allowed_host_that_is_no_host_name(bad):
 
 # -------------------------------------------------------- content type and size
 
-@pytest.mark.parametrize("content_type", [
-    "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x",
-    None])
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; b=x",
+        None,
+    ],
+)
 def test_json_content_type_is_required(client, content_type):
     headers = {} if content_type is None else {"Content-Type": content_type}
     errors = _errors(_post(client, REQUEST, headers=headers), 415)
@@ -95,8 +116,11 @@ def test_json_content_type_is_required(client, content_type):
 
 
 def test_json_with_charset_is_json(client):
-    resp = _post(client, {**REQUEST, "weight_kg": -1},
-                 headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    resp = _post(
+        client,
+        {**REQUEST, "weight_kg": -1},
+        headers={"Content-Type": "Application/JSON; charset=utf-8"},
+    )
     assert "weight_kg" in _errors(resp, 422)
 
 
@@ -127,6 +151,7 @@ def test_duplicate_keys_and_non_finite_numbers(client):
 
 # ------------------------------------------------------- concurrency and time
 
+
 def test_busy_server_answers_503_with_retry_after(monkeypatch):
     started, release = threading.Event(), threading.Event()
 
@@ -146,7 +171,7 @@ def test_busy_server_answers_503_with_retry_after(monkeypatch):
         release.set()
         t.join(10)
     assert "busy" in _errors(busy, 503)[""]
-    assert "weight_kg" in _errors(invalid, 422)   # input errors need no slot
+    assert "weight_kg" in _errors(invalid, 422)  # input errors need no slot
     assert busy.headers["retry-after"] == str(web.RETRY_AFTER_S)
     assert _errors(first["r"], 422) == {"levels": "stub refusal"}
 
@@ -169,11 +194,18 @@ def test_time_limit_answers_503_and_keeps_the_slot(monkeypatch):
 
 # ------------------------------------------------------------------------ serve
 
-@pytest.mark.parametrize(("host", "warns"), [("127.0.0.1", False),
-                                             ("localhost", False), ("::1", False),
-                                             ("0.0.0.0", True),
-                                             ("10.1.2.3", True),
-                                             ("dosing.hospital.org", True)])
+
+@pytest.mark.parametrize(
+    ("host", "warns"),
+    [
+        ("127.0.0.1", False),
+        ("localhost", False),
+        ("::1", False),
+        ("0.0.0.0", True),
+        ("10.1.2.3", True),
+        ("dosing.hospital.org", True),
+    ],
+)
 def test_serve_warns_beyond_loopback(monkeypatch, caplog, host, warns):
     import uvicorn
 
@@ -190,17 +222,28 @@ def test_serve_warns_beyond_loopback(monkeypatch, caplog, host, warns):
 
 # --------------------------------------------------------- property-based tests
 
-SCALARS = (st.none() | st.booleans() | st.integers() | st.floats()
-           | st.text(max_size=20)
-           | st.sampled_from([1e300, -1e300, 10 ** 30, "\ud800", "x" * 3000]))
-JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(st.text(max_size=10), inner, max_size=5),
-                    max_leaves=20)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from([1e300, -1e300, 10**30, "\ud800", "x" * 3000])
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=10), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
 
 
 def _no_nan(text: str):
     def refuse(token):
         raise AssertionError(f"{token} in a reply")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -215,8 +258,10 @@ def _contract(resp, keys):
     event(f"status {resp.status_code}")
     for e in _no_nan(resp.text)["errors"]:
         f = e["field"]
-        assert e["message"] and (f in ("", "Content-Type") or any(
-            f == k or f.startswith((f"{k}.", f"{k}[")) for k in keys)), e
+        assert e["message"] and (
+            f in ("", "Content-Type")
+            or any(f == k or f.startswith((f"{k}.", f"{k}[")) for k in keys)
+        ), e
     return False
 
 
@@ -238,18 +283,44 @@ def test_any_bytes_are_refused_never_500(client, raw):
     _contract(_post(client, raw), set())
 
 
-ODD = st.sampled_from([0, -1, 0.001, 1e-300, 1e300, math.nan, math.inf, 10 ** 30,
-                       "", "40", None, True, [], {}, "\ud800"])
+ODD = st.sampled_from(
+    [
+        0,
+        -1,
+        0.001,
+        1e-300,
+        1e300,
+        math.nan,
+        math.inf,
+        10**30,
+        "",
+        "40",
+        None,
+        True,
+        [],
+        {},
+        "\ud800",
+    ]
+)
 
 
-FIELDS = [("weight_kg",), ("age_y",), ("levels", 0, "value"), ("levels", 2, "value"),
-          ("levels", 1, "time_h"), ("infusions", 0, "dose_IU"),
-          ("infusions", 0, "duration_h"), ("patient_id",)]
+FIELDS = [
+    ("weight_kg",),
+    ("age_y",),
+    ("levels", 0, "value"),
+    ("levels", 2, "value"),
+    ("levels", 1, "time_h"),
+    ("infusions", 0, "dose_IU"),
+    ("infusions", 0, "duration_h"),
+    ("patient_id",),
+]
 
 
 @settings(max_examples=6)
-@given(where=st.sampled_from(FIELDS),
-       value=ODD | st.floats(0.01, 2000) | st.text(max_size=80))
+@given(
+    where=st.sampled_from(FIELDS),
+    value=ODD | st.floats(0.01, 2000) | st.text(max_size=80),
+)
 @example(where=("weight_kg",), value=60.0)
 @example(where=("levels", 2, "value"), value=0.2)
 @example(where=("patient_id",), value="$\\frac{1}{0}$ " + "\u00e9" * 40)

@@ -19,8 +19,9 @@ from phems_clinical.data.cardiac.simulate import CONCEPTS
 @pytest.fixture(scope="module")
 def cohort():
     # extract date inside follow-up: recent operations are censored administratively
-    return simulate_cardiac(jax.random.key(11), n_episodes=1200,
-                            accrual_days=600, extract_date="2022-09-01")
+    return simulate_cardiac(
+        jax.random.key(11), n_episodes=1200, accrual_days=600, extract_date="2022-09-01"
+    )
 
 
 def _operative_outcomes(truth):
@@ -45,7 +46,10 @@ def test_mortality_and_los_match_published_benchmarks():
         assert abs(m.mean() - p) < 4 * se, (k, m.mean(), p, se)
         lk = los[stat == k].dropna()
         assert abs(lk.mean() - TARGET_LOS[k - 1]) < 4 * lk.std() / np.sqrt(len(lk)), (
-            k, lk.mean(), TARGET_LOS[k - 1])
+            k,
+            lk.mean(),
+            TARGET_LOS[k - 1],
+        )
     # mortality must rise with category (the check can fail on a mis-calibration)
     rates = [op[stat == k].mean() for k in range(1, 6)]
     assert rates == sorted(rates)
@@ -58,7 +62,8 @@ def test_reproducible_and_key_dependent():
     for name in a.tables:
         pd.testing.assert_frame_equal(a.tables[name], b.tables[name])
     assert not a.tables["visit_detail"].visit_detail_start_datetime.equals(
-        c.tables["visit_detail"].visit_detail_start_datetime)
+        c.tables["visit_detail"].visit_detail_start_datetime
+    )
 
 
 def test_visit_detail_chains_and_no_events_after_death(cohort):
@@ -68,29 +73,38 @@ def test_visit_detail_chains_and_no_events_after_death(cohort):
     assert prev.isin(vd.index).all()
     # a detail and its predecessor: same visit, contiguous, no overlap
     p = vd.loc[prev.to_numpy()]
-    assert (p.visit_occurrence_id.to_numpy()
-            == vd.loc[prev.index].visit_occurrence_id.to_numpy()).all()
-    assert (p.visit_detail_end_datetime.to_numpy()
-            <= vd.loc[prev.index].visit_detail_start_datetime.to_numpy()).all()
+    assert (
+        p.visit_occurrence_id.to_numpy()
+        == vd.loc[prev.index].visit_occurrence_id.to_numpy()
+    ).all()
+    assert (
+        p.visit_detail_end_datetime.to_numpy()
+        <= vd.loc[prev.index].visit_detail_start_datetime.to_numpy()
+    ).all()
     assert (vd.visit_detail_end_datetime >= vd.visit_detail_start_datetime).all()
     # one chain start per inpatient visit, details inside their visit
     vo = t["visit_occurrence"].set_index("visit_occurrence_id")
-    heads = (vd[vd.preceding_visit_detail_id.isna()]
-             .groupby("visit_occurrence_id").size())
+    heads = (
+        vd[vd.preceding_visit_detail_id.isna()].groupby("visit_occurrence_id").size()
+    )
     ip = vo[vo.visit_concept_id == CONCEPTS["inpatient_visit"]]
     assert (heads.reindex(ip.index) == 1).all()
     v = vo.loc[vd.visit_occurrence_id]
-    assert (vd.visit_detail_start_datetime.to_numpy()
-            >= v.visit_start_datetime.to_numpy()).all()
-    assert (vd.visit_detail_end_datetime.to_numpy()
-            <= v.visit_end_datetime.to_numpy()).all()
+    assert (
+        vd.visit_detail_start_datetime.to_numpy() >= v.visit_start_datetime.to_numpy()
+    ).all()
+    assert (
+        vd.visit_detail_end_datetime.to_numpy() <= v.visit_end_datetime.to_numpy()
+    ).all()
     # nothing after death
     death = t["death"].set_index("person_id").death_datetime
     assert len(death) > 10
-    for name, col in [("visit_occurrence", "visit_end_datetime"),
-                      ("visit_detail", "visit_detail_end_datetime"),
-                      ("procedure_occurrence", "procedure_datetime"),
-                      ("drug_exposure", "drug_exposure_start_datetime")]:
+    for name, col in [
+        ("visit_occurrence", "visit_end_datetime"),
+        ("visit_detail", "visit_detail_end_datetime"),
+        ("procedure_occurrence", "procedure_datetime"),
+        ("drug_exposure", "drug_exposure_start_datetime"),
+    ]:
         df = t[name]
         d = death.reindex(df.person_id).to_numpy()
         ok = pd.isna(d) | (df[col].to_numpy() <= d)
@@ -113,7 +127,7 @@ def test_pathways_reproduce_ground_truth(cohort):
     assert (df.next_state.to_numpy() == truth.next_state.to_numpy()).all()
     np.testing.assert_allclose(df.entry, truth.entry, atol=1e-8)
     np.testing.assert_allclose(df.exit, truth.exit, atol=1e-8)
-    assert (df.next_state == "CENSORED").sum() > 100       # the extract date bites
+    assert (df.next_state == "CENSORED").sum() > 100  # the extract date bites
     np.testing.assert_array_equal(df.stat, truth.stat)
     np.testing.assert_array_equal(df.ventilation, truth.ventilation)
     np.testing.assert_allclose(df.weight_z, truth.weight_z_true, atol=0.05)
@@ -125,8 +139,9 @@ def _corrupt(tables):
     pids = t["person"].person_id.to_numpy()
     # 1: end before start
     i = vd.index[vd.person_id == pids[0]][2]
-    vd.loc[i, "visit_detail_end_datetime"] = (vd.loc[i, "visit_detail_start_datetime"]
-                                             - pd.Timedelta(hours=1))
+    vd.loc[i, "visit_detail_end_datetime"] = vd.loc[
+        i, "visit_detail_start_datetime"
+    ] - pd.Timedelta(hours=1)
     # 2: preceding id that does not exist
     i = vd.index[(vd.person_id == pids[1]) & vd.preceding_visit_detail_id.notna()][0]
     vd.loc[i, "preceding_visit_detail_id"] = 999_999_999
@@ -136,10 +151,15 @@ def _corrupt(tables):
     # 4: a readmission after death
     dead = t["death"].person_id.iloc[0]
     dt = t["death"].death_datetime.iloc[0]
-    extra = pd.DataFrame({"visit_occurrence_id": [888_888_888], "person_id": [dead],
-                          "visit_concept_id": [CONCEPTS["inpatient_visit"]],
-                          "visit_start_datetime": [dt + pd.Timedelta(days=3)],
-                          "visit_end_datetime": [dt + pd.Timedelta(days=5)]})
+    extra = pd.DataFrame(
+        {
+            "visit_occurrence_id": [888_888_888],
+            "person_id": [dead],
+            "visit_concept_id": [CONCEPTS["inpatient_visit"]],
+            "visit_start_datetime": [dt + pd.Timedelta(days=3)],
+            "visit_end_datetime": [dt + pd.Timedelta(days=5)],
+        }
+    )
     t["visit_occurrence"] = pd.concat([t["visit_occurrence"], extra], ignore_index=True)
     return t, {int(pids[0]), int(pids[1]), int(pids[2]), int(dead)}
 
@@ -158,8 +178,9 @@ def test_bad_input_is_excluded_reported_and_counted(cohort):
     assert "end_before_start" in rep.summary()
     # the other episodes are untouched
     good, _ = episodes(cohort.tables)
-    pd.testing.assert_frame_equal(df, good[~good.person_id.isin(bad)]
-                                  .reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        df, good[~good.person_id.isin(bad)].reset_index(drop=True)
+    )
     # a missing required column is an error naming table and column
     t2 = dict(cohort.tables)
     t2["visit_detail"] = t2["visit_detail"].drop(columns="preceding_visit_detail_id")

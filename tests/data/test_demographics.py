@@ -91,9 +91,20 @@ def test_same_key_same_cohort_different_key_differs(key):
 
 def test_columns_and_types(key):
     df = simulate_demographics(key, 10)
-    assert list(df.columns) == ["AGE", "SEX", "WT", "HT", "BMI", "LBW", "FFM", "BGO",
-                                "VWF", "HCT", "ASSAY"]
-    assert (df["SEX"] == 0).all()          # male by default (X-linked)
+    assert list(df.columns) == [
+        "AGE",
+        "SEX",
+        "WT",
+        "HT",
+        "BMI",
+        "LBW",
+        "FFM",
+        "BGO",
+        "VWF",
+        "HCT",
+        "ASSAY",
+    ]
+    assert (df["SEX"] == 0).all()  # male by default (X-linked)
     assert set(df["ASSAY"]) <= {"OSA", "CSA"}
     assert df["AGE"].between(1.0, 65.0).all()
 
@@ -102,8 +113,9 @@ def test_all_values_within_schema_ranges(key):
     df = simulate_demographics(key, 3000, age_range=(0.5, 80.0), female_fraction=0.5)
     validator = jsonschema.Draft202012Validator(load_schema())
     for i, rec in enumerate(df.to_dict(orient="records")):
-        rec = {k: (v.item() if isinstance(v, np.generic) else v)
-               for k, v in rec.items()}
+        rec = {
+            k: (v.item() if isinstance(v, np.generic) else v) for k, v in rec.items()
+        }
         rec.update(ID=i + 1, TIME=0.0, AMT=0.0)
         errors = [e.message for e in validator.iter_errors(rec)]
         assert not errors, (rec, errors)
@@ -114,7 +126,7 @@ def test_covariate_distributions(key):
     assert df["BGO"].mean() == pytest.approx(0.45, abs=0.03)
     assert (df["ASSAY"] == "OSA").mean() == pytest.approx(0.7, abs=0.03)
     vwf = df.groupby("BGO")["VWF"].median()
-    assert vwf[0] / vwf[1] == pytest.approx(105.0 / 75.0, rel=0.1)   # Gill 1987
+    assert vwf[0] / vwf[1] == pytest.approx(105.0 / 75.0, rel=0.1)  # Gill 1987
     assert df["HCT"].mean() == pytest.approx(44.0, abs=1.0)
     old, young = df[df["AGE"] > 50], df[df["AGE"] < 30]
     assert old["VWF"].median() > young["VWF"].median()
@@ -123,8 +135,9 @@ def test_covariate_distributions(key):
 
 
 def test_female_fraction_and_age_array(key):
-    df = simulate_demographics(key, 4000, female_fraction=0.5,
-                               age_distribution=np.array([30.0, 40.0]))
+    df = simulate_demographics(
+        key, 4000, female_fraction=0.5, age_distribution=np.array([30.0, 40.0])
+    )
     assert df["SEX"].mean() == pytest.approx(0.5, abs=0.03)
     assert set(df["AGE"]) == {30.0, 40.0}
     women = df[df["SEX"] == 1]

@@ -19,11 +19,15 @@ from phems_clinical.data.dosing_request import (
 )
 
 MINIMAL = {
-    "product": "advate", "weight_kg": 25.0, "age_y": 8.0,
+    "product": "advate",
+    "weight_kg": 25.0,
+    "age_y": 8.0,
     "infusions": [{"time_h": 0.0, "dose_IU": 1000, "duration_h": 0.17}],
-    "levels": [{"time_h": 4.0, "value": 40.2, "unit": "IU/dL"},
-               {"time_h": 24.0, "value": 10.1, "unit": "IU/dL"},
-               {"time_h": 48.0, "value": 1.5, "unit": "IU/dL"}],
+    "levels": [
+        {"time_h": 4.0, "value": 40.2, "unit": "IU/dL"},
+        {"time_h": 24.0, "value": 10.1, "unit": "IU/dL"},
+        {"time_h": 48.0, "value": 1.5, "unit": "IU/dL"},
+    ],
 }
 
 
@@ -57,21 +61,30 @@ def _high(s: dict) -> float | None:
 
 # ------------------------------------------------- schema and plausibility agree
 
-@pytest.mark.parametrize(("path", "name"), [
-    (("weight_kg",), "weight_kg"), (("age_y",), "age_y"),
-    (("height_cm",), "height_cm"), (("time_h",), "time_h"),
-    (("options", "seed"), "seed"),
-])
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        (("weight_kg",), "weight_kg"),
+        (("age_y",), "age_y"),
+        (("height_cm",), "height_cm"),
+        (("time_h",), "time_h"),
+        (("options", "seed"), "seed"),
+    ],
+)
 def test_schema_bounds_are_the_plausibility_limits(path, name):
     schema = _prop(*path)
     assert (_low(schema), _high(schema)) == plausibility.limit(name).error
 
 
-@pytest.mark.parametrize(("path", "name"), [
-    (("infusion", "dose_IU"), "dose_IU"),
-    (("infusion", "duration_h"), "infusion_duration_h"),
-    (("level", "value"), "factor_level"),
-])
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        (("infusion", "dose_IU"), "dose_IU"),
+        (("infusion", "duration_h"), "infusion_duration_h"),
+        (("level", "value"), "factor_level"),
+    ],
+)
 def test_schema_bounds_lie_within_the_plausibility_limits(path, name):
     """Never looser than the shared limits (the tool may be stricter, e.g. it
     plans short infusions only). Level values and LLOQs depend on their unit:
@@ -90,16 +103,19 @@ def test_threshold_and_target_bounds_are_factor_levels():
 
 # ------------------------------------------------------------ implausible values
 
+
 def test_ten_million_iu_for_a_child_is_refused_by_name():
     errors = _errors(_req(infusions=[{"time_h": 0, "dose_IU": 1e7}]))
-    assert "infusions[0].dose_IU" in errors and "100000" in errors[
-        "infusions[0].dose_IU"]
+    assert (
+        "infusions[0].dose_IU" in errors and "100000" in errors["infusions[0].dose_IU"]
+    )
 
 
 def test_dose_per_kg_is_checked_against_the_weight():
     # 20 000 IU is a plausible adult dose, but 800 IU/kg for 25 kg
     msg = _errors(_req(infusions=[{"time_h": 0, "dose_IU": 20000}]))[
-        "infusions[0].dose_IU"]
+        "infusions[0].dose_IU"
+    ]
     assert "800 IU/kg" in msg and "weight_kg" in msg and "500 IU/kg" in msg
     # 300 IU/kg is accepted with a warning naming the infusion
     req = parse_request(_req(infusions=[{"time_h": 0, "dose_IU": 7500}]))
@@ -111,9 +127,12 @@ def test_times_beyond_a_lifetime_are_refused():
     level = {"time_h": 1e300, "value": 1, "unit": "IU/dL"}
     msg = _errors(_req(levels=[level]))["levels[0].time_h"]
     assert "1051920" in msg
-    errors = _errors(_req(
-        infusions=[{"datetime": "1800-01-01T08:00", "dose_IU": 1000}],
-        levels=[{"datetime": "2024-01-01T08:00", "value": 1, "unit": "%"}]))
+    errors = _errors(
+        _req(
+            infusions=[{"datetime": "1800-01-01T08:00", "dose_IU": 1000}],
+            levels=[{"datetime": "2024-01-01T08:00", "value": 1, "unit": "%"}],
+        )
+    )
     assert "plausible range" in errors["levels[0].datetime"]
 
 
@@ -126,60 +145,90 @@ def test_a_level_of_zero_asks_for_blq():
     errors = _errors(_req(levels=levels))
     assert set(errors) == {"levels[0].value", "levels[1].value", "levels[2].value"}
     assert all('"blq": true' in m and "lloq" in m for m in errors.values())
-    ok = parse_request(_req(levels=[{"time_h": 4, "value": 0, "blq": True,
-                                     "lloq": 1, "unit": "IU/dL"}]))
+    ok = parse_request(
+        _req(
+            levels=[{"time_h": 4, "value": 0, "blq": True, "lloq": 1, "unit": "IU/dL"}]
+        )
+    )
     assert ok.levels[0].blq and ok.levels[0].lloq_IU_dL == 1.0
     # BLQ reported as 0 without the assay's LLOQ: the LLOQ is needed
-    assert "needs its lloq" in _errors(_req(levels=[
-        {"time_h": 4, "value": 0, "blq": True, "unit": "%"}]))["levels[0].lloq"]
+    assert (
+        "needs its lloq"
+        in _errors(_req(levels=[{"time_h": 4, "value": 0, "blq": True, "unit": "%"}]))[
+            "levels[0].lloq"
+        ]
+    )
 
 
 def test_implausible_lloq():
-    errors = _errors(_req(levels=[{"time_h": 4, "blq": True, "lloq": 0.00001,
-                                   "unit": "IU/mL"}]))
+    errors = _errors(
+        _req(levels=[{"time_h": 4, "blq": True, "lloq": 0.00001, "unit": "IU/mL"}])
+    )
     assert "lower limit of quantification" in errors["levels[0].lloq"]
-    assert "expected a number > 0" in _errors(_req(levels=[
-        {"time_h": 4, "blq": True, "lloq": 0, "unit": "%"}]))["levels[0].lloq"]
+    assert (
+        "expected a number > 0"
+        in _errors(_req(levels=[{"time_h": 4, "blq": True, "lloq": 0, "unit": "%"}]))[
+            "levels[0].lloq"
+        ]
+    )
 
 
 def test_unusually_high_level_and_baseline_are_warnings():
-    req = parse_request(_req(levels=[{"time_h": 4, "value": 3.5, "unit": "IU/mL"}],
-                             baseline={"value": 350, "unit": "%"}))
+    req = parse_request(
+        _req(
+            levels=[{"time_h": 4, "value": 3.5, "unit": "IU/mL"}],
+            baseline={"value": 350, "unit": "%"},
+        )
+    )
     assert [w.field for w in req.warnings] == ["levels[0].value", "baseline.value"]
     assert "3.5 IU/mL" in req.warnings[0].message
 
 
 def test_seed_beyond_64_bits():
-    assert "options.seed" in _errors(_req(options={"seed": 2 ** 63}))
+    assert "options.seed" in _errors(_req(options={"seed": 2**63}))
 
 
 # ------------------------------------------------------------------- JSON itself
 
+
 def test_duplicate_keys_are_refused_by_path():
-    text = ('{"product": "advate", "weight_kg": 25, "weight_kg": 2.5, "age_y": 8, '
-            '"infusions": [{"time_h": 0, "dose_IU": 1000}], "levels": ['
-            '{"time_h": 4, "value": 40, "value": 4, "unit": "%"}]}')
+    text = (
+        '{"product": "advate", "weight_kg": 25, "weight_kg": 2.5, "age_y": 8, '
+        '"infusions": [{"time_h": 0, "dose_IU": 1000}], "levels": ['
+        '{"time_h": 4, "value": 40, "value": 4, "unit": "%"}]}'
+    )
     errors = _errors(text)
     assert set(errors) == {"weight_kg", "levels[0].value"}
     assert "duplicate field 'weight_kg'" in errors["weight_kg"]
 
 
-@pytest.mark.parametrize(("token", "got"), [
-    ("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf"), ("1e999", "inf"),
-    ("9" * 5000, "inf")])
+@pytest.mark.parametrize(
+    ("token", "got"),
+    [
+        ("NaN", "nan"),
+        ("Infinity", "inf"),
+        ("-Infinity", "-inf"),
+        ("1e999", "inf"),
+        ("9" * 5000, "inf"),
+    ],
+)
 def test_non_finite_tokens_are_refused_by_field(token, got):
-    text = json.dumps(_req(weight_kg=1.0)).replace('"weight_kg": 1.0',
-                                                   f'"weight_kg": {token}')
+    text = json.dumps(_req(weight_kg=1.0)).replace(
+        '"weight_kg": 1.0', f'"weight_kg": {token}'
+    )
     assert _errors(text) == {"weight_kg": f"expected a finite number, got {got}"}
 
 
 def test_deep_nesting_is_refused_without_recursion_error():
     assert set(_errors("[" * 100_000)) == {""}
     deep = _req(options={"targets_IU_dL": [[[[[[1]]]]]]})
-    assert _errors(deep) == {"options.targets_IU_dL[0][0][0][0]": (
-        "nested too deeply: a dosing request is at most 6 levels deep")}
+    assert _errors(deep) == {
+        "options.targets_IU_dL[0][0][0][0]": (
+            "nested too deeply: a dosing request is at most 6 levels deep"
+        )
+    }
     nested = {}
-    for _ in range(5000):   # deeper than the interpreter's recursion limit
+    for _ in range(5000):  # deeper than the interpreter's recursion limit
         nested = {"a": nested}
     assert _errors(_req(options=nested))
 
@@ -191,8 +240,10 @@ def test_long_text_is_refused_quickly_and_not_echoed():
     assert "200000 characters" in errors["patient_id"]
     assert len(errors["patient_id"]) < 200
     msg = _errors(_req(patient_id="x" * 65))["patient_id"]
-    assert msg == ("expected at most 64 characters (patient identifier: text "
-                   "without control characters, or a whole number), got 65")
+    assert msg == (
+        "expected at most 64 characters (patient identifier: text "
+        "without control characters, or a whole number), got 65"
+    )
     long_key = _errors({**_req(), "k" * 10_000: 1})
     assert all(len(m) < 200 for m in long_key.values())
     assert "10000 characters" in long_key[""]
@@ -210,7 +261,7 @@ def test_lone_surrogates_are_refused():
 
 
 def test_huge_whole_number_patient_id():
-    assert "patient_id" in _errors(_req(patient_id=10 ** 40))
+    assert "patient_id" in _errors(_req(patient_id=10**40))
 
 
 def test_long_lists_are_refused_by_name():

@@ -24,8 +24,20 @@ from phems_clinical.data.nonmem import (
     to_cohort,
 )
 
-HEADER = ["ID", "TIME", "AMT", "RATE", "DUR", "DV", "MDV", "EVID", "BLQ", "LLOQ",
-          "WT", "AGE"]
+HEADER = [
+    "ID",
+    "TIME",
+    "AMT",
+    "RATE",
+    "DUR",
+    "DV",
+    "MDV",
+    "EVID",
+    "BLQ",
+    "LLOQ",
+    "WT",
+    "AGE",
+]
 #: A valid data set: infusion (RATE -2 + DUR) and bolus, quantified and BLQ
 #: levels, an MDV 1 observation (excluded).
 BASE = [
@@ -38,12 +50,51 @@ BASE = [
     ["2", "30", "0", ".", ".", ".", "1", "0", "0", "1", "20", "6"],
 ]
 #: Columns whose cells are perturbed (the value columns more often).
-TARGETS = st.sampled_from(["DV", "DV", "DV", "AMT", "AMT", "TIME", "DUR", "ID", "MDV",
-                           "RATE", "LLOQ", "BLQ", "EVID", "WT", "AGE"])
-CELLS = st.sampled_from([
-    "", ".", "abc", "NaN", "nan", "inf", "-inf", "1e999", "1e308", "-1e308", "-5",
-    "0", "-2", "1", "2", "0.001", "600", "9" * 30, "1e-300", "#", "C", " 3 ",
-])
+TARGETS = st.sampled_from(
+    [
+        "DV",
+        "DV",
+        "DV",
+        "AMT",
+        "AMT",
+        "TIME",
+        "DUR",
+        "ID",
+        "MDV",
+        "RATE",
+        "LLOQ",
+        "BLQ",
+        "EVID",
+        "WT",
+        "AGE",
+    ]
+)
+CELLS = st.sampled_from(
+    [
+        "",
+        ".",
+        "abc",
+        "NaN",
+        "nan",
+        "inf",
+        "-inf",
+        "1e999",
+        "1e308",
+        "-1e308",
+        "-5",
+        "0",
+        "-2",
+        "1",
+        "2",
+        "0.001",
+        "600",
+        "9" * 30,
+        "1e-300",
+        "#",
+        "C",
+        " 3 ",
+    ]
+)
 
 
 @st.composite
@@ -56,8 +107,9 @@ def csv_texts(draw) -> str:
         r = draw(st.integers(0, len(rows) - 1))
         c = header.index(draw(TARGETS))
         rows[r][c] = draw(CELLS)
-    for change in draw(st.lists(st.sampled_from(["drop", "duplicate", "lower"]),
-                                max_size=2)):
+    for change in draw(
+        st.lists(st.sampled_from(["drop", "duplicate", "lower"]), max_size=2)
+    ):
         c = draw(st.integers(0, len(header) - 1))
         if change == "drop":
             del header[c]
@@ -69,12 +121,16 @@ def csv_texts(draw) -> str:
                 r.append(r[c])
         else:
             header[c] = header[c].lower()
-    for change in draw(st.lists(st.sampled_from(["comment", "blank", "short"]),
-                                max_size=2)):
+    for change in draw(
+        st.lists(st.sampled_from(["comment", "blank", "short"]), max_size=2)
+    ):
         c = draw(st.integers(0, len(header) - 1))
         at = draw(st.integers(0, len(rows)))
-        line = {"comment": ["# note", *rows[0][1:]], "blank": [],
-                "short": rows[0][:c + 1]}[change]
+        line = {
+            "comment": ["# note", *rows[0][1:]],
+            "blank": [],
+            "short": rows[0][: c + 1],
+        }[change]
         rows.insert(at, line)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -127,11 +183,14 @@ def _check_result(data, rows: list[int]) -> None:
 
 @given(csv_texts())
 @example("ID,TIME,AMT,DV,MDV\n1,0,1000,.,1\n1,4,0,,0\n").via(
-    "regression: a missing level was fitted as 0")
+    "regression: a missing level was fitted as 0"
+)
 @example("ID,TIME,AMT,DV\n1,0,1000,.\n,4,0,50\n1,6,0,40\n").via(
-    "regression: an empty ID gave 'error: None'")
+    "regression: an empty ID gave 'error: None'"
+)
 @example("ID,TIME,AMT,MDV\n1,0,1000,1\n1,4,0,0\n").via(
-    "regression: no DV column was fitted as levels of 0")
+    "regression: no DV column was fitted as levels of 0"
+)
 def test_any_perturbed_csv_gives_a_clean_result_or_a_named_error(text):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "data.csv"
@@ -144,21 +203,32 @@ def test_any_perturbed_csv_gives_a_clean_result_or_a_named_error(text):
     _check_result(data, _data_rows(text))
 
 
-NUMBERS = st.one_of(st.sampled_from([np.nan, None, np.inf, -np.inf, 0.0, 1e308,
-                                     -2.0, 50.0, pd.NA]),
-                    st.floats(allow_nan=True, allow_infinity=True))
+NUMBERS = st.one_of(
+    st.sampled_from([np.nan, None, np.inf, -np.inf, 0.0, 1e308, -2.0, 50.0, pd.NA]),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
 
 
-@given(st.lists(st.tuples(st.sampled_from(["DV", "DV", "DV", "AMT", "TIME", "DUR",
-                                           "WT", "ID"]),
-                          st.integers(0, len(BASE) - 1), NUMBERS),
-                min_size=1, max_size=3))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["DV", "DV", "DV", "AMT", "TIME", "DUR", "WT", "ID"]),
+            st.integers(0, len(BASE) - 1),
+            NUMBERS,
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 @example([("DV", 1, None)]).via("regression: a missing level was fitted as 0")
 @example([("ID", 2, np.nan)]).via("regression: an empty ID gave 'error: None'")
 def test_any_perturbed_dataframe_gives_a_clean_result_or_a_named_error(changes):
     """Frames (the OMOP path) with NaN, None, inf and float extremes in cells."""
-    df = pd.DataFrame([[np.nan if v == "." else float(v) for v in r] for r in BASE],
-                      columns=HEADER, dtype=object)
+    df = pd.DataFrame(
+        [[np.nan if v == "." else float(v) for v in r] for r in BASE],
+        columns=HEADER,
+        dtype=object,
+    )
     for col, r, v in changes:
         df.at[r, col] = v
     try:

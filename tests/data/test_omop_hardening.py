@@ -18,22 +18,30 @@ from phems_clinical.data import omop
 from phems_clinical.data.omop import concepts as C
 
 #: Two haemophilia A patients: one infusion, three levels (one BLQ) each.
-EVENTS = pd.DataFrame({
-    "ID": [1, 1, 1, 1, 2, 2, 2, 2],
-    "TIME": [0, 1, 24, 48, 0, 2, 24, 72],
-    "EVID": [1, 0, 0, 0, 1, 0, 0, 0],
-    "MDV": [1, 0, 0, 0, 1, 0, 0, 0],
-    "AMT": [1500, 0, 0, 0, 1000, 0, 0, 0],
-    "DUR": [0.25, 0, 0, 0, 0.1, 0, 0, 0],
-    "DV": [np.nan, 60.0, 20.0, 1.0, np.nan, 45.0, 15.0, 1.0],
-    "BLQ": [0, 0, 0, 1, 0, 0, 0, 1],
-    "LLOQ": [np.nan, 1, 1, 1, np.nan, 1, 1, 1],
-    "AGE": [30.0] * 4 + [8.0] * 4,
-    "SEX": [0] * 8,
-    "WT": [70.0] * 4 + [25.0] * 4,
-})
-PK_TABLES = ["person", "care_site", "visit_occurrence", "drug_exposure",
-             "measurement", "observation"]
+EVENTS = pd.DataFrame(
+    {
+        "ID": [1, 1, 1, 1, 2, 2, 2, 2],
+        "TIME": [0, 1, 24, 48, 0, 2, 24, 72],
+        "EVID": [1, 0, 0, 0, 1, 0, 0, 0],
+        "MDV": [1, 0, 0, 0, 1, 0, 0, 0],
+        "AMT": [1500, 0, 0, 0, 1000, 0, 0, 0],
+        "DUR": [0.25, 0, 0, 0, 0.1, 0, 0, 0],
+        "DV": [np.nan, 60.0, 20.0, 1.0, np.nan, 45.0, 15.0, 1.0],
+        "BLQ": [0, 0, 0, 1, 0, 0, 0, 1],
+        "LLOQ": [np.nan, 1, 1, 1, np.nan, 1, 1, 1],
+        "AGE": [30.0] * 4 + [8.0] * 4,
+        "SEX": [0] * 8,
+        "WT": [70.0] * 4 + [25.0] * 4,
+    }
+)
+PK_TABLES = [
+    "person",
+    "care_site",
+    "visit_occurrence",
+    "drug_exposure",
+    "measurement",
+    "observation",
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +74,25 @@ def _load(path, names=PK_TABLES):
 
 # ----------------------------------------------------------------- hardening
 
+
 def test_view_over_a_local_file_is_refused_and_reads_nothing(db, tmp_path):
     secret = tmp_path / "secret.csv"
     secret.write_text("measurement_id,value\n1,SECRET-VALUE\n")
-    _sql(db, "DROP TABLE measurement",
-         f"CREATE VIEW measurement AS SELECT * FROM read_csv('{secret}')")
+    _sql(
+        db,
+        "DROP TABLE measurement",
+        f"CREATE VIEW measurement AS SELECT * FROM read_csv('{secret}')",
+    )
     with pytest.raises(omop.OmopSchemaError, match="measurement.*view") as info:
         _load(db)
     assert "SECRET" not in str(info.value)
     with omop.connect(db, read_only=True) as s:
-        assert s.conn.execute("SELECT current_setting('enable_external_access')"
-                              ).fetchone()[0] is False
+        assert (
+            s.conn.execute(
+                "SELECT current_setting('enable_external_access')"
+            ).fetchone()[0]
+            is False
+        )
         with pytest.raises(omop.OmopDatabaseError, match="disabled by configuration"):
             s.fetchall(f"SELECT * FROM read_csv('{secret}')")
         with pytest.raises(omop.OmopDatabaseError, match="locked"):
@@ -89,8 +105,9 @@ def test_extension_autoload_and_autoinstall_are_off(db):
             assert s.fetchall(f"SELECT current_setting('{name}')")[0][0] is False
 
 
-@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated", "missing",
-                                    "folder"])
+@pytest.mark.parametrize(
+    "damage", ["empty", "garbage", "truncated", "missing", "folder"]
+)
 def test_bad_database_files_give_errors_naming_the_file(db, damage):
     data = db.read_bytes()
     if damage == "empty":
@@ -113,8 +130,10 @@ def test_bad_database_files_give_errors_naming_the_file(db, damage):
 
 def test_refused_postgres_connection_names_host_and_port_not_password():
     with pytest.raises(omop.OmopConnectionError) as info:
-        omop.connect("postgresql://site:hunter2@127.0.0.1:1/omop?connect_timeout=3",
-                     read_only=True)
+        omop.connect(
+            "postgresql://site:hunter2@127.0.0.1:1/omop?connect_timeout=3",
+            read_only=True,
+        )
     msg = str(info.value)
     assert "127.0.0.1:1" in msg and "omop" in msg and "hunter2" not in msg
     assert isinstance(info.value, OSError)
@@ -126,7 +145,8 @@ def test_password_on_the_command_line_is_refused_env_url_is_not(monkeypatch):
     with pytest.raises(ValueError, match="PGPASSWORD"):
         site_databases("postgresql://site@db/omop?password=hunter2")
     assert site_databases("postgresql://site@db/omop") == {
-        "site": "postgresql://site@db/omop"}
+        "site": "postgresql://site@db/omop"
+    }
     assert site_databases("env:PHEMS_OMOP_URL") == {"site": "env:PHEMS_OMOP_URL"}
     monkeypatch.setenv("PHEMS_OMOP_URL", "postgresql://site:pw@127.0.0.1:1/omop")
     assert omop.resolve_target("env:PHEMS_OMOP_URL").endswith("@127.0.0.1:1/omop")
@@ -152,13 +172,17 @@ LEVEL = C.MEASUREMENT["fviii_activity"]
 
 
 def test_missing_and_implausible_values_are_excluded_and_reported(db):
-    first_level = (f"(SELECT min(measurement_id) FROM measurement WHERE "
-                   f"measurement_concept_id = {LEVEL} AND person_id = 1)")
-    _sql(db,
-         f"UPDATE measurement SET value_as_number = NULL WHERE measurement_id = "
-         f"{first_level}",
-         "UPDATE person SET year_of_birth = 2999 WHERE person_id = 2",
-         "UPDATE drug_exposure SET quantity = 9999999 WHERE person_id = 1")
+    first_level = (
+        f"(SELECT min(measurement_id) FROM measurement WHERE "
+        f"measurement_concept_id = {LEVEL} AND person_id = 1)"
+    )
+    _sql(
+        db,
+        f"UPDATE measurement SET value_as_number = NULL WHERE measurement_id = "
+        f"{first_level}",
+        "UPDATE person SET year_of_birth = 2999 WHERE person_id = 2",
+        "UPDATE drug_exposure SET quantity = 9999999 WHERE person_id = 1",
+    )
     tables, report = _load(db)
     got = {(r.table, r.field, r.reason) for r in report.exclusions.itertuples()}
     assert ("measurement", "value_as_number", "missing_value") in got
@@ -171,30 +195,46 @@ def test_missing_and_implausible_values_are_excluded_and_reported(db):
     assert "missing_value: 1 (DQD measureValueCompleteness; value_as_number 1)" in text
     assert "NULL value_as_number: 1 of" in text
     assert "DQD plausibleValueLow/High" in text
-    assert "9999999" not in text and "2999" not in text   # counts, not values
+    assert "9999999" not in text and "2999" not in text  # counts, not values
 
 
 def test_dose_per_kg_and_infusion_duration_limits(db):
     # 1500 IU for 70 kg is fine; 40000 IU (571 IU/kg) is not, nor a 40-day infusion
-    _sql(db, "UPDATE drug_exposure SET quantity = 40000 WHERE person_id = 1",
-         "UPDATE drug_exposure SET drug_exposure_end_datetime = "
-         "drug_exposure_start_datetime + INTERVAL 40 DAY WHERE person_id = 2")
+    _sql(
+        db,
+        "UPDATE drug_exposure SET quantity = 40000 WHERE person_id = 1",
+        "UPDATE drug_exposure SET drug_exposure_end_datetime = "
+        "drug_exposure_start_datetime + INTERVAL 40 DAY WHERE person_id = 2",
+    )
     _, report = _load(db)
-    got = {(r.person_id, r.field): r.reason for r in report.exclusions.itertuples()
-           if r.table == "drug_exposure"}
-    assert got == {(1, "quantity"): "implausible_value",
-                   (2, "drug_exposure_end_datetime"): "implausible_value"}
+    got = {
+        (r.person_id, r.field): r.reason
+        for r in report.exclusions.itertuples()
+        if r.table == "drug_exposure"
+    }
+    assert got == {
+        (1, "quantity"): "implausible_value",
+        (2, "drug_exposure_end_datetime"): "implausible_value",
+    }
 
 
 def test_omop_to_pk_refuses_a_null_level_in_unvalidated_tables(db):
-    first_level = (f"(SELECT min(measurement_id) FROM measurement WHERE "
-                   f"measurement_concept_id = {LEVEL})")
-    _sql(db, f"UPDATE measurement SET value_as_number = NULL WHERE measurement_id = "
-             f"{first_level}")
+    first_level = (
+        f"(SELECT min(measurement_id) FROM measurement WHERE "
+        f"measurement_concept_id = {LEVEL})"
+    )
+    _sql(
+        db,
+        f"UPDATE measurement SET value_as_number = NULL WHERE measurement_id = "
+        f"{first_level}",
+    )
     with omop.connect(db, read_only=True) as s:
         tables, _ = omop.read_tables(s, PK_TABLES, validate=False)
-    with pytest.raises(ValueError, match=r"measurement: value_as_number is NULL on 1 "
-                                         r"row\(s\) \(measurement_id \["):
+    with pytest.raises(
+        ValueError,
+        match=r"measurement: value_as_number is NULL on 1 "
+        r"row\(s\) \(measurement_id \[",
+    ):
         omop.omop_to_pk(tables)
 
 

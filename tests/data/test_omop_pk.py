@@ -23,15 +23,17 @@ def model():
 @pytest.fixture(scope="module")
 def cohort(model):
     """6 patients, 2 occasions, half without washout, LLOQ high enough for BLQs."""
-    spec = HospitalSpec("hosp-a", 6, design="sparse", washout_fraction=0.5,
-                        occasions=2, lloq_IU_dL=4.0)
+    spec = HospitalSpec(
+        "hosp-a", 6, design="sparse", washout_fraction=0.5, occasions=2, lloq_IU_dL=4.0
+    )
     events, _ = simulate_cohort(jax.random.key(21), model, spec)
     return events
 
 
 def _through_duckdb(events, path, **kw):
-    tables = omop.pk_to_omop(events, product="Advate", site="hosp-a",
-                             start="2024-02-29 07:30:00", **kw)
+    tables = omop.pk_to_omop(
+        events, product="Advate", site="hosp-a", start="2024-02-29 07:30:00", **kw
+    )
     with omop.connect(path) as s:
         omop.create_cdm(s)
         omop.write_tables(s, tables)
@@ -63,8 +65,9 @@ def _compare(a, b, *, atol_level=0.0):
     np.testing.assert_allclose(a["AMT"], b["AMT"], rtol=0, atol=0)
     np.testing.assert_allclose(a["AGE"], b["AGE"], rtol=1e-12)
     for c in ["DV", "LLOQ", "WT", "HT", "BMI", "LBW", "FFM", "VWF", "HCT"]:
-        np.testing.assert_allclose(a[c], b[c], rtol=0, atol=atol_level + 1e-12,
-                                   equal_nan=True, err_msg=c)
+        np.testing.assert_allclose(
+            a[c], b[c], rtol=0, atol=atol_level + 1e-12, equal_nan=True, err_msg=c
+        )
 
 
 def test_pk_round_trip_is_exact_at_stored_precision(cohort, tmp_path):
@@ -77,16 +80,21 @@ def test_pk_round_trip_is_exact_at_stored_precision(cohort, tmp_path):
 
 def test_pk_round_trip_unrounded_levels_within_storage_precision(cohort, tmp_path):
     _, back = _through_duckdb(cohort, tmp_path / "pk.duckdb")
-    _compare(read_nonmem(cohort).events, read_nonmem(omop.omop_to_pk(back)).events,
-             atol_level=5e-4)
+    _compare(
+        read_nonmem(cohort).events,
+        read_nonmem(omop.omop_to_pk(back)).events,
+        atol_level=5e-4,
+    )
 
 
 def test_pk_tables_follow_omop_conventions(cohort):
-    t = omop.pk_to_omop(cohort, product="Advate", site="hosp-a",
-                        start=pd.Timestamp("2024-01-01"))
+    t = omop.pk_to_omop(
+        cohort, product="Advate", site="hosp-a", start=pd.Timestamp("2024-01-01")
+    )
     obs = cohort[cohort["EVID"] == 0]
-    lv = t["measurement"][t["measurement"]["measurement_concept_id"]
-                          == C.MEASUREMENT["fviii_activity"]]
+    lv = t["measurement"][
+        t["measurement"]["measurement_concept_id"] == C.MEASUREMENT["fviii_activity"]
+    ]
     assert len(lv) == len(obs)
     blq = lv["operator_concept_id"] == C.OPERATOR["<"]
     assert blq.sum() == obs["BLQ"].sum() > 0
@@ -99,7 +107,7 @@ def test_pk_tables_follow_omop_conventions(cohort):
     doses = cohort[cohort["EVID"] == 1]
     assert len(de) == len(doses)
     assert (de["drug_concept_id"] == C.DRUG["fviii"]).all()
-    dur = (de["drug_exposure_end_datetime"] - de["drug_exposure_start_datetime"])
+    dur = de["drug_exposure_end_datetime"] - de["drug_exposure_start_datetime"]
     assert (dur == pd.Timedelta(minutes=10)).all()
     assert (de["quantity"].to_numpy() == doses["AMT"].to_numpy()).all()
     first = doses.groupby("ID")["TIME"].min()

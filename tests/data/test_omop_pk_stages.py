@@ -7,13 +7,20 @@ import pytest
 from phems_clinical.data.omop import pk
 from phems_clinical.data.omop.concepts import OPERATOR
 
-EVENTS = pd.DataFrame({
-    "id": [3, 3, 3, 7, 7], "time": [0.0, 0.5, 24.0, 0.0, 2.0],
-    "amt": [1000.0, 0, 0, 500.0, 0], "rate": [2000.0, np.nan, np.nan, 0.0, np.nan],
-    "dv": [np.nan, 40.0, np.nan, np.nan, 20.0], "blq": [0, 0, 1, 0, 0],
-    "lloq": [np.nan, 1.0, 1.0, np.nan, 1.0], "evid": [1, 0, 0, 1, 0],
-    "mdv": [1, 0, 0, 1, 0], "age": [10.0, 10.0, 10.0, np.nan, 3.0],
-})
+EVENTS = pd.DataFrame(
+    {
+        "id": [3, 3, 3, 7, 7],
+        "time": [0.0, 0.5, 24.0, 0.0, 2.0],
+        "amt": [1000.0, 0, 0, 500.0, 0],
+        "rate": [2000.0, np.nan, np.nan, 0.0, np.nan],
+        "dv": [np.nan, 40.0, np.nan, np.nan, 20.0],
+        "blq": [0, 0, 1, 0, 0],
+        "lloq": [np.nan, 1.0, 1.0, np.nan, 1.0],
+        "evid": [1, 0, 0, 1, 0],
+        "mdv": [1, 0, 0, 1, 0],
+        "age": [10.0, 10.0, 10.0, np.nan, 3.0],
+    }
+)
 
 
 def test_checked_events_masks_and_refusals():
@@ -31,12 +38,13 @@ def test_checked_events_masks_and_refusals():
 def test_persons_time_zero_and_birth():
     ev, _, _ = pk._checked_events(EVENTS)
     t0 = pk._assign_persons(ev, {3: "2024-01-01", 7: "2024-02-01"})
-    assert ev["_pid"].tolist() == [3, 3, 3, 7, 7]        # positive integer IDs kept
+    assert ev["_pid"].tolist() == [3, 3, 3, 7, 7]  # positive integer IDs kept
     assert ev["_t"].iloc[1] == pd.Timestamp("2024-01-01 00:30")
     person, t0_s = pk._person_table(ev, t0, care_site_id=1)
     # AGE 3 y (first non-missing of subject 7) = 3 * 365.25 d before time 0
-    assert person["birth_datetime"].iloc[1] == (pd.Timestamp("2024-02-01")
-                                                - pd.Timedelta(days=3 * 365.25))
+    assert person["birth_datetime"].iloc[1] == (
+        pd.Timestamp("2024-02-01") - pd.Timedelta(days=3 * 365.25)
+    )
     assert t0_s.loc[7] == pd.Timestamp("2024-02-01")
 
 
@@ -44,7 +52,7 @@ def test_dose_durations_from_rate_and_visits():
     ev, is_dose, _ = pk._checked_events(EVENTS)
     pk._assign_persons(ev, "2024-01-01")
     dur = pk._dose_durations(ev[is_dose])
-    assert dur.tolist() == [0.5, 0.0]                     # 1000 IU / 2000 IU/h; bolus
+    assert dur.tolist() == [0.5, 0.0]  # 1000 IU / 2000 IU/h; bolus
     with pytest.raises(ValueError, match="DUR .* or RATE"):
         pk._dose_durations(ev[is_dose].drop(columns=["RATE"]))
     visit, vid = pk._visit_table(ev, is_dose, dur, 10, 1)
@@ -58,7 +66,10 @@ def test_level_table_blq_as_lloq_with_operator():
     pk._assign_persons(ev, "2024-01-01")
     levels = pk._level_table(ev[is_obs], np.array([1, 1, 2]), 99, "FVIII")
     assert levels["value_as_number"].tolist() == [40.0, 1.0, 20.0]
-    assert levels["operator_concept_id"].tolist() == [OPERATOR["="], OPERATOR["<"],
-                                                      OPERATOR["="]]
+    assert levels["operator_concept_id"].tolist() == [
+        OPERATOR["="],
+        OPERATOR["<"],
+        OPERATOR["="],
+    ]
     assert levels["value_source_value"].tolist() == ["40.0", "<1.0", "20.0"]
     assert levels["measurement_source_value"].iloc[0] == "FVIII:C|LLOQ=1.0"

@@ -31,22 +31,30 @@ from phems_clinical.data.omop import concepts as C
 LEVEL = C.MEASUREMENT["fviii_activity"]
 #: (table, column, SQL value) perturbations of the fields the PK path reads.
 CHANGES = {
-    "measurement": [("value_as_number", v) for v in
-                    ("NULL", "-1", "0", "350", "600", "1e9")]
-    + [("measurement_datetime", v) for v in
-       ("NULL", "TIMESTAMP '1850-01-01'", "TIMESTAMP '2999-01-01'")]
+    "measurement": [
+        ("value_as_number", v) for v in ("NULL", "-1", "0", "350", "600", "1e9")
+    ]
+    + [
+        ("measurement_datetime", v)
+        for v in ("NULL", "TIMESTAMP '1850-01-01'", "TIMESTAMP '2999-01-01'")
+    ]
     + [("operator_concept_id", v) for v in ("NULL", str(C.OPERATOR["<"]))],
     "drug_exposure": [("quantity", v) for v in ("NULL", "0", "-5", "20000", "1e7")]
-    + [("drug_exposure_end_datetime", v) for v in
-       ("NULL", "drug_exposure_start_datetime - INTERVAL 1 HOUR",
-        "drug_exposure_start_datetime + INTERVAL 60 DAY")]
+    + [
+        ("drug_exposure_end_datetime", v)
+        for v in (
+            "NULL",
+            "drug_exposure_start_datetime - INTERVAL 1 HOUR",
+            "drug_exposure_start_datetime + INTERVAL 60 DAY",
+        )
+    ]
     + [("drug_exposure_start_datetime", "NULL")],
     "person": [("year_of_birth", v) for v in ("1800", "2999", "2030")]
     + [("birth_datetime", v) for v in ("NULL", "TIMESTAMP '2999-01-01'")],
 }
 PERTURBATION = st.sampled_from(sorted(CHANGES)).flatmap(
-    lambda t: st.tuples(st.just(t), st.sampled_from(CHANGES[t]),
-                        st.integers(1, 8)))
+    lambda t: st.tuples(st.just(t), st.sampled_from(CHANGES[t]), st.integers(1, 8))
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +67,27 @@ def base_db(tmp_path_factory):
 
 
 def _perturb(path: Path, changes) -> None:
-    keys = {"measurement": "measurement_id", "drug_exposure": "drug_exposure_id",
-            "person": "person_id"}
+    keys = {
+        "measurement": "measurement_id",
+        "drug_exposure": "drug_exposure_id",
+        "person": "person_id",
+    }
     with duckdb.connect(str(path)) as con:
         for table, (column, value), k in changes:
             key = keys[table]
-            ids = [r[0] for r in con.execute(
-                f"SELECT {key} FROM {table} ORDER BY {key}").fetchall()]
+            ids = [
+                r[0]
+                for r in con.execute(
+                    f"SELECT {key} FROM {table} ORDER BY {key}"
+                ).fetchall()
+            ]
             try:
-                con.execute(f"UPDATE {table} SET {column} = {value} WHERE {key} = "
-                            f"{ids[(k - 1) % len(ids)]}")
+                con.execute(
+                    f"UPDATE {table} SET {column} = {value} WHERE {key} = "
+                    f"{ids[(k - 1) % len(ids)]}"
+                )
             except duckdb.ConstraintException:
-                pass    # a NOT NULL column: the database itself refuses the NULL
+                pass  # a NOT NULL column: the database itself refuses the NULL
 
 
 def _check_named(err: Exception) -> None:
@@ -83,11 +100,14 @@ def _check_named(err: Exception) -> None:
 
 @given(st.lists(PERTURBATION, min_size=1, max_size=3))
 @example([("measurement", ("value_as_number", "NULL"), 2)]).via(
-    "regression: a NULL level was fitted as 0")
+    "regression: a NULL level was fitted as 0"
+)
 @example([("person", ("year_of_birth", "2999"), 1)]).via(
-    "regression: omop check missed birth year 2999")
+    "regression: omop check missed birth year 2999"
+)
 @example([("drug_exposure", ("quantity", "9999999"), 1)]).via(
-    "regression: omop check missed a 9,999,999 IU dose")
+    "regression: omop check missed a 9,999,999 IU dose"
+)
 def test_perturbed_site_gives_events_or_a_named_error(base_db, changes):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "site.duckdb"
@@ -95,7 +115,7 @@ def test_perturbed_site_gives_events_or_a_named_error(base_db, changes):
         _perturb(path, changes)
         try:
             tables, report = load_site(str(path), PK_TABLES)
-        except ValueError as err:   # e.g. a date pandas cannot hold, by table
+        except ValueError as err:  # e.g. a date pandas cannot hold, by table
             _check_named(err)
             return
     # records in = records kept + records excluded, table by table

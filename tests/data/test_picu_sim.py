@@ -60,18 +60,35 @@ def test_small_cohort_digest_is_pinned():
     # the same tables, draw for draw (numpy Generator from the JAX key's words).
     c = simulate_picu(jax.random.key(11), n_stays=20, prevalence=0.5, site="D")
     assert {k: len(v) for k, v in c.tables.items()} == {
-        "person": 20, "visit_occurrence": 20, "visit_detail": 20,
-        "measurement": 16885, "observation": 428, "drug_exposure": 43,
-        "procedure_occurrence": 70, "condition_occurrence": 10, "death": 1}
-    assert _digest(c) == ("fa6bd62c7ab22c168317c4880c4fe461419282b1"
-                          "eb3638b2e0524e92763f5182")
+        "person": 20,
+        "visit_occurrence": 20,
+        "visit_detail": 20,
+        "measurement": 16885,
+        "observation": 428,
+        "drug_exposure": 43,
+        "procedure_occurrence": 70,
+        "condition_occurrence": 10,
+        "death": 1,
+    }
+    assert _digest(c) == (
+        "fa6bd62c7ab22c168317c4880c4fe461419282b1eb3638b2e0524e92763f5182"
+    )
 
 
 def test_hourly_layout_and_dtypes(cohort, hourly):
     assert tuple(hourly.columns) == HOURLY_COLUMNS
     assert len(hourly) == cohort.truth["los_hours"].sum()
-    for c in ("person_id", "stay_id", "hour", "imv", "other_respiratory_support",
-              "vasoactives", "antimicrobial", "culture", "died"):
+    for c in (
+        "person_id",
+        "stay_id",
+        "hour",
+        "imv",
+        "other_respiratory_support",
+        "vasoactives",
+        "antimicrobial",
+        "culture",
+        "died",
+    ):
         assert hourly[c].dtype == np.int64, c
     for c in HOURLY_COLUMNS[4:-6]:
         if c != "sex":
@@ -99,9 +116,16 @@ def test_rows_validate_against_json_schema(hourly):
     rows = rows.where(hourly.sample(300, random_state=0).notna(), None)
     v = jsonschema.Draft202012Validator(schema)
     for rec in rows.to_dict("records"):
-        rec = {k: (int(x) if isinstance(x, np.integer) else
-                   float(x) if isinstance(x, np.floating) else x)
-               for k, x in rec.items()}
+        rec = {
+            k: (
+                int(x)
+                if isinstance(x, np.integer)
+                else float(x)
+                if isinstance(x, np.floating)
+                else x
+            )
+            for k, x in rec.items()
+        }
         v.validate(rec)
 
 
@@ -113,11 +137,14 @@ def test_labs_not_carried_forward(cohort, hourly):
         # non-NaN hours = distinct (stay, hour) with an OMOP record of that lab
         mm = m[m["measurement_concept_id"] == MEASUREMENT[lab][0]]
         start = cohort.tables["visit_detail"].set_index("visit_detail_id")[
-            "visit_detail_start_datetime"]
-        h = (mm["measurement_datetime"] - start.loc[mm["visit_detail_id"]].to_numpy()
-             ) // pd.Timedelta(hours=1)
-        assert hourly[lab].notna().sum() == len(set(zip(mm["visit_detail_id"], h,
-                                                                 strict=True)))
+            "visit_detail_start_datetime"
+        ]
+        h = (
+            mm["measurement_datetime"] - start.loc[mm["visit_detail_id"]].to_numpy()
+        ) // pd.Timedelta(hours=1)
+        assert hourly[lab].notna().sum() == len(
+            set(zip(mm["visit_detail_id"], h, strict=True))
+        )
     assert hourly["hr"].notna().mean() > 0.85  # vitals hourly with gaps
     assert hourly["hr"].notna().mean() < 0.99
 
@@ -126,13 +153,18 @@ def test_last_value_in_the_hour_wins(cohort, hourly):
     m = cohort.tables["measurement"]
     hr = m[m["measurement_concept_id"] == MEASUREMENT["hr"][0]].copy()
     start = cohort.tables["visit_detail"].set_index("visit_detail_id")[
-        "visit_detail_start_datetime"]
-    hr["hour"] = (hr["measurement_datetime"] - start.loc[hr["visit_detail_id"]]
-                  .to_numpy()) // pd.Timedelta(hours=1)
+        "visit_detail_start_datetime"
+    ]
+    hr["hour"] = (
+        hr["measurement_datetime"] - start.loc[hr["visit_detail_id"]].to_numpy()
+    ) // pd.Timedelta(hours=1)
     dup = hr[hr.duplicated(["visit_detail_id", "hour"], keep=False)]
     assert len(dup) > 10
-    last = dup.sort_values("measurement_datetime").groupby(
-        ["visit_detail_id", "hour"])["value_as_number"].last()
+    last = (
+        dup.sort_values("measurement_datetime")
+        .groupby(["visit_detail_id", "hour"])["value_as_number"]
+        .last()
+    )
     got = hourly.set_index(["stay_id", "hour"]).loc[last.index, "hr"]
     np.testing.assert_array_equal(got.to_numpy(), last.to_numpy())
 
@@ -166,16 +198,24 @@ def test_septic_stays_meet_phoenix_after_true_onset(cohort, hourly):
     non = truth.index[~truth["septic"]]
     assert onset.loc[non].notna().mean() < 0.5 * onset.loc[sep.index].notna().mean()
     # deaths are more frequent among septic stays (both directions of the data)
-    assert truth.loc[truth["septic"], "died"].mean() > truth.loc[
-        ~truth["septic"], "died"].mean()
+    assert (
+        truth.loc[truth["septic"], "died"].mean()
+        > truth.loc[~truth["septic"], "died"].mean()
+    )
 
 
 def test_sites_differ_in_prevalence_and_case_mix():
-    sites = simulate_sites(jax.random.key(3), {
-        "low": {"n_stays": 400, "prevalence": 0.05},
-        "high": {"n_stays": 400, "prevalence": 0.30, "case_mix": {
-            "age_band_weights": (0, 0, 0, 0.2, 0.4, 0.4)}},
-    })
+    sites = simulate_sites(
+        jax.random.key(3),
+        {
+            "low": {"n_stays": 400, "prevalence": 0.05},
+            "high": {
+                "n_stays": 400,
+                "prevalence": 0.30,
+                "case_mix": {"age_band_weights": (0, 0, 0, 0.2, 0.4, 0.4)},
+            },
+        },
+    )
     lo, hi = sites["low"].truth, sites["high"].truth
     # binomial 4-sigma bands around the configured prevalence
     for t, p in ((lo, 0.05), (hi, 0.30)):
@@ -193,24 +233,29 @@ def test_event_times_within_stays_and_before_death(cohort):
     vd = t["visit_detail"].set_index("visit_detail_id")
     assert (vd["visit_detail_end_datetime"] > vd["visit_detail_start_datetime"]).all()
     vo = t["visit_occurrence"].set_index("visit_occurrence_id")
-    assert (vo.loc[vd["visit_occurrence_id"], "visit_start_datetime"].to_numpy()
-            <= vd["visit_detail_start_datetime"].to_numpy()).all()
-    assert (vo.loc[vd["visit_occurrence_id"], "visit_end_datetime"].to_numpy()
-            >= vd["visit_detail_end_datetime"].to_numpy()).all()
+    assert (
+        vo.loc[vd["visit_occurrence_id"], "visit_start_datetime"].to_numpy()
+        <= vd["visit_detail_start_datetime"].to_numpy()
+    ).all()
+    assert (
+        vo.loc[vd["visit_occurrence_id"], "visit_end_datetime"].to_numpy()
+        >= vd["visit_detail_end_datetime"].to_numpy()
+    ).all()
     death = t["death"].set_index("person_id")["death_datetime"]
     for name, s_col, e_col in (
-            ("measurement", "measurement_datetime", None),
-            ("observation", "observation_datetime", None),
-            ("drug_exposure", "drug_exposure_start_datetime",
-             "drug_exposure_end_datetime"),
-            ("procedure_occurrence", "procedure_datetime", "procedure_end_datetime"),
-            ("condition_occurrence", "condition_start_datetime", None)):
+        ("measurement", "measurement_datetime", None),
+        ("observation", "observation_datetime", None),
+        ("drug_exposure", "drug_exposure_start_datetime", "drug_exposure_end_datetime"),
+        ("procedure_occurrence", "procedure_datetime", "procedure_end_datetime"),
+        ("condition_occurrence", "condition_start_datetime", None),
+    ):
         df = t[name]
         end = df[e_col] if e_col else df[s_col]
         assert (end >= df[s_col]).all(), name
         stay = vd.loc[df["visit_detail_id"]]
-        assert (df[s_col].to_numpy() >= stay["visit_detail_start_datetime"]
-                .to_numpy()).all(), name
+        assert (
+            df[s_col].to_numpy() >= stay["visit_detail_start_datetime"].to_numpy()
+        ).all(), name
         assert (end.to_numpy() <= stay["visit_detail_end_datetime"].to_numpy()).all()
         d = death.reindex(df["person_id"]).to_numpy()
         has = ~pd.isna(d)
@@ -224,7 +269,8 @@ def test_hourly_by_person_and_time_when_visit_detail_id_missing(cohort, hourly):
     tabs = dict(cohort.tables)
     m = tabs["measurement"].copy()
     m["visit_detail_id"] = pd.array(
-        np.where(np.arange(len(m)) % 2 == 0, m["visit_detail_id"], -1), "Int64")
+        np.where(np.arange(len(m)) % 2 == 0, m["visit_detail_id"], -1), "Int64"
+    )
     m.loc[m["visit_detail_id"] == -1, "visit_detail_id"] = pd.NA
     tabs["measurement"] = m
     tabs["drug_exposure"] = tabs["drug_exposure"].drop(columns="visit_detail_id")
@@ -234,8 +280,9 @@ def test_hourly_by_person_and_time_when_visit_detail_id_missing(cohort, hourly):
 def test_hourly_rejects_stay_ending_before_start(cohort):
     tabs = dict(cohort.tables)
     vd = tabs["visit_detail"].copy()
-    vd.loc[3, "visit_detail_end_datetime"] = (vd.loc[3, "visit_detail_start_datetime"]
-                                              - pd.Timedelta(hours=1))
+    vd.loc[3, "visit_detail_end_datetime"] = vd.loc[
+        3, "visit_detail_start_datetime"
+    ] - pd.Timedelta(hours=1)
     tabs["visit_detail"] = vd
     with pytest.raises(HourlyTableError, match="visit_detail_id=4"):
         hourly_table(tabs)
@@ -253,8 +300,9 @@ def test_round_trip_through_omop_duckdb(tmp_path):
     assert report.to_frame().empty if hasattr(report, "to_frame") else True
     for name, df in c.tables.items():
         assert len(back[name]) == len(df), name
-    pd.testing.assert_frame_equal(hourly_table(back, site="B"),
-                                  hourly_table(c.tables, site="B"))
+    pd.testing.assert_frame_equal(
+        hourly_table(back, site="B"), hourly_table(c.tables, site="B")
+    )
 
 
 def test_simulated_stays_pass_the_omop_checks_even_for_newborns():
@@ -264,8 +312,12 @@ def test_simulated_stays_pass_the_omop_checks_even_for_newborns():
     from phems_clinical.data.omop import validate_tables
     from phems_clinical.data.omop.concepts import bundled_concepts
 
-    c = simulate_picu(jax.random.key(1), n_stays=400, site="N", case_mix={
-        "age_band_weights": (1.0, 0.0, 0.0, 0.0, 0.0, 0.0)})
+    c = simulate_picu(
+        jax.random.key(1),
+        n_stays=400,
+        site="N",
+        case_mix={"age_band_weights": (1.0, 0.0, 0.0, 0.0, 0.0, 0.0)},
+    )
     ids = set(bundled_concepts()["concept_id"].astype(int))
     _, report = validate_tables(c.tables, concepts=ids)
     assert report.exclusions.empty, report.summary()

@@ -31,10 +31,16 @@ def _hand_stays(los, *, septic=(), onset=(), adm=None, age0=None, died=None):
     on[list(septic)] = onset
     return sim._Stays(
         age0=np.full(n, 24.0) if age0 is None else np.asarray(age0, float),
-        male=np.ones(n, bool), adm=np.zeros(n, int) if adm is None else np.asarray(adm),
-        septic=sep, early=np.zeros(n, bool), onset=on, amp=np.ones(n),
-        sep_amp=np.ones((n, 6)), died=np.zeros(n, bool) if died is None
-        else np.asarray(died), los_h=np.asarray(los, np.int64))
+        male=np.ones(n, bool),
+        adm=np.zeros(n, int) if adm is None else np.asarray(adm),
+        septic=sep,
+        early=np.zeros(n, bool),
+        onset=on,
+        amp=np.ones(n),
+        sep_amp=np.ones((n, 6)),
+        died=np.zeros(n, bool) if died is None else np.asarray(died),
+        los_h=np.asarray(los, np.int64),
+    )
 
 
 def test_hour_grid_of_two_stays():
@@ -143,20 +149,23 @@ def test_vasoactive_episodes_by_hand():
     # hour 2; stay 1 (surgical): 1,1 -> first agent hours 0-1 (milrinone)
     st = _hand_stays([5, 2], adm=[0, 1])
     hg = sim._hour_grid(st)
-    care = sim._Support(np.zeros(7, bool), np.zeros(7, bool),
-                        np.array([0, 1, 2, 1, 0, 1, 1]))
+    care = sim._Support(
+        np.zeros(7, bool), np.zeros(7, bool), np.array([0, 1, 2, 1, 0, 1, 1])
+    )
     start, end, drug = sim._vasoactive_episodes(st, hg, care)
     assert start.tolist() == [1, 5, 2] and end.tolist() == [3, 6, 2]
-    assert drug.tolist() == [DRUG["norepinephrine"], DRUG["milrinone"],
-                             DRUG["epinephrine"]]
+    assert drug.tolist() == [
+        DRUG["norepinephrine"],
+        DRUG["milrinone"],
+        DRUG["epinephrine"],
+    ]
 
 
 def test_infant_gets_epinephrine_first():
     st = _hand_stays([2], age0=[6.0])
     hg = sim._hour_grid(st)
     care = sim._Support(np.zeros(2, bool), np.zeros(2, bool), np.array([1, 0]))
-    assert sim._vasoactive_episodes(st, hg, care)[2].tolist() == [
-        DRUG["epinephrine"]]
+    assert sim._vasoactive_episodes(st, hg, care)[2].tolist() == [DRUG["epinephrine"]]
 
 
 def test_cultures_and_antimicrobials():

@@ -6,18 +6,29 @@ import pytest
 
 from phems_clinical.dosing.assay import canonical, conversion
 
-AFSTYLA = ("chromogenic",
-           {"one-stage": {"factor": 2.0, "source": "AFSTYLA US Prescribing "
-                                                   "Information"}})
-ALTUVIIIO = ("one-stage",
-             {"chromogenic": {"factor": 1 / 2.5, "source": "ALTUVIIIO EU SmPC"}})
+AFSTYLA = (
+    "chromogenic",
+    {"one-stage": {"factor": 2.0, "source": "AFSTYLA US Prescribing Information"}},
+)
+ALTUVIIIO = (
+    "one-stage",
+    {"chromogenic": {"factor": 1 / 2.5, "source": "ALTUVIIIO EU SmPC"}},
+)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("one-stage", "one-stage"), ("OSA", "one-stage"), ("one-stage (OSA)", "one-stage"),
-    ("CSA", "chromogenic"), ("chromogenic (CSA)", "chromogenic"), (None, None),
-    ("chromogenic (CSA) reference; one-stage (OSA) data also included", None),
-    ("aPTT", None)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("one-stage", "one-stage"),
+        ("OSA", "one-stage"),
+        ("one-stage (OSA)", "one-stage"),
+        ("CSA", "chromogenic"),
+        ("chromogenic (CSA)", "chromogenic"),
+        (None, None),
+        ("chromogenic (CSA) reference; one-stage (OSA) data also included", None),
+        ("aPTT", None),
+    ],
+)
 def test_canonical(text, expected):
     assert canonical(text) == expected
 
@@ -67,10 +78,15 @@ def test_model_without_recorded_assay_says_so():
     assert c.factor == 1.0 and "does not record the assay" in c.warning
 
 
-@pytest.mark.parametrize("bad", [{"one-stage": {"factor": 0}},
-                                 {"one-stage": {"factor": float("nan")}},
-                                 {"one-stage": {"factor": "2"}},
-                                 {"one-stage": 2.0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"one-stage": {"factor": 0}},
+        {"one-stage": {"factor": float("nan")}},
+        {"one-stage": {"factor": "2"}},
+        {"one-stage": 2.0},
+    ],
+)
 def test_malformed_factor_is_never_applied(bad):
     c = conversion("chromogenic", bad, "one-stage")
     assert c.factor == 1.0 and "no published conversion" in c.warning

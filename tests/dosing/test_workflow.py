@@ -15,13 +15,20 @@ from phems_clinical.data.dosing_request import LB_KG, RequestError
 from phems_clinical.dosing.workflow import assess
 
 # Kovaltry (Garmann 2017): fully verified; no acknowledgement needed
-REQ = {"product": "kovaltry", "patient_id": "P-17", "weight_kg": 25.0, "age_y": 8.0,
-       "height_cm": 128.0,
-       "infusions": [{"time_h": 0.0, "dose_IU": 1000, "duration_h": 0.17}],
-       "levels": [{"time_h": 4.0, "value": 40.2, "unit": "IU/dL"},
-                  {"time_h": 24.0, "value": 10.1, "unit": "IU/dL"},
-                  {"time_h": 48.0, "value": 1.5, "unit": "IU/dL"}],
-       "options": {"n_draws": 1000}}
+REQ = {
+    "product": "kovaltry",
+    "patient_id": "P-17",
+    "weight_kg": 25.0,
+    "age_y": 8.0,
+    "height_cm": 128.0,
+    "infusions": [{"time_h": 0.0, "dose_IU": 1000, "duration_h": 0.17}],
+    "levels": [
+        {"time_h": 4.0, "value": 40.2, "unit": "IU/dL"},
+        {"time_h": 24.0, "value": 10.1, "unit": "IU/dL"},
+        {"time_h": 48.0, "value": 1.5, "unit": "IU/dL"},
+    ],
+    "options": {"n_draws": 1000},
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,35 +43,51 @@ def test_unverified_model_refused_without_acknowledgement():
         assess(req)
     (e,) = err.value.errors
     assert e.field == "acknowledge_unverified"
-    for phrase in ("iiv (grade", "iov (grade", "residual (grade", "--accept-unverified",
-                   "not verified against the primary paper"):
+    for phrase in (
+        "iiv (grade",
+        "iov (grade",
+        "residual (grade",
+        "--accept-unverified",
+        "not verified against the primary paper",
+    ):
         assert phrase in e.message, e.message
     r = assess({**req, "acknowledge_unverified": True}).result
     assert {"iiv", "iov", "residual"} <= set(r["acknowledged_unverified"])
     assert "vial_sizes_IU" not in r["acknowledged_unverified"]
     assert r["warnings"][0]["field"] == "acknowledge_unverified"
     assert r["display"]["warnings"][0].startswith(
-        "acknowledge_unverified: used with unverified model sections acknowledged")
+        "acknowledge_unverified: used with unverified model sections acknowledged"
+    )
 
 
 def test_pounds_give_the_same_patient_as_kilograms(base):
-    lb = assess({**{k: v for k, v in REQ.items() if k != "weight_kg"},
-                 "weight_lb": 25.0 / LB_KG}).result
+    lb = assess(
+        {
+            **{k: v for k, v in REQ.items() if k != "weight_kg"},
+            "weight_lb": 25.0 / LB_KG,
+        }
+    ).result
     assert lb["covariates"]["WT"]["value"] == pytest.approx(25.0, rel=1e-12)
     assert lb["weight"] == {"value": pytest.approx(25.0 / LB_KG), "unit": "lb"}
     for key in ("half_life_h", "clearance_mL_h_kg"):
-        assert lb[key]["median"] == pytest.approx(base.result[key]["median"],
-                                                  rel=1e-9)
-    assert {"label": "Body weight", "value": "55.1 lb (25.0 kg)"} in \
-        lb["display"]["summary"]
+        assert lb[key]["median"] == pytest.approx(base.result[key]["median"], rel=1e-9)
+    assert {"label": "Body weight", "value": "55.1 lb (25.0 kg)"} in lb["display"][
+        "summary"
+    ]
 
 
 def test_clinic_date_times_give_the_same_patient_as_hours(base):
-    req = {**REQ, "infusions": [{"datetime": "30/12/2025 22:00", "dose_IU": 1000,
-                                 "duration_h": 0.17}],
-           "levels": [{"datetime": "31.12.2025 02:00", "value": 40.2, "unit": "%"},
-                      {"datetime": "31-12-2025 22:00", "value": 10.1, "unit": "%"},
-                      {"datetime": "01/01/2026 22:00", "value": 1.5, "unit": "%"}]}
+    req = {
+        **REQ,
+        "infusions": [
+            {"datetime": "30/12/2025 22:00", "dose_IU": 1000, "duration_h": 0.17}
+        ],
+        "levels": [
+            {"datetime": "31.12.2025 02:00", "value": 40.2, "unit": "%"},
+            {"datetime": "31-12-2025 22:00", "value": 10.1, "unit": "%"},
+            {"datetime": "01/01/2026 22:00", "value": 1.5, "unit": "%"},
+        ],
+    }
     r = assess(req).result
     assert [lv["time_h"] for lv in r["levels"]] == [4.0, 24.0, 48.0]
     assert r["levels"][2]["datetime"] == "01/01/2026 22:00"
@@ -79,20 +102,33 @@ def test_published_assay_factor_applied_to_the_levels(tmp_path, base):
     from phems_clinical.pk.spec import save_model
 
     model = load_product("kovaltry")
-    meta = dict(model.metadata, assay="chromogenic", assay_conversion={
-        "one-stage": {"factor": 2.0, "source": "synthetic label, one-stage x 2"}})
-    path = save_model(dataclasses.replace(model, metadata=meta),
-                      tmp_path / "model.yaml")
+    meta = dict(
+        model.metadata,
+        assay="chromogenic",
+        assay_conversion={
+            "one-stage": {"factor": 2.0, "source": "synthetic label, one-stage x 2"}
+        },
+    )
+    path = save_model(
+        dataclasses.replace(model, metadata=meta), tmp_path / "model.yaml"
+    )
     req = {k: v for k, v in REQ.items() if k != "product"} | {"model": str(path)}
-    halved = {**req, "assay": "one-stage",
-              "levels": [{**lv, "value": lv["value"] / 2} for lv in REQ["levels"]]}
+    halved = {
+        **req,
+        "assay": "one-stage",
+        "levels": [{**lv, "value": lv["value"] / 2} for lv in REQ["levels"]],
+    }
     r = assess(halved).result
-    assert r["assay"] == {"measured": "one-stage", "model": "chromogenic",
-                          "factor": 2.0, "source": "synthetic label, one-stage x 2"}
-    assert [lv["value_IU_dL"] for lv in r["levels"]] == pytest.approx([40.2, 10.1,
-                                                                      1.5])
+    assert r["assay"] == {
+        "measured": "one-stage",
+        "model": "chromogenic",
+        "factor": 2.0,
+        "source": "synthetic label, one-stage x 2",
+    }
+    assert [lv["value_IU_dL"] for lv in r["levels"]] == pytest.approx([40.2, 10.1, 1.5])
     assert r["half_life_h"]["median"] == pytest.approx(
-        base.result["half_life_h"]["median"], rel=1e-9)
+        base.result["half_life_h"]["median"], rel=1e-9
+    )
     assert any("multiplied by 2.00" in n for n in r["display"]["notes"])
     # not given: used as measured, and the clinician is asked for it
     r = assess(req).result
@@ -100,8 +136,9 @@ def test_published_assay_factor_applied_to_the_levels(tmp_path, base):
     assert "was not given" in w["message"] and "multiplied by 2" in w["message"]
     # a mismatch with no published factor: warned about by name
     meta["assay_conversion"] = {}
-    path = save_model(dataclasses.replace(model, metadata=meta),
-                      tmp_path / "model2.yaml")
+    path = save_model(
+        dataclasses.replace(model, metadata=meta), tmp_path / "model2.yaml"
+    )
     r = assess({**req, "model": str(path), "assay": "one-stage"}).result
     (w,) = [w for w in r["warnings"] if w["field"] == "assay"]
     assert "one-stage clotting assay" in w["message"]
@@ -120,6 +157,7 @@ def test_previous_assessment_beside_the_new_one(base):
 
 
 # ------------------------------------------------------------ three views
+
 
 class _Cells(HTMLParser):
     """Text of every table row of the elements with an id, by id."""
@@ -160,11 +198,18 @@ class _Cells(HTMLParser):
 
 
 def test_three_views_show_the_same_text(tmp_path, capsys):
-    req = {**REQ, "product": "advate", "acknowledge_unverified": True,
-           "age_y": 0.8, "weight_kg": 9.0,
-           "infusions": [{"time_h": 0.0, "dose_IU": 500, "duration_h": 0.1}],
-           "levels": [{"time_h": 4.0, "value": 60.0, "unit": "IU/dL"},
-                      {"time_h": 24.0, "value": 12.0, "unit": "IU/dL"}]}
+    req = {
+        **REQ,
+        "product": "advate",
+        "acknowledge_unverified": True,
+        "age_y": 0.8,
+        "weight_kg": 9.0,
+        "infusions": [{"time_h": 0.0, "dose_IU": 500, "duration_h": 0.1}],
+        "levels": [
+            {"time_h": 4.0, "value": 60.0, "unit": "IU/dL"},
+            {"time_h": 24.0, "value": 12.0, "unit": "IU/dL"},
+        ],
+    }
     path = tmp_path / "req.json"
     path.write_text(json.dumps(req))
     assert main(["dose", str(path), "--out", str(tmp_path / "o")]) == 0
@@ -176,16 +221,16 @@ def test_three_views_show_the_same_text(tmp_path, capsys):
     cells.feed(html)
 
     # summary: the same label and value, in the same order
-    assert cells.rows["summary"] == [[s["label"], s["value"]]
-                                     for s in disp["summary"]]
+    assert cells.rows["summary"] == [[s["label"], s["value"]] for s in disp["summary"]]
     for s in disp["summary"]:
         assert f"  {s['label']}: {s['value']}" in captured.out.splitlines()
     # regimen table: the same cells
     assert cells.rows["regimens"][0] == disp["regimen_table"]["columns"]
     assert cells.rows["regimens"][1:] == disp["regimen_table"]["rows"]
     for row in disp["regimen_table"]["rows"]:
-        probability = row[disp["regimen_table"]["columns"].index(
-            "P(trough \u2265 target)")]
+        probability = row[
+            disp["regimen_table"]["columns"].index("P(trough \u2265 target)")
+        ]
         assert re.fullmatch(r"(> 99|< 1|\d{1,2}) %|\u2013", probability)
     # warnings (the acknowledgement and the age range among them): all three
     assert any(w.startswith("acknowledge_unverified:") for w in disp["warnings"])
@@ -203,9 +248,27 @@ def test_three_views_show_the_same_text(tmp_path, capsys):
 def test_cli_options_override_the_request(tmp_path, capsys):
     path = tmp_path / "req.json"
     path.write_text(json.dumps(REQ))
-    assert main(["dose", str(path), "--out", str(tmp_path / "o"), "--target", "2",
-                 "--target", "4", "--probability", "0.8", "--max-dose-iu-kg", "60",
-                 "--assay", "chromogenic"]) == 0
+    assert (
+        main(
+            [
+                "dose",
+                str(path),
+                "--out",
+                str(tmp_path / "o"),
+                "--target",
+                "2",
+                "--target",
+                "4",
+                "--probability",
+                "0.8",
+                "--max-dose-iu-kg",
+                "60",
+                "--assay",
+                "chromogenic",
+            ]
+        )
+        == 0
+    )
     r = json.loads((tmp_path / "o" / "result.json").read_text())
     assert r["targets_IU_dL"] == [2.0, 4.0] and r["trough_probability"] == 0.8
     assert r["max_dose_IU_kg"] == 60.0 and r["assay"]["measured"] == "chromogenic"
@@ -214,16 +277,19 @@ def test_cli_options_override_the_request(tmp_path, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("args, option", [
-    (["--evaluate", "Mon/Wed/Fri"], "--evaluate"),
-    (["--evaluate", "Mon/Wed/Fri:1000 mg"], "--evaluate"),
-    (["--evaluate", "Mon/Wed/Fri:500IU/kg"], "--evaluate"),
-    (["--probability", "1.2"], "--probability"),
-    (["--probability", "nan"], "--probability"),
-    (["--target", "0"], "--target"),
-    (["--max-dose-iu-kg", "-5"], "--max-dose-iu-kg"),
-    (["--assay", "aPTT"], "--assay"),
-])
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--evaluate", "Mon/Wed/Fri"], "--evaluate"),
+        (["--evaluate", "Mon/Wed/Fri:1000 mg"], "--evaluate"),
+        (["--evaluate", "Mon/Wed/Fri:500IU/kg"], "--evaluate"),
+        (["--probability", "1.2"], "--probability"),
+        (["--probability", "nan"], "--probability"),
+        (["--target", "0"], "--target"),
+        (["--max-dose-iu-kg", "-5"], "--max-dose-iu-kg"),
+        (["--assay", "aPTT"], "--assay"),
+    ],
+)
 def test_bad_cli_option_exits_2_naming_it(tmp_path, capsys, args, option):
     path = tmp_path / "req.json"
     path.write_text(json.dumps(REQ))
@@ -240,7 +306,9 @@ def test_cli_refuses_unverified_without_the_flag(tmp_path, capsys):
     assert main(["dose", str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "acknowledge_unverified:" in err and "--accept-unverified" in err
-    assert main(["dose", str(path), "--out", str(tmp_path / "o"),
-                 "--accept-unverified"]) == 0
+    assert (
+        main(["dose", str(path), "--out", str(tmp_path / "o"), "--accept-unverified"])
+        == 0
+    )
     r = json.loads((tmp_path / "o" / "result.json").read_text())
     assert "residual" in r["acknowledged_unverified"]

@@ -50,7 +50,7 @@ def test_auroc_auprc_random_with_ties(seed):
     rng = np.random.default_rng(seed)
     n = 300
     y = rng.integers(0, 2, n)
-    s = np.round(rng.normal(size=n) + 0.7 * y, 1)       # many ties
+    s = np.round(rng.normal(size=n) + 0.7 * y, 1)  # many ties
     a = cm.auroc(y, s)
     assert a == pytest.approx(_pairwise_auroc(y, s), abs=1e-12)
     u = stats.mannwhitneyu(s[y == 1], s[y == 0]).statistic
@@ -62,12 +62,14 @@ def test_brier_and_ece_hand_worked():
     y = np.array([0, 1, 0, 1])
     p = np.array([0.05, 0.15, 0.15, 0.95])
     assert cm.brier_score(y, p) == pytest.approx(
-        (0.05**2 + 0.85**2 + 0.15**2 + 0.05**2) / 4, abs=1e-15)
+        (0.05**2 + 0.85**2 + 0.15**2 + 0.05**2) / 4, abs=1e-15
+    )
     # Equal width: bins 0, 1, 9 -> (0.05 * 1 + 0.35 * 2 + 0.05 * 1) / 4.
     assert cm.expected_calibration_error(y, p) == pytest.approx(0.2, abs=1e-15)
     # Equal mass, 2 bins: {0.05, 0.15 (y=1)}, {0.15 (y=0), 0.95}.
     assert cm.expected_calibration_error(y, p, n_bins=2, strategy="quantile") == (
-        pytest.approx(0.5 * 0.4 + 0.5 * 0.05, abs=1e-15))
+        pytest.approx(0.5 * 0.4 + 0.5 * 0.05, abs=1e-15)
+    )
     # p = 1.0 falls in the last bin.
     assert cm.expected_calibration_error([1], [1.0]) == 0.0
     with pytest.raises(ValueError, match="strategy"):
@@ -86,27 +88,32 @@ def test_calibration_slope_intercept_vs_scipy_and_recalibration():
     n = 4000
     lp = rng.normal(-1.0, 1.5, n)
     y = (rng.random(n) < 1 / (1 + np.exp(-lp))).astype(int)
-    p = 1 / (1 + np.exp(-2.0 * lp + 0.3))                 # overconfident, shifted
+    p = 1 / (1 + np.exp(-2.0 * lp + 0.3))  # overconfident, shifted
     fit = cm.calibration_slope_intercept(y, p)
     lpp = np.log(p / (1 - p))
-    ref2 = optimize.minimize(_nll, [0.0, 1.0], args=(y, lpp), method="BFGS",
-                             options={"gtol": 1e-10}).x
-    ref1 = optimize.minimize_scalar(lambda a: _nll([a], y, lpp, True),
-                                    bounds=(-5, 5), method="bounded",
-                                    options={"xatol": 1e-10}).x
+    ref2 = optimize.minimize(
+        _nll, [0.0, 1.0], args=(y, lpp), method="BFGS", options={"gtol": 1e-10}
+    ).x
+    ref1 = optimize.minimize_scalar(
+        lambda a: _nll([a], y, lpp, True),
+        bounds=(-5, 5),
+        method="bounded",
+        options={"xatol": 1e-10},
+    ).x
     assert fit.slope == pytest.approx(ref2[1], abs=1e-6)
     assert fit.intercept_joint == pytest.approx(ref2[0], abs=1e-6)
     assert fit.intercept == pytest.approx(ref1, abs=1e-6)
-    assert fit.slope == pytest.approx(0.5, abs=0.05)     # 1/2 of the true logit
+    assert fit.slope == pytest.approx(0.5, abs=0.05)  # 1/2 of the true logit
     # Recalibrated predictions are exactly calibrated (score equations).
     q = 1 / (1 + np.exp(-(fit.intercept_joint + fit.slope * lpp)))
     refit = cm.calibration_slope_intercept(y, q)
     assert refit.slope == pytest.approx(1.0, abs=1e-9)
     assert refit.intercept == pytest.approx(0.0, abs=1e-9)
-    assert np.isnan(cm.calibration_slope_intercept(np.ones(4), np.full(4, .5)).slope)
+    assert np.isnan(cm.calibration_slope_intercept(np.ones(4), np.full(4, 0.5)).slope)
 
 
 # --- CinC 2019 utility ------------------------------------------------------------
+
 
 def _rule_utility(labels, preds):
     """Per-hour utility from the published rules (Reyna et al. 2020, Fig. 2), one
@@ -114,7 +121,7 @@ def _rule_utility(labels, preds):
     labels, preds = np.asarray(labels), np.asarray(preds)
     if not labels.any():
         return -0.05 * preds.sum()
-    ts = np.argmax(labels) + 6                          # SepsisLabel starts 6 h early
+    ts = np.argmax(labels) + 6  # SepsisLabel starts 6 h early
     total = 0.0
     for t, a in enumerate(preds):
         d = t - ts
@@ -137,7 +144,7 @@ def test_cinc_utility_official_example_and_rules():
         n = int(rng.integers(1, 60))
         lab = np.zeros(n, int)
         if k % 2 and n > 1:
-            lab[int(rng.integers(0, n)):] = 1
+            lab[int(rng.integers(0, n)) :] = 1
         pr = (rng.random(n) < 0.3).astype(int)
         stays.append(np.full(n, 100 + k))
         labs.append(lab)
@@ -146,7 +153,7 @@ def test_cinc_utility_official_example_and_rules():
     # Interleave stays' rows (time order within a stay is kept).
     s, la, pr = (np.concatenate(v) for v in (stays, labs, preds))
     pos = np.concatenate([np.arange(len(x)) for x in labs])
-    order = np.lexsort((s, pos))                        # hour first, then stay
+    order = np.lexsort((s, pos))  # hour first, then stay
     ids, u = cm.cinc_utility(s[order], la[order], pr[order])
     np.testing.assert_allclose(u, [per[i] for i in ids], atol=1e-12)
     # Normalised score: optimal alarms score 1, none 0, the rule-based totals
@@ -155,9 +162,11 @@ def test_cinc_utility_official_example_and_rules():
     best = sum(_rule_utility(lab, _best(lab)) for lab in labs)
     assert tot.best == pytest.approx(best, abs=1e-10)
     assert tot.inaction == pytest.approx(
-        sum(_rule_utility(lab, 0 * lab) for lab in labs), abs=1e-10)
+        sum(_rule_utility(lab, 0 * lab) for lab in labs), abs=1e-10
+    )
     assert cm.cinc_normalised_utility(s, la, pr) == pytest.approx(
-        (sum(per.values()) - tot.inaction) / (best - tot.inaction), abs=1e-12)
+        (sum(per.values()) - tot.inaction) / (best - tot.inaction), abs=1e-12
+    )
     best_all = np.concatenate([_best(lab) for lab in labs])
     assert cm.cinc_normalised_utility(s, la, best_all) == pytest.approx(1.0)
     assert cm.cinc_normalised_utility(s, la, 0 * la) == 0.0
@@ -168,12 +177,13 @@ def _best(lab):
     out = np.zeros_like(lab)
     if lab.any():
         ts = np.argmax(lab) + 6
-        out[max(0, ts - 12):ts + 4] = 1
+        out[max(0, ts - 12) : ts + 4] = 1
     return out
 
 
 def test_cinc_labels():
     hour = np.arange(10)
-    np.testing.assert_array_equal(cm.cinc_labels(hour, np.full(10, 8.0)),
-                                  [0, 0, 1, 1, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(
+        cm.cinc_labels(hour, np.full(10, 8.0)), [0, 0, 1, 1, 1, 1, 1, 1, 1, 1]
+    )
     np.testing.assert_array_equal(cm.cinc_labels(hour, np.full(10, np.nan)), 0)

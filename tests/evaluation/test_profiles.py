@@ -19,14 +19,55 @@ def test_pk_profile_hand_worked():
     k = 0.05
     rows = []
     for sid, (wt, dose) in enumerate([(20.0, 1000.0), (50.0, 2500.0)], start=1):
-        rows.append(dict(ID=sid, TIME=0.0, AMT=dose, DV=np.nan, EVID=1, MDV=1, BLQ=0,
-                         OCC=1, AGE=8.0 * sid, WT=wt, SEX=0, BGO=sid - 1))
+        rows.append(
+            dict(
+                ID=sid,
+                TIME=0.0,
+                AMT=dose,
+                DV=np.nan,
+                EVID=1,
+                MDV=1,
+                BLQ=0,
+                OCC=1,
+                AGE=8.0 * sid,
+                WT=wt,
+                SEX=0,
+                BGO=sid - 1,
+            )
+        )
         for t in (4.0, 24.0, 48.0):
-            rows.append(dict(ID=sid, TIME=t, AMT=0.0, DV=100 * np.exp(-k * t),
-                             EVID=0, MDV=0, BLQ=0, OCC=1, AGE=8.0 * sid, WT=wt,
-                             SEX=0, BGO=sid - 1))
-    rows.append(dict(ID=2, TIME=72.0, AMT=0.0, DV=0.5, EVID=0, MDV=0, BLQ=1, OCC=1,
-                     AGE=16.0, WT=50.0, SEX=0, BGO=1))  # BLQ: not a level
+            rows.append(
+                dict(
+                    ID=sid,
+                    TIME=t,
+                    AMT=0.0,
+                    DV=100 * np.exp(-k * t),
+                    EVID=0,
+                    MDV=0,
+                    BLQ=0,
+                    OCC=1,
+                    AGE=8.0 * sid,
+                    WT=wt,
+                    SEX=0,
+                    BGO=sid - 1,
+                )
+            )
+    rows.append(
+        dict(
+            ID=2,
+            TIME=72.0,
+            AMT=0.0,
+            DV=0.5,
+            EVID=0,
+            MDV=0,
+            BLQ=1,
+            OCC=1,
+            AGE=16.0,
+            WT=50.0,
+            SEX=0,
+            BGO=1,
+        )
+    )  # BLQ: not a level
     p = profile(usecases.get("haemophilia"), pd.DataFrame(rows))
     np.testing.assert_allclose(p["dose_iu_kg"], [50.0, 50.0])
     np.testing.assert_allclose(p["log_slope"], [-k, -k], rtol=1e-9)
@@ -37,13 +78,21 @@ def test_pk_profile_hand_worked():
 
 
 def test_picu_profile_hand_worked():
-    h = pd.DataFrame({
-        "stay_id": [7, 7, 7, 9, 9], "hour": [0, 1, 2, 0, 1],
-        "age_months": [5.0, 5.001, 5.003, 40.0, 40.001], "sex": ["F"] * 3 + ["M"] * 2,
-        "died": [0, 0, 1, 0, 0], "hr": [100, 120, np.nan, 90, 94],
-        "lactate": [np.nan, 2.0, 4.5, np.nan, np.nan], "spo2": [97, 91, 88, 99, 98],
-        "imv": [0, 1, 1, 0, 0], "vasoactives": [0, 0, 2, 0, 0],
-        "culture": [0, 1, 0, 0, 0]})
+    h = pd.DataFrame(
+        {
+            "stay_id": [7, 7, 7, 9, 9],
+            "hour": [0, 1, 2, 0, 1],
+            "age_months": [5.0, 5.001, 5.003, 40.0, 40.001],
+            "sex": ["F"] * 3 + ["M"] * 2,
+            "died": [0, 0, 1, 0, 0],
+            "hr": [100, 120, np.nan, 90, 94],
+            "lactate": [np.nan, 2.0, 4.5, np.nan, np.nan],
+            "spo2": [97, 91, 88, 99, 98],
+            "imv": [0, 1, 1, 0, 0],
+            "vasoactives": [0, 0, 2, 0, 0],
+            "culture": [0, 1, 0, 0, 0],
+        }
+    )
     p = profile(usecases.get("picu"), h)
     assert list(p["los_hours"]) == [3, 2] and list(p["died"]) == [1, 0]
     np.testing.assert_allclose(p["hr_mean"], [110.0, 92.0])
@@ -57,7 +106,8 @@ def test_cardiac_profile_matches_sojourns():
     p = profile(usecases.get("cardiac"), s)
     assert len(p) == s["episode_id"].nunique()
     died = s.groupby("episode_id", sort=False)["next_state"].apply(
-        lambda x: int((x == "DEAD").any()))
+        lambda x: int((x == "DEAD").any())
+    )
     assert list(p["died"]) == list(died)
     for aux, secret in (usecases.get(n).attack_columns for n in usecases.names()):
         assert secret not in aux
@@ -73,8 +123,9 @@ def test_logistic_transfer_matches_scipy_mle():
     x = rng.normal(2.0, 3.0, 400)
     y = (rng.random(400) < 1 / (1 + np.exp(-(0.5 - 0.8 * x)))).astype(float)
     x_test = np.linspace(-5, 9, 15)
-    p = logistic_transfer(pd.DataFrame({"x": x}), y, pd.DataFrame({"x": x_test}),
-                          l2=1e-8)
+    p = logistic_transfer(
+        pd.DataFrame({"x": x}), y, pd.DataFrame({"x": x_test}), l2=1e-8
+    )
 
     def nll(b):
         z = b[0] + b[1] * x

@@ -28,16 +28,27 @@ def _est(median, rel=0.2):
 
 def _reg(label, every_h, target, dose, prob, peak, status="ok", peak_flag=None):
     per_week = 168 / every_h if every_h else 3.0
-    return {"schedule": {"label": label, "every_h": every_h,
-                         "weekdays": [] if every_h else [0, 2, 4]},
-            "target_IU_dL": target, "status": status, "dose_IU": dose,
-            "dose_IU_kg": dose / 30.0, "infusions_per_week": per_week,
-            "dose_IU_kg_week": dose / 30.0 * per_week,
-            "vials": [{"size_IU": 1000, "count": dose // 1000}],
-            "trough_IU_dL": _est(target * 1.5), "trough_prob": prob,
-            "peak_IU_dL": _est(peak), "peak_flag": peak_flag,
-            "time_above_h_per_week": {"1": _est(150.0, 0.05)},
-            "hours_below_target_per_week": _est(3.4), "cap_IU_kg": 100.0}
+    return {
+        "schedule": {
+            "label": label,
+            "every_h": every_h,
+            "weekdays": [] if every_h else [0, 2, 4],
+        },
+        "target_IU_dL": target,
+        "status": status,
+        "dose_IU": dose,
+        "dose_IU_kg": dose / 30.0,
+        "infusions_per_week": per_week,
+        "dose_IU_kg_week": dose / 30.0 * per_week,
+        "vials": [{"size_IU": 1000, "count": dose // 1000}],
+        "trough_IU_dL": _est(target * 1.5),
+        "trough_prob": prob,
+        "peak_IU_dL": _est(peak),
+        "peak_flag": peak_flag,
+        "time_above_h_per_week": {"1": _est(150.0, 0.05)},
+        "hours_below_target_per_week": _est(3.4),
+        "cap_IU_kg": 100.0,
+    }
 
 
 def make_result() -> dict:
@@ -51,64 +62,108 @@ def make_result() -> dict:
     med = np.zeros_like(t)
     for t0 in (0.0, 48.0):
         dt = np.clip(t - t0, 0.0, None)
-        med += np.where(t >= t0, 100.0 * (0.35 * np.exp(-dt / 2.5)
-                                          + 0.65 * np.exp(-dt / 14.0)), 0.0)
+        med += np.where(
+            t >= t0, 100.0 * (0.35 * np.exp(-dt / 2.5) + 0.65 * np.exp(-dt / 14.0)), 0.0
+        )
     sd = 0.12 + 0.004 * t
     z = {"p05": -1.645, "p25": -0.674, "p50": 0.0, "p75": 0.674, "p95": 1.645}
     curve = {"time_h": t.tolist()} | {
-        k: (med * np.exp(v * sd)).tolist() for k, v in z.items()}
+        k: (med * np.exp(v * sd)).tolist() for k, v in z.items()
+    }
     return {
         "schema_version": 1,
         "patient_id": "PK-0042",
         "product": "advate",
-        "model": {"name": "Björkman 2012",
-                  "citation": "Björkman S, et al. Blood 2012;119:612-618.",
-                  "source": "library", "path": None, "factor": "FVIII",
-                  "half_life_class": "standard",
-                  "unverified": ["iiv", "iov", "residual", "vial_sizes_IU"],
-                  "validated_range": {"AGE": [1, 65], "WT": [11, 108]}},
+        "model": {
+            "name": "Björkman 2012",
+            "citation": "Björkman S, et al. Blood 2012;119:612-618.",
+            "source": "library",
+            "path": None,
+            "factor": "FVIII",
+            "half_life_class": "standard",
+            "unverified": ["iiv", "iov", "residual", "vial_sizes_IU"],
+            "validated_range": {"AGE": [1, 65], "WT": [11, 108]},
+        },
         "method": "map",
         "uncertainty": "Laplace approximation at the posterior mode, 4000 draws",
         "seed": 0,
-        "covariates": {"WT": {"value": 30.0, "source": "given"},
-                       "AGE": {"value": 8.5, "source": "given"},
-                       "BGO": {"value": 0.0, "source": "assumed"}},
-        "half_life_h": _est(12.345), "effective_half_life_h": _est(10.21),
-        "clearance_dL_h": _est(1.2345), "clearance_mL_h_kg": _est(4.115),
-        "v1_dL": _est(15.01), "vss_dL": _est(19.87),
+        "covariates": {
+            "WT": {"value": 30.0, "source": "given"},
+            "AGE": {"value": 8.5, "source": "given"},
+            "BGO": {"value": 0.0, "source": "assumed"},
+        },
+        "half_life_h": _est(12.345),
+        "effective_half_life_h": _est(10.21),
+        "clearance_dL_h": _est(1.2345),
+        "clearance_mL_h_kg": _est(4.115),
+        "v1_dL": _est(15.01),
+        "vss_dL": _est(19.87),
         "incremental_recovery": _est(2.04, 0.1),
         "time_to_threshold_h": {"1": _est(92.3), "2": _est(80.1), "5": _est(61.6)},
-        "standard_dose_IU": 1500.0, "standard_dose_IU_kg": 50.0,
+        "standard_dose_IU": 1500.0,
+        "standard_dose_IU_kg": 50.0,
         "time_to_threshold_after_standard_dose_h": {
             "1": {"median": math.inf, "lo90": 71.0, "hi90": math.inf},
-            "2": _est(60.4), "5": _est(42.2)},
+            "2": _est(60.4),
+            "5": _est(42.2),
+        },
         "trough_probability": 0.9,
         "regimens": [
             _reg("every 48 h", 48, 1, 1000, 0.93, 70.2),
             _reg("Mon/Wed/Fri", None, 3, 2000, 0.912, 140.5),
-            _reg("every 72 h", 72, 3, 3000, 0.62, 245.0, status="above_cap",
-                 peak_flag="above"),
+            _reg(
+                "every 72 h",
+                72,
+                3,
+                3000,
+                0.62,
+                245.0,
+                status="above_cap",
+                peak_flag="above",
+            ),
         ],
         "evaluated_regimens": [],
-        "max_dose_IU_kg": 100.0, "peak_flag_IU_dL": 150.0,
+        "max_dose_IU_kg": 100.0,
+        "peak_flag_IU_dL": 150.0,
         "current_regimen": {"interval_h": 48, "dose_IU": 1500},
         "current_regimen_trough_prob": {"1": 0.97, "3": 0.62, "5": 0.21},
         "levels": [
-            {"time_h": 4.0, "value_IU_dL": 58.03, "blq": False, "lloq_IU_dL": None,
-             "predicted": _est(55.94, 0.12)},
-            {"time_h": 24.0, "value_IU_dL": 12.9, "blq": False, "lloq_IU_dL": None,
-             "predicted": _est(11.7, 0.15)},
-            {"time_h": 116.0, "value_IU_dL": None, "blq": True, "lloq_IU_dL": 1.0,
-             "predicted": _est(0.52, 0.5)},
+            {
+                "time_h": 4.0,
+                "value_IU_dL": 58.03,
+                "blq": False,
+                "lloq_IU_dL": None,
+                "predicted": _est(55.94, 0.12),
+            },
+            {
+                "time_h": 24.0,
+                "value_IU_dL": 12.9,
+                "blq": False,
+                "lloq_IU_dL": None,
+                "predicted": _est(11.7, 0.15),
+            },
+            {
+                "time_h": 116.0,
+                "value_IU_dL": None,
+                "blq": True,
+                "lloq_IU_dL": 1.0,
+                "predicted": _est(0.52, 0.5),
+            },
         ],
-        "infusions": [{"time_h": 0.0, "dose_IU": 1500.0, "duration_h": 0.0},
-                      {"time_h": 48.0, "dose_IU": 1500.0, "duration_h": 0.0}],
+        "infusions": [
+            {"time_h": 0.0, "dose_IU": 1500.0, "duration_h": 0.0},
+            {"time_h": 48.0, "dose_IU": 1500.0, "duration_h": 0.0},
+        ],
         "time_origin": None,
         "curve": curve,
         "thresholds_IU_dL": [1, 2, 5],
         "diagnostics": {"objective": 12.3456, "converged": True},
-        "warnings": [{"field": "age_y",
-                      "message": "age 0.5 y is outside the validated range 1-65 y"}],
+        "warnings": [
+            {
+                "field": "age_y",
+                "message": "age 0.5 y is outside the validated range 1-65 y",
+            }
+        ],
         "versions": {"phems_clinical": "0.1.0", "jax": "0.4.30"},
     }
 
@@ -194,7 +249,10 @@ def test_curve_deterministic_and_handles_edge_cases(result, png):
     edge["curve"]["p05"][0] = 0.0  # zero on a log axis must not break the plot
     edge["levels"][2]["lloq_IU_dL"] = None  # BLQ without an LLOQ
     edge["time_origin"], edge["patient_id"], edge["product"] = (
-        "2024-05-01T08:00", None, None)
+        "2024-05-01T08:00",
+        None,
+        None,
+    )
     edge["thresholds_IU_dL"], edge["infusions"] = [], []
     assert curve_figure(edge)[:8] == PNG_MAGIC
 
@@ -223,13 +281,18 @@ def test_html_header_summary_and_covariates(html, result):
     rows = _rows(html)
     summary = display(result)["summary"]
     # standard half-life: the terminal half-life first
-    assert summary[0] == {"label": "Terminal half-life",
-                          "value": "12.3 h (90 % interval 9.88\u201314.8 h)"}
-    item = {"label": "Time to 1 IU/dL after 1,500 IU (50 IU/kg)",
-            "value": "not reached (90 % interval 71.0 h\u2013\u221e)"}
+    assert summary[0] == {
+        "label": "Terminal half-life",
+        "value": "12.3 h (90 % interval 9.88\u201314.8 h)",
+    }
+    item = {
+        "label": "Time to 1 IU/dL after 1,500 IU (50 IU/kg)",
+        "value": "not reached (90 % interval 71.0 h\u2013\u221e)",
+    }
     assert item in summary
-    assert (f'<tr><th scope="row">{item["label"]}</th><td>{item["value"]}</td></tr>'
-            in html)
+    assert (
+        f'<tr><th scope="row">{item["label"]}</th><td>{item["value"]}</td></tr>' in html
+    )
     assert "Blood group (BGO) | non-O | assumed | assumed, not measured" in rows
 
 
@@ -241,8 +304,9 @@ def test_extended_half_life_leads_with_the_effective_one(result):
 def test_html_flags_covariate_outside_validated_range(result, png):
     result["covariates"]["AGE"]["value"] = 0.5
     out = _render(result, png, generated=GENERATED)
-    assert ("Age (AGE) | 0.5 y | given | outside the model range 1\u201365 y"
-            in _rows(out))
+    assert "Age (AGE) | 0.5 y | given | outside the model range 1\u201365 y" in _rows(
+        out
+    )
 
 
 def test_html_warnings(html):
@@ -258,19 +322,28 @@ def test_html_no_warning_box_without_warnings(result, png):
 
 def test_html_levels(html):
     rows = _rows(html)
-    assert ("4 h | \u2013 | 58.0 IU/dL | 55.9 IU/dL (90 % interval "
-            "49.2\u201362.7 IU/dL)") in rows
+    assert (
+        "4 h | \u2013 | 58.0 IU/dL | 55.9 IU/dL (90 % interval 49.2\u201362.7 IU/dL)"
+    ) in rows
     assert any(r.startswith("116 h | \u2013 | below LLOQ 1.00 IU/dL") for r in rows)
 
 
 def test_html_regimens(html):
     rows = _rows(html)
-    assert rows.index(next(r for r in rows if r.startswith("every 48 h"))) < \
-        rows.index(next(r for r in rows if r.startswith("Mon/Wed/Fri")))
+    assert rows.index(next(r for r in rows if r.startswith("every 48 h"))) < rows.index(
+        next(r for r in rows if r.startswith("Mon/Wed/Fri"))
+    )
     row = next(r for r in rows if r.startswith("Mon/Wed/Fri")).split(" | ")
-    assert row[:8] == ["Mon/Wed/Fri", "3 IU/dL", "2,000 IU", "66.7 IU/kg",
-                       "200 IU/kg", "2 \u00d7 1,000",
-                       "4.50 IU/dL (90 % interval 3.60\u20135.40 IU/dL)", "91 %"]
+    assert row[:8] == [
+        "Mon/Wed/Fri",
+        "3 IU/dL",
+        "2,000 IU",
+        "66.7 IU/kg",
+        "200 IU/kg",
+        "2 \u00d7 1,000",
+        "4.50 IU/dL (90 % interval 3.60\u20135.40 IU/dL)",
+        "91 %",
+    ]
     cap = next(r for r in rows if r.startswith("every 72 h"))
     assert "3,000 IU (cap)" in cap and "cap of 100 IU/kg" in cap
     assert "peak 245 IU/dL is above 150 IU/dL" in cap and "Koster" in cap
@@ -300,8 +373,7 @@ def test_html_escapes_user_strings(result, png):
 
 def test_html_model_file_and_time_origin(result, png):
     result["product"] = None
-    result["model"] |= {"source": "file", "path": "/models/fit.yaml",
-                        "unverified": []}
+    result["model"] |= {"source": "file", "path": "/models/fit.yaml", "unverified": []}
     result["time_origin"] = "2024-05-01T08:00"
     out = _render(result, png, generated=GENERATED)
     assert "Source | model file /models/fit.yaml" in _rows(out)
@@ -312,8 +384,9 @@ def test_html_model_file_and_time_origin(result, png):
 def test_html_comparison_with_a_previous_assessment(result, png):
     previous = copy.deepcopy(result) | {"assessed_at": "2023-05-06T09:30:00"}
     previous["half_life_h"] = _est(10.0)
-    out = render_report({**result, "display": display(result, previous)}, png,
-                        generated=GENERATED)
+    out = render_report(
+        {**result, "display": display(result, previous)}, png, generated=GENERATED
+    )
     assert "Previous assessment" in out
     rows = _rows(out)
     assert any(r.startswith("2023-05-06 09:30 |") and "10.0 h" in r for r in rows)
@@ -340,25 +413,37 @@ def test_write_examples(result, png, html, tmp_path):
     paths = write_dose_outputs(DoseOutput(full, png, html), out)
     assert paths == [out / "result.json", out / "curve.png", out / "report.html"]
     assert sorted(p.name for p in tmp_path.rglob("*")) == [
-        "curve.png", "report", "report.html", "result.json"]  # nothing else
-    assert json.loads((out / "result.json").read_text(encoding="utf-8")) == \
-        full
+        "curve.png",
+        "report",
+        "report.html",
+        "result.json",
+    ]  # nothing else
+    assert json.loads((out / "result.json").read_text(encoding="utf-8")) == full
     saved_png = (out / "curve.png").read_bytes()
     assert saved_png == png
     assert mpimg.imread(io.BytesIO(saved_png), format="png").shape[:2] == (540, 960)
     saved = (out / "report.html").read_text(encoding="utf-8")
     assert saved == html
     headings = re.findall(r"<h[12][^>]*>(.*?)</h[12]>", saved)
-    assert headings == ["Individual PK report", "Warnings (1)", "Summary",
-                        "Designed regimens", "Measured levels",
-                        "Patient covariates", "Model", "Notes"]
+    assert headings == [
+        "Individual PK report",
+        "Warnings (1)",
+        "Summary",
+        "Designed regimens",
+        "Measured levels",
+        "Patient covariates",
+        "Model",
+        "Notes",
+    ]
     assert saved.count('src="data:image/png;base64,') == 1
     assert base64.b64encode(png).decode() in saved
     # values rendered: the patient, the model, the half-life and a covariate row
     assert "PK-0042" in saved and "Björkman 2012" in saved
     assert "12.3 h (90 % interval 9.88\u201314.8 h)" in saved
-    assert _row(saved, "Blood group (BGO)") == \
-        "Blood group (BGO) | non-O | assumed | assumed, not measured"
+    assert (
+        _row(saved, "Blood group (BGO)")
+        == "Blood group (BGO) | non-O | assumed | assumed, not measured"
+    )
     # a second save into the same folder is refused, not silently replaced
     with pytest.raises(ValueError, match="--out"):
         write_dose_outputs(DoseOutput(full, png, html), out)

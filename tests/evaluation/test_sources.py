@@ -34,9 +34,16 @@ def cardiac():
     # MST noise is secret by design; a kept test secret replays one release, so
     # the assertions below do not depend on a fresh draw (with fresh noise, ~120
     # DP profiles sometimes hold no death and the death model has one class).
-    derived = [derive(jax.random.fold_in(KEY, i), CARDIAC, train, spec,
-                      noise=secret_generator(20261207))
-               for i, spec in enumerate(default_sources(CARDIAC))]
+    derived = [
+        derive(
+            jax.random.fold_in(KEY, i),
+            CARDIAC,
+            train,
+            spec,
+            noise=secret_generator(20261207),
+        )
+        for i, spec in enumerate(default_sources(CARDIAC))
+    ]
     ds = score_sources(KEY, CARDIAC, train, hold, derived, n_attacks=100, seed=3)
     return s, train, hold, derived, ds
 
@@ -52,16 +59,24 @@ def test_split_is_by_patient_and_disjoint(cardiac):
 
 def test_scorecard_rates_every_source(cardiac):
     *_, derived, ds = cardiac
-    assert list(ds.source.values) == ["real", "anonymised", "synthetic",
-                                      "synthetic-mst"]
-    assert list(ds["kind"].values) == ["real", "anonymised", "synthetic",
-                                       "synthetic"]
+    assert list(ds.source.values) == [
+        "real",
+        "anonymised",
+        "synthetic",
+        "synthetic-mst",
+    ]
+    assert list(ds["kind"].values) == ["real", "anonymised", "synthetic", "synthetic"]
     assert float(ds["epsilon"].sel(source="synthetic-mst")) == 1.0
     assert np.isnan(float(ds["epsilon"].sel(source="synthetic")))
     v = ds["value"]
     # every source has fidelity and privacy numbers; utility where it applies
-    for m in ("column_shapes", "detection_auc", "linkability_risk", "mia_auc",
-              "outcome_auroc"):
+    for m in (
+        "column_shapes",
+        "detection_auc",
+        "linkability_risk",
+        "mia_auc",
+        "outcome_auroc",
+    ):
         assert np.isfinite(v.sel(metric=m).values).all(), m
     assert np.isfinite(v.sel(metric="c_index", source="synthetic"))
     assert np.isnan(v.sel(metric="c_index", source="synthetic-mst"))
@@ -81,8 +96,7 @@ def test_verbatim_release_high_risk_generated_low(cardiac):
 
 def test_reproducible_and_netcdf(cardiac, tmp_path):
     _, train, hold, derived, ds = cardiac
-    again = score_sources(KEY, CARDIAC, train, hold, derived, n_attacks=100,
-                          seed=3)
+    again = score_sources(KEY, CARDIAC, train, hold, derived, n_attacks=100, seed=3)
     xr.testing.assert_identical(ds, again)
     ds.to_netcdf(tmp_path / "s.nc", engine="h5netcdf")
     back = xr.open_dataset(tmp_path / "s.nc", engine="h5netcdf").load()
@@ -96,8 +110,10 @@ def test_mst_source_reports_budget(cardiac):
     # the fixture replays a kept secret, and the report says so (a default
     # release says "OS CSPRNG ... not reproducible": tests/privacy/test_mst.py)
     assert mst.report["noise_source"] == "caller's kept generator"
-    assert mst.report["rho_zcdp"] > 0 and len(mst.report["tree"]) == \
-        len(profile_domain(CARDIAC)) - 1
+    assert (
+        mst.report["rho_zcdp"] > 0
+        and len(mst.report["tree"]) == len(profile_domain(CARDIAC)) - 1
+    )
     assert (mst.profile["age_days"] >= 0).all()
 
 
@@ -108,14 +124,23 @@ def test_bad_requests_named(cardiac):
     with pytest.raises(SourceError, match="kind 'fake'"):
         derive(KEY, CARDIAC, train, SourceSpec("s", "fake"))
     with pytest.raises(MSTInputError, match="epsilon"):
-        derive(KEY, CARDIAC, train, SourceSpec("m", "synthetic", "mst",
-                                                 {"epsilon": 0.0}))
+        derive(
+            KEY, CARDIAC, train, SourceSpec("m", "synthetic", "mst", {"epsilon": 0.0})
+        )
     with pytest.raises(SourceError, match="pk_model"):
-        derive(KEY, HAEMOPHILIA, train.rename(columns={"person_id": "ID",
-                                                         "age_days": "AGE",
-                                                         "weight_kg": "WT",
-                                                         "sex": "SEX"}),
-               SourceSpec("v", "synthetic", "virtual"))
+        derive(
+            KEY,
+            HAEMOPHILIA,
+            train.rename(
+                columns={
+                    "person_id": "ID",
+                    "age_days": "AGE",
+                    "weight_kg": "WT",
+                    "sex": "SEX",
+                }
+            ),
+            SourceSpec("v", "synthetic", "virtual"),
+        )
 
 
 def test_copula_profiles_source(cardiac):

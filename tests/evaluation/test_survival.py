@@ -24,12 +24,14 @@ def _data(seed, n=300):
 def test_harrell_c_matches_lifelines():
     time, event, risk = _data(0)
     assert sv.harrell_c(time, risk, event) == pytest.approx(
-        concordance_index(time, -risk, event), abs=1e-12)
+        concordance_index(time, -risk, event), abs=1e-12
+    )
     # ties in time and in risk
     time = np.round(time, 1)
     risk = np.round(risk, 0)
     assert sv.harrell_c(time, risk, event) == pytest.approx(
-        concordance_index(time, -risk, event), abs=1e-12)
+        concordance_index(time, -risk, event), abs=1e-12
+    )
     assert sv.harrell_c([1, 2, 3], [3, 2, 1], [1, 1, 1]) == 1.0
     assert sv.harrell_c([1, 2, 3], [1, 2, 3], [1, 1, 1]) == 0.0
 
@@ -50,13 +52,16 @@ def test_aalen_johansen_cif_matches_lifelines():
     event = np.select([time == t1, time == t2], [1, 2], 0)
     for cause in (1, 2):
         ut, cif = sv.aalen_johansen_cif(time, event, cause)
-        aj = AalenJohansenFitter(calculate_variance=False).fit(time, event,
-                                                               event_of_interest=cause)
+        aj = AalenJohansenFitter(calculate_variance=False).fit(
+            time, event, event_of_interest=cause
+        )
         ref = aj.cumulative_density_.iloc[:, 0]
         grid = np.linspace(0.1, 10, 50)
-        np.testing.assert_allclose(sv.step_eval(ut, cif, grid, initial=0.0),
-                                   ref.reindex(ref.index.union(grid)).ffill()
-                                   .loc[grid].to_numpy(), atol=1e-12)
+        np.testing.assert_allclose(
+            sv.step_eval(ut, cif, grid, initial=0.0),
+            ref.reindex(ref.index.union(grid)).ffill().loc[grid].to_numpy(),
+            atol=1e-12,
+        )
 
 
 def test_multistate_aj_reduces_to_competing_risks():
@@ -71,8 +76,9 @@ def test_multistate_aj_reduces_to_competing_risks():
     P = sv.aalen_johansen_multistate(soj, ["A", "B", "C"], grid)
     event = np.select([nxt == "B", nxt == "C"], [1, 2], 0)
     for cause, col in ((1, 1), (2, 2)):
-        aj = AalenJohansenFitter(calculate_variance=False).fit(time, event,
-                                                               event_of_interest=cause)
+        aj = AalenJohansenFitter(calculate_variance=False).fit(
+            time, event, event_of_interest=cause
+        )
         ref = aj.cumulative_density_.iloc[:, 0]
         ref = ref.reindex(ref.index.union(grid)).ffill().loc[grid].to_numpy()
         np.testing.assert_allclose(P[:, col], ref, atol=1e-12)
@@ -93,7 +99,8 @@ def test_brier_hand_worked():
     assert sv.brier_score(time, event, risk, 2.0) == pytest.approx(0.0475, abs=1e-12)
     # a competing event before h counts as 'no event of interest'
     assert sv.brier_score(time, [2, 0, 1, 0], risk, 2.0) == pytest.approx(
-        (0.64 + 0.135 + 0.015) / 4, abs=1e-12)
+        (0.64 + 0.135 + 0.015) / 4, abs=1e-12
+    )
     with pytest.raises(ValueError, match="G"):
         sv.brier_score([1.0, 2.0], [1, 0], [0.5, 0.5], 2.0)
 
@@ -111,9 +118,10 @@ def test_brier_matches_km_weighted_direct_computation():
             g_minus = sf[sf.index < ti].iloc[-1, 0]
             total += (1 - fi) ** 2 / g_minus
         elif ti > h:
-            total += fi ** 2 / g_h
-    assert sv.brier_score(time, event, f, h) == pytest.approx(total / len(time),
-                                                              rel=1e-12)
+            total += fi**2 / g_h
+    assert sv.brier_score(time, event, f, h) == pytest.approx(
+        total / len(time), rel=1e-12
+    )
 
 
 def test_calibration_table_detects_miscalibration():
@@ -126,8 +134,9 @@ def test_calibration_table_detects_miscalibration():
     h = 1.0
     true_risk = 1 - np.exp(-rate * h)
     good = sv.calibration_summary(sv.calibration_table(time, event, true_risk, h))
-    bad = sv.calibration_summary(sv.calibration_table(time, event,
-                                                      np.minimum(2 * true_risk, 1), h))
+    bad = sv.calibration_summary(
+        sv.calibration_table(time, event, np.minimum(2 * true_risk, 1), h)
+    )
     # ~400 per decile: binomial SE of the observed risk <= 0.025
     assert good["ece"] < 0.03 and abs(good["citl"]) < 0.015
     assert bad["citl"] > 0.15

@@ -37,8 +37,7 @@ def picu():
     kw = {"n_stays": 150, "prevalence": 0.3, "max_los_h": 72}
     train = simulate_picu(jax.random.key(1), site="A", **kw)
     test = simulate_picu(jax.random.key(2), site="B", id_offset=10**6, **kw)
-    return (hourly_table(train.tables, site="A"),
-            hourly_table(test.tables, site="B"))
+    return (hourly_table(train.tables, site="A"), hourly_table(test.tables, site="B"))
 
 
 def test_sepsis_tstr_equals_trtr_for_a_copy_of_the_real_data(picu):
@@ -54,7 +53,7 @@ def test_sepsis_tstr_equals_trtr_for_a_copy_of_the_real_data(picu):
     assert 0 < trtr["brier"] < trtr["prevalence"]
     assert trtr["calibration_slope"] > 0 and trtr["n_stays"] == 150
     assert all(isinstance(v, float) for v in trtr.values())
-    assert set(ut.captions(trtr)) == set(trtr)           # every metric captioned
+    assert set(ut.captions(trtr)) == set(trtr)  # every metric captioned
 
 
 def test_sepsis_permuted_onsets_give_chance_auroc(picu):
@@ -64,18 +63,25 @@ def test_sepsis_permuted_onsets_give_chance_auroc(picu):
     rng = np.random.default_rng(0)
     perm = pd.Series(rng.permutation(onset.to_numpy()), index=onset.index)
     ref = ut.sepsis_utility(jax.random.key(0), train, test, n_boot=0)
-    neg = ut.sepsis_utility(jax.random.key(0), train, test, source_onset=perm,
-                            n_boot=100)
+    neg = ut.sepsis_utility(
+        jax.random.key(0), train, test, source_onset=perm, n_boot=100
+    )
     assert neg["auroc_ci_low"] < 0.5 < neg["auroc_ci_high"]
     assert abs(neg["auroc"] - 0.5) < 0.08
     assert ref["auroc"] - neg["auroc"] > 0.12
-    assert np.isnan(ref["auroc_ci_low"])                 # n_boot=0: no CI
+    assert np.isnan(ref["auroc_ci_low"])  # n_boot=0: no CI
 
 
 def test_sepsis_tcn_trains_and_beats_chance(picu):
     train, test = picu
-    res = ut.sepsis_utility(jax.random.key(1), train, test, model="tcn",
-                            model_kw={"channels": 8, "n_blocks": 3}, n_boot=0)
+    res = ut.sepsis_utility(
+        jax.random.key(1),
+        train,
+        test,
+        model="tcn",
+        model_kw={"channels": 8, "n_blocks": 3},
+        n_boot=0,
+    )
     assert res["auroc"] > 0.6 and np.isfinite(res["calibration_slope"])
 
 
@@ -91,16 +97,25 @@ def test_sepsis_bad_input(picu):
 
 # --- cardiac -------------------------------------------------------------------------
 
-COVARIATE_COLUMNS = ["age_days", "age_group", "sex", "weight_kg", "weight_z", "stat",
-                     "ventilation"]
+COVARIATE_COLUMNS = [
+    "age_days",
+    "age_group",
+    "sex",
+    "weight_kg",
+    "weight_z",
+    "stat",
+    "ventilation",
+]
 
 
 @pytest.fixture(scope="module")
 def cardiac():
-    train = episodes(simulate_cardiac(jax.random.key(3), n_episodes=600,
-                                      site="a").tables)[0]
-    test = episodes(simulate_cardiac(jax.random.key(4), n_episodes=400,
-                                     site="b").tables)[0]
+    train = episodes(
+        simulate_cardiac(jax.random.key(3), n_episodes=600, site="a").tables
+    )[0]
+    test = episodes(
+        simulate_cardiac(jax.random.key(4), n_episodes=400, site="b").tables
+    )[0]
     return train, test
 
 
@@ -111,8 +126,7 @@ def test_cardiac_tstr_equals_trtr_and_matches_pooled_fit(cardiac):
     assert tstr == trtr
     ref = ce.evaluate(ce.pooled_fit({"x": train}).params, test)
     assert trtr["c_death"] == pytest.approx(ref["c_death"], abs=1e-12)
-    assert trtr["brier_death_30d"] == pytest.approx(ref["brier_death_30d"],
-                                                    abs=1e-12)
+    assert trtr["brier_death_30d"] == pytest.approx(ref["brier_death_30d"], abs=1e-12)
     assert trtr["c_death"] > 0.6 and trtr["auc_cicu_gt7"] > 0.65
     assert trtr["c_death_ci_low"] < trtr["c_death"] < trtr["c_death_ci_high"]
     assert trtr["converged"] == 1.0
@@ -132,7 +146,8 @@ def test_cardiac_negative_controls(cardiac):
     first = train.groupby("episode_id", sort=False)[COVARIATE_COLUMNS].first()
     perm = first.iloc[np.random.default_rng(1).permutation(len(first))]
     shuffled = train.drop(columns=COVARIATE_COLUMNS).join(
-        perm.set_axis(first.index), on="episode_id")[train.columns]
+        perm.set_axis(first.index), on="episode_id"
+    )[train.columns]
     neg = ut.cardiac_utility(shuffled, test)
     assert neg["c_death"] < 0.6 and abs(neg["auc_cicu_gt7"] - 0.5) < 0.1
     assert trtr["c_death"] - neg["c_death"] > 0.1
@@ -157,16 +172,18 @@ def advate():
 @pytest.fixture(scope="module")
 def pk_real(advate):
     """30 rich-sampled Advate patients and their FOCEI fit (with SEs)."""
-    events, _ = simulate_cohort(jax.random.key(5), advate,
-                                HospitalSpec("H", 30, design="rich"))
+    events, _ = simulate_cohort(
+        jax.random.key(5), advate, HospitalSpec("H", 30, design="rich")
+    )
     return events, ut.fit_population(events, advate)
 
 
 @pytest.fixture(scope="module")
 def pk_holdout(advate):
     """40 sparse-sampled patients (levels at ~4, 24, 48 h after a washout dose)."""
-    events, _ = simulate_cohort(jax.random.key(11), advate,
-                                HospitalSpec("H", 40, design="sparse"))
+    events, _ = simulate_cohort(
+        jax.random.key(11), advate, HospitalSpec("H", 40, design="sparse")
+    )
     return events
 
 
@@ -183,7 +200,8 @@ def test_pk_bias_identity_is_exactly_zero(advate, pk_real):
     # IIV reported as CV %: 100 sqrt(exp(w2) - 1).
     w2 = float(np.asarray(real_fit.params.omega)[0, 0])
     assert res["real[CV_IIV(CL)]"] == pytest.approx(
-        100 * np.sqrt(np.exp(w2) - 1), rel=1e-12)
+        100 * np.sqrt(np.exp(w2) - 1), rel=1e-12
+    )
     caps = ut.captions(res)
     assert set(caps) == set(res) and "CV_IIV(CL)" in caps["rel_bias[CV_IIV(CL)]"]
 
@@ -225,9 +243,12 @@ def test_pk_forecast_error_scales_with_the_residual_error(advate):
     forecast level alone)."""
     p = initial_params(advate)
     p = p._replace(sigma=jax.numpy.array([0.1, 0.02]))
-    events, _ = simulate_cohort(jax.random.key(12), advate,
-                                HospitalSpec("H", 20, design="sparse", lloq_IU_dL=0.1),
-                                params=p)
+    events, _ = simulate_cohort(
+        jax.random.key(12),
+        advate,
+        HospitalSpec("H", 20, design="sparse", lloq_IU_dL=0.1),
+        params=p,
+    )
     res = ut.pk_forecast_accuracy(p, events, advate, n_prior_obs=2)
     # Patients whose last level is BLQ have nothing to forecast.
     assert res["n_levels"] == res["n_patients"] >= 18
@@ -242,17 +263,22 @@ def test_pk_forecast_true_prior_vs_wrong_prior(advate, pk_holdout):
     # Wrong prior: CL x 2, V1 x 0.6, IIV shrunk 20-fold (a confident, wrong model).
     theta = true.theta.at[0].multiply(2.0).at[1].multiply(0.6)
     wrong = true._replace(theta=theta, omega=true.omega * 0.05)
-    res = ut.pk_forecast_accuracy(wrong, pk_holdout, advate, real=true,
-                                  key=jax.random.key(0), n_boot=200)
+    res = ut.pk_forecast_accuracy(
+        wrong, pk_holdout, advate, real=true, key=jax.random.key(0), n_boot=200
+    )
     # True prior: error of the order of the residual error (0.674 x 15 % = 10 %).
     assert 5.0 < res["real_prior_mdape"] < 25.0
     assert abs(res["real_prior_mpe"]) < 10.0 and res["real_prior_within20"] > 0.5
-    assert (res["real_prior_mdape_ci_low"] < res["real_prior_mdape"]
-            < res["real_prior_mdape_ci_high"])
-    assert res["delta_mdape"] > 20.0 and res["mpe"] < -20.0   # under-predicts
+    assert (
+        res["real_prior_mdape_ci_low"]
+        < res["real_prior_mdape"]
+        < res["real_prior_mdape_ci_high"]
+    )
+    assert res["delta_mdape"] > 20.0 and res["mpe"] < -20.0  # under-predicts
     assert set(ut.captions(res)) == set(res)
     assert res["delta_mdape"] == pytest.approx(
-        res["mdape"] - res["real_prior_mdape"], abs=1e-12)
+        res["mdape"] - res["real_prior_mdape"], abs=1e-12
+    )
     # Two levels inform the forecast: better than the population prediction.
     pop = ut.pk_forecast_accuracy(true, pk_holdout, advate, n_prior_obs=0)
     assert res["real_prior_mdape"] < pop["mdape"]

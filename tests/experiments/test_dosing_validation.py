@@ -45,9 +45,14 @@ def test_every_shipped_product_is_validated_against_its_own_model(v):
 def test_models_of_the_same_product_are_crossed_both_ways(v):
     shipped = _yaml_products()
     names = {s.name for s in v.build_scenarios(v.library_products())}
-    pairs = [(a, b) for a in shipped for b in shipped
-             if a != b and shipped[a].get("inn")
-             and str(shipped[a]["inn"]).lower() == str(shipped[b].get("inn")).lower()]
+    pairs = [
+        (a, b)
+        for a in shipped
+        for b in shipped
+        if a != b
+        and shipped[a].get("inn")
+        and str(shipped[a]["inn"]).lower() == str(shipped[b].get("inn")).lower()
+    ]
     assert pairs, "the library has no two models of one INN"
     for a, b in pairs:
         assert f"{a} → {b}" in names
@@ -61,12 +66,16 @@ def test_designs_isth_windows_and_published(v):
     assert labels[:4] == ["0 (prior only)", "1 (48 h)", "2 (4/48 h)", "3 (4/24/48 h)"]
     assert [d.label for d in v.designs_for(elo)][2] == "2 (4/72 h)"
     assert [d.id for d in v.designs_for(elo)] == ["isth0", "isth1", "isth2", "isth3"]
-    pub = {p: [d.id for d in v.designs_for(v.load_product(p)) if d.windows]
-           for p in ("advate", "alprolix", "koopman2024", "pdfix_brekkan2016")}
-    assert pub == {"advate": ["pub:myPKFiT 2-point"],
-                   "alprolix": ["pub:Koopman peak/mid/trough"],
-                   "koopman2024": ["pub:Koopman peak/mid/trough"],
-                   "pdfix_brekkan2016": ["pub:Preijers LSS"]}
+    pub = {
+        p: [d.id for d in v.designs_for(v.load_product(p)) if d.windows]
+        for p in ("advate", "alprolix", "koopman2024", "pdfix_brekkan2016")
+    }
+    assert pub == {
+        "advate": ["pub:myPKFiT 2-point"],
+        "alprolix": ["pub:Koopman peak/mid/trough"],
+        "koopman2024": ["pub:Koopman peak/mid/trough"],
+        "pdfix_brekkan2016": ["pub:Preijers LSS"],
+    }
     for d in v.PUBLISHED_DESIGNS:
         ends = [t for w in d.windows for t in w]
         assert ends == sorted(ends) and 0 < ends[0] and ends[-1] < 200
@@ -77,8 +86,13 @@ def _fake_results(cl_imprec, t_half_bias, t1_cov, n=1000):
     base = dict(scenario="advate", sim="advate", prior="advate", group="main")
     for did, label, k in (("isth0", "0 (prior only)", 0), ("isth2", "2 (4/48 h)", 2)):
         for x in ("CL", "t_half_head", "t_1"):
-            vals = {"bias_mean_pct": 1.0, "bias_median_pct": 0.5, "rrmse_pct": 8.0,
-                    "coverage90_pct": 90.0, "n": n}
+            vals = {
+                "bias_mean_pct": 1.0,
+                "bias_median_pct": 0.5,
+                "rrmse_pct": 8.0,
+                "coverage90_pct": 90.0,
+                "n": n,
+            }
             if did == "isth0":
                 vals["rrmse_pct"] = 30.0
             elif x == "CL":
@@ -87,16 +101,48 @@ def _fake_results(cl_imprec, t_half_bias, t1_cov, n=1000):
                 vals["bias_mean_pct"] = t_half_bias
             else:
                 vals["coverage90_pct"] = t1_cov
-            rows += [dict(base, section="accuracy", design_id=did, n_samples=k,
-                          design=label, quantity=x, point="median", metric=m, value=val)
-                     for m, val in vals.items()]
-        rows += [dict(base, section="design", design_id=did, n_samples=k, design=label,
-                      quantity="", point="", metric=m, value=val)
-                 for m, val in (("pct_with_blq", 0.0), ("last_sample_median_h", 48.0))]
-    rows += [dict(base, section="scenario", design_id="", n_samples=-1, design="",
-                  quantity="", point="", metric=m, value=val)
-             for m, val in (("t1_true_median_h", 70.0),
-                            ("cl_true_over_prior_typical", 1.0))]
+            rows += [
+                dict(
+                    base,
+                    section="accuracy",
+                    design_id=did,
+                    n_samples=k,
+                    design=label,
+                    quantity=x,
+                    point="median",
+                    metric=m,
+                    value=val,
+                )
+                for m, val in vals.items()
+            ]
+        rows += [
+            dict(
+                base,
+                section="design",
+                design_id=did,
+                n_samples=k,
+                design=label,
+                quantity="",
+                point="",
+                metric=m,
+                value=val,
+            )
+            for m, val in (("pct_with_blq", 0.0), ("last_sample_median_h", 48.0))
+        ]
+    rows += [
+        dict(
+            base,
+            section="scenario",
+            design_id="",
+            n_samples=-1,
+            design="",
+            quantity="",
+            point="",
+            metric=m,
+            value=val,
+        )
+        for m, val in (("t1_true_median_h", 70.0), ("cl_true_over_prior_typical", 1.0))
+    ]
     return pd.DataFrame(rows)
 
 
@@ -108,8 +154,11 @@ def test_verdict_rules_at_the_boundaries(v):
     bad = v.design_rows(v.Index(_fake_results(12.0, 5.1, 84.9)), sc)
     label, did, n, cells, verdict, reasons = bad[1]
     assert verdict == "falls short"
-    assert cells == ["+1.0 / **12.0** / 90.0", "**+5.1** / 8.0 / 90.0",
-                     "+1.0 / 8.0 / **84.9**"]
+    assert cells == [
+        "+1.0 / **12.0** / 90.0",
+        "**+5.1** / 8.0 / 90.0",
+        "+1.0 / 8.0 / **84.9**",
+    ]
     assert [r.split(":")[0] for r in reasons] == ["CL", "t½", "time to 1 IU/dL"]
     assert all(len(r.split(": ", 1)[1]) > 10 for r in reasons)
 
@@ -124,13 +173,30 @@ def test_coverage_tolerance_widens_for_small_cohorts(v):
 @pytest.mark.slow
 def test_tiny_run_end_to_end(v, tmp_path):
     """One product (Jivi, 1-compartment: a short compile), 24 patients."""
-    assert v.main(["--scenarios", "jivi", "--n", "24", "--draws", "60",
-                   "--nuts-n", "0", "--no-reweight", "--out", str(tmp_path)]) == 0
+    assert (
+        v.main(
+            [
+                "--scenarios",
+                "jivi",
+                "--n",
+                "24",
+                "--draws",
+                "60",
+                "--nuts-n",
+                "0",
+                "--no-reweight",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     df = pd.read_csv(tmp_path / "results.csv")
     acc = df[(df.section == "accuracy") & (df.point == "median")]
     assert set(acc.design_id) == {"isth0", "isth1", "isth2", "isth3"}
     imprec = acc[(acc.quantity == "CL") & (acc.metric == "rrmse_pct")].set_index(
-        "design_id")["value"]
+        "design_id"
+    )["value"]
     assert imprec["isth3"] < imprec["isth0"]  # three levels inform CL
     text = (tmp_path / "results.md").read_text()
     assert "### jivi" in text and "equal `pk.dosing.recommend`'s" in text

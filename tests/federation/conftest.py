@@ -42,8 +42,12 @@ def logistic_sites():
         pad = 40 - n
         xp = np.r_[x, np.repeat(x[:1], pad, 0)]
         yp = np.r_[y, np.repeat(y[:1], pad)]
-        sites.append(Examples((jax.numpy.asarray(xp), jax.numpy.asarray(yp)),
-                              jax.numpy.asarray(np.arange(40) < n)))
+        sites.append(
+            Examples(
+                (jax.numpy.asarray(xp), jax.numpy.asarray(yp)),
+                jax.numpy.asarray(np.arange(40) < n),
+            )
+        )
 
     def loss(b, example):
         x, y = example

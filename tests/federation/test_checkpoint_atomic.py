@@ -29,8 +29,14 @@ ROUNDS = 6
 @pytest.fixture(scope="module")
 def setup(logistic_sites):
     sites, _, loss = logistic_sites
-    alg = fedadam(objective_from_loss(loss), jnp.zeros(3), learning_rate=0.5,
-                  server_learning_rate=0.3, local_steps=3, max_rounds=ROUNDS)
+    alg = fedadam(
+        objective_from_loss(loss),
+        jnp.zeros(3),
+        learning_rate=0.5,
+        server_learning_rate=0.3,
+        local_steps=3,
+        max_rounds=ROUNDS,
+    )
     return alg, sites, run_federated(jax.random.key(5), alg, sites)
 
 
@@ -48,22 +54,24 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("where", ["serialise", "rename"])
-def test_kill_while_saving_keeps_the_previous_round(setup, tmp_path, monkeypatch,
-                                                    where):
+def test_kill_while_saving_keeps_the_previous_round(
+    setup, tmp_path, monkeypatch, where
+):
     """Killed while writing round 4's checkpoint (half the state serialised, or at
     the rename): the file still holds round 3, byte for byte, and the resumed run
     equals the uninterrupted one round for round."""
     alg, sites, ref = setup
-    run_federated(jax.random.key(5), alg, sites, checkpoint_dir=tmp_path,
-                  stop_after=3)
+    run_federated(jax.random.key(5), alg, sites, checkpoint_dir=tmp_path, stop_after=3)
     before = checkpoint_path(tmp_path).read_bytes()
     if where == "serialise":
+
         def half(buf, tree):
             buf.write(b"\x00" * 16)
             raise Killed
 
         monkeypatch.setattr(engine.eqx, "tree_serialise_leaves", half)
     else:
+
         def killed(src, dst):
             raise Killed
 
@@ -81,8 +89,7 @@ def test_kill_while_saving_keeps_the_previous_round(setup, tmp_path, monkeypatch
 
 def _saved(setup, tmp_path):
     alg, sites, _ = setup
-    run_federated(jax.random.key(5), alg, sites, checkpoint_dir=tmp_path,
-                  stop_after=3)
+    run_federated(jax.random.key(5), alg, sites, checkpoint_dir=tmp_path, stop_after=3)
     return checkpoint_path(tmp_path).read_bytes()
 
 
@@ -93,7 +100,7 @@ def _split(raw):
 
 
 def _flip(b: bytes, i: int) -> bytes:
-    return b[:i] + bytes([b[i] ^ 0x01]) + b[i + 1:]
+    return b[:i] + bytes([b[i] ^ 0x01]) + b[i + 1 :]
 
 
 def _resign(manifest: dict) -> tuple[bytes, bytes]:
@@ -104,10 +111,16 @@ def _resign(manifest: dict) -> tuple[bytes, bytes]:
 def _corrupt(part, raw):
     magic, manifest, digest, state = _split(raw)
     if part == "magic":
-        return b"PHEMS-CHECKPOINT 0\n" + raw[len(magic):]
+        return b"PHEMS-CHECKPOINT 0\n" + raw[len(magic) :]
     if part == "manifest":
-        return magic + manifest.replace(b'"round": 3', b'"round": 4') + b"\n" \
-            + digest + b"\n" + state
+        return (
+            magic
+            + manifest.replace(b'"round": 3', b'"round": 4')
+            + b"\n"
+            + digest
+            + b"\n"
+            + state
+        )
     if part == "digest":
         return magic + manifest + b"\n" + _flip(digest, 0) + b"\n" + state
     if part == "state":
@@ -123,17 +136,19 @@ def _corrupt(part, raw):
     return magic + m + b"\n" + d + b"\n" + state
 
 
-@pytest.mark.parametrize("part, why", [
-    ("magic", "not a checkpoint of this format"),
-    ("manifest", "manifest does not match its SHA-256"),
-    ("digest", "manifest does not match its SHA-256"),
-    ("state", "state does not match the SHA-256"),
-    ("truncated", "state does not match the SHA-256"),
-    ("round count", "says 3 rounds but its history has [0, 1]"),
-    ("round order", "says 3 rounds but its history has [0, 1, 1]"),
-])
-def test_each_corrupted_part_is_refused_naming_the_folder(setup, tmp_path, part,
-                                                          why):
+@pytest.mark.parametrize(
+    "part, why",
+    [
+        ("magic", "not a checkpoint of this format"),
+        ("manifest", "manifest does not match its SHA-256"),
+        ("digest", "manifest does not match its SHA-256"),
+        ("state", "state does not match the SHA-256"),
+        ("truncated", "state does not match the SHA-256"),
+        ("round count", "says 3 rounds but its history has [0, 1]"),
+        ("round order", "says 3 rounds but its history has [0, 1, 1]"),
+    ],
+)
+def test_each_corrupted_part_is_refused_naming_the_folder(setup, tmp_path, part, why):
     alg, sites, _ = setup
     raw = _saved(setup, tmp_path)
     assert load_checkpoint(tmp_path, *_like(alg, sites))[2][-1].round == 2
@@ -169,8 +184,7 @@ def test_old_two_file_checkpoint_is_refused(setup, tmp_path):
 
 
 def test_history_round_trips_with_audit_heads(tmp_path):
-    rec = engine.RoundRecord(0, (0, 2), ((1, "timeout"),), 2, 0.5,
-                             ((0, 7, "ab12"),))
+    rec = engine.RoundRecord(0, (0, 2), ((1, "timeout"),), 2, 0.5, ((0, 7, "ab12"),))
     save_checkpoint(tmp_path, {"x": jnp.ones(2)}, [], [rec])
     _, _, history = load_checkpoint(tmp_path, {"x": jnp.zeros(2)}, [])
     assert history == [rec]

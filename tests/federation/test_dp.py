@@ -38,16 +38,17 @@ def test_no_privacy_recovers_plain_masked_sum_under_jit(key):
     cfg = DPConfig(clip=math.inf, noise_multiplier=0.0)
 
     noisy, info = jax.jit(lambda k, g, m: dp.privatise_sum(k, g, cfg, m))(
-        jax.random.fold_in(key, 1), grads, mask)
+        jax.random.fold_in(key, 1), grads, mask
+    )
     plain = jax.jit(lambda g, m: jnp.sum(jnp.where(m[:, None], g, 0.0), axis=0))(
-        grads, mask)
+        grads, mask
+    )
     assert_array_equal(noisy, plain)
     assert not jnp.any(jnp.isnan(noisy))
     assert int(info.n_clipped) == 0 and int(info.batch_size) == 6
     assert float(info.noise_std) == 0.0
 
-    mean, _ = jax.jit(lambda k, g, m: dp.privatise_mean(k, g, cfg, m))(
-        key, grads, mask)
+    mean, _ = jax.jit(lambda k, g, m: dp.privatise_mean(k, g, cfg, m))(key, grads, mask)
     assert_array_equal(mean, jax.jit(lambda s: s / 6.0)(plain))
 
 
@@ -60,8 +61,9 @@ def test_no_privacy_optax_chain_recovers_sgd(key):
     ref = -0.1 * jnp.mean(grads, axis=0)
     assert_allclose(step, ref, rtol=1e-15, atol=0)
     assert int(state[0].count) == 1
-    assert not jnp.array_equal(jax.random.key_data(state[0].rng_key),
-                               jax.random.key_data(key))
+    assert not jnp.array_equal(
+        jax.random.key_data(state[0].rng_key), jax.random.key_data(key)
+    )
 
 
 def test_clip_inf_rows_unchanged_bit_for_bit(key):
@@ -90,8 +92,11 @@ def test_clip_rows_norms_and_mask(key):
     assert above.sum() >= 3 and below.sum() >= 3  # both branches exercised
     assert_allclose(np.linalg.norm(out[above], axis=1), clip, rtol=1e-12)
     # direction kept
-    assert_allclose(out[above] * (norms[above] / clip)[:, None],
-                    np.asarray(grads)[above], rtol=1e-12)
+    assert_allclose(
+        out[above] * (norms[above] / clip)[:, None],
+        np.asarray(grads)[above],
+        rtol=1e-12,
+    )
     assert_array_equal(out[below], np.asarray(grads)[below])
     assert_array_equal(out[~m], 0.0)
     assert int(n_clipped) == above.sum()
@@ -124,7 +129,8 @@ def test_noise_sd_is_z_times_clip(key):
     cfg = DPConfig(clip=clip, noise_multiplier=z)
     keys = jax.random.split(jax.random.fold_in(key, 7), n_keys)
     noisy, info = jax.jit(jax.vmap(lambda k: dp.privatise_sum(k, grads, cfg, mask)))(
-        keys)
+        keys
+    )
     clipped_sum = dp.clip_rows(grads, clip, mask)[0].sum(axis=0)
     resid = np.asarray(noisy - clipped_sum) / (z * clip)  # ~ N(0, 1) iid
 
@@ -156,7 +162,8 @@ def test_privatise_mean_fixed_denominator_is_unbiased(key):
     cfg = DPConfig(clip=math.inf, noise_multiplier=0.0, sampling_rate=q)
     keys = jax.random.split(jax.random.fold_in(key, 3), n_keys)
     means, info = jax.jit(jax.vmap(lambda k: dp.privatise_mean(k, grads, cfg, mask)))(
-        keys)
+        keys
+    )
     g = np.asarray(grads)[:10]
     target = g.mean(axis=0)
     se = np.sqrt((g**2).sum(axis=0) * q * (1 - q)) / (q * 10) / math.sqrt(n_keys)
@@ -182,14 +189,16 @@ def test_site_level_noise_scale(key):
     total = jnp.sum(jax.vmap(dp.clip_vector, (0, None))(updates, s), axis=0)
     cfg = SiteDPConfig(clip=s, noise_multiplier=z)
     keys = jax.random.split(jax.random.fold_in(key, 11), n_keys)
-    out = jax.jit(jax.vmap(
-        lambda k: dp.clip_and_noise_aggregate(k, total, k_sites, cfg)))(keys)
+    out = jax.jit(
+        jax.vmap(lambda k: dp.clip_and_noise_aggregate(k, total, k_sites, cfg))
+    )(keys)
     resid = np.asarray(out * k_sites - total) / (z * s)
     lo, hi = _chi2_bounds(resid.size)
     assert lo < np.sum(resid**2) < hi
 
-    exact = dp.clip_and_noise_aggregate(key, total, k_sites, cfg._replace(
-        noise_multiplier=0.0))
+    exact = dp.clip_and_noise_aggregate(
+        key, total, k_sites, cfg._replace(noise_multiplier=0.0)
+    )
     assert_array_equal(exact, total / k_sites)
 
 
@@ -217,8 +226,11 @@ def test_one_release_matches_analytic_gaussian(z, delta):
     assert e_rdp >= e_pld
 
     e_exact = optimize.brentq(
-        lambda e: _delta_analytic_gaussian(e, clip, z * clip) - delta, 1e-9, 100.0,
-        xtol=1e-12)
+        lambda e: _delta_analytic_gaussian(e, clip, z * clip) - delta,
+        1e-9,
+        100.0,
+        xtol=1e-12,
+    )
     assert e_pld == pytest.approx(e_exact, abs=2e-3)
 
 
@@ -232,7 +244,8 @@ def test_reference_hospital_level_numbers(z, steps, rdp_ref, pld_ref):
     cfg = SiteDPConfig(clip=1.0, noise_multiplier=z, delta=1e-5)
     assert dp.epsilon(cfg, 5, steps) == pytest.approx(rdp_ref, rel=0.02)
     assert dp.epsilon(cfg._replace(accountant="pld"), 5, steps) == pytest.approx(
-        pld_ref, rel=0.02)
+        pld_ref, rel=0.02
+    )
 
 
 def test_reference_patient_level_dp_sgd_numbers():
@@ -242,7 +255,8 @@ def test_reference_patient_level_dp_sgd_numbers():
     steps = round(20 / 0.032)
     assert dp.epsilon(cfg, 2000, steps) == pytest.approx(4.75, rel=0.02)
     assert dp.epsilon(cfg._replace(accountant="pld"), 2000, steps) == pytest.approx(
-        4.30, rel=0.02)
+        4.30, rel=0.02
+    )
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
@@ -250,11 +264,12 @@ def test_epsilon_monotonic(accountant):
     cfg = DPConfig(clip=1.0, noise_multiplier=1.0, accountant=accountant)
     by_steps = [dp.epsilon(cfg, 30, t) for t in (0, 1, 5, 20, 80)]
     assert by_steps[0] == 0.0 and np.all(np.diff(by_steps) > 0)
-    by_z = [dp.epsilon(cfg._replace(noise_multiplier=z), 30, 10)
-            for z in (0.6, 1.0, 2.0, 4.0)]
+    by_z = [
+        dp.epsilon(cfg._replace(noise_multiplier=z), 30, 10)
+        for z in (0.6, 1.0, 2.0, 4.0)
+    ]
     assert np.all(np.diff(by_z) < 0)
-    by_q = [dp.epsilon(cfg._replace(sampling_rate=q), 30, 10)
-            for q in (0.1, 0.5, 1.0)]
+    by_q = [dp.epsilon(cfg._replace(sampling_rate=q), 30, 10) for q in (0.1, 0.5, 1.0)]
     assert np.all(np.diff(by_q) > 0)
 
 
@@ -272,8 +287,16 @@ def test_zero_noise_is_infinite_epsilon():
 def test_privacy_report_is_json_safe():
     cfg = DPConfig(clip=1.0, noise_multiplier=1.0)
     report = dp.privacy_report(cfg, 30, 50)
-    assert set(report) >= {"epsilon", "delta", "unit", "accountant",
-                           "noise_multiplier", "clip", "steps", "sampling_rate"}
+    assert set(report) >= {
+        "epsilon",
+        "delta",
+        "unit",
+        "accountant",
+        "noise_multiplier",
+        "clip",
+        "steps",
+        "sampling_rate",
+    }
     assert report["unit"] == "patient" and report["delta"] == 1 / 300
     assert report["epsilon"] == dp.epsilon(cfg, 30, 50)
     assert json.loads(json.dumps(report, allow_nan=False)) == report
@@ -300,8 +323,14 @@ def test_check_budget_refuses_and_passes():
         dp.check_budget(cfg, 30, 200, site="Necker")
     msg = str(err.value)
     assert isinstance(err.value, ValueError)
-    for part in (f"{eps200:.4g}", "budget 10", "delta = 0.003333", "patient",
-                 "Necker", "200"):
+    for part in (
+        f"{eps200:.4g}",
+        "budget 10",
+        "delta = 0.003333",
+        "patient",
+        "Necker",
+        "200",
+    ):
         assert part in msg
     eps = dp.check_budget(cfg._replace(epsilon_budget=200.0), 30, 200)
     assert eps == eps200 < 200
@@ -369,5 +398,6 @@ def test_site_config_validation():
     with pytest.raises(ValueError, match=r"SiteDPConfig\.delta must be < 1/N"):
         dp.epsilon(SiteDPConfig(1.0, 1.0, delta=0.4), 3, 10)
     with pytest.raises(ValueError, match="clip must be finite"):
-        dp.clip_and_noise_aggregate(jax.random.key(0), jnp.ones(2), 3,
-                                    SiteDPConfig(math.inf, 1.0))
+        dp.clip_and_noise_aggregate(
+            jax.random.key(0), jnp.ones(2), 3, SiteDPConfig(math.inf, 1.0)
+        )

@@ -52,13 +52,16 @@ def one_site():
 def hessian_fn(one_site):
     model, _, _, n_occ, _ = one_site
     base = initial_params(model)
-    return (jax.jit(site_hessian(model, n_occ, base)),
-            jax.jit(site_objective(model, n_occ, base)))
+    return (
+        jax.jit(site_hessian(model, n_occ, base)),
+        jax.jit(site_objective(model, n_occ, base)),
+    )
 
 
 def _richardson_hessian(ofv, x, rel):
     """Central second differences of ``ofv`` with steps ``rel * max(1, |x|)`` and
     ``rel/2 * ...``, Richardson-extrapolated (error O(h^4))."""
+
     def second(h):
         d = x.size
         f0 = ofv(x)
@@ -68,8 +71,11 @@ def _richardson_hessian(ofv, x, rel):
             out[i, i] = (ofv(x + e[i]) - 2 * f0 + ofv(x - e[i])) / h[i] ** 2
             for j in range(i):
                 out[i, j] = out[j, i] = (
-                    ofv(x + e[i] + e[j]) - ofv(x + e[i] - e[j])
-                    - ofv(x - e[i] + e[j]) + ofv(x - e[i] - e[j])) / (4 * h[i] * h[j])
+                    ofv(x + e[i] + e[j])
+                    - ofv(x + e[i] - e[j])
+                    - ofv(x - e[i] + e[j])
+                    + ofv(x - e[i] - e[j])
+                ) / (4 * h[i] * h[j])
         return out
 
     h = rel * np.maximum(1.0, np.abs(x))
@@ -87,8 +93,11 @@ def test_site_hessian_matches_richardson_second_differences(one_site, hessian_fn
     stiffest entry) plus the objective's noise (inner modes to ~1e-10) / h^2."""
     model, site, cohort, n_occ, x0 = one_site
     hess_fn, obj_fn = hessian_fn
-    _, _, b = obj_fn(x0, site, jnp.zeros((site.cohort.n_subjects,
-                                          model.n_eta + n_occ * model.n_kappa)))
+    _, _, b = obj_fn(
+        x0,
+        site,
+        jnp.zeros((site.cohort.n_subjects, model.n_eta + n_occ * model.n_kappa)),
+    )
     hess = np.asarray(hess_fn(x0, site, b))
     n = cohort.n_subjects
     _, per_subject = compiled_focei(model, n_occ)
@@ -108,8 +117,7 @@ def test_site_hessian_matches_richardson_second_differences(one_site, hessian_fn
 
 
 @pytest.mark.slow
-def test_padded_rows_contribute_nothing_and_failures_are_refused(one_site,
-                                                                  hessian_fn):
+def test_padded_rows_contribute_nothing_and_failures_are_refused(one_site, hessian_fn):
     """A padding row's data never reaches the Hessian (another patient's data in
     it gives the identical matrix), and a non-finite answer leaves as +inf ofv
     with zero gradient and Hessian, the site's warm start kept."""
@@ -127,10 +135,10 @@ def test_padded_rows_contribute_nothing_and_failures_are_refused(one_site,
     assert not np.allclose(ha, np.asarray(hess_fn(x0, site, obj_fn(x0, site, b0)[2])))
 
     alg = fed_focei(model, n_occ)
-    bad = SiteCohort(site.cohort._replace(
-        obs_dv=site.cohort.obs_dv.at[0, 0].set(jnp.nan)), site.mask)
-    payload, state, _ = jax.jit(alg.local_update)({"x": x0}, bad, b0,
-                                                  jax.random.key(0))
+    bad = SiteCohort(
+        site.cohort._replace(obs_dv=site.cohort.obs_dv.at[0, 0].set(jnp.nan)), site.mask
+    )
+    payload, state, _ = jax.jit(alg.local_update)({"x": x0}, bad, b0, jax.random.key(0))
     assert float(payload["ofv"]) == np.inf
     assert not np.any(np.asarray(payload["grad"]))
     assert not np.any(np.asarray(payload["hess"]))
@@ -151,8 +159,9 @@ def _kkt(g, h, radius, p):
     mu = -np.dot(p, h @ p + g) / np.dot(p, p)  # least squares for (H + mu I) p = -g
     assert mu >= -1e-8 * max(1.0, abs(lam_min))
     assert lam_min + mu >= -1e-8 * np.max(np.abs(np.linalg.eigvalsh(h)))
-    np.testing.assert_allclose((h + mu * np.eye(d)) @ p, -g, atol=1e-7 * (
-        np.linalg.norm(g) + 1))
+    np.testing.assert_allclose(
+        (h + mu * np.eye(d)) @ p, -g, atol=1e-7 * (np.linalg.norm(g) + 1)
+    )
 
 
 @pytest.mark.parametrize("case", range(8))
@@ -170,29 +179,44 @@ def test_trust_region_step_solves_the_subproblem(case):
         g = g - np.dot(g, q[:, 0]) * q[:, 0]
     h = (q * lam) @ q.T
     radius = [10.0, 1e-3, 0.5, 1.0, 2.0, 0.1, 1.0, 10.0][case]
-    p = np.asarray(trust_region_step(jnp.asarray(g), jnp.asarray(h),
-                                     jnp.asarray(radius)))
+    p = np.asarray(
+        trust_region_step(jnp.asarray(g), jnp.asarray(h), jnp.asarray(radius))
+    )
     _kkt(g, h, radius, p)
     model = lambda s: g @ s + 0.5 * s @ h @ s  # noqa: E731
     z = rng.normal(size=(4000, d))
-    z = z / np.linalg.norm(z, axis=1, keepdims=True) * radius * rng.uniform(
-        0, 1, (4000, 1)) ** (1 / d)
+    z = (
+        z
+        / np.linalg.norm(z, axis=1, keepdims=True)
+        * radius
+        * rng.uniform(0, 1, (4000, 1)) ** (1 / d)
+    )
     assert model(p) <= min(model(s) for s in z) + 1e-9 * (1 + abs(model(p)))
 
 
 def test_message_spec_declares_the_hessian(one_site):
     model, _, _, n_occ, x0 = one_site
     d = x0.shape[0]
-    assert declared_fields("fed_focei") == {"ofv": [], "grad": ["d"],
-                                            "hess": ["d", "d"]}
+    assert declared_fields("fed_focei") == {
+        "ofv": [],
+        "grad": ["d"],
+        "hess": ["d", "d"],
+    }
     for hessian in ("exact", "bhhh"):
         alg = fed_focei(model, n_occ, hessian=hessian)
         assert alg.message_spec == {"ofv": (), "grad": (d,), "hess": (d, d)}
-        check_payload(alg, {"ofv": jnp.zeros(()), "grad": jnp.zeros(d),
-                            "hess": jnp.zeros((d, d))})
+        check_payload(
+            alg, {"ofv": jnp.zeros(()), "grad": jnp.zeros(d), "hess": jnp.zeros((d, d))}
+        )
         with pytest.raises(MessageRejected, match="hess"):
-            check_payload(alg, {"ofv": jnp.zeros(()), "grad": jnp.zeros(d),
-                                "hess": jnp.zeros((d, d + 1))})
+            check_payload(
+                alg,
+                {
+                    "ofv": jnp.zeros(()),
+                    "grad": jnp.zeros(d),
+                    "hess": jnp.zeros((d, d + 1)),
+                },
+            )
     bfgs = fed_focei(model, n_occ, hessian="bfgs")
     assert bfgs.message_spec == {"ofv": (), "grad": (d,)}
     with pytest.raises(ValueError, match="hessian: expected one of exact, bhhh"):
@@ -213,12 +237,15 @@ def test_hessian_round_through_secagg(one_site):
     payloads = {}
     for s in range(k):
         a = rng.normal(size=(d, d)) * np.logspace(0, 2.7, d)
-        payloads[s] = {"ofv": jnp.asarray(rng.uniform(50, 500)),
-                       "grad": jnp.asarray(rng.normal(0, 1e3, d)),
-                       "hess": jnp.asarray(np.clip(a @ a.T, -5e5, 5e5))}
+        payloads[s] = {
+            "ofv": jnp.asarray(rng.uniform(50, 500)),
+            "grad": jnp.asarray(rng.normal(0, 1e3, d)),
+            "hess": jnp.asarray(np.clip(a @ a.T, -5e5, 5e5)),
+        }
     log = []
-    agg = secagg_aggregator(SecAggConfig(threshold=k - 1, **FOCEI_SECAGG), log,
-                            n_sites=k)
+    agg = secagg_aggregator(
+        SecAggConfig(threshold=k - 1, **FOCEI_SECAGG), log, n_sites=k
+    )
     secure = agg(jax.random.key(1), payloads, alg)
     stacked = {f: jnp.stack([payloads[s][f] for s in range(k)]) for f in payloads[0]}
     plain = sum_payloads(stacked, jnp.ones(k, bool))
@@ -231,14 +258,14 @@ def test_hessian_round_through_secagg(one_site):
     b = alg.aggregate(server, secure, jax.random.key(0))
     a = alg.aggregate(a._replace(y_eval=a.y + 0.01), plain, jax.random.key(0))
     b = alg.aggregate(b._replace(y_eval=b.y + 0.01), secure, jax.random.key(0))
-    np.testing.assert_allclose(np.asarray(b.y_eval), np.asarray(a.y_eval),
-                               rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        np.asarray(b.y_eval), np.asarray(a.y_eval), rtol=1e-9, atol=1e-9
+    )
 
 
 def test_fd_steps_are_relative():
     x = jnp.asarray([0.0, 0.5, -3.0, 200.0])
-    np.testing.assert_allclose(np.asarray(fd_steps(x, 1e-4)),
-                               [1e-4, 1e-4, 3e-4, 2e-2])
+    np.testing.assert_allclose(np.asarray(fd_steps(x, 1e-4)), [1e-4, 1e-4, 3e-4, 2e-2])
 
 
 @pytest.mark.slow
@@ -250,8 +277,9 @@ def test_reaches_the_pooled_optimum(advate_sites, hessian, max_rounds):
     differences of the pooled gradient, ``fit_focei(covariance=True)``)."""
     model, sites, pooled, n_occ = advate_sites
     ref = fit_focei(model, pooled, covariance=hessian == "exact")
-    run = run_federated(jax.random.key(0), fed_focei(model, n_occ, hessian=hessian),
-                        sites)
+    run = run_federated(
+        jax.random.key(0), fed_focei(model, n_occ, hessian=hessian), sites
+    )
     assert run.converged and run.rounds <= max_rounds, run.rounds
     est = np.asarray(run.result["estimates"])
     np.testing.assert_allclose(est, ref.estimates, rtol=1e-6)

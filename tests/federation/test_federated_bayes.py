@@ -31,20 +31,37 @@ from phems_clinical.pk.simulate import HospitalSpec, simulate_hospitals
 from phems_clinical.pk.spec import parse_model
 
 SPEC = {  # units: dL, dL/h, IU, IU/dL, h, kg
-    "name": "onecmt_wt", "structure": {"compartments": 1},
+    "name": "onecmt_wt",
+    "structure": {"compartments": 1},
     "parameters": {"CL": {"value": 2.5}, "V1": {"value": 35.0}},
     "covariates": [
-        {"parameter": "CL", "covariate": "WT", "effect": "power", "reference": 70,
-         "coefficient": 0.75, "fixed": True},
-        {"parameter": "V1", "covariate": "WT", "effect": "power", "reference": 70,
-         "coefficient": 1.0, "fixed": True}],
+        {
+            "parameter": "CL",
+            "covariate": "WT",
+            "effect": "power",
+            "reference": 70,
+            "coefficient": 0.75,
+            "fixed": True,
+        },
+        {
+            "parameter": "V1",
+            "covariate": "WT",
+            "effect": "power",
+            "reference": 70,
+            "coefficient": 1.0,
+            "fixed": True,
+        },
+    ],
     "iiv": {"parameters": ["CL", "V1"], "sd": [0.3, 0.3]},
     "residual": {"proportional": 0.15},
 }
-HOSPITALS = [HospitalSpec("paediatric", 12, age_range=(1.0, 6.0)),
-             HospitalSpec("adolescent", 12, age_range=(6.0, 18.0), design="sparse2",
-                          dose_IU_per_kg=40.0),
-             HospitalSpec("adult", 12, age_range=(18.0, 65.0), dose_IU_per_kg=30.0)]
+HOSPITALS = [
+    HospitalSpec("paediatric", 12, age_range=(1.0, 6.0)),
+    HospitalSpec(
+        "adolescent", 12, age_range=(6.0, 18.0), design="sparse2", dose_IU_per_kg=40.0
+    ),
+    HospitalSpec("adult", 12, age_range=(18.0, 65.0), dose_IU_per_kg=30.0),
+]
 N_PATIENTS = (10, 8, 12)
 D = 5
 EP_SETTINGS = fb.NUTSSettings(num_warmup=150, num_samples=800, num_chains=2)
@@ -71,20 +88,26 @@ def data():
 def reference(data):
     """Pooled NUTS, 4 chains x 1500 draws (bulk ESS 1200-6900 per entry of x)."""
     model, _, pool, n_occ = data
-    return fb.pooled_reference(jax.random.key(1), model, pool, n_occ=n_occ,
-                               settings=REF_SETTINGS)
+    return fb.pooled_reference(
+        jax.random.key(1), model, pool, n_occ=n_occ, settings=REF_SETTINGS
+    )
 
 
 @pytest.fixture(scope="module")
 def ep_run(data):
     """EP on the 3 hospitals with every payload and round recorded."""
     model, sites, _, n_occ = data
-    algorithm = fb.ep(model, len(sites), n_occ, settings=EP_SETTINGS,
-                      max_rounds=EP_ROUNDS)
+    algorithm = fb.ep(
+        model, len(sites), n_occ, settings=EP_SETTINGS, max_rounds=EP_ROUNDS
+    )
     messages, servers = [], []
-    run = run_federated(KEY_EP, algorithm, sites,
-                        on_message=lambda r, k, p: messages.append((r, k, p)),
-                        on_round=lambda rec, server: servers.append(server))
+    run = run_federated(
+        KEY_EP,
+        algorithm,
+        sites,
+        on_message=lambda r, k, p: messages.append((r, k, p)),
+        on_round=lambda rec, server: servers.append(server),
+    )
     return algorithm, run, messages, servers
 
 
@@ -124,11 +147,16 @@ def test_site_model_ignores_padded_subjects(data):
 
     @jax.jit
     def ld(cohort, mask):
-        return log_density(fb.site_model, (model, packer, cohort, mask, prior),
-                           {"n_occ": n_occ, "centered": True}, values)[0]
+        return log_density(
+            fb.site_model,
+            (model, packer, cohort, mask, prior),
+            {"n_occ": n_occ, "centered": True},
+            values,
+        )[0]
 
-    assert_allclose(ld(site.cohort, site.mask), ld(no_obs, jnp.ones(n, bool)),
-                    rtol=1e-12)
+    assert_allclose(
+        ld(site.cohort, site.mask), ld(no_obs, jnp.ones(n, bool)), rtol=1e-12
+    )
     assert ld(site.cohort, site.mask) != ld(site.cohort, jnp.ones(n, bool))
 
 
@@ -167,27 +195,38 @@ def test_ep_one_site_one_undamped_round_is_one_nuts_run(data):
     key = jax.random.key(5)
     one_site = fb.ep(model, 1, n_occ, damping=1.0, settings=CMC_SETTINGS)
     run = run_federated(key, one_site, sites[2:], max_rounds=1)
-    nuts = run_federated(key, fb.consensus_mc(model, 1, n_occ, settings=CMC_SETTINGS),
-                         sites[2:])
+    nuts = run_federated(
+        key, fb.consensus_mc(model, 1, n_occ, settings=CMC_SETTINGS), sites[2:]
+    )
     s = CMC_SETTINGS.n_draws
     draws = nuts.result["draws"]
     assert run.rounds == 1 and run.result["valid"]
     assert_allclose(run.result["mean"], draws.mean(axis=0), rtol=1e-10, atol=1e-12)
-    assert_allclose(run.result["cov"] * (s - D - 2) / (s - 1),
-                    np.cov(draws, rowvar=False), rtol=1e-8)
+    assert_allclose(
+        run.result["cov"] * (s - D - 2) / (s - 1),
+        np.cov(draws, rowvar=False),
+        rtol=1e-8,
+    )
 
     servers = []
-    again = run_federated(key, one_site, sites[2:], max_rounds=2,
-                          on_round=lambda rec, server: servers.append(server))
+    again = run_federated(
+        key,
+        one_site,
+        sites[2:],
+        max_rounds=2,
+        on_round=lambda rec, server: servers.append(server),
+    )
     assert_array_equal(servers[0].post.prec, run.server.post.prec)
     assert_array_equal(servers[0].post.shift, run.server.post.shift)
     other = run_federated(jax.random.key(6), one_site, sites[2:], max_rounds=1)
     assert not np.array_equal(other.server.post.shift, run.server.post.shift)
     prior = fb.gaussian_prior(model)
-    assert_allclose(again.server.post.prec, prior.prec + again.sites[0].prec,
-                    rtol=1e-12)
-    assert_allclose(again.server.post.shift, prior.shift + again.sites[0].shift,
-                    rtol=1e-12)
+    assert_allclose(
+        again.server.post.prec, prior.prec + again.sites[0].prec, rtol=1e-12
+    )
+    assert_allclose(
+        again.server.post.shift, prior.shift + again.sites[0].shift, rtol=1e-12
+    )
 
 
 # ------------------------------------------------------------------ EP vs pooled
@@ -212,9 +251,11 @@ def test_ep_matches_pooled_nuts(data, reference, ep_run):
     assert np.all(reference.ess > 1000), reference.ess
     assert reference.n_divergent == 0
     table = fb.compare(run.result["summary"], reference)
-    print(f"\nEP ({run.rounds} rounds) vs pooled NUTS (ESS "
-          f"{np.round(reference.ess).astype(int)})\n"
-          + table.to_string(float_format="%.4g"))
+    print(
+        f"\nEP ({run.rounds} rounds) vs pooled NUTS (ESS "
+        f"{np.round(reference.ess).astype(int)})\n"
+        + table.to_string(float_format="%.4g")
+    )
     x = table.loc[[f"x:{n}" for n in reference.names]]
     assert np.all(x["dmean_over_sd"] < 0.1), x
     assert np.all((x["sd_ratio"] > 0.8) & (x["sd_ratio"] < 1.25)), x
@@ -254,9 +295,14 @@ def test_ep_is_deterministic(data, ep_run):
     model, sites, _, n_occ = data
     algorithm, _, messages, servers = ep_run
     again = []
-    run = run_federated(KEY_EP, algorithm, sites, max_rounds=1,
-                        on_message=lambda r, k, p: again.append((r, k, p)))
-    for (_, k1, p1), (_, k2, p2) in zip(messages[:len(sites)], again, strict=True):
+    run = run_federated(
+        KEY_EP,
+        algorithm,
+        sites,
+        max_rounds=1,
+        on_message=lambda r, k, p: again.append((r, k, p)),
+    )
+    for (_, k1, p1), (_, k2, p2) in zip(messages[: len(sites)], again, strict=True):
         assert k1 == k2
         for name in p1:
             assert_array_equal(p1[name], p2[name])
@@ -276,8 +322,13 @@ def test_consensus_mc_baseline(data, reference, ep_run):
     model, sites, _, n_occ = data
     algorithm = fb.consensus_mc(model, len(sites), n_occ, settings=CMC_SETTINGS)
     seen = []
-    run = run_federated(jax.random.key(3), algorithm, sites, vectorise=False,
-                        on_message=lambda r, k, p: seen.append(p))
+    run = run_federated(
+        jax.random.key(3),
+        algorithm,
+        sites,
+        vectorise=False,
+        on_message=lambda r, k, p: seen.append(p),
+    )
     assert run.rounds == 1 and run.converged
     s = CMC_SETTINGS.n_draws
     assert s not in set(N_PATIENTS) | {sum(N_PATIENTS)}
@@ -291,5 +342,6 @@ def test_consensus_mc_baseline(data, reference, ep_run):
     ep = fb.compare(ep_run[1].result["summary"], reference)
     print("\nconsensus MC vs pooled NUTS\n" + cmc.to_string(float_format="%.4g"))
     rows = [f"x:{n}" for n in reference.names]
-    assert np.any(cmc.loc[rows, "dmean_over_sd"].values
-                  > ep.loc[rows, "dmean_over_sd"].values)
+    assert np.any(
+        cmc.loc[rows, "dmean_over_sd"].values > ep.loc[rows, "dmean_over_sd"].values
+    )

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 flwr = pytest.importorskip(
-    "flwr", reason="the Flower adapter needs flwr>=1.41,<1.42, which is not installed")
+    "flwr", reason="the Flower adapter needs flwr>=1.41,<1.42, which is not installed"
+)
 
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import (  # noqa: E402
@@ -54,18 +55,21 @@ APP = Path(fconfig.__file__).parent
 
 def _over_the_wire(record):
     """Deflate a record into Flower's object store form and inflate it again."""
-    contents = {oid: obj.deflate()
-                for oid, obj in get_all_nested_objects(record).items()}
+    contents = {
+        oid: obj.deflate() for oid, obj in get_all_nested_objects(record).items()
+    }
     return inflate_object_from_contents(record.object_id, contents)
 
 
 def test_payload_record_round_trip_is_bit_exact():
     rng = np.random.default_rng(0)
-    payload = {"ofv": jnp.asarray(1234.5678901234567),
-               "grad": jnp.asarray(rng.normal(size=13) * 10.0 ** rng.integers(-300, 300,
-                                                                             13))}
-    back = record_to_arrays(_over_the_wire(arrays_to_record(payload)),
-                            {"ofv": (), "grad": (13,)})
+    payload = {
+        "ofv": jnp.asarray(1234.5678901234567),
+        "grad": jnp.asarray(rng.normal(size=13) * 10.0 ** rng.integers(-300, 300, 13)),
+    }
+    back = record_to_arrays(
+        _over_the_wire(arrays_to_record(payload)), {"ofv": (), "grad": (13,)}
+    )
     assert back["ofv"].shape == () and back["grad"].shape == (13,)
     for name, value in payload.items():
         assert back[name].dtype == np.float64
@@ -73,11 +77,17 @@ def test_payload_record_round_trip_is_bit_exact():
         assert back[name].tobytes() == np.asarray(value).tobytes()
 
 
-@pytest.mark.parametrize("arrays, why", [
-    ({"ofv": np.zeros(1), "grad": np.zeros(13)}, "shape"),
-    ({"ofv": np.zeros(())}, "fields"),
-    ({"ofv": np.zeros(()), "grad": np.zeros(13), "eta": np.zeros((8, 2))}, "fields"),
-])
+@pytest.mark.parametrize(
+    "arrays, why",
+    [
+        ({"ofv": np.zeros(1), "grad": np.zeros(13)}, "shape"),
+        ({"ofv": np.zeros(())}, "fields"),
+        (
+            {"ofv": np.zeros(()), "grad": np.zeros(13), "eta": np.zeros((8, 2))},
+            "fields",
+        ),
+    ],
+)
 def test_record_rejects_undeclared_shapes_and_fields(arrays, why):
     with pytest.raises(MessageRejected, match=why):
         record_to_arrays(arrays_to_record(arrays), {"ofv": (), "grad": (13,)})
@@ -93,13 +103,16 @@ def test_record_rejects_non_float64():
 
 def test_run_config_defaults_match_the_app(tmp_path):
     app = tomllib.loads((APP / "pyproject.toml").read_text())
-    assert fconfig.run_settings(app["tool"]["flwr"]["app"]["config"]) == \
-        fconfig.RunSettings()
+    assert (
+        fconfig.run_settings(app["tool"]["flwr"]["app"]["config"])
+        == fconfig.RunSettings()
+    )
     assert app["project"]["dependencies"] == ["flwr>=1.41,<1.42"]
     with pytest.raises(ValueError, match="unknown keys"):
         fconfig.run_settings({"num-rounds": 3})
-    site = fconfig.site_config({"site-dir": str(tmp_path), "site-index": 2,
-                                "fail-rounds": "1, 4"})
+    site = fconfig.site_config(
+        {"site-dir": str(tmp_path), "site-index": 2, "fail-rounds": "1, 4"}
+    )
     assert site.state_dir == tmp_path.resolve() / fconfig.STATE_DIR
     assert site.fail_rounds == {1, 4}
 
@@ -137,21 +150,41 @@ def _toy_algorithm(settings, n_occ) -> Algorithm:
 
     def aggregate(server, total, key):
         del key
-        return {"w": server["w"] + total["delta"] / total["weight"],
-                "round": server["round"] + 1}
+        return {
+            "w": server["w"] + total["delta"] / total["weight"],
+            "round": server["round"] + 1,
+        }
 
-    return Algorithm("fedavg", init_server, lambda data: jnp.zeros(()),
-                     lambda s: {"w": s["w"]}, local_update, aggregate,
-                     lambda s: s["round"] >= 100, lambda s: {"w": s["w"]},
-                     {"delta": (D,), "weight": ()}, max_rounds=100)
+    return Algorithm(
+        "fedavg",
+        init_server,
+        lambda data: jnp.zeros(()),
+        lambda s: {"w": s["w"]},
+        local_update,
+        aggregate,
+        lambda s: s["round"] >= 100,
+        lambda s: {"w": s["w"]},
+        {"delta": (D,), "weight": ()},
+        max_rounds=100,
+    )
 
 
 class _FakeSite:
     """A site answering like the ClientApp (same keys, state chosen by the
     server's ``state-from``), with scripted failures and silences."""
 
-    def __init__(self, k, data, algorithm, seed, n_sites, fail=(), silent=(),
-                 fail_once=(), query_extra=None):
+    def __init__(
+        self,
+        k,
+        data,
+        algorithm,
+        seed,
+        n_sites,
+        fail=(),
+        silent=(),
+        fail_once=(),
+        query_extra=None,
+    ):
         self.k, self.data, self.alg = k, data, algorithm
         self.key = simulated_site_keys(jax.random.key(seed), n_sites)[k]
         self.states = {0: algorithm.init_site(data)}
@@ -160,30 +193,56 @@ class _FakeSite:
 
     def handle(self, msg):
         if msg.metadata.message_type == MessageType.QUERY:
-            return Message(RecordDict({"site": ConfigRecord(
-                {"site-index": self.k, "n-sub": 1, "n-dose": 1, "n-obs": 1,
-                 "n-occ": 1, **self.query_extra})}), reply_to=msg)
+            return Message(
+                RecordDict(
+                    {
+                        "site": ConfigRecord(
+                            {
+                                "site-index": self.k,
+                                "n-sub": 1,
+                                "n-dose": 1,
+                                "n-obs": 1,
+                                "n-occ": 1,
+                                **self.query_extra,
+                            }
+                        )
+                    }
+                ),
+                reply_to=msg,
+            )
         cfg = msg.content["config"]
         r = int(cfg["round"])
         if r in self.silent:
             return None
         if r in self.fail:  # as the guarded ClientApp: category and reference
-            return Message(Error(2, "internal_error 00000000000" + str(self.k)),
-                           reply_to=msg)
+            return Message(
+                Error(2, "internal_error 00000000000" + str(self.k)), reply_to=msg
+            )
         if r in self.fail_once:  # free text (e.g. Flower's own): never kept
             self.fail_once.discard(r)
-            return Message(Error(0, f"site {self.k} broke at row 5 (ID MRN-0049001)"),
-                           reply_to=msg)
-        message = {n: jnp.asarray(v)
-                   for n, v in record_to_arrays(msg.content["broadcast"]).items()}
+            return Message(
+                Error(0, f"site {self.k} broke at row 5 (ID MRN-0049001)"), reply_to=msg
+            )
+        message = {
+            n: jnp.asarray(v)
+            for n, v in record_to_arrays(msg.content["broadcast"]).items()
+        }
         payload, state, _ = jax.jit(self.alg.local_update)(
-            message, self.data, self.states[int(cfg["state-from"])],
-            site_round_key(self.key, r))
+            message,
+            self.data,
+            self.states[int(cfg["state-from"])],
+            site_round_key(self.key, r),
+        )
         self.states[r + 1] = state
-        return Message(RecordDict({"payload": arrays_to_record(payload),
-                                   "site": ConfigRecord({"site-index": self.k,
-                                                         "round": r})}),
-                       reply_to=msg)
+        return Message(
+            RecordDict(
+                {
+                    "payload": arrays_to_record(payload),
+                    "site": ConfigRecord({"site-index": self.k, "round": r}),
+                }
+            ),
+            reply_to=msg,
+        )
 
 
 class _FakeGrid:
@@ -217,20 +276,30 @@ def toy(monkeypatch):
     monkeypatch.setitem(fconfig.ALGORITHMS, "toy", _toy_algorithm)
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
         monkeypatch.setattr(TaskIdentity, name, value)
-    data = [{"n": jnp.asarray(float(n)), "target": jnp.asarray(t, dtype=jnp.float64)}
-            for n, t in ((3, [1.0, 2.0]), (5, [-1.0, 0.5]), (2, [4.0, -3.0]))]
+    data = [
+        {"n": jnp.asarray(float(n)), "target": jnp.asarray(t, dtype=jnp.float64)}
+        for n, t in ((3, [1.0, 2.0]), (5, [-1.0, 0.5]), (2, [4.0, -3.0]))
+    ]
     return data, _toy_algorithm(None, 1)
 
 
 def test_server_loop_equals_engine_with_drops_and_retries(toy, tmp_path):
     data, alg = toy
-    settings = fconfig.RunSettings(algorithm="toy", num_sites=3, min_sites=2,
-                                   rounds=5, seed=3, round_timeout=0.5,
-                                   out=str(tmp_path / "result.json"),
-                                   checkpoint_dir=str(tmp_path / "ckpt"))
-    sites = [_FakeSite(0, data[0], alg, 3, 3, silent={3}),
-             _FakeSite(1, data[1], alg, 3, 3, fail={1}, fail_once={2}),
-             _FakeSite(2, data[2], alg, 3, 3, fail_once={2})]
+    settings = fconfig.RunSettings(
+        algorithm="toy",
+        num_sites=3,
+        min_sites=2,
+        rounds=5,
+        seed=3,
+        round_timeout=0.5,
+        out=str(tmp_path / "result.json"),
+        checkpoint_dir=str(tmp_path / "ckpt"),
+    )
+    sites = [
+        _FakeSite(0, data[0], alg, 3, 3, silent={3}),
+        _FakeSite(1, data[1], alg, 3, 3, fail={1}, fail_once={2}),
+        _FakeSite(2, data[2], alg, 3, 3, fail_once={2}),
+    ]
     report = run_server(_FakeGrid(sites), settings)
 
     def fault(r, k, attempt):
@@ -238,20 +307,30 @@ def test_server_loop_equals_engine_with_drops_and_retries(toy, tmp_path):
             return "failed"
         return None
 
-    ref = engine.run_federated(jax.random.key(3), alg, data, max_rounds=5,
-                               min_sites=2, fault=fault, vectorise=False)
-    np.testing.assert_array_equal(np.asarray(report["result"]["w"]),
-                                  np.asarray(ref.server["w"]))
-    assert [h["participants"] for h in report["history"]] == \
-        [list(h.participants) for h in ref.history]
+    ref = engine.run_federated(
+        jax.random.key(3),
+        alg,
+        data,
+        max_rounds=5,
+        min_sites=2,
+        fault=fault,
+        vectorise=False,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(report["result"]["w"]), np.asarray(ref.server["w"])
+    )
+    assert [h["participants"] for h in report["history"]] == [
+        list(h.participants) for h in ref.history
+    ]
     assert [h["attempts"] for h in report["history"]] == [1, 1, 2, 1, 1]
     dropped = {h["round"]: h["dropped"] for h in report["history"]}
     assert dropped[1] == [[1, "failed: internal_error 000000000001"]]
     assert dropped[3][0][0] == 0 and dropped[3][0][1].startswith("timeout")
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["status"] == "completed" and saved["rounds"] == 5
-    server, _, history = engine.load_checkpoint(tmp_path / "ckpt",
-                                                alg.init_server(None), [])
+    server, _, history = engine.load_checkpoint(
+        tmp_path / "ckpt", alg.init_server(None), []
+    )
     np.testing.assert_array_equal(server["w"], ref.server["w"])
     assert len(history) == 5
 
@@ -261,30 +340,49 @@ def test_server_keeps_only_category_and_reference(toy, tmp_path):
     value. The server keeps only ``category reference`` (else Flower's error code)
     and rejects a query reply with anything but the declared counts."""
     data, alg = toy
-    settings = fconfig.RunSettings(algorithm="toy", num_sites=3, min_sites=1,
-                                   rounds=2, round_timeout=0.5,
-                                   out=str(tmp_path / "result.json"))
-    sites = [_FakeSite(0, data[0], alg, 0, 3, fail_once={0}),
-             _FakeSite(1, data[1], alg, 0, 3, fail={1}),
-             _FakeSite(2, data[2], alg, 0, 3, query_extra={"n-sub": "MRN-0049001"})]
+    settings = fconfig.RunSettings(
+        algorithm="toy",
+        num_sites=3,
+        min_sites=1,
+        rounds=2,
+        round_timeout=0.5,
+        out=str(tmp_path / "result.json"),
+    )
+    sites = [
+        _FakeSite(0, data[0], alg, 0, 3, fail_once={0}),
+        _FakeSite(1, data[1], alg, 0, 3, fail={1}),
+        _FakeSite(2, data[2], alg, 0, 3, query_extra={"n-sub": "MRN-0049001"}),
+    ]
     report = run_server(_FakeGrid(sites), settings)
     assert report["query_problems"] == {
-        "node 102": "rejected: query reply n-sub: expected an integer >= 1"}
+        "node 102": "rejected: query reply n-sub: expected an integer >= 1"
+    }
     assert [h["dropped"] for h in report["history"]] == [
-        [[0, "failed: error code 0 (reason not kept)"],
-         [2, "failed: did not answer the query round"]],
-        [[1, "failed: internal_error 000000000001"],
-         [2, "failed: did not answer the query round"]]]
+        [
+            [0, "failed: error code 0 (reason not kept)"],
+            [2, "failed: did not answer the query round"],
+        ],
+        [
+            [1, "failed: internal_error 000000000001"],
+            [2, "failed: did not answer the query round"],
+        ],
+    ]
     assert "MRN" not in (tmp_path / "result.json").read_text()
 
 
 def test_server_resumes_from_its_checkpoint(toy, tmp_path):
     data, alg = toy
-    settings = fconfig.RunSettings(algorithm="toy", num_sites=3, rounds=2, seed=1,
-                                   round_timeout=0.5,
-                                   checkpoint_dir=str(tmp_path / "ckpt"))
-    grid = _FakeGrid([_FakeSite(k, data[k], alg, 1, 3, fail={2} if k == 1 else ())
-                      for k in range(3)])
+    settings = fconfig.RunSettings(
+        algorithm="toy",
+        num_sites=3,
+        rounds=2,
+        seed=1,
+        round_timeout=0.5,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+    )
+    grid = _FakeGrid(
+        [_FakeSite(k, data[k], alg, 1, 3, fail={2} if k == 1 else ()) for k in range(3)]
+    )
     run_server(grid, settings._replace(job="fit"))
     with pytest.raises(ValueError, match="no job"):
         run_server(grid, settings._replace(rounds=4))
@@ -293,27 +391,41 @@ def test_server_resumes_from_its_checkpoint(toy, tmp_path):
     def fault(r, k, attempt):
         return "failed" if (r, k) == (2, 1) else None
 
-    ref = engine.run_federated(jax.random.key(1), alg, data, max_rounds=4,
-                               min_sites=2, fault=fault, vectorise=False)
+    ref = engine.run_federated(
+        jax.random.key(1),
+        alg,
+        data,
+        max_rounds=4,
+        min_sites=2,
+        fault=fault,
+        vectorise=False,
+    )
     np.testing.assert_array_equal(report["result"]["w"], ref.server["w"])
     assert [h["round"] for h in report["history"]] == [0, 1, 2, 3]
 
 
 def test_server_aborts_below_min_sites(toy, tmp_path):
     data, alg = toy
-    settings = fconfig.RunSettings(algorithm="toy", num_sites=3, min_sites=2,
-                                   rounds=4, retries=1, round_timeout=0.5,
-                                   out=str(tmp_path / "result.json"),
-                                   checkpoint_dir=str(tmp_path / "ckpt"))
-    sites = [_FakeSite(0, data[0], alg, 0, 3),
-             _FakeSite(1, data[1], alg, 0, 3, fail={1}),
-             _FakeSite(2, data[2], alg, 0, 3, silent={1})]
+    settings = fconfig.RunSettings(
+        algorithm="toy",
+        num_sites=3,
+        min_sites=2,
+        rounds=4,
+        retries=1,
+        round_timeout=0.5,
+        out=str(tmp_path / "result.json"),
+        checkpoint_dir=str(tmp_path / "ckpt"),
+    )
+    sites = [
+        _FakeSite(0, data[0], alg, 0, 3),
+        _FakeSite(1, data[1], alg, 0, 3, fail={1}),
+        _FakeSite(2, data[2], alg, 0, 3, silent={1}),
+    ]
     with pytest.raises(engine.FederationAborted, match="round 1"):
         run_server(_FakeGrid(sites), settings)
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["status"] == "aborted" and len(saved["history"]) == 1
-    _, _, history = engine.load_checkpoint(tmp_path / "ckpt", alg.init_server(None),
-                                           [])
+    _, _, history = engine.load_checkpoint(tmp_path / "ckpt", alg.init_server(None), [])
     assert len(history) == 1
 
 
@@ -329,7 +441,7 @@ data_users:
     experiments: ['haemophilia_*']
     public_key: {public}
 """
-_USER_KEY = gov.generate_user_key()   # the data user's Ed25519 key
+_USER_KEY = gov.generate_user_key()  # the data user's Ed25519 key
 
 
 def _policy(min_cohort):
@@ -337,9 +449,13 @@ def _policy(min_cohort):
 
 
 def _request(algorithm="fed_focei", rounds=3):
-    return gov.sign_request(_USER_KEY[0], requester="pk-consortium",
-                            experiment="haemophilia_fviii", algorithm=algorithm,
-                            rounds=rounds)
+    return gov.sign_request(
+        _USER_KEY[0],
+        requester="pk-consortium",
+        experiment="haemophilia_fviii",
+        algorithm=algorithm,
+        rounds=rounds,
+    )
 
 
 def test_site_policy_refuses_in_the_query_round(tmp_path):
@@ -351,10 +467,17 @@ def test_site_policy_refuses_in_the_query_round(tmp_path):
     from phems_clinical.federation.flower.launch import simulate_sites
 
     site = simulate_sites(jax.random.key(11), tmp_path / "data", 24)[0]
-    node = {"site-dir": str(site), "site-index": 0,
-            "site-key": str(tmp_path / "keys" / "site_0.key")}
-    run = {"num-sites": 3, "requester": "pk-consortium",
-           "experiment": "haemophilia_fviii", "request": _request()}
+    node = {
+        "site-dir": str(site),
+        "site-index": 0,
+        "site-key": str(tmp_path / "keys" / "site_0.key"),
+    }
+    run = {
+        "num-sites": 3,
+        "requester": "pk-consortium",
+        "experiment": "haemophilia_fviii",
+        "request": _request(),
+    }
     (site / fconfig.POLICY_FILE).write_text(_policy(20))
     with pytest.raises(gov.PolicyViolation, match="min_cohort_size"):
         site_query(node, run, 1)
@@ -375,9 +498,12 @@ def test_loopback_deployment_equals_in_process_engine(tmp_path):
 
     site_dirs = simulate_sites(jax.random.key(11), tmp_path / "data", 24)
     model = load_product("advate")
-    cohorts = [fconfig.read_site_cohort(
-        fconfig.site_config({"site-dir": str(d), "site-index": k}), model)
-        for k, d in enumerate(site_dirs)]
+    cohorts = [
+        fconfig.read_site_cohort(
+            fconfig.site_config({"site-dir": str(d), "site-index": k}), model
+        )
+        for k, d in enumerate(site_dirs)
+    ]
     n_occ = n_occasions_all(cohorts)
     algorithm = fed_focei(model, n_occ)
     padded = pad_sites(cohorts)
@@ -386,45 +512,75 @@ def test_loopback_deployment_equals_in_process_engine(tmp_path):
     def fault(r, k, attempt):  # the same failure as injected into node 2 below
         return "failed" if (r, k) == (1, 2) else None
 
-    ref = engine.run_federated(key, algorithm, padded, max_rounds=3, min_sites=2,
-                               fault=fault, vectorise=False)
+    ref = engine.run_federated(
+        key, algorithm, padded, max_rounds=3, min_sites=2, fault=fault, vectorise=False
+    )
     # Warm the nodes' export cache (a speed-up only: each node would export the
     # traced update itself on its first round).
     # Site 0 holds a policy: it checks the run, then logs every message it sends.
     (site_dirs[0] / fconfig.POLICY_FILE).write_text(_policy(5))
-    settings = fconfig.RunSettings(seed=5, rounds=3, min_sites=2, num_sites=3,
-                                   n_occ=n_occ, requester="pk-consortium",
-                                   experiment="haemophilia_fviii",
-                                   request=_request())
+    settings = fconfig.RunSettings(
+        seed=5,
+        rounds=3,
+        min_sites=2,
+        num_sites=3,
+        n_occ=n_occ,
+        requester="pk-consortium",
+        experiment="haemophilia_fviii",
+        request=_request(),
+    )
     tag, files = fconfig.algorithm_tag(settings, n_occ)
     info = {}
-    call_cached(algorithm.local_update,
-                (algorithm.broadcast(ref.server), padded[0],
-                 algorithm.init_site(padded[0]), key), tag=tag, extra_files=files,
-                info=info)
+    call_cached(
+        algorithm.local_update,
+        (
+            algorithm.broadcast(ref.server),
+            padded[0],
+            algorithm.init_site(padded[0]),
+            key,
+        ),
+        tag=tag,
+        extra_files=files,
+        info=info,
+    )
     print("\npre-warm", info)
 
-    result = run_loopback(site_dirs, tmp_path / "out", settings=settings, tls=True,
-                          fail_rounds={2: [1]}, timeout=600)
+    result = run_loopback(
+        site_dirs,
+        tmp_path / "out",
+        settings=settings,
+        tls=True,
+        fail_rounds={2: [1]},
+        timeout=600,
+    )
 
     assert result["status"] == "completed" and result["rounds"] == 3
     server, _, history = engine.load_checkpoint(
-        tmp_path / "out" / "checkpoint", algorithm.init_server(key), [])
-    for got, want in zip(jax.tree.leaves(server), jax.tree.leaves(ref.server),
-                         strict=True):
+        tmp_path / "out" / "checkpoint", algorithm.init_server(key), []
+    )
+    for got, want in zip(
+        jax.tree.leaves(server), jax.tree.leaves(ref.server), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     want = algorithm.result(ref.server)
-    np.testing.assert_array_equal(list(result["estimates"].values()),
-                                  np.asarray(want["estimates"]))
+    np.testing.assert_array_equal(
+        list(result["estimates"].values()), np.asarray(want["estimates"])
+    )
     # The engine's default (sites vmapped in one compiled round) adds in another
     # order: equal to rounding (1e-15 relative here).
-    vmapped = engine.run_federated(key, algorithm, padded, max_rounds=3, min_sites=2,
-                                   fault=fault)
-    np.testing.assert_allclose(list(result["estimates"].values()),
-                               algorithm.result(vmapped.server)["estimates"],
-                               rtol=1e-12)
-    assert [h["participants"] for h in result["history"]] == [[0, 1, 2], [0, 1],
-                                                              [0, 1, 2]]
+    vmapped = engine.run_federated(
+        key, algorithm, padded, max_rounds=3, min_sites=2, fault=fault
+    )
+    np.testing.assert_allclose(
+        list(result["estimates"].values()),
+        algorithm.result(vmapped.server)["estimates"],
+        rtol=1e-12,
+    )
+    assert [h["participants"] for h in result["history"]] == [
+        [0, 1, 2],
+        [0, 1],
+        [0, 1, 2],
+    ]
     from phems_clinical.federation.site_errors import parse_reason
 
     why = result["history"][1]["dropped"][0][1]
@@ -436,11 +592,13 @@ def test_loopback_deployment_equals_in_process_engine(tmp_path):
     assert result["launch"]["left_running"] == []
     key = gov.load_site_key(tmp_path / "out" / "site_keys" / "site_0.key")
     audit = gov.verify_log(site_dirs[0] / "audit.jsonl", key=key)
-    assert audit.ok and audit.n_entries == 4   # the admission and 3 messages
+    assert audit.ok and audit.n_entries == 4  # the admission and 3 messages
     seconds = [h["seconds"] for h in result["history"]]
-    print(f"\nloopback: {result['launch']['to_first_round_s']:.1f} s from launch to "
-          f"round 0, {result['launch']['total_s']:.1f} s in all; rounds "
-          f"{', '.join(f'{s:.1f}' for s in seconds)} s")
+    print(
+        f"\nloopback: {result['launch']['to_first_round_s']:.1f} s from launch to "
+        f"round 0, {result['launch']['total_s']:.1f} s in all; rounds "
+        f"{', '.join(f'{s:.1f}' for s in seconds)} s"
+    )
 
 
 def test_flower_registry_is_the_federate_registry():
@@ -454,6 +612,7 @@ def test_flower_registry_is_the_federate_registry():
     from phems_clinical.federation.registry import ALGORITHMS as FEDERATE
 
     assert tuple(REGISTERED) == tuple(FEDERATE) == tuple(ALGORITHMS)
-    alg = ALGORITHMS["fedadam"](RunSettings(algorithm="fedadam",
-                                            options='{"local_steps": 3}'), 1)
+    alg = ALGORITHMS["fedadam"](
+        RunSettings(algorithm="fedadam", options='{"local_steps": 3}'), 1
+    )
     assert alg.name == "fedadam" and alg.message_spec["weight"] == ()

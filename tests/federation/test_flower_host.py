@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 flwr = pytest.importorskip(
-    "flwr", reason="the Flower adapter needs flwr>=1.41,<1.42, which is not installed")
+    "flwr", reason="the Flower adapter needs flwr>=1.41,<1.42, which is not installed"
+)
 
 from phems_clinical.federation.flower import compiled  # noqa: E402
 from phems_clinical.federation.flower import config as fconfig  # noqa: E402
@@ -54,14 +55,16 @@ def test_memo_is_kept_within_a_scope_and_dropped_when_it_changes():
     # another key within the scope is another value
     assert compiled.memoised("algorithm", ("s", 2), build) is not a
     # the same scope (dict order does not matter) keeps everything
-    assert not compiled.warm_scope(fhost.scope_of("fab1", dict(reversed(run.items())),
-                                                  node))
+    assert not compiled.warm_scope(
+        fhost.scope_of("fab1", dict(reversed(run.items())), node)
+    )
     assert compiled.memoised("algorithm", ("s", 1), build) is a
     # a change of FAB, run config or node config drops it
-    for scope in (fhost.scope_of("fab2", run, node),
-                  fhost.scope_of("fab2", {**run, "seed": 1}, node),
-                  fhost.scope_of("fab2", {**run, "seed": 1},
-                                 {**node, "site-index": 1})):
+    for scope in (
+        fhost.scope_of("fab2", run, node),
+        fhost.scope_of("fab2", {**run, "seed": 1}, node),
+        fhost.scope_of("fab2", {**run, "seed": 1}, {**node, "site-index": 1}),
+    ):
         assert compiled.warm_scope(scope)
         assert compiled.memo_info() == {"values": 0, "programs": 0}
         b = compiled.memoised("algorithm", ("s", 1), build)
@@ -102,8 +105,9 @@ def test_cohort_is_read_again_when_the_event_table_changes(tmp_path):
     table = d / fconfig.DATA_FILE
     rows = table.read_text().splitlines()
     first = rows[1].split(",")[0]
-    table.write_text("\n".join([rows[0]] + [r for r in rows[1:]
-                                            if r.split(",")[0] != first]) + "\n")
+    table.write_text(
+        "\n".join([rows[0]] + [r for r in rows[1:] if r.split(",")[0] != first]) + "\n"
+    )
     b = client_app._site_cohort(site, settings)
     assert b is not a and b.n_subjects == a.n_subjects - 1
 
@@ -134,11 +138,19 @@ def test_host_error_leaves_only_category_and_reference(tmp_path, monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
     secret = "MRN-0049001 weight 71.3"
     node = {"site-dir": str(tmp_path / "site"), "site-index": 0}
-    msg = Message(RecordDict({"config": ConfigRecord({"round": 0})}),
-                  dst_node_id=1, message_type="train")
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"round": 0})}),
+        dst_node_id=1,
+        message_type="train",
+    )
     msg.metadata.__dict__["_message_id"] = "m" * 64
-    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
-                      run_config={"seed": 0})
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config=node,
+        state=RecordDict(),
+        run_config={"seed": 0},
+    )
 
     class Run:
         fab_id, fab_version = "phems/app", "0.1.0"
@@ -147,13 +159,17 @@ def test_host_error_leaves_only_category_and_reference(tmp_path, monkeypatch):
         hash_str, content = "f" * 64, b""
 
     pushed, outputs = [], []
-    monkeypatch.setattr(run_clientapp, "pull_task_input",
-                        lambda client: (msg, context, Run(), Fab()))
-    monkeypatch.setattr(run_clientapp, "push_message",
-                        lambda client, reply, ctx: pushed.append(reply))
-    monkeypatch.setattr(run_clientapp, "push_task_output",
-                        lambda client, ctx, status, details:
-                        outputs.append((status, details)))
+    monkeypatch.setattr(
+        run_clientapp, "pull_task_input", lambda client: (msg, context, Run(), Fab())
+    )
+    monkeypatch.setattr(
+        run_clientapp, "push_message", lambda client, reply, ctx: pushed.append(reply)
+    )
+    monkeypatch.setattr(
+        run_clientapp,
+        "push_task_output",
+        lambda client, ctx, status, details: outputs.append((status, details)),
+    )
     host = fhost.WarmHost("127.0.0.1:1")
     fake = _FakeClient()
     monkeypatch.setattr(host.clients, "make", lambda *a, **k: fake)
@@ -219,8 +235,12 @@ def test_supernode_wait_caps_touch_only_flowers_sleeps(monkeypatch):
 
 def test_host_command_line_refuses_contradictions():
     assert fhost.main(["--runtime-api-address", "127.0.0.1:1"]) == 2
-    assert fhost.main(["--runtime-api-address", "127.0.0.1:1", "--insecure",
-                       "--poll", "0"]) == 2
+    assert (
+        fhost.main(
+            ["--runtime-api-address", "127.0.0.1:1", "--insecure", "--poll", "0"]
+        )
+        == 2
+    )
     assert fhost.main(["supernode", "--", "--superlink", "127.0.0.1:1"]) == 2
 
 
@@ -239,9 +259,12 @@ def test_warm_host_loopback_equals_in_process_engine(tmp_path):
 
     dirs = simulate_sites(jax.random.key(11), tmp_path / "data", 24)
     model = load_product("advate")
-    cohorts = [fconfig.read_site_cohort(
-        fconfig.site_config({"site-dir": str(d), "site-index": k}), model)
-        for k, d in enumerate(dirs)]
+    cohorts = [
+        fconfig.read_site_cohort(
+            fconfig.site_config({"site-dir": str(d), "site-index": k}), model
+        )
+        for k, d in enumerate(dirs)
+    ]
     n_occ = n_occasions_all(cohorts)
     algorithm = fed_focei(model, n_occ)
     padded = pad_sites(cohorts)
@@ -250,35 +273,52 @@ def test_warm_host_loopback_equals_in_process_engine(tmp_path):
     def fault(r, k, attempt):
         return "failed" if (r, k) == (1, 2) else None
 
-    ref = engine.run_federated(key, algorithm, padded, max_rounds=2, min_sites=2,
-                               fault=fault, vectorise=False)
-    settings = fconfig.RunSettings(seed=5, rounds=2, min_sites=2, num_sites=3,
-                                   n_occ=n_occ)
+    ref = engine.run_federated(
+        key, algorithm, padded, max_rounds=2, min_sites=2, fault=fault, vectorise=False
+    )
+    settings = fconfig.RunSettings(
+        seed=5, rounds=2, min_sites=2, num_sites=3, n_occ=n_occ
+    )
     tag, files = fconfig.algorithm_tag(settings, n_occ)
-    call_cached(algorithm.local_update,  # warm the nodes' export cache
-                (algorithm.broadcast(ref.server), padded[0],
-                 algorithm.init_site(padded[0]), key), tag=tag, extra_files=files)
-    result = run_loopback(dirs, tmp_path / "out", settings=settings,
-                          fail_rounds={2: [1]}, timeout=900)
+    call_cached(
+        algorithm.local_update,  # warm the nodes' export cache
+        (
+            algorithm.broadcast(ref.server),
+            padded[0],
+            algorithm.init_site(padded[0]),
+            key,
+        ),
+        tag=tag,
+        extra_files=files,
+    )
+    result = run_loopback(
+        dirs, tmp_path / "out", settings=settings, fail_rounds={2: [1]}, timeout=900
+    )
     assert result["launch"]["clientapp"] == "warm host"
     assert result["status"] == "completed" and result["rounds"] == 2
     assert [h["participants"] for h in result["history"]] == [[0, 1, 2], [0, 1]]
-    server, _, _ = engine.load_checkpoint(tmp_path / "out" / "checkpoint",
-                                          algorithm.init_server(key), [])
-    for got, want in zip(jax.tree.leaves(server), jax.tree.leaves(ref.server),
-                         strict=True):
+    server, _, _ = engine.load_checkpoint(
+        tmp_path / "out" / "checkpoint", algorithm.init_server(key), []
+    )
+    for got, want in zip(
+        jax.tree.leaves(server), jax.tree.leaves(ref.server), strict=True
+    ):
         assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
     assert result["launch"]["left_running"] == []
     # every message of a site ran in its one host process: the export loaded
     # once, then the update kept in memory (site 2 failed its round 1)
     for d in dirs:
-        lines = [json.loads(x) for x in
-                 next((d / fconfig.STATE_DIR).rglob("metrics.jsonl")).read_text()
-                 .splitlines()]
+        lines = [
+            json.loads(x)
+            for x in next((d / fconfig.STATE_DIR).rglob("metrics.jsonl"))
+            .read_text()
+            .splitlines()
+        ]
         caches = [line["compiled"]["cache"] for line in lines]
         assert caches == (["hit", "memory"] if d != dirs[2] else ["hit"])
-        log = (tmp_path / "out" / "logs"
-               / f"supernode_{dirs.index(d)}_clientapp.log").read_text()
+        log = (
+            tmp_path / "out" / "logs" / f"supernode_{dirs.index(d)}_clientapp.log"
+        ).read_text()
         assert re.search(r"stopped after \d+ tasks", log)
     seconds = ", ".join(f"{h['seconds']:.2f}" for h in result["history"])
     print(f"\nwarm-host loopback: rounds {seconds} s")
@@ -318,9 +358,11 @@ def test_host_wait_cap_starts_the_task_pull_backoff_early(monkeypatch):
     original = run_clientapp.pull_and_inflate_object_from_tree
     assert inspect.signature(original).parameters["initial_backoff"].default == 1
     assert "pull_and_inflate_object_from_tree(" in inspect.getsource(
-        run_clientapp.pull_task_input)
-    monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree",
-                        original)  # restored after
+        run_clientapp.pull_task_input
+    )
+    monkeypatch.setattr(
+        run_clientapp, "pull_and_inflate_object_from_tree", original
+    )  # restored after
     cap_host_waits()
     cap_host_waits()
     capped = run_clientapp.pull_and_inflate_object_from_tree
@@ -354,8 +396,13 @@ def test_first_compile_lock_makes_other_processes_wait(tmp_path):
         p.unlink()  # the next call must export again, under the lock
     with lock.open("a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        worker = threading.Thread(target=lambda: out.update(r=compiled.call_cached(
-            fn, args, tag="probe", folder=tmp_path, info=info)))
+        worker = threading.Thread(
+            target=lambda: out.update(
+                r=compiled.call_cached(
+                    fn, args, tag="probe", folder=tmp_path, info=info
+                )
+            )
+        )
         worker.start()
         time.sleep(0.6)
         assert worker.is_alive() and "r" not in out  # waiting for the lock

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 flwr = pytest.importorskip(
-    "flwr", reason="the Flower adapter needs flwr>=1.41,<1.42, which is not installed")
+    "flwr", reason="the Flower adapter needs flwr>=1.41,<1.42, which is not installed"
+)
 
 from flower_secagg_grid import (  # noqa: E402
     make_site_dirs,
@@ -42,10 +43,17 @@ from phems_clinical.federation.messages import MessageRejected  # noqa: E402
 
 
 def test_codec_round_trip_and_refusals():
-    obj = {"roster": {"b": secagg.SecAggConfig(1.5, 12, 2), "a": None},
-           "y": np.arange(5, dtype=np.uint64) * np.uint64(2**61),
-           "ids": ("site0001", "site0000"), "box": b"\x00\xff" * 40,
-           "big": 2**64 - 1, "neg": -3, "flag": True, "empty": {}, "none": ()}
+    obj = {
+        "roster": {"b": secagg.SecAggConfig(1.5, 12, 2), "a": None},
+        "y": np.arange(5, dtype=np.uint64) * np.uint64(2**61),
+        "ids": ("site0001", "site0000"),
+        "box": b"\x00\xff" * 40,
+        "big": 2**64 - 1,
+        "neg": -3,
+        "flag": True,
+        "empty": {},
+        "none": (),
+    }
     back = st.from_record(over_the_wire(st.to_record(obj, st.header("x", 0, 1, 2))))
     np.testing.assert_array_equal(back.pop("y"), obj["y"])
     assert back == {k: v for k, v in obj.items() if k != "y"}
@@ -64,8 +72,10 @@ def test_codec_round_trip_and_refusals():
 
 
 def test_private_files_are_owner_only(tmp_path):
-    path = st.save_private(tmp_path / "s" / "secagg-1.json",
-                           {"k": b"\x01" * 32, "x": np.array([1.5, -2.0])})
+    path = st.save_private(
+        tmp_path / "s" / "secagg-1.json",
+        {"k": b"\x01" * 32, "x": np.array([1.5, -2.0])},
+    )
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     back = st.load_private(path)
     assert back["k"] == b"\x01" * 32 and back["x"].tolist() == [1.5, -2.0]
@@ -99,8 +109,9 @@ def test_secagg_round_equals_plain_sum(toy_sites, tmp_path):
     bound = 3 * secagg.grid_step(cfg)
     assert secure["secure_aggregation"]["max_error_bound"] == pytest.approx(bound)
     # equal to the plain run up to the encoding error (2 rounds, w ~ 1e2)
-    np.testing.assert_allclose(secure["result"]["w"], plain["result"]["w"],
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        secure["result"]["w"], plain["result"]["w"], rtol=0, atol=1e-6
+    )
     assert secure["result"]["w"] != plain["result"]["w"]  # but it was encoded
     assert [h["participants"] for h in secure["history"]] == [[0, 1, 2]] * 2
     stages = {stage for stage, *_ in sgrid.replies}
@@ -116,23 +127,41 @@ def test_dropouts_follow_bonawitz(toy_sites, tmp_path):
     others reveal its self-mask seed); site 2's masked input of round 1 is lost
     (it is left out, its pairwise masks removed): as a plain run in which site 2
     fails in round 1."""
-    secure, _ = run_grid(toy_sites, tmp_path / "secure", secure=True, min_sites=2,
-                     drop={("unmasking", 0, 1), ("masked_input", 1, 2)})
-    plain, _ = run_grid(toy_sites, tmp_path / "plain", secure=False, required=False,
-                    fail={2: "1"}, min_sites=2)
+    secure, _ = run_grid(
+        toy_sites,
+        tmp_path / "secure",
+        secure=True,
+        min_sites=2,
+        drop={("unmasking", 0, 1), ("masked_input", 1, 2)},
+    )
+    plain, _ = run_grid(
+        toy_sites,
+        tmp_path / "plain",
+        secure=False,
+        required=False,
+        fail={2: "1"},
+        min_sites=2,
+    )
     assert [h["participants"] for h in secure["history"]] == [[0, 1, 2], [0, 1]]
     assert [h["participants"] for h in plain["history"]] == [[0, 1, 2], [0, 1]]
     assert secure["history"][0]["dropped"] == []
     [(k, why)] = secure["history"][1]["dropped"]
     assert k == 2 and why.startswith("masked_input: timeout")
-    np.testing.assert_allclose(secure["result"]["w"], plain["result"]["w"],
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        secure["result"]["w"], plain["result"]["w"], rtol=0, atol=1e-6
+    )
 
 
 def test_too_few_survivors_abort_the_round(toy_sites, tmp_path):
     with pytest.raises(FederationAborted, match="round 0") as info:
-        run_grid(toy_sites, tmp_path, secure=True, retries=1, min_sites=2,
-             drop={("masked_input", 0, 1), ("masked_input", 0, 2)})
+        run_grid(
+            toy_sites,
+            tmp_path,
+            secure=True,
+            retries=1,
+            min_sites=2,
+            drop={("masked_input", 0, 1), ("masked_input", 0, 2)},
+        )
     assert "secure aggregation failed" in str(info.value)
     assert "fewer than threshold=2" in str(info.value)
 
@@ -152,18 +181,41 @@ def test_governed_sites_leave_the_coordinator_anchors(secure, toy_sites, tmp_pat
     dirs, keys = [], []
     for k, d in enumerate(toy_sites):
         dirs.append(shutil.copytree(d, tmp_path / "data" / d.name))
-        (dirs[-1] / fconfig.POLICY_FILE).write_text(json.dumps({
-            "site": f"H{k}", "min_cohort_size": 5,
-            "allowed_fields": ["delta", "weight"], "max_rounds": 4,
-            "data_users": [{"id": "pk-consortium", "epsilon_budget": 10.0,
-                            "require_dp": False, "experiments": ["haemophilia_*"],
-                            "public_key": public.hex()}]}))
+        (dirs[-1] / fconfig.POLICY_FILE).write_text(
+            json.dumps(
+                {
+                    "site": f"H{k}",
+                    "min_cohort_size": 5,
+                    "allowed_fields": ["delta", "weight"],
+                    "max_rounds": 4,
+                    "data_users": [
+                        {
+                            "id": "pk-consortium",
+                            "epsilon_budget": 10.0,
+                            "require_dp": False,
+                            "experiments": ["haemophilia_*"],
+                            "public_key": public.hex(),
+                        }
+                    ],
+                }
+            )
+        )
         keys.append(tmp_path / "site_keys" / f"site_{k}.key")
-    request = gov.sign_request(private, requester="pk-consortium",
-                               experiment="haemophilia_fviii", algorithm="fedavg",
-                               rounds=2)
-    out, _ = run_grid(dirs, tmp_path / "run", secure=secure, required=secure,
-                      site_keys=keys, request=request)
+    request = gov.sign_request(
+        private,
+        requester="pk-consortium",
+        experiment="haemophilia_fviii",
+        algorithm="fedavg",
+        rounds=2,
+    )
+    out, _ = run_grid(
+        dirs,
+        tmp_path / "run",
+        secure=secure,
+        required=secure,
+        site_keys=keys,
+        request=request,
+    )
     assert out["status"] == "completed" and out["rounds"] == 2
     anchors = out["audit_anchors"]
     assert sorted(anchors) == ["0", "1", "2"]
@@ -200,29 +252,39 @@ def test_loopback_secagg_equals_in_process_secagg(name, tmp_path):
 
     dirs = simulate_sites(jax.random.key(11), tmp_path / "data", 24)
     model = load_product("advate")
-    cohorts = [fconfig.read_site_cohort(
-        fconfig.site_config({"site-dir": str(d), "site-index": k}), model)
-        for k, d in enumerate(dirs)]
+    cohorts = [
+        fconfig.read_site_cohort(
+            fconfig.site_config({"site-dir": str(d), "site-index": k}), model
+        )
+        for k, d in enumerate(dirs)
+    ]
     n_occ = n_occasions_all(cohorts)
     algorithm = build_algorithm(name, model, n_sites=3, n_occ=n_occ, options={})
-    settings = fconfig.RunSettings(seed=5, rounds=1, num_sites=3, n_occ=n_occ,
-                                   algorithm=name, secagg=True)
+    settings = fconfig.RunSettings(
+        seed=5, rounds=1, num_sites=3, n_occ=n_occ, algorithm=name, secagg=True
+    )
     cfg = st.secagg_config(settings)
     log: list = []
-    ref = engine.run_federated(jax.random.key(5), algorithm, pad_sites(cohorts),
-                               max_rounds=1, vectorise=False,
-                               aggregator=secagg_aggregator(cfg, log, n_sites=3))
+    ref = engine.run_federated(
+        jax.random.key(5),
+        algorithm,
+        pad_sites(cohorts),
+        max_rounds=1,
+        vectorise=False,
+        aggregator=secagg_aggregator(cfg, log, n_sites=3),
+    )
     result = run_loopback(dirs, tmp_path / "out", settings=settings, timeout=900)
 
     assert result["status"] == "completed" and result["rounds"] == 1
     assert [h["participants"] for h in result["history"]] == [[0, 1, 2]]
     assert result["secure_aggregation"]["threshold"] == cfg.threshold
-    server, _, _ = engine.load_checkpoint(tmp_path / "out" / "checkpoint",
-                                          algorithm.init_server(jax.random.key(5)),
-                                          [])
+    server, _, _ = engine.load_checkpoint(
+        tmp_path / "out" / "checkpoint", algorithm.init_server(jax.random.key(5)), []
+    )
     gaps = []
-    for got, want in zip(jax.tree.leaves(server), jax.tree.leaves(ref.server),
-                         strict=True):
+    for got, want in zip(
+        jax.tree.leaves(server), jax.tree.leaves(ref.server), strict=True
+    ):
         got, want = np.asarray(got, float), np.asarray(want, float)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
         gaps.append(float(np.max(np.abs(got - want), initial=0.0)))
@@ -232,9 +294,11 @@ def test_loopback_secagg_equals_in_process_secagg(name, tmp_path):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
         assert not list(d.rglob("secagg-*.json"))
     seconds = [h["seconds"] for h in result["history"]]
-    print(f"\n{name} loopback SecAgg: rounds {', '.join(f'{s:.1f}' for s in seconds)}"
-          f" s; max |Flower - in-process| {max(gaps):.1e} (bound per summed "
-          f"coordinate {log[0].max_error_bound:.1e})")
+    print(
+        f"\n{name} loopback SecAgg: rounds {', '.join(f'{s:.1f}' for s in seconds)}"
+        f" s; max |Flower - in-process| {max(gaps):.1e} (bound per summed "
+        f"coordinate {log[0].max_error_bound:.1e})"
+    )
 
 
 def test_runner_applies_secagg_on_flower(monkeypatch, tmp_path):
@@ -257,8 +321,14 @@ def test_runner_applies_secagg_on_flower(monkeypatch, tmp_path):
     frames = [pd.DataFrame({"ID": [k], "TIME": [0.0]}) for k in range(3)]
     for secure in (True, False):
         with pytest.raises(RuntimeError, match="stopped"):
-            train_flower(usecases.get("haemophilia").task, None, 1, frames,
-                         "fed_focei", load_product("advate"),
-                         FederationSettings("flower", "fed_focei", {}, secure),
-                         tmp_path / str(secure))
+            train_flower(
+                usecases.get("haemophilia").task,
+                None,
+                1,
+                frames,
+                "fed_focei",
+                load_product("advate"),
+                FederationSettings("flower", "fed_focei", {}, secure),
+                tmp_path / str(secure),
+            )
         assert seen["settings"].secagg is secure

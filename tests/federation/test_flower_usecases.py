@@ -57,8 +57,7 @@ def frames(tmp_path_factory):
         folder = tmp_path_factory.mktemp(use_case)
         simulate_sites(use_case, jax.random.key(3), 3, n, None, folder)
         sites, _ = load_use_case(use_case, omop=str(folder))
-        out[use_case] = [sites[s].drop(columns="SITE", errors="ignore")
-                         for s in sites]
+        out[use_case] = [sites[s].drop(columns="SITE", errors="ignore") for s in sites]
     return out
 
 
@@ -76,8 +75,12 @@ def _in_process(use_case, frames, options):
     task = usecases.get(use_case).task
     model = task.model_from_config({})
     prob = task.problem(jax.random.key(SEED), frames, task.strategy, model)
-    run, _ = train(jax.random.key(SEED), prob.build, prob.sites,
-                   FederationSettings(options=options))
+    run, _ = train(
+        jax.random.key(SEED),
+        prob.build,
+        prob.sites,
+        FederationSettings(options=options),
+    )
     return task, model, prob.finish(run.result), run
 
 
@@ -98,10 +101,15 @@ class _AppGrid:
 
     def __init__(self, dirs, settings, secagg=False):
         self.run_config = to_run_config(settings)
-        self.nodes = {100 + k: {"site-dir": str(d), "site-index": k,
-                                "num-sites": len(dirs),
-                                **({"secagg-required": True} if secagg else {})}
-                      for k, d in enumerate(dirs)}
+        self.nodes = {
+            100 + k: {
+                "site-dir": str(d),
+                "site-index": k,
+                "num-sites": len(dirs),
+                **({"secagg-required": True} if secagg else {}),
+            }
+            for k, d in enumerate(dirs)
+        }
         self.outbox, self.ids, self.seen = {}, itertools.count(), []
 
     def get_node_ids(self):
@@ -114,16 +122,15 @@ class _AppGrid:
             msg.metadata.__dict__["_message_id"] = mid
             node = self.nodes[msg.metadata.dst_node_id]
             kind = msg.metadata.message_type
-            self.seen.append((kind, dict(msg.content["config"])
-                              if "config" in msg.content else {}))
+            self.seen.append(
+                (kind, dict(msg.content["config"]) if "config" in msg.content else {})
+            )
             if kind == MessageType.QUERY:
                 content = client_app.site_query(node, self.run_config, 1)
             elif kind == MessageType.TRAIN:
-                content = client_app.site_update(msg.content, node, self.run_config,
-                                                 1)
+                content = client_app.site_update(msg.content, node, self.run_config, 1)
             else:
-                content = client_app.site_secagg(msg.content, node, self.run_config,
-                                                 1)
+                content = client_app.site_secagg(msg.content, node, self.run_config, 1)
             self.outbox[mid] = Message(content, reply_to=msg)
             out.append(mid)
         return out
@@ -134,18 +141,31 @@ class _AppGrid:
 
 def _settings(use_case, model, tmp_path, **kw):
     task = usecases.get(use_case).task
-    return RunSettings(seed=SEED, algorithm=task.strategy, use_case=use_case,
-                       model=_model_json(use_case, model), num_sites=2,
-                       rounds=ROUNDS, options=json.dumps({"rounds": ROUNDS}),
-                       round_timeout=60.0, out=str(tmp_path / "result.json"),
-                       checkpoint_dir=str(tmp_path / "ckpt"), job="fit", **kw)
+    return RunSettings(
+        seed=SEED,
+        algorithm=task.strategy,
+        use_case=use_case,
+        model=_model_json(use_case, model),
+        num_sites=2,
+        rounds=ROUNDS,
+        options=json.dumps({"rounds": ROUNDS}),
+        round_timeout=60.0,
+        out=str(tmp_path / "result.json"),
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        job="fit",
+        **kw,
+    )
 
 
 def _fitted(task, report, settings, model):
-    sums = {s: {f: np.asarray(v) for f, v in fields.items()}
-            for s, fields in report["summaries"].items()}
-    result = {k: (np.asarray(v) if isinstance(v, list) else v)
-              for k, v in report["result"].items()}
+    sums = {
+        s: {f: np.asarray(v) for f, v in fields.items()}
+        for s, fields in report["summaries"].items()
+    }
+    result = {
+        k: (np.asarray(v) if isinstance(v, list) else v)
+        for k, v in report["result"].items()
+    }
     return task.flower_fitted(result, settings, sums, model)
 
 
@@ -178,11 +198,13 @@ def test_summaries_are_checked_like_payloads():
     good = {f: np.ones(s) for f, s in spec.items()}
     ft.check_summary("cardiac_stats", good, spec)
     secret = 4711.25
-    for bad, why in (({**good, "ids": np.ones(2)}, "fields expected exactly"),
-                     ({k: v for k, v in good.items() if k != "n"}, "fields"),
-                     ({**good, "D": np.ones((3, 3))}, "cardiac_stats.D: shape"),
-                     ({**good, "n": np.array(np.nan)}, "finite"),
-                     ({**good, "E": np.full((2, 3), secret, np.int64)}, "dtype")):
+    for bad, why in (
+        ({**good, "ids": np.ones(2)}, "fields expected exactly"),
+        ({k: v for k, v in good.items() if k != "n"}, "fields"),
+        ({**good, "D": np.ones((3, 3))}, "cardiac_stats.D: shape"),
+        ({**good, "n": np.array(np.nan)}, "finite"),
+        ({**good, "E": np.full((2, 3), secret, np.int64)}, "dtype"),
+    ):
         with pytest.raises(MessageRejected, match=why) as err:
             ft.check_summary("cardiac_stats", bad, spec)
         assert "4711" not in str(err.value)
@@ -192,15 +214,18 @@ def test_summaries_are_checked_like_payloads():
 
 def test_query_replies_are_checked_per_use_case():
     picu = ft.use_case("picu")
-    assert ft.check_query({"site-index": 1, "n-stays": 4, "n-hours": 9}, picu, 2) \
-        == {"site-index": 1, "n-stays": 4, "n-hours": 9}
-    for bad, why in (({"site-index": 0, "n-stays": 4}, "expected exactly"),
-                     ({"site-index": 0, "n-stays": 0, "n-hours": 9}, "n-stays"),
-                     ({"site-index": 0, "n-stays": "MRN-1", "n-hours": 9},
-                      "n-stays"),
-                     ({"site-index": 2, "n-stays": 4, "n-hours": 9}, "site-index"),
-                     ({"site-index": 0, "n-stays": 4, "n-hours": 9, "mrn": 7},
-                      "expected exactly")):
+    assert ft.check_query({"site-index": 1, "n-stays": 4, "n-hours": 9}, picu, 2) == {
+        "site-index": 1,
+        "n-stays": 4,
+        "n-hours": 9,
+    }
+    for bad, why in (
+        ({"site-index": 0, "n-stays": 4}, "expected exactly"),
+        ({"site-index": 0, "n-stays": 0, "n-hours": 9}, "n-stays"),
+        ({"site-index": 0, "n-stays": "MRN-1", "n-hours": 9}, "n-stays"),
+        ({"site-index": 2, "n-stays": 4, "n-hours": 9}, "site-index"),
+        ({"site-index": 0, "n-stays": 4, "n-hours": 9, "mrn": 7}, "expected exactly"),
+    ):
         with pytest.raises(MessageRejected, match=why) as err:
             ft.check_query(bad, picu, 2)
         assert "MRN" not in str(err.value)
@@ -235,35 +260,39 @@ def test_picu_apps_equal_the_in_process_runner(frames, ids, tmp_path):
     grid = _AppGrid(_site_dirs("picu", train_frames, tmp_path / "sites"), settings)
     report = run_server(grid, settings)
     assert report["status"] == "completed" and report["rounds"] == ROUNDS
-    np.testing.assert_array_equal(np.asarray(report["result"]["x"]),
-                                  np.asarray(run.result["x"]))
+    np.testing.assert_array_equal(
+        np.asarray(report["result"]["x"]), np.asarray(run.result["x"])
+    )
     ours = _fitted(task, report, settings, model)
     assert ours.estimates == ref.estimates  # threshold, train utility, intercept
     assert task.evaluate(ours, held, model) == task.evaluate(ref, held, model)
-    assert [s["stage"] for s in report["summary_rounds"]] == ["picu_stats",
-                                                             "picu_threshold"]
+    assert [s["stage"] for s in report["summary_rounds"]] == [
+        "picu_stats",
+        "picu_threshold",
+    ]
     stages = {c.get("stage") for kind, c in grid.seen if kind == MessageType.TRAIN}
     assert stages == {None, "picu_stats", "picu_threshold"}
 
 
-def test_cardiac_apps_equal_the_in_process_runner_and_resume(frames, ids,
-                                                             tmp_path):
+def test_cardiac_apps_equal_the_in_process_runner_and_resume(frames, ids, tmp_path):
     """Cardiac: the scaling totals summed over Flower give the in-process
     objective; a run cut after one round resumes from its checkpoint (and the
     kept sums) to the uninterrupted result."""
     train_frames, held = frames["cardiac"][:2], frames["cardiac"][2]
-    task, model, ref, run = _in_process("cardiac", train_frames,
-                                        {"rounds": ROUNDS})
+    task, model, ref, run = _in_process("cardiac", train_frames, {"rounds": ROUNDS})
     settings = _settings("cardiac", model, tmp_path)
-    grid = _AppGrid(_site_dirs("cardiac", train_frames, tmp_path / "sites"),
-                    settings)
+    grid = _AppGrid(_site_dirs("cardiac", train_frames, tmp_path / "sites"), settings)
     first = run_server(grid, settings._replace(rounds=1))
     assert first["rounds"] == 1 and first["resumed_after"] == 0
     report = run_server(grid, settings)
     assert report["resumed_after"] == 1 and report["rounds"] == ROUNDS
     assert report["summary_rounds"] == []  # the sums came with the checkpoint
-    np.testing.assert_allclose(np.asarray(report["result"]["x"]),
-                               np.asarray(run.result["x"]), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(report["result"]["x"]),
+        np.asarray(run.result["x"]),
+        rtol=0,
+        atol=1e-12,
+    )
     ours = _fitted(task, report, settings, model)
     for k, v in ref.estimates.items():
         assert ours.estimates[k] == pytest.approx(v, rel=0, abs=1e-12)
@@ -277,8 +306,7 @@ def test_cardiac_apps_under_secure_aggregation(frames, ids, tmp_path):
     recorded quantisation bounds of the in-process run, and no site's summand
     leaves in the clear."""
     train_frames = frames["cardiac"][:2]
-    task, model, ref, run = _in_process("cardiac", train_frames,
-                                        {"rounds": ROUNDS})
+    task, model, ref, run = _in_process("cardiac", train_frames, {"rounds": ROUNDS})
     settings = _settings("cardiac", model, tmp_path, secagg=True)
     dirs = _site_dirs("cardiac", train_frames, tmp_path / "sites")
     secagg_identities(dirs)
@@ -287,22 +315,36 @@ def test_cardiac_apps_under_secure_aggregation(frames, ids, tmp_path):
     sec = report["secure_aggregation"]
     assert sec["summaries"]["cardiac_stats"]["bits"] == ft.SECAGG_BITS
     assert report["summary_rounds"][0]["secure"] is True
-    assert all("secagg-round-id" in c for kind, c in grid.seen
-               if kind == MessageType.TRAIN)
+    assert all(
+        "secagg-round-id" in c for kind, c in grid.seen if kind == MessageType.TRAIN
+    )
     x, x_ref = np.asarray(report["result"]["x"]), np.asarray(run.result["x"])
     assert not np.array_equal(x, x_ref)  # quantised sums: not the clear ones
     np.testing.assert_allclose(x, x_ref, rtol=0, atol=1e-6)
     with pytest.raises(Exception, match="secagg-round-id"):  # no clear summand
         client_app.site_update(
-            _summary_message(settings), grid.nodes[100], grid.run_config, 1)
+            _summary_message(settings), grid.nodes[100], grid.run_config, 1
+        )
 
 
 def _summary_message(settings):
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-    return RecordDict({"broadcast": ArrayRecord({}), "config": ConfigRecord(
-        {"round": ft.SUMMARY_ROUND, "site-index": 0, "num-sites": 2,
-         "n-episodes": 80, "state-from": 0, "stage": "cardiac_stats"})})
+    return RecordDict(
+        {
+            "broadcast": ArrayRecord({}),
+            "config": ConfigRecord(
+                {
+                    "round": ft.SUMMARY_ROUND,
+                    "site-index": 0,
+                    "num-sites": 2,
+                    "n-episodes": 80,
+                    "state-from": 0,
+                    "stage": "cardiac_stats",
+                }
+            ),
+        }
+    )
 
 
 # --------------------------------------------------------- real processes
@@ -315,8 +357,15 @@ def test_loopback_use_case_equals_in_process(use_case, frames, tmp_path):
     train_frames = frames[use_case][:2]
     task, model, ref, run = _in_process(use_case, train_frames, {"rounds": ROUNDS})
     fitted, calibration, res = train_flower(
-        task, None, SEED, train_frames, task.strategy, model,
-        FederationSettings("flower", options={"rounds": ROUNDS}), tmp_path)
+        task,
+        None,
+        SEED,
+        train_frames,
+        task.strategy,
+        model,
+        FederationSettings("flower", options={"rounds": ROUNDS}),
+        tmp_path,
+    )
     assert calibration == {} and res["rounds"] == ROUNDS
     for k, v in ref.estimates.items():
         assert fitted.estimates[k] == pytest.approx(v, rel=0, abs=1e-12)

@@ -38,11 +38,14 @@ def test_roles_hold_only_their_files(tmp_path):
     info = deploy.coordinator_init(tmp_path / "coord", "10.77.0.1:9092")
     ca = Path(info["ca_cert"])
     cert = x509.load_pem_x509_certificate(
-        (tmp_path / "coord" / "superlink" / "server.pem").read_bytes())
+        (tmp_path / "coord" / "superlink" / "server.pem").read_bytes()
+    )
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.read_bytes()))
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == [
-        "10.77.0.1", "127.0.0.1"]
+        "10.77.0.1",
+        "127.0.0.1",
+    ]
     assert Path(info["ca_key"]).stat().st_mode & 0o077 == 0
     with pytest.raises(deploy.DeployError, match="already holds a CA"):
         deploy.coordinator_init(tmp_path / "coord", "10.77.0.1:9092")
@@ -53,10 +56,14 @@ def test_roles_hold_only_their_files(tmp_path):
     home = tmp_path / "hospital" / "deploy"
     got = deploy.site_init(home, site, ca)
     keys = home / "keys"
-    assert sorted(p.name for p in keys.iterdir()) == ["site_mac.key", "supernode",
-                                                      "supernode.pub"]
-    assert all(p.stat().st_mode & 0o077 == 0 for p in keys.iterdir()
-               if p.suffix != ".pub")
+    assert sorted(p.name for p in keys.iterdir()) == [
+        "site_mac.key",
+        "supernode",
+        "supernode.pub",
+    ]
+    assert all(
+        p.stat().st_mode & 0o077 == 0 for p in keys.iterdir() if p.suffix != ".pub"
+    )
     assert got["fingerprint"] == deploy.public_key_fingerprint(keys / "supernode.pub")
     assert not any(site.glob("*key*"))  # no key in the site folder
 
@@ -72,25 +79,46 @@ def test_roles_hold_only_their_files(tmp_path):
     assert link[link.index("--database") + 1].endswith("state.db")
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda t, ca, site: deploy.coordinator_init(t / "c2", "10.77.0.1"),
-     "--address: expected HOST:PORT"),
-    (lambda t, ca, site: deploy.site_init(site / "deploy", site, ca),
-     "outside the site folder"),
-    (lambda t, ca, site: deploy.site_init(t / "h", t, ca), "holds no cohort.csv"),
-    (lambda t, ca, site: deploy.site_init(t / "h", site,
-                                          t / "coord" / "superlink" / "server.pem"),
-     "--ca: .* is not a CA certificate"),
-    (lambda t, ca, site: deploy.site_init(t / "h", site, ca, policy=t / "none.yaml"),
-     "--policy: .* does not exist"),
-    (lambda t, ca, site: deploy.site_supernode(t / "h", "10.77.0.1:9092", 3, 3),
-     "--site-index: expected 0..2"),
-    (lambda t, ca, site: deploy.public_key_fingerprint(ca),
-     "--public-key: .* not an OpenSSH public key"),
-    (lambda t, ca, site: deploy.run_settings_for(t / "coord", "fit",
-                                                 deploy.RunSettings()),
-     "no hospital is registered"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda t, ca, site: deploy.coordinator_init(t / "c2", "10.77.0.1"),
+            "--address: expected HOST:PORT",
+        ),
+        (
+            lambda t, ca, site: deploy.site_init(site / "deploy", site, ca),
+            "outside the site folder",
+        ),
+        (lambda t, ca, site: deploy.site_init(t / "h", t, ca), "holds no cohort.csv"),
+        (
+            lambda t, ca, site: deploy.site_init(
+                t / "h", site, t / "coord" / "superlink" / "server.pem"
+            ),
+            "--ca: .* is not a CA certificate",
+        ),
+        (
+            lambda t, ca, site: deploy.site_init(
+                t / "h", site, ca, policy=t / "none.yaml"
+            ),
+            "--policy: .* does not exist",
+        ),
+        (
+            lambda t, ca, site: deploy.site_supernode(t / "h", "10.77.0.1:9092", 3, 3),
+            "--site-index: expected 0..2",
+        ),
+        (
+            lambda t, ca, site: deploy.public_key_fingerprint(ca),
+            "--public-key: .* not an OpenSSH public key",
+        ),
+        (
+            lambda t, ca, site: deploy.run_settings_for(
+                t / "coord", "fit", deploy.RunSettings()
+            ),
+            "no hospital is registered",
+        ),
+    ],
+)
 def test_bad_input_names_the_option(tmp_path, call, match):
     info = deploy.coordinator_init(tmp_path / "coord", "10.77.0.1:9092")
     site = _site(tmp_path)
@@ -103,9 +131,13 @@ def test_bad_input_names_the_option(tmp_path, call, match):
 def _netns_reason() -> str | None:
     if not sys.platform.startswith("linux"):
         return "network namespaces are Linux only"
-    done = subprocess.run(["bash", str(SCRIPT), "--check"], capture_output=True,
-                          text=True, timeout=60,
-                          env={**os.environ, "PHEMS_NETNS_TAG": f"pt{os.getpid()}"})
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PHEMS_NETNS_TAG": f"pt{os.getpid()}"},
+    )
     if done.returncode == 77:
         return done.stderr.strip() or "network namespaces are not permitted"
     if done.returncode != 0:
@@ -126,35 +158,57 @@ def test_netns_deployment_equals_in_process_engine(tmp_path):
 
     tag = f"pt{os.getpid() % 100000}"
     work = tmp_path / "work"
-    run = subprocess.run(["bash", str(SCRIPT), str(work), "2"], capture_output=True,
-                         text=True, timeout=1500,
-                         env={**os.environ, "PYTHON": sys.executable,
-                              "PHEMS_NETNS_TAG": tag, "SEED": "5"})
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True,
-                            text=True).stdout
+    run = subprocess.run(
+        ["bash", str(SCRIPT), str(work), "2"],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env={
+            **os.environ,
+            "PYTHON": sys.executable,
+            "PHEMS_NETNS_TAG": tag,
+            "SEED": "5",
+        },
+    )
+    listed = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True
+    ).stdout
     assert tag not in listed, "namespaces left behind"
     assert run.returncode == 0, run.stderr[-3000:]
 
     # The same data and seed in process.
     model = load_product("advate")
-    cohorts = [fconfig.read_site_cohort(fconfig.site_config(
-        {"site-dir": str(work / f"hospital_{k}" / "site"), "site-index": k}), model)
-        for k in range(3)]
+    cohorts = [
+        fconfig.read_site_cohort(
+            fconfig.site_config(
+                {"site-dir": str(work / f"hospital_{k}" / "site"), "site-index": k}
+            ),
+            model,
+        )
+        for k in range(3)
+    ]
     algorithm = fed_focei(model, n_occasions_all(cohorts))
     key = jax.random.key(5)
-    ref = engine.run_federated(key, algorithm, pad_sites(cohorts), max_rounds=2,
-                               vectorise=False)
-    result = json.loads((work / "coordinator" / "runs" / "fit" / "result.json"
-                         ).read_text())
+    ref = engine.run_federated(
+        key, algorithm, pad_sites(cohorts), max_rounds=2, vectorise=False
+    )
+    result = json.loads(
+        (work / "coordinator" / "runs" / "fit" / "result.json").read_text()
+    )
     assert result["status"] == "completed" and result["rounds"] == 2
     server, _, history = engine.load_checkpoint(
         work / "coordinator" / "runs" / "fit" / "checkpoint",
-        algorithm.init_server(key), [])
-    for got, want in zip(jax.tree.leaves(server), jax.tree.leaves(ref.server),
-                         strict=True):
+        algorithm.init_server(key),
+        [],
+    )
+    for got, want in zip(
+        jax.tree.leaves(server), jax.tree.leaves(ref.server), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    np.testing.assert_array_equal(list(result["estimates"].values()),
-                                  np.asarray(algorithm.result(ref.server)["estimates"]))
+    np.testing.assert_array_equal(
+        list(result["estimates"].values()),
+        np.asarray(algorithm.result(ref.server)["estimates"]),
+    )
     assert [h.participants for h in history] == [h.participants for h in ref.history]
 
     # Every hospital held a policy: it admitted the signed request and logged
@@ -162,10 +216,10 @@ def test_netns_deployment_equals_in_process_engine(tmp_path):
     from phems_clinical.federation import governance as gov
 
     for k in range(3):
-        mac = gov.load_site_key(work / f"hospital_{k}" / "deploy" / "keys" /
-                                "site_mac.key")
-        audit = gov.verify_log(work / f"hospital_{k}" / "site" / "audit.jsonl",
-                               key=mac)
+        mac = gov.load_site_key(
+            work / f"hospital_{k}" / "deploy" / "keys" / "site_mac.key"
+        )
+        audit = gov.verify_log(work / f"hospital_{k}" / "site" / "audit.jsonl", key=mac)
         assert audit.ok and audit.n_entries == 3
     # Isolation: before it, hospital 0 reached hospital 1's listener; after it,
     # not (while the listener still answered locally and hospital 0 reached the

@@ -61,7 +61,8 @@ SITES5 = ("s0", "s1", "s2", "s3", "s4")
 # t = 3 of K = 5 tolerates two dropouts and is accepted, with a warning (a server
 # colluding with one site could unmask; tests/security shows it).
 LOW_T = pytest.mark.filterwarnings(
-    "ignore::phems_clinical.federation.secagg.SecAggThresholdWarning")
+    "ignore::phems_clinical.federation.secagg.SecAggThresholdWarning"
+)
 
 
 class _Run(NamedTuple):
@@ -86,8 +87,9 @@ def _advertise(ids, cfg, round_id=ROUND):
     idents, trusted = _identities(ids)
     adverts, states = {}, {}
     for s in ids:
-        adverts[s], states[s] = site_advertise_keys(s, cfg, idents[s][0], trusted,
-                                                    round_id=round_id)
+        adverts[s], states[s] = site_advertise_keys(
+            s, cfg, idents[s][0], trusted, round_id=round_id
+        )
     return adverts, states, trusted
 
 
@@ -115,8 +117,7 @@ def _run(qs, cfg, *, before_masking=(), after_masking=(), after_consistency=()):
         if s not in after_consistency:
             reveals[s], states[s] = site_unmask(states[s], request)
     out = server_unmask(server, reveals)
-    return _Run(states, adverts, shares, inboxes, masked, signed, request, reveals,
-                out)
+    return _Run(states, adverts, shares, inboxes, masked, signed, request, reveals, out)
 
 
 def _ring_ints(rng, d, ring_bits):
@@ -138,11 +139,11 @@ def test_masks_cancel_exactly(ring_bits):
     qs = {s: _ring_ints(rng, 257, ring_bits) for s in SITES5}
     run = _run(qs, cfg)
     ys = [run.masked[s].y.astype(np.uint64) for s in SITES5]
-    self_masks = [secagg._prg(run.states[s].self_seed, 257, ring_bits)
-                  for s in SITES5]
+    self_masks = [secagg._prg(run.states[s].self_seed, 257, ring_bits) for s in SITES5]
     pairwise_only = plain_sum(ys, cfg) - plain_sum(self_masks, cfg)
-    assert np.array_equal(secagg._reduce(pairwise_only, ring_bits),
-                          plain_sum(qs.values(), cfg))
+    assert np.array_equal(
+        secagg._reduce(pairwise_only, ring_bits), plain_sum(qs.values(), cfg)
+    )
     assert np.array_equal(run.out.sum_q, plain_sum(qs.values(), cfg))
     assert run.out.included == SITES5 and run.out.dropped == ()
 
@@ -225,12 +226,20 @@ def test_sum_recovered_after_dropouts(key, before, after, late, included):
     rng = np.random.default_rng(4)
     cfg = SecAggConfig(clip=2.0, bits=16, threshold=3)
     xs = {s: rng.normal(0.0, 0.5, 50) for s in SITES5}
-    res = secure_sum(key, xs, cfg, drop_before_masking=before,
-                     drop_after_masking=after, drop_after_consistency=late)
+    res = secure_sum(
+        key,
+        xs,
+        cfg,
+        drop_before_masking=before,
+        drop_after_masking=after,
+        drop_after_consistency=late,
+    )
     assert res.included == included
-    assert res.dropped == tuple(sorted([(s, 2) for s in before]
-                                       + [(s, 3) for s in after]
-                                       + [(s, 4) for s in late]))
+    assert res.dropped == tuple(
+        sorted(
+            [(s, 2) for s in before] + [(s, 3) for s in after] + [(s, 4) for s in late]
+        )
+    )
     true = sum(xs[s] for s in included)
     assert res.max_error_bound == pytest.approx(len(included) * grid_step(cfg))
     assert np.all(np.abs(res.total - true) <= res.max_error_bound)
@@ -254,8 +263,12 @@ def test_three_dropouts_of_five_abort(key):
 @LOW_T
 @pytest.mark.parametrize(
     "drop, stage",
-    [("drop_before_sharing", 1), ("drop_before_masking", 2),
-     ("drop_after_masking", 3), ("drop_after_consistency", 4)],
+    [
+        ("drop_before_sharing", 1),
+        ("drop_before_masking", 2),
+        ("drop_after_masking", 3),
+        ("drop_after_consistency", 4),
+    ],
 )
 def test_round_aborts_below_threshold(key, drop, stage):
     xs = {s: np.zeros(8) for s in SITES5}
@@ -263,7 +276,10 @@ def test_round_aborts_below_threshold(key, drop, stage):
     with pytest.raises(SecAggAbort) as info:
         secure_sum(key, xs, cfg, **{drop: ("s0", "s1", "s2")})
     assert (info.value.stage, info.value.n_survivors, info.value.threshold) == (
-        stage, 2, 3)
+        stage,
+        2,
+        3,
+    )
     assert "2 site(s) survived" in str(info.value)
     assert "threshold=3" in str(info.value)
 
@@ -351,12 +367,20 @@ def test_transcript_never_holds_an_input(key):
     cfg = SecAggConfig(clip=1.0, bits=16, threshold=3)
     xs = {s: rng.uniform(-0.1, 0.1, 1000) for s in ("a", "b", "c", "d")}
     res = secure_sum(key, xs, cfg, drop_before_masking=("d",))
-    kinds = {0: AdvertiseKeys, 1: ShareKeys, 2: MaskedInput,
-             3: ConsistencySignature, 4: UnmaskShares}
+    kinds = {
+        0: AdvertiseKeys,
+        1: ShareKeys,
+        2: MaskedInput,
+        3: ConsistencySignature,
+        4: UnmaskShares,
+    }
     assert [(st, s) for st, s, _ in res.transcript] == (
-        [(0, s) for s in "abcd"] + [(1, s) for s in "abcd"]
-        + [(2, s) for s in "abc"] + [(3, s) for s in "abc"]
-        + [(4, s) for s in "abc"])
+        [(0, s) for s in "abcd"]
+        + [(1, s) for s in "abcd"]
+        + [(2, s) for s in "abc"]
+        + [(3, s) for s in "abc"]
+        + [(4, s) for s in "abc"]
+    )
     qs = _site_qs(key, xs, cfg)
     for stage, _, msg in res.transcript:
         assert isinstance(msg, kinds[stage])
@@ -379,10 +403,17 @@ def test_transcript_never_holds_a_secret():
     cfg = SecAggConfig(clip=1.0, bits=8, threshold=2)
     qs = {s: np.arange(16, dtype=np.uint64) for s in ("a", "b", "c")}
     run = _run(qs, cfg, before_masking=("c",))
-    secrets_ = [v for st in run.states.values()
-                for v in (st.identity_sk, st.mask_sk, st.enc_sk, st.self_seed)]
-    secrets_ += [share for st in run.states.values() for pair in st.shares.values()
-                 for share in pair]
+    secrets_ = [
+        v
+        for st in run.states.values()
+        for v in (st.identity_sk, st.mask_sk, st.enc_sk, st.self_seed)
+    ]
+    secrets_ += [
+        share
+        for st in run.states.values()
+        for pair in st.shares.values()
+        for share in pair
+    ]
     public = [pk for a in run.adverts.values() for pk in a]
     public += [b for m in run.shares.values() for b in m.ciphertexts.values()]
     public += [m.signature for m in run.signed.values()]
@@ -390,8 +421,11 @@ def test_transcript_never_holds_a_secret():
     for blob in public:
         for secret in secrets_:
             assert secret not in blob
-    revealed = [b for m in run.reveals.values()
-                for b in (*m.self_mask_shares.values(), *m.mask_key_shares.values())]
+    revealed = [
+        b
+        for m in run.reveals.values()
+        for b in (*m.self_mask_shares.values(), *m.mask_key_shares.values())
+    ]
     raw = [v for st in run.states.values() for v in (st.mask_sk, st.self_seed)]
     assert not any(r in b for r in raw for b in revealed)
 
@@ -405,8 +439,9 @@ def test_share_ciphertexts_open_only_for_their_recipient():
     aad = secagg._info(b"share", ROUND, "a", "b")
     right = secagg._share_key(b.enc_sk, a.roster["a"].enc_pk, ROUND, "a", "b")
     header = secagg._share_header(ROUND, "a", "b")
-    assert secagg._open(right, aad, box) == (header + b.shares["a"][0]
-                                             + b.shares["a"][1])
+    assert secagg._open(right, aad, box) == (
+        header + b.shares["a"][0] + b.shares["a"][1]
+    )
     for wrong in (
         secagg._share_key(c.enc_sk, a.roster["a"].enc_pk, ROUND, "a", "b"),
         secagg._share_key(c.enc_sk, a.roster["a"].enc_pk, ROUND, "a", "c"),
@@ -444,9 +479,11 @@ def test_a_site_never_reveals_both_shares_of_a_peer():
     # a dropped peer or moving it, even with the right signatures.
     b_at_4 = run.states["b"]._replace(stage=4)
     sigs = run.request.signatures
-    for bad in (UnmaskRequest(("a", "b", "c"), ("c",), sigs),
-                UnmaskRequest(("a", "b"), (), sigs),
-                UnmaskRequest(("a", "c"), ("b",), sigs)):
+    for bad in (
+        UnmaskRequest(("a", "b", "c"), ("c",), sigs),
+        UnmaskRequest(("a", "b"), (), sigs),
+        UnmaskRequest(("a", "c"), ("b",), sigs),
+    ):
         with pytest.raises(SecAggError, match="unmask request"):
             site_unmask(b_at_4, bad)
     assert site_unmask(b_at_4, run.request)[0] == run.reveals["b"]
@@ -510,17 +547,16 @@ def test_threshold_warning_and_refusal():
     # The absent sites of the trusted roster count in K.
     xs = {s: np.zeros(3) for s in SITES5[:3]}
     with pytest.raises(ValueError, match="^threshold"):
-        secure_sum(jax.random.key(1), xs, SecAggConfig(1.0, 8, 2),
-                   identities=idents)
+        secure_sum(jax.random.key(1), xs, SecAggConfig(1.0, 8, 2), identities=idents)
     xs = {s: np.full(3, 0.5) for s in SITES5[:4]}
-    res = secure_sum(jax.random.key(1), xs, SecAggConfig(1.0, 8, 4),
-                     identities=idents)
+    res = secure_sum(jax.random.key(1), xs, SecAggConfig(1.0, 8, 4), identities=idents)
     assert res.included == SITES5[:4] and res.dropped == ()
     assert np.all(np.abs(res.total - 2.0) <= res.max_error_bound)
 
 
-@pytest.mark.parametrize("n, threshold", [(1, 1), (2, 2), (3, 2), (4, 3), (5, 4),
-                                          (10, 9)])
+@pytest.mark.parametrize(
+    "n, threshold", [(1, 1), (2, 2), (3, 2), (4, 3), (5, 4), (10, 9)]
+)
 def test_default_config_threshold(n, threshold):
     assert default_secagg_config(n).threshold == threshold
 
@@ -556,12 +592,14 @@ def test_malformed_shares_refused():
     n_head = len(secagg._share_header(ROUND, "a", "b"))
     body = good[n_head:]
     c_share = secagg._shamir_split(bytes(32), [3], 2)[3]  # c's point, not b's
-    for plain in (secagg._share_header(ROUND, "a", "c") + body,
-                  secagg._share_header(ROUND + 1, "a", "b") + body,
-                  secagg._share_header(ROUND, "b", "b") + body,
-                  good[:-1],
-                  good + b"\0",
-                  good[:n_head] + c_share + c_share):
+    for plain in (
+        secagg._share_header(ROUND, "a", "c") + body,
+        secagg._share_header(ROUND + 1, "a", "b") + body,
+        secagg._share_header(ROUND, "b", "b") + body,
+        good[:-1],
+        good + b"\0",
+        good[:n_head] + c_share + c_share,
+    ):
         box = secagg._seal(key, aad, plain)
         with pytest.raises(SecAggError, match="share from 'a' to 'b'"):
             site_masked_input(b, dict(inboxes["b"], a=box), np.zeros(2, np.uint64))
@@ -585,8 +623,12 @@ def test_identity_arguments_checked():
     with pytest.raises(ValueError, match="^trusted: expected a distinct"):
         site_advertise_keys("a", cfg, idents["a"][0], dict(trusted, b=trusted["c"]))
     with pytest.raises(ValueError, match="^identities"):
-        secure_sum(jax.random.key(0), {s: np.zeros(2) for s in "abc"}, cfg,
-                   identities={s: idents[s] for s in "ab"})
+        secure_sum(
+            jax.random.key(0),
+            {s: np.zeros(2) for s in "abc"},
+            cfg,
+            identities={s: idents[s] for s in "ab"},
+        )
 
 
 def test_engine_aggregator_rounds_and_identities(key, monkeypatch):

@@ -19,19 +19,27 @@ from phems_clinical.models import multistate as ms
 
 # one homogeneous hospital (children, STAT 3, no ventilation, median weight):
 # covariate-free data for the Aalen-Johansen comparisons
-HOMOGENEOUS = sim.CaseMix(age_probs=(0.0, 0.0, 1.0),
-                          stat_given_age=((0.0, 0.0, 1.0, 0.0, 0.0),) * 3,
-                          vent_probs=(0.0, 0.0, 0.0), weight_sd=0.0)
-FINE = tuple(float(c) for c in np.r_[np.arange(0, 14, 0.25), np.arange(14, 60, 2),
-                                     [60, 90, 120, 180, 270]])
+HOMOGENEOUS = sim.CaseMix(
+    age_probs=(0.0, 0.0, 1.0),
+    stat_given_age=((0.0, 0.0, 1.0, 0.0, 0.0),) * 3,
+    vent_probs=(0.0, 0.0, 0.0),
+    weight_sd=0.0,
+)
+FINE = tuple(
+    float(c)
+    for c in np.r_[
+        np.arange(0, 14, 0.25), np.arange(14, 60, 2), [60, 90, 120, 180, 270]
+    ]
+)
 COARSE = (0.0, 1.0, 3.0, 7.0, 14.0, 30.0, 90.0)
 N_AJ = 2000
 
 
 @pytest.fixture(scope="module")
 def homogeneous():
-    return sim.simulate_cardiac(jax.random.key(8), n_episodes=N_AJ,
-                                case_mix=HOMOGENEOUS).truth
+    return sim.simulate_cardiac(
+        jax.random.key(8), n_episodes=N_AJ, case_mix=HOMOGENEOUS
+    ).truth
 
 
 def test_loss_gradient_matches_finite_differences():
@@ -75,9 +83,11 @@ def test_mle_recovers_simulated_log_hazard_ratios():
     ex = ms.site_examples(df)
     fit = ms.fit(ex, prior_sd_alpha=10.0, prior_mean_alpha=-3.0)
     g, d = sim._GAMMA, sim._DELTA
-    truth = {0: np.r_[sim._BETA[0, :3], -(d[1:] - d[0]), sim._BETA[0, 3]],
-             1: np.r_[sim._BETA[1, :3], g[1:] - g[0], sim._BETA[1, 3]],
-             3: np.r_[sim._BETA[3, :3], -(d[1:] - d[0]), sim._BETA[3, 3]]}
+    truth = {
+        0: np.r_[sim._BETA[0, :3], -(d[1:] - d[0]), sim._BETA[0, 3]],
+        1: np.r_[sim._BETA[1, :3], g[1:] - g[0], sim._BETA[1, 3]],
+        3: np.r_[sim._BETA[3, :3], -(d[1:] - d[0]), sim._BETA[3, 3]],
+    }
     for k, b in truth.items():
         z = (np.asarray(fit.params.beta[k]) - b) / np.asarray(fit.se.beta[k])
         assert np.all(np.abs(z) < 4), (k, z)
@@ -93,7 +103,8 @@ def _aj_errors(truth, cuts, grid):
     z = []
     for cause, col in ((1, sim.WARD), (2, sim.DEAD)):
         aj = AalenJohansenFitter(calculate_variance=False).fit(
-            first.exit.to_numpy(), ev, event_of_interest=cause)
+            first.exit.to_numpy(), ev, event_of_interest=cause
+        )
         ref = aj.cumulative_density_.iloc[:, 0]
         ref = ref.reindex(ref.index.union(grid)).ffill().loc[grid].to_numpy()
         se = np.sqrt(np.maximum(ref * (1 - ref), 1 / N_AJ) / N_AJ)
@@ -132,8 +143,9 @@ def test_predictions_are_consistent():
     df, _ = episodes(c.tables)
     spec = ms.MultistateSpec(cuts=COARSE)
     ex = ms.site_examples(df, spec)
-    params = ms.fit(ex, spec, ridge=1e-2, prior_sd_alpha=3.0,
-                    prior_mean_alpha=-3.0).params
+    params = ms.fit(
+        ex, spec, ridge=1e-2, prior_sd_alpha=3.0, prior_mean_alpha=-3.0
+    ).params
     p = ms.predict(params, ex, spec, horizons=(7.0, 30.0, 360.0))
     occ = np.asarray(p["occupation"])
     np.testing.assert_allclose(occ.sum(-1), 1.0, atol=1e-10)
@@ -162,15 +174,18 @@ def test_numpyro_log_density_is_the_penalised_likelihood():
     b = ms.Params(jnp.full((K, J), -3.0), jnp.full((K, P), 0.2))
 
     def lp(p):
-        return log_density(ms.numpyro_model, (ex, spec), {"prior_sd_alpha": 3.0,
-                                                          "prior_sd_beta": 1.0,
-                                                          "prior_mean_alpha": -3.0},
-                           {"alpha": p.alpha, "beta": p.beta})[0]
+        return log_density(
+            ms.numpyro_model,
+            (ex, spec),
+            {"prior_sd_alpha": 3.0, "prior_sd_beta": 1.0, "prior_mean_alpha": -3.0},
+            {"alpha": p.alpha, "beta": p.beta},
+        )[0]
 
     def mine(p):
-        return -(ms.penalised_nll(p, ex, spec, prior_sd_alpha=3.0,
-                                  prior_mean_alpha=-3.0)
-                 + 0.5 * jnp.sum(p.beta ** 2))
+        return -(
+            ms.penalised_nll(p, ex, spec, prior_sd_alpha=3.0, prior_mean_alpha=-3.0)
+            + 0.5 * jnp.sum(p.beta**2)
+        )
 
     assert float(lp(a) - lp(b)) == pytest.approx(float(mine(a) - mine(b)), rel=1e-10)
 
@@ -187,18 +202,31 @@ def test_fedavg_and_fedadam_reach_the_pooled_fit():
     ref = ce.pooled_fit(sites, spec)
     pooled = ms.stack_examples([ms.site_examples(v, spec) for v in sites.values()])
     kw = {"ridge": 1e-3, "prior_sd_alpha": 3.0, "prior_mean_alpha": float(np.log(0.05))}
-    p_avg, run, _ = ce.train_federated(jax.random.key(0), sites, spec,
-                                       strategy="fedavg", learning_rate=0.5,
-                                       local_steps=1, rounds=150)
+    p_avg, run, _ = ce.train_federated(
+        jax.random.key(0),
+        sites,
+        spec,
+        strategy="fedavg",
+        learning_rate=0.5,
+        local_steps=1,
+        rounds=150,
+    )
     assert run.rounds == 150
-    np.testing.assert_allclose(np.asarray(p_avg.beta), np.asarray(ref.params.beta),
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(p_avg.beta), np.asarray(ref.params.beta), atol=1e-3
+    )
     gap = float(ms.penalised_nll(p_avg, pooled, spec, **kw)) - ref.nll
     assert -1e-6 < gap < 1e-4
-    p_adam, _, _ = ce.train_federated(jax.random.key(0), sites, spec,
-                                      strategy="fedadam", learning_rate=0.2,
-                                      server_learning_rate=0.05, local_steps=3,
-                                      rounds=150)
+    p_adam, _, _ = ce.train_federated(
+        jax.random.key(0),
+        sites,
+        spec,
+        strategy="fedadam",
+        learning_rate=0.2,
+        server_learning_rate=0.05,
+        local_steps=3,
+        rounds=150,
+    )
     gap = float(ms.penalised_nll(p_adam, pooled, spec, **kw)) - ref.nll
     assert -1e-6 < 2 * gap < 1.0
     z = np.abs(np.asarray(p_adam.beta - ref.params.beta)) / np.asarray(ref.se.beta)

@@ -24,8 +24,12 @@ ODE_RTOL = 1e-6  # vs LSODA at rtol 1e-12; observed max 1e-8, the ODE global err
 conc = jax.jit(concentration, static_argnames="n_cmt")
 response = jax.jit(dose_response, static_argnames="n_cmt")
 RANGES = {  # log-uniform, plausible FVIII/FIX values
-    "CL": (0.5, 5.0), "V1": (10.0, 80.0), "Q2": (0.05, 40.0), "V2": (3.0, 100.0),
-    "Q3": (0.05, 40.0), "V3": (3.0, 100.0),
+    "CL": (0.5, 5.0),
+    "V1": (10.0, 80.0),
+    "Q2": (0.05, 40.0),
+    "V2": (3.0, 100.0),
+    "Q3": (0.05, 40.0),
+    "V3": (3.0, 100.0),
 }
 
 
@@ -41,8 +45,9 @@ def random_history(rng):
     """1-6 doses (boluses and 0.01-4 h infusions, some overlapping), padded."""
     n = int(rng.integers(1, N_DOSE + 1))
     time = np.empty(n)
-    dur = np.where(rng.random(n) < 0.4, 0.0, np.exp(rng.uniform(np.log(0.01),
-                                                               np.log(4.0), n)))
+    dur = np.where(
+        rng.random(n) < 0.4, 0.0, np.exp(rng.uniform(np.log(0.01), np.log(4.0), n))
+    )
     amt = rng.uniform(250.0, 5000.0, n)
     time[0] = rng.uniform(0.0, 5.0)
     for i in range(1, n):
@@ -51,8 +56,11 @@ def random_history(rng):
         else:
             time[i] = time[i - 1] + rng.uniform(0.5, 30.0)
     pad = N_DOSE - n
-    return (np.concatenate([time, np.zeros(pad)]), np.concatenate([amt, np.zeros(pad)]),
-            np.concatenate([dur, np.zeros(pad)]))
+    return (
+        np.concatenate([time, np.zeros(pad)]),
+        np.concatenate([amt, np.zeros(pad)]),
+        np.concatenate([dur, np.zeros(pad)]),
+    )
 
 
 def ode_central(params, n_cmt, t_obs, dose_time, dose_amt, dose_dur):
@@ -67,8 +75,11 @@ def ode_central(params, n_cmt, t_obs, dose_time, dose_amt, dose_dur):
     real = dose_amt > 0
     dose_time, dose_amt, dose_dur = dose_time[real], dose_amt[real], dose_dur[real]
     infusion = dose_dur > 0
-    events = np.unique(np.concatenate([
-        dose_time, dose_time[infusion] + dose_dur[infusion], [t_obs.max() + 1.0]]))
+    events = np.unique(
+        np.concatenate(
+            [dose_time, dose_time[infusion] + dose_dur[infusion], [t_obs.max() + 1.0]]
+        )
+    )
     out = np.zeros_like(t_obs)
     state = np.zeros(n_cmt)
     for t_a, t_b in zip(events[:-1], events[1:], strict=True):
@@ -77,9 +88,16 @@ def ode_central(params, n_cmt, t_obs, dose_time, dose_amt, dose_dur):
         rate = np.zeros(n_cmt)
         rate[0] = (dose_amt[running] / dose_dur[running]).sum()
         at = (t_obs >= t_a) & (t_obs < t_b)
-        sol = solve_ivp(lambda _, a, r=rate: k @ a + r, (t_a, t_b), state,
-                        method="LSODA", jac=lambda *_: k,
-                        t_eval=np.append(t_obs[at], t_b), rtol=1e-12, atol=1e-14)
+        sol = solve_ivp(
+            lambda _, a, r=rate: k @ a + r,
+            (t_a, t_b),
+            state,
+            method="LSODA",
+            jac=lambda *_: k,
+            t_eval=np.append(t_obs[at], t_b),
+            rtol=1e-12,
+            atol=1e-14,
+        )
         assert sol.success, sol.message
         out[at] = sol.y[0, :-1] / v1
         state = sol.y[:, -1]
@@ -180,15 +198,24 @@ def test_gradients_finite_and_match_finite_differences(n_cmt):
 
     @jax.jit
     def loss(log_p):
-        return jnp.sum(jnp.log(concentration(t, dose_time, dose_amt, dose_dur,
-                                             jnp.exp(log_p), n_cmt, 0.1)))
+        return jnp.sum(
+            jnp.log(
+                concentration(
+                    t, dose_time, dose_amt, dose_dur, jnp.exp(log_p), n_cmt, 0.1
+                )
+            )
+        )
 
     log_p = jnp.log(params)
     g = jax.grad(loss)(log_p)
     assert np.all(np.isfinite(g))
     h = 1e-6
-    fd = np.array([(loss(log_p.at[i].add(h)) - loss(log_p.at[i].add(-h))) / (2 * h)
-                   for i in range(log_p.shape[0])])
+    fd = np.array(
+        [
+            (loss(log_p.at[i].add(h)) - loss(log_p.at[i].add(-h))) / (2 * h)
+            for i in range(log_p.shape[0])
+        ]
+    )
     np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-9)
 
 
@@ -231,8 +258,9 @@ def test_analytic_slope_matches_autodiff(dur):
     t = jnp.array([-1.0, 0.2, 1.0, 1.6, 5.0, 50.0])
     lam, a = macro_constants(params, 3)
     got = jax.jit(macro_response_slope)(t, 1000.0, dur, lam, a)
-    expect = jax.jit(jax.vmap(jax.grad(
-        lambda s: dose_response(s, 1000.0, dur, params, 3))))(t)
+    expect = jax.jit(
+        jax.vmap(jax.grad(lambda s: dose_response(s, 1000.0, dur, params, 3)))
+    )(t)
     np.testing.assert_allclose(got, expect, rtol=1e-12)
 
 
@@ -243,8 +271,10 @@ def test_per_dose_params_superpose(n_cmt):
     occasions = jnp.asarray(random_params(rng, n_cmt, N_DOSE))
     t = jnp.linspace(0.0, 200.0, 30)
     got = conc(t, dose_time, dose_amt, dose_dur, occasions, n_cmt, 0.3)
-    expect = 0.3 + sum(response(t - dose_time[i], dose_amt[i], dose_dur[i],
-                                occasions[i], n_cmt) for i in range(N_DOSE))
+    expect = 0.3 + sum(
+        response(t - dose_time[i], dose_amt[i], dose_dur[i], occasions[i], n_cmt)
+        for i in range(N_DOSE)
+    )
     np.testing.assert_allclose(got, expect, rtol=1e-13)
     same = jnp.broadcast_to(occasions[0], occasions.shape)
     np.testing.assert_allclose(
@@ -260,8 +290,9 @@ def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="n_cmt"):
         macro_constants(jnp.ones(8), 4)
     with pytest.raises(ValueError, match="shape"):
-        concentration(jnp.ones(2), jnp.zeros(3), jnp.ones(3), jnp.zeros(3),
-                      jnp.ones((2, 4)), 2)
+        concentration(
+            jnp.ones(2), jnp.zeros(3), jnp.ones(3), jnp.zeros(3), jnp.ones((2, 4)), 2
+        )
 
 
 @pytest.mark.parametrize("n_cmt", [1, 2, 3])
@@ -269,14 +300,23 @@ def test_steady_state_equals_long_superposition(n_cmt):
     """The closed-form steady state equals 300 superposed doses (rtol 1e-10)."""
     from phems_clinical.pk.analytic import steady_state
 
-    params = {1: [2.0, 40.0], 2: [1.9, 22.0, 1.5, 7.3],
-              3: [2.4, 71.4, 1.67, 87.0, 39.3, 39.9]}[n_cmt]
+    params = {
+        1: [2.0, 40.0],
+        2: [1.9, 22.0, 1.5, 7.3],
+        3: [2.4, 71.4, 1.67, 87.0, 39.3, 39.9],
+    }[n_cmt]
     params = jnp.asarray(params)
     for tau, dur in [(24.0, 0.0), (48.0, 0.5), (168.0, 1.0)]:
         n = 300
         starts = jnp.arange(n) * tau
         t_rel = jnp.linspace(0.0, tau, 13)
-        brute = concentration(starts[-1] + t_rel, starts, jnp.full(n, 1000.0),
-                              jnp.full(n, dur), params, n_cmt)
+        brute = concentration(
+            starts[-1] + t_rel,
+            starts,
+            jnp.full(n, 1000.0),
+            jnp.full(n, dur),
+            params,
+            n_cmt,
+        )
         closed = steady_state(t_rel, tau, 1000.0, dur, params, n_cmt)
         np.testing.assert_allclose(closed, brute, rtol=1e-10)

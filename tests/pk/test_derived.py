@@ -26,16 +26,21 @@ from phems_clinical.pk.derived import (
 
 LN2 = math.log(2.0)
 RANGES = {
-    "CL": (0.5, 5.0), "V1": (10.0, 80.0), "Q2": (0.05, 40.0), "V2": (3.0, 100.0),
-    "Q3": (0.05, 40.0), "V3": (3.0, 100.0),
+    "CL": (0.5, 5.0),
+    "V1": (10.0, 80.0),
+    "Q2": (0.05, 40.0),
+    "V2": (3.0, 100.0),
+    "Q3": (0.05, 40.0),
+    "V3": (3.0, 100.0),
 }
 # jitted once per n_cmt at module level: eager dispatch would dominate the run time
 conc = jax.jit(concentration, static_argnames="n_cmt")
 ttt = jax.jit(time_to_threshold, static_argnames="n_cmt")
 auc_j = jax.jit(auc, static_argnames="n_cmt")
-half_lives = jax.jit(lambda p, n_cmt: (terminal_half_life(p, n_cmt),
-                                       effective_half_life(p, n_cmt)),
-                     static_argnames="n_cmt")
+half_lives = jax.jit(
+    lambda p, n_cmt: (terminal_half_life(p, n_cmt), effective_half_life(p, n_cmt)),
+    static_argnames="n_cmt",
+)
 
 # Typical values at the reference subject (each model's paper): terminal t1/2 (h) and
 # the time for a 3500 IU bolus to fall to 1 IU/dL (h; both as tabulated in
@@ -159,9 +164,16 @@ def test_time_to_threshold_gradient(n_cmt):
     log_p, thr = jnp.log(params), 1.0
     t_root, (g_p, g_thr) = value_and_grad(log_p, thr)
     h = 1e-5
-    fd = np.array([(value_and_grad(log_p.at[i].add(h), thr)[0]
-                    - value_and_grad(log_p.at[i].add(-h), thr)[0]) / (2 * h)
-                   for i in range(log_p.shape[0])])
+    fd = np.array(
+        [
+            (
+                value_and_grad(log_p.at[i].add(h), thr)[0]
+                - value_and_grad(log_p.at[i].add(-h), thr)[0]
+            )
+            / (2 * h)
+            for i in range(log_p.shape[0])
+        ]
+    )
     np.testing.assert_allclose(g_p, fd, rtol=1e-5, atol=1e-6)
     slope = jax.grad(lambda t: conc(t[None], *history, params, n_cmt, 0.2)[0])(t_root)
     np.testing.assert_allclose(g_thr, 1.0 / slope, rtol=1e-8)
@@ -180,15 +192,26 @@ def test_auc_matches_quad(n_cmt):
         history = random_history(rng)
         baseline = rng.uniform(0.0, 1.0)
         time, amt, dur = history
-        for t0, t1 in [(0.0, 24.0), (time[0] + 0.3 * max(dur[0], 0.1), time[0] + 48.0),
-                       (end_of_dosing(history) + 5.0, end_of_dosing(history) + 90.0)]:
+        for t0, t1 in [
+            (0.0, 24.0),
+            (time[0] + 0.3 * max(dur[0], 0.1), time[0] + 48.0),
+            (end_of_dosing(history) + 5.0, end_of_dosing(history) + 90.0),
+        ]:
             events = np.concatenate([time[amt > 0], (time + dur)[amt > 0]])
             inside = events[(events > t0) & (events < t1)]
+
             def level(t, history=history, params=params, baseline=baseline):
                 return float(conc(np.array([t]), *history, params, n_cmt, baseline)[0])
 
-            expect, _ = quad(level, t0, t1, points=inside if inside.size else None,
-                             limit=200, epsabs=0.0, epsrel=1e-13)
+            expect, _ = quad(
+                level,
+                t0,
+                t1,
+                points=inside if inside.size else None,
+                limit=200,
+                epsabs=0.0,
+                epsrel=1e-13,
+            )
             got = auc_j(t0, t1, *history, params, n_cmt, baseline)
             np.testing.assert_allclose(got, expect, rtol=1e-10)
 
@@ -199,26 +222,38 @@ def test_auc_long_horizon_and_additivity(n_cmt):
     params = jnp.asarray(random_params(rng, n_cmt))
     history = random_history(rng)
     total = float(np.sum(history[1]))
-    np.testing.assert_allclose(auc_j(0.0, 2e5, *history, params, n_cmt),
-                               total / float(params[0]), rtol=1e-11)
+    np.testing.assert_allclose(
+        auc_j(0.0, 2e5, *history, params, n_cmt), total / float(params[0]), rtol=1e-11
+    )
     np.testing.assert_allclose(auc_inf(total, params, n_cmt), total / params[0])
     a, b, c = 3.0, 40.5, 130.0
-    split = (auc_j(a, b, *history, params, n_cmt, 0.4)
-             + auc_j(b, c, *history, params, n_cmt, 0.4))
-    np.testing.assert_allclose(split, auc_j(a, c, *history, params, n_cmt, 0.4),
-                               rtol=1e-12)
+    split = auc_j(a, b, *history, params, n_cmt, 0.4) + auc_j(
+        b, c, *history, params, n_cmt, 0.4
+    )
+    np.testing.assert_allclose(
+        split, auc_j(a, c, *history, params, n_cmt, 0.4), rtol=1e-12
+    )
     # per-dose parameters with identical rows reduce to shared ones
     rows = jnp.broadcast_to(params, (history[0].shape[0], params.shape[0]))
-    np.testing.assert_allclose(auc_j(a, c, *history, rows, n_cmt),
-                               auc_j(a, c, *history, params, n_cmt), rtol=1e-13)
+    np.testing.assert_allclose(
+        auc_j(a, c, *history, rows, n_cmt),
+        auc_j(a, c, *history, params, n_cmt),
+        rtol=1e-13,
+    )
 
 
 def test_auc_gradient_finite_for_bolus_and_padding():
     params = jnp.array([2.0, 40.0, 1.0, 10.0])
-    history = (jnp.array([0.0, 10.0, 0.0]), jnp.array([1000.0, 500.0, 0.0]),
-               jnp.array([0.0, 1.0, 0.0]))
-    g = jax.jit(jax.grad(lambda p, d: auc(0.5, 30.0, history[0], history[1], d, p, 2),
-                         argnums=(0, 1)))(params, history[2])
+    history = (
+        jnp.array([0.0, 10.0, 0.0]),
+        jnp.array([1000.0, 500.0, 0.0]),
+        jnp.array([0.0, 1.0, 0.0]),
+    )
+    g = jax.jit(
+        jax.grad(
+            lambda p, d: auc(0.5, 30.0, history[0], history[1], d, p, 2), argnums=(0, 1)
+        )
+    )(params, history[2])
     assert all(np.all(np.isfinite(x)) for x in g)
 
 
@@ -234,8 +269,11 @@ def test_terminal_half_life_bjorkman_advate():
     assert float(terminal) == pytest.approx(11.7, abs=0.1)
 
 
-@pytest.mark.parametrize(("name", "n_cmt", "params", "t_half", "t_to_1"), PUBLISHED,
-                         ids=[row[0] for row in PUBLISHED])
+@pytest.mark.parametrize(
+    ("name", "n_cmt", "params", "t_half", "t_to_1"),
+    PUBLISHED,
+    ids=[row[0] for row in PUBLISHED],
+)
 def test_published_typical_values(name, n_cmt, params, t_half, t_to_1):
     del name
     params = jnp.array(params)
@@ -243,8 +281,9 @@ def test_published_typical_values(name, n_cmt, params, t_half, t_to_1):
     digits = 0.5 if t_half == round(t_half) else 0.05
     assert float(terminal) == pytest.approx(t_half, abs=digits)
     if t_to_1 is not None:
-        t = ttt(1.0, 0.0, jnp.zeros(1), jnp.array([3500.0]), jnp.zeros(1), params,
-                n_cmt)
+        t = ttt(
+            1.0, 0.0, jnp.zeros(1), jnp.array([3500.0]), jnp.zeros(1), params, n_cmt
+        )
         assert float(t) == pytest.approx(t_to_1, abs=1.0)
 
 
@@ -270,14 +309,28 @@ def test_summarise_vmaps_and_is_consistent():
     @jax.jit
     @jax.vmap
     def summary(p):
-        return summarise(p, 2, weight_kg=70.0, dose_time=history[0],
-                         dose_amt=history[1], dose_dur=history[2], baseline=0.2)
+        return summarise(
+            p,
+            2,
+            weight_kg=70.0,
+            dose_time=history[0],
+            dose_amt=history[1],
+            dose_dur=history[2],
+            baseline=0.2,
+        )
 
     out = summary(params)
     assert set(out) == {
-        "clearance", "vss", "terminal_half_life", "effective_half_life",
-        "incremental_recovery", "auc_inf", "end_of_dosing", "time_to_1",
-        "time_to_2", "time_to_5",
+        "clearance",
+        "vss",
+        "terminal_half_life",
+        "effective_half_life",
+        "incremental_recovery",
+        "auc_inf",
+        "end_of_dosing",
+        "time_to_1",
+        "time_to_2",
+        "time_to_5",
     }
     assert all(v.shape == (4,) for v in out.values())
     np.testing.assert_allclose(out["end_of_dosing"], end)
@@ -286,7 +339,8 @@ def test_summarise_vmaps_and_is_consistent():
     for i in range(4):
         for thr in DEFAULT_THRESHOLDS:
             t = ttt(thr, end, *history, params[i], 2, 0.2)
-            assert float(out[f"time_to_{thr:g}"][i]) == pytest.approx(float(t) - end,
-                                                                      abs=1e-9)
+            assert float(out[f"time_to_{thr:g}"][i]) == pytest.approx(
+                float(t) - end, abs=1e-9
+            )
     assert np.all(out["time_to_1"] >= out["time_to_2"])
     assert np.all(out["time_to_2"] >= out["time_to_5"])

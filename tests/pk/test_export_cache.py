@@ -30,6 +30,7 @@ def _build(model):
     def f(key, x, scale):
         noise = jax.random.normal(key, x.shape)
         return {"y": jnp.exp(-theta[0] * x) * scale + noise, "n": jnp.sum(x > 1.0)}
+
     return jax.jit(f)
 
 
@@ -46,7 +47,8 @@ def _same(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(la) == len(lb) and all(
         np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
-        for x, y in zip(la, lb, strict=True))
+        for x, y in zip(la, lb, strict=True)
+    )
 
 
 def _source(fn):
@@ -75,10 +77,14 @@ def test_damaged_file_is_rebuilt(cache, damage):
     expected = _fresh(m)(*_args())
     (path,) = cache.glob("toy-*.jaxexp")
     blob = path.read_bytes()
-    path.write_bytes({"truncate": blob[: len(blob) // 2],
-                      "flip": blob[:-100] + bytes([blob[-100] ^ 0xFF]) + blob[-99:],
-                      "empty": b"",
-                      "garbage": b"\x00" * 64}[damage])
+    path.write_bytes(
+        {
+            "truncate": blob[: len(blob) // 2],
+            "flip": blob[:-100] + bytes([blob[-100] ^ 0xFF]) + blob[-99:],
+            "empty": b"",
+            "garbage": b"\x00" * 64,
+        }[damage]
+    )
     fn = _fresh(m)
     assert _same(fn(*_args()), expected)
     assert _source(fn) == ["exported"]
@@ -144,9 +150,18 @@ def test_fit_map_reloaded_in_a_new_model_object(cache):
     from phems_clinical.pk.forecast import _compiled_map, fit_map
     from phems_clinical.pk.model import initial_params
 
-    row = dict(dose_time=[0.0], dose_amt=[1000.0], dose_dur=[0.17], dose_occ=[0],
-               obs_time=[4.0, 24.0], obs_dv=[40.2, 10.1], obs_blq=[False, False],
-               obs_lloq=[0.0, 0.0], obs_occ=[0, 0], covariates=[25.0, 8.0])
+    row = dict(
+        dose_time=[0.0],
+        dose_amt=[1000.0],
+        dose_dur=[0.17],
+        dose_occ=[0],
+        obs_time=[4.0, 24.0],
+        obs_dv=[40.2, 10.1],
+        obs_blq=[False, False],
+        obs_lloq=[0.0, 0.0],
+        obs_occ=[0, 0],
+        covariates=[25.0, 8.0],
+    )
     subject = jax.tree.map(lambda x: x[0], stack_subjects([row]))
     m1, m2 = load_product("advate"), load_product("advate")
     r1 = fit_map(m1, initial_params(m1), subject)
@@ -173,8 +188,9 @@ def test_dosing_assessment_reloaded_is_bit_identical(cache):
     from phems_clinical.dosing.workflow import assess
 
     root = Path(__file__).resolve().parents[2]
-    request = json.loads((root / "data_schemas" / "examples" /
-                          "dosing_request.minimal.json").read_text())
+    request = json.loads(
+        (root / "data_schemas" / "examples" / "dosing_request.minimal.json").read_text()
+    )
     # programs an earlier test of this process holds in memory were written to
     # another cache folder: start as a new process would, from this one
     ec.forget_programs()
@@ -194,14 +210,17 @@ def test_dosing_assessment_reloaded_is_bit_identical(cache):
     assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"PHEMS_CACHE_DIR": "off"}, None),
-    ({"PHEMS_CACHE_DIR": "OFF"}, None),
-    ({"PHEMS_CACHE_DIR": "/x/y"}, Path("/x/y")),
-    ({"XDG_CACHE_HOME": "/xdg"}, Path("/xdg/phems_clinical/jax")),
-    ({"XDG_CACHE_HOME": "relative"}, Path.home() / ".cache/phems_clinical/jax"),
-    ({}, Path.home() / ".cache/phems_clinical/jax"),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"PHEMS_CACHE_DIR": "off"}, None),
+        ({"PHEMS_CACHE_DIR": "OFF"}, None),
+        ({"PHEMS_CACHE_DIR": "/x/y"}, Path("/x/y")),
+        ({"XDG_CACHE_HOME": "/xdg"}, Path("/xdg/phems_clinical/jax")),
+        ({"XDG_CACHE_HOME": "relative"}, Path.home() / ".cache/phems_clinical/jax"),
+        ({}, Path.home() / ".cache/phems_clinical/jax"),
+    ],
+)
 def test_cache_dir(monkeypatch, env, expected):
     from phems_clinical.runtime import cache_dir
 

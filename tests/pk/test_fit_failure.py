@@ -22,8 +22,9 @@ from phems_clinical.pk.simulate import HospitalSpec, simulate_hospitals
 def small(tmp_path_factory):
     """advate, 4 richly sampled patients (cohort built by the reader, unchanged)."""
     model = load_product("advate")
-    events, _ = simulate_hospitals(jax.random.key(0), model,
-                                   [HospitalSpec("H1", 4, design="rich")])
+    events, _ = simulate_hospitals(
+        jax.random.key(0), model, [HospitalSpec("H1", 4, design="rich")]
+    )
     path = tmp_path_factory.mktemp("fitfail") / "d.csv"
     events.to_csv(path, index=False)
     data = read_nonmem(path, required_covariates=model.covariate_names)
@@ -74,8 +75,14 @@ def test_svi_with_non_finite_data_refuses_to_start(small):
     j = _first_obs(cohort, 1)
     bad = cohort._replace(obs_dv=cohort.obs_dv.at[1, j].set(np.inf))
     with pytest.raises(bayes.NonFiniteStartError, match="not finite at the start"):
-        bayes.fit_svi(jax.random.key(0), model, bad, num_steps=5,
-                      num_posterior_samples=10, warm_start=False)
+        bayes.fit_svi(
+            jax.random.key(0),
+            model,
+            bad,
+            num_steps=5,
+            num_posterior_samples=10,
+            warm_start=False,
+        )
 
 
 def _summary(r_hat):
@@ -83,33 +90,47 @@ def _summary(r_hat):
     return pd.DataFrame({"mean": [1.0, 2.0], "r_hat": r_hat}, index=names)
 
 
-@pytest.mark.parametrize("r_hat, n_div, expect", [
-    ([1.01, 1.02], 0, ""),
-    ([1.01, 1.3], 0, "split R-hat >= 1.1 for THETA(V1)"),
-    ([1.01, np.nan], 0, "split R-hat >= 1.1 for THETA(V1)"),
-    ([1.01, 1.02], 2, "2 divergent transitions"),
-])
+@pytest.mark.parametrize(
+    "r_hat, n_div, expect",
+    [
+        ([1.01, 1.02], 0, ""),
+        ([1.01, 1.3], 0, "split R-hat >= 1.1 for THETA(V1)"),
+        ([1.01, np.nan], 0, "split R-hat >= 1.1 for THETA(V1)"),
+        ([1.01, 1.02], 2, "2 divergent transitions"),
+    ],
+)
 def test_nuts_convergence_thresholds(r_hat, n_div, expect):
     draws = np.ones((1, 4, 2))
-    why = bayes._convergence(_summary(r_hat), draws, None, None, n_div,
-                             bayes.RHAT_MAX, bayes.MAX_DIVERGENT)
+    why = bayes._convergence(
+        _summary(r_hat), draws, None, None, n_div, bayes.RHAT_MAX, bayes.MAX_DIVERGENT
+    )
     assert (expect in why) and (bool(why) == bool(expect))
 
 
 def test_nuts_non_finite_draws_are_not_converged():
     draws = np.ones((1, 4, 2))
     draws[0, 3, 0] = np.nan
-    why = bayes._convergence(_summary([1.0, 1.0]), draws, jnp.zeros((3, 1)), None, 0,
-                             bayes.RHAT_MAX, bayes.MAX_DIVERGENT)
+    why = bayes._convergence(
+        _summary([1.0, 1.0]),
+        draws,
+        jnp.zeros((3, 1)),
+        None,
+        0,
+        bayes.RHAT_MAX,
+        bayes.MAX_DIVERGENT,
+    )
     assert "non-finite draws of THETA(CL)" in why
 
 
-@pytest.mark.parametrize("fitted, why", [
-    (None, None),
-    ({"method": "focei", "converged": True}, None),
-    ({"method": "focei", "converged": False}, "converged: False"),
-    ({"method": "focei"}, "converged: missing"),
-])
+@pytest.mark.parametrize(
+    "fitted, why",
+    [
+        (None, None),
+        ({"method": "focei", "converged": True}, None),
+        ({"method": "focei", "converged": False}, "converged: False"),
+        ({"method": "focei"}, "converged: missing"),
+    ],
+)
 def test_not_converged_names_a_fit_that_must_not_be_used(fitted, why):
     from phems_clinical.pk.spec import not_converged, parse_model, to_spec
 

@@ -27,8 +27,9 @@ NONMEM_THETA = np.array([4.69555e-03, 9.84258e-01, 1.58920e-01])
 NONMEM_OMEGA = np.array([2.93508e-02, 2.79060e-02])
 NONMEM_SIGMA = 1.32410e-02
 # order: THETA1..3, OMEGA11, OMEGA22, SIGMA11
-NONMEM_SE = np.array([2.09967e-04, 2.68946e-02, 8.37555e-02, 1.34156e-02, 7.47591e-03,
-                      2.27991e-03])
+NONMEM_SE = np.array(
+    [2.09967e-04, 2.68946e-02, 8.37555e-02, 1.34156e-02, 7.47591e-03, 2.27991e-03]
+)
 # pheno.lst: ETASHRINKSD(%)
 NONMEM_SHRINK_SD = np.array([4.7580e01, 1.3581e01])
 
@@ -49,10 +50,13 @@ def _nonmem_params(model):
     # theta holds every fixed effect, the fixed WGT exponents (= 1) included
     free = [i for i, t in enumerate(model.thetas) if not t.fixed]
     theta = initial_params(model).theta.at[jnp.array(free)].set(NONMEM_THETA)
-    return PopParams(theta=theta, omega=jnp.diag(NONMEM_OMEGA),
-                     omega_iov=jnp.zeros((0,)),
-                     sigma=jnp.array([0.0, np.sqrt(NONMEM_SIGMA)]),
-                     baseline=jnp.asarray(0.0))
+    return PopParams(
+        theta=theta,
+        omega=jnp.diag(NONMEM_OMEGA),
+        omega_iov=jnp.zeros((0,)),
+        sigma=jnp.array([0.0, np.sqrt(NONMEM_SIGMA)]),
+        baseline=jnp.asarray(0.0),
+    )
 
 
 def test_objective_at_nonmem_estimates(pheno):
@@ -60,11 +64,13 @@ def test_objective_at_nonmem_estimates(pheno):
     model, cohort, phi = pheno
     ofv, per, b = focei_objective(model, cohort, _nonmem_params(model))
     assert float(ofv) == pytest.approx(NONMEM_OFV, rel=1e-6)
-    np.testing.assert_allclose(np.asarray(per), phi["OBJ"].to_numpy(), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(per), phi["OBJ"].to_numpy(), rtol=1e-5, atol=1e-5
+    )
     # conditional ETAs (NONMEM POSTHOC/FNLETA) within 1e-4
-    np.testing.assert_allclose(np.asarray(b), phi[["ETA(1)", "ETA(2)"]].to_numpy(),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(b), phi[["ETA(1)", "ETA(2)"]].to_numpy(), atol=1e-4
+    )
 
 
 def test_fit_reproduces_nonmem(pheno):
@@ -75,14 +81,22 @@ def test_fit_reproduces_nonmem(pheno):
     assert fit.ofv == pytest.approx(NONMEM_OFV, rel=5e-6)
     assert fit.ofv <= NONMEM_OFV + 1e-4  # NONMEM stops at 3.8 significant digits
     np.testing.assert_allclose(fit.estimates[:3], NONMEM_THETA, rtol=0.01)
-    np.testing.assert_allclose(np.diag(np.asarray(fit.params.omega)), NONMEM_OMEGA,
-                               rtol=0.01)
+    np.testing.assert_allclose(
+        np.diag(np.asarray(fit.params.omega)), NONMEM_OMEGA, rtol=0.01
+    )
     assert float(fit.params.sigma[1]) ** 2 == pytest.approx(NONMEM_SIGMA, rel=0.01)
-    np.testing.assert_allclose(fit.etas, phi[["ETA(1)", "ETA(2)"]].to_numpy(),
-                               atol=2e-3)
+    np.testing.assert_allclose(
+        fit.etas, phi[["ETA(1)", "ETA(2)"]].to_numpy(), atol=2e-3
+    )
     names = list(fit.natural_names)
-    assert names == ["THETA(CL)", "THETA(V1)", "THETA(V_APGR)", "OMEGA(CL,CL)",
-                     "OMEGA(V1,V1)", "SIGMA(proportional)"]
+    assert names == [
+        "THETA(CL)",
+        "THETA(V1)",
+        "THETA(V_APGR)",
+        "OMEGA(CL,CL)",
+        "OMEGA(V1,V1)",
+        "SIGMA(proportional)",
+    ]
     np.testing.assert_allclose(fit.se_sandwich, NONMEM_SE, rtol=0.10)
     assert np.all(fit.se > 0)
     # eta shrinkage, NONMEM ETASHRINKSD, to 1 percentage point
@@ -119,28 +133,53 @@ def test_iov_single_occasion_equals_summed_iiv():
     from phems_clinical.pk.simulate import HospitalSpec, simulate_cohort
     from phems_clinical.pk.spec import parse_model
 
-    base = {"name": "iov_check", "structure": {"compartments": 1},
-            "parameters": {"CL": {"value": 2.0}, "V1": {"value": 30.0}},
-            "covariates": [{"parameter": "CL", "covariate": "WT", "effect": "power",
-                            "reference": 50, "coefficient": 0.75}],
-            "residual": {"proportional": 0.12, "additive": 0.5}}
+    base = {
+        "name": "iov_check",
+        "structure": {"compartments": 1},
+        "parameters": {"CL": {"value": 2.0}, "V1": {"value": 30.0}},
+        "covariates": [
+            {
+                "parameter": "CL",
+                "covariate": "WT",
+                "effect": "power",
+                "reference": 50,
+                "coefficient": 0.75,
+            }
+        ],
+        "residual": {"proportional": 0.12, "additive": 0.5},
+    }
     a, b = 0.06, 0.04
-    with_iov = parse_model({**base, "iiv": {"parameters": ["CL", "V1"],
-                                            "variance": [[a, 0.01], [0.01, 0.03]]},
-                            "iov": {"parameters": ["CL"], "sd": [b ** 0.5]}})
-    summed = parse_model({**base, "iiv": {"parameters": ["CL", "V1"],
-                                          "variance": [[a + b, 0.01], [0.01, 0.03]]}})
-    events, _ = simulate_cohort(jax.random.key(11), with_iov,
-                                HospitalSpec("H", 20, design="sparse",
-                                             washout_fraction=0.5))
+    with_iov = parse_model(
+        {
+            **base,
+            "iiv": {"parameters": ["CL", "V1"], "variance": [[a, 0.01], [0.01, 0.03]]},
+            "iov": {"parameters": ["CL"], "sd": [b**0.5]},
+        }
+    )
+    summed = parse_model(
+        {
+            **base,
+            "iiv": {
+                "parameters": ["CL", "V1"],
+                "variance": [[a + b, 0.01], [0.01, 0.03]],
+            },
+        }
+    )
+    events, _ = simulate_cohort(
+        jax.random.key(11),
+        with_iov,
+        HospitalSpec("H", 20, design="sparse", washout_fraction=0.5),
+    )
     cohort, _ = to_cohort(read_nonmem(events, required_covariates=("WT",)), ("WT",))
-    ofv_iov, per_iov, b_iov = focei_objective(with_iov, cohort,
-                                              initial_params(with_iov))
+    ofv_iov, per_iov, b_iov = focei_objective(
+        with_iov, cohort, initial_params(with_iov)
+    )
     ofv_sum, per_sum, b_sum = focei_objective(summed, cohort, initial_params(summed))
     np.testing.assert_allclose(np.asarray(per_iov), np.asarray(per_sum), rtol=1e-9)
     assert float(ofv_iov) == pytest.approx(float(ofv_sum), rel=1e-10)
     eta_cl, kappa = np.asarray(b_iov[:, 0]), np.asarray(b_iov[:, 2])
     np.testing.assert_allclose(eta_cl + kappa, np.asarray(b_sum[:, 0]), atol=1e-7)
     u = np.asarray(b_sum[:, :2])
-    np.testing.assert_allclose(kappa, b * np.linalg.solve(summed.omega, u.T)[0],
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        kappa, b * np.linalg.solve(summed.omega, u.T)[0], atol=1e-7
+    )

@@ -33,9 +33,18 @@ REF = Path(__file__).parents[1] / "reference" / "nonmem_pheno"
 
 def _row(times, dv, covariates, dose=1000.0, dur=0.0):
     n = len(times)
-    return dict(dose_time=[0.0], dose_amt=[dose], dose_dur=[dur], dose_occ=[0],
-                obs_time=list(times), obs_dv=list(dv), obs_blq=[False] * n,
-                obs_lloq=[0.0] * n, obs_occ=[0] * n, covariates=list(covariates))
+    return dict(
+        dose_time=[0.0],
+        dose_amt=[dose],
+        dose_dur=[dur],
+        dose_occ=[0],
+        obs_time=list(times),
+        obs_dv=list(dv),
+        obs_blq=[False] * n,
+        obs_lloq=[0.0] * n,
+        obs_occ=[0] * n,
+        covariates=list(covariates),
+    )
 
 
 def _one(row, n_obs=4):
@@ -47,14 +56,22 @@ def test_map_matches_nonmem_posthoc_etas():
     from phems_clinical.data.nonmem import read_nonmem, to_cohort
 
     model = load_model(configs_dir() / "model" / "pheno.yaml")
-    cohort, _ = to_cohort(read_nonmem(REF / "pheno.dta", dv_unit=None),
-                          model.covariate_names)
+    cohort, _ = to_cohort(
+        read_nonmem(REF / "pheno.dta", dv_unit=None), model.covariate_names
+    )
     free = [i for i, t in enumerate(model.thetas) if not t.fixed]
-    theta = initial_params(model).theta.at[jnp.array(free)].set(
-        [4.69555e-03, 9.84258e-01, 1.58920e-01])
-    params = PopParams(theta, jnp.diag(jnp.array([2.93508e-02, 2.79060e-02])),
-                       jnp.zeros(0), jnp.array([0.0, np.sqrt(1.32410e-02)]),
-                       jnp.asarray(0.0))
+    theta = (
+        initial_params(model)
+        .theta.at[jnp.array(free)]
+        .set([4.69555e-03, 9.84258e-01, 1.58920e-01])
+    )
+    params = PopParams(
+        theta,
+        jnp.diag(jnp.array([2.93508e-02, 2.79060e-02])),
+        jnp.zeros(0),
+        jnp.array([0.0, np.sqrt(1.32410e-02)]),
+        jnp.asarray(0.0),
+    )
     phi = pd.read_csv(REF / "pheno.phi", sep=r"\s+", skiprows=1)
     res = fit_map_batch(model, params, cohort)
     np.testing.assert_allclose(np.asarray(res.b), phi[["ETA(1)", "ETA(2)"]], atol=1e-4)
@@ -67,8 +84,12 @@ def test_map_matches_nonmem_posthoc_etas():
 def advate_patient():
     model = load_product("advate")
     cov = [25.0, 8.0]
-    return model, initial_params(model), _one(_row([4.0, 24.0, 48.0],
-                                                   [40.2, 10.1, 1.5], cov)), cov
+    return (
+        model,
+        initial_params(model),
+        _one(_row([4.0, 24.0, 48.0], [40.2, 10.1, 1.5], cov)),
+        cov,
+    )
 
 
 def _grid_posterior(model, params, cov, times, dv, dose=1000.0, n=241):
@@ -111,8 +132,9 @@ def test_nuts_matches_quadrature_posterior(advate_patient, key):
     subject = subject._replace(dose_dur=jnp.zeros_like(subject.dose_dur))
     times, dv = [4.0, 24.0, 48.0], [40.2, 10.1, 1.5]
     mean, sd, (q05, q95) = _grid_posterior(model, params, cov, times, dv)
-    post = fit_nuts_individual(key, model, params, subject, num_warmup=500,
-                               num_samples=2000, num_chains=4)
+    post = fit_nuts_individual(
+        key, model, params, subject, num_warmup=500, num_samples=2000, num_chains=4
+    )
     b = np.asarray(post.b)
     assert post.n_divergent == 0
     assert np.all(post.r_hat < 1.01)
@@ -120,8 +142,9 @@ def test_nuts_matches_quadrature_posterior(advate_patient, key):
     # Monte Carlo error of a posterior mean is sd/sqrt(ESS): 4.5 of those
     assert np.all(np.abs(b.mean(0) - mean) < 4.5 * sd / np.sqrt(ess))
     np.testing.assert_allclose(b.std(0), sd, rtol=0.06)
-    np.testing.assert_allclose(np.quantile(b[:, 0], [0.05, 0.95]), [q05, q95],
-                               atol=0.15 * sd[0])
+    np.testing.assert_allclose(
+        np.quantile(b[:, 0], [0.05, 0.95]), [q05, q95], atol=0.15 * sd[0]
+    )
     # the Laplace approximation is close for this well-informed patient
     lap = laplace_draws(key, post.map, 20000)
     np.testing.assert_allclose(np.asarray(lap).std(0), sd, rtol=0.15)
@@ -138,20 +161,24 @@ def test_map_is_the_grid_mode(advate_patient):
 
     obj = build_focei(model, 1).inner_objective
     ref = scipy.optimize.minimize(
-        lambda b: float(obj(jnp.asarray(b), params, subject)), np.zeros(2),
-        method="Nelder-Mead", options={"xatol": 1e-9, "fatol": 1e-12,
-                                       "maxiter": 4000})
+        lambda b: float(obj(jnp.asarray(b), params, subject)),
+        np.zeros(2),
+        method="Nelder-Mead",
+        options={"xatol": 1e-9, "fatol": 1e-12, "maxiter": 4000},
+    )
     np.testing.assert_allclose(np.asarray(res.b), ref.x, atol=1e-5)
 
 
 def test_without_levels_the_posterior_is_the_prior(advate_patient):
     model, params, _, cov = advate_patient
-    empty = jax.tree.map(lambda x: x[0], stack_subjects(
-        [_row([], [], cov)], n_dose=2, n_obs=4))
+    empty = jax.tree.map(
+        lambda x: x[0], stack_subjects([_row([], [], cov)], n_dose=2, n_obs=4)
+    )
     res = fit_map(model, params, empty)
     np.testing.assert_allclose(np.asarray(res.b), 0.0, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(res.cov), np.asarray(params.omega),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        np.asarray(res.cov), np.asarray(params.omega), rtol=1e-10
+    )
 
 
 @pytest.mark.slow
@@ -183,8 +210,14 @@ def test_nuts_intervals_are_calibrated(key):
     covered = 0
     for i in range(n):
         subject = _one(_row(times, y[i], [wt[i], age[i]], dose=dose[i]))
-        post = fit_nuts_individual(jax.random.fold_in(k_fit, i), model, params,
-                                   subject, num_warmup=300, num_samples=500)
+        post = fit_nuts_individual(
+            jax.random.fold_in(k_fit, i),
+            model,
+            params,
+            subject,
+            num_warmup=300,
+            num_samples=500,
+        )
         lo, hi = np.quantile(np.asarray(post.b[:, 0]), [0.05, 0.95])
         covered += int(lo <= float(eta[i, 0]) <= hi)
     assert 64 <= covered <= 79, covered

@@ -55,8 +55,9 @@ def ode_levels(t_obs, dose_time, dose_amt, dose_dur, dose_occ, occ_params, n_cmt
     """Central levels by a piecewise ODE solve; parameters of the occasion of the
     latest dose started at or before ``t`` (samples at a dose time see the dose)."""
     real = np.asarray(dose_amt) > 0
-    dt, da, dd, do = (np.asarray(x)[real]
-                      for x in (dose_time, dose_amt, dose_dur, dose_occ))
+    dt, da, dd, do = (
+        np.asarray(x)[real] for x in (dose_time, dose_amt, dose_dur, dose_occ)
+    )
     order = np.argsort(dt, kind="stable")
     dt, da, dd, do = dt[order], da[order], dd[order], do[order]
     mats = [_rate_matrix(p, n_cmt) for p in np.asarray(occ_params)]
@@ -79,8 +80,14 @@ def ode_levels(t_obs, dose_time, dose_amt, dose_dur, dose_occ, occ_params, n_cmt
         if i + 1 == len(marks) or occ is None:
             continue
         m, r = mats[occ], rate(0.5 * (a + marks[i + 1]))
-        sol = solve_ivp(lambda _t, y, m=m, r=r: m @ y + r * e0, (a, marks[i + 1]), x,
-                        method="DOP853", rtol=1e-13, atol=1e-12)
+        sol = solve_ivp(
+            lambda _t, y, m=m, r=r: m @ y + r * e0,
+            (a, marks[i + 1]),
+            x,
+            method="DOP853",
+            rtol=1e-13,
+            atol=1e-12,
+        )
         x = sol.y[:, -1]
     return np.array([out[t] for t in np.asarray(t_obs).tolist()])
 
@@ -88,17 +95,39 @@ def ode_levels(t_obs, dose_time, dose_amt, dose_dur, dose_occ, occ_params, n_cmt
 # --------------------------------------------------------------------------------
 # NONMEM semantics against the ODE
 
-BASE = {1: [2.0, 40.0], 2: [2.0, 40.0, 5.0, 20.0],
-        3: [2.0, 40.0, 5.0, 20.0, 0.5, 30.0]}
+BASE = {1: [2.0, 40.0], 2: [2.0, 40.0, 5.0, 20.0], 3: [2.0, 40.0, 5.0, 20.0, 0.5, 30.0]}
 # prophylaxis without washout: every 48 h, bolus and infusions; the 12 h infusion
 # at 96 h runs across the occasion change at 100 h; the last dose is padding
 DOSE_TIME = np.array([0.0, 48.0, 96.0, 100.0, 144.0, 192.0, 0.0])
 DOSE_AMT = np.array([1000.0, 1500.0, 800.0, 1200.0, 1000.0, 900.0, 0.0])
 DOSE_DUR = np.array([0.0, 0.5, 12.0, 0.0, 1.0, 10 / 60, 0.0])
 DOSE_OCC = np.array([0, 1, 1, 2, 3, 0, 0])
-TIMES = np.array([0.0, 0.25, 1.0, 24.0, 47.9, 48.0, 48.2, 60.0, 96.0, 99.9, 100.0,
-                  101.0, 107.9, 108.0, 110.0, 143.99, 144.0, 144.5, 150.0, 192.0,
-                  192.1, 240.0])
+TIMES = np.array(
+    [
+        0.0,
+        0.25,
+        1.0,
+        24.0,
+        47.9,
+        48.0,
+        48.2,
+        60.0,
+        96.0,
+        99.9,
+        100.0,
+        101.0,
+        107.9,
+        108.0,
+        110.0,
+        143.99,
+        144.0,
+        144.5,
+        150.0,
+        192.0,
+        192.1,
+        240.0,
+    ]
+)
 
 
 @pytest.mark.parametrize("n_cmt", [1, 2, 3])
@@ -106,23 +135,41 @@ def test_occasion_switch_matches_ode(n_cmt):
     rng = np.random.default_rng(17 + n_cmt)
     occ_params = np.asarray(BASE[n_cmt]) * np.exp(rng.normal(0.0, 0.3, (4, 2 * n_cmt)))
     ref = ode_levels(TIMES, DOSE_TIME, DOSE_AMT, DOSE_DUR, DOSE_OCC, occ_params, n_cmt)
-    got = np.asarray(occ_conc(TIMES, DOSE_TIME, DOSE_AMT, DOSE_DUR, DOSE_OCC,
-                              occ_params, n_cmt=n_cmt))
+    got = np.asarray(
+        occ_conc(
+            TIMES, DOSE_TIME, DOSE_AMT, DOSE_DUR, DOSE_OCC, occ_params, n_cmt=n_cmt
+        )
+    )
     np.testing.assert_allclose(got, ref, rtol=1e-8, atol=0.0)
     # and the old per-dose semantics is measurably different here (no washout)
-    old = np.asarray(concentration(TIMES, DOSE_TIME, DOSE_AMT, DOSE_DUR,
-                                   occ_params[DOSE_OCC], n_cmt))
+    old = np.asarray(
+        concentration(TIMES, DOSE_TIME, DOSE_AMT, DOSE_DUR, occ_params[DOSE_OCC], n_cmt)
+    )
     assert np.max(np.abs(old - ref) / ref) > 0.01
 
 
 def test_unsorted_doses_and_baseline():
     """Dose order in the arrays does not matter; the baseline is added."""
     perm = np.array([3, 0, 6, 5, 1, 4, 2])
-    occ_params = np.array([[2.0, 40.0, 5.0, 20.0], [3.0, 35.0, 4.0, 25.0],
-                           [1.5, 45.0, 6.0, 15.0], [2.5, 38.0, 5.5, 22.0]])
+    occ_params = np.array(
+        [
+            [2.0, 40.0, 5.0, 20.0],
+            [3.0, 35.0, 4.0, 25.0],
+            [1.5, 45.0, 6.0, 15.0],
+            [2.5, 38.0, 5.5, 22.0],
+        ]
+    )
     a = occ_conc(TIMES, DOSE_TIME, DOSE_AMT, DOSE_DUR, DOSE_OCC, occ_params, n_cmt=2)
-    b = occ_conc(TIMES, DOSE_TIME[perm], DOSE_AMT[perm], DOSE_DUR[perm],
-                 DOSE_OCC[perm], occ_params, 2, 0.7)
+    b = occ_conc(
+        TIMES,
+        DOSE_TIME[perm],
+        DOSE_AMT[perm],
+        DOSE_DUR[perm],
+        DOSE_OCC[perm],
+        occ_params,
+        2,
+        0.7,
+    )
     np.testing.assert_allclose(np.asarray(b), np.asarray(a) + 0.7, rtol=1e-13)
 
 
@@ -135,12 +182,17 @@ def test_issue_example():
     per-dose semantics gave 19.30 IU/dL (25 exp(-1.5) + 25 exp(-0.6)).
     """
     p = np.array([[2.0, 40.0], [4.0, 40.0]])
-    args = (np.array([30.0]), np.array([0.0, 24.0]), np.array([1000.0, 1000.0]),
-            np.zeros(2))
+    args = (
+        np.array([30.0]),
+        np.array([0.0, 24.0]),
+        np.array([1000.0, 1000.0]),
+        np.zeros(2),
+    )
     new = float(occ_conc(*args, np.array([0, 1]), p, n_cmt=1)[0])
     old = float(concentration(*args, p, 1)[0])
-    assert new == pytest.approx(1000 * (np.exp(-1.2) + 1) / 40 * np.exp(-0.6),
-                                rel=1e-13)
+    assert new == pytest.approx(
+        1000 * (np.exp(-1.2) + 1) / 40 * np.exp(-0.6), rel=1e-13
+    )
     assert old == pytest.approx(25 * np.exp(-1.5) + 25 * np.exp(-0.6), rel=1e-13)
     assert round(new, 2) == 17.85 and round(old, 2) == 19.30
 
@@ -158,12 +210,19 @@ def test_washout_makes_both_semantics_agree():
 
 def test_gradient_matches_finite_differences():
     """Differentiable through the switches (FOCEI, MAP Newton and NUTS need it)."""
-    occ_params = np.array([[2.0, 40.0, 5.0, 20.0], [3.0, 35.0, 4.0, 25.0],
-                           [1.5, 45.0, 6.0, 15.0], [2.5, 38.0, 5.5, 22.0]])
+    occ_params = np.array(
+        [
+            [2.0, 40.0, 5.0, 20.0],
+            [3.0, 35.0, 4.0, 25.0],
+            [1.5, 45.0, 6.0, 15.0],
+            [2.5, 38.0, 5.5, 22.0],
+        ]
+    )
 
     def f(logp):
-        c = occasion_concentration(TIMES, DOSE_TIME, DOSE_AMT, DOSE_DUR, DOSE_OCC,
-                                   jnp.exp(logp), 2)
+        c = occasion_concentration(
+            TIMES, DOSE_TIME, DOSE_AMT, DOSE_DUR, DOSE_OCC, jnp.exp(logp), 2
+        )
         return jnp.sum(jnp.log(c[1:]))
 
     x = np.log(occ_params)
@@ -178,23 +237,35 @@ def test_gradient_matches_finite_differences():
 
 
 IOV_SPEC = {
-    "name": "iov-test", "structure": {"compartments": 2},
+    "name": "iov-test",
+    "structure": {"compartments": 2},
     "parameters": {"CL": 2.5, "V1": 35.0, "Q2": 4.0, "V2": 12.0},
     "iiv": {"parameters": ["CL", "V1"], "sd": [0.3, 0.2]},
     # Eloctate's IOV block: CL 20.6 %, V1 12.0 %, r = 0.639 (Nestorov et al., Clin
     # Pharmacol Drug Dev 2015;4:163-174)
-    "iov": {"parameters": ["CL", "V1"], "sd": [0.206, 0.120],
-            "correlation": [[1.0, 0.639], [0.639, 1.0]], "fixed": True},
+    "iov": {
+        "parameters": ["CL", "V1"],
+        "sd": [0.206, 0.120],
+        "correlation": [[1.0, 0.639], [0.639, 1.0]],
+        "fixed": True,
+    },
     "residual": {"additive": 0.5, "proportional": 0.12},
 }
 
 
 def _subject(times, dv, occ_of_dose=(0, 1)):
-    row = dict(dose_time=[0.0, 48.0], dose_amt=[1500.0, 1500.0],
-               dose_dur=[0.25, 0.25], dose_occ=list(occ_of_dose),
-               obs_time=times, obs_dv=dv, obs_blq=[False] * len(times),
-               obs_lloq=[0.0] * len(times),
-               obs_occ=[0 if t < 48 else 1 for t in times], covariates=[])
+    row = dict(
+        dose_time=[0.0, 48.0],
+        dose_amt=[1500.0, 1500.0],
+        dose_dur=[0.25, 0.25],
+        dose_occ=list(occ_of_dose),
+        obs_time=times,
+        obs_dv=dv,
+        obs_blq=[False] * len(times),
+        obs_lloq=[0.0] * len(times),
+        obs_occ=[0 if t < 48 else 1 for t in times],
+        covariates=[],
+    )
     return jax.tree.map(lambda x: x[0], stack_subjects([row]))
 
 
@@ -206,15 +277,24 @@ def test_predict_uses_nonmem_semantics_and_keeps_the_single_occasion_path():
     kappa = jnp.array([[0.15, 0.05], [-0.2, 0.1]])
     f = np.asarray(predict(model, subject, p.theta, eta, kappa, p.baseline))
     occ = np.asarray(p.theta)[None, :] * np.exp(
-        np.c_[eta[None, :] + np.asarray(kappa), np.zeros((2, 2))])
-    ref = ode_levels(np.asarray(subject.obs_time), [0.0, 48.0], [1500.0, 1500.0],
-                     [0.25, 0.25], [0, 1], occ, 2)
+        np.c_[eta[None, :] + np.asarray(kappa), np.zeros((2, 2))]
+    )
+    ref = ode_levels(
+        np.asarray(subject.obs_time),
+        [0.0, 48.0],
+        [1500.0, 1500.0],
+        [0.25, 0.25],
+        [0, 1],
+        occ,
+        2,
+    )
     np.testing.assert_allclose(f, ref, rtol=1e-8)
     # one occasion: plain superposition (today's code path)
     one = _subject([4.0, 47.0, 52.0, 72.0], [30.0, 10.0, 40.0, 20.0], (0, 0))
     f1 = predict(model, one, p.theta, eta, kappa[:1], p.baseline)
-    sup = concentration(one.obs_time, one.dose_time, one.dose_amt, one.dose_dur,
-                        occ[0], 2, p.baseline)
+    sup = concentration(
+        one.obs_time, one.dose_time, one.dose_amt, one.dose_dur, occ[0], 2, p.baseline
+    )
     np.testing.assert_allclose(np.asarray(f1), np.asarray(sup), rtol=1e-14)
 
 
@@ -257,19 +337,21 @@ def test_map_with_correlated_iov_matches_reference_objective():
     theta = np.asarray(p.theta)
     a, b = model.residual.additive, model.residual.proportional
     om, om_iov = np.asarray(model.omega), np.asarray(model.omega_iov)
-    const = (-2 * multivariate_normal(np.zeros(2), om).logpdf(np.zeros(2))
-             - 2 * 2 * multivariate_normal(np.zeros(2), om_iov).logpdf(np.zeros(2)))
+    const = -2 * multivariate_normal(np.zeros(2), om).logpdf(
+        np.zeros(2)
+    ) - 2 * 2 * multivariate_normal(np.zeros(2), om_iov).logpdf(np.zeros(2))
 
     def reference(bvec):
         eta, kappa = bvec[:2], bvec[2:].reshape(2, 2)
         occ = theta[None, :] * np.exp(np.c_[eta[None, :] + kappa, np.zeros((2, 2))])
-        f = ode_levels(times, [0.0, 48.0], [1500.0, 1500.0], [0.25, 0.25], [0, 1],
-                       occ, 2)
+        f = ode_levels(
+            times, [0.0, 48.0], [1500.0, 1500.0], [0.25, 0.25], [0, 1], occ, 2
+        )
         var = a**2 + (b * f) ** 2
         lik = np.sum(np.log(var) + (dv - f) ** 2 / var)
-        prior = (-2 * multivariate_normal(np.zeros(2), om).logpdf(eta)
-                 - 2 * sum(multivariate_normal(np.zeros(2), om_iov).logpdf(k)
-                           for k in kappa))
+        prior = -2 * multivariate_normal(np.zeros(2), om).logpdf(eta) - 2 * sum(
+            multivariate_normal(np.zeros(2), om_iov).logpdf(k) for k in kappa
+        )
         return lik + prior - const  # NONMEM drops the normalising constants
 
     fns = build_focei(model, 2)
@@ -283,16 +365,22 @@ def test_map_with_correlated_iov_matches_reference_objective():
     b_hat = np.asarray(res.b)
     assert float(res.objective) == pytest.approx(reference(b_hat), rel=1e-9)
     h = 1e-4
-    grad = np.array([(reference(b_hat + h * e) - reference(b_hat - h * e)) / (2 * h)
-                     for e in np.eye(6)])
+    grad = np.array(
+        [
+            (reference(b_hat + h * e) - reference(b_hat - h * e)) / (2 * h)
+            for e in np.eye(6)
+        ]
+    )
     # O(h^2) truncation and ODE noise stay below 1e-4; one step away it is ~1
     assert np.max(np.abs(grad)) < 1e-4
     assert np.max(np.abs(b_hat)) > 0.01  # the data moved the mode off the prior
 
 
 def test_correlated_iov_is_refused_in_estimation_unless_fixed():
-    spec = {**IOV_SPEC, "iov": {k: v for k, v in IOV_SPEC["iov"].items()
-                                if k != "fixed"}}
+    spec = {
+        **IOV_SPEC,
+        "iov": {k: v for k, v in IOV_SPEC["iov"].items() if k != "fixed"},
+    }
     model = parse_model(spec)
     with pytest.raises(ModelSpecError, match=r"iov\.correlation.*iov\.fixed: true"):
         build_packer(model)
@@ -316,19 +404,32 @@ def test_residual_forms_hand_computed():
     f = jnp.array([0.0, 10.0, 80.0])
     sigma = jnp.array([0.5, 0.1])
     # NONMEM combined (combined2): 0.25 + (0.1 f)^2
-    np.testing.assert_allclose(np.asarray(residual_variance(f, sigma)),
-                               [0.25, 1.25, 64.25], rtol=1e-15)
+    np.testing.assert_allclose(
+        np.asarray(residual_variance(f, sigma)), [0.25, 1.25, 64.25], rtol=1e-15
+    )
     # Monolix combined1: (0.5 + 0.1 f)^2
-    np.testing.assert_allclose(np.asarray(residual_variance(f, sigma, "combined1")),
-                               [0.25, 2.25, 72.25], rtol=1e-15)
+    np.testing.assert_allclose(
+        np.asarray(residual_variance(f, sigma, "combined1")),
+        [0.25, 2.25, 72.25],
+        rtol=1e-15,
+    )
     with pytest.raises(ValueError, match="combined3"):
         residual_variance(f, sigma, "combined3")
 
 
 def test_residual_form_in_likelihood_and_m3():
-    row = dict(dose_time=[0.0], dose_amt=[1000.0], dose_dur=[0.0], dose_occ=[0],
-               obs_time=[1.0, 2.0], obs_dv=[12.0, 0.0], obs_blq=[False, True],
-               obs_lloq=[0.0, 1.0], obs_occ=[0, 0], covariates=[])
+    row = dict(
+        dose_time=[0.0],
+        dose_amt=[1000.0],
+        dose_dur=[0.0],
+        dose_occ=[0],
+        obs_time=[1.0, 2.0],
+        obs_dv=[12.0, 0.0],
+        obs_blq=[False, True],
+        obs_lloq=[0.0, 1.0],
+        obs_occ=[0, 0],
+        covariates=[],
+    )
     s = jax.tree.map(lambda x: x[0], stack_subjects([row]))
     f = jnp.array([10.0, 2.0])
     sigma = jnp.array([0.5, 0.1])
@@ -344,8 +445,11 @@ def test_residual_form_in_likelihood_and_m3():
 
 def test_combined1_focei_hessian_has_the_variance_derivative():
     """FOCEI's first-order Hessian uses dV/db of the model's residual form."""
-    spec = {**IOV_SPEC, "iov": {}, "residual": {"additive": 0.5, "proportional": 0.12,
-                                                "form": "combined1"}}
+    spec = {
+        **IOV_SPEC,
+        "iov": {},
+        "residual": {"additive": 0.5, "proportional": 0.12, "form": "combined1"},
+    }
     model = parse_model(spec)
     p = initial_params(model)
     subject = _subject([4.0, 24.0, 47.0], [30.0, 14.0, 7.0], (0, 0))
@@ -360,14 +464,19 @@ def test_combined1_focei_hessian_has_the_variance_derivative():
     g = np.asarray(jax.jacfwd(f_of_b)(bvec))
     sd = 0.5 + 0.12 * f
     dvar = (2 * sd * 0.12)[:, None] * g
-    ref = (np.linalg.inv(np.asarray(model.omega)) + (g.T / sd**2) @ g
-           + 0.5 * (dvar.T / sd**4) @ dvar)
+    ref = (
+        np.linalg.inv(np.asarray(model.omega))
+        + (g.T / sd**2) @ g
+        + 0.5 * (dvar.T / sd**4) @ dvar
+    )
     np.testing.assert_allclose(h, ref, rtol=1e-10)
 
 
 def test_residual_form_is_validated_and_kept():
-    spec = {**IOV_SPEC, "residual": {"additive": 0.5, "proportional": 0.1,
-                                     "form": "combined1"}}
+    spec = {
+        **IOV_SPEC,
+        "residual": {"additive": 0.5, "proportional": 0.1, "form": "combined1"},
+    }
     assert parse_model(spec).residual.form == "combined1"
     assert parse_model(IOV_SPEC).residual.form == "combined2"
     with pytest.raises(ModelSpecError, match=r"residual\.form: 'combined3'"):
@@ -394,17 +503,23 @@ def test_time_to_level_through_occasions_matches_ode_root(threshold):
     end = float(np.max((DOSE_TIME + DOSE_DUR)[DOSE_AMT > 0]))
 
     def above(t, p):
-        return occasion_concentration(t[None], DOSE_TIME, DOSE_AMT, DOSE_DUR,
-                                      DOSE_OCC, p, n_cmt)[0]
+        return occasion_concentration(
+            t[None], DOSE_TIME, DOSE_AMT, DOSE_DUR, DOSE_OCC, p, n_cmt
+        )[0]
 
     t_new = float(time_to_level(above, jnp.asarray(occ), threshold, end))
 
     def ode_excess(t):
-        return ode_levels([end, t], DOSE_TIME, DOSE_AMT, DOSE_DUR, DOSE_OCC, occ,
-                          n_cmt)[1] - threshold
+        return (
+            ode_levels([end, t], DOSE_TIME, DOSE_AMT, DOSE_DUR, DOSE_OCC, occ, n_cmt)[1]
+            - threshold
+        )
 
     t_ref = brentq(ode_excess, end + 1e-6, end + 2000.0, xtol=1e-10, rtol=1e-14)
     assert t_new == pytest.approx(t_ref, rel=1e-9)
-    old = float(time_to_threshold(threshold, end, DOSE_TIME, DOSE_AMT, DOSE_DUR,
-                                  occ[DOSE_OCC], n_cmt))
-    assert abs(old - t_ref) > 0.1   # the old rule is off by more than 6 minutes
+    old = float(
+        time_to_threshold(
+            threshold, end, DOSE_TIME, DOSE_AMT, DOSE_DUR, occ[DOSE_OCC], n_cmt
+        )
+    )
+    assert abs(old - t_ref) > 0.1  # the old rule is off by more than 6 minutes

@@ -36,18 +36,31 @@ EXPECTED = {
     "novoeight": 1,
 }
 HALF_LIFE_CLASS = {
-    "advate": "standard", "kovaltry": "standard", "refacto": "standard",
-    "chelle2019": "standard", "allard2020": "standard", "pdfix_brekkan2016": "standard",
-    "eloctate": "extended", "jivi": "extended", "alprolix": "extended",
+    "advate": "standard",
+    "kovaltry": "standard",
+    "refacto": "standard",
+    "chelle2019": "standard",
+    "allard2020": "standard",
+    "pdfix_brekkan2016": "standard",
+    "eloctate": "extended",
+    "jivi": "extended",
+    "alprolix": "extended",
     "koopman2024": "extended",
-    "humate_p": "standard", "novoeight": "standard",
+    "humate_p": "standard",
+    "novoeight": "standard",
 }
 _FIX = ("alprolix", "pdfix_brekkan2016", "koopman2024")
 FACTOR = {p: ("FIX" if p in _FIX else "FVIII") for p in EXPECTED}
 DOSE_IU = 3500.0
 THRESHOLD = 1.0  # IU/dL
-_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
-        "==": operator.eq, "!=": operator.ne}
+_OPS = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
 
 
 # ---------------------------------------------------------------- local reference math
@@ -115,8 +128,9 @@ def np_time_to(threshold: float, p: np.ndarray, dose: float = DOSE_IU) -> float:
     hi = 24.0
     while np_concentration(hi, p, dose) > threshold:
         hi *= 2.0
-    return brentq(lambda t: np_concentration(t, p, dose) - threshold, 0.0, hi,
-                  xtol=1e-10)
+    return brentq(
+        lambda t: np_concentration(t, p, dose) - threshold, 0.0, hi, xtol=1e-10
+    )
 
 
 # ---------------------------------------------------------------- fixtures / helpers
@@ -161,8 +175,11 @@ def test_entry_metadata(name):
     rv = md.get("reference_values")
     assert isinstance(rv, dict) and "terminal_half_life_h" in rv
     # at the reference subject every covariate effect is 1
-    np.testing.assert_allclose(typical_values(m, _ref_covariates(m)),
-                               m.theta_values[: len(m.structural)], rtol=1e-12)
+    np.testing.assert_allclose(
+        typical_values(m, _ref_covariates(m)),
+        m.theta_values[: len(m.structural)],
+        rtol=1e-12,
+    )
 
 
 def test_unverified_flags_follow_the_evidence():
@@ -239,7 +256,15 @@ def test_engine_agrees_with_numpy(name):
     params = jnp.asarray(p)
     t_half = float(derived.terminal_half_life(params, m.n_cmt))
     assert t_half == pytest.approx(np_terminal_half_life(p), rel=1e-6)
-    t1 = float(derived.time_to_threshold(
-        THRESHOLD, 0.0, jnp.array([0.0]), jnp.array([DOSE_IU]), jnp.array([0.0]),
-        params, m.n_cmt))
+    t1 = float(
+        derived.time_to_threshold(
+            THRESHOLD,
+            0.0,
+            jnp.array([0.0]),
+            jnp.array([DOSE_IU]),
+            jnp.array([0.0]),
+            params,
+            m.n_cmt,
+        )
+    )
     assert t1 == pytest.approx(np_time_to(THRESHOLD, p), abs=0.01)

@@ -35,9 +35,20 @@ from phems_clinical.pk.library import (
 from phems_clinical.pk.model import covariate_vector, typical_parameters
 from phems_clinical.resources import configs_dir
 
-PRODUCTS = ("advate", "allard2020", "alprolix", "chelle2019", "eloctate", "humate_p",
-            "jivi", "koopman2024", "kovaltry", "novoeight", "pdfix_brekkan2016",
-            "refacto")
+PRODUCTS = (
+    "advate",
+    "allard2020",
+    "alprolix",
+    "chelle2019",
+    "eloctate",
+    "humate_p",
+    "jivi",
+    "koopman2024",
+    "kovaltry",
+    "novoeight",
+    "pdfix_brekkan2016",
+    "refacto",
+)
 
 
 def _spec(pid: str) -> dict:
@@ -47,8 +58,9 @@ def _spec(pid: str) -> dict:
 
 def _engine(pid: str, cov: dict[str, float]) -> dict[str, float]:
     m = load_product(pid)
-    p = typical_parameters(m, jnp.asarray(m.theta_values),
-                           jnp.asarray(covariate_vector(m, cov)))
+    p = typical_parameters(
+        m, jnp.asarray(m.theta_values), jnp.asarray(covariate_vector(m, cov))
+    )
     return dict(zip(m.structural, np.asarray(p).tolist(), strict=True))
 
 
@@ -56,8 +68,12 @@ def _engine(pid: str, cov: dict[str, float]) -> dict[str, float]:
 # Units: clearances dL/h, volumes dL (1 L = 10 dL; 100 mL/h = 1 dL/h).
 def _bjorkman(c):  # Björkman 2012 (third-party copies): mL/h and L, 56 kg / 22 y
     w = c["WT"] / 56
-    return {"CL": 193 / 100 * w**0.8 * (1 - 0.0045 * (c["AGE"] - 22)),
-            "V1": 2.22 * 10 * w**0.95, "Q2": 147 / 100, "V2": 0.73 * 10 * w**0.76}
+    return {
+        "CL": 193 / 100 * w**0.8 * (1 - 0.0045 * (c["AGE"] - 22)),
+        "V1": 2.22 * 10 * w**0.95,
+        "Q2": 147 / 100,
+        "V2": 0.73 * 10 * w**0.76,
+    }
 
 
 def _garmann(c):  # Garmann 2017 Table 2: LBW 51.1 kg
@@ -66,9 +82,12 @@ def _garmann(c):  # Garmann 2017 Table 2: LBW 51.1 kg
 
 
 def _nestorov(c):  # Nestorov 2015 Table 1, Eq. 2
-    return {"CL": 1.65 * (c["VWF"] / 118) ** -0.343,
-            "V1": 37.5 * (c["WT"] / 73) ** 0.382 * (c["HCT"] / 45) ** -0.419,
-            "Q2": 0.0746, "V2": 6.92}
+    return {
+        "CL": 1.65 * (c["VWF"] / 118) ** -0.343,
+        "V1": 37.5 * (c["WT"] / 73) ** 0.382 * (c["HCT"] / 45) ** -0.419,
+        "Q2": 0.0746,
+        "V2": 6.92,
+    }
 
 
 def _solms(c):  # Solms 2020 Table 2, chromogenic column
@@ -79,55 +98,93 @@ def _solms(c):  # Solms 2020 Table 2, chromogenic column
 def _abrantes(c):  # Abrantes 2017 Table 2: piecewise age, inhibitor +166%
     w = c["WT"] / 70
     age = c["AGE"]
-    f_age = (1 + 0.149 * (age - 1) - (20 - 1) * -0.00678 if age < 1
-             else 1 - 0.00678 * (age - 20))
-    return {"CL": 2.76 * w**0.75 * f_age * (1 + 1.66 * c["INHIB"]),
-            "V1": 2.45 * 10 * w**0.812, "Q2": 25.1 * w**0.75,
-            "V2": 0.923 * 10 * w**0.812}
+    f_age = (
+        1 + 0.149 * (age - 1) - (20 - 1) * -0.00678
+        if age < 1
+        else 1 - 0.00678 * (age - 20)
+    )
+    return {
+        "CL": 2.76 * w**0.75 * f_age * (1 + 1.66 * c["INHIB"]),
+        "V1": 2.45 * 10 * w**0.812,
+        "Q2": 25.1 * w**0.75,
+        "V2": 0.923 * 10 * w**0.812,
+    }
 
 
 def _allard(c):  # Allard 2020 Table 2: mL/h and mL, 64 kg / 30 y
     w = c["WT"] / 64
-    return {"CL": 204 / 100 * w**0.75 * (c["AGE"] / 30) ** -0.214
-            * math.exp(-0.394 * c["ELOCTA"]),
-            "V1": 2640 / 100 * w**0.827, "Q2": 135 / 100, "V2": 339 / 100}
+    return {
+        "CL": 204
+        / 100
+        * w**0.75
+        * (c["AGE"] / 30) ** -0.214
+        * math.exp(-0.394 * c["ELOCTA"]),
+        "V1": 2640 / 100 * w**0.827,
+        "Q2": 135 / 100,
+        "V2": 339 / 100,
+    }
 
 
 def _chelle(c):  # Chelle 2019 Table 2: L/h and L, FFM 50.5 kg
     r = c["FFM"] / 50.5
-    return {"CL": 0.195 * 10 * r**0.701 * (1 - 0.302 * max(0.0, c["AGE"] - 25) / 25),
-            "V1": 2.30 * 10 * r**0.726, "Q2": 0.078 * 10, "V2": 0.449 * 10 * r**0.842}
+    return {
+        "CL": 0.195 * 10 * r**0.701 * (1 - 0.302 * max(0.0, c["AGE"] - 25) / 25),
+        "V1": 2.30 * 10 * r**0.726,
+        "Q2": 0.078 * 10,
+        "V2": 0.449 * 10 * r**0.842,
+    }
 
 
 def _diao(c):  # Diao 2014 Table 3: 73 kg
     w = c["WT"] / 73
-    return {"CL": 2.39 * w**0.436, "V1": 71.4 * w**0.396, "Q2": 1.67, "V2": 87.0,
-            "Q3": 39.3, "V3": 39.9}
+    return {
+        "CL": 2.39 * w**0.436,
+        "V1": 71.4 * w**0.396,
+        "Q2": 1.67,
+        "V2": 87.0,
+        "Q3": 39.3,
+        "V3": 39.9,
+    }
 
 
 def _koopman(c):  # Koopman 2024 Table 2: 73 kg, 15.8 y
     w = c["WT"] / 73
-    return {"CL": 1.41 * w**0.75 * (1 - 0.0047 * (c["AGE"] - 15.8)), "V1": 73.1 * w,
-            "Q2": 2.77 * w**0.75, "V2": 80.1 * w}
+    return {
+        "CL": 1.41 * w**0.75 * (1 - 0.0047 * (c["AGE"] - 15.8)),
+        "V1": 73.1 * w,
+        "Q2": 2.77 * w**0.75,
+        "V2": 80.1 * w,
+    }
 
 
 def _brekkan(c):  # Brekkan 2016 Table 2: mL/h and mL, 70 kg
     w = c["WT"] / 70
-    return {"CL": 319.8 / 100 * w**0.75, "V1": 5922 / 100 * w,
-            "Q2": 1049 / 100 * w**0.75, "V2": 828.9 / 100 * w,
-            "Q3": 160.4 / 100 * w**0.75, "V3": 2234 / 100 * w}
+    return {
+        "CL": 319.8 / 100 * w**0.75,
+        "V1": 5922 / 100 * w,
+        "Q2": 1049 / 100 * w**0.75,
+        "V2": 828.9 / 100 * w,
+        "Q3": 160.4 / 100 * w**0.75,
+        "V3": 2234 / 100 * w,
+    }
 
 
 def _valke(c):  # Valke 2024 Table 2 ('External dataset'): 70 kg, NBA x1.53
     w = c["WT"] / 70
-    return {"CL": 3.07 * w**0.75 * 1.53 ** c["INHIB"], "V1": 39.1 * w,
-            "Q2": 1.09 * w**0.75, "V2": 9.16 * w}
+    return {
+        "CL": 3.07 * w**0.75 * 1.53 ** c["INHIB"],
+        "V1": 39.1 * w,
+        "Q2": 1.09 * w**0.75,
+        "V2": 9.16 * w,
+    }
 
 
 def _jimenez_yuste(c):  # Tiede 2021 Table 2: 302 mL/h, 3.46 L at 70 kg / 20 y
     w = c["WT"] / 70
-    return {"CL": 302 / 100 * w**0.95 * (1 - 0.01 * (c["AGE"] - 20)),
-            "V1": 3.46 * 10 * w**0.86}
+    return {
+        "CL": 302 / 100 * w**0.95 * (1 - 0.01 * (c["AGE"] - 20)),
+        "V1": 3.46 * 10 * w**0.86,
+    }
 
 
 CASES = [  # (id, patient away from the reference, hand formula, rtol)
@@ -151,8 +208,11 @@ CASES = [  # (id, patient away from the reference, hand formula, rtol)
 ]
 
 
-@pytest.mark.parametrize(("pid", "cov", "formula", "rtol"), CASES,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("pid", "cov", "formula", "rtol"),
+    CASES,
+    ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)],
+)
 def test_typical_values_follow_the_published_equations(pid, cov, formula, rtol):
     expected = formula(cov)
     got = _engine(pid, cov)
@@ -235,8 +295,10 @@ def test_refacto_allometry_fixed_on_cl_and_q_only():
     assert "V1_WT_pow" not in fixed and "V2_WT_pow" not in fixed
 
 
-@pytest.mark.parametrize(("pid", "sd", "r"), [
-    ("eloctate", (0.206, 0.120), 0.639), ("pdfix_brekkan2016", (0.214, 0.201), 0.902)])
+@pytest.mark.parametrize(
+    ("pid", "sd", "r"),
+    [("eloctate", (0.206, 0.120), 0.639), ("pdfix_brekkan2016", (0.214, 0.201), 0.902)],
+)
 def test_correlated_iov_blocks(pid, sd, r):
     # Nestorov 2015 Table 1 (IOV r 0.639); Brekkan 2016 Table 2 (IOV r 0.902)
     iov = _spec(pid)["iov"]
@@ -257,8 +319,9 @@ def test_sources_and_unverified_agree(pid):
         assert set(s) == {"grade", "where"}, section
         assert s["grade"] in VERIFIED_GRADES + UNVERIFIED_GRADES, section
         assert isinstance(s["where"], str) and len(s["where"]) > 15, section
-    graded_unverified = {k for k, s in sources.items()
-                         if s["grade"] in UNVERIFIED_GRADES}
+    graded_unverified = {
+        k for k, s in sources.items() if s["grade"] in UNVERIFIED_GRADES
+    }
     assert set(spec["unverified"]) == graded_unverified
     assert set(product_info(pid).unverified) == graded_unverified
 
@@ -288,23 +351,28 @@ def test_display_metadata(pid):
 
 def test_display_strings():
     assert product_info("advate").display == "Advate (octocog alfa) — Björkman 2012"
-    assert (product_info("eloctate").display
-            == "Elocta/Eloctate (efmoroctocog alfa) — Nestorov 2015")
+    assert (
+        product_info("eloctate").display
+        == "Elocta/Eloctate (efmoroctocog alfa) — Nestorov 2015"
+    )
     assert product_info("koopman2024").display == (
-        "Alprolix (eftrenonacog alfa) — Koopman 2024")
+        "Alprolix (eftrenonacog alfa) — Koopman 2024"
+    )
 
 
 def test_assay_conversions_from_the_papers():
     # Valke 2024 Table 2: chromogenic reads 0.939 x one-stage
     hp = product_info("humate_p")
     assert hp.assay == "one-stage"
-    assert hp.assay_conversion["chromogenic"]["factor"] == pytest.approx(1 / 0.939,
-                                                                         abs=5e-4)
+    assert hp.assay_conversion["chromogenic"]["factor"] == pytest.approx(
+        1 / 0.939, abs=5e-4
+    )
     # Abrantes 2017 Table 2: one-stage F -39.0% against chromogenic
     rf = product_info("refacto")
     assert rf.assay == "chromogenic"
-    assert rf.assay_conversion["one-stage"]["factor"] == pytest.approx(1 / 0.61,
-                                                                       abs=5e-4)
+    assert rf.assay_conversion["one-stage"]["factor"] == pytest.approx(
+        1 / 0.61, abs=5e-4
+    )
 
 
 # EU SmPC strengths (IU); the library lists those a European clinic can order.
@@ -336,13 +404,25 @@ def test_vials_without_a_label_are_unverified():
 
 
 # ---------------------------------------------------------------- resolution
-@pytest.mark.parametrize(("text", "pid"), [
-    ("Elocta", "eloctate"), ("ELOCTATE", "eloctate"), ("eloctate", "eloctate"),
-    ("Kovaltry", "kovaltry"), ("humate p", "humate_p"), ("Haemate P", "humate_p"),
-    ("NovoEight", "novoeight"), ("ReFacto AF", "refacto"), ("refacto", "refacto"),
-    ("Fanhdi", "chelle2019"), ("efmoroctocog alfa", "eloctate"),
-    ("alprolix", "alprolix"), ("koopman2024", "koopman2024"), (" jivi ", "jivi"),
-])
+@pytest.mark.parametrize(
+    ("text", "pid"),
+    [
+        ("Elocta", "eloctate"),
+        ("ELOCTATE", "eloctate"),
+        ("eloctate", "eloctate"),
+        ("Kovaltry", "kovaltry"),
+        ("humate p", "humate_p"),
+        ("Haemate P", "humate_p"),
+        ("NovoEight", "novoeight"),
+        ("ReFacto AF", "refacto"),
+        ("refacto", "refacto"),
+        ("Fanhdi", "chelle2019"),
+        ("efmoroctocog alfa", "eloctate"),
+        ("alprolix", "alprolix"),
+        ("koopman2024", "koopman2024"),
+        (" jivi ", "jivi"),
+    ],
+)
 def test_resolve_product(text, pid):
     assert resolve_product(text) == pid
 
@@ -356,9 +436,10 @@ def test_shared_brand_resolves_by_id_only():
         resolve_product("octocog alfa")
 
 
-@pytest.mark.parametrize(("text", "suggested"), [("Elocat", "eloctate"),
-                                                 ("kovaltri", "kovaltry"),
-                                                 ("Novoeigth", "novoeight")])
+@pytest.mark.parametrize(
+    ("text", "suggested"),
+    [("Elocat", "eloctate"), ("kovaltri", "kovaltry"), ("Novoeigth", "novoeight")],
+)
 def test_misspelling_suggests(text, suggested):
     with pytest.raises(ValueError, match="did you mean") as err:
         resolve_product(text)
@@ -381,8 +462,10 @@ def test_load_product_accepts_brands():
 def test_default_product_is_fully_verified():
     info = product_info(DEFAULT_PRODUCT)
     assert info.unverified == ()
-    assert all(s["grade"] in VERIFIED_GRADES
-               for s in _spec(DEFAULT_PRODUCT)["sources"].values())
+    assert all(
+        s["grade"] in VERIFIED_GRADES
+        for s in _spec(DEFAULT_PRODUCT)["sources"].values()
+    )
 
 
 def test_readme_example_uses_a_verified_product():
@@ -402,5 +485,6 @@ def test_products_table():
     # effective half-life ln2 Vss/CL leads for EHL products (Nestorov: about 19 h)
     assert rows["eloctate"]["terminal_half_life_h"] == pytest.approx(68.1, abs=0.1)
     assert rows["eloctate"]["effective_half_life_h"] == pytest.approx(
-        math.log(2) * (37.5 + 6.92) / 1.65, abs=0.05)
+        math.log(2) * (37.5 + 6.92) / 1.65, abs=0.05
+    )
     assert rows["kovaltry"]["terminal_half_life_h"] == pytest.approx(13.9, abs=0.1)

@@ -22,8 +22,9 @@ STRUCTURAL = ("CL", "V1", "Q2", "V2")
 @pytest.fixture(scope="module")
 def advate_rich():
     model = load_product("advate")
-    events, truth = simulate_cohort(jax.random.key(2012), model,
-                                    HospitalSpec("H1", 200, design="rich"))
+    events, truth = simulate_cohort(
+        jax.random.key(2012), model, HospitalSpec("H1", 200, design="rich")
+    )
     data = read_nonmem(events, required_covariates=model.covariate_names)
     cohort, _ = to_cohort(data, model.covariate_names)
     return model, cohort
@@ -49,8 +50,9 @@ def test_nuts_recovers_advate(advate_rich):
     from phems_clinical.pk.bayes import fit_nuts
 
     model, cohort = advate_rich
-    res = fit_nuts(jax.random.key(7), model, cohort, num_warmup=300,
-                   num_samples=300, num_chains=1)
+    res = fit_nuts(
+        jax.random.key(7), model, cohort, num_warmup=300, num_samples=300, num_chains=1
+    )
     est = res.summary["mean"].to_dict()
     errors = _relative_errors(model, est)
     assert all(abs(e) < 0.10 for e in errors.values()), errors
@@ -76,21 +78,31 @@ def test_nuts_interval_coverage():
 
     from phems_clinical.pk.bayes import fit_nuts
 
-    assert binom.cdf(int(REQUIRED_COVERAGE * 4 * N_SEEDS) - 1, 4 * N_SEEDS,
-                     0.9) < 0.01
+    assert binom.cdf(int(REQUIRED_COVERAGE * 4 * N_SEEDS) - 1, 4 * N_SEEDS, 0.9) < 0.01
     model = load_product("jivi")  # 1-cmt: CL, V1 with correlated IIV
     true = dict(zip(model.theta_names, model.theta_values, strict=True))
     covered = []
     for seed in range(N_SEEDS):
-        events, _ = simulate_cohort(jax.random.key(100 + seed), model,
-                                    HospitalSpec("H", 30, design="rich"))
+        events, _ = simulate_cohort(
+            jax.random.key(100 + seed), model, HospitalSpec("H", 30, design="rich")
+        )
         data = read_nonmem(events, required_covariates=model.covariate_names)
         cohort, _ = to_cohort(data, model.covariate_names)
-        res = fit_nuts(jax.random.key(seed), model, cohort, num_warmup=200,
-                       num_samples=300, num_chains=1)
+        res = fit_nuts(
+            jax.random.key(seed),
+            model,
+            cohort,
+            num_warmup=200,
+            num_samples=300,
+            num_chains=1,
+        )
         s = res.summary
-        checks = {"THETA(CL)": true["CL"], "THETA(V1)": true["V1"],
-                  "OMEGA(CL,CL)": model.omega[0, 0], "OMEGA(V1,V1)": model.omega[1, 1]}
+        checks = {
+            "THETA(CL)": true["CL"],
+            "THETA(V1)": true["V1"],
+            "OMEGA(CL,CL)": model.omega[0, 0],
+            "OMEGA(V1,V1)": model.omega[1, 1],
+        }
         for name, value in checks.items():
             covered.append(s.loc[name, "q5"] <= value <= s.loc[name, "q95"])
     assert np.mean(covered) >= REQUIRED_COVERAGE, np.mean(covered)

@@ -24,17 +24,23 @@ from phems_clinical.pk.simulate import (
 @pytest.fixture(scope="module")
 def jivi_large():
     model = load_product("jivi")
-    events, truth = simulate_cohort(jax.random.key(5), model,
-                                    HospitalSpec("H", 1000, design="sparse",
-                                                 washout_fraction=0.5))
+    events, truth = simulate_cohort(
+        jax.random.key(5),
+        model,
+        HospitalSpec("H", 1000, design="sparse", washout_fraction=0.5),
+    )
     return model, events, truth
 
 
 def test_individual_parameters_follow_published_equation(jivi_large):
     _, events, truth = jivi_large
     cov = events.groupby("ID").first()
-    cl = (1.09 * (cov.LBW / 49.1) ** 0.707 * (cov.VWF / 110) ** -0.604
-          * np.exp(truth.set_index("ID").ETA_CL))
+    cl = (
+        1.09
+        * (cov.LBW / 49.1) ** 0.707
+        * (cov.VWF / 110) ** -0.604
+        * np.exp(truth.set_index("ID").ETA_CL)
+    )
     np.testing.assert_allclose(truth.set_index("ID").CL, cl, rtol=1e-10)
     v1 = 26.2 * (cov.LBW / 49.1) ** 0.887 * np.exp(truth.set_index("ID").ETA_V1)
     np.testing.assert_allclose(truth.set_index("ID").V1, v1, rtol=1e-10)
@@ -70,8 +76,10 @@ def test_sampling_windows_dosing_history_and_blq(jivi_large):
 
 def test_standard_half_life_windows_and_hospital_case_mix():
     model = load_product("advate")
-    hospitals = [HospitalSpec("kids", 15, age_range=(1, 12), design="sparse2"),
-                 HospitalSpec("adults", 15, age_range=(18, 65), design="rich")]
+    hospitals = [
+        HospitalSpec("kids", 15, age_range=(1, 12), design="sparse2"),
+        HospitalSpec("adults", 15, age_range=(18, 65), design="rich"),
+    ]
     events, truth = simulate_hospitals(jax.random.key(3), model, hospitals)
     assert truth.ID.is_unique and len(truth) == 30
     first = events.groupby("ID").first()

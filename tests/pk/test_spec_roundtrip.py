@@ -73,7 +73,8 @@ def assert_same_typical(a: PopModel, b: PopModel) -> None:
     cov = covariate_vector(a, a.reference_covariates)
     np.testing.assert_array_equal(
         np.asarray(typical_parameters(a, a.theta_values, cov)),
-        np.asarray(typical_parameters(b, b.theta_values, cov)))
+        np.asarray(typical_parameters(b, b.theta_values, cov)),
+    )
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -90,13 +91,19 @@ def test_library_model_roundtrips_through_yaml(name):
 def test_changed_values_roundtrip_through_save_model(name, tmp_path):
     model = _load(name)
     rng = np.random.default_rng(7)
-    thetas = {t.name: t.value * (1 + 0.1 * rng.standard_normal()) + 1e-13
-              for t in model.thetas}
+    thetas = {
+        t.name: t.value * (1 + 0.1 * rng.standard_normal()) + 1e-13
+        for t in model.thetas
+    }
     omega = model.omega * 1.37 + np.eye(model.n_eta) * 1e-3 / 3
-    changed = with_values(model, thetas=thetas, omega=omega,
-                          omega_iov=np.asarray(model.omega_iov) * 0.71 + 1 / 7,
-                          residual=Residual(0.123456789, 0.0987654321, False),
-                          baseline=1.0 / 3)
+    changed = with_values(
+        model,
+        thetas=thetas,
+        omega=omega,
+        omega_iov=np.asarray(model.omega_iov) * 0.71 + 1 / 7,
+        residual=Residual(0.123456789, 0.0987654321, False),
+        baseline=1.0 / 3,
+    )
     path = save_model(changed, tmp_path / "model.yaml", header="a test\nheader")
     text = path.read_text()
     assert text.startswith("# a test\n# header\n")
@@ -107,33 +114,67 @@ def test_changed_values_roundtrip_through_save_model(name, tmp_path):
 
 
 def test_nondefault_bounds_blocks_and_flags_roundtrip(tmp_path):
-    model = parse_model({
-        "name": "edge", "description": "hand-written edge cases",
-        "structure": {"compartments": 3},
-        "parameters": {"CL": {"value": 2.0, "lower": -math.inf, "fixed": True},
-                       "V": {"value": 30.0, "lower": 1.0, "upper": 100.0,
-                             "unit": "dL"},
-                       "Q": 1.5, "VP": 8.0, "Q3": 0.5, "VP2": 4.0},
-        "covariates": [
-            {"parameter": "CL", "covariate": "age", "effect": "linear",
-             "piecewise": "below", "reference": 1.0, "coefficient": 0.149,
-             "lower": -1.0},
-            {"parameter": "CL", "covariate": "vwf", "effect": "exponential",
-             "reference": 100, "coefficient": -0.002, "upper": 0.0},
-            {"parameter": "V1", "covariate": "BG", "effect": "indicator",
-             "condition": ">= 2.5e-3", "coefficient": -0.2},
-            {"parameter": "V1", "covariate": "WT", "effect": "power",
-             "reference": 70, "coefficient": 1.0, "fixed": True, "name": "V_WT"},
-        ],
-        "iiv": {"parameters": ["CL", "V1", "Q2"],
+    model = parse_model(
+        {
+            "name": "edge",
+            "description": "hand-written edge cases",
+            "structure": {"compartments": 3},
+            "parameters": {
+                "CL": {"value": 2.0, "lower": -math.inf, "fixed": True},
+                "V": {"value": 30.0, "lower": 1.0, "upper": 100.0, "unit": "dL"},
+                "Q": 1.5,
+                "VP": 8.0,
+                "Q3": 0.5,
+                "VP2": 4.0,
+            },
+            "covariates": [
+                {
+                    "parameter": "CL",
+                    "covariate": "age",
+                    "effect": "linear",
+                    "piecewise": "below",
+                    "reference": 1.0,
+                    "coefficient": 0.149,
+                    "lower": -1.0,
+                },
+                {
+                    "parameter": "CL",
+                    "covariate": "vwf",
+                    "effect": "exponential",
+                    "reference": 100,
+                    "coefficient": -0.002,
+                    "upper": 0.0,
+                },
+                {
+                    "parameter": "V1",
+                    "covariate": "BG",
+                    "effect": "indicator",
+                    "condition": ">= 2.5e-3",
+                    "coefficient": -0.2,
+                },
+                {
+                    "parameter": "V1",
+                    "covariate": "WT",
+                    "effect": "power",
+                    "reference": 70,
+                    "coefficient": 1.0,
+                    "fixed": True,
+                    "name": "V_WT",
+                },
+            ],
+            "iiv": {
+                "parameters": ["CL", "V1", "Q2"],
                 "variance": [[0.1, 0.02, 0.0], [0.02, 0.05, 0.0], [0.0, 0.0, 0.2]],
-                "structure": "block", "blocks": [["CL", "V1"], ["Q2"]],
-                "fixed": True},
-        "iov": {"parameters": ["CL", "V1"], "cv": [0.2, 0.1]},
-        "residual": {"additive": 0.5, "fixed": True},
-        "baseline": {"value": 0.7, "estimate": True},
-        "blq": "drop",
-    })
+                "structure": "block",
+                "blocks": [["CL", "V1"], ["Q2"]],
+                "fixed": True,
+            },
+            "iov": {"parameters": ["CL", "V1"], "cv": [0.2, 0.1]},
+            "residual": {"additive": 0.5, "fixed": True},
+            "baseline": {"value": 0.7, "estimate": True},
+            "blq": "drop",
+        }
+    )
     back = load_model(save_model(model, tmp_path / "edge.yaml"))
     assert_same_model(model, back)
     assert_same_typical(model, back)
@@ -145,14 +186,21 @@ def test_correlated_iov_and_residual_form_roundtrip(tmp_path):
     """A correlated IOV block (pdFIX: CL 21.4 %, V1 20.1 %, r 0.902; Brekkan et al.,
     J Thromb Haemost 2016;14:724-732) stays a full matrix, ``iov.fixed`` may differ
     from ``iiv.fixed``, and the Monolix ``combined1`` residual form is kept."""
-    model = parse_model({
-        "name": "corr-iov", "structure": {"compartments": 2},
-        "parameters": {"CL": 3.0, "V1": 60.0, "Q2": 4.0, "V2": 40.0},
-        "iiv": {"parameters": ["CL"], "sd": [0.3], "fixed": True},
-        "iov": {"parameters": ["CL", "V1"], "sd": [0.214, 0.201],
-                "correlation": [[1.0, 0.902], [0.902, 1.0]], "fixed": False},
-        "residual": {"additive": 0.868, "proportional": 0.108, "form": "combined1"},
-    })
+    model = parse_model(
+        {
+            "name": "corr-iov",
+            "structure": {"compartments": 2},
+            "parameters": {"CL": 3.0, "V1": 60.0, "Q2": 4.0, "V2": 40.0},
+            "iiv": {"parameters": ["CL"], "sd": [0.3], "fixed": True},
+            "iov": {
+                "parameters": ["CL", "V1"],
+                "sd": [0.214, 0.201],
+                "correlation": [[1.0, 0.902], [0.902, 1.0]],
+                "fixed": False,
+            },
+            "residual": {"additive": 0.868, "proportional": 0.108, "form": "combined1"},
+        }
+    )
     assert model.omega_iov[0, 1] == pytest.approx(0.902 * 0.214 * 0.201, rel=1e-15)
     assert model.omega_fixed and not model.omega_iov_fixed
     spec = to_spec(model)

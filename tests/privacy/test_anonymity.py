@@ -35,12 +35,24 @@ def hand_table() -> pd.DataFrame:
     # EC1 (c, F): flu, flu, cold      size 3
     # EC2 (c, M): flu, asthma         size 2
     # EC3 (t, F): flu, cold, asthma, asthma, cold   size 5;  n = 10
-    return pd.DataFrame({
-        "age": ["c", "c", "c", "c", "c", "t", "t", "t", "t", "t"],
-        "sex": ["F", "F", "F", "M", "M", "F", "F", "F", "F", "F"],
-        "diag": ["flu", "flu", "cold", "flu", "asthma",
-                 "flu", "cold", "asthma", "asthma", "cold"],
-    })
+    return pd.DataFrame(
+        {
+            "age": ["c", "c", "c", "c", "c", "t", "t", "t", "t", "t"],
+            "sex": ["F", "F", "F", "M", "M", "F", "F", "F", "F", "F"],
+            "diag": [
+                "flu",
+                "flu",
+                "cold",
+                "flu",
+                "asthma",
+                "flu",
+                "cold",
+                "asthma",
+                "asthma",
+                "cold",
+            ],
+        }
+    )
 
 
 def test_classes_k_and_l_by_hand():
@@ -53,7 +65,8 @@ def test_classes_k_and_l_by_hand():
     # entropy l: EC1 p = (2/3, 1/3): exp(H) = 3 / 2**(2/3) = 1.88988;
     # EC2 exp(ln 2) = 2; EC3 p = (.2, .4, .4): 5**.2 * 2.5**.8 = 2.871 -> min = EC1
     assert l_diversity(df, QI, "diag", kind="entropy") == pytest.approx(
-        3 / 2 ** (2 / 3), rel=1e-12)
+        3 / 2 ** (2 / 3), rel=1e-12
+    )
 
 
 def test_missing_qi_is_a_value_and_suppression_excludes():
@@ -78,8 +91,9 @@ def salary_table(first_class) -> pd.DataFrame:
     # Li, Li & Venkatasubramanian 2007, Section 4: salaries 3k..11k, one each, so
     # P is uniform 1/9 over m = 9 ordered values.
     sal = np.arange(3, 12) * 1000
-    return pd.DataFrame({"zip": np.where(np.isin(sal, first_class), "A", "B"),
-                         "salary": sal})
+    return pd.DataFrame(
+        {"zip": np.where(np.isin(sal, first_class), "A", "B"), "salary": sal}
+    )
 
 
 def test_t_ordered_salary_example_li_2007():
@@ -102,8 +116,9 @@ def test_t_ordered_categorical_follows_category_order(monkeypatch):
     df = salary_table([3000, 4000, 5000])
     codes = df["salary"] // 1000
     names = [f"s{c:02d}" for c in range(11, 2, -1)]  # descending names
-    cat = pd.Categorical([f"s{c:02d}" for c in codes], categories=names[::-1],
-                         ordered=True)
+    cat = pd.Categorical(
+        [f"s{c:02d}" for c in codes], categories=names[::-1], ordered=True
+    )
     df2 = df.assign(salary=cat)
     assert t_closeness(df2, "zip", "salary") == pytest.approx(0.375)
     # the dense block path gives the same answer when split into tiny chunks
@@ -115,8 +130,7 @@ def test_t_ordered_categorical_follows_category_order(monkeypatch):
 def population() -> pd.DataFrame:
     # population class sizes F: (c,F) 6, (c,M) 4, (t,F) 20, (t,M) 10
     keys = [("c", "F", 6), ("c", "M", 4), ("t", "F", 20), ("t", "M", 10)]
-    return pd.DataFrame([(a, s) for a, s, f in keys for _ in range(f)],
-                        columns=QI)
+    return pd.DataFrame([(a, s) for a, s, f in keys for _ in range(f)], columns=QI)
 
 
 def test_risks_by_hand():
@@ -124,7 +138,8 @@ def test_risks_by_hand():
     # prosecutor: sizes 3, 2, 5 -> max 1/2; mean = 3 classes / 10 records;
     # all 1/|EC| > .09 -> share 1; threshold .25: EC1 (1/3), EC2 (1/2) -> 5/10
     assert prosecutor_risk(df, QI) == pytest.approx(
-        {"max": 0.5, "mean": 0.3, "records_at_risk": 1.0})
+        {"max": 0.5, "mean": 0.3, "records_at_risk": 1.0}
+    )
     assert prosecutor_risk(df, QI, threshold=0.25)["records_at_risk"] == 0.5
     # journalist: 1/F = 1/6, 1/4, 1/20 -> max .25; mean = (3/6+2/4+5/20)/10 = .125
     # records at risk (> .09): EC1 + EC2 = 5/10
@@ -156,8 +171,14 @@ def test_utility_by_hand():
 
 def test_report_and_risk_ordering():
     df = hand_table()
-    rep = anonymity_report(df, QI, "diag", population(),
-                           levels={"age": 1, "sex": 0}, heights={"age": 2, "sex": 1})
+    rep = anonymity_report(
+        df,
+        QI,
+        "diag",
+        population(),
+        levels={"age": 1, "sex": 0},
+        heights={"age": 2, "sex": 1},
+    )
     assert rep["k"] == 2 and rep["n_classes"] == 3 and rep["discernibility"] == 38
     assert rep["sensitive"]["diag"]["l_distinct"] == 2
     assert rep["sensitive"]["diag"]["t"] == pytest.approx(0.3)
@@ -181,28 +202,50 @@ def test_report_and_risk_ordering():
 # pycanon also drops NaN QI keys (groupby dropna=True); these tables have no NaN.
 def random_table(seed: int, n: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "age": rng.choice(["0-1", "1-4", "5-9", "10-14"], n),
-        "sex": rng.choice(["F", "M"], n),
-        "ward": rng.choice(["A", "B", "C"], n, p=[0.5, 0.3, 0.2]),
-        "diag": rng.choice(["sepsis", "asthma", "cardiac", "trauma", "other"], n),
-        "los": rng.integers(1, 9, n),
-    })
+    return pd.DataFrame(
+        {
+            "age": rng.choice(["0-1", "1-4", "5-9", "10-14"], n),
+            "sex": rng.choice(["F", "M"], n),
+            "ward": rng.choice(["A", "B", "C"], n, p=[0.5, 0.3, 0.2]),
+            "diag": rng.choice(["sepsis", "asthma", "cardiac", "trauma", "other"], n),
+            "los": rng.integers(1, 9, n),
+        }
+    )
 
 
 QI3, QI2 = ("age", "sex", "ward"), ("age", "sex")
 # (seed, n, qis, k, {sa: (l_distinct, floor entropy l, t)})
 PYCANON = [
-    (1, 60, QI3, 1, {"diag": (1, 1, 0.8333333333333334),
-                     "los": (1, 1, 0.5619047619047617)}),
-    (1, 60, QI2, 3, {"diag": (3, 2, 0.43333333333333335),
-                     "los": (3, 2, 0.26190476190476186)}),
+    (
+        1,
+        60,
+        QI3,
+        1,
+        {"diag": (1, 1, 0.8333333333333334), "los": (1, 1, 0.5619047619047617)},
+    ),
+    (
+        1,
+        60,
+        QI2,
+        3,
+        {"diag": (3, 2, 0.43333333333333335), "los": (3, 2, 0.26190476190476186)},
+    ),
     (2, 200, QI3, 3, {"diag": (2, 1, 0.615), "los": (2, 1, 0.2749999999999999)}),
     (2, 200, QI2, 20, {"diag": (5, 4, 0.275), "los": (7, 5, 0.10456521739130437)}),
-    (3, 500, QI3, 5, {"diag": (3, 2, 0.4121818181818182),
-                      "los": (5, 4, 0.2624761904761905)}),
-    (3, 500, QI2, 55, {"diag": (5, 4, 0.17894736842105263),
-                       "los": (8, 6, 0.12956929637526654)}),
+    (
+        3,
+        500,
+        QI3,
+        5,
+        {"diag": (3, 2, 0.4121818181818182), "los": (5, 4, 0.2624761904761905)},
+    ),
+    (
+        3,
+        500,
+        QI2,
+        55,
+        {"diag": (5, 4, 0.17894736842105263), "los": (8, 6, 0.12956929637526654)},
+    ),
 ]
 
 
@@ -222,29 +265,33 @@ def test_pycanon_values_survive_row_filtering():
     df = random_table(2, 200)
     kept = df[df["ward"] != "A"]
     assert l_diversity(kept, list(QI2), "diag") == l_diversity(
-        kept.reset_index(drop=True), list(QI2), "diag")
+        kept.reset_index(drop=True), list(QI2), "diag"
+    )
 
 
-@pytest.mark.parametrize(("call", "needle"), [
-    (lambda d: k_anonymity(d, ["age", "postcode"]), "postcode"),
-    (lambda d: l_diversity(d, QI, "icd10"), "icd10"),
-    (lambda d: t_closeness(d, QI, "age"), "age"),
-    (lambda d: l_diversity(d, QI, "diag", kind="recursive"), "kind"),
-    (lambda d: k_anonymity(d.iloc[:0], QI), "empty"),
-    (lambda d: k_anonymity(d, []), "quasi_identifiers"),
-    (lambda d: average_class_size(d, QI, k=0), "k"),
-    (lambda d: average_class_size(d, QI, k=11), "[1, 10]"),
-    (lambda d: prosecutor_risk(d, QI, threshold=0.0), "threshold"),
-    (lambda d: prosecutor_risk(d, QI, threshold=1.5), "threshold"),
-    (lambda d: k_anonymity(d, QI, suppressed=[True]), "suppressed"),
-    (lambda d: k_anonymity(d, QI, suppressed=np.ones(10, bool)), "suppressed"),
-    (lambda d: journalist_risk(d, QI, population().query("sex == 'F'")), "absent"),
-    (lambda d: journalist_risk(d, QI, population().drop(columns="sex")), "sex"),
-    (lambda d: journalist_risk(d, QI, d.iloc[:6]), "smaller"),
-    (lambda d: t_closeness(d.assign(s=[1.0] * 9 + [np.nan]), QI, "s"), "'s'"),
-    (lambda d: generalisation_loss({"age": 3}, {"age": 2}), "'age'"),
-    (lambda d: generalisation_loss({"ward": 1}, {"age": 2}), "ward"),
-])
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        (lambda d: k_anonymity(d, ["age", "postcode"]), "postcode"),
+        (lambda d: l_diversity(d, QI, "icd10"), "icd10"),
+        (lambda d: t_closeness(d, QI, "age"), "age"),
+        (lambda d: l_diversity(d, QI, "diag", kind="recursive"), "kind"),
+        (lambda d: k_anonymity(d.iloc[:0], QI), "empty"),
+        (lambda d: k_anonymity(d, []), "quasi_identifiers"),
+        (lambda d: average_class_size(d, QI, k=0), "k"),
+        (lambda d: average_class_size(d, QI, k=11), "[1, 10]"),
+        (lambda d: prosecutor_risk(d, QI, threshold=0.0), "threshold"),
+        (lambda d: prosecutor_risk(d, QI, threshold=1.5), "threshold"),
+        (lambda d: k_anonymity(d, QI, suppressed=[True]), "suppressed"),
+        (lambda d: k_anonymity(d, QI, suppressed=np.ones(10, bool)), "suppressed"),
+        (lambda d: journalist_risk(d, QI, population().query("sex == 'F'")), "absent"),
+        (lambda d: journalist_risk(d, QI, population().drop(columns="sex")), "sex"),
+        (lambda d: journalist_risk(d, QI, d.iloc[:6]), "smaller"),
+        (lambda d: t_closeness(d.assign(s=[1.0] * 9 + [np.nan]), QI, "s"), "'s'"),
+        (lambda d: generalisation_loss({"age": 3}, {"age": 2}), "'age'"),
+        (lambda d: generalisation_loss({"ward": 1}, {"age": 2}), "ward"),
+    ],
+)
 def test_bad_input_names_the_problem(call, needle):
     with pytest.raises(AnonymityInputError) as err:
         call(hand_table())

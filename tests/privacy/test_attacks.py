@@ -11,8 +11,10 @@ from phems_clinical.privacy import attacks as A
 @pytest.fixture(scope="module")
 def data(toy_table):
     full = toy_table(1, 1000)
-    train, control = full.iloc[:500].reset_index(drop=True), \
-        full.iloc[500:].reset_index(drop=True)
+    train, control = (
+        full.iloc[:500].reset_index(drop=True),
+        full.iloc[500:].reset_index(drop=True),
+    )
     copy = train.copy()
     indep = toy_table(2, 500)  # same generator, none of the training rows
     return train, control, copy, indep
@@ -48,9 +50,13 @@ def test_gower_hand_worked():
     b = pd.DataFrame({"x": [5.0, np.nan], "c": ["u", None]})
     d = A.gower_distance(a, b)
     # range of x over a and b = 10
-    expected = np.array([[(0.5 + 0) / 2, (1 + 1) / 2],
-                         [(0.5 + 1) / 2, (1 + 1) / 2],
-                         [(1 + 1) / 2, (0 + 0) / 2]])
+    expected = np.array(
+        [
+            [(0.5 + 0) / 2, (1 + 1) / 2],
+            [(0.5 + 1) / 2, (1 + 1) / 2],
+            [(1 + 1) / 2, (0 + 0) / 2],
+        ]
+    )
     np.testing.assert_allclose(d, expected)
     idx, dist = A.nearest_neighbors(a, b, k=1)
     np.testing.assert_array_equal(idx[:, 0], [0, 0, 1])
@@ -90,10 +96,12 @@ def test_linkability(data):
 @pytest.mark.parametrize("secret", ["diagnosis", "los"])
 def test_inference(data, secret):
     train, control, copy, indep = data
-    hi = A.inference_risk(train, copy, control, aux_cols=AUX, secret=secret,
-                          n_attacks=300)
-    lo = A.inference_risk(train, indep, control, aux_cols=AUX, secret=secret,
-                          n_attacks=300)
+    hi = A.inference_risk(
+        train, copy, control, aux_cols=AUX, secret=secret, n_attacks=300
+    )
+    lo = A.inference_risk(
+        train, indep, control, aux_cols=AUX, secret=secret, n_attacks=300
+    )
     assert hi.value > 0.5
     assert lo.value < 0.1 and lo.ci_low == 0.0
     assert hi.attack_rate > hi.baseline_rate
@@ -126,15 +134,15 @@ def test_mann_whitney_auc_hand_checked():
 def test_reproducible_with_key(data):
     train, control, _, indep = data
     k = jax.random.key(11)
-    r1 = A.singling_out_risk(k, train, indep, control, n_attacks=100,
-                             mode="multivariate")
-    r2 = A.singling_out_risk(k, train, indep, control, n_attacks=100,
-                             mode="multivariate")
+    r1 = A.singling_out_risk(
+        k, train, indep, control, n_attacks=100, mode="multivariate"
+    )
+    r2 = A.singling_out_risk(
+        k, train, indep, control, n_attacks=100, mode="multivariate"
+    )
     assert r1 == r2
-    l1 = A.linkability_risk(train, indep, control, aux_cols=LINK, n_attacks=100,
-                            key=k)
-    l2 = A.linkability_risk(train, indep, control, aux_cols=LINK, n_attacks=100,
-                            key=k)
+    l1 = A.linkability_risk(train, indep, control, aux_cols=LINK, n_attacks=100, key=k)
+    l2 = A.linkability_risk(train, indep, control, aux_cols=LINK, n_attacks=100, key=k)
     assert l1 == l2
     m1 = A.membership_inference(k, train, control, indep, n=100)
     assert m1 == A.membership_inference(k, train, control, indep, n=100)
@@ -143,14 +151,22 @@ def test_reproducible_with_key(data):
 def test_bad_input(data):
     train, control, copy, _ = data
     with pytest.raises(ValueError, match="disjoint"):
-        A.linkability_risk(train, copy, control, aux_cols=(["age"], ["age"]),
-                           n_attacks=10)
+        A.linkability_risk(
+            train, copy, control, aux_cols=(["age"], ["age"]), n_attacks=10
+        )
     with pytest.raises(ValueError, match="mode"):
-        A.singling_out_risk(jax.random.key(0), train, copy, control, n_attacks=10,
-                            mode="bivariate")
+        A.singling_out_risk(
+            jax.random.key(0), train, copy, control, n_attacks=10, mode="bivariate"
+        )
     with pytest.raises(KeyError):
-        A.inference_risk(train, copy.drop(columns="age"), control, aux_cols=AUX,
-                         secret="diagnosis", n_attacks=10)
+        A.inference_risk(
+            train,
+            copy.drop(columns="age"),
+            control,
+            aux_cols=AUX,
+            secret="diagnosis",
+            n_attacks=10,
+        )
 
 
 def test_matches_anonymeter_1_1_0():
@@ -167,15 +183,24 @@ def test_matches_anonymeter_1_1_0():
 
     ori, syn, ctl = (pd.read_csv(StringIO(t)) for t in (ORI_CSV, SYN_CSV, CTL_CSV))
     link = (["age", "sex", "ward"], ["weight", "los"])
-    for k, n_s, n_c, risk in [(1, 13, 5, 0.10400317393407182),
-                              (3, 49, 28, 0.38946060688804834)]:
-        r = A.linkability_risk(ori, syn, ctl, aux_cols=link, n_attacks=80,
-                               n_neighbors=k)
+    for k, n_s, n_c, risk in [
+        (1, 13, 5, 0.10400317393407182),
+        (3, 49, 28, 0.38946060688804834),
+    ]:
+        r = A.linkability_risk(
+            ori, syn, ctl, aux_cols=link, n_attacks=80, n_neighbors=k
+        )
         assert r.attack_rate == pytest.approx(A.wilson_rate(n_s, 80)[0], abs=1e-12)
         assert r.control_rate == pytest.approx(A.wilson_rate(n_c, 80)[0], abs=1e-12)
         assert r.value == pytest.approx(risk, abs=1e-9)
-    r = A.inference_risk(ori, syn, ctl, aux_cols=["age", "sex", "weight", "ward"],
-                         secret="diagnosis", n_attacks=80)
+    r = A.inference_risk(
+        ori,
+        syn,
+        ctl,
+        aux_cols=["age", "sex", "weight", "ward"],
+        secret="diagnosis",
+        n_attacks=80,
+    )
     assert r.attack_rate == pytest.approx(A.wilson_rate(38, 80)[0], abs=1e-12)
     assert r.control_rate == pytest.approx(A.wilson_rate(29, 80)[0], abs=1e-12)
     assert r.value == pytest.approx(0.1700656831506242, abs=1e-9)

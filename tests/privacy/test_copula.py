@@ -27,19 +27,23 @@ def train() -> pd.DataFrame:
     crp = np.exp(shift + 0.5 * rng.normal(size=n))  # positive, ward-dependent
     lab = rng.normal(size=n)
     lab[rng.random(n) < 1 / (1 + np.exp(-(2 * x - 1.5)))] = np.nan  # MNAR-ish on x
-    return pd.DataFrame({
-        "x": x,
-        "y": y,
-        "age": rng.integers(0, 18, n),
-        "ward": ward,
-        "crp": crp,
-        "lab": lab,
-        "male": rng.random(n) < 0.55,
-        "admitted": pd.Timestamp("2024-01-01")
-        + pd.to_timedelta(rng.integers(0, 500_000, n), unit="min"),
-        "n_drugs": pd.array(np.where(rng.random(n) < 0.1, None,
-                                     rng.integers(0, 6, n)), dtype="Int64"),
-    })
+    return pd.DataFrame(
+        {
+            "x": x,
+            "y": y,
+            "age": rng.integers(0, 18, n),
+            "ward": ward,
+            "crp": crp,
+            "lab": lab,
+            "male": rng.random(n) < 0.55,
+            "admitted": pd.Timestamp("2024-01-01")
+            + pd.to_timedelta(rng.integers(0, 500_000, n), unit="min"),
+            "n_drugs": pd.array(
+                np.where(rng.random(n) < 0.1, None, rng.integers(0, 6, n)),
+                dtype="Int64",
+            ),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +109,11 @@ def test_categorical_numeric_dependence(train, synth):
 def test_bounds_and_integers(train, synth, model):
     assert (synth["crp"] >= 0).all()
     assert synth["age"].between(train["age"].min(), train["age"].max()).all()
-    assert synth["admitted"].between(train["admitted"].min(),
-                                     train["admitted"].max()).all()
+    assert (
+        synth["admitted"]
+        .between(train["admitted"].min(), train["admitted"].max())
+        .all()
+    )
     assert synth["x"].between(train["x"].min(), train["x"].max()).all()
     tight = fit_copula(train, bounds={"x": (-1.0, 1.0), "age": (2, 10)})
     s = sample_copula(jax.random.key(5), tight, 1000)
@@ -130,8 +137,13 @@ def test_missingness_rate_and_dependence(train, synth):
 
 def test_no_verbatim_copies():
     rng = np.random.default_rng(1)
-    small = pd.DataFrame({"a": rng.normal(size=40), "b": rng.gamma(2.0, size=40),
-                          "g": rng.choice(["u", "v"], size=40)})
+    small = pd.DataFrame(
+        {
+            "a": rng.normal(size=40),
+            "b": rng.gamma(2.0, size=40),
+            "g": rng.choice(["u", "v"], size=40),
+        }
+    )
     s = sample_copula(jax.random.key(2), fit_copula(small), 2000)
     rows = set(map(tuple, small[["a", "b"]].to_numpy()))
     copies = sum(r in rows for r in map(tuple, s[["a", "b"]].to_numpy()))

@@ -19,12 +19,22 @@ def _hourly(n_pat=200, hours=6):
     rng = np.random.default_rng(1)
     pid = np.repeat(np.arange(n_pat), hours)
     admit = pd.to_datetime("2022-01-01") + pd.to_timedelta(
-        rng.integers(0, 365 * 24 * 3600, n_pat), unit="s")
-    t = admit[pid] + pd.to_timedelta(np.tile(np.arange(hours), n_pat), unit="h") \
+        rng.integers(0, 365 * 24 * 3600, n_pat), unit="s"
+    )
+    t = (
+        admit[pid]
+        + pd.to_timedelta(np.tile(np.arange(hours), n_pat), unit="h")
         + pd.to_timedelta(rng.integers(0, 10**9, pid.size), unit="ns")
+    )
     birth = admit - pd.to_timedelta(rng.integers(0, 6000, n_pat), unit="D")
-    df = pd.DataFrame({"person_id": pid, "time": t, "birth": birth[pid],
-                       "hr": rng.normal(120, 10, pid.size)})
+    df = pd.DataFrame(
+        {
+            "person_id": pid,
+            "time": t,
+            "birth": birth[pid],
+            "hr": rng.normal(120, 10, pid.size),
+        }
+    )
     return df.sample(frac=1.0, random_state=3)  # row order must not matter
 
 
@@ -32,8 +42,9 @@ def _rel(df, cols):
     """Every pairwise interval (int ns) between date cells of each patient."""
     out = {}
     for p, g in df.groupby("person_id"):
-        v = np.concatenate([g[c].to_numpy("datetime64[ns]").view(np.int64)
-                            for c in cols])
+        v = np.concatenate(
+            [g[c].to_numpy("datetime64[ns]").view(np.int64) for c in cols]
+        )
         out[p] = v[:, None] - v[None, :]
     return out
 
@@ -64,8 +75,7 @@ def test_shifts_are_secret_by_default_key_derived_on_request(key):
     a, sa = shift_dates(key, df, "person_id", ["time"], from_key=True)
     b, sb = shift_dates(key, df.iloc[::-1], "person_id", ["time"], from_key=True)
     assert sa.equals(sb) and a["time"].equals(b["time"].loc[a.index])
-    _, sc = shift_dates(jax.random.key(1), df, "person_id", ["time"],
-                        from_key=True)
+    _, sc = shift_dates(jax.random.key(1), df, "person_id", ["time"], from_key=True)
     assert (sa != sc).mean() > 0.9
 
 
@@ -92,17 +102,22 @@ def test_idempotent_with_shift_table_and_marker(key):
     once, table = shift_dates(key, df, "person_id", ["time", "birth"])
     assert already_shifted(once) == ["birth", "time"] and already_shifted(df) == []
     # the same table applied to the raw data again, under another key -> same result
-    again, t2 = shift_dates(jax.random.key(9), df, "person_id", ["time", "birth"],
-                            existing=table)
+    again, t2 = shift_dates(
+        jax.random.key(9), df, "person_id", ["time", "birth"], existing=table
+    )
     assert again.equals(once) and t2.equals(table)
     # running on shifted output does not shift twice
     twice, _ = shift_dates(key, once, "person_id", ["time", "birth"])
     assert twice.equals(once)
     # a second table of the same site reuses the shifts; new patients get new ones
-    pk = pd.DataFrame({"person_id": [0, 0, 999],
-                       "dose_time": pd.to_datetime(["2022-03-01 08:00",
-                                                    "2022-03-01 20:30",
-                                                    "2022-05-05 09:15"])})
+    pk = pd.DataFrame(
+        {
+            "person_id": [0, 0, 999],
+            "dose_time": pd.to_datetime(
+                ["2022-03-01 08:00", "2022-03-01 20:30", "2022-05-05 09:15"]
+            ),
+        }
+    )
     pk_out, t3 = shift_dates(key, pk, "person_id", ["dose_time"], existing=table)
     assert t3.loc[table.index].equals(table) and t3[999] != 0
     assert (pk_out["dose_time"][0] - pk["dose_time"][0]).days == table[0]
@@ -119,9 +134,14 @@ def test_partial_marker_needs_table(key):
 
 
 def test_keeps_datetime_resolution_and_nat(key):
-    df = pd.DataFrame({"id": ["a", "a", "b"],
-                       "t": pd.to_datetime(["2020-01-01", None, "2020-06-01"]
-                                           ).astype("datetime64[s]")})
+    df = pd.DataFrame(
+        {
+            "id": ["a", "a", "b"],
+            "t": pd.to_datetime(["2020-01-01", None, "2020-06-01"]).astype(
+                "datetime64[s]"
+            ),
+        }
+    )
     out, shifts = shift_dates(key, df, "id", ["t"])
     assert out["t"].dtype == df["t"].dtype and pd.isna(out["t"][1])
     assert shifts.index.tolist() == ["a", "b"]

@@ -131,8 +131,13 @@ def test_reproducible_with_same_key(key):
 def test_summary(key):
     real, syn = _table(1, 400), _table(2, 400)
     s = fidelity_summary(key, real, syn)
-    assert set(s) >= {"column_shapes", "detection_auc", "pmse_ratio",
-                      "mean_abs_diff_pearson", "pair_trends"}
+    assert set(s) >= {
+        "column_shapes",
+        "detection_auc",
+        "pmse_ratio",
+        "mean_abs_diff_pearson",
+        "pair_trends",
+    }
     assert all(isinstance(v, float) for v in s.values())
     assert s["column_shapes"] > 0.9 and s["pair_trends"] > 0.9
     assert 0.2 < s["pmse_ratio_perm"] < 3

@@ -12,8 +12,9 @@ from phems_clinical.privacy.microaggregation import (
 
 
 def _partition(groups):
-    return sorted(sorted(np.nonzero(groups == g)[0].tolist())
-                  for g in np.unique(groups))
+    return sorted(
+        sorted(np.nonzero(groups == g)[0].tolist()) for g in np.unique(groups)
+    )
 
 
 def test_mdav_hand_worked_1d():
@@ -47,15 +48,21 @@ def test_mdav_ties_by_input_order():
 @pytest.mark.parametrize("n,k", [(7, 1), (30, 3), (101, 5), (57, 10), (12, 12)])
 def test_group_sizes_and_means(n, k):
     rng = np.random.default_rng(n * 100 + k)
-    df = pd.DataFrame({"a": rng.lognormal(size=n), "b": rng.normal(50, 10, n),
-                       "c": rng.integers(0, 3, n).astype(float),
-                       "id": np.arange(n)})
+    df = pd.DataFrame(
+        {
+            "a": rng.lognormal(size=n),
+            "b": rng.normal(50, 10, n),
+            "c": rng.integers(0, 3, n).astype(float),
+            "id": np.arange(n),
+        }
+    )
     res = microaggregate(df, ["a", "b", "c"], k)
     assert (res.sizes >= k).all()
     assert (res.sizes <= max(2 * k - 1, k)).all()
     assert res.sizes.sum() == n
-    np.testing.assert_allclose(res.data[["a", "b", "c"]].mean(),
-                               df[["a", "b", "c"]].mean(), rtol=1e-12)
+    np.testing.assert_allclose(
+        res.data[["a", "b", "c"]].mean(), df[["a", "b", "c"]].mean(), rtol=1e-12
+    )
     # every released vector is shared by its whole group (>= k rows)
     counts = res.data.groupby(["a", "b", "c"]).size()
     assert counts.min() >= k

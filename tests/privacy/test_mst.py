@@ -35,8 +35,9 @@ DOMAIN = {
 }
 # Fine order grid so the RDP -> (eps, delta) conversion is tight (dp_accounting's
 # conversion is the Canonne-Kamath-Steinke one, minimised over this grid).
-ORDERS = list(np.concatenate([np.linspace(1.001, 3.0, 2000),
-                              np.linspace(3.0, 400.0, 8000)]))
+ORDERS = list(
+    np.concatenate([np.linspace(1.001, 3.0, 2000), np.linspace(3.0, 400.0, 8000)])
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +49,16 @@ def train() -> pd.DataFrame:
     c = np.where((b == 0) ^ (rng.random(N) < 0.1), "u", "v")
     x = rng.normal(50.0, 12.0, N)
     x[rng.random(N) < 0.1] = np.nan
-    return pd.DataFrame({
-        "A": np.array(["a0", "a1", "a2"], dtype=object)[a],
-        "B": b.astype(np.int64),
-        "C": c.astype(object),
-        "x": x,
-        "age": rng.integers(0, 18, N),
-        "flag": rng.random(N) < 0.3,
-    })
+    return pd.DataFrame(
+        {
+            "A": np.array(["a0", "a1", "a2"], dtype=object)[a],
+            "B": b.astype(np.int64),
+            "C": c.astype(object),
+            "x": x,
+            "age": rng.integers(0, 18, N),
+            "flag": rng.random(N) < 0.3,
+        }
+    )
 
 
 # The statistical checks below replay kept test secrets, so they never depend on
@@ -63,14 +66,16 @@ def train() -> pd.DataFrame:
 # default fits draw fresh noise.
 @pytest.fixture(scope="module")
 def model_hi(train):
-    return fit_mst(jax.random.key(1), train, DOMAIN, epsilon=1e6,
-                   noise=secret_generator(1))
+    return fit_mst(
+        jax.random.key(1), train, DOMAIN, epsilon=1e6, noise=secret_generator(1)
+    )
 
 
 @pytest.fixture(scope="module")
 def model_1(train):
-    return fit_mst(jax.random.key(2), train, DOMAIN, epsilon=1.0,
-                   noise=secret_generator(2))
+    return fit_mst(
+        jax.random.key(2), train, DOMAIN, epsilon=1.0, noise=secret_generator(2)
+    )
 
 
 def _cells(s: pd.Series, spec) -> np.ndarray:
@@ -78,8 +83,12 @@ def _cells(s: pd.Series, spec) -> np.ndarray:
     miss = s.isna().to_numpy()
     if isinstance(spec, Categorical):
         look = {v: i for i, v in enumerate(spec.categories)}
-        out = np.array([look.get(v, -1) if not m else len(spec.categories)
-                        for v, m in zip(s, miss, strict=True)])
+        out = np.array(
+            [
+                look.get(v, -1) if not m else len(spec.categories)
+                for v, m in zip(s, miss, strict=True)
+            ]
+        )
     else:
         edges = np.linspace(spec.lower, spec.upper, spec.n_bins + 1)
         x = np.clip(s.to_numpy(float, na_value=np.nan), spec.lower, spec.upper)
@@ -95,36 +104,50 @@ def _n_cells(spec) -> int:
 
 def _rho_from_dp_accounting(epsilon: float, delta: float) -> float:
     """rho whose single Gaussian (noise multiplier 1/sqrt(2 rho)) is (eps, delta)."""
+
     def gap(log_rho):
         acc = rdp.RdpAccountant(orders=ORDERS)
-        acc.compose(dp_accounting.GaussianDpEvent(1.0 / math.sqrt(2 * math.exp(
-            log_rho))))
+        acc.compose(
+            dp_accounting.GaussianDpEvent(1.0 / math.sqrt(2 * math.exp(log_rho)))
+        )
         return acc.get_epsilon(delta) - epsilon
-    return math.exp(optimize.brentq(gap, math.log(epsilon) - 20, math.log(
-        epsilon) + 2, xtol=1e-10))
+
+    return math.exp(
+        optimize.brentq(gap, math.log(epsilon) - 20, math.log(epsilon) + 2, xtol=1e-10)
+    )
 
 
 # ----------------------------------------------------------------- accounting
-@pytest.mark.parametrize("epsilon,delta", [(0.1, 1e-9), (1.0, 1e-9), (1.0, 1e-6),
-                                           (8.0, 1e-5)])
+@pytest.mark.parametrize(
+    "epsilon,delta", [(0.1, 1e-9), (1.0, 1e-9), (1.0, 1e-6), (8.0, 1e-5)]
+)
 def test_cdp_rho_matches_dp_accounting(epsilon, delta):
     rho = cdp_rho(epsilon, delta)
     assert rho == pytest.approx(_rho_from_dp_accounting(epsilon, delta), rel=1e-3)
     # Bun & Steinke 2016 Prop. 1.3 (looser): eps = rho + 2 sqrt(rho log 1/delta)
-    rho_std = (math.sqrt(math.log(1 / delta) + epsilon)
-               - math.sqrt(math.log(1 / delta))) ** 2
+    rho_std = (
+        math.sqrt(math.log(1 / delta) + epsilon) - math.sqrt(math.log(1 / delta))
+    ) ** 2
     assert rho_std < rho < epsilon
 
 
 def _mst_epsilon(d, sigma1, eps_em, sigma2, delta):
     acc = rdp.RdpAccountant(orders=ORDERS)
-    acc.compose(dp_accounting.ComposedDpEvent([
-        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma1), d),
-        dp_accounting.SelfComposedDpEvent(  # EM: eps^2/8-zCDP (Cesar & Rogers 2021)
-            dp_accounting.ZCDpEvent(eps_em**2 / 8), d - 1),
-        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma2),
-                                          d - 1),
-    ]))
+    acc.compose(
+        dp_accounting.ComposedDpEvent(
+            [
+                dp_accounting.SelfComposedDpEvent(
+                    dp_accounting.GaussianDpEvent(sigma1), d
+                ),
+                dp_accounting.SelfComposedDpEvent(  # EM: eps^2/8-zCDP (Cesar & Rogers 2021)
+                    dp_accounting.ZCDpEvent(eps_em**2 / 8), d - 1
+                ),
+                dp_accounting.SelfComposedDpEvent(
+                    dp_accounting.GaussianDpEvent(sigma2), d - 1
+                ),
+            ]
+        )
+    )
     return acc.get_epsilon(delta)
 
 
@@ -133,11 +156,16 @@ def test_budget_split_composes_to_epsilon(d):
     """d Gaussian 1-way + (d-1) exp. mechanisms + (d-1) Gaussian 2-way = (eps, d)."""
     eps, delta = 1.0, 1e-9
     b = mst_budget(eps, delta, d)
-    assert _mst_epsilon(d, b.sigma_one_way, b.epsilon_select, b.sigma_two_way,
-                        delta) == pytest.approx(eps, rel=1e-3)
+    assert _mst_epsilon(
+        d, b.sigma_one_way, b.epsilon_select, b.sigma_two_way, delta
+    ) == pytest.approx(eps, rel=1e-3)
     # mutation check: dropping the sqrt(d) share of the 1-way noise overspends
-    assert _mst_epsilon(d, b.sigma_one_way / math.sqrt(d), b.epsilon_select,
-                        b.sigma_two_way, delta) > 1.05 * eps
+    assert (
+        _mst_epsilon(
+            d, b.sigma_one_way / math.sqrt(d), b.epsilon_select, b.sigma_two_way, delta
+        )
+        > 1.05 * eps
+    )
 
 
 def test_one_way_noise_matches_analytic_sigma(train, model_1):
@@ -145,9 +173,12 @@ def test_one_way_noise_matches_analytic_sigma(train, model_1):
     rho)), rho from dp_accounting: chi-square over all declared cells."""
     d = len(DOMAIN)
     sigma = math.sqrt(3 * d / (2 * _rho_from_dp_accounting(1.0, 1e-9)))
-    resid = np.concatenate([
-        y - np.bincount(_cells(train[c], DOMAIN[c]), minlength=_n_cells(DOMAIN[c]))
-        for c, y in zip(model_1.columns, model_1.one_way, strict=True)])
+    resid = np.concatenate(
+        [
+            y - np.bincount(_cells(train[c], DOMAIN[c]), minlength=_n_cells(DOMAIN[c]))
+            for c, y in zip(model_1.columns, model_1.one_way, strict=True)
+        ]
+    )
     k = resid.size
     lo, hi = stats.chi2.ppf([1e-4, 1 - 1e-4], k)
     assert lo < np.sum((resid / sigma) ** 2) < hi
@@ -182,8 +213,9 @@ def test_large_epsilon_marginals_match(train, model_hi):
     a, b = model_hi.tree[k]
     ia, ib = model_hi.columns.index(a), model_hi.columns.index(b)
     indep = np.outer(model_hi.nodes[ia], model_hi.nodes[ib])
-    broken = model_hi._replace(edges=model_hi.edges[:k] + (indep,)
-                               + model_hi.edges[k + 1:])
+    broken = model_hi._replace(
+        edges=model_hi.edges[:k] + (indep,) + model_hi.edges[k + 1 :]
+    )
     bad = sample_mst(jax.random.key(5), broken, 20_000)
     tab_r = pd.crosstab(train[a], train[b]).to_numpy() / N
     tab_b = pd.crosstab(bad[a], bad[b]).to_numpy()
@@ -223,17 +255,31 @@ def test_fidelity_at_epsilon_one(train, model_1):
 def test_noise_secret_sampling_reproducible(train, model_1):
     """The DP noise is not a function of the key (two fits with one key differ);
     a kept secret replays a fit exactly; sampling follows the key."""
-    fresh = [fit_mst(jax.random.key(2), train, DOMAIN, epsilon=1.0, iters=200)
-             for _ in range(2)]
-    assert not any(np.array_equal(u, v) for u, v in zip(
-        fresh[0].one_way, fresh[1].one_way, strict=True))
+    fresh = [
+        fit_mst(jax.random.key(2), train, DOMAIN, epsilon=1.0, iters=200)
+        for _ in range(2)
+    ]
+    assert not any(
+        np.array_equal(u, v)
+        for u, v in zip(fresh[0].one_way, fresh[1].one_way, strict=True)
+    )
     assert "CSPRNG" in fresh[0].noise_source
     s = new_secret()
-    kept = [fit_mst(jax.random.key(k), train, DOMAIN, epsilon=1.0, iters=200,
-                    noise=secret_generator(s)) for k in (0, 1)]
+    kept = [
+        fit_mst(
+            jax.random.key(k),
+            train,
+            DOMAIN,
+            epsilon=1.0,
+            iters=200,
+            noise=secret_generator(s),
+        )
+        for k in (0, 1)
+    ]
     assert kept[0].tree == kept[1].tree
-    for u, v in zip(kept[0].one_way + kept[0].edges, kept[1].one_way
-                    + kept[1].edges, strict=True):
+    for u, v in zip(
+        kept[0].one_way + kept[0].edges, kept[1].one_way + kept[1].edges, strict=True
+    ):
         np.testing.assert_array_equal(u, v)
     a = sample_mst(jax.random.key(3), model_1, 300)
     pd.testing.assert_frame_equal(a, sample_mst(jax.random.key(3), model_1, 300))
@@ -241,14 +287,17 @@ def test_noise_secret_sampling_reproducible(train, model_1):
 
 
 # -------------------------------------------------------------------- errors
-@pytest.mark.parametrize("kw,match", [
-    (dict(epsilon=0.0), "epsilon"),
-    (dict(epsilon=-1.0), "epsilon"),
-    (dict(epsilon=float("inf")), "epsilon"),
-    (dict(epsilon=float("nan")), "epsilon"),
-    (dict(epsilon=1.0, delta=0.0), "delta"),
-    (dict(epsilon=1.0, delta=1.0), "delta"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(epsilon=-1.0), "epsilon"),
+        (dict(epsilon=float("inf")), "epsilon"),
+        (dict(epsilon=float("nan")), "epsilon"),
+        (dict(epsilon=1.0, delta=0.0), "delta"),
+        (dict(epsilon=1.0, delta=1.0), "delta"),
+    ],
+)
 def test_bad_budget(train, kw, match):
     with pytest.raises(MSTInputError, match=match):
         fit_mst(jax.random.key(0), train, DOMAIN, **kw)
@@ -257,8 +306,9 @@ def test_bad_budget(train, kw, match):
 def test_bad_tables(train):
     key = jax.random.key(0)
     with pytest.raises(MSTInputError, match=r"without a domain entry \['age'\]"):
-        fit_mst(key, train, {k: v for k, v in DOMAIN.items() if k != "age"},
-                epsilon=1.0)
+        fit_mst(
+            key, train, {k: v for k, v in DOMAIN.items() if k != "age"}, epsilon=1.0
+        )
     with pytest.raises(MSTInputError, match=r"without a column \['age'\]"):
         fit_mst(key, train.drop(columns="age"), DOMAIN, epsilon=1.0)
     with pytest.raises(MSTInputError, match="3 rows"):

@@ -53,16 +53,16 @@ def test_additive_noise_matches_sdcmicro_scale():
 
 def test_coarsen_hand_cases():
     x = np.array([0.0, 0.4, 0.5, 2.99, 3.0, 3.4342, 23.1125, 47.6513, np.nan])
-    np.testing.assert_array_equal(coarsen(x, 1.0),
-                                  [0, 0, 1, 3, 3, 3, 23, 48, np.nan])
-    np.testing.assert_array_equal(coarsen(x, 6.0, mode="up"),
-                                  [0, 6, 6, 6, 6, 6, 24, 48, np.nan])
-    np.testing.assert_array_equal(coarsen(x, 6.0, mode="down"),
-                                  [0, 0, 0, 0, 0, 0, 18, 42, np.nan])
+    np.testing.assert_array_equal(coarsen(x, 1.0), [0, 0, 1, 3, 3, 3, 23, 48, np.nan])
+    np.testing.assert_array_equal(
+        coarsen(x, 6.0, mode="up"), [0, 6, 6, 6, 6, 6, 24, 48, np.nan]
+    )
+    np.testing.assert_array_equal(
+        coarsen(x, 6.0, mode="down"), [0, 0, 0, 0, 0, 0, 18, 42, np.nan]
+    )
     # a value on the grid up to floating rounding stays on it
     assert coarsen(np.array([0.1 * 3 / 0.1 * 2]), 6.0, mode="up")[0] == 6.0
-    np.testing.assert_array_equal(coarsen(np.array([97.3, 97.35]), 0.5),
-                                  [97.5, 97.5])
+    np.testing.assert_array_equal(coarsen(np.array([97.3, 97.35]), 0.5), [97.5, 97.5])
     with pytest.raises(PerturbError, match="grid"):
         coarsen(x, 0.0)
     with pytest.raises(PerturbError, match="mode"):
@@ -80,25 +80,35 @@ def _table():
     rows = []
     for pid, lev, cov in ((1, 10.0, 50.0), (2, 20.0, 60.0), (3, 40.0, 70.0)):
         for t, r in ((0.0, np.nan), (3.4, 2.0), (23.1, 1.0), (47.6, 0.5)):
-            rows.append({"ID": pid, "TIME": t,
-                         "DV": np.nan if np.isnan(r) else lev * r,
-                         "HR": 100.0 + pid + t / 10, "VWF": cov})
+            rows.append(
+                {
+                    "ID": pid,
+                    "TIME": t,
+                    "DV": np.nan if np.isnan(r) else lev * r,
+                    "HR": 100.0 + pid + t / 10,
+                    "VWF": cov,
+                }
+            )
     return pd.DataFrame(rows)
 
 
 ROLES = LongitudinalRoles(
     course="ID",
-    values={"DV": ValueColumn("multiplicative", lower=0.0),
-            "HR": ValueColumn("additive", lower=0.0, resolution=1.0),
-            "VWF": ValueColumn("multiplicative", per="course")},
-    times=("TIME",))
+    values={
+        "DV": ValueColumn("multiplicative", lower=0.0),
+        "HR": ValueColumn("additive", lower=0.0, resolution=1.0),
+        "VWF": ValueColumn("multiplicative", per="course"),
+    },
+    times=("TIME",),
+)
 
 
 def test_time_coarsening_keeps_order_on_the_grid():
     out = perturb_longitudinal(jax.random.key(0), _table(), ROLES, time_grid=6.0)
     assert out.data["TIME"].tolist()[:4] == [0.0, 6.0, 24.0, 48.0]
-    pd.testing.assert_frame_equal(out.data.drop(columns="TIME"),
-                                  _table().drop(columns="TIME"))
+    pd.testing.assert_frame_equal(
+        out.data.drop(columns="TIME"), _table().drop(columns="TIME")
+    )
     assert out.report["il1s"]["TIME"] > 0 and out.report["il1s"]["DV"] == 0
 
 
@@ -110,12 +120,14 @@ def test_level_microaggregation_hand_case():
     # 74.1 / 4): group mean 103.8525, every series shifted, its shape kept.
     t = _table()
     out = perturb_longitudinal(jax.random.key(0), t, ROLES, micro_k=3).data
-    np.testing.assert_allclose(out["DV"].to_numpy(), (t["DV"] * np.repeat(
-        [2.0, 1.0, 0.5], 4)).to_numpy())
+    np.testing.assert_allclose(
+        out["DV"].to_numpy(), (t["DV"] * np.repeat([2.0, 1.0, 0.5], 4)).to_numpy()
+    )
     np.testing.assert_allclose(out.groupby("ID")["HR"].mean(), [103.8525] * 3)
     np.testing.assert_allclose(out["HR"].diff().iloc[1:4], t["HR"].diff().iloc[1:4])
-    np.testing.assert_allclose(out.groupby("ID")["VWF"].first(), [60.0] * 3,
-                               rtol=0.02)  # geometric mean of 50, 60, 70
+    np.testing.assert_allclose(
+        out.groupby("ID")["VWF"].first(), [60.0] * 3, rtol=0.02
+    )  # geometric mean of 50, 60, 70
     with pytest.raises(PerturbError, match="micro_k=4 is impossible.*3 courses"):
         perturb_longitudinal(jax.random.key(0), t, ROLES, micro_k=4)
 
@@ -141,8 +153,13 @@ def test_bad_options_are_named():
     with pytest.raises(PerturbError, match="micro_k"):
         perturb_longitudinal(jax.random.key(0), t, ROLES, micro_k=0)
     with pytest.raises(PerturbError, match="course column 'stay'"):
-        perturb_longitudinal(jax.random.key(0), t,
-                             LongitudinalRoles(course="stay"), noise=0.1)
+        perturb_longitudinal(
+            jax.random.key(0), t, LongitudinalRoles(course="stay"), noise=0.1
+        )
     with pytest.raises(PerturbError, match="no value columns"):
-        perturb_longitudinal(jax.random.key(0), t, LongitudinalRoles(
-            course="ID", times=("TIME",)), micro_k=2)
+        perturb_longitudinal(
+            jax.random.key(0),
+            t,
+            LongitudinalRoles(course="ID", times=("TIME",)),
+            micro_k=2,
+        )

@@ -71,9 +71,14 @@ def _rows(events: pd.DataFrame, covs: list[str]) -> set:
     for _, g in events.groupby("ID", sort=False):
         d, o = g[g["EVID"] == 1], g[g["EVID"] == 0]
         t0 = d["TIME"].min()
-        out.add((tuple(np.round(g[covs].iloc[0].to_numpy(float), 6)),
-                 tuple(np.round(d["TIME"] - t0, 4)), tuple(d["AMT"]),
-                 tuple(np.round(o["TIME"] - t0, 4))))
+        out.add(
+            (
+                tuple(np.round(g[covs].iloc[0].to_numpy(float), 6)),
+                tuple(np.round(d["TIME"] - t0, 4)),
+                tuple(d["AMT"]),
+                tuple(np.round(o["TIME"] - t0, 4)),
+            )
+        )
     return out
 
 
@@ -128,15 +133,20 @@ def test_doses_are_weight_based(virtual):
 def test_individual_etas_in_copula(source, model):
     ids = source["ID"].unique()
     rng = np.random.default_rng(0)
-    ind = pd.DataFrame({"ID": ids, "ETA_CL": rng.normal(0, 0.3, len(ids)),
-                        "ETA_V1": rng.normal(0, 0.2, len(ids))})
-    vpm = fit_virtual_population(source, model, initial_params(model),
-                                 individual=ind)
+    ind = pd.DataFrame(
+        {
+            "ID": ids,
+            "ETA_CL": rng.normal(0, 0.3, len(ids)),
+            "ETA_V1": rng.normal(0, 0.2, len(ids)),
+        }
+    )
+    vpm = fit_virtual_population(source, model, initial_params(model), individual=ind)
     _, truth = sample_virtual_population(jax.random.key(1), vpm, N_VIRTUAL)
     assert not set(np.round(truth["ETA_CL"], 10)) & set(np.round(ind["ETA_CL"], 10))
     with pytest.raises(VirtualPopulationError, match="ETA_V1"):
-        fit_virtual_population(source, model, initial_params(model),
-                               individual=ind.drop(columns="ETA_V1"))
+        fit_virtual_population(
+            source, model, initial_params(model), individual=ind.drop(columns="ETA_V1")
+        )
 
 
 def test_bad_input(source, model):

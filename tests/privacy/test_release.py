@@ -37,8 +37,12 @@ def sources():
     pk, _ = simulate_cohort(KEY, load_product("advate"), HospitalSpec("h", 60))
     picu = simulate_picu(KEY, n_stays=60)
     card = simulate_cardiac(KEY, n_episodes=150)
-    return {"haemophilia": pk, "picu": hourly_table(picu.tables),
-            "cardiac": episodes(card.tables)[0], "_picu_tables": picu.tables}
+    return {
+        "haemophilia": pk,
+        "picu": hourly_table(picu.tables),
+        "cardiac": episodes(card.tables)[0],
+        "_picu_tables": picu.tables,
+    }
 
 
 USE_CASES = ("haemophilia", "picu", "cardiac")
@@ -110,8 +114,9 @@ def test_cardiac_dates_shifted_per_patient_and_derived_recomputed(sources):
 
 
 def test_pk_derived_columns_follow_released_size(sources):
-    rel = anonymise(KEY, sources["haemophilia"], ROLES["haemophilia"], k=3,
-                    max_suppression=0.1)
+    rel = anonymise(
+        KEY, sources["haemophilia"], ROLES["haemophilia"], k=3, max_suppression=0.1
+    )
     d = rel.data
     np.testing.assert_allclose(d["BMI"], d["WT"] / (d["HT"] / 100) ** 2)
     assert "LBW" in rel.report["recomputed_columns"]
@@ -127,7 +132,8 @@ def test_idempotent_in_memory_and_after_csv(sources, uc, tmp_path):
     rel.data.to_csv(path, index=False)
     back = pd.read_csv(path)
     assert anonymise(KEY, back, ROLES[uc], k=5, max_suppression=0.1).report[
-        "already_anonymised"]
+        "already_anonymised"
+    ]
     with pytest.raises(AnonymiseError, match="already anonymised"):
         anonymise(KEY, rel.data, ROLES[uc], k=6, max_suppression=0.1)
 
@@ -135,15 +141,24 @@ def test_idempotent_in_memory_and_after_csv(sources, uc, tmp_path):
 def test_reproducible_and_key_dependent(sources):
     a = anonymise(KEY, sources["cardiac"], ROLES["cardiac"], k=5, max_suppression=0.1)
     b = anonymise(KEY, sources["cardiac"], ROLES["cardiac"], k=5, max_suppression=0.1)
-    c = anonymise(jax.random.key(99), sources["cardiac"], ROLES["cardiac"], k=5,
-                  max_suppression=0.1)
+    c = anonymise(
+        jax.random.key(99),
+        sources["cardiac"],
+        ROLES["cardiac"],
+        k=5,
+        max_suppression=0.1,
+    )
     # the key fixes everything but the date shifts, which are a secret drawn from
     # the OS CSPRNG: a recipient who knows the key (the seed) cannot undo them
-    dates = [col for col in a.data.columns
-             if pd.api.types.is_datetime64_any_dtype(a.data[col])]
+    dates = [
+        col
+        for col in a.data.columns
+        if pd.api.types.is_datetime64_any_dtype(a.data[col])
+    ]
     assert "surgery_datetime" in dates
-    pd.testing.assert_frame_equal(a.data.drop(columns=dates),
-                                  b.data.drop(columns=dates))
+    pd.testing.assert_frame_equal(
+        a.data.drop(columns=dates), b.data.drop(columns=dates)
+    )
     assert not a.data["surgery_datetime"].equals(b.data["surgery_datetime"])
     assert not a.data["surgery_datetime"].equals(c.data["surgery_datetime"])
 
@@ -156,8 +171,9 @@ def test_mondrian_release(sources):
 
 
 def test_l_diversity_on_patient_outcome(sources):
-    rel = anonymise(KEY, sources["cardiac"], ROLES["cardiac"], k=3, l=2,
-                    max_suppression=0.3)
+    rel = anonymise(
+        KEY, sources["cardiac"], ROLES["cardiac"], k=3, l=2, max_suppression=0.3
+    )
     pt = rel.patients
     assert pt.groupby(list(pt.columns[:-1]))["died"].nunique().min() >= 2
     assert rel.report["privacy"]["sensitive"]["died"]["l_distinct"] >= 2
@@ -221,8 +237,16 @@ def test_lifespan_age_bands():
     h = lifespan_age("years", "AGE")
     v = pd.Series([0.05, 0.5, 3.0, 12.0, 17.9, 18.0, 45.0, 85.0])
     check_nested(h, v)
-    assert list(h.generalise(v, 1)) == ["0-27 d", "1-11 m", "1-4 y", "10-14 y",
-                                        "15-17 y", "18-29 y", "40-49 y", "80+ y"]
+    assert list(h.generalise(v, 1)) == [
+        "0-27 d",
+        "1-11 m",
+        "1-4 y",
+        "10-14 y",
+        "15-17 y",
+        "18-29 y",
+        "40-49 y",
+        "80+ y",
+    ]
     assert list(h.generalise(v, 2))[-3:] == ["18-39 y", "40-59 y", "60+ y"]
     with pytest.raises(HierarchyError):
         h.generalise(pd.Series([-1.0]), 1)
@@ -230,12 +254,13 @@ def test_lifespan_age_bands():
 
 def test_any_calendar_column_is_shifted(sources):
     ev = sources["haemophilia"].copy()
-    ev["DATETIME"] = pd.Timestamp("2025-03-01 08:00") + pd.to_timedelta(ev["TIME"],
-                                                                        unit="h")
+    ev["DATETIME"] = pd.Timestamp("2025-03-01 08:00") + pd.to_timedelta(
+        ev["TIME"], unit="h"
+    )
     rel = anonymise(KEY, ev, ROLES["haemophilia"], k=3, max_suppression=0.1)
     assert rel.report["dates_shifted"]["columns"] == ["DATETIME"]
     d = rel.data
     # each patient's times keep their spacing; the calendar moved
-    gap = (d["DATETIME"] - pd.to_timedelta(d["TIME"], unit="h"))
+    gap = d["DATETIME"] - pd.to_timedelta(d["TIME"], unit="h")
     assert (gap.groupby(d["ID"]).nunique() == 1).all()
     assert not (gap == pd.Timestamp("2025-03-01 08:00")).all()

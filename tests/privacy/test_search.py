@@ -30,9 +30,13 @@ SEX = Hierarchy("sex", ())  # level 0 original, level 1 '*'
 
 
 def hand_table():
-    return pd.DataFrame({"age": [100, 200, 400, 800, 2000, 2500],
-                         "sex": ["F", "F", "M", "M", "F", "F"],
-                         "dx": ["a", "b", "a", "b", "a", "c"]})
+    return pd.DataFrame(
+        {
+            "age": [100, 200, 400, 800, 2000, 2500],
+            "sex": ["F", "F", "M", "M", "F", "F"],
+            "dx": ["a", "b", "a", "b", "a", "c"],
+        }
+    )
 
 
 def hier():
@@ -41,17 +45,22 @@ def hier():
 
 def random_table(seed, n=60):
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "age": rng.integers(0, 18 * 365, n),
-        "weight": rng.uniform(2, 80, n).round(1),
-        "sex": rng.choice(["F", "M"], n),
-        "dx": rng.choice(["asthma", "sepsis", "cardiac", "renal"], n)})
+    return pd.DataFrame(
+        {
+            "age": rng.integers(0, 18 * 365, n),
+            "weight": rng.uniform(2, 80, n).round(1),
+            "sex": rng.choice(["F", "M"], n),
+            "dx": rng.choice(["asthma", "sepsis", "cardiac", "renal"], n),
+        }
+    )
 
 
 def rand_hier():
-    return {"age": paediatric_age(),
-            "weight": interval("weight", (10, 20, 40), lower=0, upper=160),
-            "sex": SEX}
+    return {
+        "age": paediatric_age(),
+        "weight": interval("weight", (10, 20, 40), lower=0, upper=160),
+        "sex": SEX,
+    }
 
 
 # ------------------------------------------------------------- hand-worked
@@ -59,12 +68,19 @@ def test_hand_worked_k2_no_suppression():
     df = hand_table()
     r = lattice_search(df, hier(), k=2)
     assert r.levels == {"age": 1, "sex": 0}
-    assert r.data["age"].tolist() == ["1-11 m", "1-11 m", "1-4 y", "1-4 y",
-                                      "5-9 y", "5-9 y"]
+    assert r.data["age"].tolist() == [
+        "1-11 m",
+        "1-11 m",
+        "1-4 y",
+        "1-4 y",
+        "5-9 y",
+        "5-9 y",
+    ]
     assert r.metrics["information_loss"] == pytest.approx(1 / 6)
     assert r.changes["quasi_identifiers"] == {
         "age": {"level": 1, "cells_changed": 6},
-        "sex": {"level": 0, "cells_changed": 0}}
+        "sex": {"level": 0, "cells_changed": 0},
+    }
     assert r.changes["suppressed_rows"] == 0 and not r.suppressed.any()
     assert k_anonymity(r.data, ["age", "sex"]) == 2
     assert df["age"].tolist()[0] == 100  # input untouched
@@ -93,8 +109,9 @@ def test_hand_worked_k3_with_and_without_suppression():
 def test_ties_go_to_lowest_levels():
     # (1, 0) and (1, 1) both give three classes of 2: C_DM = 12 each
     for supp in (0.0, 0.1):
-        r = lattice_search(hand_table(), hier(), k=2, metric="discernibility",
-                           max_suppression=supp)
+        r = lattice_search(
+            hand_table(), hier(), k=2, metric="discernibility", max_suppression=supp
+        )
         assert r.levels == {"age": 1, "sex": 0}
         assert r.metrics["information_loss"] == 12
 
@@ -136,16 +153,24 @@ def brute_force(df, h, k, ldiv, max_supp, metric):
     return best
 
 
-@pytest.mark.parametrize("seed,k,ldiv,max_supp,metric", [
-    (0, 3, None, 0.0, "loss"), (1, 5, None, 0.1, "loss"),
-    (2, 4, None, 0.05, "discernibility"), (3, 3, 3, 0.1, "loss"),
-    (4, 2, None, 0.0, "discernibility"), (5, 4, 3, 0.2, "discernibility")])
+@pytest.mark.parametrize(
+    "seed,k,ldiv,max_supp,metric",
+    [
+        (0, 3, None, 0.0, "loss"),
+        (1, 5, None, 0.1, "loss"),
+        (2, 4, None, 0.05, "discernibility"),
+        (3, 3, 3, 0.1, "loss"),
+        (4, 2, None, 0.0, "discernibility"),
+        (5, 4, 3, 0.2, "discernibility"),
+    ],
+)
 def test_optimal_vs_brute_force(seed, k, ldiv, max_supp, metric):
     df = random_table(seed)
     h = rand_hier()
     sens = "dx" if ldiv else None
-    r = lattice_search(df, h, k=k, l=ldiv, sensitive=sens,
-                       max_suppression=max_supp, metric=metric)
+    r = lattice_search(
+        df, h, k=k, l=ldiv, sensitive=sens, max_suppression=max_supp, metric=metric
+    )
     want = brute_force(df, h, k, ldiv, max_supp, metric)
     assert tuple(r.levels.values()) == want[2]
     assert r.metrics["information_loss"] == pytest.approx(want[0])
@@ -183,11 +208,16 @@ def test_t_closeness_holds():
 
 
 def test_categorical_hierarchy_and_missing_values():
-    df = pd.DataFrame({"ward": ["picu", "nicu", "picu", "ward", "nicu", "ward"],
-                       "age": [10, np.nan, 400, 800, 20, np.nan]})
-    h = {"ward": categorical("ward", [{"picu": "icu", "nicu": "icu",
-                                       "ward": "ward"}]),
-         "age": paediatric_age()}
+    df = pd.DataFrame(
+        {
+            "ward": ["picu", "nicu", "picu", "ward", "nicu", "ward"],
+            "age": [10, np.nan, 400, 800, 20, np.nan],
+        }
+    )
+    h = {
+        "ward": categorical("ward", [{"picu": "icu", "nicu": "icu", "ward": "ward"}]),
+        "age": paediatric_age(),
+    }
     r = lattice_search(df, h, k=2)
     assert k_anonymity(r.data, ["ward", "age"]) >= 2
 
@@ -205,11 +235,13 @@ def test_idempotent_lattice():
     assert again.levels == r.levels
     assert (again.suppressed == r.suppressed).all()
     assert again.changes["suppressed_rows"] == 0
-    assert all(v["cells_changed"] == 0
-               for v in again.changes["quasi_identifiers"].values())
+    assert all(
+        v["cells_changed"] == 0 for v in again.changes["quasi_identifiers"].values()
+    )
     g = generalise(df, h, {"age": 1, "weight": 2, "sex": 0})
     pd.testing.assert_frame_equal(
-        generalise(g, h, {"age": 1, "weight": 2, "sex": 0}), g)
+        generalise(g, h, {"age": 1, "weight": 2, "sex": 0}), g
+    )
     with pytest.raises(SearchError, match="original values"):
         generalise(g, h, {"age": 2, "weight": 2, "sex": 0})
     with pytest.raises(SearchError, match="already anonymised"):
@@ -237,15 +269,22 @@ def test_mondrian_classes_and_cover(k):
 
 
 def test_mondrian_hand_worked_and_ordered_categorical():
-    sev = pd.Categorical(["mild", "mild", "moderate", "severe", "severe", "mild"],
-                         categories=["mild", "moderate", "severe"], ordered=True)
+    sev = pd.Categorical(
+        ["mild", "mild", "moderate", "severe", "severe", "mild"],
+        categories=["mild", "moderate", "severe"],
+        ordered=True,
+    )
     df = pd.DataFrame({"x": [1, 2, 3, 10, 11, 12], "sev": sev})
     r = mondrian(df, ["x"], 3)
     assert r.data["x"].tolist() == ["[1, 3]"] * 3 + ["[10, 12]"] * 3
     assert r.changes["quasi_identifiers"]["x"]["cells_changed"] == 6
     r = mondrian(df, ["sev"], 2)
-    assert set(r.data["sev"]) <= {"{mild}", "{moderate, severe}", "{severe}",
-                                  "{mild, moderate}"}
+    assert set(r.data["sev"]) <= {
+        "{mild}",
+        "{moderate, severe}",
+        "{severe}",
+        "{mild, moderate}",
+    }
     assert k_anonymity(r.data, ["sev"]) >= 2
 
 
@@ -263,16 +302,18 @@ def test_mondrian_l_diversity_and_idempotence():
 def test_errors():
     df = hand_table()
     with pytest.raises(SearchError, match="'weight'"):
-        lattice_search(df, {**hier(), "weight": interval("weight", lower=0,
-                                                         upper=9)}, k=2)
+        lattice_search(
+            df, {**hier(), "weight": interval("weight", lower=0, upper=9)}, k=2
+        )
     with pytest.raises(ValueError, match="k=7 is impossible"):
         lattice_search(df, hier(), k=7)
     with pytest.raises(SearchError, match="k=7 is impossible"):
         mondrian(df, ["age"], 7)
     with pytest.raises(SearchError, match="'height'"):
         mondrian(df, ["age", "height"], 2)
-    with pytest.raises(SearchError,
-                       match=r"no lattice node.*best k reached .* is 6.*100\.0%"):
+    with pytest.raises(
+        SearchError, match=r"no lattice node.*best k reached .* is 6.*100\.0%"
+    ):
         lattice_search(df, hier(), k=2, l=4, sensitive="dx")
     with pytest.raises(SearchError, match="only 3 distinct"):
         mondrian(df, ["age"], 2, l=4, sensitive="dx")

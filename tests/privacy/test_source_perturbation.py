@@ -44,23 +44,31 @@ def _anon(options):
     return SourceSpec("anon", "anonymised", "lattice", options)
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"k": 5, "mikro_k": 3}, r"\['mikro_k'\] are not options"),
-    ({"micro_k": 1}, "'micro_k': expected an integer >= 2, got 1"),
-    ({"micro_k": 2.5}, "'micro_k': expected an integer"),
-    ({"micro_k": True}, "'micro_k': expected an integer"),
-    ({"noise": -0.1}, "'noise': expected a finite number >= 0"),
-    ({"noise": float("nan")}, "'noise': expected a finite number"),
-    ({"noise": "0.1"}, "'noise': expected a finite number"),
-    ({"time_grid": 0}, "'time_grid': expected a finite number > 0, got 0"),
-    ({"target": 0.2}, "'target': expected a mapping of risk name"),
-    ({"target": {}}, "'target': expected a mapping of risk name"),
-    ({"target": {"reidentification": 0.2}}, r"\['reidentification'\] are not risks"),
-    ({"target": {"singling_out_risk": 1.5}}, r"bounds of \['singling_out_risk'\]"),
-    ({"target": {"singling_out_risk": -1}}, "'target.singling_out_risk': expected"),
-    ({"target": {"singling_out_risk": 0.2}, "time_grid": 7},
-     r"'target' chooses micro_k, noise and time_grid itself; drop \['time_grid'\]"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"k": 5, "mikro_k": 3}, r"\['mikro_k'\] are not options"),
+        ({"micro_k": 1}, "'micro_k': expected an integer >= 2, got 1"),
+        ({"micro_k": 2.5}, "'micro_k': expected an integer"),
+        ({"micro_k": True}, "'micro_k': expected an integer"),
+        ({"noise": -0.1}, "'noise': expected a finite number >= 0"),
+        ({"noise": float("nan")}, "'noise': expected a finite number"),
+        ({"noise": "0.1"}, "'noise': expected a finite number"),
+        ({"time_grid": 0}, "'time_grid': expected a finite number > 0, got 0"),
+        ({"target": 0.2}, "'target': expected a mapping of risk name"),
+        ({"target": {}}, "'target': expected a mapping of risk name"),
+        (
+            {"target": {"reidentification": 0.2}},
+            r"\['reidentification'\] are not risks",
+        ),
+        ({"target": {"singling_out_risk": 1.5}}, r"bounds of \['singling_out_risk'\]"),
+        ({"target": {"singling_out_risk": -1}}, "'target.singling_out_risk': expected"),
+        (
+            {"target": {"singling_out_risk": 0.2}, "time_grid": 7},
+            r"'target' chooses micro_k, noise and time_grid itself; drop \['time_grid'\]",
+        ),
+    ],
+)
 def test_bad_options_named(cardiac, options, match):
     train, _ = cardiac
     with pytest.raises(SourceError, match=match):
@@ -69,8 +77,11 @@ def test_bad_options_named(cardiac, options, match):
 
 def test_perturbation_needs_declared_columns(cardiac):
     train, _ = cardiac
-    bare = CARDIAC._replace(roles=CARDIAC.roles.__class__(
-        **{**CARDIAC.roles.__dict__, "longitudinal": None}))
+    bare = CARDIAC._replace(
+        roles=CARDIAC.roles.__class__(
+            **{**CARDIAC.roles.__dict__, "longitudinal": None}
+        )
+    )
     with pytest.raises(SourceError, match=r"\['time_grid'\] need the longitudinal"):
         derive(KEY, bare, train, _anon({"time_grid": 7}))
 
@@ -79,12 +90,17 @@ def test_no_perturbation_option_is_the_qi_release(cardiac):
     # unset options (None, noise 0) leave today's QI-only release; only the date
     # shifts differ, as they are fresh secret draws in every release
     train, _ = cardiac
-    d = derive(KEY, CARDIAC, train, _anon({"k": 5, "micro_k": None, "noise": 0.0,
-                                            "time_grid": None}))
+    d = derive(
+        KEY,
+        CARDIAC,
+        train,
+        _anon({"k": 5, "micro_k": None, "noise": 0.0, "time_grid": None}),
+    )
     ref = anonymise(KEY, train, CARDIAC.roles, k=5)
     dates = list(CARDIAC.roles.date_columns)
-    pd.testing.assert_frame_equal(d.data.drop(columns=dates),
-                                  ref.data.drop(columns=dates))
+    pd.testing.assert_frame_equal(
+        d.data.drop(columns=dates), ref.data.drop(columns=dates)
+    )
     assert "longitudinal" not in d.report["config"]
 
 
@@ -94,15 +110,19 @@ def test_time_grid_reaches_the_release(cardiac):
     for c in ("entry", "exit"):
         x = d.data[c].to_numpy(float)
         assert np.allclose(x, 7 * np.round(x / 7))  # every time on the 7-day grid
-    assert d.report["config"]["longitudinal"] == {"micro_k": None, "noise": 0.0,
-                                                   "time_grid": 7.0}
+    assert d.report["config"]["longitudinal"] == {
+        "micro_k": None,
+        "noise": 0.0,
+        "time_grid": 7.0,
+    }
     loss = d.report["information_loss"]["il1s"]
     assert loss["entry"] > 0 and loss["exit"] > 0
 
 
 def test_noise_and_micro_k_reach_the_release(haemophilia):
-    d = derive(KEY, HAEMOPHILIA, haemophilia, _anon({"k": 5, "noise": 0.1,
-                                                     "micro_k": 3}))
+    d = derive(
+        KEY, HAEMOPHILIA, haemophilia, _anon({"k": 5, "noise": 0.1, "micro_k": 3})
+    )
     # nobody suppressed at this size: the release keeps every row, in order
     assert d.report["suppressed_share"] == 0 and len(d.data) == len(haemophilia)
     kept = haemophilia.reset_index(drop=True)
@@ -117,8 +137,9 @@ def test_noise_and_micro_k_reach_the_release(haemophilia):
 
 def test_target_met_on_own_data_and_scored(cardiac):
     train, hold = cardiac
-    d = derive(KEY, CARDIAC, train, _anon({"k": 5, "target":
-                                           {"singling_out_risk": 0.4}}))
+    d = derive(
+        KEY, CARDIAC, train, _anon({"k": 5, "target": {"singling_out_risk": 0.4}})
+    )
     tr = d.report["target_risk"]
     # k=5 alone singles out nearly every inner patient; the search goes on to the
     # first (least-loss) time grid, whose upper bound is under the target
@@ -131,8 +152,9 @@ def test_target_met_on_own_data_and_scored(cardiac):
     grid = tr["setting"]["time_grid"]
     assert grid is not None and d.report["config"]["longitudinal"]["time_grid"] == grid
     real = derive(KEY, CARDIAC, train, SourceSpec("real", "real"))
-    ds = score_sources(KEY, CARDIAC, train, hold, [real, d], n_attacks=100,
-                       utility=False)
+    ds = score_sources(
+        KEY, CARDIAC, train, hold, [real, d], n_attacks=100, utility=False
+    )
     v = ds["value"].to_pandas()
     assert v.loc["anon", "singling_out_risk"] < v.loc["real", "singling_out_risk"]
     assert v.loc["anon", "k_anonymity"] >= 5
@@ -141,8 +163,11 @@ def test_target_met_on_own_data_and_scored(cardiac):
 def test_unreachable_target_refused(cardiac):
     train, _ = cardiac
     # membership AUC cannot be bounded near 0 (0.5 is chance): nothing released
-    with pytest.raises(SourceError, match=r"option 'target': cardiac: none of the 4 "
-                                          r"settings meets mia_auc <= 0.01"):
+    with pytest.raises(
+        SourceError,
+        match=r"option 'target': cardiac: none of the 4 "
+        r"settings meets mia_auc <= 0.01",
+    ):
         derive(KEY, CARDIAC, train, _anon({"target": {"mia_auc": 0.01}}))
 
 
@@ -166,14 +191,24 @@ def test_run_preflight_knows_the_options():
     from phems_clinical.runner.validate import ConfigError, check_config
 
     # the committed source config documents them (unset)
-    check_config(_run_config(["+sources.anonymised.options.micro_k=3",
-                              "+sources.anonymised.options.noise=0.1",
-                              "+sources.anonymised.options.time_grid=6"]))
-    check_config(_run_config(
-        ["+sources.anonymised.options.target={singling_out_risk: 0.2}"]))
-    for bad, name in (("micro_k=1", "options.micro_k"), ("noise=-1", "options.noise"),
-                      ("time_grid=0", "options.time_grid"),
-                      ("target=0.2", "options.target")):
+    check_config(
+        _run_config(
+            [
+                "+sources.anonymised.options.micro_k=3",
+                "+sources.anonymised.options.noise=0.1",
+                "+sources.anonymised.options.time_grid=6",
+            ]
+        )
+    )
+    check_config(
+        _run_config(["+sources.anonymised.options.target={singling_out_risk: 0.2}"])
+    )
+    for bad, name in (
+        ("micro_k=1", "options.micro_k"),
+        ("noise=-1", "options.noise"),
+        ("time_grid=0", "options.time_grid"),
+        ("target=0.2", "options.target"),
+    ):
         with pytest.raises(ConfigError, match=name):
             check_config(_run_config([f"+sources.anonymised.options.{bad}"]))
 
@@ -185,24 +220,45 @@ def pk_csv(haemophilia, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--micro-k", "1"], "--micro-k: expected an integer >= 2, got 1"),
-    (["--noise", "-0.1"], "--noise: expected a finite number >= 0"),
-    (["--noise", "nan"], "--noise: expected a finite number >= 0"),
-    (["--time-grid", "0"], "--time-grid: expected a finite number > 0"),
-    (["--target", "singling_out=0.2"], "--target: expected RISK=BOUND"),
-    (["--target", "singling_out_risk"], "--target: expected RISK=BOUND"),
-    (["--target", "mia_auc=high"], "--target mia_auc: expected a bound in [0, 1]"),
-    (["--target", "mia_auc=1.5"], "--target mia_auc: expected a bound in [0, 1]"),
-    (["--target", "mia_auc=0.6", "--target", "mia_auc=0.7"], "mia_auc is given twice"),
-    (["--target", "mia_auc=0.6", "--noise", "0.1"],
-     "--target: the search chooses --micro-k, --noise and --time-grid itself"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--micro-k", "1"], "--micro-k: expected an integer >= 2, got 1"),
+        (["--noise", "-0.1"], "--noise: expected a finite number >= 0"),
+        (["--noise", "nan"], "--noise: expected a finite number >= 0"),
+        (["--time-grid", "0"], "--time-grid: expected a finite number > 0"),
+        (["--target", "singling_out=0.2"], "--target: expected RISK=BOUND"),
+        (["--target", "singling_out_risk"], "--target: expected RISK=BOUND"),
+        (["--target", "mia_auc=high"], "--target mia_auc: expected a bound in [0, 1]"),
+        (["--target", "mia_auc=1.5"], "--target mia_auc: expected a bound in [0, 1]"),
+        (
+            ["--target", "mia_auc=0.6", "--target", "mia_auc=0.7"],
+            "mia_auc is given twice",
+        ),
+        (
+            ["--target", "mia_auc=0.6", "--noise", "0.1"],
+            "--target: the search chooses --micro-k, --noise and --time-grid itself",
+        ),
+    ],
+)
 def test_anonymise_bad_flags_exit_2(pk_csv, tmp_path, capsys, flags, message):
     from phems_clinical.app.cli import main
 
-    assert main(["anonymise", "--use-case", "haemophilia", "--csv", str(pk_csv),
-                 "--out", str(tmp_path / "o"), *flags]) == 2
+    assert (
+        main(
+            [
+                "anonymise",
+                "--use-case",
+                "haemophilia",
+                "--csv",
+                str(pk_csv),
+                "--out",
+                str(tmp_path / "o"),
+                *flags,
+            ]
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -213,15 +269,35 @@ def test_anonymise_with_perturbation_flags(pk_csv, tmp_path):
     from phems_clinical.app.cli import main
 
     out = tmp_path / "o"
-    assert main(["anonymise", "--use-case", "haemophilia", "--csv", str(pk_csv),
-                 "--out", str(out), "--no-utility", "--attacks", "20",
-                 "--noise", "0.1", "--time-grid", "6"]) == 0
+    assert (
+        main(
+            [
+                "anonymise",
+                "--use-case",
+                "haemophilia",
+                "--csv",
+                str(pk_csv),
+                "--out",
+                str(out),
+                "--no-utility",
+                "--attacks",
+                "20",
+                "--noise",
+                "0.1",
+                "--time-grid",
+                "6",
+            ]
+        )
+        == 0
+    )
     rel = pd.read_csv(out / "site_x" / "haemophilia_anonymised.csv")
     assert np.allclose(rel.TIME, 6 * np.round(rel.TIME / 6))
     rep = json.loads((out / "site_x" / "report.json").read_text())
     src = rep["sources"]["anonymised"]
     assert src["spec"]["options"]["time_grid"] == 6.0
-    assert src["report"]["config"]["longitudinal"] == {"micro_k": None,
-                                                       "noise": 0.1,
-                                                       "time_grid": 6.0}
+    assert src["report"]["config"]["longitudinal"] == {
+        "micro_k": None,
+        "noise": 0.1,
+        "time_grid": 6.0,
+    }
     assert src["report"]["information_loss"]["il1s"]["TIME"] > 0

@@ -52,8 +52,7 @@ def synth(model):
 def censored_source():
     """Data extract 6 months after the last operation: recent episodes are
     censored before 365 days."""
-    sim = simulate_cardiac(jax.random.key(2), n_episodes=600,
-                           extract_date="2024-07-01")
+    sim = simulate_cardiac(jax.random.key(2), n_episodes=600, extract_date="2024-07-01")
     return episodes(sim.tables)[0]
 
 
@@ -71,8 +70,7 @@ def _check_chains(df, followup=365.0):
     assert (df.exit <= followup).all()
     # contiguous: entry = previous exit, state = previous next_state
     assert (df.entry.to_numpy()[1:][same] == df.exit.to_numpy()[:-1][same]).all()
-    assert (df.state.to_numpy()[1:][same] == df.next_state.to_numpy()[:-1][same]
-            ).all()
+    assert (df.state.to_numpy()[1:][same] == df.next_state.to_numpy()[:-1][same]).all()
     # chains end in DEAD or CENSORED and nothing follows either
     assert df.next_state[last].isin(["DEAD", "CENSORED"]).all()
     assert not df.next_state[~last].isin(["DEAD", "CENSORED"]).any()
@@ -126,7 +124,7 @@ def test_columns_dtypes_and_site(source, synth):
 
 
 def test_chain_constraints(source, synth):
-    _check_chains(source)          # the checks accept the real source
+    _check_chains(source)  # the checks accept the real source
     _check_chains(synth)
 
 
@@ -138,10 +136,10 @@ def test_chain_checks_catch_a_broken_chain(synth):
     with pytest.raises(AssertionError):
         _check_chains(bad)
     dead = synth[synth.next_state == "DEAD"].index[0]
-    extra = synth.loc[[dead]].assign(state="HOME", next_state="CENSORED",
-                                     entry=synth.loc[dead, "exit"], exit=365.0)
-    bad = pd.concat([synth.loc[:dead], extra, synth.loc[dead + 1:]],
-                    ignore_index=True)
+    extra = synth.loc[[dead]].assign(
+        state="HOME", next_state="CENSORED", entry=synth.loc[dead, "exit"], exit=365.0
+    )
+    bad = pd.concat([synth.loc[:dead], extra, synth.loc[dead + 1 :]], ignore_index=True)
     with pytest.raises(AssertionError):
         _check_chains(bad)
 
@@ -157,8 +155,11 @@ def test_deterministic_covariates_recomputed(source, synth):
     # our rule reproduces the source's age groups (guards against drift from
     # data.cardiac.pathways.episodes)
     assert (age_group_of(source.age_days) == source.age_group.to_numpy()).all()
-    cut = pd.cut(synth.age_days, [-np.inf, 30, 365, np.inf],
-                 labels=["neonate", "infant", "child"]).astype(str)
+    cut = pd.cut(
+        synth.age_days,
+        [-np.inf, 30, 365, np.inf],
+        labels=["neonate", "infant", "child"],
+    ).astype(str)
     assert (cut.to_numpy() == synth.age_group.to_numpy()).all()
     wz = np.log(synth.weight_kg / expected_weight_kg(synth.age_days)) / WEIGHT_LOG_SD
     np.testing.assert_allclose(synth.weight_z, wz, rtol=0, atol=1e-12)
@@ -168,13 +169,17 @@ def test_deterministic_covariates_recomputed(source, synth):
     assert set(first.stat) <= {1, 2, 3, 4, 5} and set(first.ventilation) <= {0, 1}
     assert set(first.sex) <= {"M", "F"}
     # covariates constant within an episode
-    assert (synth.groupby("episode_id")[["age_days", "stat", "weight_kg"]]
-            .nunique() == 1).all().all()
+    assert (
+        (synth.groupby("episode_id")[["age_days", "stat", "weight_kg"]].nunique() == 1)
+        .all()
+        .all()
+    )
 
 
 def test_reintervention_as_encoded(source, synth):
     """Reintervention only on a return to CICU or a readmission (as the source
     encodes it), at the source's share within 4 SE."""
+
     def shares(df):
         prev = df.groupby("episode_id").state.shift()
         into = prev.astype(str) + ">" + df.state
@@ -229,8 +234,11 @@ def test_aalen_johansen_detects_doubled_death_rates(source, model):
     outside the occupation tolerance (and the mortality bound)."""
     times = [1.0, 7.0, 30.0, 180.0, 360.0]
     K = len(model.transitions)
-    dead = [k for k in range(model.rates.shape[1])
-            if model.transitions[k % K][1] == STATES.index("DEAD")]
+    dead = [
+        k
+        for k in range(model.rates.shape[1])
+        if model.transitions[k % K][1] == STATES.index("DEAD")
+    ]
     rates = model.rates.copy()
     rates[:, dead, :] *= 2.0
     bad = sample_pathways(jax.random.key(1), model._replace(rates=rates), N)
@@ -266,20 +274,57 @@ def test_occurrence_exposure_hand_worked():
     8 / (8 x 0.25) = 4/day; unstratified, so shrinkage leaves them unchanged."""
     rows = []
     for i in range(10):
-        cov = dict(site="s", person_id=i + 1, episode_id=100 + i,
-                   surgery_datetime=pd.Timestamp("2022-01-01") + pd.Timedelta(days=i),
-                   age_days=100.0 + i, age_group="infant", sex="MF"[i % 2],
-                   weight_kg=6.0, weight_z=0.0, stat=1 + i % 5, ventilation=i % 2)
+        cov = dict(
+            site="s",
+            person_id=i + 1,
+            episode_id=100 + i,
+            surgery_datetime=pd.Timestamp("2022-01-01") + pd.Timedelta(days=i),
+            age_days=100.0 + i,
+            age_group="infant",
+            sex="MF"[i % 2],
+            weight_kg=6.0,
+            weight_z=0.0,
+            stat=1 + i % 5,
+            ventilation=i % 2,
+        )
         if i < 2:
-            rows.append(dict(cov, state="CICU", entry=0.0, exit=0.25,
-                             next_state="DEAD", reintervention=0))
+            rows.append(
+                dict(
+                    cov,
+                    state="CICU",
+                    entry=0.0,
+                    exit=0.25,
+                    next_state="DEAD",
+                    reintervention=0,
+                )
+            )
             continue
-        rows += [dict(cov, state="CICU", entry=0.0, exit=0.25, next_state="WARD",
-                      reintervention=0),
-                 dict(cov, state="WARD", entry=0.25, exit=0.75, next_state="HOME",
-                      reintervention=0),
-                 dict(cov, state="HOME", entry=0.75, exit=365.0,
-                      next_state="CENSORED", reintervention=0)]
+        rows += [
+            dict(
+                cov,
+                state="CICU",
+                entry=0.0,
+                exit=0.25,
+                next_state="WARD",
+                reintervention=0,
+            ),
+            dict(
+                cov,
+                state="WARD",
+                entry=0.25,
+                exit=0.75,
+                next_state="HOME",
+                reintervention=0,
+            ),
+            dict(
+                cov,
+                state="HOME",
+                entry=0.75,
+                exit=365.0,
+                next_state="CENSORED",
+                reintervention=0,
+            ),
+        ]
     df = pd.DataFrame(rows)[COLUMNS]
     m = fit_pathways(df, strata=(), repeat_visits=False)
     k = {t: i for i, t in enumerate(m.transitions)}
@@ -302,8 +347,7 @@ def test_counts_agree_with_multistate_design(source):
     m = fit_pathways(source, spec=ms.DEFAULT_SPEC, repeat_visits=False)
     D, E = ms.sufficient_totals(ms.site_examples(source), ms.DEFAULT_SPEC)
     np.testing.assert_allclose(m.events.sum(0), np.asarray(D), rtol=0, atol=1e-9)
-    np.testing.assert_allclose(m.exposure.sum(0), np.asarray(E), rtol=1e-12,
-                               atol=1e-9)
+    np.testing.assert_allclose(m.exposure.sum(0), np.asarray(E), rtol=1e-12, atol=1e-9)
 
 
 def test_sparse_stratum_shrinks_to_prior(source):
@@ -338,14 +382,19 @@ def test_refuses_three_episodes(source):
         fit_pathways(tiny)
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda d: d.drop(columns=["stat", "exit"]), r"missing.*\['exit', 'stat'\]"),
-    (lambda d: d.assign(state=d.state.replace("WARD", "PICU")), "unknown.*PICU"),
-    (lambda d: d.assign(next_state=d.next_state.replace("HOME", "Home")),
-     "next_state.*Home"),
-    (lambda d: d.assign(exit=d.exit + 400.0), "followup_days"),
-    (lambda d: d.assign(exit=d.entry - 1.0), "entry/exit"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda d: d.drop(columns=["stat", "exit"]), r"missing.*\['exit', 'stat'\]"),
+        (lambda d: d.assign(state=d.state.replace("WARD", "PICU")), "unknown.*PICU"),
+        (
+            lambda d: d.assign(next_state=d.next_state.replace("HOME", "Home")),
+            "next_state.*Home",
+        ),
+        (lambda d: d.assign(exit=d.exit + 400.0), "followup_days"),
+        (lambda d: d.assign(exit=d.entry - 1.0), "entry/exit"),
+    ],
+)
 def test_bad_tables_named(source, mutate, match):
     with pytest.raises(PathwayInputError, match=match):
         fit_pathways(mutate(source.copy()))
@@ -373,5 +422,5 @@ def test_unseen_stratum_uses_unstratified_rates(source):
     m = fit_pathways(src)
     assert 3 not in m.levels[0]
     out = sample_pathways(jax.random.key(4), m, 20000)
-    assert (out.stat == 3).any()       # the fallback row was exercised
+    assert (out.stat == 3).any()  # the fallback row was exercised
     _check_chains(out)

@@ -23,13 +23,20 @@ from phems_clinical.privacy.target_risk import (
 )
 
 ROLES = Roles(
-    use_case="toy", patient_id="ID", identifiers=("ID",),
-    quasi_identifiers={"AGE": lambda: lifespan_age("years", "AGE"),
-                       "WT": lambda: weight_kg("WT"),
-                       "SEX": lambda: suppress_only("SEX")},
+    use_case="toy",
+    patient_id="ID",
+    identifiers=("ID",),
+    quasi_identifiers={
+        "AGE": lambda: lifespan_age("years", "AGE"),
+        "WT": lambda: weight_kg("WT"),
+        "SEX": lambda: suppress_only("SEX"),
+    },
     longitudinal=LongitudinalRoles(
-        course="ID", times=("TIME",),
-        values={"DV": ValueColumn("multiplicative", lower=0.0)}))
+        course="ID",
+        times=("TIME",),
+        values={"DV": ValueColumn("multiplicative", lower=0.0)},
+    ),
+)
 
 
 def _site(seed: int, n: int) -> pd.DataFrame:
@@ -40,18 +47,29 @@ def _site(seed: int, n: int) -> pd.DataFrame:
         age, wt, sex = rng.uniform(18, 60), rng.uniform(50, 100), int(rng.integers(2))
         c0, ke = rng.lognormal(np.log(80), 0.3), rng.lognormal(np.log(0.06), 0.2)
         for t in (0.0, *np.round(rng.uniform([2, 20, 44], [6, 28, 52]), 4)):
-            rows.append({"ID": seed * 1000 + i, "TIME": t, "AGE": age, "WT": wt,
-                         "SEX": sex, "DV": np.nan if t == 0 else
-                         round(c0 * np.exp(-ke * t), 4)})
+            rows.append(
+                {
+                    "ID": seed * 1000 + i,
+                    "TIME": t,
+                    "AGE": age,
+                    "WT": wt,
+                    "SEX": sex,
+                    "DV": np.nan if t == 0 else round(c0 * np.exp(-ke * t), 4),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def _profile(df: pd.DataFrame) -> pd.DataFrame:
     obs = df[df["DV"].notna()]
     g = obs.groupby("ID", sort=False)
-    return pd.DataFrame({"level_first": g["DV"].first(),
-                         "time_first": g["TIME"].first(),
-                         "level_last": g["DV"].last()}).reset_index(drop=True)
+    return pd.DataFrame(
+        {
+            "level_first": g["DV"].first(),
+            "time_first": g["TIME"].first(),
+            "level_last": g["DV"].last(),
+        }
+    ).reset_index(drop=True)
 
 
 TRAIN, CONTROL = _site(1, 120), _site(2, 120)
@@ -59,8 +77,11 @@ TRAIN_P, CONTROL_P = _profile(TRAIN), _profile(CONTROL)
 
 
 def measure(key, released):
-    return {"singling_out_risk": singling_out_risk(
-        key, TRAIN_P, _profile(released), CONTROL_P, n_attacks=100)}
+    return {
+        "singling_out_risk": singling_out_risk(
+            key, TRAIN_P, _profile(released), CONTROL_P, n_attacks=100
+        )
+    }
 
 
 def test_untouched_levels_single_patients_out():
@@ -72,10 +93,20 @@ def test_untouched_levels_single_patients_out():
 
 
 def test_reachable_target_picks_least_loss_setting():
-    ladder = [Setting(5, None, 0.3, 6.0), Setting(5), Setting(5, None, 0.05, 1.0),
-              Setting(5, None, 0.1, 1.0)]
-    res = search_target_risk(jax.random.key(3), TRAIN, ROLES,
-                             {"singling_out_risk": 0.2}, measure, ladder=ladder)
+    ladder = [
+        Setting(5, None, 0.3, 6.0),
+        Setting(5),
+        Setting(5, None, 0.05, 1.0),
+        Setting(5, None, 0.1, 1.0),
+    ]
+    res = search_target_risk(
+        jax.random.key(3),
+        TRAIN,
+        ROLES,
+        {"singling_out_risk": 0.2},
+        measure,
+        ladder=ladder,
+    )
     assert res.met, res.message
     losses = [s.loss for s in res.steps]
     assert losses == sorted(losses)  # tried from least to most loss
@@ -86,15 +117,21 @@ def test_reachable_target_picks_least_loss_setting():
     # every setting of lower loss was measured and failed; none after it measured
     i = res.steps.index(chosen)
     assert all(s.meets is False for s in res.steps[:i])
-    assert all(s.meets is None and not s.risks for s in res.steps[i + 1:])
+    assert all(s.meets is None and not s.risks for s in res.steps[i + 1 :])
     assert res.release.report["config"]["longitudinal"]["noise"] == res.setting.noise
     assert "meets singling_out_risk <= 0.2" in res.message
 
 
 def test_unreachable_target_is_reported_not_released():
     ladder = [Setting(5), Setting(5, None, 0.05)]
-    res = search_target_risk(jax.random.key(3), TRAIN, ROLES,
-                             {"singling_out_risk": 0.01}, measure, ladder=ladder)
+    res = search_target_risk(
+        jax.random.key(3),
+        TRAIN,
+        ROLES,
+        {"singling_out_risk": 0.01},
+        measure,
+        ladder=ladder,
+    )
     assert not res.met and res.release is None and res.setting is None
     assert all(s.meets is False for s in res.steps)
     best = min(s.risks["singling_out_risk"][2] for s in res.steps)
@@ -104,9 +141,14 @@ def test_unreachable_target_is_reported_not_released():
 
 
 def test_infeasible_settings_are_kept_as_steps():
-    res = search_target_risk(jax.random.key(3), TRAIN, ROLES,
-                             {"singling_out_risk": 0.5}, measure,
-                             ladder=[Setting(500), Setting(5, None, 0.2, 6.0)])
+    res = search_target_risk(
+        jax.random.key(3),
+        TRAIN,
+        ROLES,
+        {"singling_out_risk": 0.5},
+        measure,
+        ladder=[Setting(500), Setting(5, None, 0.2, 6.0)],
+    )
     assert res.met
     bad = [s for s in res.steps if s.error]
     assert len(bad) == 1 and "k=500" in bad[0].error
@@ -115,25 +157,43 @@ def test_infeasible_settings_are_kept_as_steps():
 def test_default_ladder_follows_the_declared_columns():
     lad = default_ladder(ROLES)
     assert Setting(5) in lad and len(lad) == 4 * 5 * 4
-    no_values = Roles(use_case="t", patient_id="ID", identifiers=(),
-                      quasi_identifiers={}, longitudinal=LongitudinalRoles(
-                          course="ID", times=("entry",), time_unit="d"))
-    assert default_ladder(no_values) == [Setting(5, None, 0.0, g)
-                                         for g in (None, 1.0, 7.0, 30.0)]
+    no_values = Roles(
+        use_case="t",
+        patient_id="ID",
+        identifiers=(),
+        quasi_identifiers={},
+        longitudinal=LongitudinalRoles(course="ID", times=("entry",), time_unit="d"),
+    )
+    assert default_ladder(no_values) == [
+        Setting(5, None, 0.0, g) for g in (None, 1.0, 7.0, 30.0)
+    ]
 
 
 def test_refusals_name_the_problem():
     with pytest.raises(TargetRiskError, match="at least one risk bound"):
         search_target_risk(jax.random.key(0), TRAIN, ROLES, {}, measure)
     with pytest.raises(TargetRiskError, match="'singling_out_risk'.*in \\[0, 1\\]"):
-        search_target_risk(jax.random.key(0), TRAIN, ROLES,
-                           {"singling_out_risk": 2.0}, measure)
+        search_target_risk(
+            jax.random.key(0), TRAIN, ROLES, {"singling_out_risk": 2.0}, measure
+        )
     with pytest.raises(TargetRiskError, match=r"returned no \['linkability_risk'\]"):
-        search_target_risk(jax.random.key(0), TRAIN, ROLES,
-                           {"linkability_risk": 0.1}, measure, ladder=[Setting(5)])
+        search_target_risk(
+            jax.random.key(0),
+            TRAIN,
+            ROLES,
+            {"linkability_risk": 0.1},
+            measure,
+            ladder=[Setting(5)],
+        )
     with pytest.raises(TargetRiskError, match="no setting of the ladder"):
-        search_target_risk(jax.random.key(0), TRAIN, ROLES,
-                           {"singling_out_risk": 0.1}, measure, ladder=[Setting(999)])
+        search_target_risk(
+            jax.random.key(0),
+            TRAIN,
+            ROLES,
+            {"singling_out_risk": 0.1},
+            measure,
+            ladder=[Setting(999)],
+        )
 
 
 def test_release_records_options_and_is_idempotent():
@@ -141,19 +201,35 @@ def test_release_records_options_and_is_idempotent():
     off = anonymise_longitudinal(key, TRAIN, ROLES, k=5)
     pd.testing.assert_frame_equal(off.data, anonymise(key, TRAIN, ROLES, k=5).data)
     rel = anonymise_longitudinal(key, TRAIN, ROLES, k=5, noise=0.1, time_grid=6.0)
-    assert rel.report["config"]["longitudinal"] == {"micro_k": None, "noise": 0.1,
-                                                    "time_grid": 6.0}
+    assert rel.report["config"]["longitudinal"] == {
+        "micro_k": None,
+        "noise": 0.1,
+        "time_grid": 6.0,
+    }
     assert rel.report["longitudinal"]["values"] == ["DV"]
-    assert set(rel.report["information_loss"]["il1s"]) == {"AGE", "WT", "SEX",
-                                                           "DV", "TIME"}
+    assert set(rel.report["information_loss"]["il1s"]) == {
+        "AGE",
+        "WT",
+        "SEX",
+        "DV",
+        "TIME",
+    }
     assert (rel.data["TIME"] % 6 == 0).all()
-    again = anonymise_longitudinal(key, rel.data, ROLES, k=5, noise=0.1,
-                                   time_grid=6.0)
+    again = anonymise_longitudinal(key, rel.data, ROLES, k=5, noise=0.1, time_grid=6.0)
     assert again.report["already_anonymised"]
     pd.testing.assert_frame_equal(again.data, rel.data)
     with pytest.raises(AnonymiseError, match="already perturbed"):
         anonymise_longitudinal(key, rel.data, ROLES, k=5, noise=0.2, time_grid=6.0)
     with pytest.raises(AnonymiseError, match="declare none"):
-        anonymise_longitudinal(key, TRAIN, Roles(
-            use_case="toy", patient_id="ID", identifiers=("ID",),
-            quasi_identifiers=ROLES.quasi_identifiers), k=5, noise=0.1)
+        anonymise_longitudinal(
+            key,
+            TRAIN,
+            Roles(
+                use_case="toy",
+                patient_id="ID",
+                identifiers=("ID",),
+                quasi_identifiers=ROLES.quasi_identifiers,
+            ),
+            k=5,
+            noise=0.1,
+        )

@@ -34,18 +34,31 @@ def test_default_experiment_composes_three_sources():
 
 
 def test_every_study_composes():
-    assert {"fviii", "fix", "picu_sepsis", "cardiac", "federated_vs_pooled",
-            "dp_epsilon_sweep", "site_scaling"} <= set(STUDIES)
+    assert {
+        "fviii",
+        "fix",
+        "picu_sepsis",
+        "cardiac",
+        "federated_vs_pooled",
+        "dp_epsilon_sweep",
+        "site_scaling",
+    } <= set(STUDIES)
     for name in STUDIES:
         cfg = _compose([f"experiment={name}"])
         assert cfg.experiment_name == name and cfg.sources
 
 
-@pytest.mark.parametrize("override", ["data.n_sitez=3", "data.n_sites=five",
-                                      "evaluation.n_attacks=many",
-                                      "sources.real.kindd=real",
-                                      "federation.dp.epsilon=abc",
-                                      "federation.secagg=maybe"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.n_sitez=3",
+        "data.n_sites=five",
+        "evaluation.n_attacks=many",
+        "sources.real.kindd=real",
+        "federation.dp.epsilon=abc",
+        "federation.secagg=maybe",
+    ],
+)
 def test_typos_and_types_fail_at_compose_time(override):
     with pytest.raises((ConfigCompositionException, ValidationError)):
         _compose([override])
@@ -58,15 +71,24 @@ def test_unknown_experiment_and_use_case_are_named():
         _compose(["use_case=oncology"])
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["federation.engine=grpc"], "federation.engine"),
-    (["federation.dp.epsilon=1"], "federation.dp"),            # fed_focei has no DP
-    (["inference.strategy=newton"], "inference.strategy"),
-    (["federation=flower", "model.parameters.CL.value=2.5"], "flower"),
-    (["data.n_sites=1"], "data.n_sites"),
-    (["sources.anonymised.options.k=500", "data.n_sites=2", "data.n_per_site=24"],
-     "k=500"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["federation.engine=grpc"], "federation.engine"),
+        (["federation.dp.epsilon=1"], "federation.dp"),  # fed_focei has no DP
+        (["inference.strategy=newton"], "inference.strategy"),
+        (["federation=flower", "model.parameters.CL.value=2.5"], "flower"),
+        (["data.n_sites=1"], "data.n_sites"),
+        (
+            [
+                "sources.anonymised.options.k=500",
+                "data.n_sites=2",
+                "data.n_per_site=24",
+            ],
+            "k=500",
+        ),
+    ],
+)
 def test_impossible_settings_fail_before_training(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         run_experiment(_compose(overrides), tmp_path)
@@ -80,17 +102,32 @@ def test_missing_omop_folder_fails_before_training(tmp_path):
 
 def test_cli_names_the_unknown_experiment(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "phems_clinical", "run", "experiment=fviiii",
-         f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "phems_clinical",
+            "run",
+            "experiment=fviiii",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "experiment/fviiii" in proc.stderr and "fviii" in proc.stderr
 
 
-SMALL = ["data.n_sites=3", "data.n_per_site=24", "~source@sources.synthetic",
-         "sources.anonymised.options.k=4", "evaluation.n_attacks=20",
-         # the BFGS server compiles in a third of the Newton server's time; the
-         # pipeline, not the estimator, is under test here
-         "+inference.options.hessian=bfgs"]
+SMALL = [
+    "data.n_sites=3",
+    "data.n_per_site=24",
+    "~source@sources.synthetic",
+    "sources.anonymised.options.k=4",
+    "evaluation.n_attacks=20",
+    # the BFGS server compiles in a third of the Newton server's time; the
+    # pipeline, not the estimator, is under test here
+    "+inference.options.hessian=bfgs",
+]
 
 
 def test_small_run_writes_results_and_reproduces(tmp_path):
@@ -99,12 +136,22 @@ def test_small_run_writes_results_and_reproduces(tmp_path):
     assert list(ds.source.values) == ["real", "anonymised"]
     assert ds.sizes["seed"] == 1 and ds.attrs["holdout_site"] == "hospital_3"
     assert res["holdout_site"] == "hospital_3"
-    for f in ("utility.png", "report.html", "result.json",
-              "scorecards/hospital_1/scorecard.html"):
+    for f in (
+        "utility.png",
+        "report.html",
+        "result.json",
+        "scorecards/hospital_1/scorecard.html",
+    ):
         assert (tmp_path / "a" / f).exists(), f
     html = (tmp_path / "a" / "report.html").read_text()
-    for text in ("Utility of each source", "Privacy", "Fidelity", "not DP",
-                 "held-out hospital", "anonymised"):
+    for text in (
+        "Utility of each source",
+        "Privacy",
+        "Fidelity",
+        "not DP",
+        "held-out hospital",
+        "anonymised",
+    ):
         assert text in html, text
     # the same seed, a fresh directory: the same results.nc
     run_experiment(_compose(SMALL), tmp_path / "b")
@@ -114,7 +161,8 @@ def test_small_run_writes_results_and_reproduces(tmp_path):
     for job, seed in (("a", 0), ("b", 0)):
         (tmp_path / job / ".hydra").mkdir(exist_ok=True)
         (tmp_path / job / ".hydra" / "overrides.yaml").write_text(
-            f"- seed={seed}\n- data.test_fraction={0.5 if job == 'a' else 0.4}\n")
+            f"- seed={seed}\n- data.test_fraction={0.5 if job == 'a' else 0.4}\n"
+        )
     merged = collect(tmp_path)
     assert merged.sizes["data_test_fraction"] == 2
     assert (tmp_path / "summary.csv").exists()

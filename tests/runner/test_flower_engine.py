@@ -40,9 +40,18 @@ class _Stop(Exception):
 
 
 def _pipeline(task, sites, model, fed, holdout, **kw):
-    return pipeline.run_pipeline(jax.random.key(7), task, sites, model, REAL,
-                                 holdout_site=holdout, federation=fed,
-                                 n_attacks=20, progress=None, **kw)
+    return pipeline.run_pipeline(
+        jax.random.key(7),
+        task,
+        sites,
+        model,
+        REAL,
+        holdout_site=holdout,
+        federation=fed,
+        n_attacks=20,
+        progress=None,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +68,12 @@ def test_interrupted_flower_run_resumes_through_the_runner(tmp_path, monkeypatch
     checkpoint folder continues from it (``resumed_after`` 1, the sites' kept
     state) and ends where the uninterrupted in-process run ends."""
     model = load_product("advate")
-    ev, _ = simulate_hospitals(jax.random.key(1), model,
-                               [HospitalSpec(f"H{i}", 24) for i in (1, 2, 3)])
-    sites = {s: d.drop(columns="SITE").reset_index(drop=True)
-             for s, d in ev.groupby("SITE")}
+    ev, _ = simulate_hospitals(
+        jax.random.key(1), model, [HospitalSpec(f"H{i}", 24) for i in (1, 2, 3)]
+    )
+    sites = {
+        s: d.drop(columns="SITE").reset_index(drop=True) for s, d in ev.groupby("SITE")
+    }
     task = usecases.get("haemophilia").task
     fed = FederationSettings("flower", "fedadam", {"rounds": 2})
     ref = _pipeline(task, sites, model, fed._replace(engine="inprocess"), "H3")
@@ -102,13 +113,15 @@ def test_picu_experiment_on_flower_equals_in_process(picu):
     holdout = list(picu)[2]
     fed = FederationSettings("flower", options={"rounds": 2})
     ours = _pipeline(task, picu, model, fed, holdout).sources["real"]
-    ref = _pipeline(task, picu, model, fed._replace(engine="inprocess"),
-                    holdout).sources["real"]
+    ref = _pipeline(
+        task, picu, model, fed._replace(engine="inprocess"), holdout
+    ).sources["real"]
     assert ours.estimates == ref.estimates  # weights' intercept, threshold
     assert ours.utility.keys() == ref.utility.keys()
     for site, scores in ref.utility.items():  # NaN where a site has no case
-        assert ours.utility[site] == pytest.approx(scores, rel=1e-12, abs=1e-15,
-                                                   nan_ok=True)
+        assert ours.utility[site] == pytest.approx(
+            scores, rel=1e-12, abs=1e-15, nan_ok=True
+        )
     assert (ours.rounds, ours.converged) == (ref.rounds, ref.converged)
 
 
@@ -121,21 +134,27 @@ def test_dp_over_flower_is_applied_and_stated_as_in_process(picu, tmp_path):
     task = usecases.get("picu").task
     model = task.model_from_config({})
     frames = [picu[s] for s in list(picu)[:2]]
-    fed = FederationSettings("flower", options={"rounds": 2},
-                             dp=DPTarget(epsilon=2.0, clip=1.0))
+    fed = FederationSettings(
+        "flower", options={"rounds": 2}, dp=DPTarget(epsilon=2.0, clip=1.0)
+    )
     key = jax.random.key(5)
-    fitted, calibration, res = train_flower(task, key, 5, frames, task.strategy,
-                                            model, fed, tmp_path)
+    fitted, calibration, res = train_flower(
+        task, key, 5, frames, task.strategy, model, fed, tmp_path
+    )
     prob = task.problem(key, frames, task.strategy, model)
     run, cal = train(key, prob.build, prob.sites, fed._replace(engine="inprocess"))
     assert calibration == cal
-    assert [p["epsilon"] for p in res["privacy"]] == \
-        pytest.approx([p["epsilon"] for p in run.privacy], rel=1e-12)
+    assert [p["epsilon"] for p in res["privacy"]] == pytest.approx(
+        [p["epsilon"] for p in run.privacy], rel=1e-12
+    )
     assert max(p["epsilon"] for p in res["privacy"]) <= 2.0
-    assert [p["n_patients"] for p in res["privacy"]] == \
-        [p["n_patients"] for p in run.privacy]
+    assert [p["n_patients"] for p in res["privacy"]] == [
+        p["n_patients"] for p in run.privacy
+    ]
     plain = task.problem(key, frames, task.strategy, model)
-    noiseless, _ = train(key, plain.build, plain.sites,
-                         FederationSettings(options={"rounds": 2}))
-    assert not np.allclose(np.asarray(fitted.model.x),
-                           np.asarray(noiseless.result["x"]), atol=1e-8)
+    noiseless, _ = train(
+        key, plain.build, plain.sites, FederationSettings(options={"rounds": 2})
+    )
+    assert not np.allclose(
+        np.asarray(fitted.model.x), np.asarray(noiseless.result["x"]), atol=1e-8
+    )

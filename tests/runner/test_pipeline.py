@@ -17,19 +17,22 @@ from phems_clinical.runner.pipeline import run_pipeline
 from phems_clinical.runner.results import to_dataset
 from phems_clinical.runner.training import DPTarget, FederationSettings
 
-SOURCES = [SourceSpec("real", "real"),
-           SourceSpec("anonymised", "anonymised", "lattice",
-                      {"k": 4, "max_suppression": 0.1})]
+SOURCES = [
+    SourceSpec("real", "real"),
+    SourceSpec("anonymised", "anonymised", "lattice", {"k": 4, "max_suppression": 0.1}),
+]
 TASK = usecases.get("haemophilia").task
 
 
 @pytest.fixture(scope="module")
 def setup():
     model = load_product("advate")
-    ev, _ = simulate_hospitals(jax.random.key(1), model,
-                               [HospitalSpec(f"H{i}", 24) for i in (1, 2, 3)])
-    sites = {s: d.drop(columns="SITE").reset_index(drop=True)
-             for s, d in ev.groupby("SITE")}
+    ev, _ = simulate_hospitals(
+        jax.random.key(1), model, [HospitalSpec(f"H{i}", 24) for i in (1, 2, 3)]
+    )
+    sites = {
+        s: d.drop(columns="SITE").reset_index(drop=True) for s, d in ev.groupby("SITE")
+    }
     return model, sites
 
 
@@ -51,7 +54,8 @@ def test_results_dataset_has_sources_sites_metrics(result):
     assert list(ds.source.values) == ["real", "anonymised"]
     assert list(ds.site.values) == ["H1", "H2", "H3"]
     assert list(ds.site_role.values) == ["held-out patients"] * 2 + [
-        "held-out hospital"]
+        "held-out hospital"
+    ]
     assert ds.utility.sel(utility_metric="mdape").notnull().all()
     assert "THETA(CL)" in ds.parameter.values
     assert bool(ds.converged.sel(source="real"))
@@ -63,8 +67,9 @@ def test_results_dataset_has_sources_sites_metrics(result):
     # release, the anonymised one is k-anonymous
     assert set(run.scorecards) == {"H1", "H2"}
     assert list(run.scorecards["H1"].source.values) == ["real", "anonymised"]
-    assert float(ds.scorecard.sel(source="real", metric="singling_out_risk")
-                 .max()) > 0.5
+    assert (
+        float(ds.scorecard.sel(source="real", metric="singling_out_risk").max()) > 0.5
+    )
     assert (ds.scorecard.sel(source="anonymised", metric="k_anonymity") >= 4).all()
     # CL near the simulating model's value (2-site federated fit on 24 patients)
     cl = float(ds.estimate.sel(source="real", parameter="THETA(CL)"))
@@ -78,11 +83,13 @@ def test_same_seed_same_results(setup, result):
 def test_pooled_engine_equals_federated_focei(setup, result):
     """Federated FOCEI sums the sites' exact objective terms, so it reaches the
     pooled FOCEI estimate: the pooled engine (every patient at one site) agrees."""
-    _, pooled = _run(setup, sources=SOURCES[:1],
-                     federation=FederationSettings(engine="pooled"))
+    _, pooled = _run(
+        setup, sources=SOURCES[:1], federation=FederationSettings(engine="pooled")
+    )
     fed = result[1].estimate.sel(source="real")
-    np.testing.assert_allclose(pooled.estimate.sel(source="real").values,
-                               fed.values, rtol=2e-3)
+    np.testing.assert_allclose(
+        pooled.estimate.sel(source="real").values, fed.values, rtol=2e-3
+    )
 
 
 def test_bad_input_fails_before_training(setup):
@@ -105,7 +112,8 @@ class _Stop(Exception):
 def test_interrupted_run_resumes_to_the_same_results(setup, result, tmp_path):
     def stop_mid_second_source(ev):
         if (ev.task, ev.done) == ("rounds", 10) and ev.label.startswith(
-                "anonymised (inprocess, fed_focei)"):
+            "anonymised (inprocess, fed_focei)"
+        ):
             raise _Stop  # as if the machine went down mid-fit
 
     with pytest.raises(_Stop):
@@ -161,11 +169,20 @@ def test_report_scorecard_takes_the_worst_site_and_the_held_out_hospital(result)
     risk = [float(v.sel(metric="singling_out_risk")) for v in per_site]
     k = [float(v.sel(metric="k_anonymity")) for v in per_site]
     shapes = [float(v.sel(metric="column_shapes")) for v in per_site]
-    pooled = pooled_risk([Score(0.0, n=float(v.n), successes=float(v.successes),
-                                control_successes=float(v.control_successes))
-                          for v in (c.sel(source="anonymised",
-                                          metric="singling_out_risk")
-                                    for c in run.scorecards.values())])
+    pooled = pooled_risk(
+        [
+            Score(
+                0.0,
+                n=float(v.n),
+                successes=float(v.successes),
+                control_successes=float(v.control_successes),
+            )
+            for v in (
+                c.sel(source="anonymised", metric="singling_out_risk")
+                for c in run.scorecards.values()
+            )
+        ]
+    )
     assert at("singling_out_risk") == pytest.approx(pooled.value)
     assert min(risk) - 0.2 <= pooled.value <= max(risk) + 0.2
     assert at("k_anonymity") == pytest.approx(min(k))
@@ -179,6 +196,7 @@ def test_report_scorecard_takes_the_worst_site_and_the_held_out_hospital(result)
     # the pooled interval rests on every site's attacks
     c = card.sel(source="anonymised", metric="singling_out_risk")
     assert float(c.ci_high) == pytest.approx(pooled.ci_high)
-    assert float(c.n) == sum(float(v.sel(metric="singling_out_risk").n)
-                             for v in (s.sel(source="anonymised")
-                                       for s in run.scorecards.values()))
+    assert float(c.n) == sum(
+        float(v.sel(metric="singling_out_risk").n)
+        for v in (s.sel(source="anonymised") for s in run.scorecards.values())
+    )

@@ -36,28 +36,37 @@ def test_pooled_equals_wilson_on_summed_counts():
     err = math.hypot(ea / (1 - c), ec * (a - 1) / (1 - c) ** 2)
     assert p.value == pytest.approx(value, abs=1e-12)
     assert (p.ci_low, p.ci_high) == pytest.approx(
-        (max(value - err, 0.0), value + err), abs=1e-12)  # clipped to [0, 1]
+        (max(value - err, 0.0), value + err), abs=1e-12
+    )  # clipped to [0, 1]
     assert (p.n, p.successes, p.control_successes) == (N, S, C)
 
 
 def test_pooled_needs_counts():
     with pytest.raises(ScorecardInputError, match=r"position \[1\]"):
-        pooled_risk([Score(0.0, n=10, successes=0, control_successes=0),
-                     Score(0.1, 0.0, 0.3, 10)])
+        pooled_risk(
+            [
+                Score(0.0, n=10, successes=0, control_successes=0),
+                Score(0.1, 0.0, 0.3, 10),
+            ]
+        )
 
 
 def _verdict(score):
-    card = build_scorecard({"anon": {"singling_out_risk": score}},
-                           sources_meta={"anon": {"kind": "anonymised"}},
-                           use_case="haemophilia", seed=0)
-    return str(assess(card)["status"].sel(source="anon",
-                                           metric="singling_out_risk").item())
+    card = build_scorecard(
+        {"anon": {"singling_out_risk": score}},
+        sources_meta={"anon": {"kind": "anonymised"}},
+        use_case="haemophilia",
+        seed=0,
+    )
+    return str(
+        assess(card)["status"].sel(source="anon", metric="singling_out_risk").item()
+    )
 
 
 def test_pooling_makes_a_verdict_conclusive_and_underpowered_stays_inconclusive():
     # the default run: 4 training hospitals, 20 attacks each, no attack succeeds
     site = as_score(residual_risk(0, 20, 0, 20))
-    assert _verdict(site) == "inconclusive"          # one site: 0-0.12 spans 0.09
+    assert _verdict(site) == "inconclusive"  # one site: 0-0.12 spans 0.09
     assert _verdict(pooled_risk([site] * 4)) == "ok"
     # two hospitals of 5 attacks: still too few
     small = as_score(residual_risk(0, 5, 0, 5))
@@ -68,10 +77,11 @@ def test_pooling_makes_a_verdict_conclusive_and_underpowered_stays_inconclusive(
 
 
 def test_counts_kept_on_the_scorecard():
-    card = build_scorecard({"anon": {"linkability_risk": residual_risk(3, 20, 1,
-                                                                       20)}},
-                           sources_meta={"anon": {"kind": "anonymised"}},
-                           use_case="haemophilia", seed=0)
+    card = build_scorecard(
+        {"anon": {"linkability_risk": residual_risk(3, 20, 1, 20)}},
+        sources_meta={"anon": {"kind": "anonymised"}},
+        use_case="haemophilia",
+        seed=0,
+    )
     c = card.sel(source="anon", metric="linkability_risk")
-    assert (float(c.successes), float(c.control_successes), float(c.n)) == (3, 1,
-                                                                            20)
+    assert (float(c.successes), float(c.control_successes), float(c.n)) == (3, 1, 20)

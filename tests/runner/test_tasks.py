@@ -57,11 +57,18 @@ def test_picu_task_equals_cross_site_evaluation(picu):
     onsets = {s: sepsis_onset(h) for s, h in picu.items()}
     # the runner starts the output bias at the training hours' prevalence
     prep = se.prepare_sites(picu, onsets, held_out=[held])
-    prev = (sum(float(np.sum(e.data["y"] * e.data["w"])) for e in prep.train)
-            / sum(float(np.sum(e.data["w"])) for e in prep.train))
-    ref = se.cross_site_evaluation(jax.random.key(0), picu, onsets, held_out=[held],
-                                   algorithm="fedadam", rounds=50,
-                                   model_kw={"prior": prev})
+    prev = sum(float(np.sum(e.data["y"] * e.data["w"])) for e in prep.train) / sum(
+        float(np.sum(e.data["w"])) for e in prep.train
+    )
+    ref = se.cross_site_evaluation(
+        jax.random.key(0),
+        picu,
+        onsets,
+        held_out=[held],
+        algorithm="fedadam",
+        rounds=50,
+        model_kw={"prior": prev},
+    )
     for m in ("auroc", "auprc", "brier"):
         assert ours[m] == pytest.approx(ref["metrics"][held][m], rel=1e-6, abs=1e-9)
     assert ours["auroc"] > 0.6
@@ -91,8 +98,9 @@ def test_cardiac_task_reaches_the_pooled_newton_fit(cardiac):
     ours = task.evaluate(fitted, cardiac[names[2]], model)
     theirs = ce.evaluate(ref.params, cardiac[names[2]])
     assert ours["c_death"] == pytest.approx(theirs["c_death"], abs=0.01)
-    np.testing.assert_allclose(np.asarray(fitted.model.beta),
-                               np.asarray(ref.params.beta), atol=0.05)
+    np.testing.assert_allclose(
+        np.asarray(fitted.model.beta), np.asarray(ref.params.beta), atol=0.05
+    )
 
 
 def test_dp_target_epsilon_is_met_and_stated(picu):
@@ -101,16 +109,16 @@ def test_dp_target_epsilon_is_met_and_stated(picu):
     task = usecases.get("picu").task
     model = task.model_from_config({})
     frames = [picu[s] for s in list(picu)[:2]]
-    fed = FederationSettings(options={"rounds": 5}, dp=DPTarget(epsilon=2.0,
-                                                                clip=1.0))
+    fed = FederationSettings(options={"rounds": 5}, dp=DPTarget(epsilon=2.0, clip=1.0))
     _, run, cal = _fit(task, frames, model, fed)
     eps = [float(p["epsilon"]) for p in run.privacy]
     assert max(eps) <= 2.0 and min(eps) > 1.96
     assert cal["steps"] == 5 * 5  # rounds x local steps
     n_max = max(int(f["stay_id"].nunique()) for f in frames)
     assert cal["delta"] == pytest.approx(1 / (10 * n_max))
-    again = dpm.epsilon(dpm.DPConfig(1.0, cal["noise_multiplier"], cal["delta"]),
-                        n_max, cal["steps"])
+    again = dpm.epsilon(
+        dpm.DPConfig(1.0, cal["noise_multiplier"], cal["delta"]), n_max, cal["steps"]
+    )
     assert again == pytest.approx(max(eps), rel=1e-9)
 
 
@@ -121,23 +129,33 @@ def test_secure_aggregation_gives_the_plain_estimate(cardiac):
     fed = FederationSettings(options={"rounds": 20})
     plain, _, _ = _fit(task, frames, model, fed)
     secure, _, _ = _fit(task, frames, model, fed._replace(secagg=True))
-    np.testing.assert_allclose(np.asarray(secure.model.beta),
-                               np.asarray(plain.model.beta), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(secure.model.beta), np.asarray(plain.model.beta), atol=1e-6
+    )
 
 
 def test_picu_pipeline_sources_side_by_side(picu):
     task = usecases.get("picu").task
     model = task.model_from_config({})
-    run = run_pipeline(jax.random.key(1), task, picu, model,
-                       [SourceSpec("real", "real"),
-                        SourceSpec("synthetic", "synthetic", "default")],
-                       holdout_site=list(picu)[2], n_attacks=20, progress=None,
-                       federation=FederationSettings(options={"rounds": 10}))
+    run = run_pipeline(
+        jax.random.key(1),
+        task,
+        picu,
+        model,
+        [SourceSpec("real", "real"), SourceSpec("synthetic", "synthetic", "default")],
+        holdout_site=list(picu)[2],
+        n_attacks=20,
+        progress=None,
+        federation=FederationSettings(options={"rounds": 10}),
+    )
     assert set(run.sources) == {"real", "synthetic"}
     held = run.sources["real"].utility[list(picu)[2]]
-    assert 0 <= held["auroc"] <= 1 and held["n_stays"] == picu[list(picu)[2]][
-        "stay_id"].nunique()
+    assert (
+        0 <= held["auroc"] <= 1
+        and held["n_stays"] == picu[list(picu)[2]]["stay_id"].nunique()
+    )
     # the split keeps each training site's held-out stays apart
-    train, test = split_patients(jax.random.key(0), picu[list(picu)[0]],
-                                 usecases.get("picu"), 0.5)
+    train, test = split_patients(
+        jax.random.key(0), picu[list(picu)[0]], usecases.get("picu"), 0.5
+    )
     assert not set(train.stay_id) & set(test.stay_id)

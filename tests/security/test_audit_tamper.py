@@ -39,9 +39,13 @@ class _Alg(NamedTuple):
 
 def _old_hash(entry):
     """The old link: SHA-256 of the canonical entry without its link field."""
-    return hashlib.sha256(json.dumps(
-        {k: v for k, v in entry.items() if k != "mac"},
-        sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(
+            {k: v for k, v in entry.items() if k != "mac"},
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+    ).hexdigest()
 
 
 def _old_verify(path) -> bool:
@@ -69,27 +73,51 @@ def _rechain_without_key(path, edit, *, whole=True):
             e["prev_mac"] = prev
             e["mac"] = _old_hash(e)
         prev = e["mac"]
-    path.write_text("".join(json.dumps(e, sort_keys=True, separators=(",", ":"))
-                            + "\n" for e in entries))
+    path.write_text(
+        "".join(
+            json.dumps(e, sort_keys=True, separators=(",", ":")) + "\n" for e in entries
+        )
+    )
 
 
 @pytest.fixture
 def site(tmp_path):
     private, public = gov.generate_user_key()
-    policy = gov.load_policy({
-        "site": "H0", "min_cohort_size": 5, "allowed_fields": ["delta", "weight"],
-        "max_rounds": 20, "data_users": [{
-            "id": USER, "epsilon_budget": 3.0 * dpm.epsilon(DP, N, 2),
-            "experiments": ["haemophilia_*"], "public_key": public.hex()}]})
+    policy = gov.load_policy(
+        {
+            "site": "H0",
+            "min_cohort_size": 5,
+            "allowed_fields": ["delta", "weight"],
+            "max_rounds": 20,
+            "data_users": [
+                {
+                    "id": USER,
+                    "epsilon_budget": 3.0 * dpm.epsilon(DP, N, 2),
+                    "experiments": ["haemophilia_*"],
+                    "public_key": public.hex(),
+                }
+            ],
+        }
+    )
 
     def gate(run_id=""):
-        request = gov.sign_request(private, requester=USER,
-                                   experiment="haemophilia_fviii",
-                                   algorithm="fedavg", rounds=10)
-        return gt.SiteGate(policy, tmp_path / "site" / "audit.jsonl",
-                           tmp_path / "site" / "ledger.json", request,
-                           tmp_path / "keys" / "site.key",
-                           tmp_path / "site" / "admissions", run_id)
+        request = gov.sign_request(
+            private,
+            requester=USER,
+            experiment="haemophilia_fviii",
+            algorithm="fedavg",
+            rounds=10,
+        )
+        return gt.SiteGate(
+            policy,
+            tmp_path / "site" / "audit.jsonl",
+            tmp_path / "site" / "ledger.json",
+            request,
+            tmp_path / "keys" / "site.key",
+            tmp_path / "site" / "admissions",
+            run_id,
+        )
+
     return gate
 
 
@@ -99,8 +127,13 @@ def _run(gate, rounds):
     gt.admit(gate, _Alg(), N, rounds)
     heads = []
     for r in range(rounds):
-        entry = gt.release(gate, {"delta": np.full(2, r + 0.5), "weight": 40.0}, r,
-                           algorithm=_Alg(), n_patients=N)
+        entry = gt.release(
+            gate,
+            {"delta": np.full(2, r + 0.5), "weight": 40.0},
+            r,
+            algorithm=_Alg(),
+            n_patients=N,
+        )
         heads.append(f"{entry['seq']}:{entry['mac']}")
     gt.settle(gate)
     return heads
@@ -120,7 +153,7 @@ def test_edited_and_rechained_log_fails_with_the_key(site, tmp_path, capsys):
 
     original = Path(log).read_text()
     _rechain_without_key(log, edit)
-    assert _old_verify(log)                       # the attack worked before
+    assert _old_verify(log)  # the attack worked before
     key = gov.load_site_key(key_file)
     res = gov.verify_log(log, key=key)
     assert not res.ok and res.first_bad_seq == 1 and "MAC" in res.reason
@@ -152,10 +185,20 @@ def test_deleted_ledger_is_detected(site):
     _run(gate, 2)
     _run(site(), 2)
     gate.ledger.unlink()
-    spent_old = {}   # what the old site read from the missing file
-    gov.check_request(gate.policy, gov.Request(
-        USER, "haemophilia_fviii", "fedavg", N, ("delta",),
-        3 * dpm.epsilon(DP, N, 2), 6), spent_old)   # the attack worked before
+    spent_old = {}  # what the old site read from the missing file
+    gov.check_request(
+        gate.policy,
+        gov.Request(
+            USER,
+            "haemophilia_fviii",
+            "fedavg",
+            N,
+            ("delta",),
+            3 * dpm.epsilon(DP, N, 2),
+            6,
+        ),
+        spent_old,
+    )  # the attack worked before
     with pytest.raises(gov.IntegrityError) as info:
         gt.admit(site(), _Alg(), N, 2)
     assert info.value.field == "privacy_ledger" and "missing" in str(info.value)
@@ -184,13 +227,37 @@ def test_coordinator_anchor_detects_truncation(site, capsys):
     gate = site()
     heads = _run(gate, 3)
     lines = Path(gate.audit_log).read_text().splitlines(keepends=True)
-    Path(gate.audit_log).write_text("".join(lines[:2]))   # admit + round 0 kept
+    Path(gate.audit_log).write_text("".join(lines[:2]))  # admit + round 0 kept
     key = gov.load_site_key(gate.site_key)
     assert gov.verify_log(gate.audit_log, key=key).ok
     res = gov.verify_log(gate.audit_log, key=key, anchor=heads[-1])
     assert not res.ok and res.first_bad_seq == 3
-    assert main(["audit", "verify", str(gate.audit_log), "--key",
-                 str(gate.site_key), "--anchor", heads[0]]) == 0
-    assert main(["audit", "verify", str(gate.audit_log), "--key",
-                 str(gate.site_key), "--anchor", heads[-1]]) == 1
+    assert (
+        main(
+            [
+                "audit",
+                "verify",
+                str(gate.audit_log),
+                "--key",
+                str(gate.site_key),
+                "--anchor",
+                heads[0],
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "audit",
+                "verify",
+                str(gate.audit_log),
+                "--key",
+                str(gate.site_key),
+                "--anchor",
+                heads[-1],
+            ]
+        )
+        == 1
+    )
     assert "anchor" in capsys.readouterr().out

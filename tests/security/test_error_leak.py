@@ -30,8 +30,10 @@ from phems_clinical.federation.messages import MessageRejected
 
 HOSPITAL = "Kinderklinik_Sonnenberg"
 BAD_ID = "MRN-0049001"
-REASON = re.compile(r"(invalid_data|policy_refused|budget_exceeded|protocol_error|"
-                    r"internal_error|injected_failure) [0-9a-f]{12}")
+REASON = re.compile(
+    r"(invalid_data|policy_refused|budget_exceeded|protocol_error|"
+    r"internal_error|injected_failure) [0-9a-f]{12}"
+)
 
 
 def _bad_site(root: Path, k: int = 1) -> tuple[list[Path], list[str]]:
@@ -46,8 +48,13 @@ def _bad_site(root: Path, k: int = 1) -> tuple[list[Path], list[str]]:
     ids = {i: f"MRN-00{49000 + n}" for n, i in enumerate(table["ID"].unique(), 1)}
     table["ID"] = table["ID"].map(ids)
     levels = table["DV"].dropna()
-    secrets_ = [HOSPITAL, "MRN-00490", "negative level", "-3 IU/dL",
-                *(f"{v:.4f}" for v in levels.iloc[1:4])]
+    secrets_ = [
+        HOSPITAL,
+        "MRN-00490",
+        "negative level",
+        "-3 IU/dL",
+        *(f"{v:.4f}" for v in levels.iloc[1:4]),
+    ]
     table.loc[4, "DV"] = -3.0
     table.to_csv(bad / "cohort.csv", index=False, float_format="%.17g")
     assert table.loc[4, "ID"] == BAD_ID
@@ -64,16 +71,27 @@ def bad_site(tmp_path):
     patients, row 5 (``MRN-0049001``) with a negative level."""
     site = tmp_path / "data" / HOSPITAL / "site_1"
     site.mkdir(parents=True)
-    rows = [("MRN-0049000", 0.0, 2500, "", 1, 1),
-            ("MRN-0049000", 0.5, 0, 152.1116, 0, 0),
-            ("MRN-0049000", 24.0, 0, 13.3213, 0, 0),
-            ("MRN-0049001", 0.0, 1500, "", 1, 1),
-            ("MRN-0049001", 0.5, 0, -3, 0, 0),
-            ("MRN-0049001", 24.0, 0, 9.8123, 0, 0)]
-    (site / "cohort.csv").write_text("ID,TIME,AMT,DV,MDV,EVID,AGE,WT\n" + "".join(
-        f"{i},{t},{a},{dv},{m},{e},9.5,31.2\n" for i, t, a, dv, m, e in rows))
-    secrets_ = [HOSPITAL, "MRN-00490", "negative level", "-3 IU/dL", "152.1116",
-                "13.3213", "9.8123"]
+    rows = [
+        ("MRN-0049000", 0.0, 2500, "", 1, 1),
+        ("MRN-0049000", 0.5, 0, 152.1116, 0, 0),
+        ("MRN-0049000", 24.0, 0, 13.3213, 0, 0),
+        ("MRN-0049001", 0.0, 1500, "", 1, 1),
+        ("MRN-0049001", 0.5, 0, -3, 0, 0),
+        ("MRN-0049001", 24.0, 0, 9.8123, 0, 0),
+    ]
+    (site / "cohort.csv").write_text(
+        "ID,TIME,AMT,DV,MDV,EVID,AGE,WT\n"
+        + "".join(f"{i},{t},{a},{dv},{m},{e},9.5,31.2\n" for i, t, a, dv, m, e in rows)
+    )
+    secrets_ = [
+        HOSPITAL,
+        "MRN-00490",
+        "negative level",
+        "-3 IU/dL",
+        "152.1116",
+        "13.3213",
+        "9.8123",
+    ]
     return [None, site, None], secrets_
 
 
@@ -95,27 +113,40 @@ def test_a_bad_record_leaves_only_category_and_reference(bad_site, tmp_path):
     assert len({se.new_reference() for _ in range(1000)}) == 1000
 
 
-@pytest.mark.parametrize("err, category", [
-    (PolicyViolation("min_cohort_size", "8 patients < 20"), "policy_refused"),
-    (PrivacyBudgetExceeded("epsilon 3.2 > 1.0"), "budget_exceeded"),
-    (MessageRejected("fed_focei payload grad: shape (2,)"), "protocol_error"),
-    (se.SiteProtocolError("message for site 2"), "protocol_error"),
-    (se.InjectedFailure("round 1"), "injected_failure"),
-    (FileNotFoundError("/hospital/cohort.csv"), "invalid_data"),
-    (ZeroDivisionError("MRN-0049001"), "internal_error"),
-])
+@pytest.mark.parametrize(
+    "err, category",
+    [
+        (PolicyViolation("min_cohort_size", "8 patients < 20"), "policy_refused"),
+        (PrivacyBudgetExceeded("epsilon 3.2 > 1.0"), "budget_exceeded"),
+        (MessageRejected("fed_focei payload grad: shape (2,)"), "protocol_error"),
+        (se.SiteProtocolError("message for site 2"), "protocol_error"),
+        (se.InjectedFailure("round 1"), "injected_failure"),
+        (FileNotFoundError("/hospital/cohort.csv"), "invalid_data"),
+        (ZeroDivisionError("MRN-0049001"), "internal_error"),
+    ],
+)
 def test_categories(err, category):
     assert se.category_of(err) == category
 
 
-@pytest.mark.parametrize("text", [
-    "invalid_data 0123456789ab: row 5 (ID MRN-0049001)", "invalid_data 0123456789a",
-    "invalid_data 0123456789AB", "row 5 (ID MRN-0049001)", "Invalid_data 0123456789ab",
-    "data_error 0123456789ab", None, 7])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "invalid_data 0123456789ab: row 5 (ID MRN-0049001)",
+        "invalid_data 0123456789a",
+        "invalid_data 0123456789AB",
+        "row 5 (ID MRN-0049001)",
+        "Invalid_data 0123456789ab",
+        "data_error 0123456789ab",
+        None,
+        7,
+    ],
+)
 def test_server_accepts_nothing_but_category_and_reference(text):
     assert se.parse_reason(text) is None
     assert se.parse_reason("policy_refused 0123456789ab") == se.SiteError(
-        "policy_refused", "0123456789ab")
+        "policy_refused", "0123456789ab"
+    )
 
 
 def test_clientapp_reply_holds_no_patient_text(bad_site, monkeypatch):
@@ -131,12 +162,20 @@ def test_clientapp_reply_holds_no_patient_text(bad_site, monkeypatch):
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
         monkeypatch.setattr(TaskIdentity, name, value)
     sites, secrets_ = bad_site
-    msg = Message(RecordDict({"config": ConfigRecord({"num-sites": 3})}),
-                  dst_node_id=1, message_type=MessageType.QUERY)
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"num-sites": 3})}),
+        dst_node_id=1,
+        message_type=MessageType.QUERY,
+    )
     msg.metadata.__dict__["_message_id"] = "query-1"
     node = {"site-dir": str(sites[1]), "site-index": 1, "num-sites": 3}
-    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
-                      run_config={"num-sites": 3})
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config=node,
+        state=RecordDict(),
+        run_config={"num-sites": 3},
+    )
     with pytest.raises(Exception) as info:  # the handler as it was, unguarded
         client_app.query.__wrapped__(msg, context)
     flower_reason = str(type(info.value)) + ":<'" + str(info.value) + "'>"
@@ -154,31 +193,45 @@ def test_clientapp_reply_holds_no_patient_text(bad_site, monkeypatch):
 def _leaky_algorithm() -> Algorithm:
     """A weighted mean whose update fails, quoting a patient, on a site whose data
     carry a ``bad`` entry (as a validator inside ``local_update`` would)."""
+
     def local_update(message, data, state, key):
         del key
         if "bad" in data:
-            raise ValueError(f"patient {BAD_ID}: level -3 IU/dL at "
-                             f"/data/{HOSPITAL}/cohort.csv")
-        return ({"delta": data["n"] * (data["x"] - message["w"]),
-                 "weight": data["n"]}, state, {})
+            raise ValueError(
+                f"patient {BAD_ID}: level -3 IU/dL at /data/{HOSPITAL}/cohort.csv"
+            )
+        return (
+            {"delta": data["n"] * (data["x"] - message["w"]), "weight": data["n"]},
+            state,
+            {},
+        )
 
     return Algorithm(
-        "fedavg", lambda key: {"w": jnp.zeros(2)}, lambda data: jnp.zeros(()),
-        lambda s: {"w": s["w"]}, local_update,
+        "fedavg",
+        lambda key: {"w": jnp.zeros(2)},
+        lambda data: jnp.zeros(()),
+        lambda s: {"w": s["w"]},
+        local_update,
         lambda s, total, key: {"w": s["w"] + total["delta"] / total["weight"]},
-        lambda s: False, lambda s: {"w": s["w"]}, {"delta": (2,), "weight": ()},
-        max_rounds=2)
+        lambda s: False,
+        lambda s: {"w": s["w"]},
+        {"delta": (2,), "weight": ()},
+        max_rounds=2,
+    )
 
 
 def test_engine_records_category_and_reference(caplog):
     """The in-process engine: the dropped reason is ``failed: category ref``;
     the simulated site's log (``phems_clinical.site``) has the full text."""
-    sites = [{"n": jnp.asarray(2.0), "x": jnp.ones(2)},
-             {"n": jnp.asarray(3.0), "x": jnp.zeros(2), "bad": jnp.zeros(())},
-             {"n": jnp.asarray(1.0), "x": -jnp.ones(2)}]
+    sites = [
+        {"n": jnp.asarray(2.0), "x": jnp.ones(2)},
+        {"n": jnp.asarray(3.0), "x": jnp.zeros(2), "bad": jnp.zeros(())},
+        {"n": jnp.asarray(1.0), "x": -jnp.ones(2)},
+    ]
     with caplog.at_level(logging.ERROR, logger="phems_clinical.site"):
-        run = engine.run_federated(jax.random.key(0), _leaky_algorithm(), sites,
-                                   min_sites=2, vectorise=False)
+        run = engine.run_federated(
+            jax.random.key(0), _leaky_algorithm(), sites, min_sites=2, vectorise=False
+        )
     reasons = [why for h in run.history for _, why in h.dropped]
     assert len(reasons) == 2
     for why in reasons:
@@ -196,9 +249,14 @@ def test_launcher_is_secure_by_default(tmp_path):
     assert args.insecure is False
     certs = launch.make_tls(tmp_path / "certs")
     link = launch.superlink_command("127.0.0.1", 9091, certs, True)
-    node = launch.supernode_command("127.0.0.1:9091", "127.0.0.1", 9094,
-                                    {"site-dir": "s", "site-index": 0}, certs,
-                                    tmp_path / "keys" / "site_0")
+    node = launch.supernode_command(
+        "127.0.0.1:9091",
+        "127.0.0.1",
+        9094,
+        {"site-dir": "s", "site-index": 0},
+        certs,
+        tmp_path / "keys" / "site_0",
+    )
     assert "--insecure" not in link + node
     assert "--enable-supernode-auth" in link
     assert link[link.index("--ssl-ca-certfile") + 1] == str(certs.ca_cert)
@@ -213,16 +271,38 @@ def test_launcher_is_secure_by_default(tmp_path):
         launch.superlink_command("127.0.0.1", 9091, None, True)
     with pytest.raises(ValueError, match="node_auth"):
         launch.run_loopback([tmp_path], tmp_path / "out", tls=False)
-    assert launch.main(["--data", str(tmp_path), "--out", str(tmp_path / "o"),
-                        "--insecure", "--node-auth"]) == 2
+    assert (
+        launch.main(
+            [
+                "--data",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--insecure",
+                "--node-auth",
+            ]
+        )
+        == 2
+    )
 
 
 def test_launcher_refuses_an_unreadable_request_before_starting(tmp_path, capsys):
     """A missing signed-request file: exit 2 naming the option, nothing started
     (no output folder) and the path not echoed."""
     missing = tmp_path / "Kinderklinik_request.txt"
-    assert launch.main(["--data", str(tmp_path), "--out", str(tmp_path / "o"),
-                        "--request", str(missing)]) == 2
+    assert (
+        launch.main(
+            [
+                "--data",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--request",
+                str(missing),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--request" in err and "Kinderklinik" not in err
     assert not (tmp_path / "o").exists()
@@ -253,24 +333,28 @@ def test_loopback_server_stores_no_site_error_text(tmp_path):
     sites, secrets_ = _bad_site(tmp_path)
     settings = RunSettings(seed=5, rounds=2, min_sites=1, round_timeout=240.0)
     out = tmp_path / "out"
-    result = launch.run_loopback(sites, out, settings=settings,
-                                 fail_rounds={2: [1]}, timeout=900)
+    result = launch.run_loopback(
+        sites, out, settings=settings, fail_rounds={2: [1]}, timeout=900
+    )
     assert result["status"] == "completed" and result["rounds"] == 2
     assert result["launch"]["tls"] and result["launch"]["node_auth"]
     assert result["launch"]["left_running"] == []
     why = result["query_problems"]
     assert list(why.values()) and all(
         v.startswith("failed: ") and REASON.fullmatch(v.removeprefix("failed: "))
-        for v in why.values())
+        for v in why.values()
+    )
     error = se.parse_reason(next(iter(why.values())).removeprefix("failed: "))
     assert error.category == "invalid_data"
-    entry = se.read_site_log(site_error_log({"site-dir": str(sites[1]),
-                                             "site-index": 1}), error.reference)
+    entry = se.read_site_log(
+        site_error_log({"site-dir": str(sites[1]), "site-index": 1}), error.reference
+    )
     assert BAD_ID in entry["message"]
     dropped = [d for h in result["history"] for d in h["dropped"]]
     assert [1, "failed: did not answer the query round"] in dropped
-    injected = [se.parse_reason(w.removeprefix("failed: ")) for k, w in dropped
-                if k == 2]
+    injected = [
+        se.parse_reason(w.removeprefix("failed: ")) for k, w in dropped if k == 2
+    ]
     assert [e.category for e in injected] == ["injected_failure"]
     text = _server_side_text(out)
     assert '"query_problems"' in text  # the result file was read

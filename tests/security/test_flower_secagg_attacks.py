@@ -20,7 +20,8 @@ real ClientApp (tests/flower_secagg_grid.py), three simulated hospitals:
 import pytest
 
 flwr = pytest.importorskip(
-    "flwr", reason="the Flower adapter needs flwr>=1.41,<1.42, which is not installed")
+    "flwr", reason="the Flower adapter needs flwr>=1.41,<1.42, which is not installed"
+)
 
 from flower_secagg_grid import (  # noqa: E402
     make_site_dirs,
@@ -60,11 +61,11 @@ def test_curious_server_reads_payloads_only_without_secagg(toy_sites, tmp_path):
     plain_seen, secure_seen = b"".join(pgrid.transcript), b"".join(sgrid.transcript)
     assert len(secure_seen) > len(plain_seen)  # the server did receive messages
     for k, v in x.items():
-        words = [v[i:i + 1].tobytes() for i in range(v.size)]
+        words = [v[i : i + 1].tobytes() for i in range(v.size)]
         q = secagg.encode(st.encoding_key(3, 3, k, 0), v, cfg).q
         assert all(w in plain_seen for w in words)  # old behaviour: in clear
         assert not any(w in secure_seen for w in words), f"site {k}'s payload"
-        assert not any(q[i:i + 1].tobytes() in secure_seen for i in range(q.size))
+        assert not any(q[i : i + 1].tobytes() in secure_seen for i in range(q.size))
 
 
 def test_site_requiring_secagg_refuses_a_plain_round(toy_sites, tmp_path):
@@ -77,10 +78,15 @@ def test_site_requiring_secagg_refuses_a_plain_round(toy_sites, tmp_path):
 
     from phems_clinical.federation.site_errors import SiteProtocolError
 
-    node = {"site-dir": str(toy_sites[0]), "site-index": 0, "secagg-required": True,
-            "state-dir": str(tmp_path / "direct")}
-    plain = RecordDict({"config": ConfigRecord({"round": 0, "site-index": 0,
-                                                "num-sites": 3})})
+    node = {
+        "site-dir": str(toy_sites[0]),
+        "site-index": 0,
+        "secagg-required": True,
+        "state-dir": str(tmp_path / "direct"),
+    }
+    plain = RecordDict(
+        {"config": ConfigRecord({"round": 0, "site-index": 0, "num-sites": 3})}
+    )
     with pytest.raises(SiteProtocolError, match="secagg-required"):
         client_app.site_update(plain, node, {"algorithm": "toy"}, 1)
 
@@ -96,14 +102,23 @@ def test_server_cannot_substitute_a_site_key(toy_sites, tmp_path):
         if stage != "share_keys":
             return content
         roster = st.from_record(content)
-        fake = [X25519PrivateKey.generate().public_key().public_bytes_raw()
-                for _ in range(2)]
-        roster["site0002"] = roster["site0002"]._replace(mask_pk=fake[0],
-                                                         enc_pk=fake[1])
+        fake = [
+            X25519PrivateKey.generate().public_key().public_bytes_raw()
+            for _ in range(2)
+        ]
+        roster["site0002"] = roster["site0002"]._replace(
+            mask_pk=fake[0], enc_pk=fake[1]
+        )
         head = content["config"]
-        return st.to_record(roster, st.header("share_keys", int(head["site-index"]),
-                                              int(head["round"]),
-                                              int(head[st.ROUND_ID_KEY])))
+        return st.to_record(
+            roster,
+            st.header(
+                "share_keys",
+                int(head["site-index"]),
+                int(head["round"]),
+                int(head[st.ROUND_ID_KEY]),
+            ),
+        )
 
     with pytest.raises(FederationAborted, match="round 0") as info:
         run_grid(toy_sites, tmp_path, secure=True, retries=0, tamper=swap)
@@ -118,9 +133,13 @@ def test_replayed_stage_is_answered_once(toy_sites, tmp_path):
     or a second set of shares would help a server unmask one site; each site
     answers once, drops its secrets, and the round still completes (site 0's input
     is in the sum; the others reveal its self-mask seed)."""
-    report, grid = run_grid(toy_sites, tmp_path, secure=True, min_sites=2,
-                            replay={("consistency_check", 0, 0),
-                                    ("unmasking", 0, 1)})
+    report, grid = run_grid(
+        toy_sites,
+        tmp_path,
+        secure=True,
+        min_sites=2,
+        replay={("consistency_check", 0, 0), ("unmasking", 0, 1)},
+    )
     assert set(grid.replayed) == {("consistency_check", 0, 0), ("unmasking", 0, 1)}
     for again in grid.replayed.values():
         assert again.has_error()

@@ -44,7 +44,8 @@ ROUND = 11
 D = 64
 K5 = ("a", "b", "c", "d", "x")  # x is the victim of the dropout equivocation
 LOW_T = pytest.mark.filterwarnings(
-    "ignore::phems_clinical.federation.secagg.SecAggThresholdWarning")
+    "ignore::phems_clinical.federation.secagg.SecAggThresholdWarning"
+)
 
 
 def _inputs(ids, seed=0):
@@ -56,8 +57,9 @@ def _advertise(ids, cfg, idents, round_id=ROUND):
     trusted = {s: pk for s, (_, pk) in idents.items()}
     adverts, states = {}, {}
     for s in ids:
-        adverts[s], states[s] = site_advertise_keys(s, cfg, idents[s][0], trusted,
-                                                    round_id=round_id)
+        adverts[s], states[s] = site_advertise_keys(
+            s, cfg, idents[s][0], trusted, round_id=round_id
+        )
     return adverts, states
 
 
@@ -66,8 +68,9 @@ def _until_masked(qs, cfg, idents=None, round_id=ROUND):
     ids = sorted(qs)
     idents = idents or {s: generate_identity() for s in ids}
     adverts, states = _advertise(ids, cfg, idents, round_id)
-    roster, server = server_collect_keys(cfg, adverts, round_id=round_id,
-                                         n_sites=len(idents))
+    roster, server = server_collect_keys(
+        cfg, adverts, round_id=round_id, n_sites=len(idents)
+    )
     shares = {}
     for s in ids:
         shares[s], states[s] = site_share_keys(states[s], roster)
@@ -84,8 +87,9 @@ def _unmask(victim, y, b, mask_sk, roster, peers, cfg, round_id=ROUND):
     q = np.asarray(y, np.uint64) - secagg._prg(b, D, m)
     for p in peers:
         if p != victim:
-            mask = secagg._prg(secagg._pair_seed(mask_sk, roster[p].mask_pk,
-                                                 round_id, victim, p), D, m)
+            mask = secagg._prg(
+                secagg._pair_seed(mask_sk, roster[p].mask_pk, round_id, victim, p), D, m
+            )
             q = q - mask if p > victim else q + mask
     return secagg._reduce(q, m)
 
@@ -94,12 +98,17 @@ def _old_site_unmask(state, survivors, dropped):
     """``site_unmask`` as it was (honest-but-curious): no consistency round, no
     signatures; the request need only partition the site's U2 with it a survivor."""
     survivors, dropped = set(survivors), set(dropped)
-    if (survivors & dropped or survivors | dropped != set(state.peers)
-            or state.site_id not in survivors):
+    if (
+        survivors & dropped
+        or survivors | dropped != set(state.peers)
+        or state.site_id not in survivors
+    ):
         raise SecAggError("partition")
     secagg._require(len(survivors), state.cfg.threshold, 3)
-    return UnmaskShares({v: state.shares[v][1] for v in sorted(survivors)},
-                        {v: state.shares[v][0] for v in sorted(dropped)})
+    return UnmaskShares(
+        {v: state.shares[v][1] for v in sorted(survivors)},
+        {v: state.shares[v][0] for v in sorted(dropped)},
+    )
 
 
 # ------------------------------------------------------------ key substitution
@@ -115,9 +124,10 @@ def _substitute_keys(adverts, victim, how):
             continue
         fakes[p] = (X25519PrivateKey.generate(), X25519PrivateKey.generate())
         mpk, epk = (k.public_key().public_bytes_raw() for k in fakes[p])
-        sig = {"keep_signature": adverts[p].signature,
-               "server_signs": server_id.sign(
-                   secagg._advert_message(ROUND, p, mpk, epk))}[how]
+        sig = {
+            "keep_signature": adverts[p].signature,
+            "server_signs": server_id.sign(secagg._advert_message(ROUND, p, mpk, epk)),
+        }[how]
         roster[p] = AdvertiseKeys(mpk, epk, sig)
     return roster, fakes
 
@@ -132,25 +142,32 @@ def _key_substitution_attack(qs, cfg, how):
     # The server opens every share v encrypted to a peer: t = K - 1 of each secret.
     key_shares, seed_shares = [], []
     for p, box in boxes.ciphertexts.items():
-        k = secagg._share_key(fakes[p][1].private_bytes_raw(), adverts["v"].enc_pk,
-                              ROUND, "v", p)
+        k = secagg._share_key(
+            fakes[p][1].private_bytes_raw(), adverts["v"].enc_pk, ROUND, "v", p
+        )
         plain = secagg._open(k, secagg._info(b"share", ROUND, "v", p), box)
         n = len(secagg._share_header(ROUND, "v", p))
-        key_shares.append(plain[n:n + secagg._SHARE_BYTES])
-        seed_shares.append(plain[n + secagg._SHARE_BYTES:])
+        key_shares.append(plain[n : n + secagg._SHARE_BYTES])
+        seed_shares.append(plain[n + secagg._SHARE_BYTES :])
     mask_sk = secagg._shamir_combine(key_shares, cfg.threshold, "key")
     b = secagg._shamir_combine(seed_shares, cfg.threshold, "b")
-    assert (X25519PrivateKey.from_private_bytes(mask_sk).public_key()
-            .public_bytes_raw() == adverts["v"].mask_pk)
+    assert (
+        X25519PrivateKey.from_private_bytes(mask_sk).public_key().public_bytes_raw()
+        == adverts["v"].mask_pk
+    )
     # It feeds v well-formed shares from its fake peers and receives y_v.
     point = secagg._share_points(ids)["v"]
     inbox = {}
     for p in fakes:
         junk = secagg._shamir_split(bytes(32), [point], cfg.threshold)[point]
-        k = secagg._share_key(fakes[p][1].private_bytes_raw(), adverts["v"].enc_pk,
-                              ROUND, p, "v")
-        inbox[p] = secagg._seal(k, secagg._info(b"share", ROUND, p, "v"),
-                                secagg._share_header(ROUND, p, "v") + junk + junk)
+        k = secagg._share_key(
+            fakes[p][1].private_bytes_raw(), adverts["v"].enc_pk, ROUND, p, "v"
+        )
+        inbox[p] = secagg._seal(
+            k,
+            secagg._info(b"share", ROUND, p, "v"),
+            secagg._share_header(ROUND, p, "v") + junk + junk,
+        )
     y, _ = site_masked_input(state_v, inbox, qs["v"])
     return _unmask("v", y.y, b, mask_sk, roster, ids, cfg)
 
@@ -166,8 +183,9 @@ def test_key_substitution(monkeypatch, how):
     with monkeypatch.context() as m:
         m.setattr(secagg, "_verify", lambda *args: True)  # unsigned, as before
         assert np.array_equal(_key_substitution_attack(qs, cfg, how), qs["v"])
-    with pytest.raises(SecAggError, match="no valid signature by its trusted "
-                                          "identity key"):
+    with pytest.raises(
+        SecAggError, match="no valid signature by its trusted identity key"
+    ):
         _key_substitution_attack(qs, cfg, how)
 
 
@@ -182,8 +200,9 @@ def test_roster_forgeries_refused():
     old, _ = _advertise(ids, cfg, idents, round_id=ROUND - 1)
     evil_sk, evil_pk = generate_identity()
     trusted_evil = {s: pk for s, (_, pk) in idents.items()} | {"evil": evil_pk}
-    evil, _ = site_advertise_keys("evil", SecAggConfig(1.0, 16, 3), evil_sk,
-                                  trusted_evil, round_id=ROUND)
+    evil, _ = site_advertise_keys(
+        "evil", SecAggConfig(1.0, 16, 3), evil_sk, trusted_evil, round_id=ROUND
+    )
     v = states["v"]
     cases = {
         "replayed from round 10": (dict(adverts, a=old["a"]), "valid signature"),
@@ -249,18 +268,26 @@ def test_dropout_equivocation_with_threshold_two(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(secagg, "_check_threshold", lambda *args: None)
         states, roster, masked, _ = _until_masked(qs, cfg)
-        b_shares = [_old_site_unmask(states[s], K5, ()).self_mask_shares["x"]
-                    for s in ("x", "a")]
-        key_shares = [_old_site_unmask(states[s], [u for u in K5 if u != "x"],
-                                       ("x",)).mask_key_shares["x"]
-                      for s in ("c", "d")]
+        b_shares = [
+            _old_site_unmask(states[s], K5, ()).self_mask_shares["x"]
+            for s in ("x", "a")
+        ]
+        key_shares = [
+            _old_site_unmask(
+                states[s], [u for u in K5 if u != "x"], ("x",)
+            ).mask_key_shares["x"]
+            for s in ("c", "d")
+        ]
         b = secagg._shamir_combine(b_shares, 2, "b")
         mask_sk = secagg._shamir_combine(key_shares, 2, "key")
-        assert np.array_equal(_unmask("x", masked["x"].y, b, mask_sk, roster, K5,
-                                      cfg), qs["x"])
+        assert np.array_equal(
+            _unmask("x", masked["x"].y, b, mask_sk, roster, K5, cfg), qs["x"]
+        )
         # The consistency round alone: two signatures over each U3 suffice.
-        assert np.array_equal(_equivocate(states, roster, masked, ("x", "a"),
-                                          ("c", "d"), (), cfg), qs["x"])
+        assert np.array_equal(
+            _equivocate(states, roster, masked, ("x", "a"), ("c", "d"), (), cfg),
+            qs["x"],
+        )
     idents = {s: generate_identity() for s in K5}
     with pytest.raises(ValueError, match="^threshold: expected more than half"):
         _advertise(K5, cfg, idents)
@@ -298,8 +325,10 @@ def test_dropout_equivocation_with_a_colluder():
         secagg.check_config(SecAggConfig(1.0, 16, 3), 5)
     cfg = SecAggConfig(clip=1.0, bits=16, threshold=3)
     states, roster, masked, _ = _until_masked(qs, cfg)
-    assert np.array_equal(_equivocate(states, roster, masked, ("x", "a"),
-                                      ("b", "d"), ("c",), cfg), qs["x"])
+    assert np.array_equal(
+        _equivocate(states, roster, masked, ("x", "a"), ("b", "d"), ("c",), cfg),
+        qs["x"],
+    )
     cfg = SecAggConfig(clip=1.0, bits=16, threshold=4)
     states, roster, masked, _ = _until_masked(qs, cfg)
     honest = [s for s in K5 if s != "c"]
@@ -347,14 +376,15 @@ def test_forged_and_replayed_consistency_signatures():
     assert _old_site_unmask(states["a"], u3, ("x",)).mask_key_shares["x"]
     server_key = Ed25519PrivateKey.generate()
     x_sig = Ed25519PrivateKey.from_private_bytes(idents["x"][0]).sign(
-        secagg._consistency_message(ROUND, u3))  # x's key, had it signed
+        secagg._consistency_message(ROUND, u3)
+    )  # x's key, had it signed
     three = {s: sigs[s] for s in "abc"}
     forged = {
         "none": {},
         "three genuine": three,
         "random bytes": three | {"d": bytes(64)},
-        "server's own key": three | {"d": server_key.sign(
-            secagg._consistency_message(ROUND, u3))},
+        "server's own key": three
+        | {"d": server_key.sign(secagg._consistency_message(ROUND, u3))},
         "a's signature as d's": three | {"d": sigs["a"]},
         "replayed from round 10": prev.signatures,
         "d's replayed": three | {"d": prev.signatures["d"]},
@@ -378,10 +408,12 @@ def test_unmask_request_must_match_the_signed_u3():
     idents = {s: generate_identity() for s in K5}
     states, request = _to_unmasking(qs, cfg, idents, ROUND)
     sigs = request.signatures
-    for bad in (UnmaskRequest(K5, (), sigs),
-                UnmaskRequest(("a", "b", "c"), ("d", "x"), sigs),
-                UnmaskRequest(request.survivors, (), sigs),
-                UnmaskRequest(request.survivors, ("x",), list(sigs.values()))):
+    for bad in (
+        UnmaskRequest(K5, (), sigs),
+        UnmaskRequest(("a", "b", "c"), ("d", "x"), sigs),
+        UnmaskRequest(request.survivors, (), sigs),
+        UnmaskRequest(request.survivors, ("x",), list(sigs.values())),
+    ):
         with pytest.raises(SecAggError, match="unmask request"):
             site_unmask(states["a"], bad)
 
@@ -406,10 +438,12 @@ def test_consistency_check_refusals():
     qs = _inputs(K5, seed=7)
     states, _, _, _ = _until_masked(qs, cfg)
     a = states["a"]
-    for bad, match in ((("a", "b", "c"), "threshold=4"),
-                       (("b", "c", "d", "x"), "among the survivors"),
-                       (("a", "b", "c", "d", "zz"), "within U2"),
-                       (("b", "a", "c", "d"), "sorted")):
+    for bad, match in (
+        (("a", "b", "c"), "threshold=4"),
+        (("b", "c", "d", "x"), "among the survivors"),
+        (("a", "b", "c", "d", "zz"), "within U2"),
+        (("b", "a", "c", "d"), "sorted"),
+    ):
         with pytest.raises(SecAggError, match=match):
             site_consistency_check(a, ConsistencyRequest(bad))
     _, signed = site_consistency_check(a, ConsistencyRequest(K5))

@@ -24,5 +24,13 @@ out = syn.sample(num_rows=n)
 out = out["t"] if isinstance(out, dict) else out
 t2 = time.perf_counter()
 out.to_csv(dst, index=False)
-print(json.dumps({"fit_s": t1 - t0, "sample_s": t2 - t1, "rows": len(out),
-                  "version": __import__("sdv").__version__}))
+print(
+    json.dumps(
+        {
+            "fit_s": t1 - t0,
+            "sample_s": t2 - t1,
+            "rows": len(out),
+            "version": __import__("sdv").__version__,
+        }
+    )
+)

@@ -44,5 +44,6 @@ t1 = time.perf_counter()
 out = syn.sample(n)
 t2 = time.perf_counter()
 pd.DataFrame(out).to_csv(dst, index=False)
-print(json.dumps({"fit_s": t1 - t0, "sample_s": t2 - t1, "rows": n,
-                  "version": "1.0.8"}))
+print(
+    json.dumps({"fit_s": t1 - t0, "sample_s": t2 - t1, "rows": n, "version": "1.0.8"})
+)

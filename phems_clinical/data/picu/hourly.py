@@ -33,9 +33,19 @@ import pandas as pd
 from phems_clinical.data.omop import concepts as C
 
 __all__ = [
-    "ANTIMICROBIALS", "CONDITION", "DRUG", "GENDER", "HOURLY_COLUMNS", "MEASUREMENT",
-    "OBSERVATION", "PROCEDURE", "TYPE_EHR", "VASOACTIVES", "VISIT",
-    "HourlyTableError", "hourly_table",
+    "ANTIMICROBIALS",
+    "CONDITION",
+    "DRUG",
+    "GENDER",
+    "HOURLY_COLUMNS",
+    "MEASUREMENT",
+    "OBSERVATION",
+    "PROCEDURE",
+    "TYPE_EHR",
+    "VASOACTIVES",
+    "VISIT",
+    "HourlyTableError",
+    "hourly_table",
 ]
 
 # ----------------------------------------------------------------- concept ids
@@ -43,45 +53,120 @@ __all__ = [
 # concepts.csv); these are the PICU subset under the names this module uses.
 _CODES = C.bundled_concepts().set_index("concept_id")["concept_code"]
 _PICU_MEASUREMENTS = (
-    "hr", "resp_rate", "sbp", "dbp", "map", "spo2", "temp", "gcs", "fio2", "pao2",
-    "paco2", "lactate", "platelets", "inr", "d_dimer", "fibrinogen", "glucose",
-    "anc", "alc", "wbc", "creatinine", "bilirubin", "alt",
+    "hr",
+    "resp_rate",
+    "sbp",
+    "dbp",
+    "map",
+    "spo2",
+    "temp",
+    "gcs",
+    "fio2",
+    "pao2",
+    "paco2",
+    "lactate",
+    "platelets",
+    "inr",
+    "d_dimer",
+    "fibrinogen",
+    "glucose",
+    "anc",
+    "alc",
+    "wbc",
+    "creatinine",
+    "bilirubin",
+    "alt",
 )
 #: name -> (concept_id, LOINC code, unit as written in unit_source_value)
 MEASUREMENT: dict[str, tuple[int, str, str]] = {
     k: (C.MEASUREMENT[k], str(_CODES[C.MEASUREMENT[k]]), C.UNITS[k])
-    for k in _PICU_MEASUREMENTS}
+    for k in _PICU_MEASUREMENTS
+}
 #: observation concepts: bilaterally fixed pupils (local id; 1 = both fixed, 0 = not)
 OBSERVATION = {"fixed_pupils": C.OBSERVATION["fixed_pupils"]}
 #: drug ingredients (RxNorm)
-DRUG = {k: C.DRUG[k] for k in (
-    "epinephrine", "norepinephrine", "dopamine", "dobutamine", "milrinone",
-    "vasopressin", "ceftriaxone", "vancomycin", "meropenem", "piperacillin")}
-VASOACTIVES = frozenset(DRUG[d] for d in (
-    "epinephrine", "norepinephrine", "dopamine", "dobutamine", "milrinone",
-    "vasopressin"))
-ANTIMICROBIALS = frozenset(DRUG[d] for d in (
-    "ceftriaxone", "vancomycin", "meropenem", "piperacillin"))
+DRUG = {
+    k: C.DRUG[k]
+    for k in (
+        "epinephrine",
+        "norepinephrine",
+        "dopamine",
+        "dobutamine",
+        "milrinone",
+        "vasopressin",
+        "ceftriaxone",
+        "vancomycin",
+        "meropenem",
+        "piperacillin",
+    )
+}
+VASOACTIVES = frozenset(
+    DRUG[d]
+    for d in (
+        "epinephrine",
+        "norepinephrine",
+        "dopamine",
+        "dobutamine",
+        "milrinone",
+        "vasopressin",
+    )
+)
+ANTIMICROBIALS = frozenset(
+    DRUG[d] for d in ("ceftriaxone", "vancomycin", "meropenem", "piperacillin")
+)
 #: procedures (SNOMED): invasive ventilation, other respiratory support, blood culture
-PROCEDURE = {"imv": C.PROCEDURE["imv"],
-             "other_respiratory_support": C.PROCEDURE["oxygen_therapy"],
-             "blood_culture": C.PROCEDURE["blood_culture"]}
+PROCEDURE = {
+    "imv": C.PROCEDURE["imv"],
+    "other_respiratory_support": C.PROCEDURE["oxygen_therapy"],
+    "blood_culture": C.PROCEDURE["blood_culture"],
+}
 CONDITION = {k: C.CONDITION[k] for k in ("sepsis", "septic_shock")}
-VISIT = {"inpatient": C.VISIT["inpatient"], "er": C.VISIT["er"],
-         "icu": C.VISIT_DETAIL["icu"]}
+VISIT = {
+    "inpatient": C.VISIT["inpatient"],
+    "er": C.VISIT["er"],
+    "icu": C.VISIT_DETAIL["icu"],
+}
 GENDER = {"M": C.GENDER["male"], "F": C.GENDER["female"]}
 TYPE_EHR = C.TYPE_EHR
 
 _VALUE_COLUMNS = (
-    "hr", "resp_rate", "sbp", "dbp", "map", "spo2", "temp", "gcs", "fixed_pupils",
-    "fio2", "pao2", "paco2", "lactate", "platelets", "inr", "d_dimer", "fibrinogen",
-    "glucose", "anc", "alc", "wbc", "creatinine", "bilirubin", "alt",
+    "hr",
+    "resp_rate",
+    "sbp",
+    "dbp",
+    "map",
+    "spo2",
+    "temp",
+    "gcs",
+    "fixed_pupils",
+    "fio2",
+    "pao2",
+    "paco2",
+    "lactate",
+    "platelets",
+    "inr",
+    "d_dimer",
+    "fibrinogen",
+    "glucose",
+    "anc",
+    "alc",
+    "wbc",
+    "creatinine",
+    "bilirubin",
+    "alt",
 )
 #: The hourly table's columns, in order (see data_schemas/sepsis_hourly.schema.json).
 HOURLY_COLUMNS = (
-    ("site", "person_id", "stay_id", "hour", "age_months", "sex") + _VALUE_COLUMNS
-    + ("imv", "other_respiratory_support", "vasoactives", "antimicrobial", "culture",
-       "died")
+    ("site", "person_id", "stay_id", "hour", "age_months", "sex")
+    + _VALUE_COLUMNS
+    + (
+        "imv",
+        "other_respiratory_support",
+        "vasoactives",
+        "antimicrobial",
+        "culture",
+        "died",
+    )
 )
 
 _HOUR_NS = 3_600_000_000_000
@@ -104,8 +189,9 @@ def _f64(col: pd.Series) -> np.ndarray:
 
 def _require(tables: Mapping[str, pd.DataFrame], name: str, cols: tuple[str, ...]):
     if name not in tables:
-        raise HourlyTableError(f"table '{name}' is missing (needed for the hourly "
-                               f"table)")
+        raise HourlyTableError(
+            f"table '{name}' is missing (needed for the hourly table)"
+        )
     df = tables[name]
     missing = [c for c in cols if c not in df.columns]
     if missing:
@@ -132,7 +218,8 @@ class _Stays:
                 f"table 'visit_detail' row visit_detail_id={self.stay_id[i]}: field "
                 f"visit_detail_end_datetime must be a datetime >= "
                 f"visit_detail_start_datetime ({int(bad.sum())} such rows; load the "
-                f"tables with omop.read_tables to exclude them)")
+                f"tables with omop.read_tables to exclude them)"
+            )
         self.n_hours = np.maximum(1, -(-(self.end - self.start) // _HOUR_NS))
         self.offset = np.concatenate([[0], np.cumsum(self.n_hours)])
         self.n_rows = int(self.offset[-1])
@@ -211,8 +298,9 @@ def _point_values(stays, df, time_col, concept_col, concept_to_col, out):
     value = _f64(df["value_as_number"])
     keep &= ~np.isnan(value)
     row = stays.offset[idx[keep]] + hour[keep]
-    col = np.array([concept_to_col[c] for c in ids])[np.searchsorted(ids,
-                                                                     concept[keep])]
+    col = np.array([concept_to_col[c] for c in ids])[
+        np.searchsorted(ids, concept[keep])
+    ]
     t, value = t[keep], value[keep]
     order = np.lexsort((t, col, row))  # last in the hour = last after sorting on t
     row, col, value = row[order], col[order], value[order]
@@ -252,8 +340,9 @@ def _flag(n_rows, row):
     return out
 
 
-def hourly_table(tables: Mapping[str, pd.DataFrame], *, site: str = "site"
-                 ) -> pd.DataFrame:
+def hourly_table(
+    tables: Mapping[str, pd.DataFrame], *, site: str = "site"
+) -> pd.DataFrame:
     """One row per ICU stay-hour from OMOP CDM 5.4 tables (``dict`` name -> frame).
 
     Args:
@@ -270,9 +359,17 @@ def hourly_table(tables: Mapping[str, pd.DataFrame], *, site: str = "site"
       HourlyTableError: a required table/column is missing or a stay ends before it
         starts (load through ``omop.read_tables`` to exclude such rows with a report).
     """
-    vd = _require(tables, "visit_detail", (
-        "visit_detail_id", "person_id", "visit_detail_concept_id",
-        "visit_detail_start_datetime", "visit_detail_end_datetime"))
+    vd = _require(
+        tables,
+        "visit_detail",
+        (
+            "visit_detail_id",
+            "person_id",
+            "visit_detail_concept_id",
+            "visit_detail_start_datetime",
+            "visit_detail_end_datetime",
+        ),
+    )
     vd = vd.loc[vd["visit_detail_concept_id"].to_numpy(np.int64) == VISIT["icu"]]
     stays = _Stays(vd)
     n = stays.n_rows
@@ -285,76 +382,135 @@ def hourly_table(tables: Mapping[str, pd.DataFrame], *, site: str = "site"
     if "birth_datetime" in pp.columns and pp["birth_datetime"].notna().all():
         birth = _ns(pp["birth_datetime"])
     else:  # year/month/day of birth, mid-month / mid-year when unknown
-        cols = [c for c in ("year_of_birth", "month_of_birth", "day_of_birth")
-                if c in pp.columns]
+        cols = [
+            c
+            for c in ("year_of_birth", "month_of_birth", "day_of_birth")
+            if c in pp.columns
+        ]
         if "year_of_birth" not in cols:
-            raise HourlyTableError("table 'person' lacks birth_datetime and "
-                                   "year_of_birth")
-        ymd = pd.DataFrame({
-            "year": pp["year_of_birth"].to_numpy(),
-            "month": (pp["month_of_birth"].fillna(7) if "month_of_birth" in cols
-                      else 7),
-            "day": pp["day_of_birth"].fillna(1) if "day_of_birth" in cols else 1})
+            raise HourlyTableError(
+                "table 'person' lacks birth_datetime and year_of_birth"
+            )
+        ymd = pd.DataFrame(
+            {
+                "year": pp["year_of_birth"].to_numpy(),
+                "month": (
+                    pp["month_of_birth"].fillna(7) if "month_of_birth" in cols else 7
+                ),
+                "day": pp["day_of_birth"].fillna(1) if "day_of_birth" in cols else 1,
+            }
+        )
         birth = _ns(pd.to_datetime(ymd, errors="coerce"))
         if "birth_datetime" in pp.columns:
             have = pp["birth_datetime"].notna().to_numpy()
             birth[have] = _ns(pp["birth_datetime"])[have]
     age0 = (stays.start - birth) / _MONTH_NS
     gender = _f64(pp["gender_concept_id"])
-    sex = np.where(gender == GENDER["M"], "M",
-                   np.where(gender == GENDER["F"], "F", None)).astype(object)
+    sex = np.where(
+        gender == GENDER["M"], "M", np.where(gender == GENDER["F"], "F", None)
+    ).astype(object)
 
     values = np.full((n, len(_VALUE_COLUMNS)), np.nan)
     colpos = {c: i for i, c in enumerate(_VALUE_COLUMNS)}
     if "measurement" in tables:
-        m = _require(tables, "measurement", (
-            "person_id", "measurement_concept_id", "measurement_datetime",
-            "value_as_number"))
-        _point_values(stays, m, "measurement_datetime", "measurement_concept_id",
-                      {cid: colpos[k] for k, (cid, _, _) in MEASUREMENT.items()},
-                      values)
+        m = _require(
+            tables,
+            "measurement",
+            (
+                "person_id",
+                "measurement_concept_id",
+                "measurement_datetime",
+                "value_as_number",
+            ),
+        )
+        _point_values(
+            stays,
+            m,
+            "measurement_datetime",
+            "measurement_concept_id",
+            {cid: colpos[k] for k, (cid, _, _) in MEASUREMENT.items()},
+            values,
+        )
     if "observation" in tables:
-        o = _require(tables, "observation", (
-            "person_id", "observation_concept_id", "observation_datetime",
-            "value_as_number"))
-        _point_values(stays, o, "observation_datetime", "observation_concept_id",
-                      {cid: colpos[k] for k, cid in OBSERVATION.items()}, values)
+        o = _require(
+            tables,
+            "observation",
+            (
+                "person_id",
+                "observation_concept_id",
+                "observation_datetime",
+                "value_as_number",
+            ),
+        )
+        _point_values(
+            stays,
+            o,
+            "observation_datetime",
+            "observation_concept_id",
+            {cid: colpos[k] for k, cid in OBSERVATION.items()},
+            values,
+        )
 
     vaso = np.zeros(n, np.int64)
     abx = np.zeros(n, np.int64)
     if "drug_exposure" in tables:
-        d = _require(tables, "drug_exposure", (
-            "person_id", "drug_concept_id", "drug_exposure_start_datetime"))
-        row, concept = _interval_hours(stays, d, "drug_exposure_start_datetime",
-                                       "drug_exposure_end_datetime",
-                                       "drug_concept_id", VASOACTIVES)
+        d = _require(
+            tables,
+            "drug_exposure",
+            ("person_id", "drug_concept_id", "drug_exposure_start_datetime"),
+        )
+        row, concept = _interval_hours(
+            stays,
+            d,
+            "drug_exposure_start_datetime",
+            "drug_exposure_end_datetime",
+            "drug_concept_id",
+            VASOACTIVES,
+        )
         key = np.unique(row * 4_000_000_000 + concept)  # distinct (row, drug)
         vaso = np.bincount(key // 4_000_000_000, minlength=n).astype(np.int64)
-        row, _ = _interval_hours(stays, d, "drug_exposure_start_datetime",
-                                 "drug_exposure_end_datetime", "drug_concept_id",
-                                 ANTIMICROBIALS)
+        row, _ = _interval_hours(
+            stays,
+            d,
+            "drug_exposure_start_datetime",
+            "drug_exposure_end_datetime",
+            "drug_concept_id",
+            ANTIMICROBIALS,
+        )
         abx = _flag(n, row)
     imv = np.zeros(n, np.int64)
     ors = np.zeros(n, np.int64)
     culture = np.zeros(n, np.int64)
     if "procedure_occurrence" in tables:
-        p = _require(tables, "procedure_occurrence", (
-            "person_id", "procedure_concept_id", "procedure_datetime"))
+        p = _require(
+            tables,
+            "procedure_occurrence",
+            ("person_id", "procedure_concept_id", "procedure_datetime"),
+        )
         for name in ("imv", "other_respiratory_support"):
-            row, _ = _interval_hours(stays, p, "procedure_datetime",
-                                     "procedure_end_datetime", "procedure_concept_id",
-                                     {PROCEDURE[name]})
+            row, _ = _interval_hours(
+                stays,
+                p,
+                "procedure_datetime",
+                "procedure_end_datetime",
+                "procedure_concept_id",
+                {PROCEDURE[name]},
+            )
             (imv if name == "imv" else ors)[:] = _flag(n, row)
-        row, _ = _interval_hours(stays, p.drop(columns="procedure_end_datetime",
-                                               errors="ignore"),
-                                 "procedure_datetime", "procedure_end_datetime",
-                                 "procedure_concept_id", {PROCEDURE["blood_culture"]})
+        row, _ = _interval_hours(
+            stays,
+            p.drop(columns="procedure_end_datetime", errors="ignore"),
+            "procedure_datetime",
+            "procedure_end_datetime",
+            "procedure_concept_id",
+            {PROCEDURE["blood_culture"]},
+        )
         culture = _flag(n, row)
 
     died_stay = np.zeros(len(stays.stay_id), np.int64)
     if "death" in tables and len(tables["death"]):
         de = _require(tables, "death", ("person_id", "death_date"))
-        tcol = ("death_datetime" if "death_datetime" in de.columns else "death_date")
+        tcol = "death_datetime" if "death_datetime" in de.columns else "death_date"
         dt = pd.to_datetime(de[tcol])
         if tcol == "death_datetime":  # fall back on the date where the time is NaT
             dt = dt.fillna(pd.to_datetime(de["death_date"]))
@@ -366,17 +522,20 @@ def hourly_table(tables: Mapping[str, pd.DataFrame], *, site: str = "site"
         day = 24 * _HOUR_NS
         date_only = (td != nat) & (td % day == 0)
         lo = np.where(date_only, stays.start - stays.start % day, stays.start)
-        died_stay = ((td != nat) & (td >= lo) & (td <= stays.end + _HOUR_NS)
-                     ).astype(np.int64)
+        died_stay = ((td != nat) & (td >= lo) & (td <= stays.end + _HOUR_NS)).astype(
+            np.int64
+        )
 
-    out = pd.DataFrame({
-        "site": np.full(n, site, dtype=object),
-        "person_id": stays.person_id[sidx],
-        "stay_id": stays.stay_id[sidx],
-        "hour": hour,
-        "age_months": age0[sidx] + hour / (_MONTH_NS / _HOUR_NS),
-        "sex": sex[sidx],
-    })
+    out = pd.DataFrame(
+        {
+            "site": np.full(n, site, dtype=object),
+            "person_id": stays.person_id[sidx],
+            "stay_id": stays.stay_id[sidx],
+            "hour": hour,
+            "age_months": age0[sidx] + hour / (_MONTH_NS / _HOUR_NS),
+            "sex": sex[sidx],
+        }
+    )
     vals = pd.DataFrame(values, columns=list(_VALUE_COLUMNS))
     out = pd.concat([out, vals], axis=1)
     out["imv"] = imv

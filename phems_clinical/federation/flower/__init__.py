@@ -33,5 +33,11 @@ from phems_clinical.federation.flower.config import (
     site_config,
 )
 
-__all__ = ["ALGORITHMS", "RunSettings", "SiteConfig", "build_algorithm",
-           "run_settings", "site_config"]
+__all__ = [
+    "ALGORITHMS",
+    "RunSettings",
+    "SiteConfig",
+    "build_algorithm",
+    "run_settings",
+    "site_config",
+]

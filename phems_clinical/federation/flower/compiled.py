@@ -113,8 +113,9 @@ def source_digest(extra_files: tuple[str, ...] = ()) -> str:
 
 
 def _signature(leaves: Sequence[Any]) -> str:
-    return ";".join(f"{getattr(x, 'shape', ())}:{getattr(x, 'dtype', type(x))}"
-                    for x in leaves)
+    return ";".join(
+        f"{getattr(x, 'shape', ())}:{getattr(x, 'dtype', type(x))}" for x in leaves
+    )
 
 
 def cache_folder() -> Path | None:
@@ -126,9 +127,15 @@ def cache_folder() -> Path | None:
     return Path(where) / "flower_exports"
 
 
-def call_cached(fn: Callable, args: tuple, *, tag: str,
-                extra_files: Sequence[str | Path] = (),
-                folder: Path | None = None, info: dict | None = None) -> Any:
+def call_cached(
+    fn: Callable,
+    args: tuple,
+    *,
+    tag: str,
+    extra_files: Sequence[str | Path] = (),
+    folder: Path | None = None,
+    info: dict | None = None,
+) -> Any:
     """``jax.jit(fn)(*args)``, tracing ``fn`` only when no export of it exists.
 
     Parameters
@@ -157,9 +164,16 @@ def call_cached(fn: Callable, args: tuple, *, tag: str,
         return jax.jit(fn)(*args)
     # jax.config sets its flags as attributes at run time (hence the ignore)
     x64 = str(jax.config.jax_enable_x64)  # type: ignore[attr-defined]
-    parts = [tag, _signature(leaves), str(tree), jax.__version__, jaxlib.__version__,
-             jax.default_backend(), x64,
-             source_digest(tuple(str(f) for f in extra_files))]
+    parts = [
+        tag,
+        _signature(leaves),
+        str(tree),
+        jax.__version__,
+        jaxlib.__version__,
+        jax.default_backend(),
+        x64,
+        source_digest(tuple(str(f) for f in extra_files)),
+    ]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()
     path = folder / f"{key[:32]}.pkl"
     info.update(key=key[:32], cache="hit")
@@ -258,5 +272,12 @@ def _export(fn: Callable, tree, leaves, path: Path):
     return out_tree[0], program
 
 
-__all__ = ["cache_folder", "call_cached", "clear_memo", "memo_info", "memoised",
-           "source_digest", "warm_scope"]
+__all__ = [
+    "cache_folder",
+    "call_cached",
+    "clear_memo",
+    "memo_info",
+    "memoised",
+    "source_digest",
+    "warm_scope",
+]

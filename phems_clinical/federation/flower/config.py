@@ -23,8 +23,15 @@ from phems_clinical.data.cohort import Cohort
 from phems_clinical.federation.core import Algorithm
 
 # Names only (the registry module itself is imported when an algorithm is built).
-REGISTERED = ("fed_focei", "fedavg", "fedprox", "fedadam", "fedyogi", "ep",
-              "consensus_mc")
+REGISTERED = (
+    "fed_focei",
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "ep",
+    "consensus_mc",
+)
 
 DATA_FILE = "cohort.csv"
 """Default name of a site's NONMEM-style event table inside its directory."""
@@ -137,24 +144,29 @@ def run_settings(run_config: Mapping[str, Any]) -> RunSettings:
     fields = {name.replace("_", "-"): name for name in RunSettings._fields}
     unknown = sorted(set(run_config) - set(fields))
     if unknown:
-        raise ValueError(f"run config: unknown keys {unknown}; expected some of "
-                         f"{sorted(fields)}")
+        raise ValueError(
+            f"run config: unknown keys {unknown}; expected some of {sorted(fields)}"
+        )
     defaults = RunSettings()
     values = {}
     for key, name in fields.items():
         if key in run_config:
             kind = type(getattr(defaults, name))
             if kind is bool and not isinstance(run_config[key], bool):
-                raise ValueError(f"run config {key}: expected true or false, got "
-                                 f"{run_config[key]!r}")
+                raise ValueError(
+                    f"run config {key}: expected true or false, got {run_config[key]!r}"
+                )
             values[name] = kind(run_config[key])
     settings = RunSettings(**values)
     if settings.num_sites < 1:
-        raise ValueError(f"run config num-sites: expected >= 1, got "
-                         f"{settings.num_sites}")
+        raise ValueError(
+            f"run config num-sites: expected >= 1, got {settings.num_sites}"
+        )
     if not 0 <= settings.min_sites <= settings.num_sites:
-        raise ValueError(f"run config min-sites: expected 0..{settings.num_sites}, "
-                         f"got {settings.min_sites}")
+        raise ValueError(
+            f"run config min-sites: expected 0..{settings.num_sites}, "
+            f"got {settings.min_sites}"
+        )
     return settings
 
 
@@ -171,15 +183,20 @@ def _from_registry(name: str) -> Callable[[RunSettings, int], Algorithm]:
         options = json.loads(settings.options) if settings.options else {}
         if not isinstance(options, dict):
             raise ValueError("run config options: expected a JSON object")
-        return build_algorithm(name, load_product(settings.product),
-                               n_sites=settings.num_sites, n_occ=n_occ,
-                               options=options)
+        return build_algorithm(
+            name,
+            load_product(settings.product),
+            n_sites=settings.num_sites,
+            n_occ=n_occ,
+            options=options,
+        )
 
     return build
 
 
 ALGORITHMS: dict[str, Callable[[RunSettings, int], Algorithm]] = {
-    name: _from_registry(name) for name in REGISTERED}
+    name: _from_registry(name) for name in REGISTERED
+}
 """Algorithm builders by name: ``(settings, n_occ) -> Algorithm``, the same
 registry as ``phems federate``; the server and every site call the same builder."""
 
@@ -197,8 +214,10 @@ def build_algorithm(settings: RunSettings, *, n_occ: int) -> Algorithm:
     try:
         builder = ALGORITHMS[settings.algorithm]
     except KeyError:
-        raise ValueError(f"run config algorithm: {settings.algorithm!r} is not one "
-                         f"of {sorted(ALGORITHMS)}") from None
+        raise ValueError(
+            f"run config algorithm: {settings.algorithm!r} is not one "
+            f"of {sorted(ALGORITHMS)}"
+        ) from None
     return builder(settings, int(n_occ))
 
 
@@ -208,10 +227,12 @@ def algorithm_tag(settings: RunSettings, n_occ: int) -> tuple[str, list[Path]]:
     the export cache, :mod:`~phems_clinical.federation.flower.compiled`)."""
     from phems_clinical.resources import configs_dir
 
-    tag = (f"{settings.algorithm}|product={settings.product}|n_occ={int(n_occ)}|"
-           f"seed={settings.seed}|num_sites={settings.num_sites}|"
-           f"options={settings.options}|use_case={settings.use_case}|"
-           f"model={settings.model}")
+    tag = (
+        f"{settings.algorithm}|product={settings.product}|n_occ={int(n_occ)}|"
+        f"seed={settings.seed}|num_sites={settings.num_sites}|"
+        f"options={settings.options}|use_case={settings.use_case}|"
+        f"model={settings.model}"
+    )
     return tag, sorted((configs_dir() / "model").glob("*.yaml"))
 
 
@@ -266,8 +287,11 @@ class SiteConfig(NamedTuple):
     def state_path(self) -> Path:
         """The node-local state folder: ``state_dir``, else
         ``site_dir / STATE_DIR``."""
-        return self.state_dir if self.state_dir is not None else (
-            self.site_dir / STATE_DIR)
+        return (
+            self.state_dir
+            if self.state_dir is not None
+            else (self.site_dir / STATE_DIR)
+        )
 
 
 def site_config(node_config: Mapping[str, Any]) -> SiteConfig:
@@ -281,30 +305,40 @@ def site_config(node_config: Mapping[str, Any]) -> SiteConfig:
     """
     missing = [k for k in ("site-dir", "site-index") if k not in node_config]
     if missing:
-        raise ValueError(f"node config: missing {missing}; start the SuperNode with "
-                         "--node-config \"site-dir='/path/to/site' site-index=0\"")
+        raise ValueError(
+            f"node config: missing {missing}; start the SuperNode with "
+            "--node-config \"site-dir='/path/to/site' site-index=0\""
+        )
     site_dir = Path(str(node_config["site-dir"])).expanduser().resolve()
     state = node_config.get("state-dir")
     fails = str(node_config.get("fail-rounds", "")).strip()
     required = node_config.get("secagg-required", False)
     if not isinstance(required, bool):
-        raise ValueError(f"node config secagg-required: expected true or false, got "
-                         f"{required!r}")
+        raise ValueError(
+            f"node config secagg-required: expected true or false, got {required!r}"
+        )
 
     def path(key: str, default: str) -> Path:
-        return Path(str(node_config.get(key) or site_dir / default)
-                    ).expanduser().resolve()
+        return (
+            Path(str(node_config.get(key) or site_dir / default)).expanduser().resolve()
+        )
+
     return SiteConfig(
         site_dir=site_dir,
         site_index=int(node_config["site-index"]),
-        num_sites=(int(node_config["num-sites"]) if "num-sites" in node_config
-                   else None),
+        num_sites=(
+            int(node_config["num-sites"]) if "num-sites" in node_config else None
+        ),
         data_file=str(node_config.get("data-file", DATA_FILE)),
-        state_dir=(Path(str(state)).expanduser().resolve() if state
-                   else site_dir / STATE_DIR),
+        state_dir=(
+            Path(str(state)).expanduser().resolve() if state else site_dir / STATE_DIR
+        ),
         fail_rounds=frozenset(int(r) for r in fails.split(",") if r.strip()),
-        site_key=(Path(str(node_config["site-key"])).expanduser().resolve()
-                  if node_config.get("site-key") else None),
+        site_key=(
+            Path(str(node_config["site-key"])).expanduser().resolve()
+            if node_config.get("site-key")
+            else None
+        ),
         secagg_required=required,
         secagg_identity=path("secagg-identity", IDENTITY_FILE),
         secagg_trusted=path("secagg-trusted", TRUSTED_FILE),
@@ -330,14 +364,23 @@ def site_gate(site: SiteConfig, settings: RunSettings, run_id: Any = None):
     if not path.exists():
         return None
     if site.site_key is None:
-        raise IntegrityError("site_key", "node config site-key: required when the "
-                             "site folder holds site_policy.yaml (a key file "
-                             "outside the site folder)")
-    return SiteGate(load_policy(path), site.site_dir / "audit.jsonl",
-                    site.site_dir / "privacy_ledger.json", settings.request,
-                    site.site_key, site.site_dir / "admissions",
-                    "" if run_id is None else str(run_id), settings.requester,
-                    settings.experiment)
+        raise IntegrityError(
+            "site_key",
+            "node config site-key: required when the "
+            "site folder holds site_policy.yaml (a key file "
+            "outside the site folder)",
+        )
+    return SiteGate(
+        load_policy(path),
+        site.site_dir / "audit.jsonl",
+        site.site_dir / "privacy_ledger.json",
+        settings.request,
+        site.site_key,
+        site.site_dir / "admissions",
+        "" if run_id is None else str(run_id),
+        settings.requester,
+        settings.experiment,
+    )
 
 
 def read_site_cohort(site: SiteConfig, model) -> Cohort:
@@ -357,12 +400,28 @@ def site_shape(cohort: Cohort) -> dict[str, int]:
     subjects, doses and samples per subject, occasions."""
     from phems_clinical.pk.model import n_occasions
 
-    return {"n-sub": int(cohort.n_subjects), "n-dose": int(cohort.dose_time.shape[-1]),
-            "n-obs": int(cohort.obs_time.shape[-1]), "n-occ": int(n_occasions(cohort))}
+    return {
+        "n-sub": int(cohort.n_subjects),
+        "n-dose": int(cohort.dose_time.shape[-1]),
+        "n-obs": int(cohort.obs_time.shape[-1]),
+        "n-occ": int(n_occasions(cohort)),
+    }
 
 
-__all__ = ["ALGORITHMS", "DATA_FILE", "IDENTITY_FILE", "RunSettings", "STATE_DIR",
-           "SiteConfig", "TRUSTED_FILE",
-           "algorithm_tag", "build_algorithm", "product_model",
-           "read_site_cohort", "run_settings", "site_config", "site_shape",
-           "to_run_config"]
+__all__ = [
+    "ALGORITHMS",
+    "DATA_FILE",
+    "IDENTITY_FILE",
+    "RunSettings",
+    "STATE_DIR",
+    "SiteConfig",
+    "TRUSTED_FILE",
+    "algorithm_tag",
+    "build_algorithm",
+    "product_model",
+    "read_site_cohort",
+    "run_settings",
+    "site_config",
+    "site_shape",
+    "to_run_config",
+]

@@ -85,8 +85,9 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def scope_of(fab_hash: str, run_config: Mapping[str, Any],
-             node_config: Mapping[str, Any]) -> tuple:
+def scope_of(
+    fab_hash: str, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> tuple:
     """The memo scope of a task: its FAB hash, run config and node config."""
     return (str(fab_hash), _freeze(run_config), _freeze(node_config))
 
@@ -104,8 +105,9 @@ def _site_log(node_config: Mapping[str, Any] | None) -> Path | None:
         return None
 
 
-def error_reason(err: BaseException, node_config: Mapping[str, Any] | None, *,
-                 stage: str = "host") -> str:
+def error_reason(
+    err: BaseException, node_config: Mapping[str, Any] | None, *, stage: str = "host"
+) -> str:
     """``"category reference"`` for ``err``; its text and traceback go to the site's
     log (:func:`~phems_clinical.federation.site_errors.record_site_error`)."""
     from phems_clinical.federation.site_errors import record_site_error
@@ -119,13 +121,15 @@ class _Client:
     error is not (Flower's own retry policy sends SIGINT to the process on a 401,
     which would end a long-lived host)."""
 
-    def __init__(self, address: str, insecure: bool,
-                 root_certificates: bytes | None) -> None:
+    def __init__(
+        self, address: str, insecure: bool, root_certificates: bytes | None
+    ) -> None:
         self.address, self.insecure = address, insecure
         self.root_certificates = root_certificates
 
-    def make(self, component: str, token: str | None = None, *,
-             max_time: float | None = 60.0):
+    def make(
+        self, component: str, token: str | None = None, *, max_time: float | None = 60.0
+    ):
         import httpx
         from flwr.supercore.interceptors import (
             RuntimeTokenHttpInterceptor,
@@ -134,17 +138,24 @@ class _Client:
         from flwr.supercore.retry import RetryInvoker, exponential
         from flwr.supercore.runtime import RuntimeHttpClient
 
-        interceptors: list[Any] = [RuntimeVersionHttpInterceptor(
-            component_name=component)]
+        interceptors: list[Any] = [
+            RuntimeVersionHttpInterceptor(component_name=component)
+        ]
         if token is not None:
             interceptors.append(RuntimeTokenHttpInterceptor(token))
-        retry = RetryInvoker(lambda: exponential(base_delay=0.05, max_delay=2),
-                             httpx.TransportError, max_tries=None,
-                             max_time=max_time)
+        retry = RetryInvoker(
+            lambda: exponential(base_delay=0.05, max_delay=2),
+            httpx.TransportError,
+            max_tries=None,
+            max_time=max_time,
+        )
         return RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=self.insecure,
-            root_certificates=self.root_certificates, interceptors=interceptors,
-            retry_invoker=retry)
+            server_address=self.address,
+            insecure=self.insecure,
+            root_certificates=self.root_certificates,
+            interceptors=interceptors,
+            retry_invoker=retry,
+        )
 
 
 class WarmHost:
@@ -162,8 +173,14 @@ class WarmHost:
         Seconds between ``AcquireTask`` calls while no task is pending.
     """
 
-    def __init__(self, address: str, *, insecure: bool = True,
-                 root_certificates: bytes | None = None, poll: float = 0.02) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        insecure: bool = True,
+        root_certificates: bytes | None = None,
+        poll: float = 0.02,
+    ) -> None:
         if not 0.001 <= poll <= 60.0:
             raise ValueError(f"poll: expected 0.001..60 seconds, got {poll!r}")
         self.clients = _Client(address, insecure, root_certificates)
@@ -181,10 +198,12 @@ class WarmHost:
             from flwr.clientapp.utils import get_load_client_app_fn
 
             install_from_fab(fab.content, skip_prompt=True)
-            load = get_load_client_app_fn(default_app_ref="", app_path=None,
-                                          multi_app=True)
-            app = self.apps[fab.hash_str] = load(run.fab_id, run.fab_version,
-                                                 fab.hash_str)
+            load = get_load_client_app_fn(
+                default_app_ref="", app_path=None, multi_app=True
+            )
+            app = self.apps[fab.hash_str] = load(
+                run.fab_id, run.fab_version, fab.hash_str
+            )
         return app
 
     # -- one task ---------------------------------------------------------------
@@ -210,25 +229,28 @@ class WarmHost:
         status, details = SubStatus.FAILED, "internal_error"
         try:
             message, context, run, fab = pull_task_input(client)
-            warm_scope(scope_of(fab.hash_str, context.run_config,
-                                context.node_config))
+            warm_scope(scope_of(fab.hash_str, context.run_config, context.node_config))
             app = self.client_app(run, fab)
             reply = app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
         except Exception as err:  # noqa: BLE001 -- every failure is categorised
-            details = error_reason(err, None if context is None
-                                   else context.node_config)
+            details = error_reason(
+                err, None if context is None else context.node_config
+            )
             if message is not None:
-                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                      details), reply_to=message)
+                reply = Message(
+                    Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, details),
+                    reply_to=message,
+                )
         finally:
             try:
                 if reply is not None and context is not None and not lost.is_set():
                     push_message(client, reply, context)
             except Exception as err:  # noqa: BLE001
                 status = SubStatus.FAILED
-                details = error_reason(err, None if context is None
-                                       else context.node_config, stage="push")
+                details = error_reason(
+                    err, None if context is None else context.node_config, stage="push"
+                )
             finally:
                 push_task_output(client, context, status, details)
                 heartbeat.stop()
@@ -255,8 +277,7 @@ class WarmHost:
                 try:
                     res = client.AcquireTask(request)
                 except Exception as err:  # noqa: BLE001 -- keep serving
-                    LOG.warning("AcquireTask failed (%s); retrying",
-                                type(err).__name__)
+                    LOG.warning("AcquireTask failed (%s); retrying", type(err).__name__)
                     self.stop.wait(1.0)
                     continue
                 if res.HasField("task") and res.token:
@@ -312,8 +333,9 @@ class _CappedSleep:
         return getattr(time, name)
 
 
-def cap_supernode_waits(idle: float = 0.1, reply: float = 0.02,
-                        pull_backoff: float = 0.05) -> None:
+def cap_supernode_waits(
+    idle: float = 0.1, reply: float = 0.02, pull_backoff: float = 0.05
+) -> None:
     """Cap the fixed waits of Flower 1.41's SuperNode loop, in this process only.
 
     ``flwr.supernode.start_client_internal`` sleeps 3 s after every pull from the
@@ -332,46 +354,59 @@ def cap_supernode_waits(idle: float = 0.1, reply: float = 0.02,
     ValueError
         For a wait outside 0.001..3 s.
     """
-    for name, value in (("idle", idle), ("reply", reply),
-                        ("pull_backoff", pull_backoff)):
+    for name, value in (
+        ("idle", idle),
+        ("reply", reply),
+        ("pull_backoff", pull_backoff),
+    ):
         if not 0.001 <= value <= 3.0:
             raise ValueError(f"{name}: expected 0.001..3 seconds, got {value!r}")
     import flwr
     from flwr.supernode import start_client_internal as sci
 
     source = inspect.getsource(sci)
-    needed = [f"time.sleep({FLOWER_IDLE_SLEEP})", f"time.sleep({FLOWER_REPLY_SLEEP})",
-              "pull_objects("]
+    needed = [
+        f"time.sleep({FLOWER_IDLE_SLEEP})",
+        f"time.sleep({FLOWER_REPLY_SLEEP})",
+        "pull_objects(",
+    ]
     missing = [n for n in needed if n not in source]
     version = getattr(flwr, "__version__", "")
     if missing or not version.startswith("1.41."):
         raise RuntimeError(
             f"cap_supernode_waits: written for Flower 1.41, found {version!r}"
             + (f" without {missing} in start_client_internal" if missing else "")
-            + "; run flower-supernode without the wrapper")
+            + "; run flower-supernode without the wrapper"
+        )
     # stands in for the time module inside that one Flower module
     sci.time = _CappedSleep(float(idle), float(reply))  # type: ignore[assignment]
-    sci.pull_objects = functools.partial(sci.pull_objects,
-                                         initial_backoff=float(pull_backoff))
+    sci.pull_objects = functools.partial(
+        sci.pull_objects, initial_backoff=float(pull_backoff)
+    )
 
 
-def _start_backoff_at(module: Any, name: str, pull_backoff: float,
-                      who: str) -> None:
+def _start_backoff_at(module: Any, name: str, pull_backoff: float, who: str) -> None:
     """Bind ``initial_backoff=pull_backoff`` to Flower 1.41's ``module.name`` (an
     object-pull function whose first retry otherwise waits 1 s, doubling), in this
     process only; applied once however often it is called. Refused on another
     Flower version, as :func:`cap_supernode_waits`."""
     if not 0.001 <= pull_backoff <= 3.0:
-        raise ValueError(f"pull_backoff: expected 0.001..3 seconds, got "
-                         f"{pull_backoff!r}")
+        raise ValueError(
+            f"pull_backoff: expected 0.001..3 seconds, got {pull_backoff!r}"
+        )
     import flwr
 
     version = getattr(flwr, "__version__", "")
     if not version.startswith("1.41.") or not hasattr(module, name):
         raise RuntimeError(f"{who}: written for Flower 1.41, found {version!r}")
     if not isinstance(getattr(module, name), functools.partial):
-        setattr(module, name, functools.partial(
-            getattr(module, name), initial_backoff=float(pull_backoff)))
+        setattr(
+            module,
+            name,
+            functools.partial(
+                getattr(module, name), initial_backoff=float(pull_backoff)
+            ),
+        )
 
 
 def cap_serverapp_waits(pull_backoff: float = 0.05) -> None:
@@ -381,8 +416,7 @@ def cap_serverapp_waits(pull_backoff: float = 0.05) -> None:
     s instead."""
     from flwr.superlink.grid import http_grid
 
-    _start_backoff_at(http_grid, "pull_objects", pull_backoff,
-                      "cap_serverapp_waits")
+    _start_backoff_at(http_grid, "pull_objects", pull_backoff, "cap_serverapp_waits")
 
 
 def cap_host_waits(pull_backoff: float = 0.05) -> None:
@@ -394,12 +428,17 @@ def cap_host_waits(pull_backoff: float = 0.05) -> None:
     SecAgg stage (about 1 s of its 1.7-2 s)."""
     from flwr.supernode.runtime import run_clientapp
 
-    _start_backoff_at(run_clientapp, "pull_and_inflate_object_from_tree",
-                      pull_backoff, "cap_host_waits")
+    _start_backoff_at(
+        run_clientapp,
+        "pull_and_inflate_object_from_tree",
+        pull_backoff,
+        "cap_host_waits",
+    )
 
 
-def run_supernode(argv: Sequence[str], *, idle: float, reply: float,
-                  pull_backoff: float) -> None:
+def run_supernode(
+    argv: Sequence[str], *, idle: float, reply: float, pull_backoff: float
+) -> None:
     """Flower's ``flower-supernode`` with ``argv``, its waits capped
     (:func:`cap_supernode_waits`)."""
     cap_supernode_waits(idle, reply, pull_backoff)
@@ -416,20 +455,38 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m phems_clinical.federation.flower.host",
         description="Run a SuperNode's ClientApp tasks in one long-lived process "
-                    "(the SuperNode started with --isolation process).")
-    p.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT",
-                   help="the SuperNode's Runtime API (its --host and --port)")
-    p.add_argument("--insecure", action="store_true",
-                   help="plain HTTP to the Runtime API (Flower's default on "
-                        "127.0.0.1)")
-    p.add_argument("--root-certificates", type=Path, default=None,
-                   help="CA certificate of the Runtime API's TLS (the SuperNode's "
-                        "--ssl-ca-certfile)")
-    p.add_argument("--poll", type=float, default=0.02,
-                   help="seconds between looks for a new task (default 0.02)")
-    p.add_argument("--pull-backoff", type=float, default=0.05,
-                   help="first retry of a task's message not yet on the SuperNode "
-                        "(Flower: 1)")
+        "(the SuperNode started with --isolation process).",
+    )
+    p.add_argument(
+        "--runtime-api-address",
+        required=True,
+        metavar="HOST:PORT",
+        help="the SuperNode's Runtime API (its --host and --port)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain HTTP to the Runtime API (Flower's default on 127.0.0.1)",
+    )
+    p.add_argument(
+        "--root-certificates",
+        type=Path,
+        default=None,
+        help="CA certificate of the Runtime API's TLS (the SuperNode's "
+        "--ssl-ca-certfile)",
+    )
+    p.add_argument(
+        "--poll",
+        type=float,
+        default=0.02,
+        help="seconds between looks for a new task (default 0.02)",
+    )
+    p.add_argument(
+        "--pull-backoff",
+        type=float,
+        default=0.05,
+        help="first retry of a task's message not yet on the SuperNode (Flower: 1)",
+    )
     return p
 
 
@@ -437,50 +494,83 @@ def _supernode_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m phems_clinical.federation.flower.host supernode",
         description="Flower's flower-supernode (its options after --) with its "
-                    "fixed waits capped.")
-    p.add_argument("--idle-poll", type=float, default=0.1,
-                   help="seconds between pulls from the SuperLink while idle "
-                        f"(Flower: {FLOWER_IDLE_SLEEP})")
-    p.add_argument("--reply-poll", type=float, default=0.02,
-                   help="seconds between looks for the ClientApp's reply "
-                        f"(Flower: {FLOWER_REPLY_SLEEP})")
-    p.add_argument("--pull-backoff", type=float, default=0.05,
-                   help="first retry of an unavailable message object (Flower: 1)")
-    p.add_argument("flower_args", nargs=argparse.REMAINDER,
-                   help="-- then flower-supernode's own options")
+        "fixed waits capped.",
+    )
+    p.add_argument(
+        "--idle-poll",
+        type=float,
+        default=0.1,
+        help="seconds between pulls from the SuperLink while idle "
+        f"(Flower: {FLOWER_IDLE_SLEEP})",
+    )
+    p.add_argument(
+        "--reply-poll",
+        type=float,
+        default=0.02,
+        help="seconds between looks for the ClientApp's reply "
+        f"(Flower: {FLOWER_REPLY_SLEEP})",
+    )
+    p.add_argument(
+        "--pull-backoff",
+        type=float,
+        default=0.05,
+        help="first retry of an unavailable message object (Flower: 1)",
+    )
+    p.add_argument(
+        "flower_args",
+        nargs=argparse.REMAINDER,
+        help="-- then flower-supernode's own options",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll
     if argv[:1] == ["supernode"]:
         args = _supernode_parser().parse_args(argv[1:])
-        rest = args.flower_args[1:] if args.flower_args[:1] == ["--"] else \
-            args.flower_args
+        rest = (
+            args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+        )
         if "--isolation" not in rest:
-            print("error: supernode: pass --isolation process (after --) so that "
-                  "the warm host runs the ClientApp", file=sys.stderr)
+            print(
+                "error: supernode: pass --isolation process (after --) so that "
+                "the warm host runs the ClientApp",
+                file=sys.stderr,
+            )
             return 2
-        run_supernode(rest, idle=args.idle_poll, reply=args.reply_poll,
-                      pull_backoff=args.pull_backoff)
+        run_supernode(
+            rest,
+            idle=args.idle_poll,
+            reply=args.reply_poll,
+            pull_backoff=args.pull_backoff,
+        )
         return 0
     args = _parser().parse_args(argv)
     if args.insecure and args.root_certificates is not None:
         print("error: --insecure contradicts --root-certificates", file=sys.stderr)
         return 2
     if not args.insecure and args.root_certificates is None:
-        print("error: pass --insecure (plain HTTP on 127.0.0.1) or "
-              "--root-certificates for the Runtime API", file=sys.stderr)
+        print(
+            "error: pass --insecure (plain HTTP on 127.0.0.1) or "
+            "--root-certificates for the Runtime API",
+            file=sys.stderr,
+        )
         return 2
-    certs = None if args.root_certificates is None else \
-        args.root_certificates.read_bytes()
+    certs = (
+        None if args.root_certificates is None else args.root_certificates.read_bytes()
+    )
     try:
-        host = WarmHost(args.runtime_api_address, insecure=args.insecure,
-                        root_certificates=certs, poll=args.poll)
+        host = WarmHost(
+            args.runtime_api_address,
+            insecure=args.insecure,
+            root_certificates=certs,
+            poll=args.poll,
+        )
     except ValueError as err:
         print(f"error: --poll: {err}", file=sys.stderr)
         return 2

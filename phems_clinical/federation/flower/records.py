@@ -19,13 +19,17 @@ from phems_clinical.federation.messages import MessageRejected
 def arrays_to_record(arrays: Mapping[str, Any]) -> ArrayRecord:
     """An ``ArrayRecord`` of float64 copies of ``arrays`` (a payload or a
     broadcast)."""
-    return ArrayRecord({name: Array(np.array(value, dtype=np.float64, order="C"))
-                        for name, value in arrays.items()})
+    return ArrayRecord(
+        {
+            name: Array(np.array(value, dtype=np.float64, order="C"))
+            for name, value in arrays.items()
+        }
+    )
 
 
-def record_to_arrays(record: ArrayRecord,
-                     spec: Mapping[str, tuple[int, ...]] | None = None
-                     ) -> dict[str, np.ndarray]:
+def record_to_arrays(
+    record: ArrayRecord, spec: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
     """The arrays of ``record``; with ``spec`` (``{name: shape}``) the names and
     shapes must be exactly those declared.
 
@@ -43,8 +47,9 @@ def record_to_arrays(record: ArrayRecord,
             raise MessageRejected(f"fields {sorted(arrays)}, expected {sorted(spec)}")
         for name, shape in spec.items():
             if arrays[name].shape != tuple(shape):
-                raise MessageRejected(f"{name}: shape {arrays[name].shape}, expected "
-                                      f"{tuple(shape)}")
+                raise MessageRejected(
+                    f"{name}: shape {arrays[name].shape}, expected {tuple(shape)}"
+                )
     return arrays
 
 
@@ -53,8 +58,9 @@ def array_record(content: RecordDict, name: str) -> ArrayRecord:
     ``MessageRejected``."""
     record = content.get(name)
     if not isinstance(record, ArrayRecord):
-        raise MessageRejected(f"record {name!r}: expected an ArrayRecord, got "
-                              f"{type(record).__name__}")
+        raise MessageRejected(
+            f"record {name!r}: expected an ArrayRecord, got {type(record).__name__}"
+        )
     return record
 
 
@@ -63,8 +69,9 @@ def config_record(content: RecordDict, name: str) -> ConfigRecord:
     ``MessageRejected``."""
     record = content.get(name)
     if not isinstance(record, ConfigRecord):
-        raise MessageRejected(f"record {name!r}: expected a ConfigRecord, got "
-                              f"{type(record).__name__}")
+        raise MessageRejected(
+            f"record {name!r}: expected a ConfigRecord, got {type(record).__name__}"
+        )
     return record
 
 
@@ -73,10 +80,16 @@ def config_int(record: Mapping[str, Any], name: str) -> int:
     ``MessageRejected``."""
     value = record.get(name)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise MessageRejected(f"field {name!r}: expected an integer, got "
-                              f"{type(value).__name__}")
+        raise MessageRejected(
+            f"field {name!r}: expected an integer, got {type(value).__name__}"
+        )
     return value
 
 
-__all__ = ["array_record", "arrays_to_record", "config_int", "config_record",
-           "record_to_arrays"]
+__all__ = [
+    "array_record",
+    "arrays_to_record",
+    "config_int",
+    "config_record",
+    "record_to_arrays",
+]

@@ -92,9 +92,14 @@ ROUND_ID_KEY = "secagg-round-id"
 """Key of the SecAgg round id in a ``train`` message's config: its presence makes
 the site reply with a key advertisement instead of its payload."""
 
-_CLASSES = {name: obj for name, obj in vars(secagg).items()
-            if isinstance(obj, type) and issubclass(obj, tuple)
-            and hasattr(obj, "_fields") and obj.__module__ == secagg.__name__}
+_CLASSES = {
+    name: obj
+    for name, obj in vars(secagg).items()
+    if isinstance(obj, type)
+    and issubclass(obj, tuple)
+    and hasattr(obj, "_fields")
+    and obj.__module__ == secagg.__name__
+}
 """The NamedTuples a message may hold (those of the secagg module only)."""
 
 _INT64 = 2**63
@@ -111,9 +116,11 @@ def secagg_config(settings: RunSettings) -> secagg.SecAggConfig:
     bits, threshold K - 1 or ``min-sites``) with the run config's non-zero
     ``secagg-clip``, ``secagg-bits``, ``secagg-threshold``; checked for K sites."""
     cfg = default_secagg_config(settings.num_sites, settings.min_sites or None)
-    cfg = cfg._replace(clip=float(settings.secagg_clip or cfg.clip),
-                       bits=int(settings.secagg_bits or cfg.bits),
-                       threshold=int(settings.secagg_threshold or cfg.threshold))
+    cfg = cfg._replace(
+        clip=float(settings.secagg_clip or cfg.clip),
+        bits=int(settings.secagg_bits or cfg.bits),
+        threshold=int(settings.secagg_threshold or cfg.threshold),
+    )
     secagg.check_config(cfg, settings.num_sites)
     return cfg
 
@@ -141,8 +148,9 @@ def _put(obj: Any, path: str, out: dict[str, Any]) -> None:
         out[tag], out[path + "#"] = "dict", len(obj)
         for i, (key, value) in enumerate(obj.items()):
             if not isinstance(key, str):
-                raise TypeError(f"{path}: dict keys must be str, got "
-                                f"{type(key).__name__}")
+                raise TypeError(
+                    f"{path}: dict keys must be str, got {type(key).__name__}"
+                )
             out[f"{path}.{i}^"] = key
             _put(value, f"{path}.{i}", out)
     elif isinstance(obj, tuple | list):
@@ -164,8 +172,14 @@ def _put(obj: Any, path: str, out: dict[str, Any]) -> None:
         raise TypeError(f"{path}: cannot serialise a {type(obj).__name__}")
 
 
-_SCALAR = {"bool": bool, "int": int, "float": float, "str": str, "bytes": bytes,
-           "bigint": str}
+_SCALAR = {
+    "bool": bool,
+    "int": int,
+    "float": float,
+    "str": str,
+    "bytes": bytes,
+    "bigint": str,
+}
 
 
 def unflatten(flat: Mapping[str, Any], path: str = "m") -> Any:
@@ -189,8 +203,10 @@ def _take(flat: Mapping[str, Any], key: str, used: set[str], kind: type) -> Any:
         raise MessageRejected(f"secagg message: missing field {key!r}")
     value = flat[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise MessageRejected(f"secagg message: field {key!r} is a "
-                              f"{type(value).__name__}, expected {kind.__name__}")
+        raise MessageRejected(
+            f"secagg message: field {key!r} is a "
+            f"{type(value).__name__}, expected {kind.__name__}"
+        )
     used.add(key)
     return value
 
@@ -200,8 +216,9 @@ def _get(flat: Mapping[str, Any], path: str, used: set[str]) -> Any:
     if tag.startswith("nt:"):
         cls = _CLASSES.get(tag[3:])
         if cls is None:
-            raise MessageRejected(f"secagg message: unknown type {tag[3:]!r} at "
-                                  f"{path!r}")
+            raise MessageRejected(
+                f"secagg message: unknown type {tag[3:]!r} at {path!r}"
+            )
         return cls(*[_get(flat, f"{path}.{f}", used) for f in cls._fields])
     if tag in ("dict", "tuple"):
         n = _take(flat, path + "#", used, int)
@@ -234,9 +251,12 @@ def to_record(obj: Any, header: Mapping[str, Any]):
 
     flat = flatten(obj)
     arrays = {k: Array(v) for k, v in flat.items() if isinstance(v, np.ndarray)}
-    content = RecordDict({"config": ConfigRecord(dict(header)),
-                          "secagg": ConfigRecord({k: v for k, v in flat.items()
-                                                  if k not in arrays})})
+    content = RecordDict(
+        {
+            "config": ConfigRecord(dict(header)),
+            "secagg": ConfigRecord({k: v for k, v in flat.items() if k not in arrays}),
+        }
+    )
     if arrays:
         content["secagg-arrays"] = ArrayRecord(arrays)
     return content
@@ -260,19 +280,29 @@ def check_header(content, stage: str, k: int, r: int, round_id: int) -> None:
     round ``r``, SecAgg round ``round_id``."""
     try:
         head = content["config"]
-        got = (str(head["stage"]), int(head["site-index"]), int(head["round"]),
-               int(head[ROUND_ID_KEY]))
+        got = (
+            str(head["stage"]),
+            int(head["site-index"]),
+            int(head["round"]),
+            int(head[ROUND_ID_KEY]),
+        )
     except (KeyError, TypeError, ValueError) as err:
         raise MessageRejected(f"secagg message: header field {err} missing") from None
     if got != (stage, k, r, round_id):
-        raise MessageRejected(f"secagg message for (stage, site, round, round id) "
-                              f"{got}, expected {(stage, k, r, round_id)}")
+        raise MessageRejected(
+            f"secagg message for (stage, site, round, round id) "
+            f"{got}, expected {(stage, k, r, round_id)}"
+        )
 
 
 def header(stage: str, k: int, r: int, round_id: int) -> dict[str, Any]:
     """The ``config`` of a stage message."""
-    return {"stage": stage, "site-index": int(k), "round": int(r),
-            ROUND_ID_KEY: int(round_id)}
+    return {
+        "stage": stage,
+        "site-index": int(k),
+        "round": int(r),
+        ROUND_ID_KEY: int(round_id),
+    }
 
 
 # -------------------------------------------------------- node-local secrets
@@ -305,8 +335,11 @@ def load_private(path: Path) -> Any:
     flat: dict[str, Any] = {}
     for key, (kind, *v) in json.loads(Path(path).read_text()).items():
         if kind == "a":
-            flat[key] = np.frombuffer(bytes.fromhex(v[2]),
-                                      dtype=np.dtype(v[0])).reshape(v[1]).copy()
+            flat[key] = (
+                np.frombuffer(bytes.fromhex(v[2]), dtype=np.dtype(v[0]))
+                .reshape(v[1])
+                .copy()
+            )
         elif kind == "b":
             flat[key] = bytes.fromhex(v[0])
         else:
@@ -401,23 +434,31 @@ def ensure_identity(path: Path) -> bytes:
         private, public = secagg.generate_identity()
         create_secret_file(path, private)
         return public
-    return Ed25519PrivateKey.from_private_bytes(
-        read_identity(path)).public_key().public_bytes_raw()
+    return (
+        Ed25519PrivateKey.from_private_bytes(read_identity(path))
+        .public_key()
+        .public_bytes_raw()
+    )
 
 
 def read_identity(path: Path) -> bytes:
     """The raw Ed25519 private key at ``path``; refused when others may read it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError("node config secagg-identity: no identity key file "
-                                "(make one with secagg.generate_identity, mode 0600)")
+        raise FileNotFoundError(
+            "node config secagg-identity: no identity key file "
+            "(make one with secagg.generate_identity, mode 0600)"
+        )
     if owner_only_problem(path):
-        raise PermissionError("node config secagg-identity: the key file is "
-                              "readable by others; expected mode 0600")
+        raise PermissionError(
+            "node config secagg-identity: the key file is "
+            "readable by others; expected mode 0600"
+        )
     raw = path.read_bytes()
     if len(raw) != 32:
-        raise ValueError("node config secagg-identity: expected a 32-byte raw "
-                         "Ed25519 private key")
+        raise ValueError(
+            "node config secagg-identity: expected a 32-byte raw Ed25519 private key"
+        )
     return raw
 
 
@@ -425,8 +466,10 @@ def write_trusted(path: Path, roster: Mapping[str, bytes]) -> Path:
     """Write a trusted identity roster ``{site id: Ed25519 public key}`` (hex)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({s: bytes(pk).hex() for s, pk in sorted(
-        roster.items())}, indent=1) + "\n")
+    path.write_text(
+        json.dumps({s: bytes(pk).hex() for s, pk in sorted(roster.items())}, indent=1)
+        + "\n"
+    )
     return path
 
 
@@ -434,20 +477,32 @@ def read_trusted(path: Path) -> dict[str, bytes]:
     """A site's trusted identity roster (see :func:`write_trusted`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError("node config secagg-trusted: no trusted identity "
-                                "roster file")
+        raise FileNotFoundError(
+            "node config secagg-trusted: no trusted identity roster file"
+        )
     data = json.loads(path.read_text())
     if not isinstance(data, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise ValueError("node config secagg-trusted: expected a JSON object "
-                         "{site id: hex Ed25519 public key}")
+        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+    ):
+        raise ValueError(
+            "node config secagg-trusted: expected a JSON object "
+            "{site id: hex Ed25519 public key}"
+        )
     return {k: bytes.fromhex(v) for k, v in data.items()}
 
 
 # ---------------------------------------------------------------- site side
 
-def site_advertise(folder: Path, site: SiteConfig, settings: RunSettings, k: int,
-                   r: int, round_id: int, vector: np.ndarray):
+
+def site_advertise(
+    folder: Path,
+    site: SiteConfig,
+    settings: RunSettings,
+    k: int,
+    r: int,
+    round_id: int,
+    vector: np.ndarray,
+):
     """Stage 0 at site ``k``: keep ``vector`` (the flattened payload) and the new
     SecAgg state in ``folder`` (0600); returns the reply content (the key
     advertisement only)."""
@@ -461,14 +516,25 @@ def _advertise(folder, site, settings, k, r, round_id, vector):
     me = site_id(k)
     trusted = read_trusted(site.secagg_trusted)
     if me not in trusted:
-        raise ValueError(f"node config secagg-trusted: this site ({me}) is not in "
-                         "its own trusted roster")
+        raise ValueError(
+            f"node config secagg-trusted: this site ({me}) is not in "
+            "its own trusted roster"
+        )
     # signed with the site's identity; the threshold is checked against the K of
     # the site's own roster, not the coordinator's num-sites
     advert, state = secagg.site_advertise_keys(
-        me, cfg, read_identity(site.secagg_identity), trusted, round_id=round_id)
-    _keep(folder, round_id, {"state": state, "x": np.asarray(vector, np.float64),
-                             "round": int(r), "site-index": int(k)})
+        me, cfg, read_identity(site.secagg_identity), trusted, round_id=round_id
+    )
+    _keep(
+        folder,
+        round_id,
+        {
+            "state": state,
+            "x": np.asarray(vector, np.float64),
+            "round": int(r),
+            "site-index": int(k),
+        },
+    )
     return to_record(advert, header(secagg.STAGES[0], k, r, round_id))
 
 
@@ -497,11 +563,13 @@ def site_stage(content, folder: Path, site: SiteConfig, settings: RunSettings):
     except (KeyError, TypeError, ValueError) as err:
         raise MessageRejected(f"secagg message: header field {err} missing") from None
     if k != site.site_index:
-        raise SiteProtocolError(f"secagg message for site {k} delivered to site "
-                                f"{site.site_index}")
+        raise SiteProtocolError(
+            f"secagg message for site {k} delivered to site {site.site_index}"
+        )
     if stage not in secagg.STAGES[1:]:
-        raise MessageRejected(f"secagg message: stage {stage!r} is not one of "
-                              f"{list(secagg.STAGES[1:])}")
+        raise MessageRejected(
+            f"secagg message: stage {stage!r} is not one of {list(secagg.STAGES[1:])}"
+        )
     with _exclusive(folder):  # load, run the stage, save: one message at a time
         return _stage(content, folder, settings, stage, k, r, round_id)
 
@@ -509,19 +577,25 @@ def site_stage(content, folder: Path, site: SiteConfig, settings: RunSettings):
 def _stage(content, folder, settings, stage, k, r, round_id):
     kept = _kept(folder, round_id)
     if kept is None:
-        raise SiteProtocolError(f"stage {stage}: this site holds no SecAgg state for "
-                                "the round (it did not advertise keys for it, or "
-                                "the round already ended)")
+        raise SiteProtocolError(
+            f"stage {stage}: this site holds no SecAgg state for "
+            "the round (it did not advertise keys for it, or "
+            "the round already ended)"
+        )
     if (kept["round"], kept["site-index"]) != (r, k):
-        raise MessageRejected("secagg message: round or site differs from the "
-                              "round this site advertised keys for")
+        raise MessageRejected(
+            "secagg message: round or site differs from the "
+            "round this site advertised keys for"
+        )
     state = kept["state"]
     try:
         incoming = from_record(content)
         if stage == "masked_input":
-            enc = secagg.encode(encoding_key(settings.seed, settings.num_sites, k,
-                                             r), secagg.saturate(kept["x"], state.cfg),
-                                state.cfg)
+            enc = secagg.encode(
+                encoding_key(settings.seed, settings.num_sites, k, r),
+                secagg.saturate(kept["x"], state.cfg),
+                state.cfg,
+            )
             reply, state = secagg.site_masked_input(state, incoming, enc.q)
         else:
             reply, state = getattr(secagg, _SITE_STEP[stage])(state, incoming)
@@ -538,26 +612,33 @@ def _stage(content, folder, settings, stage, k, r, round_id):
     return to_record(reply, header(stage, k, r, round_id))
 
 
-_SITE_STEP = {"share_keys": "site_share_keys", "masked_input": "site_masked_input",
-              "consistency_check": "site_consistency_check",
-              "unmasking": "site_unmask"}
+_SITE_STEP = {
+    "share_keys": "site_share_keys",
+    "masked_input": "site_masked_input",
+    "consistency_check": "site_consistency_check",
+    "unmasking": "site_unmask",
+}
 
 # -------------------------------------------------------------- server side
 
-_SERVER_STEP = {"share_keys": "server_route_shares",
-                "masked_input": "server_collect_masked",
-                "consistency_check": "server_collect_consistency",
-                "unmasking": "server_unmask"}
+_SERVER_STEP = {
+    "share_keys": "server_route_shares",
+    "masked_input": "server_collect_masked",
+    "consistency_check": "server_collect_consistency",
+    "unmasking": "server_unmask",
+}
 """The server function that takes the sites' replies of each stage."""
 
-_REPLY = {"advertise_keys": "AdvertiseKeys", "share_keys": "ShareKeys",
-          "masked_input": "MaskedInput",
-          "consistency_check": "ConsistencySignature",
-          "unmasking": "UnmaskShares"}
+_REPLY = {
+    "advertise_keys": "AdvertiseKeys",
+    "share_keys": "ShareKeys",
+    "masked_input": "MaskedInput",
+    "consistency_check": "ConsistencySignature",
+    "unmasking": "UnmaskShares",
+}
 """The message class a site answers each stage with."""
 
-Send = Callable[[str, Mapping[int, Any]],
-                tuple[dict[int, Any], list[tuple[int, str]]]]
+Send = Callable[[str, Mapping[int, Any]], tuple[dict[int, Any], list[tuple[int, str]]]]
 """``send(stage, {site index: content}) -> (replies by site index, [(site, why
 not)])``: one message exchange of a stage (the ServerApp's over its Grid)."""
 
@@ -567,15 +648,22 @@ def read_reply(content, stage: str, k: int, r: int, round_id: int) -> Any:
     check_header(content, stage, k, r, round_id)
     msg = from_record(content)
     if type(msg).__name__ != _REPLY[stage]:
-        raise MessageRejected(f"secagg {stage} reply: a {type(msg).__name__}, "
-                              f"expected {_REPLY[stage]}")
+        raise MessageRejected(
+            f"secagg {stage} reply: a {type(msg).__name__}, expected {_REPLY[stage]}"
+        )
     return msg
 
 
-def server_stages(cfg: secagg.SecAggConfig, adverts: Mapping[int, Any], send: Send,
-                  *, r: int, round_id: int, n_sites: int,
-                  left_out: list[tuple[int, str]] | None = None
-                  ) -> secagg.AggregateResult:
+def server_stages(
+    cfg: secagg.SecAggConfig,
+    adverts: Mapping[int, Any],
+    send: Send,
+    *,
+    r: int,
+    round_id: int,
+    n_sites: int,
+    left_out: list[tuple[int, str]] | None = None,
+) -> secagg.AggregateResult:
     """Run the stages after the key advertisements (``adverts``, by site index)
     over ``send``; returns the server's result. Sites left out at a stage (by
     index, with the stage and why) are appended to ``left_out``.
@@ -589,17 +677,24 @@ def server_stages(cfg: secagg.SecAggConfig, adverts: Mapping[int, Any], send: Se
     """
     index = {site_id(k): k for k in range(n_sites)}
     out, state = secagg.server_collect_keys(
-        cfg, {site_id(k): a for k, a in adverts.items()}, round_id=round_id,
-        n_sites=n_sites)
+        cfg,
+        {site_id(k): a for k, a in adverts.items()},
+        round_id=round_id,
+        n_sites=n_sites,
+    )
     left_out = [] if left_out is None else left_out
     for stage in secagg.STAGES[1:]:
         if isinstance(out, Mapping):
             to = list(out)
         else:
             to = list(out.survivors)
-        contents = {index[s]: to_record(out[s] if stage == "masked_input" else out,
-                                        header(stage, index[s], r, round_id))
-                    for s in to}
+        contents = {
+            index[s]: to_record(
+                out[s] if stage == "masked_input" else out,
+                header(stage, index[s], r, round_id),
+            )
+            for s in to
+        }
         replies, failed = send(stage, contents)
         left_out += [(k, f"{stage}: {why}") for k, why in failed]
         msgs = {}
@@ -615,9 +710,29 @@ def server_stages(cfg: secagg.SecAggConfig, adverts: Mapping[int, Any], send: Se
     raise AssertionError("unreachable: the last stage returns")
 
 
-__all__ = ["MESSAGE_TYPE", "ROUND_ID_KEY", "check_header", "clear_secrets",
-           "encoding_key", "ensure_identity", "flatten", "from_record", "header",
-           "hold_secrets_in_memory", "load_private", "read_identity", "read_reply",
-           "read_trusted", "save_private", "secagg_config", "secrets_in_memory",
-           "server_stages", "site_advertise", "site_id", "site_stage", "to_record",
-           "unflatten", "write_trusted"]
+__all__ = [
+    "MESSAGE_TYPE",
+    "ROUND_ID_KEY",
+    "check_header",
+    "clear_secrets",
+    "encoding_key",
+    "ensure_identity",
+    "flatten",
+    "from_record",
+    "header",
+    "hold_secrets_in_memory",
+    "load_private",
+    "read_identity",
+    "read_reply",
+    "read_trusted",
+    "save_private",
+    "secagg_config",
+    "secrets_in_memory",
+    "server_stages",
+    "site_advertise",
+    "site_id",
+    "site_stage",
+    "to_record",
+    "unflatten",
+    "write_trusted",
+]

@@ -133,8 +133,13 @@ POLL_SECONDS = 0.2
 ``send_and_receive`` sleeps 3 s between pulls)."""
 
 
-def exchange(grid: Grid, messages: Mapping[int, Message], timeout: float, *,
-             poll: float = POLL_SECONDS) -> tuple[dict[int, Message], dict[int, str]]:
+def exchange(
+    grid: Grid,
+    messages: Mapping[int, Message],
+    timeout: float,
+    *,
+    poll: float = POLL_SECONDS,
+) -> tuple[dict[int, Message], dict[int, str]]:
     """Send one message per node and collect the replies for at most ``timeout`` s.
 
     Returns
@@ -194,15 +199,24 @@ def wait_for_nodes(grid: Grid, settings: RunSettings) -> list[int]:
         time.sleep(POLL_SECONDS)
 
 
-def query_sites(grid: Grid, nodes: list[int], settings: RunSettings, *,
-                anchors: dict[int, dict] | None = None
-                ) -> tuple[dict[int, int], dict[int, dict[str, int]], dict[str, str]]:
+def query_sites(
+    grid: Grid,
+    nodes: list[int],
+    settings: RunSettings,
+    *,
+    anchors: dict[int, dict] | None = None,
+) -> tuple[dict[int, int], dict[int, dict[str, int]], dict[str, str]]:
     """The query round: ``site index -> node id``, each site's sizes, and why the
     nodes that did not answer are out (``anchors``: see :func:`keep_anchor`)."""
-    msgs = {n: Message(RecordDict({"config": ConfigRecord(
-        {"num-sites": settings.num_sites})}), dst_node_id=n,
-        message_type=MessageType.QUERY, ttl=settings.round_timeout + 30.0)
-        for n in nodes}
+    msgs = {
+        n: Message(
+            RecordDict({"config": ConfigRecord({"num-sites": settings.num_sites})}),
+            dst_node_id=n,
+            message_type=MessageType.QUERY,
+            ttl=settings.round_timeout + 30.0,
+        )
+        for n in nodes
+    }
     replies, missing = exchange(grid, msgs, settings.round_timeout)
     node_of: dict[int, int] = {}
     shapes: dict[int, dict[str, int]] = {}
@@ -214,10 +228,15 @@ def query_sites(grid: Grid, nodes: list[int], settings: RunSettings, *,
         try:
             records = set(reply.content.keys())
             if "site" not in records or records - {"site", "audit"}:
-                raise MessageRejected("query reply: expected the records 'site' "
-                                      "and (with a site policy) 'audit'")
-            info = check_query(dict(reply.content["site"]),
-                               use_case(settings.use_case), settings.num_sites)
+                raise MessageRejected(
+                    "query reply: expected the records 'site' "
+                    "and (with a site policy) 'audit'"
+                )
+            info = check_query(
+                dict(reply.content["site"]),
+                use_case(settings.use_case),
+                settings.num_sites,
+            )
             if "audit" in records:
                 check_audit_head(dict(reply.content["audit"]))
         except (MessageRejected, KeyError, ValueError, TypeError) as err:
@@ -225,8 +244,10 @@ def query_sites(grid: Grid, nodes: list[int], settings: RunSettings, *,
             continue
         k = info.pop("site-index")
         if k in node_of:
-            raise ValueError(f"site index {k} claimed by nodes {node_of[k]} and "
-                             f"{node}: check the SuperNodes' --node-config")
+            raise ValueError(
+                f"site index {k} claimed by nodes {node_of[k]} and "
+                f"{node}: check the SuperNodes' --node-config"
+            )
         else:
             node_of[k] = node
             shapes[k] = info
@@ -234,21 +255,33 @@ def query_sites(grid: Grid, nodes: list[int], settings: RunSettings, *,
     return node_of, shapes, problems
 
 
-def _round_messages(broadcast: ArrayRecord, r: int, node_of: Mapping[int, int],
-                    last_ok: Mapping[int, int], common: Mapping[str, Any],
-                    settings: RunSettings, sums: Mapping[str, Any] | None = None
-                    ) -> dict[int, Message]:
+def _round_messages(
+    broadcast: ArrayRecord,
+    r: int,
+    node_of: Mapping[int, int],
+    last_ok: Mapping[int, int],
+    common: Mapping[str, Any],
+    settings: RunSettings,
+    sums: Mapping[str, Any] | None = None,
+) -> dict[int, Message]:
     out = {}
     for k, node in node_of.items():
-        config = ConfigRecord({**common, "round": r, "site-index": k,
-                               "state-from": last_ok[k] + 1})
+        config = ConfigRecord(
+            {**common, "round": r, "site-index": k, "state-from": last_ok[k] + 1}
+        )
         records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
-            "broadcast": broadcast, "config": config}
+            "broadcast": broadcast,
+            "config": config,
+        }
         if sums:  # the summed rounds' results (population-level)
             records["sums"] = arrays_to_record(pack_sums(sums))
-        out[node] = Message(RecordDict(records),
-                            dst_node_id=node, message_type=MessageType.TRAIN,
-                            group_id=str(r), ttl=settings.round_timeout + 30.0)
+        out[node] = Message(
+            RecordDict(records),
+            dst_node_id=node,
+            message_type=MessageType.TRAIN,
+            group_id=str(r),
+            ttl=settings.round_timeout + 30.0,
+        )
     return out
 
 
@@ -261,41 +294,66 @@ def keep_anchor(anchors: dict[int, dict] | None, k: int, content) -> None:
         anchors[k] = check_audit_head(dict(content["audit"]))
 
 
-def _accept(algorithm: Algorithm, reply: Message, k: int, r: int
-            ) -> dict[str, np.ndarray]:
+def _accept(
+    algorithm: Algorithm, reply: Message, k: int, r: int
+) -> dict[str, np.ndarray]:
     """The payload of a site's reply, checked (raises MessageRejected)."""
     site = config_record(reply.content, "site")
     got_k, got_r = config_int(site, "site-index"), config_int(site, "round")
     if got_k != k or got_r != r:
-        raise MessageRejected(f"reply for site {got_k} round {got_r}, expected "
-                              f"site {k} round {r}")
-    payload = record_to_arrays(array_record(reply.content, "payload"),
-                               algorithm.message_spec)
+        raise MessageRejected(
+            f"reply for site {got_k} round {got_r}, expected site {k} round {r}"
+        )
+    payload = record_to_arrays(
+        array_record(reply.content, "payload"), algorithm.message_spec
+    )
     check_payload(algorithm, payload, r)
     return payload
 
 
-def run_round(grid: Grid, algorithm: Algorithm, server: Any, r: int,
-              node_of: Mapping[int, int], last_ok: Mapping[int, int],
-              common: Mapping[str, Any], settings: RunSettings, *,
-              anchors: dict[int, dict] | None = None,
-              sums: Mapping[str, Any] | None = None
-              ) -> tuple[dict[int, dict[str, np.ndarray]], list[tuple[int, str]]]:
+def run_round(
+    grid: Grid,
+    algorithm: Algorithm,
+    server: Any,
+    r: int,
+    node_of: Mapping[int, int],
+    last_ok: Mapping[int, int],
+    common: Mapping[str, Any],
+    settings: RunSettings,
+    *,
+    anchors: dict[int, dict] | None = None,
+    sums: Mapping[str, Any] | None = None,
+) -> tuple[dict[int, dict[str, np.ndarray]], list[tuple[int, str]]]:
     """One attempt at round ``r``: the accepted payloads by site index and the
     dropped sites with reasons (``anchors``: see :func:`keep_anchor`; ``sums``:
     the summed rounds' results every site needs)."""
     payloads, dropped = _train_replies(
-        grid, algorithm.broadcast(server), r, node_of, last_ok, common, settings,
-        lambda reply, k: _accept(algorithm, reply, k, r), anchors, sums)
+        grid,
+        algorithm.broadcast(server),
+        r,
+        node_of,
+        last_ok,
+        common,
+        settings,
+        lambda reply, k: _accept(algorithm, reply, k, r),
+        anchors,
+        sums,
+    )
     return payloads, sorted(dropped)
 
 
-def _train_replies(grid: Grid, arrays: Mapping[str, Any], r: int,
-                   node_of: Mapping[int, int], last_ok: Mapping[int, int],
-                   common: Mapping[str, Any], settings: RunSettings,
-                   read: Any, anchors: dict[int, dict] | None,
-                   sums: Mapping[str, Any] | None = None
-                   ) -> tuple[dict[int, Any], list[tuple[int, str]]]:
+def _train_replies(
+    grid: Grid,
+    arrays: Mapping[str, Any],
+    r: int,
+    node_of: Mapping[int, int],
+    last_ok: Mapping[int, int],
+    common: Mapping[str, Any],
+    settings: RunSettings,
+    read: Any,
+    anchors: dict[int, dict] | None,
+    sums: Mapping[str, Any] | None = None,
+) -> tuple[dict[int, Any], list[tuple[int, str]]]:
     """Send round ``r``'s ``train`` messages (broadcasting ``arrays``) and read
     each reply with ``read(reply, site)`` (raising ``MessageRejected`` to refuse
     it): the read replies by site index, and the dropped sites with reasons."""
@@ -303,8 +361,11 @@ def _train_replies(grid: Grid, arrays: Mapping[str, Any], r: int,
     msgs = _round_messages(broadcast, r, node_of, last_ok, common, settings, sums)
     replies, missing = exchange(grid, msgs, settings.round_timeout)
     site_of = {node: k for k, node in node_of.items()}
-    dropped = [(k, "failed: did not answer the query round")
-               for k in range(settings.num_sites) if k not in node_of]
+    dropped = [
+        (k, "failed: did not answer the query round")
+        for k in range(settings.num_sites)
+        if k not in node_of
+    ]
     dropped += [(site_of[node], why) for node, why in missing.items()]
     got = {}
     for node, reply in replies.items():
@@ -321,15 +382,23 @@ def _train_replies(grid: Grid, arrays: Mapping[str, Any], r: int,
     return got, dropped
 
 
-def run_secagg_round(grid: Grid, algorithm: Algorithm | None, server: Any, r: int,
-                     attempt: int, node_of: Mapping[int, int],
-                     last_ok: Mapping[int, int], common: Mapping[str, Any],
-                     settings: RunSettings, cfg: SecAggConfig, *,
-                     anchors: dict[int, dict] | None = None,
-                     sums: Mapping[str, Any] | None = None,
-                     arrays: Mapping[str, Any] | None = None,
-                     unflatten: Any = None
-                     ) -> tuple[dict | None, tuple[int, ...], list[tuple[int, str]]]:
+def run_secagg_round(
+    grid: Grid,
+    algorithm: Algorithm | None,
+    server: Any,
+    r: int,
+    attempt: int,
+    node_of: Mapping[int, int],
+    last_ok: Mapping[int, int],
+    common: Mapping[str, Any],
+    settings: RunSettings,
+    cfg: SecAggConfig,
+    *,
+    anchors: dict[int, dict] | None = None,
+    sums: Mapping[str, Any] | None = None,
+    arrays: Mapping[str, Any] | None = None,
+    unflatten: Any = None,
+) -> tuple[dict | None, tuple[int, ...], list[tuple[int, str]]]:
     """One attempt at round ``r`` under secure aggregation (Bonawitz et al., CCS
     2017; :mod:`~phems_clinical.federation.flower.secagg_transport`): the ``train``
     message asks for key advertisements, then one exchange per later stage.
@@ -341,24 +410,38 @@ def run_secagg_round(grid: Grid, algorithm: Algorithm | None, server: Any, r: in
     """
     if arrays is None or unflatten is None:
         if algorithm is None:
-            raise ValueError("algorithm: required unless arrays and unflatten are "
-                             "given")
+            raise ValueError(
+                "algorithm: required unless arrays and unflatten are given"
+            )
         spec = algorithm.message_spec
         arrays = algorithm.broadcast(server) if arrays is None else arrays
         unflatten = unflatten or (lambda vec: unflatten_payload(vec, spec))
     round_id = r * (settings.retries + 1) + attempt - 1
     adverts, dropped = _train_replies(
-        grid, arrays, r,
-        node_of, last_ok, {**common, ROUND_ID_KEY: round_id}, settings,
+        grid,
+        arrays,
+        r,
+        node_of,
+        last_ok,
+        {**common, ROUND_ID_KEY: round_id},
+        settings,
         lambda reply, k: read_reply(reply.content, "advertise_keys", k, r, round_id),
-        anchors, sums)
+        anchors,
+        sums,
+    )
     site_of = {node: k for k, node in node_of.items()}
 
     def send(stage: str, contents: Mapping[int, RecordDict]):
-        out = {node_of[k]: Message(c, dst_node_id=node_of[k],
-                                   message_type=MESSAGE_TYPE, group_id=str(r),
-                                   ttl=settings.round_timeout + 30.0)
-               for k, c in contents.items()}
+        out = {
+            node_of[k]: Message(
+                c,
+                dst_node_id=node_of[k],
+                message_type=MESSAGE_TYPE,
+                group_id=str(r),
+                ttl=settings.round_timeout + 30.0,
+            )
+            for k, c in contents.items()
+        }
         got, lost = exchange(grid, out, settings.round_timeout)
         failed = [(site_of[node], why) for node, why in lost.items()]
         ok = {}
@@ -371,25 +454,44 @@ def run_secagg_round(grid: Grid, algorithm: Algorithm | None, server: Any, r: in
 
     left_out: list[tuple[int, str]] = []
     try:
-        result = server_stages(cfg, adverts, send, r=r, round_id=round_id,
-                               n_sites=settings.num_sites, left_out=left_out)
+        result = server_stages(
+            cfg,
+            adverts,
+            send,
+            r=r,
+            round_id=round_id,
+            n_sites=settings.num_sites,
+            left_out=left_out,
+        )
     except SecAggError as err:  # too few survivors, or a message it refuses
         named = {k for k, _ in dropped + left_out}
         why = f"not aggregated: secure aggregation failed ({err})"
-        return None, (), sorted(dropped + left_out +
-                                [(k, why) for k in adverts if k not in named])
+        return (
+            None,
+            (),
+            sorted(dropped + left_out + [(k, why) for k in adverts if k not in named]),
+        )
     index = {site_id(k): k for k in range(settings.num_sites)}
     included = tuple(sorted(index[s] for s in result.included))
     total = unflatten(result.total)
-    return total, included, sorted(d for d in dropped + left_out
-                                   if d[0] not in included)
+    return (
+        total,
+        included,
+        sorted(d for d in dropped + left_out if d[0] not in included),
+    )
 
 
-def run_summary(grid: Grid, stage: Stage, node_of: Mapping[int, int],
-                common: Mapping[str, Any], settings: RunSettings,
-                sums: Mapping[str, Any], broadcast: Mapping[str, Any], *,
-                anchors: dict[int, dict] | None = None
-                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def run_summary(
+    grid: Grid,
+    stage: Stage,
+    node_of: Mapping[int, int],
+    common: Mapping[str, Any],
+    settings: RunSettings,
+    sums: Mapping[str, Any],
+    broadcast: Mapping[str, Any],
+    *,
+    anchors: dict[int, dict] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """One summed round (:class:`~phems_clinical.federation.flower.tasks.Stage`)
     with the run's retries: the sum over the sites (in site order, or decoded by
     secure aggregation with the stage's public bound and
@@ -408,32 +510,58 @@ def run_summary(grid: Grid, stage: Stage, node_of: Mapping[int, int],
     while True:
         attempts += 1
         if settings.secagg:
-            cfg = secagg_config(settings._replace(secagg_clip=stage.clip,
-                                                  secagg_bits=SECAGG_BITS))
+            cfg = secagg_config(
+                settings._replace(secagg_clip=stage.clip, secagg_bits=SECAGG_BITS)
+            )
 
             def unflatten(vec):
                 parts = np.split(np.asarray(vec, np.float64), np.cumsum(sizes)[:-1])
-                return {n: p.reshape(spec[n]) for n, p in zip(names, parts,
-                                                              strict=True)}
+                return {
+                    n: p.reshape(spec[n]) for n, p in zip(names, parts, strict=True)
+                }
 
             total, included, dropped = run_secagg_round(
-                grid, None, None, r, attempts, node_of, last_ok, config, settings,
-                cfg, anchors=anchors, sums=sums, arrays=broadcast,
-                unflatten=unflatten)
+                grid,
+                None,
+                None,
+                r,
+                attempts,
+                node_of,
+                last_ok,
+                config,
+                settings,
+                cfg,
+                anchors=anchors,
+                sums=sums,
+                arrays=broadcast,
+                unflatten=unflatten,
+            )
         else:
+
             def read(reply, k):
                 site = config_record(reply.content, "site")
                 got_k, got_r = config_int(site, "site-index"), config_int(site, "round")
                 if got_k != k or got_r != r:
-                    raise MessageRejected(f"summary reply for site {got_k} round "
-                                          f"{got_r}, expected site {k} round {r}")
-                arrays = record_to_arrays(array_record(reply.content, "payload"),
-                                          spec)
+                    raise MessageRejected(
+                        f"summary reply for site {got_k} round "
+                        f"{got_r}, expected site {k} round {r}"
+                    )
+                arrays = record_to_arrays(array_record(reply.content, "payload"), spec)
                 check_summary(stage.name, arrays, spec)
                 return arrays
 
-            got, dropped = _train_replies(grid, broadcast, r, node_of, last_ok,
-                                          config, settings, read, anchors, sums)
+            got, dropped = _train_replies(
+                grid,
+                broadcast,
+                r,
+                node_of,
+                last_ok,
+                config,
+                settings,
+                read,
+                anchors,
+                sums,
+            )
             included = tuple(sorted(got))
             total = sum_in_site_order(got) if got else None
         if len(included) == settings.num_sites:
@@ -442,31 +570,42 @@ def run_summary(grid: Grid, stage: Stage, node_of: Mapping[int, int],
             raise FederationAborted(
                 f"summary {stage.name}: {len(included)} of {settings.num_sites} "
                 f"sites answered in {attempts} attempts ({sorted(dropped)}); every "
-                f"site's sum is needed")
+                f"site's sum is needed"
+            )
     assert total is not None  # every site's sum arrived
     out = {n: np.asarray(v, np.float64) for n, v in total.items()}
-    return out, {"stage": stage.name, "round": r, "attempts": attempts,
-                 "dropped": sorted(dropped), "secure": bool(settings.secagg)}
+    return out, {
+        "stage": stage.name,
+        "round": r,
+        "attempts": attempts,
+        "dropped": sorted(dropped),
+        "secure": bool(settings.secagg),
+    }
 
 
 def _load_sums(path: Path | None) -> dict[str, dict[str, np.ndarray]]:
     if path is None or not path.is_file():
         return {}
     raw = json.loads(path.read_text())
-    return {s: {f: np.asarray(v, np.float64) for f, v in fields.items()}
-            for s, fields in raw.items()}
+    return {
+        s: {f: np.asarray(v, np.float64) for f, v in fields.items()}
+        for s, fields in raw.items()
+    }
 
 
 def _sums_json(sums: Mapping[str, Mapping[str, Any]]) -> dict:
-    return {s: {f: np.asarray(v).tolist() for f, v in fields.items()}
-            for s, fields in sums.items()}
+    return {
+        s: {f: np.asarray(v).tolist() for f, v in fields.items()}
+        for s, fields in sums.items()
+    }
 
 
 def sum_in_site_order(payloads: Mapping[int, Mapping[str, np.ndarray]]) -> dict:
     """The sum over sites, added in site-index order as the in-process engine does
     (floating-point addition is not associative)."""
-    ordered = [{n: jnp.asarray(v) for n, v in payloads[k].items()}
-               for k in sorted(payloads)]
+    ordered = [
+        {n: jnp.asarray(v) for n, v in payloads[k].items()} for k in sorted(payloads)
+    ]
     return {n: sum(p[n] for p in ordered) for n in ordered[0]}
 
 
@@ -494,13 +633,16 @@ def run_server(grid: Grid, settings: RunSettings, *, run_id: int = 0) -> dict:
     """
     t_start = time.perf_counter()
     out = Path(settings.out) if settings.out else None
-    report: dict[str, Any] = {"status": "running", "run_id": run_id,
-                              "settings": settings._asdict(), "history": []}
+    report: dict[str, Any] = {
+        "status": "running",
+        "run_id": run_id,
+        "settings": settings._asdict(),
+        "history": [],
+    }
     try:
         report = _run(grid, settings, report, t_start)
     except BaseException as err:
-        report["status"] = ("aborted" if isinstance(err, FederationAborted)
-                            else "error")
+        report["status"] = "aborted" if isinstance(err, FederationAborted) else "error"
         report["error"] = f"{type(err).__name__}: {err}"
         report["total_seconds"] = time.perf_counter() - t_start
         if out is not None:
@@ -526,7 +668,8 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
     if len(node_of) < min_sites:
         raise FederationAborted(
             f"only {len(node_of)} of {n_sites} sites answered the query round "
-            f"(min-sites {min_sites}): {problems or 'no SuperNode connected'}")
+            f"(min-sites {min_sites}): {problems or 'no SuperNode connected'}"
+        )
     uc = use_case(settings.use_case)
     report["use_case"] = uc.name
     common = uc.common(list(shapes.values()), settings)
@@ -536,24 +679,34 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
     secure = secagg_config(settings) if settings.secagg else None
     if secure is not None:
         report["secure_aggregation"] = {
-            **secure._asdict(), "max_error_bound": n_sites * grid_step(secure),
+            **secure._asdict(),
+            "max_error_bound": n_sites * grid_step(secure),
             "summaries": {
-                s.name: {"clip": s.clip, "bits": SECAGG_BITS,
-                         "max_error_bound": n_sites * grid_step(secure._replace(
-                             clip=s.clip, bits=SECAGG_BITS))}
-                for s in uc.before + uc.after}}
+                s.name: {
+                    "clip": s.clip,
+                    "bits": SECAGG_BITS,
+                    "max_error_bound": n_sites
+                    * grid_step(secure._replace(clip=s.clip, bits=SECAGG_BITS)),
+                }
+                for s in uc.before + uc.after
+            },
+        }
     ckpt = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
     sums_file = None if ckpt is None else ckpt / "summaries.json"
     # the sums before training: kept with the checkpoint, so a resumed run trains
     # on exactly the numbers the interrupted one did
-    sums = {k: v for k, v in _load_sums(sums_file).items()
-            if k in {s.name for s in uc.before}}
+    sums = {
+        k: v
+        for k, v in _load_sums(sums_file).items()
+        if k in {s.name for s in uc.before}
+    }
     report["summary_rounds"] = []
     for stage in uc.before:
         if stage.name in sums:
             continue
-        sums[stage.name], info = run_summary(grid, stage, node_of, common,
-                                             settings, sums, {}, anchors=anchors)
+        sums[stage.name], info = run_summary(
+            grid, stage, node_of, common, settings, sums, {}, anchors=anchors
+        )
         report["summary_rounds"].append(info)
         if sums_file is not None:
             write_json(sums_file, _sums_json(sums))
@@ -571,10 +724,13 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
                     f"{ckpt} holds a checkpoint after {len(loaded[2])} rounds, but "
                     "the run config names no job: the sites keep their state per "
                     "job, so resume with the job name of the interrupted run (or "
-                    "use an empty checkpoint-dir)")
+                    "use an empty checkpoint-dir)"
+                )
             server, _, history = loaded
-    last_ok = {k: max([h.round for h in history if k in h.participants],
-                      default=-1) for k in range(n_sites)}
+    last_ok = {
+        k: max([h.round for h in history if k in h.participants], default=-1)
+        for k in range(n_sites)
+    }
     aggregate, done = jax.jit(algorithm.aggregate), jax.jit(algorithm.done)
     max_rounds = settings.rounds or algorithm.max_rounds
     report["startup_seconds"] = time.perf_counter() - t_start
@@ -588,14 +744,34 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
         while True:
             attempts += 1
             if secure is None:
-                payloads, dropped = run_round(grid, algorithm, server, r, node_of,
-                                              last_ok, common, settings,
-                                              anchors=anchors, sums=sums)
+                payloads, dropped = run_round(
+                    grid,
+                    algorithm,
+                    server,
+                    r,
+                    node_of,
+                    last_ok,
+                    common,
+                    settings,
+                    anchors=anchors,
+                    sums=sums,
+                )
                 included = tuple(sorted(payloads))
             else:
                 total, included, dropped = run_secagg_round(
-                    grid, algorithm, server, r, attempts, node_of, last_ok, common,
-                    settings, secure, anchors=anchors, sums=sums)
+                    grid,
+                    algorithm,
+                    server,
+                    r,
+                    attempts,
+                    node_of,
+                    last_ok,
+                    common,
+                    settings,
+                    secure,
+                    anchors=anchors,
+                    sums=sums,
+                )
             if len(included) >= min_sites:
                 break
             if attempts > settings.retries:
@@ -606,12 +782,14 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
                 raise FederationAborted(
                     f"round {r}: fewer than min-sites={min_sites} of {n_sites} "
                     f"sites answered in {attempts} attempts ({dropped}); the run "
-                    f"stopped after round {r - 1} (its checkpoint is kept)")
+                    f"stopped after round {r - 1} (its checkpoint is kept)"
+                )
         if secure is None:
             total = sum_in_site_order(payloads)
         server = aggregate(server, total, server_round_key(server_key, r))
-        record = RoundRecord(r, included, tuple(dropped), attempts,
-                             time.perf_counter() - t0)
+        record = RoundRecord(
+            r, included, tuple(dropped), attempts, time.perf_counter() - t0
+        )
         history.append(record)
         for k in included:
             last_ok[k] = r
@@ -622,23 +800,42 @@ def _run(grid: Grid, settings: RunSettings, report: dict, t_start: float) -> dic
         report["history"] = [h._asdict() for h in history]
     for stage in uc.after:  # summed rounds on the trained model
         sums[stage.name], info = run_summary(
-            grid, stage, node_of, common, settings, sums,
-            algorithm.broadcast(server), anchors=anchors)
+            grid,
+            stage,
+            node_of,
+            common,
+            settings,
+            sums,
+            algorithm.broadcast(server),
+            anchors=anchors,
+        )
         report["summary_rounds"].append(info)
     result = {**algorithm.result(server), **uc.conclude(settings, padded, sums)}
     report["summaries"] = _sums_json(sums)
     if algorithm.dp is not None:  # each site's guarantee, as the engine states it
         report["privacy"] = [
-            {"site": k, "n_patients": int(shapes[k][uc.size_field]),
-             **dp_privacy_report(algorithm.dp, int(shapes[k][uc.size_field]),
-                                 r * algorithm.dp_steps_per_round)}
-            for k in sorted(shapes)]
-    report.update(status="completed", rounds=r, converged=converged,
-                  total_seconds=time.perf_counter() - t_start, result=result)
+            {
+                "site": k,
+                "n_patients": int(shapes[k][uc.size_field]),
+                **dp_privacy_report(
+                    algorithm.dp,
+                    int(shapes[k][uc.size_field]),
+                    r * algorithm.dp_steps_per_round,
+                ),
+            }
+            for k in sorted(shapes)
+        ]
+    report.update(
+        status="completed",
+        rounds=r,
+        converged=converged,
+        total_seconds=time.perf_counter() - t_start,
+        result=result,
+    )
     if "names" in result and "estimates" in result:
-        report["estimates"] = dict(zip(result["names"],
-                                       np.asarray(result["estimates"]).tolist(),
-                                       strict=True))
+        report["estimates"] = dict(
+            zip(result["names"], np.asarray(result["estimates"]).tolist(), strict=True)
+        )
     return report
 
 
@@ -656,6 +853,14 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, run_settings(context.run_config), run_id=context.run_id)
 
 
-__all__ = ["app", "exchange", "query_sites", "run_round", "run_secagg_round",
-           "run_server",
-           "sum_in_site_order", "wait_for_nodes", "write_json"]
+__all__ = [
+    "app",
+    "exchange",
+    "query_sites",
+    "run_round",
+    "run_secagg_round",
+    "run_server",
+    "sum_in_site_order",
+    "wait_for_nodes",
+    "write_json",
+]

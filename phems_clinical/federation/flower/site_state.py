@@ -38,7 +38,8 @@ def load_site_state(directory: Path, round_: int, like: Any) -> Any:
         raise FileNotFoundError(
             f"site state {path} is missing: this node did not complete round "
             f"{round_ - 1} of this job (was the state folder removed, or the job "
-            "name changed?)")
+            "name changed?)"
+        )
     return eqx.tree_deserialise_leaves(path, like)
 
 

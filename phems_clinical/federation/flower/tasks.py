@@ -91,7 +91,8 @@ class UseCase(NamedTuple):
     before: tuple[Stage, ...] = ()
     after: tuple[Stage, ...] = ()
     conclude: Callable[[Any, Mapping[str, int], Mapping[str, Any]], dict] = (
-        lambda settings, common, sums: {})
+        lambda settings, common, sums: {}
+    )
     size_field: str = "n-sub"
 
 
@@ -102,8 +103,9 @@ def use_case(name: str) -> UseCase:
         return HAEMOPHILIA
     if name in USE_CASES:
         return importlib.import_module(f"phems_clinical.usecases.{name}").FLOWER
-    raise ValueError(f"run config use-case: {name!r} is not one of "
-                     f"{', '.join(USE_CASES)}")
+    raise ValueError(
+        f"run config use-case: {name!r} is not one of {', '.join(USE_CASES)}"
+    )
 
 
 def model_options(settings) -> dict[str, Any]:
@@ -114,8 +116,9 @@ def model_options(settings) -> dict[str, Any]:
     return spec
 
 
-def largest(shapes: Sequence[Mapping[str, int]], fields: Sequence[str]
-            ) -> dict[str, int]:
+def largest(
+    shapes: Sequence[Mapping[str, int]], fields: Sequence[str]
+) -> dict[str, int]:
     """The largest of each count over the sites (the padded sizes)."""
     return {f: max(int(s[f]) for s in shapes) for f in fields}
 
@@ -127,8 +130,9 @@ def query_fields(uc: UseCase) -> tuple[str, ...]:
     return tuple(f for f in _defs()[uc.query]["properties"] if f != "site-index")
 
 
-def check_query(reply: Mapping[str, Any], uc: UseCase, num_sites: int
-                ) -> dict[str, int]:
+def check_query(
+    reply: Mapping[str, Any], uc: UseCase, num_sites: int
+) -> dict[str, int]:
     """The query reply of ``uc`` as ``{field: int}`` (haemophilia:
     :func:`~phems_clinical.federation.messages.check_query_reply`; others: the
     schema's ``$defs/<uc.query>``). Errors name fields, never values."""
@@ -136,15 +140,21 @@ def check_query(reply: Mapping[str, Any], uc: UseCase, num_sites: int
         return check_query_reply(reply, num_sites)
     props = _defs()[uc.query]["properties"]
     if not isinstance(reply, Mapping) or set(reply) != set(props):
-        raise MessageRejected(f"{uc.name} query reply: expected exactly "
-                              f"{', '.join(props)}")
+        raise MessageRejected(
+            f"{uc.name} query reply: expected exactly {', '.join(props)}"
+        )
     out = {}
     for name, prop in props.items():
         v = reply[name]
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or \
-                v < prop["minimum"]:
-            raise MessageRejected(f"{uc.name} query reply {name}: expected an "
-                                  f"integer >= {prop['minimum']}")
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, int | np.integer)
+            or v < prop["minimum"]
+        ):
+            raise MessageRejected(
+                f"{uc.name} query reply {name}: expected an "
+                f"integer >= {prop['minimum']}"
+            )
         out[name] = int(v)
     if not out["site-index"] < num_sites:
         raise MessageRejected(f"query reply site-index: expected 0..{num_sites - 1}")
@@ -156,28 +166,34 @@ def _defs() -> dict:
     return load_message_schema()["$defs"]
 
 
-def check_summary(stage: str, arrays: Mapping[str, Any],
-                  spec: Mapping[str, Sequence[int]]) -> None:
+def check_summary(
+    stage: str, arrays: Mapping[str, Any], spec: Mapping[str, Sequence[int]]
+) -> None:
     """Raise :class:`~phems_clinical.federation.messages.MessageRejected` unless
     ``arrays`` are exactly the fields of ``$defs/summary_<stage>``, float64 or
     float32, finite, with the schema's ranks and the shapes ``spec``."""
     try:
         declared = _defs()[f"summary_{stage}"]["properties"]
     except KeyError:
-        raise MessageRejected(f"summary {stage!r}: not declared in "
-                              "federation_message.schema.json") from None
+        raise MessageRejected(
+            f"summary {stage!r}: not declared in federation_message.schema.json"
+        ) from None
     if set(arrays) != set(declared) or set(spec) != set(declared):
-        raise MessageRejected(f"summary {stage}: fields expected exactly "
-                              f"{', '.join(sorted(declared))}")
+        raise MessageRejected(
+            f"summary {stage}: fields expected exactly {', '.join(sorted(declared))}"
+        )
     for name, prop in declared.items():
         a = np.asarray(arrays[name])
         if str(a.dtype) not in ("float64", "float32"):
-            raise MessageRejected(f"summary {stage}.{name}: dtype {a.dtype}, "
-                                  f"expected float64")
+            raise MessageRejected(
+                f"summary {stage}.{name}: dtype {a.dtype}, expected float64"
+            )
         want = tuple(int(n) for n in spec[name])
         if len(want) != len(prop["x-shape"]) or a.shape != want:
-            raise MessageRejected(f"summary {stage}.{name}: shape {a.shape}, "
-                                  f"expected {want} (rank {len(prop['x-shape'])})")
+            raise MessageRejected(
+                f"summary {stage}.{name}: shape {a.shape}, "
+                f"expected {want} (rank {len(prop['x-shape'])})"
+            )
         if not np.all(np.isfinite(a)):
             raise MessageRejected(f"summary {stage}.{name}: expected finite values")
 
@@ -186,16 +202,21 @@ def check_clip(stage: Stage, arrays: Mapping[str, Any]) -> None:
     """Refuse (by field) a summand that secure aggregation would clip."""
     over = [n for n, v in arrays.items() if np.any(np.abs(np.asarray(v)) > stage.clip)]
     if over:
-        raise ValueError(f"summary {stage.name}: field(s) {', '.join(sorted(over))} "
-                         f"exceed the secure-aggregation bound {stage.clip:g} of "
-                         f"this stage; the sum cannot be carried without clipping")
+        raise ValueError(
+            f"summary {stage.name}: field(s) {', '.join(sorted(over))} "
+            f"exceed the secure-aggregation bound {stage.clip:g} of "
+            f"this stage; the sum cannot be carried without clipping"
+        )
 
 
 # ------------------------------------------------- sums in a message record
 def pack_sums(sums: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
     """``{stage: {field: array}}`` -> ``{"stage.field": float64 array}``."""
-    return {f"{s}.{f}": np.asarray(v, np.float64) for s, fields in sums.items()
-            for f, v in fields.items()}
+    return {
+        f"{s}.{f}": np.asarray(v, np.float64)
+        for s, fields in sums.items()
+        for f, v in fields.items()
+    }
 
 
 def unpack_sums(flat: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
@@ -254,8 +275,9 @@ def _pk_build(settings, common, sums):
 def _pk_data(cohort, settings, common, sums):
     from phems_clinical.federation.pk_sites import pad_cohort
 
-    return pad_cohort(cohort, int(common["n-sub"]), int(common["n-dose"]),
-                      int(common["n-obs"]))
+    return pad_cohort(
+        cohort, int(common["n-sub"]), int(common["n-dose"]), int(common["n-obs"])
+    )
 
 
 def _pk_tag(settings, common):
@@ -265,14 +287,20 @@ def _pk_tag(settings, common):
 
 
 HAEMOPHILIA = UseCase(
-    name="haemophilia", data_file="cohort.csv", query="query_reply",
-    read_site=_pk_read, shape=_pk_shape, size=lambda c: int(c.n_subjects),
-    common=_pk_common, build=_pk_build, site_data=_pk_data, tag=_pk_tag,
-    size_field="n-sub")
+    name="haemophilia",
+    data_file="cohort.csv",
+    query="query_reply",
+    read_site=_pk_read,
+    shape=_pk_shape,
+    size=lambda c: int(c.n_subjects),
+    common=_pk_common,
+    build=_pk_build,
+    site_data=_pk_data,
+    tag=_pk_tag,
+    size_field="n-sub",
+)
 """Population PK: NONMEM-style ``cohort.csv``; the sites agree on the occasions in
 the query round (largest count); no summed rounds."""
-
-
 
 
 # --------------------------------------------------- a site's table on disk
@@ -316,7 +344,25 @@ def sums_digest(sums: Mapping[str, Mapping[str, Any]]) -> str:
     return h.hexdigest()[:32]
 
 
-__all__ = ["HAEMOPHILIA", "SECAGG_BITS", "SUMMARY_ROUND", "Stage", "USE_CASES",
-           "UseCase", "check_clip", "check_query", "check_summary", "find_stage",
-           "largest", "model_options", "pack_sums", "query_fields", "read_table",
-           "stage_round", "sums_digest", "unpack_sums", "use_case", "write_table"]
+__all__ = [
+    "HAEMOPHILIA",
+    "SECAGG_BITS",
+    "SUMMARY_ROUND",
+    "Stage",
+    "USE_CASES",
+    "UseCase",
+    "check_clip",
+    "check_query",
+    "check_summary",
+    "find_stage",
+    "largest",
+    "model_options",
+    "pack_sums",
+    "query_fields",
+    "read_table",
+    "stage_round",
+    "sums_digest",
+    "unpack_sums",
+    "use_case",
+    "write_table",
+]

@@ -203,8 +203,9 @@ def fit_copula(
             "rows are needed"
         )
     if df.columns.has_duplicates:
-        raise CopulaInputError("duplicate column names: " + repr(
-            list(df.columns[df.columns.duplicated()])))
+        raise CopulaInputError(
+            "duplicate column names: " + repr(list(df.columns[df.columns.duplicated()]))
+        )
     categorical = set(categorical or ())
     unknown = [c for c in [*categorical, *(bounds or {})] if c not in df.columns]
     if unknown:
@@ -249,43 +250,71 @@ def fit_copula(
             if name in bounds:
                 blo, bhi = bounds[name]
                 if kind == "datetime":
-                    blo, bhi = (None if b is None else float(
-                        _numeric_values(pd.Series(pd.to_datetime([b])), "datetime")[0]
-                    ) for b in (blo, bhi))
+                    blo, bhi = (
+                        None
+                        if b is None
+                        else float(
+                            _numeric_values(pd.Series(pd.to_datetime([b])), "datetime")[
+                                0
+                            ]
+                        )
+                        for b in (blo, bhi)
+                    )
                 lo = lo if blo is None else float(blo)
                 hi = hi if bhi is None else float(bhi)
                 if lo > hi:
                     raise CopulaInputError(
-                        f"column {name!r}: lower bound {lo} above upper bound {hi}")
+                        f"column {name!r}: lower bound {lo} above upper bound {hi}"
+                    )
                 quantiles = np.clip(quantiles, lo, hi)
             z = _normal_scores(x)
-        marginals.append(ColumnMarginal(str(name) if not isinstance(name, str)
-                                        else name, kind, s.dtype, quantiles, cats,
-                                        cum, lo, hi, rate, tz))
+        marginals.append(
+            ColumnMarginal(
+                str(name) if not isinstance(name, str) else name,
+                kind,
+                s.dtype,
+                quantiles,
+                cats,
+                cum,
+                lo,
+                hi,
+                rate,
+                tz,
+            )
+        )
         value_dim.append(len(scores))
         scores.append(z)
         if 0.0 < rate:
             missing_dim.append(len(scores))
-            scores.append(_interval_scores(miss.astype(np.int64),
-                                           np.array([1.0 - rate, rate])))
+            scores.append(
+                _interval_scores(miss.astype(np.int64), np.array([1.0 - rate, rate]))
+            )
         else:
             missing_dim.append(-1)
     zmat = np.column_stack(scores)
     corr = nearest_pd_correlation(_pairwise_corr(zmat))
-    return CopulaModel(tuple(df.columns), tuple(marginals), np.asarray(value_dim),
-                       np.asarray(missing_dim), corr, len(df))
+    return CopulaModel(
+        tuple(df.columns),
+        tuple(marginals),
+        np.asarray(value_dim),
+        np.asarray(missing_dim),
+        corr,
+        len(df),
+    )
 
 
-def _column_from_uniform(m: ColumnMarginal, u: np.ndarray,
-                         missing: np.ndarray) -> pd.Series:
+def _column_from_uniform(
+    m: ColumnMarginal, u: np.ndarray, missing: np.ndarray
+) -> pd.Series:
     """Invert one marginal; ``missing`` rows become the dtype's missing value."""
     n = u.shape[0]
     if m.kind == "categorical":
         if m.categories.size == 0:
             vals = np.full(n, np.nan, dtype=object)
         else:
-            idx = np.minimum(np.searchsorted(m.cum_probs, u, side="right"),
-                             m.categories.size - 1)
+            idx = np.minimum(
+                np.searchsorted(m.cum_probs, u, side="right"), m.categories.size - 1
+            )
             vals = m.categories[idx].copy()
         vals[missing] = np.nan
         s = pd.Series(vals, dtype=object)
@@ -293,8 +322,11 @@ def _column_from_uniform(m: ColumnMarginal, u: np.ndarray,
             return s  # plain bool cannot hold NaN; keep object
         return s.astype(m.dtype)
     q = m.quantiles
-    x = np.interp(u, np.linspace(0.0, 1.0, q.size), q) if q.size > 1 else np.full(
-        n, q[0])
+    x = (
+        np.interp(u, np.linspace(0.0, 1.0, q.size), q)
+        if q.size > 1
+        else np.full(n, q[0])
+    )
     x = np.where(missing, 0.0, x)
     if np.isfinite(m.lower):
         x = np.clip(x, m.lower, m.upper)
@@ -332,7 +364,10 @@ def sample_copula(key: jax.Array, model: CopulaModel, n: int) -> pd.DataFrame:
     out = {}
     for j, (name, m) in enumerate(zip(model.columns, model.marginals, strict=True)):
         md = int(model.missing_dim[j])
-        missing = (u[:, md] >= 1.0 - m.missing_rate) if md >= 0 else np.zeros(
-            int(n), dtype=bool)
+        missing = (
+            (u[:, md] >= 1.0 - m.missing_rate)
+            if md >= 0
+            else np.zeros(int(n), dtype=bool)
+        )
         out[name] = _column_from_uniform(m, u[:, int(model.value_dim[j])], missing)
     return pd.DataFrame(out, columns=pd.Index(model.columns))

@@ -83,8 +83,10 @@ __all__ = [
 ]
 
 
-NOISE_SOURCE = ("OS CSPRNG of the data controller (secrets): not reproducible "
-                "from the seed, by design")
+NOISE_SOURCE = (
+    "OS CSPRNG of the data controller (secrets): not reproducible "
+    "from the seed, by design"
+)
 _MAX_INT_CELLS = 1_000_000  # wider integer ranges: round a uniform value instead
 
 
@@ -164,7 +166,8 @@ def _check_eps_delta(epsilon: float, delta: float) -> tuple[float, float]:
         epsilon, delta = float(epsilon), float(delta)
     except (TypeError, ValueError) as err:
         raise MSTInputError(
-            f"epsilon and delta must be numbers, got {epsilon!r}, {delta!r}") from err
+            f"epsilon and delta must be numbers, got {epsilon!r}, {delta!r}"
+        ) from err
     if not math.isfinite(epsilon) or epsilon <= 0:
         raise MSTInputError(f"epsilon must be finite and > 0, got {epsilon!r}")
     if not 0.0 < delta < 1.0:
@@ -187,10 +190,14 @@ def cdp_delta(rho: float, epsilon: float) -> float:
         return (2 * a - 1) * rho - epsilon + math.log1p(-1.0 / a)
 
     lo, hi = 1.0 + 1e-9, (epsilon + 1.0) / (2.0 * rho) + 2.0
-    a = lo if dlog(lo) >= 0 else optimize.brentq(dlog, lo, hi, xtol=1e-14,
-                                                 rtol=1e-14, maxiter=500)
-    log_delta = ((a - 1) * (a * rho - epsilon) + a * math.log1p(-1.0 / a)
-                 - math.log(a - 1))
+    a = (
+        lo
+        if dlog(lo) >= 0
+        else optimize.brentq(dlog, lo, hi, xtol=1e-14, rtol=1e-14, maxiter=500)
+    )
+    log_delta = (
+        (a - 1) * (a * rho - epsilon) + a * math.log1p(-1.0 / a) - math.log(a - 1)
+    )
     return float(min(1.0, math.exp(min(log_delta, 0.0))))
 
 
@@ -203,8 +210,9 @@ def cdp_rho(epsilon: float, delta: float) -> float:
         return math.log(max(cdp_delta(rho, epsilon), 1e-300)) - math.log(delta)
 
     hi = epsilon + 1.0  # rho-zCDP cannot give (eps, delta < 1) beyond this
-    return float(optimize.brentq(gap, 1e-12 * epsilon, hi, xtol=1e-15,
-                                 rtol=1e-13, maxiter=500))
+    return float(
+        optimize.brentq(gap, 1e-12 * epsilon, hi, xtol=1e-15, rtol=1e-13, maxiter=500)
+    )
 
 
 def mst_budget(epsilon: float, delta: float, n_columns: int) -> MSTBudget:
@@ -214,19 +222,27 @@ def mst_budget(epsilon: float, delta: float, n_columns: int) -> MSTBudget:
         raise MSTInputError(f"MST needs at least 2 columns, got {n_columns}")
     rho = cdp_rho(epsilon, delta)
     sigma = math.sqrt(3.0 / (2.0 * rho))
-    return MSTBudget(epsilon, delta, rho, int(n_columns),
-                     sigma * math.sqrt(n_columns), sigma * math.sqrt(n_columns - 1),
-                     math.sqrt(8.0 * rho / 3.0 / (n_columns - 1)))
+    return MSTBudget(
+        epsilon,
+        delta,
+        rho,
+        int(n_columns),
+        sigma * math.sqrt(n_columns),
+        sigma * math.sqrt(n_columns - 1),
+        math.sqrt(8.0 * rho / 3.0 / (n_columns - 1)),
+    )
 
 
 # ---------------------------------------------------------------------- encoding
 def _mbi():
     """Import mbi without its import-time float32 / compilation-cache warnings."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="JAX is running in float32",
-                                category=UserWarning)
-        warnings.filterwarnings("ignore", message="JAX persistent compilation cache",
-                                category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message="JAX is running in float32", category=UserWarning
+        )
+        warnings.filterwarnings(
+            "ignore", message="JAX persistent compilation cache", category=UserWarning
+        )
         import mbi
     return mbi
 
@@ -244,52 +260,66 @@ def _check_spec(name, spec) -> None:
         if len(set(cats)) != len(cats) or any(pd.isna(c) for c in cats):
             raise MSTInputError(
                 f"column {name!r}: categories must be distinct and non-missing "
-                "(missing values have their own cell)")
+                "(missing values have their own cell)"
+            )
     elif isinstance(spec, Numeric):
         lo, hi, nb = spec.lower, spec.upper, spec.n_bins
         if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
             raise MSTInputError(
                 f"column {name!r}: Numeric bounds must be finite with lower < upper, "
-                f"got ({lo!r}, {hi!r})")
+                f"got ({lo!r}, {hi!r})"
+            )
         if isinstance(nb, bool) or not isinstance(nb, int | np.integer) or nb < 1:
-            raise MSTInputError(f"column {name!r}: n_bins must be an int >= 1, "
-                                f"got {nb!r}")
+            raise MSTInputError(
+                f"column {name!r}: n_bins must be an int >= 1, got {nb!r}"
+            )
     else:
         raise MSTInputError(
             f"column {name!r}: domain entry must be Categorical or Numeric, got "
-            f"{type(spec).__name__}")
+            f"{type(spec).__name__}"
+        )
 
 
 def _check_columns(df: pd.DataFrame, domain: Mapping) -> None:
     if not isinstance(df, pd.DataFrame):
         raise MSTInputError(f"expected a pandas DataFrame, got {type(df).__name__}")
     if df.columns.has_duplicates:
-        raise MSTInputError("duplicate column names: " + repr(
-            list(df.columns[df.columns.duplicated()])))
+        raise MSTInputError(
+            "duplicate column names: " + repr(list(df.columns[df.columns.duplicated()]))
+        )
     no_spec = [c for c in df.columns if c not in domain]
     no_col = [c for c in domain if c not in df.columns]
     if no_spec or no_col:
         raise MSTInputError(
             f"table and domain differ: columns without a domain entry {no_spec!r}, "
-            f"domain entries without a column {no_col!r}")
+            f"domain entries without a column {no_col!r}"
+        )
     for c in df.columns:
         _check_spec(c, domain[c])
         if isinstance(domain[c], Numeric) and not (
-                ptypes.is_numeric_dtype(df[c]) and not ptypes.is_bool_dtype(df[c])):
+            ptypes.is_numeric_dtype(df[c]) and not ptypes.is_bool_dtype(df[c])
+        ):
             raise MSTInputError(
                 f"column {c!r} has dtype {df[c].dtype} but a Numeric domain; use "
                 "Categorical for bool/string/object columns (datetimes: convert "
-                "to a number, e.g. days since a public origin, first)")
+                "to a number, e.g. days since a public origin, first)"
+            )
 
 
 def _encode_column(s: pd.Series, spec) -> tuple[np.ndarray, dict]:
     """Cell index per row and counts of (missing, low, high, unknown) values."""
     miss = s.isna().to_numpy()
-    stats = {"missing": int(miss.sum()), "below_lower": 0, "above_upper": 0,
-             "unknown": 0, "unknown_values": []}
+    stats = {
+        "missing": int(miss.sum()),
+        "below_lower": 0,
+        "above_upper": 0,
+        "unknown": 0,
+        "unknown_values": [],
+    }
     if isinstance(spec, Categorical):
         codes = pd.Categorical(s, categories=list(spec.categories)).codes.astype(
-            np.int64)
+            np.int64
+        )
         unknown = (codes < 0) & ~miss
         stats["unknown"] = int(unknown.sum())
         if unknown.any():
@@ -325,8 +355,9 @@ def mst_input_report(df: pd.DataFrame, domain: Mapping) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def domain_from_frame(df: pd.DataFrame, *, n_bins: int = 20,
-                      max_categories: int = 50) -> dict:
+def domain_from_frame(
+    df: pd.DataFrame, *, n_bins: int = 20, max_categories: int = 50
+) -> dict:
     """Propose a domain from the data: observed categories, observed min/max.
 
     .. warning:: **not** differentially private: category lists and min/max are
@@ -427,8 +458,10 @@ def fit_mst(
     epsilon, delta = _check_eps_delta(epsilon, delta)
     _check_columns(df, domain)
     if len(df) < min_rows:
-        raise MSTInputError(f"cannot fit MST on {len(df)} rows; at least "
-                            f"min_rows={min_rows} rows are needed")
+        raise MSTInputError(
+            f"cannot fit MST on {len(df)} rows; at least "
+            f"min_rows={min_rows} rows are needed"
+        )
     cols = list(df.columns)
     d = len(cols)
     if d < 2:
@@ -442,25 +475,33 @@ def fit_mst(
         if st["unknown"]:
             raise MSTInputError(
                 f"column {c!r}: {st['unknown']} value(s) not in the declared "
-                f"categories, e.g. {st['unknown_values']!r}")
+                f"categories, e.g. {st['unknown_values']!r}"
+            )
         if st["missing"] and not spec.missing:
-            raise MSTInputError(f"column {c!r}: {st['missing']} missing value(s) but "
-                                "the domain has missing=False")
+            raise MSTInputError(
+                f"column {c!r}: {st['missing']} missing value(s) but "
+                "the domain has missing=False"
+            )
         if not clip and (st["below_lower"] or st["above_upper"]):
             raise MSTInputError(
                 f"column {c!r}: {st['below_lower']} value(s) below {spec.lower} and "
-                f"{st['above_upper']} above {spec.upper} (clip=False)")
+                f"{st['above_upper']} above {spec.upper} (clip=False)"
+            )
         codes.append(code)
     sizes = [_n_cells(s) for s in specs]
 
     del key  # the private steps never draw from a public key
     rng = secret_generator() if noise is None else noise
     if not isinstance(rng, np.random.Generator):
-        raise MSTInputError(f"noise: expected a numpy Generator (from "
-                            f"secret_generator), got {type(rng).__name__}")
+        raise MSTInputError(
+            f"noise: expected a numpy Generator (from "
+            f"secret_generator), got {type(rng).__name__}"
+        )
     s1, s2 = budget.sigma_one_way, budget.sigma_two_way
-    one_way = [_counts([x], [n]) + rng.normal(0.0, s1, n)
-               for x, n in zip(codes, sizes, strict=True)]
+    one_way = [
+        _counts([x], [n]) + rng.normal(0.0, s1, n)
+        for x, n in zip(codes, sizes, strict=True)
+    ]
     n_est = _min_variance_total(one_way, [s1] * d)
 
     # Compression (post-processing): cells below 3 sigma merge into one cell.
@@ -478,12 +519,14 @@ def fit_mst(
     mbi = _mbi()
     full = mbi.Domain(cols, sizes)
     cdom = mbi.Domain(cols, csizes)
-    meas1 = [mbi.LinearMeasurement(y, (c,), s1).compress({c: mappings[c]}, full)
-             for c, y in zip(cols, one_way, strict=True)]
-    est1 = mbi.estimation.MirrorDescent().estimate(cdom, meas1, known_total=n_est,
-                                                   iters=200)
-    p1 = [np.asarray(est1.project((c,)).datavector(), dtype=np.float64)
-          for c in cols]
+    meas1 = [
+        mbi.LinearMeasurement(y, (c,), s1).compress({c: mappings[c]}, full)
+        for c, y in zip(cols, one_way, strict=True)
+    ]
+    est1 = mbi.estimation.MirrorDescent().estimate(
+        cdom, meas1, known_total=n_est, iters=200
+    )
+    p1 = [np.asarray(est1.project((c,)).datavector(), dtype=np.float64) for c in cols]
 
     # Exponential-mechanism maximum spanning tree (Kruskal order, disjoint sets).
     pairs = list(itertools.combinations(range(d), 2))
@@ -503,26 +546,49 @@ def fit_mst(
     tree = []
     for _ in range(d - 1):
         cand = [e for e in pairs if find(e[0]) != find(e[1])]
-        e = cand[_exponential_mechanism(rng, np.array([weight[c] for c in cand]),
-                                        budget.epsilon_select)]
+        e = cand[
+            _exponential_mechanism(
+                rng, np.array([weight[c] for c in cand]), budget.epsilon_select
+            )
+        ]
         parent[find(e[0])] = find(e[1])
         tree.append(e)
 
     meas2 = []
     for i, j in tree:
         x = _counts([ccodes[i], ccodes[j]], [csizes[i], csizes[j]])
-        meas2.append(mbi.LinearMeasurement(x + rng.normal(0.0, s2, x.size),
-                                           (cols[i], cols[j]), s2))
+        meas2.append(
+            mbi.LinearMeasurement(
+                x + rng.normal(0.0, s2, x.size), (cols[i], cols[j]), s2
+            )
+        )
     est = mbi.estimation.MirrorDescent().estimate(
-        cdom, meas1 + meas2, known_total=n_est, iters=iters, warm_start=est1)
-    nodes = tuple(_normalise(np.asarray(est.project((c,)).datavector(), np.float64))
-                  for c in cols)
-    edges = tuple(_normalise(np.asarray(est.project((cols[i], cols[j])).datavector(
-        flatten=False), np.float64)) for i, j in tree)
-    return MSTModel(tuple(cols), tuple(specs), tuple(df[c].dtype for c in cols),
-                    budget, tuple(one_way), tuple(supports),
-                    tuple((cols[i], cols[j]) for i, j in tree), nodes, edges, n_est,
-                    NOISE_SOURCE if noise is None else "caller's kept generator")
+        cdom, meas1 + meas2, known_total=n_est, iters=iters, warm_start=est1
+    )
+    nodes = tuple(
+        _normalise(np.asarray(est.project((c,)).datavector(), np.float64)) for c in cols
+    )
+    edges = tuple(
+        _normalise(
+            np.asarray(
+                est.project((cols[i], cols[j])).datavector(flatten=False), np.float64
+            )
+        )
+        for i, j in tree
+    )
+    return MSTModel(
+        tuple(cols),
+        tuple(specs),
+        tuple(df[c].dtype for c in cols),
+        budget,
+        tuple(one_way),
+        tuple(supports),
+        tuple((cols[i], cols[j]) for i, j in tree),
+        nodes,
+        edges,
+        n_est,
+        NOISE_SOURCE if noise is None else "caller's kept generator",
+    )
 
 
 def _normalise(p: np.ndarray) -> np.ndarray:
@@ -573,8 +639,9 @@ def _decode(rng, spec, dtype, sup: np.ndarray, ccode: np.ndarray) -> pd.Series:
             # uniform over the integers of the bin: rounding a uniform value would
             # move mass into the neighbouring bins
             ints = np.arange(lo, hi + 1)
-            n_in = np.bincount(_bin(ints.astype(np.float64), spec),
-                               minlength=spec.n_bins)
+            n_in = np.bincount(
+                _bin(ints.astype(np.float64), spec), minlength=spec.n_bins
+            )
             start = np.concatenate([[0], np.cumsum(n_in)[:-1]])
             b = np.minimum(cell, spec.n_bins - 1)
             ok = n_in[b] > 0
@@ -616,8 +683,9 @@ def sample_mst(key: jax.Array, model: MSTModel, n: int) -> pd.DataFrame:
     for root in range(len(cols)):
         if root in ccode:
             continue
-        ccode[root] = _draw(rng, np.broadcast_to(model.nodes[root],
-                                                 (n, model.nodes[root].size)))
+        ccode[root] = _draw(
+            rng, np.broadcast_to(model.nodes[root], (n, model.nodes[root].size))
+        )
         stack = [root]
         while stack:
             u = stack.pop()
@@ -627,10 +695,15 @@ def sample_mst(key: jax.Array, model: MSTModel, n: int) -> pd.DataFrame:
                 joint = model.edges[k].T if transposed else model.edges[k]
                 rows = joint.sum(axis=1, keepdims=True)
                 # a parent cell the model gives no mass: fall back to the marginal
-                cond = np.where(rows > 0, joint / np.where(rows > 0, rows, 1.0),
-                                model.nodes[v][None, :])
+                cond = np.where(
+                    rows > 0,
+                    joint / np.where(rows > 0, rows, 1.0),
+                    model.nodes[v][None, :],
+                )
                 ccode[v] = _draw(rng, cond[ccode[u]])
                 stack.append(v)
-    out = {c: _decode(rng, model.specs[i], model.dtypes[i], model.supports[i],
-                      ccode[i]) for i, c in enumerate(cols)}
+    out = {
+        c: _decode(rng, model.specs[i], model.dtypes[i], model.supports[i], ccode[i])
+        for i, c in enumerate(cols)
+    }
     return pd.DataFrame(out, columns=pd.Index(model.columns))

@@ -96,17 +96,37 @@ from phems_clinical.rng import numpy_generator
 #: Default time grid (days since surgery; the last piece is open-ended), the same
 #: cuts as ``phems_clinical.models.multistate.DEFAULT_CUTS`` (not imported: privacy
 #: depends only on data; pass ``grid=`` or ``spec=`` to use another).
-DEFAULT_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 14.0, 21.0, 30.0, 60.0,
-                120.0, 200.0)
+DEFAULT_GRID = (
+    0.0,
+    0.5,
+    1.0,
+    2.0,
+    3.0,
+    5.0,
+    7.0,
+    10.0,
+    14.0,
+    21.0,
+    30.0,
+    60.0,
+    120.0,
+    200.0,
+)
 DEFAULT_STRATA = ("stat", "ventilation")
 #: Episode columns synthesised by the copula (the rest are derived).
-COPULA_COLUMNS = ("surgery_datetime", "age_days", "sex", "weight_z", "stat",
-                  "ventilation")
+COPULA_COLUMNS = (
+    "surgery_datetime",
+    "age_days",
+    "sex",
+    "weight_z",
+    "stat",
+    "ventilation",
+)
 CENSORED = "CENSORED"
 #: Most levels allowed in one stratification column (guards against continuous).
 MAX_LEVELS = 20
 WEIGHT_DECIMALS = 2
-_ADMIN_TOL = 1e-6   # days: an exit this close to followup_days is administrative
+_ADMIN_TOL = 1e-6  # days: an exit this close to followup_days is administrative
 
 
 class PathwayInputError(ValueError):
@@ -156,15 +176,18 @@ def age_group_of(age_days) -> np.ndarray:
     """Age group names from age at surgery (days): neonate <= 30, infant <= 365,
     else child (the rule of :func:`phems_clinical.data.cardiac.pathways.episodes`)."""
     a = np.asarray(age_days, float)
-    return np.asarray(AGE_GROUPS, dtype=object)[np.where(a <= 30, 0,
-                                                         np.where(a <= 365, 1, 2))]
+    return np.asarray(AGE_GROUPS, dtype=object)[
+        np.where(a <= 30, 0, np.where(a <= 365, 1, 2))
+    ]
 
 
 def weight_z_of(weight_kg, age_days) -> np.ndarray:
     """Weight-for-age z = log(weight / APLS median for age) / 0.15 (as in
     :func:`phems_clinical.data.cardiac.pathways.episodes`)."""
-    return np.log(np.asarray(weight_kg, float) / expected_weight_kg(age_days)
-                  ) / WEIGHT_LOG_SD
+    return (
+        np.log(np.asarray(weight_kg, float) / expected_weight_kg(age_days))
+        / WEIGHT_LOG_SD
+    )
 
 
 def _spec_parts(states, transitions, grid, spec):
@@ -174,20 +197,23 @@ def _spec_parts(states, transitions, grid, spec):
         grid = spec.cuts if grid is None else grid
     states = tuple(STATES if states is None else states)
     if len(set(states)) != len(states) or CENSORED in states:
-        raise PathwayInputError(f"states: expected distinct names other than "
-                                f"{CENSORED!r}, got {states}")
+        raise PathwayInputError(
+            f"states: expected distinct names other than {CENSORED!r}, got {states}"
+        )
     grid = np.asarray(DEFAULT_GRID if grid is None else grid, float)
-    if grid.ndim != 1 or grid.size == 0 or grid[0] != 0.0 or np.any(
-            np.diff(grid) <= 0):
-        raise PathwayInputError(f"grid: expected increasing piece starts beginning "
-                                f"at 0 (days), got {grid.tolist()}")
+    if grid.ndim != 1 or grid.size == 0 or grid[0] != 0.0 or np.any(np.diff(grid) <= 0):
+        raise PathwayInputError(
+            f"grid: expected increasing piece starts beginning "
+            f"at 0 (days), got {grid.tolist()}"
+        )
     return states, transitions, grid
 
 
 def _validate(sojourns, states, strata, min_episodes, followup):
     if not isinstance(sojourns, pd.DataFrame):
-        raise PathwayInputError("sojourns: expected a pandas DataFrame, got "
-                                f"{type(sojourns).__name__}")
+        raise PathwayInputError(
+            f"sojourns: expected a pandas DataFrame, got {type(sojourns).__name__}"
+        )
     missing = [c for c in COLUMNS if c not in sojourns.columns]
     if missing:
         raise PathwayInputError(f"sojourns: missing required column(s) {missing}")
@@ -196,36 +222,51 @@ def _validate(sojourns, states, strata, min_episodes, followup):
         raise PathwayInputError(f"strata: unknown column(s) {bad_strata}")
     for c in strata:
         if sojourns[c].isna().any():
-            raise PathwayInputError(f"strata: column {c!r} has missing values; "
-                                    "expected a complete categorical column")
+            raise PathwayInputError(
+                f"strata: column {c!r} has missing values; "
+                "expected a complete categorical column"
+            )
         if sojourns[c].nunique() > MAX_LEVELS:
             raise PathwayInputError(
                 f"strata: column {c!r} has {sojourns[c].nunique()} levels; expected "
-                f"a categorical column with at most {MAX_LEVELS}")
+                f"a categorical column with at most {MAX_LEVELS}"
+            )
     n_ep = sojourns.episode_id.nunique()
     if n_ep < min_episodes:
         raise PathwayInputError(
             f"cannot fit a pathway generator on {n_ep} episodes; at least "
-            f"min_episodes={min_episodes} episodes are needed")
+            f"min_episodes={min_episodes} episodes are needed"
+        )
     if not followup > 0:
         raise PathwayInputError(f"followup_days: expected > 0, got {followup}")
     unknown = sorted(set(sojourns.state) - set(states))
     if unknown:
-        raise PathwayInputError(f"sojourns.state: unknown state(s) {unknown}; "
-                                f"expected one of {list(states)}")
+        raise PathwayInputError(
+            f"sojourns.state: unknown state(s) {unknown}; "
+            f"expected one of {list(states)}"
+        )
     unknown = sorted(set(sojourns.next_state) - set(states) - {CENSORED})
     if unknown:
-        raise PathwayInputError(f"sojourns.next_state: unknown state(s) {unknown}; "
-                                f"expected one of {[*states, CENSORED]}")
+        raise PathwayInputError(
+            f"sojourns.next_state: unknown state(s) {unknown}; "
+            f"expected one of {[*states, CENSORED]}"
+        )
     entry = sojourns.entry.to_numpy(float)
     exit_ = sojourns.exit.to_numpy(float)
-    if not (np.all(np.isfinite(entry)) and np.all(np.isfinite(exit_))
-            and np.all(entry >= 0) and np.all(exit_ >= entry)):
-        raise PathwayInputError("sojourns.entry/exit: expected finite times with "
-                                "0 <= entry <= exit (days since surgery)")
+    if not (
+        np.all(np.isfinite(entry))
+        and np.all(np.isfinite(exit_))
+        and np.all(entry >= 0)
+        and np.all(exit_ >= entry)
+    ):
+        raise PathwayInputError(
+            "sojourns.entry/exit: expected finite times with "
+            "0 <= entry <= exit (days since surgery)"
+        )
     if exit_.max() > followup + _ADMIN_TOL:
-        raise PathwayInputError(f"sojourns.exit: {exit_.max():.6g} days is beyond "
-                                f"followup_days={followup}")
+        raise PathwayInputError(
+            f"sojourns.exit: {exit_.max():.6g} days is beyond followup_days={followup}"
+        )
 
 
 def _exposure_by_piece(entry, exit_, grid):
@@ -236,14 +277,21 @@ def _exposure_by_piece(entry, exit_, grid):
     return np.clip(hi - lo, 0.0, None)
 
 
-def fit_pathways(sojourns: pd.DataFrame, *, states: Sequence[str] | None = None,
-                 transitions: Sequence[tuple[int, int]] | None = None,
-                 grid: Sequence[float] | None = None, spec=None,
-                 strata: Sequence[str] = DEFAULT_STRATA,
-                 followup_days: float = 365.0, min_episodes: int = 10,
-                 prior_episodes: float = 5.0, prior_events: float = 1.0,
-                 repeat_visits: bool = True, n_quantiles: int = 1000
-                 ) -> PathwayModel:
+def fit_pathways(
+    sojourns: pd.DataFrame,
+    *,
+    states: Sequence[str] | None = None,
+    transitions: Sequence[tuple[int, int]] | None = None,
+    grid: Sequence[float] | None = None,
+    spec=None,
+    strata: Sequence[str] = DEFAULT_STRATA,
+    followup_days: float = 365.0,
+    min_episodes: int = 10,
+    prior_episodes: float = 5.0,
+    prior_events: float = 1.0,
+    repeat_visits: bool = True,
+    n_quantiles: int = 1000,
+) -> PathwayModel:
     """Fit the pathway generator to one site's sojourn table.
 
     Parameters
@@ -285,30 +333,56 @@ def fit_pathways(sojourns: pd.DataFrame, *, states: Sequence[str] | None = None,
     followup = float(followup_days)
     _validate(sojourns, states, strata, min_episodes, followup)
     if prior_episodes < 0 or prior_events <= 0:
-        raise PathwayInputError("prior_episodes/prior_events: expected >= 0 / > 0, "
-                                f"got {prior_episodes} / {prior_events}")
+        raise PathwayInputError(
+            "prior_episodes/prior_events: expected >= 0 / > 0, "
+            f"got {prior_episodes} / {prior_events}"
+        )
     idx = {s: i for i, s in enumerate(states)}
     src = sojourns.sort_values(["episode_id", "entry", "exit"], kind="stable")
     s_from = src.state.map(idx).to_numpy(np.int64)
     nxt = src.next_state.to_numpy()
     s_to = np.array([idx.get(v, -1) for v in nxt], np.int64)
     if transitions is None:
-        transitions = (TRANSITIONS if states == STATES else tuple(sorted(
-            {(int(a), int(b)) for a, b in zip(s_from, s_to, strict=True) if b >= 0})))
+        transitions = (
+            TRANSITIONS
+            if states == STATES
+            else tuple(
+                sorted(
+                    {
+                        (int(a), int(b))
+                        for a, b in zip(s_from, s_to, strict=True)
+                        if b >= 0
+                    }
+                )
+            )
+        )
     transitions = tuple((int(a), int(b)) for a, b in transitions)
     k_of = {t: k for k, t in enumerate(transitions)}
-    row_k = np.array([k_of.get((int(a), int(b)), -1) if b >= 0 else -1
-                      for a, b in zip(s_from, s_to, strict=True)], np.int64)
+    row_k = np.array(
+        [
+            k_of.get((int(a), int(b)), -1) if b >= 0 else -1
+            for a, b in zip(s_from, s_to, strict=True)
+        ],
+        np.int64,
+    )
     bad = (s_to >= 0) & (row_k < 0)
     if bad.any():
-        pairs = sorted({(states[a], states[b]) for a, b in
-                        zip(s_from[bad], s_to[bad], strict=True)})
-        raise PathwayInputError(f"sojourns.next_state: transitions {pairs} are not "
-                                f"in the model's transitions")
+        pairs = sorted(
+            {
+                (states[a], states[b])
+                for a, b in zip(s_from[bad], s_to[bad], strict=True)
+            }
+        )
+        raise PathwayInputError(
+            f"sojourns.next_state: transitions {pairs} are not "
+            f"in the model's transitions"
+        )
     absorbing = set(range(len(states))) - {a for a, _ in transitions}
     if np.isin(s_from, list(absorbing)).any():
-        raise PathwayInputError("sojourns.state: a sojourn in an absorbing state "
-                                f"({[states[a] for a in sorted(absorbing)]})")
+        raise PathwayInputError(
+            "sojourns.state: a sojourn in an absorbing state "
+            f"({[states[a] for a in sorted(absorbing)]})"
+        )
     ep = src.episode_id.to_numpy()
     new_ep = np.r_[True, ep[1:] != ep[:-1]]
     row_ep = np.cumsum(new_ep) - 1
@@ -330,14 +404,16 @@ def fit_pathways(sojourns: pd.DataFrame, *, states: Sequence[str] | None = None,
         cell_ep = np.zeros(n_ep, np.int64)
     cell = cell_ep[row_ep]
     # ---- occurrence / exposure
-    expo = _exposure_by_piece(src.entry.to_numpy(float), src.exit.to_numpy(float),
-                              grid)
+    expo = _exposure_by_piece(src.entry.to_numpy(float), src.exit.to_numpy(float), grid)
     exit_ = src.exit.to_numpy(float)
     j_exit = np.clip(np.searchsorted(grid, exit_, side="right") - 1, 0, J - 1)
     S = len(states)
     R = 2 if repeat_visits else 1
-    rep = (src.groupby(["episode_id", "state"], sort=False).cumcount().to_numpy() > 0
-           if repeat_visits else np.zeros(len(src), bool)).astype(np.int64)
+    rep = (
+        src.groupby(["episode_id", "state"], sort=False).cumcount().to_numpy() > 0
+        if repeat_visits
+        else np.zeros(len(src), bool)
+    ).astype(np.int64)
     s_int = s_from + S * rep
     ok = cell >= 0
     E_state = np.zeros((n_cells, R * S, J))
@@ -373,30 +449,49 @@ def fit_pathways(sojourns: pd.DataFrame, *, states: Sequence[str] | None = None,
     reint_p = np.divide(r_in, n_in, out=np.zeros(K + 1), where=n_in > 0)
     # ---- covariates
     cov = first[list(COPULA_COLUMNS)].reset_index(drop=True)
-    copula = fit_copula(cov, categorical=("sex",),
-                        bounds={"age_days": (0.0, None)}, min_rows=min_episodes,
-                        n_quantiles=n_quantiles)
-    ids = np.concatenate([src.person_id.to_numpy(np.int64),
-                          src.episode_id.to_numpy(np.int64)])
+    copula = fit_copula(
+        cov,
+        categorical=("sex",),
+        bounds={"age_days": (0.0, None)},
+        min_rows=min_episodes,
+        n_quantiles=n_quantiles,
+    )
+    ids = np.concatenate(
+        [src.person_id.to_numpy(np.int64), src.episode_id.to_numpy(np.int64)]
+    )
     id_start = int(10 ** int(np.ceil(np.log10(max(int(ids.max()), 0) + 1.0))))
     sites = src.site.unique()
     return PathwayModel(
-        states=states, transitions=transitions, grid=grid, followup_days=followup,
-        strata=strata, levels=tuple(levels), rates=rates, pooled_rates=r0,
-        events=D, exposure=E, censor_rates=censor_rates, init_probs=init_probs,
-        reintervention=reint_p, covariates=copula,
+        states=states,
+        transitions=transitions,
+        grid=grid,
+        followup_days=followup,
+        strata=strata,
+        levels=tuple(levels),
+        rates=rates,
+        pooled_rates=r0,
+        events=D,
+        exposure=E,
+        censor_rates=censor_rates,
+        init_probs=init_probs,
+        reintervention=reint_p,
+        covariates=copula,
         dtypes=tuple((c, sojourns[c].dtype) for c in COLUMNS),
-        site=str(sites[0]) if len(sites) == 1 else "pooled", id_start=id_start,
-        n_episodes=n_ep, repeat_visits=bool(repeat_visits))
+        site=str(sites[0]) if len(sites) == 1 else "pooled",
+        id_start=id_start,
+        n_episodes=n_ep,
+        repeat_visits=bool(repeat_visits),
+    )
 
 
 def _covariates(key, model: PathwayModel, n: int) -> pd.DataFrame:
     cov = sample_copula(key, model.covariates, n)
     age = cov.age_days.to_numpy(float)
     med = expected_weight_kg(age)
-    w = np.round(med * np.exp(WEIGHT_LOG_SD * cov.weight_z.to_numpy(float)),
-                 WEIGHT_DECIMALS)
-    w = np.maximum(w, 10.0 ** -WEIGHT_DECIMALS)
+    w = np.round(
+        med * np.exp(WEIGHT_LOG_SD * cov.weight_z.to_numpy(float)), WEIGHT_DECIMALS
+    )
+    w = np.maximum(w, 10.0**-WEIGHT_DECIMALS)
     cov["weight_kg"] = w
     cov["weight_z"] = weight_z_of(w, age)
     cov["age_group"] = age_group_of(age)
@@ -408,7 +503,7 @@ def _censor_times(rng, model: PathwayModel, n: int) -> np.ndarray:
     f = model.followup_days
     knots = np.append(model.grid[model.grid < f], f)
     widths = np.diff(knots)
-    H = np.r_[0.0, np.cumsum(model.censor_rates[:len(widths)] * widths)]
+    H = np.r_[0.0, np.cumsum(model.censor_rates[: len(widths)] * widths)]
     e = rng.exponential(size=n)
     t = np.full(n, f)
     hit = e < H[-1]
@@ -439,13 +534,18 @@ def _paths(rng, model: PathwayModel, cell: np.ndarray, censor: np.ndarray):
     out = []
     while active.any():
         i = np.flatnonzero(active)
-        j = np.clip(np.searchsorted(model.grid, t[i], side="right") - 1, 0,
-                    len(model.grid) - 1)
+        j = np.clip(
+            np.searchsorted(model.grid, t[i], side="right") - 1, 0, len(model.grid) - 1
+        )
         q = Q[cell[i], state[i] + S * rep[i] * (R - 1), :, j]
         total = q.sum(1)
         end = np.minimum(edges[j + 1], censor[i])
-        dt = np.divide(rng.exponential(size=i.size), total,
-                       out=np.full(i.size, np.inf), where=total > 0)
+        dt = np.divide(
+            rng.exponential(size=i.size),
+            total,
+            out=np.full(i.size, np.inf),
+            where=total > 0,
+        )
         u = rng.random(i.size)
         jump = t[i] + dt < end
         ij = i[jump]
@@ -461,8 +561,9 @@ def _paths(rng, model: PathwayModel, cell: np.ndarray, censor: np.ndarray):
         t[stay] = end[~jump]
         cens = stay[t[stay] >= censor[stay]]
         if cens.size:
-            out.append((cens, state[cens], entry[cens], censor[cens],
-                        np.full(cens.size, -1)))
+            out.append(
+                (cens, state[cens], entry[cens], censor[cens], np.full(cens.size, -1))
+            )
         active[cens] = False
         active[ij[~np.isin(state[ij], sources)]] = False
     cols = [np.concatenate(c) for c in zip(*out, strict=True)]
@@ -470,8 +571,9 @@ def _paths(rng, model: PathwayModel, cell: np.ndarray, censor: np.ndarray):
     return [c[order] for c in cols]
 
 
-def sample_pathways(key: jax.Array, model: PathwayModel, n_episodes: int, *,
-                    site: str | None = None) -> pd.DataFrame:
+def sample_pathways(
+    key: jax.Array, model: PathwayModel, n_episodes: int, *, site: str | None = None
+) -> pd.DataFrame:
     """Draw ``n_episodes`` synthetic episodes as a sojourn table.
 
     Parameters
@@ -492,21 +594,28 @@ def sample_pathways(key: jax.Array, model: PathwayModel, n_episodes: int, *,
         (:data:`~phems_clinical.data.cardiac.pathways.COLUMNS`), sorted by person
         and entry; ids above ``model.id_start``.
     """
-    if (isinstance(n_episodes, bool) or not isinstance(n_episodes, int | np.integer)
-            or n_episodes <= 0):
-        raise PathwayInputError(f"n_episodes: expected a positive integer, got "
-                                f"{n_episodes!r}")
+    if (
+        isinstance(n_episodes, bool)
+        or not isinstance(n_episodes, int | np.integer)
+        or n_episodes <= 0
+    ):
+        raise PathwayInputError(
+            f"n_episodes: expected a positive integer, got {n_episodes!r}"
+        )
     n = int(n_episodes)
     k_cov, k_path = jax.random.split(key)
     cov = _covariates(k_cov, model, n)
     rng = numpy_generator(k_path)
     if model.strata:
-        codes = [pd.Index(list(lv)).get_indexer(cov[c])
-                 for c, lv in zip(model.strata, model.levels, strict=True)]
+        codes = [
+            pd.Index(list(lv)).get_indexer(cov[c])
+            for c, lv in zip(model.strata, model.levels, strict=True)
+        ]
         shape = tuple(len(lv) for lv in model.levels)
         cell = np.ravel_multi_index(tuple(np.maximum(c, 0) for c in codes), shape)
-        cell = np.where(np.min(np.stack(codes), axis=0) < 0,
-                        model.rates.shape[0] - 1, cell)
+        cell = np.where(
+            np.min(np.stack(codes), axis=0) < 0, model.rates.shape[0] - 1, cell
+        )
     else:
         cell = np.zeros(n, np.int64)
     censor = _censor_times(rng, model, n)
@@ -516,24 +625,47 @@ def sample_pathways(key: jax.Array, model: PathwayModel, n_episodes: int, *,
     new_ep = np.r_[True, ep[1:] != ep[:-1]]
     prev_k = np.full(ep.size, K, np.int64)
     prev = np.flatnonzero(~new_ep)
-    prev_k[prev] = [k_of[(int(x), int(y))] for x, y in
-                    zip(st[prev - 1], st[prev], strict=True)]
+    prev_k[prev] = [
+        k_of[(int(x), int(y))] for x, y in zip(st[prev - 1], st[prev], strict=True)
+    ]
     reint = (rng.random(ep.size) < model.reintervention[prev_k]).astype(np.int64)
     names = np.asarray(model.states, dtype=object)
     person = model.id_start + 1 + np.arange(n, dtype=np.int64)
     episode = 2 * model.id_start + 1 + np.arange(n, dtype=np.int64)
-    df = pd.DataFrame({
-        "site": model.site if site is None else site,
-        "person_id": person[ep], "episode_id": episode[ep],
-        "state": names[st], "entry": a, "exit": b,
-        "next_state": np.where(to >= 0, names[np.maximum(to, 0)], CENSORED),
-        "reintervention": reint})
-    for c in ("surgery_datetime", "age_days", "age_group", "sex", "weight_kg",
-              "weight_z", "stat", "ventilation"):
+    df = pd.DataFrame(
+        {
+            "site": model.site if site is None else site,
+            "person_id": person[ep],
+            "episode_id": episode[ep],
+            "state": names[st],
+            "entry": a,
+            "exit": b,
+            "next_state": np.where(to >= 0, names[np.maximum(to, 0)], CENSORED),
+            "reintervention": reint,
+        }
+    )
+    for c in (
+        "surgery_datetime",
+        "age_days",
+        "age_group",
+        "sex",
+        "weight_kg",
+        "weight_z",
+        "stat",
+        "ventilation",
+    ):
         df[c] = cov[c].to_numpy()[ep]
     return df[list(COLUMNS)].astype(dict(model.dtypes))
 
 
-__all__ = ["COPULA_COLUMNS", "DEFAULT_GRID", "DEFAULT_STRATA", "PathwayInputError",
-           "PathwayModel", "age_group_of", "fit_pathways", "sample_pathways",
-           "weight_z_of"]
+__all__ = [
+    "COPULA_COLUMNS",
+    "DEFAULT_GRID",
+    "DEFAULT_STRATA",
+    "PathwayInputError",
+    "PathwayModel",
+    "age_group_of",
+    "fit_pathways",
+    "sample_pathways",
+    "weight_z_of",
+]

@@ -94,12 +94,21 @@ from phems_clinical.privacy.synth.copula import (
 from phems_clinical.rng import numpy_generator
 
 __all__ = [
-    "VALUE_COLUMNS", "PicuSequenceError", "PicuSequenceModel", "fit_picu_sequences",
+    "VALUE_COLUMNS",
+    "PicuSequenceError",
+    "PicuSequenceModel",
+    "fit_picu_sequences",
     "sample_picu_sequences",
 ]
 
-_FLAGS = ("imv", "other_respiratory_support", "vasoactives", "antimicrobial",
-          "culture", "died")
+_FLAGS = (
+    "imv",
+    "other_respiratory_support",
+    "vasoactives",
+    "antimicrobial",
+    "culture",
+    "died",
+)
 #: Charted variables (NaN = not measured), in hourly-table order.
 VALUE_COLUMNS = tuple(c for c in HOURLY_COLUMNS[6:] if c not in _FLAGS)
 _LATENTS = VALUE_COLUMNS + ("_resp", "_vaso")
@@ -107,9 +116,9 @@ _HOURS_PER_MONTH = 30.4375 * 24.0  # 730.5 h, as hourly_table
 _MAX_LAG = 12
 _BIAS_STEPS = 1  # simulation bias-correction steps for the AR coefficients
 _MIN_BIAS_PAIRS = 200
-_ADM_BINS = 48        # hours since admission: bins 0..47, then flat
+_ADM_BINS = 48  # hours since admission: bins 0..47, then flat
 _CULT_BINS = (-24, 72)  # hours relative to the culture hour (clamped)
-_DEATH_BINS = 48      # hours before the last hour of a died stay
+_DEATH_BINS = 48  # hours before the last hour of a died stay
 
 
 class PicuSequenceError(ValueError):
@@ -163,23 +172,33 @@ def _decimals(x: np.ndarray) -> int:
 def _seg_mean(x: np.ndarray, ok: np.ndarray, sidx: np.ndarray, n: int) -> np.ndarray:
     """Per-stay mean of x over ok cells (n, p); NaN where a stay has none."""
     xs = np.where(ok, x, 0.0)
-    num = np.column_stack([np.bincount(sidx, xs[:, c], minlength=n)
-                           for c in range(x.shape[1])])
-    cnt = np.column_stack([np.bincount(sidx, ok[:, c], minlength=n)
-                           for c in range(x.shape[1])])
+    num = np.column_stack(
+        [np.bincount(sidx, xs[:, c], minlength=n) for c in range(x.shape[1])]
+    )
+    cnt = np.column_stack(
+        [np.bincount(sidx, ok[:, c], minlength=n) for c in range(x.shape[1])]
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         return num / cnt
 
 
-def _bin_mean(e: np.ndarray, ok: np.ndarray, b: np.ndarray, sidx: np.ndarray,
-              nbins: int, min_stays: int) -> np.ndarray:
+def _bin_mean(
+    e: np.ndarray,
+    ok: np.ndarray,
+    b: np.ndarray,
+    sidx: np.ndarray,
+    nbins: int,
+    min_stays: int,
+) -> np.ndarray:
     """Mean of e per bin b (rows with b < 0 ignored); bins of < min_stays stays: 0."""
     use = b >= 0
     bu, eu, oku = b[use], np.where(ok[use], e[use], 0.0), ok[use]
-    num = np.column_stack([np.bincount(bu, eu[:, c], minlength=nbins)
-                           for c in range(e.shape[1])])
-    cnt = np.column_stack([np.bincount(bu, oku[:, c], minlength=nbins)
-                           for c in range(e.shape[1])])
+    num = np.column_stack(
+        [np.bincount(bu, eu[:, c], minlength=nbins) for c in range(e.shape[1])]
+    )
+    cnt = np.column_stack(
+        [np.bincount(bu, oku[:, c], minlength=nbins) for c in range(e.shape[1])]
+    )
     m = int(sidx.max()) + 1
     pairs = np.unique(bu * m + sidx[use])
     stays = np.bincount(pairs // m, minlength=nbins)
@@ -194,8 +213,9 @@ def _curve_bins(hour, length, cult_h, died):
     adm = np.minimum(hour, _ADM_BINS - 1)
     lo, hi = _CULT_BINS
     rel = hour - cult_h
-    cult = np.where(np.isnan(cult_h), -1,
-                    np.clip(np.nan_to_num(rel), lo, hi) - lo).astype(np.int64)
+    cult = np.where(
+        np.isnan(cult_h), -1, np.clip(np.nan_to_num(rel), lo, hi) - lo
+    ).astype(np.int64)
     to_end = length - 1 - hour
     death = np.where(died & (to_end < _DEATH_BINS), to_end, -1).astype(np.int64)
     return adm.astype(np.int64), cult, death
@@ -236,8 +256,10 @@ def _fit_phi(rho, cnt, comm):
     gp = grid[None, :] ** j  # (lags, G)
     best = (np.inf, 0.0, None)
     for f in range(len(grid)):
-        pred = (comm[None, None, :] * gp[:, f, None, None]
-                + (1 - comm)[None, None, :] * gp[:, :, None])  # (lags, G, p)
+        pred = (
+            comm[None, None, :] * gp[:, f, None, None]
+            + (1 - comm)[None, None, :] * gp[:, :, None]
+        )  # (lags, G, p)
         sse = (w[:, None, :] * (pred - r[:, None, :]) ** 2).sum(0)  # (G, p)
         k = sse.argmin(0)
         tot = sse[k, np.arange(len(k))].sum()
@@ -294,30 +316,35 @@ def _tetrachoric(ind: np.ndarray) -> np.ndarray:
 def _check_table(hourly: pd.DataFrame, min_stays: int) -> pd.DataFrame:
     if not isinstance(hourly, pd.DataFrame):
         raise PicuSequenceError(
-            f"hourly: expected a pandas DataFrame, got {type(hourly).__name__}")
+            f"hourly: expected a pandas DataFrame, got {type(hourly).__name__}"
+        )
     missing = [c for c in HOURLY_COLUMNS if c not in hourly.columns]
     if missing:
         raise PicuSequenceError(
             f"hourly table lacks required column(s) {missing} (expected the columns "
-            f"of phems_clinical.data.picu.HOURLY_COLUMNS)")
+            f"of phems_clinical.data.picu.HOURLY_COLUMNS)"
+        )
     df = hourly.sort_values(["site", "stay_id", "hour"], kind="stable")
     df = df.reset_index(drop=True)
     n = df.groupby(["site", "stay_id"], sort=False).ngroups
     if n < min_stays:
         raise PicuSequenceError(
             f"cannot fit the PICU sequence generator on {n} stays; at least "
-            f"min_stays={min_stays} stays are needed")
+            f"min_stays={min_stays} stays are needed"
+        )
     code = pd.MultiIndex.from_frame(df[["site", "stay_id"]]).factorize()[0]
     hour = df["hour"].to_numpy(np.int64)
     first = np.r_[True, code[1:] != code[:-1]]
     expect = np.arange(len(df)) - np.maximum.accumulate(
-        np.where(first, np.arange(len(df)), 0))
+        np.where(first, np.arange(len(df)), 0)
+    )
     if (hour != expect).any():
         i = int(np.flatnonzero(hour != expect)[0])
         raise PicuSequenceError(
             f"column 'hour': expected contiguous hours 0..L-1 within each stay; "
             f"stay_id={df['stay_id'].iloc[i]} has hour {hour[i]} at position "
-            f"{expect[i]}")
+            f"{expect[i]}"
+        )
     died = df["died"].to_numpy(np.int64)
     if (np.bincount(code, died) % np.bincount(code) != 0).any():
         raise PicuSequenceError("column 'died': expected one value (0 or 1) per stay")
@@ -335,9 +362,14 @@ def _latent_inputs(df: pd.DataFrame):
 
 
 # ----------------------------------------------------------------------- fit
-def fit_picu_sequences(hourly: pd.DataFrame, *, min_stays: int = 10,
-                       n_factors: int = 3, min_bin_stays: int = 5,
-                       n_quantiles: int = 1000) -> PicuSequenceModel:
+def fit_picu_sequences(
+    hourly: pd.DataFrame,
+    *,
+    min_stays: int = 10,
+    n_factors: int = 3,
+    min_bin_stays: int = 5,
+    n_quantiles: int = 1000,
+) -> PicuSequenceModel:
     """Fit the generator to one site's hourly table (see the module docstring).
 
     Parameters
@@ -409,6 +441,7 @@ def fit_picu_sequences(hourly: pd.DataFrame, *, min_stays: int = 10,
     off = np.repeat((~support & ~first)[:, None], p_v, 1)
     r_on = _seg_mean(obs.astype(float), on, code, n)
     r_off = _seg_mean(obs.astype(float), off, code, n)
+
     def frac(a):
         return np.bincount(code, a, minlength=n) / length
 
@@ -423,14 +456,20 @@ def fit_picu_sequences(hourly: pd.DataFrame, *, min_stays: int = 10,
         # hurdle coding: which supports the stay ever had (one categorical, so
         # their co-occurrence is kept exactly), then the positive shares
         "f_v1": pos(frac(vaso >= 1)),
-        "f_imv": pos(frac(imv > 0)), "f_ors": pos(frac((ors > 0) & ~(imv > 0))),
+        "f_imv": pos(frac(imv > 0)),
+        "f_ors": pos(frac((ors > 0) & ~(imv > 0))),
         # vasoactive hours split by IMV: share of the IMV hours and of the other
         # hours (keeps how far vasoactives run on ventilated children)
-        "q_in": pos(np.bincount(code, (vaso > 0) & (imv > 0), minlength=n)
-                    / np.maximum(np.bincount(code, imv > 0, minlength=n), 1)),
-        "q_out": pos(np.bincount(code, (vaso > 0) & ~(imv > 0), minlength=n)
-                     / np.maximum(np.bincount(code, ~(imv > 0), minlength=n), 1)),
-        "f_v2": frac(vaso >= 2), "f_v3": frac(vaso >= 3),
+        "q_in": pos(
+            np.bincount(code, (vaso > 0) & (imv > 0), minlength=n)
+            / np.maximum(np.bincount(code, imv > 0, minlength=n), 1)
+        ),
+        "q_out": pos(
+            np.bincount(code, (vaso > 0) & ~(imv > 0), minlength=n)
+            / np.maximum(np.bincount(code, ~(imv > 0), minlength=n), 1)
+        ),
+        "f_v2": frac(vaso >= 2),
+        "f_v3": frac(vaso >= 3),
         "cult_rel": np.where(has_c, (cult_h + 0.5) / length, np.nan),
         "abx_delay": np.where(has_c & has_a, abx_h - cult_h.astype(float), np.nan),
         "abx_rel": np.where(has_a, (abx_h + 0.5) / length, np.nan),
@@ -442,9 +481,13 @@ def fit_picu_sequences(hourly: pd.DataFrame, *, min_stays: int = 10,
         table[f"off_{name}"] = r_off[:, v]
     stay_df = pd.DataFrame(table)
     try:
-        stays = fit_copula(stay_df, categorical=["sex", "died"],
-                           bounds={"age0": (0.0, None), "los": (1, None)},
-                           min_rows=int(min_stays), n_quantiles=n_quantiles)
+        stays = fit_copula(
+            stay_df,
+            categorical=["sex", "died"],
+            bounds={"age0": (0.0, None), "los": (1, None)},
+            min_rows=int(min_stays),
+            n_quantiles=n_quantiles,
+        )
     except CopulaInputError as err:  # pragma: no cover - guarded above
         raise PicuSequenceError(f"stay table: {err}") from err
 
@@ -494,22 +537,25 @@ def fit_picu_sequences(hourly: pd.DataFrame, *, min_stays: int = 10,
         rho_sim, _ = _lagged_corr(sim, ok, first, _MAX_LAG)
         # only where the autocorrelation is well estimated (sparse labs: noise)
         good = ~np.isnan(rho_sim) & (cnt >= _MIN_BIAS_PAIRS)
-        target = np.where(good, np.clip(target + rho - rho_sim, -0.99, 0.999),
-                          target)
+        target = np.where(good, np.clip(target + rho - rho_sim, -0.99, 0.999), target)
         phi_f, phi_own = _fit_phi(target, cnt, comm)
 
     # charting: hour-0 rates, pooled state rates, tetrachoric correlation
     first_rate = obs[first].mean(0)
-    state_rate = np.stack([obs[~support].mean(0) if (~support).any()
-                           else obs.mean(0),
-                           obs[support].mean(0) if support.any() else obs.mean(0)])
+    state_rate = np.stack(
+        [
+            obs[~support].mean(0) if (~support).any() else obs.mean(0),
+            obs[support].mean(0) if support.any() else obs.mean(0),
+        ]
+    )
     mask_corr = _tetrachoric(obs[~first])
 
     # within-stay timing of vasoactives vs IMV: tetrachoric correlation of the two
     # indicators over the stays that have both (the factor model alone understates
     # it, its latents being demeaned 0/1/2 codes)
     both = (np.bincount(code, imv > 0, minlength=n) > 0) & (
-        np.bincount(code, vaso > 0, minlength=n) > 0)
+        np.bincount(code, vaso > 0, minlength=n) > 0
+    )
     rows = both[code]
     if rows.sum() >= 20:
         tc = _tetrachoric(np.column_stack([imv[rows] > 0, vaso[rows] > 0]))
@@ -519,13 +565,29 @@ def fit_picu_sequences(hourly: pd.DataFrame, *, min_stays: int = 10,
 
     sites = df["site"].astype(str)
     site = str(sites.mode().iloc[0])
-    ids = np.concatenate([df["person_id"].to_numpy(np.int64),
-                          df["stay_id"].to_numpy(np.int64)])
+    ids = np.concatenate(
+        [df["person_id"].to_numpy(np.int64), df["stay_id"].to_numpy(np.int64)]
+    )
     id_base = int(10 ** int(np.ceil(np.log10(max(int(ids.max()), 0) + 2))))
     return PicuSequenceModel(
-        stays, tuple(quantiles), np.asarray(decimals), adm_curve, cult_curve,
-        death_curve, sd, loadings, phi_f, phi_own, mask_corr, first_rate,
-        state_rate, rv_corr, site, id_base, n)
+        stays,
+        tuple(quantiles),
+        np.asarray(decimals),
+        adm_curve,
+        cult_curve,
+        death_curve,
+        sd,
+        loadings,
+        phi_f,
+        phi_own,
+        mask_corr,
+        first_rate,
+        state_rate,
+        rv_corr,
+        site,
+        id_base,
+        n,
+    )
 
 
 # -------------------------------------------------------------------- sample
@@ -537,8 +599,9 @@ def _top_n(latent, sidx, start, n_top):
     return rank < np.asarray(n_top, np.int64)[sidx]
 
 
-def sample_picu_sequences(key, model: PicuSequenceModel, n_stays: int, *,
-                          site: str | None = None) -> pd.DataFrame:
+def sample_picu_sequences(
+    key, model: PicuSequenceModel, n_stays: int, *, site: str | None = None
+) -> pd.DataFrame:
     """Draw ``n_stays`` synthetic stays as an hourly table (same columns and dtypes).
 
     Parameters
@@ -552,13 +615,18 @@ def sample_picu_sequences(key, model: PicuSequenceModel, n_stays: int, *,
     -------
     DataFrame sorted by (stay_id, hour) with ``HOURLY_COLUMNS``.
     """
-    if isinstance(n_stays, bool) or not isinstance(n_stays, int | np.integer) \
-            or n_stays <= 0:
-        raise PicuSequenceError(f"n_stays: expected a positive integer, got "
-                                f"{n_stays!r}")
+    if (
+        isinstance(n_stays, bool)
+        or not isinstance(n_stays, int | np.integer)
+        or n_stays <= 0
+    ):
+        raise PicuSequenceError(
+            f"n_stays: expected a positive integer, got {n_stays!r}"
+        )
     if not isinstance(model, PicuSequenceModel):
-        raise PicuSequenceError("model: expected a PicuSequenceModel from "
-                                "fit_picu_sequences")
+        raise PicuSequenceError(
+            "model: expected a PicuSequenceModel from fit_picu_sequences"
+        )
     k_stay, k_np = jax.random.split(key)
     n = int(n_stays)
     st = sample_copula(k_stay, model.stays, n)
@@ -574,14 +642,20 @@ def sample_picu_sequences(key, model: PicuSequenceModel, n_stays: int, *,
     # events: culture hour and antimicrobial block
     cult_rel = st["cult_rel"].to_numpy(np.float64)
     has_c = ~np.isnan(cult_rel)
-    cult_h = np.where(has_c, np.minimum(np.floor(np.nan_to_num(cult_rel) * length),
-                                        length - 1), np.nan)
+    cult_h = np.where(
+        has_c,
+        np.minimum(np.floor(np.nan_to_num(cult_rel) * length), length - 1),
+        np.nan,
+    )
     abx_len = st["abx_len"].to_numpy(np.float64)
     has_a = ~np.isnan(abx_len)
     delay = st["abx_delay"].to_numpy(np.float64)
     abx_rel = st["abx_rel"].to_numpy(np.float64)
-    a0 = np.where(has_c & ~np.isnan(delay), cult_h + np.nan_to_num(delay),
-                  np.floor(np.nan_to_num(abx_rel) * length))
+    a0 = np.where(
+        has_c & ~np.isnan(delay),
+        cult_h + np.nan_to_num(delay),
+        np.floor(np.nan_to_num(abx_rel) * length),
+    )
     a0 = np.clip(np.nan_to_num(a0), 0, length - 1)
     a1 = np.minimum(a0 + np.maximum(np.rint(np.nan_to_num(abx_len)), 1), length)
 
@@ -590,28 +664,36 @@ def sample_picu_sequences(key, model: PicuSequenceModel, n_stays: int, *,
     means = np.zeros((n, len(_LATENTS)))
     for v, name in enumerate(VALUE_COLUMNS):
         means[:, v] = np.nan_to_num(st[f"m_{name}"].to_numpy(np.float64))
-    b_adm, b_cult, b_death = _curve_bins(hour, length[sidx], cult_h[sidx],
-                                         died[sidx] > 0)
-    z = (means[sidx] + model.adm_curve[b_adm]
-         + np.where(b_cult[:, None] >= 0, model.cult_curve[np.maximum(b_cult, 0)], 0)
-         + np.where(b_death[:, None] >= 0, model.death_curve[np.maximum(b_death, 0)],
-                    0)
-         + model.resid_sd * _residuals(rng, first, model.loadings, model.phi_factor,
-                                       model.phi_own))
+    b_adm, b_cult, b_death = _curve_bins(
+        hour, length[sidx], cult_h[sidx], died[sidx] > 0
+    )
+    z = (
+        means[sidx]
+        + model.adm_curve[b_adm]
+        + np.where(b_cult[:, None] >= 0, model.cult_curve[np.maximum(b_cult, 0)], 0)
+        + np.where(b_death[:, None] >= 0, model.death_curve[np.maximum(b_death, 0)], 0)
+        + model.resid_sd
+        * _residuals(rng, first, model.loadings, model.phi_factor, model.phi_own)
+    )
 
     # interventions from the respiratory and vasoactive latents
     # presence of each support = its positive share was drawn (copula missingness)
-    pattern = (1 * st["f_ors"].notna().to_numpy() + 2 * st["f_imv"].notna().to_numpy()
-               + 4 * st["f_v1"].notna().to_numpy())
-    med = {m.name: float(np.median(m.quantiles)) for m in model.stays.marginals
-           if m.name in ("f_imv", "f_ors")}
+    pattern = (
+        1 * st["f_ors"].notna().to_numpy()
+        + 2 * st["f_imv"].notna().to_numpy()
+        + 4 * st["f_v1"].notna().to_numpy()
+    )
+    med = {
+        m.name: float(np.median(m.quantiles))
+        for m in model.stays.marginals
+        if m.name in ("f_imv", "f_ors")
+    }
     f = {}
     for c, bit in (("f_imv", 2), ("f_ors", 1)):
         x = st[c].to_numpy(np.float64)
         x = np.where(np.isnan(x), med[c] if np.isfinite(med[c]) else 0.0, x)
         # present -> at least one hour; absent -> none
-        f[c] = np.clip(np.where(pattern & bit, np.maximum(x, 1.0 / length), 0.0),
-                       0, 1)
+        f[c] = np.clip(np.where(pattern & bit, np.maximum(x, 1.0 / length), 0.0), 0, 1)
     rl = z[:, p_v]
     imv = _top_n(rl, sidx, start, np.rint(f["f_imv"] * length))
     n_sup = np.rint(np.minimum(f["f_imv"] + f["f_ors"], 1.0) * length)
@@ -623,26 +705,36 @@ def sample_picu_sequences(key, model: PicuSequenceModel, n_stays: int, *,
     lv = rho * zs[:, 0] + np.sqrt(1 - rho**2) * zs[:, 1]
     has_v = (pattern & 4) > 0
     n_imv = np.bincount(sidx, imv, minlength=n)
-    med_in = float(np.median(model.stays.marginals[
-        model.stays.columns.index("q_in")].quantiles))
+    med_in = float(
+        np.median(model.stays.marginals[model.stays.columns.index("q_in")].quantiles)
+    )
     q_in = st["q_in"].to_numpy(np.float64)
     q_in = np.clip(np.where(np.isnan(q_in), np.nan_to_num(med_in), q_in), 0, 1)
     q_out = np.clip(np.nan_to_num(st["q_out"].to_numpy(np.float64)), 0, 1)
     k_in = np.where(has_v, np.rint(q_in * n_imv), 0)
     k_out = np.where(has_v, np.rint(q_out * (length - n_imv)), 0)
     f_v1 = np.nan_to_num(st["f_v1"].to_numpy(np.float64))
-    k_out = np.where(has_v & (k_in + k_out == 0),  # no split drawn: the v1 share
-                     np.maximum(np.rint(f_v1 * (length - n_imv)), 1), k_out)
-    v1 = (_top_n(np.where(imv, lv, -np.inf), sidx, start, k_in)
-          | _top_n(np.where(imv, -np.inf, lv), sidx, start, k_out))
+    k_out = np.where(
+        has_v & (k_in + k_out == 0),  # no split drawn: the v1 share
+        np.maximum(np.rint(f_v1 * (length - n_imv)), 1),
+        k_out,
+    )
+    v1 = _top_n(np.where(imv, lv, -np.inf), sidx, start, k_in) | _top_n(
+        np.where(imv, -np.inf, lv), sidx, start, k_out
+    )
     n_v1 = np.bincount(sidx, v1, minlength=n)
     lv1 = np.where(v1, lv, -np.inf)  # >= 2 and >= 3 agents only where >= 1
-    k2 = np.minimum(np.rint(np.clip(st["f_v2"].to_numpy(np.float64), 0, 1)
-                            * length), n_v1)
-    k3 = np.minimum(np.rint(np.clip(st["f_v3"].to_numpy(np.float64), 0, 1)
-                            * length), k2)
-    vaso = (v1.astype(np.int64) + _top_n(lv1, sidx, start, k2)
-            + _top_n(lv1, sidx, start, k3))
+    k2 = np.minimum(
+        np.rint(np.clip(st["f_v2"].to_numpy(np.float64), 0, 1) * length), n_v1
+    )
+    k3 = np.minimum(
+        np.rint(np.clip(st["f_v3"].to_numpy(np.float64), 0, 1) * length), k2
+    )
+    vaso = (
+        v1.astype(np.int64)
+        + _top_n(lv1, sidx, start, k2)
+        + _top_n(lv1, sidx, start, k3)
+    )
     support = imv | ors | (vaso > 0)
 
     # charting masks
@@ -658,15 +750,17 @@ def sample_picu_sequences(key, model: PicuSequenceModel, n_stays: int, *,
     g = rng.standard_normal((R, p_v)) @ chol.T
     measured = special.ndtr(g) < np.clip(rates, 0, 1)
 
-    out = pd.DataFrame({
-        "site": np.full(R, model.site if site is None else str(site), dtype=object),
-        "person_id": (model.id_base + 1 + sidx).astype(np.int64),
-        "stay_id": (model.id_base + 1 + sidx).astype(np.int64),
-        "hour": hour.astype(np.int64),
-        "age_months": st["age0"].to_numpy(np.float64)[sidx]
-        + hour / _HOURS_PER_MONTH,
-        "sex": pd.Series(st["sex"].to_numpy(object)[sidx], dtype=object),
-    })
+    out = pd.DataFrame(
+        {
+            "site": np.full(R, model.site if site is None else str(site), dtype=object),
+            "person_id": (model.id_base + 1 + sidx).astype(np.int64),
+            "stay_id": (model.id_base + 1 + sidx).astype(np.int64),
+            "hour": hour.astype(np.int64),
+            "age_months": st["age0"].to_numpy(np.float64)[sidx]
+            + hour / _HOURS_PER_MONTH,
+            "sex": pd.Series(st["sex"].to_numpy(object)[sidx], dtype=object),
+        }
+    )
     vals = np.full((R, p_v), np.nan)
     for v in range(p_v):
         q = model.quantiles[v]
@@ -674,16 +768,21 @@ def sample_picu_sequences(key, model: PicuSequenceModel, n_stays: int, *,
         if q.size == 0 or not m.any():
             continue
         u = rankdata(z[m, v]) / (m.sum() + 1)
-        x = np.interp(u, np.linspace(0, 1, q.size), q) if q.size > 1 else np.full(
-            int(m.sum()), q[0])
+        x = (
+            np.interp(u, np.linspace(0, 1, q.size), q)
+            if q.size > 1
+            else np.full(int(m.sum()), q[0])
+        )
         vals[m, v] = np.clip(np.round(x, int(model.decimals[v])), q[0], q[-1])
     out = pd.concat([out, pd.DataFrame(vals, columns=list(VALUE_COLUMNS))], axis=1)
     out["imv"] = imv.astype(np.int64)
     out["other_respiratory_support"] = ors.astype(np.int64)
     out["vasoactives"] = vaso.astype(np.int64)
-    out["antimicrobial"] = (has_a[sidx] & (hour >= a0[sidx])
-                            & (hour < a1[sidx])).astype(np.int64)
-    out["culture"] = (has_c[sidx] & (hour == np.nan_to_num(cult_h, nan=-1)[sidx])
-                      ).astype(np.int64)
+    out["antimicrobial"] = (
+        has_a[sidx] & (hour >= a0[sidx]) & (hour < a1[sidx])
+    ).astype(np.int64)
+    out["culture"] = (
+        has_c[sidx] & (hour == np.nan_to_num(cult_h, nan=-1)[sidx])
+    ).astype(np.int64)
     out["died"] = died[sidx].astype(np.int64)
     return out[list(HOURLY_COLUMNS)]

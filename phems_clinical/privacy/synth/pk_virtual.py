@@ -55,8 +55,24 @@ from phems_clinical.pk.spec import PopModel
 from phems_clinical.privacy.synth.copula import CopulaModel, fit_copula, sample_copula
 
 MIN_SUBJECTS = 10
-_EVENT_COLUMNS = frozenset({"ROW", "ID", "TIME", "EVID", "MDV", "AMT", "RATE", "DUR",
-                            "DV", "BLQ", "LLOQ", "OCC", "DVUNIT", "NOTE"})
+_EVENT_COLUMNS = frozenset(
+    {
+        "ROW",
+        "ID",
+        "TIME",
+        "EVID",
+        "MDV",
+        "AMT",
+        "RATE",
+        "DUR",
+        "DV",
+        "BLQ",
+        "LLOQ",
+        "OCC",
+        "DVUNIT",
+        "NOTE",
+    }
+)
 _MAX_CODED_LEVELS = 10  # integer columns with at most this many levels: categorical
 
 
@@ -105,7 +121,8 @@ def _as_pkdata(events) -> PKData:
     if isinstance(events, pd.DataFrame):
         return read_nonmem(events)
     raise VirtualPopulationError(
-        f"events must be a DataFrame or PKData, got {type(events).__name__}")
+        f"events must be a DataFrame or PKData, got {type(events).__name__}"
+    )
 
 
 def _first_value(g: pd.Series):
@@ -118,7 +135,8 @@ def _covariate_table(ev: pd.DataFrame, model: PopModel) -> pd.DataFrame:
     absent = [c for c in names if c not in ev.columns]
     if absent:
         raise VirtualPopulationError(
-            "model covariate(s) missing from the events: " + ", ".join(absent))
+            "model covariate(s) missing from the events: " + ", ".join(absent)
+        )
     groups = ev.groupby("ID", sort=False)
     extra = []
     for c in ev.columns:
@@ -132,7 +150,8 @@ def _covariate_table(ev: pd.DataFrame, model: PopModel) -> pd.DataFrame:
         bad = table.index[table[empty].isna().any(axis=1)].tolist()
         raise VirtualPopulationError(
             "model covariate(s) without a value for some subjects: "
-            f"{', '.join(empty)} (subjects {', '.join(map(str, bad[:5]))})")
+            f"{', '.join(empty)} (subjects {', '.join(map(str, bad[:5]))})"
+        )
     for c in names:
         table[c] = pd.to_numeric(table[c], errors="raise").astype(float)
     return table
@@ -148,18 +167,28 @@ def _designs(ev: pd.DataFrame, wt: pd.Series | None) -> list[Design]:
         per_kg = wt is not None and float(wt.loc[sid]) > 0
         if per_kg:
             amt = amt / float(wt.loc[sid])
-        out.append(Design(
-            dose_time=d["TIME"].to_numpy(float) - t0, dose_amt=amt,
-            dose_dur=d["DUR"].to_numpy(float), dose_occ=d["OCC"].to_numpy(int) - 1,
-            obs_time=o["TIME"].to_numpy(float) - t0,
-            obs_lloq=o["LLOQ"].to_numpy(float), obs_occ=o["OCC"].to_numpy(int) - 1,
-            per_kg=per_kg))
+        out.append(
+            Design(
+                dose_time=d["TIME"].to_numpy(float) - t0,
+                dose_amt=amt,
+                dose_dur=d["DUR"].to_numpy(float),
+                dose_occ=d["OCC"].to_numpy(int) - 1,
+                obs_time=o["TIME"].to_numpy(float) - t0,
+                obs_lloq=o["LLOQ"].to_numpy(float),
+                obs_occ=o["OCC"].to_numpy(int) - 1,
+                per_kg=per_kg,
+            )
+        )
     return out
 
 
-def fit_virtual_population(events, model: PopModel, params: PopParams, *,
-                           individual: pd.DataFrame | None = None
-                           ) -> VirtualPopulationModel:
+def fit_virtual_population(
+    events,
+    model: PopModel,
+    params: PopParams,
+    *,
+    individual: pd.DataFrame | None = None,
+) -> VirtualPopulationModel:
     """Fit a virtual population to a PK dataset.
 
     Parameters
@@ -188,7 +217,8 @@ def fit_virtual_population(events, model: PopModel, params: PopParams, *,
     if n_subj < MIN_SUBJECTS:
         raise VirtualPopulationError(
             f"need at least {MIN_SUBJECTS} subjects to fit a virtual population, "
-            f"got {n_subj}")
+            f"got {n_subj}"
+        )
     table = _covariate_table(ev, model)
     eta_cols: tuple[str, ...] = ()
     if individual is not None:
@@ -198,28 +228,39 @@ def fit_virtual_population(events, model: PopModel, params: PopParams, *,
         miss = [c for c in ("ID", *eta_cols) if c not in ind.columns]
         if miss:
             raise VirtualPopulationError(
-                "individual is missing column(s): " + ", ".join(miss))
+                "individual is missing column(s): " + ", ".join(miss)
+            )
         ind = ind.assign(ID=ind["ID"].astype(str)).drop_duplicates("ID")
         ind = ind.set_index("ID")
         lost = [i for i in table.index if i not in ind.index]
         if lost:
             raise VirtualPopulationError(
-                "individual has no row for subject(s): "
-                + ", ".join(map(str, lost[:5])))
+                "individual has no row for subject(s): " + ", ".join(map(str, lost[:5]))
+            )
         table = table.join(ind[list(eta_cols)].astype(float))
-    coded = [c for c in table.columns
-             if c not in eta_cols and pd.api.types.is_numeric_dtype(table[c])
-             and np.all(np.mod(table[c].dropna(), 1) == 0)
-             and table[c].nunique() <= _MAX_CODED_LEVELS]
-    cop = fit_copula(table.reset_index(drop=True), categorical=coded,
-                     min_rows=MIN_SUBJECTS)
+    coded = [
+        c
+        for c in table.columns
+        if c not in eta_cols
+        and pd.api.types.is_numeric_dtype(table[c])
+        and np.all(np.mod(table[c].dropna(), 1) == 0)
+        and table[c].nunique() <= _MAX_CODED_LEVELS
+    ]
+    cop = fit_copula(
+        table.reset_index(drop=True), categorical=coded, min_rows=MIN_SUBJECTS
+    )
     wt = table["WT"] if "WT" in table.columns else None
     vials = tuple(float(v) for v in model.metadata.get("vial_sizes_IU", [250.0]))
     return VirtualPopulationModel(
-        model=model, params=params, copula=cop,
+        model=model,
+        params=params,
+        copula=cop,
         covariate_columns=tuple(c for c in table.columns if c not in eta_cols),
-        eta_columns=eta_cols, designs=tuple(_designs(ev, wt)), vials=vials,
-        source_ids=frozenset(str(i) for i in table.index))
+        eta_columns=eta_cols,
+        designs=tuple(_designs(ev, wt)),
+        vials=vials,
+        source_ids=frozenset(str(i) for i in table.index),
+    )
 
 
 def _synthetic_ids(n: int, taken: frozenset) -> list[str]:
@@ -231,8 +272,9 @@ def _synthetic_ids(n: int, taken: frozenset) -> list[str]:
         prefix += "X"
 
 
-def sample_virtual_population(key: Key, vpm: VirtualPopulationModel, n: int
-                              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def sample_virtual_population(
+    key: Key, vpm: VirtualPopulationModel, n: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Draw ``n`` virtual patients.
 
     Returns
@@ -259,20 +301,32 @@ def sample_virtual_population(key: Key, vpm: VirtualPopulationModel, n: int
         if d.per_kg:
             wt = float(synth["WT"].iloc[i])
             amt = np.array([round_dose(a * wt, list(vpm.vials)) for a in amt])
-        subjects.append(dict(
-            dose_time=d.dose_time, dose_amt=amt, dose_dur=d.dose_dur,
-            dose_occ=d.dose_occ, obs_time=d.obs_time,
-            obs_dv=np.zeros(len(d.obs_time)),
-            obs_blq=np.zeros(len(d.obs_time), bool),
-            obs_lloq=np.nan_to_num(d.obs_lloq), obs_occ=d.obs_occ, covariates=cov[i]))
+        subjects.append(
+            dict(
+                dose_time=d.dose_time,
+                dose_amt=amt,
+                dose_dur=d.dose_dur,
+                dose_occ=d.dose_occ,
+                obs_time=d.obs_time,
+                obs_dv=np.zeros(len(d.obs_time)),
+                obs_blq=np.zeros(len(d.obs_time), bool),
+                obs_lloq=np.nan_to_num(d.obs_lloq),
+                obs_occ=d.obs_occ,
+                covariates=cov[i],
+            )
+        )
     cohort = stack_subjects(subjects)
-    n_occ = max(1, max(int(np.max(s["dose_occ"], initial=0)) + 1 for s in subjects),
-                max(int(np.max(s["obs_occ"], initial=0)) + 1 for s in subjects))
+    n_occ = max(
+        1,
+        max(int(np.max(s["dose_occ"], initial=0)) + 1 for s in subjects),
+        max(int(np.max(s["obs_occ"], initial=0)) + 1 for s in subjects),
+    )
     if vpm.eta_columns:
         eta = jnp.asarray(synth[list(vpm.eta_columns)].to_numpy(dtype=float))
     elif model.n_eta:
-        eta = jax.random.multivariate_normal(k_eta, jnp.zeros(model.n_eta), p.omega,
-                                             (n,))
+        eta = jax.random.multivariate_normal(
+            k_eta, jnp.zeros(model.n_eta), p.omega, (n,)
+        )
     else:
         eta = jnp.zeros((n, 0))
     y, indiv = simulate_observations(k_kappa, k_eps, model, p, cohort, eta, n_occ)
@@ -281,23 +335,48 @@ def sample_virtual_population(key: Key, vpm: VirtualPopulationModel, n: int
     rows = []
     for i, s in enumerate(subjects):
         covs = {c: synth[c].iloc[i] for c in vpm.covariate_columns}
-        for t, a, du, occ in zip(s["dose_time"], s["dose_amt"], s["dose_dur"],
-                                 s["dose_occ"], strict=True):
-            rows.append(dict(ID=ids[i], TIME=round(float(t), 4), AMT=float(a),
-                             DUR=float(du), DV=np.nan, MDV=1, EVID=1, BLQ=0,
-                             LLOQ=np.nan, OCC=int(occ) + 1, **covs))
+        for t, a, du, occ in zip(
+            s["dose_time"], s["dose_amt"], s["dose_dur"], s["dose_occ"], strict=True
+        ):
+            rows.append(
+                dict(
+                    ID=ids[i],
+                    TIME=round(float(t), 4),
+                    AMT=float(a),
+                    DUR=float(du),
+                    DV=np.nan,
+                    MDV=1,
+                    EVID=1,
+                    BLQ=0,
+                    LLOQ=np.nan,
+                    OCC=int(occ) + 1,
+                    **covs,
+                )
+            )
         lloqs = vpm.designs[int(pick[i])].obs_lloq
-        for j, (t, occ) in enumerate(zip(s["obs_time"], s["obs_occ"],
-                                                 strict=True)):
+        for j, (t, occ) in enumerate(zip(s["obs_time"], s["obs_occ"], strict=True)):
             value, lloq = float(y[i, j]), float(lloqs[j])
             blq = bool(np.isfinite(lloq) and value < lloq)
-            rows.append(dict(ID=ids[i], TIME=round(float(t), 4), AMT=0.0, DUR=0.0,
-                             DV=np.nan if blq else round(value, 4), MDV=0, EVID=0,
-                             BLQ=int(blq), LLOQ=lloq, OCC=int(occ) + 1, **covs))
+            rows.append(
+                dict(
+                    ID=ids[i],
+                    TIME=round(float(t), 4),
+                    AMT=0.0,
+                    DUR=0.0,
+                    DV=np.nan if blq else round(value, 4),
+                    MDV=0,
+                    EVID=0,
+                    BLQ=int(blq),
+                    LLOQ=lloq,
+                    OCC=int(occ) + 1,
+                    **covs,
+                )
+            )
     events = pd.DataFrame(rows)
     events["_SUBJ"] = events["ID"].map({sid: i for i, sid in enumerate(ids)})
-    events = events.sort_values(["_SUBJ", "TIME", "EVID"],
-                                ascending=[True, True, False], kind="stable")
+    events = events.sort_values(
+        ["_SUBJ", "TIME", "EVID"], ascending=[True, True, False], kind="stable"
+    )
     events = events.drop(columns="_SUBJ").reset_index(drop=True)
     truth = pd.DataFrame(indiv, columns=list(model.structural))
     truth.insert(0, "ID", ids)
@@ -306,5 +385,10 @@ def sample_virtual_population(key: Key, vpm: VirtualPopulationModel, n: int
     return events, truth
 
 
-__all__ = ["Design", "VirtualPopulationError", "VirtualPopulationModel",
-           "fit_virtual_population", "sample_virtual_population"]
+__all__ = [
+    "Design",
+    "VirtualPopulationError",
+    "VirtualPopulationModel",
+    "fit_virtual_population",
+    "sample_virtual_population",
+]
