@@ -486,7 +486,7 @@ def _describe(ds, model, names) -> None:
     the model's unit of a typical value, ``""`` where not stated) except
     ``rse_percent`` (%), ``r_hat`` and effective sample sizes (1); the random
     effects ``eta`` are on the log scale (1)."""
-    from phems_clinical.runner.results import parameter_units
+    from phems_clinical.pk.spec import parameter_units
 
     units = parameter_units(model, names)
     ds.coords["parameter_unit"] = ("parameter", [units.get(n, "") for n in names])

@@ -126,9 +126,9 @@ def _key(parts: tuple, leaves: list, tree: Any) -> str:
             jaxlib.__version__,
             jax.default_backend(),
             # jax.config sets its flags as attributes at run time
-            bool(jax.config.jax_enable_x64),
+            bool(jax.config.jax_enable_x64),  # type: ignore[attr-defined]
         ]
-    )  # type: ignore[attr-defined]
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 

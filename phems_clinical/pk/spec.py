@@ -315,6 +315,18 @@ class PopModel:
         return bool(om.size and np.any(om - np.diag(np.diag(om)) != 0))
 
 
+def parameter_units(model: Any, names: Any) -> dict[str, str]:
+    """``{name: unit}`` of the NONMEM-named estimates (``THETA(CL)``) whose
+    typical value declares a unit in the model (e.g. ``dL/h``); others are left
+    out (their unit is not stated)."""
+    units = {
+        f"THETA({t.name})": t.unit
+        for t in getattr(model, "thetas", ())
+        if getattr(t, "unit", "")
+    }
+    return {n: units[n] for n in names if n in units}
+
+
 def check_iov_estimable(model: PopModel) -> None:
     """Refuse to *estimate* a correlated IOV block (only variances are estimated).
 

@@ -133,9 +133,10 @@ def run_experiment(
     jax.config.update("jax_enable_x64", True)
     from phems_clinical.evaluation.scorecard_report import write_scorecard
     from phems_clinical.evaluation.sources import SourceSpec
+    from phems_clinical.pk.spec import parameter_units
     from phems_clinical.runner.pipeline import run_pipeline
     from phems_clinical.runner.report import utility_figure, write_report
-    from phems_clinical.runner.results import parameter_units, to_dataset
+    from phems_clinical.runner.results import to_dataset
     from phems_clinical.runner.training import check_flower_model, check_settings
 
     # everything checkable before data are touched

@@ -63,7 +63,7 @@ def to_dataset(
     parameter_units: Mapping[str, str] | None = None,
 ) -> xr.Dataset:
     """The Dataset of one run (see the module docstring); ``parameter_units``:
-    ``{estimate name: unit}`` (:func:`parameter_units`), the rest ``""``."""
+    ``{estimate name: unit}`` (:func:`phems_clinical.pk.spec.parameter_units`), the rest ``""``."""
     names = list(run.sources)
     sites = [*run.train_sites, run.holdout_site]
     metrics = list(task.metrics)
@@ -184,15 +184,3 @@ VARIABLES = {
     "train_epsilon": ("differential-privacy epsilon of training", "1"),
     "train_delta": ("differential-privacy delta of training", "1"),
 }
-
-
-def parameter_units(model, names: Sequence[str]) -> dict[str, str]:
-    """``{name: unit}`` of the NONMEM-named estimates (``THETA(CL)``) whose
-    typical value declares a unit in the model (population PK models: e.g.
-    ``dL/h``); others are left out (their unit is not stated)."""
-    units = {
-        f"THETA({t.name})": t.unit
-        for t in getattr(model, "thetas", ())
-        if getattr(t, "unit", "")
-    }
-    return {n: units[n] for n in names if n in units}

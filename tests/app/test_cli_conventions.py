@@ -181,7 +181,8 @@ def test_results_nc_has_units_and_pk_units(tmp_path):
     from phems_clinical.evaluation.scorecard import build_scorecard
     from phems_clinical.evaluation.sources import SourceSpec
     from phems_clinical.pk.library import load_product
-    from phems_clinical.runner.results import parameter_units, to_dataset
+    from phems_clinical.pk.spec import parameter_units
+    from phems_clinical.runner.results import to_dataset
     from phems_clinical.usecases.haemophilia import TASK
 
     card = build_scorecard(
