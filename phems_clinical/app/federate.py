@@ -132,11 +132,12 @@ def _pooled_reference(name, model, cohorts, n_occ, seed) -> tuple[dict, float]:
 
 
 def _nonfinite(table: dict) -> list[str]:
-    """Names of the estimates (or SDs) in ``table`` that are not finite."""
+    """Names of the estimates (or posterior SDs) in ``table`` that are not
+    finite (a standard error is only given where it exists)."""
     return [
         name
         for name, entry in table.items()
-        if not all(math.isfinite(v) for v in entry.values())
+        if not all(math.isfinite(entry[k]) for k in ("estimate", "sd") if k in entry)
     ]
 
 

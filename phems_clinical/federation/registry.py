@@ -16,6 +16,7 @@ consensus_mc   one-shot consensus Monte Carlo (the Bayesian baseline)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -170,7 +171,8 @@ def estimates_table(model: PopModel, result: dict) -> dict[str, dict[str, float]
         for n, v in zip(packer.natural_names, values, strict=True)
     }
     for n, s in zip(packer.natural_names, result.get("se", ()), strict=False):
-        out[n]["se"] = float(s)  # federated FOCEI's R-based standard errors
+        if math.isfinite(float(s)):  # none before the Newton test stopped the fit
+            out[n]["se"] = float(s)  # federated FOCEI's R-based standard errors
     return out
 
 

@@ -567,14 +567,16 @@ def test_loopback_deployment_equals_in_process_engine(tmp_path):
         list(result["estimates"].values()), np.asarray(want["estimates"])
     )
     # The engine's default (sites vmapped in one compiled round) adds in another
-    # order: equal to rounding (1e-15 relative here).
+    # order: equal to rounding, amplified by the Newton steps' solves with the
+    # summed Hessian (condition number about 1e4-1e5): 1.7e-12 relative on the
+    # smallest estimate (CL_AGE_lin, -0.0036) after 3 rounds.
     vmapped = engine.run_federated(
         key, algorithm, padded, max_rounds=3, min_sites=2, fault=fault
     )
     np.testing.assert_allclose(
         list(result["estimates"].values()),
         algorithm.result(vmapped.server)["estimates"],
-        rtol=1e-12,
+        rtol=1e-10,
     )
     assert [h["participants"] for h in result["history"]] == [
         [0, 1, 2],
