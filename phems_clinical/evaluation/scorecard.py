@@ -48,8 +48,8 @@ References
 * Rankin et al., JMIR Med Inform 2020;8:e18910: train-synthetic-test-real deltas.
 * SDMetrics documentation (https://docs.sdv.dev/sdmetrics): Column Shapes, Column
   Pair Trends, MissingValueSimilarity.
-* The target table with its sources: ``docs/reference/privacy_targets.md``; the
-  popPK bias band (< 20 %) is ours, as no published popPK fit on derived data exists.
+* The popPK bias band (< 20 %) is ours, as no published popPK fit on derived data
+  exists.
 """
 
 from __future__ import annotations

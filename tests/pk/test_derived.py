@@ -1,5 +1,5 @@
 """Secondary PK quantities: against SciPy root finding and quadrature, closed forms, and
-the published typical values (docs/reference/pk_model_library.md)."""
+the published typical values (each model's paper, named in ``PUBLISHED``)."""
 
 import math
 
@@ -43,9 +43,9 @@ half_lives = jax.jit(
 )
 
 # Typical values at the reference subject (each model's paper): terminal t1/2 (h) and
-# the time for a 3500 IU bolus to fall to 1 IU/dL (h; both as tabulated in
-# docs/reference/pk_model_library.md; whole hours, rounded inconsistently up or
-# to nearest, hence a 1 h tolerance).
+# the time for a 3500 IU bolus to fall to 1 IU/dL (h; computed by hand from each
+# paper's typical values and kept as whole hours, rounded inconsistently up or to
+# nearest, hence a 1 h tolerance).
 PUBLISHED = [
     ("Garmann 2017", 2, (1.88, 30.0, 1.90, 6.37), 13.9, 90),
     ("Nestorov 2015", 2, (1.65, 37.5, 0.0746, 6.92), 68.0, 112),
