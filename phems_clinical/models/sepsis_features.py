@@ -44,6 +44,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from phems_clinical.data.picu.hourly import VALUE_COLUMNS
+
 __all__ = [
     "AGE_BANDS_MONTHS",
     "FeatureStats",
@@ -67,32 +69,7 @@ LOGISTIC = "logistic"
 TCN = "tcn"
 
 #: Vitals and labs of the hourly contract (units as in the OMOP measurement list).
-MEASURED = (
-    "hr",
-    "resp_rate",
-    "sbp",
-    "dbp",
-    "map",
-    "spo2",
-    "temp",
-    "gcs",
-    "fixed_pupils",
-    "fio2",
-    "pao2",
-    "paco2",
-    "lactate",
-    "platelets",
-    "inr",
-    "d_dimer",
-    "fibrinogen",
-    "glucose",
-    "anc",
-    "alc",
-    "wbc",
-    "creatinine",
-    "bilirubin",
-    "alt",
-)
+MEASURED = VALUE_COLUMNS
 #: Ratios formed when both parts are measured in the same hour (the Phoenix
 #: respiratory inputs SpO2:FiO2 and PaO2:FiO2; FiO2 as a fraction).
 DERIVED = ("sf_ratio", "pf_ratio")

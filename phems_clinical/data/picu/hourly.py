@@ -42,6 +42,7 @@ __all__ = [
     "OBSERVATION",
     "PROCEDURE",
     "TYPE_EHR",
+    "VALUE_COLUMNS",
     "VASOACTIVES",
     "VISIT",
     "HourlyTableError",
@@ -129,7 +130,8 @@ VISIT = {
 GENDER = {"M": C.GENDER["male"], "F": C.GENDER["female"]}
 TYPE_EHR = C.TYPE_EHR
 
-_VALUE_COLUMNS = (
+#: The measured value columns of the hourly table (vitals and labs).
+VALUE_COLUMNS = (
     "hr",
     "resp_rate",
     "sbp",
@@ -158,7 +160,7 @@ _VALUE_COLUMNS = (
 #: The hourly table's columns, in order (see data_schemas/sepsis_hourly.schema.json).
 HOURLY_COLUMNS = (
     ("site", "person_id", "stay_id", "hour", "age_months", "sex")
-    + _VALUE_COLUMNS
+    + VALUE_COLUMNS
     + (
         "imv",
         "other_respiratory_support",
@@ -410,8 +412,8 @@ def hourly_table(
         gender == GENDER["M"], "M", np.where(gender == GENDER["F"], "F", None)
     ).astype(object)
 
-    values = np.full((n, len(_VALUE_COLUMNS)), np.nan)
-    colpos = {c: i for i, c in enumerate(_VALUE_COLUMNS)}
+    values = np.full((n, len(VALUE_COLUMNS)), np.nan)
+    colpos = {c: i for i, c in enumerate(VALUE_COLUMNS)}
     if "measurement" in tables:
         m = _require(
             tables,
@@ -536,7 +538,7 @@ def hourly_table(
             "sex": sex[sidx],
         }
     )
-    vals = pd.DataFrame(values, columns=list(_VALUE_COLUMNS))
+    vals = pd.DataFrame(values, columns=list(VALUE_COLUMNS))
     out = pd.concat([out, vals], axis=1)
     out["imv"] = imv
     out["other_respiratory_support"] = ors
